@@ -1,0 +1,102 @@
+"""Model configuration: one flat dataclass shared by every registered model, so a checkpoint's
+config round-trips through JSON and `create_model(size, model=..., **overrides)` works uniformly."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    model: str = "ionllama"
+    size: str = "tiny"
+    vocab_size: int = 256
+    # latent (ionllama) / backbone (dense, bpe, mamba) width and depth
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    ffn_mult: float = 8 / 3
+    # ionllama: byte-level local layers
+    d_local: int = 128
+    n_enc_layers: int = 1
+    n_dec_layers: int = 2
+    local_layers: str = "integral"  # integral | transformer
+    local_window: int = 64  # transformer local layers: attention window (bytes)
+    conv_kernel: int = 4  # causal depthwise conv width in IntegralLNN / Mamba blocks
+    scan_chunk: int = 64
+    ngram: str = "hash"  # hash | conv | none
+    ngram_sizes: tuple = (2, 3, 4, 5)
+    ngram_buckets: int = 16384
+    pooling: str = "mean"  # mean | attention
+    # ionllama: latent attention
+    attention: str = "dilated"  # dilated | dense
+    local_width: int = 3  # dilated offsets {0..local_width-1} U {powers of two}
+    # ionllama: entropy model (Mamba-2 style selective SSM byte LM)
+    d_entropy: int = 64
+    n_entropy_layers: int = 2
+    entropy_state: int = 16
+    entropy_headdim: int = 16
+    # ionllama: patching
+    patching: str = "entropy"  # entropy | fixed | space | byte
+    threshold_mode: str = "global"  # global | monotonic
+    max_patch_size: int = 8
+    target_patch_size: float = 4.0
+    fixed_patch_size: int = 4
+    # bpe baseline
+    tokenizer_path: str = ""
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["ngram_sizes"] = list(d["ngram_sizes"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise UserError(f"unknown model config keys {sorted(unknown)}; the checkpoint is from a newer ionllama?")
+        d = dict(d)
+        if "ngram_sizes" in d:
+            d["ngram_sizes"] = tuple(d["ngram_sizes"])
+        return cls(**d)
+
+
+# Sizes near the original plan's budgets (~5M / ~50M / ~200M / ~800M / ~2B for ionllama).
+# The README's parameter table is generated from these by `python -m ionllama.params`.
+SIZES: dict[str, dict[str, dict]] = {
+    "ionllama": {
+        "tiny": dict(d_model=256, n_layers=4, n_heads=4, d_local=128, n_enc_layers=1, n_dec_layers=2,
+                     d_entropy=64, n_entropy_layers=2),
+        "small": dict(d_model=512, n_layers=12, n_heads=8, d_local=256, n_enc_layers=2, n_dec_layers=4,
+                      d_entropy=128, n_entropy_layers=2),
+        "base": dict(d_model=1024, n_layers=14, n_heads=16, d_local=512, n_enc_layers=2, n_dec_layers=6,
+                     d_entropy=256, n_entropy_layers=4),
+        "large": dict(d_model=1536, n_layers=24, n_heads=16, d_local=768, n_enc_layers=3, n_dec_layers=9,
+                      d_entropy=256, n_entropy_layers=4),
+        "xl": dict(d_model=2048, n_layers=36, n_heads=16, d_local=1024, n_enc_layers=3, n_dec_layers=9,
+                   d_entropy=384, n_entropy_layers=6),
+    },
+    "dense": {
+        "tiny": dict(d_model=256, n_layers=6, n_heads=4),
+        "small": dict(d_model=512, n_layers=14, n_heads=8),
+        "base": dict(d_model=1024, n_layers=16, n_heads=16),
+        "large": dict(d_model=1536, n_layers=28, n_heads=16),
+        "xl": dict(d_model=2048, n_layers=40, n_heads=16),
+    },
+}
+
+
+def make_config(size: str = "tiny", model: str = "ionllama", **overrides) -> ModelConfig:
+    table = SIZES.get(model, SIZES["dense"])
+    if size not in table:
+        raise UserError(f"unknown size '{size}'; choose one of {', '.join(table)}")
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    bad = [k for k in overrides if k not in names]
+    if bad:
+        raise UserError(f"unknown model option(s) {bad}; valid: {sorted(names)}")
+    kw = dict(table[size])
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    return ModelConfig(model=model, size=size, **kw)

@@ -1,0 +1,7 @@
+"""Model components (one module each) and the registered models."""
+# Importing a model module registers it in ionllama.registry.
+from . import dense  # noqa: F401
+try:
+    from . import ionllama_model  # noqa: F401
+except ImportError:  # pragma: no cover - only while the package is being assembled
+    pass

@@ -1,0 +1,113 @@
+"""Building blocks shared by every model: RMSNorm, SwiGLU, rotary embeddings, a pre-norm
+transformer block whose attention function is pluggable (dense SDPA, dilated, local window)."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.to(x.dtype) * self.weight
+
+
+def swiglu_hidden(dim: int, mult: float = 8 / 3, multiple_of: int = 32) -> int:
+    h = int(dim * mult)
+    return multiple_of * ((h + multiple_of - 1) // multiple_of)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w_in = nn.Linear(dim, 2 * hidden, bias=False)  # gate and value in one matmul
+        self.w_out = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, v = self.w_in(x).chunk(2, dim=-1)
+        return self.w_out(F.silu(g) * v)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float = 10000.0):
+    """positions: (N,) or (B, N) ints -> cos, sin of shape (..., N, head_dim/2) in fp32."""
+    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    ang = positions.float()[..., None] * inv
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, N, Dh); cos/sin: (N, Dh/2) or (B, N, Dh/2). Rotates pairs (x[2i], x[2i+1])."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
+    xf = x.float().unflatten(-1, (-1, 2))
+    x1, x2 = xf[..., 0], xf[..., 1]
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+def sdpa_causal(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with RoPE; `attn_fn(q, k, v)` decides the pattern."""
+
+    def __init__(self, dim: int, n_heads: int, attn_fn: AttentionFn = sdpa_causal, rope_base: float = 10000.0):
+        super().__init__()
+        assert dim % n_heads == 0, "dim must be divisible by n_heads"
+        self.n_heads, self.head_dim = n_heads, dim // n_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.attn_fn = attn_fn
+        self.rope_base = rope_base
+
+    def project_qkv(self, x: torch.Tensor, positions: torch.Tensor):
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_base)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, D = x.shape
+        if positions is None:
+            positions = torch.arange(N, device=x.device)
+        q, k, v = self.project_qkv(x, positions)
+        y = self.attn_fn(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(B, N, D))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, dim: int, n_heads: int, ffn_hidden: int, attn_fn: AttentionFn = sdpa_causal):
+        super().__init__()
+        self.norm1 = RMSNorm(dim)
+        self.attn = Attention(dim, n_heads, attn_fn)
+        self.norm2 = RMSNorm(dim)
+        self.ffn = SwiGLU(dim, ffn_hidden)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), positions)
+        return x + self.ffn(self.norm2(x))
+
+
+def init_weights(module: nn.Module, n_layers: int, std: float = 0.02) -> None:
+    """GPT-2 style init: normal(0.02) everywhere, output projections scaled by 1/sqrt(2 * layers)."""
+    for name, p in module.named_parameters():
+        if p.dim() < 2:
+            continue
+        if name.endswith(("proj.weight", "w_out.weight", "out_proj.weight")):
+            nn.init.normal_(p, 0.0, std / math.sqrt(2 * max(n_layers, 1)))
+        else:
+            nn.init.normal_(p, 0.0, std)

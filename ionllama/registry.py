@@ -1,0 +1,52 @@
+"""Model registry: `--model NAME` on the CLI and `create_model(size, model=NAME)` in Python.
+
+Every registered model is an nn.Module with
+  * ``config`` (ModelConfig)
+  * ``forward(x, targets=None) -> dict`` with ``logits`` (B, T, V), ``loss`` (mean nats per target,
+    None without targets), ``bpb`` (bits per *byte*), ``n_patches`` (B,) long
+  * ``count_parameters() -> dict[str, int]`` by component, with a ``total`` key
+  * ``generate(prompt_bytes, max_new_bytes=..., temperature=..., top_k=..., top_p=...)``
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.nn as nn
+
+from .config import ModelConfig, make_config
+from .errors import UserError
+
+_REGISTRY: dict[str, Callable[[ModelConfig], nn.Module]] = {}
+
+
+def register(name: str):
+    def deco(builder):
+        _REGISTRY[name] = builder
+        return builder
+
+    return deco
+
+
+def _ensure_loaded() -> None:
+    # importing the model package registers every built-in model
+    from . import model  # noqa: F401
+
+
+def model_names() -> list[str]:
+    _ensure_loaded()
+    return sorted(_REGISTRY)
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    _ensure_loaded()
+    if config.model not in _REGISTRY:
+        raise UserError(f"unknown model '{config.model}'; choose one of {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[config.model](config)
+
+
+def create_model(size: str = "small", model: str = "ionllama", **overrides) -> nn.Module:
+    """`create_model('small')` -> the ionLlama model; `create_model('tiny', model='dense')` -> baseline."""
+    _ensure_loaded()
+    if model not in _REGISTRY:
+        raise UserError(f"unknown model '{model}'; choose one of {', '.join(sorted(_REGISTRY))}")
+    return build_model(make_config(size, model, **overrides))
