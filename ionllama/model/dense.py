@@ -1,0 +1,71 @@
+"""Dense byte-level transformer: the baseline every experiment compares with.
+
+Pre-norm, RoPE, SwiGLU, SDPA causal attention over every byte (O(T^2) attention)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from ..registry import register
+from .common import RMSNorm, TransformerBlock, init_weights, swiglu_hidden
+
+LN2 = math.log(2.0)
+
+
+def lm_outputs(logits: torch.Tensor, targets: torch.Tensor | None, n_patches: torch.Tensor,
+               bytes_per_target: float = 1.0) -> dict:
+    """HF-style output dict shared by all models. loss = mean nats per target (ignore_index=-100);
+    bpb = bits per byte (a token model passes bytes_per_target = bytes/token of the batch)."""
+    out = {"logits": logits, "loss": None, "bpb": None, "n_patches": n_patches}
+    if targets is not None:
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        out["loss"] = loss
+        out["bpb"] = loss.detach() / LN2 / bytes_per_target
+    return out
+
+
+class ParamCountMixin:
+    def count_parameters(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for name, p in self.named_parameters():
+            top = name.split(".")[0]
+            counts[top] = counts.get(top, 0) + p.numel()
+        counts["total"] = sum(p.numel() for p in self.parameters())
+        return counts
+
+
+class GenerateMixin:
+    @torch.no_grad()
+    def generate(self, prompt_bytes, max_new_bytes: int = 256, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, **kwargs):
+        from ..generation import generate  # lazy: generation depends on the models, not vice versa
+
+        return generate(self, prompt_bytes, max_new_bytes=max_new_bytes, temperature=temperature, top_k=top_k,
+                        top_p=top_p, **kwargs)
+
+
+@register("dense")
+class DenseByteTransformer(ParamCountMixin, GenerateMixin, nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.embed = nn.Embedding(config.vocab_size, d)
+        hidden = swiglu_hidden(d, config.ffn_mult)
+        self.blocks = nn.ModuleList([TransformerBlock(d, config.n_heads, hidden) for _ in range(config.n_layers)])
+        self.norm = RMSNorm(d)
+        self.head = nn.Linear(d, config.vocab_size, bias=False)
+        init_weights(self, config.n_layers)
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> dict:
+        B, T = x.shape
+        h = self.embed(x.long())
+        pos = torch.arange(T, device=x.device)
+        for blk in self.blocks:
+            h = blk(h, pos)
+        logits = self.head(self.norm(h))
+        return lm_outputs(logits, targets, torch.full((B,), T, device=x.device, dtype=torch.long))
