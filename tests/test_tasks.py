@@ -1,0 +1,114 @@
+"""Task generator: answers are right, batches are shaped and masked right, splits never leak."""
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from ionllama.data import tasks as T
+from ionllama.data.task_words import WORDS
+from ionllama.errors import UserError
+
+Q_WORD = re.compile(rb"'([a-z]+)'(?:\?|\.| with)")
+Q_PAIR = re.compile(rb"What is (\d+) ([+*]) (\d+)\?")
+
+
+def _solve(prompt: bytes) -> bytes:
+    """Independent reference answer parsed from the prompt text."""
+    q = prompt.decode()
+    if m := re.match(r"Q: How many times does '(.)' appear in '([a-z]+)'\?\nA: $", q):
+        return str(m.group(2).count(m.group(1))).encode()
+    if m := re.match(r"Q: Spell '([a-z]+)' with hyphens\.\nA: $", q):
+        return "-".join(m.group(1)).encode()
+    if m := re.match(r"Q: Reverse '([a-z]+)'\.\nA: $", q):
+        return m.group(1)[::-1].encode()
+    if m := re.match(r"Q: What is (\d+) ([+*]) (\d+)\?\nA: $", q):
+        a, b = int(m.group(1)), int(m.group(3))
+        return str(a + b if m.group(2) == "+" else a * b).encode()
+    raise AssertionError(f"prompt not in the fixed format: {prompt!r}")
+
+
+def test_word_splits_partition_the_list_disjointly():
+    parts = {s: set(T.split_words(s)) for s in T.SPLITS}
+    assert set().union(*parts.values()) == set(WORDS)
+    assert sum(len(p) for p in parts.values()) == len(set(WORDS))
+    assert not parts["train"] & parts["test"] and not parts["train"] & parts["val"] and not parts["val"] & parts["test"]
+    n = len(WORDS)
+    assert 0.75 * n < len(parts["train"]) < 0.85 * n and 0.07 * n < len(parts["test"]) < 0.13 * n
+
+
+def test_pair_split_is_commutative():
+    for a, b in [(3, 5), (12, 907), (4411, 18)]:
+        assert T.split_of(T.pair_key(a, b)) == T.split_of(T.pair_key(b, a))
+
+
+@pytest.mark.parametrize("task", T.TASKS)
+def test_examples_have_correct_answers_and_are_deterministic(task):
+    ex = T.make_examples(task, "test", 40, seed=3)
+    assert len(ex) == 40 and len({p for p, _ in ex}) == 40  # distinct prompts
+    for prompt, answer in ex:
+        assert _solve(prompt) == answer
+    assert ex == T.make_examples(task, "test", 40, seed=3)
+    assert ex != T.make_examples(task, "test", 40, seed=4)
+
+
+def test_digit_counts_and_small_pools():
+    for d in (1, 2, 3):
+        for e in T.make_task_examples("mul", "test", 30, seed=0, digits=d):
+            a, b = map(int, Q_PAIR.search(e.prompt).group(1, 3))
+            assert e.digits == d and len(str(a)) == d and len(str(b)) == d
+    # 1-digit test pairs are a small pool: fewer than asked, all distinct, all test pairs
+    one = T.make_task_examples("add", "test", 100, seed=0, digits=1)
+    assert 0 < len(one) < 100 and all(T.split_of(e.key) == "test" for e in one)
+
+
+def test_test_words_and_pairs_never_appear_in_training_batches():
+    test_words = set(T.split_words("test"))
+    test_pairs = {(e.key) for t in T.ARITH_TASKS for d in (1, 2) for e in T.make_task_examples(t, "test", 500, 0, digits=d)}
+    rng = np.random.default_rng(0)
+    seen_words, seen_pairs = set(), set()
+    for _ in range(20):
+        x, _ = T.make_task_batch(rng, 16, 512, split="train", max_digits=2)
+        text = bytes(x.flatten().tolist())
+        seen_words |= {m.decode() for m in Q_WORD.findall(text)}
+        seen_pairs |= {T.pair_key(int(a), int(b)) for a, _, b in Q_PAIR.findall(text)}
+    assert len(seen_words) > 1000 and len(seen_pairs) > 500  # the check below is not vacuous
+    assert not seen_words & test_words
+    assert not seen_pairs & test_pairs
+
+
+def test_make_task_batch_shapes_and_loss_mask():
+    rng = np.random.default_rng(1)
+    x, y = T.make_task_batch(rng, 4, 256, split="val")
+    assert x.shape == y.shape == (4, 256) and x.dtype == y.dtype == torch.long
+    for r in range(4):
+        row = bytes(x[r].tolist())
+        assert row[0] == T.DOC_SEP
+        scored = y[r] != T.IGNORE_INDEX
+        # targets are the next input byte wherever they are scored
+        assert torch.equal(y[r, :-1][scored[:-1]], x[r, 1:][scored[:-1]])
+        # scored bytes are exactly each packed example's answer plus its newline, nothing else
+        expected = b""
+        for seg in filter(None, row.split(bytes([T.DOC_SEP]))):
+            prompt = seg[: seg.index(b"\nA: ") + 4]
+            assert seg == prompt + _solve(prompt) + b"\n"
+            expected += _solve(prompt) + b"\n"
+        got = bytes(y[r][scored].tolist())
+        assert got == expected and len(expected) > 10
+        assert not any(b == T.DOC_SEP for b in got)  # separators and padding are never scored
+
+
+def test_make_task_batch_user_errors():
+    rng = np.random.default_rng(0)
+    with pytest.raises(UserError):
+        T.make_task_batch(rng, 2, 16)
+    with pytest.raises(UserError):
+        T.make_task_batch(rng, 2, 256, split="dev")
+    with pytest.raises(UserError):
+        T.make_task_batch(rng, 2, 256, tasks=("division",))
+
+
+def test_answer_extraction_stops_on_newline_and_separator():
+    assert T.extract_answer(b"42\nQ: more") == b"42"
+    assert T.extract_answer(b"c-a-t\x00junk") == b"c-a-t"
+    assert T.is_correct(b"408\n", b"408") and not T.is_correct(b"4080\n", b"408")
