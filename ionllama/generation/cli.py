@@ -1,0 +1,107 @@
+"""`ionllama generate --checkpoint PATH --prompt "..."`: stream a continuation to the terminal."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from ..errors import UserError, cli_entry
+from .generate import generate
+from .utf8 import Utf8StreamDecoder
+
+
+def load_checkpoint_model(path: str, device: str = "cpu"):
+    """The trainer's loader when present; else a {'model': state_dict, 'config': dict} file."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint '{path}' not found; pass the .pt file written by `ionllama train`")
+    try:
+        from ..train.checkpoint import load_model  # the trainer's loader (owns the file format)
+    except ImportError:
+        load_model = None
+    if load_model is not None:
+        try:
+            model = load_model(path)
+        except UserError:
+            raise
+        except Exception as e:  # corrupt / foreign file: one line, no traceback
+            raise UserError(f"cannot load checkpoint '{path}' ({type(e).__name__}: {str(e)[:120]}); "
+                            "is it an ionllama checkpoint?") from None
+        if isinstance(model, tuple):  # tolerate loaders that return (model, extra)
+            model = model[0]
+        return model.to(device)
+    return _load_plain(path, device)
+
+
+def _load_plain(path: str, device: str):
+    from .. import build_model
+    from ..config import ModelConfig
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint '{path}' ({type(e).__name__}); "
+                        "is it a complete ionllama .pt file?") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise UserError(f"'{path}' has no 'model' and 'config' entries; is it an ionllama checkpoint?")
+    model = build_model(ModelConfig.from_dict(ckpt["config"]))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"checkpoint '{path}' does not match its config ({str(e).splitlines()[0][:120]})") from None
+    return model.to(device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ionllama generate", description="Generate text from a checkpoint.")
+    p.add_argument("--checkpoint", required=True, help="model checkpoint (.pt)")
+    p.add_argument("--prompt", default="", help="prompt text (UTF-8)")
+    p.add_argument("--max_new_bytes", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--no_prompt_echo", action="store_true", help="print only the continuation")
+    return p
+
+
+def _writer(stream):
+    """Write text to a terminal whose encoding may not cover every character."""
+    enc = getattr(stream, "encoding", None) or "utf-8"
+
+    def write(text: str) -> None:
+        if text:
+            stream.write(text.encode(enc, errors="replace").decode(enc, errors="replace"))
+            stream.flush()
+
+    return write
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is visible; use --device cpu")
+    model = load_checkpoint_model(args.checkpoint, device)
+    write = _writer(sys.stdout)
+    # surrogateescape: argv bytes that were not valid UTF-8 reach the model unchanged
+    prompt = args.prompt.encode("utf-8", errors="surrogateescape")
+    if not args.no_prompt_echo:
+        write(prompt.decode("utf-8", errors="replace"))
+    utf8 = Utf8StreamDecoder()
+    generate(model, prompt, max_new_bytes=args.max_new_bytes, temperature=args.temperature, top_k=args.top_k,
+             top_p=args.top_p, greedy=args.greedy, seed=args.seed, stop=args.stop,
+             stream=lambda _row, chunk: write(utf8.decode(chunk)))
+    write(utf8.flush() + "\n")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Incremental decoders: per-sequence cached state so each new byte costs one step, not a forward.
+
+Contract (every decoder):
+  ``dec = Decoder(model, batch_size, max_len)``
+  ``dec.prefill(rows)`` - rows: list of B byte lists (lengths may differ, each >= 1). Runs the
+      model's parallel forward over the prompts and returns the next-byte logits (B, V) after each
+      row's last prompt byte.
+  ``dec.step(tokens)`` - tokens: (B,) int64, one new byte per row (appended after that row's
+      sequence). Returns the logits (B, V) for the byte after it.
+Rows never interact, so a row's logits do not depend on the other rows of the batch.
+
+``decoder_for(model)`` picks the model's incremental decoder (registered by ``config.model``) and
+falls back to ``RecomputeDecoder``, which reruns the full forward each step (any causal model).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from ..errors import UserError
+
+_DECODERS: dict[str, Callable] = {}
+
+
+def register_decoder(model_name: str):
+    def deco(cls):
+        _DECODERS[model_name] = cls
+        return cls
+
+    return deco
+
+
+def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(model.parameters())
+    return p.device, p.dtype
+
+
+def right_pad(rows: list[list[int]], device, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> tokens (B, T_max) right-padded, lengths (B,). Causal models never see the padding from
+    the real positions, so position i of row r is exact for i < lengths[r]."""
+    lengths = [len(r) for r in rows]
+    if min(lengths) < 1:
+        raise UserError("every prompt needs at least one byte for prefill")
+    T = max(lengths)
+    x = torch.full((len(rows), T), pad, dtype=torch.long)
+    for i, r in enumerate(rows):
+        x[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return x.to(device), torch.tensor(lengths, dtype=torch.long, device=device)
+
+
+class IncrementalDecoder:
+    def __init__(self, model: nn.Module, batch_size: int, max_len: int):
+        self.model = model
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.device, self.dtype = model_device_dtype(model)
+
+    def prefill(self, rows: list[list[int]]) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _check_rows(self, rows):
+        if len(rows) != self.batch_size:
+            raise ValueError(f"decoder built for batch {self.batch_size}, got {len(rows)} rows")
+        if max(len(r) for r in rows) > self.max_len:
+            raise UserError(f"prompt of {max(len(r) for r in rows)} bytes exceeds max_len {self.max_len}")
+
+
+class RecomputeDecoder(IncrementalDecoder):
+    """Reference / fallback: keeps the whole sequence and reruns the parallel forward each step.
+    Cost grows with the context; used for models without a cached decoder and in tests."""
+
+    def __init__(self, model, batch_size, max_len):
+        super().__init__(model, batch_size, max_len)
+        self.tokens = torch.zeros(batch_size, max_len, dtype=torch.long, device=self.device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+
+    def _logits_at_end(self) -> torch.Tensor:
+        T = int(self.lengths.max())
+        logits = self.model(self.tokens[:, :T])["logits"]
+        idx = (self.lengths - 1).view(-1, 1, 1).expand(-1, 1, logits.shape[-1])
+        return logits.gather(1, idx)[:, 0]
+
+    def prefill(self, rows):
+        self._check_rows(rows)
+        x, lengths = right_pad(rows, self.device)
+        self.tokens.zero_()
+        self.tokens[:, : x.shape[1]] = x
+        self.lengths.copy_(lengths)
+        return self._logits_at_end()
+
+    def step(self, tokens):
+        if int(self.lengths.max()) >= self.max_len:
+            raise UserError(f"generation exceeded max_len {self.max_len}")
+        self.tokens.scatter_(1, self.lengths[:, None], tokens.long()[:, None])
+        self.lengths += 1
+        return self._logits_at_end()
+
+
+def decoder_for(model: nn.Module, batch_size: int, max_len: int, kind: str = "auto") -> IncrementalDecoder:
+    """kind: 'auto' (the model's cached decoder if registered) | 'recompute'."""
+    if kind == "recompute":
+        return RecomputeDecoder(model, batch_size, max_len)
+    if kind != "auto":
+        raise UserError(f"unknown decoder kind '{kind}'; use 'auto' or 'recompute'")
+    from . import dense_decoder  # noqa: F401  (registers)
+    try:
+        from . import ionllama_decoder  # noqa: F401
+    except ImportError:  # pragma: no cover - until the ionllama model exists
+        pass
+    name = getattr(getattr(model, "config", None), "model", None)
+    cls = _DECODERS.get(name)
+    if cls is None:
+        return RecomputeDecoder(model, batch_size, max_len)
+    return cls(model, batch_size, max_len)

@@ -1,0 +1,95 @@
+"""Next-byte sampling: temperature, top-k, top-p, greedy, with counter-based seeded noise.
+
+Reproducibility rule: the random noise for batch row r at decode step t is a pure function of
+(seed_r, t, byte value), computed with integer hashing on the device. So a row's sample never
+depends on which other rows share the batch, the global torch RNG is never touched, the sampler
+is a fixed sequence of tensor ops (CUDA-graph capturable), and the same seed draws the same
+noise on CPU and GPU. Sampling is Gumbel-max: argmax(logits / T + Gumbel noise) is an exact
+draw from softmax(logits / T) restricted to the top-k / top-p set.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UserError
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for int64 x in [0, 2^32), without int64 overflow (16-bit halves)."""
+    lo, hi = x & 0xFFFF, x >> 16
+    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & _MASK32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer avalanche hash (Wellons' lowbias32) on int64 tensors holding uint32s."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seeds: torch.Tensor, step: torch.Tensor | int, vocab: int) -> torch.Tensor:
+    """Uniform (0, 1) noise of shape (B, vocab) as a pure function of (seed per row, step, index).
+
+    seeds: (B,) int64 (any value; both 32-bit halves are used); step: int or 0-d int64 tensor."""
+    seeds = seeds.long()
+    key = _mix32((seeds & _MASK32) ^ 0x9E3779B9)
+    key = _mix32(key ^ ((seeds >> 32) & _MASK32))
+    step = torch.as_tensor(step, dtype=torch.long, device=seeds.device)
+    key = _mix32(key ^ (step & _MASK32))
+    idx = torch.arange(vocab, device=seeds.device, dtype=torch.long)
+    h = _mix32(key[:, None] ^ _mix32(idx + 0x632BE5AB)[None, :])
+    return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    greedy: bool = False
+
+    def __post_init__(self):
+        if self.temperature is None or self.temperature < 0:
+            raise UserError(f"temperature must be >= 0, got {self.temperature}; use 0 or --greedy for argmax")
+        if self.top_k is not None and self.top_k < 1:
+            raise UserError(f"top_k must be >= 1, got {self.top_k}; omit it to disable top-k")
+        if self.top_p is not None and not (0.0 < self.top_p <= 1.0):
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}; omit it to disable nucleus sampling")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Set logits outside the top-k and the top-p nucleus to -inf (the best byte always stays)."""
+    V = logits.shape[-1]
+    if top_k is not None and top_k < V:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # keep a byte while the mass above it is < top_p
+        drop_sorted = mass_before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(logits: torch.Tensor, cfg: SamplingConfig, seeds: torch.Tensor,
+                step: torch.Tensor | int) -> torch.Tensor:
+    """logits: (B, V) -> next bytes (B,) int64."""
+    logits = logits.float()
+    if cfg.is_greedy:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
+    u = uniform_noise(seeds, step, logits.shape[-1])
+    gumbel = -torch.log(-torch.log(u))
+    return (logits + gumbel).argmax(dim=-1)

@@ -1,0 +1,261 @@
+"""Generation: sampling, stop strings, batching, UTF-8 streaming, CLI, dense KV-cache exactness."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+
+import ionllama
+from ionllama.errors import UserError
+from ionllama.generation import (RecomputeDecoder, SamplingConfig, Utf8StreamDecoder, decoder_for, generate,
+                                 normalize_prompts, sample_next, uniform_noise)
+from ionllama.generation.dense_decoder import DenseKVDecoder
+
+
+def tiny_dense(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(d_model=64, n_layers=2, n_heads=4)
+    cfg.update(kw)
+    m = ionllama.create_model("tiny", model="dense", **cfg).eval()
+    with torch.no_grad():
+        m.head.weight.mul_(40.0)  # spread the logits so greedy never sees near-ties
+    return m
+
+
+def teacher_forced_logits(dec, rows, prompt_lens):
+    """Prefill each row's first prompt_lens[r] bytes, then feed the rest one step at a time.
+    Returns per row the logits after every byte from the last prompt byte on."""
+    logits = [dec.prefill([r[:p] for r, p in zip(rows, prompt_lens)])]
+    n_steps = max(len(r) - p for r, p in zip(rows, prompt_lens))
+    for s in range(n_steps):
+        tok = torch.tensor([r[p + s] if p + s < len(r) else 0 for r, p in zip(rows, prompt_lens)])
+        logits.append(dec.step(tok))
+    return torch.stack(logits, 1)  # (B, n_steps + 1, V)
+
+
+# ----------------------------------------------------------------------------- proof: dense KV cache
+def test_dense_kv_cache_steps_equal_parallel_forward():
+    m = tiny_dense()
+    g = torch.Generator().manual_seed(1)
+    rows = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (37, 20, 29)]
+    prompt_lens = [5, 1, 12]
+    dec = DenseKVDecoder(m, 3, 48)
+    with torch.no_grad():
+        got = teacher_forced_logits(dec, rows, prompt_lens)
+        for r, (row, p) in enumerate(zip(rows, prompt_lens)):
+            full = m(torch.tensor([row]))["logits"][0]  # (T, V)
+            n = len(row) - p + 1
+            torch.testing.assert_close(got[r, :n], full[p - 1:], atol=1e-4, rtol=1e-4)
+
+
+def test_dense_rows_do_not_depend_on_batch():
+    m = tiny_dense()
+    rows = [list(b"the cat sat on the mat"), list(b"hi"), list(b"0123456789abcdef")]
+    with torch.no_grad():
+        batched = teacher_forced_logits(DenseKVDecoder(m, 3, 32), [r + [65] * 5 for r in rows],
+                                        [len(r) for r in rows])
+        for r, row in enumerate(rows):
+            single = teacher_forced_logits(DenseKVDecoder(m, 1, 32), [row + [65] * 5], [len(row)])
+            torch.testing.assert_close(batched[r], single[0], atol=1e-5, rtol=1e-5)
+
+
+def test_auto_decoder_for_dense_is_kv_cache_and_matches_recompute():
+    m = tiny_dense()
+    assert isinstance(decoder_for(m, 1, 8), DenseKVDecoder)
+    prompts = ["hello", "a much longer prompt, with commas", "x"]
+    a = generate(m, prompts, 24, greedy=True)
+    b = generate(m, prompts, 24, greedy=True, decoder="recompute")
+    assert a == b and all(len(x) > 0 for x in a)
+
+
+# ----------------------------------------------------------------------------- batched == single
+@pytest.mark.parametrize("kw", [dict(greedy=True), dict(temperature=0.9, top_k=50, top_p=0.95)])
+def test_batched_generation_equals_one_prompt_at_a_time(kw):
+    m = tiny_dense()
+    prompts = [b"abc", "d\u00e9j\u00e0 vu", [104, 105], b"a longer prompt than the others"]
+    batched = generate(m, prompts, 30, seed=7, **kw)
+    for r, p in enumerate(prompts):
+        assert generate(m, p, 30, seed=7 + r, **kw) == batched[r]  # rule: row r uses seed + r
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent():
+    m = tiny_dense()
+    a = generate(m, "abc", 40, seed=3)
+    assert a == generate(m, "abc", 40, seed=3)
+    assert a != generate(m, "abc", 40, seed=4)
+    torch.manual_seed(11)
+    c = generate(m, "abc", 40)  # seed=None draws from torch's RNG
+    torch.manual_seed(11)
+    assert c == generate(m, "abc", 40)
+
+
+def test_model_generate_method_uses_generation_package():
+    m = tiny_dense()
+    assert m.generate(b"xy", max_new_bytes=12, temperature=0.7, top_k=5, seed=1) == \
+        generate(m, b"xy", 12, temperature=0.7, top_k=5, seed=1)
+    assert len(m.generate(b"xy", max_new_bytes=0)) == 0
+
+
+# ----------------------------------------------------------------------------- sampling
+def test_noise_is_uniform_and_row_independent():
+    u = uniform_noise(torch.arange(64), 5, 256)
+    assert u.shape == (64, 256) and 0 < u.min() and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.01
+    assert abs(u.std().item() - (1 / 12) ** 0.5) < 0.01
+    assert torch.equal(uniform_noise(torch.tensor([9]), 5, 256)[0], u[9])  # same (seed, step) -> same noise
+    assert not torch.equal(uniform_noise(torch.tensor([9]), 6, 256), u[9:10])
+    big = uniform_noise(torch.tensor([2**40 + 3, 3]), 0, 16)
+    assert not torch.equal(big[0], big[1])  # the high 32 bits of a seed matter
+
+
+def test_sampling_frequencies_match_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]])
+    n = 20000
+    cfg = SamplingConfig(temperature=1.0)
+    tok = sample_next(logits.expand(n, -1), cfg, torch.arange(n), 0)
+    freq = torch.bincount(tok, minlength=5).float() / n
+    torch.testing.assert_close(freq, logits[0].softmax(-1), atol=0.015, rtol=0)
+    hot = sample_next(logits.expand(n, -1), SamplingConfig(temperature=0.5), torch.arange(n), 0)
+    torch.testing.assert_close(torch.bincount(hot, minlength=5).float() / n, (logits[0] / 0.5).softmax(-1),
+                               atol=0.015, rtol=0)
+
+
+def test_top_k_top_p_greedy_restrict_the_support():
+    logits = torch.tensor([[3.0, 2.5, 2.0, 0.0, -1.0]])
+    n = 4000
+    seeds = torch.arange(n)
+    tk = sample_next(logits.expand(n, -1), SamplingConfig(top_k=2), seeds, 1)
+    assert set(tk.tolist()) == {0, 1}
+    p = logits[0].softmax(-1)  # top-2 mass ~0.74: top_p=0.7 keeps exactly two bytes
+    tp = sample_next(logits.expand(n, -1), SamplingConfig(top_p=float(p[:2].sum()) - 0.01), seeds, 1)
+    assert set(tp.tolist()) == {0, 1}
+    assert set(sample_next(logits.expand(n, -1), SamplingConfig(top_p=1e-6), seeds, 1).tolist()) == {0}
+    assert set(sample_next(logits.expand(n, -1), SamplingConfig(temperature=0.0), seeds, 1).tolist()) == {0}
+    assert set(sample_next(logits.expand(n, -1), SamplingConfig(greedy=True, temperature=5.0), seeds, 1).tolist()) == {0}
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)])
+def test_bad_sampling_settings_are_user_errors(bad):
+    with pytest.raises(UserError):
+        generate(tiny_dense(), "a", 4, **bad)
+
+
+# ----------------------------------------------------------------------------- prompts
+def test_prompt_forms():
+    assert normalize_prompts(b"ab") == ([[97, 98]], False)
+    assert normalize_prompts("\u00e9") == ([[0xC3, 0xA9]], False)
+    assert normalize_prompts([1, 2, 255]) == ([[1, 2, 255]], False)
+    assert normalize_prompts(torch.tensor([5, 6])) == ([[5, 6]], False)
+    assert normalize_prompts(torch.tensor([[5, 6], [7, 8]], dtype=torch.uint8)) == ([[5, 6], [7, 8]], True)
+    assert normalize_prompts([b"a", "bc", [1]]) == ([[97], [98, 99], [1]], True)
+    for bad in ([256], [b"a", 3.5], 3.5, torch.zeros(1, 1, 1)):
+        with pytest.raises(UserError):
+            normalize_prompts(bad)
+
+
+def test_empty_prompt_starts_a_document():
+    m = tiny_dense()
+    assert generate(m, b"", 10, greedy=True) == generate(m, b"\x00", 10, greedy=True)
+
+
+# ----------------------------------------------------------------------------- stops (scripted model)
+class BigramScript(nn.Module):
+    """Deterministic toy LM: after byte b the most likely byte is table[b]. No registered decoder,
+    so generate() uses the RecomputeDecoder fallback."""
+
+    def __init__(self, table: dict[int, int]):
+        super().__init__()
+        self.w = nn.Parameter(torch.full((256, 256), -20.0))
+        with torch.no_grad():
+            for a, b in table.items():
+                self.w[a, b] = 20.0
+
+    def forward(self, x, targets=None):
+        return {"logits": self.w[x]}
+
+
+def script_model(text: bytes):
+    return BigramScript({a: b for a, b in zip(text, text[1:])})
+
+
+def test_stop_string_excluded_and_stream_matches_result():
+    m = script_model(b"abcdefgh")
+    pieces = []
+    out = generate(m, b"a", 20, greedy=True, stop=["ef", "xyz"], stream=lambda r, c: pieces.append(c))
+    assert out == b"bcd" and b"".join(pieces) == b"bcd"
+    out, info = generate(m, b"a", 20, greedy=True, stop=b"q", return_info=True)
+    assert out == b"bcdefgh" and info["stop_reasons"] == ["doc_sep"]  # nothing follows 'h': argmax is 0x00
+
+
+def test_held_back_stop_prefix_is_released_when_no_match():
+    m = script_model(b"abcabd\x00")  # after 'b': 'c' (first) is overwritten by 'd' (later pair)
+    pieces = []
+    out, info = generate(m, b"a", 10, greedy=True, stop="bx", stream=lambda r, c: pieces.append(c),
+                         return_info=True)
+    assert out == b"bd" and b"".join(pieces) == out and info["stop_reasons"] == ["doc_sep"]
+
+
+def test_doc_sep_stops_and_rows_stop_independently():
+    m = script_model(b"abc\x00")
+    m2 = {**{a: b for a, b in zip(b"xyzxyz", b"yzxyzx")}}
+    with torch.no_grad():
+        for a, b in m2.items():
+            m.w[a].fill_(-20.0)
+            m.w[a, b] = 20.0
+    outs, info = generate(m, [b"a", b"x"], 9, greedy=True, return_info=True)
+    assert outs == [b"bc", b"yzxyzxyzx"] and info["stop_reasons"] == ["doc_sep", "length"]
+
+
+# ----------------------------------------------------------------------------- UTF-8 streaming
+def test_utf8_stream_decoder_split_everywhere_and_invalid_bytes():
+    text = "h\u00e9llo \u20ac \U0001F600 \u4e2d".encode()
+    for cut in range(len(text) + 1):
+        d = Utf8StreamDecoder()
+        assert d.decode(text[:cut]) + d.decode(text[cut:]) + d.flush() == text.decode()
+    d = Utf8StreamDecoder()
+    assert d.decode(b"\xe2\x82") == "" and d.pending == b"\xe2\x82"
+    assert d.decode(0xAC) == "\u20ac"
+    assert d.decode(b"a\xffb\xc0\xaf\xed\xa0\x80") == "a\ufffdb" + "\ufffd" * 5
+    assert d.decode(b"\xf0\x9f") + d.flush() == "\ufffd"
+    rng = random.Random(0)
+    for _ in range(300):
+        data = bytes(rng.choice([rng.randrange(256), 0xE2, 0x82, 0xAC, 0xF0, 0x9F, 0x41]) for _ in range(10))
+        d, out, i = Utf8StreamDecoder(), "", 0
+        while i < len(data):
+            j = i + rng.randrange(1, 4)
+            out, i = out + d.decode(data[i:j]), j
+        assert out + d.flush() == data.decode("utf-8", errors="replace")
+
+
+# ----------------------------------------------------------------------------- CLI
+def _save_ckpt(model, path):
+    torch.save({"model": model.state_dict(), "config": model.config.to_dict()}, path)
+
+
+def test_cli_streams_generation(tmp_path, capsys):
+    from ionllama.generation.cli import main
+
+    m = tiny_dense()
+    ck = tmp_path / "m.pt"
+    _save_ckpt(m, ck)
+    assert main(["--checkpoint", str(ck), "--prompt", "h\u00e9", "--max_new_bytes", "16", "--greedy",
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    expected = "h\u00e9" + generate(m, "h\u00e9", 16, greedy=True).decode("utf-8", errors="replace") + "\n"
+    assert out == expected
+
+
+@pytest.mark.parametrize("content", [None, b"not a checkpoint", b"PK\x03\x04garbage"])
+def test_cli_bad_checkpoint_is_one_line_exit_2(tmp_path, capsys, content):
+    from ionllama.generation.cli import main
+
+    path = tmp_path / "bad.pt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(path), "--prompt", "x", "--device", "cpu"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err
