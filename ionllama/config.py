@@ -69,15 +69,15 @@ class ModelConfig:
 SIZES: dict[str, dict[str, dict]] = {
     "ionllama": {
         "tiny": dict(d_model=256, n_layers=4, n_heads=4, d_local=128, n_enc_layers=1, n_dec_layers=2,
-                     d_entropy=64, n_entropy_layers=2),
+                     d_entropy=64, n_entropy_layers=2, ngram_buckets=2048),
         "small": dict(d_model=512, n_layers=12, n_heads=8, d_local=256, n_enc_layers=2, n_dec_layers=4,
-                      d_entropy=128, n_entropy_layers=2),
+                      d_entropy=128, n_entropy_layers=2, ngram_buckets=4096),
         "base": dict(d_model=1024, n_layers=14, n_heads=16, d_local=512, n_enc_layers=2, n_dec_layers=6,
-                     d_entropy=256, n_entropy_layers=4),
+                     d_entropy=256, n_entropy_layers=4, ngram_buckets=8192),
         "large": dict(d_model=1536, n_layers=24, n_heads=16, d_local=768, n_enc_layers=3, n_dec_layers=9,
-                      d_entropy=256, n_entropy_layers=4),
+                      d_entropy=256, n_entropy_layers=4, ngram_buckets=16384),
         "xl": dict(d_model=2048, n_layers=36, n_heads=16, d_local=1024, n_enc_layers=3, n_dec_layers=9,
-                   d_entropy=384, n_entropy_layers=6),
+                   d_entropy=384, n_entropy_layers=6, ngram_buckets=16384),
     },
     "dense": {
         "tiny": dict(d_model=256, n_layers=6, n_heads=4),

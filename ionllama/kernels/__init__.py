@@ -1,1 +1,61 @@
+"""Fast paths: Triton kernels on CUDA, the PyTorch references everywhere else.
 
+``dilated_attention`` and ``scan_const_decay`` have the same contracts as the references in
+``ionllama.model.dilated_attention`` / ``ionllama.model.scan``; they pick the Triton kernel when the
+inputs are CUDA tensors of a supported dtype and shape and Triton imports, else the reference.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..model.dilated_attention import dilated_attention_reference
+from ..model.scan import scan_const_decay as scan_const_decay_reference
+
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # ImportError, or a broken install
+        return False
+    return True
+
+
+def attention_uses_triton(q: torch.Tensor, offsets, segment_ids=None) -> bool:
+    """Whether dilated_attention would run the Triton kernel for these inputs."""
+    return (q.is_cuda and q.dim() == 4 and q.dtype in _TRITON_DTYPES and 16 <= q.shape[-1] <= 128
+            and 0 in [int(o) for o in offsets] and triton_available()
+            and (segment_ids is None or segment_ids.shape == (q.shape[0], q.shape[2])))
+
+
+def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets, segment_ids=None,
+                      scale: float | None = None) -> torch.Tensor:
+    """Dilated causal attention, q/k/v (B, H, N, Dh): query i sees keys i - o for o in offsets.
+    Triton (forward + backward) on CUDA for fp32/bf16/fp16 and head dims 16..128 (padded to a power
+    of two inside the kernel) when offsets contain 0; the gather reference otherwise."""
+    if attention_uses_triton(q, offsets, segment_ids) and k.dtype == q.dtype and v.dtype == q.dtype:
+        from .dilated_attention_triton import dilated_attention_triton
+        return dilated_attention_triton(q, k, v, offsets, segment_ids, scale)
+    return dilated_attention_reference(q, k, v, offsets, segment_ids, scale)
+
+
+def scan_uses_triton(u: torch.Tensor) -> bool:
+    return u.is_cuda and u.dim() == 3 and u.dtype in _TRITON_DTYPES and triton_available()
+
+
+def scan_const_decay(u: torch.Tensor, log_a: torch.Tensor, h0: torch.Tensor | None = None,
+                     chunk: int = 64) -> torch.Tensor:
+    """h_t = exp(log_a) * h_{t-1} + u_t; u (B, T, D), log_a (D,) <= 0, h0 (B, D) or None.
+    Triton (one pass over u, forward + backward) on CUDA; the chunked reference (``chunk``) elsewhere."""
+    if scan_uses_triton(u) and log_a.is_cuda and log_a.dim() == 1:
+        from .scan_triton import scan_const_decay_triton
+        return scan_const_decay_triton(u, log_a, h0)
+    return scan_const_decay_reference(u, log_a, h0, chunk=chunk)
+
+
+__all__ = ["dilated_attention", "scan_const_decay", "triton_available", "attention_uses_triton",
+           "scan_uses_triton"]

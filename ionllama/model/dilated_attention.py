@@ -36,12 +36,13 @@ def dilated_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     idx_c = idx.clamp_min(0)
     k_g = k[:, :, idx_c]  # (B, H, N, K, Dh)
     v_g = v[:, :, idx_c]
-    s = torch.einsum("bhnd,bhnkd->bhnk", q.float(), k_g.float()) * scale
+    work = torch.promote_types(q.dtype, torch.float32)
+    s = torch.einsum("bhnd,bhnkd->bhnk", q.to(work), k_g.to(work)) * scale
     mask = valid[None]  # (1, N, K)
     if segment_ids is not None:
         mask = mask & (segment_ids[:, idx_c] == segment_ids[:, :, None])  # (B, N, K)
     s = s.masked_fill(~mask[:, None], float("-inf"))  # offset 0 is always valid: no empty rows
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse[..., None])
-    out = torch.einsum("bhnk,bhnkd->bhnd", p, v_g.float()).to(q.dtype)
+    out = torch.einsum("bhnk,bhnkd->bhnd", p, v_g.to(work)).to(q.dtype)
     return (out, lse) if return_lse else out

@@ -1,0 +1,96 @@
+"""Training batches: random windows of seq_len + 1 bytes from the train shard.
+
+Every batch is a pure function of (seed, step, micro-step, rank): resuming at step N continues the
+same stream, and no sampler state needs saving. The offsets of one optimizer step are drawn for the
+*global* batch (batch_size x grad_accum x world_size) and each (micro-step, rank) takes its own block,
+so one process with a larger batch sees exactly the rows that several ranks see together."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+
+_TASK_STREAM = 0x7A5C  # separates the task-row random stream from the window offsets
+
+
+def _import_tasks():
+    try:
+        from . import tasks
+    except ImportError as e:
+        if getattr(e, "name", "") in ("ionllama.data.tasks", None):
+            raise UserError("task data needs ionllama.data.tasks, which is not installed in this version; "
+                            "drop --task_mix / --dataset tasks") from None
+        raise
+    return tasks
+
+
+class WindowSampler:
+    def __init__(self, data: np.ndarray, seq_len: int, batch_size: int, grad_accum: int = 1, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, task_mix: float = 0.0):
+        if len(data) < seq_len + 2:
+            raise UserError(f"the train split has {len(data):,} bytes, fewer than --seq_len {seq_len} + 2; "
+                            "lower --seq_len or add data")
+        if not 0.0 <= task_mix <= 1.0:
+            raise UserError(f"--task_mix {task_mix} must be between 0 and 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, {world_size})")
+        self.data, self.seq_len, self.batch_size = data, seq_len, batch_size
+        self.grad_accum, self.seed, self.rank, self.world_size = grad_accum, seed, rank, world_size
+        self.n_task_rows = int(round(task_mix * batch_size))
+        self.tasks = _import_tasks() if self.n_task_rows else None
+        self._cached_step: int | None = None
+        self._offsets: np.ndarray | None = None
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.grad_accum * self.world_size
+
+    def offsets(self, step: int) -> np.ndarray:
+        if self._cached_step != step:
+            rng = np.random.default_rng([self.seed, step])
+            self._offsets = rng.integers(0, len(self.data) - self.seq_len, size=self.global_batch)
+            self._cached_step = step
+        return self._offsets
+
+    def block(self, micro: int) -> int:
+        return micro * self.world_size + self.rank
+
+    def get(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) LongTensors (batch_size, seq_len); y = x shifted by one byte."""
+        k = self.block(micro)
+        offs = self.offsets(step)[k * self.batch_size:(k + 1) * self.batch_size]
+        idx = offs[:, None] + np.arange(self.seq_len + 1)
+        w = torch.from_numpy(np.asarray(self.data[idx], dtype=np.int64))
+        x, y = w[:, :-1].clone(), w[:, 1:].clone()
+        if self.n_task_rows:
+            rng = np.random.default_rng([self.seed, step, k, _TASK_STREAM])
+            tx, ty = self.tasks.make_task_batch(rng, self.n_task_rows, self.seq_len, "train")
+            x[-self.n_task_rows:], y[-self.n_task_rows:] = tx, ty
+        return x, y
+
+
+class TaskSampler:
+    """`--dataset tasks`: every row is packed task examples (targets only on answers)."""
+
+    def __init__(self, seq_len: int, batch_size: int, grad_accum: int = 1, seed: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        self.tasks = _import_tasks()
+        self.seq_len, self.batch_size, self.grad_accum = seq_len, batch_size, grad_accum
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.grad_accum * self.world_size
+
+    def get(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        k = micro * self.world_size + self.rank
+        rng = np.random.default_rng([self.seed, step, k, _TASK_STREAM])
+        return self.tasks.make_task_batch(rng, self.batch_size, self.seq_len, "train")
+
+
+def task_val_batches(seq_len: int, batch_size: int, n_batches: int = 8, seed: int = 0) -> list:
+    """A fixed set of validation task batches (split 'val'), identical for every run."""
+    tasks = _import_tasks()
+    rng = np.random.default_rng([seed, _TASK_STREAM, 1])
+    return [tasks.make_task_batch(rng, batch_size, seq_len, "val") for _ in range(n_batches)]

@@ -1,0 +1,245 @@
+"""Prepare byte shards: a source's documents -> ``train.bin`` / ``val.bin`` (uint8, each document
+preceded by DOC_SEP) + ``meta.json`` in a cache folder keyed by the source and the arguments, so
+preparing twice with the same arguments reuses the shards.
+
+Split: the source's own split files when it has them, else by a hash of each document's id and the
+split seed (~val_fraction of the documents, at least one). A source of a single document is split
+at a line boundary near its end instead."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import UserError
+from . import DOC_SEP_BYTES
+
+SHARD_FORMAT = 1
+DATASETS = ("tinystories", "fineweb", "openwebtext", "builtin", "tasks")
+
+
+@dataclass
+class DataArgs:
+    dataset: str = "builtin"
+    data_path: str | None = None  # overrides dataset
+    data_dir: str = "data_cache"
+    text_field: str = "text"
+    val_fraction: float = 0.01
+    split_seed: int = 0
+    max_bytes: int | None = None  # cap on bytes read (train; fineweb defaults to fineweb_bytes)
+    builtin_bytes: int = 8_000_000
+    fineweb_bytes: int = 2_000_000_000
+
+
+@dataclass
+class Shards:
+    path: Path
+    meta: dict
+    train: np.ndarray
+    val: np.ndarray
+
+
+def _split_unit(doc_id: str, seed: int) -> float:
+    h = hashlib.blake2b(f"{seed}\x00{doc_id}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2.0 ** 64
+
+
+class _SplitWriter:
+    def __init__(self, path: Path):
+        self.path = path
+        self.f = open(path, "wb")
+        self.bytes = 0
+        self.docs = 0
+        self.last_start = 0
+
+    def add(self, doc: bytes) -> None:
+        doc = doc.replace(DOC_SEP_BYTES, b"")  # the separator must stay unambiguous
+        if not doc:
+            return
+        self.last_start = self.bytes
+        self.f.write(DOC_SEP_BYTES)
+        self.f.write(doc)
+        self.bytes += 1 + len(doc)
+        self.docs += 1
+
+    def pop_last(self) -> bytes:
+        """Remove the last document (its bytes without the separator)."""
+        self.f.flush()
+        with open(self.path, "rb") as r:
+            r.seek(self.last_start + 1)
+            doc = r.read()
+        self.f.seek(self.last_start)
+        self.f.truncate()
+        self.bytes = self.last_start
+        self.docs -= 1
+        return doc
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def make_source(args: DataArgs):
+    from . import sources
+
+    if args.data_path:
+        return sources.local_source(args.data_path, args.text_field)
+    if args.dataset == "builtin":
+        return sources.builtin_source(args.builtin_bytes)
+    if args.dataset in sources.HUB_DATASETS:
+        return sources.hub_source(args.dataset, args.text_field if args.text_field != "text" else None)
+    if args.dataset == "tasks":
+        raise UserError("--dataset tasks is generated on the fly and has no shards; nothing to prepare")
+    raise UserError(f"unknown dataset '{args.dataset}'; choose one of {', '.join(DATASETS)} or pass --data_path")
+
+
+def _byte_budget(args: DataArgs) -> int | None:
+    if args.max_bytes is not None:
+        return int(args.max_bytes)
+    if not args.data_path and args.dataset == "fineweb":
+        return int(args.fineweb_bytes)
+    return None
+
+
+def cache_dir_for(args: DataArgs, source) -> tuple[Path, dict]:
+    key = {"format": SHARD_FORMAT, "source": source.key, "val_fraction": args.val_fraction,
+           "split_seed": args.split_seed, "max_bytes": _byte_budget(args)}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in source.description.split(":", 1)[-1])
+    slug = slug.strip("_.")[-40:] or "data"
+    return Path(args.data_dir) / f"{source.key['kind']}-{slug}-{digest}", key
+
+
+def prepare(args: DataArgs, log: Callable[[str], None] = print) -> Path:
+    """Build (or reuse) the shards for `args`; returns their folder."""
+    if not 0.0 < args.val_fraction < 0.5:
+        raise UserError(f"--val_fraction {args.val_fraction} must be in (0, 0.5)")
+    source = make_source(args)
+    out, key = cache_dir_for(args, source)
+    meta_path = out / "meta.json"
+    if meta_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text())
+            if meta.get("key") == key:
+                log(f"data: reusing {out} ({meta['splits']['train']['bytes']:,} train / "
+                    f"{meta['splits']['val']['bytes']:,} val bytes)")
+                return out
+        except (ValueError, KeyError):
+            pass  # unreadable cache: rebuild it
+    try:
+        Path(args.data_dir).mkdir(parents=True, exist_ok=True)
+        tmp = Path(args.data_dir) / f".tmp-{out.name}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as e:
+        raise UserError(f"cannot write to --data_dir {args.data_dir} ({e.strerror or e}); choose a writable folder") from None
+    log(f"data: preparing {source.description} -> {out}")
+    t0 = time.time()
+    try:
+        meta = _write_shards(source, args, tmp, log)
+        meta["key"] = key
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    s = meta["splits"]
+    log(f"data: {s['train']['documents']:,} train docs / {s['train']['bytes']:,} bytes, {s['val']['documents']:,} val "
+        f"docs / {s['val']['bytes']:,} bytes ({meta['split_method']} split) in {time.time() - t0:.1f} s")
+    return out
+
+
+def _write_shards(source, args: DataArgs, tmp: Path, log) -> dict:
+    budget = _byte_budget(args)
+    train, val = _SplitWriter(tmp / "train.bin"), _SplitWriter(tmp / "val.bin")
+    next_report = 100_000_000
+    try:
+        if source.given_splits:
+            val_budget = None if budget is None else max(1_000_000, int(budget * args.val_fraction))
+            for writer, split, cap in ((train, "train", budget), (val, "val", val_budget)):
+                for _, doc in source.iter_docs(split):
+                    if cap is not None and writer.bytes >= cap:
+                        break
+                    writer.add(doc)
+            method = "given"
+            if train.docs and not val.docs:
+                raise UserError(f"the val split of {source.description} is empty; check the val files")
+        else:
+            for doc_id, doc in source.iter_docs("all"):
+                if budget is not None and train.bytes + val.bytes >= budget:
+                    break
+                (val if _split_unit(doc_id, args.split_seed) < args.val_fraction else train).add(doc)
+                if train.bytes + val.bytes >= next_report:
+                    log(f"data: {(train.bytes + val.bytes) / 1e6:,.0f} MB ...")
+                    next_report += 100_000_000
+            method = "hash"
+        if train.docs + val.docs == 0:
+            raise UserError(f"{source.description} contains no text (empty dataset); check --data_path / --text_field")
+        if train.docs + val.docs == 1:
+            only = (train if train.docs else val).pop_last()
+            cut = len(only) - max(1, int(len(only) * args.val_fraction))
+            nl = only.rfind(b"\n", 0, cut)
+            if nl + 1 > len(only) // 2:  # prefer a line boundary when one is near
+                cut = nl + 1
+            if cut <= 0 or cut >= len(only):
+                raise UserError(f"{source.description} is too small to split into train and val "
+                                f"({len(only)} bytes); give more data")
+            train.add(only[:cut])
+            val.add(only[cut:])
+            method = "tail"
+        elif not val.docs:
+            val.add(train.pop_last())  # at least one val document
+        elif not train.docs:
+            train.add(val.pop_last())
+    finally:
+        train.close()
+        val.close()
+    return {
+        "format": SHARD_FORMAT,
+        "source": source.description,
+        "doc_sep": DOC_SEP_BYTES[0],
+        "split_method": method,
+        "val_fraction": args.val_fraction,
+        "split_seed": args.split_seed,
+        "splits": {name: {"bytes": w.bytes, "documents": w.docs, "sha256": _sha256(w.path)}
+                   for name, w in (("train", train), ("val", val))},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "python": sys.version.split()[0],
+        "args": asdict(args),
+    }
+
+
+def open_shards(path: str | Path) -> Shards:
+    path = Path(path)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        train = np.memmap(path / "train.bin", dtype=np.uint8, mode="r")
+        val = np.memmap(path / "val.bin", dtype=np.uint8, mode="r")
+    except (OSError, ValueError) as e:
+        raise UserError(f"data cache {path} is incomplete ({e}); delete it and run again") from None
+    return Shards(path, meta, train, val)
+
+
+def verify_shards(shards: Shards) -> None:
+    """Recompute the checksums of meta.json (slow for big shards; used by tests and `prepare --verify`)."""
+    for name in ("train", "val"):
+        if _sha256(shards.path / f"{name}.bin") != shards.meta["splits"][name]["sha256"]:
+            raise UserError(f"{shards.path}/{name}.bin does not match its checksum; delete the folder and prepare again")

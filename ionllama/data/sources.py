@@ -1,0 +1,372 @@
+"""Document sources. Each yields ``(doc_id, bytes)``: the id decides the hash train/val split, the
+bytes are the document exactly as stored (never decoded, so invalid UTF-8 passes through).
+
+* hub datasets (tinystories, fineweb, openwebtext) through ``datasets.load_dataset`` (streaming);
+  an unreachable hub fails fast with a one-line UserError instead of hanging;
+* local files: text, directories, globs, jsonl (plain / .gz / .xz / .bz2), parquet;
+* ``builtin``: the running Python installation's own standard library sources (offline, everywhere).
+"""
+from __future__ import annotations
+
+import bz2
+import glob
+import gzip
+import hashlib
+import json
+import lzma
+import os
+import sys
+import sysconfig
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+from urllib.parse import urlparse
+
+from ..errors import UserError
+
+Doc = tuple[str, bytes]
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".jsonl.xz", ".jsonl.bz2", ".ndjson.gz", ".ndjson.xz")
+PARQUET_SUFFIXES = (".parquet",)
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".py", ".c", ".h", ".js", ".html", ".tex", ".csv", ".json",
+                 ".txt.gz", ".txt.xz", ".txt.bz2")
+LOCAL_SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES + TEXT_SUFFIXES
+# packaged `datasets` builders: they read local files and never touch the hub
+PACKAGED_BUILDERS = ("json", "parquet", "text", "csv", "arrow")
+
+HUB_OFFLINE_HINT = "use --data_path FILE (local text/jsonl/parquet) or --dataset builtin"
+
+
+@dataclass(frozen=True)
+class HubDataset:
+    path: str
+    name: str | None
+    # our split -> hub split; without a 'val' entry the train stream is split by document hash
+    splits: dict = field(default_factory=dict)
+    text_field: str = "text"
+
+
+HUB_DATASETS = {
+    "tinystories": HubDataset("roneneldan/TinyStories", None, {"train": "train", "val": "validation"}),
+    "fineweb": HubDataset("HuggingFaceFW/fineweb-edu", "sample-10BT", {"train": "train"}),
+    "openwebtext": HubDataset("Skylion007/openwebtext", None, {"train": "train"}),
+}
+
+
+@dataclass
+class Source:
+    """What to read. ``given_splits``: iter_docs('train') / iter_docs('val') are separate sources;
+    otherwise iter_docs('all') is one stream split by document hash."""
+    description: str
+    key: dict  # everything the cache key depends on
+    iter_docs: Callable[[str], Iterator[Doc]]
+    given_splits: bool = False
+
+
+# ---------------------------------------------------------------- helpers
+
+def encode_text(text: str) -> bytes:
+    """str -> bytes without ever raising: lone surrogates (from invalid UTF-8 read with surrogateescape
+    or from JSON escapes) are kept as bytes, not dropped."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            return text.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            return text.encode("utf-8", "surrogatepass")
+
+
+def _open_binary(path: str):
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith(".xz"):
+        return lzma.open(path, "rb")
+    if path.endswith(".bz2"):
+        return bz2.open(path, "rb")
+    return open(path, "rb")
+
+
+def _read_error(path: str, e: Exception) -> UserError:
+    return UserError(f"cannot read {path} ({type(e).__name__}: {e}); check that the file is complete and readable")
+
+
+# ---------------------------------------------------------------- local files
+
+def resolve_local_files(pattern: str) -> tuple[list[str], str]:
+    """--data_path -> (sorted files, base dir used for stable relative doc ids)."""
+    p = os.path.expanduser(pattern)
+    if any(ch in p for ch in "*?["):
+        files = sorted(f for f in glob.glob(p, recursive=True) if os.path.isfile(f))
+        if not files:
+            raise UserError(f"--data_path '{pattern}' matches no files; check the pattern")
+        base = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
+        return files, base
+    if os.path.isdir(p):
+        files = []
+        for root, dirs, names in os.walk(p):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            files += [os.path.join(root, n) for n in names if n.lower().endswith(LOCAL_SUFFIXES) and not n.startswith(".")]
+        if not files:
+            raise UserError(f"--data_path directory '{pattern}' holds no text files "
+                            f"(*.txt, *.md, *.jsonl[.gz|.xz], *.parquet, ...); point it at your data")
+        return sorted(files), os.path.abspath(p)
+    if os.path.isfile(p):
+        return [p], os.path.dirname(os.path.abspath(p))
+    raise UserError(f"--data_path '{pattern}' does not exist; give a text/jsonl/parquet file, a directory or a glob")
+
+
+def iter_jsonl(path: str, text_field: str = "text", doc_prefix: str | None = None) -> Iterator[Doc]:
+    """One document per JSON line. Lines that are not JSON objects are skipped (counted, warned)."""
+    prefix = doc_prefix if doc_prefix is not None else os.path.basename(path)
+    bad = 0
+    try:
+        with _open_binary(path) as f:
+            for lineno, raw in enumerate(f, 1):
+                raw = raw.strip()
+                if not raw:
+                    continue
+                try:
+                    obj = json.loads(raw)
+                except ValueError:  # includes invalid UTF-8: keep the bytes via surrogateescape
+                    try:
+                        obj = json.loads(raw.decode("utf-8", "surrogateescape"))
+                    except ValueError:
+                        bad += 1
+                        continue
+                if not isinstance(obj, dict):
+                    bad += 1
+                    continue
+                if text_field not in obj:
+                    raise UserError(f"{path} line {lineno} has no field '{text_field}' (fields: "
+                                    f"{', '.join(sorted(map(str, obj))[:8])}); pass --text_field NAME")
+                text = obj[text_field]
+                if text is None:
+                    continue
+                yield f"{prefix}:{lineno}", encode_text(text if isinstance(text, str) else str(text))
+    except (OSError, EOFError, lzma.LZMAError) as e:
+        raise _read_error(path, e) from None
+    if bad:
+        warnings.warn(f"{path}: skipped {bad} line(s) that are not JSON objects", stacklevel=2)
+
+
+def iter_text_file(path: str, doc_id: str) -> Iterator[Doc]:
+    try:
+        with _open_binary(path) as f:
+            data = f.read()
+    except (OSError, EOFError, lzma.LZMAError) as e:
+        raise _read_error(path, e) from None
+    yield doc_id, data
+
+
+def iter_parquet(path: str, text_field: str, doc_prefix: str) -> Iterator[Doc]:
+    """Parquet goes through the same `datasets` code as the hub sources (builder 'parquet')."""
+    try:
+        import datasets  # noqa: F401
+    except ImportError:  # fall back to pyarrow when `datasets` is not installed
+        yield from _iter_parquet_pyarrow(path, text_field, doc_prefix)
+        return
+    yield from iter_hf_documents("parquet", "train", data_files=[path], text_field=text_field, doc_prefix=doc_prefix)
+
+
+def _iter_parquet_pyarrow(path: str, text_field: str, doc_prefix: str) -> Iterator[Doc]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"reading {path} needs `datasets` or `pyarrow`; pip install 'ionllama[data]'") from None
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises its own error types
+        raise _read_error(path, e) from None
+    if text_field not in pf.schema_arrow.names:
+        raise UserError(f"{path} has no column '{text_field}' (columns: {', '.join(pf.schema_arrow.names[:8])}); "
+                        "pass --text_field NAME")
+    i = 0
+    for batch in pf.iter_batches(columns=[text_field]):
+        for text in batch.column(0).to_pylist():
+            i += 1
+            if text is not None:
+                yield f"{doc_prefix}:{i}", encode_text(text if isinstance(text, str) else str(text))
+
+
+def iter_local_file(path: str, base: str, text_field: str) -> Iterator[Doc]:
+    rel = os.path.relpath(os.path.abspath(path), base)
+    low = path.lower()
+    if low.endswith(JSONL_SUFFIXES):
+        yield from iter_jsonl(path, text_field, rel)
+    elif low.endswith(PARQUET_SUFFIXES):
+        yield from iter_parquet(path, text_field, rel)
+    else:
+        yield from iter_text_file(path, rel)
+
+
+def _file_stats(files: list[str]) -> list:
+    out = []
+    for f in files:
+        st = os.stat(f)
+        out.append([os.path.abspath(f), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def local_source(data_path: str, text_field: str = "text") -> Source:
+    """A file/dir/glob, or a pattern with '{split}' naming given split files (e.g. books-{split}.jsonl.xz)."""
+    if "{split}" in data_path:
+        resolved = {}
+        for split, names in (("train", ("train",)), ("val", ("val", "validation", "valid"))):
+            err = None
+            for name in names:
+                try:
+                    resolved[split] = resolve_local_files(data_path.replace("{split}", name))
+                    break
+                except UserError as e:
+                    err = err or e
+            if split not in resolved:
+                raise UserError(f"--data_path '{data_path}': no {split} files for '{{split}}' = {'/'.join(names)}; "
+                                "check the pattern") from None
+
+        def iter_docs(split: str) -> Iterator[Doc]:
+            files, base = resolved[split]
+            for f in files:
+                yield from iter_local_file(f, base, text_field)
+
+        key = {"kind": "local-splits", "pattern": data_path, "text_field": text_field,
+               "files": {s: _file_stats(f) for s, (f, _) in resolved.items()}}
+        return Source(f"local:{data_path}", key, iter_docs, given_splits=True)
+
+    files, base = resolve_local_files(data_path)
+
+    def iter_all(split: str = "all") -> Iterator[Doc]:
+        for f in files:
+            yield from iter_local_file(f, base, text_field)
+
+    key = {"kind": "local", "path": data_path, "text_field": text_field, "files": _file_stats(files)}
+    return Source(f"local:{data_path}", key, iter_all)
+
+
+# ---------------------------------------------------------------- hub (datasets)
+
+def _truthy(v: str | None) -> bool:
+    return (v or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_unreachable_reason(timeout: float = 5.0) -> str | None:
+    """Why the Hugging Face hub cannot be used right now, or None. Never blocks longer than ~timeout
+    (DNS resolution has no timeout of its own, so the probe runs in a daemon thread)."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if _truthy(os.environ.get(var)):
+            return f"{var} is set"
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    u = urlparse(endpoint)
+    host, port = u.hostname or "huggingface.co", u.port or (443 if u.scheme == "https" else 80)
+    result: list = []
+
+    def probe():
+        import socket
+
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(None)
+        except OSError as e:
+            result.append(f"cannot reach {host}:{port} ({e.__class__.__name__}: {e})")
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 1.0)
+    if not result:
+        return f"cannot reach {host}:{port} (no answer within {timeout:.0f} s)"
+    return result[0]
+
+
+def iter_hf_documents(path: str, split: str, name: str | None = None, data_files=None, text_field: str = "text",
+                      doc_prefix: str | None = None, streaming: bool = True) -> Iterator[Doc]:
+    """Documents of a `datasets` split: a hub dataset (checked for reachability first) or a packaged
+    builder ('json', 'parquet', ...) over local data_files - the same code either way."""
+    remote = path not in PACKAGED_BUILDERS
+    label = path if remote else f"{path} files {data_files}"
+    if remote:
+        reason = hub_unreachable_reason()
+        if reason:
+            raise UserError(f"dataset {path} needs the Hugging Face hub, which is not reachable ({reason}); "
+                            f"{HUB_OFFLINE_HINT}")
+        # short network timeouts so a flaky connection fails instead of hanging
+        os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "20")
+        os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "60")
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"reading {label} needs the `datasets` package; pip install 'ionllama[data]' "
+                        f"or {HUB_OFFLINE_HINT}") from None
+    prefix = doc_prefix if doc_prefix is not None else f"{path}/{split}"
+    try:
+        ds = datasets.load_dataset(path, name, split=split, data_files=data_files, streaming=streaming)
+        for i, row in enumerate(ds):
+            if text_field not in row:
+                raise UserError(f"{label} has no field '{text_field}' (fields: {', '.join(sorted(row)[:8])}); "
+                                "pass --text_field NAME")
+            text = row[text_field]
+            if text is not None:
+                yield f"{prefix}:{i}", encode_text(text if isinstance(text, str) else str(text))
+    except UserError:
+        raise
+    except Exception as e:  # network / hub / format errors from datasets, fsspec, requests, httpx, pyarrow
+        msg = str(e).splitlines()[0][:200] if str(e) else ""
+        raise UserError(f"could not read {label} ({type(e).__name__}: {msg}); "
+                        + (HUB_OFFLINE_HINT if remote else "check the file")) from None
+
+
+def hub_source(dataset: str, text_field: str | None = None) -> Source:
+    spec = HUB_DATASETS[dataset]
+    field_name = text_field or spec.text_field
+    given = "val" in spec.splits
+
+    def iter_docs(split: str) -> Iterator[Doc]:
+        hub_split = spec.splits["train" if split == "all" else split]
+        yield from iter_hf_documents(spec.path, hub_split, name=spec.name, text_field=field_name)
+
+    key = {"kind": "hub", "path": spec.path, "name": spec.name, "splits": spec.splits, "text_field": field_name}
+    return Source(f"hub:{spec.path}" + (f"/{spec.name}" if spec.name else ""), key, iter_docs, given_splits=given)
+
+
+# ---------------------------------------------------------------- builtin
+
+BUILTIN_SUFFIXES = (".py", ".txt", ".rst", ".md")
+_BUILTIN_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+
+
+def builtin_files() -> list[tuple[str, str]]:
+    """(relative path, absolute path) of the stdlib's sources and docs text, in a fixed pseudo-random
+    order (hash of the relative path) so a byte cap samples all of the library, not just a..c."""
+    root = sysconfig.get_paths()["stdlib"]
+    found = []
+    for d, dirs, names in os.walk(root):
+        dirs[:] = [x for x in dirs if x not in _BUILTIN_SKIP_DIRS and not x.startswith(("config-", "."))]
+        for n in names:
+            if n.endswith(BUILTIN_SUFFIXES):
+                full = os.path.join(d, n)
+                found.append((os.path.relpath(full, root).replace(os.sep, "/"), full))
+    found.sort(key=lambda rf: hashlib.blake2b(rf[0].encode(), digest_size=8).digest())
+    return found
+
+
+def builtin_source(max_bytes: int = 8_000_000) -> Source:
+    files = builtin_files()
+    if not files:
+        raise UserError("no Python standard library sources found for --dataset builtin; use --data_path FILE")
+
+    def iter_docs(split: str = "all") -> Iterator[Doc]:
+        total = 0
+        for rel, full in files:
+            if total >= max_bytes:
+                return
+            try:
+                with open(full, "rb") as f:
+                    data = f.read(max_bytes - total)
+            except OSError:
+                continue  # unreadable stdlib file: skip, the corpus stays deterministic per installation
+            total += len(data)
+            yield rel, data
+
+    key = {"kind": "builtin", "python": sys.version.split()[0], "stdlib": sysconfig.get_paths()["stdlib"],
+           "files": len(files), "max_bytes": max_bytes}
+    return Source(f"builtin:python{sys.version_info[0]}.{sys.version_info[1]}-stdlib", key, iter_docs)

@@ -1,0 +1,199 @@
+"""Loading what the benchmark measures: a checkpoint of any registered model, and eval bytes from
+local files (text, jsonl[.gz|.xz], directories) or the prepared val split of the training data."""
+from __future__ import annotations
+
+import gzip
+import json
+import lzma
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..config import ModelConfig
+from ..data.tasks import DOC_SEP
+from ..errors import UserError
+from ..registry import build_model
+
+TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst", ".py", ".c", ".h", ".js", ".json", ".csv", ".tsv", ".html", ".xml"}
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: nn.Module
+    config: ModelConfig
+    path: Path | None
+    train_args: dict = field(default_factory=dict)
+    step: int | None = None
+
+    @property
+    def run_dir(self) -> Path | None:
+        return self.path.parent if self.path is not None else None
+
+    @property
+    def trained_on_tasks(self) -> bool:
+        a = self.train_args
+        try:
+            mix = float(a.get("task_mix") or 0)
+        except (TypeError, ValueError):
+            mix = 0.0
+        return mix > 0 or a.get("dataset") == "tasks"
+
+
+def _strip_prefixes(state: dict) -> dict:
+    """State dicts saved from torch.compile / DDP wrappers carry '_orig_mod.' / 'module.' prefixes."""
+    out = {}
+    for k, v in state.items():
+        for pre in ("_orig_mod.", "module."):
+            while k.startswith(pre):
+                k = k[len(pre):]
+        out[k] = v
+    return out
+
+
+def _split_config(cfg) -> tuple[dict, dict]:
+    """-> (model config dict, train args found inside the config, if the config is nested)."""
+    if isinstance(cfg, ModelConfig):
+        return cfg.to_dict(), {}
+    if not isinstance(cfg, dict):
+        raise UserError("checkpoint 'config' is neither a dict nor a ModelConfig; is this an ionllama checkpoint?")
+    if isinstance(cfg.get("model"), dict):  # nested {'model': {...}, 'train': {...}}
+        return cfg["model"], dict(cfg.get("train") or cfg.get("args") or {})
+    return cfg, {}
+
+
+def read_checkpoint_file(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"checkpoint '{p}' not found; pass --checkpoint PATH to a .pt written by the trainer")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupted, truncated, or not a weights-only checkpoint
+        raise UserError(f"cannot read checkpoint '{p}' ({type(e).__name__}: {str(e)[:120]}); "
+                        "pass a checkpoint written by `ionllama train`") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise UserError(f"'{p}' has no 'model'/'config' entries; pass a checkpoint written by `ionllama train`")
+    return ckpt
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+    ckpt = read_checkpoint_file(path)
+    cfg_dict, nested_args = _split_config(ckpt["config"])
+    config = ModelConfig.from_dict(cfg_dict)
+    model = build_model(config)
+    missing, unexpected = model.load_state_dict(_strip_prefixes(ckpt["model"]), strict=False)
+    # non-persistent buffers may legitimately be absent; real weights may not
+    missing = [k for k in missing if k in dict(model.named_parameters())]
+    if missing or unexpected:
+        raise UserError(f"checkpoint '{path}' does not match model '{config.model}' (missing {missing[:3]}, "
+                        f"unexpected {list(unexpected)[:3]}); was it written by a different ionllama version?")
+    train_args = {}
+    for key in ("args", "train_args", "train_config"):
+        if isinstance(ckpt.get(key), dict):
+            train_args = dict(ckpt[key])
+            break
+    train_args = train_args or nested_args
+    step = ckpt.get("step")
+    model.to(device).eval()
+    return LoadedCheckpoint(model, config, Path(path), train_args, int(step) if isinstance(step, int) else None)
+
+
+# ---------------------------------------------------------------- eval bytes
+
+
+def _open_text(p: Path):
+    name = p.name.lower()
+    if name.endswith(".gz"):
+        return gzip.open(p, "rt", encoding="utf-8", errors="replace")
+    if name.endswith(".xz"):
+        return lzma.open(p, "rt", encoding="utf-8", errors="replace")
+    return open(p, "rt", encoding="utf-8", errors="replace")
+
+
+def _is_jsonl(p: Path) -> bool:
+    n = p.name.lower()
+    return any(n.endswith(s) for s in (".jsonl", ".jsonl.gz", ".jsonl.xz", ".ndjson"))
+
+
+def iter_documents(path: Path, text_field: str = "text"):
+    """Yields document strings: one per jsonl record (its `text_field`), one per plain text file."""
+    if _is_jsonl(path):
+        with _open_text(path) as f:
+            for i, line in enumerate(f):
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    raise UserError(f"{path}:{i + 1} is not valid JSON; pass a jsonl file with one object per line") from None
+                if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
+                    raise UserError(f"{path}:{i + 1} has no string field '{text_field}'; use --text_field NAME")
+                yield rec[text_field]
+    else:
+        with _open_text(path) as f:
+            yield f.read()
+
+
+def _files_under(path: Path) -> list[Path]:
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return [p for p in files if _is_jsonl(p) or p.suffix.lower() in TEXT_SUFFIXES
+            or p.name.lower().endswith((".txt.gz", ".txt.xz"))]
+
+
+def read_eval_bytes(path: str | Path, max_bytes: int | None = None, text_field: str = "text") -> np.ndarray:
+    """Documents of a file or directory, UTF-8 encoded and joined by DOC_SEP, as uint8 (stops at max_bytes)."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"eval data '{p}' not found; pass --eval_data PATH (text, jsonl[.gz|.xz] or a directory)")
+    files = _files_under(p) if p.is_dir() else [p]
+    if not files:
+        raise UserError(f"no text or jsonl files under '{p}'; pass --eval_data with .txt or .jsonl files")
+    if p.suffix == ".bin" or (p.is_file() and p.suffix in (".u8", ".npy")):
+        return _read_shard(p, max_bytes)
+    parts: list[bytes] = []
+    total = 0
+    for f in files:
+        for doc in iter_documents(f, text_field):
+            b = doc.encode("utf-8").replace(bytes([DOC_SEP]), b"")  # the separator byte must stay unambiguous
+            if not b:
+                continue
+            parts.append(b)
+            total += len(b) + 1
+            if max_bytes is not None and total >= max_bytes:
+                break
+        if max_bytes is not None and total >= max_bytes:
+            break
+    data = bytes([DOC_SEP]).join(parts)
+    if max_bytes is not None:
+        data = data[:max_bytes]
+    if len(data) < 2:
+        raise UserError(f"eval data '{p}' holds fewer than 2 bytes of text; pass a larger --eval_data")
+    return np.frombuffer(data, dtype=np.uint8).copy()
+
+
+def _read_shard(p: Path, max_bytes: int | None) -> np.ndarray:
+    arr = np.load(p, mmap_mode="r") if p.suffix == ".npy" else np.memmap(p, dtype=np.uint8, mode="r")
+    if max_bytes is not None:
+        arr = arr[:max_bytes]
+    return np.asarray(arr, dtype=np.uint8)
+
+
+def default_eval_path(ck: LoadedCheckpoint | None) -> Path:
+    """The val split of the checkpoint's training data, if its prepared shards are on this machine."""
+    fix = "pass --eval_data PATH (any local text/jsonl/dir), or run `ionllama prepare` for the checkpoint's dataset"
+    if ck is None:
+        raise UserError(f"no --checkpoint and no --eval_data; {fix}")
+    a = ck.train_args
+    candidates: list[Path] = []
+    for key in ("data_dir", "prepared_dir", "shard_dir"):
+        if a.get(key):
+            d = Path(a[key])
+            candidates += [d / "val.bin", d / str(a.get("dataset", "")) / "val.bin"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    where = ", ".join(str(c) for c in candidates) or "no data_dir in the checkpoint's train args"
+    raise UserError(f"the val split of the checkpoint's training data is not here ({where}); {fix}")

@@ -1,0 +1,104 @@
+"""Per-language BPB and bytes/patch, and for parallel text (the same content in every language, like
+the UDHR set) the total bits each language needs, next to the token count of a byte-level BPE."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from .lm import evaluate_bpb, patch_statistics
+
+LANG_SUFFIXES = (".txt", ".md", ".c", ".h", ".js", ".py")
+
+
+def language_files(directory: Path) -> list[Path]:
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in LANG_SUFFIXES)
+    if not files:
+        raise UserError(f"no language files (*.txt) in '{directory}'; --multilingual_dir needs one file per language")
+    return files
+
+
+# ------------------------------------------------------------------ BPE baseline token counts
+
+
+def load_bpe(checkpoint_path: Path | None):
+    """tokenizer.json next to the checkpoint (the BPE baseline trained on the training split), or None."""
+    if checkpoint_path is None:
+        return None, None
+    p = checkpoint_path.parent / "tokenizer.json"
+    if not p.is_file():
+        return None, None
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(p))
+    return tok, {"source": "checkpoint dir", "path": str(p), "vocab_size": tok.get_vocab_size()}
+
+
+def train_bpe_on(data: np.ndarray, vocab_size: int = 4096, max_bytes: int = 4_000_000):
+    """A small byte-level BPE trained on the eval data, only for counting tokens; flagged as such."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    text = bytes(np.asarray(data[:max_bytes], dtype=np.uint8)).decode("utf-8", "replace")
+    docs = [d for d in text.split("\x00") if d]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False, special_tokens=[])
+    tok.train_from_iterator(docs, trainer=trainer)
+    info = {"source": "trained by the benchmark on the eval data (no tokenizer.json next to the checkpoint)",
+            "train_bytes": int(min(len(data), max_bytes)), "vocab_size": tok.get_vocab_size()}
+    return tok, info
+
+
+def get_bpe(checkpoint_path: Path | None, eval_data: np.ndarray | None, vocab_size: int = 4096):
+    try:
+        tok, info = load_bpe(checkpoint_path)
+        if tok is None and eval_data is not None:
+            tok, info = train_bpe_on(eval_data, vocab_size)
+        return tok, info
+    except ImportError:
+        return None, {"source": "none: the `tokenizers` package is not installed (pip install tokenizers)"}
+
+
+# ------------------------------------------------------------------ per language
+
+
+def run_multilingual(model, directories: list[Path], seq_len: int, batch_size: int, device, amp_dtype=None,
+                     max_lang_bytes: int = 65536, bpe=None, parallel_names: tuple[str, ...] = ("udhr",)) -> dict:
+    t0 = time.perf_counter()
+    groups = []
+    for d in directories:
+        d = Path(d)
+        if not d.is_dir():
+            raise UserError(f"--multilingual_dir '{d}' is not a directory; pass a folder with one file per language")
+        langs = {}
+        for f in language_files(d):
+            raw = f.read_bytes()[:max_lang_bytes]
+            raw = raw.replace(b"\x00", b"")
+            if len(raw) < 2:
+                continue
+            data = np.frombuffer(raw, dtype=np.uint8)
+            r, method = evaluate_bpb(model, data, seq_len, batch_size, device, amp_dtype=amp_dtype)
+            ps = patch_statistics(model, data, seq_len, batch_size, device, max_bytes=len(data), amp_dtype=amp_dtype)
+            bpb = float(r["bpb"])
+            scored = int(r["bytes"])
+            rec = {"file": str(f), "bytes": len(raw), "bytes_scored": scored, "bpb": bpb, "ppl": float(r["ppl"]),
+                   # bits for the whole content: scored bytes' bits, the unscored first byte(s) at the mean rate
+                   "total_bits": bpb * len(raw), "bytes_per_patch": ps["bytes_per_patch"],
+                   "patches": len(raw) / ps["bytes_per_patch"], "truncated": len(f.read_bytes()) > max_lang_bytes}
+            if bpe is not None:
+                n_tok = len(bpe.encode(raw.decode("utf-8", "replace")).ids)
+                rec["bpe_tokens"] = n_tok
+                rec["bytes_per_bpe_token"] = len(raw) / max(n_tok, 1)
+            langs[f.stem] = rec
+        parallel = d.name.lower() in parallel_names or (d / "PARALLEL").exists()
+        group = {"dir": str(d), "parallel": parallel, "languages": langs, "bpb_method": method if langs else None}
+        if parallel and langs:
+            ref = langs.get("english") or next(iter(langs.values()))
+            for rec in langs.values():
+                rec["total_bits_vs_english"] = rec["total_bits"] / ref["total_bits"]
+        groups.append(group)
+    return {"groups": groups, "max_lang_bytes": max_lang_bytes, "seconds": time.perf_counter() - t0}

@@ -1,0 +1,313 @@
+"""Dilated causal attention in Triton: forward + backward, O(N * Dh) memory, O(N * K * Dh) time.
+
+Query i attends to keys i - o for the K offsets o (causal: i - o >= 0; packed batches: same segment
+id). Every query has exactly one key per offset, so a score is an elementwise product and a row sum,
+never a matmul: the kernels stream shifted, contiguous K/V (or Q/dO) rows and keep an online softmax
+in fp32. The oracle is ``ionllama.model.dilated_attention.dilated_attention_reference``.
+
+Kernels (one program = one block of rows of one (batch, head)):
+  _fwd       per query block: load q once, loop over offsets, online softmax; writes out and lse.
+  _delta     Delta_i = rowsum(dO_i * O_i) (the softmax-backward correction term).
+  _bwd_dkdv  per key block j: loop over offsets, queries j + o are contiguous; recomputes p and
+             ds = p (dO.v - Delta), accumulates dk, dv; optionally stores ds (B*H, K, N) fp32.
+  _bwd_dq    per query block: dq_i = scale * sum_o ds[i, o] k[i - o], reading the stored ds
+             (one shifted K row per offset); or, with store_ds=False, _bwd_dq_recompute recomputes
+             ds from q, dO, lse, Delta and shifted K, V rows (no ds buffer, one more row per offset).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _fwd(Q, K, V, O, LSE, OFFS, SEG,
+         sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+         H, N, n_offs, scale_log2,
+         HAS_SEG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < N
+    col_ok = cols < HEAD_DIM  # constant-true (and folded) when BLOCK_D == HEAD_DIM
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + cols[None, :],
+                mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    if HAS_SEG:
+        seg_q = tl.load(SEG + b * N + rows, mask=row_ok, other=-1)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    # finite start: a row whose first offsets are all masked keeps alpha = 1, p = 0 (no inf - inf)
+    m = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for kk in range(0, n_offs):
+        o = tl.load(OFFS + kk)
+        krow = rows - o
+        ok = row_ok & (krow >= 0)
+        if HAS_SEG:
+            seg_k = tl.load(SEG + b * N + krow, mask=ok, other=-2)
+            ok = ok & (seg_k == seg_q)
+        tile_ok = ok[:, None] & col_ok[None, :]
+        k = tl.load(k_base + krow[:, None] * skn + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+        v = tl.load(v_base + krow[:, None] * svn + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+        s = tl.sum(q * k, 1) * scale_log2  # base-2 logits
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m, s)
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new)
+        l = l * alpha + p
+        acc = acc * alpha[:, None] + p[:, None] * v
+        m = m_new
+    l = tl.where(row_ok, l, 1.0)  # padding rows: keep log2/div finite
+    out = acc / l[:, None]
+    tl.store(O + b * sob + h * soh + rows[:, None] * son + cols[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(LSE + bh * N + rows, (m + tl.log2(l)) * 0.6931471805599453, mask=row_ok)
+
+
+@triton.jit
+def _delta(O, DO, DELTA, sob, soh, son, sdb, sdh, sdn, H, N,
+           BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows < N)[:, None] & (cols < HEAD_DIM)[None, :]
+    o = tl.load(O + b * sob + h * soh + rows[:, None] * son + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + bh * N + rows, tl.sum(o * do, 1), mask=rows < N)
+
+
+@triton.jit
+def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DS, DK, DV, OFFS, SEG,
+              sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
+              sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
+              H, N, n_offs, scale, scale_log2,
+              HAS_SEG: tl.constexpr, STORE_DS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    key_ok = keys < N
+    col_ok = cols < HEAD_DIM  # constant-true (and folded) when BLOCK_D == HEAD_DIM
+    kmask = key_ok[:, None] & col_ok[None, :]
+    k = tl.load(K + b * skb + h * skh + keys[:, None] * skn + cols[None, :], mask=kmask, other=0.0).to(tl.float32)
+    v = tl.load(V + b * svb + h * svh + keys[:, None] * svn + cols[None, :], mask=kmask, other=0.0).to(tl.float32)
+    if HAS_SEG:
+        seg_k = tl.load(SEG + b * N + keys, mask=key_ok, other=-1)
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sdb + h * sdh
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for kk in range(0, n_offs):
+        o = tl.load(OFFS + kk)
+        qrow = keys + o  # the queries that see these keys through offset o: contiguous rows
+        in_range = key_ok & (qrow < N)
+        ok = in_range
+        if HAS_SEG:
+            seg_q = tl.load(SEG + b * N + qrow, mask=in_range, other=-2)
+            ok = ok & (seg_q == seg_k)
+        tile_ok = ok[:, None] & col_ok[None, :]
+        q = tl.load(q_base + qrow[:, None] * sqn + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+        do = tl.load(do_base + qrow[:, None] * sdn + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+        lse = tl.load(LSE + bh * N + qrow, mask=ok, other=0.0)
+        delta = tl.load(DELTA + bh * N + qrow, mask=ok, other=0.0)
+        s = tl.sum(q * k, 1) * scale_log2
+        p = tl.where(ok, tl.exp2(s - lse * 1.4426950408889634), 0.0)
+        dv += p[:, None] * do
+        dp = tl.sum(do * v, 1)
+        ds = p * (dp - delta)
+        dk += ds[:, None] * q
+        if STORE_DS:
+            # every (query i, offset o) with i - o >= 0 is written exactly once, here (0 where masked)
+            tl.store(DS + (bh * n_offs + kk) * N + qrow, ds, mask=in_range)
+    tl.store(DK + b * sdkb + h * sdkh + keys[:, None] * sdkn + cols[None, :], (dk * scale).to(DK.dtype.element_ty),
+             mask=kmask)
+    tl.store(DV + b * sdvb + h * sdvh + keys[:, None] * sdvn + cols[None, :], dv.to(DV.dtype.element_ty),
+             mask=kmask)
+
+
+@triton.jit
+def _bwd_dq(K, DS, DQ, OFFS, skb, skh, skn, sdqb, sdqh, sdqn, H, N, n_offs, scale,
+            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < N
+    col_ok = cols < HEAD_DIM  # constant-true (and folded) when BLOCK_D == HEAD_DIM
+    k_base = K + b * skb + h * skh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for kk in range(0, n_offs):
+        o = tl.load(OFFS + kk)
+        krow = rows - o
+        ok = row_ok & (krow >= 0)
+        ds = tl.load(DS + (bh * n_offs + kk) * N + rows, mask=ok, other=0.0)
+        ok = ok & (ds != 0.0)  # masked-out pairs (other segment) need no K row
+        k = tl.load(k_base + krow[:, None] * skn + cols[None, :], mask=ok[:, None] & col_ok[None, :],
+                    other=0.0).to(tl.float32)
+        dq += ds[:, None] * k
+    tl.store(DQ + b * sdqb + h * sdqh + rows[:, None] * sdqn + cols[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _bwd_dq_recompute(Q, K, V, DO, LSE, DELTA, DQ, OFFS, SEG,
+                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sdqb, sdqh, sdqn,
+                      H, N, n_offs, scale, scale_log2,
+                      HAS_SEG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < N
+    col_ok = cols < HEAD_DIM  # constant-true (and folded) when BLOCK_D == HEAD_DIM
+    rmask = row_ok[:, None] & col_ok[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + cols[None, :], mask=rmask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdn + cols[None, :], mask=rmask, other=0.0).to(tl.float32)
+    lse2 = tl.load(LSE + bh * N + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + bh * N + rows, mask=row_ok, other=0.0)
+    if HAS_SEG:
+        seg_q = tl.load(SEG + b * N + rows, mask=row_ok, other=-1)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for kk in range(0, n_offs):
+        o = tl.load(OFFS + kk)
+        krow = rows - o
+        ok = row_ok & (krow >= 0)
+        if HAS_SEG:
+            seg_k = tl.load(SEG + b * N + krow, mask=ok, other=-2)
+            ok = ok & (seg_k == seg_q)
+        tile_ok = ok[:, None] & col_ok[None, :]
+        k = tl.load(k_base + krow[:, None] * skn + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+        v = tl.load(v_base + krow[:, None] * svn + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+        p = tl.where(ok, tl.exp2(tl.sum(q * k, 1) * scale_log2 - lse2), 0.0)
+        ds = p * (tl.sum(do * v, 1) - delta)
+        dq += ds[:, None] * k
+    tl.store(DQ + b * sdqb + h * sdqh + rows[:, None] * sdqn + cols[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=rmask)
+
+
+# ----------------------------------------------------------------------------------------------
+# launch configuration. Defaults chosen from the H100 sweep in benchmarks/bench_attention.py
+# (see docs/notes/kernels-notes.md); override with set_attention_config() for experiments.
+_CONFIG = {"fwd": (64, 4), "dkdv": (64, 4), "dq": (64, 4), "delta": (64, 4), "store_ds": True}
+
+
+def set_attention_config(**kw) -> dict:
+    """Set launch tiles: fwd/dkdv/dq/delta = (rows per program, num_warps); store_ds: bool.
+    Returns the previous configuration."""
+    old = dict(_CONFIG)
+    for key, val in kw.items():
+        if key not in _CONFIG:
+            raise KeyError(f"unknown attention config key {key!r}")
+        _CONFIG[key] = val
+    return old
+
+
+def _block_d(Dh: int) -> int:
+    return max(16, triton.next_power_of_2(Dh))
+
+
+def _s(t: torch.Tensor):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _lastdim_contig(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _prep_offsets(offsets, N: int, device) -> torch.Tensor:
+    offs = [int(o) for o in offsets if int(o) < N]
+    return torch.tensor(offs, dtype=torch.int32, device=device)
+
+
+def attention_forward(q, k, v, offs, seg, scale):
+    B, H, N, Dh = q.shape
+    o = torch.empty((B, H, N, Dh), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    bm, nw = _CONFIG["fwd"]
+    grid = (triton.cdiv(N, bm), B * H)
+    _fwd[grid](q, k, v, o, lse, offs, seg if seg is not None else offs,
+               *_s(q), *_s(k), *_s(v), *_s(o), H, N, offs.numel(), scale * LOG2E,
+               HAS_SEG=seg is not None, BLOCK_M=bm, BLOCK_D=_block_d(Dh), HEAD_DIM=Dh, num_warps=nw)
+    return o, lse
+
+
+def attention_backward(do, q, k, v, o, lse, offs, seg, scale, store_ds=None):
+    B, H, N, Dh = q.shape
+    store_ds = _CONFIG["store_ds"] if store_ds is None else store_ds
+    BD = _block_d(Dh)
+    K_ = offs.numel()
+    seg_arg = seg if seg is not None else offs
+    delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    bm, nw = _CONFIG["delta"]
+    _delta[(triton.cdiv(N, bm), B * H)](o, do, delta, *_s(o), *_s(do), H, N,
+                                        BLOCK_M=bm, BLOCK_D=BD, HEAD_DIM=Dh, num_warps=nw)
+    dq = torch.empty((B, H, N, Dh), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, H, N, Dh), dtype=k.dtype, device=q.device)
+    dv = torch.empty((B, H, N, Dh), dtype=v.dtype, device=q.device)
+    ds = torch.empty((B * H, K_, N) if store_ds else (1,), dtype=torch.float32, device=q.device)
+    bn, nw = _CONFIG["dkdv"]
+    _bwd_dkdv[(triton.cdiv(N, bn), B * H)](
+        q, k, v, do, lse, delta, ds, dk, dv, offs, seg_arg,
+        *_s(q), *_s(k), *_s(v), *_s(do), *_s(dk), *_s(dv), H, N, K_, scale, scale * LOG2E,
+        HAS_SEG=seg is not None, STORE_DS=store_ds, BLOCK_N=bn, BLOCK_D=BD, HEAD_DIM=Dh, num_warps=nw)
+    bm, nw = _CONFIG["dq"]
+    grid = (triton.cdiv(N, bm), B * H)
+    if store_ds:
+        _bwd_dq[grid](k, ds, dq, offs, *_s(k), *_s(dq), H, N, K_, scale,
+                      BLOCK_M=bm, BLOCK_D=BD, HEAD_DIM=Dh, num_warps=nw)
+    else:
+        _bwd_dq_recompute[grid](q, k, v, do, lse, delta, dq, offs, seg_arg,
+                                *_s(q), *_s(k), *_s(v), *_s(do), *_s(dq), H, N, K_, scale, scale * LOG2E,
+                                HAS_SEG=seg is not None, BLOCK_M=bm, BLOCK_D=BD, HEAD_DIM=Dh, num_warps=nw)
+    return dq, dk, dv
+
+
+class DilatedAttentionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, offs, seg, scale):
+        q, k, v = _lastdim_contig(q), _lastdim_contig(k), _lastdim_contig(v)
+        o, lse = attention_forward(q, k, v, offs, seg, scale)
+        ctx.save_for_backward(q, k, v, o, lse, offs, seg)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse, offs, seg = ctx.saved_tensors  # lse is non-differentiable: dlse is ignored
+        dq, dk, dv = attention_backward(_lastdim_contig(do), q, k, v, o, lse, offs, seg, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def dilated_attention_triton(q, k, v, offsets, segment_ids=None, scale=None, return_lse=False):
+    """Triton dilated attention (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
+    Same contract as dilated_attention_reference; offsets must contain 0."""
+    B, H, N, Dh = q.shape
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(Dh)
+    offs = _prep_offsets(offsets, N, q.device)
+    seg = None
+    if segment_ids is not None:
+        seg = segment_ids.to(device=q.device, dtype=torch.int32).contiguous()
+    o, lse = DilatedAttentionFn.apply(q, k, v, offs, seg, scale)
+    return (o, lse) if return_lse else o

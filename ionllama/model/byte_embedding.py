@@ -1,0 +1,60 @@
+"""Byte embedding with causal n-gram context.
+
+`hash` (BLT-style): besides the 256 byte vectors, each position adds one learned vector per n-gram
+size n, looked up by a hash of bytes t-n+1..t (positions before the start hash a pad symbol).
+`conv`: a causal depthwise convolution over the byte vectors. `none`: plain byte vectors.
+Both variants see only bytes <= t, so position t may predict byte t+1.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .conv import CausalDepthwiseConv
+
+_PAD = 256  # a symbol outside 0..255 for positions before the sequence start
+_MULT = 1_000_003
+_MASK = (1 << 40) - 1
+
+
+def ngram_hashes(x: torch.Tensor, n: int, buckets: int) -> torch.Tensor:
+    """x: (B, T) bytes -> (B, T) bucket ids of the n-gram ending at each position."""
+    xp = F.pad(x.long(), (n - 1, 0), value=_PAD)
+    h = torch.zeros_like(x, dtype=torch.long)
+    T = x.shape[1]
+    for j in range(n):  # loop over the n-gram width (<= 8), not over time
+        h = (h * _MULT + xp[:, j:j + T] + 1) & _MASK
+    return (h * 2654435761 + n) % buckets
+
+
+class ByteEmbedding(nn.Module):
+    def __init__(self, dim: int, ngram: str = "hash", ngram_sizes=(2, 3, 4, 5), buckets: int = 16384,
+                 conv_kernel: int = 4):
+        super().__init__()
+        self.ngram, self.ngram_sizes, self.buckets = ngram, tuple(ngram_sizes), buckets
+        self.bytes = nn.Embedding(256, dim)
+        if ngram == "hash":
+            self.tables = nn.ModuleList([nn.Embedding(buckets, dim) for _ in self.ngram_sizes])
+        elif ngram == "conv":
+            self.conv = CausalDepthwiseConv(dim, conv_kernel)
+        elif ngram != "none":
+            raise ValueError(f"unknown ngram mode {ngram!r}")
+
+    @property
+    def context(self) -> int:
+        """How many previous bytes an embedding depends on (for incremental decoding)."""
+        if self.ngram == "hash":
+            return max(self.ngram_sizes) - 1
+        return 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.bytes(x.long())
+        if self.ngram == "hash":
+            scale = 1.0 / (1 + len(self.ngram_sizes))
+            for n, table in zip(self.ngram_sizes, self.tables):
+                e = e + table(ngram_hashes(x, n, self.buckets))
+            e = e * scale
+        elif self.ngram == "conv":
+            e = e + self.conv(e)
+        return e

@@ -1,0 +1,139 @@
+"""ionLlama v12: entropy-patched byte LM.
+
+    bytes -> ByteEmbedding (causal n-grams) -> IntegralLNN encoder (per byte)
+          -> pool each patch -> latent transformer over patches (dilated or dense attention)
+          -> byte t gets the latent output of the last patch that ended before t (+ its encoder
+             state) -> IntegralLNN decoder -> 256-way head.
+
+Patch boundaries come from the frozen entropy model (or fixed/space/byte rules) and depend only on
+earlier bytes; the latent vector of patch p reaches only bytes of later patches. Hence output t never
+depends on bytes > t (tests/test_causality.py proves it for every configuration).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..config import ModelConfig
+from ..registry import register
+from .byte_embedding import ByteEmbedding
+from .common import RMSNorm, init_weights, swiglu_hidden
+from .dense import GenerateMixin, ParamCountMixin, lm_outputs
+from .entropy_model import EntropyModel
+from .integral_lnn import IntegralLNNBlock
+from .latent_transformer import LatentTransformer
+from .local_attention import LocalAttentionBlock
+from .patcher import calibrate_threshold, compute_patches
+from .pooling import PatchPooling
+
+
+def make_local_layer(cfg: ModelConfig) -> nn.Module:
+    hidden = swiglu_hidden(cfg.d_local, cfg.ffn_mult)
+    if cfg.local_layers == "integral":
+        return IntegralLNNBlock(cfg.d_local, hidden, cfg.conv_kernel, cfg.scan_chunk)
+    if cfg.local_layers == "transformer":
+        return LocalAttentionBlock(cfg.d_local, max(1, cfg.d_local // 64), hidden, cfg.local_window)
+    raise ValueError(f"unknown local_layers {cfg.local_layers!r}")
+
+
+@register("ionllama")
+class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = cfg = config
+        for name, val, ok in [("patching", cfg.patching, ("entropy", "fixed", "space", "byte")),
+                              ("threshold_mode", cfg.threshold_mode, ("global", "monotonic")),
+                              ("attention", cfg.attention, ("dilated", "dense")),
+                              ("local_layers", cfg.local_layers, ("integral", "transformer")),
+                              ("ngram", cfg.ngram, ("hash", "conv", "none")),
+                              ("pooling", cfg.pooling, ("mean", "attention"))]:
+            if val not in ok:
+                from ..errors import UserError
+                raise UserError(f"unknown {name} '{val}'; choose one of {', '.join(ok)}")
+        dl, dm = cfg.d_local, cfg.d_model
+        self.embed = ByteEmbedding(dl, cfg.ngram, cfg.ngram_sizes, cfg.ngram_buckets, cfg.conv_kernel)
+        self.entropy_model = EntropyModel(cfg.d_entropy, cfg.n_entropy_layers, cfg.entropy_state,
+                                          cfg.entropy_headdim, cfg.conv_kernel)
+        self.encoder = nn.ModuleList([make_local_layer(cfg) for _ in range(cfg.n_enc_layers)])
+        self.pool = PatchPooling(dl, cfg.pooling)
+        self.to_latent = nn.Linear(dl, dm, bias=False)
+        self.latent = LatentTransformer(dm, cfg.n_layers, cfg.n_heads, cfg.ffn_mult, cfg.attention, cfg.local_width)
+        self.from_latent = nn.Linear(dm, dl, bias=False)
+        self.latent_start = nn.Parameter(torch.zeros(dl))  # context for bytes of the first patch
+        self.decoder = nn.ModuleList([make_local_layer(cfg) for _ in range(cfg.n_dec_layers)])
+        self.norm = RMSNorm(dl)
+        self.head = nn.Linear(dl, 256, bias=False)
+        # entropy threshold (bits); before calibration every byte starts a patch (bytes/patch = 1)
+        self.register_buffer("entropy_threshold", torch.tensor(0.0))
+        for part in (self.encoder, self.latent, self.decoder):
+            init_weights(part, cfg.n_layers + cfg.n_enc_layers + cfg.n_dec_layers)
+        for lin in (self.to_latent, self.from_latent, self.head):
+            nn.init.normal_(lin.weight, 0.0, 0.02)
+        self._entropy_frozen = False
+
+    # ----------------------------------------------------------------- training-phase protocol
+    @property
+    def needs_entropy_phase(self) -> bool:
+        return self.config.patching == "entropy"
+
+    def freeze_entropy(self, frozen: bool = True) -> None:
+        self._entropy_frozen = frozen
+        for p in self.entropy_model.parameters():
+            p.requires_grad_(not frozen)
+
+    @torch.no_grad()
+    def calibrate_threshold(self, x: torch.Tensor) -> dict:
+        """Set the entropy threshold so held-out bytes `x` (N, T) average target_patch_size bytes/patch."""
+        was_training = self.entropy_model.training
+        self.entropy_model.eval()
+        ent = self.entropy_model(x.to(self.head.weight.device))["entropy"]
+        self.entropy_model.train(was_training)
+        th, bpp = calibrate_threshold(x, ent, self.config.target_patch_size, self.config.threshold_mode,
+                                      self.config.max_patch_size)
+        self.entropy_threshold.fill_(th)
+        return {"threshold": th, "bytes_per_patch": bpp}
+
+    # ----------------------------------------------------------------- forward
+    def compute_entropy(self, x: torch.Tensor):
+        """Next-byte entropy (bits) from the entropy model; its LM loss when it is being trained."""
+        if self.config.patching != "entropy":
+            return None, None
+        if self._entropy_frozen or not torch.is_grad_enabled():
+            with torch.no_grad():
+                return self.entropy_model(x)["entropy"], None
+        return self.entropy_model(x), True
+
+    def patches(self, x: torch.Tensor, entropy: torch.Tensor | None):
+        c = self.config
+        return compute_patches(x, entropy, c.patching, float(self.entropy_threshold), c.threshold_mode,
+                               c.max_patch_size, c.fixed_patch_size)
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> dict:
+        x = x.long()
+        B, T = x.shape
+        entropy, trainable = self.compute_entropy(x)
+        aux_loss = None
+        if trainable:  # joint fine-tuning: the entropy model learns alongside, boundaries use detached entropy
+            ent_out = entropy
+            entropy = ent_out["entropy"]
+            if targets is not None:
+                import torch.nn.functional as F
+                aux_loss = F.cross_entropy(ent_out["logits"].float().reshape(-1, 256), targets.reshape(-1),
+                                           ignore_index=-100)
+        _, b2p, n_patches = self.patches(x, entropy)
+        P = int(n_patches.max())  # the one host sync per forward: the latent sequence length
+
+        e = self.embed(x)
+        for layer in self.encoder:
+            e = layer(e)
+        z = self.latent(self.to_latent(self.pool(e, b2p, P)))  # (B, P, d_model)
+        z = self.from_latent(z)
+        # patch p's latent output is shown to the bytes of patch p+1: shift right by one patch
+        z_prev = torch.cat([self.latent_start.to(z.dtype).expand(B, 1, -1), z[:, :-1]], dim=1)
+        h = e + torch.gather(z_prev, 1, b2p[..., None].expand(B, T, z_prev.shape[-1]))
+        for layer in self.decoder:
+            h = layer(h)
+        logits = self.head(self.norm(h))
+        out = lm_outputs(logits, targets, n_patches)
+        out.update(entropy=entropy, byte_to_patch=b2p, aux_loss=aux_loss)
+        return out

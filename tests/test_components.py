@@ -1,0 +1,185 @@
+"""Each reference component against a direct naive computation."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ionllama.model.dilated_attention import dilated_attention_reference, dilated_offsets
+from ionllama.model.local_attention import local_window_attention
+from ionllama.model.patcher import calibrate_threshold, cap_patches, compute_patches, rule_starts
+from ionllama.model.pooling import PatchPooling
+from ionllama.model.scan import scan_const_decay, scan_general, scan_loop
+from ionllama.model.ssm import MambaBlock, ssd_chunked, ssd_loop
+
+f64 = torch.float64
+
+
+@pytest.mark.parametrize("T,chunk", [(1, 4), (7, 4), (64, 8), (300, 16), (1000, 8)])
+def test_const_decay_scan_matches_loop(T, chunk):
+    u = torch.randn(2, T, 5, dtype=f64)
+    log_a = -torch.rand(5, dtype=f64) * 3
+    h0 = torch.randn(2, 5, dtype=f64)
+    assert torch.allclose(scan_const_decay(u, log_a, h0, chunk), scan_loop(log_a, u, h0), atol=1e-12)
+    assert torch.allclose(scan_const_decay(u, log_a, None, chunk), scan_loop(log_a, u), atol=1e-12)
+
+
+def test_const_decay_scan_gradients_match_loop():
+    u = torch.randn(2, 50, 3, dtype=f64, requires_grad=True)
+    la = (-torch.rand(3, dtype=f64)).requires_grad_()
+    g = torch.randn(2, 50, 3, dtype=f64)
+    (scan_const_decay(u, la, chunk=8) * g).sum().backward()
+    gu, gla = u.grad.clone(), la.grad.clone()
+    u.grad = la.grad = None
+    (scan_loop(la, u) * g).sum().backward()
+    assert torch.allclose(gu, u.grad, atol=1e-10) and torch.allclose(gla, la.grad, atol=1e-10)
+
+
+def test_scan_is_linear_time_not_quadratic():
+    """Long sequences (the prototype crashed > 512) run without a T x T intermediate."""
+    u = torch.randn(1, 65536, 4)
+    h = scan_const_decay(u, torch.full((4,), -0.01))
+    assert torch.isfinite(h).all() and h.shape == u.shape
+
+
+def test_general_scan_matches_loop():
+    la = -torch.rand(2, 77, 3, 4, dtype=f64) * 4
+    u = torch.randn(2, 77, 3, 4, dtype=f64)
+    h0 = torch.randn(2, 3, 4, dtype=f64)
+    assert torch.allclose(scan_general(la, u, h0, chunk=8), scan_loop(la, u, h0), atol=1e-12)
+
+
+def test_ssd_matches_loop_and_step():
+    b, T, H, P, N = 2, 100, 3, 4, 5
+    x, la = torch.randn(b, T, H, P, dtype=f64), -torch.rand(b, T, H, dtype=f64) * 2
+    Bm, Cm = torch.randn(b, T, N, dtype=f64), torch.randn(b, T, N, dtype=f64)
+    h0 = torch.randn(b, H, P, N, dtype=f64)
+    y, s = ssd_chunked(x, la, Bm, Cm, chunk=16, h0=h0)
+    y2, s2 = ssd_loop(x, la, Bm, Cm, h0)
+    assert torch.allclose(y, y2, atol=1e-10) and torch.allclose(s, s2, atol=1e-10)
+
+
+def test_mamba_block_step_equals_parallel():
+    m = MambaBlock(16, d_state=4, headdim=8).double()
+    u = torch.randn(2, 30, 16, dtype=f64)
+    y, st = m(u, return_state=True)
+    cache = m.mixer.empty_cache(2, "cpu", f64)
+    ys = []
+    for t in range(30):
+        yt, cache = m.step(u[:, t], cache)
+        ys.append(yt)
+    assert torch.allclose(torch.stack(ys, 1), y, atol=1e-10)
+    assert torch.allclose(cache["ssm"].double(), st["ssm"].double(), atol=1e-10)
+
+
+def _naive_attention(q, k, v, allowed):
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return torch.softmax(s.masked_fill(~allowed, float("-inf")), -1) @ v
+
+
+@pytest.mark.parametrize("N", [1, 5, 33, 100])
+def test_dilated_attention_matches_masked_dense(N):
+    q, k, v = torch.randn(3, 2, 3, N, 8, dtype=f64).unbind(0)
+    offs = dilated_offsets(N, 3)
+    i = torch.arange(N)
+    lag = i[:, None] - i[None, :]
+    allowed = torch.zeros(N, N, dtype=torch.bool)
+    for o in offs:
+        allowed |= lag == o
+    assert torch.allclose(dilated_attention_reference(q, k, v, offs), _naive_attention(q, k, v, allowed), atol=1e-12)
+
+
+def test_dilated_attention_segments():
+    N = 40
+    q, k, v = torch.randn(3, 1, 2, N, 8, dtype=f64).unbind(0)
+    seg = (torch.arange(N) >= 17).long()[None]
+    offs = dilated_offsets(N)
+    i = torch.arange(N)
+    allowed = torch.zeros(N, N, dtype=torch.bool)
+    for o in offs:
+        allowed |= (i[:, None] - i[None, :]) == o
+    allowed &= seg[0][:, None] == seg[0][None, :]
+    out = dilated_attention_reference(q, k, v, offs, segment_ids=seg)
+    assert torch.allclose(out, _naive_attention(q, k, v, allowed), atol=1e-12)
+
+
+def test_dilated_offsets_are_logarithmic():
+    assert dilated_offsets(100) == [0, 1, 2, 4, 8, 16, 32, 64]
+    assert len(dilated_offsets(1 << 17)) == 3 + 16 - 1
+
+
+@pytest.mark.parametrize("T,W", [(37, 5), (8, 8), (64, 16), (3, 16)])
+def test_local_window_attention_matches_masked_dense(T, W):
+    q, k, v = torch.randn(3, 2, 2, T, 8, dtype=f64).unbind(0)
+    i = torch.arange(T)
+    lag = i[:, None] - i[None, :]
+    assert torch.allclose(local_window_attention(q, k, v, W), _naive_attention(q, k, v, (lag >= 0) & (lag < W)),
+                          atol=1e-12)
+
+
+def _naive_starts(x, ent, mode, th, tmode, max_size, fixed):
+    B, T = x.shape
+    out = torch.zeros(B, T, dtype=torch.bool)
+    for b in range(B):
+        length = 0
+        for t in range(T):
+            if t == 0:
+                s = True
+            elif mode == "byte":
+                s = True
+            elif mode == "fixed":
+                s = t % fixed == 0
+            elif mode == "space":
+                c = int(x[b, t - 1])
+                s = not (chr(c).isascii() and chr(c).isalnum() or c >= 128)
+            elif tmode == "global":
+                s = bool(ent[b, t - 1] > th)
+            else:
+                prev = ent[b, t - 2] if t >= 2 else ent[b, t - 1]
+                s = bool(ent[b, t - 1] - prev > th)
+            if not s and length >= max_size:
+                s = True
+            length = 1 if s else length + 1
+            out[b, t] = s
+    return out
+
+
+@pytest.mark.parametrize("mode,tmode", [("entropy", "global"), ("entropy", "monotonic"), ("space", "global"),
+                                        ("fixed", "global"), ("byte", "global")])
+def test_patch_rules_match_sequential_definition(mode, tmode):
+    x = torch.tensor([list(b"the quick brown fox jumps over the lazy dog, \xc3\xa9t\xc3\xa9 1234567890abcdefghijk")])
+    x = torch.cat([x, x.flip(1)])
+    ent = torch.rand(x.shape, generator=torch.Generator().manual_seed(3)) * 4
+    starts, b2p, n = compute_patches(x, ent, mode, 2.5 if tmode == "global" else 0.5, tmode, 6, 3)
+    assert torch.equal(starts, _naive_starts(x, ent, mode, 2.5 if tmode == "global" else 0.5, tmode, 6, 3))
+    assert torch.equal(n, starts.sum(1))
+    lengths = torch.diff(torch.cat([torch.nonzero(starts[0]).flatten(), torch.tensor([x.shape[1]])]))
+    assert lengths.max() <= 6
+
+
+def test_calibration_hits_target():
+    x = torch.randint(0, 256, (8, 500))
+    ent = torch.rand(8, 500) * 8
+    th, bpp = calibrate_threshold(x, ent, 4.0, "global", 8)
+    assert abs(bpp - 4.0) < 0.1
+    _, _, n = compute_patches(x, ent, "entropy", th, "global", 8)
+    assert abs(x.numel() / n.sum().item() - bpp) < 1e-9
+
+
+@pytest.mark.parametrize("mode", ["mean", "attention"])
+def test_pooling_matches_loop(mode):
+    pool = PatchPooling(6, mode).double()
+    h = torch.randn(2, 20, 6, dtype=f64)
+    starts = torch.rand(2, 20) < 0.3
+    starts[:, 0] = True
+    b2p = starts.long().cumsum(1) - 1
+    P = int(b2p.max()) + 2  # one padding patch
+    out = pool(h, b2p, P)
+    for b in range(2):
+        for p in range(P):
+            sel = h[b][b2p[b] == p]
+            if len(sel) == 0:
+                assert out[b, p].abs().max() == 0
+                continue
+            w = torch.softmax(pool.score(sel).squeeze(-1), 0) if mode == "attention" else torch.full((len(sel),), 1 / len(sel), dtype=f64)
+            assert torch.allclose(out[b, p], (w[:, None] * sel).sum(0), atol=1e-12)

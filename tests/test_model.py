@@ -1,0 +1,102 @@
+"""The ionLlama model: API, honesty on random bytes, long sequences, training-phase protocol."""
+import math
+
+import pytest
+import torch
+
+from ionllama import create_model
+from ionllama.errors import UserError
+
+SMALL = dict(d_model=32, n_layers=2, n_heads=2, d_local=32, n_enc_layers=1, n_dec_layers=1, d_entropy=16,
+             n_entropy_layers=1, entropy_headdim=8, entropy_state=4, ngram_buckets=64)
+
+
+def test_forward_api_shapes_and_keys():
+    m = create_model("tiny", **SMALL)
+    x = torch.randint(0, 256, (3, 40))
+    out = m(x[:, :-1], x[:, 1:])
+    assert out["logits"].shape == (3, 39, 256)
+    assert out["entropy"].shape == (3, 39) and out["byte_to_patch"].shape == (3, 39)
+    assert out["n_patches"].shape == (3,) and out["n_patches"].dtype == torch.long
+    assert torch.isclose(out["bpb"], out["loss"].detach() / math.log(2))
+    assert 5.0 < out["loss"].item() < 6.5  # ~ln(256) at init
+    counts = m.count_parameters()
+    assert counts["total"] == sum(p.numel() for p in m.parameters())
+    assert {"entropy_model", "encoder", "latent", "decoder"} <= set(counts)
+
+
+def test_default_sizes_match_plan_budgets():
+    totals = {s: create_model(s).count_parameters()["total"] / 1e6 for s in ("tiny", "small")}
+    assert 3 < totals["tiny"] < 8 and 35 < totals["small"] < 65
+
+
+def test_unknown_option_is_a_user_error():
+    with pytest.raises(UserError, match="attention"):
+        create_model("tiny", attention="sparse")
+    with pytest.raises(UserError, match="size"):
+        create_model("gigantic")
+
+
+def test_honest_model_cannot_beat_8_bits_on_random_bytes():
+    """Trained on uniform random bytes, held-out BPB stays >= 7.95: a model that sees the future would
+    drive it far lower."""
+    torch.manual_seed(0)
+    m = create_model("tiny", **SMALL, patching="fixed", fixed_patch_size=4)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(200):
+        x = torch.randint(0, 256, (8, 65), generator=g)
+        loss = m(x[:, :-1], x[:, 1:])["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    with torch.no_grad():
+        x = torch.randint(0, 256, (16, 65), generator=g)
+        bpb = m(x[:, :-1], x[:, 1:])["bpb"].item()
+    assert bpb >= 7.95
+
+
+@pytest.mark.parametrize("T", [512, 2048, 8192])
+def test_long_sequences_train(T):
+    m = create_model("tiny", **SMALL)
+    m.calibrate_threshold(torch.randint(0, 256, (2, 256)))
+    x = torch.randint(0, 256, (1, T + 1))
+    out = m(x[:, :-1], x[:, 1:])
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+def test_calibration_moves_bytes_per_patch_to_target():
+    m = create_model("tiny", **SMALL, target_patch_size=4.0)
+    x = torch.randint(0, 256, (4, 200))
+    before = m(x)["n_patches"].sum().item()
+    assert before == x.numel()  # uncalibrated: one byte per patch
+    info = m.calibrate_threshold(x)
+    after = x.numel() / m(x)["n_patches"].sum().item()
+    assert abs(info["bytes_per_patch"] - 4.0) < 0.5 and abs(after - info["bytes_per_patch"]) < 1e-6
+
+
+def test_entropy_phase_protocol():
+    m = create_model("tiny", **SMALL)
+    assert m.needs_entropy_phase
+    x = torch.randint(0, 256, (2, 33))
+    ent = m.entropy_model(x[:, :-1], x[:, 1:])
+    assert ent["loss"].requires_grad and ent["entropy"].shape == (2, 32)
+    m.freeze_entropy(True)
+    out = m(x[:, :-1], x[:, 1:])
+    assert out["aux_loss"] is None
+    assert not any(p.requires_grad for p in m.entropy_model.parameters())
+    m.freeze_entropy(False)  # joint fine-tuning: the entropy LM loss comes back as aux_loss
+    out = m(x[:, :-1], x[:, 1:])
+    assert out["aux_loss"] is not None and out["aux_loss"].requires_grad
+    assert not create_model("tiny", **SMALL, patching="space").needs_entropy_phase
+
+
+def test_state_dict_roundtrip_keeps_threshold():
+    m = create_model("tiny", **SMALL)
+    m.calibrate_threshold(torch.randint(0, 256, (2, 100)))
+    m2 = create_model("tiny", **SMALL)
+    m2.load_state_dict(m.state_dict())
+    assert m2.entropy_threshold.item() == m.entropy_threshold.item() != 0.0
