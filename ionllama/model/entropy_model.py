@@ -32,6 +32,10 @@ class EntropyModel(nn.Module):
         nn.init.normal_(self.embed.weight, 0, 0.02)
         nn.init.normal_(self.head.weight, 0, 0.02)
 
+    def compile_blocks(self, **kw) -> None:
+        for blk in self.blocks:
+            blk.compile(**kw)
+
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> dict:
         h = self.embed(x.long())
         for blk in self.blocks:

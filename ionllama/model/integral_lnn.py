@@ -22,12 +22,9 @@ from .conv import CausalDepthwiseConv
 
 
 def _scan(u, log_a, h0=None, chunk=64):
-    try:
-        from ..kernels import scan_const_decay  # Triton on CUDA, reference elsewhere
-    except ImportError:
-        from .scan import scan_const_decay
-        return scan_const_decay(u, log_a, h0, chunk=chunk)
-    return scan_const_decay(u, log_a, h0)
+    from ..kernels import scan_const_decay  # Triton on CUDA, chunked reference elsewhere
+
+    return scan_const_decay(u, log_a, h0, chunk=chunk)
 
 
 class IntegralLNNBlock(nn.Module):

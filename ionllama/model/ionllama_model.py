@@ -27,6 +27,9 @@ from .patcher import calibrate_threshold, compute_patches
 from .pooling import PatchPooling
 
 
+PATCH_PAD = 16
+
+
 def make_local_layer(cfg: ModelConfig) -> nn.Module:
     hidden = swiglu_hidden(cfg.d_local, cfg.ffn_mult)
     if cfg.local_layers == "integral":
@@ -93,6 +96,14 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
         self.entropy_threshold.fill_(th)
         return {"threshold": th, "bytes_per_patch": bpp}
 
+    def compile_parts(self, **kw) -> None:
+        """torch.compile the byte-level and latent stacks separately: the patch count is data
+        dependent (one host sync), so compiling the whole forward would break the graph there."""
+        for stack in (self.encoder, self.decoder, self.latent.blocks):
+            for layer in stack:
+                layer.compile(**kw)  # in place: state_dict keys stay unchanged
+        self.entropy_model.compile_blocks(**kw)
+
     # ----------------------------------------------------------------- forward
     def compute_entropy(self, x: torch.Tensor):
         """Next-byte entropy (bits) from the entropy model; its LM loss when it is being trained."""
@@ -121,7 +132,10 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
                 aux_loss = F.cross_entropy(ent_out["logits"].float().reshape(-1, 256), targets.reshape(-1),
                                            ignore_index=-100)
         _, b2p, n_patches = self.patches(x, entropy)
-        P = int(n_patches.max())  # the one host sync per forward: the latent sequence length
+        # The one host sync per forward: the latent length. Rounded up to a multiple of PATCH_PAD so
+        # torch.compile sees few shapes; padding patches sit after every real one, so causal
+        # attention never lets a real patch see them.
+        P = -(-int(n_patches.max()) // PATCH_PAD) * PATCH_PAD
 
         e = self.embed(x)
         for layer in self.encoder:

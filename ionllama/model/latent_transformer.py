@@ -5,17 +5,14 @@ import torch
 import torch.nn as nn
 
 from .common import RMSNorm, TransformerBlock, sdpa_causal, swiglu_hidden
-from .dilated_attention import dilated_attention_reference, dilated_offsets
+from .dilated_attention import dilated_offsets
 
 
 def make_dilated_attn(local_width: int):
     def attn(q, k, v):
-        offsets = dilated_offsets(q.shape[2], local_width)
-        try:
-            from ..kernels import dilated_attention  # Triton on CUDA, reference elsewhere
-        except ImportError:
-            return dilated_attention_reference(q, k, v, offsets)
-        return dilated_attention(q, k, v, offsets)
+        from ..kernels import dilated_attention  # Triton on CUDA, gather reference elsewhere
+
+        return dilated_attention(q, k, v, dilated_offsets(q.shape[2], local_width))
 
     return attn
 
