@@ -1,0 +1,137 @@
+"""End-to-end training throughput: ionLlama vs the dense byte transformer, same script, same GPU, same run.
+
+Measures optimizer steps (forward + backward + fused AdamW, bf16 autocast) on random or real bytes at
+a given sequence length and reports bytes/s, MFU (model FLOPs per byte from ionllama.model.flops
+times bytes/s over the GPU's peak bf16 rate) and peak memory.
+
+    PYTHONPATH=. python benchmarks/bench_train_throughput.py --sizes tiny small --seq_len 8192 \
+        --batch_size 8 --compile --out $OUT/train_throughput.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from ionllama import create_model
+from ionllama.model.flops import flops_per_byte
+
+PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12}  # dense bf16 datasheet rates (SXM)
+
+
+def peak_flops() -> float:
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    for key, val in PEAK_BF16.items():
+        if key in name:
+            return val
+    return float("nan")
+
+
+def sample_batch(text: bytes | None, B: int, T: int, gen: torch.Generator) -> torch.Tensor:
+    if text is None or len(text) < T + 2:
+        return torch.randint(0, 256, (B, T + 1), generator=gen)
+    data = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+    starts = torch.randint(0, len(data) - T - 1, (B,), generator=gen)
+    return torch.stack([data[s:s + T + 1] for s in starts.tolist()]).long()
+
+
+def bench_one(name: str, model_kind: str, size: str, args, text: bytes | None, overrides: dict) -> dict:
+    dev = torch.device(args.device)
+    torch.manual_seed(0)
+    model = create_model(size, model=model_kind, **overrides).to(dev)
+    gen = torch.Generator().manual_seed(0)
+    bpp = 1.0
+    if getattr(model, "needs_entropy_phase", False):
+        calib = sample_batch(text, 8, min(args.seq_len, 4096), gen).to(dev)
+        bpp = model.calibrate_threshold(calib)["bytes_per_patch"]
+        model.freeze_entropy(True)
+    if args.compile:
+        model.compile_parts() if hasattr(model, "compile_parts") else model.compile()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                            fused=dev.type == "cuda")
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    batches = [sample_batch(text, args.batch_size, args.seq_len, gen).to(dev) for _ in range(4)]
+
+    def step(i):
+        x = batches[i % len(batches)]
+        with amp:
+            out = model(x[:, :-1], x[:, 1:])
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return out
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(args.warmup):
+        out = step(i)
+    measured_bpp = (args.batch_size * args.seq_len) / out["n_patches"].sum().item()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(args.steps):
+        step(i)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / args.steps
+    bytes_per_s = args.batch_size * args.seq_len / dt
+    fpb = flops_per_byte(model, args.seq_len, measured_bpp)
+    return {"arm": name, "model": model_kind, "size": size, "overrides": overrides,
+            "params_M": round(model.count_parameters()["total"] / 1e6, 2), "seq_len": args.seq_len,
+            "batch_size": args.batch_size, "compile": args.compile, "step_ms": round(dt * 1e3, 2),
+            "bytes_per_s": round(bytes_per_s), "bytes_per_patch": round(measured_bpp, 3),
+            "calibrated_bytes_per_patch": round(bpp, 3), "flops_per_byte": fpb,
+            "mfu": round(fpb * bytes_per_s / peak_flops(), 4),
+            "peak_mem_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev.type == "cuda" else None}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", nargs="+", default=["tiny", "small"])
+    p.add_argument("--arms", nargs="+", default=["ionllama", "dense"],
+                   help="ionllama, dense, or ionllama:key=val,key=val for ablations")
+    p.add_argument("--seq_len", type=int, default=8192)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--text_path", default=None, help="raw bytes to sample from (else random bytes)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    text = open(args.text_path, "rb").read() if args.text_path else None
+    rows = []
+    for size in args.sizes:
+        for arm in args.arms:
+            kind, _, opts = arm.partition(":")
+            overrides = {}
+            for kv in filter(None, opts.split(",")):
+                k, v = kv.split("=")
+                overrides[k] = int(v) if v.isdigit() else v
+            try:
+                r = bench_one(arm, kind, size, args, text, overrides)
+            except torch.cuda.OutOfMemoryError as e:  # report, keep going
+                r = {"arm": arm, "size": size, "error": f"OOM: {str(e)[:80]}"}
+                torch.cuda.empty_cache()
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__, "peak_bf16_flops": peak_flops(), "rows": rows}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(meta, f, indent=1)
+    print("\n| arm | size | params (M) | seq | batch | step ms | bytes/s | bytes/patch | MFLOP/byte | MFU | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['arm']} | {r['size']} | {r['error']} |")
+            continue
+        print(f"| {r['arm']} | {r['size']} | {r['params_M']} | {r['seq_len']} | {r['batch_size']} | {r['step_ms']} | "
+              f"{r['bytes_per_s']:,} | {r['bytes_per_patch']} | {r['flops_per_byte'] / 1e6:.1f} | {r['mfu']:.3f} | "
+              f"{r['peak_mem_GiB']} |")
+
+
+if __name__ == "__main__":
+    main()
