@@ -31,7 +31,7 @@ def fallback_evaluate_bpb(model, data: np.ndarray, seq_len: int, batch_size: int
     (each window starts without earlier context). Used only until ionllama.eval.bpb exists."""
     if max_bytes is not None:
         data = data[:max_bytes]
-    data_t = torch.from_numpy(np.ascontiguousarray(data, dtype=np.uint8)).long()
+    data_t = torch.from_numpy(np.array(data, dtype=np.int64))
     wins = _windows(len(data_t), seq_len)
     total_nats, total_bytes, total_patches = 0.0, 0, 0
     model.eval()

@@ -27,6 +27,7 @@ class LoadedCheckpoint:
     path: Path | None
     train_args: dict = field(default_factory=dict)
     step: int | None = None
+    data_meta: dict = field(default_factory=dict)  # the trainer's data_position: shard folder, sizes
 
     @property
     def run_dir(self) -> Path | None:
@@ -73,14 +74,21 @@ def read_checkpoint_file(path: str | Path) -> dict:
     except Exception as e:  # corrupted, truncated, or not a weights-only checkpoint
         raise UserError(f"cannot read checkpoint '{p}' ({type(e).__name__}: {str(e)[:120]}); "
                         "pass a checkpoint written by `ionllama train`") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise UserError(f"'{p}' has no 'model'/'config' entries; pass a checkpoint written by `ionllama train`")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or not ("model_config" in ckpt or "config" in ckpt):
+        raise UserError(f"'{p}' has no 'model'/'model_config' entries; pass a checkpoint written by `ionllama train`")
     return ckpt
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """A trainer checkpoint (.pt: model + model_config [+ train_args, data_position, step]) or a
+    .safetensors export (weights + config only: no train args, so no default eval data)."""
+    if str(path).endswith(".safetensors"):
+        from ..train.checkpoint import load_model
+
+        model = load_model(path, device=device)
+        return LoadedCheckpoint(model, model.config, Path(path))
     ckpt = read_checkpoint_file(path)
-    cfg_dict, nested_args = _split_config(ckpt["config"])
+    cfg_dict, nested_args = _split_config(ckpt.get("model_config", ckpt.get("config")))
     config = ModelConfig.from_dict(cfg_dict)
     model = build_model(config)
     missing, unexpected = model.load_state_dict(_strip_prefixes(ckpt["model"]), strict=False)
@@ -96,8 +104,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
             break
     train_args = train_args or nested_args
     step = ckpt.get("step")
+    data_meta = ckpt.get("data_position") if isinstance(ckpt.get("data_position"), dict) else {}
     model.to(device).eval()
-    return LoadedCheckpoint(model, config, Path(path), train_args, int(step) if isinstance(step, int) else None)
+    return LoadedCheckpoint(model, config, Path(path), train_args, int(step) if isinstance(step, int) else None,
+                            dict(data_meta))
 
 
 # ---------------------------------------------------------------- eval bytes
@@ -182,18 +192,20 @@ def _read_shard(p: Path, max_bytes: int | None) -> np.ndarray:
 
 
 def default_eval_path(ck: LoadedCheckpoint | None) -> Path:
-    """The val split of the checkpoint's training data, if its prepared shards are on this machine."""
-    fix = "pass --eval_data PATH (any local text/jsonl/dir), or run `ionllama prepare` for the checkpoint's dataset"
+    """The val split (val.bin) of the checkpoint's training data, if its prepared shards are on this machine."""
+    fix = "pass --eval_data PATH (any local text/jsonl/dir)"
     if ck is None:
         raise UserError(f"no --checkpoint and no --eval_data; {fix}")
     a = ck.train_args
+    if a.get("dataset") == "tasks" and not a.get("data_path"):
+        raise UserError(f"the checkpoint was trained on generated task data only (no val shards); {fix}")
     candidates: list[Path] = []
-    for key in ("data_dir", "prepared_dir", "shard_dir"):
-        if a.get(key):
-            d = Path(a[key])
-            candidates += [d / "val.bin", d / str(a.get("dataset", "")) / "val.bin"]
+    if ck.data_meta.get("path"):  # the shard folder the trainer read
+        candidates.append(Path(ck.data_meta["path"]) / "val.bin")
     for c in candidates:
         if c.is_file():
             return c
-    where = ", ".join(str(c) for c in candidates) or "no data_dir in the checkpoint's train args"
-    raise UserError(f"the val split of the checkpoint's training data is not here ({where}); {fix}")
+    where = ", ".join(str(c) for c in candidates) or "the checkpoint records no shard folder"
+    hint = (f" or re-create them with `ionllama prepare --data_path {a['data_path']}`" if a.get("data_path") else
+            f" or re-create them with `ionllama prepare --dataset {a['dataset']}`" if a.get("dataset") else "")
+    raise UserError(f"the val split of the checkpoint's training data is not on this machine ({where}); {fix}{hint}")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from .lm import evaluate_bpb, patch_statistics
+from .lm import evaluate_bpb
 
 LANG_SUFFIXES = (".txt", ".md", ".c", ".h", ".js", ".py")
 
@@ -82,13 +82,12 @@ def run_multilingual(model, directories: list[Path], seq_len: int, batch_size: i
                 continue
             data = np.frombuffer(raw, dtype=np.uint8)
             r, method = evaluate_bpb(model, data, seq_len, batch_size, device, amp_dtype=amp_dtype)
-            ps = patch_statistics(model, data, seq_len, batch_size, device, max_bytes=len(data), amp_dtype=amp_dtype)
             bpb = float(r["bpb"])
             scored = int(r["bytes"])
             rec = {"file": str(f), "bytes": len(raw), "bytes_scored": scored, "bpb": bpb, "ppl": float(r["ppl"]),
                    # bits for the whole content: scored bytes' bits, the unscored first byte(s) at the mean rate
-                   "total_bits": bpb * len(raw), "bytes_per_patch": ps["bytes_per_patch"],
-                   "patches": len(raw) / ps["bytes_per_patch"], "truncated": len(f.read_bytes()) > max_lang_bytes}
+                   "total_bits": bpb * len(raw), "bytes_per_patch": float(r["bytes_per_patch"]),
+                   "patches": len(raw) / float(r["bytes_per_patch"]), "truncated": f.stat().st_size > max_lang_bytes}
             if bpe is not None:
                 n_tok = len(bpe.encode(raw.decode("utf-8", "replace")).ids)
                 rec["bpe_tokens"] = n_tok

@@ -16,6 +16,7 @@ from ..errors import UserError
 X_KEYS = ("bytes_seen", "train_bytes", "bytes", "tokens_seen", "step")  # first one present is the x axis
 VAL_KEYS = ("val_bpb", "eval_bpb")
 TRAIN_KEYS = ("train_bpb", "bpb")
+NOT_MAIN_PHASES = ("entropy", "calibrate")
 
 
 def _plt():
@@ -65,6 +66,8 @@ def curves(records: list[dict]) -> dict:
         if v is not None:
             out["val"].append((x, float(v)))
             continue
+        if str(r.get("phase", "")).lower() in NOT_MAIN_PHASES:
+            continue  # the entropy model's own loss, not the LM's
         t = next((r[k] for k in TRAIN_KEYS if isinstance(r.get(k), (int, float))), None)
         if t is not None and math.isfinite(t):
             out["train"].append((x, float(t)))

@@ -1,0 +1,323 @@
+"""The benchmark suite: every metric on a checkpoint of any registered model.
+
+    python benchmark.py --size small --checkpoint checkpoints/best.pt --output results.json
+    ionllama bench --checkpoint runs/x/best.pt --eval_data ../shared/data/gutenberg/gutenberg-val.jsonl.xz
+
+Writes results.json (versioned schema, docs/results/README.md), results.md and PNG plots next to it.
+Sections (each can be skipped with --skip): lm, tasks, speed (with memory), compression, multilingual, plots.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data import tasks as T
+from ..errors import UserError, cli_entry
+from ..registry import create_model
+from . import lm as lm_mod
+from . import plots as P
+from .loading import LoadedCheckpoint, default_eval_path, load_checkpoint, read_eval_bytes
+from .multilingual import get_bpe, run_multilingual
+from .report import DEFAULT_PUBLISHED, SCHEMA_VERSION, load_published, load_results, render_markdown
+from .speed import peak_rss_mb, run_speed
+from .task_eval import run_tasks
+
+SECTIONS = ("lm", "tasks", "speed", "compression", "multilingual", "plots")
+DEFAULT_MULTILINGUAL = Path("../shared/data/multilingual/udhr")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def build_parser(prog: str = "ionllama bench") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", default=None, help="a .pt written by the trainer (any registered model)")
+    ap.add_argument("--size", default=None, help="model size; without --checkpoint a random-init model of this "
+                    "size is measured (speed/memory), with one it must match the checkpoint")
+    ap.add_argument("--model", default="ionllama", help="model name for a random-init run (no --checkpoint)")
+    ap.add_argument("--output", default="results.json", help="results.json path; results.md and plots go next to it")
+    ap.add_argument("--eval_data", default=None, help="text / jsonl(.gz/.xz) / directory / prepared .bin; default: "
+                    "the val split of the checkpoint's training data")
+    ap.add_argument("--text_field", default="text", help="jsonl field holding the text")
+    ap.add_argument("--max_eval_bytes", type=int, default=None, help="cap the LM eval (default: the whole val split)")
+    ap.add_argument("--multilingual_dir", action="append", default=None,
+                    help=f"folder with one file per language (repeatable); default {DEFAULT_MULTILINGUAL} if present")
+    ap.add_argument("--max_lang_bytes", type=int, default=65536, help="bytes read per language file")
+    ap.add_argument("--n_tasks", type=int, default=100, help="examples per task (and per digit count)")
+    ap.add_argument("--max_digits", type=int, default=4, help="arithmetic operand digit counts 1..N")
+    ap.add_argument("--task_shots", type=int, default=0, help="solved train examples before each question")
+    ap.add_argument("--task_seed", type=int, default=1234)
+    ap.add_argument("--seq_len", type=int, default=None, help="eval window (default: the checkpoint's training "
+                    "seq_len, else 1024)")
+    ap.add_argument("--batch_size", type=int, default=None, help="eval / throughput batch (default: training's, else 8)")
+    ap.add_argument("--gen_batch", type=int, default=32, help="prompts per generate() call in the task eval")
+    ap.add_argument("--gen_bytes", type=int, default=256, help="bytes generated for the generation speed test")
+    ap.add_argument("--speed_iters", type=int, default=5)
+    ap.add_argument("--compression_bytes", type=int, default=262144, help="bytes used for the patch histogram")
+    ap.add_argument("--bpe_vocab", type=int, default=4096, help="vocab of the fallback BPE for token counts")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ap.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"),
+                    help="autocast dtype; auto = bf16 on CUDA, none on CPU")
+    ap.add_argument("--skip", nargs="*", default=[], choices=SECTIONS, help="sections to leave out")
+    ap.add_argument("--runs", nargs="*", default=[], help="more run dirs for the training-curve plot")
+    ap.add_argument("--baselines", nargs="*", default=[], help="results.json of other measured models for the table")
+    ap.add_argument("--published", default=str(DEFAULT_PUBLISHED), help="published figures with citations")
+    return ap
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        d = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu")
+    return d
+
+
+def _amp(name: str, device: torch.device):
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[name]
+
+
+def device_info(device: torch.device) -> dict:
+    info = {"type": device.type, "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform()}
+    if device.type == "cuda":
+        info["name"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    else:
+        name = platform.processor() or "cpu"
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        info["name"] = name
+        info["threads"] = torch.get_num_threads()
+    return info
+
+
+def git_commit() -> dict:
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+
+    try:
+        sha = git("rev-parse", "HEAD")
+        if sha.returncode != 0:
+            return {"sha": "unknown"}
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return {"sha": sha.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"sha": "unknown"}
+
+
+def _clean(o):
+    """JSON-safe: NaN/inf -> None, numpy/torch scalars -> Python numbers, paths -> str."""
+    if isinstance(o, dict):
+        return {str(k): _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating, float)):
+        return float(o) if math.isfinite(o) else None
+    if isinstance(o, torch.Tensor) and o.numel() == 1:
+        return _clean(o.item())
+    if isinstance(o, Path):
+        return str(o)
+    return o
+
+
+def _fallback_text() -> np.ndarray:
+    """Real text present on every machine (the stdlib's os.py), for speed runs without eval data."""
+    return np.frombuffer(Path(os.__file__).read_bytes(), dtype=np.uint8).copy()
+
+
+@torch.no_grad()
+def _entropy_sample(model, data: np.ndarray, device, out_path: Path, n_bytes: int = 256) -> Path | None:
+    """Per-byte entropy and patch boundaries on the start of the first document; None for models without."""
+    raw = bytes(data[: 4 * n_bytes])
+    doc = max(raw.split(bytes([T.DOC_SEP])), key=len)[:n_bytes] or raw[:n_bytes]
+    x = torch.tensor([list(doc)], dtype=torch.long, device=device)
+    out = model(x)
+    ent, b2p = out.get("entropy"), out.get("byte_to_patch")
+    if ent is None or b2p is None:
+        return None
+    th = getattr(model, "entropy_threshold", None)
+    th = float(th) if th is not None and getattr(model.config, "patching", "") == "entropy" else None
+    return P.plot_entropy_sample(doc, ent[0].float().cpu().tolist(), b2p[0].cpu().tolist(), out_path, threshold=th)
+
+
+def _model_info(model, config, size_flag: str | None) -> dict:
+    counts = model.count_parameters() if hasattr(model, "count_parameters") else {
+        "total": sum(p.numel() for p in model.parameters())}
+    return {"name": config.model, "size": config.size, "params_total": int(counts.get("total", 0)),
+            "params": {k: int(v) for k, v in counts.items()}, "size_flag": size_flag}
+
+
+def run(argv: list[str], prog: str) -> dict:
+    a = build_parser(prog).parse_args(argv)
+    t_start = time.perf_counter()
+    device = _device(a.device)
+    amp = _amp(a.amp, device)
+    skip = set(a.skip)
+
+    ck: LoadedCheckpoint | None = None
+    if a.checkpoint:
+        ck = load_checkpoint(a.checkpoint, device)
+        model, config = ck.model, ck.config
+        if a.size and a.size != config.size:
+            raise UserError(f"--size {a.size} but the checkpoint holds a '{config.size}' {config.model} model; "
+                            "drop --size or pass the matching one")
+    else:
+        model = create_model(a.size or "tiny", model=a.model).to(device).eval()
+        config = model.config
+    targs = ck.train_args if ck else {}
+    seq_len = a.seq_len or int(targs.get("seq_len") or 1024)
+    batch_size = a.batch_size or int(targs.get("batch_size") or 8)
+    if seq_len < 2 or batch_size < 1:
+        raise UserError(f"--seq_len must be >= 2 and --batch_size >= 1 (got {seq_len}, {batch_size})")
+
+    out_path = Path(a.output)
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create '{out_path.parent}' ({e.strerror}); pass a writable --output") from None
+    stem = out_path.with_suffix("")
+    published = load_published(a.published or None)
+    baselines = [load_results(p) for p in a.baselines]
+
+    # eval bytes: needed by lm and compression; speed and the plots use them when they are there
+    data, data_path = None, None
+    if a.eval_data or not {"lm", "compression"} <= skip:
+        data_path = Path(a.eval_data) if a.eval_data else default_eval_path(ck)
+        data = read_eval_bytes(data_path, a.max_eval_bytes, a.text_field)
+    sample_data = data if data is not None else _fallback_text()
+
+    metrics: dict = {}
+    skipped: dict = {s: "--skip" for s in sorted(skip)}
+    timings: dict = {}
+
+    if "lm" not in skip:
+        t0 = time.perf_counter()
+        r = lm_mod.run_lm(model, data, seq_len, batch_size, device, amp_dtype=amp)
+        metrics["lm"] = {"data": str(data_path), "max_eval_bytes": a.max_eval_bytes, **r}
+        timings["lm"] = time.perf_counter() - t0
+
+    if "tasks" not in skip:
+        t0 = time.perf_counter()
+        metrics["tasks"] = run_tasks(model, device, n=a.n_tasks, max_digits=a.max_digits, seed=a.task_seed,
+                                     shots=a.task_shots, trained_on_tasks=bool(ck and ck.trained_on_tasks),
+                                     batch_size=a.gen_batch, amp_dtype=amp)
+        timings["tasks"] = time.perf_counter() - t0
+
+    if "speed" not in skip:
+        t0 = time.perf_counter()
+        sm = run_speed(model, sample_data, device, seq_len, batch_size, amp_dtype=amp, iters=a.speed_iters,
+                       gen_bytes=a.gen_bytes)
+        metrics.update(sm)
+        timings["speed"] = time.perf_counter() - t0
+    else:
+        metrics["memory"] = ({"peak_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+                              "kind": "cuda max_memory_allocated over the run"} if device.type == "cuda" else
+                             {"peak_rss_mb": peak_rss_mb(), "kind": "process peak RSS over the run"})
+
+    if "compression" not in skip:
+        t0 = time.perf_counter()
+        metrics["compression"] = lm_mod.patch_statistics(model, data, seq_len, batch_size, device,
+                                                         max_bytes=a.compression_bytes, amp_dtype=amp)
+        timings["compression"] = time.perf_counter() - t0
+
+    if "multilingual" not in skip:
+        dirs = [Path(d) for d in a.multilingual_dir] if a.multilingual_dir else (
+            [DEFAULT_MULTILINGUAL] if DEFAULT_MULTILINGUAL.is_dir() else [])
+        if dirs:
+            t0 = time.perf_counter()
+            bpe, bpe_info = get_bpe(ck.path if ck else None, data, a.bpe_vocab)
+            ml = run_multilingual(model, dirs, seq_len, batch_size, device, amp_dtype=amp,
+                                  max_lang_bytes=a.max_lang_bytes, bpe=bpe)
+            ml["bpe"] = bpe_info
+            metrics["multilingual"] = ml
+            timings["multilingual"] = time.perf_counter() - t0
+        else:
+            skipped["multilingual"] = f"no --multilingual_dir and {DEFAULT_MULTILINGUAL} is not here"
+
+    plots: dict = {}
+    if "plots" not in skip:
+        t0 = time.perf_counter()
+        runs = ([ck.run_dir] if ck and (ck.run_dir / "metrics.jsonl").is_file() else []) + [Path(r) for r in a.runs]
+        if runs:
+            plots["training_curves"] = P.plot_runs([(r.name, r) for r in runs], f"{stem}_curves.png")
+        else:
+            skipped["plot training_curves"] = "no metrics.jsonl next to the checkpoint and no --runs"
+        if metrics.get("multilingual"):
+            plots["bpb_per_language"] = P.plot_language_bpb(metrics["multilingual"], f"{stem}_languages.png")
+        if metrics.get("compression"):
+            plots["patch_sizes"] = P.plot_patch_histogram(metrics["compression"], f"{stem}_patches.png")
+        ent = _entropy_sample(model, sample_data, device, Path(f"{stem}_entropy.png"))
+        if ent is not None:
+            plots["entropy_sample"] = ent
+        else:
+            skipped["plot entropy_sample"] = f"model '{config.model}' returns no entropy/byte_to_patch"
+        timings["plots"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+
+    res = {
+        "schema_version": SCHEMA_VERSION,
+        "model": _model_info(model, config, a.size),
+        "checkpoint": ({"path": str(ck.path), "step": ck.step, "trained_on_tasks": ck.trained_on_tasks,
+                        "train_args": ck.train_args} if ck else None),
+        "config": config.to_dict(),
+        "device": device_info(device),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "command": shlex.join(prog.split() + list(argv)),
+        "settings": {"seq_len": seq_len, "batch_size": batch_size, "amp": str(amp).replace("torch.", "") if amp else
+                     "none", "n_tasks": a.n_tasks, "max_digits": a.max_digits, "task_shots": a.task_shots,
+                     "task_seed": a.task_seed, "max_eval_bytes": a.max_eval_bytes},
+        "metrics": metrics,
+        "skipped": skipped,
+        "timings_s": timings,
+        "files": {"results_json": out_path.name, "markdown": out_path.with_suffix(".md").name,
+                  "plots": {k: Path(v).name for k, v in plots.items()}},
+    }
+    res = _clean(res)
+    md = render_markdown(res, baselines=baselines, published=published, plots=plots)
+    out_path.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+    out_path.with_suffix(".md").write_text(md, encoding="utf-8")
+    return res
+
+
+@cli_entry
+def main(argv: list[str] | None = None, prog: str = "ionllama bench") -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    res = run(argv, prog)
+    m = res["metrics"]
+    line = [f"wrote {res['files']['results_json']} and {res['files']['markdown']}"]
+    if m.get("lm"):
+        line.append(f"BPB {m['lm']['bpb']:.4f}")
+    if m.get("tasks"):
+        accs = {k: v["accuracy"] for k, v in m["tasks"]["per_task"].items()}
+        line.append(m["tasks"]["label"] + " " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in accs.items() if v is not None))
+    print("; ".join(line))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,174 @@
+"""Benchmark suite end to end on tiny random checkpoints (dense and ionllama) and real text slices."""
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ionllama import create_model
+from ionllama.data import tasks as T
+from ionllama.errors import UserError
+from ionllama.eval import benchmark as B
+from ionllama.eval import lm as LM
+from ionllama.eval.report import load_published, render_markdown
+from ionllama.eval.stats import wilson_interval
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SMALL = dict(d_model=64, n_layers=2, n_heads=2)  # 'tiny' shrunk further: the suite must run in seconds
+
+
+def _text(rel: str, n: int) -> bytes:
+    p = SHARED / rel
+    if p.is_file():
+        return p.read_bytes()[:n]
+    return Path(os.__file__).read_bytes()[:n]  # stdlib text where ../shared/data is absent
+
+
+def _save_trainer_checkpoint(model, path: Path, **train_args) -> Path:
+    """The dict the trainer writes (ionllama/train/trainer.py state()), minus optimizer state."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": "ionllama-checkpoint-1", "model": model.state_dict(), "model_config": model.config.to_dict(),
+                "step": 7, "bytes_seen": 7 * 512, "train_args": {"seq_len": 64, "batch_size": 4, **train_args},
+                "data_position": {"path": str(path.parent / "no-shards-here")}}, path)
+    with open(path.parent / "metrics.jsonl", "w") as f:
+        for s in range(1, 8):
+            f.write(json.dumps({"step": s, "phase": "main", "bytes_seen": 512 * s, "loss": 5.5 - 0.1 * s,
+                                "bpb": 8 - 0.1 * s}) + "\n")
+        f.write(json.dumps({"step": 7, "phase": "main", "bytes_seen": 3584, "val_bpb": 7.4, "val_loss": 5.1}) + "\n")
+    return path
+
+
+@pytest.fixture()
+def workdir(tmp_path):
+    (tmp_path / "eval.txt").write_bytes(_text("tinystories/tinystories-sample.txt", 1500))
+    udhr = tmp_path / "udhr"
+    udhr.mkdir()
+    for lang in ("english", "french", "chinese"):
+        (udhr / f"{lang}.txt").write_bytes(_text(f"multilingual/udhr/{lang}.txt", 400))
+    return tmp_path
+
+
+def _run(workdir, ckpt, out, *extra):
+    argv = ["--checkpoint", str(ckpt), "--eval_data", str(workdir / "eval.txt"), "--output", str(out),
+            "--multilingual_dir", str(workdir / "udhr"), "--n_tasks", "3", "--max_digits", "2", "--seq_len", "64",
+            "--batch_size", "4", "--gen_bytes", "8", "--speed_iters", "1", "--compression_bytes", "1024",
+            "--bpe_vocab", "300", "--device", "cpu", *extra]
+    assert B.main(argv, prog="python benchmark.py") == 0
+    return json.loads(Path(out).read_text())
+
+
+def _check_schema(res: dict, out: Path):
+    for key in ("schema_version", "model", "checkpoint", "config", "device", "date", "commit", "command", "metrics"):
+        assert key in res, key
+    assert res["schema_version"] == 1 and res["date"].startswith("20")
+    assert res["command"].startswith("python benchmark.py --checkpoint")
+    m = res["metrics"]
+    assert set(m) >= {"lm", "tasks", "speed", "memory", "compression", "multilingual"}
+    assert math.isfinite(m["lm"]["bpb"]) and m["lm"]["bpb"] > 0 and m["lm"]["bytes"] == 1499
+    assert m["tasks"]["label"] == "zero_shot" and m["tasks"]["split"] == "test"
+    cells = [v for v in m["tasks"]["per_task"].values()]
+    cells += [d for v in m["tasks"]["per_task"].values() for d in v.get("by_digits", {}).values()]
+    for c in cells:
+        lo, hi = c["ci95"]
+        assert c["n"] > 0 and 0 <= lo <= c["accuracy"] <= hi <= 1
+    assert set(m["tasks"]["per_task"]["add"]["by_digits"]) == {"1", "2"}
+    assert m["speed"]["forward_bytes_per_s"] > 0 and m["speed"]["latency_ms"]["median"] > 0
+    assert m["memory"]["peak_rss_mb"] > 0
+    hist = {int(k): v for k, v in m["compression"]["histogram"].items()}
+    # the histogram accounts for every byte it was computed on
+    assert sum(k * v for k, v in hist.items()) == m["compression"]["bytes"]
+    langs = m["multilingual"]["groups"][0]["languages"]
+    assert set(langs) == {"english", "french", "chinese"} and m["multilingual"]["groups"][0]["parallel"]
+    for r in langs.values():
+        assert math.isfinite(r["bpb"]) and r["bpe_tokens"] > 0
+        assert r["total_bits"] == pytest.approx(r["bpb"] * r["bytes"])
+    assert "trained by the benchmark" in m["multilingual"]["bpe"]["source"]
+    for name in ("results.json", "results.md", "results_curves.png", "results_languages.png", "results_patches.png"):
+        f = out.parent / name
+        assert f.is_file() and f.stat().st_size > 0, name
+    md = (out.parent / "results.md").read_text()
+    assert "## Tasks: zero_shot" in md and "## Published figures (not measured here)" in md
+
+
+def test_full_suite_dense(workdir):
+    ckpt = _save_trainer_checkpoint(create_model("tiny", model="dense", **SMALL), workdir / "run" / "best.pt")
+    out = workdir / "bench" / "results.json"
+    res = _run(workdir, ckpt, out)
+    _check_schema(res, out)
+    assert res["model"]["name"] == "dense" and res["metrics"]["compression"]["bytes_per_patch"] == 1.0
+    assert "plot entropy_sample" in res["skipped"]  # dense models have no entropy
+    # the test split the benchmark scored is disjoint from the training words
+    assert not set(T.split_words("test")) & set(T.split_words("train"))
+
+
+def test_full_suite_ionllama_with_patches_and_task_training(workdir):
+    model = create_model("tiny", model="ionllama", d_local=32, d_entropy=32, **SMALL)
+    with torch.no_grad():  # an uncalibrated model starts a patch at every byte; give it real patches
+        x = torch.frombuffer(bytearray(_text("tinystories/tinystories-sample.txt", 256)), dtype=torch.uint8)
+        ent = model.entropy_model(x.long()[None])["entropy"]
+        model.entropy_threshold.fill_(float(ent.median()))
+    ckpt = _save_trainer_checkpoint(model, workdir / "run2" / "best.pt", task_mix=0.1)
+    out = workdir / "bench2" / "results.json"
+    res = _run(workdir, ckpt, out, "--skip", "multilingual", "speed")
+    m = res["metrics"]
+    assert m["tasks"]["label"] == "in_format" and res["checkpoint"]["trained_on_tasks"]
+    assert m["compression"]["bytes_per_patch"] > 1.2 and len(m["compression"]["histogram"]) > 1
+    hist = {int(k): v for k, v in m["compression"]["histogram"].items()}
+    assert sum(k * v for k, v in hist.items()) == m["compression"]["bytes"]
+    assert (out.parent / "results_entropy.png").stat().st_size > 0
+    assert "multilingual" not in m and "memory" in m
+    assert "in_format" in (out.parent / "results.md").read_text()
+
+
+def test_bad_inputs_exit_with_one_line(workdir, capsys):
+    with pytest.raises(SystemExit) as e:
+        B.main(["--checkpoint", str(workdir / "missing.pt")])
+    assert e.value.code == 2 and "--checkpoint" in capsys.readouterr().err
+    ckpt = _save_trainer_checkpoint(create_model("tiny", model="dense", **SMALL), workdir / "run" / "best.pt")
+    with pytest.raises(SystemExit) as e:  # no shards on this machine and no --eval_data
+        B.main(["--checkpoint", str(ckpt), "--output", str(workdir / "r.json")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--eval_data" in err and err.count("\n") == 1
+    (workdir / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as e:
+        B.main(["--checkpoint", str(workdir / "bad.pt"), "--eval_data", str(workdir / "eval.txt")])
+    assert e.value.code == 2
+
+
+def test_lm_fallback_matches_harness_evaluator():
+    bpb = pytest.importorskip("ionllama.eval.bpb")
+    torch.manual_seed(0)
+    model = create_model("tiny", model="dense", **SMALL).eval()
+    data = np.frombuffer(_text("tinystories/tinystories-sample.txt", 300), dtype=np.uint8)
+    a = LM.fallback_evaluate_bpb(model, data, 64, 3, "cpu")
+    b = bpb.evaluate_bpb(model, data, 64, 3, "cpu")
+    assert a["bytes"] == b["bytes"] == 299
+    assert a["bpb"] == pytest.approx(b["bpb"], rel=1e-5)
+
+
+def test_wilson_interval_known_values():
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(81, 100) == pytest.approx((0.7222, 0.8749), abs=1e-4)
+    lo, hi = wilson_interval(0, 20)
+    assert lo == 0.0 and 0.15 < hi < 0.17
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_published_figures_need_citation_and_dataset(tmp_path):
+    p = tmp_path / "published.json"
+    p.write_text(json.dumps({"entries": [{"model": "X", "metric": "bpb", "value": 1.0, "dataset": "PG19 test"}]}))
+    with pytest.raises(UserError, match="citation"):
+        load_published(p)
+    good = {"model": "MambaByte-353M", "metric": "bpb", "value": 0.93, "dataset": "PG19 test",
+            "citation": {"paper": "Example et al. 2099", "table": "Table 9"}}
+    p.write_text(json.dumps({"entries": [good]}))
+    entries = load_published(p)
+    res = {"schema_version": 1, "model": {"name": "dense", "size": "tiny", "params_total": 1}, "checkpoint": None,
+           "device": {"name": "cpu", "type": "cpu", "torch": "x"}, "date": "2026-11-25", "commit": {"sha": "abc"},
+           "command": "x", "metrics": {}}
+    md = render_markdown(res, published=entries)
+    measured, published = md.split("## Published figures (not measured here)")
+    assert "MambaByte-353M" in published and "Table 9" in published and "MambaByte" not in measured
