@@ -5,3 +5,4 @@ try:
     from . import ionllama_model  # noqa: F401
 except ImportError:  # pragma: no cover - only while the package is being assembled
     pass
+from . import bpe_gpt, mamba_byte  # noqa: F401  (baselines of the experiment matrix)

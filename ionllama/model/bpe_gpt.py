@@ -1,0 +1,174 @@
+"""GPT-2-style transformer over byte-level BPE tokens: the tokenized baseline.
+
+The same pre-norm RoPE / SwiGLU / SDPA blocks as the dense byte transformer, over tokens of a
+byte-level BPE (ionllama.data.bpe) trained on the training split. Its BPB is bits per *byte*:
+``forward`` divides by the bytes its scored targets cover (``token_nbytes``), so training-time numbers
+are comparable with the byte models; the exact val number comes from
+``ionllama.data.bpe.evaluate_token_bpb``.
+
+The tokenizer travels inside the model: ``tokenizer_json`` (a uint8 buffer holding tokenizer.json)
+is part of the state dict, so a checkpoint or safetensors export is self-contained. Attach one with
+``set_tokenizer(bpe)`` before training (``config.vocab_size`` must equal its vocabulary).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..config import ModelConfig
+from ..errors import UserError
+from ..registry import register
+from .common import RMSNorm, TransformerBlock, init_weights, swiglu_hidden
+from .dense import ParamCountMixin, lm_outputs
+
+
+
+@register("bpe")
+class BPETransformer(ParamCountMixin, nn.Module):
+    token_level = True  # the trainer / data pipeline feed token ids, not bytes
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.vocab_size <= 256:
+            raise UserError(f"--model bpe needs vocab_size > 256 (the tokenizer's vocabulary), got "
+                            f"{config.vocab_size}; pass --vocab_size 4096")
+        self.config = config
+        d = config.d_model
+        self.embed = nn.Embedding(config.vocab_size, d)
+        hidden = swiglu_hidden(d, config.ffn_mult)
+        self.blocks = nn.ModuleList([TransformerBlock(d, config.n_heads, hidden) for _ in range(config.n_layers)])
+        self.norm = RMSNorm(d)
+        self.head = nn.Linear(d, config.vocab_size, bias=False)
+        init_weights(self, config.n_layers)
+        # bytes per token id; all ones until a tokenizer is attached
+        self.register_buffer("token_nbytes", torch.ones(config.vocab_size, dtype=torch.long))
+        self.register_buffer("tokenizer_json", torch.zeros(0, dtype=torch.uint8))
+        self._bpe = None
+        if config.tokenizer_path:
+            from ..data.bpe import ByteBPE
+
+            try:
+                self.set_tokenizer(ByteBPE.from_file(config.tokenizer_path))
+            except UserError:
+                pass  # loading a checkpoint elsewhere: its state dict carries the tokenizer
+
+    # ------------------------------------------------------------------ tokenizer
+    def set_tokenizer(self, bpe) -> None:
+        if bpe.vocab_size != self.config.vocab_size:
+            raise UserError(f"tokenizer has {bpe.vocab_size} tokens but the model vocab_size is "
+                            f"{self.config.vocab_size}; build the model with vocab_size={bpe.vocab_size}")
+        dev = self.token_nbytes.device
+        self.token_nbytes = torch.as_tensor(bpe.token_nbytes, dtype=torch.long, device=dev)
+        self.tokenizer_json = torch.frombuffer(bytearray(bpe.to_str().encode("utf-8")), dtype=torch.uint8).to(dev)
+        self._bpe = bpe
+
+    @property
+    def bpe(self):
+        if self._bpe is None:
+            if self.tokenizer_json.numel() == 0:
+                raise UserError("this BPE model has no tokenizer attached; train it with `ionllama train --model bpe` "
+                                "or call set_tokenizer()")
+            from ..data.bpe import ByteBPE
+
+            self._bpe = ByteBPE.from_str(bytes(self.tokenizer_json.cpu().numpy()).decode("utf-8"))
+        return self._bpe
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the tokenizer buffer's length is only known from the checkpoint: adopt it before loading
+        key = prefix + "tokenizer_json"
+        if key in state_dict:
+            self.tokenizer_json = torch.empty_like(state_dict[key], device=self.tokenizer_json.device)
+            self._bpe = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> dict:
+        B, T = x.shape
+        h = self.embed(x.long())
+        pos = torch.arange(T, device=x.device)
+        for blk in self.blocks:
+            h = blk(h, pos)
+        logits = self.head(self.norm(h))
+        bytes_per_target = 1.0
+        n_bytes = None
+        if targets is not None:
+            valid = targets != -100
+            n_bytes = torch.where(valid, self.token_nbytes[targets.clamp_min(0)], 0).sum()
+            bytes_per_target = (n_bytes.float() / valid.sum().clamp_min(1)).clamp_min(1e-6)
+        out = lm_outputs(logits, targets, torch.full((B,), T, device=x.device, dtype=torch.long), bytes_per_target)
+        out["n_bytes"] = n_bytes  # bytes covered by the scored targets (for exact byte accounting)
+        out["input_bytes"] = self.token_nbytes[x.long()].sum()
+        return out
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, prompt_bytes, max_new_bytes: int = 256, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, greedy: bool = False, seed=None, stop=None, stream=None,
+                 decoder: str = "auto", return_info: bool = False, **_ignored):
+        """Same signature and stopping rules as the byte models: encode each prompt, sample tokens, emit
+        their bytes until max_new_bytes, DOC_SEP or a stop string. decoder: 'auto' (the dense KV cache
+        over token ids) | 'recompute' (a full forward per token). Returns bytes, or a list for a batch."""
+        from ..generation.generate import _row_seeds
+        from ..generation.prompts import DOC_SEP, RowOutput, normalize_prompts, normalize_stops
+        from ..generation.sampling import SamplingConfig, sample_next
+
+        rows, is_batch = normalize_prompts(prompt_bytes)
+        if not rows:
+            raise UserError("empty batch of prompts; pass at least one prompt")
+        if max_new_bytes is None or max_new_bytes < 0:
+            raise UserError(f"max_new_bytes must be >= 0, got {max_new_bytes}")
+        if decoder not in ("auto", "recompute"):
+            raise UserError(f"unknown decoder kind '{decoder}'; use 'auto' or 'recompute'")
+        cfg = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
+        stops = normalize_stops(stop)
+        bpe = self.bpe
+        device = self.head.weight.device
+        seqs = [[int(t) for t in bpe.encode(bytes(r if r else [DOC_SEP]))] for r in rows]
+        outs = [RowOutput(stops) for _ in rows]
+        emitted = [0] * len(rows)
+        seeds = _row_seeds(seed, len(rows), device)
+        was_training = self.training
+        self.eval()
+        try:
+            if max_new_bytes > 0:
+                # every token holds >= 1 byte: max_new_bytes tokens always suffice
+                dec = _make_decoder(self, decoder, len(rows), max(map(len, seqs)) + max_new_bytes)
+                logits = dec.prefill(seqs)
+                for step in range(max_new_bytes):
+                    toks = sample_next(logits, cfg, seeds, step)
+                    for r, t in enumerate(toks.tolist()):
+                        for b in bpe.token_bytes[t][:max_new_bytes - emitted[r]]:
+                            if outs[r].done:
+                                break
+                            emitted[r] += 1
+                            piece = outs[r].push(b)
+                            if stream is not None and piece:
+                                stream(r, piece)
+                    if all(o.done or e >= max_new_bytes for o, e in zip(outs, emitted)):
+                        break
+                    logits = dec.step(toks)
+        finally:
+            self.train(was_training)
+        for r, o in enumerate(outs):
+            tail = o.finish()
+            if stream is not None and tail:
+                stream(r, tail)
+        results = [o.result for o in outs]
+        result = results if is_batch else results[0]
+        if return_info:
+            return result, {"stop_reasons": [o.stop_reason for o in outs]}
+        return result
+
+
+def _make_decoder(model, kind: str, batch: int, max_len: int):
+    """The dense KV-cache decoder works on any ids (same modules as the dense byte model)."""
+    from ..generation.decoding import RecomputeDecoder
+
+    if kind == "auto":
+        try:
+            from ..generation.dense_decoder import DenseKVDecoder
+
+            return DenseKVDecoder(model, batch, max_len)
+        except ImportError:  # pragma: no cover - generation package without the dense decoder
+            pass
+    return RecomputeDecoder(model, batch, max_len)

@@ -1,0 +1,191 @@
+"""Baselines of the experiment matrix: the BPE transformer (exact byte accounting) and MambaByte."""
+import json
+import lzma
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ionllama import create_model
+from ionllama.data.bpe import (ByteBPE, TokenWindowSampler, evaluate_token_bpb, make_token_task_batch,
+                               open_token_shards, prepare_tokens, train_tokenizer)
+from ionllama.data.shards import DataArgs, open_shards, prepare
+from ionllama.errors import UserError
+
+GUTENBERG_VAL = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "gutenberg" / "gutenberg-val.jsonl.xz"
+
+
+def _snippets(n_docs: int, doc_bytes: int) -> list[str]:
+    """Small documents cut from the first book of the Gutenberg val split (a built-in fallback text when
+    the shared data is not on this machine)."""
+    text = None
+    if GUTENBERG_VAL.is_file():
+        with lzma.open(GUTENBERG_VAL, "rt", encoding="utf-8") as f:
+            text = json.loads(f.readline())["text"]
+    if not text:
+        import ionllama.train.trainer as t
+
+        text = Path(t.__file__).read_text() * 4
+    start = len(text) // 3  # skip the licence header
+    return [text[start + i * doc_bytes:start + (i + 1) * doc_bytes] for i in range(n_docs)]
+
+
+def write_corpus(tmp_path: Path, n_train: int = 24, n_val: int = 4, doc_bytes: int = 1500) -> str:
+    docs = _snippets(n_train + n_val, doc_bytes)
+    docs[1] += " caf\u00e9 \u4e2d\u6587 \U0001f600"  # multi-byte characters must survive exactly
+    for split, part in (("train", docs[:n_train]), ("val", docs[n_train:])):
+        with open(tmp_path / f"corpus-{split}.jsonl", "w", encoding="utf-8") as f:
+            for i, d in enumerate(part):
+                f.write(json.dumps({"id": i, "text": d}) + "\n")
+    return str(tmp_path / "corpus-{split}.jsonl")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("corpus")
+    pattern = write_corpus(tmp)
+    byte_dir = prepare(DataArgs(data_path=pattern, data_dir=str(tmp / "cache")), log=lambda m: None)
+    tok_dir = prepare_tokens(byte_dir, vocab_size=320, log=lambda m: None)
+    return {"pattern": pattern, "byte_dir": byte_dir, "tok_dir": tok_dir, "tmp": tmp}
+
+
+def test_bpe_encoding_is_byte_exact():
+    bpe = train_tokenizer([s.encode() for s in _snippets(8, 1000)], vocab_size=300)
+    assert bpe.vocab_size == 300
+    assert sorted(bpe.token_bytes[i] for i in bpe.byte_ids) == [bytes([b]) for b in range(256)]
+    data = b"\x00Hello there, caf\xc3\xa9!\x00\x00 bad \xff\xfe utf8 \xc3\x00tail \xf0\x9f\x98\x80"
+    ids = bpe.encode(data)
+    assert bpe.decode(ids) == data
+    assert bpe.n_bytes(ids) == len(data)
+    assert (ids == bpe.sep_id).sum() == data.count(0)
+    assert len(ids) < len(data)  # merges happened
+    again = ByteBPE.from_str(bpe.to_str())
+    assert np.array_equal(again.encode(data), ids)
+
+
+def test_token_shards_cover_every_byte(corpus):
+    shards = open_shards(corpus["byte_dir"])
+    toks = open_token_shards(corpus["tok_dir"])
+    for name in ("train", "val"):
+        ids = np.asarray(getattr(toks, name), dtype=np.int64)
+        assert toks.bpe.token_nbytes[ids].sum() == len(getattr(shards, name))
+        assert toks.bpe.decode(ids[:400]) == bytes(getattr(shards, name)[:toks.bpe.n_bytes(ids[:400])])
+        assert ids[0] == toks.bpe.sep_id
+    assert 1.5 < toks.bytes_per_token < 5
+    # the second call reuses the cache
+    assert prepare_tokens(corpus["byte_dir"], vocab_size=320, log=lambda m: None) == corpus["tok_dir"]
+
+
+def test_bpe_model_trains_and_exact_val_bpb_counts_every_byte(corpus):
+    toks = open_token_shards(corpus["tok_dir"])
+    shards = open_shards(corpus["byte_dir"])
+    torch.manual_seed(0)
+    model = create_model("tiny", model="bpe", d_model=64, n_layers=2, n_heads=2, vocab_size=toks.bpe.vocab_size)
+    model.set_tokenizer(toks.bpe)
+    sampler = TokenWindowSampler(toks.train, toks.bpe, seq_len=32, batch_size=8)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    before = evaluate_token_bpb(model, toks.val, 32, 16, "cpu")
+    losses = []
+    for step in range(25):
+        x, y = sampler.get(step)
+        out = model(x, y)
+        # training-time BPB uses the exact bytes of this batch's targets
+        nb = model.token_nbytes[y].sum().item()
+        assert out["n_bytes"].item() == nb
+        assert out["bpb"].item() == pytest.approx(out["loss"].item() * y.numel() / nb / np.log(2), rel=1e-4)
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(out["loss"].item())
+    after = evaluate_token_bpb(model, toks.val, 32, 16, "cpu")
+    # every val byte except the first (the leading DOC_SEP, never a target) is scored exactly once
+    assert after["bytes"] == len(shards.val) - 1
+    assert after["tokens"] == len(toks.val) - 1
+    assert after["bpb"] < before["bpb"] - 0.5
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    # bits / bytes, not bits / tokens
+    assert after["bpb"] == pytest.approx(after["bits"] / after["bytes"])
+
+
+def test_bpe_checkpoint_carries_its_tokenizer(corpus, tmp_path):
+    from safetensors.torch import load_model, save_model
+
+    toks = open_token_shards(corpus["tok_dir"])
+    model = create_model("tiny", model="bpe", d_model=32, n_layers=1, n_heads=2, vocab_size=toks.bpe.vocab_size)
+    model.set_tokenizer(toks.bpe)
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    fresh = create_model("tiny", model="bpe", d_model=32, n_layers=1, n_heads=2, vocab_size=toks.bpe.vocab_size)
+    fresh.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
+    assert fresh.bpe.to_str() == toks.bpe.to_str()
+    assert torch.equal(fresh.token_nbytes, model.token_nbytes)
+    save_model(model, str(tmp_path / "m.safetensors"))
+    fresh2 = create_model("tiny", model="bpe", d_model=32, n_layers=1, n_heads=2, vocab_size=toks.bpe.vocab_size)
+    load_model(fresh2, str(tmp_path / "m.safetensors"))
+    assert fresh2.bpe.to_str() == toks.bpe.to_str()
+
+
+def test_bpe_generate_bytes_and_stops(corpus):
+    toks = open_token_shards(corpus["tok_dir"])
+    model = create_model("tiny", model="bpe", d_model=32, n_layers=2, n_heads=2, vocab_size=toks.bpe.vocab_size)
+    model.set_tokenizer(toks.bpe)
+    prompts = [b"\x00Q: What is 2 + 2?\nA: ", b"The "]
+    kv = model.generate(prompts, max_new_bytes=17, greedy=True)
+    rc = model.generate(prompts, max_new_bytes=17, greedy=True, decoder="recompute")
+    assert kv == rc
+    assert all(isinstance(o, bytes) and len(o) <= 17 for o in kv)
+    one = model.generate(b"The ", max_new_bytes=9, temperature=1.0, top_k=20, seed=3)
+    assert isinstance(one, bytes) and len(one) <= 9
+    assert one == model.generate(b"The ", max_new_bytes=9, temperature=1.0, top_k=20, seed=3)
+    # a stop string ends the row and is not part of the result
+    full = model.generate(b"The ", max_new_bytes=40, temperature=1.0, seed=1)
+    if len(full) > 3:
+        stop = full[2:4]
+        cut = model.generate(b"The ", max_new_bytes=40, temperature=1.0, seed=1, stop=[stop])
+        assert cut == full[:full.find(stop)]
+
+
+def test_token_task_batch_targets_answers_only(corpus):
+    toks = open_token_shards(corpus["tok_dir"])
+    bpe = toks.bpe
+    x, y = make_token_task_batch(bpe, np.random.default_rng(0), 3, 96)
+    assert x.shape == y.shape == (3, 96)
+    row_x, row_y = x[0].tolist(), y[0].tolist()
+    scored = [t for t in row_y if t != -100]
+    assert scored and all(0 <= t < bpe.vocab_size for t in scored)
+    text = bpe.decode(row_x)
+    assert text.startswith(b"\x00Q: ") and b"\nA: " in text
+    # the scored bytes are the answers and their newlines
+    answer_bytes = bpe.decode(scored)
+    assert answer_bytes.count(b"\n") == text.count(b"\nA: ") or answer_bytes.count(b"\n") == text.count(b"\nA: ") - 1
+    assert b"Q:" not in answer_bytes
+
+
+def test_bpe_needs_a_vocabulary():
+    with pytest.raises(UserError, match="vocab_size"):
+        create_model("tiny", model="bpe", d_model=32, n_layers=1, n_heads=2)
+
+
+def test_mamba_trains_and_decodes_incrementally():
+    torch.manual_seed(0)
+    model = create_model("tiny", model="mamba", d_model=32, n_layers=2)
+    text = np.frombuffer((b"the cat sat on the mat. " * 40), dtype=np.uint8)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rng = np.random.default_rng(0)
+    first = last = None
+    for step in range(30):
+        offs = rng.integers(0, len(text) - 65, size=8)
+        w = torch.from_numpy(text[offs[:, None] + np.arange(65)].astype(np.int64))
+        out = model(w[:, :-1], w[:, 1:])
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+        first = first if first is not None else out["bpb"].item()
+        last = out["bpb"].item()
+    assert last < first - 1.0
+    p = model.count_parameters()
+    assert p["total"] == sum(v for k, v in p.items() if k != "total")
+    prompts = [b"the cat ", b"on the m"]
+    cached = model.generate(prompts, max_new_bytes=12, greedy=True)
+    ref = model.generate(prompts, max_new_bytes=12, greedy=True, decoder="recompute")
+    assert cached == ref
