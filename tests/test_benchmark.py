@@ -172,3 +172,16 @@ def test_published_figures_need_citation_and_dataset(tmp_path):
     md = render_markdown(res, published=entries)
     measured, published = md.split("## Published figures (not measured here)")
     assert "MambaByte-353M" in published and "Table 9" in published and "MambaByte" not in measured
+
+
+def test_tasks_only_checkpoint_skips_text_metrics_and_labels_in_format(workdir):
+    ckpt = _save_trainer_checkpoint(create_model("tiny", model="dense", **SMALL), workdir / "run3" / "best.pt",
+                                    dataset="tasks")
+    out = workdir / "bench3" / "results.json"
+    argv = ["--checkpoint", str(ckpt), "--output", str(out), "--n_tasks", "2", "--max_digits", "1", "--device", "cpu",
+            "--skip", "speed", "multilingual", "plots"]
+    assert B.main(argv) == 0
+    res = json.loads(out.read_text())
+    assert "lm" not in res["metrics"] and "--dataset tasks" in res["skipped"]["lm"]
+    assert res["metrics"]["tasks"]["label"] == "in_format"
+    assert res["command"].startswith("ionllama bench --checkpoint")

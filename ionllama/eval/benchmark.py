@@ -204,15 +204,21 @@ def run(argv: list[str], prog: str) -> dict:
     baselines = [load_results(p) for p in a.baselines]
 
     # eval bytes: needed by lm and compression; speed and the plots use them when they are there
+    metrics: dict = {}
+    skipped: dict = {s: "--skip" for s in sorted(skip)}
+    timings: dict = {}
     data, data_path = None, None
+    tasks_only = bool(ck and ck.train_args.get("dataset") == "tasks" and not ck.train_args.get("data_path"))
+    if not a.eval_data and tasks_only and not {"lm", "compression"} <= skip:
+        # trained on generated task data only: there is no val text to default to
+        for s in ("lm", "compression"):
+            if s not in skip:
+                skip.add(s)
+                skipped[s] = "the checkpoint was trained on --dataset tasks only; pass --eval_data PATH for text BPB"
     if a.eval_data or not {"lm", "compression"} <= skip:
         data_path = Path(a.eval_data) if a.eval_data else default_eval_path(ck)
         data = read_eval_bytes(data_path, a.max_eval_bytes, a.text_field)
     sample_data = data if data is not None else _fallback_text()
-
-    metrics: dict = {}
-    skipped: dict = {s: "--skip" for s in sorted(skip)}
-    timings: dict = {}
 
     if "lm" not in skip:
         t0 = time.perf_counter()

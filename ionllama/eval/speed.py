@@ -99,6 +99,8 @@ def run_speed(model, data: np.ndarray, device, seq_len: int, batch_size: int, am
     # generation: greedy, batch 1, no stop, from a real prompt
     prompt = bytes(np.asarray(data[:gen_prompt_bytes], dtype=np.uint8).tolist()) or b"\x00"
     try:
+        if not hasattr(model, "generate"):
+            raise AttributeError("the model has no generate()")
         def gen():
             with autocast_ctx(device, amp_dtype):
                 return model.generate(prompt, max_new_bytes=gen_bytes, greedy=True)
