@@ -33,8 +33,8 @@ def _fwd(Q, K, V, O, LSE, OFFS, SEG,
          HAS_SEG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = (bh // H).to(tl.int64)  # 64-bit base offsets: B * H * N * Dh may pass 2^31
+    h = (bh % H).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < N
@@ -71,7 +71,7 @@ def _fwd(Q, K, V, O, LSE, OFFS, SEG,
     out = acc / l[:, None]
     tl.store(O + b * sob + h * soh + rows[:, None] * son + cols[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
-    tl.store(LSE + bh * N + rows, (m + tl.log2(l)) * 0.6931471805599453, mask=row_ok)
+    tl.store(LSE + bh.to(tl.int64) * N + rows, (m + tl.log2(l)) * 0.6931471805599453, mask=row_ok)
 
 
 @triton.jit
@@ -79,8 +79,8 @@ def _delta(O, DO, DELTA, sob, soh, son, sdb, sdh, sdn, H, N,
            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = (bh // H).to(tl.int64)  # 64-bit base offsets: B * H * N * Dh may pass 2^31
+    h = (bh % H).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     mask = (rows < N)[:, None] & (cols < HEAD_DIM)[None, :]
@@ -97,8 +97,8 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DS, DK, DV, OFFS, SEG,
               HAS_SEG: tl.constexpr, STORE_DS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = (bh // H).to(tl.int64)  # 64-bit base offsets: B * H * N * Dh may pass 2^31
+    h = (bh % H).to(tl.int64)
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
     key_ok = keys < N
@@ -145,8 +145,8 @@ def _bwd_dq(K, DS, DQ, OFFS, skb, skh, skn, sdqb, sdqh, sdqn, H, N, n_offs, scal
             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = (bh // H).to(tl.int64)  # 64-bit base offsets: B * H * N * Dh may pass 2^31
+    h = (bh % H).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < N
@@ -173,8 +173,8 @@ def _bwd_dq_recompute(Q, K, V, DO, LSE, DELTA, DQ, OFFS, SEG,
                       HAS_SEG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = (bh // H).to(tl.int64)  # 64-bit base offsets: B * H * N * Dh may pass 2^31
+    h = (bh % H).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < N

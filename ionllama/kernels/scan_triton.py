@@ -1,12 +1,18 @@
 """IntegralLNN scan in Triton: h_t = a * h_{t-1} + u_t with a per-channel constant decay a = exp(log_a).
 
-One program owns one batch row and BLOCK_D channels and walks the whole sequence in tiles of BLOCK_T
-steps: inside a tile an associative scan over (decay, value) pairs, across tiles a carried state.
-Every element of u is read once and every h written once (fp32 accumulation), so the forward moves
-2 tensors and the backward 3 (dy and h_{t-1} in, du out): 5 tensors of B*T*D for fwd+bwd.
+One program owns one batch row, one time chunk and BLOCK_D channels, and walks its chunk in tiles of
+BLOCK_T steps: inside a tile an associative scan over (decay, value) pairs, across tiles a carried
+state; the next tile's loads are issued before the current tile's scan (manual double buffering).
+
+With one chunk (n_chunks = 1, the default when batch * channel blocks fill the GPU) every element of
+u is read once and every h written once: the forward moves 2 tensors of B*T*D and the backward 3
+(dy and h_{t-1} in, du out). When batch * channels are too few to fill the GPU, time is split into
+n_chunks chunks: a summary pass computes each chunk's zero-start end state (one more read of the
+input), and each chunk's program combines the earlier chunks' summaries with a^(L * distance)
+weights (one tile load, no serial chain) before its own scan.
 
 Backward (reverse scan):  g_t = dy_t + a g_{t+1},  du_t = g_t,  dh0 = a g_0,
-dlog_a = a * sum_{b,t} g_t h_{t-1}  (h_{-1} = h0 or 0). The backward walks the tiles from the end and
+dlog_a = a * sum_{b,t} g_t h_{t-1}  (h_{-1} = h0 or 0). The backward walks its tiles from the end and
 loads each tile's rows in reverse order, so the same forward associative scan does the reverse scan.
 
 The oracle is ``ionllama.model.scan.scan_const_decay``.
@@ -25,77 +31,161 @@ def _affine_combine(a1, x1, a2, x2):
 
 
 @triton.jit
-def _scan_fwd(U, LOG_A, H0, HOUT, T, D, sub, sut, shb, sht,
-              HAS_H0: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
-    b = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+def _tile_rows(c_start, c_end, i, n_tiles, REVERSE: tl.constexpr, BLOCK_T: tl.constexpr):
+    steps = tl.arange(0, BLOCK_T)
+    if REVERSE:
+        rows = c_start + (n_tiles - 1 - i) * BLOCK_T + (BLOCK_T - 1 - steps)  # descending time
+    else:
+        rows = c_start + i * BLOCK_T + steps
+    return rows, (rows >= c_start) & (rows < c_end)  # tile i == n_tiles (the prefetch past the end): empty
+
+
+@triton.jit
+def _scan_summary(X, LOG_A, SUM, T, D, L, n_chunks, sxb, sxt,
+                  REVERSE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    """Zero-start scan of one chunk; writes its final state: forward E_c = sum_t a^(end - t) x_t,
+    reverse F_c = sum_t a^(t - start) x_t. SUM: (B, n_chunks, D) fp32."""
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
     if EVEN_D:  # a mask constant along the channels keeps the loads 16-byte wide
         col_ok = tl.full([BLOCK_D], 1, tl.int1)
     a = tl.exp(tl.load(LOG_A + cols, mask=col_ok, other=0.0).to(tl.float32))
-    if HAS_H0:
-        h = tl.load(H0 + b * D + cols, mask=col_ok, other=0.0).to(tl.float32)
-    else:
-        h = tl.zeros([BLOCK_D], tl.float32)
-    steps = tl.arange(0, BLOCK_T)
     decay = tl.zeros([BLOCK_T, BLOCK_D], tl.float32) + a[None, :]
-    is_last = (steps == BLOCK_T - 1)[:, None]
-    u_base = U + b * sub
-    h_base = HOUT + b * shb
-    for t0 in range(0, T, BLOCK_T):
-        rows = t0 + steps
-        mask = (rows < T)[:, None] & col_ok[None, :]
-        u = tl.load(u_base + rows[:, None] * sut + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        a_cum, x = tl.associative_scan((decay, u), 0, _affine_combine)  # a^(t+1), local scan
+    is_last = (tl.arange(0, BLOCK_T) == BLOCK_T - 1)[:, None]
+    c_start = c * L
+    c_end = tl.minimum(c_start + L, T)
+    n_tiles = tl.cdiv(c_end - c_start, BLOCK_T)
+    base = X + b * sxb + cols[None, :]
+    h = tl.zeros([BLOCK_D], tl.float32)
+    rows, ok = _tile_rows(c_start, c_end, 0, n_tiles, REVERSE, BLOCK_T)
+    x_next = tl.load(base + rows[:, None] * sxt, mask=ok[:, None] & col_ok[None, :], other=0.0)
+    for i in range(0, n_tiles):
+        x = x_next.to(tl.float32)
+        rows, ok = _tile_rows(c_start, c_end, i + 1, n_tiles, REVERSE, BLOCK_T)
+        x_next = tl.load(base + rows[:, None] * sxt, mask=ok[:, None] & col_ok[None, :],
+                         other=0.0)
+        a_cum, xs = tl.associative_scan((decay, x), 0, _affine_combine)
+        h = tl.sum(tl.where(is_last, xs + a_cum * h[None, :], 0.0), 0)
+    tl.store(SUM + (b * n_chunks + c) * D + cols, h, mask=col_ok)
+
+
+@triton.jit
+def _carry_in(SUM, b, c, n_chunks, la, cols, col_ok, L, D, REVERSE: tl.constexpr,
+              MAX_CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """State entering chunk c from the other chunks' summaries (zero when n_chunks == 1):
+    forward sum_{c' < c} a^(L (c-1-c')) E_c', reverse sum_{c' > c} a^(L (c'-c-1)) F_c'."""
+    cc = tl.arange(0, MAX_CHUNKS)
+    if REVERSE:
+        use = (cc > c) & (cc < n_chunks)
+        dist = cc - c - 1
+    else:
+        use = cc < c
+        dist = c - 1 - cc
+    s = tl.load(SUM + (b * n_chunks + cc)[:, None] * D + cols[None, :], mask=use[:, None] & col_ok[None, :],
+                other=0.0)
+    w = tl.exp((tl.maximum(dist, 0) * L).to(tl.float32)[:, None] * la[None, :])
+    return tl.sum(tl.where(use[:, None], w * s, 0.0), 0)
+
+
+@triton.jit
+def _scan_fwd(U, LOG_A, H0, SUM, HOUT, T, D, L, n_chunks, sub, sut, shb, sht,
+              HAS_H0: tl.constexpr, MAX_CHUNKS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+              EVEN_D: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    if EVEN_D:
+        col_ok = tl.full([BLOCK_D], 1, tl.int1)
+    la = tl.load(LOG_A + cols, mask=col_ok, other=0.0).to(tl.float32)
+    a = tl.exp(la)
+    decay = tl.zeros([BLOCK_T, BLOCK_D], tl.float32) + a[None, :]
+    is_last = (tl.arange(0, BLOCK_T) == BLOCK_T - 1)[:, None]
+    h = _carry_in(SUM, b, c, n_chunks, la, cols, col_ok, L, D, False, MAX_CHUNKS, BLOCK_D)
+    if HAS_H0:
+        h0 = tl.load(H0 + b * D + cols, mask=col_ok, other=0.0).to(tl.float32)
+        h += tl.exp((c * L).to(tl.float32) * la) * h0
+    c_start = c * L
+    c_end = tl.minimum(c_start + L, T)
+    n_tiles = tl.cdiv(c_end - c_start, BLOCK_T)
+    u_base = U + b * sub + cols[None, :]
+    h_base = HOUT + b * shb + cols[None, :]
+    rows, ok = _tile_rows(c_start, c_end, 0, n_tiles, False, BLOCK_T)
+    u_next = tl.load(u_base + rows[:, None] * sut, mask=ok[:, None] & col_ok[None, :], other=0.0)
+    for i in range(0, n_tiles):
+        u = u_next.to(tl.float32)
+        mask = ok[:, None] & col_ok[None, :]
+        cur_rows = rows
+        rows, ok = _tile_rows(c_start, c_end, i + 1, n_tiles, False, BLOCK_T)
+        u_next = tl.load(u_base + rows[:, None] * sut, mask=ok[:, None] & col_ok[None, :],
+                         other=0.0)
+        a_cum, x = tl.associative_scan((decay, u), 0, _affine_combine)  # a^(t+1), zero-start scan
         hs = x + a_cum * h[None, :]
-        tl.store(h_base + rows[:, None] * sht + cols[None, :], hs.to(HOUT.dtype.element_ty), mask=mask)
+        tl.store(h_base + cur_rows[:, None] * sht, hs.to(HOUT.dtype.element_ty), mask=mask)
         h = tl.sum(tl.where(is_last, hs, 0.0), 0)
 
 
 @triton.jit
-def _scan_bwd(DY, HOUT, LOG_A, H0, DU, DLA, DH0, T, D, sdb, sdt, shb, sht, sub, sut,
-              HAS_H0: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
-    b = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+def _scan_bwd(DY, HOUT, LOG_A, H0, SUM, DU, DLA, DH0, T, D, L, n_chunks, sdb, sdt, shb, sht, sub, sut,
+              HAS_H0: tl.constexpr, MAX_CHUNKS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+              EVEN_D: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
-    if EVEN_D:  # a mask constant along the channels keeps the loads 16-byte wide
+    if EVEN_D:
         col_ok = tl.full([BLOCK_D], 1, tl.int1)
-    a = tl.exp(tl.load(LOG_A + cols, mask=col_ok, other=0.0).to(tl.float32))
+    la = tl.load(LOG_A + cols, mask=col_ok, other=0.0).to(tl.float32)
+    a = tl.exp(la)
     if HAS_H0:
         h0 = tl.load(H0 + b * D + cols, mask=col_ok, other=0.0).to(tl.float32)
-    steps = tl.arange(0, BLOCK_T)
     decay = tl.zeros([BLOCK_T, BLOCK_D], tl.float32) + a[None, :]
-    is_last = (steps == BLOCK_T - 1)[:, None]
-    carry = tl.zeros([BLOCK_D], tl.float32)  # g at the step after the current tile
+    is_last = (tl.arange(0, BLOCK_T) == BLOCK_T - 1)[:, None]
+    carry = _carry_in(SUM, b, c, n_chunks, la, cols, col_ok, L, D, True, MAX_CHUNKS, BLOCK_D)  # g after the chunk
     dla = tl.zeros([BLOCK_D], tl.float32)
-    n_tiles = tl.cdiv(T, BLOCK_T)
-    for it in range(0, n_tiles):
-        rows = (n_tiles - 1 - it) * BLOCK_T + (BLOCK_T - 1 - steps)  # descending time
-        row_ok = rows < T
-        mask = row_ok[:, None] & col_ok[None, :]
-        dy = tl.load(DY + b * sdb + rows[:, None] * sdt + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    c_start = c * L
+    c_end = tl.minimum(c_start + L, T)
+    n_tiles = tl.cdiv(c_end - c_start, BLOCK_T)
+    dy_base = DY + b * sdb + cols[None, :]
+    h_base = HOUT + b * shb + cols[None, :]
+    rows, ok = _tile_rows(c_start, c_end, 0, n_tiles, True, BLOCK_T)
+    dy_next = tl.load(dy_base + rows[:, None] * sdt, mask=ok[:, None] & col_ok[None, :], other=0.0)
+    hp_next = tl.load(h_base + (rows - 1)[:, None] * sht, mask=(ok & (rows >= 1))[:, None] & col_ok[None, :],
+                      other=0.0)
+    for i in range(0, n_tiles):
+        dy = dy_next.to(tl.float32)
+        h_prev = hp_next.to(tl.float32)
+        mask = ok[:, None] & col_ok[None, :]
+        cur_rows = rows
+        rows, ok = _tile_rows(c_start, c_end, i + 1, n_tiles, True, BLOCK_T)
+        nmask = ok
+        dy_next = tl.load(dy_base + rows[:, None] * sdt, mask=nmask[:, None] & col_ok[None, :], other=0.0)
+        hp_next = tl.load(h_base + (rows - 1)[:, None] * sht, mask=(nmask & (rows >= 1))[:, None] & col_ok[None, :],
+                          other=0.0)
         a_cum, x = tl.associative_scan((decay, dy), 0, _affine_combine)
         g = x + a_cum * carry[None, :]
-        tl.store(DU + b * sub + rows[:, None] * sut + cols[None, :], g.to(DU.dtype.element_ty), mask=mask)
-        prev_mask = (row_ok & (rows >= 1))[:, None] & col_ok[None, :]
-        h_prev = tl.load(HOUT + b * shb + (rows - 1)[:, None] * sht + cols[None, :], mask=prev_mask,
-                         other=0.0).to(tl.float32)
+        tl.store(DU + b * sub + cur_rows[:, None] * sut + cols[None, :], g.to(DU.dtype.element_ty), mask=mask)
         if HAS_H0:
-            h_prev = tl.where((rows == 0)[:, None], h0[None, :], h_prev)
+            h_prev = tl.where((cur_rows == 0)[:, None], h0[None, :], h_prev)
         dla += tl.sum(g * h_prev, 0)
-        carry = tl.sum(tl.where(is_last, g, 0.0), 0)  # g at the tile's first (earliest) step
-    tl.store(DLA + b * D + cols, dla * a, mask=col_ok)
-    tl.store(DH0 + b * D + cols, carry * a, mask=col_ok)
+        carry = tl.sum(tl.where(is_last, g, 0.0), 0)  # g at the tile's earliest step
+    tl.store(DLA + (b * n_chunks + c) * D + cols, dla * a, mask=col_ok)
+    if c == 0:
+        tl.store(DH0 + b * D + cols, carry * a, mask=col_ok)
 
 
 # Defaults chosen from the H100 sweep in benchmarks/bench_scan.py (docs/notes/kernels-notes.md).
-_CONFIG = {"block_t": 64, "block_d": 32, "num_warps": 4}
+_CONFIG = {"block_t": 64, "block_d": 32, "num_warps": 4, "n_chunks": 0, "min_programs": 264,
+           "min_chunk": 256}
+MAX_CHUNKS = 64
 
 
 def set_scan_config(**kw) -> dict:
-    """Set block_t, block_d, num_warps for both scan kernels. Returns the previous configuration."""
+    """Set block_t, block_d, num_warps; n_chunks (0 = automatic, else a fixed count); min_programs
+    (automatic mode splits time until batch * channel blocks * chunks reaches this); min_chunk (steps).
+    Returns the previous configuration."""
     old = dict(_CONFIG)
     for key, val in kw.items():
         if key not in _CONFIG:
@@ -104,32 +194,57 @@ def set_scan_config(**kw) -> dict:
     return old
 
 
-def _grid(B, D):
-    return (B, triton.cdiv(D, _CONFIG["block_d"]))
+def _chunking(B: int, T: int, D: int) -> tuple[int, int]:
+    """(n_chunks, chunk length L): L a multiple of block_t."""
+    bt = _CONFIG["block_t"]
+    n = _CONFIG["n_chunks"]
+    if n <= 0:
+        progs = B * triton.cdiv(D, _CONFIG["block_d"])
+        n = 1 if progs >= _CONFIG["min_programs"] else triton.cdiv(_CONFIG["min_programs"], progs)
+        n = min(n, max(1, T // max(_CONFIG["min_chunk"], bt)))
+    n = max(1, min(n, MAX_CHUNKS, triton.cdiv(T, bt)))
+    L = triton.cdiv(triton.cdiv(T, n), bt) * bt
+    return triton.cdiv(T, L), L
+
+
+def _meta(D):
+    return dict(BLOCK_T=_CONFIG["block_t"], BLOCK_D=_CONFIG["block_d"], EVEN_D=D % _CONFIG["block_d"] == 0,
+                num_warps=_CONFIG["num_warps"])
+
+
+def _summaries(x, log_a, n, L, reverse):
+    B, T, D = x.shape
+    s = torch.empty((B, n, D), dtype=torch.float32, device=x.device)
+    if n > 1:
+        _scan_summary[(B, n, triton.cdiv(D, _CONFIG["block_d"]))](
+            x, log_a, s, T, D, L, n, x.stride(0), x.stride(1), REVERSE=reverse, **_meta(D))
+    return s
 
 
 def scan_forward(u, log_a, h0):
     B, T, D = u.shape
+    n, L = _chunking(B, T, D)
+    s = _summaries(u, log_a, n, L, reverse=False)
     h = torch.empty((B, T, D), dtype=u.dtype, device=u.device)
-    _scan_fwd[_grid(B, D)](u, log_a, h0 if h0 is not None else log_a, h, T, D,
-                           u.stride(0), u.stride(1), h.stride(0), h.stride(1),
-                           HAS_H0=h0 is not None, BLOCK_T=_CONFIG["block_t"], BLOCK_D=_CONFIG["block_d"],
-                           EVEN_D=D % _CONFIG["block_d"] == 0,
-                           num_warps=_CONFIG["num_warps"])
+    _scan_fwd[(B, n, triton.cdiv(D, _CONFIG["block_d"]))](
+        u, log_a, h0 if h0 is not None else log_a, s, h, T, D, L, n,
+        u.stride(0), u.stride(1), h.stride(0), h.stride(1),
+        HAS_H0=h0 is not None, MAX_CHUNKS=MAX_CHUNKS, **_meta(D))
     return h
 
 
 def scan_backward(dy, h, log_a, h0):
     B, T, D = dy.shape
+    n, L = _chunking(B, T, D)
+    s = _summaries(dy, log_a, n, L, reverse=True)
     du = torch.empty((B, T, D), dtype=dy.dtype, device=dy.device)
-    dla = torch.empty((B, D), dtype=torch.float32, device=dy.device)
+    dla = torch.empty((B, n, D), dtype=torch.float32, device=dy.device)
     dh0 = torch.empty((B, D), dtype=torch.float32, device=dy.device)
-    _scan_bwd[_grid(B, D)](dy, h, log_a, h0 if h0 is not None else log_a, du, dla, dh0, T, D,
-                           dy.stride(0), dy.stride(1), h.stride(0), h.stride(1), du.stride(0), du.stride(1),
-                           HAS_H0=h0 is not None, BLOCK_T=_CONFIG["block_t"], BLOCK_D=_CONFIG["block_d"],
-                           EVEN_D=D % _CONFIG["block_d"] == 0,
-                           num_warps=_CONFIG["num_warps"])
-    return du, dla.sum(0), dh0
+    _scan_bwd[(B, n, triton.cdiv(D, _CONFIG["block_d"]))](
+        dy, h, log_a, h0 if h0 is not None else log_a, s, du, dla, dh0, T, D, L, n,
+        dy.stride(0), dy.stride(1), h.stride(0), h.stride(1), du.stride(0), du.stride(1),
+        HAS_H0=h0 is not None, MAX_CHUNKS=MAX_CHUNKS, **_meta(D))
+    return du, dla.sum((0, 1)), dh0
 
 
 class ScanConstDecayFn(torch.autograd.Function):

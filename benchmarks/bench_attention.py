@@ -1,0 +1,348 @@
+"""Dilated attention, forward + backward: the Triton kernel vs SDPA dense causal (FlashAttention) vs
+FlexAttention with a dilated mask_mod vs the gather reference. Needs a CUDA GPU.
+
+    PYTHONPATH=. python benchmarks/bench_attention.py --out out/attention.json [--sweep] [--check]
+
+Per N: median time (triton.testing.do_bench), peak extra memory of one fwd+bwd, and bandwidth against
+the memory floor: the bytes any fwd+bwd pair must move (forward reads q, k, v and writes o and lse;
+backward reads q, k, v, o, dO and lse and writes dq, dk, dv), over the measured device copy bandwidth.
+Prints a Markdown table last and writes everything as JSON to --out (rewritten after every row, so a
+run cut short keeps what it measured).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ionllama.kernels import dilated_attention  # noqa: E402
+from ionllama.kernels import dilated_attention_triton as dat  # noqa: E402
+from ionllama.model.dilated_attention import dilated_attention_reference, dilated_offsets  # noqa: E402
+
+
+DEVICE = "cuda"  # --device cpu: a dry run of the script itself (tiny sizes, TRITON_INTERPRET=1)
+
+
+def do_bench(fn, rep=100, warmup=25, grad_to_none=None):
+    if DEVICE != "cuda":  # dry run: wall clock, a few calls
+        ts = []
+        for _ in range(3):
+            for t in grad_to_none or []:
+                t.grad = None
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+        return sorted(ts)[1]
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median")
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy of 1 GiB, bytes read + written per second."""
+    x = torch.empty(2 ** 28 if DEVICE == "cuda" else 2 ** 20, dtype=torch.float32, device=DEVICE).uniform_()
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x), rep=200)
+    return 2 * x.numel() * 4 / (ms * 1e-3)
+
+
+def floor_bytes(B, H, N, Dh, elem=2) -> int:
+    t = B * H * N * Dh * elem
+    return 12 * t + 2 * 4 * B * H * N  # 4 tensors fwd + 8 bwd, lse written and read
+
+
+def kernel_bytes(B, H, N, Dh, K, elem=2, store_ds=True) -> int:
+    """Bytes our four kernels move if every row they touch through an offset comes from cache after its
+    first read: fwd q,k,v,o + lse; delta o,dO; dkdv q,k,v,dO,dk,dv + lse, delta (+ ds); dq k,dq (+ ds)
+    or q,k,v,dO,dq + lse, delta."""
+    t = B * H * N * Dh * elem
+    r = B * H * N * 4
+    total = 4 * t + r + 2 * t + r + 6 * t + 2 * r
+    if store_ds:
+        total += 2 * K * r + 2 * t
+    else:
+        total += 5 * t + 2 * r
+    return total
+
+
+def peak_extra_memory(fn, tensors) -> int:
+    if DEVICE != "cuda":
+        return 0
+    for t in tensors:
+        t.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    for t in tensors:
+        t.grad = None
+    return peak
+
+
+def dilated_mask_mod(local_width: int):
+    def mask_mod(b, h, q_idx, kv_idx):
+        d = q_idx - kv_idx
+        return (d >= 0) & ((d < local_width) | ((d & (d - 1)) == 0))
+    return mask_mod
+
+
+def make_inputs(B, H, N, Dh, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    q, k, v, do = (torch.randn(B, H, N, Dh, device=DEVICE, dtype=dtype, generator=g) for _ in range(4))
+    return [t.requires_grad_() for t in (q, k, v)], do
+
+
+def fwd_bwd(attn, xs, do):
+    def run():
+        out = attn(*xs)
+        out.backward(do)
+    return run
+
+
+def measure(name, run, xs, n_bytes_floor, copy_bw, rep):
+    try:
+        ms = do_bench(run, rep=rep, grad_to_none=xs)
+        mem = peak_extra_memory(run, xs)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return dict(method=name, status="OOM")
+    except Exception as e:  # a method that fails (compile error, unsupported size) is reported, not fatal
+        return dict(method=name, status=f"error: {e!r}"[:300])
+    floor_ms = n_bytes_floor / copy_bw * 1e3
+    return dict(method=name, status="ok", ms=ms, peak_mem_mb=mem / 2 ** 20,
+                achieved_gbps=n_bytes_floor / (ms * 1e-3) / 1e9, floor_ms=floor_ms, x_floor=ms / floor_ms)
+
+
+def sweep(sizes, B, H, Dh, rep=30):
+    """Greedy launch-config search: forward tiles, then dk/dv tiles, then dq tiles, then ds storage."""
+    tiles = [(32, 2), (32, 4), (64, 4), (64, 8), (128, 8)]
+    data = {}
+    for N in sizes:
+        xs, do = make_inputs(B, H, N, Dh, seed=1)
+        offs = dat._prep_offsets(dilated_offsets(N), N, DEVICE)
+        data[N] = (xs, do, offs)
+    log = []
+    default = dict(dat._CONFIG)
+
+    def t_fwd():
+        return sum(do_bench(lambda: dat.attention_forward(*data[N][0], data[N][2], None, Dh ** -0.5), rep=rep)
+                   for N in sizes)
+
+    def t_bwd():
+        tot = 0.0
+        for N in sizes:
+            xs, do, offs = data[N]
+            o, lse = dat.attention_forward(*[x.detach() for x in xs], offs, None, Dh ** -0.5)
+            tot += do_bench(lambda: dat.attention_backward(do, *[x.detach() for x in xs], o, lse, offs, None,
+                                                           Dh ** -0.5), rep=rep)
+        return tot
+
+    best = {}
+    for key, timer in (("fwd", t_fwd), ("dkdv", t_bwd), ("dq", t_bwd)):
+        results = []
+        for tile in tiles:
+            dat.set_attention_config(**{key: tile})
+            try:
+                ms = timer()
+            except Exception as e:  # a tile that does not compile or fit is skipped, and logged
+                log.append(dict(kernel=key, tile=tile, error=repr(e)[:200]))
+                continue
+            results.append((ms, tile))
+            log.append(dict(kernel=key, tile=tile, ms_sum=ms, sizes=sizes))
+            print(f"sweep {key} tile {tile}: {ms:.3f} ms (sum over N={sizes})", flush=True)
+        best[key] = min(results)[1]
+        dat.set_attention_config(**{key: best[key]})
+    ms_ds = t_bwd()
+    dat.set_attention_config(store_ds=False)
+    ms_nods = t_bwd()
+    log.append(dict(kernel="bwd", store_ds=True, ms_sum=ms_ds))
+    log.append(dict(kernel="bwd", store_ds=False, ms_sum=ms_nods))
+    print(f"sweep backward store_ds=True {ms_ds:.3f} ms, False {ms_nods:.3f} ms", flush=True)
+    best["store_ds"] = ms_ds <= ms_nods
+    dat.set_attention_config(**{k: v for k, v in default.items() if k not in best}, **best)
+    return best, log
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parents[1]).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="dilated attention fwd+bwd benchmark")
+    p.add_argument("--out", required=True)
+    p.add_argument("--sizes", default="1024,4096,16384,65536,131072")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--local-width", type=int, default=3)
+    p.add_argument("--ref-max", type=int, default=65536, help="largest N for the gather reference")
+    p.add_argument("--sdpa-max", type=int, default=131072)
+    p.add_argument("--flex-sizes", default=None, help="N values for FlexAttention (default: all)")
+    p.add_argument("--no-flex", action="store_true")
+    p.add_argument("--check", action="store_true", help="run the correctness checks first")
+    p.add_argument("--sweep", default=None, help="comma list of N for the launch-config sweep")
+    p.add_argument("--rep", type=int, default=100, help="do_bench repetition time (ms)")
+    p.add_argument("--device", default="cuda", help="cpu: dry run of this script under TRITON_INTERPRET=1")
+    a = p.parse_args(argv)
+    global DEVICE
+    DEVICE = a.device
+    import triton
+    torch.backends.cuda.matmul.allow_tf32 = False
+    sizes = [int(s) for s in a.sizes.split(",")]
+    flex_sizes = sizes if a.flex_sizes is None else [int(s) for s in a.flex_sizes.split(",") if s]
+    B, H, Dh = a.batch, a.heads, a.head_dim
+    res = dict(device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)", torch=torch.__version__, triton=triton.__version__,
+               python=platform.python_version(), commit=git_commit(), argv=sys.argv, B=B, H=H, Dh=Dh,
+               dtype="bf16", rows=[], checks=None, sweep=None)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        out.write_text(json.dumps(res, indent=1))
+
+    res["copy_bw_gbps"] = copy_bandwidth() / 1e9
+    print(f"{res['device']} torch {res['torch']} triton {res['triton']}; copy bandwidth "
+          f"{res['copy_bw_gbps']:.0f} GB/s (read + write)", flush=True)
+    copy_bw = res["copy_bw_gbps"] * 1e9
+    if a.check:
+        from ionllama.kernels.selfcheck import run as run_checks
+        res["checks"] = run_checks(DEVICE, large=DEVICE == "cuda")
+        save()
+    if a.sweep:
+        best, log = sweep([int(s) for s in a.sweep.split(",")], B, H, Dh)
+        res["sweep"] = dict(best=best, log=log)
+        print(f"sweep best: {best}", flush=True)
+        save()
+    res["config"] = {k: list(v) if isinstance(v, tuple) else v for k, v in dat._CONFIG.items()}
+
+    for N in sizes:
+        offsets = dilated_offsets(N, a.local_width)
+        xs, do = make_inputs(B, H, N, Dh)
+        nb = floor_bytes(B, H, N, Dh)
+        row = dict(N=N, K=len(offsets), floor_bytes=nb, floor_ms=nb / copy_bw * 1e3,
+                   kernel_bytes=kernel_bytes(B, H, N, Dh, len(offsets), store_ds=dat._CONFIG["store_ds"]),
+                   methods={})
+        # correctness of this very run (bf16 vs the fp32 reference on the same inputs), where it fits
+        if N <= 16384:
+            from ionllama.kernels.selfcheck import rel_err
+            out_k = dilated_attention(*xs, offsets)
+            ref = dilated_attention_reference(*[x.detach().float() for x in xs], offsets)
+            row["rel_err_out_vs_reference"] = rel_err(out_k, ref)
+            del out_k, ref
+        row["methods"]["triton"] = measure("triton", fwd_bwd(lambda q, k, v: dilated_attention(q, k, v, offsets), xs,
+                                                              do), xs, nb, copy_bw, a.rep)
+        if N <= a.sdpa_max:
+            row["methods"]["sdpa"] = measure(
+                "sdpa", fwd_bwd(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), xs, do),
+                xs, nb, copy_bw, a.rep)
+        if N <= a.ref_max:
+            row["methods"]["reference"] = measure(
+                "reference", fwd_bwd(lambda q, k, v: dilated_attention_reference(q, k, v, offsets), xs, do),
+                xs, nb, copy_bw, a.rep)
+        res["rows"].append(row)
+        save()
+        print(f"N={N}: " + ", ".join(f"{m} {r.get('ms', float('nan')):.3f} ms" for m, r in row["methods"].items()),
+              flush=True)
+        del xs, do
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+
+    if not a.no_flex and DEVICE == "cuda":  # last: its compilation is slow, and a cut-short run keeps the rows above
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        flex = torch.compile(flex_attention, dynamic=False)
+        for row in res["rows"]:
+            N = row["N"]
+            if N not in flex_sizes:
+                continue
+            xs, do = make_inputs(B, H, N, Dh)
+            t0 = time.perf_counter()
+            try:
+                bm = create_block_mask(dilated_mask_mod(a.local_width), None, None, N, N, device="cuda",
+                                       _compile=True)
+                fn = fwd_bwd(lambda q, k, v: flex(q, k, v, block_mask=bm), xs, do)
+                fn()
+                sync()
+                compile_s = time.perf_counter() - t0
+                # same function as ours? (on these inputs, bf16)
+                with torch.no_grad():
+                    ref_small = None
+                    if N <= 16384:
+                        from ionllama.kernels.selfcheck import rel_err
+                        ref_small = rel_err(flex(*[x.detach() for x in xs], block_mask=bm),
+                                            dilated_attention(*[x.detach() for x in xs], dilated_offsets(N)))
+                r = measure("flex", fn, xs, row["floor_bytes"], copy_bw, a.rep)
+                r["compile_s"] = compile_s
+                r["rel_err_vs_triton"] = ref_small
+            except torch.OutOfMemoryError:
+                r = dict(method="flex", status="OOM")
+            row["methods"]["flex"] = r
+            save()
+            print(f"N={N}: flex {r.get('ms', float('nan')):.3f} ms (compile {r.get('compile_s', 0):.1f} s)",
+                  flush=True)
+            del xs, do
+            torch.cuda.empty_cache()
+
+    save()
+    print_table(res)
+    return 0 if (res["checks"] is None or all(c["ok"] for c in res["checks"])) else 1
+
+
+def fmt_ms(r):
+    if r is None:
+        return "-"
+    if r.get("status") != "ok":
+        return r.get("status", "-")
+    return f"{r['ms']:.3f}"
+
+
+def print_table(res):
+    if res.get("checks"):
+        bad = [c for c in res["checks"] if not c["ok"]]
+        print(f"\ncorrectness: {len(res['checks']) - len(bad)}/{len(res['checks'])} checks pass "
+              f"(worst bf16 {max((max(c['errors'].values()) for c in res['checks'] if c['dtype'] == 'bf16'), default=0):.2e}, "
+              f"worst fp32 {max((max(c['errors'].values()) for c in res['checks'] if c['dtype'] == 'fp32'), default=0):.2e})")
+    print(f"\n{res['device']}, B={res['B']}, {res['H']} heads x {res['Dh']}, bf16, fwd+bwd, median ms; "
+          f"copy bw {res['copy_bw_gbps']:.0f} GB/s; config {res.get('config')}")
+    print("| N | K | ours | SDPA dense | Flex dilated | reference | floor | ours / floor | ours GB/s (floor bytes) "
+          "| SDPA / ours | Flex / ours | ours peak MB | SDPA peak MB | Flex peak MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for row in res["rows"]:
+        m = row["methods"]
+        t = m.get("triton")
+        ok = t is not None and t.get("status") == "ok"
+
+        def ratio(name):
+            o = m.get(name)
+            return f"{o['ms'] / t['ms']:.1f}x" if ok and o and o.get("status") == "ok" else "-"
+
+        def mem(name):
+            o = m.get(name)
+            return f"{o['peak_mem_mb']:.0f}" if o and o.get("status") == "ok" else "-"
+        print(f"| {row['N']} | {row['K']} | {fmt_ms(t)} | {fmt_ms(m.get('sdpa'))} | {fmt_ms(m.get('flex'))} | "
+              f"{fmt_ms(m.get('reference'))} | {row['floor_ms']:.3f} | {t['x_floor'] if ok else float('nan'):.2f} | "
+              f"{t['achieved_gbps'] if ok else float('nan'):.0f} | {ratio('sdpa')} | {ratio('flex')} | {mem('triton')} | "
+              f"{mem('sdpa')} | {mem('flex')} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Correctness checks of the Triton kernels against the PyTorch references (forward and every gradient).
+
+Used by tests/test_kernels.py (CPU tensors under TRITON_INTERPRET=1, or CUDA) and by the GPU benchmark
+scripts. Inputs are fresh random draws on every call (never zeros); outputs are relative errors
+||out - ref|| / ||ref||. The reference runs in fp32 (attention; it upcasts internally) or fp64 (scan) on
+the same rounded inputs and the same output gradient.
+
+    TRITON_INTERPRET=1 python -m ionllama.kernels.selfcheck --device cpu --json out.json
+    python -m ionllama.kernels.selfcheck --device cuda --large
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import torch
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double(), ref.detach().double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _random_segments(B: int, N: int, gen: torch.Generator) -> torch.Tensor:
+    """Packed batch: 1..4 segments per row with random boundaries (ids increase along the row)."""
+    seg = torch.zeros(B, N, dtype=torch.long)
+    for b in range(B):
+        n_cuts = int(torch.randint(0, 4, (1,), generator=gen))
+        cuts = torch.randint(1, max(N, 2), (n_cuts,), generator=gen)
+        for c in cuts.tolist():
+            seg[b, c:] += 1
+    return seg
+
+
+def check_attention(device: str, dtype: torch.dtype, B: int, H: int, N: int, Dh: int, segments: bool = False,
+                    store_ds: bool = True, local_width: int = 3, seed: int | None = None) -> dict:
+    from ..model.dilated_attention import dilated_attention_reference, dilated_offsets
+    from . import dilated_attention_triton as dat
+
+    gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % (2 ** 31)))
+    q, k, v, do = (torch.randn(B, H, N, Dh, generator=gen) for _ in range(4))
+    seg = _random_segments(B, N, gen) if segments else None
+    offsets = dilated_offsets(N, local_width)
+    xs = [t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v)]
+    do_d = do.to(device=device, dtype=dtype)
+    old = dat.set_attention_config(store_ds=store_ds)
+    try:
+        out = dat.dilated_attention_triton(*xs, offsets, seg.to(device) if seg is not None else None)
+        grads = torch.autograd.grad(out, xs, do_d)
+    finally:
+        dat.set_attention_config(**old)
+    refs_in = [x.detach().float().requires_grad_() for x in xs]
+    ref = dilated_attention_reference(*refs_in, offsets, seg.to(device) if seg is not None else None)
+    ref_grads = torch.autograd.grad(ref, refs_in, do_d.float())
+    errs = {"out": rel_err(out, ref)}
+    errs.update({f"d{n}": rel_err(g, r) for n, g, r in zip("qkv", grads, ref_grads)})
+    return errs
+
+
+def check_scan(device: str, dtype: torch.dtype, B: int, T: int, D: int, with_h0: bool = False,
+               n_chunks: int = 0, seed: int | None = None) -> dict:
+    from ..model.scan import scan_const_decay
+    from . import scan_triton as st
+
+    gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % (2 ** 31)))
+    u, dy = torch.randn(B, T, D, generator=gen), torch.randn(B, T, D, generator=gen)
+    # decays from fast (a = 0.05) to slow (a = 0.998): time constants of ~1 to ~500 steps
+    log_a = -torch.exp(torch.empty(D).uniform_(math.log(2e-3), math.log(3.0), generator=gen))
+    h0 = torch.randn(B, D, generator=gen) if with_h0 else None
+    u_d = u.to(device=device, dtype=dtype).requires_grad_()
+    la_d = log_a.to(device).requires_grad_()
+    h0_d = h0.to(device).requires_grad_() if with_h0 else None
+    old = st.set_scan_config(n_chunks=n_chunks)
+    try:
+        h = st.scan_const_decay_triton(u_d, la_d, h0_d)
+        ins = [u_d, la_d] + ([h0_d] if with_h0 else [])
+        grads = torch.autograd.grad(h, ins, dy.to(device=device, dtype=dtype))
+    finally:
+        st.set_scan_config(**old)
+    r_ins = [x.detach().double().requires_grad_() for x in ins]
+    ref = scan_const_decay(r_ins[0], r_ins[1], r_ins[2] if with_h0 else None)
+    ref_grads = torch.autograd.grad(ref, r_ins, dy.to(device).double())
+    errs = {"out": rel_err(h, ref)}
+    errs.update({f"d{n}": rel_err(g, r) for n, g, r in zip(["u", "log_a", "h0"], grads, ref_grads)})
+    return errs
+
+
+def cases(large: bool) -> list[tuple]:
+    """(kind, dtype name, kwargs). Small shapes for the interpreter; large adds GPU-sized ones."""
+    cs = [
+        ("attention", "fp32", dict(B=2, H=2, N=37, Dh=32)),
+        ("attention", "fp32", dict(B=2, H=2, N=64, Dh=32, segments=True)),
+        ("attention", "fp32", dict(B=1, H=2, N=29, Dh=48, store_ds=False, segments=True)),
+        ("attention", "bf16", dict(B=2, H=2, N=53, Dh=64, segments=True)),
+        ("attention", "fp16", dict(B=1, H=1, N=40, Dh=32)),
+        ("scan", "fp32", dict(B=2, T=45, D=24, n_chunks=1)),
+        ("scan", "fp32", dict(B=2, T=131, D=16, with_h0=True, n_chunks=3)),
+        ("scan", "bf16", dict(B=2, T=77, D=32, with_h0=True)),
+    ]
+    if large:
+        cs += [
+            ("attention", "fp32", dict(B=2, H=4, N=1000, Dh=64, segments=True)),
+            ("attention", "fp32", dict(B=1, H=4, N=4096, Dh=128)),
+            ("attention", "fp32", dict(B=1, H=4, N=2049, Dh=64, store_ds=False)),
+            ("attention", "bf16", dict(B=1, H=16, N=16384, Dh=64)),
+            ("attention", "bf16", dict(B=2, H=8, N=4097, Dh=32, segments=True)),
+            ("attention", "bf16", dict(B=1, H=8, N=8192, Dh=96, segments=True)),
+            ("attention", "fp16", dict(B=1, H=8, N=3000, Dh=64)),
+            ("scan", "fp32", dict(B=4, T=8193, D=256, with_h0=True)),
+            ("scan", "fp32", dict(B=2, T=4096, D=200, n_chunks=7)),
+            ("scan", "bf16", dict(B=16, T=8192, D=256)),
+            ("scan", "bf16", dict(B=1, T=32768, D=64, with_h0=True)),
+            ("scan", "fp16", dict(B=8, T=2048, D=512)),
+        ]
+    return cs
+
+
+def run(device: str, large: bool = False, verbose: bool = True, kinds=("attention", "scan")) -> list[dict]:
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    rows = []
+    for kind, dt, kw in cases(large):
+        if kind not in kinds:
+            continue
+        dtype = DTYPES[dt]
+        t0 = time.perf_counter()
+        fn = check_attention if kind == "attention" else check_scan
+        errs = fn(device, dtype, **kw)
+        tol = TOL[dtype]
+        row = dict(kind=kind, dtype=dt, shape=kw, errors=errs, tol=tol,
+                   ok=all(e <= tol for e in errs.values()), seconds=round(time.perf_counter() - t0, 2))
+        rows.append(row)
+        if verbose:
+            worst = max(errs.values())
+            print(f"{'PASS' if row['ok'] else 'FAIL'} {kind:9s} {dt} {kw} worst rel err {worst:.2e} "
+                  f"(tol {tol:.0e}) {row['seconds']}s", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--large", action="store_true", help="add GPU-sized cases")
+    p.add_argument("--json", default=None, help="write the rows as JSON to this path ('-' = stdout)")
+    a = p.parse_args(argv)
+    rows = run(a.device, a.large, verbose=a.json != "-")
+    if a.json == "-":
+        print(json.dumps(rows))
+    elif a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

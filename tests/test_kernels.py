@@ -1,0 +1,117 @@
+"""Triton kernels vs their PyTorch references (forward and every gradient), and the CPU dispatchers.
+
+* Dispatchers on CPU: fall back to the references and match them exactly.
+* Kernels on CPU: Triton's interpreter (TRITON_INTERPRET=1) must be set before triton is imported, so
+  the checks run in a subprocess (ionllama.kernels.selfcheck, small shapes, fresh random inputs).
+  Skipped with the reason when triton is not installed.
+* Kernels on CUDA (when a GPU is present): the same checks, in process, at small and GPU-sized shapes.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ionllama.kernels import (attention_uses_triton, dilated_attention, scan_const_decay, scan_uses_triton)
+from ionllama.model.dilated_attention import dilated_attention_reference, dilated_offsets
+from ionllama.model.scan import scan_const_decay as scan_reference
+from ionllama.model.scan import scan_loop
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- dispatchers (CPU: reference path)
+def test_attention_dispatcher_cpu_matches_reference():
+    B, H, N, Dh = 2, 3, 45, 16
+    q, k, v = (torch.randn(B, H, N, Dh, requires_grad=True) for _ in range(3))
+    seg = torch.zeros(B, N, dtype=torch.long)
+    seg[0, 20:] = 1
+    offs = dilated_offsets(N)
+    assert not attention_uses_triton(q, offs, seg)
+    out = dilated_attention(q, k, v, offs, seg)
+    ref = dilated_attention_reference(q, k, v, offs, seg)
+    assert torch.equal(out, ref)
+    do = torch.randn_like(out)
+    g = torch.autograd.grad(out, (q, k, v), do)
+    gr = torch.autograd.grad(ref, (q, k, v), do)
+    for a, b in zip(g, gr):
+        assert torch.equal(a, b)
+
+
+def test_scan_dispatcher_cpu_matches_reference():
+    B, T, D = 2, 70, 12
+    u = torch.randn(B, T, D, requires_grad=True)
+    log_a = (-torch.rand(D) * 2 - 1e-3).requires_grad_()
+    h0 = torch.randn(B, D)
+    assert not scan_uses_triton(u)
+    h = scan_const_decay(u, log_a, h0)
+    assert torch.equal(h, scan_reference(u, log_a, h0))
+    # and the reference itself is the recurrence
+    assert torch.allclose(h, scan_loop(log_a.expand(B, T, D), u, h0), rtol=1e-4, atol=1e-5)
+
+
+def test_dispatchers_refuse_what_the_kernel_cannot_do():
+    q = torch.randn(1, 1, 8, 16)
+    assert not attention_uses_triton(q, [0, 1, 2])  # CPU
+    if torch.cuda.is_available():
+        qc = q.cuda()
+        assert not attention_uses_triton(qc, [1, 2])  # no offset 0: rows could be empty
+        assert not attention_uses_triton(qc.double(), [0, 1])
+        assert not attention_uses_triton(torch.randn(1, 1, 8, 256, device="cuda"), [0, 1])
+
+
+# ---------------------------------------------------------------- kernels under the interpreter (CPU)
+@pytest.fixture(scope="module")
+def interpreter_rows():
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed: the kernels' checks run on the GPU "
+                    "(python -m ionllama.kernels.selfcheck --device cuda --large, and in benchmarks/bench_*.py)")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PYTHONWARNINGS="ignore")
+    r = subprocess.run([sys.executable, "-m", "ionllama.kernels.selfcheck", "--device", "cpu", "--json", "-"],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("[")]
+    assert lines, f"selfcheck printed no result (rc {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    return json.loads(lines[-1])
+
+
+def _case_ids():
+    from ionllama.kernels.selfcheck import cases
+    return [f"{k}-{dt}-{'-'.join(f'{a}{b}' for a, b in kw.items())}" for k, dt, kw in cases(large=False)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("idx", range(len(_case_ids())), ids=_case_ids())
+def test_kernel_matches_reference_interpreter(interpreter_rows, idx):
+    row = interpreter_rows[idx]
+    errs = row["errors"]
+    expected = {"attention": {"out", "dq", "dk", "dv"}, "scan": {"out", "du", "dlog_a"}}[row["kind"]]
+    if row["shape"].get("with_h0"):
+        expected = expected | {"dh0"}
+    assert set(errs) == expected
+    for name, e in errs.items():
+        assert e <= row["tol"], f"{row['kind']} {row['dtype']} {row['shape']}: {name} rel err {e:.3e} > {row['tol']}"
+
+
+# ---------------------------------------------------------------- kernels on CUDA
+@pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs a CUDA GPU and triton")
+@pytest.mark.parametrize("large", [False, True])
+def test_kernel_matches_reference_cuda(large):
+    from ionllama.kernels.selfcheck import run
+    rows = run("cuda", large=large, verbose=False)
+    bad = [r for r in rows if not r["ok"]]
+    assert not bad, bad
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs a CUDA GPU and triton")
+def test_cuda_dispatchers_use_triton():
+    q = torch.randn(1, 2, 100, 64, device="cuda", dtype=torch.bfloat16)
+    assert attention_uses_triton(q, dilated_offsets(100))
+    assert scan_uses_triton(torch.randn(1, 10, 8, device="cuda"))
