@@ -60,8 +60,7 @@ def time_scan(fn, B, T, D, dtype, rep):
 
 
 def sweep(shapes, dtype, rep=30):
-    configs = [(bt, bd, nw) for bt, bd, nw in [(32, 32, 4), (64, 32, 4), (64, 16, 4), (128, 16, 4), (128, 32, 8),
-                                               (64, 64, 4), (32, 64, 4), (128, 64, 8)]]
+    configs = [(64, 32, 4), (32, 32, 4), (128, 16, 4), (64, 16, 4), (128, 32, 8), (64, 64, 4)]
     log, score = [], {}
     for bt, bd, nw in configs:
         for n_chunks in (1, 0):
