@@ -93,6 +93,7 @@ def _check_schema(res: dict, out: Path):
     assert "## Tasks: zero_shot" in md and "## Published figures (not measured here)" in md
 
 
+@pytest.mark.slow
 def test_full_suite_dense(workdir):
     ckpt = _save_trainer_checkpoint(create_model("tiny", model="dense", **SMALL), workdir / "run" / "best.pt")
     out = workdir / "bench" / "results.json"
@@ -104,6 +105,7 @@ def test_full_suite_dense(workdir):
     assert not set(T.split_words("test")) & set(T.split_words("train"))
 
 
+@pytest.mark.slow
 def test_full_suite_ionllama_with_patches_and_task_training(workdir):
     model = create_model("tiny", model="ionllama", d_local=32, d_entropy=32, **SMALL)
     with torch.no_grad():  # an uncalibrated model starts a patch at every byte; give it real patches
@@ -185,3 +187,30 @@ def test_tasks_only_checkpoint_skips_text_metrics_and_labels_in_format(workdir):
     assert "lm" not in res["metrics"] and "--dataset tasks" in res["skipped"]["lm"]
     assert res["metrics"]["tasks"]["label"] == "in_format"
     assert res["command"].startswith("ionllama bench --checkpoint")
+
+
+@pytest.mark.parametrize("kind", ["bpe", "mamba"])
+def test_suite_runs_on_the_baselines(workdir, kind):
+    """Any registered model: the token-level BPE baseline (seq_len in tokens, BPB over bytes) and MambaByte."""
+    if kind == "bpe":
+        from ionllama.data.bpe import train_tokenizer
+
+        txt = _text("tinystories/tinystories-sample.txt", 8000)
+        bpe = train_tokenizer([txt[i:i + 1000] for i in range(0, len(txt), 1000)], vocab_size=320)
+        model = create_model("tiny", model="bpe", vocab_size=bpe.vocab_size, **SMALL)
+        model.set_tokenizer(bpe)
+    else:
+        model = create_model("tiny", model="mamba", d_model=64, n_layers=2)
+    ckpt = _save_trainer_checkpoint(model, workdir / f"run-{kind}" / "best.pt")
+    out = workdir / f"bench-{kind}" / "results.json"
+    res = _run(workdir, ckpt, out, "--n_tasks", "2", "--max_digits", "1", "--skip", "plots")
+    m = res["metrics"]
+    assert math.isfinite(m["lm"]["bpb"]) and m["lm"]["bpb"] > 0
+    assert m["speed"]["forward_bytes_per_s"] > 0 and m["speed"]["generation"]["bytes_per_s"] > 0
+    for rec in m["tasks"]["per_task"].values():
+        assert rec["n"] > 0 and rec["ci95"][0] <= rec["accuracy"] <= rec["ci95"][1]
+    if kind == "bpe":
+        assert "evaluate_token_bpb" in m["lm"]["method"] and m["compression"]["bytes_per_patch"] > 1.3
+        assert m["multilingual"]["bpe"]["source"] == "the model's own tokenizer"
+    else:
+        assert m["compression"]["bytes_per_patch"] == 1.0

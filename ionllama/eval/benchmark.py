@@ -255,7 +255,7 @@ def run(argv: list[str], prog: str) -> dict:
             [DEFAULT_MULTILINGUAL] if DEFAULT_MULTILINGUAL.is_dir() else [])
         if dirs:
             t0 = time.perf_counter()
-            bpe, bpe_info = get_bpe(ck.path if ck else None, data, a.bpe_vocab)
+            bpe, bpe_info = get_bpe(ck.path if ck else None, data, a.bpe_vocab, model=model)
             ml = run_multilingual(model, dirs, seq_len, batch_size, device, amp_dtype=amp,
                                   max_lang_bytes=a.max_lang_bytes, bpe=bpe)
             ml["bpe"] = bpe_info

@@ -56,9 +56,26 @@ def fallback_evaluate_bpb(model, data: np.ndarray, seq_len: int, batch_size: int
             "bytes_per_patch": total_bytes / max(total_patches, 1)}
 
 
+def is_token_model(model) -> bool:
+    """Token-level models (the BPE baseline) take token ids; their `seq_len` counts tokens."""
+    return bool(getattr(model, "token_level", False))
+
+
+def encode_tokens(model, data: np.ndarray) -> np.ndarray:
+    return model.bpe.encode(np.asarray(data, dtype=np.uint8))
+
+
 def evaluate_bpb(model, data: np.ndarray, seq_len: int, batch_size: int, device, max_bytes=None, amp_dtype=None):
-    """The harness's evaluator (ionllama.eval.bpb) when present, else the fallback above.
-    Returns (result dict, method name)."""
+    """Bits per byte of any registered model over a byte array. Byte models: the harness's evaluator
+    (ionllama.eval.bpb) when present, else the fallback above; token models: their tokens of the same
+    bytes through ionllama.data.bpe.evaluate_token_bpb (bits / bytes covered). -> (result, method)."""
+    if is_token_model(model):
+        from ..data.bpe import evaluate_token_bpb
+
+        data = data[:max_bytes] if max_bytes is not None else data
+        r = evaluate_token_bpb(model, encode_tokens(model, data), seq_len, batch_size, device, amp_dtype=amp_dtype)
+        r = dict(r, bytes_per_patch=r["bytes_per_token"])
+        return r, "ionllama.data.bpe.evaluate_token_bpb (seq_len in tokens)"
     try:
         from .bpb import evaluate_bpb as harness_eval
     except ImportError:
@@ -84,6 +101,12 @@ def patch_statistics(model, data: np.ndarray, seq_len: int, batch_size: int, dev
     Uses out['byte_to_patch'] when the model returns it, else out['n_patches'] (uniform patches),
     and 1 byte per patch for models that return neither. The last patch of a window is cut by
     the window edge, so windows much longer than a patch keep that bias small."""
+    if is_token_model(model):  # a token is the BPE model's patch
+        nb = model.bpe.token_nbytes[encode_tokens(model, data[:max_bytes])]
+        hist = np.bincount(np.minimum(nb, max_hist), minlength=2)
+        return {"bytes": int(nb.sum()), "patches": int(len(nb)), "bytes_per_patch": float(nb.sum() / max(len(nb), 1)),
+                "histogram": {str(k): int(hist[k]) for k in range(1, len(hist))}, "source": "BPE tokens",
+                "window": None}
     data = np.ascontiguousarray(data[:max_bytes], dtype=np.uint8)
     n_win = max(1, len(data) // seq_len)
     L = min(seq_len, len(data))

@@ -53,9 +53,20 @@ def train_bpe_on(data: np.ndarray, vocab_size: int = 4096, max_bytes: int = 4_00
     return tok, info
 
 
-def get_bpe(checkpoint_path: Path | None, eval_data: np.ndarray | None, vocab_size: int = 4096):
+def get_bpe(checkpoint_path: Path | None, eval_data: np.ndarray | None, vocab_size: int = 4096, model=None):
+    """The tokenizer to count BPE tokens with: a token model's own, else tokenizer.json next to the
+    checkpoint (or the config's tokenizer_path), else one trained here on the eval data."""
+    if model is not None and getattr(model, "token_level", False):
+        bpe = model.bpe
+        return bpe.tokenizer, {"source": "the model's own tokenizer", "vocab_size": bpe.vocab_size}
     try:
         tok, info = load_bpe(checkpoint_path)
+        tp = getattr(getattr(model, "config", None), "tokenizer_path", "")
+        if tok is None and tp and Path(tp).is_file():
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(tp)
+            info = {"source": "config.tokenizer_path", "path": tp, "vocab_size": tok.get_vocab_size()}
         if tok is None and eval_data is not None:
             tok, info = train_bpe_on(eval_data, vocab_size)
         return tok, info

@@ -181,8 +181,8 @@ def render_markdown(res: dict, baselines: list[dict] | None = None, published: l
     if m.get("compression"):
         c = m["compression"]
         L += ["## Compression (patching)", "",
-              f"Mean {c['bytes_per_patch']:.3f} bytes/patch over {_f(c['bytes'])} bytes in windows of {c['window']} "
-              f"(from `{c['source']}`).", ""]
+              f"Mean {c['bytes_per_patch']:.3f} bytes/patch over {_f(c['bytes'])} bytes"
+              + (f" in windows of {c['window']}" if c.get("window") else "") + f" (from `{c['source']}`).", ""]
         total = sum(c["histogram"].values()) or 1
         L += _table(["patch size"] + list(c["histogram"]),
                     [["share"] + [f"{100 * v / total:.1f}%" for v in c["histogram"].values()]])

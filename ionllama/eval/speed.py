@@ -10,7 +10,7 @@ import time
 import numpy as np
 import torch
 
-from .lm import autocast_ctx
+from .lm import autocast_ctx, encode_tokens, is_token_model
 
 
 def _sync(device: torch.device) -> None:
@@ -32,9 +32,9 @@ def _timed(fn, device, warmup: int, iters: int) -> list[float]:
 
 
 def _batch(data: np.ndarray, batch_size: int, seq_len: int, device) -> torch.Tensor:
-    """Real bytes (the eval data, repeated if short) so data-dependent models (patching) behave as in use."""
+    """Real bytes or tokens (the eval data, repeated if short) so data-dependent models (patching) behave as in use."""
     need = batch_size * seq_len
-    buf = np.resize(np.asarray(data, dtype=np.uint8), need)
+    buf = np.resize(np.asarray(data), need)
     return torch.from_numpy(buf.astype(np.int64)).view(batch_size, seq_len).to(device)
 
 
@@ -54,14 +54,21 @@ def run_speed(model, data: np.ndarray, device, seq_len: int, batch_size: int, am
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
-    x = _batch(data, batch_size, seq_len, device)
+    if is_token_model(model):  # seq_len counts tokens; throughput still counts the bytes they cover
+        x = _batch(encode_tokens(model, data[: 8 * batch_size * seq_len]), batch_size, seq_len, device)
+        nbytes = model.token_nbytes[x]
+        n_in, n_in1 = int(nbytes.sum()), int(nbytes[0].sum())
+        res["unit"] = "tokens"
+    else:
+        x = _batch(data, batch_size, seq_len, device)
+        n_in, n_in1 = x.numel(), x.shape[1]
 
     def fwd():
         with torch.no_grad(), autocast_ctx(device, amp_dtype):
             model(x)
 
     t = _timed(fwd, device, warmup, iters)
-    res["forward_bytes_per_s"] = x.numel() / statistics.median(t)
+    res["forward_bytes_per_s"] = n_in / statistics.median(t)
     res["forward_ms_median"] = 1000 * statistics.median(t)
     if device.type == "cuda":
         mem["forward_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -81,7 +88,7 @@ def run_speed(model, data: np.ndarray, device, seq_len: int, batch_size: int, am
 
         t = _timed(fwd_bwd, device, 1, max(2, iters // 2))
         model.eval()
-        res["train_step_bytes_per_s"] = x.numel() / statistics.median(t)
+        res["train_step_bytes_per_s"] = n_in / statistics.median(t)
         if device.type == "cuda":
             mem["train_step_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
 
@@ -93,7 +100,7 @@ def run_speed(model, data: np.ndarray, device, seq_len: int, batch_size: int, am
             model(x1)
 
     t = _timed(one, device, warmup, iters)
-    res["latency_ms"] = {"input_bytes": int(x1.numel()), "median": 1000 * statistics.median(t),
+    res["latency_ms"] = {"input_bytes": n_in1, "input_positions": int(x1.numel()), "median": 1000 * statistics.median(t),
                          "min": 1000 * min(t), "max": 1000 * max(t)}
 
     # generation: greedy, batch 1, no stop, from a real prompt
