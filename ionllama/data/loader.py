@@ -15,10 +15,12 @@ _TASK_STREAM = 0x7A5C  # separates the task-row random stream from the window of
 
 
 def _import_tasks():
+    import importlib
+
     try:
-        from . import tasks
-    except ImportError as e:
-        if getattr(e, "name", "") in ("ionllama.data.tasks", None):
+        tasks = importlib.import_module("ionllama.data.tasks")
+    except ModuleNotFoundError as e:
+        if e.name == "ionllama.data.tasks":
             raise UserError("task data needs ionllama.data.tasks, which is not installed in this version; "
                             "drop --task_mix / --dataset tasks") from None
         raise

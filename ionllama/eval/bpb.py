@@ -1,0 +1,100 @@
+"""Byte-exact evaluation: bits per byte over a whole byte array, every byte scored exactly once.
+
+The array is cut into non-overlapping windows of seq_len + 1 bytes that share one boundary byte:
+window i feeds bytes [iT, iT + T) and scores bytes [iT + 1, iT + T + 1), each conditioned only on the
+earlier bytes of its own window. The last window is shorter when the length is not a multiple of T.
+Byte 0 has no context and is never a target, so `bytes` = len(data) - 1 (or max_bytes).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+
+LN2 = math.log(2.0)
+
+
+class _Totals:
+    def __init__(self):
+        self.nats = 0.0
+        self.bits = 0.0
+        self.targets = 0
+        self.inputs = 0
+        self.patches = 0
+
+    def add(self, model, x: torch.Tensor, y: torch.Tensor, device, amp_dtype) -> None:
+        x, y = x.to(device), y.to(device)
+        ctx = torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+        with ctx:
+            out = model(x, y)
+        n = int((y != -100).sum())
+        if n == 0:
+            return
+        loss = float(out["loss"].float())
+        bpb = out.get("bpb")
+        self.nats += loss * n
+        self.bits += (float(bpb) if bpb is not None else loss / LN2) * n
+        self.targets += n
+        self.inputs += x.numel()
+        n_patches = out.get("n_patches")
+        self.patches += int(n_patches.sum()) if n_patches is not None else x.numel()
+
+    def result(self) -> dict:
+        if self.targets == 0:
+            raise UserError("nothing to evaluate (no scored bytes); give a longer val split")
+        loss = self.nats / self.targets
+        return {"loss": loss, "bpb": self.bits / self.targets, "ppl": math.exp(min(loss, 50.0)),
+                "bytes": self.targets, "bytes_per_patch": self.inputs / max(self.patches, 1)}
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _device(device) -> torch.device:
+    return device if isinstance(device, torch.device) else torch.device(device)
+
+
+def evaluate_bpb(model, data: np.ndarray, seq_len: int, batch_size: int, device, max_bytes: int | None = None,
+                 amp_dtype: torch.dtype | None = None) -> dict:
+    """-> dict(loss (nats/byte), bpb, ppl (per byte), bytes (scored), bytes_per_patch)."""
+    device = _device(device)
+    n = len(data)
+    if n < 2:
+        raise UserError(f"evaluation data has {n} byte(s); it needs at least 2")
+    scored = n - 1 if max_bytes is None else max(1, min(n - 1, int(max_bytes)))
+    n_full = scored // seq_len
+    tail = scored - n_full * seq_len
+    totals = _Totals()
+    with _eval_mode(model):
+        for i in range(0, n_full, batch_size):
+            starts = np.arange(i, min(i + batch_size, n_full)) * seq_len
+            idx = starts[:, None] + np.arange(seq_len + 1)
+            w = torch.from_numpy(np.asarray(data[idx], dtype=np.int64))
+            totals.add(model, w[:, :-1], w[:, 1:], device, amp_dtype)
+        if tail:
+            s = n_full * seq_len
+            w = torch.from_numpy(np.asarray(data[s:s + tail + 1], dtype=np.int64))[None]
+            totals.add(model, w[:, :-1], w[:, 1:], device, amp_dtype)
+    return totals.result()
+
+
+def evaluate_batches(model, batches, device, amp_dtype: torch.dtype | None = None) -> dict:
+    """The same numbers over given (x, y) batches; targets of -100 are not scored (task data)."""
+    device = _device(device)
+    totals = _Totals()
+    with _eval_mode(model):
+        for x, y in batches:
+            totals.add(model, x, y, device, amp_dtype)
+    return totals.result()

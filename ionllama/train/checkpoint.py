@@ -1,0 +1,175 @@
+"""Checkpoints: atomic writes, safe loading (weights_only=True), RNG capture, safetensors export, and
+`load_model(path)` that rebuilds a model from a .pt checkpoint or a .safetensors export.
+
+A checkpoint is a dict of plain containers and tensors only, so weights_only loading accepts it:
+format, model, optimizer, scheduler, scaler, step, phase, rng, data_position, model_config,
+train_args, best_val_bpb."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig
+from ..errors import UserError
+
+CHECKPOINT_FORMAT = "ionllama-checkpoint-1"
+SAFETENSORS_CONFIG_KEY = "ionllama_config"
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _fsync_replace(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(state: dict, path: str | Path) -> Path:
+    """torch.save to a temp file in the same folder, then rename: a crash never leaves a half file."""
+    path = Path(path)
+    tmp = _tmp_path(path)
+    try:
+        torch.save(state, tmp)
+        _fsync_replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:
+    """Atomic copy (cheaper than serialising the same state twice)."""
+    dst = Path(dst)
+    tmp = _tmp_path(dst)
+    try:
+        shutil.copyfile(src, tmp)
+        _fsync_replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return dst
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found; check the path (or use --resume auto)")
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile,
+            AttributeError, TypeError, IndexError) as e:
+        msg = str(e).splitlines()[0][:120] if str(e) else ""
+        raise UserError(f"checkpoint {path} is corrupt, truncated or not a checkpoint ({type(e).__name__}: {msg}); "
+                        f"use another one, e.g. an older step_N.pt in {path.parent}") from None
+    if not isinstance(ck, dict) or "model" not in ck or "model_config" not in ck:
+        raise UserError(f"{path} is not an ionllama checkpoint (no model / model_config); pass a file written by "
+                        "`ionllama train`")
+    return ck
+
+
+# ---------------------------------------------------------------- RNG
+
+def capture_rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def restore_rng_state(state: dict) -> None:
+    random.setstate(_to_tuple(state["python"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        cuda = [s.cpu() for s in state["cuda"]]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+# ---------------------------------------------------------------- weights only
+
+def model_state(model: torch.nn.Module) -> dict:
+    """state_dict of the underlying module (unwraps torch.compile / DDP wrappers)."""
+    for attr in ("_orig_mod", "module"):
+        while hasattr(model, attr):
+            model = getattr(model, attr)
+    return model.state_dict()
+
+
+def load_model_state(model: torch.nn.Module, state: dict, source: str) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0][:200]
+        raise UserError(f"{source} does not match the model ({first}); use the model/size it was trained with") from None
+
+
+def export_safetensors(model: torch.nn.Module, path: str | Path, metadata: dict | None = None) -> Path:
+    """Weights + the model config (JSON in the safetensors metadata), written atomically."""
+    from safetensors.torch import save_model
+
+    path = Path(path)
+    meta = {SAFETENSORS_CONFIG_KEY: json.dumps(model.config.to_dict())}
+    meta.update({k: str(v) for k, v in (metadata or {}).items()})
+    tmp = _tmp_path(path)
+    try:
+        save_model(model, str(tmp), metadata=meta)
+        _fsync_replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_model(path: str | Path, device="cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Rebuild a model (eval mode) from a training checkpoint (.pt) or a safetensors export."""
+    from ..registry import build_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model file {path} not found; give a .pt checkpoint or a .safetensors export")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_model as st_load_model
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            cfg = ModelConfig.from_dict(json.loads(meta[SAFETENSORS_CONFIG_KEY]))
+        except KeyError:
+            raise UserError(f"{path} has no ionllama config in its metadata; export it with export_safetensors") from None
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            raise UserError(f"{path} is not a readable safetensors file ({type(e).__name__}); re-export it") from None
+        model = build_model(cfg)
+        try:
+            st_load_model(model, str(path), strict=True)
+        except RuntimeError as e:
+            raise UserError(f"{path} does not match its model config ({str(e).splitlines()[0][:160]}); re-export it") from None
+    else:
+        ck = load_checkpoint(path)
+        model = build_model(ModelConfig.from_dict(ck["model_config"]))
+        load_model_state(model, ck["model"], str(path))
+    model.to(device)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()

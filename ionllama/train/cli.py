@@ -1,0 +1,150 @@
+"""`python train_cloud.py ...` / `ionllama train ...` and `ionllama prepare ...`.
+
+The original plan's flags work verbatim (--size, --dataset, --data_dir, --seq_len, --batch_size,
+--grad_accum, --lr, --max_steps, --warmup_steps, --mixed_precision, --wandb, --run_name, --save_dir,
+--eval_interval, --benchmark_after); the rest are additions."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import UserError, cli_entry
+
+SIZES = ("tiny", "small", "base", "large", "xl")
+DATASETS = ("tinystories", "fineweb", "openwebtext", "builtin", "tasks")
+
+# model options passed into create_model when given (None = the size's default)
+MODEL_OVERRIDES = {
+    "attention": str, "local_layers": str, "patching": str, "threshold_mode": str, "max_patch_size": int,
+    "target_patch_size": float, "ngram": str, "pooling": str, "d_model": int, "n_layers": int, "n_heads": int,
+    "d_local": int,
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag prints one `error: ...` line (exit 2) instead of usage + error."""
+
+    def error(self, message):
+        print(f"error: {message}; see {self.prog} --help", file=sys.stderr)
+        sys.exit(2)
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=DATASETS, default="builtin",
+                   help="hub dataset (needs internet), builtin (the Python stdlib, offline) or tasks")
+    g.add_argument("--data_path", default=None,
+                   help="local data instead of --dataset: text file, directory, glob, .jsonl(.gz/.xz), .parquet; "
+                        "'{split}' in the path names given split files (e.g. books-{split}.jsonl.xz)")
+    g.add_argument("--data_dir", default="data_cache", help="where prepared byte shards are cached")
+    g.add_argument("--text_field", default="text", help="field holding the text in jsonl / parquet / hub rows")
+    g.add_argument("--val_fraction", type=float, default=0.01, help="share of documents held out for val")
+    g.add_argument("--split_seed", type=int, default=0, help="seed of the document hash split")
+    g.add_argument("--max_bytes", type=int, default=None, help="cap on bytes read from the source")
+    g.add_argument("--builtin_bytes", type=int, default=8_000_000, help="size cap of --dataset builtin")
+    g.add_argument("--fineweb_bytes", type=int, default=2_000_000_000, help="bytes streamed for --dataset fineweb")
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="train_cloud.py", description="Train an ionLlama (or baseline) byte-level LM.")
+    add_data_args(p)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="ionllama", help="registered model name (ionllama, dense, ...)")
+    g.add_argument("--size", choices=SIZES, default="tiny")
+    for name, typ in MODEL_OVERRIDES.items():
+        g.add_argument(f"--{name}", type=typ, default=None, help="override the size's default")
+    g = p.add_argument_group("training")
+    g.add_argument("--seq_len", type=int, default=1024, help="bytes per training window")
+    g.add_argument("--batch_size", type=int, default=16, help="windows per micro-batch (per process)")
+    g.add_argument("--grad_accum", type=int, default=1)
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default by size)")
+    g.add_argument("--weight_decay", type=float, default=0.1)
+    g.add_argument("--grad_clip", type=float, default=1.0)
+    g.add_argument("--max_steps", type=int, default=5000, help="optimizer steps of the main model")
+    g.add_argument("--warmup_steps", type=int, default=None, help="default: max_steps / 10, at most 1000")
+    g.add_argument("--entropy_steps", type=int, default=None, help="phase 1 steps (default max_steps // 3)")
+    g.add_argument("--joint_steps", type=int, default=None, help="phase 3 steps (default max_steps // 10)")
+    g.add_argument("--entropy_lr", type=float, default=2e-3)
+    g.add_argument("--task_mix", type=float, default=0.0, help="fraction of each batch replaced by task examples")
+    g.add_argument("--mixed_precision", choices=("bf16", "fp16", "none"), default=None,
+                   help="default: bf16 on GPUs that support it, else none")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop_at", type=int, default=None,
+                   help="pause: stop after this global step, saving latest.pt (resume with --resume)")
+    g.add_argument("--max_train_time", type=float, default=None, help="stop after this many seconds of training")
+    g = p.add_argument_group("evaluation, logging, checkpoints")
+    g.add_argument("--eval_interval", type=int, default=500)
+    g.add_argument("--eval_bytes", type=int, default=None, help="cap on val bytes scored per evaluation (default all)")
+    g.add_argument("--eval_batch_size", type=int, default=None, help="default: --batch_size")
+    g.add_argument("--log_interval", type=int, default=10)
+    g.add_argument("--save_dir", default="checkpoints")
+    g.add_argument("--run_name", default=None, help="default: <model>-<size>-<dataset>")
+    g.add_argument("--save_interval", type=int, default=None, help="step_N.pt every N steps (default: total / 2)")
+    g.add_argument("--resume", default=None, help="checkpoint path, or 'auto' = latest.pt of the run folder")
+    g.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (WANDB_MODE=offline works)")
+    g.add_argument("--sample_bytes", type=int, default=256, help="bytes generated after training (0: none)")
+    g.add_argument("--sample_prompt", default=None, help="prompt of that sample (default: start of a val document)")
+    g.add_argument("--benchmark_after", action="store_true", help="run the benchmark suite on best.pt afterwards")
+    return p
+
+
+def explicit_args(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """Names of the flags the user actually gave (so a resumed run keeps the checkpoint's others)."""
+    quiet = argparse.ArgumentParser(add_help=False)
+    for a in parser._actions:
+        if a.option_strings and a.dest != "help":
+            kw = {"dest": a.dest, "default": argparse.SUPPRESS}
+            if a.nargs == 0:
+                kw["action"] = "store_const"
+                kw["const"] = True
+            quiet.add_argument(*a.option_strings, **kw)
+    ns, _ = quiet.parse_known_args(argv)
+    return set(vars(ns))
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_train_parser()
+    args = parser.parse_args(argv)
+    from .trainer import train
+
+    train(args, explicit=explicit_args(parser, argv))
+    return 0
+
+
+def build_prepare_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="ionllama prepare", description="Build the byte shards of a dataset without training.")
+    add_data_args(p)
+    p.add_argument("--verify", action="store_true", help="recompute the shard checksums")
+    return p
+
+
+def data_args_from(args: argparse.Namespace):
+    from ..data.shards import DataArgs
+
+    return DataArgs(dataset=args.dataset, data_path=args.data_path, data_dir=args.data_dir, text_field=args.text_field,
+                    val_fraction=args.val_fraction, split_seed=args.split_seed, max_bytes=args.max_bytes,
+                    builtin_bytes=args.builtin_bytes, fineweb_bytes=args.fineweb_bytes)
+
+
+@cli_entry
+def prepare_main(argv: list[str] | None = None) -> int:
+    args = build_prepare_parser().parse_args(argv)
+    from ..data.shards import open_shards, prepare, verify_shards
+
+    if args.dataset == "tasks" and not args.data_path:
+        raise UserError("--dataset tasks is generated on the fly; there is nothing to prepare")
+    path = prepare(data_args_from(args))
+    shards = open_shards(path)
+    if args.verify:
+        verify_shards(shards)
+        print("checksums ok")
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Metrics: every logged point is one JSON line in <run>/metrics.jsonl, and optionally a wandb point.
+
+Fields: step, phase, bytes_seen, train_time_s (evaluation and checkpointing excluded), loss, bpb, lr,
+bytes_per_s, bytes_per_patch, and val_loss / val_bpb / val_ppl / val_bytes / val_bytes_per_patch on
+evaluation points. Phases: init (evaluation before training), entropy, calibrate, main, joint."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, use_wandb: bool = False, run_name: str = "", config: dict | None = None):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.wandb = None
+        if use_wandb:
+            try:
+                import wandb  # lazy: optional dependency
+            except ImportError:
+                warnings.warn("--wandb given but wandb is not installed (pip install wandb); logging to "
+                              "metrics.jsonl only", stacklevel=2)
+            else:
+                self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "ionllama"), name=run_name,
+                                        config=config or {}, dir=str(run_dir), resume="allow")
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop points logged after the checkpoint's step (they will be logged again)."""
+        if not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except ValueError:
+                continue  # a line cut by a crash
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.path)
+
+    def log(self, record: dict) -> None:
+        record = {k: _clean(v) for k, v in record.items() if v is not None}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record.get("step"))
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out

@@ -1,0 +1,645 @@
+"""The training loop: phases (entropy model -> calibration -> main model -> joint fine-tuning), AdamW
+with warmup + cosine, gradient accumulation, clipping, bf16 / fp16 + GradScaler / fp32, optional
+torch.compile, byte-exact evaluation, metrics, atomic checkpoints, exact resume, SIGINT/SIGTERM.
+
+Models opt into the phases through a small protocol (see ionllama/model/ionllama_model.py):
+``needs_entropy_phase``, ``entropy_model(x, y) -> dict(loss, bpb, logits)``,
+``calibrate_threshold(x) -> dict(threshold, bytes_per_patch)``, ``freeze_entropy(bool)``, and an
+optional ``aux_loss`` in the forward output. Models without it (dense, ...) only run phase 'main'."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..config import make_config
+from ..data import DOC_SEP, DOC_SEP_BYTES
+from ..errors import UserError
+from ..eval.bpb import LN2, evaluate_batches, evaluate_bpb
+from ..registry import build_model, model_names
+from . import checkpoint as ckpt_io
+from .cli import MODEL_OVERRIDES
+from .metrics import MetricsLogger
+from .optim import add_params, make_adamw
+from .schedule import PhasePlan
+
+DEFAULT_LR = {"tiny": 1e-3, "small": 6e-4, "base": 3e-4, "large": 2e-4, "xl": 1.5e-4}
+# flags that describe this invocation, not the run: a resumed run takes them from the command line
+_PER_INVOCATION = {"resume", "stop_at", "max_train_time", "device", "run_name", "save_dir", "wandb", "compile",
+                   "benchmark_after", "sample_bytes", "sample_prompt", "data_dir", "eval_batch_size"}
+
+
+def _say(msg: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(msg, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device '{name}'; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu")
+    return dev
+
+
+def resolve_amp(mixed_precision: str | None, device: torch.device) -> torch.dtype | None:
+    if mixed_precision is None:  # auto
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[mixed_precision]
+
+
+def default_run_name(args) -> str:
+    if args.data_path:
+        tag = Path(args.data_path.replace("{split}", "")).name.split(".")[0] or "data"
+        tag = "".join(c if c.isalnum() or c in "-_" else "_" for c in tag).strip("_-") or "data"
+    else:
+        tag = args.dataset
+    return f"{args.model}-{args.size}-{tag}"
+
+
+def _has_checkpoints(d: Path) -> bool:
+    return d.is_dir() and any(d.glob("*.pt"))
+
+
+def resolve_run(args) -> tuple[Path, Path | None]:
+    """-> (run folder, checkpoint to resume or None). Never picks a folder whose checkpoints a fresh run
+    would overwrite."""
+    base = Path(args.save_dir)
+    if args.resume and args.resume != "auto":
+        ck = Path(args.resume)
+        if not ck.is_file():
+            raise UserError(f"--resume {ck}: no such checkpoint; check the path or use --resume auto")
+        return (base / args.run_name if args.run_name else ck.parent), ck
+    name = args.run_name or default_run_name(args)
+    candidates = [base / name]
+    if not args.run_name and base.is_dir():
+        candidates += sorted((d for d in base.glob(f"{name}-*") if d.name[len(name) + 1:].isdigit()),
+                             key=lambda d: int(d.name[len(name) + 1:]))
+    if args.resume == "auto":
+        found = [d for d in candidates if (d / "latest.pt").is_file()]
+        if found:
+            rd = max(found, key=lambda d: (d / "latest.pt").stat().st_mtime)
+            return rd, rd / "latest.pt"
+        _say(f"--resume auto: no latest.pt under {base / name}; starting a new run")
+    if args.run_name:
+        if _has_checkpoints(base / name):
+            raise UserError(f"run folder {base / name} already holds checkpoints; pass --resume auto to continue it "
+                            "or choose another --run_name")
+        return base / name, None
+    i = 1
+    while True:
+        rd = base / (name if i == 1 else f"{name}-{i}")
+        if not _has_checkpoints(rd):
+            return rd, None
+        i += 1
+
+
+def ensure_writable(run_dir: Path, save_dir: str) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to --save_dir {save_dir} ({e.strerror or e}); choose a writable folder") from None
+
+
+class _EntropyLM(nn.Module):
+    """The entropy model seen as an LM, so evaluate_bpb scores it during phase 1."""
+
+    def __init__(self, entropy_model: nn.Module):
+        super().__init__()
+        self.entropy_model = entropy_model
+
+    def forward(self, x, targets=None):
+        out = self.entropy_model(x, targets)
+        return {"loss": out["loss"], "bpb": out.get("bpb"), "n_patches": None}
+
+
+class _StopSignal:
+    """First SIGINT/SIGTERM: finish the current step, save latest.pt, exit. Second: stop at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        _say(f"\n{signal.Signals(signum).name}: finishing this step and saving latest.pt (again to stop at once)")
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+
+def sample_bytes(model: nn.Module, prompt: bytes, n: int, seq_len: int, device: torch.device, temperature: float = 0.8,
+                 top_k: int = 40, seed: int = 0) -> bytes:
+    """Generated continuation of `prompt` (stops at DOC_SEP). Uses the model's own generate when the
+    generation module is installed, else a plain full-forward sampling loop."""
+    if importlib.util.find_spec("ionllama.generation") is not None and hasattr(model, "generate"):
+        try:
+            torch.manual_seed(seed)
+            out = model.generate(prompt, max_new_bytes=n, temperature=temperature, top_k=top_k)
+            out = bytes(out.tolist() if torch.is_tensor(out) else out)
+            if out.startswith(prompt) and len(out) > len(prompt):
+                out = out[len(prompt):]
+            cut = out.find(DOC_SEP_BYTES)
+            return out if cut < 0 else out[:cut]
+        except Exception as e:  # generation is another module's job: fall back rather than lose the run
+            warnings.warn(f"model.generate failed ({type(e).__name__}: {e}); using the plain sampling loop", stacklevel=2)
+    gen = torch.Generator().manual_seed(seed)
+    ctx = list(prompt) or [DOC_SEP]
+    out = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for _ in range(n):
+                x = torch.tensor([ctx[-seq_len:]], dtype=torch.long, device=device)
+                logits = model(x)["logits"][0, -1].float().cpu() / max(temperature, 1e-5)
+                if top_k:
+                    kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                b = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
+                if b == DOC_SEP:
+                    break
+                ctx.append(b)
+                out.append(b)
+    finally:
+        model.train(was_training)
+    return bytes(out)
+
+
+class Trainer:
+    def __init__(self, args: argparse.Namespace, explicit: set[str] | None = None, rank: int = 0, world_size: int = 1):
+        self.rank, self.world_size = rank, world_size
+        self.is_main = rank == 0
+        explicit = set(vars(args)) if explicit is None else explicit
+        if args.model not in model_names():
+            raise UserError(f"unknown model '{args.model}'; choose one of {', '.join(model_names())}")
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_interval", "log_interval"):
+            if getattr(args, name) < 1:
+                raise UserError(f"--{name} must be at least 1 (got {getattr(args, name)})")
+
+        # ---- run folder and the checkpoint to resume
+        self.run_dir, ck_path = resolve_run(args)
+        self.ck = None
+        if ck_path is not None:
+            self.ck = ckpt_io.load_checkpoint(ck_path, map_location="cpu")
+            args = self._merge_resume_args(args, self.ck.get("train_args", {}), explicit)
+        self.args = args
+        ensure_writable(self.run_dir, args.save_dir)
+
+        # ---- model config (validated before any data work)
+        overrides = {k: getattr(args, k) for k in MODEL_OVERRIDES if getattr(args, k, None) is not None}
+        self.config = make_config(args.size, args.model, **overrides)
+        if self.ck is not None:
+            self._check_config_matches(ck_path)
+
+        # ---- device, precision, seeds
+        self.device = resolve_device(args.device)
+        self.amp_dtype = resolve_amp(args.mixed_precision, self.device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+
+        # ---- data
+        self._setup_data()
+
+        # ---- model
+        self.model = build_model(self.config).to(self.device)
+        if self.ck is not None:
+            ckpt_io.load_model_state(self.model, self.ck["model"], str(ck_path))
+        self.fwd = torch.compile(self.model) if args.compile else self.model
+        has_entropy = bool(getattr(self.model, "needs_entropy_phase", False))
+        E = (args.entropy_steps if args.entropy_steps is not None else args.max_steps // 3) if has_entropy else 0
+        J = (args.joint_steps if args.joint_steps is not None else args.max_steps // 10) if has_entropy else 0
+        warmup = args.warmup_steps if args.warmup_steps is not None else max(1, min(1000, args.max_steps // 10))
+        self.plan = PhasePlan(entropy_steps=E, max_steps=args.max_steps, joint_steps=J,
+                              lr=args.lr if args.lr is not None else DEFAULT_LR[args.size],
+                              entropy_lr=args.entropy_lr, warmup_steps=warmup)
+        self.save_interval = args.save_interval or max(1, self.plan.total // 2)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.phase: str | None = None
+        self.step = 0
+        self.bytes_seen = 0
+        self.train_time = 0.0
+        self.best_val_bpb = math.inf
+        self.metrics = MetricsLogger(self.run_dir, use_wandb=args.wandb and self.is_main, run_name=self.run_dir.name,
+                                     config={**vars(args), "model_config": self.config.to_dict()}) \
+            if self.is_main else None
+        if self.ck is not None:
+            self._restore(self.ck, ck_path)
+            self.ck = None  # free the CPU copy
+        elif self.metrics is not None:
+            self.metrics.truncate_after(-1)  # a fresh run: old points in this folder are not ours
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _merge_resume_args(self, args, saved: dict, explicit: set[str]):
+        merged = argparse.Namespace(**vars(args))
+        for k, v in saved.items():
+            if k in _PER_INVOCATION or not hasattr(merged, k):
+                continue
+            if k in explicit:
+                if getattr(merged, k) != v:
+                    _say(f"note: resuming with --{k} {getattr(merged, k)} (the checkpoint used {v})")
+            else:
+                setattr(merged, k, v)
+        return merged
+
+    def _check_config_matches(self, ck_path) -> None:
+        saved = self.ck["model_config"]
+        now = self.config.to_dict()
+        diff = [f"{k}={now[k]!r} (checkpoint {saved[k]!r})" for k in saved if k in now and now[k] != saved[k]]
+        if diff:
+            raise UserError(f"{ck_path} was trained with a different model: {', '.join(diff[:4])}; drop those flags "
+                            "to resume, or start a new --run_name")
+
+    def _setup_data(self) -> None:
+        from ..data.loader import TaskSampler, WindowSampler, task_val_batches
+
+        a = self.args
+        self.val = None
+        self.val_batches = None
+        self.data_meta = {"dataset": "tasks"}
+        eval_bs = a.eval_batch_size or a.batch_size
+        if a.dataset == "tasks" and not a.data_path:
+            self.sampler = TaskSampler(a.seq_len, a.batch_size, a.grad_accum, a.seed, self.rank, self.world_size)
+            self.val_batches = task_val_batches(a.seq_len, eval_bs)
+            return
+        from ..data.shards import open_shards, prepare
+        from .cli import data_args_from
+
+        path = prepare(data_args_from(a), log=_say if self.is_main else (lambda m: None))
+        shards = open_shards(path)
+        self.data_meta = {"path": str(path), "source": shards.meta.get("source"),
+                          "train_bytes": len(shards.train), "val_bytes": len(shards.val)}
+        if len(shards.val) < a.seq_len + 1:
+            raise UserError(f"the val split has {len(shards.val):,} bytes, fewer than --seq_len {a.seq_len} + 1; lower "
+                            "--seq_len, add data or raise --val_fraction")
+        self.val = shards.val
+        self.sampler = WindowSampler(shards.train, a.seq_len, a.batch_size, a.grad_accum, a.seed, self.rank,
+                                     self.world_size, task_mix=a.task_mix)
+
+    def _restore(self, ck: dict, path) -> None:
+        self.step = int(ck["step"])
+        self.bytes_seen = int(ck.get("bytes_seen", 0))
+        self.train_time = float(ck.get("train_time_s", 0.0))
+        self.best_val_bpb = float(ck.get("best_val_bpb", math.inf))
+        self._enter_phase(ck["phase"], resumed=True)
+        try:
+            self.optimizer.load_state_dict(ck["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise UserError(f"{path}: optimizer state does not match ({e}); resume with the same model and phases") from None
+        if ck.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(ck["scaler"])
+        ckpt_io.restore_rng_state(ck["rng"])
+        if self.metrics is not None:
+            self.metrics.truncate_after(self.step)
+        _say(f"resumed {path} at step {self.step} (phase {self.phase})")
+
+    # ------------------------------------------------------------------ phases
+    def _trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _make_optimizer(self, params) -> torch.optim.Optimizer:
+        return make_adamw(self.model, params, self.plan.lr, self.args.weight_decay, self.device)
+
+    def _enter_phase(self, phase: str, resumed: bool = False) -> None:
+        m, prev = self.model, self.phase
+        if phase == "entropy":
+            self.optimizer = make_adamw(m, m.entropy_model.parameters(), self.plan.entropy_lr, self.args.weight_decay,
+                                        self.device)
+        elif phase == "main":
+            if getattr(m, "needs_entropy_phase", False):
+                if not resumed:
+                    self._calibrate()
+                m.freeze_entropy(True)
+            self.optimizer = self._make_optimizer(self._trainable())
+        elif phase == "joint":
+            if prev != "main":  # resumed in phase 3: rebuild the phase-2 optimizer first, as it was
+                if prev == "entropy" and not resumed:
+                    self._calibrate()
+                m.freeze_entropy(True)
+                self.optimizer = self._make_optimizer(self._trainable())
+            m.freeze_entropy(False)
+            add_params(self.optimizer, m, self._trainable(), self.args.weight_decay)
+        else:
+            raise UserError(f"checkpoint has unknown phase '{phase}'")
+        self.phase = phase
+        if not resumed and self.is_main:
+            n = sum(p.numel() for g in self.optimizer.param_groups for p in g["params"])
+            _say(f"phase {phase}: steps {self.step}..{self._phase_end(phase)}, optimizing {n:,} parameters")
+
+    def _phase_end(self, phase: str) -> int:
+        p = self.plan
+        return {"entropy": p.entropy_steps, "main": p.entropy_steps + p.main_steps, "joint": p.total}[phase]
+
+    def _calibration_batch(self) -> torch.Tensor:
+        T = self.args.seq_len
+        if self.val is None:
+            return self.val_batches[0][0].to(self.device)
+        n = max(1, min(64, (len(self.val) - 1) // T))
+        idx = (np.arange(n) * T)[:, None] + np.arange(T)
+        return torch.from_numpy(np.asarray(self.val[idx], dtype=np.int64)).to(self.device)
+
+    def _calibrate(self) -> None:
+        was = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            res = self.model.calibrate_threshold(self._calibration_batch())
+        self.model.train(was)
+        res = {k: (float(v) if torch.is_tensor(v) or isinstance(v, (int, float)) else v) for k, v in dict(res).items()}
+        if self.is_main:
+            _say(f"calibrated entropy threshold: {json.dumps(res)}")
+            self.metrics.log({"step": self.step, "phase": "calibrate", "bytes_seen": self.bytes_seen,
+                              "train_time_s": round(self.train_time, 3), **res})
+
+    # ------------------------------------------------------------------ one optimizer step
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def train_step(self, step: int) -> dict:
+        a, m = self.args, self.model
+        self.fwd.train()
+        loss_sum = torch.zeros((), device=self.device)
+        bpb_sum = torch.zeros((), device=self.device)
+        patches = torch.zeros((), device=self.device, dtype=torch.long)
+        for micro in range(a.grad_accum):
+            x, y = self.sampler.get(step, micro)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self._autocast():
+                if self.phase == "entropy":
+                    out = m.entropy_model(x, y)
+                    total = out["loss"]
+                else:
+                    out = self.fwd(x, y)
+                    total = out["loss"]
+                    if out.get("aux_loss") is not None:
+                        total = total + out["aux_loss"]
+            self.scaler.scale(total / a.grad_accum).backward()
+            loss = out["loss"].detach().float()
+            loss_sum += loss
+            bpb_sum += out["bpb"].detach().float() if out.get("bpb") is not None else loss / LN2
+            if self.phase != "entropy" and out.get("n_patches") is not None:
+                patches += out["n_patches"].detach().sum()
+            else:
+                patches += x.numel()
+        lr = self.plan.lr_at(step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = None
+        if a.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, a.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss_sum / a.grad_accum, "bpb": bpb_sum / a.grad_accum, "patches": patches,
+                "grad_norm": grad_norm, "lr": lr}
+
+    # ------------------------------------------------------------------ evaluation and checkpoints
+    def evaluate(self, phase_label: str) -> dict:
+        a = self.args
+        model = _EntropyLM(self.model.entropy_model) if self.phase == "entropy" else self.model
+        eval_bs = a.eval_batch_size or a.batch_size
+        if self.val is None:
+            res = evaluate_batches(model, self.val_batches, self.device, self.amp_dtype)
+        else:
+            res = evaluate_bpb(model, self.val, a.seq_len, eval_bs, self.device, max_bytes=a.eval_bytes,
+                               amp_dtype=self.amp_dtype)
+        if self.phase == "entropy":
+            res.pop("bytes_per_patch")  # the entropy model is byte-level; patching is not in use yet
+        rec = {"step": self.step, "phase": phase_label, "bytes_seen": self.bytes_seen,
+               "train_time_s": round(self.train_time, 3), **{f"val_{k}": v for k, v in res.items()}}
+        self.metrics.log(rec)
+        bpp = f", {res['bytes_per_patch']:.2f} bytes/patch" if "bytes_per_patch" in res else ""
+        what = "entropy model " if self.phase == "entropy" else ""
+        _say(f"step {self.step} [{phase_label}] {what}val: loss {res['loss']:.4f}, bpb {res['bpb']:.4f}, "
+             f"ppl {res['ppl']:.3f}{bpp} ({res['bytes']:,} bytes)")
+        return res
+
+    def state(self) -> dict:
+        return {
+            "format": ckpt_io.CHECKPOINT_FORMAT,
+            "model": ckpt_io.model_state(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.plan.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "step": self.step,
+            "phase": self.phase,
+            "rng": ckpt_io.capture_rng_state(),
+            "data_position": {"step": self.step, "seed": self.args.seed, "global_batch": self.sampler.global_batch,
+                              "world_size": self.world_size, **{k: v for k, v in self.data_meta.items()
+                                                                if isinstance(v, (str, int))}},
+            "bytes_seen": self.bytes_seen,
+            "train_time_s": self.train_time,
+            "best_val_bpb": self.best_val_bpb,
+            "model_config": self.config.to_dict(),
+            "train_args": {k: v for k, v in vars(self.args).items() if isinstance(v, (str, int, float, bool, type(None)))},
+        }
+
+    def save(self, *names: str) -> None:
+        """Serialise once to latest.pt, copy to the other names (all atomic)."""
+        if not self.is_main:
+            return
+        try:
+            latest = ckpt_io.save_checkpoint(self.state(), self.run_dir / "latest.pt")
+            for n in names:
+                if n != "latest.pt":
+                    ckpt_io.copy_checkpoint(latest, self.run_dir / n)
+        except OSError as e:
+            raise UserError(f"could not write a checkpoint in {self.run_dir} ({e.strerror or e}); free disk space "
+                            "and resume with --resume auto (earlier checkpoints are intact)") from None
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict:
+        a, plan = self.args, self.plan
+        if self.is_main:
+            n_params = sum(p.numel() for p in self.model.parameters())
+            gb = self.sampler.global_batch
+            _say(f"model {a.model}/{a.size}: {n_params:,} parameters on {self.device}"
+                 f"{' (' + str(self.amp_dtype).replace('torch.', '') + ')' if self.amp_dtype else ' (fp32)'}; "
+                 f"run folder {self.run_dir}")
+            _say(f"global batch: {a.batch_size} x {a.grad_accum} accum x {self.world_size} procs = {gb} windows x "
+                 f"{a.seq_len} bytes = {gb * a.seq_len:,} bytes/step; steps: {plan.entropy_steps} entropy + "
+                 f"{plan.main_steps} main + {plan.joint_steps} joint")
+            (self.run_dir / "config.json").write_text(json.dumps(
+                {"train_args": vars(a), "model_config": self.config.to_dict(), "global_batch": gb,
+                 "data": self.data_meta, "plan": plan.state_dict()}, indent=1, default=str))
+        stop = _StopSignal()
+        stop.install()
+        from tqdm import tqdm
+
+        bar = tqdm(total=plan.total, initial=self.step, disable=not (self.is_main and sys.stderr.isatty()),
+                   dynamic_ncols=True, mininterval=1.0)
+        result = {}
+        try:
+            if self.step == 0 and self.is_main:
+                self.evaluate("init")  # the untrained model: bpb ~8, bytes/patch before any calibration
+            win = {"t0": time.perf_counter(), "bytes": 0, "loss": [], "bpb": [], "patches": 0}
+            sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+            step_bytes = self.sampler.global_batch * a.seq_len
+            while self.step < plan.total:
+                phase = plan.phase_of(self.step)
+                if phase != self.phase:
+                    prev = self.phase
+                    self._enter_phase(phase)
+                    if prev == "entropy" and self.is_main:
+                        self.evaluate(phase)  # the full model right after calibration: bytes/patch at target
+                    win["t0"] = time.perf_counter()
+                out = self.train_step(self.step)
+                self.step += 1
+                self.bytes_seen += step_bytes
+                win["bytes"] += step_bytes
+                win["loss"].append(out["loss"])
+                win["bpb"].append(out["bpb"])
+                win["patches"] = win["patches"] + out["patches"]
+                bar.update(1)
+                at_eval = self.step % a.eval_interval == 0 or self.step == plan.total
+                at_save = self.step % self.save_interval == 0
+                phase_done = self.step == self._phase_end(self.phase)
+                stopping = stop.signum is not None or (a.stop_at is not None and self.step >= a.stop_at)
+                if a.max_train_time is not None and \
+                        self.train_time + time.perf_counter() - win["t0"] >= a.max_train_time:
+                    stopping = True
+                if self.step % a.log_interval == 0 or at_eval or at_save or phase_done or stopping:
+                    loss = float(torch.stack(win["loss"]).mean())
+                    sync()
+                    dt = time.perf_counter() - win["t0"]
+                    self.train_time += dt
+                    rec = {"step": self.step, "phase": self.phase, "bytes_seen": self.bytes_seen,
+                           "train_time_s": round(self.train_time, 3), "loss": loss,
+                           "bpb": float(torch.stack(win["bpb"]).mean()), "lr": out["lr"],
+                           "bytes_per_s": win["bytes"] / max(dt, 1e-9),
+                           "bytes_per_patch": (win["bytes"] // self.world_size) / max(float(win["patches"]), 1.0)
+                           if self.phase != "entropy" else None,
+                           "grad_norm": float(out["grad_norm"]) if out["grad_norm"] is not None else None,
+                           "global_batch": self.sampler.global_batch}
+                    if self.is_main:
+                        self.metrics.log(rec)
+                        post = {"loss": f"{loss:.3f}", "bpb": f"{rec['bpb']:.3f}",
+                                "B/s": f"{rec['bytes_per_s']:,.0f}", "lr": f"{out['lr']:.2e}"}
+                        if rec["bytes_per_patch"] is not None:
+                            post["B/patch"] = f"{rec['bytes_per_patch']:.2f}"
+                        bar.set_postfix(post, refresh=False)
+                        if bar.disable:
+                            _say(f"step {self.step}/{plan.total} [{self.phase}] " + " ".join(f"{k} {v}" for k, v in post.items()))
+                    win = {"t0": None, "bytes": 0, "loss": [], "bpb": [], "patches": 0}
+                    if at_eval and self.is_main:
+                        res = self.evaluate(self.phase)
+                        names = ["latest.pt"]
+                        if self.phase != "entropy" and res["bpb"] < self.best_val_bpb:
+                            self.best_val_bpb = res["bpb"]
+                            names.append("best.pt")
+                        if at_save:
+                            names.append(f"step_{self.step}.pt")
+                        self.save(*names)
+                    elif at_save or stopping:
+                        self.save("latest.pt", *([f"step_{self.step}.pt"] if at_save else []))
+                    win["t0"] = time.perf_counter()
+                if stopping and self.step < plan.total:
+                    why = signal.Signals(stop.signum).name if stop.signum else "--stop_at / --max_train_time"
+                    _say(f"stopped at step {self.step} ({why}); saved {self.run_dir / 'latest.pt'}; "
+                         f"continue with --resume auto" + (f" --run_name {self.run_dir.name}" if a.run_name else ""))
+                    if stop.signum:
+                        raise SystemExit(128 + stop.signum)
+                    return {"run_dir": str(self.run_dir), "step": self.step, "stopped": True}
+            bar.close()
+            if self.is_main:
+                result = self._finish()
+        finally:
+            bar.close()
+            stop.restore()
+            if self.metrics is not None:
+                self.metrics.close()
+        return result
+
+    def _finish(self) -> dict:
+        a = self.args
+        self.save("latest.pt", "final.pt")
+        ckpt_io.export_safetensors(self.model, self.run_dir / "final.safetensors")
+        _say(f"done: {self.step} steps, {self.bytes_seen:,} bytes in {self.train_time:.1f} s of training; best val bpb "
+             f"{self.best_val_bpb:.4f}; checkpoints in {self.run_dir}")
+        if a.sample_bytes > 0:
+            prompt = self._sample_prompt()
+            text = sample_bytes(self.model, prompt, a.sample_bytes, a.seq_len, self.device, seed=a.seed)
+            shown = prompt.lstrip(DOC_SEP_BYTES).decode("utf-8", "replace")
+            sample = shown + text.decode("utf-8", "replace")
+            (self.run_dir / "sample.txt").write_text(sample, encoding="utf-8")
+            _say(f"--- sample (prompt: {shown!r}) ---\n{sample}\n--- end of sample ---")
+        if a.benchmark_after:
+            self._benchmark()
+        return {"run_dir": str(self.run_dir), "step": self.step, "best_val_bpb": self.best_val_bpb,
+                "train_time_s": self.train_time}
+
+    def _sample_prompt(self) -> bytes:
+        if self.args.sample_prompt is not None:
+            return DOC_SEP_BYTES + self.args.sample_prompt.encode("utf-8", "surrogateescape")
+        if self.val is None:
+            from ..data import tasks
+
+            return DOC_SEP_BYTES + tasks.make_examples("add", "val", 1, seed=0)[0][0]
+        head = bytes(self.val[: min(len(self.val), 4096)])
+        doc = head[1:].split(DOC_SEP_BYTES)[0]
+        line_end = doc.find(b"\n", 16)
+        cut = min(48, line_end + 1 if 0 < line_end < 48 else 48)
+        return DOC_SEP_BYTES + doc[:cut]
+
+    def _benchmark(self) -> None:
+        if importlib.util.find_spec("ionllama.eval.benchmark") is None:
+            warnings.warn("--benchmark_after: ionllama.eval.benchmark is not available in this version; skipped",
+                          stacklevel=2)
+            return
+        from ..eval import benchmark
+
+        best = self.run_dir / "best.pt"
+        out = self.run_dir / "benchmark" / "results.json"
+        _say(f"benchmark on {best} -> {out}")
+        benchmark.main(["--checkpoint", str(best), "--output", str(out)])
+
+
+def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict:
+    return Trainer(args, explicit).run()
