@@ -67,7 +67,7 @@ def _check_schema(res: dict, out: Path):
     assert res["command"].startswith("python benchmark.py --checkpoint")
     m = res["metrics"]
     assert set(m) >= {"lm", "tasks", "speed", "memory", "compression", "multilingual"}
-    assert math.isfinite(m["lm"]["bpb"]) and m["lm"]["bpb"] > 0 and m["lm"]["bytes"] == 1499
+    assert math.isfinite(m["lm"]["bpb"]) and m["lm"]["bpb"] > 0 and m["lm"]["bytes"] == 1500  # 0x00 + 1500 text bytes, all text bytes scored
     assert m["tasks"]["label"] == "zero_shot" and m["tasks"]["split"] == "test"
     cells = [v for v in m["tasks"]["per_task"].values()]
     cells += [d for v in m["tasks"]["per_task"].values() for d in v.get("by_digits", {}).values()]
@@ -206,7 +206,9 @@ def test_suite_runs_on_the_baselines(workdir, kind):
     res = _run(workdir, ckpt, out, "--n_tasks", "2", "--max_digits", "1", "--skip", "plots")
     m = res["metrics"]
     assert math.isfinite(m["lm"]["bpb"]) and m["lm"]["bpb"] > 0
-    assert m["speed"]["forward_bytes_per_s"] > 0 and m["speed"]["generation"]["bytes_per_s"] > 0
+    g = m["speed"]["generation"]
+    assert m["speed"]["forward_bytes_per_s"] > 0 and g["max_new_bytes"] == 8
+    assert (g["bytes_per_s"] or 0) > 0 or g["stopped_early"]  # a random model may emit DOC_SEP at once
     for rec in m["tasks"]["per_task"].values():
         assert rec["n"] > 0 and rec["ci95"][0] <= rec["accuracy"] <= rec["ci95"][1]
     if kind == "bpe":

@@ -35,7 +35,8 @@ from .speed import peak_rss_mb, run_speed
 from .task_eval import run_tasks
 
 SECTIONS = ("lm", "tasks", "speed", "compression", "multilingual", "plots")
-DEFAULT_MULTILINGUAL = Path("../shared/data/multilingual/udhr")
+# parallel UDHR text first, then the other language/code samples; each used when present
+DEFAULT_MULTILINGUAL = (Path("../shared/data/multilingual/udhr"), Path("../shared/data/multilingual"))
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -51,7 +52,8 @@ def build_parser(prog: str = "ionllama bench") -> argparse.ArgumentParser:
     ap.add_argument("--text_field", default="text", help="jsonl field holding the text")
     ap.add_argument("--max_eval_bytes", type=int, default=None, help="cap the LM eval (default: the whole val split)")
     ap.add_argument("--multilingual_dir", action="append", default=None,
-                    help=f"folder with one file per language (repeatable); default {DEFAULT_MULTILINGUAL} if present")
+                    help="folder with one file per language (repeatable); default: "
+                    + " and ".join(str(d) for d in DEFAULT_MULTILINGUAL) + ", those present")
     ap.add_argument("--max_lang_bytes", type=int, default=65536, help="bytes read per language file")
     ap.add_argument("--n_tasks", type=int, default=100, help="examples per task (and per digit count)")
     ap.add_argument("--max_digits", type=int, default=4, help="arithmetic operand digit counts 1..N")
@@ -251,8 +253,8 @@ def run(argv: list[str], prog: str) -> dict:
         timings["compression"] = time.perf_counter() - t0
 
     if "multilingual" not in skip:
-        dirs = [Path(d) for d in a.multilingual_dir] if a.multilingual_dir else (
-            [DEFAULT_MULTILINGUAL] if DEFAULT_MULTILINGUAL.is_dir() else [])
+        dirs = ([Path(d) for d in a.multilingual_dir] if a.multilingual_dir else
+                [d for d in DEFAULT_MULTILINGUAL if d.is_dir()])
         if dirs:
             t0 = time.perf_counter()
             bpe, bpe_info = get_bpe(ck.path if ck else None, data, a.bpe_vocab, model=model)
@@ -262,7 +264,7 @@ def run(argv: list[str], prog: str) -> dict:
             metrics["multilingual"] = ml
             timings["multilingual"] = time.perf_counter() - t0
         else:
-            skipped["multilingual"] = f"no --multilingual_dir and {DEFAULT_MULTILINGUAL} is not here"
+            skipped["multilingual"] = "no --multilingual_dir and no " + " or ".join(map(str, DEFAULT_MULTILINGUAL))
 
     plots: dict = {}
     if "plots" not in skip:

@@ -154,7 +154,7 @@ def _files_under(path: Path) -> list[Path]:
 
 
 def read_eval_bytes(path: str | Path, max_bytes: int | None = None, text_field: str = "text") -> np.ndarray:
-    """Documents of a file or directory, UTF-8 encoded and joined by DOC_SEP, as uint8 (stops at max_bytes)."""
+    """Documents of a file or directory, UTF-8 encoded, each preceded by DOC_SEP, as uint8 (stops at max_bytes)."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"eval data '{p}' not found; pass --eval_data PATH (text, jsonl[.gz|.xz] or a directory)")
@@ -176,7 +176,8 @@ def read_eval_bytes(path: str | Path, max_bytes: int | None = None, text_field: 
                 break
         if max_bytes is not None and total >= max_bytes:
             break
-    data = bytes([DOC_SEP]).join(parts)
+    # each document preceded by DOC_SEP, as in the trainer's shards, so BPB here matches its val_bpb layout
+    data = b"".join(bytes([DOC_SEP]) + d for d in parts)
     if max_bytes is not None:
         data = data[:max_bytes]
     if len(data) < 2:

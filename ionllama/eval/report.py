@@ -168,9 +168,12 @@ def render_markdown(res: dict, baselines: list[dict] | None = None, published: l
         rows.append(["latency", f"{lat['median']:.2f} ms", f"batch 1 x {lat['input_bytes']} bytes (median)"])
         if g.get("bytes_per_s"):
             rows.append(["generation", f"{_f(g['bytes_per_s'])} bytes/s",
-                         f"greedy, batch 1, {g['new_bytes']} new bytes after {g['prompt_bytes']}"])
+                         f"greedy, batch 1, {g['new_bytes']} new bytes after {g['prompt_bytes']}"
+                         + (" (stopped early at DOC_SEP)" if g.get("stopped_early") else "")])
         elif g.get("skipped"):
             rows.append(["generation", "-", g["skipped"]])
+        elif g:
+            rows.append(["generation", "-", "the model ended the document (DOC_SEP) at once; no bytes to time"])
         L += _table(["metric", "value", "setting"], rows)
     if m.get("memory"):
         mem = m["memory"]
