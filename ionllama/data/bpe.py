@@ -268,6 +268,19 @@ def _write_tokens(bpe: ByteBPE, data: np.ndarray, path: Path) -> dict:
     return {"tokens": n_tok, "bytes": n_bytes, "documents": n_docs, "bytes_per_token": n_bytes / max(n_tok, 1)}
 
 
+def _find_same_tokenizer(byte_dir: Path, bpe: ByteBPE, byte_meta: dict) -> Path | None:
+    text = bpe.to_str()
+    want = {s: byte_meta["splits"][s]["sha256"] for s in ("train", "val")}
+    for d in sorted(Path(byte_dir).glob(f"bpe{bpe.vocab_size}-*")):
+        try:
+            meta = json.loads((d / "meta.json").read_text())
+            if meta["key"]["byte_shards"] == want and (d / "tokenizer.json").read_text(encoding="utf-8") == text:
+                return d
+        except (OSError, ValueError, KeyError):
+            continue
+    return None
+
+
 def prepare_tokens(byte_dir: str | Path, vocab_size: int = 4096, tokenizer_train_bytes: int | None = None,
                    tokenizer_path: str | Path | None = None, log: Callable[[str], None] = print) -> Path:
     """Token shards for the byte shards in `byte_dir` (built once, then reused). The tokenizer is trained
@@ -283,6 +296,11 @@ def prepare_tokens(byte_dir: str | Path, vocab_size: int = 4096, tokenizer_train
         vocab_size = given.vocab_size
     key = _token_key(shards.meta, vocab_size, None if given else tokenizer_train_bytes, sha)
     out = token_dir_for(byte_dir, key)
+    if given is not None and not (out / "meta.json").exists():
+        same = _find_same_tokenizer(byte_dir, given, shards.meta)
+        if same is not None:  # e.g. a resumed run: its tokenizer is the one trained here before
+            log(f"bpe: reusing {same} (same tokenizer)")
+            return same
     meta_path = out / "meta.json"
     if meta_path.exists():
         try:
@@ -468,3 +486,97 @@ def evaluate_token_bpb(model, tokens: np.ndarray, seq_len: int, batch_size: int,
     loss = bits * LN2 / n_bytes
     return {"loss": loss, "bpb": bits / n_bytes, "ppl": math.exp(min(loss, 50.0)), "bytes": n_bytes,
             "tokens": n_tok, "bytes_per_token": n_bytes / n_tok, "bits": bits}
+
+
+# ---------------------------------------------------------------------- the trainer's view
+
+
+DEFAULT_VOCAB = 4096
+
+
+def is_token_model(model_name: str) -> bool:
+    """True for registered models that read token ids instead of bytes (class attribute token_level)."""
+    from ..registry import _REGISTRY, _ensure_loaded
+
+    _ensure_loaded()
+    return bool(getattr(_REGISTRY.get(model_name), "token_level", False))
+
+
+def configure(config):
+    """A token model left at the byte vocabulary (256) gets the default BPE vocabulary."""
+    import dataclasses
+
+    if is_token_model(config.model) and config.vocab_size <= 256:
+        return dataclasses.replace(config, vocab_size=DEFAULT_VOCAB)
+    return config
+
+
+def token_prefix_for_bytes(tokens: np.ndarray, token_nbytes: np.ndarray, max_bytes: int | None) -> np.ndarray:
+    """The leading tokens that cover at most the first max_bytes + 1 bytes (what the byte evaluator reads
+    for a cap of max_bytes scored bytes)."""
+    if max_bytes is None:
+        return tokens
+    ends = np.cumsum(token_nbytes[np.asarray(tokens, dtype=np.int64)])
+    k = int(np.searchsorted(ends, int(max_bytes) + 1, side="right"))
+    return tokens[:max(k, 2)]
+
+
+class TokenTraining:
+    """Everything the trainer needs to train a token model from prepared byte shards: the token shards
+    (tokenizer trained on the train split, or the one a resumed checkpoint carries), the train sampler,
+    the val tokens and the exact evaluator. ``--seq_len`` counts tokens for a token model."""
+
+    def __init__(self, byte_dir: str | Path, vocab_size: int, seq_len: int, batch_size: int, grad_accum: int = 1,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, task_mix: float = 0.0,
+                 tokenizer_json: str | None = None, run_dir: str | Path | None = None,
+                 log: Callable[[str], None] = print):
+        tok_path = None
+        if tokenizer_json:
+            tok_path = Path(byte_dir) / f".tokenizer-{hashlib.sha256(tokenizer_json.encode()).hexdigest()[:12]}.json"
+            if not tok_path.exists():
+                tok_path.write_text(tokenizer_json, encoding="utf-8")
+        path = prepare_tokens(byte_dir, vocab_size, tokenizer_path=tok_path, log=log)
+        self.shards = open_token_shards(path)
+        self.bpe = self.shards.bpe
+        if self.bpe.vocab_size != vocab_size:
+            raise UserError(f"the tokenizer has {self.bpe.vocab_size} tokens, the model vocab_size is {vocab_size}; "
+                            "resume with the same --vocab_size")
+        self.train, self.val = self.shards.train, self.shards.val
+        self.bytes_per_token = self.shards.bytes_per_token
+        self.sampler = TokenWindowSampler(self.train, self.bpe, seq_len, batch_size, grad_accum, seed, rank,
+                                          world_size, task_mix)
+        if run_dir is not None:  # next to the checkpoints, where the benchmark looks for it
+            self.bpe.save(Path(run_dir) / "tokenizer.json")
+
+    @classmethod
+    def for_trainer(cls, trainer, byte_dir: str | Path, log: Callable[[str], None] = print) -> "TokenTraining":
+        """The trainer's hook (ionllama/train/trainer.py): its args, config, ranks, run folder and, when
+        resuming, the tokenizer its checkpoint carries; also adds the token facts to its data_meta."""
+        a = trainer.args
+        tok_json = None
+        state = (trainer.ck or {}).get("model") if getattr(trainer, "ck", None) else None
+        if isinstance(state, dict) and "tokenizer_json" in state and state["tokenizer_json"].numel():
+            tok_json = bytes(state["tokenizer_json"].cpu().numpy()).decode("utf-8")
+        td = cls(byte_dir, trainer.config.vocab_size, a.seq_len, a.batch_size, a.grad_accum, a.seed, trainer.rank,
+                 trainer.world_size, a.task_mix, tokenizer_json=tok_json,
+                 run_dir=trainer.run_dir if trainer.is_main else None, log=log)
+        trainer.data_meta.update(td.meta)
+        return td
+
+    @property
+    def meta(self) -> dict:
+        s = self.shards.meta["splits"]
+        return {"token_dir": str(self.shards.path), "vocab_size": self.bpe.vocab_size,
+                "bytes_per_token": self.bytes_per_token, "train_tokens": s["train"]["tokens"],
+                "val_tokens": s["val"]["tokens"]}
+
+    def attach(self, model) -> None:
+        model.set_tokenizer(self.bpe)
+
+    def evaluate(self, model, seq_len: int, batch_size: int, device, max_bytes: int | None = None,
+                 amp_dtype: torch.dtype | None = None) -> dict:
+        """The byte evaluator's result keys; bytes_per_patch is bytes per token."""
+        toks = token_prefix_for_bytes(self.val, self.bpe.token_nbytes, max_bytes)
+        r = evaluate_token_bpb(model, toks, seq_len, batch_size, device, amp_dtype, self.bpe.token_nbytes)
+        return {"loss": r["loss"], "bpb": r["bpb"], "ppl": r["ppl"], "bytes": r["bytes"],
+                "bytes_per_patch": r["bytes_per_token"], "tokens": r["tokens"]}

@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from ..config import make_config
 from ..data import DOC_SEP, DOC_SEP_BYTES
+from ..data.bpe import TokenTraining, configure as token_configure, is_token_model
 from ..errors import UserError
 from ..eval.bpb import LN2, evaluate_batches, evaluate_bpb
 from ..registry import build_model, model_names
@@ -227,7 +228,7 @@ class Trainer:
 
         # ---- model config (validated before any data work)
         overrides = {k: getattr(args, k) for k in MODEL_OVERRIDES if getattr(args, k, None) is not None}
-        self.config = make_config(args.size, args.model, **overrides)
+        self.config = token_configure(make_config(args.size, args.model, **overrides))  # BPE: default vocabulary
         if self.ck is not None:
             self._check_config_matches(ck_path)
 
@@ -246,6 +247,8 @@ class Trainer:
 
         # ---- model
         self.model = build_model(self.config).to(self.device)
+        if self.tokens is not None:
+            self.tokens.attach(self.model)  # the tokenizer travels in the token model's state dict
         if self.ck is not None:
             ckpt_io.load_model_state(self.model, self.ck["model"], str(ck_path))
         self.fwd = torch.compile(self.model) if args.compile else self.model
@@ -300,9 +303,13 @@ class Trainer:
         a = self.args
         self.val = None
         self.val_batches = None
+        self.tokens = None  # token shards and evaluator of a token model (BPE baseline)
         self.data_meta = {"dataset": "tasks"}
         eval_bs = a.eval_batch_size or a.batch_size
         if a.dataset == "tasks" and not a.data_path:
+            if is_token_model(a.model):
+                raise UserError(f"--model {a.model} trains its tokenizer on text data; use --data_path/--dataset "
+                                "(task fine-tuning of it: `ionllama experiment --stage tasks`)")
             self.sampler = TaskSampler(a.seq_len, a.batch_size, a.grad_accum, a.seed, self.rank, self.world_size)
             self.val_batches = task_val_batches(a.seq_len, eval_bs)
             return
@@ -317,6 +324,10 @@ class Trainer:
             raise UserError(f"the val split has {len(shards.val):,} bytes, fewer than --seq_len {a.seq_len} + 1; lower "
                             "--seq_len, add data or raise --val_fraction")
         self.val = shards.val
+        if is_token_model(a.model):  # token shards of the same documents; --seq_len counts tokens
+            self.tokens = TokenTraining.for_trainer(self, path, log=_say if self.is_main else (lambda m: None))
+            self.val, self.sampler = self.tokens.val, self.tokens.sampler
+            return
         self.sampler = WindowSampler(shards.train, a.seq_len, a.batch_size, a.grad_accum, a.seed, self.rank,
                                      self.world_size, task_mix=a.task_mix)
 
@@ -447,6 +458,8 @@ class Trainer:
         eval_bs = a.eval_batch_size or a.batch_size
         if self.val is None:
             res = evaluate_batches(model, self.val_batches, self.device, self.amp_dtype)
+        elif self.tokens is not None:  # exact: bits over the bytes the scored tokens cover
+            res = self.tokens.evaluate(model, a.seq_len, eval_bs, self.device, a.eval_bytes, self.amp_dtype)
         else:
             res = evaluate_bpb(model, self.val, a.seq_len, eval_bs, self.device, max_bytes=a.eval_bytes,
                                amp_dtype=self.amp_dtype)
@@ -522,6 +535,8 @@ class Trainer:
             win = {"t0": time.perf_counter(), "bytes": 0, "loss": [], "bpb": [], "patches": 0}
             sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
             step_bytes = self.sampler.global_batch * a.seq_len
+            if self.tokens is not None:  # bytes of text (mean bytes/token of the train split)
+                step_bytes = int(round(step_bytes * self.tokens.bytes_per_token))
             while self.step < plan.total:
                 phase = plan.phase_of(self.step)
                 if phase != self.phase:
