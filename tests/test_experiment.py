@@ -1,0 +1,144 @@
+"""The Phase-1 experiment runner: equal-time arms, same val bytes, files, resume, time-based schedule."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ionllama import create_model
+from ionllama.experiment import (TimeBudgetPlan, add_flops, main, pack_examples, task_batch, task_examples,
+                                 train_flops_per_byte)
+from ionllama.train.schedule import PhasePlan
+from test_baselines import write_corpus
+
+TINY = ["--override", "d_model=32 n_layers=1 n_heads=2 vocab_size=300"]
+
+
+@pytest.fixture
+def one_thread():
+    # tiny models on a shared 2-core machine: one thread avoids OpenMP contention stalls
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _argv(tmp_path, pattern, *extra):
+    return ["--arms", "dense,bpe", "--budget_s", "2", "--data_path", pattern, "--data_dir", str(tmp_path / "cache"),
+            "--out", str(tmp_path / "res" / "phase1"), "--ckpt_dir", str(tmp_path / "ck"), "--seq_len", "64",
+            "--batch_size", "4", "--curve_eval_bytes", "1500", "--curve_points", "2", "--device", "cpu",
+            "--no-compile", *TINY, *extra]
+
+
+def test_two_arm_matrix_writes_results_and_resumes(tmp_path, capsys, one_thread):
+    pattern = write_corpus(tmp_path, n_train=12, n_val=2, doc_bytes=1200)
+    assert main(_argv(tmp_path, pattern)) == 0
+    res = tmp_path / "res"
+    finals = {a: json.loads((res / "phase1" / a / "final.json").read_text()) for a in ("dense", "bpe")}
+    val_bytes = finals["dense"]["data"]["val_bytes"]
+    for arm, f in finals.items():
+        # the same val bytes for the byte model and the token model: every byte but the first
+        assert f["val"]["bytes"] == val_bytes - 1
+        assert 0 < f["val"]["bpb"] < 9
+        t = f["train"]
+        assert 2.0 <= t["train_time_s"] < 6.0 and t["steps"] >= 1 and t["train_flops"] > 0
+        assert f["params"] > 0 and f["git"]["sha"] and f["date"].startswith("20") and f["device"]["name"]
+        assert f["command"].startswith("ionllama experiment") and f["trainer_command"].startswith("ionllama train")
+        recs = [json.loads(line) for line in (res / "phase1" / arm / "metrics.jsonl").read_text().splitlines()]
+        assert recs[-1]["phase"] == "final" and recs[-1]["val_bpb"] == pytest.approx(f["val"]["bpb"])
+        flops = [r["train_flops"] for r in recs]
+        assert flops == sorted(flops) and flops[-1] == pytest.approx(t["train_flops"])
+    assert finals["bpe"]["train"]["seq_len"] == 16 and finals["bpe"]["train"]["bytes_per_token"] > 1.2
+    assert finals["bpe"]["bytes_per_patch"] == pytest.approx(finals["bpe"]["train"]["bytes_per_token"], rel=0.2)
+    md = (res / "phase1.md").read_text()
+    assert "| dense |" in md and "| bpe |" in md and "Not yet run: mamba" in md
+    summary = json.loads((res / "phase1.json").read_text())
+    assert set(summary["arms"]) == {"dense", "bpe"} and "ionllama" in summary["missing"]
+    assert (res / "phase1" / "bpb_vs_time.png").stat().st_size > 1000
+    assert (res / "phase1" / "bpb_vs_flops.png").stat().st_size > 1000
+    assert (tmp_path / "ck" / "bpe" / "tokenizer.json").is_file()
+
+    # a second invocation skips the finished arms
+    capsys.readouterr()
+    mtime = (res / "phase1" / "dense" / "final.json").stat().st_mtime_ns
+    assert main(_argv(tmp_path, pattern)) == 0
+    out = capsys.readouterr().out
+    assert out.count("done already") == 2 and "training" not in out
+    assert (res / "phase1" / "dense" / "final.json").stat().st_mtime_ns == mtime
+
+    # an arm interrupted after a checkpoint continues from latest.pt instead of starting over
+    steps_before = finals["dense"]["train"]["steps"]
+    (res / "phase1" / "dense" / "final.json").unlink()
+    (tmp_path / "ck" / "dense" / "experiment.json").unlink()
+    assert main(_argv(tmp_path, pattern, "--arms", "dense")) == 0
+    out = capsys.readouterr().out
+    assert "resumed" in out
+    again = json.loads((res / "phase1" / "dense" / "final.json").read_text())
+    assert again["train"]["steps"] >= steps_before
+
+    # the task stage: identical task examples and steps for both arms, accuracy with CIs
+    assert main(_argv(tmp_path, pattern, "--stage", "tasks", "--task_arms", "dense,bpe", "--task_steps", "2",
+                      "--task_batch", "4", "--task_n", "1")) == 0
+    for arm in ("dense", "bpe"):
+        t = json.loads((res / "phase1" / arm / "tasks.json").read_text())
+        assert t["fine_tuning"]["steps"] == 2
+        per = t["results"]["per_task"]
+        assert set(per) == {"count", "spell", "reverse", "add", "mul"} and per["add"]["n"] == 4
+        assert "ci95" in per["count"] or "ci" in json.dumps(per["count"])
+    assert "Task accuracy" in (res / "phase1.md").read_text()
+
+
+def test_time_budget_plan_follows_the_clock():
+    now = {"t": 0.0}
+    base = PhasePlan(entropy_steps=600, max_steps=9400, joint_steps=940, lr=1e-3, entropy_lr=2e-3, warmup_steps=200)
+    plan = TimeBudgetPlan(base, budget_s=100.0, clock=lambda: now["t"])
+    seen = {}
+    for t in np.linspace(0, 99.9, 400):
+        now["t"] = t
+        seen.setdefault(plan.phase_of(0), t)
+    assert seen["entropy"] == 0 and 5.5 < seen["main"] < 6.5 and 90 < seen["joint"] < 92
+    now["t"] = 50.0
+    assert plan.lr_at(123) == pytest.approx(base.lr_at(5000))  # the step argument is ignored
+    now["t"] = 90.0
+    assert plan.lr_at(7) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * (8999 - 800) / (8460 - 200)))),
+                                          rel=1e-2)
+    assert plan.total > 10 ** 8 and plan.lr == 1e-3 and plan.state_dict()["time_budget_s"] == 100.0
+
+
+def test_flops_follow_measured_patches_and_tokens():
+    ion = create_model("tiny", model="ionllama")
+    f4 = train_flops_per_byte(ion, "main", 1024, 4.0, None)
+    f8 = train_flops_per_byte(ion, "main", 1024, 8.0, None)
+    assert f8 < f4 < train_flops_per_byte(ion, "main", 1024, 1.0, None)
+    assert train_flops_per_byte(ion, "entropy", 1024, None, None) < f8
+    bpe = create_model("tiny", model="bpe", d_model=64, n_layers=2, n_heads=2, vocab_size=512)
+    assert train_flops_per_byte(bpe, "main", 256, None, 4.0) == pytest.approx(
+        train_flops_per_byte(bpe, "main", 256, None, 2.0) / 2)
+    recs = [{"step": 0, "phase": "init", "bytes_seen": 0, "val_bpb": 8.0},
+            {"step": 10, "phase": "entropy", "bytes_seen": 1000, "loss": 1.0},
+            {"step": 20, "phase": "main", "bytes_seen": 3000, "loss": 1.0, "bytes_per_patch": 4.0},
+            {"step": 20, "phase": "main", "bytes_seen": 3000, "val_bpb": 3.0}]
+    out = add_flops(recs, ion, 1024, None)
+    fe = train_flops_per_byte(ion, "entropy", 1024, None, None)
+    assert out[1]["train_flops"] == pytest.approx(1000 * fe)
+    assert out[2]["train_flops"] == pytest.approx(1000 * fe + 2000 * f4)
+    assert out[3]["train_flops"] == out[2]["train_flops"]
+
+
+def test_task_batches_hold_the_same_examples_for_bytes_and_tokens(tmp_path):
+    from ionllama.data.bpe import train_tokenizer
+
+    ex = task_examples(seed=0, step=3, n=6)
+    assert [e.prompt for e in ex] == [e.prompt for e in task_examples(seed=0, step=3, n=6)]
+    dense = create_model("tiny", model="dense", d_model=32, n_layers=1, n_heads=2)
+    xb, yb = task_batch(dense, ex, 128)
+    text = b"".join(bytes(r) for r in xb.tolist())
+    assert all(e.prompt in text for e in ex)
+    answers = b"".join(bytes(t for t in row if t != -100) for row in yb.tolist())
+    assert answers == b"".join(e.answer + b"\n" for e in ex)
+    bpe_model = create_model("tiny", model="bpe", d_model=32, n_layers=1, n_heads=2, vocab_size=300)
+    bpe_model.set_tokenizer(train_tokenizer([e.text for s in range(4) for e in task_examples(1, s, 50)], 300))
+    xt, yt = task_batch(bpe_model, ex, 128)
+    assert bpe_model.bpe.decode([t for row in yt.tolist() for t in row if t != -100]) == answers
+    with pytest.raises(Exception, match="task_seq_len"):
+        pack_examples([([1] * 50, [2] * 20)], 0, 32)
