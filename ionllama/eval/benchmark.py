@@ -59,6 +59,8 @@ def build_parser(prog: str = "ionllama bench") -> argparse.ArgumentParser:
     ap.add_argument("--max_digits", type=int, default=4, help="arithmetic operand digit counts 1..N")
     ap.add_argument("--task_shots", type=int, default=0, help="solved train examples before each question")
     ap.add_argument("--task_seed", type=int, default=1234)
+    ap.add_argument("--task_split", default="test", choices=("val", "test"),
+                    help="held-out split the task examples come from (select on val, report on test)")
     ap.add_argument("--seq_len", type=int, default=None, help="eval window (default: the checkpoint's training "
                     "seq_len, else 1024)")
     ap.add_argument("--batch_size", type=int, default=None, help="eval / throughput batch (default: training's, else 8)")
@@ -232,6 +234,7 @@ def run(argv: list[str], prog: str) -> dict:
         t0 = time.perf_counter()
         metrics["tasks"] = run_tasks(model, device, n=a.n_tasks, max_digits=a.max_digits, seed=a.task_seed,
                                      shots=a.task_shots, trained_on_tasks=bool(ck and ck.trained_on_tasks),
+                                     split=a.task_split,
                                      batch_size=a.gen_batch, amp_dtype=amp)
         timings["tasks"] = time.perf_counter() - t0
 
@@ -298,7 +301,7 @@ def run(argv: list[str], prog: str) -> dict:
         "command": shlex.join(prog.split() + list(argv)),
         "settings": {"seq_len": seq_len, "batch_size": batch_size, "amp": str(amp).replace("torch.", "") if amp else
                      "none", "n_tasks": a.n_tasks, "max_digits": a.max_digits, "task_shots": a.task_shots,
-                     "task_seed": a.task_seed, "max_eval_bytes": a.max_eval_bytes},
+                     "task_seed": a.task_seed, "task_split": a.task_split, "max_eval_bytes": a.max_eval_bytes},
         "metrics": metrics,
         "skipped": skipped,
         "timings_s": timings,
