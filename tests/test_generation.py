@@ -231,13 +231,17 @@ def test_utf8_stream_decoder_split_everywhere_and_invalid_bytes():
 
 # ----------------------------------------------------------------------------- CLI
 def _save_ckpt(model, path):
-    torch.save({"model": model.state_dict(), "config": model.config.to_dict()}, path)
+    # the trainer's checkpoint layout (ionllama.train.checkpoint.load_checkpoint needs these keys)
+    torch.save({"model": model.state_dict(), "model_config": model.config.to_dict()}, path)
 
 
-def test_cli_streams_generation(tmp_path, capsys):
+@pytest.mark.parametrize("kind", ["dense", "ionllama"])
+def test_cli_streams_generation(tmp_path, capsys, kind):
     from ionllama.generation.cli import main
 
-    m = tiny_dense()
+    m = tiny_dense() if kind == "dense" else ionllama.create_model(
+        "tiny", d_model=32, n_layers=1, n_heads=2, d_local=32, n_enc_layers=1, n_dec_layers=1, d_entropy=16,
+        n_entropy_layers=1, entropy_headdim=8, ngram_buckets=64).eval()
     ck = tmp_path / "m.pt"
     _save_ckpt(m, ck)
     assert main(["--checkpoint", str(ck), "--prompt", "h\u00e9", "--max_new_bytes", "16", "--greedy",

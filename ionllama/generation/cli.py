@@ -13,44 +13,46 @@ from .utf8 import Utf8StreamDecoder
 
 
 def load_checkpoint_model(path: str, device: str = "cpu"):
-    """The trainer's loader when present; else a {'model': state_dict, 'config': dict} file."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint '{path}' not found; pass the .pt file written by `ionllama train`")
+    """The trainer's loader (.pt training checkpoint, .safetensors export, sharded .dcp folder); without
+    it, a plain {'model': state_dict, 'model_config' | 'config': dict} file. Any failure: UserError."""
     try:
-        from ..train.checkpoint import load_model  # the trainer's loader (owns the file format)
+        from ..train.checkpoint import load_model  # the trainer owns the file formats
     except ImportError:
         load_model = None
-    if load_model is not None:
-        try:
-            model = load_model(path)
-        except UserError:
-            raise
-        except Exception as e:  # corrupt / foreign file: one line, no traceback
-            raise UserError(f"cannot load checkpoint '{path}' ({type(e).__name__}: {str(e)[:120]}); "
-                            "is it an ionllama checkpoint?") from None
-        if isinstance(model, tuple):  # tolerate loaders that return (model, extra)
-            model = model[0]
-        return model.to(device)
-    return _load_plain(path, device)
+    if load_model is None:
+        return _load_plain(path, device)
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint '{path}' not found; pass the .pt file written by `ionllama train`")
+    try:
+        model = load_model(path, device=device)
+    except UserError:
+        raise
+    except Exception as e:  # corrupt / foreign file: one line, no traceback
+        raise UserError(f"cannot load checkpoint '{path}' ({type(e).__name__}: {str(e)[:120]}); "
+                        "is it an ionllama checkpoint?") from None
+    return model
 
 
 def _load_plain(path: str, device: str):
     from .. import build_model
     from ..config import ModelConfig
 
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint '{path}' not found; pass the .pt file written by `ionllama train`")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"cannot read checkpoint '{path}' ({type(e).__name__}); "
                         "is it a complete ionllama .pt file?") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise UserError(f"'{path}' has no 'model' and 'config' entries; is it an ionllama checkpoint?")
-    model = build_model(ModelConfig.from_dict(ckpt["config"]))
+    cfg = ckpt.get("model_config", ckpt.get("config")) if isinstance(ckpt, dict) else None
+    if cfg is None or "model" not in ckpt:
+        raise UserError(f"'{path}' has no 'model' and 'model_config' entries; is it an ionllama checkpoint?")
+    model = build_model(ModelConfig.from_dict(cfg))
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise UserError(f"checkpoint '{path}' does not match its config ({str(e).splitlines()[0][:120]})") from None
-    return model.to(device)
+    return model.to(device).eval()
 
 
 def build_parser() -> argparse.ArgumentParser:

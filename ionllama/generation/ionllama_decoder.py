@@ -1,0 +1,262 @@
+"""Incremental decoder for the ionLlama model (ionllama/model/ionllama_model.py).
+
+Per sequence it keeps everything the next byte needs, so a byte costs O(1) in the context length
+(the latent step is O(log #patches) with dilated attention, O(#patches) with the dense ablation):
+
+* n-gram embedding: the last max(n)-1 bytes (hash) or a conv buffer (conv);
+* entropy model: per Mamba block its conv buffer and SSM state; the last two entropies;
+* patcher: the next byte's start decision, the last rule start (for the max-size cap), last byte;
+* encoder / decoder local layers: IntegralLNN conv buffer + state, or a window KV ring buffer;
+* the open patch's pooling accumulator (running max, weighted sum, weight sum);
+* latent transformer: a KV cache over completed patches and the current latent context vector.
+
+A byte step is split in two so that both parts have static shapes (CUDA graphs):
+``advance_latent()`` - when the next byte starts a patch, pool the finished patch and run one
+latent step (dilated: gather only the cached keys at offsets {0..w-1} U {2^k}); rows that do not
+start a patch compute it too but keep their state (masked commit), and
+``byte_step(x)`` - entropy, embedding, encoder, accumulator, decoder, head, next start decision.
+Prefill runs the model's parallel forward over the prompt (rows grouped by length) and reads the
+final states from it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..model.byte_embedding import _PAD, ngram_hashes
+from ..model.common import apply_rope, rope_cos_sin
+from ..model.dilated_attention import dilated_offsets
+from ..model.entropy_model import entropy_bits
+from ..model.patcher import _is_word_byte, cap_patches, patch_ids, rule_starts
+from .decoding import IncrementalDecoder, register_decoder
+from .local_state import local_state
+
+
+@register_decoder("ionllama")
+class IonLlamaDecoder(IncrementalDecoder):
+    def __init__(self, model, batch_size, max_len):
+        super().__init__(model, batch_size, max_len)
+        cfg, B, dev, dt = model.config, batch_size, self.device, self.dtype
+        self.cfg = cfg
+        self.threshold = float(model.entropy_threshold)
+        f32 = torch.float32
+        # position / patcher state
+        self.t = torch.zeros(B, dtype=torch.long, device=dev)
+        self.next_start = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.last_rule = torch.zeros(B, dtype=torch.long, device=dev)
+        self.last_x = torch.zeros(B, dtype=torch.long, device=dev)
+        self.ent1 = torch.zeros(B, dtype=f32, device=dev)  # entropy at t-1 (about byte t)
+        self.ent2 = torch.zeros(B, dtype=f32, device=dev)  # entropy at t-2
+        # embedding
+        emb = model.embed
+        self.ngram_ctx = max(emb.ngram_sizes) - 1 if emb.ngram == "hash" else 0
+        self.ngram_buf = torch.full((B, self.ngram_ctx), _PAD, dtype=torch.long, device=dev)
+        self.emb_conv = (torch.zeros(B, emb.conv.kernel - 1, emb.bytes.embedding_dim, device=dev, dtype=dt)
+                         if emb.ngram == "conv" else None)
+        # entropy model
+        self.use_entropy = cfg.patching == "entropy"
+        em = model.entropy_model
+        self.ent_cache = [blk.mixer.empty_cache(B, dev, dt) for blk in em.blocks] if self.use_entropy else []
+        # local layers
+        self.enc = [local_state(layer, B, dev, dt) for layer in model.encoder]
+        self.dec = [local_state(layer, B, dev, dt) for layer in model.decoder]
+        # open patch accumulator (fp32, like the parallel pooling)
+        dl = cfg.d_local
+        self.acc_num = torch.zeros(B, dl, dtype=f32, device=dev)
+        self.acc_den = torch.zeros(B, dtype=f32, device=dev)
+        self.acc_max = torch.full((B,), float("-inf"), dtype=f32, device=dev)
+        # latent
+        lat = model.latent
+        attn0 = lat.blocks[0].attn
+        self.H, self.Dh, self.rope_base = attn0.n_heads, attn0.head_dim, attn0.rope_base
+        self.max_patches = max_len  # worst case: every byte starts a patch
+        shape = (len(lat.blocks), B, self.H, self.max_patches, self.Dh)
+        self.lk = torch.zeros(shape, device=dev, dtype=dt)
+        self.lv = torch.zeros(shape, device=dev, dtype=dt)
+        self.n_complete = torch.zeros(B, dtype=torch.long, device=dev)  # completed patches = cached keys
+        self.ctx = torch.zeros(B, dl, device=dev, dtype=dt)  # latent output shown to the open patch
+        self.dilated = lat.attention == "dilated"
+        offs = dilated_offsets(self.max_patches, lat.local_width)
+        self.offsets = torch.tensor(offs, dtype=torch.long, device=dev)
+        self.key_index = torch.arange(self.max_patches, device=dev)
+
+    # ------------------------------------------------------------------ prefill (parallel forward)
+    @torch.no_grad()
+    def prefill(self, rows):
+        self._check_rows(rows)
+        logits = torch.zeros(self.batch_size, 256, device=self.device, dtype=self.dtype)
+        by_len: dict[int, list[int]] = {}
+        for r, row in enumerate(rows):
+            by_len.setdefault(len(row), []).append(r)
+        for T, idx in by_len.items():
+            x = torch.tensor([rows[r] for r in idx], dtype=torch.long, device=self.device)
+            logits[idx] = self._prefill_group(x, torch.tensor(idx, device=self.device))
+        return logits
+
+    def _prefill_group(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        m, cfg = self.model, self.cfg
+        G, T = x.shape
+        # entropy model with final states
+        entropy = None
+        if self.use_entropy:
+            em = m.entropy_model
+            h = em.embed(x)
+            for blk, cache in zip(em.blocks, self.ent_cache):
+                h, st = blk(h, return_state=True)
+                for k, v in st.items():
+                    cache[k][rows] = v.to(cache[k].dtype)
+            entropy = entropy_bits(em.head(em.norm(h)))
+            self.ent1[rows] = entropy[:, -1]
+            self.ent2[rows] = entropy[:, -2] if T >= 2 else 0.0
+        # patches, decided one byte past the prompt: the start flag of the next byte
+        x_ext = F.pad(x, (0, 1))
+        ent_ext = F.pad(entropy, (0, 1)) if entropy is not None else None
+        rules = rule_starts(x_ext, ent_ext, cfg.patching, self.threshold, cfg.threshold_mode, cfg.fixed_patch_size)
+        starts = cap_patches(rules, cfg.max_patch_size)
+        b2p, n_patches = patch_ids(starts[:, :T])
+        self.next_start[rows] = starts[:, T]
+        tpos = torch.arange(T + 1, device=x.device)
+        self.last_rule[rows] = torch.where(rules, tpos, torch.zeros_like(tpos)).amax(1)
+        self.last_x[rows] = x[:, -1]
+        self.t[rows] = T
+        # embedding (+ its n-gram context) and encoder
+        emb = m.embed
+        e = emb(x)
+        if self.ngram_ctx:
+            self.ngram_buf[rows] = F.pad(x, (self.ngram_ctx, 0), value=_PAD)[:, -self.ngram_ctx:]
+        if self.emb_conv is not None:
+            self.emb_conv[rows] = emb.conv.tail(emb.bytes(x))
+        for st in self.enc:
+            e = st.prefill(e, rows)
+        # open patch accumulator (the patch holding the last byte stays open)
+        open_mask = b2p == (n_patches - 1)[:, None]
+        s = m.pool.byte_weights(e).masked_fill(~open_mask, float("-inf"))
+        smax = s.amax(1)
+        w = torch.exp(s - smax[:, None])
+        self.acc_max[rows] = smax
+        self.acc_den[rows] = w.sum(1)
+        self.acc_num[rows] = (w[..., None] * e.float()).sum(1)
+        # latent transformer over all patches (causal over patches: the open one affects nothing
+        # cached), keeping per-layer keys/values
+        P = int(n_patches.max())
+        z = m.to_latent(m.pool(e, b2p, P))
+        pos = torch.arange(P, device=x.device)
+        for li, blk in enumerate(m.latent.blocks):
+            q, k, v = blk.attn.project_qkv(blk.norm1(z), pos)
+            lk, lv = self.lk[li], self.lv[li]
+            lk[rows, :, :P], lv[rows, :, :P] = k, v
+            y = blk.attn.attn_fn(q, k, v)
+            z = z + blk.attn.proj(y.transpose(1, 2).reshape(G, P, -1))
+            z = z + blk.ffn(blk.norm2(z))
+        z = m.from_latent(m.latent.norm(z))
+        start_vec = m.latent_start.to(z.dtype).expand(G, 1, -1)
+        z_prev = torch.cat([start_vec, z[:, :-1]], dim=1)  # (G, P, dl): context for patch p
+        self.ctx[rows] = z_prev.gather(1, (n_patches - 1).view(G, 1, 1).expand(G, 1, z.shape[-1]))[:, 0]
+        self.n_complete[rows] = n_patches - 1
+        # decoder
+        h = e + torch.gather(z_prev, 1, b2p[..., None].expand(G, T, z_prev.shape[-1]))
+        for st in self.dec:
+            h = st.prefill(h, rows)
+        return m.head(m.norm(h[:, -1]))
+
+    # ------------------------------------------------------------------ incremental steps
+    @torch.no_grad()
+    def step(self, tokens):
+        if bool(self.next_start.any()):  # host decision: skip the latent when no row opens a patch
+            self.advance_latent()
+        return self.byte_step(tokens)
+
+    def advance_latent(self) -> None:
+        """Close the open patch of rows whose next byte starts a patch; one latent step for them."""
+        m, B, H, Dh = self.model, self.batch_size, self.H, self.Dh
+        mask = self.next_start
+        pooled = (self.acc_num / self.acc_den.clamp_min(1e-30)[:, None]).to(self.dtype)
+        z = m.to_latent(pooled)[:, None]  # (B, 1, dm)
+        i = self.n_complete  # this patch's index; rows without a new patch write a slot that is not yet valid
+        cos, sin = rope_cos_sin(i[:, None], Dh, self.rope_base)
+        write_idx = i.view(B, 1, 1, 1).expand(B, H, 1, Dh)
+        if self.dilated:
+            key_idx = i[:, None] - self.offsets[None, :]  # (B, K)
+            visible = (key_idx >= 0).view(B, 1, 1, -1)
+            gather_idx = key_idx.clamp_min(0).view(B, 1, -1, 1).expand(B, H, -1, Dh)
+        else:
+            visible = (self.key_index[None, :] <= i[:, None]).view(B, 1, 1, -1)
+        for li, blk in enumerate(m.latent.blocks):
+            q, k, v = blk.attn.qkv(blk.norm1(z)).view(B, 1, 3, H, Dh).permute(2, 0, 3, 1, 4)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            self.lk[li].scatter_(2, write_idx, k)
+            self.lv[li].scatter_(2, write_idx, v)
+            if self.dilated:
+                keys, vals = self.lk[li].gather(2, gather_idx), self.lv[li].gather(2, gather_idx)
+            else:
+                keys, vals = self.lk[li], self.lv[li]
+            y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=visible)
+            z = z + blk.attn.proj(y.transpose(1, 2).reshape(B, 1, -1))
+            z = z + blk.ffn(blk.norm2(z))
+        c = m.from_latent(m.latent.norm(z))[:, 0]
+        self.ctx.copy_(torch.where(mask[:, None], c, self.ctx))
+        self.n_complete += mask.long()
+
+    def byte_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        m, cfg = self.model, self.cfg
+        x = tokens.long()
+        t, start = self.t, self.next_start
+        # entropy model (about the byte after x)
+        if self.use_entropy:
+            em = m.entropy_model
+            h = em.embed(x)
+            for blk, cache in zip(em.blocks, self.ent_cache):
+                h, new = blk.step(h, cache)
+                for k, v in new.items():
+                    cache[k].copy_(v)
+            ent = entropy_bits(em.head(em.norm(h)))
+            self.ent2.copy_(self.ent1)
+            self.ent1.copy_(ent)
+        # embedding
+        emb = m.embed
+        e = emb.bytes(x)
+        if self.ngram_ctx:
+            window = torch.cat([self.ngram_buf, x[:, None]], dim=1)
+            for n, table in zip(emb.ngram_sizes, emb.tables):
+                e = e + table(ngram_hashes(window, n, emb.buckets)[:, -1])
+            e = e * (1.0 / (1 + len(emb.ngram_sizes)))
+            self.ngram_buf.copy_(window[:, 1:])
+        elif self.emb_conv is not None:
+            y, buf = emb.conv.step(e, self.emb_conv)
+            e = e + y
+            self.emb_conv.copy_(buf)
+        for st in self.enc:
+            e = st.step(e, t)
+        # pooling accumulator: a new patch restarts it with this byte
+        s = m.pool.byte_weights(e[:, None])[:, 0]
+        mx = torch.where(start, torch.full_like(self.acc_max, float("-inf")), self.acc_max)
+        num = torch.where(start[:, None], torch.zeros_like(self.acc_num), self.acc_num)
+        den = torch.where(start, torch.zeros_like(self.acc_den), self.acc_den)
+        new_max = torch.maximum(mx, s)
+        a, b = torch.exp(mx - new_max), torch.exp(s - new_max)
+        self.acc_num.copy_(num * a[:, None] + b[:, None] * e.float())
+        self.acc_den.copy_(den * a + b)
+        self.acc_max.copy_(new_max)
+        # decoder
+        h = e + self.ctx
+        for st in self.dec:
+            h = st.step(h, t)
+        logits = m.head(m.norm(h))
+        # the next byte's patch start (depends only on bytes <= x)
+        tn = t + 1
+        if cfg.patching == "entropy":
+            if cfg.threshold_mode == "monotonic":
+                rule = torch.where(tn >= 2, self.ent1 - self.ent2, torch.zeros_like(self.ent1)) > self.threshold
+            else:
+                rule = self.ent1 > self.threshold
+        elif cfg.patching == "fixed":
+            rule = tn % cfg.fixed_patch_size == 0
+        elif cfg.patching == "space":
+            rule = ~_is_word_byte(x)
+        else:  # byte
+            rule = torch.ones_like(start)
+        self.last_rule.copy_(torch.where(rule, tn, self.last_rule))
+        self.next_start.copy_(rule | ((tn - self.last_rule) % cfg.max_patch_size == 0))
+        self.last_x.copy_(x)
+        self.t += 1
+        return logits
