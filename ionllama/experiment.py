@@ -222,42 +222,112 @@ class TimeBudgetPlan:
         return {**self.base.state_dict(), "time_budget_s": self.budget_s}
 
 
-def make_budget_trainer(train_args, explicit: set[str], budget_s: float, curve_points: int):
+def warm_up(tr) -> float:
+    """One-time costs before the clock starts: CUDA/cuBLAS initialisation and torch.compile of the training
+    graphs, so they do not eat into an arm's budget (compile time differs a lot between arms). Forward +
+    backward on real batches in each configuration the run will use (ionLlama: entropy model frozen with a
+    temporarily calibrated threshold - two batches, so the dynamic patch count compiles too - and the joint
+    configuration); no optimizer step, gradients dropped, threshold and freezing restored."""
+    m, dev = tr.model, tr.device
+    t0 = time.perf_counter()
+    configs = [None]
+    saved = None
+    if getattr(m, "needs_entropy_phase", False):
+        saved = (m.entropy_threshold.detach().clone(), getattr(m, "_entropy_frozen", False))
+        with torch.no_grad():
+            m.calibrate_threshold(tr.sampler.get(0)[0].to(dev))
+        configs = [True, False]
+    try:
+        for frozen in configs:
+            if frozen is not None:
+                m.freeze_entropy(frozen)
+            for k in range(2 if frozen is not False else 1):
+                x, y = tr.sampler.get(k)
+                with _autocast(dev, tr.amp_dtype):
+                    out = tr.fwd(x.to(dev), y.to(dev))
+                    loss = out["loss"] + (out["aux_loss"] if out.get("aux_loss") is not None else 0.0)
+                loss.backward()
+    finally:
+        for p in m.parameters():
+            p.grad = None
+        if saved is not None:
+            m.entropy_threshold.copy_(saved[0])
+            m.freeze_entropy(saved[1])
+    _sync(dev)
+    secs = time.perf_counter() - t0
+    _log(f"warm-up (initialisation{' + torch.compile' if tr.args.compile else ''}, not training time): {secs:.1f} s")
+    return secs
+
+
+def make_budget_trainer(train_args, explicit: set[str], budget_s: float, curve_points: int, warmup: bool = True):
     """The harness Trainer with the time-based plan and evaluations every budget / curve_points seconds of
     training (at the first log point after each mark, so the logged train_time_s is exact); every
-    evaluation also saves latest.pt. Their time is removed from the training time."""
+    evaluation also saves latest.pt. Their time is removed from the training time. `warm_up` runs first."""
     from .train.trainer import Trainer
 
     class BudgetTrainer(Trainer):
         def __init__(self):
             super().__init__(train_args, explicit)
-            self._seen, self._mark = self.train_time, time.perf_counter()
+            self._seen, self._mark = self.train_time, None  # the clock starts with the first step
             self._tt_at_last_step = self.train_time
+            self._boundary = False
             self.plan = TimeBudgetPlan(self.plan, budget_s, self._clock)
             self.eval_every = budget_s / max(1, curve_points)
             self.next_eval = (math.floor(self.train_time / self.eval_every + 1e-9) + 1) * self.eval_every
 
+        def run(self):
+            self.warmup_s = warm_up(self) if warmup else 0.0
+            return super().run()
+
         def _clock(self) -> float:
+            """Training seconds so far: the trainer's total (exact at its log points) + time since then."""
             if self.train_time != self._seen:  # the trainer just added a window at a log point
                 self._seen, self._mark = self.train_time, time.perf_counter()
+            if self._mark is None:
+                return self.train_time
             return self.train_time + (time.perf_counter() - self._mark)
 
+        def _shift(self, seconds: float) -> None:
+            # time the trainer itself excludes (phase set-up, its evaluations) is not on the clock either
+            if getattr(self, "_mark", None) is not None:
+                self._mark += seconds
+
+        def _enter_phase(self, phase: str, resumed: bool = False) -> None:
+            t0 = time.perf_counter()
+            super()._enter_phase(phase, resumed)
+            self._shift(time.perf_counter() - t0)
+            self._boundary = False
+
+        def evaluate(self, phase_label: str) -> dict:
+            t0 = time.perf_counter()
+            res = super().evaluate(phase_label)
+            self._shift(time.perf_counter() - t0)
+            return res
+
+        def _phase_end(self, phase: str) -> int:
+            # a phase ends when the clock says so: the trainer then closes its time window with a log point
+            return self.step if getattr(self, "_boundary", False) else NEVER
+
         def train_step(self, step: int):
+            if self._mark is None:
+                self._mark = time.perf_counter()
             self._clock()
             just_logged = self.train_time != self._tt_at_last_step
             if just_logged and self.phase != "entropy" and self.train_time >= self.next_eval:
                 _sync(self.device)
                 t0 = time.perf_counter()
-                if self.is_main:
-                    self.evaluate(self.phase)
-                    self.save("latest.pt")
+                Trainer.evaluate(self, self.phase)  # the curve point (the clock is corrected below)
+                self.save("latest.pt")
                 _sync(self.device)
                 self.train_time -= time.perf_counter() - t0  # evaluation is not training time
                 self._seen = self.train_time
                 while self.next_eval <= self.train_time + 1e-9:
                     self.next_eval += self.eval_every
             self._tt_at_last_step = self.train_time
-            return super().train_step(step)
+            out = super().train_step(step)
+            # after this step, does the clock put the run in the next phase? (checked as step + 1 == end)
+            self._boundary = self.plan.base.phase_of(self.plan.virtual_step()) != self.phase
+            return out
 
     return BudgetTrainer()
 
@@ -373,12 +443,14 @@ class Runner:
         _log(f"{run_name}: {'evaluating (trained already)' if state.get('trained') else 'training'} "
              f"- ionllama train {' '.join(shlex.quote(x) for x in targv)}")
         if not state.get("trained"):
-            tr = make_budget_trainer(targs, explicit_args(parser, targv), budget_s, self.a.curve_points)
+            tr = make_budget_trainer(targs, explicit_args(parser, targv), budget_s, self.a.curve_points,
+                                     warmup=self.a.warmup)
             result = tr.run()
             if not result:
                 raise UserError(f"{run_name}: the trainer returned no result; see its log above")
             model, device, amp = tr.model, tr.device, tr.amp_dtype
             state = {"trained": True, "budget_s": budget_s, "step": tr.step, "train_time_s": tr.train_time,
+                     "warmup_s": getattr(tr, "warmup_s", None),
                      "bytes_seen": tr.bytes_seen, "train_bytes": tr.data_meta.get("train_bytes"),
                      "data": tr.data_meta}
             _write_json(marker, state)
@@ -486,6 +558,7 @@ class Runner:
             **res,
             "bytes_per_patch": res["val"].get("bytes_per_patch"),
             "train": {"budget_s": budget_s, "train_time_s": state["train_time_s"], "steps": state["step"],
+                      "warmup_s_excluded": state.get("warmup_s"), "compile": bool(self.a.compile),
                       "bytes_seen": bytes_seen, "bytes_per_s": bytes_seen / max(state["train_time_s"], 1e-9),
                       "epochs": bytes_seen / max(train_bytes, 1), "train_flops": flops,
                       "seq_len": seq, "batch_size": self.a.batch_size * self.a.grad_accum,
@@ -530,6 +603,24 @@ class Runner:
              f"-> {out_dir / 'final.json'}")
 
     # ------------------------------------------------------------------ stages
+    def prepare(self) -> None:
+        """Byte shards, the token shards of the token arms and the extra evaluation sets, without training
+        (the first call on a fresh machine; later arms then start training at once)."""
+        from .data.shards import DataArgs, prepare
+
+        t0 = time.perf_counter()
+        byte_dir = prepare(DataArgs(dataset=self.a.dataset, data_path=self.a.data_path, data_dir=self.a.data_dir),
+                           log=_log)
+        for arm in self.arm_names():
+            spec = self.spec_of(arm)
+            if spec["model"] == "bpe":
+                from .data.bpe import DEFAULT_VOCAB, prepare_tokens
+
+                prepare_tokens(byte_dir, int(spec.get("vocab_size", DEFAULT_VOCAB)), log=_log)
+        for name, path in self.eval_sets():
+            _log(f"eval set {name}: {len(self._byte_set(name, path, None)) - 1:,} bytes from {path}")
+        _log(f"data ready in {time.perf_counter() - t0:.0f} s")
+
     def pretrain(self) -> None:
         for arm in self.arm_names():
             spec = self.spec_of(arm)
@@ -837,7 +928,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matrix", default="phase1", help="which arm table (phase1)")
     p.add_argument("--arms", default=None, help="comma-separated subset of the matrix's arms (default: all)")
     p.add_argument("--stage", default="pretrain",
-                   help="comma list of pretrain | sweep | tasks | report (report runs after every stage anyway)")
+                   help="comma list of prepare | pretrain | sweep | tasks | report (the report is rebuilt after "
+                        "every invocation)")
     p.add_argument("--budget_s", type=float, default=420.0, help="training seconds per arm (evaluation excluded)")
     p.add_argument("--sweep", action="store_true", help="same as adding 'sweep' to --stage")
     p.add_argument("--sweep_budget_s", type=float, default=None, help="budget of each sweep run (default --budget_s)")
@@ -869,6 +961,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--log_interval", type=int, default=10)
+    g.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile / initialise on real batches before the clock starts (default on)")
     g.add_argument("--override", action="append", default=None,
                    help="KEY=VALUE applied to every arm (e.g. d_model=64 n_layers=2 for a smoke test)")
     g = p.add_argument_group("task stage")
@@ -893,14 +987,16 @@ def main(argv: list[str] | None = None) -> int:
     stages = [s.strip() for s in a.stage.split(",") if s.strip()]
     if a.sweep and "sweep" not in stages:
         stages.insert(0, "sweep")
-    bad = [s for s in stages if s not in ("pretrain", "sweep", "tasks", "report")]
+    bad = [s for s in stages if s not in ("prepare", "pretrain", "sweep", "tasks", "report")]
     if bad:
-        raise UserError(f"unknown --stage {bad}; use pretrain, sweep, tasks, report")
+        raise UserError(f"unknown --stage {bad}; use prepare, pretrain, sweep, tasks, report")
     runner = Runner(a, argv)
     runner.eval_sets()  # validate paths before any training
     names = runner.arm_names()
     for s in stages:
-        if s == "sweep":
+        if s == "prepare":
+            runner.prepare()
+        elif s == "sweep":
             runner.sweep()
             write_report(runner.out / "sweep", [f"{n}~{v}" for n in names for v in ("base", *SWEEP_VARIANTS)],
                          runner.command, label=f"{a.matrix} sweep")

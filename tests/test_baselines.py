@@ -41,6 +41,15 @@ def write_corpus(tmp_path: Path, n_train: int = 24, n_val: int = 4, doc_bytes: i
     return str(tmp_path / "corpus-{split}.jsonl")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny models on a shared 2-core machine: one thread avoids OpenMP contention stalls
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("corpus")
