@@ -259,10 +259,12 @@ def warm_up(tr) -> float:
     return secs
 
 
-def make_budget_trainer(train_args, explicit: set[str], budget_s: float, curve_points: int, warmup: bool = True):
+def make_budget_trainer(train_args, explicit: set[str], budget_s: float, curve_points: int, warmup: bool = True,
+                        checkpoint_every_s: float | None = None):
     """The harness Trainer with the time-based plan and evaluations every budget / curve_points seconds of
-    training (at the first log point after each mark, so the logged train_time_s is exact); every
-    evaluation also saves latest.pt. Their time is removed from the training time. `warm_up` runs first."""
+    training (at the first log point after each mark, so the logged train_time_s is exact), and latest.pt
+    saved at the first evaluation after every `checkpoint_every_s` training seconds (the trainer also saves
+    it when stopped or signalled). Their time is removed from the training time. `warm_up` runs first."""
     from .train.trainer import Trainer
 
     class BudgetTrainer(Trainer):
@@ -274,6 +276,7 @@ def make_budget_trainer(train_args, explicit: set[str], budget_s: float, curve_p
             self.plan = TimeBudgetPlan(self.plan, budget_s, self._clock)
             self.eval_every = budget_s / max(1, curve_points)
             self.next_eval = (math.floor(self.train_time / self.eval_every + 1e-9) + 1) * self.eval_every
+            self.next_save = self.train_time + (checkpoint_every_s or math.inf)
 
         def run(self):
             self.warmup_s = warm_up(self) if warmup else 0.0
@@ -317,7 +320,9 @@ def make_budget_trainer(train_args, explicit: set[str], budget_s: float, curve_p
                 _sync(self.device)
                 t0 = time.perf_counter()
                 Trainer.evaluate(self, self.phase)  # the curve point (the clock is corrected below)
-                self.save("latest.pt")
+                if self.train_time >= self.next_save:
+                    self.save("latest.pt")
+                    self.next_save = self.train_time + checkpoint_every_s
                 _sync(self.device)
                 self.train_time -= time.perf_counter() - t0  # evaluation is not training time
                 self._seen = self.train_time
@@ -444,7 +449,7 @@ class Runner:
              f"- ionllama train {' '.join(shlex.quote(x) for x in targv)}")
         if not state.get("trained"):
             tr = make_budget_trainer(targs, explicit_args(parser, targv), budget_s, self.a.curve_points,
-                                     warmup=self.a.warmup)
+                                     warmup=self.a.warmup, checkpoint_every_s=self.a.checkpoint_every_s)
             result = tr.run()
             if not result:
                 raise UserError(f"{run_name}: the trainer returned no result; see its log above")
@@ -603,7 +608,7 @@ class Runner:
              f"-> {out_dir / 'final.json'}")
 
     # ------------------------------------------------------------------ stages
-    def prepare(self) -> None:
+    def prepare(self, eval_sets: bool = True) -> None:
         """Byte shards, the token shards of the token arms and the extra evaluation sets, without training
         (the first call on a fresh machine; later arms then start training at once)."""
         from .data.shards import DataArgs, prepare
@@ -617,7 +622,7 @@ class Runner:
                 from .data.bpe import DEFAULT_VOCAB, prepare_tokens
 
                 prepare_tokens(byte_dir, int(spec.get("vocab_size", DEFAULT_VOCAB)), log=_log)
-        for name, path in self.eval_sets():
+        for name, path in (self.eval_sets() if eval_sets else []):
             _log(f"eval set {name}: {len(self._byte_set(name, path, None)) - 1:,} bytes from {path}")
         _log(f"data ready in {time.perf_counter() - t0:.0f} s")
 
@@ -938,6 +943,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt_dir", default="checkpoints/phase1", help="checkpoints (git-ignored)")
     p.add_argument("--deadline_s", type=float, default=None,
                    help="wall-clock seconds this invocation may use: no arm is started that would not finish")
+    p.add_argument("--checkpoint_every_s", type=float, default=120.0,
+                   help="save latest.pt at the first curve point after this many training seconds (0: only when "
+                        "stopped or signalled)")
     p.add_argument("--arm_overhead_s", type=float, default=120.0,
                    help="expected seconds per arm beyond the budget (data, compile, evaluation) for --deadline_s")
     g = p.add_argument_group("data and evaluation")
@@ -1001,6 +1009,8 @@ def main(argv: list[str] | None = None) -> int:
             write_report(runner.out / "sweep", [f"{n}~{v}" for n in names for v in ("base", *SWEEP_VARIANTS)],
                          runner.command, label=f"{a.matrix} sweep")
         elif s == "pretrain":
+            if "prepare" not in stages:
+                runner.prepare(eval_sets=False)  # data first, so --deadline_s sees the arms' own time only
             runner.pretrain()
         elif s == "tasks":
             runner.tasks()
