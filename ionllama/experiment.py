@@ -906,7 +906,8 @@ def write_report(out: Path, names: list[str], command: str, label: str = "phase1
     if t:
         body += ["Task accuracy after identical task fine-tuning (held-out test split, exact match, 95% Wilson CI):",
                  "", t, ""]
-    body += [f"![val BPB vs time]({out.name}/{p.name})" for p in plots]
+    body += [f"![{'val BPB vs training FLOPs' if 'flops' in p.name else 'val BPB vs training time'}]({out.name}/{p.name})"
+             for p in plots]
     if summary["missing"]:
         body += ["", f"Not yet run: {', '.join(summary['missing'])}."]
     body += ["", END]
