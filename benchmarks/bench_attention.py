@@ -60,6 +60,61 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() * 4 / (ms * 1e-3)
 
 
+def profile_overhead(run, label, iters=30) -> dict:
+    """Host-side cost of one call: wall time per call of a loop without syncs (CPU-bound at small sizes),
+    the same with autograd's backward on the calling thread, and a cProfile of that loop."""
+    import cProfile
+    import io
+    import pstats
+
+    def loop(n):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            run()
+        sync()
+        return (time.perf_counter() - t0) / n * 1e3
+
+    run()
+    out = {"label": label, "ms_per_call": loop(iters)}
+    with torch.autograd.set_multithreading_enabled(False):
+        out["ms_per_call_backward_on_caller_thread"] = loop(iters)
+        pr = cProfile.Profile()
+        pr.enable()
+        loop(iters)
+        pr.disable()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(14)
+    out["cprofile"] = buf.getvalue()[-5000:]
+    print(f"[overhead] {label}: {out['ms_per_call']:.3f} ms/call, backward on caller thread "
+          f"{out['ms_per_call_backward_on_caller_thread']:.3f} ms/call\n{out['cprofile']}", flush=True)
+    return out
+
+
+def profile_kernels(run, label, iters=5) -> dict:
+    """Device time per kernel (torch.profiler), averaged over iters calls."""
+    from torch.profiler import ProfilerActivity, profile
+    if DEVICE != "cuda":
+        return {"label": label, "kernels": []}
+    run()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            run()
+        sync()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None)
+        if t is None:
+            t = getattr(e, "cuda_time_total", 0)
+        if t > 0:
+            rows.append(dict(name=e.key[:90], calls=e.count, us_per_iter=t / iters))
+    rows.sort(key=lambda r: -r["us_per_iter"])
+    print(f"[kernels] {label}: " + "; ".join(f"{r['name'][:48]} {r['us_per_iter']:.1f} us" for r in rows[:10]),
+          flush=True)
+    return {"label": label, "kernels": rows[:20]}
+
+
 def floor_bytes(B, H, N, Dh, elem=2) -> int:
     t = B * H * N * Dh * elem
     return 12 * t + 2 * 4 * B * H * N  # 4 tensors fwd + 8 bwd, lse written and read
@@ -131,7 +186,7 @@ def measure(name, run, xs, n_bytes_floor, copy_bw, rep):
 
 def sweep(sizes, B, H, Dh, rep=30):
     """Greedy launch-config search: forward tiles, then dk/dv tiles, then dq tiles, then ds storage."""
-    tiles = [(32, 2), (32, 4), (64, 4), (64, 8), (128, 8)]
+    tiles = [(bm, nw, pf) for pf in (False, True) for bm, nw in ((32, 2), (32, 4), (64, 4), (64, 8))]
     data = {}
     for N in sizes:
         xs, do = make_inputs(B, H, N, Dh, seed=1)
@@ -202,6 +257,7 @@ def main(argv=None) -> int:
     p.add_argument("--check", action="store_true", help="run the correctness checks first")
     p.add_argument("--sweep", default=None, help="comma list of N for the launch-config sweep")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time (ms)")
+    p.add_argument("--profile", default=None, help="comma list of N: host overhead and per-kernel device times")
     p.add_argument("--device", default="cuda", help="cpu: dry run of this script under TRITON_INTERPRET=1")
     a = p.parse_args(argv)
     global DEVICE
@@ -234,6 +290,17 @@ def main(argv=None) -> int:
         print(f"sweep best: {best}", flush=True)
         save()
     res["config"] = {k: list(v) if isinstance(v, tuple) else v for k, v in dat._CONFIG.items()}
+    if a.profile:
+        res["profile"] = []
+        for N in [int(x) for x in a.profile.split(",")]:
+            xs, do = make_inputs(B, H, N, Dh)
+            offsets = dilated_offsets(N, a.local_width)
+            run = fwd_bwd(lambda q, k, v: dilated_attention(q, k, v, offsets), xs, do)
+            if N <= 4096:
+                res["profile"].append(profile_overhead(run, f"attention fwd+bwd N={N}"))
+            res["profile"].append(profile_kernels(run, f"attention fwd+bwd N={N}"))
+            del xs, do
+        save()
 
     for N in sizes:
         offsets = dilated_offsets(N, a.local_width)

@@ -59,28 +59,38 @@ def time_scan(fn, B, T, D, dtype, rep):
     return dict(status="ok", ms=ms, fwd_ms=ms_f)
 
 
-def sweep(shapes, dtype, rep=30):
-    configs = [(64, 32, 4), (32, 32, 4), (128, 16, 4), (64, 16, 4), (128, 32, 8), (64, 64, 4)]
+def sweep(shapes, dtype, rep=25):
+    """Tiles x chunking target. Times the forward and backward kernels called directly (main thread,
+    no autograd), so launch overheads do not hide the kernels' own times."""
+    configs = [(64, 32, 4), (32, 32, 4), (128, 16, 4), (64, 16, 2), (64, 64, 4), (32, 64, 2)]
+    targets = [1, 512, 1024, 2048]
+    data = []
+    for B, T, D in shapes:
+        u, la, dy = make(B, T, D, dtype, seed=1)
+        data.append((u.detach(), la.detach(), dy))
     log, score = [], {}
     for bt, bd, nw in configs:
-        for n_chunks in (1, 0):
-            st.set_scan_config(block_t=bt, block_d=bd, num_warps=nw, n_chunks=n_chunks)
+        for target in targets:
+            st.set_scan_config(block_t=bt, block_d=bd, num_warps=nw, n_chunks=0, min_programs=target)
             tot = 0.0
             try:
-                for B, T, D in shapes:
-                    r = time_scan(scan_const_decay, B, T, D, dtype, rep)
-                    tot += r["ms"]
-                    log.append(dict(block_t=bt, block_d=bd, num_warps=nw, n_chunks=n_chunks, B=B, T=T, D=D,
-                                    ms=r["ms"], chunks_used=st._chunking(B, T, D)[0]))
+                for (B, T, D), (u, la, dy) in zip(shapes, data):
+                    h = st.scan_forward(u, la, None)
+                    f = do_bench(lambda: st.scan_forward(u, la, None), rep=rep)
+                    b = do_bench(lambda: st.scan_backward(dy, h, la, None), rep=rep)
+                    tot += f + b
+                    log.append(dict(block_t=bt, block_d=bd, num_warps=nw, min_programs=target, B=B, T=T, D=D,
+                                    fwd_ms=f, bwd_ms=b, chunks_used=st._chunking(B, T, D)[0]))
             except Exception as e:
-                log.append(dict(block_t=bt, block_d=bd, num_warps=nw, n_chunks=n_chunks, error=repr(e)[:200]))
+                log.append(dict(block_t=bt, block_d=bd, num_warps=nw, min_programs=target, error=repr(e)[:200]))
+                print(f"sweep bt={bt} bd={bd} warps={nw} target={target}: error {e!r}"[:300], flush=True)
                 continue
-            score[(bt, bd, nw, n_chunks)] = tot
-            print(f"sweep bt={bt} bd={bd} warps={nw} n_chunks={'auto' if n_chunks == 0 else n_chunks}: "
-                  f"{tot:.3f} ms (sum)", flush=True)
+            score[(bt, bd, nw, target)] = tot
+            print(f"sweep bt={bt} bd={bd} warps={nw} min_programs={target}: {tot:.3f} ms (fwd+bwd kernels, sum "
+                  f"over {shapes})", flush=True)
     best = min(score, key=score.get)
-    st.set_scan_config(block_t=best[0], block_d=best[1], num_warps=best[2], n_chunks=best[3])
-    return dict(block_t=best[0], block_d=best[1], num_warps=best[2], n_chunks=best[3]), log
+    st.set_scan_config(block_t=best[0], block_d=best[1], num_warps=best[2], n_chunks=0, min_programs=best[3])
+    return dict(block_t=best[0], block_d=best[1], num_warps=best[2], min_programs=best[3]), log
 
 
 def bench_ssd(rep, out_rows):
@@ -122,6 +132,7 @@ def main(argv=None) -> int:
     p.add_argument("--ssd", action="store_true")
     p.add_argument("--ref-max", type=int, default=32768)
     p.add_argument("--rep", type=int, default=100)
+    p.add_argument("--profile", action="store_true", help="host overhead at T=2048 and kernel times at T=8192")
     p.add_argument("--sweep-length", type=int, default=8192)
     p.add_argument("--device", default="cuda", help="cpu: dry run of this script under TRITON_INTERPRET=1")
     a = p.parse_args(argv)
@@ -151,6 +162,16 @@ def main(argv=None) -> int:
         print(f"sweep best: {best}", flush=True)
         save()
     res["config"] = dict(st._CONFIG)
+    if a.profile:
+        res["profile"] = []
+        for T in (2048, 8192):
+            B, D = shapes[0]
+            u, la, dy = make(B, T, D, torch.bfloat16)
+            run = fwd_bwd(scan_const_decay, u, la, dy)
+            if T == 2048:
+                res["profile"].append(ba.profile_overhead(run, f"scan fwd+bwd B={B} T={T} D={D}"))
+            res["profile"].append(ba.profile_kernels(run, f"scan fwd+bwd B={B} T={T} D={D}"))
+        save()
     for dt in a.dtypes.split(","):
         dtype = DT[dt]
         for B, D in shapes:

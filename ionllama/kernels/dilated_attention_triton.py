@@ -27,10 +27,58 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
+def _shifted_kv(k_base, v_base, OFFS, kk, SEG, seg_q, b, N, rows, row_ok, cols, col_ok, skn, svn,
+                HAS_SEG: tl.constexpr):
+    """K and V rows i - o for query rows i and the kk-th offset o (raw dtype), and which pairs are valid."""
+    o = tl.load(OFFS + kk)
+    krow = rows - o
+    ok = row_ok & (krow >= 0)
+    if HAS_SEG:
+        seg_k = tl.load(SEG + b * N + krow, mask=ok, other=-2)
+        ok = ok & (seg_k == seg_q)
+    m = ok[:, None] & col_ok[None, :]
+    k = tl.load(k_base + krow[:, None] * skn + cols[None, :], mask=m, other=0.0)
+    v = tl.load(v_base + krow[:, None] * svn + cols[None, :], mask=m, other=0.0)
+    return k, v, ok
+
+
+@triton.jit
+def _shifted_qdo(q_base, do_base, LSE, DELTA, OFFS, kk, SEG, seg_k, b, bh, N, keys, key_ok, cols, col_ok, sqn, sdn,
+                 HAS_SEG: tl.constexpr):
+    """Query rows j + o that see key rows j through the kk-th offset o: q, dO (raw dtype), lse, Delta."""
+    o = tl.load(OFFS + kk)
+    qrow = keys + o
+    in_range = key_ok & (qrow < N)
+    ok = in_range
+    if HAS_SEG:
+        seg_q = tl.load(SEG + b * N + qrow, mask=in_range, other=-2)
+        ok = ok & (seg_q == seg_k)
+    m = ok[:, None] & col_ok[None, :]
+    q = tl.load(q_base + qrow[:, None] * sqn + cols[None, :], mask=m, other=0.0)
+    do = tl.load(do_base + qrow[:, None] * sdn + cols[None, :], mask=m, other=0.0)
+    lse = tl.load(LSE + bh * N + qrow, mask=ok, other=0.0)
+    delta = tl.load(DELTA + bh * N + qrow, mask=ok, other=0.0)
+    return q, do, lse, delta, ok, in_range, qrow
+
+
+@triton.jit
+def _shifted_k_ds(k_base, DS, OFFS, kk, bh, n_offs, N, rows, row_ok, cols, col_ok, skn):
+    """ds[i, kk] and K rows i - o (skipped where ds == 0: masked pairs need no row)."""
+    o = tl.load(OFFS + kk)
+    krow = rows - o
+    ok = row_ok & (krow >= 0)
+    ds = tl.load(DS + (bh * n_offs + kk) * N + rows, mask=ok, other=0.0)
+    ok = ok & (ds != 0.0)
+    k = tl.load(k_base + krow[:, None] * skn + cols[None, :], mask=ok[:, None] & col_ok[None, :], other=0.0)
+    return ds, k
+
+
+@triton.jit
 def _fwd(Q, K, V, O, LSE, OFFS, SEG,
          sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
          H, N, n_offs, scale_log2,
-         HAS_SEG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+         HAS_SEG: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+         HEAD_DIM: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)  # 64-bit base offsets: B * H * N * Dh may pass 2^31
@@ -45,27 +93,30 @@ def _fwd(Q, K, V, O, LSE, OFFS, SEG,
         seg_q = tl.load(SEG + b * N + rows, mask=row_ok, other=-1)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
+    if not HAS_SEG:
+        seg_q = rows  # unused placeholder
     # finite start: a row whose first offsets are all masked keeps alpha = 1, p = 0 (no inf - inf)
     m = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if PREFETCH:
+        k_n, v_n, ok_n = _shifted_kv(k_base, v_base, OFFS, 0, SEG, seg_q, b, N, rows, row_ok, cols, col_ok,
+                                     skn, svn, HAS_SEG)
     for kk in range(0, n_offs):
-        o = tl.load(OFFS + kk)
-        krow = rows - o
-        ok = row_ok & (krow >= 0)
-        if HAS_SEG:
-            seg_k = tl.load(SEG + b * N + krow, mask=ok, other=-2)
-            ok = ok & (seg_k == seg_q)
-        tile_ok = ok[:, None] & col_ok[None, :]
-        k = tl.load(k_base + krow[:, None] * skn + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-        v = tl.load(v_base + krow[:, None] * svn + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-        s = tl.sum(q * k, 1) * scale_log2  # base-2 logits
+        if PREFETCH:  # issue the next offset's loads before this offset's math (OFFS ends in a sentinel)
+            k, v, ok = k_n, v_n, ok_n
+            k_n, v_n, ok_n = _shifted_kv(k_base, v_base, OFFS, kk + 1, SEG, seg_q, b, N, rows, row_ok, cols,
+                                         col_ok, skn, svn, HAS_SEG)
+        else:
+            k, v, ok = _shifted_kv(k_base, v_base, OFFS, kk, SEG, seg_q, b, N, rows, row_ok, cols, col_ok,
+                                   skn, svn, HAS_SEG)
+        s = tl.sum(q * k.to(tl.float32), 1) * scale_log2  # base-2 logits
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m, s)
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new)
         l = l * alpha + p
-        acc = acc * alpha[:, None] + p[:, None] * v
+        acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)
         m = m_new
     l = tl.where(row_ok, l, 1.0)  # padding rows: keep log2/div finite
     out = acc / l[:, None]
@@ -94,37 +145,42 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DS, DK, DV, OFFS, SEG,
               sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
               sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
               H, N, n_offs, scale, scale_log2,
-              HAS_SEG: tl.constexpr, STORE_DS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+              HAS_SEG: tl.constexpr, STORE_DS: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)  # 64-bit base offsets: B * H * N * Dh may pass 2^31
+    b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
     key_ok = keys < N
-    col_ok = cols < HEAD_DIM  # constant-true (and folded) when BLOCK_D == HEAD_DIM
+    col_ok = cols < HEAD_DIM
     kmask = key_ok[:, None] & col_ok[None, :]
     k = tl.load(K + b * skb + h * skh + keys[:, None] * skn + cols[None, :], mask=kmask, other=0.0).to(tl.float32)
     v = tl.load(V + b * svb + h * svh + keys[:, None] * svn + cols[None, :], mask=kmask, other=0.0).to(tl.float32)
     if HAS_SEG:
         seg_k = tl.load(SEG + b * N + keys, mask=key_ok, other=-1)
+    else:
+        seg_k = keys  # unused placeholder
     q_base = Q + b * sqb + h * sqh
     do_base = DO + b * sdb + h * sdh
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    if PREFETCH:
+        q_n, do_n, lse_n, de_n, ok_n, inr_n, qrow_n = _shifted_qdo(q_base, do_base, LSE, DELTA, OFFS, 0, SEG, seg_k, b,
+                                                                   bh, N, keys, key_ok, cols, col_ok, sqn, sdn,
+                                                                   HAS_SEG)
     for kk in range(0, n_offs):
-        o = tl.load(OFFS + kk)
-        qrow = keys + o  # the queries that see these keys through offset o: contiguous rows
-        in_range = key_ok & (qrow < N)
-        ok = in_range
-        if HAS_SEG:
-            seg_q = tl.load(SEG + b * N + qrow, mask=in_range, other=-2)
-            ok = ok & (seg_q == seg_k)
-        tile_ok = ok[:, None] & col_ok[None, :]
-        q = tl.load(q_base + qrow[:, None] * sqn + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-        do = tl.load(do_base + qrow[:, None] * sdn + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-        lse = tl.load(LSE + bh * N + qrow, mask=ok, other=0.0)
-        delta = tl.load(DELTA + bh * N + qrow, mask=ok, other=0.0)
+        if PREFETCH:
+            q, do, lse, delta, ok, in_range, qrow = q_n, do_n, lse_n, de_n, ok_n, inr_n, qrow_n
+            q_n, do_n, lse_n, de_n, ok_n, inr_n, qrow_n = _shifted_qdo(q_base, do_base, LSE, DELTA, OFFS, kk + 1, SEG,
+                                                                       seg_k, b, bh, N, keys, key_ok, cols, col_ok,
+                                                                       sqn, sdn, HAS_SEG)
+        else:
+            q, do, lse, delta, ok, in_range, qrow = _shifted_qdo(q_base, do_base, LSE, DELTA, OFFS, kk, SEG, seg_k, b,
+                                                                 bh, N, keys, key_ok, cols, col_ok, sqn, sdn, HAS_SEG)
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
         s = tl.sum(q * k, 1) * scale_log2
         p = tl.where(ok, tl.exp2(s - lse * 1.4426950408889634), 0.0)
         dv += p[:, None] * do
@@ -142,26 +198,26 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DS, DK, DV, OFFS, SEG,
 
 @triton.jit
 def _bwd_dq(K, DS, DQ, OFFS, skb, skh, skn, sdqb, sdqh, sdqn, H, N, n_offs, scale,
-            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+            PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)  # 64-bit base offsets: B * H * N * Dh may pass 2^31
+    b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < N
-    col_ok = cols < HEAD_DIM  # constant-true (and folded) when BLOCK_D == HEAD_DIM
+    col_ok = cols < HEAD_DIM
     k_base = K + b * skb + h * skh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if PREFETCH:
+        ds_n, k_n = _shifted_k_ds(k_base, DS, OFFS, 0, bh, n_offs, N, rows, row_ok, cols, col_ok, skn)
     for kk in range(0, n_offs):
-        o = tl.load(OFFS + kk)
-        krow = rows - o
-        ok = row_ok & (krow >= 0)
-        ds = tl.load(DS + (bh * n_offs + kk) * N + rows, mask=ok, other=0.0)
-        ok = ok & (ds != 0.0)  # masked-out pairs (other segment) need no K row
-        k = tl.load(k_base + krow[:, None] * skn + cols[None, :], mask=ok[:, None] & col_ok[None, :],
-                    other=0.0).to(tl.float32)
-        dq += ds[:, None] * k
+        if PREFETCH:
+            ds, k = ds_n, k_n
+            ds_n, k_n = _shifted_k_ds(k_base, DS, OFFS, kk + 1, bh, n_offs, N, rows, row_ok, cols, col_ok, skn)
+        else:
+            ds, k = _shifted_k_ds(k_base, DS, OFFS, kk, bh, n_offs, N, rows, row_ok, cols, col_ok, skn)
+        dq += ds[:, None] * k.to(tl.float32)
     tl.store(DQ + b * sdqb + h * sdqh + rows[:, None] * sdqn + cols[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
@@ -209,11 +265,12 @@ def _bwd_dq_recompute(Q, K, V, DO, LSE, DELTA, DQ, OFFS, SEG,
 # ----------------------------------------------------------------------------------------------
 # launch configuration. Defaults chosen from the H100 sweep in benchmarks/bench_attention.py
 # (see docs/notes/kernels-notes.md); override with set_attention_config() for experiments.
-_CONFIG = {"fwd": (64, 4), "dkdv": (64, 4), "dq": (64, 4), "delta": (64, 4), "store_ds": True}
+_CONFIG = {"fwd": (32, 2, False), "dkdv": (32, 4, False), "dq": (64, 8, False), "delta": (64, 4), "store_ds": True}
 
 
 def set_attention_config(**kw) -> dict:
-    """Set launch tiles: fwd/dkdv/dq/delta = (rows per program, num_warps); store_ds: bool.
+    """Set launch configs: fwd/dkdv/dq = (rows per program, num_warps, prefetch: issue the next offset's
+    loads before the current offset's math); delta = (rows, num_warps); store_ds: bool.
     Returns the previous configuration."""
     old = dict(_CONFIG)
     for key, val in kw.items():
@@ -235,20 +292,32 @@ def _lastdim_contig(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+_SENTINEL = 1 << 30  # an offset past every row: the prefetch of "offset K" loads nothing
+_OFFS_CACHE: dict = {}
+
+
 def _prep_offsets(offsets, N: int, device) -> torch.Tensor:
-    offs = [int(o) for o in offsets if int(o) < N]
-    return torch.tensor(offs, dtype=torch.int32, device=device)
+    """Offsets < N as an int32 device tensor with a trailing sentinel; cached, so the steady state
+    makes no host-to-device copy (which would also synchronize the stream)."""
+    offs = tuple(int(o) for o in offsets if int(o) < N)
+    key = (offs, str(device))
+    t = _OFFS_CACHE.get(key)
+    if t is None:
+        if len(_OFFS_CACHE) > 512:
+            _OFFS_CACHE.clear()
+        t = _OFFS_CACHE[key] = torch.tensor(offs + (_SENTINEL,), dtype=torch.int32, device=device)
+    return t
 
 
 def attention_forward(q, k, v, offs, seg, scale):
     B, H, N, Dh = q.shape
     o = torch.empty((B, H, N, Dh), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    bm, nw = _CONFIG["fwd"]
+    bm, nw, pf = _CONFIG["fwd"]
     grid = (triton.cdiv(N, bm), B * H)
     _fwd[grid](q, k, v, o, lse, offs, seg if seg is not None else offs,
-               *_s(q), *_s(k), *_s(v), *_s(o), H, N, offs.numel(), scale * LOG2E,
-               HAS_SEG=seg is not None, BLOCK_M=bm, BLOCK_D=_block_d(Dh), HEAD_DIM=Dh, num_warps=nw)
+               *_s(q), *_s(k), *_s(v), *_s(o), H, N, offs.numel() - 1, scale * LOG2E,
+               HAS_SEG=seg is not None, PREFETCH=pf, BLOCK_M=bm, BLOCK_D=_block_d(Dh), HEAD_DIM=Dh, num_warps=nw)
     return o, lse
 
 
@@ -256,7 +325,7 @@ def attention_backward(do, q, k, v, o, lse, offs, seg, scale, store_ds=None):
     B, H, N, Dh = q.shape
     store_ds = _CONFIG["store_ds"] if store_ds is None else store_ds
     BD = _block_d(Dh)
-    K_ = offs.numel()
+    K_ = offs.numel() - 1  # without the sentinel
     seg_arg = seg if seg is not None else offs
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     bm, nw = _CONFIG["delta"]
@@ -266,15 +335,15 @@ def attention_backward(do, q, k, v, o, lse, offs, seg, scale, store_ds=None):
     dk = torch.empty((B, H, N, Dh), dtype=k.dtype, device=q.device)
     dv = torch.empty((B, H, N, Dh), dtype=v.dtype, device=q.device)
     ds = torch.empty((B * H, K_, N) if store_ds else (1,), dtype=torch.float32, device=q.device)
-    bn, nw = _CONFIG["dkdv"]
+    bn, nw, pf = _CONFIG["dkdv"]
     _bwd_dkdv[(triton.cdiv(N, bn), B * H)](
         q, k, v, do, lse, delta, ds, dk, dv, offs, seg_arg,
         *_s(q), *_s(k), *_s(v), *_s(do), *_s(dk), *_s(dv), H, N, K_, scale, scale * LOG2E,
-        HAS_SEG=seg is not None, STORE_DS=store_ds, BLOCK_N=bn, BLOCK_D=BD, HEAD_DIM=Dh, num_warps=nw)
-    bm, nw = _CONFIG["dq"]
+        HAS_SEG=seg is not None, STORE_DS=store_ds, PREFETCH=pf, BLOCK_N=bn, BLOCK_D=BD, HEAD_DIM=Dh, num_warps=nw)
+    bm, nw, pf = _CONFIG["dq"]
     grid = (triton.cdiv(N, bm), B * H)
     if store_ds:
-        _bwd_dq[grid](k, ds, dq, offs, *_s(k), *_s(dq), H, N, K_, scale,
+        _bwd_dq[grid](k, ds, dq, offs, *_s(k), *_s(dq), H, N, K_, scale, PREFETCH=pf,
                       BLOCK_M=bm, BLOCK_D=BD, HEAD_DIM=Dh, num_warps=nw)
     else:
         _bwd_dq_recompute[grid](q, k, v, do, lse, delta, dq, offs, seg_arg,

@@ -41,7 +41,8 @@ def _random_segments(B: int, N: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def check_attention(device: str, dtype: torch.dtype, B: int, H: int, N: int, Dh: int, segments: bool = False,
-                    store_ds: bool = True, local_width: int = 3, seed: int | None = None) -> dict:
+                    store_ds: bool = True, prefetch: bool | None = None, local_width: int = 3,
+                    seed: int | None = None) -> dict:
     from ..model.dilated_attention import dilated_attention_reference, dilated_offsets
     from . import dilated_attention_triton as dat
 
@@ -51,7 +52,11 @@ def check_attention(device: str, dtype: torch.dtype, B: int, H: int, N: int, Dh:
     offsets = dilated_offsets(N, local_width)
     xs = [t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v)]
     do_d = do.to(device=device, dtype=dtype)
-    old = dat.set_attention_config(store_ds=store_ds)
+    old = dict(dat._CONFIG)
+    cfg = {"store_ds": store_ds}
+    if prefetch is not None:
+        cfg.update({k: tuple(old[k][:2]) + (prefetch,) for k in ("fwd", "dkdv", "dq")})
+    dat.set_attention_config(**cfg)
     try:
         out = dat.dilated_attention_triton(*xs, offsets, seg.to(device) if seg is not None else None)
         grads = torch.autograd.grad(out, xs, do_d)
@@ -97,9 +102,9 @@ def cases(large: bool) -> list[tuple]:
     """(kind, dtype name, kwargs). Small shapes for the interpreter; large adds GPU-sized ones."""
     cs = [
         ("attention", "fp32", dict(B=2, H=2, N=37, Dh=32)),
-        ("attention", "fp32", dict(B=2, H=2, N=64, Dh=32, segments=True)),
+        ("attention", "fp32", dict(B=2, H=2, N=64, Dh=32, segments=True, prefetch=True)),
         ("attention", "fp32", dict(B=1, H=2, N=29, Dh=48, store_ds=False, segments=True)),
-        ("attention", "bf16", dict(B=2, H=2, N=53, Dh=64, segments=True)),
+        ("attention", "bf16", dict(B=2, H=2, N=53, Dh=64, segments=True, prefetch=False)),
         ("attention", "fp16", dict(B=1, H=1, N=40, Dh=32)),
         ("scan", "fp32", dict(B=2, T=45, D=24, n_chunks=1)),
         ("scan", "fp32", dict(B=2, T=131, D=16, with_h0=True, n_chunks=3)),
@@ -108,7 +113,8 @@ def cases(large: bool) -> list[tuple]:
     if large:
         cs += [
             ("attention", "fp32", dict(B=2, H=4, N=1000, Dh=64, segments=True)),
-            ("attention", "fp32", dict(B=1, H=4, N=4096, Dh=128)),
+            ("attention", "fp32", dict(B=1, H=4, N=4096, Dh=128, prefetch=True)),
+            ("attention", "bf16", dict(B=1, H=4, N=5000, Dh=64, segments=True, prefetch=True)),
             ("attention", "fp32", dict(B=1, H=4, N=2049, Dh=64, store_ds=False)),
             ("attention", "bf16", dict(B=1, H=16, N=16384, Dh=64)),
             ("attention", "bf16", dict(B=2, H=8, N=4097, Dh=32, segments=True)),
