@@ -664,7 +664,7 @@ class Runner:
             res.update({"arm": arm, "checkpoint": str(ck), "command": self.command, "date": _now_iso(),
                         "device": _device_info(device), "git": _git()})
             _write_json(out, res)
-            acc = ", ".join(f"{t} {r['accuracy']:.2f}" for t, r in res["results"]["per_task"].items())
+            acc = ", ".join(f"{t} {_fmt(r['accuracy'], 2)}" for t, r in res["results"]["per_task"].items())
             _log(f"{arm}: task accuracy (test split) {acc} -> {out}")
 
 
@@ -836,8 +836,11 @@ def tasks_markdown(arms: dict) -> str:
         cells = []
         for task in T.TASKS:
             r = t["results"]["per_task"].get(task)
-            cells.append("—" if r is None else f"{r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] (n={r['n']})"
-                         if "ci95" in r else f"{r['accuracy']:.3f} (n={r['n']})")
+            if r is None or r.get("accuracy") is None:
+                cells.append("—")
+            else:
+                lo, hi = r.get("ci95", (None, None))
+                cells.append(f"{r['accuracy']:.3f} [{_fmt(lo)}, {_fmt(hi)}] (n={r['n']})")
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
