@@ -142,3 +142,23 @@ def test_task_batches_hold_the_same_examples_for_bytes_and_tokens(tmp_path):
     assert bpe_model.bpe.decode([t for row in yt.tolist() for t in row if t != -100]) == answers
     with pytest.raises(Exception, match="task_seq_len"):
         pack_examples([([1] * 50, [2] * 20)], 0, 32)
+
+
+def test_capped_evaluation_scores_the_same_bytes_for_byte_and_token_models(tmp_path, one_thread):
+    from ionllama.data.bpe import open_token_shards, prepare_tokens
+    from ionllama.data.shards import DataArgs, open_shards, prepare
+    from ionllama.experiment import Runner, build_parser
+
+    pattern = write_corpus(tmp_path, n_train=8, n_val=2, doc_bytes=1000)
+    byte_dir = prepare(DataArgs(data_path=pattern, data_dir=str(tmp_path / "cache")), log=lambda m: None)
+    toks = open_token_shards(prepare_tokens(byte_dir, vocab_size=300, log=lambda m: None))
+    val = np.asarray(open_shards(byte_dir).val)
+    dense = create_model("tiny", model="dense", d_model=32, n_layers=1, n_heads=2)
+    bpe = create_model("tiny", model="bpe", d_model=32, n_layers=1, n_heads=2, vocab_size=300)
+    bpe.set_tokenizer(toks.bpe)
+    for cap in (1234, None):
+        r = Runner(build_parser().parse_args(["--batch_size", "4"] + (["--eval_bytes", str(cap)] if cap else [])), [])
+        data = r._byte_set("val", None, val)
+        b = r._bpb(dense, data, 64, "cpu", None)["bytes"]
+        t = r._bpb(bpe, data, 16, "cpu", None)["bytes"]
+        assert b == t == (cap if cap else len(val) - 1)
