@@ -11,10 +11,10 @@ from dataclasses import asdict, dataclass
 
 
 def warmup_cosine(t: int, total: int, warmup: int, min_ratio: float = 0.1) -> float:
-    """Linear warmup over `warmup` steps, then cosine from 1 to min_ratio at step `total`."""
+    """Linear warmup over `warmup` steps, then cosine from 1 down to min_ratio at the last step (total - 1)."""
     if warmup > 0 and t < warmup:
         return (t + 1) / warmup
-    progress = min(1.0, (t - warmup) / max(1, total - warmup))
+    progress = min(1.0, (t - warmup) / max(1, total - 1 - warmup))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 

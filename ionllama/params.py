@@ -1,0 +1,64 @@
+"""`python -m ionllama.params`: a Markdown table of the real parameter counts (count_parameters(), by
+component) of every size of every registered model. Models are built on the meta device, so even
+xl costs no memory."""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from .config import SIZES, make_config
+from .registry import build_model, model_names
+
+
+def _config(size: str, model: str):
+    cfg = make_config(size, model)
+    try:  # token models (the BPE baseline) get their default vocabulary, as the trainer gives them
+        from .data.bpe import configure
+    except ImportError:
+        return cfg
+    return configure(cfg)
+
+
+def count_table(model: str) -> tuple[list[str], list[tuple[str, dict]]]:
+    rows = []
+    for size in SIZES.get(model, SIZES["dense"]):
+        with torch.device("meta"):
+            counts = build_model(_config(size, model)).count_parameters()
+        rows.append((size, counts))
+    components = []
+    for _, counts in rows:
+        components += [k for k in counts if k != "total" and k not in components]
+    return components, rows
+
+
+def _m(n: int) -> str:
+    if n < 1000:
+        return str(n)
+    if n < 1_000_000:
+        return f"{n / 1e3:.1f}K"
+    return f"{n / 1e6:.2f}M"
+
+
+def markdown(models: list[str] | None = None) -> str:
+    out = []
+    for model in models or model_names():
+        components, rows = count_table(model)
+        out.append(f"### {model}\n")
+        out.append("| size | " + " | ".join(components) + " | total |")
+        out.append("|---|" + "---:|" * (len(components) + 1))
+        for size, counts in rows:
+            cells = [_m(counts[c]) if c in counts else "-" for c in components]
+            out.append(f"| {size} | " + " | ".join(cells) + f" | {counts['total']:,} ({_m(counts['total'])}) |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    print(markdown(argv or None))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Checkpoint files: atomic writes, safe loading, one-line errors, RNG round trip, safetensors export."""
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from ionllama import create_model
+from ionllama.errors import UserError
+from ionllama.train import checkpoint as C
+
+
+def tiny():
+    return create_model("tiny", model="dense", d_model=32, n_layers=1, n_heads=2)
+
+
+def state_of(model, step=3):
+    return {"format": C.CHECKPOINT_FORMAT, "model": model.state_dict(), "model_config": model.config.to_dict(),
+            "step": step, "phase": "main", "rng": C.capture_rng_state()}
+
+
+def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    m = tiny()
+    path = tmp_path / "latest.pt"
+    C.save_checkpoint(state_of(m, step=1), path)
+    before = path.read_bytes()
+
+    def broken_save(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        C.save_checkpoint(state_of(m, step=2), path)
+    assert path.read_bytes() == before  # the previous checkpoint is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["latest.pt"]  # and no temp file is left
+    monkeypatch.undo()
+    C.copy_checkpoint(path, tmp_path / "best.pt")
+    assert C.load_checkpoint(tmp_path / "best.pt")["step"] == 1
+
+
+def test_damaged_or_foreign_files_give_one_line_errors(tmp_path):
+    m = tiny()
+    good = C.save_checkpoint(state_of(m), tmp_path / "good.pt")
+    raw = good.read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / "garbage.pt").write_bytes(bytes(range(256)) * 10)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    with open(tmp_path / "pickle.pt", "wb") as f:
+        pickle.dump({"model": Evil()}, f)
+    for name, pattern in [("truncated.pt", "corrupt"), ("garbage.pt", "corrupt"), ("empty.pt", "corrupt"),
+                          ("foreign.pt", "not an ionllama checkpoint"), ("pickle.pt", "corrupt"),
+                          ("missing.pt", "not found")]:
+        with pytest.raises(UserError, match=pattern) as e:
+            C.load_checkpoint(tmp_path / name)
+        assert "\n" not in str(e.value)
+
+
+def test_weights_that_do_not_fit_the_model_are_a_user_error(tmp_path):
+    m = tiny()
+    st = state_of(m)
+    st["model"]["head.weight"] = torch.zeros(3, 3)
+    with pytest.raises(UserError, match="does not match"):
+        C.load_model_state(m, st["model"], "x.pt")
+
+
+def test_rng_state_round_trip():
+    C.restore_rng_state(C.capture_rng_state())  # restorable as captured
+    st = C.capture_rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(3))
+    C.restore_rng_state(st)
+    b = (random.random(), np.random.rand(), torch.rand(3))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def test_rng_state_survives_weights_only_loading(tmp_path):
+    C.save_checkpoint(state_of(tiny()), tmp_path / "c.pt")
+    ck = C.load_checkpoint(tmp_path / "c.pt")
+    C.restore_rng_state(ck["rng"])
+
+
+def test_safetensors_export_and_load_model(tmp_path):
+    m = tiny().eval()
+    x = torch.randint(0, 256, (2, 16))
+    C.export_safetensors(m, tmp_path / "m.safetensors", metadata={"step": 7})
+    C.save_checkpoint(state_of(m), tmp_path / "m.pt")
+    for p in ("m.safetensors", "m.pt"):
+        loaded = C.load_model(tmp_path / p)
+        assert loaded.config == m.config and not loaded.training
+        assert torch.equal(loaded(x)["logits"], m(x)["logits"])
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(UserError):
+        C.load_model(tmp_path / "bad.safetensors")
+    with pytest.raises(UserError, match="not found"):
+        C.load_model(tmp_path / "nope.pt")

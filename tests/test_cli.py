@@ -1,0 +1,120 @@
+"""Command line: bad input gives one `error: ...` line and exit code 2 (no traceback, nothing saved lost);
+`ionllama` dispatch; `ionllama prepare`; the parameter table."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ionllama import cli as top
+from ionllama import create_model, model_names
+from ionllama.train.cli import main, prepare_main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--model", "dense", "--d_model", "32", "--n_layers", "1", "--n_heads", "2"]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    p = tmp_path / "docs.jsonl"
+    with open(p, "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"text": f"document number {i} with some words in it. " * 4}) + "\n")
+    return p
+
+
+def args(tmp_path, corpus, *extra):
+    return TINY + ["--data_path", str(corpus), "--data_dir", str(tmp_path / "cache"), "--save_dir",
+                   str(tmp_path / "runs"), "--run_name", "r", "--seq_len", "32", "--batch_size", "2",
+                   "--sample_bytes", "0", "--device", "cpu", "--val_fraction", "0.2", "--eval_batch_size", "64"] + list(extra)
+
+
+def expect_error(capsys, argv, pattern, fn=main):
+    with pytest.raises(SystemExit) as e:
+        fn(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert pattern in err[0], err[0]
+    return err[0]
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path, corpus, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "a_file").write_text("x")
+    cases = [
+        (["--data_path", str(tmp_path / "missing.jsonl")], "does not exist"),
+        (["--data_path", str(tmp_path / "empty.txt")], "empty dataset"),
+        (["--seq_len", "100000"], "fewer than --seq_len 100000"),
+        (["--size", "huge"], "invalid choice: 'huge'"),
+        (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
+        (["--model", "nope"], "unknown model 'nope'"),
+        (["--save_dir", str(tmp_path / "a_file" / "sub")], "cannot write to --save_dir"),
+        (["--resume", str(tmp_path / "nope.pt")], "no such checkpoint"),
+        (["--max_steps", "0"], "--max_steps must be at least 1"),
+        (["--task_mix", "2"], "--task_mix 2.0 must be between 0 and 1"),
+    ]
+    for extra, pattern in cases:
+        argv = args(tmp_path, corpus)
+        # a later flag wins in argparse, so the bad value overrides the good default above
+        expect_error(capsys, argv + extra, pattern)
+
+
+def test_offline_hub_dataset_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    line = expect_error(capsys, TINY + ["--dataset", "tinystories", "--data_dir", str(tmp_path / "c"),
+                                        "--save_dir", str(tmp_path / "runs")], "--data_path")
+    assert "--dataset builtin" in line
+
+
+def test_checkpoint_errors_and_nothing_saved_is_lost(tmp_path, corpus, capsys):
+    assert main(args(tmp_path, corpus, "--max_steps", "2", "--eval_interval", "2")) == 0
+    run = tmp_path / "runs" / "r"
+    saved = {p.name: p.read_bytes() for p in run.glob("*.pt")}
+    assert {"best.pt", "latest.pt", "final.pt"} <= set(saved)
+    # a fresh run into the same folder would overwrite them: refused
+    expect_error(capsys, args(tmp_path, corpus, "--max_steps", "2"), "already holds checkpoints")
+    # a different model than the checkpoint's
+    expect_error(capsys, args(tmp_path, corpus, "--max_steps", "4", "--resume", "auto", "--d_model", "64"),
+                 "different model")
+    assert {p.name: p.read_bytes() for p in run.glob("*.pt")} == saved
+    # a damaged checkpoint
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(saved["latest.pt"][:1000])
+    expect_error(capsys, args(tmp_path, corpus, "--resume", str(bad), "--run_name", "other"), "corrupt")
+
+
+def test_script_errors_have_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "train_cloud.py"), "--data_path", str(tmp_path / "nope.txt"),
+                        "--save_dir", str(tmp_path / "runs"), "--data_dir", str(tmp_path / "c")],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+def test_top_level_dispatch(tmp_path, corpus, capsys):
+    assert top.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(c in out for c in ("prepare", "train", "generate", "bench", "experiment"))
+    assert top.main(["fly"]) == 2
+    assert "unknown command 'fly'" in capsys.readouterr().err
+    assert top.main(["prepare", "--data_path", str(corpus), "--data_dir", str(tmp_path / "c"), "--verify"]) == 0
+    out = capsys.readouterr().out
+    shard_dir = Path(out.strip().splitlines()[-1])
+    assert (shard_dir / "train.bin").is_file() and "checksums ok" in out
+    expect_error(capsys, ["--dataset", "tasks"], "nothing to prepare", fn=prepare_main)
+
+
+def test_parameter_table_lists_every_model_and_size(capsys):
+    from ionllama import params
+
+    assert params.main([]) == 0
+    out = capsys.readouterr().out
+    for name in model_names():
+        assert f"### {name}" in out
+    n = create_model("tiny", model="dense").count_parameters()["total"]
+    row = [line for line in out.split("### dense")[1].splitlines() if line.startswith("| tiny |")][0]
+    assert f"{n:,}" in row
+    assert out.count("| xl |") == len(model_names())

@@ -1,0 +1,266 @@
+"""Byte data pipeline: sources -> shards (split, separators, checksums, cache), window sampling."""
+import gzip
+import json
+import lzma
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ionllama.data import DOC_SEP, DOC_SEP_BYTES, sources
+from ionllama.data.loader import TaskSampler, WindowSampler
+from ionllama.data.shards import DataArgs, open_shards, prepare, verify_shards
+from ionllama.errors import UserError
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def quiet(msg):
+    pass
+
+
+def prep(tmp_path, **kw):
+    return open_shards(prepare(DataArgs(data_dir=str(tmp_path / "cache"), **kw), log=quiet))
+
+
+def docs_of(arr) -> list[bytes]:
+    raw = bytes(arr)
+    assert raw[:1] == DOC_SEP_BYTES, "every shard starts with a document separator"
+    return raw[1:].split(DOC_SEP_BYTES)
+
+
+def make_docs(n=60):
+    return [f"document {i}: the quick brown fox jumps over the lazy dog {i * 7}.\n".encode() * (1 + i % 3)
+            for i in range(n)]
+
+
+def write_jsonl(path, docs, field="text"):
+    opener = gzip.open if str(path).endswith(".gz") else lzma.open if str(path).endswith(".xz") else open
+    with opener(path, "wb") as f:
+        for d in docs:
+            f.write(json.dumps({field: d.decode("utf-8", "surrogateescape"), "id": 1}).encode("utf-8", "surrogateescape") + b"\n")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.xz"])
+def test_jsonl_every_document_lands_in_exactly_one_split(tmp_path, suffix):
+    docs = make_docs()
+    path = tmp_path / f"docs{suffix}"
+    write_jsonl(path, docs)
+    sh = prep(tmp_path, data_path=str(path), val_fraction=0.1)
+    train, val = docs_of(sh.train), docs_of(sh.val)
+    assert sorted(train + val) == sorted(docs)
+    assert len(val) >= 1 and len(train) >= 1
+    meta = sh.meta["splits"]
+    assert meta["train"]["documents"] == len(train) and meta["val"]["documents"] == len(val)
+    assert meta["train"]["bytes"] == len(sh.train) and meta["val"]["bytes"] == len(sh.val)
+    assert sh.meta["split_method"] == "hash"
+    verify_shards(sh)
+
+
+def test_split_is_deterministic_and_seeded(tmp_path):
+    path = tmp_path / "d.jsonl"
+    write_jsonl(path, make_docs(200))
+    a = prepare(DataArgs(data_path=str(path), data_dir=str(tmp_path / "a"), val_fraction=0.1), log=quiet)
+    b = prepare(DataArgs(data_path=str(path), data_dir=str(tmp_path / "b"), val_fraction=0.1), log=quiet)
+    c = prepare(DataArgs(data_path=str(path), data_dir=str(tmp_path / "c"), val_fraction=0.1, split_seed=1), log=quiet)
+    ma, mb, mc = (open_shards(p).meta["splits"] for p in (a, b, c))
+    assert ma == mb
+    assert ma["val"]["sha256"] != mc["val"]["sha256"]
+    # ~10 % of 200 documents
+    assert 8 <= ma["val"]["documents"] <= 35
+
+
+def test_invalid_utf8_and_nul_bytes_never_crash(tmp_path):
+    raw = b"valid start \xff\xfe\xc3 broken \xe2\x82 end \x00 inside"  # invalid UTF-8 and a NUL
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_bytes(raw)
+    (tmp_path / "d" / "b.txt").write_bytes(b"second file " * 50)
+    with open(tmp_path / "d" / "c.jsonl", "wb") as f:  # raw invalid bytes inside a JSON string
+        f.write(b'{"text": "json \xff\xfe bytes"}\n{"text": "escaped \\ud800 surrogate"}\nnot json at all\n')
+    with pytest.warns(UserWarning, match="not JSON"):
+        sh = prep(tmp_path, data_path=str(tmp_path / "d"), val_fraction=0.3)
+    all_docs = docs_of(sh.train) + docs_of(sh.val)
+    assert raw.replace(b"\x00", b"") in all_docs  # bytes kept exactly, only the separator byte removed
+    assert b"json \xff\xfe bytes" in all_docs
+    assert len(all_docs) == 4
+    assert all(DOC_SEP not in d for d in all_docs)
+
+
+def test_directory_and_glob(tmp_path):
+    d = tmp_path / "corpus"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.txt").write_text("alpha " * 100)
+    (d / "sub" / "b.md").write_text("beta " * 100)
+    (d / "sub" / "c.jsonl").write_text(json.dumps({"text": "gamma"}) + "\n" + json.dumps({"text": "delta"}) + "\n")
+    (d / "skip.bin").write_bytes(b"\x01\x02")
+    (d / ".hidden.txt").write_text("hidden")
+    sh = prep(tmp_path, data_path=str(d))
+    assert sorted(docs_of(sh.train) + docs_of(sh.val)) == sorted([b"alpha " * 100, b"beta " * 100, b"gamma", b"delta"])
+    g = prep(tmp_path, data_path=str(d / "**" / "*.md"))
+    assert bytes(g.train[1:]) + bytes(g.val[1:]) == b"beta " * 100  # one document: split near its end
+    assert g.meta["split_method"] == "tail"
+
+
+def test_parquet_goes_through_datasets_loader(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    docs = [f"row {i} text".encode() for i in range(30)]
+    pq.write_table(pa.table({"content": [d.decode() for d in docs]}), tmp_path / "t.parquet")
+    sh = prep(tmp_path, data_path=str(tmp_path / "t.parquet"), text_field="content", val_fraction=0.2)
+    assert sorted(docs_of(sh.train) + docs_of(sh.val)) == sorted(docs)
+    with pytest.raises(UserError, match="--text_field"):
+        prep(tmp_path, data_path=str(tmp_path / "t.parquet"))
+
+
+def test_hub_loader_code_reads_local_files_in_hub_format(tmp_path):
+    """The function the hub sources use, over a local jsonl in TinyStories' row format."""
+    pytest.importorskip("datasets")
+    path = tmp_path / "stories.jsonl"
+    write_jsonl(path, [b"Once upon a time.", b"The end."])
+    got = list(sources.iter_hf_documents("json", "train", data_files=[str(path)]))
+    assert [d for _, d in got] == [b"Once upon a time.", b"The end."]
+    assert got[0][0] != got[1][0]
+
+
+def test_hub_sources_fail_fast_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t = time.time()
+    with pytest.raises(UserError, match="--data_path"):
+        prep(tmp_path, dataset="tinystories")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once
+    with pytest.raises(UserError, match="not reachable"):
+        prep(tmp_path, dataset="fineweb")
+    assert time.time() - t < 15
+    assert not list((tmp_path / "cache").glob(".tmp-*"))  # no half-written cache left behind
+
+
+def test_given_split_files_with_placeholder(tmp_path):
+    train, val = make_docs(20), [b"held out one", b"held out two"]
+    write_jsonl(tmp_path / "c-train.jsonl", train)
+    write_jsonl(tmp_path / "c-validation.jsonl", val)  # 'val' or 'validation' both work
+    sh = prep(tmp_path, data_path=str(tmp_path / "c-{split}.jsonl"))
+    assert sh.meta["split_method"] == "given"
+    assert docs_of(sh.train) == train and docs_of(sh.val) == val
+    (tmp_path / "t-train.txt").write_text("only a train file")
+    with pytest.raises(UserError, match="no val files"):
+        prep(tmp_path, data_path=str(tmp_path / "t-{split}.txt"))
+
+
+def test_small_sources_still_get_a_val_split(tmp_path):
+    for n in (2, 3):
+        p = tmp_path / f"few{n}.jsonl"
+        write_jsonl(p, [f"doc {i} ".encode() * 20 for i in range(n)])
+        sh = prep(tmp_path, data_path=str(p))
+        assert sh.meta["splits"]["val"]["documents"] >= 1 and sh.meta["splits"]["train"]["documents"] >= 1
+    (tmp_path / "one.txt").write_bytes(b"line of text\n" * 500)
+    sh = prep(tmp_path, data_path=str(tmp_path / "one.txt"))
+    assert bytes(sh.train[1:]) + bytes(sh.val[1:]) == b"line of text\n" * 500
+    assert bytes(sh.val[1:]).startswith(b"line")  # cut at a line boundary
+
+
+def test_cache_is_reused_and_keyed_by_arguments(tmp_path):
+    p = tmp_path / "d.jsonl"
+    write_jsonl(p, make_docs())
+    logs = []
+    a = prepare(DataArgs(data_path=str(p), data_dir=str(tmp_path / "c")), log=logs.append)
+    mtime = (a / "train.bin").stat().st_mtime_ns
+    b = prepare(DataArgs(data_path=str(p), data_dir=str(tmp_path / "c")), log=logs.append)
+    assert a == b and (b / "train.bin").stat().st_mtime_ns == mtime
+    assert any("reusing" in m for m in logs)
+    c = prepare(DataArgs(data_path=str(p), data_dir=str(tmp_path / "c"), val_fraction=0.2), log=quiet)
+    assert c != a
+    os.utime(p, ns=(mtime + 10**9, mtime + 10**9))  # the source changed -> new shards
+    assert prepare(DataArgs(data_path=str(p), data_dir=str(tmp_path / "c")), log=quiet) != a
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        prep(tmp_path, data_path=str(tmp_path / "missing.txt"))
+    with pytest.raises(UserError, match="matches no files"):
+        prep(tmp_path, data_path=str(tmp_path / "*.nothing"))
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(UserError, match="empty dataset"):
+        prep(tmp_path, data_path=str(tmp_path / "empty.jsonl"))
+    (tmp_path / "nofield.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(UserError, match="--text_field"):
+        prep(tmp_path, data_path=str(tmp_path / "nofield.jsonl"))
+    (tmp_path / "broken.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n' * 100)[:40])
+    with pytest.raises(UserError, match="cannot read"):
+        prep(tmp_path, data_path=str(tmp_path / "broken.jsonl.gz"))
+
+
+def test_builtin_corpus_is_offline_capped_and_deterministic(tmp_path):
+    a = prep(tmp_path, dataset="builtin", builtin_bytes=300_000)
+    b = prepare(DataArgs(dataset="builtin", builtin_bytes=300_000, data_dir=str(tmp_path / "other")), log=quiet)
+    total = a.meta["splits"]["train"]["bytes"] + a.meta["splits"]["val"]["bytes"]
+    docs = a.meta["splits"]["train"]["documents"] + a.meta["splits"]["val"]["documents"]
+    assert total - docs <= 300_000  # separators aside, the cap holds
+    assert total > 250_000
+    assert open_shards(b).meta["splits"] == a.meta["splits"]
+    assert b"def " in bytes(a.train) and b"import " in bytes(a.train)
+
+
+@pytest.mark.skipif(not (SHARED / "english" / "english-mix.jsonl.gz").is_file(), reason="shared data not present")
+def test_real_corpora_slices(tmp_path):
+    sh = prep(tmp_path, data_path=str(SHARED / "english" / "english-mix.jsonl.gz"), max_bytes=400_000)
+    s = sh.meta["splits"]
+    assert 400_000 <= s["train"]["bytes"] + s["val"]["bytes"] < 500_000
+    assert s["train"]["documents"] > 10
+    g = prep(tmp_path, data_path=str(SHARED / "gutenberg" / "gutenberg-{split}.jsonl.xz"), max_bytes=200_000)
+    assert g.meta["split_method"] == "given"
+    assert g.meta["splits"]["train"]["documents"] >= 1 and g.meta["splits"]["val"]["documents"] >= 1
+    assert len(g.val) >= 1_000_000  # own val split capped at max(1 MB, val_fraction x budget)
+    t = prep(tmp_path, data_path=str(SHARED / "tinystories" / "tinystories-sample.txt"))
+    assert b"Lily" in bytes(t.train)
+
+
+# ---------------------------------------------------------------- sampling
+
+def test_window_sampler_is_a_function_of_seed_and_step():
+    data = np.frombuffer(bytes(range(256)) * 40, dtype=np.uint8)
+    s = WindowSampler(data, seq_len=16, batch_size=4, seed=3)
+    x1, y1 = s.get(5)
+    x2, y2 = WindowSampler(data, 16, 4, seed=3).get(5)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert x1.dtype == torch.long and x1.shape == (4, 16)
+    assert torch.equal(x1[:, 1:], y1[:, :-1]) and torch.equal((x1[:, 0] + 1) % 256, y1[:, 0])
+    assert not torch.equal(s.get(6)[0], x1)
+    assert not torch.equal(WindowSampler(data, 16, 4, seed=4).get(5)[0], x1)
+
+
+def test_ranks_and_micro_steps_split_the_global_batch():
+    data = np.random.default_rng(0).integers(0, 256, 5000).astype(np.uint8)
+    one = WindowSampler(data, 8, batch_size=8, seed=1).get(2)[0]
+    ranks = [WindowSampler(data, 8, batch_size=4, seed=1, rank=r, world_size=2).get(2)[0] for r in range(2)]
+    assert torch.equal(torch.cat(ranks), one)
+    acc = WindowSampler(data, 8, batch_size=2, grad_accum=2, seed=1, rank=1, world_size=2)
+    assert torch.equal(torch.cat([acc.get(2, 0)[0], acc.get(2, 1)[0]]), torch.cat([one[2:4], one[6:8]]))
+
+
+def test_task_mix_replaces_rows():
+    data = np.frombuffer(b"abcdefgh" * 500, dtype=np.uint8)
+    s = WindowSampler(data, 64, batch_size=8, seed=0, task_mix=0.25)
+    x, y = s.get(0)
+    assert (y[:6] != -100).all()  # text rows: every byte a target
+    assert (y[6:] == -100).any() and (y[6:] != -100).any()  # task rows: answers only
+    assert bytes(x[6].tolist()).count(b"Q: ") >= 1
+    xt, yt = TaskSampler(64, 4, seed=0).get(3)
+    assert xt.shape == (4, 64) and (yt == -100).any()
+
+
+def test_missing_task_module_is_a_user_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ionllama.data.tasks", None)
+    data = np.frombuffer(b"abcdefgh" * 100, dtype=np.uint8)
+    with pytest.raises(UserError, match="ionllama.data.tasks"):
+        WindowSampler(data, 16, 4, task_mix=0.5)
+
+
+def test_sampler_rejects_short_data():
+    with pytest.raises(UserError, match="--seq_len"):
+        WindowSampler(np.zeros(10, dtype=np.uint8), seq_len=16, batch_size=2)

@@ -1,0 +1,149 @@
+"""Trainer end to end on a tiny dense model (CPU, fp32): loss falls, checkpoints, exact resume,
+gradient accumulation, mixed precision paths, task data, SIGTERM."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ionllama.train.checkpoint import load_checkpoint, load_model
+from ionllama.train.cli import main
+from ionllama.train.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--model", "dense", "--d_model", "32", "--n_layers", "1", "--n_heads", "2"]
+
+
+def write_corpus(path: Path, n_docs: int = 120) -> Path:
+    """Repetitive English-like documents: a tiny model learns them within a few dozen steps."""
+    words = "the cat sat on a mat and the dog ran to the red ball while birds sang".split()
+    with open(path, "w") as f:
+        for i in range(n_docs):
+            text = " ".join(words[(i + j) % len(words)] for j in range(40)) + ".\n"
+            f.write(json.dumps({"text": text * 3}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "docs.jsonl")
+
+
+def train(tmp_path, corpus, *extra, run_name="r"):
+    argv = TINY + ["--data_path", str(corpus), "--data_dir", str(tmp_path / "cache"), "--save_dir", str(tmp_path / "runs"),
+                   "--run_name", run_name, "--seq_len", "32", "--batch_size", "4", "--log_interval", "1",
+                   "--eval_interval", "5", "--sample_bytes", "0", "--device", "cpu", "--val_fraction", "0.1",
+                   "--lr", "3e-3", "--warmup_steps", "2", "--eval_batch_size", "64"] + list(extra)
+    assert main(argv) == 0
+    return tmp_path / "runs" / run_name
+
+
+def train_losses(run_dir):
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if r["phase"] != "init" and "loss" in r]
+
+
+def test_loss_falls_and_all_checkpoint_kinds_are_written(tmp_path, corpus, capsys):
+    run = train(tmp_path, corpus, "--max_steps", "40", "--eval_interval", "10", "--save_interval", "20",
+                "--sample_bytes", "24")
+    recs = read_metrics(run / "metrics.jsonl")
+    evals = [r for r in recs if "val_bpb" in r]
+    assert [r["step"] for r in evals] == [0, 10, 20, 30, 40]
+    assert evals[0]["val_bpb"] > 7.5  # untrained: about 8 bits per byte
+    assert evals[-1]["val_bpb"] < evals[0]["val_bpb"] - 3.0  # learned the repetitive text
+    assert all(evals[i + 1]["val_bpb"] < evals[i]["val_bpb"] for i in range(3))
+    tr = [r for r in recs if "loss" in r]
+    for key in ("step", "phase", "bytes_seen", "train_time_s", "loss", "bpb", "lr", "bytes_per_s", "bytes_per_patch"):
+        assert key in tr[-1], key
+    assert tr[-1]["bytes_seen"] == 40 * 4 * 32 and tr[-1]["bytes_per_patch"] == 1.0
+    assert abs(tr[-1]["lr"] - 3e-4) < 1e-6  # cosine ends at 10 % of the peak
+    for name in ("best.pt", "latest.pt", "final.pt", "step_20.pt", "step_40.pt", "final.safetensors", "sample.txt"):
+        assert (run / name).is_file(), name
+    assert not list(run.glob(".*tmp*"))  # atomic writes leave no temp files
+    ck = load_checkpoint(run / "best.pt")
+    assert ck["step"] == 40 and ck["phase"] == "main" and ck["model_config"]["d_model"] == 32
+    assert abs(ck["best_val_bpb"] - evals[-1]["val_bpb"]) < 1e-9
+    assert ck["train_args"]["batch_size"] == 4 and ck["data_position"]["step"] == 40
+    out = capsys.readouterr().out
+    assert "global batch: 4 x 1 accum x 1 procs" in out and "--- sample" in out
+    m = load_model(run / "final.safetensors")
+    assert m.config.d_model == 32 and not m.training
+
+
+def test_resume_continues_exactly(tmp_path, corpus):
+    straight = train(tmp_path, corpus, "--max_steps", "20", run_name="straight")
+    half = train(tmp_path, corpus, "--max_steps", "20", "--stop_at", "10", run_name="split")
+    assert load_checkpoint(half / "latest.pt")["step"] == 10
+    assert not (half / "final.pt").exists()
+    train(tmp_path, corpus, "--max_steps", "20", "--resume", "auto", run_name="split")
+    a, b = train_losses(straight), train_losses(half)
+    assert [s for s, _ in a] == list(range(1, 21)) and a == b  # identical, not just close
+    va = [r["val_bpb"] for r in read_metrics(straight / "metrics.jsonl") if "val_bpb" in r]
+    vb = [r["val_bpb"] for r in read_metrics(half / "metrics.jsonl") if "val_bpb" in r]
+    assert va == vb
+    sa, sb = load_checkpoint(straight / "final.pt")["model"], load_checkpoint(half / "final.pt")["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_resume_from_path_takes_the_checkpoint_settings(tmp_path, corpus):
+    run = train(tmp_path, corpus, "--max_steps", "12", "--stop_at", "6", "--batch_size", "2")
+    # only --resume: model, data and batch settings come from the checkpoint
+    assert main(["--resume", str(run / "latest.pt"), "--sample_bytes", "0", "--device", "cpu"]) == 0
+    ck = load_checkpoint(run / "final.pt")
+    assert ck["step"] == 12 and ck["train_args"]["batch_size"] == 2 and ck["model_config"]["d_model"] == 32
+
+
+def test_gradient_accumulation_matches_a_larger_batch(tmp_path, corpus):
+    big = train(tmp_path, corpus, "--max_steps", "5", "--batch_size", "8", run_name="big")
+    acc = train(tmp_path, corpus, "--max_steps", "5", "--batch_size", "4", "--grad_accum", "2", run_name="acc")
+    a, b = train_losses(big), train_losses(acc)
+    assert len(a) == 5
+    for (_, la), (_, lb) in zip(a, b):
+        assert abs(la - lb) < 1e-4 * la
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_paths_run(tmp_path, corpus, precision):
+    run = train(tmp_path, corpus, "--max_steps", "3", "--mixed_precision", precision)
+    ck = load_checkpoint(run / "final.pt")
+    assert (ck["scaler"] is not None) == (precision == "fp16")
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_task_mix_and_task_only_training(tmp_path, corpus):
+    run = train(tmp_path, corpus, "--max_steps", "3", "--task_mix", "0.5", "--seq_len", "96", run_name="mix")
+    assert load_checkpoint(run / "final.pt")["train_args"]["task_mix"] == 0.5
+    run = train(tmp_path, corpus, "--max_steps", "4", "--dataset", "tasks", "--data_path", "", "--seq_len", "96",
+                "--eval_interval", "2", run_name="tasks")
+    evals = [r for r in read_metrics(run / "metrics.jsonl") if "val_bpb" in r]
+    assert len(evals) == 3 and all(r["val_bytes"] > 0 for r in evals)
+
+
+def test_sigterm_saves_latest_and_the_run_resumes(tmp_path, corpus):
+    save = tmp_path / "runs"
+    cmd = [sys.executable, str(REPO / "train_cloud.py"), *TINY, "--data_path", str(corpus), "--data_dir",
+           str(tmp_path / "cache"), "--save_dir", str(save), "--run_name", "sig", "--seq_len", "32", "--batch_size", "4",
+           "--max_steps", "100000", "--eval_interval", "100000", "--log_interval", "1", "--sample_bytes", "0",
+           "--device", "cpu", "--val_fraction", "0.1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    metrics = save / "sig" / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (metrics.exists() and len(read_metrics(metrics)) >= 4):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    ck = load_checkpoint(save / "sig" / "latest.pt")
+    assert 3 <= ck["step"] < 100000
+    logged = max(r["step"] for r in read_metrics(metrics))
+    assert logged == ck["step"]  # nothing trained after the last saved step
+    rc = subprocess.run(cmd + ["--resume", "auto", "--stop_at", str(ck["step"] + 2)], env=env, capture_output=True,
+                        text=True, timeout=120)
+    assert rc.returncode == 0, rc.stderr
+    assert load_checkpoint(save / "sig" / "latest.pt")["step"] == ck["step"] + 2

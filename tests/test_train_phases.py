@@ -1,0 +1,167 @@
+"""The three training phases (entropy model -> calibration -> main -> joint) on a small fake model that
+implements the protocol of ionllama/model/ionllama_model.py, and exact resume inside every phase."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ionllama.config import ModelConfig
+from ionllama.model.dense import ParamCountMixin
+from ionllama.registry import _REGISTRY
+from ionllama.train.checkpoint import load_checkpoint
+from ionllama.train.cli import main
+from ionllama.train.metrics import read_metrics
+
+from test_train import write_corpus
+
+LN2 = math.log(2.0)
+
+
+class FakeEntropyLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(256, 16)
+        self.head = nn.Linear(16, 256)
+
+    def forward(self, x, targets=None):
+        logits = self.head(self.embed(x))
+        out = {"logits": logits, "loss": None, "bpb": None}
+        if targets is not None:
+            out["loss"] = F.cross_entropy(logits.reshape(-1, 256), targets.reshape(-1), ignore_index=-100)
+            out["bpb"] = out["loss"].detach() / LN2
+        return out
+
+
+class FakePatchedLM(ParamCountMixin, nn.Module):
+    """Patches start where the entropy model's next-byte entropy exceeds a calibrated threshold; the
+    threshold starts at -inf, so before calibration every byte is its own patch."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.entropy_model = FakeEntropyLM()
+        self.embed = nn.Embedding(256, 32)
+        self.mix = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 256)
+        self.register_buffer("threshold", torch.tensor(float("-inf")))
+
+    @property
+    def needs_entropy_phase(self) -> bool:
+        return self.config.patching == "entropy"
+
+    def freeze_entropy(self, frozen: bool = True) -> None:
+        for p in self.entropy_model.parameters():
+            p.requires_grad_(not frozen)
+
+    def _entropy(self, x):
+        with torch.no_grad():
+            logp = F.log_softmax(self.entropy_model(x)["logits"].float(), -1)
+        return -(logp.exp() * logp).sum(-1)
+
+    def calibrate_threshold(self, x):
+        ent = self._entropy(x).flatten()
+        self.threshold.fill_(torch.quantile(ent, 1 - 1 / self.config.target_patch_size).item())
+        bpp = x.numel() / self._n_patches(x).sum().item()
+        return {"threshold": self.threshold, "bytes_per_patch": bpp}
+
+    def _n_patches(self, x):
+        starts = self._entropy(x) > self.threshold
+        starts[:, 0] = True
+        return starts.sum(1)
+
+    def forward(self, x, targets=None):
+        logits = self.head(torch.tanh(self.mix(self.embed(x))))
+        out = {"logits": logits, "loss": None, "bpb": None, "n_patches": self._n_patches(x), "aux_loss": None}
+        if targets is not None:
+            out["loss"] = F.cross_entropy(logits.reshape(-1, 256), targets.reshape(-1), ignore_index=-100)
+            out["bpb"] = out["loss"].detach() / LN2
+            if any(p.requires_grad for p in self.entropy_model.parameters()):
+                out["aux_loss"] = self.entropy_model(x, targets)["loss"]
+        return out
+
+
+@pytest.fixture
+def fake_model():
+    _REGISTRY["fake_patched"] = FakePatchedLM
+    yield "fake_patched"
+    _REGISTRY.pop("fake_patched", None)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "docs.jsonl")
+
+
+def run(tmp_path, corpus, name, *extra):
+    argv = ["--model", "fake_patched", "--data_path", str(corpus), "--data_dir", str(tmp_path / "cache"),
+            "--save_dir", str(tmp_path / "runs"), "--run_name", name, "--seq_len", "32", "--batch_size", "4",
+            "--max_steps", "10", "--entropy_steps", "6", "--joint_steps", "3", "--log_interval", "1",
+            "--eval_interval", "4", "--sample_bytes", "0", "--device", "cpu", "--val_fraction", "0.1",
+            "--lr", "3e-3", "--warmup_steps", "2", "--eval_batch_size", "64"] + list(extra)
+    assert main(argv) == 0
+    return tmp_path / "runs" / name
+
+
+def params(ck, prefix):
+    return {k: v for k, v in ck["model"].items() if k.startswith(prefix)}
+
+
+def same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_phases_in_order_with_calibration(tmp_path, corpus, fake_model):
+    d = run(tmp_path, corpus, "straight")
+    recs = read_metrics(d / "metrics.jsonl")
+    train = [(r["step"], r["phase"]) for r in recs if "loss" in r]
+    assert train == [(s, "entropy") for s in range(1, 7)] + [(s, "main") for s in range(7, 14)] + \
+        [(s, "joint") for s in range(14, 17)]
+    init = recs[0]
+    assert init["phase"] == "init" and init["val_bytes_per_patch"] == pytest.approx(1.0)  # before calibration
+    cal = [r for r in recs if r["phase"] == "calibrate"]
+    assert len(cal) == 1 and cal[0]["step"] == 6 and 3.0 <= cal[0]["bytes_per_patch"] <= 5.0
+    after = [r for r in recs if "val_bpb" in r and r["step"] == 6 and r["phase"] == "main"]
+    assert len(after) == 1 and 3.0 <= after[0]["val_bytes_per_patch"] <= 5.0  # evaluated right after calibration
+    assert all(3.0 <= r["bytes_per_patch"] <= 5.5 for r in recs if r.get("phase") in ("main", "joint") and "loss" in r)
+    assert all("bytes_per_patch" not in r for r in recs if r["phase"] == "entropy")
+    ck = load_checkpoint(d / "final.pt")
+    assert ck["phase"] == "joint" and ck["step"] == 16 and torch.isfinite(ck["model"]["threshold"])
+
+
+def test_each_phase_trains_only_its_parameters_and_resume_is_exact_in_every_phase(tmp_path, corpus, fake_model):
+    straight = run(tmp_path, corpus, "straight")
+    paused = run(tmp_path, corpus, "paused", "--stop_at", "5")  # inside phase 1
+    ck_entropy = load_checkpoint(paused / "latest.pt")
+    run(tmp_path, corpus, "paused", "--resume", "auto", "--stop_at", "6")  # end of phase 1
+    ck_p1 = load_checkpoint(paused / "latest.pt")
+    run(tmp_path, corpus, "paused", "--resume", "auto", "--stop_at", "10")  # inside phase 2
+    run(tmp_path, corpus, "paused", "--resume", "auto", "--stop_at", "13")  # end of phase 2
+    ck_p2 = load_checkpoint(paused / "latest.pt")
+    run(tmp_path, corpus, "paused", "--resume", "auto", "--stop_at", "15")  # inside phase 3
+    ck_joint = load_checkpoint(paused / "latest.pt")
+    run(tmp_path, corpus, "paused", "--resume", "auto")
+    ck_end = load_checkpoint(paused / "final.pt")
+    assert [c["phase"] for c in (ck_entropy, ck_p1, ck_p2, ck_joint, ck_end)] == \
+        ["entropy", "entropy", "main", "joint", "joint"]
+
+    torch.manual_seed(0)  # the model as the trainer initialised it (--seed 0)
+    init = {"model": FakePatchedLM(ModelConfig.from_dict(ck_end["model_config"])).state_dict()}
+    for prefix in ("embed.", "mix.", "head."):  # phase 1 leaves the main model untouched
+        assert same(params(ck_p1, prefix), params(init, prefix))
+    assert not same(params(ck_p1, "entropy_model."), params(init, "entropy_model."))
+    assert same(params(ck_p2, "entropy_model."), params(ck_p1, "entropy_model."))  # phase 2: entropy frozen
+    assert not same(params(ck_p2, "mix."), params(ck_p1, "mix."))
+    assert not same(params(ck_end, "entropy_model."), params(ck_p2, "entropy_model."))  # phase 3: both train
+    assert not same(params(ck_end, "mix."), params(ck_p2, "mix."))
+
+    loss = lambda d: [(r["step"], r["phase"], r["loss"]) for r in read_metrics(d / "metrics.jsonl") if "loss" in r]
+    assert loss(straight) == loss(paused)
+    assert same(load_checkpoint(straight / "final.pt")["model"], ck_end["model"])
+
+
+def test_dense_models_run_only_the_main_phase(tmp_path, corpus):
+    d = run(tmp_path, corpus, "dense", "--model", "dense", "--d_model", "32", "--n_layers", "1", "--n_heads", "2")
+    phases = {r["phase"] for r in read_metrics(d / "metrics.jsonl")}
+    assert phases == {"init", "main"}
