@@ -62,6 +62,10 @@ def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
+    if path.is_dir():  # a sharded <name>.dcp folder of a torchrun run: its train state (tensors load later)
+        from .distributed import load_train_state
+
+        return load_train_state(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found; check the path (or use --resume auto)")
     try:
@@ -146,9 +150,13 @@ def load_model(path: str | Path, device="cpu", dtype: torch.dtype | None = None)
     from ..registry import build_model
 
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():  # sharded <name>.dcp checkpoint: gathered into one process
+        from .distributed import load_model_from_sharded
+
+        model = load_model_from_sharded(path)
+    elif not path.is_file():
         raise UserError(f"model file {path} not found; give a .pt checkpoint or a .safetensors export")
-    if path.suffix == ".safetensors":
+    elif path.suffix == ".safetensors":
         from safetensors import safe_open
         from safetensors.torch import load_model as st_load_model
 

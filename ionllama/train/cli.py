@@ -70,6 +70,9 @@ def build_train_parser() -> argparse.ArgumentParser:
                    help="default: bf16 on GPUs that support it, else none")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    g.add_argument("--parallel", choices=("auto", "ddp", "fsdp"), default="auto",
+                   help="under torchrun: ddp (replicated) or fsdp (FSDP2, sharded per block); auto = ddp for "
+                        "tiny / small, fsdp for base and larger (see docs/multigpu.md)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stop_at", type=int, default=None,
                    help="pause: stop after this global step, saving latest.pt (resume with --resume)")

@@ -33,6 +33,7 @@ from ..errors import UserError
 from ..eval.bpb import LN2, evaluate_batches, evaluate_bpb
 from ..registry import build_model, model_names
 from . import checkpoint as ckpt_io
+from . import distributed
 from .cli import MODEL_OVERRIDES
 from .metrics import MetricsLogger
 from .optim import add_params, make_adamw
@@ -41,7 +42,7 @@ from .schedule import PhasePlan
 DEFAULT_LR = {"tiny": 1e-3, "small": 6e-4, "base": 3e-4, "large": 2e-4, "xl": 1.5e-4}
 # flags that describe this invocation, not the run: a resumed run takes them from the command line
 _PER_INVOCATION = {"resume", "stop_at", "max_train_time", "device", "run_name", "save_dir", "wandb", "compile",
-                   "benchmark_after", "sample_bytes", "sample_prompt", "data_dir", "eval_batch_size"}
+                   "benchmark_after", "sample_bytes", "sample_prompt", "data_dir", "eval_batch_size", "parallel"}
 
 
 def _say(msg: str) -> None:
@@ -85,7 +86,7 @@ def default_run_name(args) -> str:
 
 
 def _has_checkpoints(d: Path) -> bool:
-    return d.is_dir() and any(d.glob("*.pt"))
+    return distributed.has_checkpoints(d)  # *.pt files or sharded *.dcp folders
 
 
 def resolve_run(args) -> tuple[Path, Path | None]:
@@ -94,7 +95,7 @@ def resolve_run(args) -> tuple[Path, Path | None]:
     base = Path(args.save_dir)
     if args.resume and args.resume != "auto":
         ck = Path(args.resume)
-        if not ck.is_file():
+        if not (ck.is_file() or distributed.is_sharded_checkpoint(ck)):
             raise UserError(f"--resume {ck}: no such checkpoint; check the path or use --resume auto")
         return (base / args.run_name if args.run_name else ck.parent), ck
     name = args.run_name or default_run_name(args)
@@ -103,10 +104,10 @@ def resolve_run(args) -> tuple[Path, Path | None]:
         candidates += sorted((d for d in base.glob(f"{name}-*") if d.name[len(name) + 1:].isdigit()),
                              key=lambda d: int(d.name[len(name) + 1:]))
     if args.resume == "auto":
-        found = [d for d in candidates if (d / "latest.pt").is_file()]
+        found = [(ck, d) for d in candidates if (ck := distributed.latest_checkpoint(d)) is not None]
         if found:
-            rd = max(found, key=lambda d: (d / "latest.pt").stat().st_mtime)
-            return rd, rd / "latest.pt"
+            ck, rd = max(found, key=lambda f: distributed.checkpoint_mtime(f[0]))
+            return rd, ck
         _say(f"--resume auto: no latest.pt under {base / name}; starting a new run")
     if args.run_name:
         if _has_checkpoints(base / name):
@@ -218,11 +219,13 @@ class Trainer:
                 raise UserError(f"--{name} must be at least 1 (got {getattr(args, name)})")
 
         # ---- run folder and the checkpoint to resume
-        self.run_dir, ck_path = resolve_run(args)
+        self.dist = distributed.context()
+        self.run_dir, ck_path = self.dist.on_main(lambda: resolve_run(args))  # one answer for all ranks
         self.ck = None
         if ck_path is not None:
             self.ck = ckpt_io.load_checkpoint(ck_path, map_location="cpu")
             args = self._merge_resume_args(args, self.ck.get("train_args", {}), explicit)
+            distributed.keep_global_batch(args, self.ck, world_size, explicit, _say)
         self.args = args
         ensure_writable(self.run_dir, args.save_dir)
 
@@ -242,16 +245,22 @@ class Trainer:
         np.random.seed(args.seed)
         torch.manual_seed(args.seed)
 
+        self.par = distributed.Parallel(self.dist, distributed.resolve_parallel(
+            getattr(args, "parallel", "auto"), args.size, self.dist), self.device, self.amp_dtype)
+
         # ---- data
-        self._setup_data()
+        with self.dist.main_first():  # rank 0 builds the shard cache, the others then reuse it
+            self._setup_data()
 
         # ---- model
         self.model = build_model(self.config).to(self.device)
         if self.tokens is not None:
             self.tokens.attach(self.model)  # the tokenizer travels in the token model's state dict
-        if self.ck is not None:
+        if self.ck is not None and self.ck["model"] is not None:  # sharded checkpoints load in _restore
             ckpt_io.load_model_state(self.model, self.ck["model"], str(ck_path))
+        self.model = self.par.shard(self.model)  # FSDP2: in place, before the optimizer exists
         self.fwd = torch.compile(self.model) if args.compile else self.model
+        self.par.attach(self.model, self.fwd)
         has_entropy = bool(getattr(self.model, "needs_entropy_phase", False))
         E = (args.entropy_steps if args.entropy_steps is not None else args.max_steps // 3) if has_entropy else 0
         J = (args.joint_steps if args.joint_steps is not None else args.max_steps // 10) if has_entropy else 0
@@ -338,7 +347,7 @@ class Trainer:
         self.best_val_bpb = float(ck.get("best_val_bpb", math.inf))
         self._enter_phase(ck["phase"], resumed=True)
         try:
-            self.optimizer.load_state_dict(ck["optimizer"])
+            self.par.load(ck, self.optimizer)  # .pt: the optimizer; .dcp: model + optimizer, any world size
         except (ValueError, KeyError) as e:
             raise UserError(f"{path}: optimizer state does not match ({e}); resume with the same model and phases") from None
         if ck.get("scaler") and self.scaler.is_enabled():
@@ -399,6 +408,8 @@ class Trainer:
         with torch.no_grad():
             res = self.model.calibrate_threshold(self._calibration_batch())
         self.model.train(was)
+        self.par.reshard()  # FSDP: a no-grad forward leaves the root's parameters gathered
+        self.par.broadcast_buffers()  # every rank patches with rank 0's threshold
         res = {k: (float(v) if torch.is_tensor(v) or isinstance(v, (int, float)) else v) for k, v in dict(res).items()}
         if self.is_main:
             _say(f"calibrated entropy threshold: {json.dumps(res)}")
@@ -417,19 +428,17 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         bpb_sum = torch.zeros((), device=self.device)
         patches = torch.zeros((), device=self.device, dtype=torch.long)
+        fwd = self.par.train_module(self.phase)  # entropy model or full model; DDP / FSDP when distributed
         for micro in range(a.grad_accum):
             x, y = self.sampler.get(step, micro)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with self._autocast():
-                if self.phase == "entropy":
-                    out = m.entropy_model(x, y)
+            with self.par.grad_sync(fwd, micro == a.grad_accum - 1):  # gradients cross ranks once per step
+                with self._autocast():
+                    out = fwd(x, y)
                     total = out["loss"]
-                else:
-                    out = self.fwd(x, y)
-                    total = out["loss"]
-                    if out.get("aux_loss") is not None:
+                    if self.phase != "entropy" and out.get("aux_loss") is not None:
                         total = total + out["aux_loss"]
-            self.scaler.scale(total / a.grad_accum).backward()
+                self.scaler.scale(total / a.grad_accum).backward()
             loss = out["loss"].detach().float()
             loss_sum += loss
             bpb_sum += out["bpb"].detach().float() if out.get("bpb") is not None else loss / LN2
@@ -437,6 +446,7 @@ class Trainer:
                 patches += out["n_patches"].detach().sum()
             else:
                 patches += x.numel()
+        self.par.after_backward()
         lr = self.plan.lr_at(step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
@@ -448,13 +458,14 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        loss_sum, bpb_sum = self.par.mean(torch.stack([loss_sum, bpb_sum]))  # logged: the mean over ranks
         return {"loss": loss_sum / a.grad_accum, "bpb": bpb_sum / a.grad_accum, "patches": patches,
-                "grad_norm": grad_norm, "lr": lr}
+                "grad_norm": self.par.local(grad_norm) if grad_norm is not None else None, "lr": lr}
 
     # ------------------------------------------------------------------ evaluation and checkpoints
     def evaluate(self, phase_label: str) -> dict:
         a = self.args
-        model = _EntropyLM(self.model.entropy_model) if self.phase == "entropy" else self.model
+        model = _EntropyLM(self.par.entropy_module()) if self.phase == "entropy" else self.model
         eval_bs = a.eval_batch_size or a.batch_size
         if self.val is None:
             res = evaluate_batches(model, self.val_batches, self.device, self.amp_dtype)
@@ -463,10 +474,13 @@ class Trainer:
         else:
             res = evaluate_bpb(model, self.val, a.seq_len, eval_bs, self.device, max_bytes=a.eval_bytes,
                                amp_dtype=self.amp_dtype)
+        self.par.reshard()  # FSDP: a no-grad forward leaves the root's parameters gathered
         if self.phase == "entropy":
             res.pop("bytes_per_patch")  # the entropy model is byte-level; patching is not in use yet
         rec = {"step": self.step, "phase": phase_label, "bytes_seen": self.bytes_seen,
                "train_time_s": round(self.train_time, 3), **{f"val_{k}": v for k, v in res.items()}}
+        if not self.is_main:  # every rank evaluates (FSDP needs them all), rank 0 reports
+            return res
         self.metrics.log(rec)
         bpp = f", {res['bytes_per_patch']:.2f} bytes/patch" if "bytes_per_patch" in res else ""
         what = "entropy model " if self.phase == "entropy" else ""
@@ -474,11 +488,11 @@ class Trainer:
              f"ppl {res['ppl']:.3f}{bpp} ({res['bytes']:,} bytes)")
         return res
 
-    def state(self) -> dict:
+    def state(self, weights: bool = True) -> dict:
+        """weights=False: everything but model / optimizer (sharded checkpoints store those as DCP shards)."""
         return {
             "format": ckpt_io.CHECKPOINT_FORMAT,
-            "model": ckpt_io.model_state(self.model),
-            "optimizer": self.optimizer.state_dict(),
+            **({"model": ckpt_io.model_state(self.model), "optimizer": self.optimizer.state_dict()} if weights else {}),
             "scheduler": self.plan.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "step": self.step,
@@ -496,6 +510,9 @@ class Trainer:
 
     def save(self, *names: str) -> None:
         """Serialise once to latest.pt, copy to the other names (all atomic)."""
+        if self.par.distributed:  # every rank writes its shards into <name>.dcp
+            self.par.save(self.run_dir, names, self.optimizer, self.state(weights=False))
+            return
         if not self.is_main:
             return
         try:
@@ -519,6 +536,8 @@ class Trainer:
             _say(f"global batch: {a.batch_size} x {a.grad_accum} accum x {self.world_size} procs = {gb} windows x "
                  f"{a.seq_len} bytes = {gb * a.seq_len:,} bytes/step; steps: {plan.entropy_steps} entropy + "
                  f"{plan.main_steps} main + {plan.joint_steps} joint")
+            if self.par.distributed:
+                _say(f"parallel: {self.par.describe()}")
             (self.run_dir / "config.json").write_text(json.dumps(
                 {"train_args": vars(a), "model_config": self.config.to_dict(), "global_batch": gb,
                  "data": self.data_meta, "plan": plan.state_dict()}, indent=1, default=str))
@@ -530,7 +549,7 @@ class Trainer:
                    dynamic_ncols=True, mininterval=1.0)
         result = {}
         try:
-            if self.step == 0 and self.is_main:
+            if self.step == 0:
                 self.evaluate("init")  # the untrained model: bpb ~8, bytes/patch before any calibration
             win = {"t0": time.perf_counter(), "bytes": 0, "loss": [], "bpb": [], "patches": 0}
             sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
@@ -542,7 +561,7 @@ class Trainer:
                 if phase != self.phase:
                     prev = self.phase
                     self._enter_phase(phase)
-                    if prev == "entropy" and self.is_main:
+                    if prev == "entropy":
                         self.evaluate(phase)  # the full model right after calibration: bytes/patch at target
                     win["t0"] = time.perf_counter()
                 out = self.train_step(self.step)
@@ -560,6 +579,10 @@ class Trainer:
                 if a.max_train_time is not None and \
                         self.train_time + time.perf_counter() - win["t0"] >= a.max_train_time:
                     stopping = True
+                if self.par.distributed:  # ranks stop together: agree at the steps where all of them log
+                    boundary = self.step % a.log_interval == 0 or at_eval or at_save or phase_done or \
+                        (a.stop_at is not None and self.step >= a.stop_at)
+                    stopping = boundary and self.dist.any_rank(stopping, self.device)
                 if self.step % a.log_interval == 0 or at_eval or at_save or phase_done or stopping:
                     loss = float(torch.stack(win["loss"]).mean())
                     sync()
@@ -583,7 +606,7 @@ class Trainer:
                         if bar.disable:
                             _say(f"step {self.step}/{plan.total} [{self.phase}] " + " ".join(f"{k} {v}" for k, v in post.items()))
                     win = {"t0": None, "bytes": 0, "loss": [], "bpb": [], "patches": 0}
-                    if at_eval and self.is_main:
+                    if at_eval:
                         res = self.evaluate(self.phase)
                         names = ["latest.pt"]
                         if self.phase != "entropy" and res["bpb"] < self.best_val_bpb:
@@ -603,8 +626,7 @@ class Trainer:
                         raise SystemExit(128 + stop.signum)
                     return {"run_dir": str(self.run_dir), "step": self.step, "stopped": True}
             bar.close()
-            if self.is_main:
-                result = self._finish()
+            result = self._finish()
         finally:
             bar.close()
             stop.restore()
@@ -615,12 +637,16 @@ class Trainer:
     def _finish(self) -> dict:
         a = self.args
         self.save("latest.pt", "final.pt")
-        ckpt_io.export_safetensors(self.model, self.run_dir / "final.safetensors")
+        # the whole model on rank 0 (FSDP: gathered from the shards, a collective); None on other ranks
+        model = self.par.plain_model(self.device) if self.par.distributed else self.model
+        if not self.is_main:
+            return {"run_dir": str(self.run_dir), "step": self.step}
+        ckpt_io.export_safetensors(model, self.run_dir / "final.safetensors")
         _say(f"done: {self.step} steps, {self.bytes_seen:,} bytes in {self.train_time:.1f} s of training; best val bpb "
              f"{self.best_val_bpb:.4f}; checkpoints in {self.run_dir}")
         if a.sample_bytes > 0:
             prompt = self._sample_prompt()
-            text = sample_bytes(self.model, prompt, a.sample_bytes, a.seq_len, self.device, seed=a.seed)
+            text = sample_bytes(model, prompt, a.sample_bytes, a.seq_len, self.device, seed=a.seed)
             shown = prompt.lstrip(DOC_SEP_BYTES).decode("utf-8", "replace")
             sample = shown + text.decode("utf-8", "replace")
             (self.run_dir / "sample.txt").write_text(sample, encoding="utf-8")
@@ -651,10 +677,21 @@ class Trainer:
         from ..eval import benchmark
 
         best = self.run_dir / "best.pt"
+        if self.par.distributed:
+            warnings.warn(f"--benchmark_after: the benchmark does not read sharded checkpoints yet; run `ionllama bench "
+                          f"--checkpoint {self.run_dir / 'final.safetensors'}` (skipped)", stacklevel=2)
+            return
         out = self.run_dir / "benchmark" / "results.json"
         _say(f"benchmark on {best} -> {out}")
         benchmark.main(["--checkpoint", str(best), "--output", str(out)])
 
 
 def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict:
-    return Trainer(args, explicit).run()
+    ctx = distributed.setup(getattr(args, "device", "auto"))  # under torchrun: the process group; else nothing
+    finished = False
+    try:
+        result = Trainer(args, explicit, rank=ctx.rank, world_size=ctx.world_size).run()
+        finished = True
+        return result
+    finally:
+        distributed.teardown(finished)
