@@ -32,6 +32,7 @@ def attention_uses_triton(q: torch.Tensor, offsets, segment_ids=None) -> bool:
             and (segment_ids is None or segment_ids.shape == (q.shape[0], q.shape[2])))
 
 
+@torch.compiler.disable  # inductor re-traces user Triton kernels and mistypes scalars; run them as-is
 def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets, segment_ids=None,
                       scale: float | None = None) -> torch.Tensor:
     """Dilated causal attention, q/k/v (B, H, N, Dh): query i sees keys i - o for o in offsets.
@@ -47,6 +48,7 @@ def scan_uses_triton(u: torch.Tensor) -> bool:
     return u.is_cuda and u.dim() == 3 and u.dtype in _TRITON_DTYPES and triton_available()
 
 
+@torch.compiler.disable  # see dilated_attention
 def scan_const_decay(u: torch.Tensor, log_a: torch.Tensor, h0: torch.Tensor | None = None,
                      chunk: int = 64) -> torch.Tensor:
     """h_t = exp(log_a) * h_{t-1} + u_t; u (B, T, D), log_a (D,) <= 0, h0 (B, D) or None.

@@ -263,9 +263,9 @@ def _bwd_dq_recompute(Q, K, V, DO, LSE, DELTA, DQ, OFFS, SEG,
 
 
 # ----------------------------------------------------------------------------------------------
-# launch configuration. Defaults chosen from the H100 sweep in benchmarks/bench_attention.py
-# (see docs/notes/kernels-notes.md); override with set_attention_config() for experiments.
-_CONFIG = {"fwd": (32, 2, False), "dkdv": (32, 4, False), "dq": (64, 8, False), "delta": (64, 4), "store_ds": True}
+# launch configuration: defaults from the H100 sweep of 2026-11-25 (benchmarks/bench_attention.py --sweep,
+# N = 16K and 64K; docs/notes/kernels-notes.md); override with set_attention_config() for experiments.
+_CONFIG = {"fwd": (32, 4, True), "dkdv": (32, 4, True), "dq": (32, 4, True), "delta": (64, 4), "store_ds": True}
 
 
 def set_attention_config(**kw) -> dict:

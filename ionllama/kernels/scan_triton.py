@@ -51,8 +51,10 @@ def _tile_rows(c_start, c_end, i, n_tiles, REVERSE: tl.constexpr, BLOCK_T: tl.co
 @triton.jit
 def _scan_summary(X, LOG_A, SUM, T, D, L, n_chunks, sxb, sxt,
                   REVERSE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
-    """Zero-start scan of one chunk; writes its final state: forward E_c = sum_t a^(end - t) x_t,
-    reverse F_c = sum_t a^(t - start) x_t. SUM: (B, n_chunks, D) fp32."""
+    """Each chunk's zero-start final state, a weighted sum (no scan needed): forward
+    E_c = sum_t a^(end-1-t) x_t (end = the chunk's last step + 1), reverse F_c = sum_t a^(t-start) x_t.
+    Accumulated elementwise in a register tile with exact exp weights and reduced once at the end:
+    one streaming read of x. SUM: (B, n_chunks, D) fp32."""
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -60,24 +62,25 @@ def _scan_summary(X, LOG_A, SUM, T, D, L, n_chunks, sxb, sxt,
     if EVEN_D:  # a mask constant along the channels keeps the loads 16-byte wide
         col_ok = tl.full([BLOCK_D], 1, tl.int1)
     la = tl.load(LOG_A + cols, mask=col_ok, other=0.0).to(tl.float32)
-    decay = tl.zeros([BLOCK_T, BLOCK_D], tl.float32) + tl.exp(la)[None, :]
-    a_pow = _powers(la, BLOCK_T)
-    is_last = (tl.arange(0, BLOCK_T) == BLOCK_T - 1)[:, None]
+    steps = tl.arange(0, BLOCK_T)
+    if REVERSE:
+        w_row = tl.exp(steps.to(tl.float32)[:, None] * la[None, :])  # a^r
+    else:
+        w_row = tl.exp((BLOCK_T - 1 - steps).to(tl.float32)[:, None] * la[None, :])  # a^(BT-1-r)
     c_start = c * L
     c_end = tl.minimum(c_start + L, T)
-    n_tiles = tl.cdiv(c_end - c_start, BLOCK_T)
     base = X + b * sxb + cols[None, :]
-    h = tl.zeros([BLOCK_D], tl.float32)
-    rows, ok = _tile_rows(c_start, c_end, 0, n_tiles, REVERSE, BLOCK_T)
-    x_next = tl.load(base + rows[:, None] * sxt, mask=ok[:, None] & col_ok[None, :], other=0.0)
-    for i in range(0, n_tiles):
-        x = x_next.to(tl.float32)
-        rows, ok = _tile_rows(c_start, c_end, i + 1, n_tiles, REVERSE, BLOCK_T)
-        x_next = tl.load(base + rows[:, None] * sxt, mask=ok[:, None] & col_ok[None, :],
-                         other=0.0)
-        a_cum, xs = tl.associative_scan((decay, x), 0, _affine_combine)
-        h = tl.sum(tl.where(is_last, xs + a_pow * h[None, :], 0.0), 0)
-    tl.store(SUM + (b * n_chunks + c) * D + cols, h, mask=col_ok)
+    acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    for t0 in range(c_start, c_end, BLOCK_T):
+        rows = t0 + steps
+        x = tl.load(base + rows[:, None] * sxt, mask=(rows < c_end)[:, None] & col_ok[None, :], other=0.0)
+        if REVERSE:
+            w_tile = tl.exp((t0 - c_start).to(tl.float32) * la)  # a^(t0 - start)
+        else:
+            # a^(end - t0 - BT); the clamp only touches the last chunk's partial tile, whose E is never used
+            w_tile = tl.exp(tl.maximum(c_end - t0 - BLOCK_T, 0).to(tl.float32) * la)
+        acc += x.to(tl.float32) * w_row * w_tile[None, :]
+    tl.store(SUM + (b * n_chunks + c) * D + cols, tl.sum(acc, 0), mask=col_ok)
 
 
 @triton.jit
@@ -182,13 +185,15 @@ def _scan_bwd(DY, HOUT, LOG_A, H0, SUM, DU, DLA, DH0, T, D, L, n_chunks, sdb, sd
             h_prev = tl.where((cur_rows == 0)[:, None], h0[None, :], h_prev)
         dla += tl.sum(g * h_prev, 0)
         carry = tl.sum(tl.where(is_last, g, 0.0), 0)  # g at the tile's earliest step
-    tl.store(DLA + (b * n_chunks + c) * D + cols, dla * a, mask=col_ok)
+    tl.store(DLA + cols.to(tl.int64) * (tl.num_programs(0) * n_chunks) + (b * n_chunks + c), dla * a, mask=col_ok)
     if c == 0:
         tl.store(DH0 + b * D + cols, carry * a, mask=col_ok)
 
 
 # Defaults chosen from the H100 sweep in benchmarks/bench_scan.py (docs/notes/kernels-notes.md).
-_CONFIG = {"block_t": 64, "block_d": 32, "num_warps": 4, "n_chunks": 0, "min_programs": 264,
+# Defaults from the H100 sweep of 2026-11-25 (benchmarks/bench_scan.py --sweep; docs/notes/kernels-notes.md):
+# 32-step x 64-channel tiles, 2 warps, time split into chunks until batch x channel blocks x chunks >= 2048.
+_CONFIG = {"block_t": 32, "block_d": 64, "num_warps": 2, "n_chunks": 0, "min_programs": 2048,
            "min_chunk": 256}
 MAX_CHUNKS = 64
 
@@ -249,13 +254,13 @@ def scan_backward(dy, h, log_a, h0):
     n, L = _chunking(B, T, D)
     s = _summaries(dy, log_a, n, L, reverse=True)
     du = torch.empty((B, T, D), dtype=dy.dtype, device=dy.device)
-    dla = torch.empty((B, n, D), dtype=torch.float32, device=dy.device)
+    dla = torch.empty((D, B * n), dtype=torch.float32, device=dy.device)  # summed over its contiguous dim
     dh0 = torch.empty((B, D), dtype=torch.float32, device=dy.device)
     _scan_bwd[(B, n, triton.cdiv(D, _CONFIG["block_d"]))](
         dy, h, log_a, h0 if h0 is not None else log_a, s, du, dla, dh0, T, D, L, n,
         dy.stride(0), dy.stride(1), h.stride(0), h.stride(1), du.stride(0), du.stride(1),
         HAS_H0=h0 is not None, MAX_CHUNKS=MAX_CHUNKS, **_meta(D))
-    return du, dla.sum((0, 1)), dh0
+    return du, dla.sum(1), dh0
 
 
 class ScanConstDecayFn(torch.autograd.Function):

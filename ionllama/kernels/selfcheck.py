@@ -109,6 +109,7 @@ def cases(large: bool) -> list[tuple]:
         ("scan", "fp32", dict(B=2, T=45, D=24, n_chunks=1)),
         ("scan", "fp32", dict(B=2, T=131, D=16, with_h0=True, n_chunks=3)),
         ("scan", "bf16", dict(B=2, T=77, D=32, with_h0=True)),
+        ("scan", "fp32", dict(B=1, T=300, D=16, with_h0=True, n_chunks=2)),  # several tiles per chunk
     ]
     if large:
         cs += [
@@ -157,8 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--large", action="store_true", help="add GPU-sized cases")
     p.add_argument("--json", default=None, help="write the rows as JSON to this path ('-' = stdout)")
+    p.add_argument("--kinds", default="attention,scan", help="comma list: attention, scan")
     a = p.parse_args(argv)
-    rows = run(a.device, a.large, verbose=a.json != "-")
+    rows = run(a.device, a.large, verbose=a.json != "-", kinds=tuple(a.kinds.split(",")))
     if a.json == "-":
         print(json.dumps(rows))
     elif a.json:
