@@ -235,6 +235,10 @@ def sweep(sizes, B, H, Dh, rep=30):
 
 
 def git_commit() -> str:
+    """The checkout's commit; BENCH_COMMIT overrides it (the GPU machine gets a copy without .git)."""
+    import os
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).resolve().parents[1]).stdout.strip() or "unknown"
