@@ -621,7 +621,7 @@ def keep_global_batch(args, ck: dict, world_size: int, explicit: set[str], say) 
     per_step = args.batch_size * world_size
     if saved_global % per_step == 0:
         if args.grad_accum != saved_global // per_step:
-            say(f"note: the checkpoint ran on {saved_world} processes, this run on {world_size}: --grad_accum "
+            say(f"note: the checkpoint ran with world size {saved_world}, this run with {world_size}: --grad_accum "
                 f"{args.grad_accum} -> {saved_global // per_step} keeps the global batch at {saved_global}")
         args.grad_accum = saved_global // per_step
     else:

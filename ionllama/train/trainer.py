@@ -620,7 +620,8 @@ class Trainer:
                     win["t0"] = time.perf_counter()
                 if stopping and self.step < plan.total:
                     why = signal.Signals(stop.signum).name if stop.signum else "--stop_at / --max_train_time"
-                    _say(f"stopped at step {self.step} ({why}); saved {self.run_dir / 'latest.pt'}; "
+                    latest = self.run_dir / ("latest.dcp" if self.par.distributed else "latest.pt")
+                    _say(f"stopped at step {self.step} ({why}); saved {latest}; "
                          f"continue with --resume auto" + (f" --run_name {self.run_dir.name}" if a.run_name else ""))
                     if stop.signum:
                         raise SystemExit(128 + stop.signum)
