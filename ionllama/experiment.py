@@ -445,6 +445,9 @@ class Runner:
         run_dir = self.ckpt_dir / run_name
         marker = run_dir / "experiment.json"
         state = _read_json(marker) or {}
+        if state.get("trained") and (state.get("spec") != spec or state.get("budget_s") != budget_s):
+            raise UserError(f"{run_dir} holds {run_name} trained with other settings ({state.get('spec')}, budget "
+                            f"{state.get('budget_s')} s); delete {run_dir} to train it again with these")
         _log(f"{run_name}: {'evaluating (trained already)' if state.get('trained') else 'training'} "
              f"- ionllama train {' '.join(shlex.quote(x) for x in targv)}")
         if not state.get("trained"):
@@ -454,7 +457,8 @@ class Runner:
             if not result:
                 raise UserError(f"{run_name}: the trainer returned no result; see its log above")
             model, device, amp = tr.model, tr.device, tr.amp_dtype
-            state = {"trained": True, "budget_s": budget_s, "step": tr.step, "train_time_s": tr.train_time,
+            state = {"trained": True, "spec": spec, "budget_s": budget_s, "step": tr.step,
+                     "train_time_s": tr.train_time,
                      "warmup_s": getattr(tr, "warmup_s", None),
                      "bytes_seen": tr.bytes_seen, "train_bytes": tr.data_meta.get("train_bytes"),
                      "data": tr.data_meta}
