@@ -75,6 +75,9 @@ def _check_schema(res: dict, out: Path):
         lo, hi = c["ci95"]
         assert c["n"] > 0 and 0 <= lo <= c["accuracy"] <= hi <= 1
     assert set(m["tasks"]["per_task"]["add"]["by_digits"]) == {"1", "2"}
+    mb = m["tasks"]["per_task"]["count"]["majority_baseline"]  # the floor of always answering the commonest count
+    answers = [a for _, a in T.make_examples("count", "test", 3, seed=1234)]
+    assert mb["accuracy"] == pytest.approx(answers.count(mb["answer"].encode()) / 3) and mb["accuracy"] >= 1 / 3
     assert m["speed"]["forward_bytes_per_s"] > 0 and m["speed"]["latency_ms"]["median"] > 0
     assert m["memory"]["peak_rss_mb"] > 0
     hist = {int(k): v for k, v in m["compression"]["histogram"].items()}

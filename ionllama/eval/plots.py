@@ -17,6 +17,7 @@ X_KEYS = ("bytes_seen", "train_bytes", "bytes", "tokens_seen", "step")  # first 
 VAL_KEYS = ("val_bpb", "eval_bpb")
 TRAIN_KEYS = ("train_bpb", "bpb")
 NOT_MAIN_PHASES = ("entropy", "calibrate")
+LOG_X = ("bytes_seen", "train_bytes", "bytes", "tokens_seen")
 
 
 def _plt():
@@ -84,6 +85,9 @@ def plot_runs(runs, out: str | Path, title: str = "Training curves") -> Path:
         label, path = run if isinstance(run, tuple) else (Path(run).name if Path(run).is_dir() else Path(run).parent.name, run)
         c = curves(read_metrics(path))
         x_label = c["x_key"]
+        if x_label in LOG_X:  # the evaluation before training sits at 0 bytes: not on a log axis
+            c["train"] = [p for p in c["train"] if p[0] > 0]
+            c["val"] = [p for p in c["val"] if p[0] > 0]
         line = None
         if c["train"]:
             xs, ys = zip(*c["train"])
@@ -99,7 +103,7 @@ def plot_runs(runs, out: str | Path, title: str = "Training curves") -> Path:
     ax.set_xlabel(x_label.replace("_", " "))
     ax.set_ylabel("bits per byte")
     ax.set_title(title)
-    if x_label in ("bytes_seen", "train_bytes", "bytes", "tokens_seen"):
+    if x_label in LOG_X:
         ax.set_xscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -111,12 +115,15 @@ def plot_runs(runs, out: str | Path, title: str = "Training curves") -> Path:
 
 def plot_language_bpb(multilingual: dict, out: str | Path) -> Path:
     plt = _plt()
-    rows = [(name, rec["bpb"], rec.get("bytes_per_patch")) for g in multilingual["groups"]
-            for name, rec in g["languages"].items()]
+    groups = multilingual["groups"]
+    several = len(groups) > 1  # the same language can appear in two folders: name the folder too
+    rows = [((f"{Path(g['dir']).name}/" if several else "") + name, rec["bpb"], rec.get("bytes_per_patch"), gi)
+            for gi, g in enumerate(groups) for name, rec in g["languages"].items()]
     fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(rows) + 2), 4))
     names = [r[0] for r in rows]
-    ax.bar(range(len(rows)), [r[1] for r in rows], color="tab:blue")
-    for i, (_, bpb, bpp) in enumerate(rows):
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:gray"]
+    ax.bar(range(len(rows)), [r[1] for r in rows], color=[colors[r[3] % len(colors)] for r in rows])
+    for i, (_, bpb, bpp, _g) in enumerate(rows):
         ax.text(i, bpb, f"{bpb:.2f}" + (f"\n{bpp:.1f} B/p" if bpp else ""), ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(rows)), names, rotation=45, ha="right")
     ax.set_ylabel("bits per byte")

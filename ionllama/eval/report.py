@@ -35,6 +35,11 @@ def _acc(rec: dict | None) -> str:
     return f"{100 * rec['accuracy']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] (n={rec['n']})"
 
 
+def _majority(rec: dict) -> str:
+    mb = rec.get("majority_baseline")
+    return f"{100 * mb['accuracy']:.1f}% ('{mb['answer']}')" if mb else "-"
+
+
 def _table(header: list[str], rows: list[list]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(_f(c) if not isinstance(c, str) else c for c in r) + " |" for r in rows]
@@ -147,8 +152,8 @@ def render_markdown(res: dict, baselines: list[dict] | None = None, published: l
         t = m["tasks"]
         L += [f"## Tasks: {t['label']}", "", f"{t['note']}. Split `{t['split']}`, {t['shots']} shots, "
               f"seed {t['seed']}; {t['scoring']}. Generation: {t['generation']}.", ""]
-        rows = [[k, _acc(v)] for k, v in t["per_task"].items()]
-        L += _table(["task", "accuracy [95% CI] (n)"], rows)
+        rows = [[k, _acc(v), _majority(v)] for k, v in t["per_task"].items()]
+        L += _table(["task", "accuracy [95% CI] (n)", "always the most common answer"], rows)
         arith = {k: v for k, v in t["per_task"].items() if "by_digits" in v}
         if arith:
             digits = sorted({int(d) for v in arith.values() for d in v["by_digits"]})

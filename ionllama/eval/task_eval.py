@@ -3,6 +3,7 @@ with n and a 95 % Wilson interval per task (and per digit count for arithmetic).
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import torch
 
@@ -66,8 +67,18 @@ def _score(model, examples: list[T.TaskExample], prefix: bytes, device, batch_si
                 samples.append({"prompt": e.prompt.decode("utf-8", "replace"), "answer": e.answer.decode(),
                                 "output": o.decode("utf-8", "replace"), "correct": bool(ok)})
     rec = accuracy_record(correct, len(examples))
+    rec["majority_baseline"] = majority_baseline(examples)
     rec["samples"] = samples
     return rec, method
+
+
+def majority_baseline(examples: list[T.TaskExample]) -> dict | None:
+    """What always giving the most common answer of these examples would score (the floor a model that
+    learned only the answer distribution reaches; e.g. '1' for letter counting)."""
+    if not examples:
+        return None
+    answer, k = Counter(e.answer for e in examples).most_common(1)[0]
+    return {"answer": answer.decode("utf-8", "replace"), "accuracy": k / len(examples)}
 
 
 def run_tasks(model, device, n: int = 100, max_digits: int = 4, seed: int = 1234, shots: int = 0,
@@ -90,7 +101,9 @@ def run_tasks(model, device, n: int = 100, max_digits: int = 4, seed: int = 1234
             rec, method = _score(model, ex, prefix, device, batch_size, amp_dtype, n_samples=1)
             by_digits[str(d)] = rec
             c_all, n_all = c_all + rec["correct"], n_all + rec["n"]
-        per_task[task] = {**accuracy_record(c_all, n_all), "by_digits": by_digits}
+        all_ex = [e for d in range(1, max_digits + 1) for e in T.make_task_examples(task, split, n, seed, digits=d)]
+        per_task[task] = {**accuracy_record(c_all, n_all), "majority_baseline": majority_baseline(all_ex),
+                          "by_digits": by_digits}
     if shots > 0:
         label = f"{shots}-shot" + (" (in-format: the checkpoint was trained on task data)" if trained_on_tasks else "")
     else:
