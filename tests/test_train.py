@@ -123,6 +123,14 @@ def test_task_mix_and_task_only_training(tmp_path, corpus):
     assert len(evals) == 3 and all(r["val_bytes"] > 0 for r in evals)
 
 
+def test_wandb_without_the_package_warns_and_keeps_logging(tmp_path, corpus, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    with pytest.warns(UserWarning, match="wandb is not installed"):
+        run = train(tmp_path, corpus, "--max_steps", "2", "--wandb")
+    assert len(read_metrics(run / "metrics.jsonl")) >= 3
+
+
+@pytest.mark.slow  # two subprocesses (~10-25 s on 2 cores)
 def test_sigterm_saves_latest_and_the_run_resumes(tmp_path, corpus):
     save = tmp_path / "runs"
     cmd = [sys.executable, str(REPO / "train_cloud.py"), *TINY, "--data_path", str(corpus), "--data_dir",
