@@ -118,6 +118,10 @@ def device_info(device: torch.device) -> dict:
 
 
 def git_commit() -> dict:
+    """HEAD of the checkout; BENCH_COMMIT overrides it (the GPU machine gets a copy of the tree without .git)."""
+    if os.environ.get("BENCH_COMMIT"):
+        return {"sha": os.environ["BENCH_COMMIT"], "source": "BENCH_COMMIT"}
+
     def git(*a):
         return subprocess.run(["git", *a], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
 
