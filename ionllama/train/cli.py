@@ -78,7 +78,7 @@ def build_train_parser() -> argparse.ArgumentParser:
                    help="pause: stop after this global step, saving latest.pt (resume with --resume)")
     g.add_argument("--max_train_time", type=float, default=None, help="stop after this many seconds of training")
     g = p.add_argument_group("evaluation, logging, checkpoints")
-    g.add_argument("--eval_interval", type=int, default=500)
+    g.add_argument("--eval_interval", type=int, default=None, help="default: total steps / 4, at most 500")
     g.add_argument("--eval_bytes", type=int, default=None, help="cap on val bytes scored per evaluation (default all)")
     g.add_argument("--eval_batch_size", type=int, default=None, help="default: --batch_size")
     g.add_argument("--log_interval", type=int, default=10)

@@ -215,7 +215,7 @@ class Trainer:
         if args.model not in model_names():
             raise UserError(f"unknown model '{args.model}'; choose one of {', '.join(model_names())}")
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_interval", "log_interval"):
-            if getattr(args, name) < 1:
+            if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise UserError(f"--{name} must be at least 1 (got {getattr(args, name)})")
 
         # ---- run folder and the checkpoint to resume
@@ -269,6 +269,8 @@ class Trainer:
                               lr=args.lr if args.lr is not None else DEFAULT_LR[args.size],
                               entropy_lr=args.entropy_lr, warmup_steps=warmup)
         self.save_interval = args.save_interval or max(1, self.plan.total // 2)
+        if args.eval_interval is None:  # about 4 evaluations per run, at least every 500 steps
+            args.eval_interval = max(1, min(500, self.plan.total // 4))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.optimizer: torch.optim.Optimizer | None = None
         self.phase: str | None = None
