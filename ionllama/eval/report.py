@@ -37,7 +37,9 @@ def _acc(rec: dict | None) -> str:
 
 def _majority(rec: dict) -> str:
     mb = rec.get("majority_baseline")
-    return f"{100 * mb['accuracy']:.1f}% ('{mb['answer']}')" if mb else "-"
+    if not mb:
+        return "-"
+    return f"{100 * mb['accuracy']:.1f}% " + (f"('{mb['answer']}')" if mb["answer"] is not None else "(all answers differ)")
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:

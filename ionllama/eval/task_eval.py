@@ -78,6 +78,8 @@ def majority_baseline(examples: list[T.TaskExample]) -> dict | None:
     if not examples:
         return None
     answer, k = Counter(e.answer for e in examples).most_common(1)[0]
+    if k == 1 and len(examples) > 1:  # every answer differs (spelling, reversal): the floor is 1/n
+        return {"answer": None, "accuracy": 1 / len(examples)}
     return {"answer": answer.decode("utf-8", "replace"), "accuracy": k / len(examples)}
 
 
