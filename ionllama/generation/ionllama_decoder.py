@@ -166,10 +166,12 @@ class IonLlamaDecoder(IncrementalDecoder):
             self.advance_latent()
         return self.byte_step(tokens)
 
-    def advance_latent(self) -> None:
-        """Close the open patch of rows whose next byte starts a patch; one latent step for them."""
+    def advance_latent(self, mask: torch.Tensor | None = None) -> None:
+        """Close the open patch of rows whose next byte starts a patch; one latent step for them.
+        mask (B,) bool overrides which rows commit (default: next_start; all-False is a no-op)."""
         m, B, H, Dh = self.model, self.batch_size, self.H, self.Dh
-        mask = self.next_start
+        if mask is None:
+            mask = self.next_start
         pooled = (self.acc_num / self.acc_den.clamp_min(1e-30)[:, None]).to(self.dtype)
         z = m.to_latent(pooled)[:, None]  # (B, 1, dm)
         i = self.n_complete  # this patch's index; rows without a new patch write a slot that is not yet valid

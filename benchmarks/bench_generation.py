@@ -1,0 +1,239 @@
+"""Generation speed: bytes/s at batch 1 and 32 and per-byte latency at 1K/8K/32K bytes of context,
+ionLlama (cached incremental decoder) vs the dense byte transformer (KV cache), same run.
+
+Random-weight models (speed does not depend on training) in bf16; the ionLlama entropy threshold
+is calibrated on real text (this repository's source) to the configured bytes/patch, so latent
+steps happen at the rate they would in use. Sampling: temperature 1, no top-k/top-p (Gumbel-max
+with counter-based noise, inside the graph). Timing covers the decode loop only (prefill and graph
+capture excluded and reported separately); one host sync at the end of each timed span.
+
+    PYTHONPATH=. python benchmarks/bench_generation.py --out results_dir
+
+Writes bench_generation.json and bench_generation.md (tables) into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import time
+import traceback
+
+import torch
+
+from ionllama import create_model
+from ionllama.generation import decoder_for
+from ionllama.generation.runner import DecodeRunner
+from ionllama.generation.sampling import SamplingConfig
+
+
+def corpus_bytes(n: int) -> torch.Tensor:
+    """Real text: this repository's Python and Markdown files, repeated to n bytes."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    data = b"".join(p.read_bytes() for p in sorted(root.glob("ionllama/**/*.py")) + sorted(root.glob("docs/**/*.md")))
+    reps = n // len(data) + 1
+    return torch.frombuffer(bytearray((data * reps)[:n]), dtype=torch.uint8).long()
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.device = torch.device(args.device)
+        self.dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[args.dtype]
+        self.t_start = time.time()
+        self.rows = []
+        self.text = corpus_bytes(max(max(args.contexts) + 8192, 40000))
+        self.models = {}
+
+    def left(self) -> float:
+        return self.args.budget_s - (time.time() - self.t_start)
+
+    def model(self, kind):
+        if kind not in self.models:
+            torch.manual_seed(0)
+            m = create_model(self.args.size, model=kind).to(self.device)
+            info = {"params": m.count_parameters()["total"]}
+            if kind == "ionllama" and m.config.patching == "entropy":
+                cal = self.text[: 32 * 1024].view(8, 4096).to(self.device)
+                info.update(m.calibrate_threshold(cal))
+            m = m.to(self.dtype).eval()
+            self.models[kind] = (m, info)
+        return self.models[kind]
+
+    def prompts(self, B, ctx):
+        return [self.text[(r * 7919) % 4096: (r * 7919) % 4096 + ctx].tolist() for r in range(B)]
+
+    def session(self, kind, B, max_len, graphs=True, compile=False, policy="auto", label=""):
+        """A decoder + runner reused across measurements: prefill is in place, so the captured
+        graphs (and compiled code) stay valid; only the dense KV length depends on max_len."""
+        m, _ = self.model(kind)
+        dec = decoder_for(m, B, max_len)
+        seeds = torch.arange(B, device=self.device)
+        logits = torch.zeros(B, 256, device=self.device, dtype=self.dtype)
+        runner = DecodeRunner(dec, SamplingConfig(temperature=1.0), seeds, logits, max(self.args.new_bytes, 1024) + 16,
+                              cuda_graphs=graphs, compile=compile, latent_policy=policy)
+        return dict(kind=kind, B=B, dec=dec, runner=runner, graphs=graphs, compile=compile, max_len=max_len)
+
+    @torch.no_grad()
+    def measure(self, s, ctx, n_new, label="", policy=None):
+        dec, runner, B = s["dec"], s["runner"], s["B"]
+        assert ctx + n_new + 16 <= s["max_len"]
+        if policy is not None:
+            runner.latent_policy = policy
+        rows = self.prompts(B, ctx)
+        sync()
+        t0 = time.perf_counter()
+        logits = dec.prefill(rows)
+        sync()
+        t_prefill = time.perf_counter() - t0
+        runner.reset(logits)
+        t0 = time.perf_counter()
+        runner.run(8)  # first use: warm-up iterations + capture (+ compilation)
+        sync()
+        t_setup = time.perf_counter() - t0
+        patches0 = int(dec.n_complete.sum()) if hasattr(dec, "n_complete") else None
+        t0 = time.perf_counter()
+        runner.run(n_new)
+        sync()
+        dt = time.perf_counter() - t0
+        row = dict(model=s["kind"], label=label, batch=B, context=ctx, new_bytes=n_new, graphs=s["graphs"],
+                   compile=s["compile"], latent_policy=runner.latent_policy if patches0 is not None else None,
+                   bytes_per_s=B * n_new / dt, ms_per_byte=1000 * dt / n_new, prefill_s=t_prefill, setup_s=t_setup)
+        if patches0 is not None:
+            row["bytes_per_patch_decoded"] = B * n_new / max(1, int(dec.n_complete.sum()) - patches0)
+        print(json.dumps(row), flush=True)
+        self.rows.append(row)
+        return row
+
+    def attempt(self, need_s, fn, *a, label="", **kw):
+        if self.left() < need_s:
+            print(f"skip {label}: {self.left():.0f}s left", flush=True)
+            self.rows.append(dict(model=str(a[0]) if a else "", label=label, skipped="time budget"))
+            return None
+        try:
+            return fn(*a, label=label, **kw)
+        except Exception as e:  # one failed configuration must not lose the others
+            traceback.print_exc()
+            self.rows.append(dict(model=str(a[0]) if a else "", label=label,
+                                  error=f"{type(e).__name__}: {str(e)[:200]}"))
+            return None
+
+
+@torch.no_grad()
+def correctness_checks(device, compile: bool) -> dict:
+    """On the benchmark device: step-by-step logits vs the parallel forward (fp32, tiny ionLlama with
+    entropy patching, GPU kernels in the forward), and graph replay / compiled steps vs eager."""
+    from ionllama.generation import generate
+
+    out = {}
+    torch.manual_seed(0)
+    m = create_model("tiny", d_model=64, n_layers=2, n_heads=2, d_local=64, n_enc_layers=1, n_dec_layers=2,
+                     d_entropy=32, n_entropy_layers=2, entropy_headdim=16).to(device).eval()
+    x = corpus_bytes(4096)[:3 * 300].view(3, 300).to(device)
+    m.calibrate_threshold(x)
+    full = m(x)
+    dec = decoder_for(m, 3, 320)
+    logits = [dec.prefill([r[:20].tolist() for r in x])]
+    for t in range(20, 300):
+        logits.append(dec.step(x[:, t]))
+    got = torch.stack(logits[:-1], 1)
+    out["stepwise_vs_parallel_max_abs_err_fp32"] = float((got - full["logits"][:, 19:299]).abs().max())
+    out["stepwise_patches_match"] = bool(torch.equal(dec.n_complete + 1, full["n_patches"]))
+    prompts = [b"def main(", b"import torch\n", b"x"]
+    ref = generate(m, prompts, 96, seed=1, cuda_graphs=False)
+    out["graphs_equal_eager"] = generate(m, prompts, 96, seed=1, cuda_graphs=True) == ref
+    if compile:
+        out["compiled_graphs_equal_eager"] = generate(m, prompts, 96, seed=1, cuda_graphs=True, compile=True) == ref
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="small")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
+    ap.add_argument("--new_bytes", type=int, default=1024)
+    ap.add_argument("--latency_bytes", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--compile", action="store_true", help="also measure torch.compile'd steps (batch 1)")
+    ap.add_argument("--budget_s", type=float, default=280)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    b = Bench(args)
+    try:
+        checks = correctness_checks(b.device, args.compile)
+    except Exception as e:
+        traceback.print_exc()
+        checks = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    n, nl, B, cmax = args.new_bytes, args.latency_bytes, args.batch, max(args.contexts)
+    lat_len = cmax + max(n, nl) + 32
+
+    def run_set(kind, compile):
+        tag = ", compiled" if compile else ""
+        s1 = b.attempt(100 if compile else 15, b.session, kind, 1, lat_len if kind == "ionllama" else 256 + n + 32,
+                       compile=compile, label=f"{kind} b1 session{tag}")
+        if s1 is not None:
+            b.attempt(100 if compile else 10, b.measure, s1, 256, n, label=f"throughput b1{tag}")
+            if kind == "ionllama":
+                b.attempt(10, b.measure, s1, 256, n, policy="always", label=f"throughput b1, latent every byte{tag}")
+                for ctx in args.contexts:
+                    b.attempt(15, b.measure, s1, ctx, nl, policy="auto", label=f"latency{tag}")
+            del s1
+        if kind == "dense":  # the dense step attends over its whole static cache: one session per context
+            for ctx in args.contexts:
+                sc = b.attempt(100 if compile else 15, b.session, kind, 1, ctx + nl + 32, compile=compile,
+                               label=f"dense latency session {ctx}{tag}")
+                if sc is not None:
+                    b.attempt(100 if compile else 10, b.measure, sc, ctx, nl, label=f"latency{tag}")
+                del sc
+        sB = b.attempt(100 if compile else 15, b.session, kind, B, 256 + n + 32, compile=compile,
+                       label=f"{kind} b{B} session{tag}")
+        if sB is not None:
+            b.attempt(100 if compile else 10, b.measure, sB, 256, n // 2, label=f"throughput b{B}{tag}")
+        del sB
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+    for kind in ("ionllama", "dense"):
+        run_set(kind, False)
+    for kind in ("ionllama", "dense"):
+        se = b.attempt(10, b.session, kind, 1, 256 + 96, graphs=False, label="eager session")
+        if se is not None:
+            b.attempt(10, b.measure, se, 256, 64, label="throughput b1, eager (no graphs)")
+    if args.compile:
+        for kind in ("ionllama", "dense"):
+            run_set(kind, True)
+    env = dict(torch=torch.__version__, python=platform.python_version(),
+               device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
+               dtype=args.dtype, size=args.size,
+               models={k: v[1] for k, v in b.models.items()}, checks=checks,
+               commit=subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip())
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_generation.json").write_text(json.dumps(dict(env=env, rows=b.rows), indent=1, default=str))
+    lines = [f"env: {json.dumps(env, default=str)}", "",
+             "| model | what | batch | context | graphs | compile | bytes/s | ms/byte | bytes/patch | prefill s | setup s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in b.rows:
+        if "bytes_per_s" not in r:
+            lines.append(f"| {r['model']} | {r['label']} | | | | | {r.get('error', r.get('skipped'))} | | | | |")
+            continue
+        bpp = r.get("bytes_per_patch_decoded")
+        lines.append(f"| {r['model']} | {r['label']} | {r['batch']} | {r['context']} | {r['graphs']} | {r['compile']} | "
+                     f"{r['bytes_per_s']:,.0f} | {r['ms_per_byte']:.3f} | {'' if bpp is None else f'{bpp:.2f}'} | "
+                     f"{r['prefill_s']:.2f} | {r['setup_s']:.1f} |")
+    (out / "bench_generation.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
