@@ -20,6 +20,16 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SMALL = dict(d_model=64, n_layers=2, n_heads=2)  # 'tiny' shrunk further: the suite must run in seconds
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls gain nothing from a second thread, and on a busy 2-core machine the threads' spin-waits
+    made these tests ~100x slower; one thread keeps them fast everywhere."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _text(rel: str, n: int) -> bytes:
     p = SHARED / rel
     if p.is_file():
@@ -98,7 +108,6 @@ def _check_schema(res: dict, out: Path):
     assert "## Tasks: zero_shot" in md and "## Published figures (not measured here)" in md
 
 
-@pytest.mark.slow
 def test_full_suite_dense(workdir):
     ckpt = _save_trainer_checkpoint(create_model("tiny", model="dense", **SMALL), workdir / "run" / "best.pt")
     out = workdir / "bench" / "results.json"
@@ -110,7 +119,6 @@ def test_full_suite_dense(workdir):
     assert not set(T.split_words("test")) & set(T.split_words("train"))
 
 
-@pytest.mark.slow
 def test_full_suite_ionllama_with_patches_and_task_training(workdir):
     model = create_model("tiny", model="ionllama", d_local=32, d_entropy=32, **SMALL)
     with torch.no_grad():  # an uncalibrated model starts a patch at every byte; give it real patches
