@@ -32,17 +32,20 @@ class MetricsLogger:
                 self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "ionllama"), name=run_name,
                                         config=config or {}, dir=str(run_dir), resume="allow")
 
-    def truncate_after(self, step: int) -> None:
-        """On resume: drop points logged after the checkpoint's step (they will be logged again)."""
+    def truncate_after(self, step: int, phase: str | None = None) -> None:
+        """On resume: drop points logged after the checkpoint (they will be logged again): later steps, and
+        at its own step the points of a later phase (calibration and the evaluation after it)."""
         if not self.path.exists():
             return
         keep = []
         for line in self.path.read_text().splitlines():
             try:
-                if json.loads(line).get("step", 0) <= step:
-                    keep.append(line)
+                rec = json.loads(line)
             except ValueError:
                 continue  # a line cut by a crash
+            s = rec.get("step", 0)
+            if s < step or (s == step and (phase is None or rec.get("phase") in (phase, "init"))):
+                keep.append(line)
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, self.path)

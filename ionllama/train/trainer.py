@@ -356,7 +356,7 @@ class Trainer:
             self.scaler.load_state_dict(ck["scaler"])
         ckpt_io.restore_rng_state(ck["rng"])
         if self.metrics is not None:
-            self.metrics.truncate_after(self.step)
+            self.metrics.truncate_after(self.step, self.phase)
         _say(f"resumed {path} at step {self.step} (phase {self.phase})")
 
     # ------------------------------------------------------------------ phases
