@@ -189,6 +189,8 @@ def main():
                 for ctx in args.contexts:
                     b.attempt(15, b.measure, s1, ctx, nl, policy="auto", label=f"latency{tag}")
             del s1
+        if compile:  # compiled: batch-1 sessions only (each compile costs tens of seconds)
+            return
         if kind == "dense":  # the dense step attends over its whole static cache: one session per context
             for ctx in args.contexts:
                 sc = b.attempt(100 if compile else 15, b.session, kind, 1, ctx + nl + 32, compile=compile,
