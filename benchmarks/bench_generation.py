@@ -52,6 +52,7 @@ class Bench:
         self.rows = []
         self.text = corpus_bytes(max(max(args.contexts) + 8192, 40000))
         self.models = {}
+        self.checks = {}
 
     def left(self) -> float:
         return self.args.budget_s - (time.time() - self.t_start)
@@ -111,6 +112,7 @@ class Bench:
             row["bytes_per_patch_decoded"] = B * n_new / max(1, int(dec.n_complete.sum()) - patches0)
         print(json.dumps(row), flush=True)
         self.rows.append(row)
+        write_results(self, self.args, self.checks)  # after every row: a killed run keeps what it measured
         return row
 
     def attempt(self, need_s, fn, *a, label="", **kw):
@@ -156,6 +158,30 @@ def correctness_checks(device, compile: bool) -> dict:
     return out
 
 
+def write_results(b, args, checks):
+    env = dict(torch=torch.__version__, python=platform.python_version(),
+               device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
+               dtype=args.dtype, size=args.size,
+               models={k: v[1] for k, v in b.models.items()}, checks=checks,
+               commit=subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip())
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_generation.json").write_text(json.dumps(dict(env=env, rows=b.rows), indent=1, default=str))
+    lines = [f"env: {json.dumps(env, default=str)}", "",
+             "| model | what | batch | context | graphs | compile | bytes/s | ms/byte | bytes/patch | prefill s | setup s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in b.rows:
+        if "bytes_per_s" not in r:
+            lines.append(f"| {r['model']} | {r['label']} | | | | | {r.get('error', r.get('skipped'))} | | | | |")
+            continue
+        bpp = r.get("bytes_per_patch_decoded")
+        lines.append(f"| {r['model']} | {r['label']} | {r['batch']} | {r['context']} | {r['graphs']} | {r['compile']} | "
+                     f"{r['bytes_per_s']:,.0f} | {r['ms_per_byte']:.3f} | {'' if bpp is None else f'{bpp:.2f}'} | "
+                     f"{r['prefill_s']:.2f} | {r['setup_s']:.1f} |")
+    (out / "bench_generation.md").write_text("\n".join(lines) + "\n")
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="small")
@@ -175,6 +201,7 @@ def main():
     except Exception as e:
         traceback.print_exc()
         checks = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    b.checks = checks
     n, nl, B, cmax = args.new_bytes, args.latency_bytes, args.batch, max(args.contexts)
     lat_len = cmax + max(n, nl) + 32
 
@@ -214,27 +241,7 @@ def main():
     if args.compile:
         for kind in ("ionllama", "dense"):
             run_set(kind, True)
-    env = dict(torch=torch.__version__, python=platform.python_version(),
-               device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
-               dtype=args.dtype, size=args.size,
-               models={k: v[1] for k, v in b.models.items()}, checks=checks,
-               commit=subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip())
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_generation.json").write_text(json.dumps(dict(env=env, rows=b.rows), indent=1, default=str))
-    lines = [f"env: {json.dumps(env, default=str)}", "",
-             "| model | what | batch | context | graphs | compile | bytes/s | ms/byte | bytes/patch | prefill s | setup s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in b.rows:
-        if "bytes_per_s" not in r:
-            lines.append(f"| {r['model']} | {r['label']} | | | | | {r.get('error', r.get('skipped'))} | | | | |")
-            continue
-        bpp = r.get("bytes_per_patch_decoded")
-        lines.append(f"| {r['model']} | {r['label']} | {r['batch']} | {r['context']} | {r['graphs']} | {r['compile']} | "
-                     f"{r['bytes_per_s']:,.0f} | {r['ms_per_byte']:.3f} | {'' if bpp is None else f'{bpp:.2f}'} | "
-                     f"{r['prefill_s']:.2f} | {r['setup_s']:.1f} |")
-    (out / "bench_generation.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print("\n".join(write_results(b, args, checks)))
 
 
 if __name__ == "__main__":
