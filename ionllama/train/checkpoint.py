@@ -138,6 +138,9 @@ def export_safetensors(model: torch.nn.Module, path: str | Path, metadata: dict 
     tmp = _tmp_path(path)
     try:
         save_model(model, str(tmp), metadata=meta)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600; make it as readable as torch.save's files
         _fsync_replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
