@@ -41,6 +41,7 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch
     assert C.load_checkpoint(tmp_path / "best.pt")["step"] == 1
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on the hand-made pickle
 def test_damaged_or_foreign_files_give_one_line_errors(tmp_path):
     m = tiny()
     good = C.save_checkpoint(state_of(m), tmp_path / "good.pt")
