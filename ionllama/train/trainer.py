@@ -401,7 +401,9 @@ class Trainer:
         if self.val is None:
             return self.val_batches[0][0].to(self.device)
         n = max(1, min(64, (len(self.val) - 1) // T))
-        idx = (np.arange(n) * T)[:, None] + np.arange(T)
+        # windows spread evenly over the whole val split: a prefix can be one unrepresentative document
+        starts = np.linspace(0, len(self.val) - 1 - T, n).astype(np.int64)
+        idx = starts[:, None] + np.arange(T)
         return torch.from_numpy(np.asarray(self.val[idx], dtype=np.int64)).to(self.device)
 
     def _calibrate(self) -> None:
