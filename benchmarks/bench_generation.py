@@ -105,7 +105,7 @@ class Bench:
         runner.run(n_new)
         sync()
         dt = time.perf_counter() - t0
-        row = dict(model=s["kind"], label=label, batch=B, context=ctx, new_bytes=n_new, graphs=s["graphs"],
+        row = dict(model=s["kind"], label=label, batch=B, context=ctx, new_bytes=n_new, graphs=runner.graphs is not None,
                    compile=s["compile"], latent_policy=runner.latent_policy if patches0 is not None else None,
                    bytes_per_s=B * n_new / dt, ms_per_byte=1000 * dt / n_new, prefill_s=t_prefill, setup_s=t_setup)
         if patches0 is not None:

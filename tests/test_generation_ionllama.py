@@ -13,9 +13,19 @@ from ionllama import create_model
 from ionllama.generation import decoder_for, generate
 from ionllama.generation.ionllama_decoder import IonLlamaDecoder
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny-tensor tests: with 2 OpenMP threads on 2 shared cores every op can stall ~10 ms on a
+    descheduled thread; one thread is faster and immune to that."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 TINY = dict(d_model=32, n_layers=2, n_heads=2, d_local=32, n_enc_layers=1, n_dec_layers=2, d_entropy=16,
             n_entropy_layers=2, entropy_headdim=8, entropy_state=4, ngram_buckets=64, local_window=8,
-            scan_chunk=8, max_patch_size=5, local_width=2)
+            scan_chunk=64, max_patch_size=5, local_width=2)  # chunk 64: one reference-scan chunk (fast on CPU)
 
 CONFIGS = [dict(patching=p, attention=a, local_layers=l)
            for p, a, l in itertools.product(["entropy", "fixed", "space", "byte"], ["dilated", "dense"],
