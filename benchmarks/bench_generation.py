@@ -161,7 +161,7 @@ def correctness_checks(device, compile: bool) -> dict:
 def write_results(b, args, checks):
     env = dict(torch=torch.__version__, python=platform.python_version(),
                device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
-               dtype=args.dtype, size=args.size,
+               dtype=args.dtype, size=args.size, threads=torch.get_num_threads(),
                models={k: v[1] for k, v in b.models.items()}, checks=checks,
                commit=subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip())
     out = pathlib.Path(args.out)
@@ -194,7 +194,10 @@ def main():
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile'd steps (batch 1)")
     ap.add_argument("--budget_s", type=float, default=280)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--threads", type=int, default=0, help="CPU intra-op threads (0: torch default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     b = Bench(args)
     try:
         checks = correctness_checks(b.device, args.compile)
