@@ -3,7 +3,8 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# one thread: tiny-op tests slow down badly when OpenMP threads oversubscribe busy cores
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
