@@ -925,7 +925,8 @@ def write_report(out: Path, names: list[str], command: str, label: str = "phase1
     else:
         text = text.rstrip() + "\n\n" + "\n".join(body) + "\n"
     md.write_text(text)
-    (out / "table.md").write_text(table_markdown(arms, extra) + "\n" + (("\n" + t + "\n") if t else ""))
+    (out / "table.md").write_text(body[2] + "\n\n" + table_markdown(arms, extra) + "\n"
+                                  + (("\n" + t + "\n") if t else ""))  # body[2]: command, device, dates
     _log(f"report: {md} (table section), {out.parent / (out.name + '.json')}, plots {[p.name for p in plots]}")
     return summary
 

@@ -10,9 +10,20 @@ from ionllama.model.local_attention import local_window_attention
 from ionllama.model.patcher import calibrate_threshold, cap_patches, compute_patches, rule_starts
 from ionllama.model.pooling import PatchPooling
 from ionllama.model.scan import scan_const_decay, scan_general, scan_loop
-from ionllama.model.ssm import MambaBlock, ssd_chunked, ssd_loop
+from ionllama.model.ssm import MambaBlock, ssd_chunked, ssd_step
 
 f64 = torch.float64
+
+
+def ssd_loop(x, log_a, Bm, Cm, h0=None):
+    """Naive recurrence over time: the ground truth for ssd_chunked."""
+    b, T, H, P = x.shape
+    state = h0.clone() if h0 is not None else x.new_zeros(b, H, P, Bm.shape[-1])
+    ys = []
+    for t in range(T):
+        y, state = ssd_step(x[:, t], log_a[:, t], Bm[:, t], Cm[:, t], state)
+        ys.append(y)
+    return torch.stack(ys, 1), state
 
 
 @pytest.mark.parametrize("T,chunk", [(1, 4), (7, 4), (64, 8), (300, 16), (1000, 8)])

@@ -4,8 +4,8 @@ Per head h the state S (P x N) follows  S_t = exp(dt_t * A_h) S_{t-1} + (dt_t x_
 y_t = S_t C_t + D x_t, with dt, B, C computed from the input (selective). `ssd_chunked` computes
 this exactly in O(T) with the state-space-duality chunked form: inside a chunk of L steps it is a
 masked (L x L) product (matmuls), across chunks the chunk-end states follow the same recurrence,
-solved by `scan_general`. `ssd_loop` is the naive recurrence (tests only); `ssd_step` is one step
-for incremental decoding.
+solved by `scan_general`. `ssd_step` is one step for incremental decoding; tests compare both
+with a naive loop over time (tests/test_components.py).
 """
 from __future__ import annotations
 
@@ -54,17 +54,6 @@ def ssd_step(x_t, log_a_t, B_t, C_t, state):
     """One step. x_t: (b, H, P), log_a_t: (b, H), B_t/C_t: (b, N), state: (b, H, P, N)."""
     state = torch.exp(log_a_t)[..., None, None] * state + x_t[..., None] * B_t[:, None, None, :]
     return torch.einsum("bhps,bs->bhp", state, C_t), state
-
-
-def ssd_loop(x, log_a, Bm, Cm, h0=None):
-    """Naive recurrence over time (tests only)."""
-    b, T, H, P = x.shape
-    state = h0.clone() if h0 is not None else x.new_zeros(b, H, P, Bm.shape[-1])
-    ys = []
-    for t in range(T):
-        y, state = ssd_step(x[:, t], log_a[:, t], Bm[:, t], Cm[:, t], state)
-        ys.append(y)
-    return torch.stack(ys, 1), state
 
 
 class Mamba2Mixer(nn.Module):
