@@ -68,6 +68,11 @@ def generate(model, prompt_bytes, max_new_bytes: int = 256, temperature: float =
             _decode_loop(model, rows, outs, cfg, max_new_bytes, seed, stream, decoder, cuda_graphs, compile)
     finally:
         model.train(was_training)
+    return finish_outputs(outs, stream, is_batch, return_info)
+
+
+def finish_outputs(outs, stream, is_batch: bool, return_info: bool):
+    """Flush held-back bytes to the stream and shape the result (shared by every model's generate)."""
     for r, o in enumerate(outs):
         tail = o.finish()
         if stream is not None and tail:

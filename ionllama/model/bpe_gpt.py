@@ -18,8 +18,7 @@ import torch.nn as nn
 from ..config import ModelConfig
 from ..errors import UserError
 from ..registry import register
-from .common import RMSNorm, TransformerBlock, init_weights, swiglu_hidden
-from .dense import ParamCountMixin, lm_outputs
+from .dense import ParamCountMixin, build_transformer_lm, lm_outputs
 
 
 
@@ -32,14 +31,7 @@ class BPETransformer(ParamCountMixin, nn.Module):
         if config.vocab_size <= 256:
             raise UserError(f"--model bpe needs vocab_size > 256 (the tokenizer's vocabulary), got "
                             f"{config.vocab_size}; pass --vocab_size 4096")
-        self.config = config
-        d = config.d_model
-        self.embed = nn.Embedding(config.vocab_size, d)
-        hidden = swiglu_hidden(d, config.ffn_mult)
-        self.blocks = nn.ModuleList([TransformerBlock(d, config.n_heads, hidden) for _ in range(config.n_layers)])
-        self.norm = RMSNorm(d)
-        self.head = nn.Linear(d, config.vocab_size, bias=False)
-        init_weights(self, config.n_layers)
+        build_transformer_lm(self, config)
         # bytes per token id; all ones until a tokenizer is attached
         self.register_buffer("token_nbytes", torch.ones(config.vocab_size, dtype=torch.long))
         self.register_buffer("tokenizer_json", torch.zeros(0, dtype=torch.uint8))
@@ -108,7 +100,7 @@ class BPETransformer(ParamCountMixin, nn.Module):
         """Same signature and stopping rules as the byte models: encode each prompt, sample tokens, emit
         their bytes until max_new_bytes, DOC_SEP or a stop string. decoder: 'auto' (the dense KV cache
         over token ids) | 'recompute' (a full forward per token). Returns bytes, or a list for a batch."""
-        from ..generation.generate import _row_seeds
+        from ..generation.generate import _row_seeds, finish_outputs
         from ..generation.prompts import DOC_SEP, RowOutput, normalize_prompts, normalize_stops
         from ..generation.sampling import SamplingConfig, sample_next
 
@@ -149,15 +141,7 @@ class BPETransformer(ParamCountMixin, nn.Module):
                     logits = dec.step(toks)
         finally:
             self.train(was_training)
-        for r, o in enumerate(outs):
-            tail = o.finish()
-            if stream is not None and tail:
-                stream(r, tail)
-        results = [o.result for o in outs]
-        result = results if is_batch else results[0]
-        if return_info:
-            return result, {"stop_reasons": [o.stop_reason for o in outs]}
-        return result
+        return finish_outputs(outs, stream, is_batch, return_info)
 
 
 def _make_decoder(model, kind: str, batch: int, max_len: int):

@@ -48,18 +48,23 @@ class GenerateMixin:
                         top_p=top_p, **kwargs)
 
 
+def build_transformer_lm(module: nn.Module, config: ModelConfig) -> None:
+    """embed -> pre-norm transformer blocks -> norm -> head, GPT-2 init (dense and BPE models)."""
+    module.config = config
+    d = config.d_model
+    module.embed = nn.Embedding(config.vocab_size, d)
+    hidden = swiglu_hidden(d, config.ffn_mult)
+    module.blocks = nn.ModuleList([TransformerBlock(d, config.n_heads, hidden) for _ in range(config.n_layers)])
+    module.norm = RMSNorm(d)
+    module.head = nn.Linear(d, config.vocab_size, bias=False)
+    init_weights(module, config.n_layers)
+
+
 @register("dense")
 class DenseByteTransformer(ParamCountMixin, GenerateMixin, nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.config = config
-        d = config.d_model
-        self.embed = nn.Embedding(config.vocab_size, d)
-        hidden = swiglu_hidden(d, config.ffn_mult)
-        self.blocks = nn.ModuleList([TransformerBlock(d, config.n_heads, hidden) for _ in range(config.n_layers)])
-        self.norm = RMSNorm(d)
-        self.head = nn.Linear(d, config.vocab_size, bias=False)
-        init_weights(self, config.n_layers)
+        build_transformer_lm(self, config)
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> dict:
         B, T = x.shape
