@@ -198,3 +198,15 @@ def test_mamba_trains_and_decodes_incrementally():
     cached = model.generate(prompts, max_new_bytes=12, greedy=True)
     ref = model.generate(prompts, max_new_bytes=12, greedy=True, decoder="recompute")
     assert cached == ref
+
+
+def test_bpe_generate_inside_autocast_equals_fp32(corpus):
+    toks = open_token_shards(corpus["tok_dir"])
+    torch.manual_seed(0)
+    model = create_model("tiny", model="bpe", d_model=32, n_layers=1, n_heads=2, vocab_size=toks.bpe.vocab_size)
+    model.set_tokenizer(toks.bpe)
+    model.eval()
+    want = model.generate([b"The ", b"and"], max_new_bytes=10, greedy=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model.generate([b"The ", b"and"], max_new_bytes=10, greedy=True)
+    assert got == want and all(len(g) == 10 for g in got)

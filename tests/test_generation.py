@@ -273,3 +273,20 @@ def test_cli_bad_checkpoint_is_one_line_exit_2(tmp_path, capsys, content):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err
+
+
+@pytest.mark.parametrize("kind", ["dense", "ionllama"])
+def test_generate_inside_autocast_runs_in_model_dtype(kind):
+    """A bf16 autocast region around generate (as in a training loop's task evaluation) must neither
+    crash (bf16 keys written into fp32 caches) nor change the result: decoding runs in the model dtype."""
+    if kind == "dense":
+        m = tiny_dense()
+    else:
+        torch.manual_seed(0)
+        m = ionllama.create_model("tiny", model="ionllama", patching="fixed", fixed_patch_size=3).eval()
+    prompts = [b"the cat sat", b"on"]
+    want = m.generate(prompts, max_new_bytes=12, greedy=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = m.generate(prompts, max_new_bytes=12, greedy=True)
+        assert torch.is_autocast_enabled("cpu")  # the region is restored afterwards
+    assert got == want

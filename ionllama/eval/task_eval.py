@@ -32,13 +32,13 @@ def _greedy_fallback(model, prompts: list[bytes], max_new_bytes: int, device) ->
 
 def generate_greedy(model, prompts: list[bytes], max_new_bytes: int, device, amp_dtype=None) -> tuple[list[bytes], str]:
     """-> (continuations, method). Uses model.generate (cached decoding) when it works."""
+    if hasattr(model, "generate"):  # the cached decoders run in the model's own dtype: no autocast around them
+        try:
+            out = model.generate(list(prompts), max_new_bytes=max_new_bytes, greedy=True, stop=[b"\n"])
+            return [bytes(o) for o in out], "model.generate"
+        except (ImportError, NotImplementedError):  # no generation module / decoder for this model
+            pass
     with autocast_ctx(device, amp_dtype):
-        if hasattr(model, "generate"):
-            try:
-                out = model.generate(list(prompts), max_new_bytes=max_new_bytes, greedy=True, stop=[b"\n"])
-                return [bytes(o) for o in out], "model.generate"
-            except (ImportError, NotImplementedError):  # no generation module / decoder for this model
-                pass
         return _greedy_fallback(model, prompts, max_new_bytes, device), "fallback greedy (full forward per byte)"
 
 

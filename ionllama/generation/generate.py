@@ -65,10 +65,19 @@ def generate(model, prompt_bytes, max_new_bytes: int = 256, temperature: float =
     model.eval()
     try:
         if max_new_bytes > 0:
-            _decode_loop(model, rows, outs, cfg, max_new_bytes, seed, stream, decoder, cuda_graphs, compile)
+            with model_precision(model):
+                _decode_loop(model, rows, outs, cfg, max_new_bytes, seed, stream, decoder, cuda_graphs, compile)
     finally:
         model.train(was_training)
     return finish_outputs(outs, stream, is_batch, return_info)
+
+
+def model_precision(model):
+    """Decoding runs in the model's own dtype: an autocast region around `generate` (a training loop's
+    evaluation, say) is switched off, since the caches are written in the model's dtype and a bf16
+    prefill would otherwise write into fp32 caches (and the stepwise==parallel guarantee is for one dtype)."""
+    dev = next(model.parameters()).device
+    return torch.autocast(device_type=dev.type, enabled=False)
 
 
 def finish_outputs(outs, stream, is_batch: bool, return_info: bool):

@@ -100,9 +100,9 @@ class BPETransformer(ParamCountMixin, nn.Module):
         """Same signature and stopping rules as the byte models: encode each prompt, sample tokens, emit
         their bytes until max_new_bytes, DOC_SEP or a stop string. decoder: 'auto' (the dense KV cache
         over token ids) | 'recompute' (a full forward per token). Returns bytes, or a list for a batch."""
-        from ..generation.generate import _row_seeds, finish_outputs
+        from ..generation.generate import _row_seeds, finish_outputs, model_precision
         from ..generation.prompts import DOC_SEP, RowOutput, normalize_prompts, normalize_stops
-        from ..generation.sampling import SamplingConfig, sample_next
+        from ..generation.sampling import SamplingConfig
 
         rows, is_batch = normalize_prompts(prompt_bytes)
         if not rows:
@@ -122,26 +122,34 @@ class BPETransformer(ParamCountMixin, nn.Module):
         was_training = self.training
         self.eval()
         try:
-            if max_new_bytes > 0:
-                # every token holds >= 1 byte: max_new_bytes tokens always suffice
-                dec = _make_decoder(self, decoder, len(rows), max(map(len, seqs)) + max_new_bytes)
-                logits = dec.prefill(seqs)
-                for step in range(max_new_bytes):
-                    toks = sample_next(logits, cfg, seeds, step)
-                    for r, t in enumerate(toks.tolist()):
-                        for b in bpe.token_bytes[t][:max_new_bytes - emitted[r]]:
-                            if outs[r].done:
-                                break
-                            emitted[r] += 1
-                            piece = outs[r].push(b)
-                            if stream is not None and piece:
-                                stream(r, piece)
-                    if all(o.done or e >= max_new_bytes for o, e in zip(outs, emitted)):
-                        break
-                    logits = dec.step(toks)
+            with model_precision(self):
+                self._decode(decoder, rows, seqs, outs, emitted, cfg, seeds, max_new_bytes, stream)
         finally:
             self.train(was_training)
         return finish_outputs(outs, stream, is_batch, return_info)
+
+    def _decode(self, decoder, rows, seqs, outs, emitted, cfg, seeds, max_new_bytes, stream) -> None:
+        from ..generation.sampling import sample_next
+
+        if max_new_bytes <= 0:
+            return
+        bpe = self.bpe
+        # every token holds >= 1 byte: max_new_bytes tokens always suffice
+        dec = _make_decoder(self, decoder, len(rows), max(map(len, seqs)) + max_new_bytes)
+        logits = dec.prefill(seqs)
+        for step in range(max_new_bytes):
+            toks = sample_next(logits, cfg, seeds, step)
+            for r, t in enumerate(toks.tolist()):
+                for b in bpe.token_bytes[t][:max_new_bytes - emitted[r]]:
+                    if outs[r].done:
+                        break
+                    emitted[r] += 1
+                    piece = outs[r].push(b)
+                    if stream is not None and piece:
+                        stream(r, piece)
+            if all(o.done or e >= max_new_bytes for o, e in zip(outs, emitted)):
+                break
+            logits = dec.step(toks)
 
 
 def _make_decoder(model, kind: str, batch: int, max_len: int):
