@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Phase-1 arms on a machine of several GPUs, one experiment process per GPU (issue #11). Each GPU trains
+# its own arms one after the other, so every arm still has one whole GPU for its time budget.
+# Usage on the device machine:
+#   GPU0=dense,bpe GPU1=ionllama,ionllama_tf_local T=390 bash scripts/gpu_phase1_parallel.sh
+# Byte shards are built once first; a background loop copies docs/results/phase1 to $OUT every 20 s, so
+# finished arms come back even if the call is cut off.
+set -u
+export PYTHONUNBUFFERED=1 PYTHONPATH=.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+T=${T:-390}
+t0=$(date +%s)
+common=(--matrix phase1 --budget_s "${BUDGET:-75}" --arm_overhead_s "${OVERHEAD:-90}"
+  --data_path '.data/gutenberg/gutenberg-{split}.jsonl.xz' --final_test --eval_bytes 2000000
+  --eval_data .data/wikipedia/wikipedia-val.jsonl.xz --out docs/results/phase1)
+python3 -m ionllama.cli experiment "${common[@]}" --stage prepare --arms "${GPU0%%,*}" > "$OUT/log_prepare.txt" 2>&1
+left=$((T - ($(date +%s) - t0) - 10))
+( while true; do tar czf "$OUT/phase1.tgz.part" docs/results/phase1 2>/dev/null && mv "$OUT/phase1.tgz.part" "$OUT/phase1.tgz"; sleep 20; done ) &
+saver=$!
+pids=()
+for g in 0 1 2 3 4 5 6 7; do
+  var="GPU$g"; arms="${!var:-}"
+  [ -z "$arms" ] && continue
+  CUDA_VISIBLE_DEVICES=$g timeout -s TERM "$left" python3 -m ionllama.cli experiment "${common[@]}" \
+    --deadline_s $((left - 5)) --arms "$arms" > "$OUT/log_gpu$g.txt" 2>&1 &
+  pids+=($!)
+done
+for p in "${pids[@]}"; do wait "$p"; done
+kill "$saver" 2>/dev/null
+tar czf "$OUT/phase1.tgz" docs/results/phase1
+tail -n 8 "$OUT"/log_*.txt
