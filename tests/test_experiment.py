@@ -1,5 +1,6 @@
 """The Phase-1 experiment runner: equal-time arms, same val bytes, files, resume, time-based schedule."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,6 +47,8 @@ def test_two_arm_matrix_writes_results_and_resumes(tmp_path, capsys, one_thread)
         assert f["command"].startswith("ionllama experiment") and f["trainer_command"].startswith("ionllama train")
         recs = [json.loads(line) for line in (res / "phase1" / arm / "metrics.jsonl").read_text().splitlines()]
         assert recs[-1]["phase"] == "final" and recs[-1]["val_bpb"] == pytest.approx(f["val"]["bpb"])
+        curve = [r for r in recs if "val_bpb" in r and r["phase"] not in ("init", "final")]
+        assert 1 <= len(curve) <= 2 + 1  # --curve_points 2 (+ the evaluation at a phase change)
         flops = [r["train_flops"] for r in recs]
         assert flops == sorted(flops) and flops[-1] == pytest.approx(t["train_flops"])
     assert finals["bpe"]["train"]["seq_len"] == 16 and finals["bpe"]["train"]["bytes_per_token"] > 1.2
@@ -162,3 +165,41 @@ def test_capped_evaluation_scores_the_same_bytes_for_byte_and_token_models(tmp_p
         b = r._bpb(dense, data, 64, "cpu", None)["bytes"]
         t = r._bpb(bpe, data, 16, "cpu", None)["bytes"]
         assert b == t == (cap if cap else len(val) - 1)
+
+
+@pytest.mark.parametrize("patching", ["entropy", "space"])
+def test_warm_up_compiles_every_shape_training_will_see(patching, one_thread):
+    """After warm_up, a new calibrated threshold and batches with new patch counts must not recompile:
+    a recompile there lands inside an arm's measured training time."""
+    from types import SimpleNamespace
+
+    from torch._dynamo.testing import CompileCounter
+
+    from ionllama.experiment import warm_up
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = create_model("tiny", model="ionllama", patching=patching)
+    g = torch.Generator().manual_seed(0)
+    text = torch.tensor(list(Path(__file__).read_bytes()))  # varied text: code, prose, symbols
+    starts = torch.randint(0, len(text) - 129, (12, 2), generator=g)
+    batches = [(text[s[:, None] + torch.arange(128)], text[s[:, None] + torch.arange(1, 129)]) for s in starts]
+    dense = torch.tensor(list(b"1+2=3; 4*5=20; (a,b)->[c]! " * 10))[:129]  # a start at almost every byte
+    batches[-1] = (dense[:-1].repeat(2, 1), dense[1:].repeat(2, 1))
+    cnt = CompileCounter()
+    tr = SimpleNamespace(model=m, device=torch.device("cpu"), amp_dtype=None, fwd=torch.compile(m, backend=cnt),
+                         sampler=SimpleNamespace(get=lambda k: batches[k]), args=SimpleNamespace(compile=True))
+    warm_up(tr)
+    compiled = cnt.frame_count
+    if patching == "entropy":
+        m.freeze_entropy(True)
+        with torch.no_grad():
+            m.calibrate_threshold(batches[5][0])
+    counts = set()
+    for x, y in batches[2:]:
+        out = tr.fwd(x, y)
+        out["loss"].backward()
+        counts.add(int(out["n_patches"].max()))
+    assert len(counts) > 1  # the batches really had different patch counts
+    assert cnt.frame_count == compiled
+    torch._dynamo.reset()

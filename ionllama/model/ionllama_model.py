@@ -23,7 +23,7 @@ from .entropy_model import EntropyModel
 from .integral_lnn import IntegralLNNBlock
 from .latent_transformer import LatentTransformer
 from .local_attention import LocalAttentionBlock
-from .patcher import calibrate_threshold, compute_patches
+from .patcher import calibrate_threshold, compute_patches, patch_ids
 from .pooling import PatchPooling
 
 
@@ -116,10 +116,16 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
 
     def patches(self, x: torch.Tensor, entropy: torch.Tensor | None):
         c = self.config
-        return compute_patches(x, entropy, c.patching, float(self.entropy_threshold), c.threshold_mode,
+        # the threshold goes in as a tensor: as a Python float torch.compile would specialise on its value
+        # and recompile the whole forward after every calibration (seen: ~19 s of a 75 s H200 budget)
+        return compute_patches(x, entropy, c.patching, self.entropy_threshold, c.threshold_mode,
                                c.max_patch_size, c.fixed_patch_size)
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> dict:
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None,
+                patch_starts: torch.Tensor | None = None) -> dict:
+        """patch_starts: optional (B, T) bool, patch boundaries to use instead of the patcher's (e.g. the
+        ones generation decided, to compare its logits with this forward where a threshold tie could
+        decide differently in two kernels' arithmetic)."""
         x = x.long()
         B, T = x.shape
         entropy, trainable = self.compute_entropy(x)
@@ -131,7 +137,10 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
                 import torch.nn.functional as F
                 aux_loss = F.cross_entropy(ent_out["logits"].float().reshape(-1, 256), targets.reshape(-1),
                                            ignore_index=-100)
-        _, b2p, n_patches = self.patches(x, entropy)
+        if patch_starts is None:
+            _, b2p, n_patches = self.patches(x, entropy)
+        else:
+            b2p, n_patches = patch_ids(patch_starts.bool() | (torch.arange(T, device=x.device) == 0))
         # The one host sync per forward: the latent length. Rounded up to a multiple of PATCH_PAD so
         # torch.compile sees few shapes; padding patches sit after every real one, so causal
         # attention never lets a real patch see them.

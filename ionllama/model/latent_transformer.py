@@ -9,6 +9,10 @@ from .dilated_attention import dilated_offsets
 
 
 def make_dilated_attn(local_width: int):
+    # Not traced by torch.compile (the kernel call is a graph break anyway): the offsets are a Python list
+    # that depends on the patch count, and tracing it would guard on which power of two the count passes,
+    # recompiling the latent stack whenever a batch's patch count crosses one.
+    @torch.compiler.disable
     def attn(q, k, v):
         from ..kernels import dilated_attention  # Triton on CUDA, gather reference elsewhere
 

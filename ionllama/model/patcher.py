@@ -18,7 +18,7 @@ def _is_word_byte(x: torch.Tensor) -> torch.Tensor:
     return ((x >= 48) & (x <= 57)) | ((x >= 65) & (x <= 90)) | ((x >= 97) & (x <= 122)) | (x >= 128)
 
 
-def rule_starts(x: torch.Tensor, entropy: torch.Tensor | None, mode: str, threshold: float,
+def rule_starts(x: torch.Tensor, entropy: torch.Tensor | None, mode: str, threshold: float | torch.Tensor,
                 threshold_mode: str = "global", fixed_size: int = 4) -> torch.Tensor:
     """(B, T) bool: patch starts from the rule alone (before the max-size cap)."""
     B, T = x.shape
