@@ -141,14 +141,12 @@ def correctness_checks(device, compile: bool) -> dict:
                      d_entropy=32, n_entropy_layers=2, entropy_headdim=16).to(device).eval()
     x = corpus_bytes(4096)[:3 * 300].view(3, 300).to(device)
     m.calibrate_threshold(x)
-    full = m(x)
-    dec = decoder_for(m, 3, 320)
-    logits = [dec.prefill([r[:20].tolist() for r in x])]
-    for t in range(20, 300):
-        logits.append(dec.step(x[:, t]))
-    got = torch.stack(logits[:-1], 1)
-    out["stepwise_vs_parallel_max_abs_err_fp32"] = float((got - full["logits"][:, 19:299]).abs().max())
-    out["stepwise_patches_match"] = bool(torch.equal(dec.n_complete + 1, full["n_patches"]))
+    from ionllama.generation.check import stepwise_vs_parallel
+
+    # with a random entropy model most entropies sit near 8 bits, next to the calibrated threshold, so
+    # kernel arithmetic can flip a boundary: the check also compares with the decoder's own boundaries
+    res = stepwise_vs_parallel(m, x, prompt_len=20)
+    out.update({f"stepwise_{k}": v for k, v in res.items()})
     prompts = [b"def main(", b"import torch\n", b"x"]
     ref = generate(m, prompts, 96, seed=1, cuda_graphs=False)
     out["graphs_equal_eager"] = generate(m, prompts, 96, seed=1, cuda_graphs=True) == ref

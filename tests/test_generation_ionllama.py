@@ -108,3 +108,34 @@ def test_ionllama_batched_generation_equals_single(cfg):
         for r, p in enumerate(prompts):
             assert generate(m, p, 24, seed=3 + r, **kw) == batched[r]
         assert batched == generate(m, prompts, 24, seed=3, decoder="recompute", **kw)
+
+
+def test_stepwise_check_separates_cache_errors_from_threshold_ties():
+    """The GPU benchmark's check: with the decoder's own boundaries the logits must agree even when a
+    boundary decision differs from the parallel forward's (simulated here by nudging the decoder's
+    threshold, as kernel arithmetic does to an entropy sitting on the threshold)."""
+    from ionllama.generation.check import stepwise_vs_parallel
+
+    seqs = text_like(2, 40, seed=7)
+    m = build(dict(patching="entropy"), seqs)
+    res = stepwise_vs_parallel(m, seqs, prompt_len=5)
+    assert res["patches_match"] and res["boundary_disagreements"] == 0
+    assert res["max_abs_err_own_boundaries"] < 1e-4 and res["max_abs_err_same_boundaries"] < 1e-4
+
+    ent = m.entropy_model(seqs)["entropy"][:, 5:-1].flatten().sort().values
+    th = float(m.entropy_threshold)
+    nudged = float(ent[ent > th][0]) + 1e-6  # the lowest entropy above the threshold now falls below it
+    orig = IonLlamaDecoder.__init__
+
+    def init(self, *a, **kw):
+        orig(self, *a, **kw)
+        self.threshold = nudged
+
+    IonLlamaDecoder.__init__ = init
+    try:
+        res = stepwise_vs_parallel(m, seqs, prompt_len=5)
+    finally:
+        IonLlamaDecoder.__init__ = orig
+    assert res["boundary_disagreements"] >= 1 and not res["patches_match"]
+    assert res["max_abs_err_own_boundaries"] > 1e-2  # different patches: different logits
+    assert res["max_abs_err_same_boundaries"] < 1e-4  # the cache itself is exact

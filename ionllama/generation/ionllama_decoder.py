@@ -42,6 +42,7 @@ class IonLlamaDecoder(IncrementalDecoder):
         f32 = torch.float32
         # position / patcher state
         self.t = torch.zeros(B, dtype=torch.long, device=dev)
+        self.prompt_starts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, (G, T) bool) per prefill group
         self.next_start = torch.zeros(B, dtype=torch.bool, device=dev)
         self.last_rule = torch.zeros(B, dtype=torch.long, device=dev)
         self.last_x = torch.zeros(B, dtype=torch.long, device=dev)
@@ -84,6 +85,7 @@ class IonLlamaDecoder(IncrementalDecoder):
     @torch.no_grad()
     def prefill(self, rows):
         self._check_rows(rows)
+        self.prompt_starts = []
         logits = torch.zeros(self.batch_size, 256, device=self.device, dtype=self.dtype)
         by_len: dict[int, list[int]] = {}
         for r, row in enumerate(rows):
@@ -114,6 +116,7 @@ class IonLlamaDecoder(IncrementalDecoder):
         rules = rule_starts(x_ext, ent_ext, cfg.patching, self.threshold, cfg.threshold_mode, cfg.fixed_patch_size)
         starts = cap_patches(rules, cfg.max_patch_size)
         b2p, n_patches = patch_ids(starts[:, :T])
+        self.prompt_starts.append((rows, starts[:, :T]))  # for checks against the parallel forward
         self.next_start[rows] = starts[:, T]
         tpos = torch.arange(T + 1, device=x.device)
         self.last_rule[rows] = torch.where(rules, tpos, torch.zeros_like(tpos)).amax(1)
