@@ -435,6 +435,8 @@ class Trainer:
         fwd = self.par.train_module(self.phase)  # entropy model or full model; DDP / FSDP when distributed
         for micro in range(a.grad_accum):
             x, y = self.sampler.get(step, micro)
+            if self.device.type == "cuda":  # from pageable memory a copy blocks the host until the GPU is idle
+                x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self.par.grad_sync(fwd, micro == a.grad_accum - 1):  # gradients cross ranks once per step
                 with self._autocast():
