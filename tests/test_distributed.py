@@ -226,3 +226,40 @@ def test_sharded_checkpoint_name_and_latest(tmp_path):
     (dcp / distributed.TRAIN_STATE_FILE).write_bytes(b"x")
     os.utime(tmp_path / "latest.pt", (1, 1))  # the .pt is older: --resume auto takes the sharded one
     assert distributed.latest_checkpoint(tmp_path) == dcp and distributed.has_checkpoints(tmp_path)
+
+
+def test_compare_runs_scaling_and_loss(tmp_path):
+    """benchmarks/compare_runs.py: median main-phase bytes/s, per-GPU scaling efficiency, loss agreement."""
+    import importlib.util
+    import json as _json
+    import sys as _sys
+    from pathlib import Path as _Path
+
+    root = _Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("compare_runs", root / "benchmarks" / "compare_runs.py")
+    cr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cr)
+
+    def write(name, rate, loss_shift):
+        d = tmp_path / name
+        d.mkdir()
+        recs = [{"step": 10 * i, "phase": "main", "bytes_per_s": rate * (0.1 if i < 2 else 1.0),
+                 "loss": 3.0 - 0.1 * i + loss_shift} for i in range(8)]
+        recs.append({"step": 80, "phase": "final", "val_bpb": 2.0})
+        (d / "metrics.jsonl").write_text("\n".join(_json.dumps(r) for r in recs))
+        return d
+
+    write("plain", 1000.0, 0.0)
+    write("ddp2", 1800.0, 0.01)
+    out = tmp_path / "cmp.json"
+    argv = _sys.argv
+    _sys.argv = ["compare_runs", "--base", f"plain={tmp_path / 'plain'}", "--run", f"ddp2={tmp_path / 'ddp2'}:2",
+                 "--out", str(out)]
+    try:
+        cr.main()
+    finally:
+        _sys.argv = argv
+    res = _json.loads(out.read_text())["runs"]
+    assert res["plain"]["bytes_per_s"] == 1000.0  # the two warm-up windows are left out of the median
+    assert abs(res["ddp2"]["scaling_efficiency"] - 0.9) < 1e-9
+    assert abs(res["ddp2"]["loss_max_abs_diff"] - 0.01) < 1e-9 and res["ddp2"]["loss_steps_compared"] == 8
