@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue #5's GPU run: train ionLlama on the English mix, then the whole benchmark suite on its checkpoint.
 # On the device machine (carry .data/english and .data/multilingual):
-#   T=560 bash scripts/gpu_bench_english.sh
+#   bash scripts/gpu_bench_english.sh
 # Env: SIZE (small), STEPS (1200), TRAIN_S (240: a time cap on training), TASK_MIX (0.1), EXTRA (more
 # train_cloud.py flags), SAVE (checkpoints), BENCH_EXTRA (more benchmark.py flags). Results: $OUT/english.tgz
 # (bench/results.{json,md}, the PNGs, train_metrics.jsonl) and $OUT/log_english.txt. CPU smoke test (35 s):
