@@ -57,6 +57,11 @@ def test_two_arm_matrix_writes_results_and_resumes(tmp_path, capsys, one_thread)
     assert "| dense |" in md and "| bpe |" in md and "Not yet run: mamba" in md
     summary = json.loads((res / "phase1.json").read_text())
     assert set(summary["arms"]) == {"dense", "bpe"} and "ionllama" in summary["missing"]
+    eq = summary["equal_flops"]  # the equal-compute view: both arms at the smaller arm's total FLOPs
+    low = min(finals, key=lambda a: finals[a]["train"]["train_flops"])
+    assert eq["arm"] == low and eq["train_flops"] == pytest.approx(finals[low]["train"]["train_flops"])
+    assert eq["val_bpb"][low] == pytest.approx(finals[low]["val"]["bpb"])
+    assert "at equal training FLOPs" in md
     assert (res / "phase1" / "bpb_vs_time.png").stat().st_size > 1000
     assert (res / "phase1" / "bpb_vs_flops.png").stat().st_size > 1000
     assert (tmp_path / "ck" / "bpe" / "tokenizer.json").is_file()
@@ -203,3 +208,16 @@ def test_warm_up_compiles_every_shape_training_will_see(patching, one_thread):
     assert len(counts) > 1  # the batches really had different patch counts
     assert cnt.frame_count == compiled
     torch._dynamo.reset()
+
+
+def test_bpb_at_interpolates_between_curve_points():
+    from ionllama.experiment import bpb_at
+
+    recs = [{"phase": "entropy", "train_flops": 1.0, "val_bpb": 9.0},
+            {"phase": "main", "train_flops": 10.0, "val_bpb": 3.0},
+            {"phase": "main", "train_flops": 20.0, "val_bpb": 2.0},
+            {"phase": "final", "train_flops": 40.0, "val_bpb": 1.5}]
+    assert bpb_at(recs, "train_flops", 15.0) == pytest.approx(2.5)
+    assert bpb_at(recs, "train_flops", 30.0) == pytest.approx(1.75)
+    assert bpb_at(recs, "train_flops", 5.0) is None  # before the first main-phase point: unknown
+    assert bpb_at(recs, "train_flops", 50.0) is None  # the run never got that far
