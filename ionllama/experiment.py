@@ -67,6 +67,21 @@ MATRICES: dict[str, dict[str, dict]] = {
         "ionllama_byte": {**_ION, "patching": "byte"},
     },
 }
+# The same arms at the registry's `tiny` size (~5M parameters each, equal within 10 % but for BPE's
+# embeddings), for a CPU-scale run of the matrix: a quick, clearly smaller-scale look at the questions.
+_TINY_ION = {"model": "ionllama", "size": "tiny", "lr": 2e-3, "entropy_frac": 0.06}
+_TINY_DENSE = {"size": "tiny", "lr": 2e-3}
+MATRICES["cpu_tiny"] = {
+    "dense": {"model": "dense", **_TINY_DENSE},
+    "bpe": {"model": "bpe", **_TINY_DENSE, "vocab_size": 4096, "token_seq_div": 4},
+    "mamba": {"model": "mamba", **_TINY_DENSE, "n_layers": 12},
+    "ionllama": dict(_TINY_ION),
+    "ionllama_dense_attn": {**_TINY_ION, "attention": "dense"},
+    "ionllama_tf_local": {**_TINY_ION, "local_layers": "transformer"},
+    "ionllama_fixed": {**_TINY_ION, "patching": "fixed"},
+    "ionllama_space": {**_TINY_ION, "patching": "space"},
+    "ionllama_byte": {**_TINY_ION, "patching": "byte"},
+}
 ARMS = MATRICES["phase1"]
 TASK_ARMS = ("ionllama", "dense", "bpe")
 # --sweep: per arm, the base setting and these variants, each under --sweep_budget_s
@@ -995,7 +1010,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = OneLineParser(prog="ionllama experiment", description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--matrix", default="phase1", help="which arm table (phase1)")
+    p.add_argument("--matrix", default="phase1", choices=sorted(MATRICES),
+                   help="which arm table: phase1 (GPU sizes) or cpu_tiny (every arm at the tiny size)")
     p.add_argument("--arms", default=None, help="comma-separated subset of the matrix's arms (default: all)")
     p.add_argument("--stage", default="pretrain",
                    help="comma list of prepare | pretrain | sweep | tasks | report (the report is rebuilt after "
