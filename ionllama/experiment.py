@@ -847,14 +847,16 @@ def _fmt(v, digits=3):
 
 
 def table_markdown(arms: dict, extra_sets: list[str]) -> str:
-    head = ["arm", "params", "val BPB", *[f"{s} BPB" for s in extra_sets], "train s", "steps", "MB/s",
+    slow = all(f["train"]["bytes_per_s"] < 1e5 for f in arms.values())  # CPU runs: KB/s, not 0.00 MB/s
+    unit, div = ("KB/s", 1e3) if slow else ("MB/s", 1e6)
+    head = ["arm", "params", "val BPB", *[f"{s} BPB" for s in extra_sets], "train s", "steps", unit,
             "bytes/patch", "epochs", "train FLOPs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for n, f in sorted(arms.items(), key=lambda kv: kv[1]["val"]["bpb"]):
         t = f["train"]
         row = [n, f"{f['params'] / 1e6:.1f}M", _fmt(f["val"]["bpb"], 4),
                *[_fmt(f.get(s, {}).get("bpb"), 4) for s in extra_sets],
-               f"{t['train_time_s']:.0f}", str(t["steps"]), f"{t['bytes_per_s'] / 1e6:.2f}",
+               f"{t['train_time_s']:.0f}", str(t["steps"]), f"{t['bytes_per_s'] / div:.2f}",
                _fmt(f.get("bytes_per_patch"), 2), f"{t['epochs']:.2f}", _fmt(t.get("train_flops"))]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -907,8 +909,8 @@ def equal_flops_markdown(eq: dict) -> str:
         return ""
     rows = sorted(eq["val_bpb"].items(), key=lambda kv: (kv[1] is None, kv[1] or 0.0))
     return "\n".join([f"Val BPB at equal training FLOPs ({eq['train_flops']:.3g}, the whole run of `{eq['arm']}`), "
-                      "interpolated linearly between each arm's curve points (first 2,000,000 val bytes per point "
-                      "by default, `--curve_eval_bytes`):", "", "| arm | val BPB at equal FLOPs |", "|---|---|",
+                      "interpolated linearly between each arm's curve points (each scores the first "
+                      "`--curve_eval_bytes` val bytes):", "", "| arm | val BPB at equal FLOPs |", "|---|---|",
                       *[f"| {n} | {_fmt(v, 3)} |" for n, v in rows]])
 
 
