@@ -52,35 +52,29 @@ from .errors import UserError, cli_entry
 # One row per arm: trainer flags (model, size, size overrides, lr) and experiment keys:
 #   token_seq_div - a token model's window = --seq_len // token_seq_div tokens (1024 bytes -> 256 tokens)
 #   entropy_frac  - share of the budget spent training the entropy model (entropy patching only)
-_DENSE = {"size": "tiny", "d_model": 384, "n_layers": 8, "n_heads": 6, "lr": 1e-3}
-_ION = {"model": "ionllama", "size": "small", "lr": 1e-3, "entropy_frac": 0.06}
+def _matrix(dense: dict, mamba: dict, ion: dict) -> dict[str, dict]:
+    """The nine arms: three baselines and ionLlama with its five ablations, from base settings."""
+    return {
+        "dense": {"model": "dense", **dense},
+        "bpe": {"model": "bpe", **dense, "vocab_size": 4096, "token_seq_div": 4},
+        "mamba": {"model": "mamba", **mamba},
+        "ionllama": dict(ion),
+        "ionllama_dense_attn": {**ion, "attention": "dense"},
+        "ionllama_tf_local": {**ion, "local_layers": "transformer"},
+        "ionllama_fixed": {**ion, "patching": "fixed"},
+        "ionllama_space": {**ion, "patching": "space"},
+        "ionllama_byte": {**ion, "patching": "byte"},
+    }
+
+
 MATRICES: dict[str, dict[str, dict]] = {
-    "phase1": {
-        "dense": {"model": "dense", **_DENSE},
-        "bpe": {"model": "bpe", **_DENSE, "vocab_size": 4096, "token_seq_div": 4},
-        "mamba": {"model": "mamba", "size": "tiny", "d_model": 384, "n_layers": 16, "lr": 1e-3},
-        "ionllama": dict(_ION),
-        "ionllama_dense_attn": {**_ION, "attention": "dense"},
-        "ionllama_tf_local": {**_ION, "local_layers": "transformer"},
-        "ionllama_fixed": {**_ION, "patching": "fixed"},
-        "ionllama_space": {**_ION, "patching": "space"},
-        "ionllama_byte": {**_ION, "patching": "byte"},
-    },
-}
-# The same arms at the registry's `tiny` size (~5M parameters each, equal within 10 % but for BPE's
-# embeddings), for a CPU-scale run of the matrix: a quick, clearly smaller-scale look at the questions.
-_TINY_ION = {"model": "ionllama", "size": "tiny", "lr": 2e-3, "entropy_frac": 0.06}
-_TINY_DENSE = {"size": "tiny", "lr": 2e-3}
-MATRICES["cpu_tiny"] = {
-    "dense": {"model": "dense", **_TINY_DENSE},
-    "bpe": {"model": "bpe", **_TINY_DENSE, "vocab_size": 4096, "token_seq_div": 4},
-    "mamba": {"model": "mamba", **_TINY_DENSE, "n_layers": 12},
-    "ionllama": dict(_TINY_ION),
-    "ionllama_dense_attn": {**_TINY_ION, "attention": "dense"},
-    "ionllama_tf_local": {**_TINY_ION, "local_layers": "transformer"},
-    "ionllama_fixed": {**_TINY_ION, "patching": "fixed"},
-    "ionllama_space": {**_TINY_ION, "patching": "space"},
-    "ionllama_byte": {**_TINY_ION, "patching": "byte"},
+    "phase1": _matrix(dense={"size": "tiny", "d_model": 384, "n_layers": 8, "n_heads": 6, "lr": 1e-3},
+                      mamba={"size": "tiny", "d_model": 384, "n_layers": 16, "lr": 1e-3},
+                      ion={"model": "ionllama", "size": "small", "lr": 1e-3, "entropy_frac": 0.06}),
+    # every arm at the registry's `tiny` size (~5M parameters each, equal within 10 % but for BPE's
+    # embeddings), for a CPU-scale run of the matrix: a quick, clearly smaller-scale look at the questions
+    "cpu_tiny": _matrix(dense={"size": "tiny", "lr": 2e-3}, mamba={"size": "tiny", "lr": 2e-3, "n_layers": 12},
+                        ion={"model": "ionllama", "size": "tiny", "lr": 2e-3, "entropy_frac": 0.06}),
 }
 ARMS = MATRICES["phase1"]
 TASK_ARMS = ("ionllama", "dense", "bpe")
