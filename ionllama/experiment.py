@@ -957,17 +957,17 @@ def write_report(out: Path, names: list[str], command: str, label: str = "phase1
                                          for n, f in arms.items()},
                "tasks": {n: f["tasks"]["results"]["per_task"] for n, f in arms.items() if f.get("tasks")},
                "missing": [n for n in names if n not in arms]}
-    _write_json(out.parent / f"{out.name}.json", summary)
-    if not arms:
-        return summary
+
     def records_of(n):
         return read_metrics(out / n / "metrics.jsonl") if (out / n / "metrics.jsonl").exists() else []
 
-    plots = plot_curves(arms, out, records_of)
     eq = equal_flops(arms, records_of)
     if eq:
         summary["equal_flops"] = eq
-        _write_json(out.parent / f"{out.name}.json", summary)
+    _write_json(out.parent / f"{out.name}.json", summary)
+    if not arms:
+        return summary
+    plots = plot_curves(arms, out, records_of)
     devices = sorted({f["device"].get("name", "?") for f in arms.values()})
     dates = sorted({f["date"][:10] for f in arms.values()})
     commits = sorted({f["git"].get("sha", "?")[:10] for f in arms.values()})
