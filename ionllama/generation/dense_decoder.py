@@ -57,8 +57,8 @@ class DenseKVDecoder(IncrementalDecoder):
         for li, blk in enumerate(m.blocks):
             q, k, v = blk.attn.qkv(blk.norm1(h)).view(B, 1, 3, H, Dh).permute(2, 0, 3, 1, 4)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            self.k[li].scatter_(2, write_idx, k.to(self.k.dtype))
-            self.v[li].scatter_(2, write_idx, v.to(self.v.dtype))
+            self.k[li].scatter_(2, write_idx, k)
+            self.v[li].scatter_(2, write_idx, v)
             y = F.scaled_dot_product_attention(q, self.k[li], self.v[li], attn_mask=visible)
             h = h + blk.attn.proj(y.transpose(1, 2).reshape(B, 1, -1))
             h = h + blk.ffn(blk.norm2(h))
