@@ -62,6 +62,11 @@ def test_two_arm_matrix_writes_results_and_resumes(tmp_path, capsys, one_thread)
     assert eq["arm"] == low and eq["train_flops"] == pytest.approx(finals[low]["train"]["train_flops"])
     assert eq["val_bpb"][low] == pytest.approx(finals[low]["val"]["bpb"])
     assert "at equal training FLOPs" in md
+    st = summary["equal_steps"]  # and the equal-steps view, at the shorter run's step count
+    low = min(finals, key=lambda a: finals[a]["train"]["steps"])
+    assert st["arm"] == low and st["step"] == finals[low]["train"]["steps"]
+    assert st["val_bpb"][low] == pytest.approx(finals[low]["val"]["bpb"])
+    assert "at equal optimizer steps" in md
     assert (res / "phase1" / "bpb_vs_time.png").stat().st_size > 1000
     assert (res / "phase1" / "bpb_vs_flops.png").stat().st_size > 1000
     assert (tmp_path / "ck" / "bpe" / "tokenizer.json").is_file()
