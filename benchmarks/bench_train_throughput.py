@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 
 import torch
@@ -37,6 +38,57 @@ def sample_batch(text: bytes | None, B: int, T: int, gen: torch.Generator) -> to
     return torch.stack([data[s:s + T + 1] for s in starts.tolist()]).long()
 
 
+KERNEL_GROUPS = [  # kernel-name patterns -> a coarse category, to see where a step's GPU time goes
+    ("matmul", re.compile(r"gemm|nvjet|cutlass|sm90_xmma|ampere_|cublas", re.I)),
+    ("sdpa/flash", re.compile(r"flash|fmha|attention", re.I)),
+    ("triton (ours + inductor)", re.compile(r"triton", re.I)),
+    ("copy/cast", re.compile(r"copy|memcpy|memset|cast|convert", re.I)),
+]
+
+
+def profile_steps(step, tag: str, out_dir: str, n: int = 3) -> None:
+    """torch.profiler over n steps: the top kernels by GPU time, a coarse breakdown, and graph breaks."""
+    import collections
+    import os
+
+    from torch._dynamo.utils import counters
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        for i in range(n):
+            step(i)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    # kernel rows only: operator rows carry their kernels' time too, and would count it twice
+    dev_events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in dev_events) or 1.0
+    groups = collections.Counter()
+    for e in dev_events:
+        cat = next((c for c, rx in KERNEL_GROUPS if rx.search(e.key)), "other")
+        groups[cat] += e.self_device_time_total
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"profile_{tag}.txt"), "w") as f:
+        f.write(f"{n} steps; GPU kernel time {total / 1e3 / n:.2f} ms/step; kernels launched/step "
+                f"{sum(e.count for e in dev_events) / n:.0f}\n")
+        f.write(f"dynamo graph breaks (whole process): {dict(counters['graph_break'])}\n")
+        for cat, t in groups.most_common():
+            f.write(f"  {cat:28s} {t / total:6.1%}  {t / 1e3 / n:8.2f} ms/step\n")
+        f.write(prof.key_averages().table(sort_by="self_device_time_total" if dev_events else "self_cpu_time_total",
+                                          row_limit=40, max_name_column_width=90))
+
+
+def sdpa_backend(name: str):
+    """Pin SDPA's backend (the dense arm's attention) or leave torch's choice ("auto")."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    if name == "auto":
+        return contextlib.nullcontext()
+    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                        "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name])
+
+
 def bench_one(name: str, model_kind: str, size: str, args, text: bytes | None, overrides: dict) -> dict:
     dev = torch.device(args.device)
     torch.manual_seed(0)
@@ -56,7 +108,7 @@ def bench_one(name: str, model_kind: str, size: str, args, text: bytes | None, o
 
     def step(i):
         x = batches[i % len(batches)]
-        with amp:
+        with amp, sdpa_backend(args.sdpa_backend):
             out = model(x[:, :-1], x[:, 1:])
         out["loss"].backward()
         opt.step()
@@ -76,11 +128,13 @@ def bench_one(name: str, model_kind: str, size: str, args, text: bytes | None, o
     if dev.type == "cuda":
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / args.steps
+    if args.profile:
+        profile_steps(step, f"{name}_{size}".replace(":", "_").replace("=", "-").replace(",", "_"), args.profile)
     bytes_per_s = args.batch_size * args.seq_len / dt
     fpb = flops_per_byte(model, args.seq_len, measured_bpp)
     return {"arm": name, "model": model_kind, "size": size, "overrides": overrides,
             "params_M": round(model.count_parameters()["total"] / 1e6, 2), "seq_len": args.seq_len,
-            "batch_size": args.batch_size, "compile": args.compile, "step_ms": round(dt * 1e3, 2),
+            "batch_size": args.batch_size, "compile": args.compile, "sdpa_backend": args.sdpa_backend, "step_ms": round(dt * 1e3, 2),
             "bytes_per_s": round(bytes_per_s), "bytes_per_patch": round(measured_bpp, 3),
             "calibrated_bytes_per_patch": round(bpp, 3), "flops_per_byte": fpb,
             "mfu": round(fpb * bytes_per_s / peak_flops(), 4),
@@ -100,6 +154,9 @@ def main():
     p.add_argument("--text_path", default=None, help="raw bytes to sample from (else random bytes)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None)
+    p.add_argument("--sdpa_backend", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"])
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after timing, profile 3 steps per arm; top kernels and a breakdown to DIR/profile_*.txt")
     args = p.parse_args()
     text = open(args.text_path, "rb").read() if args.text_path else None
     rows = []
