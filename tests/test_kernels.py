@@ -115,3 +115,26 @@ def test_cuda_dispatchers_use_triton():
     q = torch.randn(1, 2, 100, 64, device="cuda", dtype=torch.bfloat16)
     assert attention_uses_triton(q, dilated_offsets(100))
     assert scan_uses_triton(torch.randn(1, 10, 8, device="cuda"))
+
+
+# ---------------------------------------------------------------- causal depthwise conv: shift-and-add vs F.conv1d
+@pytest.mark.parametrize("kernel", [1, 2, 4, 7])
+def test_causal_conv_fast_path_matches_conv1d_reference(kernel):
+    from ionllama.model.conv import CausalDepthwiseConv, causal_depthwise_conv_reference
+
+    torch.manual_seed(kernel)
+    conv = CausalDepthwiseConv(12, kernel)
+    with torch.no_grad():
+        conv.bias.normal_()
+    x = torch.randn(3, 29, 12, requires_grad=True)
+    y, y_ref = conv(x), causal_depthwise_conv_reference(conv, x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, conv.weight, conv.bias), g)
+    grads_ref = torch.autograd.grad(y_ref, (x, conv.weight, conv.bias), g)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # causal: output t never depends on a later input
+    x2 = x.detach().clone()
+    x2[:, 17:] += 1.0
+    torch.testing.assert_close(conv(x2)[:, :17], y.detach()[:, :17], rtol=0, atol=0)

@@ -1,4 +1,10 @@
-"""Causal depthwise 1-D convolution: output t sees inputs t-k+1..t only (left padding)."""
+"""Causal depthwise 1-D convolution: output t sees inputs t-k+1..t only (left padding).
+
+The forward is a sum of k shifted products in the (B, T, C) layout, not F.conv1d: torch.compile fuses
+it (with its neighbours) into one elementwise kernel, where cuDNN/ATen's depthwise conv is a separate,
+slow generic kernel plus two transposes (about 15 % of ionllama-small's GPU kernel time in a training
+step, docs/results/kernels.md). `causal_depthwise_conv_reference` is the plain F.conv1d oracle, and
+tests compare the two (values and gradients)."""
 from __future__ import annotations
 
 import torch
@@ -15,8 +21,13 @@ class CausalDepthwiseConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, T, C) -> (B, T, C)."""
-        xt = F.pad(x.transpose(1, 2), (self.kernel - 1, 0))
-        return F.conv1d(xt, self.weight.to(x.dtype), self.bias.to(x.dtype), groups=x.shape[-1]).transpose(1, 2)
+        k, T = self.kernel, x.shape[1]
+        w = self.weight[:, 0].t().to(x.dtype)  # (k, C): w[j] multiplies input t-(k-1)+j
+        xp = F.pad(x, (0, 0, k - 1, 0))  # (B, T+k-1, C), zeros before the sequence
+        y = xp[:, k - 1:] * w[k - 1] + self.bias.to(x.dtype)
+        for j in range(k - 1):  # k is a small constant (4): unrolled at trace time
+            y = y + xp[:, j:j + T] * w[j]
+        return y
 
     def step(self, x_t: torch.Tensor, buf: torch.Tensor):
         """One step. x_t: (B, C); buf: (B, kernel-1, C) previous inputs. Returns (y_t, new_buf)."""
@@ -28,3 +39,9 @@ class CausalDepthwiseConv(nn.Module):
         """Conv buffer after consuming x (B, T, C): its last kernel-1 inputs (zero-padded on the left)."""
         k = self.kernel - 1
         return F.pad(x.transpose(1, 2), (k, 0))[..., -k:].transpose(1, 2) if k else x[:, :0]
+
+
+def causal_depthwise_conv_reference(conv: CausalDepthwiseConv, x: torch.Tensor) -> torch.Tensor:
+    """The same layer through F.conv1d (the oracle for CausalDepthwiseConv.forward)."""
+    xt = F.pad(x.transpose(1, 2), (conv.kernel - 1, 0))
+    return F.conv1d(xt, conv.weight.to(x.dtype), conv.bias.to(x.dtype), groups=x.shape[-1]).transpose(1, 2)
