@@ -3,7 +3,7 @@
 The forward is a sum of k shifted products in the (B, T, C) layout, not F.conv1d: torch.compile fuses
 it (with its neighbours) into one elementwise kernel, where cuDNN/ATen's depthwise conv is a separate,
 slow generic kernel plus two transposes (about 15 % of ionllama-small's GPU kernel time in a training
-step, docs/results/kernels.md). `causal_depthwise_conv_reference` is the plain F.conv1d oracle, and
+step, docs/results/train-profile.md). `causal_depthwise_conv_reference` is the plain F.conv1d oracle, and
 tests compare the two (values and gradients)."""
 from __future__ import annotations
 
