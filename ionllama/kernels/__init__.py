@@ -6,23 +6,26 @@ inputs are CUDA tensors of a supported dtype and shape and Triton imports, else 
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from ..model.dilated_attention import dilated_attention_reference
+from ..model.dilated_attention import dilated_attention_reference, dilated_offsets
 from ..model.scan import scan_const_decay as scan_const_decay_reference
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_TRITON_OK: bool | None = None
 
 
-@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result  # a compiled caller takes the answer as a constant, no tracing
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:  # ImportError, or a broken install
-        return False
-    return True
+    global _TRITON_OK
+    if _TRITON_OK is None:
+        try:
+            import triton  # noqa: F401
+            from . import dilated_attention_triton, scan_triton  # noqa: F401  (registers the custom ops)
+            _TRITON_OK = True
+        except Exception:  # ImportError, or a broken install
+            _TRITON_OK = False
+    return _TRITON_OK
 
 
 def attention_uses_triton(q: torch.Tensor, offsets, segment_ids=None) -> bool:
@@ -32,7 +35,18 @@ def attention_uses_triton(q: torch.Tensor, offsets, segment_ids=None) -> bool:
             and (segment_ids is None or segment_ids.shape == (q.shape[0], q.shape[2])))
 
 
-@torch.compiler.disable  # inductor re-traces user Triton kernels and mistypes scalars; run them as-is
+# The reference paths are not traced by torch.compile: their Python offset lists and chunk loops depend on
+# the sequence length and would guard (and recompile) on it. The Triton paths are custom ops (see
+# dilated_attention_triton.py): one opaque node each, so a compiled CUDA forward does not break there.
+_attention_reference_eager = torch.compiler.disable(dilated_attention_reference)
+_scan_reference_eager = torch.compiler.disable(scan_const_decay_reference)
+
+
+@torch.compiler.disable
+def _attention_local_reference_eager(q, k, v, local_width, segment_ids, scale):
+    return dilated_attention_reference(q, k, v, dilated_offsets(q.shape[2], local_width), segment_ids, scale)
+
+
 def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets, segment_ids=None,
                       scale: float | None = None) -> torch.Tensor:
     """Dilated causal attention, q/k/v (B, H, N, Dh): query i sees keys i - o for o in offsets.
@@ -41,23 +55,33 @@ def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets
     if attention_uses_triton(q, offsets, segment_ids) and k.dtype == q.dtype and v.dtype == q.dtype:
         from .dilated_attention_triton import dilated_attention_triton
         return dilated_attention_triton(q, k, v, offsets, segment_ids, scale)
-    return dilated_attention_reference(q, k, v, offsets, segment_ids, scale)
+    return _attention_reference_eager(q, k, v, offsets, segment_ids, scale)
 
 
-def scan_uses_triton(u: torch.Tensor) -> bool:
-    return u.is_cuda and u.dim() == 3 and u.dtype in _TRITON_DTYPES and triton_available()
+def dilated_attention_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, local_width: int,
+                            segment_ids=None, scale: float | None = None) -> torch.Tensor:
+    """dilated_attention with offsets = dilated_offsets(N, local_width) ({0..w-1} U {2^k}), computed
+    where the kernel runs: the form for compiled callers (the latent transformer)."""
+    if attention_uses_triton(q, [0], segment_ids) and k.dtype == q.dtype and v.dtype == q.dtype:
+        from .dilated_attention_triton import dilated_attention_triton
+        return dilated_attention_triton(q, k, v, None, segment_ids, scale, local_width=local_width)
+    return _attention_local_reference_eager(q, k, v, local_width, segment_ids, scale)
 
 
-@torch.compiler.disable  # see dilated_attention
+def scan_uses_triton(u: torch.Tensor, log_a: torch.Tensor | None = None) -> bool:
+    return (u.is_cuda and u.dim() == 3 and u.dtype in _TRITON_DTYPES and triton_available()
+            and (log_a is None or (log_a.is_cuda and log_a.dim() == 1)))
+
+
 def scan_const_decay(u: torch.Tensor, log_a: torch.Tensor, h0: torch.Tensor | None = None,
                      chunk: int = 64) -> torch.Tensor:
     """h_t = exp(log_a) * h_{t-1} + u_t; u (B, T, D), log_a (D,) <= 0, h0 (B, D) or None.
     Triton (one pass over u, forward + backward) on CUDA; the chunked reference (``chunk``) elsewhere."""
-    if scan_uses_triton(u) and log_a.is_cuda and log_a.dim() == 1:
+    if scan_uses_triton(u, log_a):
         from .scan_triton import scan_const_decay_triton
         return scan_const_decay_triton(u, log_a, h0)
-    return scan_const_decay_reference(u, log_a, h0, chunk=chunk)
+    return _scan_reference_eager(u, log_a, h0, chunk=chunk)
 
 
-__all__ = ["dilated_attention", "scan_const_decay", "triton_available", "attention_uses_triton",
+__all__ = ["dilated_attention", "dilated_attention_local", "scan_const_decay", "triton_available", "attention_uses_triton",
            "scan_uses_triton"]

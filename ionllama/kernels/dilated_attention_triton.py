@@ -352,31 +352,73 @@ def attention_backward(do, q, k, v, o, lse, offs, seg, scale, store_ds=None):
     return dq, dk, dv
 
 
-class DilatedAttentionFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, offs, seg, scale):
-        q, k, v = _lastdim_contig(q), _lastdim_contig(k), _lastdim_contig(v)
-        o, lse = attention_forward(q, k, v, offs, seg, scale)
-        ctx.save_for_backward(q, k, v, o, lse, offs, seg)
-        ctx.scale = scale
-        ctx.mark_non_differentiable(lse)
-        return o, lse
-
-    @staticmethod
-    def backward(ctx, do, dlse):
-        q, k, v, o, lse, offs, seg = ctx.saved_tensors  # lse is non-differentiable: dlse is ignored
-        dq, dk, dv = attention_backward(_lastdim_contig(do), q, k, v, o, lse, offs, seg, ctx.scale)
-        return dq, dk, dv, None, None, None
+# The kernels enter autograd and torch.compile as custom ops (torch.library): opaque to Inductor (which
+# would otherwise re-trace the user kernels), visible to Dynamo as one node each, so a compiled forward
+# keeps one graph around them instead of breaking at every call. `local_width >= 0` computes the dilated
+# offsets inside the op from N, so a compiled caller never traces (and guards on) the offset list.
+def _offsets_for(offsets: list[int], local_width: int, N: int) -> list[int]:
+    if local_width < 0:
+        return offsets
+    from ..model.dilated_attention import dilated_offsets
+    return dilated_offsets(N, local_width)
 
 
-def dilated_attention_triton(q, k, v, offsets, segment_ids=None, scale=None, return_lse=False):
+def _seg32(seg, device):
+    return None if seg is None else seg.to(device=device, dtype=torch.int32).contiguous()
+
+
+@torch.library.custom_op("ionllama::dilated_attention_fwd", mutates_args=())
+def dilated_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: list[int], local_width: int,
+                          segment_ids: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    N = q.shape[2]
+    offs = _prep_offsets(_offsets_for(offsets, local_width, N), N, q.device)
+    return attention_forward(_lastdim_contig(q), _lastdim_contig(k), _lastdim_contig(v), offs,
+                             _seg32(segment_ids, q.device), scale)
+
+
+@dilated_attention_fwd.register_fake
+def _(q, k, v, offsets, local_width, segment_ids, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("ionllama::dilated_attention_bwd", mutates_args=())
+def dilated_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                          lse: torch.Tensor, offsets: list[int], local_width: int, segment_ids: torch.Tensor | None,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    N = q.shape[2]
+    offs = _prep_offsets(_offsets_for(offsets, local_width, N), N, q.device)
+    return attention_backward(_lastdim_contig(do), _lastdim_contig(q), _lastdim_contig(k), _lastdim_contig(v),
+                              o, lse, offs, _seg32(segment_ids, q.device), scale)
+
+
+@dilated_attention_bwd.register_fake
+def _(do, q, k, v, o, lse, offsets, local_width, segment_ids, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attn_setup_context(ctx, inputs, output):
+    q, k, v, offsets, local_width, segment_ids, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, segment_ids)
+    ctx.offsets, ctx.local_width, ctx.scale = offsets, local_width, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _attn_backward(ctx, do, dlse):  # lse is non-differentiable: dlse is ignored
+    q, k, v, o, lse, seg = ctx.saved_tensors
+    dq, dk, dv = dilated_attention_bwd(do, q, k, v, o, lse, ctx.offsets, ctx.local_width, seg, ctx.scale)
+    return dq, dk, dv, None, None, None, None
+
+
+dilated_attention_fwd.register_autograd(_attn_backward, setup_context=_attn_setup_context)
+
+
+def dilated_attention_triton(q, k, v, offsets, segment_ids=None, scale=None, return_lse=False, local_width=-1):
     """Triton dilated attention (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
-    Same contract as dilated_attention_reference; offsets must contain 0."""
-    B, H, N, Dh = q.shape
+    Same contract as dilated_attention_reference; offsets must contain 0. With local_width >= 0 the
+    offsets are dilated_offsets(N, local_width), computed inside the op (pass offsets=None)."""
+    Dh = q.shape[-1]
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(Dh)
-    offs = _prep_offsets(offsets, N, q.device)
-    seg = None
-    if segment_ids is not None:
-        seg = segment_ids.to(device=q.device, dtype=torch.int32).contiguous()
-    o, lse = DilatedAttentionFn.apply(q, k, v, offs, seg, scale)
+    offs = [] if local_width >= 0 else [int(o) for o in offsets]
+    o, lse = dilated_attention_fwd(q, k, v, offs, local_width, segment_ids, scale)
     return (o, lse) if return_lse else o

@@ -263,27 +263,49 @@ def scan_backward(dy, h, log_a, h0):
     return du, dla.sum(1), dh0
 
 
-class ScanConstDecayFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, log_a, h0):
-        u = u if u.stride(-1) == 1 else u.contiguous()
-        la = log_a.contiguous()
-        h0c = h0.contiguous() if h0 is not None else None
-        h = scan_forward(u, la, h0c)
-        ctx.save_for_backward(h, la, h0c)
-        ctx.log_a_dtype = log_a.dtype
-        return h
+# A custom op, like the attention kernel (see dilated_attention_triton.py): one opaque node for Dynamo.
+@torch.library.custom_op("ionllama::scan_const_decay_fwd", mutates_args=())
+def scan_const_decay_fwd(u: torch.Tensor, log_a: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
+    return scan_forward(u if u.stride(-1) == 1 else u.contiguous(), log_a.contiguous(),
+                        h0.contiguous() if h0 is not None else None)
 
-    @staticmethod
-    def backward(ctx, dy):
-        h, la, h0 = ctx.saved_tensors
-        dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-        du, dla, dh0 = scan_backward(dy, h, la, h0)
-        dh0_out = dh0.to(h0.dtype) if (h0 is not None and ctx.needs_input_grad[2]) else None
-        return du, dla.to(ctx.log_a_dtype), dh0_out
+
+@scan_const_decay_fwd.register_fake
+def _(u, log_a, h0):
+    return u.new_empty(u.shape)
+
+
+@torch.library.custom_op("ionllama::scan_const_decay_bwd", mutates_args=())
+def scan_const_decay_bwd(dy: torch.Tensor, h: torch.Tensor, log_a: torch.Tensor,
+                         h0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(du, dlog_a in log_a's dtype, dh0 in h0's dtype, or fp32 zeros-shaped (B, D) when there is no h0)."""
+    h0c = h0.contiguous() if h0 is not None else None
+    du, dla, dh0 = scan_backward(dy if dy.stride(-1) == 1 else dy.contiguous(), h, log_a.contiguous(), h0c)
+    return du, dla.to(log_a.dtype), dh0.to(h0.dtype) if h0 is not None else dh0
+
+
+@scan_const_decay_bwd.register_fake
+def _(dy, h, log_a, h0):
+    B, _, D = dy.shape
+    return (dy.new_empty(dy.shape), log_a.new_empty(log_a.shape),
+            dy.new_empty((B, D), dtype=h0.dtype if h0 is not None else torch.float32))
+
+
+def _scan_setup_context(ctx, inputs, output):
+    u, log_a, h0 = inputs
+    ctx.save_for_backward(output, log_a, h0)
+
+
+def _scan_backward(ctx, dy):
+    h, log_a, h0 = ctx.saved_tensors
+    du, dla, dh0 = scan_const_decay_bwd(dy, h, log_a, h0)
+    return du, dla, (dh0 if h0 is not None and ctx.needs_input_grad[2] else None)
+
+
+scan_const_decay_fwd.register_autograd(_scan_backward, setup_context=_scan_setup_context)
 
 
 def scan_const_decay_triton(u: torch.Tensor, log_a: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
     """Triton scan (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); same contract as the reference:
     u (B, T, D), log_a (D,) <= 0, h0 (B, D) or None -> h (B, T, D) in u's dtype."""
-    return ScanConstDecayFn.apply(u, log_a, h0)
+    return scan_const_decay_fwd(u, log_a, h0)

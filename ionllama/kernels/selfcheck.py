@@ -98,6 +98,48 @@ def check_scan(device: str, dtype: torch.dtype, B: int, T: int, D: int, with_h0:
     return errs
 
 
+def check_compiled(device: str, dtype: torch.dtype, B: int, H: int, N: int, Dh: int, T: int, D: int,
+                   local_width: int = 3, seed: int | None = None) -> dict:
+    """Both kernels through the model-facing dispatchers inside torch.compile(fullgraph=True): the custom
+    ops must trace as single nodes (no graph break; fake shapes and dtypes right) and give the eager
+    reference's values and gradients. aot_eager: the ops run as they would under Inductor, without
+    Inductor compiling the surrounding code (slow under the interpreter)."""
+    import ionllama.kernels as K
+
+    from ..model.dilated_attention import dilated_attention_reference, dilated_offsets
+    from ..model.scan import scan_const_decay
+
+    gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % (2 ** 31)))
+    q, k, v = (torch.randn(B, H, N, Dh, generator=gen) for _ in range(3))
+    u = torch.randn(B, T, D, generator=gen)
+    log_a = -torch.exp(torch.empty(D).uniform_(math.log(2e-3), math.log(3.0), generator=gen))
+    h0 = torch.randn(B, D, generator=gen)
+    ins = [t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v, u)]
+    ins += [log_a.to(device).requires_grad_(), h0.to(device).requires_grad_()]
+
+    def f(q, k, v, u, log_a, h0):
+        return K.dilated_attention_local(q, k, v, local_width), K.scan_const_decay(u, log_a, h0)
+
+    saved = K.attention_uses_triton, K.scan_uses_triton
+    if device == "cpu":  # the interpreter runs the kernels on CPU tensors: let the dispatchers pick them
+        K.attention_uses_triton, K.scan_uses_triton = (lambda *a: True), (lambda *a: True)
+    try:
+        torch._dynamo.reset()
+        o, h = torch.compile(f, backend="aot_eager", fullgraph=True)(*ins)
+        g_o, g_h = torch.randn(o.shape, generator=gen), torch.randn(h.shape, generator=gen)
+        grads = torch.autograd.grad((o, h), ins, (g_o.to(device, dtype), g_h.to(device, dtype)))
+    finally:
+        K.attention_uses_triton, K.scan_uses_triton = saved
+        torch._dynamo.reset()
+    r_ins = [x.detach().double().requires_grad_() for x in ins]
+    ref_o = dilated_attention_reference(*r_ins[:3], dilated_offsets(N, local_width))
+    ref_h = scan_const_decay(*r_ins[3:])
+    ref_grads = torch.autograd.grad((ref_o, ref_h), r_ins, (g_o.to(device).double(), g_h.to(device).double()))
+    errs = {"out": rel_err(o, ref_o), "h": rel_err(h, ref_h)}
+    errs.update({f"d{n}": rel_err(g, r) for n, g, r in zip(["q", "k", "v", "u", "log_a", "h0"], grads, ref_grads)})
+    return errs
+
+
 def cases(large: bool) -> list[tuple]:
     """(kind, dtype name, kwargs). Small shapes for the interpreter; large adds GPU-sized ones."""
     cs = [
@@ -110,6 +152,7 @@ def cases(large: bool) -> list[tuple]:
         ("scan", "fp32", dict(B=2, T=131, D=16, with_h0=True, n_chunks=3)),
         ("scan", "bf16", dict(B=2, T=77, D=32, with_h0=True)),
         ("scan", "fp32", dict(B=1, T=300, D=16, with_h0=True, n_chunks=2)),  # several tiles per chunk
+        ("compiled", "fp32", dict(B=2, H=2, N=41, Dh=32, T=70, D=16)),
     ]
     if large:
         cs += [
@@ -126,11 +169,12 @@ def cases(large: bool) -> list[tuple]:
             ("scan", "bf16", dict(B=16, T=8192, D=256)),
             ("scan", "bf16", dict(B=1, T=32768, D=64, with_h0=True)),
             ("scan", "fp16", dict(B=8, T=2048, D=512)),
+            ("compiled", "bf16", dict(B=2, H=8, N=3000, Dh=64, T=4096, D=128)),
         ]
     return cs
 
 
-def run(device: str, large: bool = False, verbose: bool = True, kinds=("attention", "scan")) -> list[dict]:
+def run(device: str, large: bool = False, verbose: bool = True, kinds=("attention", "scan", "compiled")) -> list[dict]:
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
@@ -140,7 +184,7 @@ def run(device: str, large: bool = False, verbose: bool = True, kinds=("attentio
             continue
         dtype = DTYPES[dt]
         t0 = time.perf_counter()
-        fn = check_attention if kind == "attention" else check_scan
+        fn = {"attention": check_attention, "scan": check_scan, "compiled": check_compiled}[kind]
         errs = fn(device, dtype, **kw)
         tol = TOL[dtype]
         row = dict(kind=kind, dtype=dt, shape=kw, errors=errs, tol=tol,
@@ -158,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--large", action="store_true", help="add GPU-sized cases")
     p.add_argument("--json", default=None, help="write the rows as JSON to this path ('-' = stdout)")
-    p.add_argument("--kinds", default="attention,scan", help="comma list: attention, scan")
+    p.add_argument("--kinds", default="attention,scan,compiled", help="comma list: attention, scan, compiled")
     a = p.parse_args(argv)
     rows = run(a.device, a.large, verbose=a.json != "-", kinds=tuple(a.kinds.split(",")))
     if a.json == "-":

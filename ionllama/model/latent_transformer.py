@@ -5,18 +5,16 @@ import torch
 import torch.nn as nn
 
 from .common import RMSNorm, TransformerBlock, sdpa_causal, swiglu_hidden
-from .dilated_attention import dilated_offsets
 
 
 def make_dilated_attn(local_width: int):
-    # Not traced by torch.compile (the kernel call is a graph break anyway): the offsets are a Python list
-    # that depends on the patch count, and tracing it would guard on which power of two the count passes,
-    # recompiling the latent stack whenever a batch's patch count crosses one.
-    @torch.compiler.disable
+    # The offsets ({0..w-1} U {2^k} < N) are computed where the kernel runs, never traced by torch.compile:
+    # a traced Python list that depends on the patch count would guard on which power of two the count
+    # passes and recompile the latent stack whenever a batch's count crosses one.
     def attn(q, k, v):
-        from ..kernels import dilated_attention  # Triton on CUDA, gather reference elsewhere
+        from ..kernels import dilated_attention_local  # Triton custom op on CUDA, gather reference elsewhere
 
-        return dilated_attention(q, k, v, dilated_offsets(q.shape[2], local_width))
+        return dilated_attention_local(q, k, v, local_width)
 
     return attn
 
