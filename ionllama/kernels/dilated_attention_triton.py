@@ -16,6 +16,8 @@ Kernels (one program = one block of rows of one (batch, head)):
 """
 from __future__ import annotations
 
+from typing import Optional  # custom-op schemas: the spelling every supported torch version parses
+
 import math
 
 import torch
@@ -369,7 +371,7 @@ def _seg32(seg, device):
 
 @torch.library.custom_op("ionllama::dilated_attention_fwd", mutates_args=())
 def dilated_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: list[int], local_width: int,
-                          segment_ids: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                          segment_ids: Optional[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     N = q.shape[2]
     offs = _prep_offsets(_offsets_for(offsets, local_width, N), N, q.device)
     return attention_forward(_lastdim_contig(q), _lastdim_contig(k), _lastdim_contig(v), offs,
@@ -383,7 +385,7 @@ def _(q, k, v, offsets, local_width, segment_ids, scale):
 
 @torch.library.custom_op("ionllama::dilated_attention_bwd", mutates_args=())
 def dilated_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                          lse: torch.Tensor, offsets: list[int], local_width: int, segment_ids: torch.Tensor | None,
+                          lse: torch.Tensor, offsets: list[int], local_width: int, segment_ids: Optional[torch.Tensor],
                           scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     N = q.shape[2]
     offs = _prep_offsets(_offsets_for(offsets, local_width, N), N, q.device)

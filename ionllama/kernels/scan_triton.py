@@ -19,6 +19,8 @@ The oracle is ``ionllama.model.scan.scan_const_decay``.
 """
 from __future__ import annotations
 
+from typing import Optional  # custom-op schemas: the spelling every supported torch version parses
+
 import torch
 import triton
 import triton.language as tl
@@ -265,7 +267,7 @@ def scan_backward(dy, h, log_a, h0):
 
 # A custom op, like the attention kernel (see dilated_attention_triton.py): one opaque node for Dynamo.
 @torch.library.custom_op("ionllama::scan_const_decay_fwd", mutates_args=())
-def scan_const_decay_fwd(u: torch.Tensor, log_a: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
+def scan_const_decay_fwd(u: torch.Tensor, log_a: torch.Tensor, h0: Optional[torch.Tensor]) -> torch.Tensor:
     return scan_forward(u if u.stride(-1) == 1 else u.contiguous(), log_a.contiguous(),
                         h0.contiguous() if h0 is not None else None)
 
@@ -277,7 +279,7 @@ def _(u, log_a, h0):
 
 @torch.library.custom_op("ionllama::scan_const_decay_bwd", mutates_args=())
 def scan_const_decay_bwd(dy: torch.Tensor, h: torch.Tensor, log_a: torch.Tensor,
-                         h0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         h0: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(du, dlog_a in log_a's dtype, dh0 in h0's dtype, or fp32 zeros-shaped (B, D) when there is no h0)."""
     h0c = h0.contiguous() if h0 is not None else None
     du, dla, dh0 = scan_backward(dy if dy.stride(-1) == 1 else dy.contiguous(), h, log_a.contiguous(), h0c)
@@ -305,7 +307,7 @@ def _scan_backward(ctx, dy):
 scan_const_decay_fwd.register_autograd(_scan_backward, setup_context=_scan_setup_context)
 
 
-def scan_const_decay_triton(u: torch.Tensor, log_a: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
+def scan_const_decay_triton(u: torch.Tensor, log_a: torch.Tensor, h0: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Triton scan (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); same contract as the reference:
     u (B, T, D), log_a (D,) <= 0, h0 (B, D) or None -> h (B, T, D) in u's dtype."""
     return scan_const_decay_fwd(u, log_a, h0)
