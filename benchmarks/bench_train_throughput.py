@@ -99,8 +99,11 @@ def bench_one(name: str, model_kind: str, size: str, args, text: bytes | None, o
         calib = sample_batch(text, 8, min(args.seq_len, 4096), gen).to(dev)
         bpp = model.calibrate_threshold(calib)["bytes_per_patch"]
         model.freeze_entropy(True)
-    if args.compile:
-        model.compile_parts() if hasattr(model, "compile_parts") else model.compile()
+    fwd = model
+    if args.compile and args.compile_mode == "parts" and hasattr(model, "compile_parts"):
+        model.compile_parts()  # each layer its own graph (the numbers in train_throughput.md)
+    elif args.compile:
+        fwd = torch.compile(model)  # the whole forward, as the trainer does (graph breaks where it must)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                             fused=dev.type == "cuda")
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
@@ -109,7 +112,7 @@ def bench_one(name: str, model_kind: str, size: str, args, text: bytes | None, o
     def step(i):
         x = batches[i % len(batches)]
         with amp, sdpa_backend(args.sdpa_backend):
-            out = model(x[:, :-1], x[:, 1:])
+            out = fwd(x[:, :-1], x[:, 1:])
         out["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -134,7 +137,7 @@ def bench_one(name: str, model_kind: str, size: str, args, text: bytes | None, o
     fpb = flops_per_byte(model, args.seq_len, measured_bpp)
     return {"arm": name, "model": model_kind, "size": size, "overrides": overrides,
             "params_M": round(model.count_parameters()["total"] / 1e6, 2), "seq_len": args.seq_len,
-            "batch_size": args.batch_size, "compile": args.compile, "sdpa_backend": args.sdpa_backend, "step_ms": round(dt * 1e3, 2),
+            "batch_size": args.batch_size, "compile": args.compile and args.compile_mode, "sdpa_backend": args.sdpa_backend, "step_ms": round(dt * 1e3, 2),
             "bytes_per_s": round(bytes_per_s), "bytes_per_patch": round(measured_bpp, 3),
             "calibrated_bytes_per_patch": round(bpp, 3), "flops_per_byte": fpb,
             "mfu": round(fpb * bytes_per_s / peak_flops(), 4),
@@ -151,6 +154,8 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile_mode", choices=["parts", "whole"], default="parts",
+                   help="parts: model.compile_parts() (per layer); whole: torch.compile(model), as the trainer")
     p.add_argument("--text_path", default=None, help="raw bytes to sample from (else random bytes)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None)

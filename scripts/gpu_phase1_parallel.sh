@@ -3,29 +3,34 @@
 # its own arms one after the other, so every arm still has one whole GPU for its time budget.
 # Usage on the device machine:
 #   GPU0=dense,bpe GPU1=ionllama,ionllama_tf_local T=390 bash scripts/gpu_phase1_parallel.sh
+# Env: T (seconds for the whole call), BUDGET (training seconds per arm, 75), OVERHEAD (expected seconds
+# per arm besides training, 90), RES (results folder, docs/results/phase1), TASKS=1 (also fine-tune each
+# arm on the task data and score it: --stage pretrain,tasks --task_arms <the GPU's arms>), EXTRA (more
+# experiment flags, e.g. "--seed 2").
 # Byte shards are built once first; a background loop copies docs/results/phase1 to $OUT every 20 s, so
 # finished arms come back even if the call is cut off.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-T=${T:-390}
+T=${T:-390}; RES=${RES:-docs/results/phase1}
 t0=$(date +%s)
 common=(--matrix phase1 --budget_s "${BUDGET:-75}" --arm_overhead_s "${OVERHEAD:-90}"
   --data_path '.data/gutenberg/gutenberg-{split}.jsonl.xz' --final_test --eval_bytes 2000000
-  --eval_data .data/wikipedia/wikipedia-val.jsonl.xz --out docs/results/phase1)
+  --eval_data .data/wikipedia/wikipedia-val.jsonl.xz --out "$RES" --ckpt_dir "checkpoints/$(basename "$RES")" ${EXTRA:-})
 python3 -m ionllama.cli experiment "${common[@]}" --stage prepare --arms "${GPU0%%,*}" > "$OUT/log_prepare.txt" 2>&1
 left=$((T - ($(date +%s) - t0) - 10))
-( while true; do tar czf "$OUT/phase1.tgz.part" docs/results/phase1 2>/dev/null && mv "$OUT/phase1.tgz.part" "$OUT/phase1.tgz"; sleep 20; done ) &
+( while true; do tar czf "$OUT/phase1.tgz.part" "$RES" 2>/dev/null && mv "$OUT/phase1.tgz.part" "$OUT/phase1.tgz"; sleep 20; done ) &
 saver=$!
 pids=()
 for g in 0 1 2 3 4 5 6 7; do
   var="GPU$g"; arms="${!var:-}"
   [ -z "$arms" ] && continue
-  CUDA_VISIBLE_DEVICES=$g timeout -s TERM "$left" python3 -m ionllama.cli experiment "${common[@]}" \
+  stage=(); [ "${TASKS:-0}" = 1 ] && stage=(--stage pretrain,tasks --task_arms "$arms")
+  CUDA_VISIBLE_DEVICES=$g timeout -s TERM "$left" python3 -m ionllama.cli experiment "${common[@]}" "${stage[@]}" \
     --deadline_s $((left - 5)) --arms "$arms" > "$OUT/log_gpu$g.txt" 2>&1 &
   pids+=($!)
 done
 for p in "${pids[@]}"; do wait "$p"; done
 kill "$saver" 2>/dev/null
-tar czf "$OUT/phase1.tgz" docs/results/phase1
+tar czf "$OUT/phase1.tgz" "$RES"
 tail -n 8 "$OUT"/log_*.txt
