@@ -102,8 +102,9 @@ def bench_one(name: str, model_kind: str, size: str, args, text: bytes | None, o
     fwd = model
     if args.compile and args.compile_mode == "parts" and hasattr(model, "compile_parts"):
         model.compile_parts()  # each layer its own graph (the numbers in train_throughput.md)
-    elif args.compile:
-        fwd = torch.compile(model)  # the whole forward, as the trainer does (graph breaks where it must)
+    elif args.compile:  # the whole forward, as the trainer does (graph breaks where it must); reduce-overhead
+        # also replays each compiled graph (one per padded patch count) as a CUDA graph: no per-kernel launches
+        fwd = torch.compile(model, mode="reduce-overhead" if args.compile_mode == "reduce-overhead" else None)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                             fused=dev.type == "cuda")
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
@@ -111,6 +112,8 @@ def bench_one(name: str, model_kind: str, size: str, args, text: bytes | None, o
 
     def step(i):
         x = batches[i % len(batches)]
+        if args.compile and args.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be overwritten
         with amp, sdpa_backend(args.sdpa_backend):
             out = fwd(x[:, :-1], x[:, 1:])
         out["loss"].backward()
@@ -154,8 +157,9 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--compile_mode", choices=["parts", "whole"], default="parts",
-                   help="parts: model.compile_parts() (per layer); whole: torch.compile(model), as the trainer")
+    p.add_argument("--compile_mode", choices=["parts", "whole", "reduce-overhead"], default="parts",
+                   help="parts: model.compile_parts() (per layer); whole: torch.compile(model), as the trainer; "
+                        "reduce-overhead: whole, with CUDA graphs")
     p.add_argument("--text_path", default=None, help="raw bytes to sample from (else random bytes)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None)
