@@ -31,22 +31,17 @@ from ionllama import create_model
 def count(model, x, y, routing: str) -> dict:
     from torch._dynamo.utils import counters
 
-    saved = K.attention_uses_triton, K.scan_uses_triton
-    if routing == "custom_ops" and x.device.type == "cpu":
-        K.attention_uses_triton, K.scan_uses_triton = (lambda *a: True), (lambda *a: True)
-    elif routing == "eager_reference":
-        K.attention_uses_triton, K.scan_uses_triton = (lambda *a: False), (lambda *a: False)
     try:
-        torch._dynamo.reset()
-        counters.clear()
-        out = torch.compile(model, backend="aot_eager")(x, y)
-        out["loss"].backward()
+        with K.forced_routing(routing == "custom_ops"):  # on CPU the custom ops run interpreted kernels
+            torch._dynamo.reset()
+            counters.clear()
+            out = torch.compile(model, backend="aot_eager")(x, y)
+            out["loss"].backward()
         breaks = counters["graph_break"]
         reasons = sorted({r.split("\n")[0][:160] for r in breaks})
         return {"routing": routing, "graph_breaks": int(breaks.total()), "break_reasons": reasons,
                 "graphs": int(counters["stats"]["unique_graphs"]), "loss": out["loss"].item()}
     finally:
-        K.attention_uses_triton, K.scan_uses_triton = saved
         torch._dynamo.reset()
 
 

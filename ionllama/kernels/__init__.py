@@ -6,6 +6,8 @@ inputs are CUDA tensors of a supported dtype and shape and Triton imports, else 
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..model.dilated_attention import dilated_attention_reference, dilated_offsets
@@ -83,5 +85,18 @@ def scan_const_decay(u: torch.Tensor, log_a: torch.Tensor, h0: torch.Tensor | No
     return _scan_reference_eager(u, log_a, h0, chunk=chunk)
 
 
+@contextlib.contextmanager
+def forced_routing(use_triton: bool):
+    """For checks and benchmarks: the dispatchers pick the Triton custom ops (True) or the eager references
+    (False) for every input. On CPU the Triton path needs TRITON_INTERPRET=1 (set before triton is imported)."""
+    global attention_uses_triton, scan_uses_triton
+    saved = attention_uses_triton, scan_uses_triton
+    attention_uses_triton = scan_uses_triton = lambda *a: use_triton
+    try:
+        yield
+    finally:
+        attention_uses_triton, scan_uses_triton = saved
+
+
 __all__ = ["dilated_attention", "dilated_attention_local", "scan_const_decay", "triton_available", "attention_uses_triton",
-           "scan_uses_triton"]
+           "scan_uses_triton", "forced_routing"]

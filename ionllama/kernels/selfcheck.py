@@ -11,6 +11,7 @@ the same rounded inputs and the same output gradient.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -120,16 +121,14 @@ def check_compiled(device: str, dtype: torch.dtype, B: int, H: int, N: int, Dh: 
     def f(q, k, v, u, log_a, h0):
         return K.dilated_attention_local(q, k, v, local_width), K.scan_const_decay(u, log_a, h0)
 
-    saved = K.attention_uses_triton, K.scan_uses_triton
-    if device == "cpu":  # the interpreter runs the kernels on CPU tensors: let the dispatchers pick them
-        K.attention_uses_triton, K.scan_uses_triton = (lambda *a: True), (lambda *a: True)
+    routing = K.forced_routing(True) if device == "cpu" else contextlib.nullcontext()  # CPU: interpreted kernels
     try:
-        torch._dynamo.reset()
-        o, h = torch.compile(f, backend="aot_eager", fullgraph=True)(*ins)
+        with routing:
+            torch._dynamo.reset()
+            o, h = torch.compile(f, backend="aot_eager", fullgraph=True)(*ins)
         g_o, g_h = torch.randn(o.shape, generator=gen), torch.randn(h.shape, generator=gen)
         grads = torch.autograd.grad((o, h), ins, (g_o.to(device, dtype), g_h.to(device, dtype)))
     finally:
-        K.attention_uses_triton, K.scan_uses_triton = saved
         torch._dynamo.reset()
     r_ins = [x.detach().double().requires_grad_() for x in ins]
     ref_o = dilated_attention_reference(*r_ins[:3], dilated_offsets(N, local_width))
