@@ -261,6 +261,7 @@ def warm_up(tr) -> float:
                     x = torch.full_like(x, ord(" "))  # space patching: a patch per byte
                     if saved is not None:
                         m.entropy_threshold.fill_(float("-inf"))  # entropy patching: a patch per byte
+                tr.mark_step()
                 with _autocast(dev, tr.amp_dtype):
                     out = tr.fwd(x.to(dev), y.to(dev))
                     loss = out["loss"] + (out["aux_loss"] if out.get("aux_loss") is not None else 0.0)
@@ -444,7 +445,7 @@ class Runner:
         if a.mixed_precision:
             argv += ["--mixed_precision", a.mixed_precision]
         if a.compile:
-            argv += ["--compile"]
+            argv += ["--compile", "--compile_mode", a.compile_mode]
         return argv
 
     # ------------------------------------------------------------------ one arm
@@ -1052,6 +1053,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mixed_precision", choices=("bf16", "fp16", "none"), default=None)
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile (default: on with CUDA)")
+    g.add_argument("--compile_mode", choices=("default", "reduce-overhead"), default="default",
+                   help="with --compile: reduce-overhead adds CUDA graphs (see ionllama train --help)")
     g.add_argument("--device", default="auto")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--log_interval", type=int, default=10)

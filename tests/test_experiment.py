@@ -198,7 +198,7 @@ def test_warm_up_compiles_every_shape_training_will_see(patching, one_thread):
     batches[-1] = (dense[:-1].repeat(2, 1), dense[1:].repeat(2, 1))
     cnt = CompileCounter()
     tr = SimpleNamespace(model=m, device=torch.device("cpu"), amp_dtype=None, fwd=torch.compile(m, backend=cnt),
-                         sampler=SimpleNamespace(get=lambda k: batches[k]), args=SimpleNamespace(compile=True))
+                         sampler=SimpleNamespace(get=lambda k: batches[k]), args=SimpleNamespace(compile=True), mark_step=lambda: None)
     warm_up(tr)
     compiled = cnt.frame_count
     if patching == "entropy":

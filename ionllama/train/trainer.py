@@ -214,6 +214,9 @@ class Trainer:
         explicit = set(vars(args)) if explicit is None else explicit
         if args.model not in model_names():
             raise UserError(f"unknown model '{args.model}'; choose one of {', '.join(model_names())}")
+        if getattr(args, "compile_mode", "default") != "default" and (not args.compile or world_size > 1):
+            raise UserError(f"--compile_mode {args.compile_mode} needs --compile and one process (CUDA graphs are "
+                            "not combined with DDP/FSDP here); add --compile, or drop --compile_mode under torchrun")
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_interval", "log_interval"):
             if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise UserError(f"--{name} must be at least 1 (got {getattr(args, name)})")
@@ -259,7 +262,9 @@ class Trainer:
         if self.ck is not None and self.ck["model"] is not None:  # sharded checkpoints load in _restore
             ckpt_io.load_model_state(self.model, self.ck["model"], str(ck_path))
         self.model = self.par.shard(self.model)  # FSDP2: in place, before the optimizer exists
-        self.fwd = torch.compile(self.model) if args.compile else self.model
+        mode = getattr(args, "compile_mode", "default")
+        self.cuda_graphs = bool(args.compile) and mode == "reduce-overhead"
+        self.fwd = torch.compile(self.model, mode=None if mode == "default" else mode) if args.compile else self.model
         self.par.attach(self.model, self.fwd)
         has_entropy = bool(getattr(self.model, "needs_entropy_phase", False))
         E = (args.entropy_steps if args.entropy_steps is not None else args.max_steps // 3) if has_entropy else 0
@@ -426,6 +431,12 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
+    def mark_step(self) -> None:
+        """With CUDA graphs, a new forward may overwrite the last one's outputs: say when that is fine (every
+        value kept from a step is copied into other tensors before its next forward)."""
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+
     def train_step(self, step: int) -> dict:
         a, m = self.args, self.model
         self.fwd.train()
@@ -434,6 +445,7 @@ class Trainer:
         patches = torch.zeros((), device=self.device, dtype=torch.long)
         fwd = self.par.train_module(self.phase)  # entropy model or full model; DDP / FSDP when distributed
         for micro in range(a.grad_accum):
+            self.mark_step()
             x, y = self.sampler.get(step, micro)
             if self.device.type == "cuda":  # from pageable memory a copy blocks the host until the GPU is idle
                 x, y = x.pin_memory(), y.pin_memory()
