@@ -878,7 +878,7 @@ def tasks_markdown(arms: dict) -> str:
 
 
 def bpb_at(records: list[dict], key: str, x: float) -> float | None:
-    """Val BPB at `key` (train_flops / train_time_s) = x, linear between the curve points around x
+    """Val BPB at `key` (train_flops / train_time_s / step) = x, linear between the curve points around x
     (None when the run never got as far, or has no curve point before x)."""
     pts = sorted((r[key], r["val_bpb"]) for r in records
                  if isinstance(r.get("val_bpb"), (int, float)) and isinstance(r.get(key), (int, float))
@@ -968,8 +968,9 @@ def write_report(out: Path, names: list[str], command: str, label: str = "phase1
                "tasks": {n: f["tasks"]["results"]["per_task"] for n, f in arms.items() if f.get("tasks")},
                "missing": [n for n in names if n not in arms]}
 
-    def records_of(n):
-        return read_metrics(out / n / "metrics.jsonl") if (out / n / "metrics.jsonl").exists() else []
+    records = {n: read_metrics(out / n / "metrics.jsonl") if (out / n / "metrics.jsonl").exists() else []
+               for n in arms}  # read once: the equal-FLOPs/-steps views and the plots all use them
+    records_of = records.__getitem__
 
     views = {v: equal_at(arms, records_of, v) for v in EQUAL_VIEWS}
     summary.update({v: eq for v, eq in views.items() if eq})
