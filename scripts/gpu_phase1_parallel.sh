@@ -17,7 +17,8 @@ t0=$(date +%s)
 common=(--matrix phase1 --budget_s "${BUDGET:-75}" --arm_overhead_s "${OVERHEAD:-90}"
   --data_path '.data/gutenberg/gutenberg-{split}.jsonl.xz' --final_test --eval_bytes 2000000
   --eval_data .data/wikipedia/wikipedia-val.jsonl.xz --out "$RES" --ckpt_dir "checkpoints/$(basename "$RES")" ${EXTRA:-})
-python3 -m ionllama.cli experiment "${common[@]}" --stage prepare --arms "${GPU0%%,*}" > "$OUT/log_prepare.txt" 2>&1
+first=""; for g in 0 1 2 3 4 5 6 7; do v="GPU$g"; [ -n "${!v:-}" ] && { first=${!v%%,*}; break; }; done
+python3 -m ionllama.cli experiment "${common[@]}" --stage prepare --arms "$first" > "$OUT/log_prepare.txt" 2>&1
 left=$((T - ($(date +%s) - t0) - 10))
 ( while true; do tar czf "$OUT/phase1.tgz.part" "$RES" 2>/dev/null && mv "$OUT/phase1.tgz.part" "$OUT/phase1.tgz"; sleep 20; done ) &
 saver=$!
