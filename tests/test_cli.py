@@ -56,6 +56,8 @@ def test_bad_input_is_one_line_exit_2(tmp_path, corpus, capsys):
         (["--max_steps", "0"], "--max_steps must be at least 1"),
         (["--task_mix", "2"], "--task_mix 2.0 must be between 0 and 1"),
         (["--compile_mode", "reduce-overhead"], "--compile_mode reduce-overhead needs --compile"),
+        (["--model", "ionllama", "--compile", "--compile_mode", "reduce-overhead"],
+         "--compile_mode reduce-overhead does not work with --model ionllama"),
     ]
     for extra, pattern in cases:
         argv = args(tmp_path, corpus)

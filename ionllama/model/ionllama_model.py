@@ -41,6 +41,9 @@ def make_local_layer(cfg: ModelConfig) -> nn.Module:
 
 @register("ionllama")
 class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
+    # forward() reads the patch count on the host (one .item()): the trainer refuses CUDA-graph replay
+    host_sync_in_forward = True
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = cfg = config

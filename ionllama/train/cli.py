@@ -70,8 +70,8 @@ def build_train_parser() -> argparse.ArgumentParser:
                    help="default: bf16 on GPUs that support it, else none")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--compile_mode", choices=("default", "reduce-overhead"), default="default",
-                   help="with --compile: reduce-overhead also replays the compiled model as CUDA graphs (one per "
-                        "padded patch count; single process only), for launch-bound small models")
+                   help="with --compile: reduce-overhead also replays the compiled model as CUDA graphs (single "
+                        "process; models without a host sync in the forward: dense, bpe, mamba)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     g.add_argument("--parallel", choices=("auto", "ddp", "fsdp"), default="auto",
                    help="under torchrun: ddp (replicated) or fsdp (FSDP2, sharded per block); auto = ddp for "
