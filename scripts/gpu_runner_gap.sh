@@ -11,11 +11,13 @@ G=$OUT/gap; mkdir -p "$G"
 data=(--dataset builtin)
 gut='.data/gutenberg/gutenberg-{split}.jsonl.xz'
 [ -f .data/gutenberg/gutenberg-train.jsonl.xz ] && data=(--data_path "${DATA:-$gut}")
-VARIANTS=${VARIANTS:-"base: nowarmup:--no-warmup curve1:--curve_points=1 log100:--log_interval=100"}
+# name:changes; a change is a flag (--key=value) or an environment variable (KEY=value)
+VARIANTS=${VARIANTS:-"base: nowarmup:--no-warmup curve1:--curve_points=1 log100:--log_interval=100 omp4:OMP_NUM_THREADS=4"}
 for v in $VARIANTS; do
-  name=${v%%:*}; extra=${v#*:}
-  python3 -m ionllama.cli experiment --matrix phase1 --arms dense --budget_s "${BUDGET:-30}" "${data[@]}" \
-    --out "$G/$name" --ckpt_dir "/tmp/runner_gap/$name" --eval_bytes 200000 ${FLAGS:-} ${extra//=/ } \
+  name=${v%%:*}; extra=""; envs=()
+  for c in ${v#*:}; do case $c in -*) extra="$extra ${c//=/ }";; *) envs+=("$c");; esac; done
+  env "${envs[@]}" python3 -m ionllama.cli experiment --matrix phase1 --arms dense --budget_s "${BUDGET:-30}" "${data[@]}" \
+    --out "$G/$name" --ckpt_dir "/tmp/runner_gap/$name" --eval_bytes 200000 ${FLAGS:-} $extra \
     > "$G/log_$name.txt" 2>&1
   echo "$name exit $?"
 done
