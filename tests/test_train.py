@@ -60,6 +60,11 @@ def test_loss_falls_and_all_checkpoint_kinds_are_written(tmp_path, corpus, capsy
     for key in ("step", "phase", "bytes_seen", "train_time_s", "loss", "bpb", "lr", "bytes_per_s", "bytes_per_patch"):
         assert key in tr[-1], key
     assert tr[-1]["bytes_seen"] == 40 * 4 * 32 and tr[-1]["bytes_per_patch"] == 1.0
+    # where each window's time went: the host's share per step and the wait for the device at the log point
+    for prev, r in zip([{"step": 0}] + tr, tr):
+        n = r["step"] - prev["step"]  # steps in this window (--log_interval 1, evaluations excluded)
+        window_ms = 1e3 * n * 4 * 32 / r["bytes_per_s"]
+        assert n >= 1 and 0 < r["host_ms_per_step"] * n <= window_ms * 1.001 + 0.01 and r["gpu_wait_ms"] >= 0
     assert abs(tr[-1]["lr"] - 3e-4) < 1e-6  # cosine ends at 10 % of the peak
     for name in ("best.pt", "latest.pt", "final.pt", "step_20.pt", "step_40.pt", "final.safetensors", "sample.txt"):
         assert (run / name).is_file(), name

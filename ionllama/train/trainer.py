@@ -287,6 +287,7 @@ class Trainer:
         self.step = 0
         self.bytes_seen = 0
         self.train_time = 0.0
+        self.host_s = 0.0  # host seconds inside train_step since the last log point
         self.best_val_bpb = math.inf
         self.metrics = MetricsLogger(self.run_dir, use_wandb=args.wandb and self.is_main, run_name=self.run_dir.name,
                                      config={**vars(args), "model_config": self.config.to_dict()}) \
@@ -443,6 +444,13 @@ class Trainer:
             torch.compiler.cudagraph_mark_step_begin()
 
     def train_step(self, step: int) -> dict:
+        t_host = time.perf_counter()
+        try:
+            return self._train_step(step)
+        finally:
+            self.host_s += time.perf_counter() - t_host
+
+    def _train_step(self, step: int) -> dict:
         a, m = self.args, self.model
         self.fwd.train()
         loss_sum = torch.zeros((), device=self.device)
@@ -586,7 +594,7 @@ class Trainer:
                     self._enter_phase(phase)
                     if prev == "entropy":
                         self.evaluate(phase)  # the full model right after calibration: bytes/patch at target
-                    win["t0"] = time.perf_counter()
+                    win["t0"], self.host_s = time.perf_counter(), 0.0
                 out = self.train_step(self.step)
                 self.step += 1
                 self.bytes_seen += step_bytes
@@ -607,9 +615,17 @@ class Trainer:
                         (a.stop_at is not None and self.step >= a.stop_at)
                     stopping = boundary and self.dist.any_rank(stopping, self.device)
                 if self.step % a.log_interval == 0 or at_eval or at_save or phase_done or stopping:
+                    t_sync = time.perf_counter()
                     loss = float(torch.stack(win["loss"]).mean())
                     sync()
                     dt = time.perf_counter() - win["t0"]
+                    # where the window's time went: host_s is the host inside train_step (launching work,
+                    # data); gpu_wait_s is how long the host then waited for the GPU to finish it. A wait
+                    # near 0 means the host is the bottleneck; a large one, the GPU.
+                    n_win = len(win["loss"])
+                    timing = {"host_ms_per_step": round(1e3 * self.host_s / max(n_win, 1), 3),
+                              "gpu_wait_ms": round(1e3 * (time.perf_counter() - t_sync), 3)}
+                    self.host_s = 0.0
                     self.train_time += dt
                     rec = {"step": self.step, "phase": self.phase, "bytes_seen": self.bytes_seen,
                            "train_time_s": round(self.train_time, 3), "loss": loss,
@@ -618,7 +634,7 @@ class Trainer:
                            "bytes_per_patch": (win["bytes"] // self.world_size) / max(float(win["patches"]), 1.0)
                            if self.phase != "entropy" else None,
                            "grad_norm": float(out["grad_norm"]) if out["grad_norm"] is not None else None,
-                           "global_batch": self.sampler.global_batch}
+                           "global_batch": self.sampler.global_batch, **timing}
                     if self.is_main:
                         self.metrics.log(rec)
                         post = {"loss": f"{loss:.3f}", "bpb": f"{rec['bpb']:.3f}",
