@@ -619,9 +619,9 @@ class Trainer:
                     loss = float(torch.stack(win["loss"]).mean())
                     sync()
                     dt = time.perf_counter() - win["t0"]
-                    # where the window's time went: host_s is the host inside train_step (launching work,
-                    # data); gpu_wait_s is how long the host then waited for the GPU to finish it. A wait
-                    # near 0 means the host is the bottleneck; a large one, the GPU.
+                    # where the window's time went: host_ms_per_step is the host inside train_step (data,
+                    # launching work); gpu_wait_ms is how long the host then waited for the device to finish
+                    # it. A wait near 0 means the host is the bottleneck; a large one, the GPU.
                     n_win = len(win["loss"])
                     timing = {"host_ms_per_step": round(1e3 * self.host_s / max(n_win, 1), 3),
                               "gpu_wait_ms": round(1e3 * (time.perf_counter() - t_sync), 3)}
