@@ -7,7 +7,7 @@
 # per arm besides training, 90), RES (results folder, docs/results/phase1), TASKS=1 (also fine-tune each
 # arm on the task data and score it: --stage pretrain,tasks --task_arms <the GPU's arms>), EXTRA (more
 # experiment flags, e.g. "--seed 2").
-# Byte shards are built once first; a background loop copies docs/results/phase1 to $OUT every 20 s, so
+# Each process is pinned to its own share of the host's cores. Byte shards are built once first; a background loop copies docs/results/phase1 to $OUT every 20 s, so
 # finished arms come back even if the call is cut off.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
@@ -22,14 +22,22 @@ python3 -m ionllama.cli experiment "${common[@]}" --stage prepare --arms "$first
 left=$((T - ($(date +%s) - t0) - 10))
 ( while true; do tar czf "$OUT/phase1.tgz.part" "$RES" 2>/dev/null && mv "$OUT/phase1.tgz.part" "$OUT/phase1.tgz"; sleep 20; done ) &
 saver=$!
-pids=()
+# Each process gets its own equal share of the host's cores (taskset, thread pools sized to match), so
+# one GPU's torch.compile or data work cannot slow the other GPU's timed training: every arm's budget
+# is then measured under the same host conditions.
+n_proc=0; for g in 0 1 2 3 4 5 6 7; do v="GPU$g"; [ -n "${!v:-}" ] && n_proc=$((n_proc + 1)); done
+per=$(( $(nproc) / (n_proc > 0 ? n_proc : 1) )); [ "$per" -lt 1 ] && per=1
+pids=(); i=0
 for g in 0 1 2 3 4 5 6 7; do
   var="GPU$g"; arms="${!var:-}"
   [ -z "$arms" ] && continue
   stage=(); [ "${TASKS:-0}" = 1 ] && stage=(--stage pretrain,tasks --task_arms "$arms")
-  CUDA_VISIBLE_DEVICES=$g timeout -s TERM "$left" python3 -m ionllama.cli experiment "${common[@]}" "${stage[@]}" \
+  pin=(); command -v taskset > /dev/null && pin=(taskset -c "$((i * per))-$((i * per + per - 1))")
+  echo "GPU $g: arms $arms on cores ${pin[*]:-(not pinned: no taskset)}" >> "$OUT/log_prepare.txt"
+  CUDA_VISIBLE_DEVICES=$g OMP_NUM_THREADS=$per TORCHINDUCTOR_COMPILE_THREADS=$per \
+    timeout -s TERM "$left" "${pin[@]}" python3 -m ionllama.cli experiment "${common[@]}" "${stage[@]}" \
     --deadline_s $((left - 5)) --arms "$arms" > "$OUT/log_gpu$g.txt" 2>&1 &
-  pids+=($!)
+  pids+=($!); i=$((i + 1))
 done
 for p in "${pids[@]}"; do wait "$p"; done
 kill "$saver" 2>/dev/null
