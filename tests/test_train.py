@@ -160,3 +160,20 @@ def test_sigterm_saves_latest_and_the_run_resumes(tmp_path, corpus):
                         text=True, timeout=120)
     assert rc.returncode == 0, rc.stderr
     assert load_checkpoint(save / "sig" / "latest.pt")["step"] == ck["step"] + 2
+
+
+def test_profile_trainer_step_script_times_each_variant(tmp_path, corpus):
+    """benchmarks/profile_trainer_step.py (used on the GPU to find where the runner loses speed) runs the real
+    Trainer's step and its variants; on CPU there is nothing to synchronise with."""
+    out = tmp_path / "p.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "profile_trainer_step.py"), "--steps", "2", "--warmup", "1",
+           "--profile_steps", "1", "--out", str(out), "--", *TINY, "--data_path", str(corpus), "--data_dir",
+           str(tmp_path / "cache"), "--seq_len", "32", "--batch_size", "4", "--device", "cpu", "--val_fraction", "0.1"]
+    r = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert set(res["variants"]) == {"trainer", "staged_data", "no_clip", "bench_step"}
+    for v in res["variants"].values():
+        assert v["step_ms"] > 0 and v["bytes_per_s"] == pytest.approx(res["bytes_per_step"] / (v["step_ms"] / 1e3), rel=0.02)
+    assert res["bytes_per_step"] == 4 * 32 and res["syncs_in_one_step"] == []
+    assert res["profile"]["wall_ms_per_step"] > 0 and res["profile"]["top_host_ops_ms_per_step"]
