@@ -460,7 +460,7 @@ class Trainer:
         for micro in range(a.grad_accum):
             self.mark_step()
             x, y = self.sampler.get(step, micro)
-            if self.device.type == "cuda":  # from pageable memory a copy blocks the host until the GPU is idle
+            if self.device.type == "cuda" and not x.is_cuda:  # a copy from pageable memory blocks the host
                 x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self.par.grad_sync(fwd, micro == a.grad_accum - 1):  # gradients cross ranks once per step
