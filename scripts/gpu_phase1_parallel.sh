@@ -14,13 +14,19 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 T=${T:-390}; RES=${RES:-docs/results/phase1}
 t0=$(date +%s)
-common=(--matrix phase1 --budget_s "${BUDGET:-75}" --arm_overhead_s "${OVERHEAD:-90}"
-  --data_path '.data/gutenberg/gutenberg-{split}.jsonl.xz' --final_test --eval_bytes 2000000
-  --eval_data .data/wikipedia/wikipedia-val.jsonl.xz --out "$RES" --ckpt_dir "checkpoints/$(basename "$RES")" ${EXTRA:-})
+# per-GPU overrides: BUDGET_GPU<g>, OVERHEAD_GPU<g>, RES_GPU<g> (e.g. a 7-minute arm on one GPU, 75 s arms on the other)
+args_for() {  # the experiment flags for GPU $1
+  local b="BUDGET_GPU$1" o="OVERHEAD_GPU$1" r="RES_GPU$1"; local res=${!r:-$RES}
+  echo --matrix phase1 --budget_s "${!b:-${BUDGET:-75}}" --arm_overhead_s "${!o:-${OVERHEAD:-90}}" \
+    --data_path '.data/gutenberg/gutenberg-{split}.jsonl.xz' --final_test --eval_bytes 2000000 \
+    --eval_data .data/wikipedia/wikipedia-val.jsonl.xz --out "$res" --ckpt_dir "checkpoints/$(basename "$res")" ${EXTRA:-}
+}
+common=($(args_for none))
+ress="$RES"; for g in 0 1 2 3 4 5 6 7; do r="RES_GPU$g"; [ -n "${!r:-}" ] && ress="$ress ${!r}"; done
 first=""; for g in 0 1 2 3 4 5 6 7; do v="GPU$g"; [ -n "${!v:-}" ] && { first=${!v%%,*}; break; }; done
 python3 -m ionllama.cli experiment "${common[@]}" --stage prepare --arms "$first" > "$OUT/log_prepare.txt" 2>&1
 left=$((T - ($(date +%s) - t0) - 10))
-( while true; do tar czf "$OUT/phase1.tgz.part" "$RES" 2>/dev/null && mv "$OUT/phase1.tgz.part" "$OUT/phase1.tgz"; sleep 20; done ) &
+( while true; do tar czf "$OUT/phase1.tgz.part" $ress 2>/dev/null && mv "$OUT/phase1.tgz.part" "$OUT/phase1.tgz"; sleep 20; done ) &
 saver=$!
 # Each process gets its own equal share of the host's cores (taskset, thread pools sized to match), so
 # one GPU's torch.compile or data work cannot slow the other GPU's timed training: every arm's budget
@@ -35,11 +41,11 @@ for g in 0 1 2 3 4 5 6 7; do
   pin=(); command -v taskset > /dev/null && pin=(taskset -c "$((i * per))-$((i * per + per - 1))")
   echo "GPU $g: arms $arms on cores ${pin[*]:-(not pinned: no taskset)}" >> "$OUT/log_prepare.txt"
   CUDA_VISIBLE_DEVICES=$g OMP_NUM_THREADS=$per TORCHINDUCTOR_COMPILE_THREADS=$per \
-    timeout -s TERM "$left" "${pin[@]}" python3 -m ionllama.cli experiment "${common[@]}" "${stage[@]}" \
+    timeout -s TERM "$left" "${pin[@]}" python3 -m ionllama.cli experiment $(args_for $g) "${stage[@]}" \
     --deadline_s $((left - 5)) --arms "$arms" > "$OUT/log_gpu$g.txt" 2>&1 &
   pids+=($!); i=$((i + 1))
 done
 for p in "${pids[@]}"; do wait "$p"; done
 kill "$saver" 2>/dev/null
-tar czf "$OUT/phase1.tgz" "$RES"
+tar czf "$OUT/phase1.tgz" $ress 2>/dev/null
 tail -n 8 "$OUT"/log_*.txt
