@@ -194,3 +194,23 @@ def test_pooling_matches_loop(mode):
                 continue
             w = torch.softmax(pool.score(sel).squeeze(-1), 0) if mode == "attention" else torch.full((len(sel),), 1 / len(sel), dtype=f64)
             assert torch.allclose(out[b, p], (w[:, None] * sel).sum(0), atol=1e-12)
+
+
+@pytest.mark.parametrize("patching", ["fixed", "byte"])
+def test_static_patch_count_equals_the_patcher(patching):
+    """Fixed and byte patching skip the host read of the patch count: their static count must be the
+    patcher's, for any fixed size, cap and length (else the latent stack would drop or pad patches)."""
+    import dataclasses
+
+    from ionllama.config import ModelConfig
+    from ionllama.model.ionllama_model import static_patch_count
+
+    g = torch.Generator().manual_seed(3)
+    for k in (1, 3, 4, 8):
+        for m in (1, 2, 3, 8):
+            for T in (1, 5, 8, 9, 100):
+                cfg = dataclasses.replace(ModelConfig(), patching=patching, fixed_patch_size=k, max_patch_size=m)
+                x = torch.randint(0, 256, (2, T), generator=g)
+                _, _, n = compute_patches(x, None, patching, 0.0, "global", m, k)
+                assert n.tolist() == [static_patch_count(cfg, T)] * 2, (k, m, T)
+    assert static_patch_count(dataclasses.replace(ModelConfig(), patching="entropy"), 64) is None

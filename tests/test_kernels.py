@@ -160,3 +160,18 @@ def test_compiled_model_breaks_only_at_the_patch_count(tmp_path):
     assert all("item()" in reason for reason in rows["custom_ops"]["break_reasons"])
     assert rows["eager_reference"]["graph_breaks"] > rows["custom_ops"]["graph_breaks"]
     assert rows["custom_ops"]["loss"] == pytest.approx(rows["eager_reference"]["loss"], abs=1e-4)
+
+
+def test_fixed_patching_compiles_without_a_graph_break(tmp_path):
+    """Fixed patching knows its patch count from T: the whole step is one graph (CUDA-graph capturable)."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PYTHONWARNINGS="ignore")
+    out = tmp_path / "gb.json"
+    r = subprocess.run([sys.executable, "benchmarks/count_graph_breaks.py", "--size", "tiny", "--seq_len", "48",
+                        "--batch_size", "1", "--patching", "fixed", "--routings", "custom_ops", "--out", str(out)], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {row["routing"]: row for row in json.loads(out.read_text())["rows"]}
+    assert rows["custom_ops"]["graph_breaks"] == 0, rows["custom_ops"]["break_reasons"]

@@ -39,10 +39,26 @@ def make_local_layer(cfg: ModelConfig) -> nn.Module:
     raise ValueError(f"unknown local_layers {cfg.local_layers!r}")
 
 
+def static_patch_count(cfg: ModelConfig, T: int) -> int | None:
+    """Patches per row of T bytes when the rule does not depend on the bytes (fixed, byte), else None.
+    Same count as compute_patches (fixed starts every k bytes, capped at max_patch_size)."""
+    if cfg.patching == "byte":
+        return T
+    if cfg.patching == "fixed":
+        k, m = cfg.fixed_patch_size, cfg.max_patch_size
+        per_block = -(-k // m)  # a start every m bytes inside each block of k
+        full, rest = divmod(T, k)
+        return full * per_block + -(-rest // m)
+    return None
+
+
 @register("ionllama")
 class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
-    # forward() reads the patch count on the host (one .item()): the trainer refuses CUDA-graph replay
-    host_sync_in_forward = True
+    @property
+    def host_sync_in_forward(self) -> bool:
+        """Entropy and space patching read the patch count on the host (one .item() per forward), so the
+        trainer refuses CUDA-graph replay for them; fixed and byte patching know it from T alone."""
+        return self.config.patching in ("entropy", "space")
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -144,10 +160,12 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
             _, b2p, n_patches = self.patches(x, entropy)
         else:
             b2p, n_patches = patch_ids(patch_starts.bool() | (torch.arange(T, device=x.device) == 0))
-        # The one host sync per forward: the latent length. Rounded up to a multiple of PATCH_PAD so
-        # torch.compile sees few shapes; padding patches sit after every real one, so causal
-        # attention never lets a real patch see them.
-        P = -(-int(n_patches.max()) // PATCH_PAD) * PATCH_PAD
+        # The latent length, rounded up to a multiple of PATCH_PAD so torch.compile sees few shapes;
+        # padding patches sit after every real one, so causal attention never lets a real patch see
+        # them. Fixed and byte patching give every row the same count, known from T: no host sync, so
+        # the GPU can run ahead of the host. Otherwise it is the one host sync per forward.
+        static = static_patch_count(self.config, T) if patch_starts is None else None
+        P = -(-(static if static is not None else int(n_patches.max())) // PATCH_PAD) * PATCH_PAD
 
         e = self.embed(x)
         for layer in self.encoder:
