@@ -79,7 +79,9 @@ MATRICES: dict[str, dict[str, dict]] = {
 ARMS = MATRICES["phase1"]
 TASK_ARMS = ("ionllama", "dense", "bpe")
 # --sweep: per arm, the base setting and these variants, each under --sweep_budget_s
-SWEEP_VARIANTS = {"lr0.5x": {"lr_mult": 0.5}, "lr2x": {"lr_mult": 2.0}, "wide": {"width_mult": 4 / 3}}
+# width both ways: at a short budget a smaller model can win (more steps), at a long one a larger
+SWEEP_VARIANTS = {"lr0.5x": {"lr_mult": 0.5}, "lr2x": {"lr_mult": 2.0}, "wide": {"width_mult": 4 / 3},
+                  "narrow": {"width_mult": 3 / 4}}
 MODEL_KEYS = ("d_model", "n_layers", "n_heads", "d_local", "attention", "local_layers", "patching",
               "threshold_mode", "max_patch_size", "target_patch_size", "ngram", "pooling", "vocab_size")
 NOMINAL_STEPS = 100_000  # schedule resolution of the time-based plan (steps never reach it)
@@ -96,7 +98,7 @@ def variant_spec(spec: dict, variant: str) -> dict:
         from .config import make_config
 
         base = make_config(spec["size"], spec["model"], **{k: spec[k] for k in MODEL_KEYS if k in spec})
-        d = int(round(base.d_model * v["width_mult"] / 64)) * 64
+        d = max(64, int(math.floor(base.d_model * v["width_mult"] / 64 + 0.5)) * 64)  # multiples of 64 heads
         out["d_model"], out["n_heads"] = d, max(1, d // 64)
     return out
 
