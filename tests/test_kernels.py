@@ -80,6 +80,35 @@ def test_conv_gate_dispatcher_cpu_is_the_blocks_old_expression():
         assert torch.equal(a, b)
 
 
+def test_shared_rope_table_is_the_per_layer_table(monkeypatch):
+    """The latent stack's one RoPE table (through the custom op, as on CUDA) gives the per-layer computation's
+    values and gradients bit for bit, and the op traces as one node under fullgraph compile."""
+    import ionllama.kernels as K
+    from ionllama.kernels.rope_table import rope_cos_sin_op
+    from ionllama.model.common import rope_cos_sin
+    from ionllama.model.latent_transformer import LatentTransformer
+
+    pos = torch.arange(37)
+    for a, b in zip(rope_cos_sin_op(pos, 16, 10000.0), rope_cos_sin(pos, 16)):
+        assert torch.equal(a, b)
+    lt = LatentTransformer(32, 2, 2, attention="dense")
+    z = torch.randn(2, 37, 32, requires_grad=True)
+    params = [z] + list(lt.parameters())
+    per_layer = lt.blocks[0](z, pos)  # what each layer did before: no table passed in
+    assert torch.equal(per_layer, lt.blocks[0](z, pos, rope_cos_sin(pos, 16)))
+    y_ref = lt(z)
+    monkeypatch.setattr(K, "rope_table_uses_op", lambda *a: True)
+    torch._dynamo.reset()
+    try:
+        y = torch.compile(lt, backend="aot_eager", fullgraph=True)(z)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(y, y_ref)
+    dy = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, params, dy), torch.autograd.grad(y_ref, params, dy)):
+        assert torch.equal(a, b)
+
+
 def test_dispatchers_refuse_what_the_kernel_cannot_do():
     q = torch.randn(1, 1, 8, 16)
     assert not attention_uses_triton(q, [0, 1, 2])  # CPU
@@ -121,7 +150,8 @@ def test_kernel_matches_reference_interpreter(interpreter_rows, idx):
                 # the custom ops inside torch.compile(fullgraph=True): values and every gradient
                 "compiled": {"out", "h", "dq", "dk", "dv", "dx", "dw", "db", "dlog_a", "dh0"},
                 # IntegralLNNBlock through the custom ops vs through the references
-                "block": {"out", "dx"} | {f"d{n}" for n in BLOCK_PARAMS}}[row["kind"]]
+                "block": {"out", "dx"} | {f"d{n}" for n in BLOCK_PARAMS},
+                "rope": {"cos", "sin", "out", "dz", "dparams_worst"}}[row["kind"]]
     if row["shape"].get("with_h0"):
         expected = expected | {"dh0"}
     assert set(errs) == expected

@@ -11,6 +11,7 @@ import contextlib
 
 import torch
 
+from ..model.common import rope_cos_sin
 from ..model.conv import causal_conv_gate_reference
 from ..model.dilated_attention import dilated_attention_reference, dilated_offsets
 from ..model.scan import scan_const_decay as scan_const_decay_reference
@@ -102,18 +103,34 @@ def causal_conv_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
     return causal_conv_gate_reference(x, weight, bias)
 
 
+def rope_table_uses_op(positions: torch.Tensor) -> bool:
+    return positions.is_cuda
+
+
+def rope_cos_sin_table(positions: torch.Tensor, head_dim: int, base: float = 10000.0):
+    """RoPE (cos, sin) of ``positions`` (ionllama.model.common.rope_cos_sin), for callers that share one table
+    across layers: on CUDA through an opaque custom op (rope_table.py: torch.compile then stores the table
+    once instead of recomputing pow/cos/sin inside every layer's rotation), the plain function elsewhere."""
+    if rope_table_uses_op(positions):
+        from .rope_table import rope_cos_sin_op
+        return rope_cos_sin_op(positions, head_dim, float(base))
+    return rope_cos_sin(positions, head_dim, base)
+
+
 @contextlib.contextmanager
 def forced_routing(use_triton: bool):
     """For checks and benchmarks: the dispatchers pick the Triton custom ops (True) or the eager references
-    (False) for every input. On CPU the Triton path needs TRITON_INTERPRET=1 (set before triton is imported)."""
-    global attention_uses_triton, scan_uses_triton, conv_gate_uses_triton
-    saved = attention_uses_triton, scan_uses_triton, conv_gate_uses_triton
-    attention_uses_triton = scan_uses_triton = conv_gate_uses_triton = lambda *a: use_triton
+    (False) for every input (the RoPE table too: its op is plain PyTorch). On CPU the Triton path needs
+    TRITON_INTERPRET=1 (set before triton is imported)."""
+    global attention_uses_triton, scan_uses_triton, conv_gate_uses_triton, rope_table_uses_op
+    saved = attention_uses_triton, scan_uses_triton, conv_gate_uses_triton, rope_table_uses_op
+    attention_uses_triton = scan_uses_triton = conv_gate_uses_triton = rope_table_uses_op = lambda *a: use_triton
     try:
         yield
     finally:
-        attention_uses_triton, scan_uses_triton, conv_gate_uses_triton = saved
+        attention_uses_triton, scan_uses_triton, conv_gate_uses_triton, rope_table_uses_op = saved
 
 
 __all__ = ["dilated_attention", "dilated_attention_local", "scan_const_decay", "causal_conv_gate", "triton_available",
-           "attention_uses_triton", "scan_uses_triton", "conv_gate_uses_triton", "forced_routing"]
+           "attention_uses_triton", "scan_uses_triton", "conv_gate_uses_triton", "rope_cos_sin_table",
+           "rope_table_uses_op", "forced_routing"]

@@ -220,6 +220,48 @@ def check_block(device: str, dtype: torch.dtype, B: int, T: int, D: int, seed: i
     return errs
 
 
+def check_rope(device: str, dtype: torch.dtype, B: int, N: int, dim: int, n_heads: int, n_layers: int = 2,
+               seed: int | None = None) -> dict:
+    """The shared RoPE table: the op's cos/sin vs rope_cos_sin on the same device, and a compiled latent
+    transformer (dense attention, so only the table's routing differs; Inductor on CUDA, aot_eager on CPU)
+    reading the table vs the same stack in fp64, eager, computing cos/sin per layer: output, input gradient
+    and the worst parameter gradient."""
+    import copy
+
+    import ionllama.kernels as K
+
+    from ..model.common import rope_cos_sin
+    from ..model.latent_transformer import LatentTransformer
+
+    gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % (2 ** 31)))
+    pos = torch.arange(N, device=device)
+    with K.forced_routing(True):
+        cos, sin = K.rope_cos_sin_table(pos, dim // n_heads, 10000.0)
+    ref_cos, ref_sin = rope_cos_sin(pos, dim // n_heads)
+    errs = {"cos": rel_err(cos, ref_cos), "sin": rel_err(sin, ref_sin)}
+    torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
+    lt = LatentTransformer(dim, n_layers, n_heads, attention="dense")
+    ref_lt = copy.deepcopy(lt).to(device=device, dtype=torch.float64)
+    lt = lt.to(device)
+    z, dy = torch.randn(B, N, dim, generator=gen), torch.randn(B, N, dim, generator=gen)
+    zd = z.to(device).requires_grad_()
+    amp = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+    try:
+        torch._dynamo.reset()
+        with K.forced_routing(True), amp:
+            y = torch.compile(lt, backend="inductor" if device == "cuda" else "aot_eager", fullgraph=True)(zd)
+        grads = torch.autograd.grad(y, [zd] + list(lt.parameters()), dy.to(device, y.dtype))
+    finally:
+        torch._dynamo.reset()
+    zr = z.to(device, torch.float64).requires_grad_()
+    with K.forced_routing(False):
+        y_ref = ref_lt(zr)
+    ref_grads = torch.autograd.grad(y_ref, [zr] + list(ref_lt.parameters()), dy.to(device).double())
+    errs.update({"out": rel_err(y, y_ref), "dz": rel_err(grads[0], ref_grads[0]),
+                 "dparams_worst": max(rel_err(g, r) for g, r in zip(grads[1:], ref_grads[1:]))})
+    return errs
+
+
 def cases(large: bool) -> list[tuple]:
     """(kind, dtype name, kwargs). Small shapes for the interpreter; large adds GPU-sized ones."""
     cs = [
@@ -239,6 +281,7 @@ def cases(large: bool) -> list[tuple]:
         ("conv_gate", "bf16", dict(B=2, T=77, D=32)),
         ("compiled", "fp32", dict(B=2, H=2, N=41, Dh=32, T=70, D=16)),
         ("block", "fp32", dict(B=2, T=40, D=16)),
+        ("rope", "fp32", dict(B=2, N=37, dim=32, n_heads=2)),
     ]
     if large:
         cs += [
@@ -261,12 +304,13 @@ def cases(large: bool) -> list[tuple]:
             ("conv_gate", "fp16", dict(B=2, T=4096, D=128, k=3, rows_per_prog=1024, min_programs=1)),
             ("compiled", "bf16", dict(B=2, H=8, N=3000, Dh=64, T=4096, D=128)),
             ("block", "fp32", dict(B=2, T=2048, D=256)),  # wiring; bf16 accuracy: the conv_gate/scan rows
+            ("rope", "fp32", dict(B=2, N=2048, dim=512, n_heads=8)),  # ionllama-small's latent width
         ]
     return cs
 
 
 def run(device: str, large: bool = False, verbose: bool = True,
-        kinds=("attention", "scan", "conv_gate", "compiled", "block")) -> list[dict]:
+        kinds=("attention", "scan", "conv_gate", "compiled", "block", "rope")) -> list[dict]:
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
@@ -277,7 +321,7 @@ def run(device: str, large: bool = False, verbose: bool = True,
         dtype = DTYPES[dt]
         t0 = time.perf_counter()
         fn = {"attention": check_attention, "scan": check_scan, "conv_gate": check_conv_gate,
-              "compiled": check_compiled, "block": check_block}[kind]
+              "compiled": check_compiled, "block": check_block, "rope": check_rope}[kind]
         errs = fn(device, dtype, **kw)
         tol = TOL[dtype]
         row = dict(kind=kind, dtype=dt, shape=kw, errors=errs, tol=tol,
@@ -295,8 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--large", action="store_true", help="add GPU-sized cases")
     p.add_argument("--json", default=None, help="write the rows as JSON to this path ('-' = stdout)")
-    p.add_argument("--kinds", default="attention,scan,conv_gate,compiled,block",
-                   help="comma list: attention, scan, conv_gate, compiled, block")
+    p.add_argument("--kinds", default="attention,scan,conv_gate,compiled,block,rope",
+                   help="comma list: attention, scan, conv_gate, compiled, block, rope")
     a = p.parse_args(argv)
     rows = run(a.device, a.large, verbose=a.json != "-", kinds=tuple(a.kinds.split(",")))
     if a.json == "-":
