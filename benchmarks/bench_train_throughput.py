@@ -20,6 +20,7 @@ from ionllama import create_model
 from ionllama.model.flops import flops_per_byte
 
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12}  # dense bf16 datasheet rates (SXM)
+REFERENCE_SWITCHES = {"conv_gate": "conv_gate_uses_triton", "rope_table": "rope_table_uses_op"}  # --reference
 
 
 def peak_flops() -> float:
@@ -141,7 +142,7 @@ def bench_one(name: str, model_kind: str, size: str, args, text: bytes | None, o
     return {"arm": name, "model": model_kind, "size": size, "overrides": overrides,
             "params_M": round(model.count_parameters()["total"] / 1e6, 2), "seq_len": args.seq_len,
             "batch_size": args.batch_size, "compile": args.compile and args.compile_mode, "sdpa_backend": args.sdpa_backend,
-            "conv_gate": args.conv_gate, "step_ms": round(dt * 1e3, 2),
+            "reference_paths": args.reference, "step_ms": round(dt * 1e3, 2),
             "bytes_per_s": round(bytes_per_s), "bytes_per_patch": round(measured_bpp, 3),
             "calibrated_bytes_per_patch": round(bpp, 3), "flops_per_byte": fpb,
             "mfu": round(fpb * bytes_per_s / peak_flops(), 4),
@@ -167,13 +168,14 @@ def main():
     p.add_argument("--sdpa_backend", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"])
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="after timing, profile 3 steps per arm; top kernels and a breakdown to DIR/profile_*.txt")
-    p.add_argument("--conv_gate", default="auto", choices=["auto", "reference"],
-                   help="reference: IntegralLNN's conv gate through the shifted-product PyTorch path even on CUDA "
-                        "(as before its Triton kernel), for an A/B against auto (the kernel)")
+    p.add_argument("--reference", nargs="*", default=[], choices=sorted(REFERENCE_SWITCHES),
+                   help="route these through their plain PyTorch path even on CUDA (as before their fast path), "
+                        "for an A/B against the default: conv_gate (IntegralLNN's conv + gate Triton op), "
+                        "rope_table (the latent stack's shared RoPE table op)")
     args = p.parse_args()
-    if args.conv_gate == "reference":  # before any model is traced: the dispatcher reads it at trace time
-        import ionllama.kernels as K
-        K.conv_gate_uses_triton = lambda *a: False
+    import ionllama.kernels as K
+    for name in args.reference:  # before any model is traced: the dispatchers read these at trace time
+        setattr(K, REFERENCE_SWITCHES[name], lambda *a: False)
     text = open(args.text_path, "rb").read() if args.text_path else None
     rows = []
     for size in args.sizes:
