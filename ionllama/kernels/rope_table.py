@@ -2,9 +2,9 @@
 
 Why: Inductor inlines a pointwise node that reads no tensor into every consumer (on CUDA it realizes a
 reused node only for many reads or a large body), so under whole-model compile each latent layer's q/k
-rotation recomputed pow, cos and sin for every element, in the forward and again in the backward: those
-two kernels took ~75 and ~51 us per layer per step on an H200 (ionllama-small, seq 8192, batch 8;
-docs/results/train-profile/custom-ops/profile_whole.txt), compute-bound for ~67 MB of traffic each. A
+rotation recomputed pow, cos and sin for every element, in the forward and again in the backward (the
+`..._arange_cos_..._pow_reciprocal_...` kernels in docs/results/train-profile/custom-ops/profile_whole.txt,
+slower than their bytes alone would explain: presumably the per-element transcendentals). A
 custom op's output is a buffer: computed once, read by every layer, saved (not recomputed) for the
 backward. The values are ``ionllama.model.common.rope_cos_sin``'s, which is also the reference.
 """
