@@ -20,6 +20,7 @@ from ionllama import create_model
 from ionllama.model.flops import flops_per_byte
 
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12}  # dense bf16 datasheet rates (SXM)
+REFERENCE_SWITCHES = {"conv_gate": "conv_gate_uses_triton", "rope_table": "rope_table_uses_op"}  # --reference
 
 
 def peak_flops() -> float:
@@ -140,7 +141,8 @@ def bench_one(name: str, model_kind: str, size: str, args, text: bytes | None, o
     fpb = flops_per_byte(model, args.seq_len, measured_bpp)
     return {"arm": name, "model": model_kind, "size": size, "overrides": overrides,
             "params_M": round(model.count_parameters()["total"] / 1e6, 2), "seq_len": args.seq_len,
-            "batch_size": args.batch_size, "compile": args.compile and args.compile_mode, "sdpa_backend": args.sdpa_backend, "step_ms": round(dt * 1e3, 2),
+            "batch_size": args.batch_size, "compile": args.compile and args.compile_mode, "sdpa_backend": args.sdpa_backend,
+            "reference_paths": args.reference, "step_ms": round(dt * 1e3, 2),
             "bytes_per_s": round(bytes_per_s), "bytes_per_patch": round(measured_bpp, 3),
             "calibrated_bytes_per_patch": round(bpp, 3), "flops_per_byte": fpb,
             "mfu": round(fpb * bytes_per_s / peak_flops(), 4),
@@ -166,7 +168,14 @@ def main():
     p.add_argument("--sdpa_backend", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"])
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="after timing, profile 3 steps per arm; top kernels and a breakdown to DIR/profile_*.txt")
+    p.add_argument("--reference", nargs="*", default=[], choices=sorted(REFERENCE_SWITCHES),
+                   help="route these through their plain PyTorch path even on CUDA (as before their fast path), "
+                        "for an A/B against the default: conv_gate (IntegralLNN's conv + gate Triton op), "
+                        "rope_table (the latent stack's shared RoPE table op)")
     args = p.parse_args()
+    import ionllama.kernels as K
+    for name in args.reference:  # before any model is traced: the dispatchers read these at trace time
+        setattr(K, REFERENCE_SWITCHES[name], lambda *a: False)
     text = open(args.text_path, "rb").read() if args.text_path else None
     rows = []
     for size in args.sizes:

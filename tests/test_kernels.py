@@ -18,7 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ionllama.kernels import (attention_uses_triton, dilated_attention, scan_const_decay, scan_uses_triton)
+from ionllama.kernels import (attention_uses_triton, causal_conv_gate, conv_gate_uses_triton, dilated_attention,
+                              scan_const_decay, scan_uses_triton)
+from ionllama.kernels.selfcheck import BLOCK_PARAMS
+from ionllama.model.conv import CausalDepthwiseConv
 from ionllama.model.dilated_attention import dilated_attention_reference, dilated_offsets
 from ionllama.model.scan import scan_const_decay as scan_reference
 from ionllama.model.scan import scan_loop
@@ -57,6 +60,55 @@ def test_scan_dispatcher_cpu_matches_reference():
     assert torch.allclose(h, scan_loop(log_a.expand(B, T, D), u, h0), rtol=1e-4, atol=1e-5)
 
 
+def test_conv_gate_dispatcher_cpu_is_the_blocks_old_expression():
+    """Off CUDA the scan input is computed exactly as IntegralLNNBlock did before the kernel existed:
+    conv(gc).chunk(2) then sigmoid(g) * c, bit for bit, values and gradients."""
+    B, T, D = 2, 23, 6
+    conv = CausalDepthwiseConv(2 * D, 4)
+    with torch.no_grad():
+        conv.bias.normal_()
+    proj = torch.randn(B, T, 3 * D, requires_grad=True)  # in_proj output: gc is a strided view of it
+    gc = proj[..., :2 * D]
+    assert not conv_gate_uses_triton(gc)
+    u = causal_conv_gate(gc, conv.weight[:, 0], conv.bias)
+    g, c = conv(gc).chunk(2, dim=-1)
+    old = torch.sigmoid(g) * c
+    assert torch.equal(u, old)
+    du = torch.randn_like(u)
+    params = (proj, conv.weight, conv.bias)
+    for a, b in zip(torch.autograd.grad(u, params, du), torch.autograd.grad(old, params, du)):
+        assert torch.equal(a, b)
+
+
+def test_shared_rope_table_is_the_per_layer_table(monkeypatch):
+    """The latent stack's one RoPE table (through the custom op, as on CUDA) gives the per-layer computation's
+    values and gradients bit for bit, and the op traces as one node under fullgraph compile."""
+    import ionllama.kernels as K
+    from ionllama.kernels.rope_table import rope_cos_sin_op
+    from ionllama.model.common import rope_cos_sin
+    from ionllama.model.latent_transformer import LatentTransformer
+
+    pos = torch.arange(37)
+    for a, b in zip(rope_cos_sin_op(pos, 16, 10000.0), rope_cos_sin(pos, 16)):
+        assert torch.equal(a, b)
+    lt = LatentTransformer(32, 2, 2, attention="dense")
+    z = torch.randn(2, 37, 32, requires_grad=True)
+    params = [z] + list(lt.parameters())
+    per_layer = lt.blocks[0](z, pos)  # what each layer did before: no table passed in
+    assert torch.equal(per_layer, lt.blocks[0](z, pos, rope_cos_sin(pos, 16)))
+    y_ref = lt(z)
+    monkeypatch.setattr(K, "rope_table_uses_op", lambda *a: True)
+    torch._dynamo.reset()
+    try:
+        y = torch.compile(lt, backend="aot_eager", fullgraph=True)(z)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(y, y_ref)
+    dy = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, params, dy), torch.autograd.grad(y_ref, params, dy)):
+        assert torch.equal(a, b)
+
+
 def test_dispatchers_refuse_what_the_kernel_cannot_do():
     q = torch.randn(1, 1, 8, 16)
     assert not attention_uses_triton(q, [0, 1, 2])  # CPU
@@ -65,6 +117,7 @@ def test_dispatchers_refuse_what_the_kernel_cannot_do():
         assert not attention_uses_triton(qc, [1, 2])  # no offset 0: rows could be empty
         assert not attention_uses_triton(qc.double(), [0, 1])
         assert not attention_uses_triton(torch.randn(1, 1, 8, 256, device="cuda"), [0, 1])
+        assert not conv_gate_uses_triton(torch.randn(1, 8, 7, device="cuda"))  # odd: no (gate, candidate) halves
 
 
 # ---------------------------------------------------------------- kernels under the interpreter (CPU)
@@ -93,8 +146,12 @@ def test_kernel_matches_reference_interpreter(interpreter_rows, idx):
     row = interpreter_rows[idx]
     errs = row["errors"]
     expected = {"attention": {"out", "dq", "dk", "dv"}, "scan": {"out", "du", "dlog_a"},
-                # both custom ops inside torch.compile(fullgraph=True): values and every gradient
-                "compiled": {"out", "h", "dq", "dk", "dv", "du", "dlog_a", "dh0"}}[row["kind"]]
+                "conv_gate": {"out", "dx", "dx_untouched", "dw", "db"},
+                # the custom ops inside torch.compile(fullgraph=True): values and every gradient
+                "compiled": {"out", "h", "dq", "dk", "dv", "dx", "dw", "db", "dlog_a", "dh0"},
+                # IntegralLNNBlock through the custom ops vs through the references
+                "block": {"out", "dx"} | {f"d{n}" for n in BLOCK_PARAMS},
+                "rope": {"cos", "sin", "out", "dz", "dparams_worst"}}[row["kind"]]
     if row["shape"].get("with_h0"):
         expected = expected | {"dh0"}
     assert set(errs) == expected
@@ -117,6 +174,7 @@ def test_cuda_dispatchers_use_triton():
     q = torch.randn(1, 2, 100, 64, device="cuda", dtype=torch.bfloat16)
     assert attention_uses_triton(q, dilated_offsets(100))
     assert scan_uses_triton(torch.randn(1, 10, 8, device="cuda"))
+    assert conv_gate_uses_triton(torch.randn(1, 10, 8, device="cuda", dtype=torch.bfloat16))
 
 
 # ---------------------------------------------------------------- causal depthwise conv: shift-and-add vs F.conv1d

@@ -1,8 +1,9 @@
 """Fast paths: Triton kernels on CUDA, the PyTorch references everywhere else.
 
-``dilated_attention`` and ``scan_const_decay`` have the same contracts as the references in
-``ionllama.model.dilated_attention`` / ``ionllama.model.scan``; they pick the Triton kernel when the
-inputs are CUDA tensors of a supported dtype and shape and Triton imports, else the reference.
+``dilated_attention``, ``scan_const_decay`` and ``causal_conv_gate`` have the same contracts as the references
+in ``ionllama.model.dilated_attention`` / ``ionllama.model.scan`` / ``ionllama.model.conv``; they pick the
+Triton kernel when the inputs are CUDA tensors of a supported dtype and shape and Triton imports, else the
+reference.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import contextlib
 
 import torch
 
+from ..model.common import rope_cos_sin
+from ..model.conv import causal_conv_gate_reference
 from ..model.dilated_attention import dilated_attention_reference, dilated_offsets
 from ..model.scan import scan_const_decay as scan_const_decay_reference
 
@@ -23,7 +26,7 @@ def triton_available() -> bool:
     if _TRITON_OK is None:
         try:
             import triton  # noqa: F401
-            from . import dilated_attention_triton, scan_triton  # noqa: F401  (registers the custom ops)
+            from . import conv_gate_triton, dilated_attention_triton, scan_triton  # noqa: F401  (registers the custom ops)
             _TRITON_OK = True
         except Exception:  # ImportError, or a broken install
             _TRITON_OK = False
@@ -85,18 +88,49 @@ def scan_const_decay(u: torch.Tensor, log_a: torch.Tensor, h0: torch.Tensor | No
     return _scan_reference_eager(u, log_a, h0, chunk=chunk)
 
 
+def conv_gate_uses_triton(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.dim() == 3 and x.shape[-1] % 2 == 0 and x.dtype in _TRITON_DTYPES and triton_available()
+
+
+def causal_conv_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """sigmoid(g) * c with (g, c) = causal depthwise conv of x (B, T, 2D) (weight (2D, k), bias (2D,)):
+    IntegralLNN's scan input. Triton (forward + backward, u never leaves the kernel but as the output) on
+    CUDA; the shifted-product reference elsewhere (plain ops: torch.compile traces it). Both take weight and
+    bias cast to x's dtype, as the reference conv does."""
+    if conv_gate_uses_triton(x):
+        from .conv_gate_triton import conv_gate_triton
+        return conv_gate_triton(x, weight.to(x.dtype), bias.to(x.dtype))
+    return causal_conv_gate_reference(x, weight, bias)
+
+
+def rope_table_uses_op(positions: torch.Tensor) -> bool:
+    return positions.is_cuda
+
+
+def rope_cos_sin_table(positions: torch.Tensor, head_dim: int, base: float = 10000.0):
+    """RoPE (cos, sin) of ``positions`` (ionllama.model.common.rope_cos_sin), for callers that share one table
+    across layers: on CUDA through an opaque custom op (rope_table.py: torch.compile then stores the table
+    once instead of recomputing pow/cos/sin inside every layer's rotation), the plain function elsewhere."""
+    if rope_table_uses_op(positions):
+        from .rope_table import rope_cos_sin_op
+        return rope_cos_sin_op(positions, head_dim, float(base))
+    return rope_cos_sin(positions, head_dim, base)
+
+
 @contextlib.contextmanager
 def forced_routing(use_triton: bool):
     """For checks and benchmarks: the dispatchers pick the Triton custom ops (True) or the eager references
-    (False) for every input. On CPU the Triton path needs TRITON_INTERPRET=1 (set before triton is imported)."""
-    global attention_uses_triton, scan_uses_triton
-    saved = attention_uses_triton, scan_uses_triton
-    attention_uses_triton = scan_uses_triton = lambda *a: use_triton
+    (False) for every input (the RoPE table too: its op is plain PyTorch). On CPU the Triton path needs
+    TRITON_INTERPRET=1 (set before triton is imported)."""
+    global attention_uses_triton, scan_uses_triton, conv_gate_uses_triton, rope_table_uses_op
+    saved = attention_uses_triton, scan_uses_triton, conv_gate_uses_triton, rope_table_uses_op
+    attention_uses_triton = scan_uses_triton = conv_gate_uses_triton = rope_table_uses_op = lambda *a: use_triton
     try:
         yield
     finally:
-        attention_uses_triton, scan_uses_triton = saved
+        attention_uses_triton, scan_uses_triton, conv_gate_uses_triton, rope_table_uses_op = saved
 
 
-__all__ = ["dilated_attention", "dilated_attention_local", "scan_const_decay", "triton_available", "attention_uses_triton",
-           "scan_uses_triton", "forced_routing"]
+__all__ = ["dilated_attention", "dilated_attention_local", "scan_const_decay", "causal_conv_gate", "triton_available",
+           "attention_uses_triton", "scan_uses_triton", "conv_gate_uses_triton", "rope_cos_sin_table",
+           "rope_table_uses_op", "forced_routing"]

@@ -2,7 +2,7 @@
 
 Used by tests/test_kernels.py (CPU tensors under TRITON_INTERPRET=1, or CUDA) and by the GPU benchmark
 scripts. Inputs are fresh random draws on every call (never zeros); outputs are relative errors
-||out - ref|| / ||ref||. The reference runs in fp32 (attention; it upcasts internally) or fp64 (scan) on
+||out - ref|| / ||ref||. The reference runs in fp32 (attention; it upcasts internally) or fp64 (scan, conv gate) on
 the same rounded inputs and the same output gradient.
 
     TRITON_INTERPRET=1 python -m ionllama.kernels.selfcheck --device cpu --json out.json
@@ -99,26 +99,62 @@ def check_scan(device: str, dtype: torch.dtype, B: int, T: int, D: int, with_h0:
     return errs
 
 
+def _conv_gate_inputs(B: int, T: int, D: int, k: int, gen: torch.Generator):
+    """x as the first 2D columns of a wider (B, T, 3D) tensor (the in_proj output in the model: strided
+    rows), weight (2D, k), bias (2D,)."""
+    xw = torch.randn(B, T, 3 * D, generator=gen)
+    w = torch.randn(2 * D, k, generator=gen) / math.sqrt(k)
+    b = torch.randn(2 * D, generator=gen) * 0.5
+    return xw, w, b
+
+
+def check_conv_gate(device: str, dtype: torch.dtype, B: int, T: int, D: int, k: int = 4,
+                    rows_per_prog: int | None = None, min_programs: int | None = None, seed: int | None = None) -> dict:
+    from ..model.conv import causal_conv_gate_reference
+    from . import conv_gate_triton as cg
+
+    gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % (2 ** 31)))
+    xw, w, b = _conv_gate_inputs(B, T, D, k, gen)
+    du = torch.randn(B, T, D, generator=gen)
+    ins = [t.to(device=device, dtype=dtype).requires_grad_() for t in (xw, w, b)]
+    old = cg.set_conv_gate_config(**{key: val for key, val in (("rows_per_prog", rows_per_prog),
+                                                               ("min_programs", min_programs)) if val is not None})
+    try:
+        u = cg.conv_gate_triton(ins[0][..., :2 * D], ins[1], ins[2])
+        grads = torch.autograd.grad(u, ins, du.to(device=device, dtype=dtype))
+    finally:
+        cg.set_conv_gate_config(**old)
+    r_ins = [x.detach().double().requires_grad_() for x in ins]
+    ref = causal_conv_gate_reference(r_ins[0][..., :2 * D], r_ins[1], r_ins[2])
+    ref_grads = torch.autograd.grad(ref, r_ins, du.to(device).double())
+    errs = {"out": rel_err(u, ref), "dx": rel_err(grads[0][..., :2 * D], ref_grads[0][..., :2 * D])}
+    errs["dx_untouched"] = grads[0][..., 2 * D:].abs().max().item()  # the columns the op does not read: 0
+    errs.update({f"d{n}": rel_err(g, r) for n, g, r in zip(["w", "b"], grads[1:], ref_grads[1:])})
+    return errs
+
+
 def check_compiled(device: str, dtype: torch.dtype, B: int, H: int, N: int, Dh: int, T: int, D: int,
                    local_width: int = 3, seed: int | None = None) -> dict:
-    """Both kernels through the model-facing dispatchers inside torch.compile(fullgraph=True): the custom
-    ops must trace as single nodes (no graph break; fake shapes and dtypes right) and give the eager
-    reference's values and gradients. aot_eager: the ops run as they would under Inductor, without
-    Inductor compiling the surrounding code (slow under the interpreter)."""
+    """The kernels through the model-facing dispatchers inside torch.compile(fullgraph=True), the scan fed by
+    the conv gate as in IntegralLNNBlock: the custom ops must trace as single nodes (no graph break; fake
+    shapes and dtypes right) and give the eager reference's values and gradients. aot_eager: the ops run as
+    they would under Inductor, without Inductor compiling the surrounding code (slow under the interpreter)."""
     import ionllama.kernels as K
 
+    from ..model.conv import causal_conv_gate_reference
     from ..model.dilated_attention import dilated_attention_reference, dilated_offsets
     from ..model.scan import scan_const_decay
 
     gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % (2 ** 31)))
     q, k, v = (torch.randn(B, H, N, Dh, generator=gen) for _ in range(3))
-    u = torch.randn(B, T, D, generator=gen)
+    xw, w, b = _conv_gate_inputs(B, T, D, 4, gen)
     log_a = -torch.exp(torch.empty(D).uniform_(math.log(2e-3), math.log(3.0), generator=gen))
     h0 = torch.randn(B, D, generator=gen)
-    ins = [t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v, u)]
+    ins = [t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v, xw, w, b)]
     ins += [log_a.to(device).requires_grad_(), h0.to(device).requires_grad_()]
 
-    def f(q, k, v, u, log_a, h0):
+    def f(q, k, v, xw, w, b, log_a, h0):
+        u = K.causal_conv_gate(xw[..., :2 * D], w, b)
         return K.dilated_attention_local(q, k, v, local_width), K.scan_const_decay(u, log_a, h0)
 
     routing = K.forced_routing(True) if device == "cpu" else contextlib.nullcontext()  # CPU: interpreted kernels
@@ -132,10 +168,97 @@ def check_compiled(device: str, dtype: torch.dtype, B: int, H: int, N: int, Dh: 
         torch._dynamo.reset()
     r_ins = [x.detach().double().requires_grad_() for x in ins]
     ref_o = dilated_attention_reference(*r_ins[:3], dilated_offsets(N, local_width))
-    ref_h = scan_const_decay(*r_ins[3:])
+    ref_h = scan_const_decay(causal_conv_gate_reference(r_ins[3][..., :2 * D], r_ins[4], r_ins[5]), *r_ins[6:])
     ref_grads = torch.autograd.grad((ref_o, ref_h), r_ins, (g_o.to(device).double(), g_h.to(device).double()))
     errs = {"out": rel_err(o, ref_o), "h": rel_err(h, ref_h)}
-    errs.update({f"d{n}": rel_err(g, r) for n, g, r in zip(["q", "k", "v", "u", "log_a", "h0"], grads, ref_grads)})
+    grads = list(grads)
+    grads[3], ref_grads = grads[3][..., :2 * D], list(ref_grads)
+    ref_grads[3] = ref_grads[3][..., :2 * D]
+    errs.update({f"d{n}": rel_err(g, r)
+                 for n, g, r in zip(["q", "k", "v", "x", "w", "b", "log_a", "h0"], grads, ref_grads)})
+    return errs
+
+
+BLOCK_PARAMS = ("decay_logit", "norm1.weight", "in_proj.weight", "conv.weight", "conv.bias", "state_norm.weight",
+                "out_proj.weight", "norm2.weight", "ffn.w_in.weight", "ffn.w_out.weight")
+
+
+def check_block(device: str, dtype: torch.dtype, B: int, T: int, D: int, seed: int | None = None) -> dict:
+    """IntegralLNNBlock routed through the custom ops vs the same block in fp64 through the references: the
+    output and the gradients of the input and of every parameter (the conv gate's weight arrives through
+    weight[:, 0] and a dtype cast). Parameters and input in fp32; bf16/fp16 run under autocast as in training,
+    but then the block's matmuls dominate the error (~1e-2 on CPU), so the cases use fp32."""
+    import copy
+
+    import ionllama.kernels as K
+
+    from ..model.common import swiglu_hidden
+    from ..model.integral_lnn import IntegralLNNBlock
+
+    gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % (2 ** 31)))
+    blk = IntegralLNNBlock(D, swiglu_hidden(D))
+    with torch.no_grad():
+        for name, p in blk.named_parameters():  # random (the default conv bias is zero, norm weights one), but
+            if name != "decay_logit":  # the decays keep their init: time constants of 2..256 steps
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if p.dim() < 2 else 1.0 / math.sqrt(p.shape[-1])))
+    ref_blk = copy.deepcopy(blk).to(device=device, dtype=torch.float64)
+    blk = blk.to(device)
+    x, dy = torch.randn(B, T, D, generator=gen), torch.randn(B, T, D, generator=gen)
+    xd = x.to(device).requires_grad_()
+    amp = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+    with K.forced_routing(True), amp:
+        y = blk(xd)
+    grads = torch.autograd.grad(y, [xd] + [p for _, p in blk.named_parameters()], dy.to(device, y.dtype))
+    xr = x.to(device, torch.float64).requires_grad_()
+    with K.forced_routing(False):
+        y_ref = ref_blk(xr)
+    ref_grads = torch.autograd.grad(y_ref, [xr] + [p for _, p in ref_blk.named_parameters()], dy.to(device).double())
+    names = ["x"] + [n for n, _ in blk.named_parameters()]
+    assert tuple(names[1:]) == BLOCK_PARAMS, names
+    errs = {"out": rel_err(y, y_ref)}
+    errs.update({f"d{n}": rel_err(g, r) for n, g, r in zip(names, grads, ref_grads)})
+    return errs
+
+
+def check_rope(device: str, dtype: torch.dtype, B: int, N: int, dim: int, n_heads: int, n_layers: int = 2,
+               seed: int | None = None) -> dict:
+    """The shared RoPE table: the op's cos/sin vs rope_cos_sin on the same device, and a compiled latent
+    transformer (dense attention, so only the table's routing differs; Inductor on CUDA, aot_eager on CPU)
+    reading the table vs the same stack in fp64, eager, computing cos/sin per layer: output, input gradient
+    and the worst parameter gradient."""
+    import copy
+
+    import ionllama.kernels as K
+
+    from ..model.common import rope_cos_sin
+    from ..model.latent_transformer import LatentTransformer
+
+    gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % (2 ** 31)))
+    pos = torch.arange(N, device=device)
+    with K.forced_routing(True):
+        cos, sin = K.rope_cos_sin_table(pos, dim // n_heads, 10000.0)
+    ref_cos, ref_sin = rope_cos_sin(pos, dim // n_heads)
+    errs = {"cos": rel_err(cos, ref_cos), "sin": rel_err(sin, ref_sin)}
+    torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
+    lt = LatentTransformer(dim, n_layers, n_heads, attention="dense")
+    ref_lt = copy.deepcopy(lt).to(device=device, dtype=torch.float64)
+    lt = lt.to(device)
+    z, dy = torch.randn(B, N, dim, generator=gen), torch.randn(B, N, dim, generator=gen)
+    zd = z.to(device).requires_grad_()
+    amp = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+    try:
+        torch._dynamo.reset()
+        with K.forced_routing(True), amp:
+            y = torch.compile(lt, backend="inductor" if device == "cuda" else "aot_eager", fullgraph=True)(zd)
+        grads = torch.autograd.grad(y, [zd] + list(lt.parameters()), dy.to(device, y.dtype))
+    finally:
+        torch._dynamo.reset()
+    zr = z.to(device, torch.float64).requires_grad_()
+    with K.forced_routing(False):
+        y_ref = ref_lt(zr)
+    ref_grads = torch.autograd.grad(y_ref, [zr] + list(ref_lt.parameters()), dy.to(device).double())
+    errs.update({"out": rel_err(y, y_ref), "dz": rel_err(grads[0], ref_grads[0]),
+                 "dparams_worst": max(rel_err(g, r) for g, r in zip(grads[1:], ref_grads[1:]))})
     return errs
 
 
@@ -151,7 +274,14 @@ def cases(large: bool) -> list[tuple]:
         ("scan", "fp32", dict(B=2, T=131, D=16, with_h0=True, n_chunks=3)),
         ("scan", "bf16", dict(B=2, T=77, D=32, with_h0=True)),
         ("scan", "fp32", dict(B=1, T=300, D=16, with_h0=True, n_chunks=2)),  # several tiles per chunk
+        ("conv_gate", "fp32", dict(B=2, T=45, D=24)),
+        ("conv_gate", "fp32", dict(B=1, T=300, D=16, rows_per_prog=64, min_programs=1)),  # tiles per program
+        ("conv_gate", "fp32", dict(B=2, T=37, D=8, k=7)),
+        ("conv_gate", "fp32", dict(B=1, T=20, D=8, k=1)),
+        ("conv_gate", "bf16", dict(B=2, T=77, D=32)),
         ("compiled", "fp32", dict(B=2, H=2, N=41, Dh=32, T=70, D=16)),
+        ("block", "fp32", dict(B=2, T=40, D=16)),
+        ("rope", "fp32", dict(B=2, N=37, dim=32, n_heads=2)),
     ]
     if large:
         cs += [
@@ -168,12 +298,19 @@ def cases(large: bool) -> list[tuple]:
             ("scan", "bf16", dict(B=16, T=8192, D=256)),
             ("scan", "bf16", dict(B=1, T=32768, D=64, with_h0=True)),
             ("scan", "fp16", dict(B=8, T=2048, D=512)),
+            ("conv_gate", "bf16", dict(B=8, T=8192, D=256)),  # ionllama-small's local layers at seq 8192
+            ("conv_gate", "fp32", dict(B=4, T=8193, D=200)),
+            ("conv_gate", "bf16", dict(B=64, T=1024, D=256)),
+            ("conv_gate", "fp16", dict(B=2, T=4096, D=128, k=3, rows_per_prog=1024, min_programs=1)),
             ("compiled", "bf16", dict(B=2, H=8, N=3000, Dh=64, T=4096, D=128)),
+            ("block", "fp32", dict(B=2, T=2048, D=256)),  # wiring; bf16 accuracy: the conv_gate/scan rows
+            ("rope", "fp32", dict(B=2, N=2048, dim=512, n_heads=8)),  # ionllama-small's latent width
         ]
     return cs
 
 
-def run(device: str, large: bool = False, verbose: bool = True, kinds=("attention", "scan", "compiled")) -> list[dict]:
+def run(device: str, large: bool = False, verbose: bool = True,
+        kinds=("attention", "scan", "conv_gate", "compiled", "block", "rope")) -> list[dict]:
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
@@ -183,7 +320,8 @@ def run(device: str, large: bool = False, verbose: bool = True, kinds=("attentio
             continue
         dtype = DTYPES[dt]
         t0 = time.perf_counter()
-        fn = {"attention": check_attention, "scan": check_scan, "compiled": check_compiled}[kind]
+        fn = {"attention": check_attention, "scan": check_scan, "conv_gate": check_conv_gate,
+              "compiled": check_compiled, "block": check_block, "rope": check_rope}[kind]
         errs = fn(device, dtype, **kw)
         tol = TOL[dtype]
         row = dict(kind=kind, dtype=dt, shape=kw, errors=errs, tol=tol,
@@ -201,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--large", action="store_true", help="add GPU-sized cases")
     p.add_argument("--json", default=None, help="write the rows as JSON to this path ('-' = stdout)")
-    p.add_argument("--kinds", default="attention,scan,compiled", help="comma list: attention, scan, compiled")
+    p.add_argument("--kinds", default="attention,scan,conv_gate,compiled,block,rope",
+                   help="comma list: attention, scan, conv_gate, compiled, block, rope")
     a = p.parse_args(argv)
     rows = run(a.device, a.large, verbose=a.json != "-", kinds=tuple(a.kinds.split(",")))
     if a.json == "-":

@@ -74,17 +74,18 @@ class Attention(nn.Module):
         self.attn_fn = attn_fn
         self.rope_base = rope_base
 
-    def project_qkv(self, x: torch.Tensor, positions: torch.Tensor):
+    def project_qkv(self, x: torch.Tensor, positions: torch.Tensor, rope=None):
+        """rope: (cos, sin) for these positions when the caller shares one table across layers."""
         B, N, _ = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_base)
+        cos, sin = rope if rope is not None else rope_cos_sin(positions, self.head_dim, self.rope_base)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, rope=None) -> torch.Tensor:
         B, N, D = x.shape
         if positions is None:
             positions = torch.arange(N, device=x.device)
-        q, k, v = self.project_qkv(x, positions)
+        q, k, v = self.project_qkv(x, positions, rope)
         y = self.attn_fn(q, k, v)
         return self.proj(y.transpose(1, 2).reshape(B, N, D))
 
@@ -97,8 +98,8 @@ class TransformerBlock(nn.Module):
         self.norm2 = RMSNorm(dim)
         self.ffn = SwiGLU(dim, ffn_hidden)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), positions)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, rope=None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), positions, rope)
         return x + self.ffn(self.norm2(x))
 
 

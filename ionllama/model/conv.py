@@ -21,13 +21,7 @@ class CausalDepthwiseConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, T, C) -> (B, T, C)."""
-        k, T = self.kernel, x.shape[1]
-        w = self.weight[:, 0].t().to(x.dtype)  # (k, C): w[j] multiplies input t-(k-1)+j
-        xp = F.pad(x, (0, 0, k - 1, 0))  # (B, T+k-1, C), zeros before the sequence
-        y = xp[:, k - 1:] * w[k - 1] + self.bias.to(x.dtype)
-        for j in range(k - 1):  # k is a small constant (4): unrolled at trace time
-            y = y + xp[:, j:j + T] * w[j]
-        return y
+        return causal_depthwise_conv(x, self.weight[:, 0], self.bias)
 
     def step(self, x_t: torch.Tensor, buf: torch.Tensor):
         """One step. x_t: (B, C); buf: (B, kernel-1, C) previous inputs. Returns (y_t, new_buf)."""
@@ -39,6 +33,25 @@ class CausalDepthwiseConv(nn.Module):
         """Conv buffer after consuming x (B, T, C): its last kernel-1 inputs (zero-padded on the left)."""
         k = self.kernel - 1
         return F.pad(x.transpose(1, 2), (k, 0))[..., -k:].transpose(1, 2) if k else x[:, :0]
+
+
+def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x (B, T, C), weight (C, k), bias (C,) -> (B, T, C): sum of k shifted products, in x's dtype."""
+    k, T = weight.shape[1], x.shape[1]
+    w = weight.t().to(x.dtype)  # (k, C): w[j] multiplies input t-(k-1)+j
+    xp = F.pad(x, (0, 0, k - 1, 0))  # (B, T+k-1, C), zeros before the sequence
+    y = xp[:, k - 1:] * w[k - 1] + bias.to(x.dtype)
+    for j in range(k - 1):  # k is a small constant (4): unrolled at trace time
+        y = y + xp[:, j:j + T] * w[j]
+    return y
+
+
+def causal_conv_gate_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """IntegralLNN's scan input: x (B, T, 2D) = (gate, candidate) channels, weight (2D, k), bias (2D,) ->
+    sigmoid(conv(x)[..., :D]) * conv(x)[..., D:]  (B, T, D). The oracle for ionllama/kernels/conv_gate_triton.py
+    and the path off CUDA."""
+    g, c = causal_depthwise_conv(x, weight, bias).chunk(2, dim=-1)
+    return torch.sigmoid(g) * c
 
 
 def causal_depthwise_conv_reference(conv: CausalDepthwiseConv, x: torch.Tensor) -> torch.Tensor:

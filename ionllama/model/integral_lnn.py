@@ -4,7 +4,10 @@
     g_t = sigmoid(gate_t), c_t = candidate_t, both from a causal depthwise conv of the input.
 
 The recurrence is an O(T) linear scan (``ionllama.kernels.scan_const_decay``: Triton on CUDA,
-chunked PyTorch reference elsewhere), never a T x T matrix or a Python loop over time. A block is
+chunked PyTorch reference elsewhere), never a T x T matrix or a Python loop over time. Its input
+g_t * c_t is one op as well (``ionllama.kernels.causal_conv_gate``: on CUDA a Triton forward and backward
+that read the in_proj output in place and keep the conv outputs in registers; the shifted-product
+reference elsewhere). A block is
 pre-norm: x + out_proj(norm(h) * silu(o)), then x + SwiGLU(norm(x)). Parameters per block:
 4 d^2 (in 3 d^2 + out d^2) + FFN, the same as an attention block, so the local-layer ablation
 (transformer vs IntegralLNN) compares equal parameter counts.
@@ -25,6 +28,12 @@ def _scan(u, log_a, h0=None, chunk=64):
     from ..kernels import scan_const_decay  # Triton on CUDA, chunked reference elsewhere
 
     return scan_const_decay(u, log_a, h0, chunk=chunk)
+
+
+def _conv_gate(gc, conv):
+    from ..kernels import causal_conv_gate  # Triton on CUDA (conv, gate and their backward in two kernels)
+
+    return causal_conv_gate(gc, conv.weight[:, 0], conv.bias)
 
 
 class IntegralLNNBlock(nn.Module):
@@ -53,8 +62,7 @@ class IntegralLNNBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, return_state: bool = False):
         gc, o = self.in_proj(self.norm1(x)).split([2 * self.dim, self.dim], dim=-1)
-        g, c = self.conv(gc).chunk(2, dim=-1)
-        h = _scan(torch.sigmoid(g) * c, self.log_decay(), chunk=self.chunk)
+        h = _scan(_conv_gate(gc, self.conv), self.log_decay(), chunk=self.chunk)  # sigmoid(g) * c, g, c = conv(gc)
         y = self._mix_out(x, h, o)
         if return_state:
             return y, {"conv": self.conv.tail(gc), "h": h[:, -1].to(torch.promote_types(h.dtype, torch.float32))}

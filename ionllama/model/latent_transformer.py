@@ -32,7 +32,11 @@ class LatentTransformer(nn.Module):
         self.norm = RMSNorm(dim)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        from ..kernels import rope_cos_sin_table  # on CUDA an opaque op: compiled, the table is stored once
+
         pos = torch.arange(z.shape[1], device=z.device)
-        for blk in self.blocks:
-            z = blk(z, pos)
+        attn = self.blocks[0].attn if len(self.blocks) else None
+        rope = rope_cos_sin_table(pos, attn.head_dim, attn.rope_base) if attn is not None else None
+        for blk in self.blocks:  # every layer reads the same table
+            z = blk(z, pos, rope)
         return self.norm(z)

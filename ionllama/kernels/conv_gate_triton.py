@@ -1,0 +1,225 @@
+"""IntegralLNN input gate in Triton: u = sigmoid(conv(x)[:D]) * conv(x)[D:], conv = causal depthwise, k taps.
+
+x is (B, T, 2D): D gate channels then D candidate channels (the in_proj output's first 2D columns, read in
+place through its strides). Why a kernel: under torch.compile the shifted-product conv, the gate and
+their backward cost ~0.58 ms of GPU time per IntegralLNN block per training step on an H200
+(ionllama-small, seq 8192, batch 8; docs/results/train-profile/custom-ops/profile_whole.txt): the
+partitioner saves a padded copy of x, recomputes the conv in the backward and forms the weight gradient
+from several (B, T, 2D) passes. Here the forward reads x once and writes u; the backward reads du and x
+once (the k-step halos are cache hits) and writes dx, recomputing conv and gate in registers.
+
+Forward (one program = BLOCK_T steps x BLOCK_D channel pairs):
+    G_t = bg + sum_j wg_j x^g_{t-k+1+j},  C_t likewise,  u_t = sigmoid(G_t) C_t   (x_{<0} = 0)
+Backward: with s = sigmoid(G), dG_t = du_t C_t s (1 - s), dC_t = du_t s,
+    dx^g_t = sum_j wg_j dG_{t+k-1-j}   (needs dG at t..t+k-1: recomputed per shift, no cross-row shuffle)
+    dwg_j = sum_{b,t} dG_t x^g_{t-k+1+j},  dbg = sum_{b,t} dG_t   (per-program partial sums, added by torch)
+
+The oracle is ``ionllama.model.conv.causal_conv_gate_reference``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _conv_pair(x_base, W, BIAS, t, t_ok, cols, col_ok, D, sxt, swc, K: tl.constexpr, BLOCK_T: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """fp32 causal conv at steps t of gate channels `cols` and candidate channels `cols + D`."""
+    g = tl.zeros([BLOCK_T, BLOCK_D], tl.float32) + tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    c = tl.zeros([BLOCK_T, BLOCK_D], tl.float32) + tl.load(BIAS + D + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    for j in tl.static_range(K):
+        src = t - (K - 1) + j
+        m = (t_ok & (src >= 0))[:, None] & col_ok[None, :]
+        p = x_base + src[:, None] * sxt + cols[None, :]
+        wg = tl.load(W + cols * swc + j, mask=col_ok, other=0.0).to(tl.float32)
+        wc = tl.load(W + (cols + D) * swc + j, mask=col_ok, other=0.0).to(tl.float32)
+        g += tl.load(p, mask=m, other=0.0).to(tl.float32) * wg[None, :]
+        c += tl.load(p + D, mask=m, other=0.0).to(tl.float32) * wc[None, :]
+    return g, c
+
+
+@triton.jit
+def _conv_gate_fwd(X, W, BIAS, U, T, D, sxb, sxt, swc, sub, sut,
+                   K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    t_ok = t < T
+    col_ok = cols < D
+    g, c = _conv_pair(X + b * sxb, W, BIAS, t, t_ok, cols, col_ok, D, sxt, swc, K, BLOCK_T, BLOCK_D)
+    u = tl.sigmoid(g) * c
+    tl.store(U + b * sub + t[:, None] * sut + cols[None, :], u.to(U.dtype.element_ty),
+             mask=t_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _conv_gate_bwd(X, W, BIAS, DU, DX, DWP, DBP, T, D, rows_per_prog, n_tprog, sxb, sxt, swc, sdb, sdt, sdxb, sdxt,
+                   K: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program: rows [pt * rows_per_prog, +rows_per_prog) of batch row b, BLOCK_D channel pairs.
+    DWP (B * n_tprog, K, 2D) and DBP (B * n_tprog, 2D): fp32 partial sums of the weight / bias gradients."""
+    b = tl.program_id(0).to(tl.int64)
+    pt = tl.program_id(1)
+    cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    x_base = X + b * sxb
+    du_base = DU + b * sdb + cols[None, :]
+    dx_base = DX + b * sdxb + cols[None, :]
+    taps = tl.arange(0, KP)
+    acc_wg = tl.zeros([KP, BLOCK_D], tl.float32)
+    acc_wc = tl.zeros([KP, BLOCK_D], tl.float32)
+    acc_bg = tl.zeros([BLOCK_D], tl.float32)
+    acc_bc = tl.zeros([BLOCK_D], tl.float32)
+    t_start = pt * rows_per_prog
+    t_end = tl.minimum(t_start + rows_per_prog, T)
+    for t0 in range(t_start, t_end, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        t_ok = t < t_end
+        dxg = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+        dxc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+        for s in tl.static_range(K):
+            ts = t + s  # dG, dC at t + s feed dx_t through tap K-1-s (rows past t_end are the next program's)
+            ok = ts < T
+            du = tl.load(du_base + ts[:, None] * sdt, mask=ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            g, c = _conv_pair(x_base, W, BIAS, ts, ok, cols, col_ok, D, sxt, swc, K, BLOCK_T, BLOCK_D)
+            sg = tl.sigmoid(g)
+            dc = du * sg
+            dg = dc * c * (1.0 - sg)
+            wg = tl.load(W + cols * swc + (K - 1 - s), mask=col_ok, other=0.0).to(tl.float32)
+            wc = tl.load(W + (cols + D) * swc + (K - 1 - s), mask=col_ok, other=0.0).to(tl.float32)
+            dxg += dg * wg[None, :]
+            dxc += dc * wc[None, :]
+            if s == 0:  # this program's own rows: the parameter gradients
+                dg = tl.where(t_ok[:, None], dg, 0.0)
+                dc = tl.where(t_ok[:, None], dc, 0.0)
+                acc_bg += tl.sum(dg, 0)
+                acc_bc += tl.sum(dc, 0)
+                for j in tl.static_range(K):
+                    src = t - (K - 1) + j
+                    m = (t_ok & (src >= 0))[:, None] & col_ok[None, :]
+                    p = x_base + src[:, None] * sxt + cols[None, :]
+                    xg = tl.load(p, mask=m, other=0.0).to(tl.float32)
+                    xc = tl.load(p + D, mask=m, other=0.0).to(tl.float32)
+                    acc_wg += tl.where(taps[:, None] == j, tl.sum(dg * xg, 0)[None, :], 0.0)
+                    acc_wc += tl.where(taps[:, None] == j, tl.sum(dc * xc, 0)[None, :], 0.0)
+        m_out = t_ok[:, None] & col_ok[None, :]
+        tl.store(dx_base + t[:, None] * sdxt, dxg.to(DX.dtype.element_ty), mask=m_out)
+        tl.store(dx_base + t[:, None] * sdxt + D, dxc.to(DX.dtype.element_ty), mask=m_out)
+    prog = b * n_tprog + pt
+    m_w = (taps < K)[:, None] & col_ok[None, :]
+    w_ptr = DWP + (prog * K + taps[:, None]) * (2 * D) + cols[None, :]
+    tl.store(w_ptr, acc_wg, mask=m_w)
+    tl.store(w_ptr + D, acc_wc, mask=m_w)
+    tl.store(DBP + prog * (2 * D) + cols, acc_bg, mask=col_ok)
+    tl.store(DBP + prog * (2 * D) + D + cols, acc_bc, mask=col_ok)
+
+
+# Tiles: 32 steps x 64 channel pairs, 4 warps. The backward gives each program up to rows_per_prog steps (its
+# weight-gradient partials are one row of DWP per program) and halves that while the grid has fewer than
+# min_programs programs. Untuned: no GPU measurement yet (benchmarks/bench_conv_gate.py --sweep).
+_CONFIG = {"block_t": 32, "block_d": 64, "num_warps": 4, "bwd_block_t": 32, "bwd_num_warps": 4,
+           "rows_per_prog": 256, "min_programs": 1024}
+
+
+def set_conv_gate_config(**kw) -> dict:
+    """Set any of _CONFIG's keys; returns the previous configuration."""
+    old = dict(_CONFIG)
+    for key, val in kw.items():
+        if key not in _CONFIG:
+            raise KeyError(f"unknown conv-gate config key {key!r}")
+        _CONFIG[key] = int(val)
+    return old
+
+
+def _rows_per_prog(B: int, T: int, D: int) -> int:
+    bt = _CONFIG["bwd_block_t"]
+    rpp = max(bt, triton.cdiv(_CONFIG["rows_per_prog"], bt) * bt)
+    n_d = triton.cdiv(D, _CONFIG["block_d"])
+    while rpp > bt and B * triton.cdiv(T, rpp) * n_d < _CONFIG["min_programs"]:
+        rpp = max(bt, triton.cdiv(rpp // 2, bt) * bt)
+    return rpp
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
+    B, T, C = x.shape
+    if C % 2 or weight.dim() != 2 or weight.shape[0] != C or bias.shape != (C,):
+        raise ValueError(f"conv gate: x (B, T, 2D), weight (2D, k), bias (2D); got {tuple(x.shape)}, "
+                         f"{tuple(weight.shape)}, {tuple(bias.shape)}")
+    return B, T, C // 2, weight.shape[1]
+
+
+def conv_gate_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    B, T, D, K = _check(x, weight, bias)
+    u = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
+    bt, bd = _CONFIG["block_t"], _CONFIG["block_d"]
+    _conv_gate_fwd[(B, triton.cdiv(T, bt), triton.cdiv(D, bd))](
+        x, weight, bias, u, T, D, x.stride(0), x.stride(1), weight.stride(0), u.stride(0), u.stride(1),
+        K=K, BLOCK_T=bt, BLOCK_D=bd, num_warps=_CONFIG["num_warps"])
+    return u
+
+
+def conv_gate_backward(du: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
+    """(dx in x's dtype, dweight (2D, k) fp32, dbias (2D,) fp32)."""
+    B, T, D, K = _check(x, weight, bias)
+    rpp = _rows_per_prog(B, T, D)
+    n_t = triton.cdiv(T, rpp)
+    bd = _CONFIG["block_d"]
+    dx = torch.empty((B, T, 2 * D), dtype=x.dtype, device=x.device)
+    dwp = torch.empty((B * n_t, K, 2 * D), dtype=torch.float32, device=x.device)
+    dbp = torch.empty((B * n_t, 2 * D), dtype=torch.float32, device=x.device)
+    _conv_gate_bwd[(B, n_t, triton.cdiv(D, bd))](
+        x, weight, bias, du, dx, dwp, dbp, T, D, rpp, n_t, x.stride(0), x.stride(1), weight.stride(0),
+        du.stride(0), du.stride(1), dx.stride(0), dx.stride(1),
+        K=K, KP=max(2, triton.next_power_of_2(K)), BLOCK_T=_CONFIG["bwd_block_t"], BLOCK_D=bd,
+        num_warps=_CONFIG["bwd_num_warps"])
+    return dx, dwp.sum(0).t(), dbp.sum(0)
+
+
+def _inner_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# Custom ops, like the scan and the attention kernel: one opaque node each for torch.compile.
+@torch.library.custom_op("ionllama::conv_gate_fwd", mutates_args=())
+def conv_gate_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return conv_gate_forward(_inner_contiguous(x), weight.contiguous(), bias.contiguous())
+
+
+@conv_gate_fwd.register_fake
+def _(x, weight, bias):
+    B, T, C = x.shape
+    return x.new_empty((B, T, C // 2))
+
+
+@torch.library.custom_op("ionllama::conv_gate_bwd", mutates_args=())
+def conv_gate_bwd(du: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx in x's dtype, dweight in weight's dtype, dbias in bias's dtype)."""
+    dx, dw, db = conv_gate_backward(_inner_contiguous(du), _inner_contiguous(x), weight.contiguous(),
+                                    bias.contiguous())
+    return dx, dw.to(weight.dtype).contiguous(), db.to(bias.dtype)
+
+
+@conv_gate_bwd.register_fake
+def _(du, x, weight, bias):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight, bias)
+
+
+def _backward(ctx, du):
+    x, weight, bias = ctx.saved_tensors
+    return conv_gate_bwd(du, x, weight, bias)
+
+
+conv_gate_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def conv_gate_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Triton conv gate (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); same contract as the reference:
+    x (B, T, 2D), weight (2D, k), bias (2D) -> u (B, T, D) in x's dtype (computed in fp32)."""
+    return conv_gate_fwd(x, weight, bias)
