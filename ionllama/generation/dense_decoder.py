@@ -56,8 +56,9 @@ class DenseKVDecoder(IncrementalDecoder):
         cos, sin = rope_cos_sin(pos[:, None], Dh, self.rope_base)  # (B, 1, Dh/2)
         visible = (self.key_index[None, :] <= pos[:, None]).view(B, 1, 1, -1)
         for li, blk in enumerate(m.blocks):
-            q, k, v = blk.attn.qkv(blk.norm1(h)).view(B, 1, 3, H, Dh).permute(2, 0, 3, 1, 4)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qkv = blk.attn.qkv(blk.norm1(h)).view(B, 1, 3, H, Dh).permute(2, 0, 3, 1, 4)
+            q, k = apply_rope(qkv[:2], cos, sin)  # q and k in one call: half the rope ops
+            v = qkv[2]
             self.slots.write(self.k, pos, k[:, :, 0], layer=li)  # in place when compiled (see slots.py)
             self.slots.write(self.v, pos, v[:, :, 0], layer=li)
             y = F.scaled_dot_product_attention(q, self.k[li], self.v[li], attn_mask=visible)

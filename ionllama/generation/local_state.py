@@ -62,9 +62,10 @@ class WindowAttentionState:
     def step(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         layer, attn = self.layer, self.layer.attn
         B, H, Dh = x_t.shape[0], self.H, self.Dh
-        q, k, v = attn.qkv(layer.norm1(x_t)).view(B, 1, 3, H, Dh).permute(2, 0, 3, 1, 4)
+        qkv = attn.qkv(layer.norm1(x_t)).view(B, 1, 3, H, Dh).permute(2, 0, 3, 1, 4)
         cos, sin = rope_cos_sin(t[:, None], Dh, attn.rope_base)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(qkv[:2], cos, sin)  # q and k in one call: half the rope ops
+        v = qkv[2]
         slot = t % self.W
         self.slots.write(self.k, slot, k[:, :, 0])
         self.slots.write(self.v, slot, v[:, :, 0])
