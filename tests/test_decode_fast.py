@@ -96,6 +96,37 @@ def test_runner_chunks_never_run_past_max_new(ion):
         assert torch.equal(a, b)
 
 
+class _RecordingGraph:
+    """Stands in for the CUDA graph being captured: records the if-node calls. Python cannot skip the
+    body, so the latent stage runs every byte, which the masked commit makes a no-op for rows that do
+    not open a patch: the bytes must still equal the one-step loop's."""
+
+    def __init__(self):
+        self.calls = []
+
+    def begin_capture_to_if_node(self, pred):
+        assert pred.dtype == torch.bool and pred.dim() == 0
+        self.calls.append("begin")
+
+    def end_capture_to_conditional_node(self):
+        self.calls.append("end")
+
+
+def test_capture_body_with_unconditional_latent_gives_same_bytes(ion):
+    outs = []
+    for fake in (None, _RecordingGraph()):
+        dec = decoder_for(ion, 2, 64)
+        logits = dec.prefill([list(b"ab c"), list(b"d")])
+        r = DecodeRunner(dec, SamplingConfig(temperature=1.0), torch.tensor([3, 4]), logits, 40, graph_steps=8)
+        with torch.no_grad():
+            for _ in range(5):
+                r._steps(8, fake)
+        outs.append(r.out[:, :40].clone())
+        if fake is not None:
+            assert fake.calls == ["begin", "end"] * 40
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_dense_k_step_loop_equals_one_step_loop(dense):
     ref = generate(dense, PROMPTS, 21, seed=1)
     assert generate(dense, PROMPTS, 21, seed=1, graph_steps=8) == ref

@@ -19,7 +19,8 @@ Two graph layouts:
   sampled bytes when the caller asks (``generate`` checks stop strings every chunk; bytes sampled
   past a stop are discarded there). A remainder of fewer than K bytes replays a 1-iteration graph of
   the same kind, so the decoder never runs past ``max_new``. Without conditional-node support
-  (torch without the API, CUDA < 12.4) it falls back to ``graph_steps=1``.
+  (torch without the API, CUDA < 12.4), or if the capture fails, it falls back to ``graph_steps=1``
+  with a warning.
 """
 from __future__ import annotations
 
@@ -140,8 +141,10 @@ class DecodeRunner:
                         self._latent_fn(self.dec.next_start)
                 else:
                     graph.begin_capture_to_if_node(self.latent_pred)
-                    self._latent_fn(self.dec.next_start)
-                    graph.end_capture_to_conditional_node()
+                    try:
+                        self._latent_fn(self.dec.next_start)
+                    finally:  # a failed body must still end its child capture (see _capture's fallback)
+                        graph.end_capture_to_conditional_node()
             self._byte_fn()
 
     def _warm_up(self) -> None:
@@ -159,19 +162,16 @@ class DecodeRunner:
 
     def _capture(self) -> None:
         self._warm_up()
-        pool = torch.cuda.graph_pool_handle()
         if self.graph_steps > 1:
-            # A high-priority capture stream: each if-node body is captured on a stream taken from the
-            # (low-priority) pool, which must never be the stream the parent graph is captured on.
-            stream = torch.cuda.Stream(priority=-1)
-            graphs = []
-            for k in (self.graph_steps, 1):
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool, stream=stream):
-                    self._steps(k, g)
-                graphs.append(g)
-            self.graphs = tuple(graphs)
-            return
+            try:
+                self.graphs = self._capture_steps(torch.cuda.graph_pool_handle())
+                return
+            except Exception as e:  # noqa: BLE001 - capture only records work: nothing ran, state is intact
+                warnings.warn(f"capturing {self.graph_steps} iterations per graph failed ({type(e).__name__}: "
+                              f"{str(e)[:200]}); falling back to graph_steps=1")
+                self.graph_steps = 1
+                torch.cuda.synchronize()
+        pool = torch.cuda.graph_pool_handle()
         g_byte = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g_byte, pool=pool):
             self._byte_fn()
@@ -181,6 +181,19 @@ class DecodeRunner:
             with torch.cuda.graph(g_lat, pool=pool):
                 self._latent_fn(self.dec.next_start)
         self.graphs = (g_byte, g_lat)
+
+    def _capture_steps(self, pool) -> tuple:
+        """(graph of graph_steps iterations, graph of 1 iteration), latent stages in if-nodes."""
+        # A high-priority capture stream: each if-node body is captured on a stream taken from the
+        # (low-priority) pool, which must never be the stream the parent graph is captured on.
+        stream = torch.cuda.Stream(priority=-1)
+        graphs = []
+        for k in (self.graph_steps, 1):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool, stream=stream):
+                self._steps(k, g)
+            graphs.append(g)
+        return tuple(graphs)
 
     @torch.no_grad()
     def run(self, n: int) -> None:
