@@ -8,12 +8,18 @@ on CPU (inductor's C++ backend fuses like its Triton backend, but the counts are
 needs no GPU.
 
     python benchmarks/count_decode_kernels.py --size small --out docs/results/decode_kernels.json
+
+Stages: the decoder's byte step (or dense step), the latent stage (ionLlama), and the runner's whole
+per-byte iteration (sampling + step + bookkeeping: what one CUDA-graph iteration replays). For the
+compiled stages it also counts buffers of the caches' size that the generated code allocates
+(`cache_sized_buffers`: a full copy of a cache per step; should be 0, see generation/slots.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import re
 import subprocess
 import time
 
@@ -22,6 +28,10 @@ from torch.profiler import ProfilerActivity, profile
 
 import ionllama
 from ionllama.generation.decoding import decoder_for
+from ionllama.generation.runner import DecodeRunner
+from ionllama.generation.sampling import SamplingConfig
+
+MAX_LEN = 1999  # the caches' length: a size nothing else in the step has
 
 NO_KERNEL = {"aten::view", "aten::slice", "aten::select", "aten::expand", "aten::unsqueeze", "aten::as_strided",
              "aten::transpose", "aten::permute", "aten::reshape", "aten::t", "aten::_unsafe_view", "aten::detach",
@@ -44,13 +54,16 @@ def eager_counts(fn) -> dict:
 
 def inductor_counts(fn) -> dict:
     from torch._inductor import metrics
+    from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
     metrics.reset()
     t0 = time.perf_counter()
-    torch.compile(fn, dynamic=False)()
+    _, codes = run_and_get_code(torch.compile(fn, dynamic=False))
+    shapes = re.findall(r"empty_strided\w*\(\(([^)]*)\)", "\n".join(codes))
     return {"inductor_kernels": metrics.generated_kernel_count,
             "graph_breaks": int(torch._dynamo.utils.counters["graph_break"].total()),
+            "cache_sized_buffers": sum(bool(re.search(rf"\b{MAX_LEN}, \d", s)) for s in shapes),
             "compile_s": round(time.perf_counter() - t0, 1)}
 
 
@@ -65,13 +78,15 @@ def main() -> None:
     res = {}
     for model in ("ionllama", "dense"):
         m = ionllama.create_model(a.size, model=model).eval()
-        dec = decoder_for(m, 1, 512)
-        dec.prefill([list(b"The quick brown fox jumps over")])
+        dec = decoder_for(m, 1, MAX_LEN)
+        logits = dec.prefill([list(b"The quick brown fox jumps over")])
+        runner = DecodeRunner(dec, SamplingConfig(temperature=1.0), torch.zeros(1, dtype=torch.long), logits, 64)
         tok = torch.tensor([32])
         stages = {"byte_step": (lambda: dec.byte_step(tok)) if model == "ionllama" else (lambda: dec.step(tok))}
         if model == "ionllama":
             commit = torch.ones(1, dtype=torch.bool)
             stages["advance_latent"] = lambda: dec.advance_latent(commit)
+        stages["iteration"] = runner._iteration
         row = {"params": sum(p.numel() for p in m.parameters())}
         for name, fn in stages.items():
             row[name] = eager_counts(fn)

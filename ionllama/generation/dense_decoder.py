@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ..model.common import apply_rope, rope_cos_sin
 from .decoding import IncrementalDecoder, register_decoder, right_pad
+from .slots import SlotWriter
 
 
 @register_decoder("dense")
@@ -27,6 +28,7 @@ class DenseKVDecoder(IncrementalDecoder):
         self.v = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # next write position
         self.key_index = torch.arange(max_len, device=self.device)
+        self.slots = SlotWriter(batch_size, self.n_heads, self.device, L)
 
     def prefill(self, rows):
         self._check_rows(rows)
@@ -52,13 +54,13 @@ class DenseKVDecoder(IncrementalDecoder):
         pos = self.pos
         h = m.embed(tokens.long())[:, None]  # (B, 1, D)
         cos, sin = rope_cos_sin(pos[:, None], Dh, self.rope_base)  # (B, 1, Dh/2)
-        write_idx = pos.view(B, 1, 1, 1).expand(B, H, 1, Dh)
         visible = (self.key_index[None, :] <= pos[:, None]).view(B, 1, 1, -1)
         for li, blk in enumerate(m.blocks):
-            q, k, v = blk.attn.qkv(blk.norm1(h)).view(B, 1, 3, H, Dh).permute(2, 0, 3, 1, 4)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            self.k[li].scatter_(2, write_idx, k)
-            self.v[li].scatter_(2, write_idx, v)
+            qkv = blk.attn.qkv(blk.norm1(h)).view(B, 1, 3, H, Dh).permute(2, 0, 3, 1, 4)
+            q, k = apply_rope(qkv[:2], cos, sin)  # q and k in one call: half the rope ops
+            v = qkv[2]
+            self.slots.write(self.k, pos, k[:, :, 0], layer=li)  # in place when compiled (see slots.py)
+            self.slots.write(self.v, pos, v[:, :, 0], layer=li)
             y = F.scaled_dot_product_attention(q, self.k[li], self.v[li], attn_mask=visible)
             h = h + blk.attn.proj(y.transpose(1, 2).reshape(B, 1, -1))
             h = h + blk.ffn(blk.norm2(h))

@@ -23,13 +23,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..model.byte_embedding import _PAD, ngram_hashes
+from ..model.byte_embedding import _PAD, LastNgramHasher
 from ..model.common import apply_rope, rope_cos_sin
 from ..model.dilated_attention import dilated_offsets
 from ..model.entropy_model import entropy_bits
 from ..model.patcher import _is_word_byte, cap_patches, patch_ids, rule_starts
 from .decoding import IncrementalDecoder, register_decoder
 from .local_state import local_state
+from .slots import SlotWriter
 
 
 @register_decoder("ionllama")
@@ -52,6 +53,8 @@ class IonLlamaDecoder(IncrementalDecoder):
         emb = model.embed
         self.ngram_ctx = max(emb.ngram_sizes) - 1 if emb.ngram == "hash" else 0
         self.ngram_buf = torch.full((B, self.ngram_ctx), _PAD, dtype=torch.long, device=dev)
+        if self.ngram_ctx:
+            self.hasher = LastNgramHasher(emb.ngram_sizes, emb.buckets, self.ngram_ctx + 1, dev)
         self.emb_conv = (torch.zeros(B, emb.conv.kernel - 1, emb.bytes.embedding_dim, device=dev, dtype=dt)
                          if emb.ngram == "conv" else None)
         # entropy model
@@ -80,6 +83,7 @@ class IonLlamaDecoder(IncrementalDecoder):
         offs = dilated_offsets(self.max_patches, lat.local_width)
         self.offsets = torch.tensor(offs, dtype=torch.long, device=dev)
         self.key_index = torch.arange(self.max_patches, device=dev)
+        self.slots = SlotWriter(B, self.H, dev, len(lat.blocks))
 
     # ------------------------------------------------------------------ prefill (parallel forward)
     @torch.no_grad()
@@ -179,7 +183,6 @@ class IonLlamaDecoder(IncrementalDecoder):
         z = m.to_latent(pooled)[:, None]  # (B, 1, dm)
         i = self.n_complete  # this patch's index; rows without a new patch write a slot that is not yet valid
         cos, sin = rope_cos_sin(i[:, None], Dh, self.rope_base)
-        write_idx = i.view(B, 1, 1, 1).expand(B, H, 1, Dh)
         if self.dilated:
             key_idx = i[:, None] - self.offsets[None, :]  # (B, K)
             visible = (key_idx >= 0).view(B, 1, 1, -1)
@@ -187,10 +190,11 @@ class IonLlamaDecoder(IncrementalDecoder):
         else:
             visible = (self.key_index[None, :] <= i[:, None]).view(B, 1, 1, -1)
         for li, blk in enumerate(m.latent.blocks):
-            q, k, v = blk.attn.qkv(blk.norm1(z)).view(B, 1, 3, H, Dh).permute(2, 0, 3, 1, 4)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            self.lk[li].scatter_(2, write_idx, k)
-            self.lv[li].scatter_(2, write_idx, v)
+            qkv = blk.attn.qkv(blk.norm1(z)).view(B, 1, 3, H, Dh).permute(2, 0, 3, 1, 4)
+            q, k = apply_rope(qkv[:2], cos, sin)  # q and k in one call: half the rope ops
+            v = qkv[2]
+            self.slots.write(self.lk, i, k[:, :, 0], layer=li)
+            self.slots.write(self.lv, i, v[:, :, 0], layer=li)
             if self.dilated:
                 keys, vals = self.lk[li].gather(2, gather_idx), self.lv[li].gather(2, gather_idx)
             else:
@@ -222,8 +226,9 @@ class IonLlamaDecoder(IncrementalDecoder):
         e = emb.bytes(x)
         if self.ngram_ctx:
             window = torch.cat([self.ngram_buf, x[:, None]], dim=1)
-            for n, table in zip(emb.ngram_sizes, emb.tables):
-                e = e + table(ngram_hashes(window, n, emb.buckets)[:, -1])
+            ids = self.hasher(window)
+            for i, table in enumerate(emb.tables):
+                e = e + table(ids[:, i])
             e = e * (1.0 / (1 + len(emb.ngram_sizes)))
             self.ngram_buf.copy_(window[:, 1:])
         elif self.emb_conv is not None:

@@ -10,12 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from ..model.common import apply_rope, rope_cos_sin
+from .slots import SlotWriter
 
 
 class IntegralState:
     def __init__(self, layer, batch, device, dtype):
         self.layer = layer
         self.cache = layer.empty_cache(batch, device, dtype)
+        with torch.no_grad():  # the per-channel decay is a constant while decoding: computed once
+            self.decay = torch.exp(layer.log_decay()).to(self.cache["h"].dtype)
 
     def prefill(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         y, st = self.layer(x, return_state=True)
@@ -24,7 +27,7 @@ class IntegralState:
         return y
 
     def step(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        y, new = self.layer.step(x_t, self.cache)
+        y, new = self.layer.step(x_t, self.cache, decay=self.decay)
         for k, v in new.items():
             self.cache[k].copy_(v)
         return y
@@ -40,6 +43,7 @@ class WindowAttentionState:
         self.k = torch.zeros(batch, self.H, self.W, self.Dh, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.slot_pos = torch.full((batch, self.W), -1, dtype=torch.long, device=device)
+        self.slots = SlotWriter(batch, self.H, device)
 
     def prefill(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         layer, (G, T, _) = self.layer, x.shape
@@ -58,13 +62,14 @@ class WindowAttentionState:
     def step(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         layer, attn = self.layer, self.layer.attn
         B, H, Dh = x_t.shape[0], self.H, self.Dh
-        q, k, v = attn.qkv(layer.norm1(x_t)).view(B, 1, 3, H, Dh).permute(2, 0, 3, 1, 4)
+        qkv = attn.qkv(layer.norm1(x_t)).view(B, 1, 3, H, Dh).permute(2, 0, 3, 1, 4)
         cos, sin = rope_cos_sin(t[:, None], Dh, attn.rope_base)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        slot = (t % self.W).view(B, 1, 1, 1).expand(B, H, 1, Dh)
-        self.k.scatter_(2, slot, k)
-        self.v.scatter_(2, slot, v)
-        self.slot_pos.scatter_(1, (t % self.W)[:, None], t[:, None])
+        q, k = apply_rope(qkv[:2], cos, sin)  # q and k in one call: half the rope ops
+        v = qkv[2]
+        slot = t % self.W
+        self.slots.write(self.k, slot, k[:, :, 0])
+        self.slots.write(self.v, slot, v[:, :, 0])
+        self.slots.write_rows(self.slot_pos, slot, t)
         visible = (self.slot_pos >= 0).view(B, 1, 1, self.W)  # every written slot is within the window
         y = F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=visible)
         x = x_t + attn.proj(y.reshape(B, H * Dh))

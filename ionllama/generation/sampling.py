@@ -33,18 +33,42 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def row_keys(seeds: torch.Tensor) -> torch.Tensor:
+    """Per-row 32-bit keys from the (B,) int64 seeds (both halves used); constant for a run."""
+    seeds = seeds.long()
+    key = _mix32((seeds & _MASK32) ^ 0x9E3779B9)
+    return _mix32(key ^ ((seeds >> 32) & _MASK32))
+
+
+def index_hash(vocab: int, device) -> torch.Tensor:
+    """(vocab,) hashes of the byte values; constant for a run."""
+    return _mix32(torch.arange(vocab, device=device, dtype=torch.long) + 0x632BE5AB)
+
+
+def noise_from_keys(keys: torch.Tensor, idx_hash: torch.Tensor, step: torch.Tensor | int) -> torch.Tensor:
+    """uniform_noise with the step-independent parts precomputed (the decode loop reuses them every byte)."""
+    step = torch.as_tensor(step, dtype=torch.long, device=keys.device)
+    key = _mix32(keys ^ (step & _MASK32))
+    h = _mix32(key[:, None] ^ idx_hash[None, :])
+    return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
+
 def uniform_noise(seeds: torch.Tensor, step: torch.Tensor | int, vocab: int) -> torch.Tensor:
     """Uniform (0, 1) noise of shape (B, vocab) as a pure function of (seed per row, step, index).
 
     seeds: (B,) int64 (any value; both 32-bit halves are used); step: int or 0-d int64 tensor."""
-    seeds = seeds.long()
-    key = _mix32((seeds & _MASK32) ^ 0x9E3779B9)
-    key = _mix32(key ^ ((seeds >> 32) & _MASK32))
-    step = torch.as_tensor(step, dtype=torch.long, device=seeds.device)
-    key = _mix32(key ^ (step & _MASK32))
-    idx = torch.arange(vocab, device=seeds.device, dtype=torch.long)
-    h = _mix32(key[:, None] ^ _mix32(idx + 0x632BE5AB)[None, :])
-    return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    return noise_from_keys(row_keys(seeds), index_hash(vocab, seeds.device), step)
+
+
+class NoiseSource:
+    """The step-independent part of the noise, computed once per run: the eager per-byte sampler then
+    runs 2 of its 6 integer hashes (~40 ops instead of ~130). Same values as uniform_noise."""
+
+    def __init__(self, seeds: torch.Tensor, vocab: int = 256):
+        self.keys, self.idx_hash = row_keys(seeds), index_hash(vocab, seeds.device)
+
+    def __call__(self, step: torch.Tensor | int) -> torch.Tensor:
+        return noise_from_keys(self.keys, self.idx_hash, step)
 
 
 @dataclass(frozen=True)
@@ -84,12 +108,12 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
 
 
 def sample_next(logits: torch.Tensor, cfg: SamplingConfig, seeds: torch.Tensor,
-                step: torch.Tensor | int) -> torch.Tensor:
-    """logits: (B, V) -> next bytes (B,) int64."""
+                step: torch.Tensor | int, noise: NoiseSource | None = None) -> torch.Tensor:
+    """logits: (B, V) -> next bytes (B,) int64. noise: a NoiseSource for these seeds (optional, faster)."""
     logits = logits.float()
     if cfg.is_greedy:
         return logits.argmax(dim=-1)
     logits = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
-    u = uniform_noise(seeds, step, logits.shape[-1])
+    u = noise(step) if noise is not None else uniform_noise(seeds, step, logits.shape[-1])
     gumbel = -torch.log(-torch.log(u))
     return (logits + gumbel).argmax(dim=-1)

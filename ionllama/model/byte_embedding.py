@@ -28,6 +28,28 @@ def ngram_hashes(x: torch.Tensor, n: int, buckets: int) -> torch.Tensor:
     return (h * 2654435761 + n) % buckets
 
 
+class LastNgramHasher:
+    """For incremental decoding: the bucket ids of the n-grams ending at the newest byte.
+
+    ngram_hashes folds h = (h * _MULT + b + 1) mod 2^40, i.e. h_n = sum_j (b_j + 1) _MULT^(n-1-j) mod 2^40,
+    so every size comes from one suffix sum: a handful of ops per decoded byte instead of ~70. The
+    constants are device tensors made once (no host-to-device copy inside a captured step)."""
+
+    def __init__(self, sizes, buckets: int, width: int, device):
+        assert width >= max(sizes)
+        self.buckets = buckets
+        powers = [pow(_MULT, width - 1 - j, 1 << 40) for j in range(width)]  # < 2^40; x 257: no overflow
+        self.powers = torch.tensor(powers, dtype=torch.long, device=device)
+        self.cols = torch.tensor([n - 1 for n in sizes], dtype=torch.long, device=device)
+        self.n = torch.tensor(list(sizes), dtype=torch.long, device=device)
+
+    def __call__(self, window: torch.Tensor) -> torch.Tensor:
+        """window: (B, width) the last bytes (_PAD before the start) -> (B, len(sizes)); column i equals
+        ngram_hashes(x, sizes[i], buckets)[:, -1]."""
+        suffix = ((window.long() + 1) * self.powers).flip(1).cumsum(1) & _MASK  # column n-1: last n bytes
+        return (suffix.index_select(1, self.cols) * 2654435761 + self.n) % self.buckets
+
+
 class ByteEmbedding(nn.Module):
     def __init__(self, dim: int, ngram: str = "hash", ngram_sizes=(2, 3, 4, 5), buckets: int = 16384,
                  conv_kernel: int = 4):
