@@ -54,10 +54,15 @@ def static_patch_count(cfg: ModelConfig, T: int) -> int | None:
 
 @register("ionllama")
 class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
+    # CUDA-graph replay of the compiled training step fails on the GPU ("tensor(s) in the cudagraph pool
+    # not tracked as outputs"), measured for entropy patching (two graphs around the patch-count sync) and
+    # for fixed patching (one graph, no sync): the trainer refuses --compile_mode reduce-overhead
+    cuda_graph_training_ok = False
+
     @property
     def host_sync_in_forward(self) -> bool:
-        """Entropy and space patching read the patch count on the host (one .item() per forward), so the
-        trainer refuses CUDA-graph replay for them; fixed and byte patching know it from T alone."""
+        """Entropy and space patching read the patch count on the host (one .item() per forward); fixed and
+        byte patching know it from T alone, so the GPU can run ahead of the host."""
         return self.config.patching in ("entropy", "space")
 
     def __init__(self, config: ModelConfig):

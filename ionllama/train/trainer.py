@@ -263,11 +263,11 @@ class Trainer:
             ckpt_io.load_model_state(self.model, self.ck["model"], str(ck_path))
         self.model = self.par.shard(self.model)  # FSDP2: in place, before the optimizer exists
         mode = getattr(args, "compile_mode", "default")
-        if mode == "reduce-overhead" and getattr(self.model, "host_sync_in_forward", False):
-            # measured on an H200 (docs/results/train-profile.md): the two graphs around the patch-count sync
-            # fail CUDA-graph replay, and the whole-model compile is already GPU-bound there
-            raise UserError(f"--compile_mode reduce-overhead does not work with --model {args.model}: its forward "
-                            "reads the patch count on the host; use --compile alone")
+        if mode == "reduce-overhead" and not getattr(self.model, "cuda_graph_training_ok", True):
+            # measured on an H200 (docs/results/train-profile.md): CUDA-graph replay of the training step fails
+            # ("tensor(s) in the cudagraph pool not tracked as outputs"), with or without the patch-count sync
+            raise UserError(f"--compile_mode reduce-overhead does not work with --model {args.model}: CUDA-graph "
+                            "replay of its training step fails; use --compile alone")
         self.cuda_graphs = bool(args.compile) and mode == "reduce-overhead"
         self.fwd = torch.compile(self.model, mode=None if mode == "default" else mode) if args.compile else self.model
         self.par.attach(self.model, self.fwd)
