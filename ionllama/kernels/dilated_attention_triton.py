@@ -295,20 +295,23 @@ def _lastdim_contig(t: torch.Tensor) -> torch.Tensor:
 
 
 _SENTINEL = 1 << 30  # an offset past every row: the prefetch of "offset K" loads nothing
-_OFFS_CACHE: dict = {}
+_OFFS_HOST: dict = {}  # offsets -> pinned host int32 tensor; never cleared (one per distinct N, a captured
+                      # CUDA graph re-reads its host tensor at every replay)
 
 
 def _prep_offsets(offsets, N: int, device) -> torch.Tensor:
-    """Offsets < N as an int32 device tensor with a trailing sentinel; cached, so the steady state
-    makes no host-to-device copy (which would also synchronize the stream)."""
-    offs = tuple(int(o) for o in offsets if int(o) < N)
-    key = (offs, str(device))
-    t = _OFFS_CACHE.get(key)
-    if t is None:
-        if len(_OFFS_CACHE) > 512:
-            _OFFS_CACHE.clear()
-        t = _OFFS_CACHE[key] = torch.tensor(offs + (_SENTINEL,), dtype=torch.int32, device=device)
-    return t
+    """Offsets < N as an int32 device tensor with a trailing sentinel, copied from a cached pinned host
+    tensor: an asynchronous copy, so the host does not wait. No device tensor is cached across calls: under
+    `torch.compile(mode="reduce-overhead")` a cached one was allocated in the CUDA-graph pool during warm-up
+    and replay failed with "1 tensor(s) in the cudagraph pool not tracked as outputs" (train-profile.md)."""
+    offs = tuple(int(o) for o in offsets if int(o) < N) + (_SENTINEL,)
+    device = torch.device(device)
+    if device.type != "cuda":  # the Triton interpreter on CPU
+        return torch.tensor(offs, dtype=torch.int32, device=device)
+    host = _OFFS_HOST.get(offs)
+    if host is None:
+        host = _OFFS_HOST[offs] = torch.tensor(offs, dtype=torch.int32).pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 def attention_forward(q, k, v, offs, seg, scale):
