@@ -9,11 +9,6 @@ capture excluded and reported separately); one host sync at the end of each time
 
     PYTHONPATH=. python benchmarks/bench_generation.py --out results_dir
 
-Each graph configuration (batch 1 and batch --batch) runs twice: with one graph replay per byte (graph_steps 1: the latent graph
-is chosen on the host, one host sync per byte) and with --graph_steps K bytes per replay (the latent
-stage in CUDA-graph conditional nodes, no host sync). Rows of the second kind record whether their
-bytes equal the first kind's (same prompt, seeds and steps): `same_bytes_as_graph_steps_1`.
-
 Writes bench_generation.json and bench_generation.md (tables) into --out.
 """
 from __future__ import annotations
@@ -58,7 +53,6 @@ class Bench:
         self.text = corpus_bytes(max(max(args.contexts) + 8192, 40000))
         self.models = {}
         self.checks = {}
-        self.ref_outs = {}  # (model, compile, batch, context, new bytes) -> sampled bytes with graph_steps 1
 
     def left(self) -> float:
         return self.args.budget_s - (time.time() - self.t_start)
@@ -78,7 +72,7 @@ class Bench:
     def prompts(self, B, ctx):
         return [self.text[(r * 7919) % 4096: (r * 7919) % 4096 + ctx].tolist() for r in range(B)]
 
-    def session(self, kind, B, max_len, graphs=True, compile=False, policy="auto", label="", graph_steps=1):
+    def session(self, kind, B, max_len, graphs=True, compile=False, policy="auto", label=""):
         """A decoder + runner reused across measurements: prefill is in place, so the captured
         graphs (and compiled code) stay valid; only the dense KV length depends on max_len."""
         m, _ = self.model(kind)
@@ -86,7 +80,7 @@ class Bench:
         seeds = torch.arange(B, device=self.device)
         logits = torch.zeros(B, 256, device=self.device, dtype=self.dtype)
         runner = DecodeRunner(dec, SamplingConfig(temperature=1.0), seeds, logits, max(self.args.new_bytes, 1024) + 16,
-                              cuda_graphs=graphs, compile=compile, latent_policy=policy, graph_steps=graph_steps,
+                              cuda_graphs=graphs, compile=compile, latent_policy=policy,
                               compile_mode=self.args.compile_mode if compile else None)
         return dict(kind=kind, B=B, dec=dec, runner=runner, graphs=graphs, compile=compile, max_len=max_len)
 
@@ -112,20 +106,11 @@ class Bench:
         runner.run(n_new)
         sync()
         dt = time.perf_counter() - t0
-        K = runner.graph_steps
         row = dict(model=s["kind"], label=label, batch=B, context=ctx, new_bytes=n_new, graphs=runner.graphs is not None,
-                   compile=s["compile"], graph_steps=K,
-                   latent_policy=(runner.latent_policy if K == 1 else "if-node") if patches0 is not None else None,
+                   compile=s["compile"], latent_policy=runner.latent_policy if patches0 is not None else None,
                    bytes_per_s=B * n_new / dt, ms_per_byte=1000 * dt / n_new, prefill_s=t_prefill, setup_s=t_setup)
         if patches0 is not None:
             row["bytes_per_patch_decoded"] = B * n_new / max(1, int(dec.n_complete.sum()) - patches0)
-        # the same bytes with one replay per byte and with K per replay (same prompts, seeds, steps)
-        out = runner.out[:, :runner.n_done].cpu().clone()  # .cpu() of a CPU tensor is a view
-        key = (s["kind"], s["compile"], B, ctx, n_new)
-        if K == 1:
-            self.ref_outs[key] = out
-        elif K > 1 and key in self.ref_outs:
-            row["same_bytes_as_graph_steps_1"] = bool(torch.equal(out, self.ref_outs[key]))
         print(json.dumps(row), flush=True)
         self.rows.append(row)
         write_results(self, self.args, self.checks)  # after every row: a killed run keeps what it measured
@@ -134,19 +119,26 @@ class Bench:
     def attempt(self, need_s, fn, *a, label="", **kw):
         if self.left() < need_s:
             print(f"skip {label}: {self.left():.0f}s left", flush=True)
-            self.rows.append(dict(model=str(a[0]) if a else "", label=label, skipped="time budget"))
+            self.rows.append(dict(model=_model_name(a), label=label, skipped="time budget"))
             return None
         try:
             return fn(*a, label=label, **kw)
         except Exception as e:  # one failed configuration must not lose the others
             traceback.print_exc()
-            self.rows.append(dict(model=str(a[0]) if a else "", label=label,
+            self.rows.append(dict(model=_model_name(a), label=label,
                                   error=f"{type(e).__name__}: {str(e)[:200]}"))
             return None
 
 
+def _model_name(args) -> str:
+    """The model of an attempt's arguments: a model kind (session) or a session dict (measure)."""
+    if not args:
+        return ""
+    return args[0]["kind"] if isinstance(args[0], dict) else str(args[0])
+
+
 @torch.no_grad()
-def correctness_checks(device, compile: bool, graph_steps: int = 16) -> dict:
+def correctness_checks(device, compile: bool) -> dict:
     """On the benchmark device: step-by-step logits vs the parallel forward (fp32, tiny ionLlama with
     entropy patching, GPU kernels in the forward), and graph replay / compiled steps vs eager."""
     from ionllama.generation import generate
@@ -164,24 +156,10 @@ def correctness_checks(device, compile: bool, graph_steps: int = 16) -> dict:
     res = stepwise_vs_parallel(m, x, prompt_len=20)
     out.update({f"stepwise_{k}": v for k, v in res.items()})
     prompts = [b"def main(", b"import torch\n", b"x"]
-    n = 6 * graph_steps + 5  # not a multiple of K: the remainder runs the one-iteration graph
-    ref = generate(m, prompts, n, seed=1, cuda_graphs=False)
-    out["graphs_equal_eager"] = generate(m, prompts, n, seed=1, cuda_graphs=True) == ref
-    out[f"graph_steps_{graph_steps}_equal_eager"] = generate(m, prompts, n, seed=1, cuda_graphs=True,
-                                                              graph_steps=graph_steps) == ref
-    longest = max(ref, key=len)
-    if len(longest) >= 8:  # a stop string that a row produces, inside a K-byte chunk
-        stop = [longest[len(longest) // 2:len(longest) // 2 + 3]]
-        ref_stop = generate(m, prompts, n, seed=1, cuda_graphs=False, stop=stop, return_info=True)
-        out[f"graph_steps_{graph_steps}_with_stop_equal_eager"] = generate(
-            m, prompts, n, seed=1, cuda_graphs=True, graph_steps=graph_steps, stop=stop, return_info=True) == ref_stop
+    ref = generate(m, prompts, 96, seed=1, cuda_graphs=False)
+    out["graphs_equal_eager"] = generate(m, prompts, 96, seed=1, cuda_graphs=True) == ref
     if compile:
-        out["compiled_graphs_equal_eager"] = generate(m, prompts, n, seed=1, cuda_graphs=True, compile=True) == ref
-        out[f"compiled_graph_steps_{graph_steps}_equal_eager"] = generate(
-            m, prompts, n, seed=1, cuda_graphs=True, compile=True, graph_steps=graph_steps) == ref
-    from ionllama.generation.runner import conditional_nodes_supported
-    out["conditional_nodes_supported"] = conditional_nodes_supported(torch.device(device).index or 0) \
-        if torch.device(device).type == "cuda" else False
+        out["compiled_graphs_equal_eager"] = generate(m, prompts, 96, seed=1, cuda_graphs=True, compile=True) == ref
     print(json.dumps(out), flush=True)
     return out
 
@@ -196,19 +174,16 @@ def write_results(b, args, checks):
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_generation.json").write_text(json.dumps(dict(env=env, rows=b.rows), indent=1, default=str))
     lines = [f"env: {json.dumps(env, default=str)}", "",
-             "| model | what | batch | context | graphs | bytes/replay | compile | bytes/s | ms/byte | bytes/patch | "
-             "same bytes as 1/replay | prefill s | setup s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | what | batch | context | graphs | compile | bytes/s | ms/byte | bytes/patch | prefill s | setup s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in b.rows:
         if "bytes_per_s" not in r:
-            lines.append(f"| {r['model']} | {r['label']} | | | | | | {r.get('error', r.get('skipped'))} | | | | | |")
+            lines.append(f"| {r['model']} | {r['label']} | | | | | {r.get('error', r.get('skipped'))} | | | | |")
             continue
         bpp = r.get("bytes_per_patch_decoded")
-        same = r.get("same_bytes_as_graph_steps_1", "")
-        lines.append(f"| {r['model']} | {r['label']} | {r['batch']} | {r['context']} | {r['graphs']} | "
-                     f"{r.get('graph_steps', 1)} | {r['compile']} | "
+        lines.append(f"| {r['model']} | {r['label']} | {r['batch']} | {r['context']} | {r['graphs']} | {r['compile']} | "
                      f"{r['bytes_per_s']:,.0f} | {r['ms_per_byte']:.3f} | {'' if bpp is None else f'{bpp:.2f}'} | "
-                     f"{same} | {r['prefill_s']:.2f} | {r['setup_s']:.1f} |")
+                     f"{r['prefill_s']:.2f} | {r['setup_s']:.1f} |")
     (out / "bench_generation.md").write_text("\n".join(lines) + "\n")
     return lines
 
@@ -226,8 +201,6 @@ def main():
     ap.add_argument("--models", nargs="+", default=["ionllama", "dense"], choices=["ionllama", "dense"])
     ap.add_argument("--compile_mode", default=None,
                     help="torch.compile mode for the compiled rows, e.g. max-autotune-no-cudagraphs (default: default)")
-    ap.add_argument("--graph_steps", type=int, default=16,
-                    help="bytes per graph replay for the K-step rows (each b1 row also runs with 1); 1: old rows only")
     ap.add_argument("--budget_s", type=float, default=280)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--threads", type=int, default=0, help="CPU intra-op threads (0: torch default)")
@@ -241,32 +214,25 @@ def main():
             setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
     b = Bench(args)
     try:
-        checks = correctness_checks(b.device, args.compile, max(2, args.graph_steps))
+        checks = correctness_checks(b.device, args.compile)
     except Exception as e:
         traceback.print_exc()
         checks = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
     b.checks = checks
     n, nl, B, cmax = args.new_bytes, args.latency_bytes, args.batch, max(args.contexts)
-    lat_len = cmax + max(n, nl) + 32
-
-    steps = sorted({1, max(1, args.graph_steps)})
+    lat_len = max(cmax, 256) + max(n, nl) + 32  # the b1 session also measures throughput at context 256
 
     def run_set(kind, compile):
         tag = ", compiled" if compile else ""
-        for K in steps:  # the old layout (one replay per byte) first: its bytes are the K-step rows' reference
-            ktag = f"{tag}, {K} bytes/replay" if K > 1 else tag
-            s1 = b.attempt(100 if compile else 15, b.session, kind, 1,
-                           lat_len if kind == "ionllama" else 256 + n + 32, compile=compile,
-                           label=f"{kind} b1 session{ktag}", graph_steps=K)
-            if s1 is not None:
-                b.attempt(100 if compile else 10, b.measure, s1, 256, n, label=f"throughput b1{ktag}")
-                if kind == "ionllama":
-                    if K == 1:
-                        b.attempt(10, b.measure, s1, 256, n, policy="always",
-                                  label=f"throughput b1, latent every byte{tag}")
-                    for ctx in args.contexts:
-                        b.attempt(15, b.measure, s1, ctx, nl, policy="auto", label=f"latency{ktag}")
-                del s1
+        s1 = b.attempt(100 if compile else 15, b.session, kind, 1, lat_len if kind == "ionllama" else 256 + n + 32,
+                       compile=compile, label=f"{kind} b1 session{tag}")
+        if s1 is not None:
+            b.attempt(100 if compile else 10, b.measure, s1, 256, n, label=f"throughput b1{tag}")
+            if kind == "ionllama":
+                b.attempt(10, b.measure, s1, 256, n, policy="always", label=f"throughput b1, latent every byte{tag}")
+                for ctx in args.contexts:
+                    b.attempt(15, b.measure, s1, ctx, nl, policy="auto", label=f"latency{tag}")
+            del s1
         if compile:  # compiled: batch-1 sessions only (each compile costs tens of seconds)
             return
         if kind == "dense":  # the dense step attends over its whole static cache: one session per context
@@ -276,13 +242,11 @@ def main():
                 if sc is not None:
                     b.attempt(100 if compile else 10, b.measure, sc, ctx, nl, label=f"latency{tag}")
                 del sc
-        for K in steps:
-            ktag = f", {K} bytes/replay" if K > 1 else ""
-            sB = b.attempt(100 if compile else 15, b.session, kind, B, 256 + n + 32, compile=compile,
-                           label=f"{kind} b{B} session{ktag}", graph_steps=K)
-            if sB is not None:
-                b.attempt(100 if compile else 10, b.measure, sB, 256, n // 2, label=f"throughput b{B}{ktag}")
-            del sB
+        sB = b.attempt(100 if compile else 15, b.session, kind, B, 256 + n + 32, compile=compile,
+                       label=f"{kind} b{B} session{tag}")
+        if sB is not None:
+            b.attempt(100 if compile else 10, b.measure, sB, 256, n // 2, label=f"throughput b{B}{tag}")
+        del sB
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
     kinds = args.models

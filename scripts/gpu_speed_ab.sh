@@ -4,8 +4,7 @@
 #   conv-gate kernel and shared RoPE table vs the same model with their plain paths (--reference), then
 #   fixed patching at the Phase-1 shape (no host sync: whole compile and CUDA graphs), then the conv-gate
 #   kernel alone.
-# GPU 1 (generation): the decode tests on CUDA, then bench_generation.py with K = 16 bytes per CUDA-graph
-#   replay next to one byte per replay.
+# GPU 1 (generation): the decode tests on CUDA, then bench_generation.py (with compiled rows).
 # Each process is pinned to its own half of the cores. Results: $OUT/speed_ab.tgz.
 # Env: T (seconds for the whole call, 540), STEPS (20), GEN_FLAGS (extra bench_generation flags).
 set -u
@@ -36,9 +35,9 @@ train() {
   step "$L" python3 benchmarks/bench_conv_gate.py --out "$R/train/conv_gate.json"
 }
 gen() {
-  # the CUDA-graph decode paths run only here: their exactness tests first (K-step graphs vs eager)
+  # the CUDA-graph decode paths run only here: their exactness tests first (graph replay vs eager)
   step "$R/gen/log.txt" python3 -m pytest -q -p no:cacheprovider tests/test_decode_fast.py
-  step "$R/gen/log.txt" python3 benchmarks/bench_generation.py --compile --graph_steps 16 \
+  step "$R/gen/log.txt" python3 benchmarks/bench_generation.py --compile \
     --budget_s $(( END - $(date +%s) - 40 )) --out "$R/gen" ${GEN_FLAGS:-}
 }
 CUDA_VISIBLE_DEVICES=0 OMP_NUM_THREADS=$half taskset -c 0-$((half - 1)) bash -c "$(declare -f step train); R=$R END=$END STEPS=${STEPS:-20} train" &

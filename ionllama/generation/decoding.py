@@ -7,6 +7,9 @@ Contract (every decoder):
       row's last prompt byte.
   ``dec.step(tokens)`` - tokens: (B,) int64, one new byte per row (appended after that row's
       sequence). Returns the logits (B, V) for the byte after it.
+  ``dec.capturable`` - True if what the runner replays (``step``, or ``byte_step`` and
+      ``advance_latent`` for a decoder with a latent stage) is a fixed sequence of device ops with
+      static shapes and no host reads, so it may be captured as a CUDA graph.
 Rows never interact, so a row's logits do not depend on the other rows of the batch.
 
 ``decoder_for(model)`` picks the model's incremental decoder (registered by ``config.model``) and
@@ -51,6 +54,8 @@ def right_pad(rows: list[list[int]], device, pad: int = 0) -> tuple[torch.Tensor
 
 
 class IncrementalDecoder:
+    capturable = True
+
     def __init__(self, model: nn.Module, batch_size: int, max_len: int):
         self.model = model
         self.batch_size = batch_size
@@ -72,7 +77,10 @@ class IncrementalDecoder:
 
 class RecomputeDecoder(IncrementalDecoder):
     """Reference / fallback: keeps the whole sequence and reruns the parallel forward each step.
-    Cost grows with the context; used for models without a cached decoder and in tests."""
+    Cost grows with the context; used for models without a cached decoder and in tests. Its step
+    reads the length on the host and changes shape every byte: never captured as a CUDA graph."""
+
+    capturable = False
 
     def __init__(self, model, batch_size, max_len):
         super().__init__(model, batch_size, max_len)

@@ -80,7 +80,9 @@ def _register_decoder() -> None:
             m = self.model
             h = m.embed(tokens.long())
             for i, blk in enumerate(m.blocks):
-                h, self.cache[i] = blk.step(h, self.cache[i])
+                h, new = blk.step(h, self.cache[i])
+                for k, v in new.items():  # in place: a captured CUDA graph keeps the tensors it recorded
+                    self.cache[i][k].copy_(v)
             return m.head(m.norm(h))
 
 
