@@ -32,7 +32,8 @@ train() {
     step "$L" "${B[@]}" --arms ionllama:patching=fixed --sizes small --seq_len 1024 --batch_size 64 \
       --compile_mode "$m" --out "$R/train/tt_p1k_fixed_$m.json"
   done
-  step "$L" python3 benchmarks/bench_conv_gate.py --out "$R/train/conv_gate.json"
+  step "$L" python3 benchmarks/bench_conv_gate.py --check --out "$R/train/conv_gate.json"  # both backwards
+  step "$L" python3 benchmarks/bench_conv_gate.py --sweep --no-block --out "$R/train/conv_gate_sweep.json"
 }
 gen() {
   # the CUDA-graph decode paths run only here: their exactness tests first (graph replay vs eager)
