@@ -229,36 +229,33 @@ def test_causal_conv_fast_path_matches_conv1d_reference(kernel):
     torch.testing.assert_close(conv(x2)[:, :17], y.detach()[:, :17], rtol=0, atol=0)
 
 
-@pytest.mark.slow
-def test_compiled_model_breaks_only_at_the_patch_count(tmp_path):
-    """torch.compile(model) with the Triton custom ops (interpreted on CPU): the one graph break left is
-    the host read of the patch count; routed through the eager references it breaks at every kernel call."""
+def _graph_break_rows(tmp_path, *extra) -> dict:
+    """benchmarks/count_graph_breaks.py on the tiny model (Triton interpreted on CPU): rows by routing."""
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                PYTHONWARNINGS="ignore")
     out = tmp_path / "gb.json"
     r = subprocess.run([sys.executable, "benchmarks/count_graph_breaks.py", "--size", "tiny", "--seq_len", "48",
-                        "--batch_size", "1", "--out", str(out)], capture_output=True, text=True, env=env, cwd=ROOT,
-                       timeout=600)
+                        "--batch_size", "1", *extra, "--out", str(out)], capture_output=True, text=True, env=env,
+                       cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = {row["routing"]: row for row in json.loads(out.read_text())["rows"]}
+    return {row["routing"]: row for row in json.loads(out.read_text())["rows"]}
+
+
+@pytest.mark.slow
+def test_compiled_model_breaks_only_at_the_patch_count(tmp_path):
+    """torch.compile(model) with the Triton custom ops (interpreted on CPU): the one graph break left is
+    the host read of the patch count; routed through the eager references it breaks at every kernel call."""
+    rows = _graph_break_rows(tmp_path)
     assert rows["custom_ops"]["graph_breaks"] == 1
     assert all("item()" in reason for reason in rows["custom_ops"]["break_reasons"])
     assert rows["eager_reference"]["graph_breaks"] > rows["custom_ops"]["graph_breaks"]
     assert rows["custom_ops"]["loss"] == pytest.approx(rows["eager_reference"]["loss"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_fixed_patching_compiles_without_a_graph_break(tmp_path):
-    """Fixed patching knows its patch count from T: the whole step is one graph (CUDA-graph capturable)."""
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               PYTHONWARNINGS="ignore")
-    out = tmp_path / "gb.json"
-    r = subprocess.run([sys.executable, "benchmarks/count_graph_breaks.py", "--size", "tiny", "--seq_len", "48",
-                        "--batch_size", "1", "--patching", "fixed", "--routings", "custom_ops", "--out", str(out)], capture_output=True, text=True,
-                       env=env, cwd=ROOT, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = {row["routing"]: row for row in json.loads(out.read_text())["rows"]}
+    """Fixed patching knows its patch count from T: the whole step is one graph, no host sync."""
+    rows = _graph_break_rows(tmp_path, "--patching", "fixed", "--routings", "custom_ops")
     assert rows["custom_ops"]["graph_breaks"] == 0, rows["custom_ops"]["break_reasons"]
