@@ -28,6 +28,9 @@ train() {
     --profile "$R/train/prof_new" --out "$R/train/tt_whole_new.json"
   step "$L" "${B[@]}" --arms ionllama --sizes small --seq_len 8192 --batch_size 8 --compile_mode whole \
     --reference conv_gate rope_table --profile "$R/train/prof_old" --out "$R/train/tt_whole_old.json"
+  # entropy patching at the Phase-1 shape: the asynchronous patch-count read (was 37.07 ms/step, train-profile.md)
+  step "$L" "${B[@]}" --arms ionllama --sizes small --seq_len 1024 --batch_size 64 --compile_mode whole \
+    --out "$R/train/tt_p1k_entropy_whole.json"
   for m in whole reduce-overhead; do
     step "$L" "${B[@]}" --arms ionllama:patching=fixed --sizes small --seq_len 1024 --batch_size 64 \
       --compile_mode "$m" --out "$R/train/tt_p1k_fixed_$m.json"
