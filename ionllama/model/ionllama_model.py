@@ -20,11 +20,11 @@ from .byte_embedding import ByteEmbedding
 from .common import RMSNorm, init_weights, swiglu_hidden
 from .dense import GenerateMixin, ParamCountMixin, lm_outputs
 from .entropy_model import EntropyModel
+from .host_read import finish_read, start_read
 from .integral_lnn import IntegralLNNBlock
 from .latent_transformer import LatentTransformer
 from .local_attention import LocalAttentionBlock
 from .patcher import calibrate_threshold, compute_patches, patch_ids
-from .host_read import finish_read, start_read
 from .pooling import PatchPooling
 
 
@@ -59,12 +59,6 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
     # not tracked as outputs"), measured for entropy patching (two graphs around the patch-count sync) and
     # for fixed patching (one graph, no sync): the trainer refuses --compile_mode reduce-overhead
     cuda_graph_training_ok = False
-
-    @property
-    def host_sync_in_forward(self) -> bool:
-        """Entropy and space patching read the patch count on the host once per forward (overlapped with the
-        encoder, host_read.py); fixed and byte patching know it from T alone."""
-        return self.config.patching in ("entropy", "space")
 
     def __init__(self, config: ModelConfig):
         super().__init__()
