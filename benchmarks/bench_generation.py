@@ -14,6 +14,7 @@ Writes bench_generation.json and bench_generation.md (tables) into --out.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import pathlib
@@ -168,6 +169,7 @@ def write_results(b, args, checks):
     env = dict(torch=torch.__version__, python=platform.python_version(),
                device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
                dtype=args.dtype, size=args.size, threads=torch.get_num_threads(),
+               compile_mode=args.compile_mode, inductor=args.inductor,
                models={k: v[1] for k, v in b.models.items()}, checks=checks,
                commit=subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip())
     out = pathlib.Path(args.out)
@@ -201,6 +203,10 @@ def main():
     ap.add_argument("--models", nargs="+", default=["ionllama", "dense"], choices=["ionllama", "dense"])
     ap.add_argument("--compile_mode", default=None,
                     help="torch.compile mode for the compiled rows, e.g. max-autotune-no-cudagraphs (default: default)")
+    ap.add_argument("--compiled_only", action="store_true",
+                    help="with --compile: only the compiled batch-1 rows (for A/B runs of compiler settings)")
+    ap.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="torch._inductor.config settings for the compiled rows, e.g. combo_kernels=True")
     ap.add_argument("--budget_s", type=float, default=280)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--threads", type=int, default=0, help="CPU intra-op threads (0: torch default)")
@@ -212,6 +218,14 @@ def main():
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+    for kv in args.inductor:  # e.g. combo_kernels=True: fewer, horizontally fused kernels per decode step
+        key, _, val = kv.partition("=")
+        import torch._inductor.config as ind
+        obj, *path = key.split(".")
+        target = ind
+        for part in [obj, *path][:-1]:
+            target = getattr(target, part)
+        setattr(target, key.split(".")[-1], ast.literal_eval(val))
     b = Bench(args)
     try:
         checks = correctness_checks(b.device, args.compile)
@@ -250,9 +264,9 @@ def main():
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
     kinds = args.models
-    for kind in kinds:
+    for kind in ([] if args.compiled_only and args.compile else kinds):
         run_set(kind, False)
-    for kind in kinds:
+    for kind in ([] if args.compiled_only and args.compile else kinds):
         se = b.attempt(10, b.session, kind, 1, 256 + 96, graphs=False, label="eager session")
         if se is not None:
             b.attempt(10, b.measure, se, 256, 64, label="throughput b1, eager (no graphs)")

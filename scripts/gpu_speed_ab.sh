@@ -4,7 +4,7 @@
 #   conv-gate kernel and shared RoPE table vs the same model with their plain paths (--reference), then
 #   fixed patching at the Phase-1 shape (no host sync: whole compile and CUDA graphs), then the conv-gate
 #   kernel alone.
-# GPU 1 (generation): the decode tests on CUDA, then bench_generation.py (with compiled rows).
+# GPU 1 (generation): the decode tests on CUDA, then compiled batch-1 decode under three inductor settings.
 # Each process is pinned to its own half of the cores. Results: $OUT/speed_ab.tgz.
 # Env: T (seconds for the whole call, 540), STEPS (20), GEN_FLAGS (extra bench_generation flags).
 set -u
@@ -41,8 +41,15 @@ train() {
 gen() {
   # the CUDA-graph decode paths run only here: their exactness tests first (graph replay vs eager)
   step "$R/gen/log.txt" python3 -m pytest -q -p no:cacheprovider tests/test_decode_fast.py
-  step "$R/gen/log.txt" python3 benchmarks/bench_generation.py --compile \
-    --budget_s $(( END - $(date +%s) - 40 )) --out "$R/gen" ${GEN_FLAGS:-}
+  # compiled batch-1 decode under three compiler settings (kernels per byte is what bounds it): the
+  # default, inductor's horizontal fusion of independent kernels, and that plus GEMM autotuning
+  local i=0 n=3 left
+  for v in "default:" "combo:--inductor combo_kernels=True" \
+           "autotune:--compile_mode max-autotune-no-cudagraphs --inductor combo_kernels=True"; do
+    left=$(( (END - $(date +%s) - 40) / (n - i) )); i=$((i + 1))
+    step "$R/gen/log.txt" python3 benchmarks/bench_generation.py --compile --compiled_only --models ionllama \
+      --contexts 1024 32768 --budget_s "$left" --out "$R/gen/${v%%:*}" ${v#*:} ${GEN_FLAGS:-}
+  done
 }
 CUDA_VISIBLE_DEVICES=0 OMP_NUM_THREADS=$half taskset -c 0-$((half - 1)) bash -c "$(declare -f step train); R=$R END=$END STEPS=${STEPS:-20} train" &
 p0=$!
