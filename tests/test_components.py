@@ -214,15 +214,3 @@ def test_static_patch_count_equals_the_patcher(patching):
                 _, _, n = compute_patches(x, None, patching, 0.0, "global", m, k)
                 assert n.tolist() == [static_patch_count(cfg, T)] * 2, (k, m, T)
     assert static_patch_count(dataclasses.replace(ModelConfig(), patching="entropy"), 64) is None
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="the asynchronous path needs CUDA"))])
-def test_host_read_returns_the_count_and_keeps_it(device):
-    """The patch count read in two halves (start before the encoder, finish after) gives int(t)."""
-    from ionllama.model.host_read import finish_read, start_read
-
-    t = torch.tensor([3, 17, 5], device=device).max()
-    p = start_read(t)
-    t.fill_(0)  # a later change to the tensor does not change a read already started
-    assert finish_read(p) == 17 and finish_read(p) == 17

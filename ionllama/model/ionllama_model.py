@@ -162,17 +162,14 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
             b2p, n_patches = patch_ids(patch_starts.bool() | (torch.arange(T, device=x.device) == 0))
         # The latent length, rounded up to a multiple of PATCH_PAD so torch.compile sees few shapes;
         # padding patches sit after every real one, so causal attention never lets a real patch see
-        # them. Fixed and byte patching give every row the same count, known from T: no host read.
-        # Otherwise the count is read on the host (host_read.py) while the GPU runs the embedding and
-        # encoder, which do not need it.
+        # them. Fixed and byte patching give every row the same count, known from T: no host sync, so
+        # the GPU can run ahead of the host. Otherwise it is the one host sync per forward.
         static = static_patch_count(self.config, T) if patch_starts is None else None
-        pending = start_read(n_patches.max()) if static is None else None
+        P = -(-(static if static is not None else int(n_patches.max())) // PATCH_PAD) * PATCH_PAD
 
         e = self.embed(x)
         for layer in self.encoder:
             e = layer(e)
-        n_max = static if static is not None else finish_read(pending)
-        P = -(-n_max // PATCH_PAD) * PATCH_PAD
         z = self.latent(self.to_latent(self.pool(e, b2p, P)))  # (B, P, d_model)
         z = self.from_latent(z)
         # patch p's latent output is shown to the bytes of patch p+1: shift right by one patch
