@@ -29,7 +29,7 @@ from ..model.dilated_attention import dilated_offsets
 from ..model.entropy_model import LN2, entropy_bits
 from ..model.patcher import _is_word_byte, cap_patches, patch_ids, rule_starts
 from .decoding import IncrementalDecoder, register_decoder
-from .local_state import local_state
+from .local_state import RingConv, local_state
 from .slots import SlotWriter
 
 
@@ -71,6 +71,9 @@ class IonLlamaDecoder(IncrementalDecoder):
         self.use_entropy = cfg.patching == "entropy"
         em = model.entropy_model
         self.ent_cache = [blk.mixer.empty_cache(B, dev, dt) for blk in em.blocks] if self.use_entropy else []
+        # conv buffers as rings (local_state.RingConv); None for a conv kernel of 1
+        self.ent_rings = [RingConv(blk.mixer.conv, c["conv"]) if c["conv"].shape[1] else None
+                          for blk, c in zip(em.blocks, self.ent_cache)]
         self.refresh_weights()
         # local layers
         self.enc = [local_state(layer, B, dev, dt) for layer in model.encoder]
@@ -129,8 +132,10 @@ class IonLlamaDecoder(IncrementalDecoder):
         if self.use_entropy:
             em = m.entropy_model
             h = em.embed(x)
-            for blk, cache in zip(em.blocks, self.ent_cache):
+            for blk, cache, ring in zip(em.blocks, self.ent_cache, self.ent_rings):
                 h, st = blk(h, return_state=True)
+                if ring is not None:
+                    st["conv"] = ring.ring_order(st["conv"], T)
                 for k, v in st.items():
                     cache[k][rows] = v.to(cache[k].dtype)
             entropy = entropy_bits(em.head(em.norm(h)))
@@ -238,14 +243,15 @@ class IonLlamaDecoder(IncrementalDecoder):
         if self.use_entropy:
             em = m.entropy_model
             h = em.embed(x)
-            for i, (blk, cache) in enumerate(zip(em.blocks, self.ent_cache)):
-                if i == 0 and self.ent_in0 is not None:  # in_proj(norm(embed(x))) depends on x alone: a table row
-                    y, new = blk.mixer.step_from_proj(self.ent_in0[x], cache)
-                    h = h + y
-                else:
-                    h, new = blk.step(h, cache)
+            for i, (blk, cache, ring) in enumerate(zip(em.blocks, self.ent_cache, self.ent_rings)):
+                # MambaBlock.step; the first in_proj(norm(embed(x))) depends on x alone: a table row
+                proj = self.ent_in0[x] if i == 0 and self.ent_in0 is not None else blk.mixer.in_proj(blk.norm(h))
+                y, new = blk.mixer.step_from_proj(proj, cache, None if ring is None else (lambda u, r=ring: r(u, t)))
+                h = h + y
                 for k, v in new.items():
                     cache[k].copy_(v)
+                if ring is not None:
+                    ring.write(blk.mixer._split(proj)[1], t)  # the conv input xBC
             ent = _entropy_bits_step(em.head(em.norm(h)))
             self.ent2.copy_(self.ent1)
             self.ent1.copy_(ent)
