@@ -196,3 +196,46 @@ def test_cuda_graphs_equal_eager(ion):
         assert generate(m, PROMPTS, 70, seed=2, cuda_graphs=True) == ref
     finally:
         ion.to("cpu")
+
+
+def test_ngram_hasher_ring_equals_ngram_hashes():
+    """The decoder's n-gram ids (powers table, ring buffer, no cat or cumsum) equal the training
+    hashes of the same bytes, integer-exact, at every position including the padded start."""
+    from ionllama.model.byte_embedding import _PAD, LastNgramHasher, ngram_hashes
+
+    sizes, buckets = (2, 3, 4, 5), 4096
+    x = torch.randint(0, 256, (3, 40))
+    ref = torch.stack([ngram_hashes(x, n, buckets) for n in sizes], -1)  # (B, T, S)
+    h = LastNgramHasher(sizes, buckets, 5, "cpu")
+    ring = torch.full((3, 4), _PAD)
+    for t in range(x.shape[1]):
+        pos = torch.full((3,), t)
+        assert torch.equal(h.ring(ring, x[:, t], pos), ref[:, t])
+        window = torch.cat([ring.roll(-(t % 4), 1), x[:, t:t + 1]], 1)  # the ring in time order
+        assert torch.equal(h(window), ref[:, t])
+        ring[:, t % 4] = x[:, t]
+
+
+def test_entropy_step_equals_entropy_bits():
+    from ionllama.generation.ionllama_decoder import _entropy_bits_step
+    from ionllama.model.entropy_model import entropy_bits
+
+    logits = torch.randn(4, 256) * torch.tensor([[0.1], [1.0], [10.0], [100.0]])
+    torch.testing.assert_close(_entropy_bits_step(logits), entropy_bits(logits), rtol=1e-5, atol=1e-5)
+
+
+def test_entropy_table_step_equals_unfused(ion):
+    """The byte step with the entropy model's first projection looked up from the per-decoder table
+    (refresh_weights) gives the logits and entropies of the plain block step, fp32, random weights."""
+    decs = [decoder_for(ion, 2, 64) for _ in range(2)]
+    decs[1].ent_in0 = None  # the unfused path: norm + in_proj every byte
+    with torch.no_grad():
+        out = [d.prefill([list(b"ab c"), list(b"d")]) for d in decs]
+        torch.testing.assert_close(out[0], out[1], rtol=0, atol=0)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(20):
+            tok = torch.randint(0, 256, (2,), generator=g)
+            res = [d.step(tok) for d in decs]
+            torch.testing.assert_close(res[0], res[1], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(decs[0].ent1, decs[1].ent1, rtol=1e-5, atol=1e-5)
+            assert torch.equal(decs[0].next_start, decs[1].next_start)

@@ -26,11 +26,21 @@ import torch.nn.functional as F
 from ..model.byte_embedding import _PAD, LastNgramHasher
 from ..model.common import apply_rope, rope_cos_sin
 from ..model.dilated_attention import dilated_offsets
-from ..model.entropy_model import entropy_bits
+from ..model.entropy_model import LN2, entropy_bits
 from ..model.patcher import _is_word_byte, cap_patches, patch_ids, rule_starts
 from .decoding import IncrementalDecoder, register_decoder
-from .local_state import local_state
+from .local_state import RingConv, local_state
 from .slots import SlotWriter
+
+
+def _entropy_bits_step(logits: torch.Tensor) -> torch.Tensor:
+    """entropy_bits as H = log s - sum(e z) / s with z = l - max, e = exp(z), s = sum(e): the same value
+    up to rounding, with two reductions (log_softmax then a sum took four kernels compiled)."""
+    z = logits.float()
+    z = z - z.amax(-1, keepdim=True)
+    e = z.exp()
+    s = e.sum(-1)
+    return (s.log() - (e * z).sum(-1) / s) / LN2
 
 
 @register_decoder("ionllama")
@@ -61,6 +71,10 @@ class IonLlamaDecoder(IncrementalDecoder):
         self.use_entropy = cfg.patching == "entropy"
         em = model.entropy_model
         self.ent_cache = [blk.mixer.empty_cache(B, dev, dt) for blk in em.blocks] if self.use_entropy else []
+        # conv buffers as rings (local_state.RingConv); None for a conv kernel of 1
+        self.ent_rings = [RingConv(blk.mixer.conv, c["conv"]) if c["conv"].shape[1] else None
+                          for blk, c in zip(em.blocks, self.ent_cache)]
+        self.refresh_weights()
         # local layers
         self.enc = [local_state(layer, B, dev, dt) for layer in model.encoder]
         self.dec = [local_state(layer, B, dev, dt) for layer in model.decoder]
@@ -85,6 +99,17 @@ class IonLlamaDecoder(IncrementalDecoder):
         self.key_index = torch.arange(self.max_patches, device=dev)
         self.slots = SlotWriter(B, self.H, dev, len(lat.blocks))
 
+    @torch.no_grad()
+    def refresh_weights(self) -> None:
+        """Tables derived from the weights, built once per decoder: call again if the weights change.
+        ent_in0: the entropy model's first in_proj(norm(embed(byte))) for all 256 bytes. It depends on
+        the byte alone, so a byte step looks it up instead of running a norm and a matmul."""
+        self.ent_in0 = None
+        if self.use_entropy and len(self.model.entropy_model.blocks):
+            em = self.model.entropy_model
+            blk = em.blocks[0]
+            self.ent_in0 = blk.mixer.in_proj(blk.norm(em.embed.weight))  # (256, in_proj out)
+
     # ------------------------------------------------------------------ prefill (parallel forward)
     @torch.no_grad()
     def prefill(self, rows):
@@ -107,8 +132,10 @@ class IonLlamaDecoder(IncrementalDecoder):
         if self.use_entropy:
             em = m.entropy_model
             h = em.embed(x)
-            for blk, cache in zip(em.blocks, self.ent_cache):
+            for blk, cache, ring in zip(em.blocks, self.ent_cache, self.ent_rings):
                 h, st = blk(h, return_state=True)
+                if ring is not None:
+                    st["conv"] = ring.ring_order(st["conv"], T)
                 for k, v in st.items():
                     cache[k][rows] = v.to(cache[k].dtype)
             entropy = entropy_bits(em.head(em.norm(h)))
@@ -130,7 +157,9 @@ class IonLlamaDecoder(IncrementalDecoder):
         emb = m.embed
         e = emb(x)
         if self.ngram_ctx:
-            self.ngram_buf[rows] = F.pad(x, (self.ngram_ctx, 0), value=_PAD)[:, -self.ngram_ctx:]
+            # a ring: the byte at position p sits in slot p % ngram_ctx (a step writes one slot)
+            tail = F.pad(x, (self.ngram_ctx, 0), value=_PAD)[:, -self.ngram_ctx:]
+            self.ngram_buf[rows] = tail.roll(T % self.ngram_ctx, 1)
         if self.emb_conv is not None:
             self.emb_conv[rows] = emb.conv.tail(emb.bytes(x))
         for st in self.enc:
@@ -214,23 +243,27 @@ class IonLlamaDecoder(IncrementalDecoder):
         if self.use_entropy:
             em = m.entropy_model
             h = em.embed(x)
-            for blk, cache in zip(em.blocks, self.ent_cache):
-                h, new = blk.step(h, cache)
+            for i, (blk, cache, ring) in enumerate(zip(em.blocks, self.ent_cache, self.ent_rings)):
+                # MambaBlock.step; the first in_proj(norm(embed(x))) depends on x alone: a table row
+                proj = self.ent_in0[x] if i == 0 and self.ent_in0 is not None else blk.mixer.in_proj(blk.norm(h))
+                y, new = blk.mixer.step_from_proj(proj, cache, None if ring is None else (lambda u, r=ring: r(u, t)))
+                h = h + y
                 for k, v in new.items():
                     cache[k].copy_(v)
-            ent = entropy_bits(em.head(em.norm(h)))
+                if ring is not None:
+                    ring.write(blk.mixer._split(proj)[1], t)  # the conv input xBC
+            ent = _entropy_bits_step(em.head(em.norm(h)))
             self.ent2.copy_(self.ent1)
             self.ent1.copy_(ent)
         # embedding
         emb = m.embed
         e = emb.bytes(x)
         if self.ngram_ctx:
-            window = torch.cat([self.ngram_buf, x[:, None]], dim=1)
-            ids = self.hasher(window)
+            ids = self.hasher.ring(self.ngram_buf, x, t)
             for i, table in enumerate(emb.tables):
                 e = e + table(ids[:, i])
             e = e * (1.0 / (1 + len(emb.ngram_sizes)))
-            self.ngram_buf.copy_(window[:, 1:])
+            self.slots.write_rows(self.ngram_buf, t % self.ngram_ctx, x)  # replaces byte t - ngram_ctx
         elif self.emb_conv is not None:
             y, buf = emb.conv.step(e, self.emb_conv)
             e = e + y

@@ -31,23 +31,37 @@ def ngram_hashes(x: torch.Tensor, n: int, buckets: int) -> torch.Tensor:
 class LastNgramHasher:
     """For incremental decoding: the bucket ids of the n-grams ending at the newest byte.
 
-    ngram_hashes folds h = (h * _MULT + b + 1) mod 2^40, i.e. h_n = sum_j (b_j + 1) _MULT^(n-1-j) mod 2^40,
-    so every size comes from one suffix sum: a handful of ops per decoded byte instead of ~70. The
-    constants are device tensors made once (no host-to-device copy inside a captured step)."""
+    ngram_hashes folds h = (h * _MULT + b + 1) mod 2^40, i.e. h_n = sum_j (b_j + 1) _MULT^(n-1-j) mod 2^40
+    over the last n bytes, so every size is one multiply-sum with a (width, sizes) table of powers (zero
+    outside the n-gram): one fused kernel per decoded byte, no cumsum (an extra library kernel) or cat.
+    Integer-exact: the sum is < 5 * 257 * 2^40. The constants are device tensors made once (no
+    host-to-device copy inside a captured step)."""
 
     def __init__(self, sizes, buckets: int, width: int, device):
         assert width >= max(sizes)
         self.buckets = buckets
-        powers = [pow(_MULT, width - 1 - j, 1 << 40) for j in range(width)]  # < 2^40; x 257: no overflow
-        self.powers = torch.tensor(powers, dtype=torch.long, device=device)
-        self.cols = torch.tensor([n - 1 for n in sizes], dtype=torch.long, device=device)
+        coef = [[pow(_MULT, width - 1 - j, 1 << 40) if j >= width - n else 0 for n in sizes]
+                for j in range(width)]  # < 2^40; x 257, summed over <= 8 bytes: no overflow
+        self.coef = torch.tensor(coef, dtype=torch.long, device=device)  # (width, len(sizes))
         self.n = torch.tensor(list(sizes), dtype=torch.long, device=device)
 
-    def __call__(self, window: torch.Tensor) -> torch.Tensor:
+    def __call__(self, window: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
         """window: (B, width) the last bytes (_PAD before the start) -> (B, len(sizes)); column i equals
-        ngram_hashes(x, sizes[i], buckets)[:, -1]."""
-        suffix = ((window.long() + 1) * self.powers).flip(1).cumsum(1) & _MASK  # column n-1: last n bytes
-        return (suffix.index_select(1, self.cols) * 2654435761 + self.n) % self.buckets
+        ngram_hashes(x, sizes[i], buckets)[:, -1]. With `last` (B,), window holds the width-1 bytes
+        before it (the decoder's buffer: no cat needed)."""
+        coef = self.coef if last is None else self.coef[:-1]
+        h = ((window.long()[:, :, None] + 1) * coef).sum(1)
+        if last is not None:
+            h = h + (last.long()[:, None] + 1) * self.coef[-1]
+        return ((h & _MASK) * 2654435761 + self.n) % self.buckets
+
+    def ring(self, ring: torch.Tensor, last: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """As __call__(window, last) with the width-1 bytes before `last` (position t (B,)) kept in a ring
+        buffer, byte p in slot p % (width-1): rotate the small powers table, not the bytes."""
+        k = ring.shape[1]
+        j = (torch.arange(k, device=ring.device)[None, :] - t[:, None]) % k  # (B, k) window column of each slot
+        h = ((ring.long()[:, :, None] + 1) * self.coef[j]).sum(1) + (last.long()[:, None] + 1) * self.coef[-1]
+        return ((h & _MASK) * 2654435761 + self.n) % self.buckets
 
 
 class ByteEmbedding(nn.Module):

@@ -25,9 +25,10 @@ class CausalDepthwiseConv(nn.Module):
 
     def step(self, x_t: torch.Tensor, buf: torch.Tensor):
         """One step. x_t: (B, C); buf: (B, kernel-1, C) previous inputs. Returns (y_t, new_buf)."""
-        window = torch.cat([buf, x_t[:, None]], dim=1)  # (B, k, C)
-        y = (window * self.weight[:, 0].t().to(x_t.dtype)).sum(1) + self.bias.to(x_t.dtype)
-        return y, window[:, 1:]
+        # no (B, k, C) window: compiled, a cat of a matmul output is a kernel of its own
+        w = self.weight[:, 0].t().to(x_t.dtype)  # (k, C)
+        y = (buf * w[:-1]).sum(1) + x_t * w[-1] + self.bias.to(x_t.dtype)
+        return y, torch.cat([buf[:, 1:], x_t[:, None]], dim=1)
 
     def tail(self, x: torch.Tensor) -> torch.Tensor:
         """Conv buffer after consuming x (B, T, C): its last kernel-1 inputs (zero-padded on the left)."""

@@ -103,12 +103,22 @@ class Mamba2Mixer(nn.Module):
 
     def step(self, u_t: torch.Tensor, cache: dict):
         """u_t: (b, dim). cache: {'conv': (b, k-1, C), 'ssm': (b, H, P, N)} -> (out_t, cache)."""
-        z, xBC, dt_raw = self._split(self.in_proj(u_t))
-        xBC_c, conv_buf = self.conv.step(xBC, cache["conv"])
+        return self.step_from_proj(self.in_proj(u_t), cache)
+
+    def step_from_proj(self, zxbcdt: torch.Tensor, cache: dict, conv_step=None):
+        """``step`` given in_proj(u_t) (a decoder may look it up from a table instead of a matmul).
+        conv_step: xBC -> conv output, for a caller that keeps and updates its own conv buffer (then the
+        returned cache has no 'conv')."""
+        z, xBC, dt_raw = self._split(zxbcdt)
+        if conv_step is None:
+            xBC_c, conv_buf = self.conv.step(xBC, cache["conv"])
+        else:
+            xBC_c, conv_buf = conv_step(xBC), None
         x, dt, log_a, Bm, Cm = self._ssm_inputs(F.silu(xBC_c), dt_raw)
         w = cache["ssm"].dtype
         y, ssm = ssd_step((x * dt[..., None].to(x.dtype)).to(w), log_a.to(w), Bm.to(w), Cm.to(w), cache["ssm"])
-        return self._output(y.to(u_t.dtype), x, z), {"conv": conv_buf, "ssm": ssm}
+        new = {"ssm": ssm} if conv_buf is None else {"conv": conv_buf, "ssm": ssm}
+        return self._output(y.to(zxbcdt.dtype), x, z), new
 
     def empty_cache(self, batch: int, device, dtype=torch.float32) -> dict:
         C = self.d_inner + 2 * self.d_state
