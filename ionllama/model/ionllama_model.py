@@ -20,7 +20,6 @@ from .byte_embedding import ByteEmbedding
 from .common import RMSNorm, init_weights, swiglu_hidden
 from .dense import GenerateMixin, ParamCountMixin, lm_outputs
 from .entropy_model import EntropyModel
-from .host_read import finish_read, start_read
 from .integral_lnn import IntegralLNNBlock
 from .latent_transformer import LatentTransformer
 from .local_attention import LocalAttentionBlock
