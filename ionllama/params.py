@@ -12,12 +12,10 @@ from .registry import build_model, model_names
 
 
 def _config(size: str, model: str):
-    cfg = make_config(size, model)
-    try:  # token models (the BPE baseline) get their default vocabulary, as the trainer gives them
-        from .data.bpe import configure
-    except ImportError:
-        return cfg
-    return configure(cfg)
+    from .data.bpe import configure
+
+    # token models (the BPE baseline) get their default vocabulary, as the trainer gives them
+    return configure(make_config(size, model))
 
 
 def count_table(model: str) -> tuple[list[str], list[tuple[str, dict]]]:

@@ -155,12 +155,8 @@ class BPETransformer(ParamCountMixin, nn.Module):
 def _make_decoder(model, kind: str, batch: int, max_len: int):
     """The dense KV-cache decoder works on any ids (same modules as the dense byte model)."""
     from ..generation.decoding import RecomputeDecoder
+    from ..generation.dense_decoder import DenseKVDecoder
 
     if kind == "auto":
-        try:
-            from ..generation.dense_decoder import DenseKVDecoder
-
-            return DenseKVDecoder(model, batch, max_len)
-        except ImportError:  # pragma: no cover - generation package without the dense decoder
-            pass
+        return DenseKVDecoder(model, batch, max_len)
     return RecomputeDecoder(model, batch, max_len)

@@ -86,7 +86,4 @@ def _register_decoder() -> None:
             return m.head(m.norm(h))
 
 
-try:
-    _register_decoder()
-except ImportError:  # pragma: no cover - generation package absent: generate() falls back to recompute
-    pass
+_register_decoder()
