@@ -152,6 +152,14 @@ def test_bad_sampling_settings_are_user_errors(bad):
         generate(tiny_dense(), "a", 4, **bad)
 
 
+def test_compiled_decode_step_gives_the_eager_bytes():
+    """compile=True runs the decode step through torch.compile (on CPU: no graphs): same bytes as eager."""
+    m = tiny_dense()
+    assert generate(m, "ab", 12, greedy=True, compile=True) == generate(m, "ab", 12, greedy=True)
+    with pytest.raises(UserError, match="compile must be"):
+        generate(m, "a", 4, compile="fastest")
+
+
 # ----------------------------------------------------------------------------- prompts
 def test_prompt_forms():
     assert normalize_prompts(b"ab") == ([[97, 98]], False)
