@@ -106,6 +106,13 @@ def bench_one(name: str, model_kind: str, size: str, args, text: bytes | None, o
     elif args.compile:  # the whole forward, as the trainer does (graph breaks where it must); reduce-overhead
         # also replays each compiled graph (one per padded patch count) as a CUDA graph: no per-kernel launches
         fwd = torch.compile(model, mode="reduce-overhead" if args.compile_mode == "reduce-overhead" else None)
+        import torch._inductor.config as inductor_config
+
+        if args.compile_mode == "reduce-overhead" and hasattr(inductor_config.triton,
+                                                             "cudagraph_trees_history_recording"):
+            # ionLlama's replay fails with "tensor(s) in the cudagraph pool not tracked as outputs": with
+            # this, the error names the allocation's stack (slower warm-up; the timed steps are replays)
+            inductor_config.triton.cudagraph_trees_history_recording = True
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                             fused=dev.type == "cuda")
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
