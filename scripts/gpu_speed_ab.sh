@@ -1,15 +1,25 @@
 #!/usr/bin/env bash
-# Issues #8 and #4 in one call on a 2-GPU machine: new fast paths against the old ones, same session.
-# GPU 0 (training): the custom-op selfcheck (correctness first), ionllama-small at seq 8192, entropy and
-#   fixed patching at the Phase-1 shape (fixed: no host sync, whole compile and CUDA graphs), the conv-gate
-#   kernel alone, and (AB_REF) seq 8192 with the plain paths of the conv-gate op and RoPE table.
-# GPU 1 (generation): the decode tests on CUDA, then compiled batch-1 decode under named compiler settings.
-# Each process is pinned to its own half of the cores. Results: $OUT/speed_ab.tgz.
-# Env: T (seconds for the whole call, 540), STEPS (20), AB_REF (non-empty: also the --reference paths at
-#   seq 8192), GEN_VARIANTS ("name:bench_generation flags;..."), GEN_FLAGS (flags for every variant).
-GEN_VARIANTS=${GEN_VARIANTS:-"default:--models ionllama dense;autotune:--models ionllama dense --compile_mode max-autotune-no-cudagraphs --inductor combo_kernels=True"}
+# Issues #8 and #4 in one call on a 2-GPU machine: training-speed rows and generation rows, one process per
+# GPU, each pinned to its own half of the host cores. Results: $OUT/speed_ab.tgz.
+#
+# Training rows (named; ROWS_GPU0 / ROWS_GPU1 pick them, in order):
+#   selfcheck        custom-op correctness on the GPU (incl. large shapes)
+#   s8192            ionllama-small, seq 8192, batch 8, entropy patching, whole compile, with a profile
+#   s8192_ref        the same with the plain paths of the conv-gate op and RoPE table (--reference)
+#   p1k_entropy      the Phase-1 shape (seq 1024, batch 64), entropy patching (one host read per step)
+#   p1k_fixed        the Phase-1 shape, fixed patching (no host read), whole compile
+#   p1k_fixed_ro     the same with CUDA graphs (reduce-overhead; on failure the log names the allocation)
+#   conv_gate        bench_conv_gate.py --check (the kernel alone)
+# Generation (GPU 1, after its training rows): the decode tests on CUDA, then one bench_generation.py run per
+#   GEN_VARIANTS entry ("name:flags;name:flags"; empty: none).
+# Host-bound training rows are only comparable when nothing compile-heavy shares the host: do not mix them
+# with generation variants that compile (docs/results/train-profile.md, fifth session).
+# Env: T (seconds for the whole call, 540), STEPS (20), ROWS_GPU0, ROWS_GPU1, GEN_VARIANTS, GEN_FLAGS.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
+ROWS_GPU0=${ROWS_GPU0-"selfcheck s8192 p1k_entropy"}
+ROWS_GPU1=${ROWS_GPU1-"p1k_fixed p1k_fixed_ro conv_gate"}
+GEN_VARIANTS=${GEN_VARIANTS-""}
 R=$OUT/speed_ab; mkdir -p "$R/train" "$R/gen"
 END=$(( $(date +%s) + ${T:-540} ))
 half=$(( $(nproc) / 2 ))
@@ -17,33 +27,35 @@ step() {  # step LOG CMD...: run with the time that is left (15 s kept to pack t
   local log=$1; shift
   local left=$(( END - $(date +%s) - 15 ))
   if [ "$left" -lt 30 ]; then echo "skipped (no time left): $*" >> "$log"; return 124; fi
-  echo "+ $*" >> "$log"
+  echo "+ $* ($(date +%T))" >> "$log"
   timeout -s TERM "$left" "$@" >> "$log" 2>&1
-  echo "exit $?" >> "$log"
+  echo "exit $? ($(date +%T))" >> "$log"
 }
-train() {
-  local L=$R/train/log.txt
-  step "$L" python3 -m ionllama.kernels.selfcheck --device cuda --large --json "$R/train/selfcheck.json"
-  local B=(python3 benchmarks/bench_train_throughput.py --steps "${STEPS:-20}" --warmup 3 --compile)
-  step "$L" "${B[@]}" --arms ionllama --sizes small --seq_len 8192 --batch_size 8 --compile_mode whole \
-    --profile "$R/train/prof_new" --out "$R/train/tt_whole_new.json"
-  # entropy patching at the Phase-1 shape (the patch-count read on the host), then fixed patching (none)
-  step "$L" "${B[@]}" --arms ionllama --sizes small --seq_len 1024 --batch_size 64 --compile_mode whole \
-    --out "$R/train/tt_p1k_entropy_whole.json"
-  for m in whole reduce-overhead; do
-    step "$L" "${B[@]}" --arms ionllama:patching=fixed --sizes small --seq_len 1024 --batch_size 64 \
-      --compile_mode "$m" --out "$R/train/tt_p1k_fixed_$m.json"
+rows() {  # rows GPU NAMES...
+  local L=$R/train/log_gpu$1.txt; shift
+  local B=(python3 benchmarks/bench_train_throughput.py --steps "${STEPS:-20}" --warmup 3 --compile --sizes small)
+  local p1k=(--seq_len 1024 --batch_size 64) s8k=(--seq_len 8192 --batch_size 8) name
+  for name in "$@"; do
+    case $name in
+      selfcheck) step "$L" python3 -m ionllama.kernels.selfcheck --device cuda --large --json "$R/train/selfcheck.json" ;;
+      s8192) step "$L" "${B[@]}" --arms ionllama "${s8k[@]}" --compile_mode whole --profile "$R/train/prof_s8192" \
+               --out "$R/train/tt_s8192.json" ;;
+      s8192_ref) step "$L" "${B[@]}" --arms ionllama "${s8k[@]}" --compile_mode whole --reference conv_gate rope_table \
+                   --profile "$R/train/prof_s8192_ref" --out "$R/train/tt_s8192_ref.json" ;;
+      p1k_entropy) step "$L" "${B[@]}" --arms ionllama "${p1k[@]}" --compile_mode whole --out "$R/train/tt_p1k_entropy.json" ;;
+      p1k_fixed) step "$L" "${B[@]}" --arms ionllama:patching=fixed "${p1k[@]}" --compile_mode whole \
+                   --out "$R/train/tt_p1k_fixed.json" ;;
+      p1k_fixed_ro) step "$L" "${B[@]}" --arms ionllama:patching=fixed "${p1k[@]}" --compile_mode reduce-overhead \
+                      --out "$R/train/tt_p1k_fixed_ro.json" ;;
+      conv_gate) step "$L" python3 benchmarks/bench_conv_gate.py --check --out "$R/train/conv_gate.json" ;;
+      *) echo "unknown row $name" >> "$L" ;;
+    esac
   done
-  step "$L" python3 benchmarks/bench_conv_gate.py --check --out "$R/train/conv_gate.json"
-  if [ -n "${AB_REF:-}" ]; then  # the same model with the plain paths of the Triton conv-gate op and RoPE table
-    step "$L" "${B[@]}" --arms ionllama --sizes small --seq_len 8192 --batch_size 8 --compile_mode whole \
-      --reference conv_gate rope_table --profile "$R/train/prof_old" --out "$R/train/tt_whole_old.json"
-  fi
 }
 gen() {
-  # the CUDA-graph decode paths run only here: their exactness tests first (graph replay vs eager)
+  [ -z "$GEN_VARIANTS" ] && return 0
+  # the CUDA-graph decode paths run only on a GPU: their exactness tests first (graph replay vs eager)
   step "$R/gen/log.txt" python3 -m pytest -q -p no:cacheprovider tests/test_decode_fast.py
-  # compiled batch-1 decode under named compiler settings (kernels per byte is what bounds it)
   local variants i=0 left v
   IFS=';' read -ra variants <<< "$GEN_VARIANTS"
   for v in "${variants[@]}"; do
@@ -52,9 +64,10 @@ gen() {
       --contexts 1024 32768 --budget_s "$left" --out "$R/gen/${v%%:*}" ${v#*:} ${GEN_FLAGS:-}
   done
 }
-CUDA_VISIBLE_DEVICES=0 OMP_NUM_THREADS=$half taskset -c 0-$((half - 1)) bash -c "$(declare -f step train); R=$R END=$END STEPS=${STEPS:-20} AB_REF='${AB_REF:-}' train" &
+F="$(declare -f step rows gen); R=$R END=$END STEPS=${STEPS:-20} GEN_FLAGS='${GEN_FLAGS:-}' GEN_VARIANTS='$GEN_VARIANTS'"
+CUDA_VISIBLE_DEVICES=0 OMP_NUM_THREADS=$half taskset -c 0-$((half - 1)) bash -c "$F; rows 0 $ROWS_GPU0" &
 p0=$!
-CUDA_VISIBLE_DEVICES=1 OMP_NUM_THREADS=$half taskset -c $half-$((2 * half - 1)) bash -c "$(declare -f step gen); R=$R END=$END T=${T:-540} GEN_FLAGS='${GEN_FLAGS:-}' GEN_VARIANTS='$GEN_VARIANTS' gen" &
+CUDA_VISIBLE_DEVICES=1 OMP_NUM_THREADS=$half taskset -c $half-$((2 * half - 1)) bash -c "$F; rows 1 $ROWS_GPU1; gen" &
 p1=$!
 wait $p0 $p1
 tar czf "$OUT/speed_ab.tgz" -C "$OUT" speed_ab && rm -rf "$R"
