@@ -45,19 +45,16 @@ class LastNgramHasher:
         self.coef = torch.tensor(coef, dtype=torch.long, device=device)  # (width, len(sizes))
         self.n = torch.tensor(list(sizes), dtype=torch.long, device=device)
 
-    def __call__(self, window: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, window: torch.Tensor) -> torch.Tensor:
         """window: (B, width) the last bytes (_PAD before the start) -> (B, len(sizes)); column i equals
-        ngram_hashes(x, sizes[i], buckets)[:, -1]. With `last` (B,), window holds the width-1 bytes
-        before it (the decoder's buffer: no cat needed)."""
-        coef = self.coef if last is None else self.coef[:-1]
-        h = ((window.long()[:, :, None] + 1) * coef).sum(1)
-        if last is not None:
-            h = h + (last.long()[:, None] + 1) * self.coef[-1]
+        ngram_hashes(x, sizes[i], buckets)[:, -1]."""
+        h = ((window.long()[:, :, None] + 1) * self.coef).sum(1)
         return ((h & _MASK) * 2654435761 + self.n) % self.buckets
 
     def ring(self, ring: torch.Tensor, last: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """As __call__(window, last) with the width-1 bytes before `last` (position t (B,)) kept in a ring
-        buffer, byte p in slot p % (width-1): rotate the small powers table, not the bytes."""
+        """As __call__ on the window (the ring's bytes in time order, then `last`). The width-1 bytes before
+        `last` (position t (B,)) sit in a ring buffer, byte p in slot p % (width-1): rotate the small
+        powers table, not the bytes."""
         k = ring.shape[1]
         j = (torch.arange(k, device=ring.device)[None, :] - t[:, None]) % k  # (B, k) window column of each slot
         h = ((ring.long()[:, :, None] + 1) * self.coef[j]).sum(1) + (last.long()[:, None] + 1) * self.coef[-1]
