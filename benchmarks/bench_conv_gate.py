@@ -2,14 +2,14 @@
 shifted-product reference compiled by Inductor (the path before the kernel), and one whole IntegralLNNBlock
 (compiled, bf16 autocast, Triton scan in both arms) with the conv gate routed either way. Needs a CUDA GPU.
 
-    PYTHONPATH=. python benchmarks/bench_conv_gate.py --out $OUT/conv_gate.json [--check] [--sweep] [--bwd-impl I]
+    PYTHONPATH=. python benchmarks/bench_conv_gate.py --out $OUT/conv_gate.json [--check] [--sweep]
 
 Memory floor (B*T*D elements, e bytes each): forward reads x (2 per element) and writes u (1): 3 e; backward
-reads du (1) and x (2) and writes dx (2): 5 e. The backward implementations (conv_gate_triton.BWD_IMPLS) are
-timed side by side, kernels alone and fwd+bwd through autograd: "two_pass" moves 9 e (dGC written and read
-back; 13 e with bwd_dgc_fp32=1), "recompute" 5 e but recomputes the conv per shift. --bwd-impl picks the one
-used by the fwd+bwd column and the block arm. The block arm's difference times ionllama-small's 6 local
-layers is what the model's step should save. Prints a Markdown table last and writes JSON to --out.
+reads du (1) and x (2) and writes dx (2): 5 e. The backward (two passes, conv_gate_triton's docstring) moves
+9 e (dGC written and read back; 13 e with bwd_dgc_fp32=1, the default); it is also timed alone (kernels
+only, per-kernel device times) besides fwd+bwd through autograd. The block arm's difference times
+ionllama-small's 6 local layers is what the model's step should save. Prints a Markdown table last and
+writes JSON to --out.
 """
 from __future__ import annotations
 
@@ -50,14 +50,14 @@ def time_op(fn, B, T, D, k, dtype, rep):
     return dict(ms=ms, fwd_ms=ms_f)
 
 
-def time_bwd(B, T, D, k, dtype, rep, impl):
-    """The backward kernels alone (conv_gate_backward: no autograd, no forward), one implementation; and the
-    device time of each of its kernels (torch.profiler)."""
+def time_bwd(B, T, D, k, dtype, rep):
+    """The backward kernels alone (conv_gate_backward: no autograd, no forward); and the device time of each
+    of its kernels (torch.profiler)."""
     from ionllama.kernels import conv_gate_triton as cg
     proj, w, b, du = make(B, T, D, k, dtype, seed=1)
     x, w, b = proj.detach()[..., :2 * D], w.detach().to(dtype), b.detach().to(dtype)
-    run = lambda: cg.conv_gate_backward(du, x, w, b, impl=impl)  # noqa: E731
-    return dict(bwd_ms=do_bench(run, rep=rep), kernels=ba.profile_kernels(run, f"conv_gate_backward {impl}"))
+    run = lambda: cg.conv_gate_backward(du, x, w, b)  # noqa: E731
+    return dict(bwd_ms=do_bench(run, rep=rep), kernels=ba.profile_kernels(run, "conv_gate_backward"))
 
 
 def time_block(B, T, D, k, rep, conv_gate: str):
@@ -92,9 +92,8 @@ def time_block(B, T, D, k, rep, conv_gate: str):
 
 
 def sweep(B, T, D, k, rep=25):
-    """Tiles and rows per backward program, timing the kernels called directly (no autograd): the forward, the
-    "recompute" backward, then the "two_pass" backward (pass A's tiles with pass B's defaults, pass B's tiles
-    with the best pass A, the dGC dtype)."""
+    """Tiles and rows per backward program, timing the kernels called directly (no autograd): the forward, then
+    the backward (pass A's tiles with pass B's defaults, pass B's tiles with the best pass A, the dGC dtype)."""
     from ionllama.kernels import conv_gate_triton as cg
     proj, w, b, du = make(B, T, D, k, torch.bfloat16, seed=1)
     x, w, b = proj.detach()[..., :2 * D], w.detach().to(torch.bfloat16), b.detach().to(torch.bfloat16)
@@ -104,15 +103,16 @@ def sweep(B, T, D, k, rep=25):
     dx_cfgs = [(32, 128, 4), (64, 128, 4), (32, 256, 4), (64, 256, 8), (16, 256, 4), (128, 64, 4), (32, 64, 2),
                (128, 128, 8), (8, 512, 4)]
     old = dict(cg._CONFIG)
-    log, best_f, best = [], None, {}
+    log, best_f, best = [], None, None
 
-    def bwd(impl, **cfg):
+    def bwd(**cfg):
+        nonlocal best
         cg.set_conv_gate_config(**cfg)
-        f = do_bench(lambda: cg.conv_gate_backward(du, x, w, b, impl=impl), rep=rep)
-        log.append(dict(kind="bwd", bwd_impl=impl, ms=f, **cfg))
-        print(f"sweep bwd {impl} {cfg}: {f:.4f} ms", flush=True)
-        if impl not in best or f < best[impl]["ms"]:
-            best[impl] = dict(ms=f, **cfg)
+        f = do_bench(lambda: cg.conv_gate_backward(du, x, w, b), rep=rep)
+        log.append(dict(kind="bwd", ms=f, **cfg))
+        print(f"sweep bwd {cfg}: {f:.4f} ms", flush=True)
+        if best is None or f < best["ms"]:
+            best = dict(ms=f, **cfg)
 
     for bt, bd, nw in fwd_cfgs:
         cg.set_conv_gate_config(block_t=bt, block_d=bd, num_warps=nw)
@@ -122,17 +122,13 @@ def sweep(B, T, D, k, rep=25):
         best_f = min(best_f or (f, bt, bd, nw), (f, bt, bd, nw))
     cg.set_conv_gate_config(**old)
     for bd in sorted({old["block_d"], 32, 128}):
-        for bt, nw, rpp in bwd_cfgs:
-            bwd("recompute", block_d=bd, bwd_block_t=bt, bwd_num_warps=nw, rows_per_prog=rpp)
-    cg.set_conv_gate_config(**old)
-    for bd in sorted({old["block_d"], 32, 128}):
         for bt, nw, rpp in gate_cfgs:
-            bwd("two_pass", block_d=bd, bwd_block_t=bt, bwd_num_warps=nw, rows_per_prog=rpp)
-    gate_best = {key: val for key, val in best["two_pass"].items() if key != "ms"}
+            bwd(block_d=bd, bwd_block_t=bt, bwd_num_warps=nw, rows_per_prog=rpp)
+    gate_best = {key: val for key, val in best.items() if key != "ms"}
     for dbt, dbc, dnw in dx_cfgs:
-        bwd("two_pass", **gate_best, dx_block_t=dbt, dx_block_c=dbc, dx_num_warps=dnw)
-    both_best = {key: val for key, val in best["two_pass"].items() if key != "ms"}
-    bwd("two_pass", **{**both_best, "bwd_dgc_fp32": 1})
+        bwd(**gate_best, dx_block_t=dbt, dx_block_c=dbc, dx_num_warps=dnw)
+    both_best = {key: val for key, val in best.items() if key != "ms"}
+    bwd(**{**both_best, "bwd_dgc_fp32": 1})
     cg.set_conv_gate_config(**old)
     return dict(best_fwd=dict(ms=best_f[0], block_t=best_f[1], block_d=best_f[2], num_warps=best_f[3]),
                 best_bwd=best, note="fwd and bwd share block_d: set one value for both", log=log)
@@ -148,8 +144,6 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true", help="tile sweep at the first shape (the defaults are untuned)")
     p.add_argument("--no-block", action="store_true", help="skip the compiled-IntegralLNNBlock A/B")
     p.add_argument("--rep", type=int, default=100)
-    p.add_argument("--bwd-impl", default=None, help="backward for the fwd+bwd column and the block arm "
-                   "(conv_gate_triton.BWD_IMPLS; default: the module's default)")
     p.add_argument("--device", default="cuda", help="cpu: dry run of this script under TRITON_INTERPRET=1")
     a = p.parse_args(argv)
     ba.DEVICE = a.device
@@ -179,8 +173,6 @@ def main(argv=None) -> int:
         print(f"sweep best: {res['sweep']['best_fwd']} {res['sweep']['best_bwd']}", flush=True)
         save()
     from ionllama.kernels import conv_gate_triton as cg
-    if a.bwd_impl:
-        cg.set_conv_gate_config(bwd_impl=a.bwd_impl)
     res["config"] = dict(cg._CONFIG)
     compiled_ref = torch.compile(causal_conv_gate_reference)
     with K.forced_routing(True):
@@ -195,26 +187,18 @@ def main(argv=None) -> int:
                 row["inductor_reference"] = time_op(compiled_ref, B, T, D, a.kernel, dtype, a.rep)
                 row["triton"]["frac_copy_bw"] = 8 * n / (row["triton"]["ms"] * 1e-3) / copy_bw
                 row["floor_bwd_ms"] = 5 * n / copy_bw * 1e3
-                row["bwd_impls"] = {}
-                for impl in cg.BWD_IMPLS:  # each backward: kernels alone, and fwd+bwd through autograd
-                    old = cg.set_conv_gate_config(bwd_impl=impl)
-                    try:
-                        r = time_op(K.causal_conv_gate, B, T, D, a.kernel, dtype, a.rep)
-                    finally:
-                        cg.set_conv_gate_config(**old)
-                    r.update(time_bwd(B, T, D, a.kernel, dtype, a.rep, impl))
-                    r["bwd_frac_copy_bw"] = 5 * n / (r["bwd_ms"] * 1e-3) / copy_bw  # the floor's 5 units
-                    row["bwd_impls"][impl] = r
+                r = time_bwd(B, T, D, a.kernel, dtype, a.rep)  # the backward's kernels alone
+                r["bwd_frac_copy_bw"] = 5 * n / (r["bwd_ms"] * 1e-3) / copy_bw  # the floor's 5 units
+                row["bwd"] = r
                 res["rows"].append(row)
                 save()
                 print(f"{dt} B={B} T={T} D={D}: triton fwd+bwd {row['triton']['ms']:.3f} ms "
                       f"({row['triton']['frac_copy_bw'] * 100:.0f}% of copy bw; fwd {row['triton']['fwd_ms']:.3f}), "
                       f"inductor reference {row['inductor_reference']['ms']:.3f} ms "
                       f"(fwd {row['inductor_reference']['fwd_ms']:.3f})", flush=True)
-                for impl, r in row["bwd_impls"].items():
-                    print(f"  backward {impl}: kernels alone {r['bwd_ms']:.3f} ms "
-                          f"(floor {row['floor_bwd_ms']:.3f} ms, {r['bwd_frac_copy_bw'] * 100:.0f}%), "
-                          f"fwd+bwd {r['ms']:.3f} ms (per kernel: the [kernels] lines)", flush=True)
+                print(f"  backward: kernels alone {r['bwd_ms']:.3f} ms "
+                      f"(floor {row['floor_bwd_ms']:.3f} ms, {r['bwd_frac_copy_bw'] * 100:.0f}%; "
+                      f"per kernel: the [kernels] lines)", flush=True)
         if not a.no_block:  # the scan stays on its custom op in both arms; only the conv gate's routing differs
             for B, T, D in shapes[:1]:
                 row = dict(kind="block", B=B, T=T, D=D, k=a.kernel,
@@ -224,8 +208,7 @@ def main(argv=None) -> int:
                 save()
                 print(f"IntegralLNNBlock B={B} T={T} D={D} compiled fwd+bwd: conv gate triton "
                       f"{row['triton']['ms']:.3f} ms, reference {row['reference']['ms']:.3f} ms", flush=True)
-    print(f"\n(bwd_impl of the fwd+bwd column and the block arm: {res['config']['bwd_impl']})")
-    print("| what | dtype | B | T | D | triton ms | reference ms | fwd: triton / reference ms |")
+    print("\n| what | dtype | B | T | D | triton ms | reference ms | fwd: triton / reference ms |")
     print("|---|---|---|---|---|---|---|---|")
     for r in res["rows"]:
         if r.get("kind") == "block":
@@ -235,12 +218,12 @@ def main(argv=None) -> int:
             print(f"| conv gate fwd+bwd | {r['dtype']} | {r['B']} | {r['T']} | {r['D']} | {r['triton']['ms']:.3f} | "
                   f"{r['inductor_reference']['ms']:.3f} | {r['triton']['fwd_ms']:.3f} / "
                   f"{r['inductor_reference']['fwd_ms']:.3f} |")
-    print("\n| backward | dtype | B | T | D | kernels alone ms | floor ms | fwd+bwd ms |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| backward | dtype | B | T | D | kernels alone ms | floor ms |")
+    print("|---|---|---|---|---|---|---|")
     for r in res["rows"]:
-        for impl, v in r.get("bwd_impls", {}).items():
-            print(f"| {impl} | {r['dtype']} | {r['B']} | {r['T']} | {r['D']} | {v['bwd_ms']:.3f} | "
-                  f"{r['floor_bwd_ms']:.3f} | {v['ms']:.3f} |")
+        if "bwd" in r:
+            print(f"| conv gate | {r['dtype']} | {r['B']} | {r['T']} | {r['D']} | {r['bwd']['bwd_ms']:.3f} | "
+                  f"{r['floor_bwd_ms']:.3f} |")
     save()
     return 0
 

@@ -6,7 +6,7 @@ their backward cost ~0.58 ms of GPU time per IntegralLNN block per training step
 (ionllama-small, seq 8192, batch 8; docs/results/train-profile/custom-ops/profile_whole.txt): the
 partitioner saves a padded copy of x, recomputes the conv in the backward and forms the weight gradient
 from several (B, T, 2D) passes. Here the forward reads x once and writes u (the k-step halos are cache
-hits); the backward recomputes conv and gate from x in registers (below: two implementations).
+hits); the backward recomputes conv and gate from x in registers and runs in two passes (below).
 
 Forward (one program = BLOCK_T steps x BLOCK_D channel pairs):
     G_t = bg + sum_j wg_j x^g_{t-k+1+j},  C_t likewise,  u_t = sigmoid(G_t) C_t   (x_{<0} = 0)
@@ -14,19 +14,26 @@ Backward: with s = sigmoid(G), dG_t = du_t C_t s (1 - s), dC_t = du_t s,
     dx^g_t = sum_j wg_j dG_{t+k-1-j}   (dG at t..t+k-1: a shift along T, i.e. across threads)
     dwg_j = sum_{b,t} dG_t x^g_{t-k+1+j},  dbg = sum_{b,t} dG_t   (per-program partial sums, added by torch)
 
-Two backward implementations (_CONFIG["bwd_impl"]):
-* "two_pass" (default). Pass A (_conv_gate_bwd_gate) recomputes G, C once per row from the k shifted x
-  rows (as the forward does), writes dGC = (dG, dC) as one (B, T, 2D) tensor and forms the weight/bias
-  partial sums from the same x rows; pass B (_conv_gate_bwd_dx) is the transposed stencil
-  dx_t = sum_s w_{k-1-s} dGC_{t+s} over all 2D channels (k shifted loads of dGC, halo rows cache hits).
-  The shift goes through memory instead of being recomputed. Traffic in units of B*T*D elements of x's
-  dtype: A reads du (1) + x (2) and writes dGC (2), B reads dGC (2) and writes dx (2): 9 units vs the
-  floor of 5 (du, x in, dx out); 13 with the fp32 dGC (bwd_dgc_fp32=1). dGC is stored in x's dtype by
-  default: under bf16 autocast the reference's own backward rounds these products to bf16 as well; the
-  weight/bias gradients use the fp32 values in registers.
-* "recompute" (the first kernel, _conv_gate_bwd): one pass at the floor's 5 units, but for each of the k
-  shifts it recomputes the whole conv and gate (about k (2k + 1) + 2k tile loads per row, k sigmoids), so
-  it is bound by instructions, not memory.
+The backward, in two passes:
+* Pass A (_conv_gate_bwd_gate) recomputes G, C once per row from the k shifted x rows (as the forward
+  does), writes dGC = (dG, dC) as one (B, T, 2D) tensor and forms the weight/bias partial sums from the
+  same x rows.
+* Pass B (_conv_gate_bwd_dx) is the transposed stencil dx_t = sum_s w_{k-1-s} dGC_{t+s} over all 2D
+  channels (k shifted loads of dGC, halo rows cache hits).
+Traffic in units of B*T*D elements of x's dtype: A reads du (1) + x (2) and writes dGC (2), B reads dGC
+(2) and writes dx (2): 9 units against the floor of 5 (du, x in, dx out) with dGC in x's dtype
+(bwd_dgc_fp32=0; under bf16 autocast the reference's own backward rounds these products to bf16 as well),
+13 with dGC in fp32 (bwd_dgc_fp32=1, the default). The weight/bias gradients use the fp32 values in
+registers either way.
+
+Why two passes: dx_t needs dG, dC at t..t+k-1, a shift across threads. A single pass at the floor's 5 units
+(the first kernel, removed) had to recompute the whole conv and gate for each of the k shifts (about
+k (2k + 1) + 2k tile loads per row, k sigmoids) and was bound by instructions, not memory. Sending the shift
+through memory is faster despite the extra traffic: on an H200 (ionllama-small, seq 8192, batch 8, bf16,
+fifth session 2026-11-30) this backward takes 418 us per call (pass A 327 us, pass B 65 us) against 533 us
+for the single-pass kernel in the fourth session (torch.profiler over the whole-model-compiled training
+step: docs/results/speed-ab-h200-s5/call3/train/prof_new/profile_ionllama_small.txt; the single-pass
+kernel's: docs/results/speed-ab-h200/train/prof_new/profile_ionllama_small.txt).
 
 The oracle is ``ionllama.model.conv.causal_conv_gate_reference``.
 """
@@ -69,70 +76,9 @@ def _conv_gate_fwd(X, W, BIAS, U, T, D, sxb, sxt, swc, sub, sut,
 
 
 @triton.jit
-def _conv_gate_bwd(X, W, BIAS, DU, DX, DWP, DBP, T, D, rows_per_prog, n_tprog, sxb, sxt, swc, sdb, sdt, sdxb, sdxt,
-                   K: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """bwd_impl "recompute": dG, dC at t + s recomputed for every shift s. One program: rows
-    [pt * rows_per_prog, +rows_per_prog) of batch row b, BLOCK_D channel pairs. DWP (B * n_tprog, K, 2D) and DBP (B * n_tprog, 2D): fp32 partial sums of the weight / bias gradients."""
-    b = tl.program_id(0).to(tl.int64)
-    pt = tl.program_id(1)
-    cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    x_base = X + b * sxb
-    du_base = DU + b * sdb + cols[None, :]
-    dx_base = DX + b * sdxb + cols[None, :]
-    taps = tl.arange(0, KP)
-    acc_wg = tl.zeros([KP, BLOCK_D], tl.float32)
-    acc_wc = tl.zeros([KP, BLOCK_D], tl.float32)
-    acc_bg = tl.zeros([BLOCK_D], tl.float32)
-    acc_bc = tl.zeros([BLOCK_D], tl.float32)
-    t_start = pt * rows_per_prog
-    t_end = tl.minimum(t_start + rows_per_prog, T)
-    for t0 in range(t_start, t_end, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        t_ok = t < t_end
-        dxg = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
-        dxc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
-        for s in tl.static_range(K):
-            ts = t + s  # dG, dC at t + s feed dx_t through tap K-1-s (rows past t_end are the next program's)
-            ok = ts < T
-            du = tl.load(du_base + ts[:, None] * sdt, mask=ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-            g, c = _conv_pair(x_base, W, BIAS, ts, ok, cols, col_ok, D, sxt, swc, K, BLOCK_T, BLOCK_D)
-            sg = tl.sigmoid(g)
-            dc = du * sg
-            dg = dc * c * (1.0 - sg)
-            wg = tl.load(W + cols * swc + (K - 1 - s), mask=col_ok, other=0.0).to(tl.float32)
-            wc = tl.load(W + (cols + D) * swc + (K - 1 - s), mask=col_ok, other=0.0).to(tl.float32)
-            dxg += dg * wg[None, :]
-            dxc += dc * wc[None, :]
-            if s == 0:  # this program's own rows: the parameter gradients
-                dg = tl.where(t_ok[:, None], dg, 0.0)
-                dc = tl.where(t_ok[:, None], dc, 0.0)
-                acc_bg += tl.sum(dg, 0)
-                acc_bc += tl.sum(dc, 0)
-                for j in tl.static_range(K):
-                    src = t - (K - 1) + j
-                    m = (t_ok & (src >= 0))[:, None] & col_ok[None, :]
-                    p = x_base + src[:, None] * sxt + cols[None, :]
-                    xg = tl.load(p, mask=m, other=0.0).to(tl.float32)
-                    xc = tl.load(p + D, mask=m, other=0.0).to(tl.float32)
-                    acc_wg += tl.where(taps[:, None] == j, tl.sum(dg * xg, 0)[None, :], 0.0)
-                    acc_wc += tl.where(taps[:, None] == j, tl.sum(dc * xc, 0)[None, :], 0.0)
-        m_out = t_ok[:, None] & col_ok[None, :]
-        tl.store(dx_base + t[:, None] * sdxt, dxg.to(DX.dtype.element_ty), mask=m_out)
-        tl.store(dx_base + t[:, None] * sdxt + D, dxc.to(DX.dtype.element_ty), mask=m_out)
-    prog = b * n_tprog + pt
-    m_w = (taps < K)[:, None] & col_ok[None, :]
-    w_ptr = DWP + (prog * K + taps[:, None]) * (2 * D) + cols[None, :]
-    tl.store(w_ptr, acc_wg, mask=m_w)
-    tl.store(w_ptr + D, acc_wc, mask=m_w)
-    tl.store(DBP + prog * (2 * D) + cols, acc_bg, mask=col_ok)
-    tl.store(DBP + prog * (2 * D) + D + cols, acc_bc, mask=col_ok)
-
-
-@triton.jit
 def _conv_gate_bwd_gate(X, W, BIAS, DU, DGC, DWP, DBP, T, D, rows_per_prog, n_tprog, sxb, sxt, swc, sdb, sdt,
                         sgb, sgt, K: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Two-pass backward, pass A. One program: rows [pt * rows_per_prog, +rows_per_prog) of batch row b,
+    """Backward, pass A. One program: rows [pt * rows_per_prog, +rows_per_prog) of batch row b,
     BLOCK_D channel pairs. Writes DGC (B, T, 2D) = (dG, dC) and the fp32 partial sums DWP (B * n_tprog, K, 2D),
     DBP (B * n_tprog, 2D) of the weight / bias gradients."""
     b = tl.program_id(0).to(tl.int64)
@@ -182,7 +128,7 @@ def _conv_gate_bwd_gate(X, W, BIAS, DU, DGC, DWP, DBP, T, D, rows_per_prog, n_tp
 @triton.jit
 def _conv_gate_bwd_dx(DGC, W, DX, T, C, sgb, sgt, swc, sdxb, sdxt,
                       K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Two-pass backward, pass B: dx_t = sum_s w_{K-1-s} dGC_{t+s} (dGC_{>=T} = 0) over all C = 2D channels
+    """Backward, pass B: dx_t = sum_s w_{K-1-s} dGC_{t+s} (dGC_{>=T} = 0) over all C = 2D channels
     (gate and candidate alike: no pairing needed here). One program: BLOCK_T steps x BLOCK_C channels."""
     b = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -199,17 +145,15 @@ def _conv_gate_bwd_dx(DGC, W, DX, T, C, sgb, sgt, swc, sdxb, sdxt,
              mask=(t < T)[:, None] & ch_ok[None, :])
 
 
-# Tiles: 32 steps x 64 channel pairs, 4 warps. The backward's per-row-range kernels (the recompute kernel and
-# the two-pass kernel's pass A; they share these keys) give each program up to rows_per_prog steps (its
-# weight-gradient partials are one row of DWP per program) and halve that while the grid has fewer than
-# min_programs programs. Pass B: dx_block_t steps x dx_block_c of the 2D channels. bwd_impl: "two_pass" or
-# "recompute" (module docstring); bwd_dgc_fp32: 1 (default) stores dGC in fp32 - in bf16 it rounds twice and
-# dx's error under the interpreter was 6.5e-3 against 3.8e-3 for fp32 (tolerance 1e-2); 0 moves 4 units less.
+# Tiles: 32 steps x 64 channel pairs, 4 warps. The backward's pass A gives each program up to rows_per_prog
+# steps (its weight-gradient partials are one row of DWP per program) and halves that while the grid has
+# fewer than min_programs programs. Pass B: dx_block_t steps x dx_block_c of the 2D channels. bwd_dgc_fp32:
+# 1 (default) stores dGC in fp32 - in bf16 it rounds twice and dx's error under the interpreter was 6.5e-3
+# against 3.8e-3 for fp32 (tolerance 1e-2); 0 moves 4 units less.
 # Untuned: no GPU measurement yet (benchmarks/bench_conv_gate.py --sweep).
 _CONFIG = {"block_t": 32, "block_d": 64, "num_warps": 4, "bwd_block_t": 32, "bwd_num_warps": 4,
-           "rows_per_prog": 256, "min_programs": 1024, "bwd_impl": "two_pass", "bwd_dgc_fp32": 1,
+           "rows_per_prog": 256, "min_programs": 1024, "bwd_dgc_fp32": 1,
            "dx_block_t": 32, "dx_block_c": 128, "dx_num_warps": 4}
-BWD_IMPLS = ("two_pass", "recompute")
 
 
 def set_conv_gate_config(**kw) -> dict:
@@ -218,12 +162,7 @@ def set_conv_gate_config(**kw) -> dict:
     for key, val in kw.items():
         if key not in _CONFIG:
             raise KeyError(f"unknown conv-gate config key {key!r}")
-        if key == "bwd_impl":
-            if val not in BWD_IMPLS:
-                raise ValueError(f"bwd_impl must be one of {BWD_IMPLS}, got {val!r}")
-            _CONFIG[key] = val
-        else:
-            _CONFIG[key] = int(val)
+        _CONFIG[key] = int(val)
     return old
 
 
@@ -254,12 +193,8 @@ def conv_gate_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor)
     return u
 
 
-def conv_gate_backward(du: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                       impl: str | None = None):
-    """(dx in x's dtype, dweight (2D, k) fp32, dbias (2D,) fp32). impl: _CONFIG["bwd_impl"] when None."""
-    impl = _CONFIG["bwd_impl"] if impl is None else impl
-    if impl not in BWD_IMPLS:
-        raise ValueError(f"bwd_impl must be one of {BWD_IMPLS}, got {impl!r}")
+def conv_gate_backward(du: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
+    """(dx in x's dtype, dweight (2D, k) fp32, dbias (2D,) fp32): pass A, then pass B."""
     B, T, D, K = _check(x, weight, bias)
     rpp = _rows_per_prog(B, T, D)
     n_t = triton.cdiv(T, rpp)
@@ -268,12 +203,6 @@ def conv_gate_backward(du: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     dx = torch.empty((B, T, 2 * D), dtype=x.dtype, device=x.device)
     dwp = torch.empty((B * n_t, K, 2 * D), dtype=torch.float32, device=x.device)
     dbp = torch.empty((B * n_t, 2 * D), dtype=torch.float32, device=x.device)
-    if impl == "recompute":
-        _conv_gate_bwd[(B, n_t, triton.cdiv(D, bd))](
-            x, weight, bias, du, dx, dwp, dbp, T, D, rpp, n_t, x.stride(0), x.stride(1), weight.stride(0),
-            du.stride(0), du.stride(1), dx.stride(0), dx.stride(1),
-            K=K, KP=KP, BLOCK_T=_CONFIG["bwd_block_t"], BLOCK_D=bd, num_warps=_CONFIG["bwd_num_warps"])
-        return dx, dwp.sum(0).t(), dbp.sum(0)
     dgc = torch.empty((B, T, 2 * D), dtype=torch.float32 if _CONFIG["bwd_dgc_fp32"] else x.dtype, device=x.device)
     _conv_gate_bwd_gate[(B, n_t, triton.cdiv(D, bd))](
         x, weight, bias, du, dgc, dwp, dbp, T, D, rpp, n_t, x.stride(0), x.stride(1), weight.stride(0),

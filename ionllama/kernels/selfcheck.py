@@ -109,10 +109,9 @@ def _conv_gate_inputs(B: int, T: int, D: int, k: int, gen: torch.Generator):
 
 
 def check_conv_gate(device: str, dtype: torch.dtype, B: int, T: int, D: int, k: int = 4,
-                    rows_per_prog: int | None = None, min_programs: int | None = None, bwd: str | None = None,
+                    rows_per_prog: int | None = None, min_programs: int | None = None,
                     dgc_fp32: int | None = None, seed: int | None = None) -> dict:
-    """bwd: the backward implementation (conv_gate_triton._CONFIG["bwd_impl"]; None = the default);
-    dgc_fp32: the two-pass backward's intermediate in fp32 (1) or x's dtype (0)."""
+    """dgc_fp32: the backward's dGC intermediate in fp32 (1) or x's dtype (0); None = the default."""
     from ..model.conv import causal_conv_gate_reference
     from . import conv_gate_triton as cg
 
@@ -121,8 +120,8 @@ def check_conv_gate(device: str, dtype: torch.dtype, B: int, T: int, D: int, k: 
     du = torch.randn(B, T, D, generator=gen)
     ins = [t.to(device=device, dtype=dtype).requires_grad_() for t in (xw, w, b)]
     old = cg.set_conv_gate_config(**{key: val for key, val in (
-        ("rows_per_prog", rows_per_prog), ("min_programs", min_programs), ("bwd_impl", bwd),
-        ("bwd_dgc_fp32", dgc_fp32)) if val is not None})
+        ("rows_per_prog", rows_per_prog), ("min_programs", min_programs), ("bwd_dgc_fp32", dgc_fp32))
+        if val is not None})
     try:
         u = cg.conv_gate_triton(ins[0][..., :2 * D], ins[1], ins[2])
         grads = torch.autograd.grad(u, ins, du.to(device=device, dtype=dtype))
@@ -278,7 +277,7 @@ def cases(large: bool) -> list[tuple]:
         ("scan", "fp32", dict(B=2, T=131, D=16, with_h0=True, n_chunks=3)),
         ("scan", "bf16", dict(B=2, T=77, D=32, with_h0=True)),
         ("scan", "fp32", dict(B=1, T=300, D=16, with_h0=True, n_chunks=2)),  # several tiles per chunk
-        # the default backward ("two_pass"): T not a multiple of the tiles, several tiles per program, T < k,
+        # the backward (two passes): T not a multiple of the tiles, several tiles per program, T < k,
         # k = 7 and k = 1, D not a multiple of the channel tiles, bf16 with the dGC intermediate in bf16 and fp32
         ("conv_gate", "fp32", dict(B=2, T=45, D=24)),
         ("conv_gate", "fp32", dict(B=1, T=300, D=16, rows_per_prog=64, min_programs=1)),  # tiles per program
@@ -289,13 +288,6 @@ def cases(large: bool) -> list[tuple]:
         ("conv_gate", "fp32", dict(B=1, T=33, D=72)),  # 2D = 144 > dx_block_c
         ("conv_gate", "bf16", dict(B=2, T=77, D=32)),
         ("conv_gate", "bf16", dict(B=2, T=50, D=16, dgc_fp32=1)),
-        # the first kernel ("recompute"), still selectable
-        ("conv_gate", "fp32", dict(B=2, T=45, D=24, bwd="recompute")),
-        ("conv_gate", "fp32", dict(B=1, T=300, D=16, rows_per_prog=64, min_programs=1, bwd="recompute")),
-        ("conv_gate", "fp32", dict(B=2, T=37, D=8, k=7, bwd="recompute")),
-        ("conv_gate", "fp32", dict(B=1, T=20, D=8, k=1, bwd="recompute")),
-        ("conv_gate", "fp32", dict(B=2, T=3, D=8, bwd="recompute")),
-        ("conv_gate", "bf16", dict(B=2, T=77, D=32, bwd="recompute")),
         ("compiled", "fp32", dict(B=2, H=2, N=41, Dh=32, T=70, D=16)),
         ("block", "fp32", dict(B=2, T=40, D=16)),
         ("rope", "fp32", dict(B=2, N=37, dim=32, n_heads=2)),
@@ -321,9 +313,6 @@ def cases(large: bool) -> list[tuple]:
             ("conv_gate", "fp16", dict(B=2, T=4096, D=128, k=3, rows_per_prog=1024, min_programs=1)),
             ("conv_gate", "bf16", dict(B=8, T=8192, D=256, dgc_fp32=1)),
             ("conv_gate", "fp32", dict(B=2, T=4099, D=256, k=7)),
-            ("conv_gate", "bf16", dict(B=8, T=8192, D=256, bwd="recompute")),
-            ("conv_gate", "fp32", dict(B=4, T=8193, D=200, bwd="recompute")),
-            ("conv_gate", "fp16", dict(B=2, T=4096, D=128, k=3, rows_per_prog=1024, min_programs=1, bwd="recompute")),
             ("compiled", "bf16", dict(B=2, H=8, N=3000, Dh=64, T=4096, D=128)),
             ("block", "fp32", dict(B=2, T=2048, D=256)),  # wiring; bf16 accuracy: the conv_gate/scan rows
             ("rope", "fp32", dict(B=2, N=2048, dim=512, n_heads=8)),  # ionllama-small's latent width
