@@ -128,7 +128,7 @@ def sweep(B, T, D, k, rep=25):
     for dbt, dbc, dnw in dx_cfgs:
         bwd(**gate_best, dx_block_t=dbt, dx_block_c=dbc, dx_num_warps=dnw)
     both_best = {key: val for key, val in best.items() if key != "ms"}
-    bwd(**{**both_best, "bwd_dgc_fp32": 1})
+    bwd(**{**both_best, "bwd_dgc_fp32": 0})  # the other dGC dtype (the default is fp32)
     cg.set_conv_gate_config(**old)
     return dict(best_fwd=dict(ms=best_f[0], block_t=best_f[1], block_d=best_f[2], num_warps=best_f[3]),
                 best_bwd=best, note="fwd and bwd share block_d: set one value for both", log=log)

@@ -287,7 +287,7 @@ def cases(large: bool) -> list[tuple]:
         ("conv_gate", "fp32", dict(B=1, T=5, D=8, k=7)),
         ("conv_gate", "fp32", dict(B=1, T=33, D=72)),  # 2D = 144 > dx_block_c
         ("conv_gate", "bf16", dict(B=2, T=77, D=32)),
-        ("conv_gate", "bf16", dict(B=2, T=50, D=16, dgc_fp32=1)),
+        ("conv_gate", "bf16", dict(B=2, T=50, D=16, dgc_fp32=0)),
         ("compiled", "fp32", dict(B=2, H=2, N=41, Dh=32, T=70, D=16)),
         ("block", "fp32", dict(B=2, T=40, D=16)),
         ("rope", "fp32", dict(B=2, N=37, dim=32, n_heads=2)),
@@ -311,7 +311,6 @@ def cases(large: bool) -> list[tuple]:
             ("conv_gate", "fp32", dict(B=4, T=8193, D=200)),
             ("conv_gate", "bf16", dict(B=64, T=1024, D=256)),
             ("conv_gate", "fp16", dict(B=2, T=4096, D=128, k=3, rows_per_prog=1024, min_programs=1)),
-            ("conv_gate", "bf16", dict(B=8, T=8192, D=256, dgc_fp32=1)),
             ("conv_gate", "fp32", dict(B=2, T=4099, D=256, k=7)),
             ("compiled", "bf16", dict(B=2, H=8, N=3000, Dh=64, T=4096, D=128)),
             ("block", "fp32", dict(B=2, T=2048, D=256)),  # wiring; bf16 accuracy: the conv_gate/scan rows
