@@ -18,6 +18,8 @@ import torch
 
 from ionllama import create_model
 from ionllama.model.flops import flops_per_byte
+from ionllama.train.optim import make_adamw
+from ionllama.train.step_graph import StepGraph
 
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12}  # dense bf16 datasheet rates (SXM)
 REFERENCE_SWITCHES = {"conv_gate": "conv_gate_uses_triton", "rope_table": "rope_table_uses_op"}  # --reference
@@ -113,13 +115,22 @@ def bench_one(name: str, model_kind: str, size: str, args, text: bytes | None, o
             # ionLlama's replay fails with "tensor(s) in the cudagraph pool not tracked as outputs": with
             # this, the error names the allocation's stack (slower warm-up; the timed steps are replays)
             inductor_config.triton.cudagraph_trees_history_recording = True
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
-                            fused=dev.type == "cuda")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_warm = args.warmup
+    if args.step_graph:  # the trainer's --step_graph: the whole step (fwd, bwd, AdamW) replayed as one CUDA graph
+        opt = make_adamw(model, trainable, 1e-4, 0.0, dev, capturable=True)
+        graphed = StepGraph(fwd, opt, 0.0, lambda: torch.autocast(dev.type, dtype=torch.bfloat16, cache_enabled=False),
+                            warmup=args.warmup, graphs=dev.type == "cuda")
+        n_warm += 1  # the next call records the graph: keep it out of the timed steps
+    else:
+        opt = torch.optim.AdamW(trainable, lr=1e-4, fused=dev.type == "cuda")
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
     batches = [sample_batch(text, args.batch_size, args.seq_len, gen).to(dev) for _ in range(4)]
 
     def step(i):
         x = batches[i % len(batches)]
+        if args.step_graph:
+            return graphed(x[:, :-1], x[:, 1:], 1e-4)
         if args.compile and args.compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be overwritten
         with amp, sdpa_backend(args.sdpa_backend):
@@ -131,9 +142,10 @@ def bench_one(name: str, model_kind: str, size: str, args, text: bytes | None, o
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for i in range(args.warmup):
+    for i in range(n_warm):
         out = step(i)
-    measured_bpp = (args.batch_size * args.seq_len) / out["n_patches"].sum().item()
+    measured_bpp = (args.batch_size * args.seq_len) / (out["patches"] if args.step_graph else
+                                                        out["n_patches"].sum()).item()
     if dev.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -149,6 +161,7 @@ def bench_one(name: str, model_kind: str, size: str, args, text: bytes | None, o
     return {"arm": name, "model": model_kind, "size": size, "overrides": overrides,
             "params_M": round(model.count_parameters()["total"] / 1e6, 2), "seq_len": args.seq_len,
             "batch_size": args.batch_size, "compile": args.compile and args.compile_mode, "sdpa_backend": args.sdpa_backend,
+            "step_graph": args.step_graph,
             "reference_paths": args.reference, "step_ms": round(dt * 1e3, 2),
             "bytes_per_s": round(bytes_per_s), "bytes_per_patch": round(measured_bpp, 3),
             "calibrated_bytes_per_patch": round(bpp, 3), "flops_per_byte": fpb,
@@ -169,6 +182,9 @@ def main():
     p.add_argument("--compile_mode", choices=["parts", "whole", "reduce-overhead"], default="parts",
                    help="parts: model.compile_parts() (per layer); whole: torch.compile(model), as the trainer; "
                         "reduce-overhead: whole, with CUDA graphs")
+    p.add_argument("--step_graph", action="store_true",
+                   help="capture the whole step as one CUDA graph (ionllama/train/step_graph.py); with --compile, "
+                        "use --compile_mode whole")
     p.add_argument("--text_path", default=None, help="raw bytes to sample from (else random bytes)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None)

@@ -448,6 +448,8 @@ class Runner:
             argv += ["--mixed_precision", a.mixed_precision]
         if a.compile:
             argv += ["--compile", "--compile_mode", a.compile_mode]
+        if a.step_graph and (spec["model"] != "ionllama" or spec.get("patching", "entropy") in ("fixed", "byte")):
+            argv += ["--step_graph"]  # arms whose patch count is read on the host train without it
         return argv
 
     # ------------------------------------------------------------------ one arm
@@ -596,6 +598,7 @@ class Runner:
             "bytes_per_patch": res["val"].get("bytes_per_patch"),
             "train": {"budget_s": budget_s, "train_time_s": state["train_time_s"], "steps": state["step"],
                       "warmup_s_excluded": state.get("warmup_s"), "compile": bool(self.a.compile),
+                      "step_graph": "--step_graph" in targv,
                       "bytes_seen": bytes_seen, "bytes_per_s": bytes_seen / max(state["train_time_s"], 1e-9),
                       "epochs": bytes_seen / max(train_bytes, 1), "train_flops": flops,
                       "seq_len": seq, "batch_size": self.a.batch_size * self.a.grad_accum,
@@ -1058,6 +1061,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile (default: on with CUDA)")
     g.add_argument("--compile_mode", choices=("default", "reduce-overhead"), default="default",
                    help="with --compile: reduce-overhead adds CUDA graphs (see ionllama train --help)")
+    g.add_argument("--step_graph", action="store_true",
+                   help="replay each arm's training step as one CUDA graph (ionllama train --step_graph), for the "
+                        "arms that allow it: every arm but entropy and space patching")
     g.add_argument("--device", default="auto")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--log_interval", type=int, default=10)

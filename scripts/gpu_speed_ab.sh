@@ -10,6 +10,9 @@
 #   p1k_fixed        the Phase-1 shape, fixed patching (no host read), whole compile
 #   p1k_fixed_ro     the same with CUDA graphs (reduce-overhead; on failure the log names the allocation)
 #   conv_gate        bench_conv_gate.py --check (the kernel alone)
+#   sg_tests         tests/test_step_graph.py on the GPU (replayed step == eager step; trainer + resume)
+#   p1k_fixed_sg     p1k_fixed with the whole step replayed as one CUDA graph (--step_graph)
+#   p1k_dense, p1k_dense_sg  the dense byte baseline (d384 L8 is the Phase-1 arm: tiny) without / with it
 # Generation (GPU 1, after its training rows): the decode tests on CUDA, then one bench_generation.py run per
 #   GEN_VARIANTS entry ("name:flags;name:flags"; empty: none).
 # Host-bound training rows are only comparable when nothing compile-heavy shares the host: do not mix them
@@ -17,8 +20,8 @@
 # Env: T (seconds for the whole call, 540), STEPS (20), ROWS_GPU0, ROWS_GPU1, GEN_VARIANTS, GEN_FLAGS.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
-ROWS_GPU0=${ROWS_GPU0-"selfcheck s8192 p1k_entropy"}
-ROWS_GPU1=${ROWS_GPU1-"p1k_fixed p1k_fixed_ro conv_gate"}
+ROWS_GPU0=${ROWS_GPU0-"sg_tests p1k_fixed p1k_fixed_sg p1k_dense p1k_dense_sg"}
+ROWS_GPU1=${ROWS_GPU1-"selfcheck s8192 p1k_entropy p1k_fixed_ro conv_gate"}
 GEN_VARIANTS=${GEN_VARIANTS-""}
 R=$OUT/speed_ab; mkdir -p "$R/train" "$R/gen"
 END=$(( $(date +%s) + ${T:-540} ))
@@ -48,6 +51,13 @@ rows() {  # rows GPU NAMES...
       p1k_fixed_ro) step "$L" "${B[@]}" --arms ionllama:patching=fixed "${p1k[@]}" --compile_mode reduce-overhead \
                       --out "$R/train/tt_p1k_fixed_ro.json" ;;
       conv_gate) step "$L" python3 benchmarks/bench_conv_gate.py --check --out "$R/train/conv_gate.json" ;;
+      sg_tests) step "$L" python3 -m pytest -q -p no:cacheprovider tests/test_step_graph.py ;;
+      p1k_fixed_sg) step "$L" "${B[@]}" --arms ionllama:patching=fixed "${p1k[@]}" --compile_mode whole --step_graph \
+                      --out "$R/train/tt_p1k_fixed_sg.json" ;;
+      p1k_dense) step "$L" "${B[@]}" --arms dense:d_model=384,n_layers=8,n_heads=6 --sizes tiny "${p1k[@]}" --compile_mode whole \
+                   --out "$R/train/tt_p1k_dense.json" ;;
+      p1k_dense_sg) step "$L" "${B[@]}" --arms dense:d_model=384,n_layers=8,n_heads=6 --sizes tiny "${p1k[@]}" --compile_mode whole --step_graph \
+                      --out "$R/train/tt_p1k_dense_sg.json" ;;
       *) echo "unknown row $name" >> "$L" ;;
     esac
   done

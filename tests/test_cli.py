@@ -58,6 +58,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, corpus, capsys):
         (["--compile_mode", "reduce-overhead"], "--compile_mode reduce-overhead needs --compile"),
         (["--model", "ionllama", "--compile", "--compile_mode", "reduce-overhead"],
          "--compile_mode reduce-overhead does not work with --model ionllama"),
+        (["--step_graph"], "--step_graph needs a CUDA device"),
     ]
     for extra, pattern in cases:
         argv = args(tmp_path, corpus)

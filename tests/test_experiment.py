@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ionllama import create_model
-from ionllama.experiment import (TimeBudgetPlan, add_flops, main, pack_examples, task_batch, task_examples,
-                                 train_flops_per_byte)
+from ionllama.experiment import (ARMS, Runner, TimeBudgetPlan, add_flops, build_parser, main, pack_examples,
+                                 task_batch, task_examples, train_flops_per_byte)
 from ionllama.train.schedule import PhasePlan
 from test_baselines import write_corpus
 
@@ -226,3 +226,13 @@ def test_bpb_at_interpolates_between_curve_points():
     assert bpb_at(recs, "train_flops", 30.0) == pytest.approx(1.75)
     assert bpb_at(recs, "train_flops", 5.0) is None  # before the first main-phase point: unknown
     assert bpb_at(recs, "train_flops", 50.0) is None  # the run never got that far
+
+
+def test_step_graph_goes_only_to_arms_whose_step_can_be_captured(tmp_path):
+    r = Runner(build_parser().parse_args(["--step_graph", "--out", str(tmp_path / "o"),
+                                          "--ckpt_dir", str(tmp_path / "c")]), [])
+    got = {arm: "--step_graph" in r.trainer_argv(arm, r.spec_of(arm, None), 60.0) for arm in ARMS}
+    assert got == {"dense": True, "bpe": True, "mamba": True, "ionllama": False, "ionllama_dense_attn": False,
+                   "ionllama_tf_local": False, "ionllama_fixed": True, "ionllama_space": False, "ionllama_byte": True}
+    plain = Runner(build_parser().parse_args(["--out", str(tmp_path / "o"), "--ckpt_dir", str(tmp_path / "c")]), [])
+    assert not any("--step_graph" in plain.trainer_argv(a, plain.spec_of(a, None), 60.0) for a in ARMS)

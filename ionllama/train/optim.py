@@ -32,11 +32,17 @@ def param_groups(model: nn.Module, params: Iterable[nn.Parameter], weight_decay:
 
 
 def make_adamw(model: nn.Module, params: Iterable[nn.Parameter], lr: float, weight_decay: float,
-               device: torch.device, betas=(0.9, 0.95)) -> torch.optim.AdamW:
+               device: torch.device, betas=(0.9, 0.95), capturable: bool = False) -> torch.optim.AdamW:
+    """capturable: for a step recorded as a CUDA graph (train/step_graph.py, which also turns the learning
+    rate into a device tensor): on CUDA the step counters live on the device; on a CPU (tests) the
+    single-tensor path, which takes a tensor learning rate."""
     groups = param_groups(model, params, weight_decay)
     if not groups:
         raise ValueError("no trainable parameters")
     fused = device.type == "cuda"  # fused kernel: one launch for all parameters
+    if capturable:
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=fused or None,
+                                 foreach=None if fused else False, capturable=fused)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=fused)
 
 

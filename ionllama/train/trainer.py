@@ -38,10 +38,11 @@ from .cli import MODEL_OVERRIDES
 from .metrics import MetricsLogger
 from .optim import add_params, make_adamw
 from .schedule import PhasePlan
+from .step_graph import StepGraph, step_graph_problem
 
 DEFAULT_LR = {"tiny": 1e-3, "small": 6e-4, "base": 3e-4, "large": 2e-4, "xl": 1.5e-4}
 # flags that describe this invocation, not the run: a resumed run takes them from the command line
-_PER_INVOCATION = {"resume", "stop_at", "max_train_time", "device", "run_name", "save_dir", "wandb", "compile",
+_PER_INVOCATION = {"resume", "stop_at", "max_train_time", "device", "run_name", "save_dir", "wandb", "compile", "step_graph",
                    "benchmark_after", "sample_bytes", "sample_prompt", "data_dir", "eval_batch_size", "parallel"}
 
 
@@ -271,6 +272,11 @@ class Trainer:
         self.cuda_graphs = bool(args.compile) and mode == "reduce-overhead"
         self.fwd = torch.compile(self.model, mode=None if mode == "default" else mode) if args.compile else self.model
         self.par.attach(self.model, self.fwd)
+        self.step_graph = None  # the captured training step (step_graph.py), made at the first step
+        if getattr(args, "step_graph", False):
+            problem = step_graph_problem(self.model, args, self.device, world_size, self.amp_dtype)
+            if problem:
+                raise UserError(problem)
         has_entropy = bool(getattr(self.model, "needs_entropy_phase", False))
         E = (args.entropy_steps if args.entropy_steps is not None else args.max_steps // 3) if has_entropy else 0
         J = (args.joint_steps if args.joint_steps is not None else args.max_steps // 10) if has_entropy else 0
@@ -375,7 +381,8 @@ class Trainer:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def _make_optimizer(self, params) -> torch.optim.Optimizer:
-        return make_adamw(self.model, params, self.plan.lr, self.args.weight_decay, self.device)
+        return make_adamw(self.model, params, self.plan.lr, self.args.weight_decay, self.device,
+                          capturable=bool(getattr(self.args, "step_graph", False)))
 
     def _enter_phase(self, phase: str, resumed: bool = False) -> None:
         m, prev = self.model, self.phase
@@ -450,7 +457,23 @@ class Trainer:
         finally:
             self.host_s += time.perf_counter() - t_host
 
+    def _graphed_train_step(self, step: int) -> dict:
+        """--step_graph: the whole step replayed as one CUDA graph (step_graph.py)."""
+        if self.step_graph is None or self.step_graph.opt is not self.optimizer:
+            autocast = (lambda: torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=False)) \
+                if self.amp_dtype is not None else contextlib.nullcontext
+            self.step_graph = StepGraph(self.par.train_module(self.phase), self.optimizer, self.args.grad_clip,
+                                        autocast)
+        x, y = self.sampler.get(step, 0)
+        if not x.is_cuda:  # a copy from pageable memory blocks the host
+            x, y = x.pin_memory(), y.pin_memory()
+        lr = self.plan.lr_at(step)
+        out = self.step_graph(x, y, lr)
+        return {**out, "grad_norm": out.get("grad_norm"), "lr": lr}
+
     def _train_step(self, step: int) -> dict:
+        if getattr(self.args, "step_graph", False):
+            return self._graphed_train_step(step)
         a, m = self.args, self.model
         self.fwd.train()
         loss_sum = torch.zeros((), device=self.device)
