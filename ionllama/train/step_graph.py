@@ -69,10 +69,9 @@ class StepGraph:
 
     def _body(self) -> dict:
         """One training step on the static inputs; returns tensors the graph writes every replay."""
-        # grads are static buffers: zeroed in place, never set to None (their storage is in the graph)
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if grads:
-            torch._foreach_zero_(grads)
+        # the backward makes fresh gradients: during capture they come from the graph's pool and stay the
+        # parameters' .grad, which every replay rewrites (the pattern of PyTorch's whole-network capture)
+        self.opt.zero_grad(set_to_none=True)
         with self.autocast():
             out = self.fwd(self.static_x, self.static_y)
             total = out["loss"]
