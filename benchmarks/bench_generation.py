@@ -44,6 +44,10 @@ def sync():
         torch.cuda.synchronize()
 
 
+# after each batch-1 row with graphs: this many more bytes with CUDA events around every replay (the
+# GPU time of a byte; the rest of the wall time per byte is the GPU waiting for the host)
+TIMED_BYTES = 256
+
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -80,7 +84,8 @@ class Bench:
         dec = decoder_for(m, B, max_len)
         seeds = torch.arange(B, device=self.device)
         logits = torch.zeros(B, 256, device=self.device, dtype=self.dtype)
-        runner = DecodeRunner(dec, SamplingConfig(temperature=1.0), seeds, logits, max(self.args.new_bytes, 1024) + 16,
+        runner = DecodeRunner(dec, SamplingConfig(temperature=1.0), seeds, logits,
+                              max(self.args.new_bytes, 1024) + 16 + TIMED_BYTES,
                               cuda_graphs=graphs, compile=compile, latent_policy=policy,
                               compile_mode=self.args.compile_mode if compile else None)
         return dict(kind=kind, B=B, dec=dec, runner=runner, graphs=graphs, compile=compile, max_len=max_len)
@@ -112,6 +117,17 @@ class Bench:
                    bytes_per_s=B * n_new / dt, ms_per_byte=1000 * dt / n_new, prefill_s=t_prefill, setup_s=t_setup)
         if patches0 is not None:
             row["bytes_per_patch_decoded"] = B * n_new / max(1, int(dec.n_complete.sum()) - patches0)
+        if runner.graphs is not None and B == 1:  # where a byte's time goes: GPU time of the replays vs the rest
+            gpu = {}
+            room = s["max_len"] - (ctx + 8 + n_new) - 8  # the decoder's capacity left after this row
+            runner.run(max(0, min(TIMED_BYTES, runner.max_new - runner.n_done, room)), gpu_ms=gpu)
+            n_bytes = len(gpu.get("byte", []))
+            if n_bytes:
+                row["gpu_ms_byte_graph"] = sorted(gpu["byte"])[n_bytes // 2]
+                row["gpu_ms_latent_graph"] = sorted(gpu["latent"])[len(gpu["latent"]) // 2] if gpu.get("latent") else None
+                gpu_per_byte = (sum(gpu["byte"]) + sum(gpu.get("latent", []))) / n_bytes
+                row["gpu_ms_per_byte"] = gpu_per_byte
+                row["host_gap_ms_per_byte"] = row["ms_per_byte"] - gpu_per_byte  # GPU idle per byte
         print(json.dumps(row), flush=True)
         self.rows.append(row)
         write_results(self, self.args, self.checks)  # after every row: a killed run keeps what it measured
@@ -165,6 +181,14 @@ def correctness_checks(device, compile: bool) -> dict:
     return out
 
 
+def _gpu_cells(r) -> str:
+    if "gpu_ms_per_byte" not in r:
+        return " |"
+    lat = r.get("gpu_ms_latent_graph")
+    return (f"{r['gpu_ms_per_byte']:.3f} ({r['gpu_ms_byte_graph']:.3f}; {'-' if lat is None else f'{lat:.3f}'}) | "
+            f"{r['host_gap_ms_per_byte']:.3f}")
+
+
 def write_results(b, args, checks):
     env = dict(torch=torch.__version__, python=platform.python_version(),
                device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
@@ -176,16 +200,17 @@ def write_results(b, args, checks):
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_generation.json").write_text(json.dumps(dict(env=env, rows=b.rows), indent=1, default=str))
     lines = [f"env: {json.dumps(env, default=str)}", "",
-             "| model | what | batch | context | graphs | compile | bytes/s | ms/byte | bytes/patch | prefill s | setup s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | what | batch | context | graphs | compile | bytes/s | ms/byte | bytes/patch | prefill s | setup s "
+             "| GPU ms/byte (byte graph; latent graph) | GPU idle ms/byte |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in b.rows:
         if "bytes_per_s" not in r:
-            lines.append(f"| {r['model']} | {r['label']} | | | | | {r.get('error', r.get('skipped'))} | | | | |")
+            lines.append(f"| {r['model']} | {r['label']} | | | | | {r.get('error', r.get('skipped'))} | | | | | | |")
             continue
         bpp = r.get("bytes_per_patch_decoded")
         lines.append(f"| {r['model']} | {r['label']} | {r['batch']} | {r['context']} | {r['graphs']} | {r['compile']} | "
                      f"{r['bytes_per_s']:,.0f} | {r['ms_per_byte']:.3f} | {'' if bpp is None else f'{bpp:.2f}'} | "
-                     f"{r['prefill_s']:.2f} | {r['setup_s']:.1f} |")
+                     f"{r['prefill_s']:.2f} | {r['setup_s']:.1f} | {_gpu_cells(r)} |")
     (out / "bench_generation.md").write_text("\n".join(lines) + "\n")
     return lines
 
@@ -234,11 +259,11 @@ def main():
         checks = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
     b.checks = checks
     n, nl, B, cmax = args.new_bytes, args.latency_bytes, args.batch, max(args.contexts)
-    lat_len = max(cmax, 256) + max(n, nl) + 32  # the b1 session also measures throughput at context 256
+    lat_len = max(cmax, 256) + max(n, nl) + 32 + TIMED_BYTES  # the b1 session also measures throughput at context 256
 
     def run_set(kind, compile):
         tag = ", compiled" if compile else ""
-        s1 = b.attempt(100 if compile else 15, b.session, kind, 1, lat_len if kind == "ionllama" else 256 + n + 32,
+        s1 = b.attempt(100 if compile else 15, b.session, kind, 1, lat_len if kind == "ionllama" else 256 + n + 32 + TIMED_BYTES,
                        compile=compile, label=f"{kind} b1 session{tag}")
         if s1 is not None:
             b.attempt(100 if compile else 10, b.measure, s1, 256, n, label=f"throughput b1{tag}")
@@ -251,7 +276,7 @@ def main():
             return
         if kind == "dense":  # the dense step attends over its whole static cache: one session per context
             for ctx in args.contexts:
-                sc = b.attempt(100 if compile else 15, b.session, kind, 1, ctx + nl + 32, compile=compile,
+                sc = b.attempt(100 if compile else 15, b.session, kind, 1, ctx + nl + 32 + TIMED_BYTES, compile=compile,
                                label=f"dense latency session {ctx}{tag}")
                 if sc is not None:
                     b.attempt(100 if compile else 10, b.measure, sc, ctx, nl, label=f"latency{tag}")

@@ -146,6 +146,35 @@ def test_warm_up_iterations_count_and_capture_does_not(ion, monkeypatch, n):
     assert torch.equal(r.out[:, :n], ref)
 
 
+def test_timed_replays_give_the_same_bytes_and_one_time_per_replay(ion, monkeypatch):
+    """run(n, gpu_ms=...) (benchmarks: GPU time per replay) brackets every replay with events and
+    changes nothing else: same bytes, one byte-graph time per byte, one latent time per latent replay."""
+    class _Event:
+        def __init__(self, enable_timing=False):
+            pass
+
+        def record(self):
+            pass
+
+        def elapsed_time(self, other):
+            return 0.25
+
+    n = 23
+    ref = _eager_bytes(ion, n, 23)
+    _fake_cuda(monkeypatch, _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "Event", _Event)
+    r = _runner(ion, 23)
+    r.want_graphs, r.latent_policy = True, "skip"
+    r.run(8)
+    latent_calls = []
+    g_byte, g_lat = r.graphs
+    r.graphs = (g_byte, _FakeGraph(lambda: (latent_calls.append(1), g_lat.replay())))
+    times = {}
+    r.run(n - 8, gpu_ms=times)
+    assert torch.equal(r.out[:, :n], ref)
+    assert times["byte"] == [0.25] * (n - 8) and len(times.get("latent", [])) == len(latent_calls) > 0
+
+
 def test_failed_capture_raises_and_keeps_warm_up_state(ion, monkeypatch):
     """A failed capture raises a clear error (no silent fallback), with the current stream restored;
     the runner holds exactly the warm-up's bytes."""

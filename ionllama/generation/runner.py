@@ -163,17 +163,35 @@ class DecodeRunner:
         self.graphs = (g_byte, g_lat)
 
     @torch.no_grad()
-    def run(self, n: int) -> None:
-        """Advance n iterations (n bytes sampled into self.out); never past max_new."""
+    def run(self, n: int, gpu_ms: dict | None = None) -> None:
+        """Advance n iterations (n bytes sampled into self.out); never past max_new. gpu_ms: a dict to
+        receive the GPU time of each graph replay ({'byte': [ms, ...], 'latent': [...]}, CUDA events
+        around each replay; for benchmarks: the per-byte wall time minus these is the host's share)."""
         target = min(self.max_new, self.n_done + n)
         if self.want_graphs and self.graphs is None and target - self.n_done > 4:
             self._capture()  # its warm-up iterations count toward target
+        timed = [] if gpu_ms is not None and self.graphs is not None else None
         while self.n_done < target:
             if self.graphs is None:
                 self._eager_once()
                 continue
             g_byte, g_lat = self.graphs
             if self._latent_needed():
-                g_lat.replay()
-            g_byte.replay()
+                self._replay(g_lat, "latent", timed)
+            self._replay(g_byte, "byte", timed)
             self.n_done += 1
+        if timed:
+            torch.cuda.synchronize()
+            for kind, a, b in timed:
+                gpu_ms.setdefault(kind, []).append(a.elapsed_time(b))
+
+    @staticmethod
+    def _replay(graph, kind: str, timed: list | None) -> None:
+        if timed is None:
+            graph.replay()
+            return
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        timed.append((kind, a, b))
