@@ -106,7 +106,8 @@ class StepGraph:
             return {k: v.clone() for k, v in res.items()}
         if self.graph is None:
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            # thread_local: another thread's CUDA calls (a data loader pinning memory) do not void the capture
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.outputs = self._body()
         self.graph.replay()
         return {k: v.clone() for k, v in self.outputs.items()}
