@@ -78,10 +78,11 @@ MATRICES: dict[str, dict[str, dict]] = {
 }
 ARMS = MATRICES["phase1"]
 TASK_ARMS = ("ionllama", "dense", "bpe")
-# --sweep: per arm, the base setting and these variants, each under --sweep_budget_s
-# width both ways: at a short budget a smaller model can win (more steps), at a long one a larger
+# --sweep: per arm, the base setting and these variants, each under --sweep_budget_s. Width (d_model) and
+# depth (n_layers: the main stack; ionLlama's latent transformer) both ways: at a short budget a smaller
+# model can win (more steps), at a long one a larger
 SWEEP_VARIANTS = {"lr0.5x": {"lr_mult": 0.5}, "lr2x": {"lr_mult": 2.0}, "wide": {"width_mult": 4 / 3},
-                  "narrow": {"width_mult": 3 / 4}}
+                  "narrow": {"width_mult": 3 / 4}, "deep": {"depth_mult": 4 / 3}, "shallow": {"depth_mult": 2 / 3}}
 MODEL_KEYS = ("d_model", "n_layers", "n_heads", "d_local", "attention", "local_layers", "patching",
               "threshold_mode", "max_patch_size", "target_patch_size", "ngram", "pooling", "vocab_size")
 NOMINAL_STEPS = 100_000  # schedule resolution of the time-based plan (steps never reach it)
@@ -94,12 +95,15 @@ def variant_spec(spec: dict, variant: str) -> dict:
     v = SWEEP_VARIANTS[variant]
     out = dict(spec)
     out["lr"] = spec["lr"] * v.get("lr_mult", 1.0)
-    if "width_mult" in v:
+    if "width_mult" in v or "depth_mult" in v:
         from .config import make_config
 
         base = make_config(spec["size"], spec["model"], **{k: spec[k] for k in MODEL_KEYS if k in spec})
+    if "width_mult" in v:
         d = max(64, int(math.floor(base.d_model * v["width_mult"] / 64 + 0.5)) * 64)  # multiples of 64 heads
         out["d_model"], out["n_heads"] = d, max(1, d // 64)
+    if "depth_mult" in v:
+        out["n_layers"] = max(1, int(math.floor(base.n_layers * v["depth_mult"] + 0.5)))
     return out
 
 

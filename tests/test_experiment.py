@@ -236,3 +236,19 @@ def test_step_graph_goes_only_to_arms_whose_step_can_be_captured(tmp_path):
                    "ionllama_tf_local": False, "ionllama_fixed": True, "ionllama_space": False, "ionllama_byte": True}
     plain = Runner(build_parser().parse_args(["--out", str(tmp_path / "o"), "--ckpt_dir", str(tmp_path / "c")]), [])
     assert not any("--step_graph" in plain.trainer_argv(a, plain.spec_of(a, None), 60.0) for a in ARMS)
+
+
+def test_sweep_variants_change_what_they_name():
+    from ionllama.config import make_config
+    from ionllama.experiment import SWEEP_VARIANTS, variant_spec
+
+    for arm in ("dense", "ionllama_fixed", "mamba"):
+        base = ARMS[arm]
+        cfg = make_config(base["size"], base["model"], **{k: v for k, v in base.items() if k in ("d_model", "n_layers", "n_heads")})
+        got = {v: variant_spec(base, v) for v in SWEEP_VARIANTS}
+        assert got["lr2x"]["lr"] == 2 * base["lr"] and got["lr0.5x"]["lr"] == base["lr"] / 2
+        assert got["wide"]["d_model"] > cfg.d_model > got["narrow"]["d_model"]
+        assert got["wide"]["d_model"] % 64 == 0 and got["wide"]["n_heads"] == got["wide"]["d_model"] // 64
+        assert got["deep"]["n_layers"] > cfg.n_layers > got["shallow"]["n_layers"] >= 1
+        assert got["wide"].get("n_layers") == base.get("n_layers") and got["deep"].get("d_model") == base.get("d_model")
+        assert all(got[v]["lr"] == base["lr"] for v in ("wide", "narrow", "deep", "shallow"))
