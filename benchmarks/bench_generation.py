@@ -123,9 +123,10 @@ class Bench:
             runner.run(max(0, min(TIMED_BYTES, runner.max_new - runner.n_done, room)), gpu_ms=gpu)
             n_bytes = len(gpu.get("byte", []))
             if n_bytes:
-                row["gpu_ms_byte_graph"] = sorted(gpu["byte"])[n_bytes // 2]
+                per_byte = [a + b for a, b in zip(gpu["byte"], gpu.get("byte_rest", [0.0] * n_bytes))]
+                row["gpu_ms_byte_graph"] = sorted(per_byte)[n_bytes // 2]
                 row["gpu_ms_latent_graph"] = sorted(gpu["latent"])[len(gpu["latent"]) // 2] if gpu.get("latent") else None
-                gpu_per_byte = (sum(gpu["byte"]) + sum(gpu.get("latent", []))) / n_bytes
+                gpu_per_byte = sum(sum(v) for v in gpu.values()) / n_bytes
                 row["gpu_ms_per_byte"] = gpu_per_byte
                 row["host_gap_ms_per_byte"] = row["ms_per_byte"] - gpu_per_byte  # GPU idle per byte
         print(json.dumps(row), flush=True)
@@ -272,6 +273,14 @@ def main():
                 for ctx in args.contexts:
                     b.attempt(15, b.measure, s1, ctx, nl, policy="auto", label=f"latency{tag}")
             del s1
+        if kind == "ionllama":  # the byte stage as two graphs, the patch flag read between them
+            se = b.attempt(100 if compile else 15, b.session, kind, 1, lat_len, compile=compile, policy="early",
+                           label=f"ionllama b1 early-flag session{tag}")
+            if se is not None:
+                b.attempt(100 if compile else 10, b.measure, se, 256, n, label=f"throughput b1, early flag{tag}")
+                for ctx in args.contexts:
+                    b.attempt(15, b.measure, se, ctx, nl, label=f"latency, early flag{tag}")
+            del se
         if compile:  # compiled: batch-1 sessions only (each compile costs tens of seconds)
             return
         if kind == "dense":  # the dense step attends over its whole static cache: one session per context

@@ -167,12 +167,37 @@ def test_timed_replays_give_the_same_bytes_and_one_time_per_replay(ion, monkeypa
     r.want_graphs, r.latent_policy = True, "skip"
     r.run(8)
     latent_calls = []
-    g_byte, g_lat = r.graphs
-    r.graphs = (g_byte, _FakeGraph(lambda: (latent_calls.append(1), g_lat.replay())))
+    g_bytes, g_lat = r.graphs
+    r.graphs = (g_bytes, _FakeGraph(lambda: (latent_calls.append(1), g_lat.replay())))
     times = {}
     r.run(n - 8, gpu_ms=times)
     assert torch.equal(r.out[:, :n], ref)
     assert times["byte"] == [0.25] * (n - 8) and len(times.get("latent", [])) == len(latent_calls) > 0
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_early_flag_policy_gives_the_same_bytes(ion, monkeypatch, graphs):
+    """latent_policy 'early' (the byte stage as two parts, the patch flag read between them; on CPU the
+    graphs are fakes that record without running, as CUDA does) samples exactly the bytes of 'skip'."""
+    class _Event:
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+    n = 23
+    ref = _eager_bytes(ion, n, 23)
+    if graphs:
+        _fake_cuda(monkeypatch, _FakeGraph)
+        monkeypatch.setattr(torch.cuda, "Event", lambda *a, **k: _Event())
+    r = _runner(ion, 23, latent_policy="early")
+    assert r.split and len(r._byte_parts) == 2
+    r.want_graphs = graphs
+    r.run(9)
+    r.run(n - 9)
+    assert (r.graphs is not None) == graphs and (not graphs or len(r.graphs[0]) == 2)
+    assert torch.equal(r.out[:, :n], ref)
 
 
 def test_failed_capture_raises_and_keeps_warm_up_state(ion, monkeypatch):
@@ -223,6 +248,21 @@ def test_cuda_graphs_equal_eager(ion):
     try:
         ref = generate(m, PROMPTS, 70, seed=2, cuda_graphs=False)
         assert generate(m, PROMPTS, 70, seed=2, cuda_graphs=True) == ref
+    finally:
+        ion.to("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_early_flag_graphs_equal_eager_on_cuda(ion):
+    """'early' on a GPU: two byte graphs, the patch flag copied to pinned host memory inside the first and
+    read after an event; the bytes equal the eager runner's."""
+    m = ion.to("cuda")
+    try:
+        ref = _eager_bytes(m, 40, 40)
+        r = _runner(m, 40, latent_policy="early", cuda_graphs=True)
+        r.run(40)
+        assert r.graphs is not None and len(r.graphs[0]) == 2
+        assert torch.equal(r.out[:, :40], ref)
     finally:
         ion.to("cpu")
 

@@ -55,6 +55,7 @@ class IonLlamaDecoder(IncrementalDecoder):
         self.t = torch.zeros(B, dtype=torch.long, device=dev)
         self.prompt_starts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, (G, T) bool) per prefill group
         self.next_start = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.cur_start = torch.zeros(B, dtype=torch.bool, device=dev)  # the fed byte's flag (byte_step_rest)
         self.last_rule = torch.zeros(B, dtype=torch.long, device=dev)
         self.last_x = torch.zeros(B, dtype=torch.long, device=dev)
         self.ent1 = torch.zeros(B, dtype=f32, device=dev)  # entropy at t-1 (about byte t)
@@ -236,9 +237,16 @@ class IonLlamaDecoder(IncrementalDecoder):
         self.n_complete += mask.long()
 
     def byte_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.byte_step_entropy(tokens)
+        return self.byte_step_rest(tokens)
+
+    def byte_step_entropy(self, tokens: torch.Tensor) -> None:
+        """First part of a byte step: the entropy model on the fed byte and, from it, the next byte's patch
+        flag (next_start). Split off so a runner can read that flag while byte_step_rest runs."""
         m, cfg = self.model, self.cfg
         x = tokens.long()
-        t, start = self.t, self.next_start
+        t = self.t
+        self.cur_start.copy_(self.next_start)
         # entropy model (about the byte after x)
         if self.use_entropy:
             em = m.entropy_model
@@ -255,6 +263,28 @@ class IonLlamaDecoder(IncrementalDecoder):
             ent = _entropy_bits_step(em.head(em.norm(h)))
             self.ent2.copy_(self.ent1)
             self.ent1.copy_(ent)
+        # the next byte's patch start (depends only on bytes <= x)
+        tn = t + 1
+        if cfg.patching == "entropy":
+            if cfg.threshold_mode == "monotonic":
+                rule = torch.where(tn >= 2, self.ent1 - self.ent2, torch.zeros_like(self.ent1)) > self.threshold
+            else:
+                rule = self.ent1 > self.threshold
+        elif cfg.patching == "fixed":
+            rule = tn % cfg.fixed_patch_size == 0
+        elif cfg.patching == "space":
+            rule = ~_is_word_byte(x)
+        else:  # byte
+            rule = torch.ones_like(self.cur_start)
+        self.last_rule.copy_(torch.where(rule, tn, self.last_rule))
+        self.next_start.copy_(rule | ((tn - self.last_rule) % cfg.max_patch_size == 0))
+
+    def byte_step_rest(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The rest of a byte step (after byte_step_entropy on the same byte): embedding, encoder, pooling,
+        decoder, head. Returns the next byte's logits."""
+        m = self.model
+        x = tokens.long()
+        t, start = self.t, self.cur_start
         # embedding
         emb = m.embed
         e = emb.bytes(x)
@@ -285,21 +315,6 @@ class IonLlamaDecoder(IncrementalDecoder):
         for st in self.dec:
             h = st.step(h, t)
         logits = m.head(m.norm(h))
-        # the next byte's patch start (depends only on bytes <= x)
-        tn = t + 1
-        if cfg.patching == "entropy":
-            if cfg.threshold_mode == "monotonic":
-                rule = torch.where(tn >= 2, self.ent1 - self.ent2, torch.zeros_like(self.ent1)) > self.threshold
-            else:
-                rule = self.ent1 > self.threshold
-        elif cfg.patching == "fixed":
-            rule = tn % cfg.fixed_patch_size == 0
-        elif cfg.patching == "space":
-            rule = ~_is_word_byte(x)
-        else:  # byte
-            rule = torch.ones_like(start)
-        self.last_rule.copy_(torch.where(rule, tn, self.last_rule))
-        self.next_start.copy_(rule | ((tn - self.last_rule) % cfg.max_patch_size == 0))
         self.last_x.copy_(x)
         self.t += 1
         return logits

@@ -53,8 +53,9 @@ class DecodeRunner:
                  compile_mode: str | None = None):
         """logits: the prefill's (B, V) next-byte logits. latent_policy: 'skip' (read the patch flag on
         the host each byte and run the latent stage only when a row opens a patch), 'always' (run it
-        every byte with a masked commit: no host sync, better for large batches), 'auto' (skip for
-        batch <= 2). compile: False, True or a COMPILE_PRESETS name; compile_mode: torch.compile's mode
+        every byte with a masked commit: no host sync, better for large batches), 'early' (as skip, but the
+        byte stage runs as two graphs, the entropy model and patch flag first: the host reads the flag
+        while the GPU runs the rest of the byte; ionLlama only, else skip), 'auto' (skip for batch <= 2). compile: False, True or a COMPILE_PRESETS name; compile_mode: torch.compile's mode
         instead (with compile=True; for benchmarks). cuda_graphs is ignored
         for decoders that say they cannot be captured (``capturable = False``, e.g. RecomputeDecoder)."""
         self.dec, self.cfg = dec, cfg
@@ -71,20 +72,28 @@ class DecodeRunner:
         self.has_latent = hasattr(dec, "advance_latent")
         if latent_policy == "auto":
             latent_policy = "skip" if B <= 2 else "always"
+        # 'early': the byte stage in two parts (the entropy model and the patch flag first, then the rest),
+        # so with graphs the host reads the flag while the GPU runs the rest of the byte
+        self.split = latent_policy == "early" and self.has_latent and hasattr(dec, "byte_step_entropy")
+        if latent_policy == "early" and not self.split:
+            latent_policy = "skip"
         self.latent_policy = latent_policy
         self.no_rows = torch.zeros(B, dtype=torch.bool, device=dev)
         # does the next iteration need the latent stage? (0-d bool set at the end of each iteration,
         # inside the byte graph: the host reads one flag instead of launching a reduction every byte)
         self.latent_pred = torch.zeros((), dtype=torch.bool, device=dev)
         self._set_pred()
-        self._byte_fn, self._latent_fn = self._iteration, (dec.advance_latent if self.has_latent else None)
+        self._byte_parts = [self._iter_entropy, self._iter_rest] if self.split else [self._iteration]
+        self._latent_fn = dec.advance_latent if self.has_latent else None
         options = compile_options(compile)
         if options is not None:
             # torch.compile takes a mode or options, not both
             kw = dict(mode=compile_mode) if compile_mode else dict(options=options or None)
-            self._byte_fn = torch.compile(self._iteration, dynamic=False, **kw)
+            self._byte_parts = [torch.compile(f, dynamic=False, **kw) for f in self._byte_parts]
             if self.has_latent:
                 self._latent_fn = torch.compile(dec.advance_latent, dynamic=False, **kw)
+        # 'early' with graphs: the flag lands in host memory from inside the first part's graph
+        self.pred_host = torch.zeros(1, dtype=torch.bool, pin_memory=logits.is_cuda) if self.split else None
         self.graphs = None
         self.want_graphs = cuda_graphs and logits.is_cuda and getattr(dec, "capturable", True)
 
@@ -111,6 +120,19 @@ class DecodeRunner:
         self._set_pred()
         self.step_no += 1
 
+    def _iter_entropy(self) -> None:
+        """'early', part 1: sample the byte, run the entropy model on it, set the next byte's patch flag."""
+        tok = sample_next(self.logits, self.cfg, self.seeds, self.step_no, self.noise)
+        self.tok.copy_(tok)
+        self.out.index_put_((self.rows, self.step_no.expand(tok.shape[0])), tok)
+        self.dec.byte_step_entropy(self.tok)
+        self._set_pred()
+
+    def _iter_rest(self) -> None:
+        """'early', part 2: the rest of the byte step."""
+        self.logits.copy_(self.dec.byte_step_rest(self.tok))
+        self.step_no += 1
+
     def _latent_needed(self) -> bool:
         if not self.has_latent:
             return False
@@ -119,7 +141,8 @@ class DecodeRunner:
     def _eager_once(self) -> None:
         if self._latent_needed():
             self._latent_fn(self.dec.next_start)  # always called with the mask: one compiled signature
-        self._byte_fn()
+        for part in self._byte_parts:
+            part()
         self.n_done += 1
 
     def _warm_up(self) -> None:
@@ -150,7 +173,11 @@ class DecodeRunner:
         stream = torch.cuda.current_stream()
         try:
             pool = torch.cuda.graph_pool_handle()
-            g_byte = self._record(self._byte_fn, pool)
+            parts = list(self._byte_parts)
+            if self.split:  # the flag to host memory, inside the first part's graph
+                first = parts[0]
+                parts[0] = lambda: (first(), self.pred_host.copy_(self.latent_pred.view(1), non_blocking=True))
+            g_bytes = [self._record(f, pool) for f in parts]
             g_lat = self._record(lambda: self._latent_fn(self.dec.next_start), pool) if self.has_latent else None
         except Exception as e:
             # torch.cuda.graph does not restore the current stream when ending a failed capture raises
@@ -160,26 +187,40 @@ class DecodeRunner:
                 f"decode with cuda_graphs=False. {self.n_done} bytes were decoded before the capture "
                 "(warm-up); a failed capture can leave torch's CUDA state altered, so decoding does not "
                 "continue from there") from e
-        self.graphs = (g_byte, g_lat)
+        self.graphs = (g_bytes, g_lat)
 
     @torch.no_grad()
     def run(self, n: int, gpu_ms: dict | None = None) -> None:
         """Advance n iterations (n bytes sampled into self.out); never past max_new. gpu_ms: a dict to
-        receive the GPU time of each graph replay ({'byte': [ms, ...], 'latent': [...]}, CUDA events
+        receive the GPU time of each graph replay ({'byte': [ms, ...], 'latent': [...], with 'early' also
+        'byte_rest' for the second part}, CUDA events
         around each replay; for benchmarks: the per-byte wall time minus these is the host's share)."""
         target = min(self.max_new, self.n_done + n)
         if self.want_graphs and self.graphs is None and target - self.n_done > 4:
             self._capture()  # its warm-up iterations count toward target
         timed = [] if gpu_ms is not None and self.graphs is not None else None
+        while self.n_done < target and self.graphs is None:
+            self._eager_once()
+        if self.n_done >= target:
+            return
+        g_bytes, g_lat = self.graphs
+        early = self.split and self.latent_policy == "early"  # (a runner built without the split: as skip)
+        ready = torch.cuda.Event() if early else None
+        need = self._latent_needed()
         while self.n_done < target:
-            if self.graphs is None:
-                self._eager_once()
-                continue
-            g_byte, g_lat = self.graphs
-            if self._latent_needed():
+            if need:
                 self._replay(g_lat, "latent", timed)
-            self._replay(g_byte, "byte", timed)
+            self._replay(g_bytes[0], "byte", timed)
+            if early:
+                ready.record()  # after the first part: the flag is in host memory once this is reached
+            for g in g_bytes[1:]:
+                self._replay(g, "byte_rest", timed)
             self.n_done += 1
+            if early:  # wait for the first part only; the rest of the byte runs meanwhile
+                ready.synchronize()
+                need = bool(self.pred_host[0])
+            elif self.n_done < target:
+                need = self._latent_needed()
         if timed:
             torch.cuda.synchronize()
             for kind, a, b in timed:
