@@ -13,6 +13,7 @@
 #   sg_tests         tests/test_step_graph.py on the GPU (replayed step == eager step; trainer + resume)
 #   p1k_fixed_sg     p1k_fixed with the whole step replayed as one CUDA graph (--step_graph)
 #   p1k_dense, p1k_dense_sg  the dense byte baseline (d384 L8 is the Phase-1 arm: tiny) without / with it
+#   p1k_mamba        the MambaByte arm (d384 L16) with a profile: it trained at 0.30 MB/s, GPU-bound
 # Generation (GPU 1, after its training rows): the decode tests on CUDA, then one bench_generation.py run per
 #   GEN_VARIANTS entry ("name:flags;name:flags"; empty: none).
 # Host-bound training rows are only comparable when nothing compile-heavy shares the host: do not mix them
@@ -20,7 +21,7 @@
 # Env: T (seconds for the whole call, 540), STEPS (20), ROWS_GPU0, ROWS_GPU1, GEN_VARIANTS, GEN_FLAGS.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
-ROWS_GPU0=${ROWS_GPU0-"sg_tests p1k_fixed p1k_fixed_sg p1k_dense p1k_dense_sg"}
+ROWS_GPU0=${ROWS_GPU0-"sg_tests p1k_fixed p1k_fixed_sg p1k_dense p1k_dense_sg p1k_mamba"}
 ROWS_GPU1=${ROWS_GPU1-"selfcheck s8192 p1k_entropy p1k_fixed_ro conv_gate"}
 GEN_VARIANTS=${GEN_VARIANTS-""}
 R=$OUT/speed_ab; mkdir -p "$R/train" "$R/gen"
@@ -58,6 +59,8 @@ rows() {  # rows GPU NAMES...
                    --out "$R/train/tt_p1k_dense.json" ;;
       p1k_dense_sg) step "$L" "${B[@]}" --arms dense:d_model=384,n_layers=8,n_heads=6 --sizes tiny "${p1k[@]}" --compile_mode whole --step_graph \
                       --out "$R/train/tt_p1k_dense_sg.json" ;;
+      p1k_mamba) step "$L" "${B[@]}" --arms mamba:d_model=384,n_layers=16 --sizes tiny "${p1k[@]}" --compile_mode whole \
+                   --profile "$R/train/prof_p1k_mamba" --out "$R/train/tt_p1k_mamba.json" ;;
       *) echo "unknown row $name" >> "$L" ;;
     esac
   done
