@@ -119,7 +119,8 @@ def bench_one(name: str, model_kind: str, size: str, args, text: bytes | None, o
     n_warm = args.warmup
     if args.step_graph:  # the trainer's --step_graph: the whole step (fwd, bwd, AdamW) replayed as one CUDA graph
         opt = make_adamw(model, trainable, 1e-4, 0.0, dev, capturable=True)
-        graphed = StepGraph(fwd, opt, 0.0, lambda: torch.autocast(dev.type, dtype=torch.bfloat16, cache_enabled=False),
+        graphed = StepGraph(fwd, opt, 0.0, lambda: torch.autocast(dev.type, dtype=torch.bfloat16,
+                                                                 enabled=dev.type == "cuda"),
                             warmup=args.warmup, graphs=dev.type == "cuda")
         n_warm += 1  # the next call records the graph: keep it out of the timed steps
     else:

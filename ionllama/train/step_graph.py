@@ -52,9 +52,9 @@ class StepGraph:
                  graphs: bool = True):
         """fwd(x, y) -> dict with 'loss' (and 'bpb', 'n_patches', 'aux_loss' where the model has them).
         optimizer: built for capture (make_adamw(..., capturable=True)). autocast: a
-        callable returning the autocast context (with cache_enabled=False: autocast's weight-cast cache
-        would keep tensors from the capture). graphs=False runs every step eagerly (the same code; for
-        tests on a CPU)."""
+        callable returning the autocast context. The region opens and closes inside the captured step, so
+        autocast's weight-cast cache does not outlive it (it is cleared at exit; the casts are recorded).
+        graphs=False runs every step eagerly (the same code; for tests on a CPU)."""
         self.fwd, self.opt, self.grad_clip, self.autocast = fwd, optimizer, grad_clip, autocast
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         # the graph reads the learning rate from this tensor: set in place each step, shared by every group

@@ -460,10 +460,11 @@ class Trainer:
     def _graphed_train_step(self, step: int) -> dict:
         """--step_graph: the whole step replayed as one CUDA graph (step_graph.py)."""
         if self.step_graph is None or self.step_graph.opt is not self.optimizer:
-            autocast = (lambda: torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=False)) \
-                if self.amp_dtype is not None else contextlib.nullcontext
+            # the trainer's own autocast: the same global state as the experiment's compile warm-up, so
+            # torch.compile's guards hold and nothing recompiles inside the timed budget
             self.step_graph = StepGraph(self.par.train_module(self.phase), self.optimizer, self.args.grad_clip,
-                                        autocast)
+                                        self._autocast)
+        self.fwd.train()
         x, y = self.sampler.get(step, 0)
         if not x.is_cuda:  # a copy from pageable memory blocks the host
             x, y = x.pin_memory(), y.pin_memory()
