@@ -13,13 +13,14 @@ import argparse
 import json
 import re
 import time
+from types import SimpleNamespace
 
 import torch
 
 from ionllama import create_model
 from ionllama.model.flops import flops_per_byte
 from ionllama.train.optim import make_adamw
-from ionllama.train.step_graph import StepGraph
+from ionllama.train.step_graph import StepGraph, step_graph_problem
 
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12}  # dense bf16 datasheet rates (SXM)
 REFERENCE_SWITCHES = {"conv_gate": "conv_gate_uses_triton", "rope_table": "rope_table_uses_op"}  # --reference
@@ -117,6 +118,11 @@ def bench_one(name: str, model_kind: str, size: str, args, text: bytes | None, o
             inductor_config.triton.cudagraph_trees_history_recording = True
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_warm = args.warmup
+    if args.step_graph and dev.type == "cuda":
+        why = step_graph_problem(model, SimpleNamespace(grad_accum=1, seq_len=args.seq_len, compile_mode=args.compile_mode),
+                                 dev, 1, torch.bfloat16)
+        if why:
+            return {"arm": name, "size": size, "error": why}
     if args.step_graph:  # the trainer's --step_graph: the whole step (fwd, bwd, AdamW) replayed as one CUDA graph
         opt = make_adamw(model, trainable, 1e-4, 0.0, dev, capturable=True)
         graphed = StepGraph(fwd, opt, 0.0, lambda: torch.autocast(dev.type, dtype=torch.bfloat16,
