@@ -43,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch_config import update_config
+
 
 @triton.jit
 def _conv_pair(x_base, W, BIAS, t, t_ok, cols, col_ok, D, sxt, swc, K: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -158,12 +160,7 @@ _CONFIG = {"block_t": 32, "block_d": 64, "num_warps": 4, "bwd_block_t": 32, "bwd
 
 def set_conv_gate_config(**kw) -> dict:
     """Set any of _CONFIG's keys; returns the previous configuration."""
-    old = dict(_CONFIG)
-    for key, val in kw.items():
-        if key not in _CONFIG:
-            raise KeyError(f"unknown conv-gate config key {key!r}")
-        _CONFIG[key] = int(val)
-    return old
+    return update_config(_CONFIG, "conv-gate", kw, int)
 
 
 def _rows_per_prog(B: int, T: int, D: int) -> int:

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch_config import update_config
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -274,12 +276,7 @@ def set_attention_config(**kw) -> dict:
     """Set launch configs: fwd/dkdv/dq = (rows per program, num_warps, prefetch: issue the next offset's
     loads before the current offset's math); delta = (rows, num_warps); store_ds: bool.
     Returns the previous configuration."""
-    old = dict(_CONFIG)
-    for key, val in kw.items():
-        if key not in _CONFIG:
-            raise KeyError(f"unknown attention config key {key!r}")
-        _CONFIG[key] = val
-    return old
+    return update_config(_CONFIG, "attention", kw)
 
 
 def _block_d(Dh: int) -> int:

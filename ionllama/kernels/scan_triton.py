@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch_config import update_config
+
 
 @triton.jit
 def _affine_combine(a1, x1, a2, x2):
@@ -204,12 +206,7 @@ def set_scan_config(**kw) -> dict:
     """Set block_t, block_d, num_warps; n_chunks (0 = automatic, else a fixed count); min_programs
     (automatic mode splits time until batch * channel blocks * chunks reaches this); min_chunk (steps).
     Returns the previous configuration."""
-    old = dict(_CONFIG)
-    for key, val in kw.items():
-        if key not in _CONFIG:
-            raise KeyError(f"unknown scan config key {key!r}")
-        _CONFIG[key] = int(val)
-    return old
+    return update_config(_CONFIG, "scan", kw, int)
 
 
 def _chunking(B: int, T: int, D: int) -> tuple[int, int]:
