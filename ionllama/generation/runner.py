@@ -192,9 +192,9 @@ class DecodeRunner:
     @torch.no_grad()
     def run(self, n: int, gpu_ms: dict | None = None) -> None:
         """Advance n iterations (n bytes sampled into self.out); never past max_new. gpu_ms: a dict to
-        receive the GPU time of each graph replay ({'byte': [ms, ...], 'latent': [...], with 'early' also
-        'byte_rest' for the second part}, CUDA events
-        around each replay; for benchmarks: the per-byte wall time minus these is the host's share)."""
+        receive the GPU time of each graph replay, from CUDA events around it: {'byte': [ms, ...],
+        'latent': [...]}, and 'byte_rest' for the second part of a split byte stage. For benchmarks: the
+        wall time per byte minus these is the time the GPU waited for the host."""
         target = min(self.max_new, self.n_done + n)
         if self.want_graphs and self.graphs is None and target - self.n_done > 4:
             self._capture()  # its warm-up iterations count toward target
