@@ -314,6 +314,23 @@ def test_early_flag_graphs_equal_eager_on_cuda(ion):
         ion.to("cpu")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("policy", ["skip", "always"])
+def test_completed_shift_graphs_equal_eager_on_cuda(ion_completed, policy):
+    """latent_shift "completed" on a GPU: three byte graphs, the latent graph between the second and the
+    third (flag from pinned host memory, or every byte with 'always'); the bytes equal the eager runner's."""
+    m = ion_completed.to("cuda")
+    try:
+        ref = _runner(m, 40, latent_policy=policy)
+        ref.run(40)
+        r = _runner(m, 40, latent_policy=policy, cuda_graphs=True)
+        r.run(40)
+        assert r.graphs is not None and len(r.graphs[0]) == 3
+        assert torch.equal(r.out[:, :40], ref.out[:, :40])
+    finally:
+        ion_completed.to("cpu")
+
+
 def test_ngram_hasher_ring_equals_ngram_hashes():
     """The decoder's n-gram ids (powers table, ring buffer, no cat or cumsum) equal the training
     hashes of the same bytes, integer-exact, at every position including the padded start."""
