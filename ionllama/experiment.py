@@ -84,7 +84,8 @@ TASK_ARMS = ("ionllama", "dense", "bpe")
 SWEEP_VARIANTS = {"lr0.5x": {"lr_mult": 0.5}, "lr2x": {"lr_mult": 2.0}, "wide": {"width_mult": 4 / 3},
                   "narrow": {"width_mult": 3 / 4}, "deep": {"depth_mult": 4 / 3}, "shallow": {"depth_mult": 2 / 3}}
 MODEL_KEYS = ("d_model", "n_layers", "n_heads", "d_local", "attention", "local_layers", "patching",
-              "threshold_mode", "max_patch_size", "target_patch_size", "ngram", "pooling", "vocab_size")
+              "threshold_mode", "max_patch_size", "target_patch_size", "ngram", "pooling", "vocab_size",
+              "latent_shift")
 NOMINAL_STEPS = 100_000  # schedule resolution of the time-based plan (steps never reach it)
 WARMUP_FRAC = 0.02
 JOINT_FRAC = 0.1

@@ -21,6 +21,12 @@ CONFIGS = [dict(patching=p, attention=a, local_layers=l)
                                             ["integral", "transformer"])]
 CONFIGS += [dict(patching="entropy", threshold_mode="monotonic"), dict(pooling="attention"), dict(ngram="conv"),
             dict(ngram="none")]
+# latent_shift "completed" (the last byte of a patch sees its own patch's latent): every patching mode,
+# both attention modes, the monotonic threshold and the max-size cap (max_patch_size 5 < the space runs)
+CONFIGS += [dict(patching=p, attention=a, latent_shift="completed")
+            for p, a in itertools.product(["entropy", "fixed", "space", "byte"], ["dilated", "dense"])]
+CONFIGS += [dict(patching="entropy", threshold_mode="monotonic", latent_shift="completed"),
+            dict(patching="fixed", local_layers="transformer", latent_shift="completed")]
 
 
 def _model(cfg, train_mode):
@@ -68,9 +74,10 @@ def test_rows_have_different_patch_counts_and_match_single_row():
         assert torch.allclose(out["logits"][r], single["logits"][0], atol=1e-9)
 
 
-def test_gradient_of_past_output_wrt_future_input_is_zero():
+@pytest.mark.parametrize("shift", ["previous", "completed"])
+def test_gradient_of_past_output_wrt_future_input_is_zero(shift):
     """Same invariant through autograd: d logits[:, :i+1] / d embedding[:, i+1:] == 0."""
-    m = _model(dict(patching="fixed"), True)
+    m = _model(dict(patching="fixed", latent_shift=shift), True)
     x = torch.randint(0, 256, (2, 24))
     emb = {}
 
@@ -86,3 +93,21 @@ def test_gradient_of_past_output_wrt_future_input_is_zero():
     out["logits"][:, : i + 1].sum().backward()
     assert emb["e"].grad[:, i + 1:].abs().max() == 0
     assert emb["e"].grad[:, : i + 1].abs().max() > 0
+
+
+@pytest.mark.parametrize("patching", ["fixed", "space", "byte", "entropy"])
+def test_completed_shift_shows_the_closing_byte_its_own_patch(patching):
+    """latent_shift 'completed' changes the output of every byte that closes its patch (byte t+1 starts
+    one, including the window's last byte when byte T would) and nothing before the first such byte
+    (later bytes differ too: the local decoder carries state along the bytes)."""
+    x = torch.tensor([list(b"ab cd efgh ijklmnopq r s")])
+    outs = {}
+    for shift in ("previous", "completed"):
+        m = _model(dict(patching=patching, latent_shift=shift), False)
+        with torch.no_grad():
+            outs[shift] = m(x)
+    starts, _, _, nxt = m.patches(x, outs["completed"]["entropy"], with_next=True)
+    closes = torch.cat([starts[:, 1:], nxt[:, None]], 1)[0]
+    diff = (outs["previous"]["logits"] - outs["completed"]["logits"])[0].abs().amax(-1)
+    first = int(closes.float().argmax())
+    assert closes.any() and (diff[closes] > 1e-6).all() and (diff[:first] == 0).all()

@@ -33,6 +33,19 @@ def ion():
 
 
 @pytest.fixture(scope="module")
+def ion_completed():
+    """As `ion`, with latent_shift "completed": the latent stage runs inside the byte (3 byte parts)."""
+    torch.manual_seed(1)
+    m = create_model("tiny", **TINY, patching="entropy", latent_shift="completed").eval()
+    with torch.no_grad():
+        m.head.weight.mul_(30.0)
+        m.from_latent.weight.mul_(30.0)  # the latent visibly moves the logits
+        ent = m.entropy_model(torch.randint(0, 256, (2, 64)))["entropy"].flatten()
+        m.entropy_threshold.fill_(float(ent.median()))
+    return m
+
+
+@pytest.fixture(scope="module")
 def dense():
     torch.manual_seed(2)
     return create_model("tiny", model="dense", d_model=32, n_layers=2, n_heads=2).eval()
@@ -80,13 +93,13 @@ def _state_tensors(obj) -> dict:
     return out
 
 
-@pytest.mark.parametrize("kind", ["ion", "dense", "mamba"])
-def test_decode_steps_update_state_in_place(kind, ion, dense):
+@pytest.mark.parametrize("kind", ["ion", "ion_completed", "dense", "mamba"])
+def test_decode_steps_update_state_in_place(kind, ion, ion_completed, dense):
     """What the runner captures as a CUDA graph must only write into the decoder's existing tensors: a
     graph replays on the tensors it recorded, and capture runs no kernels, so neither a replay nor a
     (failed) capture may leave Python attributes pointing at other tensors. MambaDecoder used to rebind
     its cache every step: a captured graph would have kept reading the pre-capture state."""
-    model = {"ion": ion, "dense": dense}.get(kind) or create_model("tiny", model="mamba", d_model=32, n_layers=2).eval()
+    model = {"ion": ion, "ion_completed": ion_completed, "dense": dense}.get(kind) or create_model("tiny", model="mamba", d_model=32, n_layers=2).eval()
     r = _runner(model, 10, latent_policy="always")  # the latent stage runs every byte
     dec = r.dec
     assert dec.capturable
@@ -200,6 +213,40 @@ def test_early_flag_policy_gives_the_same_bytes(ion, monkeypatch, graphs):
     assert torch.equal(r.out[:, :n], ref)
 
 
+@pytest.mark.parametrize("policy,graphs", [("skip", False), ("always", False), ("early", False),
+                                           ("skip", True), ("always", True)])
+def test_completed_shift_runner_gives_the_bytes_of_the_recompute_decoder(ion_completed, monkeypatch, policy,
+                                                                         graphs):
+    """latent_shift "completed": three byte parts with the latent stage between the pooling and the
+    decoder (flag read after part 1, or the latent every byte with 'always'; graphs are CPU fakes that
+    record without running, as CUDA does) sample exactly the bytes of the full forward rerun per byte."""
+    from ionllama.generation import RecomputeDecoder
+
+    class _Event:
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+    n = 23
+    dec = RecomputeDecoder(ion_completed, 2, 64)
+    logits = dec.prefill([list(b"ab c"), list(b"d")])
+    ref = DecodeRunner(dec, SamplingConfig(temperature=1.0), torch.tensor([3, 4]), logits, n)
+    ref.run(n)
+    if graphs:
+        _fake_cuda(monkeypatch, _FakeGraph)
+        monkeypatch.setattr(torch.cuda, "Event", lambda *a, **k: _Event())
+    r = _runner(ion_completed, n, latent_policy=policy)
+    assert r.completed and r.split and len(r._byte_parts) == 3
+    r.want_graphs = graphs
+    r.run(9)
+    r.run(n - 9)
+    assert (r.graphs is not None) == graphs and (not graphs or len(r.graphs[0]) == 3)
+    assert int(r.dec.n_complete.min()) >= 3  # patches were committed along the way
+    assert torch.equal(r.out[:, :n], ref.out[:, :n])
+
+
 def test_failed_capture_raises_and_keeps_warm_up_state(ion, monkeypatch):
     """A failed capture raises a clear error (no silent fallback), with the current stream restored;
     the runner holds exactly the warm-up's bytes."""
@@ -265,6 +312,23 @@ def test_early_flag_graphs_equal_eager_on_cuda(ion):
         assert torch.equal(r.out[:, :40], ref)
     finally:
         ion.to("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("policy", ["skip", "always"])
+def test_completed_shift_graphs_equal_eager_on_cuda(ion_completed, policy):
+    """latent_shift "completed" on a GPU: three byte graphs, the latent graph between the second and the
+    third (flag from pinned host memory, or every byte with 'always'); the bytes equal the eager runner's."""
+    m = ion_completed.to("cuda")
+    try:
+        ref = _runner(m, 40, latent_policy=policy)
+        ref.run(40)
+        r = _runner(m, 40, latent_policy=policy, cuda_graphs=True)
+        r.run(40)
+        assert r.graphs is not None and len(r.graphs[0]) == 3
+        assert torch.equal(r.out[:, :40], ref.out[:, :40])
+    finally:
+        ion_completed.to("cpu")
 
 
 def test_ngram_hasher_ring_equals_ngram_hashes():

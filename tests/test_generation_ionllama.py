@@ -32,6 +32,12 @@ CONFIGS = [dict(patching=p, attention=a, local_layers=l)
                                             ["integral", "transformer"])]
 CONFIGS += [dict(patching="entropy", threshold_mode="monotonic"), dict(patching="space", pooling="attention"),
             dict(patching="fixed", ngram="conv"), dict(patching="entropy", ngram="none", attention="dense")]
+# latent_shift "completed" (a patch is committed inside the step of its last byte): every patching mode,
+# both attention modes, the monotonic threshold, transformer local layers
+CONFIGS += [dict(patching=p, attention=a, latent_shift="completed")
+            for p, a in itertools.product(["entropy", "fixed", "space", "byte"], ["dilated", "dense"])]
+CONFIGS += [dict(patching="entropy", threshold_mode="monotonic", latent_shift="completed"),
+            dict(patching="space", local_layers="transformer", latent_shift="completed")]
 
 ALPHABET = torch.tensor(list(b"abc de f\n.") + [200, 255])
 
@@ -88,7 +94,8 @@ def test_incremental_logits_equal_parallel_forward(cfg):
         assert (n_patches >= 8).all() and (n_patches <= T - 8).all() or m.config.patching == "byte"
         fed = [torch.cat([s, torch.zeros(p - 1, dtype=torch.long)]) for s, p in zip(seqs, prompt_lens)]
         fed_patches = torch.stack([m(f[None])["n_patches"][0] for f in fed])
-        assert torch.equal(dec.n_complete + 1, fed_patches)  # one latent step per completed patch
+        # one latent step per completed patch ("completed": the last patch too once the next byte would open one)
+        assert torch.equal(dec.n_complete + 1, fed_patches + (dec.next_start.long() if dec.completed else 0))
         # the latent path matters: without its context the logits are far off
         dec2 = decoder_for(m, 3, T + max(prompt_lens))
         dec2.prefill([s[:1].tolist() for s in seqs])
@@ -98,8 +105,11 @@ def test_incremental_logits_equal_parallel_forward(cfg):
 
 
 @pytest.mark.parametrize("cfg", [dict(patching="entropy"), dict(patching="space", local_layers="transformer",
-                                                                     attention="dense")],
-                         ids=["entropy-dilated-integral", "space-dense-transformer"])
+                                                                     attention="dense"),
+                                 dict(patching="entropy", latent_shift="completed"),
+                                 dict(patching="fixed", attention="dense", latent_shift="completed")],
+                         ids=["entropy-dilated-integral", "space-dense-transformer", "entropy-completed",
+                              "fixed-dense-completed"])
 def test_ionllama_batched_generation_equals_single(cfg):
     m = build(cfg, text_like(2, 48, seed=9))
     prompts = [b"abc de", b"f", "a longer prompt. ab de\n", [97, 32, 98]]
@@ -110,14 +120,15 @@ def test_ionllama_batched_generation_equals_single(cfg):
         assert batched == generate(m, prompts, 24, seed=3, decoder="recompute", **kw)
 
 
-def test_stepwise_check_separates_cache_errors_from_threshold_ties():
+@pytest.mark.parametrize("shift", ["previous", "completed"])
+def test_stepwise_check_separates_cache_errors_from_threshold_ties(shift):
     """The GPU benchmark's check: with the decoder's own boundaries the logits must agree even when a
     boundary decision differs from the parallel forward's (simulated here by nudging the decoder's
     threshold, as kernel arithmetic does to an entropy sitting on the threshold)."""
     from ionllama.generation.check import stepwise_vs_parallel
 
     seqs = text_like(2, 40, seed=7)
-    m = build(dict(patching="entropy"), seqs)
+    m = build(dict(patching="entropy", latent_shift=shift), seqs)
     res = stepwise_vs_parallel(m, seqs, prompt_len=5)
     assert res["patches_match"] and res["boundary_disagreements"] == 0
     assert res["max_abs_err_own_boundaries"] < 1e-4 and res["max_abs_err_same_boundaries"] < 1e-4

@@ -28,12 +28,15 @@ def stepwise_vs_parallel(model, x: torch.Tensor, prompt_len: int) -> dict:
         logits.append(dec.step(x[:, t]))
     got = torch.stack(logits[:-1], 1)  # predictions for bytes prompt_len .. T-1
     own = model(x)
-    same = model(x, patch_starts=starts)
+    # + the flag of the byte after x (does x's last byte close its patch? read by latent_shift "completed")
+    same = model(x, patch_starts=torch.cat([starts, dec.next_start[:, None]], 1))
     ref_own, ref_same = own["logits"][:, prompt_len - 1:T - 1], same["logits"][:, prompt_len - 1:T - 1]
     out = {
         "max_abs_err_same_boundaries": float((got - ref_same).abs().max()),
         "max_abs_err_own_boundaries": float((got - ref_own).abs().max()),
-        "patches_match": bool(torch.equal(dec.n_complete + 1, own["n_patches"])),
+        # ("completed" has also committed the last patch when the byte after x would open one)
+        "patches_match": bool(torch.equal(dec.n_complete + 1 - dec.completed * dec.next_start.long(),
+                                          own["n_patches"])),
     }
     ent = own.get("entropy")
     if ent is not None and model.config.patching == "entropy":

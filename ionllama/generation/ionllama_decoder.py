@@ -15,6 +15,10 @@ A byte step is split in two so that both parts have static shapes (CUDA graphs):
 latent step (dilated: gather only the cached keys at offsets {0..w-1} U {2^k}); rows that do not
 start a patch compute it too but keep their state (masked commit), and
 ``byte_step(x)`` - entropy, embedding, encoder, accumulator, decoder, head, next start decision.
+With latent_shift "completed" the byte's own decoder must see the patch it closes, so the latent step
+sits inside the byte: ``byte_step_entropy`` (entropy, next start flag = "this byte closes its patch"),
+``byte_step_encode`` (embedding, encoder, accumulator), ``advance_latent`` when the flag is set,
+``byte_step_decode`` (decoder, head); ``step`` does this.
 Prefill runs the model's parallel forward over the prompt (rows grouped by length) and reads the
 final states from it.
 """
@@ -49,6 +53,8 @@ class IonLlamaDecoder(IncrementalDecoder):
         super().__init__(model, batch_size, max_len)
         cfg, B, dev, dt = model.config, batch_size, self.device, self.dtype
         self.cfg = cfg
+        # latent_shift "completed": commit a patch after its last byte's pooling, before that byte's decoder
+        self.completed = cfg.latent_shift == "completed"
         self.threshold = float(model.entropy_threshold)
         f32 = torch.float32
         # position / patcher state
@@ -84,6 +90,7 @@ class IonLlamaDecoder(IncrementalDecoder):
         self.acc_num = torch.zeros(B, dl, dtype=f32, device=dev)
         self.acc_den = torch.zeros(B, dtype=f32, device=dev)
         self.acc_max = torch.full((B,), float("-inf"), dtype=f32, device=dev)
+        self.e_cur = torch.zeros(B, dl, device=dev, dtype=dt)  # encoder output between encode and decode
         # latent
         lat = model.latent
         attn0 = lat.blocks[0].attn
@@ -187,11 +194,16 @@ class IonLlamaDecoder(IncrementalDecoder):
             z = z + blk.ffn(blk.norm2(z))
         z = m.from_latent(m.latent.norm(z))
         start_vec = m.latent_start.to(z.dtype).expand(G, 1, -1)
-        z_prev = torch.cat([start_vec, z[:, :-1]], dim=1)  # (G, P, dl): context for patch p
-        self.ctx[rows] = z_prev.gather(1, (n_patches - 1).view(G, 1, 1).expand(G, 1, z.shape[-1]))[:, 0]
-        self.n_complete[rows] = n_patches - 1
+        z_ext = torch.cat([start_vec, z], dim=1)  # (G, P + 1, dl): latent after j completed patches
+        # the context of byte t: patch b2p[t] - 1's output (z_ext[b2p]); with "completed" a byte that
+        # closes its patch (starts[t + 1], the last one decided one byte past the prompt) gets its own
+        idx, n_done = b2p, n_patches - 1
+        if self.completed:
+            idx, n_done = b2p + starts[:, 1:].long(), n_done + starts[:, T].long()
+        self.ctx[rows] = z_ext.gather(1, n_done.view(G, 1, 1).expand(G, 1, z.shape[-1]))[:, 0]
+        self.n_complete[rows] = n_done
         # decoder
-        h = e + torch.gather(z_prev, 1, b2p[..., None].expand(G, T, z_prev.shape[-1]))
+        h = e + torch.gather(z_ext, 1, idx[..., None].expand(G, T, z_ext.shape[-1]))
         for st in self.dec:
             h = st.prefill(h, rows)
         return m.head(m.norm(h[:, -1]))
@@ -199,13 +211,23 @@ class IonLlamaDecoder(IncrementalDecoder):
     # ------------------------------------------------------------------ incremental steps
     @torch.no_grad()
     def step(self, tokens):
-        if bool(self.next_start.any()):  # host decision: skip the latent when no row opens a patch
+        # host decision: skip the latent when no row opens a patch
+        if not self.completed:
+            if bool(self.next_start.any()):
+                self.advance_latent()
+            return self.byte_step(tokens)
+        # "completed": the patch this byte closes is committed after its pooling, before its decoder
+        self.byte_step_entropy(tokens)
+        self.byte_step_encode(tokens)
+        if bool(self.next_start.any()):
             self.advance_latent()
-        return self.byte_step(tokens)
+        return self.byte_step_decode(tokens)
 
     def advance_latent(self, mask: torch.Tensor | None = None) -> None:
         """Close the open patch of rows whose next byte starts a patch; one latent step for them.
-        mask (B,) bool overrides which rows commit (default: next_start; all-False is a no-op)."""
+        mask (B,) bool overrides which rows commit (default: next_start; all-False is a no-op).
+        "previous": called before the byte that opens the next patch; "completed": after the pooling of
+        the byte that closes the patch (byte_step_encode), before its decoder."""
         m, B, H, Dh = self.model, self.batch_size, self.H, self.Dh
         if mask is None:
             mask = self.next_start
@@ -237,6 +259,8 @@ class IonLlamaDecoder(IncrementalDecoder):
         self.n_complete += mask.long()
 
     def byte_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """A whole byte step without the latent stage ("previous" only: "completed" needs the latent
+        between byte_step_encode and byte_step_decode)."""
         self.byte_step_entropy(tokens)
         return self.byte_step_rest(tokens)
 
@@ -282,6 +306,17 @@ class IonLlamaDecoder(IncrementalDecoder):
     def byte_step_rest(self, tokens: torch.Tensor) -> torch.Tensor:
         """The rest of a byte step (after byte_step_entropy on the same byte): embedding, encoder, pooling,
         decoder, head. Returns the next byte's logits."""
+        return self._decode(tokens, self._encode(tokens))
+
+    def byte_step_encode(self, tokens: torch.Tensor) -> None:
+        """"completed", part 2 (after byte_step_entropy): embedding, encoder, pooling accumulator."""
+        self.e_cur.copy_(self._encode(tokens))
+
+    def byte_step_decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """"completed", part 3 (after the latent stage if this byte closed a patch): decoder, head."""
+        return self._decode(tokens, self.e_cur)
+
+    def _encode(self, tokens: torch.Tensor) -> torch.Tensor:
         m = self.model
         x = tokens.long()
         t, start = self.t, self.cur_start
@@ -310,7 +345,11 @@ class IonLlamaDecoder(IncrementalDecoder):
         self.acc_num.copy_(num * a[:, None] + b[:, None] * e.float())
         self.acc_den.copy_(den * a + b)
         self.acc_max.copy_(new_max)
-        # decoder
+        return e
+
+    def _decode(self, tokens: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        m, t = self.model, self.t
+        x = tokens.long()
         h = e + self.ctx
         for st in self.dec:
             h = st.step(h, t)

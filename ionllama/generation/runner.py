@@ -9,6 +9,11 @@ replayed: the per-byte cost becomes the GPU time of the kernels, not Python and 
 Optionally the stages are compiled with torch.compile before capture (fewer, fused kernels).
 Graph replay runs exactly the kernels of the eager iteration, so results do not depend on it.
 
+With latent_shift "completed" (ionLlama) the latent stage sits inside the iteration, between the byte's
+pooling and its decoder: three byte parts (entropy + patch flag; embedding, encoder, pooling; decoder,
+head), the flag read by the host after the first part as with 'early', and the latent graph replayed
+between the second and third parts.
+
 At batch <= 2 (latent_policy 'skip') the host reads a one-element flag, set inside the byte graph,
 after every byte to decide whether to replay the latent graph: one host sync and two graph launches
 per byte. Capture happens on the first ``run`` that asks for more than 4 bytes: 3 real
@@ -55,9 +60,11 @@ class DecodeRunner:
         the host each byte and run the latent stage only when a row opens a patch), 'always' (run it
         every byte with a masked commit: no host sync, better for large batches), 'early' (as skip, but the
         byte stage runs as two graphs, the entropy model and patch flag first: the host reads the flag
-        while the GPU runs the rest of the byte; ionLlama only, else skip), 'auto' (skip for batch <= 2). compile: False, True or a COMPILE_PRESETS name; compile_mode: torch.compile's mode
-        instead (with compile=True; for benchmarks). cuda_graphs is ignored
-        for decoders that say they cannot be captured (``capturable = False``, e.g. RecomputeDecoder)."""
+        while the GPU runs the rest of the byte; ionLlama only, else skip; with latent_shift "completed" the
+        same as skip, which reads the flag that way there), 'auto' (skip for batch <= 2).
+        compile: False, True or a COMPILE_PRESETS name; compile_mode: torch.compile's mode instead (with
+        compile=True; for benchmarks). cuda_graphs is ignored for decoders that say they cannot be
+        captured (``capturable = False``, e.g. RecomputeDecoder)."""
         self.dec, self.cfg = dec, cfg
         B, dev = logits.shape[0], logits.device
         self.seeds = seeds
@@ -70,20 +77,24 @@ class DecodeRunner:
         self.max_new = max_new
         self.n_done = 0
         self.has_latent = hasattr(dec, "advance_latent")
+        # latent_shift "completed": the latent stage runs inside the byte, after its pooling (3 byte parts)
+        self.completed = self.has_latent and getattr(dec, "completed", False)
         if latent_policy == "auto":
             latent_policy = "skip" if B <= 2 else "always"
         # 'early': the byte stage in two parts (the entropy model and the patch flag first, then the rest),
         # so with graphs the host reads the flag while the GPU runs the rest of the byte
-        self.split = latent_policy == "early" and self.has_latent and hasattr(dec, "byte_step_entropy")
-        if latent_policy == "early" and not self.split:
-            latent_policy = "skip"
+        self.split = (latent_policy == "early" or self.completed) and self.has_latent \
+            and hasattr(dec, "byte_step_entropy")
+        if latent_policy == "early" and (not self.split or self.completed):
+            latent_policy = "skip"  # "completed" reads the flag after part 1 under 'skip' anyway
         self.latent_policy = latent_policy
         self.no_rows = torch.zeros(B, dtype=torch.bool, device=dev)
         # does the next iteration need the latent stage? (0-d bool set at the end of each iteration,
         # inside the byte graph: the host reads one flag instead of launching a reduction every byte)
         self.latent_pred = torch.zeros((), dtype=torch.bool, device=dev)
         self._set_pred()
-        self._byte_parts = [self._iter_entropy, self._iter_rest] if self.split else [self._iteration]
+        self._byte_parts = [self._iter_entropy, self._iter_encode, self._iter_decode] if self.completed \
+            else [self._iter_entropy, self._iter_rest] if self.split else [self._iteration]
         self._latent_fn = dec.advance_latent if self.has_latent else None
         options = compile_options(compile)
         if options is not None:
@@ -133,15 +144,27 @@ class DecodeRunner:
         self.logits.copy_(self.dec.byte_step_rest(self.tok))
         self.step_no += 1
 
+    def _iter_encode(self) -> None:
+        """"completed", part 2: embedding, encoder, pooling (the latent stage may follow)."""
+        self.dec.byte_step_encode(self.tok)
+
+    def _iter_decode(self) -> None:
+        """"completed", part 3: decoder and head, with the latent of the patch this byte closed, if any."""
+        self.logits.copy_(self.dec.byte_step_decode(self.tok))
+        self.step_no += 1
+
     def _latent_needed(self) -> bool:
         if not self.has_latent:
             return False
         return self.latent_policy == "always" or bool(self.latent_pred)
 
     def _eager_once(self) -> None:
-        if self._latent_needed():
-            self._latent_fn(self.dec.next_start)  # always called with the mask: one compiled signature
-        for part in self._byte_parts:
+        # "previous": the latent stage before the byte (flag set by the last byte); "completed": before
+        # the byte's decoder (flag set by this byte's part 1)
+        at = 2 if self.completed else 0
+        for i, part in enumerate(self._byte_parts):
+            if i == at and self._latent_needed():
+                self._latent_fn(self.dec.next_start)  # always called with the mask: one compiled signature
             part()
         self.n_done += 1
 
@@ -193,8 +216,9 @@ class DecodeRunner:
     def run(self, n: int, gpu_ms: dict | None = None) -> None:
         """Advance n iterations (n bytes sampled into self.out); never past max_new. gpu_ms: a dict to
         receive the GPU time of each graph replay, from CUDA events around it: {'byte': [ms, ...],
-        'latent': [...]}, and 'byte_rest' for the second part of a split byte stage. For benchmarks: the
-        wall time per byte minus these is the time the GPU waited for the host."""
+        'latent': [...]}, and 'byte_rest' for the later parts of a split byte stage ('early', latent_shift
+        "completed"). For benchmarks: the wall time per byte minus these is the time the GPU waited for
+        the host."""
         target = min(self.max_new, self.n_done + n)
         if self.want_graphs and self.graphs is None and target - self.n_done > 4:
             self._capture()  # its warm-up iterations count toward target
@@ -204,6 +228,35 @@ class DecodeRunner:
         if self.n_done >= target:
             return
         g_bytes, g_lat = self.graphs
+        if self.completed:
+            self._replay_completed(target, g_bytes, g_lat, timed)
+        else:
+            self._replay_previous(target, g_bytes, g_lat, timed)
+        if timed:
+            torch.cuda.synchronize()
+            for kind, a, b in timed:
+                gpu_ms.setdefault(kind, []).append(a.elapsed_time(b))
+
+    def _replay_completed(self, target: int, g_bytes, g_lat, timed) -> None:
+        """"completed": part 1 (flag to host memory), part 2, [latent], part 3. The host waits for part 1
+        only; part 2 is already queued, so the GPU runs it while the host decides."""
+        read_flag = self.latent_policy != "always"
+        ready = torch.cuda.Event() if read_flag else None
+        while self.n_done < target:
+            self._replay(g_bytes[0], "byte", timed)
+            if read_flag:
+                ready.record()
+            self._replay(g_bytes[1], "byte_rest", timed)
+            need = True
+            if read_flag:
+                ready.synchronize()
+                need = bool(self.pred_host[0])
+            if need:
+                self._replay(g_lat, "latent", timed)
+            self._replay(g_bytes[2], "byte_rest", timed)
+            self.n_done += 1
+
+    def _replay_previous(self, target: int, g_bytes, g_lat, timed) -> None:
         early = self.split and self.latent_policy == "early"  # (a runner built without the split: as skip)
         ready = torch.cuda.Event() if early else None
         need = self._latent_needed()
@@ -221,10 +274,6 @@ class DecodeRunner:
                 need = bool(self.pred_host[0])
             elif self.n_done < target:
                 need = self._latent_needed()
-        if timed:
-            torch.cuda.synchronize()
-            for kind, a, b in timed:
-                gpu_ms.setdefault(kind, []).append(a.elapsed_time(b))
 
     @staticmethod
     def _replay(graph, kind: str, timed: list | None) -> None:

@@ -4,10 +4,12 @@
           -> pool each patch -> latent transformer over patches (dilated or dense attention)
           -> byte t gets the latent output of the last patch that ended before t (+ its encoder
              state) -> IntegralLNN decoder -> 256-way head.
+             (latent_shift "completed": the last byte of a patch gets that patch's own latent output.)
 
 Patch boundaries come from the frozen entropy model (or fixed/space/byte rules) and depend only on
-earlier bytes; the latent vector of patch p reaches only bytes of later patches. Hence output t never
-depends on bytes > t (tests/test_causality.py proves it for every configuration).
+earlier bytes; the latent vector of patch p reaches only bytes of later patches (and, with "completed",
+p's last byte). Hence output t never depends on bytes > t (tests/test_causality.py proves it for every
+configuration).
 """
 from __future__ import annotations
 
@@ -67,7 +69,8 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
                               ("attention", cfg.attention, ("dilated", "dense")),
                               ("local_layers", cfg.local_layers, ("integral", "transformer")),
                               ("ngram", cfg.ngram, ("hash", "conv", "none")),
-                              ("pooling", cfg.pooling, ("mean", "attention"))]:
+                              ("pooling", cfg.pooling, ("mean", "attention")),
+                              ("latent_shift", cfg.latent_shift, ("previous", "completed"))]:
             if val not in ok:
                 from ..errors import UserError
                 raise UserError(f"unknown {name} '{val}'; choose one of {', '.join(ok)}")
@@ -132,18 +135,20 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
                 return self.entropy_model(x)["entropy"], None
         return self.entropy_model(x), True
 
-    def patches(self, x: torch.Tensor, entropy: torch.Tensor | None):
+    def patches(self, x: torch.Tensor, entropy: torch.Tensor | None, with_next: bool = False):
         c = self.config
         # the threshold goes in as a tensor: as a Python float torch.compile would specialise on its value
         # and recompile the whole forward after every calibration (seen: ~19 s of a 75 s H200 budget)
         return compute_patches(x, entropy, c.patching, self.entropy_threshold, c.threshold_mode,
-                               c.max_patch_size, c.fixed_patch_size)
+                               c.max_patch_size, c.fixed_patch_size, with_next)
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None,
                 patch_starts: torch.Tensor | None = None) -> dict:
         """patch_starts: optional (B, T) bool, patch boundaries to use instead of the patcher's (e.g. the
         ones generation decided, to compare its logits with this forward where a threshold tie could
-        decide differently in two kernels' arithmetic)."""
+        decide differently in two kernels' arithmetic). With latent_shift "completed" it is (B, T + 1):
+        the last column says whether byte T (after the window) starts a patch, i.e. whether byte T-1
+        closes its patch."""
         x = x.long()
         B, T = x.shape
         entropy, trainable = self.compute_entropy(x)
@@ -155,10 +160,17 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
                 import torch.nn.functional as F
                 aux_loss = F.cross_entropy(ent_out["logits"].float().reshape(-1, 256), targets.reshape(-1),
                                            ignore_index=-100)
+        completed = self.config.latent_shift == "completed"
         if patch_starts is None:
-            _, b2p, n_patches = self.patches(x, entropy)
+            starts, b2p, n_patches, *next_start = self.patches(x, entropy, with_next=completed)
         else:
-            b2p, n_patches = patch_ids(patch_starts.bool() | (torch.arange(T, device=x.device) == 0))
+            if completed and patch_starts.shape[1] != T + 1:
+                from ..errors import UserError
+                raise UserError(f"latent_shift 'completed' needs patch_starts of T + 1 = {T + 1} columns "
+                                f"(the last: does the byte after the window start a patch); got {patch_starts.shape[1]}")
+            starts = patch_starts[:, :T].bool() | (torch.arange(T, device=x.device) == 0)
+            next_start = [patch_starts[:, T].bool()] if completed else []
+            b2p, n_patches = patch_ids(starts)
         # The latent length, rounded up to a multiple of PATCH_PAD so torch.compile sees few shapes;
         # padding patches sit after every real one, so causal attention never lets a real patch see
         # them. Fixed and byte patching give every row the same count, known from T: no host sync, so
@@ -171,9 +183,19 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
             e = layer(e)
         z = self.latent(self.to_latent(self.pool(e, b2p, P)))  # (B, P, d_model)
         z = self.from_latent(z)
-        # patch p's latent output is shown to the bytes of patch p+1: shift right by one patch
-        z_prev = torch.cat([self.latent_start.to(z.dtype).expand(B, 1, -1), z[:, :-1]], dim=1)
-        h = e + torch.gather(z_prev, 1, b2p[..., None].expand(B, T, z_prev.shape[-1]))
+        start_vec = self.latent_start.to(z.dtype).expand(B, 1, -1)
+        if completed:
+            # byte t that closes its patch (byte t+1 starts one) sees its own patch's latent: that patch
+            # holds bytes <= t only, and whether t closes it depends only on bytes <= t. Other bytes see
+            # the previous patch's. z_ext[j] = latent after j completed patches (j = 0: latent_start).
+            closes = torch.cat([starts[:, 1:], next_start[0][:, None]], dim=1)
+            z_ext = torch.cat([start_vec, z], dim=1)
+            idx = b2p + closes.long()
+            h = e + torch.gather(z_ext, 1, idx[..., None].expand(B, T, z_ext.shape[-1]))
+        else:
+            # patch p's latent output is shown to the bytes of patch p+1: shift right by one patch
+            z_prev = torch.cat([start_vec, z[:, :-1]], dim=1)
+            h = e + torch.gather(z_prev, 1, b2p[..., None].expand(B, T, z_prev.shape[-1]))
         for layer in self.decoder:
             h = layer(h)
         logits = self.head(self.norm(h))

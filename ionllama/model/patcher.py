@@ -57,9 +57,19 @@ def patch_ids(starts: torch.Tensor):
     return b2p, b2p[:, -1] + 1
 
 
-def compute_patches(x, entropy, mode, threshold, threshold_mode="global", max_patch_size=8, fixed_size=4):
+def compute_patches(x, entropy, mode, threshold, threshold_mode="global", max_patch_size=8, fixed_size=4,
+                    with_next: bool = False):
+    """-> starts (B, T) bool, byte_to_patch, n_patches; with_next also next_start (B,) bool: does byte T,
+    the first byte after the window, start a patch? Every rule reads only bytes < T, so it is decided
+    here by the same rules one position on (x and entropy padded by one unread value)."""
+    if with_next:
+        T = x.shape[1]
+        x = torch.nn.functional.pad(x, (0, 1))
+        entropy = torch.nn.functional.pad(entropy, (0, 1)) if entropy is not None else None
     starts = cap_patches(rule_starts(x, entropy, mode, threshold, threshold_mode, fixed_size), max_patch_size)
-    return starts, *patch_ids(starts)
+    if not with_next:
+        return starts, *patch_ids(starts)
+    return starts[:, :T], *patch_ids(starts[:, :T]), starts[:, T]
 
 
 def calibrate_threshold(x: torch.Tensor, entropy: torch.Tensor, target: float, threshold_mode: str = "global",
