@@ -123,7 +123,9 @@ class Bench:
             runner.run(max(0, min(TIMED_BYTES, runner.max_new - runner.n_done, room)), gpu_ms=gpu)
             n_bytes = len(gpu.get("byte", []))
             if n_bytes:
-                per_byte = [a + b for a, b in zip(gpu["byte"], gpu.get("byte_rest", [0.0] * n_bytes))]
+                rest = gpu.get("byte_rest", [])
+                k = len(rest) // n_bytes  # later parts per byte: 0, 1 ('early') or 2 (latent_shift "completed")
+                per_byte = [a + sum(rest[i * k:(i + 1) * k]) for i, a in enumerate(gpu["byte"])]
                 row["gpu_ms_byte_graph"] = sorted(per_byte)[n_bytes // 2]
                 row["gpu_ms_latent_graph"] = sorted(gpu["latent"])[len(gpu["latent"]) // 2] if gpu.get("latent") else None
                 gpu_per_byte = sum(sum(v) for v in gpu.values()) / n_bytes
