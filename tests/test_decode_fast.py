@@ -130,6 +130,22 @@ class _FakeGraph:
         self.replay = fn
 
 
+class _FakeEvent:
+    """torch.cuda.Event for the CPU fakes: every replay 'took' 0.25 ms."""
+
+    def __init__(self, enable_timing=False):
+        pass
+
+    def record(self):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, other):
+        return 0.25
+
+
 def _fake_cuda(monkeypatch, record):
     """Enough of torch.cuda for DecodeRunner._capture on CPU: streams are no-ops, set_stream is logged."""
     import contextlib
@@ -162,20 +178,10 @@ def test_warm_up_iterations_count_and_capture_does_not(ion, monkeypatch, n):
 def test_timed_replays_give_the_same_bytes_and_one_time_per_replay(ion, monkeypatch):
     """run(n, gpu_ms=...) (benchmarks: GPU time per replay) brackets every replay with events and
     changes nothing else: same bytes, one byte-graph time per byte, one latent time per latent replay."""
-    class _Event:
-        def __init__(self, enable_timing=False):
-            pass
-
-        def record(self):
-            pass
-
-        def elapsed_time(self, other):
-            return 0.25
-
     n = 23
     ref = _eager_bytes(ion, n, 23)
     _fake_cuda(monkeypatch, _FakeGraph)
-    monkeypatch.setattr(torch.cuda, "Event", _Event)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
     r = _runner(ion, 23)
     r.want_graphs, r.latent_policy = True, "skip"
     r.run(8)
@@ -192,18 +198,11 @@ def test_timed_replays_give_the_same_bytes_and_one_time_per_replay(ion, monkeypa
 def test_early_flag_policy_gives_the_same_bytes(ion, monkeypatch, graphs):
     """latent_policy 'early' (the byte stage as two parts, the patch flag read between them; on CPU the
     graphs are fakes that record without running, as CUDA does) samples exactly the bytes of 'skip'."""
-    class _Event:
-        def record(self):
-            pass
-
-        def synchronize(self):
-            pass
-
     n = 23
     ref = _eager_bytes(ion, n, 23)
     if graphs:
         _fake_cuda(monkeypatch, _FakeGraph)
-        monkeypatch.setattr(torch.cuda, "Event", lambda *a, **k: _Event())
+        monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
     r = _runner(ion, 23, latent_policy="early")
     assert r.split and len(r._byte_parts) == 2
     r.want_graphs = graphs
@@ -222,13 +221,6 @@ def test_completed_shift_runner_gives_the_bytes_of_the_recompute_decoder(ion_com
     record without running, as CUDA does) sample exactly the bytes of the full forward rerun per byte."""
     from ionllama.generation import RecomputeDecoder
 
-    class _Event:
-        def record(self):
-            pass
-
-        def synchronize(self):
-            pass
-
     n = 23
     dec = RecomputeDecoder(ion_completed, 2, 64)
     logits = dec.prefill([list(b"ab c"), list(b"d")])
@@ -236,7 +228,7 @@ def test_completed_shift_runner_gives_the_bytes_of_the_recompute_decoder(ion_com
     ref.run(n)
     if graphs:
         _fake_cuda(monkeypatch, _FakeGraph)
-        monkeypatch.setattr(torch.cuda, "Event", lambda *a, **k: _Event())
+        monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
     r = _runner(ion_completed, n, latent_policy=policy)
     assert r.completed and r.split and len(r._byte_parts) == 3
     r.want_graphs = graphs
