@@ -424,6 +424,14 @@ class Runner:
     def seq_len_of(self, spec: dict) -> int:
         return max(8, self.a.seq_len // spec.get("token_seq_div", 1))
 
+    @staticmethod
+    def _static_shapes(spec: dict, seq_len: int) -> bool:
+        from .config import make_config
+        from .train.step_graph import static_step_shapes
+
+        cfg = make_config(spec["size"], spec["model"], **{k: spec[k] for k in MODEL_KEYS if k in spec})
+        return static_step_shapes(cfg, seq_len)
+
     def trainer_argv(self, run_name: str, spec: dict, budget_s: float) -> list[str]:
         a = self.a
         argv = ["--model", spec["model"], "--size", spec["size"]]
@@ -453,7 +461,7 @@ class Runner:
             argv += ["--mixed_precision", a.mixed_precision]
         if a.compile:
             argv += ["--compile", "--compile_mode", a.compile_mode]
-        if a.step_graph and (spec["model"] != "ionllama" or spec.get("patching", "entropy") in ("fixed", "byte")):
+        if a.step_graph and self._static_shapes(spec, seq):
             argv += ["--step_graph"]  # arms whose patch count is read on the host train without it
         return argv
 

@@ -28,6 +28,11 @@ import torch
 from ..model.ionllama_model import static_patch_count
 
 
+def static_step_shapes(cfg, seq_len: int) -> bool:
+    """Does every training step of this model config have the same shapes (no host read of a patch count)?"""
+    return cfg.model != "ionllama" or static_patch_count(cfg, seq_len) is not None
+
+
 def step_graph_problem(model, args, device: torch.device, world_size: int, amp_dtype) -> str | None:
     """Why the training step cannot be captured as a CUDA graph, or None if it can."""
     cfg = model.config
@@ -39,7 +44,7 @@ def step_graph_problem(model, args, device: torch.device, world_size: int, amp_d
         return "--step_graph needs --grad_accum 1"
     if amp_dtype == torch.float16:
         return "--step_graph does not support fp16 loss scaling; use --mixed_precision bf16 or none"
-    if cfg.model == "ionllama" and static_patch_count(cfg, args.seq_len) is None:
+    if not static_step_shapes(cfg, args.seq_len):
         return (f"--step_graph needs a patch count known from the sequence length (--patching fixed or byte); "
                 f"--patching {cfg.patching} reads it on the host every step")
     if getattr(args, "compile_mode", "default") == "reduce-overhead":
