@@ -14,12 +14,13 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 T=${T:-390}; RES=${RES:-docs/results/phase1}
 t0=$(date +%s)
-# per-GPU overrides: BUDGET_GPU<g>, OVERHEAD_GPU<g>, RES_GPU<g> (e.g. a 7-minute arm on one GPU, 75 s arms on the other)
+# per-GPU overrides: BUDGET_GPU<g>, OVERHEAD_GPU<g>, RES_GPU<g>, EXTRA_GPU<g> (e.g. a 7-minute arm on one GPU,
+# 75 s arms on the other; or one arm under two settings side by side, into two RES folders)
 args_for() {  # the experiment flags for GPU $1
-  local b="BUDGET_GPU$1" o="OVERHEAD_GPU$1" r="RES_GPU$1"; local res=${!r:-$RES}
+  local b="BUDGET_GPU$1" o="OVERHEAD_GPU$1" r="RES_GPU$1" x="EXTRA_GPU$1"; local res=${!r:-$RES}
   echo --matrix phase1 --budget_s "${!b:-${BUDGET:-75}}" --arm_overhead_s "${!o:-${OVERHEAD:-90}}" \
     --data_path '.data/gutenberg/gutenberg-{split}.jsonl.xz' --final_test --eval_bytes 2000000 \
-    --eval_data .data/wikipedia/wikipedia-val.jsonl.xz --out "$res" --ckpt_dir "checkpoints/$(basename "$res")" ${EXTRA:-}
+    --eval_data .data/wikipedia/wikipedia-val.jsonl.xz --out "$res" --ckpt_dir "checkpoints/$(basename "$res")" ${EXTRA:-} ${!x:-}
 }
 common=($(args_for none))
 ress="$RES"; for g in 0 1 2 3 4 5 6 7; do r="RES_GPU$g"; [ -n "${!r:-}" ] && ress="$ress ${!r}"; done

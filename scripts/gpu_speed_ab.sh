@@ -14,6 +14,8 @@
 #   p1k_fixed_sg     p1k_fixed with the whole step replayed as one CUDA graph (--step_graph)
 #   p1k_dense, p1k_dense_sg  the dense byte baseline (d384 L8 is the Phase-1 arm: tiny) without / with it
 #   p1k_mamba        the MambaByte arm (d384 L16) with a profile: it trained at 0.30 MB/s, GPU-bound
+#   p1k_byte, p1k_byte_sg  byte patching (the best ionLlama arm at 7 minutes) without / with --step_graph
+#   decode_tests     tests/test_decode_fast.py on the GPU (CUDA-graph decode == eager, all latent policies)
 # Generation (GPU 1, after its training rows): the decode tests on CUDA, then one bench_generation.py run per
 #   GEN_VARIANTS entry ("name:flags;name:flags"; empty: none).
 # Host-bound training rows are only comparable when nothing compile-heavy shares the host: do not mix them
@@ -55,6 +57,11 @@ rows() {  # rows GPU NAMES...
       sg_tests) step "$L" python3 -m pytest -q -p no:cacheprovider tests/test_step_graph.py ;;
       p1k_fixed_sg) step "$L" "${B[@]}" --arms ionllama:patching=fixed "${p1k[@]}" --compile_mode whole --step_graph \
                       --out "$R/train/tt_p1k_fixed_sg.json" ;;
+      p1k_byte) step "$L" "${B[@]}" --arms ionllama:patching=byte "${p1k[@]}" --compile_mode whole \
+                  --out "$R/train/tt_p1k_byte.json" ;;
+      p1k_byte_sg) step "$L" "${B[@]}" --arms ionllama:patching=byte "${p1k[@]}" --compile_mode whole --step_graph \
+                     --out "$R/train/tt_p1k_byte_sg.json" ;;
+      decode_tests) step "$L" python3 -m pytest -q -p no:cacheprovider tests/test_decode_fast.py ;;
       p1k_dense) step "$L" "${B[@]}" --arms dense:d_model=384,n_layers=8,n_heads=6 --sizes tiny "${p1k[@]}" --compile_mode whole \
                    --out "$R/train/tt_p1k_dense.json" ;;
       p1k_dense_sg) step "$L" "${B[@]}" --arms dense:d_model=384,n_layers=8,n_heads=6 --sizes tiny "${p1k[@]}" --compile_mode whole --step_graph \
