@@ -67,7 +67,7 @@ class DecodeRunner:
         captured (``capturable = False``, e.g. RecomputeDecoder)."""
         self.dec, self.cfg = dec, cfg
         B, dev = logits.shape[0], logits.device
-        self.seeds = seeds
+        self.seeds = seeds = seeds.to(dev)  # the noise is made where the logits are
         self.noise = NoiseSource(seeds, logits.shape[-1])  # step-independent noise hashes, computed once
         self.logits = logits.clone()
         self.tok = torch.zeros(B, dtype=torch.long, device=dev)
