@@ -24,8 +24,8 @@ from .scan import _pad_time
 def ssd_chunked(x: torch.Tensor, log_a: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor, chunk: int = 64,
                 h0: torch.Tensor | None = None):
     """x: (b, T, H, P) (already scaled by dt), log_a: (b, T, H) <= 0, Bm/Cm: (b, T, N),
-    h0: (b, H, P, N). Returns y (b, T, H, P) in x's dtype and the final state (b, H, P, N) (computed in
-    fp32 or wider).
+    h0: (b, H, P, N). Returns y (b, T, H, P) in x's dtype and the final state (b, H, P, N) in the working
+    dtype (x's promoted to at least fp32; all the arithmetic is in it).
 
     Every contraction is a batched matmul over a layout with the contracted dim last / second to last
     (multi-operand einsums here were lowered by inductor to broadcast-multiply + reduction kernels, slow
@@ -34,7 +34,10 @@ def ssd_chunked(x: torch.Tensor, log_a: torch.Tensor, Bm: torch.Tensor, Cm: torc
       states = (x * decay_to_end)^T @ B      (b, n, H*P, L) @ (b, n, L, N)
       y_off  = (C @ prev^T) * exp(cum)       (b, n, L, N) @ (b, n, N, H*P)
     and the chunk-end states follow the recurrence H_c = exp(cum_c[-1]) H_{c-1} + states_c, solved by
-    `_pass_states` (again matmuls). Work per position: L*H*P (y_diag) + 2*H*P*N (states, y_off) + L*N."""
+    `_pass_states` (again matmuls). Work per position: L*H*P (y_diag) + 2*H*P*N (states, y_off) + L*N.
+    `chunk` trades the (L x L x H) decay tensor, L*H elements per position, against the chunk states
+    (states, H_end, prev: H*P*N each per chunk), ~3*H*P*N/L per position; the sum is smallest near
+    L = sqrt(3*P*N): ~28 for P = N = 16 (entropy model), ~110 for P = N = 64 (MambaByte)."""
     b, T, H, P = x.shape
     N = Bm.shape[-1]
     out_dtype = x.dtype
