@@ -60,14 +60,37 @@ def test_general_scan_matches_loop():
     assert torch.allclose(scan_general(la, u, h0, chunk=8), scan_loop(la, u, h0), atol=1e-12)
 
 
-def test_ssd_matches_loop_and_step():
-    b, T, H, P, N = 2, 100, 3, 4, 5
+@pytest.mark.parametrize("T,chunk,with_h0", [(100, 16, True), (100, 16, False), (5, 16, True), (300, 3, True),
+                                             (300, 3, False), (64, 8, False)])
+def test_ssd_matches_loop_and_step(T, chunk, with_h0):
+    """T=300, chunk=3: 100 chunks, so the inter-chunk state passing recurses (groups of 16 chunks)."""
+    b, H, P, N = 2, 3, 4, 5
     x, la = torch.randn(b, T, H, P, dtype=f64), -torch.rand(b, T, H, dtype=f64) * 2
     Bm, Cm = torch.randn(b, T, N, dtype=f64), torch.randn(b, T, N, dtype=f64)
-    h0 = torch.randn(b, H, P, N, dtype=f64)
-    y, s = ssd_chunked(x, la, Bm, Cm, chunk=16, h0=h0)
+    h0 = torch.randn(b, H, P, N, dtype=f64) if with_h0 else None
+    y, s = ssd_chunked(x, la, Bm, Cm, chunk=chunk, h0=h0)
     y2, s2 = ssd_loop(x, la, Bm, Cm, h0)
     assert torch.allclose(y, y2, atol=1e-10) and torch.allclose(s, s2, atol=1e-10)
+
+
+@pytest.mark.parametrize("T,chunk", [(50, 16), (75, 2)])
+def test_ssd_gradients_match_loop(T, chunk):
+    """fp32, T not a multiple of the chunk, with h0; T=75, chunk=2: 38 chunks, the state passing recurses."""
+    torch.manual_seed(0)
+    b, H, P, N = 2, 3, 4, 5
+    x = torch.randn(b, T, H, P)
+    la = -torch.rand(b, T, H) * 0.5
+    Bm, Cm = torch.randn(b, T, N) * 0.5, torch.randn(b, T, N) * 0.5
+    h0 = torch.randn(b, H, P, N)
+    gy, gs = torch.randn(b, T, H, P), torch.randn(b, H, P, N)
+    grads = []
+    for fn in (lambda *a: ssd_chunked(*a[:4], chunk=chunk, h0=a[4]), ssd_loop):
+        ins = [t.clone().requires_grad_() for t in (x, la, Bm, Cm, h0)]
+        y, s = fn(*ins)
+        ((y * gy).sum() + (s * gs).sum()).backward()
+        grads.append([t.grad for t in ins])
+    for g1, g2 in zip(*grads):
+        assert torch.allclose(g1, g2, rtol=1e-5, atol=1e-5), (g1 - g2).abs().max()
 
 
 def test_mamba_block_step_equals_parallel():

@@ -6,7 +6,8 @@ Two plain-PyTorch references (the oracles for the Triton kernels in ionllama/ker
   recurrence is a (C x C) lower-triangular Toeplitz matrix per channel, applied with one einsum;
   the chunk-end states form the same recurrence with decay a**C over T/C steps, solved recursively.
   Work O(T * C * D), memory O(T * D): no T x T matrix, no Python loop over time.
-* ``scan_general`` - decay varying with (batch, time, channel) (selective SSM inter-chunk states).
+* ``scan_general`` - decay varying with (batch, time, channel) (the selective SSM's inter-chunk states use
+  its matmul form, ``ionllama.model.ssm._pass_states``).
   Inside a chunk the weights exp(cum_i - cum_j) (i >= j, exponent <= 0, so never overflows) are
   formed explicitly; chunk carries are solved recursively as above.
 

@@ -3,9 +3,10 @@
 Per head h the state S (P x N) follows  S_t = exp(dt_t * A_h) S_{t-1} + (dt_t x_t) B_t^T,
 y_t = S_t C_t + D x_t, with dt, B, C computed from the input (selective). `ssd_chunked` computes
 this exactly in O(T) with the state-space-duality chunked form: inside a chunk of L steps it is a
-masked (L x L) product (matmuls), across chunks the chunk-end states follow the same recurrence,
-solved by `scan_general`. `ssd_step` is one step for incremental decoding; tests compare both
-with a naive loop over time (tests/test_components.py).
+masked (L x L) product, across chunks the chunk-end states follow the same recurrence, solved by
+`_pass_states` (the chunked form of `scan_general`); every contraction is an explicit batched matmul.
+`ssd_step` is one step for incremental decoding; tests compare both with a naive loop over time, values
+and gradients (tests/test_components.py).
 """
 from __future__ import annotations
 
@@ -17,13 +18,26 @@ import torch.nn.functional as F
 
 from .common import RMSNorm
 from .conv import CausalDepthwiseConv
-from .scan import _pad_time, scan_general
+from .scan import _pad_time
 
 
 def ssd_chunked(x: torch.Tensor, log_a: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor, chunk: int = 64,
                 h0: torch.Tensor | None = None):
     """x: (b, T, H, P) (already scaled by dt), log_a: (b, T, H) <= 0, Bm/Cm: (b, T, N),
-    h0: (b, H, P, N). Returns y (b, T, H, P) and the final state (b, H, P, N)."""
+    h0: (b, H, P, N). Returns y (b, T, H, P) in x's dtype and the final state (b, H, P, N) in the working
+    dtype (x's promoted to at least fp32; all the arithmetic is in it).
+
+    Every contraction is a batched matmul over a layout with the contracted dim last / second to last
+    (multi-operand einsums here were lowered by inductor to broadcast-multiply + reduction kernels, slow
+    in the backward). Per chunk of L steps (n chunks):
+      y_diag = (scores * decay) @ x          (b, n, H, L, L) @ (b, n, H, L, P), scores = C B^T
+      states = (x * decay_to_end)^T @ B      (b, n, H*P, L) @ (b, n, L, N)
+      y_off  = (C @ prev^T) * exp(cum)       (b, n, L, N) @ (b, n, N, H*P)
+    and the chunk-end states follow the recurrence H_c = exp(cum_c[-1]) H_{c-1} + states_c, solved by
+    `_pass_states` (again matmuls). Work per position: L*H*P (y_diag) + 2*H*P*N (states, y_off) + L*N.
+    `chunk` trades the (L x L x H) decay tensor, L*H elements per position, against the chunk states
+    (states, H_end, prev: H*P*N each per chunk), ~3*H*P*N/L per position; the sum is smallest near
+    L = sqrt(3*P*N): ~28 for P = N = 16 (entropy model), ~110 for P = N = 64 (MambaByte)."""
     b, T, H, P = x.shape
     N = Bm.shape[-1]
     out_dtype = x.dtype
@@ -36,18 +50,47 @@ def ssd_chunked(x: torch.Tensor, log_a: torch.Tensor, Bm: torch.Tensor, Cm: torc
     Bc = _pad_time(Bm, n * L).view(b, n, L, N)
     Cc = _pad_time(Cm, n * L).view(b, n, L, N)
     cum = la.cumsum(2)  # (b, n, L, H)
-    causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()[..., None]
-    decay = torch.exp((cum[:, :, :, None] - cum[:, :, None, :]).masked_fill(~causal, float("-inf")))  # (b,n,i,j,H)
-    scores = torch.einsum("bcis,bcjs->bcij", Cc, Bc)
-    y_diag = torch.einsum("bcij,bcijh,bcjhp->bcihp", scores, decay, x)
+    cum_h = cum.transpose(2, 3)  # (b, n, H, L)
+    causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+    decay = torch.exp((cum_h[..., :, None] - cum_h[..., None, :]).masked_fill(~causal, float("-inf")))  # (b,n,H,i,j)
+    scores = Cc @ Bc.transpose(-1, -2)  # (b, n, i, j)
+    y_diag = (scores[:, :, None] * decay) @ x.transpose(2, 3)  # (b, n, H, L, P)
     decay_to_end = torch.exp(cum[:, :, -1:] - cum)  # (b, n, L, H)
-    states = torch.einsum("bcjs,bcjh,bcjhp->bchps", Bc, decay_to_end, x)  # chunk-local end states
-    H_end = scan_general(cum[:, :, -1][..., None, None], states, h0, chunk=16)  # (b, n, H, P, N)
-    first = h0.to(work)[:, None] if h0 is not None else torch.zeros_like(H_end[:, :1])
-    prev = torch.cat([first, H_end[:, :-1]], dim=1)
-    y_off = torch.einsum("bcis,bchps,bcih->bcihp", Cc, prev, torch.exp(cum))
-    y = (y_diag + y_off).reshape(b, n * L, H, P)[:, :T]
-    return y.to(out_dtype), H_end[:, -1]
+    xd = (x * decay_to_end[..., None]).reshape(b, n, L, H * P)
+    states = (xd.transpose(-1, -2) @ Bc).view(b, n, H, P * N)  # chunk-local end states
+    h0f = h0.to(work).reshape(b, H, P * N) if h0 is not None else None
+    H_end = _pass_states(cum[:, :, -1], states, h0f)  # (b, n, H, P*N)
+    first = h0f[:, None] if h0f is not None else torch.zeros_like(H_end[:, :1])
+    prev = torch.cat([first, H_end[:, :-1]], dim=1).view(b, n, H * P, N)  # state entering each chunk
+    y_off = (Cc @ prev.transpose(-1, -2)).view(b, n, L, H, P) * torch.exp(cum)[..., None]
+    y = (y_diag.transpose(2, 3) + y_off).reshape(b, n * L, H, P)[:, :T]
+    return y.to(out_dtype), H_end[:, -1].view(b, H, P, N)
+
+
+def _pass_states(log_a: torch.Tensor, u: torch.Tensor, h0: torch.Tensor | None = None, group: int = 16):
+    """h_c = exp(log_a_c) h_{c-1} + u_c over the chunk axis. log_a: (b, n, H) <= 0, u: (b, n, H, D),
+    h0: (b, H, D) or None -> h (b, n, H, D). `scan_general`'s chunked form with its contraction as a matmul:
+    groups of G chunks apply the (G x G) lower-triangular weights exp(cum_i - cum_j) per head; the
+    group-end states follow the same recurrence over n/G steps, solved recursively. Memory O(n * G * H)
+    for the weights, not O(n^2)."""
+    b, n, H, D = u.shape
+    G = min(group, n)
+    m = -(-n // G)
+    la = _pad_time(log_a, m * G).view(b, m, G, H).transpose(2, 3)  # (b, m, H, G)
+    uu = _pad_time(u, m * G).view(b, m, G, H, D).transpose(2, 3)  # (b, m, H, G, D)
+    cum = la.cumsum(-1)
+    causal = torch.ones(G, G, dtype=torch.bool, device=u.device).tril()
+    W = torch.exp((cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")))  # (b,m,H,G,G)
+    h = W @ uu  # (b, m, H, G, D)
+    if m > 1:
+        ends = _pass_states(cum[..., -1], h[..., -1, :], h0, group)  # (b, m, H, D)
+        first = h0[:, None] if h0 is not None else torch.zeros_like(ends[:, :1])
+        carry = torch.cat([first, ends[:, :-1]], dim=1)
+    else:
+        carry = h0[:, None] if h0 is not None else None
+    if carry is not None:
+        h = h + torch.exp(cum)[..., None] * carry[:, :, :, None]
+    return h.transpose(2, 3).reshape(b, m * G, H, D)[:, :n]
 
 
 def ssd_step(x_t, log_a_t, B_t, C_t, state):
