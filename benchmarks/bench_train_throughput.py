@@ -20,7 +20,7 @@ import torch
 from ionllama import create_model
 from ionllama.model.flops import flops_per_byte
 from ionllama.train.optim import make_adamw
-from ionllama.train.step_graph import StepGraph, step_graph_problem
+from ionllama.train.step_graph import make_step_graph, step_graph_problem
 
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12}  # dense bf16 datasheet rates (SXM)
 REFERENCE_SWITCHES = {"conv_gate": "conv_gate_uses_triton", "rope_table": "rope_table_uses_op"}  # --reference
@@ -125,10 +125,13 @@ def bench_one(name: str, model_kind: str, size: str, args, text: bytes | None, o
             return {"arm": name, "size": size, "error": why}
     if args.step_graph:  # the trainer's --step_graph: the whole step (fwd, bwd, AdamW) replayed as one CUDA graph
         opt = make_adamw(model, trainable, 1e-4, 0.0, dev, capturable=True)
-        graphed = StepGraph(fwd, opt, 0.0, lambda: torch.autocast(dev.type, dtype=torch.bfloat16,
-                                                                 enabled=dev.type == "cuda"),
-                            warmup=args.warmup, graphs=dev.type == "cuda")
+        # entropy/space patching: the two-stage step (boundaries eagerly, a graph per latent-length bucket)
+        graphed = make_step_graph(model, fwd, opt, 0.0, lambda: torch.autocast(dev.type, dtype=torch.bfloat16,
+                                                                              enabled=dev.type == "cuda"),
+                                  args.seq_len, warmup=args.warmup, graphs=dev.type == "cuda")
         n_warm += 1  # the next call records the graph: keep it out of the timed steps
+        if graphed.boundaries is not None:  # each of the 4 batches may have its own bucket, warmed up and recorded
+            n_warm *= 4
     else:
         opt = torch.optim.AdamW(trainable, lr=1e-4, fused=dev.type == "cuda")
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")

@@ -245,7 +245,10 @@ def warm_up(tr) -> float:
     temporarily calibrated threshold - two batches with different patch counts, so the latent stack compiles
     for a dynamic length - and the joint configuration); no optimizer step, gradients dropped, threshold and
     freezing restored. Before this ran two batches of one padded patch count, the first main-phase step
-    recompiled inside the measured time (19 s of a 75 s budget on an H200)."""
+    recompiled inside the measured time (19 s of a 75 s budget on an H200). With --step_graph, entropy and
+    space patching run the frozen configuration as the two-stage step calls it (boundaries given, two
+    bucketed latent lengths); the graph captures themselves (each after its warm-up steps) stay in the
+    measured time, as for every arm with --step_graph."""
     m, dev = tr.model, tr.device
     t0 = time.perf_counter()
     configs = [None]
@@ -256,6 +259,10 @@ def warm_up(tr) -> float:
             m.calibrate_threshold(tr.sampler.get(0)[0].to(dev))
         configs = [True, False]
     dynamic_patches = getattr(getattr(m, "config", None), "patching", None) in ("entropy", "space")
+    # --step_graph: the frozen-entropy (main-phase) step calls the forward with the boundaries and a bucketed
+    # latent length (train/step_graph.py), a call torch.compile traces separately: warm that one up instead
+    two_stage = dynamic_patches and bool(getattr(tr.args, "step_graph", False))
+    from .train.step_graph import latent_bucket
     try:
         for frozen in configs:
             if frozen is not None:
@@ -269,8 +276,13 @@ def warm_up(tr) -> float:
                     if saved is not None:
                         m.entropy_threshold.fill_(float("-inf"))  # entropy patching: a patch per byte
                 tr.mark_step()
+                x, y = x.to(dev), y.to(dev)
                 with _autocast(dev, tr.amp_dtype):
-                    out = tr.fwd(x.to(dev), y.to(dev))
+                    kw = {}
+                    if two_stage and frozen is not False:  # the step's stage A, then its forward
+                        starts, n = m.patch_boundaries(x)
+                        kw = {"patch_starts": starts, "latent_len": latent_bucket(int(n.max()), x.shape[1])}
+                    out = tr.fwd(x, y, **kw)
                     loss = out["loss"] + (out["aux_loss"] if out.get("aux_loss") is not None else 0.0)
                 loss.backward()
                 if saved is not None and k == 1:
@@ -425,12 +437,13 @@ class Runner:
         return max(8, self.a.seq_len // spec.get("token_seq_div", 1))
 
     @staticmethod
-    def _static_shapes(spec: dict, seq_len: int) -> bool:
+    def _capturable(spec: dict) -> bool:
+        """Can this arm's main-phase step be captured (the trainer's own rule, train/step_graph.py)?"""
         from .config import make_config
-        from .train.step_graph import static_step_shapes
+        from .train.step_graph import capture_problem
 
         cfg = make_config(spec["size"], spec["model"], **{k: spec[k] for k in MODEL_KEYS if k in spec})
-        return static_step_shapes(cfg, seq_len)
+        return capture_problem(cfg, "main") is None
 
     def trainer_argv(self, run_name: str, spec: dict, budget_s: float) -> list[str]:
         a = self.a
@@ -461,8 +474,10 @@ class Runner:
             argv += ["--mixed_precision", a.mixed_precision]
         if a.compile:
             argv += ["--compile", "--compile_mode", a.compile_mode]
-        if a.step_graph and self._static_shapes(spec, seq):
-            argv += ["--step_graph"]  # arms whose patch count is read on the host train without it
+        if a.step_graph and self._capturable(spec):
+            # entropy and space patching: the two-stage step in the main phase; the joint phase (entropy
+            # model trained) runs without the graph, the trainer says so
+            argv += ["--step_graph"]
         return argv
 
     # ------------------------------------------------------------------ one arm
@@ -1076,7 +1091,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --compile: reduce-overhead adds CUDA graphs (see ionllama train --help)")
     g.add_argument("--step_graph", action="store_true",
                    help="replay each arm's training step as one CUDA graph (ionllama train --step_graph), for the "
-                        "arms that allow it: every arm but entropy and space patching")
+                        "arms that allow it (all: entropy and space patching as the two-stage step; their joint "
+                        "phase runs uncaptured)")
     g.add_argument("--device", default="auto")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--log_interval", type=int, default=10)

@@ -7,6 +7,7 @@
 #   s8192            ionllama-small, seq 8192, batch 8, entropy patching, whole compile, with a profile
 #   s8192_ref        the same with the plain paths of the conv-gate op and RoPE table (--reference)
 #   p1k_entropy      the Phase-1 shape (seq 1024, batch 64), entropy patching (one host read per step)
+#   p1k_entropy_sg, s8192_sg  p1k_entropy / s8192 (no profile) with --step_graph: the two-stage step
 #   p1k_fixed        the Phase-1 shape, fixed patching (no host read), whole compile
 #   p1k_fixed_ro     the same with CUDA graphs (reduce-overhead; on failure the log names the allocation)
 #   conv_gate        bench_conv_gate.py --check (the kernel alone)
@@ -49,6 +50,10 @@ rows() {  # rows GPU NAMES...
       s8192_ref) step "$L" "${B[@]}" --arms ionllama "${s8k[@]}" --compile_mode whole --reference conv_gate rope_table \
                    --profile "$R/train/prof_s8192_ref" --out "$R/train/tt_s8192_ref.json" ;;
       p1k_entropy) step "$L" "${B[@]}" --arms ionllama "${p1k[@]}" --compile_mode whole --out "$R/train/tt_p1k_entropy.json" ;;
+      p1k_entropy_sg) step "$L" "${B[@]}" --arms ionllama "${p1k[@]}" --compile_mode whole --step_graph \
+                        --out "$R/train/tt_p1k_entropy_sg.json" ;;
+      s8192_sg) step "$L" "${B[@]}" --arms ionllama "${s8k[@]}" --compile_mode whole --step_graph \
+                  --out "$R/train/tt_s8192_sg.json" ;;
       p1k_fixed) step "$L" "${B[@]}" --arms ionllama:patching=fixed "${p1k[@]}" --compile_mode whole \
                    --out "$R/train/tt_p1k_fixed.json" ;;
       p1k_fixed_ro) step "$L" "${B[@]}" --arms ionllama:patching=fixed "${p1k[@]}" --compile_mode reduce-overhead \

@@ -126,11 +126,15 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
         self.entropy_model.compile_blocks(**kw)
 
     # ----------------------------------------------------------------- forward
+    def _entropy_learns(self) -> bool:
+        """Does this forward train the entropy model (joint fine-tuning: not frozen, gradients on)?"""
+        return self.config.patching == "entropy" and not self._entropy_frozen and torch.is_grad_enabled()
+
     def compute_entropy(self, x: torch.Tensor):
         """Next-byte entropy (bits) from the entropy model; its LM loss when it is being trained."""
         if self.config.patching != "entropy":
             return None, None
-        if self._entropy_frozen or not torch.is_grad_enabled():
+        if not self._entropy_learns():
             with torch.no_grad():
                 return self.entropy_model(x)["entropy"], None
         return self.entropy_model(x), True
@@ -142,16 +146,39 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
         return compute_patches(x, entropy, c.patching, self.entropy_threshold, c.threshold_mode,
                                c.max_patch_size, c.fixed_patch_size, with_next)
 
+    @torch.no_grad()
+    def patch_boundaries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The patch boundaries the forward would use for x, as its ``patch_starts`` argument, and the patch
+        count per row: ((B, T) bool, or (B, T + 1) with latent_shift "completed"; (B,) long). The entropy
+        (frozen entropy model) and the rule are computed exactly as in the forward. For the two-stage
+        training step (train/step_graph.py): this runs first, the host reads the largest count once, and
+        the rest of the step is a CUDA graph given these boundaries and a latent length."""
+        x = x.long()
+        entropy, _ = self.compute_entropy(x)  # no grad here: the plain entropy tensor (or None)
+        starts, _, n_patches, *next_start = self.patches(x, entropy, with_next=self.config.latent_shift == "completed")
+        if next_start:
+            starts = torch.cat([starts, next_start[0][:, None]], dim=1)
+        return starts, n_patches
+
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None,
-                patch_starts: torch.Tensor | None = None) -> dict:
+                patch_starts: torch.Tensor | None = None, latent_len: int | None = None) -> dict:
         """patch_starts: optional (B, T) bool, patch boundaries to use instead of the patcher's (e.g. the
         ones generation decided, to compare its logits with this forward where a threshold tie could
-        decide differently in two kernels' arithmetic). With latent_shift "completed" it is (B, T + 1):
-        the last column says whether byte T (after the window) starts a patch, i.e. whether byte T-1
-        closes its patch."""
+        decide differently in two kernels' arithmetic; or ``patch_boundaries``'s, in the two-stage
+        training step). With latent_shift "completed" it is (B, T + 1): the last column says whether byte
+        T (after the window) starts a patch, i.e. whether byte T-1 closes its patch. Given boundaries, the
+        entropy model runs only when it is being trained (its aux_loss); otherwise out['entropy'] is None.
+
+        latent_len: the latent sequence length (patches per row, padding included) instead of the largest
+        count rounded up to PATCH_PAD, which the host must read. It must be at least every row's patch
+        count (not checked: that check would be the host read). Padding patches sit after every real one,
+        so the real outputs do not depend on it (tests/test_step_graph.py compares the two)."""
         x = x.long()
         B, T = x.shape
-        entropy, trainable = self.compute_entropy(x)
+        if patch_starts is None or self._entropy_learns():
+            entropy, trainable = self.compute_entropy(x)
+        else:  # the boundaries are given and the entropy model is frozen: nothing to compute it for
+            entropy, trainable = None, None
         aux_loss = None
         if trainable:  # joint fine-tuning: the entropy model learns alongside, boundaries use detached entropy
             ent_out = entropy
@@ -174,9 +201,13 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
         # The latent length, rounded up to a multiple of PATCH_PAD so torch.compile sees few shapes;
         # padding patches sit after every real one, so causal attention never lets a real patch see
         # them. Fixed and byte patching give every row the same count, known from T: no host sync, so
-        # the GPU can run ahead of the host. Otherwise it is the one host sync per forward.
-        static = static_patch_count(self.config, T) if patch_starts is None else None
-        P = -(-(static if static is not None else int(n_patches.max())) // PATCH_PAD) * PATCH_PAD
+        # the GPU can run ahead of the host. Otherwise it is the one host sync per forward, unless the
+        # caller gives latent_len (the two-stage training step, which read the count already).
+        if latent_len is not None:
+            P = latent_len  # not int(): under torch.compile that would specialise a dynamic length
+        else:
+            static = static_patch_count(self.config, T) if patch_starts is None else None
+            P = -(-(static if static is not None else int(n_patches.max())) // PATCH_PAD) * PATCH_PAD
 
         e = self.embed(x)
         for layer in self.encoder:

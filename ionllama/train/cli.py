@@ -74,9 +74,10 @@ def build_train_parser() -> argparse.ArgumentParser:
                         "process; models without a host sync in the forward: dense, bpe, mamba)")
     g.add_argument("--step_graph", action="store_true",
                    help="capture the whole training step (forward, backward, clipping, AdamW) once as a CUDA graph "
-                        "and replay it: no per-kernel launch cost. One GPU, --grad_accum 1, bf16 or fp32, and a "
-                        "patch count known from the sequence length (ionllama --patching fixed or byte, or a "
-                        "baseline); combines with --compile (default mode)")
+                        "and replay it: no per-kernel launch cost. One GPU, --grad_accum 1, bf16 or fp32; combines "
+                        "with --compile (default mode). Entropy and space patching: patch boundaries first, "
+                        "uncaptured, then one graph per bucket of the batch's patch count; the joint phase runs "
+                        "uncaptured")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     g.add_argument("--parallel", choices=("auto", "ddp", "fsdp"), default="auto",
                    help="under torchrun: ddp (replicated) or fsdp (FSDP2, sharded per block); auto = ddp for "

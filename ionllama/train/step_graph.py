@@ -2,39 +2,95 @@
 
 Why: ionLlama's compiled step launches about 1,150 kernels. In the Phase-1 runner the host spent 48.6 ms
 per step launching them while the GPU waited (docs/results/phase1-7min.md). A graph replay is one launch.
-torch.compile's own CUDA graphs (``--compile_mode reduce-overhead``) refuse ionLlama's step ("tensor(s)
-in the cudagraph pool not tracked as outputs"). A capture of the whole step has no such check, and it also
-takes in the optimizer, which reduce-overhead leaves outside.
+torch.compile's own CUDA graphs (``--compile_mode reduce-overhead``) refused ionLlama's step in the fifth
+session ("tensor(s) in the cudagraph pool not tracked as outputs"); in the sixth they replayed fixed
+patching as fast as this (docs/results/train-profile.md). A capture of the whole step also takes in the
+clipping and the optimizer, which reduce-overhead leaves outside, and works with the two-stage step below.
 
 What a captured step needs (``step_graph_problem`` says which one is missing):
   * CUDA, one process (no DDP/FSDP collectives inside the graph);
-  * the same shapes every step: a model whose patch count is known from T alone (fixed or byte patching,
-    or a baseline). Entropy and space patching read the patch count on the host, which a graph cannot;
   * one micro-batch per step, no fp16 loss scaling (bf16 or fp32);
   * an optimizer built for capture (``make_adamw(..., capturable=True)``); the learning rate becomes one
-    device tensor, set in place each step.
+    device tensor, set in place each step;
+  * a phase whose step can be captured (``capture_problem``, the one rule for the trainer and the
+    experiment runner): not the joint phase, which trains the entropy model, so the boundaries it draws
+    change inside the step (the trainer runs that phase uncaptured and says so once).
 
-The first ``warmup`` calls run the step eagerly on a side stream: they are real training steps, and
-compilation and the optimizer's state happen there. The next call records the step (recording runs
-nothing) and replays it. Every call copies the batch into the static inputs first. The returned values
-are copies, so they survive the next replay.
+Shapes. A graph replays fixed shapes. Fixed and byte patching (and the baselines) know the patch count
+from T: one graph. Entropy and space patching size the latent sequence by the batch's largest patch
+count, which the host must read. Their step runs in two stages:
+  A. eagerly, without gradients: the patch boundaries (``IonLlama.patch_boundaries``: the frozen entropy
+     model's entropy or the space rule, then the patcher, as the forward does) and the counts; the host
+     reads the largest count once and rounds it up to a bucket (``latent_bucket``);
+  B. the rest of the step, one CUDA graph per bucket: the forward given those boundaries and the
+     bucket's latent length (no host read, and the frozen entropy model is not run again), backward,
+     clipping, AdamW. The padding patches sit after every real one, and the latent attention is causal,
+     so they change no real output (tests/test_step_graph.py). All graphs share one memory pool; at most
+     ``MAX_GRAPHS`` are made, a batch of a further bucket runs the step eagerly (one warning).
+The read stalls the host until the GPU has finished the previous step and stage A; the GPU then waits only
+for the host to pick the graph and launch it.
+
+The first ``warmup`` calls of each graph run the step eagerly on a side stream: they are real training
+steps, and compilation (torch.compile sees a new latent length) and the optimizer's state happen there.
+The next call records the step (recording runs nothing) and replays it. Every call copies the batch into
+the static inputs first. The returned values are copies, so they survive the next replay.
 """
 from __future__ import annotations
 
 import math
+import warnings
+from typing import Callable
 
 import torch
 
-from ..model.ionllama_model import static_patch_count
+from ..model.ionllama_model import PATCH_PAD, static_patch_count
+
+MAX_GRAPHS = 8  # captured graphs (latent-length buckets) per StepGraph; further buckets run eagerly
+
+
+def bucket_width(T: int) -> int:
+    """Width of a latent-length bucket for windows of T bytes: T/32 rounded up to PATCH_PAD, at least PATCH_PAD.
+
+    Why this width: each bucket costs a graph capture after its own eager warm-up steps, and, until the
+    compiled forward treats the latent length as dynamic, a torch.compile specialisation; so buckets must
+    be coarse. A row has at most T patches, so with width ~T/32 there are at most 32 (+1) buckets for any
+    data, and with a calibrated threshold (or the space rule on one kind of text) the batch's largest
+    count stays near T / bytes-per-patch, so steps mostly fall into a few neighbouring buckets, which
+    MAX_GRAPHS covers. The price is padding: up to width - 1 latent positions per row beyond the largest
+    count (the ordinary forward pads to PATCH_PAD). At 4 bytes per patch a full bucket's padding is 1/8 of
+    the real patch count; the byte-level encoder and decoder do not depend on it. For short windows
+    (T <= 32 * PATCH_PAD) the width is PATCH_PAD: the same latent length as the ordinary forward."""
+    return max(PATCH_PAD, -(-(T // 32) // PATCH_PAD) * PATCH_PAD)
+
+
+def latent_bucket(n_max: int, T: int) -> int:
+    """The latent length the two-stage step uses when the batch's largest patch count is n_max."""
+    w = bucket_width(T)
+    return max(w, -(-int(n_max) // w) * w)
 
 
 def static_step_shapes(cfg, seq_len: int) -> bool:
-    """Does every training step of this model config have the same shapes (no host read of a patch count)?"""
+    """Is the patch count known from the sequence length alone (one graph, no stage A)? True for the
+    baselines and for fixed or byte patching; entropy and space patching need the two-stage step."""
     return cfg.model != "ionllama" or static_patch_count(cfg, seq_len) is not None
 
 
+def capture_problem(cfg, phase: str = "main") -> str | None:
+    """Why no training step of `phase` can be captured for this model config, or None if it can: the one rule
+    that the trainer (per phase) and the experiment runner (main phase, before passing --step_graph) ask.
+
+    The entropy phase trains the entropy model alone: static shapes, one graph. The main phase: one graph,
+    or the two-stage step for entropy and space patching. The joint phase trains the entropy model
+    alongside, so the boundaries it draws and their count come from weights that change inside the step:
+    not captured."""
+    if phase == "joint":
+        return "the joint phase trains the entropy model, whose patch boundaries then change inside the step"
+    return None
+
+
 def step_graph_problem(model, args, device: torch.device, world_size: int, amp_dtype) -> str | None:
-    """Why the training step cannot be captured as a CUDA graph, or None if it can."""
+    """Why the training step cannot be captured as a CUDA graph, or None if it can (main phase; the trainer
+    runs a phase that ``capture_problem`` refuses without the graph)."""
     cfg = model.config
     if device.type != "cuda":
         return "--step_graph needs a CUDA device"
@@ -44,22 +100,45 @@ def step_graph_problem(model, args, device: torch.device, world_size: int, amp_d
         return "--step_graph needs --grad_accum 1"
     if amp_dtype == torch.float16:
         return "--step_graph does not support fp16 loss scaling; use --mixed_precision bf16 or none"
-    if not static_step_shapes(cfg, args.seq_len):
-        return (f"--step_graph needs a patch count known from the sequence length (--patching fixed or byte); "
-                f"--patching {cfg.patching} reads it on the host every step")
+    problem = capture_problem(cfg, "main")
+    if problem:
+        return f"--step_graph: {problem}"
+    if not static_step_shapes(cfg, args.seq_len) and not hasattr(model, "patch_boundaries"):
+        return f"--step_graph: model {cfg.model} reads its sequence length on the host and has no patch_boundaries"
     if getattr(args, "compile_mode", "default") == "reduce-overhead":
         return "--step_graph and --compile_mode reduce-overhead both make CUDA graphs; pick one"
     return None
 
 
+def make_step_graph(model, fwd, optimizer: torch.optim.Optimizer, grad_clip: float, autocast, seq_len: int,
+                    phase: str = "main", **kw) -> "StepGraph":
+    """The StepGraph for `phase` of `model` (the plain module; `fwd` is what the step calls: the compiled
+    model, or the entropy model in the entropy phase): two-stage where the patch count depends on the bytes."""
+    two_stage = phase != "entropy" and not static_step_shapes(model.config, seq_len)
+    return StepGraph(fwd, optimizer, grad_clip, autocast, boundaries=model.patch_boundaries if two_stage else None,
+                     **kw)
+
+
+class _Slot:
+    """One latent length's graph: calls so far (the first `warmup` run eagerly), the graph and its outputs."""
+
+    def __init__(self):
+        self.calls = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.outputs: dict | None = None
+
+
 class StepGraph:
     def __init__(self, fwd, optimizer: torch.optim.Optimizer, grad_clip: float, autocast, warmup: int = 3,
-                 graphs: bool = True):
-        """fwd(x, y) -> dict with 'loss' (and 'bpb', 'n_patches', 'aux_loss' where the model has them).
-        optimizer: built for capture (make_adamw(..., capturable=True)). autocast: a
-        callable returning the autocast context. The region opens and closes inside the captured step, so
-        autocast's weight-cast cache does not outlive it (it is cleared at exit; the casts are recorded).
-        graphs=False runs every step eagerly (the same code; for tests on a CPU)."""
+                 graphs: bool = True, boundaries: Callable | None = None, max_graphs: int = MAX_GRAPHS):
+        """fwd(x, y) -> dict with 'loss' (and 'bpb', 'n_patches', 'aux_loss' where the model has them); with
+        `boundaries`, fwd(x, y, patch_starts=..., latent_len=...). optimizer: built for capture
+        (make_adamw(..., capturable=True)). autocast: a callable returning the autocast context. The region
+        opens and closes inside the captured step, so autocast's weight-cast cache does not outlive it (it is
+        cleared at exit; the casts are recorded). graphs=False runs every step eagerly (the same code, the
+        same bucket bookkeeping; for tests on a CPU).
+        boundaries: stage A of the two-stage step, x -> (patch_starts, n_patches) (IonLlama.patch_boundaries),
+        or None when the shapes are fixed (one graph). max_graphs: graphs (buckets) at most."""
         self.fwd, self.opt, self.grad_clip, self.autocast = fwd, optimizer, grad_clip, autocast
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         # the graph reads the learning rate from this tensor: set in place each step, shared by every group
@@ -68,17 +147,28 @@ class StepGraph:
         for g in optimizer.param_groups:
             g["lr"] = self.lr
         self.warmup, self.graphs = warmup, graphs
+        self.boundaries, self.max_graphs = boundaries, max_graphs
         self.calls = 0
-        self.static_x = self.static_y = None
-        self.graph = self.outputs = None
+        self.static_x = self.static_y = self.static_starts = None
+        self.slots: dict[int | None, _Slot] = {}  # latent length (None: fixed shapes) -> its graph
+        self.uncaptured: set[int] = set()  # latent lengths beyond max_graphs: their steps run eagerly
+        self.latent_len: int | None = None  # this step's (two-stage step)
+        self.pool = None  # one memory pool for all graphs (torch.cuda.graph_pool_handle)
+
+    @property
+    def graph(self) -> torch.cuda.CUDAGraph | None:
+        """The first captured graph (the only one when the shapes are fixed), or None."""
+        return next((s.graph for s in self.slots.values() if s.graph is not None), None)
 
     def _body(self) -> dict:
         """One training step on the static inputs; returns tensors the graph writes every replay."""
-        # the backward makes fresh gradients: during capture they come from the graph's pool and stay the
-        # parameters' .grad, which every replay rewrites (the pattern of PyTorch's whole-network capture)
+        # the backward makes fresh gradients: during capture they come from the graph's pool; they are
+        # dropped again at the end, like the trainer's plain step does, so nothing but the returned values
+        # lives from one replay to the next (what lets the buckets' graphs share one pool in any order)
         self.opt.zero_grad(set_to_none=True)
+        kw = {} if self.boundaries is None else {"patch_starts": self.static_starts, "latent_len": self.latent_len}
         with self.autocast():
-            out = self.fwd(self.static_x, self.static_y)
+            out = self.fwd(self.static_x, self.static_y, **kw)
             total = out["loss"]
             if out.get("aux_loss") is not None:
                 total = total + out["aux_loss"]
@@ -90,7 +180,32 @@ class StepGraph:
         if self.grad_clip > 0:  # foreach norm and scale: no host sync
             res["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
         self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
         return res
+
+    def _stage_a(self) -> int:
+        """Patch boundaries of the static batch into static_starts; -> the bucketed latent length (the host
+        read of the step)."""
+        with torch.no_grad(), self.autocast():  # the forward's entropy runs under the same autocast
+            starts, n_patches = self.boundaries(self.static_x)
+        if self.static_starts is None:
+            self.static_starts = torch.empty_like(starts)
+        self.static_starts.copy_(starts)
+        return latent_bucket(int(n_patches.max()), self.static_x.shape[1])
+
+    def _slot(self, key: int | None) -> _Slot | None:
+        """The graph slot of this latent length, made if the cap allows; None: run this step eagerly."""
+        slot = self.slots.get(key)
+        if slot is None and key not in self.uncaptured:
+            if len(self.slots) < self.max_graphs:
+                slot = self.slots[key] = _Slot()
+            else:
+                if not self.uncaptured:
+                    warnings.warn(f"--step_graph: a batch needs {key} latent positions, a bucket beyond the "
+                                  f"{self.max_graphs} with graphs ({sorted(self.slots)}); steps of further buckets "
+                                  "run eagerly, not captured", stacklevel=3)
+                self.uncaptured.add(key)
+        return slot
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> dict:
         if self.static_x is None:
@@ -100,20 +215,26 @@ class StepGraph:
         self.static_y.copy_(y, non_blocking=True)
         self.lr.fill_(lr)
         self.calls += 1
+        self.latent_len = self._stage_a() if self.boundaries is not None else None
+        slot = self._slot(self.latent_len)
+        if slot is None:  # past the graph cap: the same step, uncaptured
+            return self._body()
+        slot.calls += 1
         if not self.graphs:
             return self._body()
-        if self.calls <= self.warmup:  # real steps on a side stream, as capture wants (lazy state, compile)
+        if slot.calls <= self.warmup:  # real steps on a side stream, as capture wants (lazy state, compile)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 res = self._body()
             torch.cuda.current_stream().wait_stream(side)
             return {k: v.clone() for k, v in res.items()}
-        if self.graph is None:
-            self.graph = torch.cuda.CUDAGraph()
+        if slot.graph is None:
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            slot.graph = torch.cuda.CUDAGraph()
             # thread_local: another thread's CUDA calls (a data loader pinning memory) do not void the capture
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                self.outputs = self._body()
-        self.graph.replay()
-        return {k: v.clone() for k, v in self.outputs.items()}
-
+            with torch.cuda.graph(slot.graph, pool=self.pool, capture_error_mode="thread_local"):
+                slot.outputs = self._body()
+        slot.graph.replay()
+        return {k: v.clone() for k, v in slot.outputs.items()}

@@ -38,7 +38,7 @@ from .cli import MODEL_OVERRIDES
 from .metrics import MetricsLogger
 from .optim import add_params, make_adamw
 from .schedule import PhasePlan
-from .step_graph import StepGraph, step_graph_problem
+from .step_graph import capture_problem, make_step_graph, step_graph_problem
 
 DEFAULT_LR = {"tiny": 1e-3, "small": 6e-4, "base": 3e-4, "large": 2e-4, "xl": 1.5e-4}
 # flags that describe this invocation, not the run: a resumed run takes them from the command line
@@ -272,7 +272,8 @@ class Trainer:
         self.cuda_graphs = bool(args.compile) and mode == "reduce-overhead"
         self.fwd = torch.compile(self.model, mode=None if mode == "default" else mode) if args.compile else self.model
         self.par.attach(self.model, self.fwd)
-        self.step_graph = None  # the captured training step (step_graph.py), made at the first step
+        self.step_graph = None  # the captured training step (step_graph.py), made at a phase's first step
+        self.graph_problem = None  # why this phase's step is not captured (capture_problem), with --step_graph
         if getattr(args, "step_graph", False):
             problem = step_graph_problem(self.model, args, self.device, world_size, self.amp_dtype)
             if problem:
@@ -388,7 +389,7 @@ class Trainer:
         m, prev = self.model, self.phase
         if phase == "entropy":
             self.optimizer = make_adamw(m, m.entropy_model.parameters(), self.plan.entropy_lr, self.args.weight_decay,
-                                        self.device)
+                                        self.device, capturable=bool(getattr(self.args, "step_graph", False)))
         elif phase == "main":
             if getattr(m, "needs_entropy_phase", False):
                 if not resumed:
@@ -409,6 +410,10 @@ class Trainer:
         if not resumed and self.is_main:
             n = sum(p.numel() for g in self.optimizer.param_groups for p in g["params"])
             _say(f"phase {phase}: steps {self.step}..{self._phase_end(phase)}, optimizing {n:,} parameters")
+        self.step_graph = None  # a new phase trains other parameters (or the same with another step): a new capture
+        self.graph_problem = capture_problem(self.config, phase) if getattr(self.args, "step_graph", False) else None
+        if self.graph_problem and self.is_main:
+            _say(f"--step_graph: {self.graph_problem}; phase {phase} runs without the graph")
 
     def _phase_end(self, phase: str) -> int:
         p = self.plan
@@ -461,19 +466,20 @@ class Trainer:
         """--step_graph: the whole step replayed as one CUDA graph (step_graph.py)."""
         if self.step_graph is None or self.step_graph.opt is not self.optimizer:
             # the trainer's own autocast: the same global state as the experiment's compile warm-up, so
-            # torch.compile's guards hold and nothing recompiles inside the timed budget
-            self.step_graph = StepGraph(self.par.train_module(self.phase), self.optimizer, self.args.grad_clip,
-                                        self._autocast)
+            # torch.compile's guards hold and nothing recompiles inside the timed budget. Entropy and space
+            # patching: the two-stage step (boundaries eagerly, then one graph per latent-length bucket)
+            self.step_graph = make_step_graph(self.model, self.par.train_module(self.phase), self.optimizer,
+                                              self.args.grad_clip, self._autocast, self.args.seq_len, self.phase)
         self.fwd.train()
         x, y = self.sampler.get(step, 0)
-        if not x.is_cuda:  # a copy from pageable memory blocks the host
+        if self.device.type == "cuda" and not x.is_cuda:  # a copy from pageable memory blocks the host
             x, y = x.pin_memory(), y.pin_memory()
         lr = self.plan.lr_at(step)
         out = self.step_graph(x, y, lr)
         return {**out, "grad_norm": out.get("grad_norm"), "lr": lr}
 
     def _train_step(self, step: int) -> dict:
-        if getattr(self.args, "step_graph", False):
+        if getattr(self.args, "step_graph", False) and not self.graph_problem:
             return self._graphed_train_step(step)
         a, m = self.args, self.model
         self.fwd.train()
