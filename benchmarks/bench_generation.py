@@ -81,7 +81,7 @@ class Bench:
         """A decoder + runner reused across measurements: prefill is in place, so the captured
         graphs (and compiled code) stay valid; only the dense KV length depends on max_len."""
         m, _ = self.model(kind)
-        dec = decoder_for(m, B, max_len)
+        dec = decoder_for(m, B, max_len, fused_local_step=self.args.fused_local_step and kind == "ionllama")
         seeds = torch.arange(B, device=self.device)
         logits = torch.zeros(B, 256, device=self.device, dtype=self.dtype)
         runner = DecodeRunner(dec, SamplingConfig(temperature=1.0), seeds, logits,
@@ -112,7 +112,9 @@ class Bench:
         runner.run(n_new)
         sync()
         dt = time.perf_counter() - t0
-        row = dict(model=s["kind"], label=label, batch=B, context=ctx, new_bytes=n_new, graphs=runner.graphs is not None,
+        row = dict(model=s["kind"], label=label + (", fused local step" if self.args.fused_local_step and
+                                                   s["kind"] == "ionllama" else ""),
+                   batch=B, context=ctx, new_bytes=n_new, graphs=runner.graphs is not None,
                    compile=s["compile"], latent_policy=runner.latent_policy if patches0 is not None else None,
                    bytes_per_s=B * n_new / dt, ms_per_byte=1000 * dt / n_new, prefill_s=t_prefill, setup_s=t_setup)
         if patches0 is not None:
@@ -158,9 +160,10 @@ def _model_name(args) -> str:
 
 
 @torch.no_grad()
-def correctness_checks(device, compile: bool) -> dict:
+def correctness_checks(device, compile: bool, fused_local_step: bool = False) -> dict:
     """On the benchmark device: step-by-step logits vs the parallel forward (fp32, tiny ionLlama with
-    entropy patching, GPU kernels in the forward), and graph replay / compiled steps vs eager."""
+    entropy patching, GPU kernels in the forward), and graph replay / compiled steps vs eager; with
+    fused_local_step, the fused IntegralLNN step (graphs, and compiled with --compile) vs the eager PyTorch step."""
     from ionllama.generation import generate
 
     out = {}
@@ -180,6 +183,12 @@ def correctness_checks(device, compile: bool) -> dict:
     out["graphs_equal_eager"] = generate(m, prompts, 96, seed=1, cuda_graphs=True) == ref
     if compile:
         out["compiled_graphs_equal_eager"] = generate(m, prompts, 96, seed=1, cuda_graphs=True, compile=True) == ref
+    if fused_local_step:
+        out["fused_graphs_equal_eager"] = generate(m, prompts, 96, seed=1, cuda_graphs=True,
+                                                   fused_local_step=True) == ref
+        if compile:
+            out["fused_compiled_graphs_equal_eager"] = generate(m, prompts, 96, seed=1, cuda_graphs=True, compile=True,
+                                                                fused_local_step=True) == ref
     print(json.dumps(out), flush=True)
     return out
 
@@ -196,7 +205,7 @@ def write_results(b, args, checks):
     env = dict(torch=torch.__version__, python=platform.python_version(),
                device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
                dtype=args.dtype, size=args.size, threads=torch.get_num_threads(),
-               compile_mode=args.compile_mode, inductor=args.inductor,
+               compile_mode=args.compile_mode, inductor=args.inductor, fused_local_step=args.fused_local_step,
                models={k: v[1] for k, v in b.models.items()}, checks=checks,
                commit=subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip())
     out = pathlib.Path(args.out)
@@ -235,6 +244,9 @@ def main():
                     help="with --compile: only the compiled batch-1 rows (for A/B runs of compiler settings)")
     ap.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
                     help="torch._inductor.config settings for the compiled rows, e.g. combo_kernels=True")
+    ap.add_argument("--fused_local_step", action="store_true",
+                    help="ionLlama's IntegralLNN local layers step through the fused Triton kernels "
+                         "(ionllama/kernels/lnn_step_triton.py); rows are labelled ', fused local step'")
     ap.add_argument("--budget_s", type=float, default=280)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--threads", type=int, default=0, help="CPU intra-op threads (0: torch default)")
@@ -256,7 +268,7 @@ def main():
         setattr(target, key.split(".")[-1], ast.literal_eval(val))
     b = Bench(args)
     try:
-        checks = correctness_checks(b.device, args.compile)
+        checks = correctness_checks(b.device, args.compile, args.fused_local_step)
     except Exception as e:
         traceback.print_exc()
         checks = {"error": f"{type(e).__name__}: {str(e)[:200]}"}

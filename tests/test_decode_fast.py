@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ionllama import create_model
+from ionllama.errors import UserError
 from ionllama.generation import decoder_for, generate, uniform_noise
 from ionllama.generation.runner import DecodeRunner
 from ionllama.generation.sampling import NoiseSource, SamplingConfig
@@ -364,3 +365,25 @@ def test_entropy_table_step_equals_unfused(ion):
             torch.testing.assert_close(res[0], res[1], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(decs[0].ent1, decs[1].ent1, rtol=1e-5, atol=1e-5)
             assert torch.equal(decs[0].next_start, decs[1].next_start)
+
+
+def test_fused_local_step_is_opt_in_and_refused_where_it_cannot_run(ion, dense, monkeypatch):
+    """The fused IntegralLNN step (ionllama/kernels/lnn_step_triton.py; its numbers are checked against
+    IntegralState.step under the interpreter in test_kernels.py) is off by default; asked for on CPU without
+    TRITON_INTERPRET=1, or for a model without IntegralLNN local layers, it is refused with a UserError
+    (no silent fallback)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    dec = decoder_for(ion, 1, 16)
+    assert dec.enc and dec.dec and all(st.fused_step is None for st in dec.enc + dec.dec)
+    for call in (lambda: decoder_for(ion, 1, 16, fused_local_step=True),
+                 lambda: generate(ion, b"ab", 4, fused_local_step=True),
+                 lambda: ion.generate(b"ab", 4, fused_local_step=True)):
+        with pytest.raises(UserError, match="fused_local_step needs a CUDA device"):
+            call()
+    with pytest.raises(UserError, match="not to model 'dense'"):
+        generate(dense, b"ab", 4, fused_local_step=True)
+    with pytest.raises(UserError, match="cached decoder"):
+        decoder_for(ion, 1, 16, kind="recompute", fused_local_step=True)
+    attn = create_model("tiny", **dict(TINY, local_layers="transformer", local_window=8)).eval()
+    with pytest.raises(UserError, match="local_layers='transformer'"):
+        decoder_for(attn, 1, 16, fused_local_step=True)

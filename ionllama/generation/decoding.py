@@ -109,9 +109,15 @@ class RecomputeDecoder(IncrementalDecoder):
         return self._logits_at_end()
 
 
-def decoder_for(model: nn.Module, batch_size: int, max_len: int, kind: str = "auto") -> IncrementalDecoder:
-    """kind: 'auto' (the model's cached decoder if registered) | 'recompute'."""
+def decoder_for(model: nn.Module, batch_size: int, max_len: int, kind: str = "auto",
+                fused_local_step: bool = False) -> IncrementalDecoder:
+    """kind: 'auto' (the model's cached decoder if registered) | 'recompute'.
+    fused_local_step: ionLlama's IntegralLNN local layers step through the fused Triton kernels
+    (ionllama/kernels/lnn_step_triton.py; CUDA, or CPU under TRITON_INTERPRET=1, else a UserError). Off by
+    default: not yet measured on a GPU. Only decoders with `supports_fused_local_step` take it."""
     if kind == "recompute":
+        if fused_local_step:
+            raise UserError("fused_local_step needs the cached decoder; use decoder='auto'")
         return RecomputeDecoder(model, batch_size, max_len)
     if kind != "auto":
         raise UserError(f"unknown decoder kind '{kind}'; use 'auto' or 'recompute'")
@@ -122,6 +128,11 @@ def decoder_for(model: nn.Module, batch_size: int, max_len: int, kind: str = "au
         pass
     name = getattr(getattr(model, "config", None), "model", None)
     cls = _DECODERS.get(name)
+    if fused_local_step:
+        if not getattr(cls, "supports_fused_local_step", False):
+            raise UserError(f"fused_local_step applies to ionLlama's IntegralLNN local layers, not to model "
+                            f"'{name}'; leave it off")
+        return cls(model, batch_size, max_len, fused_local_step=True)
     if cls is None:
         return RecomputeDecoder(model, batch_size, max_len)
     return cls(model, batch_size, max_len)

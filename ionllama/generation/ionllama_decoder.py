@@ -49,7 +49,11 @@ def _entropy_bits_step(logits: torch.Tensor) -> torch.Tensor:
 
 @register_decoder("ionllama")
 class IonLlamaDecoder(IncrementalDecoder):
-    def __init__(self, model, batch_size, max_len):
+    supports_fused_local_step = True
+
+    def __init__(self, model, batch_size, max_len, fused_local_step: bool = False):
+        """fused_local_step: IntegralLNN encoder / decoder layers step through the fused Triton kernels
+        (local_state.IntegralState; a UserError where they cannot run)."""
         super().__init__(model, batch_size, max_len)
         cfg, B, dev, dt = model.config, batch_size, self.device, self.dtype
         self.cfg = cfg
@@ -83,8 +87,12 @@ class IonLlamaDecoder(IncrementalDecoder):
                           for blk, c in zip(em.blocks, self.ent_cache)]
         self.refresh_weights()
         # local layers
-        self.enc = [local_state(layer, B, dev, dt) for layer in model.encoder]
-        self.dec = [local_state(layer, B, dev, dt) for layer in model.decoder]
+        if fused_local_step and cfg.local_layers != "integral":
+            from ..errors import UserError
+            raise UserError(f"fused_local_step is for IntegralLNN local layers, not local_layers="
+                            f"'{cfg.local_layers}'; leave it off")
+        self.enc = [local_state(layer, B, dev, dt, fused_local_step) for layer in model.encoder]
+        self.dec = [local_state(layer, B, dev, dt, fused_local_step) for layer in model.decoder]
         # open patch accumulator (fp32, like the parallel pooling)
         dl = cfg.d_local
         self.acc_num = torch.zeros(B, dl, dtype=f32, device=dev)

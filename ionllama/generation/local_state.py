@@ -8,9 +8,12 @@
 State tensors are allocated once and updated in place (CUDA-graph friendly)."""
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
 from ..model.common import apply_rope, rope_cos_sin
 from .slots import SlotWriter
 
@@ -42,12 +45,21 @@ class RingConv:
 
 
 class IntegralState:
-    def __init__(self, layer, batch, device, dtype):
+    """fused=True: step() runs the block as the four Triton kernels of ionllama/kernels/lnn_step_triton.py
+    (CUDA, or CPU under TRITON_INTERPRET=1; anything else is refused with a UserError, no silent fallback);
+    the default is the PyTorch path below, which is also the kernels' reference."""
+
+    def __init__(self, layer, batch, device, dtype, fused: bool = False):
         self.layer = layer
         self.cache = layer.empty_cache(batch, device, dtype)
         self.ring = RingConv(layer.conv, self.cache["conv"]) if self.cache["conv"].shape[1] else None
         with torch.no_grad():  # the per-channel decay is a constant while decoding: computed once
             self.decay = torch.exp(layer.log_decay()).to(self.cache["h"].dtype)
+        self.fused_step = None
+        if fused:
+            self.fused_step = fused_step_fn(torch.device(device), dtype)
+            from ..kernels.lnn_step_triton import check_block_state
+            check_block_state(layer, dtype, self.cache["h"], self.cache["conv"], self.decay)
 
     def prefill(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         y, st = self.layer(x, return_state=True)
@@ -60,6 +72,8 @@ class IntegralState:
     def step(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """IntegralLNNBlock.step with the ring conv buffer."""
         layer = self.layer
+        if self.fused_step is not None:
+            return self.fused_step(layer, x_t, self.cache["h"], self.cache["conv"], t, self.decay)
         if self.ring is None:  # conv kernel 1: no buffer
             y, new = layer.step(x_t, self.cache, decay=self.decay)
             self.cache["h"].copy_(new["h"])
@@ -115,7 +129,25 @@ class WindowAttentionState:
         return x + layer.ffn(layer.norm2(x))
 
 
-def local_state(layer, batch, device, dtype):
+def fused_step_fn(device: torch.device, dtype: torch.dtype):
+    """lnn_step_triton.lnn_block_step, or a UserError saying why the fused step cannot run here."""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError("fused_local_step needs a CUDA device (or TRITON_INTERPRET=1 on CPU); "
+                        "leave fused_local_step off on CPU")
+    if device.type not in ("cuda", "cpu"):
+        raise UserError(f"fused_local_step runs on CUDA only, not {device.type}; leave it off")
+    try:
+        from ..kernels.lnn_step_triton import SUPPORTED_DTYPES, lnn_block_step
+    except ImportError as e:
+        raise UserError(f"fused_local_step needs triton ({e}); install triton or leave fused_local_step off")
+    if dtype not in SUPPORTED_DTYPES:
+        raise UserError(f"fused_local_step supports fp32, bf16 and fp16 models, not {dtype}; leave it off")
+    return lnn_block_step
+
+
+def local_state(layer, batch, device, dtype, fused: bool = False):
+    """fused: IntegralLNN blocks step through the fused Triton kernels (IntegralState); attention blocks
+    have no fused step and ignore it."""
     if hasattr(layer, "window"):
         return WindowAttentionState(layer, batch, device, dtype)
-    return IntegralState(layer, batch, device, dtype)
+    return IntegralState(layer, batch, device, dtype, fused=fused)

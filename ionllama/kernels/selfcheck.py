@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import math
+import re
 import sys
 import time
 
@@ -265,6 +266,115 @@ def check_rope(device: str, dtype: torch.dtype, B: int, N: int, dim: int, n_head
     return errs
 
 
+def _randomize_lnn_block(blk, gen: torch.Generator):
+    """Random weights for an IntegralLNNBlock, at a scale where every part moves its output (conv bias and
+    norm weights too: 1 + noise); the decays keep their init (time constants of 2..256 steps)."""
+    with torch.no_grad():
+        for name, p in blk.named_parameters():
+            if name != "decay_logit":
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if p.dim() < 2 else 1.0 / math.sqrt(p.shape[-1])))
+            if name in ("norm1.weight", "state_norm.weight", "norm2.weight"):
+                p.add_(1.0)
+    return blk
+
+
+def _random_lnn_block(D: int, conv_kernel: int, gen: torch.Generator):
+    """IntegralLNNBlock(D, swiglu_hidden(D), conv_kernel) with random weights (_randomize_lnn_block)."""
+    from ..model.common import swiglu_hidden
+    from ..model.integral_lnn import IntegralLNNBlock
+
+    return _randomize_lnn_block(IntegralLNNBlock(D, swiglu_hidden(D), conv_kernel), gen).eval()
+
+
+def check_lnn_step(device: str, dtype: torch.dtype, B: int, D: int, steps: int = 7, conv_kernel: int = 4,
+                   compiled: bool = False, seed: int | None = None) -> dict:
+    """The fused IntegralLNN decode step (lnn_step_triton, through IntegralState(fused=True)) vs IntegralState.step
+    on the same block in the same dtype: `steps` consecutive steps from a random state (h, ring) at random
+    per-row positions t (the ring of kernel - 1 slots wraps around), each path carrying its own state. Errors:
+    the worst over the steps of the block output, h and the ring buffer. compiled: the fused step inside
+    torch.compile(fullgraph=True) (Inductor): the op must trace as one node that writes h and the ring in place
+    ("state_not_in_place": 1 unless the generated code passes the input buffers themselves)."""
+    from ..generation.local_state import IntegralState
+
+    gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % (2 ** 31)))
+    blk = _random_lnn_block(D, conv_kernel, gen).to(device=device, dtype=dtype)
+    ref, fused = IntegralState(blk, B, device, dtype), IntegralState(blk, B, device, dtype, fused=True)
+    h0 = torch.randn(B, D, generator=gen)
+    ring0 = torch.randn(B, conv_kernel - 1, 2 * D, generator=gen)
+    for st in (ref, fused):
+        st.cache["h"].copy_(h0)
+        st.cache["conv"].copy_(ring0)
+    t = torch.randint(0, 10, (B,), generator=gen).to(device)
+    h_ptr, ring_ptr = fused.cache["h"].data_ptr(), fused.cache["conv"].data_ptr()
+    step = fused.step
+    errs = {"out": 0.0, "h": 0.0, "ring": 0.0}
+    if compiled:
+        from torch._inductor.utils import run_and_get_code
+
+        torch._dynamo.reset()
+        compiled_step = torch.compile(fused.step, fullgraph=True)
+        codes = []
+
+        def step(x, t):
+            if codes:
+                return compiled_step(x, t)
+            y, code = run_and_get_code(compiled_step, x, t)
+            codes.extend(code)
+            return y
+    try:
+        with torch.no_grad():
+            for _ in range(steps):
+                x = torch.randn(B, D, generator=gen).to(device, dtype)
+                y_ref, y = ref.step(x, t), step(x, t)
+                errs["out"] = max(errs["out"], rel_err(y, y_ref))
+                errs["h"] = max(errs["h"], rel_err(fused.cache["h"], ref.cache["h"]))
+                errs["ring"] = max(errs["ring"], rel_err(fused.cache["conv"], ref.cache["conv"]))
+                t = t + 1
+    finally:
+        if compiled:
+            torch._dynamo.reset()
+    # the state tensors were updated in place (a CUDA graph replays into them): same storage as before
+    errs["state_moved"] = float(fused.cache["h"].data_ptr() != h_ptr or fused.cache["conv"].data_ptr() != ring_ptr)
+    if compiled:  # the compiled code hands the op the graph's input buffers as h and the ring (no temporaries
+        # to copy back): "args" in Inductor's wrapper code
+        calls = re.findall(r"lnn_block_step\.default\((\w+), (\w+), (\w+),", "\n".join(codes))
+        errs["state_not_in_place"] = float(len(calls) != 1 or not all(a.startswith("arg") for a in calls[0][1:]))
+    return errs
+
+
+def check_lnn_generate(device: str, dtype: torch.dtype, n_new: int = 16, block_n: int | None = None,
+                       seed: int | None = None) -> dict:
+    """Greedy generation of a tiny ionLlama (IntegralLNN local layers, entropy patching) with the fused local
+    step vs without: the fraction of differing bytes. On CUDA the fused run replays CUDA graphs. block_n: every
+    kernel's channel block (fewer programs: the interpreter's cost is per program)."""
+    from .. import create_model
+    from ..generation import generate
+    from . import lnn_step_triton as ls
+
+    gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % (2 ** 31)))
+    torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
+    m = create_model("tiny", d_model=32, n_layers=2, n_heads=2, d_local=32, n_enc_layers=1, n_dec_layers=2,
+                     d_entropy=16, n_entropy_layers=1, entropy_headdim=8, entropy_state=4, ngram_buckets=64,
+                     max_patch_size=5, local_width=2).eval()
+    for blk in list(m.encoder) + list(m.decoder):  # at init the blocks barely move the logits: an error in
+        _randomize_lnn_block(blk, gen)  # the fused step would not change the greedy bytes
+    with torch.no_grad():
+        ent = m.entropy_model(torch.randint(0, 256, (2, 64), generator=gen))["entropy"].flatten()
+        m.entropy_threshold.fill_(float(ent.median()))  # patches of varying length: latent steps happen
+    m = m.to(device=device, dtype=dtype)
+    prompts = [b"abc de", "a longer prompt. ab\n"]
+    ref = generate(m, prompts, n_new, greedy=True, cuda_graphs=False)
+    old = ls.set_lnn_step_config(**({} if block_n is None else {
+        k: block_n for k in ("in_block_n", "out_block_n", "up_block_n", "down_block_n")}))
+    try:
+        out = generate(m, prompts, n_new, greedy=True, cuda_graphs=device == "cuda", fused_local_step=True)
+    finally:
+        ls.set_lnn_step_config(**old)
+    n = sum(max(len(a), len(b)) for a, b in zip(out, ref))
+    diff = sum(sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b)) for a, b in zip(out, ref))
+    return {"bytes_differ": diff / max(n, 1)}
+
+
 def cases(large: bool) -> list[tuple]:
     """(kind, dtype name, kwargs). Small shapes for the interpreter; large adds GPU-sized ones."""
     cs = [
@@ -291,6 +401,16 @@ def cases(large: bool) -> list[tuple]:
         ("compiled", "fp32", dict(B=2, H=2, N=41, Dh=32, T=70, D=16)),
         ("block", "fp32", dict(B=2, T=40, D=16)),
         ("rope", "fp32", dict(B=2, N=37, dim=32, n_heads=2)),
+        # the fused IntegralLNN decode step: B 1 and 3, fp32 and bf16, 7 steps (the 3-slot ring wraps twice),
+        # d not a power of two (48: SwiGLU hidden 128), conv kernels 2 and 1 (no ring), and inside torch.compile
+        ("lnn_step", "fp32", dict(B=1, D=32)),
+        ("lnn_step", "fp32", dict(B=3, D=48)),
+        ("lnn_step", "bf16", dict(B=1, D=32)),
+        ("lnn_step", "bf16", dict(B=3, D=48, steps=5)),
+        ("lnn_step", "fp32", dict(B=3, D=32, conv_kernel=2, steps=3)),
+        ("lnn_step", "fp32", dict(B=2, D=32, conv_kernel=1, steps=2)),
+        ("lnn_step", "fp32", dict(B=2, D=32, steps=4, compiled=True)),
+        ("lnn_generate", "fp32", dict(n_new=16, block_n=32)),
     ]
     if large:
         cs += [
@@ -315,12 +435,19 @@ def cases(large: bool) -> list[tuple]:
             ("compiled", "bf16", dict(B=2, H=8, N=3000, Dh=64, T=4096, D=128)),
             ("block", "fp32", dict(B=2, T=2048, D=256)),  # wiring; bf16 accuracy: the conv_gate/scan rows
             ("rope", "fp32", dict(B=2, N=2048, dim=512, n_heads=8)),  # ionllama-small's latent width
+            # ionllama-small's local layers (d 256, hidden 704) at batch 1 and 32 (two row blocks of 16 .. 32)
+            ("lnn_step", "bf16", dict(B=1, D=256, steps=9)),
+            ("lnn_step", "bf16", dict(B=32, D=256, steps=9)),
+            ("lnn_step", "fp32", dict(B=17, D=256, steps=9)),
+            ("lnn_step", "bf16", dict(B=1, D=256, steps=5, compiled=True)),
+            ("lnn_generate", "fp32", dict(n_new=64)),  # fp32: bf16 logits tie too often for equal greedy bytes
         ]
     return cs
 
 
 def run(device: str, large: bool = False, verbose: bool = True,
-        kinds=("attention", "scan", "conv_gate", "compiled", "block", "rope")) -> list[dict]:
+        kinds=("attention", "scan", "conv_gate", "compiled", "block", "rope", "lnn_step", "lnn_generate")
+        ) -> list[dict]:
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
@@ -331,7 +458,8 @@ def run(device: str, large: bool = False, verbose: bool = True,
         dtype = DTYPES[dt]
         t0 = time.perf_counter()
         fn = {"attention": check_attention, "scan": check_scan, "conv_gate": check_conv_gate,
-              "compiled": check_compiled, "block": check_block, "rope": check_rope}[kind]
+              "compiled": check_compiled, "block": check_block, "rope": check_rope,
+              "lnn_step": check_lnn_step, "lnn_generate": check_lnn_generate}[kind]
         errs = fn(device, dtype, **kw)
         tol = TOL[dtype]
         row = dict(kind=kind, dtype=dt, shape=kw, errors=errs, tol=tol,
@@ -349,8 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--large", action="store_true", help="add GPU-sized cases")
     p.add_argument("--json", default=None, help="write the rows as JSON to this path ('-' = stdout)")
-    p.add_argument("--kinds", default="attention,scan,conv_gate,compiled,block,rope",
-                   help="comma list: attention, scan, conv_gate, compiled, block, rope")
+    p.add_argument("--kinds", default="attention,scan,conv_gate,compiled,block,rope,lnn_step,lnn_generate",
+                   help="comma list: attention, scan, conv_gate, compiled, block, rope, lnn_step, lnn_generate")
     a = p.parse_args(argv)
     rows = run(a.device, a.large, verbose=a.json != "-", kinds=tuple(a.kinds.split(",")))
     if a.json == "-":
