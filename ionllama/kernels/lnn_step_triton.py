@@ -83,18 +83,22 @@ def _rows_times_wt(a, w, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _tile(B, N, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's batch rows (grid axis 1) and output channels (axis 0), with their bounds masks."""
+    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rows, rows < B, rows.to(tl.int64), n, n < N
+
+
+@triton.jit
 def _lnn_in_gate(X, NW, WIN, CW, CB, RING, H, DECAY, T, O,
                  B, D, eps, sxb, swin, scw, srb, srs, shb, sob,
                  KS: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
                  IEEE: tl.constexpr):
     DT = O.dtype.element_ty
-    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    rows64 = rows.to(tl.int64)
+    rows, row_ok, rows64, n, n_ok = _tile(B, D, BLOCK_B, BLOCK_N)
     k = tl.arange(0, DP)
     k_ok = k < D
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < D
     m_rk = row_ok[:, None] & k_ok[None, :]
     m_rn = row_ok[:, None] & n_ok[None, :]
     m_nk = n_ok[:, None] & k_ok[None, :]
@@ -144,13 +148,9 @@ def _lnn_in_gate(X, NW, WIN, CW, CB, RING, H, DECAY, T, O,
 def _lnn_out_mix(X, H, O, SNW, WOUT, X1, B, D, eps, sxb, shb, sob, swo, sx1b,
                  DP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, IEEE: tl.constexpr):
     DT = X1.dtype.element_ty
-    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    rows64 = rows.to(tl.int64)
+    rows, row_ok, rows64, n, n_ok = _tile(B, D, BLOCK_B, BLOCK_N)
     k = tl.arange(0, DP)
     k_ok = k < D
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < D
     m_rk = row_ok[:, None] & k_ok[None, :]
     m_rn = row_ok[:, None] & n_ok[None, :]
 
@@ -168,13 +168,9 @@ def _lnn_out_mix(X, H, O, SNW, WOUT, X1, B, D, eps, sxb, shb, sob, swo, sx1b,
 def _lnn_ffn_up(X1, NW, WIN, U, B, D, HID, eps, sx1b, swin, sub,
                 DP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, IEEE: tl.constexpr):
     DT = U.dtype.element_ty
-    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    rows64 = rows.to(tl.int64)
+    rows, row_ok, rows64, n, n_ok = _tile(B, HID, BLOCK_B, BLOCK_N)
     k = tl.arange(0, DP)
     k_ok = k < D
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < HID
     m_nk = n_ok[:, None] & k_ok[None, :]
 
     x = tl.load(X1 + rows64[:, None] * sx1b + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -190,11 +186,7 @@ def _lnn_ffn_up(X1, NW, WIN, U, B, D, HID, eps, sx1b, swin, sub,
 def _lnn_ffn_down(X1, U, WOUT, OUT, B, D, HID, sx1b, sub, swo, soutb,
                   BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, IEEE: tl.constexpr):
     DT = OUT.dtype.element_ty
-    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    rows64 = rows.to(tl.int64)
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < D
+    rows, row_ok, rows64, n, n_ok = _tile(B, D, BLOCK_B, BLOCK_N)
     m_rn = row_ok[:, None] & n_ok[None, :]
     acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
     for k0 in range(0, HID, BLOCK_K):
