@@ -16,6 +16,7 @@
 #   p1k_dense, p1k_dense_sg  the dense byte baseline (d384 L8 is the Phase-1 arm: tiny) without / with it
 #   p1k_mamba        the MambaByte arm (d384 L16) with a profile: it trained at 0.30 MB/s, GPU-bound
 #   p1k_byte, p1k_byte_sg  byte patching (the best ionLlama arm at 7 minutes) without / with --step_graph
+#   lnn_selfcheck    the fused IntegralLNN decode step against its reference on the GPU (large shapes, compiled, graphs)
 #   decode_tests     tests/test_decode_fast.py on the GPU (CUDA-graph decode == eager, all latent policies)
 # Generation (GPU 1, after its training rows): the decode tests on CUDA, then one bench_generation.py run per
 #   GEN_VARIANTS entry ("name:flags;name:flags"; empty: none).
@@ -66,6 +67,8 @@ rows() {  # rows GPU NAMES...
                   --out "$R/train/tt_p1k_byte.json" ;;
       p1k_byte_sg) step "$L" "${B[@]}" --arms ionllama:patching=byte "${p1k[@]}" --compile_mode whole --step_graph \
                      --out "$R/train/tt_p1k_byte_sg.json" ;;
+      lnn_selfcheck) step "$L" python3 -m ionllama.kernels.selfcheck --device cuda --large --kinds lnn_step,lnn_generate \
+                       --json "$R/train/selfcheck_lnn.json" ;;
       decode_tests) step "$L" python3 -m pytest -q -p no:cacheprovider tests/test_decode_fast.py ;;
       p1k_dense) step "$L" "${B[@]}" --arms dense:d_model=384,n_layers=8,n_heads=6 --sizes tiny "${p1k[@]}" --compile_mode whole \
                    --out "$R/train/tt_p1k_dense.json" ;;
