@@ -258,11 +258,13 @@ def warm_up(tr) -> float:
         with torch.no_grad():
             m.calibrate_threshold(tr.sampler.get(0)[0].to(dev))
         configs = [True, False]
-    dynamic_patches = getattr(getattr(m, "config", None), "patching", None) in ("entropy", "space")
+    from .train.step_graph import latent_bucket, static_step_shapes
+
+    # the baselines share ModelConfig (and its default patching): only ionLlama's own patching counts here
+    dynamic_patches = not static_step_shapes(m.config, tr.sampler.get(0)[0].shape[1])
     # --step_graph: the frozen-entropy (main-phase) step calls the forward with the boundaries and a bucketed
     # latent length (train/step_graph.py), a call torch.compile traces separately: warm that one up instead
     two_stage = dynamic_patches and bool(getattr(tr.args, "step_graph", False))
-    from .train.step_graph import latent_bucket
     try:
         for frozen in configs:
             if frozen is not None:

@@ -228,6 +228,27 @@ def test_warm_up_compiles_every_shape_training_will_see(patching, step_graph, on
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("model", ["dense", "bpe"])
+def test_warm_up_of_a_baseline_with_step_graph_runs_its_plain_forward(model, one_thread):
+    """The baselines share ModelConfig and its default (entropy) patching field: --step_graph must not send
+    them down ionLlama's two-stage path (a sixth-session bug: AttributeError patch_boundaries)."""
+    from types import SimpleNamespace
+
+    from ionllama.experiment import warm_up
+
+    kw = {"vocab_size": 300} if model == "bpe" else {}
+    m = create_model("tiny", model=model, d_model=32, n_layers=1, n_heads=2, **kw)
+    x = torch.randint(0, 256, (2, 17))
+    calls = []
+    fwd = lambda a, b, **k: calls.append(k) or m(a, b)  # noqa: E731
+    tr = SimpleNamespace(model=m, device=torch.device("cpu"), amp_dtype=None, fwd=fwd,
+                         sampler=SimpleNamespace(get=lambda k: (x[:, :-1], x[:, 1:])),
+                         args=SimpleNamespace(compile=False, step_graph=True), mark_step=lambda: None)
+    warm_up(tr)
+    assert calls and all(k == {} for k in calls)  # plain forwards: no boundaries, no latent length
+    assert all(p.grad is None for p in m.parameters())
+
+
 def test_bpb_at_interpolates_between_curve_points():
     from ionllama.experiment import bpb_at
 
