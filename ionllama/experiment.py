@@ -1133,8 +1133,10 @@ def main(argv: list[str] | None = None) -> int:
     for s in stages:
         if s == "prepare":
             runner.prepare()
-        elif s == "sweep":
-            runner.sweep()
+        elif s == "sweep" or (s == "report" and (runner.out / "sweep").is_dir()):
+            # --stage report rebuilds the sweep table too: one process per GPU each writes it for its own arms
+            if s == "sweep":
+                runner.sweep()
             write_report(runner.out / "sweep", [f"{n}~{v}" for n in names for v in ("base", *SWEEP_VARIANTS)],
                          runner.command, label=f"{a.matrix} sweep")
         elif s == "pretrain":
