@@ -81,7 +81,8 @@ class Bench:
         """A decoder + runner reused across measurements: prefill is in place, so the captured
         graphs (and compiled code) stay valid; only the dense KV length depends on max_len."""
         m, _ = self.model(kind)
-        dec = decoder_for(m, B, max_len, fused_local_step=self.args.fused_local_step and kind == "ionllama")
+        dec = decoder_for(m, B, max_len, fused_local_step=FUSED[self.args.fused_local_step] if kind == "ionllama"
+                          else False)
         seeds = torch.arange(B, device=self.device)
         logits = torch.zeros(B, 256, device=self.device, dtype=self.dtype)
         runner = DecodeRunner(dec, SamplingConfig(temperature=1.0), seeds, logits,
@@ -112,8 +113,8 @@ class Bench:
         runner.run(n_new)
         sync()
         dt = time.perf_counter() - t0
-        row = dict(model=s["kind"], label=label + (", fused local step" if self.args.fused_local_step and
-                                                   s["kind"] == "ionllama" else ""),
+        row = dict(model=s["kind"], label=label + (", fused local step" if getattr(dec, "fused_local_step", False)
+                                                   else ""),
                    batch=B, context=ctx, new_bytes=n_new, graphs=runner.graphs is not None,
                    compile=s["compile"], latent_policy=runner.latent_policy if patches0 is not None else None,
                    bytes_per_s=B * n_new / dt, ms_per_byte=1000 * dt / n_new, prefill_s=t_prefill, setup_s=t_setup)
@@ -158,6 +159,9 @@ def _model_name(args) -> str:
         return ""
     return args[0]["kind"] if isinstance(args[0], dict) else str(args[0])
 
+
+
+FUSED = {"auto": "auto", "on": True, "off": False}  # --fused_local_step -> decoder_for(fused_local_step=)
 
 @torch.no_grad()
 def correctness_checks(device, compile: bool, fused_local_step: bool = False) -> dict:
@@ -244,9 +248,10 @@ def main():
                     help="with --compile: only the compiled batch-1 rows (for A/B runs of compiler settings)")
     ap.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
                     help="torch._inductor.config settings for the compiled rows, e.g. combo_kernels=True")
-    ap.add_argument("--fused_local_step", action="store_true",
+    ap.add_argument("--fused_local_step", nargs="?", const="on", default="auto", choices=list(FUSED),
                     help="ionLlama's IntegralLNN local layers step through the fused Triton kernels "
-                         "(ionllama/kernels/lnn_step_triton.py); rows are labelled ', fused local step'")
+                         "(ionllama/kernels/lnn_step_triton.py): on, off, or auto (the library's default: CUDA, "
+                         "<= 16 rows); rows that used them are labelled ', fused local step'")
     ap.add_argument("--budget_s", type=float, default=280)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--threads", type=int, default=0, help="CPU intra-op threads (0: torch default)")
@@ -268,7 +273,7 @@ def main():
         setattr(target, key.split(".")[-1], ast.literal_eval(val))
     b = Bench(args)
     try:
-        checks = correctness_checks(b.device, args.compile, args.fused_local_step)
+        checks = correctness_checks(b.device, args.compile, args.fused_local_step != "off" and b.device.type == "cuda")
     except Exception as e:
         traceback.print_exc()
         checks = {"error": f"{type(e).__name__}: {str(e)[:200]}"}

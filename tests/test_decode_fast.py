@@ -367,14 +367,27 @@ def test_entropy_table_step_equals_unfused(ion):
             assert torch.equal(decs[0].next_start, decs[1].next_start)
 
 
-def test_fused_local_step_is_opt_in_and_refused_where_it_cannot_run(ion, dense, monkeypatch):
+def test_fused_local_step_auto_on_cuda_only_and_refused_where_it_cannot_run(ion, dense, monkeypatch):
     """The fused IntegralLNN step (ionllama/kernels/lnn_step_triton.py; its numbers are checked against
-    IntegralState.step under the interpreter in test_kernels.py) is off by default; asked for on CPU without
-    TRITON_INTERPRET=1, or for a model without IntegralLNN local layers, it is refused with a UserError
-    (no silent fallback)."""
+    IntegralState.step under the interpreter in test_kernels.py). "auto", the default, picks it only on CUDA
+    for <= 16 rows with a supported dtype and for IntegralLNN local layers, and never errors; True asked for
+    on CPU without TRITON_INTERPRET=1, or for a model without IntegralLNN local layers, is refused with a
+    UserError (no silent fallback)."""
+    from ionllama.generation import local_state
+
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    dec = decoder_for(ion, 1, 16)
-    assert dec.enc and dec.dec and all(st.fused_step is None for st in dec.enc + dec.dec)
+    dec = decoder_for(ion, 1, 16)  # auto on CPU: the PyTorch step
+    assert not dec.fused_local_step and dec.enc and dec.dec
+    assert all(st.fused_step is None for st in dec.enc + dec.dec)
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    assert not local_state.fused_step_auto(torch.device("cpu"), bf16, 1)
+    assert not local_state.fused_step_auto(cuda, bf16, local_state.FUSED_AUTO_MAX_BATCH + 1)
+    assert not local_state.fused_step_auto(cuda, torch.float64, 1)
+    try:
+        import triton  # noqa: F401
+        assert local_state.fused_step_auto(cuda, bf16, local_state.FUSED_AUTO_MAX_BATCH)
+    except ImportError:
+        assert not local_state.fused_step_auto(cuda, bf16, 1)
     for call in (lambda: decoder_for(ion, 1, 16, fused_local_step=True),
                  lambda: generate(ion, b"ab", 4, fused_local_step=True),
                  lambda: ion.generate(b"ab", 4, fused_local_step=True)):
@@ -384,6 +397,19 @@ def test_fused_local_step_is_opt_in_and_refused_where_it_cannot_run(ion, dense, 
         generate(dense, b"ab", 4, fused_local_step=True)
     with pytest.raises(UserError, match="cached decoder"):
         decoder_for(ion, 1, 16, kind="recompute", fused_local_step=True)
+    with pytest.raises(UserError, match="True, False or 'auto'"):
+        decoder_for(ion, 1, 16, fused_local_step="yes")
     attn = create_model("tiny", **dict(TINY, local_layers="transformer", local_window=8)).eval()
     with pytest.raises(UserError, match="local_layers='transformer'"):
         decoder_for(attn, 1, 16, fused_local_step=True)
+    # where "auto" says yes (as on CUDA), only the cached IntegralLNN decoder takes the fused step
+    monkeypatch.setattr(local_state, "fused_step_auto", lambda *a: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    try:
+        import triton  # noqa: F401
+        dec = decoder_for(ion, 1, 16)
+        assert dec.fused_local_step and all(st.fused_step is not None for st in dec.enc + dec.dec)
+    except ImportError:
+        pass
+    assert not decoder_for(attn, 1, 16).fused_local_step
+    assert decoder_for(ion, 1, 16, kind="recompute") is not None and decoder_for(dense, 1, 16) is not None

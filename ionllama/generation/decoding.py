@@ -110,13 +110,16 @@ class RecomputeDecoder(IncrementalDecoder):
 
 
 def decoder_for(model: nn.Module, batch_size: int, max_len: int, kind: str = "auto",
-                fused_local_step: bool = False) -> IncrementalDecoder:
+                fused_local_step: bool | str = "auto") -> IncrementalDecoder:
     """kind: 'auto' (the model's cached decoder if registered) | 'recompute'.
     fused_local_step: ionLlama's IntegralLNN local layers step through the fused Triton kernels
-    (ionllama/kernels/lnn_step_triton.py; CUDA, or CPU under TRITON_INTERPRET=1, else a UserError). Off by
-    default: not yet measured on a GPU. Only decoders with `supports_fused_local_step` take it."""
+    (ionllama/kernels/lnn_step_triton.py). True: required (CUDA, or CPU under TRITON_INTERPRET=1, else a
+    UserError); False: the PyTorch step; "auto": fused where it was measured faster and equal (cached ionLlama
+    decoder with IntegralLNN local layers, CUDA, triton, <= 16 rows: local_state.fused_step_auto)."""
+    if fused_local_step not in (True, False, "auto"):
+        raise UserError(f"fused_local_step must be True, False or 'auto', got {fused_local_step!r}")
     if kind == "recompute":
-        if fused_local_step:
+        if fused_local_step is True:
             raise UserError("fused_local_step needs the cached decoder; use decoder='auto'")
         return RecomputeDecoder(model, batch_size, max_len)
     if kind != "auto":
@@ -128,6 +131,13 @@ def decoder_for(model: nn.Module, batch_size: int, max_len: int, kind: str = "au
         pass
     name = getattr(getattr(model, "config", None), "model", None)
     cls = _DECODERS.get(name)
+    if fused_local_step == "auto":
+        from .local_state import fused_step_auto
+
+        p = next(model.parameters())
+        fused_local_step = (getattr(cls, "supports_fused_local_step", False)
+                            and model.config.local_layers == "integral"
+                            and fused_step_auto(p.device, p.dtype, batch_size))
     if fused_local_step:
         if not getattr(cls, "supports_fused_local_step", False):
             raise UserError(f"fused_local_step applies to ionLlama's IntegralLNN local layers, not to model "

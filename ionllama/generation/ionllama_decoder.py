@@ -91,6 +91,7 @@ class IonLlamaDecoder(IncrementalDecoder):
             from ..errors import UserError
             raise UserError(f"fused_local_step is for IntegralLNN local layers, not local_layers="
                             f"'{cfg.local_layers}'; leave it off")
+        self.fused_local_step = bool(fused_local_step)  # what decoder_for resolved "auto" to
         self.enc = [local_state(layer, B, dev, dt, fused_local_step) for layer in model.encoder]
         self.dec = [local_state(layer, B, dev, dt, fused_local_step) for layer in model.decoder]
         # open patch accumulator (fp32, like the parallel pooling)

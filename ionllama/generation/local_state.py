@@ -145,6 +145,23 @@ def fused_step_fn(device: torch.device, dtype: torch.dtype):
     return lnn_block_step
 
 
+# "auto" uses the fused step where it was measured: on CUDA, for up to one 16-row MMA tile of rows (the kernels
+# pad batch 1 to 16 rows, so 1-16 rows run the same kernel shapes; H200 bf16, seventh session: 4,013 -> 5,280
+# bytes/s at batch 1, outputs equal to the PyTorch step). Larger batches keep the PyTorch step until measured.
+FUSED_AUTO_MAX_BATCH = 16
+
+
+def fused_step_auto(device: torch.device, dtype: torch.dtype, batch: int) -> bool:
+    """Does fused_local_step="auto" pick the fused Triton step here (CUDA, triton, a supported dtype)?"""
+    if device.type != "cuda" or batch > FUSED_AUTO_MAX_BATCH:
+        return False
+    try:
+        fused_step_fn(device, dtype)
+    except UserError:
+        return False
+    return True
+
+
 def local_state(layer, batch, device, dtype, fused: bool = False):
     """fused: IntegralLNN blocks step through the fused Triton kernels (IntegralState); attention blocks
     have no fused step and ignore it."""
