@@ -83,9 +83,18 @@ TASK_ARMS = ("ionllama", "dense", "bpe")
 # model can win (more steps), at a long one a larger
 SWEEP_VARIANTS = {"lr0.5x": {"lr_mult": 0.5}, "lr2x": {"lr_mult": 2.0}, "wide": {"width_mult": 4 / 3},
                   "narrow": {"width_mult": 3 / 4}, "deep": {"depth_mult": 4 / 3}, "shallow": {"depth_mult": 2 / 3}}
-MODEL_KEYS = ("d_model", "n_layers", "n_heads", "d_local", "attention", "local_layers", "patching",
-              "threshold_mode", "max_patch_size", "target_patch_size", "ngram", "pooling", "vocab_size",
-              "latent_shift")
+# ionLlama also has a byte-level part (local encoder / decoder) that the latent width and depth leave alone: at
+# equal steps its arms trail dense bytes (phase1-7min.md), so the sweep also tries a wider and a deeper byte level
+ION_SWEEP_VARIANTS = {"local_wide": {"local_width_mult": 1.5}, "local_deep": {"dec_layers_add": 2}}
+MODEL_KEYS = ("d_model", "n_layers", "n_heads", "d_local", "n_enc_layers", "n_dec_layers", "attention",
+              "local_layers", "patching", "threshold_mode", "max_patch_size", "target_patch_size", "ngram", "pooling",
+              "vocab_size", "latent_shift")
+
+
+def sweep_variants(spec: dict) -> tuple[str, ...]:
+    """The variants the sweep trains for an arm, base first."""
+    extra = tuple(ION_SWEEP_VARIANTS) if spec["model"] == "ionllama" else ()
+    return ("base", *SWEEP_VARIANTS, *extra)
 NOMINAL_STEPS = 100_000  # schedule resolution of the time-based plan (steps never reach it)
 WARMUP_FRAC = 0.02
 JOINT_FRAC = 0.1
@@ -93,10 +102,10 @@ NEVER = 10 ** 9
 
 
 def variant_spec(spec: dict, variant: str) -> dict:
-    v = SWEEP_VARIANTS[variant]
+    v = {**SWEEP_VARIANTS, **ION_SWEEP_VARIANTS}[variant]
     out = dict(spec)
     out["lr"] = spec["lr"] * v.get("lr_mult", 1.0)
-    if "width_mult" in v or "depth_mult" in v:
+    if v.keys() - {"lr_mult"}:
         from .config import make_config
 
         base = make_config(spec["size"], spec["model"], **{k: spec[k] for k in MODEL_KEYS if k in spec})
@@ -105,6 +114,10 @@ def variant_spec(spec: dict, variant: str) -> dict:
         out["d_model"], out["n_heads"] = d, max(1, d // 64)
     if "depth_mult" in v:
         out["n_layers"] = max(1, int(math.floor(base.n_layers * v["depth_mult"] + 0.5)))
+    if "local_width_mult" in v:
+        out["d_local"] = max(64, int(math.floor(base.d_local * v["local_width_mult"] / 64 + 0.5)) * 64)
+    if "dec_layers_add" in v:
+        out["n_dec_layers"] = base.n_dec_layers + v["dec_layers_add"]
     return out
 
 
@@ -423,7 +436,7 @@ class Runner:
 
     def best_sweep_variant(self, arm: str) -> str | None:
         best = None
-        for v in ("base", *SWEEP_VARIANTS):
+        for v in sweep_variants(self.matrix[arm]):
             f = _read_json(self.out / "sweep" / f"{arm}~{v}" / "final.json")
             if f and f.get("val", {}).get("bpb") is not None and (best is None or f["val"]["bpb"] < best[1]):
                 best = (v, f["val"]["bpb"])
@@ -699,7 +712,7 @@ class Runner:
     def sweep(self) -> None:
         budget = self.a.sweep_budget_s or self.a.budget_s
         for arm in self.arm_names():
-            for v in ("base", *SWEEP_VARIANTS):
+            for v in sweep_variants(self.matrix[arm]):
                 name = f"{arm}~{v}"
                 self.run_arm(arm, self.out / "sweep" / name, self.spec_of(arm, v), budget, name)
 
@@ -1137,7 +1150,7 @@ def main(argv: list[str] | None = None) -> int:
             # --stage report rebuilds the sweep table too: one process per GPU each writes it for its own arms
             if s == "sweep":
                 runner.sweep()
-            write_report(runner.out / "sweep", [f"{n}~{v}" for n in names for v in ("base", *SWEEP_VARIANTS)],
+            write_report(runner.out / "sweep", [f"{n}~{v}" for n in names for v in sweep_variants(runner.matrix[n])],
                          runner.command, label=f"{a.matrix} sweep")
         elif s == "pretrain":
             if "prepare" not in stages:

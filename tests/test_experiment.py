@@ -287,3 +287,41 @@ def test_sweep_variants_change_what_they_name():
         assert got["deep"]["n_layers"] > cfg.n_layers > got["shallow"]["n_layers"] >= 1
         assert got["wide"].get("n_layers") == base.get("n_layers") and got["deep"].get("d_model") == base.get("d_model")
         assert all(got[v]["lr"] == base["lr"] for v in ("wide", "narrow", "deep", "shallow"))
+
+
+def test_ionllama_sweep_also_widens_and_deepens_the_byte_level(tmp_path):
+    """ionLlama arms get two more variants (local width, decoder depth) that reach the trainer as flags and
+    build; the baselines do not."""
+    from ionllama.config import make_config
+    from ionllama.experiment import ION_SWEEP_VARIANTS, SWEEP_VARIANTS, sweep_variants, variant_spec
+    from ionllama.train.cli import build_train_parser as trainer_parser
+
+    assert sweep_variants(ARMS["dense"]) == ("base", *SWEEP_VARIANTS)
+    assert sweep_variants(ARMS["ionllama_fixed"]) == ("base", *SWEEP_VARIANTS, *ION_SWEEP_VARIANTS)
+    base = ARMS["ionllama_fixed"]
+    cfg = make_config(base["size"], base["model"])
+    wide, deep = variant_spec(base, "local_wide"), variant_spec(base, "local_deep")
+    assert wide["d_local"] == 384 > cfg.d_local and wide.get("n_dec_layers") is None and wide["lr"] == base["lr"]
+    assert deep["n_dec_layers"] == cfg.n_dec_layers + 2 and deep.get("d_local") is None
+    r = Runner(build_parser().parse_args(["--out", str(tmp_path / "o"), "--ckpt_dir", str(tmp_path / "c")]), [])
+    for spec, flag, val in ((wide, "--d_local", "384"), (deep, "--n_dec_layers", str(cfg.n_dec_layers + 2))):
+        argv = r.trainer_argv("x", spec, 60.0)
+        assert argv[argv.index(flag) + 1] == val
+        targs = trainer_parser().parse_args(argv)
+        assert getattr(targs, flag[2:]) == int(val)
+    m = create_model("tiny", model="ionllama", d_local=96, n_dec_layers=3, patching="fixed")
+    assert len(m.decoder) == 3 and m.config.d_local == 96
+    # the sweep trains exactly these, and --from_sweep picks the lowest val BPB among them
+    ran = []
+    r = Runner(build_parser().parse_args(["--out", str(tmp_path / "o"), "--ckpt_dir", str(tmp_path / "c"),
+                                          "--arms", "dense,ionllama_fixed", "--from_sweep"]), [])
+    r.run_arm = lambda arm, out, spec, budget, name: ran.append(name)
+    r.sweep()
+    assert ran == [f"dense~{v}" for v in sweep_variants(ARMS["dense"])] + \
+        [f"ionllama_fixed~{v}" for v in sweep_variants(base)]
+    for v, bpb in (("base", 1.57), ("lr2x", 1.56), ("local_deep", 1.55)):
+        f = tmp_path / "o" / "sweep" / f"ionllama_fixed~{v}" / "final.json"
+        f.parent.mkdir(parents=True)
+        f.write_text(json.dumps({"val": {"bpb": bpb}}))
+    assert r.best_sweep_variant("ionllama_fixed") == "local_deep"
+    assert r.spec_of("ionllama_fixed")["n_dec_layers"] == cfg.n_dec_layers + 2
