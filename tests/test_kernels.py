@@ -262,6 +262,8 @@ def test_ssm_step_kernels_compile_for_hopper():
               (ss._ssm_in_scan, dict(KS=3, DP=128, NB=16, BLOCK_C=16, BLOCK_B=16, GATHER=False)),
               (ss._ssm_out, dict(KS=3, DIP=256, NB2=32, BLOCK_N=16, BLOCK_B=16, GATHER=True)),
               (ss._ssm_out, dict(KS=3, DIP=256, NB2=32, BLOCK_N=16, BLOCK_B=16, GATHER=False)),
+              (ss._ssm_in_scan, dict(KS=0, DP=32, NB=16, BLOCK_C=32, BLOCK_B=32, GATHER=False)),  # no ring
+              (ss._ssm_out, dict(KS=0, DIP=64, NB2=16, BLOCK_N=16, BLOCK_B=32, GATHER=False)),
               (ss._entropy_head, dict(DP=128, VP=256, BLOCK_K=32, BLOCK_B=16))]
     for dtype in ("bf16", "fp32"):
         for kernel, const in consts:

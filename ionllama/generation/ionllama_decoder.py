@@ -131,8 +131,11 @@ class IonLlamaDecoder(IncrementalDecoder):
     def refresh_weights(self) -> None:
         """Tables derived from the weights, built once per decoder: call again if the weights change.
         ent_in0: the entropy model's first in_proj(norm(embed(byte))) for all 256 bytes. It depends on
-        the byte alone, so a byte step looks it up instead of running a norm and a matmul."""
+        the byte alone, so a byte step looks it up instead of running a norm and a matmul. (And the fused
+        entropy step's A = -exp(A_log), local_state.MambaState.refresh_weights.)"""
         self.ent_in0 = None
+        for st in getattr(self, "ent_states", []):
+            st.refresh_weights()
         if self.use_entropy and len(self.model.entropy_model.blocks):
             em = self.model.entropy_model
             blk = em.blocks[0]

@@ -100,10 +100,16 @@ class MambaState:
         self.fused_step = None
         if fused:
             self.fused_step = fused_entropy_fn(torch.device(device), dtype)[0]
-            with torch.no_grad():  # A = -exp(A_log) as the PyTorch step computes it (in the model's dtype)
-                self.neg_a = (-torch.exp(block.mixer.A_log)).float()
+            self.refresh_weights()
             from ..kernels.ssm_step_triton import check_ssm_block_state
             check_ssm_block_state(block, dtype, self.cache["ssm"], self.cache["conv"], self.neg_a)
+
+    @torch.no_grad()
+    def refresh_weights(self) -> None:
+        """The fused step's A = -exp(A_log), computed as the PyTorch step does (in the model's dtype), in fp32;
+        call again if the weights change."""
+        if self.fused_step is not None:
+            self.neg_a = (-torch.exp(self.block.mixer.A_log)).float()
 
     def step(self, x_t: torch.Tensor, t: torch.Tensor, proj: torch.Tensor | None = None) -> torch.Tensor:
         """x_t (B, d) at positions t (B,) -> x_t + mixer(norm(x_t)). proj: in_proj(norm(x_t)) when the caller

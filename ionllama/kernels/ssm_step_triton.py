@@ -255,14 +255,14 @@ def ssm_step_launch(x, ssm, ring, t, tokens, table, norm_w, in_w, conv_w, conv_b
     bb, nb = _row_blocks(B)
     ieee = dt == torch.float32 or dev.type != "cuda"
     nw = _CONFIG["num_warps"]
-    bc = max(16, _CONFIG["scan_block_c"])
+    bc = _pow2(_CONFIG["scan_block_c"])
     srs = ring.stride(1) if KS else 0
     _ssm_in_scan[(triton.cdiv(DI, bc), nb)](
         x, tokens, table, norm_w, in_w, conv_w, conv_b, ring, ssm, t, dt_bias, neg_a, d_skip, yg,
         B, D, DI, N, P, eps, x.stride(0), table.stride(0), in_w.stride(0), conv_w.stride(0), ring.stride(0), srs,
         ssm.stride(0), yg.stride(0),
         KS=KS, DP=_pow2(D), NB=_pow2(N), BLOCK_C=bc, BLOCK_B=bb, GATHER=gather, IEEE=ieee, num_warps=nw)
-    bn = _CONFIG["out_block_n"]
+    bn = _pow2(_CONFIG["out_block_n"])
     _ssm_out[(triton.cdiv(D, bn), nb)](
         x, tokens, yg, mnorm_w, out_w, ring, t, out, B, D, DI, N, m_eps, x.stride(0), yg.stride(0), out_w.stride(0),
         ring.stride(0), srs, out.stride(0),
