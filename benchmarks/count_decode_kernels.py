@@ -10,7 +10,9 @@ needs no GPU.
     python benchmarks/count_decode_kernels.py --size small --out docs/results/decode_kernels.json
 
 With --fused_local_step (run under TRITON_INTERPRET=1 on CPU) the IntegralLNN blocks use the fused decode
-step: each call of the custom op ionllama::lnn_block_step is 4 Triton kernels (`custom_op_kernels`).
+step: each call of the custom op ionllama::lnn_block_step is 4 Triton kernels (`custom_op_kernels`). With
+--fused_entropy_step the entropy model's Mamba blocks use the fused step (kernels/ssm_step_triton.py): each
+ionllama::ssm_block_step is 2 Triton kernels, the head + entropy ionllama::entropy_head_step 1.
 
 Stages: the decoder's byte step (or dense step), the latent stage (ionLlama), and the runner's whole
 per-byte iteration (sampling + step + bookkeeping: what one CUDA-graph iteration replays). For the
@@ -42,7 +44,8 @@ NO_KERNEL = {"aten::view", "aten::slice", "aten::select", "aten::expand", "aten:
              "aten::unbind", "aten::narrow", "aten::lift_fresh", "aten::_reshape_alias", "aten::contiguous",
              "aten::result_type", "aten::empty_strided", "aten::resolve_conj", "aten::resolve_neg", "aten::to",
              "aten::view_as", "aten::flatten", "aten::unflatten"}
-FUSED_KERNELS = 4  # Triton kernels per call of ionllama::lnn_block_step (kernels/lnn_step_triton.py)
+# Triton kernels per call of each fused custom op (kernels/lnn_step_triton.py, kernels/ssm_step_triton.py)
+FUSED_KERNELS = {"lnn_block_step": 4, "ssm_block_step": 2, "entropy_head_step": 1}
 MATMUL = {"aten::linear", "aten::matmul", "aten::mm", "aten::addmm", "aten::bmm", "aten::einsum",
           "aten::scaled_dot_product_attention"}
 
@@ -53,9 +56,10 @@ def eager_counts(fn) -> dict:
         fn()
     top = [e.name for e in p.events() if e.name.startswith("aten::") and e.cpu_parent is None]
     ops = [n for n in top if n not in NO_KERNEL]
-    fused = sum(e.name == "ionllama::lnn_block_step" and e.cpu_parent is None for e in p.events())
+    fused = sum(k * sum(e.name == f"ionllama::{op}" and e.cpu_parent is None for e in p.events())
+                for op, k in FUSED_KERNELS.items())
     return {"eager_ops": len(ops), "eager_matmuls": sum(n in MATMUL for n in ops),
-            "custom_op_kernels": FUSED_KERNELS * fused}
+            "custom_op_kernels": fused}
 
 
 def inductor_counts(fn) -> dict:
@@ -70,7 +74,8 @@ def inductor_counts(fn) -> dict:
     code = "\n".join(codes)
     return {"inductor_kernels": metrics.generated_kernel_count,
             "extern_matmuls": len(re.findall(r"extern_kernels\.(?:mm|addmm|bmm|baddbmm)\(", code)),
-            "compiled_custom_op_kernels": FUSED_KERNELS * len(re.findall(r"= torch\.ops\.ionllama\.lnn_block_step\.default\(", code)),
+            "compiled_custom_op_kernels": sum(k * len(re.findall(rf"= torch\.ops\.ionllama\.{op}\.default\(", code))
+                                              for op, k in FUSED_KERNELS.items()),
             "graph_breaks": int(torch._dynamo.utils.counters["graph_break"].total()),
             "cache_sized_buffers": sum(bool(re.search(rf"\b{MAX_LEN}, \d", s)) for s in shapes),
             "compile_s": round(time.perf_counter() - t0, 1)}
@@ -84,13 +89,18 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--fused_local_step", action="store_true",
                     help="ionLlama's IntegralLNN blocks as the fused Triton step (needs TRITON_INTERPRET=1 on CPU)")
+    ap.add_argument("--fused_entropy_step", action="store_true",
+                    help="ionLlama's entropy model (Mamba blocks + head) as the fused Triton step "
+                         "(needs TRITON_INTERPRET=1 on CPU)")
     ap.add_argument("--models", nargs="+", default=["ionllama", "dense"])
     a = ap.parse_args()
     torch.manual_seed(0)
     res = {}
     for model in a.models:
         m = ionllama.create_model(a.size, model=model).eval()
-        fused = dict(fused_local_step=True) if a.fused_local_step and model == "ionllama" else {}
+        fused = {}
+        if model == "ionllama":
+            fused = dict(fused_local_step=a.fused_local_step, fused_entropy_step=a.fused_entropy_step)
         dec = decoder_for(m, 1, MAX_LEN, **fused)
         logits = dec.prefill([list(b"The quick brown fox jumps over")])
         runner = DecodeRunner(dec, SamplingConfig(temperature=1.0), torch.zeros(1, dtype=torch.long), logits, 64)
@@ -108,7 +118,8 @@ def main() -> None:
         res[model] = row
         print(model, json.dumps(row), flush=True)
     git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    out = {"size": a.size, "fused_local_step": a.fused_local_step, "torch": torch.__version__, "python": platform.python_version(), "device": "cpu",
+    out = {"size": a.size, "fused_local_step": a.fused_local_step, "fused_entropy_step": a.fused_entropy_step,
+           "torch": torch.__version__, "python": platform.python_version(), "device": "cpu",
            "date": time.strftime("%Y-%m-%d"), "commit": git, "results": res}
     if a.out:
         with open(a.out, "w") as f:

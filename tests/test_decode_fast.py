@@ -413,3 +413,36 @@ def test_fused_local_step_auto_on_cuda_only_and_refused_where_it_cannot_run(ion,
         pass
     assert not decoder_for(attn, 1, 16).fused_local_step
     assert decoder_for(ion, 1, 16, kind="recompute") is not None and decoder_for(dense, 1, 16) is not None
+
+
+def test_fused_entropy_step_is_opt_in_and_refused_where_it_cannot_run(ion, dense, monkeypatch):
+    """The fused entropy-model step (ionllama/kernels/ssm_step_triton.py; its numbers are checked against
+    MambaState.step under the interpreter in test_kernels.py) is off by default; asked for on CPU without
+    TRITON_INTERPRET=1, for a model without an entropy model in use, or for the recompute decoder, it is refused
+    with a UserError (no silent fallback)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    dec = decoder_for(ion, 1, 16)
+    assert not dec.fused_entropy_step and dec.ent_head is None
+    assert all(st.fused_step is None for st in dec.ent_states) and len(dec.ent_states) == TINY["n_entropy_layers"]
+    for call in (lambda: decoder_for(ion, 1, 16, fused_entropy_step=True),
+                 lambda: generate(ion, b"ab", 4, fused_entropy_step=True),
+                 lambda: ion.generate(b"ab", 4, fused_entropy_step=True)):
+        with pytest.raises(UserError, match="fused_entropy_step needs a CUDA device"):
+            call()
+    with pytest.raises(UserError, match="not to model 'dense'"):
+        generate(dense, b"ab", 4, fused_entropy_step=True)
+    with pytest.raises(UserError, match="cached decoder"):
+        decoder_for(ion, 1, 16, kind="recompute", fused_entropy_step=True)
+    with pytest.raises(UserError, match="True or False"):
+        decoder_for(ion, 1, 16, fused_entropy_step="auto")
+    fixed = create_model("tiny", **TINY, patching="fixed").eval()
+    with pytest.raises(UserError, match="patching='fixed'"):
+        decoder_for(fixed, 1, 16, fused_entropy_step=True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return
+    dec = decoder_for(ion, 1, 16, fused_entropy_step=True)  # built, not run (the kernels run in a subprocess)
+    assert dec.fused_entropy_step and dec.ent_head is not None
+    assert all(st.fused_step is not None for st in dec.ent_states)

@@ -33,7 +33,7 @@ from ..model.dilated_attention import dilated_offsets
 from ..model.entropy_model import LN2, entropy_bits
 from ..model.patcher import _is_word_byte, cap_patches, patch_ids, rule_starts
 from .decoding import IncrementalDecoder, register_decoder
-from .local_state import RingConv, local_state
+from .local_state import MambaState, fused_entropy_fn, local_state
 from .slots import SlotWriter
 
 
@@ -51,9 +51,13 @@ def _entropy_bits_step(logits: torch.Tensor) -> torch.Tensor:
 class IonLlamaDecoder(IncrementalDecoder):
     supports_fused_local_step = True
 
-    def __init__(self, model, batch_size, max_len, fused_local_step: bool = False):
+    supports_fused_entropy_step = True
+
+    def __init__(self, model, batch_size, max_len, fused_local_step: bool = False, fused_entropy_step: bool = False):
         """fused_local_step: IntegralLNN encoder / decoder layers step through the fused Triton kernels
-        (local_state.IntegralState; a UserError where they cannot run)."""
+        (local_state.IntegralState; a UserError where they cannot run). fused_entropy_step: the entropy
+        model's Mamba blocks and head step through the fused Triton kernels of kernels/ssm_step_triton.py
+        (local_state.MambaState; a UserError where they cannot run or there is no entropy model)."""
         super().__init__(model, batch_size, max_len)
         cfg, B, dev, dt = model.config, batch_size, self.device, self.dtype
         self.cfg = cfg
@@ -81,10 +85,17 @@ class IonLlamaDecoder(IncrementalDecoder):
         # entropy model
         self.use_entropy = cfg.patching == "entropy"
         em = model.entropy_model
-        self.ent_cache = [blk.mixer.empty_cache(B, dev, dt) for blk in em.blocks] if self.use_entropy else []
-        # conv buffers as rings (local_state.RingConv); None for a conv kernel of 1
-        self.ent_rings = [RingConv(blk.mixer.conv, c["conv"]) if c["conv"].shape[1] else None
-                          for blk, c in zip(em.blocks, self.ent_cache)]
+        if fused_entropy_step and not self.use_entropy:
+            from ..errors import UserError
+            raise UserError(f"fused_entropy_step is for entropy patching (the entropy model), not patching="
+                            f"'{cfg.patching}'; leave it off")
+        self.fused_entropy_step = bool(fused_entropy_step)
+        # per block: the SSM state and the conv buffer as a ring (local_state.RingConv; None for a conv kernel of 1)
+        self.ent_states = ([MambaState(blk, B, dev, dt, fused=self.fused_entropy_step) for blk in em.blocks]
+                           if self.use_entropy else [])
+        self.ent_cache = [st.cache for st in self.ent_states]
+        self.ent_rings = [st.ring for st in self.ent_states]
+        self.ent_head = fused_entropy_fn(dev, dt)[1] if self.fused_entropy_step else None
         self.refresh_weights()
         # local layers
         if fused_local_step and cfg.local_layers != "integral":
@@ -120,8 +131,11 @@ class IonLlamaDecoder(IncrementalDecoder):
     def refresh_weights(self) -> None:
         """Tables derived from the weights, built once per decoder: call again if the weights change.
         ent_in0: the entropy model's first in_proj(norm(embed(byte))) for all 256 bytes. It depends on
-        the byte alone, so a byte step looks it up instead of running a norm and a matmul."""
+        the byte alone, so a byte step looks it up instead of running a norm and a matmul. (And the fused
+        entropy step's A = -exp(A_log), local_state.MambaState.refresh_weights.)"""
         self.ent_in0 = None
+        for st in getattr(self, "ent_states", []):
+            st.refresh_weights()
         if self.use_entropy and len(self.model.entropy_model.blocks):
             em = self.model.entropy_model
             blk = em.blocks[0]
@@ -283,17 +297,19 @@ class IonLlamaDecoder(IncrementalDecoder):
         # entropy model (about the byte after x)
         if self.use_entropy:
             em = m.entropy_model
-            h = em.embed(x)
-            for i, (blk, cache, ring) in enumerate(zip(em.blocks, self.ent_cache, self.ent_rings)):
+            h = None
+            for i, st in enumerate(self.ent_states):
                 # MambaBlock.step; the first in_proj(norm(embed(x))) depends on x alone: a table row
-                proj = self.ent_in0[x] if i == 0 and self.ent_in0 is not None else blk.mixer.in_proj(blk.norm(h))
-                y, new = blk.mixer.step_from_proj(proj, cache, None if ring is None else (lambda u, r=ring: r(u, t)))
-                h = h + y
-                for k, v in new.items():
-                    cache[k].copy_(v)
-                if ring is not None:
-                    ring.write(blk.mixer._split(proj)[1], t)  # the conv input xBC
-            ent = _entropy_bits_step(em.head(em.norm(h)))
+                if i == 0 and self.ent_in0 is not None:
+                    h = st.step_tokens(x, em.embed, self.ent_in0, t)
+                else:
+                    h = st.step(em.embed(x) if h is None else h, t)
+            if h is None:  # no blocks
+                h = em.embed(x)
+            if self.ent_head is not None:
+                ent = self.ent_head(em.norm, em.head, h)
+            else:
+                ent = _entropy_bits_step(em.head(em.norm(h)))
             self.ent2.copy_(self.ent1)
             self.ent1.copy_(ent)
         # the next byte's patch start (depends only on bytes <= x)

@@ -86,6 +86,57 @@ class IntegralState:
         return layer._mix_out(x_t, h, o)
 
 
+class MambaState:
+    """Decode state of one MambaBlock of the entropy model: its conv buffer as a ring (RingConv) and the SSM
+    state. step() is MambaBlock.step through Mamba2Mixer.step_from_proj with the ring (the PyTorch path, and
+    the reference of the fused kernels); fused=True runs it as the two Triton kernels of
+    ionllama/kernels/ssm_step_triton.py (CUDA, or CPU under TRITON_INTERPRET=1; anything else is refused with a
+    UserError, no silent fallback)."""
+
+    def __init__(self, block, batch, device, dtype, fused: bool = False):
+        self.block = block
+        self.cache = block.mixer.empty_cache(batch, device, dtype)
+        self.ring = RingConv(block.mixer.conv, self.cache["conv"]) if self.cache["conv"].shape[1] else None
+        self.fused_step = None
+        if fused:
+            self.fused_step = fused_entropy_fn(torch.device(device), dtype)[0]
+            self.refresh_weights()
+            from ..kernels.ssm_step_triton import check_ssm_block_state
+            check_ssm_block_state(block, dtype, self.cache["ssm"], self.cache["conv"], self.neg_a)
+
+    @torch.no_grad()
+    def refresh_weights(self) -> None:
+        """The fused step's A = -exp(A_log), computed as the PyTorch step does (in the model's dtype), in fp32;
+        call again if the weights change."""
+        if self.fused_step is not None:
+            self.neg_a = (-torch.exp(self.block.mixer.A_log)).float()
+
+    def step(self, x_t: torch.Tensor, t: torch.Tensor, proj: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t (B, d) at positions t (B,) -> x_t + mixer(norm(x_t)). proj: in_proj(norm(x_t)) when the caller
+        has it (a table row), else computed."""
+        if self.fused_step is not None:
+            if proj is not None:
+                raise ValueError("the fused step computes in_proj itself; use step_tokens for a table's rows")
+            return self.fused_step(self.block, x_t, self.cache["ssm"], self.cache["conv"], t, self.neg_a)
+        blk, ring = self.block, self.ring
+        if proj is None:
+            proj = blk.mixer.in_proj(blk.norm(x_t))
+        y, new = blk.mixer.step_from_proj(proj, self.cache, None if ring is None else (lambda u: ring(u, t)))
+        h = x_t + y
+        for k, v in new.items():
+            self.cache[k].copy_(v)
+        if ring is not None:
+            ring.write(blk.mixer._split(proj)[1], t)  # the conv input xBC
+        return h
+
+    def step_tokens(self, tokens: torch.Tensor, embed, table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The first block on bytes `tokens` (B,): x_t = embed(tokens), in_proj(norm(x_t)) = table[tokens]."""
+        if self.fused_step is not None:
+            return self.fused_step(self.block, embed.weight, self.cache["ssm"], self.cache["conv"], t, self.neg_a,
+                                   tokens=tokens, table=table)
+        return self.step(embed(tokens), t, proj=table[tokens])
+
+
 class WindowAttentionState:
     """For ``LocalAttentionBlock`` (RoPE at absolute byte positions, keys t-W+1..t)."""
 
@@ -143,6 +194,23 @@ def fused_step_fn(device: torch.device, dtype: torch.dtype):
     if dtype not in SUPPORTED_DTYPES:
         raise UserError(f"fused_local_step supports fp32, bf16 and fp16 models, not {dtype}; leave it off")
     return lnn_block_step
+
+
+def fused_entropy_fn(device: torch.device, dtype: torch.dtype):
+    """(ssm_step_triton.ssm_block_step, entropy_head_step), or a UserError saying why the fused entropy-model
+    step cannot run here."""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError("fused_entropy_step needs a CUDA device (or TRITON_INTERPRET=1 on CPU); "
+                        "leave fused_entropy_step off on CPU")
+    if device.type not in ("cuda", "cpu"):
+        raise UserError(f"fused_entropy_step runs on CUDA only, not {device.type}; leave it off")
+    try:
+        from ..kernels.ssm_step_triton import SUPPORTED_DTYPES, entropy_head_step, ssm_block_step
+    except ImportError as e:
+        raise UserError(f"fused_entropy_step needs triton ({e}); install triton or leave fused_entropy_step off")
+    if dtype not in SUPPORTED_DTYPES:
+        raise UserError(f"fused_entropy_step supports fp32, bf16 and fp16 models, not {dtype}; leave it off")
+    return ssm_block_step, entropy_head_step
 
 
 # "auto" uses the fused step where it was measured: on CUDA, for up to one 16-row MMA tile of rows (the kernels

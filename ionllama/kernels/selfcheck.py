@@ -375,6 +375,143 @@ def check_lnn_generate(device: str, dtype: torch.dtype, n_new: int = 16, block_n
     return {"bytes_differ": diff / max(n, 1)}
 
 
+def _random_mamba_block(D: int, d_state: int, headdim: int, conv_kernel: int, gen: torch.Generator):
+    """MambaBlock(D, ...) with random weights at a scale where every part moves its output (conv bias, D skip,
+    norm weights 1 + noise); dt_bias and A_log keep their init (dt 1e-3..0.1 before the input's share, A 1..16)."""
+    from ..model.ssm import MambaBlock
+
+    blk = MambaBlock(D, d_state=d_state, headdim=headdim, conv_kernel=conv_kernel)
+    with torch.no_grad():
+        for name, p in blk.named_parameters():
+            if name.endswith(("dt_bias", "A_log")):
+                continue
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if p.dim() < 2 else 1.0 / math.sqrt(p.shape[-1])))
+            if name.endswith("norm.weight"):
+                p.add_(1.0)
+    return blk.eval()
+
+
+def check_ssm_step(device: str, dtype: torch.dtype, B: int, D: int, d_state: int = 16, headdim: int = 16,
+                   steps: int = 7, conv_kernel: int = 4, gather: bool = False, compiled: bool = False,
+                   block_c: int | None = None, seed: int | None = None) -> dict:
+    """The fused entropy-model block step (ssm_step_triton, through local_state.MambaState(fused=True)) vs
+    MambaState.step (Mamba2Mixer.step_from_proj with the ring conv) on the same block in the same dtype: `steps`
+    consecutive steps from a random state (SSM state, ring) at random per-row positions t (the ring of kernel - 1
+    slots wraps around), each path carrying its own state. gather: block 0's form (the embedding row and the
+    in_proj table row of a random byte; step_tokens). Also the fused head + entropy (entropy_head_step) vs
+    _entropy_bits_step on the reference block output through a random norm and head ("ent"). Errors: the worst
+    over the steps of the block output, the SSM state, the ring and the entropies. compiled: the step and the head
+    inside torch.compile(fullgraph=True) (Inductor): each op one node, the block op writing the SSM state and the
+    ring in place ("state_not_in_place": 1 unless the generated code passes the input buffers themselves)."""
+    from ..generation.ionllama_decoder import _entropy_bits_step
+    from ..generation.local_state import MambaState
+    from ..model.common import RMSNorm
+    from . import ssm_step_triton as ss
+
+    gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % (2 ** 31)))
+    blk = _random_mamba_block(D, d_state, headdim, conv_kernel, gen).to(device=device, dtype=dtype)
+    ref, fused = MambaState(blk, B, device, dtype), MambaState(blk, B, device, dtype, fused=True)
+    ssm0 = torch.randn(ref.cache["ssm"].shape, generator=gen)
+    ring0 = torch.randn(ref.cache["conv"].shape, generator=gen)
+    for st in (ref, fused):
+        st.cache["ssm"].copy_(ssm0)
+        st.cache["conv"].copy_(ring0)
+    emb = torch.nn.Embedding(256, D)
+    norm, head = RMSNorm(D), torch.nn.Linear(D, 256, bias=False)
+    with torch.no_grad():
+        emb.weight.copy_(torch.randn(256, D, generator=gen))
+        norm.weight.copy_(1.0 + 0.3 * torch.randn(D, generator=gen))
+        head.weight.copy_(torch.randn(256, D, generator=gen) * 4.0 / math.sqrt(D))  # entropies of ~1..7 bits
+        emb, norm, head = (mod.to(device=device, dtype=dtype) for mod in (emb, norm, head))
+        table = blk.mixer.in_proj(blk.norm(emb.weight))  # as IonLlamaDecoder.refresh_weights
+    t = torch.randint(0, 10, (B,), generator=gen).to(device)
+    s_ptr, ring_ptr = fused.cache["ssm"].data_ptr(), fused.cache["conv"].data_ptr()
+
+    def fused_step(x, t):
+        y = fused.step_tokens(x, emb, table, t) if gather else fused.step(x, t)
+        return y, ss.entropy_head_step(norm, head, y)
+
+    step, codes = fused_step, []
+    if compiled:
+        from torch._inductor.utils import run_and_get_code
+
+        torch._dynamo.reset()
+        compiled_step = torch.compile(fused_step, fullgraph=True)
+
+        def step(x, t):
+            if codes:
+                return compiled_step(x, t)
+            out, code = run_and_get_code(compiled_step, x, t)
+            codes.extend(code)
+            return out
+    old = ss.set_ssm_step_config(**({} if block_c is None else {"scan_block_c": block_c}))
+    errs = {"out": 0.0, "ssm": 0.0, "ring": 0.0, "ent": 0.0}
+    try:
+        with torch.no_grad():
+            for _ in range(steps):
+                if gather:
+                    x = torch.randint(0, 256, (B,), generator=gen).to(device)
+                    y_ref = ref.step_tokens(x, emb, table, t)
+                else:
+                    x = torch.randn(B, D, generator=gen).to(device, dtype)
+                    y_ref = ref.step(x, t)
+                y, _ = step(x, t)
+                errs["out"] = max(errs["out"], rel_err(y, y_ref))
+                errs["ssm"] = max(errs["ssm"], rel_err(fused.cache["ssm"], ref.cache["ssm"]))
+                errs["ring"] = max(errs["ring"], rel_err(fused.cache["conv"], ref.cache["conv"]))
+                ent = ss.entropy_head_step(norm, head, y_ref)  # the head on the same input as the reference
+                errs["ent"] = max(errs["ent"], rel_err(ent, _entropy_bits_step(head(norm(y_ref)))))
+                t = t + 1
+    finally:
+        ss.set_ssm_step_config(**old)
+        if compiled:
+            torch._dynamo.reset()
+    # the state tensors were updated in place (a CUDA graph replays into them): same storage as before
+    errs["state_moved"] = float(fused.cache["ssm"].data_ptr() != s_ptr or fused.cache["conv"].data_ptr() != ring_ptr)
+    if compiled:  # the compiled code hands the op the graph's input buffers as the state and the ring
+        code = "\n".join(codes)
+        calls = re.findall(r"ssm_block_step\.default\((\w+), (\w+), (\w+),", code)
+        heads = re.findall(r"entropy_head_step\.default\(", code)
+        errs["state_not_in_place"] = float(len(calls) != 1 or len(heads) != 1
+                                           or not all(a.startswith("arg") for a in calls[0][1:]))
+    return errs
+
+
+def check_ssm_generate(device: str, dtype: torch.dtype, n_new: int = 16, block_c: int | None = None,
+                       seed: int | None = None) -> dict:
+    """Greedy generation of a tiny ionLlama (entropy patching, a 2-block entropy model with random weights, the
+    threshold at the median entropy so the patches follow the entropies) with the fused entropy-model step vs
+    without: the fraction of differing bytes. On CUDA the fused run replays CUDA graphs."""
+    from .. import create_model
+    from ..generation import generate
+    from . import ssm_step_triton as ss
+
+    gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % (2 ** 31)))
+    torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
+    m = create_model("tiny", d_model=32, n_layers=2, n_heads=2, d_local=32, n_enc_layers=1, n_dec_layers=1,
+                     d_entropy=16, n_entropy_layers=2, entropy_headdim=8, entropy_state=4, ngram_buckets=64,
+                     max_patch_size=5, local_width=2).eval()
+    em = m.entropy_model
+    with torch.no_grad():
+        for i, blk in enumerate(em.blocks):
+            em.blocks[i] = _random_mamba_block(16, 4, 8, m.config.conv_kernel, gen)
+        em.head.weight.mul_(100.0)  # entropies spread over a few bits: the blocks' outputs decide the patches
+        ent = em(torch.randint(0, 256, (2, 64), generator=gen))["entropy"].flatten()
+        m.entropy_threshold.fill_(float(ent.median()))  # patches of varying length: latent steps happen
+    m = m.to(device=device, dtype=dtype)
+    prompts = [b"abc de", "a longer prompt. ab\n"]
+    ref = generate(m, prompts, n_new, greedy=True, cuda_graphs=False, fused_local_step=False)
+    old = ss.set_ssm_step_config(**({} if block_c is None else {"scan_block_c": block_c}))
+    try:
+        out = generate(m, prompts, n_new, greedy=True, cuda_graphs=device == "cuda", fused_local_step=False,
+                       fused_entropy_step=True)
+    finally:
+        ss.set_ssm_step_config(**old)
+    n = sum(max(len(a), len(b)) for a, b in zip(out, ref))
+    diff = sum(sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b)) for a, b in zip(out, ref))
+    return {"bytes_differ": diff / max(n, 1)}
+
+
 def cases(large: bool) -> list[tuple]:
     """(kind, dtype name, kwargs). Small shapes for the interpreter; large adds GPU-sized ones."""
     cs = [
@@ -411,6 +548,17 @@ def cases(large: bool) -> list[tuple]:
         ("lnn_step", "fp32", dict(B=2, D=32, conv_kernel=1, steps=2)),
         ("lnn_step", "fp32", dict(B=2, D=32, steps=4, compiled=True)),
         ("lnn_generate", "fp32", dict(n_new=16, block_n=32)),
+        # the fused entropy-model (Mamba) step: B 1 and 3, fp32 and bf16, 7 steps (the 3-slot ring wraps twice),
+        # block 0's table form (gather), d_inner split over two programs, headdim 8 and 16, d_state 4 and 16,
+        # conv kernels 2 and 1 (no ring), inside torch.compile; and greedy generation of a tiny model
+        ("ssm_step", "fp32", dict(B=1, D=16, d_state=4, headdim=8)),
+        ("ssm_step", "fp32", dict(B=3, D=16, d_state=16, headdim=16, gather=True, block_c=16)),
+        ("ssm_step", "bf16", dict(B=1, D=16, d_state=4, headdim=8, gather=True)),
+        ("ssm_step", "bf16", dict(B=3, D=24, d_state=16, headdim=16, steps=5)),
+        ("ssm_step", "fp32", dict(B=2, D=16, d_state=4, headdim=8, conv_kernel=2, steps=3)),
+        ("ssm_step", "fp32", dict(B=2, D=16, d_state=4, headdim=8, conv_kernel=1, steps=2)),
+        ("ssm_step", "fp32", dict(B=2, D=16, d_state=4, headdim=8, steps=4, compiled=True)),
+        ("ssm_generate", "fp32", dict(n_new=16, block_c=32)),
     ]
     if large:
         cs += [
@@ -441,13 +589,22 @@ def cases(large: bool) -> list[tuple]:
             ("lnn_step", "fp32", dict(B=17, D=256, steps=9)),
             ("lnn_step", "bf16", dict(B=1, D=256, steps=5, compiled=True)),
             ("lnn_generate", "fp32", dict(n_new=64)),  # fp32: bf16 logits tie too often for equal greedy bytes
+            # ionllama-small's entropy model (d 128, d_inner 256, 16 heads of 16, d_state 16) at batch 1 and 32
+            # (two row blocks of 16 .. 32), block 0's table form, medium's width (d 256), inside torch.compile
+            ("ssm_step", "bf16", dict(B=1, D=128, steps=9)),
+            ("ssm_step", "bf16", dict(B=1, D=128, steps=9, gather=True)),
+            ("ssm_step", "bf16", dict(B=32, D=128, steps=9)),
+            ("ssm_step", "fp32", dict(B=17, D=128, steps=9, gather=True)),
+            ("ssm_step", "bf16", dict(B=2, D=256, steps=5)),
+            ("ssm_step", "bf16", dict(B=1, D=128, steps=5, compiled=True)),
+            ("ssm_generate", "fp32", dict(n_new=64)),
         ]
     return cs
 
 
 def run(device: str, large: bool = False, verbose: bool = True,
-        kinds=("attention", "scan", "conv_gate", "compiled", "block", "rope", "lnn_step", "lnn_generate")
-        ) -> list[dict]:
+        kinds=("attention", "scan", "conv_gate", "compiled", "block", "rope", "lnn_step", "lnn_generate",
+               "ssm_step", "ssm_generate")) -> list[dict]:
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
@@ -459,7 +616,8 @@ def run(device: str, large: bool = False, verbose: bool = True,
         t0 = time.perf_counter()
         fn = {"attention": check_attention, "scan": check_scan, "conv_gate": check_conv_gate,
               "compiled": check_compiled, "block": check_block, "rope": check_rope,
-              "lnn_step": check_lnn_step, "lnn_generate": check_lnn_generate}[kind]
+              "lnn_step": check_lnn_step, "lnn_generate": check_lnn_generate, "ssm_step": check_ssm_step,
+              "ssm_generate": check_ssm_generate}[kind]
         errs = fn(device, dtype, **kw)
         tol = TOL[dtype]
         row = dict(kind=kind, dtype=dt, shape=kw, errors=errs, tol=tol,
@@ -477,8 +635,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--large", action="store_true", help="add GPU-sized cases")
     p.add_argument("--json", default=None, help="write the rows as JSON to this path ('-' = stdout)")
-    p.add_argument("--kinds", default="attention,scan,conv_gate,compiled,block,rope,lnn_step,lnn_generate",
-                   help="comma list: attention, scan, conv_gate, compiled, block, rope, lnn_step, lnn_generate")
+    p.add_argument("--kinds", default="attention,scan,conv_gate,compiled,block,rope,lnn_step,lnn_generate,ssm_step,"
+                                      "ssm_generate",
+                   help="comma list: attention, scan, conv_gate, compiled, block, rope, lnn_step, lnn_generate, "
+                        "ssm_step, ssm_generate")
     a = p.parse_args(argv)
     rows = run(a.device, a.large, verbose=a.json != "-", kinds=tuple(a.kinds.split(",")))
     if a.json == "-":
