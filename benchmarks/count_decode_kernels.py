@@ -11,6 +11,8 @@ needs no GPU.
 
 With --fused_local_step (run under TRITON_INTERPRET=1 on CPU) the IntegralLNN blocks use the fused decode
 step: each call of the custom op ionllama::lnn_block_step is 4 Triton kernels (`custom_op_kernels`).
+With --fused_latent_step (likewise) the latent blocks use the fused latent step: each call of
+ionllama::latent_block_step is 5 Triton kernels (kernels/latent_step_triton.py), also in `custom_op_kernels`.
 
 Stages: the decoder's byte step (or dense step), the latent stage (ionLlama), and the runner's whole
 per-byte iteration (sampling + step + bookkeeping: what one CUDA-graph iteration replays). For the
@@ -43,6 +45,7 @@ NO_KERNEL = {"aten::view", "aten::slice", "aten::select", "aten::expand", "aten:
              "aten::result_type", "aten::empty_strided", "aten::resolve_conj", "aten::resolve_neg", "aten::to",
              "aten::view_as", "aten::flatten", "aten::unflatten"}
 FUSED_KERNELS = 4  # Triton kernels per call of ionllama::lnn_block_step (kernels/lnn_step_triton.py)
+LATENT_KERNELS = 5  # Triton kernels per call of ionllama::latent_block_step (kernels/latent_step_triton.py)
 MATMUL = {"aten::linear", "aten::matmul", "aten::mm", "aten::addmm", "aten::bmm", "aten::einsum",
           "aten::scaled_dot_product_attention"}
 
@@ -54,8 +57,9 @@ def eager_counts(fn) -> dict:
     top = [e.name for e in p.events() if e.name.startswith("aten::") and e.cpu_parent is None]
     ops = [n for n in top if n not in NO_KERNEL]
     fused = sum(e.name == "ionllama::lnn_block_step" and e.cpu_parent is None for e in p.events())
+    latent = sum(e.name == "ionllama::latent_block_step" and e.cpu_parent is None for e in p.events())
     return {"eager_ops": len(ops), "eager_matmuls": sum(n in MATMUL for n in ops),
-            "custom_op_kernels": FUSED_KERNELS * fused}
+            "custom_op_kernels": FUSED_KERNELS * fused + LATENT_KERNELS * latent}
 
 
 def inductor_counts(fn) -> dict:
@@ -70,7 +74,8 @@ def inductor_counts(fn) -> dict:
     code = "\n".join(codes)
     return {"inductor_kernels": metrics.generated_kernel_count,
             "extern_matmuls": len(re.findall(r"extern_kernels\.(?:mm|addmm|bmm|baddbmm)\(", code)),
-            "compiled_custom_op_kernels": FUSED_KERNELS * len(re.findall(r"= torch\.ops\.ionllama\.lnn_block_step\.default\(", code)),
+            "compiled_custom_op_kernels": FUSED_KERNELS * len(re.findall(r"= torch\.ops\.ionllama\.lnn_block_step\.default\(", code))
+            + LATENT_KERNELS * len(re.findall(r"= torch\.ops\.ionllama\.latent_block_step\.default\(", code)),
             "graph_breaks": int(torch._dynamo.utils.counters["graph_break"].total()),
             "cache_sized_buffers": sum(bool(re.search(rf"\b{MAX_LEN}, \d", s)) for s in shapes),
             "compile_s": round(time.perf_counter() - t0, 1)}
@@ -84,6 +89,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--fused_local_step", action="store_true",
                     help="ionLlama's IntegralLNN blocks as the fused Triton step (needs TRITON_INTERPRET=1 on CPU)")
+    ap.add_argument("--fused_latent_step", action="store_true",
+                    help="ionLlama's latent blocks as the fused Triton step (needs TRITON_INTERPRET=1 on CPU)")
     ap.add_argument("--models", nargs="+", default=["ionllama", "dense"])
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -91,6 +98,8 @@ def main() -> None:
     for model in a.models:
         m = ionllama.create_model(a.size, model=model).eval()
         fused = dict(fused_local_step=True) if a.fused_local_step and model == "ionllama" else {}
+        if a.fused_latent_step and model == "ionllama":
+            fused["fused_latent_step"] = True
         dec = decoder_for(m, 1, MAX_LEN, **fused)
         logits = dec.prefill([list(b"The quick brown fox jumps over")])
         runner = DecodeRunner(dec, SamplingConfig(temperature=1.0), torch.zeros(1, dtype=torch.long), logits, 64)
@@ -108,7 +117,7 @@ def main() -> None:
         res[model] = row
         print(model, json.dumps(row), flush=True)
     git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    out = {"size": a.size, "fused_local_step": a.fused_local_step, "torch": torch.__version__, "python": platform.python_version(), "device": "cpu",
+    out = {"size": a.size, "fused_local_step": a.fused_local_step, "fused_latent_step": a.fused_latent_step, "torch": torch.__version__, "python": platform.python_version(), "device": "cpu",
            "date": time.strftime("%Y-%m-%d"), "commit": git, "results": res}
     if a.out:
         with open(a.out, "w") as f:

@@ -110,17 +110,24 @@ class RecomputeDecoder(IncrementalDecoder):
 
 
 def decoder_for(model: nn.Module, batch_size: int, max_len: int, kind: str = "auto",
-                fused_local_step: bool | str = "auto") -> IncrementalDecoder:
+                fused_local_step: bool | str = "auto", fused_latent_step: bool = False) -> IncrementalDecoder:
     """kind: 'auto' (the model's cached decoder if registered) | 'recompute'.
     fused_local_step: ionLlama's IntegralLNN local layers step through the fused Triton kernels
     (ionllama/kernels/lnn_step_triton.py). True: required (CUDA, or CPU under TRITON_INTERPRET=1, else a
     UserError); False: the PyTorch step; "auto": fused where it was measured faster and equal (cached ionLlama
-    decoder with IntegralLNN local layers, CUDA, triton, <= 16 rows: local_state.fused_step_auto)."""
+    decoder with IntegralLNN local layers, CUDA, triton, <= 16 rows: local_state.fused_step_auto).
+    fused_latent_step: ionLlama's latent blocks step through the fused Triton kernels
+    (ionllama/kernels/latent_step_triton.py): True requires them (CUDA, or CPU under TRITON_INTERPRET=1, else a
+    UserError); False (default, until measured on a GPU): the PyTorch step."""
     if fused_local_step not in (True, False, "auto"):
         raise UserError(f"fused_local_step must be True, False or 'auto', got {fused_local_step!r}")
+    if fused_latent_step not in (True, False):
+        raise UserError(f"fused_latent_step must be True or False, got {fused_latent_step!r}")
     if kind == "recompute":
         if fused_local_step is True:
             raise UserError("fused_local_step needs the cached decoder; use decoder='auto'")
+        if fused_latent_step:
+            raise UserError("fused_latent_step needs the cached decoder; use decoder='auto'")
         return RecomputeDecoder(model, batch_size, max_len)
     if kind != "auto":
         raise UserError(f"unknown decoder kind '{kind}'; use 'auto' or 'recompute'")
@@ -138,11 +145,17 @@ def decoder_for(model: nn.Module, batch_size: int, max_len: int, kind: str = "au
         fused_local_step = (getattr(cls, "supports_fused_local_step", False)
                             and model.config.local_layers == "integral"
                             and fused_step_auto(p.device, p.dtype, batch_size))
+    latent = {}
+    if fused_latent_step:
+        if not getattr(cls, "supports_fused_latent_step", False):
+            raise UserError(f"fused_latent_step applies to ionLlama's latent transformer, not to model '{name}'; "
+                            f"leave it off")
+        latent = dict(fused_latent_step=True)
     if fused_local_step:
         if not getattr(cls, "supports_fused_local_step", False):
             raise UserError(f"fused_local_step applies to ionLlama's IntegralLNN local layers, not to model "
                             f"'{name}'; leave it off")
-        return cls(model, batch_size, max_len, fused_local_step=True)
+        return cls(model, batch_size, max_len, fused_local_step=True, **latent)
     if cls is None:
         return RecomputeDecoder(model, batch_size, max_len)
-    return cls(model, batch_size, max_len)
+    return cls(model, batch_size, max_len, **latent)

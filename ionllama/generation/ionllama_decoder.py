@@ -47,13 +47,36 @@ def _entropy_bits_step(logits: torch.Tensor) -> torch.Tensor:
     return (s.log() - (e * z).sum(-1) / s) / LN2
 
 
+def fused_latent_step_fn(device: torch.device, dtype: torch.dtype):
+    """latent_step_triton.latent_block_step, or a UserError saying why the fused latent step cannot run here
+    (the refusal rules of local_state.fused_step_fn: no silent fallback)."""
+    import os
+
+    from ..errors import UserError
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError("fused_latent_step needs a CUDA device (or TRITON_INTERPRET=1 on CPU); "
+                        "leave fused_latent_step off on CPU")
+    if device.type not in ("cuda", "cpu"):
+        raise UserError(f"fused_latent_step runs on CUDA only, not {device.type}; leave it off")
+    try:
+        from ..kernels.latent_step_triton import SUPPORTED_DTYPES, latent_block_step
+    except ImportError as e:
+        raise UserError(f"fused_latent_step needs triton ({e}); install triton or leave fused_latent_step off")
+    if dtype not in SUPPORTED_DTYPES:
+        raise UserError(f"fused_latent_step supports fp32, bf16 and fp16 models, not {dtype}; leave it off")
+    return latent_block_step
+
+
 @register_decoder("ionllama")
 class IonLlamaDecoder(IncrementalDecoder):
     supports_fused_local_step = True
+    supports_fused_latent_step = True
 
-    def __init__(self, model, batch_size, max_len, fused_local_step: bool = False):
+    def __init__(self, model, batch_size, max_len, fused_local_step: bool = False, fused_latent_step: bool = False):
         """fused_local_step: IntegralLNN encoder / decoder layers step through the fused Triton kernels
-        (local_state.IntegralState; a UserError where they cannot run)."""
+        (local_state.IntegralState; a UserError where they cannot run).
+        fused_latent_step: advance_latent steps each latent block through the fused Triton kernels of
+        kernels/latent_step_triton.py (a UserError where they cannot run; default off until measured on a GPU)."""
         super().__init__(model, batch_size, max_len)
         cfg, B, dev, dt = model.config, batch_size, self.device, self.dtype
         self.cfg = cfg
@@ -115,6 +138,11 @@ class IonLlamaDecoder(IncrementalDecoder):
         self.offsets = torch.tensor(offs, dtype=torch.long, device=dev)
         self.key_index = torch.arange(self.max_patches, device=dev)
         self.slots = SlotWriter(B, self.H, dev, len(lat.blocks))
+        self.fused_latent = fused_latent_step_fn(torch.device(dev), dt) if fused_latent_step else None
+        if self.fused_latent is not None:
+            from ..kernels.latent_step_triton import check_latent_state
+            check_latent_state(lat.blocks, dt, self.lk, self.lv)
+        self.fused_latent_step = self.fused_latent is not None
 
     @torch.no_grad()
     def refresh_weights(self) -> None:
@@ -244,6 +272,14 @@ class IonLlamaDecoder(IncrementalDecoder):
         z = m.to_latent(pooled)[:, None]  # (B, 1, dm)
         i = self.n_complete  # this patch's index; rows without a new patch write a slot that is not yet valid
         cos, sin = rope_cos_sin(i[:, None], Dh, self.rope_base)
+        if self.fused_latent is not None:  # five Triton kernels per block (kernels/latent_step_triton.py)
+            zf, cf, sf = z[:, 0], cos[:, 0], sin[:, 0]
+            for li, blk in enumerate(m.latent.blocks):
+                zf = self.fused_latent(blk, zf, self.lk, self.lv, li, i, cf, sf, self.offsets, self.dilated)
+            c = m.from_latent(m.latent.norm(zf))
+            self.ctx.copy_(torch.where(mask[:, None], c, self.ctx))
+            self.n_complete += mask.long()
+            return
         if self.dilated:
             key_idx = i[:, None] - self.offsets[None, :]  # (B, K)
             visible = (key_idx >= 0).view(B, 1, 1, -1)
