@@ -142,6 +142,9 @@ class IonLlamaDecoder(IncrementalDecoder):
         if self.fused_latent is not None:
             from ..kernels.latent_step_triton import check_latent_state
             check_latent_state(lat.blocks, dt, self.lk, self.lv)
+            # RoPE of every slot, once (the fused step reads row i; per step, compiled, they were recomputed
+            # for each layer): rope_cos_sin's values, elementwise the same computation as the per-step call
+            self.rope_cos, self.rope_sin = rope_cos_sin(self.key_index, self.Dh, self.rope_base)
         self.fused_latent_step = self.fused_latent is not None
 
     @torch.no_grad()
@@ -271,15 +274,16 @@ class IonLlamaDecoder(IncrementalDecoder):
         pooled = (self.acc_num / self.acc_den.clamp_min(1e-30)[:, None]).to(self.dtype)
         z = m.to_latent(pooled)[:, None]  # (B, 1, dm)
         i = self.n_complete  # this patch's index; rows without a new patch write a slot that is not yet valid
-        cos, sin = rope_cos_sin(i[:, None], Dh, self.rope_base)
         if self.fused_latent is not None:  # five Triton kernels per block (kernels/latent_step_triton.py)
-            zf, cf, sf = z[:, 0], cos[:, 0], sin[:, 0]
+            zf = z[:, 0]
             for li, blk in enumerate(m.latent.blocks):
-                zf = self.fused_latent(blk, zf, self.lk, self.lv, li, i, cf, sf, self.offsets, self.dilated)
+                zf = self.fused_latent(blk, zf, self.lk, self.lv, li, i, self.rope_cos, self.rope_sin, self.offsets,
+                                       self.dilated)
             c = m.from_latent(m.latent.norm(zf))
             self.ctx.copy_(torch.where(mask[:, None], c, self.ctx))
             self.n_complete += mask.long()
             return
+        cos, sin = rope_cos_sin(i[:, None], Dh, self.rope_base)
         if self.dilated:
             key_idx = i[:, None] - self.offsets[None, :]  # (B, K)
             visible = (key_idx >= 0).view(B, 1, 1, -1)

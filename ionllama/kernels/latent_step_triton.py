@@ -23,7 +23,9 @@ FFN does. GEMVs are ``tl.dot`` of the rows (padded to BLOCK_B >= 16) with the pr
 accumulation (IEEE fp32 for fp32 models and under the CPU interpreter: lnn_step_triton._rows_times_wt).
 
 Dtypes follow advance_latent run eagerly in the model's dtype (weights, z and the caches in that dtype; the RoPE
-tables cos / sin (B, head_dim / 2) in fp32, computed once per latent step by the caller as common.rope_cos_sin):
+tables cos / sin (N, head_dim / 2) in fp32 for every cache slot, common.rope_cos_sin of 0..N-1 computed once per
+decoder: K1 reads row i, so a step computes no cos / sin; passed per step, Inductor recomputed them for every
+layer's call of the op):
 the normalised input, the qkv outputs, the rotated q and k (x1 cos - x2 sin, x1 sin + x2 cos in fp32, then
 rounded), the attention output, the proj output and each residual sum, the SwiGLU gate / value / silu(gate) /
 product, the w_out output are rounded to it (round to nearest even, lnn_step_triton._round), fp32 in between.
@@ -75,8 +77,11 @@ def _latent_qkv_rope(Z, NW, WQKV, COS, SIN, I, Q, KC, VC, B, D, NSLOT, eps,
     sec = c // D  # 0: q, 1: k, 2: v (qkv.view(B, 1, 3, H, Dh))
     hd = c % D  # head * HD + dim (even)
     f = (hd % HD) // 2  # the pair's frequency
-    cs = tl.load(COS + rows64[:, None] * scb + f[None, :], mask=m_rj, other=0.0)
-    sn = tl.load(SIN + rows64[:, None] * scb + f[None, :], mask=m_rj, other=0.0)
+    slot = tl.load(I + rows, mask=row_ok, other=0)  # the patch index: RoPE position and cache slot
+    slot_ok = row_ok & (slot >= 0) & (slot < NSLOT)
+    m_t = slot_ok[:, None] & j_ok[None, :]
+    cs = tl.load(COS + (slot * scb)[:, None] + f[None, :], mask=m_t, other=0.0)  # table row i
+    sn = tl.load(SIN + (slot * scb)[:, None] + f[None, :], mask=m_t, other=0.0)
     rot = (sec < 2)[None, :]  # apply_rope in fp32 on q and k, then rounded; v as projected
     e = tl.where(rot, _round(x1 * cs - x2 * sn, DT), x1)
     o = tl.where(rot, _round(x1 * sn + x2 * cs, DT), x2)
@@ -85,8 +90,6 @@ def _latent_qkv_rope(Z, NW, WQKV, COS, SIN, I, Q, KC, VC, B, D, NSLOT, eps,
     m_q = m_rj & (sec == 0)[None, :]
     tl.store(q_ptr, e.to(DT), mask=m_q)
     tl.store(q_ptr + 1, o.to(DT), mask=m_q)
-    slot = tl.load(I + rows, mask=row_ok, other=0)
-    slot_ok = row_ok & (slot >= 0) & (slot < NSLOT)
     cache_off = rows64[:, None] * skb + (slot * skn)[:, None] + ((hd // HD) * skh + hd % HD)[None, :]
     m_c = slot_ok[:, None] & j_ok[None, :]
     CT = KC.dtype.element_ty
@@ -160,7 +163,8 @@ def set_latent_step_config(**kw) -> dict:
 def latent_step_launch(z, lk, lv, layer: int, i, cos, sin, offsets, norm1_w, qkv_w, proj_w, norm2_w, ffn_in_w,
                        ffn_out_w, eps1: float, eps2: float, dilated: bool) -> torch.Tensor:
     """The five launches. z (B, D) with unit inner stride; lk, lv (L, B, H, N, Dh) contiguous, layer `layer`'s
-    slot i written in place; i (B,) int64; cos, sin (B, Dh / 2) fp32 contiguous; offsets (K,) int64 (dilated);
+    slot i written in place; i (B,) int64; cos, sin (N, Dh / 2) fp32 contiguous RoPE tables of positions 0..N-1;
+    offsets (K,) int64 (dilated);
     weights contiguous, in z's dtype. Returns the block output (B, D)."""
     B, D = z.shape
     H, N, Dh = lk.shape[2], lk.shape[3], lk.shape[4]
@@ -249,7 +253,8 @@ def latent_block_step(blk, z: torch.Tensor, lk: torch.Tensor, lv: torch.Tensor, 
                       cos: torch.Tensor, sin: torch.Tensor, offsets: torch.Tensor, dilated: bool) -> torch.Tensor:
     """One decode step of latent TransformerBlock `blk` (index `layer`) in five kernels: z (B, D) for the patch
     at position i (B,) int64 -> the block output (B, D); its k, v go into lk[layer], lv[layer] (L, B, H, N, Dh)
-    at slot i in place. cos, sin: (B, Dh / 2) fp32 (rope_cos_sin of i); offsets (K,) int64: the dilated key
+    at slot i in place. cos, sin: (N, Dh / 2) fp32 (rope_cos_sin of positions 0..N-1; row i is used);
+    offsets (K,) int64: the dilated key
     offsets (dilated=True), unused for dense attention (keys 0..i). CUDA tensors, or CPU tensors under
     TRITON_INTERPRET=1."""
     attn, ffn = blk.attn, blk.ffn
