@@ -576,12 +576,14 @@ def cases(large: bool) -> list[tuple]:
             ("lnn_step", "bf16", dict(B=1, D=256, steps=5, compiled=True)),
             ("lnn_generate", "fp32", dict(n_new=64)),  # fp32: bf16 logits tie too often for equal greedy bytes
             # ionllama-small's latent blocks (d 512, 8 heads of 64, hidden 1376) at batch 1, 17 and 32, the cache
-            # long enough for several dilated offsets past the local ones and dense key blocks
+            # long enough for several dilated offsets past the local ones and dense key blocks. bf16: the attention
+            # output rounds apart from SDPA's on some elements (CPU interpreter, 2 blocks: ctx 7e-3, caches 3e-4),
+            # so the 4-block compiled case runs in fp32
             ("latent_step", "bf16", dict(B=1, D=512, H=8, steps=6, max_len=300)),
             ("latent_step", "bf16", dict(B=1, D=512, H=8, steps=6, max_len=300, attention="dense")),
             ("latent_step", "bf16", dict(B=32, D=512, H=8, steps=4, max_len=200)),
             ("latent_step", "fp32", dict(B=17, D=512, H=8, steps=4, max_len=200, attention="dense")),
-            ("latent_step", "bf16", dict(B=1, D=512, H=8, n_layers=4, steps=4, max_len=300, compiled=True)),
+            ("latent_step", "fp32", dict(B=1, D=512, H=8, n_layers=4, steps=4, max_len=300, compiled=True)),
             ("latent_generate", "fp32", dict(n_new=64)),
             ("latent_generate", "fp32", dict(n_new=64, attention="dense")),
         ]
