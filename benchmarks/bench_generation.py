@@ -81,8 +81,8 @@ class Bench:
         """A decoder + runner reused across measurements: prefill is in place, so the captured
         graphs (and compiled code) stay valid; only the dense KV length depends on max_len."""
         m, _ = self.model(kind)
-        fused = dict(fused_local_step=FUSED[self.args.fused_local_step],
-                     fused_entropy_step=self.args.fused_entropy_step) if kind == "ionllama" else {}
+        fused = dict(fused_local_step=FUSED[self.args.fused_local_step], fused_entropy_step=self.args.fused_entropy_step,
+                     fused_latent_step=self.args.fused_latent_step == "on") if kind == "ionllama" else {}
         dec = decoder_for(m, B, max_len, **fused)
         seeds = torch.arange(B, device=self.device)
         logits = torch.zeros(B, 256, device=self.device, dtype=self.dtype)
@@ -116,7 +116,8 @@ class Bench:
         dt = time.perf_counter() - t0
         row = dict(model=s["kind"], label=label + (", fused local step" if getattr(dec, "fused_local_step", False)
                                                    else "")
-                   + (", fused entropy step" if getattr(dec, "fused_entropy_step", False) else ""),
+                   + (", fused entropy step" if getattr(dec, "fused_entropy_step", False) else "")
+                   + (", fused latent step" if getattr(dec, "fused_latent_step", False) else ""),
                    batch=B, context=ctx, new_bytes=n_new, graphs=runner.graphs is not None,
                    compile=s["compile"], latent_policy=runner.latent_policy if patches0 is not None else None,
                    bytes_per_s=B * n_new / dt, ms_per_byte=1000 * dt / n_new, prefill_s=t_prefill, setup_s=t_setup)
@@ -166,11 +167,13 @@ def _model_name(args) -> str:
 FUSED = {"auto": "auto", "on": True, "off": False}  # --fused_local_step -> decoder_for(fused_local_step=)
 
 @torch.no_grad()
-def correctness_checks(device, compile: bool, fused_local_step: bool = False, fused_entropy_step: bool = False) -> dict:
+def correctness_checks(device, compile: bool, fused_local_step: bool = False, fused_entropy_step: bool = False,
+                       fused_latent_step: bool = False) -> dict:
     """On the benchmark device: step-by-step logits vs the parallel forward (fp32, tiny ionLlama with
     entropy patching, GPU kernels in the forward), and graph replay / compiled steps vs eager; with
     fused_local_step, the fused IntegralLNN step (graphs, and compiled with --compile) vs the eager PyTorch step;
-    with fused_entropy_step, the fused entropy-model step likewise (alone, and with the fused local step)."""
+    with fused_entropy_step, the fused entropy-model step likewise (alone, and with the fused local step);
+    with fused_latent_step, likewise the fused latent step."""
     from ionllama.generation import generate
 
     out = {}
@@ -204,6 +207,12 @@ def correctness_checks(device, compile: bool, fused_local_step: bool = False, fu
         if compile:
             out["fused_entropy_compiled_graphs_equal_eager"] = generate(
                 m, prompts, 96, seed=1, cuda_graphs=True, compile=True, fused_entropy_step=True) == ref
+    if fused_latent_step:
+        out["fused_latent_graphs_equal_eager"] = generate(m, prompts, 96, seed=1, cuda_graphs=True,
+                                                          fused_latent_step=True) == ref
+        if compile:
+            out["fused_latent_compiled_graphs_equal_eager"] = generate(
+                m, prompts, 96, seed=1, cuda_graphs=True, compile=True, fused_latent_step=True) == ref
     print(json.dumps(out), flush=True)
     return out
 
@@ -221,7 +230,7 @@ def write_results(b, args, checks):
                device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
                dtype=args.dtype, size=args.size, threads=torch.get_num_threads(),
                compile_mode=args.compile_mode, inductor=args.inductor, fused_local_step=args.fused_local_step,
-               fused_entropy_step=args.fused_entropy_step,
+               fused_entropy_step=args.fused_entropy_step, fused_latent_step=args.fused_latent_step,
                models={k: v[1] for k, v in b.models.items()}, checks=checks,
                commit=subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip())
     out = pathlib.Path(args.out)
@@ -268,6 +277,10 @@ def main():
                     help="ionLlama's entropy model (Mamba blocks + head) steps through the fused Triton kernels "
                          "(ionllama/kernels/ssm_step_triton.py; off by default until measured); rows that used them "
                          "are labelled ', fused entropy step'")
+    ap.add_argument("--fused_latent_step", nargs="?", const="on", default="off", choices=["on", "off"],
+                    help="ionLlama's latent blocks step through the fused Triton kernels "
+                         "(ionllama/kernels/latent_step_triton.py): on or off (the library's default); rows that "
+                         "used them are labelled ', fused latent step'")
     ap.add_argument("--budget_s", type=float, default=280)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--threads", type=int, default=0, help="CPU intra-op threads (0: torch default)")
@@ -290,7 +303,8 @@ def main():
     b = Bench(args)
     try:
         checks = correctness_checks(b.device, args.compile, args.fused_local_step != "off" and b.device.type == "cuda",
-                                    args.fused_entropy_step and b.device.type == "cuda")
+                                    args.fused_entropy_step and b.device.type == "cuda",
+                                    args.fused_latent_step == "on" and b.device.type == "cuda")
     except Exception as e:
         traceback.print_exc()
         checks = {"error": f"{type(e).__name__}: {str(e)[:200]}"}

@@ -12,7 +12,9 @@ needs no GPU.
 With --fused_local_step (run under TRITON_INTERPRET=1 on CPU) the IntegralLNN blocks use the fused decode
 step: each call of the custom op ionllama::lnn_block_step is 4 Triton kernels (`custom_op_kernels`). With
 --fused_entropy_step the entropy model's Mamba blocks use the fused step (kernels/ssm_step_triton.py): each
-ionllama::ssm_block_step is 2 Triton kernels, the head + entropy ionllama::entropy_head_step 1.
+ionllama::ssm_block_step is 2 Triton kernels, the head + entropy ionllama::entropy_head_step 1. With
+--fused_latent_step the latent blocks use the fused latent step: each call of ionllama::latent_block_step is 5
+Triton kernels (kernels/latent_step_triton.py). All of them count in `custom_op_kernels`.
 
 Stages: the decoder's byte step (or dense step), the latent stage (ionLlama), and the runner's whole
 per-byte iteration (sampling + step + bookkeeping: what one CUDA-graph iteration replays). For the
@@ -44,8 +46,9 @@ NO_KERNEL = {"aten::view", "aten::slice", "aten::select", "aten::expand", "aten:
              "aten::unbind", "aten::narrow", "aten::lift_fresh", "aten::_reshape_alias", "aten::contiguous",
              "aten::result_type", "aten::empty_strided", "aten::resolve_conj", "aten::resolve_neg", "aten::to",
              "aten::view_as", "aten::flatten", "aten::unflatten"}
-# Triton kernels per call of each fused custom op (kernels/lnn_step_triton.py, kernels/ssm_step_triton.py)
-FUSED_KERNELS = {"lnn_block_step": 4, "ssm_block_step": 2, "entropy_head_step": 1}
+# Triton kernels per call of each fused custom op (kernels/lnn_step_triton.py, ssm_step_triton.py,
+# latent_step_triton.py)
+FUSED_KERNELS = {"lnn_block_step": 4, "ssm_block_step": 2, "entropy_head_step": 1, "latent_block_step": 5}
 MATMUL = {"aten::linear", "aten::matmul", "aten::mm", "aten::addmm", "aten::bmm", "aten::einsum",
           "aten::scaled_dot_product_attention"}
 
@@ -92,6 +95,8 @@ def main() -> None:
     ap.add_argument("--fused_entropy_step", action="store_true",
                     help="ionLlama's entropy model (Mamba blocks + head) as the fused Triton step "
                          "(needs TRITON_INTERPRET=1 on CPU)")
+    ap.add_argument("--fused_latent_step", action="store_true",
+                    help="ionLlama's latent blocks as the fused Triton step (needs TRITON_INTERPRET=1 on CPU)")
     ap.add_argument("--models", nargs="+", default=["ionllama", "dense"])
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -100,7 +105,8 @@ def main() -> None:
         m = ionllama.create_model(a.size, model=model).eval()
         fused = {}
         if model == "ionllama":
-            fused = dict(fused_local_step=a.fused_local_step, fused_entropy_step=a.fused_entropy_step)
+            fused = dict(fused_local_step=a.fused_local_step, fused_entropy_step=a.fused_entropy_step,
+                         fused_latent_step=a.fused_latent_step)
         dec = decoder_for(m, 1, MAX_LEN, **fused)
         logits = dec.prefill([list(b"The quick brown fox jumps over")])
         runner = DecodeRunner(dec, SamplingConfig(temperature=1.0), torch.zeros(1, dtype=torch.long), logits, 64)
@@ -119,6 +125,7 @@ def main() -> None:
         print(model, json.dumps(row), flush=True)
     git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     out = {"size": a.size, "fused_local_step": a.fused_local_step, "fused_entropy_step": a.fused_entropy_step,
+           "fused_latent_step": a.fused_latent_step,
            "torch": torch.__version__, "python": platform.python_version(), "device": "cpu",
            "date": time.strftime("%Y-%m-%d"), "commit": git, "results": res}
     if a.out:

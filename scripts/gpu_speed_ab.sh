@@ -17,6 +17,8 @@
 #   p1k_mamba        the MambaByte arm (d384 L16) with a profile: it trained at 0.30 MB/s, GPU-bound
 #   p1k_byte, p1k_byte_sg  byte patching (the best ionLlama arm at 7 minutes) without / with --step_graph
 #   lnn_selfcheck    the fused IntegralLNN decode step against its reference on the GPU (large shapes, compiled, graphs)
+#   ssm_selfcheck    the same for the fused entropy-model step (kernels/ssm_step_triton.py)
+#   latent_selfcheck the same for the fused latent step (kernels/latent_step_triton.py)
 #   decode_tests     tests/test_decode_fast.py on the GPU (CUDA-graph decode == eager, all latent policies)
 # Generation (GPU 1, after its training rows): the decode tests on CUDA, then one bench_generation.py run per
 #   GEN_VARIANTS entry ("name:flags;name:flags"; empty: none).
@@ -69,6 +71,10 @@ rows() {  # rows GPU NAMES...
                      --out "$R/train/tt_p1k_byte_sg.json" ;;
       lnn_selfcheck) step "$L" python3 -m ionllama.kernels.selfcheck --device cuda --large --kinds lnn_step,lnn_generate \
                        --json "$R/train/selfcheck_lnn.json" ;;
+      ssm_selfcheck) step "$L" python3 -m ionllama.kernels.selfcheck --device cuda --large --kinds ssm_step,ssm_generate \
+                       --json "$R/train/selfcheck_ssm.json" ;;
+      latent_selfcheck) step "$L" python3 -m ionllama.kernels.selfcheck --device cuda --large \
+                          --kinds latent_step,latent_generate --json "$R/train/selfcheck_latent.json" ;;
       decode_tests) step "$L" python3 -m pytest -q -p no:cacheprovider tests/test_decode_fast.py ;;
       p1k_dense) step "$L" "${B[@]}" --arms dense:d_model=384,n_layers=8,n_heads=6 --sizes tiny "${p1k[@]}" --compile_mode whole \
                    --out "$R/train/tt_p1k_dense.json" ;;

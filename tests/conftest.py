@@ -10,3 +10,15 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# The fused decode-step kernel modules, imported once as this process starts: @triton.jit picks compiled or
+# interpreted kernels at import time, from TRITON_INTERPRET. Tests that set it (monkeypatch) only build decoders;
+# the kernels run under the interpreter in subprocesses. Imported here first, the in-process modules stay the
+# compiled kind, which the sm_90 compile tests need whatever order the tests run in.
+if os.environ.get("TRITON_INTERPRET") != "1":
+    for _mod in ("lnn_step_triton", "ssm_step_triton", "latent_step_triton"):
+        try:
+            __import__(f"ionllama.kernels.{_mod}")
+        except ImportError:  # no triton: those tests skip
+            pass

@@ -446,3 +446,31 @@ def test_fused_entropy_step_is_opt_in_and_refused_where_it_cannot_run(ion, dense
     dec = decoder_for(ion, 1, 16, fused_entropy_step=True)  # built, not run (the kernels run in a subprocess)
     assert dec.fused_entropy_step and dec.ent_head is not None
     assert all(st.fused_step is not None for st in dec.ent_states)
+
+
+def test_fused_latent_step_is_opt_in_and_refused_where_it_cannot_run(ion, dense, monkeypatch):
+    """The fused latent step (ionllama/kernels/latent_step_triton.py; its numbers are checked against
+    advance_latent's PyTorch path under the interpreter in test_kernels.py) is off by default; asked for on CPU
+    without TRITON_INTERPRET=1, for the recompute decoder, for a model without a latent transformer, or with a
+    value other than True / False, it is refused with a UserError (no silent fallback)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    dec = decoder_for(ion, 1, 16)
+    assert not dec.fused_latent_step and dec.fused_latent is None
+    for call in (lambda: decoder_for(ion, 1, 16, fused_latent_step=True),
+                 lambda: generate(ion, b"ab", 4, fused_latent_step=True),
+                 lambda: ion.generate(b"ab", 4, fused_latent_step=True)):
+        with pytest.raises(UserError, match="fused_latent_step needs a CUDA device"):
+            call()
+    with pytest.raises(UserError, match="not to model 'dense'"):
+        generate(dense, b"ab", 4, fused_latent_step=True)
+    with pytest.raises(UserError, match="cached decoder"):
+        decoder_for(ion, 1, 16, kind="recompute", fused_latent_step=True)
+    with pytest.raises(UserError, match="True or False"):
+        decoder_for(ion, 1, 16, fused_latent_step="auto")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return
+    dec = decoder_for(ion, 1, 16, fused_local_step=False, fused_latent_step=True)
+    assert dec.fused_latent_step and not dec.fused_local_step

@@ -155,14 +155,27 @@ def test_kernel_matches_reference_interpreter(interpreter_rows, idx):
                 # the fused IntegralLNN decode step vs IntegralState.step over several steps; greedy bytes
                 "lnn_step": {"out", "h", "ring", "state_moved"}, "lnn_generate": {"bytes_differ"},
                 # the fused entropy-model (Mamba) step and head vs MambaState.step / _entropy_bits_step
-                "ssm_step": {"out", "ssm", "ring", "ent", "state_moved"}, "ssm_generate": {"bytes_differ"}}[row["kind"]]
+                "ssm_step": {"out", "ssm", "ring", "ent", "state_moved"}, "ssm_generate": {"bytes_differ"},
+                # the fused latent step vs advance_latent's PyTorch path over several steps; greedy bytes
+                "latent_step": {"ctx", "k", "v", "n_complete", "caches_moved"},
+                "latent_generate": {"bytes_differ"}}[row["kind"]]
     if row["shape"].get("with_h0"):
         expected = expected | {"dh0"}
     if row["kind"] in ("lnn_step", "ssm_step") and row["shape"].get("compiled"):
         expected = expected | {"state_not_in_place"}
+    if row["kind"] == "latent_step" and row["shape"].get("compiled"):
+        expected = expected | {"caches_not_in_place"}
     assert set(errs) == expected
+    tol = dict.fromkeys(errs, row["tol"])
+    if row["kind"] == "latent_step":
+        tol.update(n_complete=0.0, caches_moved=0.0, caches_not_in_place=0.0)
+        if row["dtype"] == "fp32":  # only the order of fp32 sums differs (observed <= 4e-7)
+            tol.update(ctx=2e-6, k=2e-6, v=2e-6)
+        else:  # bf16: an attention output can round one ulp (2^-8) apart from SDPA's (its own key blocking and
+            # exp; observed for dense attention: caches <= 7e-4, ctx <= 7.5e-3 after two blocks), and spread
+            tol.update(k=2e-3, v=2e-3)
     for name, e in errs.items():
-        assert e <= row["tol"], f"{row['kind']} {row['dtype']} {row['shape']}: {name} rel err {e:.3e} > {row['tol']}"
+        assert e <= tol[name], f"{row['kind']} {row['dtype']} {row['shape']}: {name} rel err {e:.3e} > {tol[name]}"
 
 
 def test_conv_gate_selfcheck_covers_the_backward_edges():
@@ -280,6 +293,22 @@ def test_ssm_step_kernels_compile_for_hopper():
             assert compiled.asm.get("cubin"), (kernel.__name__, dtype)
 
 
+def test_latent_step_selfcheck_covers_the_decode_cases():
+    """The interpreter rows above check the fused latent step at B 1..3, fp32 and bf16, dilated and dense attention,
+    d not a power of two, over several steps with random commit masks, inside torch.compile, and in greedy
+    generation with dilated and dense latent attention."""
+    from ionllama.kernels.selfcheck import cases
+    rows = [(dt, kw) for kind, dt, kw in cases(large=False) if kind == "latent_step"]
+    assert {kw["B"] for _, kw in rows} >= {1, 2, 3} and {dt for dt, _ in rows} >= {"fp32", "bf16"}
+    for dt in ("fp32", "bf16"):
+        assert {kw.get("attention", "dilated") for d, kw in rows if d == dt} == {"dilated", "dense"}
+    assert all(kw.get("steps", 5) >= 2 for _, kw in rows)
+    assert any(kw.get("compiled") for _, kw in rows)
+    assert any(kw["D"] & (kw["D"] - 1) for _, kw in rows)
+    gens = [kw for kind, _, kw in cases(large=False) if kind == "latent_generate"]
+    assert {kw.get("attention", "dilated") for kw in gens} == {"dilated", "dense"}
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_lnn_step_kernels_compile_for_hopper():
@@ -311,6 +340,42 @@ def test_lnn_step_kernels_compile_for_hopper():
         try:
             compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const), target=target)
         except RuntimeError as e:  # no ptxas in this install: nothing to check here
+            if "ptxas" in str(e).lower():
+                pytest.skip(f"Triton cannot compile for CUDA here: {e}")
+            raise
+        assert compiled.asm.get("cubin"), kernel.__name__
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_latent_step_kernels_compile_for_hopper():
+    """As above for the fused latent step's own kernels (K1 qkv + RoPE + cache write, K2 attention; K3-K5 are
+    the lnn step's FFN kernels, compiled above), bf16, at a reduced width (d 128, heads of 64: compile time
+    grows with the tiles). K2 in its dense form (the key loop bounded by the patch index); the dilated form
+    and d 512 compiled too when tried by hand (compiles left out for the suite's time)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ionllama.kernels import latent_step_triton as lt
+    target = GPUTarget("cuda", 90, 32)
+    consts = [(lt._latent_qkv_rope, dict(HD=64, DP=128, BLOCK_J=16, BLOCK_B=16, IEEE=False)),
+              (lt._latent_attn, dict(HD=64, DHP=64, KP=32, BLOCK_KV=64, DILATED=False))]
+    types = {"COS": "*fp32", "SIN": "*fp32", "I": "*i64", "OFFS": "*i64", "eps": "fp32", "scale": "fp32"}
+    for kernel, const in consts:
+        sig = {}
+        for name in kernel.arg_names:
+            if name in const:
+                sig[name] = "constexpr"
+            elif name in types:
+                sig[name] = types[name]
+            elif name.isupper() and name not in ("B", "D", "NSLOT", "NOFF"):
+                sig[name] = "*bf16"
+            else:
+                sig[name] = "i32"
+        try:
+            compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const), target=target)
+        except RuntimeError as e:
             if "ptxas" in str(e).lower():
                 pytest.skip(f"Triton cannot compile for CUDA here: {e}")
             raise

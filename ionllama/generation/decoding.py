@@ -110,7 +110,8 @@ class RecomputeDecoder(IncrementalDecoder):
 
 
 def decoder_for(model: nn.Module, batch_size: int, max_len: int, kind: str = "auto",
-                fused_local_step: bool | str = "auto", fused_entropy_step: bool = False) -> IncrementalDecoder:
+                fused_local_step: bool | str = "auto", fused_entropy_step: bool = False,
+                fused_latent_step: bool = False) -> IncrementalDecoder:
     """kind: 'auto' (the model's cached decoder if registered) | 'recompute'.
     fused_local_step: ionLlama's IntegralLNN local layers step through the fused Triton kernels
     (ionllama/kernels/lnn_step_triton.py). True: required (CUDA, or CPU under TRITON_INTERPRET=1, else a
@@ -118,16 +119,20 @@ def decoder_for(model: nn.Module, batch_size: int, max_len: int, kind: str = "au
     decoder with IntegralLNN local layers, CUDA, triton, <= 16 rows: local_state.fused_step_auto).
     fused_entropy_step: ionLlama's entropy model (Mamba blocks + head) steps through the fused Triton kernels
     (ionllama/kernels/ssm_step_triton.py). True: required (CUDA, or CPU under TRITON_INTERPRET=1, entropy
-    patching; else a UserError); False (default, until measured on a GPU): the PyTorch step."""
+    patching; else a UserError); False (default, until measured on a GPU): the PyTorch step.
+    fused_latent_step: ionLlama's latent blocks step through the fused Triton kernels
+    (ionllama/kernels/latent_step_triton.py): True requires them (CUDA, or CPU under TRITON_INTERPRET=1, else a
+    UserError); False (default, until measured on a GPU): the PyTorch step."""
     if fused_local_step not in (True, False, "auto"):
         raise UserError(f"fused_local_step must be True, False or 'auto', got {fused_local_step!r}")
-    if fused_entropy_step not in (True, False):
-        raise UserError(f"fused_entropy_step must be True or False, got {fused_entropy_step!r}")
+    for flag, val in (("fused_entropy_step", fused_entropy_step), ("fused_latent_step", fused_latent_step)):
+        if val not in (True, False):
+            raise UserError(f"{flag} must be True or False, got {val!r}")
     if kind == "recompute":
-        if fused_local_step is True:
-            raise UserError("fused_local_step needs the cached decoder; use decoder='auto'")
-        if fused_entropy_step:
-            raise UserError("fused_entropy_step needs the cached decoder; use decoder='auto'")
+        for flag, val in (("fused_local_step", fused_local_step is True), ("fused_entropy_step", fused_entropy_step),
+                          ("fused_latent_step", fused_latent_step)):
+            if val:
+                raise UserError(f"{flag} needs the cached decoder; use decoder='auto'")
         return RecomputeDecoder(model, batch_size, max_len)
     if kind != "auto":
         raise UserError(f"unknown decoder kind '{kind}'; use 'auto' or 'recompute'")
@@ -151,11 +156,12 @@ def decoder_for(model: nn.Module, batch_size: int, max_len: int, kind: str = "au
             raise UserError(f"fused_local_step applies to ionLlama's IntegralLNN local layers, not to model "
                             f"'{name}'; leave it off")
         fused["fused_local_step"] = True
-    if fused_entropy_step:
-        if not getattr(cls, "supports_fused_entropy_step", False):
-            raise UserError(f"fused_entropy_step applies to ionLlama's entropy model, not to model '{name}'; "
-                            f"leave it off")
-        fused["fused_entropy_step"] = True
+    for flag, val, what in (("fused_entropy_step", fused_entropy_step, "entropy model"),
+                            ("fused_latent_step", fused_latent_step, "latent transformer")):
+        if val:
+            if not getattr(cls, f"supports_{flag}", False):
+                raise UserError(f"{flag} applies to ionLlama's {what}, not to model '{name}'; leave it off")
+            fused[flag] = True
     if cls is None:
         return RecomputeDecoder(model, batch_size, max_len)
     return cls(model, batch_size, max_len, **fused)

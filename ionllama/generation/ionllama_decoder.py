@@ -33,7 +33,7 @@ from ..model.dilated_attention import dilated_offsets
 from ..model.entropy_model import LN2, entropy_bits
 from ..model.patcher import _is_word_byte, cap_patches, patch_ids, rule_starts
 from .decoding import IncrementalDecoder, register_decoder
-from .local_state import MambaState, fused_entropy_fn, local_state
+from .local_state import MambaState, fused_entropy_fn, fused_latent_fn, local_state
 from .slots import SlotWriter
 
 
@@ -50,14 +50,17 @@ def _entropy_bits_step(logits: torch.Tensor) -> torch.Tensor:
 @register_decoder("ionllama")
 class IonLlamaDecoder(IncrementalDecoder):
     supports_fused_local_step = True
-
     supports_fused_entropy_step = True
+    supports_fused_latent_step = True
 
-    def __init__(self, model, batch_size, max_len, fused_local_step: bool = False, fused_entropy_step: bool = False):
+    def __init__(self, model, batch_size, max_len, fused_local_step: bool = False, fused_entropy_step: bool = False,
+                 fused_latent_step: bool = False):
         """fused_local_step: IntegralLNN encoder / decoder layers step through the fused Triton kernels
         (local_state.IntegralState; a UserError where they cannot run). fused_entropy_step: the entropy
         model's Mamba blocks and head step through the fused Triton kernels of kernels/ssm_step_triton.py
-        (local_state.MambaState; a UserError where they cannot run or there is no entropy model)."""
+        (local_state.MambaState; a UserError where they cannot run or there is no entropy model).
+        fused_latent_step: advance_latent steps each latent block through the fused Triton kernels of
+        kernels/latent_step_triton.py (a UserError where they cannot run; default off until measured on a GPU)."""
         super().__init__(model, batch_size, max_len)
         cfg, B, dev, dt = model.config, batch_size, self.device, self.dtype
         self.cfg = cfg
@@ -126,6 +129,14 @@ class IonLlamaDecoder(IncrementalDecoder):
         self.offsets = torch.tensor(offs, dtype=torch.long, device=dev)
         self.key_index = torch.arange(self.max_patches, device=dev)
         self.slots = SlotWriter(B, self.H, dev, len(lat.blocks))
+        self.fused_latent = fused_latent_fn(torch.device(dev), dt) if fused_latent_step else None
+        if self.fused_latent is not None:
+            from ..kernels.latent_step_triton import check_latent_state
+            check_latent_state(lat.blocks, dt, self.lk, self.lv)
+            # RoPE of every slot, once (the fused step reads row i; per step, compiled, they were recomputed
+            # for each layer): rope_cos_sin's values, elementwise the same computation as the per-step call
+            self.rope_cos, self.rope_sin = rope_cos_sin(self.key_index, self.Dh, self.rope_base)
+        self.fused_latent_step = self.fused_latent is not None
 
     @torch.no_grad()
     def refresh_weights(self) -> None:
@@ -257,6 +268,15 @@ class IonLlamaDecoder(IncrementalDecoder):
         pooled = (self.acc_num / self.acc_den.clamp_min(1e-30)[:, None]).to(self.dtype)
         z = m.to_latent(pooled)[:, None]  # (B, 1, dm)
         i = self.n_complete  # this patch's index; rows without a new patch write a slot that is not yet valid
+        if self.fused_latent is not None:  # five Triton kernels per block (kernels/latent_step_triton.py)
+            zf = z[:, 0]
+            for li, blk in enumerate(m.latent.blocks):
+                zf = self.fused_latent(blk, zf, self.lk, self.lv, li, i, self.rope_cos, self.rope_sin, self.offsets,
+                                       self.dilated)
+            c = m.from_latent(m.latent.norm(zf))
+            self.ctx.copy_(torch.where(mask[:, None], c, self.ctx))
+            self.n_complete += mask.long()
+            return
         cos, sin = rope_cos_sin(i[:, None], Dh, self.rope_base)
         if self.dilated:
             key_idx = i[:, None] - self.offsets[None, :]  # (B, K)

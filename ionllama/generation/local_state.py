@@ -180,37 +180,41 @@ class WindowAttentionState:
         return x + layer.ffn(layer.norm2(x))
 
 
+def fused_kernels(flag: str, module: str, names: tuple[str, ...], device: torch.device, dtype: torch.dtype):
+    """The fused decode-step ops `names` of ionllama.kernels.<module>, or a one-line UserError naming `flag`
+    and why they cannot run here (CUDA, or CPU under TRITON_INTERPRET=1; triton; a supported dtype): no
+    silent fallback to the PyTorch step."""
+    import importlib
+
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError(f"{flag} needs a CUDA device (or TRITON_INTERPRET=1 on CPU); leave {flag} off on CPU")
+    if device.type not in ("cuda", "cpu"):
+        raise UserError(f"{flag} runs on CUDA only, not {device.type}; leave it off")
+    try:
+        mod = importlib.import_module(f"ionllama.kernels.{module}")
+    except ImportError as e:
+        raise UserError(f"{flag} needs triton ({e}); install triton or leave {flag} off")
+    if dtype not in mod.SUPPORTED_DTYPES:
+        raise UserError(f"{flag} supports fp32, bf16 and fp16 models, not {dtype}; leave it off")
+    fns = tuple(getattr(mod, n) for n in names)
+    return fns[0] if len(fns) == 1 else fns
+
+
 def fused_step_fn(device: torch.device, dtype: torch.dtype):
     """lnn_step_triton.lnn_block_step, or a UserError saying why the fused step cannot run here."""
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise UserError("fused_local_step needs a CUDA device (or TRITON_INTERPRET=1 on CPU); "
-                        "leave fused_local_step off on CPU")
-    if device.type not in ("cuda", "cpu"):
-        raise UserError(f"fused_local_step runs on CUDA only, not {device.type}; leave it off")
-    try:
-        from ..kernels.lnn_step_triton import SUPPORTED_DTYPES, lnn_block_step
-    except ImportError as e:
-        raise UserError(f"fused_local_step needs triton ({e}); install triton or leave fused_local_step off")
-    if dtype not in SUPPORTED_DTYPES:
-        raise UserError(f"fused_local_step supports fp32, bf16 and fp16 models, not {dtype}; leave it off")
-    return lnn_block_step
+    return fused_kernels("fused_local_step", "lnn_step_triton", ("lnn_block_step",), device, dtype)
 
 
 def fused_entropy_fn(device: torch.device, dtype: torch.dtype):
     """(ssm_step_triton.ssm_block_step, entropy_head_step), or a UserError saying why the fused entropy-model
     step cannot run here."""
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise UserError("fused_entropy_step needs a CUDA device (or TRITON_INTERPRET=1 on CPU); "
-                        "leave fused_entropy_step off on CPU")
-    if device.type not in ("cuda", "cpu"):
-        raise UserError(f"fused_entropy_step runs on CUDA only, not {device.type}; leave it off")
-    try:
-        from ..kernels.ssm_step_triton import SUPPORTED_DTYPES, entropy_head_step, ssm_block_step
-    except ImportError as e:
-        raise UserError(f"fused_entropy_step needs triton ({e}); install triton or leave fused_entropy_step off")
-    if dtype not in SUPPORTED_DTYPES:
-        raise UserError(f"fused_entropy_step supports fp32, bf16 and fp16 models, not {dtype}; leave it off")
-    return ssm_block_step, entropy_head_step
+    return fused_kernels("fused_entropy_step", "ssm_step_triton", ("ssm_block_step", "entropy_head_step"), device,
+                         dtype)
+
+
+def fused_latent_fn(device: torch.device, dtype: torch.dtype):
+    """latent_step_triton.latent_block_step, or a UserError saying why the fused latent step cannot run here."""
+    return fused_kernels("fused_latent_step", "latent_step_triton", ("latent_block_step",), device, dtype)
 
 
 # "auto" uses the fused step where it was measured: on CUDA, for up to one 16-row MMA tile of rows (the kernels

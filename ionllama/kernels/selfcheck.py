@@ -342,6 +342,130 @@ def check_lnn_step(device: str, dtype: torch.dtype, B: int, D: int, steps: int =
     return errs
 
 
+def _random_latent_model(gen: torch.Generator, **kw):
+    """A tiny ionLlama (entropy patching, IntegralLNN local layers) whose latent path (to_latent, the latent
+    blocks and final norm, from_latent) has random weights at a scale where every part moves its output (norm
+    weights 1 + noise, matrices at 1/sqrt(fan-in)): at init the latent context barely moves the logits."""
+    from .. import create_model
+
+    torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
+    cfg = dict(d_model=32, n_layers=2, n_heads=2, d_local=32, n_enc_layers=1, n_dec_layers=1, d_entropy=16,
+               n_entropy_layers=1, entropy_headdim=8, entropy_state=4, ngram_buckets=64, max_patch_size=5)
+    m = create_model("tiny", **{**cfg, **kw}).eval()
+    with torch.no_grad():
+        for mod in (m.to_latent, m.latent, m.from_latent):
+            for p in mod.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if p.dim() < 2 else 1.0 / math.sqrt(p.shape[-1])))
+                if p.dim() < 2:
+                    p.add_(1.0)
+    return m
+
+
+def _latent_blocks(block_n: int | None, old: dict | None = None) -> dict | None:
+    """Set every GEMV channel block of the fused latent step to block_n (None: leave them); old: restore it."""
+    if old is not None:
+        from . import latent_step_triton as lt
+        lt.set_latent_step_config(**old)
+        return None
+    if block_n is None:
+        return None
+    from . import latent_step_triton as lt
+    return lt.set_latent_step_config(**{k: block_n for k in ("qkv_block_j", "proj_block_n", "up_block_n",
+                                                              "down_block_n")})
+
+
+def check_latent_generate(device: str, dtype: torch.dtype, attention: str = "dilated", n_new: int = 16,
+                          n_layers: int = 2, block_n: int | None = None, seed: int | None = None) -> dict:
+    """Greedy generation of a tiny ionLlama (random latent weights, entropy patching at the median entropy: patches
+    of varying length, latent steps happen) with the fused latent step vs without: the fraction of differing
+    bytes. On CUDA the fused run replays CUDA graphs."""
+    from ..generation import generate
+
+    gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % (2 ** 31)))
+    m = _random_latent_model(gen, attention=attention, local_width=2, n_layers=n_layers)
+    with torch.no_grad():
+        ent = m.entropy_model(torch.randint(0, 256, (2, 64), generator=gen))["entropy"].flatten()
+        m.entropy_threshold.fill_(float(ent.median()))
+    m = m.to(device=device, dtype=dtype)
+    prompts = [b"abc de", b"xy"]
+    ref = generate(m, prompts, n_new, greedy=True, cuda_graphs=False)
+    old = _latent_blocks(block_n)
+    try:
+        out = generate(m, prompts, n_new, greedy=True, cuda_graphs=device == "cuda", fused_latent_step=True)
+    finally:
+        _latent_blocks(None, old)
+    n = sum(max(len(a), len(b)) for a, b in zip(out, ref))
+    diff = sum(sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b)) for a, b in zip(out, ref))
+    return {"bytes_differ": diff / max(n, 1)}
+
+
+def check_latent_step(device: str, dtype: torch.dtype, B: int, D: int, H: int, n_layers: int = 2, steps: int = 5,
+                      attention: str = "dilated", local_width: int = 3, max_len: int = 40, compiled: bool = False,
+                      block_n: int | None = None, seed: int | None = None) -> dict:
+    """The fused latent step (latent_step_triton, IonLlamaDecoder(fused_latent_step=True)) vs advance_latent's
+    PyTorch path on the same random-weight model in the same dtype: `steps` latent steps from random caches (every
+    slot filled) and random per-row patch counts, each with a random commit mask (some rows do not commit: they
+    recompute their slot next step), each path carrying its own state. Errors: the worst over the steps of the
+    latent context (ctx, the output latent after the final norm and from_latent, committed rows), the k and v
+    caches (every layer and slot), and whether the patch counts differ. compiled: the fused advance_latent inside
+    torch.compile(fullgraph=True) (Inductor): every call of the op must take the caches themselves
+    ("caches_not_in_place": 1 unless the generated code passes the input buffers). block_n: every GEMV kernel's
+    channel block (fewer programs: the interpreter's cost is per program)."""
+    from ..generation.ionllama_decoder import IonLlamaDecoder
+
+    gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % (2 ** 31)))
+    m = _random_latent_model(gen, d_model=D, n_layers=n_layers, n_heads=H, attention=attention,
+                             local_width=local_width).to(device=device, dtype=dtype)
+    ref, fused = IonLlamaDecoder(m, B, max_len), IonLlamaDecoder(m, B, max_len, fused_latent_step=True)
+    lk0, lv0 = torch.randn(ref.lk.shape, generator=gen), torch.randn(ref.lv.shape, generator=gen)
+    n0 = torch.randint(0, max_len - steps, (B,), generator=gen)
+    for dec in (ref, fused):
+        dec.lk.copy_(lk0)
+        dec.lv.copy_(lv0)
+        dec.n_complete.copy_(n0)
+        dec.acc_den.fill_(1.0)
+    ptrs = (fused.lk.data_ptr(), fused.lv.data_ptr())
+    step = fused.advance_latent
+    errs = {"ctx": 0.0, "k": 0.0, "v": 0.0, "n_complete": 0.0}
+    old = _latent_blocks(block_n)
+    if compiled:
+        from torch._inductor.utils import run_and_get_code
+
+        torch._dynamo.reset()
+        compiled_step = torch.compile(fused.advance_latent, fullgraph=True)
+        codes = []
+
+        def step(mask):
+            if codes:
+                return compiled_step(mask)
+            _, code = run_and_get_code(compiled_step, mask)
+            codes.extend(code)
+    try:
+        with torch.no_grad():
+            for s in range(steps):
+                pooled = torch.randn(B, 32, generator=gen).to(device)
+                mask = (torch.rand(B, generator=gen) < 0.6).to(device)
+                mask[s % B] = True  # at least one row commits
+                for dec in (ref, fused):
+                    dec.acc_num.copy_(pooled)
+                ref.advance_latent(mask)
+                step(mask)
+                errs["ctx"] = max(errs["ctx"], rel_err(fused.ctx, ref.ctx))
+                errs["k"] = max(errs["k"], rel_err(fused.lk, ref.lk))
+                errs["v"] = max(errs["v"], rel_err(fused.lv, ref.lv))
+                errs["n_complete"] = max(errs["n_complete"], float(not torch.equal(fused.n_complete, ref.n_complete)))
+    finally:
+        _latent_blocks(None, old)
+        if compiled:
+            torch._dynamo.reset()
+    errs["caches_moved"] = float((fused.lk.data_ptr(), fused.lv.data_ptr()) != ptrs)
+    if compiled:  # the generated code hands every call of the op the graph's input buffers as the caches
+        calls = re.findall(r"latent_block_step\.default\((\w+), (\w+), (\w+),", "\n".join(codes))
+        errs["caches_not_in_place"] = float(len(calls) != n_layers
+                                            or not all(a.startswith("arg") for c in calls for a in c[1:]))
+    return errs
+
+
 def check_lnn_generate(device: str, dtype: torch.dtype, n_new: int = 16, block_n: int | None = None,
                        seed: int | None = None) -> dict:
     """Greedy generation of a tiny ionLlama (IntegralLNN local layers, entropy patching) with the fused local
@@ -559,6 +683,16 @@ def cases(large: bool) -> list[tuple]:
         ("ssm_step", "fp32", dict(B=2, D=16, d_state=4, headdim=8, conv_kernel=1, steps=2)),
         ("ssm_step", "fp32", dict(B=2, D=16, d_state=4, headdim=8, steps=4, compiled=True)),
         ("ssm_generate", "fp32", dict(n_new=16, block_c=32)),
+        # the fused latent step (five kernels per block): B 1..3, fp32 and bf16, dilated and dense attention,
+        # d 48 (not a power of two; 3 heads of 16), random commit masks, inside torch.compile, greedy generation.
+        # One GEMV program per kernel (block_n 128): the interpreter's cost is per program.
+        ("latent_step", "fp32", dict(B=1, D=32, H=2, steps=4, block_n=128)),
+        ("latent_step", "fp32", dict(B=3, D=48, H=3, n_layers=1, steps=3, attention="dense", block_n=128)),
+        ("latent_step", "bf16", dict(B=2, D=32, H=2, n_layers=1, steps=3, block_n=128)),
+        ("latent_step", "bf16", dict(B=2, D=32, H=2, n_layers=1, steps=3, attention="dense", block_n=128)),
+        ("latent_step", "fp32", dict(B=2, D=32, H=2, steps=2, compiled=True, block_n=128)),
+        ("latent_generate", "fp32", dict(n_new=10, n_layers=1, block_n=128)),
+        ("latent_generate", "fp32", dict(n_new=10, n_layers=1, attention="dense", block_n=128)),
     ]
     if large:
         cs += [
@@ -598,13 +732,24 @@ def cases(large: bool) -> list[tuple]:
             ("ssm_step", "bf16", dict(B=2, D=256, steps=5)),
             ("ssm_step", "bf16", dict(B=1, D=128, steps=5, compiled=True)),
             ("ssm_generate", "fp32", dict(n_new=64)),
+            # ionllama-small's latent blocks (d 512, 8 heads of 64, hidden 1376) at batch 1, 17 and 32, the cache
+            # long enough for several dilated offsets past the local ones and dense key blocks. bf16: the attention
+            # output rounds apart from SDPA's on some elements (CPU interpreter, 2 blocks: ctx 7e-3, caches 3e-4),
+            # so the 4-block compiled case runs in fp32
+            ("latent_step", "bf16", dict(B=1, D=512, H=8, steps=6, max_len=300)),
+            ("latent_step", "bf16", dict(B=1, D=512, H=8, steps=6, max_len=300, attention="dense")),
+            ("latent_step", "bf16", dict(B=32, D=512, H=8, steps=4, max_len=200)),
+            ("latent_step", "fp32", dict(B=17, D=512, H=8, steps=4, max_len=200, attention="dense")),
+            ("latent_step", "fp32", dict(B=1, D=512, H=8, n_layers=4, steps=4, max_len=300, compiled=True)),
+            ("latent_generate", "fp32", dict(n_new=64)),
+            ("latent_generate", "fp32", dict(n_new=64, attention="dense")),
         ]
     return cs
 
 
 def run(device: str, large: bool = False, verbose: bool = True,
         kinds=("attention", "scan", "conv_gate", "compiled", "block", "rope", "lnn_step", "lnn_generate",
-               "ssm_step", "ssm_generate")) -> list[dict]:
+               "ssm_step", "ssm_generate", "latent_step", "latent_generate")) -> list[dict]:
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
@@ -617,7 +762,8 @@ def run(device: str, large: bool = False, verbose: bool = True,
         fn = {"attention": check_attention, "scan": check_scan, "conv_gate": check_conv_gate,
               "compiled": check_compiled, "block": check_block, "rope": check_rope,
               "lnn_step": check_lnn_step, "lnn_generate": check_lnn_generate, "ssm_step": check_ssm_step,
-              "ssm_generate": check_ssm_generate}[kind]
+              "ssm_generate": check_ssm_generate, "latent_step": check_latent_step,
+              "latent_generate": check_latent_generate}[kind]
         errs = fn(device, dtype, **kw)
         tol = TOL[dtype]
         row = dict(kind=kind, dtype=dt, shape=kw, errors=errs, tol=tol,
@@ -636,9 +782,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--large", action="store_true", help="add GPU-sized cases")
     p.add_argument("--json", default=None, help="write the rows as JSON to this path ('-' = stdout)")
     p.add_argument("--kinds", default="attention,scan,conv_gate,compiled,block,rope,lnn_step,lnn_generate,ssm_step,"
-                                      "ssm_generate",
+                                      "ssm_generate,latent_step,latent_generate",
                    help="comma list: attention, scan, conv_gate, compiled, block, rope, lnn_step, lnn_generate, "
-                        "ssm_step, ssm_generate")
+                        "ssm_step, ssm_generate, latent_step, latent_generate")
     a = p.parse_args(argv)
     rows = run(a.device, a.large, verbose=a.json != "-", kinds=tuple(a.kinds.split(",")))
     if a.json == "-":
