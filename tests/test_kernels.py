@@ -258,17 +258,27 @@ def test_fused_entropy_step_equals_reference_interpreter():
     assert res["generate"]["bytes_differ"] == 0.0
 
 
+def _assert_compiles_for_sm90(kernel, sig: dict, const: dict) -> None:
+    """Triton's real compiler (not the interpreter) for sm_90, no GPU needed; skips where this install has no ptxas."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    try:
+        compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32))
+    except RuntimeError as e:  # no ptxas in this install: nothing to check here
+        if "ptxas" in str(e).lower():
+            pytest.skip(f"Triton cannot compile for CUDA here: {e}")
+        raise
+    assert compiled.asm.get("cubin"), kernel.__name__
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_ssm_step_kernels_compile_for_hopper():
     """The interpreter never compiles a kernel: the fused entropy-model kernels through Triton's real compiler for
     sm_90 (no GPU needed), bf16 and fp32, at ionLlama-small's entropy-model widths, both forms of block 0/1."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from ionllama.kernels import ssm_step_triton as ss
-    target = GPUTarget("cuda", 90, 32)
     ptrs = {"T": "*i64", "TOK": "*i64", "SSM": "*fp32", "NEGA": "*fp32", "ENT": "*fp32"}
     sizes = {"B", "D", "DI", "N", "P", "V"}
     consts = [(ss._ssm_in_scan, dict(KS=3, DP=128, NB=16, BLOCK_C=16, BLOCK_B=16, GATHER=True)),
@@ -284,13 +294,7 @@ def test_ssm_step_kernels_compile_for_hopper():
             sig = {name: "constexpr" if name in const else
                    (ptrs.get(name, "*" + dtype) if name.isupper() and name not in sizes else
                     ("fp32" if name == "eps" else "i32")) for name in kernel.arg_names}
-            try:
-                compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const), target=target)
-            except RuntimeError as e:  # no ptxas in this install: nothing to check here
-                if "ptxas" in str(e).lower():
-                    pytest.skip(f"Triton cannot compile for CUDA here: {e}")
-                raise
-            assert compiled.asm.get("cubin"), (kernel.__name__, dtype)
+            _assert_compiles_for_sm90(kernel, sig, const)
 
 
 def test_latent_step_selfcheck_covers_the_decode_cases():
@@ -317,12 +321,8 @@ def test_lnn_step_kernels_compile_for_hopper():
     variants, input_precision ieee, compiled too when tried by hand) at ionLlama-small's widths, so a GPU-only
     compile error shows up before the next GPU call."""
     dtype = "bf16"
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from ionllama.kernels import lnn_step_triton as ls
-    target = GPUTarget("cuda", 90, 32)
     consts = {ls._lnn_in_gate: dict(KS=3, DP=256, BLOCK_N=16, BLOCK_B=16),
               ls._lnn_out_mix: dict(DP=256, BLOCK_N=16, BLOCK_B=16),
               ls._lnn_ffn_up: dict(DP=256, BLOCK_N=16, BLOCK_B=32),
@@ -337,13 +337,7 @@ def test_lnn_step_kernels_compile_for_hopper():
                 sig[name] = {"H": "*fp32", "DECAY": "*fp32", "T": "*i64"}.get(name, "*" + dtype)
             else:
                 sig[name] = "fp32" if name == "eps" else "i32"
-        try:
-            compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const), target=target)
-        except RuntimeError as e:  # no ptxas in this install: nothing to check here
-            if "ptxas" in str(e).lower():
-                pytest.skip(f"Triton cannot compile for CUDA here: {e}")
-            raise
-        assert compiled.asm.get("cubin"), kernel.__name__
+        _assert_compiles_for_sm90(kernel, sig, const)
 
 
 @pytest.mark.slow
@@ -353,12 +347,8 @@ def test_latent_step_kernels_compile_for_hopper():
     the lnn step's FFN kernels, compiled above), bf16, at a reduced width (d 128, heads of 64: compile time
     grows with the tiles). K2 in its dense form (the key loop bounded by the patch index); the dilated form
     and d 512 compiled too when tried by hand (compiles left out for the suite's time)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from ionllama.kernels import latent_step_triton as lt
-    target = GPUTarget("cuda", 90, 32)
     consts = [(lt._latent_qkv_rope, dict(HD=64, DP=128, BLOCK_J=16, BLOCK_B=16, IEEE=False)),
               (lt._latent_attn, dict(HD=64, DHP=64, KP=32, BLOCK_KV=64, DILATED=False))]
     types = {"COS": "*fp32", "SIN": "*fp32", "I": "*i64", "OFFS": "*i64", "eps": "fp32", "scale": "fp32"}
@@ -373,13 +363,7 @@ def test_latent_step_kernels_compile_for_hopper():
                 sig[name] = "*bf16"
             else:
                 sig[name] = "i32"
-        try:
-            compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const), target=target)
-        except RuntimeError as e:
-            if "ptxas" in str(e).lower():
-                pytest.skip(f"Triton cannot compile for CUDA here: {e}")
-            raise
-        assert compiled.asm.get("cubin"), kernel.__name__
+        _assert_compiles_for_sm90(kernel, sig, const)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
