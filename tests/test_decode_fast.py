@@ -367,6 +367,22 @@ def test_entropy_table_step_equals_unfused(ion):
             assert torch.equal(decs[0].next_start, decs[1].next_start)
 
 
+def _assert_refused_where_it_cannot_run(ion, dense, flag: str, bad_value, bad_match: str) -> None:
+    """A fused decode step asked for (flag=True) on CPU without TRITON_INTERPRET=1, for the dense model or for
+    the recompute decoder, or given a value it does not take, is refused with a one-line UserError."""
+    for call in (lambda: decoder_for(ion, 1, 16, **{flag: True}),
+                 lambda: generate(ion, b"ab", 4, **{flag: True}),
+                 lambda: ion.generate(b"ab", 4, **{flag: True})):
+        with pytest.raises(UserError, match=f"{flag} needs a CUDA device"):
+            call()
+    with pytest.raises(UserError, match="not to model 'dense'"):
+        generate(dense, b"ab", 4, **{flag: True})
+    with pytest.raises(UserError, match="cached decoder"):
+        decoder_for(ion, 1, 16, kind="recompute", **{flag: True})
+    with pytest.raises(UserError, match=bad_match):
+        decoder_for(ion, 1, 16, **{flag: bad_value})
+
+
 def test_fused_local_step_auto_on_cuda_only_and_refused_where_it_cannot_run(ion, dense, monkeypatch):
     """The fused IntegralLNN step (ionllama/kernels/lnn_step_triton.py; its numbers are checked against
     IntegralState.step under the interpreter in test_kernels.py). "auto", the default, picks it only on CUDA
@@ -388,17 +404,7 @@ def test_fused_local_step_auto_on_cuda_only_and_refused_where_it_cannot_run(ion,
         assert local_state.fused_step_auto(cuda, bf16, local_state.FUSED_AUTO_MAX_BATCH)
     except ImportError:
         assert not local_state.fused_step_auto(cuda, bf16, 1)
-    for call in (lambda: decoder_for(ion, 1, 16, fused_local_step=True),
-                 lambda: generate(ion, b"ab", 4, fused_local_step=True),
-                 lambda: ion.generate(b"ab", 4, fused_local_step=True)):
-        with pytest.raises(UserError, match="fused_local_step needs a CUDA device"):
-            call()
-    with pytest.raises(UserError, match="not to model 'dense'"):
-        generate(dense, b"ab", 4, fused_local_step=True)
-    with pytest.raises(UserError, match="cached decoder"):
-        decoder_for(ion, 1, 16, kind="recompute", fused_local_step=True)
-    with pytest.raises(UserError, match="True, False or 'auto'"):
-        decoder_for(ion, 1, 16, fused_local_step="yes")
+    _assert_refused_where_it_cannot_run(ion, dense, "fused_local_step", "yes", "True, False or 'auto'")
     attn = create_model("tiny", **dict(TINY, local_layers="transformer", local_window=8)).eval()
     with pytest.raises(UserError, match="local_layers='transformer'"):
         decoder_for(attn, 1, 16, fused_local_step=True)
@@ -424,17 +430,7 @@ def test_fused_entropy_step_is_opt_in_and_refused_where_it_cannot_run(ion, dense
     dec = decoder_for(ion, 1, 16)
     assert not dec.fused_entropy_step and dec.ent_head is None
     assert all(st.fused_step is None for st in dec.ent_states) and len(dec.ent_states) == TINY["n_entropy_layers"]
-    for call in (lambda: decoder_for(ion, 1, 16, fused_entropy_step=True),
-                 lambda: generate(ion, b"ab", 4, fused_entropy_step=True),
-                 lambda: ion.generate(b"ab", 4, fused_entropy_step=True)):
-        with pytest.raises(UserError, match="fused_entropy_step needs a CUDA device"):
-            call()
-    with pytest.raises(UserError, match="not to model 'dense'"):
-        generate(dense, b"ab", 4, fused_entropy_step=True)
-    with pytest.raises(UserError, match="cached decoder"):
-        decoder_for(ion, 1, 16, kind="recompute", fused_entropy_step=True)
-    with pytest.raises(UserError, match="True or False"):
-        decoder_for(ion, 1, 16, fused_entropy_step="auto")
+    _assert_refused_where_it_cannot_run(ion, dense, "fused_entropy_step", "auto", "True or False")
     fixed = create_model("tiny", **TINY, patching="fixed").eval()
     with pytest.raises(UserError, match="patching='fixed'"):
         decoder_for(fixed, 1, 16, fused_entropy_step=True)
@@ -456,17 +452,7 @@ def test_fused_latent_step_is_opt_in_and_refused_where_it_cannot_run(ion, dense,
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     dec = decoder_for(ion, 1, 16)
     assert not dec.fused_latent_step and dec.fused_latent is None
-    for call in (lambda: decoder_for(ion, 1, 16, fused_latent_step=True),
-                 lambda: generate(ion, b"ab", 4, fused_latent_step=True),
-                 lambda: ion.generate(b"ab", 4, fused_latent_step=True)):
-        with pytest.raises(UserError, match="fused_latent_step needs a CUDA device"):
-            call()
-    with pytest.raises(UserError, match="not to model 'dense'"):
-        generate(dense, b"ab", 4, fused_latent_step=True)
-    with pytest.raises(UserError, match="cached decoder"):
-        decoder_for(ion, 1, 16, kind="recompute", fused_latent_step=True)
-    with pytest.raises(UserError, match="True or False"):
-        decoder_for(ion, 1, 16, fused_latent_step="auto")
+    _assert_refused_where_it_cannot_run(ion, dense, "fused_latent_step", "auto", "True or False")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     try:
         import triton  # noqa: F401
