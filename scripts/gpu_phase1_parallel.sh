@@ -6,7 +6,7 @@
 # Env: T (seconds for the whole call), BUDGET (training seconds per arm, 75), OVERHEAD (expected seconds
 # per arm besides training, 90), RES (results folder, docs/results/phase1), TASKS=1 (also fine-tune each
 # arm on the task data and score it: --stage pretrain,tasks --task_arms <the GPU's arms>), EXTRA (more
-# experiment flags, e.g. "--seed 2").
+# experiment flags, e.g. "--seed 2"), LANES (see below).
 # Each process is pinned to its own share of the host's cores. Byte shards are built once first; a background loop copies docs/results/phase1 to $OUT every 20 s, so
 # finished arms come back even if the call is cut off.
 set -u
@@ -33,7 +33,9 @@ saver=$!
 # one GPU's torch.compile or data work cannot slow the other GPU's timed training: every arm's budget
 # is then measured under the same host conditions.
 n_proc=0; for g in 0 1 2 3 4 5 6 7; do v="GPU$g"; [ -n "${!v:-}" ] && n_proc=$((n_proc + 1)); done
-per=$(( $(nproc) / (n_proc > 0 ? n_proc : 1) )); [ "$per" -lt 1 ] && per=1
+# LANES (default: the number of GPUs used here) splits the cores into that many shares: LANES=2 with GPU0 only
+# leaves cores and GPU 1 to another script in the same call (e.g. gpu_speed_ab.sh with ROWS_GPU0="").
+lanes=${LANES:-$n_proc}; per=$(( $(nproc) / (lanes > 0 ? lanes : 1) )); [ "$per" -lt 1 ] && per=1
 pids=(); i=0
 for g in 0 1 2 3 4 5 6 7; do
   var="GPU$g"; arms="${!var:-}"
