@@ -434,6 +434,14 @@ class Runner:
         spec.update(self.overrides)
         return spec
 
+    def sweep_subset(self) -> set[str]:
+        """--sweep_variants: which variants this process trains (e.g. an arm's sweep split over two GPUs)."""
+        only = {s.strip() for s in (self.a.sweep_variants or "").split(",") if s.strip()}
+        known = {"base", *SWEEP_VARIANTS, *ION_SWEEP_VARIANTS}
+        if only - known:
+            raise UserError(f"--sweep_variants: unknown variant(s) {sorted(only - known)}; choose from {', '.join(sorted(known))}")
+        return only
+
     def best_sweep_variant(self, arm: str) -> str | None:
         best = None
         for v in sweep_variants(self.matrix[arm]):
@@ -711,8 +719,11 @@ class Runner:
 
     def sweep(self) -> None:
         budget = self.a.sweep_budget_s or self.a.budget_s
+        only = self.sweep_subset()
         for arm in self.arm_names():
             for v in sweep_variants(self.matrix[arm]):
+                if only and v not in only:
+                    continue
                 name = f"{arm}~{v}"
                 self.run_arm(arm, self.out / "sweep" / name, self.spec_of(arm, v), budget, name)
 
@@ -1074,6 +1085,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget_s", type=float, default=420.0, help="training seconds per arm (evaluation excluded)")
     p.add_argument("--sweep", action="store_true", help="same as adding 'sweep' to --stage")
     p.add_argument("--sweep_budget_s", type=float, default=None, help="budget of each sweep run (default --budget_s)")
+    p.add_argument("--sweep_variants", default=None,
+                   help="comma-separated subset of the sweep's variants to train here (default: all); e.g. half an "
+                        "arm's sweep on each of two GPUs")
     p.add_argument("--from_sweep", action="store_true", help="train each arm with its best sweep variant (val BPB)")
     p.add_argument("--out", default="docs/results/phase1", help="results folder (committed)")
     p.add_argument("--ckpt_dir", default="checkpoints/phase1", help="checkpoints (git-ignored)")

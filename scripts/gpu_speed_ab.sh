@@ -24,7 +24,7 @@
 #   GEN_VARIANTS entry ("name:flags;name:flags"; empty: none).
 # Host-bound training rows are only comparable when nothing compile-heavy shares the host: do not mix them
 # with generation variants that compile (docs/results/train-profile.md, fifth session).
-# Env: T (seconds for the whole call, 540), STEPS (20), ROWS_GPU0, ROWS_GPU1, GEN_VARIANTS, GEN_FLAGS.
+# Env: T (seconds for the whole call, 540), STEPS (20), ROWS_GPU0, ROWS_GPU1, GEN_VARIANTS, GEN_FLAGS, GEN_TESTS.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 ROWS_GPU0=${ROWS_GPU0-"sg_tests p1k_fixed p1k_fixed_sg p1k_dense p1k_dense_sg p1k_mamba"}
@@ -88,8 +88,9 @@ rows() {  # rows GPU NAMES...
 }
 gen() {
   [ -z "$GEN_VARIANTS" ] && return 0
-  # the CUDA-graph decode paths run only on a GPU: their exactness tests first (graph replay vs eager)
-  step "$R/gen/log.txt" python3 -m pytest -q -p no:cacheprovider tests/test_decode_fast.py
+  # the CUDA-graph decode paths run only on a GPU: their exactness tests first (graph replay vs eager);
+  # GEN_TESTS=0 skips them when the same tree already passed them on a GPU (saves ~100 s)
+  [ "${GEN_TESTS:-1}" = 1 ] && step "$R/gen/log.txt" python3 -m pytest -q -p no:cacheprovider tests/test_decode_fast.py
   local variants i=0 left v
   IFS=';' read -ra variants <<< "$GEN_VARIANTS"
   for v in "${variants[@]}"; do
@@ -98,7 +99,7 @@ gen() {
       --contexts 1024 32768 --budget_s "$left" --out "$R/gen/${v%%:*}" ${v#*:} ${GEN_FLAGS:-}
   done
 }
-F="$(declare -f step rows gen); R=$R END=$END STEPS=${STEPS:-20} GEN_FLAGS='${GEN_FLAGS:-}' GEN_VARIANTS='$GEN_VARIANTS'"
+F="$(declare -f step rows gen); R=$R END=$END STEPS=${STEPS:-20} GEN_FLAGS='${GEN_FLAGS:-}' GEN_VARIANTS='$GEN_VARIANTS' GEN_TESTS=${GEN_TESTS:-1}"
 CUDA_VISIBLE_DEVICES=0 OMP_NUM_THREADS=$half taskset -c 0-$((half - 1)) bash -c "$F; rows 0 $ROWS_GPU0" &
 p0=$!
 CUDA_VISIBLE_DEVICES=1 OMP_NUM_THREADS=$half taskset -c $half-$((2 * half - 1)) bash -c "$F; rows 1 $ROWS_GPU1; gen" &

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ionllama import create_model
+from ionllama.errors import UserError
 from ionllama.experiment import (ARMS, Runner, TimeBudgetPlan, add_flops, build_parser, main, pack_examples,
                                  task_batch, task_examples, train_flops_per_byte)
 from ionllama.train.schedule import PhasePlan
@@ -324,4 +325,12 @@ def test_ionllama_sweep_also_widens_and_deepens_the_byte_level(tmp_path):
         f.parent.mkdir(parents=True)
         f.write_text(json.dumps({"val": {"bpb": bpb}}))
     assert r.best_sweep_variant("ionllama_fixed") == "local_deep"
+    # --sweep_variants: a subset, in the sweep's order (half an arm's sweep per GPU); a typo is a UserError
+    ran.clear()
+    r.a.sweep_variants = "local_deep,wide"
+    r.sweep()
+    assert ran == ["dense~wide", "ionllama_fixed~wide", "ionllama_fixed~local_deep"]
+    r.a.sweep_variants = "wide,tall"
+    with pytest.raises(UserError, match="tall"):
+        r.sweep()
     assert r.spec_of("ionllama_fixed")["n_dec_layers"] == cfg.n_dec_layers + 2

@@ -461,12 +461,14 @@ def test_replayed_two_stage_step_equals_eager_steps_across_buckets():
         assert captured == ({n for n, slot in sg.slots.items() if slot.calls > sg.warmup} if graphs else set())
         assert len({n for n, slot in sg.slots.items() if slot.calls > sg.warmup}) >= 2, {n: s.calls for n, s in sg.slots.items()}
     assert runs[1] == pytest.approx(runs[0], rel=1e-5)
-    # atol: 1 % of one AdamW update (~lr). Pooling's scatter-add backward sums in a run-dependent order on
-    # CUDA, and AdamW scales a near-zero gradient's rounding difference up to a step-sized change: on an
-    # H200 one weight of 3,072 differed by 2.5e-6 after 12 steps (seventh session). A stale or wrong
-    # bucket's graph moves weights by whole updates (~1e-3)
+    # Pooling's scatter-add backward sums in a run-dependent order on CUDA, and AdamW scales a near-zero
+    # gradient's rounding difference up to a sizeable part of a step: on an H200 one weight of 3,072 differed
+    # by 2.5e-6 after 12 steps (seventh session), another by 1.2e-5 (eighth). So: every weight within 10 % of
+    # one AdamW update (~lr = 1e-3), and all but 0.1 % of them within 1 %. A stale or wrong bucket's graph
+    # moves most weights by whole updates (~1e-3)
     for p, q in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-4)
+        assert ((p - q).abs() > 1e-5).float().mean() <= 1e-3, (p - q).abs().max()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
