@@ -34,14 +34,16 @@ saver=$!
 # is then measured under the same host conditions.
 n_proc=0; for g in 0 1 2 3 4 5 6 7; do v="GPU$g"; [ -n "${!v:-}" ] && n_proc=$((n_proc + 1)); done
 # LANES (default: the number of GPUs used here) splits the cores into that many shares: LANES=2 with GPU0 only
-# leaves cores and GPU 1 to another script in the same call (e.g. gpu_speed_ab.sh with ROWS_GPU0="").
+# leaves cores and GPU 1 to another script in the same call (e.g. gpu_speed_ab.sh with ROWS_GPU0=""); with LANES,
+# GPU g's process takes share g, so two invocations (GPU0=... and GPU1=...) can run side by side.
 lanes=${LANES:-$n_proc}; per=$(( $(nproc) / (lanes > 0 ? lanes : 1) )); [ "$per" -lt 1 ] && per=1
 pids=(); i=0
 for g in 0 1 2 3 4 5 6 7; do
   var="GPU$g"; arms="${!var:-}"
   [ -z "$arms" ] && continue
   stage=(); [ "${TASKS:-0}" = 1 ] && stage=(--stage pretrain,tasks --task_arms "$arms")
-  pin=(); command -v taskset > /dev/null && pin=(taskset -c "$((i * per))-$((i * per + per - 1))")
+  slot=$i; [ -n "${LANES:-}" ] && slot=$g  # with LANES, GPU g takes core share g (two scripts, one GPU each)
+  pin=(); command -v taskset > /dev/null && pin=(taskset -c "$((slot * per))-$((slot * per + per - 1))")
   echo "GPU $g: arms $arms on cores ${pin[*]:-(not pinned: no taskset)}" >> "$OUT/log_prepare.txt"
   CUDA_VISIBLE_DEVICES=$g OMP_NUM_THREADS=$per TORCHINDUCTOR_COMPILE_THREADS=$per \
     timeout -s TERM "$left" "${pin[@]}" python3 -m ionllama.cli experiment $(args_for $g) "${stage[@]}" \
