@@ -82,7 +82,7 @@ class Bench:
         graphs (and compiled code) stay valid; only the dense KV length depends on max_len."""
         m, _ = self.model(kind)
         fused = dict(fused_local_step=FUSED[self.args.fused_local_step], fused_entropy_step=self.args.fused_entropy_step,
-                     fused_latent_step=self.args.fused_latent_step == "on") if kind == "ionllama" else {}
+                     fused_latent_step=FUSED[self.args.fused_latent_step]) if kind == "ionllama" else {}
         dec = decoder_for(m, B, max_len, **fused)
         seeds = torch.arange(B, device=self.device)
         logits = torch.zeros(B, 256, device=self.device, dtype=self.dtype)
@@ -277,10 +277,10 @@ def main():
                     help="ionLlama's entropy model (Mamba blocks + head) steps through the fused Triton kernels "
                          "(ionllama/kernels/ssm_step_triton.py; off by default until measured); rows that used them "
                          "are labelled ', fused entropy step'")
-    ap.add_argument("--fused_latent_step", nargs="?", const="on", default="off", choices=["on", "off"],
+    ap.add_argument("--fused_latent_step", nargs="?", const="on", default="auto", choices=list(FUSED),
                     help="ionLlama's latent blocks step through the fused Triton kernels "
-                         "(ionllama/kernels/latent_step_triton.py): on or off (the library's default); rows that "
-                         "used them are labelled ', fused latent step'")
+                         "(ionllama/kernels/latent_step_triton.py): on, off, or auto (the library's default: CUDA, "
+                         "<= 16 rows); rows that used them are labelled ', fused latent step'")
     ap.add_argument("--budget_s", type=float, default=280)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--threads", type=int, default=0, help="CPU intra-op threads (0: torch default)")
@@ -304,7 +304,7 @@ def main():
     try:
         checks = correctness_checks(b.device, args.compile, args.fused_local_step != "off" and b.device.type == "cuda",
                                     args.fused_entropy_step and b.device.type == "cuda",
-                                    args.fused_latent_step == "on" and b.device.type == "cuda")
+                                    args.fused_latent_step != "off" and b.device.type == "cuda")
     except Exception as e:
         traceback.print_exc()
         checks = {"error": f"{type(e).__name__}: {str(e)[:200]}"}

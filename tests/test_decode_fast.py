@@ -444,19 +444,34 @@ def test_fused_entropy_step_is_opt_in_and_refused_where_it_cannot_run(ion, dense
     assert all(st.fused_step is not None for st in dec.ent_states)
 
 
-def test_fused_latent_step_is_opt_in_and_refused_where_it_cannot_run(ion, dense, monkeypatch):
+def test_fused_latent_step_auto_on_cuda_only_and_refused_where_it_cannot_run(ion, dense, monkeypatch):
     """The fused latent step (ionllama/kernels/latent_step_triton.py; its numbers are checked against
-    advance_latent's PyTorch path under the interpreter in test_kernels.py) is off by default; asked for on CPU
-    without TRITON_INTERPRET=1, for the recompute decoder, for a model without a latent transformer, or with a
-    value other than True / False, it is refused with a UserError (no silent fallback)."""
+    advance_latent's PyTorch path under the interpreter in test_kernels.py). "auto", the default, picks it only
+    where local_state.fused_step_auto says so for the latent kernels (CUDA, <= 16 rows) and never errors; True
+    asked for on CPU without TRITON_INTERPRET=1, for the recompute decoder or a model without a latent
+    transformer, or a value other than True / False / 'auto', is refused with a UserError (no silent fallback)."""
+    from ionllama.generation import local_state
+
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    dec = decoder_for(ion, 1, 16)
+    dec = decoder_for(ion, 1, 16)  # auto on CPU: the PyTorch step
     assert not dec.fused_latent_step and dec.fused_latent is None
-    _assert_refused_where_it_cannot_run(ion, dense, "fused_latent_step", "auto", "True or False")
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    assert not local_state.fused_step_auto(torch.device("cpu"), bf16, 1, local_state.fused_latent_fn)
+    assert not local_state.fused_step_auto(cuda, bf16, local_state.FUSED_AUTO_MAX_BATCH + 1,
+                                           local_state.fused_latent_fn)
+    _assert_refused_where_it_cannot_run(ion, dense, "fused_latent_step", "yes", "True, False or 'auto'")
+    assert decoder_for(dense, 1, 16) is not None  # "auto" never errors for a model without the step
+    # where "auto" says yes for the latent kernels only (as on CUDA), the ionLlama decoder takes the latent step
+    real = local_state.fused_step_auto
+    monkeypatch.setattr(local_state, "fused_step_auto",
+                        lambda dev, dt, b, kernels=None: kernels is local_state.fused_latent_fn or real(dev, dt, b))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     try:
         import triton  # noqa: F401
     except ImportError:
         return
+    dec = decoder_for(ion, 1, 16)  # built, not run (the kernels run in a subprocess)
+    assert dec.fused_latent_step and dec.fused_latent is not None and not dec.fused_local_step
+    assert not decoder_for(ion, 1, 16, fused_latent_step=False).fused_latent_step
     dec = decoder_for(ion, 1, 16, fused_local_step=False, fused_latent_step=True)
     assert dec.fused_latent_step and not dec.fused_local_step

@@ -111,7 +111,7 @@ class RecomputeDecoder(IncrementalDecoder):
 
 def decoder_for(model: nn.Module, batch_size: int, max_len: int, kind: str = "auto",
                 fused_local_step: bool | str = "auto", fused_entropy_step: bool = False,
-                fused_latent_step: bool = False) -> IncrementalDecoder:
+                fused_latent_step: bool | str = "auto") -> IncrementalDecoder:
     """kind: 'auto' (the model's cached decoder if registered) | 'recompute'.
     fused_local_step: ionLlama's IntegralLNN local layers step through the fused Triton kernels
     (ionllama/kernels/lnn_step_triton.py). True: required (CUDA, or CPU under TRITON_INTERPRET=1, else a
@@ -122,15 +122,15 @@ def decoder_for(model: nn.Module, batch_size: int, max_len: int, kind: str = "au
     patching; else a UserError); False (default, until measured on a GPU): the PyTorch step.
     fused_latent_step: ionLlama's latent blocks step through the fused Triton kernels
     (ionllama/kernels/latent_step_triton.py): True requires them (CUDA, or CPU under TRITON_INTERPRET=1, else a
-    UserError); False (default, until measured on a GPU): the PyTorch step."""
-    if fused_local_step not in (True, False, "auto"):
-        raise UserError(f"fused_local_step must be True, False or 'auto', got {fused_local_step!r}")
-    for flag, val in (("fused_entropy_step", fused_entropy_step), ("fused_latent_step", fused_latent_step)):
-        if val not in (True, False):
-            raise UserError(f"{flag} must be True or False, got {val!r}")
+    UserError); False: the PyTorch step; "auto" (default): fused on CUDA for <= 16 rows, as fused_local_step."""
+    for flag, val in (("fused_local_step", fused_local_step), ("fused_latent_step", fused_latent_step)):
+        if val not in (True, False, "auto"):
+            raise UserError(f"{flag} must be True, False or 'auto', got {val!r}")
+    if fused_entropy_step not in (True, False):
+        raise UserError(f"fused_entropy_step must be True or False, got {fused_entropy_step!r}")
     if kind == "recompute":
         for flag, val in (("fused_local_step", fused_local_step is True), ("fused_entropy_step", fused_entropy_step),
-                          ("fused_latent_step", fused_latent_step)):
+                          ("fused_latent_step", fused_latent_step is True)):
             if val:
                 raise UserError(f"{flag} needs the cached decoder; use decoder='auto'")
         return RecomputeDecoder(model, batch_size, max_len)
@@ -143,13 +143,17 @@ def decoder_for(model: nn.Module, batch_size: int, max_len: int, kind: str = "au
         pass
     name = getattr(getattr(model, "config", None), "model", None)
     cls = _DECODERS.get(name)
-    if fused_local_step == "auto":
-        from .local_state import fused_step_auto
+    if "auto" in (fused_local_step, fused_latent_step):
+        from .local_state import fused_latent_fn, fused_step_auto
 
         p = next(model.parameters())
-        fused_local_step = (getattr(cls, "supports_fused_local_step", False)
-                            and model.config.local_layers == "integral"
-                            and fused_step_auto(p.device, p.dtype, batch_size))
+        if fused_local_step == "auto":
+            fused_local_step = (getattr(cls, "supports_fused_local_step", False)
+                                and model.config.local_layers == "integral"
+                                and fused_step_auto(p.device, p.dtype, batch_size))
+        if fused_latent_step == "auto":
+            fused_latent_step = (getattr(cls, "supports_fused_latent_step", False)
+                                 and fused_step_auto(p.device, p.dtype, batch_size, fused_latent_fn))
     fused = {}
     if fused_local_step:
         if not getattr(cls, "supports_fused_local_step", False):

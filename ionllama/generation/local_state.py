@@ -217,18 +217,21 @@ def fused_latent_fn(device: torch.device, dtype: torch.dtype):
     return fused_kernels("fused_latent_step", "latent_step_triton", ("latent_block_step",), device, dtype)
 
 
-# "auto" uses the fused step where it was measured: on CUDA, for up to one 16-row MMA tile of rows (the kernels
-# pad batch 1 to 16 rows, so 1-16 rows run the same kernel shapes; H200 bf16, seventh session: 4,013 -> 5,280
-# bytes/s at batch 1, outputs equal to the PyTorch step). Larger batches keep the PyTorch step until measured.
+# "auto" uses a fused step where it was measured: on CUDA, for up to one 16-row MMA tile of rows (the kernels
+# pad batch 1 to 16 rows, so 1-16 rows run the same kernel shapes). H200 bf16, batch 1, outputs equal to the
+# PyTorch step: the local step 4,013 -> 5,280 bytes/s (seventh session); the latent step 0.383 -> 0.295 ms of
+# GPU time per patch (eighth; docs/results/generation.md). Larger batches keep the PyTorch steps until measured.
+# The fused entropy-model step has no "auto": it did not make the byte step faster (0.129 ms either way).
 FUSED_AUTO_MAX_BATCH = 16
 
 
-def fused_step_auto(device: torch.device, dtype: torch.dtype, batch: int) -> bool:
-    """Does fused_local_step="auto" pick the fused Triton step here (CUDA, triton, a supported dtype)?"""
+def fused_step_auto(device: torch.device, dtype: torch.dtype, batch: int, kernels=None) -> bool:
+    """Does "auto" pick a fused Triton step here (CUDA, triton, a supported dtype)? kernels: the step's
+    loader (fused_step_fn, the IntegralLNN step, by default; fused_latent_fn)."""
     if device.type != "cuda" or batch > FUSED_AUTO_MAX_BATCH:
         return False
     try:
-        fused_step_fn(device, dtype)
+        (kernels or fused_step_fn)(device, dtype)
     except UserError:
         return False
     return True
