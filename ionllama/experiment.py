@@ -101,7 +101,26 @@ JOINT_FRAC = 0.1
 NEVER = 10 ** 9
 
 
+def variant_parts(variant: str) -> list[str]:
+    """'shallow+lr2x' -> ['shallow', 'lr2x']: a composed variant (the sweep's winners combined), each part a
+    known variant and no two turning the same knob; a UserError names the problem."""
+    known = {**SWEEP_VARIANTS, **ION_SWEEP_VARIANTS}
+    parts = variant.split("+")
+    bad = [p for p in parts if p not in known]
+    if bad:
+        raise UserError(f"unknown sweep variant(s) {bad} in '{variant}'; choose from base, {', '.join(known)} "
+                        f"(combine with '+', e.g. shallow+lr2x)")
+    knobs = [k for p in parts for k in known[p]]
+    if len(parts) > 1 and len(set(knobs)) < len(knobs):
+        raise UserError(f"sweep variant '{variant}' turns one knob twice; combine variants of different knobs")
+    return parts
+
+
 def variant_spec(spec: dict, variant: str) -> dict:
+    if "+" in variant:  # applied one after the other: each part sees the previous parts' model
+        for part in variant_parts(variant):
+            spec = variant_spec(spec, part)
+        return spec
     v = {**SWEEP_VARIANTS, **ION_SWEEP_VARIANTS}[variant]
     out = dict(spec)
     out["lr"] = spec["lr"] * v.get("lr_mult", 1.0)
@@ -434,17 +453,28 @@ class Runner:
         spec.update(self.overrides)
         return spec
 
-    def sweep_subset(self) -> set[str]:
-        """--sweep_variants: which variants this process trains (e.g. an arm's sweep split over two GPUs)."""
-        only = {s.strip() for s in (self.a.sweep_variants or "").split(",") if s.strip()}
-        known = {"base", *SWEEP_VARIANTS, *ION_SWEEP_VARIANTS}
-        if only - known:
-            raise UserError(f"--sweep_variants: unknown variant(s) {sorted(only - known)}; choose from {', '.join(sorted(known))}")
+    def sweep_subset(self) -> list[str]:
+        """--sweep_variants: which variants this process trains (e.g. an arm's sweep split over two GPUs), and
+        composed ones ('shallow+lr2x': the winners of single knobs combined)."""
+        only = list(dict.fromkeys(s.strip() for s in (self.a.sweep_variants or "").split(",") if s.strip()))
+        for v in only:
+            if v != "base":
+                try:
+                    variant_parts(v)
+                except UserError as e:
+                    raise UserError(f"--sweep_variants: {e}") from None
         return only
+
+    def trained_variants(self, arm: str) -> list[str]:
+        """The arm's sweep variants, then any composed ones that have results in the sweep folder."""
+        names = list(sweep_variants(self.matrix[arm]))
+        for f in sorted((self.out / "sweep").glob(f"{arm}~*+*/final.json")):
+            names.append(f.parent.name.split("~", 1)[1])
+        return names
 
     def best_sweep_variant(self, arm: str) -> str | None:
         best = None
-        for v in sweep_variants(self.matrix[arm]):
+        for v in self.trained_variants(arm):
             f = _read_json(self.out / "sweep" / f"{arm}~{v}" / "final.json")
             if f and f.get("val", {}).get("bpb") is not None and (best is None or f["val"]["bpb"] < best[1]):
                 best = (v, f["val"]["bpb"])
@@ -720,9 +750,13 @@ class Runner:
     def sweep(self) -> None:
         budget = self.a.sweep_budget_s or self.a.budget_s
         only = self.sweep_subset()
+        composed = [v for v in only if "+" in v]
         for arm in self.arm_names():
-            for v in sweep_variants(self.matrix[arm]):
+            for v in (*sweep_variants(self.matrix[arm]), *composed):
                 if only and v not in only:
+                    continue
+                if any(p not in sweep_variants(self.matrix[arm]) for p in v.split("+")):
+                    _log(f"{arm}~{v}: not a variant of this arm (its model has no such knob); skipped")
                     continue
                 name = f"{arm}~{v}"
                 self.run_arm(arm, self.out / "sweep" / name, self.spec_of(arm, v), budget, name)
@@ -1087,7 +1121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep_budget_s", type=float, default=None, help="budget of each sweep run (default --budget_s)")
     p.add_argument("--sweep_variants", default=None,
                    help="comma-separated subset of the sweep's variants to train here (default: all); e.g. half an "
-                        "arm's sweep on each of two GPUs")
+                        "arm's sweep on each of two GPUs. 'a+b' composes variants of different knobs (shallow+lr2x)")
     p.add_argument("--from_sweep", action="store_true", help="train each arm with its best sweep variant (val BPB)")
     p.add_argument("--out", default="docs/results/phase1", help="results folder (committed)")
     p.add_argument("--ckpt_dir", default="checkpoints/phase1", help="checkpoints (git-ignored)")
@@ -1164,7 +1198,7 @@ def main(argv: list[str] | None = None) -> int:
             # --stage report rebuilds the sweep table too: one process per GPU each writes it for its own arms
             if s == "sweep":
                 runner.sweep()
-            write_report(runner.out / "sweep", [f"{n}~{v}" for n in names for v in sweep_variants(runner.matrix[n])],
+            write_report(runner.out / "sweep", [f"{n}~{v}" for n in names for v in runner.trained_variants(n)],
                          runner.command, label=f"{a.matrix} sweep")
         elif s == "pretrain":
             if "prepare" not in stages:

@@ -333,4 +333,25 @@ def test_ionllama_sweep_also_widens_and_deepens_the_byte_level(tmp_path):
     r.a.sweep_variants = "wide,tall"
     with pytest.raises(UserError, match="tall"):
         r.sweep()
+    # composed variants: the parts applied in turn; a knob turned twice is refused; an arm without a part's
+    # knob (dense has no byte level) skips it; --from_sweep and the report see composed results on disk
+    from ionllama.experiment import variant_spec
+    both = variant_spec(base, "shallow+lr2x")
+    assert both == variant_spec(variant_spec(base, "shallow"), "lr2x")
+    assert both["n_layers"] == variant_spec(base, "shallow")["n_layers"] < cfg.n_layers and both["lr"] == 2 * base["lr"]
+    for bad in ("lr2x+lr0.5x", "deep+shallow"):
+        r.a.sweep_variants = bad
+        with pytest.raises(UserError, match="one knob twice"):
+            r.sweep()
+    ran.clear()
+    r.a.sweep_variants = "shallow+local_deep"
+    r.sweep()
+    assert ran == ["ionllama_fixed~shallow+local_deep"]
+    f = tmp_path / "o" / "sweep" / "ionllama_fixed~shallow+local_deep" / "final.json"
+    f.parent.mkdir(parents=True)
+    f.write_text(json.dumps({"val": {"bpb": 1.54}}))
+    assert r.trained_variants("ionllama_fixed")[-1] == "shallow+local_deep"
+    assert r.best_sweep_variant("ionllama_fixed") == "shallow+local_deep"
+    spec = r.spec_of("ionllama_fixed")
+    assert spec["n_dec_layers"] == cfg.n_dec_layers + 2 and spec["n_layers"] < cfg.n_layers
     assert r.spec_of("ionllama_fixed")["n_dec_layers"] == cfg.n_dec_layers + 2
