@@ -48,6 +48,22 @@ def sync():
 # GPU time of a byte; the rest of the wall time per byte is the GPU waiting for the host)
 TIMED_BYTES = 256
 
+def replay_gpu_ms(runner, n: int) -> dict:
+    """Run n more bytes (batch 1, captured graphs) with CUDA events around every replay: the median GPU ms of
+    the byte graph (all its parts) and of the latent graph, and the mean GPU ms per byte; {} if none ran."""
+    gpu = {}
+    runner.run(n, gpu_ms=gpu)
+    n_bytes = len(gpu.get("byte", []))
+    if not n_bytes:
+        return {}
+    rest = gpu.get("byte_rest", [])
+    k = len(rest) // n_bytes  # later parts per byte: 0, 1 ('early') or 2 (latent_shift "completed")
+    per_byte = [a + sum(rest[i * k:(i + 1) * k]) for i, a in enumerate(gpu["byte"])]
+    lat = sorted(gpu.get("latent", []))
+    return dict(gpu_ms_byte_graph=sorted(per_byte)[n_bytes // 2], gpu_ms_latent_graph=lat[len(lat) // 2] if lat else None,
+                gpu_ms_per_byte=sum(sum(v) for v in gpu.values()) / n_bytes)
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -124,19 +140,10 @@ class Bench:
         if patches0 is not None:
             row["bytes_per_patch_decoded"] = B * n_new / max(1, int(dec.n_complete.sum()) - patches0)
         if runner.graphs is not None and B == 1:  # where a byte's time goes: GPU time of the replays vs the rest
-            gpu = {}
             room = s["max_len"] - (ctx + 8 + n_new) - 8  # the decoder's capacity left after this row
-            runner.run(max(0, min(TIMED_BYTES, runner.max_new - runner.n_done, room)), gpu_ms=gpu)
-            n_bytes = len(gpu.get("byte", []))
-            if n_bytes:
-                rest = gpu.get("byte_rest", [])
-                k = len(rest) // n_bytes  # later parts per byte: 0, 1 ('early') or 2 (latent_shift "completed")
-                per_byte = [a + sum(rest[i * k:(i + 1) * k]) for i, a in enumerate(gpu["byte"])]
-                row["gpu_ms_byte_graph"] = sorted(per_byte)[n_bytes // 2]
-                row["gpu_ms_latent_graph"] = sorted(gpu["latent"])[len(gpu["latent"]) // 2] if gpu.get("latent") else None
-                gpu_per_byte = sum(sum(v) for v in gpu.values()) / n_bytes
-                row["gpu_ms_per_byte"] = gpu_per_byte
-                row["host_gap_ms_per_byte"] = row["ms_per_byte"] - gpu_per_byte  # GPU idle per byte
+            row.update(replay_gpu_ms(runner, max(0, min(TIMED_BYTES, runner.max_new - runner.n_done, room))))
+            if "gpu_ms_per_byte" in row:
+                row["host_gap_ms_per_byte"] = row["ms_per_byte"] - row["gpu_ms_per_byte"]  # GPU idle per byte
         print(json.dumps(row), flush=True)
         self.rows.append(row)
         write_results(self, self.args, self.checks)  # after every row: a killed run keeps what it measured
