@@ -335,8 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--fused_local_step", nargs="?", const="on", default="auto", choices=list(FUSED),
                     help="the IntegralLNN local layers' fused Triton step (as bench_generation.py)")
     ap.add_argument("--fused_entropy_step", action="store_true", help="the entropy model's fused Triton step")
-    ap.add_argument("--fused_latent_step", nargs="?", const="on", default="off", choices=["on", "off"],
-                    help="the latent blocks' fused Triton step")
+    ap.add_argument("--fused_latent_step", nargs="?", const="on", default="auto", choices=list(FUSED),
+                    help="the latent blocks' fused Triton step (as bench_generation.py)")
     group = ap.add_mutually_exclusive_group()
     for kind in SWEEPS:
         group.add_argument(f"--sweep_{kind}", action="store_true",
