@@ -282,7 +282,7 @@ def main():
                          "<= 16 rows); rows that used them are labelled ', fused local step'")
     ap.add_argument("--fused_entropy_step", action="store_true",
                     help="ionLlama's entropy model (Mamba blocks + head) steps through the fused Triton kernels "
-                         "(ionllama/kernels/ssm_step_triton.py; off by default until measured); rows that used them "
+                         "(ionllama/kernels/ssm_step_triton.py; off by default: no faster on an H200); rows that used them "
                          "are labelled ', fused entropy step'")
     ap.add_argument("--fused_latent_step", nargs="?", const="on", default="auto", choices=list(FUSED),
                     help="ionLlama's latent blocks step through the fused Triton kernels "

@@ -119,7 +119,7 @@ def decoder_for(model: nn.Module, batch_size: int, max_len: int, kind: str = "au
     decoder with IntegralLNN local layers, CUDA, triton, <= 16 rows: local_state.fused_step_auto).
     fused_entropy_step: ionLlama's entropy model (Mamba blocks + head) steps through the fused Triton kernels
     (ionllama/kernels/ssm_step_triton.py). True: required (CUDA, or CPU under TRITON_INTERPRET=1, entropy
-    patching; else a UserError); False (default, until measured on a GPU): the PyTorch step.
+    patching; else a UserError); False (default: on an H200 it left the byte step's GPU time unchanged): PyTorch.
     fused_latent_step: ionLlama's latent blocks step through the fused Triton kernels
     (ionllama/kernels/latent_step_triton.py): True requires them (CUDA, or CPU under TRITON_INTERPRET=1, else a
     UserError); False: the PyTorch step; "auto" (default): fused on CUDA for <= 16 rows, as fused_local_step."""

@@ -54,7 +54,7 @@ def generate(model, prompt_bytes, max_new_bytes: int = 256, temperature: float =
         "auto" (default): on CUDA for up to 16 prompts (measured: same bytes, 1.3x the bytes/s at batch 1);
         True: required (CUDA, or CPU under TRITON_INTERPRET=1: else a UserError); False: the PyTorch step.
     fused_entropy_step: ionLlama's entropy model steps through fused Triton kernels (two per Mamba block, one
-        for the head and the entropy). False (default: not yet measured on a GPU) | True: required (CUDA, or CPU
+        for the head and the entropy). False (default: on an H200 it did not make the byte step faster) | True: required (CUDA, or CPU
         under TRITON_INTERPRET=1, entropy patching: else a UserError).
     fused_latent_step: ionLlama's latent blocks step through five fused Triton kernels per block. "auto"
         (default): on CUDA for up to 16 prompts (measured: same bytes, the latent stage 23 % less GPU time at

@@ -60,7 +60,7 @@ class IonLlamaDecoder(IncrementalDecoder):
         model's Mamba blocks and head step through the fused Triton kernels of kernels/ssm_step_triton.py
         (local_state.MambaState; a UserError where they cannot run or there is no entropy model).
         fused_latent_step: advance_latent steps each latent block through the fused Triton kernels of
-        kernels/latent_step_triton.py (a UserError where they cannot run; default off until measured on a GPU)."""
+        kernels/latent_step_triton.py (a UserError where they cannot run; decoder_for picks it on CUDA by default)."""
         super().__init__(model, batch_size, max_len)
         cfg, B, dev, dt = model.config, batch_size, self.device, self.dtype
         self.cfg = cfg
