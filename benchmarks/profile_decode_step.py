@@ -39,7 +39,6 @@ import json
 import pathlib
 import platform
 import re
-import subprocess
 import sys
 import time
 import traceback
@@ -53,6 +52,7 @@ from bench_generation import FUSED, Bench, replay_gpu_ms, sync  # noqa: E402
 from count_decode_kernels import MATMUL  # noqa: E402
 
 from ionllama.errors import UserError, cli_entry  # noqa: E402
+from ionllama.eval.benchmark import git_commit  # noqa: E402
 
 TOP = 30  # kernels in the Markdown table
 MAX_POINTS = 24  # sweep grid points
@@ -157,11 +157,9 @@ def fused_flags(dec) -> dict:
 
 def env(args, s) -> dict:
     m = s["bench"].models["ionllama"][1]
-    git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                         cwd=pathlib.Path(__file__).resolve().parent)
     return dict(torch=torch.__version__, python=platform.python_version(),
                 device=torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
-                commit=git.stdout.strip() if git.returncode == 0 else None, date=time.strftime("%Y-%m-%d %H:%M"),
+                commit=git_commit(), date=time.strftime("%Y-%m-%d %H:%M"),
                 size=args.size, dtype=args.dtype, batch=1, context=args.context, graphs=s["runner"].graphs is not None,
                 compile=s["compile"], model=m, fused=fused_flags(s["dec"]),
                 flags={k: v for k, v in vars(args).items() if k not in ("contexts", "compile_mode", "new_bytes")})

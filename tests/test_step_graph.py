@@ -466,9 +466,9 @@ def test_replayed_two_stage_step_equals_eager_steps_across_buckets():
     # by 2.5e-6 after 12 steps (seventh session), another by 1.2e-5 (eighth). So: every weight within 10 % of
     # one AdamW update (~lr = 1e-3), and all but 0.1 % of them within 1 %. A stale or wrong bucket's graph
     # moves most weights by whole updates (~1e-3)
-    for p, q in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(p, q, rtol=0, atol=1e-4)
-        assert ((p - q).abs() > 1e-5).float().mean() <= 1e-3, (p - q).abs().max()
+    diff = torch.cat([(p - q).abs().flatten() for p, q in zip(a.parameters(), b.parameters())])
+    assert diff.max() <= 1e-4, diff.max()
+    assert (diff > 1e-5).float().mean() <= 1e-3, (diff > 1e-5).sum()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
