@@ -18,6 +18,10 @@ class ModelConfig:
     n_layers: int = 4
     n_heads: int = 4
     ffn_mult: float = 8 / 3
+    # residual dropout on every transformer / IntegralLNN block's two branches (latent, local, dense, BPE; the
+    # Mamba blocks have none): a regulariser for runs that see the training data many times (Phase 1: 8-13
+    # epochs of Gutenberg in 7 minutes). Off by default; a no-op in eval mode and in generation.
+    dropout: float = 0.0
     # ionllama: byte-level local layers
     d_local: int = 128
     n_enc_layers: int = 1

@@ -88,7 +88,7 @@ SWEEP_VARIANTS = {"lr0.5x": {"lr_mult": 0.5}, "lr2x": {"lr_mult": 2.0}, "wide": 
 ION_SWEEP_VARIANTS = {"local_wide": {"local_width_mult": 1.5}, "local_deep": {"dec_layers_add": 2}}
 MODEL_KEYS = ("d_model", "n_layers", "n_heads", "d_local", "n_enc_layers", "n_dec_layers", "attention",
               "local_layers", "patching", "threshold_mode", "max_patch_size", "target_patch_size", "ngram", "pooling",
-              "vocab_size", "latent_shift")
+              "vocab_size", "latent_shift", "dropout")
 
 
 def sweep_variants(spec: dict) -> tuple[str, ...]:
@@ -431,6 +431,9 @@ class Runner:
             raise UserError(f"unknown --matrix '{args.matrix}'; choose one of {', '.join(MATRICES)}")
         self.matrix = MATRICES[args.matrix]
         self.overrides = parse_overrides(args.override)
+        # the sweep's runs: --from_sweep may read another results folder's sweep (a new setting on top of the
+        # picks, e.g. --override dropout=0.1, written to its own --out so the picks' rows stay)
+        self.sweep_dir = Path(args.sweep_dir) if getattr(args, "sweep_dir", None) else self.out / "sweep"
 
     # ------------------------------------------------------------------ arm list
     def arm_names(self) -> list[str]:
@@ -468,14 +471,14 @@ class Runner:
     def trained_variants(self, arm: str) -> list[str]:
         """The arm's sweep variants, then any composed ones that have results in the sweep folder."""
         names = list(sweep_variants(self.matrix[arm]))
-        for f in sorted((self.out / "sweep").glob(f"{arm}~*+*/final.json")):
+        for f in sorted(self.sweep_dir.glob(f"{arm}~*+*/final.json")):
             names.append(f.parent.name.split("~", 1)[1])
         return names
 
     def best_sweep_variant(self, arm: str) -> str | None:
         best = None
         for v in self.trained_variants(arm):
-            f = _read_json(self.out / "sweep" / f"{arm}~{v}" / "final.json")
+            f = _read_json(self.sweep_dir / f"{arm}~{v}" / "final.json")
             if f and f.get("val", {}).get("bpb") is not None and (best is None or f["val"]["bpb"] < best[1]):
                 best = (v, f["val"]["bpb"])
         return best[0] if best else None
@@ -759,7 +762,7 @@ class Runner:
                     _log(f"{arm}~{v}: not a variant of this arm (its model has no such knob); skipped")
                     continue
                 name = f"{arm}~{v}"
-                self.run_arm(arm, self.out / "sweep" / name, self.spec_of(arm, v), budget, name)
+                self.run_arm(arm, self.sweep_dir / name, self.spec_of(arm, v), budget, name)
 
     def tasks(self) -> None:
         arms = [s.strip() for s in (self.a.task_arms or ",".join(TASK_ARMS)).split(",") if s.strip()]
@@ -1123,6 +1126,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated subset of the sweep's variants to train here (default: all); e.g. half an "
                         "arm's sweep on each of two GPUs. 'a+b' composes variants of different knobs (shallow+lr2x)")
     p.add_argument("--from_sweep", action="store_true", help="train each arm with its best sweep variant (val BPB)")
+    p.add_argument("--sweep_dir", default=None,
+                   help="the sweep's folder (default: <out>/sweep); e.g. --from_sweep with another --out reads the "
+                        "picks of docs/results/phase1-sweep/sweep")
     p.add_argument("--out", default="docs/results/phase1", help="results folder (committed)")
     p.add_argument("--ckpt_dir", default="checkpoints/phase1", help="checkpoints (git-ignored)")
     p.add_argument("--deadline_s", type=float, default=None,
@@ -1194,11 +1200,11 @@ def main(argv: list[str] | None = None) -> int:
     for s in stages:
         if s == "prepare":
             runner.prepare()
-        elif s == "sweep" or (s == "report" and (runner.out / "sweep").is_dir()):
+        elif s == "sweep" or (s == "report" and runner.sweep_dir.is_dir()):
             # --stage report rebuilds the sweep table too: one process per GPU each writes it for its own arms
             if s == "sweep":
                 runner.sweep()
-            write_report(runner.out / "sweep", [f"{n}~{v}" for n in names for v in runner.trained_variants(n)],
+            write_report(runner.sweep_dir, [f"{n}~{v}" for n in names for v in runner.trained_variants(n)],
                          runner.command, label=f"{a.matrix} sweep")
         elif s == "pretrain":
             if "prepare" not in stages:

@@ -355,3 +355,16 @@ def test_ionllama_sweep_also_widens_and_deepens_the_byte_level(tmp_path):
     spec = r.spec_of("ionllama_fixed")
     assert spec["n_dec_layers"] == cfg.n_dec_layers + 2 and spec["n_layers"] < cfg.n_layers
     assert r.spec_of("ionllama_fixed")["n_dec_layers"] == cfg.n_dec_layers + 2
+    # --sweep_dir: another --out reads these picks (a new setting on top of them, its rows kept apart), and
+    # --override dropout reaches the trainer as a flag
+    r2 = Runner(build_parser().parse_args(["--out", str(tmp_path / "o2"), "--ckpt_dir", str(tmp_path / "c"),
+                                           "--arms", "ionllama_fixed", "--from_sweep", "--override", "dropout=0.1",
+                                           "--sweep_dir", str(tmp_path / "o" / "sweep")]), [])
+    assert r2.best_sweep_variant("ionllama_fixed") == "shallow+local_deep"
+    spec2 = r2.spec_of("ionllama_fixed")
+    assert spec2["n_dec_layers"] == cfg.n_dec_layers + 2 and spec2["dropout"] == 0.1
+    argv = r2.trainer_argv("x", spec2, 60.0)
+    assert trainer_parser().parse_args(argv).dropout == 0.1
+    r3 = Runner(build_parser().parse_args(["--out", str(tmp_path / "o2"), "--ckpt_dir", str(tmp_path / "c"),
+                                           "--arms", "ionllama_fixed", "--from_sweep"]), [])
+    assert r3.best_sweep_variant("ionllama_fixed") is None  # its own <out>/sweep has no runs

@@ -113,6 +113,32 @@ def test_replayed_step_graph_equals_eager_steps(name):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("model", ["dense", "ionllama"])
+def test_replayed_step_graph_draws_fresh_dropout_masks(model):
+    """With dropout, each replay must draw new masks (the captured RNG advances): the same batch at lr 0 gives a
+    different loss on every replay, and an eval forward (dropout off) is unchanged by those lr-0 steps."""
+    torch.manual_seed(0)
+    kw = dict(d_model=32, n_layers=1, n_heads=2) if model == "dense" else dict(SMALL, patching="fixed")
+    m = ionllama.create_model("tiny", model=model, dropout=0.3, **kw).cuda()
+    opt = make_adamw(m, m.parameters(), 1e-3, 0.0, torch.device("cuda"), capturable=True)
+    sg = StepGraph(m, opt, 0.5, autocast=lambda: torch.autocast("cuda", enabled=False), graphs=True)
+    (x, y), = _batches(1)
+    x, y = x.cuda(), y.cuda()
+    for _ in range(4):  # warm-up (eager) and capture
+        sg(x, y, 0.0)
+    assert sg.graph is not None
+    m.eval()
+    with torch.no_grad():
+        before = m(x, y)["loss"].item()
+    m.train()
+    losses = [float(sg(x, y, 0.0)["loss"]) for _ in range(4)]
+    assert len(set(losses)) == 4, losses
+    m.eval()
+    with torch.no_grad():
+        assert m(x, y)["loss"].item() == pytest.approx(before, rel=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_trainer_with_step_graph_learns_and_resumes(tmp_path):
     """ionllama train --step_graph end to end on the GPU: the loss falls, and a resumed run (optimizer state
     with the learning-rate tensor restored from the checkpoint) goes on with the graph."""

@@ -90,17 +90,37 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, N, D))
 
 
+class ResidualDropout(nn.Module):
+    """Dropout on a residual branch's output. p == 0 adds no op at all (the compiled step stays as it was);
+    in eval mode, and so in generation, it is the identity."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            from ..errors import UserError
+            raise UserError(f"dropout must be in [0, 1), got {p}; e.g. --dropout 0.1")
+        self.p = float(p)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return F.dropout(y, self.p, training=True) if self.p > 0 and self.training else y
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class TransformerBlock(nn.Module):
-    def __init__(self, dim: int, n_heads: int, ffn_hidden: int, attn_fn: AttentionFn = sdpa_causal):
+    def __init__(self, dim: int, n_heads: int, ffn_hidden: int, attn_fn: AttentionFn = sdpa_causal,
+                 dropout: float = 0.0):
         super().__init__()
         self.norm1 = RMSNorm(dim)
         self.attn = Attention(dim, n_heads, attn_fn)
         self.norm2 = RMSNorm(dim)
         self.ffn = SwiGLU(dim, ffn_hidden)
+        self.drop = ResidualDropout(dropout)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, rope=None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), positions, rope)
-        return x + self.ffn(self.norm2(x))
+        x = x + self.drop(self.attn(self.norm1(x), positions, rope))
+        return x + self.drop(self.ffn(self.norm2(x)))
 
 
 def init_weights(module: nn.Module, n_layers: int, std: float = 0.02) -> None:

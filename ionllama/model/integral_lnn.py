@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import RMSNorm, SwiGLU
+from .common import ResidualDropout, RMSNorm, SwiGLU
 from .conv import CausalDepthwiseConv
 
 
@@ -38,7 +38,7 @@ def _conv_gate(gc, conv):
 
 class IntegralLNNBlock(nn.Module):
     def __init__(self, dim: int, ffn_hidden: int, conv_kernel: int = 4, chunk: int = 64,
-                 min_timescale: float = 2.0, max_timescale: float = 256.0):
+                 min_timescale: float = 2.0, max_timescale: float = 256.0, dropout: float = 0.0):
         super().__init__()
         self.dim, self.chunk = dim, chunk
         self.norm1 = RMSNorm(dim)
@@ -52,13 +52,14 @@ class IntegralLNNBlock(nn.Module):
         self.out_proj = nn.Linear(dim, dim, bias=False)
         self.norm2 = RMSNorm(dim)
         self.ffn = SwiGLU(dim, ffn_hidden)
+        self.drop = ResidualDropout(dropout)
 
     def log_decay(self) -> torch.Tensor:
         return F.logsigmoid(self.decay_logit.to(torch.promote_types(self.decay_logit.dtype, torch.float32)))
 
     def _mix_out(self, x, h, o):
-        x = x + self.out_proj(self.state_norm(h.to(x.dtype)) * F.silu(o))
-        return x + self.ffn(self.norm2(x))
+        x = x + self.drop(self.out_proj(self.state_norm(h.to(x.dtype)) * F.silu(o)))
+        return x + self.drop(self.ffn(self.norm2(x)))
 
     def forward(self, x: torch.Tensor, return_state: bool = False):
         gc, o = self.in_proj(self.norm1(x)).split([2 * self.dim, self.dim], dim=-1)

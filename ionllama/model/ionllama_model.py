@@ -35,9 +35,9 @@ PATCH_PAD = 16
 def make_local_layer(cfg: ModelConfig) -> nn.Module:
     hidden = swiglu_hidden(cfg.d_local, cfg.ffn_mult)
     if cfg.local_layers == "integral":
-        return IntegralLNNBlock(cfg.d_local, hidden, cfg.conv_kernel, cfg.scan_chunk)
+        return IntegralLNNBlock(cfg.d_local, hidden, cfg.conv_kernel, cfg.scan_chunk, dropout=cfg.dropout)
     if cfg.local_layers == "transformer":
-        return LocalAttentionBlock(cfg.d_local, max(1, cfg.d_local // 64), hidden, cfg.local_window)
+        return LocalAttentionBlock(cfg.d_local, max(1, cfg.d_local // 64), hidden, cfg.local_window, cfg.dropout)
     raise ValueError(f"unknown local_layers {cfg.local_layers!r}")
 
 
@@ -81,7 +81,8 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
         self.encoder = nn.ModuleList([make_local_layer(cfg) for _ in range(cfg.n_enc_layers)])
         self.pool = PatchPooling(dl, cfg.pooling)
         self.to_latent = nn.Linear(dl, dm, bias=False)
-        self.latent = LatentTransformer(dm, cfg.n_layers, cfg.n_heads, cfg.ffn_mult, cfg.attention, cfg.local_width)
+        self.latent = LatentTransformer(dm, cfg.n_layers, cfg.n_heads, cfg.ffn_mult, cfg.attention, cfg.local_width,
+                                        cfg.dropout)
         self.from_latent = nn.Linear(dm, dl, bias=False)
         self.latent_start = nn.Parameter(torch.zeros(dl))  # context for bytes of the first patch
         self.decoder = nn.ModuleList([make_local_layer(cfg) for _ in range(cfg.n_dec_layers)])

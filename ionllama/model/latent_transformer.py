@@ -21,14 +21,14 @@ def make_dilated_attn(local_width: int):
 
 class LatentTransformer(nn.Module):
     def __init__(self, dim: int, n_layers: int, n_heads: int, ffn_mult: float = 8 / 3, attention: str = "dilated",
-                 local_width: int = 3):
+                 local_width: int = 3, dropout: float = 0.0):
         super().__init__()
         if attention not in ("dilated", "dense"):
             raise ValueError(f"unknown attention {attention!r}")
         self.attention, self.local_width = attention, local_width
         attn_fn = make_dilated_attn(local_width) if attention == "dilated" else sdpa_causal
         hidden = swiglu_hidden(dim, ffn_mult)
-        self.blocks = nn.ModuleList([TransformerBlock(dim, n_heads, hidden, attn_fn) for _ in range(n_layers)])
+        self.blocks = nn.ModuleList([TransformerBlock(dim, n_heads, hidden, attn_fn, dropout) for _ in range(n_layers)])
         self.norm = RMSNorm(dim)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ def local_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wi
 class LocalAttentionBlock(TransformerBlock):
     """Pre-norm transformer block with sliding-window causal attention (same params as IntegralLNN)."""
 
-    def __init__(self, dim: int, n_heads: int, ffn_hidden: int, window: int):
-        super().__init__(dim, n_heads, ffn_hidden, attn_fn=lambda q, k, v: local_window_attention(q, k, v, window))
+    def __init__(self, dim: int, n_heads: int, ffn_hidden: int, window: int, dropout: float = 0.0):
+        super().__init__(dim, n_heads, ffn_hidden, attn_fn=lambda q, k, v: local_window_attention(q, k, v, window),
+                         dropout=dropout)
         self.window = window
