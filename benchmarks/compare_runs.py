@@ -18,7 +18,9 @@ from pathlib import Path
 
 
 def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from ionllama.train.metrics import read_metrics  # metrics.jsonl or its .gz copy
+
+    return read_metrics(run_dir)
 
 
 def summarize(recs: list[dict], gpus: int) -> dict:

@@ -700,10 +700,9 @@ class Runner:
         }
 
     def _trainer_records(self, run_dir: Path) -> list[dict]:
-        from .train.metrics import read_metrics
+        from .train.metrics import metrics_file, read_metrics
 
-        p = run_dir / "metrics.jsonl"
-        return read_metrics(p) if p.exists() else []
+        return read_metrics(run_dir) if metrics_file(run_dir) else []
 
     def write_arm_outputs(self, out_dir: Path, run_dir: Path, model, spec: dict, final: dict) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -1054,7 +1053,7 @@ BEGIN, END = "<!-- experiment-table:begin -->", "<!-- experiment-table:end -->"
 
 
 def write_report(out: Path, names: list[str], command: str, label: str = "phase1") -> dict:
-    from .train.metrics import read_metrics
+    from .train.metrics import metrics_file, read_metrics
 
     arms = collect(out, names)
     extra = sorted({k for f in arms.values() for k in f if isinstance(f.get(k), dict) and "bpb" in f[k]} - {"val"})
@@ -1064,7 +1063,7 @@ def write_report(out: Path, names: list[str], command: str, label: str = "phase1
                "tasks": {n: f["tasks"]["results"]["per_task"] for n, f in arms.items() if f.get("tasks")},
                "missing": [n for n in names if n not in arms]}
 
-    records = {n: read_metrics(out / n / "metrics.jsonl") if (out / n / "metrics.jsonl").exists() else []
+    records = {n: read_metrics(out / n) if metrics_file(out / n) else []
                for n in arms}  # read once: the equal-FLOPs/-steps views and the plots all use them
     records_of = records.__getitem__
 

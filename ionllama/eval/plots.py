@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -30,21 +29,12 @@ def _plt():
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """Records of a run's metrics.jsonl (a run directory or the file itself); bad lines are skipped."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "metrics.jsonl"
-    if not p.is_file():
-        raise UserError(f"no metrics.jsonl at '{p}'; pass a run directory written by `ionllama train`")
-    recs = []
-    for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash mid-write
-        if isinstance(r, dict):
-            recs.append(r)
-    return recs
+    """Records of a run's metrics.jsonl (a run directory or the file itself, or its .gz copy)."""
+    from ..train.metrics import metrics_file, read_metrics as read
+
+    if metrics_file(path) is None:
+        raise UserError(f"no metrics.jsonl at '{path}'; pass a run directory written by `ionllama train`")
+    return read(path)
 
 
 def _is_val(r: dict) -> bool:

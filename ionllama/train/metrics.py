@@ -63,11 +63,38 @@ class MetricsLogger:
             self.wandb = None
 
 
+def metrics_file(path: str | Path) -> Path | None:
+    """A run's metrics: <dir>/metrics.jsonl (or the file given), else its gzip copy `metrics.jsonl.gz`. Results
+    committed under docs/results keep theirs gzipped (scripts/pack_results.sh): every device call carries the
+    whole tree within 64 MiB, next to the Gutenberg data."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "metrics.jsonl"
+    for c in (p, p.with_name(p.name + ".gz")):
+        if c.is_file():
+            return c
+    return None
+
+
 def read_metrics(path: str | Path) -> list[dict]:
+    """Records of a metrics.jsonl (a run directory, the file, or a missing file with a .gz copy); lines that
+    do not parse (one cut by a crash mid-write) and non-objects are skipped."""
+    p = metrics_file(path)
+    if p is None:
+        raise FileNotFoundError(f"no metrics.jsonl(.gz) at '{path}'")
+    if p.suffix == ".gz":
+        import gzip
+
+        with gzip.open(p, "rt", encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    else:
+        text = p.read_text(encoding="utf-8", errors="replace")
     out = []
-    for line in Path(path).read_text().splitlines():
+    for line in text.splitlines():
         try:
-            out.append(json.loads(line))
+            r = json.loads(line)
         except ValueError:
             continue
+        if isinstance(r, dict):
+            out.append(r)
     return out

@@ -1,0 +1,45 @@
+"""Committed results keep their metrics gzipped (scripts/pack_results.sh); every reader takes either form."""
+import gzip
+import json
+import subprocess
+
+import pytest
+
+from ionllama.errors import UserError
+from ionllama.eval.plots import read_metrics as plot_read
+from ionllama.train.metrics import metrics_file, read_metrics
+
+
+def test_gzipped_metrics_read_like_the_plain_file(tmp_path):
+    recs = [{"step": i, "loss": 1.0 / (i + 1), "val_bpb": 2.0 - i / 10} for i in range(5)]
+    run = tmp_path / "run"
+    run.mkdir()
+    plain = run / "metrics.jsonl"
+    plain.write_text("\n".join(json.dumps(r) for r in recs) + '\n{"step": 5, "lo')  # a line cut mid-write
+    assert read_metrics(run) == read_metrics(plain) == plot_read(run) == recs
+    subprocess.run(["bash", "scripts/pack_results.sh", str(tmp_path)], check=True)  # under 32 KB: left alone
+    assert plain.is_file()
+    with gzip.open(run / "metrics.jsonl.gz", "wt") as f:
+        f.write(plain.read_text())
+    plain.unlink()
+    assert metrics_file(run) == run / "metrics.jsonl.gz"
+    assert read_metrics(run) == read_metrics(plain) == plot_read(plain) == recs
+    (run / "metrics.jsonl.gz").unlink()
+    assert metrics_file(run) is None
+    with pytest.raises(FileNotFoundError):
+        read_metrics(run)
+    with pytest.raises(UserError, match="no metrics.jsonl"):
+        plot_read(run)
+
+
+def test_pack_results_gzips_large_metrics_and_logs(tmp_path):
+    big = tmp_path / "arm" / "metrics.jsonl"
+    big.parent.mkdir()
+    recs = [{"step": i, "loss": 0.5} for i in range(3000)]
+    big.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    log = tmp_path / "log_gpu0.txt"
+    log.write_text("step 1 loss 2.0\n" * 4000)
+    subprocess.run(["bash", "scripts/pack_results.sh", str(tmp_path)], check=True)
+    assert not big.exists() and not log.exists()
+    assert read_metrics(tmp_path / "arm") == recs
+    assert gzip.open(str(log) + ".gz", "rt").read() == "step 1 loss 2.0\n" * 4000
