@@ -201,8 +201,10 @@ def _lnn_ffn_down(X1, U, WOUT, OUT, B, D, HID, sx1b, sub, swo, soutb,
 
 # Output channels per program of each kernel (K1 and K2, K4: of d; K3: of the SwiGLU hidden width), K4's
 # step over the hidden width, warps. Rows per program: 16 (the tl.dot minimum) up to 32 (max_block_b).
-# Untuned: no GPU measurement yet.
-_CONFIG = {"in_block_n": 16, "out_block_n": 16, "up_block_n": 16, "down_block_n": 16, "down_block_k": 128,
+# Set from the one launch-config sweep so far (H200, `small`, batch 1, bf16; 25 points, each point's bytes equal
+# to the previous default's): 32 channels per program, K4's step 256 -> byte graph 0.1219 ms vs 0.1273 ms for
+# the previous 16 / 128 (5,523 vs 5,384 bytes/s). docs/results/decode-profile-s9/sweep_lnn/sweep_lnn.md
+_CONFIG = {"in_block_n": 32, "out_block_n": 32, "up_block_n": 32, "down_block_n": 32, "down_block_k": 256,
            "max_block_b": 32, "num_warps": 4}
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
