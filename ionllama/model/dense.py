@@ -54,7 +54,8 @@ def build_transformer_lm(module: nn.Module, config: ModelConfig) -> None:
     d = config.d_model
     module.embed = nn.Embedding(config.vocab_size, d)
     hidden = swiglu_hidden(d, config.ffn_mult)
-    module.blocks = nn.ModuleList([TransformerBlock(d, config.n_heads, hidden, dropout=config.dropout) for _ in range(config.n_layers)])
+    module.blocks = nn.ModuleList([TransformerBlock(d, config.n_heads, hidden, dropout=config.dropout)
+                                   for _ in range(config.n_layers)])
     module.norm = RMSNorm(d)
     module.head = nn.Linear(d, config.vocab_size, bias=False)
     init_weights(module, config.n_layers)
