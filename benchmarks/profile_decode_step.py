@@ -39,6 +39,7 @@ import json
 import pathlib
 import platform
 import re
+import shlex
 import sys
 import time
 import traceback
@@ -165,10 +166,12 @@ def env(args, s) -> dict:
                 flags={k: v for k, v in vars(args).items() if k not in ("contexts", "compile_mode", "new_bytes")})
 
 
-def write(out: pathlib.Path, stem: str, result: dict, lines: list[str]) -> None:
+def write(args, stem: str, result: dict, lines: list[str]) -> None:
+    out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    command = "python3 benchmarks/profile_decode_step.py " + shlex.join(args.argv)  # where each number came from
+    (out / f"{stem}.md").write_text(f"command: `{command}`\n\n" + "\n".join(lines) + "\n")
 
 
 # ------------------------------------------------------------------------------------------ profile
@@ -212,7 +215,7 @@ def run_profile(args) -> dict:
     lines += ["", f"| {what} | family | calls/byte | mean µs | µs/byte | share |", "|---|---|---|---|---|---|"]
     lines += [f"| `{r['name'][:100]}` | {r['family']} | {r['calls_per_byte']:.3f} | {r['mean_us']:.2f} | "
               f"{r['us_per_byte']:.2f} | {100 * r['share']:.1f}% |" for r in rows[:TOP]]
-    write(pathlib.Path(args.out), "profile_decode_step", result, lines)
+    write(args, "profile_decode_step", result, lines)
     print("\n".join(lines), flush=True)
     return result
 
@@ -316,7 +319,7 @@ def run_sweep(args, kind: str, points: list[dict]) -> list[dict]:
                      f"{'-' if gb is None else f'{gb:.4f}'} | {'-' if lat is None else f'{lat:.4f}'} | "
                      f"{r['bytes_equal']}{'' if r['bytes_equal'] else ' (byte ' + str(r['first_diff']) + ')'} | "
                      f"{r['setup_s']:.1f} |")
-    write(pathlib.Path(args.out), f"sweep_{kind}", result, lines)
+    write(args, f"sweep_{kind}", result, lines)
     print("\n".join(lines), flush=True)
     return result
 
@@ -352,7 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     cuda = args.device == "cuda"
     args.size = args.size or ("small" if cuda else "tiny")
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")

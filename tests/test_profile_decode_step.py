@@ -43,6 +43,7 @@ def test_cpu_profile_rows_add_up(tmp_path):
     assert env["torch"] and env["size"] == "tiny" and env["graphs"] is False and env["compile"] is False
     assert env["fused"] == {"fused_local_step": False, "fused_entropy_step": False, "fused_latent_step": False}
     md = (tmp_path / "profile_decode_step.md").read_text()
+    assert md.startswith("command: `python3 benchmarks/profile_decode_step.py --device cpu --size tiny --bytes 8")
     assert "| CPU op | family | calls/byte | mean µs | µs/byte | share |" in md
     assert f"`{rows[0]['name']}`" in md
 
