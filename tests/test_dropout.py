@@ -9,7 +9,8 @@ from ionllama.errors import UserError
 TINY = dict(d_model=32, n_layers=2, n_heads=2, d_local=32, n_enc_layers=1, n_dec_layers=1, d_entropy=16,
             n_entropy_layers=1, entropy_headdim=8, entropy_state=4, ngram_buckets=64, local_window=8,
             scan_chunk=8, max_patch_size=5)
-MODELS = [("ionllama", dict(TINY, patching="fixed")), ("ionllama", dict(TINY, patching="fixed", local_layers="transformer")),
+MODELS = [("ionllama", dict(TINY, patching="fixed")),
+          ("ionllama", dict(TINY, patching="fixed", local_layers="transformer")),
           ("dense", dict(d_model=32, n_layers=2, n_heads=2))]
 
 
