@@ -54,6 +54,7 @@ from count_decode_kernels import MATMUL  # noqa: E402
 
 from ionllama.errors import UserError, cli_entry  # noqa: E402
 from ionllama.eval.benchmark import git_commit  # noqa: E402
+from ionllama.kernels.pdl import set_pdl  # noqa: E402
 
 TOP = 30  # kernels in the Markdown table
 MAX_POINTS = 24  # sweep grid points
@@ -233,14 +234,18 @@ def parse_grid(kind: str, specs: list[str] | None) -> list[dict]:
             key, eq, vals = spec.partition("=")
             if not eq or not vals:
                 raise UserError(f"--grid takes KEY=V1,V2,...; got {spec!r}")
-            if key not in config and key not in sw["aliases"]:
+            if key not in config and key not in sw["aliases"] and key != "pdl":
                 raise UserError(f"unknown {kind} config key {key!r}; use one of "
-                                f"{', '.join(sorted(set(config) | set(sw['aliases'])))}")
+                                f"{', '.join(sorted(set(config) | set(sw['aliases']) | {'pdl'}))}")
             try:
                 grid[key] = tuple(int(v) for v in vals.split(","))
             except ValueError:
                 raise UserError(f"--grid {key}: values must be integers, got {vals!r}") from None
     for key, vals in grid.items():
+        if key == "pdl":  # programmatic dependent launch (kernels/pdl.py) off / on; repeats allowed (A B A B)
+            if any(v not in (0, 1) for v in vals):
+                raise UserError(f"--grid pdl: values must be 0 or 1, got {list(vals)}")
+            continue
         bad = [v for v in vals if v < 1 or v & (v - 1)]
         if bad:
             raise UserError(f"--grid {key}: {bad} not a power of two (Triton block shapes and warps are)")
@@ -262,7 +267,13 @@ def parse_grid(kind: str, specs: list[str] | None) -> list[dict]:
 def run_sweep(args, kind: str, points: list[dict]) -> list[dict]:
     sw = SWEEPS[kind]
     mod = importlib.import_module(sw["module"])
-    setter = getattr(mod, sw["setter"])
+    set_config = getattr(mod, sw["setter"])
+    pdl_default = set_pdl(True)
+    set_pdl(pdl_default)
+
+    def setter(**point):  # the kernel's launch config; the key 'pdl' turns PDL off / on for every fused step
+        set_pdl(bool(point.pop("pdl", pdl_default)))
+        return set_config(**point)
     default = dict(mod._CONFIG)
     t_start = time.time()
     s = prepare(args)
@@ -302,6 +313,7 @@ def run_sweep(args, kind: str, points: list[dict]) -> list[dict]:
             last_s = time.time() - t_point if i else 0.0
     finally:
         setter(**default)
+    default["pdl"] = int(pdl_default)
     result = dict(env=env(args, s), kernel=kind, default_config=default, bytes=n,
                   rows=sorted(rows, key=lambda r: r.get("ms_per_byte", float("inf"))))
     keys = list(dict.fromkeys(k for p in points for k in p))

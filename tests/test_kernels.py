@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -258,12 +259,16 @@ def test_fused_entropy_step_equals_reference_interpreter():
     assert res["generate"]["bytes_differ"] == 0.0
 
 
-def _assert_compiles_for_sm90(kernel, sig: dict, const: dict) -> None:
-    """Triton's real compiler (not the interpreter) for sm_90, no GPU needed; skips where this install has no ptxas."""
+def _assert_compiles_for_sm90(kernel, sig: dict, const: dict, prefetch: bool = False) -> None:
+    """Triton's real compiler (not the interpreter) for sm_90, no GPU needed; skips where this install has no ptxas.
+    With a GDC constexpr the kernel compiles with programmatic dependent launch on (kernels/pdl.py), and its PTX
+    must wait once and store nothing before the wait; prefetch: it must also load (its weights) before the wait."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    if "GDC" in kernel.arg_names:
+        const, sig = dict(const, GDC=True), dict(sig, GDC="constexpr")
     try:
         compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32))
     except RuntimeError as e:  # no ptxas in this install: nothing to check here
@@ -271,6 +276,13 @@ def _assert_compiles_for_sm90(kernel, sig: dict, const: dict) -> None:
             pytest.skip(f"Triton cannot compile for CUDA here: {e}")
         raise
     assert compiled.asm.get("cubin"), kernel.__name__
+    if "GDC" in kernel.arg_names:
+        ptx = compiled.asm["ptx"]
+        assert ptx.count("griddepcontrol.wait") == 1 and "griddepcontrol.launch_dependents" in ptx, kernel.__name__
+        before = ptx[:ptx.index("griddepcontrol.wait")]
+        assert not re.search(r"\b(st|atom|red)\.global", before), f"{kernel.__name__} writes before its wait"
+        assert bool(re.search(r"\bld\.global", before)) == prefetch, \
+            f"{kernel.__name__}: loads before the wait: {not prefetch} expected"
 
 
 @pytest.mark.slow
@@ -331,13 +343,13 @@ def test_lnn_step_kernels_compile_for_hopper():
         const = dict(const, IEEE=dtype == "fp32")
         sig = {}
         for name in kernel.arg_names:  # pointers: the upper-case arguments but the sizes (h, decay fp32, t int64)
-            if name in const:
+            if name in const or name == "GDC":
                 sig[name] = "constexpr"
             elif name.isupper() and name not in ("B", "D", "HID"):
                 sig[name] = {"H": "*fp32", "DECAY": "*fp32", "T": "*i64"}.get(name, "*" + dtype)
             else:
                 sig[name] = "fp32" if name == "eps" else "i32"
-        _assert_compiles_for_sm90(kernel, sig, const)
+        _assert_compiles_for_sm90(kernel, sig, const, prefetch=True)  # every kernel loads its weights early
 
 
 @pytest.mark.slow
@@ -355,7 +367,7 @@ def test_latent_step_kernels_compile_for_hopper():
     for kernel, const in consts:
         sig = {}
         for name in kernel.arg_names:
-            if name in const:
+            if name in const or name == "GDC":
                 sig[name] = "constexpr"
             elif name in types:
                 sig[name] = types[name]
@@ -363,7 +375,7 @@ def test_latent_step_kernels_compile_for_hopper():
                 sig[name] = "*bf16"
             else:
                 sig[name] = "i32"
-        _assert_compiles_for_sm90(kernel, sig, const)
+        _assert_compiles_for_sm90(kernel, sig, const, prefetch=kernel is lt._latent_qkv_rope)  # attn: all state
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")

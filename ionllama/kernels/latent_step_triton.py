@@ -54,13 +54,14 @@ import triton.language as tl
 
 from .launch_config import update_config
 from .lnn_step_triton import _cast, _lnn_ffn_down, _lnn_ffn_up, _pow2, _rms_rows, _round, _rows_times_wt, _tile
+from .pdl import gdc_launch, gdc_wait, pdl_kwargs
 
 
 @triton.jit
 def _latent_qkv_rope(Z, NW, WQKV, COS, SIN, I, Q, KC, VC, B, D, NSLOT, eps,
                      szb, swq, scb, sqb, skb, skh, skn,
                      HD: tl.constexpr, DP: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_B: tl.constexpr,
-                     IEEE: tl.constexpr):
+                     IEEE: tl.constexpr, GDC: tl.constexpr):
     DT = Q.dtype.element_ty
     # channel pairs j: qkv output channels 2j (x1) and 2j + 1 (x2); 3D / 2 pairs
     rows, row_ok, rows64, j, j_ok = _tile(B, 3 * D // 2, BLOCK_B, BLOCK_J)
@@ -69,11 +70,16 @@ def _latent_qkv_rope(Z, NW, WQKV, COS, SIN, I, Q, KC, VC, B, D, NSLOT, eps,
     m_jk = j_ok[:, None] & k_ok[None, :]
     m_rj = row_ok[:, None] & j_ok[None, :]
 
-    x = tl.load(Z + rows64[:, None] * szb + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-    a = _rms_rows(x.to(tl.float32), tl.load(NW + k, mask=k_ok, other=0.0).to(tl.float32), eps, D, DT).to(DT)
+    nw = tl.load(NW + k, mask=k_ok, other=0.0).to(tl.float32)  # parameters before the wait (pdl.py)
     w_even = WQKV + (2 * j)[:, None].to(tl.int64) * swq + k[None, :]
-    x1 = _round(_rows_times_wt(a, tl.load(w_even, mask=m_jk, other=0.0), IEEE), DT)
-    x2 = _round(_rows_times_wt(a, tl.load(w_even + swq, mask=m_jk, other=0.0), IEEE), DT)
+    w1 = tl.load(w_even, mask=m_jk, other=0.0)
+    w2 = tl.load(w_even + swq, mask=m_jk, other=0.0)
+    gdc_wait(GDC)
+    gdc_launch(GDC)
+    x = tl.load(Z + rows64[:, None] * szb + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    a = _rms_rows(x.to(tl.float32), nw, eps, D, DT).to(DT)
+    x1 = _round(_rows_times_wt(a, w1, IEEE), DT)
+    x2 = _round(_rows_times_wt(a, w2, IEEE), DT)
 
     c = 2 * j
     sec = c // D  # 0: q, 1: k, 2: v (qkv.view(B, 1, 3, H, Dh))
@@ -106,8 +112,10 @@ def _latent_qkv_rope(Z, NW, WQKV, COS, SIN, I, Q, KC, VC, B, D, NSLOT, eps,
 @triton.jit
 def _latent_attn(Q, KC, VC, I, OFFS, Y, NOFF, NSLOT, scale, sqb, skb, skh, skn, syb,
                  HD: tl.constexpr, DHP: tl.constexpr, KP: tl.constexpr, BLOCK_KV: tl.constexpr,
-                 DILATED: tl.constexpr):
+                 DILATED: tl.constexpr, GDC: tl.constexpr):
     DT = Y.dtype.element_ty
+    gdc_wait(GDC)  # everything here is state: nothing to load before the wait (pdl.py)
+    gdc_launch(GDC)
     h = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     d = tl.arange(0, DHP)
@@ -163,11 +171,11 @@ def set_latent_step_config(**kw) -> dict:
 
 
 def latent_step_launch(z, lk, lv, layer: int, i, cos, sin, offsets, norm1_w, qkv_w, proj_w, norm2_w, ffn_in_w,
-                       ffn_out_w, eps1: float, eps2: float, dilated: bool) -> torch.Tensor:
+                       ffn_out_w, eps1: float, eps2: float, dilated: bool, pdl_safe: bool = True) -> torch.Tensor:
     """The five launches. z (B, D) with unit inner stride; lk, lv (L, B, H, N, Dh) contiguous, layer `layer`'s
     slot i written in place; i (B,) int64; cos, sin (N, Dh / 2) fp32 contiguous RoPE tables of positions 0..N-1;
     offsets (K,) int64 (dilated);
-    weights contiguous, in z's dtype. Returns the block output (B, D)."""
+    weights contiguous, in z's dtype. Returns the block output (B, D). pdl_safe: as lnn_step_launch's."""
     B, D = z.shape
     H, N, Dh = lk.shape[2], lk.shape[3], lk.shape[4]
     HID = ffn_out_w.shape[1]
@@ -183,29 +191,30 @@ def latent_step_launch(z, lk, lv, layer: int, i, cos, sin, offsets, norm1_w, qkv
     DP = _pow2(D)
     ieee = dt == torch.float32 or dev.type != "cuda"
     nw = _CONFIG["num_warps"]
+    pdl = pdl_kwargs(dev) if pdl_safe else {"GDC": False}
     bj = _CONFIG["qkv_block_j"]
     _latent_qkv_rope[(triton.cdiv(3 * D // 2, bj), nb)](
         z, norm1_w, qkv_w, cos, sin, i, q, kc, vc, B, D, N, eps1, z.stride(0), qkv_w.stride(0), cos.stride(0),
         q.stride(0), kc.stride(0), kc.stride(1), kc.stride(2),
-        HD=Dh, DP=DP, BLOCK_J=bj, BLOCK_B=bb, IEEE=ieee, num_warps=nw)
+        HD=Dh, DP=DP, BLOCK_J=bj, BLOCK_B=bb, IEEE=ieee, num_warps=nw, **pdl)
     K = offsets.shape[0]
     _latent_attn[(H, B)](
         q, kc, vc, i, offsets, y, K, N, 1.0 / math.sqrt(Dh), q.stride(0), kc.stride(0), kc.stride(1), kc.stride(2),
         y.stride(0), HD=Dh, DHP=triton.next_power_of_2(Dh), KP=triton.next_power_of_2(max(K, 1)),
-        BLOCK_KV=_CONFIG["attn_block_kv"], DILATED=dilated, num_warps=_CONFIG["attn_num_warps"])
+        BLOCK_KV=_CONFIG["attn_block_kv"], DILATED=dilated, num_warps=_CONFIG["attn_num_warps"], **pdl)
     bk = _CONFIG["down_block_k"]
     bn = _CONFIG["proj_block_n"]
     _lnn_ffn_down[(triton.cdiv(D, bn), nb)](
         z, y, proj_w, z1, B, D, D, z.stride(0), y.stride(0), proj_w.stride(0), z1.stride(0),
-        BLOCK_K=max(16, min(bk, triton.next_power_of_2(D))), BLOCK_N=bn, BLOCK_B=bb, IEEE=ieee, num_warps=nw)
+        BLOCK_K=max(16, min(bk, triton.next_power_of_2(D))), BLOCK_N=bn, BLOCK_B=bb, IEEE=ieee, num_warps=nw, **pdl)
     bn = _CONFIG["up_block_n"]
     _lnn_ffn_up[(triton.cdiv(HID, bn), nb)](
         z1, norm2_w, ffn_in_w, u, B, D, HID, eps2, z1.stride(0), ffn_in_w.stride(0), u.stride(0),
-        DP=DP, BLOCK_N=bn, BLOCK_B=bb, IEEE=ieee, num_warps=nw)
+        DP=DP, BLOCK_N=bn, BLOCK_B=bb, IEEE=ieee, num_warps=nw, **pdl)
     bn = _CONFIG["down_block_n"]
     _lnn_ffn_down[(triton.cdiv(D, bn), nb)](
         z1, u, ffn_out_w, out, B, D, HID, z1.stride(0), u.stride(0), ffn_out_w.stride(0), out.stride(0),
-        BLOCK_K=max(16, min(bk, triton.next_power_of_2(HID))), BLOCK_N=bn, BLOCK_B=bb, IEEE=ieee, num_warps=nw)
+        BLOCK_K=max(16, min(bk, triton.next_power_of_2(HID))), BLOCK_N=bn, BLOCK_B=bb, IEEE=ieee, num_warps=nw, **pdl)
     return out
 
 
@@ -218,10 +227,11 @@ def latent_block_step_op(z: torch.Tensor, lk: torch.Tensor, lv: torch.Tensor, la
                          qkv_w: torch.Tensor, proj_w: torch.Tensor, norm2_w: torch.Tensor, ffn_in_w: torch.Tensor,
                          ffn_out_w: torch.Tensor, eps1: float, eps2: float, dilated: bool) -> torch.Tensor:
     z = z if z.stride(-1) == 1 else z.contiguous()
+    weights = (norm1_w, qkv_w, proj_w, norm2_w, ffn_in_w, ffn_out_w)
+    pdl_safe = all(w.is_contiguous() for w in weights)  # no weight copied by a kernel of this step (pdl.py)
     return latent_step_launch(z, lk, lv, layer, i.contiguous(), cos.contiguous(), sin.contiguous(),
-                              offsets.contiguous(), norm1_w.contiguous(), qkv_w.contiguous(), proj_w.contiguous(),
-                              norm2_w.contiguous(), ffn_in_w.contiguous(), ffn_out_w.contiguous(), eps1, eps2,
-                              dilated)
+                              offsets.contiguous(), *(w.contiguous() for w in weights), eps1, eps2, dilated,
+                              pdl_safe=pdl_safe)
 
 
 @latent_block_step_op.register_fake

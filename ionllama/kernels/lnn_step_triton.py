@@ -11,7 +11,8 @@ Why: batch-1 generation is GPU-bound on kernel count (issue #4): compiled, a blo
                     (next `hidden` rows) -> u = silu(gate) * value.
   K4 _lnn_ffn_down: w_out rows of a channel block over u (K loop over the hidden width) -> out = x1 + that.
 
-Grid of each kernel: (output channel blocks, batch row blocks). Every program recomputes the norm of its
+On Hopper each kernel launches with PDL (pdl.py): it loads its weight tiles while the previous kernel is still
+running, then waits for it. Grid of each kernel: (output channel blocks, batch row blocks). Every program recomputes the norm of its
 whole rows (d is small: the row is one tile); a GEMV is ``tl.dot`` of the rows (padded to BLOCK_B >= 16,
 the MMA minimum) with the program's weight rows, fp32 accumulation (fp32 models: input_precision ieee, not
 tf32; under the CPU interpreter the operands are upcast to fp32, see _rows_times_wt).
@@ -38,6 +39,7 @@ import triton
 import triton.language as tl
 
 from .launch_config import update_config
+from .pdl import gdc_launch, gdc_wait, pdl_kwargs
 
 
 @triton.jit
@@ -94,7 +96,7 @@ def _tile(B, N, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
 def _lnn_in_gate(X, NW, WIN, CW, CB, RING, H, DECAY, T, O,
                  B, D, eps, sxb, swin, scw, srb, srs, shb, sob,
                  KS: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-                 IEEE: tl.constexpr):
+                 IEEE: tl.constexpr, GDC: tl.constexpr):
     DT = O.dtype.element_ty
     rows, row_ok, rows64, n, n_ok = _tile(B, D, BLOCK_B, BLOCK_N)
     k = tl.arange(0, DP)
@@ -103,20 +105,31 @@ def _lnn_in_gate(X, NW, WIN, CW, CB, RING, H, DECAY, T, O,
     m_rn = row_ok[:, None] & n_ok[None, :]
     m_nk = n_ok[:, None] & k_ok[None, :]
 
-    x = tl.load(X + rows64[:, None] * sxb + k[None, :], mask=m_rk, other=0.0).to(tl.float32)
+    # parameters first (pdl.py: loaded before the previous kernel has finished)
     nw = tl.load(NW + k, mask=k_ok, other=0.0).to(tl.float32)
-    a = _rms_rows(x, nw, eps, D, DT).to(DT)
     w_rows = WIN + n[:, None].to(tl.int64) * swin + k[None, :]
-    g_in = _round(_rows_times_wt(a, tl.load(w_rows, mask=m_nk, other=0.0), IEEE), DT)
-    c_in = _round(_rows_times_wt(a, tl.load(w_rows + D * swin, mask=m_nk, other=0.0), IEEE), DT)
-    o = _rows_times_wt(a, tl.load(w_rows + 2 * D * swin, mask=m_nk, other=0.0), IEEE)
+    w_g = tl.load(w_rows, mask=m_nk, other=0.0)
+    w_c = tl.load(w_rows + D * swin, mask=m_nk, other=0.0)
+    w_o = tl.load(w_rows + 2 * D * swin, mask=m_nk, other=0.0)
+    wg = CW + n * scw  # gate channel n, candidate channel D + n: rows of the (2D, KS + 1) weight
+    wc = CW + (D + n) * scw
+    tap_g = tl.load(wg + KS, mask=n_ok, other=0.0).to(tl.float32)
+    tap_c = tl.load(wc + KS, mask=n_ok, other=0.0).to(tl.float32)
+    bias_g = tl.load(CB + n, mask=n_ok, other=0.0).to(tl.float32)
+    bias_c = tl.load(CB + D + n, mask=n_ok, other=0.0).to(tl.float32)
+    gdc_wait(GDC)
+    gdc_launch(GDC)
+
+    x = tl.load(X + rows64[:, None] * sxb + k[None, :], mask=m_rk, other=0.0).to(tl.float32)
+    a = _rms_rows(x, nw, eps, D, DT).to(DT)
+    g_in = _round(_rows_times_wt(a, w_g, IEEE), DT)
+    c_in = _round(_rows_times_wt(a, w_c, IEEE), DT)
+    o = _rows_times_wt(a, w_o, IEEE)
 
     # conv step, rounded as RingConv's eager ops: (sum over ring slots s of buf[s] * tap (s - t) mod KS)
     # + new input * tap KS + bias, every product and partial sum in DT (the slot sum itself in fp32)
-    wg = CW + n * scw  # gate channel n, candidate channel D + n: rows of the (2D, KS + 1) weight
-    wc = CW + (D + n) * scw
-    g = _round(g_in * tl.load(wg + KS, mask=n_ok, other=0.0).to(tl.float32)[None, :], DT)
-    c = _round(c_in * tl.load(wc + KS, mask=n_ok, other=0.0).to(tl.float32)[None, :], DT)
+    g = _round(g_in * tap_g[None, :], DT)
+    c = _round(c_in * tap_c[None, :], DT)
     ring = RING + rows64[:, None] * srb + n[None, :]
     if KS > 0:
         t_mod = tl.load(T + rows, mask=row_ok, other=0) % KS  # t >= 0
@@ -130,8 +143,8 @@ def _lnn_in_gate(X, NW, WIN, CW, CB, RING, H, DECAY, T, O,
             c_ring += _round(tl.load(ring + s * srs + D, mask=m_rn, other=0.0).to(tl.float32) * wcs, DT)
         g = _round(_round(g_ring, DT) + g, DT)
         c = _round(_round(c_ring, DT) + c, DT)
-    g = _round(g + tl.load(CB + n, mask=n_ok, other=0.0).to(tl.float32)[None, :], DT)
-    c = _round(c + tl.load(CB + D + n, mask=n_ok, other=0.0).to(tl.float32)[None, :], DT)
+    g = _round(g + bias_g[None, :], DT)
+    c = _round(c + bias_c[None, :], DT)
     u = _round(_round(tl.sigmoid(g), DT) * c, DT)
     h_ptr = H + rows64[:, None] * shb + n[None, :]
     h = tl.load(DECAY + n, mask=n_ok, other=0.0)[None, :] * tl.load(h_ptr, mask=m_rn, other=0.0) + u
@@ -146,7 +159,8 @@ def _lnn_in_gate(X, NW, WIN, CW, CB, RING, H, DECAY, T, O,
 
 @triton.jit
 def _lnn_out_mix(X, H, O, SNW, WOUT, X1, B, D, eps, sxb, shb, sob, swo, sx1b,
-                 DP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, IEEE: tl.constexpr):
+                 DP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, IEEE: tl.constexpr,
+                 GDC: tl.constexpr):
     DT = X1.dtype.element_ty
     rows, row_ok, rows64, n, n_ok = _tile(B, D, BLOCK_B, BLOCK_N)
     k = tl.arange(0, DP)
@@ -154,11 +168,14 @@ def _lnn_out_mix(X, H, O, SNW, WOUT, X1, B, D, eps, sxb, shb, sob, swo, sx1b,
     m_rk = row_ok[:, None] & k_ok[None, :]
     m_rn = row_ok[:, None] & n_ok[None, :]
 
+    snw = tl.load(SNW + k, mask=k_ok, other=0.0).to(tl.float32)  # parameters before the wait (pdl.py)
+    w = tl.load(WOUT + n[:, None].to(tl.int64) * swo + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+    gdc_wait(GDC)
+    gdc_launch(GDC)
     h = _round(tl.load(H + rows64[:, None] * shb + k[None, :], mask=m_rk, other=0.0), DT)  # h.to(x.dtype)
-    hn = _rms_rows(h, tl.load(SNW + k, mask=k_ok, other=0.0).to(tl.float32), eps, D, DT)
+    hn = _rms_rows(h, snw, eps, D, DT)
     o = tl.load(O + rows64[:, None] * sob + k[None, :], mask=m_rk, other=0.0).to(tl.float32)
     a = _cast(hn * _round(o * tl.sigmoid(o), DT), DT)
-    w = tl.load(WOUT + n[:, None].to(tl.int64) * swo + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
     y = _round(_rows_times_wt(a, w, IEEE), DT)
     x = tl.load(X + rows64[:, None] * sxb + n[None, :], mask=m_rn, other=0.0).to(tl.float32)
     tl.store(X1 + rows64[:, None] * sx1b + n[None, :], _cast(x + y, DT), mask=m_rn)
@@ -166,34 +183,48 @@ def _lnn_out_mix(X, H, O, SNW, WOUT, X1, B, D, eps, sxb, shb, sob, swo, sx1b,
 
 @triton.jit
 def _lnn_ffn_up(X1, NW, WIN, U, B, D, HID, eps, sx1b, swin, sub,
-                DP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, IEEE: tl.constexpr):
+                DP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, IEEE: tl.constexpr,
+                GDC: tl.constexpr):
     DT = U.dtype.element_ty
     rows, row_ok, rows64, n, n_ok = _tile(B, HID, BLOCK_B, BLOCK_N)
     k = tl.arange(0, DP)
     k_ok = k < D
     m_nk = n_ok[:, None] & k_ok[None, :]
 
-    x = tl.load(X1 + rows64[:, None] * sx1b + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-    a = _rms_rows(x.to(tl.float32), tl.load(NW + k, mask=k_ok, other=0.0).to(tl.float32), eps, D, DT).to(DT)
+    nw = tl.load(NW + k, mask=k_ok, other=0.0).to(tl.float32)  # parameters before the wait (pdl.py)
     w_rows = WIN + n[:, None].to(tl.int64) * swin + k[None, :]
-    gate = _round(_rows_times_wt(a, tl.load(w_rows, mask=m_nk, other=0.0), IEEE), DT)
-    val = _round(_rows_times_wt(a, tl.load(w_rows + HID * swin, mask=m_nk, other=0.0), IEEE), DT)
+    w_gate = tl.load(w_rows, mask=m_nk, other=0.0)
+    w_val = tl.load(w_rows + HID * swin, mask=m_nk, other=0.0)
+    gdc_wait(GDC)
+    gdc_launch(GDC)
+    x = tl.load(X1 + rows64[:, None] * sx1b + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    a = _rms_rows(x.to(tl.float32), nw, eps, D, DT).to(DT)
+    gate = _round(_rows_times_wt(a, w_gate, IEEE), DT)
+    val = _round(_rows_times_wt(a, w_val, IEEE), DT)
     u = _round(gate * tl.sigmoid(gate), DT) * val
     tl.store(U + rows64[:, None] * sub + n[None, :], _cast(u, DT), mask=row_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
 def _lnn_ffn_down(X1, U, WOUT, OUT, B, D, HID, sx1b, sub, swo, soutb,
-                  BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, IEEE: tl.constexpr):
+                  BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, IEEE: tl.constexpr,
+                  GDC: tl.constexpr):
     DT = OUT.dtype.element_ty
     rows, row_ok, rows64, n, n_ok = _tile(B, D, BLOCK_B, BLOCK_N)
     m_rn = row_ok[:, None] & n_ok[None, :]
     acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
+    # the first K step's weights before the wait (pdl.py); each later step's in the loop
+    kk = tl.arange(0, BLOCK_K)
+    w_row = WOUT + n[:, None].to(tl.int64) * swo
+    w = tl.load(w_row + kk[None, :], mask=n_ok[:, None] & (kk < HID)[None, :], other=0.0)
+    gdc_wait(GDC)
+    gdc_launch(GDC)
     for k0 in range(0, HID, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
+        k = k0 + kk
         k_ok = k < HID
+        if k0 > 0:
+            w = tl.load(w_row + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         u = tl.load(U + rows64[:, None] * sub + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(WOUT + n[:, None].to(tl.int64) * swo + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         acc += _rows_times_wt(u, w, IEEE)
     x1 = tl.load(X1 + rows64[:, None] * sx1b + n[None, :], mask=m_rn, other=0.0).to(tl.float32)
     tl.store(OUT + rows64[:, None] * soutb + n[None, :], _cast(x1 + _round(acc, DT), DT), mask=m_rn)
@@ -220,9 +251,11 @@ def _pow2(n: int, lo: int = 16) -> int:
 
 
 def lnn_step_launch(x, h, ring, t, decay, norm1_w, in_w, conv_w, conv_b, state_norm_w, out_w, norm2_w,
-                    ffn_in_w, ffn_out_w, eps1: float, eps_state: float, eps2: float) -> torch.Tensor:
+                    ffn_in_w, ffn_out_w, eps1: float, eps_state: float, eps2: float,
+                    pdl_safe: bool = True) -> torch.Tensor:
     """The four launches. x (B, D) with unit inner stride; h (B, D) fp32 and ring (B, k, 2D), updated in
-    place; t (B,) int64; decay (D,) fp32; weights contiguous, in x's dtype. Returns the block output (B, D)."""
+    place; t (B,) int64; decay (D,) fp32; weights contiguous, in x's dtype. Returns the block output (B, D).
+    pdl_safe: no kernel of this step writes the weights (pdl.py; False when they were just copied)."""
     B, D = x.shape
     HID = ffn_out_w.shape[1]
     KS = ring.shape[1]
@@ -236,24 +269,25 @@ def lnn_step_launch(x, h, ring, t, decay, norm1_w, in_w, conv_w, conv_b, state_n
     DP = _pow2(D)
     ieee = dt == torch.float32 or x.device.type != "cuda"
     nw = _CONFIG["num_warps"]
+    pdl = pdl_kwargs(x.device) if pdl_safe else {"GDC": False}
     bn = _CONFIG["in_block_n"]
     _lnn_in_gate[(triton.cdiv(D, bn), nb)](
         x, norm1_w, in_w, conv_w, conv_b, ring, h, decay, t, o, B, D, eps1, x.stride(0), in_w.stride(0),
         conv_w.stride(0), ring.stride(0), ring.stride(1) if KS else 0, h.stride(0), o.stride(0),
-        KS=KS, DP=DP, BLOCK_N=bn, BLOCK_B=bb, IEEE=ieee, num_warps=nw)
+        KS=KS, DP=DP, BLOCK_N=bn, BLOCK_B=bb, IEEE=ieee, num_warps=nw, **pdl)
     bn = _CONFIG["out_block_n"]
     _lnn_out_mix[(triton.cdiv(D, bn), nb)](
         x, h, o, state_norm_w, out_w, x1, B, D, eps_state, x.stride(0), h.stride(0), o.stride(0), out_w.stride(0),
-        x1.stride(0), DP=DP, BLOCK_N=bn, BLOCK_B=bb, IEEE=ieee, num_warps=nw)
+        x1.stride(0), DP=DP, BLOCK_N=bn, BLOCK_B=bb, IEEE=ieee, num_warps=nw, **pdl)
     bn = _CONFIG["up_block_n"]
     _lnn_ffn_up[(triton.cdiv(HID, bn), nb)](
         x1, norm2_w, ffn_in_w, u, B, D, HID, eps2, x1.stride(0), ffn_in_w.stride(0), u.stride(0),
-        DP=DP, BLOCK_N=bn, BLOCK_B=bb, IEEE=ieee, num_warps=nw)
+        DP=DP, BLOCK_N=bn, BLOCK_B=bb, IEEE=ieee, num_warps=nw, **pdl)
     bn = _CONFIG["down_block_n"]
     _lnn_ffn_down[(triton.cdiv(D, bn), nb)](
         x1, u, ffn_out_w, out, B, D, HID, x1.stride(0), u.stride(0), ffn_out_w.stride(0), out.stride(0),
         BLOCK_K=max(16, min(_CONFIG["down_block_k"], triton.next_power_of_2(HID))), BLOCK_N=bn, BLOCK_B=bb,
-        IEEE=ieee, num_warps=nw)
+        IEEE=ieee, num_warps=nw, **pdl)
     return out
 
 
@@ -266,9 +300,11 @@ def lnn_block_step_op(x: torch.Tensor, h: torch.Tensor, ring: torch.Tensor, t: t
                       ffn_in_w: torch.Tensor, ffn_out_w: torch.Tensor, eps1: float, eps_state: float,
                       eps2: float) -> torch.Tensor:
     x = x if x.stride(-1) == 1 else x.contiguous()
-    return lnn_step_launch(x, h, ring, t.contiguous(), decay.contiguous(), norm1_w.contiguous(), in_w.contiguous(), conv_w.contiguous(),
-                           conv_b.contiguous(), state_norm_w.contiguous(), out_w.contiguous(), norm2_w.contiguous(),
-                           ffn_in_w.contiguous(), ffn_out_w.contiguous(), eps1, eps_state, eps2)
+    weights = (norm1_w, in_w, conv_w, conv_b, state_norm_w, out_w, norm2_w, ffn_in_w, ffn_out_w)
+    # a weight copied here is written by a kernel of this step: no loading it before the wait (pdl.py)
+    pdl_safe = all(w.is_contiguous() for w in weights)
+    return lnn_step_launch(x, h, ring, t.contiguous(), decay.contiguous(), *(w.contiguous() for w in weights),
+                           eps1, eps_state, eps2, pdl_safe=pdl_safe)
 
 
 @lnn_block_step_op.register_fake
