@@ -19,13 +19,15 @@ import json
 import os
 import pathlib
 import platform
-import subprocess
+import shlex
+import sys
 import time
 import traceback
 
 import torch
 
 from ionllama import create_model
+from ionllama.eval.benchmark import git_commit
 from ionllama.generation import decoder_for
 from ionllama.generation.runner import DecodeRunner
 from ionllama.generation.sampling import SamplingConfig
@@ -239,11 +241,12 @@ def write_results(b, args, checks):
                compile_mode=args.compile_mode, inductor=args.inductor, fused_local_step=args.fused_local_step,
                fused_entropy_step=args.fused_entropy_step, fused_latent_step=args.fused_latent_step,
                models={k: v[1] for k, v in b.models.items()}, checks=checks,
-               commit=subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip())
+               commit=git_commit())  # BENCH_COMMIT-aware: the GPU machine's copy of .git is stale
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_generation.json").write_text(json.dumps(dict(env=env, rows=b.rows), indent=1, default=str))
-    lines = [f"env: {json.dumps(env, default=str)}", "",
+    command = "python3 benchmarks/bench_generation.py " + shlex.join(sys.argv[1:])  # where each number came from
+    lines = [f"command: `{command}`", "", f"env: {json.dumps(env, default=str)}", "",
              "| model | what | batch | context | graphs | compile | bytes/s | ms/byte | bytes/patch | prefill s | setup s "
              "| GPU ms/byte (byte graph; latent graph) | GPU idle ms/byte |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

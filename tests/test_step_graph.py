@@ -94,6 +94,17 @@ def test_which_steps_can_be_captured():
         assert words in step_graph_problem(model, args, dev, world, amp)
 
 
+def _assert_weights_within_rounding(a, b) -> None:
+    """Weights of an eager and a replayed run after a few AdamW steps. CUDA reductions (pooling's scatter-add
+    backward, split-K matmuls) sum in a run-dependent order, and AdamW scales a near-zero gradient's rounding
+    difference up to a sizeable part of a step: on an H200 one weight of 3,072 differed by 2.5e-6 after 12 steps
+    (seventh session), another by 1.2e-5 (eighth). So: every weight within 10 % of one AdamW update (~lr = 1e-3),
+    and all but 0.1 % of them within 1 %. A stale or wrong graph moves most weights by whole updates (~1e-3)."""
+    diff = torch.cat([(p - q).abs().flatten() for p, q in zip(a.parameters(), b.parameters())])
+    assert diff.max() <= 1e-4, diff.max()
+    assert (diff > 1e-5).float().mean() <= 1e-3, (diff > 1e-5).sum()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("name", ["dense", "ionllama_fixed"])
 def test_replayed_step_graph_equals_eager_steps(name):
@@ -108,8 +119,8 @@ def test_replayed_step_graph_equals_eager_steps(name):
         runs.append([float(sg(x, y, lr)["loss"]) for (x, y), lr in zip(batches, lrs)])
         assert (sg.graph is not None) == graphs
     assert runs[1] == pytest.approx(runs[0], rel=1e-5)
-    for p, q in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+    # tenth session, H200: one weight of 3,072 of ionllama_fixed 1.4e-6 apart in one run, equal in the next
+    _assert_weights_within_rounding(a, b)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -487,14 +498,7 @@ def test_replayed_two_stage_step_equals_eager_steps_across_buckets():
         assert captured == ({n for n, slot in sg.slots.items() if slot.calls > sg.warmup} if graphs else set())
         assert len({n for n, slot in sg.slots.items() if slot.calls > sg.warmup}) >= 2, {n: s.calls for n, s in sg.slots.items()}
     assert runs[1] == pytest.approx(runs[0], rel=1e-5)
-    # Pooling's scatter-add backward sums in a run-dependent order on CUDA, and AdamW scales a near-zero
-    # gradient's rounding difference up to a sizeable part of a step: on an H200 one weight of 3,072 differed
-    # by 2.5e-6 after 12 steps (seventh session), another by 1.2e-5 (eighth). So: every weight within 10 % of
-    # one AdamW update (~lr = 1e-3), and all but 0.1 % of them within 1 %. A stale or wrong bucket's graph
-    # moves most weights by whole updates (~1e-3)
-    diff = torch.cat([(p - q).abs().flatten() for p, q in zip(a.parameters(), b.parameters())])
-    assert diff.max() <= 1e-4, diff.max()
-    assert (diff > 1e-5).float().mean() <= 1e-3, (diff > 1e-5).sum()
+    _assert_weights_within_rounding(a, b)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
