@@ -303,10 +303,12 @@ def test_ssm_step_kernels_compile_for_hopper():
     for dtype in ("bf16", "fp32"):
         for kernel, const in consts:
             const = dict(const, IEEE=dtype == "fp32")
-            sig = {name: "constexpr" if name in const else
+            sig = {name: "constexpr" if name in const or name == "GDC" else
                    (ptrs.get(name, "*" + dtype) if name.isupper() and name not in sizes else
                     ("fp32" if name == "eps" else "i32")) for name in kernel.arg_names}
-            _assert_compiles_for_sm90(kernel, sig, const)
+            # weights load before the wait but in block 0's table form (rows chosen by the byte) and the head
+            prefetch = kernel is ss._ssm_out or (kernel is ss._ssm_in_scan and not const["GATHER"])
+            _assert_compiles_for_sm90(kernel, sig, const, prefetch=prefetch)
 
 
 def test_latent_step_selfcheck_covers_the_decode_cases():

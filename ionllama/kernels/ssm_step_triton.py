@@ -40,7 +40,8 @@ the log(u) * e / (u - 1) identity, a few ulp).
 
 The reference is ``ionllama.generation.local_state.MambaState.step`` (the decoder's PyTorch path) and
 ``ionllama_decoder._entropy_bits_step``; checked by ``ionllama.kernels.selfcheck`` kind "ssm_step". Block sizes
-are untuned: nothing here has been timed on a GPU.
+are untuned. On Hopper the three kernels launch with PDL (pdl.py): K1 (but block 0's table form) and K2 load their
+weight tiles before waiting for the previous kernel.
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ import triton.language as tl
 
 from .launch_config import update_config
 from .lnn_step_triton import _cast, _rms_rows, _round, _rows_times_wt, _tile
+from .pdl import gdc_launch, gdc_wait, pdl_kwargs
 
 LN2 = tl.constexpr(0.6931471805599453)  # a global a jit function may read
 
@@ -91,7 +93,7 @@ def _conv_step(inp, w_ch, b_ch, ring, ch_ok, m, t_mod, srs, KS: tl.constexpr, DT
 def _ssm_in_scan(X, TOK, TAB, NW, WIN, CW, CB, RING, SSM, T, DTB, NEGA, DSK, YG,
                  B, D, DI, N, P, eps, sxb, stab, swin, scw, srb, srs, ssb, syb,
                  KS: tl.constexpr, DP: tl.constexpr, NB: tl.constexpr, BLOCK_C: tl.constexpr,
-                 BLOCK_B: tl.constexpr, GATHER: tl.constexpr, IEEE: tl.constexpr):
+                 BLOCK_B: tl.constexpr, GATHER: tl.constexpr, IEEE: tl.constexpr, GDC: tl.constexpr):
     DT = YG.dtype.element_ty
     rows, row_ok, rows64, c, c_ok = _tile(B, DI, BLOCK_B, BLOCK_C)
     hc = c // P  # each channel's head
@@ -101,7 +103,9 @@ def _ssm_in_scan(X, TOK, TAB, NW, WIN, CW, CB, RING, SSM, T, DTB, NEGA, DSK, YG,
     m_rn = row_ok[:, None] & n_ok[None, :]
     # the channels' rows of zxbcdt = [z (DI) | x (DI) | B (N) | C (N) | dt (H)]
     r_z, r_x, r_b, r_c, r_dt = c, DI + c, 2 * DI + n, 2 * DI + N + n, 2 * DI + 2 * N + hc
-    if GATHER:  # block 0: in_proj(norm(embed(byte))) from the table, by byte
+    if GATHER:  # block 0: in_proj(norm(embed(byte))) from the table, by byte (all of it after the wait: pdl.py)
+        gdc_wait(GDC)
+        gdc_launch(GDC)
         tab = TAB + tl.load(TOK + rows, mask=row_ok, other=0).to(tl.int64)[:, None] * stab
         z = tl.load(tab + r_z[None, :], mask=m_rc, other=0.0).to(tl.float32)
         xi = tl.load(tab + r_x[None, :], mask=m_rc, other=0.0).to(tl.float32)
@@ -111,20 +115,23 @@ def _ssm_in_scan(X, TOK, TAB, NW, WIN, CW, CB, RING, SSM, T, DTB, NEGA, DSK, YG,
     else:
         k = tl.arange(0, DP)
         k_ok = k < D
-        x = tl.load(X + rows64[:, None] * sxb + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        a = _rms_rows(x.to(tl.float32), tl.load(NW + k, mask=k_ok, other=0.0).to(tl.float32), eps, D, DT).to(DT)
         m_ck = c_ok[:, None] & k_ok[None, :]
         m_nk = n_ok[:, None] & k_ok[None, :]
-        z = _round(_rows_times_wt(a, tl.load(WIN + r_z[:, None].to(tl.int64) * swin + k[None, :], mask=m_ck,
-                                             other=0.0), IEEE), DT)
-        xi = _round(_rows_times_wt(a, tl.load(WIN + r_x[:, None].to(tl.int64) * swin + k[None, :], mask=m_ck,
-                                              other=0.0), IEEE), DT)
-        bi = _round(_rows_times_wt(a, tl.load(WIN + r_b[:, None].to(tl.int64) * swin + k[None, :], mask=m_nk,
-                                              other=0.0), IEEE), DT)
-        ci = _round(_rows_times_wt(a, tl.load(WIN + r_c[:, None].to(tl.int64) * swin + k[None, :], mask=m_nk,
-                                              other=0.0), IEEE), DT)
-        dtr = _round(_rows_times_wt(a, tl.load(WIN + r_dt[:, None].to(tl.int64) * swin + k[None, :], mask=m_ck,
-                                               other=0.0), IEEE), DT)
+        nw = tl.load(NW + k, mask=k_ok, other=0.0).to(tl.float32)  # parameters before the wait (pdl.py)
+        w_z = tl.load(WIN + r_z[:, None].to(tl.int64) * swin + k[None, :], mask=m_ck, other=0.0)
+        w_x = tl.load(WIN + r_x[:, None].to(tl.int64) * swin + k[None, :], mask=m_ck, other=0.0)
+        w_b = tl.load(WIN + r_b[:, None].to(tl.int64) * swin + k[None, :], mask=m_nk, other=0.0)
+        w_c = tl.load(WIN + r_c[:, None].to(tl.int64) * swin + k[None, :], mask=m_nk, other=0.0)
+        w_dt = tl.load(WIN + r_dt[:, None].to(tl.int64) * swin + k[None, :], mask=m_ck, other=0.0)
+        gdc_wait(GDC)
+        gdc_launch(GDC)
+        x = tl.load(X + rows64[:, None] * sxb + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        a = _rms_rows(x.to(tl.float32), nw, eps, D, DT).to(DT)
+        z = _round(_rows_times_wt(a, w_z, IEEE), DT)
+        xi = _round(_rows_times_wt(a, w_x, IEEE), DT)
+        bi = _round(_rows_times_wt(a, w_b, IEEE), DT)
+        ci = _round(_rows_times_wt(a, w_c, IEEE), DT)
+        dtr = _round(_rows_times_wt(a, w_dt, IEEE), DT)
 
     # conv step of x (conv channel c), B (DI + n), C (DI + N + n) over the ring, then SiLU (rounded to DT)
     t_mod = 0
@@ -160,15 +167,18 @@ def _ssm_in_scan(X, TOK, TAB, NW, WIN, CW, CB, RING, SSM, T, DTB, NEGA, DSK, YG,
 @triton.jit
 def _ssm_out(X, TOK, YG, MNW, WOUT, RING, T, OUT, B, D, DI, N, eps, sxb, syb, swo, srb, srs, sob,
              KS: tl.constexpr, DIP: tl.constexpr, NB2: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_B: tl.constexpr, GATHER: tl.constexpr, IEEE: tl.constexpr):
+             BLOCK_B: tl.constexpr, GATHER: tl.constexpr, IEEE: tl.constexpr, GDC: tl.constexpr):
     DT = OUT.dtype.element_ty
     rows, row_ok, rows64, n, n_ok = _tile(B, D, BLOCK_B, BLOCK_N)
     k = tl.arange(0, DIP)
     k_ok = k < DI
     m_rn = row_ok[:, None] & n_ok[None, :]
-    yg = tl.load(YG + rows64[:, None] * syb + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-    a = _rms_rows(yg.to(tl.float32), tl.load(MNW + k, mask=k_ok, other=0.0).to(tl.float32), eps, DI, DT).to(DT)
+    mnw = tl.load(MNW + k, mask=k_ok, other=0.0).to(tl.float32)  # parameters before the wait (pdl.py)
     w = tl.load(WOUT + n[:, None].to(tl.int64) * swo + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+    gdc_wait(GDC)
+    gdc_launch(GDC)
+    yg = tl.load(YG + rows64[:, None] * syb + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    a = _rms_rows(yg.to(tl.float32), mnw, eps, DI, DT).to(DT)
     o = _round(_rows_times_wt(a, w, IEEE), DT)
     if GATHER:  # block 0: the residual is the byte's embedding row
         xrow = tl.load(TOK + rows, mask=row_ok, other=0).to(tl.int64)
@@ -189,8 +199,10 @@ def _ssm_out(X, TOK, YG, MNW, WOUT, RING, T, OUT, B, D, DI, N, eps, sxb, syb, sw
 @triton.jit
 def _entropy_head(X, NW, WH, ENT, B, D, V, eps, sxb, swh,
                   DP: tl.constexpr, VP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
-                  IEEE: tl.constexpr):
+                  IEEE: tl.constexpr, GDC: tl.constexpr):
     DT = X.dtype.element_ty
+    gdc_wait(GDC)  # the head's K slices load in the loop: only the launch overlaps here (pdl.py)
+    gdc_launch(GDC)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     rows64 = rows.to(tl.int64)
@@ -239,11 +251,11 @@ def _row_blocks(B: int) -> tuple[int, int]:
 
 
 def ssm_step_launch(x, ssm, ring, t, tokens, table, norm_w, in_w, conv_w, conv_b, dt_bias, neg_a, d_skip,
-                    mnorm_w, out_w, eps: float, m_eps: float, gather: bool) -> torch.Tensor:
+                    mnorm_w, out_w, eps: float, m_eps: float, gather: bool, pdl_safe: bool = True) -> torch.Tensor:
     """The two launches. gather: x is the embedding table and table the in_proj table, both read at the rows
     `tokens` (B,) int64 (norm_w, in_w unused); else x (B, D) with unit inner stride (tokens, table unused).
     ssm (B, H, P, N) fp32 and ring (B, k, DI + 2N), contiguous, updated in place; t (B,) int64; neg_a (H,) fp32;
-    weights contiguous, in x's dtype. Returns the block output (B, D)."""
+    weights contiguous, in x's dtype. Returns the block output (B, D). pdl_safe: as lnn_step_launch's."""
     B, D = t.shape[0], x.shape[1]
     DI = out_w.shape[1]
     N = ssm.shape[3]
@@ -255,18 +267,19 @@ def ssm_step_launch(x, ssm, ring, t, tokens, table, norm_w, in_w, conv_w, conv_b
     bb, nb = _row_blocks(B)
     ieee = dt == torch.float32 or dev.type != "cuda"
     nw = _CONFIG["num_warps"]
+    pdl = pdl_kwargs(dev) if pdl_safe else {"GDC": False}
     bc = _pow2(_CONFIG["scan_block_c"])
     srs = ring.stride(1) if KS else 0
     _ssm_in_scan[(triton.cdiv(DI, bc), nb)](
         x, tokens, table, norm_w, in_w, conv_w, conv_b, ring, ssm, t, dt_bias, neg_a, d_skip, yg,
         B, D, DI, N, P, eps, x.stride(0), table.stride(0), in_w.stride(0), conv_w.stride(0), ring.stride(0), srs,
         ssm.stride(0), yg.stride(0),
-        KS=KS, DP=_pow2(D), NB=_pow2(N), BLOCK_C=bc, BLOCK_B=bb, GATHER=gather, IEEE=ieee, num_warps=nw)
+        KS=KS, DP=_pow2(D), NB=_pow2(N), BLOCK_C=bc, BLOCK_B=bb, GATHER=gather, IEEE=ieee, num_warps=nw, **pdl)
     bn = _pow2(_CONFIG["out_block_n"])
     _ssm_out[(triton.cdiv(D, bn), nb)](
         x, tokens, yg, mnorm_w, out_w, ring, t, out, B, D, DI, N, m_eps, x.stride(0), yg.stride(0), out_w.stride(0),
         ring.stride(0), srs, out.stride(0),
-        KS=KS, DIP=_pow2(DI), NB2=_pow2(2 * N), BLOCK_N=bn, BLOCK_B=bb, GATHER=gather, IEEE=ieee, num_warps=nw)
+        KS=KS, DIP=_pow2(DI), NB2=_pow2(2 * N), BLOCK_N=bn, BLOCK_B=bb, GATHER=gather, IEEE=ieee, num_warps=nw, **pdl)
     return out
 
 
@@ -280,7 +293,8 @@ def entropy_head_launch(h, norm_w, head_w, eps: float) -> torch.Tensor:
     _entropy_head[(nb,)](
         h, norm_w, head_w, ent, B, D, V, eps, h.stride(0), head_w.stride(0),
         DP=DP, VP=_pow2(V), BLOCK_K=min(DP, _pow2(_CONFIG["head_block_k"])), BLOCK_B=bb,
-        IEEE=h.dtype == torch.float32 or h.device.type != "cuda", num_warps=_CONFIG["num_warps"])
+        IEEE=h.dtype == torch.float32 or h.device.type != "cuda", num_warps=_CONFIG["num_warps"],
+        **pdl_kwargs(h.device))  # it loads nothing before its wait: PDL is safe whatever the weights
     return ent
 
 
@@ -293,10 +307,12 @@ def ssm_block_step_op(x: torch.Tensor, ssm: torch.Tensor, ring: torch.Tensor, t:
                       mnorm_w: torch.Tensor, out_w: torch.Tensor, eps: float, m_eps: float,
                       gather: bool) -> torch.Tensor:
     x = x if x.stride(-1) == 1 else x.contiguous()
+    # a weight copied here is written by a kernel of this step: no loading it before the wait (pdl.py)
+    pdl_safe = all(w.is_contiguous() for w in (norm_w, in_w, mnorm_w, out_w))
     return ssm_step_launch(x, ssm, ring, t.contiguous(), tokens.contiguous(), table.contiguous(),
                            norm_w.contiguous(), in_w.contiguous(), conv_w.contiguous(), conv_b.contiguous(),
                            dt_bias.contiguous(), neg_a.contiguous(), d_skip.contiguous(), mnorm_w.contiguous(),
-                           out_w.contiguous(), eps, m_eps, gather)
+                           out_w.contiguous(), eps, m_eps, gather, pdl_safe=pdl_safe)
 
 
 @ssm_block_step_op.register_fake
