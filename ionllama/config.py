@@ -22,6 +22,9 @@ class ModelConfig:
     # Mamba blocks have none): a regulariser for runs that see the training data many times (Phase 1: 8-13
     # epochs of Gutenberg in 7 minutes). Off by default; a no-op in eval mode and in generation.
     dropout: float = 0.0
+    # ionllama: the byte-level (local encoder / decoder) blocks' rate when it should differ from the latent's;
+    # None: `dropout`. The byte level sees every byte and has few weights: at 8 epochs it may need less
+    local_dropout: float | None = None
     # ionllama: byte-level local layers
     d_local: int = 128
     n_enc_layers: int = 1

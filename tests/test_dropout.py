@@ -79,3 +79,26 @@ def test_generation_ignores_dropout_even_from_a_model_in_training_mode():
 def test_bad_dropout_is_a_user_error():
     with pytest.raises(UserError, match="dropout must be in"):
         create_model("tiny", model="dense", dropout=1.0)
+
+
+@pytest.mark.parametrize("local", [0.0, 0.2])
+def test_local_dropout_sets_the_byte_level_rate_alone(local):
+    """local_dropout: the local encoder / decoder blocks' rate; the latent keeps `dropout`; unset, one rate for all."""
+    torch.manual_seed(0)
+    m = create_model("tiny", model="ionllama", dropout=0.1, local_dropout=local, **dict(TINY, patching="fixed"))
+    latent = [blk.drop.p for blk in m.latent.blocks]
+    local_p = [blk.drop.p for blk in list(m.encoder) + list(m.decoder)]
+    assert latent == [0.1, 0.1] and local_p == [local, local]
+    assert create_model("tiny", model="ionllama", dropout=0.1, **TINY).config.local_dropout is None
+    both = [b.drop.p for b in create_model("tiny", model="ionllama", dropout=0.1, **TINY).modules()
+            if hasattr(b, "drop")]
+    assert both == [0.1] * 4  # unset: the one rate everywhere, as before
+    with pytest.raises(UserError, match="dropout must be in"):
+        create_model("tiny", model="ionllama", local_dropout=1.5, **TINY)
+
+
+def test_local_dropout_reaches_the_trainer_and_the_experiment_runner():
+    from ionllama.experiment import MODEL_KEYS, parse_overrides
+    from ionllama.train.cli import MODEL_OVERRIDES
+    assert MODEL_OVERRIDES["local_dropout"] is float and "local_dropout" in MODEL_KEYS
+    assert parse_overrides(["dropout=0.1,local_dropout=0"]) == {"dropout": 0.1, "local_dropout": 0}

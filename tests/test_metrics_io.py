@@ -43,3 +43,24 @@ def test_pack_results_gzips_large_metrics_and_logs(tmp_path):
     assert not big.exists() and not log.exists()
     assert read_metrics(tmp_path / "arm") == recs
     assert gzip.open(str(log) + ".gz", "rt").read() == "step 1 loss 2.0\n" * 4000
+
+
+def test_train_val_gap_reads_the_tail_of_training_rows(tmp_path):
+    """scripts/train_val_gap.py: mean training BPB over the last share of rows, final and best val BPB; a folder
+    without metrics is a one-line error (exit 2) before any table is printed."""
+    import sys
+    run = tmp_path / "run"
+    run.mkdir()
+    recs = [{"step": i, "bpb": 2.0 - i / 100} for i in range(100)]
+    recs += [{"step": 50, "val_bpb": 1.9}, {"step": 99, "val_bpb": 1.95}]
+    with gzip.open(run / "metrics.jsonl.gz", "wt") as f:
+        f.write("\n".join(json.dumps(r) for r in recs))
+    r = subprocess.run([sys.executable, "scripts/train_val_gap.py", str(run), "--tail", "0.1"],
+                       capture_output=True, text=True, check=True)
+    row = r.stdout.strip().splitlines()[-1].split("|")
+    train = sum(2.0 - i / 100 for i in range(90, 100)) / 10  # rows 90..99
+    assert [float(c) for c in row[2:6]] == pytest.approx([train, 1.95, 1.9, 1.95 - train], abs=1e-4)
+    bad = subprocess.run([sys.executable, "scripts/train_val_gap.py", str(run), str(tmp_path / "none")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stdout == "" and "no metrics.jsonl" in bad.stderr
+    assert "Traceback" not in bad.stderr

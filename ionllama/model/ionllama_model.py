@@ -34,10 +34,11 @@ PATCH_PAD = 16
 
 def make_local_layer(cfg: ModelConfig) -> nn.Module:
     hidden = swiglu_hidden(cfg.d_local, cfg.ffn_mult)
+    p = cfg.dropout if cfg.local_dropout is None else cfg.local_dropout
     if cfg.local_layers == "integral":
-        return IntegralLNNBlock(cfg.d_local, hidden, cfg.conv_kernel, cfg.scan_chunk, dropout=cfg.dropout)
+        return IntegralLNNBlock(cfg.d_local, hidden, cfg.conv_kernel, cfg.scan_chunk, dropout=p)
     if cfg.local_layers == "transformer":
-        return LocalAttentionBlock(cfg.d_local, max(1, cfg.d_local // 64), hidden, cfg.local_window, cfg.dropout)
+        return LocalAttentionBlock(cfg.d_local, max(1, cfg.d_local // 64), hidden, cfg.local_window, p)
     raise ValueError(f"unknown local_layers {cfg.local_layers!r}")
 
 

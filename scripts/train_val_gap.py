@@ -1,0 +1,53 @@
+"""Training BPB at the end of a run against its final val BPB, from committed run folders (metrics.jsonl[.gz]).
+
+    python scripts/train_val_gap.py docs/results/phase1-sweep/bpe docs/results/phase1-dropout/bpe ...
+
+Training BPB: the mean of the logged training rows over the last `--tail` share of them (training batches, in
+training mode: with dropout active where the run used it, so not comparable across dropout settings). A large
+positive gap with a val curve that has stopped falling points at overfitting; a small one at a compute limit.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ionllama.errors import UserError, cli_entry  # noqa: E402
+from ionllama.train.metrics import metrics_file, read_metrics  # noqa: E402
+
+
+def gap_row(run: Path, tail: float) -> dict:
+    if not metrics_file(run):
+        raise UserError(f"{run}: no metrics.jsonl or metrics.jsonl.gz; pass a run folder "
+                        f"(e.g. docs/results/phase1-dropout/bpe)")
+    rows = read_metrics(run)
+    train = [r for r in rows if "bpb" in r and "val_bpb" not in r]
+    evals = [r for r in rows if "val_bpb" in r]
+    if not train or not evals:
+        raise UserError(f"{run}: needs logged training rows and at least one val evaluation")
+    last = train[int(len(train) * (1 - tail)):] or train[-1:]
+    train_bpb = statistics.mean(r["bpb"] for r in last)
+    best = min(r["val_bpb"] for r in evals)
+    return dict(run=str(run), train_bpb=train_bpb, val_final=evals[-1]["val_bpb"], val_best=best,
+                gap=evals[-1]["val_bpb"] - train_bpb)
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--tail", type=float, default=0.05, help="share of the last training rows averaged")
+    a = ap.parse_args(argv)
+    if not 0 < a.tail <= 1:
+        raise UserError(f"--tail {a.tail} must be in (0, 1]")
+    rows = [gap_row(run, a.tail) for run in a.runs]  # every folder checked before anything is printed
+    print(f"| run | training BPB (last {a.tail:.0%} of rows) | final val BPB | best val BPB | gap (val - train) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['run']} | {r['train_bpb']:.4f} | {r['val_final']:.4f} | {r['val_best']:.4f} | {r['gap']:+.4f} |")
+
+
+if __name__ == "__main__":
+    main()
