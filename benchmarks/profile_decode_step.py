@@ -77,6 +77,11 @@ SWEEPS = {
 }
 
 
+# On / off keys of --grid: pdl (programmatic dependent launch of every fused step, kernels/pdl.py) and persistent
+# (the IntegralLNN step as one launch with grid barriers, lnn_step_triton._lnn_layer_persistent)
+SWITCHES = ("pdl", "persistent")
+
+
 # ------------------------------------------------------------------------------------------ aggregation
 def family(name: str) -> str:
     if re.match(r"_(lnn|ssm|latent|entropy)_", name):  # the @triton.jit kernels of kernels/*_step_triton.py
@@ -242,9 +247,9 @@ def parse_grid(kind: str, specs: list[str] | None) -> list[dict]:
             except ValueError:
                 raise UserError(f"--grid {key}: values must be integers, got {vals!r}") from None
     for key, vals in grid.items():
-        if key == "pdl":  # programmatic dependent launch (kernels/pdl.py) off / on; repeats allowed (A B A B)
+        if key in SWITCHES:  # off / on; repeats allowed (A B A B)
             if any(v not in (0, 1) for v in vals):
-                raise UserError(f"--grid pdl: values must be 0 or 1, got {list(vals)}")
+                raise UserError(f"--grid {key}: values must be 0 or 1, got {list(vals)}")
             continue
         bad = [v for v in vals if v < 1 or v & (v - 1)]
         if bad:

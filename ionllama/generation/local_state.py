@@ -58,8 +58,9 @@ class IntegralState:
         self.fused_step = None
         if fused:
             self.fused_step = fused_step_fn(torch.device(device), dtype)
-            from ..kernels.lnn_step_triton import check_block_state
+            from ..kernels.lnn_step_triton import check_block_state, new_barrier
             check_block_state(layer, dtype, self.cache["h"], self.cache["conv"], self.decay)
+            self.barrier = new_barrier(device)  # the persistent kernel's counter (lnn_step_triton)
 
     def prefill(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         y, st = self.layer(x, return_state=True)
@@ -73,7 +74,7 @@ class IntegralState:
         """IntegralLNNBlock.step with the ring conv buffer."""
         layer = self.layer
         if self.fused_step is not None:
-            return self.fused_step(layer, x_t, self.cache["h"], self.cache["conv"], t, self.decay)
+            return self.fused_step(layer, x_t, self.cache["h"], self.cache["conv"], t, self.decay, self.barrier)
         if self.ring is None:  # conv kernel 1: no buffer
             y, new = layer.step(x_t, self.cache, decay=self.decay)
             self.cache["h"].copy_(new["h"])
