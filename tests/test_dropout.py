@@ -101,4 +101,5 @@ def test_local_dropout_reaches_the_trainer_and_the_experiment_runner():
     from ionllama.experiment import MODEL_KEYS, parse_overrides
     from ionllama.train.cli import MODEL_OVERRIDES
     assert MODEL_OVERRIDES["local_dropout"] is float and "local_dropout" in MODEL_KEYS
+    assert MODEL_OVERRIDES["fixed_patch_size"] is int and "fixed_patch_size" in MODEL_KEYS  # a patch-size arm
     assert parse_overrides(["dropout=0.1,local_dropout=0"]) == {"dropout": 0.1, "local_dropout": 0}
