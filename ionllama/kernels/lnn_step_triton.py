@@ -14,10 +14,12 @@ Why: batch-1 generation is GPU-bound on kernel count (issue #4): compiled, a blo
 On Hopper each kernel launches with PDL (pdl.py): it loads its weight tiles while the previous kernel is still
 running, then waits for it. Opt-in (_CONFIG["persistent"], CUDA only, not yet measured): the four stages as one
 launch, _lnn_layer_persistent, whose programs meet at grid barriers (an atomic counter per layer state) instead
-of kernel boundaries; each stage is the same @triton.jit function in both forms. Grid of each kernel: (output channel blocks, batch row blocks). Every program recomputes the norm of its
-whole rows (d is small: the row is one tile); a GEMV is ``tl.dot`` of the rows (padded to BLOCK_B >= 16,
-the MMA minimum) with the program's weight rows, fp32 accumulation (fp32 models: input_precision ieee, not
-tf32; under the CPU interpreter the operands are upcast to fp32, see _rows_times_wt).
+of kernel boundaries; each stage is the same @triton.jit function in both forms.
+
+Grid of each kernel: (output channel blocks, batch row blocks). Every program recomputes the norm of its whole
+rows (d is small: the row is one tile); a GEMV is ``tl.dot`` of the rows (padded to BLOCK_B >= 16, the MMA
+minimum) with the program's weight rows, fp32 accumulation (fp32 models: input_precision ieee, not tf32; under
+the CPU interpreter the operands are upcast to fp32, see _rows_times_wt).
 
 Ring buffer (as local_state.RingConv): buf (B, k, 2D), k = conv kernel - 1, holds the input of byte p in
 slot p % k; at step t slot s is multiplied by conv weight tap (s - t) mod k (tap k multiplies the new input),
