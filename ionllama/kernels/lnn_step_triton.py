@@ -341,6 +341,8 @@ def _lnn_layer_persistent(X, NW1, WIN, CW, CB, RING, H, DECAY, T, O, SNW, WOUT, 
     last = tl.atomic_add(BAR, 1, sem="acq_rel", scope="gpu")
     if last == 4 * npg - 1:
         tl.atomic_xchg(BAR, 0, sem="relaxed", scope="gpu")
+
+
 # Output channels per program of each kernel (K1 and K2, K4: of d; K3: of the SwiGLU hidden width), K4's
 # step over the hidden width, warps. Rows per program: 16 (the tl.dot minimum) up to 32 (max_block_b).
 # Set from the one launch-config sweep so far (H200, `small`, batch 1, bf16; 25 points, each point's bytes equal
