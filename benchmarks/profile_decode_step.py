@@ -73,7 +73,9 @@ SWEEPS = {
     "latent": dict(module="ionllama.kernels.latent_step_triton", setter="set_latent_step_config",
                    flag="--fused_latent_step on", attr="fused_latent_step",
                    aliases={"block_n": ("qkv_block_j", "proj_block_n", "up_block_n", "down_block_n")},
-                   grid={"block_n": (16, 32, 64), "num_warps": (1, 2, 4, 8), "down_block_k": (64, 256)}),
+                   # the default K step (128) is the sweep's first row; d 512 and hidden 1376 make longer K loops
+                   # than the local step's, so longer steps are tried
+                   grid={"block_n": (16, 32, 64), "num_warps": (1, 2, 4, 8), "down_block_k": (256, 512)}),
 }
 
 
