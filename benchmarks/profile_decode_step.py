@@ -366,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "default: " + "; ".join(f"{k}: " + " ".join(f"{a}={','.join(map(str, v))}"
                                                                        for a, v in sw["grid"].items())
                                                  for k, sw in SWEEPS.items()))
+    ap.add_argument("--pdl", choices=("on", "off"), default="on",
+                    help="programmatic dependent launch of the fused steps (kernels/pdl.py). Profile with 'off' for "
+                         "per-kernel costs: under PDL a kernel's recorded time includes waiting for its predecessor")
     ap.add_argument("--budget_s", type=float, default=480, help="the sweep stops starting points after this")
     ap.add_argument("--out", default=".")
     ap.add_argument("--threads", type=int, default=0, help="CPU intra-op threads (0: torch default)")
@@ -390,6 +393,7 @@ def main(argv: list[str] | None = None) -> dict:
     points = parse_grid(kind, args.grid) if kind else None  # bad grids fail before any model is built
     if args.threads:
         torch.set_num_threads(args.threads)
+    set_pdl(args.pdl == "on")  # a sweep's pdl points override it per point
     for name in ("recompile_limit", "cache_size_limit") if cuda and not args.no_compile else ():  # as bench_generation
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))

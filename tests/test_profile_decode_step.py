@@ -16,8 +16,15 @@ _spec.loader.exec_module(pds)
 
 
 def test_cpu_profile_rows_add_up(tmp_path):
-    pds.main(["--device", "cpu", "--size", "tiny", "--bytes", "8", "--context", "32", "--out", str(tmp_path)])
+    from ionllama.kernels.pdl import set_pdl
+    try:
+        pds.main(["--device", "cpu", "--size", "tiny", "--bytes", "8", "--context", "32", "--out", str(tmp_path),
+                  "--pdl", "off"])
+        assert set_pdl(True) is False  # --pdl off reached the launch switch (restored here)
+    finally:
+        set_pdl(True)
     res = json.loads((tmp_path / "profile_decode_step.json").read_text())
+    assert res["env"]["flags"]["pdl"] == "off"
     rows, summ, fams = res["rows"], res["summary"], res["families"]
     assert summ["bytes"] == 8 and len(rows) > 10
     # per-byte totals: the rows and the families add up to the summary, each row is calls x mean
