@@ -310,8 +310,6 @@ def check_lnn_step(device: str, dtype: torch.dtype, B: int, D: int, steps: int =
     t = torch.randint(0, 10, (B,), generator=gen).to(device)
     h_ptr, ring_ptr = fused.cache["h"].data_ptr(), fused.cache["conv"].data_ptr()
     step = fused.step
-    old_cfg = ls.set_lnn_step_config(persistent=int(persistent))
-    ran = ls.use_persistent(torch.device(device), B, D, blk.ffn.w_out.weight.shape[1])
     errs = {"out": 0.0, "h": 0.0, "ring": 0.0}
     if compiled:
         from torch._inductor.utils import run_and_get_code
@@ -326,7 +324,9 @@ def check_lnn_step(device: str, dtype: torch.dtype, B: int, D: int, steps: int =
             y, code = run_and_get_code(compiled_step, x, t)
             codes.extend(code)
             return y
+    old_cfg = ls.set_lnn_step_config(persistent=int(persistent))  # restored in the finally below
     try:
+        ran = ls.use_persistent(torch.device(device), B, D, blk.ffn.w_out.weight.shape[1])
         with torch.no_grad():
             for _ in range(steps):
                 x = torch.randn(B, D, generator=gen).to(device, dtype)
