@@ -175,6 +175,10 @@ def test_kernel_matches_reference_interpreter(interpreter_rows, idx):
         else:  # bf16: an attention output can round one ulp (2^-8) apart from SDPA's (its own key blocking and
             # exp; observed for dense attention: caches <= 7e-4, ctx <= 7.5e-3 after two blocks), and spread
             tol.update(k=2e-3, v=2e-3)
+    if row["kind"] == "ssm_step" and row["dtype"] == "fp32":
+        # the entropy of one row's softmax (log(sum) - sum(p z) / sum, fp32 exp / log): at B 1, D 16 three seeds of
+        # 360 came out 1.1-1.7e-5 apart (tenth session; one CI run 2.2e-5); a wrong formula or row is off by >1e-2
+        tol.update(ent=5e-5)
     for name, e in errs.items():
         assert e <= tol[name], f"{row['kind']} {row['dtype']} {row['shape']}: {name} rel err {e:.3e} > {tol[name]}"
 
