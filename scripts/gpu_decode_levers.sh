@@ -11,6 +11,7 @@
 #                 with and without the fused entropy step (two processes, --grid pdl=1,1 each: two timings)
 #   inductor_pdl  the default byte graph with TORCHINDUCTOR_ENABLE_PDL=1 (compare with entropy's "base" run)
 #   latent        the fused latent step's launch-config sweep (--sweep_latent, default grid)
+# The archive is rewritten after every step, so an outer timeout keeps the steps that finished.
 # Env: STEPS (default: all, in the order above), BYTES (1024), BUDGET (150 s per sweep).
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
@@ -22,6 +23,7 @@ run() {  # name, timeout, command...
   echo "== $name ($(date +%T)): $*" >> "$R/log.txt"
   timeout "$t" "$@" > "$R/log_$name.txt" 2>&1
   echo "   rc $? ($(date +%T))" >> "$R/log.txt"
+  tar czf "$OUT/decode_levers.tgz.part" -C "$OUT" decode_levers && mv "$OUT/decode_levers.tgz.part" "$OUT/decode_levers.tgz"
 }
 for step in ${STEPS:-check_ssm check_lnn persistent entropy inductor_pdl latent}; do
   case $step in
