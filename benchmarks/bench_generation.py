@@ -99,7 +99,8 @@ class Bench:
         """A decoder + runner reused across measurements: prefill is in place, so the captured
         graphs (and compiled code) stay valid; only the dense KV length depends on max_len."""
         m, _ = self.model(kind)
-        fused = dict(fused_local_step=FUSED[self.args.fused_local_step], fused_entropy_step=self.args.fused_entropy_step,
+        fused = dict(fused_local_step=FUSED[self.args.fused_local_step],
+                     fused_entropy_step=FUSED[self.args.fused_entropy_step],
                      fused_latent_step=FUSED[self.args.fused_latent_step]) if kind == "ionllama" else {}
         dec = decoder_for(m, B, max_len, **fused)
         seeds = torch.arange(B, device=self.device)
@@ -283,10 +284,10 @@ def main():
                     help="ionLlama's IntegralLNN local layers step through the fused Triton kernels "
                          "(ionllama/kernels/lnn_step_triton.py): on, off, or auto (the library's default: CUDA, "
                          "<= 16 rows); rows that used them are labelled ', fused local step'")
-    ap.add_argument("--fused_entropy_step", action="store_true",
+    ap.add_argument("--fused_entropy_step", nargs="?", const="on", default="auto", choices=list(FUSED),
                     help="ionLlama's entropy model (Mamba blocks + head) steps through the fused Triton kernels "
-                         "(ionllama/kernels/ssm_step_triton.py; off by default: no faster on an H200); rows that used them "
-                         "are labelled ', fused entropy step'")
+                         "(ionllama/kernels/ssm_step_triton.py): on, off, or auto (the library's default: CUDA, "
+                         "<= 16 rows, entropy patching); rows that used them are labelled ', fused entropy step'")
     ap.add_argument("--fused_latent_step", nargs="?", const="on", default="auto", choices=list(FUSED),
                     help="ionLlama's latent blocks step through the fused Triton kernels "
                          "(ionllama/kernels/latent_step_triton.py): on, off, or auto (the library's default: CUDA, "
@@ -313,7 +314,7 @@ def main():
     b = Bench(args)
     try:
         checks = correctness_checks(b.device, args.compile, args.fused_local_step != "off" and b.device.type == "cuda",
-                                    args.fused_entropy_step and b.device.type == "cuda",
+                                    args.fused_entropy_step != "off" and b.device.type == "cuda",
                                     args.fused_latent_step != "off" and b.device.type == "cuda")
     except Exception as e:
         traceback.print_exc()

@@ -421,27 +421,41 @@ def test_fused_local_step_auto_on_cuda_only_and_refused_where_it_cannot_run(ion,
     assert decoder_for(ion, 1, 16, kind="recompute") is not None and decoder_for(dense, 1, 16) is not None
 
 
-def test_fused_entropy_step_is_opt_in_and_refused_where_it_cannot_run(ion, dense, monkeypatch):
+def test_fused_entropy_step_auto_on_cuda_only_and_refused_where_it_cannot_run(ion, dense, monkeypatch):
     """The fused entropy-model step (ionllama/kernels/ssm_step_triton.py; its numbers are checked against
-    MambaState.step under the interpreter in test_kernels.py) is off by default; asked for on CPU without
-    TRITON_INTERPRET=1, for a model without an entropy model in use, or for the recompute decoder, it is refused
-    with a UserError (no silent fallback)."""
+    MambaState.step under the interpreter in test_kernels.py). "auto", the default, picks it only where
+    local_state.fused_step_auto says so for the entropy kernels (CUDA, <= 16 rows) and the model patches by
+    entropy, and never errors; True asked for on CPU without TRITON_INTERPRET=1, for a model without an entropy
+    model in use, or for the recompute decoder, is refused with a UserError (no silent fallback)."""
+    from ionllama.generation import local_state
+
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    dec = decoder_for(ion, 1, 16)
+    dec = decoder_for(ion, 1, 16)  # auto on CPU: the PyTorch step
     assert not dec.fused_entropy_step and dec.ent_head is None
     assert all(st.fused_step is None for st in dec.ent_states) and len(dec.ent_states) == TINY["n_entropy_layers"]
-    _assert_refused_where_it_cannot_run(ion, dense, "fused_entropy_step", "auto", "True or False")
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    assert not local_state.fused_step_auto(torch.device("cpu"), bf16, 1, local_state.fused_entropy_fn)
+    assert not local_state.fused_step_auto(cuda, bf16, local_state.FUSED_AUTO_MAX_BATCH + 1,
+                                           local_state.fused_entropy_fn)
+    _assert_refused_where_it_cannot_run(ion, dense, "fused_entropy_step", "yes", "True, False or 'auto'")
     fixed = create_model("tiny", **TINY, patching="fixed").eval()
     with pytest.raises(UserError, match="patching='fixed'"):
         decoder_for(fixed, 1, 16, fused_entropy_step=True)
+    # where "auto" says yes for the entropy kernels only (as on CUDA): the entropy-patching decoder takes the
+    # step, a fixed-patching one (no entropy model in use) does not and raises nothing
+    real = local_state.fused_step_auto
+    monkeypatch.setattr(local_state, "fused_step_auto",
+                        lambda dev, dt, b, kernels=None: kernels is local_state.fused_entropy_fn or real(dev, dt, b))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     try:
         import triton  # noqa: F401
     except ImportError:
         return
-    dec = decoder_for(ion, 1, 16, fused_entropy_step=True)  # built, not run (the kernels run in a subprocess)
-    assert dec.fused_entropy_step and dec.ent_head is not None
+    dec = decoder_for(ion, 1, 16)  # built, not run (the kernels run in a subprocess)
+    assert dec.fused_entropy_step and dec.ent_head is not None and not dec.fused_local_step
     assert all(st.fused_step is not None for st in dec.ent_states)
+    assert not decoder_for(fixed, 1, 16).fused_entropy_step
+    assert not decoder_for(ion, 1, 16, fused_entropy_step=False).fused_entropy_step
 
 
 def test_fused_latent_step_auto_on_cuda_only_and_refused_where_it_cannot_run(ion, dense, monkeypatch):

@@ -221,8 +221,9 @@ def fused_latent_fn(device: torch.device, dtype: torch.dtype):
 # "auto" uses a fused step where it was measured: on CUDA, for up to one 16-row MMA tile of rows (the kernels
 # pad batch 1 to 16 rows, so 1-16 rows run the same kernel shapes). H200 bf16, batch 1, outputs equal to the
 # PyTorch step: the local step 4,013 -> 5,280 bytes/s (seventh session); the latent step 0.383 -> 0.295 ms of
-# GPU time per patch (eighth; docs/results/generation.md). Larger batches keep the PyTorch steps until measured.
-# The fused entropy-model step has no "auto": it did not make the byte step faster (0.129 ms either way).
+# GPU time per patch (eighth; docs/results/generation.md); the entropy-model step, once its kernels launched
+# with PDL, the byte graph 0.109-0.110 -> 0.102-0.105 ms (eleventh; without PDL it had gained nothing). Larger
+# batches keep the PyTorch steps until measured.
 FUSED_AUTO_MAX_BATCH = 16
 
 
