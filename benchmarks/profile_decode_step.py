@@ -33,6 +33,7 @@ Writes profile_decode_step.{json,md} (or sweep_<kernel>.{json,md}) into --out.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import itertools
 import json
@@ -67,15 +68,15 @@ SWEEPS = {
                 aliases={"block_n": ("in_block_n", "out_block_n", "up_block_n", "down_block_n")},
                 grid={"block_n": (16, 32, 64), "num_warps": (1, 2, 4, 8), "down_block_k": (64, 256)}),
     "ssm": dict(module="ionllama.kernels.ssm_step_triton", setter="set_ssm_step_config",
-                flag="--fused_entropy_step", attr="fused_entropy_step",
+                flag="--fused_entropy_step on", attr="fused_entropy_step",
                 aliases={"block_n": ("scan_block_c", "out_block_n")},
                 grid={"block_n": (16, 32, 64), "num_warps": (1, 2, 4, 8), "head_block_k": (32, 64)}),
     "latent": dict(module="ionllama.kernels.latent_step_triton", setter="set_latent_step_config",
                    flag="--fused_latent_step on", attr="fused_latent_step",
                    aliases={"block_n": ("qkv_block_j", "proj_block_n", "up_block_n", "down_block_n")},
-                   # the default K step (128) is the sweep's first row; d 512 and hidden 1376 make longer K loops
-                   # than the local step's, so longer steps are tried
-                   grid={"block_n": (16, 32, 64), "num_warps": (1, 2, 4, 8), "down_block_k": (256, 512)}),
+                   # the eleventh session's sweep (1, 2, 4, 8 warps; K step 256 / 512) picked 32 / 4 / 512; one
+                   # warp lost by far and block 64 was not reached, so this grid tries longer K steps and block 64
+                   grid={"block_n": (16, 32, 64), "num_warps": (2, 4, 8), "down_block_k": (512, 1024)}),
 }
 
 
@@ -321,10 +322,14 @@ def run_sweep(args, kind: str, points: list[dict]) -> list[dict]:
     finally:
         setter(**default)
     default["pdl"] = int(pdl_default)
-    result = dict(env=env(args, s), kernel=kind, default_config=default, bytes=n,
+    # the reference bytes' digest: "equal" compares points within this process; the digest compares processes
+    # (e.g. a compiler setting that needs its own process, TORCHINDUCTOR_ENABLE_PDL=1, against the default)
+    digest = hashlib.sha256(bytes(ref or [])).hexdigest()[:16]
+    result = dict(env=env(args, s), kernel=kind, default_config=default, bytes=n, ref_bytes_sha256=digest,
                   rows=sorted(rows, key=lambda r: r.get("ms_per_byte", float("inf"))))
     keys = list(dict.fromkeys(k for p in points for k in p))
     lines = [f"env: {json.dumps(result['env'], default=str)}", "", f"default {kind} config: {json.dumps(default)}", "",
+             f"reference bytes ({n}, the default configuration's): sha256 {digest}", "",
              "| point | " + " | ".join(keys) + " | ms/byte | bytes/s | byte graph GPU ms | latent graph GPU ms | equal | setup s |",
              "|" + "---|" * (len(keys) + 7)]
     for r in result["rows"]:
@@ -354,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no_compile", action="store_true", help="cuda: graphs of the eager steps (no torch.compile)")
     ap.add_argument("--fused_local_step", nargs="?", const="on", default="auto", choices=list(FUSED),
                     help="the IntegralLNN local layers' fused Triton step (as bench_generation.py)")
-    ap.add_argument("--fused_entropy_step", action="store_true", help="the entropy model's fused Triton step")
+    ap.add_argument("--fused_entropy_step", nargs="?", const="on", default="auto", choices=list(FUSED),
+                    help="the entropy model's fused Triton step (as bench_generation.py)")
     ap.add_argument("--fused_latent_step", nargs="?", const="on", default="auto", choices=list(FUSED),
                     help="the latent blocks' fused Triton step (as bench_generation.py)")
     group = ap.add_mutually_exclusive_group()
