@@ -80,9 +80,8 @@ SWEEPS = {
 }
 
 
-# On / off keys of --grid: pdl (programmatic dependent launch of every fused step, kernels/pdl.py) and persistent
-# (the IntegralLNN step as one launch with grid barriers, lnn_step_triton._lnn_layer_persistent)
-SWITCHES = ("pdl", "persistent")
+# On / off keys of --grid: pdl (programmatic dependent launch of every fused step, kernels/pdl.py)
+SWITCHES = ("pdl",)
 
 
 # ------------------------------------------------------------------------------------------ aggregation

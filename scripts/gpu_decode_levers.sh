@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # The batch-1 decode levers prepared in the tenth session (issue #4, runbook orders 1 and 1b), on one GPU, each an
 # A/B inside one process (alternating points; bytes checked equal) or a correctness check first. Usage on the device:
-#   STEPS="check_ssm check_lnn persistent entropy inductor_pdl latent" bash scripts/gpu_decode_levers.sh
-# Steps (each under its own timeout, so a hung grid barrier cannot eat the call; results under $OUT, packed into
+#   STEPS="check_ssm check_lnn entropy inductor_pdl latent" bash scripts/gpu_decode_levers.sh
+# Steps (each under its own timeout, so a hung step cannot eat the call; results under $OUT, packed into
 # $OUT/decode_levers.tgz at the end):
 #   check_ssm     selfcheck of the fused entropy step with PDL (ssm_step, ssm_generate)
-#   check_lnn     selfcheck of the IntegralLNN step incl. the persistent-kernel rows (lnn_step, lnn_generate)
-#   persistent    --sweep_lnn --grid persistent=0,1,0,1 (one launch per layer vs four)
+#   check_lnn     selfcheck of the IntegralLNN step (lnn_step, lnn_generate)
 #   entropy       the fused entropy step's own PDL A/B (--sweep_ssm --grid pdl=0,1,0,1), then the default byte graph
 #                 with and without the fused entropy step (two processes, --grid pdl=1,1 each: two timings)
 #   inductor_pdl  the default byte graph with TORCHINDUCTOR_ENABLE_PDL=1 (compare with entropy's "base" run)
@@ -25,13 +24,12 @@ run() {  # name, timeout, command...
   echo "   rc $? ($(date +%T))" >> "$R/log.txt"
   tar czf "$OUT/decode_levers.tgz.part" -C "$OUT" decode_levers && mv "$OUT/decode_levers.tgz.part" "$OUT/decode_levers.tgz"
 }
-for step in ${STEPS:-check_ssm check_lnn persistent entropy inductor_pdl latent}; do
+for step in ${STEPS:-check_ssm check_lnn entropy inductor_pdl latent}; do
   case $step in
     check_ssm) run check_ssm 180 python3 -m ionllama.kernels.selfcheck --device cuda --large --kinds ssm_step,ssm_generate \
                  --json "$R/selfcheck_ssm.json" ;;
     check_lnn) run check_lnn 240 python3 -m ionllama.kernels.selfcheck --device cuda --large --kinds lnn_step,lnn_generate \
                  --json "$R/selfcheck_lnn.json" ;;
-    persistent) run persistent $((BUDGET + 90)) $P --sweep_lnn --grid persistent=0,1,0,1 --out "$R/persistent" ;;
     entropy)
       run entropy_pdl $((BUDGET + 90)) $P --fused_entropy_step --sweep_ssm --grid pdl=0,1,0,1 --out "$R/entropy_pdl"
       run base $((BUDGET + 90)) $P --sweep_lnn --grid pdl=1,1 --out "$R/base"
@@ -39,7 +37,7 @@ for step in ${STEPS:-check_ssm check_lnn persistent entropy inductor_pdl latent}
     inductor_pdl) run inductor_pdl $((BUDGET + 90)) env TORCHINDUCTOR_ENABLE_PDL=1 $P --sweep_lnn --grid pdl=1,1 \
                     --out "$R/inductor_pdl" ;;
     latent) run latent $((BUDGET + 90)) $P --sweep_latent --out "$R/latent" ;;
-    *) echo "unknown step '$step'; steps: check_ssm check_lnn persistent entropy inductor_pdl latent" >&2; exit 2 ;;
+    *) echo "unknown step '$step'; steps: check_ssm check_lnn entropy inductor_pdl latent" >&2; exit 2 ;;
   esac
 done
 grep -h "^PASS\|^FAIL" "$R"/log_check_*.txt 2>/dev/null | cut -c1-160

@@ -360,54 +360,6 @@ def test_lnn_step_kernels_compile_for_hopper():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-def test_persistent_lnn_kernel_compiles_with_single_thread_barriers():
-    """The one-launch IntegralLNN step (grid barriers between the four stages) cannot run under the interpreter
-    (its programs run one after another): compiled for sm_90, its PTX must wait for the previous kernel once,
-    arrive at each barrier from one thread per program (a predicated acq_rel add: one arrival per program, not
-    per thread) and poll with acquire loads; the last program out resets the counter."""
-    from ionllama.kernels import lnn_step_triton as ls
-    k = ls._lnn_layer_persistent
-    const = dict(KS=3, DP=256, BN_D=32, BN_H=32, BLOCK_K=256, BLOCK_B=16, IEEE=False, MAX_SPIN=1 << 22)
-    types = {"H": "*fp32", "DECAY": "*fp32", "T": "*i64", "BAR": "*i32"}
-    sig = {n: "constexpr" if n in const or n == "GDC" else
-           (types.get(n, "*bf16") if n.isupper() and n not in ("B", "D", "HID") else
-            ("fp32" if n.startswith("eps") else "i32")) for n in k.arg_names}
-    _assert_compiles_for_sm90(k, sig, const, prefetch=True)
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    ptx = triton.compile(ASTSource(fn=k, signature=sig, constexprs=dict(const, GDC=True)),
-                         target=GPUTarget("cuda", 90, 32)).asm["ptx"]
-    arrivals = re.findall(r"(@%p\d+)?\s*atom\.global\.gpu\.acq_rel\.add", ptx)
-    assert len(arrivals) >= 4 and all(pred for pred in arrivals)  # 3 barriers + the exit count, one thread each
-    assert "ld.global.gpu.acquire" in ptx and "exch" in ptx
-
-
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-def test_persistent_lnn_step_only_where_it_can_run(monkeypatch):
-    """Off by default; never on CPU or under the interpreter; one row block only."""
-    from ionllama.kernels import lnn_step_triton as ls
-    cpu = torch.device("cpu")
-    assert ls._CONFIG["persistent"] == 0 and not ls.use_persistent(cpu, 1, 256, 704)
-    old = ls.set_lnn_step_config(persistent=1)
-    try:
-        assert not ls.use_persistent(cpu, 1, 256, 704)
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        assert not ls.use_persistent(torch.device("cuda"), 1, 256, 704)
-        monkeypatch.delenv("TRITON_INTERPRET")
-        if torch.cuda.is_available():
-            assert ls.use_persistent(torch.device("cuda"), 1, 256, 704)
-            assert not ls.use_persistent(torch.device("cuda"), 33, 256, 704)  # two row blocks
-    finally:
-        ls.set_lnn_step_config(**old)
-    bar = ls.new_barrier(cpu)
-    assert bar.dtype == torch.int32 and bar.tolist() == [0, 0] and not ls.barrier_failed(bar)
-    bar[1] = 1
-    assert ls.barrier_failed(bar)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_latent_step_kernels_compile_for_hopper():
     """As above for the fused latent step's own kernels (K1 qkv + RoPE + cache write, K2 attention; K3-K5 are
     the lnn step's FFN kernels, compiled above), bf16, at a reduced width (d 128, heads of 64: compile time

@@ -99,14 +99,13 @@ def test_sweep_grid_checks(capsys):
         pds.parse_grid("latent", ["num_warps"])
     with pytest.raises(UserError, match="25 points, at most 24"):
         pds.parse_grid("lnn", ["block_n=16,32,64,128,256", "num_warps=1,2,4,8,16"])
-    # on / off switches: 0 and 1 only, repeats kept in order (A B A B); `persistent` is the lnn step's alone
+    # the on / off switch pdl: 0 and 1 only, repeats kept in order (A B A B)
     assert pds.parse_grid("lnn", ["pdl=0,1,0,1"]) == [{"pdl": v} for v in (0, 1, 0, 1)]
-    assert pds.parse_grid("lnn", ["persistent=1,0"]) == [{"persistent": 1}, {"persistent": 0}]
     assert pds.parse_grid("latent", ["pdl=1"]) == [{"pdl": 1}]
     with pytest.raises(UserError, match="must be 0 or 1"):
         pds.parse_grid("lnn", ["pdl=2"])
-    with pytest.raises(UserError, match="unknown ssm config key 'persistent'"):
-        pds.parse_grid("ssm", ["persistent=1"])
+    with pytest.raises(UserError, match="unknown lnn config key 'persistent'"):  # the removed one-launch kernel
+        pds.parse_grid("lnn", ["persistent=1"])
     # the CLI: one line, exit 2, before any model is built
     with pytest.raises(SystemExit) as e:
         pds.main(["--device", "cpu", "--sweep_lnn", "--grid", "bogus=16"])

@@ -58,9 +58,8 @@ class IntegralState:
         self.fused_step = None
         if fused:
             self.fused_step = fused_step_fn(torch.device(device), dtype)
-            from ..kernels.lnn_step_triton import check_block_state, new_barrier
+            from ..kernels.lnn_step_triton import check_block_state
             check_block_state(layer, dtype, self.cache["h"], self.cache["conv"], self.decay)
-            self.barrier = new_barrier(device)  # the persistent kernel's counter (lnn_step_triton)
 
     def prefill(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         y, st = self.layer(x, return_state=True)
@@ -74,7 +73,7 @@ class IntegralState:
         """IntegralLNNBlock.step with the ring conv buffer."""
         layer = self.layer
         if self.fused_step is not None:
-            return self.fused_step(layer, x_t, self.cache["h"], self.cache["conv"], t, self.decay, self.barrier)
+            return self.fused_step(layer, x_t, self.cache["h"], self.cache["conv"], t, self.decay)
         if self.ring is None:  # conv kernel 1: no buffer
             y, new = layer.step(x_t, self.cache, decay=self.decay)
             self.cache["h"].copy_(new["h"])

@@ -12,9 +12,8 @@ Why: batch-1 generation is GPU-bound on kernel count (issue #4): compiled, a blo
   K4 _lnn_ffn_down: w_out rows of a channel block over u (K loop over the hidden width) -> out = x1 + that.
 
 On Hopper each kernel launches with PDL (pdl.py): it loads its weight tiles while the previous kernel is still
-running, then waits for it. Opt-in (_CONFIG["persistent"], CUDA only, not yet measured): the four stages as one
-launch, _lnn_layer_persistent, whose programs meet at grid barriers (an atomic counter per layer state) instead
-of kernel boundaries; each stage is the same @triton.jit function in both forms.
+running, then waits for it. (A one-launch form, the four stages meeting at grid barriers, was measured slower
+on an H200 and removed: byte graph 0.130 vs 0.107 ms; docs/results/decode-levers-s11/.)
 
 Grid of each kernel: (output channel blocks, batch row blocks). Every program recomputes the norm of its whole
 rows (d is small: the row is one tile); a GEMV is ``tl.dot`` of the rows (padded to BLOCK_B >= 16, the MMA
@@ -37,8 +36,6 @@ The reference is ``ionllama.generation.local_state.IntegralState.step`` (checked
 ``ionllama.kernels.selfcheck`` kind "lnn_step"). Block sizes: from one launch-config sweep on an H200 (_CONFIG).
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -105,41 +102,19 @@ def _tile(B, N, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _grid_barrier(BAR, target, MAX_SPIN: tl.constexpr):
-    """Every program of the persistent kernel arrives once (counter BAR[0]), then waits until `target` arrivals
-    are counted: release / acquire at GPU scope, with a CTA barrier on each side so all of the program's threads'
-    stores are published and all its later loads see the others'. Needs every program resident at once (the
-    launch checks grid <= SMs). After MAX_SPIN polls it gives up and sets the sticky error flag BAR[1], so a broken
-    assumption shows up as a failed check, not a hung GPU."""
-    tl.debug_barrier()
-    tl.atomic_add(BAR, 1, sem="acq_rel", scope="gpu")
-    n = tl.atomic_add(BAR, 0, sem="acquire", scope="gpu")
-    spins = 0
-    while (n < target) & (spins < MAX_SPIN):
-        n = tl.atomic_add(BAR, 0, sem="acquire", scope="gpu")
-        spins += 1
-    if n < target:
-        tl.atomic_or(BAR + 1, 1, sem="relaxed", scope="gpu")
-    tl.debug_barrier()
-
-
-@triton.jit
-def _sync(SYNC: tl.constexpr, BAR, target, MAX_SPIN: tl.constexpr):
-    """Where a stage may start reading what earlier kernels / stages wrote. SYNC 0: nothing (plain launch);
-    1: programmatic dependent launch (wait for the previous kernel, then let the next one launch); 2: the
-    persistent kernel's grid barrier."""
+def _sync(SYNC: tl.constexpr):
+    """Where a stage may start reading what earlier kernels wrote. SYNC 0: nothing (plain launch);
+    1: programmatic dependent launch (wait for the previous kernel, then let the next one launch)."""
     if SYNC == 1:
         gdc_wait(True)
         gdc_launch(True)
-    elif SYNC == 2:
-        _grid_barrier(BAR, target, MAX_SPIN)
 
 
 @triton.jit
 def _in_gate_stage(pid_n, pid_b, X, NW, WIN, CW, CB, RING, H, DECAY, T, O,
-                   B, D, eps, sxb, swin, scw, srb, srs, shb, sob, BAR, target,
+                   B, D, eps, sxb, swin, scw, srb, srs, shb, sob,
                    KS: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-                   IEEE: tl.constexpr, SYNC: tl.constexpr, MAX_SPIN: tl.constexpr):
+                   IEEE: tl.constexpr, SYNC: tl.constexpr):
     DT = O.dtype.element_ty
     rows, row_ok, rows64, n, n_ok = _tile_at(pid_n, pid_b, B, D, BLOCK_B, BLOCK_N)
     k = tl.arange(0, DP)
@@ -160,7 +135,7 @@ def _in_gate_stage(pid_n, pid_b, X, NW, WIN, CW, CB, RING, H, DECAY, T, O,
     tap_c = tl.load(wc + KS, mask=n_ok, other=0.0).to(tl.float32)
     bias_g = tl.load(CB + n, mask=n_ok, other=0.0).to(tl.float32)
     bias_c = tl.load(CB + D + n, mask=n_ok, other=0.0).to(tl.float32)
-    _sync(SYNC, BAR, target, MAX_SPIN)
+    _sync(SYNC)
 
     x = tl.load(X + rows64[:, None] * sxb + k[None, :], mask=m_rk, other=0.0).to(tl.float32)
     a = _rms_rows(x, nw, eps, D, DT).to(DT)
@@ -200,9 +175,9 @@ def _in_gate_stage(pid_n, pid_b, X, NW, WIN, CW, CB, RING, H, DECAY, T, O,
 
 
 @triton.jit
-def _out_mix_stage(pid_n, pid_b, X, H, O, SNW, WOUT, X1, B, D, eps, sxb, shb, sob, swo, sx1b, BAR, target,
+def _out_mix_stage(pid_n, pid_b, X, H, O, SNW, WOUT, X1, B, D, eps, sxb, shb, sob, swo, sx1b,
                    DP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, IEEE: tl.constexpr,
-                   SYNC: tl.constexpr, MAX_SPIN: tl.constexpr):
+                   SYNC: tl.constexpr):
     DT = X1.dtype.element_ty
     rows, row_ok, rows64, n, n_ok = _tile_at(pid_n, pid_b, B, D, BLOCK_B, BLOCK_N)
     k = tl.arange(0, DP)
@@ -212,7 +187,7 @@ def _out_mix_stage(pid_n, pid_b, X, H, O, SNW, WOUT, X1, B, D, eps, sxb, shb, so
 
     snw = tl.load(SNW + k, mask=k_ok, other=0.0).to(tl.float32)  # parameters before the wait (pdl.py)
     w = tl.load(WOUT + n[:, None].to(tl.int64) * swo + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-    _sync(SYNC, BAR, target, MAX_SPIN)
+    _sync(SYNC)
     h = _round(tl.load(H + rows64[:, None] * shb + k[None, :], mask=m_rk, other=0.0), DT)  # h.to(x.dtype)
     hn = _rms_rows(h, snw, eps, D, DT)
     o = tl.load(O + rows64[:, None] * sob + k[None, :], mask=m_rk, other=0.0).to(tl.float32)
@@ -223,9 +198,9 @@ def _out_mix_stage(pid_n, pid_b, X, H, O, SNW, WOUT, X1, B, D, eps, sxb, shb, so
 
 
 @triton.jit
-def _ffn_up_stage(pid_n, pid_b, X1, NW, WIN, U, B, D, HID, eps, sx1b, swin, sub, BAR, target,
+def _ffn_up_stage(pid_n, pid_b, X1, NW, WIN, U, B, D, HID, eps, sx1b, swin, sub,
                   DP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, IEEE: tl.constexpr,
-                  SYNC: tl.constexpr, MAX_SPIN: tl.constexpr):
+                  SYNC: tl.constexpr):
     DT = U.dtype.element_ty
     rows, row_ok, rows64, n, n_ok = _tile_at(pid_n, pid_b, B, HID, BLOCK_B, BLOCK_N)
     k = tl.arange(0, DP)
@@ -236,7 +211,7 @@ def _ffn_up_stage(pid_n, pid_b, X1, NW, WIN, U, B, D, HID, eps, sx1b, swin, sub,
     w_rows = WIN + n[:, None].to(tl.int64) * swin + k[None, :]
     w_gate = tl.load(w_rows, mask=m_nk, other=0.0)
     w_val = tl.load(w_rows + HID * swin, mask=m_nk, other=0.0)
-    _sync(SYNC, BAR, target, MAX_SPIN)
+    _sync(SYNC)
     x = tl.load(X1 + rows64[:, None] * sx1b + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
     a = _rms_rows(x.to(tl.float32), nw, eps, D, DT).to(DT)
     gate = _round(_rows_times_wt(a, w_gate, IEEE), DT)
@@ -246,9 +221,9 @@ def _ffn_up_stage(pid_n, pid_b, X1, NW, WIN, U, B, D, HID, eps, sx1b, swin, sub,
 
 
 @triton.jit
-def _ffn_down_stage(pid_n, pid_b, X1, U, WOUT, OUT, B, D, HID, sx1b, sub, swo, soutb, BAR, target,
+def _ffn_down_stage(pid_n, pid_b, X1, U, WOUT, OUT, B, D, HID, sx1b, sub, swo, soutb,
                     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, IEEE: tl.constexpr,
-                    SYNC: tl.constexpr, MAX_SPIN: tl.constexpr):
+                    SYNC: tl.constexpr):
     DT = OUT.dtype.element_ty
     rows, row_ok, rows64, n, n_ok = _tile_at(pid_n, pid_b, B, D, BLOCK_B, BLOCK_N)
     m_rn = row_ok[:, None] & n_ok[None, :]
@@ -257,7 +232,7 @@ def _ffn_down_stage(pid_n, pid_b, X1, U, WOUT, OUT, B, D, HID, sx1b, sub, swo, s
     kk = tl.arange(0, BLOCK_K)
     w_row = WOUT + n[:, None].to(tl.int64) * swo
     w = tl.load(w_row + kk[None, :], mask=n_ok[:, None] & (kk < HID)[None, :], other=0.0)
-    _sync(SYNC, BAR, target, MAX_SPIN)
+    _sync(SYNC)
     for k0 in range(0, HID, BLOCK_K):
         k = k0 + kk
         k_ok = k < HID
@@ -276,8 +251,8 @@ def _lnn_in_gate(X, NW, WIN, CW, CB, RING, H, DECAY, T, O,
                  KS: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
                  IEEE: tl.constexpr, GDC: tl.constexpr):
     _in_gate_stage(tl.program_id(0), tl.program_id(1), X, NW, WIN, CW, CB, RING, H, DECAY, T, O,
-                   B, D, eps, sxb, swin, scw, srb, srs, shb, sob, T, 0,
-                   KS, DP, BLOCK_N, BLOCK_B, IEEE, 1 if GDC else 0, 0)
+                   B, D, eps, sxb, swin, scw, srb, srs, shb, sob,
+                   KS, DP, BLOCK_N, BLOCK_B, IEEE, 1 if GDC else 0)
 
 
 @triton.jit
@@ -285,62 +260,23 @@ def _lnn_out_mix(X, H, O, SNW, WOUT, X1, B, D, eps, sxb, shb, sob, swo, sx1b,
                  DP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, IEEE: tl.constexpr,
                  GDC: tl.constexpr):
     _out_mix_stage(tl.program_id(0), tl.program_id(1), X, H, O, SNW, WOUT, X1, B, D, eps, sxb, shb, sob, swo, sx1b,
-                   X1, 0, DP, BLOCK_N, BLOCK_B, IEEE, 1 if GDC else 0, 0)
+                   DP, BLOCK_N, BLOCK_B, IEEE, 1 if GDC else 0)
 
 
 @triton.jit
 def _lnn_ffn_up(X1, NW, WIN, U, B, D, HID, eps, sx1b, swin, sub,
                 DP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, IEEE: tl.constexpr,
                 GDC: tl.constexpr):
-    _ffn_up_stage(tl.program_id(0), tl.program_id(1), X1, NW, WIN, U, B, D, HID, eps, sx1b, swin, sub, U, 0,
-                  DP, BLOCK_N, BLOCK_B, IEEE, 1 if GDC else 0, 0)
+    _ffn_up_stage(tl.program_id(0), tl.program_id(1), X1, NW, WIN, U, B, D, HID, eps, sx1b, swin, sub,
+                  DP, BLOCK_N, BLOCK_B, IEEE, 1 if GDC else 0)
 
 
 @triton.jit
 def _lnn_ffn_down(X1, U, WOUT, OUT, B, D, HID, sx1b, sub, swo, soutb,
                   BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, IEEE: tl.constexpr,
                   GDC: tl.constexpr):
-    _ffn_down_stage(tl.program_id(0), tl.program_id(1), X1, U, WOUT, OUT, B, D, HID, sx1b, sub, swo, soutb, OUT, 0,
-                    BLOCK_K, BLOCK_N, BLOCK_B, IEEE, 1 if GDC else 0, 0)
-
-
-@triton.jit
-def _lnn_layer_persistent(X, NW1, WIN, CW, CB, RING, H, DECAY, T, O, SNW, WOUT, X1, NW2, FIN, U, FOUT, OUT, BAR,
-                          B, D, HID, eps1, eps_s, eps2, sxb, swin, scw, srb, srs, shb, sob, swo, sx1b, sfin, sub,
-                          sfout, soutb,
-                          KS: tl.constexpr, DP: tl.constexpr, BN_D: tl.constexpr, BN_H: tl.constexpr,
-                          BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr, IEEE: tl.constexpr, GDC: tl.constexpr,
-                          MAX_SPIN: tl.constexpr):
-    """The four stages in one launch (one row block: B <= BLOCK_B): program p runs channel block p of each stage
-    it has one (stages 1, 2, 4: ceil(D / BN_D) blocks; stage 3: ceil(HID / BN_H)), and all programs meet at a grid
-    barrier before stages 2, 3 and 4 (each loads its weights first). The last program out resets the counter."""
-    p = tl.program_id(0)
-    npg = tl.num_programs(0)
-    nd = tl.cdiv(D, BN_D)
-    if p < nd:  # stage 1 reads the previous kernel's output: PDL's wait (after its weight loads)
-        _in_gate_stage(p, 0, X, NW1, WIN, CW, CB, RING, H, DECAY, T, O, B, D, eps1, sxb, swin, scw, srb, srs, shb,
-                       sob, BAR, 0, KS, DP, BN_D, BLOCK_B, IEEE, 1 if GDC else 0, MAX_SPIN)
-    else:  # reads nothing of the previous kernel before barrier 1, which the stage-1 programs pass after their wait
-        gdc_launch(GDC)
-    if p < nd:
-        _out_mix_stage(p, 0, X, H, O, SNW, WOUT, X1, B, D, eps_s, sxb, shb, sob, swo, sx1b, BAR, npg,
-                       DP, BN_D, BLOCK_B, IEEE, 2, MAX_SPIN)
-    else:
-        _grid_barrier(BAR, npg, MAX_SPIN)
-    if p < tl.cdiv(HID, BN_H):
-        _ffn_up_stage(p, 0, X1, NW2, FIN, U, B, D, HID, eps2, sx1b, sfin, sub, BAR, 2 * npg,
-                      DP, BN_H, BLOCK_B, IEEE, 2, MAX_SPIN)
-    else:
-        _grid_barrier(BAR, 2 * npg, MAX_SPIN)
-    if p < nd:
-        _ffn_down_stage(p, 0, X1, U, FOUT, OUT, B, D, HID, sx1b, sub, sfout, soutb, BAR, 3 * npg,
-                        BLOCK_K, BN_D, BLOCK_B, IEEE, 2, MAX_SPIN)
-    else:
-        _grid_barrier(BAR, 3 * npg, MAX_SPIN)
-    # every program has passed the last barrier when the count reaches 4 * npg: the last one resets it
-    last = tl.atomic_add(BAR, 1, sem="acq_rel", scope="gpu")
-    if last == 4 * npg - 1:
-        tl.atomic_xchg(BAR, 0, sem="relaxed", scope="gpu")
+    _ffn_down_stage(tl.program_id(0), tl.program_id(1), X1, U, WOUT, OUT, B, D, HID, sx1b, sub, swo, soutb,
+                    BLOCK_K, BLOCK_N, BLOCK_B, IEEE, 1 if GDC else 0)
 
 
 # Output channels per program of each kernel (K1 and K2, K4: of d; K3: of the SwiGLU hidden width), K4's
@@ -348,11 +284,8 @@ def _lnn_layer_persistent(X, NW1, WIN, CW, CB, RING, H, DECAY, T, O, SNW, WOUT, 
 # Set from the one launch-config sweep so far (H200, `small`, batch 1, bf16; 25 points, each point's bytes equal
 # to the previous default's): 32 channels per program, K4's step 256 -> byte graph 0.1219 ms vs 0.1273 ms for
 # the previous 16 / 128 (5,523 vs 5,384 bytes/s). docs/results/decode-profile-s9/sweep_lnn/sweep_lnn.md
-# persistent: 1 runs the four stages as one launch with grid barriers (_lnn_layer_persistent; CUDA, one row
-# block), 0 the four kernels. Off until measured on a GPU.
 _CONFIG = {"in_block_n": 32, "out_block_n": 32, "up_block_n": 32, "down_block_n": 32, "down_block_k": 256,
-           "max_block_b": 32, "num_warps": 4, "persistent": 0}
-MAX_SPIN = 1 << 22  # polls of a grid barrier before it gives up and flags an error (seconds, not a hang)
+           "max_block_b": 32, "num_warps": 4}
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -366,24 +299,12 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
 
 
-def use_persistent(device: torch.device, B: int, D: int, HID: int) -> bool:
-    """The persistent kernel runs when asked for (_CONFIG["persistent"]), on CUDA (never under the interpreter,
-    whose programs run one after another: a grid barrier would spin out), for one row block, and when its grid
-    fits the GPU's SMs (every program must be resident for the barriers)."""
-    if not _CONFIG["persistent"] or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
-    grid = max(triton.cdiv(D, _CONFIG["out_block_n"]), triton.cdiv(HID, _CONFIG["up_block_n"]))
-    return B <= _CONFIG["max_block_b"] and grid <= torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def lnn_step_launch(x, h, ring, t, decay, norm1_w, in_w, conv_w, conv_b, state_norm_w, out_w, norm2_w,
                     ffn_in_w, ffn_out_w, eps1: float, eps_state: float, eps2: float,
-                    pdl_safe: bool = True, bar: torch.Tensor | None = None) -> torch.Tensor:
+                    pdl_safe: bool = True) -> torch.Tensor:
     """The four launches. x (B, D) with unit inner stride; h (B, D) fp32 and ring (B, k, 2D), updated in
     place; t (B,) int64; decay (D,) fp32; weights contiguous, in x's dtype. Returns the block output (B, D).
-    pdl_safe: no kernel of this step writes the weights (pdl.py; False when they were just copied).
-    bar: (2,) int32 zeros owned by the caller (grid-barrier counter, error flag): with it and
-    _CONFIG["persistent"], the persistent kernel runs where it can (use_persistent)."""
+    pdl_safe: no kernel of this step writes the weights (pdl.py; False when they were just copied)."""
     B, D = x.shape
     HID = ffn_out_w.shape[1]
     KS = ring.shape[1]
@@ -398,16 +319,6 @@ def lnn_step_launch(x, h, ring, t, decay, norm1_w, in_w, conv_w, conv_b, state_n
     ieee = dt == torch.float32 or x.device.type != "cuda"
     nw = _CONFIG["num_warps"]
     pdl = pdl_kwargs(x.device) if pdl_safe else {"GDC": False}
-    if bar is not None and use_persistent(x.device, B, D, HID):
-        bd, bh = _CONFIG["out_block_n"], _CONFIG["up_block_n"]
-        _lnn_layer_persistent[(max(triton.cdiv(D, bd), triton.cdiv(HID, bh)),)](
-            x, norm1_w, in_w, conv_w, conv_b, ring, h, decay, t, o, state_norm_w, out_w, x1, norm2_w, ffn_in_w, u,
-            ffn_out_w, out, bar, B, D, HID, eps1, eps_state, eps2, x.stride(0), in_w.stride(0), conv_w.stride(0),
-            ring.stride(0), ring.stride(1) if KS else 0, h.stride(0), o.stride(0), out_w.stride(0), x1.stride(0),
-            ffn_in_w.stride(0), u.stride(0), ffn_out_w.stride(0), out.stride(0),
-            KS=KS, DP=DP, BN_D=bd, BN_H=bh, BLOCK_K=max(16, min(_CONFIG["down_block_k"], triton.next_power_of_2(HID))),
-            BLOCK_B=bb, IEEE=ieee, MAX_SPIN=MAX_SPIN, num_warps=nw, **pdl)
-        return out
     bn = _CONFIG["in_block_n"]
     _lnn_in_gate[(triton.cdiv(D, bn), nb)](
         x, norm1_w, in_w, conv_w, conv_b, ring, h, decay, t, o, B, D, eps1, x.stride(0), in_w.stride(0),
@@ -431,23 +342,23 @@ def lnn_step_launch(x, h, ring, t, decay, norm1_w, in_w, conv_w, conv_b, state_n
 
 # One opaque node for torch.compile; mutates_args keeps h and the ring buffer in place (functionalised and
 # re-inplaced by the compiler), so a captured CUDA graph replays into the decoder's own state tensors.
-@torch.library.custom_op("ionllama::lnn_block_step", mutates_args=("h", "ring", "bar"))
+@torch.library.custom_op("ionllama::lnn_block_step", mutates_args=("h", "ring"))
 def lnn_block_step_op(x: torch.Tensor, h: torch.Tensor, ring: torch.Tensor, t: torch.Tensor, decay: torch.Tensor,
                       norm1_w: torch.Tensor, in_w: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor,
                       state_norm_w: torch.Tensor, out_w: torch.Tensor, norm2_w: torch.Tensor,
                       ffn_in_w: torch.Tensor, ffn_out_w: torch.Tensor, eps1: float, eps_state: float,
-                      eps2: float, bar: torch.Tensor) -> torch.Tensor:
+                      eps2: float) -> torch.Tensor:
     x = x if x.stride(-1) == 1 else x.contiguous()
     weights = (norm1_w, in_w, conv_w, conv_b, state_norm_w, out_w, norm2_w, ffn_in_w, ffn_out_w)
     # a weight copied here is written by a kernel of this step: no loading it before the wait (pdl.py)
     pdl_safe = all(w.is_contiguous() for w in weights)
     return lnn_step_launch(x, h, ring, t.contiguous(), decay.contiguous(), *(w.contiguous() for w in weights),
-                           eps1, eps_state, eps2, pdl_safe=pdl_safe, bar=bar)
+                           eps1, eps_state, eps2, pdl_safe=pdl_safe)
 
 
 @lnn_block_step_op.register_fake
 def _(x, h, ring, t, decay, norm1_w, in_w, conv_w, conv_b, state_norm_w, out_w, norm2_w, ffn_in_w, ffn_out_w,
-      eps1, eps_state, eps2, bar):
+      eps1, eps_state, eps2):
     return x.new_empty(x.shape)
 
 
@@ -473,25 +384,14 @@ def check_block_state(layer, dtype: torch.dtype, h: torch.Tensor, conv_ring: tor
         raise ValueError("fused IntegralLNN step: " + "; ".join(problems))
 
 
-def new_barrier(device) -> torch.Tensor:
-    """The persistent kernel's (2,) int32 state: grid-barrier counter (back to 0 after every launch) and a
-    sticky error flag (1: a barrier gave up waiting; barrier_failed). One per layer state, made once."""
-    return torch.zeros(2, dtype=torch.int32, device=device)
-
-
-def barrier_failed(bar: torch.Tensor) -> bool:
-    """Whether any launch with this barrier state gave up waiting (its outputs are then wrong). Syncs."""
-    return bool(bar[1].item())
-
-
 def lnn_block_step(layer, x_t: torch.Tensor, h: torch.Tensor, conv_ring: torch.Tensor, t: torch.Tensor,
-                   decay: torch.Tensor, bar: torch.Tensor) -> torch.Tensor:
-    """IntegralState.step of IntegralLNNBlock `layer` in four kernels (or one persistent kernel:
-    use_persistent): x_t (B, D) at positions t (B,) int64 -> the block output (B, D); h (B, D) fp32 and the
-    conv ring (B, kernel - 1, 2D) are updated in place. decay: exp(layer.log_decay()) in fp32
-    (IntegralState.decay); bar: new_barrier(). CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
+                   decay: torch.Tensor) -> torch.Tensor:
+    """IntegralState.step of IntegralLNNBlock `layer` in four kernels: x_t (B, D) at positions t (B,) int64 ->
+    the block output (B, D); h (B, D) fp32 and the conv ring (B, kernel - 1, 2D) are updated in place.
+    decay: exp(layer.log_decay()) in fp32 (IntegralState.decay). CUDA tensors, or CPU tensors under
+    TRITON_INTERPRET=1."""
     ffn = layer.ffn
     return lnn_block_step_op(x_t, h, conv_ring, t, decay, layer.norm1.weight, layer.in_proj.weight,
                              layer.conv.weight[:, 0], layer.conv.bias, layer.state_norm.weight,
                              layer.out_proj.weight, layer.norm2.weight, ffn.w_in.weight, ffn.w_out.weight,
-                             float(layer.norm1.eps), float(layer.state_norm.eps), float(layer.norm2.eps), bar)
+                             float(layer.norm1.eps), float(layer.state_norm.eps), float(layer.norm2.eps))

@@ -287,17 +287,14 @@ def _random_lnn_block(D: int, conv_kernel: int, gen: torch.Generator):
 
 
 def check_lnn_step(device: str, dtype: torch.dtype, B: int, D: int, steps: int = 7, conv_kernel: int = 4,
-                   compiled: bool = False, seed: int | None = None, persistent: bool = False) -> dict:
+                   compiled: bool = False, seed: int | None = None) -> dict:
     """The fused IntegralLNN decode step (lnn_step_triton, through IntegralState(fused=True)) vs IntegralState.step
     on the same block in the same dtype: `steps` consecutive steps from a random state (h, ring) at random
     per-row positions t (the ring of kernel - 1 slots wraps around), each path carrying its own state. Errors:
     the worst over the steps of the block output, h and the ring buffer. compiled: the fused step inside
     torch.compile(fullgraph=True) (Inductor): the op must trace as one node that writes h and the ring in place
-    ("state_not_in_place": 1 unless the generated code passes the input buffers themselves). persistent: the
-    one-launch kernel with grid barriers (CUDA): "persistent_missing" 1 if it could not run, "barrier_failed" 1
-    if a barrier gave up waiting."""
+    ("state_not_in_place": 1 unless the generated code passes the input buffers themselves)."""
     from ..generation.local_state import IntegralState
-    from . import lnn_step_triton as ls
 
     gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % (2 ** 31)))
     blk = _random_lnn_block(D, conv_kernel, gen).to(device=device, dtype=dtype)
@@ -324,9 +321,7 @@ def check_lnn_step(device: str, dtype: torch.dtype, B: int, D: int, steps: int =
             y, code = run_and_get_code(compiled_step, x, t)
             codes.extend(code)
             return y
-    old_cfg = ls.set_lnn_step_config(persistent=int(persistent))  # restored in the finally below
     try:
-        ran = ls.use_persistent(torch.device(device), B, D, blk.ffn.w_out.weight.shape[1])
         with torch.no_grad():
             for _ in range(steps):
                 x = torch.randn(B, D, generator=gen).to(device, dtype)
@@ -336,12 +331,8 @@ def check_lnn_step(device: str, dtype: torch.dtype, B: int, D: int, steps: int =
                 errs["ring"] = max(errs["ring"], rel_err(fused.cache["conv"], ref.cache["conv"]))
                 t = t + 1
     finally:
-        ls.set_lnn_step_config(**old_cfg)
         if compiled:
             torch._dynamo.reset()
-    if persistent:
-        errs["persistent_missing"] = float(not ran)
-        errs["barrier_failed"] = float(ls.barrier_failed(fused.barrier))
     # the state tensors were updated in place (a CUDA graph replays into them): same storage as before
     errs["state_moved"] = float(fused.cache["h"].data_ptr() != h_ptr or fused.cache["conv"].data_ptr() != ring_ptr)
     if compiled:  # the compiled code hands the op the graph's input buffers as h and the ring (no temporaries
@@ -476,11 +467,10 @@ def check_latent_step(device: str, dtype: torch.dtype, B: int, D: int, H: int, n
 
 
 def check_lnn_generate(device: str, dtype: torch.dtype, n_new: int = 16, block_n: int | None = None,
-                       seed: int | None = None, persistent: bool = False) -> dict:
+                       seed: int | None = None) -> dict:
     """Greedy generation of a tiny ionLlama (IntegralLNN local layers, entropy patching) with the fused local
     step vs without: the fraction of differing bytes. On CUDA the fused run replays CUDA graphs. block_n: every
-    kernel's channel block (fewer programs: the interpreter's cost is per program). persistent: the fused run
-    uses the one-launch kernel where it can (CUDA)."""
+    kernel's channel block (fewer programs: the interpreter's cost is per program)."""
     from .. import create_model
     from ..generation import generate
     from . import lnn_step_triton as ls
@@ -498,7 +488,7 @@ def check_lnn_generate(device: str, dtype: torch.dtype, n_new: int = 16, block_n
     m = m.to(device=device, dtype=dtype)
     prompts = [b"abc de", "a longer prompt. ab\n"]
     ref = generate(m, prompts, n_new, greedy=True, cuda_graphs=False)
-    old = ls.set_lnn_step_config(persistent=int(persistent), **({} if block_n is None else {
+    old = ls.set_lnn_step_config(**({} if block_n is None else {
         k: block_n for k in ("in_block_n", "out_block_n", "up_block_n", "down_block_n")}))
     try:
         out = generate(m, prompts, n_new, greedy=True, cuda_graphs=device == "cuda", fused_local_step=True)
@@ -733,12 +723,6 @@ def cases(large: bool) -> list[tuple]:
             ("lnn_step", "fp32", dict(B=17, D=256, steps=9)),
             ("lnn_step", "bf16", dict(B=1, D=256, steps=5, compiled=True)),
             ("lnn_generate", "fp32", dict(n_new=64)),  # fp32: bf16 logits tie too often for equal greedy bytes
-            # the one-launch persistent kernel (grid barriers; GPU only: opt-in until measured)
-            ("lnn_step", "bf16", dict(B=1, D=256, steps=9, persistent=True)),
-            ("lnn_step", "bf16", dict(B=32, D=256, steps=9, persistent=True)),
-            ("lnn_step", "fp32", dict(B=17, D=256, steps=9, persistent=True)),
-            ("lnn_step", "bf16", dict(B=1, D=256, steps=5, compiled=True, persistent=True)),
-            ("lnn_generate", "fp32", dict(n_new=64, persistent=True)),
             # ionllama-small's entropy model (d 128, d_inner 256, 16 heads of 16, d_state 16) at batch 1 and 32
             # (two row blocks of 16 .. 32), block 0's table form, medium's width (d 256), inside torch.compile
             ("ssm_step", "bf16", dict(B=1, D=128, steps=9)),
