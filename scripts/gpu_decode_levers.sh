@@ -2,14 +2,20 @@
 # The batch-1 decode levers prepared in the tenth session (issue #4, runbook orders 1 and 1b), on one GPU, each an
 # A/B inside one process (alternating points; bytes checked equal) or a correctness check first. Usage on the device:
 #   STEPS="check_ssm check_lnn entropy inductor_pdl latent" bash scripts/gpu_decode_levers.sh
+#   STEPS="digest bench" BUDGET=60 bash scripts/gpu_decode_levers.sh        (the twelfth session's plan)
 # Steps (each under its own timeout, so a hung step cannot eat the call; results under $OUT, packed into
 # $OUT/decode_levers.tgz at the end):
 #   check_ssm     selfcheck of the fused entropy step with PDL (ssm_step, ssm_generate)
 #   check_lnn     selfcheck of the IntegralLNN step (lnn_step, lnn_generate)
 #   entropy       the fused entropy step's own PDL A/B (--sweep_ssm --grid pdl=0,1,0,1), then the default byte graph
-#                 with and without the fused entropy step (two processes, --grid pdl=1,1 each: two timings)
+#                 (fused entropy step "auto": on) and the same with it off (two processes, --grid pdl=1,1 each)
 #   inductor_pdl  the default byte graph with TORCHINDUCTOR_ENABLE_PDL=1 (compare with entropy's "base" run)
 #   latent        the fused latent step's launch-config sweep (--sweep_latent, default grid)
+#   digest        the default byte graph and the same with TORCHINDUCTOR_ENABLE_PDL=1, four processes alternating
+#                 (A B A B): timings, and each process's sha256 of its 1,024 bytes (seeded sampling, same weights):
+#                 equal digests say inductor's PDL changes no byte
+#   bench         bench_generation.py's README rows (compiled, batch 1, contexts 1K / 8K / 32K, ionLlama and dense),
+#                 with the defaults and with inductor's PDL (--inductor triton.enable_pdl=True)
 # The archive is rewritten after every step, so an outer timeout keeps the steps that finished.
 # Env: STEPS (default: all, in the order above), BYTES (1024), BUDGET (150 s per sweep).
 set -u
@@ -33,11 +39,21 @@ for step in ${STEPS:-check_ssm check_lnn entropy inductor_pdl latent}; do
     entropy)
       run entropy_pdl $((BUDGET + 90)) $P --fused_entropy_step --sweep_ssm --grid pdl=0,1,0,1 --out "$R/entropy_pdl"
       run base $((BUDGET + 90)) $P --sweep_lnn --grid pdl=1,1 --out "$R/base"
-      run entropy_on $((BUDGET + 90)) $P --fused_entropy_step --sweep_lnn --grid pdl=1,1 --out "$R/entropy_on" ;;
+      run entropy_off $((BUDGET + 90)) $P --fused_entropy_step off --sweep_lnn --grid pdl=1,1 --out "$R/entropy_off" ;;
     inductor_pdl) run inductor_pdl $((BUDGET + 90)) env TORCHINDUCTOR_ENABLE_PDL=1 $P --sweep_lnn --grid pdl=1,1 \
                     --out "$R/inductor_pdl" ;;
     latent) run latent $((BUDGET + 90)) $P --sweep_latent --out "$R/latent" ;;
-    *) echo "unknown step '$step'; steps: check_ssm check_lnn entropy inductor_pdl latent" >&2; exit 2 ;;
+    digest)
+      for i in 1 2; do
+        run digest_base$i $((BUDGET + 90)) $P --sweep_lnn --grid pdl=1 --out "$R/digest_base$i"
+        run digest_ipdl$i $((BUDGET + 90)) env TORCHINDUCTOR_ENABLE_PDL=1 $P --sweep_lnn --grid pdl=1 --out "$R/digest_ipdl$i"
+      done
+      grep -H "sha256" "$R"/digest_*/sweep_lnn.md ;;
+    bench)
+      G="python3 benchmarks/bench_generation.py --compile --compiled_only --models ionllama dense --contexts 1024 8192 32768"
+      run bench $((3 * BUDGET + 120)) $G --budget_s $((3 * BUDGET)) --out "$R/bench"
+      run bench_ipdl $((3 * BUDGET + 120)) $G --budget_s $((3 * BUDGET)) --inductor triton.enable_pdl=True --out "$R/bench_ipdl" ;;
+    *) echo "unknown step '$step'; steps: check_ssm check_lnn entropy inductor_pdl latent digest bench" >&2; exit 2 ;;
   esac
 done
 grep -h "^PASS\|^FAIL" "$R"/log_check_*.txt 2>/dev/null | cut -c1-160
