@@ -108,7 +108,8 @@ class Bench:
         runner = DecodeRunner(dec, SamplingConfig(temperature=1.0), seeds, logits,
                               max(self.args.new_bytes, 1024) + 16 + TIMED_BYTES,
                               cuda_graphs=graphs, compile=compile, latent_policy=policy,
-                              compile_mode=self.args.compile_mode if compile else None)
+                              compile_mode=self.args.compile_mode if compile else None,
+                              entropy_branch=kind == "ionllama" and getattr(self.args, "entropy_branch", False))
         return dict(kind=kind, B=B, dec=dec, runner=runner, graphs=graphs, compile=compile, max_len=max_len)
 
     @torch.no_grad()
@@ -241,6 +242,7 @@ def write_results(b, args, checks):
                dtype=args.dtype, size=args.size, threads=torch.get_num_threads(),
                compile_mode=args.compile_mode, inductor=args.inductor, fused_local_step=args.fused_local_step,
                fused_entropy_step=args.fused_entropy_step, fused_latent_step=args.fused_latent_step,
+               entropy_branch=args.entropy_branch,
                models={k: v[1] for k, v in b.models.items()}, checks=checks,
                commit=git_commit())  # BENCH_COMMIT-aware: the GPU machine's copy of .git is stale
     out = pathlib.Path(args.out)
@@ -292,6 +294,9 @@ def main():
                     help="ionLlama's latent blocks step through the fused Triton kernels "
                          "(ionllama/kernels/latent_step_triton.py): on, off, or auto (the library's default: CUDA, "
                          "<= 16 rows); rows that used them are labelled ', fused latent step'")
+    ap.add_argument("--entropy_branch", action="store_true",
+                    help="ionLlama: the entropy model on a second CUDA stream beside the local layers, inside the byte "
+                         "graph (DecodeRunner's entropy_branch; opt-in until measured)")
     ap.add_argument("--budget_s", type=float, default=280)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--threads", type=int, default=0, help="CPU intra-op threads (0: torch default)")

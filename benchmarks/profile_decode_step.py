@@ -80,8 +80,9 @@ SWEEPS = {
 }
 
 
-# On / off keys of --grid: pdl (programmatic dependent launch of every fused step, kernels/pdl.py)
-SWITCHES = ("pdl",)
+# On / off keys of --grid: pdl (programmatic dependent launch of every fused step, kernels/pdl.py) and branch (the
+# runner's entropy_branch: the entropy model on a second CUDA stream beside the local layers, in the byte graph)
+SWITCHES = ("pdl", "branch")
 
 
 # ------------------------------------------------------------------------------------------ aggregation
@@ -241,9 +242,9 @@ def parse_grid(kind: str, specs: list[str] | None) -> list[dict]:
             key, eq, vals = spec.partition("=")
             if not eq or not vals:
                 raise UserError(f"--grid takes KEY=V1,V2,...; got {spec!r}")
-            if key not in config and key not in sw["aliases"] and key != "pdl":
+            if key not in config and key not in sw["aliases"] and key not in SWITCHES:
                 raise UserError(f"unknown {kind} config key {key!r}; use one of "
-                                f"{', '.join(sorted(set(config) | set(sw['aliases']) | {'pdl'}))}")
+                                f"{', '.join(sorted(set(config) | set(sw['aliases']) | set(SWITCHES)))}")
             try:
                 grid[key] = tuple(int(v) for v in vals.split(","))
             except ValueError:
@@ -278,12 +279,18 @@ def run_sweep(args, kind: str, points: list[dict]) -> list[dict]:
     pdl_default = set_pdl(True)
     set_pdl(pdl_default)
 
-    def setter(**point):  # the kernel's launch config; the key 'pdl' turns PDL off / on for every fused step
-        set_pdl(bool(point.pop("pdl", pdl_default)))
+    def setter(**point):  # the kernel's launch config; 'pdl': PDL off / on for every fused step; 'branch': the
+        set_pdl(bool(point.pop("pdl", pdl_default)))  # runner's entropy_branch (re-captured at the next start)
+        branch = bool(point.pop("branch", branch_default))
+        if branch and not s["runner"].can_branch:
+            raise UserError("--grid branch=1 needs entropy patching and the 'previous' latent shift (the runner's "
+                            "entropy_branch)")
+        s["runner"].entropy_branch = branch
         return set_config(**point)
     default = dict(mod._CONFIG)
     t_start = time.time()
     s = prepare(args)
+    branch_default = s["runner"].entropy_branch
     if not fused_flags(s["dec"])[sw["attr"]]:
         raise UserError(f"--sweep_{kind} times the fused {kind} step, which this decoder does not use; "
                         f"pass {sw['flag']}" + (" (CUDA, or CPU under TRITON_INTERPRET=1)" if args.device != "cuda" else ""))
@@ -321,6 +328,7 @@ def run_sweep(args, kind: str, points: list[dict]) -> list[dict]:
     finally:
         setter(**default)
     default["pdl"] = int(pdl_default)
+    default["branch"] = int(branch_default)
     # the reference bytes' digest: "equal" compares points within this process; the digest compares processes
     # (e.g. a compiler setting that needs its own process, TORCHINDUCTOR_ENABLE_PDL=1, against the default)
     digest = hashlib.sha256(bytes(ref or [])).hexdigest()[:16]

@@ -2,7 +2,7 @@
 # The batch-1 decode levers prepared in the tenth session (issue #4, runbook orders 1 and 1b), on one GPU, each an
 # A/B inside one process (alternating points; bytes checked equal) or a correctness check first. Usage on the device:
 #   STEPS="check_ssm check_lnn entropy inductor_pdl latent" bash scripts/gpu_decode_levers.sh
-#   STEPS="digest bench" BUDGET=60 bash scripts/gpu_decode_levers.sh        (the twelfth session's plan)
+#   STEPS="digest branch" BUDGET=60 bash scripts/gpu_decode_levers.sh; STEPS=bench BUDGET=100 ...  (twelfth session)
 # Steps (each under its own timeout, so a hung step cannot eat the call; results under $OUT, packed into
 # $OUT/decode_levers.tgz at the end):
 #   check_ssm     selfcheck of the fused entropy step with PDL (ssm_step, ssm_generate)
@@ -14,6 +14,8 @@
 #   digest        the default byte graph and the same with TORCHINDUCTOR_ENABLE_PDL=1, four processes alternating
 #                 (A B A B): timings, and each process's sha256 of its 1,024 bytes (seeded sampling, same weights):
 #                 equal digests say inductor's PDL changes no byte
+#   branch        the runner's entropy_branch (the entropy model on a second stream inside the byte graph) A/B in one
+#                 process: --sweep_lnn --grid branch=0,1,0,1 (bytes checked equal, as every sweep point)
 #   bench         bench_generation.py's README rows (compiled, batch 1, contexts 1K / 8K / 32K, ionLlama and dense),
 #                 with the defaults and with inductor's PDL (--inductor triton.enable_pdl=True)
 # The archive is rewritten after every step, so an outer timeout keeps the steps that finished.
@@ -49,11 +51,12 @@ for step in ${STEPS:-check_ssm check_lnn entropy inductor_pdl latent}; do
         run digest_ipdl$i $((BUDGET + 90)) env TORCHINDUCTOR_ENABLE_PDL=1 $P --sweep_lnn --grid pdl=1 --out "$R/digest_ipdl$i"
       done
       grep -H "sha256" "$R"/digest_*/sweep_lnn.md ;;
+    branch) run branch $((BUDGET + 90)) $P --sweep_lnn --grid branch=0,1,0,1 --out "$R/branch" ;;
     bench)
       G="python3 benchmarks/bench_generation.py --compile --compiled_only --models ionllama dense --contexts 1024 8192 32768"
       run bench $((3 * BUDGET + 120)) $G --budget_s $((3 * BUDGET)) --out "$R/bench"
       run bench_ipdl $((3 * BUDGET + 120)) $G --budget_s $((3 * BUDGET)) --inductor triton.enable_pdl=True --out "$R/bench_ipdl" ;;
-    *) echo "unknown step '$step'; steps: check_ssm check_lnn entropy inductor_pdl latent digest bench" >&2; exit 2 ;;
+    *) echo "unknown step '$step'; steps: check_ssm check_lnn entropy inductor_pdl latent digest branch bench" >&2; exit 2 ;;
   esac
 done
 grep -h "^PASS\|^FAIL" "$R"/log_check_*.txt 2>/dev/null | cut -c1-160

@@ -240,6 +240,42 @@ def test_completed_shift_runner_gives_the_bytes_of_the_recompute_decoder(ion_com
     assert torch.equal(r.out[:, :n], ref.out[:, :n])
 
 
+@pytest.mark.parametrize("graphs", [False, True])
+def test_entropy_branch_gives_the_same_bytes(ion, monkeypatch, graphs):
+    """entropy_branch (the entropy model forked onto a second stream inside the one byte graph; here the stream
+    and graphs are CPU fakes that run in order, as a GPU may) samples exactly the bytes of the plain runner,
+    patches committed along the way, and can be switched between runs."""
+    n = 23
+    ref = _eager_bytes(ion, n, n)
+    if graphs:
+        _fake_cuda(monkeypatch, _FakeGraph)
+        monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    r = _runner(ion, n, entropy_branch=True)
+    assert r.can_branch and r.entropy_branch and r._parts() == [r._iteration_branched]
+    if graphs:
+        r.branch_stream = _FakeStream()  # the fork / join path (a CPU runner has no second stream)
+    r.want_graphs = graphs
+    r.run(9)
+    assert (r.graphs is not None) == graphs and (not graphs or len(r.graphs[0]) == 1)
+    if not graphs:  # switched off and on again between runs (eager: the next iteration takes it)
+        r.entropy_branch = False
+        r.run(5)
+        r.entropy_branch = True
+    r.run(n - r.n_done)
+    assert int(r.dec.n_complete.min()) >= 3  # patches were committed along the way
+    assert torch.equal(r.out[:, :n], ref)
+
+
+def test_entropy_branch_refused_where_it_cannot_run(ion, ion_completed):
+    """No entropy model in use (fixed patching), latent_shift "completed" or the 'early' split: a one-line
+    UserError instead of a silent plain runner."""
+    fixed = create_model("tiny", **TINY, patching="fixed").eval()
+    for model, kw in ((fixed, {}), (ion_completed, {}), (ion, {"latent_policy": "early"})):
+        with pytest.raises(UserError, match="entropy_branch needs ionLlama with entropy patching"):
+            _runner(model, 8, entropy_branch=True, **kw)
+    assert not _runner(fixed, 8).can_branch and _runner(ion, 8).can_branch
+
+
 def test_failed_capture_raises_and_keeps_warm_up_state(ion, monkeypatch):
     """A failed capture raises a clear error (no silent fallback), with the current stream restored;
     the runner holds exactly the warm-up's bytes."""
@@ -302,6 +338,23 @@ def test_early_flag_graphs_equal_eager_on_cuda(ion):
         r = _runner(m, 40, latent_policy="early", cuda_graphs=True)
         r.run(40)
         assert r.graphs is not None and len(r.graphs[0]) == 2
+        assert torch.equal(r.out[:, :40], ref)
+    finally:
+        ion.to("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("policy", ["skip", "always"])
+def test_entropy_branch_graphs_equal_eager_on_cuda(ion, policy):
+    """entropy_branch on a GPU: the entropy model on a second stream, forked and joined inside the captured
+    byte graph; the bytes equal the plain eager runner's."""
+    m = ion.to("cuda")
+    try:
+        ref = _eager_bytes(m, 40, 40)
+        r = _runner(m, 40, latent_policy=policy, cuda_graphs=True, entropy_branch=True)
+        assert r.branch_stream is not None
+        r.run(40)
+        assert r.graphs is not None and len(r.graphs[0]) == 1
         assert torch.equal(r.out[:, :40], ref)
     finally:
         ion.to("cpu")

@@ -104,6 +104,10 @@ def test_sweep_grid_checks(capsys):
     assert pds.parse_grid("latent", ["pdl=1"]) == [{"pdl": 1}]
     with pytest.raises(UserError, match="must be 0 or 1"):
         pds.parse_grid("lnn", ["pdl=2"])
+    # the runner's entropy_branch switch, alone or crossed with pdl
+    assert pds.parse_grid("lnn", ["branch=0,1", "pdl=1"]) == [{"branch": 0, "pdl": 1}, {"branch": 1, "pdl": 1}]
+    with pytest.raises(UserError, match="must be 0 or 1"):
+        pds.parse_grid("ssm", ["branch=3"])
     with pytest.raises(UserError, match="unknown lnn config key 'persistent'"):  # the removed one-launch kernel
         pds.parse_grid("lnn", ["persistent=1"])
     # the CLI: one line, exit 2, before any model is built

@@ -310,10 +310,29 @@ class IonLlamaDecoder(IncrementalDecoder):
     def byte_step_entropy(self, tokens: torch.Tensor) -> None:
         """First part of a byte step: the entropy model on the fed byte and, from it, the next byte's patch
         flag (next_start). Split off so a runner can read that flag while byte_step_rest runs."""
+        self.begin_byte()
+        self.next_patch_flag(tokens)
+
+    # The byte step as two independent branches (a runner may run them on two CUDA streams): begin_byte;
+    # then next_patch_flag (entropy model, rule: reads t, writes the entropy state, ent1/ent2, last_rule,
+    # next_start) beside byte_step_local (embedding, encoder, pooling, decoder, head: reads t and cur_start,
+    # writes their own state); then end_byte. The two branches share no tensor that either writes.
+    def begin_byte(self) -> None:
+        """The fed byte opens a patch if the last byte decided so."""
+        self.cur_start.copy_(self.next_start)
+
+    def byte_step_local(self, tokens: torch.Tensor) -> torch.Tensor:
+        """byte_step_rest without advancing the position (end_byte does, once both branches are done)."""
+        return self._decode(tokens, self._encode(tokens), advance=False)
+
+    def end_byte(self) -> None:
+        self.t += 1
+
+    def next_patch_flag(self, tokens: torch.Tensor) -> None:
+        """The entropy model on the fed byte (about the byte after it) and the next byte's patch flag."""
         m, cfg = self.model, self.cfg
         x = tokens.long()
         t = self.t
-        self.cur_start.copy_(self.next_start)
         # entropy model (about the byte after x)
         if self.use_entropy:
             em = m.entropy_model
@@ -392,7 +411,7 @@ class IonLlamaDecoder(IncrementalDecoder):
         self.acc_max.copy_(new_max)
         return e
 
-    def _decode(self, tokens: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    def _decode(self, tokens: torch.Tensor, e: torch.Tensor, advance: bool = True) -> torch.Tensor:
         m, t = self.model, self.t
         x = tokens.long()
         h = e + self.ctx
@@ -400,5 +419,6 @@ class IonLlamaDecoder(IncrementalDecoder):
             h = st.step(h, t)
         logits = m.head(m.norm(h))
         self.last_x.copy_(x)
-        self.t += 1
+        if advance:
+            self.t += 1
         return logits

@@ -55,7 +55,7 @@ def compile_options(setting) -> dict | None:
 class DecodeRunner:
     def __init__(self, dec, cfg: SamplingConfig, seeds: torch.Tensor, logits: torch.Tensor, max_new: int,
                  cuda_graphs: bool = False, compile=False, latent_policy: str = "auto",
-                 compile_mode: str | None = None):
+                 compile_mode: str | None = None, entropy_branch: bool = False):
         """logits: the prefill's (B, V) next-byte logits. latent_policy: 'skip' (read the patch flag on
         the host each byte and run the latent stage only when a row opens a patch), 'always' (run it
         every byte with a masked commit: no host sync, better for large batches), 'early' (as skip, but the
@@ -64,7 +64,11 @@ class DecodeRunner:
         same as skip, which reads the flag that way there), 'auto' (skip for batch <= 2).
         compile: False, True or a COMPILE_PRESETS name; compile_mode: torch.compile's mode instead (with
         compile=True; for benchmarks). cuda_graphs is ignored for decoders that say they cannot be
-        captured (``capturable = False``, e.g. RecomputeDecoder)."""
+        captured (``capturable = False``, e.g. RecomputeDecoder). entropy_branch: on CUDA the entropy model
+        runs on a second stream beside the local layers, inside the one byte graph (ionLlama with entropy
+        patching, latent_shift "previous", latent policy skip / always; a UserError elsewhere). The two share
+        no written tensor (ionllama_decoder.begin_byte). Opt-in until measured faster on a GPU; may be switched
+        later (``can_branch``): the next capture or eager iteration uses the current setting."""
         self.dec, self.cfg = dec, cfg
         B, dev = logits.shape[0], logits.device
         self.seeds = seeds = seeds.to(dev)  # the noise is made where the logits are
@@ -96,11 +100,21 @@ class DecodeRunner:
         self._byte_parts = [self._iter_entropy, self._iter_encode, self._iter_decode] if self.completed \
             else [self._iter_entropy, self._iter_rest] if self.split else [self._iteration]
         self._latent_fn = dec.advance_latent if self.has_latent else None
+        self.can_branch = self.has_latent and not self.split and bool(getattr(dec, "use_entropy", False)) \
+            and hasattr(dec, "next_patch_flag")
+        if entropy_branch and not self.can_branch:
+            raise UserError("entropy_branch needs ionLlama with entropy patching, latent_shift 'previous' and "
+                            "latent_policy skip, always or auto; leave it off")
+        self.entropy_branch = bool(entropy_branch)
+        self._branch_fns = [self._iter_begin, self._iter_flag, self._iter_local, self._iter_end] \
+            if self.can_branch else []
+        self.branch_stream = torch.cuda.Stream(dev) if self.can_branch and logits.is_cuda else None
         options = compile_options(compile)
         if options is not None:
             # torch.compile takes a mode or options, not both
             kw = dict(mode=compile_mode) if compile_mode else dict(options=options or None)
             self._byte_parts = [torch.compile(f, dynamic=False, **kw) for f in self._byte_parts]
+            self._branch_fns = [torch.compile(f, dynamic=False, **kw) for f in self._branch_fns]
             if self.has_latent:
                 self._latent_fn = torch.compile(dec.advance_latent, dynamic=False, **kw)
         # 'early' with graphs: the flag lands in host memory from inside the first part's graph
@@ -130,6 +144,47 @@ class DecodeRunner:
         self.logits.copy_(step(self.tok))
         self._set_pred()
         self.step_no += 1
+
+    def _iter_begin(self) -> None:
+        """entropy_branch, before the fork: sample the byte, mark whether it opens a patch."""
+        tok = sample_next(self.logits, self.cfg, self.seeds, self.step_no, self.noise)
+        self.tok.copy_(tok)
+        self.out.index_put_((self.rows, self.step_no.expand(tok.shape[0])), tok)
+        self.dec.begin_byte()
+
+    def _iter_flag(self) -> None:
+        """entropy_branch, second stream: the entropy model and the next byte's patch flag."""
+        self.dec.next_patch_flag(self.tok)
+        self._set_pred()
+
+    def _iter_local(self) -> None:
+        """entropy_branch, first stream: embedding, encoder, pooling, decoder, head."""
+        self.logits.copy_(self.dec.byte_step_local(self.tok))
+
+    def _iter_end(self) -> None:
+        self.dec.end_byte()
+        self.step_no += 1
+
+    def _iteration_branched(self) -> None:
+        """One byte as _iteration, the entropy model forked onto branch_stream (CUDA) and joined before the
+        position advances; sequential on CPU. Captured, the fork and join become edges of the one graph."""
+        begin, flag, local, end = self._branch_fns
+        begin()
+        if self.branch_stream is None:
+            flag()
+            local()
+        else:
+            main = torch.cuda.current_stream()
+            self.branch_stream.wait_stream(main)
+            with torch.cuda.stream(self.branch_stream):
+                flag()
+            local()
+            main.wait_stream(self.branch_stream)
+        end()
+
+    def _parts(self) -> list:
+        """The byte stage's parts under the current setting (entropy_branch may be switched between runs)."""
+        return [self._iteration_branched] if self.entropy_branch and self.can_branch else self._byte_parts
 
     def _iter_entropy(self) -> None:
         """'early', part 1: sample the byte, run the entropy model on it, set the next byte's patch flag."""
@@ -162,7 +217,7 @@ class DecodeRunner:
         # "previous": the latent stage before the byte (flag set by the last byte); "completed": before
         # the byte's decoder (flag set by this byte's part 1)
         at = 2 if self.completed else 0
-        for i, part in enumerate(self._byte_parts):
+        for i, part in enumerate(self._parts()):
             if i == at and self._latent_needed():
                 self._latent_fn(self.dec.next_start)  # always called with the mask: one compiled signature
             part()
@@ -196,7 +251,7 @@ class DecodeRunner:
         stream = torch.cuda.current_stream()
         try:
             pool = torch.cuda.graph_pool_handle()
-            parts = list(self._byte_parts)
+            parts = list(self._parts())
             if self.split:  # the flag to host memory, inside the first part's graph
                 first = parts[0]
                 parts[0] = lambda: (first(), self.pred_host.copy_(self.latent_pred.view(1), non_blocking=True))
