@@ -51,8 +51,10 @@ class ModelConfig:
     max_patch_size: int = 8
     target_patch_size: float = 4.0
     fixed_patch_size: int = 4
-    # which latent a byte's decoder sees: "previous" (the last patch that ended before the byte's patch) or
-    # "completed" (as previous, but the last byte of a patch sees its own patch): docs/notes/latent-shift.md
+    # which latent a byte's decoder sees: "previous" (the last patch that ended before the byte's patch),
+    # "completed" (as previous, but the last byte of a patch sees its own patch) or "lagged" (the patch before
+    # the previous one: generation can then run a patch's latent step while the next patch's bytes decode):
+    # docs/notes/latent-shift.md
     latent_shift: str = "previous"
     # bpe baseline
     tokenizer_path: str = ""

@@ -27,6 +27,8 @@ CONFIGS += [dict(patching=p, attention=a, latent_shift="completed")
             for p, a in itertools.product(["entropy", "fixed", "space", "byte"], ["dilated", "dense"])]
 CONFIGS += [dict(patching="entropy", threshold_mode="monotonic", latent_shift="completed"),
             dict(patching="fixed", local_layers="transformer", latent_shift="completed")]
+# latent_shift "lagged" (patch p's latent reaches patch p+2): every patching mode, dilated attention
+CONFIGS += [dict(patching=p, latent_shift="lagged") for p in ["entropy", "fixed", "space", "byte"]]
 
 
 def _model(cfg, train_mode):
@@ -111,3 +113,17 @@ def test_completed_shift_shows_the_closing_byte_its_own_patch(patching):
     diff = (outs["previous"]["logits"] - outs["completed"]["logits"])[0].abs().amax(-1)
     first = int(closes.float().argmax())
     assert closes.any() and (diff[closes] > 1e-6).all() and (diff[:first] == 0).all()
+
+
+@pytest.mark.parametrize("shift,blind", [("previous", 4), ("lagged", 8)])
+def test_latent_reaches_bytes_one_or_two_patches_later(shift, blind):
+    """Fixed 4-byte patches: with "previous" the latent path reaches bytes from patch 1 on, with "lagged" from
+    patch 2 on (changing the latent's output projection changes nothing before, and every byte after)."""
+    x = torch.tensor([list(b"ab cd efgh ijklmnopq r s")])
+    m = _model(dict(patching="fixed", fixed_patch_size=4, latent_shift=shift), False)
+    with torch.no_grad():
+        before = m(x)["logits"]
+        m.from_latent.weight.add_(0.5 * torch.randn_like(m.from_latent.weight))
+        after = m(x)["logits"]
+    diff = (before - after)[0].abs().amax(-1)
+    assert (diff[:blind] == 0).all() and (diff[blind:] > 1e-6).all()

@@ -38,6 +38,9 @@ CONFIGS += [dict(patching=p, attention=a, latent_shift="completed")
             for p, a in itertools.product(["entropy", "fixed", "space", "byte"], ["dilated", "dense"])]
 CONFIGS += [dict(patching="entropy", threshold_mode="monotonic", latent_shift="completed"),
             dict(patching="space", local_layers="transformer", latent_shift="completed")]
+# latent_shift "lagged" (a patch's latent reaches the bytes two patches on): one row per patching mode, both attentions
+CONFIGS += [dict(patching=p, attention=a, latent_shift="lagged")
+            for p, a in (("entropy", "dilated"), ("fixed", "dense"), ("space", "dilated"), ("byte", "dense"))]
 
 ALPHABET = torch.tensor(list(b"abc de f\n.") + [200, 255])
 
@@ -107,9 +110,10 @@ def test_incremental_logits_equal_parallel_forward(cfg):
 @pytest.mark.parametrize("cfg", [dict(patching="entropy"), dict(patching="space", local_layers="transformer",
                                                                      attention="dense"),
                                  dict(patching="entropy", latent_shift="completed"),
-                                 dict(patching="fixed", attention="dense", latent_shift="completed")],
+                                 dict(patching="fixed", attention="dense", latent_shift="completed"),
+                                 dict(patching="fixed", latent_shift="lagged")],
                          ids=["entropy-dilated-integral", "space-dense-transformer", "entropy-completed",
-                              "fixed-dense-completed"])
+                              "fixed-dense-completed", "fixed-lagged"])
 def test_ionllama_batched_generation_equals_single(cfg):
     m = build(cfg, text_like(2, 48, seed=9))
     prompts = [b"abc de", b"f", "a longer prompt. ab de\n", [97, 32, 98]]

@@ -18,7 +18,9 @@ start a patch compute it too but keep their state (masked commit), and
 With latent_shift "completed" the byte's own decoder must see the patch it closes, so the latent step
 sits inside the byte: ``byte_step_entropy`` (entropy, next start flag = "this byte closes its patch"),
 ``byte_step_encode`` (embedding, encoder, accumulator), ``advance_latent`` when the flag is set,
-``byte_step_decode`` (decoder, head); ``step`` does this.
+``byte_step_decode`` (decoder, head); ``step`` does this. With "lagged" the open patch's bytes see the
+latent of the patch before the last completed one: a latent step's output waits in ``ctx_next`` until the
+next patch opens (the step order is "previous"'s).
 Prefill runs the model's parallel forward over the prompt (rows grouped by length) and reads the
 final states from it.
 """
@@ -124,6 +126,9 @@ class IonLlamaDecoder(IncrementalDecoder):
         self.lv = torch.zeros(shape, device=dev, dtype=dt)
         self.n_complete = torch.zeros(B, dtype=torch.long, device=dev)  # completed patches = cached keys
         self.ctx = torch.zeros(B, dl, device=dev, dtype=dt)  # latent output shown to the open patch
+        # "lagged": the last completed patch's latent output, shown from the patch after the open one on
+        self.lagged = cfg.latent_shift == "lagged"
+        self.ctx_next = torch.zeros(B, dl, device=dev, dtype=dt) if self.lagged else None
         self.dilated = lat.attention == "dilated"
         offs = dilated_offsets(self.max_patches, lat.local_width)
         self.offsets = torch.tensor(offs, dtype=torch.long, device=dev)
@@ -234,7 +239,11 @@ class IonLlamaDecoder(IncrementalDecoder):
         idx, n_done = b2p, n_patches - 1
         if self.completed:
             idx, n_done = b2p + starts[:, 1:].long(), n_done + starts[:, T].long()
-        self.ctx[rows] = z_ext.gather(1, n_done.view(G, 1, 1).expand(G, 1, z.shape[-1]))[:, 0]
+        shown = n_done
+        if self.lagged:  # the open patch sees z_ext[n_done - 1]; z_ext[n_done] waits for the next patch
+            idx, shown = (b2p - 1).clamp_min(0), (n_done - 1).clamp_min(0)
+            self.ctx_next[rows] = z_ext.gather(1, n_done.view(G, 1, 1).expand(G, 1, z.shape[-1]))[:, 0]
+        self.ctx[rows] = z_ext.gather(1, shown.view(G, 1, 1).expand(G, 1, z.shape[-1]))[:, 0]
         self.n_complete[rows] = n_done
         # decoder
         h = e + torch.gather(z_ext, 1, idx[..., None].expand(G, T, z_ext.shape[-1]))
@@ -274,7 +283,7 @@ class IonLlamaDecoder(IncrementalDecoder):
                 zf = self.fused_latent(blk, zf, self.lk, self.lv, li, i, self.rope_cos, self.rope_sin, self.offsets,
                                        self.dilated)
             c = m.from_latent(m.latent.norm(zf))
-            self.ctx.copy_(torch.where(mask[:, None], c, self.ctx))
+            self._commit(c, mask)
             self.n_complete += mask.long()
             return
         cos, sin = rope_cos_sin(i[:, None], Dh, self.rope_base)
@@ -298,8 +307,16 @@ class IonLlamaDecoder(IncrementalDecoder):
             z = z + blk.attn.proj(y.transpose(1, 2).reshape(B, 1, -1))
             z = z + blk.ffn(blk.norm2(z))
         c = m.from_latent(m.latent.norm(z))[:, 0]
-        self.ctx.copy_(torch.where(mask[:, None], c, self.ctx))
+        self._commit(c, mask)
         self.n_complete += mask.long()
+
+    def _commit(self, c: torch.Tensor, mask: torch.Tensor) -> None:
+        """Rows in mask: the new latent output c becomes the context ("lagged": the pending one does, c waits)."""
+        if self.lagged:
+            self.ctx.copy_(torch.where(mask[:, None], self.ctx_next, self.ctx))
+            self.ctx_next.copy_(torch.where(mask[:, None], c, self.ctx_next))
+        else:
+            self.ctx.copy_(torch.where(mask[:, None], c, self.ctx))
 
     def byte_step(self, tokens: torch.Tensor) -> torch.Tensor:
         """A whole byte step without the latent stage ("previous" only: "completed" needs the latent

@@ -4,7 +4,8 @@
           -> pool each patch -> latent transformer over patches (dilated or dense attention)
           -> byte t gets the latent output of the last patch that ended before t (+ its encoder
              state) -> IntegralLNN decoder -> 256-way head.
-             (latent_shift "completed": the last byte of a patch gets that patch's own latent output.)
+             (latent_shift "completed": the last byte of a patch gets that patch's own latent output;
+             "lagged": the bytes of patch p get patch p-2's, so a decoder can compute p-1's meanwhile.)
 
 Patch boundaries come from the frozen entropy model (or fixed/space/byte rules) and depend only on
 earlier bytes; the latent vector of patch p reaches only bytes of later patches (and, with "completed",
@@ -71,7 +72,7 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
                               ("local_layers", cfg.local_layers, ("integral", "transformer")),
                               ("ngram", cfg.ngram, ("hash", "conv", "none")),
                               ("pooling", cfg.pooling, ("mean", "attention")),
-                              ("latent_shift", cfg.latent_shift, ("previous", "completed"))]:
+                              ("latent_shift", cfg.latent_shift, ("previous", "completed", "lagged"))]:
             if val not in ok:
                 from ..errors import UserError
                 raise UserError(f"unknown {name} '{val}'; choose one of {', '.join(ok)}")
@@ -226,8 +227,9 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
             idx = b2p + closes.long()
             h = e + torch.gather(z_ext, 1, idx[..., None].expand(B, T, z_ext.shape[-1]))
         else:
-            # patch p's latent output is shown to the bytes of patch p+1: shift right by one patch
-            z_prev = torch.cat([start_vec, z[:, :-1]], dim=1)
+            # patch p's latent output is shown to the bytes of patch p+1 ("lagged": of patch p+2): shift right
+            lag = 2 if self.config.latent_shift == "lagged" else 1
+            z_prev = torch.cat([start_vec.expand(B, lag, -1), z[:, :-lag]], dim=1)
             h = e + torch.gather(z_prev, 1, b2p[..., None].expand(B, T, z_prev.shape[-1]))
         for layer in self.decoder:
             h = layer(h)
