@@ -129,6 +129,9 @@ class IonLlamaDecoder(IncrementalDecoder):
         # "lagged": the last completed patch's latent output, shown from the patch after the open one on
         self.lagged = cfg.latent_shift == "lagged"
         self.ctx_next = torch.zeros(B, dl, device=dev, dtype=dt) if self.lagged else None
+        # "lagged": latent_commit's copies of the pooled patch and of the flags, read by latent_compute
+        self.pooled_buf = torch.zeros(B, dl, device=dev, dtype=dt) if self.lagged else None
+        self.mask_buf = torch.zeros(B, dtype=torch.bool, device=dev) if self.lagged else None
         self.dilated = lat.attention == "dilated"
         offs = dilated_offsets(self.max_patches, lat.local_width)
         self.offsets = torch.tensor(offs, dtype=torch.long, device=dev)
@@ -270,22 +273,50 @@ class IonLlamaDecoder(IncrementalDecoder):
         """Close the open patch of rows whose next byte starts a patch; one latent step for them.
         mask (B,) bool overrides which rows commit (default: next_start; all-False is a no-op).
         "previous": called before the byte that opens the next patch; "completed": after the pooling of
-        the byte that closes the patch (byte_step_encode), before its decoder."""
-        m, B, H, Dh = self.model, self.batch_size, self.H, self.Dh
+        the byte that closes the patch (byte_step_encode), before its decoder; "lagged": as "previous", in
+        two parts (latent_commit, latent_compute) that a runner may run on two streams."""
         if mask is None:
             mask = self.next_start
-        pooled = (self.acc_num / self.acc_den.clamp_min(1e-30)[:, None]).to(self.dtype)
+        if self.lagged:
+            self.latent_commit(mask)
+            self.latent_compute()
+            return
+        c = self._latent_output(self._pooled(), mask)
+        self.ctx.copy_(torch.where(mask[:, None], c, self.ctx))
+
+    # "lagged" in two parts. latent_commit reads what the next byte overwrites (the pooling accumulator, the
+    # patch flags) and shows the open patch's successor the pending output; latent_compute reads only its own
+    # copies, so it may run while the next patch's bytes decode. It must finish before the next latent_commit
+    # (which shows its output) and before the next latent_compute (same cache, same stream in the runner).
+    def latent_commit(self, mask: torch.Tensor | None = None) -> None:
+        if mask is None:
+            mask = self.next_start
+        self.pooled_buf.copy_(self._pooled())
+        self.mask_buf.copy_(mask)
+        self.ctx.copy_(torch.where(mask[:, None], self.ctx_next, self.ctx))
+
+    def latent_compute(self) -> None:
+        c = self._latent_output(self.pooled_buf, self.mask_buf)
+        self.ctx_next.copy_(torch.where(self.mask_buf[:, None], c, self.ctx_next))
+
+    def _pooled(self) -> torch.Tensor:
+        return (self.acc_num / self.acc_den.clamp_min(1e-30)[:, None]).to(self.dtype)
+
+    def _latent_output(self, pooled: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One latent step over the pooled patch vectors (B, dl): writes the KV slot n_complete of every row
+        (rows outside mask write a slot that is not valid yet), counts the patch for rows in mask, returns the
+        latent output (B, dl)."""
+        m, B, H, Dh = self.model, self.batch_size, self.H, self.Dh
         z = m.to_latent(pooled)[:, None]  # (B, 1, dm)
-        i = self.n_complete  # this patch's index; rows without a new patch write a slot that is not yet valid
+        i = self.n_complete  # this patch's index
         if self.fused_latent is not None:  # five Triton kernels per block (kernels/latent_step_triton.py)
             zf = z[:, 0]
             for li, blk in enumerate(m.latent.blocks):
                 zf = self.fused_latent(blk, zf, self.lk, self.lv, li, i, self.rope_cos, self.rope_sin, self.offsets,
                                        self.dilated)
             c = m.from_latent(m.latent.norm(zf))
-            self._commit(c, mask)
             self.n_complete += mask.long()
-            return
+            return c
         cos, sin = rope_cos_sin(i[:, None], Dh, self.rope_base)
         if self.dilated:
             key_idx = i[:, None] - self.offsets[None, :]  # (B, K)
@@ -307,16 +338,8 @@ class IonLlamaDecoder(IncrementalDecoder):
             z = z + blk.attn.proj(y.transpose(1, 2).reshape(B, 1, -1))
             z = z + blk.ffn(blk.norm2(z))
         c = m.from_latent(m.latent.norm(z))[:, 0]
-        self._commit(c, mask)
         self.n_complete += mask.long()
-
-    def _commit(self, c: torch.Tensor, mask: torch.Tensor) -> None:
-        """Rows in mask: the new latent output c becomes the context ("lagged": the pending one does, c waits)."""
-        if self.lagged:
-            self.ctx.copy_(torch.where(mask[:, None], self.ctx_next, self.ctx))
-            self.ctx_next.copy_(torch.where(mask[:, None], c, self.ctx_next))
-        else:
-            self.ctx.copy_(torch.where(mask[:, None], c, self.ctx))
+        return c
 
     def byte_step(self, tokens: torch.Tensor) -> torch.Tensor:
         """A whole byte step without the latent stage ("previous" only: "completed" needs the latent
