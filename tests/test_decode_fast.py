@@ -276,6 +276,40 @@ def test_entropy_branch_refused_where_it_cannot_run(ion, ion_completed):
     assert not _runner(fixed, 8).can_branch and _runner(ion, 8).can_branch
 
 
+@pytest.mark.parametrize("graphs", [False, True])
+def test_lagged_runner_gives_the_bytes_of_the_recompute_decoder(monkeypatch, graphs):
+    """latent_shift "lagged": with graphs (CPU fakes that run in order) and 'skip', the latent step's commit
+    graph runs on the main stream and its compute graph on latent_stream, one per committed patch; the bytes equal
+    the full forward rerun per byte (RecomputeDecoder), as do the eager runner's."""
+    from ionllama.generation import RecomputeDecoder
+
+    torch.manual_seed(1)
+    m = create_model("tiny", **TINY, patching="fixed", fixed_patch_size=3, latent_shift="lagged").eval()
+    with torch.no_grad():
+        m.head.weight.mul_(30.0)
+        m.from_latent.weight.mul_(30.0)  # the latent visibly moves the logits
+    n = 23
+    dec = RecomputeDecoder(m, 2, 64)
+    ref = DecodeRunner(dec, SamplingConfig(temperature=1.0), torch.tensor([3, 4]), dec.prefill([list(b"ab c"), list(b"d")]), n)
+    ref.run(n)
+    if graphs:
+        _fake_cuda(monkeypatch, _FakeGraph)
+        monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    r = _runner(m, n, latent_policy="skip")
+    assert r.lagged and not r.split
+    computes = []
+    if graphs:
+        r.latent_stream = _FakeStream()
+        r.want_graphs = True
+        r.run(9)  # warm-up and capture, then replays
+        commit, compute = r.lag_graphs
+        r.lag_graphs = (commit, _FakeGraph(lambda: (computes.append(1), compute.replay())))
+    r.run(n - r.n_done)
+    assert int(r.dec.n_complete.min()) >= 4  # patches were committed along the way
+    assert not graphs or len(computes) >= 3  # the lagged path ran (one compute per boundary)
+    assert torch.equal(r.out[:, :n], ref.out[:, :n])
+
+
 def test_failed_capture_raises_and_keeps_warm_up_state(ion, monkeypatch):
     """A failed capture raises a clear error (no silent fallback), with the current stream restored;
     the runner holds exactly the warm-up's bytes."""
@@ -341,6 +375,21 @@ def test_early_flag_graphs_equal_eager_on_cuda(ion):
         assert torch.equal(r.out[:, :40], ref)
     finally:
         ion.to("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_lagged_overlap_graphs_equal_eager_on_cuda():
+    """latent_shift "lagged" on a GPU: the latent compute graph on its own stream, overlapping the next bytes'
+    graphs; the bytes equal the eager runner's."""
+    torch.manual_seed(1)
+    m = create_model("tiny", **TINY, patching="entropy", latent_shift="lagged").eval().to("cuda")
+    with torch.no_grad():
+        m.from_latent.weight.mul_(30.0)
+    ref = _eager_bytes(m, 60, 60)
+    r = _runner(m, 60, latent_policy="skip", cuda_graphs=True)
+    r.run(60)
+    assert r.lag_graphs is not None and r.latent_stream is not None
+    assert torch.equal(r.out[:, :60], ref)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -109,17 +109,24 @@ class DecodeRunner:
         self._branch_fns = [self._iter_begin, self._iter_flag, self._iter_local, self._iter_end] \
             if self.can_branch else []
         self.branch_stream = torch.cuda.Stream(dev) if self.can_branch and logits.is_cuda else None
+        # latent_shift "lagged" under 'skip' with graphs: the latent step's compute part runs on latent_stream while
+        # the next patch's bytes decode (its output is shown one patch later); see _replay_lagged
+        self.lagged = self.has_latent and bool(getattr(dec, "lagged", False)) and not self.split
+        self._lagged_fns = [dec.latent_commit, dec.latent_compute] if self.lagged else []
+        self.latent_stream = torch.cuda.Stream(dev) if self.lagged and logits.is_cuda else None
         options = compile_options(compile)
         if options is not None:
             # torch.compile takes a mode or options, not both
             kw = dict(mode=compile_mode) if compile_mode else dict(options=options or None)
             self._byte_parts = [torch.compile(f, dynamic=False, **kw) for f in self._byte_parts]
             self._branch_fns = [torch.compile(f, dynamic=False, **kw) for f in self._branch_fns]
+            self._lagged_fns = [torch.compile(f, dynamic=False, **kw) for f in self._lagged_fns]
             if self.has_latent:
                 self._latent_fn = torch.compile(dec.advance_latent, dynamic=False, **kw)
         # 'early' with graphs: the flag lands in host memory from inside the first part's graph
         self.pred_host = torch.zeros(1, dtype=torch.bool, pin_memory=logits.is_cuda) if self.split else None
         self.graphs = None
+        self.lag_graphs = None  # "lagged": (commit, compute) graphs, captured with the others
         self.want_graphs = cuda_graphs and logits.is_cuda and getattr(dec, "capturable", True)
 
     def _set_pred(self) -> None:
@@ -236,6 +243,9 @@ class DecodeRunner:
             if self.has_latent:
                 for _ in range(2):
                     self._latent_fn(self.no_rows)
+                    if self.lagged:  # the two parts too (their compiled code): no row commits either
+                        self._lagged_fns[0](self.no_rows)
+                        self._lagged_fns[1]()
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
 
@@ -257,6 +267,9 @@ class DecodeRunner:
                 parts[0] = lambda: (first(), self.pred_host.copy_(self.latent_pred.view(1), non_blocking=True))
             g_bytes = [self._record(f, pool) for f in parts]
             g_lat = self._record(lambda: self._latent_fn(self.dec.next_start), pool) if self.has_latent else None
+            if self.lagged:
+                commit, compute = self._lagged_fns
+                self.lag_graphs = (self._record(lambda: commit(self.dec.next_start), pool), self._record(compute, pool))
         except Exception as e:
             # torch.cuda.graph does not restore the current stream when ending a failed capture raises
             torch.cuda.set_stream(stream)
@@ -285,6 +298,8 @@ class DecodeRunner:
         g_bytes, g_lat = self.graphs
         if self.completed:
             self._replay_completed(target, g_bytes, g_lat, timed)
+        elif self.lag_graphs is not None and self.latent_policy == "skip":
+            self._replay_lagged(target, g_bytes, timed)
         else:
             self._replay_previous(target, g_bytes, g_lat, timed)
         if timed:
@@ -329,6 +344,27 @@ class DecodeRunner:
                 need = bool(self.pred_host[0])
             elif self.n_done < target:
                 need = self._latent_needed()
+
+    def _replay_lagged(self, target: int, g_bytes, timed) -> None:
+        """"lagged" under 'skip': at a patch boundary the commit graph runs on the current stream and the compute
+        graph on latent_stream, which the next bytes do not wait for (their patch sees the output one patch later).
+        The next boundary's commit waits for it (it shows that output, and rewrites the copies it reads). Joined
+        before returning, so whatever follows sees a finished latent step."""
+        g_commit, g_compute = self.lag_graphs
+        main, side = torch.cuda.current_stream(), self.latent_stream
+        need = self._latent_needed()
+        while self.n_done < target:
+            if need:
+                main.wait_stream(side)
+                self._replay(g_commit, "latent_commit", timed)
+                side.wait_stream(main)
+                with torch.cuda.stream(side):
+                    self._replay(g_compute, "latent", timed)
+            self._replay(g_bytes[0], "byte", timed)
+            self.n_done += 1
+            if self.n_done < target:
+                need = self._latent_needed()
+        main.wait_stream(side)
 
     @staticmethod
     def _replay(graph, kind: str, timed: list | None) -> None:
