@@ -83,7 +83,9 @@ class Bench:
     def model(self, kind):
         if kind not in self.models:
             torch.manual_seed(0)
-            m = create_model(self.args.size, model=kind).to(self.device)
+            shift = getattr(self.args, "latent_shift", None)
+            kw = dict(latent_shift=shift) if kind == "ionllama" and shift else {}
+            m = create_model(self.args.size, model=kind, **kw).to(self.device)
             info = {"params": m.count_parameters()["total"]}
             if kind == "ionllama" and m.config.patching == "entropy":
                 cal = self.text[: 32 * 1024].view(8, 4096).to(self.device)
@@ -242,7 +244,7 @@ def write_results(b, args, checks):
                dtype=args.dtype, size=args.size, threads=torch.get_num_threads(),
                compile_mode=args.compile_mode, inductor=args.inductor, fused_local_step=args.fused_local_step,
                fused_entropy_step=args.fused_entropy_step, fused_latent_step=args.fused_latent_step,
-               entropy_branch=args.entropy_branch,
+               entropy_branch=args.entropy_branch, latent_shift=args.latent_shift,
                models={k: v[1] for k, v in b.models.items()}, checks=checks,
                commit=git_commit())  # BENCH_COMMIT-aware: the GPU machine's copy of .git is stale
     out = pathlib.Path(args.out)
@@ -294,6 +296,9 @@ def main():
                     help="ionLlama's latent blocks step through the fused Triton kernels "
                          "(ionllama/kernels/latent_step_triton.py): on, off, or auto (the library's default: CUDA, "
                          "<= 16 rows); rows that used them are labelled ', fused latent step'")
+    ap.add_argument("--latent_shift", default=None, choices=["previous", "completed", "lagged"],
+                    help="ionLlama's latent_shift (default: the model's, 'previous'); 'lagged' lets the runner overlap "
+                         "the latent step with the next patch's bytes")
     ap.add_argument("--entropy_branch", action="store_true",
                     help="ionLlama: the entropy model on a second CUDA stream beside the local layers, inside the byte "
                          "graph (DecodeRunner's entropy_branch; opt-in until measured)")

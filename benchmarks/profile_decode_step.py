@@ -366,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no_compile", action="store_true", help="cuda: graphs of the eager steps (no torch.compile)")
     ap.add_argument("--fused_local_step", nargs="?", const="on", default="auto", choices=list(FUSED),
                     help="the IntegralLNN local layers' fused Triton step (as bench_generation.py)")
+    ap.add_argument("--latent_shift", default=None, choices=["previous", "completed", "lagged"],
+                    help="ionLlama's latent_shift (as bench_generation.py)")
     ap.add_argument("--fused_entropy_step", nargs="?", const="on", default="auto", choices=list(FUSED),
                     help="the entropy model's fused Triton step (as bench_generation.py)")
     ap.add_argument("--fused_latent_step", nargs="?", const="on", default="auto", choices=list(FUSED),
