@@ -268,8 +268,11 @@ class DecodeRunner:
             g_bytes = [self._record(f, pool) for f in parts]
             g_lat = self._record(lambda: self._latent_fn(self.dec.next_start), pool) if self.has_latent else None
             if self.lagged:
+                # the compute graph replays while byte graphs run: a pool of its own, so no temporary of one can
+                # share memory with the other's (graphs that share a pool must replay one after the other)
                 commit, compute = self._lagged_fns
-                self.lag_graphs = (self._record(lambda: commit(self.dec.next_start), pool), self._record(compute, pool))
+                self.lag_graphs = (self._record(lambda: commit(self.dec.next_start), pool),
+                                   self._record(compute, torch.cuda.graph_pool_handle()))
         except Exception as e:
             # torch.cuda.graph does not restore the current stream when ending a failed capture raises
             torch.cuda.set_stream(stream)
