@@ -66,7 +66,7 @@ class DecodeRunner:
         compile=True; for benchmarks). cuda_graphs is ignored for decoders that say they cannot be
         captured (``capturable = False``, e.g. RecomputeDecoder). entropy_branch: on CUDA the entropy model
         runs on a second stream beside the local layers, inside the one byte graph (ionLlama with entropy
-        patching, latent_shift "previous", latent policy skip / always; a UserError elsewhere). The two share
+        patching, latent_shift "previous" or "lagged", latent policy skip / always; a UserError elsewhere). The two share
         no written tensor (ionllama_decoder.begin_byte). Opt-in until measured faster on a GPU; may be switched
         later (``can_branch``): the next capture or eager iteration uses the current setting."""
         self.dec, self.cfg = dec, cfg
@@ -103,8 +103,8 @@ class DecodeRunner:
         self.can_branch = self.has_latent and not self.split and bool(getattr(dec, "use_entropy", False)) \
             and hasattr(dec, "next_patch_flag")
         if entropy_branch and not self.can_branch:
-            raise UserError("entropy_branch needs ionLlama with entropy patching, latent_shift 'previous' and "
-                            "latent_policy skip, always or auto; leave it off")
+            raise UserError("entropy_branch needs ionLlama with entropy patching, latent_shift 'previous' or 'lagged' "
+                            "and latent_policy skip, always or auto; leave it off")
         self.entropy_branch = bool(entropy_branch)
         self._branch_fns = [self._iter_begin, self._iter_flag, self._iter_local, self._iter_end] \
             if self.can_branch else []
