@@ -747,9 +747,11 @@ def cases(large: bool) -> list[tuple]:
     return cs
 
 
-def run(device: str, large: bool = False, verbose: bool = True,
-        kinds=("attention", "scan", "conv_gate", "compiled", "block", "rope", "lnn_step", "lnn_generate",
-               "ssm_step", "ssm_generate", "latent_step", "latent_generate")) -> list[dict]:
+KINDS = ("attention", "scan", "conv_gate", "compiled", "block", "rope", "lnn_step", "lnn_generate", "ssm_step",
+         "ssm_generate", "latent_step", "latent_generate")
+
+
+def run(device: str, large: bool = False, verbose: bool = True, kinds=KINDS) -> list[dict]:
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
@@ -776,16 +778,25 @@ def run(device: str, large: bool = False, verbose: bool = True,
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--large", action="store_true", help="add GPU-sized cases")
     p.add_argument("--json", default=None, help="write the rows as JSON to this path ('-' = stdout)")
-    p.add_argument("--kinds", default="attention,scan,conv_gate,compiled,block,rope,lnn_step,lnn_generate,ssm_step,"
-                                      "ssm_generate,latent_step,latent_generate",
-                   help="comma list: attention, scan, conv_gate, compiled, block, rope, lnn_step, lnn_generate, "
-                        "ssm_step, ssm_generate, latent_step, latent_generate")
-    a = p.parse_args(argv)
+    p.add_argument("--kinds", default=",".join(KINDS), type=_kinds, help="comma list of: " + ", ".join(KINDS))
+    return p
+
+
+def _kinds(text: str) -> str:
+    """--kinds: a typo would silently check nothing of that kind, so it is refused (argparse: one line, exit 2)."""
+    bad = [k for k in text.split(",") if k not in KINDS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown kind(s) {bad}; choose from {', '.join(KINDS)}")
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     rows = run(a.device, a.large, verbose=a.json != "-", kinds=tuple(a.kinds.split(",")))
     if a.json == "-":
         print(json.dumps(rows))

@@ -1,0 +1,81 @@
+"""The device scripts (scripts/*.sh) before they cost GPU time: every script parses (bash -n), and every
+command gpu_decode_levers.sh would run is accepted by the parser of the program it calls. A flag typo found
+on the GPU machine costs a whole call of a 30-minute allotment; here it costs a second. The script runs with a
+stand-in `python3` on PATH that records its arguments and exits 0."""
+import importlib.util
+import os
+import pathlib
+import subprocess
+
+import pytest
+
+from ionllama.kernels import selfcheck
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SEP = "\x1f"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "scripts").glob("*.sh")))
+def test_script_parses(script):
+    r = subprocess.run(["bash", "-n", str(REPO / "scripts" / script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def _levers(tmp_path, steps: str, **env) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    """Run gpu_decode_levers.sh with a python3 that only records its argv (one line per call)."""
+    bin_dir, out, log = tmp_path / "bin", tmp_path / "out", tmp_path / "calls.txt"
+    bin_dir.mkdir()
+    out.mkdir()
+    stub = bin_dir / "python3"
+    stub.write_text(f'#!/bin/sh\nfor a in "$@"; do printf "%s{SEP}" "$a"; done >> "{log}"\necho >> "{log}"\n')
+    stub.chmod(0o755)
+    r = subprocess.run(["bash", str(REPO / "scripts" / "gpu_decode_levers.sh")], cwd=REPO, capture_output=True,
+                       text=True, timeout=120,
+                       env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out), "STEPS": steps,
+                            **env})
+    calls = [line.rstrip("\n").split(SEP)[:-1] for line in log.read_text().splitlines()] if log.exists() else []
+    return r, calls
+
+
+def test_decode_levers_commands_parse(tmp_path):
+    pds, bench = _load("profile_decode_step"), _load("bench_generation")
+    steps = "check_ssm check_lnn entropy inductor_pdl latent digest branch bench"
+    r, calls = _levers(tmp_path, steps, BUDGET="60")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out" / "decode_levers.tgz").exists()  # the results come back packed
+    seen = set()
+    for argv in calls:
+        if argv[:2] == ["-m", "ionllama.kernels.selfcheck"]:
+            selfcheck.build_parser().parse_args(argv[2:])
+            seen.add("selfcheck")
+        elif argv[0] == "benchmarks/profile_decode_step.py":
+            args = pds.build_parser().parse_args(argv[1:])
+            kind = next((k for k in pds.SWEEPS if getattr(args, f"sweep_{k}")), None)
+            if args.grid is not None:
+                assert kind is not None, argv
+                pds.parse_grid(kind, args.grid)  # a bad grid raises a UserError
+            seen.add("profile")
+        elif argv[0] == "benchmarks/bench_generation.py":
+            args = bench.build_parser().parse_args(argv[1:])
+            import torch._inductor.config as ind
+            for kv in args.inductor:  # each setting names an inductor config entry that exists
+                target = ind
+                for part in kv.partition("=")[0].split("."):
+                    target = getattr(target, part)
+            seen.add("bench")
+        else:
+            pytest.fail(f"gpu_decode_levers.sh runs an unchecked command: {argv}")
+    assert seen == {"selfcheck", "profile", "bench"}
+    assert len(calls) == 2 + 3 + 1 + 1 + 4 + 1 + 2  # every step of every name ran its commands
+
+
+def test_decode_levers_unknown_step_is_refused(tmp_path):
+    r, calls = _levers(tmp_path, "bogus")
+    assert r.returncode == 2 and "unknown step 'bogus'" in r.stderr and not calls
