@@ -27,7 +27,9 @@ ress="$RES"; for g in 0 1 2 3 4 5 6 7; do r="RES_GPU$g"; [ -n "${!r:-}" ] && res
 first=""; for g in 0 1 2 3 4 5 6 7; do v="GPU$g"; [ -n "${!v:-}" ] && { first=${!v%%,*}; break; }; done
 python3 -m ionllama.cli experiment "${common[@]}" --stage prepare --arms "$first" > "$OUT/log_prepare.txt" 2>&1
 left=$((T - ($(date +%s) - t0) - 10))
-( while true; do tar czf "$OUT/phase1.tgz.part" $ress 2>/dev/null && mv "$OUT/phase1.tgz.part" "$OUT/phase1.tgz"; sleep 20; done ) &
+# (its output goes nowhere: a sleeping child must not hold the caller's pipes open after the kill below)
+( while true; do tar czf "$OUT/phase1.tgz.part" $ress 2>/dev/null && mv "$OUT/phase1.tgz.part" "$OUT/phase1.tgz"; sleep 20; done ) \
+  > /dev/null 2>&1 &
 saver=$!
 # Each process gets its own equal share of the host's cores (taskset, thread pools sized to match), so
 # one GPU's torch.compile or data work cannot slow the other GPU's timed training: every arm's budget

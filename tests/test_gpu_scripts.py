@@ -79,3 +79,47 @@ def test_decode_levers_commands_parse(tmp_path):
 def test_decode_levers_unknown_step_is_refused(tmp_path):
     r, calls = _levers(tmp_path, "bogus")
     assert r.returncode == 2 and "unknown step 'bogus'" in r.stderr and not calls
+
+
+def _phase1(tmp_path, **env) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    """gpu_phase1_parallel.sh with the stand-in python3 (as _levers)."""
+    bin_dir, out, log = tmp_path / "bin", tmp_path / "out", tmp_path / "calls.txt"
+    bin_dir.mkdir()
+    out.mkdir()
+    stub = bin_dir / "python3"
+    stub.write_text(f'#!/bin/sh\nfor a in "$@"; do printf "%s{SEP}" "$a"; done >> "{log}"\necho >> "{log}"\n')
+    stub.chmod(0o755)
+    r = subprocess.run(["bash", str(REPO / "scripts" / "gpu_phase1_parallel.sh")], cwd=REPO, capture_output=True,
+                       text=True, timeout=120,
+                       env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out), **env})
+    calls = [line.rstrip("\n").split(SEP)[:-1] for line in log.read_text().splitlines()] if log.exists() else []
+    return r, calls
+
+
+# the runbook's next Phase-1 rows (docs/notes/gpu-runbook.md, orders 3, 3c, 3d, 5)
+SWEPT = "--from_sweep --step_graph --sweep_dir docs/results/phase1-sweep/sweep"
+PLANNED = {
+    "bpe seed 1": dict(GPU0="bpe", OVERHEAD="140", EXTRA=f"--seed 1 {SWEPT} --override dropout=0.1"),
+    "3-byte patches": dict(GPU0="ionllama_fixed",
+                           EXTRA=f"{SWEPT} --override latent_shift=completed,dropout=0.1,fixed_patch_size=3"),
+    "lagged": dict(GPU1="ionllama_fixed", LANES="2", EXTRA=f"{SWEPT} --override latent_shift=lagged,dropout=0.1"),
+    "entropy 7 min": dict(GPU0="ionllama", OVERHEAD="120",
+                          EXTRA="--step_graph --override n_layers=8,latent_shift=completed,dropout=0.1"),
+}
+
+
+@pytest.mark.parametrize("row", sorted(PLANNED))
+def test_planned_phase1_rows_parse(tmp_path, row):
+    """Each planned row's experiment commands (prepare, then one per GPU) are accepted by the experiment's
+    parser, and its overrides by parse_overrides and the model config."""
+    from ionllama import create_model
+    from ionllama.experiment import build_parser, parse_overrides
+
+    r, calls = _phase1(tmp_path, T="590", BUDGET="420", RES=str(tmp_path / "res"), **PLANNED[row])
+    assert r.returncode == 0, r.stderr
+    assert len(calls) == 2 and all(c[:3] == ["-m", "ionllama.cli", "experiment"] for c in calls)
+    for argv in calls:
+        a = build_parser().parse_args(argv[3:])
+        overrides = parse_overrides(a.override)
+        model_keys = {k: v for k, v in overrides.items() if k not in ("lr", "size", "entropy_frac")}
+        create_model("tiny", **model_keys)  # a bad value (e.g. a latent_shift) is refused here
