@@ -129,6 +129,7 @@ def bench_one(name: str, model_kind: str, size: str, args, text: bytes | None, o
         graphed = make_step_graph(model, fwd, opt, 0.0, lambda: torch.autocast(dev.type, dtype=torch.bfloat16,
                                                                               enabled=dev.type == "cuda"),
                                   args.seq_len, warmup=args.warmup, graphs=dev.type == "cuda")
+        graphed.graph_stage_a = args.stage_a == "graph"
         n_warm += 1  # the next call records the graph: keep it out of the timed steps
         if graphed.boundaries is not None:  # each of the 4 batches may have its own bucket, warmed up and recorded
             n_warm *= 4
@@ -171,7 +172,7 @@ def bench_one(name: str, model_kind: str, size: str, args, text: bytes | None, o
     return {"arm": name, "model": model_kind, "size": size, "overrides": overrides,
             "params_M": round(model.count_parameters()["total"] / 1e6, 2), "seq_len": args.seq_len,
             "batch_size": args.batch_size, "compile": args.compile and args.compile_mode, "sdpa_backend": args.sdpa_backend,
-            "step_graph": args.step_graph,
+            "step_graph": args.step_graph, "stage_a": args.stage_a if args.step_graph else None,
             "reference_paths": args.reference, "step_ms": round(dt * 1e3, 2),
             "bytes_per_s": round(bytes_per_s), "bytes_per_patch": round(measured_bpp, 3),
             "calibrated_bytes_per_patch": round(bpp, 3), "flops_per_byte": fpb,
@@ -195,6 +196,9 @@ def main():
     p.add_argument("--step_graph", action="store_true",
                    help="capture the whole step as one CUDA graph (ionllama/train/step_graph.py); with --compile, "
                         "use --compile_mode whole")
+    p.add_argument("--stage_a", choices=["graph", "eager"], default="graph",
+                   help="with --step_graph, entropy / space patching: stage A (the boundaries) as its own CUDA graph "
+                        "(the trainer's way) or eager (as before the eleventh session), for A/B timing")
     p.add_argument("--text_path", default=None, help="raw bytes to sample from (else random bytes)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None)

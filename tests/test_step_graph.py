@@ -370,18 +370,23 @@ def test_graph_cap_runs_further_buckets_eagerly_with_one_warning():
 def test_graph_path_per_bucket_with_a_fake_cuda(monkeypatch):
     """The graphs=True path on a CPU, with torch.cuda's stream and graph calls faked: every bucket runs its own
     warm-up steps, is then recorded once (in the one shared pool) and replayed; a replay here runs the step and
-    writes the recorded outputs, a recording runs it and undoes it (a real capture runs nothing). Losses and
-    weights must be those of the same steps run eagerly."""
+    writes the recorded outputs, a recording runs it and undoes it (a real capture runs nothing). Stage A (the
+    boundaries) is recorded once after its own warm-up calls, in a pool of its own, and replayed every step
+    after. Losses and weights must be those of the same steps run eagerly."""
     import contextlib
 
     class Stream:
         def wait_stream(self, other):
             pass
 
-    captures, pools = [], []
+    captures, pools, a_captures, a_replays = [], [], [], []
 
     class Graph:
         def replay(self):
+            if self is sg.a_slot.graph:  # stage A: writes its static outputs
+                a_replays.append(sg.calls)
+                sg._stage_a_body()
+                return
             res = sg._body()
             outputs = next(slot.outputs for slot in sg.slots.values() if slot.graph is self)
             for k, v in res.items():
@@ -389,6 +394,10 @@ def test_graph_path_per_bucket_with_a_fake_cuda(monkeypatch):
 
     @contextlib.contextmanager
     def graph(g, pool=None, capture_error_mode="global"):
+        if g is sg.a_slot.graph:
+            a_captures.append((sg.calls, pool))
+            yield
+            return
         captures.append((g, sg.latent_len, sg.calls))
         pools.append(pool)
         params = [p.detach().clone() for p in sg.params]
@@ -421,6 +430,9 @@ def test_graph_path_per_bucket_with_a_fake_cuda(monkeypatch):
                           for n in (32, 16)]
     assert [(n, calls) for _, n, calls in captures] == [(32, first_after_warmup[0] + 1), (16, first_after_warmup[1] + 1)]
     assert pools[0] is not None and all(p is pools[0] for p in pools)
+    # stage A: recorded at the 4th step, in another pool, then replayed at every step from there
+    assert [c for c, _ in a_captures] == [4] and a_captures[0][1] is not None and a_captures[0][1] is not pools[0]
+    assert a_replays == list(range(4, 13))
     assert results[1] == results[0]
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)

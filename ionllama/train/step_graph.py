@@ -19,9 +19,11 @@ What a captured step needs (``step_graph_problem`` says which one is missing):
 Shapes. A graph replays fixed shapes. Fixed and byte patching (and the baselines) know the patch count
 from T: one graph. Entropy and space patching size the latent sequence by the batch's largest patch
 count, which the host must read. Their step runs in two stages:
-  A. eagerly, without gradients: the patch boundaries (``IonLlama.patch_boundaries``: the frozen entropy
-     model's entropy or the space rule, then the patcher, as the forward does) and the counts; the host
-     reads the largest count once and rounds it up to a bucket (``latent_bucket``);
+  A. without gradients: the patch boundaries (``IonLlama.patch_boundaries``: the frozen entropy model's
+     entropy or the space rule, then the patcher, as the forward does) and the largest count; the host
+     reads that count once and rounds it up to a bucket (``latent_bucket``). Its shapes are fixed, so after
+     its warm-up calls it is a CUDA graph of its own too (one launch instead of the eager entropy model's
+     ~100; its own memory pool, its results written into static tensors);
   B. the rest of the step, one CUDA graph per bucket: the forward given those boundaries and the
      bucket's latent length (no host read, and the frozen entropy model is not run again), backward,
      clipping, AdamW. The padding patches sit after every real one, and the latent attention is causal,
@@ -154,6 +156,9 @@ class StepGraph:
         self.uncaptured: set[int] = set()  # latent lengths beyond max_graphs: their steps run eagerly
         self.latent_len: int | None = None  # this step's (two-stage step)
         self.pool = None  # one memory pool for all graphs (torch.cuda.graph_pool_handle)
+        self.static_nmax = None  # stage A's largest patch count (0-d, read by the host)
+        self.a_slot = _Slot()  # stage A's graph (its outputs are static_starts and static_nmax)
+        self.graph_stage_a = True  # False: stage A always eager on the current stream (for A/B timing)
 
     @property
     def graph(self) -> torch.cuda.CUDAGraph | None:
@@ -183,15 +188,38 @@ class StepGraph:
         self.opt.zero_grad(set_to_none=True)
         return res
 
-    def _stage_a(self) -> int:
-        """Patch boundaries of the static batch into static_starts; -> the bucketed latent length (the host
-        read of the step)."""
+    def _stage_a_body(self) -> None:
+        """Patch boundaries of the static batch into static_starts, the largest count into static_nmax."""
         with torch.no_grad(), self.autocast():  # the forward's entropy runs under the same autocast
             starts, n_patches = self.boundaries(self.static_x)
-        if self.static_starts is None:
-            self.static_starts = torch.empty_like(starts)
-        self.static_starts.copy_(starts)
-        return latent_bucket(int(n_patches.max()), self.static_x.shape[1])
+            if self.static_starts is None:  # the first call (eager): the static outputs get their shapes
+                self.static_starts = torch.empty_like(starts)
+                self.static_nmax = torch.empty((), dtype=n_patches.dtype, device=n_patches.device)
+            self.static_starts.copy_(starts)
+            self.static_nmax.copy_(n_patches.max())
+
+    def _stage_a(self) -> int:
+        """Stage A (eager for its first `warmup` calls, on a side stream as capture wants; then recorded once
+        and replayed); -> the bucketed latent length (the host read of the step)."""
+        slot = self.a_slot
+        slot.calls += 1
+        if not (self.graphs and self.graph_stage_a):
+            self._stage_a_body()
+        elif slot.calls <= self.warmup:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._stage_a_body()
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            if slot.graph is None:
+                slot.graph = torch.cuda.CUDAGraph()
+                # a pool of its own: its temporaries never share memory with the step graphs'
+                with torch.cuda.graph(slot.graph, pool=torch.cuda.graph_pool_handle(),
+                                      capture_error_mode="thread_local"):
+                    self._stage_a_body()
+            slot.graph.replay()
+        return latent_bucket(int(self.static_nmax), self.static_x.shape[1])
 
     def _slot(self, key: int | None) -> _Slot | None:
         """The graph slot of this latent length, made if the cap allows; None: run this step eagerly."""
