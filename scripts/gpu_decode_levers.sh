@@ -2,9 +2,11 @@
 # The batch-1 decode levers prepared in the tenth session (issue #4, runbook orders 1 and 1b), on one GPU, each an
 # A/B inside one process (alternating points; bytes checked equal) or a correctness check first. Usage on the device:
 #   STEPS="check_ssm check_lnn entropy inductor_pdl latent" bash scripts/gpu_decode_levers.sh
-#   STEPS="digest branch" BUDGET=60 bash scripts/gpu_decode_levers.sh; STEPS=bench BUDGET=100 ...  (twelfth session)
+#   STEPS="tests digest branch" BUDGET=60 bash scripts/gpu_decode_levers.sh; STEPS=bench BUDGET=100 ...  (twelfth session)
 # Steps (each under its own timeout, so a hung step cannot eat the call; results under $OUT, packed into
 # $OUT/decode_levers.tgz at the end):
+#   tests         the CUDA tests of the decode runner and the training step graphs (entropy branch, lagged
+#                 overlap, stage-A graph, graphs vs eager), before anything is timed
 #   check_ssm     selfcheck of the fused entropy step with PDL (ssm_step, ssm_generate)
 #   check_lnn     selfcheck of the IntegralLNN step (lnn_step, lnn_generate)
 #   entropy       the fused entropy step's own PDL A/B (--sweep_ssm --grid pdl=0,1,0,1), then the default byte graph
@@ -34,6 +36,8 @@ run() {  # name, timeout, command...
 }
 for step in ${STEPS:-check_ssm check_lnn entropy inductor_pdl latent}; do
   case $step in
+    tests) run tests 420 python3 -m pytest -q -p no:cacheprovider tests/test_decode_fast.py tests/test_step_graph.py \
+             tests/test_generation_ionllama.py ;;
     check_ssm) run check_ssm 180 python3 -m ionllama.kernels.selfcheck --device cuda --large --kinds ssm_step,ssm_generate \
                  --json "$R/selfcheck_ssm.json" ;;
     check_lnn) run check_lnn 240 python3 -m ionllama.kernels.selfcheck --device cuda --large --kinds lnn_step,lnn_generate \
@@ -56,7 +60,7 @@ for step in ${STEPS:-check_ssm check_lnn entropy inductor_pdl latent}; do
       G="python3 benchmarks/bench_generation.py --compile --compiled_only --models ionllama dense --contexts 1024 8192 32768"
       run bench $((3 * BUDGET + 120)) $G --budget_s $((3 * BUDGET)) --out "$R/bench"
       run bench_ipdl $((3 * BUDGET + 120)) $G --budget_s $((3 * BUDGET)) --inductor triton.enable_pdl=True --out "$R/bench_ipdl" ;;
-    *) echo "unknown step '$step'; steps: check_ssm check_lnn entropy inductor_pdl latent digest branch bench" >&2; exit 2 ;;
+    *) echo "unknown step '$step'; steps: tests check_ssm check_lnn entropy inductor_pdl latent digest branch bench" >&2; exit 2 ;;
   esac
 done
 grep -h "^PASS\|^FAIL" "$R"/log_check_*.txt 2>/dev/null | cut -c1-160

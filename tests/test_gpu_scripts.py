@@ -46,13 +46,17 @@ def _levers(tmp_path, steps: str, **env) -> tuple[subprocess.CompletedProcess, l
 
 def test_decode_levers_commands_parse(tmp_path):
     pds, bench = _load("profile_decode_step"), _load("bench_generation")
-    steps = "check_ssm check_lnn entropy inductor_pdl latent digest branch bench"
+    steps = "tests check_ssm check_lnn entropy inductor_pdl latent digest branch bench"
     r, calls = _levers(tmp_path, steps, BUDGET="60")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out" / "decode_levers.tgz").exists()  # the results come back packed
     seen = set()
     for argv in calls:
-        if argv[:2] == ["-m", "ionllama.kernels.selfcheck"]:
+        if argv[:2] == ["-m", "pytest"]:
+            files = [a for a in argv[2:] if a.endswith(".py")]
+            assert files and all((REPO / f).is_file() for f in files), argv
+            seen.add("pytest")
+        elif argv[:2] == ["-m", "ionllama.kernels.selfcheck"]:
             selfcheck.build_parser().parse_args(argv[2:])
             seen.add("selfcheck")
         elif argv[0] == "benchmarks/profile_decode_step.py":
@@ -72,8 +76,8 @@ def test_decode_levers_commands_parse(tmp_path):
             seen.add("bench")
         else:
             pytest.fail(f"gpu_decode_levers.sh runs an unchecked command: {argv}")
-    assert seen == {"selfcheck", "profile", "bench"}
-    assert len(calls) == 2 + 3 + 1 + 1 + 4 + 1 + 2  # every step of every name ran its commands
+    assert seen == {"pytest", "selfcheck", "profile", "bench"}
+    assert len(calls) == 1 + 2 + 3 + 1 + 1 + 4 + 1 + 2  # every step of every name ran its commands
 
 
 def test_decode_levers_unknown_step_is_refused(tmp_path):
