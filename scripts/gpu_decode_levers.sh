@@ -2,7 +2,7 @@
 # The batch-1 decode levers prepared in the tenth session (issue #4, runbook orders 1 and 1b), on one GPU, each an
 # A/B inside one process (alternating points; bytes checked equal) or a correctness check first. Usage on the device:
 #   STEPS="check_ssm check_lnn entropy inductor_pdl latent" bash scripts/gpu_decode_levers.sh
-#   STEPS="tests digest branch" BUDGET=60 bash scripts/gpu_decode_levers.sh; STEPS=bench BUDGET=100 ...  (twelfth session)
+#   STEPS="tests branch" BUDGET=60 ...; STEPS=digest BUDGET=60 ...; STEPS=bench BUDGET=100 ...   (twelfth session)
 # Steps (each under its own timeout, so a hung step cannot eat the call; results under $OUT, packed into
 # $OUT/decode_levers.tgz at the end):
 #   tests         the CUDA tests of the decode runner and the training step graphs (entropy branch, lagged
