@@ -28,20 +28,22 @@ def test_script_parses(script):
     assert r.returncode == 0, r.stderr
 
 
-def _levers(tmp_path, steps: str, **env) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
-    """Run gpu_decode_levers.sh with a python3 that only records its argv (one line per call)."""
+def _run_script(tmp_path, script: str, **env) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    """Run scripts/<script> with a python3 that only records its argv (one line per call)."""
     bin_dir, out, log = tmp_path / "bin", tmp_path / "out", tmp_path / "calls.txt"
     bin_dir.mkdir()
     out.mkdir()
     stub = bin_dir / "python3"
     stub.write_text(f'#!/bin/sh\nfor a in "$@"; do printf "%s{SEP}" "$a"; done >> "{log}"\necho >> "{log}"\n')
     stub.chmod(0o755)
-    r = subprocess.run(["bash", str(REPO / "scripts" / "gpu_decode_levers.sh")], cwd=REPO, capture_output=True,
-                       text=True, timeout=120,
-                       env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out), "STEPS": steps,
-                            **env})
+    r = subprocess.run(["bash", str(REPO / "scripts" / script)], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out), **env})
     calls = [line.rstrip("\n").split(SEP)[:-1] for line in log.read_text().splitlines()] if log.exists() else []
     return r, calls
+
+
+def _levers(tmp_path, steps: str, **env):
+    return _run_script(tmp_path, "gpu_decode_levers.sh", STEPS=steps, **env)
 
 
 def test_decode_levers_commands_parse(tmp_path):
@@ -85,21 +87,6 @@ def test_decode_levers_unknown_step_is_refused(tmp_path):
     assert r.returncode == 2 and "unknown step 'bogus'" in r.stderr and not calls
 
 
-def _phase1(tmp_path, **env) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
-    """gpu_phase1_parallel.sh with the stand-in python3 (as _levers)."""
-    bin_dir, out, log = tmp_path / "bin", tmp_path / "out", tmp_path / "calls.txt"
-    bin_dir.mkdir()
-    out.mkdir()
-    stub = bin_dir / "python3"
-    stub.write_text(f'#!/bin/sh\nfor a in "$@"; do printf "%s{SEP}" "$a"; done >> "{log}"\necho >> "{log}"\n')
-    stub.chmod(0o755)
-    r = subprocess.run(["bash", str(REPO / "scripts" / "gpu_phase1_parallel.sh")], cwd=REPO, capture_output=True,
-                       text=True, timeout=120,
-                       env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out), **env})
-    calls = [line.rstrip("\n").split(SEP)[:-1] for line in log.read_text().splitlines()] if log.exists() else []
-    return r, calls
-
-
 # the runbook's next Phase-1 rows (docs/notes/gpu-runbook.md, orders 3, 3c, 3d, 5)
 SWEPT = "--from_sweep --step_graph --sweep_dir docs/results/phase1-sweep/sweep"
 PLANNED = {
@@ -119,7 +106,7 @@ def test_planned_phase1_rows_parse(tmp_path, row):
     from ionllama import create_model
     from ionllama.experiment import build_parser, parse_overrides
 
-    r, calls = _phase1(tmp_path, T="590", BUDGET="420", RES=str(tmp_path / "res"), **PLANNED[row])
+    r, calls = _run_script(tmp_path, "gpu_phase1_parallel.sh", T="590", BUDGET="420", RES=str(tmp_path / "res"), **PLANNED[row])
     assert r.returncode == 0, r.stderr
     assert len(calls) == 2 and all(c[:3] == ["-m", "ionllama.cli", "experiment"] for c in calls)
     for argv in calls:
