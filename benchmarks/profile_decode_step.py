@@ -283,8 +283,8 @@ def run_sweep(args, kind: str, points: list[dict]) -> list[dict]:
         set_pdl(bool(point.pop("pdl", pdl_default)))  # runner's entropy_branch (re-captured at the next start)
         branch = bool(point.pop("branch", branch_default))
         if branch and not s["runner"].can_branch:
-            raise UserError("--grid branch=1 needs entropy patching and the 'previous' latent shift (the runner's "
-                            "entropy_branch)")
+            raise UserError("--grid branch=1 needs entropy patching and a latent_shift other than 'completed' (the "
+                            "runner's entropy_branch)")
         s["runner"].entropy_branch = branch
         return set_config(**point)
     default = dict(mod._CONFIG)
