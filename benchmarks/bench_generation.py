@@ -27,6 +27,7 @@ import traceback
 import torch
 
 from ionllama import create_model
+from ionllama.config import LATENT_SHIFTS
 from ionllama.eval.benchmark import git_commit
 from ionllama.generation import decoder_for
 from ionllama.generation.runner import DecodeRunner
@@ -296,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ionLlama's latent blocks step through the fused Triton kernels "
                          "(ionllama/kernels/latent_step_triton.py): on, off, or auto (the library's default: CUDA, "
                          "<= 16 rows); rows that used them are labelled ', fused latent step'")
-    ap.add_argument("--latent_shift", default=None, choices=["previous", "completed", "lagged"],
+    ap.add_argument("--latent_shift", default=None, choices=LATENT_SHIFTS,
                     help="ionLlama's latent_shift (default: the model's, 'previous'); 'lagged' lets the runner overlap "
                          "the latent step with the next patch's bytes")
     ap.add_argument("--entropy_branch", action="store_true",

@@ -53,6 +53,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_generation import FUSED, Bench, replay_gpu_ms, sync  # noqa: E402
 from count_decode_kernels import MATMUL  # noqa: E402
 
+from ionllama.config import LATENT_SHIFTS  # noqa: E402
 from ionllama.errors import UserError, cli_entry  # noqa: E402
 from ionllama.eval.benchmark import git_commit  # noqa: E402
 from ionllama.kernels.pdl import set_pdl  # noqa: E402
@@ -366,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no_compile", action="store_true", help="cuda: graphs of the eager steps (no torch.compile)")
     ap.add_argument("--fused_local_step", nargs="?", const="on", default="auto", choices=list(FUSED),
                     help="the IntegralLNN local layers' fused Triton step (as bench_generation.py)")
-    ap.add_argument("--latent_shift", default=None, choices=["previous", "completed", "lagged"],
+    ap.add_argument("--latent_shift", default=None, choices=LATENT_SHIFTS,
                     help="ionLlama's latent_shift (as bench_generation.py)")
     ap.add_argument("--fused_entropy_step", nargs="?", const="on", default="auto", choices=list(FUSED),
                     help="the entropy model's fused Triton step (as bench_generation.py)")

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from .errors import UserError
 
 
+LATENT_SHIFTS = ("previous", "completed", "lagged")  # ModelConfig.latent_shift
+
+
 @dataclass
 class ModelConfig:
     model: str = "ionllama"
@@ -55,7 +58,7 @@ class ModelConfig:
     # "completed" (as previous, but the last byte of a patch sees its own patch) or "lagged" (the patch before
     # the previous one: generation can then run a patch's latent step while the next patch's bytes decode):
     # docs/notes/latent-shift.md
-    latent_shift: str = "previous"
+    latent_shift: str = "previous"  # one of LATENT_SHIFTS
     # bpe baseline
     tokenizer_path: str = ""
 

@@ -129,7 +129,8 @@ def decoder_for(model: nn.Module, batch_size: int, max_len: int, kind: str = "au
         if val not in (True, False, "auto"):
             raise UserError(f"{flag} must be True, False or 'auto', got {val!r}")
     if kind == "recompute":
-        for flag, val in (("fused_local_step", fused_local_step is True), ("fused_entropy_step", fused_entropy_step is True),
+        for flag, val in (("fused_local_step", fused_local_step is True),
+                          ("fused_entropy_step", fused_entropy_step is True),
                           ("fused_latent_step", fused_latent_step is True)):
             if val:
                 raise UserError(f"{flag} needs the cached decoder; use decoder='auto'")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..config import ModelConfig
+from ..config import LATENT_SHIFTS, ModelConfig
 from ..registry import register
 from .byte_embedding import ByteEmbedding
 from .common import RMSNorm, init_weights, swiglu_hidden
@@ -72,7 +72,7 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
                               ("local_layers", cfg.local_layers, ("integral", "transformer")),
                               ("ngram", cfg.ngram, ("hash", "conv", "none")),
                               ("pooling", cfg.pooling, ("mean", "attention")),
-                              ("latent_shift", cfg.latent_shift, ("previous", "completed", "lagged"))]:
+                              ("latent_shift", cfg.latent_shift, LATENT_SHIFTS)]:
             if val not in ok:
                 from ..errors import UserError
                 raise UserError(f"unknown {name} '{val}'; choose one of {', '.join(ok)}")
