@@ -180,7 +180,7 @@ def bench_one(name: str, model_kind: str, size: str, args, text: bytes | None, o
             "peak_mem_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev.type == "cuda" else None}
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=["tiny", "small"])
     p.add_argument("--arms", nargs="+", default=["ionllama", "dense"],
@@ -209,7 +209,11 @@ def main():
                    help="route these through their plain PyTorch path even on CUDA (as before their fast path), "
                         "for an A/B against the default: conv_gate (IntegralLNN's conv + gate Triton op), "
                         "rope_table (the latent stack's shared RoPE table op)")
-    args = p.parse_args()
+    return p
+
+
+def main():
+    args = build_parser().parse_args()
     import ionllama.kernels as K
     for name in args.reference:  # before any model is traced: the dispatchers read these at trace time
         setattr(K, REFERENCE_SWITCHES[name], lambda *a: False)

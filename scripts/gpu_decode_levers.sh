@@ -2,7 +2,7 @@
 # The batch-1 decode levers prepared in the tenth session (issue #4, runbook orders 1 and 1b), on one GPU, each an
 # A/B inside one process (alternating points; bytes checked equal) or a correctness check first. Usage on the device:
 #   STEPS="check_ssm check_lnn entropy inductor_pdl latent" bash scripts/gpu_decode_levers.sh
-#   STEPS="tests branch" BUDGET=60 ...; STEPS=digest BUDGET=60 ...; STEPS=bench BUDGET=100 ...   (twelfth session)
+#   STEPS="tests branch lagged digest stage_a" BUDGET=60 ...; STEPS=bench BUDGET=100 ...   (twelfth session)
 # Steps (each under its own timeout, so a hung step cannot eat the call; results under $OUT, packed into
 # $OUT/decode_levers.tgz at the end):
 #   tests         the CUDA tests of the decode runner and the training step graphs (entropy branch, lagged
@@ -18,10 +18,15 @@
 #                 equal digests say inductor's PDL changes no byte
 #   branch        the runner's entropy_branch (the entropy model on a second stream inside the byte graph) A/B in one
 #                 process: --sweep_lnn --grid branch=0,1,0,1 (bytes checked equal, as every sweep point)
+#   lagged        latent_shift=lagged (the latent step on a second stream, off the byte path) against the default
+#                 shift, two processes (--grid pdl=1,1 each): ms per byte, bytes checked equal within each process
+#   stage_a       training (issue #8): the two-stage captured step with stage A as its own graph against stage A
+#                 eager, entropy patching, ionLlama-small, at the Phase-1 shape (seq 1024 x 64) and at seq 8192 x 8
+#                 (STAGE_A_SHAPES, default "1024x64 8192x8")
 #   bench         bench_generation.py's README rows (compiled, batch 1, contexts 1K / 8K / 32K, ionLlama and dense),
 #                 with the defaults and with inductor's PDL (--inductor triton.enable_pdl=True)
 # The archive is rewritten after every step, so an outer timeout keeps the steps that finished.
-# Env: STEPS (default: all, in the order above), BYTES (1024), BUDGET (150 s per sweep).
+# Env: STEPS (default: the tenth session's five), BYTES (1024), BUDGET (150 s per sweep), STAGE_A_SHAPES.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 R=$OUT/decode_levers; mkdir -p "$R"
@@ -36,7 +41,7 @@ run() {  # name, timeout, command...
 }
 for step in ${STEPS:-check_ssm check_lnn entropy inductor_pdl latent}; do
   case $step in
-    tests) run tests 420 python3 -m pytest -q -p no:cacheprovider tests/test_decode_fast.py tests/test_step_graph.py \
+    tests) run tests 420 python3 -m pytest -q -rfE --durations=8 -p no:cacheprovider tests/test_decode_fast.py tests/test_step_graph.py \
              tests/test_generation_ionllama.py ;;
     check_ssm) run check_ssm 180 python3 -m ionllama.kernels.selfcheck --device cuda --large --kinds ssm_step,ssm_generate \
                  --json "$R/selfcheck_ssm.json" ;;
@@ -56,11 +61,22 @@ for step in ${STEPS:-check_ssm check_lnn entropy inductor_pdl latent}; do
       done
       grep -H "sha256" "$R"/digest_*/sweep_lnn.md ;;
     branch) run branch $((BUDGET + 90)) $P --sweep_lnn --grid branch=0,1,0,1 --out "$R/branch" ;;
+    lagged)
+      run lagged $((BUDGET + 90)) $P --latent_shift lagged --sweep_lnn --grid pdl=1,1 --out "$R/lagged"
+      run lagged_ref $((BUDGET + 90)) $P --sweep_lnn --grid pdl=1,1 --out "$R/lagged_ref" ;;
+    stage_a)
+      T="python3 benchmarks/bench_train_throughput.py --sizes small --arms ionllama --compile --compile_mode whole --step_graph"
+      for shape in ${STAGE_A_SHAPES:-1024x64 8192x8}; do
+        set -- ${shape/x/ }
+        for sa in graph eager; do
+          run "stage_a_${sa}_$1" 300 $T --seq_len "$1" --batch_size "$2" --steps 20 --stage_a $sa --out "$R/stage_a_${sa}_$1.json"
+        done
+      done ;;
     bench)
       G="python3 benchmarks/bench_generation.py --compile --compiled_only --models ionllama dense --contexts 1024 8192 32768"
       run bench $((3 * BUDGET + 120)) $G --budget_s $((3 * BUDGET)) --out "$R/bench"
       run bench_ipdl $((3 * BUDGET + 120)) $G --budget_s $((3 * BUDGET)) --inductor triton.enable_pdl=True --out "$R/bench_ipdl" ;;
-    *) echo "unknown step '$step'; steps: tests check_ssm check_lnn entropy inductor_pdl latent digest branch bench" >&2; exit 2 ;;
+    *) echo "unknown step '$step'; steps: tests check_ssm check_lnn entropy inductor_pdl latent digest branch lagged stage_a bench" >&2; exit 2 ;;
   esac
 done
 grep -h "^PASS\|^FAIL" "$R"/log_check_*.txt 2>/dev/null | cut -c1-160
