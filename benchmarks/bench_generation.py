@@ -112,7 +112,7 @@ class Bench:
                               max(self.args.new_bytes, 1024) + 16 + TIMED_BYTES,
                               cuda_graphs=graphs, compile=compile, latent_policy=policy,
                               compile_mode=self.args.compile_mode if compile else None,
-                              entropy_branch=kind == "ionllama" and getattr(self.args, "entropy_branch", False))
+                              entropy_branch=FUSED[getattr(self.args, "entropy_branch", "auto")] if kind == "ionllama" else False)
         return dict(kind=kind, B=B, dec=dec, runner=runner, graphs=graphs, compile=compile, max_len=max_len)
 
     @torch.no_grad()
@@ -300,9 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--latent_shift", default=None, choices=LATENT_SHIFTS,
                     help="ionLlama's latent_shift (default: the model's, 'previous'); 'lagged' lets the runner overlap "
                          "the latent step with the next patch's bytes")
-    ap.add_argument("--entropy_branch", action="store_true",
+    ap.add_argument("--entropy_branch", nargs="?", const="on", default="auto", choices=list(FUSED),
                     help="ionLlama: the entropy model on a second CUDA stream beside the local layers, inside the byte "
-                         "graph (DecodeRunner's entropy_branch; opt-in until measured)")
+                         "graph (DecodeRunner's entropy_branch): on, off, or auto (the library's default: CUDA, "
+                         "batch <= 2, entropy patching, latent_shift other than 'completed')")
     ap.add_argument("--budget_s", type=float, default=280)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--threads", type=int, default=0, help="CPU intra-op threads (0: torch default)")

@@ -66,7 +66,7 @@ def _runner(model, max_new: int, **kw) -> DecodeRunner:
 
 
 def _eager_bytes(model, n: int, max_new: int) -> torch.Tensor:
-    r = _runner(model, max_new)
+    r = _runner(model, max_new, entropy_branch=False)  # the plain iteration, also on CUDA (where "auto" branches)
     r.run(n)
     return r.out[:, :r.n_done].clone()
 
@@ -276,6 +276,31 @@ def test_entropy_branch_refused_where_it_cannot_run(ion, ion_completed):
     assert not _runner(fixed, 8).can_branch and _runner(ion, 8).can_branch
 
 
+def test_entropy_branch_auto_and_bad_values(ion, ion_completed):
+    """The default "auto" turns the branch on only on CUDA (no second stream here, so off), never raises where
+    it cannot run, and a value other than True / False / "auto" is a one-line UserError."""
+    for model in (ion, ion_completed, create_model("tiny", **TINY, patching="fixed").eval()):
+        assert not _runner(model, 8).entropy_branch  # CPU: the plain iteration
+    with pytest.raises(UserError, match="entropy_branch must be True, False or 'auto'"):
+        _runner(ion, 8, entropy_branch="on")
+
+
+def test_compile_presets_are_inductor_settings():
+    """Every decode compile preset names settings this torch's inductor has; inductor's programmatic dependent
+    launch is in both where it exists (measured on an H200: same bytes, faster byte graph), and compile=True is
+    the "default" preset."""
+    import torch._inductor.config as ind
+    from ionllama.generation.runner import COMPILE_PRESETS, compile_options
+
+    for name, opts in COMPILE_PRESETS.items():
+        for key in opts:
+            target = ind
+            for part in key.split("."):
+                target = getattr(target, part)  # AttributeError: a setting inductor does not have
+        assert ("triton.enable_pdl" in opts) == hasattr(ind.triton, "enable_pdl"), name
+    assert compile_options(True) == COMPILE_PRESETS["default"] and compile_options(False) is None
+
+
 @pytest.mark.parametrize("graphs", [False, True])
 def test_lagged_runner_gives_the_bytes_of_the_recompute_decoder(monkeypatch, graphs):
     """latent_shift "lagged": with graphs (CPU fakes that run in order) and 'skip', the latent step's commit
@@ -400,8 +425,8 @@ def test_entropy_branch_graphs_equal_eager_on_cuda(ion, policy):
     m = ion.to("cuda")
     try:
         ref = _eager_bytes(m, 40, 40)
-        r = _runner(m, 40, latent_policy=policy, cuda_graphs=True, entropy_branch=True)
-        assert r.branch_stream is not None
+        r = _runner(m, 40, latent_policy=policy, cuda_graphs=True)  # the default, "auto": on for 2 rows on CUDA
+        assert r.entropy_branch and r.branch_stream is not None
         r.run(40)
         assert r.graphs is not None and len(r.graphs[0]) == 1
         assert torch.equal(r.out[:, :40], ref)

@@ -26,6 +26,7 @@ stream), so continuing would not be known to give the same bytes.
 from __future__ import annotations
 
 import torch
+import torch._inductor.config  # noqa: F401  (COMPILE_PRESETS asks it which settings exist)
 
 from ..errors import UserError
 from .sampling import NoiseSource, SamplingConfig, sample_next
@@ -35,9 +36,13 @@ from .sampling import NoiseSource, SamplingConfig, sample_next
 # neighbours) and inductor's horizontal fusion of independent kernels (combo_kernels). On an H200 it gave
 # 5,451-6,386 bytes/s at batch 1 against 4,631-4,759 for "default", for ~2 min of compiling instead of
 # ~25 s (docs/results/generation.md). CUDA graphs are ours (the runner captures), hence not inductor's.
+# Both presets turn on inductor's programmatic dependent launch where this torch has it (Hopper and later;
+# elsewhere inductor ignores it): each kernel's prologue overlaps the previous kernel's tail. On an H200, batch 1,
+# byte graph 0.101 -> 0.095 ms, and four processes (two with, two without) decoded the same 1,024 bytes.
+_PDL = {"triton.enable_pdl": True} if hasattr(torch._inductor.config.triton, "enable_pdl") else {}
 COMPILE_PRESETS = {
-    "default": {},
-    "max-autotune": {"max_autotune": True, "coordinate_descent_tuning": True, "combo_kernels": True},
+    "default": dict(_PDL),
+    "max-autotune": {"max_autotune": True, "coordinate_descent_tuning": True, "combo_kernels": True, **_PDL},
 }
 
 
@@ -46,7 +51,7 @@ def compile_options(setting) -> dict | None:
     if setting is None or setting is False:
         return None
     if setting is True:
-        return {}
+        return dict(COMPILE_PRESETS["default"])
     if isinstance(setting, str) and setting in COMPILE_PRESETS:
         return dict(COMPILE_PRESETS[setting])
     raise UserError(f"compile must be True, False or one of {', '.join(COMPILE_PRESETS)}; got {setting!r}")
@@ -55,7 +60,7 @@ def compile_options(setting) -> dict | None:
 class DecodeRunner:
     def __init__(self, dec, cfg: SamplingConfig, seeds: torch.Tensor, logits: torch.Tensor, max_new: int,
                  cuda_graphs: bool = False, compile=False, latent_policy: str = "auto",
-                 compile_mode: str | None = None, entropy_branch: bool = False):
+                 compile_mode: str | None = None, entropy_branch: bool | str = "auto"):
         """logits: the prefill's (B, V) next-byte logits. latent_policy: 'skip' (read the patch flag on
         the host each byte and run the latent stage only when a row opens a patch), 'always' (run it
         every byte with a masked commit: no host sync, better for large batches), 'early' (as skip, but the
@@ -66,9 +71,10 @@ class DecodeRunner:
         compile=True; for benchmarks). cuda_graphs is ignored for decoders that say they cannot be
         captured (``capturable = False``, e.g. RecomputeDecoder). entropy_branch: on CUDA the entropy model
         runs on a second stream beside the local layers, inside the one byte graph (ionLlama with entropy
-        patching, latent_shift "previous" or "lagged", latent policy skip / always; a UserError elsewhere). The two share
-        no written tensor (ionllama_decoder.begin_byte). Opt-in until measured faster on a GPU; may be switched
-        later (``can_branch``): the next capture or eager iteration uses the current setting."""
+        patching, latent_shift "previous" or "lagged", latent policy skip / always; True elsewhere is a UserError).
+        The two share no written tensor (ionllama_decoder.begin_byte). "auto": on where it can be, on CUDA, for
+        batch <= 2 (H200, batch 1: byte graph 0.101 -> 0.086 ms, same bytes; docs/results/generation.md). May be
+        switched later (``can_branch``): the next capture or eager iteration uses the current setting."""
         self.dec, self.cfg = dec, cfg
         B, dev = logits.shape[0], logits.device
         self.seeds = seeds = seeds.to(dev)  # the noise is made where the logits are
@@ -102,6 +108,10 @@ class DecodeRunner:
         self._latent_fn = dec.advance_latent if self.has_latent else None
         self.can_branch = self.has_latent and not self.split and bool(getattr(dec, "use_entropy", False)) \
             and hasattr(dec, "next_patch_flag")
+        if entropy_branch == "auto":
+            entropy_branch = self.can_branch and logits.is_cuda and B <= 2
+        elif entropy_branch not in (True, False):
+            raise UserError(f"entropy_branch must be True, False or 'auto'; got {entropy_branch!r}")
         if entropy_branch and not self.can_branch:
             raise UserError("entropy_branch needs ionLlama with entropy patching, latent_shift 'previous' or 'lagged' "
                             "and latent_policy skip, always or auto; leave it off")
