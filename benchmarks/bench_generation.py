@@ -112,7 +112,8 @@ class Bench:
                               max(self.args.new_bytes, 1024) + 16 + TIMED_BYTES,
                               cuda_graphs=graphs, compile=compile, latent_policy=policy,
                               compile_mode=self.args.compile_mode if compile else None,
-                              entropy_branch=FUSED[getattr(self.args, "entropy_branch", "auto")] if kind == "ionllama" else False)
+                              entropy_branch=FUSED[getattr(self.args, "entropy_branch", "auto")] if kind == "ionllama" else False,
+                              unroll=getattr(self.args, "unroll", 1) if graphs else 1)
         return dict(kind=kind, B=B, dec=dec, runner=runner, graphs=graphs, compile=compile, max_len=max_len)
 
     @torch.no_grad()
@@ -245,7 +246,7 @@ def write_results(b, args, checks):
                dtype=args.dtype, size=args.size, threads=torch.get_num_threads(),
                compile_mode=args.compile_mode, inductor=args.inductor, fused_local_step=args.fused_local_step,
                fused_entropy_step=args.fused_entropy_step, fused_latent_step=args.fused_latent_step,
-               entropy_branch=args.entropy_branch, latent_shift=args.latent_shift,
+               entropy_branch=args.entropy_branch, latent_shift=args.latent_shift, unroll=args.unroll,
                models={k: v[1] for k, v in b.models.items()}, checks=checks,
                commit=git_commit())  # BENCH_COMMIT-aware: the GPU machine's copy of .git is stale
     out = pathlib.Path(args.out)
@@ -304,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ionLlama: the entropy model on a second CUDA stream beside the local layers, inside the byte "
                          "graph (DecodeRunner's entropy_branch): on, off, or auto (the library's default: CUDA, "
                          "batch <= 2, entropy patching, latent_shift other than 'completed')")
+    ap.add_argument("--unroll", type=int, default=1,
+                    help="bytes per CUDA graph launch (DecodeRunner's unroll: the latent stage of each byte a conditional "
+                         "graph node, no host read between them); 1: one launch per byte")
     ap.add_argument("--budget_s", type=float, default=280)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--threads", type=int, default=0, help="CPU intra-op threads (0: torch default)")

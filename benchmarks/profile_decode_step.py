@@ -84,6 +84,8 @@ SWEEPS = {
 # On / off keys of --grid: pdl (programmatic dependent launch of every fused step, kernels/pdl.py) and branch (the
 # runner's entropy_branch: the entropy model on a second CUDA stream beside the local layers, in the byte graph)
 SWITCHES = ("pdl", "branch")
+# Runner keys of --grid taking a power of two: unroll (bytes per graph launch, DecodeRunner's unroll; 1: per byte)
+RUNNER_KEYS = ("unroll",)
 
 
 # ------------------------------------------------------------------------------------------ aggregation
@@ -243,9 +245,9 @@ def parse_grid(kind: str, specs: list[str] | None) -> list[dict]:
             key, eq, vals = spec.partition("=")
             if not eq or not vals:
                 raise UserError(f"--grid takes KEY=V1,V2,...; got {spec!r}")
-            if key not in config and key not in sw["aliases"] and key not in SWITCHES:
+            if key not in config and key not in sw["aliases"] and key not in SWITCHES + RUNNER_KEYS:
                 raise UserError(f"unknown {kind} config key {key!r}; use one of "
-                                f"{', '.join(sorted(set(config) | set(sw['aliases']) | set(SWITCHES)))}")
+                                f"{', '.join(sorted(set(config) | set(sw['aliases']) | set(SWITCHES + RUNNER_KEYS)))}")
             try:
                 grid[key] = tuple(int(v) for v in vals.split(","))
             except ValueError:
@@ -287,11 +289,12 @@ def run_sweep(args, kind: str, points: list[dict]) -> list[dict]:
             raise UserError("--grid branch=1 needs entropy patching and a latent_shift other than 'completed' (the "
                             "runner's entropy_branch)")
         s["runner"].entropy_branch = branch
+        s["runner"].unroll = int(point.pop("unroll", unroll_default))
         return set_config(**point)
     default = dict(mod._CONFIG)
     t_start = time.time()
     s = prepare(args)
-    branch_default = s["runner"].entropy_branch
+    branch_default, unroll_default = s["runner"].entropy_branch, s["runner"].unroll
     if not fused_flags(s["dec"])[sw["attr"]]:
         raise UserError(f"--sweep_{kind} times the fused {kind} step, which this decoder does not use; "
                         f"pass {sw['flag']}" + (" (CUDA, or CPU under TRITON_INTERPRET=1)" if args.device != "cuda" else ""))
@@ -367,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no_compile", action="store_true", help="cuda: graphs of the eager steps (no torch.compile)")
     ap.add_argument("--fused_local_step", nargs="?", const="on", default="auto", choices=list(FUSED),
                     help="the IntegralLNN local layers' fused Triton step (as bench_generation.py)")
+    ap.add_argument("--unroll", type=int, default=1,
+                    help="bytes per CUDA graph launch (as bench_generation.py; --grid unroll=1,8,... sweeps it)")
     ap.add_argument("--latent_shift", default=None, choices=LATENT_SHIFTS,
                     help="ionLlama's latent_shift (as bench_generation.py)")
     ap.add_argument("--fused_entropy_step", nargs="?", const="on", default="auto", choices=list(FUSED),

@@ -2,7 +2,7 @@
 # The batch-1 decode levers prepared in the tenth session (issue #4, runbook orders 1 and 1b), on one GPU, each an
 # A/B inside one process (alternating points; bytes checked equal) or a correctness check first. Usage on the device:
 #   STEPS="check_ssm check_lnn entropy inductor_pdl latent" bash scripts/gpu_decode_levers.sh
-#   STEPS="tests branch lagged digest stage_a" BUDGET=60 ...; STEPS=bench BUDGET=100 ...   (twelfth session)
+#   STEPS="tests unroll" BUDGET=60 ...; STEPS=bench BUDGET=100 ...   (thirteenth session)
 # Steps (each under its own timeout, so a hung step cannot eat the call; results under $OUT, packed into
 # $OUT/decode_levers.tgz at the end):
 #   tests         the CUDA tests of the decode runner and the training step graphs (entropy branch, lagged
@@ -20,6 +20,9 @@
 #                 process: --sweep_lnn --grid branch=0,1,0,1 (bytes checked equal, as every sweep point)
 #   lagged        latent_shift=lagged (the latent step on a second stream, off the byte path) against the default
 #                 shift, two processes (--grid pdl=1,1 each): ms per byte, bytes checked equal within each process
+#   unroll        bytes per graph launch (DecodeRunner's unroll: the latent stage a conditional graph node), 1 / 8 / 32
+#                 alternating in one process, for the default shift (entropy branch on) and for "completed" (the
+#                 quality pick), bytes checked equal
 #   stage_a       training (issue #8): the two-stage captured step with stage A as its own graph against stage A
 #                 eager, entropy patching, ionLlama-small, at the Phase-1 shape (seq 1024 x 64) and at seq 8192 x 8
 #                 (STAGE_A_SHAPES, default "1024x64 8192x8")
@@ -64,6 +67,10 @@ for step in ${STEPS:-check_ssm check_lnn entropy inductor_pdl latent}; do
     lagged)
       run lagged $((BUDGET + 90)) $P --latent_shift lagged --sweep_lnn --grid pdl=1,1 --out "$R/lagged"
       run lagged_ref $((BUDGET + 90)) $P --sweep_lnn --grid pdl=1,1 --out "$R/lagged_ref" ;;
+    unroll)
+      run unroll $((BUDGET + 90)) $P --sweep_lnn --grid unroll=1,8,32,1,8,32 --out "$R/unroll"
+      run unroll_completed $((BUDGET + 90)) $P --latent_shift completed --sweep_lnn --grid unroll=1,8,32,1,8,32 \
+        --out "$R/unroll_completed" ;;
     stage_a)
       T="python3 benchmarks/bench_train_throughput.py --sizes small --arms ionllama --compile --compile_mode whole --step_graph"
       for shape in ${STAGE_A_SHAPES:-1024x64 8192x8}; do
@@ -76,7 +83,7 @@ for step in ${STEPS:-check_ssm check_lnn entropy inductor_pdl latent}; do
       G="python3 benchmarks/bench_generation.py --compile --compiled_only --models ionllama dense --contexts 1024 8192 32768"
       run bench $((3 * BUDGET + 120)) $G --budget_s $((3 * BUDGET)) --out "$R/bench"
       run bench_ipdl $((3 * BUDGET + 120)) $G --budget_s $((3 * BUDGET)) --inductor triton.enable_pdl=True --out "$R/bench_ipdl" ;;
-    *) echo "unknown step '$step'; steps: tests check_ssm check_lnn entropy inductor_pdl latent digest branch lagged stage_a bench" >&2; exit 2 ;;
+    *) echo "unknown step '$step'; steps: tests check_ssm check_lnn entropy inductor_pdl latent digest branch lagged unroll stage_a bench" >&2; exit 2 ;;
   esac
 done
 grep -h "^PASS\|^FAIL" "$R"/log_check_*.txt 2>/dev/null | cut -c1-160

@@ -13,6 +13,7 @@ import torch
 from ionllama import create_model
 from ionllama.errors import UserError
 from ionllama.generation import decoder_for, generate, uniform_noise
+import ionllama.generation.runner as runner_mod
 from ionllama.generation.runner import DecodeRunner
 from ionllama.generation.sampling import NoiseSource, SamplingConfig
 
@@ -301,6 +302,75 @@ def test_compile_presets_are_inductor_settings():
     assert compile_options(True) == COMPILE_PRESETS["default"] and compile_options(False) is None
 
 
+def _fake_unrolled(monkeypatch, launches: list):
+    """The unrolled graph as a CPU fake: replay() runs the unrolled iterations with the flag read on the host
+    where CUDA would evaluate a conditional node; every replay is logged."""
+    def record(self, pool):
+        def replay():
+            launches.append(self.n_done)
+            self._unrolled_body(self._when_eager)
+        return _FakeGraph(replay)
+    monkeypatch.setattr(DecodeRunner, "_record_unrolled", record)
+    monkeypatch.setattr(runner_mod, "_HAS_IF_NODES", True)  # (a CPU build of torch has no conditional nodes)
+
+
+@pytest.mark.parametrize("shift,policy", [("previous", "skip"), ("previous", "always"), ("previous", "early"),
+                                          ("completed", "skip"), ("completed", "always")])
+def test_unrolled_graph_gives_the_same_bytes(ion, ion_completed, monkeypatch, shift, policy):
+    """unroll=4: the host launches one graph per 4 bytes, the latent stage of each byte decided inside it; the
+    rest (fewer than 4 bytes left) goes byte by byte. Same bytes as the eager runner, patches committed along the
+    way, and n_done advances by whole launches (CPU fakes of graphs, run in order as a GPU would)."""
+    model = ion if shift == "previous" else ion_completed
+    n = 23
+    ref = _runner(model, n, latent_policy=policy, entropy_branch=False)
+    ref.run(n)
+    _fake_cuda(monkeypatch, _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    launches = []
+    _fake_unrolled(monkeypatch, launches)
+    r = _runner(model, n, latent_policy=policy, unroll=4)
+    r.want_graphs = True
+    r.run(9)  # 3 warm-up bytes, then one launch of 4, then 2 bytes one by one
+    assert r.n_done == 9 and launches == [3] and r.multi_graph is not None
+    r.run(n - 9)  # 14 left: three launches, then 2 bytes
+    assert launches == [3, 9, 13, 17] and r.n_done == n
+    assert int(r.dec.n_complete.min()) >= 3  # patches were committed along the way
+    assert torch.equal(r.out[:, :n], ref.out[:, :n])
+
+
+def test_unroll_refused_without_conditional_nodes(ion, dense, monkeypatch):
+    """A torch without CUDA graph conditional nodes: unroll > 1 is a one-line UserError when graphs are to be
+    captured with a latent stage that runs only where a patch opens; 'always' and models without a latent
+    stage (dense) need no conditional node and are accepted."""
+    monkeypatch.setattr(runner_mod, "_HAS_IF_NODES", False)
+    r = _runner(ion, 8, unroll=4)
+    r.want_graphs = True
+    with pytest.raises(UserError, match="unroll > 1 needs CUDA graph conditional nodes"):
+        r._check_unroll()
+    r.latent_policy = "always"
+    r._check_unroll()
+    d = DecodeRunner(decoder_for(dense, 1, 32), SamplingConfig(), torch.tensor([0]), torch.zeros(1, 256), 8, unroll=4)
+    d.want_graphs = True
+    d._check_unroll()
+
+
+def test_unrolled_graph_not_used_for_timed_replays(ion, monkeypatch):
+    """GPU times per graph (run(gpu_ms=...)) come from the per-byte graphs, and a bad unroll is a UserError."""
+    _fake_cuda(monkeypatch, _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    launches = []
+    _fake_unrolled(monkeypatch, launches)
+    r = _runner(ion, 23, unroll=4)
+    r.want_graphs = True
+    r.run(5)
+    gpu = {}
+    r.run(8, gpu_ms=gpu)
+    assert launches == [] and len(gpu["byte"]) == 8
+    for bad in (0, True, "4", 2.0):
+        with pytest.raises(UserError, match="unroll must be a whole number"):
+            _runner(ion, 8, unroll=bad)
+
+
 @pytest.mark.parametrize("graphs", [False, True])
 def test_lagged_runner_gives_the_bytes_of_the_recompute_decoder(monkeypatch, graphs):
     """latent_shift "lagged": with graphs (CPU fakes that run in order) and 'skip', the latent step's commit
@@ -432,6 +502,26 @@ def test_entropy_branch_graphs_equal_eager_on_cuda(ion, policy):
         assert torch.equal(r.out[:, :40], ref)
     finally:
         ion.to("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("shift,policy", [("previous", "skip"), ("previous", "always"), ("completed", "skip")])
+def test_unrolled_graph_equals_eager_on_cuda(ion, ion_completed, shift, policy):
+    """unroll=8 on a GPU: eight iterations per graph launch, each latent stage a conditional graph node on the
+    flag the byte before set (the entropy branch on, as by default at 2 rows); 40 bytes = 3 warm-up + 4 launches + 5
+    single bytes, equal to the plain eager runner's."""
+    model = ion if shift == "previous" else ion_completed
+    m = model.to("cuda")
+    try:
+        ref = _runner(m, 40, latent_policy=policy, entropy_branch=False)
+        ref.run(40)
+        r = _runner(m, 40, latent_policy=policy, cuda_graphs=True, unroll=8)
+        r.run(40)
+        assert r.multi_graph is not None
+        assert int(r.dec.n_complete.min()) >= 3
+        assert torch.equal(r.out[:, :40], ref.out[:, :40])
+    finally:
+        model.to("cpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -108,6 +108,10 @@ def test_sweep_grid_checks(capsys):
     assert pds.parse_grid("lnn", ["branch=0,1", "pdl=1"]) == [{"branch": 0, "pdl": 1}, {"branch": 1, "pdl": 1}]
     with pytest.raises(UserError, match="must be 0 or 1"):
         pds.parse_grid("ssm", ["branch=3"])
+    # the runner's unroll (bytes per graph launch): powers of two, crossed with the switches
+    assert pds.parse_grid("lnn", ["unroll=1,8", "branch=1"]) == [{"unroll": 1, "branch": 1}, {"unroll": 8, "branch": 1}]
+    with pytest.raises(UserError, match="not a power of two"):
+        pds.parse_grid("lnn", ["unroll=6"])
     with pytest.raises(UserError, match="unknown lnn config key 'persistent'"):  # the removed one-launch kernel
         pds.parse_grid("lnn", ["persistent=1"])
     # the CLI: one line, exit 2, before any model is built

@@ -31,6 +31,9 @@ import torch._inductor.config  # noqa: F401  (COMPILE_PRESETS asks it which sett
 from ..errors import UserError
 from .sampling import NoiseSource, SamplingConfig, sample_next
 
+# CUDA graph conditional nodes (torch's CUDAGraph.begin_capture_to_if_node): what DecodeRunner's unroll needs
+_HAS_IF_NODES = hasattr(getattr(torch._C, "_CUDAGraph", None), "begin_capture_to_if_node")
+
 # torch.compile settings for the decode step, by name. The step is a few hundred tiny kernels, so what
 # counts is how many there are: "max-autotune" adds GEMM autotuning (Triton GEMMs that fuse their
 # neighbours) and inductor's horizontal fusion of independent kernels (combo_kernels). On an H200 it gave
@@ -60,7 +63,7 @@ def compile_options(setting) -> dict | None:
 class DecodeRunner:
     def __init__(self, dec, cfg: SamplingConfig, seeds: torch.Tensor, logits: torch.Tensor, max_new: int,
                  cuda_graphs: bool = False, compile=False, latent_policy: str = "auto",
-                 compile_mode: str | None = None, entropy_branch: bool | str = "auto"):
+                 compile_mode: str | None = None, entropy_branch: bool | str = "auto", unroll: int = 1):
         """logits: the prefill's (B, V) next-byte logits. latent_policy: 'skip' (read the patch flag on
         the host each byte and run the latent stage only when a row opens a patch), 'always' (run it
         every byte with a masked commit: no host sync, better for large batches), 'early' (as skip, but the
@@ -74,7 +77,13 @@ class DecodeRunner:
         patching, latent_shift "previous" or "lagged", latent policy skip / always; True elsewhere is a UserError).
         The two share no written tensor (ionllama_decoder.begin_byte). "auto": on where it can be, on CUDA, for
         batch <= 2 (H200, batch 1: byte graph 0.101 -> 0.086 ms, same bytes; docs/results/generation.md). May be
-        switched later (``can_branch``): the next capture or eager iteration uses the current setting."""
+        switched later (``can_branch``): the next capture or eager iteration uses the current setting.
+        unroll: with CUDA graphs, also capture ``unroll`` iterations as one graph, each one's latent stage a
+        conditional graph node on the flag the previous byte set on the GPU (CUDA 12.4+; torch's
+        CUDAGraph.begin_capture_to_if_node), so the host launches one graph per ``unroll`` bytes and reads no
+        flag in between; run() replays it while that many bytes are left, the per-byte graphs for the rest and
+        whenever GPU times are asked for. 1: off. "lagged" under 'skip' keeps its own overlapped replay (the
+        unrolled graph would serialize its latent step), so there it is not captured."""
         self.dec, self.cfg = dec, cfg
         B, dev = logits.shape[0], logits.device
         self.seeds = seeds = seeds.to(dev)  # the noise is made where the logits are
@@ -138,6 +147,19 @@ class DecodeRunner:
         self.graphs = None
         self.lag_graphs = None  # "lagged": (commit, compute) graphs, captured with the others
         self.want_graphs = cuda_graphs and logits.is_cuda and getattr(dec, "capturable", True)
+        if not isinstance(unroll, int) or isinstance(unroll, bool) or unroll < 1:
+            raise UserError(f"unroll must be a whole number of bytes per graph launch, >= 1; got {unroll!r}")
+        self.unroll = unroll
+        self.multi_graph = None  # the `unroll` iterations as one graph, captured with the others
+        self._check_unroll()
+
+    def _wants_unrolled(self) -> bool:
+        return self.want_graphs and self.unroll > 1 and not (self.lagged and self.latent_policy == "skip")
+
+    def _check_unroll(self) -> None:
+        if self._wants_unrolled() and self.has_latent and self.latent_policy != "always" and not _HAS_IF_NODES:
+            raise UserError("unroll > 1 needs CUDA graph conditional nodes (torch.cuda.CUDAGraph."
+                            "begin_capture_to_if_node, CUDA 12.4+), which this torch lacks; use unroll=1")
 
     def _set_pred(self) -> None:
         if self.has_latent:
@@ -225,6 +247,34 @@ class DecodeRunner:
         self.logits.copy_(self.dec.byte_step_decode(self.tok))
         self.step_no += 1
 
+    def _unrolled_body(self, when) -> None:
+        """``unroll`` iterations as _eager_once does them; when(fn) runs the latent stage where the flag says so
+        (a conditional graph node under capture, _when_eager otherwise; unconditionally under 'always')."""
+        at = 2 if self.completed else 0
+        latent = lambda: self._latent_fn(self.dec.next_start)  # noqa: E731
+        for _ in range(self.unroll):
+            for i, part in enumerate(self._parts()):
+                if i == at and self.has_latent:
+                    latent() if self.latent_policy == "always" else when(latent)
+                part()
+
+    def _when_eager(self, fn) -> None:
+        if bool(self.latent_pred):
+            fn()
+
+    def _record_unrolled(self, pool) -> torch.cuda.CUDAGraph:
+        g = torch.cuda.CUDAGraph()
+
+        def when(fn):  # an IF node: its body runs on the GPU only if latent_pred holds when the node is reached
+            g.begin_capture_to_if_node(self.latent_pred)
+            try:
+                fn()
+            finally:
+                g.end_capture_to_conditional_node()
+        with torch.cuda.graph(g, pool=pool):
+            self._unrolled_body(when)
+        return g
+
     def _latent_needed(self) -> bool:
         if not self.has_latent:
             return False
@@ -267,6 +317,8 @@ class DecodeRunner:
         return g
 
     def _capture(self) -> None:
+        self._check_unroll()  # (unroll may have been set after construction)
+        self.multi_graph = None
         self._warm_up()
         stream = torch.cuda.current_stream()
         try:
@@ -283,6 +335,8 @@ class DecodeRunner:
                 commit, compute = self._lagged_fns
                 self.lag_graphs = (self._record(lambda: commit(self.dec.next_start), pool),
                                    self._record(compute, torch.cuda.graph_pool_handle()))
+            if self._wants_unrolled():
+                self.multi_graph = self._record_unrolled(pool)
         except Exception as e:
             # torch.cuda.graph does not restore the current stream when ending a failed capture raises
             torch.cuda.set_stream(stream)
@@ -309,6 +363,12 @@ class DecodeRunner:
         if self.n_done >= target:
             return
         g_bytes, g_lat = self.graphs
+        if self.multi_graph is not None and timed is None:
+            while target - self.n_done >= self.unroll:
+                self.multi_graph.replay()
+                self.n_done += self.unroll
+            if self.n_done >= target:
+                return
         if self.completed:
             self._replay_completed(target, g_bytes, g_lat, timed)
         elif self.lag_graphs is not None and self.latent_policy == "skip":
