@@ -27,9 +27,9 @@
 #                 eager, entropy patching, ionLlama-small, at the Phase-1 shape (seq 1024 x 64) and at seq 8192 x 8
 #                 (STAGE_A_SHAPES, default "1024x64 8192x8")
 #   bench         bench_generation.py's README rows (compiled, batch 1, contexts 1K / 8K / 32K, ionLlama and dense),
-#                 with the defaults and with inductor's PDL (--inductor triton.enable_pdl=True)
+#                 with the defaults, and with --unroll $UNROLL as well when UNROLL is set
 # The archive is rewritten after every step, so an outer timeout keeps the steps that finished.
-# Env: STEPS (default: the tenth session's five), BYTES (1024), BUDGET (150 s per sweep), STAGE_A_SHAPES.
+# Env: STEPS (default: the tenth session's five), BYTES (1024), BUDGET (150 s per sweep), STAGE_A_SHAPES, UNROLL.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 R=$OUT/decode_levers; mkdir -p "$R"
@@ -79,10 +79,12 @@ for step in ${STEPS:-check_ssm check_lnn entropy inductor_pdl latent}; do
           run "stage_a_${sa}_$1" 300 $T --seq_len "$1" --batch_size "$2" --steps 20 --stage_a $sa --out "$R/stage_a_${sa}_$1.json"
         done
       done ;;
-    bench)
+    bench)  # the defaults (inductor's PDL is in the compile presets since the twelfth session); UNROLL=K adds a row set
       G="python3 benchmarks/bench_generation.py --compile --compiled_only --models ionllama dense --contexts 1024 8192 32768"
       run bench $((3 * BUDGET + 120)) $G --budget_s $((3 * BUDGET)) --out "$R/bench"
-      run bench_ipdl $((3 * BUDGET + 120)) $G --budget_s $((3 * BUDGET)) --inductor triton.enable_pdl=True --out "$R/bench_ipdl" ;;
+      if [ -n "${UNROLL:-}" ]; then
+        run bench_unroll $((3 * BUDGET + 120)) $G --budget_s $((3 * BUDGET)) --unroll "$UNROLL" --out "$R/bench_unroll"
+      fi ;;
     *) echo "unknown step '$step'; steps: tests check_ssm check_lnn entropy inductor_pdl latent digest branch lagged unroll stage_a bench" >&2; exit 2 ;;
   esac
 done

@@ -49,7 +49,7 @@ def _levers(tmp_path, steps: str, **env):
 def test_decode_levers_commands_parse(tmp_path):
     pds, bench, train = _load("profile_decode_step"), _load("bench_generation"), _load("bench_train_throughput")
     steps = "tests check_ssm check_lnn entropy inductor_pdl latent digest branch lagged unroll stage_a bench"
-    r, calls = _levers(tmp_path, steps, BUDGET="60")
+    r, calls = _levers(tmp_path, steps, BUDGET="60", UNROLL="8")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out" / "decode_levers.tgz").exists()  # the results come back packed
     seen = set()
@@ -91,15 +91,15 @@ def test_decode_levers_unknown_step_is_refused(tmp_path):
     assert r.returncode == 2 and "unknown step 'bogus'" in r.stderr and not calls
 
 
-# the runbook's next Phase-1 rows (docs/notes/gpu-runbook.md, orders 3, 3c, 3d, 5)
+# the runbook's next Phase-1 rows (docs/notes/gpu-runbook.md: the plan's call 2, orders 3, 3c)
 SWEPT = "--from_sweep --step_graph --sweep_dir docs/results/phase1-sweep/sweep"
 PLANNED = {
     "bpe seed 1": dict(GPU0="bpe", OVERHEAD="140", EXTRA=f"--seed 1 {SWEPT} --override dropout=0.1"),
     "3-byte patches": dict(GPU0="ionllama_fixed",
                            EXTRA=f"{SWEPT} --override latent_shift=completed,dropout=0.1,fixed_patch_size=3"),
-    "lagged": dict(GPU1="ionllama_fixed", LANES="2", EXTRA=f"{SWEPT} --override latent_shift=lagged,dropout=0.1"),
-    "entropy 7 min": dict(GPU0="ionllama", OVERHEAD="120",
-                          EXTRA="--step_graph --override n_layers=8,latent_shift=completed,dropout=0.1"),
+    "tasks ionllama_fixed": dict(GPU0="ionllama_fixed", BUDGET="75", TASKS="1",
+                                 EXTRA="--seed 1 --task_steps 3000 --task_lr 1e-3 --task_n 200 --from_sweep "
+                                       "--sweep_dir docs/results/phase1-sweep/sweep --override latent_shift=completed"),
 }
 
 
@@ -110,7 +110,8 @@ def test_planned_phase1_rows_parse(tmp_path, row):
     from ionllama import create_model
     from ionllama.experiment import build_parser, parse_overrides
 
-    r, calls = _run_script(tmp_path, "gpu_phase1_parallel.sh", T="590", BUDGET="420", RES=str(tmp_path / "res"), **PLANNED[row])
+    r, calls = _run_script(tmp_path, "gpu_phase1_parallel.sh", **{"T": "590", "BUDGET": "420", "RES": str(tmp_path / "res"),
+                                                                   **PLANNED[row]})
     assert r.returncode == 0, r.stderr
     assert len(calls) == 2 and all(c[:3] == ["-m", "ionllama.cli", "experiment"] for c in calls)
     for argv in calls:
