@@ -286,6 +286,18 @@ def test_entropy_branch_auto_and_bad_values(ion, ion_completed):
         _runner(ion, 8, entropy_branch="on")
 
 
+def test_generate_takes_entropy_branch_and_unroll(ion, dense):
+    """generate() passes entropy_branch and unroll to the runner: the defaults and explicit off give the same
+    bytes on CPU, asking for the branch where it cannot run is a UserError (dense bytes, no entropy model), and so
+    is a bad unroll."""
+    base = generate(ion, PROMPTS, 12, seed=3)
+    assert generate(ion, PROMPTS, 12, seed=3, entropy_branch=False, unroll=4) == base
+    with pytest.raises(UserError, match="entropy_branch needs ionLlama with entropy patching"):
+        generate(dense, b"ab", 4, entropy_branch=True)
+    with pytest.raises(UserError, match="unroll must be a whole number"):
+        generate(ion, b"ab", 4, unroll=0)
+
+
 def test_compile_presets_are_inductor_settings():
     """Every decode compile preset names settings this torch's inductor has; inductor's programmatic dependent
     launch is in both where it exists (measured on an H200: same bytes, faster byte graph), and compile=True is
