@@ -128,8 +128,9 @@ def bench_one(name: str, model_kind: str, size: str, args, text: bytes | None, o
         # entropy/space patching: the two-stage step (boundaries eagerly, a graph per latent-length bucket)
         graphed = make_step_graph(model, fwd, opt, 0.0, lambda: torch.autocast(dev.type, dtype=torch.bfloat16,
                                                                               enabled=dev.type == "cuda"),
-                                  args.seq_len, warmup=args.warmup, graphs=dev.type == "cuda")
-        graphed.graph_stage_a = args.stage_a == "graph"
+                                  args.seq_len, warmup=args.warmup, graphs=dev.type == "cuda",
+                                  compile_stage_a=args.stage_a == "compiled")
+        graphed.graph_stage_a = args.stage_a != "eager"
         n_warm += 1  # the next call records the graph: keep it out of the timed steps
         if graphed.boundaries is not None:  # each of the 4 batches may have its own bucket, warmed up and recorded
             n_warm *= 4
@@ -196,9 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step_graph", action="store_true",
                    help="capture the whole step as one CUDA graph (ionllama/train/step_graph.py); with --compile, "
                         "use --compile_mode whole")
-    p.add_argument("--stage_a", choices=["graph", "eager"], default="graph",
+    p.add_argument("--stage_a", choices=["graph", "eager", "compiled"], default="graph",
                    help="with --step_graph, entropy / space patching: stage A (the boundaries) as its own CUDA graph "
-                        "(the trainer's way) or eager (as before the eleventh session), for A/B timing")
+                        "(the trainer's way), eager (as before the eleventh session), or torch.compile'd and then "
+                        "captured (make_step_graph's compile_stage_a), for A/B timing")
     p.add_argument("--text_path", default=None, help="raw bytes to sample from (else random bytes)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None)

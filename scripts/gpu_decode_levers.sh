@@ -23,8 +23,9 @@
 #   unroll        bytes per graph launch (DecodeRunner's unroll: the latent stage a conditional graph node), 1 / 8 / 32
 #                 alternating in one process, for the default shift (entropy branch on) and for "completed" (the
 #                 quality pick), bytes checked equal
-#   stage_a       training (issue #8): the two-stage captured step with stage A as its own graph against stage A
-#                 eager, entropy patching, ionLlama-small, at the Phase-1 shape (seq 1024 x 64) and at seq 8192 x 8
+#   stage_a       training (issue #8): the two-stage captured step with stage A as its own graph, compiled and then
+#                 captured, and eager, entropy patching, ionLlama-small, at the Phase-1 shape (seq 1024 x 64) and at
+#                 seq 8192 x 8
 #                 (STAGE_A_SHAPES, default "1024x64 8192x8")
 #   bench         bench_generation.py's README rows (compiled, batch 1, contexts 1K / 8K / 32K, ionLlama and dense),
 #                 with the defaults, and with --unroll $UNROLL as well when UNROLL is set
@@ -75,7 +76,7 @@ for step in ${STEPS:-check_ssm check_lnn entropy inductor_pdl latent}; do
       T="python3 benchmarks/bench_train_throughput.py --sizes small --arms ionllama --compile --compile_mode whole --step_graph"
       for shape in ${STAGE_A_SHAPES:-1024x64 8192x8}; do
         set -- ${shape/x/ }
-        for sa in graph eager; do
+        for sa in graph compiled eager; do
           run "stage_a_${sa}_$1" 300 $T --seq_len "$1" --batch_size "$2" --steps 20 --stage_a $sa --out "$R/stage_a_${sa}_$1.json"
         done
       done ;;

@@ -83,7 +83,7 @@ def test_decode_levers_commands_parse(tmp_path):
         else:
             pytest.fail(f"gpu_decode_levers.sh runs an unchecked command: {argv}")
     assert seen == {"pytest", "selfcheck", "profile", "bench", "train"}
-    assert len(calls) == 1 + 2 + 3 + 1 + 1 + 4 + 1 + 2 + 2 + 4 + 2  # every step of every name ran its commands
+    assert len(calls) == 1 + 2 + 3 + 1 + 1 + 4 + 1 + 2 + 2 + 6 + 2  # every step of every name ran its commands
 
 
 def test_decode_levers_unknown_step_is_refused(tmp_path):

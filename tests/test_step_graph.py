@@ -321,6 +321,39 @@ def test_two_stage_step_code_trains_exactly_like_the_ordinary_step(patching, shi
     assert all(p.grad is None for p in b.parameters())  # the step leaves no gradients behind
 
 
+def test_compiled_stage_a_gives_the_eager_boundaries_and_the_same_steps(monkeypatch):
+    """compile_stage_a: stage A goes through torch.compile (here inductor's CPU backend). Its entropies equal
+    the eager ones to float rounding, so with no entropy near the threshold its boundaries and counts are the
+    eager ones, and three two-stage steps train exactly as with stage A eager. (The untrained tiny entropy
+    model's entropies crowd around its median: its head is scaled up to spread them, and the threshold is put
+    into the widest gap near their median.)"""
+    calls = []
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or real(fn, **kw))
+    a = _patched("entropy", latent_shift="completed")
+    batches, lrs = _varied_batches(3), [1e-3, 2e-3, 1e-3]
+    with torch.no_grad():
+        a.entropy_model.head.weight.mul_(40.0)  # spread the entropies as a trained model's are spread
+        ent = torch.cat([a.compute_entropy(x)[0].flatten() for x, _ in batches]).sort().values
+    mid = ent.numel() // 2
+    gaps = ent[mid - 40:mid + 40].diff()
+    i = int(gaps.argmax())
+    a.entropy_threshold.fill_(float(ent[mid - 40 + i] + ent[mid - 40 + i + 1]) / 2)
+    assert float(gaps[i]) > 1e-4  # a gap wider than any rounding difference
+    b = copy.deepcopy(a)
+    sgs = []
+    for model, compiled in ((a, False), (b, True)):
+        opt = make_adamw(model, [p for p in model.parameters() if p.requires_grad], 5e-4, 0.1, CPU, capturable=True)
+        sgs.append(make_step_graph(model, model, opt, 0.5, _no_autocast, 64, graphs=False, compile_stage_a=compiled))
+    assert calls == [{"dynamic": False}]  # stage A of the second only
+    for x, _ in batches:
+        with torch.no_grad():
+            (s_e, n_e), (s_c, n_c) = a.patch_boundaries(x), sgs[1].boundaries(x)
+        assert torch.equal(s_e, s_c) and torch.equal(n_e, n_c)
+    losses = [[float(sg(x, y, lr)["loss"]) for (x, y), lr in zip(batches, lrs)] for sg in sgs]
+    assert losses[0] == losses[1]
+
+
 def test_entropy_phase_and_fixed_patching_keep_one_graph():
     m = _patched("entropy")
     opt = make_adamw(m, m.entropy_model.parameters(), 1e-3, 0.1, CPU, capturable=True)

@@ -114,12 +114,19 @@ def step_graph_problem(model, args, device: torch.device, world_size: int, amp_d
 
 
 def make_step_graph(model, fwd, optimizer: torch.optim.Optimizer, grad_clip: float, autocast, seq_len: int,
-                    phase: str = "main", **kw) -> "StepGraph":
+                    phase: str = "main", compile_stage_a: bool = False, **kw) -> "StepGraph":
     """The StepGraph for `phase` of `model` (the plain module; `fwd` is what the step calls: the compiled
-    model, or the entropy model in the entropy phase): two-stage where the patch count depends on the bytes."""
+    model, or the entropy model in the entropy phase): two-stage where the patch count depends on the bytes.
+    compile_stage_a: torch.compile stage A (the frozen entropy model and the patcher) before it is captured.
+    Why: `fwd` compiles the forward only, so stage A is eager ops; the entropy model's chunked SSD makes large
+    fp32 intermediates (decay and score tensors of L x L per chunk and head) that inductor can fuse. Its
+    boundaries may differ from the eager ones only where an entropy sits on the threshold (kernel
+    arithmetic); the step then uses its own boundaries consistently. Not yet measured on a GPU (opt-in)."""
     two_stage = phase != "entropy" and not static_step_shapes(model.config, seq_len)
-    return StepGraph(fwd, optimizer, grad_clip, autocast, boundaries=model.patch_boundaries if two_stage else None,
-                     **kw)
+    boundaries = model.patch_boundaries if two_stage else None
+    if boundaries is not None and compile_stage_a:
+        boundaries = torch.compile(boundaries, dynamic=False)
+    return StepGraph(fwd, optimizer, grad_clip, autocast, boundaries=boundaries, **kw)
 
 
 class _Slot:
