@@ -48,6 +48,9 @@ class ModelConfig:
     n_entropy_layers: int = 2
     entropy_state: int = 16
     entropy_headdim: int = 16
+    # the entropy model's SSD chunk: chunk L costs L x heads decay / score elements per byte against ~3 x heads x
+    # headdim x state / L for the chunk states; the sum is least near L = sqrt(3 x headdim x state) (28 for 16 x 16)
+    entropy_chunk: int = 64
     # ionllama: patching
     patching: str = "entropy"  # entropy | fixed | space | byte
     threshold_mode: str = "global"  # global | monotonic

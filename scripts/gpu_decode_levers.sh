@@ -27,6 +27,8 @@
 #                 captured, and eager, entropy patching, ionLlama-small, at the Phase-1 shape (seq 1024 x 64) and at
 #                 seq 8192 x 8
 #                 (STAGE_A_SHAPES, default "1024x64 8192x8")
+#   entropy_chunk training (issues #8, #11): the two-stage step with the entropy model's SSD chunk 64 against 32
+#                 (A B A B in one process; ionLlama-small, entropy patching, the Phase-1 shape)
 #   bench         bench_generation.py's README rows (compiled, batch 1, contexts 1K / 8K / 32K, ionLlama and dense),
 #                 with the defaults, and with --unroll $UNROLL as well when UNROLL is set
 # The archive is rewritten after every step, so an outer timeout keeps the steps that finished.
@@ -80,13 +82,17 @@ for step in ${STEPS:-check_ssm check_lnn entropy inductor_pdl latent}; do
           run "stage_a_${sa}_$1" 300 $T --seq_len "$1" --batch_size "$2" --steps 20 --stage_a $sa --out "$R/stage_a_${sa}_$1.json"
         done
       done ;;
+    entropy_chunk)  # the entropy model's SSD chunk (entropy_chunk): 64 (default) against 32, the training step
+      run entropy_chunk 400 python3 benchmarks/bench_train_throughput.py --sizes small --arms ionllama \
+        ionllama:entropy_chunk=32 ionllama ionllama:entropy_chunk=32 --compile --compile_mode whole --step_graph \
+        --seq_len 1024 --batch_size 64 --steps 20 --out "$R/entropy_chunk.json" ;;
     bench)  # the defaults (inductor's PDL is in the compile presets since the twelfth session); UNROLL=K adds a row set
       G="python3 benchmarks/bench_generation.py --compile --compiled_only --models ionllama dense --contexts 1024 8192 32768"
       run bench $((3 * BUDGET + 120)) $G --budget_s $((3 * BUDGET)) --out "$R/bench"
       if [ -n "${UNROLL:-}" ]; then
         run bench_unroll $((3 * BUDGET + 120)) $G --budget_s $((3 * BUDGET)) --unroll "$UNROLL" --out "$R/bench_unroll"
       fi ;;
-    *) echo "unknown step '$step'; steps: tests check_ssm check_lnn entropy inductor_pdl latent digest branch lagged unroll stage_a bench" >&2; exit 2 ;;
+    *) echo "unknown step '$step'; steps: tests check_ssm check_lnn entropy inductor_pdl latent digest branch lagged unroll stage_a entropy_chunk bench" >&2; exit 2 ;;
   esac
 done
 grep -h "^PASS\|^FAIL" "$R"/log_check_*.txt 2>/dev/null | cut -c1-160

@@ -37,6 +37,22 @@ def test_unknown_option_is_a_user_error():
         create_model("gigantic")
 
 
+def test_entropy_chunk_reaches_the_entropy_model_and_keeps_its_output():
+    """entropy_chunk sets the entropy model's SSD chunk; the chunked form is exact, so chunk 32 and 64 give the
+    same entropies (fp32, to rounding) on a window that is not a multiple of either; a chunk < 1 is refused."""
+    torch.manual_seed(0)
+    a = create_model("tiny", **SMALL)
+    b = create_model("tiny", **SMALL, entropy_chunk=32)
+    b.load_state_dict(a.state_dict())
+    assert {blk.mixer.chunk for blk in a.entropy_model.blocks} == {64}
+    assert {blk.mixer.chunk for blk in b.entropy_model.blocks} == {32}
+    x = torch.randint(0, 256, (2, 150))
+    with torch.no_grad():
+        torch.testing.assert_close(a.entropy_model(x)["entropy"], b.entropy_model(x)["entropy"], rtol=1e-4, atol=1e-4)
+    with pytest.raises(UserError, match="entropy_chunk must be >= 1"):
+        create_model("tiny", **SMALL, entropy_chunk=0)
+
+
 def test_honest_model_cannot_beat_8_bits_on_random_bytes():
     """Trained on uniform random bytes, held-out BPB stays >= 7.95: a model that sees the future would
     drive it far lower."""

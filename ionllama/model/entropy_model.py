@@ -22,11 +22,12 @@ def entropy_bits(logits: torch.Tensor) -> torch.Tensor:
 
 
 class EntropyModel(nn.Module):
-    def __init__(self, dim: int = 64, n_layers: int = 2, d_state: int = 16, headdim: int = 16, conv_kernel: int = 4):
+    def __init__(self, dim: int = 64, n_layers: int = 2, d_state: int = 16, headdim: int = 16, conv_kernel: int = 4,
+                 chunk: int = 64):
         super().__init__()
         self.embed = nn.Embedding(256, dim)
-        self.blocks = nn.ModuleList([MambaBlock(dim, d_state=d_state, headdim=headdim, conv_kernel=conv_kernel)
-                                     for _ in range(n_layers)])
+        self.blocks = nn.ModuleList([MambaBlock(dim, d_state=d_state, headdim=headdim, conv_kernel=conv_kernel,
+                                                chunk=chunk) for _ in range(n_layers)])
         self.norm = RMSNorm(dim)
         self.head = nn.Linear(dim, 256, bias=False)
         nn.init.normal_(self.embed.weight, 0, 0.02)

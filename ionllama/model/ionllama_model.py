@@ -76,10 +76,13 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
             if val not in ok:
                 from ..errors import UserError
                 raise UserError(f"unknown {name} '{val}'; choose one of {', '.join(ok)}")
+        if cfg.entropy_chunk < 1:
+            from ..errors import UserError
+            raise UserError(f"entropy_chunk must be >= 1 (the entropy model's SSD chunk), got {cfg.entropy_chunk}")
         dl, dm = cfg.d_local, cfg.d_model
         self.embed = ByteEmbedding(dl, cfg.ngram, cfg.ngram_sizes, cfg.ngram_buckets, cfg.conv_kernel)
         self.entropy_model = EntropyModel(cfg.d_entropy, cfg.n_entropy_layers, cfg.entropy_state,
-                                          cfg.entropy_headdim, cfg.conv_kernel)
+                                          cfg.entropy_headdim, cfg.conv_kernel, cfg.entropy_chunk)
         self.encoder = nn.ModuleList([make_local_layer(cfg) for _ in range(cfg.n_enc_layers)])
         self.pool = PatchPooling(dl, cfg.pooling)
         self.to_latent = nn.Linear(dl, dm, bias=False)
