@@ -286,8 +286,7 @@ def run_sweep(args, kind: str, points: list[dict]) -> list[dict]:
         set_pdl(bool(point.pop("pdl", pdl_default)))  # runner's entropy_branch (re-captured at the next start)
         branch = bool(point.pop("branch", branch_default))
         if branch and not s["runner"].can_branch:
-            raise UserError("--grid branch=1 needs entropy patching and a latent_shift other than 'completed' (the "
-                            "runner's entropy_branch)")
+            raise UserError("--grid branch=1 needs entropy patching (the runner's entropy_branch)")
         s["runner"].entropy_branch = branch
         s["runner"].unroll = int(point.pop("unroll", unroll_default))
         return set_config(**point)

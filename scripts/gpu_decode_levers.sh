@@ -22,7 +22,7 @@
 #                 shift, two processes (--grid pdl=1,1 each): ms per byte, bytes checked equal within each process
 #   unroll        bytes per graph launch (DecodeRunner's unroll: the latent stage a conditional graph node), 1 / 8 / 32
 #                 alternating in one process, for the default shift (entropy branch on) and for "completed" (the
-#                 quality pick), bytes checked equal
+#                 quality pick; 1 / 8, crossed with its entropy branch off / on, opt-in there), bytes checked equal
 #   stage_a       training (issue #8): the two-stage captured step with stage A as its own graph, compiled and then
 #                 captured, and eager, entropy patching, ionLlama-small, at the Phase-1 shape (seq 1024 x 64) and at
 #                 seq 8192 x 8
@@ -72,7 +72,7 @@ for step in ${STEPS:-check_ssm check_lnn entropy inductor_pdl latent}; do
       run lagged_ref $((BUDGET + 90)) $P --sweep_lnn --grid pdl=1,1 --out "$R/lagged_ref" ;;
     unroll)
       run unroll $((BUDGET + 90)) $P --sweep_lnn --grid unroll=1,8,32,1,8,32 --out "$R/unroll"
-      run unroll_completed $((BUDGET + 90)) $P --latent_shift completed --sweep_lnn --grid unroll=1,8,32,1,8,32 \
+      run unroll_completed $((BUDGET + 90)) $P --latent_shift completed --sweep_lnn --grid unroll=1,8,1,8 branch=0,1 \
         --out "$R/unroll_completed" ;;
     stage_a)
       T="python3 benchmarks/bench_train_throughput.py --sizes small --arms ionllama --compile --compile_mode whole --step_graph"

@@ -241,23 +241,27 @@ def test_completed_shift_runner_gives_the_bytes_of_the_recompute_decoder(ion_com
     assert torch.equal(r.out[:, :n], ref.out[:, :n])
 
 
-@pytest.mark.parametrize("graphs", [False, True])
-def test_entropy_branch_gives_the_same_bytes(ion, monkeypatch, graphs):
-    """entropy_branch (the entropy model forked onto a second stream inside the one byte graph; here the stream
-    and graphs are CPU fakes that run in order, as a GPU may) samples exactly the bytes of the plain runner,
-    patches committed along the way, and can be switched between runs."""
+@pytest.mark.parametrize("shift,graphs", [("previous", False), ("previous", True), ("completed", False),
+                                          ("completed", True)])
+def test_entropy_branch_gives_the_same_bytes(ion, ion_completed, monkeypatch, shift, graphs):
+    """entropy_branch (the entropy model forked onto a second stream inside the byte graph; with "completed"
+    beside embedding, encoder and pooling, joined before the latent stage; here the stream and graphs are CPU
+    fakes that run in order, as a GPU may) samples exactly the bytes of the plain runner, patches committed along
+    the way, and can be switched between runs."""
+    model = ion if shift == "previous" else ion_completed
     n = 23
-    ref = _eager_bytes(ion, n, n)
+    ref = _eager_bytes(model, n, n)
     if graphs:
         _fake_cuda(monkeypatch, _FakeGraph)
         monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
-    r = _runner(ion, n, entropy_branch=True)
-    assert r.can_branch and r.entropy_branch and r._parts() == [r._iteration_branched]
+    r = _runner(model, n, entropy_branch=True)
+    parts = [r._completed_branched, r._byte_parts[2]] if shift == "completed" else [r._iteration_branched]
+    assert r.can_branch and r.entropy_branch and r._parts() == parts and r._latent_at() == len(parts) - 1
     if graphs:
         r.branch_stream = _FakeStream()  # the fork / join path (a CPU runner has no second stream)
     r.want_graphs = graphs
     r.run(9)
-    assert (r.graphs is not None) == graphs and (not graphs or len(r.graphs[0]) == 1)
+    assert (r.graphs is not None) == graphs and (not graphs or len(r.graphs[0]) == len(parts))
     if not graphs:  # switched off and on again between runs (eager: the next iteration takes it)
         r.entropy_branch = False
         r.run(5)
@@ -268,13 +272,14 @@ def test_entropy_branch_gives_the_same_bytes(ion, monkeypatch, graphs):
 
 
 def test_entropy_branch_refused_where_it_cannot_run(ion, ion_completed):
-    """No entropy model in use (fixed patching), latent_shift "completed" or the 'early' split: a one-line
-    UserError instead of a silent plain runner."""
+    """No entropy model in use (fixed patching) or the 'early' split of latent_shift "previous": a one-line
+    UserError instead of a silent plain runner. "completed" can branch (its 'early' is its own split)."""
     fixed = create_model("tiny", **TINY, patching="fixed").eval()
-    for model, kw in ((fixed, {}), (ion_completed, {}), (ion, {"latent_policy": "early"})):
+    for model, kw in ((fixed, {}), (ion, {"latent_policy": "early"})):
         with pytest.raises(UserError, match="entropy_branch needs ionLlama with entropy patching"):
             _runner(model, 8, entropy_branch=True, **kw)
     assert not _runner(fixed, 8).can_branch and _runner(ion, 8).can_branch
+    assert _runner(ion_completed, 8, latent_policy="early", entropy_branch=True).can_branch
 
 
 def test_entropy_branch_auto_and_bad_values(ion, ion_completed):
@@ -326,9 +331,11 @@ def _fake_unrolled(monkeypatch, launches: list):
     monkeypatch.setattr(runner_mod, "_HAS_IF_NODES", True)  # (a CPU build of torch has no conditional nodes)
 
 
-@pytest.mark.parametrize("shift,policy", [("previous", "skip"), ("previous", "always"), ("previous", "early"),
-                                          ("completed", "skip"), ("completed", "always")])
-def test_unrolled_graph_gives_the_same_bytes(ion, ion_completed, monkeypatch, shift, policy):
+@pytest.mark.parametrize("shift,policy,branch", [("previous", "skip", False), ("previous", "always", False),
+                                                 ("previous", "early", False), ("completed", "skip", False),
+                                                 ("completed", "always", False), ("previous", "skip", True),
+                                                 ("completed", "skip", True)])
+def test_unrolled_graph_gives_the_same_bytes(ion, ion_completed, monkeypatch, shift, policy, branch):
     """unroll=4: the host launches one graph per 4 bytes, the latent stage of each byte decided inside it; the
     rest (fewer than 4 bytes left) goes byte by byte. Same bytes as the eager runner, patches committed along the
     way, and n_done advances by whole launches (CPU fakes of graphs, run in order as a GPU would)."""
@@ -340,7 +347,9 @@ def test_unrolled_graph_gives_the_same_bytes(ion, ion_completed, monkeypatch, sh
     monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
     launches = []
     _fake_unrolled(monkeypatch, launches)
-    r = _runner(model, n, latent_policy=policy, unroll=4)
+    r = _runner(model, n, latent_policy=policy, unroll=4, entropy_branch=branch)
+    if branch:
+        r.branch_stream = _FakeStream()
     r.want_graphs = True
     r.run(9)  # 3 warm-up bytes, then one launch of 4, then 2 bytes one by one
     assert r.n_done == 9 and launches == [3] and r.multi_graph is not None
@@ -514,6 +523,24 @@ def test_entropy_branch_graphs_equal_eager_on_cuda(ion, policy):
         assert torch.equal(r.out[:, :40], ref)
     finally:
         ion.to("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("policy,unroll", [("skip", 1), ("always", 1), ("skip", 8)])
+def test_completed_entropy_branch_graphs_equal_eager_on_cuda(ion_completed, policy, unroll):
+    """latent_shift "completed" with entropy_branch=True on a GPU (opt-in there): the entropy model beside the
+    encoder in the first byte graph, joined before the latent graph; alone and unrolled; bytes of the plain runner."""
+    m = ion_completed.to("cuda")
+    try:
+        ref = _runner(m, 40, latent_policy=policy, entropy_branch=False)
+        ref.run(40)
+        assert not _runner(m, 8).entropy_branch  # "auto" leaves "completed" alone until measured
+        r = _runner(m, 40, latent_policy=policy, cuda_graphs=True, entropy_branch=True, unroll=unroll)
+        r.run(40)
+        assert r.graphs is not None and len(r.graphs[0]) == 2 and (r.multi_graph is not None) == (unroll > 1)
+        assert torch.equal(r.out[:, :40], ref.out[:, :40])
+    finally:
+        ion_completed.to("cpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -115,17 +115,20 @@ class DecodeRunner:
         self._byte_parts = [self._iter_entropy, self._iter_encode, self._iter_decode] if self.completed \
             else [self._iter_entropy, self._iter_rest] if self.split else [self._iteration]
         self._latent_fn = dec.advance_latent if self.has_latent else None
-        self.can_branch = self.has_latent and not self.split and bool(getattr(dec, "use_entropy", False)) \
-            and hasattr(dec, "next_patch_flag")
-        if entropy_branch == "auto":
-            entropy_branch = self.can_branch and logits.is_cuda and B <= 2
+        self.can_branch = self.has_latent and (self.completed or not self.split) \
+            and bool(getattr(dec, "use_entropy", False)) and hasattr(dec, "next_patch_flag")
+        if entropy_branch == "auto":  # ("completed" with the branch: not measured on a GPU yet, so opt-in there)
+            entropy_branch = self.can_branch and logits.is_cuda and B <= 2 and not self.completed
         elif entropy_branch not in (True, False):
             raise UserError(f"entropy_branch must be True, False or 'auto'; got {entropy_branch!r}")
         if entropy_branch and not self.can_branch:
-            raise UserError("entropy_branch needs ionLlama with entropy patching, latent_shift 'previous' or 'lagged' "
-                            "and latent_policy skip, always or auto; leave it off")
+            raise UserError("entropy_branch needs ionLlama with entropy patching and latent_policy skip, always or "
+                            "auto ('early' only with latent_shift \"completed\"); leave it off")
         self.entropy_branch = bool(entropy_branch)
-        self._branch_fns = [self._iter_begin, self._iter_flag, self._iter_local, self._iter_end] \
+        # "completed": begin, then the entropy model beside embedding + encoder + pooling, joined before the latent
+        # stage (which reads the flag) and the decoder; otherwise begin, entropy model beside the whole local step, end
+        self._branch_fns = ([self._iter_begin, self._iter_flag, self._iter_encode] if self.completed else
+                            [self._iter_begin, self._iter_flag, self._iter_local, self._iter_end]) \
             if self.can_branch else []
         self.branch_stream = torch.cuda.Stream(dev) if self.can_branch and logits.is_cuda else None
         # latent_shift "lagged" under 'skip' with graphs: the latent step's compute part runs on latent_stream while
@@ -204,26 +207,47 @@ class DecodeRunner:
         self.dec.end_byte()
         self.step_no += 1
 
+    def _fork(self, side, main_fn) -> None:
+        """side() on branch_stream beside main_fn() on the current stream, joined after both (CUDA; in order on
+        CPU). Captured, the fork and join become edges of the one graph."""
+        if self.branch_stream is None:
+            side()
+            main_fn()
+            return
+        main = torch.cuda.current_stream()
+        self.branch_stream.wait_stream(main)
+        with torch.cuda.stream(self.branch_stream):
+            side()
+        main_fn()
+        main.wait_stream(self.branch_stream)
+
     def _iteration_branched(self) -> None:
-        """One byte as _iteration, the entropy model forked onto branch_stream (CUDA) and joined before the
-        position advances; sequential on CPU. Captured, the fork and join become edges of the one graph."""
+        """One byte as _iteration, the entropy model forked onto branch_stream and joined before the position
+        advances."""
         begin, flag, local, end = self._branch_fns
         begin()
-        if self.branch_stream is None:
-            flag()
-            local()
-        else:
-            main = torch.cuda.current_stream()
-            self.branch_stream.wait_stream(main)
-            with torch.cuda.stream(self.branch_stream):
-                flag()
-            local()
-            main.wait_stream(self.branch_stream)
+        self._fork(flag, local)
         end()
+
+    def _completed_branched(self) -> None:
+        """"completed", parts 1 and 2 as one: the entropy model (and the flag) beside embedding, encoder and
+        pooling; the latent stage and part 3 follow."""
+        begin, flag, encode = self._branch_fns
+        begin()
+        self._fork(flag, encode)
 
     def _parts(self) -> list:
         """The byte stage's parts under the current setting (entropy_branch may be switched between runs)."""
-        return [self._iteration_branched] if self.entropy_branch and self.can_branch else self._byte_parts
+        if not (self.entropy_branch and self.can_branch):
+            return self._byte_parts
+        return [self._completed_branched, self._byte_parts[2]] if self.completed else [self._iteration_branched]
+
+    def _latent_at(self) -> int:
+        """Index of the byte part the latent stage runs before: "completed" before the decoder part (the third
+        part, or the second with the branch), else before the byte."""
+        if not self.completed:
+            return 0
+        return 1 if self.entropy_branch and self.can_branch else 2
 
     def _iter_entropy(self) -> None:
         """'early', part 1: sample the byte, run the entropy model on it, set the next byte's patch flag."""
@@ -250,7 +274,7 @@ class DecodeRunner:
     def _unrolled_body(self, when) -> None:
         """``unroll`` iterations as _eager_once does them; when(fn) runs the latent stage where the flag says so
         (a conditional graph node under capture, _when_eager otherwise; unconditionally under 'always')."""
-        at = 2 if self.completed else 0
+        at = self._latent_at()
         latent = lambda: self._latent_fn(self.dec.next_start)  # noqa: E731
         for _ in range(self.unroll):
             for i, part in enumerate(self._parts()):
@@ -283,7 +307,7 @@ class DecodeRunner:
     def _eager_once(self) -> None:
         # "previous": the latent stage before the byte (flag set by the last byte); "completed": before
         # the byte's decoder (flag set by this byte's part 1)
-        at = 2 if self.completed else 0
+        at = self._latent_at()
         for i, part in enumerate(self._parts()):
             if i == at and self._latent_needed():
                 self._latent_fn(self.dec.next_start)  # always called with the mask: one compiled signature
@@ -381,22 +405,24 @@ class DecodeRunner:
                 gpu_ms.setdefault(kind, []).append(a.elapsed_time(b))
 
     def _replay_completed(self, target: int, g_bytes, g_lat, timed) -> None:
-        """"completed": part 1 (flag to host memory), part 2, [latent], part 3. The host waits for part 1
-        only; part 2 is already queued, so the GPU runs it while the host decides."""
+        """"completed": part 1 (flag to host memory), part 2, [latent], part 3; with the entropy branch parts 1
+        and 2 are one graph. The host waits for the first graph only; the next is already queued, so the GPU
+        runs it while the host decides (without the branch)."""
         read_flag = self.latent_policy != "always"
         ready = torch.cuda.Event() if read_flag else None
+        last = len(g_bytes) - 1  # the latent stage runs before the last part (the decoder)
         while self.n_done < target:
-            self._replay(g_bytes[0], "byte", timed)
-            if read_flag:
-                ready.record()
-            self._replay(g_bytes[1], "byte_rest", timed)
-            need = True
-            if read_flag:
-                ready.synchronize()
-                need = bool(self.pred_host[0])
-            if need:
-                self._replay(g_lat, "latent", timed)
-            self._replay(g_bytes[2], "byte_rest", timed)
+            for i, g in enumerate(g_bytes):
+                if i == last:
+                    need = True
+                    if read_flag:
+                        ready.synchronize()
+                        need = bool(self.pred_host[0])
+                    if need:
+                        self._replay(g_lat, "latent", timed)
+                self._replay(g, "byte" if i == 0 else "byte_rest", timed)
+                if i == 0 and read_flag:
+                    ready.record()
             self.n_done += 1
 
     def _replay_previous(self, target: int, g_bytes, g_lat, timed) -> None:
