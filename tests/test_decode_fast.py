@@ -303,6 +303,34 @@ def test_generate_takes_entropy_branch_and_unroll(ion, dense):
         generate(ion, b"ab", 4, unroll=0)
 
 
+def test_generate_syncs_in_whole_unrolled_launches_and_not_when_streaming(ion, monkeypatch):
+    """generate() reads bytes back every 16 without a stream callback, rounded up to whole unrolled launches
+    (unroll 8: 16, unroll 12: 24); with a callback every byte, and then nothing is unrolled."""
+    import sys
+
+    gen_mod = sys.modules["ionllama.generation.generate"]  # (the package's `generate` is the function)
+
+    seen = []
+
+    class Recorder(DecodeRunner):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            seen.append(("unroll", self.unroll))
+
+        def run(self, n, gpu_ms=None):
+            seen.append(n)
+            return super().run(n, gpu_ms)
+
+    monkeypatch.setattr(gen_mod, "DecodeRunner", Recorder)
+    for unroll, runs in ((8, [16, 16, 8]), (12, [24, 16])):
+        seen.clear()
+        generate(ion, b"ab", 40, seed=1, unroll=unroll)
+        assert seen == [("unroll", unroll)] + runs
+    seen.clear()
+    generate(ion, b"ab", 3, seed=1, unroll=8, stream=lambda row, chunk: None)
+    assert seen == [("unroll", 1), 1, 1, 1]
+
+
 def test_compile_presets_are_inductor_settings():
     """Every decode compile preset names settings this torch's inductor has; inductor's programmatic dependent
     launch is in both where it exists (measured on an H200: same bytes, faster byte graph), and compile=True is
@@ -323,9 +351,11 @@ def _fake_unrolled(monkeypatch, launches: list):
     """The unrolled graph as a CPU fake: replay() runs the unrolled iterations with the flag read on the host
     where CUDA would evaluate a conditional node; every replay is logged."""
     def record(self, pool):
+        k = self.unroll  # what a real graph holds from its capture on
+
         def replay():
             launches.append(self.n_done)
-            self._unrolled_body(self._when_eager)
+            self._unrolled_body(self._when_eager, k)
         return _FakeGraph(replay)
     monkeypatch.setattr(DecodeRunner, "_record_unrolled", record)
     monkeypatch.setattr(runner_mod, "_HAS_IF_NODES", True)  # (a CPU build of torch has no conditional nodes)
@@ -353,6 +383,7 @@ def test_unrolled_graph_gives_the_same_bytes(ion, ion_completed, monkeypatch, sh
     r.want_graphs = True
     r.run(9)  # 3 warm-up bytes, then one launch of 4, then 2 bytes one by one
     assert r.n_done == 9 and launches == [3] and r.multi_graph is not None
+    r.unroll = 16  # changed without a new capture: launches still count the 4 bytes the graph holds
     r.run(n - 9)  # 14 left: three launches, then 2 bytes
     assert launches == [3, 9, 13, 17] and r.n_done == n
     assert int(r.dec.n_complete.min()) >= 3  # patches were committed along the way

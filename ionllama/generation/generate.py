@@ -7,7 +7,7 @@ import torch
 
 from ..errors import UserError
 from .decoding import decoder_for
-from .runner import DecodeRunner, compile_options
+from .runner import DecodeRunner, check_unroll, compile_options
 from .prompts import DOC_SEP, RowOutput, normalize_prompts, normalize_stops
 from .sampling import SamplingConfig, sample_next
 
@@ -76,6 +76,7 @@ def generate(model, prompt_bytes, max_new_bytes: int = 256, temperature: float =
         raise UserError(f"max_new_bytes must be >= 0, got {max_new_bytes}")
     cfg = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
     compile_options(compile)  # a bad value fails here, before any work
+    check_unroll(unroll)
     stops = normalize_stops(stop)
     rows = [r if r else [DOC_SEP] for r in rows]
     B = len(rows)
@@ -130,12 +131,16 @@ def _decode_loop(model, rows, outs, cfg, max_new_bytes, seed, stream, decoder_ki
                       fused_latent_step=fused_latent_step)
     seeds = _row_seeds(seed, B, dec.device)
     logits = dec.prefill(rows)
+    # Host syncs are the main per-byte overhead on a GPU: without a stream callback, sampled bytes
+    # stay on the device and are inspected every `sync_every` steps (a few wasted steps at most), a whole
+    # number of unrolled graph launches; a stream callback wants every byte, so there nothing is unrolled
+    if stream is not None:
+        unroll = sync_every = 1
+    else:
+        sync_every = -(-16 // unroll) * unroll
     runner = DecodeRunner(dec, cfg, seeds, logits, max_new_bytes,
                           cuda_graphs=_use_cuda_graphs(cuda_graphs, dec.device, max_new_bytes), compile=compile,
                           entropy_branch=entropy_branch, unroll=unroll)
-    # Host syncs are the main per-byte overhead on a GPU: without a stream callback, sampled bytes
-    # stay on the device and are inspected every `sync_every` steps (a few wasted steps at most).
-    sync_every = 1 if stream is not None else 16
     done_steps = 0
     while done_steps < max_new_bytes:
         n = min(sync_every, max_new_bytes - done_steps)

@@ -60,6 +60,13 @@ def compile_options(setting) -> dict | None:
     raise UserError(f"compile must be True, False or one of {', '.join(COMPILE_PRESETS)}; got {setting!r}")
 
 
+def check_unroll(unroll) -> int:
+    """DecodeRunner's / generate()'s unroll: a whole number >= 1, else a one-line UserError."""
+    if not isinstance(unroll, int) or isinstance(unroll, bool) or unroll < 1:
+        raise UserError(f"unroll must be a whole number of bytes per graph launch, >= 1; got {unroll!r}")
+    return unroll
+
+
 class DecodeRunner:
     def __init__(self, dec, cfg: SamplingConfig, seeds: torch.Tensor, logits: torch.Tensor, max_new: int,
                  cuda_graphs: bool = False, compile=False, latent_policy: str = "auto",
@@ -83,7 +90,8 @@ class DecodeRunner:
         CUDAGraph.begin_capture_to_if_node), so the host launches one graph per ``unroll`` bytes and reads no
         flag in between; run() replays it while that many bytes are left, the per-byte graphs for the rest and
         whenever GPU times are asked for. 1: off. "lagged" under 'skip' keeps its own overlapped replay (the
-        unrolled graph would serialize its latent step), so there it is not captured."""
+        unrolled graph would serialize its latent step), so there it is not captured. Memory: each IF body is
+        captured on its own stream, so the latent stage's temporaries are held once per unrolled byte."""
         self.dec, self.cfg = dec, cfg
         B, dev = logits.shape[0], logits.device
         self.seeds = seeds = seeds.to(dev)  # the noise is made where the logits are
@@ -130,7 +138,11 @@ class DecodeRunner:
         self._branch_fns = ([self._iter_begin, self._iter_flag, self._iter_encode] if self.completed else
                             [self._iter_begin, self._iter_flag, self._iter_local, self._iter_end]) \
             if self.can_branch else []
-        self.branch_stream = torch.cuda.Stream(dev) if self.can_branch and logits.is_cuda else None
+        # The streams that capture (and branch_stream, which joins captures) come from torch's high-priority stream
+        # pool: in torch <= 2.12 each conditional node's body is captured on a stream from the low-priority pool
+        # (32, round robin), which can wrap onto a stream still capturing and fail (pytorch issue 187893)
+        self.branch_stream = torch.cuda.Stream(dev, priority=-1) if self.can_branch and logits.is_cuda else None
+        self.capture_stream = torch.cuda.Stream(dev, priority=-1) if logits.is_cuda else None
         # latent_shift "lagged" under 'skip' with graphs: the latent step's compute part runs on latent_stream while
         # the next patch's bytes decode (its output is shown one patch later); see _replay_lagged
         self.lagged = self.has_latent and bool(getattr(dec, "lagged", False)) and not self.split
@@ -150,10 +162,9 @@ class DecodeRunner:
         self.graphs = None
         self.lag_graphs = None  # "lagged": (commit, compute) graphs, captured with the others
         self.want_graphs = cuda_graphs and logits.is_cuda and getattr(dec, "capturable", True)
-        if not isinstance(unroll, int) or isinstance(unroll, bool) or unroll < 1:
-            raise UserError(f"unroll must be a whole number of bytes per graph launch, >= 1; got {unroll!r}")
-        self.unroll = unroll
+        self.unroll = check_unroll(unroll)
         self.multi_graph = None  # the `unroll` iterations as one graph, captured with the others
+        self.multi_k = 0  # iterations in multi_graph
         self._check_unroll()
 
     def _wants_unrolled(self) -> bool:
@@ -271,12 +282,12 @@ class DecodeRunner:
         self.logits.copy_(self.dec.byte_step_decode(self.tok))
         self.step_no += 1
 
-    def _unrolled_body(self, when) -> None:
-        """``unroll`` iterations as _eager_once does them; when(fn) runs the latent stage where the flag says so
+    def _unrolled_body(self, when, k: int) -> None:
+        """k iterations as _eager_once does them; when(fn) runs the latent stage where the flag says so
         (a conditional graph node under capture, _when_eager otherwise; unconditionally under 'always')."""
         at = self._latent_at()
         latent = lambda: self._latent_fn(self.dec.next_start)  # noqa: E731
-        for _ in range(self.unroll):
+        for _ in range(k):
             for i, part in enumerate(self._parts()):
                 if i == at and self.has_latent:
                     latent() if self.latent_policy == "always" else when(latent)
@@ -295,8 +306,8 @@ class DecodeRunner:
                 fn()
             finally:
                 g.end_capture_to_conditional_node()
-        with torch.cuda.graph(g, pool=pool):
-            self._unrolled_body(when)
+        with torch.cuda.graph(g, pool=pool, stream=self.capture_stream):
+            self._unrolled_body(when, self.unroll)
         return g
 
     def _latent_needed(self) -> bool:
@@ -336,7 +347,7 @@ class DecodeRunner:
     def _record(self, fn, pool) -> torch.cuda.CUDAGraph:
         """Capture fn() into a new graph. Capture only records kernels: nothing runs, state is untouched."""
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=pool):
+        with torch.cuda.graph(g, pool=pool, stream=self.capture_stream):
             fn()
         return g
 
@@ -361,6 +372,7 @@ class DecodeRunner:
                                    self._record(compute, torch.cuda.graph_pool_handle()))
             if self._wants_unrolled():
                 self.multi_graph = self._record_unrolled(pool)
+                self.multi_k = self.unroll  # what the graph holds, whatever unroll is set to later
         except Exception as e:
             # torch.cuda.graph does not restore the current stream when ending a failed capture raises
             torch.cuda.set_stream(stream)
@@ -388,9 +400,9 @@ class DecodeRunner:
             return
         g_bytes, g_lat = self.graphs
         if self.multi_graph is not None and timed is None:
-            while target - self.n_done >= self.unroll:
+            while target - self.n_done >= self.multi_k:
                 self.multi_graph.replay()
-                self.n_done += self.unroll
+                self.n_done += self.multi_k
             if self.n_done >= target:
                 return
         if self.completed:
