@@ -102,4 +102,6 @@ def test_local_dropout_reaches_the_trainer_and_the_experiment_runner():
     from ionllama.train.cli import MODEL_OVERRIDES
     assert MODEL_OVERRIDES["local_dropout"] is float and "local_dropout" in MODEL_KEYS
     assert MODEL_OVERRIDES["fixed_patch_size"] is int and "fixed_patch_size" in MODEL_KEYS  # a patch-size arm
+    # every model option the experiment runner passes on is a flag the trainer takes, and the other way round
+    assert set(MODEL_KEYS) == set(MODEL_OVERRIDES)
     assert parse_overrides(["dropout=0.1,local_dropout=0"]) == {"dropout": 0.1, "local_dropout": 0}
