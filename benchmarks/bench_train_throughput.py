@@ -23,7 +23,8 @@ from ionllama.train.optim import make_adamw
 from ionllama.train.step_graph import make_step_graph, step_graph_problem
 
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12}  # dense bf16 datasheet rates (SXM)
-REFERENCE_SWITCHES = {"conv_gate": "conv_gate_uses_triton", "rope_table": "rope_table_uses_op"}  # --reference
+REFERENCE_SWITCHES = {"conv_gate": "conv_gate_uses_triton", "rope_table": "rope_table_uses_op",  # --reference
+                      "ssd_scan": "ssd_uses_triton"}
 
 
 def peak_flops() -> float:
@@ -210,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", nargs="*", default=[], choices=sorted(REFERENCE_SWITCHES),
                    help="route these through their plain PyTorch path even on CUDA (as before their fast path), "
                         "for an A/B against the default: conv_gate (IntegralLNN's conv + gate Triton op), "
-                        "rope_table (the latent stack's shared RoPE table op)")
+                        "rope_table (the latent stack's shared RoPE table op), ssd_scan (the frozen entropy model's "
+                        "forward-only Mamba-2 scan kernel)")
     return p
 
 

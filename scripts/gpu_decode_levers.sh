@@ -8,6 +8,7 @@
 #   tests         the CUDA tests of the decode runner and the training step graphs (entropy branch, lagged
 #                 overlap, stage-A graph, graphs vs eager), before anything is timed
 #   check_ssm     selfcheck of the fused entropy step with PDL (ssm_step, ssm_generate)
+#   check_ssd     selfcheck of the entropy model's forward-only Mamba-2 scan kernel (ssd_triton.py, twelfth session)
 #   check_lnn     selfcheck of the IntegralLNN step (lnn_step, lnn_generate)
 #   entropy       the fused entropy step's own PDL A/B (--sweep_ssm --grid pdl=0,1,0,1), then the default byte graph
 #                 (fused entropy step "auto": on) and the same with it off (two processes, --grid pdl=1,1 each)
@@ -24,7 +25,8 @@
 #                 alternating in one process, for the default shift (entropy branch on) and for "completed" (the
 #                 quality pick; 1 / 8, crossed with its entropy branch off / on, opt-in there), bytes checked equal
 #   stage_a       training (issue #8): the two-stage captured step with stage A as its own graph, compiled and then
-#                 captured, and eager, entropy patching, ionLlama-small, at the Phase-1 shape (seq 1024 x 64) and at
+#                 captured, and eager, and as a graph with the entropy model's scan as one Triton kernel
+#                 (IONLLAMA_SSD_SCAN=1: ssd_triton.py, opt-in until checked), entropy patching, ionLlama-small, at the Phase-1 shape (seq 1024 x 64) and at
 #                 seq 8192 x 8
 #                 (STAGE_A_SHAPES, default "1024x64 8192x8")
 #   entropy_chunk training (issues #8, #11): the two-stage step with the entropy model's SSD chunk 64 against 32
@@ -48,9 +50,11 @@ run() {  # name, timeout, command...
 for step in ${STEPS:-check_ssm check_lnn entropy inductor_pdl latent}; do
   case $step in
     tests) run tests 420 python3 -m pytest -q -rfE --durations=8 -p no:cacheprovider tests/test_decode_fast.py tests/test_step_graph.py \
-             tests/test_generation_ionllama.py ;;
+             tests/test_generation_ionllama.py tests/test_kernels.py -k "not interpreter" ;;
     check_ssm) run check_ssm 180 python3 -m ionllama.kernels.selfcheck --device cuda --large --kinds ssm_step,ssm_generate \
                  --json "$R/selfcheck_ssm.json" ;;
+    check_ssd) run check_ssd 240 python3 -m ionllama.kernels.selfcheck --device cuda --large --kinds ssd_scan \
+                 --json "$R/selfcheck_ssd.json" ;;
     check_lnn) run check_lnn 240 python3 -m ionllama.kernels.selfcheck --device cuda --large --kinds lnn_step,lnn_generate \
                  --json "$R/selfcheck_lnn.json" ;;
     entropy)
@@ -81,6 +85,9 @@ for step in ${STEPS:-check_ssm check_lnn entropy inductor_pdl latent}; do
         for sa in graph compiled eager; do
           run "stage_a_${sa}_$1" 300 $T --seq_len "$1" --batch_size "$2" --steps 20 --stage_a $sa --out "$R/stage_a_${sa}_$1.json"
         done
+        # stage A as a graph with the entropy model's scan as one Triton kernel (ssd_triton.py; opt-in until checked)
+        run "stage_a_ssd_$1" 300 env IONLLAMA_SSD_SCAN=1 $T --seq_len "$1" --batch_size "$2" --steps 20 \
+          --out "$R/stage_a_ssd_$1.json"
       done ;;
     entropy_chunk)  # the entropy model's SSD chunk (entropy_chunk): 64 (default) against 32, the training step
       run entropy_chunk 400 python3 benchmarks/bench_train_throughput.py --sizes small --arms ionllama \
@@ -92,7 +99,7 @@ for step in ${STEPS:-check_ssm check_lnn entropy inductor_pdl latent}; do
       if [ -n "${UNROLL:-}" ]; then
         run bench_unroll $((3 * BUDGET + 120)) $G --budget_s $((3 * BUDGET)) --unroll "$UNROLL" --out "$R/bench_unroll"
       fi ;;
-    *) echo "unknown step '$step'; steps: tests check_ssm check_lnn entropy inductor_pdl latent digest branch lagged unroll stage_a entropy_chunk bench" >&2; exit 2 ;;
+    *) echo "unknown step '$step'; steps: tests check_ssm check_ssd check_lnn entropy inductor_pdl latent digest branch lagged unroll stage_a entropy_chunk bench" >&2; exit 2 ;;
   esac
 done
 grep -h "^PASS\|^FAIL" "$R"/log_check_*.txt 2>/dev/null | cut -c1-160

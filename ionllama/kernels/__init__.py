@@ -1,13 +1,14 @@
 """Fast paths: Triton kernels on CUDA, the PyTorch references everywhere else.
 
-``dilated_attention``, ``scan_const_decay`` and ``causal_conv_gate`` have the same contracts as the references
-in ``ionllama.model.dilated_attention`` / ``ionllama.model.scan`` / ``ionllama.model.conv``; they pick the
-Triton kernel when the inputs are CUDA tensors of a supported dtype and shape and Triton imports, else the
-reference.
+``dilated_attention``, ``scan_const_decay``, ``causal_conv_gate`` and ``ssd_scan`` have the same contracts as the
+references in ``ionllama.model.dilated_attention`` / ``ionllama.model.scan`` / ``ionllama.model.conv`` /
+``ionllama.model.ssm``; they pick the Triton kernel when the inputs are CUDA tensors of a supported dtype and shape
+and Triton imports (``ssd_scan``: and nothing needs a gradient), else the reference.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -26,7 +27,7 @@ def triton_available() -> bool:
     if _TRITON_OK is None:
         try:
             import triton  # noqa: F401
-            from . import conv_gate_triton, dilated_attention_triton, scan_triton  # noqa: F401  (registers the custom ops)
+            from . import conv_gate_triton, dilated_attention_triton, scan_triton, ssd_triton  # noqa: F401  (the custom ops)
             _TRITON_OK = True
         except Exception:  # ImportError, or a broken install
             _TRITON_OK = False
@@ -103,6 +104,31 @@ def causal_conv_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
     return causal_conv_gate_reference(x, weight, bias)
 
 
+# The Mamba-2 scan's kernel is opt-in until it has passed its check on a GPU (selfcheck kind "ssd_scan"; so far only
+# under Triton's interpreter): IONLLAMA_SSD_SCAN=1 in the environment, or set this to True before the model runs.
+SSD_SCAN_KERNEL = os.environ.get("IONLLAMA_SSD_SCAN", "0") == "1"
+
+
+def ssd_uses_triton(x: torch.Tensor, *others) -> bool:
+    """The Mamba-2 scan's Triton kernel is forward only: CUDA, and no input that needs a gradient."""
+    return (SSD_SCAN_KERNEL and x.is_cuda and x.dim() == 4 and x.dtype in _TRITON_DTYPES and x.shape[-1] <= 128 and triton_available()
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *others))))
+
+
+def ssd_scan(x: torch.Tensor, log_a: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor, chunk: int = 64,
+             h0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ionllama.model.ssm.ssd_chunked``'s contract (x (b, T, H, P) scaled by dt, log_a (b, T, H), B / C (b, T, N),
+    h0 (b, H, P, N) or None -> y in x's dtype, the final state in fp32 or wider). Where nothing needs a gradient on
+    CUDA (the frozen entropy model: stage A, evaluation, prefill), one Triton kernel that keeps each chunk in
+    registers (ssd_triton.py), opt-in for now (SSD_SCAN_KERNEL); elsewhere the chunked reference (plain ops,
+    differentiable)."""
+    if ssd_uses_triton(x, log_a, Bm, Cm, h0) and Bm.shape[-1] <= 128:
+        from .ssd_triton import ssd_scan_fwd
+        return ssd_scan_fwd(x, log_a, Bm, Cm, h0, int(chunk))
+    from ..model.ssm import ssd_chunked
+    return ssd_chunked(x, log_a, Bm, Cm, chunk, h0)
+
+
 def rope_table_uses_op(positions: torch.Tensor) -> bool:
     return positions.is_cuda
 
@@ -122,15 +148,18 @@ def forced_routing(use_triton: bool):
     """For checks and benchmarks: the dispatchers pick the Triton custom ops (True) or the eager references
     (False) for every input (the RoPE table too: its op is plain PyTorch). On CPU the Triton path needs
     TRITON_INTERPRET=1 (set before triton is imported)."""
-    global attention_uses_triton, scan_uses_triton, conv_gate_uses_triton, rope_table_uses_op
-    saved = attention_uses_triton, scan_uses_triton, conv_gate_uses_triton, rope_table_uses_op
+    global attention_uses_triton, scan_uses_triton, conv_gate_uses_triton, rope_table_uses_op, ssd_uses_triton
+    saved = attention_uses_triton, scan_uses_triton, conv_gate_uses_triton, rope_table_uses_op, ssd_uses_triton
     attention_uses_triton = scan_uses_triton = conv_gate_uses_triton = rope_table_uses_op = lambda *a: use_triton
+    # the SSM scan kernel is forward only: forced on, it still leaves inputs that need a gradient to the reference
+    ssd_uses_triton = (lambda x, *o: not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                                          for t in (x, *o))) and use_triton)
     try:
         yield
     finally:
-        attention_uses_triton, scan_uses_triton, conv_gate_uses_triton, rope_table_uses_op = saved
+        attention_uses_triton, scan_uses_triton, conv_gate_uses_triton, rope_table_uses_op, ssd_uses_triton = saved
 
 
 __all__ = ["dilated_attention", "dilated_attention_local", "scan_const_decay", "causal_conv_gate", "triton_available",
            "attention_uses_triton", "scan_uses_triton", "conv_gate_uses_triton", "rope_cos_sin_table",
-           "rope_table_uses_op", "forced_routing"]
+           "rope_table_uses_op", "ssd_scan", "ssd_uses_triton", "forced_routing"]

@@ -100,6 +100,31 @@ def check_scan(device: str, dtype: torch.dtype, B: int, T: int, D: int, with_h0:
     return errs
 
 
+def check_ssd_scan(device: str, dtype: torch.dtype, B: int, T: int, H: int, P: int = 16, N: int = 16, chunk: int = 64,
+                   with_h0: bool = False, compiled: bool = False, seed: int | None = None) -> dict:
+    """The Mamba-2 scan's forward-only kernel (ssd_triton.py, through the dispatcher with no gradient) against
+    ssd_chunked in fp64 on the same rounded inputs: y and the final state. Decays as the model's (dt in
+    [1e-3, 0.1], A in [1, 16]); compiled: inside torch.compile(fullgraph=True), as a compiled stage A calls it."""
+    from ..model.ssm import ssd_chunked
+    from . import forced_routing, ssd_scan
+
+    gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % (2 ** 31)))
+    dt = torch.exp(torch.empty(B, T, H).uniform_(math.log(1e-3), math.log(0.1), generator=gen))
+    log_a = -dt * torch.empty(H).uniform_(1, 16, generator=gen)
+    x = torch.randn(B, T, H, P, generator=gen) * dt[..., None]
+    Bm, Cm = torch.randn(B, T, N, generator=gen), torch.randn(B, T, N, generator=gen)
+    h0 = torch.randn(B, H, P, N, generator=gen) if with_h0 else None
+    ins = [x.to(device=device, dtype=dtype), log_a.to(device), Bm.to(device=device, dtype=dtype),
+           Cm.to(device=device, dtype=dtype), h0.to(device) if with_h0 else None]
+    fn = torch.compile(ssd_scan, fullgraph=True, dynamic=False) if compiled else ssd_scan
+    with torch.no_grad(), forced_routing(True):
+        y, state = fn(*ins[:4], chunk, ins[4])
+    ref_y, ref_state = ssd_chunked(*[t.double() if t is not None else None for t in ins[:4]], chunk,
+                                   ins[4].double() if with_h0 else None)
+    return {"y": rel_err(y, ref_y), "state": rel_err(state, ref_state),
+            "dtypes": 0.0 if (y.dtype, state.dtype) == (dtype, torch.float32) else float("inf")}
+
+
 def _conv_gate_inputs(B: int, T: int, D: int, k: int, gen: torch.Generator):
     """x as the first 2D columns of a wider (B, T, 3D) tensor (the in_proj output in the model: strided
     rows), weight (2D, k), bias (2D,)."""
@@ -660,6 +685,12 @@ def cases(large: bool) -> list[tuple]:
         ("conv_gate", "bf16", dict(B=2, T=77, D=32)),
         ("conv_gate", "bf16", dict(B=2, T=50, D=16, dgc_fp32=0)),
         ("compiled", "fp32", dict(B=2, H=2, N=41, Dh=32, T=70, D=16)),
+        # the Mamba-2 scan, forward only: T not a multiple of the chunk, chunk 16 / 32 / 64, P and N below 16
+        # (padded tiles), an initial state, bf16 inputs, inside torch.compile
+        ("ssd_scan", "fp32", dict(B=2, T=45, H=3, chunk=16)),
+        ("ssd_scan", "fp32", dict(B=1, T=100, H=2, P=8, N=4, chunk=32, with_h0=True)),
+        ("ssd_scan", "bf16", dict(B=2, T=70, H=2, chunk=64)),
+        ("ssd_scan", "fp32", dict(B=1, T=40, H=2, chunk=16, compiled=True)),
         ("block", "fp32", dict(B=2, T=40, D=16)),
         ("rope", "fp32", dict(B=2, N=37, dim=32, n_heads=2)),
         # the fused IntegralLNN decode step: B 1 and 3, fp32 and bf16, 7 steps (the 3-slot ring wraps twice),
@@ -717,6 +748,10 @@ def cases(large: bool) -> list[tuple]:
             ("compiled", "bf16", dict(B=2, H=8, N=3000, Dh=64, T=4096, D=128)),
             ("block", "fp32", dict(B=2, T=2048, D=256)),  # wiring; bf16 accuracy: the conv_gate/scan rows
             ("rope", "fp32", dict(B=2, N=2048, dim=512, n_heads=8)),  # ionllama-small's latent width
+            # ionllama-small's entropy model (16 heads of 16, state 16) at the Phase-1 shape and at seq 8192
+            ("ssd_scan", "bf16", dict(B=64, T=1024, H=16, chunk=64)),
+            ("ssd_scan", "fp32", dict(B=8, T=8192, H=16, chunk=32, with_h0=True)),
+            ("ssd_scan", "bf16", dict(B=8, T=8192, H=16, chunk=64, compiled=True)),
             # ionllama-small's local layers (d 256, hidden 704) at batch 1 and 32 (two row blocks of 16 .. 32)
             ("lnn_step", "bf16", dict(B=1, D=256, steps=9)),
             ("lnn_step", "bf16", dict(B=32, D=256, steps=9)),
@@ -747,8 +782,8 @@ def cases(large: bool) -> list[tuple]:
     return cs
 
 
-KINDS = ("attention", "scan", "conv_gate", "compiled", "block", "rope", "lnn_step", "lnn_generate", "ssm_step",
-         "ssm_generate", "latent_step", "latent_generate")
+KINDS = ("attention", "scan", "conv_gate", "compiled", "ssd_scan", "block", "rope", "lnn_step", "lnn_generate",
+         "ssm_step", "ssm_generate", "latent_step", "latent_generate")
 
 
 def run(device: str, large: bool = False, verbose: bool = True, kinds=KINDS) -> list[dict]:
@@ -762,7 +797,7 @@ def run(device: str, large: bool = False, verbose: bool = True, kinds=KINDS) -> 
         dtype = DTYPES[dt]
         t0 = time.perf_counter()
         fn = {"attention": check_attention, "scan": check_scan, "conv_gate": check_conv_gate,
-              "compiled": check_compiled, "block": check_block, "rope": check_rope,
+              "compiled": check_compiled, "ssd_scan": check_ssd_scan, "block": check_block, "rope": check_rope,
               "lnn_step": check_lnn_step, "lnn_generate": check_lnn_generate, "ssm_step": check_ssm_step,
               "ssm_generate": check_ssm_generate, "latent_step": check_latent_step,
               "latent_generate": check_latent_generate}[kind]
