@@ -510,15 +510,20 @@ def test_cuda_graphs_equal_eager(ion):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_early_flag_graphs_equal_eager_on_cuda(ion):
-    """'early' on a GPU: two byte graphs, the patch flag copied to pinned host memory inside the first and
-    read after an event; the bytes equal the eager runner's."""
+@pytest.mark.parametrize("policy", ["early", "skip", "always"])
+def test_byte_graphs_equal_eager_on_cuda(ion, policy):
+    """On a GPU, the byte stage as captured by default: 'early', two byte graphs, the patch flag copied to pinned
+    host memory inside the first and read after an event; 'skip' / 'always', one byte graph with the entropy
+    model on a second stream ("auto" for 2 rows on CUDA), forked and joined inside it. The bytes equal the
+    plain eager runner's."""
     m = ion.to("cuda")
     try:
         ref = _eager_bytes(m, 40, 40)
-        r = _runner(m, 40, latent_policy="early", cuda_graphs=True)
+        r = _runner(m, 40, latent_policy=policy, cuda_graphs=True)
+        branched = policy != "early"  # ('early' splits the byte stage instead)
+        assert r.entropy_branch == branched and (r.branch_stream is not None) == branched
         r.run(40)
-        assert r.graphs is not None and len(r.graphs[0]) == 2
+        assert r.graphs is not None and len(r.graphs[0]) == (1 if branched else 2)
         assert torch.equal(r.out[:, :40], ref)
     finally:
         ion.to("cpu")
@@ -537,23 +542,6 @@ def test_lagged_overlap_graphs_equal_eager_on_cuda():
     r.run(60)
     assert r.lag_graphs is not None and r.latent_stream is not None
     assert torch.equal(r.out[:, :60], ref)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("policy", ["skip", "always"])
-def test_entropy_branch_graphs_equal_eager_on_cuda(ion, policy):
-    """entropy_branch on a GPU: the entropy model on a second stream, forked and joined inside the captured
-    byte graph; the bytes equal the plain eager runner's."""
-    m = ion.to("cuda")
-    try:
-        ref = _eager_bytes(m, 40, 40)
-        r = _runner(m, 40, latent_policy=policy, cuda_graphs=True)  # the default, "auto": on for 2 rows on CUDA
-        assert r.entropy_branch and r.branch_stream is not None
-        r.run(40)
-        assert r.graphs is not None and len(r.graphs[0]) == 1
-        assert torch.equal(r.out[:, :40], ref)
-    finally:
-        ion.to("cpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

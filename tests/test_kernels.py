@@ -132,8 +132,7 @@ def test_ssm_scan_kernel_only_where_no_gradient_is_needed(monkeypatch):
     x = torch.randn(1, 8, 2, 16)
     assert not K.ssd_uses_triton(x)  # CPU
     calls = []
-    monkeypatch.setattr(K, "ssd_uses_triton", lambda x, *o: not (torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, *o))))  # as on CUDA with triton
+    monkeypatch.setattr(K, "ssd_uses_triton", lambda x, *o: not K.needs_grad(x, *o))  # as on CUDA with triton
     import ionllama.kernels.ssd_triton as st
     monkeypatch.setattr(st, "ssd_scan_fwd", lambda *a: calls.append(1) or ssd_chunked(*a[:4], a[5], a[4]))
     torch.manual_seed(0)

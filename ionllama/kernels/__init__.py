@@ -109,10 +109,15 @@ def causal_conv_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
 SSD_SCAN_KERNEL = os.environ.get("IONLLAMA_SSD_SCAN", "0") == "1"
 
 
+def needs_grad(*tensors) -> bool:
+    """Would autograd record an op on these (grad mode on and one of them requires grad)? None entries skipped."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def ssd_uses_triton(x: torch.Tensor, *others) -> bool:
     """The Mamba-2 scan's Triton kernel is forward only: CUDA, and no input that needs a gradient."""
-    return (SSD_SCAN_KERNEL and x.is_cuda and x.dim() == 4 and x.dtype in _TRITON_DTYPES and x.shape[-1] <= 128 and triton_available()
-            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *others))))
+    return (SSD_SCAN_KERNEL and x.is_cuda and x.dim() == 4 and x.dtype in _TRITON_DTYPES and x.shape[-1] <= 128
+            and triton_available() and not needs_grad(x, *others))
 
 
 def ssd_scan(x: torch.Tensor, log_a: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor, chunk: int = 64,
@@ -152,8 +157,7 @@ def forced_routing(use_triton: bool):
     saved = attention_uses_triton, scan_uses_triton, conv_gate_uses_triton, rope_table_uses_op, ssd_uses_triton
     attention_uses_triton = scan_uses_triton = conv_gate_uses_triton = rope_table_uses_op = lambda *a: use_triton
     # the SSM scan kernel is forward only: forced on, it still leaves inputs that need a gradient to the reference
-    ssd_uses_triton = (lambda x, *o: not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                                          for t in (x, *o))) and use_triton)
+    ssd_uses_triton = lambda x, *o: use_triton and not needs_grad(x, *o)  # noqa: E731
     try:
         yield
     finally:
