@@ -432,7 +432,7 @@ def test_conv_gate_backward_config():
 
 # ---------------------------------------------------------------- kernels on CUDA
 @pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs a CUDA GPU and triton")
-@pytest.mark.parametrize("large", [False, True])
+@pytest.mark.parametrize("large", [False, True], ids=["small", "large"])  # "large": minutes; levers steps check_*
 def test_kernel_matches_reference_cuda(large):
     from ionllama.kernels.selfcheck import run
     rows = run("cuda", large=large, verbose=False)

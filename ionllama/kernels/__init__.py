@@ -104,9 +104,10 @@ def causal_conv_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
     return causal_conv_gate_reference(x, weight, bias)
 
 
-# The Mamba-2 scan's kernel is opt-in until it has passed its check on a GPU (selfcheck kind "ssd_scan"; so far only
-# under Triton's interpreter): IONLLAMA_SSD_SCAN=1 in the environment, or set this to True before the model runs.
-SSD_SCAN_KERNEL = os.environ.get("IONLLAMA_SSD_SCAN", "0") == "1"
+# The Mamba-2 scan's kernel is on by default since its check passed on an H200 (selfcheck kind "ssd_scan") and it
+# took the two-stage training step 32.6 -> 29.8 ms (docs/results/train-profile.md, thirteenth session).
+# IONLLAMA_SSD_SCAN=0 in the environment, or this set to False before the model runs, takes the reference (A/B runs).
+SSD_SCAN_KERNEL = os.environ.get("IONLLAMA_SSD_SCAN", "1") != "0"
 
 
 def needs_grad(*tensors) -> bool:
@@ -125,7 +126,7 @@ def ssd_scan(x: torch.Tensor, log_a: torch.Tensor, Bm: torch.Tensor, Cm: torch.T
     """``ionllama.model.ssm.ssd_chunked``'s contract (x (b, T, H, P) scaled by dt, log_a (b, T, H), B / C (b, T, N),
     h0 (b, H, P, N) or None -> y in x's dtype, the final state in fp32 or wider). Where nothing needs a gradient on
     CUDA (the frozen entropy model: stage A, evaluation, prefill), one Triton kernel that keeps each chunk in
-    registers (ssd_triton.py), opt-in for now (SSD_SCAN_KERNEL); elsewhere the chunked reference (plain ops,
+    registers (ssd_triton.py; SSD_SCAN_KERNEL switches it off); elsewhere the chunked reference (plain ops,
     differentiable)."""
     if ssd_uses_triton(x, log_a, Bm, Cm, h0) and Bm.shape[-1] <= 128:
         from .ssd_triton import ssd_scan_fwd

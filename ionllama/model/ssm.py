@@ -138,7 +138,7 @@ class Mamba2Mixer(nn.Module):
         z, xBC, dt_raw = self._split(self.in_proj(u))
         xBC_act = F.silu(self.conv(xBC))
         x, dt, log_a, Bm, Cm = self._ssm_inputs(xBC_act, dt_raw)
-        from ..kernels import ssd_scan  # (opt-in) one Triton kernel on CUDA where no gradient is needed, else ssd_chunked
+        from ..kernels import ssd_scan  # one Triton kernel on CUDA where no gradient is needed, else ssd_chunked
         y, state = ssd_scan(x * dt[..., None].to(x.dtype), log_a, Bm, Cm, self.chunk)
         out = self._output(y.to(u.dtype), x, z)
         if return_state:
