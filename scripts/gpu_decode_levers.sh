@@ -36,7 +36,8 @@
 #   bench         bench_generation.py's README rows (compiled, batch 1, contexts 1K / 8K / 32K, ionLlama and dense),
 #                 with the defaults, and with --unroll $UNROLL as well when UNROLL is set
 # The archive is rewritten after every step, so an outer timeout keeps the steps that finished.
-# Env: STEPS (default: the tenth session's five), BYTES (1024), BUDGET (150 s per sweep), STAGE_A_SHAPES, UNROLL.
+# Env: STEPS (default: the tenth session's five), BYTES (1024), BUDGET (150 s per sweep), STAGE_A_SHAPES,
+# STAGE_A_MODES (default "graph compiled eager"; each ~1 min at 1024x64, compiled longer), UNROLL.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 R=$OUT/decode_levers; mkdir -p "$R"
@@ -84,7 +85,7 @@ for step in ${STEPS:-check_ssm check_lnn entropy inductor_pdl latent}; do
       T="python3 benchmarks/bench_train_throughput.py --sizes small --arms ionllama --compile --compile_mode whole --step_graph"
       for shape in ${STAGE_A_SHAPES:-1024x64 8192x8}; do
         set -- ${shape/x/ }
-        for sa in graph compiled eager; do
+        for sa in ${STAGE_A_MODES:-graph compiled eager}; do
           run "stage_a_${sa}_$1" 300 $T --seq_len "$1" --batch_size "$2" --steps 20 --stage_a $sa --out "$R/stage_a_${sa}_$1.json"
         done
         # stage A as a graph with the entropy model's scan as PyTorch ops (the reference of ssd_triton.py's kernel,
