@@ -119,6 +119,11 @@ def test_dispatchers_refuse_what_the_kernel_cannot_do():
         assert not attention_uses_triton(qc.double(), [0, 1])
         assert not attention_uses_triton(torch.randn(1, 1, 8, 256, device="cuda"), [0, 1])
         assert not conv_gate_uses_triton(torch.randn(1, 8, 7, device="cuda"))  # odd: no (gate, candidate) halves
+        import ionllama.kernels as K
+        la = torch.zeros(1, 8, 2, device="cuda")
+        for P, N, ok in ((16, 16, True), (64, 16, False), (16, 64, False)):  # widths not checked on a GPU: reference
+            xs, bs = torch.randn(1, 8, 2, P, device="cuda"), torch.randn(1, 8, N, device="cuda")
+            assert K.ssd_uses_triton(xs, la, bs, bs, None) == (ok and K.SSD_SCAN_KERNEL and HAS_TRITON)
 
 
 def test_ssm_scan_kernel_only_where_no_gradient_is_needed(monkeypatch):

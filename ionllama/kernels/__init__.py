@@ -115,10 +115,17 @@ def needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+# Head (P) and state (N) widths the kernel has passed its GPU check at: the entropy model's 16 x 16 (and 8 x 4).
+# MambaByte's 64 x 64 (evaluation, prefill) is in the large selfcheck; until it passes there, it takes the reference.
+SSD_KERNEL_MAX_DIM = 32
+
+
 def ssd_uses_triton(x: torch.Tensor, *others) -> bool:
-    """The Mamba-2 scan's Triton kernel is forward only: CUDA, and no input that needs a gradient."""
-    return (SSD_SCAN_KERNEL and x.is_cuda and x.dim() == 4 and x.dtype in _TRITON_DTYPES and x.shape[-1] <= 128
-            and triton_available() and not needs_grad(x, *others))
+    """The Mamba-2 scan's Triton kernel is forward only: CUDA, and no input that needs a gradient; others are
+    (log_a, B, C, h0) as ssd_scan takes them, B and C of width <= SSD_KERNEL_MAX_DIM as x's heads."""
+    widths = [x.shape[-1]] + [t.shape[-1] for t in others[1:3] if t is not None]
+    return (SSD_SCAN_KERNEL and x.is_cuda and x.dim() == 4 and x.dtype in _TRITON_DTYPES
+            and max(widths) <= SSD_KERNEL_MAX_DIM and triton_available() and not needs_grad(x, *others))
 
 
 def ssd_scan(x: torch.Tensor, log_a: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor, chunk: int = 64,
@@ -128,7 +135,7 @@ def ssd_scan(x: torch.Tensor, log_a: torch.Tensor, Bm: torch.Tensor, Cm: torch.T
     CUDA (the frozen entropy model: stage A, evaluation, prefill), one Triton kernel that keeps each chunk in
     registers (ssd_triton.py; SSD_SCAN_KERNEL switches it off); elsewhere the chunked reference (plain ops,
     differentiable)."""
-    if ssd_uses_triton(x, log_a, Bm, Cm, h0) and Bm.shape[-1] <= 128:
+    if ssd_uses_triton(x, log_a, Bm, Cm, h0) and max(x.shape[-1], Bm.shape[-1]) <= 128:  # (the kernel's own limit)
         from .ssd_triton import ssd_scan_fwd
         return ssd_scan_fwd(x, log_a, Bm, Cm, h0, int(chunk))
     from ..model.ssm import ssd_chunked

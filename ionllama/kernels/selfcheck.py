@@ -752,6 +752,8 @@ def cases(large: bool) -> list[tuple]:
             ("ssd_scan", "bf16", dict(B=64, T=1024, H=16, chunk=64)),
             ("ssd_scan", "fp32", dict(B=8, T=8192, H=16, chunk=32, with_h0=True)),
             ("ssd_scan", "bf16", dict(B=8, T=8192, H=16, chunk=64, compiled=True)),
+            ("ssd_scan", "bf16", dict(B=4, T=2048, H=8, P=64, N=64, chunk=64)),  # MambaByte's heads and state
+            ("ssd_scan", "fp32", dict(B=2, T=1000, H=4, P=64, N=64, chunk=64, with_h0=True)),
             # ionllama-small's local layers (d 256, hidden 704) at batch 1 and 32 (two row blocks of 16 .. 32)
             ("lnn_step", "bf16", dict(B=1, D=256, steps=9)),
             ("lnn_step", "bf16", dict(B=32, D=256, steps=9)),
