@@ -99,10 +99,15 @@ def test_decode_levers_unknown_step_is_refused(tmp_path):
 SWEPT = "--from_sweep --step_graph --sweep_dir docs/results/phase1-sweep/sweep"
 PLANNED = {
     "bpe seed 1": dict(GPU0="bpe", OVERHEAD="140", EXTRA=f"--seed 1 {SWEPT} --override dropout=0.1"),
-    "3-byte patches": dict(GPU0="ionllama_fixed",
-                           EXTRA=f"{SWEPT} --override latent_shift=completed,dropout=0.1,fixed_patch_size=3"),
+    "2-byte patches": dict(GPU0="ionllama_fixed",
+                           EXTRA=f"{SWEPT} --override latent_shift=completed,dropout=0.1,fixed_patch_size=2"),
+    "3-byte patches seed 1": dict(GPU0="ionllama_fixed",
+                                  EXTRA=f"--seed 1 {SWEPT} --override latent_shift=completed,dropout=0.1,fixed_patch_size=3"),
     "attention pooling": dict(GPU0="ionllama_fixed",
                               EXTRA=f"{SWEPT} --override latent_shift=completed,dropout=0.1,pooling=attention"),
+    "tasks 3-byte patches": dict(GPU0="ionllama_fixed", BUDGET="75", TASKS="1",
+                                 EXTRA="--seed 1 --task_steps 3000 --task_lr 1e-3 --task_n 200 --from_sweep --sweep_dir "
+                                       "docs/results/phase1-sweep/sweep --override latent_shift=completed,fixed_patch_size=3"),
     "tasks ionllama_fixed": dict(GPU0="ionllama_fixed", BUDGET="75", TASKS="1",
                                  EXTRA="--seed 1 --task_steps 3000 --task_lr 1e-3 --task_n 200 --from_sweep "
                                        "--sweep_dir docs/results/phase1-sweep/sweep --override latent_shift=completed"),
