@@ -532,6 +532,24 @@ def test_byte_graphs_equal_eager_on_cuda(ion, policy):
         ion.to("cpu")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (a second CUDA stream)")
+@pytest.mark.parametrize("shift", ["previous", "completed"])
+def test_entropy_branch_without_graphs_on_cuda(ion, ion_completed, shift):
+    """The entropy branch run eagerly on a GPU (what "auto" does where graphs are off or not possible): the fork onto
+    the second stream and the join happen per byte through the caching allocator, not inside a graph's pool; the
+    bytes equal the plain runner's."""
+    model = ion if shift == "previous" else ion_completed
+    m = model.to("cuda")
+    try:
+        ref = _eager_bytes(m, 40, 40)
+        r = _runner(m, 40)
+        assert r.entropy_branch and r.branch_stream is not None and not r.want_graphs
+        r.run(40)
+        assert r.graphs is None and torch.equal(r.out[:, :40], ref)
+    finally:
+        model.to("cpu")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_lagged_overlap_graphs_equal_eager_on_cuda():
     """latent_shift "lagged" on a GPU: the latent compute graph on its own stream, overlapping the next bytes'
