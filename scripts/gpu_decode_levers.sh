@@ -31,8 +31,8 @@
 #                 (IONLLAMA_SSD_SCAN=0: the reference; the kernel is the default), entropy patching, ionLlama-small, at the Phase-1 shape (seq 1024 x 64) and at
 #                 seq 8192 x 8
 #                 (STAGE_A_SHAPES, default "1024x64 8192x8")
-#   latent_fuse   the fused latent step's K2 + K3 in one launch (fuse_attn_proj, thirteenth session, opt-in): the
-#                 latent selfchecks (its rows included), then --sweep_latent --grid fuse_attn_proj=0,1,0,1
+#   fuse          K2 + K3 in one launch (thirteenth session, opt-in) in the fused IntegralLNN step (fuse_mix_up) and
+#                 the latent step (fuse_attn_proj): the selfchecks (their rows included), then each off / on alternating
 #   entropy_chunk training (issues #8, #11): the two-stage step with the entropy model's SSD chunk 64 against 32
 #                 (A B A B in one process; ionLlama-small, entropy patching, the Phase-1 shape)
 #   bench         bench_generation.py's README rows (compiled, batch 1, contexts 1K / 8K / 32K, ionLlama and dense),
@@ -95,10 +95,13 @@ for step in ${STEPS:-check_ssm check_lnn entropy inductor_pdl latent}; do
         run "stage_a_ref_$1" 300 env IONLLAMA_SSD_SCAN=0 $T --seq_len "$1" --batch_size "$2" --steps 20 \
           --out "$R/stage_a_ref_$1.json"
       done ;;
-    latent_fuse)  # the fused latent step's K2 + K3 as one launch (fuse_attn_proj, opt-in) off / on alternating; its
-      # bytes may differ from the default's (the per-head sums run in another order), so "equal" is not required
-      run check_latent_fuse 180 python3 -m ionllama.kernels.selfcheck --device cuda --large --kinds latent_step,latent_generate \
-        --json "$R/selfcheck_latent.json"
+    fuse)  # K2 + K3 as one launch in the fused IntegralLNN step (fuse_mix_up) and latent step (fuse_attn_proj), opt-in:
+      # their GPU selfchecks, then each off / on alternating; the bytes may differ from the default's (fp32 sums in
+      # another order), so "equal" is not required there
+      run check_fuse 300 python3 -m ionllama.kernels.selfcheck --device cuda --large \
+        --kinds lnn_step,lnn_generate,latent_step,latent_generate --json "$R/selfcheck_fuse.json"
+      run lnn_fuse $((4 * BUDGET + 120)) python3 benchmarks/profile_decode_step.py --bytes "${BYTES:-1024}" \
+        --budget_s "$BUDGET" --sweep_lnn --grid fuse_mix_up=0,1,0,1 --out "$R/lnn_fuse"
       run latent_fuse $((4 * BUDGET + 120)) python3 benchmarks/profile_decode_step.py --bytes "${BYTES:-1024}" \
         --budget_s "$BUDGET" --sweep_latent --grid fuse_attn_proj=0,1,0,1 --out "$R/latent_fuse" ;;
     entropy_chunk)  # the entropy model's SSD chunk (entropy_chunk): 64 (default) against 32, the training step
@@ -111,7 +114,7 @@ for step in ${STEPS:-check_ssm check_lnn entropy inductor_pdl latent}; do
       if [ -n "${UNROLL:-}" ]; then
         run bench_unroll $((3 * BUDGET + 120)) $G --budget_s $((3 * BUDGET)) --unroll "$UNROLL" --out "$R/bench_unroll"
       fi ;;
-    *) echo "unknown step '$step'; steps: tests check_ssm check_ssd check_lnn entropy inductor_pdl latent digest branch lagged unroll stage_a latent_fuse entropy_chunk bench" >&2; exit 2 ;;
+    *) echo "unknown step '$step'; steps: tests check_ssm check_ssd check_lnn entropy inductor_pdl latent digest branch lagged unroll stage_a fuse entropy_chunk bench" >&2; exit 2 ;;
   esac
 done
 grep -h "^PASS\|^FAIL" "$R"/log_check_*.txt 2>/dev/null | cut -c1-160

@@ -48,7 +48,7 @@ def _levers(tmp_path, steps: str, **env):
 
 def test_decode_levers_commands_parse(tmp_path):
     pds, bench, train = _load("profile_decode_step"), _load("bench_generation"), _load("bench_train_throughput")
-    steps = ("tests check_ssm check_ssd check_lnn entropy inductor_pdl latent digest branch lagged unroll stage_a latent_fuse "
+    steps = ("tests check_ssm check_ssd check_lnn entropy inductor_pdl latent digest branch lagged unroll stage_a fuse "
              "entropy_chunk bench")
     r, calls = _levers(tmp_path, steps, BUDGET="60", UNROLL="8")
     assert r.returncode == 0, r.stderr
@@ -88,7 +88,7 @@ def test_decode_levers_commands_parse(tmp_path):
         else:
             pytest.fail(f"gpu_decode_levers.sh runs an unchecked command: {argv}")
     assert seen == {"pytest", "selfcheck", "profile", "bench", "train"}
-    assert len(calls) == 1 + 3 + 3 + 1 + 1 + 4 + 1 + 2 + 2 + 8 + 2 + 1 + 2  # every step of every name ran its commands
+    assert len(calls) == 1 + 3 + 3 + 1 + 1 + 4 + 1 + 2 + 2 + 8 + 3 + 1 + 2  # every step of every name ran its commands
 
 
 def test_decode_levers_unknown_step_is_refused(tmp_path):

@@ -312,14 +312,16 @@ def _random_lnn_block(D: int, conv_kernel: int, gen: torch.Generator):
 
 
 def check_lnn_step(device: str, dtype: torch.dtype, B: int, D: int, steps: int = 7, conv_kernel: int = 4,
-                   compiled: bool = False, seed: int | None = None) -> dict:
+                   compiled: bool = False, fuse: int = 0, seed: int | None = None) -> dict:
     """The fused IntegralLNN decode step (lnn_step_triton, through IntegralState(fused=True)) vs IntegralState.step
     on the same block in the same dtype: `steps` consecutive steps from a random state (h, ring) at random
     per-row positions t (the ring of kernel - 1 slots wraps around), each path carrying its own state. Errors:
     the worst over the steps of the block output, h and the ring buffer. compiled: the fused step inside
     torch.compile(fullgraph=True) (Inductor): the op must trace as one node that writes h and the ring in place
-    ("state_not_in_place": 1 unless the generated code passes the input buffers themselves)."""
+    ("state_not_in_place": 1 unless the generated code passes the input buffers themselves). fuse: K2 + K3 as one
+    launch (fuse_mix_up)."""
     from ..generation.local_state import IntegralState
+    from . import lnn_step_triton as ls
 
     gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % (2 ** 31)))
     blk = _random_lnn_block(D, conv_kernel, gen).to(device=device, dtype=dtype)
@@ -346,6 +348,7 @@ def check_lnn_step(device: str, dtype: torch.dtype, B: int, D: int, steps: int =
             y, code = run_and_get_code(compiled_step, x, t)
             codes.extend(code)
             return y
+    old = ls.set_lnn_step_config(fuse_mix_up=int(fuse))
     try:
         with torch.no_grad():
             for _ in range(steps):
@@ -356,6 +359,7 @@ def check_lnn_step(device: str, dtype: torch.dtype, B: int, D: int, steps: int =
                 errs["ring"] = max(errs["ring"], rel_err(fused.cache["conv"], ref.cache["conv"]))
                 t = t + 1
     finally:
+        ls.set_lnn_step_config(**old)
         if compiled:
             torch._dynamo.reset()
     # the state tensors were updated in place (a CUDA graph replays into them): same storage as before
@@ -493,7 +497,7 @@ def check_latent_step(device: str, dtype: torch.dtype, B: int, D: int, H: int, n
     return errs
 
 
-def check_lnn_generate(device: str, dtype: torch.dtype, n_new: int = 16, block_n: int | None = None,
+def check_lnn_generate(device: str, dtype: torch.dtype, n_new: int = 16, block_n: int | None = None, fuse: int = 0,
                        seed: int | None = None) -> dict:
     """Greedy generation of a tiny ionLlama (IntegralLNN local layers, entropy patching) with the fused local
     step vs without: the fraction of differing bytes. On CUDA the fused run replays CUDA graphs. block_n: every
@@ -515,7 +519,7 @@ def check_lnn_generate(device: str, dtype: torch.dtype, n_new: int = 16, block_n
     m = m.to(device=device, dtype=dtype)
     prompts = [b"abc de", "a longer prompt. ab\n"]
     ref = generate(m, prompts, n_new, greedy=True, cuda_graphs=False)
-    old = ls.set_lnn_step_config(**({} if block_n is None else {
+    old = ls.set_lnn_step_config(fuse_mix_up=int(fuse), **({} if block_n is None else {
         k: block_n for k in ("in_block_n", "out_block_n", "up_block_n", "down_block_n")}))
     try:
         out = generate(m, prompts, n_new, greedy=True, cuda_graphs=device == "cuda", fused_local_step=True)
@@ -705,6 +709,11 @@ def cases(large: bool) -> list[tuple]:
         ("lnn_step", "fp32", dict(B=2, D=32, conv_kernel=1, steps=2)),
         ("lnn_step", "fp32", dict(B=2, D=32, steps=4, compiled=True)),
         ("lnn_generate", "fp32", dict(n_new=16, block_n=32)),
+        # K2 + K3 as one launch (fuse_mix_up): B 1 and 3, d 48 (padded tile, several K steps), bf16, compiled, generation
+        ("lnn_step", "fp32", dict(B=3, D=48, steps=4, fuse=1)),
+        ("lnn_step", "bf16", dict(B=1, D=32, steps=4, fuse=1)),
+        ("lnn_step", "fp32", dict(B=2, D=32, steps=4, compiled=True, fuse=1)),
+        ("lnn_generate", "fp32", dict(n_new=16, block_n=32, fuse=1)),
         # the fused entropy-model (Mamba) step: B 1 and 3, fp32 and bf16, 7 steps (the 3-slot ring wraps twice),
         # block 0's table form (gather), d_inner split over two programs, headdim 8 and 16, d_state 4 and 16,
         # conv kernels 2 and 1 (no ring), inside torch.compile; and greedy generation of a tiny model
@@ -768,6 +777,10 @@ def cases(large: bool) -> list[tuple]:
             ("lnn_step", "fp32", dict(B=17, D=256, steps=9)),
             ("lnn_step", "bf16", dict(B=1, D=256, steps=5, compiled=True)),
             ("lnn_generate", "fp32", dict(n_new=64)),  # fp32: bf16 logits tie too often for equal greedy bytes
+            # K2 + K3 as one launch (fuse_mix_up) at ionllama-small's local width
+            ("lnn_step", "bf16", dict(B=1, D=256, steps=9, fuse=1)),
+            ("lnn_step", "fp32", dict(B=17, D=256, steps=9, fuse=1)),
+            ("lnn_generate", "fp32", dict(n_new=64, fuse=1)),
             # ionllama-small's entropy model (d 128, d_inner 256, 16 heads of 16, d_state 16) at batch 1 and 32
             # (two row blocks of 16 .. 32), block 0's table form, medium's width (d 256), inside torch.compile
             ("ssm_step", "bf16", dict(B=1, D=128, steps=9)),
