@@ -102,6 +102,9 @@ PLANNED = {
     "bpe seed 1": dict(GPU0="bpe", OVERHEAD="140", EXTRA=f"--seed 1 {SWEPT} --override dropout=0.1"),
     "2-byte patches": dict(GPU0="ionllama_fixed",
                            EXTRA=f"{SWEPT} --override latent_shift=completed,dropout=0.1,fixed_patch_size=2"),
+    "3-byte patches, 2 decoder layers": dict(
+        GPU0="ionllama_fixed",
+        EXTRA=f"{SWEPT} --override latent_shift=completed,dropout=0.1,fixed_patch_size=3,n_dec_layers=2"),
     "3-byte patches seed 1": dict(GPU0="ionllama_fixed",
                                   EXTRA=f"--seed 1 {SWEPT} --override latent_shift=completed,dropout=0.1,fixed_patch_size=3"),
     "attention pooling": dict(GPU0="ionllama_fixed",
