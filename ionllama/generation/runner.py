@@ -83,9 +83,9 @@ class DecodeRunner:
         runs on a second stream beside the local layers, inside the one byte graph (ionLlama with entropy
         patching, any latent_shift, latent policy skip / always; True elsewhere is a UserError).
         The two share no written tensor (ionllama_decoder.begin_byte). "auto": on where it can be, on CUDA, for
-        batch <= 2 (H200, batch 1: byte graph 0.101 -> 0.086 ms; "completed" 0.146 -> 0.129-0.135 ms per byte;
-        same bytes; docs/results/generation.md). May be
-        switched later (``can_branch``): the next capture or eager iteration uses the current setting.
+        batch <= 2 (H200, batch 1, same bytes: byte graph 0.101 -> 0.086 ms; "completed" 0.146 -> 0.129-0.135 ms
+        per byte; docs/results/generation.md). May be switched later (``can_branch``): the next capture or eager
+        iteration uses the current setting.
         unroll: with CUDA graphs, also capture ``unroll`` iterations as one graph, each one's latent stage a
         conditional graph node on the flag the previous byte set on the GPU (CUDA 12.4+; torch's
         CUDAGraph.begin_capture_to_if_node), so the host launches one graph per ``unroll`` bytes and reads no
@@ -126,8 +126,8 @@ class DecodeRunner:
         self._latent_fn = dec.advance_latent if self.has_latent else None
         self.can_branch = self.has_latent and (self.completed or not self.split) \
             and bool(getattr(dec, "use_entropy", False)) and hasattr(dec, "next_patch_flag")
-        if entropy_branch == "auto":  # (H200, batch 1: "previous" 0.101 -> 0.086 ms byte graph, "completed" 0.146 ->
-            entropy_branch = self.can_branch and logits.is_cuda and B <= 2  # 0.129-0.135 ms per byte; same bytes)
+        if entropy_branch == "auto":  # (measured faster for every shift, same bytes: see the docstring)
+            entropy_branch = self.can_branch and logits.is_cuda and B <= 2
         elif entropy_branch not in (True, False):
             raise UserError(f"entropy_branch must be True, False or 'auto'; got {entropy_branch!r}")
         if entropy_branch and not self.can_branch:
