@@ -198,10 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step_graph", action="store_true",
                    help="capture the whole step as one CUDA graph (ionllama/train/step_graph.py); with --compile, "
                         "use --compile_mode whole")
-    p.add_argument("--stage_a", choices=["graph", "eager", "compiled"], default="graph",
-                   help="with --step_graph, entropy / space patching: stage A (the boundaries) as its own CUDA graph "
-                        "(the trainer's way), eager (as before the eleventh session), or torch.compile'd and then "
-                        "captured (make_step_graph's compile_stage_a), for A/B timing")
+    p.add_argument("--stage_a", choices=["auto", "graph", "eager", "compiled"], default="auto",
+                   help="with --step_graph, entropy / space patching: stage A (the boundaries) as its own CUDA graph, "
+                        "eager (as before the eleventh session), or torch.compile'd and then captured "
+                        "(make_step_graph's compile_stage_a); auto = the trainer's way: compiled with --compile, "
+                        "else graph")
     p.add_argument("--text_path", default=None, help="raw bytes to sample from (else random bytes)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None)
@@ -218,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main():
     args = build_parser().parse_args()
+    if args.stage_a == "auto":  # the trainer's --compile_stage_a auto
+        args.stage_a = "compiled" if args.compile else "graph"
     import ionllama.kernels as K
     for name in args.reference:  # before any model is traced: the dispatchers read these at trace time
         setattr(K, REFERENCE_SWITCHES[name], lambda *a: False)

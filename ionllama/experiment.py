@@ -313,8 +313,9 @@ def warm_up(tr) -> float:
                 x, y = x.to(dev), y.to(dev)
                 with _autocast(dev, tr.amp_dtype):
                     kw = {}
-                    if two_stage and frozen is not False:  # the step's stage A, then its forward
-                        starts, n = m.patch_boundaries(x)
+                    if two_stage and frozen is not False:  # the step's stage A (as the step calls it), then its forward
+                        with torch.no_grad():
+                            starts, n = tr.stage_a("main")(x)
                         kw = {"patch_starts": starts, "latent_len": latent_bucket(int(n.max()), x.shape[1])}
                     out = tr.fwd(x, y, **kw)
                     loss = out["loss"] + (out["aux_loss"] if out.get("aux_loss") is not None else 0.0)

@@ -92,7 +92,7 @@ for step in ${STEPS:-check_ssm check_lnn entropy inductor_pdl latent}; do
         done
         # stage A as a graph with the entropy model's scan as PyTorch ops (the reference of ssd_triton.py's kernel,
         # which the rows above use by default since the thirteenth session)
-        run "stage_a_ref_$1" 300 env IONLLAMA_SSD_SCAN=0 $T --seq_len "$1" --batch_size "$2" --steps 20 \
+        run "stage_a_ref_$1" 300 env IONLLAMA_SSD_SCAN=0 $T --seq_len "$1" --batch_size "$2" --steps 20 --stage_a graph \
           --out "$R/stage_a_ref_$1.json"
       done ;;
     fuse)  # K2 + K3 as one launch in the fused IntegralLNN step (fuse_mix_up) and latent step (fuse_attn_proj), opt-in:

@@ -200,12 +200,15 @@ def test_warm_up_compiles_every_shape_training_will_see(patching, step_graph, on
     batches = [(text[s[:, None] + torch.arange(128)], text[s[:, None] + torch.arange(1, 129)]) for s in starts]
     dense = torch.tensor(list(b"1+2=3; 4*5=20; (a,b)->[c]! " * 10))[:129]  # a start at almost every byte
     batches[-1] = (dense[:-1].repeat(2, 1), dense[1:].repeat(2, 1))
-    cnt = CompileCounter()
+    cnt, cnt_a = CompileCounter(), CompileCounter()
+    # stage A compiled as the trainer makes it (--compile_stage_a auto), counted on its own
+    stage_a = torch.compile(m.patch_boundaries, dynamic=False, backend=cnt_a)
     tr = SimpleNamespace(model=m, device=torch.device("cpu"), amp_dtype=None, fwd=torch.compile(m, backend=cnt),
-                         sampler=SimpleNamespace(get=lambda k: batches[k]),
+                         sampler=SimpleNamespace(get=lambda k: batches[k]), stage_a=lambda phase: stage_a,
                          args=SimpleNamespace(compile=True, step_graph=step_graph), mark_step=lambda: None)
     warm_up(tr)
-    compiled = cnt.frame_count
+    compiled, compiled_a = cnt.frame_count, cnt_a.frame_count
+    assert compiled_a == (1 if step_graph else 0)
     if patching == "entropy":
         m.freeze_entropy(True)
         with torch.no_grad():
@@ -216,7 +219,8 @@ def test_warm_up_compiles_every_shape_training_will_see(patching, step_graph, on
         if step_graph:
             from ionllama.train.step_graph import latent_bucket
 
-            starts, n = m.patch_boundaries(x)
+            with torch.no_grad():  # as StepGraph._stage_a_body calls it
+                starts, n = stage_a(x)
             kw = {"patch_starts": starts, "latent_len": latent_bucket(int(n.max()), x.shape[1])}
             lens.add(kw["latent_len"])
         out = tr.fwd(x, y, **kw)
@@ -225,7 +229,7 @@ def test_warm_up_compiles_every_shape_training_will_see(patching, step_graph, on
     assert len(counts) > 1  # the batches really had different patch counts
     # and, with the step graph, two latent lengths below the warm-up's all-patches one: one of them is new
     assert len(lens - {128}) >= 2 or not step_graph
-    assert cnt.frame_count == compiled
+    assert cnt.frame_count == compiled and cnt_a.frame_count == compiled_a
     torch._dynamo.reset()
 
 
@@ -242,7 +246,7 @@ def test_warm_up_of_a_baseline_with_step_graph_runs_its_plain_forward(model, one
     x = torch.randint(0, 256, (2, 17))
     calls = []
     fwd = lambda a, b, **k: calls.append(k) or m(a, b)  # noqa: E731
-    tr = SimpleNamespace(model=m, device=torch.device("cpu"), amp_dtype=None, fwd=fwd,
+    tr = SimpleNamespace(model=m, device=torch.device("cpu"), amp_dtype=None, fwd=fwd, stage_a=lambda phase: None,
                          sampler=SimpleNamespace(get=lambda k: (x[:, :-1], x[:, 1:])),
                          args=SimpleNamespace(compile=False, step_graph=True), mark_step=lambda: None)
     warm_up(tr)

@@ -522,6 +522,46 @@ def test_trainer_step_graph_phases_run_the_step_code(tmp_path, monkeypatch, caps
     assert [s[2] for s in r] == pytest.approx([s[2] for s in g], rel=1e-4)
 
 
+def test_trainer_compiles_stage_a_once_where_asked(tmp_path, monkeypatch, capsys):
+    """--compile_stage_a: "on" (and "auto" with --compile) gives the main phase's two-stage step a compiled stage A,
+    made once by the trainer (the same function its compile warm-up calls); "off" and "auto" without --compile
+    keep the eager one; "on" without --step_graph is a one-line error (exit 2) before anything is written."""
+    from test_train import write_corpus
+
+    from ionllama.train import trainer as trainer_mod
+    from ionllama.train.cli import main
+
+    made, compiled, wrappers = [], [], []
+    real = torch.compile
+
+    def counted_compile(fn, **kw):  # eager backend: the wiring is under test here, not inductor
+        compiled.append(fn)
+        wrappers.append(real(fn, backend="eager", **kw))
+        return wrappers[-1]
+
+    monkeypatch.setattr(torch, "compile", counted_compile)
+    monkeypatch.setattr(trainer_mod, "step_graph_problem", lambda *a: None)  # no CUDA here
+    monkeypatch.setattr(trainer_mod, "make_step_graph",
+                        lambda *a, **kw: made.append(make_step_graph(*a, graphs=False, **kw)) or made[-1])
+    corpus = write_corpus(tmp_path / "docs.jsonl")
+    assert main(_ion_argv(tmp_path, corpus, "cpu", "on", "--max_steps", "8", "--step_graph",
+                          "--compile_stage_a", "on")) == 0
+    assert [s.boundaries is not None for s in made] == [False, True]  # entropy phase, main phase
+    assert len(compiled) == 1 and compiled[0].__func__.__name__ == "patch_boundaries"
+    assert made[1].boundaries is wrappers[0]  # the main phase's stage A: the trainer's compiled one
+    made.clear(), compiled.clear()
+    assert main(_ion_argv(tmp_path, corpus, "cpu", "off", "--max_steps", "8", "--step_graph",
+                          "--compile_stage_a", "off")) == 0
+    assert compiled == [] and made[1].boundaries.__name__ == "patch_boundaries"  # the bound method itself
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(_ion_argv(tmp_path, corpus, "cpu", "bad", "--max_steps", "8", "--compile_stage_a", "on"))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--compile_stage_a on needs --step_graph" in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "runs" / "bad").exists()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_replayed_two_stage_step_equals_eager_steps_across_buckets():
     """Entropy patching: two buckets, each with its warm-up steps, capture and replays, in one memory pool;

@@ -79,6 +79,10 @@ def build_train_parser() -> argparse.ArgumentParser:
                         "with --compile (default mode). Entropy and space patching: patch boundaries first, "
                         "uncaptured, then one graph per bucket of the batch's patch count; the joint phase runs "
                         "uncaptured")
+    g.add_argument("--compile_stage_a", choices=("auto", "on", "off"), default="auto",
+                   help="with --step_graph and entropy patching: torch.compile stage A (the frozen entropy model and "
+                        "the patcher) before it is captured; auto = with --compile (6-7%% faster steps on an H200, "
+                        "docs/results/train-profile.md)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     g.add_argument("--parallel", choices=("auto", "ddp", "fsdp"), default="auto",
                    help="under torchrun: ddp (replicated) or fsdp (FSDP2, sharded per block); auto = ddp for "

@@ -113,20 +113,30 @@ def step_graph_problem(model, args, device: torch.device, world_size: int, amp_d
     return None
 
 
+def stage_a_for(model, seq_len: int, phase: str = "main", compiled: bool = False) -> Callable | None:
+    """Stage A of `phase`'s step: x -> (patch_starts, n_patches), or None where the shapes are fixed (one graph).
+    compiled: torch.compile it (before it is captured). Why: the compiled forward does not include stage A, so it
+    would run as eager ops; the entropy model's chunked SSD makes large fp32 intermediates (decay and score
+    tensors of L x L per chunk and head) that inductor fuses. Its boundaries may differ from the eager ones only
+    where an entropy sits on the threshold (kernel arithmetic); the step then uses its own boundaries
+    consistently. Measured (H200, ionLlama-small, `docs/results/train-profile.md`, fourteenth session): the
+    captured step 29.5 -> 27.6 ms at seq 1024 x 64 and 30.5 -> 28.3 ms at 8192 x 8. The trainer compiles it
+    with --compile (--compile_stage_a auto)."""
+    if phase == "entropy" or static_step_shapes(model.config, seq_len):
+        return None
+    return torch.compile(model.patch_boundaries, dynamic=False) if compiled else model.patch_boundaries
+
+
 def make_step_graph(model, fwd, optimizer: torch.optim.Optimizer, grad_clip: float, autocast, seq_len: int,
-                    phase: str = "main", compile_stage_a: bool = False, **kw) -> "StepGraph":
+                    phase: str = "main", compile_stage_a: bool = False, stage_a: Callable | None = None,
+                    **kw) -> "StepGraph":
     """The StepGraph for `phase` of `model` (the plain module; `fwd` is what the step calls: the compiled
     model, or the entropy model in the entropy phase): two-stage where the patch count depends on the bytes.
-    compile_stage_a: torch.compile stage A (the frozen entropy model and the patcher) before it is captured.
-    Why: `fwd` compiles the forward only, so stage A is eager ops; the entropy model's chunked SSD makes large
-    fp32 intermediates (decay and score tensors of L x L per chunk and head) that inductor can fuse. Its
-    boundaries may differ from the eager ones only where an entropy sits on the threshold (kernel
-    arithmetic); the step then uses its own boundaries consistently. Not yet measured on a GPU (opt-in)."""
-    two_stage = phase != "entropy" and not static_step_shapes(model.config, seq_len)
-    boundaries = model.patch_boundaries if two_stage else None
-    if boundaries is not None and compile_stage_a:
-        boundaries = torch.compile(boundaries, dynamic=False)
-    return StepGraph(fwd, optimizer, grad_clip, autocast, boundaries=boundaries, **kw)
+    compile_stage_a: stage A through torch.compile (stage_a_for). stage_a: a stage A already made by
+    stage_a_for (the trainer's, which its compile warm-up has called), used instead."""
+    if stage_a is None:
+        stage_a = stage_a_for(model, seq_len, phase, compile_stage_a)
+    return StepGraph(fwd, optimizer, grad_clip, autocast, boundaries=stage_a, **kw)
 
 
 class _Slot:

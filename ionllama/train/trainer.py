@@ -38,12 +38,13 @@ from .cli import MODEL_OVERRIDES
 from .metrics import MetricsLogger
 from .optim import add_params, make_adamw
 from .schedule import PhasePlan
-from .step_graph import capture_problem, make_step_graph, step_graph_problem
+from .step_graph import capture_problem, make_step_graph, stage_a_for, step_graph_problem
 
 DEFAULT_LR = {"tiny": 1e-3, "small": 6e-4, "base": 3e-4, "large": 2e-4, "xl": 1.5e-4}
 # flags that describe this invocation, not the run: a resumed run takes them from the command line
 _PER_INVOCATION = {"resume", "stop_at", "max_train_time", "device", "run_name", "save_dir", "wandb", "compile", "step_graph",
-                   "benchmark_after", "sample_bytes", "sample_prompt", "data_dir", "eval_batch_size", "parallel"}
+                   "compile_stage_a", "benchmark_after", "sample_bytes", "sample_prompt", "data_dir",
+                   "eval_batch_size", "parallel"}
 
 
 def _say(msg: str) -> None:
@@ -218,6 +219,9 @@ class Trainer:
         if getattr(args, "compile_mode", "default") != "default" and (not args.compile or world_size > 1):
             raise UserError(f"--compile_mode {args.compile_mode} needs --compile and one process (CUDA graphs are "
                             "not combined with DDP/FSDP here); add --compile, or drop --compile_mode under torchrun")
+        if getattr(args, "compile_stage_a", "auto") == "on" and not getattr(args, "step_graph", False):
+            raise UserError("--compile_stage_a on needs --step_graph (stage A is the captured step's first stage); "
+                            "add --step_graph, or drop --compile_stage_a")
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_interval", "log_interval"):
             if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise UserError(f"--{name} must be at least 1 (got {getattr(args, name)})")
@@ -273,6 +277,9 @@ class Trainer:
         self.fwd = torch.compile(self.model, mode=None if mode == "default" else mode) if args.compile else self.model
         self.par.attach(self.model, self.fwd)
         self.step_graph = None  # the captured training step (step_graph.py), made at a phase's first step
+        csa = getattr(args, "compile_stage_a", "auto")
+        self.compile_stage_a = csa == "on" or (csa == "auto" and bool(args.compile))
+        self._compiled_stage_a = None  # made once (stage_a), shared by the compile warm-up and every phase's step
         self.graph_problem = None  # why this phase's step is not captured (capture_problem), with --step_graph
         if getattr(args, "step_graph", False):
             problem = step_graph_problem(self.model, args, self.device, world_size, self.amp_dtype)
@@ -462,6 +469,17 @@ class Trainer:
         finally:
             self.host_s += time.perf_counter() - t_host
 
+    def stage_a(self, phase: str):
+        """Stage A of `phase`'s two-stage captured step (step_graph.stage_a_for), or None where the shapes are
+        fixed. Compiled (--compile_stage_a) it is made once, so the experiment's compile warm-up and the step
+        call the same compiled function and nothing compiles inside a timed budget."""
+        fn = stage_a_for(self.model, self.args.seq_len, phase)
+        if fn is None or not self.compile_stage_a:
+            return fn
+        if self._compiled_stage_a is None:
+            self._compiled_stage_a = stage_a_for(self.model, self.args.seq_len, phase, compiled=True)
+        return self._compiled_stage_a
+
     def _graphed_train_step(self, step: int) -> dict:
         """--step_graph: the whole step replayed as one CUDA graph (step_graph.py)."""
         if self.step_graph is None or self.step_graph.opt is not self.optimizer:
@@ -469,7 +487,8 @@ class Trainer:
             # torch.compile's guards hold and nothing recompiles inside the timed budget. Entropy and space
             # patching: the two-stage step (boundaries eagerly, then one graph per latent-length bucket)
             self.step_graph = make_step_graph(self.model, self.par.train_module(self.phase), self.optimizer,
-                                              self.args.grad_clip, self._autocast, self.args.seq_len, self.phase)
+                                              self.args.grad_clip, self._autocast, self.args.seq_len, self.phase,
+                                              stage_a=self.stage_a(self.phase))
         self.fwd.train()
         x, y = self.sampler.get(step, 0)
         if self.device.type == "cuda" and not x.is_cuda:  # a copy from pageable memory blocks the host
