@@ -253,7 +253,7 @@ def parse_grid(kind: str, specs: list[str] | None) -> list[dict]:
             except ValueError:
                 raise UserError(f"--grid {key}: values must be integers, got {vals!r}") from None
     for key, vals in grid.items():
-        if key in SWITCHES or key.startswith("fuse_"):  # off / on (and the kernels' fuse_* keys); A B A B allowed
+        if key in SWITCHES:  # off / on; repeats allowed (A B A B)
             if any(v not in (0, 1) for v in vals):
                 raise UserError(f"--grid {key}: values must be 0 or 1, got {list(vals)}")
             continue

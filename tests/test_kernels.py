@@ -246,24 +246,6 @@ def test_lnn_step_selfcheck_covers_the_decode_cases():
     assert any(kw.get("compiled") for _, kw in rows)
     assert any(kw["D"] & (kw["D"] - 1) for _, kw in rows)  # d not a power of two: padded columns
     assert any(kind == "lnn_generate" for kind, _, _ in cases(large=False))
-    fused = [(dt, kw) for dt, kw in rows if kw.get("fuse")]  # K2 + K3 as one launch (fuse_mix_up)
-    assert {dt for dt, _ in fused} == {"fp32", "bf16"} and {kw["B"] for _, kw in fused} >= {1, 3}
-    assert any(kw.get("compiled") for _, kw in fused) and any(kw["D"] & (kw["D"] - 1) for _, kw in fused)
-    assert any(kind == "lnn_generate" and kw.get("fuse") for kind, _, kw in cases(large=False))
-
-
-def test_fused_step_launch_merges_are_opt_in():
-    """K2 + K3 as one launch in the fused IntegralLNN and latent steps stay off by default until timed on a GPU;
-    their config keys round-trip."""
-    from ionllama.kernels import latent_step_triton as lt
-    from ionllama.kernels import lnn_step_triton as ls
-    assert ls._CONFIG["fuse_mix_up"] == 0 and lt._CONFIG["fuse_attn_proj"] == 0
-    old = ls.set_lnn_step_config(fuse_mix_up=1, mix_up_block_k=64)
-    try:
-        assert ls._CONFIG["fuse_mix_up"] == 1 and ls._CONFIG["mix_up_block_k"] == 64
-    finally:
-        ls.set_lnn_step_config(**old)
-    assert ls._CONFIG == old
 
 
 def test_ssm_step_selfcheck_covers_the_decode_cases():
@@ -382,23 +364,6 @@ def test_latent_step_selfcheck_covers_the_decode_cases():
     assert any(kw["D"] & (kw["D"] - 1) for _, kw in rows)
     gens = [kw for kind, _, kw in cases(large=False) if kind == "latent_generate"]
     assert {kw.get("attention", "dilated") for kw in gens} == {"dilated", "dense"}
-    fused = [(dt, kw) for dt, kw in rows if kw.get("fuse")]  # K2 + K3 as one launch (fuse_attn_proj)
-    assert {dt for dt, _ in fused} == {"fp32", "bf16"} and any(kw.get("compiled") for _, kw in fused)
-    assert any(kw["B"] > 1 and kw["D"] & (kw["D"] - 1) for _, kw in fused) and any(kw.get("fuse") for kw in gens)
-    assert all(kw.get("attention", "dilated") == "dilated" for _, kw in fused)
-
-
-def test_attn_proj_fusion_only_where_it_can_run():
-    """K2 + K3 as one launch only when switched on, for dilated attention and power-of-two heads (whole heads per
-    channel block of the attention output); dense attention's keys grow with the patch index, so it keeps K2."""
-    from ionllama.kernels import latent_step_triton as lt
-    old = lt.set_latent_step_config(fuse_attn_proj=1)
-    try:
-        assert lt.fuses_attn_proj(True, 64) and lt.fuses_attn_proj(True, 16)
-        assert not lt.fuses_attn_proj(False, 64) and not lt.fuses_attn_proj(True, 24)
-    finally:
-        lt.set_latent_step_config(**old)
-    assert not lt.fuses_attn_proj(True, 64)
 
 
 @pytest.mark.slow
@@ -414,8 +379,7 @@ def test_lnn_step_kernels_compile_for_hopper():
     consts = {ls._lnn_in_gate: dict(KS=3, DP=256, BLOCK_N=16, BLOCK_B=16),
               ls._lnn_out_mix: dict(DP=256, BLOCK_N=16, BLOCK_B=16),
               ls._lnn_ffn_up: dict(DP=256, BLOCK_N=16, BLOCK_B=32),
-              ls._lnn_ffn_down: dict(BLOCK_K=128, BLOCK_N=16, BLOCK_B=16),
-              ls._lnn_mix_up: dict(DP=256, BLOCK_K=32, BLOCK_N=32, BLOCK_B=16)}  # K2 + K3 (opt-in fuse_mix_up)
+              ls._lnn_ffn_down: dict(BLOCK_K=128, BLOCK_N=16, BLOCK_B=16)}
     for kernel, const in consts.items():
         const = dict(const, IEEE=dtype == "fp32")
         sig = {}
@@ -425,7 +389,7 @@ def test_lnn_step_kernels_compile_for_hopper():
             elif name.isupper() and name not in ("B", "D", "HID"):
                 sig[name] = {"H": "*fp32", "DECAY": "*fp32", "T": "*i64"}.get(name, "*" + dtype)
             else:
-                sig[name] = "fp32" if name.startswith("eps") else "i32"
+                sig[name] = "fp32" if name == "eps" else "i32"
         _assert_compiles_for_sm90(kernel, sig, const, prefetch=True)  # every kernel loads its weights early
 
 
@@ -433,15 +397,13 @@ def test_lnn_step_kernels_compile_for_hopper():
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_latent_step_kernels_compile_for_hopper():
     """As above for the fused latent step's own kernels (K1 qkv + RoPE + cache write, K2 attention; K3-K5 are
-    the lnn step's FFN kernels, compiled above; K2 + K3 in one, the opt-in fuse_attn_proj), bf16, at a reduced
-    width (d 128, heads of 64: compile time grows with the tiles). K2 in its dense form (the key loop bounded by
-    the patch index); the dilated form and d 512 compiled too when tried by hand (compiles left out for the
-    suite's time)."""
+    the lnn step's FFN kernels, compiled above), bf16, at a reduced width (d 128, heads of 64: compile time
+    grows with the tiles). K2 in its dense form (the key loop bounded by the patch index); the dilated form
+    and d 512 compiled too when tried by hand (compiles left out for the suite's time)."""
 
     from ionllama.kernels import latent_step_triton as lt
     consts = [(lt._latent_qkv_rope, dict(HD=64, DP=128, BLOCK_J=16, BLOCK_B=16, IEEE=False)),
-              (lt._latent_attn, dict(HD=64, DHP=64, KP=32, BLOCK_KV=64, DILATED=False)),
-              (lt._latent_attn_proj, dict(HD=64, NH=2, KP=16, BLOCK_K=128, BLOCK_N=32, BLOCK_B=16, IEEE=False))]
+              (lt._latent_attn, dict(HD=64, DHP=64, KP=32, BLOCK_KV=64, DILATED=False))]
     types = {"COS": "*fp32", "SIN": "*fp32", "I": "*i64", "OFFS": "*i64", "eps": "fp32", "scale": "fp32"}
     for kernel, const in consts:
         sig = {}
@@ -454,8 +416,7 @@ def test_latent_step_kernels_compile_for_hopper():
                 sig[name] = "*bf16"
             else:
                 sig[name] = "i32"
-        # K2 reads only state; K1 and K2 + K3 load their weights before the wait
-        _assert_compiles_for_sm90(kernel, sig, const, prefetch=kernel is not lt._latent_attn)
+        _assert_compiles_for_sm90(kernel, sig, const, prefetch=kernel is lt._latent_qkv_rope)  # attn: all state
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")

@@ -115,8 +115,9 @@ def needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-# Head (P) and state (N) widths the kernel has passed its GPU check at: the entropy model's 16 x 16 (and 8 x 4).
-# MambaByte's 64 x 64 (evaluation, prefill) is in the large selfcheck; until it passes there, it takes the reference.
+# Head (P) and state (N) widths where the kernel is used: the entropy model's 16 x 16 (and 8 x 4). MambaByte's 64 x 64
+# passes its GPU check too, but is slower there: its no-grad forward at 8 x 8192 took 158.4 ms with the kernel against
+# 132.3 ms with the reference (H200, benchmarks/bench_ssd_forward.py, docs/results/kernels.md, fourteenth session).
 SSD_KERNEL_MAX_DIM = 32
 
 

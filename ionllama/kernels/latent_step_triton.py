@@ -17,8 +17,6 @@ launches (one custom op, ``ionllama::latent_block_step``):
   K3 = lnn_step_triton._lnn_ffn_down: proj rows over y -> z1 = z + that.
   K4 = lnn_step_triton._lnn_ffn_up:   norm2(z1) -> SwiGLU w_in rows (gate, value) -> u = silu(gate) * value.
   K5 = lnn_step_triton._lnn_ffn_down: w_out rows over u -> out = z1 + that.
-With _CONFIG["fuse_attn_proj"] (opt-in, not yet timed) and dilated attention, K2 and K3 are one launch
-(_latent_attn_proj: every proj program recomputes the few dilated keys' attention itself): four per block.
 
 K3-K5 are the IntegralLNN step's FFN kernels: a block's residual proj + SwiGLU FFN round exactly as that step's
 FFN does. GEMVs are ``tl.dot`` of the rows (padded to BLOCK_B >= 16) with the program's weight rows, fp32
@@ -158,65 +156,12 @@ def _latent_attn(Q, KC, VC, I, OFFS, Y, NOFF, NSLOT, scale, sqb, skb, skh, skn, 
     tl.store(Y + b * syb + h * HD + d, _cast(y, DT), mask=d_ok)
 
 
-@triton.jit
-def _latent_attn_proj(Z, Q, KC, VC, I, OFFS, WP, Z1, B, D, NOFF, NSLOT, scale,
-                      szb, sqb, skb, skh, skn, swp, sz1b,
-                      HD: tl.constexpr, NH: tl.constexpr, KP: tl.constexpr, BLOCK_K: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, IEEE: tl.constexpr, GDC: tl.constexpr):
-    """K2 + K3 in one launch (dilated attention only): each program computes the attention output of its rows for
-    every head, BLOCK_K channels (BLOCK_K / HD whole heads) at a time, and multiplies it straight into its proj
-    output channels; z1 = z + that. The attention is recomputed by each of the D / BLOCK_N programs: a dilated query
-    sees ~log2(i) keys, so that costs a few KB of cache reads per program, against one launch per block saved.
-    Per (row, head) the arithmetic is K2's (fp32 scores, the exact max first, exp(s - max) rounded to the dtype
-    before it weights V, the sum of p in fp32, y rounded), only the sum over a head's dims may run in another order."""
-    DT = Z1.dtype.element_ty  # NH = BLOCK_K // HD: heads per channel block
-    rows, row_ok, rows64, n, n_ok = _tile(B, D, BLOCK_B, BLOCK_N)
-    m_rn = row_ok[:, None] & n_ok[None, :]
-    kk = tl.arange(0, BLOCK_K)
-    w_row = WP + n[:, None].to(tl.int64) * swp
-    w = tl.load(w_row + kk[None, :], mask=n_ok[:, None] & (kk < D)[None, :], other=0.0)  # before the wait (pdl.py)
-    o = tl.arange(0, KP)
-    o_ok = o < NOFF
-    offs = tl.load(OFFS + o, mask=o_ok, other=0)
-    gdc_wait(GDC)
-    gdc_launch(GDC)
-    n_rows = tl.minimum(B - tl.program_id(1) * BLOCK_B, BLOCK_B)
-    acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        k = k0 + kk
-        k_ok = k < D
-        if k0 > 0:
-            w = tl.load(w_row + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        chan = ((k // HD) * skh + k % HD)[None, :]  # (head, dim) of channel k in a cache row
-        y = tl.zeros([BLOCK_B, BLOCK_K], tl.float32)
-        for r in range(0, n_rows):
-            row = (tl.program_id(1) * BLOCK_B + r).to(tl.int64)
-            q = tl.load(Q + row * sqb + k, mask=k_ok, other=0.0).to(tl.float32)
-            idx = tl.load(I + row) - offs
-            ok = o_ok & (idx >= 0) & (idx < NSLOT)
-            m = ok[:, None] & k_ok[None, :]
-            base = row * skb + idx[:, None].to(tl.int64) * skn + chan
-            kv = tl.load(KC + base, mask=m, other=0.0).to(tl.float32)
-            s = tl.sum(tl.reshape(kv * q[None, :], (KP, NH, HD)), 2) * scale  # (KP, NH)
-            s = tl.where(ok[:, None], s, float("-inf"))
-            p = tl.exp(s - tl.max(s, 0)[None, :])
-            vv = tl.reshape(tl.load(VC + base, mask=m, other=0.0).to(tl.float32), (KP, NH, HD))
-            yr = tl.sum(_round(p, DT)[:, :, None] * vv, 0) / tl.sum(p, 0)[:, None]  # (NH, HD)
-            y = tl.where((tl.arange(0, BLOCK_B) == r)[:, None], _round(tl.reshape(yr, (BLOCK_K,)), DT)[None, :], y)
-        acc += _rows_times_wt(y.to(DT), w, IEEE)
-    z = tl.load(Z + rows64[:, None] * szb + n[None, :], mask=m_rn, other=0.0).to(tl.float32)
-    tl.store(Z1 + rows64[:, None] * sz1b + n[None, :], _cast(z + _round(acc, DT), DT), mask=m_rn)
-
-
 # Channel pairs per K1 program, keys per dense-attention block, output channels per program of K3 (proj) / K4
 # (SwiGLU hidden) / K5, the K loop step of K3 and K5, warps. Rows per program: 16 (the tl.dot minimum) up to 32.
 # Tuned on an H200 at batch 1 (small model, bf16; eleventh session, docs/results/decode-levers-s11/): of 17 points
 # this one cut the latent graph 0.294 -> 0.218 ms with the same bytes (was 16 / 16 / 16 / 16, K step 128).
-# fuse_attn_proj (0 / 1): K2 and K3 as one launch (_latent_attn_proj) for dilated attention, attn_proj_block_k
-# channels of the attention output at a time; opt-in until timed on a GPU (written in the thirteenth session).
 _CONFIG = {"qkv_block_j": 32, "attn_block_kv": 64, "proj_block_n": 32, "up_block_n": 32, "down_block_n": 32,
-           "down_block_k": 512, "max_block_b": 32, "num_warps": 4, "attn_num_warps": 2,
-           "fuse_attn_proj": 0, "attn_proj_block_k": 128}
+           "down_block_k": 512, "max_block_b": 32, "num_warps": 4, "attn_num_warps": 2}
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -224,13 +169,6 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def set_latent_step_config(**kw) -> dict:
     """Set any of _CONFIG's keys; returns the previous configuration."""
     return update_config(_CONFIG, "latent-step", kw, int)
-
-
-def fuses_attn_proj(dilated: bool, head_dim: int) -> bool:
-    """Does a step take _latent_attn_proj (K2 + K3 in one launch)? Dilated attention (dense attention's keys grow
-    with i, too many to recompute per program), head_dim a power of two >= 2 (whole heads per channel block), and
-    _CONFIG["fuse_attn_proj"] on."""
-    return bool(_CONFIG["fuse_attn_proj"]) and dilated and head_dim >= 2 and head_dim & (head_dim - 1) == 0
 
 
 def latent_step_launch(z, lk, lv, layer: int, i, cos, sin, offsets, norm1_w, qkv_w, proj_w, norm2_w, ffn_in_w,
@@ -245,6 +183,7 @@ def latent_step_launch(z, lk, lv, layer: int, i, cos, sin, offsets, norm1_w, qkv
     dev, dt = z.device, z.dtype
     kc, vc = lk[layer], lv[layer]
     q = torch.empty((B, D), device=dev, dtype=dt)
+    y = torch.empty((B, D), device=dev, dtype=dt)
     z1 = torch.empty((B, D), device=dev, dtype=dt)
     u = torch.empty((B, HID), device=dev, dtype=dt)
     out = torch.empty((B, D), device=dev, dtype=dt)
@@ -260,25 +199,15 @@ def latent_step_launch(z, lk, lv, layer: int, i, cos, sin, offsets, norm1_w, qkv
         q.stride(0), kc.stride(0), kc.stride(1), kc.stride(2),
         HD=Dh, DP=DP, BLOCK_J=bj, BLOCK_B=bb, IEEE=ieee, num_warps=nw, **pdl)
     K = offsets.shape[0]
-    KP = triton.next_power_of_2(max(K, 1))
+    _latent_attn[(H, B)](
+        q, kc, vc, i, offsets, y, K, N, 1.0 / math.sqrt(Dh), q.stride(0), kc.stride(0), kc.stride(1), kc.stride(2),
+        y.stride(0), HD=Dh, DHP=triton.next_power_of_2(Dh), KP=triton.next_power_of_2(max(K, 1)),
+        BLOCK_KV=_CONFIG["attn_block_kv"], DILATED=dilated, num_warps=_CONFIG["attn_num_warps"], **pdl)
     bk = _CONFIG["down_block_k"]
     bn = _CONFIG["proj_block_n"]
-    if fuses_attn_proj(dilated, Dh):  # K2 + K3 as one launch
-        bka = max(Dh, min(_CONFIG["attn_proj_block_k"], triton.next_power_of_2(D)))
-        _latent_attn_proj[(triton.cdiv(D, bn), nb)](
-            z, q, kc, vc, i, offsets, proj_w, z1, B, D, K, N, 1.0 / math.sqrt(Dh),
-            z.stride(0), q.stride(0), kc.stride(0), kc.stride(1), kc.stride(2), proj_w.stride(0), z1.stride(0),
-            HD=Dh, NH=bka // Dh, KP=KP, BLOCK_K=bka, BLOCK_N=bn, BLOCK_B=bb, IEEE=ieee, num_warps=nw, **pdl)
-    else:
-        y = torch.empty((B, D), device=dev, dtype=dt)
-        _latent_attn[(H, B)](
-            q, kc, vc, i, offsets, y, K, N, 1.0 / math.sqrt(Dh), q.stride(0), kc.stride(0), kc.stride(1),
-            kc.stride(2), y.stride(0), HD=Dh, DHP=triton.next_power_of_2(Dh), KP=KP,
-            BLOCK_KV=_CONFIG["attn_block_kv"], DILATED=dilated, num_warps=_CONFIG["attn_num_warps"], **pdl)
-        _lnn_ffn_down[(triton.cdiv(D, bn), nb)](
-            z, y, proj_w, z1, B, D, D, z.stride(0), y.stride(0), proj_w.stride(0), z1.stride(0),
-            BLOCK_K=max(16, min(bk, triton.next_power_of_2(D))), BLOCK_N=bn, BLOCK_B=bb, IEEE=ieee, num_warps=nw,
-            **pdl)
+    _lnn_ffn_down[(triton.cdiv(D, bn), nb)](
+        z, y, proj_w, z1, B, D, D, z.stride(0), y.stride(0), proj_w.stride(0), z1.stride(0),
+        BLOCK_K=max(16, min(bk, triton.next_power_of_2(D))), BLOCK_N=bn, BLOCK_B=bb, IEEE=ieee, num_warps=nw, **pdl)
     bn = _CONFIG["up_block_n"]
     _lnn_ffn_up[(triton.cdiv(HID, bn), nb)](
         z1, norm2_w, ffn_in_w, u, B, D, HID, eps2, z1.stride(0), ffn_in_w.stride(0), u.stride(0),

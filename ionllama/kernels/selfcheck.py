@@ -312,16 +312,14 @@ def _random_lnn_block(D: int, conv_kernel: int, gen: torch.Generator):
 
 
 def check_lnn_step(device: str, dtype: torch.dtype, B: int, D: int, steps: int = 7, conv_kernel: int = 4,
-                   compiled: bool = False, fuse: int = 0, seed: int | None = None) -> dict:
+                   compiled: bool = False, seed: int | None = None) -> dict:
     """The fused IntegralLNN decode step (lnn_step_triton, through IntegralState(fused=True)) vs IntegralState.step
     on the same block in the same dtype: `steps` consecutive steps from a random state (h, ring) at random
     per-row positions t (the ring of kernel - 1 slots wraps around), each path carrying its own state. Errors:
     the worst over the steps of the block output, h and the ring buffer. compiled: the fused step inside
     torch.compile(fullgraph=True) (Inductor): the op must trace as one node that writes h and the ring in place
-    ("state_not_in_place": 1 unless the generated code passes the input buffers themselves). fuse: K2 + K3 as one
-    launch (fuse_mix_up)."""
+    ("state_not_in_place": 1 unless the generated code passes the input buffers themselves)."""
     from ..generation.local_state import IntegralState
-    from . import lnn_step_triton as ls
 
     gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % (2 ** 31)))
     blk = _random_lnn_block(D, conv_kernel, gen).to(device=device, dtype=dtype)
@@ -348,7 +346,6 @@ def check_lnn_step(device: str, dtype: torch.dtype, B: int, D: int, steps: int =
             y, code = run_and_get_code(compiled_step, x, t)
             codes.extend(code)
             return y
-    old = ls.set_lnn_step_config(fuse_mix_up=int(fuse))
     try:
         with torch.no_grad():
             for _ in range(steps):
@@ -359,7 +356,6 @@ def check_lnn_step(device: str, dtype: torch.dtype, B: int, D: int, steps: int =
                 errs["ring"] = max(errs["ring"], rel_err(fused.cache["conv"], ref.cache["conv"]))
                 t = t + 1
     finally:
-        ls.set_lnn_step_config(**old)
         if compiled:
             torch._dynamo.reset()
     # the state tensors were updated in place (a CUDA graph replays into them): same storage as before
@@ -390,25 +386,24 @@ def _random_latent_model(gen: torch.Generator, **kw):
     return m
 
 
-def _latent_blocks(block_n: int | None, old: dict | None = None, fuse: int = 0) -> dict | None:
-    """Set every GEMV channel block of the fused latent step to block_n (None: leave them) and, with fuse, its K2 + K3
-    launch (fuse_attn_proj); old: restore that configuration."""
-    from . import latent_step_triton as lt
-
+def _latent_blocks(block_n: int | None, old: dict | None = None) -> dict | None:
+    """Set every GEMV channel block of the fused latent step to block_n (None: leave them); old: restore it."""
     if old is not None:
+        from . import latent_step_triton as lt
         lt.set_latent_step_config(**old)
         return None
-    kw = {k: block_n for k in ("qkv_block_j", "proj_block_n", "up_block_n", "down_block_n")} if block_n else {}
-    if fuse:
-        kw["fuse_attn_proj"] = 1
-    return lt.set_latent_step_config(**kw) if kw else None
+    if block_n is None:
+        return None
+    from . import latent_step_triton as lt
+    return lt.set_latent_step_config(**{k: block_n for k in ("qkv_block_j", "proj_block_n", "up_block_n",
+                                                              "down_block_n")})
 
 
 def check_latent_generate(device: str, dtype: torch.dtype, attention: str = "dilated", n_new: int = 16,
-                          n_layers: int = 2, block_n: int | None = None, fuse: int = 0, seed: int | None = None) -> dict:
+                          n_layers: int = 2, block_n: int | None = None, seed: int | None = None) -> dict:
     """Greedy generation of a tiny ionLlama (random latent weights, entropy patching at the median entropy: patches
     of varying length, latent steps happen) with the fused latent step vs without: the fraction of differing
-    bytes. On CUDA the fused run replays CUDA graphs. fuse: with K2 + K3 as one launch (fuse_attn_proj)."""
+    bytes. On CUDA the fused run replays CUDA graphs."""
     from ..generation import generate
 
     gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % (2 ** 31)))
@@ -419,7 +414,7 @@ def check_latent_generate(device: str, dtype: torch.dtype, attention: str = "dil
     m = m.to(device=device, dtype=dtype)
     prompts = [b"abc de", b"xy"]
     ref = generate(m, prompts, n_new, greedy=True, cuda_graphs=False)
-    old = _latent_blocks(block_n, fuse=fuse)
+    old = _latent_blocks(block_n)
     try:
         out = generate(m, prompts, n_new, greedy=True, cuda_graphs=device == "cuda", fused_latent_step=True)
     finally:
@@ -431,7 +426,7 @@ def check_latent_generate(device: str, dtype: torch.dtype, attention: str = "dil
 
 def check_latent_step(device: str, dtype: torch.dtype, B: int, D: int, H: int, n_layers: int = 2, steps: int = 5,
                       attention: str = "dilated", local_width: int = 3, max_len: int = 40, compiled: bool = False,
-                      block_n: int | None = None, fuse: int = 0, seed: int | None = None) -> dict:
+                      block_n: int | None = None, seed: int | None = None) -> dict:
     """The fused latent step (latent_step_triton, IonLlamaDecoder(fused_latent_step=True)) vs advance_latent's
     PyTorch path on the same random-weight model in the same dtype: `steps` latent steps from random caches (every
     slot filled) and random per-row patch counts, each with a random commit mask (some rows do not commit: they
@@ -440,8 +435,7 @@ def check_latent_step(device: str, dtype: torch.dtype, B: int, D: int, H: int, n
     caches (every layer and slot), and whether the patch counts differ. compiled: the fused advance_latent inside
     torch.compile(fullgraph=True) (Inductor): every call of the op must take the caches themselves
     ("caches_not_in_place": 1 unless the generated code passes the input buffers). block_n: every GEMV kernel's
-    channel block (fewer programs: the interpreter's cost is per program). fuse: K2 + K3 as one launch
-    (fuse_attn_proj; dilated attention only, dense attention keeps the two)."""
+    channel block (fewer programs: the interpreter's cost is per program)."""
     from ..generation.ionllama_decoder import IonLlamaDecoder
 
     gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % (2 ** 31)))
@@ -458,7 +452,7 @@ def check_latent_step(device: str, dtype: torch.dtype, B: int, D: int, H: int, n
     ptrs = (fused.lk.data_ptr(), fused.lv.data_ptr())
     step = fused.advance_latent
     errs = {"ctx": 0.0, "k": 0.0, "v": 0.0, "n_complete": 0.0}
-    old = _latent_blocks(block_n, fuse=fuse)
+    old = _latent_blocks(block_n)
     if compiled:
         from torch._inductor.utils import run_and_get_code
 
@@ -497,7 +491,7 @@ def check_latent_step(device: str, dtype: torch.dtype, B: int, D: int, H: int, n
     return errs
 
 
-def check_lnn_generate(device: str, dtype: torch.dtype, n_new: int = 16, block_n: int | None = None, fuse: int = 0,
+def check_lnn_generate(device: str, dtype: torch.dtype, n_new: int = 16, block_n: int | None = None,
                        seed: int | None = None) -> dict:
     """Greedy generation of a tiny ionLlama (IntegralLNN local layers, entropy patching) with the fused local
     step vs without: the fraction of differing bytes. On CUDA the fused run replays CUDA graphs. block_n: every
@@ -519,7 +513,7 @@ def check_lnn_generate(device: str, dtype: torch.dtype, n_new: int = 16, block_n
     m = m.to(device=device, dtype=dtype)
     prompts = [b"abc de", "a longer prompt. ab\n"]
     ref = generate(m, prompts, n_new, greedy=True, cuda_graphs=False)
-    old = ls.set_lnn_step_config(fuse_mix_up=int(fuse), **({} if block_n is None else {
+    old = ls.set_lnn_step_config(**({} if block_n is None else {
         k: block_n for k in ("in_block_n", "out_block_n", "up_block_n", "down_block_n")}))
     try:
         out = generate(m, prompts, n_new, greedy=True, cuda_graphs=device == "cuda", fused_local_step=True)
@@ -709,11 +703,6 @@ def cases(large: bool) -> list[tuple]:
         ("lnn_step", "fp32", dict(B=2, D=32, conv_kernel=1, steps=2)),
         ("lnn_step", "fp32", dict(B=2, D=32, steps=4, compiled=True)),
         ("lnn_generate", "fp32", dict(n_new=16, block_n=32)),
-        # K2 + K3 as one launch (fuse_mix_up): B 1 and 3, d 48 (padded tile, several K steps), bf16, compiled, generation
-        ("lnn_step", "fp32", dict(B=3, D=48, steps=4, fuse=1)),
-        ("lnn_step", "bf16", dict(B=1, D=32, steps=4, fuse=1)),
-        ("lnn_step", "fp32", dict(B=2, D=32, steps=4, compiled=True, fuse=1)),
-        ("lnn_generate", "fp32", dict(n_new=16, block_n=32, fuse=1)),
         # the fused entropy-model (Mamba) step: B 1 and 3, fp32 and bf16, 7 steps (the 3-slot ring wraps twice),
         # block 0's table form (gather), d_inner split over two programs, headdim 8 and 16, d_state 4 and 16,
         # conv kernels 2 and 1 (no ring), inside torch.compile; and greedy generation of a tiny model
@@ -735,12 +724,6 @@ def cases(large: bool) -> list[tuple]:
         ("latent_step", "fp32", dict(B=2, D=32, H=2, steps=2, compiled=True, block_n=128)),
         ("latent_generate", "fp32", dict(n_new=10, n_layers=1, block_n=128)),
         ("latent_generate", "fp32", dict(n_new=10, n_layers=1, attention="dense", block_n=128)),
-        # K2 + K3 as one launch (fuse_attn_proj): d 48 (a channel block of 64 = 4 heads of 16, the last one padding),
-        # B 3, bf16, inside torch.compile, greedy generation
-        ("latent_step", "fp32", dict(B=3, D=48, H=3, steps=3, block_n=128, fuse=1)),
-        ("latent_step", "bf16", dict(B=2, D=32, H=2, n_layers=1, steps=3, block_n=128, fuse=1)),
-        ("latent_step", "fp32", dict(B=2, D=32, H=2, steps=2, compiled=True, block_n=128, fuse=1)),
-        ("latent_generate", "fp32", dict(n_new=10, n_layers=1, block_n=128, fuse=1)),
     ]
     if large:
         cs += [
@@ -777,10 +760,6 @@ def cases(large: bool) -> list[tuple]:
             ("lnn_step", "fp32", dict(B=17, D=256, steps=9)),
             ("lnn_step", "bf16", dict(B=1, D=256, steps=5, compiled=True)),
             ("lnn_generate", "fp32", dict(n_new=64)),  # fp32: bf16 logits tie too often for equal greedy bytes
-            # K2 + K3 as one launch (fuse_mix_up) at ionllama-small's local width
-            ("lnn_step", "bf16", dict(B=1, D=256, steps=9, fuse=1)),
-            ("lnn_step", "fp32", dict(B=17, D=256, steps=9, fuse=1)),
-            ("lnn_generate", "fp32", dict(n_new=64, fuse=1)),
             # ionllama-small's entropy model (d 128, d_inner 256, 16 heads of 16, d_state 16) at batch 1 and 32
             # (two row blocks of 16 .. 32), block 0's table form, medium's width (d 256), inside torch.compile
             ("ssm_step", "bf16", dict(B=1, D=128, steps=9)),
@@ -801,10 +780,6 @@ def cases(large: bool) -> list[tuple]:
             ("latent_step", "fp32", dict(B=1, D=512, H=8, n_layers=4, steps=4, max_len=300, compiled=True)),
             ("latent_generate", "fp32", dict(n_new=64)),
             ("latent_generate", "fp32", dict(n_new=64, attention="dense")),
-            # K2 + K3 as one launch (fuse_attn_proj) at ionllama-small's latent shape
-            ("latent_step", "bf16", dict(B=1, D=512, H=8, steps=6, max_len=300, fuse=1)),
-            ("latent_step", "fp32", dict(B=17, D=512, H=8, steps=4, max_len=200, fuse=1)),
-            ("latent_generate", "fp32", dict(n_new=64, fuse=1)),
         ]
     return cs
 
