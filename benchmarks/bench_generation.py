@@ -27,11 +27,13 @@ import traceback
 import torch
 
 from ionllama import create_model
-from ionllama.config import LATENT_SHIFTS
+from ionllama.config import LATENT_SHIFTS, ModelConfig
+from ionllama.errors import UserError, cli_entry
 from ionllama.eval.benchmark import git_commit
 from ionllama.generation import decoder_for
 from ionllama.generation.runner import DecodeRunner
 from ionllama.generation.sampling import SamplingConfig
+from ionllama.registry import build_model
 
 
 def corpus_bytes(n: int) -> torch.Tensor:
@@ -86,7 +88,11 @@ class Bench:
             torch.manual_seed(0)
             shift = getattr(self.args, "latent_shift", None)
             kw = dict(latent_shift=shift) if kind == "ionllama" and shift else {}
-            m = create_model(self.args.size, model=kind, **kw).to(self.device)
+            path = getattr(self.args, "model_config", None)
+            if kind == "ionllama" and path:  # a trained run's architecture (its config.json), random weights
+                m = build_model(model_config_from(path, **kw)).to(self.device)
+            else:
+                m = create_model(self.args.size, model=kind, **kw).to(self.device)
             info = {"params": m.count_parameters()["total"]}
             if kind == "ionllama" and m.config.patching == "entropy":
                 cal = self.text[: 32 * 1024].view(8, 4096).to(self.device)
@@ -269,9 +275,30 @@ def write_results(b, args, checks):
     return lines
 
 
+def model_config_from(path: str, **overrides) -> ModelConfig:
+    """The ionLlama architecture of a run's config.json (its "model_config"; or a bare ModelConfig dict), with
+    overrides. Why: the Phase-1 quality pick (fixed 3-byte patches, an 8-layer latent, ...) is not a registry size,
+    and its decode speed is a question of its own."""
+    try:
+        d = json.loads(pathlib.Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--model_config {path}: cannot read it as JSON ({e}); give a run's config.json") from None
+    d = d.get("model_config", d)
+    if d.get("model") != "ionllama":
+        raise UserError(f"--model_config {path}: model '{d.get('model')}' is not ionllama; give an ionllama run's config.json")
+    return ModelConfig.from_dict({**d, **overrides})
+
+
+def add_model_config_arg(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model_config", default=None, metavar="CONFIG_JSON",
+                    help="build the ionllama arm from a run's config.json (e.g. docs/results/phase1-patch3/"
+                         "ionllama_fixed/config.json), random weights; --size then applies to the other models only")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="small")
+    add_model_config_arg(ap)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
@@ -314,8 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@cli_entry
 def main():
     args = build_parser().parse_args()
+    if args.model_config:
+        model_config_from(args.model_config, **({"latent_shift": args.latent_shift} if args.latent_shift else {}))
     if args.threads:
         torch.set_num_threads(args.threads)
     # each compiled session may recompile DecodeRunner._iteration / advance_latent (another self); more than

@@ -31,10 +31,10 @@
 #                 (IONLLAMA_SSD_SCAN=0: the reference; the kernel is the default), entropy patching, ionLlama-small, at the Phase-1 shape (seq 1024 x 64) and at
 #                 seq 8192 x 8
 #                 (STAGE_A_SHAPES, default "1024x64 8192x8")
-#   fuse          K2 + K3 in one launch (thirteenth session, opt-in) in the fused IntegralLNN step (fuse_mix_up) and
-#                 the latent step (fuse_attn_proj): the selfchecks (their rows included), then each off / on alternating
 #   entropy_chunk training (issues #8, #11): the two-stage step with the entropy model's SSD chunk 64 against 32
 #                 (A B A B in one process; ionLlama-small, entropy patching, the Phase-1 shape)
+#   pick          decode (issue #4): the Phase-1 quality picks (fixed 3- / 4-byte patches, 8-layer latent, "completed"
+#                 shift; their runs' config.json), the default byte-graph settings, two points each
 #   bench         bench_generation.py's README rows (compiled, batch 1, contexts 1K / 8K / 32K, ionLlama and dense),
 #                 with the defaults, and with --unroll $UNROLL as well when UNROLL is set
 # The archive is rewritten after every step, so an outer timeout keeps the steps that finished.
@@ -95,26 +95,25 @@ for step in ${STEPS:-check_ssm check_lnn entropy inductor_pdl latent}; do
         run "stage_a_ref_$1" 300 env IONLLAMA_SSD_SCAN=0 $T --seq_len "$1" --batch_size "$2" --steps 20 --stage_a graph \
           --out "$R/stage_a_ref_$1.json"
       done ;;
-    fuse)  # K2 + K3 as one launch in the fused IntegralLNN step (fuse_mix_up) and latent step (fuse_attn_proj), opt-in:
-      # their GPU selfchecks, then each off / on alternating; the bytes may differ from the default's (fp32 sums in
-      # another order), so "equal" is not required there
-      run check_fuse 300 python3 -m ionllama.kernels.selfcheck --device cuda --large \
-        --kinds lnn_step,lnn_generate,latent_step,latent_generate --json "$R/selfcheck_fuse.json"
-      run lnn_fuse $((4 * BUDGET + 120)) python3 benchmarks/profile_decode_step.py --bytes "${BYTES:-1024}" \
-        --budget_s "$BUDGET" --sweep_lnn --grid fuse_mix_up=0,1,0,1 --out "$R/lnn_fuse"
-      run latent_fuse $((4 * BUDGET + 120)) python3 benchmarks/profile_decode_step.py --bytes "${BYTES:-1024}" \
-        --budget_s "$BUDGET" --sweep_latent --grid fuse_attn_proj=0,1,0,1 --out "$R/latent_fuse" ;;
     entropy_chunk)  # the entropy model's SSD chunk (entropy_chunk): 64 (default) against 32, the training step
       run entropy_chunk 400 python3 benchmarks/bench_train_throughput.py --sizes small --arms ionllama \
         ionllama:entropy_chunk=32 ionllama ionllama:entropy_chunk=32 --compile --compile_mode whole --step_graph \
         --seq_len 1024 --batch_size 64 --steps 20 --out "$R/entropy_chunk.json" ;;
+    pick)  # decode speed of the Phase-1 quality picks (#4 asks it of `small`; these are small-sized, 35M): fixed 3- and
+      # 4-byte patches, an 8-layer latent, the "completed" shift, built from their runs' config.json (random weights)
+      for run in phase1-patch3 phase1-dropout; do
+        run "pick_${run#phase1-}" $((BUDGET + 90)) $P --model_config "docs/results/$run/ionllama_fixed/config.json" \
+          --sweep_lnn --grid pdl=1,1 --out "$R/pick_${run#phase1-}"
+      done ;;
     bench)  # the defaults (inductor's PDL is in the compile presets since the twelfth session); UNROLL=K adds a row set
+      # the bench wants 100 s left per compiled session and per measurement after its checks: 330 s at least
       G="python3 benchmarks/bench_generation.py --compile --compiled_only --models ionllama dense --contexts 1024 8192 32768"
-      run bench $((3 * BUDGET + 120)) $G --budget_s $((3 * BUDGET)) --out "$R/bench"
+      BB=$((3 * BUDGET > 330 ? 3 * BUDGET : 330))
+      run bench $((BB + 120)) $G --budget_s $BB --out "$R/bench"
       if [ -n "${UNROLL:-}" ]; then
-        run bench_unroll $((3 * BUDGET + 120)) $G --budget_s $((3 * BUDGET)) --unroll "$UNROLL" --out "$R/bench_unroll"
+        run bench_unroll $((BB + 120)) $G --budget_s $BB --unroll "$UNROLL" --out "$R/bench_unroll"
       fi ;;
-    *) echo "unknown step '$step'; steps: tests check_ssm check_ssd check_lnn entropy inductor_pdl latent digest branch lagged unroll stage_a fuse entropy_chunk bench" >&2; exit 2 ;;
+    *) echo "unknown step '$step'; steps: tests check_ssm check_ssd check_lnn entropy inductor_pdl latent digest branch lagged unroll stage_a entropy_chunk pick bench" >&2; exit 2 ;;
   esac
 done
 grep -h "^PASS\|^FAIL" "$R"/log_check_*.txt 2>/dev/null | cut -c1-160

@@ -3,6 +3,7 @@ command gpu_decode_levers.sh would run is accepted by the parser of the program 
 on the GPU machine costs a whole call of a 30-minute allotment; here it costs a second. The script runs with a
 stand-in `python3` on PATH that records its arguments and exits 0."""
 import importlib.util
+import json
 import os
 import pathlib
 import subprocess
@@ -48,8 +49,7 @@ def _levers(tmp_path, steps: str, **env):
 
 def test_decode_levers_commands_parse(tmp_path):
     pds, bench, train = _load("profile_decode_step"), _load("bench_generation"), _load("bench_train_throughput")
-    steps = ("tests check_ssm check_ssd check_lnn entropy inductor_pdl latent digest branch lagged unroll stage_a fuse "
-             "entropy_chunk bench")
+    steps = "tests check_ssm check_ssd check_lnn entropy inductor_pdl latent digest branch lagged unroll stage_a entropy_chunk pick bench"
     r, calls = _levers(tmp_path, steps, BUDGET="60", UNROLL="8")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out" / "decode_levers.tgz").exists()  # the results come back packed
@@ -68,6 +68,8 @@ def test_decode_levers_commands_parse(tmp_path):
             if args.grid is not None:
                 assert kind is not None, argv
                 pds.parse_grid(kind, args.grid)  # a bad grid raises a UserError
+            if args.model_config:  # a committed run's architecture
+                _load("bench_generation").model_config_from(str(REPO / args.model_config))
             seen.add("profile")
         elif argv[0] == "benchmarks/bench_generation.py":
             args = bench.build_parser().parse_args(argv[1:])
@@ -88,7 +90,7 @@ def test_decode_levers_commands_parse(tmp_path):
         else:
             pytest.fail(f"gpu_decode_levers.sh runs an unchecked command: {argv}")
     assert seen == {"pytest", "selfcheck", "profile", "bench", "train"}
-    assert len(calls) == 1 + 3 + 3 + 1 + 1 + 4 + 1 + 2 + 2 + 8 + 3 + 1 + 2  # every step of every name ran its commands
+    assert len(calls) == 1 + 3 + 3 + 1 + 1 + 4 + 1 + 2 + 2 + 8 + 1 + 2 + 2  # every step of every name ran its commands
 
 
 def test_decode_levers_unknown_step_is_refused(tmp_path):
@@ -134,3 +136,26 @@ def test_planned_phase1_rows_parse(tmp_path, row):
         overrides = parse_overrides(a.override)
         model_keys = {k: v for k, v in overrides.items() if k not in ("lr", "size", "entropy_frac")}
         create_model("tiny", **model_keys)  # a bad value (e.g. a latent_shift) is refused here
+
+
+def test_decode_benchmarks_build_a_runs_architecture(tmp_path):
+    """--model_config: the decode benchmarks build the ionllama arm from a run's config.json (here the committed
+    Phase-1 3-byte row), overrides on top; anything else is a one-line UserError."""
+    from ionllama.errors import UserError
+    from ionllama.registry import build_model
+
+    bench = _load("bench_generation")
+    run = REPO / "docs/results/phase1-patch3/ionllama_fixed/config.json"
+    cfg = bench.model_config_from(str(run), latent_shift="lagged")
+    saved = json.loads(run.read_text())["model_config"]
+    assert (cfg.patching, cfg.fixed_patch_size, cfg.n_layers) == (saved["patching"], 3, 8) == ("fixed", 3, 8)
+    assert cfg.latent_shift == "lagged" and saved["latent_shift"] == "completed"
+    assert build_model(cfg).count_parameters()["total"] == 35_010_336  # the run's 35.0M
+    dense = tmp_path / "dense.json"
+    dense.write_text(json.dumps({"model_config": {**saved, "model": "dense"}}))
+    for bad, words in ((dense, "is not ionllama"), (tmp_path / "missing.json", "cannot read it as JSON")):
+        with pytest.raises(UserError, match=words):
+            bench.model_config_from(str(bad))
+    args = bench.build_parser().parse_args(["--model_config", str(run)])
+    assert args.model_config == str(run)
+    assert _load("profile_decode_step").build_parser().parse_args(["--model_config", str(run)]).model_config == str(run)

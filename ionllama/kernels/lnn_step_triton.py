@@ -10,8 +10,6 @@ Why: batch-1 generation is GPU-bound on kernel count (issue #4): compiled, a blo
   K3 _lnn_ffn_up:   norm2(x1) -> SwiGLU w_in rows of a hidden block, gate (first `hidden` rows) and value
                     (next `hidden` rows) -> u = silu(gate) * value.
   K4 _lnn_ffn_down: w_out rows of a channel block over u (K loop over the hidden width) -> out = x1 + that.
-With _CONFIG["fuse_mix_up"] (opt-in, not yet timed) K2 and K3 are one launch (_lnn_mix_up: each hidden-block program
-computes the whole x1 row itself): three per step.
 
 On Hopper each kernel launches with PDL (pdl.py): it loads its weight tiles while the previous kernel is still
 running, then waits for it. (A one-launch form, the four stages meeting at grid barriers, was measured slower
@@ -281,64 +279,13 @@ def _lnn_ffn_down(X1, U, WOUT, OUT, B, D, HID, sx1b, sub, swo, soutb,
                     BLOCK_K, BLOCK_N, BLOCK_B, IEEE, 1 if GDC else 0)
 
 
-@triton.jit
-def _lnn_mix_up(X, H, O, SNW, WOUT, NW, WIN, X1, U, B, D, HID, eps_s, eps2,
-                sxb, shb, sob, swo, swin, sx1b, sub,
-                DP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-                IEEE: tl.constexpr, GDC: tl.constexpr):
-    """K2 + K3 in one launch (opt-in, _CONFIG["fuse_mix_up"]): every program of the SwiGLU hidden blocks computes the
-    whole row x1 = x + out_proj(state_norm(h) * silu(o)) itself (out_proj's K loop in BLOCK_K steps: d x d weights
-    read from L2 by each program), then norm2(x1) and its block of u as K3; the first program of each row block
-    writes x1 for K4's residual. Rounded as K2 and K3, only the order of out_proj's fp32 sums may differ."""
-    DT = U.dtype.element_ty
-    rows, row_ok, rows64, n, n_ok = _tile(B, HID, BLOCK_B, BLOCK_N)
-    c = tl.arange(0, DP)  # x1's channels (one tile: d is small)
-    c_ok = c < D
-    m_rc = row_ok[:, None] & c_ok[None, :]
-    m_nc = n_ok[:, None] & c_ok[None, :]
-    # parameters before the wait (pdl.py): norm2 and this program's gate / value rows
-    nw = tl.load(NW + c, mask=c_ok, other=0.0).to(tl.float32)
-    w_rows = WIN + n[:, None].to(tl.int64) * swin + c[None, :]
-    w_gate = tl.load(w_rows, mask=m_nc, other=0.0)
-    w_val = tl.load(w_rows + HID * swin, mask=m_nc, other=0.0)
-    gdc_wait(GDC)
-    gdc_launch(GDC)
-    # state_norm(h.to(dtype)): the row's mean square first, then each K step normalises its columns (_rms_rows)
-    hf = _round(tl.load(H + rows64[:, None] * shb + c[None, :], mask=m_rc, other=0.0), DT)
-    rstd = tl.rsqrt(tl.sum(hf * hf, 1) / D + eps_s)
-    kk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_B, DP], tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        k = k0 + kk
-        k_ok = k < D
-        m_rk = row_ok[:, None] & k_ok[None, :]
-        hk = _round(tl.load(H + rows64[:, None] * shb + k[None, :], mask=m_rk, other=0.0), DT)
-        snw = tl.load(SNW + k, mask=k_ok, other=0.0).to(tl.float32)
-        hn = _round(_round(hk * rstd[:, None], DT) * snw[None, :], DT)
-        ok = tl.load(O + rows64[:, None] * sob + k[None, :], mask=m_rk, other=0.0).to(tl.float32)
-        a = _cast(hn * _round(ok * tl.sigmoid(ok), DT), DT)
-        w = tl.load(WOUT + c[:, None].to(tl.int64) * swo + k[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += _rows_times_wt(a, w, IEEE)
-    x = tl.load(X + rows64[:, None] * sxb + c[None, :], mask=m_rc, other=0.0).to(tl.float32)
-    x1 = _round(x + _round(acc, DT), DT)
-    if tl.program_id(0) == 0:
-        tl.store(X1 + rows64[:, None] * sx1b + c[None, :], x1.to(DT), mask=m_rc)
-    a2 = _rms_rows(x1, nw, eps2, D, DT).to(DT)
-    gate = _round(_rows_times_wt(a2, w_gate, IEEE), DT)
-    val = _round(_rows_times_wt(a2, w_val, IEEE), DT)
-    u = _round(gate * tl.sigmoid(gate), DT) * val
-    tl.store(U + rows64[:, None] * sub + n[None, :], _cast(u, DT), mask=row_ok[:, None] & n_ok[None, :])
-
-
 # Output channels per program of each kernel (K1 and K2, K4: of d; K3: of the SwiGLU hidden width), K4's
 # step over the hidden width, warps. Rows per program: 16 (the tl.dot minimum) up to 32 (max_block_b).
 # Set from the one launch-config sweep so far (H200, `small`, batch 1, bf16; 25 points, each point's bytes equal
 # to the previous default's): 32 channels per program, K4's step 256 -> byte graph 0.1219 ms vs 0.1273 ms for
 # the previous 16 / 128 (5,523 vs 5,384 bytes/s). docs/results/decode-profile-s9/sweep_lnn/sweep_lnn.md
-# fuse_mix_up (0 / 1): K2 and K3 as one launch (_lnn_mix_up), out_proj's K loop in mix_up_block_k steps, with
-# mix_up_num_warps; opt-in until timed on a GPU (written in the thirteenth session).
 _CONFIG = {"in_block_n": 32, "out_block_n": 32, "up_block_n": 32, "down_block_n": 32, "down_block_k": 256,
-           "max_block_b": 32, "num_warps": 4, "fuse_mix_up": 0, "mix_up_block_k": 32, "mix_up_num_warps": 8}
+           "max_block_b": 32, "num_warps": 4}
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -377,22 +324,14 @@ def lnn_step_launch(x, h, ring, t, decay, norm1_w, in_w, conv_w, conv_b, state_n
         x, norm1_w, in_w, conv_w, conv_b, ring, h, decay, t, o, B, D, eps1, x.stride(0), in_w.stride(0),
         conv_w.stride(0), ring.stride(0), ring.stride(1) if KS else 0, h.stride(0), o.stride(0),
         KS=KS, DP=DP, BLOCK_N=bn, BLOCK_B=bb, IEEE=ieee, num_warps=nw, **pdl)
-    if _CONFIG["fuse_mix_up"]:  # K2 + K3 as one launch
-        bn = _CONFIG["up_block_n"]
-        _lnn_mix_up[(triton.cdiv(HID, bn), nb)](
-            x, h, o, state_norm_w, out_w, norm2_w, ffn_in_w, x1, u, B, D, HID, eps_state, eps2, x.stride(0),
-            h.stride(0), o.stride(0), out_w.stride(0), ffn_in_w.stride(0), x1.stride(0), u.stride(0), DP=DP,
-            BLOCK_K=max(16, min(_CONFIG["mix_up_block_k"], DP)), BLOCK_N=bn, BLOCK_B=bb, IEEE=ieee,
-            num_warps=_CONFIG["mix_up_num_warps"], **pdl)
-    else:
-        bn = _CONFIG["out_block_n"]
-        _lnn_out_mix[(triton.cdiv(D, bn), nb)](
-            x, h, o, state_norm_w, out_w, x1, B, D, eps_state, x.stride(0), h.stride(0), o.stride(0),
-            out_w.stride(0), x1.stride(0), DP=DP, BLOCK_N=bn, BLOCK_B=bb, IEEE=ieee, num_warps=nw, **pdl)
-        bn = _CONFIG["up_block_n"]
-        _lnn_ffn_up[(triton.cdiv(HID, bn), nb)](
-            x1, norm2_w, ffn_in_w, u, B, D, HID, eps2, x1.stride(0), ffn_in_w.stride(0), u.stride(0),
-            DP=DP, BLOCK_N=bn, BLOCK_B=bb, IEEE=ieee, num_warps=nw, **pdl)
+    bn = _CONFIG["out_block_n"]
+    _lnn_out_mix[(triton.cdiv(D, bn), nb)](
+        x, h, o, state_norm_w, out_w, x1, B, D, eps_state, x.stride(0), h.stride(0), o.stride(0), out_w.stride(0),
+        x1.stride(0), DP=DP, BLOCK_N=bn, BLOCK_B=bb, IEEE=ieee, num_warps=nw, **pdl)
+    bn = _CONFIG["up_block_n"]
+    _lnn_ffn_up[(triton.cdiv(HID, bn), nb)](
+        x1, norm2_w, ffn_in_w, u, B, D, HID, eps2, x1.stride(0), ffn_in_w.stride(0), u.stride(0),
+        DP=DP, BLOCK_N=bn, BLOCK_B=bb, IEEE=ieee, num_warps=nw, **pdl)
     bn = _CONFIG["down_block_n"]
     _lnn_ffn_down[(triton.cdiv(D, bn), nb)](
         x1, u, ffn_out_w, out, B, D, HID, x1.stride(0), u.stride(0), ffn_out_w.stride(0), out.stride(0),
