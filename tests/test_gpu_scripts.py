@@ -102,11 +102,8 @@ def test_decode_levers_unknown_step_is_refused(tmp_path):
 SWEPT = "--from_sweep --step_graph --sweep_dir docs/results/phase1-sweep/sweep"
 PLANNED = {
     "bpe seed 1": dict(GPU0="bpe", OVERHEAD="140", EXTRA=f"--seed 1 {SWEPT} --override dropout=0.1"),
-    "2-byte patches": dict(GPU0="ionllama_fixed",
-                           EXTRA=f"{SWEPT} --override latent_shift=completed,dropout=0.1,fixed_patch_size=2"),
-    "3-byte patches, 2 decoder layers": dict(
-        GPU0="ionllama_fixed",
-        EXTRA=f"{SWEPT} --override latent_shift=completed,dropout=0.1,fixed_patch_size=3,n_dec_layers=2"),
+    "entropy patching, stage A compiled": dict(GPU0="ionllama",
+                                               EXTRA="--step_graph --override n_layers=8,latent_shift=completed,dropout=0.1"),
     "3-byte patches seed 1": dict(GPU0="ionllama_fixed",
                                   EXTRA=f"--seed 1 {SWEPT} --override latent_shift=completed,dropout=0.1,fixed_patch_size=3"),
     "attention pooling": dict(GPU0="ionllama_fixed",
