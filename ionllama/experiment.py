@@ -88,7 +88,8 @@ SWEEP_VARIANTS = {"lr0.5x": {"lr_mult": 0.5}, "lr2x": {"lr_mult": 2.0}, "wide": 
 ION_SWEEP_VARIANTS = {"local_wide": {"local_width_mult": 1.5}, "local_deep": {"dec_layers_add": 2}}
 MODEL_KEYS = ("d_model", "n_layers", "n_heads", "d_local", "n_enc_layers", "n_dec_layers", "attention",
               "local_layers", "patching", "threshold_mode", "max_patch_size", "target_patch_size", "ngram", "pooling",
-              "vocab_size", "latent_shift", "dropout", "local_dropout", "fixed_patch_size", "entropy_chunk")
+              "vocab_size", "latent_shift", "dropout", "local_dropout", "fixed_patch_size", "entropy_chunk",
+              "ngram_buckets")
 
 
 def sweep_variants(spec: dict) -> tuple[str, ...]:

@@ -102,6 +102,9 @@ def test_decode_levers_unknown_step_is_refused(tmp_path):
 SWEPT = "--from_sweep --step_graph --sweep_dir docs/results/phase1-sweep/sweep"
 PLANNED = {
     "bpe seed 1": dict(GPU0="bpe", OVERHEAD="140", EXTRA=f"--seed 1 {SWEPT} --override dropout=0.1"),
+    "3-byte patches, 65536 n-gram buckets": dict(
+        GPU0="ionllama_fixed",
+        EXTRA=f"{SWEPT} --override latent_shift=completed,dropout=0.1,fixed_patch_size=3,ngram_buckets=65536"),
     "entropy patching, stage A compiled": dict(GPU0="ionllama",
                                                EXTRA="--step_graph --override n_layers=8,latent_shift=completed,dropout=0.1"),
     "3-byte patches seed 1": dict(GPU0="ionllama_fixed",

@@ -53,6 +53,22 @@ def test_entropy_chunk_reaches_the_entropy_model_and_keeps_its_output():
         create_model("tiny", **SMALL, entropy_chunk=0)
 
 
+def test_ngram_buckets_size_the_hash_tables_and_reach_the_cli_and_experiment():
+    """ngram_buckets (the n-gram hash tables' rows, one table per size) is a model option of its own: the train
+    CLI and the experiment's --override pass it through; < 1 is refused in one line."""
+    from ionllama.experiment import parse_overrides
+    from ionllama.train.cli import build_train_parser
+
+    m = create_model("tiny", **{**SMALL, "ngram_buckets": 1000})
+    assert [t.num_embeddings for t in m.embed.tables] == [1000] * len(m.embed.ngram_sizes)
+    x = torch.randint(0, 256, (2, 40))
+    assert m(x, x)["loss"].isfinite()
+    assert build_train_parser().parse_args(["--ngram_buckets", "32768"]).ngram_buckets == 32768
+    assert parse_overrides(["fixed_patch_size=3,ngram_buckets=32768"])["ngram_buckets"] == 32768
+    with pytest.raises(UserError, match="ngram_buckets must be >= 1"):
+        create_model("tiny", **{**SMALL, "ngram_buckets": 0})
+
+
 def test_honest_model_cannot_beat_8_bits_on_random_bytes():
     """Trained on uniform random bytes, held-out BPB stays >= 7.95: a model that sees the future would
     drive it far lower."""

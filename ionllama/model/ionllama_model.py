@@ -79,6 +79,9 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
         if cfg.entropy_chunk < 1:
             from ..errors import UserError
             raise UserError(f"entropy_chunk must be >= 1 (the entropy model's SSD chunk), got {cfg.entropy_chunk}")
+        if cfg.ngram == "hash" and cfg.ngram_buckets < 1:
+            from ..errors import UserError
+            raise UserError(f"ngram_buckets must be >= 1 (hash buckets per n-gram size), got {cfg.ngram_buckets}")
         dl, dm = cfg.d_local, cfg.d_model
         self.embed = ByteEmbedding(dl, cfg.ngram, cfg.ngram_sizes, cfg.ngram_buckets, cfg.conv_kernel)
         self.entropy_model = EntropyModel(cfg.d_entropy, cfg.n_entropy_layers, cfg.entropy_state,

@@ -18,7 +18,7 @@ MODEL_OVERRIDES = {
     "attention": str, "local_layers": str, "patching": str, "threshold_mode": str, "max_patch_size": int,
     "target_patch_size": float, "ngram": str, "pooling": str, "d_model": int, "n_layers": int, "n_heads": int,
     "d_local": int, "n_enc_layers": int, "n_dec_layers": int, "vocab_size": int, "latent_shift": str,
-    "dropout": float, "local_dropout": float, "fixed_patch_size": int, "entropy_chunk": int,
+    "dropout": float, "local_dropout": float, "fixed_patch_size": int, "entropy_chunk": int, "ngram_buckets": int,
 }
 
 
