@@ -107,6 +107,30 @@ SIZES: dict[str, dict[str, dict]] = {
 }
 
 
+MAX_NGRAM = 8  # the incremental hasher's exact integer arithmetic holds up to 8-byte n-grams (byte_embedding.py)
+
+
+def parse_ngram_sizes(text: str) -> tuple[int, ...]:
+    """The hash n-gram sizes from the command line: "3-8" (a range, both ends included), "2+3+5" or "4"."""
+    try:
+        if "-" in text:
+            lo, hi = (int(t) for t in text.split("-"))
+            sizes = tuple(range(lo, hi + 1))
+        else:
+            sizes = tuple(int(t) for t in text.split("+"))
+    except ValueError:
+        sizes = ()
+    if not sizes or len(set(sizes)) != len(sizes) or min(sizes) < 1 or max(sizes) > MAX_NGRAM:
+        raise UserError(f"ngram_sizes '{text}' is not distinct n-gram sizes in 1..{MAX_NGRAM}; "
+                        "write a range like 3-8, or sizes like 2+3+5")
+    return sizes
+
+
+def format_ngram_sizes(sizes) -> str:
+    """parse_ngram_sizes' inverse: (2, 3, 5) -> "2+3+5" (no commas: the experiment's --override splits on them)."""
+    return "+".join(str(int(n)) for n in sizes)
+
+
 def make_config(size: str = "tiny", model: str = "ionllama", **overrides) -> ModelConfig:
     table = SIZES.get(model, SIZES["dense"])
     if size not in table:

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import format_ngram_sizes, parse_ngram_sizes
 from .errors import UserError, cli_entry
 
 # ---------------------------------------------------------------------------------- the matrix
@@ -89,7 +90,7 @@ ION_SWEEP_VARIANTS = {"local_wide": {"local_width_mult": 1.5}, "local_deep": {"d
 MODEL_KEYS = ("d_model", "n_layers", "n_heads", "d_local", "n_enc_layers", "n_dec_layers", "attention",
               "local_layers", "patching", "threshold_mode", "max_patch_size", "target_patch_size", "ngram", "pooling",
               "vocab_size", "latent_shift", "dropout", "local_dropout", "fixed_patch_size", "entropy_chunk",
-              "ngram_buckets")
+              "ngram_buckets", "ngram_sizes")
 
 
 def sweep_variants(spec: dict) -> tuple[str, ...]:
@@ -508,7 +509,7 @@ class Runner:
         argv = ["--model", spec["model"], "--size", spec["size"]]
         for k in MODEL_KEYS:
             if k in spec and k != "vocab_size":
-                argv += [f"--{k}", str(spec[k])]
+                argv += [f"--{k}", format_ngram_sizes(spec[k]) if k == "ngram_sizes" else str(spec[k])]
         if spec["model"] == "bpe" and "vocab_size" in spec:
             argv += ["--vocab_size", str(spec["vocab_size"])]
         argv += ["--data_path", a.data_path] if a.data_path else ["--dataset", a.dataset]
@@ -817,6 +818,9 @@ def parse_overrides(items: list[str] | None) -> dict:
             k, v = part.split("=", 1)
             if k not in MODEL_KEYS + ("lr", "size", "entropy_frac", "token_seq_div"):
                 raise UserError(f"--override: unknown key '{k}'; valid: {', '.join(MODEL_KEYS)}, lr, size, entropy_frac")
+            if k == "ngram_sizes":  # "3-8" or "2+3+5" -> a tuple
+                out[k] = parse_ngram_sizes(v)
+                continue
             for cast in (int, float):
                 try:
                     v = cast(v)

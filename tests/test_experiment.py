@@ -372,3 +372,18 @@ def test_ionllama_sweep_also_widens_and_deepens_the_byte_level(tmp_path):
     r3 = Runner(build_parser().parse_args(["--out", str(tmp_path / "o2"), "--ckpt_dir", str(tmp_path / "c"),
                                            "--arms", "ionllama_fixed", "--from_sweep"]), [])
     assert r3.best_sweep_variant("ionllama_fixed") is None  # its own <out>/sweep has no runs
+
+
+def test_ngram_overrides_reach_the_trainer(tmp_path):
+    """--override ngram_sizes=3-8,ngram_buckets=1024: the arm's spec holds the sizes as a tuple, and the trainer
+    command it makes parses back to the same model options."""
+    from ionllama.train.cli import build_train_parser
+
+    r = Runner(build_parser().parse_args(["--out", str(tmp_path / "o"), "--ckpt_dir", str(tmp_path / "c"),
+                                          "--override", "ngram_sizes=3-8,ngram_buckets=1024"]), [])
+    spec = r.spec_of("ionllama_fixed", None)
+    assert spec["ngram_sizes"] == (3, 4, 5, 6, 7, 8) and spec["ngram_buckets"] == 1024
+    argv = r.trainer_argv("x", spec, 60.0)
+    assert argv[argv.index("--ngram_sizes") + 1] == "3+4+5+6+7+8"
+    targs = build_train_parser().parse_args(argv)
+    assert (targs.ngram_sizes, targs.ngram_buckets) == ((3, 4, 5, 6, 7, 8), 1024)

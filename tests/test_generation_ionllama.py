@@ -38,6 +38,8 @@ CONFIGS += [dict(patching=p, attention=a, latent_shift="completed")
             for p, a in itertools.product(["entropy", "fixed", "space", "byte"], ["dilated", "dense"])]
 CONFIGS += [dict(patching="entropy", threshold_mode="monotonic", latent_shift="completed"),
             dict(patching="space", local_layers="transformer", latent_shift="completed")]
+# BLT's hash n-gram sizes 3..8 (the incremental hasher's widest exact window) with the Phase-1 pick's patching
+CONFIGS += [dict(patching="fixed", ngram_sizes=(3, 4, 5, 6, 7, 8), latent_shift="completed")]
 # latent_shift "lagged" (a patch's latent reaches the bytes two patches on): one row per patching mode, both attentions
 CONFIGS += [dict(patching=p, attention=a, latent_shift="lagged")
             for p, a in (("entropy", "dilated"), ("fixed", "dense"), ("space", "dilated"), ("byte", "dense"))]

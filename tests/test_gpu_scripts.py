@@ -105,6 +105,9 @@ PLANNED = {
     "3-byte patches, 65536 n-gram buckets": dict(
         GPU0="ionllama_fixed",
         EXTRA=f"{SWEPT} --override latent_shift=completed,dropout=0.1,fixed_patch_size=3,ngram_buckets=65536"),
+    "3-byte patches, 3..8-grams, 65536 buckets": dict(
+        GPU0="ionllama_fixed",
+        EXTRA=f"{SWEPT} --override latent_shift=completed,dropout=0.1,fixed_patch_size=3,ngram_buckets=65536,ngram_sizes=3-8"),
     "entropy patching, stage A compiled": dict(GPU0="ionllama",
                                                EXTRA="--step_graph --override n_layers=8,latent_shift=completed,dropout=0.1"),
     "3-byte patches seed 1": dict(GPU0="ionllama_fixed",

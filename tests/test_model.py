@@ -69,6 +69,27 @@ def test_ngram_buckets_size_the_hash_tables_and_reach_the_cli_and_experiment():
         create_model("tiny", **{**SMALL, "ngram_buckets": 0})
 
 
+def test_ngram_sizes_from_the_command_line_and_the_experiment():
+    """ngram_sizes: "3-8" (BLT's sizes), "2+3+5" or "4" on the command line and in --override (commas there
+    separate overrides); the experiment hands them to the trainer in the same notation; sizes outside 1..8 (the
+    incremental hasher's exact range) or repeated are refused in one line, from Python too."""
+    from ionllama.config import format_ngram_sizes, parse_ngram_sizes
+    from ionllama.experiment import parse_overrides
+    from ionllama.train.cli import build_train_parser
+
+    assert parse_ngram_sizes("3-8") == (3, 4, 5, 6, 7, 8) and parse_ngram_sizes("2+3+5") == (2, 3, 5)
+    assert parse_ngram_sizes("4") == (4,) and parse_ngram_sizes(format_ngram_sizes((2, 5, 7))) == (2, 5, 7)
+    assert build_train_parser().parse_args(["--ngram_sizes", "3-8"]).ngram_sizes == (3, 4, 5, 6, 7, 8)
+    assert parse_overrides(["fixed_patch_size=3,ngram_sizes=3-8"])["ngram_sizes"] == (3, 4, 5, 6, 7, 8)
+    for bad in ("0-3", "3-9", "2+2", "x", "5-3", ""):
+        with pytest.raises(UserError, match="ngram_sizes"):
+            parse_ngram_sizes(bad)
+    m = create_model("tiny", **SMALL, ngram_sizes=(3, 4, 5, 6, 7, 8))
+    assert len(m.embed.tables) == 6 and m.embed.context == 7
+    with pytest.raises(UserError, match="ngram_sizes"):
+        create_model("tiny", **SMALL, ngram_sizes=(2, 9))
+
+
 def test_honest_model_cannot_beat_8_bits_on_random_bytes():
     """Trained on uniform random bytes, held-out BPB stays >= 7.95: a model that sees the future would
     drive it far lower."""
