@@ -33,6 +33,8 @@
 #                 (STAGE_A_SHAPES, default "1024x64 8192x8")
 #   entropy_chunk training (issues #8, #11): the two-stage step with the entropy model's SSD chunk 64 against 32
 #                 (A B A B in one process; ionLlama-small, entropy patching, the Phase-1 shape)
+#   train8k       training (issue #8): ionLlama-small (entropy and fixed patching) and the dense byte transformer at
+#                 seq 8192 x 8 in one process (the issue's paired row)
 #   pick          decode (issue #4): the Phase-1 quality picks (fixed 3- / 4-byte patches, 8-layer latent, "completed"
 #                 shift; their runs' config.json), the default byte-graph settings, two points each
 #   bench         bench_generation.py's README rows (compiled, batch 1, contexts 1K / 8K / 32K, ionLlama and dense),
@@ -99,6 +101,10 @@ for step in ${STEPS:-check_ssm check_lnn entropy inductor_pdl latent}; do
       run entropy_chunk 400 python3 benchmarks/bench_train_throughput.py --sizes small --arms ionllama \
         ionllama:entropy_chunk=32 ionllama ionllama:entropy_chunk=32 --compile --compile_mode whole --step_graph \
         --seq_len 1024 --batch_size 64 --steps 20 --out "$R/entropy_chunk.json" ;;
+    train8k)  # issue #8's paired row: ionLlama-small (entropy patching, stage A compiled: the trainer's default) and
+      # its fixed-patching form against the dense byte transformer, seq 8192 x 8, same script, same process
+      run train8k 480 python3 benchmarks/bench_train_throughput.py --sizes small --arms ionllama ionllama:patching=fixed dense \
+        --compile --compile_mode whole --step_graph --seq_len 8192 --batch_size 8 --steps 20 --out "$R/train8k.json" ;;
     pick)  # decode speed of the Phase-1 quality picks (#4 asks it of `small`; these are small-sized, 35M): fixed 3- and
       # 4-byte patches, an 8-layer latent, the "completed" shift, built from their runs' config.json (random weights)
       for run in phase1-patch3 phase1-dropout; do
@@ -113,7 +119,7 @@ for step in ${STEPS:-check_ssm check_lnn entropy inductor_pdl latent}; do
       if [ -n "${UNROLL:-}" ]; then
         run bench_unroll $((BB + 120)) $G --budget_s $BB --unroll "$UNROLL" --out "$R/bench_unroll"
       fi ;;
-    *) echo "unknown step '$step'; steps: tests check_ssm check_ssd check_lnn entropy inductor_pdl latent digest branch lagged unroll stage_a entropy_chunk pick bench" >&2; exit 2 ;;
+    *) echo "unknown step '$step'; steps: tests check_ssm check_ssd check_lnn entropy inductor_pdl latent digest branch lagged unroll stage_a entropy_chunk train8k pick bench" >&2; exit 2 ;;
   esac
 done
 grep -h "^PASS\|^FAIL" "$R"/log_check_*.txt 2>/dev/null | cut -c1-160

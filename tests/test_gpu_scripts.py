@@ -49,7 +49,7 @@ def _levers(tmp_path, steps: str, **env):
 
 def test_decode_levers_commands_parse(tmp_path):
     pds, bench, train = _load("profile_decode_step"), _load("bench_generation"), _load("bench_train_throughput")
-    steps = "tests check_ssm check_ssd check_lnn entropy inductor_pdl latent digest branch lagged unroll stage_a entropy_chunk pick bench"
+    steps = "tests check_ssm check_ssd check_lnn entropy inductor_pdl latent digest branch lagged unroll stage_a entropy_chunk train8k pick bench"
     r, calls = _levers(tmp_path, steps, BUDGET="60", UNROLL="8")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out" / "decode_levers.tgz").exists()  # the results come back packed
@@ -83,14 +83,15 @@ def test_decode_levers_commands_parse(tmp_path):
             args = train.build_parser().parse_args(argv[1:])
             assert args.step_graph and args.compile_mode == "whole", argv  # stage A is only graphed in the step graph
             from ionllama import create_model
-            for arm in args.arms:  # ablation arms (kind:key=val,...) name model options that exist
+            for arm in args.arms:  # arms (kind:key=val,...) name a registry model and model options that exist
                 kind, _, opts = arm.partition(":")
-                create_model("tiny", **{k: int(v) for k, v in (kv.split("=") for kv in filter(None, opts.split(",")))})
+                create_model("tiny", model=kind, **{k: int(v) if v.isdigit() else v
+                                                    for k, v in (kv.split("=") for kv in filter(None, opts.split(",")))})
             seen.add("train")
         else:
             pytest.fail(f"gpu_decode_levers.sh runs an unchecked command: {argv}")
     assert seen == {"pytest", "selfcheck", "profile", "bench", "train"}
-    assert len(calls) == 1 + 3 + 3 + 1 + 1 + 4 + 1 + 2 + 2 + 8 + 1 + 2 + 2  # every step of every name ran its commands
+    assert len(calls) == 1 + 3 + 3 + 1 + 1 + 4 + 1 + 2 + 2 + 8 + 1 + 1 + 2 + 2  # every step of every name ran its commands
 
 
 def test_decode_levers_unknown_step_is_refused(tmp_path):
