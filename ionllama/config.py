@@ -110,6 +110,16 @@ SIZES: dict[str, dict[str, dict]] = {
 MAX_NGRAM = 8  # the incremental hasher's exact integer arithmetic holds up to 8-byte n-grams (byte_embedding.py)
 
 
+def check_ngram_sizes(sizes, shown=None) -> tuple[int, ...]:
+    """Hash n-gram sizes as a tuple if they are distinct and in 1..MAX_NGRAM, else a one-line UserError
+    (shown: how the user wrote them)."""
+    sizes = tuple(sizes)
+    if not sizes or len(set(sizes)) != len(sizes) or min(sizes) < 1 or max(sizes) > MAX_NGRAM:
+        raise UserError(f"ngram_sizes '{shown if shown is not None else sizes}' is not distinct n-gram sizes in "
+                        f"1..{MAX_NGRAM}; write a range like 3-8, or sizes like 2+3+5")
+    return sizes
+
+
 def parse_ngram_sizes(text: str) -> tuple[int, ...]:
     """The hash n-gram sizes from the command line: "3-8" (a range, both ends included), "2+3+5" or "4"."""
     try:
@@ -120,10 +130,7 @@ def parse_ngram_sizes(text: str) -> tuple[int, ...]:
             sizes = tuple(int(t) for t in text.split("+"))
     except ValueError:
         sizes = ()
-    if not sizes or len(set(sizes)) != len(sizes) or min(sizes) < 1 or max(sizes) > MAX_NGRAM:
-        raise UserError(f"ngram_sizes '{text}' is not distinct n-gram sizes in 1..{MAX_NGRAM}; "
-                        "write a range like 3-8, or sizes like 2+3+5")
-    return sizes
+    return check_ngram_sizes(sizes, text)
 
 
 def format_ngram_sizes(sizes) -> str:

@@ -82,9 +82,9 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
         if cfg.ngram == "hash" and cfg.ngram_buckets < 1:
             from ..errors import UserError
             raise UserError(f"ngram_buckets must be >= 1 (hash buckets per n-gram size), got {cfg.ngram_buckets}")
-        if cfg.ngram == "hash":  # the same rule as the command line's (a config made in Python, a checkpoint)
-            from ..config import parse_ngram_sizes, format_ngram_sizes
-            parse_ngram_sizes(format_ngram_sizes(cfg.ngram_sizes))
+        if cfg.ngram == "hash":  # the command line's rule, for a config made in Python or read from a checkpoint
+            from ..config import check_ngram_sizes
+            check_ngram_sizes(cfg.ngram_sizes)
         dl, dm = cfg.d_local, cfg.d_model
         self.embed = ByteEmbedding(dl, cfg.ngram, cfg.ngram_sizes, cfg.ngram_buckets, cfg.conv_kernel)
         self.entropy_model = EntropyModel(cfg.d_entropy, cfg.n_entropy_layers, cfg.entropy_state,
