@@ -1,0 +1,125 @@
+"""`ionllama experiment`'s command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from ..errors import UserError, cli_entry
+from . import __doc__ as _PACKAGE_DOC  # the package's docstring: what `--help` says first
+from .matrix import MATRICES, TASK_ARMS
+from .report import write_report
+from .runner import Runner
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..train.cli import OneLineParser
+
+    p = OneLineParser(prog="ionllama experiment", description=_PACKAGE_DOC.split("\n\n")[0],
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--matrix", default="phase1", choices=sorted(MATRICES),
+                   help="which arm table: phase1 (GPU sizes) or cpu_tiny (every arm at the tiny size)")
+    p.add_argument("--arms", default=None, help="comma-separated subset of the matrix's arms (default: all)")
+    p.add_argument("--stage", default="pretrain",
+                   help="comma list of prepare | pretrain | sweep | tasks | report (the report is rebuilt after "
+                        "every invocation)")
+    p.add_argument("--budget_s", type=float, default=420.0, help="training seconds per arm (evaluation excluded)")
+    p.add_argument("--sweep", action="store_true", help="same as adding 'sweep' to --stage")
+    p.add_argument("--sweep_budget_s", type=float, default=None, help="budget of each sweep run (default --budget_s)")
+    p.add_argument("--sweep_variants", default=None,
+                   help="comma-separated subset of the sweep's variants to train here (default: all); e.g. half an "
+                        "arm's sweep on each of two GPUs. 'a+b' composes variants of different knobs (shallow+lr2x)")
+    p.add_argument("--from_sweep", action="store_true", help="train each arm with its best sweep variant (val BPB)")
+    p.add_argument("--sweep_dir", default=None,
+                   help="the sweep's folder (default: <out>/sweep); e.g. --from_sweep with another --out reads the "
+                        "picks of docs/results/phase1-sweep/sweep")
+    p.add_argument("--out", default="docs/results/phase1", help="results folder (committed)")
+    p.add_argument("--ckpt_dir", default="checkpoints/phase1", help="checkpoints (git-ignored)")
+    p.add_argument("--deadline_s", type=float, default=None,
+                   help="wall-clock seconds this invocation may use: no arm is started that would not finish")
+    p.add_argument("--checkpoint_every_s", type=float, default=120.0,
+                   help="save latest.pt at the first curve point after this many training seconds (0: only when "
+                        "stopped or signalled)")
+    p.add_argument("--arm_overhead_s", type=float, default=120.0,
+                   help="expected seconds per arm beyond the budget (data, compile, evaluation) for --deadline_s")
+    g = p.add_argument_group("data and evaluation")
+    g.add_argument("--data_path", default=None, help="e.g. '../shared/data/gutenberg/gutenberg-{split}.jsonl.xz'")
+    g.add_argument("--dataset", default="builtin", help="used without --data_path")
+    g.add_argument("--data_dir", default="data_cache")
+    g.add_argument("--eval_bytes", type=int, default=None, help="cap on scored bytes per final evaluation (all arms)")
+    g.add_argument("--curve_eval_bytes", type=int, default=2_000_000, help="val bytes per curve point")
+    g.add_argument("--curve_points", type=int, default=8, help="val evaluations during training")
+    g.add_argument("--final_test", action="store_true", help="also evaluate the test split ({split} = test)")
+    g.add_argument("--eval_data", action="append", default=None,
+                   help="extra evaluation data (e.g. ../shared/data/wikipedia/wikipedia-val.jsonl.xz); repeatable")
+    g.add_argument("--eval_batch_size", type=int, default=None)
+    g = p.add_argument_group("training (same for every arm)")
+    g.add_argument("--seq_len", type=int, default=1024, help="bytes per window (token arms: / token_seq_div)")
+    g.add_argument("--batch_size", type=int, default=64)
+    g.add_argument("--grad_accum", type=int, default=1)
+    g.add_argument("--mixed_precision", choices=("bf16", "fp16", "none"), default=None)
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile (default: on with CUDA)")
+    g.add_argument("--compile_mode", choices=("default", "reduce-overhead"), default="default",
+                   help="with --compile: reduce-overhead adds CUDA graphs (see ionllama train --help)")
+    g.add_argument("--step_graph", action="store_true",
+                   help="replay each arm's training step as one CUDA graph (ionllama train --step_graph), for the "
+                        "arms that allow it (all: entropy and space patching as the two-stage step; their joint "
+                        "phase runs uncaptured)")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--log_interval", type=int, default=10)
+    g.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile / initialise on real batches before the clock starts (default on)")
+    g.add_argument("--override", action="append", default=None,
+                   help="KEY=VALUE applied to every arm (e.g. d_model=64 n_layers=2 for a smoke test)")
+    g = p.add_argument_group("task stage")
+    g.add_argument("--task_arms", default=None, help=f"default: {','.join(TASK_ARMS)}")
+    g.add_argument("--task_steps", type=int, default=600)
+    g.add_argument("--task_batch", type=int, default=64, help="task examples per step")
+    g.add_argument("--task_lr", type=float, default=3e-4)
+    g.add_argument("--task_seq_len", type=int, default=256, help="bytes per packed row (tokens: half)")
+    g.add_argument("--task_n", type=int, default=100, help="test examples per task (and per digit count)")
+    g.add_argument("--task_time_s", type=float, default=240.0, help="expected seconds per task arm (--deadline_s)")
+    return p
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = build_parser().parse_args(argv)
+    if a.compile is None:
+        a.compile = torch.cuda.is_available() and a.device in ("auto", "cuda") or a.device.startswith("cuda")
+    if a.budget_s <= 0:
+        raise UserError(f"--budget_s must be positive, got {a.budget_s}")
+    stages = [s.strip() for s in a.stage.split(",") if s.strip()]
+    if a.sweep and "sweep" not in stages:
+        stages.insert(0, "sweep")
+    bad = [s for s in stages if s not in ("prepare", "pretrain", "sweep", "tasks", "report")]
+    if bad:
+        raise UserError(f"unknown --stage {bad}; use prepare, pretrain, sweep, tasks, report")
+    runner = Runner(a, argv)
+    runner.eval_sets()  # validate paths before any training
+    names = runner.arm_names()
+    for s in stages:
+        if s == "prepare":
+            runner.prepare()
+        elif s == "sweep" or (s == "report" and runner.sweep_dir.is_dir()):
+            # --stage report rebuilds the sweep table too: one process per GPU each writes it for its own arms
+            if s == "sweep":
+                runner.sweep()
+            write_report(runner.sweep_dir, [f"{n}~{v}" for n in names for v in runner.trained_variants(n)],
+                         runner.command, label=f"{a.matrix} sweep")
+        elif s == "pretrain":
+            if "prepare" not in stages:
+                runner.prepare(eval_sets=False)  # data first, so --deadline_s sees the arms' own time only
+            runner.pretrain()
+        elif s == "tasks":
+            runner.tasks()
+    write_report(runner.out, list(runner.matrix), runner.command, label=a.matrix)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""The report: a Markdown table section, a JSON summary and the plots of a results folder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ._common import _log, _read_json, _write_json
+
+
+def collect(out: Path, names: list[str]) -> dict:
+    arms = {}
+    for n in names:
+        f = _read_json(out / n / "final.json")
+        if f:
+            t = _read_json(out / n / "tasks.json")
+            if t:
+                f["tasks"] = t
+            arms[n] = f
+    return arms
+
+
+def _fmt(v, digits=3):
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        if abs(v) >= 1e6:
+            return f"{v:.3g}"
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def table_markdown(arms: dict, extra_sets: list[str]) -> str:
+    slow = all(f["train"]["bytes_per_s"] < 1e5 for f in arms.values())  # CPU runs: KB/s, not 0.00 MB/s
+    unit, div = ("KB/s", 1e3) if slow else ("MB/s", 1e6)
+    head = ["arm", "params", "val BPB", *[f"{s} BPB" for s in extra_sets], "train s", "steps", unit,
+            "bytes/patch", "epochs", "train FLOPs"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n, f in sorted(arms.items(), key=lambda kv: kv[1]["val"]["bpb"]):
+        t = f["train"]
+        row = [n, f"{f['params'] / 1e6:.1f}M", _fmt(f["val"]["bpb"], 4),
+               *[_fmt(f.get(s, {}).get("bpb"), 4) for s in extra_sets],
+               f"{t['train_time_s']:.0f}", str(t["steps"]), f"{t['bytes_per_s'] / div:.2f}",
+               _fmt(f.get("bytes_per_patch"), 2), f"{t['epochs']:.2f}", _fmt(t.get("train_flops"))]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def tasks_markdown(arms: dict) -> str:
+    from ..data import tasks as T
+
+    have = {n: f["tasks"] for n, f in arms.items() if f.get("tasks")}
+    if not have:
+        return ""
+    lines = ["| arm | " + " | ".join(T.TASKS) + " |", "|---|" + "---|" * len(T.TASKS)]
+    for n, t in have.items():
+        cells = []
+        for task in T.TASKS:
+            r = t["results"]["per_task"].get(task)
+            if r is None or r.get("accuracy") is None:
+                cells.append("—")
+            else:
+                lo, hi = r.get("ci95", (None, None))
+                cells.append(f"{r['accuracy']:.3f} [{_fmt(lo)}, {_fmt(hi)}] (n={r['n']})")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bpb_at(records: list[dict], key: str, x: float) -> float | None:
+    """Val BPB at `key` (train_flops / train_time_s / step) = x, linear between the curve points around x
+    (None when the run never got as far, or has no curve point before x)."""
+    pts = sorted((r[key], r["val_bpb"]) for r in records
+                 if isinstance(r.get("val_bpb"), (int, float)) and isinstance(r.get(key), (int, float))
+                 and r.get("phase") != "entropy")
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
+
+
+EQUAL_VIEWS = {  # summary key -> (metrics.jsonl field, final.json train field, what the column means)
+    "equal_flops": ("train_flops", "train_flops", "training FLOPs"),
+    "equal_steps": ("step", "steps", "optimizer steps"),
+}
+
+
+def equal_at(arms: dict, records_of, view: str) -> dict:
+    """Every arm's val BPB at the total (FLOPs or steps) of the arm that used the least: the equal-compute
+    and equal-steps views, read off each arm's curve."""
+    key, train_key, _ = EQUAL_VIEWS[view]
+    totals = {n: f["train"].get(train_key) for n, f in arms.items() if f["train"].get(train_key)}
+    if len(totals) < 2:
+        return {}
+    x_star = min(totals.values())
+    return {key: x_star, "arm": min(totals, key=totals.get),
+            "val_bpb": {n: bpb_at(records_of(n), key, x_star) for n in totals}}
+
+
+def equal_at_markdown(eq: dict, view: str) -> str:
+    if not eq:
+        return ""
+    key, _, what = EQUAL_VIEWS[view]
+    rows = sorted(eq["val_bpb"].items(), key=lambda kv: (kv[1] is None, kv[1] or 0.0))
+    return "\n".join([f"Val BPB at equal {what} ({eq[key]:.3g}, the whole run of `{eq['arm']}`), "
+                      "interpolated linearly between each arm's curve points (each scores the first "
+                      "`--curve_eval_bytes` val bytes):", "", f"| arm | val BPB at equal {what} |", "|---|---|",
+                      *[f"| {n} | {_fmt(v, 3)} |" for n, v in rows]])
+
+
+def plot_curves(arms: dict, out: Path, records_of) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    for x_key, fname, xlabel in (("train_time_s", "bpb_vs_time.png", "training time (s, evaluation excluded)"),
+                                 ("train_flops", "bpb_vs_flops.png", "training FLOPs (estimate)")):
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        n = 0
+        for name in arms:
+            pts = [(r[x_key], r["val_bpb"]) for r in records_of(name)
+                   if isinstance(r.get("val_bpb"), (int, float)) and r.get("phase") not in ("init", "entropy")
+                   and isinstance(r.get(x_key), (int, float)) and r[x_key] > 0]
+            if pts:
+                xs, ys = zip(*sorted(pts))
+                ax.plot(xs, ys, marker="o", ms=3, lw=1.5, label=name)
+                n += 1
+        if not n:
+            plt.close(fig)
+            continue
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("val bits per byte")
+        if x_key == "train_flops":
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title("Phase 1: val BPB, one line per arm")
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=120)
+        plt.close(fig)
+        made.append(out / fname)
+    return made
+
+
+BEGIN, END = "<!-- experiment-table:begin -->", "<!-- experiment-table:end -->"
+
+
+def write_report(out: Path, names: list[str], command: str, label: str = "phase1") -> dict:
+    from ..train.metrics import metrics_file, read_metrics
+
+    arms = collect(out, names)
+    extra = sorted({k for f in arms.values() for k in f if isinstance(f.get(k), dict) and "bpb" in f[k]} - {"val"})
+    summary = {"matrix": label, "arms": {n: {k: f.get(k) for k in ("params", "val", "train", "bytes_per_patch",
+                                                                   "device", "date", "git", "command", "spec", *extra)}
+                                         for n, f in arms.items()},
+               "tasks": {n: f["tasks"]["results"]["per_task"] for n, f in arms.items() if f.get("tasks")},
+               "missing": [n for n in names if n not in arms]}
+
+    records = {n: read_metrics(out / n) if metrics_file(out / n) else []
+               for n in arms}  # read once: the equal-FLOPs/-steps views and the plots all use them
+    records_of = records.__getitem__
+
+    views = {v: equal_at(arms, records_of, v) for v in EQUAL_VIEWS}
+    summary.update({v: eq for v, eq in views.items() if eq})
+    _write_json(out.parent / f"{out.name}.json", summary)
+    if not arms:
+        return summary
+    plots = plot_curves(arms, out, records_of)
+    devices = sorted({f["device"].get("name", "?") for f in arms.values()})
+    dates = sorted({f["date"][:10] for f in arms.values()})
+    commits = sorted({f["git"].get("sha", "?")[:10] for f in arms.values()})
+    body = [BEGIN, "", f"Generated by `{command}` from {out}/*/final.json "
+            f"(device: {', '.join(devices)}; dates: {', '.join(dates)}; commits: {', '.join(commits)}).", "",
+            table_markdown(arms, extra), ""]
+    for v, eq in views.items():
+        if eq:
+            body += [equal_at_markdown(eq, v), ""]
+    t = tasks_markdown(arms)
+    if t:
+        body += ["Task accuracy after identical task fine-tuning (held-out test split, exact match, 95% Wilson CI):",
+                 "", t, ""]
+    body += [f"![{'val BPB vs training FLOPs' if 'flops' in p.name else 'val BPB vs training time'}]({out.name}/{p.name})"
+             for p in plots]
+    if summary["missing"]:
+        body += ["", f"Not yet run: {', '.join(summary['missing'])}."]
+    body += ["", END]
+    md = out.parent / f"{out.name}.md"
+    text = md.read_text() if md.exists() else f"# {label}\n\n{BEGIN}\n{END}\n"
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + "\n".join(body) + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n" + "\n".join(body) + "\n"
+    md.write_text(text)
+    (out / "table.md").write_text(body[2] + "\n\n" + table_markdown(arms, extra) + "\n"
+                                  + (("\n" + t + "\n") if t else ""))  # body[2]: command, device, dates
+    _log(f"report: {md} (table section), {out.parent / (out.name + '.json')}, plots {[p.name for p in plots]}")
+    return summary

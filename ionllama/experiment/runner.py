@@ -1,0 +1,419 @@
+"""Runner: trains, evaluates and records each arm of a matrix (resumable, one folder per arm)."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import format_ngram_sizes
+from ..errors import UserError
+from ._common import _log, _now_iso, _read_json, _split_path, _write_json
+from .budget import make_budget_trainer
+from .flops import add_flops
+from .matrix import (
+    JOINT_FRAC,
+    MATRICES,
+    MODEL_KEYS,
+    NEVER,
+    NOMINAL_STEPS,
+    TASK_ARMS,
+    WARMUP_FRAC,
+    parse_overrides,
+    sweep_variants,
+    variant_parts,
+    variant_spec,
+)
+from .report import _fmt
+from .tasks import run_task_stage
+
+
+class Runner:
+    def __init__(self, args: argparse.Namespace, argv: list[str]):
+        self.a = args
+        self.argv = argv
+        self.out = Path(args.out)
+        self.ckpt_dir = Path(args.ckpt_dir)
+        self.t_start = time.perf_counter()
+        self.command = "ionllama experiment " + " ".join(shlex.quote(x) for x in argv)
+        if args.matrix not in MATRICES:
+            raise UserError(f"unknown --matrix '{args.matrix}'; choose one of {', '.join(MATRICES)}")
+        self.matrix = MATRICES[args.matrix]
+        self.overrides = parse_overrides(args.override)
+        # the sweep's runs: --from_sweep may read another results folder's sweep (a new setting on top of the
+        # picks, e.g. --override dropout=0.1, written to its own --out so the picks' rows stay)
+        self.sweep_dir = Path(args.sweep_dir) if getattr(args, "sweep_dir", None) else self.out / "sweep"
+
+    # ------------------------------------------------------------------ arm list
+    def arm_names(self) -> list[str]:
+        if not self.a.arms:
+            return list(self.matrix)
+        names = [s.strip() for s in self.a.arms.split(",") if s.strip()]
+        bad = [n for n in names if n not in self.matrix]
+        if bad:
+            raise UserError(f"unknown arm(s) {bad}; choose from {', '.join(self.matrix)}")
+        return names
+
+    def spec_of(self, arm: str, variant: str | None = None) -> dict:
+        spec = dict(self.matrix[arm])
+        if self.a.from_sweep and variant is None:
+            best = self.best_sweep_variant(arm)
+            if best:
+                spec = variant_spec(spec, best) if best != "base" else spec
+        if variant and variant != "base":
+            spec = variant_spec(spec, variant)
+        spec.update(self.overrides)
+        return spec
+
+    def sweep_subset(self) -> list[str]:
+        """--sweep_variants: which variants this process trains (e.g. an arm's sweep split over two GPUs), and
+        composed ones ('shallow+lr2x': the winners of single knobs combined)."""
+        only = list(dict.fromkeys(s.strip() for s in (self.a.sweep_variants or "").split(",") if s.strip()))
+        for v in only:
+            if v != "base":
+                try:
+                    variant_parts(v)
+                except UserError as e:
+                    raise UserError(f"--sweep_variants: {e}") from None
+        return only
+
+    def trained_variants(self, arm: str) -> list[str]:
+        """The arm's sweep variants, then any composed ones that have results in the sweep folder."""
+        names = list(sweep_variants(self.matrix[arm]))
+        for f in sorted(self.sweep_dir.glob(f"{arm}~*+*/final.json")):
+            names.append(f.parent.name.split("~", 1)[1])
+        return names
+
+    def best_sweep_variant(self, arm: str) -> str | None:
+        best = None
+        for v in self.trained_variants(arm):
+            f = _read_json(self.sweep_dir / f"{arm}~{v}" / "final.json")
+            if f and f.get("val", {}).get("bpb") is not None and (best is None or f["val"]["bpb"] < best[1]):
+                best = (v, f["val"]["bpb"])
+        return best[0] if best else None
+
+    def time_left(self) -> float:
+        if self.a.deadline_s is None:
+            return math.inf
+        return self.a.deadline_s - (time.perf_counter() - self.t_start)
+
+    # ------------------------------------------------------------------ trainer flags
+    def seq_len_of(self, spec: dict) -> int:
+        return max(8, self.a.seq_len // spec.get("token_seq_div", 1))
+
+    @staticmethod
+    def _capturable(spec: dict) -> bool:
+        """Can this arm's main-phase step be captured (the trainer's own rule, train/step_graph.py)?"""
+        from ..config import make_config
+        from ..train.step_graph import capture_problem
+
+        cfg = make_config(spec["size"], spec["model"], **{k: spec[k] for k in MODEL_KEYS if k in spec})
+        return capture_problem(cfg, "main") is None
+
+    def trainer_argv(self, run_name: str, spec: dict, budget_s: float) -> list[str]:
+        a = self.a
+        argv = ["--model", spec["model"], "--size", spec["size"]]
+        for k in MODEL_KEYS:
+            if k in spec and k != "vocab_size":
+                argv += [f"--{k}", format_ngram_sizes(spec[k]) if k == "ngram_sizes" else str(spec[k])]
+        if spec["model"] == "bpe" and "vocab_size" in spec:
+            argv += ["--vocab_size", str(spec["vocab_size"])]
+        argv += ["--data_path", a.data_path] if a.data_path else ["--dataset", a.dataset]
+        seq = self.seq_len_of(spec)
+        n_entropy = 0
+        if spec["model"] == "ionllama" and spec.get("patching", "entropy") == "entropy":
+            f = float(spec.get("entropy_frac", 0.06))
+            n_entropy = max(1, int(round(NOMINAL_STEPS * f / (1 - f))))
+        argv += ["--data_dir", a.data_dir, "--seq_len", str(seq), "--batch_size", str(a.batch_size),
+                 "--grad_accum", str(a.grad_accum), "--lr", str(spec["lr"]), "--max_steps", str(NOMINAL_STEPS),
+                 "--warmup_steps", str(int(NOMINAL_STEPS * WARMUP_FRAC)), "--entropy_steps", str(n_entropy),
+                 "--joint_steps", str(int(NOMINAL_STEPS * JOINT_FRAC)) if n_entropy else "0",
+                 "--max_train_time", str(budget_s), "--eval_interval", str(NEVER), "--save_interval", str(NEVER),
+                 "--log_interval", str(a.log_interval), "--save_dir", str(self.ckpt_dir), "--run_name", run_name,
+                 "--resume", "auto", "--sample_bytes", "0", "--seed", str(a.seed), "--device", a.device]
+        if a.curve_eval_bytes:
+            argv += ["--eval_bytes", str(a.curve_eval_bytes)]
+        if a.eval_batch_size:
+            argv += ["--eval_batch_size", str(a.eval_batch_size)]
+        if a.mixed_precision:
+            argv += ["--mixed_precision", a.mixed_precision]
+        if a.compile:
+            argv += ["--compile", "--compile_mode", a.compile_mode]
+        if a.step_graph and self._capturable(spec):
+            # entropy and space patching: the two-stage step in the main phase; the joint phase (entropy
+            # model trained) runs without the graph, the trainer says so
+            argv += ["--step_graph"]
+        return argv
+
+    # ------------------------------------------------------------------ one arm
+    def run_arm(self, arm: str, out_dir: Path, spec: dict, budget_s: float, run_name: str) -> dict | None:
+        final_path = out_dir / "final.json"
+        if final_path.exists():
+            _log(f"{run_name}: done already ({final_path}); skipped")
+            return _read_json(final_path)
+        need = budget_s + self.a.arm_overhead_s
+        if self.time_left() < need:
+            _log(f"{run_name}: not started ({self.time_left():.0f} s left before --deadline_s, an arm needs ~{need:.0f} s); "
+                 "run the same command again to continue")
+            return None
+        from ..train.cli import build_train_parser, explicit_args
+
+        targv = self.trainer_argv(run_name, spec, budget_s)
+        parser = build_train_parser()
+        try:
+            targs = parser.parse_args(targv)
+        except SystemExit:
+            raise UserError(f"arm {run_name}: the trainer rejected flags {targv}; a flag of this arm is not "
+                            "supported by this version of the trainer") from None
+        run_dir = self.ckpt_dir / run_name
+        marker = run_dir / "experiment.json"
+        state = _read_json(marker) or {}
+        if state.get("trained") and (state.get("spec") != spec or state.get("budget_s") != budget_s):
+            raise UserError(f"{run_dir} holds {run_name} trained with other settings ({state.get('spec')}, budget "
+                            f"{state.get('budget_s')} s); delete {run_dir} to train it again with these")
+        _log(f"{run_name}: {'evaluating (trained already)' if state.get('trained') else 'training'} "
+             f"- ionllama train {' '.join(shlex.quote(x) for x in targv)}")
+        if not state.get("trained"):
+            tr = make_budget_trainer(targs, explicit_args(parser, targv), budget_s, self.a.curve_points,
+                                     warmup=self.a.warmup, checkpoint_every_s=self.a.checkpoint_every_s)
+            result = tr.run()
+            if not result:
+                raise UserError(f"{run_name}: the trainer returned no result; see its log above")
+            model, device, amp = tr.model, tr.device, tr.amp_dtype
+            state = {"trained": True, "spec": spec, "budget_s": budget_s, "step": tr.step,
+                     "train_time_s": tr.train_time,
+                     "warmup_s": getattr(tr, "warmup_s", None),
+                     "bytes_seen": tr.bytes_seen, "train_bytes": tr.data_meta.get("train_bytes"),
+                     "data": tr.data_meta}
+            _write_json(marker, state)
+            del tr
+        else:
+            from ..train.checkpoint import load_model
+            from ..train.trainer import resolve_amp, resolve_device
+
+            device = resolve_device(self.a.device)
+            amp = resolve_amp(self.a.mixed_precision, device)
+            model = load_model(run_dir / "latest.pt", device=device)
+        final = self.evaluate_arm(arm, run_name, spec, model, device, amp, state, targv, run_dir, budget_s)
+        self.write_arm_outputs(out_dir, run_dir, model, spec, final)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return final
+
+    # ------------------------------------------------------------------ evaluation of one arm
+    def eval_sets(self) -> list[tuple[str, str | None]]:
+        """(name, path) of the extra evaluation sets: test (with --final_test) and --eval_data."""
+        sets = []
+        if self.a.final_test:
+            p = _split_path(self.a.data_path or "", "test")
+            if p is None:
+                raise UserError("--final_test needs a --data_path with '{split}' and a test file next to train/val")
+            sets.append(("test", p))
+        for p in self.a.eval_data or []:
+            if not Path(p).exists():
+                raise UserError(f"--eval_data {p} does not exist; give a text/jsonl(.xz) file or a directory")
+            sets.append((Path(p).name.split(".")[0], p))
+        return sets
+
+    def _byte_set(self, name: str, path: str | None, val: np.ndarray | None) -> np.ndarray:
+        """The bytes of an evaluation set, starting with DOC_SEP (so byte and token models score the same
+        bytes: all but the first), capped at --eval_bytes scored bytes."""
+        from ..data import DOC_SEP
+
+        if path is None:
+            data = val
+        else:
+            from ..eval.loading import read_eval_bytes
+
+            data = read_eval_bytes(path)
+            if data[0] != DOC_SEP:
+                data = np.concatenate([np.array([DOC_SEP], dtype=np.uint8), data])
+        if self.a.eval_bytes is not None:
+            data = data[: self.a.eval_bytes + 1]
+        return data
+
+    def _bpb(self, model, data: np.ndarray, seq_len: int, device, amp, shard_tokens=None) -> dict:
+        t0 = time.perf_counter()
+        if getattr(model, "token_level", False):
+            from ..data.bpe import evaluate_token_bpb
+
+            toks = shard_tokens if shard_tokens is not None else model.bpe.encode(data)
+            r = evaluate_token_bpb(model, toks, seq_len, self.a.eval_batch_size or self.a.batch_size, device, amp)
+            r["bytes_per_patch"] = r.pop("bytes_per_token")
+        else:
+            from ..eval.bpb import evaluate_bpb
+
+            r = dict(evaluate_bpb(model, data, seq_len, self.a.eval_batch_size or self.a.batch_size, device,
+                                  amp_dtype=amp))
+        r["seconds"] = time.perf_counter() - t0
+        return r
+
+    def evaluate_arm(self, arm, run_name, spec, model, device, amp, state, targv, run_dir, budget_s) -> dict:
+        from ..data.shards import open_shards
+        from ..eval.benchmark import device_info, git_commit
+
+        data_dir = Path(state["data"]["path"]) if state.get("data", {}).get("path") else None
+        if data_dir is None:
+            raise UserError(f"{run_name}: the trained run records no data folder; delete {run_dir} and run again")
+        shards = open_shards(data_dir)
+        seq = self.seq_len_of(spec)
+        val = self._byte_set("val", None, np.asarray(shards.val))
+        shard_tokens = None
+        if getattr(model, "token_level", False) and self.a.eval_bytes is None:
+            tok_dir = state["data"].get("token_dir")
+            if tok_dir:
+                from ..data.bpe import open_token_shards
+
+                ts = open_token_shards(tok_dir)
+                if ts.bpe.to_str() == model.bpe.to_str():
+                    shard_tokens = ts.val
+        model.eval()
+        _log(f"{run_name}: final evaluation on {len(val) - 1:,} val bytes")
+        res = {"val": self._bpb(model, val, seq, device, amp, shard_tokens)}
+        for name, path in self.eval_sets():
+            data = self._byte_set(name, path, None)
+            _log(f"{run_name}: evaluating {name} ({len(data) - 1:,} bytes of {path})")
+            res[name] = self._bpb(model, data, seq, device, amp)
+            res[name]["path"] = path
+        params = model.count_parameters()
+        emb = sum(v for k, v in params.items() if k in ("embed",))
+        bpt = state["data"].get("bytes_per_token")
+        train_bytes = state["data"].get("train_bytes") or len(shards.train)
+        records = self._trainer_records(run_dir)
+        flops = add_flops(records, model, seq, bpt)[-1]["train_flops"] if records else None
+        bytes_seen = state["bytes_seen"]
+        cfg = model.config.to_dict()
+        return {
+            "arm": arm, "run": run_name, "model": spec["model"], "spec": spec, "model_config": cfg,
+            "params": params["total"], "params_non_embedding": params["total"] - emb, "params_by_part": params,
+            **res,
+            "bytes_per_patch": res["val"].get("bytes_per_patch"),
+            "train": {"budget_s": budget_s, "train_time_s": state["train_time_s"], "steps": state["step"],
+                      "warmup_s_excluded": state.get("warmup_s"), "compile": bool(self.a.compile),
+                      "step_graph": "--step_graph" in targv,
+                      "bytes_seen": bytes_seen, "bytes_per_s": bytes_seen / max(state["train_time_s"], 1e-9),
+                      "epochs": bytes_seen / max(train_bytes, 1), "train_flops": flops,
+                      "seq_len": seq, "batch_size": self.a.batch_size * self.a.grad_accum,
+                      "seq_len_unit": "tokens" if spec["model"] == "bpe" else "bytes", "bytes_per_token": bpt,
+                      "schedule": f"time-based: warmup {WARMUP_FRAC:.0%}, cosine to 10% over the budget"
+                                  + (f", entropy model first {spec.get('entropy_frac', 0.06):.0%}, joint last "
+                                     f"{JOINT_FRAC:.0%}" if spec["model"] == "ionllama" and
+                                     spec.get("patching", "entropy") == "entropy" else "")},
+            "data": {"path": self.a.data_path or self.a.dataset, "shards": str(data_dir),
+                     "train_bytes": train_bytes, "val_bytes": len(shards.val),
+                     "eval_bytes_cap": self.a.eval_bytes},
+            "command": self.command,
+            "trainer_command": "ionllama train " + " ".join(shlex.quote(x) for x in targv),
+            "device": device_info(device), "date": _now_iso(), "git": git_commit(),
+        }
+
+    def _trainer_records(self, run_dir: Path) -> list[dict]:
+        from ..train.metrics import metrics_file, read_metrics
+
+        return read_metrics(run_dir) if metrics_file(run_dir) else []
+
+    def write_arm_outputs(self, out_dir: Path, run_dir: Path, model, spec: dict, final: dict) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        recs = add_flops(self._trainer_records(run_dir), model, final["train"]["seq_len"],
+                         final["train"]["bytes_per_token"])
+        last_flops = recs[-1]["train_flops"] if recs else None
+        recs.append({"step": final["train"]["steps"], "phase": "final", "bytes_seen": final["train"]["bytes_seen"],
+                     "train_time_s": final["train"]["train_time_s"], "train_flops": last_flops,
+                     **{f"val_{k}": v for k, v in final["val"].items() if isinstance(v, (int, float))}})
+        with open(out_dir / "metrics.jsonl.tmp", "w") as f:
+            for r in recs:
+                f.write(json.dumps(r) + "\n")
+        (out_dir / "metrics.jsonl.tmp").replace(out_dir / "metrics.jsonl")
+        cfg = _read_json(run_dir / "config.json")
+        if cfg is not None:
+            _write_json(out_dir / "config.json", cfg)
+        _write_json(out_dir / "final.json", final)
+        t = final["train"]
+        _log(f"{final['run']}: val bpb {final['val']['bpb']:.4f} over {final['val']['bytes']:,} bytes; "
+             f"{t['steps']} steps in {t['train_time_s']:.0f} s ({t['bytes_per_s'] / 1e6:.2f} MB/s); "
+             f"-> {out_dir / 'final.json'}")
+
+    # ------------------------------------------------------------------ stages
+    def prepare(self, eval_sets: bool = True) -> None:
+        """Byte shards, the token shards of the token arms and the extra evaluation sets, without training
+        (the first call on a fresh machine; later arms then start training at once)."""
+        from ..data.shards import DataArgs, prepare
+
+        t0 = time.perf_counter()
+        byte_dir = prepare(DataArgs(dataset=self.a.dataset, data_path=self.a.data_path, data_dir=self.a.data_dir),
+                           log=_log)
+        for arm in self.arm_names():
+            spec = self.spec_of(arm)
+            if spec["model"] == "bpe":
+                from ..data.bpe import DEFAULT_VOCAB, prepare_tokens
+
+                prepare_tokens(byte_dir, int(spec.get("vocab_size", DEFAULT_VOCAB)), log=_log)
+        for name, path in (self.eval_sets() if eval_sets else []):
+            _log(f"eval set {name}: {len(self._byte_set(name, path, None)) - 1:,} bytes from {path}")
+        _log(f"data ready in {time.perf_counter() - t0:.0f} s")
+
+    def pretrain(self) -> None:
+        for arm in self.arm_names():
+            spec = self.spec_of(arm)
+            self.run_arm(arm, self.out / arm, spec, self.a.budget_s, arm)
+
+    def sweep(self) -> None:
+        budget = self.a.sweep_budget_s or self.a.budget_s
+        only = self.sweep_subset()
+        composed = [v for v in only if "+" in v]
+        for arm in self.arm_names():
+            for v in (*sweep_variants(self.matrix[arm]), *composed):
+                if only and v not in only:
+                    continue
+                if any(p not in sweep_variants(self.matrix[arm]) for p in v.split("+")):
+                    _log(f"{arm}~{v}: not a variant of this arm (its model has no such knob); skipped")
+                    continue
+                name = f"{arm}~{v}"
+                self.run_arm(arm, self.sweep_dir / name, self.spec_of(arm, v), budget, name)
+
+    def tasks(self) -> None:
+        arms = [s.strip() for s in (self.a.task_arms or ",".join(TASK_ARMS)).split(",") if s.strip()]
+        for arm in arms:
+            if arm not in self.matrix:
+                raise UserError(f"--task_arms: unknown arm '{arm}'; choose from {', '.join(self.matrix)}")
+            out = self.out / arm / "tasks.json"
+            if out.exists():
+                _log(f"{arm}: task results exist ({out}); skipped")
+                continue
+            if self.time_left() < self.a.task_time_s:
+                _log(f"{arm}: task stage not started (too little time before --deadline_s); run again to continue")
+                return
+            ck = self.ckpt_dir / arm / "latest.pt"
+            if not ck.is_file():
+                _log(f"{arm}: no checkpoint {ck} (train the arm first on this machine); task stage skipped")
+                continue
+            from ..train.checkpoint import load_model
+            from ..train.trainer import resolve_amp, resolve_device
+
+            device = resolve_device(self.a.device)
+            amp = resolve_amp(self.a.mixed_precision, device)
+            model = load_model(ck, device=device)
+            res = run_task_stage(model, device, amp, self.a)
+            res.update({"arm": arm, "checkpoint": str(ck), "command": self.command, "date": _now_iso(),
+                        "device": _device_info(device), "git": _git()})
+            _write_json(out, res)
+            acc = ", ".join(f"{t} {_fmt(r['accuracy'], 2)}" for t, r in res["results"]["per_task"].items())
+            _log(f"{arm}: task accuracy (test split) {acc} -> {out}")
+
+
+def _device_info(device):
+    from ..eval.benchmark import device_info
+
+    return device_info(device)
+
+
+def _git():
+    from ..eval.benchmark import git_commit
+
+    return git_commit()

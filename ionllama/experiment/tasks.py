@@ -1,0 +1,93 @@
+"""The task stage: identical task examples and steps for every task arm, scored on held-out tasks."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ._common import _autocast
+
+
+def task_examples(seed: int, step: int, n: int) -> list:
+    """The task examples of fine-tuning step `step`: the same for every arm (a pure function of seed, step)."""
+    from ..data import tasks as T
+
+    rng = np.random.default_rng([seed, step, 0x7A5D])
+    return [T.sample_example(rng, T.TASKS[int(rng.integers(len(T.TASKS)))], "train") for _ in range(n)]
+
+
+def pack_examples(pieces: list[tuple[list[int], list[int]]], sep: int, row_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[(prompt ids, answer ids incl. newline)] -> rows `sep p a sep p a ...` padded with sep; targets only
+    on answers. Examples are never cut; as many rows as needed."""
+    rows, masks, cur, cm = [], [], [sep], [False]
+    for p, ans in pieces:
+        if len(p) + len(ans) + 2 > row_len + 1:
+            raise UserError(f"a task example needs {len(p) + len(ans) + 2} positions; raise --task_seq_len")
+        if len(cur) + len(p) + len(ans) + 1 > row_len + 1:
+            rows.append(cur)
+            masks.append(cm)
+            cur, cm = [sep], [False]
+        cur += p + ans + [sep]
+        cm += [False] * len(p) + [True] * len(ans) + [False]
+    rows.append(cur)
+    masks.append(cm)
+    L = row_len + 1
+    toks = torch.full((len(rows), L), sep, dtype=torch.long)
+    tmask = torch.zeros((len(rows), L), dtype=torch.bool)
+    for i, (r, m) in enumerate(zip(rows, masks)):
+        toks[i, :len(r)] = torch.tensor(r)
+        tmask[i, :len(m)] = torch.tensor(m)
+    y = torch.where(tmask[:, 1:], toks[:, 1:], torch.full_like(toks[:, 1:], -100))
+    return toks[:, :-1], y
+
+
+def task_batch(model, examples, row_len_bytes: int):
+    from ..data import DOC_SEP
+
+    if getattr(model, "token_level", False):
+        bpe = model.bpe
+        pieces = []
+        for e in examples:
+            p, a = bpe.encode_docs([e.prompt, e.answer + b"\n"])
+            pieces.append((p.tolist(), a.tolist()))
+        return pack_examples(pieces, bpe.sep_id, max(16, row_len_bytes // 2))
+    return pack_examples([(list(e.prompt), list(e.answer + b"\n")) for e in examples], DOC_SEP, row_len_bytes)
+
+
+def run_task_stage(model, device, amp, a) -> dict:
+    """Fine-tune on identical task examples for --task_steps steps, then held-out test accuracy."""
+    from ..eval.task_eval import run_tasks
+    from ..train.optim import make_adamw
+    from ..train.schedule import warmup_cosine
+
+    if hasattr(model, "freeze_entropy"):
+        model.freeze_entropy(True)  # patch boundaries as in pretraining
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_adamw(model, params, a.task_lr, 0.1, device)
+    model.train()
+    t0 = time.perf_counter()
+    losses = []
+    for step in range(a.task_steps):
+        x, y = task_batch(model, task_examples(a.seed, step, a.task_batch), a.task_seq_len)
+        lr = a.task_lr * warmup_cosine(step, a.task_steps, max(1, a.task_steps // 20))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with _autocast(device, amp):
+            out = model(x.to(device), y.to(device))
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 50 == 0 or step == a.task_steps - 1:
+            losses.append({"step": step, "loss": float(out["loss"].detach())})
+    train_s = time.perf_counter() - t0
+    model.eval()
+    results = run_tasks(model, device, n=a.task_n, max_digits=4, seed=1234, shots=0, trained_on_tasks=True,
+                        split="test", batch_size=32, amp_dtype=amp)
+    return {"fine_tuning": {"steps": a.task_steps, "examples_per_step": a.task_batch, "lr": a.task_lr,
+                            "schedule": "AdamW, warmup 5% then cosine to 10%, grad clip 1.0",
+                            "row_len": a.task_seq_len, "seed": a.seed, "seconds": train_s, "losses": losses,
+                            "data": "ionllama.data.tasks train split, identical examples per step for every arm"},
+            "results": results}
