@@ -387,3 +387,56 @@ def test_ngram_overrides_reach_the_trainer(tmp_path):
     assert argv[argv.index("--ngram_sizes") + 1] == "3+4+5+6+7+8"
     targs = build_train_parser().parse_args(argv)
     assert (targs.ngram_sizes, targs.ngram_buckets) == ((3, 4, 5, 6, 7, 8), 1024)
+
+
+def test_an_arm_that_would_overrun_the_deadline_is_cut_short_with_its_row_kept(tmp_path, monkeypatch, one_thread):
+    """An arm that started but runs late (more warm-up than --arm_overhead_s allowed) stops training early
+    enough for its final evaluation, instead of being killed at the deadline with no row at all; the row
+    says it was cut short."""
+    from ionllama.experiment import budget
+
+    pattern = write_corpus(tmp_path, n_train=12, n_val=2, doc_bytes=1200)
+    monkeypatch.setattr(budget, "RESERVE_FIRST_EVAL_S", 0.5)
+    monkeypatch.setattr(budget, "RESERVE_MARGIN_S", 1.0)
+    monkeypatch.setattr(Runner, "time_left", lambda self: float("inf"))  # the arm is started regardless
+    argv = _argv(tmp_path, pattern, "--arms", "dense", "--budget_s", "120", "--deadline_s", "6",
+                 "--curve_points", "60")
+    assert main(argv) == 0
+    f = json.loads((tmp_path / "res" / "phase1" / "dense" / "final.json").read_text())
+    t = f["train"]
+    assert t["budget_s"] == 120 and t["cut_short_s"] is not None
+    assert 0 < t["train_time_s"] < 6 and t["steps"] >= 1
+    assert 0 < f["val"]["bpb"] < 9
+    assert "(cut, of 120)" in (tmp_path / "res" / "phase1.md").read_text()
+
+
+def test_joint_frac_sets_the_joint_phase_and_is_checked(tmp_path):
+    r = Runner(build_parser().parse_args(["--out", str(tmp_path / "o"), "--ckpt_dir", str(tmp_path / "c")]), [])
+    spec = r.spec_of("ionllama", None)
+    argv = r.trainer_argv("ionllama", spec, 10.0)
+    default_joint = int(argv[argv.index("--joint_steps") + 1])
+    argv0 = r.trainer_argv("ionllama", {**spec, "joint_frac": 0}, 10.0)
+    assert default_joint > 0 and argv0[argv0.index("--joint_steps") + 1] == "0"
+    with pytest.raises(UserError, match="joint_frac"):
+        r.trainer_argv("ionllama", {**spec, "joint_frac": 1.5}, 10.0)
+
+
+@pytest.mark.parametrize("joint_steps", [0, 5])
+def test_warm_up_runs_the_joint_configuration_only_where_the_plan_has_one(joint_steps, one_thread):
+    from types import SimpleNamespace
+
+    from ionllama.experiment import warm_up
+
+    torch.manual_seed(0)
+    m = create_model("tiny", model="ionllama", patching="entropy")
+    x = torch.randint(0, 256, (2, 64))
+    frozen = []
+    real = m.freeze_entropy
+    m.freeze_entropy = lambda flag=True: (frozen.append(flag), real(flag))
+    tr = SimpleNamespace(model=m, device=torch.device("cpu"), amp_dtype=None, fwd=m,
+                         sampler=SimpleNamespace(get=lambda k: (x, x)), stage_a=None,
+                         plan=SimpleNamespace(joint_steps=joint_steps),
+                         args=SimpleNamespace(compile=False, step_graph=False), mark_step=lambda: None)
+    warm_up(tr)
+    configs = [f for f in frozen[:-1]]  # the last call restores the model's own setting
+    assert configs == ([True, False] if joint_steps else [True])

@@ -11,6 +11,12 @@ from ._common import _autocast, _log, _sync
 from .matrix import NEVER
 
 
+# the wall-clock deadline's reserve: an evaluation's seconds before any curve point has been timed, and the
+# margin on top (saving latest.pt, writing the arm's outputs)
+RESERVE_FIRST_EVAL_S = 30.0
+RESERVE_MARGIN_S = 15.0
+
+
 class TimeBudgetPlan:
     """Wraps the trainer's PhasePlan: phase and learning rate at any step are those of the step
     ``total x spent / budget`` of the nominal plan, so the schedule follows training time. Training
@@ -56,7 +62,9 @@ def warm_up(tr) -> float:
         saved = (m.entropy_threshold.detach().clone(), getattr(m, "_entropy_frozen", False))
         with torch.no_grad():
             m.calibrate_threshold(tr.sampler.get(0)[0].to(dev))
-        configs = [True, False]
+        # the joint configuration (entropy model trained) only where the plan has a joint phase
+        plan = getattr(tr, "plan", None)
+        configs = [True, False] if plan is None or plan.joint_steps > 0 else [True]
     from ..train.step_graph import latent_bucket, static_step_shapes
 
     # the baselines share ModelConfig (and its default patching): only ionLlama's own patching counts here
@@ -103,11 +111,17 @@ def warm_up(tr) -> float:
 
 
 def make_budget_trainer(train_args, explicit: set[str], budget_s: float, curve_points: int, warmup: bool = True,
-                        checkpoint_every_s: float | None = None):
+                        checkpoint_every_s: float | None = None, wall_deadline: float | None = None,
+                        final_evals: int = 1):
     """The harness Trainer with the time-based plan and evaluations every budget / curve_points seconds of
     training (at the first log point after each mark, so the logged train_time_s is exact), and latest.pt
     saved at the first evaluation after every `checkpoint_every_s` training seconds (the trainer also saves
-    it when stopped or signalled). Their time is removed from the training time. `warm_up` runs first."""
+    it when stopped or signalled). Their time is removed from the training time. `warm_up` runs first.
+
+    wall_deadline (a time.perf_counter() value): training stops early, with latest.pt saved, once the time
+    left before it would no longer fit `final_evals` evaluations (each as long as the last curve point's,
+    with a margin). A run killed at the deadline leaves no row at all; a run cut short leaves one whose
+    training time says so (`cut_short_s`)."""
     from ..train.trainer import Trainer
 
     class BudgetTrainer(Trainer):
@@ -120,6 +134,13 @@ def make_budget_trainer(train_args, explicit: set[str], budget_s: float, curve_p
             self.eval_every = budget_s / max(1, curve_points)
             self.next_eval = (math.floor(self.train_time / self.eval_every + 1e-9) + 1) * self.eval_every
             self.next_save = self.train_time + (checkpoint_every_s or math.inf)
+            self.last_eval_s = None  # wall seconds of the last curve point's evaluation
+            self.cut_short_s = None  # training seconds when the wall-clock deadline stopped the run
+
+        def reserve_s(self) -> float:
+            """Wall seconds to keep for the final evaluations and saving."""
+            per = self.last_eval_s if self.last_eval_s is not None else RESERVE_FIRST_EVAL_S
+            return 1.5 * final_evals * per + RESERVE_MARGIN_S
 
         def run(self):
             self.warmup_s = warm_up(self) if warmup else 0.0
@@ -163,6 +184,8 @@ def make_budget_trainer(train_args, explicit: set[str], budget_s: float, curve_p
                 _sync(self.device)
                 t0 = time.perf_counter()
                 Trainer.evaluate(self, self.phase)  # the curve point (the clock is corrected below)
+                _sync(self.device)
+                self.last_eval_s = time.perf_counter() - t0
                 if self.train_time >= self.next_save:
                     self.save("latest.pt")
                     self.next_save = self.train_time + checkpoint_every_s
@@ -179,6 +202,14 @@ def make_budget_trainer(train_args, explicit: set[str], budget_s: float, curve_p
             out = super().train_step(step)
             # after this step, does the clock put the run in the next phase? (checked as step + 1 == end)
             self._boundary = self.plan.base.phase_of(self.plan.virtual_step()) != self.phase
+            if wall_deadline is not None and self.cut_short_s is None and \
+                    time.perf_counter() + self.reserve_s() >= wall_deadline:
+                # the trainer's own stop rule ends the run at this step (saving latest.pt)
+                self.cut_short_s = self._clock()
+                self.args.max_train_time = 0.0
+                _log(f"wall-clock deadline: training stops at {self.cut_short_s:.0f} s of the {budget_s:.0f} s "
+                     f"budget, keeping {self.reserve_s():.0f} s for the final evaluation; this row is cut short")
+            return out
             return out
 
     return BudgetTrainer()

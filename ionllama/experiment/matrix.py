@@ -10,6 +10,8 @@ from ..errors import UserError
 # One row per arm: trainer flags (model, size, size overrides, lr) and experiment keys:
 #   token_seq_div - a token model's window = --seq_len // token_seq_div tokens (1024 bytes -> 256 tokens)
 #   entropy_frac  - share of the budget spent training the entropy model (entropy patching only)
+#   joint_frac    - share of the main + joint steps for joint fine-tuning at the end (entropy patching only;
+#                   default JOINT_FRAC)
 def _matrix(dense: dict, mamba: dict, ion: dict) -> dict[str, dict]:
     """The nine arms: three baselines and ionLlama with its five ablations, from base settings."""
     return {
@@ -109,8 +111,9 @@ def parse_overrides(items: list[str] | None) -> dict:
             if "=" not in part:
                 raise UserError(f"--override '{part}' is not KEY=VALUE; e.g. --override d_model=64")
             k, v = part.split("=", 1)
-            if k not in MODEL_KEYS + ("lr", "size", "entropy_frac", "token_seq_div"):
-                raise UserError(f"--override: unknown key '{k}'; valid: {', '.join(MODEL_KEYS)}, lr, size, entropy_frac")
+            if k not in MODEL_KEYS + ("lr", "size", "entropy_frac", "joint_frac", "token_seq_div"):
+                raise UserError(f"--override: unknown key '{k}'; valid: {', '.join(MODEL_KEYS)}, lr, size, "
+                                "entropy_frac, joint_frac")
             if k == "ngram_sizes":  # "3-8" or "2+3+5" -> a tuple
                 out[k] = parse_ngram_sizes(v)
                 continue

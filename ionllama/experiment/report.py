@@ -38,7 +38,9 @@ def table_markdown(arms: dict, extra_sets: list[str]) -> str:
         t = f["train"]
         row = [n, f"{f['params'] / 1e6:.1f}M", _fmt(f["val"]["bpb"], 4),
                *[_fmt(f.get(s, {}).get("bpb"), 4) for s in extra_sets],
-               f"{t['train_time_s']:.0f}", str(t["steps"]), f"{t['bytes_per_s'] / div:.2f}",
+               # a row cut short by the wall-clock deadline shows its budget: it is not a full row
+               f"{t['train_time_s']:.0f}" + (f" (cut, of {t['budget_s']:.0f})" if t.get("cut_short_s") else ""),
+               str(t["steps"]), f"{t['bytes_per_s'] / div:.2f}",
                _fmt(f.get("bytes_per_patch"), 2), f"{t['epochs']:.2f}", _fmt(t.get("train_flops"))]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)

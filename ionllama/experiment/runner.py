@@ -103,6 +103,13 @@ class Runner:
         return self.a.deadline_s - (time.perf_counter() - self.t_start)
 
     # ------------------------------------------------------------------ trainer flags
+    @staticmethod
+    def joint_frac(spec: dict) -> float:
+        f = float(spec.get("joint_frac", JOINT_FRAC))
+        if not 0.0 <= f < 1.0:
+            raise UserError(f"joint_frac={f}: give a share of the main + joint steps in [0, 1), e.g. 0 for none")
+        return f
+
     def seq_len_of(self, spec: dict) -> int:
         return max(8, self.a.seq_len // spec.get("token_seq_div", 1))
 
@@ -132,7 +139,7 @@ class Runner:
         argv += ["--data_dir", a.data_dir, "--seq_len", str(seq), "--batch_size", str(a.batch_size),
                  "--grad_accum", str(a.grad_accum), "--lr", str(spec["lr"]), "--max_steps", str(NOMINAL_STEPS),
                  "--warmup_steps", str(int(NOMINAL_STEPS * WARMUP_FRAC)), "--entropy_steps", str(n_entropy),
-                 "--joint_steps", str(int(NOMINAL_STEPS * JOINT_FRAC)) if n_entropy else "0",
+                 "--joint_steps", str(int(NOMINAL_STEPS * self.joint_frac(spec))) if n_entropy else "0",
                  "--max_train_time", str(budget_s), "--eval_interval", str(NEVER), "--save_interval", str(NEVER),
                  "--log_interval", str(a.log_interval), "--save_dir", str(self.ckpt_dir), "--run_name", run_name,
                  "--resume", "auto", "--sample_bytes", "0", "--seed", str(a.seed), "--device", a.device]
@@ -179,8 +186,10 @@ class Runner:
         _log(f"{run_name}: {'evaluating (trained already)' if state.get('trained') else 'training'} "
              f"- ionllama train {' '.join(shlex.quote(x) for x in targv)}")
         if not state.get("trained"):
+            deadline = None if self.a.deadline_s is None else self.t_start + self.a.deadline_s
             tr = make_budget_trainer(targs, explicit_args(parser, targv), budget_s, self.a.curve_points,
-                                     warmup=self.a.warmup, checkpoint_every_s=self.a.checkpoint_every_s)
+                                     warmup=self.a.warmup, checkpoint_every_s=self.a.checkpoint_every_s,
+                                     wall_deadline=deadline, final_evals=1 + len(self.eval_sets()))
             result = tr.run()
             if not result:
                 raise UserError(f"{run_name}: the trainer returned no result; see its log above")
@@ -188,6 +197,7 @@ class Runner:
             state = {"trained": True, "spec": spec, "budget_s": budget_s, "step": tr.step,
                      "train_time_s": tr.train_time,
                      "warmup_s": getattr(tr, "warmup_s", None),
+                     "cut_short_s": getattr(tr, "cut_short_s", None),
                      "bytes_seen": tr.bytes_seen, "train_bytes": tr.data_meta.get("train_bytes"),
                      "data": tr.data_meta}
             _write_json(marker, state)
@@ -295,6 +305,8 @@ class Runner:
             **res,
             "bytes_per_patch": res["val"].get("bytes_per_patch"),
             "train": {"budget_s": budget_s, "train_time_s": state["train_time_s"], "steps": state["step"],
+                      # set when the wall-clock deadline stopped training early: not comparable with full rows
+                      "cut_short_s": state.get("cut_short_s"),
                       "warmup_s_excluded": state.get("warmup_s"), "compile": bool(self.a.compile),
                       "step_graph": "--step_graph" in targv,
                       "bytes_seen": bytes_seen, "bytes_per_s": bytes_seen / max(state["train_time_s"], 1e-9),
@@ -303,7 +315,7 @@ class Runner:
                       "seq_len_unit": "tokens" if spec["model"] == "bpe" else "bytes", "bytes_per_token": bpt,
                       "schedule": f"time-based: warmup {WARMUP_FRAC:.0%}, cosine to 10% over the budget"
                                   + (f", entropy model first {spec.get('entropy_frac', 0.06):.0%}, joint last "
-                                     f"{JOINT_FRAC:.0%}" if spec["model"] == "ionllama" and
+                                     f"{self.joint_frac(spec):.0%}" if spec["model"] == "ionllama" and
                                      spec.get("patching", "entropy") == "entropy" else "")},
             "data": {"path": self.a.data_path or self.a.dataset, "shards": str(data_dir),
                      "train_bytes": train_bytes, "val_bytes": len(shards.val),
