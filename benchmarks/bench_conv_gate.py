@@ -4,6 +4,10 @@ shifted-product reference compiled by Inductor (the path before the kernel), and
 
     PYTHONPATH=. python benchmarks/bench_conv_gate.py --out $OUT/conv_gate.json [--check] [--sweep]
 
+--sweep (first, at the first shape; about a minute on an H200, mostly compiles): pass A's weight-gradient variant
+(bwd_wgrad 0 / 1) x bwd_block_t x bwd_num_warps, then rows_per_prog and block_d at the fastest, pass B's tiles,
+the dGC dtype; every point's backward (pass A + B) checked against the reference; a table fastest first.
+
 Memory floor (B*T*D elements, e bytes each): forward reads x (2 per element) and writes u (1): 3 e; backward
 reads du (1) and x (2) and writes dx (2): 5 e. The backward (two passes, conv_gate_triton's docstring) moves
 9 e (dGC written and read back; 13 e with bwd_dgc_fp32=1, the default); it is also timed alone (kernels
@@ -91,61 +95,134 @@ def time_block(B, T, D, k, rep, conv_gate: str):
     return dict(ms=ms, kernels=prof)
 
 
-def sweep(B, T, D, k, rep=25):
-    """Tiles and rows per backward program, timing the kernels called directly (no autograd): the forward, then
-    the backward (pass A's tiles with pass B's defaults, pass B's tiles with the best pass A, the dGC dtype)."""
+# Pass A's grid (bwd_wgrad: conv_gate_triton's _CONFIG comment). bwd_block_t 16 as well: ptxas for sm_90 (no GPU
+# needed) reports spills for the deferred variant at 4 warps from 32 rows up, and for the per-tile one at 32 x 4.
+GATE_GRID = dict(bwd_wgrad=(0, 1), bwd_block_t=(16, 32, 64, 128), bwd_num_warps=(4, 8))
+# then, for the fastest few: more or fewer rows per program (min_programs 1 lets rows_per_prog > 256 stand at
+# B 8 x T 8192), and narrower channel tiles (block_d is shared with the forward)
+GATE_REFINE = [dict(rows_per_prog=128), dict(rows_per_prog=512, min_programs=1),
+               dict(rows_per_prog=1024, min_programs=1), dict(block_d=32)]
+DX_CFGS = [(32, 128, 4), (64, 128, 4), (32, 256, 4), (64, 256, 8), (128, 64, 4), (128, 128, 8)]
+FWD_CFGS = [(32, 64, 4), (64, 64, 4), (32, 128, 4), (16, 128, 4), (64, 32, 2), (64, 128, 8)]
+
+
+def sweep(B, T, D, k, rep=20, warmup=10):
+    """Launch configs, timing the kernels called directly (no autograd): the forward's tiles; then the backward
+    (pass A + pass B, conv_gate_backward) over GATE_GRID with the other keys at their defaults, GATE_REFINE on
+    the 3 fastest points, pass B's tiles with the best pass A, the other dGC dtype. Every backward point's dx,
+    dweight, dbias are checked against the reference (fp32 autograd of causal_conv_gate_reference on the same
+    bf16 values; bf16 tolerance as the selfcheck's); a point that fails to compile or run is logged, not fatal.
+    Prints the backward points as a table sorted by time, and the best."""
+    import itertools
+
     from ionllama.kernels import conv_gate_triton as cg
+    from ionllama.kernels.selfcheck import TOL, rel_err
     proj, w, b, du = make(B, T, D, k, torch.bfloat16, seed=1)
     x, w, b = proj.detach()[..., :2 * D], w.detach().to(torch.bfloat16), b.detach().to(torch.bfloat16)
-    fwd_cfgs = [(32, 64, 4), (64, 64, 4), (32, 128, 4), (16, 128, 4), (64, 32, 2), (64, 128, 8)]
-    bwd_cfgs = [(32, 4, 256), (32, 8, 256), (16, 4, 256), (32, 4, 512), (32, 4, 128), (64, 8, 256), (16, 2, 256)]
-    gate_cfgs = bwd_cfgs + [(64, 4, 256), (64, 4, 1024), (128, 8, 512), (128, 8, 2048)]
-    dx_cfgs = [(32, 128, 4), (64, 128, 4), (32, 256, 4), (64, 256, 8), (16, 256, 4), (128, 64, 4), (32, 64, 2),
-               (128, 128, 8), (8, 512, 4)]
+    r_ins = [t.float().requires_grad_() for t in (x, w, b)]
+    ref = torch.autograd.grad(causal_conv_gate_reference(*r_ins), r_ins, du.float())
+    del r_ins
+    tol = TOL[torch.bfloat16]
     old = dict(cg._CONFIG)
-    log, best_f, best = [], None, None
+    log, best_f = [], None
 
     def bwd(**cfg):
-        nonlocal best
-        cg.set_conv_gate_config(**cfg)
-        f = do_bench(lambda: cg.conv_gate_backward(du, x, w, b), rep=rep)
-        log.append(dict(kind="bwd", ms=f, **cfg))
-        print(f"sweep bwd {cfg}: {f:.4f} ms", flush=True)
-        if best is None or f < best["ms"]:
-            best = dict(ms=f, **cfg)
+        full = {**old, **cfg}
+        seen = next((r for r in log if r.get("full") == full), None)
+        if seen is not None:  # already measured (the defaults, or a refinement landing on a grid point)
+            return seen
+        cg.set_conv_gate_config(**full)
+        row = dict(kind="bwd", **cfg, eff_rows_per_prog=cg._rows_per_prog(B, T, D),
+                   wgrad_run=cg._wgrad_variant(k), full=full)
+        try:
+            got = cg.conv_gate_backward(du, x, w, b)
+            row["err"] = max(rel_err(g, r) for g, r in zip(got, ref))
+            del got
+            row["ok"] = row["err"] <= tol
+            row["ms"] = do_bench(lambda: cg.conv_gate_backward(du, x, w, b), rep=rep, warmup=warmup)
+        except Exception as e:  # e.g. out of shared memory / registers at a large tile
+            row.update(ok=False, ms=float("inf"), error=f"{type(e).__name__}: {str(e)[:200]}")
+        finally:
+            cg.set_conv_gate_config(**old)
+        log.append(row)
+        print(f"sweep bwd {cfg}: {row['ms']:.4f} ms, rel err {row.get('err', float('nan')):.1e}"
+              f"{'' if row['ok'] else ' FAILED ' + row.get('error', f'(tolerance {tol:.0e})')}", flush=True)
+        return row
 
-    for bt, bd, nw in fwd_cfgs:
+    def best_rows(n=1):
+        ok = sorted((r for r in log if r["kind"] == "bwd" and r["ok"]), key=lambda r: r["ms"])
+        return ok[:n]
+
+    def keys(row):
+        return {key: row[key] for key in old if key in row}
+
+    for bt, bd, nw in FWD_CFGS:
         cg.set_conv_gate_config(block_t=bt, block_d=bd, num_warps=nw)
-        f = do_bench(lambda: cg.conv_gate_forward(x, w, b), rep=rep)
+        f = do_bench(lambda: cg.conv_gate_forward(x, w, b), rep=rep, warmup=warmup)
         log.append(dict(kind="fwd", block_t=bt, block_d=bd, num_warps=nw, ms=f))
         print(f"sweep fwd block_t={bt} block_d={bd} warps={nw}: {f:.4f} ms", flush=True)
         best_f = min(best_f or (f, bt, bd, nw), (f, bt, bd, nw))
     cg.set_conv_gate_config(**old)
-    for bd in sorted({old["block_d"], 32, 128}):
-        for bt, nw, rpp in gate_cfgs:
-            bwd(block_d=bd, bwd_block_t=bt, bwd_num_warps=nw, rows_per_prog=rpp)
-    gate_best = {key: val for key, val in best.items() if key != "ms"}
-    for dbt, dbc, dnw in dx_cfgs:
+    default = bwd()  # the defaults, first
+    for vals in itertools.product(*GATE_GRID.values()):
+        bwd(**dict(zip(GATE_GRID, vals)))
+    for top in best_rows(3):
+        for extra in GATE_REFINE:
+            bwd(**{**keys(top), **extra})
+    gate_best = keys(best_rows()[0]) if best_rows() else {}
+    for dbt, dbc, dnw in DX_CFGS:
         bwd(**gate_best, dx_block_t=dbt, dx_block_c=dbc, dx_num_warps=dnw)
-    both_best = {key: val for key, val in best.items() if key != "ms"}
-    bwd(**{**both_best, "bwd_dgc_fp32": 0})  # the other dGC dtype (the default is fp32)
-    cg.set_conv_gate_config(**old)
+    both_best = keys(best_rows()[0]) if best_rows() else {}
+    bwd(**{**both_best, "bwd_dgc_fp32": 1 - old["bwd_dgc_fp32"]})  # the other dGC dtype
+    best = best_rows()[0] if best_rows() else None
+    kernels = {}
+    for name, row in (("default", default), ("best", best)):  # pass A and pass B device times apart
+        if row is not None and row["ok"]:
+            cg.set_conv_gate_config(**{**old, **keys(row)})
+            kernels[name] = ba.profile_kernels(lambda: cg.conv_gate_backward(du, x, w, b), f"conv_gate_backward {name}")
+            cg.set_conv_gate_config(**old)
+    print_bwd_table(log, old)
+    if best is not None:
+        print(f"best backward: {best['ms']:.4f} ms ({default['ms'] / best['ms']:.2f}x the defaults' "
+              f"{default['ms']:.4f} ms): {keys(best)}", flush=True)
     return dict(best_fwd=dict(ms=best_f[0], block_t=best_f[1], block_d=best_f[2], num_warps=best_f[3]),
-                best_bwd=best, note="fwd and bwd share block_d: set one value for both", log=log)
+                best_bwd=best, default_bwd=default, kernels=kernels, tol=tol,
+                note="fwd and bwd share block_d: set one value for both; config keys not in a row are the defaults "
+                     "(see 'config')", log=log)
 
 
-def main(argv=None) -> int:
+def print_bwd_table(log, default_cfg):
+    """The backward points as a Markdown table, fastest first; a blank cell is the default."""
+    cols = ["bwd_wgrad", "bwd_block_t", "bwd_num_warps", "block_d", "rows_per_prog", "min_programs", "dx_block_t",
+            "dx_block_c", "dx_num_warps", "bwd_dgc_fp32"]
+    rows = sorted((r for r in log if r["kind"] == "bwd"), key=lambda r: r["ms"])
+    print(f"\n| rank | {' | '.join(cols)} | eff. rows/prog | ms | rel err | ok |")
+    print("|" + "---|" * (len(cols) + 5))
+    for i, r in enumerate(rows, 1):
+        cells = [str(r[c]) if c in r else "" for c in cols]
+        print(f"| {i} | {' | '.join(cells)} | {r['eff_rows_per_prog']} | {r['ms']:.4f} | {r.get('err', float('nan')):.1e} "
+              f"| {'yes' if r['ok'] else 'NO'} |")
+    print(f"(defaults: {', '.join(f'{c}={default_cfg[c]}' for c in cols)})", flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="conv gate fwd+bwd benchmark")
     p.add_argument("--out", required=True)
     p.add_argument("--shapes", default="8x8192x256,64x1024x256", help="BxTxD triples (ionllama-small: D=256)")
     p.add_argument("--kernel", type=int, default=4, help="conv taps (ModelConfig.conv_kernel)")
     p.add_argument("--dtypes", default="bf16")
     p.add_argument("--check", action="store_true", help="run the selfcheck's conv_gate and block cases first")
-    p.add_argument("--sweep", action="store_true", help="tile sweep at the first shape (the defaults are untuned)")
+    p.add_argument("--sweep", action="store_true",
+                   help="launch-config sweep at the first shape (sweep(): pass A's bwd_wgrad x bwd_block_t x "
+                        "bwd_num_warps, each point checked against the reference; the defaults are untuned)")
     p.add_argument("--no-block", action="store_true", help="skip the compiled-IntegralLNNBlock A/B")
     p.add_argument("--rep", type=int, default=100)
     p.add_argument("--device", default="cuda", help="cpu: dry run of this script under TRITON_INTERPRET=1")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
     ba.DEVICE = a.device
     import triton
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -170,7 +247,9 @@ def main(argv=None) -> int:
         save()
     if a.sweep:
         res["sweep"] = sweep(*shapes[0], a.kernel)
-        print(f"sweep best: {res['sweep']['best_fwd']} {res['sweep']['best_bwd']}", flush=True)
+        bb = res["sweep"]["best_bwd"]
+        print(f"sweep best: fwd {res['sweep']['best_fwd']}; bwd "
+              f"{'none passed' if bb is None else {**bb['full'], 'ms': round(bb['ms'], 4)}}", flush=True)
         save()
     from ionllama.kernels import conv_gate_triton as cg
     res["config"] = dict(cg._CONFIG)

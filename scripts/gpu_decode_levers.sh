@@ -9,6 +9,8 @@
 #                 overlap, stage-A graph, graphs vs eager), before anything is timed
 #   check_ssm     selfcheck of the fused entropy step with PDL (ssm_step, ssm_generate)
 #   check_ssd     selfcheck of the entropy model's forward-only Mamba-2 scan kernel (ssd_triton.py, twelfth session)
+#   ssd_split     that scan alone at the entropy model's heads, seq 8192 x 8 and 1024 x 64: the sequential kernel
+#                 (split 0, the default) against the chunk-parallel form (split 1), A B A B, outputs checked equal
 #   check_lnn     selfcheck of the IntegralLNN step (lnn_step, lnn_generate)
 #   entropy       the fused entropy step's own PDL A/B (--sweep_ssm --grid pdl=0,1,0,1), then the default byte graph
 #                 (fused entropy step "auto": on) and the same with it off (two processes, --grid pdl=1,1 each)
@@ -37,6 +39,9 @@
 #                 seq 8192 x 8 in one process (the issue's paired row)
 #   pick          decode (issue #4): the Phase-1 quality picks (fixed 3- / 4-byte patches, 8-layer latent, "completed"
 #                 shift; their runs' config.json), the default byte-graph settings, two points each
+#   conv_gate     training: the conv-gate backward's launch configs (pass A 327 us against a ~60 us floor, fifth
+#                 session): bench_conv_gate.py --sweep (pass A's bwd_wgrad 0 / 1 x tiles x warps, each point checked
+#                 against the reference; ~1 min), then its fwd+bwd and compiled-IntegralLNNBlock rows with the defaults
 #   bench         bench_generation.py's README rows (compiled, batch 1, contexts 1K / 8K / 32K, ionLlama and dense),
 #                 with the defaults, and with --unroll $UNROLL as well when UNROLL is set
 # The archive is rewritten after every step, so an outer timeout keeps the steps that finished.
@@ -62,6 +67,7 @@ for step in ${STEPS:-check_ssm check_lnn entropy inductor_pdl latent}; do
                  --json "$R/selfcheck_ssm.json" ;;
     check_ssd) run check_ssd 240 python3 -m ionllama.kernels.selfcheck --device cuda --large --kinds ssd_scan \
                  --json "$R/selfcheck_ssd.json" ;;
+    ssd_split) run ssd_split 300 python3 benchmarks/bench_ssd_forward.py --scan --shapes 8192x8 1024x64 --splits 0 1 ;;
     check_lnn) run check_lnn 240 python3 -m ionllama.kernels.selfcheck --device cuda --large --kinds lnn_step,lnn_generate \
                  --json "$R/selfcheck_lnn.json" ;;
     entropy)
@@ -111,6 +117,7 @@ for step in ${STEPS:-check_ssm check_lnn entropy inductor_pdl latent}; do
         run "pick_${run#phase1-}" $((BUDGET + 90)) $P --model_config "docs/results/$run/ionllama_fixed/config.json" \
           --sweep_lnn --grid pdl=1,1 --out "$R/pick_${run#phase1-}"
       done ;;
+    conv_gate) run conv_gate 540 python3 benchmarks/bench_conv_gate.py --sweep --out "$R/conv_gate.json" ;;
     bench)  # the defaults (inductor's PDL is in the compile presets since the twelfth session); UNROLL=K adds a row set
       # the bench wants 100 s left per compiled session and per measurement after its checks: 330 s at least
       G="python3 benchmarks/bench_generation.py --compile --compiled_only --models ionllama dense --contexts 1024 8192 32768"
@@ -119,7 +126,7 @@ for step in ${STEPS:-check_ssm check_lnn entropy inductor_pdl latent}; do
       if [ -n "${UNROLL:-}" ]; then
         run bench_unroll $((BB + 120)) $G --budget_s $BB --unroll "$UNROLL" --out "$R/bench_unroll"
       fi ;;
-    *) echo "unknown step '$step'; steps: tests check_ssm check_ssd check_lnn entropy inductor_pdl latent digest branch lagged unroll stage_a entropy_chunk train8k pick bench" >&2; exit 2 ;;
+    *) echo "unknown step '$step'; steps: tests check_ssm check_ssd ssd_split check_lnn entropy inductor_pdl latent digest branch lagged unroll stage_a entropy_chunk train8k pick conv_gate bench" >&2; exit 2 ;;
   esac
 done
 grep -h "^PASS\|^FAIL" "$R"/log_check_*.txt 2>/dev/null | cut -c1-160

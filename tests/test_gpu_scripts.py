@@ -49,7 +49,8 @@ def _levers(tmp_path, steps: str, **env):
 
 def test_decode_levers_commands_parse(tmp_path):
     pds, bench, train = _load("profile_decode_step"), _load("bench_generation"), _load("bench_train_throughput")
-    steps = "tests check_ssm check_ssd check_lnn entropy inductor_pdl latent digest branch lagged unroll stage_a entropy_chunk train8k pick bench"
+    ssd = _load("bench_ssd_forward")
+    steps = "tests check_ssm check_ssd ssd_split check_lnn entropy inductor_pdl latent digest branch lagged unroll stage_a entropy_chunk train8k pick conv_gate bench"
     r, calls = _levers(tmp_path, steps, BUDGET="60", UNROLL="8")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out" / "decode_levers.tgz").exists()  # the results come back packed
@@ -88,10 +89,18 @@ def test_decode_levers_commands_parse(tmp_path):
                 create_model("tiny", model=kind, **{k: int(v) if v.isdigit() else v
                                                     for k, v in (kv.split("=") for kv in filter(None, opts.split(",")))})
             seen.add("train")
+        elif argv[0] == "benchmarks/bench_ssd_forward.py":
+            args = ssd.build_parser().parse_args(argv[1:])
+            assert args.scan and all(len(s.split("x")) == 2 for s in args.shapes), argv
+            seen.add("ssd")
+        elif argv[0] == "benchmarks/bench_conv_gate.py":
+            args = _load("bench_conv_gate").build_parser().parse_args(argv[1:])
+            assert args.sweep and args.out.endswith("conv_gate.json"), argv
+            seen.add("conv_gate")
         else:
             pytest.fail(f"gpu_decode_levers.sh runs an unchecked command: {argv}")
-    assert seen == {"pytest", "selfcheck", "profile", "bench", "train"}
-    assert len(calls) == 1 + 3 + 3 + 1 + 1 + 4 + 1 + 2 + 2 + 8 + 1 + 1 + 2 + 2  # every step of every name ran its commands
+    assert seen == {"pytest", "selfcheck", "profile", "bench", "train", "ssd", "conv_gate"}
+    assert len(calls) == 1 + 3 + 1 + 3 + 1 + 1 + 4 + 1 + 2 + 2 + 8 + 1 + 1 + 2 + 1 + 2  # every step of every name ran its commands
 
 
 def test_decode_levers_unknown_step_is_refused(tmp_path):
@@ -99,18 +108,13 @@ def test_decode_levers_unknown_step_is_refused(tmp_path):
     assert r.returncode == 2 and "unknown step 'bogus'" in r.stderr and not calls
 
 
-# the runbook's next Phase-1 rows (docs/notes/gpu-runbook.md: the plan's call 2, orders 3, 3c, 3e)
+# the runbook's next Phase-1 rows (docs/notes/gpu-runbook.md: the plan's calls 2 and 3, orders 3, 3e)
 SWEPT = "--from_sweep --step_graph --sweep_dir docs/results/phase1-sweep/sweep"
 PLANNED = {
     "bpe seed 1": dict(GPU0="bpe", OVERHEAD="140", EXTRA=f"--seed 1 {SWEPT} --override dropout=0.1"),
-    "3-byte patches, 65536 n-gram buckets": dict(
-        GPU0="ionllama_fixed",
-        EXTRA=f"{SWEPT} --override latent_shift=completed,dropout=0.1,fixed_patch_size=3,ngram_buckets=65536"),
-    "3-byte patches, 3..8-grams, 65536 buckets": dict(
-        GPU0="ionllama_fixed",
-        EXTRA=f"{SWEPT} --override latent_shift=completed,dropout=0.1,fixed_patch_size=3,ngram_buckets=65536,ngram_sizes=3-8"),
-    "entropy patching, stage A compiled": dict(GPU0="ionllama",
-                                               EXTRA="--step_graph --override n_layers=8,latent_shift=completed,dropout=0.1"),
+    "entropy patching, stage A compiled, no joint phase": dict(
+        GPU0="ionllama", OVERHEAD="150",
+        EXTRA="--step_graph --override n_layers=8,latent_shift=completed,dropout=0.1,joint_frac=0"),
     "3-byte patches seed 1": dict(GPU0="ionllama_fixed",
                                   EXTRA=f"--seed 1 {SWEPT} --override latent_shift=completed,dropout=0.1,fixed_patch_size=3"),
     "attention pooling": dict(GPU0="ionllama_fixed",
@@ -138,7 +142,7 @@ def test_planned_phase1_rows_parse(tmp_path, row):
     for argv in calls:
         a = build_parser().parse_args(argv[3:])
         overrides = parse_overrides(a.override)
-        model_keys = {k: v for k, v in overrides.items() if k not in ("lr", "size", "entropy_frac")}
+        model_keys = {k: v for k, v in overrides.items() if k not in ("lr", "size", "entropy_frac", "joint_frac")}
         create_model("tiny", **model_keys)  # a bad value (e.g. a latent_shift) is refused here
 
 

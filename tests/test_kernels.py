@@ -435,6 +435,121 @@ def test_conv_gate_backward_config():
     assert cg._CONFIG == old
 
 
+# ---------------------------------------------------------------- conv gate: pass A's two weight-gradient variants
+# bwd_wgrad 0 (per-tile row reductions) and 1 (deferred: elementwise accumulators, one reduction per program; k <= 4,
+# larger k falls back to 0), fp32 under the interpreter against causal_conv_gate_reference (fp64), forward and every
+# gradient. T off the tile (32) and off rows_per_prog, several programs along T with a partial last one, T < k.
+CONV_GATE_WGRAD_CASES = [
+    dict(B=2, T=45, D=24, k=4),
+    dict(B=1, T=300, D=16, k=4, rows_per_prog=64, min_programs=1),  # 5 programs along T, 2 tiles each, last partial
+    dict(B=2, T=77, D=8, k=3, rows_per_prog=32, min_programs=1),
+    dict(B=1, T=50, D=8, k=1, rows_per_prog=32, min_programs=1),
+    dict(B=2, T=3, D=8, k=4),  # T < k
+    dict(B=2, T=37, D=8, k=5, rows_per_prog=32, min_programs=1),  # k > 4: variant 1 runs variant 0
+]
+_CONV_GATE_WGRAD_SCRIPT = """
+import json, sys
+from ionllama.kernels import conv_gate_triton as cg
+from ionllama.kernels.selfcheck import check_conv_gate
+import torch
+rows = []
+for i, case in enumerate(json.loads(sys.argv[1])):
+    for wgrad in (0, 1):
+        old = cg.set_conv_gate_config(bwd_wgrad=wgrad)
+        ran = cg._wgrad_variant(case["k"])
+        cg.set_conv_gate_config(**old)
+        errs = check_conv_gate("cpu", torch.float32, **case, wgrad=wgrad, seed=i)
+        rows.append(dict(case=i, wgrad=wgrad, ran=ran, errs=errs, config_restored=cg._CONFIG == old))
+print(json.dumps(rows))
+"""
+
+
+@pytest.fixture(scope="module")
+def conv_gate_wgrad_rows():
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PYTHONWARNINGS="ignore")
+    r = subprocess.run([sys.executable, "-c", _CONV_GATE_WGRAD_SCRIPT, json.dumps(CONV_GATE_WGRAD_CASES)],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("wgrad", [0, 1])
+@pytest.mark.parametrize("case", range(len(CONV_GATE_WGRAD_CASES)),
+                         ids=["-".join(f"{a}{b}" for a, b in kw.items()) for kw in CONV_GATE_WGRAD_CASES])
+def test_conv_gate_wgrad_variants_match_reference_interpreter(conv_gate_wgrad_rows, case, wgrad):
+    row = next(r for r in conv_gate_wgrad_rows if r["case"] == case and r["wgrad"] == wgrad)
+    k = CONV_GATE_WGRAD_CASES[case]["k"]
+    assert row["ran"] == (wgrad if k <= 4 else 0)
+    assert row["config_restored"]
+    errs = row["errs"]
+    assert set(errs) == {"out", "dx", "dx_untouched", "dw", "db"}
+    for name, e in errs.items():  # fp32 against fp64: observed <= 2e-7
+        assert e <= 2e-6, f"bwd_wgrad={wgrad} {CONV_GATE_WGRAD_CASES[case]}: {name} rel err {e:.3e}"
+    if k > 4:  # the fallback: the same kernel, the same numbers
+        other = next(r for r in conv_gate_wgrad_rows if r["case"] == case and r["wgrad"] != wgrad)
+        assert other["errs"] == errs
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_conv_gate_wgrad_config():
+    """bwd_wgrad round-trips through set_conv_gate_config; the default stays 0 until a GPU measures 1; k > 4 runs
+    variant 0; a value other than 0 / 1 is refused at the backward's launch."""
+    from ionllama.kernels import conv_gate_triton as cg
+    assert cg._CONFIG["bwd_wgrad"] == 0 and cg.WGRAD_MAX_TAPS == 4
+    old = cg.set_conv_gate_config(bwd_wgrad=1)
+    try:
+        assert [cg._wgrad_variant(k) for k in (1, 3, 4, 5, 7)] == [1, 1, 1, 0, 0]
+        cg.set_conv_gate_config(bwd_wgrad=2)
+        with pytest.raises(ValueError, match="bwd_wgrad"):
+            cg._wgrad_variant(4)
+    finally:
+        cg.set_conv_gate_config(**old)
+    assert cg._CONFIG == old and cg._wgrad_variant(4) == 0
+
+
+_CONV_GATE_COMPILE_SCRIPT = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ionllama.kernels import conv_gate_triton as cg
+kernel = cg._conv_gate_bwd_gate
+for k, defer, bt, nw in ((4, 0, 32, 4), (4, 1, 32, 8), (3, 1, 16, 4), (1, 1, 64, 8)):
+    const = dict(K=k, KP=max(2, triton.next_power_of_2(k)), BLOCK_T=bt, BLOCK_D=64, DEFER=defer)
+    sig = {n: "constexpr" if n in const else "*bf16" if n in ("X", "W", "BIAS", "DU") else
+           "*fp32" if n in ("DGC", "DWP", "DBP") else "i32" for n in kernel.arg_names}
+    try:
+        c = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=nw))
+    except RuntimeError as e:
+        if "ptxas" in str(e).lower():
+            print("SKIP", str(e)[:300])
+            raise SystemExit(0)
+        raise
+    assert c.asm.get("cubin"), const
+print("OK")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_conv_gate_bwd_gate_compiles_for_hopper():
+    """The interpreter never compiles a kernel: pass A, both weight-gradient variants (the deferred one's constexpr
+    tap branches), through Triton's real compiler for sm_90 (no GPU needed), in a subprocess without
+    TRITON_INTERPRET (the kernels here may be the interpreted kind)."""
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONWARNINGS="ignore")
+    r = subprocess.run([sys.executable, "-c", _CONV_GATE_COMPILE_SCRIPT], capture_output=True, text=True, env=env,
+                       cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = r.stdout.strip().splitlines()[-1]
+    if last.startswith("SKIP"):
+        pytest.skip(f"Triton cannot compile for CUDA here: {last}")
+    assert last == "OK"
+
+
 # ---------------------------------------------------------------- kernels on CUDA
 @pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs a CUDA GPU and triton")
 @pytest.mark.parametrize("large", [False, True], ids=["small", "large"])  # "large": minutes; levers steps check_*

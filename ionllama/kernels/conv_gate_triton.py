@@ -17,7 +17,8 @@ Backward: with s = sigmoid(G), dG_t = du_t C_t s (1 - s), dC_t = du_t s,
 The backward, in two passes:
 * Pass A (_conv_gate_bwd_gate) recomputes G, C once per row from the k shifted x rows (as the forward
   does), writes dGC = (dG, dC) as one (B, T, 2D) tensor and forms the weight/bias partial sums from the
-  same x rows.
+  same x rows: reduced over each tile's rows (bwd_wgrad=0), or accumulated elementwise and reduced once per
+  program (bwd_wgrad=1, k <= 4; pass A is bound by instructions, not memory: 327 us against a ~60 us floor).
 * Pass B (_conv_gate_bwd_dx) is the transposed stencil dx_t = sum_s w_{k-1-s} dGC_{t+s} over all 2D
   channels (k shifted loads of dGC, halo rows cache hits).
 Traffic in units of B*T*D elements of x's dtype: A reads du (1) + x (2) and writes dGC (2), B reads dGC
@@ -79,10 +80,15 @@ def _conv_gate_fwd(X, W, BIAS, U, T, D, sxb, sxt, swc, sub, sut,
 
 @triton.jit
 def _conv_gate_bwd_gate(X, W, BIAS, DU, DGC, DWP, DBP, T, D, rows_per_prog, n_tprog, sxb, sxt, swc, sdb, sdt,
-                        sgb, sgt, K: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                        sgb, sgt, K: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                        DEFER: tl.constexpr):
     """Backward, pass A. One program: rows [pt * rows_per_prog, +rows_per_prog) of batch row b,
     BLOCK_D channel pairs. Writes DGC (B, T, 2D) = (dG, dC) and the fp32 partial sums DWP (B * n_tprog, K, 2D),
-    DBP (B * n_tprog, 2D) of the weight / bias gradients."""
+    DBP (B * n_tprog, 2D) of the weight / bias gradients.
+    DEFER 0: each BLOCK_T-row tile reduces its 2K + 2 products over rows (tl.sum(., 0)) into [KP, BLOCK_D] /
+    [BLOCK_D] accumulators. DEFER 1 (K <= 4): the products accumulate elementwise in [BLOCK_T, BLOCK_D] fp32 tiles
+    (named ones: Triton has no lists of tensors) and are reduced over rows once, after the row loop."""
+    tl.static_assert(K <= 4 or not DEFER, "DEFER holds at most 4 taps' accumulators")
     b = tl.program_id(0).to(tl.int64)
     pt = tl.program_id(1)
     cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -91,10 +97,23 @@ def _conv_gate_bwd_gate(X, W, BIAS, DU, DGC, DWP, DBP, T, D, rows_per_prog, n_tp
     du_base = DU + b * sdb + cols[None, :]
     dgc_base = DGC + b * sgb + cols[None, :]
     taps = tl.arange(0, KP)
-    acc_wg = tl.zeros([KP, BLOCK_D], tl.float32)
-    acc_wc = tl.zeros([KP, BLOCK_D], tl.float32)
-    acc_bg = tl.zeros([BLOCK_D], tl.float32)
-    acc_bc = tl.zeros([BLOCK_D], tl.float32)
+    prog = b * n_tprog + pt
+    if DEFER:  # tap j's (dG x^g, dC x^c) products: (eg<j>, ec<j>); bias: (eg, ec)
+        eg = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+        ec = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+        eg0 = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+        ec0 = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+        eg1 = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+        ec1 = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+        eg2 = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+        ec2 = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+        eg3 = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+        ec3 = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    else:
+        acc_wg = tl.zeros([KP, BLOCK_D], tl.float32)
+        acc_wc = tl.zeros([KP, BLOCK_D], tl.float32)
+        acc_bg = tl.zeros([BLOCK_D], tl.float32)
+        acc_bc = tl.zeros([BLOCK_D], tl.float32)
     t_start = pt * rows_per_prog
     t_end = tl.minimum(t_start + rows_per_prog, T)
     for t0 in range(t_start, t_end, BLOCK_T):
@@ -108,21 +127,56 @@ def _conv_gate_bwd_gate(X, W, BIAS, DU, DGC, DWP, DBP, T, D, rows_per_prog, n_tp
         dg = dc * c * (1.0 - sg)
         tl.store(dgc_base + t[:, None] * sgt, dg.to(DGC.dtype.element_ty), mask=m)
         tl.store(dgc_base + t[:, None] * sgt + D, dc.to(DGC.dtype.element_ty), mask=m)
-        acc_bg += tl.sum(dg, 0)
-        acc_bc += tl.sum(dc, 0)
+        if DEFER:
+            eg += dg
+            ec += dc
+        else:
+            acc_bg += tl.sum(dg, 0)
+            acc_bc += tl.sum(dc, 0)
         for j in tl.static_range(K):  # the conv's x rows again (cache hits)
             src = t - (K - 1) + j
             mj = (t_ok & (src >= 0))[:, None] & col_ok[None, :]
             p = x_base + src[:, None] * sxt + cols[None, :]
             xg = tl.load(p, mask=mj, other=0.0).to(tl.float32)
             xc = tl.load(p + D, mask=mj, other=0.0).to(tl.float32)
-            acc_wg += tl.where(taps[:, None] == j, tl.sum(dg * xg, 0)[None, :], 0.0)
-            acc_wc += tl.where(taps[:, None] == j, tl.sum(dc * xc, 0)[None, :], 0.0)
-    prog = b * n_tprog + pt
-    m_w = (taps < K)[:, None] & col_ok[None, :]
-    w_ptr = DWP + (prog * K + taps[:, None]) * (2 * D) + cols[None, :]
-    tl.store(w_ptr, acc_wg, mask=m_w)
-    tl.store(w_ptr + D, acc_wc, mask=m_w)
+            if DEFER:
+                if j == 0:
+                    eg0 += dg * xg
+                    ec0 += dc * xc
+                elif j == 1:
+                    eg1 += dg * xg
+                    ec1 += dc * xc
+                elif j == 2:
+                    eg2 += dg * xg
+                    ec2 += dc * xc
+                else:
+                    eg3 += dg * xg
+                    ec3 += dc * xc
+            else:
+                acc_wg += tl.where(taps[:, None] == j, tl.sum(dg * xg, 0)[None, :], 0.0)
+                acc_wc += tl.where(taps[:, None] == j, tl.sum(dc * xc, 0)[None, :], 0.0)
+    if DEFER:
+        w_ptr = DWP + prog * K * (2 * D) + cols
+        for j in tl.static_range(K):
+            if j == 0:
+                tl.store(w_ptr, tl.sum(eg0, 0), mask=col_ok)
+                tl.store(w_ptr + D, tl.sum(ec0, 0), mask=col_ok)
+            elif j == 1:
+                tl.store(w_ptr + 2 * D, tl.sum(eg1, 0), mask=col_ok)
+                tl.store(w_ptr + 3 * D, tl.sum(ec1, 0), mask=col_ok)
+            elif j == 2:
+                tl.store(w_ptr + 4 * D, tl.sum(eg2, 0), mask=col_ok)
+                tl.store(w_ptr + 5 * D, tl.sum(ec2, 0), mask=col_ok)
+            else:
+                tl.store(w_ptr + 6 * D, tl.sum(eg3, 0), mask=col_ok)
+                tl.store(w_ptr + 7 * D, tl.sum(ec3, 0), mask=col_ok)
+        acc_bg = tl.sum(eg, 0)
+        acc_bc = tl.sum(ec, 0)
+    else:
+        m_w = (taps < K)[:, None] & col_ok[None, :]
+        w_ptr = DWP + (prog * K + taps[:, None]) * (2 * D) + cols[None, :]
+        tl.store(w_ptr, acc_wg, mask=m_w)
+        tl.store(w_ptr + D, acc_wc, mask=m_w)
     tl.store(DBP + prog * (2 * D) + cols, acc_bg, mask=col_ok)
     tl.store(DBP + prog * (2 * D) + D + cols, acc_bc, mask=col_ok)
 
@@ -152,10 +206,17 @@ def _conv_gate_bwd_dx(DGC, W, DX, T, C, sgb, sgt, swc, sdxb, sdxt,
 # fewer than min_programs programs. Pass B: dx_block_t steps x dx_block_c of the 2D channels. bwd_dgc_fp32:
 # 1 (default) stores dGC in fp32 - in bf16 it rounds twice and dx's error under the interpreter was 6.5e-3
 # against 3.8e-3 for fp32 (tolerance 1e-2); 0 moves 4 units less.
-# Untuned: no GPU measurement yet (benchmarks/bench_conv_gate.py --sweep).
+# bwd_wgrad: pass A's weight/bias gradient sums, 0 = reduced over rows per BLOCK_T tile (2K + 2 cross-row
+# tl.sum per tile), 1 = deferred (elementwise fp32 accumulators of BLOCK_T x BLOCK_D per tap, reduced once per
+# program; more registers: 2K + 2 such tiles); 1 applies to k <= 4 only, larger k runs 0 (_wgrad_variant).
+# The default stays 0 until a GPU measures 1 faster. Registers (ptxas -v for sm_90, bf16, k 4, block_d 64, no
+# GPU): variant 0 spills 896 bytes at the default 32 steps x 4 warps, none at 16 x 4 or 32 x 8; variant 1 spills
+# 6 KB at 32 x 4, 372 bytes at 32 x 8, 8 bytes at 16 x 4 - so the sweep includes bwd_block_t 16.
+# Untuned: no GPU measurement yet (benchmarks/bench_conv_gate.py --sweep decides these).
 _CONFIG = {"block_t": 32, "block_d": 64, "num_warps": 4, "bwd_block_t": 32, "bwd_num_warps": 4,
-           "rows_per_prog": 256, "min_programs": 1024, "bwd_dgc_fp32": 1,
+           "rows_per_prog": 256, "min_programs": 1024, "bwd_dgc_fp32": 1, "bwd_wgrad": 0,
            "dx_block_t": 32, "dx_block_c": 128, "dx_num_warps": 4}
+WGRAD_MAX_TAPS = 4  # the deferred variant's named accumulators (_conv_gate_bwd_gate, DEFER=1)
 
 
 def set_conv_gate_config(**kw) -> dict:
@@ -170,6 +231,14 @@ def _rows_per_prog(B: int, T: int, D: int) -> int:
     while rpp > bt and B * triton.cdiv(T, rpp) * n_d < _CONFIG["min_programs"]:
         rpp = max(bt, triton.cdiv(rpp // 2, bt) * bt)
     return rpp
+
+
+def _wgrad_variant(K: int) -> int:
+    """Pass A's weight-gradient variant for k taps: _CONFIG["bwd_wgrad"], except 0 when k > WGRAD_MAX_TAPS."""
+    v = _CONFIG["bwd_wgrad"]
+    if v not in (0, 1):
+        raise ValueError(f"conv-gate bwd_wgrad must be 0 or 1, got {v}")
+    return v if K <= WGRAD_MAX_TAPS else 0
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
@@ -204,7 +273,8 @@ def conv_gate_backward(du: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     _conv_gate_bwd_gate[(B, n_t, triton.cdiv(D, bd))](
         x, weight, bias, du, dgc, dwp, dbp, T, D, rpp, n_t, x.stride(0), x.stride(1), weight.stride(0),
         du.stride(0), du.stride(1), dgc.stride(0), dgc.stride(1),
-        K=K, KP=KP, BLOCK_T=_CONFIG["bwd_block_t"], BLOCK_D=bd, num_warps=_CONFIG["bwd_num_warps"])
+        K=K, KP=KP, BLOCK_T=_CONFIG["bwd_block_t"], BLOCK_D=bd, DEFER=_wgrad_variant(K),
+        num_warps=_CONFIG["bwd_num_warps"])
     bt, bc = _CONFIG["dx_block_t"], _CONFIG["dx_block_c"]
     _conv_gate_bwd_dx[(B, triton.cdiv(T, bt), triton.cdiv(2 * D, bc))](
         dgc, weight, dx, T, 2 * D, dgc.stride(0), dgc.stride(1), weight.stride(0), dx.stride(0), dx.stride(1),

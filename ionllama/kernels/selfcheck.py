@@ -101,12 +101,15 @@ def check_scan(device: str, dtype: torch.dtype, B: int, T: int, D: int, with_h0:
 
 
 def check_ssd_scan(device: str, dtype: torch.dtype, B: int, T: int, H: int, P: int = 16, N: int = 16, chunk: int = 64,
-                   with_h0: bool = False, compiled: bool = False, seed: int | None = None) -> dict:
+                   with_h0: bool = False, compiled: bool = False, split: int | None = None,
+                   seed: int | None = None) -> dict:
     """The Mamba-2 scan's forward-only kernel (ssd_triton.py, through the dispatcher with no gradient) against
     ssd_chunked in fp64 on the same rounded inputs: y and the final state. Decays as the model's (dt in
-    [1e-3, 0.1], A in [1, 16]); compiled: inside torch.compile(fullgraph=True), as a compiled stage A calls it."""
+    [1e-3, 0.1], A in [1, 16]); compiled: inside torch.compile(fullgraph=True), as a compiled stage A calls it;
+    split: ssd_triton's form (0 sequential, 1 chunk-parallel, 2 auto; None = the default)."""
     from ..model.ssm import ssd_chunked
     from . import forced_routing, ssd_scan
+    from . import ssd_triton as st
 
     gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % (2 ** 31)))
     dt = torch.exp(torch.empty(B, T, H).uniform_(math.log(1e-3), math.log(0.1), generator=gen))
@@ -117,8 +120,12 @@ def check_ssd_scan(device: str, dtype: torch.dtype, B: int, T: int, H: int, P: i
     ins = [x.to(device=device, dtype=dtype), log_a.to(device), Bm.to(device=device, dtype=dtype),
            Cm.to(device=device, dtype=dtype), h0.to(device) if with_h0 else None]
     fn = torch.compile(ssd_scan, fullgraph=True, dynamic=False) if compiled else ssd_scan
-    with torch.no_grad(), forced_routing(True):
-        y, state = fn(*ins[:4], chunk, ins[4])
+    old = st.set_ssd_config(**({} if split is None else {"split": split}))
+    try:
+        with torch.no_grad(), forced_routing(True):
+            y, state = fn(*ins[:4], chunk, ins[4])
+    finally:
+        st.set_ssd_config(**old)
     ref_y, ref_state = ssd_chunked(*[t.double() if t is not None else None for t in ins[:4]], chunk,
                                    ins[4].double() if with_h0 else None)
     return {"y": rel_err(y, ref_y), "state": rel_err(state, ref_state),
@@ -136,8 +143,9 @@ def _conv_gate_inputs(B: int, T: int, D: int, k: int, gen: torch.Generator):
 
 def check_conv_gate(device: str, dtype: torch.dtype, B: int, T: int, D: int, k: int = 4,
                     rows_per_prog: int | None = None, min_programs: int | None = None,
-                    dgc_fp32: int | None = None, seed: int | None = None) -> dict:
-    """dgc_fp32: the backward's dGC intermediate in fp32 (1) or x's dtype (0); None = the default."""
+                    dgc_fp32: int | None = None, wgrad: int | None = None, seed: int | None = None) -> dict:
+    """dgc_fp32: the backward's dGC intermediate in fp32 (1) or x's dtype (0); wgrad: pass A's weight-gradient
+    variant (bwd_wgrad: 0 per-tile reductions, 1 deferred); None = the default."""
     from ..model.conv import causal_conv_gate_reference
     from . import conv_gate_triton as cg
 
@@ -146,7 +154,8 @@ def check_conv_gate(device: str, dtype: torch.dtype, B: int, T: int, D: int, k: 
     du = torch.randn(B, T, D, generator=gen)
     ins = [t.to(device=device, dtype=dtype).requires_grad_() for t in (xw, w, b)]
     old = cg.set_conv_gate_config(**{key: val for key, val in (
-        ("rows_per_prog", rows_per_prog), ("min_programs", min_programs), ("bwd_dgc_fp32", dgc_fp32))
+        ("rows_per_prog", rows_per_prog), ("min_programs", min_programs), ("bwd_dgc_fp32", dgc_fp32),
+        ("bwd_wgrad", wgrad))
         if val is not None})
     try:
         u = cg.conv_gate_triton(ins[0][..., :2 * D], ins[1], ins[2])
@@ -684,6 +693,7 @@ def cases(large: bool) -> list[tuple]:
         ("conv_gate", "fp32", dict(B=1, T=33, D=72)),  # 2D = 144 > dx_block_c
         ("conv_gate", "bf16", dict(B=2, T=77, D=32)),
         ("conv_gate", "bf16", dict(B=2, T=50, D=16, dgc_fp32=0)),
+        ("conv_gate", "fp32", dict(B=1, T=300, D=16, rows_per_prog=64, min_programs=1, wgrad=1)),  # deferred sums
         ("compiled", "fp32", dict(B=2, H=2, N=41, Dh=32, T=70, D=16)),
         # the Mamba-2 scan, forward only: T not a multiple of the chunk, chunk 16 / 32 / 64, P and N below 16
         # (padded tiles), an initial state, bf16 inputs, inside torch.compile
@@ -691,6 +701,7 @@ def cases(large: bool) -> list[tuple]:
         ("ssd_scan", "fp32", dict(B=1, T=100, H=2, P=8, N=4, chunk=32, with_h0=True)),
         ("ssd_scan", "bf16", dict(B=2, T=70, H=2, chunk=64)),
         ("ssd_scan", "fp32", dict(B=1, T=40, H=2, chunk=16, compiled=True)),
+        ("ssd_scan", "fp32", dict(B=1, T=100, H=2, P=8, N=4, chunk=16, with_h0=True, split=1)),  # chunk-parallel
         ("block", "fp32", dict(B=2, T=40, D=16)),
         ("rope", "fp32", dict(B=2, N=37, dim=32, n_heads=2)),
         # the fused IntegralLNN decode step: B 1 and 3, fp32 and bf16, 7 steps (the 3-slot ring wraps twice),
@@ -741,6 +752,7 @@ def cases(large: bool) -> list[tuple]:
             ("scan", "bf16", dict(B=1, T=32768, D=64, with_h0=True)),
             ("scan", "fp16", dict(B=8, T=2048, D=512)),
             ("conv_gate", "bf16", dict(B=8, T=8192, D=256)),  # ionllama-small's local layers at seq 8192
+            ("conv_gate", "bf16", dict(B=8, T=8192, D=256, wgrad=1)),
             ("conv_gate", "fp32", dict(B=4, T=8193, D=200)),
             ("conv_gate", "bf16", dict(B=64, T=1024, D=256)),
             ("conv_gate", "fp16", dict(B=2, T=4096, D=128, k=3, rows_per_prog=1024, min_programs=1)),
@@ -754,6 +766,10 @@ def cases(large: bool) -> list[tuple]:
             ("ssd_scan", "bf16", dict(B=8, T=8192, H=16, chunk=64, compiled=True)),
             ("ssd_scan", "bf16", dict(B=4, T=2048, H=8, P=64, N=64, chunk=64)),  # MambaByte's heads and state
             ("ssd_scan", "fp32", dict(B=2, T=1000, H=4, P=64, N=64, chunk=64, with_h0=True)),
+            ("ssd_scan", "bf16", dict(B=8, T=8192, H=16, chunk=64, split=1)),  # the chunk-parallel form
+            ("ssd_scan", "fp32", dict(B=64, T=1024, H=16, chunk=64, with_h0=True, split=1)),
+            ("ssd_scan", "bf16", dict(B=8, T=8192, H=16, chunk=64, compiled=True, split=1)),
+            ("ssd_scan", "bf16", dict(B=4, T=2048, H=8, P=64, N=64, chunk=64, split=1)),
             # ionllama-small's local layers (d 256, hidden 704) at batch 1 and 32 (two row blocks of 16 .. 32)
             ("lnn_step", "bf16", dict(B=1, D=256, steps=9)),
             ("lnn_step", "bf16", dict(B=32, D=256, steps=9)),

@@ -1,6 +1,6 @@
-"""The selective-SSM scan of the Mamba-2 blocks (``ionllama.model.ssm.ssd_chunked``) as one Triton kernel, forward
-only: for the frozen entropy model (stage A of the two-stage training step, evaluation, a decoder's prefill), where
-nothing needs its gradient.
+"""The selective-SSM scan of the Mamba-2 blocks (``ionllama.model.ssm.ssd_chunked``) as one Triton kernel (or three:
+the split form below), forward only: for the frozen entropy model (stage A of the two-stage training step,
+evaluation, a decoder's prefill), where nothing needs its gradient.
 
 Why: ``ssd_chunked`` is exact and O(T), but as PyTorch ops it writes its per-chunk tensors to memory: the decay and
 score matrices (L x L per chunk, L x L x H with the heads), the chunk states, all in fp32. For the entropy model
@@ -18,8 +18,21 @@ the same algebra as ``ssd_chunked`` (its docstring), every matmul a ``tl.dot`` i
 results agree to fp32 rounding; nothing but x, log_a, B, C is read and y and the final state written. Padded steps
 (T not a multiple of L) have log_a = 0 and x = 0: decay 1, no input, the state unchanged.
 
+The split form (``set_ssd_config(split=1)``; off by default until timed on a GPU: benchmarks/bench_ssd_forward.py
+--scan, levers step ssd_split): the sequential kernel has only rows x heads programs, each walking all T / L chunks
+in order; at seq 8192 x batch 8 that is 128 programs of 128 chunks (593 us per call on an H200, the GPU mostly
+idle), where the Phase-1 shape (64 x 1024) has 1,024 programs of 16. The standard Mamba-2 state passing instead:
+  1. _ssd_chunk_state, a program per (chunk, head, row): each chunk's own end state from a zero entering state
+     (the state line above without its first term) and its log decay cum_L, to an fp32 (b, H, n_chunks, P, N) buffer
+  2. _ssd_state_pass, a program per (row, head, block of the P*N state): H_c = exp(cum_L,c) H_(c-1) + local_c over
+     the chunks from h0 (or zero), G chunks per step as one (G x G) @ (G x block) matmul (ssm._pass_states' form;
+     a step costs one load of G x block elements, not a chunk's matmuls), in place in that buffer; the last is hT
+  3. _ssd_chunk_out, a program per (chunk, head, row): y as above, the entering state read from the buffer.
+split=2 ("auto") takes it when rows x heads < auto_programs (512) and there are >= 2 chunks; an untimed guess.
+
 The oracle is ``ssd_chunked``; checked by ``ionllama.kernels.selfcheck`` kind "ssd_scan" (Triton's interpreter
-on CPU, the GPU with --device cuda; passed on an H200 in the thirteenth session). On by default
+on CPU, the GPU with --device cuda; the sequential form passed on an H200 in the thirteenth session, the split form
+so far only under the interpreter and Triton's sm_90 compiler: tests/test_ssd_split.py). On by default
 (``ionllama.kernels.SSD_SCAN_KERNEL``; IONLLAMA_SSD_SCAN=0 takes the reference): the two-stage training step at the
 Phase-1 shape went 32.6 -> 29.8 ms with it (docs/results/train-profile.md).
 """
@@ -30,6 +43,8 @@ from typing import Optional  # custom-op schemas: the spelling every supported t
 import torch
 import triton
 import triton.language as tl
+
+from .launch_config import update_config
 
 
 @triton.jit
@@ -73,8 +88,127 @@ def _ssd_fwd(x_ptr, la_ptr, b_ptr, c_ptr, h0_ptr, y_ptr, hT_ptr, T,
     tl.store(hT_ptr + s_off, state, mask=mp[:, None] & mn[None, :])
 
 
+@triton.jit
+def _ssd_chunk_state(x_ptr, la_ptr, b_ptr, s_ptr, d_ptr, T, NC, H,
+                     sx_b, sx_t, sx_h, sla_b, sla_t, sb_b, sb_t,
+                     P: tl.constexpr, N: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, L: tl.constexpr):
+    """Split form, pass 1 (one program per chunk, head, row): the chunk's own end state from a zero entering state,
+    (x * exp(cum_L - cum))^T @ B (P x N), into s[b, h, c], and its log decay cum_L into d[b, h, c]."""
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    rl = tl.arange(0, L)
+    rp = tl.arange(0, BP)
+    rn = tl.arange(0, BN)
+    mp = rp < P
+    mn = rn < N
+    t = c * L + rl
+    mt = t < T
+    x = tl.load(x_ptr + b * sx_b + t[:, None] * sx_t + h * sx_h + rp[None, :],
+                mask=mt[:, None] & mp[None, :], other=0.0).to(tl.float32)  # (L, BP)
+    la = tl.load(la_ptr + b * sla_b + t * sla_t + h, mask=mt, other=0.0).to(tl.float32)  # (L,)
+    bm = tl.load(b_ptr + b * sb_b + t[:, None] * sb_t + rn[None, :], mask=mt[:, None] & mn[None, :],
+                 other=0.0).to(tl.float32)  # (L, BN)
+    cum = tl.cumsum(la, 0)
+    total = tl.sum(la, 0)
+    local = tl.dot(tl.trans(x * tl.exp(total - cum)[:, None]), bm, input_precision="ieee")  # (BP, BN)
+    bhc = (b.to(tl.int64) * H + h) * NC + c
+    tl.store(s_ptr + bhc * (P * N) + rp[:, None] * N + rn[None, :], local, mask=mp[:, None] & mn[None, :])
+    tl.store(d_ptr + bhc, total)
+
+
+@triton.jit
+def _ssd_state_pass(s_ptr, d_ptr, h0_ptr, hT_ptr, NC, PN: tl.constexpr, G: tl.constexpr, BLK: tl.constexpr,
+                    HAS_H0: tl.constexpr):
+    """Split form, pass 2 (one program per (row, head) and BLK of its P*N state elements): the recurrence
+    H_c = exp(d_c) H_{c-1} + s_c over the chunks, G chunks at a time as a (G x G) @ (G x BLK) matmul with the
+    weights exp(cum_i - cum_j) [i >= j] (ssm._pass_states' form); s[b, h, c] is overwritten by H_c in place (each
+    element is read, then written, by the same program), the last one written to hT as well."""
+    bh = tl.program_id(0).to(tl.int64)
+    e = tl.program_id(1) * BLK + tl.arange(0, BLK)
+    me = e < PN
+    rg = tl.arange(0, G)
+    causal = rg[:, None] >= rg[None, :]
+    if HAS_H0:
+        state = tl.load(h0_ptr + bh * PN + e, mask=me, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros((BLK,), dtype=tl.float32)
+    for c0 in range(0, NC, G):
+        c = c0 + rg
+        mc = c < NC
+        ptrs = s_ptr + (bh * NC + c)[:, None] * PN + e[None, :]
+        loc = tl.load(ptrs, mask=mc[:, None] & me[None, :], other=0.0)  # (G, BLK); padded chunks: 0, decay 1
+        d = tl.load(d_ptr + bh * NC + c, mask=mc, other=0.0)  # (G,) log decays
+        cum = tl.cumsum(d, 0)
+        w = tl.where(causal, tl.exp(tl.where(causal, cum[:, None] - cum[None, :], 0.0)), 0.0)
+        out = tl.dot(w, loc, input_precision="ieee") + tl.exp(cum)[:, None] * state[None, :]
+        tl.store(ptrs, out, mask=mc[:, None] & me[None, :])
+        last = tl.sum(d, 0)  # the group's log decay (padded chunks add 0)
+        state = state * tl.exp(last) + tl.sum(tl.exp(last - cum)[:, None] * loc, 0)
+    tl.store(hT_ptr + bh * PN + e, state, mask=me)
+
+
+@triton.jit
+def _ssd_chunk_out(x_ptr, la_ptr, b_ptr, c_ptr, s_ptr, h0_ptr, y_ptr, T, NC, H,
+                   sx_b, sx_t, sx_h, sla_b, sla_t, sb_b, sb_t, sc_b, sc_t, sy_b, sy_t, sy_h,
+                   P: tl.constexpr, N: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, L: tl.constexpr,
+                   HAS_H0: tl.constexpr):
+    """Split form, pass 3 (one program per chunk, head, row): y of the chunk, its own inputs plus the state
+    entering it (s[b, h, c - 1] after pass 2; h0 or zero for the first chunk): _ssd_fwd's loop body."""
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    rl = tl.arange(0, L)
+    rp = tl.arange(0, BP)
+    rn = tl.arange(0, BN)
+    mp = rp < P
+    mn = rn < N
+    ms = mp[:, None] & mn[None, :]
+    causal = rl[:, None] >= rl[None, :]
+    t = c * L + rl
+    mt = t < T
+    bh = b.to(tl.int64) * H + h
+    s_off = rp[:, None] * N + rn[None, :]
+    first = (tl.zeros((BP, BN), dtype=tl.int32) + c) == 0  # (a tensor mask: the interpreter takes no scalar one)
+    state = tl.load(s_ptr + (bh * NC + c - 1) * (P * N) + s_off, mask=ms & ~first, other=0.0)
+    if HAS_H0:
+        state += tl.load(h0_ptr + bh * (P * N) + s_off, mask=ms & first, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + b * sx_b + t[:, None] * sx_t + h * sx_h + rp[None, :],
+                mask=mt[:, None] & mp[None, :], other=0.0).to(tl.float32)  # (L, BP)
+    la = tl.load(la_ptr + b * sla_b + t * sla_t + h, mask=mt, other=0.0).to(tl.float32)  # (L,)
+    bm = tl.load(b_ptr + b * sb_b + t[:, None] * sb_t + rn[None, :], mask=mt[:, None] & mn[None, :],
+                 other=0.0).to(tl.float32)  # (L, BN)
+    cm = tl.load(c_ptr + b * sc_b + t[:, None] * sc_t + rn[None, :], mask=mt[:, None] & mn[None, :],
+                 other=0.0).to(tl.float32)  # (L, BN)
+    cum = tl.cumsum(la, 0)
+    scores = tl.dot(cm, tl.trans(bm), input_precision="ieee")  # (L, L): C_i . B_j
+    decay = tl.where(causal, tl.exp(tl.where(causal, cum[:, None] - cum[None, :], 0.0)), 0.0)
+    y = tl.dot(scores * decay, x, input_precision="ieee")  # (L, BP)
+    y += tl.dot(cm, tl.trans(state), input_precision="ieee") * tl.exp(cum)[:, None]
+    tl.store(y_ptr + b * sy_b + t[:, None] * sy_t + h * sy_h + rp[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=mt[:, None] & mp[None, :])
+
+
 def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))  # tl.dot's operands are at least 16 wide
+
+
+# split: 0 the sequential kernel (_ssd_fwd, the default until timed on a GPU), 1 the split form, 2 "auto": the split
+# form when the sequential grid (rows x heads) has fewer than auto_programs programs and there are >= 2 chunks.
+# pass_group / pass_block: pass 2's chunks per step (G) and state elements per program; num_warps: passes 1 and 3.
+_CONFIG = {"split": 0, "auto_programs": 512, "pass_group": 32, "pass_block": 64, "num_warps": 4}
+
+
+def set_ssd_config(**kw) -> dict:
+    """Set any of _CONFIG's keys; returns the previous configuration."""
+    return update_config(_CONFIG, "ssd", kw, int)
+
+
+def _use_split(b: int, H: int, n_chunks: int) -> bool:
+    v = _CONFIG["split"]
+    if v not in (0, 1, 2):
+        raise ValueError(f"ssd split must be 0, 1 or 2 (auto), got {v}")
+    return v == 1 or (v == 2 and n_chunks >= 2 and b * H < _CONFIG["auto_programs"])
 
 
 def ssd_forward(x: torch.Tensor, log_a: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor,
@@ -88,10 +222,31 @@ def ssd_forward(x: torch.Tensor, log_a: torch.Tensor, Bm: torch.Tensor, Cm: torc
     hT = torch.empty(b, H, P, N, device=x.device, dtype=work)
     h0c = h0.to(work).contiguous() if h0 is not None else hT  # (unread without HAS_H0)
     L = max(16, min(triton.next_power_of_2(int(chunk)), 64))
-    _ssd_fwd[(b, H)](x, log_a, Bm, Cm, h0c, y, hT, T,
-                     x.stride(0), x.stride(1), x.stride(2), log_a.stride(0), log_a.stride(1), Bm.stride(0), Bm.stride(1),
-                     Cm.stride(0), Cm.stride(1), y.stride(0), y.stride(1), y.stride(2), hT.stride(0), hT.stride(1),
-                     P=P, N=N, BP=_block(P), BN=_block(N), L=L, HAS_H0=h0 is not None, num_warps=4)
+    nc = triton.cdiv(T, L)
+    if not _use_split(b, H, nc):
+        _ssd_fwd[(b, H)](x, log_a, Bm, Cm, h0c, y, hT, T,
+                         x.stride(0), x.stride(1), x.stride(2), log_a.stride(0), log_a.stride(1), Bm.stride(0),
+                         Bm.stride(1), Cm.stride(0), Cm.stride(1), y.stride(0), y.stride(1), y.stride(2),
+                         hT.stride(0), hT.stride(1),
+                         P=P, N=N, BP=_block(P), BN=_block(N), L=L, HAS_H0=h0 is not None, num_warps=4)
+        return y, hT
+    # the split form: chunk states (fp32, P x N per chunk: 1 KB per chunk and head at P = N = 16), in place
+    states = torch.empty(b, H, nc, P, N, device=x.device, dtype=torch.float32)
+    decays = torch.empty(b, H, nc, device=x.device, dtype=torch.float32)
+    nw = _CONFIG["num_warps"]
+    _ssd_chunk_state[(nc, H, b)](x, log_a, Bm, states, decays, T, nc, H,
+                                 x.stride(0), x.stride(1), x.stride(2), log_a.stride(0), log_a.stride(1),
+                                 Bm.stride(0), Bm.stride(1),
+                                 P=P, N=N, BP=_block(P), BN=_block(N), L=L, num_warps=nw)
+    blk = max(16, min(triton.next_power_of_2(_CONFIG["pass_block"]), triton.next_power_of_2(P * N)))
+    G = max(16, triton.next_power_of_2(_CONFIG["pass_group"]))
+    _ssd_state_pass[(b * H, triton.cdiv(P * N, blk))](states, decays, h0c, hT, nc, PN=P * N, G=G, BLK=blk,
+                                                      HAS_H0=h0 is not None, num_warps=4)
+    _ssd_chunk_out[(nc, H, b)](x, log_a, Bm, Cm, states, h0c, y, T, nc, H,
+                               x.stride(0), x.stride(1), x.stride(2), log_a.stride(0), log_a.stride(1),
+                               Bm.stride(0), Bm.stride(1), Cm.stride(0), Cm.stride(1),
+                               y.stride(0), y.stride(1), y.stride(2),
+                               P=P, N=N, BP=_block(P), BN=_block(N), L=L, HAS_H0=h0 is not None, num_warps=nw)
     return y, hT
 
 
