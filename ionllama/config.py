@@ -3,7 +3,7 @@ config round-trips through JSON and `create_model(size, model=..., **overrides)`
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import UserError
 

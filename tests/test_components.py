@@ -3,11 +3,10 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from ionllama.model.dilated_attention import dilated_attention_reference, dilated_offsets
 from ionllama.model.local_attention import local_window_attention
-from ionllama.model.patcher import calibrate_threshold, cap_patches, compute_patches, rule_starts
+from ionllama.model.patcher import calibrate_threshold, compute_patches
 from ionllama.model.pooling import PatchPooling
 from ionllama.model.scan import scan_const_decay, scan_general, scan_loop
 from ionllama.model.ssm import MambaBlock, ssd_chunked, ssd_step

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import ionllama
 from ionllama.errors import UserError
-from ionllama.generation import (RecomputeDecoder, SamplingConfig, Utf8StreamDecoder, decoder_for, generate,
+from ionllama.generation import (SamplingConfig, Utf8StreamDecoder, decoder_for, generate,
                                  normalize_prompts, sample_next, uniform_noise)
 from ionllama.generation.dense_decoder import DenseKVDecoder
 

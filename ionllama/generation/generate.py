@@ -9,7 +9,7 @@ from ..errors import UserError
 from .decoding import decoder_for
 from .runner import DecodeRunner, check_unroll, compile_options
 from .prompts import DOC_SEP, RowOutput, normalize_prompts, normalize_stops
-from .sampling import SamplingConfig, sample_next
+from .sampling import SamplingConfig
 
 StreamFn = Callable[[int, bytes], None]
 

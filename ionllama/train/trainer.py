@@ -500,7 +500,7 @@ class Trainer:
     def _train_step(self, step: int) -> dict:
         if getattr(self.args, "step_graph", False) and not self.graph_problem:
             return self._graphed_train_step(step)
-        a, m = self.args, self.model
+        a = self.args
         self.fwd.train()
         loss_sum = torch.zeros((), device=self.device)
         bpb_sum = torch.zeros((), device=self.device)
