@@ -58,6 +58,13 @@ def replay_gpu_ms(runner, n: int) -> dict:
     the byte graph (all its parts) and of the latent graph, and the mean GPU ms per byte; {} if none ran."""
     gpu = {}
     runner.run(n, gpu_ms=gpu)
+    if "byte_latent" in gpu:  # host_schedule: one graph per byte; those of closing bytes hold the latent stage
+        plain, with_lat = sorted(gpu.get("byte", [])), sorted(gpu["byte_latent"])
+        n_bytes = len(plain) + len(with_lat)
+        med = (lambda v: v[len(v) // 2] if v else None)  # noqa: E731
+        lat = None if not plain else med(with_lat) - med(plain)  # the latent stage's share (a difference)
+        return dict(gpu_ms_byte_graph=med(plain), gpu_ms_latent_graph=lat,
+                    gpu_ms_per_byte=sum(sum(v) for v in gpu.values()) / n_bytes)
     n_bytes = len(gpu.get("byte", []))
     if not n_bytes:
         return {}
@@ -119,7 +126,9 @@ class Bench:
                               cuda_graphs=graphs, compile=compile, latent_policy=policy,
                               compile_mode=self.args.compile_mode if compile else None,
                               entropy_branch=FUSED[getattr(self.args, "entropy_branch", "auto")] if kind == "ionllama" else False,
-                              unroll=getattr(self.args, "unroll", 1) if graphs else 1)
+                              unroll=getattr(self.args, "unroll", 1) if graphs else 1,
+                              host_schedule=FUSED[getattr(self.args, "host_schedule", "auto")]
+                              if kind == "ionllama" else False)
         return dict(kind=kind, B=B, dec=dec, runner=runner, graphs=graphs, compile=compile, max_len=max_len)
 
     @torch.no_grad()
@@ -253,6 +262,7 @@ def write_results(b, args, checks):
                compile_mode=args.compile_mode, inductor=args.inductor, fused_local_step=args.fused_local_step,
                fused_entropy_step=args.fused_entropy_step, fused_latent_step=args.fused_latent_step,
                entropy_branch=args.entropy_branch, latent_shift=args.latent_shift, unroll=args.unroll,
+               host_schedule=getattr(args, "host_schedule", "auto"),
                models={k: v[1] for k, v in b.models.items()}, checks=checks,
                commit=git_commit())  # BENCH_COMMIT-aware: the GPU machine's copy of .git is stale
     out = pathlib.Path(args.out)
@@ -332,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ionLlama: the entropy model on a second CUDA stream beside the local layers, inside the byte "
                          "graph (DecodeRunner's entropy_branch): on, off, or auto (the library's default: CUDA, "
                          "batch <= 2, entropy patching, latent_shift other than 'completed')")
+    ap.add_argument("--host_schedule", nargs="?", const="on", default="auto", choices=list(FUSED),
+                    help="ionLlama with fixed patching: the host follows the patch boundaries and replays one graph per "
+                         "byte, the latent stage inside it (DecodeRunner's host_schedule): on, off, or auto (the "
+                         "library's default: on for fixed patching)")
     ap.add_argument("--unroll", type=int, default=1,
                     help="bytes per CUDA graph launch (DecodeRunner's unroll: the latent stage of each byte a conditional "
                          "graph node, no host read between them); 1: one launch per byte")

@@ -83,7 +83,8 @@ SWEEPS = {
 
 # On / off keys of --grid: pdl (programmatic dependent launch of every fused step, kernels/pdl.py) and branch (the
 # runner's entropy_branch: the entropy model on a second CUDA stream beside the local layers, in the byte graph)
-SWITCHES = ("pdl", "branch")
+# sched: the runner's host_schedule (fixed patching: one graph per byte chosen on the host, no flag read)
+SWITCHES = ("pdl", "branch", "sched")
 # Runner keys of --grid taking a power of two: unroll (bytes per graph launch, DecodeRunner's unroll; 1: per byte)
 RUNNER_KEYS = ("unroll",)
 
@@ -288,12 +289,16 @@ def run_sweep(args, kind: str, points: list[dict]) -> list[dict]:
         if branch and not s["runner"].can_branch:
             raise UserError("--grid branch=1 needs entropy patching (the runner's entropy_branch)")
         s["runner"].entropy_branch = branch
+        sched = bool(point.pop("sched", sched_default))
+        if sched != s["runner"].host_schedule:
+            s["runner"].set_host_schedule(sched)  # (a UserError where the patching decides on the GPU)
         s["runner"].unroll = int(point.pop("unroll", unroll_default))
         return set_config(**point)
     default = dict(mod._CONFIG)
     t_start = time.time()
     s = prepare(args)
     branch_default, unroll_default = s["runner"].entropy_branch, s["runner"].unroll
+    sched_default = s["runner"].host_schedule
     if not fused_flags(s["dec"])[sw["attr"]]:
         raise UserError(f"--sweep_{kind} times the fused {kind} step, which this decoder does not use; "
                         f"pass {sw['flag']}" + (" (CUDA, or CPU under TRITON_INTERPRET=1)" if args.device != "cuda" else ""))
@@ -372,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the IntegralLNN local layers' fused Triton step (as bench_generation.py)")
     ap.add_argument("--unroll", type=int, default=1,
                     help="bytes per CUDA graph launch (as bench_generation.py; --grid unroll=1,8,... sweeps it)")
+    ap.add_argument("--host_schedule", nargs="?", const="on", default="auto", choices=list(FUSED),
+                    help="fixed patching: one graph per byte chosen on the host (as bench_generation.py; --grid "
+                         "sched=0,1 compares)")
     ap.add_argument("--latent_shift", default=None, choices=LATENT_SHIFTS,
                     help="ionLlama's latent_shift (as bench_generation.py)")
     ap.add_argument("--fused_entropy_step", nargs="?", const="on", default="auto", choices=list(FUSED),

@@ -38,7 +38,8 @@
 #   train8k       training (issue #8): ionLlama-small (entropy and fixed patching) and the dense byte transformer at
 #                 seq 8192 x 8 in one process (the issue's paired row)
 #   pick          decode (issue #4): the Phase-1 quality picks (fixed 3- / 4-byte patches, 8-layer latent, "completed"
-#                 shift; their runs' config.json), the default byte-graph settings, two points each
+#                 shift; their runs' config.json), the runner's host_schedule off / on / off / on (one graph per byte,
+#                 chosen on the host, against the split byte graphs and a flag read per byte), bytes checked equal
 #   conv_gate     training: the conv-gate backward's launch configs (pass A 327 us against a ~60 us floor, fifth
 #                 session): bench_conv_gate.py --sweep (pass A's bwd_wgrad 0 / 1 x tiles x warps, each point checked
 #                 against the reference; ~1 min), then its fwd+bwd and compiled-IntegralLNNBlock rows with the defaults
@@ -115,7 +116,7 @@ for step in ${STEPS:-check_ssm check_lnn entropy inductor_pdl latent}; do
       # 4-byte patches, an 8-layer latent, the "completed" shift, built from their runs' config.json (random weights)
       for run in phase1-patch3 phase1-dropout; do
         run "pick_${run#phase1-}" $((BUDGET + 90)) $P --model_config "docs/results/$run/ionllama_fixed/config.json" \
-          --sweep_lnn --grid pdl=1,1 --out "$R/pick_${run#phase1-}"
+          --sweep_lnn --grid sched=0,1,0,1 --out "$R/pick_${run#phase1-}"
       done ;;
     conv_gate) run conv_gate 540 python3 benchmarks/bench_conv_gate.py --sweep --out "$R/conv_gate.json" ;;
     bench)  # the defaults (inductor's PDL is in the compile presets since the twelfth session); UNROLL=K adds a row set

@@ -787,3 +787,87 @@ def test_fused_latent_step_auto_on_cuda_only_and_refused_where_it_cannot_run(ion
     assert not decoder_for(ion, 1, 16, fused_latent_step=False).fused_latent_step
     dec = decoder_for(ion, 1, 16, fused_local_step=False, fused_latent_step=True)
     assert dec.fused_latent_step and not dec.fused_local_step
+
+
+def _fixed(shift: str, k: int, cap: int):
+    torch.manual_seed(1)
+    m = create_model("tiny", **{**TINY, "max_patch_size": cap}, patching="fixed", fixed_patch_size=k,
+                     latent_shift=shift).eval()
+    with torch.no_grad():
+        m.head.weight.mul_(30.0)
+        m.from_latent.weight.mul_(30.0)  # the latent visibly moves the logits
+    return m
+
+
+@pytest.mark.parametrize("shift,k,cap", [("previous", 3, 5), ("completed", 3, 5), ("completed", 4, 4),
+                                         ("previous", 7, 5), ("completed", 7, 5)])
+def test_host_schedule_follows_the_decoders_patcher_exactly(shift, k, cap):
+    """Fixed patching: the host's copy of the patcher state (position, last rule start, next-start flag) equals
+    the decoder's after every byte, for rows at different positions (prompts of different lengths), with patches
+    that the max-size cap cuts (k > cap)."""
+    m = _fixed(shift, k, cap)
+    dec = decoder_for(m, 3, 96)
+    logits = dec.prefill([list(p if isinstance(p, bytes) else p.encode()) for p in PROMPTS])
+    r = DecodeRunner(dec, SamplingConfig(temperature=1.0), torch.tensor([3, 4, 5]), logits, 40)
+    assert r.host_schedule  # "auto": on for fixed patching
+    for _ in range(40):
+        r.run(1)
+        assert r._h == (dec.t.tolist(), dec.last_rule.tolist(), dec.next_start.tolist())
+
+
+@pytest.mark.parametrize("shift,policy,graphs", [("previous", "skip", False), ("previous", "always", True),
+                                                 ("completed", "skip", False), ("completed", "skip", True),
+                                                 ("completed", "always", True)])
+def test_host_schedule_gives_the_bytes_of_the_recompute_decoder(monkeypatch, shift, policy, graphs):
+    """With the host choosing each byte's graph (one per byte; the latent stage inside it where a row needs it),
+    the sampled bytes equal those of the full forward rerun per byte; graphs are the CPU fakes that record
+    without running, as CUDA does."""
+    from ionllama.generation import RecomputeDecoder
+
+    m, n = _fixed(shift, 3, 5), 23
+    rec = RecomputeDecoder(m, 2, 64)
+    ref = DecodeRunner(rec, SamplingConfig(temperature=1.0), torch.tensor([3, 4]),
+                       rec.prefill([list(b"ab c"), list(b"d")]), n)
+    ref.run(n)
+    if graphs:
+        _fake_cuda(monkeypatch, _FakeGraph)
+        monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    r = _runner(m, n, latent_policy=policy)
+    assert r.host_schedule
+    r.want_graphs = graphs
+    r.run(9)
+    gpu = {}
+    r.run(n - 9, gpu_ms=gpu if graphs else None)
+    assert (r.sched_graphs is not None) == graphs
+    if graphs:  # one replay per byte, a byte's graph holding the latent stage at every third byte or so
+        assert r.graphs == ([], None) and len(gpu["byte"]) + len(gpu["byte_latent"]) == n - 9
+        assert 3 <= len(gpu["byte_latent"]) <= 8
+    assert int(r.dec.n_complete.min()) >= 3
+    assert torch.equal(r.out[:, :n], ref.out[:, :n])
+
+
+def test_host_schedule_auto_off_where_the_gpu_decides_and_refused_when_asked(ion, dense):
+    r = _runner(ion, 8)
+    assert not r.host_schedule  # entropy patching: boundaries come from the bytes
+    with pytest.raises(UserError, match="host_schedule needs ionLlama with fixed patching"):
+        _runner(ion, 8, host_schedule=True)
+    with pytest.raises(UserError, match="host_schedule must be"):
+        _runner(_fixed("previous", 3, 5), 8, host_schedule="yes")
+    d = DecodeRunner(decoder_for(dense, 1, 32), SamplingConfig(), torch.tensor([0]), torch.zeros(1, 256), 8)
+    assert not d.host_schedule
+    off = _runner(_fixed("completed", 3, 5), 8, host_schedule=False)
+    assert not off.host_schedule and off._h is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("shift", ["previous", "completed"])
+def test_host_schedule_graphs_equal_eager_on_cuda(shift):
+    """Fixed patching on a GPU: one captured graph per byte, chosen on the host; the bytes equal the eager
+    runner's that reads the flag from the GPU."""
+    m = _fixed(shift, 3, 5).to("cuda")
+    ref = _runner(m, 40, host_schedule=False)
+    ref.run(40)
+    r = _runner(m, 40, cuda_graphs=True)
+    r.run(40)
+    assert r.host_schedule and r.sched_graphs is not None
+    assert torch.equal(r.out[:, :40], ref.out[:, :40])

@@ -167,3 +167,18 @@ def test_decode_benchmarks_build_a_runs_architecture(tmp_path):
     args = bench.build_parser().parse_args(["--model_config", str(run)])
     assert args.model_config == str(run)
     assert _load("profile_decode_step").build_parser().parse_args(["--model_config", str(run)]).model_config == str(run)
+
+
+def test_replay_gpu_ms_counts_host_scheduled_bytes():
+    """host_schedule times one graph per byte ('byte', or 'byte_latent' where the latent stage is inside):
+    every byte counts once, the latent graph is reported as the difference of the two medians."""
+    bench = _load("bench_generation")
+
+    class FakeRunner:
+        def run(self, n, gpu_ms):
+            gpu_ms["byte"] = [0.07, 0.08, 0.07, 0.07]
+            gpu_ms["byte_latent"] = [0.22, 0.23]
+
+    r = bench.replay_gpu_ms(FakeRunner(), 6)
+    assert r["gpu_ms_byte_graph"] == 0.07 and abs(r["gpu_ms_latent_graph"] - 0.16) < 1e-9
+    assert abs(r["gpu_ms_per_byte"] - (0.29 + 0.45) / 6) < 1e-9

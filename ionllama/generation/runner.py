@@ -70,7 +70,8 @@ def check_unroll(unroll) -> int:
 class DecodeRunner:
     def __init__(self, dec, cfg: SamplingConfig, seeds: torch.Tensor, logits: torch.Tensor, max_new: int,
                  cuda_graphs: bool = False, compile=False, latent_policy: str = "auto",
-                 compile_mode: str | None = None, entropy_branch: bool | str = "auto", unroll: int = 1):
+                 compile_mode: str | None = None, entropy_branch: bool | str = "auto", unroll: int = 1,
+                 host_schedule: bool | str = "auto"):
         """logits: the prefill's (B, V) next-byte logits. latent_policy: 'skip' (read the patch flag on
         the host each byte and run the latent stage only when a row opens a patch), 'always' (run it
         every byte with a masked commit: no host sync, better for large batches), 'early' (as skip, but the
@@ -92,7 +93,13 @@ class DecodeRunner:
         flag in between; run() replays it while that many bytes are left, the per-byte graphs for the rest and
         whenever GPU times are asked for. 1: off. "lagged" under 'skip' keeps its own overlapped replay (the
         unrolled graph would serialize its latent step), so there it is not captured. Memory: each IF body is
-        captured on its own stream, so the latent stage's temporaries are held once per unrolled byte."""
+        captured on its own stream, so the latent stage's temporaries are held once per unrolled byte.
+        host_schedule: fixed patching decides every patch boundary from positions alone, so the host can follow
+        them (a copy of the decoder's position, last rule start and next-start flag per row, read once after
+        prefill) instead of reading a flag from the GPU: each byte is then one graph (its latent stage, when a
+        row needs it, inside the same graph) and the host never waits for the GPU. The latent stage runs only at
+        bytes where some row needs it, whatever latent_policy says (its masked commit leaves the other rows).
+        "auto": on for fixed patching (not "lagged"); True elsewhere is a UserError."""
         self.dec, self.cfg = dec, cfg
         B, dev = logits.shape[0], logits.device
         self.seeds = seeds = seeds.to(dev)  # the noise is made where the logits are
@@ -134,6 +141,20 @@ class DecodeRunner:
             raise UserError("entropy_branch needs ionLlama with entropy patching and latent_policy skip, always or "
                             "auto ('early' only with latent_shift \"completed\"); leave it off")
         self.entropy_branch = bool(entropy_branch)
+        # the lagged shift's own overlapped replay is kept (see _replay_lagged)
+        lagged = self.has_latent and bool(getattr(dec, "lagged", False))
+        self.can_schedule = self.has_latent and not lagged and \
+            getattr(getattr(dec, "cfg", None), "patching", None) == "fixed"
+        if host_schedule == "auto":
+            host_schedule = self.can_schedule
+        elif host_schedule not in (True, False):
+            raise UserError(f"host_schedule must be True, False or 'auto'; got {host_schedule!r}")
+        if host_schedule and not self.can_schedule:
+            raise UserError("host_schedule needs ionLlama with fixed patching (other patchings decide boundaries "
+                            "from the bytes, on the GPU) and a latent_shift other than 'lagged'; leave it off")
+        self.host_schedule = bool(host_schedule)
+        self._h = None  # the host's copy of the patcher state: (t, last_rule, next_start) per row
+        self._sync_schedule()
         # "completed": begin, then the entropy model beside embedding + encoder + pooling, joined before the latent
         # stage (which reads the flag) and the decoder; otherwise begin, entropy model beside the whole local step, end
         self._branch_fns = ([self._iter_begin, self._iter_flag, self._iter_encode] if self.completed else
@@ -164,12 +185,15 @@ class DecodeRunner:
         self.lag_graphs = None  # "lagged": (commit, compute) graphs, captured with the others
         self.want_graphs = cuda_graphs and logits.is_cuda and getattr(dec, "capturable", True)
         self.unroll = check_unroll(unroll)
+        self.sched_graphs = None  # host_schedule: (byte, byte with its latent stage), one graph each
         self.multi_graph = None  # the `unroll` iterations as one graph, captured with the others
         self.multi_k = 0  # iterations in multi_graph
         self._check_unroll()
 
     def _wants_unrolled(self) -> bool:
-        return self.want_graphs and self.unroll > 1 and not (self.lagged and self.latent_policy == "skip")
+        # (host_schedule needs no flag on the GPU between bytes: nothing to unroll)
+        return self.want_graphs and self.unroll > 1 and not (self.lagged and self.latent_policy == "skip") \
+            and not self.host_schedule
 
     def _check_unroll(self) -> None:
         if self._wants_unrolled() and self.has_latent and self.latent_policy != "always" and not _HAS_IF_NODES:
@@ -186,7 +210,47 @@ class DecodeRunner:
         self.step_no.zero_()
         self.out.zero_()
         self._set_pred()
+        self._sync_schedule()
         self.n_done = 0
+
+    # ---------------------------------------------------------------- host_schedule: the patcher on the host
+    def set_host_schedule(self, on: bool) -> None:
+        """Switch host_schedule (benchmarks' A/B); the next capture or eager iteration follows it."""
+        if on and not self.can_schedule:
+            raise UserError("host_schedule needs ionLlama with fixed patching and a latent_shift other than "
+                            "'lagged'; leave it off")
+        self.host_schedule = bool(on)
+        self.graphs = None
+        self._sync_schedule()
+
+    def _sync_schedule(self) -> None:
+        """Copy the decoder's patcher state to the host (one read, after prefill)."""
+        if self.host_schedule:
+            d = self.dec
+            self._h = (d.t.tolist(), d.last_rule.tolist(), d.next_start.tolist())
+
+    def _host_after(self) -> tuple[list, list]:
+        """(last_rule, next_start) per row after the byte at each row's position t: next_patch_flag's fixed rule
+        in integers (ionllama_decoder: a start every fixed_patch_size positions, capped at max_patch_size)."""
+        cfg = self.dec.cfg
+        k, cap = cfg.fixed_patch_size, cfg.max_patch_size
+        last, nxt = [], []
+        for t, lr in zip(self._h[0], self._h[1]):
+            tn = t + 1
+            rule = tn % k == 0
+            lr = tn if rule else lr
+            last.append(lr)
+            nxt.append(rule or (tn - lr) % cap == 0)
+        return last, nxt
+
+    def _host_need(self) -> bool:
+        """Does this byte run the latent stage? "previous": some row's byte opens a patch (the flag the last
+        byte set); "completed": some row's byte closes one (the flag this byte sets)."""
+        return any(self._host_after()[1]) if self.completed else any(self._h[2])
+
+    def _host_advance(self) -> None:
+        last, nxt = self._host_after()
+        self._h = ([t + 1 for t in self._h[0]], last, nxt)
 
     # ---------------------------------------------------------------- one iteration (graph body)
     def _iteration(self) -> None:
@@ -320,11 +384,22 @@ class DecodeRunner:
         # "previous": the latent stage before the byte (flag set by the last byte); "completed": before
         # the byte's decoder (flag set by this byte's part 1)
         at = self._latent_at()
+        need = self._host_need() if self.host_schedule else None
         for i, part in enumerate(self._parts()):
-            if i == at and self._latent_needed():
+            if i == at and (need if need is not None else self._latent_needed()):
                 self._latent_fn(self.dec.next_start)  # always called with the mask: one compiled signature
             part()
+        if self.host_schedule:
+            self._host_advance()
         self.n_done += 1
+
+    def _scheduled_byte(self, with_latent: bool) -> None:
+        """host_schedule: one byte, all its parts, with the latent stage where the shift puts it."""
+        at = self._latent_at()
+        for i, part in enumerate(self._parts()):
+            if i == at and with_latent:
+                self._latent_fn(self.dec.next_start)
+            part()
 
     def _warm_up(self) -> None:
         """Up to 3 real iterations (lazy inits, compilation, cuBLAS handles) on a side stream: they
@@ -355,6 +430,7 @@ class DecodeRunner:
     def _capture(self) -> None:
         self._check_unroll()  # (unroll may have been set after construction)
         self.multi_graph = None
+        self.sched_graphs = None  # (host_schedule may have been switched since the last capture)
         self._warm_up()
         stream = torch.cuda.current_stream()
         try:
@@ -363,8 +439,13 @@ class DecodeRunner:
             if self.split:  # the flag to host memory, inside the first part's graph
                 first = parts[0]
                 parts[0] = lambda: (first(), self.pred_host.copy_(self.latent_pred.view(1), non_blocking=True))
-            g_bytes = [self._record(f, pool) for f in parts]
-            g_lat = self._record(lambda: self._latent_fn(self.dec.next_start), pool) if self.has_latent else None
+            if self.host_schedule:  # two whole-byte graphs instead of the parts and the latent stage
+                self.sched_graphs = (self._record(lambda: self._scheduled_byte(False), pool),
+                                     self._record(lambda: self._scheduled_byte(True), pool))
+                g_bytes, g_lat = [], None
+            else:
+                g_bytes = [self._record(f, pool) for f in parts]
+                g_lat = self._record(lambda: self._latent_fn(self.dec.next_start), pool) if self.has_latent else None
             if self.lagged:
                 # the compute graph replays while byte graphs run: a pool of its own, so no temporary of one can
                 # share memory with the other's (graphs that share a pool must replay one after the other)
@@ -389,7 +470,7 @@ class DecodeRunner:
         """Advance n iterations (n bytes sampled into self.out); never past max_new. gpu_ms: a dict to
         receive the GPU time of each graph replay, from CUDA events around it: {'byte': [ms, ...],
         'latent': [...]}, and 'byte_rest' for the later parts of a split byte stage ('early', latent_shift
-        "completed"). For benchmarks: the wall time per byte minus these is the time the GPU waited for
+        "completed"); with host_schedule 'byte' and 'byte_latent' (a byte whose graph holds the latent stage). For benchmarks: the wall time per byte minus these is the time the GPU waited for
         the host."""
         target = min(self.max_new, self.n_done + n)
         if self.want_graphs and self.graphs is None and target - self.n_done > 4:
@@ -406,7 +487,9 @@ class DecodeRunner:
                 self.n_done += self.multi_k
             if self.n_done >= target:
                 return
-        if self.completed:
+        if self.host_schedule and self.sched_graphs is not None:
+            self._replay_scheduled(target, timed)
+        elif self.completed:
             self._replay_completed(target, g_bytes, g_lat, timed)
         elif self.lag_graphs is not None and self.latent_policy == "skip":
             self._replay_lagged(target, g_bytes, timed)
@@ -416,6 +499,17 @@ class DecodeRunner:
             torch.cuda.synchronize()
             for kind, a, b in timed:
                 gpu_ms.setdefault(kind, []).append(a.elapsed_time(b))
+
+    def _replay_scheduled(self, target: int, timed) -> None:
+        """host_schedule: one graph per byte, chosen on the host; no flag read, no wait for the GPU."""
+        g_byte, g_with_latent = self.sched_graphs
+        while self.n_done < target:
+            if self._host_need():
+                self._replay(g_with_latent, "byte_latent", timed)
+            else:
+                self._replay(g_byte, "byte", timed)
+            self._host_advance()
+            self.n_done += 1
 
     def _replay_completed(self, target: int, g_bytes, g_lat, timed) -> None:
         """"completed": part 1 (flag to host memory), part 2, [latent], part 3; with the entropy branch parts 1
