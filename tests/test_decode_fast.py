@@ -808,8 +808,8 @@ def test_host_schedule_follows_the_decoders_patcher_exactly(shift, k, cap):
     m = _fixed(shift, k, cap)
     dec = decoder_for(m, 3, 96)
     logits = dec.prefill([list(p if isinstance(p, bytes) else p.encode()) for p in PROMPTS])
-    r = DecodeRunner(dec, SamplingConfig(temperature=1.0), torch.tensor([3, 4, 5]), logits, 40)
-    assert r.host_schedule  # "auto": on for fixed patching
+    r = DecodeRunner(dec, SamplingConfig(temperature=1.0), torch.tensor([3, 4, 5]), logits, 40, host_schedule=True)
+    assert r.host_schedule
     for _ in range(40):
         r.run(1)
         assert r._h == (dec.t.tolist(), dec.last_rule.tolist(), dec.next_start.tolist())
@@ -832,7 +832,7 @@ def test_host_schedule_gives_the_bytes_of_the_recompute_decoder(monkeypatch, shi
     if graphs:
         _fake_cuda(monkeypatch, _FakeGraph)
         monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
-    r = _runner(m, n, latent_policy=policy)
+    r = _runner(m, n, latent_policy=policy, host_schedule=True)
     assert r.host_schedule
     r.want_graphs = graphs
     r.run(9)
@@ -846,9 +846,10 @@ def test_host_schedule_gives_the_bytes_of_the_recompute_decoder(monkeypatch, shi
     assert torch.equal(r.out[:, :n], ref.out[:, :n])
 
 
-def test_host_schedule_auto_off_where_the_gpu_decides_and_refused_when_asked(ion, dense):
-    r = _runner(ion, 8)
-    assert not r.host_schedule  # entropy patching: boundaries come from the bytes
+def test_host_schedule_auto_off_until_measured_and_refused_where_the_gpu_decides(ion, dense):
+    assert not _runner(ion, 8).host_schedule  # entropy patching: boundaries come from the bytes
+    fixed = _runner(_fixed("completed", 3, 5), 8)
+    assert fixed.can_schedule and not fixed.host_schedule  # "auto": off until a GPU measures it faster
     with pytest.raises(UserError, match="host_schedule needs ionLlama with fixed patching"):
         _runner(ion, 8, host_schedule=True)
     with pytest.raises(UserError, match="host_schedule must be"):
@@ -867,7 +868,7 @@ def test_host_schedule_graphs_equal_eager_on_cuda(shift):
     m = _fixed(shift, 3, 5).to("cuda")
     ref = _runner(m, 40, host_schedule=False)
     ref.run(40)
-    r = _runner(m, 40, cuda_graphs=True)
+    r = _runner(m, 40, cuda_graphs=True, host_schedule=True)
     r.run(40)
     assert r.host_schedule and r.sched_graphs is not None
     assert torch.equal(r.out[:, :40], ref.out[:, :40])

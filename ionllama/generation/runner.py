@@ -99,7 +99,8 @@ class DecodeRunner:
         prefill) instead of reading a flag from the GPU: each byte is then one graph (its latent stage, when a
         row needs it, inside the same graph) and the host never waits for the GPU. The latent stage runs only at
         bytes where some row needs it, whatever latent_policy says (its masked commit leaves the other rows).
-        "auto": on for fixed patching (not "lagged"); True elsewhere is a UserError."""
+        "auto": off until a GPU measures it faster (benchmarks: --grid sched=0,1; levers step pick); True needs
+        fixed patching and a shift other than "lagged" (else a UserError)."""
         self.dec, self.cfg = dec, cfg
         B, dev = logits.shape[0], logits.device
         self.seeds = seeds = seeds.to(dev)  # the noise is made where the logits are
@@ -145,8 +146,8 @@ class DecodeRunner:
         lagged = self.has_latent and bool(getattr(dec, "lagged", False))
         self.can_schedule = self.has_latent and not lagged and \
             getattr(getattr(dec, "cfg", None), "patching", None) == "fixed"
-        if host_schedule == "auto":
-            host_schedule = self.can_schedule
+        if host_schedule == "auto":  # (not yet measured on a GPU: off)
+            host_schedule = False
         elif host_schedule not in (True, False):
             raise UserError(f"host_schedule must be True, False or 'auto'; got {host_schedule!r}")
         if host_schedule and not self.can_schedule:
