@@ -48,6 +48,30 @@ from .launch_config import update_config
 
 
 @triton.jit
+def _chunk_inputs(x_ptr, la_ptr, b_ptr, c_ptr, b, h, t, mt, rp, mp, rn, mn,
+                  sx_b, sx_t, sx_h, sla_b, sla_t, sb_b, sb_t, sc_b, sc_t):
+    """One chunk's x (L, BP), log_a (L,), B and C (L, BN), in fp32; padded steps (t >= T) read 0."""
+    x = tl.load(x_ptr + b * sx_b + t[:, None] * sx_t + h * sx_h + rp[None, :],
+                mask=mt[:, None] & mp[None, :], other=0.0).to(tl.float32)
+    la = tl.load(la_ptr + b * sla_b + t * sla_t + h, mask=mt, other=0.0).to(tl.float32)
+    bm = tl.load(b_ptr + b * sb_b + t[:, None] * sb_t + rn[None, :], mask=mt[:, None] & mn[None, :],
+                 other=0.0).to(tl.float32)
+    cm = tl.load(c_ptr + b * sc_b + t[:, None] * sc_t + rn[None, :], mask=mt[:, None] & mn[None, :],
+                 other=0.0).to(tl.float32)
+    return x, la, bm, cm
+
+
+@triton.jit
+def _chunk_y(x, bm, cm, cum, state, causal):
+    """y of one chunk (L, BP): its own inputs ((C B^T) * exp(cum_i - cum_j) [i >= j]) @ x, plus the state entering
+    it, (C @ state^T) * exp(cum)."""
+    scores = tl.dot(cm, tl.trans(bm), input_precision="ieee")  # (L, L): C_i . B_j
+    decay = tl.where(causal, tl.exp(tl.where(causal, cum[:, None] - cum[None, :], 0.0)), 0.0)
+    y = tl.dot(scores * decay, x, input_precision="ieee")
+    return y + tl.dot(cm, tl.trans(state), input_precision="ieee") * tl.exp(cum)[:, None]
+
+
+@triton.jit
 def _ssd_fwd(x_ptr, la_ptr, b_ptr, c_ptr, h0_ptr, y_ptr, hT_ptr, T,
              sx_b, sx_t, sx_h, sla_b, sla_t, sb_b, sb_t, sc_b, sc_t, sy_b, sy_t, sy_h, sh_b, sh_h,
              P: tl.constexpr, N: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
@@ -68,19 +92,11 @@ def _ssd_fwd(x_ptr, la_ptr, b_ptr, c_ptr, h0_ptr, y_ptr, hT_ptr, T,
     for c0 in range(0, T, L):
         t = c0 + rl
         mt = t < T
-        x = tl.load(x_ptr + b * sx_b + t[:, None] * sx_t + h * sx_h + rp[None, :],
-                    mask=mt[:, None] & mp[None, :], other=0.0).to(tl.float32)  # (L, BP)
-        la = tl.load(la_ptr + b * sla_b + t * sla_t + h, mask=mt, other=0.0).to(tl.float32)  # (L,)
-        bm = tl.load(b_ptr + b * sb_b + t[:, None] * sb_t + rn[None, :], mask=mt[:, None] & mn[None, :],
-                     other=0.0).to(tl.float32)  # (L, BN)
-        cm = tl.load(c_ptr + b * sc_b + t[:, None] * sc_t + rn[None, :], mask=mt[:, None] & mn[None, :],
-                     other=0.0).to(tl.float32)  # (L, BN)
+        x, la, bm, cm = _chunk_inputs(x_ptr, la_ptr, b_ptr, c_ptr, b, h, t, mt, rp, mp, rn, mn,
+                                      sx_b, sx_t, sx_h, sla_b, sla_t, sb_b, sb_t, sc_b, sc_t)
         cum = tl.cumsum(la, 0)
         total = tl.sum(la, 0)
-        scores = tl.dot(cm, tl.trans(bm), input_precision="ieee")  # (L, L): C_i . B_j
-        decay = tl.where(causal, tl.exp(tl.where(causal, cum[:, None] - cum[None, :], 0.0)), 0.0)
-        y = tl.dot(scores * decay, x, input_precision="ieee")  # (L, BP)
-        y += tl.dot(cm, tl.trans(state), input_precision="ieee") * tl.exp(cum)[:, None]
+        y = _chunk_y(x, bm, cm, cum, state, causal)  # (L, BP)
         w = tl.exp(total - cum)  # decay from each step to the chunk's end
         state = state * tl.exp(total) + tl.dot(tl.trans(x * w[:, None]), bm, input_precision="ieee")
         tl.store(y_ptr + b * sy_b + t[:, None] * sy_t + h * sy_h + rp[None, :], y.to(y_ptr.dtype.element_ty),
@@ -173,18 +189,9 @@ def _ssd_chunk_out(x_ptr, la_ptr, b_ptr, c_ptr, s_ptr, h0_ptr, y_ptr, T, NC, H,
     state = tl.load(s_ptr + (bh * NC + c - 1) * (P * N) + s_off, mask=ms & ~first, other=0.0)
     if HAS_H0:
         state += tl.load(h0_ptr + bh * (P * N) + s_off, mask=ms & first, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + b * sx_b + t[:, None] * sx_t + h * sx_h + rp[None, :],
-                mask=mt[:, None] & mp[None, :], other=0.0).to(tl.float32)  # (L, BP)
-    la = tl.load(la_ptr + b * sla_b + t * sla_t + h, mask=mt, other=0.0).to(tl.float32)  # (L,)
-    bm = tl.load(b_ptr + b * sb_b + t[:, None] * sb_t + rn[None, :], mask=mt[:, None] & mn[None, :],
-                 other=0.0).to(tl.float32)  # (L, BN)
-    cm = tl.load(c_ptr + b * sc_b + t[:, None] * sc_t + rn[None, :], mask=mt[:, None] & mn[None, :],
-                 other=0.0).to(tl.float32)  # (L, BN)
-    cum = tl.cumsum(la, 0)
-    scores = tl.dot(cm, tl.trans(bm), input_precision="ieee")  # (L, L): C_i . B_j
-    decay = tl.where(causal, tl.exp(tl.where(causal, cum[:, None] - cum[None, :], 0.0)), 0.0)
-    y = tl.dot(scores * decay, x, input_precision="ieee")  # (L, BP)
-    y += tl.dot(cm, tl.trans(state), input_precision="ieee") * tl.exp(cum)[:, None]
+    x, la, bm, cm = _chunk_inputs(x_ptr, la_ptr, b_ptr, c_ptr, b, h, t, mt, rp, mp, rn, mn,
+                                  sx_b, sx_t, sx_h, sla_b, sla_t, sb_b, sb_t, sc_b, sc_t)
+    y = _chunk_y(x, bm, cm, tl.cumsum(la, 0), state, causal)  # (L, BP)
     tl.store(y_ptr + b * sy_b + t[:, None] * sy_t + h * sy_h + rp[None, :], y.to(y_ptr.dtype.element_ty),
              mask=mt[:, None] & mp[None, :])
 
