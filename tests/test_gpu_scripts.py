@@ -182,3 +182,16 @@ def test_replay_gpu_ms_counts_host_scheduled_bytes():
     r = bench.replay_gpu_ms(FakeRunner(), 6)
     assert r["gpu_ms_byte_graph"] == 0.07 and abs(r["gpu_ms_latent_graph"] - 0.16) < 1e-9
     assert abs(r["gpu_ms_per_byte"] - (0.29 + 0.45) / 6) < 1e-9
+
+
+def test_profile_breakdown_tells_our_kernels_from_inductors():
+    pytest.importorskip("triton")
+    train = _load("bench_train_throughput")
+
+    def group(name):
+        return next((c for c, rx in train.KERNEL_GROUPS if rx.search(name)), "other")
+
+    assert group("_conv_gate_bwd_gate") == group("_ssd_fwd") == group("_scan_fwd") == "ours (ionllama/kernels, Triton)"
+    assert group("triton_poi_fused__unsafe_view_mul_silu_split_29") == "inductor (triton_*)"
+    assert group("nvjet_sm90_tst_128x192_64x5_2x1_v_bz_coopB_NNN") == "matmul"
+    assert group("_not_a_kernel_of_ours") == "other"
