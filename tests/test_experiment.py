@@ -440,3 +440,15 @@ def test_warm_up_runs_the_joint_configuration_only_where_the_plan_has_one(joint_
     warm_up(tr)
     configs = [f for f in frozen[:-1]]  # the last call restores the model's own setting
     assert configs == ([True, False] if joint_steps else [True])
+
+
+def test_deadline_counts_from_the_process_start():
+    import subprocess
+    import sys
+
+    from ionllama.experiment.runner import process_age_s
+
+    assert process_age_s() > 0.0  # this pytest process started before now
+    code = "import time; time.sleep(1.5); from ionllama.experiment.runner import process_age_s; print(process_age_s())"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 1.4 <= child < 30.0  # the child's sleep before the import counts

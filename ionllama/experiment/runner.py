@@ -33,13 +33,28 @@ from .report import _fmt
 from .tasks import run_task_stage
 
 
+def process_age_s() -> float:
+    """Seconds since this process started (Linux: /proc; elsewhere 0). --deadline_s counts from the process start,
+    as the `timeout` that a script wraps it in does, so Python's and torch's import time is not left out."""
+    try:
+        import os
+
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime, in clock ticks
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 class Runner:
     def __init__(self, args: argparse.Namespace, argv: list[str]):
         self.a = args
         self.argv = argv
         self.out = Path(args.out)
         self.ckpt_dir = Path(args.ckpt_dir)
-        self.t_start = time.perf_counter()
+        self.t_start = time.perf_counter() - process_age_s()  # --deadline_s counts from the process start
         self.command = "ionllama experiment " + " ".join(shlex.quote(x) for x in argv)
         if args.matrix not in MATRICES:
             raise UserError(f"unknown --matrix '{args.matrix}'; choose one of {', '.join(MATRICES)}")
