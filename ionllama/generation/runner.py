@@ -150,12 +150,10 @@ class DecodeRunner:
             host_schedule = False
         elif host_schedule not in (True, False):
             raise UserError(f"host_schedule must be True, False or 'auto'; got {host_schedule!r}")
-        if host_schedule and not self.can_schedule:
-            raise UserError("host_schedule needs ionLlama with fixed patching (other patchings decide boundaries "
-                            "from the bytes, on the GPU) and a latent_shift other than 'lagged'; leave it off")
-        self.host_schedule = bool(host_schedule)
+        self.host_schedule = False
         self._h = None  # the host's copy of the patcher state: (t, last_rule, next_start) per row
-        self._sync_schedule()
+        self._h_next = None  # that state after the current byte (computed once per byte)
+        self.set_host_schedule(host_schedule, recapture=False)
         # "completed": begin, then the entropy model beside embedding + encoder + pooling, joined before the latent
         # stage (which reads the flag) and the decoder; otherwise begin, entropy model beside the whole local step, end
         self._branch_fns = ([self._iter_begin, self._iter_flag, self._iter_encode] if self.completed else
@@ -215,13 +213,14 @@ class DecodeRunner:
         self.n_done = 0
 
     # ---------------------------------------------------------------- host_schedule: the patcher on the host
-    def set_host_schedule(self, on: bool) -> None:
+    def set_host_schedule(self, on: bool, recapture: bool = True) -> None:
         """Switch host_schedule (benchmarks' A/B); the next capture or eager iteration follows it."""
         if on and not self.can_schedule:
-            raise UserError("host_schedule needs ionLlama with fixed patching and a latent_shift other than "
-                            "'lagged'; leave it off")
+            raise UserError("host_schedule needs ionLlama with fixed patching (other patchings decide boundaries "
+                            "from the bytes, on the GPU) and a latent_shift other than 'lagged'; leave it off")
         self.host_schedule = bool(on)
-        self.graphs = None
+        if recapture:
+            self.graphs = None
         self._sync_schedule()
 
     def _sync_schedule(self) -> None:
@@ -247,11 +246,12 @@ class DecodeRunner:
     def _host_need(self) -> bool:
         """Does this byte run the latent stage? "previous": some row's byte opens a patch (the flag the last
         byte set); "completed": some row's byte closes one (the flag this byte sets)."""
-        return any(self._host_after()[1]) if self.completed else any(self._h[2])
+        self._h_next = self._host_after()
+        return any(self._h_next[1]) if self.completed else any(self._h[2])
 
     def _host_advance(self) -> None:
-        last, nxt = self._host_after()
-        self._h = ([t + 1 for t in self._h[0]], last, nxt)
+        last, nxt = self._h_next if self._h_next is not None else self._host_after()
+        self._h, self._h_next = ([t + 1 for t in self._h[0]], last, nxt), None
 
     # ---------------------------------------------------------------- one iteration (graph body)
     def _iteration(self) -> None:
