@@ -622,3 +622,36 @@ def test_trainer_with_step_graph_entropy_patching_learns_and_resumes(tmp_path, c
     main_losses = [r["loss"] for r in recs if r["phase"] == "main"]
     assert len(main_losses) == 27 and all(r["bytes_per_patch"] > 1.0 for r in recs if r["phase"] == "main")
     assert sum(main_losses[-5:]) / 5 < sum(main_losses[:5]) / 5 - 0.5
+
+
+def test_past_the_graph_cap_smaller_buckets_pad_to_a_captured_one():
+    """Once MAX_GRAPHS buckets have graphs, a batch of a smaller new bucket runs in the smallest captured bucket
+    that holds it (its latent sequence padded further: the same loss, up to float rounding), not eagerly; only a
+    batch beyond the largest captured bucket runs eagerly, with the one warning."""
+    T = 64
+
+    def batch(k):
+        x = torch.full((2, T + 1), 97)
+        x[:, :k] = 32
+        return x[:, :-1], x[:, 1:]
+
+    a = _patched("space")
+    b = copy.deepcopy(a)
+    batches = [batch(k) for k in (20, 40, 0, 20, 0, 63)]
+    assert [latent_bucket(int(b.patch_boundaries(x)[1].max()), T) for x, _ in batches] == [32, 48, 16, 32, 16, 64]
+    ref = _trainer_steps(a, batches, [1e-3] * len(batches), clip=0.5)
+    opt = make_adamw(b, [p for p in b.parameters() if p.requires_grad], 1e-3, 0.1, CPU, capturable=True)
+    sg = make_step_graph(b, b, opt, 0.5, _no_autocast, T, graphs=False, max_graphs=2)
+    lens = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = []
+        for x, y in batches:
+            got.append(float(sg(x, y, 1e-3)["loss"]))
+            lens.append(sg.latent_len)
+    assert lens == [32, 48, 32, 32, 32, 64]  # 16 -> 32, the smallest captured bucket that holds it
+    assert {k: s.calls for k, s in sg.slots.items()} == {32: 4, 48: 1} and sg.uncaptured == {64}
+    assert len([w for w in caught if "--step_graph" in str(w.message)]) == 1
+    assert got == pytest.approx(ref, rel=1e-5, abs=1e-6)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)

@@ -29,7 +29,8 @@ count, which the host must read. Their step runs in two stages:
      bucket's latent length (no host read, and the frozen entropy model is not run again), backward,
      clipping, AdamW. The padding patches sit after every real one, and the latent attention is causal,
      so they change no real output (tests/test_step_graph.py). All graphs share one memory pool; at most
-     ``MAX_GRAPHS`` are made, a batch of a further bucket runs the step eagerly (one warning).
+     ``MAX_GRAPHS`` are made, a batch of a further bucket pads to the smallest captured bucket that holds it,
+     or, beyond the largest, runs the step eagerly (one warning).
 The read stalls the host until the GPU has finished the previous step and stage A; the GPU then waits only
 for the host to pick the graph and launch it.
 
@@ -239,6 +240,15 @@ class StepGraph:
             slot.graph.replay()
         return latent_bucket(int(self.static_nmax), self.static_x.shape[1])
 
+    def _route(self, key: int | None) -> int | None:
+        """The latent length this step runs at: its own bucket, or, once the graph cap is reached, the smallest
+        bucket with a graph that holds it (the forward pads the latent sequence to that length; padded patches
+        come after every real one, so the causal latent layers give the real patches the same outputs)."""
+        if key is None or key in self.slots or len(self.slots) < self.max_graphs:
+            return key
+        bigger = [k for k in self.slots if k is not None and k >= key]
+        return min(bigger) if bigger else key
+
     def _slot(self, key: int | None) -> _Slot | None:
         """The graph slot of this latent length, made if the cap allows; None: run this step eagerly."""
         slot = self.slots.get(key)
@@ -247,9 +257,10 @@ class StepGraph:
                 slot = self.slots[key] = _Slot()
             else:
                 if not self.uncaptured:
-                    warnings.warn(f"--step_graph: a batch needs {key} latent positions, a bucket beyond the "
-                                  f"{self.max_graphs} with graphs ({sorted(self.slots)}); steps of further buckets "
-                                  "run eagerly, not captured", stacklevel=3)
+                    warnings.warn(f"--step_graph: a batch needs {key} latent positions, more than the largest of "
+                                  f"the {self.max_graphs} buckets with graphs ({sorted(self.slots)}); steps of such "
+                                  "buckets run eagerly, not captured (smaller ones pad to a captured bucket)",
+                                  stacklevel=3)
                 self.uncaptured.add(key)
         return slot
 
@@ -261,7 +272,7 @@ class StepGraph:
         self.static_y.copy_(y, non_blocking=True)
         self.lr.fill_(lr)
         self.calls += 1
-        self.latent_len = self._stage_a() if self.boundaries is not None else None
+        self.latent_len = self._route(self._stage_a()) if self.boundaries is not None else None
         slot = self._slot(self.latent_len)
         if slot is None:  # past the graph cap: the same step, uncaptured
             return self._body()
