@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,9 +24,9 @@ from ionllama.model.conv import CausalDepthwiseConv
 from ionllama.model.dilated_attention import dilated_attention_reference, dilated_offsets
 from ionllama.model.scan import scan_const_decay as scan_reference
 from ionllama.model.scan import scan_loop
+from kernel_subprocess import ROOT, assert_compiles_for_hopper, kernel_env, run_child, run_json_script
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------- dispatchers (CPU: reference path)
@@ -160,10 +158,8 @@ def interpreter_rows():
     if not HAS_TRITON:
         pytest.skip("triton is not installed: the kernels' checks run on the GPU "
                     "(python -m ionllama.kernels.selfcheck --device cuda --large, and in benchmarks/bench_*.py)")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               PYTHONWARNINGS="ignore")
     r = subprocess.run([sys.executable, "-m", "ionllama.kernels.selfcheck", "--device", "cpu", "--json", "-"],
-                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+                       capture_output=True, text=True, env=kernel_env(), cwd=ROOT, timeout=600)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("[")]
     assert lines, f"selfcheck printed no result (rc {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
     return json.loads(lines[-1])
@@ -282,12 +278,7 @@ def test_fused_entropy_step_equals_reference_interpreter():
     PyTorch path rounds (every bf16 intermediate rounded where it rounds, only fp32 sum orders differ: a rare
     one-ulp flip, 2^-8 on one element, stays under 1e-3 of the norm; the fp32 entropies under 1e-4). The state
     is updated in place, and greedy generation of a tiny model with fused_entropy_step gives the same bytes."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               PYTHONWARNINGS="ignore")
-    r = subprocess.run([sys.executable, "-c", _SSM_QUICK], capture_output=True, text=True, env=env, cwd=ROOT,
-                       timeout=120)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res = run_json_script(_SSM_QUICK, timeout=120)
     for name, errs in res["fp32"].items():
         assert errs <= 2e-6, f"fp32 {name}: {errs:.3e}"
     for case in ("bf16", "bf16_table"):
@@ -468,12 +459,7 @@ print(json.dumps(rows))
 def conv_gate_wgrad_rows():
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               PYTHONWARNINGS="ignore")
-    r = subprocess.run([sys.executable, "-c", _CONV_GATE_WGRAD_SCRIPT, json.dumps(CONV_GATE_WGRAD_CASES)],
-                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.splitlines()[-1])
+    return run_json_script(_CONV_GATE_WGRAD_SCRIPT, json.dumps(CONV_GATE_WGRAD_CASES))
 
 
 @pytest.mark.parametrize("wgrad", [0, 1])
@@ -539,15 +525,7 @@ def test_conv_gate_bwd_gate_compiles_for_hopper():
     """The interpreter never compiles a kernel: pass A, both weight-gradient variants (the deferred one's constexpr
     tap branches), through Triton's real compiler for sm_90 (no GPU needed), in a subprocess without
     TRITON_INTERPRET (the kernels here may be the interpreted kind)."""
-    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONWARNINGS="ignore")
-    r = subprocess.run([sys.executable, "-c", _CONV_GATE_COMPILE_SCRIPT], capture_output=True, text=True, env=env,
-                       cwd=ROOT, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    last = r.stdout.strip().splitlines()[-1]
-    if last.startswith("SKIP"):
-        pytest.skip(f"Triton cannot compile for CUDA here: {last}")
-    assert last == "OK"
+    assert_compiles_for_hopper(_CONV_GATE_COMPILE_SCRIPT)
 
 
 # ---------------------------------------------------------------- kernels on CUDA
@@ -595,13 +573,9 @@ def _graph_break_rows(tmp_path, *extra) -> dict:
     """benchmarks/count_graph_breaks.py on the tiny model (Triton interpreted on CPU): rows by routing."""
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               PYTHONWARNINGS="ignore")
     out = tmp_path / "gb.json"
-    r = subprocess.run([sys.executable, "benchmarks/count_graph_breaks.py", "--size", "tiny", "--seq_len", "48",
-                        "--batch_size", "1", *extra, "--out", str(out)], capture_output=True, text=True, env=env,
-                       cwd=ROOT, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_child(["benchmarks/count_graph_breaks.py", "--size", "tiny", "--seq_len", "48", "--batch_size", "1", *extra,
+               "--out", str(out)], timeout=600)
     return {row["routing"]: row for row in json.loads(out.read_text())["rows"]}
 
 

@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from kernel_subprocess import assert_compiles_for_hopper, run_json_script
+
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-ROOT = Path(__file__).resolve().parents[1]
 
 # (B, T, H, P, N, chunk, with_h0, config for the split run)
 CASES = [
@@ -64,12 +61,7 @@ print(json.dumps(out))
 def split_rows():
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               PYTHONWARNINGS="ignore")
-    r = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(CASES)], capture_output=True, text=True, env=env,
-                       cwd=ROOT, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return run_json_script(_SCRIPT, json.dumps(CASES))
 
 
 @pytest.mark.parametrize("idx", range(len(CASES)), ids=[f"B{c[0]}-T{c[1]}-H{c[2]}-P{c[3]}-N{c[4]}-L{c[5]}"
@@ -139,12 +131,4 @@ def test_ssd_split_kernels_compile_for_hopper():
     """The interpreter never compiles a kernel: the split form's three kernels through Triton's real compiler for
     sm_90 (no GPU needed) at the entropy model's widths (16 x 16), MambaByte's (64 x 64) and padded ones (8 x 4),
     with and without h0, in a subprocess without TRITON_INTERPRET."""
-    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONWARNINGS="ignore")
-    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    last = r.stdout.strip().splitlines()[-1]
-    if last.startswith("SKIP"):
-        pytest.skip(f"Triton cannot compile for CUDA here: {last}")
-    assert last == "OK"
+    assert_compiles_for_hopper(_COMPILE_SCRIPT)
