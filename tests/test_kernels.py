@@ -481,10 +481,11 @@ def test_conv_gate_wgrad_variants_match_reference_interpreter(conv_gate_wgrad_ro
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_conv_gate_wgrad_config():
-    """bwd_wgrad round-trips through set_conv_gate_config; the default stays 0 until a GPU measures 1; k > 4 runs
-    variant 0; a value other than 0 / 1 is refused at the backward's launch."""
+    """bwd_wgrad round-trips through set_conv_gate_config; the default is 1 since the H200 sweep (with 16 x 8
+    tiles, the tile its registers fit); k > 4 runs variant 0; a value other than 0 / 1 is refused at the launch."""
     from ionllama.kernels import conv_gate_triton as cg
-    assert cg._CONFIG["bwd_wgrad"] == 0 and cg.WGRAD_MAX_TAPS == 4
+    assert cg._CONFIG["bwd_wgrad"] == 1 and cg.WGRAD_MAX_TAPS == 4
+    assert (cg._CONFIG["bwd_block_t"], cg._CONFIG["bwd_num_warps"]) == (16, 8)
     old = cg.set_conv_gate_config(bwd_wgrad=1)
     try:
         assert [cg._wgrad_variant(k) for k in (1, 3, 4, 5, 7)] == [1, 1, 1, 0, 0]

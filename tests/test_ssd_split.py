@@ -21,6 +21,9 @@ CASES = [
     (2, 77, 2, 6, 5, 32, True, dict(pass_block=16)),  # P, N padded tiles; P*N = 30: 2 blocks, the second masked
     (1, 50, 1, 16, 16, 64, True, {}),  # one chunk
     (2, 128, 2, 8, 16, 32, False, dict(split=2, auto_programs=1 << 20)),  # "auto", taking the split form
+    # 32 chunks of strong decays (their log sum reaches ~-190): pass 2's weights from differences of such sums
+    # lost the final state's precision (norm-relative error 3e-5 against the sequential kernel's 1e-6 on the H200)
+    (1, 1024, 1, 16, 16, 32, True, dict(pass_group=32)),
 ]
 
 _SCRIPT = r"""
@@ -32,6 +35,9 @@ from ionllama.model.ssm import ssd_chunked
 def rel(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
+def rel_norm(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
 out = []
 for i, (B, T, H, P, N, chunk, with_h0, cfg) in enumerate(json.loads(sys.argv[1])):
     gen = torch.Generator().manual_seed(100 + i)
@@ -40,8 +46,12 @@ for i, (B, T, H, P, N, chunk, with_h0, cfg) in enumerate(json.loads(sys.argv[1])
     x = torch.randn(B, T, H, P, generator=gen) * dt[..., None]
     Bm, Cm = torch.randn(B, T, N, generator=gen), torch.randn(B, T, N, generator=gen)
     h0 = torch.randn(B, H, P, N, generator=gen) if with_h0 else None
-    assert st._CONFIG["split"] == 0  # the default, restored after every case
-    y0, s0 = st.ssd_forward(x, log_a, Bm, Cm, h0, chunk)
+    assert st._CONFIG["split"] == 2  # the default ("auto"), restored after every case
+    old = st.set_ssd_config(split=0)  # the sequential kernel
+    try:
+        y0, s0 = st.ssd_forward(x, log_a, Bm, Cm, h0, chunk)
+    finally:
+        st.set_ssd_config(**old)
     old = st.set_ssd_config(**{"split": 1, **cfg})
     try:
         assert st._use_split(B, H, -(-T // max(16, min(1 << (chunk - 1).bit_length(), 64))))
@@ -51,7 +61,7 @@ for i, (B, T, H, P, N, chunk, with_h0, cfg) in enumerate(json.loads(sys.argv[1])
     ry, rs = ssd_chunked(x.double(), log_a.double(), Bm.double(), Cm.double(), chunk,
                          h0.double() if with_h0 else None)
     out.append({"y_ref": rel(y1, ry), "state_ref": rel(s1, rs), "y_seq": rel(y1, y0), "state_seq": rel(s1, s0),
-                "seq_y_ref": rel(y0, ry), "dtypes": [str(y1.dtype), str(s1.dtype)],
+                "seq_y_ref": rel(y0, ry), "state_norm": rel_norm(s1, rs), "seq_state_norm": rel_norm(s0, rs), "dtypes": [str(y1.dtype), str(s1.dtype)],
                 "config_restored": st._CONFIG == old})
 print(json.dumps(out))
 """
@@ -73,19 +83,22 @@ def test_ssd_split_matches_reference_and_sequential_kernel(split_rows, idx):
     assert row["y_ref"] <= 5e-6 and row["state_ref"] <= 5e-6, row
     assert row["y_seq"] <= 5e-6 and row["state_seq"] <= 5e-6, row
     assert row["seq_y_ref"] <= 5e-6, row
+    # the final state as the GPU selfcheck measures it (norm-relative): no worse than the sequential kernel's
+    assert row["state_norm"] <= max(2 * row["seq_state_norm"], 1e-6), row
     assert row["dtypes"] == ["torch.float32", "torch.float32"] and row["config_restored"], row
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_ssd_config_switch():
-    """split: 0 (default) the sequential kernel, 1 the split form, 2 auto (few (row, head) programs and >= 2
+    """split: 0 the sequential kernel, 1 the split form, 2 auto (the default: few (row, head) programs and >= 2
     chunks); set_ssd_config returns the previous config, refuses unknown keys and bad split values."""
     from ionllama.kernels import ssd_triton as st
-    assert st._CONFIG["split"] == 0 and not st._use_split(8, 16, 128)
-    old = st.set_ssd_config(split=2)
+    assert st._CONFIG["split"] == 2 and st._CONFIG["auto_programs"] == 512
+    # the two grids timed on the H200: 8 rows x 16 heads (split faster), 64 x 16 (sequential faster)
+    assert st._use_split(8, 16, 128) and not st._use_split(64, 16, 16) and not st._use_split(1, 1, 1)
+    old = st.set_ssd_config(split=0)
     try:
-        assert old["split"] == 0
-        assert st._use_split(8, 16, 128) and not st._use_split(64, 16, 16) and not st._use_split(1, 1, 1)
+        assert old["split"] == 2 and not st._use_split(8, 16, 128)
         st.set_ssd_config(split=1)
         assert st._use_split(64, 16, 1)
         st.set_ssd_config(split=3)

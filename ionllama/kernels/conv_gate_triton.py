@@ -209,12 +209,14 @@ def _conv_gate_bwd_dx(DGC, W, DX, T, C, sgb, sgt, swc, sdxb, sdxt,
 # bwd_wgrad: pass A's weight/bias gradient sums, 0 = reduced over rows per BLOCK_T tile (2K + 2 cross-row
 # tl.sum per tile), 1 = deferred (elementwise fp32 accumulators of BLOCK_T x BLOCK_D per tap, reduced once per
 # program; more registers: 2K + 2 such tiles); 1 applies to k <= 4 only, larger k runs 0 (_wgrad_variant).
-# The default stays 0 until a GPU measures 1 faster. Registers (ptxas -v for sm_90, bf16, k 4, block_d 64, no
-# GPU): variant 0 spills 896 bytes at the default 32 steps x 4 warps, none at 16 x 4 or 32 x 8; variant 1 spills
-# 6 KB at 32 x 4, 372 bytes at 32 x 8, 8 bytes at 16 x 4 - so the sweep includes bwd_block_t 16.
-# Untuned: no GPU measurement yet (benchmarks/bench_conv_gate.py --sweep decides these).
-_CONFIG = {"block_t": 32, "block_d": 64, "num_warps": 4, "bwd_block_t": 32, "bwd_num_warps": 4,
-           "rows_per_prog": 256, "min_programs": 1024, "bwd_dgc_fp32": 1, "bwd_wgrad": 0,
+# Registers (ptxas -v for sm_90, bf16, k 4, block_d 64): variant 0 spills 896 bytes at 32 steps x 4 warps, none
+# at 16 x 4 or 32 x 8; variant 1 spills 6 KB at 32 x 4, 372 bytes at 32 x 8, 8 bytes at 16 x 4.
+# The backward's defaults are the sweep's best with dGC kept in fp32 (benchmarks/bench_conv_gate.py --sweep, H200,
+# sixteenth session, docs/results/kernels.md): variant 1, 16 steps x 8 warps, 1024 rows per program, backward
+# 0.239 ms against 0.423 ms for the earlier 32 x 4 / 256 rows / variant 0 at B 8, T 8192, D 256 (pass A
+# 329 -> ~150 us). bwd_dgc_fp32 0 was 0.030 ms faster again, at 2.3e-3 against 1.7e-3 relative error: not taken.
+_CONFIG = {"block_t": 32, "block_d": 64, "num_warps": 4, "bwd_block_t": 16, "bwd_num_warps": 8,
+           "rows_per_prog": 1024, "min_programs": 1, "bwd_dgc_fp32": 1, "bwd_wgrad": 1,
            "dx_block_t": 32, "dx_block_c": 128, "dx_num_warps": 4}
 WGRAD_MAX_TAPS = 4  # the deferred variant's named accumulators (_conv_gate_bwd_gate, DEFER=1)
 

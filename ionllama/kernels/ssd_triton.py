@@ -156,11 +156,15 @@ def _ssd_state_pass(s_ptr, d_ptr, h0_ptr, hT_ptr, NC, PN: tl.constexpr, G: tl.co
         loc = tl.load(ptrs, mask=mc[:, None] & me[None, :], other=0.0)  # (G, BLK); padded chunks: 0, decay 1
         d = tl.load(d_ptr + bh * NC + c, mask=mc, other=0.0)  # (G,) log decays
         cum = tl.cumsum(d, 0)
-        w = tl.where(causal, tl.exp(tl.where(causal, cum[:, None] - cum[None, :], 0.0)), 0.0)
+        # seg[i, j] = d_{j+1} + ... + d_i, summed from zero per column rather than as cum_i - cum_j: over 32
+        # chunks cum reaches ~-160, and the difference of two such fp32 sums loses ~1e-5 of the short decays
+        # (the final state's relative error 1e-5 on the H200 against 4e-7 for the sequential kernel)
+        seg = tl.cumsum(tl.where(rg[:, None] > rg[None, :], d[:, None], 0.0), 0)
+        w = tl.where(causal, tl.exp(seg), 0.0)
         out = tl.dot(w, loc, input_precision="ieee") + tl.exp(cum)[:, None] * state[None, :]
         tl.store(ptrs, out, mask=mc[:, None] & me[None, :])
-        last = tl.sum(d, 0)  # the group's log decay (padded chunks add 0)
-        state = state * tl.exp(last) + tl.sum(tl.exp(last - cum)[:, None] * loc, 0)
+        to_end = tl.sum(tl.where(rg[:, None] == G - 1, seg, 0.0), 0)  # (G,): d_{j+1} + ... + d_{G-1}
+        state = state * tl.exp(tl.sum(d, 0)) + tl.sum(tl.exp(to_end)[:, None] * loc, 0)
     tl.store(hT_ptr + bh * PN + e, state, mask=me)
 
 
@@ -200,10 +204,13 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))  # tl.dot's operands are at least 16 wide
 
 
-# split: 0 the sequential kernel (_ssd_fwd, the default until timed on a GPU), 1 the split form, 2 "auto": the split
-# form when the sequential grid (rows x heads) has fewer than auto_programs programs and there are >= 2 chunks.
+# split: 0 the sequential kernel (_ssd_fwd), 1 the split form, 2 "auto" (the default): the split form when the
+# sequential grid (rows x heads) has fewer than auto_programs programs and there are >= 2 chunks. Measured on an
+# H200 (benchmarks/bench_ssd_forward.py --scan, sixteenth session, docs/results/kernels.md), the entropy model's
+# 16 heads: seq 8192 x 8 (128 programs) 595 -> 484 us with the split form; seq 1024 x 64 (1,024 programs) 484 ->
+# 501 us. The threshold 512 lies between the two measured grids; nothing between them was timed.
 # pass_group / pass_block: pass 2's chunks per step (G) and state elements per program; num_warps: passes 1 and 3.
-_CONFIG = {"split": 0, "auto_programs": 512, "pass_group": 32, "pass_block": 64, "num_warps": 4}
+_CONFIG = {"split": 2, "auto_programs": 512, "pass_group": 32, "pass_block": 64, "num_warps": 4}
 
 
 def set_ssd_config(**kw) -> dict:

@@ -70,7 +70,7 @@ def ssd_chunked(x: torch.Tensor, log_a: torch.Tensor, Bm: torch.Tensor, Cm: torc
 def _pass_states(log_a: torch.Tensor, u: torch.Tensor, h0: torch.Tensor | None = None, group: int = 16):
     """h_c = exp(log_a_c) h_{c-1} + u_c over the chunk axis. log_a: (b, n, H) <= 0, u: (b, n, H, D),
     h0: (b, H, D) or None -> h (b, n, H, D). `scan_general`'s chunked form with its contraction as a matmul:
-    groups of G chunks apply the (G x G) lower-triangular weights exp(cum_i - cum_j) per head; the
+    groups of G chunks apply the (G x G) lower-triangular weights exp(la_{j+1} + ... + la_i) per head; the
     group-end states follow the same recurrence over n/G steps, solved recursively. Memory O(n * G * H)
     for the weights, not O(n^2)."""
     b, n, H, D = u.shape
@@ -80,7 +80,10 @@ def _pass_states(log_a: torch.Tensor, u: torch.Tensor, h0: torch.Tensor | None =
     uu = _pad_time(u, m * G).view(b, m, G, H, D).transpose(2, 3)  # (b, m, H, G, D)
     cum = la.cumsum(-1)
     causal = torch.ones(G, G, dtype=torch.bool, device=u.device).tril()
-    W = torch.exp((cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")))  # (b,m,H,G,G)
+    # seg[i, j] = la_{j+1} + ... + la_i summed from zero per column (Mamba-2's segsum), not cum_i - cum_j: the
+    # difference of two long fp32 sums loses the short decays' precision
+    seg = la[..., :, None].expand(*la.shape, G).masked_fill(~causal.tril(-1), 0.0).cumsum(-2)
+    W = torch.exp(seg.masked_fill(~causal, float("-inf")))  # (b, m, H, G, G)
     h = W @ uu  # (b, m, H, G, D)
     if m > 1:
         ends = _pass_states(cum[..., -1], h[..., -1, :], h0, group)  # (b, m, H, D)
