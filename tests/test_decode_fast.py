@@ -609,14 +609,15 @@ def test_unrolled_graph_equals_eager_on_cuda(ion, ion_completed, shift, policy):
 @pytest.mark.parametrize("policy", ["skip", "always"])
 def test_completed_shift_graphs_equal_eager_on_cuda(ion_completed, policy):
     """latent_shift "completed" on a GPU: three byte graphs, the latent graph between the second and the
-    third (flag from pinned host memory, or every byte with 'always'); the bytes equal the eager runner's."""
+    third (flag from pinned host memory, or every byte with 'always'), or two with the entropy branch (on by
+    default where it can run: the first two parts as one); the bytes equal the eager runner's."""
     m = ion_completed.to("cuda")
     try:
         ref = _runner(m, 40, latent_policy=policy)
         ref.run(40)
         r = _runner(m, 40, latent_policy=policy, cuda_graphs=True)
         r.run(40)
-        assert r.graphs is not None and len(r.graphs[0]) == 3
+        assert r.graphs is not None and len(r.graphs[0]) == (2 if r.entropy_branch and r.can_branch else 3)
         assert torch.equal(r.out[:, :40], ref.out[:, :40])
     finally:
         ion_completed.to("cpu")
@@ -846,10 +847,10 @@ def test_host_schedule_gives_the_bytes_of_the_recompute_decoder(monkeypatch, shi
     assert torch.equal(r.out[:, :n], ref.out[:, :n])
 
 
-def test_host_schedule_auto_off_until_measured_and_refused_where_the_gpu_decides(ion, dense):
+def test_host_schedule_auto_on_only_where_measured_and_refused_where_the_gpu_decides(ion, dense):
     assert not _runner(ion, 8).host_schedule  # entropy patching: boundaries come from the bytes
     fixed = _runner(_fixed("completed", 3, 5), 8)
-    assert fixed.can_schedule and not fixed.host_schedule  # "auto": off until a GPU measures it faster
+    assert fixed.can_schedule and not fixed.host_schedule  # "auto": on only under CUDA graphs (measured there)
     with pytest.raises(UserError, match="host_schedule needs ionLlama with fixed patching"):
         _runner(ion, 8, host_schedule=True)
     with pytest.raises(UserError, match="host_schedule must be"):
@@ -872,3 +873,5 @@ def test_host_schedule_graphs_equal_eager_on_cuda(shift):
     r.run(40)
     assert r.host_schedule and r.sched_graphs is not None
     assert torch.equal(r.out[:, :40], ref.out[:, :40])
+    # "auto" takes it where it was measured faster: the "completed" shift under graphs
+    assert _runner(m, 40, cuda_graphs=True).host_schedule == (shift == "completed")

@@ -486,15 +486,16 @@ def test_conv_gate_wgrad_config():
     from ionllama.kernels import conv_gate_triton as cg
     assert cg._CONFIG["bwd_wgrad"] == 1 and cg.WGRAD_MAX_TAPS == 4
     assert (cg._CONFIG["bwd_block_t"], cg._CONFIG["bwd_num_warps"]) == (16, 8)
-    old = cg.set_conv_gate_config(bwd_wgrad=1)
+    assert [cg._wgrad_variant(k) for k in (1, 3, 4, 5, 7)] == [1, 1, 1, 0, 0]
+    old = cg.set_conv_gate_config(bwd_wgrad=0)
     try:
-        assert [cg._wgrad_variant(k) for k in (1, 3, 4, 5, 7)] == [1, 1, 1, 0, 0]
+        assert old["bwd_wgrad"] == 1 and [cg._wgrad_variant(k) for k in (1, 4, 5)] == [0, 0, 0]
         cg.set_conv_gate_config(bwd_wgrad=2)
         with pytest.raises(ValueError, match="bwd_wgrad"):
             cg._wgrad_variant(4)
     finally:
         cg.set_conv_gate_config(**old)
-    assert cg._CONFIG == old and cg._wgrad_variant(4) == 0
+    assert cg._CONFIG == old and cg._wgrad_variant(4) == 1
 
 
 _CONV_GATE_COMPILE_SCRIPT = """
