@@ -389,7 +389,8 @@ def test_ngram_overrides_reach_the_trainer(tmp_path):
     assert (targs.ngram_sizes, targs.ngram_buckets) == ((3, 4, 5, 6, 7, 8), 1024)
 
 
-def test_an_arm_that_would_overrun_the_deadline_is_cut_short_with_its_row_kept(tmp_path, monkeypatch, one_thread):
+def test_an_arm_that_would_overrun_the_deadline_is_cut_short_with_its_row_kept(tmp_path, monkeypatch, one_thread,
+                                                                                 capsys):
     """An arm that started but runs late (more warm-up than --arm_overhead_s allowed) stops training early
     enough for its final evaluation, instead of being killed at the deadline with no row at all; the row
     says it was cut short."""
@@ -409,6 +410,9 @@ def test_an_arm_that_would_overrun_the_deadline_is_cut_short_with_its_row_kept(t
     assert 0.5 < t["train_time_s"] < 6 and t["steps"] >= 2  # it trained until the reserve, not longer
     assert 0 < f["val"]["bpb"] < 9
     assert "(cut, of 120)" in (tmp_path / "res" / "phase1.md").read_text()
+    out = capsys.readouterr()
+    # the trainer's own stop path (Trainer.request_stop), which names why it stopped
+    assert "(wall-clock deadline); saved" in out.out + out.err
 
 
 def test_joint_frac_sets_the_joint_phase_and_is_checked(tmp_path):

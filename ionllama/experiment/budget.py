@@ -204,12 +204,11 @@ def make_budget_trainer(train_args, explicit: set[str], budget_s: float, curve_p
             self._boundary = self.plan.base.phase_of(self.plan.virtual_step()) != self.phase
             if wall_deadline is not None and self.cut_short_s is None and \
                     time.perf_counter() + self.reserve_s() >= wall_deadline:
-                # the trainer's own stop rule ends the run at this step (saving latest.pt)
+                # the trainer's own stop path ends the run at this step (saving latest.pt)
                 self.cut_short_s = self._clock()
-                self.args.max_train_time = 0.0
+                self.request_stop("wall-clock deadline")
                 _log(f"wall-clock deadline: training stops at {self.cut_short_s:.0f} s of the {budget_s:.0f} s "
                      f"budget, keeping {self.reserve_s():.0f} s for the final evaluation; this row is cut short")
-            return out
             return out
 
     return BudgetTrainer()

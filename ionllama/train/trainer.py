@@ -303,6 +303,7 @@ class Trainer:
         self.train_time = 0.0
         self.host_s = 0.0  # host seconds inside train_step since the last log point
         self.best_val_bpb = math.inf
+        self.stop_reason: str | None = None  # request_stop(): ends the run after the current step, saving latest.pt
         self.metrics = MetricsLogger(self.run_dir, use_wandb=args.wandb and self.is_main, run_name=self.run_dir.name,
                                      config={**vars(args), "model_config": self.config.to_dict()}) \
             if self.is_main else None
@@ -461,6 +462,11 @@ class Trainer:
         value kept from a step is copied into other tensors before its next forward)."""
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
+
+    def request_stop(self, reason: str) -> None:
+        """End the run after the current step as the trainer's own stop rules do (latest.pt saved, a
+        "stopped at step" line naming the reason); for wrappers such as the experiment runner's deadline."""
+        self.stop_reason = reason
 
     def train_step(self, step: int) -> dict:
         t_host = time.perf_counter()
@@ -655,7 +661,8 @@ class Trainer:
                 at_eval = self.step % a.eval_interval == 0 or self.step == plan.total
                 at_save = self.step % self.save_interval == 0
                 phase_done = self.step == self._phase_end(self.phase)
-                stopping = stop.signum is not None or (a.stop_at is not None and self.step >= a.stop_at)
+                stopping = stop.signum is not None or (a.stop_at is not None and self.step >= a.stop_at) or \
+                    self.stop_reason is not None
                 if a.max_train_time is not None and \
                         self.train_time + time.perf_counter() - win["t0"] >= a.max_train_time:
                     stopping = True
@@ -707,7 +714,8 @@ class Trainer:
                         self.save("latest.pt", *([f"step_{self.step}.pt"] if at_save else []))
                     win["t0"] = time.perf_counter()
                 if stopping and self.step < plan.total:
-                    why = signal.Signals(stop.signum).name if stop.signum else "--stop_at / --max_train_time"
+                    why = signal.Signals(stop.signum).name if stop.signum else \
+                        (self.stop_reason or "--stop_at / --max_train_time")
                     latest = self.run_dir / ("latest.dcp" if self.par.distributed else "latest.pt")
                     _say(f"stopped at step {self.step} ({why}); saved {latest}; "
                          f"continue with --resume auto" + (f" --run_name {self.run_dir.name}" if a.run_name else ""))
