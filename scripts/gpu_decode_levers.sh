@@ -62,7 +62,7 @@ run() {  # name, timeout, command...
 }
 for step in ${STEPS:-check_ssm check_lnn entropy inductor_pdl latent}; do
   case $step in
-    tests) run tests 420 python3 -m pytest -vv -rfE --tb=short --durations=8 -p no:cacheprovider tests/test_decode_fast.py tests/test_step_graph.py \
+    tests) run tests 540 python3 -m pytest -vv -rfE --tb=short --durations=8 -p no:cacheprovider tests/test_decode_fast.py tests/test_step_graph.py \
              tests/test_generation_ionllama.py tests/test_kernels.py -k "not interpreter and not large" ;;
     check_ssm) run check_ssm 180 python3 -m ionllama.kernels.selfcheck --device cuda --large --kinds ssm_step,ssm_generate \
                  --json "$R/selfcheck_ssm.json" ;;
