@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--host_schedule", nargs="?", const="on", default="auto", choices=list(FUSED),
                     help="ionLlama with fixed patching: the host follows the patch boundaries and replays one graph per "
                          "byte, the latent stage inside it (DecodeRunner's host_schedule): on, off, or auto (the "
-                         "library's default: off until measured)")
+                         "library's default: on for fixed patching with the completed shift under CUDA graphs)")
     ap.add_argument("--unroll", type=int, default=1,
                     help="bytes per CUDA graph launch (DecodeRunner's unroll: the latent stage of each byte a conditional "
                          "graph node, no host read between them); 1: one launch per byte")

@@ -10,7 +10,7 @@
 #   check_ssm     selfcheck of the fused entropy step with PDL (ssm_step, ssm_generate)
 #   check_ssd     selfcheck of the entropy model's forward-only Mamba-2 scan kernel (ssd_triton.py, twelfth session)
 #   ssd_split     that scan alone at the entropy model's heads, seq 8192 x 8 and 1024 x 64: the sequential kernel
-#                 (split 0, the default) against the chunk-parallel form (split 1), A B A B, outputs checked equal
+#                 (split 0) against the chunk-parallel form (split 1), A B A B, outputs checked equal (default: auto)
 #   check_lnn     selfcheck of the IntegralLNN step (lnn_step, lnn_generate)
 #   entropy       the fused entropy step's own PDL A/B (--sweep_ssm --grid pdl=0,1,0,1), then the default byte graph
 #                 (fused entropy step "auto": on) and the same with it off (two processes, --grid pdl=1,1 each)
