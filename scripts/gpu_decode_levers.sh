@@ -47,11 +47,12 @@
 #                 with the defaults, and with --unroll $UNROLL as well when UNROLL is set
 # The archive is rewritten after every step, so an outer timeout keeps the steps that finished.
 # Env: STEPS (default: the tenth session's five), BYTES (1024), BUDGET (150 s per sweep), STAGE_A_SHAPES,
-# STAGE_A_MODES (default "graph compiled eager"; each ~1 min at 1024x64, compiled longer), UNROLL.
+# STAGE_A_MODES (default "graph compiled eager"; each ~1 min at 1024x64, compiled longer), UNROLL, TRAIN8K_ARMS (the
+# train8k step's arms, default "ionllama ionllama:patching=fixed dense"; overrides as bench_train_throughput takes them).
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 R=$OUT/decode_levers; mkdir -p "$R"
-BYTES=${BYTES:-1024}; BUDGET=${BUDGET:-150}
+BYTES=${BYTES:-1024}; BUDGET=${BUDGET:-150}; TRAIN8K_ARMS=${TRAIN8K_ARMS:-ionllama ionllama:patching=fixed dense}
 P="python3 benchmarks/profile_decode_step.py --bytes $BYTES --budget_s $BUDGET"
 run() {  # name, timeout, command...
   local name=$1 t=$2; shift 2
@@ -110,7 +111,8 @@ for step in ${STEPS:-check_ssm check_lnn entropy inductor_pdl latent}; do
         --seq_len 1024 --batch_size 64 --steps 20 --out "$R/entropy_chunk.json" ;;
     train8k)  # issue #8's paired row: ionLlama-small (entropy patching, stage A compiled: the trainer's default) and
       # its fixed-patching form against the dense byte transformer, seq 8192 x 8, same script, same process
-      run train8k 480 python3 benchmarks/bench_train_throughput.py --sizes small --arms ionllama ionllama:patching=fixed dense \
+      # shellcheck disable=SC2086  # TRAIN8K_ARMS is a list of arms
+      run train8k 480 python3 benchmarks/bench_train_throughput.py --sizes small --arms $TRAIN8K_ARMS \
         --compile --compile_mode whole --step_graph --seq_len 8192 --batch_size 8 --steps 20 --out "$R/train8k.json" ;;
     pick)  # decode speed of the Phase-1 quality picks (#4 asks it of `small`; these are small-sized, 35M): fixed 3- and
       # 4-byte patches, an 8-layer latent, the "completed" shift, built from their runs' config.json (random weights)

@@ -47,6 +47,20 @@ def _levers(tmp_path, steps: str, **env):
     return _run_script(tmp_path, "gpu_decode_levers.sh", STEPS=steps, **env)
 
 
+def test_train8k_arms_come_from_the_environment(tmp_path):
+    """TRAIN8K_ARMS replaces the train8k step's arms (a list, word-split), each one a model ionllama builds."""
+    from ionllama import create_model
+    arms = "ionllama ionllama:n_dec_layers=2 ionllama:attention=dense"
+    r, calls = _levers(tmp_path, "train8k", TRAIN8K_ARMS=arms)
+    assert r.returncode == 0, r.stderr
+    (argv,) = calls
+    got = argv[argv.index("--arms") + 1:argv.index("--compile")]
+    assert got == arms.split()
+    for arm in got[1:]:  # the overrides as bench_train_throughput passes them
+        k, v = arm.partition(":")[2].split("=")
+        create_model("tiny", model="ionllama", **{k: int(v) if v.isdigit() else v})
+
+
 def test_decode_levers_commands_parse(tmp_path):
     pds, bench, train = _load("profile_decode_step"), _load("bench_generation"), _load("bench_train_throughput")
     ssd = _load("bench_ssd_forward")
