@@ -457,3 +457,42 @@ def test_deadline_counts_from_the_process_start():
     code = "import time; time.sleep(1.5); from ionllama.experiment.runner import process_age_s; print(process_age_s())"
     child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert 1.4 <= child < 30.0  # the child's sleep before the import counts
+
+
+def _fake_run(d, val, steps, flops, curve):
+    """A finished run folder: final.json and metrics.jsonl with curve points (step, train_flops, val_bpb)."""
+    d.mkdir(parents=True)
+    train = {"budget_s": 420.0, "train_time_s": 420.0, "steps": steps, "epochs": 1.0, "bytes_per_s": 2e6,
+             "train_flops": flops}
+    final = {"params": 35e6, "val": {"bpb": val}, "wikipedia-val": {"bpb": val + 0.7}, "train": train,
+             "bytes_per_patch": 4.0, "device": {"name": "NVIDIA H200"}, "date": "2026-12-01T00:00:00+00:00",
+             "git": {"sha": "abc1234"}, "command": "ionllama experiment ...", "spec": {}}
+    (d / "final.json").write_text(json.dumps(final))
+    recs = [{"step": s, "phase": "main", "train_flops": f, "train_time_s": 1.0 + i, "val_bpb": b}
+            for i, (s, f, b) in enumerate(curve)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def test_compare_reports_runs_of_different_results_folders(tmp_path, capsys):
+    """--stage compare: one table and the equal-FLOPs/-steps views over run folders of different results
+    folders, each named <results folder>/<run>; nothing trained; bad --runs refused in one line."""
+    a, b = tmp_path / "phase1-a" / "ionllama", tmp_path / "phase1-b" / "ionllama"
+    _fake_run(a, 1.40, 100, 60.0, [(50, 30.0, 1.60), (100, 60.0, 1.40)])
+    _fake_run(b, 1.37, 200, 90.0, [(50, 20.0, 1.70), (100, 40.0, 1.50), (200, 90.0, 1.37)])
+    out = tmp_path / "cmp" / "entropy-vs-fixed"
+    assert main(["--stage", "compare", "--runs", str(a), str(b), "--out", str(out)]) == 0
+    md = (tmp_path / "cmp" / "entropy-vs-fixed.md").read_text()
+    assert "| phase1-a/ionllama |" in md and "| phase1-b/ionllama |" in md and "Not yet run" not in md
+    assert f"{a}/final.json" in md and "--stage compare" in md
+    s = json.loads((tmp_path / "cmp" / "entropy-vs-fixed.json").read_text())
+    # at a's 60 FLOPs b is between its points at 40 (1.50) and 90 (1.37); at a's 100 steps b had 1.50
+    assert s["equal_flops"]["arm"] == "phase1-a/ionllama"
+    assert s["equal_flops"]["val_bpb"]["phase1-b/ionllama"] == pytest.approx(1.50 - 0.13 * 20 / 50)
+    assert s["equal_steps"]["val_bpb"] == {"phase1-a/ionllama": pytest.approx(1.40), "phase1-b/ionllama": 1.50}
+    assert (out / "bpb_vs_flops.png").is_file()
+    for argv, msg in ((["--stage", "compare", "--runs", str(tmp_path / "nope")], "no final.json"),
+                      (["--stage", "compare,report", "--runs", str(a)], "no other stage")):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--out", str(out)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and msg in err and err.count("\n") == 1 and "Traceback" not in err

@@ -23,7 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arms", default=None, help="comma-separated subset of the matrix's arms (default: all)")
     p.add_argument("--stage", default="pretrain",
                    help="comma list of prepare | pretrain | sweep | tasks | report (the report is rebuilt after "
-                        "every invocation)")
+                        "every invocation); or compare alone: the table, equal-FLOPs/-steps views and plots of the "
+                        "--runs folders (from any results folders) written as <--out>.md / .json / <--out>/")
+    p.add_argument("--runs", nargs="+", default=None,
+                   help="with --stage compare: run folders holding final.json (and metrics.jsonl[.gz]), e.g. "
+                        "docs/results/phase1-patch3/ionllama_fixed; each is named <its results folder>/<run>")
     p.add_argument("--budget_s", type=float, default=420.0, help="training seconds per arm (evaluation excluded)")
     p.add_argument("--sweep", action="store_true", help="same as adding 'sweep' to --stage")
     p.add_argument("--sweep_budget_s", type=float, default=None, help="budget of each sweep run (default --budget_s)")
@@ -95,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.budget_s <= 0:
         raise UserError(f"--budget_s must be positive, got {a.budget_s}")
     stages = [s.strip() for s in a.stage.split(",") if s.strip()]
+    if "compare" in stages or a.runs:
+        return compare(a, stages, argv)
     if a.sweep and "sweep" not in stages:
         stages.insert(0, "sweep")
     bad = [s for s in stages if s not in ("prepare", "pretrain", "sweep", "tasks", "report")]
@@ -119,6 +125,27 @@ def main(argv: list[str] | None = None) -> int:
         elif s == "tasks":
             runner.tasks()
     write_report(runner.out, list(runner.matrix), runner.command, label=a.matrix)
+    return 0
+
+
+def compare(a: argparse.Namespace, stages: list[str], argv: list[str]) -> int:
+    """--stage compare: a report over finished runs of different results folders (nothing is trained)."""
+    from pathlib import Path
+
+    if stages != ["compare"] or not a.runs:
+        raise UserError("--stage compare takes --runs DIR [DIR ...] and no other stage; the other stages take no "
+                        "--runs")
+    runs = {}
+    for r in a.runs:
+        d = Path(r)
+        if not (d / "final.json").is_file():
+            raise UserError(f"--runs: no final.json in {d}; give a run folder such as "
+                            "docs/results/phase1-patch3/ionllama_fixed")
+        name = f"{d.resolve().parent.name}/{d.name}"
+        if name in runs:
+            raise UserError(f"--runs: {name} given twice")
+        runs[name] = d
+    write_report(Path(a.out), list(runs), "ionllama experiment " + " ".join(argv), label="comparison", runs=runs)
     return 0
 
 
