@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         stages.insert(0, "sweep")
     bad = [s for s in stages if s not in ("prepare", "pretrain", "sweep", "tasks", "report")]
     if bad:
-        raise UserError(f"unknown --stage {bad}; use prepare, pretrain, sweep, tasks, report")
+        raise UserError(f"unknown --stage {bad}; use prepare, pretrain, sweep, tasks, report (or compare alone)")
     runner = Runner(a, argv)
     runner.eval_sets()  # validate paths before any training
     names = runner.arm_names()
