@@ -145,7 +145,7 @@ def compare(a: argparse.Namespace, stages: list[str], argv: list[str]) -> int:
         if name in runs:
             raise UserError(f"--runs: {name} given twice")
         runs[name] = d
-    write_report(Path(a.out), list(runs), "ionllama experiment " + " ".join(argv), label="comparison", runs=runs)
+    write_report(Path(a.out), runs, "ionllama experiment " + " ".join(argv), label="comparison")
     return 0
 
 

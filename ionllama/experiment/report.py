@@ -147,13 +147,12 @@ def plot_curves(arms: dict, out: Path, records_of) -> list[Path]:
 BEGIN, END = "<!-- experiment-table:begin -->", "<!-- experiment-table:end -->"
 
 
-def write_report(out: Path, names: list[str], command: str, label: str = "phase1",
-                 runs: dict[str, Path] | None = None) -> dict:
-    """The table section of <out>.md, <out>.json and the plots in <out>/ for the runs <out>/<name>, or, with
-    `runs` (name -> run folder), for run folders anywhere (a comparison across results folders)."""
+def write_report(out: Path, runs: list[str] | dict[str, Path], command: str, label: str = "phase1") -> dict:
+    """The table section of <out>.md, <out>.json and the plots in <out>/ for the runs <out>/<name> (a list of
+    names), or for run folders anywhere (a dict name -> folder: a comparison across results folders)."""
     from ..train.metrics import metrics_file, read_metrics
 
-    runs = runs if runs is not None else {n: out / n for n in names}
+    runs = dict(runs) if isinstance(runs, dict) else {n: out / n for n in runs}
     names = list(runs)
     arms = collect(runs)
     extra = sorted({k for f in arms.values() for k in f if isinstance(f.get(k), dict) and "bpb" in f[k]} - {"val"})
