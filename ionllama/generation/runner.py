@@ -147,11 +147,11 @@ class DecodeRunner:
         lagged = self.has_latent and bool(getattr(dec, "lagged", False))
         self.can_schedule = self.has_latent and not lagged and \
             getattr(getattr(dec, "cfg", None), "patching", None) == "fixed"
+        self.want_graphs = cuda_graphs and logits.is_cuda and getattr(dec, "capturable", True)
         if host_schedule == "auto":
             # on where measured faster: fixed patching, the "completed" shift, CUDA graphs (H200, the Phase-1 picks:
             # 6,844 -> 7,415 and 7,582 -> 8,327 bytes/s, docs/results/generation.md); the "previous" shift: untimed
-            host_schedule = (self.can_schedule and self.completed and bool(cuda_graphs) and logits.is_cuda
-                             and getattr(dec, "capturable", True))
+            host_schedule = bool(self.can_schedule and self.completed and self.want_graphs)
         elif host_schedule not in (True, False):
             raise UserError(f"host_schedule must be True, False or 'auto'; got {host_schedule!r}")
         self.host_schedule = False
@@ -186,7 +186,6 @@ class DecodeRunner:
         self.pred_host = torch.zeros(1, dtype=torch.bool, pin_memory=logits.is_cuda) if self.split else None
         self.graphs = None
         self.lag_graphs = None  # "lagged": (commit, compute) graphs, captured with the others
-        self.want_graphs = cuda_graphs and logits.is_cuda and getattr(dec, "capturable", True)
         self.unroll = check_unroll(unroll)
         self.sched_graphs = None  # host_schedule: (byte, byte with its latent stage), one graph each
         self.multi_graph = None  # the `unroll` iterations as one graph, captured with the others
