@@ -572,12 +572,13 @@ def test_causal_conv_fast_path_matches_conv1d_reference(kernel):
 
 
 def _graph_break_rows(tmp_path, *extra) -> dict:
-    """benchmarks/count_graph_breaks.py on the tiny model (Triton interpreted on CPU): rows by routing."""
+    """benchmarks/count_graph_breaks.py on the tiny model (Triton interpreted on CPU): rows by routing. The device is
+    named: on a GPU machine the script's default is CUDA, whose tensors the interpreter cannot run."""
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
     out = tmp_path / "gb.json"
-    run_child(["benchmarks/count_graph_breaks.py", "--size", "tiny", "--seq_len", "48", "--batch_size", "1", *extra,
-               "--out", str(out)], timeout=600)
+    run_child(["benchmarks/count_graph_breaks.py", "--size", "tiny", "--seq_len", "48", "--batch_size", "1",
+               "--device", "cpu", *extra, "--out", str(out)], timeout=600)
     return {row["routing"]: row for row in json.loads(out.read_text())["rows"]}
 
 
