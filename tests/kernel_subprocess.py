@@ -15,11 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def kernel_env(interpret: bool = True) -> dict:
     """The environment for a child run from the repository root: the package importable, warnings quiet, Triton's
-    interpreter on (CPU) or off (a real compile)."""
+    interpreter on (CPU) or off (a real compile). Interpreted children see no GPU: on a GPU machine a script's
+    default device would be CUDA, whose tensors the interpreter cannot run (seventeenth session's CUDA tests)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONWARNINGS="ignore")
     if interpret:
-        env["TRITON_INTERPRET"] = "1"
+        env.update(TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     return env
 
 
