@@ -12,7 +12,7 @@ import torch
 
 from ionllama.data import DOC_SEP, DOC_SEP_BYTES, sources
 from ionllama.data.loader import TaskSampler, WindowSampler
-from ionllama.data.shards import DataArgs, open_shards, prepare, verify_shards
+from ionllama.data.shards import DataArgs, open_shards, prepare, staged_dir, verify_shards
 from ionllama.errors import UserError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -264,3 +264,25 @@ def test_missing_task_module_is_a_user_error(monkeypatch):
 def test_sampler_rejects_short_data():
     with pytest.raises(UserError, match="--seq_len"):
         WindowSampler(np.zeros(10, dtype=np.uint8), seq_len=16, batch_size=2)
+
+
+def test_staged_dir_replaces_whole_or_keeps_the_old(tmp_path):
+    """A cache folder is published only when its block succeeds; a failure keeps the previous folder as it was and
+    leaves no temporary folder; an unwritable parent is a one-line UserError naming the flag."""
+    out = tmp_path / "cache" / "shards"
+    with staged_dir(out, tmp_path / "cache", "--data_dir") as tmp:
+        (tmp / "a.bin").write_bytes(b"old")
+    assert (out / "a.bin").read_bytes() == b"old"
+    with pytest.raises(RuntimeError, match="disk full"):
+        with staged_dir(out, tmp_path / "cache", "--data_dir") as tmp:
+            (tmp / "a.bin").write_bytes(b"half")
+            raise RuntimeError("disk full")
+    assert (out / "a.bin").read_bytes() == b"old" and sorted(p.name for p in out.iterdir()) == ["a.bin"]
+    assert not list((tmp_path / "cache").glob(".tmp-*"))
+    with staged_dir(out, tmp_path / "cache", "--data_dir") as tmp:
+        (tmp / "b.bin").write_bytes(b"new")
+    assert sorted(p.name for p in out.iterdir()) == ["b.bin"]
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(UserError, match="cannot write to --data_dir"):
+        with staged_dir(out, tmp_path / "a_file" / "sub", "--data_dir"):
+            pass

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -286,7 +285,7 @@ def prepare_tokens(byte_dir: str | Path, vocab_size: int = 4096, tokenizer_train
     """Token shards for the byte shards in `byte_dir` (built once, then reused). The tokenizer is trained
     on the train split only (its first `tokenizer_train_bytes` bytes when given), or read from
     `tokenizer_path` (e.g. the one saved with a run, so a resumed run keeps its exact tokenizer)."""
-    from .shards import open_shards
+    from .shards import open_shards, staged_dir
 
     byte_dir = Path(byte_dir)
     shards = open_shards(byte_dir)
@@ -309,10 +308,7 @@ def prepare_tokens(byte_dir: str | Path, vocab_size: int = 4096, tokenizer_train
                 return out
         except ValueError:
             pass
-    tmp = byte_dir / f".tmp-{out.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(out, byte_dir, "--data_dir") as tmp:
         t0 = time.time()
         if given is None:
             log(f"bpe: training a {vocab_size}-token byte-level BPE on the train split"
@@ -333,12 +329,6 @@ def prepare_tokens(byte_dir: str | Path, vocab_size: int = 4096, tokenizer_train
                 "encode_seconds": round(time.time() - t1, 2), "tokenizers": _import_tokenizers().__version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     s = meta["splits"]
     log(f"bpe: {s['train']['tokens']:,} train / {s['val']['tokens']:,} val tokens, "
         f"{s['train']['bytes_per_token']:.3f} bytes/token (tokenizer {meta['tokenizer_seconds']} s, "

@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -141,30 +142,38 @@ def prepare(args: DataArgs, log: Callable[[str], None] = print) -> Path:
                 return out
         except (ValueError, KeyError):
             pass  # unreadable cache: rebuild it
-    try:
-        Path(args.data_dir).mkdir(parents=True, exist_ok=True)
-        tmp = Path(args.data_dir) / f".tmp-{out.name}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    except OSError as e:
-        raise UserError(f"cannot write to --data_dir {args.data_dir} ({e.strerror or e}); choose a writable folder") from None
     log(f"data: preparing {source.description} -> {out}")
     t0 = time.time()
-    try:
+    with staged_dir(out, Path(args.data_dir), "--data_dir") as tmp:
         meta = _write_shards(source, args, tmp, log)
         meta["key"] = key
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    s = meta["splits"]
+    log(f"data: {s['train']['documents']:,} train docs / {s['train']['bytes']:,} bytes, {s['val']['documents']:,} val "
+        f"docs / {s['val']['bytes']:,} bytes ({meta['split_method']} split) in {time.time() - t0:.1f} s")
+    return out
+
+
+@contextmanager
+def staged_dir(out: Path, parent: Path, flag: str):
+    """A fresh temporary folder in `parent` that replaces `out` when the block succeeds and is removed when it
+    fails (or is interrupted): a cache folder is either whole or absent, never half-written. `flag` names the
+    option that chose `parent`, for the one-line error when it cannot be written."""
+    tmp = parent / f".tmp-{out.name}-{os.getpid()}"
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise UserError(f"cannot write to {flag} {parent} ({e.strerror or e}); choose a writable folder") from None
+    try:
+        yield tmp
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    s = meta["splits"]
-    log(f"data: {s['train']['documents']:,} train docs / {s['train']['bytes']:,} bytes, {s['val']['documents']:,} val "
-        f"docs / {s['val']['bytes']:,} bytes ({meta['split_method']} split) in {time.time() - t0:.1f} s")
-    return out
 
 
 def _write_shards(source, args: DataArgs, tmp: Path, log) -> dict:
