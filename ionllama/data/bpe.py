@@ -410,24 +410,6 @@ def make_token_task_batch(bpe: ByteBPE, rng: np.random.Generator, batch_size: in
     return x, y
 
 
-class TokenTaskSampler:
-    """`--dataset tasks` for the token model: every row is packed task examples."""
-
-    def __init__(self, bpe: ByteBPE, seq_len: int, batch_size: int, grad_accum: int = 1, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
-        self.bpe, self.seq_len, self.batch_size, self.grad_accum = bpe, seq_len, batch_size, grad_accum
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-
-    @property
-    def global_batch(self) -> int:
-        return self.batch_size * self.grad_accum * self.world_size
-
-    def get(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        k = micro * self.world_size + self.rank
-        rng = np.random.default_rng([self.seed, step, k, 0x7A5C])
-        return make_token_task_batch(self.bpe, rng, self.batch_size, self.seq_len, "train")
-
-
 # ---------------------------------------------------------------------- exact evaluation
 
 
