@@ -1,7 +1,7 @@
 """Dilated attention, forward + backward: the Triton kernel vs SDPA dense causal (FlashAttention) vs
 FlexAttention with a dilated mask_mod vs the gather reference. Needs a CUDA GPU.
 
-    PYTHONPATH=. python benchmarks/bench_attention.py --out out/attention.json [--sweep] [--check]
+    PYTHONPATH=. python benchmarks/bench_attention.py --out out/attention.json [--sweep] [--check] [--graph_timing]
 
 Per N: median time (triton.testing.do_bench), peak extra memory of one fwd+bwd, and bandwidth against
 the memory floor: the bytes any fwd+bwd pair must move (forward reads q, k, v and writes o and lse;
@@ -30,6 +30,7 @@ from ionllama.model.dilated_attention import dilated_attention_reference, dilate
 
 
 DEVICE = "cuda"  # --device cpu: a dry run of the script itself (tiny sizes, TRITON_INTERPRET=1)
+GRAPH_TIMING = False  # --graph_timing: each method is also timed replayed from a CUDA graph (do_bench_graph)
 
 
 def do_bench(fn, rep=100, warmup=25, grad_to_none=None):
@@ -44,6 +45,57 @@ def do_bench(fn, rep=100, warmup=25, grad_to_none=None):
         return sorted(ts)[1]
     import triton.testing
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median")
+
+
+def do_bench_graph(fn, rep=100, grad_to_none=None, replays=10):
+    """Median ms per call of fn replayed from one CUDA graph that holds n calls (n sized to ~rep ms). Why: at small
+    sizes do_bench's time is host time (Python, autograd's backward thread, one launch per kernel: kernels.md's
+    1K row was ~26 us of kernels in 0.36-0.73 ms), so it ranks the callers' overhead, not the kernels. A graph
+    replay has none of it, the way the kernels run inside the captured training step (--step_graph); every
+    method gets the same treatment. Gradients are set to None before each call, so each backward writes fresh
+    ones (no accumulation). On the CPU dry run: plain do_bench."""
+    if DEVICE != "cuda":
+        return do_bench(fn, rep=rep, grad_to_none=grad_to_none)
+
+    def clear():
+        for t in grad_to_none or []:
+            t.grad = None
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture: autotuning, lazy initialisation, allocator
+        for _ in range(3):
+            clear()
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+
+    def capture(n):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(n):
+                clear()
+                fn()
+        g.replay()  # the first replay uploads the graph; not timed
+        torch.cuda.synchronize()
+        return g
+
+    def per_call(g, n):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / n
+
+    g = capture(1)
+    n = max(1, min(200, int(rep / max(per_call(g, 1), 1e-3))))
+    del g
+    g = capture(n)
+    times = sorted(per_call(g, n) for _ in range(replays))
+    del g
+    clear()
+    return times[len(times) // 2]
 
 
 def sync():
@@ -179,8 +231,27 @@ def measure(name, run, xs, n_bytes_floor, copy_bw, rep):
     except Exception as e:  # a method that fails (compile error, unsupported size) is reported, not fatal
         return dict(method=name, status=f"error: {e!r}"[:300])
     floor_ms = n_bytes_floor / copy_bw * 1e3
-    return dict(method=name, status="ok", ms=ms, peak_mem_mb=mem / 2 ** 20,
-                achieved_gbps=n_bytes_floor / (ms * 1e-3) / 1e9, floor_ms=floor_ms, x_floor=ms / floor_ms)
+    r = dict(method=name, status="ok", ms=ms, peak_mem_mb=mem / 2 ** 20,
+             achieved_gbps=n_bytes_floor / (ms * 1e-3) / 1e9, floor_ms=floor_ms, x_floor=ms / floor_ms)
+    if GRAPH_TIMING:
+        r.update(graph_timing(run, xs, rep, floor_ms))
+    return r
+
+
+def graph_timing(run, xs, rep, floor_ms=None) -> dict:
+    """ms_graph (do_bench_graph) and its ratio to the floor; a method that cannot be captured (e.g. a host copy
+    inside it) gets graph_status 'error: ...' and keeps its eager time."""
+    try:
+        ms = do_bench_graph(run, rep=rep, grad_to_none=xs)
+    except Exception as e:  # capture failures are reported per method, not fatal
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        return dict(graph_status=f"error: {e!r}"[:300])
+    out = dict(graph_status="ok", ms_graph=ms)
+    if floor_ms:
+        out["x_floor_graph"] = ms / floor_ms
+    return out
 
 
 def sweep(sizes, B, H, Dh, rep=30):
@@ -245,7 +316,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="dilated attention fwd+bwd benchmark")
     p.add_argument("--out", required=True)
     p.add_argument("--sizes", default="1024,4096,16384,65536,131072")
@@ -262,9 +333,15 @@ def main(argv=None) -> int:
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time (ms)")
     p.add_argument("--profile", default=None, help="comma list of N: host overhead and per-kernel device times")
     p.add_argument("--device", default="cuda", help="cpu: dry run of this script under TRITON_INTERPRET=1")
-    a = p.parse_args(argv)
-    global DEVICE
-    DEVICE = a.device
+    p.add_argument("--graph_timing", action="store_true",
+                   help="also time every method replayed from a CUDA graph (no host overhead; second table)")
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    global DEVICE, GRAPH_TIMING
+    DEVICE, GRAPH_TIMING = a.device, a.graph_timing
     import triton
     torch.backends.cuda.matmul.allow_tf32 = False
     sizes = [int(s) for s in a.sizes.split(",")]
@@ -412,6 +489,31 @@ def print_table(res):
               f"{fmt_ms(m.get('reference'))} | {row['floor_ms']:.3f} | {t['x_floor'] if ok else float('nan'):.2f} | "
               f"{t['achieved_gbps'] if ok else float('nan'):.0f} | {ratio('sdpa')} | {ratio('flex')} | {mem('triton')} | "
               f"{mem('sdpa')} | {mem('flex')} |")
+    if any("graph_status" in r for row in res["rows"] for r in row["methods"].values()):
+        print_graph_table(res)
+
+
+def print_graph_table(res):
+    """The same rows timed from CUDA graph replays (--graph_timing)."""
+    def g(r):
+        if r is None or "graph_status" not in r:
+            return "-"
+        return f"{r['ms_graph']:.3f}" if r["graph_status"] == "ok" else r["graph_status"][:40]
+
+    print("\nreplayed from a CUDA graph (do_bench_graph), median ms per fwd+bwd:")
+    print("| N | K | ours | SDPA dense | Flex dilated | reference | floor | ours / floor | SDPA / ours | Flex / ours |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in res["rows"]:
+        m = row["methods"]
+        t = m.get("triton") or {}
+        ok = t.get("graph_status") == "ok"
+
+        def ratio(name):
+            o = m.get(name) or {}
+            return f"{o['ms_graph'] / t['ms_graph']:.1f}x" if ok and o.get("graph_status") == "ok" else "-"
+        print(f"| {row['N']} | {row['K']} | {g(m.get('triton'))} | {g(m.get('sdpa'))} | {g(m.get('flex'))} | "
+              f"{g(m.get('reference'))} | {row['floor_ms']:.3f} | {t['x_floor_graph'] if ok else float('nan'):.2f} | "
+              f"{ratio('sdpa')} | {ratio('flex')} |")
 
 
 if __name__ == "__main__":

@@ -56,7 +56,10 @@ def time_scan(fn, B, T, D, dtype, rep):
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return dict(status="OOM")
-    return dict(status="ok", ms=ms, fwd_ms=ms_f)
+    r = dict(status="ok", ms=ms, fwd_ms=ms_f)
+    if ba.GRAPH_TIMING:
+        r.update(ba.graph_timing(fwd_bwd(fn, u, la, dy), [u, la], rep))
+    return r
 
 
 def sweep(shapes, dtype, rep=25):
@@ -121,7 +124,7 @@ def bench_ssd(rep, out_rows):
         print(f"ssd {row}", flush=True)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="scan fwd+bwd benchmark")
     p.add_argument("--out", required=True)
     p.add_argument("--lengths", default="2048,4096,8192,16384,32768")
@@ -135,8 +138,14 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true", help="host overhead at T=2048 and kernel times at T=8192")
     p.add_argument("--sweep-length", type=int, default=8192)
     p.add_argument("--device", default="cuda", help="cpu: dry run of this script under TRITON_INTERPRET=1")
-    a = p.parse_args(argv)
-    ba.DEVICE = a.device
+    p.add_argument("--graph_timing", action="store_true",
+                   help="also time fwd+bwd replayed from a CUDA graph (no host overhead; second table)")
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    ba.DEVICE, ba.GRAPH_TIMING = a.device, a.graph_timing
     import triton
     torch.backends.cuda.matmul.allow_tf32 = False
     res = dict(device=torch.cuda.get_device_name() if a.device == "cuda" else "cpu (dry run)", torch=torch.__version__, triton=triton.__version__,
@@ -186,6 +195,8 @@ def main(argv=None) -> int:
                 if r["status"] == "ok":
                     r["gbps"] = nb / (r["ms"] * 1e-3) / 1e9
                     r["frac_copy_bw"] = r["gbps"] * 1e9 / copy_bw
+                    if r.get("graph_status") == "ok":
+                        r["frac_copy_bw_graph"] = nb / (r["ms_graph"] * 1e-3) / copy_bw
                     r["fwd_frac_copy_bw"] = (2 * B * T * D * elem) / (r["fwd_ms"] * 1e-3) / copy_bw
                 row["triton"] = r
                 if T <= a.ref_max:
@@ -226,6 +237,19 @@ def print_table(res):
               f"{ref['ms'] if rok else float('nan'):.3f} | {r['floor_ms']:.3f} | "
               f"{t['gbps'] if ok else float('nan'):.0f} | {t['frac_copy_bw'] * 100 if ok else float('nan'):.0f}% | "
               f"{ref['ms'] / t['ms'] if (ok and rok) else float('nan'):.1f}x |")
+    graph_rows = [r for r in res["rows"] if r["triton"].get("graph_status")]
+    if graph_rows:
+        print("\nreplayed from a CUDA graph (do_bench_graph), median ms per fwd+bwd:")
+        print("| dtype | B | T | D | ours fwd+bwd | % of copy bw | reference fwd+bwd | ref / ours |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in graph_rows:
+            t, ref = r["triton"], r.get("reference") or {}
+            ok, rok = t.get("graph_status") == "ok", ref.get("graph_status") == "ok"
+            print(f"| {r['dtype']} | {r['B']} | {r['T']} | {r['D']} | "
+                  f"{t['ms_graph'] if ok else float('nan'):.3f} | "
+                  f"{t['frac_copy_bw_graph'] * 100 if ok and 'frac_copy_bw_graph' in t else float('nan'):.0f}% | "
+                  f"{ref['ms_graph'] if rok else float('nan'):.3f} | "
+                  f"{ref['ms_graph'] / t['ms_graph'] if (ok and rok) else float('nan'):.1f}x |")
     for s in res.get("ssd", []):
         print(f"\nSSD {s}")
 

@@ -43,6 +43,9 @@
 #   conv_gate     training: the conv-gate backward's launch configs (pass A 327 us against a ~60 us floor, fifth
 #                 session): bench_conv_gate.py --sweep (pass A's bwd_wgrad 0 / 1 x tiles x warps, each point checked
 #                 against the reference; ~1 min), then its fwd+bwd and compiled-IntegralLNNBlock rows with the defaults
+#   kernels_graph the kernel benchmarks (issue #8's attention and scan goals) timed two ways in one run: as before
+#                 (do_bench: a Python call per fwd+bwd, host-bound at small sizes) and replayed from a CUDA graph
+#                 (--graph_timing: no host overhead, as in the captured training step), every method alike
 #   bench         bench_generation.py's README rows (compiled, batch 1, contexts 1K / 8K / 32K, ionLlama and dense),
 #                 with the defaults, and with --unroll $UNROLL as well when UNROLL is set
 # The archive is rewritten after every step, so an outer timeout keeps the steps that finished.
@@ -121,6 +124,10 @@ for step in ${STEPS:-check_ssm check_lnn entropy inductor_pdl latent}; do
           --sweep_lnn --grid sched=0,1,0,1 --out "$R/pick_${run#phase1-}"
       done ;;
     conv_gate) run conv_gate 540 python3 benchmarks/bench_conv_gate.py --sweep --out "$R/conv_gate.json" ;;
+    kernels_graph)
+      run attention 420 python3 benchmarks/bench_attention.py --out "$R/attention.json" --flex-sizes 4096,16384,65536 \
+        --rep 50 --graph_timing
+      run scan 240 python3 benchmarks/bench_scan.py --out "$R/scan.json" --dtypes bf16 --graph_timing ;;
     bench)  # the defaults (inductor's PDL is in the compile presets since the twelfth session); UNROLL=K adds a row set
       # the bench wants 100 s left per compiled session and per measurement after its checks: 330 s at least
       G="python3 benchmarks/bench_generation.py --compile --compiled_only --models ionllama dense --contexts 1024 8192 32768"
@@ -129,7 +136,7 @@ for step in ${STEPS:-check_ssm check_lnn entropy inductor_pdl latent}; do
       if [ -n "${UNROLL:-}" ]; then
         run bench_unroll $((BB + 120)) $G --budget_s $BB --unroll "$UNROLL" --out "$R/bench_unroll"
       fi ;;
-    *) echo "unknown step '$step'; steps: tests check_ssm check_ssd ssd_split check_lnn entropy inductor_pdl latent digest branch lagged unroll stage_a entropy_chunk train8k pick conv_gate bench" >&2; exit 2 ;;
+    *) echo "unknown step '$step'; steps: tests check_ssm check_ssd ssd_split check_lnn entropy inductor_pdl latent digest branch lagged unroll stage_a entropy_chunk train8k pick conv_gate kernels_graph bench" >&2; exit 2 ;;
   esac
 done
 grep -h "^PASS\|^FAIL" "$R"/log_check_*.txt 2>/dev/null | cut -c1-160

@@ -64,7 +64,8 @@ def test_train8k_arms_come_from_the_environment(tmp_path):
 def test_decode_levers_commands_parse(tmp_path):
     pds, bench, train = _load("profile_decode_step"), _load("bench_generation"), _load("bench_train_throughput")
     ssd = _load("bench_ssd_forward")
-    steps = "tests check_ssm check_ssd ssd_split check_lnn entropy inductor_pdl latent digest branch lagged unroll stage_a entropy_chunk train8k pick conv_gate bench"
+    steps = ("tests check_ssm check_ssd ssd_split check_lnn entropy inductor_pdl latent digest branch lagged unroll "
+             "stage_a entropy_chunk train8k pick conv_gate kernels_graph bench")
     r, calls = _levers(tmp_path, steps, BUDGET="60", UNROLL="8")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out" / "decode_levers.tgz").exists()  # the results come back packed
@@ -111,10 +112,15 @@ def test_decode_levers_commands_parse(tmp_path):
             args = _load("bench_conv_gate").build_parser().parse_args(argv[1:])
             assert args.sweep and args.out.endswith("conv_gate.json"), argv
             seen.add("conv_gate")
+        elif argv[0] in ("benchmarks/bench_attention.py", "benchmarks/bench_scan.py"):
+            args = _load(argv[0][len("benchmarks/"):-3]).build_parser().parse_args(argv[1:])
+            assert args.graph_timing and args.device == "cuda", argv
+            seen.add(argv[0])
         else:
             pytest.fail(f"gpu_decode_levers.sh runs an unchecked command: {argv}")
-    assert seen == {"pytest", "selfcheck", "profile", "bench", "train", "ssd", "conv_gate"}
-    assert len(calls) == 1 + 3 + 1 + 3 + 1 + 1 + 4 + 1 + 2 + 2 + 8 + 1 + 1 + 2 + 1 + 2  # every step of every name ran its commands
+    assert seen == {"pytest", "selfcheck", "profile", "bench", "train", "ssd", "conv_gate",
+                    "benchmarks/bench_attention.py", "benchmarks/bench_scan.py"}
+    assert len(calls) == 1 + 3 + 1 + 3 + 1 + 1 + 4 + 1 + 2 + 2 + 8 + 1 + 1 + 2 + 1 + 2 + 2  # every step of every name ran its commands
 
 
 def test_decode_levers_unknown_step_is_refused(tmp_path):

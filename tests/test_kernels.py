@@ -598,3 +598,25 @@ def test_fixed_patching_compiles_without_a_graph_break(tmp_path):
     """Fixed patching knows its patch count from T: the whole step is one graph, no host sync."""
     rows = _graph_break_rows(tmp_path, "--patching", "fixed", "--routings", "custom_ops")
     assert rows["custom_ops"]["graph_breaks"] == 0, rows["custom_ops"]["break_reasons"]
+
+
+@pytest.mark.slow
+def test_kernel_benchmarks_dry_run_with_graph_timing(tmp_path):
+    """bench_attention.py and bench_scan.py run end to end on CPU (their dry run) with --graph_timing: every
+    method's row carries the graph-timed field beside the eager one, so the GPU run writes both tables."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    att, scan = tmp_path / "attention.json", tmp_path / "scan.json"
+    run_child(["benchmarks/bench_attention.py", "--device", "cpu", "--out", str(att), "--sizes", "64",
+               "--no-flex", "--rep", "1", "--graph_timing"])
+    run_child(["benchmarks/bench_scan.py", "--device", "cpu", "--out", str(scan), "--lengths", "64",
+               "--shapes", "2x32", "--dtypes", "bf16", "--rep", "1", "--graph_timing"])
+    rows = json.loads(att.read_text())["rows"]
+    assert [r["N"] for r in rows] == [64]
+    for name in ("triton", "sdpa", "reference"):
+        m = rows[0]["methods"][name]
+        assert m["status"] == "ok" and m["graph_status"] == "ok" and m["ms_graph"] > 0 and m["x_floor_graph"] > 0
+    (row,) = json.loads(scan.read_text())["rows"]
+    for name in ("triton", "reference"):
+        assert row[name]["graph_status"] == "ok" and row[name]["ms_graph"] > 0
+    assert row["triton"]["frac_copy_bw_graph"] > 0
