@@ -46,6 +46,9 @@
 #   kernels_graph the kernel benchmarks (issue #8's attention and scan goals) timed two ways in one run: as before
 #                 (do_bench: a Python call per fwd+bwd, host-bound at small sizes) and replayed from a CUDA graph
 #                 (--graph_timing: no host overhead, as in the captured training step), every method alike
+#   batch32       decode at batch 32 (issue #4's second row; last measured in the fifth session, 12,336 bytes/s
+#                 against the dense model's 15,885): the defaults (the fused steps are "auto": off above 16 rows) and
+#                 all three fused steps forced on (their kernels tile any number of rows), each its own process
 #   bench         bench_generation.py's README rows (compiled, batch 1, contexts 1K / 8K / 32K, ionLlama and dense),
 #                 with the defaults, and with --unroll $UNROLL as well when UNROLL is set
 # The archive is rewritten after every step, so an outer timeout keeps the steps that finished.
@@ -128,6 +131,11 @@ for step in ${STEPS:-check_ssm check_lnn entropy inductor_pdl latent}; do
       run attention 420 python3 benchmarks/bench_attention.py --out "$R/attention.json" --flex-sizes 4096,16384,65536 \
         --rep 50 --graph_timing
       run scan 240 python3 benchmarks/bench_scan.py --out "$R/scan.json" --dtypes bf16 --graph_timing ;;
+    batch32)
+      G32="python3 benchmarks/bench_generation.py --models ionllama dense --contexts 1024 --batch 32 --budget_s 200"
+      run batch32_auto 300 $G32 --out "$R/batch32_auto"
+      run batch32_fused 300 $G32 --fused_local_step on --fused_entropy_step on --fused_latent_step on \
+        --out "$R/batch32_fused" ;;
     bench)  # the defaults (inductor's PDL is in the compile presets since the twelfth session); UNROLL=K adds a row set
       # the bench wants 100 s left per compiled session and per measurement after its checks: 330 s at least
       G="python3 benchmarks/bench_generation.py --compile --compiled_only --models ionllama dense --contexts 1024 8192 32768"
@@ -136,7 +144,7 @@ for step in ${STEPS:-check_ssm check_lnn entropy inductor_pdl latent}; do
       if [ -n "${UNROLL:-}" ]; then
         run bench_unroll $((BB + 120)) $G --budget_s $BB --unroll "$UNROLL" --out "$R/bench_unroll"
       fi ;;
-    *) echo "unknown step '$step'; steps: tests check_ssm check_ssd ssd_split check_lnn entropy inductor_pdl latent digest branch lagged unroll stage_a entropy_chunk train8k pick conv_gate kernels_graph bench" >&2; exit 2 ;;
+    *) echo "unknown step '$step'; steps: tests check_ssm check_ssd ssd_split check_lnn entropy inductor_pdl latent digest branch lagged unroll stage_a entropy_chunk train8k pick conv_gate kernels_graph batch32 bench" >&2; exit 2 ;;
   esac
 done
 grep -h "^PASS\|^FAIL" "$R"/log_check_*.txt 2>/dev/null | cut -c1-160

@@ -65,7 +65,7 @@ def test_decode_levers_commands_parse(tmp_path):
     pds, bench, train = _load("profile_decode_step"), _load("bench_generation"), _load("bench_train_throughput")
     ssd = _load("bench_ssd_forward")
     steps = ("tests check_ssm check_ssd ssd_split check_lnn entropy inductor_pdl latent digest branch lagged unroll "
-             "stage_a entropy_chunk train8k pick conv_gate kernels_graph bench")
+             "stage_a entropy_chunk train8k pick conv_gate kernels_graph batch32 bench")
     r, calls = _levers(tmp_path, steps, BUDGET="60", UNROLL="8")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out" / "decode_levers.tgz").exists()  # the results come back packed
@@ -120,7 +120,7 @@ def test_decode_levers_commands_parse(tmp_path):
             pytest.fail(f"gpu_decode_levers.sh runs an unchecked command: {argv}")
     assert seen == {"pytest", "selfcheck", "profile", "bench", "train", "ssd", "conv_gate",
                     "benchmarks/bench_attention.py", "benchmarks/bench_scan.py"}
-    assert len(calls) == 1 + 3 + 1 + 3 + 1 + 1 + 4 + 1 + 2 + 2 + 8 + 1 + 1 + 2 + 1 + 2 + 2  # every step of every name ran its commands
+    assert len(calls) == 1 + 3 + 1 + 3 + 1 + 1 + 4 + 1 + 2 + 2 + 8 + 1 + 1 + 2 + 1 + 2 + 2 + 2  # every step of every name ran its commands
 
 
 def test_decode_levers_unknown_step_is_refused(tmp_path):

@@ -158,11 +158,23 @@ def interpreter_rows():
     if not HAS_TRITON:
         pytest.skip("triton is not installed: the kernels' checks run on the GPU "
                     "(python -m ionllama.kernels.selfcheck --device cuda --large, and in benchmarks/bench_*.py)")
-    r = subprocess.run([sys.executable, "-m", "ionllama.kernels.selfcheck", "--device", "cpu", "--json", "-"],
-                       capture_output=True, text=True, env=kernel_env(), cwd=ROOT, timeout=600)
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("[")]
-    assert lines, f"selfcheck printed no result (rc {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
-    return json.loads(lines[-1])
+    from ionllama.kernels.selfcheck import KINDS, cases
+
+    # two children side by side (the interpreter is single-threaded; ~113 s in one child on 2 cores): the kinds split
+    # into halves of about equal time, measured on the development CPU (scan 26 s, ssm_step 14, compiled 11, ...)
+    first = ("scan", "ssm_step", "compiled", "attention")
+    groups = [first, tuple(k for k in KINDS if k not in first)]
+    procs = [subprocess.Popen([sys.executable, "-m", "ionllama.kernels.selfcheck", "--device", "cpu", "--json", "-",
+                               "--kinds", ",".join(g)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=kernel_env(), cwd=ROOT) for g in groups]
+    by_kind: dict[str, list] = {}
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        lines = [ln for ln in out.splitlines() if ln.startswith("[")]
+        assert lines, f"selfcheck printed no result (rc {proc.returncode}):\n{out[-2000:]}\n{err[-3000:]}"
+        for row in json.loads(lines[-1]):
+            by_kind.setdefault(row["kind"], []).append(row)
+    return [by_kind[kind].pop(0) for kind, _, _ in cases(large=False)]  # in the order of the parametrised ids
 
 
 def _case_ids():
@@ -173,7 +185,11 @@ def _case_ids():
 @pytest.mark.slow
 @pytest.mark.parametrize("idx", range(len(_case_ids())), ids=_case_ids())
 def test_kernel_matches_reference_interpreter(interpreter_rows, idx):
+    from ionllama.kernels.selfcheck import cases
+
     row = interpreter_rows[idx]
+    kind, dt, kw = cases(large=False)[idx]
+    assert (row["kind"], row["dtype"], row["shape"]) == (kind, dt, kw)  # the row this id names
     errs = row["errors"]
     expected = {"attention": {"out", "dq", "dk", "dv"}, "scan": {"out", "du", "dlog_a"},
                 "conv_gate": {"out", "dx", "dx_untouched", "dw", "db"},
@@ -571,22 +587,35 @@ def test_causal_conv_fast_path_matches_conv1d_reference(kernel):
     torch.testing.assert_close(conv(x2)[:, :17], y.detach()[:, :17], rtol=0, atol=0)
 
 
-def _graph_break_rows(tmp_path, *extra) -> dict:
-    """benchmarks/count_graph_breaks.py on the tiny model (Triton interpreted on CPU): rows by routing. The device is
-    named: on a GPU machine the script's default is CUDA, whose tensors the interpreter cannot run."""
+_GRAPH_BREAK_RUNS = {"entropy": (), "fixed": ("--patching", "fixed", "--routings", "custom_ops")}
+
+
+@pytest.fixture(scope="module")
+def graph_break_rows(tmp_path_factory) -> dict:
+    """benchmarks/count_graph_breaks.py on the tiny model (Triton interpreted on CPU), entropy and fixed patching
+    in two children side by side (each compiles for ~1 min): {run: rows by routing}. The device is named: on a
+    GPU machine the script's default is CUDA, whose tensors the interpreter cannot run."""
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
-    out = tmp_path / "gb.json"
-    run_child(["benchmarks/count_graph_breaks.py", "--size", "tiny", "--seq_len", "48", "--batch_size", "1",
-               "--device", "cpu", *extra, "--out", str(out)], timeout=600)
-    return {row["routing"]: row for row in json.loads(out.read_text())["rows"]}
+    d = tmp_path_factory.mktemp("graph_breaks")
+    procs = {name: subprocess.Popen([sys.executable, "benchmarks/count_graph_breaks.py", "--size", "tiny", "--seq_len",
+                                     "48", "--batch_size", "1", "--device", "cpu", *extra, "--out", str(d / name)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=kernel_env(),
+                                    cwd=ROOT)
+             for name, extra in _GRAPH_BREAK_RUNS.items()}
+    rows = {}
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        rows[name] = {row["routing"]: row for row in json.loads((d / name).read_text())["rows"]}
+    return rows
 
 
 @pytest.mark.slow
-def test_compiled_model_breaks_only_at_the_patch_count(tmp_path):
+def test_compiled_model_breaks_only_at_the_patch_count(graph_break_rows):
     """torch.compile(model) with the Triton custom ops (interpreted on CPU): the one graph break left is
     the host read of the patch count; routed through the eager references it breaks at every kernel call."""
-    rows = _graph_break_rows(tmp_path)
+    rows = graph_break_rows["entropy"]
     assert rows["custom_ops"]["graph_breaks"] == 1
     assert all("item()" in reason for reason in rows["custom_ops"]["break_reasons"])
     assert rows["eager_reference"]["graph_breaks"] > rows["custom_ops"]["graph_breaks"]
@@ -594,9 +623,9 @@ def test_compiled_model_breaks_only_at_the_patch_count(tmp_path):
 
 
 @pytest.mark.slow
-def test_fixed_patching_compiles_without_a_graph_break(tmp_path):
+def test_fixed_patching_compiles_without_a_graph_break(graph_break_rows):
     """Fixed patching knows its patch count from T: the whole step is one graph, no host sync."""
-    rows = _graph_break_rows(tmp_path, "--patching", "fixed", "--routings", "custom_ops")
+    rows = graph_break_rows["fixed"]
     assert rows["custom_ops"]["graph_breaks"] == 0, rows["custom_ops"]["break_reasons"]
 
 
