@@ -120,7 +120,8 @@ def test_decode_levers_commands_parse(tmp_path):
             pytest.fail(f"gpu_decode_levers.sh runs an unchecked command: {argv}")
     assert seen == {"pytest", "selfcheck", "profile", "bench", "train", "ssd", "conv_gate",
                     "benchmarks/bench_attention.py", "benchmarks/bench_scan.py"}
-    assert len(calls) == 1 + 3 + 1 + 3 + 1 + 1 + 4 + 1 + 2 + 2 + 8 + 1 + 1 + 2 + 1 + 2 + 2 + 2  # every step of every name ran its commands
+    # every step of every name ran its commands
+    assert len(calls) == 1 + 3 + 1 + 3 + 1 + 1 + 4 + 1 + 2 + 2 + 8 + 1 + 1 + 2 + 1 + 2 + 2 + 2
 
 
 def test_decode_levers_unknown_step_is_refused(tmp_path):

@@ -61,7 +61,8 @@ for i, (B, T, H, P, N, chunk, with_h0, cfg) in enumerate(json.loads(sys.argv[1])
     ry, rs = ssd_chunked(x.double(), log_a.double(), Bm.double(), Cm.double(), chunk,
                          h0.double() if with_h0 else None)
     out.append({"y_ref": rel(y1, ry), "state_ref": rel(s1, rs), "y_seq": rel(y1, y0), "state_seq": rel(s1, s0),
-                "seq_y_ref": rel(y0, ry), "state_norm": rel_norm(s1, rs), "seq_state_norm": rel_norm(s0, rs), "dtypes": [str(y1.dtype), str(s1.dtype)],
+                "seq_y_ref": rel(y0, ry), "state_norm": rel_norm(s1, rs), "seq_state_norm": rel_norm(s0, rs),
+                "dtypes": [str(y1.dtype), str(s1.dtype)],
                 "config_restored": st._CONFIG == old})
 print(json.dumps(out))
 """

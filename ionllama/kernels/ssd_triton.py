@@ -18,10 +18,11 @@ the same algebra as ``ssd_chunked`` (its docstring), every matmul a ``tl.dot`` i
 results agree to fp32 rounding; nothing but x, log_a, B, C is read and y and the final state written. Padded steps
 (T not a multiple of L) have log_a = 0 and x = 0: decay 1, no input, the state unchanged.
 
-The split form (``set_ssd_config(split=1)``; the default "auto" takes it below 512 (row, head) programs, as timed on
-an H200: benchmarks/bench_ssd_forward.py --scan, levers step ssd_split): the sequential kernel has only rows x heads programs, each walking all T / L chunks
-in order; at seq 8192 x batch 8 that is 128 programs of 128 chunks (593 us per call on an H200, the GPU mostly
-idle), where the Phase-1 shape (64 x 1024) has 1,024 programs of 16. The standard Mamba-2 state passing instead:
+The split form (``set_ssd_config(split=1)``; the default "auto" takes it below 512 (row, head) programs, as timed
+on an H200: benchmarks/bench_ssd_forward.py --scan, levers step ssd_split): the sequential kernel has only rows x
+heads programs, each walking all T / L chunks in order; at seq 8192 x batch 8 that is 128 programs of 128 chunks
+(593 us per call on an H200, the GPU mostly idle), where the Phase-1 shape (64 x 1024) has 1,024 programs of 16.
+The standard Mamba-2 state passing instead:
   1. _ssd_chunk_state, a program per (chunk, head, row): each chunk's own end state from a zero entering state
      (the state line above without its first term) and its log decay cum_L, to an fp32 (b, H, n_chunks, P, N) buffer
   2. _ssd_state_pass, a program per (row, head, block of the P*N state): H_c = exp(cum_L,c) H_(c-1) + local_c over
