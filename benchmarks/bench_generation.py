@@ -326,15 +326,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--fused_local_step", nargs="?", const="on", default="auto", choices=list(FUSED),
                     help="ionLlama's IntegralLNN local layers step through the fused Triton kernels "
                          "(ionllama/kernels/lnn_step_triton.py): on, off, or auto (the library's default: CUDA, "
-                         "<= 16 rows); rows that used them are labelled ', fused local step'")
+                         "<= 32 rows); rows that used them are labelled ', fused local step'")
     ap.add_argument("--fused_entropy_step", nargs="?", const="on", default="auto", choices=list(FUSED),
                     help="ionLlama's entropy model (Mamba blocks + head) steps through the fused Triton kernels "
                          "(ionllama/kernels/ssm_step_triton.py): on, off, or auto (the library's default: CUDA, "
-                         "<= 16 rows, entropy patching); rows that used them are labelled ', fused entropy step'")
+                         "<= 32 rows, entropy patching); rows that used them are labelled ', fused entropy step'")
     ap.add_argument("--fused_latent_step", nargs="?", const="on", default="auto", choices=list(FUSED),
                     help="ionLlama's latent blocks step through the fused Triton kernels "
                          "(ionllama/kernels/latent_step_triton.py): on, off, or auto (the library's default: CUDA, "
-                         "<= 16 rows); rows that used them are labelled ', fused latent step'")
+                         "<= 32 rows); rows that used them are labelled ', fused latent step'")
     ap.add_argument("--latent_shift", default=None, choices=LATENT_SHIFTS,
                     help="ionLlama's latent_shift (default: the model's, 'previous'); 'lagged' lets the runner overlap "
                          "the latent step with the next patch's bytes")

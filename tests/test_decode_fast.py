@@ -685,7 +685,7 @@ def _assert_refused_where_it_cannot_run(ion, dense, flag: str, bad_value, bad_ma
 def test_fused_local_step_auto_on_cuda_only_and_refused_where_it_cannot_run(ion, dense, monkeypatch):
     """The fused IntegralLNN step (ionllama/kernels/lnn_step_triton.py; its numbers are checked against
     IntegralState.step under the interpreter in test_kernels.py). "auto", the default, picks it only on CUDA
-    for <= 16 rows with a supported dtype and for IntegralLNN local layers, and never errors; True asked for
+    for <= 32 rows with a supported dtype and for IntegralLNN local layers, and never errors; True asked for
     on CPU without TRITON_INTERPRET=1, or for a model without IntegralLNN local layers, is refused with a
     UserError (no silent fallback)."""
     from ionllama.generation import local_state
@@ -723,7 +723,7 @@ def test_fused_local_step_auto_on_cuda_only_and_refused_where_it_cannot_run(ion,
 def test_fused_entropy_step_auto_on_cuda_only_and_refused_where_it_cannot_run(ion, dense, monkeypatch):
     """The fused entropy-model step (ionllama/kernels/ssm_step_triton.py; its numbers are checked against
     MambaState.step under the interpreter in test_kernels.py). "auto", the default, picks it only where
-    local_state.fused_step_auto says so for the entropy kernels (CUDA, <= 16 rows) and the model patches by
+    local_state.fused_step_auto says so for the entropy kernels (CUDA, <= 32 rows) and the model patches by
     entropy, and never errors; True asked for on CPU without TRITON_INTERPRET=1, for a model without an entropy
     model in use, or for the recompute decoder, is refused with a UserError (no silent fallback)."""
     from ionllama.generation import local_state
@@ -760,7 +760,7 @@ def test_fused_entropy_step_auto_on_cuda_only_and_refused_where_it_cannot_run(io
 def test_fused_latent_step_auto_on_cuda_only_and_refused_where_it_cannot_run(ion, dense, monkeypatch):
     """The fused latent step (ionllama/kernels/latent_step_triton.py; its numbers are checked against
     advance_latent's PyTorch path under the interpreter in test_kernels.py). "auto", the default, picks it only
-    where local_state.fused_step_auto says so for the latent kernels (CUDA, <= 16 rows) and never errors; True
+    where local_state.fused_step_auto says so for the latent kernels (CUDA, <= 32 rows) and never errors; True
     asked for on CPU without TRITON_INTERPRET=1, for the recompute decoder or a model without a latent
     transformer, or a value other than True / False / 'auto', is refused with a UserError (no silent fallback)."""
     from ionllama.generation import local_state

@@ -52,14 +52,14 @@ def generate(model, prompt_bytes, max_new_bytes: int = 256, temperature: float =
     compile: torch.compile the decode step before capture (slow first call, fewer kernels): True, or
         "max-autotune" (fastest measured on a GPU, ~2 min to compile; runner.COMPILE_PRESETS).
     fused_local_step: ionLlama's IntegralLNN local layers step through four fused Triton kernels per block.
-        "auto" (default): on CUDA for up to 16 prompts (measured: same bytes, 1.3x the bytes/s at batch 1);
+        "auto" (default): on CUDA for up to 32 prompts (measured: same bytes, 1.3x the bytes/s at batch 1);
         True: required (CUDA, or CPU under TRITON_INTERPRET=1: else a UserError); False: the PyTorch step.
     fused_entropy_step: ionLlama's entropy model steps through fused Triton kernels (two per Mamba block, one
-        for the head and the entropy). "auto" (default): on CUDA for up to 16 prompts of an entropy-patching
+        for the head and the entropy). "auto" (default): on CUDA for up to 32 prompts of an entropy-patching
         model (measured at batch 1: the byte graph 0.102-0.105 ms against 0.109-0.110 with PDL); True: required
         (CUDA, or CPU under TRITON_INTERPRET=1, entropy patching: else a UserError); False: the PyTorch step.
     fused_latent_step: ionLlama's latent blocks step through five fused Triton kernels per block. "auto"
-        (default): on CUDA for up to 16 prompts (measured: same bytes, the latent stage 23 % less GPU time at
+        (default): on CUDA for up to 32 prompts (measured: same bytes, the latent stage 23 % less GPU time at
         batch 1); True: required (CUDA, or CPU under TRITON_INTERPRET=1: else a UserError); False: PyTorch.
     entropy_branch: ionLlama with entropy patching: the entropy model on a second CUDA stream beside the local
         layers. "auto" (default): on CUDA for up to 2 prompts (measured at batch 1, same bytes: byte graph

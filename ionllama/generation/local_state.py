@@ -217,13 +217,13 @@ def fused_latent_fn(device: torch.device, dtype: torch.dtype):
     return fused_kernels("fused_latent_step", "latent_step_triton", ("latent_block_step",), device, dtype)
 
 
-# "auto" uses a fused step where it was measured: on CUDA, for up to one 16-row MMA tile of rows (the kernels
-# pad batch 1 to 16 rows, so 1-16 rows run the same kernel shapes). H200 bf16, batch 1, outputs equal to the
-# PyTorch step: the local step 4,013 -> 5,280 bytes/s (seventh session); the latent step 0.383 -> 0.295 ms of
-# GPU time per patch (eighth; docs/results/generation.md); the entropy-model step, once its kernels launched
-# with PDL, the byte graph 0.109-0.110 -> 0.102-0.105 ms (eleventh; without PDL it had gained nothing). Larger
-# batches keep the PyTorch steps until measured.
-FUSED_AUTO_MAX_BATCH = 16
+# "auto" uses a fused step where it was measured: on CUDA, for up to 32 rows (the kernels pad to 16-row MMA tiles).
+# H200 bf16, batch 1, outputs equal to the PyTorch step: the local step 4,013 -> 5,280 bytes/s (seventh session);
+# the latent step 0.383 -> 0.295 ms of GPU time per patch (eighth; docs/results/generation.md); the entropy-model
+# step, once its kernels launched with PDL, the byte graph 0.109-0.110 -> 0.102-0.105 ms (eleventh; without PDL it
+# had gained nothing). Batch 32, all three together: 11,821 -> 33,077 bytes/s (eighteenth; the kernels pass their
+# GPU selfcheck at 17 and 32 rows). Larger batches keep the PyTorch steps until measured.
+FUSED_AUTO_MAX_BATCH = 32
 
 
 def fused_step_auto(device: torch.device, dtype: torch.dtype, batch: int, kernels=None) -> bool:
