@@ -592,16 +592,18 @@ _GRAPH_BREAK_RUNS = {"entropy": (), "fixed": ("--patching", "fixed", "--routings
 
 @pytest.fixture(scope="module")
 def graph_break_rows(tmp_path_factory) -> dict:
-    """benchmarks/count_graph_breaks.py on the tiny model (Triton interpreted on CPU), entropy and fixed patching
-    in two children side by side (each compiles for ~1 min): {run: rows by routing}. The device is named: on a
-    GPU machine the script's default is CUDA, whose tensors the interpreter cannot run."""
+    """benchmarks/count_graph_breaks.py on the tiny model, entropy and fixed patching in two children side by side
+    (each compiles for ~1 min): {run: rows by routing}. On CPU the Triton kernels run interpreted; on a GPU machine
+    they are compiled for it and run there (the interpreter cannot take CUDA tensors, and Triton 3.6's interpreter,
+    the GPU image's, fails on the SSD kernel: eighteenth session)."""
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     d = tmp_path_factory.mktemp("graph_breaks")
     procs = {name: subprocess.Popen([sys.executable, "benchmarks/count_graph_breaks.py", "--size", "tiny", "--seq_len",
-                                     "48", "--batch_size", "1", "--device", "cpu", *extra, "--out", str(d / name)],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=kernel_env(),
-                                    cwd=ROOT)
+                                     "48", "--batch_size", "1", "--device", device, *extra, "--out", str(d / name)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env=kernel_env(interpret=device == "cpu"), cwd=ROOT)
              for name, extra in _GRAPH_BREAK_RUNS.items()}
     rows = {}
     for name, proc in procs.items():
@@ -613,8 +615,9 @@ def graph_break_rows(tmp_path_factory) -> dict:
 
 @pytest.mark.slow
 def test_compiled_model_breaks_only_at_the_patch_count(graph_break_rows):
-    """torch.compile(model) with the Triton custom ops (interpreted on CPU): the one graph break left is
-    the host read of the patch count; routed through the eager references it breaks at every kernel call."""
+    """torch.compile(model) with the Triton custom ops (interpreted on CPU, compiled on a GPU): the one graph
+    break left is the host read of the patch count; routed through the eager references it breaks at every kernel
+    call."""
     rows = graph_break_rows["entropy"]
     assert rows["custom_ops"]["graph_breaks"] == 1
     assert all("item()" in reason for reason in rows["custom_ops"]["break_reasons"])
