@@ -1,4 +1,5 @@
 """Task generator: answers are right, batches are shaped and masked right, splits never leak."""
+import json
 import re
 
 import numpy as np
@@ -112,3 +113,47 @@ def test_answer_extraction_stops_on_newline_and_separator():
     assert T.extract_answer(b"42\nQ: more") == b"42"
     assert T.extract_answer(b"c-a-t\x00junk") == b"c-a-t"
     assert T.is_correct(b"408\n", b"408") and not T.is_correct(b"4080\n", b"408")
+
+
+def _probe_module():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "probe_tasks.py"
+    spec = importlib.util.spec_from_file_location("probe_tasks", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_probe_tasks_same_examples_for_every_arm_and_resumes(tmp_path, capsys):
+    """benchmarks/probe_tasks.py: every arm trains on the same examples (a function of seed and step only), only
+    the chosen tasks are drawn, results land per arm and digit count, a rerun keeps finished arms, and a bad arm
+    or task is a one-line exit 2."""
+    probe = _probe_module()
+    a, b = probe.step_examples(0, 5, 16, ("add",), 2), probe.step_examples(0, 5, 16, ("add",), 2)
+    assert [e.prompt for e in a] == [e.prompt for e in b]
+    assert {e.task for e in a} == {"add"} and max(e.digits for e in a) <= 2
+    assert [e.prompt for e in probe.step_examples(0, 6, 16, ("add",), 2)] != [e.prompt for e in a]
+    args = ["--out", str(tmp_path), "--steps", "2", "--batch", "4", "--n_test", "3", "--max_digits", "2",
+            "--tasks", "add,reverse", "--arms", "dense:d_model=32,n_layers=1,n_heads=2",
+            "ion_fixed3:d_model=32,n_layers=1,n_heads=2,d_local=32", "--device", "cpu"]
+    assert probe.main(args) == 0
+    res = json.loads((tmp_path / "probe.json").read_text())
+    assert list(res["arms"]) == ["dense:d_model=32,n_layers=1,n_heads=2",
+                                 "ion_fixed3:d_model=32,n_layers=1,n_heads=2,d_local=32"]
+    for r in res["arms"].values():
+        per = r["results"]["per_task"]
+        assert set(per) == {"add", "reverse"} and set(per["add"]["by_digits"]) == {"1", "2"}
+        assert per["reverse"]["n"] == 3 and r["losses"][-1]["step"] == 1
+    assert res["arms"]["ion_fixed3:d_model=32,n_layers=1,n_heads=2,d_local=32"]["config"]["d_local"] == 32
+    md = (tmp_path / "probe.md").read_text()
+    assert md.count("\n| ") == 3 and "add 2d" in md
+    capsys.readouterr()
+    assert probe.main(args) == 0
+    assert capsys.readouterr().out.count("kept from") == 2
+    for bad in (["--arms", "bogus"], ["--tasks", "division"]):
+        with pytest.raises(SystemExit) as e:
+            probe.main(["--out", str(tmp_path / "x"), "--steps", "1", *bad])
+        assert e.value.code == 2
+        assert capsys.readouterr().err.strip().count("\n") == 0

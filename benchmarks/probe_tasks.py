@@ -1,0 +1,146 @@
+"""Which part of the design costs ionLlama arithmetic? (issue #11, question 4)
+
+The Phase-1 task stage found ionLlama far behind the dense byte transformer and BPE at addition (0.165 against
+0.63-0.68, `docs/results/phase1-tasks.md`) while level or ahead on the character tasks. This probe trains small
+models *from scratch* on task examples only (no pretraining, so no arm starts ahead), every arm on the same
+examples in the same order for the same steps, then scores greedy exact match on held-out operands per digit
+count. The arms differ in one knob at a time, so the gaps point at a component: the patch size, dilated vs dense
+latent attention, the local layers, the latent shift.
+
+    PYTHONPATH=. python benchmarks/probe_tasks.py --out docs/results/probe-add \\
+        --arms dense ion_fixed3 ion_fixed3:attention=dense ion_fixed3:local_layers=transformer ion_byte
+
+On 2 CPU cores the dense arm made ~90 steps a minute (3,000 steps: ~30 min; the ionLlama arms are slower): a GPU
+job. A rerun with the same --out keeps the arms already finished with the same configuration.
+
+An arm is NAME[:key=value,...]: NAME one of ARMS below, then model overrides (as `ionllama experiment --override`).
+Writes OUT/probe.json (per arm: config, losses, seconds, results as `run_tasks` returns them) and OUT/probe.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ionllama import create_model
+from ionllama.data import tasks as T
+from ionllama.errors import UserError, cli_entry
+from ionllama.eval.task_eval import run_tasks
+from ionllama.experiment.matrix import parse_overrides
+from ionllama.experiment.tasks import task_batch, train_on_tasks
+
+# Small models of about the same size (2.7M and 2.6M parameters; ionLlama's 1M of them in its n-gram embedding
+# tables): the dense transformer and ionLlama with the Phase-1 pick's choices (fixed 3-byte patches, the
+# "completed" shift) at tiny width.
+_ION = dict(model="ionllama", d_model=128, n_layers=4, n_heads=4, d_local=128, n_enc_layers=1, n_dec_layers=2,
+            latent_shift="completed")
+ARMS = {
+    "dense": dict(model="dense", d_model=192, n_layers=6, n_heads=6),
+    "ion_fixed3": dict(_ION, patching="fixed", fixed_patch_size=3),
+    "ion_byte": dict(_ION, patching="byte"),
+    "ion_space": dict(_ION, patching="space"),
+}
+
+
+def parse_arm(text: str) -> tuple[str, dict]:
+    name, _, over = text.partition(":")
+    if name not in ARMS:
+        raise UserError(f"unknown arm '{name}'; choose from {', '.join(ARMS)} (then :key=value,... overrides)")
+    return text, {**ARMS[name], **parse_overrides([over] if over else [])}
+
+
+def step_examples(seed: int, step: int, n: int, tasks: tuple[str, ...], max_digits: int) -> list:
+    """Step `step`'s examples: a pure function of (seed, step), so every arm sees the same ones."""
+    rng = np.random.default_rng([seed, step, 0x9A0B])
+    return [T.sample_example(rng, tasks[int(rng.integers(len(tasks)))], "train", max_digits=max_digits)
+            for _ in range(n)]
+
+
+def train_arm(cfg: dict, a, device) -> dict:
+    torch.manual_seed(a.seed)
+    model = create_model("tiny", **cfg).to(device)
+    losses, train_s = train_on_tasks(
+        model, device, None, a.steps, a.lr,
+        lambda step: task_batch(model, step_examples(a.seed, step, a.batch, a.tasks, a.max_digits), a.row_len),
+        log_every=100, on_log=lambda r: print(f"  step {r['step']} loss {r['loss']:.4f}", flush=True))
+    results = run_tasks(model, device, n=a.n_test, max_digits=a.max_digits, seed=1234, trained_on_tasks=True,
+                        split="test", batch_size=32, tasks=a.tasks)
+    return {"config": cfg, "params": sum(p.numel() for p in model.parameters()), "train_s": round(train_s, 1),
+            "losses": [{"step": r["step"], "loss": round(r["loss"], 4)} for r in losses], "results": results}
+
+
+def markdown(rows: dict, a) -> str:
+    digits = range(1, a.max_digits + 1)
+    lines = ["| arm | params | train s | final loss | " + " | ".join(
+        f"{t} {d}d" if t in T.ARITH_TASKS else t for t in a.tasks for d in (digits if t in T.ARITH_TASKS else [0]))
+        + " |"]
+    lines.append("|" + "---|" * (lines[0].count("|") - 1))
+    for name, r in rows.items():
+        cells = []
+        for t in a.tasks:
+            rec = r["results"]["per_task"][t]
+            recs = [rec["by_digits"][str(d)] for d in digits] if t in T.ARITH_TASKS else [rec]
+            cells += [f"{x['accuracy']:.3f} [{x['ci95'][0]:.2f}, {x['ci95'][1]:.2f}]" for x in recs]
+        lines.append(f"| {name} | {r['params']:,} | {r['train_s']} | {r['losses'][-1]['loss']} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arms", nargs="+", default=["dense", "ion_fixed3"])
+    ap.add_argument("--tasks", default="add", help="comma-separated, from " + ", ".join(T.TASKS))
+    ap.add_argument("--max_digits", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=32, help="examples per step")
+    ap.add_argument("--row_len", type=int, default=128, help="bytes per packed row")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--n_test", type=int, default=200, help="held-out prompts per task and digit count")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", required=True)
+    return ap
+
+
+@cli_entry
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    a.tasks = tuple(t for t in a.tasks.split(",") if t)
+    for t in a.tasks:
+        if t not in T.TASKS:
+            raise UserError(f"--tasks: unknown task '{t}'; choose from {', '.join(T.TASKS)}")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    arms = dict(parse_arm(s) for s in a.arms)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "probe.json"
+    done = json.loads(path.read_text())["arms"] if path.exists() else {}  # resume: finished arms are kept
+    device = torch.device(a.device)
+    for name, cfg in arms.items():
+        if name in done and done[name]["config"] == cfg:
+            print(f"[probe] {name}: kept from {path}", flush=True)
+            continue
+        print(f"[probe] {name}: {cfg}", flush=True)
+        done[name] = train_arm(cfg, a, device)
+        meta = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+                "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "settings": {
+                    k: v for k, v in vars(a).items() if k not in ("arms", "out")}}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"meta": meta, "arms": done}, indent=1))
+        tmp.replace(path)
+        (out / "probe.md").write_text(f"`{meta['command']}`\n\n" + markdown(done, a))
+        print(markdown({name: done[name]}, a), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
