@@ -31,6 +31,7 @@ import torch
 from ionllama import create_model
 from ionllama.data import tasks as T
 from ionllama.errors import UserError, cli_entry
+from ionllama.eval.benchmark import git_commit
 from ionllama.eval.task_eval import run_tasks
 from ionllama.experiment.matrix import parse_overrides
 from ionllama.experiment.tasks import task_batch, train_on_tasks
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
         done[name] = train_arm(cfg, a, device)
         meta = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
                 "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "settings": {
+                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "settings": {
                     k: v for k, v in vars(a).items() if k not in ("arms", "out")}}
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"meta": meta, "arms": done}, indent=1))
