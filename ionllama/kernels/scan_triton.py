@@ -53,6 +53,16 @@ def _tile_rows(c_start, c_end, i, n_tiles, REVERSE: tl.constexpr, BLOCK_T: tl.co
 
 
 @triton.jit
+def _columns(dblock, D, LOG_A, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    """Channel block `dblock`: its columns, their mask, and their log decays in fp32."""
+    cols = dblock * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    if EVEN_D:  # a mask constant along the channels keeps the loads 16-byte wide
+        col_ok = tl.full([BLOCK_D], 1, tl.int1)
+    return cols, col_ok, tl.load(LOG_A + cols, mask=col_ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _chunk_summary(X, la, b, c, T, L, sxb, sxt, cols, col_ok,
                    REVERSE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """Chunk c's zero-start final state, a weighted sum (no scan needed): forward
@@ -86,11 +96,7 @@ def _scan_summary(X, LOG_A, SUM, T, D, L, n_chunks, sxb, sxt,
     """Every chunk's summary (_chunk_summary) into SUM: (B, n_chunks, D) fp32."""
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
-    cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    if EVEN_D:  # a mask constant along the channels keeps the loads 16-byte wide
-        col_ok = tl.full([BLOCK_D], 1, tl.int1)
-    la = tl.load(LOG_A + cols, mask=col_ok, other=0.0).to(tl.float32)
+    cols, col_ok, la = _columns(tl.program_id(2), D, LOG_A, BLOCK_D, EVEN_D)
     s = _chunk_summary(X, la, b, c, T, L, sxb, sxt, cols, col_ok, REVERSE, BLOCK_T, BLOCK_D)
     tl.store(SUM + (b * n_chunks + c) * D + cols, s, mask=col_ok)
 
@@ -147,11 +153,7 @@ def _scan_fwd(U, LOG_A, H0, SUM, HOUT, T, D, L, n_chunks, sub, sut, shb, sht,
               EVEN_D: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
-    cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    if EVEN_D:
-        col_ok = tl.full([BLOCK_D], 1, tl.int1)
-    la = tl.load(LOG_A + cols, mask=col_ok, other=0.0).to(tl.float32)
+    cols, col_ok, la = _columns(tl.program_id(2), D, LOG_A, BLOCK_D, EVEN_D)
     h = _carry_in(SUM, b, c, n_chunks, la, cols, col_ok, L, D, False, MAX_CHUNKS, BLOCK_D, "")
     if HAS_H0:
         h0 = tl.load(H0 + b * D + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -214,11 +216,7 @@ def _scan_bwd(DY, HOUT, LOG_A, H0, SUM, DU, DLA, DH0, T, D, L, n_chunks, sdb, sd
               EVEN_D: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
-    cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    if EVEN_D:
-        col_ok = tl.full([BLOCK_D], 1, tl.int1)
-    la = tl.load(LOG_A + cols, mask=col_ok, other=0.0).to(tl.float32)
+    cols, col_ok, la = _columns(tl.program_id(2), D, LOG_A, BLOCK_D, EVEN_D)
     carry = _carry_in(SUM, b, c, n_chunks, la, cols, col_ok, L, D, True, MAX_CHUNKS, BLOCK_D, "")  # g after
     dla, carry = _bwd_chunk(DY, HOUT, H0, DU, b, c, carry, la, T, D, L, sdb, sdt, shb, sht, sub, sut, cols, col_ok,
                             HAS_H0, BLOCK_T, BLOCK_D)
@@ -263,11 +261,7 @@ def _scan_fwd_lookback(U, LOG_A, H0, SUM, FLAGS, HOUT, T, D, L, n_chunks, n_dblo
                        BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
     b, dblock, c = _ticket(FLAGS, n_chunks, n_dblocks, False)
     flags = FLAGS + 1  # FLAGS[0] is the ticket counter
-    cols = dblock * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    if EVEN_D:
-        col_ok = tl.full([BLOCK_D], 1, tl.int1)
-    la = tl.load(LOG_A + cols, mask=col_ok, other=0.0).to(tl.float32)
+    cols, col_ok, la = _columns(dblock, D, LOG_A, BLOCK_D, EVEN_D)
     s = _chunk_summary(U, la, b, c, T, L, sub, sut, cols, col_ok, False, BLOCK_T, BLOCK_D)
     _publish_and_wait(SUM, flags, s, b, dblock, c, n_chunks, n_dblocks, cols, col_ok, D, False)
     h = _carry_in(SUM, b, c, n_chunks, la, cols, col_ok, L, D, False, MAX_CHUNKS, BLOCK_D, ".cg")
@@ -283,11 +277,7 @@ def _scan_bwd_lookback(DY, HOUT, LOG_A, H0, SUM, FLAGS, DU, DLA, DH0, T, D, L, n
                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
     b, dblock, c = _ticket(FLAGS, n_chunks, n_dblocks, True)
     flags = FLAGS + 1
-    cols = dblock * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    if EVEN_D:
-        col_ok = tl.full([BLOCK_D], 1, tl.int1)
-    la = tl.load(LOG_A + cols, mask=col_ok, other=0.0).to(tl.float32)
+    cols, col_ok, la = _columns(dblock, D, LOG_A, BLOCK_D, EVEN_D)
     s = _chunk_summary(DY, la, b, c, T, L, sdb, sdt, cols, col_ok, True, BLOCK_T, BLOCK_D)
     _publish_and_wait(SUM, flags, s, b, dblock, c, n_chunks, n_dblocks, cols, col_ok, D, True)
     carry = _carry_in(SUM, b, c, n_chunks, la, cols, col_ok, L, D, True, MAX_CHUNKS, BLOCK_D, ".cg")
