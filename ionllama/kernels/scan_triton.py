@@ -120,6 +120,17 @@ def _carry_in(SUM, b, c, n_chunks, la, cols, col_ok, L, D, REVERSE: tl.constexpr
 
 
 @triton.jit
+def _state_entering(SUM, H0, b, c, n_chunks, la, cols, col_ok, L, D, HAS_H0: tl.constexpr, MAX_CHUNKS: tl.constexpr,
+                    BLOCK_D: tl.constexpr, CACHE: tl.constexpr):
+    """Forward: the state entering chunk c, from the earlier chunks' summaries and h0 decayed over c * L steps."""
+    h = _carry_in(SUM, b, c, n_chunks, la, cols, col_ok, L, D, False, MAX_CHUNKS, BLOCK_D, CACHE)
+    if HAS_H0:
+        h0 = tl.load(H0 + b * D + cols, mask=col_ok, other=0.0).to(tl.float32)
+        h += tl.exp((c * L).to(tl.float32) * la) * h0
+    return h
+
+
+@triton.jit
 def _fwd_chunk(U, HOUT, b, c, h, la, T, L, sub, sut, shb, sht, cols, col_ok,
                BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """Scan chunk c of row b from the state h entering it; writes h_t."""
@@ -154,10 +165,7 @@ def _scan_fwd(U, LOG_A, H0, SUM, HOUT, T, D, L, n_chunks, sub, sut, shb, sht,
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     cols, col_ok, la = _columns(tl.program_id(2), D, LOG_A, BLOCK_D, EVEN_D)
-    h = _carry_in(SUM, b, c, n_chunks, la, cols, col_ok, L, D, False, MAX_CHUNKS, BLOCK_D, "")
-    if HAS_H0:
-        h0 = tl.load(H0 + b * D + cols, mask=col_ok, other=0.0).to(tl.float32)
-        h += tl.exp((c * L).to(tl.float32) * la) * h0
+    h = _state_entering(SUM, H0, b, c, n_chunks, la, cols, col_ok, L, D, HAS_H0, MAX_CHUNKS, BLOCK_D, "")
     _fwd_chunk(U, HOUT, b, c, h, la, T, L, sub, sut, shb, sht, cols, col_ok, BLOCK_T, BLOCK_D)
 
 
@@ -264,10 +272,7 @@ def _scan_fwd_lookback(U, LOG_A, H0, SUM, FLAGS, HOUT, T, D, L, n_chunks, n_dblo
     cols, col_ok, la = _columns(dblock, D, LOG_A, BLOCK_D, EVEN_D)
     s = _chunk_summary(U, la, b, c, T, L, sub, sut, cols, col_ok, False, BLOCK_T, BLOCK_D)
     _publish_and_wait(SUM, flags, s, b, dblock, c, n_chunks, n_dblocks, cols, col_ok, D, False)
-    h = _carry_in(SUM, b, c, n_chunks, la, cols, col_ok, L, D, False, MAX_CHUNKS, BLOCK_D, ".cg")
-    if HAS_H0:
-        h0 = tl.load(H0 + b * D + cols, mask=col_ok, other=0.0).to(tl.float32)
-        h += tl.exp((c * L).to(tl.float32) * la) * h0
+    h = _state_entering(SUM, H0, b, c, n_chunks, la, cols, col_ok, L, D, HAS_H0, MAX_CHUNKS, BLOCK_D, ".cg")
     _fwd_chunk(U, HOUT, b, c, h, la, T, L, sub, sut, shb, sht, cols, col_ok, BLOCK_T, BLOCK_D)
 
 
