@@ -132,13 +132,15 @@ def main(argv=None) -> int:
         print(f"[probe] {name}: {cfg}", flush=True)
         done[name] = train_arm(cfg, a, device)
         meta = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-                "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+                "device": torch.cuda.get_device_name() if device.type == "cuda" else
+                f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
                 "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "settings": {
                     k: v for k, v in vars(a).items() if k not in ("arms", "out")}}
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"meta": meta, "arms": done}, indent=1))
         tmp.replace(path)
-        (out / "probe.md").write_text(f"`{meta['command']}`\n\n" + markdown(done, a))
+        (out / "probe.md").write_text(f"`{meta['command']}`\n\ndevice: {meta['device']}, torch {meta['torch']}, "
+                                      f"{meta['date']}, commit {meta['commit']['sha']}\n\n" + markdown(done, a))
         print(markdown({name: done[name]}, a), flush=True)
     return 0
 
