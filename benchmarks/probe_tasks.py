@@ -10,8 +10,8 @@ latent attention, the local layers, the latent shift.
     PYTHONPATH=. python benchmarks/probe_tasks.py --out docs/results/probe-add \\
         --arms dense ion_fixed3 ion_fixed3:attention=dense ion_fixed3:local_layers=transformer ion_byte
 
-On 2 CPU cores the dense arm made ~90 steps a minute (3,000 steps: ~30 min; the ionLlama arms are slower): a GPU
-job. A rerun with the same --out keeps the arms already finished with the same configuration.
+On 2 CPU cores, 3,000 steps with --row_len 64 took 390-1,088 s per arm (docs/results/probe-add.md). A rerun with
+the same --out keeps the arms already finished with the same configuration.
 
 An arm is NAME[:key=value,...]: NAME one of ARMS below, then model overrides (as `ionllama experiment --override`).
 Writes OUT/probe.json (per arm: config, losses, seconds, results as `run_tasks` returns them) and OUT/probe.md.
