@@ -62,22 +62,6 @@ def time_scan(fn, B, T, D, dtype, rep):
     return r
 
 
-def forms_agree(B, T, D, dtype) -> dict:
-    """Outputs of the single-launch form (lookback=1) against the default two-kernel form on the same inputs:
-    the largest relative difference of h, du and dlog_a (the two forms do the same arithmetic per chunk)."""
-    outs = []
-    for lb in (0, 1):
-        old = st.set_scan_config(lookback=lb)
-        try:
-            u, la, dy = make(B, T, D, dtype)
-            h = scan_const_decay(u, la)
-            h.backward(dy)
-            outs.append((h.detach().float(), u.grad.float(), la.grad.float()))
-        finally:
-            st.set_scan_config(**old)
-    return {name: ((b - a).norm() / a.norm()).item() for name, a, b in zip(("h", "du", "dlog_a"), *outs)}
-
-
 def sweep(shapes, dtype, rep=25):
     """Tiles x chunking target. Times the forward and backward kernels called directly (main thread,
     no autograd), so launch overheads do not hide the kernels' own times."""
@@ -154,9 +138,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true", help="host overhead at T=2048 and kernel times at T=8192")
     p.add_argument("--sweep-length", type=int, default=8192)
     p.add_argument("--device", default="cuda", help="cpu: dry run of this script under TRITON_INTERPRET=1")
-    p.add_argument("--lookback", action="store_true",
-                   help="also time the single-launch form (scan_triton lookback=1) where time is chunked, and "
-                        "check its outputs against the default form's")
     p.add_argument("--graph_timing", action="store_true",
                    help="also time fwd+bwd replayed from a CUDA graph (no host overhead; second table)")
     return p
@@ -218,17 +199,6 @@ def main(argv=None) -> int:
                         r["frac_copy_bw_graph"] = nb / (r["ms_graph"] * 1e-3) / copy_bw
                     r["fwd_frac_copy_bw"] = (2 * B * T * D * elem) / (r["fwd_ms"] * 1e-3) / copy_bw
                 row["triton"] = r
-                if a.lookback and row["chunks"] > 1:
-                    old = st.set_scan_config(lookback=1)
-                    try:
-                        lb = time_scan(scan_const_decay, B, T, D, dtype, a.rep)
-                    finally:
-                        st.set_scan_config(**old)
-                    if lb["status"] == "ok":
-                        lb["frac_copy_bw"] = nb / (lb["ms"] * 1e-3) / copy_bw
-                        if lb.get("graph_status") == "ok":
-                            lb["frac_copy_bw_graph"] = nb / (lb["ms_graph"] * 1e-3) / copy_bw
-                    row["triton_lookback"] = dict(lb, rel_diff_vs_default=forms_agree(B, T, D, dtype))
                 if T <= a.ref_max:
                     row["reference"] = time_scan(scan_reference, B, T, D, dtype, a.rep)
                 res["rows"].append(row)
@@ -280,20 +250,6 @@ def print_table(res):
                   f"{t['frac_copy_bw_graph'] * 100 if ok and 'frac_copy_bw_graph' in t else float('nan'):.0f}% | "
                   f"{ref['ms_graph'] if rok else float('nan'):.3f} | "
                   f"{ref['ms_graph'] / t['ms_graph'] if (ok and rok) else float('nan'):.1f}x |")
-    lb_rows = [r for r in res["rows"] if r.get("triton_lookback")]
-    if lb_rows:
-        print("\nsingle-launch form (lookback=1) beside the default, fwd+bwd median ms (graph-timed where run):")
-        print("| dtype | B | T | D | chunks | default | lookback | default graph | lookback graph | "
-              "lookback % of copy bw (graph) | max rel diff vs default |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
-        nan = float("nan")
-        for r in lb_rows:
-            t, lb = r["triton"], r["triton_lookback"]
-            ok = lb.get("status") == "ok"
-            print(f"| {r['dtype']} | {r['B']} | {r['T']} | {r['D']} | {r['chunks']} | {t.get('ms', nan):.3f} | "
-                  f"{lb.get('ms', nan):.3f} | {t.get('ms_graph', nan):.3f} | {lb.get('ms_graph', nan):.3f} | "
-                  f"{lb.get('frac_copy_bw_graph', nan) * 100 if ok else nan:.0f}% | "
-                  f"{max(lb['rel_diff_vs_default'].values()):.1e} |")
     for s in res.get("ssd", []):
         print(f"\nSSD {s}")
 

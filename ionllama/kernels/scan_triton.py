@@ -103,7 +103,7 @@ def _scan_summary(X, LOG_A, SUM, T, D, L, n_chunks, sxb, sxt,
 
 @triton.jit
 def _carry_in(SUM, b, c, n_chunks, la, cols, col_ok, L, D, REVERSE: tl.constexpr,
-              MAX_CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr, CACHE: tl.constexpr):
+              MAX_CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr):
     """State entering chunk c from the other chunks' summaries (zero when n_chunks == 1):
     forward sum_{c' < c} a^(L (c-1-c')) E_c', reverse sum_{c' > c} a^(L (c'-c-1)) F_c'."""
     cc = tl.arange(0, MAX_CHUNKS)
@@ -114,16 +114,16 @@ def _carry_in(SUM, b, c, n_chunks, la, cols, col_ok, L, D, REVERSE: tl.constexpr
         use = cc < c
         dist = c - 1 - cc
     s = tl.load(SUM + (b * n_chunks + cc)[:, None] * D + cols[None, :], mask=use[:, None] & col_ok[None, :],
-                other=0.0, cache_modifier=CACHE)
+                other=0.0)
     w = tl.exp((tl.maximum(dist, 0) * L).to(tl.float32)[:, None] * la[None, :])
     return tl.sum(tl.where(use[:, None], w * s, 0.0), 0)
 
 
 @triton.jit
 def _state_entering(SUM, H0, b, c, n_chunks, la, cols, col_ok, L, D, HAS_H0: tl.constexpr, MAX_CHUNKS: tl.constexpr,
-                    BLOCK_D: tl.constexpr, CACHE: tl.constexpr):
+                    BLOCK_D: tl.constexpr):
     """Forward: the state entering chunk c, from the earlier chunks' summaries and h0 decayed over c * L steps."""
-    h = _carry_in(SUM, b, c, n_chunks, la, cols, col_ok, L, D, False, MAX_CHUNKS, BLOCK_D, CACHE)
+    h = _carry_in(SUM, b, c, n_chunks, la, cols, col_ok, L, D, False, MAX_CHUNKS, BLOCK_D)
     if HAS_H0:
         h0 = tl.load(H0 + b * D + cols, mask=col_ok, other=0.0).to(tl.float32)
         h += tl.exp((c * L).to(tl.float32) * la) * h0
@@ -165,7 +165,7 @@ def _scan_fwd(U, LOG_A, H0, SUM, HOUT, T, D, L, n_chunks, sub, sut, shb, sht,
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     cols, col_ok, la = _columns(tl.program_id(2), D, LOG_A, BLOCK_D, EVEN_D)
-    h = _state_entering(SUM, H0, b, c, n_chunks, la, cols, col_ok, L, D, HAS_H0, MAX_CHUNKS, BLOCK_D, "")
+    h = _state_entering(SUM, H0, b, c, n_chunks, la, cols, col_ok, L, D, HAS_H0, MAX_CHUNKS, BLOCK_D)
     _fwd_chunk(U, HOUT, b, c, h, la, T, L, sub, sut, shb, sht, cols, col_ok, BLOCK_T, BLOCK_D)
 
 
@@ -225,85 +225,24 @@ def _scan_bwd(DY, HOUT, LOG_A, H0, SUM, DU, DLA, DH0, T, D, L, n_chunks, sdb, sd
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     cols, col_ok, la = _columns(tl.program_id(2), D, LOG_A, BLOCK_D, EVEN_D)
-    carry = _carry_in(SUM, b, c, n_chunks, la, cols, col_ok, L, D, True, MAX_CHUNKS, BLOCK_D, "")  # g after
+    carry = _carry_in(SUM, b, c, n_chunks, la, cols, col_ok, L, D, True, MAX_CHUNKS, BLOCK_D)  # g after
     dla, carry = _bwd_chunk(DY, HOUT, H0, DU, b, c, carry, la, T, D, L, sdb, sdt, shb, sht, sub, sut, cols, col_ok,
                             HAS_H0, BLOCK_T, BLOCK_D)
     _store_bwd_sums(DLA, DH0, b, c, tl.num_programs(0), n_chunks, dla, carry, la, cols, col_ok, D)
 
 
-# Single-launch form (config lookback=1): one program per (row, channel block, chunk) both summarises its chunk and
-# scans it, so the second read of the chunk comes from L2 rather than HBM (the two-kernel form reads u, or dy, twice
-# from memory: 7 tensors moved per fwd+bwd instead of 5). A program publishes its summary, then waits until the
-# chunks before it (after it, in reverse) have published theirs. Chunks are handed out by an atomic ticket in
-# order, chunk index fastest, so every chunk a program waits for has already started: no deadlock whatever the
-# hardware's block order. The Triton interpreter runs programs one after another in ticket order, so it never
-# spins. Summaries are read past L1 (".cg"): they are written by other programs during this launch.
-@triton.jit
-def _ticket(COUNTER, n_chunks, n_dblocks, REVERSE: tl.constexpr):
-    t = tl.atomic_add(COUNTER, 1)
-    c = t % n_chunks
-    if REVERSE:
-        c = n_chunks - 1 - c
-    row = t // n_chunks
-    return (row // n_dblocks).to(tl.int64), row % n_dblocks, c
-
-
-@triton.jit
-def _publish_and_wait(SUM, FLAGS, s, b, dblock, c, n_chunks, n_dblocks, cols, col_ok, D, REVERSE: tl.constexpr):
-    tl.store(SUM + (b * n_chunks + c) * D + cols, s, mask=col_ok)
-    tl.debug_barrier()  # every thread's part of the summary is written before the flag
-    flags = FLAGS + (b * n_dblocks + dblock) * n_chunks
-    tl.atomic_xchg(flags + c, 1, sem="release")
-    if REVERSE:
-        lo, hi = c + 1, n_chunks
-    else:
-        lo, hi = 0, c
-    for k in range(lo, hi):
-        while tl.atomic_add(flags + k, 0, sem="acquire") == 0:
-            pass
-
-
-@triton.jit
-def _scan_fwd_lookback(U, LOG_A, H0, SUM, FLAGS, HOUT, T, D, L, n_chunks, n_dblocks, sub, sut, shb, sht,
-                       HAS_H0: tl.constexpr, MAX_CHUNKS: tl.constexpr, BLOCK_T: tl.constexpr,
-                       BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
-    b, dblock, c = _ticket(FLAGS, n_chunks, n_dblocks, False)
-    flags = FLAGS + 1  # FLAGS[0] is the ticket counter
-    cols, col_ok, la = _columns(dblock, D, LOG_A, BLOCK_D, EVEN_D)
-    s = _chunk_summary(U, la, b, c, T, L, sub, sut, cols, col_ok, False, BLOCK_T, BLOCK_D)
-    _publish_and_wait(SUM, flags, s, b, dblock, c, n_chunks, n_dblocks, cols, col_ok, D, False)
-    h = _state_entering(SUM, H0, b, c, n_chunks, la, cols, col_ok, L, D, HAS_H0, MAX_CHUNKS, BLOCK_D, ".cg")
-    _fwd_chunk(U, HOUT, b, c, h, la, T, L, sub, sut, shb, sht, cols, col_ok, BLOCK_T, BLOCK_D)
-
-
-@triton.jit
-def _scan_bwd_lookback(DY, HOUT, LOG_A, H0, SUM, FLAGS, DU, DLA, DH0, T, D, L, n_chunks, n_dblocks, n_rows,
-                       sdb, sdt, shb, sht, sub, sut, HAS_H0: tl.constexpr, MAX_CHUNKS: tl.constexpr,
-                       BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
-    b, dblock, c = _ticket(FLAGS, n_chunks, n_dblocks, True)
-    flags = FLAGS + 1
-    cols, col_ok, la = _columns(dblock, D, LOG_A, BLOCK_D, EVEN_D)
-    s = _chunk_summary(DY, la, b, c, T, L, sdb, sdt, cols, col_ok, True, BLOCK_T, BLOCK_D)
-    _publish_and_wait(SUM, flags, s, b, dblock, c, n_chunks, n_dblocks, cols, col_ok, D, True)
-    carry = _carry_in(SUM, b, c, n_chunks, la, cols, col_ok, L, D, True, MAX_CHUNKS, BLOCK_D, ".cg")
-    dla, carry = _bwd_chunk(DY, HOUT, H0, DU, b, c, carry, la, T, D, L, sdb, sdt, shb, sht, sub, sut, cols, col_ok,
-                            HAS_H0, BLOCK_T, BLOCK_D)
-    _store_bwd_sums(DLA, DH0, b, c, n_rows, n_chunks, dla, carry, la, cols, col_ok, D)
-
-
 # Defaults chosen from the H100 sweep in benchmarks/bench_scan.py (docs/notes/kernels-notes.md).
 # Defaults from the H100 sweep of 2026-11-25 (benchmarks/bench_scan.py --sweep; docs/notes/kernels-notes.md):
 # 32-step x 64-channel tiles, 2 warps, time split into chunks until batch x channel blocks x chunks >= 2048.
-# lookback: 1 = the single-launch form when time is chunked (above; not yet measured on a GPU, so off).
 _CONFIG = {"block_t": 32, "block_d": 64, "num_warps": 2, "n_chunks": 0, "min_programs": 2048,
-           "min_chunk": 256, "lookback": 0}
+           "min_chunk": 256}
 MAX_CHUNKS = 64
 
 
 def set_scan_config(**kw) -> dict:
     """Set block_t, block_d, num_warps; n_chunks (0 = automatic, else a fixed count); min_programs
-    (automatic mode splits time until batch * channel blocks * chunks reaches this); min_chunk (steps);
-    lookback (1: one launch per pass when time is chunked). Returns the previous configuration."""
+    (automatic mode splits time until batch * channel blocks * chunks reaches this); min_chunk (steps).
+    Returns the previous configuration."""
     return update_config(_CONFIG, "scan", kw, int)
 
 
@@ -334,29 +273,10 @@ def _summaries(x, log_a, n, L, reverse):
     return s
 
 
-def _lookback(n: int) -> bool:
-    return n > 1 and bool(_CONFIG["lookback"])
-
-
-def _lookback_buffers(x, n: int):
-    """(summaries, flags): FLAGS[0] the ticket counter, then one flag per (row, channel block, chunk), zeroed."""
-    B, _, D = x.shape
-    nd = triton.cdiv(D, _CONFIG["block_d"])
-    s = torch.empty((B, n, D), dtype=torch.float32, device=x.device)
-    return s, torch.zeros(1 + B * nd * n, dtype=torch.int32, device=x.device), nd
-
-
 def scan_forward(u, log_a, h0):
     B, T, D = u.shape
     n, L = _chunking(B, T, D)
     h = torch.empty((B, T, D), dtype=u.dtype, device=u.device)
-    if _lookback(n):
-        s, flags, nd = _lookback_buffers(u, n)
-        _scan_fwd_lookback[(B * nd * n,)](
-            u, log_a, h0 if h0 is not None else log_a, s, flags, h, T, D, L, n, nd,
-            u.stride(0), u.stride(1), h.stride(0), h.stride(1),
-            HAS_H0=h0 is not None, MAX_CHUNKS=MAX_CHUNKS, **_meta(D))
-        return h
     s = _summaries(u, log_a, n, L, reverse=False)
     _scan_fwd[(B, n, triton.cdiv(D, _CONFIG["block_d"]))](
         u, log_a, h0 if h0 is not None else log_a, s, h, T, D, L, n,
@@ -371,13 +291,6 @@ def scan_backward(dy, h, log_a, h0):
     du = torch.empty((B, T, D), dtype=dy.dtype, device=dy.device)
     dla = torch.empty((D, B * n), dtype=torch.float32, device=dy.device)  # summed over its contiguous dim
     dh0 = torch.empty((B, D), dtype=torch.float32, device=dy.device)
-    if _lookback(n):
-        s, flags, nd = _lookback_buffers(dy, n)
-        _scan_bwd_lookback[(B * nd * n,)](
-            dy, h, log_a, h0 if h0 is not None else log_a, s, flags, du, dla, dh0, T, D, L, n, nd, B,
-            dy.stride(0), dy.stride(1), h.stride(0), h.stride(1), du.stride(0), du.stride(1),
-            HAS_H0=h0 is not None, MAX_CHUNKS=MAX_CHUNKS, **_meta(D))
-        return du, dla.sum(1), dh0
     s = _summaries(dy, log_a, n, L, reverse=True)
     _scan_bwd[(B, n, triton.cdiv(D, _CONFIG["block_d"]))](
         dy, h, log_a, h0 if h0 is not None else log_a, s, du, dla, dh0, T, D, L, n,

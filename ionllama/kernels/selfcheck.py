@@ -73,9 +73,8 @@ def check_attention(device: str, dtype: torch.dtype, B: int, H: int, N: int, Dh:
 
 
 def check_scan(device: str, dtype: torch.dtype, B: int, T: int, D: int, with_h0: bool = False,
-               n_chunks: int = 0, lookback: int = 0, seed: int | None = None) -> dict:
-    """The IntegralLNN scan kernel (fwd + all gradients) against the chunked reference in fp64; lookback: the
-    single-launch form (scan_triton's config), which runs only where time is chunked (n_chunks > 1)."""
+               n_chunks: int = 0, seed: int | None = None) -> dict:
+    """The IntegralLNN scan kernel (fwd + all gradients) against the chunked reference in fp64."""
     from ..model.scan import scan_const_decay
     from . import scan_triton as st
 
@@ -87,7 +86,7 @@ def check_scan(device: str, dtype: torch.dtype, B: int, T: int, D: int, with_h0:
     u_d = u.to(device=device, dtype=dtype).requires_grad_()
     la_d = log_a.to(device).requires_grad_()
     h0_d = h0.to(device).requires_grad_() if with_h0 else None
-    old = st.set_scan_config(n_chunks=n_chunks, lookback=lookback)
+    old = st.set_scan_config(n_chunks=n_chunks)
     try:
         h = st.scan_const_decay_triton(u_d, la_d, h0_d)
         ins = [u_d, la_d] + ([h0_d] if with_h0 else [])
@@ -684,8 +683,7 @@ def cases(large: bool) -> list[tuple]:
         ("scan", "fp32", dict(B=2, T=131, D=16, with_h0=True, n_chunks=3)),
         ("scan", "bf16", dict(B=2, T=77, D=32, with_h0=True)),
         ("scan", "fp32", dict(B=1, T=300, D=16, with_h0=True, n_chunks=2)),  # several tiles per chunk
-        ("scan", "fp32", dict(B=2, T=131, D=80, with_h0=True, n_chunks=3, lookback=1)),  # 2 channel blocks, ragged
-        ("scan", "bf16", dict(B=1, T=300, D=16, n_chunks=4, lookback=1)),
+        ("scan", "fp32", dict(B=2, T=131, D=80, with_h0=True, n_chunks=3)),  # 2 channel blocks, one ragged
         # the backward (two passes): T not a multiple of the tiles, several tiles per program, T < k,
         # k = 7 and k = 1, D not a multiple of the channel tiles, bf16 with the dGC intermediate in bf16 and fp32
         ("conv_gate", "fp32", dict(B=2, T=45, D=24)),
@@ -753,9 +751,6 @@ def cases(large: bool) -> list[tuple]:
             ("scan", "fp32", dict(B=4, T=8193, D=256, with_h0=True)),
             ("scan", "fp32", dict(B=2, T=4096, D=200, n_chunks=7)),
             ("scan", "bf16", dict(B=16, T=8192, D=256)),
-            ("scan", "bf16", dict(B=16, T=8192, D=256, lookback=1)),
-            ("scan", "fp32", dict(B=4, T=8193, D=256, with_h0=True, lookback=1)),
-            ("scan", "fp32", dict(B=2, T=4096, D=200, n_chunks=7, lookback=1)),
             ("scan", "bf16", dict(B=1, T=32768, D=64, with_h0=True)),
             ("scan", "fp16", dict(B=8, T=2048, D=512)),
             ("conv_gate", "bf16", dict(B=8, T=8192, D=256)),  # ionllama-small's local layers at seq 8192
