@@ -29,7 +29,7 @@ def _argv(tmp_path, pattern, *extra):
     return ["--arms", "dense,bpe", "--budget_s", "2", "--data_path", pattern, "--data_dir", str(tmp_path / "cache"),
             "--out", str(tmp_path / "res" / "phase1"), "--ckpt_dir", str(tmp_path / "ck"), "--seq_len", "64",
             "--batch_size", "4", "--curve_eval_bytes", "1500", "--curve_points", "2", "--device", "cpu",
-            "--no-compile", *TINY, *extra]
+            "--no-compile", "--also_eval_seq_len", "32", *TINY, *extra]
 
 
 def test_two_arm_matrix_writes_results_and_resumes(tmp_path, capsys, one_thread):
@@ -42,6 +42,10 @@ def test_two_arm_matrix_writes_results_and_resumes(tmp_path, capsys, one_thread)
         # the same val bytes for the byte model and the token model: every byte but the first
         assert f["val"]["bytes"] == val_bytes - 1
         assert 0 < f["val"]["bpb"] < 9
+        # --also_eval_seq_len 32: the same bytes again in half-length windows (tokens: 32 // 4)
+        alt = f["val@32"]
+        assert alt["bytes"] == f["val"]["bytes"] and alt["seq_len"] == (8 if arm == "bpe" else 32)
+        assert 0 < alt["bpb"] < 9 and alt["bpb"] != f["val"]["bpb"]
         t = f["train"]
         assert 2.0 <= t["train_time_s"] < 6.0 and t["steps"] >= 1 and t["train_flops"] > 0
         assert f["params"] > 0 and f["git"]["sha"] and f["date"].startswith("20") and f["device"]["name"]
@@ -55,7 +59,7 @@ def test_two_arm_matrix_writes_results_and_resumes(tmp_path, capsys, one_thread)
     assert finals["bpe"]["train"]["seq_len"] == 16 and finals["bpe"]["train"]["bytes_per_token"] > 1.2
     assert finals["bpe"]["bytes_per_patch"] == pytest.approx(finals["bpe"]["train"]["bytes_per_token"], rel=0.2)
     md = (res / "phase1.md").read_text()
-    assert "| dense |" in md and "| bpe |" in md and "Not yet run: mamba" in md
+    assert "| dense |" in md and "| bpe |" in md and "Not yet run: mamba" in md and "val@32 BPB" in md
     summary = json.loads((res / "phase1.json").read_text())
     assert set(summary["arms"]) == {"dense", "bpe"} and "ionllama" in summary["missing"]
     eq = summary["equal_flops"]  # the equal-compute view: both arms at the smaller arm's total FLOPs

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_data", action="append", default=None,
                    help="extra evaluation data (e.g. ../shared/data/wikipedia/wikipedia-val.jsonl.xz); repeatable")
     g.add_argument("--eval_batch_size", type=int, default=None)
+    g.add_argument("--also_eval_seq_len", type=int, default=None,
+                   help="final evaluation: also score val in windows of this many bytes (token arms: / "
+                        "token_seq_div), as 'val@N' (e.g. 1024 for arms trained with a longer --seq_len)")
     g = p.add_argument_group("training (same for every arm)")
     g.add_argument("--seq_len", type=int, default=1024, help="bytes per window (token arms: / token_seq_div)")
     g.add_argument("--batch_size", type=int, default=64)
