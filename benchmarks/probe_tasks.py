@@ -15,6 +15,7 @@ the same --out keeps the arms already finished with the same configuration.
 
 An arm is NAME[:key=value,...]: NAME one of ARMS below, then model overrides (as `ionllama experiment --override`).
 Writes OUT/probe.json (per arm: config, losses, seconds, results as `run_tasks` returns them) and OUT/probe.md.
+`--combine DIR ...` puts several seeds' folders side by side (per-seed accuracies and their mean).
 """
 from __future__ import annotations
 
@@ -93,6 +94,47 @@ def markdown(rows: dict, a) -> str:
     return "\n".join(lines) + "\n"
 
 
+def combine(dirs: list[str], out: Path) -> dict:
+    """Several seeds' probe.json (one folder each) -> per arm and cell the accuracy of every seed and their mean.
+    The intervals of a single run are evaluation noise only; how far one arm moves between seeds is what tells
+    whether a gap between arms is real."""
+    runs = []
+    for d in dirs:
+        p = Path(d) / "probe.json"
+        if not p.exists():
+            raise UserError(f"--combine: {p} not found; give folders written by this script's --out")
+        runs.append(json.loads(p.read_text()))
+    seeds = [r["meta"]["settings"]["seed"] for r in runs]
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"--combine: seeds {seeds} repeat; give one folder per seed")
+    tasks = runs[0]["meta"]["settings"]["tasks"]
+    digits = range(1, runs[0]["meta"]["settings"]["max_digits"] + 1)
+    cols = [(t, d) for t in tasks for d in (digits if t in T.ARITH_TASKS else [0])]
+    table = {}
+    for name in dict.fromkeys(n for r in runs for n in r["arms"]):  # first-seen order
+        per_seed = {}
+        for seed, r in zip(seeds, runs):
+            if name in r["arms"]:
+                per = r["arms"][name]["results"]["per_task"]
+                per_seed[seed] = [(per[t]["by_digits"][str(d)] if d else per[t])["accuracy"] for t, d in cols]
+        table[name] = {"seeds": per_seed, "mean": [float(np.mean([v[i] for v in per_seed.values()]))
+                                                    for i in range(len(cols))]}
+    head = ["arm", "seeds"] + [f"{t} {d}d" if d else t for t, d in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in table.items():
+        cells = [f"**{m:.3f}** ({', '.join(f'{v[i]:.2f}' for v in row['seeds'].values())})"
+                 for i, m in enumerate(row["mean"])]
+        lines.append(f"| {name} | {', '.join(map(str, row['seeds']))} | " + " | ".join(cells) + " |")
+    src = "\n".join(f"- seed {s}: `{d}` ({r['meta']['device']}, torch {r['meta']['torch']}, {r['meta']['date']}, "
+                    f"commit {r['meta']['commit']['sha'][:7]})" for s, d, r in zip(seeds, dirs, runs))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "combined.json").write_text(json.dumps({"dirs": dirs, "seeds": seeds, "columns": cols, "arms": table},
+                                                  indent=1))
+    (out / "combined.md").write_text(f"Mean over seeds (each seed's accuracy in brackets, in seed order):\n\n{src}"
+                                     "\n\n" + "\n".join(lines) + "\n")
+    return table
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arms", nargs="+", default=["dense", "ion_fixed3"])
@@ -107,12 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--combine", nargs="+", metavar="DIR", default=None,
+                    help="no training: combine the probe.json of these folders (one seed each) into "
+                         "OUT/combined.md and OUT/combined.json")
     return ap
 
 
 @cli_entry
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
+    if a.combine:
+        combine(a.combine, Path(a.out))
+        print((Path(a.out) / "combined.md").read_text(), end="")
+        return 0
     a.tasks = tuple(t for t in a.tasks.split(",") if t)
     for t in a.tasks:
         if t not in T.TASKS:

@@ -152,7 +152,21 @@ def test_probe_tasks_same_examples_for_every_arm_and_resumes(tmp_path, capsys):
     capsys.readouterr()
     assert probe.main(args) == 0
     assert capsys.readouterr().out.count("kept from") == 2
-    for bad in (["--arms", "bogus"], ["--tasks", "division"]):
+    # --combine: another seed's folder (here the same run relabelled seed 7, one accuracy changed) side by side
+    other = tmp_path / "seed7"
+    other.mkdir()
+    res["meta"]["settings"]["seed"] = 7
+    cell = res["arms"]["dense:d_model=32,n_layers=1,n_heads=2"]["results"]["per_task"]["add"]["by_digits"]["2"]
+    first = cell["accuracy"]
+    cell["accuracy"] = 1.0
+    (other / "probe.json").write_text(json.dumps(res))
+    assert probe.main(["--out", str(tmp_path / "both"), "--combine", str(tmp_path), str(other)]) == 0
+    both = json.loads((tmp_path / "both" / "combined.json").read_text())
+    row = both["arms"]["dense:d_model=32,n_layers=1,n_heads=2"]
+    i = both["columns"].index(["add", 2])
+    assert set(row["seeds"]) == {"0", "7"} and row["mean"][i] == pytest.approx((first + 1.0) / 2)
+    assert "| seeds |" in capsys.readouterr().out
+    for bad in (["--arms", "bogus"], ["--tasks", "division"], ["--combine", str(tmp_path), str(tmp_path)]):
         with pytest.raises(SystemExit) as e:
             probe.main(["--out", str(tmp_path / "x"), "--steps", "1", *bad])
         assert e.value.code == 2
