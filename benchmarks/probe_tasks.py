@@ -94,7 +94,7 @@ def markdown(rows: dict, a) -> str:
     return "\n".join(lines) + "\n"
 
 
-def combine(dirs: list[str], out: Path) -> dict:
+def combine(dirs: list[str], out: Path, command: str) -> dict:
     """Several seeds' probe.json (one folder each) -> per arm and cell the accuracy of every seed and their mean.
     The intervals of a single run are evaluation noise only; how far one arm moves between seeds is what tells
     whether a gap between arms is real."""
@@ -130,7 +130,8 @@ def combine(dirs: list[str], out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "combined.json").write_text(json.dumps({"dirs": dirs, "seeds": seeds, "columns": cols, "arms": table},
                                                   indent=1))
-    (out / "combined.md").write_text(f"Mean over seeds (each seed's accuracy in brackets, in seed order):\n\n{src}"
+    (out / "combined.md").write_text(f"`{command}`\n\nMean over seeds (each seed's accuracy in brackets, in seed order):"
+                                     f"\n\n{src}"
                                      "\n\n" + "\n".join(lines) + "\n")
     return table
 
@@ -155,11 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _command(argv) -> str:
+    return "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+
+
 @cli_entry
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     if a.combine:
-        combine(a.combine, Path(a.out))
+        combine(a.combine, Path(a.out), _command(argv))
         print((Path(a.out) / "combined.md").read_text(), end="")
         return 0
     a.tasks = tuple(t for t in a.tasks.split(",") if t)
@@ -180,7 +185,7 @@ def main(argv=None) -> int:
             continue
         print(f"[probe] {name}: {cfg}", flush=True)
         done[name] = train_arm(cfg, a, device)
-        meta = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        meta = {"command": _command(argv),
                 "device": torch.cuda.get_device_name() if device.type == "cuda" else
                 f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
                 "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "settings": {

@@ -166,6 +166,8 @@ def test_probe_tasks_same_examples_for_every_arm_and_resumes(tmp_path, capsys):
     i = both["columns"].index(["add", 2])
     assert set(row["seeds"]) == {"0", "7"} and row["mean"][i] == pytest.approx((first + 1.0) / 2)
     assert "| seeds |" in capsys.readouterr().out
+    assert (tmp_path / "both" / "combined.md").read_text().startswith("`python ") and "--combine" in \
+        (tmp_path / "both" / "combined.md").read_text().splitlines()[0]
     for bad in (["--arms", "bogus"], ["--tasks", "division"], ["--combine", str(tmp_path), str(tmp_path)]):
         with pytest.raises(SystemExit) as e:
             probe.main(["--out", str(tmp_path / "x"), "--steps", "1", *bad])
