@@ -130,9 +130,8 @@ def combine(dirs: list[str], out: Path, command: str) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "combined.json").write_text(json.dumps({"dirs": dirs, "seeds": seeds, "columns": cols, "arms": table},
                                                   indent=1))
-    (out / "combined.md").write_text(f"`{command}`\n\nMean over seeds (each seed's accuracy in brackets, in seed order):"
-                                     f"\n\n{src}"
-                                     "\n\n" + "\n".join(lines) + "\n")
+    (out / "combined.md").write_text(f"`{command}`\n\nMean over seeds (each seed's accuracy in brackets, in seed "
+                                     f"order):\n\n{src}\n\n" + "\n".join(lines) + "\n")
     return table
 
 

@@ -231,7 +231,6 @@ def _scan_bwd(DY, HOUT, LOG_A, H0, SUM, DU, DLA, DH0, T, D, L, n_chunks, sdb, sd
     _store_bwd_sums(DLA, DH0, b, c, tl.num_programs(0), n_chunks, dla, carry, la, cols, col_ok, D)
 
 
-# Defaults chosen from the H100 sweep in benchmarks/bench_scan.py (docs/notes/kernels-notes.md).
 # Defaults from the H100 sweep of 2026-11-25 (benchmarks/bench_scan.py --sweep; docs/notes/kernels-notes.md):
 # 32-step x 64-channel tiles, 2 warps, time split into chunks until batch x channel blocks x chunks >= 2048.
 _CONFIG = {"block_t": 32, "block_d": 64, "num_warps": 2, "n_chunks": 0, "min_programs": 2048,
