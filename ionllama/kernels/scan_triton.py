@@ -120,17 +120,6 @@ def _carry_in(SUM, b, c, n_chunks, la, cols, col_ok, L, D, REVERSE: tl.constexpr
 
 
 @triton.jit
-def _state_entering(SUM, H0, b, c, n_chunks, la, cols, col_ok, L, D, HAS_H0: tl.constexpr, MAX_CHUNKS: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
-    """Forward: the state entering chunk c, from the earlier chunks' summaries and h0 decayed over c * L steps."""
-    h = _carry_in(SUM, b, c, n_chunks, la, cols, col_ok, L, D, False, MAX_CHUNKS, BLOCK_D)
-    if HAS_H0:
-        h0 = tl.load(H0 + b * D + cols, mask=col_ok, other=0.0).to(tl.float32)
-        h += tl.exp((c * L).to(tl.float32) * la) * h0
-    return h
-
-
-@triton.jit
 def _fwd_chunk(U, HOUT, b, c, h, la, T, L, sub, sut, shb, sht, cols, col_ok,
                BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """Scan chunk c of row b from the state h entering it; writes h_t."""
@@ -165,7 +154,10 @@ def _scan_fwd(U, LOG_A, H0, SUM, HOUT, T, D, L, n_chunks, sub, sut, shb, sht,
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     cols, col_ok, la = _columns(tl.program_id(2), D, LOG_A, BLOCK_D, EVEN_D)
-    h = _state_entering(SUM, H0, b, c, n_chunks, la, cols, col_ok, L, D, HAS_H0, MAX_CHUNKS, BLOCK_D)
+    h = _carry_in(SUM, b, c, n_chunks, la, cols, col_ok, L, D, False, MAX_CHUNKS, BLOCK_D)
+    if HAS_H0:  # h0 decayed over the c * L steps before this chunk
+        h0 = tl.load(H0 + b * D + cols, mask=col_ok, other=0.0).to(tl.float32)
+        h += tl.exp((c * L).to(tl.float32) * la) * h0
     _fwd_chunk(U, HOUT, b, c, h, la, T, L, sub, sut, shb, sht, cols, col_ok, BLOCK_T, BLOCK_D)
 
 
