@@ -40,6 +40,10 @@ class ModelConfig:
     ngram_sizes: tuple = (2, 3, 4, 5)
     ngram_buckets: int = 16384
     pooling: str = "mean"  # mean | attention
+    # ionllama: std of the byte and n-gram embedding tables' init. 1.0 is nn.Embedding's own N(0, 1), what every
+    # run before the twentieth session used; then the byte path enters the decoder ~4.5x larger than the latent's
+    # output (rms 1.0 vs 0.22 at init). 0.02 is the GPT-2 init the dense and BPE models give their embeddings
+    embed_std: float = 1.0
     # ionllama: latent attention
     attention: str = "dilated"  # dilated | dense
     local_width: int = 3  # dilated offsets {0..local_width-1} U {powers of two}

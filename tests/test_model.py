@@ -53,6 +53,33 @@ def test_entropy_chunk_reaches_the_entropy_model_and_keeps_its_output():
         create_model("tiny", **SMALL, entropy_chunk=0)
 
 
+def test_embed_std_sets_the_byte_embeddings_init_and_keeps_the_default_stream():
+    """embed_std re-draws the byte and n-gram tables at that std and nothing else (same seed: every other weight
+    as with the default); the default 1.0 leaves nn.Embedding's N(0, 1) and the RNG stream as before the option;
+    the train CLI and --override pass it; <= 0 is refused in one line."""
+    from ionllama.experiment import parse_overrides
+    from ionllama.train.cli import build_train_parser
+
+    cfg = {**SMALL, "ngram_buckets": 4096}  # enough rows for a std estimate
+    torch.manual_seed(3)
+    small = create_model("tiny", **cfg, embed_std=0.02)
+    for t in [small.embed.bytes, *small.embed.tables]:
+        assert 0.018 < t.weight.std().item() < 0.022
+    torch.manual_seed(3)
+    default = create_model("tiny", **cfg)
+    for (name, a), b in zip(default.state_dict().items(), small.state_dict().values()):
+        assert torch.equal(a, b) != name.startswith("embed."), name
+    torch.manual_seed(3)
+    explicit = create_model("tiny", **cfg, embed_std=1.0)
+    assert 0.95 < default.embed.bytes.weight.std().item() < 1.05
+    for (name, a), b in zip(default.state_dict().items(), explicit.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert build_train_parser().parse_args(["--embed_std", "0.02"]).embed_std == 0.02
+    assert parse_overrides(["embed_std=0.02"])["embed_std"] == 0.02
+    with pytest.raises(UserError, match="embed_std must be > 0"):
+        create_model("tiny", **SMALL, embed_std=0.0)
+
+
 def test_ngram_buckets_size_the_hash_tables_and_reach_the_cli_and_experiment():
     """ngram_buckets (the n-gram hash tables' rows, one table per size) is a model option of its own: the train
     CLI and the experiment's --override pass it through; < 1 is refused in one line."""

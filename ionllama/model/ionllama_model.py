@@ -79,6 +79,9 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
         if cfg.entropy_chunk < 1:
             from ..errors import UserError
             raise UserError(f"entropy_chunk must be >= 1 (the entropy model's SSD chunk), got {cfg.entropy_chunk}")
+        if not cfg.embed_std > 0:
+            from ..errors import UserError
+            raise UserError(f"embed_std must be > 0 (the byte embeddings' init std), got {cfg.embed_std}")
         if cfg.ngram == "hash" and cfg.ngram_buckets < 1:
             from ..errors import UserError
             raise UserError(f"ngram_buckets must be >= 1 (hash buckets per n-gram size), got {cfg.ngram_buckets}")
@@ -105,6 +108,12 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
             init_weights(part, cfg.n_layers + cfg.n_enc_layers + cfg.n_dec_layers)
         for lin in (self.to_latent, self.from_latent, self.head):
             nn.init.normal_(lin.weight, 0.0, 0.02)
+        # last, so a seed gives every other weight as with the default; 1.0 keeps nn.Embedding's own init and
+        # the RNG stream of earlier runs
+        if cfg.embed_std != 1.0:
+            for table in self.embed.modules():
+                if isinstance(table, nn.Embedding):
+                    nn.init.normal_(table.weight, 0.0, cfg.embed_std)
         self._entropy_frozen = False
 
     # ----------------------------------------------------------------- training-phase protocol
