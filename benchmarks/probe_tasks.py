@@ -15,7 +15,8 @@ the same --out keeps the arms already finished with the same configuration.
 
 An arm is NAME[:key=value,...]: NAME one of ARMS below, then model overrides (as `ionllama experiment --override`).
 Writes OUT/probe.json (per arm: config, losses, seconds, results as `run_tasks` returns them) and OUT/probe.md.
-`--combine DIR ...` puts several seeds' folders side by side (per-seed accuracies and their mean).
+`--combine DIR ...` puts several folders side by side (per-seed accuracies and their mean; folders of one seed
+merge their arms).
 """
 from __future__ import annotations
 
@@ -94,28 +95,44 @@ def markdown(rows: dict, a) -> str:
     return "\n".join(lines) + "\n"
 
 
+# settings that must agree between folders for their accuracies to sit in one table (the seed may differ)
+_SAME_SETTINGS = ("tasks", "max_digits", "steps", "batch", "row_len", "lr", "n_test")
+
+
 def combine(dirs: list[str], out: Path, command: str) -> dict:
-    """Several seeds' probe.json (one folder each) -> per arm and cell the accuracy of every seed and their mean.
-    The intervals of a single run are evaluation noise only; how far one arm moves between seeds is what tells
-    whether a gap between arms is real."""
+    """Several probe folders -> per arm and cell the accuracy of every seed and their mean. Folders of one seed
+    merge (e.g. arms added later in their own folder); the same arm twice for one seed is refused, and so are
+    folders whose training or test settings differ. The intervals of a single run are evaluation noise only;
+    how far one arm moves between seeds is what tells whether a gap between arms is real."""
     runs = []
     for d in dirs:
         p = Path(d) / "probe.json"
         if not p.exists():
             raise UserError(f"--combine: {p} not found; give folders written by this script's --out")
         runs.append(json.loads(p.read_text()))
-    seeds = [r["meta"]["settings"]["seed"] for r in runs]
-    if len(set(seeds)) != len(seeds):
-        raise UserError(f"--combine: seeds {seeds} repeat; give one folder per seed")
-    tasks = runs[0]["meta"]["settings"]["tasks"]
-    digits = range(1, runs[0]["meta"]["settings"]["max_digits"] + 1)
+    first = runs[0]["meta"]["settings"]
+    for d, r in zip(dirs, runs):
+        diff = [k for k in _SAME_SETTINGS if r["meta"]["settings"].get(k) != first.get(k)]
+        if diff:
+            raise UserError(f"--combine: {d} differs from {dirs[0]} in {', '.join(diff)}; combine like runs only")
+    by_seed: dict[int, dict] = {}  # seed -> {arm: record}
+    for d, r in zip(dirs, runs):
+        arms = by_seed.setdefault(r["meta"]["settings"]["seed"], {})
+        twice = sorted(set(arms) & set(r["arms"]))
+        if twice:
+            raise UserError(f"--combine: arm {twice[0]} of seed {r['meta']['settings']['seed']} is in two folders "
+                            f"(the second: {d}); give each seed's arm once")
+        arms.update(r["arms"])
+    seeds = sorted(by_seed)
+    tasks = first["tasks"]
+    digits = range(1, first["max_digits"] + 1)
     cols = [(t, d) for t in tasks for d in (digits if t in T.ARITH_TASKS else [0])]
     table = {}
     for name in dict.fromkeys(n for r in runs for n in r["arms"]):  # first-seen order
         per_seed = {}
-        for seed, r in zip(seeds, runs):
-            if name in r["arms"]:
-                per = r["arms"][name]["results"]["per_task"]
+        for seed in seeds:
+            if name in by_seed[seed]:
+                per = by_seed[seed][name]["results"]["per_task"]
                 per_seed[seed] = [(per[t]["by_digits"][str(d)] if d else per[t])["accuracy"] for t, d in cols]
         table[name] = {"seeds": per_seed, "mean": [float(np.mean([v[i] for v in per_seed.values()]))
                                                     for i in range(len(cols))]}
@@ -125,8 +142,8 @@ def combine(dirs: list[str], out: Path, command: str) -> dict:
         cells = [f"**{m:.3f}** ({', '.join(f'{v[i]:.2f}' for v in row['seeds'].values())})"
                  for i, m in enumerate(row["mean"])]
         lines.append(f"| {name} | {', '.join(map(str, row['seeds']))} | " + " | ".join(cells) + " |")
-    src = "\n".join(f"- seed {s}: `{d}` ({r['meta']['device']}, torch {r['meta']['torch']}, {r['meta']['date']}, "
-                    f"commit {r['meta']['commit']['sha'][:7]})" for s, d, r in zip(seeds, dirs, runs))
+    src = "\n".join(f"- seed {r['meta']['settings']['seed']}: `{d}` ({r['meta']['device']}, torch {r['meta']['torch']}, "
+                    f"{r['meta']['date']}, commit {r['meta']['commit']['sha'][:7]})" for d, r in zip(dirs, runs))
     out.mkdir(parents=True, exist_ok=True)
     (out / "combined.json").write_text(json.dumps({"dirs": dirs, "seeds": seeds, "columns": cols, "arms": table},
                                                   indent=1))

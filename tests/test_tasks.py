@@ -168,7 +168,21 @@ def test_probe_tasks_same_examples_for_every_arm_and_resumes(tmp_path, capsys):
     assert "| seeds |" in capsys.readouterr().out
     assert (tmp_path / "both" / "combined.md").read_text().startswith("`python ") and "--combine" in \
         (tmp_path / "both" / "combined.md").read_text().splitlines()[0]
-    for bad in (["--arms", "bogus"], ["--tasks", "division"], ["--combine", str(tmp_path), str(tmp_path)]):
+    # a folder of seed 0 holding another arm merges into seed 0; the same arm twice for a seed, or a folder
+    # trained with other settings, is refused
+    extra, longer = tmp_path / "extra", tmp_path / "longer"
+    res["meta"]["settings"]["seed"] = 0
+    res["arms"] = {"dense:d_model=48": res["arms"]["dense:d_model=32,n_layers=1,n_heads=2"]}
+    extra.mkdir()
+    (extra / "probe.json").write_text(json.dumps(res))
+    assert probe.main(["--out", str(tmp_path / "three"), "--combine", str(tmp_path), str(other), str(extra)]) == 0
+    three = json.loads((tmp_path / "three" / "combined.json").read_text())
+    assert set(three["arms"]["dense:d_model=48"]["seeds"]) == {"0"} and three["seeds"] == [0, 7]
+    res["meta"]["settings"]["steps"] = 3
+    longer.mkdir()
+    (longer / "probe.json").write_text(json.dumps(res))
+    for bad in (["--arms", "bogus"], ["--tasks", "division"], ["--combine", str(tmp_path), str(tmp_path)],
+                ["--combine", str(other), str(longer)]):
         with pytest.raises(SystemExit) as e:
             probe.main(["--out", str(tmp_path / "x"), "--steps", "1", *bad])
         assert e.value.code == 2
