@@ -142,8 +142,8 @@ def combine(dirs: list[str], out: Path, command: str) -> dict:
         cells = [f"**{m:.3f}** ({', '.join(f'{v[i]:.2f}' for v in row['seeds'].values())})"
                  for i, m in enumerate(row["mean"])]
         lines.append(f"| {name} | {', '.join(map(str, row['seeds']))} | " + " | ".join(cells) + " |")
-    src = "\n".join(f"- seed {r['meta']['settings']['seed']}: `{d}` ({r['meta']['device']}, torch {r['meta']['torch']}, "
-                    f"{r['meta']['date']}, commit {r['meta']['commit']['sha'][:7]})" for d, r in zip(dirs, runs))
+    src = "\n".join(f"- seed {m['settings']['seed']}: `{d}` ({m['device']}, torch {m['torch']}, {m['date']}, "
+                    f"commit {m['commit']['sha'][:7]})" for d, m in zip(dirs, (r["meta"] for r in runs)))
     out.mkdir(parents=True, exist_ok=True)
     (out / "combined.json").write_text(json.dumps({"dirs": dirs, "seeds": seeds, "columns": cols, "arms": table},
                                                   indent=1))
