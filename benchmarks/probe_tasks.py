@@ -95,6 +95,14 @@ def markdown(rows: dict, a) -> str:
     return "\n".join(lines) + "\n"
 
 
+def runs_markdown(rows: dict) -> str:
+    """Which process trained each arm, for the arms that record it (written since the twentieth session)."""
+    lines = [f"- {name}: {r['run']['device']}, torch {r['run']['torch']}, {r['run']['date']}, commit "
+             f"{r['run']['commit']['sha'][:7]}{' (dirty tree)' if r['run']['commit'].get('dirty') else ''}"
+             for name, r in rows.items() if "run" in r]
+    return "\nTrained by:\n\n" + "\n".join(lines) + "\n" if lines else ""
+
+
 # settings that must agree between folders for their accuracies to sit in one table (the seed may differ)
 _SAME_SETTINGS = ("tasks", "max_digits", "steps", "batch", "row_len", "lr", "n_test")
 
@@ -195,22 +203,25 @@ def main(argv=None) -> int:
     path = out / "probe.json"
     done = json.loads(path.read_text())["arms"] if path.exists() else {}  # resume: finished arms are kept
     device = torch.device(a.device)
+    # what trained this invocation's arms, taken now: the code in memory is the tree at start, whatever is
+    # committed while the arms run (a rerun keeps earlier arms with their own record)
+    run = {"command": _command(argv),
+           "device": torch.cuda.get_device_name() if device.type == "cuda" else
+           f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "commit": git_commit()}
     for name, cfg in arms.items():
         if name in done and done[name]["config"] == cfg:
             print(f"[probe] {name}: kept from {path}", flush=True)
             continue
         print(f"[probe] {name}: {cfg}", flush=True)
-        done[name] = train_arm(cfg, a, device)
-        meta = {"command": _command(argv),
-                "device": torch.cuda.get_device_name() if device.type == "cuda" else
-                f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "settings": {
-                    k: v for k, v in vars(a).items() if k not in ("arms", "out")}}
+        done[name] = {**train_arm(cfg, a, device), "run": run}
+        meta = {**run, "settings": {k: v for k, v in vars(a).items() if k not in ("arms", "out")}}
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"meta": meta, "arms": done}, indent=1))
         tmp.replace(path)
         (out / "probe.md").write_text(f"`{meta['command']}`\n\ndevice: {meta['device']}, torch {meta['torch']}, "
-                                      f"{meta['date']}, commit {meta['commit']['sha']}\n\n" + markdown(done, a))
+                                      f"{meta['date']}, commit {meta['commit']['sha']}\n\n" + markdown(done, a)
+                                      + runs_markdown(done))
         print(markdown({name: done[name]}, a), flush=True)
     return 0
 

@@ -126,11 +126,14 @@ def _probe_module():
     return mod
 
 
-def test_probe_tasks_same_examples_for_every_arm_and_resumes(tmp_path, capsys):
+def test_probe_tasks_same_examples_for_every_arm_and_resumes(tmp_path, capsys, monkeypatch):
     """benchmarks/probe_tasks.py: every arm trains on the same examples (a function of seed and step only), only
-    the chosen tasks are drawn, results land per arm and digit count, a rerun keeps finished arms, and a bad arm
-    or task is a one-line exit 2."""
+    the chosen tasks are drawn, results land per arm and digit count with the commit the process started from
+    (not one taken later, when the tree may have moved on), a rerun keeps finished arms, and a bad arm or task is a
+    one-line exit 2."""
     probe = _probe_module()
+    commits = iter(f"sha{i}" for i in range(100))
+    monkeypatch.setattr(probe, "git_commit", lambda: {"sha": next(commits), "dirty": False})
     a, b = probe.step_examples(0, 5, 16, ("add",), 2), probe.step_examples(0, 5, 16, ("add",), 2)
     assert [e.prompt for e in a] == [e.prompt for e in b]
     assert {e.task for e in a} == {"add"} and max(e.digits for e in a) <= 2
@@ -147,6 +150,8 @@ def test_probe_tasks_same_examples_for_every_arm_and_resumes(tmp_path, capsys):
         assert set(per) == {"add", "reverse"} and set(per["add"]["by_digits"]) == {"1", "2"}
         assert per["reverse"]["n"] == 3 and r["losses"][-1]["step"] == 1
     assert res["arms"]["ion_fixed3:d_model=32,n_layers=1,n_heads=2,d_local=32"]["config"]["d_local"] == 32
+    assert [r["run"]["commit"]["sha"] for r in res["arms"].values()] == ["sha0", "sha0"]
+    assert res["meta"]["commit"]["sha"] == "sha0" and "Trained by:" in (tmp_path / "probe.md").read_text()
     md = (tmp_path / "probe.md").read_text()
     assert md.count("\n| ") == 3 and "add 2d" in md
     capsys.readouterr()
