@@ -137,26 +137,32 @@ def combine(dirs: list[str], out: Path, command: str) -> dict:
     cols = [(t, d) for t in tasks for d in (digits if t in T.ARITH_TASKS else [0])]
     table = {}
     for name in dict.fromkeys(n for r in runs for n in r["arms"]):  # first-seen order
-        per_seed = {}
+        per_seed, loss = {}, {}
         for seed in seeds:
             if name in by_seed[seed]:
                 per = by_seed[seed][name]["results"]["per_task"]
                 per_seed[seed] = [(per[t]["by_digits"][str(d)] if d else per[t])["accuracy"] for t, d in cols]
+                loss[seed] = by_seed[seed][name]["losses"][-1]["loss"]
+        # the last logged batch's loss on the answers: one batch, but it moves less between seeds than the
+        # accuracies, which jump when an arm learns the task
         table[name] = {"seeds": per_seed, "mean": [float(np.mean([v[i] for v in per_seed.values()]))
-                                                    for i in range(len(cols))]}
-    head = ["arm", "seeds"] + [f"{t} {d}d" if d else t for t, d in cols]
+                                                    for i in range(len(cols))],
+                       "last_loss": loss, "last_loss_mean": float(np.mean(list(loss.values())))}
+    head = ["arm", "seeds"] + [f"{t} {d}d" if d else t for t, d in cols] + ["last-batch loss"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in table.items():
         cells = [f"**{m:.3f}** ({', '.join(f'{v[i]:.2f}' for v in row['seeds'].values())})"
                  for i, m in enumerate(row["mean"])]
+        cells.append(f"**{row['last_loss_mean']:.3f}** ({', '.join(f'{v:.2f}' for v in row['last_loss'].values())})")
         lines.append(f"| {name} | {', '.join(map(str, row['seeds']))} | " + " | ".join(cells) + " |")
     src = "\n".join(f"- seed {m['settings']['seed']}: `{d}` ({m['device']}, torch {m['torch']}, {m['date']}, "
                     f"commit {m['commit']['sha'][:7]})" for d, m in zip(dirs, (r["meta"] for r in runs)))
     out.mkdir(parents=True, exist_ok=True)
     (out / "combined.json").write_text(json.dumps({"dirs": dirs, "seeds": seeds, "columns": cols, "arms": table},
                                                   indent=1))
-    (out / "combined.md").write_text(f"`{command}`\n\nMean over seeds (each seed's accuracy in brackets, in seed "
-                                     f"order):\n\n{src}\n\n" + "\n".join(lines) + "\n")
+    (out / "combined.md").write_text(f"`{command}`\n\nMean over seeds (each seed's value in brackets, in seed "
+                                     f"order): held-out accuracy, and the training loss (nats per answer byte) of "
+                                     f"the last logged batch:\n\n{src}\n\n" + "\n".join(lines) + "\n")
     return table
 
 

@@ -164,12 +164,15 @@ def test_probe_tasks_same_examples_for_every_arm_and_resumes(tmp_path, capsys, m
     cell = res["arms"]["dense:d_model=32,n_layers=1,n_heads=2"]["results"]["per_task"]["add"]["by_digits"]["2"]
     first = cell["accuracy"]
     cell["accuracy"] = 1.0
+    last = res["arms"]["dense:d_model=32,n_layers=1,n_heads=2"]["losses"][-1]
+    first_loss, last["loss"] = last["loss"], 0.5
     (other / "probe.json").write_text(json.dumps(res))
     assert probe.main(["--out", str(tmp_path / "both"), "--combine", str(tmp_path), str(other)]) == 0
     both = json.loads((tmp_path / "both" / "combined.json").read_text())
     row = both["arms"]["dense:d_model=32,n_layers=1,n_heads=2"]
     i = both["columns"].index(["add", 2])
     assert set(row["seeds"]) == {"0", "7"} and row["mean"][i] == pytest.approx((first + 1.0) / 2)
+    assert row["last_loss_mean"] == pytest.approx((first_loss + 0.5) / 2)
     assert "| seeds |" in capsys.readouterr().out
     assert (tmp_path / "both" / "combined.md").read_text().startswith("`python ") and "--combine" in \
         (tmp_path / "both" / "combined.md").read_text().splitlines()[0]
