@@ -215,13 +215,13 @@ def main(argv=None) -> int:
            "device": torch.cuda.get_device_name() if device.type == "cuda" else
            f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "commit": git_commit()}
+    meta = {**run, "settings": {k: v for k, v in vars(a).items() if k not in ("arms", "out")}}
     for name, cfg in arms.items():
         if name in done and done[name]["config"] == cfg:
             print(f"[probe] {name}: kept from {path}", flush=True)
             continue
         print(f"[probe] {name}: {cfg}", flush=True)
         done[name] = {**train_arm(cfg, a, device), "run": run}
-        meta = {**run, "settings": {k: v for k, v in vars(a).items() if k not in ("arms", "out")}}
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"meta": meta, "arms": done}, indent=1))
         tmp.replace(path)

@@ -301,12 +301,12 @@ class Runner:
         model.eval()
         _log(f"{run_name}: final evaluation on {len(val) - 1:,} val bytes")
         res = {"val": self._bpb(model, val, seq, device, amp, shard_tokens)}
-        alt = self.a.also_eval_seq_len
-        alt_seq = max(8, alt // spec.get("token_seq_div", 1)) if alt else seq
+        alt, div = self.a.also_eval_seq_len, spec.get("token_seq_div", 1)
+        alt_seq = max(8, alt // div) if alt else seq
         if alt_seq != seq:
             # the same val bytes in windows of another length: separates a longer-context model's gain from the
             # longer eval window it is scored with (each window starts from an empty context)
-            _log(f"{run_name}: val again in windows of {alt_seq} {'tokens' if spec.get('token_seq_div', 1) > 1 else 'bytes'}")
+            _log(f"{run_name}: val again in windows of {alt_seq} {'tokens' if div > 1 else 'bytes'}")
             res[f"val@{alt}"] = dict(self._bpb(model, val, alt_seq, device, amp, shard_tokens), seq_len=alt_seq)
         for name, path in self.eval_sets():
             data = self._byte_set(name, path, None)
