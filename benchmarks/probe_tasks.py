@@ -107,6 +107,20 @@ def runs_markdown(rows: dict) -> str:
 _SAME_SETTINGS = ("tasks", "max_digits", "steps", "batch", "row_len", "lr", "n_test")
 
 
+def _resumable(path: Path, a: argparse.Namespace) -> dict:
+    """The arms already in --out, if they were trained under this invocation's settings and seed: a folder of
+    2-digit arms must not take 3-digit ones into one table (and one seed's folder not another seed's)."""
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    mine = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(a).items()}
+    diff = [k for k in (*_SAME_SETTINGS, "seed") if old["meta"]["settings"].get(k) != mine.get(k)]
+    if diff:
+        raise UserError(f"--out {path.parent} holds arms trained with other {', '.join(diff)}; "
+                        "give a new --out folder (or the same settings to add arms)")
+    return old["arms"]
+
+
 def combine(dirs: list[str], out: Path, command: str) -> dict:
     """Several probe folders -> per arm and cell the accuracy of every seed and their mean. Folders of one seed
     merge (e.g. arms added later in their own folder); the same arm twice for one seed is refused, and so are
@@ -207,7 +221,7 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "probe.json"
-    done = json.loads(path.read_text())["arms"] if path.exists() else {}  # resume: finished arms are kept
+    done = _resumable(path, a)  # resume: finished arms of the same settings are kept
     device = torch.device(a.device)
     # what trained this invocation's arms, taken now: the code in memory is the tree at start, whatever is
     # committed while the arms run (a rerun keeps earlier arms with their own record)

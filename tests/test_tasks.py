@@ -157,6 +157,13 @@ def test_probe_tasks_same_examples_for_every_arm_and_resumes(tmp_path, capsys, m
     capsys.readouterr()
     assert probe.main(args) == 0
     assert capsys.readouterr().out.count("kept from") == 2
+    # the same folder under other settings or another seed is refused before anything trains or is rewritten
+    before = (tmp_path / "probe.json").read_text()
+    for other_setting in (["--max_digits", "3"], ["--seed", "1"]):
+        with pytest.raises(SystemExit) as e:
+            probe.main([*args, *other_setting])
+        assert e.value.code == 2 and "give a new --out" in capsys.readouterr().err
+    assert (tmp_path / "probe.json").read_text() == before
     # --combine: another seed's folder (here the same run relabelled seed 7, one accuracy changed) side by side
     other = tmp_path / "seed7"
     other.mkdir()
