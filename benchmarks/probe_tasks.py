@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
@@ -48,6 +49,9 @@ ARMS = {
     "ion_fixed3": dict(_ION, patching="fixed", fixed_patch_size=3),
     "ion_byte": dict(_ION, patching="byte"),
     "ion_space": dict(_ION, patching="space"),
+    # the tokenized baseline at the dense arm's size; its tokenizer is trained on this seed's training examples
+    # (vocab_size = the tokenizer's target size, override with bpe:vocab_size=N)
+    "bpe": dict(model="bpe", d_model=192, n_layers=6, n_heads=6, vocab_size=1024),
 }
 
 
@@ -65,9 +69,37 @@ def step_examples(seed: int, step: int, n: int, tasks: tuple[str, ...], max_digi
             for _ in range(n)]
 
 
+def probe_tokenizer(a, vocab_size: int):
+    """A byte-level BPE trained on exactly the examples this seed trains on, prompts and answers as separate
+    documents (the way `task_batch` encodes them): the tokenizer a BPE model of this task would have, with merges
+    such as whole 2- and 3-digit numbers when the vocabulary leaves room for them."""
+    from ionllama.data.bpe import train_tokenizer
+
+    docs = [d for step in range(a.steps) for e in step_examples(a.seed, step, a.batch, a.tasks, a.max_digits)
+            for d in (e.prompt, e.answer + b"\n")]
+    return train_tokenizer(docs, vocab_size)
+
+
+def tokenizer_record(bpe, a) -> dict:
+    """How the tokenizer cuts held-out prompts: the pieces of a few, and tokens per prompt byte over all."""
+    ex = [e for t in a.tasks for e in T.make_task_examples(t, "test", 8, seed=1234, max_digits=a.max_digits)]
+    ids = bpe.encode_docs([e.prompt for e in ex])
+    n_bytes = sum(len(e.prompt) for e in ex)
+    return {"vocab_size": bpe.vocab_size, "tokens_per_byte": round(sum(len(i) for i in ids) / n_bytes, 4),
+            "examples": [" | ".join(bpe.token_bytes[t].decode("utf-8", "replace") for t in i) for i in ids[:6]]}
+
+
 def train_arm(cfg: dict, a, device) -> dict:
     torch.manual_seed(a.seed)
-    model = create_model("tiny", **cfg).to(device)
+    extra = {}
+    if cfg["model"] == "bpe":
+        bpe = probe_tokenizer(a, cfg["vocab_size"])  # (draws no torch random numbers)
+        model = create_model("tiny", **{**cfg, "vocab_size": bpe.vocab_size}).to(device)
+        model.set_tokenizer(bpe)
+        extra["tokenizer"] = tokenizer_record(bpe, a)
+        print(f"  tokenizer: {extra['tokenizer']}", flush=True)
+    else:
+        model = create_model("tiny", **cfg).to(device)
     losses, train_s = train_on_tasks(
         model, device, None, a.steps, a.lr,
         lambda step: task_batch(model, step_examples(a.seed, step, a.batch, a.tasks, a.max_digits), a.row_len),
@@ -75,7 +107,9 @@ def train_arm(cfg: dict, a, device) -> dict:
     results = run_tasks(model, device, n=a.n_test, max_digits=a.max_digits, seed=1234, trained_on_tasks=True,
                         split="test", batch_size=32, tasks=a.tasks)
     return {"config": cfg, "params": sum(p.numel() for p in model.parameters()), "train_s": round(train_s, 1),
-            "losses": [{"step": r["step"], "loss": round(r["loss"], 4)} for r in losses], "results": results}
+            # loss in nats per answer *byte* for every arm (a BPE model's own loss is per token)
+            "losses": [{"step": r["step"], "loss": round(r["bpb"] * math.log(2), 4)} for r in losses],
+            "results": results, **extra}
 
 
 def markdown(rows: dict, a) -> str:

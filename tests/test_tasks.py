@@ -126,6 +126,26 @@ def _probe_module():
     return mod
 
 
+def test_probe_tasks_bpe_arm_tokenizes_its_own_training_examples(tmp_path, monkeypatch):
+    """The probe's BPE arm: a tokenizer trained on the seed's training examples (so held-out numbers come out in
+    learned multi-digit pieces), the model sized to the tokenizer's vocabulary, and its loss recorded per answer
+    byte like the byte arms' (its own loss is per token)."""
+    pytest.importorskip("tokenizers")
+    probe = _probe_module()
+    monkeypatch.setattr(probe, "git_commit", lambda: {"sha": "sha0", "dirty": False})
+    args = ["--out", str(tmp_path), "--steps", "30", "--batch", "8", "--n_test", "2", "--max_digits", "3",
+            "--arms", "bpe:d_model=32,n_layers=1,n_heads=2,vocab_size=300", "--device", "cpu"]
+    assert probe.main(args) == 0
+    arm = json.loads((tmp_path / "probe.json").read_text())["arms"]["bpe:d_model=32,n_layers=1,n_heads=2,vocab_size=300"]
+    tok = arm["tokenizer"]
+    assert 256 < tok["vocab_size"] <= 300 and 0.3 < tok["tokens_per_byte"] < 1.0
+    pieces = [p.strip() for ex in tok["examples"] for p in ex.split(" | ")]
+    assert any(len(p) >= 2 and p.isdigit() for p in pieces)  # merged digits: what a BPE model has to add with
+    emb = 32 * tok["vocab_size"]
+    assert arm["params"] >= emb and set(arm["results"]["per_task"]) == {"add"}
+    assert 0 < arm["losses"][-1]["loss"] < arm["losses"][0]["loss"] < 10  # nats per answer byte, learning
+
+
 def test_probe_tasks_same_examples_for_every_arm_and_resumes(tmp_path, capsys, monkeypatch):
     """benchmarks/probe_tasks.py: every arm trains on the same examples (a function of seed and step only), only
     the chosen tasks are drawn, results land per arm and digit count with the commit the process started from

@@ -59,7 +59,8 @@ def task_batch(model, examples, row_len_bytes: int):
 def train_on_tasks(model, device, amp, steps: int, lr: float, batch_of_step, log_every: int = 50,
                    on_log=None) -> tuple[list[dict], float]:
     """The task fine-tuning loop of every task arm: AdamW (wd 0.1), warmup 5 % then cosine to 10 %, clip 1.0;
-    batch_of_step(step) -> (x, y). Returns ([{step, loss}] every log_every steps and at the last, seconds)."""
+    batch_of_step(step) -> (x, y). Returns ([{step, loss, bpb}] every log_every steps and at the last, seconds);
+    bpb is per target byte, also for a token model (whose loss is per token)."""
     from ..train.optim import make_adamw
     from ..train.schedule import warmup_cosine
 
@@ -79,7 +80,7 @@ def train_on_tasks(model, device, amp, steps: int, lr: float, batch_of_step, log
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % log_every == 0 or step == steps - 1:
-            losses.append({"step": step, "loss": float(out["loss"].detach())})
+            losses.append({"step": step, "loss": float(out["loss"].detach()), "bpb": float(out["bpb"].detach())})
             if on_log:
                 on_log(losses[-1])
     return losses, time.perf_counter() - t0
