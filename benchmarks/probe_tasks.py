@@ -5,7 +5,8 @@ The Phase-1 task stage found ionLlama far behind the dense byte transformer and 
 models *from scratch* on task examples only (no pretraining, so no arm starts ahead), every arm on the same
 examples in the same order for the same steps, then scores greedy exact match on held-out operands per digit
 count. The arms differ in one knob at a time, so the gaps point at a component: the patch size, dilated vs dense
-latent attention, the local layers, the latent shift.
+latent attention, the local layers, the latent shift. The `bpe` arm is the tokenized baseline of question 4: the
+dense arm's transformer over a byte-level BPE trained on the seed's own training examples.
 
     PYTHONPATH=. python benchmarks/probe_tasks.py --out docs/results/probe-add \\
         --arms dense ion_fixed3 ion_fixed3:attention=dense ion_fixed3:local_layers=transformer ion_byte
