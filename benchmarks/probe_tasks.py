@@ -142,14 +142,19 @@ def runs_markdown(rows: dict) -> str:
 _SAME_SETTINGS = ("tasks", "max_digits", "steps", "batch", "row_len", "lr", "n_test")
 
 
+def _differing(settings: dict, other: dict, keys: tuple[str, ...] = _SAME_SETTINGS) -> list[str]:
+    """The keys in which two probe runs' settings differ (tuples compare as the lists JSON gives back)."""
+    norm = lambda d, k: list(d[k]) if isinstance(d.get(k), tuple) else d.get(k)  # noqa: E731
+    return [k for k in keys if norm(settings, k) != norm(other, k)]
+
+
 def _resumable(path: Path, a: argparse.Namespace) -> dict:
     """The arms already in --out, if they were trained under this invocation's settings and seed: a folder of
     2-digit arms must not take 3-digit ones into one table (and one seed's folder not another seed's)."""
     if not path.exists():
         return {}
     old = json.loads(path.read_text())
-    mine = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(a).items()}
-    diff = [k for k in (*_SAME_SETTINGS, "seed") if old["meta"]["settings"].get(k) != mine.get(k)]
+    diff = _differing(old["meta"]["settings"], vars(a), (*_SAME_SETTINGS, "seed"))
     if diff:
         raise UserError(f"--out {path.parent} holds arms trained with other {', '.join(diff)}; "
                         "give a new --out folder (or the same settings to add arms)")
@@ -169,7 +174,7 @@ def combine(dirs: list[str], out: Path, command: str) -> dict:
         runs.append(json.loads(p.read_text()))
     first = runs[0]["meta"]["settings"]
     for d, r in zip(dirs, runs):
-        diff = [k for k in _SAME_SETTINGS if r["meta"]["settings"].get(k) != first.get(k)]
+        diff = _differing(r["meta"]["settings"], first)
         if diff:
             raise UserError(f"--combine: {d} differs from {dirs[0]} in {', '.join(diff)}; combine like runs only")
     by_seed: dict[int, dict] = {}  # seed -> {arm: record}
