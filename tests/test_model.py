@@ -80,6 +80,37 @@ def test_embed_std_sets_the_byte_embeddings_init_and_keeps_the_default_stream():
         create_model("tiny", **SMALL, embed_std=0.0)
 
 
+@pytest.mark.parametrize("local_layers", ["integral", "transformer"])
+def test_dec_init_zero_starts_the_decoder_as_the_identity_and_lets_it_learn(local_layers):
+    """dec_init='zero' zeroes the decoder blocks' residual outputs and nothing else (same seed: every other weight
+    as with the default), so each decoder block maps its input to itself at init; one backward step gives those
+    zeroed weights a gradient (the branches can grow). Unknown values are refused in one line."""
+    from ionllama.experiment import parse_overrides
+    from ionllama.train.cli import build_train_parser
+
+    cfg = {**SMALL, "local_layers": local_layers}
+    torch.manual_seed(5)
+    zero = create_model("tiny", **cfg, dec_init="zero")
+    torch.manual_seed(5)
+    default = create_model("tiny", **cfg)
+    zeroed = [n for n, p in zero.named_parameters() if n.startswith("decoder.") and p.dim() > 1 and not p.any()]
+    assert len(zeroed) == 2 * len(zero.decoder), zeroed  # the state mix (or attention) and the FFN output
+    for (name, a), b in zip(default.state_dict().items(), zero.state_dict().values()):
+        assert torch.equal(a, b) != (name in zeroed), name
+    x = torch.randn(2, 24, zero.config.d_local)
+    for layer, ref in zip(zero.decoder, default.decoder):
+        assert torch.equal(layer(x), x)
+        assert not torch.allclose(ref(x), x)
+    ids = torch.randint(0, 256, (2, 24))
+    zero(ids, ids)["loss"].backward()
+    params = dict(zero.named_parameters())
+    assert all(params[n].grad is not None and params[n].grad.abs().sum() > 0 for n in zeroed)
+    assert build_train_parser().parse_args(["--dec_init", "zero"]).dec_init == "zero"
+    assert parse_overrides(["dec_init=zero"])["dec_init"] == "zero"
+    with pytest.raises(UserError, match="unknown dec_init 'small'"):
+        create_model("tiny", **SMALL, dec_init="small")
+
+
 def test_ngram_buckets_size_the_hash_tables_and_reach_the_cli_and_experiment():
     """ngram_buckets (the n-gram hash tables' rows, one table per size) is a model option of its own: the train
     CLI and the experiment's --override pass it through; < 1 is refused in one line."""

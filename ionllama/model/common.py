@@ -123,6 +123,20 @@ class TransformerBlock(nn.Module):
         return x + self.drop(self.ffn(self.norm2(x)))
 
 
+# the residual branches' last projections (attention, IntegralLNN state mix, FFN); not in_proj, which
+# init_weights' "proj.weight" also matches: zeroing both ends of a branch would leave it without gradient
+RESIDUAL_OUT = ("attn.proj.weight", "w_out.weight", "out_proj.weight")
+
+
+def zero_residual_branches(module: nn.Module) -> None:
+    """Zero every residual branch's last projection, so each pre-norm block starts as the identity. Gradients
+    still reach them (their input is not zero), so the branches grow from zero as training needs them."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith(RESIDUAL_OUT):
+                p.zero_()
+
+
 def init_weights(module: nn.Module, n_layers: int, std: float = 0.02) -> None:
     """GPT-2 style init: normal(0.02) everywhere, output projections scaled by 1/sqrt(2 * layers)."""
     for name, p in module.named_parameters():

@@ -20,7 +20,7 @@ import torch.nn as nn
 from ..config import LATENT_SHIFTS, ModelConfig
 from ..registry import register
 from .byte_embedding import ByteEmbedding
-from .common import RMSNorm, init_weights, swiglu_hidden
+from .common import RMSNorm, init_weights, swiglu_hidden, zero_residual_branches
 from .dense import GenerateMixin, ParamCountMixin, lm_outputs
 from .entropy_model import EntropyModel
 from .integral_lnn import IntegralLNNBlock
@@ -72,7 +72,8 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
                               ("local_layers", cfg.local_layers, ("integral", "transformer")),
                               ("ngram", cfg.ngram, ("hash", "conv", "none")),
                               ("pooling", cfg.pooling, ("mean", "attention")),
-                              ("latent_shift", cfg.latent_shift, LATENT_SHIFTS)]:
+                              ("latent_shift", cfg.latent_shift, LATENT_SHIFTS),
+                              ("dec_init", cfg.dec_init, ("default", "zero"))]:
             if val not in ok:
                 from ..errors import UserError
                 raise UserError(f"unknown {name} '{val}'; choose one of {', '.join(ok)}")
@@ -114,6 +115,8 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
             for table in self.embed.modules():
                 if isinstance(table, nn.Embedding):
                     nn.init.normal_(table.weight, 0.0, cfg.embed_std)
+        if cfg.dec_init == "zero":  # after every draw, so the other weights stay those of the default init
+            zero_residual_branches(self.decoder)
         self._entropy_frozen = False
 
     # ----------------------------------------------------------------- training-phase protocol
