@@ -44,8 +44,9 @@ class ModelConfig:
     # run before the twentieth session used; then the byte path enters the decoder ~4.5x larger than the latent's
     # output (rms 1.0 vs 0.22 at init). 0.02 is the GPT-2 init the dense and BPE models give their embeddings
     embed_std: float = 1.0
-    # ionllama: "zero" starts the decoder's residual branches (each block's out_proj and FFN output) at zero, so at
-    # init the decoder is the identity and the model predicts as one without decoder layers; "default" is GPT-2's
+    # ionllama: "zero" starts the decoder's residual branches (each block's state-mix or attention output and its
+    # FFN output) at zero, so at init the decoder is the identity and the model predicts as one without decoder
+    # layers; "default" is GPT-2's. It did not help addition from scratch (docs/results/probe-strip.md)
     dec_init: str = "default"
     # ionllama: latent attention
     attention: str = "dilated"  # dilated | dense

@@ -43,6 +43,10 @@ CONFIGS += [dict(patching="fixed", ngram_sizes=(3, 4, 5, 6, 7, 8), latent_shift=
 # latent_shift "lagged" (a patch's latent reaches the bytes two patches on): one row per patching mode, both attentions
 CONFIGS += [dict(patching=p, attention=a, latent_shift="lagged")
             for p, a in (("entropy", "dilated"), ("fixed", "dense"), ("space", "dilated"), ("byte", "dense"))]
+# no byte-level decoder layers (the head reads the encoder state plus the latent; the addition probe's arms), and
+# none around the latent at all
+CONFIGS += [dict(patching="fixed", n_dec_layers=0, latent_shift="completed"),
+            dict(patching="entropy", n_enc_layers=0, n_dec_layers=0)]
 
 ALPHABET = torch.tensor(list(b"abc de f\n.") + [200, 255])
 
@@ -54,7 +58,7 @@ def text_like(B, T, seed):
 
 def build(cfg, probe: torch.Tensor):
     torch.manual_seed(1)
-    m = create_model("tiny", **TINY, **cfg).eval()
+    m = create_model("tiny", **{**TINY, **cfg}).eval()
     with torch.no_grad():
         for lin in (m.head, m.from_latent):  # larger signals: the latent path visibly moves the logits
             lin.weight.mul_(30.0)
