@@ -393,6 +393,23 @@ def test_ngram_overrides_reach_the_trainer(tmp_path):
     assert (targs.ngram_sizes, targs.ngram_buckets) == ((3, 4, 5, 6, 7, 8), 1024)
 
 
+def test_weight_decay_override_reaches_the_trainer_and_is_absent_otherwise(tmp_path):
+    from ionllama.train.cli import build_train_parser
+
+    def trainer_args(*override):
+        r = Runner(build_parser().parse_args(["--out", str(tmp_path / "o"), "--ckpt_dir", str(tmp_path / "c"),
+                                              *override]), [])
+        return r.trainer_argv("x", r.spec_of("ionllama_fixed", None), 60.0)
+
+    argv = trainer_args("--override", "dropout=0.1,weight_decay=0.2")
+    assert build_train_parser().parse_args(argv).weight_decay == 0.2
+    plain = trainer_args()
+    assert "--weight_decay" not in plain  # earlier rows' commands stay as they were
+    assert build_train_parser().parse_args(plain).weight_decay == 0.1
+    with pytest.raises(UserError, match="unknown key 'wd'"):
+        trainer_args("--override", "wd=0.2")
+
+
 def test_an_arm_that_would_overrun_the_deadline_is_cut_short_with_its_row_kept(tmp_path, monkeypatch, one_thread,
                                                                                  capsys):
     """An arm that started but runs late (more warm-up than --arm_overhead_s allowed) stops training early

@@ -103,6 +103,10 @@ def variant_spec(spec: dict, variant: str) -> dict:
     return out
 
 
+# --override keys beyond the model options: the optimiser's, and the runner's own per-arm settings
+RUN_KEYS = ("lr", "weight_decay", "size", "entropy_frac", "joint_frac", "token_seq_div")
+
+
 def parse_overrides(items: list[str] | None) -> dict:
     """--override d_model=64 --override lr=3e-3 -> typed values for every arm (tests, quick checks)."""
     out = {}
@@ -111,9 +115,8 @@ def parse_overrides(items: list[str] | None) -> dict:
             if "=" not in part:
                 raise UserError(f"--override '{part}' is not KEY=VALUE; e.g. --override d_model=64")
             k, v = part.split("=", 1)
-            if k not in MODEL_KEYS + ("lr", "size", "entropy_frac", "joint_frac", "token_seq_div"):
-                raise UserError(f"--override: unknown key '{k}'; valid: {', '.join(MODEL_KEYS)}, lr, size, "
-                                "entropy_frac, joint_frac")
+            if k not in MODEL_KEYS + RUN_KEYS:
+                raise UserError(f"--override: unknown key '{k}'; valid: {', '.join(MODEL_KEYS + RUN_KEYS)}")
             if k == "ngram_sizes":  # "3-8" or "2+3+5" -> a tuple
                 out[k] = parse_ngram_sizes(v)
                 continue

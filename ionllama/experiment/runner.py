@@ -158,6 +158,8 @@ class Runner:
                  "--max_train_time", str(budget_s), "--eval_interval", str(NEVER), "--save_interval", str(NEVER),
                  "--log_interval", str(a.log_interval), "--save_dir", str(self.ckpt_dir), "--run_name", run_name,
                  "--resume", "auto", "--sample_bytes", "0", "--seed", str(a.seed), "--device", a.device]
+        if "weight_decay" in spec:  # only when overridden: every earlier row ran at the trainer's default
+            argv += ["--weight_decay", str(spec["weight_decay"])]
         if a.curve_eval_bytes:
             argv += ["--eval_bytes", str(a.curve_eval_bytes)]
         if a.eval_batch_size:
