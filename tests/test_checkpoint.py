@@ -83,10 +83,6 @@ def test_rng_state_round_trip():
 
 
 def test_rng_state_survives_weights_only_loading(tmp_path):
-    import random
-
-    import numpy as np
-
     def draws():
         return random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()
 
