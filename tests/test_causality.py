@@ -29,6 +29,8 @@ CONFIGS += [dict(patching="entropy", threshold_mode="monotonic", latent_shift="c
             dict(patching="fixed", local_layers="transformer", latent_shift="completed")]
 # latent_shift "lagged" (patch p's latent reaches patch p+2): every patching mode, dilated attention
 CONFIGS += [dict(patching=p, latent_shift="lagged") for p in ["entropy", "fixed", "space", "byte"]]
+# a wider dense window in front of the powers of two (the best 7-minute row's settings otherwise)
+CONFIGS += [dict(patching="fixed", fixed_patch_size=3, pooling="attention", latent_shift="completed", local_width=6)]
 
 
 def _model(cfg, train_mode):

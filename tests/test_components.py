@@ -157,6 +157,22 @@ def test_dilated_offsets_are_logarithmic():
     assert len(dilated_offsets(1 << 17)) == 3 + 16 - 1
 
 
+def test_local_width_widens_the_dense_window_and_reaches_the_model_and_the_trainer():
+    from ionllama import create_model
+    from ionllama.errors import UserError
+    from ionllama.experiment import parse_overrides
+    from ionllama.train.cli import build_train_parser
+    assert dilated_offsets(100, 16) == list(range(16)) + [16, 32, 64]
+    assert dilated_offsets(10, 16) == list(range(10))  # window wider than the sequence: dense
+    kw = dict(d_model=32, n_layers=1, n_heads=2, d_local=16, n_enc_layers=1, n_dec_layers=1, ngram_buckets=16)
+    m = create_model("tiny", **kw, local_width=16)
+    assert m.latent.local_width == 16 and create_model("tiny", **kw).latent.local_width == 3
+    assert parse_overrides(["local_width=16"]) == {"local_width": 16}
+    assert build_train_parser().parse_args(["--local_width", "8"]).local_width == 8
+    with pytest.raises(UserError, match="local_width must be >= 1"):
+        create_model("tiny", **kw, local_width=0)
+
+
 @pytest.mark.parametrize("T,W", [(37, 5), (8, 8), (64, 16), (3, 16)])
 def test_local_window_attention_matches_masked_dense(T, W):
     q, k, v = torch.randn(3, 2, 2, T, 8, dtype=f64).unbind(0)

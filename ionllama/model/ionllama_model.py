@@ -80,6 +80,10 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
         if cfg.entropy_chunk < 1:
             from ..errors import UserError
             raise UserError(f"entropy_chunk must be >= 1 (the entropy model's SSD chunk), got {cfg.entropy_chunk}")
+        if cfg.local_width < 1:  # offset 0 (a patch attending to itself) is what local_width >= 1 guarantees
+            from ..errors import UserError
+            raise UserError(f"local_width must be >= 1 (dilated attention's dense offsets 0..local_width-1), "
+                            f"got {cfg.local_width}")
         if not cfg.embed_std > 0:
             from ..errors import UserError
             raise UserError(f"embed_std must be > 0 (the byte embeddings' init std), got {cfg.embed_std}")

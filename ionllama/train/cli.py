@@ -20,7 +20,7 @@ MODEL_OVERRIDES = {
     "target_patch_size": float, "ngram": str, "pooling": str, "d_model": int, "n_layers": int, "n_heads": int,
     "d_local": int, "n_enc_layers": int, "n_dec_layers": int, "vocab_size": int, "latent_shift": str,
     "dropout": float, "local_dropout": float, "fixed_patch_size": int, "entropy_chunk": int, "ngram_buckets": int,
-    "ngram_sizes": parse_ngram_sizes, "embed_std": float, "dec_init": str,
+    "ngram_sizes": parse_ngram_sizes, "embed_std": float, "dec_init": str, "local_width": int,
 }
 
 
