@@ -131,6 +131,8 @@ def test_decode_levers_unknown_step_is_refused(tmp_path):
 
 # the runbook's next Phase-1 rows (docs/notes/gpu-runbook.md: the plan's calls 2 and 3, orders 3, 3e)
 SWEPT = "--from_sweep --step_graph --sweep_dir docs/results/phase1-sweep/sweep"
+# the best row's overrides (phase1-poolattn.md); the Q2 / Q3 rows add one key to them
+BEST = "latent_shift=completed,dropout=0.1,fixed_patch_size=3,pooling=attention"
 PLANNED = {
     "bpe seed 1": dict(GPU0="bpe", OVERHEAD="140", EXTRA=f"--seed 1 {SWEPT} --override dropout=0.1"),
     "entropy patching, stage A compiled, no joint phase": dict(
@@ -140,6 +142,12 @@ PLANNED = {
                                   EXTRA=f"--seed 1 {SWEPT} --override latent_shift=completed,dropout=0.1,fixed_patch_size=3"),
     "attention pooling": dict(GPU0="ionllama_fixed",
                               EXTRA=f"{SWEPT} --override latent_shift=completed,dropout=0.1,pooling=attention"),
+    # the twenty-fourth session's plan: the dense row with weight decay 0.2, a wider dilated window, 8K windows
+    "dense row, weight decay 0.2": dict(GPU0="ionllama_fixed", OVERHEAD="110", EXTRA=f"{SWEPT} --override {BEST},"
+                                        "attention=dense,weight_decay=0.2"),
+    "dilated local_width 16": dict(GPU0="ionllama_fixed", OVERHEAD="110", EXTRA=f"{SWEPT} --override {BEST},local_width=16"),
+    "8K windows, dense": dict(GPU0="ionllama_fixed", OVERHEAD="110", EXTRA=f"{SWEPT} --seq_len 8192 --batch_size 8 "
+                              f"--also_eval_seq_len 1024 --override {BEST},attention=dense"),
     "tasks 3-byte patches": dict(GPU0="ionllama_fixed", BUDGET="75", TASKS="1",
                                  EXTRA="--seed 1 --task_steps 3000 --task_lr 1e-3 --task_n 200 --from_sweep --sweep_dir "
                                        "docs/results/phase1-sweep/sweep --override latent_shift=completed,fixed_patch_size=3"),
@@ -155,6 +163,7 @@ def test_planned_phase1_rows_parse(tmp_path, row):
     parser, and its overrides by parse_overrides and the model config."""
     from ionllama import create_model
     from ionllama.experiment import build_parser, parse_overrides
+    from ionllama.experiment.matrix import RUN_KEYS
 
     r, calls = _run_script(tmp_path, "gpu_phase1_parallel.sh", **{"T": "590", "BUDGET": "420", "RES": str(tmp_path / "res"),
                                                                    **PLANNED[row]})
@@ -163,7 +172,7 @@ def test_planned_phase1_rows_parse(tmp_path, row):
     for argv in calls:
         a = build_parser().parse_args(argv[3:])
         overrides = parse_overrides(a.override)
-        model_keys = {k: v for k, v in overrides.items() if k not in ("lr", "size", "entropy_frac", "joint_frac")}
+        model_keys = {k: v for k, v in overrides.items() if k not in RUN_KEYS}
         create_model("tiny", **model_keys)  # a bad value (e.g. a latent_shift) is refused here
 
 
@@ -216,3 +225,39 @@ def test_profile_breakdown_tells_our_kernels_from_inductors():
     assert group("triton_poi_fused__unsafe_view_mul_silu_split_29") == "inductor (triton_*)"
     assert group("nvjet_sm90_tst_128x192_64x5_2x1_v_bz_coopB_NNN") == "matmul"
     assert group("_not_a_kernel_of_ours") == "other"
+
+
+def test_device_slim_untracks_the_largest_results_and_puts_them_back(tmp_path):
+    """scripts/device_slim.sh in a scratch repo: `on` drops the largest result folders from the index (never
+    phase1-sweep), keeps their files on disk, and blocks commits; `off` restores the index and commits work again."""
+    repo = tmp_path / "repo"
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    sizes = {"big": 3 << 20, "mid": 2 << 20, "small": 1 << 10, "phase1-sweep": 5 << 20}
+    for name, n in sizes.items():
+        (repo / "docs" / "results" / name).mkdir(parents=True)
+        (repo / "docs" / "results" / name / "metrics.bin").write_bytes(os.urandom(n))
+    (repo / "scripts").mkdir()
+    (repo / "scripts" / "device_slim.sh").write_bytes((REPO / "scripts" / "device_slim.sh").read_bytes())
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-qm", "init"], check=True)
+
+    def run(*args):
+        return subprocess.run(["bash", "scripts/device_slim.sh", *args], cwd=repo, capture_output=True, text=True)
+
+    def tracked():
+        out = subprocess.run(git + ["ls-files"], capture_output=True, text=True, check=True).stdout
+        return {p.split("/")[2] for p in out.split() if p.startswith("docs/results/")}
+
+    assert run("on", "4").returncode == 0
+    assert tracked() == {"small", "phase1-sweep"}  # big (3 MiB) + mid (2 MiB) free >= 4 MiB; the sweep stays
+    assert (repo / "docs" / "results" / "big" / "metrics.bin").stat().st_size == sizes["big"]  # still on disk
+    assert subprocess.run(git + ["status", "--short", "--untracked-files=all"], capture_output=True,
+                          text=True).stdout.count("??") == 0  # ignored, not shown as new files
+    assert run("on").returncode == 2  # twice is refused
+    blocked = subprocess.run(git + ["commit", "-qm", "x", "--allow-empty"], capture_output=True, text=True)
+    assert blocked.returncode != 0 and "device_slim is on" in blocked.stderr
+    assert run("off").returncode == 0
+    assert tracked() == set(sizes)
+    assert subprocess.run(git + ["status", "--short"], capture_output=True, text=True).stdout == ""
+    assert subprocess.run(git + ["commit", "-qm", "after", "--allow-empty"]).returncode == 0
