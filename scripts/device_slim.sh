@@ -25,8 +25,8 @@ case "${1:-status}" in
     grep -q ionllama-slim "$hook" 2>/dev/null || {
       [ -e "$hook" ] || echo '#!/bin/sh' > "$hook"
       # an if, not `[ -e ] && ...`: the hook's status is its last command's, which must be 0 when off
-      echo "if [ -e \"$list\" ]; then echo 'device_slim is on: run bash scripts/device_slim.sh off first' >&2; exit 1; fi" \
-        >> "$hook"
+      msg="device_slim is on: run bash scripts/device_slim.sh off first"
+      echo "if [ -e \"$list\" ]; then echo '$msg' >&2; exit 1; fi" >> "$hook"
       chmod +x "$hook"; }
     echo "untracked in the index: $(wc -l < "$list") result folders; tracked now $(tracked_mib) MiB" ;;
   off)

@@ -145,7 +145,8 @@ PLANNED = {
     # the twenty-fourth session's plan: the dense row with weight decay 0.2, a wider dilated window, 8K windows
     "dense row, weight decay 0.2": dict(GPU0="ionllama_fixed", OVERHEAD="110", EXTRA=f"{SWEPT} --override {BEST},"
                                         "attention=dense,weight_decay=0.2"),
-    "dilated local_width 16": dict(GPU0="ionllama_fixed", OVERHEAD="110", EXTRA=f"{SWEPT} --override {BEST},local_width=16"),
+    "dilated local_width 16": dict(GPU0="ionllama_fixed", OVERHEAD="110",
+                                   EXTRA=f"{SWEPT} --override {BEST},local_width=16"),
     "8K windows, dense": dict(GPU0="ionllama_fixed", OVERHEAD="110", EXTRA=f"{SWEPT} --seq_len 8192 --batch_size 8 "
                               f"--also_eval_seq_len 1024 --override {BEST},attention=dense"),
     "tasks 3-byte patches": dict(GPU0="ionllama_fixed", BUDGET="75", TASKS="1",
