@@ -122,3 +122,18 @@ def test_parameter_table_lists_every_model_and_size(capsys):
     row = [line for line in out.split("### dense")[1].splitlines() if line.startswith("| tiny |")][0]
     assert f"{n:,}" in row
     assert out.count("| xl |") == len(model_names())
+
+
+def test_every_train_command_in_the_readme_parses():
+    """The README's `python train_cloud.py ...` commands (the GPU recipe, the best measured setting) are accepted
+    by the trainer's parser, so a renamed flag cannot leave a documented command broken."""
+    import pathlib
+    import re
+    import shlex
+
+    from ionllama.train.cli import build_train_parser
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    cmds = [c.replace("\\\n", " ") for c in re.findall(r"^python train_cloud\.py (?:.*\\\n)*.*$", text, re.M)]
+    assert len(cmds) >= 5, cmds  # the plan's three, the local-data one, the best setting
+    for cmd in cmds:
+        build_train_parser().parse_args(shlex.split(cmd)[2:])  # a bad flag exits 2 (SystemExit fails the test)
