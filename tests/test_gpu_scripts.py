@@ -147,6 +147,8 @@ PLANNED = {
                                         "attention=dense,weight_decay=0.2"),
     "dilated local_width 16": dict(GPU0="ionllama_fixed", OVERHEAD="110",
                                    EXTRA=f"{SWEPT} --override {BEST},local_width=16"),
+    "2K windows, dense": dict(GPU0="ionllama_fixed", OVERHEAD="110", EXTRA=f"{SWEPT} --seq_len 2048 --batch_size 32 "
+                              f"--also_eval_seq_len 1024 --override {BEST},attention=dense"),
     "8K windows, dense": dict(GPU0="ionllama_fixed", OVERHEAD="110", EXTRA=f"{SWEPT} --seq_len 8192 --batch_size 8 "
                               f"--also_eval_seq_len 1024 --override {BEST},attention=dense"),
     "tasks 3-byte patches": dict(GPU0="ionllama_fixed", BUDGET="75", TASKS="1",
