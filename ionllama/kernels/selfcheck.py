@@ -679,6 +679,7 @@ def cases(large: bool) -> list[tuple]:
         ("attention", "fp32", dict(B=1, H=2, N=29, Dh=48, store_ds=False, segments=True)),
         ("attention", "bf16", dict(B=2, H=2, N=53, Dh=64, segments=True, prefetch=False)),
         ("attention", "fp16", dict(B=1, H=1, N=40, Dh=32)),
+        ("attention", "fp32", dict(B=1, H=2, N=45, Dh=32, local_width=16, segments=True)),  # 18 offsets
         ("scan", "fp32", dict(B=2, T=45, D=24, n_chunks=1)),
         ("scan", "fp32", dict(B=2, T=131, D=16, with_h0=True, n_chunks=3)),
         ("scan", "bf16", dict(B=2, T=77, D=32, with_h0=True)),
