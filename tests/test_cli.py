@@ -59,6 +59,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, corpus, capsys):
         (["--model", "ionllama", "--compile", "--compile_mode", "reduce-overhead"],
          "--compile_mode reduce-overhead does not work with --model ionllama"),
         (["--step_graph"], "--step_graph needs a CUDA device"),
+        (["--min_lr_ratio", "1.5"], "--min_lr_ratio 1.5 is not in [0, 1]"),
     ]
     for extra, pattern in cases:
         argv = args(tmp_path, corpus)

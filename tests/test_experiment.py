@@ -393,7 +393,7 @@ def test_ngram_overrides_reach_the_trainer(tmp_path):
     assert (targs.ngram_sizes, targs.ngram_buckets) == ((3, 4, 5, 6, 7, 8), 1024)
 
 
-def test_weight_decay_override_reaches_the_trainer_and_is_absent_otherwise(tmp_path):
+def test_weight_decay_and_min_lr_ratio_overrides_reach_the_trainer_and_are_absent_otherwise(tmp_path):
     from ionllama.train.cli import build_train_parser
 
     def trainer_args(*override):
@@ -401,11 +401,13 @@ def test_weight_decay_override_reaches_the_trainer_and_is_absent_otherwise(tmp_p
                                               *override]), [])
         return r.trainer_argv("x", r.spec_of("ionllama_fixed", None), 60.0)
 
-    argv = trainer_args("--override", "dropout=0.1,weight_decay=0.2")
-    assert build_train_parser().parse_args(argv).weight_decay == 0.2
+    argv = trainer_args("--override", "dropout=0.1,weight_decay=0.2,min_lr_ratio=0")
+    targs = build_train_parser().parse_args(argv)
+    assert (targs.weight_decay, targs.min_lr_ratio) == (0.2, 0.0)
     plain = trainer_args()
-    assert "--weight_decay" not in plain  # earlier rows' commands stay as they were
-    assert build_train_parser().parse_args(plain).weight_decay == 0.1
+    assert "--weight_decay" not in plain and "--min_lr_ratio" not in plain  # earlier rows' commands stay as they were
+    assert (build_train_parser().parse_args(plain).weight_decay, build_train_parser().parse_args(plain).min_lr_ratio) \
+        == (0.1, 0.1)
     with pytest.raises(UserError, match="unknown key 'wd'"):
         trainer_args("--override", "wd=0.2")
 

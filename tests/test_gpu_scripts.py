@@ -145,6 +145,8 @@ PLANNED = {
     # the twenty-fourth session's plan: the dense row with weight decay 0.2, a wider dilated window, 8K windows
     "dense row, weight decay 0.2": dict(GPU0="ionllama_fixed", OVERHEAD="110", EXTRA=f"{SWEPT} --override {BEST},"
                                         "attention=dense,weight_decay=0.2"),
+    "dense row, cosine to zero": dict(GPU0="ionllama_fixed", OVERHEAD="110", EXTRA=f"{SWEPT} --override {BEST},"
+                                      "attention=dense,min_lr_ratio=0"),
     "dilated local_width 16": dict(GPU0="ionllama_fixed", OVERHEAD="110",
                                    EXTRA=f"{SWEPT} --override {BEST},local_width=16"),
     "2K windows, dense": dict(GPU0="ionllama_fixed", OVERHEAD="110", EXTRA=f"{SWEPT} --seq_len 2048 --batch_size 32 "

@@ -102,6 +102,18 @@ def test_resume_from_path_takes_the_checkpoint_settings(tmp_path, corpus):
     assert ck["step"] == 12 and ck["train_args"]["batch_size"] == 2 and ck["model_config"]["d_model"] == 32
 
 
+def test_min_lr_ratio_sets_where_the_cosine_ends(tmp_path, corpus):
+    """--min_lr_ratio 0 decays the learning rate to zero at the last step; the default ends at 10 %."""
+    def lrs(run):
+        return [r["lr"] for r in read_metrics(run / "metrics.jsonl") if "lr" in r]
+
+    zero = lrs(train(tmp_path, corpus, "--max_steps", "6", "--min_lr_ratio", "0", run_name="zero"))
+    default = lrs(train(tmp_path, corpus, "--max_steps", "6", run_name="default"))
+    assert zero[-1] == pytest.approx(0.0, abs=1e-12) and default[-1] == pytest.approx(3e-4)
+    assert zero[1] == default[1] == pytest.approx(3e-3)  # the warmup's end: the peak either way
+    assert len(zero) == 6 and all(z < d for z, d in zip(zero[3:], default[3:]))  # below the default after the peak
+
+
 def test_gradient_accumulation_matches_a_larger_batch(tmp_path, corpus):
     big = train(tmp_path, corpus, "--max_steps", "5", "--batch_size", "8", run_name="big")
     acc = train(tmp_path, corpus, "--max_steps", "5", "--batch_size", "4", "--grad_accum", "2", run_name="acc")

@@ -104,7 +104,7 @@ def variant_spec(spec: dict, variant: str) -> dict:
 
 
 # --override keys beyond the model options: the optimiser's, and the runner's own per-arm settings
-RUN_KEYS = ("lr", "weight_decay", "size", "entropy_frac", "joint_frac", "token_seq_div")
+RUN_KEYS = ("lr", "weight_decay", "min_lr_ratio", "size", "entropy_frac", "joint_frac", "token_seq_div")
 
 
 def parse_overrides(items: list[str] | None) -> dict:

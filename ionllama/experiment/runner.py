@@ -158,8 +158,9 @@ class Runner:
                  "--max_train_time", str(budget_s), "--eval_interval", str(NEVER), "--save_interval", str(NEVER),
                  "--log_interval", str(a.log_interval), "--save_dir", str(self.ckpt_dir), "--run_name", run_name,
                  "--resume", "auto", "--sample_bytes", "0", "--seed", str(a.seed), "--device", a.device]
-        if "weight_decay" in spec:  # only when overridden: every earlier row ran at the trainer's default
-            argv += ["--weight_decay", str(spec["weight_decay"])]
+        for k in ("weight_decay", "min_lr_ratio"):  # only when overridden: earlier rows ran at the trainer's default
+            if k in spec:
+                argv += [f"--{k}", str(spec[k])]
         if a.curve_eval_bytes:
             argv += ["--eval_bytes", str(a.curve_eval_bytes)]
         if a.eval_batch_size:
@@ -337,7 +338,8 @@ class Runner:
                       "epochs": bytes_seen / max(train_bytes, 1), "train_flops": flops,
                       "seq_len": seq, "batch_size": self.a.batch_size * self.a.grad_accum,
                       "seq_len_unit": "tokens" if spec["model"] == "bpe" else "bytes", "bytes_per_token": bpt,
-                      "schedule": f"time-based: warmup {WARMUP_FRAC:.0%}, cosine to 10% over the budget"
+                      "schedule": f"time-based: warmup {WARMUP_FRAC:.0%}, cosine to "
+                                  f"{float(spec.get('min_lr_ratio', 0.1)):.0%} over the budget"
                                   + (f", entropy model first {spec.get('entropy_frac', 0.06):.0%}, joint last "
                                      f"{self.joint_frac(spec):.0%}" if spec["model"] == "ionllama" and
                                      spec.get("patching", "entropy") == "entropy" else "")},

@@ -289,9 +289,12 @@ class Trainer:
         E = (args.entropy_steps if args.entropy_steps is not None else args.max_steps // 3) if has_entropy else 0
         J = (args.joint_steps if args.joint_steps is not None else args.max_steps // 10) if has_entropy else 0
         warmup = args.warmup_steps if args.warmup_steps is not None else max(1, min(1000, args.max_steps // 10))
+        min_lr_ratio = getattr(args, "min_lr_ratio", 0.1)  # (a run saved before the flag existed: its value)
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise UserError(f"--min_lr_ratio {min_lr_ratio} is not in [0, 1]: the cosine ends at lr x this ratio")
         self.plan = PhasePlan(entropy_steps=E, max_steps=args.max_steps, joint_steps=J,
                               lr=args.lr if args.lr is not None else DEFAULT_LR[args.size],
-                              entropy_lr=args.entropy_lr, warmup_steps=warmup)
+                              entropy_lr=args.entropy_lr, warmup_steps=warmup, min_lr_ratio=min_lr_ratio)
         self.save_interval = args.save_interval or max(1, self.plan.total // 2)
         if args.eval_interval is None:  # about 4 evaluations per run, at least every 500 steps
             args.eval_interval = max(1, min(500, self.plan.total // 4))
