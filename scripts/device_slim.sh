@@ -14,6 +14,8 @@ tracked_mib() { git ls-files -z | xargs -0 stat -c %s 2>/dev/null | awk '{s += $
 case "${1:-status}" in
   on)
     [ -e "$list" ] && { echo "already on ($(wc -l < "$list") folders); run: bash $0 off" >&2; exit 2; }
+    # `off` resets those folders' index entries to HEAD, which would unstage work staged there: refuse instead
+    git diff --cached --quiet || { echo "staged changes: commit or unstage them first (git status)" >&2; exit 2; }
     need=$(( ${2:-6} * 1048576 ))
     # the largest tracked result folders first, by their tracked bytes
     git ls-files -z docs/results | xargs -0 stat -c '%s %n' | awk '{split($2, p, "/"); d = p[1] "/" p[2] "/" p[3];

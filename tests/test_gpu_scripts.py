@@ -254,6 +254,12 @@ def test_device_slim_untracks_the_largest_results_and_puts_them_back(tmp_path):
         out = subprocess.run(git + ["ls-files"], capture_output=True, text=True, check=True).stdout
         return {p.split("/")[2] for p in out.split() if p.startswith("docs/results/")}
 
+    (repo / "docs" / "results" / "small" / "new.txt").write_text("staged")
+    subprocess.run(git + ["add", "."], check=True)
+    refused = run("on")
+    assert refused.returncode == 2 and "staged changes" in refused.stderr
+    assert not (repo / ".git" / "ionllama-slim").exists()
+    subprocess.run(git + ["commit", "-qm", "more"], check=True)
     assert run("on", "4").returncode == 0
     assert tracked() == {"small", "phase1-sweep"}  # big (3 MiB) + mid (2 MiB) free >= 4 MiB; the sweep stays
     assert (repo / "docs" / "results" / "big" / "metrics.bin").stat().st_size == sizes["big"]  # still on disk
