@@ -13,6 +13,7 @@ import torch
 
 from ..config import format_ngram_sizes
 from ..errors import UserError
+from ..train.schedule import DEFAULT_MIN_LR_RATIO
 from ._common import _log, _now_iso, _read_json, _split_path, _write_json
 from .budget import make_budget_trainer
 from .flops import add_flops
@@ -339,7 +340,7 @@ class Runner:
                       "seq_len": seq, "batch_size": self.a.batch_size * self.a.grad_accum,
                       "seq_len_unit": "tokens" if spec["model"] == "bpe" else "bytes", "bytes_per_token": bpt,
                       "schedule": f"time-based: warmup {WARMUP_FRAC:.0%}, cosine to "
-                                  f"{float(spec.get('min_lr_ratio', 0.1)):.0%} over the budget"
+                                  f"{float(spec.get('min_lr_ratio', DEFAULT_MIN_LR_RATIO)):.0%} over the budget"
                                   + (f", entropy model first {spec.get('entropy_frac', 0.06):.0%}, joint last "
                                      f"{self.joint_frac(spec):.0%}" if spec["model"] == "ionllama" and
                                      spec.get("patching", "entropy") == "entropy" else "")},

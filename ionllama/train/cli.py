@@ -10,6 +10,7 @@ import sys
 
 from ..config import parse_ngram_sizes
 from ..errors import UserError, cli_entry
+from .schedule import DEFAULT_MIN_LR_RATIO
 
 SIZES = ("tiny", "small", "base", "large", "xl")
 DATASETS = ("tinystories", "fineweb", "openwebtext", "builtin", "tasks")
@@ -65,7 +66,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad_clip", type=float, default=1.0)
     g.add_argument("--max_steps", type=int, default=5000, help="optimizer steps of the main model")
     g.add_argument("--warmup_steps", type=int, default=None, help="default: max_steps / 10, at most 1000")
-    g.add_argument("--min_lr_ratio", type=float, default=0.1,
+    g.add_argument("--min_lr_ratio", type=float, default=DEFAULT_MIN_LR_RATIO,
                    help="the cosine ends at lr x this (0: decays to zero); the entropy phase uses it too")
     g.add_argument("--entropy_steps", type=int, default=None, help="phase 1 steps (default max_steps // 3)")
     g.add_argument("--joint_steps", type=int, default=None, help="phase 3 steps (default max_steps // 10)")

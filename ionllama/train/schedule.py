@@ -10,7 +10,10 @@ import math
 from dataclasses import asdict, dataclass
 
 
-def warmup_cosine(t: int, total: int, warmup: int, min_ratio: float = 0.1) -> float:
+DEFAULT_MIN_LR_RATIO = 0.1  # the cosine's end, as a fraction of the peak (--min_lr_ratio)
+
+
+def warmup_cosine(t: int, total: int, warmup: int, min_ratio: float = DEFAULT_MIN_LR_RATIO) -> float:
     """Linear warmup over `warmup` steps, then cosine from 1 down to min_ratio at the last step (total - 1)."""
     if warmup > 0 and t < warmup:
         return (t + 1) / warmup
@@ -27,7 +30,7 @@ class PhasePlan:
     entropy_lr: float
     warmup_steps: int
     joint_lr_scale: float = 0.1
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = DEFAULT_MIN_LR_RATIO
 
     def __post_init__(self):
         self.joint_steps = min(self.joint_steps, self.max_steps)

@@ -37,7 +37,7 @@ from . import distributed
 from .cli import MODEL_OVERRIDES
 from .metrics import MetricsLogger
 from .optim import add_params, make_adamw
-from .schedule import PhasePlan
+from .schedule import DEFAULT_MIN_LR_RATIO, PhasePlan
 from .step_graph import capture_problem, make_step_graph, stage_a_for, step_graph_problem
 
 DEFAULT_LR = {"tiny": 1e-3, "small": 6e-4, "base": 3e-4, "large": 2e-4, "xl": 1.5e-4}
@@ -289,7 +289,7 @@ class Trainer:
         E = (args.entropy_steps if args.entropy_steps is not None else args.max_steps // 3) if has_entropy else 0
         J = (args.joint_steps if args.joint_steps is not None else args.max_steps // 10) if has_entropy else 0
         warmup = args.warmup_steps if args.warmup_steps is not None else max(1, min(1000, args.max_steps // 10))
-        min_lr_ratio = getattr(args, "min_lr_ratio", 0.1)  # (a run saved before the flag existed: its value)
+        min_lr_ratio = getattr(args, "min_lr_ratio", DEFAULT_MIN_LR_RATIO)  # (runs saved before the flag: its value)
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise UserError(f"--min_lr_ratio {min_lr_ratio} is not in [0, 1]: the cosine ends at lr x this ratio")
         self.plan = PhasePlan(entropy_steps=E, max_steps=args.max_steps, joint_steps=J,
