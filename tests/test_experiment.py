@@ -406,8 +406,8 @@ def test_weight_decay_and_min_lr_ratio_overrides_reach_the_trainer_and_are_absen
     assert (targs.weight_decay, targs.min_lr_ratio) == (0.2, 0.0)
     plain = trainer_args()
     assert "--weight_decay" not in plain and "--min_lr_ratio" not in plain  # earlier rows' commands stay as they were
-    assert (build_train_parser().parse_args(plain).weight_decay, build_train_parser().parse_args(plain).min_lr_ratio) \
-        == (0.1, 0.1)
+    defaults = build_train_parser().parse_args(plain)
+    assert (defaults.weight_decay, defaults.min_lr_ratio) == (0.1, 0.1)
     with pytest.raises(UserError, match="unknown key 'wd'"):
         trainer_args("--override", "wd=0.2")
 
