@@ -519,3 +519,20 @@ def test_compare_reports_runs_of_different_results_folders(tmp_path, capsys):
             main([*argv, "--out", str(out)])
         err = capsys.readouterr().err
         assert e.value.code == 2 and msg in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_report_title_heads_new_pages_and_replaces_only_the_placeholder(tmp_path):
+    """--title heads a new page, replaces the "# comparison" placeholder of an earlier one, and never a heading
+    written by hand."""
+    a = tmp_path / "phase1-a" / "ionllama"
+    _fake_run(a, 1.40, 100, 60.0, [(50, 30.0, 1.60), (100, 60.0, 1.40)])
+    out = tmp_path / "cmp"
+    md = tmp_path / "cmp.md"
+    assert main(["--stage", "compare", "--runs", str(a), "--out", str(out)]) == 0
+    assert md.read_text().startswith("# comparison\n")
+    assert main(["--stage", "compare", "--runs", str(a), "--out", str(out), "--title", "Q2: wider window"]) == 0
+    assert md.read_text().startswith("# Q2: wider window\n") and "| phase1-a/ionllama |" in md.read_text()
+    md.write_text("# By hand\n\nprose\n\n" + md.read_text().split("\n", 1)[1])
+    assert main(["--stage", "compare", "--runs", str(a), "--out", str(out), "--title", "other"]) == 0
+    text = md.read_text()
+    assert text.startswith("# By hand\n\nprose\n") and "other" not in text.split("\n")[0]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 import torch
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the sweep's folder (default: <out>/sweep); e.g. --from_sweep with another --out reads the "
                         "picks of docs/results/phase1-sweep/sweep")
     p.add_argument("--out", default="docs/results/phase1", help="results folder (committed)")
+    p.add_argument("--title", default=None,
+                   help="the report page's heading (default '# <matrix>' or '# comparison'; a heading edited by "
+                        "hand is kept)")
     p.add_argument("--ckpt_dir", default="checkpoints/phase1", help="checkpoints (git-ignored)")
     p.add_argument("--deadline_s", type=float, default=None,
                    help="wall-clock seconds this invocation may use, from its process start: no arm is started "
@@ -127,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             runner.pretrain()
         elif s == "tasks":
             runner.tasks()
-    write_report(runner.out, list(runner.matrix), runner.command, label=a.matrix)
+    write_report(runner.out, list(runner.matrix), runner.command, label=a.matrix, title=a.title)
     return 0
 
 
@@ -148,7 +152,7 @@ def compare(a: argparse.Namespace, stages: list[str], argv: list[str]) -> int:
         if name in runs:
             raise UserError(f"--runs: {name} given twice")
         runs[name] = d
-    write_report(Path(a.out), runs, "ionllama experiment " + " ".join(argv), label="comparison")
+    write_report(Path(a.out), runs, "ionllama experiment " + shlex.join(argv), label="comparison", title=a.title)
     return 0
 
 

@@ -147,9 +147,12 @@ def plot_curves(arms: dict, out: Path, records_of) -> list[Path]:
 BEGIN, END = "<!-- experiment-table:begin -->", "<!-- experiment-table:end -->"
 
 
-def write_report(out: Path, runs: list[str] | dict[str, Path], command: str, label: str = "phase1") -> dict:
+def write_report(out: Path, runs: list[str] | dict[str, Path], command: str, label: str = "phase1",
+                 title: str | None = None) -> dict:
     """The table section of <out>.md, <out>.json and the plots in <out>/ for the runs <out>/<name> (a list of
-    names), or for run folders anywhere (a dict name -> folder: a comparison across results folders)."""
+    names), or for run folders anywhere (a dict name -> folder: a comparison across results folders). `title`
+    heads a new page, or replaces the placeholder heading ("# <label>") of one written before; a heading written
+    by hand is kept."""
     from ..train.metrics import metrics_file, read_metrics
 
     runs = dict(runs) if isinstance(runs, dict) else {n: out / n for n in runs}
@@ -195,6 +198,8 @@ def write_report(out: Path, runs: list[str] | dict[str, Path], command: str, lab
     body += ["", END]
     md = out.parent / f"{out.name}.md"
     text = md.read_text() if md.exists() else f"# {label}\n\n{BEGIN}\n{END}\n"
+    if title and text.startswith(f"# {label}\n"):
+        text = f"# {title}\n" + text[len(f"# {label}\n"):]
     if BEGIN in text and END in text:
         text = text[:text.index(BEGIN)] + "\n".join(body) + text[text.index(END) + len(END):]
     else:
