@@ -242,6 +242,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _typed(v: str):
+    for cast in (int, float):  # dropout=0.1 must reach the model as a float, n_layers=8 as an int
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def parse_arm(arm: str) -> tuple[str, dict]:
+    """'ionllama:attention=dense,dropout=0.1' -> ('ionllama', {'attention': 'dense', 'dropout': 0.1})."""
+    kind, _, opts = arm.partition(":")
+    overrides = {}
+    for kv in filter(None, opts.split(",")):
+        k, eq, v = kv.partition("=")
+        if not eq:
+            raise SystemExit(f"--arms: '{kv}' in '{arm}' is not key=value; e.g. ionllama:attention=dense")
+        overrides[k] = _typed(v)
+    return kind, overrides
+
+
 def main():
     args = build_parser().parse_args()
     if args.stage_a == "auto":  # the trainer's --compile_stage_a auto
@@ -253,11 +274,7 @@ def main():
     rows = []
     for size in args.sizes:
         for arm in args.arms:
-            kind, _, opts = arm.partition(":")
-            overrides = {}
-            for kv in filter(None, opts.split(",")):
-                k, v = kv.split("=")
-                overrides[k] = int(v) if v.isdigit() else v
+            kind, overrides = parse_arm(arm)
             try:
                 r = bench_one(arm, kind, size, args, text, overrides)
             except torch.cuda.OutOfMemoryError as e:  # report, keep going

@@ -56,9 +56,23 @@ def test_train8k_arms_come_from_the_environment(tmp_path):
     (argv,) = calls
     got = argv[argv.index("--arms") + 1:argv.index("--compile")]
     assert got == arms.split()
+    train = _load("bench_train_throughput")
     for arm in got[1:]:  # the overrides as bench_train_throughput passes them
-        k, v = arm.partition(":")[2].split("=")
-        create_model("tiny", model="ionllama", **{k: int(v) if v.isdigit() else v})
+        create_model("tiny", model="ionllama", **train.parse_arm(arm)[1])
+
+
+def test_train_throughput_arm_overrides_are_typed():
+    """A float override (dropout=0.1) reaches the model as a float: as a string it crashed the model's build."""
+    from ionllama import create_model
+    train = _load("bench_train_throughput")
+    kind, over = train.parse_arm("ionllama:attention=dense,dropout=0.1,n_layers=3,fixed_patch_size=3")
+    assert kind == "ionllama" and over == {"attention": "dense", "dropout": 0.1, "n_layers": 3, "fixed_patch_size": 3}
+    assert isinstance(over["n_layers"], int) and isinstance(over["dropout"], float)
+    assert train.parse_arm("dense") == ("dense", {})
+    m = create_model("tiny", model="ionllama", patching="fixed", **over)
+    assert m.config.dropout == 0.1 and m.config.n_layers == 3
+    with pytest.raises(SystemExit, match="not key=value"):
+        train.parse_arm("ionllama:dropout")
 
 
 def test_decode_levers_commands_parse(tmp_path):
