@@ -167,6 +167,9 @@ PLANNED = {
                               f"--also_eval_seq_len 1024 --override {BEST},attention=dense"),
     "8K windows, dense": dict(GPU0="ionllama_fixed", OVERHEAD="110", EXTRA=f"{SWEPT} --seq_len 8192 --batch_size 8 "
                               f"--also_eval_seq_len 1024 --override {BEST},attention=dense"),
+    # the twenty-fifth session's plan adds the dilated 8K row
+    "8K windows, dilated": dict(GPU0="ionllama_fixed", OVERHEAD="110", EXTRA=f"{SWEPT} --seq_len 8192 --batch_size 8 "
+                                f"--also_eval_seq_len 1024 --override {BEST}"),
     "tasks 3-byte patches": dict(GPU0="ionllama_fixed", BUDGET="75", TASKS="1",
                                  EXTRA="--seed 1 --task_steps 3000 --task_lr 1e-3 --task_n 200 --from_sweep --sweep_dir "
                                        "docs/results/phase1-sweep/sweep --override latent_shift=completed,fixed_patch_size=3"),
