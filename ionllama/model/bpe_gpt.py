@@ -18,7 +18,7 @@ import torch.nn as nn
 from ..config import ModelConfig
 from ..errors import UserError
 from ..registry import register
-from .dense import ParamCountMixin, build_transformer_lm, lm_outputs
+from .dense import ParamCountMixin, build_transformer_lm, lm_outputs, transformer_lm_logits
 
 
 
@@ -76,11 +76,7 @@ class BPETransformer(ParamCountMixin, nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> dict:
         B, T = x.shape
-        h = self.embed(x.long())
-        pos = torch.arange(T, device=x.device)
-        for blk in self.blocks:
-            h = blk(h, pos)
-        logits = self.head(self.norm(h))
+        logits = transformer_lm_logits(self, x)
         bytes_per_target = 1.0
         n_bytes = None
         if targets is not None:

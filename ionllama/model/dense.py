@@ -61,6 +61,15 @@ def build_transformer_lm(module: nn.Module, config: ModelConfig) -> None:
     init_weights(module, config.n_layers)
 
 
+def transformer_lm_logits(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The forward of a build_transformer_lm module: (B, T) ids -> (B, T, vocab) logits."""
+    h = module.embed(x.long())
+    pos = torch.arange(x.shape[1], device=x.device)
+    for blk in module.blocks:
+        h = blk(h, pos)
+    return module.head(module.norm(h))
+
+
 @register("dense")
 class DenseByteTransformer(ParamCountMixin, GenerateMixin, nn.Module):
     def __init__(self, config: ModelConfig):
@@ -69,9 +78,5 @@ class DenseByteTransformer(ParamCountMixin, GenerateMixin, nn.Module):
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> dict:
         B, T = x.shape
-        h = self.embed(x.long())
-        pos = torch.arange(T, device=x.device)
-        for blk in self.blocks:
-            h = blk(h, pos)
-        logits = self.head(self.norm(h))
+        logits = transformer_lm_logits(self, x)
         return lm_outputs(logits, targets, torch.full((B,), T, device=x.device, dtype=torch.long))
