@@ -18,7 +18,9 @@ from types import SimpleNamespace
 import torch
 
 from ionllama import create_model
+from ionllama.errors import UserError, cli_entry
 from ionllama.model.flops import flops_per_byte
+from ionllama.registry import model_config
 from ionllama.train.optim import make_adamw
 from ionllama.train.step_graph import make_step_graph, step_graph_problem
 
@@ -258,13 +260,18 @@ def parse_arm(arm: str) -> tuple[str, dict]:
     for kv in filter(None, opts.split(",")):
         k, eq, v = kv.partition("=")
         if not eq:
-            raise SystemExit(f"--arms: '{kv}' in '{arm}' is not key=value; e.g. ionllama:attention=dense")
+            raise UserError(f"--arms: '{kv}' in '{arm}' is not key=value; e.g. ionllama:attention=dense")
         overrides[k] = _typed(v)
     return kind, overrides
 
 
-def main():
-    args = build_parser().parse_args()
+@cli_entry
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    arms = [(arm, *parse_arm(arm)) for arm in args.arms]
+    for size in args.sizes:  # every arm checked (model, size, options) before minutes of compiling the first
+        for _, kind, overrides in arms:
+            model_config(size, kind, **overrides)
     if args.stage_a == "auto":  # the trainer's --compile_stage_a auto
         args.stage_a = "compiled" if args.compile else "graph"
     import ionllama.kernels as K
@@ -273,8 +280,7 @@ def main():
     text = open(args.text_path, "rb").read() if args.text_path else None
     rows = []
     for size in args.sizes:
-        for arm in args.arms:
-            kind, overrides = parse_arm(arm)
+        for arm, kind, overrides in arms:
             try:
                 r = bench_one(arm, kind, size, args, text, overrides)
             except torch.cuda.OutOfMemoryError as e:  # report, keep going

@@ -44,9 +44,15 @@ def build_model(config: ModelConfig) -> nn.Module:
     return _REGISTRY[config.model](config)
 
 
-def create_model(size: str = "small", model: str = "ionllama", **overrides) -> nn.Module:
-    """`create_model('small')` -> the ionLlama model; `create_model('tiny', model='dense')` -> baseline."""
+def model_config(size: str = "small", model: str = "ionllama", **overrides) -> ModelConfig:
+    """The config create_model would build, without building it (a UserError for an unknown model, size or option):
+    scripts check every requested model this way before spending minutes on the first."""
     _ensure_loaded()
     if model not in _REGISTRY:
         raise UserError(f"unknown model '{model}'; choose one of {', '.join(sorted(_REGISTRY))}")
-    return build_model(make_config(size, model, **overrides))
+    return make_config(size, model, **overrides)
+
+
+def create_model(size: str = "small", model: str = "ionllama", **overrides) -> nn.Module:
+    """`create_model('small')` -> the ionLlama model; `create_model('tiny', model='dense')` -> baseline."""
+    return build_model(model_config(size, model, **overrides))

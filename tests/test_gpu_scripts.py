@@ -7,9 +7,11 @@ import json
 import os
 import pathlib
 import subprocess
+import sys
 
 import pytest
 
+from ionllama.errors import UserError
 from ionllama.kernels import selfcheck
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -71,8 +73,21 @@ def test_train_throughput_arm_overrides_are_typed():
     assert train.parse_arm("dense") == ("dense", {})
     m = create_model("tiny", model="ionllama", patching="fixed", **over)
     assert m.config.dropout == 0.1 and m.config.n_layers == 3
-    with pytest.raises(SystemExit, match="not key=value"):
+    with pytest.raises(UserError, match="not key=value"):
         train.parse_arm("ionllama:dropout")
+
+
+@pytest.mark.parametrize("arms, says", [(["dense", "ionllama:dropout"], "not key=value"),
+                                        (["dense", "ionllama:dropuot=0.1"], "unknown model option"),
+                                        (["dense", "ionlama"], "unknown model 'ionlama'")])
+def test_train_throughput_bad_arm_is_one_line_exit_2_before_any_run(arms, says):
+    """A bad --arms item, even the last one, stops the script before the first arm is built: one line, exit 2."""
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_train_throughput.py"), "--sizes", "tiny",
+                        "--arms", *arms, "--device", "cpu", "--steps", "1"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})  # this checkout's package
+    assert r.returncode == 2, r.stderr
+    assert says in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "| arm |" not in r.stdout  # nothing was benchmarked
 
 
 def test_decode_levers_commands_parse(tmp_path):
