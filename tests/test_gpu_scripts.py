@@ -185,6 +185,13 @@ PLANNED = {
     # the twenty-fifth session's plan adds the dilated 8K row
     "8K windows, dilated": dict(GPU0="ionllama_fixed", OVERHEAD="110", EXTRA=f"{SWEPT} --seq_len 8192 --batch_size 8 "
                                 f"--also_eval_seq_len 1024 --override {BEST}"),
+    # the twenty-seventh session's plan: BPE at the dense row's 2K windows (Q1 at equal context), dilated lw16 there
+    "2K windows, bpe": dict(GPU0="bpe", OVERHEAD="110", EXTRA=f"{SWEPT} --seq_len 2048 --batch_size 32 "
+                            "--also_eval_seq_len 1024 --override dropout=0.1"),
+    "2K windows, dense, seed 1": dict(GPU0="ionllama_fixed", OVERHEAD="110", EXTRA=f"--seed 1 {SWEPT} --seq_len 2048 "
+                                      f"--batch_size 32 --also_eval_seq_len 1024 --override {BEST},attention=dense"),
+    "2K windows, dilated local_width 16": dict(GPU0="ionllama_fixed", OVERHEAD="110", EXTRA=f"{SWEPT} --seq_len 2048 "
+                                               f"--batch_size 32 --also_eval_seq_len 1024 --override {BEST},local_width=16"),
     "tasks 3-byte patches": dict(GPU0="ionllama_fixed", BUDGET="75", TASKS="1",
                                  EXTRA="--seed 1 --task_steps 3000 --task_lr 1e-3 --task_n 200 --from_sweep --sweep_dir "
                                        "docs/results/phase1-sweep/sweep --override latent_shift=completed,fixed_patch_size=3"),
