@@ -37,6 +37,19 @@ def peak_flops() -> float:
     return float("nan")
 
 
+def read_text(path: str, seq_len: int) -> bytes:
+    """--text_path's bytes, checked before any arm compiles: a window must fit (sample_batch would otherwise fall
+    back to random bytes without a word)."""
+    try:
+        text = open(path, "rb").read()
+    except OSError as e:
+        raise UserError(f"--text_path {path}: cannot read it ({e.strerror}); give a file of raw text bytes") from None
+    if len(text) < seq_len + 2:
+        raise UserError(f"--text_path {path}: {len(text):,} bytes, too few for one {seq_len}-byte window; "
+                        f"give a file of at least {seq_len + 2:,} bytes or a smaller --seq_len")
+    return text
+
+
 def sample_batch(text: bytes | None, B: int, T: int, gen: torch.Generator) -> torch.Tensor:
     if text is None or len(text) < T + 2:
         return torch.randint(0, 256, (B, T + 1), generator=gen)
@@ -277,7 +290,7 @@ def main(argv=None):
     import ionllama.kernels as K
     for name in args.reference:  # before any model is traced: the dispatchers read these at trace time
         setattr(K, REFERENCE_SWITCHES[name], lambda *a: False)
-    text = open(args.text_path, "rb").read() if args.text_path else None
+    text = read_text(args.text_path, args.seq_len) if args.text_path else None
     rows = []
     for size in args.sizes:
         for arm, kind, overrides in arms:

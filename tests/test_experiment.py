@@ -60,6 +60,12 @@ def test_two_arm_matrix_writes_results_and_resumes(tmp_path, capsys, one_thread)
     assert finals["bpe"]["bytes_per_patch"] == pytest.approx(finals["bpe"]["train"]["bytes_per_token"], rel=0.2)
     md = (res / "phase1.md").read_text()
     assert "| dense |" in md and "| bpe |" in md and "Not yet run: mamba" in md and "val@32 BPB" in md
+    # the token model's val@32 cell says its window in tokens; the byte model's is in bytes, as the header says
+    rows = {}  # the first table's rows (the equal-FLOPs / equal-steps tables below repeat the arm names)
+    for line in md.splitlines():
+        if line.startswith(("| dense |", "| bpe |")):
+            rows.setdefault(line.split(" | ")[0].strip("| "), line)
+    assert "(8 tokens)" in rows["bpe"] and "tokens" not in rows["dense"]
     summary = json.loads((res / "phase1.json").read_text())
     assert set(summary["arms"]) == {"dense", "bpe"} and "ionllama" in summary["missing"]
     eq = summary["equal_flops"]  # the equal-compute view: both arms at the smaller arm's total FLOPs

@@ -90,6 +90,23 @@ def test_train_throughput_bad_arm_is_one_line_exit_2_before_any_run(arms, says):
     assert "| arm |" not in r.stdout  # nothing was benchmarked
 
 
+@pytest.mark.parametrize("content, says", [(None, "cannot read it"), (b"x" * 100, "too few for one 128-byte window")],
+                         ids=["missing", "short"])
+def test_train_throughput_bad_text_path_is_one_line_exit_2(tmp_path, content, says):
+    """An unreadable or too short --text_path stops the script before any arm is built (it used to be a traceback,
+    and a short file silently became random bytes)."""
+    path = tmp_path / "text.bin"
+    if content is not None:
+        path.write_bytes(content)
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_train_throughput.py"), "--sizes", "tiny",
+                        "--arms", "ionllama", "--device", "cpu", "--steps", "1", "--seq_len", "128",
+                        "--text_path", str(path)], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 2, r.stderr
+    assert says in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "| arm |" not in r.stdout
+
+
 def test_decode_levers_commands_parse(tmp_path):
     pds, bench, train = _load("profile_decode_step"), _load("bench_generation"), _load("bench_train_throughput")
     ssd = _load("bench_ssd_forward")
@@ -158,47 +175,15 @@ def test_decode_levers_unknown_step_is_refused(tmp_path):
     assert r.returncode == 2 and "unknown step 'bogus'" in r.stderr and not calls
 
 
-# the runbook's next Phase-1 rows (docs/notes/gpu-runbook.md: the plan's calls 2 and 3, orders 3, 3e)
-SWEPT = "--from_sweep --step_graph --sweep_dir docs/results/phase1-sweep/sweep"
-# the best row's overrides (phase1-poolattn.md); the Q2 / Q3 rows add one key to them
-BEST = "latent_shift=completed,dropout=0.1,fixed_patch_size=3,pooling=attention"
-PLANNED = {
-    "bpe seed 1": dict(GPU0="bpe", OVERHEAD="140", EXTRA=f"--seed 1 {SWEPT} --override dropout=0.1"),
-    "entropy patching, stage A compiled, no joint phase": dict(
-        GPU0="ionllama", OVERHEAD="150",
-        EXTRA="--step_graph --override n_layers=8,latent_shift=completed,dropout=0.1,joint_frac=0"),
-    "3-byte patches seed 1": dict(GPU0="ionllama_fixed",
-                                  EXTRA=f"--seed 1 {SWEPT} --override latent_shift=completed,dropout=0.1,fixed_patch_size=3"),
-    "attention pooling": dict(GPU0="ionllama_fixed",
-                              EXTRA=f"{SWEPT} --override latent_shift=completed,dropout=0.1,pooling=attention"),
-    # the twenty-fourth session's plan: the dense row with weight decay 0.2, a wider dilated window, 8K windows
-    "dense row, weight decay 0.2": dict(GPU0="ionllama_fixed", OVERHEAD="110", EXTRA=f"{SWEPT} --override {BEST},"
-                                        "attention=dense,weight_decay=0.2"),
-    "dense row, cosine to zero": dict(GPU0="ionllama_fixed", OVERHEAD="110", EXTRA=f"{SWEPT} --override {BEST},"
-                                      "attention=dense,min_lr_ratio=0"),
-    "dilated local_width 16": dict(GPU0="ionllama_fixed", OVERHEAD="110",
-                                   EXTRA=f"{SWEPT} --override {BEST},local_width=16"),
-    "2K windows, dense": dict(GPU0="ionllama_fixed", OVERHEAD="110", EXTRA=f"{SWEPT} --seq_len 2048 --batch_size 32 "
-                              f"--also_eval_seq_len 1024 --override {BEST},attention=dense"),
-    "8K windows, dense": dict(GPU0="ionllama_fixed", OVERHEAD="110", EXTRA=f"{SWEPT} --seq_len 8192 --batch_size 8 "
-                              f"--also_eval_seq_len 1024 --override {BEST},attention=dense"),
-    # the twenty-fifth session's plan adds the dilated 8K row
-    "8K windows, dilated": dict(GPU0="ionllama_fixed", OVERHEAD="110", EXTRA=f"{SWEPT} --seq_len 8192 --batch_size 8 "
-                                f"--also_eval_seq_len 1024 --override {BEST}"),
-    # the twenty-seventh session's plan: BPE at the dense row's 2K windows (Q1 at equal context), dilated lw16 there
-    "2K windows, bpe": dict(GPU0="bpe", OVERHEAD="110", EXTRA=f"{SWEPT} --seq_len 2048 --batch_size 32 "
-                            "--also_eval_seq_len 1024 --override dropout=0.1"),
-    "2K windows, dense, seed 1": dict(GPU0="ionllama_fixed", OVERHEAD="110", EXTRA=f"--seed 1 {SWEPT} --seq_len 2048 "
-                                      f"--batch_size 32 --also_eval_seq_len 1024 --override {BEST},attention=dense"),
-    "2K windows, dilated local_width 16": dict(GPU0="ionllama_fixed", OVERHEAD="110", EXTRA=f"{SWEPT} --seq_len 2048 "
-                                               f"--batch_size 32 --also_eval_seq_len 1024 --override {BEST},local_width=16"),
-    "tasks 3-byte patches": dict(GPU0="ionllama_fixed", BUDGET="75", TASKS="1",
-                                 EXTRA="--seed 1 --task_steps 3000 --task_lr 1e-3 --task_n 200 --from_sweep --sweep_dir "
-                                       "docs/results/phase1-sweep/sweep --override latent_shift=completed,fixed_patch_size=3"),
-    "tasks ionllama_fixed": dict(GPU0="ionllama_fixed", BUDGET="75", TASKS="1",
-                                 EXTRA="--seed 1 --task_steps 3000 --task_lr 1e-3 --task_n 200 --from_sweep "
-                                       "--sweep_dir docs/results/phase1-sweep/sweep --override latent_shift=completed"),
-}
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# the runbook's Phase-1 rows (docs/notes/gpu-runbook.md), one table shared with the command printer
+PLANNED = _load_script("phase1_rows").ROWS
 
 
 @pytest.mark.parametrize("row", sorted(PLANNED))
@@ -218,6 +203,43 @@ def test_planned_phase1_rows_parse(tmp_path, row):
         overrides = parse_overrides(a.override)
         model_keys = {k: v for k, v in overrides.items() if k not in RUN_KEYS}
         create_model("tiny", **model_keys)  # a bad value (e.g. a latent_shift) is refused here
+
+
+@pytest.mark.parametrize("row", ["2K windows, dense, seed 1", "2K windows, bpe", "tasks ionllama_fixed"])
+def test_printed_device_command_runs_the_tested_row(tmp_path, row):
+    """scripts/phase1_rows.py prints the device call for a row; run in a tree with the session's data copies and a
+    stand-in gpu_phase1_parallel.sh, it hands that script exactly the row's env (the arm, EXTRA word for word) and
+    renames the data folders as the carry expects."""
+    rows = _load_script("phase1_rows")
+    argv = [sys.executable, str(REPO / "scripts/phase1_rows.py"), row, "--res", "phase1-x", "--commit", "abc123"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    (cmd,) = r.stdout.splitlines()
+    for d in (".data/gut", ".data/wk", "scripts"):
+        (tmp_path / d).mkdir(parents=True)
+    keys = ["GPU0", "T", "BUDGET", "OVERHEAD", "RES", "EXTRA", "TASKS", "BENCH_COMMIT"]
+    dump = "; ".join(f'printf "%s=%s\\n" {k} "${{{k}:-}}"' for k in keys)
+    (tmp_path / "scripts/gpu_phase1_parallel.sh").write_text(f"{dump}; ls .data\n")
+    out = subprocess.run(["bash", "-c", cmd], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    got = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+    want = {"T": "594", "BUDGET": "420", "RES": "docs/results/phase1-x", "BENCH_COMMIT": "abc123", "TASKS": "",
+            "OVERHEAD": "", **rows.ROWS[row]}
+    assert got == want
+    assert out.stdout.split()[-2:] == ["gutenberg", "wikipedia"]
+
+
+def test_device_command_refuses_bad_input(tmp_path):
+    script = [sys.executable, str(REPO / "scripts/phase1_rows.py")]
+    listed = subprocess.run(script, capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and "2K windows, dense, seed 1" in listed.stdout.splitlines()
+    for args, words in ((["no such row", "--res", "x"], "unknown row"),
+                        (["2K windows, bpe"], "--res is needed"),
+                        (["2K windows, bpe", "--res", "docs/results/x"], "bare folder name"),
+                        (["2K windows, bpe", "--res", "x", "--t", "560"], "does not fit T=560")):
+        r = subprocess.run(script + args, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        assert not r.stdout
 
 
 def test_decode_benchmarks_build_a_runs_architecture(tmp_path):

@@ -29,6 +29,16 @@ def _fmt(v, digits=3):
     return str(v)
 
 
+def _extra_cell(f: dict, name: str) -> str:
+    """One extra eval set's BPB; a `val@N` of a token model says its window in tokens (--also_eval_seq_len is in
+    bytes and is divided by token_seq_div for BPE, so its 'val@1024' is 256 tokens, not 1,024 bytes)."""
+    r = f.get(name, {})
+    cell = _fmt(r.get("bpb"), 4)
+    if name.startswith("val@") and r.get("seq_len") and f["train"].get("seq_len_unit") == "tokens":
+        cell += f" ({r['seq_len']} tokens)"
+    return cell
+
+
 def table_markdown(arms: dict, extra_sets: list[str]) -> str:
     slow = all(f["train"]["bytes_per_s"] < 1e5 for f in arms.values())  # CPU runs: KB/s, not 0.00 MB/s
     unit, div = ("KB/s", 1e3) if slow else ("MB/s", 1e6)
@@ -38,7 +48,7 @@ def table_markdown(arms: dict, extra_sets: list[str]) -> str:
     for n, f in sorted(arms.items(), key=lambda kv: kv[1]["val"]["bpb"]):
         t = f["train"]
         row = [n, f"{f['params'] / 1e6:.1f}M", _fmt(f["val"]["bpb"], 4),
-               *[_fmt(f.get(s, {}).get("bpb"), 4) for s in extra_sets],
+               *[_extra_cell(f, s) for s in extra_sets],
                # a row cut short by the wall-clock deadline shows its budget: it is not a full row
                f"{t['train_time_s']:.0f}" + (f" (cut, of {t['budget_s']:.0f})" if t.get("cut_short_s") else ""),
                str(t["steps"]), f"{t['bytes_per_s'] / div:.2f}",

@@ -1,0 +1,116 @@
+"""The Phase-1 rows planned for the device (issue #11), and the exact `run` command for one of them.
+
+    python scripts/phase1_rows.py                       # list the rows
+    python scripts/phase1_rows.py "2K windows, dense, seed 1" --res phase1-dense-seq2048-seed1
+
+Why: a row's arm and flags were retyped by hand into the device call, and once the arm was wrong (the
+twenty-eighth session ran `ionllama` for `ionllama_fixed`, a whole 10-minute call). Here the rows are one table,
+tests/test_gpu_scripts.py checks every row against the experiment's parser and the model config, and the device
+command is printed from the same table, so what runs is what was tested.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ionllama.errors import UserError, cli_entry  # noqa: E402
+
+SWEPT = "--from_sweep --step_graph --sweep_dir docs/results/phase1-sweep/sweep"
+# the best row's overrides (phase1-poolattn.md); the Q2 / Q3 rows add one key to them
+BEST = "latent_shift=completed,dropout=0.1,fixed_patch_size=3,pooling=attention"
+WIN2K = "--seq_len 2048 --batch_size 32 --also_eval_seq_len 1024"
+# env of scripts/gpu_phase1_parallel.sh per row (T and BUDGET come from the command line, 594 / 420 by default)
+ROWS = {
+    "bpe seed 1": dict(GPU0="bpe", OVERHEAD="140", EXTRA=f"--seed 1 {SWEPT} --override dropout=0.1"),
+    "entropy patching, stage A compiled, no joint phase": dict(
+        GPU0="ionllama", OVERHEAD="150",
+        EXTRA="--step_graph --override n_layers=8,latent_shift=completed,dropout=0.1,joint_frac=0"),
+    "3-byte patches seed 1": dict(
+        GPU0="ionllama_fixed", EXTRA=f"--seed 1 {SWEPT} --override latent_shift=completed,dropout=0.1,fixed_patch_size=3"),
+    "attention pooling": dict(GPU0="ionllama_fixed",
+                              EXTRA=f"{SWEPT} --override latent_shift=completed,dropout=0.1,pooling=attention"),
+    # the twenty-fourth session's plan: the dense row with weight decay 0.2, a wider dilated window, 8K windows
+    "dense row, weight decay 0.2": dict(GPU0="ionllama_fixed", OVERHEAD="110", EXTRA=f"{SWEPT} --override {BEST},"
+                                        "attention=dense,weight_decay=0.2"),
+    "dense row, cosine to zero": dict(GPU0="ionllama_fixed", OVERHEAD="110", EXTRA=f"{SWEPT} --override {BEST},"
+                                      "attention=dense,min_lr_ratio=0"),
+    "dilated local_width 16": dict(GPU0="ionllama_fixed", OVERHEAD="110",
+                                   EXTRA=f"{SWEPT} --override {BEST},local_width=16"),
+    "2K windows, dense": dict(GPU0="ionllama_fixed", OVERHEAD="110",
+                              EXTRA=f"{SWEPT} {WIN2K} --override {BEST},attention=dense"),
+    "8K windows, dense": dict(GPU0="ionllama_fixed", OVERHEAD="110", EXTRA=f"{SWEPT} --seq_len 8192 --batch_size 8 "
+                              f"--also_eval_seq_len 1024 --override {BEST},attention=dense"),
+    # the twenty-fifth session's plan adds the dilated 8K row
+    "8K windows, dilated": dict(GPU0="ionllama_fixed", OVERHEAD="110", EXTRA=f"{SWEPT} --seq_len 8192 --batch_size 8 "
+                                f"--also_eval_seq_len 1024 --override {BEST}"),
+    # the twenty-seventh session's plan: BPE at the dense row's 2K windows (Q1 at equal context), dilated lw16 there
+    "2K windows, bpe": dict(GPU0="bpe", OVERHEAD="110", EXTRA=f"{SWEPT} {WIN2K} --override dropout=0.1"),
+    "2K windows, dense, seed 1": dict(GPU0="ionllama_fixed", OVERHEAD="110",
+                                      EXTRA=f"--seed 1 {SWEPT} {WIN2K} --override {BEST},attention=dense"),
+    "2K windows, dilated local_width 16": dict(GPU0="ionllama_fixed", OVERHEAD="110",
+                                               EXTRA=f"{SWEPT} {WIN2K} --override {BEST},local_width=16"),
+    # the twenty-eighth session's plan: BPE's second seed in 2K windows
+    "2K windows, bpe, seed 1": dict(GPU0="bpe", OVERHEAD="110",
+                                    EXTRA=f"--seed 1 {SWEPT} {WIN2K} --override dropout=0.1"),
+    "tasks 3-byte patches": dict(GPU0="ionllama_fixed", BUDGET="75", TASKS="1",
+                                 EXTRA="--seed 1 --task_steps 3000 --task_lr 1e-3 --task_n 200 --from_sweep --sweep_dir "
+                                       "docs/results/phase1-sweep/sweep "
+                                       "--override latent_shift=completed,fixed_patch_size=3"),
+    "tasks ionllama_fixed": dict(GPU0="ionllama_fixed", BUDGET="75", TASKS="1",
+                                 EXTRA="--seed 1 --task_steps 3000 --task_lr 1e-3 --task_n 200 --from_sweep "
+                                       "--sweep_dir docs/results/phase1-sweep/sweep --override latent_shift=completed"),
+}
+# the copies of the data the session makes before its calls (docs/notes/gpu-runbook.md), renamed on the device
+DATA_MOVES = "rm -rf .data/gutenberg .data/wikipedia && mv .data/gut .data/gutenberg && mv .data/wk .data/wikipedia"
+RUN_LIMIT = 2000  # characters the device tool takes per command
+PREP_AND_MARGIN_S = 45
+
+
+def device_command(row: str, res: str, commit: str, t: int = 594, budget: int = 420) -> str:
+    """The one-line command for the device tool (carry .data/gut and .data/wk) that trains `row` into
+    docs/results/<res>."""
+    if row not in ROWS:
+        raise UserError(f"unknown row {row!r}; run scripts/phase1_rows.py without arguments for the list")
+    if not res or "/" in res or res != res.strip():
+        raise UserError(f"--res {res!r}: give a bare folder name under docs/results, e.g. phase1-bpe-seq2048")
+    env = {"T": str(t), "BUDGET": str(budget), "RES": f"docs/results/{res}", **ROWS[row]}
+    # gpu_phase1_parallel.sh gives the arm T - (data preparation, up to ~30 s with BPE's tokenizer) - 15 s, and the
+    # runner starts an arm only if budget + overhead fit that (the twenty-eighth session's T=560 call did not start)
+    if env.get("TASKS") != "1" and int(env["BUDGET"]) + int(env.get("OVERHEAD", 90)) + PREP_AND_MARGIN_S > t:
+        raise UserError(f"row {row!r}: budget {env['BUDGET']} s + overhead {env.get('OVERHEAD', 90)} s does not fit "
+                        f"T={t} s; raise --t or lower --budget")
+    assigns = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+    cmd = f"{DATA_MOVES} && export BENCH_COMMIT={commit} && {assigns} bash scripts/gpu_phase1_parallel.sh"
+    if len(cmd) > RUN_LIMIT:
+        raise UserError(f"row {row!r}: the command is {len(cmd)} characters, over the device tool's {RUN_LIMIT}")
+    return cmd
+
+
+def head_commit() -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("row", nargs="?", help="a row name (quoted); none lists them")
+    p.add_argument("--res", help="results folder name under docs/results")
+    p.add_argument("--commit", help="BENCH_COMMIT (default: git HEAD)")
+    p.add_argument("--t", type=int, default=594, help="seconds for the whole call")
+    p.add_argument("--budget", type=int, default=420, help="training seconds of the arm")
+    a = p.parse_args(argv)
+    if a.row is None:
+        print("\n".join(ROWS))
+        return
+    if not a.res:
+        raise UserError("--res is needed: the results folder under docs/results, e.g. --res phase1-bpe-seq2048")
+    print(device_command(a.row, a.res, a.commit or head_commit(), a.t, a.budget))
+
+
+if __name__ == "__main__":
+    main()
