@@ -28,12 +28,12 @@ import torch
 
 from ionllama import create_model
 from ionllama.config import LATENT_SHIFTS, ModelConfig
-from ionllama.errors import UserError, cli_entry
+from ionllama.errors import UserError, check_ranges, cli_entry
 from ionllama.eval.benchmark import git_commit
 from ionllama.generation import decoder_for
 from ionllama.generation.runner import DecodeRunner
 from ionllama.generation.sampling import SamplingConfig
-from ionllama.registry import build_model
+from ionllama.registry import build_model, model_config
 
 
 def corpus_bytes(n: int) -> torch.Tensor:
@@ -179,6 +179,8 @@ class Bench:
             return None
         try:
             return fn(*a, label=label, **kw)
+        except UserError:  # bad input is the user's to fix, not one configuration's failure
+            raise
         except Exception as e:  # one failed configuration must not lose the others
             traceback.print_exc()
             self.rows.append(dict(model=_model_name(a), label=label,
@@ -310,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--size", default="small")
     add_model_config_arg(ap)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"])
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
     ap.add_argument("--new_bytes", type=int, default=1024)
     ap.add_argument("--latency_bytes", type=int, default=256)
@@ -355,9 +357,26 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def check_inputs(args) -> None:
+    """Bad flags as one line before anything runs: a bad size or device used to fail every configuration one by
+    one, each as a printed traceback, and the script still exited 0."""
+    check_ranges(args, {"new_bytes": 1, "latency_bytes": 1, "batch": 1, "unroll": 1, "budget_s": 1})
+    if min(args.contexts) < 1:
+        raise UserError(f"--contexts must all be at least 1 (got {args.contexts})")
+    for kind in args.models:
+        model_config(args.size, kind)  # an unknown size is a UserError here
+    try:
+        dev = torch.device(args.device)
+    except RuntimeError:
+        raise UserError(f"unknown --device '{args.device}'; use cuda, cuda:N or cpu") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is visible; use --device cpu")
+
+
 @cli_entry
 def main():
     args = build_parser().parse_args()
+    check_inputs(args)
     if args.model_config:
         model_config_from(args.model_config, **({"latent_shift": args.latent_shift} if args.latent_shift else {}))
     if args.threads:
@@ -433,6 +452,11 @@ def main():
         for kind in kinds:
             run_set(kind, True)
     print("\n".join(write_results(b, args, checks)))
+    failed = [r["label"] for r in b.rows if "error" in r] + (["correctness checks"] if "error" in checks else [])
+    if failed:  # the results are written; the exit status still says that not everything ran
+        print(f"error: {len(failed)} configuration(s) failed ({', '.join(failed[:4])}); see their tracebacks above",
+              file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

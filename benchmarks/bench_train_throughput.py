@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import torch
 
 from ionllama import create_model
-from ionllama.errors import UserError, cli_entry
+from ionllama.errors import UserError, check_ranges, cli_entry
 from ionllama.model.flops import flops_per_byte
 from ionllama.registry import model_config
 from ionllama.train.optim import make_adamw
@@ -281,6 +281,8 @@ def parse_arm(arm: str) -> tuple[str, dict]:
 @cli_entry
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    # one warm-up step at least: it compiles, and its output gives the measured bytes per patch
+    check_ranges(args, {"seq_len": 2, "batch_size": 1, "steps": 1, "warmup": 1})
     arms = [(arm, *parse_arm(arm)) for arm in args.arms]
     for size in args.sizes:  # every arm checked (model, size, options) before minutes of compiling the first
         for _, kind, overrides in arms:

@@ -156,4 +156,37 @@ def make_config(size: str = "tiny", model: str = "ionllama", **overrides) -> Mod
         raise UserError(f"unknown model option(s) {bad}; valid: {sorted(names)}")
     kw = dict(table[size])
     kw.update({k: v for k, v in overrides.items() if v is not None})
-    return ModelConfig(model=model, size=size, **kw)
+    return check_config(ModelConfig(model=model, size=size, **kw))
+
+
+CHOICES = {"attention": ("dilated", "dense"), "local_layers": ("integral", "transformer"),
+           "patching": ("entropy", "fixed", "space", "byte"), "threshold_mode": ("global", "monotonic"),
+           "ngram": ("hash", "conv", "none"), "pooling": ("mean", "attention"), "dec_init": ("default", "zero"),
+           "latent_shift": LATENT_SHIFTS}
+# the least value of each size option: a zero width or patch size used to end in a ZeroDivisionError or an
+# assert deep in the model; a zero latent depth built a model without a latent transformer, silently
+AT_LEAST = {"vocab_size": 2, "d_model": 1, "n_layers": 1, "n_heads": 1, "d_local": 1, "n_enc_layers": 0,
+            "n_dec_layers": 0, "local_window": 1, "conv_kernel": 1, "scan_chunk": 1, "ngram_buckets": 1,
+            "local_width": 1, "d_entropy": 1, "n_entropy_layers": 1, "entropy_state": 1, "entropy_headdim": 1,
+            "entropy_chunk": 1, "max_patch_size": 1, "fixed_patch_size": 1, "target_patch_size": 1}
+
+
+def check_config(cfg: ModelConfig) -> ModelConfig:
+    """The config if every option is in range, else a one-line UserError naming the option and the fix."""
+    for name, options in CHOICES.items():
+        if getattr(cfg, name) not in options:
+            raise UserError(f"unknown {name} '{getattr(cfg, name)}'; choose one of {', '.join(options)}")
+    for name, low in AT_LEAST.items():
+        if not getattr(cfg, name) >= low:  # `not >=`: NaN fails too
+            raise UserError(f"{name} must be >= {low} (got {getattr(cfg, name)})")
+    for name in ("dropout", "local_dropout"):
+        v = getattr(cfg, name)
+        if v is not None and not 0 <= v < 1:
+            raise UserError(f"{name} must be in [0, 1) (got {v})")
+    if cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2:
+        raise UserError(f"d_model {cfg.d_model} must split into n_heads {cfg.n_heads} heads of an even width "
+                        f"(rotary embeddings); e.g. d_model {cfg.n_heads * 64} for n_heads {cfg.n_heads}")
+    if cfg.model == "ionllama" and cfg.target_patch_size > cfg.max_patch_size:
+        raise UserError(f"target_patch_size {cfg.target_patch_size} is above max_patch_size {cfg.max_patch_size}; "
+                        "raise max_patch_size or lower the target")
+    return cfg

@@ -1,8 +1,10 @@
 """User-facing errors: one line naming the problem and the fix, exit code 2, no traceback."""
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
+import warnings
 
 
 class UserError(Exception):
@@ -14,6 +16,7 @@ def cli_entry(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        warnings.formatwarning = _one_line_warning  # a warning is one line too, not message + source line
         try:
             return fn(*args, **kwargs)
         except UserError as e:
@@ -24,3 +27,28 @@ def cli_entry(fn):
             sys.exit(130)
 
     return wrapper
+
+
+def check_ranges(args, at_least: dict[str, float], above_zero: tuple[str, ...] = ()) -> None:
+    """One-line UserError for a numeric flag below its least value or not above zero (NaN included); a flag
+    left at None (not given) is skipped."""
+    for name, low in at_least.items():
+        v = getattr(args, name, None)
+        if v is not None and not v >= low:
+            raise UserError(f"--{name} must be at least {low} (got {v})")
+    for name in above_zero:
+        v = getattr(args, name, None)
+        if v is not None and not v > 0:
+            raise UserError(f"--{name} must be above 0 (got {v})")
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag prints one `error: ...` line (exit 2) instead of usage + error."""
+
+    def error(self, message):
+        print(f"error: {message}; see {self.prog} --help", file=sys.stderr)
+        sys.exit(2)

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ionllama.errors import UserError, cli_entry  # noqa: E402
+from ionllama.errors import UserError, check_ranges, cli_entry  # noqa: E402
 
 SWEPT = "--from_sweep --step_graph --sweep_dir docs/results/phase1-sweep/sweep"
 # the best row's overrides (phase1-poolattn.md); the Q2 / Q3 rows add one key to them
@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--t", type=int, default=594, help="seconds for the whole call")
     p.add_argument("--budget", type=int, default=420, help="training seconds of the arm")
     a = p.parse_args(argv)
+    check_ranges(a, {"t": 1, "budget": 1})
     if a.row is None:
         print("\n".join(ROWS))
         return

@@ -153,6 +153,40 @@ def test_bad_inputs_exit_with_one_line(workdir, capsys):
     assert e.value.code == 2
 
 
+def test_more_bad_inputs_are_one_line_before_any_work(workdir, capsys):
+    """The bench's other mistakes (the CLI audit of the twenty-eighth session found each as a traceback, or as
+    silently accepted): a directory as --output, zero counts, a missing --published, undecodable files."""
+    ckpt = _save_trainer_checkpoint(create_model("tiny", model="dense", **SMALL), workdir / "run" / "best.pt")
+    (workdir / "adir").mkdir()
+    (workdir / "bad.txt").write_bytes(b"\xff\xfe abc")
+    (workdir / "bad.jsonl.xz").write_bytes(b"hi")  # named .xz, not xz data
+    base = ["--checkpoint", str(ckpt), "--device", "cpu", "--eval_data", str(workdir / "eval.txt")]
+    cases = [(["--output", str(workdir / "adir")], "is a directory"),
+             (["--speed_iters", "0"], "--speed_iters must be at least 1"),
+             (["--gen_batch", "0"], "--gen_batch must be at least 1"),
+             (["--compression_bytes", "0"], "--compression_bytes must be at least 1"),
+             (["--task_shots", "-1"], "--task_shots must be at least 0"),
+             (["--published", str(workdir / "nope.json")], "no such file"),
+             (["--published", str(workdir / "bad.txt")], "is not valid JSON"),
+             (["--baselines", str(workdir / "bad.txt")], "is not valid JSON"),
+             (["--amp", "foo"], "invalid choice"),
+             (["--skip", "nope"], "invalid choice")]
+    out = workdir / "kept" / "results.json"
+    out.parent.mkdir()
+    out.write_text("{}")
+    for extra, words in cases:
+        with pytest.raises(SystemExit) as e:
+            B.main(base + ["--output", str(out)] + extra)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and words in err[0], (extra, err)
+    with pytest.raises(SystemExit) as e:  # a corrupt .xz as --eval_data
+        B.main(["--checkpoint", str(ckpt), "--device", "cpu", "--eval_data", str(workdir / "bad.jsonl.xz"),
+                "--output", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "cannot read eval data" in err[0], err
+    assert out.read_text() == "{}"  # nothing written over the earlier results
+
+
 def test_lm_fallback_matches_harness_evaluator():
     bpb = pytest.importorskip("ionllama.eval.bpb")
     torch.manual_seed(0)

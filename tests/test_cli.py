@@ -60,6 +60,21 @@ def test_bad_input_is_one_line_exit_2(tmp_path, corpus, capsys):
          "--compile_mode reduce-overhead does not work with --model ionllama"),
         (["--step_graph"], "--step_graph needs a CUDA device"),
         (["--min_lr_ratio", "1.5"], "--min_lr_ratio 1.5 is not in [0, 1]"),
+        # the twenty-eighth session's CLI audit: each of these was a traceback deep in torch, or trained silently
+        (["--seq_len", "1"], "--seq_len must be at least 2"),
+        (["--lr", "-1"], "--lr must be above 0"),
+        (["--lr", "nan"], "--lr must be above 0"),
+        (["--entropy_steps", "-1"], "--entropy_steps must be at least 0"),
+        (["--warmup_steps", "-3"], "--warmup_steps must be at least 0"),
+        (["--max_train_time", "-1"], "--max_train_time must be above 0"),
+        (["--eval_batch_size", "0"], "--eval_batch_size must be at least 1"),
+        (["--d_model", "0"], "d_model must be >= 1"),
+        (["--n_heads", "7"], "must split into n_heads 7 heads"),
+        (["--n_layers", "0"], "n_layers must be >= 1"),
+        (["--model", "ionllama", "--max_patch_size", "0"], "max_patch_size must be >= 1"),
+        (["--model", "ionllama", "--patching", "fixed", "--fixed_patch_size", "0"], "fixed_patch_size must be >= 1"),
+        (["--model", "ionllama", "--patching", "bytes"], "unknown patching 'bytes'"),
+        (["--dropout", "1.5"], "dropout must be in [0, 1)"),
     ]
     for extra, pattern in cases:
         argv = args(tmp_path, corpus)
@@ -89,6 +104,27 @@ def test_checkpoint_errors_and_nothing_saved_is_lost(tmp_path, corpus, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(saved["latest.pt"][:1000])
     expect_error(capsys, args(tmp_path, corpus, "--resume", str(bad), "--run_name", "other"), "corrupt")
+
+
+def test_resume_past_the_last_step_is_refused_and_rewrites_nothing(tmp_path, corpus, capsys):
+    """--max_steps below the checkpoint's step: nothing to train. It used to exit 0 and rewrite latest.pt, final.pt
+    and config.json with the new settings (the run's own train_args lost)."""
+    assert main(args(tmp_path, corpus, "--max_steps", "3", "--eval_interval", "3")) == 0
+    run = tmp_path / "runs" / "r"
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    expect_error(capsys, args(tmp_path, corpus, "--max_steps", "1", "--resume", "auto"), "nothing to train")
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_a_warning_is_one_line(tmp_path):
+    """Lines that are not JSON are skipped with a warning: one `warning:` line, not message + source line."""
+    p = tmp_path / "mixed.jsonl"
+    p.write_text("not json\n" + "".join(json.dumps({"text": f"doc {i} " * 20}) + "\n" for i in range(20)))
+    r = subprocess.run([sys.executable, "-m", "ionllama.cli", "prepare", "--data_path", str(p), "--data_dir",
+                        str(tmp_path / "c"), "--val_fraction", "0.2"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})  # a process: pytest captures warnings itself
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines() == [f"warning: {p}: skipped 1 line(s) that are not JSON objects"]
 
 
 def test_script_errors_have_no_traceback(tmp_path):

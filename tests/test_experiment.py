@@ -32,6 +32,24 @@ def _argv(tmp_path, pattern, *extra):
             "--no-compile", "--also_eval_seq_len", "32", *TINY, *extra]
 
 
+def test_bad_eval_data_or_out_fails_before_any_arm_trains(tmp_path, capsys):
+    """A corrupt --eval_data used to fail after the first arm had trained (a traceback from lzma); an --out that
+    cannot be made, in a traceback after training. Both are now one line before any training."""
+    pattern = write_corpus(tmp_path, n_train=12, n_val=2, doc_bytes=1200)
+    bad = tmp_path / "bad.jsonl.xz"
+    bad.write_bytes(b"hi")  # named .xz, not xz data
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for extra, words in ((["--eval_data", str(bad)], "cannot read eval data"),
+                         (["--out", str(blocker / "sub")], "cannot create --out")):
+        argv = _argv(tmp_path, pattern) + extra
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and words in err[0], err
+        assert not (tmp_path / "ck").exists()  # no arm started
+
+
 def test_two_arm_matrix_writes_results_and_resumes(tmp_path, capsys, one_thread):
     pattern = write_corpus(tmp_path, n_train=12, n_val=2, doc_bytes=1200)
     assert main(_argv(tmp_path, pattern)) == 0

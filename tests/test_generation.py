@@ -283,6 +283,23 @@ def test_cli_bad_checkpoint_is_one_line_exit_2(tmp_path, capsys, content):
     assert err.startswith("error:") and "\n" not in err
 
 
+@pytest.mark.parametrize("extra, words", [(["--temperature", "nan"], "temperature must be >= 0"),
+                                          (["--device", "foo"], "unknown --device 'foo'"),
+                                          (["--max_new_bytes", "abc"], "invalid int value: 'abc'"),
+                                          (["--compile", "fast"], "invalid choice: 'fast'")])
+def test_cli_bad_flags_are_one_line_exit_2(tmp_path, capsys, extra, words):
+    """A NaN temperature used to print the prompt and exit 0; a bad device read as a bad checkpoint; argparse
+    mistakes printed the whole usage block."""
+    from ionllama.generation.cli import main
+
+    ck = tmp_path / "m.pt"
+    _save_ckpt(tiny_dense(), ck)
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(ck), "--prompt", "x", "--max_new_bytes", "4", "--device", "cpu"] + extra)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and words in err, err
+
+
 @pytest.mark.parametrize("kind", ["dense", "ionllama"])
 def test_generate_inside_autocast_runs_in_model_dtype(kind):
     """A bf16 autocast region around generate (as in a training loop's task evaluation) must neither

@@ -107,6 +107,24 @@ def test_train_throughput_bad_text_path_is_one_line_exit_2(tmp_path, content, sa
     assert "| arm |" not in r.stdout
 
 
+@pytest.mark.parametrize("script, argv, says", [
+    ("bench_train_throughput", ["--sizes", "tiny", "--arms", "dense", "--warmup", "0"], "--warmup must be at least 1"),
+    ("bench_train_throughput", ["--sizes", "tiny", "--arms", "dense", "--batch_size", "0"], "--batch_size must be at"),
+    ("bench_generation", ["--size", "huge", "--device", "cpu"], "unknown size 'huge'"),
+    ("bench_generation", ["--device", "foo"], "unknown --device 'foo'"),
+    ("bench_generation", ["--device", "cpu", "--batch", "0"], "--batch must be at least 1"),
+    ("bench_generation", ["--device", "cpu", "--contexts", "-5"], "--contexts must all be at least 1"),
+], ids=["warmup0", "batch0", "size", "device", "gen-batch0", "contexts"])
+def test_benchmark_bad_flags_are_one_line_exit_2(tmp_path, script, argv, says):
+    """Found by the twenty-eighth session's CLI audit: --warmup 0 ended in an UnboundLocalError after the model
+    was built; bench_generation printed one traceback per configuration for a bad size or device and exited 0."""
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{script}.py"), *argv, "--out",
+                        str(tmp_path / "o.json")], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO), "OUT": str(tmp_path)})
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert says in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def test_decode_levers_commands_parse(tmp_path):
     pds, bench, train = _load("profile_decode_step"), _load("bench_generation"), _load("bench_train_throughput")
     ssd = _load("bench_ssd_forward")
@@ -236,7 +254,8 @@ def test_device_command_refuses_bad_input(tmp_path):
     for args, words in ((["no such row", "--res", "x"], "unknown row"),
                         (["2K windows, bpe"], "--res is needed"),
                         (["2K windows, bpe", "--res", "docs/results/x"], "bare folder name"),
-                        (["2K windows, bpe", "--res", "x", "--t", "560"], "does not fit T=560")):
+                        (["2K windows, bpe", "--res", "x", "--t", "560"], "does not fit T=560"),
+                        (["2K windows, bpe", "--res", "x", "--budget", "0"], "--budget must be at least 1")):
         r = subprocess.run(script + args, capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
         assert not r.stdout

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..data import tasks as T
-from ..errors import UserError, cli_entry
+from ..errors import OneLineParser, UserError, check_ranges, cli_entry
 from ..registry import create_model
 from . import lm as lm_mod
 from . import plots as P
@@ -41,7 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def build_parser(prog: str = "ionllama bench") -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    ap = OneLineParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default=None, help="a .pt written by the trainer (any registered model)")
     ap.add_argument("--size", default=None, help="model size; without --checkpoint a random-init model of this "
                     "size is measured (speed/memory), with one it must match the checkpoint")
@@ -179,8 +179,18 @@ def _model_info(model, config, size_flag: str | None) -> dict:
             "params": {k: int(v) for k, v in counts.items()}, "size_flag": size_flag}
 
 
+# the least value of each numeric flag (a zero used to end in a ZeroDivisionError or an empty median, a negative
+# count was taken silently)
+BENCH_AT_LEAST = {"max_eval_bytes": 2, "max_lang_bytes": 1, "n_tasks": 1, "max_digits": 1, "task_shots": 0,
+                  "seq_len": 2, "batch_size": 1, "gen_batch": 1, "gen_bytes": 1, "speed_iters": 1,
+                  "compression_bytes": 1, "bpe_vocab": 257}
+
+
 def run(argv: list[str], prog: str) -> dict:
     a = build_parser(prog).parse_args(argv)
+    check_ranges(a, BENCH_AT_LEAST)
+    if Path(a.output).is_dir():
+        raise UserError(f"--output {a.output} is a directory; pass a file path such as {a.output}/results.json")
     t_start = time.perf_counter()
     device = _device(a.device)
     amp = _amp(a.amp, device)

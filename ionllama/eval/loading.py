@@ -163,6 +163,20 @@ def read_eval_bytes(path: str | Path, max_bytes: int | None = None, text_field: 
         raise UserError(f"no text or jsonl files under '{p}'; pass --eval_data with .txt or .jsonl files")
     if p.suffix == ".bin" or (p.is_file() and p.suffix in (".u8", ".npy")):
         return _read_shard(p, max_bytes)
+    try:
+        parts = _read_documents(files, max_bytes, text_field)
+    except (OSError, EOFError, lzma.LZMAError, UnicodeDecodeError) as e:  # corrupt / mislabelled file: one line
+        raise UserError(f"cannot read eval data '{p}': {e}; pass UTF-8 text or jsonl (plain, .gz or .xz)") from None
+    # each document preceded by DOC_SEP, as in the trainer's shards, so BPB here matches its val_bpb layout
+    data = b"".join(bytes([DOC_SEP]) + d for d in parts)
+    if max_bytes is not None:
+        data = data[:max_bytes]
+    if len(data) < 2:
+        raise UserError(f"eval data '{p}' holds fewer than 2 bytes of text; pass a larger --eval_data")
+    return np.frombuffer(data, dtype=np.uint8).copy()
+
+
+def _read_documents(files: list[Path], max_bytes: int | None, text_field: str) -> list[bytes]:
     parts: list[bytes] = []
     total = 0
     for f in files:
@@ -176,13 +190,7 @@ def read_eval_bytes(path: str | Path, max_bytes: int | None = None, text_field: 
                 break
         if max_bytes is not None and total >= max_bytes:
             break
-    # each document preceded by DOC_SEP, as in the trainer's shards, so BPB here matches its val_bpb layout
-    data = b"".join(bytes([DOC_SEP]) + d for d in parts)
-    if max_bytes is not None:
-        data = data[:max_bytes]
-    if len(data) < 2:
-        raise UserError(f"eval data '{p}' holds fewer than 2 bytes of text; pass a larger --eval_data")
-    return np.frombuffer(data, dtype=np.uint8).copy()
+    return parts
 
 
 def _read_shard(p: Path, max_bytes: int | None) -> np.ndarray:

@@ -58,10 +58,12 @@ def load_published(path: str | Path | None) -> list[dict]:
         return []
     p = Path(path)
     if not p.is_file():
-        return []
+        if p == Path(DEFAULT_PUBLISHED):
+            return []
+        raise UserError(f"--published {p}: no such file; pass a published-figures JSON or --published ''")
     try:
         doc = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{p} is not valid JSON ({e}); fix the file or pass --published ''") from None
     entries = doc.get("entries", []) if isinstance(doc, dict) else None
     if not isinstance(entries, list):
@@ -237,7 +239,7 @@ def load_results(path: str | Path) -> dict:
         raise UserError(f"results file '{p}' not found; pass a results.json written by `ionllama bench`")
     try:
         r = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{p} is not valid JSON ({e}); re-run `ionllama bench`") from None
     if not isinstance(r, dict) or "schema_version" not in r or "metrics" not in r:
         raise UserError(f"{p} is not a benchmark results.json (no schema_version/metrics)")

@@ -59,6 +59,10 @@ class Runner:
         self.command = "ionllama experiment " + " ".join(shlex.quote(x) for x in argv)
         if args.matrix not in MATRICES:
             raise UserError(f"unknown --matrix '{args.matrix}'; choose one of {', '.join(MATRICES)}")
+        try:  # before any arm trains: its results must have somewhere to go
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create --out {self.out} ({e.strerror}); pass a writable folder") from None
         self.matrix = MATRICES[args.matrix]
         self.overrides = parse_overrides(args.override)
         # the sweep's runs: --from_sweep may read another results folder's sweep (a new setting on top of the
@@ -393,8 +397,13 @@ class Runner:
                 from ..data.bpe import DEFAULT_VOCAB, prepare_tokens
 
                 prepare_tokens(byte_dir, int(spec.get("vocab_size", DEFAULT_VOCAB)), log=_log)
-        for name, path in (self.eval_sets() if eval_sets else []):
-            _log(f"eval set {name}: {len(self._byte_set(name, path, None)) - 1:,} bytes from {path}")
+        for name, path in self.eval_sets():
+            if eval_sets:
+                _log(f"eval set {name}: {len(self._byte_set(name, path, None)) - 1:,} bytes from {path}")
+            else:  # read after training; its first bytes now, so a corrupt file fails before the arms train
+                from ..eval.loading import read_eval_bytes
+
+                read_eval_bytes(path, max_bytes=4096)
         _log(f"data ready in {time.perf_counter() - t0:.0f} s")
 
     def pretrain(self) -> None:

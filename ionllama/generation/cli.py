@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from ..errors import UserError, cli_entry
+from ..errors import OneLineParser, UserError, cli_entry
 from .generate import generate
 from .utf8 import Utf8StreamDecoder
 
@@ -56,7 +56,7 @@ def _load_plain(path: str, device: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ionllama generate", description="Generate text from a checkpoint.")
+    p = OneLineParser(prog="ionllama generate", description="Generate text from a checkpoint.")
     p.add_argument("--checkpoint", required=True, help="model checkpoint (.pt)")
     p.add_argument("--prompt", default="", help="prompt text (UTF-8)")
     p.add_argument("--max_new_bytes", type=int, default=256)
@@ -92,7 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
+    try:  # before the checkpoint: a bad name must not read as a bad checkpoint
+        torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown --device '{device}'; use auto, cpu, cuda or cuda:N") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is visible; use --device cpu")
     model = load_checkpoint_model(args.checkpoint, device)
     write = _writer(sys.stdout)

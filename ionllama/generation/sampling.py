@@ -79,7 +79,7 @@ class SamplingConfig:
     greedy: bool = False
 
     def __post_init__(self):
-        if self.temperature is None or self.temperature < 0:
+        if self.temperature is None or not self.temperature >= 0:  # `not >=`: NaN is refused too
             raise UserError(f"temperature must be >= 0, got {self.temperature}; use 0 or --greedy for argmax")
         if self.top_k is not None and self.top_k < 1:
             raise UserError(f"top_k must be >= 1, got {self.top_k}; omit it to disable top-k")

@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from ..config import parse_ngram_sizes
-from ..errors import UserError, cli_entry
+from ..errors import OneLineParser, UserError, cli_entry
 from .schedule import DEFAULT_MIN_LR_RATIO
 
 SIZES = ("tiny", "small", "base", "large", "xl")
@@ -23,14 +23,6 @@ MODEL_OVERRIDES = {
     "dropout": float, "local_dropout": float, "fixed_patch_size": int, "entropy_chunk": int, "ngram_buckets": int,
     "ngram_sizes": parse_ngram_sizes, "embed_std": float, "dec_init": str, "local_width": int,
 }
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag prints one `error: ...` line (exit 2) instead of usage + error."""
-
-    def error(self, message):
-        print(f"error: {message}; see {self.prog} --help", file=sys.stderr)
-        sys.exit(2)
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:

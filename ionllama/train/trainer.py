@@ -29,7 +29,7 @@ import torch.nn as nn
 from ..config import make_config
 from ..data import DOC_SEP, DOC_SEP_BYTES
 from ..data.bpe import TokenTraining, configure as token_configure, is_token_model
-from ..errors import UserError
+from ..errors import UserError, check_ranges
 from ..eval.bpb import LN2, evaluate_batches, evaluate_bpb
 from ..registry import build_model, model_names
 from . import checkpoint as ckpt_io
@@ -209,6 +209,14 @@ def sample_bytes(model: nn.Module, prompt: bytes, n: int, seq_len: int, device: 
     return bytes(out)
 
 
+# the smallest value each numeric flag takes (None = not given, so the default rule applies): a negative step count
+# or learning rate used to train something else without a word (e.g. --entropy_steps -1), or fail deep in torch
+AT_LEAST = {"seq_len": 2, "batch_size": 1, "grad_accum": 1, "max_steps": 1, "eval_interval": 1, "log_interval": 1,
+            "eval_bytes": 1, "eval_batch_size": 1, "save_interval": 1, "warmup_steps": 0, "entropy_steps": 0,
+            "joint_steps": 0, "stop_at": 0, "sample_bytes": 0, "weight_decay": 0, "grad_clip": 0}
+ABOVE_ZERO = ("lr", "entropy_lr", "max_train_time")
+
+
 class Trainer:
     def __init__(self, args: argparse.Namespace, explicit: set[str] | None = None, rank: int = 0, world_size: int = 1):
         self.rank, self.world_size = rank, world_size
@@ -222,9 +230,7 @@ class Trainer:
         if getattr(args, "compile_stage_a", "auto") == "on" and not getattr(args, "step_graph", False):
             raise UserError("--compile_stage_a on needs --step_graph (stage A is the captured step's first stage); "
                             "add --step_graph, or drop --compile_stage_a")
-        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_interval", "log_interval"):
-            if getattr(args, name) is not None and getattr(args, name) < 1:
-                raise UserError(f"--{name} must be at least 1 (got {getattr(args, name)})")
+        check_ranges(args, AT_LEAST, ABOVE_ZERO)
 
         # ---- run folder and the checkpoint to resume
         self.dist = distributed.context()
@@ -616,6 +622,10 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
         a, plan = self.args, self.plan
+        if self.step > plan.total:  # before config.json or a checkpoint is rewritten with these settings
+            raise UserError(f"the checkpoint is at step {self.step}, past this run's last step {plan.total} "
+                            f"(--max_steps {a.max_steps} with its phases); nothing to train: raise --max_steps, or "
+                            f"start a new run with another --run_name")
         if self.is_main:
             n_params = sum(p.numel() for p in self.model.parameters())
             gb = self.sampler.global_batch
