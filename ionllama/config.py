@@ -186,7 +186,7 @@ def check_config(cfg: ModelConfig) -> ModelConfig:
     if cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2:
         raise UserError(f"d_model {cfg.d_model} must split into n_heads {cfg.n_heads} heads of an even width "
                         f"(rotary embeddings); e.g. d_model {cfg.n_heads * 64} for n_heads {cfg.n_heads}")
-    if cfg.model == "ionllama" and cfg.target_patch_size > cfg.max_patch_size:
+    if cfg.model == "ionllama" and cfg.patching == "entropy" and cfg.target_patch_size > cfg.max_patch_size:
         raise UserError(f"target_patch_size {cfg.target_patch_size} is above max_patch_size {cfg.max_patch_size}; "
                         "raise max_patch_size or lower the target")
     return cfg

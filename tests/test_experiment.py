@@ -34,14 +34,16 @@ def _argv(tmp_path, pattern, *extra):
 
 def test_bad_eval_data_or_out_fails_before_any_arm_trains(tmp_path, capsys):
     """A corrupt --eval_data used to fail after the first arm had trained (a traceback from lzma); an --out that
-    cannot be made, in a traceback after training. Both are now one line before any training."""
+    cannot be made, in a traceback after training; a bad --override value printed two error lines. All are now one
+    line before any training."""
     pattern = write_corpus(tmp_path, n_train=12, n_val=2, doc_bytes=1200)
     bad = tmp_path / "bad.jsonl.xz"
     bad.write_bytes(b"hi")  # named .xz, not xz data
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     for extra, words in ((["--eval_data", str(bad)], "cannot read eval data"),
-                         (["--out", str(blocker / "sub")], "cannot create --out")):
+                         (["--out", str(blocker / "sub")], "cannot create --out"),
+                         (["--override", "d_model=abc"], "invalid int value: 'abc'")):
         argv = _argv(tmp_path, pattern) + extra
         with pytest.raises(SystemExit) as e:
             main(argv)

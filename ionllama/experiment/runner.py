@@ -195,11 +195,13 @@ class Runner:
 
         targv = self.trainer_argv(run_name, spec, budget_s)
         parser = build_train_parser()
-        try:
-            targs = parser.parse_args(targv)
-        except SystemExit:
-            raise UserError(f"arm {run_name}: the trainer rejected flags {targv}; a flag of this arm is not "
-                            "supported by this version of the trainer") from None
+
+        def reject(message):  # one line naming the flag, instead of the trainer's line and then this one
+            raise UserError(f"arm {run_name}: the trainer rejected its flags: {message}; check --override and the "
+                            "arm's settings")
+
+        parser.error = reject
+        targs = parser.parse_args(targv)
         run_dir = self.ckpt_dir / run_name
         marker = run_dir / "experiment.json"
         state = _read_json(marker) or {}
