@@ -75,6 +75,8 @@ def test_bad_input_is_one_line_exit_2(tmp_path, corpus, capsys):
         (["--model", "ionllama", "--patching", "fixed", "--fixed_patch_size", "0"], "fixed_patch_size must be >= 1"),
         (["--model", "ionllama", "--patching", "bytes"], "unknown patching 'bytes'"),
         (["--dropout", "1.5"], "dropout must be in [0, 1)"),
+        (["--model", "bpe", "--vocab_size", "10"], "a byte-level BPE needs more than the 256 bytes"),
+        (["--model", "ionllama", "--max_steps", "2", "--joint_steps", "5"], "leaves none of --max_steps 2"),
         (["--model", "ionllama", "--max_patch_size", "2"], "target_patch_size 4.0 is above max_patch_size 2"),
     ]
     for extra, pattern in cases:

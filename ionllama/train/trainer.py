@@ -245,6 +245,9 @@ class Trainer:
 
         # ---- model config (validated before any data work)
         overrides = {k: getattr(args, k) for k in MODEL_OVERRIDES if getattr(args, k, None) is not None}
+        if is_token_model(args.model) and overrides.get("vocab_size", 257) <= 256:  # was replaced by 4,096 silently
+            raise UserError(f"--vocab_size {overrides['vocab_size']}: a byte-level BPE needs more than the 256 bytes "
+                            "it starts from; e.g. --vocab_size 4096")
         self.config = token_configure(make_config(args.size, args.model, **overrides))  # BPE: default vocabulary
         if self.ck is not None:
             self._check_config_matches(ck_path)
@@ -294,6 +297,9 @@ class Trainer:
         has_entropy = bool(getattr(self.model, "needs_entropy_phase", False))
         E = (args.entropy_steps if args.entropy_steps is not None else args.max_steps // 3) if has_entropy else 0
         J = (args.joint_steps if args.joint_steps is not None else args.max_steps // 10) if has_entropy else 0
+        if J >= args.max_steps:  # the joint phase is the end of --max_steps: nothing would be left for the main phase
+            raise UserError(f"--joint_steps {J} leaves none of --max_steps {args.max_steps} to the main phase; "
+                            f"lower --joint_steps below {args.max_steps}")
         warmup = args.warmup_steps if args.warmup_steps is not None else max(1, min(1000, args.max_steps // 10))
         min_lr_ratio = getattr(args, "min_lr_ratio", DEFAULT_MIN_LR_RATIO)  # (runs saved before the flag: its value)
         if not 0.0 <= min_lr_ratio <= 1.0:
