@@ -18,8 +18,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SEP = "\x1f"
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+def _load(name: str, folder: str = "benchmarks"):
+    spec = importlib.util.spec_from_file_location(name, REPO / folder / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -193,15 +193,8 @@ def test_decode_levers_unknown_step_is_refused(tmp_path):
     assert r.returncode == 2 and "unknown step 'bogus'" in r.stderr and not calls
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 # the runbook's Phase-1 rows (docs/notes/gpu-runbook.md), one table shared with the command printer
-PLANNED = _load_script("phase1_rows").ROWS
+PLANNED = _load("phase1_rows", "scripts").ROWS
 
 
 @pytest.mark.parametrize("row", sorted(PLANNED))
@@ -228,7 +221,7 @@ def test_printed_device_command_runs_the_tested_row(tmp_path, row):
     """scripts/phase1_rows.py prints the device call for a row; run in a tree with the session's data copies and a
     stand-in gpu_phase1_parallel.sh, it hands that script exactly the row's env (the arm, EXTRA word for word) and
     renames the data folders as the carry expects."""
-    rows = _load_script("phase1_rows")
+    rows = _load("phase1_rows", "scripts")
     argv = [sys.executable, str(REPO / "scripts/phase1_rows.py"), row, "--res", "phase1-x", "--commit", "abc123"]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
