@@ -43,7 +43,13 @@ def test_bad_eval_data_or_out_fails_before_any_arm_trains(tmp_path, capsys):
     blocker.write_text("x")
     for extra, words in ((["--eval_data", str(bad)], "cannot read eval data"),
                          (["--out", str(blocker / "sub")], "cannot create --out"),
-                         (["--override", "d_model=abc"], "invalid int value: 'abc'")):
+                         (["--override", "d_model=abc"], "invalid int value: 'abc'"),
+                         # taken silently before: one curve point, no deadline, base settings instead of the picks
+                         (["--curve_points", "-1"], "--curve_points must be at least 1"),
+                         (["--deadline_s", "-1"], "--deadline_s must be above 0"),
+                         (["--task_lr", "nan"], "--task_lr must be above 0"),
+                         (["--from_sweep"], "--from_sweep: no sweep folder"),
+                         (["--from_sweep", "--sweep_dir", str(tmp_path / "nope")], "no sweep folder")):
         argv = _argv(tmp_path, pattern) + extra
         with pytest.raises(SystemExit) as e:
             main(argv)
@@ -108,6 +114,15 @@ def test_two_arm_matrix_writes_results_and_resumes(tmp_path, capsys, one_thread)
     assert main(_argv(tmp_path, pattern)) == 0
     out = capsys.readouterr().out
     assert out.count("done already") == 2 and "training" not in out
+    assert (res / "phase1" / "dense" / "final.json").stat().st_mtime_ns == mtime
+    # ... but not under other training flags: that would report the old run as the new one (another --device or
+    # --log_interval is no change in what was trained, and still skips)
+    assert main(_argv(tmp_path, pattern, "--log_interval", "3")) == 0
+    for extra, words in ((["--seed", "5"], "--seed 0 -> 5"), (["--override", "dropout=0.2"], "spec ")):
+        with pytest.raises(SystemExit) as e:
+            main(_argv(tmp_path, pattern, *extra))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and "finished with other settings" in err[0] and words in err[0]
     assert (res / "phase1" / "dense" / "final.json").stat().st_mtime_ns == mtime
 
     # an arm interrupted after a checkpoint continues from latest.pt instead of starting over

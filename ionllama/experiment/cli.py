@@ -7,16 +7,22 @@ import sys
 
 import torch
 
-from ..errors import UserError, cli_entry
+from ..errors import OneLineParser, UserError, check_ranges, cli_entry
 from . import __doc__ as _PACKAGE_DOC  # the package's docstring: what `--help` says first
 from .matrix import MATRICES, TASK_ARMS
 from .report import write_report
 from .runner import Runner
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from ..train.cli import OneLineParser
+# numeric flags' least values, checked before anything trains (the trainer would only refuse them when the
+# first arm starts, after the data is prepared; a negative --curve_points or --deadline_s was taken silently)
+AT_LEAST = {"curve_points": 1, "curve_eval_bytes": 1, "eval_bytes": 1, "eval_batch_size": 1, "also_eval_seq_len": 2,
+            "seq_len": 2, "batch_size": 1, "grad_accum": 1, "log_interval": 1, "arm_overhead_s": 0,
+            "task_steps": 1, "task_batch": 1, "task_seq_len": 8, "task_n": 1}
+ABOVE_ZERO = ("budget_s", "sweep_budget_s", "deadline_s", "checkpoint_every_s", "task_lr", "task_time_s")
 
+
+def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="ionllama experiment", description=_PACKAGE_DOC.split("\n\n")[0],
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--matrix", default="phase1", choices=sorted(MATRICES),
@@ -103,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if a.compile is None:
         a.compile = torch.cuda.is_available() and a.device in ("auto", "cuda") or a.device.startswith("cuda")
-    if a.budget_s <= 0:
-        raise UserError(f"--budget_s must be positive, got {a.budget_s}")
+    check_ranges(a, AT_LEAST, ABOVE_ZERO)
     stages = [s.strip() for s in a.stage.split(",") if s.strip()]
     if "compare" in stages or a.runs:
         return compare(a, stages, argv)
@@ -114,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         raise UserError(f"unknown --stage {bad}; use prepare, pretrain, sweep, tasks, report (or compare alone)")
     runner = Runner(a, argv)
+    if a.from_sweep and "sweep" not in stages and not runner.sweep_dir.is_dir():
+        # without this the arms trained their base settings without a word
+        raise UserError(f"--from_sweep: no sweep folder {runner.sweep_dir}; pass --sweep_dir (e.g. "
+                        "docs/results/phase1-sweep/sweep) or run --stage sweep first")
     runner.eval_sets()  # validate paths before any training
     names = runner.arm_names()
     for s in stages:

@@ -33,6 +33,37 @@ from .matrix import (
 from .report import _fmt
 from .tasks import run_task_stage
 
+# trainer flags that say where or how fast an arm ran, not what it learned: a finished arm may be re-run with
+# other values of these (another machine, data copied elsewhere) and still be skipped
+_WHERE_FLAGS = {"data_path", "dataset", "data_dir", "save_dir", "device", "log_interval", "compile", "compile_mode",
+                "step_graph", "eval_batch_size", "resume"}
+
+
+def _flag_values(argv: list[str]) -> dict[str, object]:
+    out, i = {}, 0
+    while i < len(argv):
+        if argv[i].startswith("--"):
+            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            out[argv[i][2:]] = argv[i + 1] if has_value else True
+            i += 2 if has_value else 1
+        else:
+            i += 1
+    return out
+
+
+def _changed_settings(final: dict, spec: dict, targv: list[str]) -> str:
+    """What differs between a finished arm's final.json and the settings it would train with now ('' if
+    nothing that shapes training)."""
+    if json.loads(json.dumps(spec)) != final.get("spec", spec):
+        return f"spec {final.get('spec')} -> {spec}"
+    old = _flag_values(shlex.split(final.get("trainer_command", ""))[2:])
+    new = _flag_values(targv)
+    if not old:
+        return ""
+    diff = [f"--{k} {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new))
+            if k not in _WHERE_FLAGS and old.get(k) != new.get(k)]
+    return ", ".join(diff)
+
 
 def process_age_s() -> float:
     """Seconds since this process started (Linux: /proc; elsewhere 0). --deadline_s counts from the process start,
@@ -184,8 +215,13 @@ class Runner:
     def run_arm(self, arm: str, out_dir: Path, spec: dict, budget_s: float, run_name: str) -> dict | None:
         final_path = out_dir / "final.json"
         if final_path.exists():
+            done = _read_json(final_path) or {}
+            diff = _changed_settings(done, spec, self.trainer_argv(run_name, spec, budget_s))
+            if diff:  # skipping it would report the old run under the new flags
+                raise UserError(f"{final_path} holds {run_name} finished with other settings ({diff}); use "
+                                "another --out (or delete that folder) to train it with these")
             _log(f"{run_name}: done already ({final_path}); skipped")
-            return _read_json(final_path)
+            return done
         need = budget_s + self.a.arm_overhead_s
         if self.time_left() < need:
             _log(f"{run_name}: not started ({self.time_left():.0f} s left before --deadline_s, an arm needs ~{need:.0f} s); "
