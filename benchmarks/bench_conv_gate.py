@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -28,8 +29,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import benchmarks.bench_attention as ba  # noqa: E402
-from benchmarks.bench_attention import copy_bandwidth, do_bench, git_commit  # noqa: E402
+from benchmarks.bench_attention import check_choices, check_flags, copy_bandwidth, do_bench, git_commit  # noqa: E402
+from benchmarks.bench_attention import int_list  # noqa: E402
 import ionllama.kernels as K  # noqa: E402
+from ionllama.errors import OneLineParser, UserError, cli_entry  # noqa: E402
 from ionllama.model.conv import causal_conv_gate_reference  # noqa: E402
 
 DT = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -206,7 +209,7 @@ def print_bwd_table(log, default_cfg):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="conv gate fwd+bwd benchmark")
+    p = OneLineParser(description="conv gate fwd+bwd benchmark")
     p.add_argument("--out", required=True)
     p.add_argument("--shapes", default="8x8192x256,64x1024x256", help="BxTxD triples (ionllama-small: D=256)")
     p.add_argument("--kernel", type=int, default=4, help="conv taps (ModelConfig.conv_kernel)")
@@ -217,12 +220,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "bwd_num_warps, each point checked against the reference; the defaults are untuned)")
     p.add_argument("--no-block", action="store_true", help="skip the compiled-IntegralLNNBlock A/B")
     p.add_argument("--rep", type=int, default=100)
-    p.add_argument("--device", default="cuda", help="cpu: dry run of this script under TRITON_INTERPRET=1")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="cpu: dry run of this script under TRITON_INTERPRET=1")
     return p
 
 
+@cli_entry
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
+    check_flags(a, {"kernel": 1, "rep": 1}, a.device)
+    int_list("shapes", a.shapes, "BxTxD")
+    check_choices("dtypes", a.dtypes, DT)
+    if a.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":  # the op is forced onto Triton below
+        raise UserError("--device cpu runs the Triton kernels in the interpreter: set TRITON_INTERPRET=1")
     ba.DEVICE = a.device
     import triton
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -24,7 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import benchmarks.bench_attention as ba  # noqa: E402
-from benchmarks.bench_attention import copy_bandwidth, do_bench, git_commit  # noqa: E402
+from benchmarks.bench_attention import check_choices, check_flags, copy_bandwidth, do_bench, git_commit  # noqa: E402
+from benchmarks.bench_attention import int_list  # noqa: E402
+from ionllama.errors import OneLineParser, cli_entry  # noqa: E402
 from ionllama.kernels import scan_const_decay  # noqa: E402
 from ionllama.kernels import scan_triton as st  # noqa: E402
 from ionllama.model.scan import scan_const_decay as scan_reference  # noqa: E402
@@ -125,7 +127,7 @@ def bench_ssd(rep, out_rows):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="scan fwd+bwd benchmark")
+    p = OneLineParser(description="scan fwd+bwd benchmark")
     p.add_argument("--out", required=True)
     p.add_argument("--lengths", default="2048,4096,8192,16384,32768")
     p.add_argument("--shapes", default="16x256,8x1024", help="BxD pairs")
@@ -137,14 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rep", type=int, default=100)
     p.add_argument("--profile", action="store_true", help="host overhead at T=2048 and kernel times at T=8192")
     p.add_argument("--sweep-length", type=int, default=8192)
-    p.add_argument("--device", default="cuda", help="cpu: dry run of this script under TRITON_INTERPRET=1")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="cpu: dry run of this script under TRITON_INTERPRET=1")
     p.add_argument("--graph_timing", action="store_true",
                    help="also time fwd+bwd replayed from a CUDA graph (no host overhead; second table)")
     return p
 
 
+@cli_entry
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
+    check_flags(a, {"rep": 1, "sweep-length": 1}, a.device)
+    int_list("lengths", a.lengths)
+    int_list("shapes", a.shapes, "BxD")
+    check_choices("dtypes", a.dtypes, DT)
     ba.DEVICE, ba.GRAPH_TIMING = a.device, a.graph_timing
     import triton
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -11,16 +11,27 @@ within bf16 noise).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the usage above runs without PYTHONPATH
+from ionllama.errors import OneLineParser, UserError, cli_entry  # noqa: E402
 
-def records(run_dir: Path) -> list[dict]:
+
+def records(run_dir: Path, flag: str) -> list[dict]:
     from ionllama.train.metrics import read_metrics  # metrics.jsonl or its .gz copy
 
-    return read_metrics(run_dir)
+    try:
+        recs = read_metrics(run_dir)
+    except FileNotFoundError:
+        raise UserError(f"{flag}: no metrics.jsonl(.gz) in {run_dir}; give a run's folder as DIR") from None
+    except (OSError, EOFError) as e:  # unreadable, or a corrupt / cut .gz
+        raise UserError(f"{flag}: cannot read the metrics in {run_dir} ({e}); give a run's folder") from None
+    if not recs:  # e.g. a file that is not a metrics log: every line skipped
+        raise UserError(f"{flag}: {run_dir} holds no metrics records; give a run's folder (its metrics.jsonl)")
+    return recs
 
 
 def summarize(recs: list[dict], gpus: int) -> dict:
@@ -34,23 +45,26 @@ def summarize(recs: list[dict], gpus: int) -> dict:
 
 
 def parse_run(spec: str) -> tuple[str, Path, int]:
-    name, _, rest = spec.partition("=")
+    name, eq, rest = spec.partition("=")
     path, _, gpus = rest.partition(":")
+    if not (eq and name and path) or not (gpus or "1").isdigit() or int(gpus or 1) < 1:
+        raise UserError(f"'{spec}' is not NAME=DIR[:GPUS] (GPUS a whole number, at least 1); e.g. ddp2=runs/ddp2:2")
     return name, Path(path), int(gpus or 1)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+@cli_entry
+def main(argv=None) -> None:
+    ap = OneLineParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", required=True, help="NAME=DIR[:GPUS], the reference run")
     ap.add_argument("--run", action="append", default=[], help="NAME=DIR[:GPUS] (repeatable)")
     ap.add_argument("--out", default=None)
-    a = ap.parse_args()
-    bname, bdir, bgpus = parse_run(a.base)
-    base = summarize(records(bdir), bgpus)
+    a = ap.parse_args(argv)
+    specs = [parse_run(spec) for spec in [a.base, *a.run]]  # every spec checked before any run is read
+    bname, bdir, bgpus = specs[0]
+    base = summarize(records(bdir, f"--base {a.base}"), bgpus)
     out = {"base": bname, "runs": {bname: {k: v for k, v in base.items() if k != "losses"}}}
-    for spec in a.run:
-        name, d, gpus = parse_run(spec)
-        s = summarize(records(d), gpus)
+    for spec, (name, d, gpus) in zip(a.run, specs[1:]):
+        s = summarize(records(d, f"--run {spec}"), gpus)
         common = sorted(set(s["losses"]) & set(base["losses"]))
         row = {k: v for k, v in s.items() if k != "losses"}
         if s["bytes_per_s"] and base["bytes_per_s_per_gpu"]:

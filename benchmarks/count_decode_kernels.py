@@ -23,20 +23,22 @@ compiled stages it also counts buffers of the caches' size that the generated co
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import re
 import subprocess
 import time
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import ionllama
+from ionllama.errors import OneLineParser, UserError, cli_entry
 from ionllama.generation.decoding import decoder_for
 from ionllama.generation.runner import DecodeRunner
 from ionllama.generation.sampling import SamplingConfig
+from ionllama.registry import model_config
 
 MAX_LEN = 1999  # the caches' length: a size nothing else in the step has
 
@@ -84,9 +86,10 @@ def inductor_counts(fn) -> dict:
             "compile_s": round(time.perf_counter() - t0, 1)}
 
 
+@cli_entry
 @torch.no_grad()
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv=None) -> None:
+    ap = OneLineParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", default="small")
     ap.add_argument("--no_compile", action="store_true", help="eager op counts only (seconds instead of minutes)")
     ap.add_argument("--out", default=None)
@@ -98,7 +101,11 @@ def main() -> None:
     ap.add_argument("--fused_latent_step", action="store_true",
                     help="ionLlama's latent blocks as the fused Triton step (needs TRITON_INTERPRET=1 on CPU)")
     ap.add_argument("--models", nargs="+", default=["ionllama", "dense"])
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    for model in a.models:  # every model and the size checked before minutes of compiling the first
+        model_config(a.size, model)
+    if a.out and not Path(a.out).resolve().parent.is_dir():  # else a traceback after all the counting
+        raise UserError(f"--out {a.out}: its folder does not exist; create it or give another path")
     torch.manual_seed(0)
     res = {}
     for model in a.models:

@@ -16,16 +16,21 @@ Backend aot_eager: it traces and partitions exactly as Inductor would, without c
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import subprocess
+from pathlib import Path
 
 import torch
 
 import ionllama.kernels as K
 from ionllama import create_model
+from ionllama.errors import OneLineParser, UserError, check_ranges, cli_entry
+from ionllama.registry import model_config
+from ionllama.train.trainer import resolve_device
+
+ROUTINGS = ("eager_reference", "custom_ops")
 
 
 def count(model, x, y, routing: str) -> dict:
@@ -45,8 +50,9 @@ def count(model, x, y, routing: str) -> dict:
         torch._dynamo.reset()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+@cli_entry
+def main(argv=None) -> None:
+    ap = OneLineParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", default="tiny")
     ap.add_argument("--seq_len", type=int, default=256)
     ap.add_argument("--batch_size", type=int, default=2)
@@ -54,14 +60,25 @@ def main() -> None:
     ap.add_argument("--patching", default=None, help="override the size's patching (fixed and byte need no host sync)")
     ap.add_argument("--routings", default="eager_reference,custom_ops")
     ap.add_argument("--out", default=None)
-    a = ap.parse_args()
-    if a.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("on CPU the custom-op routing runs the Triton kernels in the interpreter: set TRITON_INTERPRET=1")
+    a = ap.parse_args(argv)
+    # bad input is one line, exit 2, before the model is built (it was an exit 1, or a traceback mid-run)
+    check_ranges(a, {"seq_len": 2, "batch_size": 1})
+    routings = a.routings.split(",")
+    for r in routings:
+        if r not in ROUTINGS:  # an unknown one ran as eager_reference under its own name
+            raise UserError(f"--routings: unknown routing '{r}'; give a comma list of {', '.join(ROUTINGS)}")
+    model_config(a.size, **({"patching": a.patching} if a.patching else {}))  # unknown size / patching
+    device = resolve_device(a.device)
+    if a.out and not Path(a.out).resolve().parent.is_dir():
+        raise UserError(f"--out {a.out}: its folder does not exist; create it or give another path")
+    if device.type == "cpu" and "custom_ops" in routings and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError("on CPU the custom-op routing runs the Triton kernels in the interpreter: "
+                        "set TRITON_INTERPRET=1 (or give --routings eager_reference)")
     torch.manual_seed(0)
-    model = create_model(a.size, **({"patching": a.patching} if a.patching else {})).to(a.device)
+    model = create_model(a.size, **({"patching": a.patching} if a.patching else {})).to(device)
     model.freeze_entropy(True)  # the main phase: entropy model frozen, as in most of training
-    x = torch.randint(0, 256, (a.batch_size, a.seq_len + 1), device=a.device)
-    rows = [count(model, x[:, :-1], x[:, 1:], r) for r in a.routings.split(",")]
+    x = torch.randint(0, 256, (a.batch_size, a.seq_len + 1), device=device)
+    rows = [count(model, x[:, :-1], x[:, 1:], r) for r in routings]
     assert all(abs(r["loss"] - rows[0]["loss"]) < 1e-4 for r in rows), rows  # same model, same numbers either way
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     meta = {"size": a.size, "patching": model.config.patching, "seq_len": a.seq_len, "batch_size": a.batch_size, "device": a.device,

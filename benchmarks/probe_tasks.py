@@ -34,11 +34,12 @@ import torch
 
 from ionllama import create_model
 from ionllama.data import tasks as T
-from ionllama.errors import UserError, cli_entry
+from ionllama.errors import OneLineParser, UserError, check_ranges, cli_entry
 from ionllama.eval.benchmark import git_commit
 from ionllama.eval.task_eval import run_tasks
 from ionllama.experiment.matrix import parse_overrides
 from ionllama.experiment.tasks import task_batch, train_on_tasks
+from ionllama.train.trainer import resolve_device
 
 # Small models of about the same size (2.7M and 2.6M parameters; ionLlama's 1M of them in its n-gram embedding
 # tables): the dense transformer and ionLlama with the Phase-1 pick's choices (fixed 3-byte patches, the
@@ -221,7 +222,7 @@ def combine(dirs: list[str], out: Path, command: str) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = OneLineParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arms", nargs="+", default=["dense", "ion_fixed3"])
     ap.add_argument("--tasks", default="add", help="comma-separated, from " + ", ".join(T.TASKS))
     ap.add_argument("--max_digits", type=int, default=3)
@@ -251,6 +252,8 @@ def main(argv=None) -> int:
         combine(a.combine, Path(a.out), _command(argv))
         print((Path(a.out) / "combined.md").read_text(), end="")
         return 0
+    # before the first arm trains: --steps 0 ended in an IndexError after it, --batch 0 trained on nothing (nan loss)
+    check_ranges(a, {"steps": 1, "batch": 1, "max_digits": 1, "n_test": 1, "threads": 0}, ("lr",))
     a.tasks = tuple(t for t in a.tasks.split(",") if t)
     for t in a.tasks:
         if t not in T.TASKS:
@@ -258,11 +261,11 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     arms = dict(parse_arm(s) for s in a.arms)
+    device = resolve_device(a.device)  # the trainer's check: a bad name or --device cuda without a GPU is one line
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "probe.json"
     done = _resumable(path, a)  # resume: finished arms of the same settings are kept
-    device = torch.device(a.device)
     # what trained this invocation's arms, taken now: the code in memory is the tree at start, whatever is
     # committed while the arms run (a rerun keeps earlier arms with their own record)
     run = {"command": _command(argv),

@@ -27,6 +27,8 @@ import warnings
 
 import torch
 
+from ionllama.errors import OneLineParser, UserError, check_ranges, cli_entry
+
 
 def _sync(dev):
     if dev.type == "cuda":
@@ -42,21 +44,24 @@ def time_steps(tr, n: int, fn) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def main() -> int:
-    if "--" not in sys.argv:
-        print("error: give the trainer's flags after `--`; see --help", file=sys.stderr)
-        return 2
-    cut = sys.argv.index("--")
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@cli_entry
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--" not in argv:
+        raise UserError("give the trainer's flags after `--`; see --help")
+    cut = argv.index("--")
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--profile_steps", type=int, default=3)
     p.add_argument("--out", default=None)
-    a = p.parse_args(sys.argv[1:cut])
+    a = p.parse_args(argv[:cut])
+    # a step count of 0 divided by zero after the warm-up (and a negative one timed nothing, exit 0)
+    check_ranges(a, {"steps": 1, "warmup": 0, "profile_steps": 1})
     from ionllama.train.cli import build_train_parser
     from ionllama.train.trainer import Trainer
 
-    targs = build_train_parser().parse_args(sys.argv[cut + 1:] + ["--save_dir", tempfile.mkdtemp(), "--warmup_steps", "1"])
+    targs = build_train_parser().parse_args(argv[cut + 1:] + ["--save_dir", tempfile.mkdtemp(), "--warmup_steps", "1"])
     tr = Trainer(targs)
     tr._enter_phase("main")
     step = [0]
@@ -97,7 +102,7 @@ def main() -> int:
 
     bytes_per_step = tr.sampler.global_batch * tr.args.seq_len
     result = {"device": torch.cuda.get_device_name() if tr.device.type == "cuda" else "cpu", "torch": torch.__version__,
-              "trainer_flags": sys.argv[cut + 1:], "bytes_per_step": bytes_per_step,
+              "trainer_flags": argv[cut + 1:], "bytes_per_step": bytes_per_step,
               "variants": {k: {"step_ms": round(v * 1e3, 2), "bytes_per_s": round(bytes_per_step / v)} for k, v in rows.items()}}
 
     syncs = []

@@ -2,30 +2,43 @@
 
 Why: an out-of-domain BPB can be driven by a few byte values the model never trained on (their logits stay at
 initialisation). This counts them, so that explanation can be ruled in or out before blaming the model.
-Usage: python scripts/byte_coverage.py TRAIN EVAL [--eval_bytes N] [--field text]   (.jsonl, .jsonl.xz, .jsonl.gz)
+Usage: python scripts/byte_coverage.py TRAIN EVAL [--eval_bytes N] [--field text]
+(.jsonl[.gz|.xz] by the field, .parquet by the column, any other file as raw text: as the data pipeline reads them)
 """
 from __future__ import annotations
 
-import argparse
+import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ionllama.data.sources import iter_jsonl  # noqa: E402
+from ionllama.data.sources import iter_local_file  # noqa: E402
+from ionllama.errors import OneLineParser, UserError, check_ranges, cli_entry  # noqa: E402
 
 
 def byte_histogram(path: str, field: str, limit: int | None = None) -> tuple[np.ndarray, int]:
     hist, n = np.zeros(256, np.int64), 0
-    for _, doc in iter_jsonl(path, field):  # the bytes the data pipeline trains and evaluates on
-        b = np.frombuffer(doc, np.uint8)
-        if limit is not None:
-            b = b[: limit - n]
-        hist += np.bincount(b, minlength=256)
-        n += len(b)
-        if limit is not None and n >= limit:
-            break
+    with warnings.catch_warnings(record=True) as skipped:  # lines that are not JSON: said below, in one line
+        warnings.simplefilter("always")
+        # the bytes the data pipeline trains and evaluates on: a plain-text file was read as JSONL (0 bytes, exit 0)
+        for _, doc in iter_local_file(path, os.path.dirname(os.path.abspath(path)), field):
+            b = np.frombuffer(doc, np.uint8)
+            if limit is not None:
+                b = b[: limit - n]
+            hist += np.bincount(b, minlength=256)
+            n += len(b)
+            if limit is not None and n >= limit:
+                break
+    if not n:  # nothing to compare: every rate below would be 0 / 0
+        if skipped:
+            raise UserError(f"{path}: no line is a JSON object with a '{field}' field; give JSONL, or plain text in a "
+                            "file not named .jsonl")
+        raise UserError(f"{path} holds no text; give a file with some")
+    for w in skipped:
+        warnings.warn(w.message, stacklevel=2)
     return hist, n
 
 
@@ -40,13 +53,16 @@ def coverage(train: np.ndarray, n_train: int, ev: np.ndarray, n_eval: int, rare:
             "unigram_xent_eval_given_train_bits": float(-(p_eval * np.log2(q)).sum())}
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = OneLineParser(description=__doc__.split("\n")[0])
     p.add_argument("train")
     p.add_argument("eval")
     p.add_argument("--eval_bytes", type=int, default=2_000_000, help="the first N bytes, as the runner evaluates")
-    p.add_argument("--field", default="text")
+    # --text_field: the name the data readers' errors tell the user to pass
+    p.add_argument("--field", "--text_field", dest="field", default="text")
     a = p.parse_args(argv)
+    check_ranges(a, {"eval_bytes": 1})
     for path in (a.train, a.eval):
         if not Path(path).is_file():
             p.error(f"no such file: {path}")

@@ -125,6 +125,80 @@ def test_benchmark_bad_flags_are_one_line_exit_2(tmp_path, script, argv, says):
     assert says in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+# (folder, script, argv, words the one error line holds); {tmp} is the test's folder, holding text.txt (plain text)
+# and text.jsonl (plain text under a JSONL name)
+SCRIPT_BAD_INPUT = [
+    ("benchmarks", "bench_attention", ["--out", "{tmp}/o.json", "--device", "cuda"], "no CUDA GPU is visible"),
+    ("benchmarks", "bench_attention", ["--out", "{tmp}/o.json", "--device", "cpu", "--sizes", "1024,0"],
+     "--sizes '1024,0': give comma-separated N"),
+    ("benchmarks", "bench_attention", ["--out", "{tmp}/o.json", "--device", "cpu", "--head-dim", "0"],
+     "--head-dim must be at least 1"),
+    ("benchmarks", "bench_scan", ["--out", "{tmp}/o.json", "--device", "cuda"], "no CUDA GPU is visible"),
+    ("benchmarks", "bench_scan", ["--out", "{tmp}/o.json", "--device", "cpu", "--shapes", "16x0"],
+     "--shapes '16x0': give comma-separated BxD"),
+    ("benchmarks", "bench_scan", ["--out", "{tmp}/o.json", "--device", "cpu", "--dtypes", "fp16"],
+     "--dtypes: unknown value 'fp16'"),
+    ("benchmarks", "bench_conv_gate", ["--out", "{tmp}/o.json", "--device", "cuda"], "no CUDA GPU is visible"),
+    ("benchmarks", "bench_conv_gate", ["--out", "{tmp}/o.json", "--device", "cpu", "--rep", "0"],
+     "--rep must be at least 1"),
+    ("benchmarks", "bench_conv_gate", ["--out", "{tmp}/o.json", "--device", "cpu"], "set TRITON_INTERPRET=1"),
+    ("benchmarks", "compare_runs", ["--base", "a={tmp}/no_run"], "no metrics.jsonl(.gz) in"),
+    ("benchmarks", "compare_runs", ["--base", "a={tmp}/text.txt"], "holds no metrics records"),
+    ("benchmarks", "compare_runs", ["--base", "a={tmp}", "--run", "b={tmp}:two"], "is not NAME=DIR[:GPUS]"),
+    ("benchmarks", "count_decode_kernels", ["--size", "huge", "--no_compile"], "unknown size 'huge'"),
+    ("benchmarks", "count_decode_kernels", ["--models", "dense", "mamab", "--no_compile"], "unknown model 'mamab'"),
+    ("benchmarks", "count_decode_kernels", ["--no_compile", "--out", "{tmp}/no/x.json"], "its folder does not exist"),
+    ("benchmarks", "profile_trainer_step", ["--steps", "0", "--", "--model", "dense"], "--steps must be at least 1"),
+    ("benchmarks", "profile_trainer_step", ["--steps", "1"], "give the trainer's flags after `--`"),
+    ("benchmarks", "count_graph_breaks", ["--device", "cuda"], "no CUDA GPU is visible"),
+    ("benchmarks", "count_graph_breaks", ["--device", "cpu"], "set TRITON_INTERPRET=1"),
+    ("benchmarks", "count_graph_breaks", ["--device", "cpu", "--seq_len", "0"], "--seq_len must be at least 2"),
+    ("benchmarks", "count_graph_breaks", ["--device", "cpu", "--routings", "eager_reference,fast"],
+     "unknown routing 'fast'"),
+    ("benchmarks", "probe_tasks", ["--out", "{tmp}/probe", "--device", "cpu", "--steps", "0"],
+     "--steps must be at least 1"),
+    ("benchmarks", "probe_tasks", ["--out", "{tmp}/probe", "--device", "cuda"], "no CUDA GPU is visible"),
+    ("scripts", "byte_coverage", ["{tmp}/text.jsonl", "{tmp}/text.txt"], "no line is a JSON object with a 'text'"),
+    ("scripts", "byte_coverage", ["{tmp}/text.txt", "{tmp}/text.txt", "--eval_bytes", "0"],
+     "--eval_bytes must be at least 1"),
+]
+
+
+@pytest.mark.parametrize("folder, script, argv, says", SCRIPT_BAD_INPUT,
+                         ids=[f"{c[1]}-{i}" for i, c in enumerate(SCRIPT_BAD_INPUT)])
+def test_script_bad_input_is_one_line_exit_2_before_any_work(tmp_path, monkeypatch, capsys, folder, script, argv,
+                                                             says):
+    """Found by the bad-input audit of the benchmarks: --device cuda without a GPU was a traceback from the first
+    CUDA call (bench_attention / scan / conv_gate), a zero size a ZeroDivisionError, a missing run folder or a file
+    that is not a metrics log a traceback or silent nulls (compare_runs), an unknown size a traceback before the
+    count (count_decode_kernels), --steps 0 an IndexError after the first arm trained (probe_tasks), a missing
+    TRITON_INTERPRET an exit 1 (count_graph_breaks), plain text read as JSONL 0 bytes and exit 0 (byte_coverage).
+    Now each is one line, exit 2, and nothing is written."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # the same answer on a GPU machine
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    (tmp_path / "text.txt").write_text("plain text, not a log\n")
+    (tmp_path / "text.jsonl").write_text("plain text, not a log\n")
+    before = sorted(tmp_path.rglob("*"))
+    main = _load(script, folder).main
+    with pytest.raises(SystemExit) as e:
+        main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(tmp_path.rglob("*")) == before  # no --out file or folder made
+
+
+def test_byte_coverage_reads_plain_text_as_raw_bytes(tmp_path, capsys):
+    """A .txt is raw text, as the data pipeline reads it (sources.iter_local_file): it used to be read as JSONL,
+    every line skipped, and 0 bytes reported with exit 0."""
+    train, ev = tmp_path / "train.txt", tmp_path / "eval.jsonl"
+    train.write_bytes(b"ab" * 50)
+    ev.write_text(json.dumps({"text": "abz"}) + "\n")
+    assert _load("byte_coverage", "scripts").main([str(train), str(ev)]) == 0
+    out = capsys.readouterr().out
+    assert "train_bytes: 100\n" in out and "eval_bytes: 3\n" in out and "eval_frac_unseen: 0.333333\n" in out
+
+
 def test_decode_levers_commands_parse(tmp_path):
     pds, bench, train = _load("profile_decode_step"), _load("bench_generation"), _load("bench_train_throughput")
     ssd = _load("bench_ssd_forward")

@@ -14,8 +14,9 @@ Per arm (``ARMS`` below holds each arm's hyper-parameters in one table):
     every arm, byte models and the BPE model alike, see ionllama/data/bpe.py);
   * <out>/<arm>/metrics.jsonl (the trainer's records + cumulative training FLOPs), config.json and
     final.json (val/test/out-of-domain BPB, params, bytes/s, bytes/patch, FLOPs, time, command,
-    device, date, git commit). An arm with final.json is skipped; an interrupted arm resumes from
-    <ckpt_dir>/<arm>/latest.pt (checkpoints stay out of git).
+    device, date, git commit). An arm with final.json is skipped (refused if it finished with other
+    training settings); an interrupted arm resumes from <ckpt_dir>/<arm>/latest.pt (checkpoints stay
+    out of git).
 Then <out>.md's table section, <out>.json and the plots (val BPB vs training time and vs FLOPs).
 
 Training FLOPs (second view; ionllama/model/flops.py): 6 x matmul parameters per position (forward +

@@ -24,7 +24,8 @@ def pack_examples(pieces: list[tuple[list[int], list[int]]], sep: int, row_len: 
     rows, masks, cur, cm = [], [], [sep], [False]
     for p, ans in pieces:
         if len(p) + len(ans) + 2 > row_len + 1:
-            raise UserError(f"a task example needs {len(p) + len(ans) + 2} positions; raise --task_seq_len")
+            raise UserError(f"a task example needs {len(p) + len(ans) + 2} positions; raise the row length "
+                            "(--task_seq_len; in probe_tasks.py --row_len)")
         if len(cur) + len(p) + len(ans) + 1 > row_len + 1:
             rows.append(cur)
             masks.append(cm)
