@@ -283,6 +283,9 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     # one warm-up step at least: it compiles, and its output gives the measured bytes per patch
     check_ranges(args, {"seq_len": 2, "batch_size": 1, "steps": 1, "warmup": 1})
+    from ionllama.train.trainer import resolve_device
+
+    resolve_device(args.device)  # --device cuda without a GPU: one line, not a traceback from the first CUDA call
     arms = [(arm, *parse_arm(arm)) for arm in args.arms]
     for size in args.sizes:  # every arm checked (model, size, options) before minutes of compiling the first
         for _, kind, overrides in arms:

@@ -139,6 +139,8 @@ SCRIPT_BAD_INPUT = [
     ("benchmarks", "bench_scan", ["--out", "{tmp}/o.json", "--device", "cpu", "--dtypes", "fp16"],
      "--dtypes: unknown value 'fp16'"),
     ("benchmarks", "bench_conv_gate", ["--out", "{tmp}/o.json", "--device", "cuda"], "no CUDA GPU is visible"),
+    ("benchmarks", "bench_train_throughput", ["--sizes", "tiny", "--out", "{tmp}/tt", "--device", "cuda"],
+     "no CUDA GPU is visible"),
     ("benchmarks", "bench_conv_gate", ["--out", "{tmp}/o.json", "--device", "cpu", "--rep", "0"],
      "--rep must be at least 1"),
     ("benchmarks", "bench_conv_gate", ["--out", "{tmp}/o.json", "--device", "cpu"], "set TRITON_INTERPRET=1"),
