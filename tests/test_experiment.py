@@ -524,15 +524,17 @@ def test_deadline_counts_from_the_process_start():
 
 
 def _fake_run(d, val, steps, flops, curve):
-    """A finished run folder: final.json and metrics.jsonl with curve points (step, train_flops, val_bpb)."""
+    """A finished run folder: final.json and metrics.jsonl with curve points (step, train_flops, val_bpb); 1,000
+    bytes of text per step."""
     d.mkdir(parents=True)
     train = {"budget_s": 420.0, "train_time_s": 420.0, "steps": steps, "epochs": 1.0, "bytes_per_s": 2e6,
-             "train_flops": flops}
+             "train_flops": flops, "bytes_seen": 1000 * steps}
     final = {"params": 35e6, "val": {"bpb": val}, "wikipedia-val": {"bpb": val + 0.7}, "train": train,
              "bytes_per_patch": 4.0, "device": {"name": "NVIDIA H200"}, "date": "2026-12-01T00:00:00+00:00",
              "git": {"sha": "abc1234"}, "command": "ionllama experiment ...", "spec": {}}
     (d / "final.json").write_text(json.dumps(final))
-    recs = [{"step": s, "phase": "main", "train_flops": f, "train_time_s": 1.0 + i, "val_bpb": b}
+    recs = [{"step": s, "phase": "main", "train_flops": f, "train_time_s": 1.0 + i, "val_bpb": b,
+             "bytes_seen": 1000 * s}
             for i, (s, f, b) in enumerate(curve)]
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
 
@@ -553,6 +555,10 @@ def test_compare_reports_runs_of_different_results_folders(tmp_path, capsys):
     assert s["equal_flops"]["arm"] == "phase1-a/ionllama"
     assert s["equal_flops"]["val_bpb"]["phase1-b/ionllama"] == pytest.approx(1.50 - 0.13 * 20 / 50)
     assert s["equal_steps"]["val_bpb"] == {"phase1-a/ionllama": pytest.approx(1.40), "phase1-b/ionllama": 1.50}
+    # equal text: a saw 100,000 bytes, b had seen as much at its step 100
+    assert s["equal_text"]["bytes_seen"] == 100_000 and s["equal_text"]["arm"] == "phase1-a/ionllama"
+    assert s["equal_text"]["val_bpb"]["phase1-b/ionllama"] == pytest.approx(1.50)
+    assert "at equal training text (bytes)" in md
     assert (out / "bpb_vs_flops.png").is_file()
     for argv, msg in ((["--stage", "compare", "--runs", str(tmp_path / "nope")], "no final.json"),
                       (["--stage", "compare,report", "--runs", str(a)], "no other stage")):

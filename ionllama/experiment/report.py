@@ -92,12 +92,15 @@ def bpb_at(records: list[dict], key: str, x: float) -> float | None:
 EQUAL_VIEWS = {  # summary key -> (metrics.jsonl field, final.json train field, what the column means)
     "equal_flops": ("train_flops", "train_flops", "training FLOPs"),
     "equal_steps": ("step", "steps", "optimizer steps"),
+    # the same training text (bytes of it; a token arm's counted as the bytes its tokens cover): separates a
+    # faster arm's lead from a better one's
+    "equal_text": ("bytes_seen", "bytes_seen", "training text (bytes)"),
 }
 
 
 def equal_at(arms: dict, records_of, view: str) -> dict:
-    """Every arm's val BPB at the total (FLOPs or steps) of the arm that used the least: the equal-compute
-    and equal-steps views, read off each arm's curve."""
+    """Every arm's val BPB at the total (FLOPs, steps or text) of the arm that used the least: the
+    equal-compute, equal-steps and equal-text views, read off each arm's curve."""
     key, train_key, _ = EQUAL_VIEWS[view]
     totals = {n: f["train"].get(train_key) for n, f in arms.items() if f["train"].get(train_key)}
     if len(totals) < 2:
@@ -176,7 +179,7 @@ def write_report(out: Path, runs: list[str] | dict[str, Path], command: str, lab
                "missing": [n for n in names if n not in arms]}
 
     records = {n: read_metrics(runs[n]) if metrics_file(runs[n]) else []
-               for n in arms}  # read once: the equal-FLOPs/-steps views and the plots all use them
+               for n in arms}  # read once: the equal-FLOPs/-steps/-text views and the plots use them
     records_of = records.__getitem__
 
     views = {v: equal_at(arms, records_of, v) for v in EQUAL_VIEWS}
