@@ -523,7 +523,7 @@ def test_deadline_counts_from_the_process_start():
     assert 1.4 <= child < 30.0  # the child's sleep before the import counts
 
 
-def _fake_run(d, val, steps, flops, curve):
+def _fake_run(d, val, steps, flops, curve, trainer_flags=None):
     """A finished run folder: final.json and metrics.jsonl with curve points (step, train_flops, val_bpb); 1,000
     bytes of text per step."""
     d.mkdir(parents=True)
@@ -532,6 +532,8 @@ def _fake_run(d, val, steps, flops, curve):
     final = {"params": 35e6, "val": {"bpb": val}, "wikipedia-val": {"bpb": val + 0.7}, "train": train,
              "bytes_per_patch": 4.0, "device": {"name": "NVIDIA H200"}, "date": "2026-12-01T00:00:00+00:00",
              "git": {"sha": "abc1234"}, "command": "ionllama experiment ...", "spec": {}}
+    if trainer_flags:
+        final["trainer_command"] = "ionllama train " + trainer_flags
     (d / "final.json").write_text(json.dumps(final))
     recs = [{"step": s, "phase": "main", "train_flops": f, "train_time_s": 1.0 + i, "val_bpb": b,
              "bytes_seen": 1000 * s}
@@ -559,6 +561,25 @@ def test_compare_reports_runs_of_different_results_folders(tmp_path, capsys):
     assert s["equal_text"]["bytes_seen"] == 100_000 and s["equal_text"]["arm"] == "phase1-a/ionllama"
     assert s["equal_text"]["val_bpb"]["phase1-b/ionllama"] == pytest.approx(1.50)
     assert "at equal training text (bytes)" in md
+    assert "seed_groups" not in s  # no trainer command, so no seed to group by
+
+    # seed groups: runs whose trainer flags differ only in --seed (and where they ran) give a mean and a spread;
+    # another learning rate is another setting, a run given twice is not a seed group
+    flags = "--model ionllama --lr 0.001 --seed {} --save_dir {} --device cuda"
+    runs = {}
+    for name, val, seed, lr in (("s0", 1.40, 0, "0.001"), ("s1", 1.44, 1, "0.001"), ("lr", 1.30, 2, "0.002")):
+        runs[name] = tmp_path / f"seeds-{name}" / "ionllama"
+        _fake_run(runs[name], val, 100, 60.0, [(100, 60.0, val)],
+                  trainer_flags=flags.format(seed, f"ck/{name}").replace("0.001", lr))
+    seeds_out = tmp_path / "cmp" / "seeds"
+    assert main(["--stage", "compare", "--runs", *map(str, runs.values()), "--out", str(seeds_out)]) == 0
+    s = json.loads((tmp_path / "cmp" / "seeds.json").read_text())
+    (g,) = s["seed_groups"]
+    assert g["runs"] == ["seeds-s0/ionllama", "seeds-s1/ionllama"] and g["seeds"] == ["0", "1"]
+    assert g["val"]["mean"] == pytest.approx(1.42) and g["val"]["spread"] == pytest.approx(0.04)
+    assert g["wikipedia-val"]["mean"] == pytest.approx(2.12)
+    seeds_md = (tmp_path / "cmp" / "seeds.md").read_text()
+    assert "| seeds-s0/ionllama, seeds-s1/ionllama | 0, 1 | 1.4200 (0.0400) |" in seeds_md
     assert (out / "bpb_vs_flops.png").is_file()
     for argv, msg in ((["--stage", "compare", "--runs", str(tmp_path / "nope")], "no final.json"),
                       (["--stage", "compare,report", "--runs", str(a)], "no other stage")):

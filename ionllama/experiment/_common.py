@@ -48,3 +48,22 @@ def _split_path(pattern: str, split: str) -> str | None:
         return None
     p = pattern.replace("{split}", split)
     return p if Path(p).exists() else None
+
+
+# trainer flags that say where or how fast an arm ran, not what it learned: a finished arm may be re-run with
+# other values of these (another machine, data copied elsewhere) and still be skipped
+WHERE_FLAGS = {"data_path", "dataset", "data_dir", "save_dir", "device", "log_interval", "compile", "compile_mode",
+               "step_graph", "eval_batch_size", "resume"}
+
+
+def flag_values(argv: list[str]) -> dict[str, object]:
+    """['--seed', '1', '--compile', ...] -> {'seed': '1', 'compile': True, ...}"""
+    out, i = {}, 0
+    while i < len(argv):
+        if argv[i].startswith("--"):
+            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            out[argv[i][2:]] = argv[i + 1] if has_value else True
+            i += 2 if has_value else 1
+        else:
+            i += 1
+    return out

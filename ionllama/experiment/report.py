@@ -1,9 +1,11 @@
 """The report: a Markdown table section, a JSON summary and the plots of a results folder."""
 from __future__ import annotations
 
+import json
+import shlex
 from pathlib import Path
 
-from ._common import _log, _read_json, _write_json
+from ._common import WHERE_FLAGS, _log, _read_json, _write_json, flag_values
 
 
 def collect(runs: dict[str, Path]) -> dict:
@@ -121,6 +123,43 @@ def equal_at_markdown(eq: dict, view: str) -> str:
                       *[f"| {n} | {_fmt(v, 3)} |" for n, v in rows]])
 
 
+def seed_groups(arms: dict, sets: list[str]) -> list[dict]:
+    """Runs that differ only in --seed (same spec, same training flags apart from where they ran): each metric's
+    mean and spread (max - min) over them, so a gap between settings can be read against the seed noise."""
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for n, f in arms.items():
+        flags = flag_values(shlex.split(f.get("trainer_command", ""))[2:])
+        seed = flags.pop("seed", None)
+        if seed is None:
+            continue
+        for k in WHERE_FLAGS | {"run_name"}:
+            flags.pop(k, None)
+        groups.setdefault(json.dumps([f.get("spec"), flags], sort_keys=True), []).append((n, seed))
+    out = []
+    for members in groups.values():
+        if len(members) < 2 or len({seed for _, seed in members}) < len(members):
+            continue
+        g = {"runs": [n for n, _ in members], "seeds": [seed for _, seed in members]}
+        for k in sets:
+            vals = [arms[n].get(k, {}).get("bpb") for n, _ in members]
+            if all(isinstance(v, (int, float)) for v in vals):
+                g[k] = {"mean": sum(vals) / len(vals), "spread": max(vals) - min(vals)}
+        out.append(g)
+    return out
+
+
+def seed_groups_markdown(groups: list[dict], sets: list[str]) -> str:
+    if not groups:
+        return ""
+    cols = [k for k in sets if any(k in g for g in groups)]
+    lines = ["Runs that differ only in their seed: mean (spread, max - min) of each BPB:", "",
+             "| runs | seeds | " + " | ".join(f"{k} BPB" for k in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for g in groups:
+        cells = [f"{g[k]['mean']:.4f} ({g[k]['spread']:.4f})" if k in g else "-" for k in cols]
+        lines.append(f"| {', '.join(g['runs'])} | {', '.join(g['seeds'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_curves(arms: dict, out: Path, records_of) -> list[Path]:
     import matplotlib
 
@@ -184,6 +223,9 @@ def write_report(out: Path, runs: list[str] | dict[str, Path], command: str, lab
 
     views = {v: equal_at(arms, records_of, v) for v in EQUAL_VIEWS}
     summary.update({v: eq for v, eq in views.items() if eq})
+    seeds = seed_groups(arms, ["val", *extra])
+    if seeds:
+        summary["seed_groups"] = seeds
     _write_json(out.parent / f"{out.name}.json", summary)
     if not arms:
         return summary
@@ -200,6 +242,8 @@ def write_report(out: Path, runs: list[str] | dict[str, Path], command: str, lab
     for v, eq in views.items():
         if eq:
             body += [equal_at_markdown(eq, v), ""]
+    if seeds:
+        body += [seed_groups_markdown(seeds, ["val", *extra]), ""]
     t = tasks_markdown(arms)
     if t:
         body += ["Task accuracy after identical task fine-tuning (held-out test split, exact match, 95% Wilson CI):",

@@ -14,7 +14,7 @@ import torch
 from ..config import format_ngram_sizes
 from ..errors import UserError
 from ..train.schedule import DEFAULT_MIN_LR_RATIO
-from ._common import _log, _now_iso, _read_json, _split_path, _write_json
+from ._common import WHERE_FLAGS, _log, _now_iso, _read_json, _split_path, _write_json, flag_values
 from .budget import make_budget_trainer
 from .flops import add_flops
 from .matrix import (
@@ -33,35 +33,17 @@ from .matrix import (
 from .report import _fmt
 from .tasks import run_task_stage
 
-# trainer flags that say where or how fast an arm ran, not what it learned: a finished arm may be re-run with
-# other values of these (another machine, data copied elsewhere) and still be skipped
-_WHERE_FLAGS = {"data_path", "dataset", "data_dir", "save_dir", "device", "log_interval", "compile", "compile_mode",
-                "step_graph", "eval_batch_size", "resume"}
-
-
-def _flag_values(argv: list[str]) -> dict[str, object]:
-    out, i = {}, 0
-    while i < len(argv):
-        if argv[i].startswith("--"):
-            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
-            out[argv[i][2:]] = argv[i + 1] if has_value else True
-            i += 2 if has_value else 1
-        else:
-            i += 1
-    return out
-
-
 def _changed_settings(final: dict, spec: dict, targv: list[str]) -> str:
     """What differs between a finished arm's final.json and the settings it would train with now ('' if
     nothing that shapes training)."""
     if json.loads(json.dumps(spec)) != final.get("spec", spec):
         return f"spec {final.get('spec')} -> {spec}"
-    old = _flag_values(shlex.split(final.get("trainer_command", ""))[2:])
-    new = _flag_values(targv)
+    old = flag_values(shlex.split(final.get("trainer_command", ""))[2:])
+    new = flag_values(targv)
     if not old:
         return ""
     diff = [f"--{k} {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new))
-            if k not in _WHERE_FLAGS and old.get(k) != new.get(k)]
+            if k not in WHERE_FLAGS and old.get(k) != new.get(k)]
     return ", ".join(diff)
 
 
