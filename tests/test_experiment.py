@@ -104,6 +104,10 @@ def test_two_arm_matrix_writes_results_and_resumes(tmp_path, capsys, one_thread)
     assert st["arm"] == low and st["step"] == finals[low]["train"]["steps"]
     assert st["val_bpb"][low] == pytest.approx(finals[low]["val"]["bpb"])
     assert "at equal optimizer steps" in md
+    tx = summary["equal_text"]  # and equal training text: the token arm's text counted in bytes, like the byte arm's
+    low = min(finals, key=lambda a: finals[a]["train"]["bytes_seen"])
+    assert tx["arm"] == low and tx["bytes_seen"] == finals[low]["train"]["bytes_seen"]
+    assert tx["val_bpb"][low] == pytest.approx(finals[low]["val"]["bpb"])
     assert (res / "phase1" / "bpb_vs_time.png").stat().st_size > 1000
     assert (res / "phase1" / "bpb_vs_flops.png").stat().st_size > 1000
     assert (tmp_path / "ck" / "bpe" / "tokenizer.json").is_file()
