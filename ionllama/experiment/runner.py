@@ -36,8 +36,9 @@ from .tasks import run_task_stage
 def _changed_settings(final: dict, spec: dict, targv: list[str]) -> str:
     """What differs between a finished arm's final.json and the settings it would train with now ('' if
     nothing that shapes training)."""
-    if json.loads(json.dumps(spec)) != final.get("spec", spec):
-        return f"spec {final.get('spec')} -> {spec}"
+    now = json.loads(json.dumps(spec))  # as final.json holds it (tuples as lists)
+    if "spec" in final and final["spec"] != now:
+        return f"spec {final['spec']} -> {spec}"
     old = flag_values(shlex.split(final.get("trainer_command", ""))[2:])
     new = flag_values(targv)
     if not old:
