@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import sys
 import warnings
 
@@ -30,8 +31,8 @@ def cli_entry(fn):
 
 
 def check_ranges(args, at_least: dict[str, float], above_zero: tuple[str, ...] = ()) -> None:
-    """One-line UserError for a numeric flag below its least value or not above zero (NaN included); a flag
-    left at None (not given) is skipped."""
+    """One-line UserError for a numeric flag below its least value or not above zero (NaN included), or infinite;
+    a flag left at None (not given) is skipped."""
     for name, low in at_least.items():
         v = getattr(args, name, None)
         if v is not None and not v >= low:
@@ -40,6 +41,11 @@ def check_ranges(args, at_least: dict[str, float], above_zero: tuple[str, ...] =
         v = getattr(args, name, None)
         if v is not None and not v > 0:
             raise UserError(f"--{name} must be above 0 (got {v})")
+    for name in (*at_least, *above_zero):
+        # --lr inf used to train to NaN weights and exit 0; no flag here means anything by inf
+        v = getattr(args, name, None)
+        if isinstance(v, float) and math.isinf(v):
+            raise UserError(f"--{name} must be a finite number (got {v}); leave it out for the default")
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:

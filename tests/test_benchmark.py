@@ -187,6 +187,21 @@ def test_more_bad_inputs_are_one_line_before_any_work(workdir, capsys):
     assert out.read_text() == "{}"  # nothing written over the earlier results
 
 
+def test_bad_multilingual_dir_or_runs_fail_before_the_checkpoint_is_loaded(workdir, capsys, monkeypatch):
+    """A typo in --multilingual_dir or --runs used to fail only after the whole LM and task eval had run (and
+    nothing of it was written)."""
+    monkeypatch.setattr(B, "load_checkpoint", lambda *a, **k: pytest.fail("work started before the flags were checked"))
+    (workdir / "adir").mkdir()
+    out = workdir / "kept" / "results.json"
+    for extra, words in [(["--multilingual_dir", str(workdir / "nodir")], "is not a directory"),
+                         (["--runs", str(workdir / "adir")], "no metrics.jsonl at")]:
+        with pytest.raises(SystemExit) as e:
+            B.main(["--checkpoint", "x.pt", "--device", "cpu", "--output", str(out)] + extra)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and words in err[0], (extra, err)
+    assert not out.parent.exists()  # nothing written
+
+
 def test_lm_fallback_matches_harness_evaluator():
     bpb = pytest.importorskip("ionllama.eval.bpb")
     torch.manual_seed(0)

@@ -64,6 +64,9 @@ def test_bad_input_is_one_line_exit_2(tmp_path, corpus, capsys):
         (["--seq_len", "1"], "--seq_len must be at least 2"),
         (["--lr", "-1"], "--lr must be above 0"),
         (["--lr", "nan"], "--lr must be above 0"),
+        # --lr inf trained to NaN weights and exit 0
+        (["--lr", "inf"], "--lr must be a finite number"),
+        (["--entropy_lr", "inf"], "--entropy_lr must be a finite number"),
         (["--entropy_steps", "-1"], "--entropy_steps must be at least 0"),
         (["--warmup_steps", "-3"], "--warmup_steps must be at least 0"),
         (["--max_train_time", "-1"], "--max_train_time must be above 0"),
@@ -83,6 +86,12 @@ def test_bad_input_is_one_line_exit_2(tmp_path, corpus, capsys):
         argv = args(tmp_path, corpus)
         # a later flag wins in argparse, so the bad value overrides the good default above
         expect_error(capsys, argv + extra, pattern)
+
+
+def test_out_of_memory_is_one_line(tmp_path, corpus, capsys):
+    """A batch far past the machine's memory used to end in a numpy allocation traceback."""
+    expect_error(capsys, args(tmp_path, corpus, "--batch_size", str(10**12)), "out of memory at --batch_size")
+    assert not list((tmp_path / "runs").rglob("*.pt"))
 
 
 def test_offline_hub_dataset_is_one_line(tmp_path, capsys, monkeypatch):

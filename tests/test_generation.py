@@ -146,7 +146,8 @@ def test_top_k_top_p_greedy_restrict_the_support():
     assert set(sample_next(logits.expand(n, -1), SamplingConfig(greedy=True, temperature=5.0), seeds, 1).tolist()) == {0}
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)])
+@pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(temperature=float("inf")), dict(top_k=0),
+                                 dict(top_p=0.0), dict(top_p=1.5)])
 def test_bad_sampling_settings_are_user_errors(bad):
     with pytest.raises(UserError):
         generate(tiny_dense(), "a", 4, **bad)
@@ -284,12 +285,16 @@ def test_cli_bad_checkpoint_is_one_line_exit_2(tmp_path, capsys, content):
 
 
 @pytest.mark.parametrize("extra, words", [(["--temperature", "nan"], "temperature must be >= 0"),
+                                          (["--temperature", "inf"], "temperature must be finite"),
+                                          (["--max_new_bytes", str(10**12)], "smaller --max_new_bytes"),
+                                          (["--max_new_bytes", str(10**19)], "smaller --max_new_bytes"),
                                           (["--device", "foo"], "unknown --device 'foo'"),
                                           (["--max_new_bytes", "abc"], "invalid int value: 'abc'"),
                                           (["--compile", "fast"], "invalid choice: 'fast'")])
 def test_cli_bad_flags_are_one_line_exit_2(tmp_path, capsys, extra, words):
-    """A NaN temperature used to print the prompt and exit 0; a bad device read as a bad checkpoint; argparse
-    mistakes printed the whole usage block."""
+    """A NaN temperature used to print the prompt and exit 0 (an infinite one sampled uniform noise); a bad device
+    read as a bad checkpoint; argparse mistakes printed the whole usage block; a huge --max_new_bytes was a torch
+    allocation traceback."""
     from ionllama.generation.cli import main
 
     ck = tmp_path / "m.pt"

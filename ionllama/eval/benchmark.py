@@ -26,6 +26,7 @@ import torch
 from ..data import tasks as T
 from ..errors import OneLineParser, UserError, check_ranges, cli_entry
 from ..registry import create_model
+from ..train.metrics import metrics_file
 from . import lm as lm_mod
 from . import plots as P
 from .loading import LoadedCheckpoint, default_eval_path, load_checkpoint, read_eval_bytes
@@ -191,6 +192,13 @@ def run(argv: list[str], prog: str) -> dict:
     check_ranges(a, BENCH_AT_LEAST)
     if Path(a.output).is_dir():
         raise UserError(f"--output {a.output} is a directory; pass a file path such as {a.output}/results.json")
+    # checked here, not where they are used: a typo used to fail only after the whole LM and task eval had run
+    for d in (a.multilingual_dir or []) if "multilingual" not in a.skip else []:
+        if not Path(d).is_dir():
+            raise UserError(f"--multilingual_dir '{d}' is not a directory; pass a folder with one file per language")
+    for r in a.runs if "plots" not in a.skip else []:
+        if metrics_file(r) is None:
+            raise UserError(f"no metrics.jsonl at '{r}'; pass a run directory written by `ionllama train`")
     t_start = time.perf_counter()
     device = _device(a.device)
     amp = _amp(a.amp, device)

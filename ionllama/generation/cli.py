@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# torch's messages for an allocation that cannot be made (CPU allocator, CUDA, a size past int64)
+_NO_MEMORY = ("can't allocate memory", "out of memory", "size calculation overflowed", "Overflow when unpacking")
+
+
 def _writer(stream):
     """Write text to a terminal whose encoding may not cover every character."""
     enc = getattr(stream, "encoding", None) or "utf-8"
@@ -105,10 +109,18 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_prompt_echo:
         write(prompt.decode("utf-8", errors="replace"))
     utf8 = Utf8StreamDecoder()
-    generate(model, prompt, max_new_bytes=args.max_new_bytes, temperature=args.temperature, top_k=args.top_k,
-             top_p=args.top_p, greedy=args.greedy, seed=args.seed, stop=args.stop,
-             stream=lambda _row, chunk: write(utf8.decode(chunk)),
-             compile=False if args.compile == "none" else args.compile)
+    try:
+        generate(model, prompt, max_new_bytes=args.max_new_bytes, temperature=args.temperature, top_k=args.top_k,
+                 top_p=args.top_p, greedy=args.greedy, seed=args.seed, stop=args.stop,
+                 stream=lambda _row, chunk: write(utf8.decode(chunk)),
+                 compile=False if args.compile == "none" else args.compile)
+    except (RuntimeError, TypeError) as e:  # torch.OutOfMemoryError is a RuntimeError; past int64 a TypeError
+        # the decoder's caches are sized for prompt + max_new_bytes up front: a huge value fails at once, in torch
+        if not isinstance(e, torch.OutOfMemoryError) and not any(s in str(e) for s in _NO_MEMORY):
+            raise
+        write(utf8.flush() + "\n")  # end the echoed prompt's line, so the error line stands alone
+        raise UserError(f"not enough memory for --max_new_bytes {args.max_new_bytes} (the decoder's caches hold the "
+                        "prompt and every new byte); pass a smaller --max_new_bytes") from None
     write(utf8.flush() + "\n")
     return 0
 

@@ -9,6 +9,7 @@ draw from softmax(logits / T) restricted to the top-k / top-p set.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +82,8 @@ class SamplingConfig:
     def __post_init__(self):
         if self.temperature is None or not self.temperature >= 0:  # `not >=`: NaN is refused too
             raise UserError(f"temperature must be >= 0, got {self.temperature}; use 0 or --greedy for argmax")
+        if math.isinf(self.temperature):  # logits / inf = uniform noise, not a model's sample
+            raise UserError(f"temperature must be finite, got {self.temperature}; use e.g. 1.0, or 0 for argmax")
         if self.top_k is not None and self.top_k < 1:
             raise UserError(f"top_k must be >= 1, got {self.top_k}; omit it to disable top-k")
         if self.top_p is not None and not (0.0 < self.top_p <= 1.0):

@@ -125,7 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .trainer import train
 
-    train(args, explicit=explicit_args(parser, argv))
+    try:
+        train(args, explicit=explicit_args(parser, argv))
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        import torch
+
+        # --batch_size 100000000 was a numpy / torch allocation traceback; checkpoints already saved stay as they are
+        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in str(e):
+            raise
+        raise UserError(f"out of memory at --batch_size {args.batch_size} x --seq_len {args.seq_len}; pass a smaller "
+                        "--batch_size (--grad_accum keeps the batch) or --seq_len") from None
     return 0
 
 
