@@ -56,6 +56,13 @@ ROWS = {
     # the twenty-eighth session's plan: BPE's second seed in 2K windows
     "2K windows, bpe, seed 1": dict(GPU0="bpe", OVERHEAD="110",
                                     EXTRA=f"--seed 1 {SWEPT} {WIN2K} --override dropout=0.1"),
+    # the thirtieth session: the dilated lw16 row's second seed (run from this row's command before it was listed)
+    "2K windows, dilated local_width 16, seed 1": dict(
+        GPU0="ionllama_fixed", OVERHEAD="110", EXTRA=f"--seed 1 {SWEPT} {WIN2K} --override {BEST},local_width=16"),
+    # the thirtieth session's plan: Q2 at 4,096 bytes (~1,365 patches), against phase1-dense-seq4096's 1.3409
+    "4K windows, dilated local_width 16": dict(
+        GPU0="ionllama_fixed", OVERHEAD="110", EXTRA=f"{SWEPT} --seq_len 4096 --batch_size 16 --also_eval_seq_len 1024 "
+        f"--override {BEST},local_width=16"),
     "tasks 3-byte patches": dict(GPU0="ionllama_fixed", BUDGET="75", TASKS="1",
                                  EXTRA="--seed 1 --task_steps 3000 --task_lr 1e-3 --task_n 200 --from_sweep --sweep_dir "
                                        "docs/results/phase1-sweep/sweep "
