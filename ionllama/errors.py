@@ -48,6 +48,27 @@ def check_ranges(args, at_least: dict[str, float], above_zero: tuple[str, ...] =
             raise UserError(f"--{name} must be a finite number (got {v}); leave it out for the default")
 
 
+# torch's messages for an allocation that cannot be made: the CPU allocator, CUDA (torch.OutOfMemoryError's text),
+# a size past int64 (a RuntimeError or, from a shape, a TypeError)
+_NO_MEMORY = ("can't allocate memory", "out of memory", "size calculation overflowed", "Overflow when unpacking")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """True for an allocation failure (MemoryError, torch.OutOfMemoryError, or torch's CPU / overflow messages),
+    which the commands turn into one line naming the flag that sized it. Why strings too: the CPU allocator and
+    the int64 overflow raise plain RuntimeError / TypeError; a torch that rewords them brings back the traceback,
+    never a wrong result."""
+    if isinstance(e, MemoryError):
+        return True
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        torch = None
+    if torch is not None and isinstance(e, torch.OutOfMemoryError):
+        return True
+    return isinstance(e, (RuntimeError, TypeError)) and any(s in str(e) for s in _NO_MEMORY)
+
+
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 

@@ -608,3 +608,39 @@ def test_report_title_heads_new_pages_and_replaces_only_the_placeholder(tmp_path
     assert main(["--stage", "compare", "--runs", str(a), "--out", str(out), "--title", "other"]) == 0
     text = md.read_text()
     assert text.startswith("# By hand\n\nprose\n") and "other" not in text.split("\n")[0]
+
+
+def test_an_arm_out_of_memory_is_one_line_naming_the_batch_and_other_errors_still_raise(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """An arm that ran out of memory was a traceback from deep in the trainer; now it is one line naming the arm and
+    the flags that size it (the train and generate commands already did this). An error that is not an allocation
+    failure keeps its traceback: the catch must not hide bugs."""
+    from ionllama.errors import is_out_of_memory
+
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(MemoryError())
+    assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 TB"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+    assert not is_out_of_memory(ValueError("out of memory"))  # only the types torch raises for it
+
+    pattern = write_corpus(tmp_path, n_train=12, n_val=2, doc_bytes=1200)
+
+    class Trainer:
+        def __init__(self, error):
+            self.error = error
+
+        def run(self):
+            raise self.error
+
+    for error in (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB"), RuntimeError("a bug")):
+        monkeypatch.setattr("ionllama.experiment.runner.make_budget_trainer", lambda *a, **k: Trainer(error))
+        argv = _argv(tmp_path, pattern, "--arms", "dense")
+        if isinstance(error, torch.OutOfMemoryError):
+            with pytest.raises(SystemExit) as e:
+                main(argv)
+            err = capsys.readouterr().err.strip().splitlines()
+            assert e.value.code == 2 and len(err) == 1, err
+            assert err[0].startswith("error: arm dense: out of memory at --batch_size 4 x --seq_len 64"), err
+        else:
+            with pytest.raises(RuntimeError, match="a bug"):
+                main(argv)

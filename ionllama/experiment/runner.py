@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..config import format_ngram_sizes
-from ..errors import UserError
+from ..errors import UserError, is_out_of_memory
 from ..train.schedule import DEFAULT_MIN_LR_RATIO
 from ._common import WHERE_FLAGS, _log, _now_iso, _read_json, _split_path, _write_json, flag_values
 from .budget import make_budget_trainer
@@ -210,7 +210,7 @@ class Runner:
             _log(f"{run_name}: not started ({self.time_left():.0f} s left before --deadline_s, an arm needs ~{need:.0f} s); "
                  "run the same command again to continue")
             return None
-        from ..train.cli import build_train_parser, explicit_args
+        from ..train.cli import build_train_parser
 
         targv = self.trainer_argv(run_name, spec, budget_s)
         parser = build_train_parser()
@@ -229,6 +229,21 @@ class Runner:
                             f"{state.get('budget_s')} s); delete {run_dir} to train it again with these")
         _log(f"{run_name}: {'evaluating (trained already)' if state.get('trained') else 'training'} "
              f"- ionllama train {' '.join(shlex.quote(x) for x in targv)}")
+        try:
+            return self._train_and_evaluate(arm, run_name, spec, budget_s, targs, targv, parser, state, marker,
+                                            run_dir, out_dir)
+        except (MemoryError, RuntimeError, TypeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+            if not is_out_of_memory(e):
+                raise
+            # one line instead of a traceback; finished arms' final.json and this arm's checkpoints stay as written
+            raise UserError(f"arm {run_name}: out of memory at --batch_size {self.a.batch_size} x --seq_len "
+                            f"{self.seq_len_of(spec)}; pass a smaller --batch_size (--grad_accum keeps the batch) or "
+                            "--eval_batch_size") from None
+
+    def _train_and_evaluate(self, arm, run_name, spec, budget_s, targs, targv, parser, state, marker, run_dir,
+                            out_dir) -> dict:
+        from ..train.cli import explicit_args
+
         if not state.get("trained"):
             deadline = None if self.a.deadline_s is None else self.t_start + self.a.deadline_s
             tr = make_budget_trainer(targs, explicit_args(parser, targv), budget_s, self.a.curve_points,

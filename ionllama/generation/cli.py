@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from ..errors import OneLineParser, UserError, cli_entry
+from ..errors import OneLineParser, UserError, cli_entry, is_out_of_memory
 from .generate import generate
 from .utf8 import Utf8StreamDecoder
 
@@ -74,10 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# torch's messages for an allocation that cannot be made (CPU allocator, CUDA, a size past int64)
-_NO_MEMORY = ("can't allocate memory", "out of memory", "size calculation overflowed", "Overflow when unpacking")
-
-
 def _writer(stream):
     """Write text to a terminal whose encoding may not cover every character."""
     enc = getattr(stream, "encoding", None) or "utf-8"
@@ -114,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
                  top_p=args.top_p, greedy=args.greedy, seed=args.seed, stop=args.stop,
                  stream=lambda _row, chunk: write(utf8.decode(chunk)),
                  compile=False if args.compile == "none" else args.compile)
-    except (RuntimeError, TypeError) as e:  # torch.OutOfMemoryError is a RuntimeError; past int64 a TypeError
+    except (MemoryError, RuntimeError, TypeError) as e:  # torch.OutOfMemoryError is a RuntimeError
         # the decoder's caches are sized for prompt + max_new_bytes up front: a huge value fails at once, in torch
-        if not isinstance(e, torch.OutOfMemoryError) and not any(s in str(e) for s in _NO_MEMORY):
+        if not is_out_of_memory(e):
             raise
         write(utf8.flush() + "\n")  # end the echoed prompt's line, so the error line stands alone
         raise UserError(f"not enough memory for --max_new_bytes {args.max_new_bytes} (the decoder's caches hold the "

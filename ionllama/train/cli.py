@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from ..config import parse_ngram_sizes
-from ..errors import OneLineParser, UserError, cli_entry
+from ..errors import OneLineParser, UserError, cli_entry, is_out_of_memory
 from .schedule import DEFAULT_MIN_LR_RATIO
 
 SIZES = ("tiny", "small", "base", "large", "xl")
@@ -127,11 +127,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         train(args, explicit=explicit_args(parser, argv))
-    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
-        import torch
-
+    except (MemoryError, RuntimeError, TypeError) as e:  # torch.OutOfMemoryError is a RuntimeError
         # --batch_size 100000000 was a numpy / torch allocation traceback; checkpoints already saved stay as they are
-        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in str(e):
+        if not is_out_of_memory(e):
             raise
         raise UserError(f"out of memory at --batch_size {args.batch_size} x --seq_len {args.seq_len}; pass a smaller "
                         "--batch_size (--grad_accum keeps the batch) or --seq_len") from None
