@@ -24,11 +24,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ionllama.errors import OneLineParser, UserError, check_ranges, cli_entry  # noqa: E402
+from benchmarks._checks import check_flags, int_list  # noqa: E402
+from ionllama.errors import OneLineParser, cli_entry  # noqa: E402
 from ionllama.kernels import dilated_attention  # noqa: E402
 from ionllama.kernels import dilated_attention_triton as dat  # noqa: E402
 from ionllama.model.dilated_attention import dilated_attention_reference, dilated_offsets  # noqa: E402
-from ionllama.train.trainer import resolve_device  # noqa: E402
 
 
 DEVICE = "cuda"  # --device cpu: a dry run of the script itself (tiny sizes, TRITON_INTERPRET=1)
@@ -316,31 +316,6 @@ def git_commit() -> str:
                               cwd=Path(__file__).resolve().parents[1]).stdout.strip() or "unknown"
     except OSError:
         return "unknown"
-
-
-def int_list(flag: str, text: str, form: str = "N", allow_empty: bool = False) -> list:
-    """'1024,4096' (form N) or '16x256,8x1024' (form BxD) -> ints, each at least 1; else one line naming --flag."""
-    try:
-        vals = [tuple(int(v) for v in s.split("x")) for s in text.split(",") if s]
-    except ValueError:
-        vals = None
-    if vals is None or not (vals or allow_empty) or any(len(t) != form.count("x") + 1 or min(t) < 1 for t in vals):
-        raise UserError(f"--{flag} '{text}': give comma-separated {form}, every number at least 1")
-    return [t[0] for t in vals] if "x" not in form else vals
-
-
-def check_choices(flag: str, text: str, choices) -> None:
-    """A comma list whose items must come from choices (e.g. --dtypes bf16,fp32): the first other one, as one line."""
-    bad = [c for c in text.split(",") if c not in choices]
-    if bad:
-        raise UserError(f"--{flag}: unknown value '{bad[0]}'; give a comma list of {', '.join(choices)}")
-
-
-def check_flags(a, at_least: dict, device: str) -> None:
-    """Bad flags as one line before any work (a size of 0 was a ZeroDivisionError, --device cuda without a GPU a
-    traceback from the first CUDA call). at_least is keyed by the flags' own spelling (--head-dim, not head_dim)."""
-    check_ranges(argparse.Namespace(**{k: getattr(a, k.replace("-", "_")) for k in at_least}), at_least)
-    resolve_device(device)  # the trainer's check: a visible CUDA device for --device cuda
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import benchmarks.bench_attention as ba  # noqa: E402
-from benchmarks.bench_attention import check_choices, check_flags, copy_bandwidth, do_bench, git_commit  # noqa: E402
-from benchmarks.bench_attention import int_list  # noqa: E402
+from benchmarks._checks import check_choices, check_flags, int_list  # noqa: E402
+from benchmarks.bench_attention import copy_bandwidth, do_bench, git_commit  # noqa: E402
 from ionllama.errors import OneLineParser, cli_entry  # noqa: E402
 from ionllama.kernels import scan_const_decay  # noqa: E402
 from ionllama.kernels import scan_triton as st  # noqa: E402
