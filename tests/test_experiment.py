@@ -644,3 +644,18 @@ def test_an_arm_out_of_memory_is_one_line_naming_the_batch_and_other_errors_stil
         else:
             with pytest.raises(RuntimeError, match="a bug"):
                 main(argv)
+
+    # the task stage: the same, naming its own batch flag
+    (tmp_path / "ck" / "dense").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "ck" / "dense" / "latest.pt").write_bytes(b"")
+    monkeypatch.setattr("ionllama.train.checkpoint.load_model", lambda *a, **k: None)
+
+    def no_memory(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+
+    monkeypatch.setattr("ionllama.experiment.runner.run_task_stage", no_memory)
+    with pytest.raises(SystemExit) as e:
+        main(_argv(tmp_path, pattern, "--stage", "tasks", "--task_arms", "dense", "--task_batch", "8"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: arm dense: out of memory in the task stage at --task_batch 8"), err

@@ -483,7 +483,13 @@ class Runner:
             device = resolve_device(self.a.device)
             amp = resolve_amp(self.a.mixed_precision, device)
             model = load_model(ck, device=device)
-            res = run_task_stage(model, device, amp, self.a)
+            try:
+                res = run_task_stage(model, device, amp, self.a)
+            except (MemoryError, RuntimeError, TypeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+                if not is_out_of_memory(e):
+                    raise
+                raise UserError(f"arm {arm}: out of memory in the task stage at --task_batch {self.a.task_batch} x "
+                                f"--task_seq_len {self.a.task_seq_len}; pass a smaller --task_batch") from None
             res.update({"arm": arm, "checkpoint": str(ck), "command": self.command, "date": _now_iso(),
                         "device": _device_info(device), "git": _git()})
             _write_json(out, res)
