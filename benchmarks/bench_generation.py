@@ -374,8 +374,8 @@ def check_inputs(args) -> None:
 
 
 @cli_entry
-def main():
-    args = build_parser().parse_args()
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     check_inputs(args)
     if args.model_config:
         model_config_from(args.model_config, **({"latent_shift": args.latent_shift} if args.latent_shift else {}))
