@@ -58,13 +58,9 @@ def is_out_of_memory(e: BaseException) -> bool:
     which the commands turn into one line naming the flag that sized it. Why strings too: the CPU allocator and
     the int64 overflow raise plain RuntimeError / TypeError; a torch that rewords them brings back the traceback,
     never a wrong result."""
-    if isinstance(e, MemoryError):
-        return True
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a hard dependency
-        torch = None
-    if torch is not None and isinstance(e, torch.OutOfMemoryError):
+    import torch  # here, not at the top: the one-line error helpers stay importable without loading torch
+
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
         return True
     return isinstance(e, (RuntimeError, TypeError)) and any(s in str(e) for s in _NO_MEMORY)
 
