@@ -2,6 +2,7 @@
 gradient accumulation, mixed precision paths, task data, SIGTERM."""
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -94,12 +95,30 @@ def test_resume_continues_exactly(tmp_path, corpus):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_resume_from_path_takes_the_checkpoint_settings(tmp_path, corpus):
+def test_resume_from_path_takes_the_checkpoint_settings(tmp_path, corpus, capsys):
     run = train(tmp_path, corpus, "--max_steps", "12", "--stop_at", "6", "--batch_size", "2")
     # only --resume: model, data and batch settings come from the checkpoint
     assert main(["--resume", str(run / "latest.pt"), "--sample_bytes", "0", "--device", "cpu"]) == 0
     ck = load_checkpoint(run / "final.pt")
     assert ck["step"] == 12 and ck["train_args"]["batch_size"] == 2 and ck["model_config"]["d_model"] == 32
+
+
+def test_stop_hint_finds_the_run_and_resume_notes_name_what_the_checkpoint_used(tmp_path, corpus, capsys):
+    """The hint printed at a stop left out a non-default --save_dir: typed as printed, it started a new default run
+    elsewhere. A flag given on resume that the first run left to the size's default was noted as "the checkpoint
+    used None" (a new user's report); now the model's value, and no note when the values agree."""
+    run = train(tmp_path, corpus, "--max_steps", "12", "--stop_at", "6")
+    out = capsys.readouterr().out
+    hint = out.split("continue with ")[1].splitlines()[0]
+    assert hint == f"--resume auto --save_dir {tmp_path / 'runs'} --run_name r", hint
+    ck = load_checkpoint(run / "latest.pt")
+    drop = ck["model_config"]["dropout"]
+    assert drop is not None and ck["train_args"]["dropout"] is None  # left to the size's default
+    assert main([*shlex.split(hint), "--dropout", str(drop), "--sample_bytes", "0", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "note: resuming with --dropout" not in out, out  # the same value: nothing to note
+    assert load_checkpoint(run / "final.pt")["step"] == 12  # the hint found the run; no new one started
+    assert "starting a new run" not in out
 
 
 def test_min_lr_ratio_sets_where_the_cosine_ends(tmp_path, corpus):

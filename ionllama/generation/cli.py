@@ -7,8 +7,10 @@ import sys
 
 import torch
 
-from ..errors import OneLineParser, UserError, cli_entry, is_out_of_memory
+from ..errors import OneLineParser, UserError, check_ranges, cli_entry, is_out_of_memory
 from .generate import generate
+from .prompts import normalize_stops
+from .sampling import SamplingConfig
 from .utf8 import Utf8StreamDecoder
 
 
@@ -98,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"unknown --device '{device}'; use auto, cpu, cuda or cuda:N") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is visible; use --device cpu")
+    # the sampling flags before the checkpoint loads and the prompt is echoed: the error line stands alone, early
+    SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy)
+    normalize_stops(args.stop)
+    check_ranges(args, {"max_new_bytes": 0})
     model = load_checkpoint_model(args.checkpoint, device)
     write = _writer(sys.stdout)
     # surrogateescape: argv bytes that were not valid UTF-8 reach the model unchanged

@@ -72,9 +72,10 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         ck = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile,
             AttributeError, TypeError, IndexError) as e:
-        msg = str(e).splitlines()[0][:120] if str(e) else ""
-        raise UserError(f"checkpoint {path} is corrupt, truncated or not a checkpoint ({type(e).__name__}: {msg}); "
-                        f"use another one, e.g. an older step_N.pt in {path.parent}") from None
+        # torch's own text (a pickle or zip detail, or the weights_only essay) helps no one here: the type says enough
+        raise UserError(f"{path} is not a readable checkpoint (corrupt, truncated, or another kind of file; "
+                        f"torch.load: {type(e).__name__}); pass a .pt written by `ionllama train` (latest.pt, "
+                        "final.pt or an older step_N.pt of the run)") from None
     if not isinstance(ck, dict) or "model" not in ck or "model_config" not in ck:
         raise UserError(f"{path} is not an ionllama checkpoint (no model / model_config); pass a file written by "
                         "`ionllama train`")

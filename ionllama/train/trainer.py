@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import shlex
 import signal
 import sys
 import threading
@@ -329,14 +330,27 @@ class Trainer:
             self.metrics.truncate_after(-1)  # a fresh run: old points in this folder are not ours
 
     # ------------------------------------------------------------------ set-up helpers
+    def _resume_hint(self) -> str:
+        """The flags that find this run again: --save_dir too when it is not the default (the hint without it
+        started a new default run elsewhere); the rest of the settings come back from the checkpoint."""
+        a = self.args
+        hint = "--resume auto"
+        if a.save_dir != "checkpoints":
+            hint += f" --save_dir {shlex.quote(str(a.save_dir))}"
+        if a.run_name:
+            hint += f" --run_name {shlex.quote(self.run_dir.name)}"
+        return hint
+
     def _merge_resume_args(self, args, saved: dict, explicit: set[str]):
         merged = argparse.Namespace(**vars(args))
         for k, v in saved.items():
             if k in _PER_INVOCATION or not hasattr(merged, k):
                 continue
             if k in explicit:
-                if getattr(merged, k) != v:
-                    _say(f"note: resuming with --{k} {getattr(merged, k)} (the checkpoint used {v})")
+                # a flag left out saved None (the size's default); the model's config holds what that meant
+                used = v if v is not None else (self.ck or {}).get("model_config", {}).get(k)
+                if getattr(merged, k) != used:
+                    _say(f"note: resuming with --{k} {getattr(merged, k)} (the checkpoint used {used})")
             else:
                 setattr(merged, k, v)
         return merged
@@ -737,7 +751,7 @@ class Trainer:
                         (self.stop_reason or "--stop_at / --max_train_time")
                     latest = self.run_dir / ("latest.dcp" if self.par.distributed else "latest.pt")
                     _say(f"stopped at step {self.step} ({why}); saved {latest}; "
-                         f"continue with --resume auto" + (f" --run_name {self.run_dir.name}" if a.run_name else ""))
+                         f"continue with {self._resume_hint()}")
                     if stop.signum:
                         raise SystemExit(128 + stop.signum)
                     return {"run_dir": str(self.run_dir), "step": self.step, "stopped": True}
