@@ -210,3 +210,26 @@ def test_bpe_generate_inside_autocast_equals_fp32(corpus):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = model.generate([b"The ", b"and"], max_new_bytes=10, greedy=True)
     assert got == want and all(len(g) == 10 for g in got)
+
+
+def test_generate_cli_on_a_bpe_checkpoint_decodes_its_tokens(corpus, tmp_path, capsys):
+    """`ionllama generate` called the byte models' decoder on every checkpoint: a BPE checkpoint's token ids were
+    read as bytes (a ValueError traceback when sampling, U+FFFD characters with --greedy; a new user's report). It
+    now goes through model.generate, which encodes with the checkpoint's tokenizer and emits its tokens' bytes."""
+    from ionllama.generation.cli import main
+
+    toks = open_token_shards(corpus["tok_dir"])
+    model = create_model("tiny", model="bpe", d_model=32, n_layers=2, n_heads=2, vocab_size=toks.bpe.vocab_size)
+    model.set_tokenizer(toks.bpe)
+    ck = tmp_path / "bpe.pt"
+    torch.save({"model": model.state_dict(), "model_config": model.config.to_dict()}, ck)
+    for flags, kw in ((["--greedy"], dict(greedy=True)), (["--seed", "1", "--top_k", "20"], dict(seed=1, top_k=20))):
+        assert main(["--checkpoint", str(ck), "--prompt", "The ", "--max_new_bytes", "24", "--device", "cpu",
+                     "--no_prompt_echo", *flags]) == 0
+        out = capsys.readouterr().out
+        want = model.generate(b"The ", max_new_bytes=24, **kw)
+        assert out == want.decode("utf-8", errors="replace") + "\n", (out, want)
+    with pytest.raises(SystemExit) as e:  # the byte models' compiled decoder does not apply
+        main(["--checkpoint", str(ck), "--prompt", "x", "--device", "cpu", "--compile", "default"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "leave it out for a BPE checkpoint" in err and "\n" not in err

@@ -8,7 +8,6 @@ import sys
 import torch
 
 from ..errors import OneLineParser, UserError, check_ranges, cli_entry, is_out_of_memory
-from .generate import generate
 from .prompts import normalize_stops
 from .sampling import SamplingConfig
 from .utf8 import Utf8StreamDecoder
@@ -105,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     normalize_stops(args.stop)
     check_ranges(args, {"max_new_bytes": 0})
     model = load_checkpoint_model(args.checkpoint, device)
+    kw = {}
+    if args.compile != "none":
+        if getattr(model.config, "model", None) == "bpe":  # its own token decoder (a KV cache), not the byte runner
+            raise UserError("--compile is for the byte models' decoder; leave it out for a BPE checkpoint")
+        kw["compile"] = args.compile
     write = _writer(sys.stdout)
     # surrogateescape: argv bytes that were not valid UTF-8 reach the model unchanged
     prompt = args.prompt.encode("utf-8", errors="surrogateescape")
@@ -112,10 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         write(prompt.decode("utf-8", errors="replace"))
     utf8 = Utf8StreamDecoder()
     try:
-        generate(model, prompt, max_new_bytes=args.max_new_bytes, temperature=args.temperature, top_k=args.top_k,
-                 top_p=args.top_p, greedy=args.greedy, seed=args.seed, stop=args.stop,
-                 stream=lambda _row, chunk: write(utf8.decode(chunk)),
-                 compile=False if args.compile == "none" else args.compile)
+        # model.generate, not the byte models' function: a BPE checkpoint encodes the prompt with its own
+        # tokenizer and emits the bytes of its tokens (token ids read as bytes crashed or printed U+FFFD)
+        model.generate(prompt, max_new_bytes=args.max_new_bytes, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, greedy=args.greedy, seed=args.seed, stop=args.stop,
+                       stream=lambda _row, chunk: write(utf8.decode(chunk)), **kw)
     except (MemoryError, RuntimeError, TypeError) as e:  # torch.OutOfMemoryError is a RuntimeError
         # the decoder's caches are sized for prompt + max_new_bytes up front: a huge value fails at once, in torch
         if not is_out_of_memory(e):
