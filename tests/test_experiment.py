@@ -127,6 +127,19 @@ def test_two_arm_matrix_writes_results_and_resumes(tmp_path, capsys, one_thread)
             main(_argv(tmp_path, pattern, *extra))
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and "finished with other settings" in err[0] and words in err[0]
+    # the same files copied elsewhere still skip (as on the GPU machine); other text is refused, not relabelled
+    import shutil
+
+    (tmp_path / "copy").mkdir()
+    for split in ("train", "val"):
+        shutil.copy(pattern.format(split=split), tmp_path / "copy")
+    assert main(_argv(tmp_path, str(tmp_path / "copy" / Path(pattern).name))) == 0
+    assert capsys.readouterr().out.count("done already") == 2
+    other = write_corpus(tmp_path / "copy", n_train=10, n_val=2, doc_bytes=1100)
+    with pytest.raises(SystemExit) as e:
+        main(_argv(tmp_path, other))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "trained on other data" in err[0], err
     assert (res / "phase1" / "dense" / "final.json").stat().st_mtime_ns == mtime
 
     # an arm interrupted after a checkpoint continues from latest.pt instead of starting over

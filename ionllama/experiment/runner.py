@@ -82,6 +82,7 @@ class Runner:
         # the sweep's runs: --from_sweep may read another results folder's sweep (a new setting on top of the
         # picks, e.g. --override dropout=0.1, written to its own --out so the picks' rows stay)
         self.sweep_dir = Path(args.sweep_dir) if getattr(args, "sweep_dir", None) else self.out / "sweep"
+        self._data_sizes: tuple[int, int] | None = None  # (train, val) bytes of the prepared shards
 
     # ------------------------------------------------------------------ arm list
     def arm_names(self) -> list[str]:
@@ -203,6 +204,7 @@ class Runner:
             if diff:  # skipping it would report the old run under the new flags
                 raise UserError(f"{final_path} holds {run_name} finished with other settings ({diff}); use "
                                 "another --out (or delete that folder) to train it with these")
+            self._check_same_data(done, final_path, run_name)
             _log(f"{run_name}: done already ({final_path}); skipped")
             return done
         need = budget_s + self.a.arm_overhead_s
@@ -274,6 +276,28 @@ class Runner:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return final
+
+    def data_sizes(self) -> tuple[int, int]:
+        """(train, val) bytes of the data this command trains on (the shards are built here if need be)."""
+        if self._data_sizes is None:
+            from ..data.shards import DataArgs, prepare
+
+            self._data_sizes = _split_sizes(prepare(DataArgs(dataset=self.a.dataset, data_path=self.a.data_path,
+                                                             data_dir=self.a.data_dir), log=lambda _m: None))
+        return self._data_sizes
+
+    def _check_same_data(self, done: dict, final_path: Path, run_name: str) -> None:
+        """A finished arm trained on other data is not this command's result. --data_path itself may differ (the
+        same files copied elsewhere, as on the GPU machine), so the split sizes say whether the text is the same:
+        other files give other sizes (a new user's report: the arms were skipped and the report relabelled)."""
+        old = done.get("data") or {}
+        if not (old.get("train_bytes") and old.get("val_bytes")):
+            return  # a final.json from before the sizes were recorded
+        now = self.data_sizes()
+        if (old["train_bytes"], old["val_bytes"]) != now:
+            raise UserError(f"{final_path} holds {run_name} trained on other data ({old['train_bytes']:,} train / "
+                            f"{old['val_bytes']:,} val bytes from {old.get('path')}; now {now[0]:,} / {now[1]:,}); use "
+                            "another --out to train it on this data")
 
     # ------------------------------------------------------------------ evaluation of one arm
     def eval_sets(self) -> list[tuple[str, str | None]]:
@@ -427,6 +451,7 @@ class Runner:
         t0 = time.perf_counter()
         byte_dir = prepare(DataArgs(dataset=self.a.dataset, data_path=self.a.data_path, data_dir=self.a.data_dir),
                            log=_log)
+        self._data_sizes = _split_sizes(byte_dir)
         for arm in self.arm_names():
             spec = self.spec_of(arm)
             if spec["model"] == "bpe":
@@ -495,6 +520,11 @@ class Runner:
             _write_json(out, res)
             acc = ", ".join(f"{t} {_fmt(r['accuracy'], 2)}" for t, r in res["results"]["per_task"].items())
             _log(f"{arm}: task accuracy (test split) {acc} -> {out}")
+
+
+def _split_sizes(byte_dir: Path) -> tuple[int, int]:
+    meta = json.loads((Path(byte_dir) / "meta.json").read_text())
+    return int(meta["splits"]["train"]["bytes"]), int(meta["splits"]["val"]["bytes"])
 
 
 def _device_info(device):
