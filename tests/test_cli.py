@@ -79,6 +79,9 @@ def test_bad_input_is_one_line_exit_2(tmp_path, corpus, capsys):
         (["--model", "ionllama", "--patching", "bytes"], "unknown patching 'bytes'"),
         (["--dropout", "1.5"], "dropout must be in [0, 1)"),
         (["--model", "bpe", "--vocab_size", "10"], "a byte-level BPE needs more than the 256 bytes"),
+        # a new user's report: refused only after the tokenizer had trained; "no text" blamed on --data_path
+        (["--model", "bpe", "--vocab_size", "1000000"], "must be at most 65536"),
+        (["--max_bytes", "0"], "--max_bytes 0 must be at least 1"),
         (["--model", "ionllama", "--max_steps", "2", "--joint_steps", "5"], "leaves none of --max_steps 2"),
         (["--model", "ionllama", "--max_patch_size", "2"], "target_patch_size 4.0 is above max_patch_size 2"),
     ]

@@ -130,6 +130,8 @@ def prepare(args: DataArgs, log: Callable[[str], None] = print) -> Path:
     """Build (or reuse) the shards for `args`; returns their folder."""
     if not 0.0 < args.val_fraction < 0.5:
         raise UserError(f"--val_fraction {args.val_fraction} must be in (0, 0.5)")
+    if args.max_bytes is not None and args.max_bytes < 1:  # read as "no text" and blamed on --data_path before
+        raise UserError(f"--max_bytes {args.max_bytes} must be at least 1; leave it out to read everything")
     source = make_source(args)
     out, key = cache_dir_for(args, source)
     meta_path = out / "meta.json"

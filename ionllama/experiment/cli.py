@@ -118,6 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     bad = [s for s in stages if s not in ("prepare", "pretrain", "sweep", "tasks", "report")]
     if bad:
         raise UserError(f"unknown --stage {bad}; use prepare, pretrain, sweep, tasks, report (or compare alone)")
+    if stages == ["report"]:
+        from pathlib import Path
+
+        out = Path(a.out)
+        if not any(out.glob("*/final.json")) and not any(out.glob("sweep/*/final.json")):
+            # a mistyped --out wrote an empty report (and made the folder) with exit 0
+            raise UserError(f"--stage report: no finished arm under {out} (no <arm>/final.json); check --out")
     runner = Runner(a, argv)
     if a.from_sweep and "sweep" not in stages and not runner.sweep_dir.is_dir():
         # without this the arms trained their base settings without a word

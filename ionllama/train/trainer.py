@@ -249,6 +249,9 @@ class Trainer:
         if is_token_model(args.model) and overrides.get("vocab_size", 257) <= 256:  # was replaced by 4,096 silently
             raise UserError(f"--vocab_size {overrides['vocab_size']}: a byte-level BPE needs more than the 256 bytes "
                             "it starts from; e.g. --vocab_size 4096")
+        if is_token_model(args.model) and overrides.get("vocab_size", 0) > 65536:  # refused only after the tokenizer
+            raise UserError(f"--vocab_size {overrides['vocab_size']} must be at most 65536 (uint16 token shards); "
+                            "e.g. --vocab_size 4096")
         self.config = token_configure(make_config(args.size, args.model, **overrides))  # BPE: default vocabulary
         if self.ck is not None:
             self._check_config_matches(ck_path)
