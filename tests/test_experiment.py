@@ -63,6 +63,8 @@ def test_bad_eval_data_or_out_fails_before_any_arm_trains(tmp_path, capsys):
 def test_two_arm_matrix_writes_results_and_resumes(tmp_path, capsys, one_thread):
     pattern = write_corpus(tmp_path, n_train=12, n_val=2, doc_bytes=1200)
     assert main(_argv(tmp_path, pattern)) == 0
+    log = capsys.readouterr().out
+    assert log.count(" KB/s); ->") == 2 and "0.00 MB/s" not in log  # CPU speeds in the unit the table uses
     res = tmp_path / "res"
     finals = {a: json.loads((res / "phase1" / a / "final.json").read_text()) for a in ("dense", "bpe")}
     val_bytes = finals["dense"]["data"]["val_bytes"]

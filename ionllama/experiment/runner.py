@@ -439,7 +439,7 @@ class Runner:
         _write_json(out_dir / "final.json", final)
         t = final["train"]
         _log(f"{final['run']}: val bpb {final['val']['bpb']:.4f} over {final['val']['bytes']:,} bytes; "
-             f"{t['steps']} steps in {t['train_time_s']:.0f} s ({t['bytes_per_s'] / 1e6:.2f} MB/s); "
+             f"{t['steps']} steps in {t['train_time_s']:.0f} s ({_rate(t['bytes_per_s'])}); "
              f"-> {out_dir / 'final.json'}")
 
     # ------------------------------------------------------------------ stages
@@ -520,6 +520,11 @@ class Runner:
             _write_json(out, res)
             acc = ", ".join(f"{t} {_fmt(r['accuracy'], 2)}" for t, r in res["results"]["per_task"].items())
             _log(f"{arm}: task accuracy (test split) {acc} -> {out}")
+
+
+def _rate(bytes_per_s: float) -> str:
+    """MB/s on a GPU; KB/s for CPU runs, which read "0.00 MB/s" (as the report's table does)."""
+    return f"{bytes_per_s / 1e6:.2f} MB/s" if bytes_per_s >= 1e5 else f"{bytes_per_s / 1e3:.2f} KB/s"
 
 
 def _split_sizes(byte_dir: Path) -> tuple[int, int]:
