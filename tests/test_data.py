@@ -115,6 +115,19 @@ def test_parquet_goes_through_datasets_loader(tmp_path):
         prep(tmp_path, data_path=str(tmp_path / "t.parquet"))
 
 
+def test_corrupt_parquet_is_one_error_line(tmp_path, capfd):
+    """`datasets` logged its own "Failed to read schema ..." line before the one-line error (a new user's report);
+    its verbosity comes back afterwards."""
+    datasets = pytest.importorskip("datasets")
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1garbage")
+    before = datasets.logging.get_verbosity()
+    with pytest.raises(UserError, match="could not read parquet files"):
+        prep(tmp_path, data_path=str(tmp_path / "bad.parquet"))
+    out, err = capfd.readouterr()
+    assert "Failed to read schema" not in out + err, err
+    assert datasets.logging.get_verbosity() == before
+
+
 def test_hub_loader_code_reads_local_files_in_hub_format(tmp_path):
     """The function the hub sources use, over a local jsonl in TinyStories' row format."""
     pytest.importorskip("datasets")

@@ -65,6 +65,8 @@ def test_two_arm_matrix_writes_results_and_resumes(tmp_path, capsys, one_thread)
     assert main(_argv(tmp_path, pattern)) == 0
     log = capsys.readouterr().out
     assert log.count(" KB/s); ->") == 2 and "0.00 MB/s" not in log  # CPU speeds in the unit the table uses
+    # the BPE arm's windows hold tokens (they were labelled bytes); the dense arm's bytes
+    assert "= 4 windows x 16 tokens = 64 tokens/step" in log and "= 4 windows x 64 bytes = 256 bytes/step" in log
     res = tmp_path / "res"
     finals = {a: json.loads((res / "phase1" / a / "final.json").read_text()) for a in ("dense", "bpe")}
     val_bytes = finals["dense"]["data"]["val_bytes"]

@@ -298,6 +298,9 @@ def iter_hf_documents(path: str, split: str, name: str | None = None, data_files
         raise UserError(f"reading {label} needs the `datasets` package; pip install 'ionllama[data]' "
                         f"or {HUB_OFFLINE_HINT}") from None
     prefix = doc_prefix if doc_prefix is not None else f"{path}/{split}"
+    verbosity = datasets.logging.get_verbosity()
+    if not remote:  # its own log line for a bad local file came before our one-line error: one line is the rule
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         ds = datasets.load_dataset(path, name, split=split, data_files=data_files, streaming=streaming)
         for i, row in enumerate(ds):
@@ -313,6 +316,8 @@ def iter_hf_documents(path: str, split: str, name: str | None = None, data_files
         msg = str(e).splitlines()[0][:200] if str(e) else ""
         raise UserError(f"could not read {label} ({type(e).__name__}: {msg}); "
                         + (HUB_OFFLINE_HINT if remote else "check the file")) from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
 
 
 def hub_source(dataset: str, text_field: str | None = None) -> Source:

@@ -655,8 +655,9 @@ class Trainer:
             _say(f"model {a.model}/{a.size}: {n_params:,} parameters on {self.device}"
                  f"{' (' + str(self.amp_dtype).replace('torch.', '') + ')' if self.amp_dtype else ' (fp32)'}; "
                  f"run folder {self.run_dir}")
+            unit = "tokens" if is_token_model(a.model) else "bytes"  # a token model's windows hold tokens
             _say(f"global batch: {a.batch_size} x {a.grad_accum} accum x {self.world_size} procs = {gb} windows x "
-                 f"{a.seq_len} bytes = {gb * a.seq_len:,} bytes/step; steps: {plan.entropy_steps} entropy + "
+                 f"{a.seq_len} {unit} = {gb * a.seq_len:,} {unit}/step; steps: {plan.entropy_steps} entropy + "
                  f"{plan.main_steps} main + {plan.joint_steps} joint")
             if self.par.distributed:
                 _say(f"parallel: {self.par.describe()}")
