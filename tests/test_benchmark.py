@@ -211,6 +211,11 @@ def test_lm_fallback_matches_harness_evaluator():
     b = bpb.evaluate_bpb(model, data, 64, 3, "cpu")
     assert a["bytes"] == b["bytes"] == 299
     assert a["bpb"] == pytest.approx(b["bpb"], rel=1e-5)
+    # fewer bytes than --seq_len: the record says the window they were scored in (it said the 100,000 asked for)
+    r = LM.run_lm(model, data, 100_000, 3, "cpu")
+    assert (r["seq_len"], r["seq_len_requested"], r["bytes"]) == (299, 100_000, 299)
+    assert r["bpb"] == pytest.approx(LM.run_lm(model, data, 299, 3, "cpu")["bpb"])
+    assert "seq_len_requested" not in LM.run_lm(model, data, 64, 3, "cpu")
 
 
 def test_wilson_interval_known_values():
