@@ -51,13 +51,15 @@ def test_bad_eval_data_or_out_fails_before_any_arm_trains(tmp_path, capsys):
                          (["--from_sweep"], "--from_sweep: no sweep folder"),
                          (["--from_sweep", "--sweep_dir", str(tmp_path / "nope")], "no sweep folder"),
                          # a mistyped --out for the report wrote an empty one with exit 0
-                         (["--stage", "report", "--out", str(tmp_path / "typo")], "no finished arm under")):
+                         (["--stage", "report", "--out", str(tmp_path / "typo")], "no finished arm under"),
+                         (["--arms", "dense,dnese"], "unknown arm(s) ['dnese']")):
         argv = _argv(tmp_path, pattern) + extra
         with pytest.raises(SystemExit) as e:
             main(argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and words in err[0], err
         assert not (tmp_path / "ck").exists() and not (tmp_path / "typo").exists()  # no arm started, nothing made
+        assert not (tmp_path / "res" / "phase1").exists()  # no empty --out folder left behind
 
 
 def test_two_arm_matrix_writes_results_and_resumes(tmp_path, capsys, one_thread):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 
 import torch
 
@@ -118,43 +119,51 @@ def main(argv: list[str] | None = None) -> int:
     bad = [s for s in stages if s not in ("prepare", "pretrain", "sweep", "tasks", "report")]
     if bad:
         raise UserError(f"unknown --stage {bad}; use prepare, pretrain, sweep, tasks, report (or compare alone)")
-    if stages == ["report"]:
-        from pathlib import Path
+    out, made = Path(a.out), not Path(a.out).exists()
+    try:
+        runner, names = _checked_runner(a, argv, stages)
+        for s in stages:
+            if s == "prepare":
+                runner.prepare()
+            elif s == "sweep" or (s == "report" and runner.sweep_dir.is_dir()):
+                # --stage report rebuilds the sweep table too: one process per GPU each writes it for its own arms
+                if s == "sweep":
+                    runner.sweep()
+                write_report(runner.sweep_dir, [f"{n}~{v}" for n in names for v in runner.trained_variants(n)],
+                             runner.command, label=f"{a.matrix} sweep")
+            elif s == "pretrain":
+                if "prepare" not in stages:
+                    runner.prepare(eval_sets=False)  # data first, so --deadline_s sees the arms' own time only
+                runner.pretrain()
+            elif s == "tasks":
+                runner.tasks()
+        write_report(runner.out, list(runner.matrix), runner.command, label=a.matrix, title=a.title)
+        return 0
+    except UserError:
+        # a refused command leaves no empty --out behind (Runner makes it early, to fail on an unwritable path
+        # before any arm trains); a folder with anything in it is kept
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
 
-        out = Path(a.out)
-        if not any(out.glob("*/final.json")) and not any(out.glob("sweep/*/final.json")):
-            # a mistyped --out wrote an empty report (and made the folder) with exit 0
-            raise UserError(f"--stage report: no finished arm under {out} (no <arm>/final.json); check --out")
+
+def _checked_runner(a: argparse.Namespace, argv: list[str], stages: list[str]) -> tuple[Runner, list[str]]:
+    """The runner and its arm names, every input checked before anything trains."""
+    out = Path(a.out)
+    if stages == ["report"] and not any(out.glob("*/final.json")) and not any(out.glob("sweep/*/final.json")):
+        # a mistyped --out wrote an empty report (and made the folder) with exit 0
+        raise UserError(f"--stage report: no finished arm under {out} (no <arm>/final.json); check --out")
     runner = Runner(a, argv)
     if a.from_sweep and "sweep" not in stages and not runner.sweep_dir.is_dir():
         # without this the arms trained their base settings without a word
         raise UserError(f"--from_sweep: no sweep folder {runner.sweep_dir}; pass --sweep_dir (e.g. "
                         "docs/results/phase1-sweep/sweep) or run --stage sweep first")
     runner.eval_sets()  # validate paths before any training
-    names = runner.arm_names()
-    for s in stages:
-        if s == "prepare":
-            runner.prepare()
-        elif s == "sweep" or (s == "report" and runner.sweep_dir.is_dir()):
-            # --stage report rebuilds the sweep table too: one process per GPU each writes it for its own arms
-            if s == "sweep":
-                runner.sweep()
-            write_report(runner.sweep_dir, [f"{n}~{v}" for n in names for v in runner.trained_variants(n)],
-                         runner.command, label=f"{a.matrix} sweep")
-        elif s == "pretrain":
-            if "prepare" not in stages:
-                runner.prepare(eval_sets=False)  # data first, so --deadline_s sees the arms' own time only
-            runner.pretrain()
-        elif s == "tasks":
-            runner.tasks()
-    write_report(runner.out, list(runner.matrix), runner.command, label=a.matrix, title=a.title)
-    return 0
+    return runner, runner.arm_names()
 
 
 def compare(a: argparse.Namespace, stages: list[str], argv: list[str]) -> int:
     """--stage compare: a report over finished runs of different results folders (nothing is trained)."""
-    from pathlib import Path
-
     if stages != ["compare"] or not a.runs:
         raise UserError("--stage compare takes --runs DIR [DIR ...] and no other stage; the other stages take no "
                         "--runs")
