@@ -335,14 +335,12 @@ class Trainer:
     # ------------------------------------------------------------------ set-up helpers
     def _resume_hint(self) -> str:
         """The flags that find this run again: --save_dir too when it is not the default (the hint without it
-        started a new default run elsewhere); the rest of the settings come back from the checkpoint."""
+        started a new default run elsewhere), and the run's name; the other settings come back from the checkpoint."""
         a = self.args
         hint = "--resume auto"
         if a.save_dir != "checkpoints":
             hint += f" --save_dir {shlex.quote(str(a.save_dir))}"
-        if a.run_name:
-            hint += f" --run_name {shlex.quote(self.run_dir.name)}"
-        return hint
+        return hint + f" --run_name {shlex.quote(self.run_dir.name)}"  # the default name depends on other flags
 
     def _merge_resume_args(self, args, saved: dict, explicit: set[str]):
         merged = argparse.Namespace(**vars(args))
