@@ -148,6 +148,17 @@ def test_two_arm_matrix_writes_results_and_resumes(tmp_path, capsys, one_thread)
         main(_argv(tmp_path, other))
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "trained on other data" in err[0], err
+    # ... and so is other text of exactly the same sizes (one letter changed): the shards' checksums differ
+    (tmp_path / "edit").mkdir()
+    for split in ("train", "val"):
+        text = Path(pattern.format(split=split)).read_text(encoding="utf-8")
+        i = text.index('"text": "') + 9
+        text = text[:i] + ("Z" if text[i] != "Z" else "Y") + text[i + 1:] if split == "train" else text
+        (tmp_path / "edit" / Path(pattern.format(split=split)).name).write_text(text, encoding="utf-8")
+    with pytest.raises(SystemExit) as e:
+        main(_argv(tmp_path, str(tmp_path / "edit" / Path(pattern).name)))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "same sizes, other checksums" in err[0], err
     assert (res / "phase1" / "dense" / "final.json").stat().st_mtime_ns == mtime
 
     # an arm interrupted after a checkpoint continues from latest.pt instead of starting over

@@ -82,7 +82,7 @@ class Runner:
         # the sweep's runs: --from_sweep may read another results folder's sweep (a new setting on top of the
         # picks, e.g. --override dropout=0.1, written to its own --out so the picks' rows stay)
         self.sweep_dir = Path(args.sweep_dir) if getattr(args, "sweep_dir", None) else self.out / "sweep"
-        self._data_sizes: tuple[int, int] | None = None  # (train, val) bytes of the prepared shards
+        self._data_facts: dict | None = None  # sizes and checksums of the prepared train/val shards
 
     # ------------------------------------------------------------------ arm list
     def arm_names(self) -> list[str]:
@@ -277,27 +277,32 @@ class Runner:
             torch.cuda.empty_cache()
         return final
 
-    def data_sizes(self) -> tuple[int, int]:
-        """(train, val) bytes of the data this command trains on (the shards are built here if need be)."""
-        if self._data_sizes is None:
+    def data_facts(self) -> dict:
+        """Sizes and checksums of the train/val shards this command trains on (built here if need be)."""
+        if self._data_facts is None:
             from ..data.shards import DataArgs, prepare
 
-            self._data_sizes = _split_sizes(prepare(DataArgs(dataset=self.a.dataset, data_path=self.a.data_path,
+            self._data_facts = _split_facts(prepare(DataArgs(dataset=self.a.dataset, data_path=self.a.data_path,
                                                              data_dir=self.a.data_dir), log=lambda _m: None))
-        return self._data_sizes
+        return self._data_facts
 
     def _check_same_data(self, done: dict, final_path: Path, run_name: str) -> None:
         """A finished arm trained on other data is not this command's result. --data_path itself may differ (the
-        same files copied elsewhere, as on the GPU machine), so the split sizes say whether the text is the same:
-        other files give other sizes (a new user's report: the arms were skipped and the report relabelled)."""
+        same files copied elsewhere, as on the GPU machine), so the shards' checksums say whether the text is the
+        same (a new user's report: the arms were skipped and the report relabelled). A final.json written before
+        the checksums were recorded is compared by the split sizes."""
         old = done.get("data") or {}
         if not (old.get("train_bytes") and old.get("val_bytes")):
             return  # a final.json from before the sizes were recorded
-        now = self.data_sizes()
-        if (old["train_bytes"], old["val_bytes"]) != now:
-            raise UserError(f"{final_path} holds {run_name} trained on other data ({old['train_bytes']:,} train / "
-                            f"{old['val_bytes']:,} val bytes from {old.get('path')}; now {now[0]:,} / {now[1]:,}); use "
-                            "another --out to train it on this data")
+        now = self.data_facts()
+        keys = ("train_sha256", "val_sha256") if old.get("train_sha256") else ("train_bytes", "val_bytes")
+        if any(old.get(k) != now[k] for k in keys):
+            sizes = (old["train_bytes"], old["val_bytes"]) == (now["train_bytes"], now["val_bytes"])
+            what = ("the same sizes, other checksums" if sizes else
+                    f"{old['train_bytes']:,} train / {old['val_bytes']:,} val bytes; now {now['train_bytes']:,} / "
+                    f"{now['val_bytes']:,}")
+            raise UserError(f"{final_path} holds {run_name} trained on other data (from {old.get('path')}: {what}); "
+                            "use another --out to train it on this data")
 
     # ------------------------------------------------------------------ evaluation of one arm
     def eval_sets(self) -> list[tuple[str, str | None]]:
@@ -410,6 +415,7 @@ class Runner:
                                      spec.get("patching", "entropy") == "entropy" else "")},
             "data": {"path": self.a.data_path or self.a.dataset, "shards": str(data_dir),
                      "train_bytes": train_bytes, "val_bytes": len(shards.val),
+                     **{f"{s}_sha256": shards.meta["splits"][s]["sha256"] for s in ("train", "val")},
                      "eval_bytes_cap": self.a.eval_bytes},
             "command": self.command,
             "trainer_command": "ionllama train " + " ".join(shlex.quote(x) for x in targv),
@@ -451,7 +457,7 @@ class Runner:
         t0 = time.perf_counter()
         byte_dir = prepare(DataArgs(dataset=self.a.dataset, data_path=self.a.data_path, data_dir=self.a.data_dir),
                            log=_log)
-        self._data_sizes = _split_sizes(byte_dir)
+        self._data_facts = _split_facts(byte_dir)
         for arm in self.arm_names():
             spec = self.spec_of(arm)
             if spec["model"] == "bpe":
@@ -527,9 +533,10 @@ def _rate(bytes_per_s: float) -> str:
     return f"{bytes_per_s / 1e6:.2f} MB/s" if bytes_per_s >= 1e5 else f"{bytes_per_s / 1e3:.2f} KB/s"
 
 
-def _split_sizes(byte_dir: Path) -> tuple[int, int]:
-    meta = json.loads((Path(byte_dir) / "meta.json").read_text())
-    return int(meta["splits"]["train"]["bytes"]), int(meta["splits"]["val"]["bytes"])
+def _split_facts(byte_dir: Path) -> dict:
+    splits = json.loads((Path(byte_dir) / "meta.json").read_text())["splits"]
+    return {f"{s}_{k}": (int(splits[s]["bytes"]) if k == "bytes" else splits[s]["sha256"])
+            for s in ("train", "val") for k in ("bytes", "sha256")}
 
 
 def _device_info(device):
