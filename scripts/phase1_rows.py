@@ -67,6 +67,10 @@ ROWS = {
     "4K windows, dilated local_width 16, seed 1": dict(
         GPU0="ionllama_fixed", OVERHEAD="110", EXTRA=f"--seed 1 {SWEPT} --seq_len 4096 --batch_size 16 "
         f"--also_eval_seq_len 1024 --override {BEST},local_width=16"),
+    # the thirty-first session's plan: dense 4K's second seed (the lw16 seeds at 4K are 0.018 apart)
+    "4K windows, dense, seed 1": dict(
+        GPU0="ionllama_fixed", OVERHEAD="110", EXTRA=f"--seed 1 {SWEPT} --seq_len 4096 --batch_size 16 "
+        f"--also_eval_seq_len 1024 --override {BEST},attention=dense"),
     "tasks 3-byte patches": dict(GPU0="ionllama_fixed", BUDGET="75", TASKS="1",
                                  EXTRA="--seed 1 --task_steps 3000 --task_lr 1e-3 --task_n 200 --from_sweep --sweep_dir "
                                        "docs/results/phase1-sweep/sweep "
