@@ -201,6 +201,7 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "nofield.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
     with pytest.raises(UserError, match="--text_field"):
         prep(tmp_path, data_path=str(tmp_path / "nofield.jsonl"))
+    assert not (tmp_path / "cache").exists()  # the refused first run leaves no empty cache folder behind
     (tmp_path / "broken.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n' * 100)[:40])
     with pytest.raises(UserError, match="cannot read"):
         prep(tmp_path, data_path=str(tmp_path / "broken.jsonl.gz"))
@@ -291,6 +292,10 @@ def test_staged_dir_replaces_whole_or_keeps_the_old(tmp_path):
             (tmp / "a.bin").write_bytes(b"half")
             raise RuntimeError("disk full")
     assert (out / "a.bin").read_bytes() == b"old" and sorted(p.name for p in out.iterdir()) == ["a.bin"]
+    with pytest.raises(RuntimeError, match="no text"):  # a parent it made is removed when left empty, not one given
+        with staged_dir(tmp_path / "new" / "shards", tmp_path / "new", "--data_dir"):
+            raise RuntimeError("no text")
+    assert not (tmp_path / "new").exists() and (tmp_path / "cache").is_dir()
     assert not list((tmp_path / "cache").glob(".tmp-*"))
     with staged_dir(out, tmp_path / "cache", "--data_dir") as tmp:
         (tmp / "b.bin").write_bytes(b"new")

@@ -162,6 +162,7 @@ def staged_dir(out: Path, parent: Path, flag: str):
     fails (or is interrupted): a cache folder is either whole or absent, never half-written. `flag` names the
     option that chose `parent`, for the one-line error when it cannot be written."""
     tmp = parent / f".tmp-{out.name}-{os.getpid()}"
+    made = not parent.exists()  # a cache folder this call makes is removed again if it stays empty
     try:
         parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -175,6 +176,8 @@ def staged_dir(out: Path, parent: Path, flag: str):
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if made and not any(parent.iterdir()):
+            parent.rmdir()  # a refused first run leaves no empty data_cache/ behind
         raise
 
 
