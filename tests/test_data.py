@@ -158,6 +158,14 @@ def test_given_split_files_with_placeholder(tmp_path):
     sh = prep(tmp_path, data_path=str(tmp_path / "c-{split}.jsonl"))
     assert sh.meta["split_method"] == "given"
     assert docs_of(sh.train) == train and docs_of(sh.val) == val
+    # so small a val split is used, but said: its BPB would be noise (not said for a val split of normal size)
+    logs = []
+    prepare(DataArgs(data_path=str(tmp_path / "c-{split}.jsonl"), data_dir=str(tmp_path / "c2")), log=logs.append)
+    assert any("val split holds only 26 bytes" in m and "--val_fraction" in m for m in logs), logs
+    write_jsonl(tmp_path / "c-validation.jsonl", make_docs(3) * 20)
+    logs.clear()
+    prepare(DataArgs(data_path=str(tmp_path / "c-{split}.jsonl"), data_dir=str(tmp_path / "c3")), log=logs.append)
+    assert not any("warning" in m for m in logs), logs
     (tmp_path / "t-train.txt").write_text("only a train file")
     with pytest.raises(UserError, match="no val files"):
         prep(tmp_path, data_path=str(tmp_path / "t-{split}.txt"))

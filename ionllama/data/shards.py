@@ -117,6 +117,9 @@ def _byte_budget(args: DataArgs) -> int | None:
     return None
 
 
+SMALL_VAL_BYTES = 4096  # below this a val BPB is mostly noise
+
+
 def cache_dir_for(args: DataArgs, source) -> tuple[Path, dict]:
     key = {"format": SHARD_FORMAT, "source": source.key, "val_fraction": args.val_fraction,
            "split_seed": args.split_seed, "max_bytes": _byte_budget(args)}
@@ -153,6 +156,9 @@ def prepare(args: DataArgs, log: Callable[[str], None] = print) -> Path:
     s = meta["splits"]
     log(f"data: {s['train']['documents']:,} train docs / {s['train']['bytes']:,} bytes, {s['val']['documents']:,} val "
         f"docs / {s['val']['bytes']:,} bytes ({meta['split_method']} split) in {time.time() - t0:.1f} s")
+    if s["val"]["bytes"] < SMALL_VAL_BYTES:  # e.g. a hash split that drew one short document into val
+        log(f"data: warning: the val split holds only {s['val']['bytes']:,} bytes, too few for a steady val BPB; "
+            "raise --val_fraction or give more data")
     return out
 
 
