@@ -179,11 +179,14 @@ def test_more_bad_inputs_are_one_line_before_any_work(workdir, capsys):
             B.main(base + ["--output", str(out)] + extra)
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and words in err[0], (extra, err)
-    with pytest.raises(SystemExit) as e:  # a corrupt .xz as --eval_data
-        B.main(["--checkpoint", str(ckpt), "--device", "cpu", "--eval_data", str(workdir / "bad.jsonl.xz"),
-                "--output", str(out)])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 1 and "cannot read eval data" in err[0], err
+    # a corrupt .xz, and a .gz with a valid header but bad deflate data (a zlib.error, which is no OSError)
+    (workdir / "bad.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00garbagegarbage")
+    for bad in ("bad.jsonl.xz", "bad.jsonl.gz"):
+        with pytest.raises(SystemExit) as e:
+            B.main(["--checkpoint", str(ckpt), "--device", "cpu", "--eval_data", str(workdir / bad),
+                    "--output", str(out)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and "cannot read eval data" in err[0], err
     assert out.read_text() == "{}"  # nothing written over the earlier results
 
 

@@ -89,6 +89,19 @@ def test_invalid_utf8_and_nul_bytes_never_crash(tmp_path):
     assert all(DOC_SEP not in d for d in all_docs)
 
 
+def test_non_string_text_values_are_skipped_not_stringified(tmp_path):
+    """{"text": ["a", "b"]} used to land in train.bin as the Python repr "['a', 'b']" (a new user's report); now such
+    lines are skipped with one warning naming their types, as the eval reader refuses them."""
+    with open(tmp_path / "m.jsonl", "w") as f:
+        for i in range(12):
+            f.write(json.dumps({"text": f"plain document number {i} " * 5}) + "\n")
+        f.write(json.dumps({"text": ["a", "b"]}) + "\n" + json.dumps({"text": 123}) + "\n")
+    with pytest.warns(UserWarning, match=r"not a string: list \(first at line 13\), int \(first at line 14\)"):
+        sh = prep(tmp_path, data_path=str(tmp_path / "m.jsonl"), val_fraction=0.2)
+    all_docs = docs_of(sh.train) + docs_of(sh.val)
+    assert len(all_docs) == 12 and all(d.startswith(b"plain document") for d in all_docs)
+
+
 def test_directory_and_glob(tmp_path):
     d = tmp_path / "corpus"
     (d / "sub").mkdir(parents=True)
@@ -113,6 +126,14 @@ def test_parquet_goes_through_datasets_loader(tmp_path):
     assert sorted(docs_of(sh.train) + docs_of(sh.val)) == sorted(docs)
     with pytest.raises(UserError, match="--text_field"):
         prep(tmp_path, data_path=str(tmp_path / "t.parquet"))
+    # a column that is not text is refused by name, not trained on as "0", "1", ... (through both readers)
+    pq.write_table(pa.table({"content": [d.decode() for d in docs], "n": list(range(30))}), tmp_path / "n.parquet")
+    with pytest.raises(UserError, match="field 'n' holds int values, not text; pass --text_field"):
+        prep(tmp_path, data_path=str(tmp_path / "n.parquet"), text_field="n")
+    from ionllama.data.sources import _iter_parquet_pyarrow
+
+    with pytest.raises(UserError, match="field 'n' holds int values"):
+        list(_iter_parquet_pyarrow(str(tmp_path / "n.parquet"), "n", "n"))
 
 
 def test_corrupt_parquet_is_one_error_line(tmp_path, capfd):
@@ -213,6 +234,9 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "broken.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n' * 100)[:40])
     with pytest.raises(UserError, match="cannot read"):
         prep(tmp_path, data_path=str(tmp_path / "broken.jsonl.gz"))
+    (tmp_path / "deflate.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00garbagegarbage")  # zlib.error, not OSError
+    with pytest.raises(UserError, match="cannot read"):
+        prep(tmp_path, data_path=str(tmp_path / "deflate.jsonl.gz"))
 
 
 def test_builtin_corpus_is_offline_capped_and_deterministic(tmp_path):

@@ -110,7 +110,8 @@ def test_stop_hint_finds_the_run_and_resume_notes_name_what_the_checkpoint_used(
     run = train(tmp_path, corpus, "--max_steps", "12", "--stop_at", "6")
     out = capsys.readouterr().out
     hint = out.split("continue with ")[1].splitlines()[0]
-    assert hint == f"--resume auto --save_dir {tmp_path / 'runs'} --run_name r", hint
+    # --data_dir too: it is per invocation, and without it the data was prepared again into ./data_cache
+    assert hint == f"--resume auto --save_dir {tmp_path / 'runs'} --run_name r --data_dir {tmp_path / 'cache'}", hint
     ck = load_checkpoint(run / "latest.pt")
     drop = ck["model_config"]["dropout"]
     assert drop is not None and ck["train_args"]["dropout"] is None  # left to the size's default
@@ -118,7 +119,26 @@ def test_stop_hint_finds_the_run_and_resume_notes_name_what_the_checkpoint_used(
     out = capsys.readouterr().out
     assert "note: resuming with --dropout" not in out, out  # the same value: nothing to note
     assert load_checkpoint(run / "final.pt")["step"] == 12  # the hint found the run; no new one started
-    assert "starting a new run" not in out
+    assert "starting a new run" not in out and "preparing" not in out  # nor prepared the data again
+    # resumed from a checkpoint path, the run lives next to it: the hint names that folder, not the default one
+    assert main(["--resume", str(run / "step_6.pt"), "--data_dir", str(tmp_path / "cache"), "--stop_at", "8",
+                 "--sample_bytes", "0", "--device", "cpu"]) == 0
+    hint = capsys.readouterr().out.split("continue with ")[1].splitlines()[0]
+    assert hint.startswith(f"--resume auto --save_dir {run.parent} --run_name r "), hint
+
+
+def test_resume_on_other_data_says_so(tmp_path, corpus, capsys):
+    """Edited data (same size) under a resumed run went on without a word (a new user's report): now a note line
+    names what changed; the same data resumes quietly."""
+    other = tmp_path / "edited.jsonl"
+    other.write_text(corpus.read_text().replace("cat", "cot"))
+    train(tmp_path, corpus, "--max_steps", "8", "--stop_at", "4")
+    capsys.readouterr()
+    train(tmp_path, corpus, "--max_steps", "8", "--stop_at", "6", "--resume", "auto")
+    assert "other data" not in capsys.readouterr().out
+    train(tmp_path, other, "--max_steps", "8", "--resume", "auto")
+    notes = [m for m in capsys.readouterr().out.splitlines() if "other data" in m]
+    assert len(notes) == 1 and notes[0].startswith("note: resuming on other data") and "train and val" in notes[0]
 
 
 def test_min_lr_ratio_sets_where_the_cosine_ends(tmp_path, corpus):

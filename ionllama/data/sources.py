@@ -19,6 +19,7 @@ import sys
 import sysconfig
 import threading
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 from urllib.parse import urlparse
@@ -26,6 +27,9 @@ from urllib.parse import urlparse
 from ..errors import UserError
 
 Doc = tuple[str, bytes]
+
+# what a corrupt or mislabelled compressed file raises (gzip's bad deflate data is a zlib.error, not an OSError)
+READ_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error)
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".jsonl.xz", ".jsonl.bz2", ".ndjson.gz", ".ndjson.xz")
 PARQUET_SUFFIXES = (".parquet",)
@@ -65,6 +69,17 @@ class Source:
 
 
 # ---------------------------------------------------------------- helpers
+
+def column_text(text, label: str, field: str) -> bytes:
+    """A table cell (parquet / hub row) as bytes: str or raw bytes; anything else means --text_field names a column
+    that is not text (str() of it would train on reprs like "['a', 'b']" or "123")."""
+    if isinstance(text, (bytes, bytearray)):
+        return bytes(text)
+    if not isinstance(text, str):
+        raise UserError(f"{label}: field '{field}' holds {type(text).__name__} values, not text; pass --text_field "
+                        "NAME of a text column")
+    return encode_text(text)
+
 
 def encode_text(text: str) -> bytes:
     """str -> bytes without ever raising: lone surrogates (from invalid UTF-8 read with surrogateescape
@@ -118,9 +133,10 @@ def resolve_local_files(pattern: str) -> tuple[list[str], str]:
 
 
 def iter_jsonl(path: str, text_field: str = "text", doc_prefix: str | None = None) -> Iterator[Doc]:
-    """One document per JSON line. Lines that are not JSON objects are skipped (counted, warned)."""
+    """One document per JSON line. Lines that are not JSON objects, or whose text is not a string, are skipped
+    (counted, warned)."""
     prefix = doc_prefix if doc_prefix is not None else os.path.basename(path)
-    bad = 0
+    bad, not_text = 0, {}  # not_text: type name -> first line number
     try:
         with _open_binary(path) as f:
             for lineno, raw in enumerate(f, 1):
@@ -144,18 +160,25 @@ def iter_jsonl(path: str, text_field: str = "text", doc_prefix: str | None = Non
                 text = obj[text_field]
                 if text is None:
                     continue
-                yield f"{prefix}:{lineno}", encode_text(text if isinstance(text, str) else str(text))
-    except (OSError, EOFError, lzma.LZMAError) as e:
+                if not isinstance(text, str):  # str() would train on a Python repr like "['a', 'b']"
+                    not_text.setdefault(type(text).__name__, lineno)
+                    continue
+                yield f"{prefix}:{lineno}", encode_text(text)
+    except READ_ERRORS as e:
         raise _read_error(path, e) from None
     if bad:
         warnings.warn(f"{path}: skipped {bad} line(s) that are not JSON objects", stacklevel=2)
+    if not_text:
+        kinds = ", ".join(f"{k} (first at line {n})" for k, n in not_text.items())
+        warnings.warn(f"{path}: skipped lines whose '{text_field}' is not a string: {kinds}; pass --text_field "
+                      "NAME of a text field", stacklevel=2)
 
 
 def iter_text_file(path: str, doc_id: str) -> Iterator[Doc]:
     try:
         with _open_binary(path) as f:
             data = f.read()
-    except (OSError, EOFError, lzma.LZMAError) as e:
+    except READ_ERRORS as e:
         raise _read_error(path, e) from None
     yield doc_id, data
 
@@ -187,7 +210,7 @@ def _iter_parquet_pyarrow(path: str, text_field: str, doc_prefix: str) -> Iterat
         for text in batch.column(0).to_pylist():
             i += 1
             if text is not None:
-                yield f"{doc_prefix}:{i}", encode_text(text if isinstance(text, str) else str(text))
+                yield f"{doc_prefix}:{i}", column_text(text, path, text_field)
 
 
 def iter_local_file(path: str, base: str, text_field: str) -> Iterator[Doc]:
@@ -309,7 +332,7 @@ def iter_hf_documents(path: str, split: str, name: str | None = None, data_files
                                 "pass --text_field NAME")
             text = row[text_field]
             if text is not None:
-                yield f"{prefix}:{i}", encode_text(text if isinstance(text, str) else str(text))
+                yield f"{prefix}:{i}", column_text(text, label, text_field)
     except UserError:
         raise
     except Exception as e:  # network / hub / format errors from datasets, fsspec, requests, httpx, pyarrow

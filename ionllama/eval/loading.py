@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
+from ..data.sources import READ_ERRORS
 from ..data.tasks import DOC_SEP
 from ..errors import UserError
 from ..registry import build_model
@@ -165,7 +166,7 @@ def read_eval_bytes(path: str | Path, max_bytes: int | None = None, text_field: 
         return _read_shard(p, max_bytes)
     try:
         parts = _read_documents(files, max_bytes, text_field)
-    except (OSError, EOFError, lzma.LZMAError, UnicodeDecodeError) as e:  # corrupt / mislabelled file: one line
+    except (*READ_ERRORS, UnicodeDecodeError) as e:  # corrupt / mislabelled file: one line
         raise UserError(f"cannot read eval data '{p}': {e}; pass UTF-8 text or jsonl (plain, .gz or .xz)") from None
     # each document preceded by DOC_SEP, as in the trainer's shards, so BPB here matches its val_bpb layout
     data = b"".join(bytes([DOC_SEP]) + d for d in parts)

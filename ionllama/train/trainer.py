@@ -334,13 +334,28 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up helpers
     def _resume_hint(self) -> str:
-        """The flags that find this run again: --save_dir too when it is not the default (the hint without it
-        started a new default run elsewhere), and the run's name; the other settings come back from the checkpoint."""
-        a = self.args
+        """The flags that find this run again: --save_dir when the run folder is not under the default (the hint
+        without it started a new default run elsewhere; a run resumed from --resume PATH lives next to PATH), the
+        run's name, and --data_dir when not the default (it is per invocation: without it the data was prepared
+        again into data_cache/); the other settings come back from the checkpoint."""
         hint = "--resume auto"
-        if a.save_dir != "checkpoints":
-            hint += f" --save_dir {shlex.quote(str(a.save_dir))}"
-        return hint + f" --run_name {shlex.quote(self.run_dir.name)}"  # the default name depends on other flags
+        if self.run_dir.parent != Path("checkpoints"):
+            hint += f" --save_dir {shlex.quote(str(self.run_dir.parent))}"
+        hint += f" --run_name {shlex.quote(self.run_dir.name)}"  # the default name depends on other flags
+        if getattr(self.args, "data_dir", "data_cache") != "data_cache" and self.data_meta.get("path"):
+            hint += f" --data_dir {shlex.quote(str(self.args.data_dir))}"
+        return hint
+
+    def _note_other_data(self) -> None:
+        """A resumed run whose shards differ from the checkpoint's (edited files, another --data_path) goes on,
+        as fine-tuning on new text may be meant, but says so: silently it would mix two corpora in one curve."""
+        old = ((self.ck or {}).get("data_position") or {})
+        changed = [s for s in ("train", "val") if old.get(f"{s}_sha256") not in (None, self.data_meta[f"{s}_sha256"])]
+        if changed and self.is_main:
+            _say(f"note: resuming on other data than the checkpoint's ({' and '.join(changed)} split changed: "
+                 f"{old.get('train_bytes', 0):,} / {old.get('val_bytes', 0):,} train / val bytes then, "
+                 f"{self.data_meta['train_bytes']:,} / {self.data_meta['val_bytes']:,} now); pass the same "
+                 "--data_path to continue the same run")
 
     def _merge_resume_args(self, args, saved: dict, explicit: set[str]):
         merged = argparse.Namespace(**vars(args))
@@ -386,7 +401,9 @@ class Trainer:
         path = prepare(data_args_from(a), log=_say if self.is_main else (lambda m: None))
         shards = open_shards(path)
         self.data_meta = {"path": str(path), "source": shards.meta.get("source"),
-                          "train_bytes": len(shards.train), "val_bytes": len(shards.val)}
+                          "train_bytes": len(shards.train), "val_bytes": len(shards.val),
+                          **{f"{s}_sha256": shards.meta["splits"][s]["sha256"] for s in ("train", "val")}}
+        self._note_other_data()
         if len(shards.val) < a.seq_len + 1:
             raise UserError(f"the val split has {len(shards.val):,} bytes, fewer than --seq_len {a.seq_len} + 1; lower "
                             "--seq_len, add data or raise --val_fraction")
