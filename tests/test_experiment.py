@@ -155,8 +155,9 @@ def test_two_arm_matrix_writes_results_and_resumes(tmp_path, capsys, one_thread)
         i = text.index('"text": "') + 9
         text = text[:i] + ("Z" if text[i] != "Z" else "Y") + text[i + 1:] if split == "train" else text
         (tmp_path / "edit" / Path(pattern.format(split=split)).name).write_text(text, encoding="utf-8")
+    edited = str(tmp_path / "edit" / Path(pattern).name)
     with pytest.raises(SystemExit) as e:
-        main(_argv(tmp_path, str(tmp_path / "edit" / Path(pattern).name)))
+        main(_argv(tmp_path, edited))
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "same sizes, other checksums" in err[0], err
     assert (res / "phase1" / "dense" / "final.json").stat().st_mtime_ns == mtime
@@ -170,6 +171,22 @@ def test_two_arm_matrix_writes_results_and_resumes(tmp_path, capsys, one_thread)
     assert "resumed" in out
     again = json.loads((res / "phase1" / "dense" / "final.json").read_text())
     assert again["train"]["steps"] >= steps_before
+
+    # ... but not under other settings or on other data: the checkpoint would mix two runs in one result
+    marker = tmp_path / "ck" / "dense" / "experiment.json"
+    kept = {p: p.read_bytes() for p in (marker, res / "phase1" / "dense" / "final.json")}
+    half = json.loads(kept[marker])
+    assert half["trained"] and half["data_sha256"] and "--seq_len 64" in half["trainer_command"]
+    (res / "phase1" / "dense" / "final.json").unlink()
+    marker.write_text(json.dumps({**half, "trained": False}))  # as if stopped after a checkpoint
+    for extra, words in ((["--seq_len", "32"], "--seq_len 64 -> 32"), (["--data_path", edited], "other train/val")):
+        with pytest.raises(SystemExit) as e:
+            main(_argv(tmp_path, pattern, "--arms", "dense", *extra))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and "partly trained with other settings" in err[0], err
+        assert words in err[0], err
+    for p, data in kept.items():
+        p.write_bytes(data)
 
     # the task stage: identical task examples and steps for both arms, accuracy with CIs
     assert main(_argv(tmp_path, pattern, "--stage", "tasks", "--task_arms", "dense,bpe", "--task_steps", "2",

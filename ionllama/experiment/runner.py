@@ -226,9 +226,13 @@ class Runner:
         run_dir = self.ckpt_dir / run_name
         marker = run_dir / "experiment.json"
         state = _read_json(marker) or {}
-        if state.get("trained") and (state.get("spec") != spec or state.get("budget_s") != budget_s):
-            raise UserError(f"{run_dir} holds {run_name} trained with other settings ({state.get('spec')}, budget "
-                            f"{state.get('budget_s')} s); delete {run_dir} to train it again with these")
+        self._check_same_run(state, run_dir, run_name, spec, budget_s, targv)
+        if not state.get("trained"):  # what a later invocation resuming this arm must match
+            run_dir.mkdir(parents=True, exist_ok=True)
+            state = {"trained": False, "spec": spec, "budget_s": budget_s,
+                     "trainer_command": "ionllama train " + " ".join(shlex.quote(x) for x in targv),
+                     "data_sha256": self._data_shas()}
+            _write_json(marker, state)
         _log(f"{run_name}: {'evaluating (trained already)' if state.get('trained') else 'training'} "
              f"- ionllama train {' '.join(shlex.quote(x) for x in targv)}")
         try:
@@ -241,6 +245,33 @@ class Runner:
             raise UserError(f"arm {run_name}: out of memory at --batch_size {self.a.batch_size} x --seq_len "
                             f"{self.seq_len_of(spec)}; pass a smaller --batch_size (--grad_accum keeps the batch) or "
                             "--eval_batch_size") from None
+
+    def _data_shas(self) -> list[str]:
+        f = self.data_facts()
+        return [f["train_sha256"], f["val_sha256"]]
+
+    def _check_same_run(self, state: dict, run_dir: Path, run_name: str, spec: dict, budget_s: float,
+                        targv: list[str]) -> None:
+        """An arm half-trained (or trained, not yet evaluated) under other settings or on other data is not
+        continued: its checkpoint would mix two runs in one result (a new user's report: an arm interrupted at
+        --seq_len 64 resumed at 32, and one resumed on edited text, both without a word)."""
+        if not state:
+            return  # nothing started, or a marker from before the settings were recorded
+        if not state.get("trained"):
+            from ..train.distributed import latest_checkpoint
+
+            if latest_checkpoint(run_dir) is None:
+                return  # stopped before its first checkpoint (a refused flag, out of memory): nothing to mix
+        what = "trained" if state.get("trained") else "partly trained"
+        if state.get("spec") != json.loads(json.dumps(spec)) or state.get("budget_s") != budget_s:
+            diff = f"{state.get('spec')}, budget {state.get('budget_s')} s"
+        else:
+            diff = _changed_settings({"trainer_command": state.get("trainer_command", "")}, spec, targv)
+            if not diff and state.get("data_sha256") not in (None, self._data_shas()):
+                diff = "other train/val data"
+        if diff:
+            raise UserError(f"{run_dir} holds {run_name} {what} with other settings ({diff}); delete {run_dir} to "
+                            "train it again with these, or rerun with the earlier settings")
 
     def _train_and_evaluate(self, arm, run_name, spec, budget_s, targs, targv, parser, state, marker, run_dir,
                             out_dir) -> dict:
@@ -255,7 +286,7 @@ class Runner:
             if not result:
                 raise UserError(f"{run_name}: the trainer returned no result; see its log above")
             model, device, amp = tr.model, tr.device, tr.amp_dtype
-            state = {"trained": True, "spec": spec, "budget_s": budget_s, "step": tr.step,
+            state = {**state, "trained": True, "spec": spec, "budget_s": budget_s, "step": tr.step,
                      "train_time_s": tr.train_time,
                      "warmup_s": getattr(tr, "warmup_s", None),
                      "cut_short_s": getattr(tr, "cut_short_s", None),
