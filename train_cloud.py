@@ -6,4 +6,4 @@ import sys
 from ionllama.train.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="train_cloud.py"))

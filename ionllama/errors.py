@@ -30,17 +30,26 @@ def cli_entry(fn):
     return wrapper
 
 
+def first_line(e: BaseException, limit: int = 160) -> str:
+    """The first non-empty line of an exception's message, cut at a word boundary (torch's load errors run to
+    pages; a cut mid-word read as a typo), or its type name when it has no message."""
+    text = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "") or type(e).__name__
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " ..."
+    return text
+
+
 def check_ranges(args, at_least: dict[str, float], above_zero: tuple[str, ...] = ()) -> None:
     """One-line UserError for a numeric flag below its least value or not above zero (NaN included), or infinite;
     a flag left at None (not given) is skipped."""
     for name, low in at_least.items():
         v = getattr(args, name, None)
         if v is not None and not v >= low:
-            raise UserError(f"--{name} must be at least {low} (got {v})")
+            raise UserError(f"--{name} must be at least {low} (got {v}); pass --{name} {low} or more")
     for name in above_zero:
         v = getattr(args, name, None)
         if v is not None and not v > 0:
-            raise UserError(f"--{name} must be above 0 (got {v})")
+            raise UserError(f"--{name} must be above 0 (got {v}); pass a positive --{name}")
     for name in (*at_least, *above_zero):
         # --lr inf used to train to NaN weights and exit 0; no flag here means anything by inf
         v = getattr(args, name, None)

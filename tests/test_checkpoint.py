@@ -63,6 +63,22 @@ def test_damaged_or_foreign_files_give_one_line_errors(tmp_path):
         with pytest.raises(UserError, match=pattern) as e:
             C.load_checkpoint(tmp_path / name)
         assert "\n" not in str(e.value)
+    # the benchmark's reader of the same files: one line, and a long torch message cut between words
+    from ionllama.eval.loading import read_checkpoint_file
+
+    for name in ("garbage.pt", "pickle.pt"):
+        with pytest.raises(UserError, match="cannot read checkpoint") as e:
+            read_checkpoint_file(tmp_path / name)
+        reason = str(e.value).split("(", 1)[1].rsplit(")", 1)[0]
+        assert "\n" not in str(e.value) and (reason.endswith(" ...") or len(reason) < 160), reason
+
+
+def test_first_line_cuts_between_words():
+    from ionllama.errors import first_line
+
+    e = RuntimeError("\n   " + "word " * 60 + "\nsecond line")
+    assert first_line(e, 42) == ("word " * 8).strip() + " ..." and first_line(ValueError()) == "ValueError"
+    assert first_line(OSError("short one")) == "short one"
 
 
 def test_weights_that_do_not_fit_the_model_are_a_user_error(tmp_path):

@@ -84,11 +84,21 @@ def test_bad_input_is_one_line_exit_2(tmp_path, corpus, capsys):
         (["--max_bytes", "0"], "--max_bytes 0 must be at least 1"),
         (["--model", "ionllama", "--max_steps", "2", "--joint_steps", "5"], "leaves none of --max_steps 2"),
         (["--model", "ionllama", "--max_patch_size", "2"], "target_patch_size 4.0 is above max_patch_size 2"),
+        # it trained one step and rewrote latest.pt
+        (["--stop_at", "0"], "--stop_at 0 is not past the run's step 0: nothing to train"),
+        (["--run_name", "../escaped"], "--run_name '../escaped' must be a plain folder name"),  # wrote outside
+        (["--resume", str(tmp_path)], "no such checkpoint"),  # a folder without checkpoints
     ]
     for extra, pattern in cases:
         argv = args(tmp_path, corpus)
         # a later flag wins in argparse, so the bad value overrides the good default above
         expect_error(capsys, argv + extra, pattern)
+    # the refused runs leave no empty run folder (nor the --save_dir they made) behind (a new user's report)
+    assert not (tmp_path / "runs").exists(), list((tmp_path / "runs").rglob("*"))
+    (tmp_path / "runs" / "mine").mkdir(parents=True)  # folders that were there before are kept, empty or not
+    expect_error(capsys, args(tmp_path, corpus, "--max_steps", "0"), "--max_steps must be at least 1")
+    expect_error(capsys, args(tmp_path, corpus, "--data_path", str(tmp_path / "empty.txt")), "empty dataset")
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["mine"]
 
 
 def test_out_of_memory_is_one_line(tmp_path, corpus, capsys):

@@ -97,7 +97,9 @@ def test_resume_continues_exactly(tmp_path, corpus):
 
 def test_resume_from_path_takes_the_checkpoint_settings(tmp_path, corpus, capsys):
     run = train(tmp_path, corpus, "--max_steps", "12", "--stop_at", "6", "--batch_size", "2")
-    # only --resume: model, data and batch settings come from the checkpoint
+    # only --resume: model, data and batch settings come from the checkpoint; a run folder means its latest.pt
+    assert main(["--resume", str(run), "--stop_at", "9", "--sample_bytes", "0", "--device", "cpu"]) == 0
+    assert load_checkpoint(run / "latest.pt")["step"] == 9
     assert main(["--resume", str(run / "latest.pt"), "--sample_bytes", "0", "--device", "cpu"]) == 0
     ck = load_checkpoint(run / "final.pt")
     assert ck["step"] == 12 and ck["train_args"]["batch_size"] == 2 and ck["model_config"]["d_model"] == 32

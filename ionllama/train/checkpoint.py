@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 CHECKPOINT_FORMAT = "ionllama-checkpoint-1"
 SAFETENSORS_CONFIG_KEY = "ionllama_config"
@@ -125,7 +125,7 @@ def load_model_state(model: torch.nn.Module, state: dict, source: str) -> None:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        first = str(e).splitlines()[0][:200]
+        first = first_line(e, 200)
         raise UserError(f"{source} does not match the model ({first}); use the model/size it was trained with") from None
 
 
@@ -176,7 +176,7 @@ def load_model(path: str | Path, device="cpu", dtype: torch.dtype | None = None)
         try:
             st_load_model(model, str(path), strict=True)
         except RuntimeError as e:
-            raise UserError(f"{path} does not match its model config ({str(e).splitlines()[0][:160]}); re-export it") from None
+            raise UserError(f"{path} does not match its model config ({first_line(e)}); re-export it") from None
     else:
         ck = load_checkpoint(path)
         model = build_model(ModelConfig.from_dict(ck["model_config"]))

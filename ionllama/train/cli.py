@@ -41,8 +41,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fineweb_bytes", type=int, default=2_000_000_000, help="bytes streamed for --dataset fineweb")
 
 
-def build_train_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="train_cloud.py", description="Train an ionLlama (or baseline) byte-level LM.")
+def build_train_parser(prog: str = "ionllama train") -> argparse.ArgumentParser:
+    p = OneLineParser(prog=prog, description="Train an ionLlama (or baseline) byte-level LM.")
     add_data_args(p)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="ionllama", help="registered model name (ionllama, dense, ...)")
@@ -96,7 +96,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument("--save_dir", default="checkpoints")
     g.add_argument("--run_name", default=None, help="default: <model>-<size>-<dataset>")
     g.add_argument("--save_interval", type=int, default=None, help="step_N.pt every N steps (default: total / 2)")
-    g.add_argument("--resume", default=None, help="checkpoint path, or 'auto' = latest.pt of the run folder")
+    g.add_argument("--resume", default=None, help="checkpoint path (or a run folder: its latest.pt), or 'auto' = latest.pt of "
+                   "--save_dir/--run_name")
     g.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (WANDB_MODE=offline works)")
     g.add_argument("--sample_bytes", type=int, default=256, help="bytes generated after training (0: none)")
     g.add_argument("--sample_prompt", default=None, help="prompt of that sample (default: start of a val document)")
@@ -119,9 +120,9 @@ def explicit_args(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
 
 
 @cli_entry
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "ionllama train") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_train_parser()
+    parser = build_train_parser(prog)  # usage and errors name the command that was typed
     args = parser.parse_args(argv)
     from .trainer import train
 

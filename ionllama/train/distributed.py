@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 # NVLink multicast (NVLS) stays off in every process: set before the process group starts.
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -565,7 +565,7 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer) -> None:
     try:
         _dcp_load(sd, path, no_dist)
     except Exception as e:  # DCP reports missing keys / shape mismatches with its own error types
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        first = first_line(e, 200)
         raise UserError(f"{path} does not match this model / phase ({first}); resume with the same model, "
                         "size and phases") from None
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])

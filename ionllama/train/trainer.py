@@ -96,8 +96,13 @@ def resolve_run(args) -> tuple[Path, Path | None]:
     """-> (run folder, checkpoint to resume or None). Never picks a folder whose checkpoints a fresh run
     would overwrite."""
     base = Path(args.save_dir)
+    if args.run_name is not None and (Path(args.run_name).name != args.run_name or args.run_name in ("", ".", "..")):
+        raise UserError(f"--run_name {args.run_name!r} must be a plain folder name (no '/', '.' or '..'); the "
+                        "parent folder is --save_dir")
     if args.resume and args.resume != "auto":
         ck = Path(args.resume)
+        if ck.is_dir() and not distributed.is_sharded_checkpoint(ck):  # a run folder: its latest checkpoint
+            ck = distributed.latest_checkpoint(ck) or ck / "latest.pt"
         if not (ck.is_file() or distributed.is_sharded_checkpoint(ck)):
             raise UserError(f"--resume {ck}: no such checkpoint; check the path or use --resume auto")
         return (base / args.run_name if args.run_name else ck.parent), ck
@@ -664,6 +669,9 @@ class Trainer:
             raise UserError(f"the checkpoint is at step {self.step}, past this run's last step {plan.total} "
                             f"(--max_steps {a.max_steps} with its phases); nothing to train: raise --max_steps, or "
                             f"start a new run with another --run_name")
+        if a.stop_at is not None and self.step >= a.stop_at:  # it trained one step and rewrote latest.pt
+            raise UserError(f"--stop_at {a.stop_at} is not past the run's step {self.step}: nothing to train; pass a "
+                            f"--stop_at above {self.step}")
         if self.is_main:
             n_params = sum(p.numel() for p in self.model.parameters())
             gb = self.sampler.global_batch
@@ -838,9 +846,30 @@ class Trainer:
 def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict:
     ctx = distributed.setup(getattr(args, "device", "auto"))  # under torchrun: the process group; else nothing
     finished = False
+    save = Path(args.save_dir)
+    before = {d.name for d in save.iterdir()} if save.is_dir() else None
     try:
         result = Trainer(args, explicit, rank=ctx.rank, world_size=ctx.world_size).run()
         finished = True
         return result
+    except BaseException:
+        if ctx.rank == 0:
+            _drop_new_empty_folders(save, before)
+        raise
     finally:
         distributed.teardown(finished)
+
+
+def _drop_new_empty_folders(save: Path, before: set[str] | None) -> None:
+    """A run refused before it wrote anything (bad data, a flag out of range) leaves no empty run folder (nor an
+    empty --save_dir it made) behind; a folder that existed before, or holds anything, is kept."""
+    try:
+        if not save.is_dir():
+            return
+        for d in save.iterdir():
+            if d.name not in (before or set()) and d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+        if before is None and not any(save.iterdir()):
+            save.rmdir()
+    except OSError:
+        pass  # best effort: the error being raised is the one to show
