@@ -25,6 +25,24 @@ def test_forward_api_shapes_and_keys():
     assert {"entropy_model", "encoder", "latent", "decoder"} <= set(counts)
 
 
+@pytest.mark.parametrize("model", ["ionllama", "dense", "mamba"])
+def test_bad_forward_input_names_the_problem(model):
+    """A new user's report: ids past 255 were an IndexError, an empty sequence a ZeroDivisionError, a 1-D input
+    "not enough values to unpack", floats were cast silently. Each is now a ValueError naming the fix; int32 ids
+    work as int64 ones."""
+    m = create_model("tiny", model=model, **(SMALL if model == "ionllama" else dict(d_model=32, n_layers=1, n_heads=2)))
+    m.eval()
+    x = torch.randint(0, 256, (2, 12))
+    for bad, words in ((x[0], "add a batch dimension"), (x[:, :0], "seq_len >= 1"), (x.float(), "integer ids"),
+                       (x + 256, "outside 0..255"), (x - 300, "outside 0..255"), (x.tolist(), "must be a tensor")):
+        with pytest.raises(ValueError, match=words):
+            m(bad)
+    with pytest.raises(ValueError, match="targets must be integer ids of the input's shape"):
+        m(x, x[:, :-1])
+    with torch.no_grad():
+        assert torch.equal(m(x.int(), x.int())["logits"], m(x, x)["logits"])
+
+
 def test_default_sizes_match_plan_budgets():
     totals = {s: create_model(s).count_parameters()["total"] / 1e6 for s in ("tiny", "small")}
     assert 3 < totals["tiny"] < 8 and 35 < totals["small"] < 65

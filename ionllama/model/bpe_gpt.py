@@ -18,6 +18,7 @@ import torch.nn as nn
 from ..config import ModelConfig
 from ..errors import UserError
 from ..registry import register
+from .common import checked_input
 from .dense import ParamCountMixin, build_transformer_lm, lm_outputs, transformer_lm_logits
 
 
@@ -75,6 +76,7 @@ class BPETransformer(ParamCountMixin, nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> dict:
+        x, targets = checked_input(x, targets, vocab=self.config.vocab_size)
         B, T = x.shape
         logits = transformer_lm_logits(self, x)
         bytes_per_target = 1.0

@@ -22,6 +22,30 @@ class RMSNorm(nn.Module):
         return xf.to(x.dtype) * self.weight
 
 
+def checked_input(x, targets=None, vocab: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The models' input and targets as int64 ids, or a ValueError naming the problem and the fix: a float, 1-D or empty
+    input, or ids past the vocabulary, ended in torch's IndexError / ZeroDivisionError / unpack errors, or was
+    cast silently (floats). The range is checked on CPU only, and not under torch.compile: on a GPU it would be
+    a host sync every step (there the embedding's device assert still fires)."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"the model's input must be a tensor of byte ids (got {type(x).__name__}); pass "
+                         "torch.tensor([list(data)], dtype=torch.long), or use model.generate(prompt_bytes)")
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise ValueError(f"the model's input must hold integer ids (got {x.dtype}); pass a torch.long tensor")
+    if x.dim() != 2 or x.shape[1] == 0:
+        raise ValueError(f"the model's input must be (batch, seq_len) with seq_len >= 1 (got shape {tuple(x.shape)});"
+                         " add a batch dimension with x[None]")
+    if targets is not None and (not isinstance(targets, torch.Tensor) or tuple(targets.shape) != tuple(x.shape)
+                                or targets.dtype.is_floating_point):
+        got = f"shape {tuple(targets.shape)}, {targets.dtype}" if isinstance(targets, torch.Tensor) else type(targets)
+        raise ValueError(f"targets must be integer ids of the input's shape {tuple(x.shape)} (got {got}); pass "
+                         "the input shifted by one position")
+    if x.device.type == "cpu" and not torch.compiler.is_compiling() and (int(x.min()) < 0 or int(x.max()) >= vocab):
+        raise ValueError(f"the model's input holds ids outside 0..{vocab - 1} (min {int(x.min())}, max "
+                         f"{int(x.max())}); pass bytes (0-255) or the tokenizer's ids")
+    return x.long(), (None if targets is None else targets.long())
+
+
 def swiglu_hidden(dim: int, mult: float = 8 / 3, multiple_of: int = 32) -> int:
     h = int(dim * mult)
     return multiple_of * ((h + multiple_of - 1) // multiple_of)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..registry import register
-from .common import RMSNorm, TransformerBlock, init_weights, swiglu_hidden
+from .common import RMSNorm, TransformerBlock, checked_input, init_weights, swiglu_hidden
 
 LN2 = math.log(2.0)
 
@@ -77,6 +77,7 @@ class DenseByteTransformer(ParamCountMixin, GenerateMixin, nn.Module):
         build_transformer_lm(self, config)
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> dict:
+        x, targets = checked_input(x, targets)
         B, T = x.shape
         logits = transformer_lm_logits(self, x)
         return lm_outputs(logits, targets, torch.full((B,), T, device=x.device, dtype=torch.long))

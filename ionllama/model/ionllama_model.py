@@ -20,7 +20,7 @@ import torch.nn as nn
 from ..config import LATENT_SHIFTS, ModelConfig
 from ..registry import register
 from .byte_embedding import ByteEmbedding
-from .common import RMSNorm, init_weights, swiglu_hidden, zero_residual_branches
+from .common import RMSNorm, checked_input, init_weights, swiglu_hidden, zero_residual_branches
 from .dense import GenerateMixin, ParamCountMixin, lm_outputs
 from .entropy_model import EntropyModel
 from .integral_lnn import IntegralLNNBlock
@@ -201,7 +201,7 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
         count rounded up to PATCH_PAD, which the host must read. It must be at least every row's patch
         count (not checked: that check would be the host read). Padding patches sit after every real one,
         so the real outputs do not depend on it (tests/test_step_graph.py compares the two)."""
-        x = x.long()
+        x, targets = checked_input(x, targets)
         B, T = x.shape
         if patch_starts is None or self._entropy_learns():
             entropy, trainable = self.compute_entropy(x)

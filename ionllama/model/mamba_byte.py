@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from ..config import ModelConfig
 from ..registry import register
-from .common import RMSNorm
+from .common import RMSNorm, checked_input
 from .dense import GenerateMixin, ParamCountMixin, lm_outputs
 from .ssm import MambaBlock
 
@@ -45,6 +45,7 @@ class MambaByte(ParamCountMixin, GenerateMixin, nn.Module):
                 nn.init.normal_(p, 0.0, 0.02)
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> dict:
+        x, targets = checked_input(x, targets)
         B, T = x.shape
         h = self.embed(x.long())
         for blk in self.blocks:
