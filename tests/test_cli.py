@@ -121,14 +121,19 @@ def test_checkpoint_errors_and_nothing_saved_is_lost(tmp_path, corpus, capsys):
     assert {"best.pt", "latest.pt", "final.pt"} <= set(saved)
     # a fresh run into the same folder would overwrite them: refused
     expect_error(capsys, args(tmp_path, corpus, "--max_steps", "2"), "already holds checkpoints")
-    # a different model than the checkpoint's
-    expect_error(capsys, args(tmp_path, corpus, "--max_steps", "4", "--resume", "auto", "--d_model", "64"),
-                 "different model")
+    # a different model than the checkpoint's: the error alone (a "note: resuming with --d_model" came first)
+    with pytest.raises(SystemExit) as e:
+        main(args(tmp_path, corpus, "--max_steps", "4", "--resume", "auto", "--d_model", "64"))
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and "different model" in err and "note:" not in out + err, (out, err)
     assert {p.name: p.read_bytes() for p in run.glob("*.pt")} == saved
     # a damaged checkpoint
     bad = tmp_path / "bad.pt"
     bad.write_bytes(saved["latest.pt"][:1000])
     expect_error(capsys, args(tmp_path, corpus, "--resume", str(bad), "--run_name", "other"), "corrupt")
+    # a training flag changed on resume is still said, once the resume is accepted
+    assert main(args(tmp_path, corpus, "--max_steps", "4", "--resume", "auto", "--lr", "0.002")) == 0
+    assert "note: resuming with --lr 0.002" in capsys.readouterr().out
 
 
 def test_resume_past_the_last_step_is_refused_and_rewrites_nothing(tmp_path, corpus, capsys):

@@ -242,6 +242,7 @@ class Trainer:
         self.dist = distributed.context()
         self.run_dir, ck_path = self.dist.on_main(lambda: resolve_run(args))  # one answer for all ranks
         self.ck = None
+        self._resume_notes: list[str] = []
         if ck_path is not None:
             self.ck = ckpt_io.load_checkpoint(ck_path, map_location="cpu")
             args = self._merge_resume_args(args, self.ck.get("train_args", {}), explicit)
@@ -260,6 +261,8 @@ class Trainer:
         self.config = token_configure(make_config(args.size, args.model, **overrides))  # BPE: default vocabulary
         if self.ck is not None:
             self._check_config_matches(ck_path)
+        for note in self._resume_notes:
+            _say(note)
 
         # ---- device, precision, seeds
         self.device = resolve_device(args.device)
@@ -370,8 +373,9 @@ class Trainer:
             if k in explicit:
                 # a flag left out saved None (the size's default); the model's config holds what that meant
                 used = v if v is not None else (self.ck or {}).get("model_config", {}).get(k)
-                if getattr(merged, k) != used:
-                    _say(f"note: resuming with --{k} {getattr(merged, k)} (the checkpoint used {used})")
+                if getattr(merged, k) != used:  # said after the config check: a refused resume is one line
+                    self._resume_notes.append(f"note: resuming with --{k} {getattr(merged, k)} (the checkpoint "
+                                              f"used {used})")
             else:
                 setattr(merged, k, v)
         return merged
