@@ -217,6 +217,14 @@ def test_cache_is_reused_and_keyed_by_arguments(tmp_path):
     assert c != a
     os.utime(p, ns=(mtime + 10**9, mtime + 10**9))  # the source changed -> new shards
     assert prepare(DataArgs(data_path=str(p), data_dir=str(tmp_path / "c")), log=quiet) != a
+    # an edit that keeps size and mtime (cp -p, touch -r) is a new source too: the ctime moved
+    d = prepare(DataArgs(data_path=str(p), data_dir=str(tmp_path / "c")), log=quiet)
+    st = p.stat()
+    p.write_bytes(p.read_bytes().replace(b"quick", b"quack"))
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert p.stat().st_size == st.st_size and p.stat().st_mtime_ns == st.st_mtime_ns
+    e = prepare(DataArgs(data_path=str(p), data_dir=str(tmp_path / "c")), log=quiet)
+    assert e != d and b"quack" in bytes(open_shards(e).train) + bytes(open_shards(e).val)
 
 
 def test_bad_inputs(tmp_path):

@@ -225,10 +225,13 @@ def iter_local_file(path: str, base: str, text_field: str) -> Iterator[Doc]:
 
 
 def _file_stats(files: list[str]) -> list:
+    """What keys the shard cache per source file. ctime too: an edit that keeps size and mtime (`cp -p` over it,
+    `touch -r`, `rsync -t`) changes it, and no tool sets it back, so such an edit is not served stale shards; a
+    chmod or rename changes it as well, which costs a rebuild, not a wrong result."""
     out = []
     for f in files:
         st = os.stat(f)
-        out.append([os.path.abspath(f), st.st_size, st.st_mtime_ns])
+        out.append([os.path.abspath(f), st.st_size, st.st_mtime_ns, st.st_ctime_ns])
     return out
 
 
