@@ -204,6 +204,25 @@ def test_small_sources_still_get_a_val_split(tmp_path):
     assert bytes(sh.val[1:]).startswith(b"line")  # cut at a line boundary
 
 
+def test_recursive_glob_refuses_a_symlink_loop(tmp_path):
+    """'**' follows links: two loops made glob walk paths without end (a new user's run hung). Now one error line;
+    a link to a folder elsewhere (no loop) still works, and a folder path ignores links as before."""
+    d = tmp_path / "corpus"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.jsonl").write_text(json.dumps({"text": "alpha " * 50}) + "\n")
+    (d / "sub" / "b.jsonl").write_text(json.dumps({"text": "beta " * 50}) + "\n")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "c.jsonl").write_text(json.dumps({"text": "gamma " * 50}) + "\n")
+    (d / "linked").symlink_to(tmp_path / "elsewhere")
+    sh = prep(tmp_path, data_path=str(d / "**" / "*.jsonl"))
+    assert len(docs_of(sh.train) + docs_of(sh.val)) == 3
+    (d / "sub" / "up").symlink_to(d)
+    (d / "sub" / "self").symlink_to(d / "sub")
+    with pytest.raises(UserError, match="would follow the symlink loop at"):
+        prep(tmp_path, data_path=str(d / "**" / "*.jsonl"))
+    assert len(docs_of(prep(tmp_path, data_path=str(d)).train)) >= 1  # the folder itself: links not followed
+
+
 def test_cache_is_reused_and_keyed_by_arguments(tmp_path):
     p = tmp_path / "d.jsonl"
     write_jsonl(p, make_docs())

@@ -109,10 +109,48 @@ def _read_error(path: str, e: Exception) -> UserError:
 
 # ---------------------------------------------------------------- local files
 
+def _literal_prefix(pattern: str) -> str:
+    """The folder a glob starts from: its leading components without wildcards."""
+    parts = pattern.split(os.sep)
+    lead = []
+    for part in parts[:-1]:
+        if any(ch in part for ch in "*?["):
+            break
+        lead.append(part)
+    return os.sep.join(lead) or (os.sep if pattern.startswith(os.sep) else ".")
+
+
+def _symlink_loop(root: str) -> str | None:
+    """A linked folder under `root` that leads back to a folder already on the way (glob's '**' follows links
+    and, through two such loops, walks paths without end; a new user's run hung), or None."""
+    seen = set()  # folders walked already: a second link to one is walked once (no loop, but no blow-up either)
+    for top, dirs, _ in os.walk(root, followlinks=True):
+        here = os.path.realpath(top)
+        keep = []
+        for d in dirs:
+            full = os.path.join(top, d)
+            target = os.path.realpath(full)
+            if os.path.islink(full) and (here == target or here.startswith(target.rstrip(os.sep) + os.sep)):
+                return full  # it points at this folder or one above it
+            try:
+                st = os.stat(full)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                keep.append(d)
+        dirs[:] = keep
+    return None
+
+
 def resolve_local_files(pattern: str) -> tuple[list[str], str]:
     """--data_path -> (sorted files, base dir used for stable relative doc ids)."""
     p = os.path.expanduser(pattern)
     if any(ch in p for ch in "*?["):
+        if "**" in p and (loop := _symlink_loop(_literal_prefix(p))):
+            raise UserError(f"--data_path '{pattern}': '**' would follow the symlink loop at {loop} without end; "
+                            "remove the link, or give the folder itself as --data_path (a folder path does not "
+                            "follow links)")
         files = sorted(f for f in glob.glob(p, recursive=True) if os.path.isfile(f))
         if not files:
             raise UserError(f"--data_path '{pattern}' matches no files; check the pattern")
