@@ -112,7 +112,7 @@ def same(a, b):
     return all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_phases_in_order_with_calibration(tmp_path, corpus, fake_model):
+def test_phases_in_order_with_calibration(tmp_path, corpus, fake_model, capsys):
     d = run(tmp_path, corpus, "straight")
     recs = read_metrics(d / "metrics.jsonl")
     train = [(r["step"], r["phase"]) for r in recs if "loss" in r]
@@ -128,6 +128,17 @@ def test_phases_in_order_with_calibration(tmp_path, corpus, fake_model):
     assert all("bytes_per_patch" not in r for r in recs if r["phase"] == "entropy")
     ck = load_checkpoint(d / "final.pt")
     assert ck["phase"] == "joint" and ck["step"] == 16 and torch.isfinite(ck["model"]["threshold"])
+    # a larger --max_steps on the finished run: step 16 would fall back into the main phase (it recalibrated and ran
+    # the joint phase again); refused, naming the --joint_steps that makes the added steps joint
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, corpus, "straight", "--resume", "auto", "--max_steps", "14")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "would go back a phase" in err[0] and "--joint_steps 4" in err[0]
+    assert load_checkpoint(d / "latest.pt")["step"] == 16  # nothing rewritten
+    run(tmp_path, corpus, "straight", "--resume", "auto", "--max_steps", "14", "--joint_steps", "4")
+    recs = read_metrics(d / "metrics.jsonl")
+    assert [(r["step"], r["phase"]) for r in recs if "loss" in r][-4:] == [(s, "joint") for s in range(17, 21)]
+    assert len([r for r in recs if r["phase"] == "calibrate"]) == 1
 
 
 def test_each_phase_trains_only_its_parameters_and_resume_is_exact_in_every_phase(tmp_path, corpus, fake_model):

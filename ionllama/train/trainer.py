@@ -425,7 +425,17 @@ class Trainer:
                                      self.world_size, task_mix=a.task_mix)
 
     def _restore(self, ck: dict, path) -> None:
-        self.step = int(ck["step"])
+        order = ("entropy", "main", "joint")
+        step, now = int(ck["step"]), self.plan.phase_of(int(ck["step"]))
+        if ck["phase"] in order and order.index(now) < order.index(ck["phase"]):
+            # e.g. a finished run given a larger --max_steps: its joint-phase step fell back into the main phase,
+            # which recalibrated the patcher and ran the joint phase a second time
+            extra = (f", or pass --joint_steps {self.plan.entropy_steps + self.plan.max_steps - step} so the added "
+                     "steps are joint" if ck["phase"] == "joint" else "")
+            raise UserError(f"{path} is at step {step} in the {ck['phase']} phase, but with these step counts step "
+                            f"{step} is in the {now} phase: the run would go back a phase; keep the checkpoint's "
+                            f"--max_steps / --entropy_steps / --joint_steps{extra}")
+        self.step = step
         self.bytes_seen = int(ck.get("bytes_seen", 0))
         self.train_time = float(ck.get("train_time_s", 0.0))
         self.best_val_bpb = float(ck.get("best_val_bpb", math.inf))
