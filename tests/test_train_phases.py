@@ -141,7 +141,8 @@ def test_phases_in_order_with_calibration(tmp_path, corpus, fake_model, capsys):
     assert len([r for r in recs if r["phase"] == "calibrate"]) == 1
 
 
-def test_each_phase_trains_only_its_parameters_and_resume_is_exact_in_every_phase(tmp_path, corpus, fake_model):
+def test_each_phase_trains_only_its_parameters_and_resume_is_exact_in_every_phase(tmp_path, corpus, fake_model,
+                                                                                  capsys):
     straight = run(tmp_path, corpus, "straight")
     paused = run(tmp_path, corpus, "paused", "--stop_at", "5")  # inside phase 1
     ck_entropy = load_checkpoint(paused / "latest.pt")
@@ -175,7 +176,10 @@ def test_each_phase_trains_only_its_parameters_and_resume_is_exact_in_every_phas
     assert [r["phase"] for r in points(paused)].count("calibrate") == 1
     # back to a checkpoint written at the end of phase 1 by a run that went on past it (calibrated, trained)
     branch = run(tmp_path, corpus, "branch", "--stop_at", "9", "--save_interval", "6")
+    capsys.readouterr()
     run(tmp_path, corpus, "branch", "--resume", str(branch / "step_6.pt"))
+    notes = [m for m in capsys.readouterr().out.splitlines() if m.startswith("note:")]
+    assert len(notes) == 1 and "went on to step 9" in notes[0] and "--run_name NEW" in notes[0], notes
     assert points(branch) == points(straight)
     assert same(load_checkpoint(straight / "final.pt")["model"], ck_end["model"])
 

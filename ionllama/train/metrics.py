@@ -32,12 +32,13 @@ class MetricsLogger:
                 self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "ionllama"), name=run_name,
                                         config=config or {}, dir=str(run_dir), resume="allow")
 
-    def truncate_after(self, step: int, phase: str | None = None) -> None:
+    def truncate_after(self, step: int, phase: str | None = None) -> int | None:
         """On resume: drop points logged after the checkpoint (they will be logged again): later steps, and
-        at its own step the points of a later phase (calibration and the evaluation after it)."""
+        at its own step the points of a later phase (calibration and the evaluation after it). Returns the last
+        step dropped (None if nothing was)."""
         if not self.path.exists():
-            return
-        keep = []
+            return None
+        keep, last = [], None
         for line in self.path.read_text().splitlines():
             try:
                 rec = json.loads(line)
@@ -46,9 +47,12 @@ class MetricsLogger:
             s = rec.get("step", 0)
             if s < step or (s == step and (phase is None or rec.get("phase") in (phase, "init"))):
                 keep.append(line)
+            else:
+                last = s if last is None else max(last, s)
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, self.path)
+        return last
 
     def log(self, record: dict) -> None:
         record = {k: _clean(v) for k, v in record.items() if v is not None}

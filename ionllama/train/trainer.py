@@ -448,7 +448,11 @@ class Trainer:
             self.scaler.load_state_dict(ck["scaler"])
         ckpt_io.restore_rng_state(ck["rng"])
         if self.metrics is not None:
-            self.metrics.truncate_after(self.step, self.phase)
+            last = self.metrics.truncate_after(self.step, self.phase)
+            if last is not None and last > self.step and Path(path).name != "latest.pt":
+                _say(f"note: {path} is at step {self.step}; this run folder's metrics went on to step {last}, and "
+                     f"those points are dropped (latest.pt will be rewritten); to keep them, resume into another "
+                     f"folder with --run_name NEW")
         _say(f"resumed {path} at step {self.step} (phase {self.phase})")
 
     # ------------------------------------------------------------------ phases
