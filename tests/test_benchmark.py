@@ -117,6 +117,15 @@ def test_full_suite_dense(workdir):
     assert "plot entropy_sample" in res["skipped"]  # dense models have no entropy
     # the test split the benchmark scored is disjoint from the training words
     assert not set(T.split_words("test")) & set(T.split_words("train"))
+    # a later run that skips sections does not write over the full results (a new user's report) ...
+    before = out.read_bytes()
+    with pytest.raises(SystemExit) as e:
+        B.main(["--checkpoint", str(ckpt), "--output", str(out), "--device", "cpu", "--skip", "lm", "tasks", "speed",
+                "compression", "multilingual", "plots"])
+    assert e.value.code == 2 and out.read_bytes() == before
+    # ... unless asked to
+    res = _run(workdir, ckpt, out, "--skip", "tasks", "speed", "compression", "multilingual", "plots", "--overwrite")
+    assert "tasks" not in res["metrics"] and "lm" in res["metrics"]
 
 
 def test_full_suite_ionllama_with_patches_and_task_training(workdir):
@@ -147,6 +156,10 @@ def test_bad_inputs_exit_with_one_line(workdir, capsys):
         B.main(["--checkpoint", str(ckpt), "--output", str(workdir / "r.json")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--eval_data" in err and err.count("\n") == 1
+    with pytest.raises(SystemExit) as e:  # a refused run leaves no empty --output folder behind
+        B.main(["--checkpoint", str(ckpt), "--eval_data", str(workdir / "nope.txt"), "--output",
+                str(workdir / "new" / "r.json")])
+    assert e.value.code == 2 and not (workdir / "new").exists()
     (workdir / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit) as e:
         B.main(["--checkpoint", str(workdir / "bad.pt"), "--eval_data", str(workdir / "eval.txt")])

@@ -63,6 +63,11 @@ def test_damaged_or_foreign_files_give_one_line_errors(tmp_path):
         with pytest.raises(UserError, match=pattern) as e:
             C.load_checkpoint(tmp_path / name)
         assert "\n" not in str(e.value)
+    # a run folder given for its checkpoint: the error names the file to pass
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "latest.pt").write_bytes(raw)
+    with pytest.raises(UserError, match="for this run folder's latest, pass .*latest.pt"):
+        C.load_model(tmp_path / "run")
     # the benchmark's reader of the same files: one line, and a long torch message cut between words
     from ionllama.eval.loading import read_checkpoint_file
 

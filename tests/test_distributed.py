@@ -118,6 +118,12 @@ def test_fsdp_two_processes_match_one_process(tmp, one_proc):
     # the sharded checkpoint holds one shard file per rank and gathers to the exported weights
     assert sorted(p.name for p in (run / "final.dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     assert _max_diff(_weights(run / "final.dcp"), _weights(run / "final.safetensors")) == 0.0
+    # the benchmark reads it too, with the run's step and training settings (it said "not found": a folder)
+    from ionllama.eval.loading import load_checkpoint as bench_load
+
+    ck = bench_load(run / "final.dcp")
+    assert _max_diff(ck.model.state_dict(), _weights(run / "final.safetensors")) == 0.0
+    assert ck.step == 6 and ck.train_args["parallel"] == "fsdp" and ck.data_meta["step"] == 6
 
 
 @pytest.mark.slow

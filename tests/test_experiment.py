@@ -635,9 +635,11 @@ def test_compare_reports_runs_of_different_results_folders(tmp_path, capsys):
     assert "| seeds-s0/ionllama, seeds-s1/ionllama | 0, 1 | 1.4200 (0.0400) |" in seeds_md
     assert (out / "bpb_vs_flops.png").is_file()
     for argv, msg in ((["--stage", "compare", "--runs", str(tmp_path / "nope")], "no final.json"),
-                      (["--stage", "compare,report", "--runs", str(a)], "no other stage")):
+                      (["--stage", "compare,report", "--runs", str(a)], "no other stage"),
+                      # an experiment's own folder: its report was silently replaced (a new user's report)
+                      (["--stage", "compare", "--runs", str(b), "--out", str(a.parent)], "experiment's results folder")):
         with pytest.raises(SystemExit) as e:
-            main([*argv, "--out", str(out)])
+            main([*argv, "--out", str(out)] if "--out" not in argv else argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and msg in err and err.count("\n") == 1 and "Traceback" not in err
 

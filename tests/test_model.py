@@ -39,6 +39,13 @@ def test_bad_forward_input_names_the_problem(model):
             m(bad)
     with pytest.raises(ValueError, match="targets must be integer ids of the input's shape"):
         m(x, x[:, :-1])
+    with pytest.raises(ValueError, match="targets hold ids outside 0..255"):
+        m(x, torch.full_like(x, 256))
+    with pytest.raises(ValueError, match=r"pass a \(batch, seq_len\) tensor"):
+        m(x[None])
+    ignored = x.clone()
+    ignored[:, :3] = -100  # positions left out of the loss are fine
+    assert torch.isfinite(m(x, ignored)["loss"])
     with torch.no_grad():
         assert torch.equal(m(x.int(), x.int())["logits"], m(x, x)["logits"])
 

@@ -74,6 +74,8 @@ def build_parser(prog: str = "ionllama bench") -> argparse.ArgumentParser:
     ap.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"),
                     help="autocast dtype; auto = bf16 on CUDA, none on CPU")
     ap.add_argument("--skip", nargs="*", default=[], choices=SECTIONS, help="sections to leave out")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an --output whose results hold sections this run skips (refused otherwise)")
     ap.add_argument("--runs", nargs="*", default=[], help="more run dirs for the training-curve plot")
     ap.add_argument("--baselines", nargs="*", default=[], help="results.json of other measured models for the table")
     ap.add_argument("--published", default=str(DEFAULT_PUBLISHED), help="published figures with citations")
@@ -187,11 +189,33 @@ BENCH_AT_LEAST = {"max_eval_bytes": 2, "max_lang_bytes": 1, "n_tasks": 1, "max_d
                   "compression_bytes": 1, "bpe_vocab": 257}
 
 
+def _check_output(out: Path, skip: set[str], overwrite: bool) -> None:
+    """Before any work: the folder --output goes in must be creatable, and an earlier results.json is not
+    replaced by one with fewer sections (a run with --skip lm tasks wrote over a full run's file, a new user's
+    report) unless --overwrite says so."""
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UserError(f"cannot create '{out.parent}' ({parent} is not a writable folder); pass a writable --output")
+    if overwrite or not out.is_file():
+        return
+    try:
+        old = json.loads(out.read_text(encoding="utf-8")).get("metrics") or {}
+    except (OSError, ValueError, AttributeError):
+        return  # not a results file of ours: nothing of ours to lose
+    lost = sorted(set(old) & skip)
+    if lost:
+        raise UserError(f"--output {out} holds {', '.join(lost)} results that this run skips (--skip); pass another "
+                        "--output, or --overwrite to replace them")
+
+
 def run(argv: list[str], prog: str) -> dict:
     a = build_parser(prog).parse_args(argv)
     check_ranges(a, BENCH_AT_LEAST)
     if Path(a.output).is_dir():
         raise UserError(f"--output {a.output} is a directory; pass a file path such as {a.output}/results.json")
+    _check_output(Path(a.output), set(a.skip), a.overwrite)
     # checked here, not where they are used: a typo used to fail only after the whole LM and task eval had run
     for d in (a.multilingual_dir or []) if "multilingual" not in a.skip else []:
         if not Path(d).is_dir():
@@ -221,10 +245,6 @@ def run(argv: list[str], prog: str) -> dict:
         raise UserError(f"--seq_len must be >= 2 and --batch_size >= 1 (got {seq_len}, {batch_size})")
 
     out_path = Path(a.output)
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create '{out_path.parent}' ({e.strerror}); pass a writable --output") from None
     stem = out_path.with_suffix("")
     published = load_published(a.published or None)
     baselines = [load_results(p) for p in a.baselines]
@@ -291,6 +311,10 @@ def run(argv: list[str], prog: str) -> dict:
         else:
             skipped["multilingual"] = "no --multilingual_dir and no " + " or ".join(map(str, DEFAULT_MULTILINGUAL))
 
+    try:  # made only now: a run refused on its inputs leaves no empty folder (writability was checked at the start)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create '{out_path.parent}' ({e.strerror}); pass a writable --output") from None
     plots: dict = {}
     if "plots" not in skip:
         t0 = time.perf_counter()

@@ -81,13 +81,22 @@ def read_checkpoint_file(path: str | Path) -> dict:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
-    """A trainer checkpoint (.pt: model + model_config [+ train_args, data_position, step]) or a
-    .safetensors export (weights + config only: no train args, so no default eval data)."""
+    """A trainer checkpoint (.pt: model + model_config [+ train_args, data_position, step]), a torchrun run's
+    sharded .dcp folder (the same, in shards), or a .safetensors export (weights + config only: no train args,
+    so no default eval data)."""
     if str(path).endswith(".safetensors"):
         from ..train.checkpoint import load_model
 
         model = load_model(path, device=device)
         return LoadedCheckpoint(model, model.config, Path(path))
+    from ..train import distributed
+
+    if distributed.is_sharded_checkpoint(path):  # written under torchrun (DCP shards + train state)
+        model = distributed.load_model_from_sharded(path).to(device).eval()
+        meta = distributed.load_train_state(path)
+        step = meta.get("step")
+        return LoadedCheckpoint(model, model.config, Path(path), dict(meta.get("train_args") or {}),
+                                int(step) if isinstance(step, int) else None, dict(meta.get("data_position") or {}))
     ckpt = read_checkpoint_file(path)
     cfg_dict, nested_args = _split_config(ckpt.get("model_config", ckpt.get("config")))
     config = ModelConfig.from_dict(cfg_dict)

@@ -177,6 +177,10 @@ def compare(a: argparse.Namespace, stages: list[str], argv: list[str]) -> int:
         if name in runs:
             raise UserError(f"--runs: {name} given twice")
         runs[name] = d
+    own = sorted(f.parent.name for f in Path(a.out).glob("*/final.json"))
+    if own:  # an experiment's results folder: its report (.md, .json, table, plots) would be replaced by this one
+        raise UserError(f"--out {a.out} is an experiment's results folder (arms {', '.join(own[:4])}); give the "
+                        "comparison its own --out, e.g. docs/results/compare-NAME")
     write_report(Path(a.out), runs, "ionllama experiment " + shlex.join(argv), label="comparison", title=a.title)
     return 0
 

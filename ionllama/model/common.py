@@ -33,16 +33,23 @@ def checked_input(x, targets=None, vocab: int = 256) -> tuple[torch.Tensor, torc
     if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
         raise ValueError(f"the model's input must hold integer ids (got {x.dtype}); pass a torch.long tensor")
     if x.dim() != 2 or x.shape[1] == 0:
+        fix = "add a batch dimension with x[None]" if x.dim() == 1 else "pass a (batch, seq_len) tensor"
         raise ValueError(f"the model's input must be (batch, seq_len) with seq_len >= 1 (got shape {tuple(x.shape)});"
-                         " add a batch dimension with x[None]")
+                         f" {fix}")
     if targets is not None and (not isinstance(targets, torch.Tensor) or tuple(targets.shape) != tuple(x.shape)
                                 or targets.dtype.is_floating_point):
         got = f"shape {tuple(targets.shape)}, {targets.dtype}" if isinstance(targets, torch.Tensor) else type(targets)
         raise ValueError(f"targets must be integer ids of the input's shape {tuple(x.shape)} (got {got}); pass "
                          "the input shifted by one position")
-    if x.device.type == "cpu" and not torch.compiler.is_compiling() and (int(x.min()) < 0 or int(x.max()) >= vocab):
-        raise ValueError(f"the model's input holds ids outside 0..{vocab - 1} (min {int(x.min())}, max "
-                         f"{int(x.max())}); pass bytes (0-255) or the tokenizer's ids")
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        if int(x.min()) < 0 or int(x.max()) >= vocab:
+            raise ValueError(f"the model's input holds ids outside 0..{vocab - 1} (min {int(x.min())}, max "
+                             f"{int(x.max())}); pass bytes (0-255) or the tokenizer's ids")
+        if targets is not None:
+            t = targets[targets != -100]  # -100: a position left out of the loss
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab):
+                raise ValueError(f"targets hold ids outside 0..{vocab - 1} (min {int(t.min())}, max {int(t.max())})"
+                                 "; pass the next bytes (or -100 for a position left out of the loss)")
     return x.long(), (None if targets is None else targets.long())
 
 

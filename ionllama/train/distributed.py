@@ -547,8 +547,10 @@ def load_train_state(path: str | Path) -> dict:
     None; `sharded_path` says where they are)."""
     path = Path(path)
     if not is_sharded_checkpoint(path):
+        found = latest_checkpoint(path) if path.is_dir() else None
+        hint = f"; for this run folder's latest, pass {found}" if found else ""  # a run folder given for its file
         raise UserError(f"{path} is not a sharded checkpoint (no .metadata / {TRAIN_STATE_FILE}); pass a "
-                        "<name>.dcp folder written by a torchrun run, or a .pt file")
+                        f"<name>.dcp folder written by a torchrun run, or a .pt file{hint}")
     meta = torch.load(path / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
     if not isinstance(meta, dict) or "model_config" not in meta:
         raise UserError(f"{path / TRAIN_STATE_FILE} is not an ionllama train state; use another checkpoint")
