@@ -179,7 +179,8 @@ def test_two_arm_matrix_writes_results_and_resumes(tmp_path, capsys, one_thread)
     assert half["trained"] and half["data_sha256"] and "--seq_len 64" in half["trainer_command"]
     (res / "phase1" / "dense" / "final.json").unlink()
     marker.write_text(json.dumps({**half, "trained": False}))  # as if stopped after a checkpoint
-    for extra, words in ((["--seq_len", "32"], "--seq_len 64 -> 32"), (["--data_path", edited], "other train/val")):
+    for extra, words in ((["--seq_len", "32"], "--seq_len 64 -> 32"), (["--data_path", edited], "other train/val"),
+                         (["--curve_eval_bytes", "1024"], "--curve_eval_bytes 1500 -> 1024")):  # the flag typed
         with pytest.raises(SystemExit) as e:
             main(_argv(tmp_path, pattern, "--arms", "dense", *extra))
         err = capsys.readouterr().err.strip().splitlines()

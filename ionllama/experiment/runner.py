@@ -33,6 +33,10 @@ from .matrix import (
 from .report import _fmt
 from .tasks import run_task_stage
 
+# trainer flags that the experiment's own flags set under another name (a refusal names the flag the user typed)
+_EXPERIMENT_NAME = {"eval_bytes": "curve_eval_bytes", "max_train_time": "budget_s"}
+
+
 def _changed_settings(final: dict, spec: dict, targv: list[str]) -> str:
     """What differs between a finished arm's final.json and the settings it would train with now ('' if
     nothing that shapes training)."""
@@ -43,7 +47,7 @@ def _changed_settings(final: dict, spec: dict, targv: list[str]) -> str:
     new = flag_values(targv)
     if not old:
         return ""
-    diff = [f"--{k} {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new))
+    diff = [f"--{_EXPERIMENT_NAME.get(k, k)} {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new))
             if k not in WHERE_FLAGS and old.get(k) != new.get(k)]
     return ", ".join(diff)
 
