@@ -270,6 +270,28 @@ def test_cli_streams_generation(tmp_path, capsys, kind):
     assert out == expected
 
 
+def test_cli_prompt_file_carries_any_bytes(tmp_path, capsys):
+    """--prompt_file: raw bytes a shell argument cannot carry (NUL, invalid UTF-8) reach the model unchanged, as
+    through the Python API; a missing file, or both prompt flags, is one early line."""
+    from ionllama.generation.cli import main
+
+    m = tiny_dense()
+    ck = tmp_path / "m.pt"
+    _save_ckpt(m, ck)
+    raw = b"a\x00b\xff"
+    (tmp_path / "p.bin").write_bytes(raw)
+    assert main(["--checkpoint", str(ck), "--prompt_file", str(tmp_path / "p.bin"), "--max_new_bytes", "12",
+                 "--greedy", "--device", "cpu", "--no_prompt_echo"]) == 0
+    out = capsys.readouterr().out
+    assert out == generate(m, raw, 12, greedy=True).decode("utf-8", errors="replace") + "\n"
+    for extra, words in ((["--prompt_file", str(tmp_path / "nope")], "cannot read --prompt_file"),
+                         (["--prompt_file", str(tmp_path / "p.bin"), "--prompt", "x"], "not both")):
+        with pytest.raises(SystemExit) as e:
+            main(["--checkpoint", str(ck), "--device", "cpu", *extra])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and words in err and "\n" not in err
+
+
 @pytest.mark.parametrize("content", [None, b"not a checkpoint", b"PK\x03\x04garbage"])
 def test_cli_bad_checkpoint_is_one_line_exit_2(tmp_path, capsys, content):
     from ionllama.generation.cli import main

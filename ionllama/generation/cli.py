@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="ionllama generate", description="Generate text from a checkpoint.")
     p.add_argument("--checkpoint", required=True, help="model checkpoint (.pt)")
     p.add_argument("--prompt", default="", help="prompt text (UTF-8)")
+    p.add_argument("--prompt_file", default=None,
+                   help="read the prompt's raw bytes from this file ('-': stdin), e.g. bytes a shell argument "
+                   "cannot carry (NUL) or a long document; instead of --prompt")
     p.add_argument("--max_new_bytes", type=int, default=256)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top_k", type=int, default=None)
@@ -87,6 +91,21 @@ def _writer(stream):
     return write
 
 
+def _read_prompt(args) -> bytes:
+    if args.prompt_file is None:
+        # surrogateescape: argv bytes that were not valid UTF-8 reach the model unchanged
+        return args.prompt.encode("utf-8", errors="surrogateescape")
+    if args.prompt:
+        raise UserError("pass --prompt or --prompt_file, not both")
+    if args.prompt_file == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(args.prompt_file).read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read --prompt_file {args.prompt_file} ({e.strerror or e}); pass a readable file, "
+                        "or '-' for stdin") from None
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -103,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy)
     normalize_stops(args.stop)
     check_ranges(args, {"max_new_bytes": 0})
+    prompt = _read_prompt(args)  # before the checkpoint: a missing file is one early line
     model = load_checkpoint_model(args.checkpoint, device)
     kw = {}
     if args.compile != "none":
@@ -110,8 +130,6 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--compile is for the byte models' decoder; leave it out for a BPE checkpoint")
         kw["compile"] = args.compile
     write = _writer(sys.stdout)
-    # surrogateescape: argv bytes that were not valid UTF-8 reach the model unchanged
-    prompt = args.prompt.encode("utf-8", errors="surrogateescape")
     if not args.no_prompt_echo:
         write(prompt.decode("utf-8", errors="replace"))
     utf8 = Utf8StreamDecoder()
