@@ -92,8 +92,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     from ..train import distributed
 
     if distributed.is_sharded_checkpoint(path):  # written under torchrun (DCP shards + train state)
-        model = distributed.load_model_from_sharded(path).to(device).eval()
         meta = distributed.load_train_state(path)
+        model = distributed.load_model_from_sharded(path, meta).to(device).eval()
         step = meta.get("step")
         return LoadedCheckpoint(model, model.config, Path(path), dict(meta.get("train_args") or {}),
                                 int(step) if isinstance(step, int) else None, dict(meta.get("data_position") or {}))

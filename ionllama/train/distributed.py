@@ -596,13 +596,13 @@ def load_plain_optimizer_into_fsdp(model: nn.Module, optimizer, plain_osd: dict)
     # parameters that never got a gradient have no state on either side
 
 
-def load_model_from_sharded(path: str | Path) -> nn.Module:
+def load_model_from_sharded(path: str | Path, meta: dict | None = None) -> nn.Module:
     """Rebuild the full model on this one process from a sharded checkpoint (no process group used,
-    so rank 0 of a running job may call it alone)."""
+    so rank 0 of a running job may call it alone). meta: its load_train_state, if the caller read it already."""
     from ..config import ModelConfig
     from ..registry import build_model
 
-    meta = load_train_state(path)
+    meta = meta if meta is not None else load_train_state(path)
     model = build_model(ModelConfig.from_dict(meta["model_config"]))
     sd = {"model": model.state_dict()}
     try:
