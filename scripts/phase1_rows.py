@@ -78,6 +78,17 @@ ROWS = {
     "tasks ionllama_fixed": dict(GPU0="ionllama_fixed", BUDGET="75", TASKS="1",
                                  EXTRA="--seed 1 --task_steps 3000 --task_lr 1e-3 --task_n 200 --from_sweep "
                                        "--sweep_dir docs/results/phase1-sweep/sweep --override latent_shift=completed"),
+    # the thirty-second session: Q4 with the best 7-minute row (3-byte patches, attention pooling) under dense and
+    # dilated latent attention, no dropout and no captured step like the other task rows: does the latent's reach
+    # decide addition (0.165 with the thirteenth session's 4-byte dilated row)?
+    "tasks best row, dense": dict(GPU0="ionllama_fixed", BUDGET="75", TASKS="1",
+                                  EXTRA="--seed 1 --task_steps 3000 --task_lr 1e-3 --task_n 200 --from_sweep --sweep_dir "
+                                        "docs/results/phase1-sweep/sweep --override latent_shift=completed,"
+                                        "fixed_patch_size=3,pooling=attention,attention=dense"),
+    "tasks best row, dilated": dict(GPU0="ionllama_fixed", BUDGET="75", TASKS="1",
+                                    EXTRA="--seed 1 --task_steps 3000 --task_lr 1e-3 --task_n 200 --from_sweep --sweep_dir "
+                                          "docs/results/phase1-sweep/sweep --override latent_shift=completed,"
+                                          "fixed_patch_size=3,pooling=attention"),
 }
 # the copies of the data the session makes before its calls (docs/notes/gpu-runbook.md), renamed on the device
 DATA_MOVES = "rm -rf .data/gutenberg .data/wikipedia && mv .data/gut .data/gutenberg && mv .data/wk .data/wikipedia"
