@@ -233,3 +233,12 @@ def test_generate_cli_on_a_bpe_checkpoint_decodes_its_tokens(corpus, tmp_path, c
         main(["--checkpoint", str(ck), "--prompt", "x", "--device", "cpu", "--compile", "default"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "leave it out for a BPE checkpoint" in err and "\n" not in err
+
+
+def test_a_vocabulary_the_train_split_cannot_fill_names_the_size_it_can(corpus):
+    """A small corpus yields fewer merges than --vocab_size asks for: the refusal used to say "resume with the same
+    --vocab_size" on a fresh run, a fix that does not apply; now it names the size the data gives."""
+    from ionllama.data.bpe import TokenTraining
+
+    with pytest.raises(UserError, match=r"yields a tokenizer of only (\d+) tokens.*pass --vocab_size \1 or less"):
+        TokenTraining(corpus["byte_dir"], vocab_size=60000, seq_len=32, batch_size=4, log=lambda m: None)

@@ -511,8 +511,13 @@ class TokenTraining:
         self.shards = open_token_shards(path)
         self.bpe = self.shards.bpe
         if self.bpe.vocab_size != vocab_size:
-            raise UserError(f"the tokenizer has {self.bpe.vocab_size} tokens, the model vocab_size is {vocab_size}; "
-                            "resume with the same --vocab_size")
+            if tokenizer_json:  # a resumed run: its checkpoint carries the tokenizer
+                raise UserError(f"the checkpoint's tokenizer has {self.bpe.vocab_size} tokens, the model vocab_size "
+                                f"is {vocab_size}; resume with the same --vocab_size")
+            # a new tokenizer stops growing when the train split has no more pairs to merge
+            raise UserError(f"the train split yields a tokenizer of only {self.bpe.vocab_size} tokens, not the "
+                            f"{vocab_size} of --vocab_size; pass --vocab_size {self.bpe.vocab_size} or less, or "
+                            "train on more text")
         self.train, self.val = self.shards.train, self.shards.val
         self.bytes_per_token = self.shards.bytes_per_token
         self.sampler = TokenWindowSampler(self.train, self.bpe, seq_len, batch_size, grad_accum, seed, rank,
