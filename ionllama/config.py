@@ -3,9 +3,10 @@ config round-trips through JSON and `create_model(size, model=..., **overrides)`
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 
-from .errors import UserError
+from .errors import UserError, is_whole
 
 
 LATENT_SHIFTS = ("previous", "completed", "lagged")  # ModelConfig.latent_shift
@@ -171,8 +172,27 @@ AT_LEAST = {"vocab_size": 2, "d_model": 1, "n_layers": 1, "n_heads": 1, "d_local
             "entropy_chunk": 1, "max_patch_size": 1, "fixed_patch_size": 1, "target_patch_size": 1}
 
 
+def _check_types(cfg: ModelConfig) -> None:
+    """Whole-number options hold ints (numpy ints become ints), real ones numbers, text ones str: a float layer
+    count or a string width used to end in a TypeError deep in torch, a float patch size only at the first
+    forward."""
+    for f in dataclasses.fields(cfg):
+        v, kind = getattr(cfg, f.name), str(f.type)
+        if kind == "int":
+            if not is_whole(v):
+                raise UserError(f"{f.name} must be a whole number (got {v!r}); e.g. {f.name}={f.default}")
+            setattr(cfg, f.name, int(v))
+        elif kind.startswith("float") and not (v is None and "None" in kind):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise UserError(f"{f.name} must be a number (got {v!r}); e.g. {f.name}={f.default}")
+            setattr(cfg, f.name, float(v))
+        elif kind == "str" and not isinstance(v, str):
+            raise UserError(f"{f.name} must be a string (got {v!r}); e.g. {f.name}={f.default!r}")
+
+
 def check_config(cfg: ModelConfig) -> ModelConfig:
     """The config if every option is in range, else a one-line UserError naming the option and the fix."""
+    _check_types(cfg)
     for name, options in CHOICES.items():
         if getattr(cfg, name) not in options:
             raise UserError(f"unknown {name} '{getattr(cfg, name)}'; choose one of {', '.join(options)}")

@@ -4,12 +4,14 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import numbers
 import sys
 import warnings
 
 
-class UserError(Exception):
-    """Bad input from the user (paths, flags, data). The CLI prints `error: <msg>` and exits 2."""
+class UserError(ValueError):
+    """Bad input from the user (paths, flags, data). The CLI prints `error: <msg>` and exits 2. A ValueError, so
+    API code that catches ValueError (what the models' forward raises for bad input) catches these too."""
 
 
 def cli_entry(fn):
@@ -28,6 +30,11 @@ def cli_entry(fn):
             sys.exit(130)
 
     return wrapper
+
+
+def is_whole(v) -> bool:
+    """An int (numpy's included), not a bool and not a float: a count or size the user passed."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def first_line(e: BaseException, limit: int = 160) -> str:

@@ -147,10 +147,23 @@ def test_top_k_top_p_greedy_restrict_the_support():
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(temperature=float("inf")), dict(top_k=0),
-                                 dict(top_p=0.0), dict(top_p=1.5)])
+                                 dict(top_p=0.0), dict(top_p=1.5), dict(top_k=2.5), dict(top_k=2.0),
+                                 dict(top_k=True), dict(max_new_bytes=2.5), dict(max_new_bytes=None)])
 def test_bad_sampling_settings_are_user_errors(bad):
+    """Each is refused in one line before any work; a float top_k / max_new_bytes used to reach torch.topk /
+    torch.zeros as a TypeError (top_k only after the prompt's prefill). UserError is a ValueError, so API code
+    catching the ValueError that forward raises for bad input catches these too."""
+    kw = {"max_new_bytes": 4, **bad}
     with pytest.raises(UserError):
-        generate(tiny_dense(), "a", 4, **bad)
+        generate(tiny_dense(), "a", **kw)
+    with pytest.raises(ValueError):
+        generate(tiny_dense(), "a", **kw)
+
+
+def test_numpy_ints_count_as_whole_numbers():
+    import numpy as np
+    m = tiny_dense()
+    assert generate(m, "ab", np.int64(5), greedy=True, top_k=np.int64(3)) == generate(m, "ab", 5, greedy=True)
 
 
 def test_compiled_decode_step_gives_the_eager_bytes():
@@ -315,7 +328,7 @@ def test_cli_bad_checkpoint_is_one_line_exit_2(tmp_path, capsys, content):
                                           (["--device", "foo"], "unknown --device 'foo'"),
                                           (["--max_new_bytes", "abc"], "invalid int value: 'abc'"),
                                           (["--compile", "fast"], "invalid choice: 'fast'"),
-                                          (["--top_k", "-5"], "top_k must be >= 1"),
+                                          (["--top_k", "-5"], "top_k must be a whole number >= 1"),
                                           (["--top_p", "2"], "top_p must be in (0, 1]"),
                                           (["--stop", ""], "empty stop string"),
                                           (["--max_new_bytes", "-1"], "--max_new_bytes must be at least 0")])

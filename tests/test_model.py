@@ -152,6 +152,33 @@ def test_ngram_buckets_size_the_hash_tables_and_reach_the_cli_and_experiment():
         create_model("tiny", **{**SMALL, "ngram_buckets": 0})
 
 
+@pytest.mark.parametrize("bad, words", [(dict(model="dense", n_layers=1.5), "n_layers must be a whole number"),
+                                        (dict(d_model="64"), "d_model must be a whole number"),
+                                        (dict(patching="fixed", fixed_patch_size=2.5), "fixed_patch_size must be a whole"),
+                                        (dict(n_heads=True), "n_heads must be a whole number"),
+                                        (dict(dropout="0.1"), "dropout must be a number"),
+                                        (dict(patching=3), "patching must be a string")])
+def test_config_options_of_the_wrong_type_are_refused_at_creation(bad, words):
+    """A float layer count or a string width ended in a TypeError inside torch; a float patch size built a model
+    that failed only at its first forward. Now each is one line at create_model."""
+    with pytest.raises(UserError, match=words):
+        create_model("tiny", **bad)
+
+
+def test_config_types_normalised():
+    import numpy as np
+    m = create_model("tiny", **{**SMALL, "n_layers": np.int64(2), "target_patch_size": 3})
+    assert type(m.config.n_layers) is int and m.config.n_layers == 2 and len(m.latent.blocks) == 2
+    assert type(m.config.target_patch_size) is float
+    assert m.config.to_dict()["n_layers"] == 2
+
+
+def test_calibrate_threshold_refuses_a_1d_input_in_one_line():
+    m = create_model("tiny", **SMALL)
+    with pytest.raises(ValueError, match="add a batch dimension"):
+        m.calibrate_threshold(torch.randint(0, 256, (64,)))
+
+
 def test_ngram_sizes_from_the_command_line_and_the_experiment():
     """ngram_sizes: "3-8" (BLT's sizes), "2+3+5" or "4" on the command line and in --override (commas there
     separate overrides); the experiment hands them to the trainer in the same notation; sizes outside 1..8 (the

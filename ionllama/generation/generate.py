@@ -5,7 +5,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, is_whole
 from .decoding import decoder_for
 from .runner import DecodeRunner, check_unroll, compile_options
 from .prompts import DOC_SEP, RowOutput, normalize_prompts, normalize_stops
@@ -74,8 +74,9 @@ def generate(model, prompt_bytes, max_new_bytes: int = 256, temperature: float =
     rows, is_batch = normalize_prompts(prompt_bytes)
     if not rows:
         raise UserError("empty batch of prompts; pass at least one prompt")
-    if max_new_bytes is None or max_new_bytes < 0:
-        raise UserError(f"max_new_bytes must be >= 0, got {max_new_bytes}")
+    if not is_whole(max_new_bytes) or max_new_bytes < 0:
+        raise UserError(f"max_new_bytes must be a whole number >= 0, got {max_new_bytes!r}")
+    max_new_bytes = int(max_new_bytes)  # a numpy int counts too
     cfg = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
     compile_options(compile)  # a bad value fails here, before any work
     check_unroll(unroll)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, is_whole
 
 _MASK32 = 0xFFFFFFFF
 
@@ -84,8 +84,8 @@ class SamplingConfig:
             raise UserError(f"temperature must be >= 0, got {self.temperature}; use 0 or --greedy for argmax")
         if math.isinf(self.temperature):  # logits / inf = uniform noise, not a model's sample
             raise UserError(f"temperature must be finite, got {self.temperature}; use e.g. 1.0, or 0 for argmax")
-        if self.top_k is not None and self.top_k < 1:
-            raise UserError(f"top_k must be >= 1, got {self.top_k}; omit it to disable top-k")
+        if self.top_k is not None and (not is_whole(self.top_k) or self.top_k < 1):
+            raise UserError(f"top_k must be a whole number >= 1, got {self.top_k!r}; omit it to disable top-k")
         if self.top_p is not None and not (0.0 < self.top_p <= 1.0):
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}; omit it to disable nucleus sampling")
 
@@ -98,7 +98,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
     """Set logits outside the top-k and the top-p nucleus to -inf (the best byte always stays)."""
     V = logits.shape[-1]
     if top_k is not None and top_k < V:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        kth = logits.topk(int(top_k), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)

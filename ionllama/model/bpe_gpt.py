@@ -31,7 +31,7 @@ class BPETransformer(ParamCountMixin, nn.Module):
         super().__init__()
         if config.vocab_size <= 256:
             raise UserError(f"--model bpe needs vocab_size > 256 (the tokenizer's vocabulary), got "
-                            f"{config.vocab_size}; pass --vocab_size 4096")
+                            f"{config.vocab_size}; pass --vocab_size 4096 (vocab_size=4096 in create_model)")
         build_transformer_lm(self, config)
         # bytes per token id; all ones until a tokenizer is attached
         self.register_buffer("token_nbytes", torch.ones(config.vocab_size, dtype=torch.long))

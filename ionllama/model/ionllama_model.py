@@ -136,6 +136,7 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
     @torch.no_grad()
     def calibrate_threshold(self, x: torch.Tensor) -> dict:
         """Set the entropy threshold so held-out bytes `x` (N, T) average target_patch_size bytes/patch."""
+        x, _ = checked_input(x)  # a 1-D input ended in a shape error inside the entropy model's conv
         was_training = self.entropy_model.training
         self.entropy_model.eval()
         ent = self.entropy_model(x.to(self.head.weight.device))["entropy"]

@@ -442,6 +442,8 @@ class Trainer:
         self._enter_phase(ck["phase"], resumed=True)
         try:
             self.par.load(ck, self.optimizer)  # .pt: the optimizer; .dcp: model + optimizer, any world size
+        except UserError:
+            raise  # already names the problem (a ValueError too: not to be wrapped again below)
         except (ValueError, KeyError) as e:
             raise UserError(f"{path}: optimizer state does not match ({e}); resume with the same model and phases") from None
         if ck.get("scaler") and self.scaler.is_enabled():
