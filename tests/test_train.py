@@ -230,3 +230,21 @@ def test_profile_trainer_step_script_times_each_variant(tmp_path, corpus):
         assert v["step_ms"] > 0 and v["bytes_per_s"] == pytest.approx(res["bytes_per_step"] / (v["step_ms"] / 1e3), rel=0.02)
     assert res["bytes_per_step"] == 4 * 32 and res["syncs_in_one_step"] == []
     assert res["profile"]["wall_ms_per_step"] > 0 and res["profile"]["top_host_ops_ms_per_step"]
+
+
+def test_checkpoint_finds_its_val_split_from_another_folder(tmp_path, corpus, monkeypatch):
+    """The checkpoint recorded the shard folder as given (a relative --data_dir), so the benchmark run from any other
+    folder said the val split was "not on this machine" while it was; it is recorded absolute now."""
+    from ionllama.eval.loading import default_eval_path, load_checkpoint as load_for_bench
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    argv = TINY + ["--data_path", str(corpus), "--data_dir", "cache", "--save_dir", "runs", "--run_name", "r",
+                   "--seq_len", "32", "--batch_size", "4", "--max_steps", "2", "--eval_interval", "100",
+                   "--sample_bytes", "0", "--device", "cpu", "--val_fraction", "0.1"]
+    assert main(argv) == 0
+    monkeypatch.chdir(tmp_path / "b")
+    ck = load_for_bench(tmp_path / "a" / "runs" / "r" / "final.pt")
+    val = default_eval_path(ck)
+    assert val.is_file() and val.is_relative_to(tmp_path / "a" / "cache"), val

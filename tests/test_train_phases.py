@@ -177,9 +177,18 @@ def test_each_phase_trains_only_its_parameters_and_resume_is_exact_in_every_phas
     # back to a checkpoint written at the end of phase 1 by a run that went on past it (calibrated, trained)
     branch = run(tmp_path, corpus, "branch", "--stop_at", "9", "--save_interval", "6")
     capsys.readouterr()
+    before = points(branch)
     run(tmp_path, corpus, "branch", "--resume", str(branch / "step_6.pt"))
     notes = [m for m in capsys.readouterr().out.splitlines() if m.startswith("note:")]
     assert len(notes) == 1 and "went on to step 9" in notes[0] and "--run_name NEW" in notes[0], notes
+    # the abandoned branch's points are kept aside, not lost: with the ones kept, they are the first run's log
+    aside = branch / "metrics.before-resume-step6.jsonl"
+    assert aside.name in notes[0]
+    moved = [{k: v for k, v in r.items() if k not in ("train_time_s", "bytes_per_s", "host_ms_per_step",
+                                                       "gpu_wait_ms")} for r in read_metrics(aside)]
+    assert moved and min(r["step"] for r in moved) >= 6 and max(r["step"] for r in moved) == 9
+    kept = [r for r in before if r not in moved]
+    assert len(kept) + len(moved) == len(before) and points(branch)[:len(kept)] == kept
     assert points(branch) == points(straight)
     assert same(load_checkpoint(straight / "final.pt")["model"], ck_end["model"])
 

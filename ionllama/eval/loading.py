@@ -225,6 +225,11 @@ def default_eval_path(ck: LoadedCheckpoint | None) -> Path:
         if c.is_file():
             return c
     where = ", ".join(str(c) for c in candidates) or "the checkpoint records no shard folder"
-    hint = (f" or re-create them with `ionllama prepare --data_path {a['data_path']}`" if a.get("data_path") else
-            f" or re-create them with `ionllama prepare --dataset {a['dataset']}`" if a.get("dataset") else "")
+    # prepare prints the shard folder it makes (its name depends on the path as written, so it may differ)
+    hint = (f" or re-create them with `ionllama prepare --data_path {a['data_path']}` and pass the val.bin in the "
+            "folder it prints as --eval_data" if a.get("data_path") else
+            f" or re-create them with `ionllama prepare --dataset {a['dataset']}` and pass the val.bin in the folder "
+            "it prints as --eval_data" if a.get("dataset") else "")
+    if a.get("data_path") and not Path(a["data_path"]).is_absolute():
+        hint += f" (the checkpoint's --data_path {a['data_path']} is relative to the folder it was trained in)"
     raise UserError(f"the val split of the checkpoint's training data is not on this machine ({where}); {fix}{hint}")

@@ -32,13 +32,14 @@ class MetricsLogger:
                 self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "ionllama"), name=run_name,
                                         config=config or {}, dir=str(run_dir), resume="allow")
 
-    def truncate_after(self, step: int, phase: str | None = None) -> int | None:
+    def truncate_after(self, step: int, phase: str | None = None, keep_dropped: Path | None = None) -> int | None:
         """On resume: drop points logged after the checkpoint (they will be logged again): later steps, and
         at its own step the points of a later phase (calibration and the evaluation after it). Returns the last
-        step dropped (None if nothing was)."""
+        step dropped (None if nothing was). keep_dropped: a file the dropped lines are written to first (a resume
+        from an older checkpoint abandons a branch that will not be logged again)."""
         if not self.path.exists():
             return None
-        keep, last = [], None
+        keep, dropped, last = [], [], None
         for line in self.path.read_text().splitlines():
             try:
                 rec = json.loads(line)
@@ -48,7 +49,12 @@ class MetricsLogger:
             if s < step or (s == step and (phase is None or rec.get("phase") in (phase, "init"))):
                 keep.append(line)
             else:
+                dropped.append(line)
                 last = s if last is None else max(last, s)
+        if keep_dropped is not None and dropped:
+            tmp = Path(keep_dropped).with_name(Path(keep_dropped).name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in dropped))
+            os.replace(tmp, keep_dropped)
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, self.path)

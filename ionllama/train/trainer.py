@@ -409,7 +409,8 @@ class Trainer:
 
         path = prepare(data_args_from(a), log=_say if self.is_main else (lambda m: None))
         shards = open_shards(path)
-        self.data_meta = {"path": str(path), "source": shards.meta.get("source"),
+        # absolute: the benchmark reads val.bin from here, and may run from another folder than the trainer did
+        self.data_meta = {"path": str(Path(path).resolve()), "source": shards.meta.get("source"),
                           "train_bytes": len(shards.train), "val_bytes": len(shards.val),
                           **{f"{s}_sha256": shards.meta["splits"][s]["sha256"] for s in ("train", "val")}}
         self._note_other_data()
@@ -450,11 +451,15 @@ class Trainer:
             self.scaler.load_state_dict(ck["scaler"])
         ckpt_io.restore_rng_state(ck["rng"])
         if self.metrics is not None:
-            last = self.metrics.truncate_after(self.step, self.phase)
-            if last is not None and last > self.step and Path(path).name != "latest.pt":
-                _say(f"note: {path} is at step {self.step}; this run folder's metrics went on to step {last}, and "
-                     f"those points are dropped (latest.pt will be rewritten); to keep them, resume into another "
-                     f"folder with --run_name NEW")
+            # from latest.pt the dropped points are logged again; from an older checkpoint they are a branch
+            # abandoned, kept aside so that nothing written is lost
+            older = Path(path).name != "latest.pt"
+            aside = self.metrics.path.with_name(f"metrics.before-resume-step{self.step}.jsonl") if older else None
+            last = self.metrics.truncate_after(self.step, self.phase, keep_dropped=aside)
+            if older and last is not None and last > self.step:
+                _say(f"note: {path} is at step {self.step}; this run folder's metrics went on to step {last}: those "
+                     f"points are moved to {aside.name} (latest.pt will be rewritten); to keep the whole branch, "
+                     f"resume into another folder with --run_name NEW")
         _say(f"resumed {path} at step {self.step} (phase {self.phase})")
 
     # ------------------------------------------------------------------ phases
