@@ -68,14 +68,14 @@ def test_damaged_or_foreign_files_give_one_line_errors(tmp_path):
     (tmp_path / "run" / "latest.pt").write_bytes(raw)
     with pytest.raises(UserError, match="for this run folder's latest, pass .*latest.pt"):
         C.load_model(tmp_path / "run")
-    # the benchmark's reader of the same files: one line, and a long torch message cut between words
+    # the benchmark's reader of the same files says what the trainer says, without torch's weights_only essay
+    # (it read as advice to load with weights_only=False) or its zip-reader internals
     from ionllama.eval.loading import read_checkpoint_file
 
-    for name in ("garbage.pt", "pickle.pt"):
-        with pytest.raises(UserError, match="cannot read checkpoint") as e:
+    for name in ("garbage.pt", "pickle.pt", "truncated.pt", "empty.pt"):
+        with pytest.raises(UserError, match="is not a readable checkpoint") as e:
             read_checkpoint_file(tmp_path / name)
-        reason = str(e.value).split("(", 1)[1].rsplit(")", 1)[0]
-        assert "\n" not in str(e.value) and (reason.endswith(" ...") or len(reason) < 160), reason
+        assert "\n" not in str(e.value) and "weights_only" not in str(e.value) and "miniz" not in str(e.value)
 
 
 def test_first_line_cuts_between_words():

@@ -15,7 +15,7 @@ import torch.nn as nn
 from ..config import ModelConfig
 from ..data.sources import READ_ERRORS
 from ..data.tasks import DOC_SEP
-from ..errors import UserError, first_line
+from ..errors import UserError
 from ..registry import build_model
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst", ".py", ".c", ".h", ".js", ".json", ".csv", ".tsv", ".html", ".xml"}
@@ -72,9 +72,10 @@ def read_checkpoint_file(path: str | Path) -> dict:
         raise UserError(f"checkpoint '{p}' not found; pass --checkpoint PATH to a .pt written by the trainer")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupted, truncated, or not a weights-only checkpoint
-        raise UserError(f"cannot read checkpoint '{p}' ({type(e).__name__}: {first_line(e)}); "
-                        "pass a checkpoint written by `ionllama train`") from None
+    except Exception as e:  # corrupted, truncated, or not a weights-only checkpoint: as the trainer says it
+        from ..train.checkpoint import unreadable_checkpoint
+
+        raise unreadable_checkpoint(p, e) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or not ("model_config" in ckpt or "config" in ckpt):
         raise UserError(f"'{p}' has no 'model'/'model_config' entries; pass a checkpoint written by `ionllama train`")
     return ckpt

@@ -44,8 +44,9 @@ def _load_plain(path: str, device: str):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read checkpoint '{path}' ({type(e).__name__}); "
-                        "is it a complete ionllama .pt file?") from None
+        from ..train.checkpoint import unreadable_checkpoint
+
+        raise unreadable_checkpoint(path, e) from None
     cfg = ckpt.get("model_config", ckpt.get("config")) if isinstance(ckpt, dict) else None
     if cfg is None or "model" not in ckpt:
         raise UserError(f"'{path}' has no 'model' and 'model_config' entries; is it an ionllama checkpoint?")

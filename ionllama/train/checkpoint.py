@@ -60,6 +60,15 @@ def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:
     return dst
 
 
+
+def unreadable_checkpoint(path, e: BaseException) -> UserError:
+    """The one-line error for a file torch.load cannot read, the same from the trainer, generate and the
+    benchmark: torch's own text (a pickle or zip detail, or the weights_only essay) helps no one, the type says
+    enough."""
+    return UserError(f"{path} is not a readable checkpoint (corrupt, truncated, or another kind of file; "
+                     f"torch.load: {type(e).__name__}); pass a .pt written by `ionllama train` (latest.pt, "
+                     "final.pt or an older step_N.pt of the run)")
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
     if path.is_dir():  # a sharded <name>.dcp folder of a torchrun run: its train state (tensors load later)
@@ -73,9 +82,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile,
             AttributeError, TypeError, IndexError) as e:
         # torch's own text (a pickle or zip detail, or the weights_only essay) helps no one here: the type says enough
-        raise UserError(f"{path} is not a readable checkpoint (corrupt, truncated, or another kind of file; "
-                        f"torch.load: {type(e).__name__}); pass a .pt written by `ionllama train` (latest.pt, "
-                        "final.pt or an older step_N.pt of the run)") from None
+        raise unreadable_checkpoint(path, e) from None
     if not isinstance(ck, dict) or "model" not in ck or "model_config" not in ck:
         raise UserError(f"{path} is not an ionllama checkpoint (no model / model_config); pass a file written by "
                         "`ionllama train`")
