@@ -299,3 +299,34 @@ def test_suite_runs_on_the_baselines(workdir, kind):
         assert m["multilingual"]["bpe"]["source"] == "the model's own tokenizer"
     else:
         assert m["compression"]["bytes_per_patch"] == 1.0
+
+
+def test_default_multilingual_data_is_found_from_any_folder(tmp_path, monkeypatch):
+    """The default language folders were looked up from the working folder only: run from elsewhere, the benchmark
+    skipped the section (noted in results.md alone) although the data sat beside the checkout."""
+    repo, elsewhere = tmp_path / "repo", tmp_path / "elsewhere"
+    (tmp_path / "shared" / "data" / "multilingual" / "udhr").mkdir(parents=True)
+    repo.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.setattr(B, "REPO_ROOT", repo)
+    monkeypatch.chdir(elsewhere)
+    found = B.default_multilingual_dirs()
+    assert [d.resolve() for d in found] == [(tmp_path / "shared" / "data" / "multilingual" / d).resolve()
+                                           for d in ("udhr", ".")]
+    monkeypatch.chdir(repo)  # from the checkout itself the relative default is found, and written as given
+    assert found[0].resolve() == B.default_multilingual_dirs()[0].resolve()
+    assert not B.default_multilingual_dirs()[0].is_absolute()
+    bare = tmp_path / "a" / "b"  # no ../shared/data beside it
+    bare.mkdir(parents=True)
+    monkeypatch.setattr(B, "REPO_ROOT", bare)
+    monkeypatch.chdir(bare)
+    assert B.default_multilingual_dirs() == []
+
+
+def test_skipped_sections_are_said_on_the_console(workdir, capsys):
+    torch.manual_seed(0)
+    ckpt = _save_trainer_checkpoint(create_model("tiny", model="dense", **SMALL), workdir / "run" / "final.pt")
+    (workdir / "run" / "metrics.jsonl").unlink()  # no curve to plot: the plots section is skipped
+    _run(workdir, ckpt, workdir / "out" / "results.json", "--skip", "tasks", "speed", "compression", "multilingual")
+    out = capsys.readouterr().out
+    assert "skipped plot training_curves: no metrics.jsonl" in out, out

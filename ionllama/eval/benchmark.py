@@ -41,6 +41,16 @@ DEFAULT_MULTILINGUAL = (Path("../shared/data/multilingual/udhr"), Path("../share
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def default_multilingual_dirs() -> list[Path]:
+    """DEFAULT_MULTILINGUAL from the working folder, else from the checkout's: run from another folder, the
+    benchmark skipped the section although the data sat beside the checkout."""
+    for base in (Path("."), REPO_ROOT):
+        dirs = [base / d for d in DEFAULT_MULTILINGUAL if (base / d).is_dir()]
+        if dirs:
+            return dirs
+    return []
+
+
 def build_parser(prog: str = "ionllama bench") -> argparse.ArgumentParser:
     ap = OneLineParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default=None, help="a .pt written by the trainer (any registered model)")
@@ -298,8 +308,7 @@ def run(argv: list[str], prog: str) -> dict:
         timings["compression"] = time.perf_counter() - t0
 
     if "multilingual" not in skip:
-        dirs = ([Path(d) for d in a.multilingual_dir] if a.multilingual_dir else
-                [d for d in DEFAULT_MULTILINGUAL if d.is_dir()])
+        dirs = [Path(d) for d in a.multilingual_dir] if a.multilingual_dir else default_multilingual_dirs()
         if dirs:
             t0 = time.perf_counter()
             bpe, bpe_info = get_bpe(ck.path if ck else None, data, a.bpe_vocab, model=model)
@@ -373,6 +382,8 @@ def main(argv: list[str] | None = None, prog: str = "ionllama bench") -> int:
         accs = {k: v["accuracy"] for k, v in m["tasks"]["per_task"].items()}
         line.append(m["tasks"]["label"] + " " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in accs.items() if v is not None))
     print("; ".join(line))
+    for section, why in (res.get("skipped") or {}).items():  # in results.md too; said here, where the user looks
+        print(f"skipped {section}: {why}")
     return 0
 
 
