@@ -330,3 +330,20 @@ def test_skipped_sections_are_said_on_the_console(workdir, capsys):
     _run(workdir, ckpt, workdir / "out" / "results.json", "--skip", "tasks", "speed", "compression", "multilingual")
     out = capsys.readouterr().out
     assert "skipped plot training_curves: no metrics.jsonl" in out, out
+
+
+def test_a_phase_one_checkpoint_is_flagged_as_an_untrained_main_model(workdir, capsys):
+    """A checkpoint written while only the entropy model trained (phase 1) was benchmarked like any other: its BPB
+    (about 8) read as the method's. Now the console and results.md say the main model is at its initialisation."""
+    torch.manual_seed(0)
+    ckpt = _save_trainer_checkpoint(create_model("tiny", **SMALL, d_local=32, d_entropy=16), workdir / "r" / "step_3.pt")
+    raw = torch.load(ckpt, weights_only=True)
+    torch.save({**raw, "phase": "entropy"}, ckpt)
+    out = workdir / "o" / "results.json"
+    res = _run(workdir, ckpt, out, "--skip", "tasks", "speed", "compression", "multilingual", "plots")
+    assert res["checkpoint"]["phase"] == "entropy"
+    assert "only the entropy model has trained" in capsys.readouterr().err
+    assert "the main model is at its initialisation" in out.with_suffix(".md").read_text()
+    torch.save({**raw, "phase": "main"}, ckpt)
+    res = _run(workdir, ckpt, out, "--skip", "tasks", "speed", "compression", "multilingual", "plots", "--overwrite")
+    assert res["checkpoint"]["phase"] == "main" and "initialisation" not in capsys.readouterr().err

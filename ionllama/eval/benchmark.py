@@ -245,6 +245,9 @@ def run(argv: list[str], prog: str) -> dict:
         if a.size and a.size != config.size:
             raise UserError(f"--size {a.size} but the checkpoint holds a '{config.size}' {config.model} model; "
                             "drop --size or pass the matching one")
+        if ck.untrained_main_model:  # its BPB and tasks measure an initialisation, not the method
+            print(f"note: {a.checkpoint} was written in phase 1 (step {ck.step}): only the entropy model has trained, "
+                  "the main model is at its initialisation; benchmark a checkpoint of the main phase", file=sys.stderr)
     else:
         model = create_model(a.size or "tiny", model=a.model).to(device).eval()
         config = model.config
@@ -347,7 +350,8 @@ def run(argv: list[str], prog: str) -> dict:
     res = {
         "schema_version": SCHEMA_VERSION,
         "model": _model_info(model, config, a.size),
-        "checkpoint": ({"path": str(ck.path), "step": ck.step, "trained_on_tasks": ck.trained_on_tasks,
+        "checkpoint": ({"path": str(ck.path), "step": ck.step, "phase": ck.phase,
+                        "trained_on_tasks": ck.trained_on_tasks,
                         "train_args": ck.train_args} if ck else None),
         "config": config.to_dict(),
         "device": device_info(device),

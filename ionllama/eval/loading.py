@@ -29,6 +29,12 @@ class LoadedCheckpoint:
     train_args: dict = field(default_factory=dict)
     step: int | None = None
     data_meta: dict = field(default_factory=dict)  # the trainer's data_position: shard folder, sizes
+    phase: str | None = None  # the trainer's phase when it was written: entropy | main | joint
+
+    @property
+    def untrained_main_model(self) -> bool:
+        """Written in phase 1 (only the entropy model trained so far): the main model is at its initialisation."""
+        return self.phase == "entropy"
 
     @property
     def run_dir(self) -> Path | None:
@@ -97,7 +103,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         model = distributed.load_model_from_sharded(path, meta).to(device).eval()
         step = meta.get("step")
         return LoadedCheckpoint(model, model.config, Path(path), dict(meta.get("train_args") or {}),
-                                int(step) if isinstance(step, int) else None, dict(meta.get("data_position") or {}))
+                                int(step) if isinstance(step, int) else None, dict(meta.get("data_position") or {}),
+                                _phase(meta))
     ckpt = read_checkpoint_file(path)
     cfg_dict, nested_args = _split_config(ckpt.get("model_config", ckpt.get("config")))
     config = ModelConfig.from_dict(cfg_dict)
@@ -118,7 +125,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     data_meta = ckpt.get("data_position") if isinstance(ckpt.get("data_position"), dict) else {}
     model.to(device).eval()
     return LoadedCheckpoint(model, config, Path(path), train_args, int(step) if isinstance(step, int) else None,
-                            dict(data_meta))
+                            dict(data_meta), _phase(ckpt))
+
+
+def _phase(ck: dict) -> str | None:
+    return ck.get("phase") if isinstance(ck.get("phase"), str) else None
 
 
 # ---------------------------------------------------------------- eval bytes

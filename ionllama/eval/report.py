@@ -135,7 +135,10 @@ def render_markdown(res: dict, baselines: list[dict] | None = None, published: l
     mod = res["model"]
     ck = res.get("checkpoint") or {}
     L = [f"# Benchmark: {mod['name']} {mod['size']} ({_f(mod.get('params_total'))} parameters)", "",
-         f"- checkpoint: `{ck.get('path') or 'none (random init)'}`" + (f", step {ck['step']}" if ck.get("step") else ""),
+         f"- checkpoint: `{ck.get('path') or 'none (random init)'}`" + (f", step {ck['step']}" if ck.get("step") else "")
+         + (f", phase {ck['phase']}" if ck.get("phase") else "")
+         + (" (**phase 1: only the entropy model trained; the main model is at its initialisation**)"
+            if ck.get("phase") == "entropy" else ""),
          f"- device: {res['device'].get('name')} ({res['device'].get('type')}), torch {res['device'].get('torch')}",
          f"- date: {res['date']}, commit: `{res['commit'].get('sha', 'unknown')}`"
          + (" (uncommitted changes)" if res["commit"].get("dirty") else ""),
