@@ -111,6 +111,7 @@ def test_stop_hint_finds_the_run_and_resume_notes_name_what_the_checkpoint_used(
     used None" (a new user's report); now the model's value, and no note when the values agree."""
     run = train(tmp_path, corpus, "--max_steps", "12", "--stop_at", "6")
     out = capsys.readouterr().out
+    assert "stopped at step 6 (--stop_at 6)" in out, out  # the reason named, not "--stop_at / --max_train_time"
     hint = out.split("continue with ")[1].splitlines()[0]
     # --data_dir too: it is per invocation, and without it the data was prepared again into ./data_cache
     assert hint == f"--resume auto --save_dir {tmp_path / 'runs'} --run_name r --data_dir {tmp_path / 'cache'}", hint
@@ -248,3 +249,12 @@ def test_checkpoint_finds_its_val_split_from_another_folder(tmp_path, corpus, mo
     ck = load_for_bench(tmp_path / "a" / "runs" / "r" / "final.pt")
     val = default_eval_path(ck)
     assert val.is_file() and val.is_relative_to(tmp_path / "a" / "cache"), val
+
+
+def test_a_time_budget_stop_names_the_budget(tmp_path, corpus, capsys):
+    """The experiment's arms end on --max_train_time, their normal end: the phase line said "steps 0..1000000000"
+    and the stop "(--stop_at / --max_train_time)"; both now name the budget."""
+    train(tmp_path, corpus, "--max_steps", "1000000", "--max_train_time", "0.01")
+    out = capsys.readouterr().out
+    assert "steps 0..1000000 (or until --max_train_time 0.01 s)" in out, out
+    assert "(--max_train_time 0.01 s reached)" in out, out

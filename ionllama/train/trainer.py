@@ -494,7 +494,9 @@ class Trainer:
         self.phase = phase
         if not resumed and self.is_main:
             n = sum(p.numel() for g in self.optimizer.param_groups for p in g["params"])
-            _say(f"phase {phase}: steps {self.step}..{self._phase_end(phase)}, optimizing {n:,} parameters")
+            until = f" (or until --max_train_time {self.args.max_train_time:g} s)" \
+                if getattr(self.args, "max_train_time", None) is not None else ""
+            _say(f"phase {phase}: steps {self.step}..{self._phase_end(phase)}{until}, optimizing {n:,} parameters")
         self.step_graph = None  # a new phase trains other parameters (or the same with another step): a new capture
         self.graph_problem = capture_problem(self.config, phase) if getattr(self.args, "step_graph", False) else None
         if self.graph_problem and self.is_main:
@@ -748,9 +750,9 @@ class Trainer:
                 phase_done = self.step == self._phase_end(self.phase)
                 stopping = stop.signum is not None or (a.stop_at is not None and self.step >= a.stop_at) or \
                     self.stop_reason is not None
-                if a.max_train_time is not None and \
-                        self.train_time + time.perf_counter() - win["t0"] >= a.max_train_time:
-                    stopping = True
+                time_up = a.max_train_time is not None and \
+                    self.train_time + time.perf_counter() - win["t0"] >= a.max_train_time
+                stopping = stopping or time_up
                 if self.par.distributed:  # ranks stop together: agree at the steps where all of them log
                     boundary = self.step % a.log_interval == 0 or at_eval or at_save or phase_done or \
                         (a.stop_at is not None and self.step >= a.stop_at)
@@ -799,8 +801,9 @@ class Trainer:
                         self.save("latest.pt", *([f"step_{self.step}.pt"] if at_save else []))
                     win["t0"] = time.perf_counter()
                 if stopping and self.step < plan.total:
-                    why = signal.Signals(stop.signum).name if stop.signum else \
-                        (self.stop_reason or "--stop_at / --max_train_time")
+                    why = signal.Signals(stop.signum).name if stop.signum else self.stop_reason or \
+                        (f"--stop_at {a.stop_at}" if a.stop_at is not None and self.step >= a.stop_at else
+                         f"--max_train_time {a.max_train_time:g} s reached" if time_up else "another rank stopped")
                     latest = self.run_dir / ("latest.dcp" if self.par.distributed else "latest.pt")
                     _say(f"stopped at step {self.step} ({why}); saved {latest}; "
                          f"continue with {self._resume_hint()}")
