@@ -635,7 +635,9 @@ def test_compare_reports_runs_of_different_results_folders(tmp_path, capsys):
     seeds_md = (tmp_path / "cmp" / "seeds.md").read_text()
     assert "| seeds-s0/ionllama, seeds-s1/ionllama | 0, 1 | 1.4200 (0.0400) |" in seeds_md
     assert (out / "bpb_vs_flops.png").is_file()
-    for argv, msg in ((["--stage", "compare", "--runs", str(tmp_path / "nope")], "no final.json"),
+    (tmp_path / "empty").mkdir()
+    for argv, msg in ((["--stage", "compare", "--runs", str(tmp_path / "nope")], "nope does not exist"),
+                      (["--stage", "compare", "--runs", str(tmp_path / "empty")], "no final.json"),
                       (["--stage", "compare,report", "--runs", str(a)], "no other stage"),
                       # an experiment's own folder: its report was silently replaced (a new user's report)
                       (["--stage", "compare", "--runs", str(b), "--out", str(a.parent)], "experiment's results folder")):

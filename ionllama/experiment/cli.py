@@ -170,6 +170,9 @@ def compare(a: argparse.Namespace, stages: list[str], argv: list[str]) -> int:
     runs = {}
     for r in a.runs:
         d = Path(r)
+        if not d.is_dir():
+            raise UserError(f"--runs: {d} does not exist or is not a folder; give a run folder such as "
+                            "docs/results/phase1-patch3/ionllama_fixed")
         if not (d / "final.json").is_file():
             raise UserError(f"--runs: no final.json in {d}; give a run folder such as "
                             "docs/results/phase1-patch3/ionllama_fixed")
