@@ -204,3 +204,16 @@ def test_every_train_command_in_the_readme_parses():
     assert len(cmds) >= 5, cmds  # the plan's three, the local-data one, the best setting
     for cmd in cmds:
         build_train_parser().parse_args(shlex.split(cmd)[2:])  # a bad flag exits 2 (SystemExit fails the test)
+
+
+def test_remove_if_empty_removes_only_an_empty_folder(tmp_path):
+    from ionllama.fsutil import remove_if_empty
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "f").write_text("x")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("x")
+    assert remove_if_empty(tmp_path / "empty") and not (tmp_path / "empty").exists()
+    assert not remove_if_empty(tmp_path / "full") and (tmp_path / "full" / "f").is_file()
+    assert not remove_if_empty(tmp_path / "file") and (tmp_path / "file").is_file()
+    assert not remove_if_empty(tmp_path / "missing")

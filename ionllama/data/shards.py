@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import UserError
+from ..fsutil import remove_if_empty
 from . import DOC_SEP_BYTES
 
 SHARD_FORMAT = 1
@@ -182,8 +183,8 @@ def staged_dir(out: Path, parent: Path, flag: str):
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if made and not any(parent.iterdir()):
-            parent.rmdir()  # a refused first run leaves no empty data_cache/ behind
+        if made:
+            remove_if_empty(parent)  # a refused first run leaves no empty data_cache/ behind
         raise
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import OneLineParser, UserError, check_ranges, cli_entry
+from ..fsutil import remove_if_empty
 from . import __doc__ as _PACKAGE_DOC  # the package's docstring: what `--help` says first
 from .matrix import MATRICES, TASK_ARMS
 from .report import write_report
@@ -142,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError:
         # a refused command leaves no empty --out behind (Runner makes it early, to fail on an unwritable path
         # before any arm trains); a folder with anything in it is kept
-        if made and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+        if made:
+            remove_if_empty(out)
         raise
 
 

@@ -31,6 +31,7 @@ from ..config import make_config
 from ..data import DOC_SEP, DOC_SEP_BYTES
 from ..data.bpe import TokenTraining, configure as token_configure, is_token_model
 from ..errors import UserError, check_ranges
+from ..fsutil import remove_if_empty
 from ..eval.bpb import LN2, evaluate_batches, evaluate_bpb
 from ..registry import build_model, model_names
 from . import checkpoint as ckpt_io
@@ -892,12 +893,10 @@ def _drop_new_empty_folders(save: Path, before: set[str] | None) -> None:
     """A run refused before it wrote anything (bad data, a flag out of range) leaves no empty run folder (nor an
     empty --save_dir it made) behind; a folder that existed before, or holds anything, is kept."""
     try:
-        if not save.is_dir():
-            return
-        for d in save.iterdir():
-            if d.name not in (before or set()) and d.is_dir() and not any(d.iterdir()):
-                d.rmdir()
-        if before is None and not any(save.iterdir()):
-            save.rmdir()
+        new = [d for d in save.iterdir() if d.name not in (before or set())] if save.is_dir() else []
     except OSError:
-        pass  # best effort: the error being raised is the one to show
+        return  # best effort: the error being raised is the one to show
+    for d in new:
+        remove_if_empty(d)
+    if before is None:
+        remove_if_empty(save)
