@@ -135,6 +135,12 @@ def test_two_arm_matrix_writes_results_and_resumes(tmp_path, capsys, one_thread)
             main(_argv(tmp_path, pattern, *extra))
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and "finished with other settings" in err[0] and words in err[0]
+    # nor under other evaluation flags: arms scored on other bytes would be ranked in one table (a new user's report)
+    for extra, words in ((["--eval_bytes", "999"], "--eval_bytes"), (["--also_eval_seq_len", "16"], "val@")):
+        with pytest.raises(SystemExit) as e:
+            main(_argv(tmp_path, pattern, *extra))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and "evaluated with other settings" in err[0], err
     # the same files copied elsewhere still skip (as on the GPU machine); other text is refused, not relabelled
     import shutil
 
@@ -200,6 +206,12 @@ def test_two_arm_matrix_writes_results_and_resumes(tmp_path, capsys, one_thread)
         lo, hi = per["count"]["ci95"]
         assert 0.0 <= lo <= per["count"]["accuracy"] <= hi <= 1.0
     assert "Task accuracy" in (res / "phase1.md").read_text()
+    # task results of other task settings are refused, not skipped into the "identical fine-tuning" table
+    with pytest.raises(SystemExit) as e:
+        main(_argv(tmp_path, pattern, "--stage", "tasks", "--task_arms", "dense,bpe", "--task_steps", "3",
+                   "--task_batch", "4", "--task_n", "1"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "other settings (--task_steps 2)" in err[0], err
 
 
 def test_time_budget_plan_follows_the_clock():

@@ -119,7 +119,8 @@ def equal_at_markdown(eq: dict, view: str) -> str:
     rows = sorted(eq["val_bpb"].items(), key=lambda kv: (kv[1] is None, kv[1] or 0.0))
     return "\n".join([f"Val BPB at equal {what} ({eq[key]:.3g}, the whole run of `{eq['arm']}`), "
                       "interpolated linearly between each arm's curve points (each scores the first "
-                      "`--curve_eval_bytes` val bytes):", "", f"| arm | val BPB at equal {what} |", "|---|---|",
+                      "`--curve_eval_bytes` val bytes, except an arm's last point, its final evaluation over "
+                      f"`--eval_bytes`: `{eq['arm']}`'s value here, and that of an arm ending at the same point):", "", f"| arm | val BPB at equal {what} |", "|---|---|",
                       *[f"| {n} | {_fmt(v, 3)} |" for n, v in rows]])
 
 

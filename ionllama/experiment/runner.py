@@ -209,6 +209,7 @@ class Runner:
                 raise UserError(f"{final_path} holds {run_name} finished with other settings ({diff}); use "
                                 "another --out (or delete that folder) to train it with these")
             self._check_same_data(done, final_path, run_name)
+            self._check_same_evals(done, final_path, run_name)
             _log(f"{run_name}: done already ({final_path}); skipped")
             return done
         need = budget_s + self.a.arm_overhead_s
@@ -311,6 +312,25 @@ class Runner:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return final
+
+    def _check_same_evals(self, done: dict, final_path: Path, run_name: str) -> None:
+        """A finished arm scored under other evaluation flags is not this command's row either: the report would
+        rank arms scored on different bytes side by side (a new user's report: 4,000 and 1,500 val bytes in one
+        table, under one command)."""
+        diff = []
+        data = done.get("data") or {}
+        if "eval_bytes_cap" in data and data["eval_bytes_cap"] != self.a.eval_bytes:
+            diff.append(f"--eval_bytes {data['eval_bytes_cap'] or 'not given'}")
+        alt = [k for k in done if k.startswith("val@")]
+        want = [f"val@{self.a.also_eval_seq_len}"] if self.a.also_eval_seq_len else []
+        if alt != want:
+            diff.append(f"--also_eval_seq_len {alt[0][4:] if alt else 'not given'}")
+        missing = [name for name, _ in self.eval_sets() if name not in done]
+        if missing:
+            diff.append(f"no {', '.join(missing)} evaluation")
+        if diff:
+            raise UserError(f"{final_path} holds {run_name} evaluated with other settings ({'; '.join(diff)}); use "
+                            "another --out (or delete that folder) to evaluate it with these")
 
     def data_facts(self) -> dict:
         """Sizes and checksums of the train/val shards this command trains on (built here if need be)."""
@@ -527,6 +547,21 @@ class Runner:
                 name = f"{arm}~{v}"
                 self.run_arm(arm, self.sweep_dir / name, self.spec_of(arm, v), budget, name)
 
+    def _check_same_tasks(self, out: Path, arm: str) -> None:
+        """Task results of other task settings are not skipped into a table headed "identical task fine-tuning"
+        (a new user's report: one arm's row from 3 steps, the next from 6)."""
+        old = _read_json(out) or {}
+        ft, res = old.get("fine_tuning") or {}, old.get("results") or {}
+        a = self.a
+        now = {"steps": ("--task_steps", a.task_steps), "examples_per_step": ("--task_batch", a.task_batch),
+               "lr": ("--task_lr", a.task_lr), "row_len": ("--task_seq_len", a.task_seq_len), "seed": ("--seed", a.seed)}
+        diff = [f"{flag} {ft[k]}" for k, (flag, v) in now.items() if k in ft and ft[k] != v]
+        if res.get("n_per_cell") not in (None, a.task_n):
+            diff.append(f"--task_n {res['n_per_cell']}")
+        if diff:
+            raise UserError(f"{out} holds {arm}'s task results under other settings ({', '.join(diff)}); use another "
+                            "--out (or delete that file) to run the task stage with these")
+
     def tasks(self) -> None:
         arms = [s.strip() for s in (self.a.task_arms or ",".join(TASK_ARMS)).split(",") if s.strip()]
         for arm in arms:
@@ -534,6 +569,7 @@ class Runner:
                 raise UserError(f"--task_arms: unknown arm '{arm}'; choose from {', '.join(self.matrix)}")
             out = self.out / arm / "tasks.json"
             if out.exists():
+                self._check_same_tasks(out, arm)
                 _log(f"{arm}: task results exist ({out}); skipped")
                 continue
             if self.time_left() < self.a.task_time_s:
