@@ -652,7 +652,9 @@ def test_compare_reports_runs_of_different_results_folders(tmp_path, capsys):
                       (["--stage", "compare", "--runs", str(tmp_path / "empty")], "no final.json"),
                       (["--stage", "compare,report", "--runs", str(a)], "no other stage"),
                       # an experiment's own folder: its report was silently replaced (a new user's report)
-                      (["--stage", "compare", "--runs", str(b), "--out", str(a.parent)], "experiment's results folder")):
+                      (["--stage", "compare", "--runs", str(b), "--out", str(a.parent)], "experiment's results folder"),
+                      (["--stage", "compare", "--runs", str(b), "--out", str(a)], "is a run folder"),
+                      (["--stage", "compare", "--runs", str(b), "--out", "/proc/cmp"], "cannot write --out")):
         with pytest.raises(SystemExit) as e:
             main([*argv, "--out", str(out)] if "--out" not in argv else argv)
         err = capsys.readouterr().err

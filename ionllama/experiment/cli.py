@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -185,7 +186,22 @@ def compare(a: argparse.Namespace, stages: list[str], argv: list[str]) -> int:
     if own:  # an experiment's results folder: its report (.md, .json, table, plots) would be replaced by this one
         raise UserError(f"--out {a.out} is an experiment's results folder (arms {', '.join(own[:4])}); give the "
                         "comparison its own --out, e.g. docs/results/compare-NAME")
-    write_report(Path(a.out), runs, "ionllama experiment " + shlex.join(argv), label="comparison", title=a.title)
+    if (Path(a.out) / "final.json").exists():  # a run folder: plots and table.md would land among its files
+        raise UserError(f"--out {a.out} is a run folder (it holds final.json); give the comparison its own --out, "
+                        "e.g. docs/results/compare-NAME")
+    out = Path(a.out)
+    made = not out.exists()
+    try:  # the page and its .json go next to --out, the plots into it: both must be writable before any work
+        out.mkdir(parents=True, exist_ok=True)
+        for d in (out, out.parent):
+            probe = d / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+    except OSError as e:
+        if made:
+            remove_if_empty(out)
+        raise UserError(f"cannot write --out {a.out} ({e.strerror or e}); pass a writable folder") from None
+    write_report(out, runs, "ionllama experiment " + shlex.join(argv), label="comparison", title=a.title)
     return 0
 
 
