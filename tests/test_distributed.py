@@ -269,3 +269,20 @@ def test_compare_runs_scaling_and_loss(tmp_path):
     assert res["plain"]["bytes_per_s"] == 1000.0  # the two warm-up windows are left out of the median
     assert abs(res["ddp2"]["scaling_efficiency"] - 0.9) < 1e-9
     assert abs(res["ddp2"]["loss_max_abs_diff"] - 0.01) < 1e-9 and res["ddp2"]["loss_steps_compared"] == 8
+
+
+@pytest.mark.slow
+def test_logged_bytes_per_patch_counts_every_rank(tmp):
+    """The logged bytes/patch divided every rank's bytes by rank 0's patches only, so it moved with the world size
+    (a new user's report); now 2 processes log what one process logs at the same global batch."""
+    small = dict(model="ionllama", patching="space", d_local=16, n_enc_layers=1, n_dec_layers=1,
+                 ngram_buckets=64, max_steps=3, save_interval=1000)
+
+    def bpp(run):
+        recs = [json.loads(line) for line in (tmp / "ck" / run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["bytes_per_patch"] for r in recs if r.get("bytes_per_patch") and "loss" in r}
+
+    _one_process(_args(tmp, "bpp1", batch_size=4, grad_accum=2, **small))
+    _torchrun(_args(tmp, "bpp2", batch_size=2, grad_accum=2, parallel="ddp", **small))
+    ref, got = bpp("bpp1"), bpp("bpp2")
+    assert ref and ref.keys() == got.keys() and all(abs(ref[s] - got[s]) < 1e-6 for s in ref), (ref, got)

@@ -117,7 +117,7 @@ def resolve_run(args) -> tuple[Path, Path | None]:
         if found:
             ck, rd = max(found, key=lambda f: distributed.checkpoint_mtime(f[0]))
             return rd, ck
-        _say(f"--resume auto: no latest.pt under {base / name}; starting a new run")
+        _say(f"--resume auto: no latest.pt or latest.dcp under {base / name}; starting a new run")
     if args.run_name:
         if _has_checkpoints(base / name):
             raise UserError(f"run folder {base / name} already holds checkpoints; pass --resume auto to continue it "
@@ -170,7 +170,7 @@ class _StopSignal:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
-        _say(f"\n{signal.Signals(signum).name}: finishing this step and saving latest.pt (again to stop at once)")
+        _say(f"\n{signal.Signals(signum).name}: finishing this step and saving latest.pt/.dcp (again to stop at once)")
 
     def restore(self) -> None:
         for sig, old in self._old.items():
@@ -771,11 +771,14 @@ class Trainer:
                               "gpu_wait_ms": round(1e3 * (time.perf_counter() - t_sync), 3)}
                     self.host_s = 0.0
                     self.train_time += dt
+                    patches = win["patches"]  # this rank's; the logged bytes/patch is over every rank's bytes
+                    if self.par.distributed and self.phase != "entropy":
+                        patches = self.par.mean(torch.as_tensor(patches, dtype=torch.float32, device=self.device))
                     rec = {"step": self.step, "phase": self.phase, "bytes_seen": self.bytes_seen,
                            "train_time_s": round(self.train_time, 3), "loss": loss,
                            "bpb": float(torch.stack(win["bpb"]).mean()), "lr": out["lr"],
                            "bytes_per_s": win["bytes"] / max(dt, 1e-9),
-                           "bytes_per_patch": (win["bytes"] // self.world_size) / max(float(win["patches"]), 1.0)
+                           "bytes_per_patch": (win["bytes"] / self.world_size) / max(float(patches), 1.0)
                            if self.phase != "entropy" else None,
                            "grad_norm": float(out["grad_norm"]) if out["grad_norm"] is not None else None,
                            "global_batch": self.sampler.global_batch, **timing}
