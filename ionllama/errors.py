@@ -14,6 +14,11 @@ class UserError(ValueError):
     API code that catches ValueError (what the models' forward raises for bad input) catches these too."""
 
 
+class RelayedError(UserError):
+    """A UserError raised on rank 0 of a torchrun job and passed to the other ranks so they stop too: rank 0
+    prints it, the others exit 2 without printing it again."""
+
+
 def cli_entry(fn):
     """Wrap a CLI main so UserError (and a few common misuse errors) become one-line exits."""
 
@@ -22,6 +27,8 @@ def cli_entry(fn):
         warnings.formatwarning = _one_line_warning  # a warning is one line too, not message + source line
         try:
             return fn(*args, **kwargs)
+        except RelayedError:
+            sys.exit(2)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)

@@ -286,3 +286,17 @@ def test_logged_bytes_per_patch_counts_every_rank(tmp):
     _torchrun(_args(tmp, "bpp2", batch_size=2, grad_accum=2, parallel="ddp", **small))
     ref, got = bpp("bpp1"), bpp("bpp2")
     assert ref and ref.keys() == got.keys() and all(abs(ref[s] - got[s]) < 1e-6 for s in ref), (ref, got)
+
+
+@pytest.mark.slow
+def test_a_refusal_on_rank_0_stops_every_rank_with_one_error_line(tmp):
+    """Rank 0 refused bad data in one line, but rank 1, waiting in the barrier behind it, died with a connection
+    traceback (a new user's report); now it stops with rank 0's error, printed once."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    args = _args(tmp, "bad", data_path=tmp / "nonexist.txt", batch_size=2)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(REPO / "train_cloud.py"), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=180)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0 and out.count("error: --data_path") == 1, out[-3000:]
+    assert "exitcode  : 2" in out and "Connection closed" not in out and "barrier" not in out, out[-3000:]

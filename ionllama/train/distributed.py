@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..errors import UserError, first_line
+from ..errors import RelayedError, UserError, first_line
 
 # NVLink multicast (NVLS) stays off in every process: set before the process group starts.
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -85,17 +85,32 @@ class DistContext:
         dist.broadcast_object_list(box, src=0)
         kind, value = box[0]
         if kind == "error":
-            raise UserError(value)
+            if self.is_main:
+                raise UserError(value)
+            raise RelayedError(value)
         return value
 
     @contextlib.contextmanager
     def main_first(self):
-        """Rank 0 runs the block first (e.g. builds the data cache), the others after it finished."""
-        if self.enabled and not self.is_main:
-            dist.barrier()
-        yield
-        if self.enabled and self.is_main:
-            dist.barrier()
+        """Rank 0 runs the block first (e.g. builds the data cache), the others after it finished. If rank 0 fails
+        there, the others stop with its error (they used to die in the barrier with a connection traceback)."""
+        if not self.enabled:
+            yield
+            return
+        if not self.is_main:
+            box = [None]
+            dist.broadcast_object_list(box, src=0)
+            if box[0] is not None:
+                raise RelayedError(box[0])
+            yield
+            return
+        try:
+            yield
+        except BaseException as e:
+            why = str(e) if isinstance(e, UserError) else f"rank 0 failed ({type(e).__name__}); see its output"
+            dist.broadcast_object_list([why], src=0)
+            raise
+        dist.broadcast_object_list([None], src=0)
 
 
 _CONTEXT = DistContext()
