@@ -405,7 +405,7 @@ def test_sweep_variants_change_what_they_name():
         assert all(got[v]["lr"] == base["lr"] for v in ("wide", "narrow", "deep", "shallow"))
 
 
-def test_ionllama_sweep_also_widens_and_deepens_the_byte_level(tmp_path):
+def test_ionllama_sweep_also_widens_and_deepens_the_byte_level(tmp_path, capsys):
     """ionLlama arms get two more variants (local width, decoder depth) that reach the trainer as flags and
     build; the baselines do not."""
     from ionllama.config import make_config
@@ -440,6 +440,11 @@ def test_ionllama_sweep_also_widens_and_deepens_the_byte_level(tmp_path):
         f.parent.mkdir(parents=True)
         f.write_text(json.dumps({"val": {"bpb": bpb}}))
     assert r.best_sweep_variant("ionllama_fixed") == "local_deep"
+    capsys.readouterr()
+    r.spec_of("ionllama_fixed")
+    r.spec_of("ionllama_fixed")  # said once per arm
+    said = [ln for ln in capsys.readouterr().out.splitlines() if "--from_sweep picks" in ln]
+    assert len(said) == 1 and "picks local_deep from 3 finished sweep run(s)" in said[0], said
     # --sweep_variants: a subset, in the sweep's order (half an arm's sweep per GPU); a typo is a UserError
     ran.clear()
     r.a.sweep_variants = "local_deep,wide"

@@ -72,6 +72,7 @@ class Runner:
         self.a = args
         self.argv = argv
         self.out = Path(args.out)
+        self._picks_said: set[str] = set()
         self.ckpt_dir = Path(args.ckpt_dir)
         self.t_start = time.perf_counter() - process_age_s()  # --deadline_s counts from the process start
         self.command = "ionllama experiment " + " ".join(shlex.quote(x) for x in argv)
@@ -104,6 +105,12 @@ class Runner:
             best = self.best_sweep_variant(arm)
             if best:
                 spec = variant_spec(spec, best) if best != "base" else spec
+            if arm not in self._picks_said:  # once per arm: which of the sweep's runs set this arm
+                self._picks_said.add(arm)
+                done = [v for v in self.trained_variants(arm)
+                        if (self.sweep_dir / f"{arm}~{v}" / "final.json").is_file()]
+                _log(f"{arm}: --from_sweep picks {best or 'nothing (no finished sweep run)'} from {len(done)} "
+                     f"finished sweep run(s) in {self.sweep_dir}" + (f": {', '.join(done)}" if done else ""))
         if variant and variant != "base":
             spec = variant_spec(spec, variant)
         spec.update(self.overrides)
