@@ -52,7 +52,11 @@ def test_bad_eval_data_or_out_fails_before_any_arm_trains(tmp_path, capsys):
                          (["--from_sweep", "--sweep_dir", str(tmp_path / "nope")], "no sweep folder"),
                          # a mistyped --out for the report wrote an empty one with exit 0
                          (["--stage", "report", "--out", str(tmp_path / "typo")], "no finished arm under"),
-                         (["--arms", "dense,dnese"], "unknown arm(s) ['dnese']")):
+                         (["--arms", "dense,dnese"], "unknown arm(s) ['dnese']"),
+                         # found only when their arm (or the task stage) started, after earlier arms had trained
+                         (["--override", "n_layers=-1"], "arm dense: n_layers must be >= 1"),
+                         (["--override", "d_model=65"], "must split into"),
+                         (["--stage", "pretrain,tasks", "--task_arms", "dense,dnese"], "--task_arms: unknown arm")):
         argv = _argv(tmp_path, pattern) + extra
         with pytest.raises(SystemExit) as e:
             main(argv)

@@ -161,7 +161,37 @@ def _checked_runner(a: argparse.Namespace, argv: list[str], stages: list[str]) -
         raise UserError(f"--from_sweep: no sweep folder {runner.sweep_dir}; pass --sweep_dir (e.g. "
                         "docs/results/phase1-sweep/sweep) or run --stage sweep first")
     runner.eval_sets()  # validate paths before any training
-    return runner, runner.arm_names()
+    names = runner.arm_names()
+    if "pretrain" in stages:
+        _check_arm_configs(runner, names)
+    if "tasks" in stages and a.task_arms:
+        for arm in (s.strip() for s in a.task_arms.split(",") if s.strip()):
+            if arm not in runner.matrix:  # found only when the task stage began, after pretraining
+                raise UserError(f"--task_arms: unknown arm '{arm}'; choose from {', '.join(runner.matrix)}")
+    return runner, names
+
+
+def _check_arm_configs(runner: Runner, names: list[str]) -> None:
+    """Each arm's trainer flags and model config, checked before the first arm trains: an --override out of
+    range (n_layers=-1, a d_model the heads do not split) was found only when its arm started, after the
+    earlier arms had trained."""
+    from ..config import make_config
+    from ..data.bpe import configure as token_configure
+    from ..train.cli import MODEL_OVERRIDES, build_train_parser
+
+    for arm in names:
+        parser = build_train_parser()
+
+        def reject(message, arm=arm):
+            raise UserError(f"arm {arm}: the trainer rejects its flags: {message}; check --override")
+
+        parser.error = reject
+        targs = parser.parse_args(runner.trainer_argv(arm, runner.spec_of(arm), runner.a.budget_s))
+        overrides = {k: getattr(targs, k) for k in MODEL_OVERRIDES if getattr(targs, k, None) is not None}
+        try:
+            token_configure(make_config(targs.size, targs.model, **overrides))
+        except UserError as e:
+            raise UserError(f"arm {arm}: {e}") from None
 
 
 def compare(a: argparse.Namespace, stages: list[str], argv: list[str]) -> int:
