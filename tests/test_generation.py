@@ -365,3 +365,11 @@ def test_generate_inside_autocast_runs_in_model_dtype(kind):
         got = m.generate(prompts, max_new_bytes=12, greedy=True)
         assert torch.is_autocast_enabled("cpu")  # the region is restored afterwards
     assert got == want
+
+
+def test_a_list_of_numpy_ints_is_one_prompt():
+    """[np.int64(65)] was read as a batch of prompts and refused as "unsupported prompt type int64"."""
+    import numpy as np
+    m = tiny_dense()
+    ids = [np.int64(b) for b in b"ab"]
+    assert generate(m, ids, 6, greedy=True) == generate(m, b"ab", 6, greedy=True)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, is_whole
 
 DOC_SEP = 0  # the corpus' document separator byte: generating it ends the document
 
@@ -18,12 +18,12 @@ def _row(p) -> list[int]:
             raise UserError(f"a prompt tensor row must be 1-D, got shape {tuple(p.shape)}; pass (T,) or (B, T)")
         p = p.tolist()
     if isinstance(p, (list, tuple)):
-        if not all(isinstance(b, int) and not isinstance(b, bool) for b in p):
+        if not all(is_whole(b) for b in p):  # numpy ints count: a list of them is one prompt
             raise UserError("a prompt given as a list must hold ints 0..255; pass bytes or str instead")
         bad = [b for b in p if not 0 <= b <= 255]
         if bad:
             raise UserError(f"prompt byte values must be in 0..255, got {bad[:3]}; encode text as UTF-8 bytes")
-        return list(p)
+        return [int(b) for b in p]
     raise UserError(f"unsupported prompt type {type(p).__name__}; pass bytes, str, list[int] or a tensor")
 
 
@@ -36,7 +36,7 @@ def normalize_prompts(prompt) -> tuple[list[list[int]], bool]:
         if prompt.dim() == 1:
             return [_row(prompt)], False
         raise UserError(f"prompt tensor must be 1-D or 2-D, got shape {tuple(prompt.shape)}")
-    if isinstance(prompt, (list, tuple)) and prompt and not isinstance(prompt[0], int):
+    if isinstance(prompt, (list, tuple)) and prompt and not is_whole(prompt[0]):
         return [_row(p) for p in prompt], True
     return [_row(prompt)], False
 
