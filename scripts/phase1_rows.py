@@ -23,6 +23,14 @@ SWEPT = "--from_sweep --step_graph --sweep_dir docs/results/phase1-sweep/sweep"
 # the best row's overrides (phase1-poolattn.md); the Q2 / Q3 rows add one key to them
 BEST = "latent_shift=completed,dropout=0.1,fixed_patch_size=3,pooling=attention"
 WIN2K = "--seq_len 2048 --batch_size 32 --also_eval_seq_len 1024"
+
+def _task_row(overrides: str) -> dict:
+    """A Q4 row: 75 s of pretraining (seed 1), then the task stage as in docs/results/phase1-tasks.md."""
+    return dict(GPU0="ionllama_fixed", BUDGET="75", TASKS="1",
+                EXTRA="--seed 1 --task_steps 3000 --task_lr 1e-3 --task_n 200 --from_sweep --sweep_dir "
+                      f"docs/results/phase1-sweep/sweep --override {overrides}")
+
+
 # env of scripts/gpu_phase1_parallel.sh per row (T and BUDGET come from the command line, 594 / 420 by default)
 ROWS = {
     "bpe seed 1": dict(GPU0="bpe", OVERHEAD="140", EXTRA=f"--seed 1 {SWEPT} --override dropout=0.1"),
@@ -71,24 +79,13 @@ ROWS = {
     "4K windows, dense, seed 1": dict(
         GPU0="ionllama_fixed", OVERHEAD="110", EXTRA=f"--seed 1 {SWEPT} --seq_len 4096 --batch_size 16 "
         f"--also_eval_seq_len 1024 --override {BEST},attention=dense"),
-    "tasks 3-byte patches": dict(GPU0="ionllama_fixed", BUDGET="75", TASKS="1",
-                                 EXTRA="--seed 1 --task_steps 3000 --task_lr 1e-3 --task_n 200 --from_sweep --sweep_dir "
-                                       "docs/results/phase1-sweep/sweep "
-                                       "--override latent_shift=completed,fixed_patch_size=3"),
-    "tasks ionllama_fixed": dict(GPU0="ionllama_fixed", BUDGET="75", TASKS="1",
-                                 EXTRA="--seed 1 --task_steps 3000 --task_lr 1e-3 --task_n 200 --from_sweep "
-                                       "--sweep_dir docs/results/phase1-sweep/sweep --override latent_shift=completed"),
+    "tasks 3-byte patches": _task_row("latent_shift=completed,fixed_patch_size=3"),
+    "tasks ionllama_fixed": _task_row("latent_shift=completed"),
     # the thirty-second session: Q4 with the best 7-minute row (3-byte patches, attention pooling) under dense and
     # dilated latent attention, no dropout and no captured step like the other task rows: does the latent's reach
     # decide addition (0.165 with the thirteenth session's 4-byte dilated row)?
-    "tasks best row, dense": dict(GPU0="ionllama_fixed", BUDGET="75", TASKS="1",
-                                  EXTRA="--seed 1 --task_steps 3000 --task_lr 1e-3 --task_n 200 --from_sweep --sweep_dir "
-                                        "docs/results/phase1-sweep/sweep --override latent_shift=completed,"
-                                        "fixed_patch_size=3,pooling=attention,attention=dense"),
-    "tasks best row, dilated": dict(GPU0="ionllama_fixed", BUDGET="75", TASKS="1",
-                                    EXTRA="--seed 1 --task_steps 3000 --task_lr 1e-3 --task_n 200 --from_sweep --sweep_dir "
-                                          "docs/results/phase1-sweep/sweep --override latent_shift=completed,"
-                                          "fixed_patch_size=3,pooling=attention"),
+    "tasks best row, dense": _task_row("latent_shift=completed,fixed_patch_size=3,pooling=attention,attention=dense"),
+    "tasks best row, dilated": _task_row("latent_shift=completed,fixed_patch_size=3,pooling=attention"),
 }
 # the copies of the data the session makes before its calls (docs/notes/gpu-runbook.md), renamed on the device
 DATA_MOVES = "rm -rf .data/gutenberg .data/wikipedia && mv .data/gut .data/gutenberg && mv .data/wk .data/wikipedia"
