@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import OneLineParser, UserError, check_ranges, cli_entry
-from ..fsutil import remove_if_empty
+from ..fsutil import probe_writable, remove_if_empty
 from . import __doc__ as _PACKAGE_DOC  # the package's docstring: what `--help` says first
 from .matrix import MATRICES, TASK_ARMS
 from .report import write_report
@@ -175,9 +174,8 @@ def _check_arm_configs(runner: Runner, names: list[str]) -> None:
     """Each arm's trainer flags and model config, checked before the first arm trains: an --override out of
     range (n_layers=-1, a d_model the heads do not split) was found only when its arm started, after the
     earlier arms had trained."""
-    from ..config import make_config
-    from ..data.bpe import configure as token_configure
-    from ..train.cli import MODEL_OVERRIDES, build_train_parser
+    from ..train.cli import build_train_parser
+    from ..train.trainer import model_config_from_args
 
     for arm in names:
         parser = build_train_parser()
@@ -187,9 +185,8 @@ def _check_arm_configs(runner: Runner, names: list[str]) -> None:
 
         parser.error = reject
         targs = parser.parse_args(runner.trainer_argv(arm, runner.spec_of(arm), runner.a.budget_s))
-        overrides = {k: getattr(targs, k) for k in MODEL_OVERRIDES if getattr(targs, k, None) is not None}
         try:
-            token_configure(make_config(targs.size, targs.model, **overrides))
+            model_config_from_args(targs)
         except UserError as e:
             raise UserError(f"arm {arm}: {e}") from None
 
@@ -222,11 +219,8 @@ def compare(a: argparse.Namespace, stages: list[str], argv: list[str]) -> int:
     out = Path(a.out)
     made = not out.exists()
     try:  # the page and its .json go next to --out, the plots into it: both must be writable before any work
-        out.mkdir(parents=True, exist_ok=True)
-        for d in (out, out.parent):
-            probe = d / f".write-test-{os.getpid()}"
-            probe.write_text("")
-            probe.unlink()
+        probe_writable(out)
+        probe_writable(out.parent)
     except OSError as e:
         if made:
             remove_if_empty(out)

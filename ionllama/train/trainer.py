@@ -13,7 +13,6 @@ import contextlib
 import importlib.util
 import json
 import math
-import os
 import random
 import shlex
 import signal
@@ -27,11 +26,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..config import make_config
+from ..config import ModelConfig, make_config
 from ..data import DOC_SEP, DOC_SEP_BYTES
 from ..data.bpe import TokenTraining, configure as token_configure, is_token_model
 from ..errors import UserError, check_ranges
-from ..fsutil import remove_if_empty
+from ..fsutil import probe_writable, remove_if_empty
 from ..eval.bpb import LN2, evaluate_batches, evaluate_bpb
 from ..registry import build_model, model_names
 from . import checkpoint as ckpt_io
@@ -131,12 +130,22 @@ def resolve_run(args) -> tuple[Path, Path | None]:
         i += 1
 
 
+def model_config_from_args(args) -> ModelConfig:
+    """The model config the trainer's flags describe, or a one-line UserError; no data or model is touched (the
+    experiment runner checks every arm's flags with it before the first arm trains)."""
+    overrides = {k: getattr(args, k) for k in MODEL_OVERRIDES if getattr(args, k, None) is not None}
+    if is_token_model(args.model) and overrides.get("vocab_size", 257) <= 256:  # was replaced by 4,096 silently
+        raise UserError(f"--vocab_size {overrides['vocab_size']}: a byte-level BPE needs more than the 256 bytes "
+                        "it starts from; e.g. --vocab_size 4096")
+    if is_token_model(args.model) and overrides.get("vocab_size", 0) > 65536:  # refused only after the tokenizer
+        raise UserError(f"--vocab_size {overrides['vocab_size']} must be at most 65536 (uint16 token shards); "
+                        "e.g. --vocab_size 4096")
+    return token_configure(make_config(args.size, args.model, **overrides))  # BPE: default vocabulary
+
+
 def ensure_writable(run_dir: Path, save_dir: str) -> None:
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
+        probe_writable(run_dir)
     except OSError as e:
         raise UserError(f"cannot write to --save_dir {save_dir} ({e.strerror or e}); choose a writable folder") from None
 
@@ -252,14 +261,7 @@ class Trainer:
         ensure_writable(self.run_dir, args.save_dir)
 
         # ---- model config (validated before any data work)
-        overrides = {k: getattr(args, k) for k in MODEL_OVERRIDES if getattr(args, k, None) is not None}
-        if is_token_model(args.model) and overrides.get("vocab_size", 257) <= 256:  # was replaced by 4,096 silently
-            raise UserError(f"--vocab_size {overrides['vocab_size']}: a byte-level BPE needs more than the 256 bytes "
-                            "it starts from; e.g. --vocab_size 4096")
-        if is_token_model(args.model) and overrides.get("vocab_size", 0) > 65536:  # refused only after the tokenizer
-            raise UserError(f"--vocab_size {overrides['vocab_size']} must be at most 65536 (uint16 token shards); "
-                            "e.g. --vocab_size 4096")
-        self.config = token_configure(make_config(args.size, args.model, **overrides))  # BPE: default vocabulary
+        self.config = model_config_from_args(args)
         if self.ck is not None:
             self._check_config_matches(ck_path)
         for note in self._resume_notes:
