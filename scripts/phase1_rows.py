@@ -24,10 +24,10 @@ SWEPT = "--from_sweep --step_graph --sweep_dir docs/results/phase1-sweep/sweep"
 BEST = "latent_shift=completed,dropout=0.1,fixed_patch_size=3,pooling=attention"
 WIN2K = "--seq_len 2048 --batch_size 32 --also_eval_seq_len 1024"
 
-def _task_row(overrides: str) -> dict:
-    """A Q4 row: 75 s of pretraining (seed 1), then the task stage as in docs/results/phase1-tasks.md."""
+def _task_row(overrides: str, seed: int = 1) -> dict:
+    """A Q4 row: 75 s of pretraining (seed 1 unless said), then the task stage as in docs/results/phase1-tasks.md."""
     return dict(GPU0="ionllama_fixed", BUDGET="75", TASKS="1",
-                EXTRA="--seed 1 --task_steps 3000 --task_lr 1e-3 --task_n 200 --from_sweep --sweep_dir "
+                EXTRA=f"--seed {seed} --task_steps 3000 --task_lr 1e-3 --task_n 200 --from_sweep --sweep_dir "
                       f"docs/results/phase1-sweep/sweep --override {overrides}")
 
 
@@ -86,6 +86,9 @@ ROWS = {
     # decide addition (0.165 with the thirteenth session's 4-byte dilated row)?
     "tasks best row, dense": _task_row("latent_shift=completed,fixed_patch_size=3,pooling=attention,attention=dense"),
     "tasks best row, dilated": _task_row("latent_shift=completed,fixed_patch_size=3,pooling=attention"),
+    "tasks best row, dilated, seed 2": _task_row("latent_shift=completed,fixed_patch_size=3,pooling=attention", seed=2),
+    "tasks best row, dense, seed 2": _task_row("latent_shift=completed,fixed_patch_size=3,pooling=attention,attention=dense",
+                                               seed=2),
 }
 # the copies of the data the session makes before its calls (docs/notes/gpu-runbook.md), renamed on the device
 DATA_MOVES = "rm -rf .data/gutenberg .data/wikipedia && mv .data/gut .data/gutenberg && mv .data/wk .data/wikipedia"
