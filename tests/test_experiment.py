@@ -554,6 +554,40 @@ def test_an_arm_that_would_overrun_the_deadline_is_cut_short_with_its_row_kept(t
     assert "(wall-clock deadline); saved" in out.out + out.err
 
 
+def test_a_rerun_continues_an_arm_cut_short_by_the_deadline(tmp_path, monkeypatch, one_thread, capsys):
+    """A row cut short by --deadline_s used to stay cut: the rerun found its final.json and skipped the arm. It now
+    resumes from the arm's checkpoint to the full budget, and the row is no longer marked cut; without the time
+    for it, the cut row is kept and the log says why."""
+    from ionllama.experiment import budget
+
+    pattern = write_corpus(tmp_path, n_train=12, n_val=2, doc_bytes=1200)
+    monkeypatch.setattr(budget, "RESERVE_FIRST_EVAL_S", 0.5)
+    monkeypatch.setattr(budget, "RESERVE_MARGIN_S", 1.0)
+    monkeypatch.setattr("ionllama.experiment.runner.process_age_s", lambda: 0.0)
+    monkeypatch.setattr(Runner, "time_left", lambda self: float("inf"))
+    base = _argv(tmp_path, pattern, "--arms", "dense", "--budget_s", "6", "--curve_points", "6")
+    assert main([*base, "--deadline_s", "3"]) == 0
+    final = tmp_path / "res" / "phase1" / "dense" / "final.json"
+    cut = json.loads(final.read_text())["train"]
+    assert cut["cut_short_s"] is not None and cut["train_time_s"] < 3
+    (final.parent / "tasks.json").write_text("{}")  # as if the task stage had scored the cut checkpoint
+
+    monkeypatch.setattr(Runner, "time_left", lambda self: 1.0)  # too little time: the cut row is kept as it is
+    assert main(base) == 0
+    assert json.loads(final.read_text())["train"] == cut
+    assert "not continued" in "".join(capsys.readouterr())
+
+    monkeypatch.setattr(Runner, "time_left", lambda self: float("inf"))
+    assert main(base) == 0
+    t = json.loads(final.read_text())["train"]
+    assert t["cut_short_s"] is None and t["train_time_s"] >= 6 and t["steps"] > cut["steps"]
+    assert not (final.parent / "tasks.json").exists() and (final.parent / "tasks.cut.json").exists()
+    assert "(cut, of" not in (tmp_path / "res" / "phase1.md").read_text()
+    recs = [json.loads(x) for x in (final.parent / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in recs if r["phase"] != "final"]
+    assert steps == sorted(steps) and recs[-1]["phase"] == "final"  # one curve, resumed, not two runs mixed
+
+
 def test_joint_frac_sets_the_joint_phase_and_is_checked(tmp_path):
     r = Runner(build_parser().parse_args(["--out", str(tmp_path / "o"), "--ckpt_dir", str(tmp_path / "c")]), [])
     spec = r.spec_of("ionllama", None)

@@ -217,13 +217,29 @@ class Runner:
                                 "another --out (or delete that folder) to train it with these")
             self._check_same_data(done, final_path, run_name)
             self._check_same_evals(done, final_path, run_name)
-            _log(f"{run_name}: done already ({final_path}); skipped")
-            return done
-        need = budget_s + self.a.arm_overhead_s
-        if self.time_left() < need:
-            _log(f"{run_name}: not started ({self.time_left():.0f} s left before --deadline_s, an arm needs ~{need:.0f} s); "
-                 "run the same command again to continue")
-            return None
+            trained_s = (done.get("train") or {}).get("train_time_s") or 0.0
+            if (done.get("train") or {}).get("cut_short_s") is None:
+                _log(f"{run_name}: done already ({final_path}); skipped")
+                return done
+            # a row cut short by --deadline_s: continue it from its checkpoint, so a rerun finishes the arm
+            need = budget_s - trained_s + self.a.arm_overhead_s
+            if self.time_left() < need:
+                _log(f"{run_name}: cut short at {trained_s:.0f} s of {budget_s:g} s and not continued "
+                     f"({self.time_left():.0f} s left before --deadline_s, ~{need:.0f} s needed); its row stays "
+                     "marked cut; run the same command again with more time to finish it")
+                return done
+            _log(f"{run_name}: cut short at {trained_s:.0f} s of {budget_s:g} s; continuing from its checkpoint")
+            if (out_dir / "tasks.json").exists():  # scored on the cut checkpoint: kept aside, not reported as this row
+                (out_dir / "tasks.json").replace(out_dir / "tasks.cut.json")
+                _log(f"{run_name}: task results of the cut checkpoint moved to {out_dir / 'tasks.cut.json'}")
+            marker = self.ckpt_dir / run_name / "experiment.json"
+            _write_json(marker, {**(_read_json(marker) or {}), "trained": False})
+        else:
+            need = budget_s + self.a.arm_overhead_s
+            if self.time_left() < need:
+                _log(f"{run_name}: not started ({self.time_left():.0f} s left before --deadline_s, an arm needs "
+                     f"~{need:.0f} s); run the same command again to continue")
+                return None
         from ..train.cli import build_train_parser
 
         targv = self.trainer_argv(run_name, spec, budget_s)
