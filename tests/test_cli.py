@@ -146,6 +146,21 @@ def test_resume_past_the_last_step_is_refused_and_rewrites_nothing(tmp_path, cor
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
+def test_resuming_a_finished_run_is_refused_and_rewrites_nothing(tmp_path, corpus, capsys):
+    """A finished run resumed at its own last step ran no step yet rewrote config.json, final.pt and final.safetensors
+    with the new flags (a new user's report: config.json then claimed a --seq_len and a --data_path the run never
+    trained with). A run stopped at its last step before final.pt was written still finishes."""
+    assert main(args(tmp_path, corpus, "--max_steps", "3", "--eval_interval", "3")) == 0
+    run = tmp_path / "runs" / "r"
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    expect_error(capsys, args(tmp_path, corpus, "--max_steps", "3", "--resume", "auto", "--seq_len", "16"),
+                 "finished at step 3")
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    (run / "final.pt").unlink()  # stopped after its last step, before the end of the run was written
+    assert main(args(tmp_path, corpus, "--max_steps", "3", "--resume", "auto")) == 0
+    assert (run / "final.pt").is_file()
+
+
 def test_a_warning_is_one_line(tmp_path):
     """Lines that are not JSON are skipped with a warning: one `warning:` line, not message + source line."""
     p = tmp_path / "mixed.jsonl"

@@ -692,6 +692,11 @@ class Trainer:
             raise UserError(f"could not write a checkpoint in {self.run_dir} ({e.strerror or e}); free disk space "
                             "and resume with --resume auto (earlier checkpoints are intact)") from None
 
+    def _finished_before(self) -> bool:
+        """final.pt (or its sharded form) is there: the run ended, not only stopped at its last step."""
+        final = self.run_dir / "final.pt"
+        return final.is_file() or distributed.is_sharded_checkpoint(self.run_dir / distributed.dcp_name(final.name))
+
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
         a, plan = self.args, self.plan
@@ -699,6 +704,10 @@ class Trainer:
             raise UserError(f"the checkpoint is at step {self.step}, past this run's last step {plan.total} "
                             f"(--max_steps {a.max_steps} with its phases); nothing to train: raise --max_steps, or "
                             f"start a new run with another --run_name")
+        if self.step == plan.total and self.step > 0 and self._finished_before():
+            # it used to run no step and still rewrite config.json, final.pt and the sample under the new flags
+            raise UserError(f"the run in {self.run_dir} finished at step {self.step} (final.pt); nothing to train: "
+                            f"raise --max_steps to continue it, or start a new run with another --run_name")
         if a.stop_at is not None and self.step >= a.stop_at:  # it trained one step and rewrote latest.pt
             raise UserError(f"--stop_at {a.stop_at} is not past the run's step {self.step}: nothing to train; pass a "
                             f"--stop_at above {self.step}")
