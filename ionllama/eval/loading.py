@@ -74,10 +74,16 @@ def _split_config(cfg) -> tuple[dict, dict]:
 
 def read_checkpoint_file(path: str | Path) -> dict:
     p = Path(path)
+    if p.is_dir():  # a folder that is no sharded checkpoint: the loader's message names what to pass instead
+        from ..train.distributed import load_train_state
+
+        load_train_state(p)
     if not p.is_file():
         raise UserError(f"checkpoint '{p}' not found; pass --checkpoint PATH to a .pt written by the trainer")
+    from ..train.checkpoint import load_weights_only
+
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+        ckpt = load_weights_only(p, map_location="cpu")
     except Exception as e:  # corrupted, truncated, or not a weights-only checkpoint: as the trainer says it
         from ..train.checkpoint import unreadable_checkpoint
 

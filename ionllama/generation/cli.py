@@ -35,14 +35,25 @@ def load_checkpoint_model(path: str, device: str = "cpu"):
     return model
 
 
+def _note_untrained(path: str) -> None:
+    """A phase-1 checkpoint generates from an untrained main model: say so, as `ionllama bench` does."""
+    from ..train.checkpoint import checkpoint_phase
+
+    if checkpoint_phase(path) == "entropy":
+        print(f"note: {path} was written in phase 1: only the entropy model has trained, the main model is at its "
+              "initialisation, so this output is noise; generate from a checkpoint of the main phase", file=sys.stderr)
+
+
 def _load_plain(path: str, device: str):
     from .. import build_model
     from ..config import ModelConfig
 
     if not os.path.isfile(path):
         raise UserError(f"checkpoint '{path}' not found; pass the .pt file written by `ionllama train`")
+    from ..train.checkpoint import load_weights_only
+
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = load_weights_only(path, map_location="cpu")
     except Exception as e:
         from ..train.checkpoint import unreadable_checkpoint
 
@@ -60,7 +71,9 @@ def _load_plain(path: str, device: str):
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="ionllama generate", description="Generate text from a checkpoint.")
-    p.add_argument("--checkpoint", required=True, help="model checkpoint (.pt)")
+    p.add_argument("--checkpoint", required=True,
+                   help="model checkpoint: a .pt of `ionllama train`, its .safetensors export or a torchrun run's .dcp "
+                        "folder")
     p.add_argument("--prompt", default="", help="prompt text (UTF-8)")
     p.add_argument("--prompt_file", default=None,
                    help="read the prompt's raw bytes from this file ('-': stdin), e.g. bytes a shell argument "
@@ -125,15 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     check_ranges(args, {"max_new_bytes": 0})
     prompt = _read_prompt(args)  # before the checkpoint: a missing file is one early line
     model = load_checkpoint_model(args.checkpoint, device)
+    _note_untrained(args.checkpoint)
     kw = {}
     if args.compile != "none":
         if getattr(model.config, "model", None) == "bpe":  # its own token decoder (a KV cache), not the byte runner
             raise UserError("--compile is for the byte models' decoder; leave it out for a BPE checkpoint")
         kw["compile"] = args.compile
     write = _writer(sys.stdout)
+    utf8 = Utf8StreamDecoder()  # one decoder for prompt and continuation: a character may straddle the two
     if not args.no_prompt_echo:
-        write(prompt.decode("utf-8", errors="replace"))
-    utf8 = Utf8StreamDecoder()
+        write(utf8.decode(prompt))
     try:
         # model.generate, not the byte models' function: a BPE checkpoint encodes the prompt with its own
         # tokenizer and emits the bytes of its tokens (token ids read as bytes crashed or printed U+FFFD)

@@ -20,10 +20,10 @@ def _row_seeds(seed, n: int, device) -> torch.Tensor:
     if seed is None:
         base = int(torch.randint(0, 2**62, (1,)).item())  # follows torch.manual_seed, if set
         seeds = [base + r for r in range(n)]
-    elif isinstance(seed, int) and not isinstance(seed, bool):
-        seeds = [seed + r for r in range(n)]
-    elif isinstance(seed, Sequence) and len(seed) == n and all(isinstance(s, int) for s in seed):
-        seeds = list(seed)
+    elif is_whole(seed):  # numpy ints too, as for prompts and max_new_bytes
+        seeds = [int(seed) + r for r in range(n)]
+    elif isinstance(seed, Sequence) and len(seed) == n and all(is_whole(s) for s in seed):
+        seeds = [int(s) for s in seed]
     else:
         raise UserError(f"seed must be an int, None, or a list of {n} ints (one per prompt)")
     return torch.tensor([s & (2**63 - 1) for s in seeds], dtype=torch.long, device=device)
@@ -41,7 +41,8 @@ def generate(model, prompt_bytes, max_new_bytes: int = 256, temperature: float =
     prompt_bytes: bytes | str (UTF-8) | list[int] | 1-D tensor (one prompt), or a list of those /
         a 2-D tensor (a batch; lengths may differ). An empty prompt starts from DOC_SEP (0x00).
     greedy / temperature=0: argmax. top_k, top_p: filters applied after temperature.
-    seed: int -> row r uses seed + r; list -> one seed per row; None -> drawn from torch's RNG.
+    seed: int -> row r uses seed + r; list -> one seed per row; None -> drawn from torch's RNG. Seeds are taken
+        modulo 2**63 (the generator's range), so seed and seed + 2**63 sample alike.
     stop: str | bytes | list of them; generation of a row ends at DOC_SEP (0x00) or when its output
         ends with a stop string. Neither the DOC_SEP byte nor the stop string is in the result.
     stream: callback stream(row, chunk) called with each piece of output as soon as it is final

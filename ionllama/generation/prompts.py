@@ -8,9 +8,18 @@ from ..errors import UserError, is_whole
 DOC_SEP = 0  # the corpus' document separator byte: generating it ends the document
 
 
+def text_bytes(s: str, what: str) -> bytes:
+    """UTF-8 bytes of `s`; surrogate escapes (how Python hands over undecodable argv bytes) become those bytes."""
+    try:
+        return s.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{what} holds a lone surrogate {s[e.start]!r} that is no byte; pass bytes instead of str "
+                        "for text that is not valid UTF-8") from None
+
+
 def _row(p) -> list[int]:
     if isinstance(p, str):
-        return list(p.encode("utf-8"))
+        return list(text_bytes(p, "the prompt"))
     if isinstance(p, (bytes, bytearray, memoryview)):
         return list(bytes(p))
     if isinstance(p, torch.Tensor):
@@ -47,8 +56,12 @@ def normalize_stops(stop) -> list[bytes]:
     if isinstance(stop, (str, bytes, bytearray)):
         stop = [stop]
     out = []
+    if not isinstance(stop, (list, tuple)):
+        raise UserError(f"stop must be a str, bytes or a list of them, got {type(stop).__name__}")
     for s in stop:
-        b = s.encode("utf-8") if isinstance(s, str) else bytes(s)
+        if not isinstance(s, (str, bytes, bytearray)):
+            raise UserError(f"a stop string must be str or bytes, got {type(s).__name__} ({s!r})")
+        b = text_bytes(s, "the stop string") if isinstance(s, str) else bytes(s)
         if not b:
             raise UserError("empty stop string; give at least one character or omit --stop")
         out.append(b)

@@ -72,6 +72,17 @@ class NoiseSource:
         return noise_from_keys(self.keys, self.idx_hash, step)
 
 
+def _is_real(v) -> bool:
+    """numpy floats and ints, 0-d tensors: anything float() takes that is not a string."""
+    if isinstance(v, (str, bytes)):
+        return False
+    try:
+        float(v)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     temperature: float = 1.0
@@ -80,6 +91,10 @@ class SamplingConfig:
     greedy: bool = False
 
     def __post_init__(self):
+        for name in ("temperature", "top_p"):  # a string here used to end in a TypeError from the comparison below
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) and not _is_real(v)):
+                raise UserError(f"{name} must be a number, got {v!r}; pass e.g. {name}=0.9")
         if self.temperature is None or not self.temperature >= 0:  # `not >=`: NaN is refused too
             raise UserError(f"temperature must be >= 0, got {self.temperature}; use 0 or --greedy for argmax")
         if math.isinf(self.temperature):  # logits / inf = uniform noise, not a model's sample

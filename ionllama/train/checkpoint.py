@@ -11,6 +11,7 @@ import os
 import pickle
 import random
 import shutil
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -69,6 +70,14 @@ def unreadable_checkpoint(path, e: BaseException) -> UserError:
                      f"torch.load: {type(e).__name__}); pass a .pt written by `ionllama train` (latest.pt, "
                      "final.pt or an older step_N.pt of the run)")
 
+def load_weights_only(path: str | Path, **kw):
+    """torch.load that never runs code from the file (weights_only) and keeps torch's note about a foreign pickle
+    protocol off the console: such a file fails to load anyway, and its one error line should stand alone."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(path, weights_only=True, **kw)
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
     if path.is_dir():  # a sharded <name>.dcp folder of a torchrun run: its train state (tensors load later)
@@ -78,7 +87,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found; check the path (or use --resume auto)")
     try:
-        ck = torch.load(path, map_location=map_location, weights_only=True)
+        ck = load_weights_only(path, map_location=map_location)
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile,
             AttributeError, TypeError, IndexError) as e:
         # torch's own text (a pickle or zip detail, or the weights_only essay) helps no one here: the type says enough
@@ -154,6 +163,25 @@ def export_safetensors(model: torch.nn.Module, path: str | Path, metadata: dict 
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def checkpoint_phase(path: str | Path) -> str | None:
+    """The trainer's phase when the checkpoint was written (entropy | main | joint), None when it does not say
+    (a safetensors export) or cannot be read. Memory-mapped: the weights are not read again."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            from .distributed import load_train_state
+
+            ck = load_train_state(path)
+        elif path.suffix == ".safetensors":
+            return None
+        else:
+            ck = load_weights_only(path, map_location="cpu", mmap=True)
+    except Exception:  # the model loaded already; a phase we cannot read is no reason to fail
+        return None
+    phase = ck.get("phase") if isinstance(ck, dict) else None
+    return phase if isinstance(phase, str) else None
 
 
 def load_model(path: str | Path, device="cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:

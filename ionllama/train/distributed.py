@@ -566,7 +566,9 @@ def load_train_state(path: str | Path) -> dict:
         hint = f"; for this run folder's latest, pass {found}" if found else ""  # a run folder given for its file
         raise UserError(f"{path} is not a sharded checkpoint (no .metadata / {TRAIN_STATE_FILE}); pass a "
                         f"<name>.dcp folder written by a torchrun run, or a .pt file{hint}")
-    meta = torch.load(path / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
+    from .checkpoint import load_weights_only
+
+    meta = load_weights_only(path / TRAIN_STATE_FILE, map_location="cpu")
     if not isinstance(meta, dict) or "model_config" not in meta:
         raise UserError(f"{path / TRAIN_STATE_FILE} is not an ionllama train state; use another checkpoint")
     return {**meta, "model": None, "optimizer": None, "sharded_path": str(path)}
