@@ -87,6 +87,13 @@ def test_invalid_utf8_and_nul_bytes_never_crash(tmp_path):
     assert b"json \xff\xfe bytes" in all_docs
     assert len(all_docs) == 4
     assert all(DOC_SEP not in d for d in all_docs)
+    # the removal is counted and said once (it was silent: a new user's file lost 600 bytes without a word)
+    s = sh.meta["splits"]
+    assert s["train"]["nul_bytes_removed"] + s["val"]["nul_bytes_removed"] == 1
+    said = []
+    prepare(DataArgs(data_dir=str(tmp_path / "cache2"), data_path=str(tmp_path / "d"), val_fraction=0.3),
+            log=said.append)
+    assert any("removed 1 NUL (0x00) bytes" in m for m in said), said
 
 
 def test_non_string_text_values_are_skipped_not_stringified(tmp_path):
@@ -363,3 +370,27 @@ def test_staged_dir_replaces_whole_or_keeps_the_old(tmp_path):
     with pytest.raises(UserError, match="cannot write to --data_dir"):
         with staged_dir(out, tmp_path / "a_file" / "sub", "--data_dir"):
             pass
+
+
+def test_a_datasets_save_to_disk_folder_is_read_as_its_rows(tmp_path):
+    """A save_to_disk folder was scanned as plain files: its JSON metadata became the documents and the Arrow rows
+    were skipped, with exit 0 (a new user's report). Now its rows are the documents; a DatasetDict's own splits are
+    used; one of its .arrow shards, or a missing column, is one line."""
+    datasets = pytest.importorskip("datasets")
+    rows = [f"row {i} says " + "abc " * (5 + i % 7) for i in range(40)]
+    datasets.Dataset.from_dict({"content": rows, "n": list(range(40))}).save_to_disk(str(tmp_path / "one"))
+    sh = prep(tmp_path, data_path=str(tmp_path / "one"), text_field="content", val_fraction=0.2)
+    got = docs_of(sh.train) + docs_of(sh.val)
+    assert sorted(got) == sorted(r.encode() for r in rows) and sh.meta["split_method"] != "given"
+
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"content": rows[:30]}),
+                               "validation": datasets.Dataset.from_dict({"content": rows[30:]})})
+    dd.save_to_disk(str(tmp_path / "dd"))
+    sh = prep(tmp_path, data_path=str(tmp_path / "dd"), text_field="content")
+    assert docs_of(sh.train) == [r.encode() for r in rows[:30]] and docs_of(sh.val) == [r.encode() for r in rows[30:]]
+
+    with pytest.raises(UserError, match="has no column 'text'"):
+        prep(tmp_path, data_path=str(tmp_path / "one"))
+    arrow = next((tmp_path / "one").glob("*.arrow"))
+    with pytest.raises(UserError, match="one shard of a `datasets` folder"):
+        prep(tmp_path, data_path=str(arrow))

@@ -61,9 +61,12 @@ class _SplitWriter:
         self.bytes = 0
         self.docs = 0
         self.last_start = 0
+        self.nul_removed = 0
 
     def add(self, doc: bytes) -> None:
+        n = len(doc)
         doc = doc.replace(DOC_SEP_BYTES, b"")  # the separator must stay unambiguous
+        self.nul_removed += n - len(doc)
         if not doc:
             return
         self.last_start = self.bytes
@@ -157,6 +160,9 @@ def prepare(args: DataArgs, log: Callable[[str], None] = print) -> Path:
     s = meta["splits"]
     log(f"data: {s['train']['documents']:,} train docs / {s['train']['bytes']:,} bytes, {s['val']['documents']:,} val "
         f"docs / {s['val']['bytes']:,} bytes ({meta['split_method']} split) in {time.time() - t0:.1f} s")
+    removed = sum(s[k].get("nul_bytes_removed", 0) for k in ("train", "val"))
+    if removed:  # said once, when the shards are made: the text the model sees is not quite the file's
+        log(f"data: note: removed {removed:,} NUL (0x00) bytes from the documents; 0x00 is the document separator")
     if s["val"]["bytes"] < SMALL_VAL_BYTES:  # e.g. a hash split that drew one short document into val
         log(f"data: warning: the val split holds only {s['val']['bytes']:,} bytes, too few for a steady val BPB; "
             "raise --val_fraction or give more data")
@@ -240,7 +246,8 @@ def _write_shards(source, args: DataArgs, tmp: Path, log) -> dict:
         "split_method": method,
         "val_fraction": args.val_fraction,
         "split_seed": args.split_seed,
-        "splits": {name: {"bytes": w.bytes, "documents": w.docs, "sha256": _sha256(w.path)}
+        "splits": {name: {"bytes": w.bytes, "documents": w.docs, "sha256": _sha256(w.path),
+                          "nul_bytes_removed": w.nul_removed}
                    for name, w in (("train", train), ("val", val))},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "python": sys.version.split()[0],

@@ -298,6 +298,12 @@ def local_source(data_path: str, text_field: str = "text") -> Source:
                "files": {s: _file_stats(f) for s, (f, _) in resolved.items()}}
         return Source(f"local:{data_path}", key, iter_docs, given_splits=True)
 
+    saved = saved_dataset_kind(data_path)
+    if saved:
+        return saved_dataset_source(data_path, text_field, saved)
+    if data_path.lower().endswith(".arrow") and os.path.isfile(data_path):
+        raise UserError(f"--data_path {data_path} is one shard of a `datasets` folder; pass the folder that "
+                        "save_to_disk wrote (it holds dataset_info.json / state.json)")
     files, base = resolve_local_files(data_path)
 
     def iter_all(split: str = "all") -> Iterator[Doc]:
@@ -306,6 +312,63 @@ def local_source(data_path: str, text_field: str = "text") -> Source:
 
     key = {"kind": "local", "path": data_path, "text_field": text_field, "files": _file_stats(files)}
     return Source(f"local:{data_path}", key, iter_all)
+
+
+# ---------------------------------------------------------------- a `datasets` save_to_disk folder
+
+SAVED_SPLIT_NAMES = {"train": ("train",), "val": ("validation", "val", "valid", "test")}
+
+
+def saved_dataset_kind(path: str) -> str | None:
+    """'dict' / 'dataset' for a folder written by `datasets`' save_to_disk, else None. Read as plain files, its
+    JSON metadata became the documents and its Arrow rows were skipped (a new user's report)."""
+    p = os.path.expanduser(path)
+    if not os.path.isdir(p):
+        return None
+    if os.path.isfile(os.path.join(p, "dataset_dict.json")):
+        return "dict"
+    if os.path.isfile(os.path.join(p, "state.json")) and os.path.isfile(os.path.join(p, "dataset_info.json")):
+        return "dataset"
+    return None
+
+
+def saved_dataset_source(path: str, text_field: str, kind: str) -> Source:
+    """Rows of a save_to_disk folder: a DatasetDict with a train split and a val/validation/test split gives the
+    splits as they are; one Dataset is split by document hash like any local source."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"--data_path {path} is a `datasets` folder; reading it needs `datasets`: pip install "
+                        "'ionllama[data]'") from None
+    p = os.path.expanduser(path)
+    try:
+        loaded = datasets.load_from_disk(p)
+    except Exception as e:  # datasets raises its own error types for damaged folders
+        raise UserError(f"--data_path {path}: `datasets` cannot load this save_to_disk folder ({type(e).__name__}: "
+                        f"{str(e)[:120]}); save it again") from None
+    files = sorted(os.path.join(r, n) for r, _, names in os.walk(p) for n in names)
+    key = {"kind": "saved-dataset", "path": os.path.abspath(p), "text_field": text_field, "files": _file_stats(files)}
+
+    def rows(ds, label: str) -> Iterator[Doc]:
+        if text_field not in ds.column_names:
+            raise UserError(f"{path}{label} has no column '{text_field}' (columns: {', '.join(ds.column_names[:8])}); "
+                            "pass --text_field NAME")
+        for i, row in enumerate(ds.select_columns([text_field])):
+            if row[text_field] is not None:
+                yield f"{os.path.basename(p)}{label}:{i}", column_text(row[text_field], f"{path}{label}", text_field)
+
+    if kind == "dict":
+        names = {}
+        for split, options in SAVED_SPLIT_NAMES.items():
+            names[split] = next((n for n in options if n in loaded), None)
+        if names["train"] is None:
+            raise UserError(f"--data_path {path}: the saved DatasetDict has no 'train' split (splits: "
+                            f"{', '.join(loaded)}); save one named train")
+        if names["val"] is not None:
+            return Source(f"saved-dataset:{path}", key, lambda split: rows(loaded[names[split]], f"[{names[split]}]"),
+                          given_splits=True)
+        return Source(f"saved-dataset:{path}", key, lambda split="all": rows(loaded["train"], "[train]"))
+    return Source(f"saved-dataset:{path}", key, lambda split="all": rows(loaded, ""))
 
 
 # ---------------------------------------------------------------- hub (datasets)
