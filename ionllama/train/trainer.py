@@ -522,14 +522,18 @@ class Trainer:
     def _calibrate(self) -> None:
         was = self.model.training
         self.model.eval()
+        x = self._calibration_batch()
         with torch.no_grad():
-            res = self.model.calibrate_threshold(self._calibration_batch())
+            res = self.model.calibrate_threshold(x)
         self.model.train(was)
         self.par.reshard()  # FSDP: a no-grad forward leaves the root's parameters gathered
         self.par.broadcast_buffers()  # every rank patches with rank 0's threshold
         res = {k: (float(v) if torch.is_tensor(v) or isinstance(v, (int, float)) else v) for k, v in dict(res).items()}
         if self.is_main:
-            _say(f"calibrated entropy threshold: {json.dumps(res)}")
+            # the evaluation scores the first --eval_bytes of val; calibration looks at windows spread over all of it
+            where = "spread over the val split" if self.val is not None else "of the first val batch"
+            _say(f"calibrated entropy threshold on {x.shape[0]} windows of {x.shape[1]} bytes {where}: "
+                 f"{json.dumps(res)}")
             self.metrics.log({"step": self.step, "phase": "calibrate", "bytes_seen": self.bytes_seen,
                               "train_time_s": round(self.train_time, 3), **res})
 
@@ -804,6 +808,11 @@ class Trainer:
                             _say(f"step {self.step}/{plan.total} [{self.phase}] " + " ".join(f"{k} {v}" for k, v in post.items()))
                     win = {"t0": None, "bytes": 0, "loss": [], "bpb": [], "patches": 0}
                     if at_eval:
+                        if self.phase == "joint" and getattr(self.model, "needs_entropy_phase", False):
+                            # the entropy model trains in this phase, so its entropies drift and the threshold set
+                            # after phase 1 no longer gives --target_patch_size (a new user's run: 4.0 -> 5.98
+                            # bytes/patch by the end); set it again at every evaluation, the final one included
+                            self._calibrate()
                         res = self.evaluate(self.phase)
                         names = ["latest.pt"]
                         if self.phase != "entropy" and res["bpb"] < self.best_val_bpb:
