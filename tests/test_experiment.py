@@ -587,6 +587,20 @@ def test_a_rerun_continues_an_arm_cut_short_by_the_deadline(tmp_path, monkeypatc
     steps = [r["step"] for r in recs if r["phase"] != "final"]
     assert steps == sorted(steps) and recs[-1]["phase"] == "final"  # one curve, resumed, not two runs mixed
 
+    # cut again, then rerun where its checkpoint is gone (a fresh machine): the full budget, from the start
+    import shutil
+
+    final.unlink()
+    shutil.rmtree(tmp_path / "ck" / "dense")
+    assert main([*base, "--deadline_s", "3"]) == 0
+    assert json.loads(final.read_text())["train"]["cut_short_s"] is not None
+    shutil.rmtree(tmp_path / "ck" / "dense")
+    capsys.readouterr()
+    assert main(base) == 0
+    assert "trains again from the start" in "".join(capsys.readouterr())
+    t = json.loads(final.read_text())["train"]
+    assert t["cut_short_s"] is None and t["train_time_s"] >= 6
+
 
 def test_joint_frac_sets_the_joint_phase_and_is_checked(tmp_path):
     r = Runner(build_parser().parse_args(["--out", str(tmp_path / "o"), "--ckpt_dir", str(tmp_path / "c")]), [])

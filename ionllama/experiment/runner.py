@@ -221,14 +221,20 @@ class Runner:
             if (done.get("train") or {}).get("cut_short_s") is None:
                 _log(f"{run_name}: done already ({final_path}); skipped")
                 return done
-            # a row cut short by --deadline_s: continue it from its checkpoint, so a rerun finishes the arm
-            need = budget_s - trained_s + self.a.arm_overhead_s
+            # a row cut short by --deadline_s: continue it from its checkpoint, so a rerun finishes the arm (on a
+            # machine without that checkpoint, e.g. a fresh GPU machine, it trains again from the start)
+            from ..train.distributed import latest_checkpoint
+
+            here = latest_checkpoint(self.ckpt_dir / run_name) is not None
+            need = budget_s - (trained_s if here else 0.0) + self.a.arm_overhead_s
             if self.time_left() < need:
                 _log(f"{run_name}: cut short at {trained_s:.0f} s of {budget_s:g} s and not continued "
                      f"({self.time_left():.0f} s left before --deadline_s, ~{need:.0f} s needed); its row stays "
                      "marked cut; run the same command again with more time to finish it")
                 return done
-            _log(f"{run_name}: cut short at {trained_s:.0f} s of {budget_s:g} s; continuing from its checkpoint")
+            _log(f"{run_name}: cut short at {trained_s:.0f} s of {budget_s:g} s; " +
+                 ("continuing from its checkpoint" if here else
+                  f"its checkpoint is not under {self.ckpt_dir}, so it trains again from the start"))
             if (out_dir / "tasks.json").exists():  # scored on the cut checkpoint: kept aside, not reported as this row
                 (out_dir / "tasks.json").replace(out_dir / "tasks.cut.json")
                 _log(f"{run_name}: task results of the cut checkpoint moved to {out_dir / 'tasks.cut.json'}")
