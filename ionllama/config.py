@@ -3,6 +3,7 @@ config round-trips through JSON and `create_model(size, model=..., **overrides)`
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from dataclasses import dataclass
 
@@ -172,6 +173,18 @@ AT_LEAST = {"vocab_size": 2, "d_model": 1, "n_layers": 1, "n_heads": 1, "d_local
             "entropy_chunk": 1, "max_patch_size": 1, "fixed_patch_size": 1, "target_patch_size": 1}
 
 
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+
+
+def _checked_ngram_sizes(v) -> tuple[int, ...]:
+    """A tuple of n-gram sizes; the command line's text form ("3-8", "2+3+5") is taken too."""
+    if isinstance(v, str):
+        return parse_ngram_sizes(v)
+    if not isinstance(v, (list, tuple)) or not all(is_whole(n) for n in v):
+        raise UserError(f"ngram_sizes must be whole n-gram sizes like (2, 3, 4, 5) or the text \"2-5\" (got {v!r})")
+    return check_ngram_sizes(tuple(int(n) for n in v), v)
+
+
 def _check_types(cfg: ModelConfig) -> None:
     """Whole-number options hold ints (numpy ints become ints), real ones numbers, text ones str: a float layer
     count or a string width used to end in a TypeError deep in torch, a float patch size only at the first
@@ -203,6 +216,23 @@ def check_config(cfg: ModelConfig) -> ModelConfig:
         v = getattr(cfg, name)
         if v is not None and not 0 <= v < 1:
             raise UserError(f"{name} must be in [0, 1) (got {v})")
+    for name in ("ffn_mult", "embed_std"):  # NaN, inf, 0 or below: a torch error at build time or a NaN loss later
+        v = getattr(cfg, name)
+        if not (v > 0 and math.isfinite(v)):
+            raise UserError(f"{name} must be a finite number above 0 (got {v}); e.g. {name}="
+                            f"{_DEFAULTS[name]:.4g}")
+    cfg.ngram_sizes = _checked_ngram_sizes(cfg.ngram_sizes)
+    if cfg.model != "bpe" and cfg.vocab_size != 256:  # a byte model's head wider than 256 sampled non-bytes
+        raise UserError(f"vocab_size {cfg.vocab_size} is for the bpe model; a byte model ({cfg.model}) has the "
+                        "256 byte values: leave vocab_size out")
+    if cfg.model == "ionllama":
+        if (2 * cfg.d_entropy) % cfg.entropy_headdim:  # the entropy model's SSM splits 2 x d_entropy into heads
+            raise UserError(f"d_entropy {cfg.d_entropy} x 2 must split into heads of entropy_headdim "
+                            f"{cfg.entropy_headdim}; e.g. d_entropy {cfg.entropy_headdim * 4}")
+        heads = max(1, cfg.d_local // 64)  # the transformer local layers' heads (model/ionllama_model.py)
+        if cfg.local_layers == "transformer" and (cfg.d_local % heads or (cfg.d_local // heads) % 2):
+            raise UserError(f"d_local {cfg.d_local} must split into {heads} local attention head(s) of an even "
+                            f"width (rotary embeddings); e.g. d_local {heads * 64}")
     if cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2:
         raise UserError(f"d_model {cfg.d_model} must split into n_heads {cfg.n_heads} heads of an even width "
                         f"(rotary embeddings); e.g. d_model {cfg.n_heads * 64} for n_heads {cfg.n_heads}")

@@ -152,6 +152,13 @@ def test_bpe_generate_bytes_and_stops(corpus):
         stop = full[2:4]
         cut = model.generate(b"The ", max_new_bytes=40, temperature=1.0, seed=1, stop=[stop])
         assert cut == full[:full.find(stop)]
+    # the byte decoders' speed options are taken and unused; a misspelt option is refused as the byte models do
+    assert model.generate(b"The ", max_new_bytes=9, greedy=True, cuda_graphs=False, compile=False) == \
+        model.generate(b"The ", max_new_bytes=9, greedy=True)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'topk'"):
+        model.generate(b"The ", max_new_bytes=9, topk=3)
+    with pytest.raises(UserError, match="max_new_bytes must be a whole number"):
+        model.generate(b"The ", 1.5)
 
 
 def test_token_task_batch_targets_answers_only(corpus):

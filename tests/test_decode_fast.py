@@ -279,7 +279,7 @@ def test_entropy_branch_refused_where_it_cannot_run(ion, ion_completed):
     UserError instead of a silent plain runner. "completed" can branch (its 'early' is its own split)."""
     fixed = create_model("tiny", **TINY, patching="fixed").eval()
     for model, kw in ((fixed, {}), (ion, {"latent_policy": "early"})):
-        with pytest.raises(UserError, match="entropy_branch needs ionLlama with entropy patching"):
+        with pytest.raises(UserError, match="entropy_branch is for ionLlama with entropy patching"):
             _runner(model, 8, entropy_branch=True, **kw)
     assert not _runner(fixed, 8).can_branch and _runner(ion, 8).can_branch
     assert _runner(ion_completed, 8, latent_policy="early", entropy_branch=True).can_branch
@@ -300,7 +300,7 @@ def test_generate_takes_entropy_branch_and_unroll(ion, dense):
     is a bad unroll."""
     base = generate(ion, PROMPTS, 12, seed=3)
     assert generate(ion, PROMPTS, 12, seed=3, entropy_branch=False, unroll=4) == base
-    with pytest.raises(UserError, match="entropy_branch needs ionLlama with entropy patching"):
+    with pytest.raises(UserError, match="entropy_branch is for ionLlama with entropy patching"):
         generate(dense, b"ab", 4, entropy_branch=True)
     with pytest.raises(UserError, match="unroll must be a whole number"):
         generate(ion, b"ab", 4, unroll=0)

@@ -101,7 +101,7 @@ def test_embed_std_sets_the_byte_embeddings_init_and_keeps_the_default_stream():
         assert torch.equal(a, b), name
     assert build_train_parser().parse_args(["--embed_std", "0.02"]).embed_std == 0.02
     assert parse_overrides(["embed_std=0.02"])["embed_std"] == 0.02
-    with pytest.raises(UserError, match="embed_std must be > 0"):
+    with pytest.raises(UserError, match="embed_std must be a finite number above 0"):
         create_model("tiny", **SMALL, embed_std=0.0)
 
 
@@ -165,12 +165,42 @@ def test_config_options_of_the_wrong_type_are_refused_at_creation(bad, words):
         create_model("tiny", **bad)
 
 
+@pytest.mark.parametrize("bad, words", [(dict(ngram_sizes=5), "ngram_sizes must be whole n-gram sizes"),
+                                        (dict(ngram_sizes=(2.5, 3)), "ngram_sizes must be whole n-gram sizes"),
+                                        (dict(d_entropy=30), "d_entropy 30 x 2 must split into heads"),
+                                        (dict(d_local=130, local_layers="transformer"), "d_local 130 must split"),
+                                        (dict(ffn_mult=-1), "ffn_mult must be a finite number above 0"),
+                                        (dict(ffn_mult=float("nan")), "ffn_mult must be a finite number above 0"),
+                                        (dict(embed_std=float("inf")), "embed_std must be a finite number above 0"),
+                                        (dict(vocab_size=300), "vocab_size 300 is for the bpe model"),
+                                        (dict(model="dense", vocab_size=1000), "vocab_size 1000 is for the bpe")])
+def test_config_values_a_model_cannot_use_are_refused_at_creation(bad, words):
+    """Each was built and failed later: a TypeError or a bare AssertionError at build, an odd RoPE width or a NaN
+    loss at the first forward, or (a byte model with vocab_size 1000) a sampled id above 255 mid-generation."""
+    with pytest.raises(UserError, match=words):
+        create_model("tiny", **bad)
+
+
+def test_ngram_sizes_take_the_command_line_text_in_python_too():
+    assert create_model("tiny", **{**SMALL, "ngram_sizes": "2-4"}).config.ngram_sizes == (2, 3, 4)
+
+
+def test_an_empty_batch_is_a_one_line_error():
+    with pytest.raises(ValueError, match="batch and seq_len >= 1"):
+        create_model("tiny", **SMALL)(torch.zeros(0, 5, dtype=torch.long))
+
+
 def test_config_types_normalised():
     import numpy as np
     m = create_model("tiny", **{**SMALL, "n_layers": np.int64(2), "target_patch_size": 3})
     assert type(m.config.n_layers) is int and m.config.n_layers == 2 and len(m.latent.blocks) == 2
     assert type(m.config.target_patch_size) is float
     assert m.config.to_dict()["n_layers"] == 2
+
+
+def test_calibrate_threshold_refuses_a_model_without_entropy_patching():
+    with pytest.raises(UserError, match="calibrate_threshold is for entropy patching"):
+        create_model("tiny", **{**SMALL, "patching": "fixed"}).calibrate_threshold(torch.randint(0, 256, (2, 64)))
 
 
 def test_calibrate_threshold_refuses_a_1d_input_in_one_line():

@@ -64,8 +64,9 @@ def generate(model, prompt_bytes, max_new_bytes: int = 256, temperature: float =
         batch 1); True: required (CUDA, or CPU under TRITON_INTERPRET=1: else a UserError); False: PyTorch.
     entropy_branch: ionLlama with entropy patching: the entropy model on a second CUDA stream beside the local
         layers. "auto" (default): on CUDA for up to 2 prompts (measured at batch 1, same bytes: byte graph
-        0.101 -> 0.086 ms; with latent_shift "completed" 0.146 -> 0.129-0.135 ms per byte); True: required (else a
-        UserError); False: off.
+        0.101 -> 0.086 ms; with latent_shift "completed" 0.146 -> 0.129-0.135 ms per byte); True: on for every batch
+        size (a model without entropy patching: a UserError; off CUDA the two parts run one after the other);
+        False: off.
     unroll: with CUDA graphs, bytes per graph launch (each byte's latent step a conditional graph node; needs
         CUDA 12.4+ and a torch with CUDAGraph.begin_capture_to_if_node, which torch 2.11 lacks: there a UserError).
         1 (default): one launch per byte. Not measured on a GPU yet (runner.DecodeRunner).

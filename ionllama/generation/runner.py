@@ -140,8 +140,8 @@ class DecodeRunner:
         elif entropy_branch not in (True, False):
             raise UserError(f"entropy_branch must be True, False or 'auto'; got {entropy_branch!r}")
         if entropy_branch and not self.can_branch:
-            raise UserError("entropy_branch needs ionLlama with entropy patching and latent_policy skip, always or "
-                            "auto ('early' only with latent_shift \"completed\"); leave it off")
+            raise UserError("entropy_branch is for ionLlama with entropy patching (and, under the 'early' latent "
+                            "policy, latent_shift \"completed\"); this model cannot use it: leave it off")
         self.entropy_branch = bool(entropy_branch)
         # the lagged shift's own overlapped replay is kept (see _replay_lagged)
         lagged = self.has_latent and bool(getattr(dec, "lagged", False))

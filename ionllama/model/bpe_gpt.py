@@ -16,10 +16,14 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
-from ..errors import UserError
+from ..errors import UserError, is_whole
 from ..registry import register
 from .common import checked_input
 from .dense import ParamCountMixin, build_transformer_lm, lm_outputs, transformer_lm_logits
+
+# the byte models' decode-speed options: taken (so one call serves every model) and unused by the token decoder
+BYTE_DECODER_OPTIONS = {"cuda_graphs", "compile", "fused_local_step", "fused_entropy_step", "fused_latent_step",
+                        "entropy_branch", "unroll"}
 
 
 
@@ -94,7 +98,7 @@ class BPETransformer(ParamCountMixin, nn.Module):
     @torch.no_grad()
     def generate(self, prompt_bytes, max_new_bytes: int = 256, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, greedy: bool = False, seed=None, stop=None, stream=None,
-                 decoder: str = "auto", return_info: bool = False, **_ignored):
+                 decoder: str = "auto", return_info: bool = False, **byte_decoder_options):
         """Same signature and stopping rules as the byte models: encode each prompt, sample tokens, emit
         their bytes until max_new_bytes, DOC_SEP or a stop string. decoder: 'auto' (the dense KV cache
         over token ids) | 'recompute' (a full forward per token). Returns bytes, or a list for a batch."""
@@ -102,11 +106,15 @@ class BPETransformer(ParamCountMixin, nn.Module):
         from ..generation.prompts import DOC_SEP, RowOutput, normalize_prompts, normalize_stops
         from ..generation.sampling import SamplingConfig
 
+        unknown = sorted(set(byte_decoder_options) - BYTE_DECODER_OPTIONS)
+        if unknown:  # a misspelt option (topk=3) was dropped here silently while the byte models refuse it
+            raise TypeError(f"generate() got an unexpected keyword argument '{unknown[0]}'")
         rows, is_batch = normalize_prompts(prompt_bytes)
         if not rows:
             raise UserError("empty batch of prompts; pass at least one prompt")
-        if max_new_bytes is None or max_new_bytes < 0:
-            raise UserError(f"max_new_bytes must be >= 0, got {max_new_bytes}")
+        if not is_whole(max_new_bytes) or max_new_bytes < 0:
+            raise UserError(f"max_new_bytes must be a whole number >= 0, got {max_new_bytes!r}")
+        max_new_bytes = int(max_new_bytes)
         if decoder not in ("auto", "recompute"):
             raise UserError(f"unknown decoder kind '{decoder}'; use 'auto' or 'recompute'")
         cfg = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)

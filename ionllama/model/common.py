@@ -32,9 +32,10 @@ def checked_input(x, targets=None, vocab: int = 256) -> tuple[torch.Tensor, torc
                          "torch.tensor([list(data)], dtype=torch.long), or use model.generate(prompt_bytes)")
     if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
         raise ValueError(f"the model's input must hold integer ids (got {x.dtype}); pass a torch.long tensor")
-    if x.dim() != 2 or x.shape[1] == 0:
+    if x.dim() != 2 or x.shape[1] == 0 or x.shape[0] == 0:
         fix = "add a batch dimension with x[None]" if x.dim() == 1 else "pass a (batch, seq_len) tensor"
-        raise ValueError(f"the model's input must be (batch, seq_len) with seq_len >= 1 (got shape {tuple(x.shape)});"
+        raise ValueError(f"the model's input must be (batch, seq_len) with batch and seq_len >= 1 (got shape "
+                         f"{tuple(x.shape)});"
                          f" {fix}")
     if targets is not None and (not isinstance(targets, torch.Tensor) or tuple(targets.shape) != tuple(x.shape)
                                 or targets.dtype.is_floating_point):

@@ -136,6 +136,10 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
     @torch.no_grad()
     def calibrate_threshold(self, x: torch.Tensor) -> dict:
         """Set the entropy threshold so held-out bytes `x` (N, T) average target_patch_size bytes/patch."""
+        if self.config.patching != "entropy":  # it returned target_patch_size and set a threshold nothing reads
+            from ..errors import UserError
+            raise UserError(f"calibrate_threshold is for entropy patching; this model patches by "
+                            f"'{self.config.patching}', which has no threshold to set")
         x, _ = checked_input(x)  # a 1-D input ended in a shape error inside the entropy model's conv
         was_training = self.entropy_model.training
         self.entropy_model.eval()
