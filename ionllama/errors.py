@@ -5,6 +5,7 @@ import argparse
 import functools
 import math
 import numbers
+import os
 import sys
 import warnings
 
@@ -35,6 +36,12 @@ def cli_entry(fn):
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)
+        except BrokenPipeError:  # `ionllama bench ... | head -1`: the reader left; no traceback, as other tools
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's own flush must not fail
+            except (OSError, ValueError):
+                pass
+            sys.exit(141)  # 128 + SIGPIPE, what a shell reports for a writer killed by the signal
 
     return wrapper
 

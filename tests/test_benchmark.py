@@ -199,7 +199,7 @@ def test_more_bad_inputs_are_one_line_before_any_work(workdir, capsys):
             B.main(["--checkpoint", str(ckpt), "--device", "cpu", "--eval_data", str(workdir / bad),
                     "--output", str(out)])
         err = capsys.readouterr().err.strip().splitlines()
-        assert e.value.code == 2 and len(err) == 1 and "cannot read eval data" in err[0], err
+        assert e.value.code == 2 and len(err) == 1 and "cannot read" in err[0] and bad in err[0], err
     assert out.read_text() == "{}"  # nothing written over the earlier results
 
 
@@ -347,3 +347,30 @@ def test_a_phase_one_checkpoint_is_flagged_as_an_untrained_main_model(workdir, c
     torch.save({**raw, "phase": "main"}, ckpt)
     res = _run(workdir, ckpt, out, "--skip", "tasks", "speed", "compression", "multilingual", "plots", "--overwrite")
     assert res["checkpoint"]["phase"] == "main" and "initialisation" not in capsys.readouterr().err
+
+
+def test_eval_bytes_are_the_files_bytes_and_the_trainers_count_and_are_pinned(workdir):
+    """Three reproducibility gaps (a new user's audit): a text file was decoded with errors="replace", so invalid
+    UTF-8 was scored as U+FFFD bytes not in the file; --max_eval_bytes N scored N - 1 bytes where the trainer's
+    --eval_bytes N scores N; and results.json named the data and weights only by the paths as typed."""
+    import hashlib
+
+    from ionllama.eval.loading import read_eval_bytes
+    from ionllama.eval.bpb import evaluate_bpb
+
+    raw = b"plain text \xff\xfe\x80 then more \xc3 text " * 20
+    (workdir / "bad.txt").write_bytes(raw)
+    got = read_eval_bytes(workdir / "bad.txt")
+    assert got.tobytes() == b"\x00" + raw  # the file's own bytes after the document separator
+    torch.manual_seed(0)
+    model = create_model("tiny", model="dense", **SMALL)
+    ckpt = _save_trainer_checkpoint(model, workdir / "run" / "final.pt")
+    res = _run(workdir, ckpt, workdir / "o" / "results.json", "--eval_data", str(workdir / "bad.txt"),
+               "--max_eval_bytes", "300", "--skip", "tasks", "speed", "compression", "multilingual", "plots")
+    lm = res["metrics"]["lm"]
+    assert lm["bytes"] == 300
+    scored = got[:301]
+    assert lm["data_sha256"] == hashlib.sha256(scored.tobytes()).hexdigest()
+    assert lm["bpb"] == pytest.approx(evaluate_bpb(model.eval(), scored, 64, 4, "cpu")["bpb"], rel=1e-6)
+    assert lm["data_abs"] == str((workdir / "bad.txt").resolve())
+    assert res["checkpoint"]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()

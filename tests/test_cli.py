@@ -232,3 +232,15 @@ def test_remove_if_empty_removes_only_an_empty_folder(tmp_path):
     assert not remove_if_empty(tmp_path / "full") and (tmp_path / "full" / "f").is_file()
     assert not remove_if_empty(tmp_path / "file") and (tmp_path / "file").is_file()
     assert not remove_if_empty(tmp_path / "missing")
+
+
+def test_a_closed_pipe_ends_a_command_without_a_traceback():
+    """`ionllama bench ... | head -1` printed a BrokenPipeError traceback when head left."""
+    code = ("from ionllama.errors import cli_entry\n@cli_entry\ndef main():\n    for i in range(10**6):\n"
+            "        print('line', i)\nmain()\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert p.stdout.readline().startswith(b"line 0")
+    p.stdout.close()  # the reader leaves
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 141 and "Traceback" not in err, err

@@ -784,3 +784,21 @@ def test_an_arm_out_of_memory_is_one_line_naming_the_batch_and_other_errors_stil
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1, err
     assert err[0].startswith("error: arm dense: out of memory in the task stage at --task_batch 8"), err
+
+
+def test_rows_scored_differently_are_flagged_in_a_comparison():
+    """compare put 500,000 bytes in 256-byte windows beside 2,000,000 in 4,096-byte ones under one "val BPB"
+    heading. Rows that differ in bytes scored, byte window or val data are now named in a warning line; a token
+    model's window in tokens beside the byte models' (matched by design) is not."""
+    from ionllama.experiment.report import scoring_note
+
+    def arm(model, seq_len, scored, sha):
+        return {"model": model, "train": {"seq_len": seq_len}, "val": {"bytes": scored, "bpb": 1.3},
+                "data": {"val_sha256": sha}}
+
+    alike = {"dense": arm("dense", 1024, 2_000_000, "ab" * 32), "bpe": arm("bpe", 256, 2_000_000, "ab" * 32),
+             "ionllama": arm("ionllama", 1024, 2_000_000, "ab" * 32)}
+    assert scoring_note(alike) is None
+    note = scoring_note({**alike, "other": arm("ionllama", 4096, 500_000, "cd" * 32)})
+    assert note.startswith("**Not scored alike**")
+    assert "500,000 (other)" in note and "4096 bytes (other)" in note and "cdcdcdcdcdcd (other)" in note

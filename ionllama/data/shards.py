@@ -91,7 +91,7 @@ class _SplitWriter:
         self.f.close()
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -246,7 +246,7 @@ def _write_shards(source, args: DataArgs, tmp: Path, log) -> dict:
         "split_method": method,
         "val_fraction": args.val_fraction,
         "split_seed": args.split_seed,
-        "splits": {name: {"bytes": w.bytes, "documents": w.docs, "sha256": _sha256(w.path),
+        "splits": {name: {"bytes": w.bytes, "documents": w.docs, "sha256": file_sha256(w.path),
                           "nul_bytes_removed": w.nul_removed}
                    for name, w in (("train", train), ("val", val))},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -269,5 +269,5 @@ def open_shards(path: str | Path) -> Shards:
 def verify_shards(shards: Shards) -> None:
     """Recompute the checksums of meta.json (slow for big shards; used by tests and `prepare --verify`)."""
     for name in ("train", "val"):
-        if _sha256(shards.path / f"{name}.bin") != shards.meta["splits"][name]["sha256"]:
+        if file_sha256(shards.path / f"{name}.bin") != shards.meta["splits"][name]["sha256"]:
             raise UserError(f"{shards.path}/{name}.bin does not match its checksum; delete the folder and prepare again")

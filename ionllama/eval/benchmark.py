@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import hashlib
 import json
 import math
 import os
@@ -61,7 +62,10 @@ def build_parser(prog: str = "ionllama bench") -> argparse.ArgumentParser:
     ap.add_argument("--eval_data", default=None, help="text / jsonl(.gz/.xz) / directory / prepared .bin; default: "
                     "the val split of the checkpoint's training data")
     ap.add_argument("--text_field", default="text", help="jsonl field holding the text")
-    ap.add_argument("--max_eval_bytes", type=int, default=None, help="cap the LM eval (default: the whole val split)")
+    ap.add_argument("--max_eval_bytes", type=int, default=None,
+                    help="score the first N bytes of the eval data, as the trainer's --eval_bytes N does (N + 1 bytes "
+                         "are read: the first is context only); the compression, speed and fallback-tokenizer "
+                         "sections read the same bytes (default: the whole val split)")
     ap.add_argument("--multilingual_dir", action="append", default=None,
                     help="folder with one file per language (repeatable); default: "
                     + " and ".join(str(d) for d in DEFAULT_MULTILINGUAL) + ", those present")
@@ -276,13 +280,18 @@ def run(argv: list[str], prog: str) -> dict:
                 skipped[s] = "the checkpoint was trained on --dataset tasks only; pass --eval_data PATH for text BPB"
     if a.eval_data or not {"lm", "compression"} <= skip:
         data_path = Path(a.eval_data) if a.eval_data else default_eval_path(ck)
-        data = read_eval_bytes(data_path, a.max_eval_bytes, a.text_field)
+        # N scored bytes need N + 1 (the trainer's --eval_bytes N scores N): a third party's rerun of a trainer's
+        # capped val BPB came out one byte short and a little different
+        data = read_eval_bytes(data_path, None if a.max_eval_bytes is None else a.max_eval_bytes + 1, a.text_field)
     sample_data = data if data is not None else _fallback_text()
 
     if "lm" not in skip:
         t0 = time.perf_counter()
         r = lm_mod.run_lm(model, data, seq_len, batch_size, device, amp_dtype=amp)
-        metrics["lm"] = {"data": str(data_path), "max_eval_bytes": a.max_eval_bytes, **r}
+        # what a rerun must score to compare: the folder it ran in does not travel with the numbers, the hash does
+        metrics["lm"] = {"data": str(data_path), "data_abs": str(data_path.resolve()),
+                         "data_sha256": hashlib.sha256(data.tobytes()).hexdigest(), "max_eval_bytes": a.max_eval_bytes,
+                         **r}
         timings["lm"] = time.perf_counter() - t0
 
     if "tasks" not in skip:
@@ -350,7 +359,8 @@ def run(argv: list[str], prog: str) -> dict:
     res = {
         "schema_version": SCHEMA_VERSION,
         "model": _model_info(model, config, a.size),
-        "checkpoint": ({"path": str(ck.path), "step": ck.step, "phase": ck.phase,
+        "checkpoint": ({"path": str(ck.path), "path_abs": str(ck.path.resolve()), "sha256": _file_sha256(ck.path),
+                        "step": ck.step, "phase": ck.phase,
                         "trained_on_tasks": ck.trained_on_tasks,
                         "train_args": ck.train_args} if ck else None),
         "config": config.to_dict(),
@@ -372,6 +382,17 @@ def run(argv: list[str], prog: str) -> dict:
     out_path.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
     out_path.with_suffix(".md").write_text(md, encoding="utf-8")
     return res
+
+
+def _file_sha256(path) -> str | None:
+    """The checkpoint's hash (a .dcp folder: its train state's), so results name the exact weights they scored."""
+    from ..data.shards import file_sha256
+    from ..train.distributed import TRAIN_STATE_FILE
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / TRAIN_STATE_FILE
+    return file_sha256(p) if p.is_file() else None
 
 
 @cli_entry

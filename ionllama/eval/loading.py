@@ -2,9 +2,6 @@
 local files (text, jsonl[.gz|.xz], directories) or the prepared val split of the training data."""
 from __future__ import annotations
 
-import gzip
-import json
-import lzma
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
-from ..data.sources import READ_ERRORS
+from ..data.sources import JSONL_SUFFIXES, READ_ERRORS, iter_local_file
 from ..data.tasks import DOC_SEP
 from ..errors import UserError
 from ..registry import build_model
@@ -141,38 +138,8 @@ def _phase(ck: dict) -> str | None:
 # ---------------------------------------------------------------- eval bytes
 
 
-def _open_text(p: Path):
-    name = p.name.lower()
-    if name.endswith(".gz"):
-        return gzip.open(p, "rt", encoding="utf-8", errors="replace")
-    if name.endswith(".xz"):
-        return lzma.open(p, "rt", encoding="utf-8", errors="replace")
-    return open(p, "rt", encoding="utf-8", errors="replace")
-
-
 def _is_jsonl(p: Path) -> bool:
-    n = p.name.lower()
-    return any(n.endswith(s) for s in (".jsonl", ".jsonl.gz", ".jsonl.xz", ".ndjson"))
-
-
-def iter_documents(path: Path, text_field: str = "text"):
-    """Yields document strings: one per jsonl record (its `text_field`), one per plain text file."""
-    if _is_jsonl(path):
-        with _open_text(path) as f:
-            for i, line in enumerate(f):
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    raise UserError(f"{path}:{i + 1} is not valid JSON; pass a jsonl file with one object per line") from None
-                if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
-                    raise UserError(f"{path}:{i + 1} has no string field '{text_field}'; use --text_field NAME")
-                yield rec[text_field]
-    else:
-        with _open_text(path) as f:
-            yield f.read()
+    return p.name.lower().endswith(JSONL_SUFFIXES)
 
 
 def _files_under(path: Path) -> list[Path]:
@@ -205,11 +172,14 @@ def read_eval_bytes(path: str | Path, max_bytes: int | None = None, text_field: 
 
 
 def _read_documents(files: list[Path], max_bytes: int | None, text_field: str) -> list[bytes]:
+    """The documents' raw bytes, read by the training data's own readers: a text file is never decoded (it was read
+    with errors="replace", so invalid UTF-8 was scored as U+FFFD bytes that are not in the file), and a jsonl
+    record's text is the bytes the trainer's shards would hold."""
     parts: list[bytes] = []
     total = 0
     for f in files:
-        for doc in iter_documents(f, text_field):
-            b = doc.encode("utf-8").replace(bytes([DOC_SEP]), b"")  # the separator byte must stay unambiguous
+        for _, doc in iter_local_file(str(f), str(f.parent), text_field):
+            b = doc.replace(bytes([DOC_SEP]), b"")  # the separator byte must stay unambiguous
             if not b:
                 continue
             parts.append(b)

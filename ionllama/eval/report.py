@@ -173,7 +173,7 @@ def render_markdown(res: dict, baselines: list[dict] | None = None, published: l
         g = s.get("generation") or {}
         L += ["## Speed", ""]
         rows = [["forward throughput (no grad)", f"{_f(s['forward_bytes_per_s'])} bytes/s",
-                 f"batch {s['batch_size']} x {s['seq_len']} bytes, amp {s['amp']}"]]
+                 f"batch {s['batch_size']} x {s['seq_len']} {s.get('unit', 'bytes')}, amp {s['amp']}"]]
         if s.get("train_step_bytes_per_s"):
             rows.append(["forward+backward throughput", f"{_f(s['train_step_bytes_per_s'])} bytes/s", "same batch"])
         lat = s["latency_ms"]

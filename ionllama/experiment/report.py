@@ -200,6 +200,40 @@ def plot_curves(arms: dict, out: Path, records_of) -> list[Path]:
 BEGIN, END = "<!-- experiment-table:begin -->", "<!-- experiment-table:end -->"
 
 
+def scoring_note(arms: dict) -> str | None:
+    """A warning line when the rows' val BPB were not scored alike (other val bytes, window or val data), else None.
+    A comparison across results folders put 500,000 bytes in 256-byte windows beside 2,000,000 in 4,096-byte ones,
+    under one "val BPB" heading, without a word (a new user's audit)."""
+    def window(f):
+        t = f.get("train") or {}
+        unit = "tokens" if (f.get("model") or f.get("spec", {}).get("model")) == "bpe" else "bytes"
+        return f"{t.get('seq_len')} {unit}" if t.get("seq_len") else "?"
+
+    def scored(f):
+        return (f.get("val") or {}).get("bytes")
+
+    def unit_of(f):
+        return window(f).split()[-1]
+
+    # windows are compared within one unit: a token model's window in tokens is matched to the byte models' by
+    # design (the Phase-1 matrix: 1,024 bytes against 256 tokens of ~4 bytes)
+    facts = {"val bytes scored": {n: scored(f) for n, f in arms.items()},
+             **{f"window ({label})": {n: window(f) for n, f in arms.items() if unit_of(f) == u}
+                for u, label in (("bytes", "byte models"), ("tokens", "token models"))},
+             "val data (sha256)": {n: ((f.get("data") or {}).get("val_sha256") or "?")[:12] for n, f in arms.items()}}
+    differ = []
+    for what, by_arm in facts.items():
+        groups: dict = {}
+        for n, v in by_arm.items():
+            groups.setdefault(v, []).append(n)
+        if len(groups) > 1:
+            differ.append(f"{what}: " + "; ".join(f"{v:,} ({', '.join(ns)})" if isinstance(v, int) else
+                                                  f"{v} ({', '.join(ns)})" for v, ns in groups.items()))
+    if not differ:
+        return None
+    return ("**Not scored alike**, so these val BPB are not directly comparable: " + " | ".join(differ) + ".")
+
+
 def write_report(out: Path, runs: list[str] | dict[str, Path], command: str, label: str = "phase1",
                  title: str | None = None) -> dict:
     """The table section of <out>.md, <out>.json and the plots in <out>/ for the runs <out>/<name> (a list of
@@ -245,6 +279,10 @@ def write_report(out: Path, runs: list[str] | dict[str, Path], command: str, lab
             body += [equal_at_markdown(eq, v), ""]
     if seeds:
         body += [seed_groups_markdown(seeds, ["val", *extra]), ""]
+    note = scoring_note(arms)
+    if note:
+        body += [note, ""]
+        _log(note)
     t = tasks_markdown(arms)
     if t:
         body += ["Task accuracy after identical task fine-tuning (held-out test split, exact match, 95% Wilson CI):",
