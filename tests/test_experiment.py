@@ -41,7 +41,7 @@ def test_bad_eval_data_or_out_fails_before_any_arm_trains(tmp_path, capsys):
     bad.write_bytes(b"hi")  # named .xz, not xz data
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    for extra, words in ((["--eval_data", str(bad)], "cannot read eval data"),
+    for extra, words in ((["--eval_data", str(bad)], f"cannot read {bad}"),
                          (["--out", str(blocker / "sub")], "cannot create --out"),
                          (["--override", "d_model=abc"], "invalid int value: 'abc'"),
                          # taken silently before: one curve point, no deadline, base settings instead of the picks
