@@ -374,3 +374,36 @@ def test_eval_bytes_are_the_files_bytes_and_the_trainers_count_and_are_pinned(wo
     assert lm["bpb"] == pytest.approx(evaluate_bpb(model.eval(), scored, 64, 4, "cpu")["bpb"], rel=1e-6)
     assert lm["data_abs"] == str((workdir / "bad.txt").resolve())
     assert res["checkpoint"]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+
+
+def test_measured_rows_say_bytes_scored_and_window():
+    """--baselines put rows of other byte counts and windows (bytes or tokens) side by side with nothing saying so."""
+    from ionllama.eval.report import measured_rows
+
+    def res(name, scored, seq_len):
+        return {"model": {"name": name, "size": "tiny", "params_total": 1}, "device": {"name": "cpu"},
+                "metrics": {"lm": {"data": "ev.txt", "bytes": scored, "seq_len": seq_len, "bpb": 5.0}}}
+
+    table = "\n".join(measured_rows([res("dense", 299, 32), res("bpe", 1999, 128)]))
+    assert "| bytes scored | window |" in table
+    assert "| 299 | 32 bytes |" in table and "| 1,999 | 128 tokens |" in table
+
+
+def test_a_safetensors_export_says_what_it_lacks(workdir, capsys):
+    """An export has weights and config only: its default window was taken silently (the same weights scored 0.01
+    apart from final.pt), and without --eval_data it was told its val split "is not on this machine"."""
+    from ionllama.train.checkpoint import export_safetensors
+
+    torch.manual_seed(0)
+    st = export_safetensors(create_model("tiny", model="dense", **SMALL), workdir / "m.safetensors")
+    _run(workdir, st, workdir / "o" / "results.json", "--skip", "tasks", "speed", "compression", "multilingual",
+         "plots", "--seq_len", "64")
+    assert "records no training window" not in capsys.readouterr().err  # --seq_len given: nothing to say
+    with pytest.raises(SystemExit) as e:
+        B.main(["--checkpoint", str(st), "--device", "cpu", "--output", str(workdir / "o2" / "r.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "records no training data" in err[0], err
+    assert B.main(["--checkpoint", str(st), "--eval_data", str(workdir / "eval.txt"), "--device", "cpu",
+                   "--output", str(workdir / "o3" / "r.json"), "--skip", "tasks", "speed", "compression",
+                   "multilingual", "plots"]) == 0
+    assert "records no training window" in capsys.readouterr().err

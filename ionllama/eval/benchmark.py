@@ -258,6 +258,7 @@ def run(argv: list[str], prog: str) -> dict:
     targs = ck.train_args if ck else {}
     seq_len = a.seq_len or int(targs.get("seq_len") or 1024)
     batch_size = a.batch_size or int(targs.get("batch_size") or 8)
+
     if seq_len < 2 or batch_size < 1:
         raise UserError(f"--seq_len must be >= 2 and --batch_size >= 1 (got {seq_len}, {batch_size})")
 
@@ -286,6 +287,9 @@ def run(argv: list[str], prog: str) -> dict:
     sample_data = data if data is not None else _fallback_text()
 
     if "lm" not in skip:
+        if ck and not targs.get("seq_len") and not a.seq_len:  # the same weights scored ~0.01 apart from final.pt
+            print(f"note: {a.checkpoint} records no training window (a .safetensors export); scoring in {seq_len}-"
+                  "byte windows: pass --seq_len to match the window it trained with", file=sys.stderr)
         t0 = time.perf_counter()
         r = lm_mod.run_lm(model, data, seq_len, batch_size, device, amp_dtype=amp)
         # what a rerun must score to compare: the folder it ran in does not travel with the numbers, the hash does

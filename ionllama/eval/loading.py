@@ -204,6 +204,9 @@ def default_eval_path(ck: LoadedCheckpoint | None) -> Path:
     if ck is None:
         raise UserError(f"no --checkpoint and no --eval_data; {fix}")
     a = ck.train_args
+    if not a and not ck.data_meta:  # said it was "not on this machine", as if it could be found elsewhere
+        raise UserError(f"{ck.path} records no training data (a .safetensors export holds weights and config only); "
+                        f"{fix}")
     if a.get("dataset") == "tasks" and not a.get("data_path"):
         raise UserError(f"the checkpoint was trained on generated task data only (no val shards); {fix}")
     candidates: list[Path] = []

@@ -108,9 +108,19 @@ def _task_acc(results: dict, task: str) -> str:
     return f"{100 * rec['accuracy']:.1f}%" if rec and rec.get("n") else "-"
 
 
+def _window(lm: dict, r: dict) -> str:
+    if not lm.get("seq_len"):
+        return "-"
+    unit = "tokens" if "tokens" in str(lm.get("method", "")) or (r.get("model") or {}).get("name") == "bpe" \
+        else "bytes"
+    return f"{lm['seq_len']} {unit}"
+
+
 def measured_rows(results_list: list[dict]) -> list[str]:
-    header = ["model", "params", "checkpoint", "eval data", "BPB", "bytes/patch", "fwd bytes/s", "device",
-              "tasks label"] + list(TASK_ORDER)
+    # bytes scored and window beside the BPB: rows of 299 bytes in 32-byte windows and 1,999 in 128-token windows
+    # stood side by side as one "eval data" (a new user's audit)
+    header = ["model", "params", "checkpoint", "eval data", "bytes scored", "window", "BPB", "bytes/patch",
+              "fwd bytes/s", "device", "tasks label"] + list(TASK_ORDER)
     rows = []
     for r in results_list:
         m = r.get("metrics", {})
@@ -118,7 +128,7 @@ def measured_rows(results_list: list[dict]) -> list[str]:
         comp = m.get("compression") or {}
         rows.append([f"{r['model']['name']} {r['model']['size']}", r["model"].get("params_total"),
                      (r.get("checkpoint") or {}).get("path") or "random init", Path(lm.get("data", "-")).name,
-                     lm.get("bpb"), comp.get("bytes_per_patch", lm.get("bytes_per_patch")),
+                     lm.get("bytes"), _window(lm, r), lm.get("bpb"), comp.get("bytes_per_patch", lm.get("bytes_per_patch")),
                      sp.get("forward_bytes_per_s"), (r.get("device") or {}).get("name", "-"),
                      (m.get("tasks") or {}).get("label", "-")] + [_task_acc(r, t) for t in TASK_ORDER])
     return ["## Measured (this project)", "",
