@@ -407,3 +407,23 @@ def test_a_safetensors_export_says_what_it_lacks(workdir, capsys):
                    "--output", str(workdir / "o3" / "r.json"), "--skip", "tasks", "speed", "compression",
                    "multilingual", "plots"]) == 0
     assert "records no training window" in capsys.readouterr().err
+
+
+def test_a_users_own_files_at_the_output_are_not_replaced(workdir, capsys):
+    """results.md beside --output, and an --output that is not a results file, were replaced without a word."""
+    torch.manual_seed(0)
+    ckpt = _save_trainer_checkpoint(create_model("tiny", model="dense", **SMALL), workdir / "run" / "final.pt")
+    skip = ["--skip", "tasks", "speed", "compression", "multilingual", "plots"]
+    for name, content in (("results.md", "# My paper notes\nIMPORTANT\n"), ("results.json", '{"mine": 1}')):
+        d = workdir / name.replace(".", "_")
+        d.mkdir()
+        (d / name).write_text(content)
+        with pytest.raises(SystemExit) as e:
+            _run(workdir, ckpt, d / "results.json", *skip)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and "a file of yours?" in err[0], err
+        assert (d / name).read_text() == content
+        _run(workdir, ckpt, d / "results.json", *skip, "--overwrite")  # said so: replaced
+        assert (d / name).read_text() != content
+    _run(workdir, ckpt, workdir / "again" / "results.json", *skip)  # its own report is replaced by a rerun
+    _run(workdir, ckpt, workdir / "again" / "results.json", *skip)

@@ -705,17 +705,21 @@ def test_compare_reports_runs_of_different_results_folders(tmp_path, capsys):
     assert "| seeds-s0/ionllama, seeds-s1/ionllama | 0, 1 | 1.4200 (0.0400) |" in seeds_md
     assert (out / "bpb_vs_flops.png").is_file()
     (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.json").write_text('{"mine": 1}')
     for argv, msg in ((["--stage", "compare", "--runs", str(tmp_path / "nope")], "nope does not exist"),
                       (["--stage", "compare", "--runs", str(tmp_path / "empty")], "no final.json"),
                       (["--stage", "compare,report", "--runs", str(a)], "no other stage"),
                       # an experiment's own folder: its report was silently replaced (a new user's report)
                       (["--stage", "compare", "--runs", str(b), "--out", str(a.parent)], "experiment's results folder"),
                       (["--stage", "compare", "--runs", str(b), "--out", str(a)], "is a run folder"),
-                      (["--stage", "compare", "--runs", str(b), "--out", "/proc/cmp"], "cannot write --out")):
+                      (["--stage", "compare", "--runs", str(b), "--out", "/proc/cmp"], "cannot write --out"),
+                      # a user's own <out>.json was replaced by the summary (a new user's audit)
+                      (["--stage", "compare", "--runs", str(b), "--out", str(tmp_path / "notes")], "a file of yours?")):
         with pytest.raises(SystemExit) as e:
             main([*argv, "--out", str(out)] if "--out" not in argv else argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and msg in err and err.count("\n") == 1 and "Traceback" not in err
+    assert (tmp_path / "notes.json").read_text() == '{"mine": 1}'
 
 
 def test_report_title_heads_new_pages_and_replaces_only_the_placeholder(tmp_path):

@@ -212,12 +212,23 @@ def _check_output(out: Path, skip: set[str], overwrite: bool) -> None:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise UserError(f"cannot create '{out.parent}' ({parent} is not a writable folder); pass a writable --output")
-    if overwrite or not out.is_file():
+    if overwrite:
+        return
+    md = out.with_suffix(".md")  # written beside it: a user's own notes of that name were replaced without a word
+    if md.is_file() and md.read_text(encoding="utf-8", errors="replace").strip() and \
+            not md.read_text(encoding="utf-8", errors="replace").startswith("# Benchmark:"):
+        raise UserError(f"{md} is not a report of `ionllama bench` (a file of yours?) and this run would write its "
+                        "report there; pass another --output, or --overwrite to replace it")
+    if not out.is_file():
         return
     try:
-        old = json.loads(out.read_text(encoding="utf-8")).get("metrics") or {}
-    except (OSError, ValueError, AttributeError):
-        return  # not a results file of ours: nothing of ours to lose
+        data = json.loads(out.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        data = None
+    if not isinstance(data, dict) or (data and "schema_version" not in data):
+        raise UserError(f"--output {out} is not a results file of `ionllama bench` (a file of yours?); pass another "
+                        "--output, or --overwrite to replace it")
+    old = data.get("metrics") or {}
     lost = sorted(set(old) & skip)
     if lost:
         raise UserError(f"--output {out} holds {', '.join(lost)} results that this run skips (--skip); pass another "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -192,6 +193,14 @@ def _check_arm_configs(runner: Runner, names: list[str]) -> None:
             raise UserError(f"arm {arm}: {e}") from None
 
 
+def _is_report_summary(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "arms" in data and "matrix" in data
+
+
 def compare(a: argparse.Namespace, stages: list[str], argv: list[str]) -> int:
     """--stage compare: a report over finished runs of different results folders (nothing is trained)."""
     if stages != ["compare"] or not a.runs:
@@ -218,6 +227,10 @@ def compare(a: argparse.Namespace, stages: list[str], argv: list[str]) -> int:
         raise UserError(f"--out {a.out} is a run folder (it holds final.json); give the comparison its own --out, "
                         "e.g. docs/results/compare-NAME")
     out = Path(a.out)
+    summary = out.parent / f"{out.name}.json"
+    if summary.is_file() and not _is_report_summary(summary):  # a user's own file of that name was replaced
+        raise UserError(f"{summary} is not a report summary of `ionllama experiment` (a file of yours?) and the "
+                        "comparison would write its summary there; pass another --out")
     made = not out.exists()
     try:  # the page and its .json go next to --out, the plots into it: both must be writable before any work
         probe_writable(out)
