@@ -128,7 +128,8 @@ def measured_rows(results_list: list[dict]) -> list[str]:
         comp = m.get("compression") or {}
         rows.append([f"{r['model']['name']} {r['model']['size']}", r["model"].get("params_total"),
                      (r.get("checkpoint") or {}).get("path") or "random init", Path(lm.get("data", "-")).name,
-                     lm.get("bytes"), _window(lm, r), lm.get("bpb"), comp.get("bytes_per_patch", lm.get("bytes_per_patch")),
+                     lm.get("bytes"), _window(lm, r), lm.get("bpb"),
+                     comp.get("bytes_per_patch", lm.get("bytes_per_patch")),
                      sp.get("forward_bytes_per_s"), (r.get("device") or {}).get("name", "-"),
                      (m.get("tasks") or {}).get("label", "-")] + [_task_acc(r, t) for t in TASK_ORDER])
     return ["## Measured (this project)", "",

@@ -55,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt_dir", default="checkpoints/phase1", help="checkpoints (git-ignored)")
     p.add_argument("--deadline_s", type=float, default=None,
                    help="wall-clock seconds this invocation may use, from its process start: no arm is started "
-                        "that would not finish, and one running late stops training in time for its final evaluation (a row "
-                        "marked cut; the same command run again continues it to the full budget)")
+                        "that would not finish, and one running late stops training in time for its final "
+                        "evaluation (a row marked cut; the same command run again continues it to the full budget)")
     p.add_argument("--checkpoint_every_s", type=float, default=120.0,
                    help="save latest.pt at the first curve point after this many training seconds (0: only when "
                         "stopped or signalled)")

@@ -47,7 +47,8 @@ class MetricsLogger:
                 continue  # a line cut by a crash
             s = rec.get("step", 0)
             # a joint-phase checkpoint is saved after that step's calibration: its point stays (not logged again)
-            same_step_kept = rec.get("phase") in (phase, "init") or (phase == "joint" and rec.get("phase") == "calibrate")
+            same_step_kept = rec.get("phase") in (phase, "init") or \
+                (phase == "joint" and rec.get("phase") == "calibrate")
             if s < step or (s == step and (phase is None or same_step_kept)):
                 keep.append(line)
             else:
