@@ -93,7 +93,7 @@ class SamplingConfig:
     def __post_init__(self):
         for name in ("temperature", "top_p"):  # a string here used to end in a TypeError from the comparison below
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) and not _is_real(v)):
+            if v is not None and (isinstance(v, bool) or not _is_real(v)):
                 raise UserError(f"{name} must be a number, got {v!r}; pass e.g. {name}=0.9")
         if self.temperature is None or not self.temperature >= 0:  # `not >=`: NaN is refused too
             raise UserError(f"temperature must be >= 0, got {self.temperature}; use 0 or --greedy for argmax")

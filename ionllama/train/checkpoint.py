@@ -70,6 +70,7 @@ def unreadable_checkpoint(path, e: BaseException) -> UserError:
                      f"torch.load: {type(e).__name__}); pass a .pt written by `ionllama train` (latest.pt, "
                      "final.pt or an older step_N.pt of the run)")
 
+
 def load_weights_only(path: str | Path, **kw):
     """torch.load that never runs code from the file (weights_only) and keeps torch's note about a foreign pickle
     protocol off the console: such a file fails to load anyway, and its one error line should stand alone."""
