@@ -316,7 +316,8 @@ def local_source(data_path: str, text_field: str = "text") -> Source:
 
 # ---------------------------------------------------------------- a `datasets` save_to_disk folder
 
-SAVED_SPLIT_NAMES = {"train": ("train",), "val": ("validation", "val", "valid", "test")}
+# a "test" split is not taken as val: selecting on it would leave no held-out data (the train split is hash-split)
+SAVED_SPLIT_NAMES = {"train": ("train",), "val": ("validation", "val", "valid")}
 
 
 def saved_dataset_kind(path: str) -> str | None:
