@@ -41,7 +41,9 @@ def test_bad_eval_data_or_out_fails_before_any_arm_trains(tmp_path, capsys):
     bad.write_bytes(b"hi")  # named .xz, not xz data
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
+    (tmp_path / "mine.json").write_text('{"mine": 1}')  # a user's file where the report's summary would go
     for extra, words in ((["--eval_data", str(bad)], f"cannot read {bad}"),
+                         (["--out", str(tmp_path / "mine")], "a file of yours?"),
                          (["--out", str(blocker / "sub")], "cannot create --out"),
                          (["--override", "d_model=abc"], "invalid int value: 'abc'"),
                          # taken silently before: one curve point, no deadline, base settings instead of the picks
@@ -216,6 +218,20 @@ def test_two_arm_matrix_writes_results_and_resumes(tmp_path, capsys, one_thread)
                    "--task_batch", "4", "--task_n", "1"))
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "other settings (--task_steps 2)" in err[0], err
+    # the task stage scored any latest.pt under --ckpt_dir: one pretrained with other flags is refused, and an arm
+    # with no finished pretraining in --out is skipped, said so
+    (res / "phase1" / "dense" / "tasks.json").unlink()
+    with pytest.raises(SystemExit) as e:
+        main(_argv(tmp_path, pattern, "--stage", "tasks", "--task_arms", "dense", "--task_steps", "2",
+                   "--task_batch", "4", "--task_n", "1", "--seq_len", "32"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "pretrained with other settings" in err[0], err
+    assert not (res / "phase1" / "dense" / "tasks.json").exists()
+    (tmp_path / "res2").mkdir(exist_ok=True)
+    assert main(_argv(tmp_path, pattern, "--stage", "tasks", "--task_arms", "dense", "--task_steps", "2",
+                      "--task_batch", "4", "--task_n", "1", "--out", str(tmp_path / "res2" / "phase1"))) == 0
+    assert "not pretrained in" in capsys.readouterr().out
+    assert not (tmp_path / "res2" / "phase1" / "dense" / "tasks.json").exists()
 
 
 def test_time_budget_plan_follows_the_clock():
@@ -611,6 +627,13 @@ def test_joint_frac_sets_the_joint_phase_and_is_checked(tmp_path):
     assert default_joint > 0 and argv0[argv0.index("--joint_steps") + 1] == "0"
     with pytest.raises(UserError, match="joint_frac"):
         r.trainer_argv("ionllama", {**spec, "joint_frac": 1.5}, 10.0)
+    # entropy_frac 1 was a ZeroDivisionError, -1 trained one entropy step; token_seq_div 0 divided by zero
+    for bad in (1, -1, 1.5):
+        with pytest.raises(UserError, match="entropy_frac"):
+            r.trainer_argv("ionllama", {**spec, "entropy_frac": bad}, 10.0)
+    for bad in (0, -1, 2.5):
+        with pytest.raises(UserError, match="token_seq_div"):
+            r.trainer_argv("bpe", {**r.spec_of("bpe", None), "token_seq_div": bad}, 10.0)
 
 
 @pytest.mark.parametrize("joint_steps", [0, 5])

@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 def _checked_runner(a: argparse.Namespace, argv: list[str], stages: list[str]) -> tuple[Runner, list[str]]:
     """The runner and its arm names, every input checked before anything trains."""
     out = Path(a.out)
+    _check_summary_is_ours(out)
     if stages == ["report"] and not any(out.glob("*/final.json")) and not any(out.glob("sweep/*/final.json")):
         # a mistyped --out wrote an empty report (and made the folder) with exit 0
         raise UserError(f"--stage report: no finished arm under {out} (no <arm>/final.json); check --out")
@@ -193,12 +194,18 @@ def _check_arm_configs(runner: Runner, names: list[str]) -> None:
             raise UserError(f"arm {arm}: {e}") from None
 
 
-def _is_report_summary(path: Path) -> bool:
+def _check_summary_is_ours(out: Path) -> None:
+    """<out>.json is the report's summary: a user's own file of that name was replaced without a word."""
+    summary = out.parent / f"{out.name}.json"
+    if not summary.is_file():
+        return
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(summary.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and "arms" in data and "matrix" in data
+        data = None
+    if not (isinstance(data, dict) and "arms" in data and "matrix" in data):
+        raise UserError(f"{summary} is not a report summary of `ionllama experiment` (a file of yours?) and the "
+                        "report would write its summary there; pass another --out")
 
 
 def compare(a: argparse.Namespace, stages: list[str], argv: list[str]) -> int:
@@ -227,10 +234,7 @@ def compare(a: argparse.Namespace, stages: list[str], argv: list[str]) -> int:
         raise UserError(f"--out {a.out} is a run folder (it holds final.json); give the comparison its own --out, "
                         "e.g. docs/results/compare-NAME")
     out = Path(a.out)
-    summary = out.parent / f"{out.name}.json"
-    if summary.is_file() and not _is_report_summary(summary):  # a user's own file of that name was replaced
-        raise UserError(f"{summary} is not a report summary of `ionllama experiment` (a file of yours?) and the "
-                        "comparison would write its summary there; pass another --out")
+    _check_summary_is_ours(out)
     made = not out.exists()
     try:  # the page and its .json go next to --out, the plots into it: both must be writable before any work
         probe_writable(out)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..config import format_ngram_sizes
-from ..errors import UserError, is_out_of_memory
+from ..errors import UserError, is_out_of_memory, is_whole
 from ..train.schedule import DEFAULT_MIN_LR_RATIO
 from ._common import WHERE_FLAGS, _log, _now_iso, _read_json, _split_path, _write_json, flag_values
 from .budget import make_budget_trainer
@@ -157,7 +157,17 @@ class Runner:
         return f
 
     def seq_len_of(self, spec: dict) -> int:
-        return max(8, self.a.seq_len // spec.get("token_seq_div", 1))
+        div = spec.get("token_seq_div", 1)
+        if not is_whole(div) or div < 1:  # 0 was a ZeroDivisionError, -1 a silent 8-token window
+            raise UserError(f"token_seq_div={div}: give a whole number >= 1 (bytes per token of the window), e.g. 4")
+        return max(8, self.a.seq_len // div)
+
+    @staticmethod
+    def entropy_frac(spec: dict) -> float:
+        f = float(spec.get("entropy_frac", 0.06))
+        if not 0.0 < f < 1.0:  # 1 was a ZeroDivisionError, -1 or 1.5 trained one entropy step without a word
+            raise UserError(f"entropy_frac={f}: give the entropy model's share of the budget in (0, 1), e.g. 0.06")
+        return f
 
     @staticmethod
     def _capturable(spec: dict) -> bool:
@@ -180,7 +190,7 @@ class Runner:
         seq = self.seq_len_of(spec)
         n_entropy = 0
         if spec["model"] == "ionllama" and spec.get("patching", "entropy") == "entropy":
-            f = float(spec.get("entropy_frac", 0.06))
+            f = self.entropy_frac(spec)
             n_entropy = max(1, int(round(NOMINAL_STEPS * f / (1 - f))))
         argv += ["--data_dir", a.data_dir, "--seq_len", str(seq), "--batch_size", str(a.batch_size),
                  "--grad_accum", str(a.grad_accum), "--lr", str(spec["lr"]), "--max_steps", str(NOMINAL_STEPS),
@@ -591,6 +601,23 @@ class Runner:
             raise UserError(f"{out} holds {arm}'s task results under other settings ({', '.join(diff)}); use another "
                             "--out (or delete that file) to run the task stage with these")
 
+    def _pretrained_here(self, arm: str) -> bool:
+        """The arm's checkpoint is this command's finished pretraining: its final.json is in --out, under this
+        command's settings. The task stage scored whatever latest.pt lay in --ckpt_dir: a run stopped half-way, or
+        one trained with other flags, without a word (a new user's audit)."""
+        final = self.out / arm / "final.json"
+        if not final.is_file():
+            _log(f"{arm}: not pretrained in {self.out} yet (no final.json); task stage skipped: run the pretrain "
+                 "stage first")
+            return False
+        done = _read_json(final) or {}
+        spec = self.spec_of(arm)
+        diff = _changed_settings(done, spec, self.trainer_argv(arm, spec, self.a.budget_s))
+        if diff:
+            raise UserError(f"{final} holds {arm} pretrained with other settings ({diff}); run the task stage with "
+                            "the flags it was pretrained with")
+        return True
+
     def tasks(self) -> None:
         arms = [s.strip() for s in (self.a.task_arms or ",".join(TASK_ARMS)).split(",") if s.strip()]
         for arm in arms:
@@ -604,6 +631,8 @@ class Runner:
             if self.time_left() < self.a.task_time_s:
                 _log(f"{arm}: task stage not started (too little time before --deadline_s); run again to continue")
                 return
+            if not self._pretrained_here(arm):
+                continue
             ck = self.ckpt_dir / arm / "latest.pt"
             if not ck.is_file():
                 _log(f"{arm}: no checkpoint {ck} (train the arm first on this machine); task stage skipped")
