@@ -44,6 +44,7 @@ def test_bad_eval_data_or_out_fails_before_any_arm_trains(tmp_path, capsys):
     (tmp_path / "mine.json").write_text('{"mine": 1}')  # a user's file where the report's summary would go
     for extra, words in ((["--eval_data", str(bad)], f"cannot read {bad}"),
                          (["--out", str(tmp_path / "mine")], "a file of yours?"),
+                         (["--ckpt_dir", "/proc/ck"], "cannot write --ckpt_dir /proc/ck"),
                          (["--out", str(blocker / "sub")], "cannot create --out"),
                          (["--override", "d_model=abc"], "invalid int value: 'abc'"),
                          # taken silently before: one curve point, no deadline, base settings instead of the picks

@@ -163,6 +163,16 @@ def _checked_runner(a: argparse.Namespace, argv: list[str], stages: list[str]) -
         raise UserError(f"--from_sweep: no sweep folder {runner.sweep_dir}; pass --sweep_dir (e.g. "
                         "docs/results/phase1-sweep/sweep) or run --stage sweep first")
     runner.eval_sets()  # validate paths before any training
+    if {"pretrain", "sweep"} & set(stages):  # an unwritable one was a traceback after the data was prepared
+        made = not Path(a.ckpt_dir).exists()
+        try:
+            probe_writable(a.ckpt_dir)
+        except OSError as e:
+            raise UserError(f"cannot write --ckpt_dir {a.ckpt_dir} ({e.strerror or e}); pass a writable folder") \
+                from None
+        finally:
+            if made:  # made again by the first arm: a refused command leaves no folder behind
+                remove_if_empty(Path(a.ckpt_dir))
     names = runner.arm_names()
     if "pretrain" in stages:
         _check_arm_configs(runner, names)
