@@ -109,7 +109,7 @@ def test_ddp_two_processes_match_one_process(one_proc, ddp_run):
 
 
 @pytest.mark.slow
-def test_fsdp_two_processes_match_one_process(tmp, one_proc):
+def test_fsdp_two_processes_match_one_process(tmp, one_proc, capsys):
     _torchrun(_args(tmp, "fsdp", batch_size=2, grad_accum=2, parallel="fsdp"))
     run = tmp / "ck" / "fsdp"
     ref, got = _losses(one_proc), _losses(run)
@@ -124,6 +124,14 @@ def test_fsdp_two_processes_match_one_process(tmp, one_proc):
     ck = bench_load(run / "final.dcp")
     assert _max_diff(ck.model.state_dict(), _weights(run / "final.safetensors")) == 0.0
     assert ck.step == 6 and ck.train_args["parallel"] == "fsdp" and ck.data_meta["step"] == 6
+    # resuming the finished run is refused, naming the file the run did write (it said final.pt)
+    from ionllama.train.cli import main as train_main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train_main(_args(tmp, "fsdp", resume="auto"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "finished at step 6 (final.dcp)" in err[-1], err
 
 
 @pytest.mark.slow

@@ -54,7 +54,9 @@ def default_multilingual_dirs() -> list[Path]:
 
 def build_parser(prog: str = "ionllama bench") -> argparse.ArgumentParser:
     ap = OneLineParser(prog=prog, description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", default=None, help="a .pt written by the trainer (any registered model)")
+    ap.add_argument("--checkpoint", default=None,
+                    help="a .pt written by the trainer, its .safetensors export or a torchrun run's .dcp folder (any "
+                         "registered model)")
     ap.add_argument("--size", default=None, help="model size; without --checkpoint a random-init model of this "
                     "size is measured (speed/memory), with one it must match the checkpoint")
     ap.add_argument("--model", default="ionllama", help="model name for a random-init run (no --checkpoint)")

@@ -355,6 +355,9 @@ class Trainer:
         hint += f" --run_name {shlex.quote(self.run_dir.name)}"  # the default name depends on other flags
         if getattr(self.args, "data_dir", "data_cache") != "data_cache" and self.data_meta.get("path"):
             hint += f" --data_dir {shlex.quote(str(self.args.data_dir))}"
+        if self.par.mode == "fsdp" and getattr(self.args, "parallel", "auto") == "fsdp":
+            # per invocation, so not restored: without it a torchrun resume of a small model went back to DDP
+            hint += " --parallel fsdp"
         return hint
 
     def _note_other_data(self) -> None:
@@ -696,10 +699,15 @@ class Trainer:
             raise UserError(f"could not write a checkpoint in {self.run_dir} ({e.strerror or e}); free disk space "
                             "and resume with --resume auto (earlier checkpoints are intact)") from None
 
+    def _final_name(self) -> str | None:
+        """final.pt or final.dcp, whichever the run wrote (None: neither: it stopped at its last step, unfinished)."""
+        if (self.run_dir / "final.pt").is_file():
+            return "final.pt"
+        dcp = distributed.dcp_name("final.pt")
+        return dcp if distributed.is_sharded_checkpoint(self.run_dir / dcp) else None
+
     def _finished_before(self) -> bool:
-        """final.pt (or its sharded form) is there: the run ended, not only stopped at its last step."""
-        final = self.run_dir / "final.pt"
-        return final.is_file() or distributed.is_sharded_checkpoint(self.run_dir / distributed.dcp_name(final.name))
+        return self._final_name() is not None
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
@@ -710,7 +718,8 @@ class Trainer:
                             f"start a new run with another --run_name")
         if self.step == plan.total and self.step > 0 and self._finished_before():
             # it used to run no step and still rewrite config.json, final.pt and the sample under the new flags
-            raise UserError(f"the run in {self.run_dir} finished at step {self.step} (final.pt); nothing to train: "
+            raise UserError(f"the run in {self.run_dir} finished at step {self.step} ({self._final_name()}); nothing "
+                            "to train: "
                             f"raise --max_steps to continue it, or start a new run with another --run_name")
         if a.stop_at is not None and self.step >= a.stop_at:  # it trained one step and rewrote latest.pt
             raise UserError(f"--stop_at {a.stop_at} is not past the run's step {self.step}: nothing to train; pass a "
@@ -887,8 +896,9 @@ class Trainer:
 
         best = self.run_dir / "best.pt"
         if self.par.distributed:
-            warnings.warn(f"--benchmark_after: the benchmark does not read sharded checkpoints yet; run `ionllama bench "
-                          f"--checkpoint {self.run_dir / 'final.safetensors'}` (skipped)", stacklevel=2)
+            # the benchmark reads a .dcp (its training args name the val data; a .safetensors export has none)
+            warnings.warn(f"--benchmark_after is not run under torchrun; run `ionllama bench --checkpoint "
+                          f"{self.run_dir / 'best.dcp'}` in one process (skipped)", stacklevel=2)
             return
         out = self.run_dir / "benchmark" / "results.json"
         _say(f"benchmark on {best} -> {out}")
