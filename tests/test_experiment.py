@@ -1,5 +1,6 @@
 """The Phase-1 experiment runner: equal-time arms, same val bytes, files, resume, time-based schedule."""
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -327,7 +328,9 @@ def test_warm_up_compiles_every_shape_training_will_see(patching, step_graph, on
     torch.manual_seed(0)
     m = create_model("tiny", model="ionllama", patching=patching)
     g = torch.Generator().manual_seed(0)
-    text = torch.tensor(list(Path(__file__).read_bytes()))  # varied text: code, prose, symbols
+    # varied text (code, prose, symbols) that edits to this repository do not change: this file's own bytes made
+    # the drawn windows, and so whether their patch counts differ, depend on each edit of the tests
+    text = torch.tensor(list(Path(os.__file__).read_bytes()[:200_000]))
     starts = torch.randint(0, len(text) - 129, (12, 2), generator=g)
     batches = [(text[s[:, None] + torch.arange(128)], text[s[:, None] + torch.arange(1, 129)]) for s in starts]
     dense = torch.tensor(list(b"1+2=3; 4*5=20; (a,b)->[c]! " * 10))[:129]  # a start at almost every byte
@@ -801,6 +804,8 @@ def test_an_arm_out_of_memory_is_one_line_naming_the_batch_and_other_errors_stil
     # the task stage: the same, naming its own batch flag
     (tmp_path / "ck" / "dense").mkdir(parents=True, exist_ok=True)
     (tmp_path / "ck" / "dense" / "latest.pt").write_bytes(b"")
+    (tmp_path / "res" / "phase1" / "dense").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "res" / "phase1" / "dense" / "final.json").write_text("{}")  # its pretraining, as the stage needs
     monkeypatch.setattr("ionllama.train.checkpoint.load_model", lambda *a, **k: None)
 
     def no_memory(*a, **k):
