@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -11,11 +10,13 @@ import torch
 
 from ..errors import OneLineParser, UserError, check_ranges, cli_entry
 from ..fsutil import probe_writable, remove_if_empty
-from . import __doc__ as _PACKAGE_DOC  # the package's docstring: what `--help` says first
+from . import (
+    __doc__ as _PACKAGE_DOC,  # the package's docstring: what `--help` says first
+)
+from ._common import _read_json
 from .matrix import MATRICES, TASK_ARMS
 from .report import write_report
 from .runner import Runner
-
 
 # numeric flags' least values, checked before anything trains (the trainer would only refuse them when the
 # first arm starts, after the data is prepared; a negative --curve_points or --deadline_s was taken silently)
@@ -209,10 +210,7 @@ def _check_summary_is_ours(out: Path) -> None:
     summary = out.parent / f"{out.name}.json"
     if not summary.is_file():
         return
-    try:
-        data = json.loads(summary.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        data = None
+    data = _read_json(summary)
     if not (isinstance(data, dict) and "arms" in data and "matrix" in data):
         raise UserError(f"{summary} is not a report summary of `ionllama experiment` (a file of yours?) and the "
                         "report would write its summary there; pass another --out")
