@@ -10,9 +10,7 @@ import torch
 
 from ..errors import OneLineParser, UserError, check_ranges, cli_entry
 from ..fsutil import probe_writable, remove_if_empty
-from . import (
-    __doc__ as _PACKAGE_DOC,  # the package's docstring: what `--help` says first
-)
+from . import __doc__ as _PACKAGE_DOC  # the package's docstring: what `--help` says first
 from ._common import _read_json
 from .matrix import MATRICES, TASK_ARMS
 from .report import write_report
