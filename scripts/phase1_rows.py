@@ -87,8 +87,8 @@ ROWS = {
     "tasks best row, dense": _task_row("latent_shift=completed,fixed_patch_size=3,pooling=attention,attention=dense"),
     "tasks best row, dilated": _task_row("latent_shift=completed,fixed_patch_size=3,pooling=attention"),
     "tasks best row, dilated, seed 2": _task_row("latent_shift=completed,fixed_patch_size=3,pooling=attention", seed=2),
-    "tasks best row, dense, seed 2": _task_row("latent_shift=completed,fixed_patch_size=3,pooling=attention,attention=dense",
-                                               seed=2),
+    "tasks best row, dense, seed 2": _task_row(
+        "latent_shift=completed,fixed_patch_size=3,pooling=attention,attention=dense", seed=2),
 }
 # the copies of the data the session makes before its calls (docs/notes/gpu-runbook.md), renamed on the device
 DATA_MOVES = "rm -rf .data/gutenberg .data/wikipedia && mv .data/gut .data/gutenberg && mv .data/wk .data/wikipedia"

@@ -120,7 +120,8 @@ def equal_at_markdown(eq: dict, view: str) -> str:
     return "\n".join([f"Val BPB at equal {what} ({eq[key]:.3g}, the whole run of `{eq['arm']}`), "
                       "interpolated linearly between each arm's curve points (each scores the first "
                       "`--curve_eval_bytes` val bytes, except an arm's last point, its final evaluation over "
-                      f"`--eval_bytes`: `{eq['arm']}`'s value here, and that of an arm ending at the same point):", "", f"| arm | val BPB at equal {what} |", "|---|---|",
+                      f"`--eval_bytes`: `{eq['arm']}`'s value here, and that of an arm ending at the same point):",
+                      "", f"| arm | val BPB at equal {what} |", "|---|---|",
                       *[f"| {n} | {_fmt(v, 3)} |" for n, v in rows]])
 
 
@@ -204,21 +205,21 @@ def scoring_note(arms: dict) -> str | None:
     """A warning line when the rows' val BPB were not scored alike (other val bytes, window or val data), else None.
     A comparison across results folders put 500,000 bytes in 256-byte windows beside 2,000,000 in 4,096-byte ones,
     under one "val BPB" heading, without a word (a new user's audit)."""
+    def unit_of(f):
+        return "tokens" if (f.get("model") or f.get("spec", {}).get("model")) == "bpe" else "bytes"
+
     def window(f):
         t = f.get("train") or {}
-        unit = "tokens" if (f.get("model") or f.get("spec", {}).get("model")) == "bpe" else "bytes"
-        return f"{t.get('seq_len')} {unit}" if t.get("seq_len") else "?"
+        return f"{t.get('seq_len')} {unit_of(f)}" if t.get("seq_len") else "?"
 
     def scored(f):
         return (f.get("val") or {}).get("bytes")
 
-    def unit_of(f):
-        return window(f).split()[-1]
-
     # windows are compared within one unit: a token model's window in tokens is matched to the byte models' by
     # design (the Phase-1 matrix: 1,024 bytes against 256 tokens of ~4 bytes)
     facts = {"val bytes scored": {n: scored(f) for n, f in arms.items()},
-             **{f"window ({label})": {n: window(f) for n, f in arms.items() if unit_of(f) == u}
+             **{f"window ({label})": {n: window(f) for n, f in arms.items()
+                                      if unit_of(f) == u and (f.get("train") or {}).get("seq_len")}
                 for u, label in (("bytes", "byte models"), ("tokens", "token models"))},
              "val data (sha256)": {n: ((f.get("data") or {}).get("val_sha256") or "?")[:12] for n, f in arms.items()}}
     differ = []

@@ -593,7 +593,8 @@ class Runner:
         ft, res = old.get("fine_tuning") or {}, old.get("results") or {}
         a = self.a
         now = {"steps": ("--task_steps", a.task_steps), "examples_per_step": ("--task_batch", a.task_batch),
-               "lr": ("--task_lr", a.task_lr), "row_len": ("--task_seq_len", a.task_seq_len), "seed": ("--seed", a.seed)}
+               "lr": ("--task_lr", a.task_lr), "row_len": ("--task_seq_len", a.task_seq_len),
+               "seed": ("--seed", a.seed)}
         diff = [f"{flag} {ft[k]}" for k, (flag, v) in now.items() if k in ft and ft[k] != v]
         if res.get("n_per_cell") not in (None, a.task_n):
             diff.append(f"--task_n {res['n_per_cell']}")
