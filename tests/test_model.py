@@ -50,6 +50,30 @@ def test_bad_forward_input_names_the_problem(model):
         assert torch.equal(m(x.int(), x.int())["logits"], m(x, x)["logits"])
 
 
+@pytest.mark.parametrize("model", ["ionllama", "dense", "mamba"])
+def test_loss_skips_ignored_targets_and_is_zero_without_any(model):
+    """-100 targets are left out of the mean; with none left the loss is 0 with zero gradients, not F.cross_entropy's
+    NaN (0 / 0), which AdamW would have written into every weight. The joint phase's aux loss as well."""
+    kw = dict(SMALL, patching="entropy") if model == "ionllama" else dict(d_model=32, n_layers=1, n_heads=2)
+    m = create_model("tiny", model=model, **kw)
+    if model == "ionllama":
+        m.freeze_entropy(False)  # joint fine-tuning: the forward adds the entropy model's aux_loss
+    x = torch.randint(0, 256, (2, 12))
+    y = x.roll(-1, 1)
+    y[:, :5] = -100
+    out = m(x, y)
+    ref = torch.nn.functional.cross_entropy(out["logits"].float().reshape(-1, 256), y.reshape(-1), ignore_index=-100)
+    assert torch.allclose(out["loss"], ref, rtol=1e-6)
+    out = m(x, torch.full_like(x, -100))
+    assert out["loss"].item() == 0.0 and out["bpb"].item() == 0.0
+    total = out["loss"] + (out["aux_loss"] if out.get("aux_loss") is not None else 0)
+    if model == "ionllama":
+        assert out["aux_loss"].item() == 0.0
+    total.backward()
+    grads = [p.grad for p in m.parameters() if p.grad is not None]
+    assert grads and all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
 def test_default_sizes_match_plan_budgets():
     totals = {s: create_model(s).count_parameters()["total"] / 1e6 for s in ("tiny", "small")}
     assert 3 < totals["tiny"] < 8 and 35 < totals["small"] < 65

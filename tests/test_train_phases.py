@@ -215,3 +215,43 @@ def test_resume_at_a_joint_evaluation_keeps_its_calibration_point(tmp_path, corp
     run(tmp_path, corpus, "p2", "--eval_interval", "2", "--resume", "auto")
     assert [r["step"] for r in points(straight) if r["phase"] == "calibrate"] == [6, 14, 16]
     assert points(paused) == points(straight)
+
+
+class PoisonedLM(FakePatchedLM):
+    """Its main-phase loss turns NaN at the `poison_at`-th training forward, as a diverging run's would: the NaN
+    gradients make AdamW's weights NaN too, so every later loss is NaN."""
+    poison_at: int | None = None
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.calls = 0
+
+    def forward(self, x, targets=None):
+        out = super().forward(x, targets)
+        if self.training and targets is not None:
+            self.calls += 1
+            if self.poison_at is not None and self.calls >= self.poison_at:
+                out["loss"] = out["loss"] * float("nan")
+        return out
+
+
+def test_a_diverged_run_stops_before_saving_and_keeps_the_last_good_checkpoint(tmp_path, corpus, capsys):
+    _REGISTRY["fake_patched"] = PoisonedLM
+    try:
+        PoisonedLM.poison_at = 3  # main phase: steps 7.. ; the third main step is step 9; latest.pt holds step 8
+        with pytest.raises(SystemExit) as e:
+            run(tmp_path, corpus, "nan", "--max_steps", "16")
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1, err
+        assert "loss became nan by step 9 (main phase)" in err[0] and "holds step 8" in err[0] and "--lr 0.0015" in err[0]
+        d = tmp_path / "runs" / "nan"
+        ck = load_checkpoint(d / "latest.pt")
+        assert ck["step"] == 8 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+        assert not (d / "final.pt").exists()
+        assert max(r["step"] for r in read_metrics(d / "metrics.jsonl")) == 8  # the NaN steps were not logged
+        PoisonedLM.poison_at = None  # the hint's lower --lr resumes it to the end
+        run(tmp_path, corpus, "nan", "--max_steps", "16", "--resume", "auto", "--lr", "1.5e-3")
+        assert load_checkpoint(d / "final.pt")["step"] == 22
+    finally:
+        PoisonedLM.poison_at = None
+        _REGISTRY.pop("fake_patched", None)

@@ -54,6 +54,15 @@ def checked_input(x, targets=None, vocab: int = 256) -> tuple[torch.Tensor, torc
     return x.long(), (None if targets is None else targets.long())
 
 
+def scored_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (nats) over the targets that are not -100. A batch with no scored target gives
+    0 with a zero gradient, not the NaN of ``F.cross_entropy``'s mean (0 / 0), which would poison the
+    weights through the optimizer. No host sync: the count stays on the device."""
+    flat = targets.reshape(-1)
+    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), flat, ignore_index=-100, reduction="sum")
+    return total / (flat != -100).sum().clamp(min=1)
+
+
 def swiglu_hidden(dim: int, mult: float = 8 / 3, multiple_of: int = 32) -> int:
     h = int(dim * mult)
     return multiple_of * ((h + multiple_of - 1) // multiple_of)

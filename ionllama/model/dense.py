@@ -7,22 +7,21 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..registry import register
-from .common import RMSNorm, TransformerBlock, checked_input, init_weights, swiglu_hidden
+from .common import RMSNorm, TransformerBlock, checked_input, init_weights, scored_cross_entropy, swiglu_hidden
 
 LN2 = math.log(2.0)
 
 
 def lm_outputs(logits: torch.Tensor, targets: torch.Tensor | None, n_patches: torch.Tensor,
                bytes_per_target: float = 1.0) -> dict:
-    """HF-style output dict shared by all models. loss = mean nats per target (ignore_index=-100);
+    """HF-style output dict shared by all models. loss = mean nats per target (-100 is not scored);
     bpb = bits per byte (a token model passes bytes_per_target = bytes/token of the batch)."""
     out = {"logits": logits, "loss": None, "bpb": None, "n_patches": n_patches}
     if targets is not None:
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        loss = scored_cross_entropy(logits, targets)
         out["loss"] = loss
         out["bpb"] = loss.detach() / LN2 / bytes_per_target
     return out

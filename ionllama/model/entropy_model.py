@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import RMSNorm
+from .common import RMSNorm, scored_cross_entropy
 from .ssm import MambaBlock
 
 LN2 = math.log(2.0)
@@ -44,6 +44,6 @@ class EntropyModel(nn.Module):
         logits = self.head(self.norm(h))
         out = {"logits": logits, "entropy": entropy_bits(logits).detach(), "loss": None, "bpb": None}
         if targets is not None:
-            loss = F.cross_entropy(logits.float().reshape(-1, 256), targets.reshape(-1), ignore_index=-100)
+            loss = scored_cross_entropy(logits, targets)
             out["loss"], out["bpb"] = loss, loss.detach() / LN2
         return out

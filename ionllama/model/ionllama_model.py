@@ -20,7 +20,8 @@ import torch.nn as nn
 from ..config import LATENT_SHIFTS, ModelConfig
 from ..registry import register
 from .byte_embedding import ByteEmbedding
-from .common import RMSNorm, checked_input, init_weights, swiglu_hidden, zero_residual_branches
+from .common import (RMSNorm, checked_input, init_weights, scored_cross_entropy, swiglu_hidden,
+                     zero_residual_branches)
 from .dense import GenerateMixin, ParamCountMixin, lm_outputs
 from .entropy_model import EntropyModel
 from .integral_lnn import IntegralLNNBlock
@@ -217,9 +218,7 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
             ent_out = entropy
             entropy = ent_out["entropy"]
             if targets is not None:
-                import torch.nn.functional as F
-                aux_loss = F.cross_entropy(ent_out["logits"].float().reshape(-1, 256), targets.reshape(-1),
-                                           ignore_index=-100)
+                aux_loss = scored_cross_entropy(ent_out["logits"], targets)
         completed = self.config.latent_shift == "completed"
         if patch_starts is None:
             starts, b2p, n_patches, *next_start = self.patches(x, entropy, with_next=completed)

@@ -333,6 +333,7 @@ class Trainer:
         self.train_time = 0.0
         self.host_s = 0.0  # host seconds inside train_step since the last log point
         self.best_val_bpb = math.inf
+        self.saved_step: int | None = None  # the step latest.pt holds (None: nothing written by or for this run)
         self.stop_reason: str | None = None  # request_stop(): ends the run after the current step, saving latest.pt
         self.metrics = MetricsLogger(self.run_dir, use_wandb=args.wandb and self.is_main, run_name=self.run_dir.name,
                                      config={**vars(args), "model_config": self.config.to_dict()}) \
@@ -442,7 +443,7 @@ class Trainer:
             raise UserError(f"{path} is at step {step} in the {ck['phase']} phase, but with these step counts step "
                             f"{step} is in the {now} phase: the run would go back a phase; keep the checkpoint's "
                             f"--max_steps / --entropy_steps / --joint_steps{extra}")
-        self.step = step
+        self.step = self.saved_step = step
         self.bytes_seen = int(ck.get("bytes_seen", 0))
         self.train_time = float(ck.get("train_time_s", 0.0))
         self.best_val_bpb = float(ck.get("best_val_bpb", math.inf))
@@ -687,8 +688,10 @@ class Trainer:
         """Serialise once to latest.pt, copy to the other names (all atomic)."""
         if self.par.distributed:  # every rank writes its shards into <name>.dcp
             self.par.save(self.run_dir, names, self.optimizer, self.state(weights=False))
+            self.saved_step = self.step
             return
         if not self.is_main:
+            self.saved_step = self.step
             return
         try:
             latest = ckpt_io.save_checkpoint(self.state(), self.run_dir / "latest.pt")
@@ -698,6 +701,24 @@ class Trainer:
         except OSError as e:
             raise UserError(f"could not write a checkpoint in {self.run_dir} ({e.strerror or e}); free disk space "
                             "and resume with --resume auto (earlier checkpoints are intact)") from None
+        self.saved_step = self.step
+
+    def _check_finite(self, last_loss: float) -> None:
+        """Stop a diverged run before it saves: with a NaN / inf loss the weights are (or soon are) NaN, and
+        every later save would overwrite the last good latest.pt / best.pt with them. Checked at the log points,
+        where the host reads the losses anyway. The last step's loss, not the window's mean: an fp16 step that
+        GradScaler skipped leaves the weights intact, and the next step's loss is finite again."""
+        if math.isfinite(last_loss):
+            return
+        flag, lr = ("--entropy_lr", self.plan.entropy_lr) if self.phase == "entropy" else ("--lr", self.plan.lr)
+        if self.saved_step is None:
+            kept = f"no checkpoint had been written yet; start again with a lower {flag} (this run: {lr:g})"
+        else:
+            name = "latest.dcp" if self.par.distributed else "latest.pt"
+            kept = (f"{self.run_dir / name} holds step {self.saved_step} and was not overwritten; resume from it "
+                    f"with a lower learning rate: {self._resume_hint()} {flag} {lr / 2:g}")
+        raise UserError(f"the training loss became {last_loss} by step {self.step} ({self.phase} phase): the run "
+                        f"diverged and stopped; {kept}")
 
     def _final_name(self) -> str | None:
         """final.pt or final.dcp, whichever the run wrote (None: neither: it stopped at its last step, unfinished)."""
@@ -785,6 +806,7 @@ class Trainer:
                 if self.step % a.log_interval == 0 or at_eval or at_save or phase_done or stopping:
                     t_sync = time.perf_counter()
                     loss = float(torch.stack(win["loss"]).mean())
+                    self._check_finite(float(win["loss"][-1]))
                     sync()
                     dt = time.perf_counter() - win["t0"]
                     # where the window's time went: host_ms_per_step is the host inside train_step (data,
