@@ -60,7 +60,11 @@ def test_bad_eval_data_or_out_fails_before_any_arm_trains(tmp_path, capsys):
                          # found only when their arm (or the task stage) started, after earlier arms had trained
                          (["--override", "n_layers=-1"], "arm dense: n_layers must be >= 1"),
                          (["--override", "d_model=65"], "must split into"),
-                         (["--stage", "pretrain,tasks", "--task_arms", "dense,dnese"], "--task_arms: unknown arm")):
+                         (["--stage", "pretrain,tasks", "--task_arms", "dense,dnese"], "--task_arms: unknown arm"),
+                         # rows too short for the longest task example (65 bytes): found after every arm pretrained
+                         (["--stage", "pretrain,tasks", "--task_seq_len", "40"], "pass --task_seq_len 66 or more"),
+                         # bpe's rows hold 50 tokens; a task example can take 66
+                         (["--stage", "pretrain,tasks", "--task_seq_len", "100"], "pass --task_seq_len 132 or more")):
         argv = _argv(tmp_path, pattern) + extra
         with pytest.raises(SystemExit) as e:
             main(argv)
@@ -270,6 +274,24 @@ def test_flops_follow_measured_patches_and_tokens():
     assert out[1]["train_flops"] == pytest.approx(1000 * fe)
     assert out[2]["train_flops"] == pytest.approx(1000 * fe + 2000 * f4)
     assert out[3]["train_flops"] == out[2]["train_flops"]
+
+
+def test_task_row_check_before_pretraining_matches_what_packing_needs():
+    from ionllama.experiment.tasks import check_task_row_len, longest_task_example
+
+    longest = longest_task_example(seed=0, steps=40, n=16)
+    longest_examples = [e for s in range(40) for e in task_examples(0, s, 16)
+                        if len(e.prompt) + len(e.answer) + 1 == longest]
+    pieces = [(list(e.prompt), list(e.answer + b"\n")) for e in longest_examples[:1]]
+    check_task_row_len(longest + 1, longest, [])  # accepted: and packing takes it
+    pack_examples(pieces, 0, longest + 1)
+    with pytest.raises(Exception, match=f"--task_seq_len {longest + 1} or more"):
+        check_task_row_len(longest, longest, [])
+    with pytest.raises(Exception, match="task_seq_len"):  # and packing refuses that length too
+        pack_examples(pieces, 0, longest)
+    check_task_row_len(2 * (longest + 1), longest, ["bpe"])
+    with pytest.raises(Exception, match=f"bpe rows of {longest} tokens"):
+        check_task_row_len(2 * longest + 1, longest, ["bpe"])
 
 
 def test_task_batches_hold_the_same_examples_for_bytes_and_tokens(tmp_path):

@@ -175,10 +175,15 @@ def _checked_runner(a: argparse.Namespace, argv: list[str], stages: list[str]) -
     names = runner.arm_names()
     if "pretrain" in stages:
         _check_arm_configs(runner, names)
-    if "tasks" in stages and a.task_arms:
-        for arm in (s.strip() for s in a.task_arms.split(",") if s.strip()):
+    if "tasks" in stages:
+        task_arms = [s.strip() for s in (a.task_arms or ",".join(TASK_ARMS)).split(",") if s.strip()]
+        for arm in task_arms:
             if arm not in runner.matrix:  # found only when the task stage began, after pretraining
                 raise UserError(f"--task_arms: unknown arm '{arm}'; choose from {', '.join(runner.matrix)}")
+        from .tasks import check_task_row_len, longest_task_example
+
+        check_task_row_len(a.task_seq_len, longest_task_example(a.seed, a.task_steps, a.task_batch),
+                           [arm for arm in task_arms if runner.matrix[arm].get("model") == "bpe"])
     return runner, names
 
 

@@ -18,6 +18,27 @@ def task_examples(seed: int, step: int, n: int) -> list:
     return [T.sample_example(rng, T.TASKS[int(rng.integers(len(T.TASKS)))], "train") for _ in range(n)]
 
 
+def longest_task_example(seed: int, steps: int, n: int) -> int:
+    """Bytes of the longest fine-tuning example of the stage (prompt, answer and its newline): known before any
+    arm pretrains, since the examples are a pure function of (seed, step)."""
+    return max(len(e.prompt) + len(e.answer) + 1 for step in range(steps) for e in task_examples(seed, step, n))
+
+
+def check_task_row_len(row_len: int, longest: int, token_arms: list[str]) -> None:
+    """A row holds `sep example sep`: refused before pretraining, not when the task stage packs its first batch
+    after every arm has trained. A token arm's rows hold row_len // 2 tokens; a byte-level BPE never makes more
+    tokens than bytes, so an example fits when its bytes do (it may also fit with fewer; not knowable before the
+    tokenizer exists)."""
+    need = longest + 1
+    if row_len < need:
+        raise UserError(f"--task_seq_len {row_len} is shorter than the longest task example ({longest} bytes "
+                        f"and a separator); pass --task_seq_len {need} or more")
+    if token_arms and max(16, row_len // 2) < need:
+        raise UserError(f"--task_seq_len {row_len} gives {', '.join(token_arms)} rows of {max(16, row_len // 2)} "
+                        f"tokens, and the longest task example can take {need} (a token per byte at worst); pass "
+                        f"--task_seq_len {2 * need} or more")
+
+
 def pack_examples(pieces: list[tuple[list[int], list[int]]], sep: int, row_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[(prompt ids, answer ids incl. newline)] -> rows `sep p a sep p a ...` padded with sep; targets only
     on answers. Examples are never cut; as many rows as needed."""
