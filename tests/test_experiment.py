@@ -531,6 +531,17 @@ def test_ionllama_sweep_also_widens_and_deepens_the_byte_level(tmp_path, capsys)
     assert spec2["n_dec_layers"] == cfg.n_dec_layers + 2 and spec2["dropout"] == 0.1
     argv = r2.trainer_argv("x", spec2, 60.0)
     assert trainer_parser().parse_args(argv).dropout == 0.1
+    # an --override of a knob the pick set replaces it, said once (it was silent); one the pick left alone is not said
+    r4 = Runner(build_parser().parse_args(["--out", str(tmp_path / "o4"), "--ckpt_dir", str(tmp_path / "c"),
+                                           "--arms", "ionllama_fixed", "--from_sweep",
+                                           "--override", "n_layers=5,lr=1e-3",
+                                           "--sweep_dir", str(tmp_path / "o" / "sweep")]), [])
+    capsys.readouterr()
+    assert r4.spec_of("ionllama_fixed")["n_layers"] == 5 and r4.spec_of("ionllama_fixed")["n_dec_layers"] == \
+        cfg.n_dec_layers + 2
+    said = [ln for ln in capsys.readouterr().out.splitlines() if "--override replaces" in ln]
+    assert said == ["[experiment] ionllama_fixed: --override replaces the sweep pick's "
+                    f"n_layers={spec['n_layers']} with 5"], said
     r3 = Runner(build_parser().parse_args(["--out", str(tmp_path / "o2"), "--ckpt_dir", str(tmp_path / "c"),
                                            "--arms", "ionllama_fixed", "--from_sweep"]), [])
     assert r3.best_sweep_variant("ionllama_fixed") is None  # its own <out>/sweep has no runs

@@ -73,6 +73,7 @@ class Runner:
         self.argv = argv
         self.out = Path(args.out)
         self._picks_said: set[str] = set()
+        self._overrides_said: set[tuple] = set()
         self.ckpt_dir = Path(args.ckpt_dir)
         self.t_start = time.perf_counter() - process_age_s()  # --deadline_s counts from the process start
         self.command = "ionllama experiment " + " ".join(shlex.quote(x) for x in argv)
@@ -113,6 +114,13 @@ class Runner:
                      f"finished sweep run(s) in {self.sweep_dir}" + (f": {', '.join(done)}" if done else ""))
         if variant and variant != "base":
             spec = variant_spec(spec, variant)
+        replaced = {k: spec[k] for k, v in self.overrides.items() if k in spec and spec[k] != v
+                    and spec[k] != self.matrix[arm].get(k)}  # what the sweep pick or the variant had set
+        if replaced and (arm, variant) not in self._overrides_said:  # once; it was silent, so a pick's knob vanished
+            self._overrides_said.add((arm, variant))
+            _log(f"{arm}{'~' + variant if variant else ''}: --override replaces the "
+                 f"{'sweep variant' if variant else 'sweep pick'}'s "
+                 + ", ".join(f"{k}={v} with {self.overrides[k]}" for k, v in replaced.items()))
         spec.update(self.overrides)
         return spec
 
