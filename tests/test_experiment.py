@@ -531,6 +531,10 @@ def test_ionllama_sweep_also_widens_and_deepens_the_byte_level(tmp_path, capsys)
     assert spec2["n_dec_layers"] == cfg.n_dec_layers + 2 and spec2["dropout"] == 0.1
     argv = r2.trainer_argv("x", spec2, 60.0)
     assert trainer_parser().parse_args(argv).dropout == 0.1
+    assert r2.sweep_pick("ionllama_fixed", "ionllama_fixed") == {  # recorded in the row's final.json
+        "variant": "shallow+local_deep", "sweep_dir": str(tmp_path / "o" / "sweep"), "val_bpb": 1.54,
+        "from_runs": ["base", "lr2x", "local_deep", "shallow+local_deep"]}
+    assert r2.sweep_pick("ionllama_fixed", "ionllama_fixed~lr2x") is None  # a sweep run is not set from a pick
     # an --override of a knob the pick set replaces it, said once (it was silent); one the pick left alone is not said
     r4 = Runner(build_parser().parse_args(["--out", str(tmp_path / "o4"), "--ckpt_dir", str(tmp_path / "c"),
                                            "--arms", "ionllama_fixed", "--from_sweep",

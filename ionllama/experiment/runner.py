@@ -151,6 +151,18 @@ class Runner:
                 best = (v, f["val"]["bpb"])
         return best[0] if best else None
 
+    def sweep_pick(self, arm: str, run_name: str) -> dict | None:
+        """What --from_sweep set this row from, for its final.json (the pick's knobs were in the trainer command,
+        but not which sweep run, folder and score they came from)."""
+        if not self.a.from_sweep or run_name != arm:
+            return None
+        best = self.best_sweep_variant(arm)
+        f = _read_json(self.sweep_dir / f"{arm}~{best}" / "final.json") if best else None
+        return {"variant": best, "sweep_dir": str(self.sweep_dir),
+                "val_bpb": (f or {}).get("val", {}).get("bpb"),
+                "from_runs": [v for v in self.trained_variants(arm)
+                              if (self.sweep_dir / f"{arm}~{v}" / "final.json").is_file()]}
+
     def time_left(self) -> float:
         if self.a.deadline_s is None:
             return math.inf
@@ -498,6 +510,7 @@ class Runner:
         cfg = model.config.to_dict()
         return {
             "arm": arm, "run": run_name, "model": spec["model"], "spec": spec, "model_config": cfg,
+            "sweep_pick": self.sweep_pick(arm, run_name),
             "params": params["total"], "params_non_embedding": params["total"] - emb, "params_by_part": params,
             **res,
             "bytes_per_patch": res["val"].get("bytes_per_patch"),
