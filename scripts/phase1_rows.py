@@ -89,6 +89,9 @@ ROWS = {
     "tasks best row, dilated, seed 2": _task_row("latent_shift=completed,fixed_patch_size=3,pooling=attention", seed=2),
     "tasks best row, dense, seed 2": _task_row(
         "latent_shift=completed,fixed_patch_size=3,pooling=attention,attention=dense", seed=2),
+    "tasks best row, dense, seed 3": _task_row(
+        "latent_shift=completed,fixed_patch_size=3,pooling=attention,attention=dense", seed=3),
+    "tasks best row, dilated, seed 3": _task_row("latent_shift=completed,fixed_patch_size=3,pooling=attention", seed=3),
 }
 # the copies of the data the session makes before its calls (docs/notes/gpu-runbook.md), renamed on the device
 DATA_MOVES = "rm -rf .data/gutenberg .data/wikipedia && mv .data/gut .data/gutenberg && mv .data/wk .data/wikipedia"
