@@ -151,7 +151,11 @@ def format_ngram_sizes(sizes) -> str:
 def make_config(size: str = "tiny", model: str = "ionllama", **overrides) -> ModelConfig:
     table = SIZES.get(model, SIZES["dense"])
     if size not in table:
-        raise UserError(f"unknown size '{size}'; choose one of {', '.join(table)}")
+        from .registry import model_names
+
+        kind = (f" ('{size}' is a model: create_model('tiny', model='{size}'))"
+                if isinstance(size, str) and size in model_names() else "")
+        raise UserError(f"unknown size '{size}'; choose one of {', '.join(table)}{kind}")
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     bad = [k for k in overrides if k not in names]
     if bad:
@@ -166,9 +170,10 @@ CHOICES = {"attention": ("dilated", "dense"), "local_layers": ("integral", "tran
            "ngram": ("hash", "conv", "none"), "pooling": ("mean", "attention"), "dec_init": ("default", "zero"),
            "latent_shift": LATENT_SHIFTS}
 # the least value of each size option: a zero width or patch size used to end in a ZeroDivisionError or an
-# assert deep in the model; a zero latent depth built a model without a latent transformer, silently
+# assert deep in the model; a zero latent depth built a model without a latent transformer, silently; a scan chunk
+# of 1 never shortened the chunked scan's recursion (RecursionError at the first forward)
 AT_LEAST = {"vocab_size": 2, "d_model": 1, "n_layers": 1, "n_heads": 1, "d_local": 1, "n_enc_layers": 0,
-            "n_dec_layers": 0, "local_window": 1, "conv_kernel": 1, "scan_chunk": 1, "ngram_buckets": 1,
+            "n_dec_layers": 0, "local_window": 1, "conv_kernel": 1, "scan_chunk": 2, "ngram_buckets": 1,
             "local_width": 1, "d_entropy": 1, "n_entropy_layers": 1, "entropy_state": 1, "entropy_headdim": 1,
             "entropy_chunk": 1, "max_patch_size": 1, "fixed_patch_size": 1, "target_patch_size": 1}
 

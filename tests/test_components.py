@@ -25,7 +25,7 @@ def ssd_loop(x, log_a, Bm, Cm, h0=None):
     return torch.stack(ys, 1), state
 
 
-@pytest.mark.parametrize("T,chunk", [(1, 4), (7, 4), (64, 8), (300, 16), (1000, 8)])
+@pytest.mark.parametrize("T,chunk", [(1, 4), (7, 4), (64, 8), (300, 16), (1000, 8), (9, 2)])
 def test_const_decay_scan_matches_loop(T, chunk):
     u = torch.randn(2, T, 5, dtype=f64)
     log_a = -torch.rand(5, dtype=f64) * 3
@@ -171,6 +171,17 @@ def test_local_width_widens_the_dense_window_and_reaches_the_model_and_the_train
     assert build_train_parser().parse_args(["--local_width", "8"]).local_width == 8
     with pytest.raises(UserError, match="local_width must be >= 1"):
         create_model("tiny", **kw, local_width=0)
+
+
+def test_a_scan_chunk_of_one_is_refused_where_it_never_ended():
+    """A new user's report: create_model(scan_chunk=1) built, then the first forward hit a RecursionError (each level
+    of the chunked scan shortens the sequence by the chunk)."""
+    from ionllama import create_model
+    from ionllama.errors import UserError
+    with pytest.raises(UserError, match="scan_chunk must be >= 2"):
+        create_model("tiny", scan_chunk=1)
+    with pytest.raises(ValueError, match="at least 2"):
+        scan_const_decay(torch.randn(1, 5, 3), -torch.rand(3), None, 1)
 
 
 @pytest.mark.parametrize("T,W", [(37, 5), (8, 8), (64, 16), (3, 16)])

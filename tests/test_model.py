@@ -82,6 +82,8 @@ def test_default_sizes_match_plan_budgets():
 def test_unknown_option_is_a_user_error():
     with pytest.raises(UserError, match="attention"):
         create_model("tiny", attention="sparse")
+    with pytest.raises(UserError, match=r"'dense' is a model: create_model\('tiny', model='dense'\)"):
+        create_model("dense")  # the size comes first
     with pytest.raises(UserError, match="size"):
         create_model("gigantic")
 
@@ -317,3 +319,21 @@ def test_state_dict_roundtrip_keeps_threshold():
     m2 = create_model("tiny", **SMALL)
     m2.load_state_dict(m.state_dict())
     assert m2.entropy_threshold.item() == m.entropy_threshold.item() != 0.0
+
+
+def test_half_precision_casts_keep_the_calibrated_threshold_and_the_patches():
+    """A new user's report: model.to(torch.bfloat16) rounded the threshold buffer (7.991 -> 8.0) while the entropies
+    it is compared with stay fp32, and the same entropies then gave [4, 4] patches instead of [15, 14]."""
+    m = create_model("tiny", **SMALL).eval()
+    m.entropy_threshold.fill_(7.991187572479248)
+    x = torch.randint(0, 256, (2, 30))
+    ent = torch.full((2, 30), 7.99)  # entropies between the fp32 threshold and its bf16 rounding
+    ent[:, ::3] = 7.995
+    want = m.patches(x, ent)[2]
+    for cast in (lambda t: t.to(torch.bfloat16), lambda t: t.half(), lambda t: t.to("cpu", torch.float64)):
+        c = cast(create_model("tiny", **SMALL).eval())
+        c.load_state_dict(m.state_dict())
+        c = cast(c)
+        assert c.entropy_threshold.dtype == torch.float32 and c.entropy_threshold.item() == m.entropy_threshold.item()
+        assert torch.equal(c.patches(x, ent)[2], want)
+    assert want.min() > 1  # at the bf16-rounded 8.0 no entropy here would start a patch: one patch per row

@@ -59,6 +59,15 @@ def test_matches_a_direct_computation():
     assert res["loss"] == pytest.approx(nats / count, rel=1e-5)
     assert res["bpb"] == pytest.approx(nats / count / math.log(2), rel=1e-5)
     assert model.training is False
+    # the same bytes as bytes, a list or a tensor score the same (a list was a numpy TypeError); bad sizes are one line
+    for same in (data.tobytes(), data.tolist(), torch.from_numpy(data.astype(np.int64))):
+        assert evaluate_bpb(model, same, 64, 2, "cpu")["bpb"] == res["bpb"]
+    from ionllama.errors import UserError
+    for bad, words in (((data, 0, 2), "seq_len must be a whole number >= 1"), ((data, 64, 0), "batch_size must be"),
+                       ((data.astype(np.int64) + 200, 64, 2), "outside 0..255"), (("text", 64, 2), "got str"),
+                       ((data.reshape(3, 100), 64, 2), "one flat sequence")):
+        with pytest.raises(UserError, match=words):
+            evaluate_bpb(model, *bad, device="cpu")
 
 
 def test_bytes_per_patch_and_ignored_targets():

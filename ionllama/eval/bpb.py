@@ -66,10 +66,36 @@ def _device(device) -> torch.device:
     return device if isinstance(device, torch.device) else torch.device(device)
 
 
+def _as_byte_array(data) -> np.ndarray:
+    """A numpy array of byte values (memmaps stay memmaps: no copy of a large val.bin)."""
+    if isinstance(data, np.ndarray):
+        arr = data
+    elif isinstance(data, (bytes, bytearray, memoryview)):
+        return np.frombuffer(bytes(data), dtype=np.uint8)
+    elif isinstance(data, torch.Tensor):
+        arr = data.detach().cpu().numpy()
+    elif isinstance(data, (list, tuple)):
+        arr = np.asarray(data)
+    else:
+        raise UserError(f"evaluate_bpb: data must be bytes, a numpy array or a list of byte values (got "
+                        f"{type(data).__name__})")
+    if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+        raise UserError(f"evaluate_bpb: data must be one flat sequence of byte values (got shape {arr.shape}, "
+                        f"{arr.dtype})")
+    if arr.dtype != np.uint8 and arr.size and (arr.min() < 0 or arr.max() > 255):
+        raise UserError("evaluate_bpb: data holds values outside 0..255; pass bytes")
+    return arr
+
+
 def evaluate_bpb(model, data: np.ndarray, seq_len: int, batch_size: int, device, max_bytes: int | None = None,
                  amp_dtype: torch.dtype | None = None) -> dict:
-    """-> dict(loss (nats/byte), bpb, ppl (per byte), bytes (scored), bytes_per_patch)."""
+    """-> dict(loss (nats/byte), bpb, ppl (per byte), bytes (scored), bytes_per_patch). `data`: a uint8 array or
+    memmap (val.bin), bytes, or a list / tensor of byte values."""
     device = _device(device)
+    data = _as_byte_array(data)
+    for name, v in (("seq_len", seq_len), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise UserError(f"evaluate_bpb: {name} must be a whole number >= 1 (got {v!r})")
     n = len(data)
     if n < 2:
         raise UserError(f"evaluation data has {n} byte(s); it needs at least 2")

@@ -129,6 +129,17 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
     def needs_entropy_phase(self) -> bool:
         return self.config.patching == "entropy"
 
+    def _apply(self, fn, recurse=True):
+        """model.to(torch.bfloat16) / .half() cast every float buffer; the calibrated threshold (bits) then rounded
+        (7.991 -> 8.0) while the entropies it is compared with are computed in fp32, so the cast moved the patch
+        boundaries. The threshold keeps fp32 through any cast; device moves still apply."""
+        kept = self.entropy_threshold
+        out = super()._apply(fn, recurse)
+        moved = self.entropy_threshold
+        if moved.dtype != torch.float32:
+            self._buffers["entropy_threshold"] = kept.to(device=moved.device, dtype=torch.float32)
+        return out
+
     def freeze_entropy(self, frozen: bool = True) -> None:
         self._entropy_frozen = frozen
         for p in self.entropy_model.parameters():

@@ -34,6 +34,8 @@ def scan_const_decay(u: torch.Tensor, log_a: torch.Tensor, h0: torch.Tensor | No
     Returns h: (B, T, D) in u's dtype (accumulates in fp32).
     """
     B, T, D = u.shape
+    if chunk < 2 and T > 1:  # each level of the recursion shortens T by the chunk: 1 never ends
+        raise ValueError(f"scan chunk must be at least 2, got {chunk}")
     out_dtype = u.dtype
     work = torch.promote_types(u.dtype, torch.float32)
     u, log_a = u.to(work), log_a.to(work)
