@@ -184,7 +184,12 @@ def test_each_phase_trains_only_its_parameters_and_resume_is_exact_in_every_phas
     before = points(branch)
     run(tmp_path, corpus, "branch", "--resume", str(branch / "step_6.pt"))
     notes = [m for m in capsys.readouterr().out.splitlines() if m.startswith("note:")]
-    assert len(notes) == 1 and "went on to step 9" in notes[0] and "--run_name NEW" in notes[0], notes
+    assert len(notes) == 2 and "went on to step 9" in notes[0] and "--run_name NEW" in notes[0], notes
+    # and its checkpoints too: they were overwritten as the new branch saved (best.pt by a worse model)
+    kept_dir = branch / "before-resume-step6"
+    assert "best.pt, latest.pt" in notes[1] and str(kept_dir) in notes[1], notes
+    assert load_checkpoint(kept_dir / "best.pt")["step"] == 8 and load_checkpoint(kept_dir / "latest.pt")["step"] == 9
+    assert load_checkpoint(branch / "final.pt")["step"] == 16 and (branch / "step_6.pt").is_file()
     # the abandoned branch's points are kept aside, not lost: with the ones kept, they are the first run's log
     aside = branch / "metrics.before-resume-step6.jsonl"
     assert aside.name in notes[0]
@@ -255,3 +260,38 @@ def test_a_diverged_run_stops_before_saving_and_keeps_the_last_good_checkpoint(t
     finally:
         PoisonedLM.poison_at = None
         _REGISTRY.pop("fake_patched", None)
+
+
+def test_resuming_an_older_checkpoint_of_a_finished_run_keeps_that_run(tmp_path, corpus, fake_model, capsys):
+    import hashlib
+
+    def sha(f):
+        return hashlib.sha256(f.read_bytes()).hexdigest()
+
+    d = run(tmp_path, corpus, "fin", "--save_interval", "4")  # finished at step 16: step_4 ... step_16, final
+    before = {f.name: sha(f) for f in d.iterdir() if f.is_file() and f.suffix in (".pt", ".safetensors")}
+    assert {"step_12.pt", "step_16.pt", "final.pt", "best.pt"} <= set(before)
+    run(tmp_path, corpus, "fin", "--resume", str(d / "step_8.pt"), "--lr", "1e-3", "--stop_at", "10")
+    aside = d / "before-resume-step8"
+    moved = {f.name: sha(f) for f in aside.iterdir()}
+    for name in ("step_12.pt", "step_16.pt", "final.pt", "latest.pt"):
+        assert moved[name] == before[name], name  # the finished run, byte for byte
+    assert not (d / "final.pt").exists() and not (d / "step_12.pt").exists()
+    assert load_checkpoint(d / "latest.pt")["step"] == 10 and sha(d / "step_8.pt") == before["step_8.pt"]
+    # best.pt moved only if it came from past step 8; else it still holds a step of this branch
+    best_here = (d / "best.pt").is_file() and load_checkpoint(d / "best.pt")["step"] <= 8
+    assert ("best.pt" in moved) != best_here
+
+
+def test_a_checkpoint_without_training_state_is_refused_in_one_line(tmp_path, corpus, fake_model, capsys):
+    d = run(tmp_path, corpus, "w", "--max_steps", "2", "--entropy_steps", "1", "--joint_steps", "0")
+    ck = load_checkpoint(d / "final.pt")
+    for name, state, words in (("weights.pt", {"model": ck["model"], "model_config": ck["model_config"]},
+                                "holds no training state (no step, phase, rng, optimizer)"),
+                               ("odd.pt", {**ck, "phase": "weird"}, "unknown phase 'weird'")):
+        torch.save(state, tmp_path / name)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            run(tmp_path, corpus, "w2", "--resume", str(tmp_path / name))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and words in err[0] and str(tmp_path / name) in err[0], err

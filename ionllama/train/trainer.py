@@ -13,7 +13,9 @@ import contextlib
 import importlib.util
 import json
 import math
+import os
 import random
+import shutil
 import shlex
 import signal
 import sys
@@ -434,6 +436,15 @@ class Trainer:
 
     def _restore(self, ck: dict, path) -> None:
         order = ("entropy", "main", "joint")
+        needs = ("step", "phase", "rng") + (() if ck.get("sharded_path") else ("optimizer",))
+        missing = [k for k in needs if k not in ck]
+        if missing:  # a weights-only file (model + model_config) was a KeyError traceback
+            raise UserError(f"{path} holds no training state (no {', '.join(missing)}): it can be evaluated or "
+                            "generated from, not resumed; resume from a trainer checkpoint (latest.pt, step_N.pt), or "
+                            "start a new run")
+        if ck["phase"] not in order:
+            raise UserError(f"{path} has an unknown phase '{ck['phase']}' (not {', '.join(order)}): not a checkpoint "
+                            "this trainer wrote; resume from latest.pt or step_N.pt of the run")
         step, now = int(ck["step"]), self.plan.phase_of(int(ck["step"]))
         if ck["phase"] in order and order.index(now) < order.index(ck["phase"]):
             # e.g. a finished run given a larger --max_steps: its joint-phase step fell back into the main phase,
@@ -465,9 +476,52 @@ class Trainer:
             last = self.metrics.truncate_after(self.step, self.phase, keep_dropped=aside)
             if older and last is not None and last > self.step:
                 _say(f"note: {path} is at step {self.step}; this run folder's metrics went on to step {last}: those "
-                     f"points are moved to {aside.name} (latest.pt will be rewritten); to keep the whole branch, "
+                     f"points are moved to {aside.name}; to keep the whole branch, "
                      f"resume into another folder with --run_name NEW")
+            if older and not self.par.distributed:
+                self._set_branch_aside(Path(path))
         _say(f"resumed {path} at step {self.step} (phase {self.phase})")
+
+    def _set_branch_aside(self, resumed_from: Path) -> None:
+        """Resuming from an older step_N.pt abandons the branch that went on from it: its later checkpoints
+        (step_M.pt with M > N, best.pt past N, final.pt, final.safetensors, sample.txt, and a link to its latest.pt)
+        move to before-resume-stepN/, as its metrics do. They used to be overwritten as the new branch saved (a
+        new user's report: best.pt replaced by a worse model, final.pt by another run's)."""
+        from .checkpoint import load_weights_only
+
+        def step_of(f: Path) -> int | None:
+            try:  # mmap: only the step is read, not the weights
+                return int(load_weights_only(f, map_location="cpu", mmap=True).get("step"))
+            except Exception:  # unreadable: kept where it is, as before
+                return None
+
+        later = []
+        for f in sorted(self.run_dir.glob("step_*.pt")):
+            n = f.stem[len("step_"):]
+            if n.isdigit() and int(n) > self.step and f.resolve() != resumed_from.resolve():
+                later.append(f)
+        final = self.run_dir / "final.pt"
+        if final.is_file() and final.resolve() != resumed_from.resolve() and (step_of(final) or 0) > self.step:
+            later += [f for f in (final, self.run_dir / "final.safetensors", self.run_dir / "sample.txt") if f.is_file()]
+        best = self.run_dir / "best.pt"
+        if best.is_file() and best.resolve() != resumed_from.resolve() and (step_of(best) or 0) > self.step:
+            later.append(best)
+        latest = self.run_dir / "latest.pt"
+        link_latest = latest.is_file() and latest.resolve() != resumed_from.resolve() and (step_of(latest) or 0) > self.step
+        if not later and not link_latest:
+            return
+        aside = self.run_dir / f"before-resume-step{self.step}"
+        aside.mkdir(exist_ok=True)
+        for f in later:
+            f.replace(aside / f.name)
+        if link_latest:  # latest.pt is replaced atomically by the next save, so a hard link keeps this one
+            try:
+                os.link(latest, aside / "latest.pt")
+            except OSError:
+                shutil.copy2(latest, aside / "latest.pt")
+        names = [f.name for f in later] + (["latest.pt (its copy; the next save replaces it here)"] if link_latest else [])
+        _say(f"note: resuming from step {self.step} abandons the branch that went on from it: {', '.join(names)} "
+             f"moved to {aside}")
 
     # ------------------------------------------------------------------ phases
     def _trainable(self) -> list[nn.Parameter]:
