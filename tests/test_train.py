@@ -258,3 +258,30 @@ def test_a_time_budget_stop_names_the_budget(tmp_path, corpus, capsys):
     out = capsys.readouterr().out
     assert "steps 0..1000000 (or until --max_train_time 0.01 s)" in out, out
     assert "(--max_train_time 0.01 s reached)" in out, out
+    # resumed, the budget counts the run's earlier training: one already spent is refused, not one step and a rewrite
+    d = tmp_path / "runs" / "r"
+    before = (d / "latest.pt").read_bytes()
+    trained = load_checkpoint(d / "latest.pt")["train_time_s"]
+    with pytest.raises(SystemExit) as e:
+        train(tmp_path, corpus, "--max_steps", "1000000", "--max_train_time", "0.01", "--resume", "auto")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and f"has trained {trained:.1f} s already" in err[0], err
+    assert (d / "latest.pt").read_bytes() == before
+
+
+def test_ctrl_c_after_the_final_save_is_not_caught_by_the_training_handler(tmp_path, corpus, monkeypatch):
+    """A new user's report: Ctrl-C during --benchmark_after printed "finishing this step and saving latest.pt" and the
+    benchmark ran on; the training handler stayed installed after the last save. The sample (and the benchmark) now
+    run under the caller's handler."""
+    import ionllama.train.trainer as T
+
+    seen = []
+
+    def fake_sample(*a, **k):
+        seen.append(signal.getsignal(signal.SIGINT))
+        return b"x"
+
+    monkeypatch.setattr(T, "sample_bytes", fake_sample)
+    outer = signal.getsignal(signal.SIGINT)
+    train(tmp_path, corpus, "--max_steps", "2", "--sample_bytes", "4")
+    assert seen == [outer] and signal.getsignal(signal.SIGINT) == outer

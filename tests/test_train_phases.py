@@ -295,3 +295,22 @@ def test_a_checkpoint_without_training_state_is_refused_in_one_line(tmp_path, co
             run(tmp_path, corpus, "w2", "--resume", str(tmp_path / name))
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and words in err[0] and str(tmp_path / name) in err[0], err
+
+
+def test_a_larger_max_steps_on_resume_keeps_the_trained_entropy_phase_and_warmup(tmp_path, corpus, fake_model, capsys):
+    """A new user's report: --max_steps 20 -> 40 on resume re-derived the phases (6 entropy steps trained, 13
+    planned), so the main phase's schedule shifted and its lr jumped; the resume note said the checkpoint used None."""
+    argv = ["--model", "fake_patched", "--data_path", str(corpus), "--data_dir", str(tmp_path / "cache"),
+            "--save_dir", str(tmp_path / "runs"), "--run_name", "grow", "--seq_len", "32", "--batch_size", "4",
+            "--eval_interval", "4", "--sample_bytes", "0", "--device", "cpu", "--val_fraction", "0.1",
+            "--eval_batch_size", "64"]
+    assert main(argv + ["--max_steps", "30", "--stop_at", "12"]) == 0  # derived: 10 entropy, warmup 3, 3 joint
+    ck = load_checkpoint(tmp_path / "runs" / "grow" / "latest.pt")
+    assert (ck["scheduler"]["entropy_steps"], ck["scheduler"]["warmup_steps"]) == (10, 3)
+    capsys.readouterr()
+    assert main(argv + ["--max_steps", "60", "--stop_at", "14", "--resume", "auto", "--lr", "2e-3"]) == 0
+    out = capsys.readouterr().out
+    assert "steps: 10 entropy + 54 main + 6 joint" in out, out
+    assert "resuming with --lr 0.002 (the checkpoint used 0.001)" in out and "used None" not in out
+    ck = load_checkpoint(tmp_path / "runs" / "grow" / "latest.pt")
+    assert (ck["scheduler"]["entropy_steps"], ck["scheduler"]["warmup_steps"]) == (10, 3)

@@ -87,7 +87,7 @@ def build_train_parser(prog: str = "ionllama train") -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stop_at", type=int, default=None,
                    help="pause: stop after this global step, saving latest.pt (resume with --resume)")
-    g.add_argument("--max_train_time", type=float, default=None, help="stop after this many seconds of training")
+    g.add_argument("--max_train_time", type=float, default=None, help="stop once the run has trained this many seconds in all (a resumed run counts its earlier sessions)")
     g = p.add_argument_group("evaluation, logging, checkpoints")
     g.add_argument("--eval_interval", type=int, default=None, help="default: total steps / 4, at most 500")
     g.add_argument("--eval_bytes", type=int, default=None, help="cap on val bytes scored per evaluation (default all)")

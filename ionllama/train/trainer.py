@@ -312,6 +312,7 @@ class Trainer:
             if problem:
                 raise UserError(problem)
         has_entropy = bool(getattr(self.model, "needs_entropy_phase", False))
+        self._keep_resumed_plan(args, explicit or set())
         E = (args.entropy_steps if args.entropy_steps is not None else args.max_steps // 3) if has_entropy else 0
         J = (args.joint_steps if args.joint_steps is not None else args.max_steps // 10) if has_entropy else 0
         if J >= args.max_steps:  # the joint phase is the end of --max_steps: nothing would be left for the main phase
@@ -381,13 +382,23 @@ class Trainer:
                 continue
             if k in explicit:
                 # a flag left out saved None (the size's default); the model's config holds what that meant
-                used = v if v is not None else (self.ck or {}).get("model_config", {}).get(k)
+                ck = self.ck or {}
+                used = v if v is not None else ck.get("model_config", {}).get(k, (ck.get("scheduler") or {}).get(k))
                 if getattr(merged, k) != used:  # said after the config check: a refused resume is one line
                     self._resume_notes.append(f"note: resuming with --{k} {getattr(merged, k)} (the checkpoint "
                                               f"used {used})")
             else:
                 setattr(merged, k, v)
         return merged
+
+    def _keep_resumed_plan(self, args, explicit: set[str]) -> None:
+        """A resume with a larger --max_steps derived the entropy phase and warmup from it again (6 entropy steps
+        trained, 13 planned: the main phase's schedule shifted by 7 steps and its lr jumped). What the run already
+        trained stays: the checkpoint's resolved entropy_steps and warmup_steps, unless given on this command."""
+        sched = (self.ck or {}).get("scheduler") or {}
+        for k in ("entropy_steps", "warmup_steps"):
+            if getattr(args, k, None) is None and k not in explicit and sched.get(k) is not None:
+                setattr(args, k, int(sched[k]))
 
     def _check_config_matches(self, ck_path) -> None:
         saved = self.ck["model_config"]
@@ -796,6 +807,10 @@ class Trainer:
             raise UserError(f"the run in {self.run_dir} finished at step {self.step} ({self._final_name()}); nothing "
                             "to train: "
                             f"raise --max_steps to continue it, or start a new run with another --run_name")
+        if a.max_train_time is not None and self.train_time >= a.max_train_time:  # it also trained one step, then stopped
+            raise UserError(f"--max_train_time {a.max_train_time:g} counts the whole run, which has trained "
+                            f"{self.train_time:.1f} s already: nothing to train; pass a --max_train_time above "
+                            f"{self.train_time:.1f}")
         if a.stop_at is not None and self.step >= a.stop_at:  # it trained one step and rewrote latest.pt
             raise UserError(f"--stop_at {a.stop_at} is not past the run's step {self.step}: nothing to train; pass a "
                             f"--stop_at above {self.step}")
@@ -814,7 +829,7 @@ class Trainer:
             (self.run_dir / "config.json").write_text(json.dumps(
                 {"train_args": vars(a), "model_config": self.config.to_dict(), "global_batch": gb,
                  "data": self.data_meta, "plan": plan.state_dict()}, indent=1, default=str))
-        stop = _StopSignal()
+        stop = self._stop = _StopSignal()
         stop.install()
         from tqdm import tqdm
 
@@ -938,6 +953,15 @@ class Trainer:
         ckpt_io.export_safetensors(model, self.run_dir / "final.safetensors")
         _say(f"done: {self.step} steps, {self.bytes_seen:,} bytes in {self.train_time:.1f} s of training; best val bpb "
              f"{self.best_val_bpb:.4f}; checkpoints in {self.run_dir}")
+        # everything is saved: Ctrl-C now stops the sample or the benchmark at once (the training handler said
+        # "finishing this step and saving" and let them run on); one received during the final save ends here
+        got = getattr(self, "_stop", None)
+        if got is not None:
+            got.restore()
+            if got.signum is not None:
+                _say(f"stopped after the final checkpoint ({signal.Signals(got.signum).name}); sample and benchmark "
+                     "skipped")
+                raise SystemExit(128 + got.signum)
         if a.sample_bytes > 0:
             prompt = self._sample_prompt()
             text = sample_bytes(model, prompt, a.sample_bytes, a.seq_len, self.device, seed=a.seed)
