@@ -57,9 +57,12 @@ def test_damaged_or_foreign_files_give_one_line_errors(tmp_path):
 
     with open(tmp_path / "pickle.pt", "wb") as f:
         pickle.dump({"model": Evil()}, f)
+    C.export_safetensors(m, tmp_path / "final.safetensors")
     for name, pattern in [("truncated.pt", "corrupt"), ("garbage.pt", "corrupt"), ("empty.pt", "corrupt"),
                           ("foreign.pt", "not an ionllama checkpoint"), ("pickle.pt", "corrupt"),
-                          ("missing.pt", "not found")]:
+                          ("missing.pt", "not found"),
+                          # it said "no model / model_config" of a file that has both, as weights and metadata
+                          ("final.safetensors", "a safetensors export .weights only.: it loads for generate")]:
         with pytest.raises(UserError, match=pattern) as e:
             C.load_checkpoint(tmp_path / name)
         assert "\n" not in str(e.value)

@@ -202,10 +202,14 @@ def test_each_phase_trains_only_its_parameters_and_resume_is_exact_in_every_phas
     assert same(load_checkpoint(straight / "final.pt")["model"], ck_end["model"])
 
 
-def test_dense_models_run_only_the_main_phase(tmp_path, corpus):
+def test_dense_models_run_only_the_main_phase(tmp_path, corpus, capsys):
     d = run(tmp_path, corpus, "dense", "--model", "dense", "--d_model", "32", "--n_layers", "1", "--n_heads", "2")
     phases = {r["phase"] for r in read_metrics(d / "metrics.jsonl")}
     assert phases == {"init", "main"}
+    # run() passes --entropy_steps 6 --joint_steps 3: taken without a word before
+    notes = [m for m in capsys.readouterr().out.splitlines() if m.startswith("note:")]
+    assert notes == ["note: --entropy_steps and --joint_steps have no effect: --model dense has no entropy model to "
+                     "train, so it trains the main phase only"], notes
 
 
 def test_resume_at_a_joint_evaluation_keeps_its_calibration_point(tmp_path, corpus, fake_model):

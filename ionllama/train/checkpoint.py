@@ -94,6 +94,9 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         # torch's own text (a pickle or zip detail, or the weights_only essay) helps no one here: the type says enough
         raise unreadable_checkpoint(path, e) from None
     if not isinstance(ck, dict) or "model" not in ck or "model_config" not in ck:
+        if path.suffix == ".safetensors":
+            raise UserError(f"{path} is a safetensors export (weights only): it loads for generate / bench, not for "
+                            "--resume; resume from the run's latest.pt, step_N.pt or final.pt")
         raise UserError(f"{path} is not an ionllama checkpoint (no model / model_config); pass a file written by "
                         "`ionllama train`")
     return ck

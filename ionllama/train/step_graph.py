@@ -97,7 +97,7 @@ def step_graph_problem(model, args, device: torch.device, world_size: int, amp_d
     runs a phase that ``capture_problem`` refuses without the graph)."""
     cfg = model.config
     if device.type != "cuda":
-        return "--step_graph needs a CUDA device"
+        return "--step_graph needs a CUDA device (it captures CUDA graphs); drop --step_graph on CPU"
     if world_size > 1:
         return "--step_graph needs one process (not torchrun with several ranks)"
     if args.grad_accum != 1:

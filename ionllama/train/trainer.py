@@ -313,6 +313,12 @@ class Trainer:
                 raise UserError(problem)
         has_entropy = bool(getattr(self.model, "needs_entropy_phase", False))
         self._keep_resumed_plan(args, explicit or set())
+        unused = [f"--{k}" for k in ("entropy_steps", "joint_steps", "entropy_lr") if k in explicit
+                  and getattr(args, k, None) not in (None, 0) and not has_entropy and self.ck is None]
+        if unused and self.is_main:  # taken without a word before: a user believed the run had a joint phase
+            _say(f"note: {' and '.join(unused)} have no effect: --model {args.model}"
+                 f"{'' if args.model != 'ionllama' else ' with --patching ' + str(self.config.patching)} has no entropy "
+                 "model to train, so it trains the main phase only")
         E = (args.entropy_steps if args.entropy_steps is not None else args.max_steps // 3) if has_entropy else 0
         J = (args.joint_steps if args.joint_steps is not None else args.max_steps // 10) if has_entropy else 0
         if J >= args.max_steps:  # the joint phase is the end of --max_steps: nothing would be left for the main phase
