@@ -285,3 +285,15 @@ def test_ctrl_c_after_the_final_save_is_not_caught_by_the_training_handler(tmp_p
     outer = signal.getsignal(signal.SIGINT)
     train(tmp_path, corpus, "--max_steps", "2", "--sample_bytes", "4")
     assert seen == [outer] and signal.getsignal(signal.SIGINT) == outer
+
+
+def test_a_bpe_run_samples_from_a_val_document(tmp_path, corpus):
+    """Its self.val holds token ids, and the sample prompt was cut from them as if they were text: always ''."""
+    d = train(tmp_path, corpus, "--model", "bpe", "--vocab_size", "300", "--d_model", "32", "--n_layers", "1",
+              "--n_heads", "2", "--max_steps", "2", "--sample_bytes", "8", run_name="bpe")
+    sample = (d / "sample.txt").read_text(encoding="utf-8")
+    from ionllama.data.shards import open_shards
+
+    val = bytes(open_shards(next(p.parent for p in (tmp_path / "cache").rglob("val.bin"))).val[:4096])
+    prompt = val[1:].split(b"\x00")[0][:16].decode("utf-8", "replace")
+    assert len(prompt) >= 8 and sample.startswith(prompt), (prompt, sample)

@@ -418,7 +418,7 @@ class Trainer:
         from ..data.loader import TaskSampler, WindowSampler, task_val_batches
 
         a = self.args
-        self.val = None
+        self.val = self.val_bytes = None
         self.val_batches = None
         self.tokens = None  # token shards and evaluator of a token model (BPE baseline)
         self.data_meta = {"dataset": "tasks"}
@@ -443,7 +443,7 @@ class Trainer:
         if len(shards.val) < a.seq_len + 1:
             raise UserError(f"the val split has {len(shards.val):,} bytes, fewer than --seq_len {a.seq_len} + 1; lower "
                             "--seq_len, add data or raise --val_fraction")
-        self.val = shards.val
+        self.val = self.val_bytes = shards.val  # a token model's self.val becomes token ids below
         if is_token_model(a.model):  # token shards of the same documents; --seq_len counts tokens
             self.tokens = TokenTraining.for_trainer(self, path, log=_say if self.is_main else (lambda m: None))
             self.val, self.sampler = self.tokens.val, self.tokens.sampler
@@ -987,7 +987,8 @@ class Trainer:
             from ..data import tasks
 
             return DOC_SEP_BYTES + tasks.make_examples("add", "val", 1, seed=0)[0][0]
-        head = bytes(self.val[: min(len(self.val), 4096)])
+        val = self.val_bytes  # the text: a BPE run's self.val holds token ids (its prompt was '')
+        head = bytes(val[: min(len(val), 4096)])
         doc = head[1:].split(DOC_SEP_BYTES)[0]
         line_end = doc.find(b"\n", 16)
         cut = min(48, line_end + 1 if 0 < line_end < 48 else 48)
