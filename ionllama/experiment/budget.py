@@ -125,6 +125,9 @@ def make_budget_trainer(train_args, explicit: set[str], budget_s: float, curve_p
     from ..train.trainer import Trainer
 
     class BudgetTrainer(Trainer):
+        # an arm trained to its budget but killed before its row was written: the rerun evaluates it
+        refuse_spent_time = False
+
         def __init__(self):
             super().__init__(train_args, explicit)
             self._seen, self._mark = self.train_time, None  # the clock starts with the first step

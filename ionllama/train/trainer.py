@@ -236,6 +236,7 @@ ABOVE_ZERO = ("lr", "entropy_lr", "max_train_time")
 
 
 class Trainer:
+    refuse_spent_time = True  # a resume whose --max_train_time is spent: an error (False: return at once, no save)
     def __init__(self, args: argparse.Namespace, explicit: set[str] | None = None, rank: int = 0, world_size: int = 1):
         self.rank, self.world_size = rank, world_size
         self.is_main = rank == 0
@@ -814,6 +815,10 @@ class Trainer:
                             "to train: "
                             f"raise --max_steps to continue it, or start a new run with another --run_name")
         if a.max_train_time is not None and self.train_time >= a.max_train_time:  # it also trained one step, then stopped
+            if not self.refuse_spent_time:  # the experiment's arm: trained to its budget, so on to its evaluation
+                _say(f"the run has trained {self.train_time:.1f} s of --max_train_time {a.max_train_time:g} already; "
+                     "nothing to train")
+                return {"run_dir": str(self.run_dir), "step": self.step, "stopped": True}
             raise UserError(f"--max_train_time {a.max_train_time:g} counts the whole run, which has trained "
                             f"{self.train_time:.1f} s already: nothing to train; pass a --max_train_time above "
                             f"{self.train_time:.1f}")
