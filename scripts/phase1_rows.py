@@ -24,11 +24,13 @@ SWEPT = "--from_sweep --step_graph --sweep_dir docs/results/phase1-sweep/sweep"
 BEST = "latent_shift=completed,dropout=0.1,fixed_patch_size=3,pooling=attention"
 WIN2K = "--seq_len 2048 --batch_size 32 --also_eval_seq_len 1024"
 
-def _task_row(overrides: str, seed: int = 1) -> dict:
-    """A Q4 row: 75 s of pretraining (seed 1 unless said), then the task stage as in docs/results/phase1-tasks.md."""
+def _task_row(overrides: str, seed: int = 1, step_graph: bool = False) -> dict:
+    """A Q4 row: 75 s of pretraining (seed 1 unless said), then the task stage as in docs/results/phase1-tasks.md.
+    step_graph: pretrain with the captured step, whose speed the GPU sets, not the host (without it the same row
+    pretrained 1,640-2,894 steps on different machines, and addition followed the steps: phase1-tasks-best-dense.md)."""
     return dict(GPU0="ionllama_fixed", BUDGET="75", TASKS="1",
-                EXTRA=f"--seed {seed} --task_steps 3000 --task_lr 1e-3 --task_n 200 --from_sweep --sweep_dir "
-                      f"docs/results/phase1-sweep/sweep --override {overrides}")
+                EXTRA=f"--seed {seed} {'--step_graph ' if step_graph else ''}--task_steps 3000 --task_lr 1e-3 "
+                      f"--task_n 200 --from_sweep --sweep_dir docs/results/phase1-sweep/sweep --override {overrides}")
 
 
 # env of scripts/gpu_phase1_parallel.sh per row (T and BUDGET come from the command line, 594 / 420 by default)
@@ -92,6 +94,12 @@ ROWS = {
     "tasks best row, dense, seed 3": _task_row(
         "latent_shift=completed,fixed_patch_size=3,pooling=attention,attention=dense", seed=3),
     "tasks best row, dilated, seed 3": _task_row("latent_shift=completed,fixed_patch_size=3,pooling=attention", seed=3),
+    # the thirty-fourth session's plan: the same two rows pretrained with the captured step (GPU-bound: about the
+    # same steps on any machine), so that attention, not the host, separates them
+    "tasks best row, dense, captured step": _task_row(
+        "latent_shift=completed,fixed_patch_size=3,pooling=attention,attention=dense", step_graph=True),
+    "tasks best row, dilated, captured step": _task_row(
+        "latent_shift=completed,fixed_patch_size=3,pooling=attention", step_graph=True),
 }
 # the copies of the data the session makes before its calls (docs/notes/gpu-runbook.md), renamed on the device
 DATA_MOVES = "rm -rf .data/gutenberg .data/wikipedia && mv .data/gut .data/gutenberg && mv .data/wk .data/wikipedia"
