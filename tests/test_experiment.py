@@ -105,7 +105,8 @@ def test_two_arm_matrix_writes_results_and_resumes(tmp_path, capsys, one_thread)
     assert finals["bpe"]["train"]["seq_len"] == 16 and finals["bpe"]["train"]["bytes_per_token"] > 1.2
     assert finals["bpe"]["bytes_per_patch"] == pytest.approx(finals["bpe"]["train"]["bytes_per_token"], rel=0.2)
     md = (res / "phase1.md").read_text()
-    assert "| dense |" in md and "| bpe |" in md and "Not yet run: mamba" in md and "val@32 BPB" in md
+    # --arms dense,bpe: both ran, so no "Not yet run" line (it listed the matrix's seven other arms)
+    assert "| dense |" in md and "| bpe |" in md and "Not yet run" not in md and "val@32 BPB" in md
     # the token model's val@32 cell says its window in tokens; the byte model's is in bytes, as the header says
     rows = {}  # the first table's rows (the equal-FLOPs / equal-steps tables below repeat the arm names)
     for line in md.splitlines():
@@ -113,7 +114,11 @@ def test_two_arm_matrix_writes_results_and_resumes(tmp_path, capsys, one_thread)
             rows.setdefault(line.split(" | ")[0].strip("| "), line)
     assert "(8 tokens)" in rows["bpe"] and "tokens" not in rows["dense"]
     summary = json.loads((res / "phase1.json").read_text())
-    assert set(summary["arms"]) == {"dense", "bpe"} and "ionllama" in summary["missing"]
+    assert set(summary["arms"]) == {"dense", "bpe"} and summary["missing"] == []  # both asked-for arms ran
+    from ionllama.experiment.report import write_report
+    other = write_report(tmp_path / "rep" / "phase1", {"dense": res / "phase1" / "dense", "mamba": res / "phase1" / "mamba"},
+                         "cmd", expected=["dense", "mamba"])
+    assert other["missing"] == ["mamba"]  # an asked-for arm without a row is still named
     eq = summary["equal_flops"]  # the equal-compute view: both arms at the smaller arm's total FLOPs
     low = min(finals, key=lambda a: finals[a]["train"]["train_flops"])
     assert eq["arm"] == low and eq["train_flops"] == pytest.approx(finals[low]["train"]["train_flops"])

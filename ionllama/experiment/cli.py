@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 runner.pretrain()
             elif s == "tasks":
                 runner.tasks()
-        write_report(runner.out, list(runner.matrix), runner.command, label=a.matrix, title=a.title)
+        write_report(runner.out, list(runner.matrix), runner.command, label=a.matrix, title=a.title, expected=names)
         return 0
     except UserError:
         # a refused command leaves no empty --out behind (Runner makes it early, to fail on an unwritable path

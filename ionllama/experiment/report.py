@@ -236,11 +236,12 @@ def scoring_note(arms: dict) -> str | None:
 
 
 def write_report(out: Path, runs: list[str] | dict[str, Path], command: str, label: str = "phase1",
-                 title: str | None = None) -> dict:
+                 title: str | None = None, expected: list[str] | None = None) -> dict:
     """The table section of <out>.md, <out>.json and the plots in <out>/ for the runs <out>/<name> (a list of
     names), or for run folders anywhere (a dict name -> folder: a comparison across results folders). `title`
     heads a new page, or replaces the placeholder heading ("# <label>") of one written before; a heading written
-    by hand is kept."""
+    by hand is kept. `expected`: the runs this command asked for (--arms), the only ones "Not yet run" names (a
+    one-arm row listed the other eight arms of the matrix)."""
     from ..train.metrics import metrics_file, read_metrics
 
     runs = dict(runs) if isinstance(runs, dict) else {n: out / n for n in runs}
@@ -251,7 +252,7 @@ def write_report(out: Path, runs: list[str] | dict[str, Path], command: str, lab
                                                                    "device", "date", "git", "command", "spec", *extra)}
                                          for n, f in arms.items()},
                "tasks": {n: f["tasks"]["results"]["per_task"] for n, f in arms.items() if f.get("tasks")},
-               "missing": [n for n in names if n not in arms]}
+               "missing": [n for n in (expected or names) if n not in arms]}
 
     records = {n: read_metrics(runs[n]) if metrics_file(runs[n]) else []
                for n in arms}  # read once: the equal-FLOPs/-steps/-text views and the plots use them
