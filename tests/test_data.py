@@ -124,6 +124,52 @@ def test_directory_and_glob(tmp_path):
     assert g.meta["split_method"] == "tail"
 
 
+def test_odd_files_in_folders_and_globs_are_skipped_and_said(tmp_path):
+    """A new user's audit: a FIFO hung the read, a dangling link was a traceback, a glob took a .png in as a document
+    (a folder path skipped it), '**' through a folder link read a file twice, a .zst file was stored compressed, and
+    .ndjson.bz2 was read as text."""
+    d = tmp_path / "mix"
+    d.mkdir()
+    (d / "a.txt").write_text("alpha " * 50)
+    (d / "b.txt").write_text("beta " * 50)
+    (d / "img.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    (d / "dangling.txt").symlink_to(tmp_path / "nowhere.txt")
+    os.mkfifo(d / "pipe.txt")
+    ext = tmp_path / "ext"
+    ext.mkdir()
+    (ext / "x.txt").write_text("external " * 30)
+    (d / "linked").symlink_to(ext)
+    want = [b"alpha " * 50, b"beta " * 50]
+    for path, extra in ((d, []), (d / "*", []), (d / "**" / "*.txt", [b"external " * 30])):
+        with pytest.warns(UserWarning) as said:
+            sh = prep(tmp_path, data_path=str(path))
+        assert sorted(docs_of(sh.train) + docs_of(sh.val)) == sorted(want + extra), path
+        text = " ".join(str(w.message) for w in said)
+        if path == d:
+            assert "not regular files" in text and "linked folder(s) not followed" in text and "img.png" in text
+    import bz2
+    nd = tmp_path / "n.ndjson.bz2"
+    nd.write_bytes(bz2.compress((json.dumps({"text": "one " * 20}) + "\n" + json.dumps({"text": "two " * 20})).encode()))
+    sh = prep(tmp_path, data_path=str(nd))
+    assert sorted(docs_of(sh.train) + docs_of(sh.val)) == [b"one " * 20, b"two " * 20]
+    (tmp_path / "data.jsonl.zst").write_bytes(b"(\xb5/\xfd" + bytes(64))
+    with pytest.raises(UserError, match="a .zst file is not read"):
+        prep(tmp_path, data_path=str(tmp_path / "data.jsonl.zst"))
+
+
+def test_a_truncated_shard_is_prepared_again_not_reused(tmp_path):
+    p = tmp_path / "d.jsonl"
+    write_jsonl(p, make_docs())
+    a = prepare(DataArgs(data_path=str(p), data_dir=str(tmp_path / "c")), log=quiet)
+    full = (a / "train.bin").read_bytes()
+    with open(a / "train.bin", "r+b") as f:
+        f.truncate(50)
+    logs = []
+    b = prepare(DataArgs(data_path=str(p), data_dir=str(tmp_path / "c")), log=logs.append)
+    assert b == a and (b / "train.bin").read_bytes() == full
+    assert any("preparing it again" in m for m in logs) and not any("reusing" in m for m in logs)
+
+
 def test_parquet_goes_through_datasets_loader(tmp_path):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")

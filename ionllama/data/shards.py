@@ -145,7 +145,11 @@ def prepare(args: DataArgs, log: Callable[[str], None] = print) -> Path:
     if meta_path.exists():
         try:
             meta = json.loads(meta_path.read_text())
-            if meta.get("key") == key:
+            sizes_ok = all((out / f"{sp}.bin").is_file() and (out / f"{sp}.bin").stat().st_size ==
+                           meta["splits"][sp]["bytes"] for sp in ("train", "val"))
+            if meta.get("key") == key and not sizes_ok:  # a truncated shard was reused (and trained on) silently
+                log(f"data: {out} has a shard whose size is not the one meta.json records; preparing it again")
+            elif meta.get("key") == key:
                 log(f"data: reusing {out} ({meta['splits']['train']['bytes']:,} train / "
                     f"{meta['splits']['val']['bytes']:,} val bytes)")
                 return out

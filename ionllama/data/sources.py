@@ -31,7 +31,9 @@ Doc = tuple[str, bytes]
 # what a corrupt or mislabelled compressed file raises (gzip's bad deflate data is a zlib.error, not an OSError)
 READ_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error)
 
-JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".jsonl.xz", ".jsonl.bz2", ".ndjson.gz", ".ndjson.xz")
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".jsonl.xz", ".jsonl.bz2", ".ndjson.gz", ".ndjson.xz", ".ndjson.bz2")
+# compressed or archive formats this reader cannot open: read as text they became documents of binary noise
+UNSUPPORTED_SUFFIXES = (".zst", ".zstd", ".lz4", ".br", ".7z", ".zip", ".rar", ".tar", ".tgz", ".bz2", ".gz", ".xz")
 PARQUET_SUFFIXES = (".parquet",)
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".py", ".c", ".h", ".js", ".html", ".tex", ".csv", ".json",
                  ".txt.gz", ".txt.xz", ".txt.bz2")
@@ -143,6 +145,25 @@ def _symlink_loop(root: str) -> str | None:
     return None
 
 
+def _readable_text_files(paths: list[str], pattern: str) -> list[str]:
+    """The text files among `paths` (a folder's walk or a glob's matches: the same rule for both); the rest is said
+    once. A FIFO hung the read, a dangling link was a traceback, and a glob took .png / .bin files in as documents."""
+    keep, other, odd = [], [], []
+    for f in paths:
+        if not os.path.isfile(f):  # a dangling link, a FIFO, a socket, a device
+            odd.append(f)
+        elif f.lower().endswith(LOCAL_SUFFIXES):
+            keep.append(f)
+        else:
+            other.append(f)
+    for what, group in (("not regular files (dangling links, pipes, ...)", odd),
+                        ("without a text / jsonl / parquet suffix", other)):
+        if group:
+            shown = ", ".join(os.path.relpath(f) for f in group[:5]) + (f" and {len(group) - 5} more" if len(group) > 5 else "")
+            warnings.warn(f"--data_path '{pattern}': skipped {len(group)} file(s) {what}: {shown}", stacklevel=3)
+    return keep
+
+
 def resolve_local_files(pattern: str) -> tuple[list[str], str]:
     """--data_path -> (sorted files, base dir used for stable relative doc ids)."""
     p = os.path.expanduser(pattern)
@@ -151,21 +172,38 @@ def resolve_local_files(pattern: str) -> tuple[list[str], str]:
             raise UserError(f"--data_path '{pattern}': '**' would follow the symlink loop at {loop} without end; "
                             "remove the link, or give the folder itself as --data_path (a folder path does not "
                             "follow links)")
-        files = sorted(f for f in glob.glob(p, recursive=True) if os.path.isfile(f))
+        matched = sorted(f for f in glob.glob(p, recursive=True) if not os.path.isdir(f))
+        files, seen = [], set()
+        for f in _readable_text_files(matched, pattern):
+            real = os.path.realpath(f)
+            if real not in seen:  # '**' through a folder link saw a file twice: one copy could land in val
+                seen.add(real)
+                files.append(f)
         if not files:
-            raise UserError(f"--data_path '{pattern}' matches no files; check the pattern")
+            raise UserError(f"--data_path '{pattern}' matches no {'text ' if matched else ''}files; check the pattern")
         base = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
         return files, base
     if os.path.isdir(p):
-        files = []
+        found, links = [], []
         for root, dirs, names in os.walk(p):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            files += [os.path.join(root, n) for n in names if n.lower().endswith(LOCAL_SUFFIXES) and not n.startswith(".")]
+            links += [os.path.join(root, d) for d in dirs if os.path.islink(os.path.join(root, d))]
+            found += [os.path.join(root, n) for n in names if not n.startswith(".")]
+        if links:  # os.walk lists them and does not enter them: their files were left out without a word
+            warnings.warn(f"--data_path '{pattern}': linked folder(s) not followed: "
+                          f"{', '.join(os.path.relpath(d) for d in links[:5])}; give them as --data_path of their own "
+                          "or use a glob", stacklevel=2)
+        files = _readable_text_files(sorted(found), pattern)
         if not files:
             raise UserError(f"--data_path directory '{pattern}' holds no text files "
                             f"(*.txt, *.md, *.jsonl[.gz|.xz], *.parquet, ...); point it at your data")
-        return sorted(files), os.path.abspath(p)
+        return files, os.path.abspath(p)
     if os.path.isfile(p):
+        low = p.lower()
+        if low.endswith(UNSUPPORTED_SUFFIXES) and not low.endswith(LOCAL_SUFFIXES):
+            raise UserError(f"--data_path {pattern}: a {os.path.splitext(low)[1]} file is not read (it would be "
+                            "stored as compressed bytes); decompress it, or use .jsonl / .txt, optionally .gz, .xz "
+                            "or .bz2")
         return [p], os.path.dirname(os.path.abspath(p))
     raise UserError(f"--data_path '{pattern}' does not exist; give a text/jsonl/parquet file, a directory or a glob")
 
