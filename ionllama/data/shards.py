@@ -136,7 +136,8 @@ def cache_dir_for(args: DataArgs, source) -> tuple[Path, dict]:
 def prepare(args: DataArgs, log: Callable[[str], None] = print) -> Path:
     """Build (or reuse) the shards for `args`; returns their folder."""
     if not 0.0 < args.val_fraction < 0.5:
-        raise UserError(f"--val_fraction {args.val_fraction} must be in (0, 0.5)")
+        raise UserError(f"--val_fraction {args.val_fraction} must be in (0, 0.5): the share of documents held out "
+                        "for val, e.g. 0.01 (the default)")
     if args.max_bytes is not None and args.max_bytes < 1:  # read as "no text" and blamed on --data_path before
         raise UserError(f"--max_bytes {args.max_bytes} must be at least 1; leave it out to read everything")
     source = make_source(args)
@@ -169,7 +170,8 @@ def prepare(args: DataArgs, log: Callable[[str], None] = print) -> Path:
         log(f"data: note: removed {removed:,} NUL (0x00) bytes from the documents; 0x00 is the document separator")
     if s["val"]["bytes"] < SMALL_VAL_BYTES:  # e.g. a hash split that drew one short document into val
         log(f"data: warning: the val split holds only {s['val']['bytes']:,} bytes, too few for a steady val BPB; "
-            "raise --val_fraction or give more data")
+            + ("give a larger val file" if meta.get("split_method") == "given" else
+               "raise --val_fraction (at most 0.49) or give more data"))
     return out
 
 

@@ -34,7 +34,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                         "'{split}' in the path names given split files (e.g. books-{split}.jsonl.xz)")
     g.add_argument("--data_dir", default="data_cache", help="where prepared byte shards are cached")
     g.add_argument("--text_field", default="text", help="field holding the text in jsonl / parquet / hub rows")
-    g.add_argument("--val_fraction", type=float, default=0.01, help="share of documents held out for val")
+    g.add_argument("--val_fraction", type=float, default=0.01, help="share of documents held out for val, in (0, 0.5); not used with given split files (default 0.01)")
     g.add_argument("--split_seed", type=int, default=0, help="seed of the document hash split")
     g.add_argument("--max_bytes", type=int, default=None, help="cap on bytes read from the source")
     g.add_argument("--builtin_bytes", type=int, default=8_000_000, help="size cap of --dataset builtin")
