@@ -417,6 +417,32 @@ def test_staged_dir_replaces_whole_or_keeps_the_old(tmp_path):
     with pytest.raises(UserError, match="cannot write to --data_dir"):
         with staged_dir(out, tmp_path / "a_file" / "sub", "--data_dir"):
             pass
+    # a run killed by SIGTERM / SIGKILL leaves its temporary folder: the next run removes it (its pid is gone)
+    import subprocess
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid now names no process
+    stale = tmp_path / "cache" / f".tmp-shards-{dead.pid}"
+    stale.mkdir()
+    (stale / "train.bin").write_bytes(b"half")
+    with staged_dir(out, tmp_path / "cache", "--data_dir") as tmp:
+        (tmp / "c.bin").write_bytes(b"c")
+    assert not stale.exists() and not list((tmp_path / "cache").glob(".tmp-*"))
+    # an old cache folder that cannot be removed: one line after the rebuild, not a traceback
+    import shutil as sh
+
+    def refuse(path, *a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    orig = sh.rmtree
+    try:
+        sh.rmtree = lambda path, *a, **k: refuse(path) if Path(path) == out and not k.get("ignore_errors") else \
+            orig(path, *a, **k)
+        with pytest.raises(UserError, match="cannot replace the old cache folder .*Permission denied.*remove it by hand"):
+            with staged_dir(out, tmp_path / "cache", "--data_dir") as tmp:
+                (tmp / "d.bin").write_bytes(b"d")
+    finally:
+        sh.rmtree = orig
+    assert (out / "c.bin").is_file() and not list((tmp_path / "cache").glob(".tmp-*"))
 
 
 def test_a_datasets_save_to_disk_folder_is_read_as_its_rows(tmp_path):

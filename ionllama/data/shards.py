@@ -175,6 +175,21 @@ def prepare(args: DataArgs, log: Callable[[str], None] = print) -> Path:
     return out
 
 
+def _remove_stale_tmp(parent: Path, name: str) -> None:
+    """Temporary folders of earlier runs of this cache folder whose process is gone (SIGTERM or SIGKILL skips the
+    clean-up below; the pid in the name kept them from ever being reused)."""
+    for d in parent.glob(f".tmp-{name}-*"):
+        pid = d.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            pass  # alive under another user: not ours to remove
+
+
 @contextmanager
 def staged_dir(out: Path, parent: Path, flag: str):
     """A fresh temporary folder in `parent` that replaces `out` when the block succeeds and is removed when it
@@ -188,10 +203,15 @@ def staged_dir(out: Path, parent: Path, flag: str):
         tmp.mkdir()
     except OSError as e:
         raise UserError(f"cannot write to {flag} {parent} ({e.strerror or e}); choose a writable folder") from None
+    _remove_stale_tmp(parent, out.name)
     try:
         yield tmp
         if out.exists():
-            shutil.rmtree(out)
+            try:
+                shutil.rmtree(out)
+            except OSError as e:  # was a PermissionError traceback after the whole rebuild
+                raise UserError(f"cannot replace the old cache folder {out} ({e.strerror or e}); remove it by hand, "
+                                f"or choose another {flag}") from None
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
