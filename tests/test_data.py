@@ -157,6 +157,19 @@ def test_odd_files_in_folders_and_globs_are_skipped_and_said(tmp_path):
         prep(tmp_path, data_path=str(tmp_path / "data.jsonl.zst"))
 
 
+def test_json_lines_under_a_json_name_are_read_as_json_lines(tmp_path):
+    """Hub dumps are often JSON Lines named .json: read as text, braces and key names became the documents."""
+    p = tmp_path / "dump.json"
+    p.write_text(json.dumps({"text": "first doc \u00e9 " * 10}) + "\n" + json.dumps({"text": "second " * 10}) + "\n")
+    with pytest.warns(UserWarning, match="read as JSON Lines"):
+        sh = prep(tmp_path, data_path=str(p))
+    assert sorted(docs_of(sh.train) + docs_of(sh.val)) == sorted([("first doc \u00e9 " * 10).encode(), b"second " * 10])
+    q = tmp_path / "config.json"  # a pretty-printed JSON file stays text
+    q.write_text(json.dumps({"text": "x", "n": 1}, indent=2) * 20)
+    sh = prep(tmp_path, data_path=str(q))
+    assert b'"text": "x"' in bytes(sh.train) + bytes(sh.val)
+
+
 def test_a_truncated_shard_is_prepared_again_not_reused(tmp_path):
     p = tmp_path / "d.jsonl"
     write_jsonl(p, make_docs())
@@ -244,6 +257,10 @@ def test_given_split_files_with_placeholder(tmp_path):
     (tmp_path / "t-train.txt").write_text("only a train file")
     with pytest.raises(UserError, match="no val files"):
         prep(tmp_path, data_path=str(tmp_path / "t-{split}.txt"))
+    write_jsonl(tmp_path / "c-val.jsonl", val)  # now both c-val and c-validation: the one used is said
+    with pytest.warns(UserWarning, match="val files exist for '.split.' = val and validation; using 'val' only"):
+        sh = prep(tmp_path, data_path=str(tmp_path / "c-{split}.jsonl"))
+    assert docs_of(sh.val) == val
 
 
 def test_small_sources_still_get_a_val_split(tmp_path):

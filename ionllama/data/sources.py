@@ -289,10 +289,26 @@ def _iter_parquet_pyarrow(path: str, text_field: str, doc_prefix: str) -> Iterat
                 yield f"{doc_prefix}:{i}", column_text(text, path, text_field)
 
 
+def _is_json_lines(path: str, text_field: str) -> bool:
+    """Is this .json file JSON Lines (many hub dumps are, under .json), its first line an object with the text field?
+    Read as text, its braces, key names and escapes became the documents."""
+    try:
+        with open(path, "rb") as f:
+            first = next((ln for ln in f.read(1 << 16).splitlines() if ln.strip()), b"")
+        obj = json.loads(first)
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, dict) and text_field in obj
+
+
 def iter_local_file(path: str, base: str, text_field: str) -> Iterator[Doc]:
     rel = os.path.relpath(os.path.abspath(path), base)
     low = path.lower()
-    if low.endswith(JSONL_SUFFIXES):
+    if low.endswith(".json") and _is_json_lines(path, text_field):
+        warnings.warn(f"{path}: read as JSON Lines (its lines are objects with '{text_field}'), not as text",
+                      stacklevel=2)
+        yield from iter_jsonl(path, text_field, rel)
+    elif low.endswith(JSONL_SUFFIXES):
         yield from iter_jsonl(path, text_field, rel)
     elif low.endswith(PARQUET_SUFFIXES):
         yield from iter_parquet(path, text_field, rel)
@@ -316,13 +332,18 @@ def local_source(data_path: str, text_field: str = "text") -> Source:
     if "{split}" in data_path:
         resolved = {}
         for split, names in (("train", ("train",)), ("val", ("val", "validation", "valid"))):
-            err = None
+            found = {}
             for name in names:
                 try:
-                    resolved[split] = resolve_local_files(data_path.replace("{split}", name))
-                    break
-                except UserError as e:
-                    err = err or e
+                    found[name] = resolve_local_files(data_path.replace("{split}", name))
+                except UserError:
+                    continue
+            if found:
+                used = next(iter(found))
+                resolved[split] = found[used]
+                if len(found) > 1:  # x-val and x-validation both there: one was used without a word
+                    warnings.warn(f"--data_path '{data_path}': {split} files exist for '{{split}}' = "
+                                  f"{' and '.join(found)}; using '{used}' only", stacklevel=2)
             if split not in resolved:
                 raise UserError(f"--data_path '{data_path}': no {split} files for '{{split}}' = {'/'.join(names)}; "
                                 "check the pattern") from None
