@@ -297,3 +297,5 @@ def test_a_bpe_run_samples_from_a_val_document(tmp_path, corpus):
     val = bytes(open_shards(next(p.parent for p in (tmp_path / "cache").rglob("val.bin"))).val[:4096])
     prompt = val[1:].split(b"\x00")[0][:16].decode("utf-8", "replace")
     assert len(prompt) >= 8 and sample.startswith(prompt), (prompt, sample)
+    recs = read_metrics(d / "metrics.jsonl")  # the train loss is per token there; the record says so
+    assert all(r.get("loss_unit") == "nats/token" for r in recs if "loss" in r)

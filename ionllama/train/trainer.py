@@ -908,6 +908,8 @@ class Trainer:
                            if self.phase != "entropy" else None,
                            "grad_norm": float(out["grad_norm"]) if out["grad_norm"] is not None else None,
                            "global_batch": self.sampler.global_batch, **timing}
+                    if self.tokens is not None:  # its train loss is per token, its val_loss (and every bpb) per byte
+                        rec["loss_unit"] = "nats/token"
                     if self.is_main:
                         self.metrics.log(rec)
                         post = {"loss": f"{loss:.3f}", "bpb": f"{rec['bpb']:.3f}",
