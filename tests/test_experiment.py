@@ -116,8 +116,8 @@ def test_two_arm_matrix_writes_results_and_resumes(tmp_path, capsys, one_thread)
     summary = json.loads((res / "phase1.json").read_text())
     assert set(summary["arms"]) == {"dense", "bpe"} and summary["missing"] == []  # both asked-for arms ran
     from ionllama.experiment.report import write_report
-    other = write_report(tmp_path / "rep" / "phase1", {"dense": res / "phase1" / "dense", "mamba": res / "phase1" / "mamba"},
-                         "cmd", expected=["dense", "mamba"])
+    runs = {"dense": res / "phase1" / "dense", "mamba": res / "phase1" / "mamba"}
+    other = write_report(tmp_path / "rep" / "phase1", runs, "cmd", expected=["dense", "mamba"])
     assert other["missing"] == ["mamba"]  # an asked-for arm without a row is still named
     eq = summary["equal_flops"]  # the equal-compute view: both arms at the smaller arm's total FLOPs
     low = min(finals, key=lambda a: finals[a]["train"]["train_flops"])

@@ -34,7 +34,8 @@ class WindowSampler:
             raise UserError(f"the train split has {len(data):,} bytes, fewer than --seq_len {seq_len} + 2; "
                             "lower --seq_len or add data")
         if not 0.0 <= task_mix <= 1.0:
-            raise UserError(f"--task_mix {task_mix} must be between 0 and 1 (the share of each batch's rows that are task examples, e.g. 0.1)")
+            raise UserError(f"--task_mix {task_mix} must be between 0 and 1 (the share of each batch's rows that are "
+                            "task examples, e.g. 0.1)")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
         self.data, self.seq_len, self.batch_size = data, seq_len, batch_size

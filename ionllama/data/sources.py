@@ -31,7 +31,8 @@ Doc = tuple[str, bytes]
 # what a corrupt or mislabelled compressed file raises (gzip's bad deflate data is a zlib.error, not an OSError)
 READ_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error)
 
-JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".jsonl.xz", ".jsonl.bz2", ".ndjson.gz", ".ndjson.xz", ".ndjson.bz2")
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".jsonl.xz", ".jsonl.bz2", ".ndjson.gz", ".ndjson.xz",
+                  ".ndjson.bz2")
 # compressed or archive formats this reader cannot open: read as text they became documents of binary noise
 UNSUPPORTED_SUFFIXES = (".zst", ".zstd", ".lz4", ".br", ".7z", ".zip", ".rar", ".tar", ".tgz", ".bz2", ".gz", ".xz")
 PARQUET_SUFFIXES = (".parquet",)
@@ -159,7 +160,8 @@ def _readable_text_files(paths: list[str], pattern: str) -> list[str]:
     for what, group in (("not regular files (dangling links, pipes, ...)", odd),
                         ("without a text / jsonl / parquet suffix", other)):
         if group:
-            shown = ", ".join(os.path.relpath(f) for f in group[:5]) + (f" and {len(group) - 5} more" if len(group) > 5 else "")
+            shown = ", ".join(os.path.relpath(f) for f in group[:5])
+            shown += f" and {len(group) - 5} more" if len(group) > 5 else ""
             warnings.warn(f"--data_path '{pattern}': skipped {len(group)} file(s) {what}: {shown}", stacklevel=3)
     return keep
 

@@ -34,7 +34,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                         "'{split}' in the path names given split files (e.g. books-{split}.jsonl.xz)")
     g.add_argument("--data_dir", default="data_cache", help="where prepared byte shards are cached")
     g.add_argument("--text_field", default="text", help="field holding the text in jsonl / parquet / hub rows")
-    g.add_argument("--val_fraction", type=float, default=0.01, help="share of documents held out for val, in (0, 0.5); not used with given split files (default 0.01)")
+    g.add_argument("--val_fraction", type=float, default=0.01,
+                   help="share of documents held out for val, in (0, 0.5); unused with given splits (default 0.01)")
     g.add_argument("--split_seed", type=int, default=0, help="seed of the document hash split")
     g.add_argument("--max_bytes", type=int, default=None, help="cap on bytes read from the source")
     g.add_argument("--builtin_bytes", type=int, default=8_000_000, help="size cap of --dataset builtin")
@@ -87,7 +88,8 @@ def build_train_parser(prog: str = "ionllama train") -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stop_at", type=int, default=None,
                    help="pause: stop after this global step, saving latest.pt (resume with --resume)")
-    g.add_argument("--max_train_time", type=float, default=None, help="stop once the run has trained this many seconds in all (a resumed run counts its earlier sessions)")
+    g.add_argument("--max_train_time", type=float, default=None,
+                   help="stop once the run has trained this many seconds in all (a resume counts earlier sessions)")
     g = p.add_argument_group("evaluation, logging, checkpoints")
     g.add_argument("--eval_interval", type=int, default=None, help="default: total steps / 4, at most 500")
     g.add_argument("--eval_bytes", type=int, default=None, help="cap on val bytes scored per evaluation (default all)")

@@ -237,6 +237,7 @@ ABOVE_ZERO = ("lr", "entropy_lr", "max_train_time")
 
 class Trainer:
     refuse_spent_time = True  # a resume whose --max_train_time is spent: an error (False: return at once, no save)
+
     def __init__(self, args: argparse.Namespace, explicit: set[str] | None = None, rank: int = 0, world_size: int = 1):
         self.rank, self.world_size = rank, world_size
         self.is_main = rank == 0
@@ -317,9 +318,10 @@ class Trainer:
         unused = [f"--{k}" for k in ("entropy_steps", "joint_steps", "entropy_lr") if k in explicit
                   and getattr(args, k, None) not in (None, 0) and not has_entropy and self.ck is None]
         if unused and self.is_main:  # taken without a word before: a user believed the run had a joint phase
-            _say(f"note: {' and '.join(unused)} have no effect: --model {args.model}"
-                 f"{'' if args.model != 'ionllama' else ' with --patching ' + str(self.config.patching)} has no entropy "
-                 "model to train, so it trains the main phase only")
+            what = f"--model {args.model}" + (f" with --patching {self.config.patching}"
+                                              if args.model == "ionllama" else "")
+            _say(f"note: {' and '.join(unused)} have no effect: {what} has no entropy model to train, so it trains the "
+                 "main phase only")
         E = (args.entropy_steps if args.entropy_steps is not None else args.max_steps // 3) if has_entropy else 0
         J = (args.joint_steps if args.joint_steps is not None else args.max_steps // 10) if has_entropy else 0
         if J >= args.max_steps:  # the joint phase is the end of --max_steps: nothing would be left for the main phase
@@ -520,12 +522,14 @@ class Trainer:
                 later.append(f)
         final = self.run_dir / "final.pt"
         if final.is_file() and final.resolve() != resumed_from.resolve() and (step_of(final) or 0) > self.step:
-            later += [f for f in (final, self.run_dir / "final.safetensors", self.run_dir / "sample.txt") if f.is_file()]
+            later += [f for f in (final, self.run_dir / "final.safetensors", self.run_dir / "sample.txt")
+                      if f.is_file()]
         best = self.run_dir / "best.pt"
         if best.is_file() and best.resolve() != resumed_from.resolve() and (step_of(best) or 0) > self.step:
             later.append(best)
         latest = self.run_dir / "latest.pt"
-        link_latest = latest.is_file() and latest.resolve() != resumed_from.resolve() and (step_of(latest) or 0) > self.step
+        link_latest = latest.is_file() and latest.resolve() != resumed_from.resolve() and \
+            (step_of(latest) or 0) > self.step
         if not later and not link_latest:
             return
         aside = self.run_dir / f"before-resume-step{self.step}"
@@ -537,7 +541,7 @@ class Trainer:
                 os.link(latest, aside / "latest.pt")
             except OSError:
                 shutil.copy2(latest, aside / "latest.pt")
-        names = [f.name for f in later] + (["latest.pt (its copy; the next save replaces it here)"] if link_latest else [])
+        names = [f.name for f in later] + (["latest.pt (a copy: the next save replaces it here)"] * link_latest)
         _say(f"note: resuming from step {self.step} abandons the branch that went on from it: {', '.join(names)} "
              f"moved to {aside}")
 
@@ -814,7 +818,7 @@ class Trainer:
             raise UserError(f"the run in {self.run_dir} finished at step {self.step} ({self._final_name()}); nothing "
                             "to train: "
                             f"raise --max_steps to continue it, or start a new run with another --run_name")
-        if a.max_train_time is not None and self.train_time >= a.max_train_time:  # it also trained one step, then stopped
+        if a.max_train_time is not None and self.train_time >= a.max_train_time:  # it trained a step, then stopped
             if not self.refuse_spent_time:  # the experiment's arm: trained to its budget, so on to its evaluation
                 _say(f"the run has trained {self.train_time:.1f} s of --max_train_time {a.max_train_time:g} already; "
                      "nothing to train")
