@@ -96,7 +96,7 @@ class SamplingConfig:
             if v is not None and (isinstance(v, bool) or not _is_real(v)):
                 raise UserError(f"{name} must be a number, got {v!r}; pass e.g. {name}=0.9")
         if self.temperature is None or not self.temperature >= 0:  # `not >=`: NaN is refused too
-            raise UserError(f"temperature must be >= 0, got {self.temperature}; use 0 or --greedy for argmax")
+            raise UserError(f"temperature must be >= 0, got {self.temperature}; use 0 for argmax (greedy=True; --greedy on the command line)")
         if math.isinf(self.temperature):  # logits / inf = uniform noise, not a model's sample
             raise UserError(f"temperature must be finite, got {self.temperature}; use e.g. 1.0, or 0 for argmax")
         if self.top_k is not None and (not is_whole(self.top_k) or self.top_k < 1):
