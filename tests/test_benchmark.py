@@ -168,13 +168,16 @@ def test_bad_inputs_exit_with_one_line(workdir, capsys):
 
 def test_more_bad_inputs_are_one_line_before_any_work(workdir, capsys):
     """The bench's other mistakes (the CLI audit of the twenty-eighth session found each as a traceback, or as
-    silently accepted): a directory as --output, zero counts, a missing --published, undecodable files."""
+    silently accepted): a directory, a device, an empty name or an unwritable folder as --output, zero counts, a missing --published, undecodable files."""
     ckpt = _save_trainer_checkpoint(create_model("tiny", model="dense", **SMALL), workdir / "run" / "best.pt")
     (workdir / "adir").mkdir()
     (workdir / "bad.txt").write_bytes(b"\xff\xfe abc")
     (workdir / "bad.jsonl.xz").write_bytes(b"hi")  # named .xz, not xz data
     base = ["--checkpoint", str(ckpt), "--device", "cpu", "--eval_data", str(workdir / "eval.txt")]
     cases = [(["--output", str(workdir / "adir")], "is a directory"),
+             (["--output", ""], "--output is empty"),
+             (["--output", "/dev/null"], "not a regular file"),
+             (["--output", "/proc/ionllama-r.json"], "cannot write results under /proc"),
              (["--speed_iters", "0"], "--speed_iters must be at least 1"),
              (["--gen_batch", "0"], "--gen_batch must be at least 1"),
              (["--compression_bytes", "0"], "--compression_bytes must be at least 1"),

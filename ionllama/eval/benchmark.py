@@ -237,11 +237,34 @@ def _check_output(out: Path, skip: set[str], overwrite: bool) -> None:
                         "--output, or --overwrite to replace them")
 
 
+def _check_output_path(output: str) -> None:
+    """Before any work: an --output that cannot take the results (under /proc, an empty name) was a traceback after
+    the whole benchmark had run, and /dev/null wrote a stray /dev/null.md."""
+    if not output.strip():
+        raise UserError("--output is empty; pass a file path such as results.json")
+    out = Path(output)
+    if out.is_dir():
+        raise UserError(f"--output {output} is a directory; pass a file path such as {out / 'results.json'}")
+    if out.exists() and not out.is_file():
+        raise UserError(f"--output {output} is not a regular file (a device or a pipe); pass a file path such as "
+                        "results.json (its .md is written beside it)")
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the folders still to make are made later, when there is something to write
+    if folder.is_dir():
+        probe = folder / f".bench-write-test-{os.getpid()}"
+        try:
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"cannot write results under {folder} ({e.strerror or e}); pass a writable --output") \
+                from None
+
+
 def run(argv: list[str], prog: str) -> dict:
     a = build_parser(prog).parse_args(argv)
     check_ranges(a, BENCH_AT_LEAST)
-    if Path(a.output).is_dir():
-        raise UserError(f"--output {a.output} is a directory; pass a file path such as {a.output}/results.json")
+    _check_output_path(a.output)
     _check_output(Path(a.output), set(a.skip), a.overwrite)
     # checked here, not where they are used: a typo used to fail only after the whole LM and task eval had run
     for d in (a.multilingual_dir or []) if "multilingual" not in a.skip else []:
