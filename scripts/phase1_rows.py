@@ -100,6 +100,11 @@ ROWS = {
         "latent_shift=completed,fixed_patch_size=3,pooling=attention,attention=dense", step_graph=True),
     "tasks best row, dilated, captured step": _task_row(
         "latent_shift=completed,fixed_patch_size=3,pooling=attention", step_graph=True),
+    # the thirty-fifth session: at equal steps (3,219 / 3,241) seed 1 added 0.21 dense, 0.07 dilated; second seeds
+    "tasks best row, dilated, captured step, seed 2": _task_row(
+        "latent_shift=completed,fixed_patch_size=3,pooling=attention", step_graph=True, seed=2),
+    "tasks best row, dense, captured step, seed 2": _task_row(
+        "latent_shift=completed,fixed_patch_size=3,pooling=attention,attention=dense", step_graph=True, seed=2),
 }
 # the copies of the data the session makes before its calls (docs/notes/gpu-runbook.md), renamed on the device
 DATA_MOVES = "rm -rf .data/gutenberg .data/wikipedia && mv .data/gut .data/gutenberg && mv .data/wk .data/wikipedia"
