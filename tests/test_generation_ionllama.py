@@ -160,3 +160,15 @@ def test_stepwise_check_separates_cache_errors_from_threshold_ties(shift):
     assert res["boundary_disagreements"] >= 1 and not res["patches_match"]
     assert res["max_abs_err_own_boundaries"] > 1e-2  # different patches: different logits
     assert res["max_abs_err_same_boundaries"] < 1e-4  # the cache itself is exact
+
+
+@pytest.mark.parametrize("kind", ["dense", "mamba"])
+def test_stepwise_check_runs_on_models_without_patches(kind):
+    """The check was an AttributeError ('prompt_starts') on the baselines; their cached steps compare with the
+    parallel forward's logits alone."""
+    from ionllama.generation.check import stepwise_vs_parallel
+
+    torch.manual_seed(0)
+    m = create_model("tiny", model=kind).eval()
+    res = stepwise_vs_parallel(m, text_like(2, 24, seed=3), prompt_len=5)
+    assert res["patches_match"] and res["max_abs_err_own_boundaries"] < 1e-4
