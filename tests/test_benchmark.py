@@ -374,6 +374,7 @@ def test_eval_bytes_are_the_files_bytes_and_the_trainers_count_and_are_pinned(wo
     assert lm["bytes"] == 300
     scored = got[:301]
     assert lm["data_sha256"] == hashlib.sha256(scored.tobytes()).hexdigest()
+    assert "not the file" in lm["data_sha256_of"]  # a reader would hash the file and find another value
     assert lm["bpb"] == pytest.approx(evaluate_bpb(model.eval(), scored, 64, 4, "cpu")["bpb"], rel=1e-6)
     assert lm["data_abs"] == str((workdir / "bad.txt").resolve())
     assert res["checkpoint"]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()

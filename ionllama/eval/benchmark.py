@@ -65,8 +65,8 @@ def build_parser(prog: str = "ionllama bench") -> argparse.ArgumentParser:
                     "the val split of the checkpoint's training data")
     ap.add_argument("--text_field", default="text", help="jsonl field holding the text")
     ap.add_argument("--max_eval_bytes", type=int, default=None,
-                    help="score the first N bytes of the eval data, as the trainer's --eval_bytes N does (N + 1 bytes "
-                         "are read: the first is context only); the compression, speed and fallback-tokenizer "
+                    help="score the first N >= 2 bytes of the eval data, as the trainer's --eval_bytes N does (N + 1 "
+                         "bytes are read: the first is context only); the compression, speed and fallback-tokenizer "
                          "sections read the same bytes (default: the whole val split)")
     ap.add_argument("--multilingual_dir", action="append", default=None,
                     help="folder with one file per language (repeatable); default: "
@@ -330,8 +330,10 @@ def run(argv: list[str], prog: str) -> dict:
         r = lm_mod.run_lm(model, data, seq_len, batch_size, device, amp_dtype=amp)
         # what a rerun must score to compare: the folder it ran in does not travel with the numbers, the hash does
         metrics["lm"] = {"data": str(data_path), "data_abs": str(data_path.resolve()),
-                         "data_sha256": hashlib.sha256(data.tobytes()).hexdigest(), "max_eval_bytes": a.max_eval_bytes,
-                         **r}
+                         "data_sha256": hashlib.sha256(data.tobytes()).hexdigest(),
+                         "data_sha256_of": "the byte stream read for scoring (documents joined, capped at "
+                                           "max_eval_bytes + 1), not the file",
+                         "max_eval_bytes": a.max_eval_bytes, **r}
         timings["lm"] = time.perf_counter() - t0
 
     if "tasks" not in skip:
