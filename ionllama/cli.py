@@ -39,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module_name, func_name, _ = COMMANDS[cmd]
     try:
-        module = importlib.import_module(module_name)
+        module = importlib.import_module(module_name)  # imports torch: ~1.5 s in which a Ctrl-C lands here
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     except ModuleNotFoundError as e:
         # only a missing command module is "not available"; a missing dependency inside it is a real error
         if e.name and module_name.startswith(e.name):

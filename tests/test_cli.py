@@ -244,3 +244,22 @@ def test_a_closed_pipe_ends_a_command_without_a_traceback():
     p.stdout.close()  # the reader leaves
     err = p.stderr.read().decode()
     assert p.wait(timeout=60) == 141 and "Traceback" not in err, err
+
+
+def test_ctrl_c_while_torch_imports_is_one_line(monkeypatch, capsys):
+    """The entry point imported torch with the package (a Ctrl-C in that first 1.5 s was a traceback): the package
+    now imports it on first use, and a Ctrl-C during the command's import is the CLI's one line."""
+    code = "import sys, ionllama.cli; assert 'torch' not in sys.modules, 'torch imported with the CLI'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    from ionllama import cli
+
+    def interrupted(name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.importlib, "import_module", interrupted)
+    try:
+        rc = cli.main(["train", "--help"])
+    except KeyboardInterrupt:  # the failure this test is about; raised on, it would stop the whole test session
+        pytest.fail("Ctrl-C during the import was not handled")
+    assert rc == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
