@@ -103,5 +103,7 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad flag prints one `error: ...` line (exit 2) instead of usage + error."""
 
     def error(self, message):
-        print(f"error: {message}; see {self.prog} --help", file=sys.stderr)
+        # under torchrun every rank parses the same flags: rank 0 says it once, not once per process
+        if os.environ.get("RANK", "0") == "0" or "WORLD_SIZE" not in os.environ:
+            print(f"error: {message}; see {self.prog} --help", file=sys.stderr)
         sys.exit(2)

@@ -263,3 +263,14 @@ def test_ctrl_c_while_torch_imports_is_one_line(monkeypatch, capsys):
         pytest.fail("Ctrl-C during the import was not handled")
     assert rc == 130
     assert capsys.readouterr().err.strip() == "interrupted"
+
+
+@pytest.mark.parametrize("rank, printed", [("0", True), ("1", False)])
+def test_a_mistyped_flag_under_torchrun_is_said_once(rank, printed, monkeypatch, capsys):
+    """Every torchrun rank parses the same flags: only rank 0 prints the refusal; every rank exits 2."""
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        main(["--no_such_flag"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and ("no_such_flag" in err) == printed, err
