@@ -468,3 +468,80 @@ def test_a_foreign_pickle_is_one_error_line(tmp_path):
                            env=env, cwd=tmp_path)
         err = r.stderr.strip()
         assert r.returncode == 2 and err.startswith("error:") and "\n" not in err and words in err, err
+
+
+def test_cli_help_names_every_flag_and_its_default():
+    """--max_new_bytes, --temperature, --top_k, --top_p and --seed had no help at all, nor any default shown."""
+    from ionllama.generation.cli import build_parser
+
+    p = build_parser()
+    text = " ".join(p.format_help().split())
+    for a in p._actions:
+        if a.dest not in ("help", "checkpoint"):  # --checkpoint is required: no default
+            assert a.help and "(default: " in a.help, a.dest
+    assert "(default: 256)" in text and "(default: 1.0)" in text and "(default: a random seed)" in text
+
+
+def test_cli_seed_outside_the_samplers_range_is_refused(tmp_path, capsys):
+    """The sampler takes seeds modulo 2**63: --seed -1 and --seed 2**63 - 1 drew the same bytes, as did 0 and
+    2**63, silently. Such a seed is one early line now; the range's ends still run."""
+    from ionllama.generation.cli import main
+
+    m = tiny_dense()
+    ck = tmp_path / "m.pt"
+    _save_ckpt(m, ck)
+    base = ["--checkpoint", str(ck), "--prompt", "x", "--max_new_bytes", "4", "--device", "cpu"]
+    for bad in ("-1", str(2**63), str(2**64 + 3)):
+        with pytest.raises(SystemExit) as e:
+            main(base + ["--seed", bad])
+        out, err = capsys.readouterr()
+        err = err.strip()
+        assert e.value.code == 2 and out == "" and "\n" not in err and "--seed must be 0 to 2**63-1" in err, err
+    for good in (0, 2**63 - 1):
+        assert main(base + ["--seed", str(good), "--no_prompt_echo"]) == 0
+        want = generate(m, "x", 4, seed=good).decode("utf-8", errors="replace") + "\n"
+        assert capsys.readouterr().out == want
+
+
+def test_cli_output_writes_the_exact_bytes_atomically(tmp_path, capsys, monkeypatch):
+    """The terminal shows U+FFFD for invalid UTF-8 and adds a newline; --output keeps the continuation's exact
+    bytes (no prompt), replaces the file only when generation ends, and a bad path is one early line."""
+    from ionllama.generation import cli
+
+    m = tiny_dense()
+    ck = tmp_path / "m.pt"
+    _save_ckpt(m, ck)
+    dest = tmp_path / "out.bin"
+    dest.write_bytes(b"old")
+    base = ["--checkpoint", str(ck), "--prompt", "ab", "--max_new_bytes", "24", "--seed", "5", "--device", "cpu"]
+    assert cli.main(base + ["--output", str(dest)]) == 0
+    want = generate(m, "ab", 24, seed=5)
+    assert dest.read_bytes() == want and len(want) > 0
+    assert capsys.readouterr().out == "ab" + want.decode("utf-8", errors="replace") + "\n"  # the stream as before
+
+    def fake_generate(prompt, stream=None, **kw):  # invalid UTF-8 and a control byte
+        stream(0, b"\xff\xe2\x82")
+        stream(0, b"z\x01")
+        return b"\xff\xe2\x82z\x01"
+
+    monkeypatch.setattr(cli, "load_checkpoint_model", lambda path, device: type("M", (), {
+        "generate": staticmethod(fake_generate), "config": m.config})())
+    assert cli.main(base + ["--output", str(dest), "--no_prompt_echo"]) == 0
+    assert dest.read_bytes() == b"\xff\xe2\x82z\x01" and capsys.readouterr().out == "\ufffd\ufffdz\x01\n"
+
+    def failing_generate(prompt, stream=None, **kw):  # a failure mid-way leaves the earlier file whole
+        stream(0, b"partial")
+        raise MemoryError
+
+    monkeypatch.setattr(cli, "load_checkpoint_model", lambda path, device: type("M", (), {
+        "generate": staticmethod(failing_generate), "config": m.config})())
+    with pytest.raises(SystemExit) as e:
+        cli.main(base + ["--output", str(dest)])
+    assert e.value.code == 2 and dest.read_bytes() == b"\xff\xe2\x82z\x01"
+    capsys.readouterr()
+    for bad, words in ((tmp_path, "is a folder"), (tmp_path / "no" / "out.bin", "cannot write --output")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(base + ["--output", str(bad)])
+        out, err = capsys.readouterr()
+        assert e.value.code == 2 and out == "" and "\n" not in err.strip() and words in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "out.bin"]  # no temp file left behind
