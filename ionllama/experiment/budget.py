@@ -112,7 +112,7 @@ def warm_up(tr) -> float:
 
 def make_budget_trainer(train_args, explicit: set[str], budget_s: float, curve_points: int, warmup: bool = True,
                         checkpoint_every_s: float | None = None, wall_deadline: float | None = None,
-                        final_evals: int = 1):
+                        final_evals: int = 1, first_reserve_s: float | None = None):
     """The harness Trainer with the time-based plan and evaluations every budget / curve_points seconds of
     training (at the first log point after each mark, so the logged train_time_s is exact), and latest.pt
     saved at the first evaluation after every `checkpoint_every_s` training seconds (the trainer also saves
@@ -121,7 +121,8 @@ def make_budget_trainer(train_args, explicit: set[str], budget_s: float, curve_p
     wall_deadline (a time.perf_counter() value): training stops early, with latest.pt saved, once the time
     left before it would no longer fit `final_evals` evaluations (each as long as the last curve point's,
     with a margin). A run killed at the deadline leaves no row at all; a run cut short leaves one whose
-    training time says so (`cut_short_s`)."""
+    training time says so (`cut_short_s`). first_reserve_s: the reserve until a curve point has timed an
+    evaluation (the user's --arm_overhead_s; default: RESERVE_FIRST_EVAL_S per evaluation, with the margin)."""
     from ..train.trainer import Trainer
 
     class BudgetTrainer(Trainer):
@@ -142,6 +143,8 @@ def make_budget_trainer(train_args, explicit: set[str], budget_s: float, curve_p
 
         def reserve_s(self) -> float:
             """Wall seconds to keep for the final evaluations and saving."""
+            if self.last_eval_s is None and first_reserve_s is not None:
+                return first_reserve_s
             per = self.last_eval_s if self.last_eval_s is not None else RESERVE_FIRST_EVAL_S
             return 1.5 * final_evals * per + RESERVE_MARGIN_S
 

@@ -59,8 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint_every_s", type=float, default=120.0,
                    help="save latest.pt at the first curve point after this many training seconds (0: only when "
                         "stopped or signalled)")
-    p.add_argument("--arm_overhead_s", type=float, default=120.0,
-                   help="expected seconds per arm beyond the budget (data, compile, evaluation) for --deadline_s")
+    p.add_argument("--arm_overhead_s", type=float, default=None,
+                   help="expected seconds per arm beyond the budget (data, compile, evaluation) for --deadline_s "
+                        "(default 120); given, also the seconds a training arm keeps for its final evaluation "
+                        "until a curve point has timed one (default ~60 s)")
     g = p.add_argument_group("data and evaluation")
     g.add_argument("--data_path", default=None, help="e.g. '../shared/data/gutenberg/gutenberg-{split}.jsonl.xz'")
     g.add_argument("--dataset", default="builtin", help="used without --data_path")

@@ -35,6 +35,7 @@ from .tasks import run_task_stage
 
 # trainer flags that the experiment's own flags set under another name (a refusal names the flag the user typed)
 _EXPERIMENT_NAME = {"eval_bytes": "curve_eval_bytes", "max_train_time": "budget_s"}
+ARM_OVERHEAD_S = 120.0  # --arm_overhead_s when not given
 
 
 def _changed_settings(final: dict, spec: dict, targv: list[str]) -> str:
@@ -163,6 +164,9 @@ class Runner:
                 "from_runs": [v for v in self.trained_variants(arm)
                               if (self.sweep_dir / f"{arm}~{v}" / "final.json").is_file()]}
 
+    def arm_overhead_s(self) -> float:
+        return ARM_OVERHEAD_S if self.a.arm_overhead_s is None else self.a.arm_overhead_s
+
     def time_left(self) -> float:
         if self.a.deadline_s is None:
             return math.inf
@@ -256,7 +260,7 @@ class Runner:
             from ..train.distributed import latest_checkpoint
 
             here = latest_checkpoint(self.ckpt_dir / run_name) is not None
-            need = budget_s - (trained_s if here else 0.0) + self.a.arm_overhead_s
+            need = budget_s - (trained_s if here else 0.0) + self.arm_overhead_s()
             if self.time_left() < need:
                 _log(f"{run_name}: cut short at {trained_s:.0f} s of {budget_s:g} s and not continued "
                      f"({self.time_left():.0f} s left before --deadline_s, ~{need:.0f} s needed); its row stays "
@@ -271,7 +275,7 @@ class Runner:
             marker = self.ckpt_dir / run_name / "experiment.json"
             _write_json(marker, {**(_read_json(marker) or {}), "trained": False})
         else:
-            need = budget_s + self.a.arm_overhead_s
+            need = budget_s + self.arm_overhead_s()
             if self.time_left() < need:
                 _log(f"{run_name}: not started ({self.time_left():.0f} s left before --deadline_s, an arm needs "
                      f"~{need:.0f} s); run the same command again to continue")
@@ -345,7 +349,10 @@ class Runner:
             deadline = None if self.a.deadline_s is None else self.t_start + self.a.deadline_s
             tr = make_budget_trainer(targs, explicit_args(parser, targv), budget_s, self.a.curve_points,
                                      warmup=self.a.warmup, checkpoint_every_s=self.a.checkpoint_every_s,
-                                     wall_deadline=deadline, final_evals=1 + len(self.eval_sets()))
+                                     wall_deadline=deadline, final_evals=1 + len(self.eval_sets()),
+                                     # the user's own estimate of an arm's time beyond its budget (the reserve
+                                     # ignored it: 60 s kept for a 10 s evaluation cut every arm at once)
+                                     first_reserve_s=self.a.arm_overhead_s)
             result = tr.run()
             if not result:
                 raise UserError(f"{run_name}: the trainer returned no result; see its log above")

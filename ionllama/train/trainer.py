@@ -848,8 +848,10 @@ class Trainer:
         stop.install()
         from tqdm import tqdm
 
-        bar = tqdm(total=plan.total, initial=self.step, disable=not (self.is_main and sys.stderr.isatty()),
-                   dynamic_ncols=True, mininterval=1.0)
+        # a plan bounded by time (the experiment's arms) has no last step: its loop bound 10**9 means "never"
+        budget_s = getattr(plan, "budget_s", None)
+        bar = tqdm(total=None if budget_s else plan.total, initial=self.step,
+                   disable=not (self.is_main and sys.stderr.isatty()), dynamic_ncols=True, mininterval=1.0)
         result = {}
         try:
             if self.step == 0:
@@ -922,7 +924,9 @@ class Trainer:
                             post["B/patch"] = f"{rec['bytes_per_patch']:.2f}"
                         bar.set_postfix(post, refresh=False)
                         if bar.disable:
-                            _say(f"step {self.step}/{plan.total} [{self.phase}] " + " ".join(f"{k} {v}" for k, v in post.items()))
+                            at = (f"{self.step} (time-bounded: {self.train_time:.0f}/{budget_s:g} s)" if budget_s
+                                  else f"{self.step}/{plan.total}")
+                            _say(f"step {at} [{self.phase}] " + " ".join(f"{k} {v}" for k, v in post.items()))
                     win = {"t0": None, "bytes": 0, "loss": [], "bpb": [], "patches": 0}
                     if at_eval:
                         if self.phase == "joint" and getattr(self.model, "needs_entropy_phase", False):
