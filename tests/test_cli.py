@@ -169,7 +169,8 @@ def test_a_warning_is_one_line(tmp_path):
                         str(tmp_path / "c"), "--val_fraction", "0.2"], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": str(REPO)})  # a process: pytest captures warnings itself
     assert r.returncode == 0, r.stderr
-    assert r.stderr.strip().splitlines() == [f"warning: {p}: skipped 1 line(s) that are not JSON objects"]
+    assert r.stderr.strip().splitlines() == [f"warning: {p}: skipped 1 line(s) that are not JSON objects (first: "
+                                             "line 1: Expecting value at column 1)"]
 
 
 def test_script_errors_have_no_traceback(tmp_path):

@@ -3,6 +3,7 @@ import gzip
 import json
 import lzma
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -209,7 +210,7 @@ def test_corrupt_parquet_is_one_error_line(tmp_path, capfd):
     datasets = pytest.importorskip("datasets")
     (tmp_path / "bad.parquet").write_bytes(b"PAR1garbage")
     before = datasets.logging.get_verbosity()
-    with pytest.raises(UserError, match="could not read parquet files"):
+    with pytest.raises(UserError, match=r"could not read \S*bad.parquet .*complete parquet file"):
         prep(tmp_path, data_path=str(tmp_path / "bad.parquet"))
     out, err = capfd.readouterr()
     assert "Failed to read schema" not in out + err, err
@@ -485,3 +486,122 @@ def test_a_datasets_save_to_disk_folder_is_read_as_its_rows(tmp_path):
     arrow = next((tmp_path / "one").glob("*.arrow"))
     with pytest.raises(UserError, match="one shard of a `datasets` folder"):
         prep(tmp_path, data_path=str(arrow))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.xz"])
+def test_a_broken_json_line_names_its_file_and_line(tmp_path, suffix):
+    """Broken lines are skipped (a download cut mid-line must not stop a prepare) with one warning that now names
+    their count and the first one's 1-based line and reason (blank lines counted, compressed or not); it named
+    neither, leaving the user to search the file."""
+    path = tmp_path / f"b{suffix}"
+    opener = gzip.open if suffix.endswith(".gz") else lzma.open if suffix.endswith(".xz") else open
+    with opener(path, "wb") as f:
+        f.write(b'{"text": "one"}\n\n{"text": "three\n["a list"]\n{"text": "five"}\n')
+    from ionllama.data.sources import iter_jsonl
+
+    with pytest.warns(UserWarning) as w:
+        docs = [d for _, d in iter_jsonl(str(path))]
+    assert docs == [b"one", b"five"]
+    assert [str(x.message) for x in w] == [f"{path}: skipped 2 line(s) that are not JSON objects (first: line 3: "
+                                           "Unterminated string starting at at column 10)"]
+    with opener(path, "wb") as f:
+        f.write(b'{"text": "one"}\nnull\n')
+    with pytest.warns(UserWarning, match=r"skipped 1 line\(s\) that are not JSON objects \(first: line 2 is null\)"):
+        list(iter_jsonl(str(path)))
+
+
+def test_parquet_errors_name_the_fix(tmp_path, monkeypatch):
+    """The parquet messages read "parquet files ['x.parquet'] has no field ..." and ended in "pass --text_field NAME"
+    without saying which names are text; now they name the file and the text columns to pass."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"n": [1, 2, 3], "body": ["a", "b", "c"]}), path)
+    from ionllama.data.sources import _iter_parquet_pyarrow
+
+    for read in (lambda f: prep(tmp_path, data_path=str(path), text_field=f),
+                 lambda f: list(_iter_parquet_pyarrow(str(path), f, "t"))):
+        with pytest.raises(UserError) as e:
+            read("text")
+        assert str(e.value) == f"{path} has no column 'text'; pass --text_field with a text column: body"
+        with pytest.raises(UserError) as e:
+            read("n")
+        assert str(e.value) == (f"{path}: field 'n' holds int values, not text; pass --text_field with a text column: "
+                                "body")
+    pq.write_table(pa.table({"n": [1, 2, 3]}), tmp_path / "n.parquet")
+    with pytest.raises(UserError, match=r"has no column 'text'; its columns \(n\) hold no text; store the text as"):
+        list(_iter_parquet_pyarrow(str(tmp_path / "n.parquet"), "text", "n"))
+    monkeypatch.setitem(sys.modules, "datasets", None)  # neither reader installed
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(UserError, match=r"t.parquet needs the pyarrow package, which is not installed; pip install "
+                       "pyarrow"):
+        prep(tmp_path, data_path=str(path), text_field="body")
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d-{split}.jsonl"])
+def test_a_file_that_changes_while_prepared_is_refused(tmp_path, monkeypatch, name):
+    """A file written to during the read made shards that mix its versions under the key of one of them; now it is
+    refused by name and nothing is left in the cache."""
+    for split in ("train", "val"):
+        write_jsonl(tmp_path / name.replace("{split}", split), make_docs(20))
+    read = sources.iter_local_file
+
+    def appended_while_read(path, base, text_field):
+        yield from read(path, base, text_field)
+        with open(path, "a") as f:  # a writer still adding to it
+            f.write(json.dumps({"text": "late line"}) + "\n")
+
+    monkeypatch.setattr(sources, "iter_local_file", appended_while_read)
+    with pytest.raises(UserError, match=r"d(-train)?\.jsonl changed while it was being prepared .*prepare again once "
+                       "it stops changing"):
+        prep(tmp_path, data_path=str(tmp_path / name))
+    assert not (tmp_path / "cache").exists()
+    monkeypatch.setattr(sources, "iter_local_file", read)
+    prep(tmp_path, data_path=str(tmp_path / name))  # once it is still, it prepares
+
+
+def test_caches_of_earlier_versions_are_named_not_deleted(tmp_path):
+    """A changed source got a new cache folder and the old one stayed, unused and unsaid, forever. Now the folders
+    of its earlier versions (other split arguments too, not other text fields) are named with their size and the
+    command that removes them; none is deleted."""
+    p = tmp_path / "d.jsonl"
+    p.write_text("".join(json.dumps({"text": f"doc {i} " * 30, "body": f"b {i} " * 30}) + "\n" for i in range(30)))
+    a = prepare(DataArgs(data_path=str(p), data_dir=str(tmp_path / "c")), log=quiet)
+    b = prepare(DataArgs(data_path=str(p), data_dir=str(tmp_path / "c"), val_fraction=0.2), log=quiet)
+    other_field = prepare(DataArgs(data_path=str(p), data_dir=str(tmp_path / "c"), text_field="body"), log=quiet)
+    said = []
+    assert prepare(DataArgs(data_path=str(p), data_dir=str(tmp_path / "c")), log=said.append) == a
+    assert not any("earlier versions" in m for m in said)  # reused: nothing is stale
+    with open(p, "a") as f:
+        f.write(json.dumps({"text": "one more"}) + "\n")
+    said = []
+    new = prepare(DataArgs(data_path=str(p), data_dir=str(tmp_path / "c")), log=said.append)
+    notes = [m for m in said if "earlier versions" in m]
+    assert len(notes) == 1, said
+    size = sum(f.stat().st_size for d in (a, b) for f in d.iterdir())
+    assert f"2 cache folder(s) of earlier versions of these files remain ({size / 1e6:,.1f} MB)" in notes[0]
+    assert notes[0].endswith(f"remove them with: rm -r {a} {b}" if a < b else f"remove them with: rm -r {b} {a}")
+    assert str(other_field) not in notes[0] and str(new) not in notes[0]
+    assert all(d.is_dir() for d in (a, b, other_field, new))
+
+
+def test_readme_says_which_datasets_prepare_refuses():
+    """The README listed `--dataset tasks` among the sources and said `ionllama prepare` builds their shards; prepare
+    refuses it. Every listed dataset is one the CLI takes, and those prepare refuses are named where it is."""
+    import re
+
+    from ionllama.data.shards import DATASETS, make_source
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    listed = re.findall(r"^\| `--dataset (\w+)`", readme, re.M)
+    assert sorted(listed) == sorted(DATASETS)
+    refused = []
+    for name in listed:
+        try:
+            make_source(DataArgs(dataset=name, builtin_bytes=1000))
+        except UserError as e:
+            assert "nothing to prepare" in str(e)
+            refused.append(name)
+    assert refused == ["tasks"]
+    where = readme[readme.index("`ionllama prepare ...` builds them"):][:300]
+    assert all(f"`--dataset {name}`" in where and "nothing to prepare" in where for name in refused), where

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -109,7 +110,8 @@ def make_source(args: DataArgs):
     if args.dataset in sources.HUB_DATASETS:
         return sources.hub_source(args.dataset, args.text_field if args.text_field != "text" else None)
     if args.dataset == "tasks":
-        raise UserError("--dataset tasks is generated on the fly and has no shards; nothing to prepare")
+        raise UserError("--dataset tasks is generated while training and has no shards; nothing to prepare (train "
+                        "with --dataset tasks directly)")
     raise UserError(f"unknown dataset '{args.dataset}'; choose one of {', '.join(DATASETS)} or pass --data_path")
 
 
@@ -172,7 +174,27 @@ def prepare(args: DataArgs, log: Callable[[str], None] = print) -> Path:
         log(f"data: warning: the val split holds only {s['val']['bytes']:,} bytes, too few for a steady val BPB; "
             + ("give a larger val file" if meta.get("split_method") == "given" else
                "raise --val_fraction (at most 0.49) or give more data"))
+    old = earlier_versions(out, key)
+    if old:  # said, not deleted: a user's folder is theirs to remove (an earlier run may still be reading it)
+        size = sum(f.stat().st_size for d in old for f in d.rglob("*") if f.is_file())
+        log(f"data: note: {len(old)} cache folder(s) of earlier versions of these files remain ({size / 1e6:,.1f} MB), "
+            f"unused from now on; remove them with: rm -r {' '.join(shlex.quote(str(d)) for d in old)}")
     return out
+
+
+def earlier_versions(out: Path, key: dict) -> list[Path]:
+    """Cache folders of the same source (path, text field, ...) made from other versions of its files: a source
+    that changed gets a new folder (a new key) and the old one was never used again, nor said."""
+    same = {k: v for k, v in key["source"].items() if k != "files"}
+    found = []
+    for d in sorted(out.parent.glob(out.name[:-12] + "?" * 12)):
+        try:
+            old = json.loads((d / "meta.json").read_text())["key"]["source"]
+            if d != out and old != key["source"] and {k: v for k, v in old.items() if k != "files"} == same:
+                found.append(d)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # not a cache folder of this format: not ours to name
+    return found
 
 
 def _remove_stale_tmp(parent: Path, name: str) -> None:
@@ -296,4 +318,5 @@ def verify_shards(shards: Shards) -> None:
     """Recompute the checksums of meta.json (slow for big shards; used by tests and `prepare --verify`)."""
     for name in ("train", "val"):
         if file_sha256(shards.path / f"{name}.bin") != shards.meta["splits"][name]["sha256"]:
-            raise UserError(f"{shards.path}/{name}.bin does not match its checksum; delete the folder and prepare again")
+            raise UserError(f"{shards.path}/{name}.bin does not match its checksum; delete the folder and prepare "
+                            "again")

@@ -73,14 +73,25 @@ class Source:
 
 # ---------------------------------------------------------------- helpers
 
-def column_text(text, label: str, field: str) -> bytes:
+def _text_field_fix(text_columns: list[str], columns: list[str]) -> str:
+    """The fix for a --text_field that names no text column: the text columns there are, else all of them."""
+    if text_columns:
+        return f"pass --text_field with a text column: {', '.join(text_columns[:8])}"
+    return f"its columns ({', '.join(columns[:8])}) hold no text; store the text as strings in one of them"
+
+
+def no_text_field(label: str, field: str, text_columns: list[str], columns: list[str]) -> UserError:
+    return UserError(f"{label} has no column '{field}'; {_text_field_fix(text_columns, columns)}")
+
+
+def column_text(text, label: str, field: str, text_columns: list[str] | None = None) -> bytes:
     """A table cell (parquet / hub row) as bytes: str or raw bytes; anything else means --text_field names a column
     that is not text (str() of it would train on reprs like "['a', 'b']" or "123")."""
     if isinstance(text, (bytes, bytearray)):
         return bytes(text)
     if not isinstance(text, str):
-        raise UserError(f"{label}: field '{field}' holds {type(text).__name__} values, not text; pass --text_field "
-                        "NAME of a text column")
+        fix = _text_field_fix(text_columns, [field]) if text_columns else "pass --text_field NAME of a text column"
+        raise UserError(f"{label}: field '{field}' holds {type(text).__name__} values, not text; {fix}")
     return encode_text(text)
 
 
@@ -211,10 +222,12 @@ def resolve_local_files(pattern: str) -> tuple[list[str], str]:
 
 
 def iter_jsonl(path: str, text_field: str = "text", doc_prefix: str | None = None) -> Iterator[Doc]:
-    """One document per JSON line. Lines that are not JSON objects, or whose text is not a string, are skipped
-    (counted, warned)."""
+    """One document per JSON line. Lines that are not JSON objects, or whose text is not a string, are skipped and
+    warned about with their count and the first one's line number and reason (a download cut mid-line should not
+    stop a prepare; a warning without a line number left the user to search for it)."""
     prefix = doc_prefix if doc_prefix is not None else os.path.basename(path)
-    bad, not_text = 0, {}  # not_text: type name -> first line number
+    bad, first_bad = 0, ""
+    not_text = {}  # type name -> first line number
     try:
         with _open_binary(path) as f:
             for lineno, raw in enumerate(f, 1):
@@ -226,11 +239,14 @@ def iter_jsonl(path: str, text_field: str = "text", doc_prefix: str | None = Non
                 except ValueError:  # includes invalid UTF-8: keep the bytes via surrogateescape
                     try:
                         obj = json.loads(raw.decode("utf-8", "surrogateescape"))
-                    except ValueError:
+                    except json.JSONDecodeError as e:
                         bad += 1
+                        first_bad = first_bad or f"line {lineno}: {e.msg} at column {e.colno}"
                         continue
                 if not isinstance(obj, dict):
                     bad += 1
+                    kind = {list: "an array", str: "a string", bool: "a boolean"}.get(type(obj), "a number")
+                    first_bad = first_bad or f"line {lineno} is {'null' if obj is None else kind}"
                     continue
                 if text_field not in obj:
                     raise UserError(f"{path} line {lineno} has no field '{text_field}' (fields: "
@@ -245,7 +261,7 @@ def iter_jsonl(path: str, text_field: str = "text", doc_prefix: str | None = Non
     except READ_ERRORS as e:
         raise _read_error(path, e) from None
     if bad:
-        warnings.warn(f"{path}: skipped {bad} line(s) that are not JSON objects", stacklevel=2)
+        warnings.warn(f"{path}: skipped {bad} line(s) that are not JSON objects (first: {first_bad})", stacklevel=2)
     if not_text:
         kinds = ", ".join(f"{k} (first at line {n})" for k, n in not_text.items())
         warnings.warn(f"{path}: skipped lines whose '{text_field}' is not a string: {kinds}; pass --text_field "
@@ -275,20 +291,22 @@ def _iter_parquet_pyarrow(path: str, text_field: str, doc_prefix: str) -> Iterat
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise UserError(f"reading {path} needs `datasets` or `pyarrow`; pip install 'ionllama[data]'") from None
+        raise UserError(f"reading the parquet file {path} needs the pyarrow package, which is not installed; "
+                        "pip install pyarrow (or pip install 'ionllama[data]')") from None
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises its own error types
         raise _read_error(path, e) from None
-    if text_field not in pf.schema_arrow.names:
-        raise UserError(f"{path} has no column '{text_field}' (columns: {', '.join(pf.schema_arrow.names[:8])}); "
-                        "pass --text_field NAME")
+    schema = pf.schema_arrow
+    text_columns = [f.name for f in schema if str(f.type) in ("string", "large_string", "binary", "large_binary")]
+    if text_field not in schema.names:
+        raise no_text_field(path, text_field, text_columns, schema.names)
     i = 0
     for batch in pf.iter_batches(columns=[text_field]):
         for text in batch.column(0).to_pylist():
             i += 1
             if text is not None:
-                yield f"{doc_prefix}:{i}", column_text(text, path, text_field)
+                yield f"{doc_prefix}:{i}", column_text(text, path, text_field, text_columns)
 
 
 def _is_json_lines(path: str, text_field: str) -> bool:
@@ -329,6 +347,20 @@ def _file_stats(files: list[str]) -> list:
     return out
 
 
+def _iter_unchanged(files: list[str], stats: list, base: str, text_field: str) -> Iterator[Doc]:
+    """The files' documents, refusing a file whose stat after reading is not the one the cache key holds: shards
+    read from a file being rewritten mix its versions under the key of one of them."""
+    for f, before in zip(files, stats):
+        yield from iter_local_file(f, base, text_field)
+        try:
+            after = _file_stats([f])[0]
+        except OSError:
+            after = None
+        if after != before:
+            raise UserError(f"{f} changed while it was being prepared (its size or times moved during the read); "
+                            "prepare again once it stops changing")
+
+
 def local_source(data_path: str, text_field: str = "text") -> Source:
     """A file/dir/glob, or a pattern with '{split}' naming given split files (e.g. books-{split}.jsonl.xz)."""
     if "{split}" in data_path:
@@ -350,13 +382,13 @@ def local_source(data_path: str, text_field: str = "text") -> Source:
                 raise UserError(f"--data_path '{data_path}': no {split} files for '{{split}}' = {'/'.join(names)}; "
                                 "check the pattern") from None
 
-        def iter_docs(split: str) -> Iterator[Doc]:
-            files, base = resolved[split]
-            for f in files:
-                yield from iter_local_file(f, base, text_field)
-
         key = {"kind": "local-splits", "pattern": data_path, "text_field": text_field,
                "files": {s: _file_stats(f) for s, (f, _) in resolved.items()}}
+
+        def iter_docs(split: str) -> Iterator[Doc]:
+            files, base = resolved[split]
+            yield from _iter_unchanged(files, key["files"][split], base, text_field)
+
         return Source(f"local:{data_path}", key, iter_docs, given_splits=True)
 
     saved = saved_dataset_kind(data_path)
@@ -366,12 +398,11 @@ def local_source(data_path: str, text_field: str = "text") -> Source:
         raise UserError(f"--data_path {data_path} is one shard of a `datasets` folder; pass the folder that "
                         "save_to_disk wrote (it holds dataset_info.json / state.json)")
     files, base = resolve_local_files(data_path)
+    key = {"kind": "local", "path": data_path, "text_field": text_field, "files": _file_stats(files)}
 
     def iter_all(split: str = "all") -> Iterator[Doc]:
-        for f in files:
-            yield from iter_local_file(f, base, text_field)
+        yield from _iter_unchanged(files, key["files"], base, text_field)
 
-    key = {"kind": "local", "path": data_path, "text_field": text_field, "files": _file_stats(files)}
     return Source(f"local:{data_path}", key, iter_all)
 
 
@@ -413,8 +444,8 @@ def saved_dataset_source(path: str, text_field: str, kind: str) -> Source:
 
     def rows(ds, label: str) -> Iterator[Doc]:
         if text_field not in ds.column_names:
-            raise UserError(f"{path}{label} has no column '{text_field}' (columns: {', '.join(ds.column_names[:8])}); "
-                            "pass --text_field NAME")
+            text_columns = [c for c, f in ds.features.items() if getattr(f, "dtype", "") in ("string", "large_string")]
+            raise no_text_field(f"{path}{label}", text_field, text_columns, ds.column_names)
         for i, row in enumerate(ds.select_columns([text_field])):
             if row[text_field] is not None:
                 yield f"{os.path.basename(p)}{label}:{i}", column_text(row[text_field], f"{path}{label}", text_field)
@@ -467,12 +498,16 @@ def hub_unreachable_reason(timeout: float = 5.0) -> str | None:
     return result[0]
 
 
+def _row_text_columns(row: dict) -> list[str]:
+    return [k for k, v in row.items() if isinstance(v, (str, bytes))]
+
+
 def iter_hf_documents(path: str, split: str, name: str | None = None, data_files=None, text_field: str = "text",
                       doc_prefix: str | None = None, streaming: bool = True) -> Iterator[Doc]:
     """Documents of a `datasets` split: a hub dataset (checked for reachability first) or a packaged
     builder ('json', 'parquet', ...) over local data_files - the same code either way."""
     remote = path not in PACKAGED_BUILDERS
-    label = path if remote else f"{path} files {data_files}"
+    label = path if remote else ", ".join(map(str, data_files))
     if remote:
         reason = hub_unreachable_reason()
         if reason:
@@ -494,17 +529,17 @@ def iter_hf_documents(path: str, split: str, name: str | None = None, data_files
         ds = datasets.load_dataset(path, name, split=split, data_files=data_files, streaming=streaming)
         for i, row in enumerate(ds):
             if text_field not in row:
-                raise UserError(f"{label} has no field '{text_field}' (fields: {', '.join(sorted(row)[:8])}); "
-                                "pass --text_field NAME")
+                raise no_text_field(label, text_field, _row_text_columns(row), list(row))
             text = row[text_field]
-            if text is not None:
-                yield f"{prefix}:{i}", column_text(text, label, text_field)
+            if text is not None:  # the text columns are looked for only when needed: once per row of a big hub set
+                yield f"{prefix}:{i}", column_text(text, label, text_field,
+                                                   None if isinstance(text, (str, bytes)) else _row_text_columns(row))
     except UserError:
         raise
     except Exception as e:  # network / hub / format errors from datasets, fsspec, requests, httpx, pyarrow
         msg = str(e).splitlines()[0][:200] if str(e) else ""
         raise UserError(f"could not read {label} ({type(e).__name__}: {msg}); "
-                        + (HUB_OFFLINE_HINT if remote else "check the file")) from None
+                        + (HUB_OFFLINE_HINT if remote else f"check that it is a complete {path} file")) from None
     finally:
         datasets.logging.set_verbosity(verbosity)
 
