@@ -925,3 +925,29 @@ def test_report_stage_rewrites_only_the_section_between_the_markers(tmp_path):
     text = md.read_text()
     assert text.startswith(head + BEGIN) and text.endswith(END + tail)
     assert "--title Other --eval_bytes 9` from" in text and "| dense |" in text and "# Other" not in text
+
+
+def test_task_compile_trains_through_the_compiled_forward(monkeypatch):
+    """--task_compile: the stage's steps go through torch.compile(model) (the eager stage waits on the host on a GPU)
+    and tasks.json says so; the compiled forward (here torch's eager backend) trains to the eager losses."""
+    from argparse import Namespace
+
+    from ionllama.experiment import tasks as T
+
+    monkeypatch.setattr("ionllama.eval.task_eval.run_tasks", lambda *a, **k: {"per_task": {}})
+    real_compile, compiled = torch.compile, []
+
+    def spy(model, **kw):
+        compiled.append(model)
+        return real_compile(model, backend="eager")
+
+    monkeypatch.setattr(T.torch, "compile", spy)
+    losses = {}
+    for on in (False, True):
+        torch.manual_seed(0)
+        m = create_model("tiny", model="dense", d_model=32, n_layers=1, n_heads=2)
+        a = Namespace(task_steps=3, task_lr=1e-3, seed=1, task_batch=2, task_seq_len=96, task_n=1, task_compile=on)
+        res = T.run_task_stage(m, torch.device("cpu"), None, a)
+        assert res["fine_tuning"]["compiled"] is on and compiled == ([m] if on else [])
+        losses[on] = [r["loss"] for r in res["fine_tuning"]["losses"]]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)

@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--task_lr", type=float, default=3e-4)
     g.add_argument("--task_seq_len", type=int, default=256, help="bytes per packed row (tokens: half)")
     g.add_argument("--task_n", type=int, default=100, help="test examples per task (and per digit count)")
+    g.add_argument("--task_compile", action="store_true",
+                   help="torch.compile the task stage's forward (on a GPU the eager stage waits on the host; "
+                        "benchmarks/bench_task_stage.py measures both)")
     g.add_argument("--task_time_s", type=float, default=240.0, help="expected seconds per task arm (--deadline_s)")
     return p
 

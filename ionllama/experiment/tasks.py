@@ -79,10 +79,12 @@ def task_batch(model, examples, row_len_bytes: int):
 
 
 def train_on_tasks(model, device, amp, steps: int, lr: float, batch_of_step, log_every: int = 50,
-                   on_log=None) -> tuple[list[dict], float]:
+                   on_log=None, forward=None) -> tuple[list[dict], float]:
     """The task fine-tuning loop of every task arm: AdamW (wd 0.1), warmup 5 % then cosine to 10 %, clip 1.0;
     batch_of_step(step) -> (x, y). Returns ([{step, loss, bpb}] every log_every steps and at the last, seconds);
-    bpb is per target byte, also for a token model (whose loss is per token)."""
+    bpb is per target byte, also for a token model (whose loss is per token). forward: what computes model(x, y)
+    (e.g. torch.compile(model)); the model's own forward by default."""
+    forward = model if forward is None else forward  # (not `or`: a compiled module has no truth value)
     from ..train.optim import make_adamw
     from ..train.schedule import warmup_cosine
 
@@ -96,7 +98,7 @@ def train_on_tasks(model, device, amp, steps: int, lr: float, batch_of_step, log
         for g in opt.param_groups:
             g["lr"] = lr * warmup_cosine(step, steps, max(1, steps // 20))
         with _autocast(device, amp):
-            out = model(x.to(device), y.to(device))
+            out = forward(x.to(device), y.to(device))
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -114,14 +116,17 @@ def run_task_stage(model, device, amp, a) -> dict:
 
     if hasattr(model, "freeze_entropy"):
         model.freeze_entropy(True)  # patch boundaries as in pretraining
+    compiled = bool(getattr(a, "task_compile", False))
     losses, train_s = train_on_tasks(
         model, device, amp, a.task_steps, a.task_lr,
-        lambda step: task_batch(model, task_examples(a.seed, step, a.task_batch), a.task_seq_len))
+        lambda step: task_batch(model, task_examples(a.seed, step, a.task_batch), a.task_seq_len),
+        forward=torch.compile(model) if compiled else None)
     model.eval()
     results = run_tasks(model, device, n=a.task_n, max_digits=4, seed=1234, shots=0, trained_on_tasks=True,
                         split="test", batch_size=32, amp_dtype=amp)
     return {"fine_tuning": {"steps": a.task_steps, "examples_per_step": a.task_batch, "lr": a.task_lr,
                             "schedule": "AdamW, warmup 5% then cosine to 10%, grad clip 1.0",
-                            "row_len": a.task_seq_len, "seed": a.seed, "seconds": train_s, "losses": losses,
+                            "row_len": a.task_seq_len, "seed": a.seed, "seconds": train_s, "compiled": compiled,
+                            "losses": losses,
                             "data": "ionllama.data.tasks train split, identical examples per step for every arm"},
             "results": results}

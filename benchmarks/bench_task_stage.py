@@ -1,0 +1,94 @@
+"""How fast is the experiment's task stage, eager against torch.compile'd? (issue #11, question 4)
+
+The Q4 task rows fine-tune for 3,000 steps of 64 examples in 256-byte rows; on the H200 that took 175-205 s
+(`docs/results/phase1-tasks-best-*-sg/*/tasks.json`, "seconds"), ~60-70 ms per step for a model whose pretraining
+step at 64 x 1,024 bytes takes ~25 ms: the stage waits on the host. Seeds spread addition by ~0.12 because the
+2-digit jump comes at a seed-dependent step, so a longer stage (every seed past the jump) is the next lever, and it
+has to fit a device call. This script times the stage's own loop (`ionllama.experiment.tasks.train_on_tasks`, the
+same batches) both ways on random weights of a run's architecture, and checks that the two give close losses.
+
+    PYTHONPATH=. python benchmarks/bench_task_stage.py \\
+        --model_config docs/results/phase1-tasks-best-dense-sg/ionllama_fixed/config.json --steps 300 --out OUT
+
+Writes OUT/bench_task_stage.json: ms per step after the warm-up steps, for eager and compiled, and the loss of each
+way's last logged step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_generation import add_model_config_arg, model_config_from  # noqa: E402
+
+from ionllama import build_model, create_model  # noqa: E402
+from ionllama.eval.benchmark import git_commit  # noqa: E402
+from ionllama.experiment.tasks import task_batch, task_examples, train_on_tasks  # noqa: E402
+
+
+def build(args):
+    torch.manual_seed(0)
+    cfg = model_config_from(args.model_config) if args.model_config else None
+    model = build_model(cfg) if cfg is not None else create_model(args.size)
+    return model.to(args.device)
+
+
+def time_way(args, compiled: bool) -> dict:
+    model = build(args)
+    fwd = torch.compile(model) if compiled else model
+    marks = {}
+
+    def batch_of_step(step):
+        if step == args.warmup:  # the steps before include compiling; the rate is taken after them
+            torch.cuda.synchronize() if args.device.startswith("cuda") else None
+            marks["t"] = time.perf_counter()
+        return task_batch(model, task_examples(1, step, args.batch), args.row_len)
+
+    t0 = time.perf_counter()
+    cuda = args.device.startswith("cuda")
+    losses, seconds = train_on_tasks(model, torch.device(args.device), torch.bfloat16 if cuda else None,
+                                     args.steps, 1e-3, batch_of_step, log_every=50, forward=fwd)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    timed = args.steps - args.warmup
+    return {"ms_per_step": 1e3 * (time.perf_counter() - marks["t"]) / timed, "timed_steps": timed,
+            "warmup_steps": args.warmup, "total_s": time.perf_counter() - t0, "last_loss": losses[-1]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", default="small")
+    add_model_config_arg(ap)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--batch", type=int, default=64, help="task examples per step (the experiment's --task_batch)")
+    ap.add_argument("--row_len", type=int, default=256, help="the experiment's --task_seq_len")
+    ap.add_argument("--out", default="out")
+    args = ap.parse_args()
+    if not 0 < args.warmup < args.steps:
+        print("error: --warmup must be between 0 and --steps; pass e.g. --steps 300 --warmup 50", file=sys.stderr)
+        return 2
+    res = {"eager": time_way(args, False), "compiled": time_way(args, True)}
+    res["speedup"] = res["eager"]["ms_per_step"] / res["compiled"]["ms_per_step"]
+    res.update({"args": vars(args), "torch": torch.__version__, "commit": git_commit(),
+                "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+                "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_task_stage.json").write_text(json.dumps(res, indent=1))
+    for way in ("eager", "compiled"):
+        r = res[way]
+        print(f"{way:9s} {r['ms_per_step']:.1f} ms/step over {r['timed_steps']} steps; last loss "
+              f"{r['last_loss']['loss']:.4f}; {r['total_s']:.0f} s in all")
+    print(f"speedup {res['speedup']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
