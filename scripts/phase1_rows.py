@@ -24,12 +24,14 @@ SWEPT = "--from_sweep --step_graph --sweep_dir docs/results/phase1-sweep/sweep"
 BEST = "latent_shift=completed,dropout=0.1,fixed_patch_size=3,pooling=attention"
 WIN2K = "--seq_len 2048 --batch_size 32 --also_eval_seq_len 1024"
 
-def _task_row(overrides: str, seed: int = 1, step_graph: bool = False) -> dict:
+def _task_row(overrides: str, seed: int = 1, step_graph: bool = False, task_steps: int = 3000,
+              task_compile: bool = False) -> dict:
     """A Q4 row: 75 s of pretraining (seed 1 unless said), then the task stage as in docs/results/phase1-tasks.md.
     step_graph: pretrain with the captured step, whose speed the GPU sets, not the host (without it the same row
     pretrained 1,640-2,894 steps on different machines, and addition followed the steps: phase1-tasks-best-dense.md)."""
     return dict(GPU0="ionllama_fixed", BUDGET="75", TASKS="1",
-                EXTRA=f"--seed {seed} {'--step_graph ' if step_graph else ''}--task_steps 3000 --task_lr 1e-3 "
+                EXTRA=f"--seed {seed} {'--step_graph ' if step_graph else ''}{'--task_compile ' if task_compile else ''}"
+                      f"--task_steps {task_steps} --task_lr 1e-3 "
                       f"--task_n 200 --from_sweep --sweep_dir docs/results/phase1-sweep/sweep --override {overrides}")
 
 
@@ -105,6 +107,12 @@ ROWS = {
         "latent_shift=completed,fixed_patch_size=3,pooling=attention", step_graph=True, seed=2),
     "tasks best row, dense, captured step, seed 2": _task_row(
         "latent_shift=completed,fixed_patch_size=3,pooling=attention,attention=dense", step_graph=True, seed=2),
+    # the thirty-fifth session's plan: a task stage twice as long, compiled (2.29x per step,
+    # task-stage-compile-s35.md), so that every seed gets past the 2-digit jump; compare only among these rows
+    **{f"tasks best row, {att}, long compiled stage, seed {seed}": _task_row(
+        f"latent_shift=completed,fixed_patch_size=3,pooling=attention{',attention=dense' if att == 'dense' else ''}",
+        step_graph=True, seed=seed, task_steps=6000, task_compile=True)
+       for att in ("dense", "dilated") for seed in (1, 2)},
 }
 # the copies of the data the session makes before its calls (docs/notes/gpu-runbook.md), renamed on the device
 DATA_MOVES = "rm -rf .data/gutenberg .data/wikipedia && mv .data/gut .data/gutenberg && mv .data/wk .data/wikipedia"

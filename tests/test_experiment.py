@@ -951,3 +951,23 @@ def test_task_compile_trains_through_the_compiled_forward(monkeypatch):
         assert res["fine_tuning"]["compiled"] is on and compiled == ([m] if on else [])
         losses[on] = [r["loss"] for r in res["fine_tuning"]["losses"]]
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_task_results_of_the_other_stage_speed_are_not_reused(tmp_path):
+    """A tasks.json from an eager stage is not skipped into a --task_compile row (compiled steps differ in their
+    rounding) nor the other way round; files from before the flag carry no "compiled" and are taken as before."""
+    from argparse import Namespace
+
+    from ionllama.experiment.runner import Runner
+
+    me = Namespace(a=Namespace(task_steps=3, task_batch=2, task_lr=1e-3, task_seq_len=96, seed=1, task_n=1,
+                               task_compile=True))
+    out = tmp_path / "tasks.json"
+    ft = {"steps": 3, "examples_per_step": 2, "lr": 1e-3, "row_len": 96, "seed": 1}
+    out.write_text(json.dumps({"fine_tuning": ft, "results": {"n_per_cell": 1}}))
+    Runner._check_same_tasks(me, out, "dense")  # no "compiled" recorded: as before the flag
+    out.write_text(json.dumps({"fine_tuning": {**ft, "compiled": False}, "results": {"n_per_cell": 1}}))
+    with pytest.raises(UserError, match="under other settings"):
+        Runner._check_same_tasks(me, out, "dense")
+    me.a.task_compile = False
+    Runner._check_same_tasks(me, out, "dense")

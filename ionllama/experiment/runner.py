@@ -622,7 +622,7 @@ class Runner:
         a = self.a
         now = {"steps": ("--task_steps", a.task_steps), "examples_per_step": ("--task_batch", a.task_batch),
                "lr": ("--task_lr", a.task_lr), "row_len": ("--task_seq_len", a.task_seq_len),
-               "seed": ("--seed", a.seed)}
+               "seed": ("--seed", a.seed), "compiled": ("--task_compile", bool(getattr(a, "task_compile", False)))}
         diff = [f"{flag} {ft[k]}" for k, (flag, v) in now.items() if k in ft and ft[k] != v]
         if res.get("n_per_cell") not in (None, a.task_n):
             diff.append(f"--task_n {res['n_per_cell']}")
