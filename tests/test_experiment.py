@@ -884,9 +884,13 @@ def test_a_time_bounded_arm_logs_its_seconds_not_a_never_step_count(tmp_path, on
     shown as its last step. It now shows the arm's training seconds of its budget."""
     pattern = write_corpus(tmp_path, n_train=12, n_val=2, doc_bytes=1200)
     assert main(_argv(tmp_path, pattern, "--arms", "dense", "--budget_s", "1", "--curve_points", "1")) == 0
-    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("step ") and " B/s " in x]
+    out = capsys.readouterr().out
+    lines = [x for x in out.splitlines() if x.startswith("step ") and " B/s " in x]
     assert lines, "no progress line"
     assert all("/1000000000" not in x and "(time-bounded: " in x and "/1 s) [main]" in x for x in lines), lines
+    # nor the start lines ("phase main: steps 0..1000000000"; the nominal plan's steps said as the arm's length)
+    assert "..1000000000" not in out and "phase main: from step 0 until --max_train_time 1 s" in out, out
+    assert "(nominal: the schedule follows the 1 s budget)" in out, out
 
 
 def test_a_given_arm_overhead_is_the_deadline_reserve_until_an_evaluation_is_timed(tmp_path, monkeypatch,

@@ -579,7 +579,11 @@ class Trainer:
             n = sum(p.numel() for g in self.optimizer.param_groups for p in g["params"])
             until = f" (or until --max_train_time {self.args.max_train_time:g} s)" \
                 if getattr(self.args, "max_train_time", None) is not None else ""
-            _say(f"phase {phase}: steps {self.step}..{self._phase_end(phase)}{until}, optimizing {n:,} parameters")
+            if getattr(self.plan, "budget_s", None):  # a time-bounded plan (the experiment's arms) has no last step
+                _say(f"phase {phase}: from step {self.step} until --max_train_time {self.args.max_train_time:g} s, "
+                     f"optimizing {n:,} parameters")
+            else:
+                _say(f"phase {phase}: steps {self.step}..{self._phase_end(phase)}{until}, optimizing {n:,} parameters")
         self.step_graph = None  # a new phase trains other parameters (or the same with another step): a new capture
         self.graph_problem = capture_problem(self.config, phase) if getattr(self.args, "step_graph", False) else None
         if self.graph_problem and self.is_main:
@@ -838,7 +842,9 @@ class Trainer:
             unit = "tokens" if is_token_model(a.model) else "bytes"  # a token model's windows hold tokens
             _say(f"global batch: {a.batch_size} x {a.grad_accum} accum x {self.world_size} procs = {gb} windows x "
                  f"{a.seq_len} {unit} = {gb * a.seq_len:,} {unit}/step; steps: {plan.entropy_steps} entropy + "
-                 f"{plan.main_steps} main + {plan.joint_steps} joint")
+                 f"{plan.main_steps} main + {plan.joint_steps} joint"
+                 + (f" (nominal: the schedule follows the {plan.budget_s:g} s budget)"
+                    if getattr(plan, "budget_s", None) else ""))
             if self.par.distributed:
                 _say(f"parallel: {self.par.describe()}")
             (self.run_dir / "config.json").write_text(json.dumps(
