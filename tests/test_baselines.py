@@ -249,3 +249,32 @@ def test_a_vocabulary_the_train_split_cannot_fill_names_the_size_it_can(corpus):
 
     with pytest.raises(UserError, match=r"yields a tokenizer of only (\d+) tokens.*pass --vocab_size \1 or less"):
         TokenTraining(corpus["byte_dir"], vocab_size=60000, seq_len=32, batch_size=4, log=lambda m: None)
+
+
+def test_byte_evaluators_score_a_bpe_model_per_byte():
+    """The byte evaluators took a BPE model silently: evaluate_bpb fed byte values as token ids (11.7 bits/byte
+    where the tokens give 4.8), evaluate_batches averaged per-batch bpb by token count. Both now go by bytes."""
+    import math
+
+    import torch.nn.functional as F
+
+    from ionllama.eval.bpb import evaluate_batches, evaluate_bpb
+    from ionllama.eval.lm import evaluate_bpb as any_model_bpb
+
+    bpe = train_tokenizer([s.encode() for s in _snippets(8, 1000)], vocab_size=300)
+    torch.manual_seed(0)
+    m = create_model("tiny", model="bpe", d_model=32, n_layers=1, n_heads=2, vocab_size=bpe.vocab_size).eval()
+    m.set_tokenizer(bpe)
+    data = np.frombuffer(b"\x00" + "".join(_snippets(2, 300)).encode(), dtype=np.uint8)
+    assert evaluate_bpb(m, data, 32, 2, "cpu") == any_model_bpb(m, data, 32, 2, "cpu")[0]
+    assert evaluate_bpb(m, data, 32, 2, "cpu", max_bytes=100)["bytes"] == 100  # as for bytes (it scored 99)
+
+    ids = torch.as_tensor(bpe.encode(data), dtype=torch.long)
+    batches = [(ids[None, s:s + 16], ids[None, s + 1:s + 17]) for s in (0, 16)]
+    bits = nbytes = 0.0
+    with torch.no_grad():
+        for x, y in batches:
+            bits += float(F.cross_entropy(m(x)["logits"][0].float(), y[0], reduction="sum")) / math.log(2)
+            nbytes += float(bpe.token_nbytes[y[0].numpy()].sum())
+    r = evaluate_batches(m, batches, "cpu")
+    assert r["bytes"] == nbytes and r["bpb"] == pytest.approx(bits / nbytes, rel=1e-5)

@@ -36,8 +36,14 @@ class _Totals:
             return
         loss = float(out["loss"].float())
         bpb = out.get("bpb")
-        self.nats += loss * n
-        self.bits += (float(bpb) if bpb is not None else loss / LN2) * n
+        n_bytes = out.get("n_bytes")
+        if n_bytes is not None:  # a token model: loss per token, bpb per byte of its targets; sums go by bytes
+            n = int(n_bytes)
+            self.bits += float(bpb) * n
+            self.nats += float(bpb) * LN2 * n
+        else:
+            self.nats += loss * n
+            self.bits += (float(bpb) if bpb is not None else loss / LN2) * n
         self.targets += n
         self.inputs += x.numel()
         n_patches = out.get("n_patches")
@@ -93,6 +99,11 @@ def evaluate_bpb(model, data: np.ndarray, seq_len: int, batch_size: int, device,
     memmap (val.bin), bytes, or a list / tensor of byte values."""
     device = _device(device)
     data = _as_byte_array(data)
+    if getattr(model, "token_level", False):  # the BPE baseline
+        # bytes fed as token ids scored a silently wrong number: the token path encodes them first
+        from .lm import evaluate_bpb as any_model_bpb
+
+        return any_model_bpb(model, data, seq_len, batch_size, device, max_bytes, amp_dtype)[0]
     for name, v in (("seq_len", seq_len), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise UserError(f"evaluate_bpb: {name} must be a whole number >= 1 (got {v!r})")

@@ -72,7 +72,7 @@ def evaluate_bpb(model, data: np.ndarray, seq_len: int, batch_size: int, device,
     if is_token_model(model):
         from ..data.bpe import evaluate_token_bpb
 
-        data = data[:max_bytes] if max_bytes is not None else data
+        data = data[:max_bytes + 1] if max_bytes is not None else data  # N scored bytes: N + 1 read, as for bytes
         r = evaluate_token_bpb(model, encode_tokens(model, data), seq_len, batch_size, device, amp_dtype=amp_dtype)
         r = dict(r, bytes_per_patch=r["bytes_per_token"])
         return r, "ionllama.data.bpe.evaluate_token_bpb (seq_len in tokens)"
