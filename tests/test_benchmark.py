@@ -97,6 +97,8 @@ def _check_schema(res: dict, out: Path):
     assert sum(k * v for k, v in hist.items()) == m["compression"]["bytes"]
     langs = m["multilingual"]["groups"][0]["languages"]
     assert set(langs) == {"english", "french", "chinese"} and m["multilingual"]["groups"][0]["parallel"]
+    # every byte of each file is scored, as a document after the separator (the first byte was left out)
+    assert all(r["bytes_scored"] == r["bytes"] for r in langs.values()), langs
     for r in langs.values():
         assert math.isfinite(r["bpb"]) and r["bpe_tokens"] > 0
         assert r["total_bits"] == pytest.approx(r["bpb"] * r["bytes"])
