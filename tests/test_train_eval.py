@@ -68,6 +68,9 @@ def test_matches_a_direct_computation():
                        ((data.reshape(3, 100), 64, 2), "one flat sequence")):
         with pytest.raises(UserError, match=words):
             evaluate_bpb(model, *bad, device="cpu")
+    for cap in (0, -5, 2.5):  # scored one byte without a word
+        with pytest.raises(UserError, match="max_bytes must be a whole number >= 1"):
+            evaluate_bpb(model, data, 64, 2, "cpu", max_bytes=cap)
 
 
 def test_bytes_per_patch_and_ignored_targets():

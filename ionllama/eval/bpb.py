@@ -107,6 +107,9 @@ def evaluate_bpb(model, data: np.ndarray, seq_len: int, batch_size: int, device,
     for name, v in (("seq_len", seq_len), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise UserError(f"evaluate_bpb: {name} must be a whole number >= 1 (got {v!r})")
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer))
+                                  or max_bytes < 1):
+        raise UserError(f"evaluate_bpb: max_bytes must be a whole number >= 1, or None for all (got {max_bytes!r})")
     n = len(data)
     if n < 2:
         raise UserError(f"evaluation data has {n} byte(s); it needs at least 2")
