@@ -30,7 +30,8 @@ def _task_row(overrides: str, seed: int = 1, step_graph: bool = False, task_step
     step_graph: pretrain with the captured step, whose speed the GPU sets, not the host (without it the same row
     pretrained 1,640-2,894 steps on different machines, and addition followed the steps: phase1-tasks-best-dense.md)."""
     return dict(GPU0="ionllama_fixed", BUDGET="75", TASKS="1",
-                EXTRA=f"--seed {seed} {'--step_graph ' if step_graph else ''}{'--task_compile ' if task_compile else ''}"
+                EXTRA=f"--seed {seed} {'--step_graph ' if step_graph else ''}"
+                      f"{'--task_compile ' if task_compile else ''}"
                       f"--task_steps {task_steps} --task_lr 1e-3 "
                       f"--task_n 200 --from_sweep --sweep_dir docs/results/phase1-sweep/sweep --override {overrides}")
 

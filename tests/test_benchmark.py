@@ -170,7 +170,8 @@ def test_bad_inputs_exit_with_one_line(workdir, capsys):
 
 def test_more_bad_inputs_are_one_line_before_any_work(workdir, capsys):
     """The bench's other mistakes (the CLI audit of the twenty-eighth session found each as a traceback, or as
-    silently accepted): a directory, a device, an empty name or an unwritable folder as --output, zero counts, a missing --published, undecodable files."""
+    silently accepted): a directory, a device, an empty name or an unwritable folder as --output, zero counts, a
+    missing --published, undecodable files."""
     ckpt = _save_trainer_checkpoint(create_model("tiny", model="dense", **SMALL), workdir / "run" / "best.pt")
     (workdir / "adir").mkdir()
     (workdir / "bad.txt").write_bytes(b"\xff\xfe abc")
