@@ -1,6 +1,8 @@
 """Checkpoint files: atomic writes, safe loading, one-line errors, RNG round trip, safetensors export."""
 import pickle
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -27,8 +29,7 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch
     before = path.read_bytes()
 
     def broken_save(obj, f, *a, **k):
-        with open(f, "wb") as fh:
-            fh.write(b"partial")
+        f.write(b"partial")  # save_checkpoint hands torch.save its open temp file
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", broken_save)
@@ -134,3 +135,44 @@ def test_safetensors_export_and_load_model(tmp_path):
         C.load_model(tmp_path / "bad.safetensors")
     with pytest.raises(UserError, match="not found"):
         C.load_model(tmp_path / "nope.pt")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE stands in for a full disk")
+def test_a_full_disk_while_saving_is_an_oserror_and_leaves_no_temp_file(tmp_path):
+    """torch.save(path) reported a full disk as a RuntimeError ("[enforce fail at inline_container.cc] unexpected
+    pos") and safetensors as its own SafetensorError: the trainer's one-line handler (OSError) missed both and the
+    run ended in a traceback. A file-size limit stands in for the full disk, in a process of its own."""
+    code = f"""
+import resource, signal, torch
+from pathlib import Path
+from ionllama import create_model
+from ionllama.train.checkpoint import save_checkpoint, export_safetensors
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit is then EFBIG, not a killed process
+m = create_model("tiny", model="dense", d_model=64, n_layers=2, n_heads=2)
+resource.setrlimit(resource.RLIMIT_FSIZE, (20000, resource.RLIM_INFINITY))
+for save in (lambda: save_checkpoint({{"model": m.state_dict()}}, Path(r"{tmp_path}") / "latest.pt"),
+             lambda: export_safetensors(m, Path(r"{tmp_path}") / "final.safetensors")):
+    try:
+        save()
+        print("saved")
+    except OSError as e:
+        print("OSError")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["OSError", "OSError"], r.stdout + r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no partial file, no temp file
+
+
+def test_a_state_that_does_not_match_names_its_keys():
+    """The message was torch's first line, "Error(s) in loading state_dict for DenseByteTransformer:", which names
+    no key; now the missing / unexpected keys (or, for a shape, torch's next line)."""
+    m = create_model("tiny", model="dense", d_model=32, n_layers=1, n_heads=2)
+    state = m.state_dict()
+    gone = sorted(state)[0]
+    short = {k: v for k, v in state.items() if k != gone}
+    with pytest.raises(UserError, match=f"missing {gone}"):
+        C.load_model_state(m, {**short, "extra.weight": torch.zeros(1)}, "x.pt")
+    with pytest.raises(UserError, match="unexpected extra.weight"):
+        C.load_model_state(m, {**state, "extra.weight": torch.zeros(1)}, "x.pt")
+    with pytest.raises(UserError, match=f"size mismatch for {gone}"):
+        C.load_model_state(m, {**state, gone: torch.zeros(3, 3, 3)}, "x.pt")

@@ -299,3 +299,22 @@ def test_a_bpe_run_samples_from_a_val_document(tmp_path, corpus):
     assert len(prompt) >= 8 and sample.startswith(prompt), (prompt, sample)
     recs = read_metrics(d / "metrics.jsonl")  # the train loss is per token there; the record says so
     assert all(r.get("loss_unit") == "nats/token" for r in recs if "loss" in r)
+
+
+def test_a_failed_final_export_is_one_line_naming_the_re_export(tmp_path, corpus, monkeypatch, capsys):
+    """A full disk at the final .safetensors export was a SafetensorError traceback; final.pt was saved, so a resume
+    says "finished" and only Python can export it: the one line gives that command, and the command works."""
+    from ionllama.train import checkpoint as ckpt_io
+
+    real = ckpt_io.export_safetensors
+    monkeypatch.setattr(ckpt_io, "export_safetensors",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(SystemExit) as e:
+        train(tmp_path, corpus, "--max_steps", "3")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "final.safetensors (No space left on device)" in err[0], err
+    run = tmp_path / "runs" / "r"
+    assert (run / "final.pt").is_file() and not (run / "final.safetensors").exists()
+    monkeypatch.setattr(ckpt_io, "export_safetensors", real)
+    subprocess.run([sys.executable, "-c", shlex.split(err[0].split("then ", 1)[1])[2]], check=True, cwd=REPO)
+    assert load_model(run / "final.safetensors").state_dict().keys() == load_model(run / "final.pt").state_dict().keys()

@@ -40,8 +40,14 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
     path = Path(path)
     tmp = _tmp_path(path)
     try:
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:  # a file object, not the path: a full disk is then the OSError (ENOSPC) of
+            torch.save(state, f)    # its write, not only torch's "[enforce fail at inline_container.cc]" RuntimeError
         _fsync_replace(tmp, path)
+    except RuntimeError as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e.__context__, OSError):  # torch's zip writer fails again while closing: the cause is the write
+            raise e.__context__ from None
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -145,12 +151,18 @@ def load_model_state(model: torch.nn.Module, state: dict, source: str) -> None:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        first = first_line(e, 200)
+        want, have = set(model.state_dict()), set(state)
+        if want != have:  # name the keys: torch's first line ("Error(s) in loading state_dict for X:") names none
+            first = "; ".join([f"missing {k}" for k in sorted(want - have)[:3]]
+                              + [f"unexpected {k}" for k in sorted(have - want)[:3]])
+        else:
+            first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), first_line(e, 200))[:200]
         raise UserError(f"{source} does not match the model ({first}); use the model/size it was trained with") from None
 
 
 def export_safetensors(model: torch.nn.Module, path: str | Path, metadata: dict | None = None) -> Path:
     """Weights + the model config (JSON in the safetensors metadata), written atomically."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_model
 
     path = Path(path)
@@ -163,6 +175,9 @@ def export_safetensors(model: torch.nn.Module, path: str | Path, metadata: dict 
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600; make it as readable as torch.save's files
         _fsync_replace(tmp, path)
+    except SafetensorError as e:  # its I/O errors (a full disk) are no OSError: the callers' handlers missed them
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"safetensors could not write {path} ({first_line(e)})") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -977,7 +977,13 @@ class Trainer:
         model = self.par.plain_model(self.device) if self.par.distributed else self.model
         if not self.is_main:
             return {"run_dir": str(self.run_dir), "step": self.step}
-        ckpt_io.export_safetensors(model, self.run_dir / "final.safetensors")
+        try:
+            ckpt_io.export_safetensors(model, self.run_dir / "final.safetensors")
+        except OSError as e:  # final.pt is saved, and a resume now says "finished": name the export's own command
+            raise UserError(f"could not write {self.run_dir / 'final.safetensors'} ({e.strerror or e}); final.pt is "
+                            "saved: free disk space, then python -c \"from ionllama.train.checkpoint import "
+                            f"load_model, export_safetensors as x; x(load_model('{self.run_dir / 'final.pt'}'), "
+                            f"'{self.run_dir / 'final.safetensors'}')\"") from None
         _say(f"done: {self.step} steps, {self.bytes_seen:,} bytes in {self.train_time:.1f} s of training; best val bpb "
              f"{self.best_val_bpb:.4f}; checkpoints in {self.run_dir}")
         # everything is saved: Ctrl-C now stops the sample or the benchmark at once (the training handler said
