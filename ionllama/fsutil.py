@@ -27,3 +27,17 @@ def probe_writable(folder: str | Path) -> None:
     probe = p / f".write-test-{os.getpid()}"
     probe.write_bytes(b"ok")
     probe.unlink()
+
+
+def process_gone(pid: str) -> bool:
+    """True when `pid` (the number in a temp file's name) is no running process, so its temp files are litter
+    (SIGKILL skips every clean-up); False for this process, one alive under another user, or a name without one."""
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False

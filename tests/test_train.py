@@ -318,3 +318,17 @@ def test_a_failed_final_export_is_one_line_naming_the_re_export(tmp_path, corpus
     monkeypatch.setattr(ckpt_io, "export_safetensors", real)
     subprocess.run([sys.executable, "-c", shlex.split(err[0].split("then ", 1)[1])[2]], check=True, cwd=REPO)
     assert load_model(run / "final.safetensors").state_dict().keys() == load_model(run / "final.pt").state_dict().keys()
+
+
+def test_a_save_killed_mid_write_leaves_no_temp_file_for_good(tmp_path, corpus):
+    """SIGKILL during a save skips its clean-up; the temp file (GBs for big models) stayed in the run folder for
+    ever. The next run in that folder removes temp files whose process is gone, and keeps a live one's."""
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run / f".latest.pt.tmp-{dead.pid}").write_bytes(b"partial")
+    (run / f".best.pt.tmp-{os.getppid()}").write_bytes(b"another run's save in progress")
+    train(tmp_path, corpus, "--max_steps", "2")
+    assert not (run / f".latest.pt.tmp-{dead.pid}").exists()
+    assert (run / f".best.pt.tmp-{os.getppid()}").exists()

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import UserError
-from ..fsutil import remove_if_empty
+from ..fsutil import process_gone, remove_if_empty
 from . import DOC_SEP_BYTES
 
 SHARD_FORMAT = 1
@@ -201,15 +201,8 @@ def _remove_stale_tmp(parent: Path, name: str) -> None:
     """Temporary folders of earlier runs of this cache folder whose process is gone (SIGTERM or SIGKILL skips the
     clean-up below; the pid in the name kept them from ever being reused)."""
     for d in parent.glob(f".tmp-{name}-*"):
-        pid = d.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if process_gone(d.name.rsplit("-", 1)[-1]):
             shutil.rmtree(d, ignore_errors=True)
-        except OSError:
-            pass  # alive under another user: not ours to remove
 
 
 @contextmanager

@@ -32,7 +32,7 @@ from ..config import ModelConfig, make_config
 from ..data import DOC_SEP, DOC_SEP_BYTES
 from ..data.bpe import TokenTraining, configure as token_configure, is_token_model
 from ..errors import UserError, check_ranges
-from ..fsutil import probe_writable, remove_if_empty
+from ..fsutil import probe_writable, process_gone, remove_if_empty
 from ..eval.bpb import LN2, evaluate_batches, evaluate_bpb
 from ..registry import build_model, model_names
 from . import checkpoint as ckpt_io
@@ -150,6 +150,9 @@ def ensure_writable(run_dir: Path, save_dir: str) -> None:
         probe_writable(run_dir)
     except OSError as e:
         raise UserError(f"cannot write to --save_dir {save_dir} ({e.strerror or e}); choose a writable folder") from None
+    for tmp in run_dir.glob(".*.tmp-*"):  # a save killed mid-write (SIGKILL) left its temp file: GBs for big models
+        if tmp.is_file() and process_gone(tmp.name.rsplit("-", 1)[-1]):
+            tmp.unlink(missing_ok=True)
 
 
 class _EntropyLM(nn.Module):
