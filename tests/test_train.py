@@ -332,3 +332,23 @@ def test_a_save_killed_mid_write_leaves_no_temp_file_for_good(tmp_path, corpus):
     train(tmp_path, corpus, "--max_steps", "2")
     assert not (run / f".latest.pt.tmp-{dead.pid}").exists()
     assert (run / f".best.pt.tmp-{os.getppid()}").exists()
+
+
+def test_a_signal_during_an_evaluation_stops_at_that_step(tmp_path, corpus, monkeypatch):
+    """The stop flag was read before the evaluation: a SIGTERM arriving during it trained one more step, with its
+    own save (and evaluation), out of a preemption's grace period."""
+    from ionllama.train.trainer import Trainer
+
+    real = Trainer.evaluate
+
+    def evaluate(self, phase):
+        res = real(self, phase)
+        if self.step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler only sets its flag
+        return res
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    with pytest.raises(SystemExit) as e:
+        train(tmp_path, corpus, "--max_steps", "20")
+    assert e.value.code == 128 + signal.SIGTERM
+    assert load_checkpoint(tmp_path / "runs" / "r" / "latest.pt")["step"] == 5

@@ -951,6 +951,9 @@ class Trainer:
                         if at_save:
                             names.append(f"step_{self.step}.pt")
                         self.save(*names)
+                        if stop.signum is not None and not stopping and not self.par.distributed:
+                            stopping = True  # it came during the evaluation: this step is saved; a step more cost a
+                            # save (and an evaluation) of its own out of a preemption's grace period
                     elif at_save or stopping:
                         self.save("latest.pt", *([f"step_{self.step}.pt"] if at_save else []))
                     win["t0"] = time.perf_counter()
