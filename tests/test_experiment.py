@@ -975,3 +975,29 @@ def test_task_results_of_the_other_stage_speed_are_not_reused(tmp_path):
         Runner._check_same_tasks(me, out, "dense")
     me.a.task_compile = False
     Runner._check_same_tasks(me, out, "dense")
+
+
+def test_a_curve_evaluation_is_left_out_of_the_next_windows_bytes_per_s(tmp_path, monkeypatch, one_thread):
+    """The curve evaluations were taken off the training time but not off the logged bytes/s of the window they fell
+    in: an H200 run at 2.8 MB/s logged 0.58 MB/s after each of them (0.08 after the last). A slow evaluation must
+    now leave every window's rate near the others."""
+    import time
+
+    from ionllama.train.trainer import Trainer
+
+    pattern = write_corpus(tmp_path, n_train=12, n_val=2, doc_bytes=1200)
+    plain = Trainer.evaluate
+
+    def slow(self, phase_label):
+        time.sleep(1.0)
+        return plain(self, phase_label)
+
+    monkeypatch.setattr(Trainer, "evaluate", slow)
+    assert main(_argv(tmp_path, pattern, "--arms", "dense", "--budget_s", "3", "--curve_points", "3")) == 0
+    run = tmp_path / "res" / "phase1" / "dense"
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["bytes_per_s"] for r in recs if r.get("bytes_per_s")]
+    assert len([r for r in recs if "val_bpb" in r and r["phase"] != "final"]) >= 3  # init + curve points
+    assert len(rates) >= 4
+    median = sorted(rates)[len(rates) // 2]
+    assert min(rates) > 0.25 * median, rates

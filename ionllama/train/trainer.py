@@ -347,6 +347,9 @@ class Trainer:
         self.bytes_seen = 0
         self.train_time = 0.0
         self.host_s = 0.0  # host seconds inside train_step since the last log point
+        # seconds a subclass took off the training time inside the current window (the experiment's curve
+        # evaluations): the window's bytes/s leaves them out too, as train_time does
+        self.window_excluded_s = 0.0
         self.best_val_bpb = math.inf
         self.saved_step: int | None = None  # the step latest.pt holds (None: nothing written by or for this run)
         self.stop_reason: str | None = None  # request_stop(): ends the run after the current step, saving latest.pt
@@ -912,13 +915,14 @@ class Trainer:
                               "gpu_wait_ms": round(1e3 * (time.perf_counter() - t_sync), 3)}
                     self.host_s = 0.0
                     self.train_time += dt
+                    dt_train, self.window_excluded_s = dt - self.window_excluded_s, 0.0
                     patches = win["patches"]  # this rank's; the logged bytes/patch is over every rank's bytes
                     if self.par.distributed and self.phase != "entropy":
                         patches = self.par.mean(torch.as_tensor(patches, dtype=torch.float32, device=self.device))
                     rec = {"step": self.step, "phase": self.phase, "bytes_seen": self.bytes_seen,
                            "train_time_s": round(self.train_time, 3), "loss": loss,
                            "bpb": float(torch.stack(win["bpb"]).mean()), "lr": out["lr"],
-                           "bytes_per_s": win["bytes"] / max(dt, 1e-9),
+                           "bytes_per_s": win["bytes"] / max(dt_train, 1e-9),
                            "bytes_per_patch": (win["bytes"] / self.world_size) / max(float(patches), 1.0)
                            if self.phase != "entropy" else None,
                            "grad_norm": float(out["grad_norm"]) if out["grad_norm"] is not None else None,
