@@ -25,15 +25,15 @@ BEST = "latent_shift=completed,dropout=0.1,fixed_patch_size=3,pooling=attention"
 WIN2K = "--seq_len 2048 --batch_size 32 --also_eval_seq_len 1024"
 
 def _task_row(overrides: str, seed: int = 1, step_graph: bool = False, task_steps: int = 3000,
-              task_compile: bool = False) -> dict:
+              task_compile: bool = False, arm: str = "ionllama_fixed") -> dict:
     """A Q4 row: 75 s of pretraining (seed 1 unless said), then the task stage as in docs/results/phase1-tasks.md.
     step_graph: pretrain with the captured step, whose speed the GPU sets, not the host (without it the same row
     pretrained 1,640-2,894 steps on different machines, and addition followed the steps: phase1-tasks-best-dense.md)."""
-    return dict(GPU0="ionllama_fixed", BUDGET="75", TASKS="1",
+    sweep = f" --from_sweep --sweep_dir docs/results/phase1-sweep/sweep --override {overrides}" if overrides else ""
+    return dict(GPU0=arm, BUDGET="75", TASKS="1",
                 EXTRA=f"--seed {seed} {'--step_graph ' if step_graph else ''}"
                       f"{'--task_compile ' if task_compile else ''}"
-                      f"--task_steps {task_steps} --task_lr 1e-3 "
-                      f"--task_n 200 --from_sweep --sweep_dir docs/results/phase1-sweep/sweep --override {overrides}")
+                      f"--task_steps {task_steps} --task_lr 1e-3 --task_n 200{sweep}")
 
 
 # env of scripts/gpu_phase1_parallel.sh per row (T and BUDGET come from the command line, 594 / 420 by default)
@@ -114,6 +114,10 @@ ROWS = {
         f"latent_shift=completed,fixed_patch_size=3,pooling=attention{',attention=dense' if att == 'dense' else ''}",
         step_graph=True, seed=seed, task_steps=6000, task_compile=True)
        for att in ("dense", "dilated") for seed in (1, 2)},
+    # the thirty-sixth session's plan: Q4 itself at 6,000 steps. The dense-byte and BPE arms of phase1-tasks.md
+    # (matrix defaults, no sweep) through the same long compiled stage, pretrained with the captured step
+    **{f"tasks {arm} baseline, long compiled stage, seed 1": _task_row(
+        "", step_graph=True, task_steps=6000, task_compile=True, arm=arm) for arm in ("dense", "bpe")},
 }
 # the copies of the data the session makes before its calls (docs/notes/gpu-runbook.md), renamed on the device
 DATA_MOVES = "rm -rf .data/gutenberg .data/wikipedia && mv .data/gut .data/gutenberg && mv .data/wk .data/wikipedia"
