@@ -41,3 +41,31 @@ def process_gone(pid: str) -> bool:
     except OSError:
         return False
     return False
+
+
+def temp_path(path: str | Path) -> Path:
+    """The temp file an atomic write of `path` goes through: hidden, beside it (same filesystem, so the rename is
+    atomic), named by this process (stale ones of dead processes can be found and removed: process_gone)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def fsync_replace(tmp: str | Path, path: str | Path) -> None:
+    """Flush `tmp` to disk, then rename it over `path`: a crash leaves the old file or the new one, never half."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> Path:
+    """Write `data` (str: UTF-8) to `path` through temp_path + fsync_replace. On any failure (a full disk, ^C) the
+    earlier `path` is left as it was and the temp file is removed."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        fsync_replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

@@ -434,3 +434,41 @@ def test_a_users_own_files_at_the_output_are_not_replaced(workdir, capsys):
         assert (d / name).read_text() != content
     _run(workdir, ckpt, workdir / "again" / "results.json", *skip)  # its own report is replaced by a rerun
     _run(workdir, ckpt, workdir / "again" / "results.json", *skip)
+
+
+def test_a_failed_results_write_keeps_the_earlier_results(workdir, capsys, monkeypatch):
+    """results.json was written in place: a full disk (or ^C) while writing truncated the earlier results that a
+    --skip rerun merges into it, and the error was a traceback. Now the write goes through a temp file: the earlier
+    file stays whole, no temp file is left, and the error is one line."""
+    import errno
+
+    from ionllama import fsutil
+
+    torch.manual_seed(0)
+    ckpt = _save_trainer_checkpoint(create_model("tiny", model="dense", **SMALL), workdir / "run" / "final.pt")
+    skip = ["--skip", "tasks", "speed", "compression", "multilingual", "plots"]
+    out = workdir / "o" / "results.json"
+    _run(workdir, ckpt, out, *skip)
+    before = out.read_bytes()
+
+    def full_disk(tmp, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fsutil, "fsync_replace", full_disk)
+    with pytest.raises(SystemExit) as e:
+        _run(workdir, ckpt, out, *skip, "--overwrite")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "No space left on device" in err[-1] and "kept as it was" in err[-1], err
+    assert out.read_bytes() == before and json.loads(before)["metrics"]["lm"]["bpb"] > 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["results.json", "results.md"]
+
+    # the table of `python -m ionllama.eval.report`: written the same way, and an unwritable --output is one line
+    from ionllama.eval import report
+
+    monkeypatch.undo()
+    table = workdir / "table.md"
+    assert report.main([str(out), "--output", str(table)]) == 0 and "| " in table.read_text()
+    with pytest.raises(SystemExit) as e:
+        report.main([str(out), "--output", str(workdir / "no" / "such" / "t.md")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "cannot write --output" in err[0], err

@@ -201,3 +201,27 @@ def test_flipped_bytes_in_a_checkpoint_are_refused_not_loaded(tmp_path, capsys):
         generate_main(["--checkpoint", str(bad), "--prompt", "a", "--max_new_bytes", "2", "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "is damaged" in err[0], err
+
+
+def test_atomic_write_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
+    """fsutil.atomic_write, which the checkpoints' naming now shares with bench, generate --output, eval.report and
+    the experiment's JSON files: text as UTF-8, bytes as given; a failure (here the rename) keeps the earlier file
+    and removes the temp file."""
+    import os
+
+    from ionllama import fsutil
+
+    p = tmp_path / "r.json"
+    fsutil.atomic_write(p, "é\n")
+    assert p.read_bytes() == "é\n".encode()
+    fsutil.atomic_write(p, b"\xff\x00")
+    assert p.read_bytes() == b"\xff\x00"
+    assert fsutil.temp_path(p).name == f".r.json.tmp-{os.getpid()}"
+
+    def boom(tmp, path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fsutil, "fsync_replace", boom)
+    with pytest.raises(KeyboardInterrupt):
+        fsutil.atomic_write(p, "new")
+    assert p.read_bytes() == b"\xff\x00" and [x.name for x in tmp_path.iterdir()] == ["r.json"]

@@ -26,6 +26,7 @@ import torch
 
 from ..data import tasks as T
 from ..errors import OneLineParser, UserError, check_ranges, cli_entry
+from ..fsutil import atomic_write
 from ..registry import create_model
 from ..train.metrics import metrics_file
 from . import lm as lm_mod
@@ -421,8 +422,14 @@ def run(argv: list[str], prog: str) -> dict:
     }
     res = _clean(res)
     md = render_markdown(res, baselines=baselines, published=published, plots=plots)
-    out_path.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
-    out_path.with_suffix(".md").write_text(md, encoding="utf-8")
+    # atomic: --output may hold earlier results this run merged (see _check_output); a full disk or ^C while
+    # writing must not leave them truncated
+    try:
+        atomic_write(out_path, json.dumps(res, indent=2) + "\n")
+        atomic_write(out_path.with_suffix(".md"), md)
+    except OSError as e:
+        raise UserError(f"could not write the results to {out_path} ({e.strerror or e}); an earlier file there is "
+                        "kept as it was: free space or pass another --output, and run again") from None
     return res
 
 

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError, cli_entry
+from ..fsutil import atomic_write
 
 SCHEMA_VERSION = 1
 TASK_ORDER = ("count", "spell", "reverse", "add", "mul")
@@ -272,7 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     res = [load_results(p) for p in a.results]
     text = "\n".join(measured_rows(res) + published_section(load_published(a.published or None)))
     if a.output:
-        Path(a.output).write_text(text, encoding="utf-8")
+        try:
+            atomic_write(a.output, text)
+        except OSError as e:
+            raise UserError(f"cannot write --output {a.output} ({e.strerror or e}); pass a file in a writable "
+                            "folder") from None
     else:
         print(text)
     return 0

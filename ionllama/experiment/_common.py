@@ -20,10 +20,10 @@ def _now_iso() -> str:
 def _write_json(path: Path, obj) -> None:
     from ..eval.benchmark import _clean
 
+    from ..fsutil import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_clean(obj), indent=1) + "\n")
-    tmp.replace(path)
+    atomic_write(path, json.dumps(_clean(obj), indent=1) + "\n")
 
 
 def _read_json(path: Path):

@@ -143,11 +143,11 @@ def _open_output(path: str | None):
     """The temp file beside --output, opened before the model loads: an unwritable path is one early line."""
     if path is None:
         return None, None
-    from ..train.checkpoint import _tmp_path  # the checkpoints' atomic-write naming, reused
+    from ..fsutil import temp_path
 
     if Path(path).is_dir():
         raise UserError(f"--output {path} is a folder; pass a file name")
-    tmp = _tmp_path(Path(path))
+    tmp = temp_path(path)
     try:
         return tmp, open(tmp, "wb")
     except OSError as e:
@@ -178,11 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = _generate(args, device, prompt)
         if out_file is not None:
-            from ..train.checkpoint import _fsync_replace
+            from ..fsutil import fsync_replace
 
             with out_file:
                 out_file.write(out)
-            _fsync_replace(tmp, Path(args.output))
+            fsync_replace(tmp, args.output)
     finally:  # an error or ^C leaves an earlier --output file as it was, and no temp file
         if out_file is not None:
             out_file.close()

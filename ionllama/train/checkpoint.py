@@ -20,29 +20,20 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import UserError, first_line
+from ..fsutil import fsync_replace, temp_path
 
 CHECKPOINT_FORMAT = "ionllama-checkpoint-1"
 SAFETENSORS_CONFIG_KEY = "ionllama_config"
 
 
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def _fsync_replace(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(state: dict, path: str | Path) -> Path:
     """torch.save to a temp file in the same folder, then rename: a crash never leaves a half file."""
     path = Path(path)
-    tmp = _tmp_path(path)
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:  # a file object, not the path: a full disk is then the OSError (ENOSPC) of
             torch.save(state, f)    # its write, not only torch's "[enforce fail at inline_container.cc]" RuntimeError
-        _fsync_replace(tmp, path)
+        fsync_replace(tmp, path)
     except RuntimeError as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e.__context__, OSError):  # torch's zip writer fails again while closing: the cause is the write
@@ -57,10 +48,10 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
 def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:
     """Atomic copy (cheaper than serialising the same state twice)."""
     dst = Path(dst)
-    tmp = _tmp_path(dst)
+    tmp = temp_path(dst)
     try:
         shutil.copyfile(src, tmp)
-        _fsync_replace(tmp, dst)
+        fsync_replace(tmp, dst)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -182,13 +173,13 @@ def export_safetensors(model: torch.nn.Module, path: str | Path, metadata: dict 
     path = Path(path)
     meta = {SAFETENSORS_CONFIG_KEY: json.dumps(model.config.to_dict())}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
-    tmp = _tmp_path(path)
+    tmp = temp_path(path)
     try:
         save_model(model, str(tmp), metadata=meta)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600; make it as readable as torch.save's files
-        _fsync_replace(tmp, path)
+        fsync_replace(tmp, path)
     except SafetensorError as e:  # its I/O errors (a full disk) are no OSError: the callers' handlers missed them
         tmp.unlink(missing_ok=True)
         raise OSError(f"safetensors could not write {path} ({first_line(e)})") from None
