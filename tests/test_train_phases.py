@@ -319,3 +319,31 @@ def test_a_larger_max_steps_on_resume_keeps_the_trained_entropy_phase_and_warmup
     assert "resuming with --lr 0.002 (the checkpoint used 0.001)" in out and "used None" not in out
     ck = load_checkpoint(tmp_path / "runs" / "grow" / "latest.pt")
     assert (ck["scheduler"]["entropy_steps"], ck["scheduler"]["warmup_steps"]) == (10, 3)
+
+
+def test_an_experiment_arm_recalibrates_in_its_joint_phase_and_at_its_end(tmp_path, corpus, fake_model):
+    """The experiment's arms skipped the joint phase's recalibration: its curve points call the evaluation
+    directly and the time budget ends an arm by a stop, not by the trainer's last (evaluated) step, so an arm
+    calibrated to 4.0 bytes/patch was scored at 6.56. Now each joint-phase curve point recalibrates first, and so
+    does the stop whose checkpoint the arm is scored on; a plain run's stop still does not (its resume replays a
+    straight run: test_resume_at_a_joint_evaluation_keeps_its_calibration_point)."""
+    from ionllama.experiment.budget import make_budget_trainer
+    from ionllama.train.cli import build_train_parser, explicit_args
+
+    argv = ["--model", "fake_patched", "--data_path", str(corpus), "--data_dir", str(tmp_path / "cache"),
+            "--save_dir", str(tmp_path / "runs"), "--run_name", "arm", "--seq_len", "32", "--batch_size", "4",
+            "--max_steps", "100", "--entropy_steps", "20", "--joint_steps", "60", "--log_interval", "1",
+            "--eval_interval", "1000000000", "--save_interval", "1000000000", "--sample_bytes", "0",
+            "--device", "cpu", "--val_fraction", "0.1", "--lr", "3e-3", "--warmup_steps", "2",
+            "--eval_batch_size", "64", "--max_train_time", "1.5"]
+    parser = build_train_parser()
+    tr = make_budget_trainer(parser.parse_args(argv), explicit_args(parser, argv), 1.5, curve_points=3,
+                             warmup=False)
+    tr.run()
+    recs = read_metrics(tmp_path / "runs" / "arm" / "metrics.jsonl")
+    joint = [r["step"] for r in recs if r["phase"] == "joint" and "loss" in r]
+    assert joint, "the run never reached its joint phase"
+    cal = [r["step"] for r in recs if r["phase"] == "calibrate"]
+    curve = [r["step"] for r in recs if r["phase"] == "joint" and "val_bpb" in r]
+    assert all(s in cal for s in curve) and curve, (cal, curve)  # each joint curve point, recalibrated first
+    assert cal[-1] == tr.step == load_checkpoint(tmp_path / "runs" / "arm" / "latest.pt")["step"]  # and at the end

@@ -350,6 +350,9 @@ class Trainer:
         # seconds a subclass took off the training time inside the current window (the experiment's curve
         # evaluations): the window's bytes/s leaves them out too, as train_time does
         self.window_excluded_s = 0.0
+        # a plain run stopped early does not recalibrate, so that its resume replays a straight run; the
+        # experiment's arms (experiment/budget.py) end by a stop, and their last save is what they are scored on
+        self.recalibrate_at_stop = False
         self.best_val_bpb = math.inf
         self.saved_step: int | None = None  # the step latest.pt holds (None: nothing written by or for this run)
         self.stop_reason: str | None = None  # request_stop(): ends the run after the current step, saving latest.pt
@@ -608,6 +611,13 @@ class Trainer:
         starts = np.linspace(0, len(self.val) - 1 - T, n).astype(np.int64)
         idx = starts[:, None] + np.arange(T)
         return torch.from_numpy(np.asarray(self.val[idx], dtype=np.int64)).to(self.device)
+
+    def _recalibrate_joint(self) -> None:
+        """The entropy model trains in the joint phase, so its entropies drift and the threshold set after phase 1
+        no longer gives --target_patch_size (a new user's run: 4.0 -> 5.98 bytes/patch by the end): set it again
+        before every evaluation, the final one included."""
+        if self.phase == "joint" and getattr(self.model, "needs_entropy_phase", False):
+            self._calibrate()
 
     def _calibrate(self) -> None:
         was = self.model.training
@@ -942,11 +952,7 @@ class Trainer:
                             _say(f"step {at} [{self.phase}] " + " ".join(f"{k} {v}" for k, v in post.items()))
                     win = {"t0": None, "bytes": 0, "loss": [], "bpb": [], "patches": 0}
                     if at_eval:
-                        if self.phase == "joint" and getattr(self.model, "needs_entropy_phase", False):
-                            # the entropy model trains in this phase, so its entropies drift and the threshold set
-                            # after phase 1 no longer gives --target_patch_size (a new user's run: 4.0 -> 5.98
-                            # bytes/patch by the end); set it again at every evaluation, the final one included
-                            self._calibrate()
+                        self._recalibrate_joint()
                         res = self.evaluate(self.phase)
                         names = ["latest.pt"]
                         if self.phase != "entropy" and res["bpb"] < self.best_val_bpb:
@@ -959,6 +965,8 @@ class Trainer:
                             stopping = True  # it came during the evaluation: this step is saved; a step more cost a
                             # save (and an evaluation) of its own out of a preemption's grace period
                     elif at_save or stopping:
+                        if stopping and self.recalibrate_at_stop:
+                            self._recalibrate_joint()
                         self.save("latest.pt", *([f"step_{self.step}.pt"] if at_save else []))
                     win["t0"] = time.perf_counter()
                 if stopping and self.step < plan.total:
