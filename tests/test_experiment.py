@@ -1001,3 +1001,23 @@ def test_a_curve_evaluation_is_left_out_of_the_next_windows_bytes_per_s(tmp_path
     assert len(rates) >= 4
     median = sorted(rates)[len(rates) // 2]
     assert min(rates) > 0.25 * median, rates
+
+
+def test_text_field_reaches_the_data_the_trainer_and_the_eval_sets(tmp_path, one_thread):
+    """JSONL whose text is under another key could not be used: the experiment said "pass --text_field NAME" and
+    then refused --text_field. It now takes it for the prepared data, the arms' trainer and --eval_data."""
+    pattern = write_corpus(tmp_path, n_train=12, n_val=2, doc_bytes=1200)
+    for split in ("train", "val"):
+        f = tmp_path / f"corpus-{split}.jsonl"
+        f.write_text("".join(json.dumps({"content": json.loads(ln)["text"]}) + "\n"
+                             for ln in f.read_text().splitlines()))
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text(json.dumps({"content": "an evaluation document " * 40}) + "\n")
+    argv = _argv(tmp_path, pattern, "--arms", "dense", "--budget_s", "1", "--curve_points", "1",
+                 "--eval_data", str(extra))
+    with pytest.raises(SystemExit):
+        main(argv)  # no 'text' field
+    assert main([*argv, "--text_field", "content"]) == 0
+    f = json.loads((tmp_path / "res" / "phase1" / "dense" / "final.json").read_text())
+    assert 0 < f["val"]["bpb"] < 9 and f["val"]["bytes"] > 2000
+    assert f["extra"]["bytes"] == len(("an evaluation document " * 40).encode())

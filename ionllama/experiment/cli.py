@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_path", default=None, help="e.g. '../shared/data/gutenberg/gutenberg-{split}.jsonl.xz'")
     g.add_argument("--dataset", default="builtin", help="used without --data_path")
     g.add_argument("--data_dir", default="data_cache")
+    g.add_argument("--text_field", default="text",
+                   help="field holding the text in jsonl / parquet / hub rows, of --data_path and --eval_data")
     g.add_argument("--eval_bytes", type=int, default=None, help="cap on scored bytes per final evaluation (all arms)")
     g.add_argument("--curve_eval_bytes", type=int, default=2_000_000, help="val bytes per curve point")
     g.add_argument("--curve_points", type=int, default=8, help="val evaluations during training")

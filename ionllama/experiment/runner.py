@@ -211,6 +211,8 @@ class Runner:
         if spec["model"] == "bpe" and "vocab_size" in spec:
             argv += ["--vocab_size", str(spec["vocab_size"])]
         argv += ["--data_path", a.data_path] if a.data_path else ["--dataset", a.dataset]
+        if a.text_field != "text":  # only when given: the recorded commands of earlier arms stay as they were
+            argv += ["--text_field", a.text_field]
         seq = self.seq_len_of(spec)
         n_entropy = 0
         if spec["model"] == "ionllama" and spec.get("patching", "entropy") == "entropy":
@@ -404,7 +406,8 @@ class Runner:
             from ..data.shards import DataArgs, prepare
 
             self._data_facts = _split_facts(prepare(DataArgs(dataset=self.a.dataset, data_path=self.a.data_path,
-                                                             data_dir=self.a.data_dir), log=lambda _m: None))
+                                                             data_dir=self.a.data_dir,
+                                                             text_field=self.a.text_field), log=lambda _m: None))
         return self._data_facts
 
     def _check_same_data(self, done: dict, final_path: Path, run_name: str) -> None:
@@ -450,7 +453,7 @@ class Runner:
         else:
             from ..eval.loading import read_eval_bytes
 
-            data = read_eval_bytes(path)
+            data = read_eval_bytes(path, text_field=self.a.text_field)
             if data[0] != DOC_SEP:
                 data = np.concatenate([np.array([DOC_SEP], dtype=np.uint8), data])
         if self.a.eval_bytes is not None:
@@ -577,8 +580,8 @@ class Runner:
         from ..data.shards import DataArgs, prepare
 
         t0 = time.perf_counter()
-        byte_dir = prepare(DataArgs(dataset=self.a.dataset, data_path=self.a.data_path, data_dir=self.a.data_dir),
-                           log=_log)
+        byte_dir = prepare(DataArgs(dataset=self.a.dataset, data_path=self.a.data_path, data_dir=self.a.data_dir,
+                                    text_field=self.a.text_field), log=_log)
         self._data_facts = _split_facts(byte_dir)
         for arm in self.arm_names():
             spec = self.spec_of(arm)
@@ -592,7 +595,7 @@ class Runner:
             else:  # read after training; its first bytes now, so a corrupt file fails before the arms train
                 from ..eval.loading import read_eval_bytes
 
-                read_eval_bytes(path, max_bytes=4096)
+                read_eval_bytes(path, max_bytes=4096, text_field=self.a.text_field)
         _log(f"data ready in {time.perf_counter() - t0:.0f} s")
 
     def pretrain(self) -> None:
