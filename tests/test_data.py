@@ -546,8 +546,8 @@ def test_a_file_that_changes_while_prepared_is_refused(tmp_path, monkeypatch, na
         write_jsonl(tmp_path / name.replace("{split}", split), make_docs(20))
     read = sources.iter_local_file
 
-    def appended_while_read(path, base, text_field):
-        yield from read(path, base, text_field)
+    def appended_while_read(path, base, text_field, *rest):
+        yield from read(path, base, text_field, *rest)
         with open(path, "a") as f:  # a writer still adding to it
             f.write(json.dumps({"text": "late line"}) + "\n")
 
@@ -605,3 +605,69 @@ def test_readme_says_which_datasets_prepare_refuses():
     assert refused == ["tasks"]
     where = readme[readme.index("`ionllama prepare ...` builds them"):][:300]
     assert all(f"`--dataset {name}`" in where and "nothing to prepare" in where for name in refused), where
+
+
+@pytest.mark.parametrize("name", ["NOTES.TXT.GZ", "Notes.Txt.Xz", "NOTES.TXT.BZ2", "B.JSONL.GZ"])
+def test_upper_case_compressed_suffixes_are_decompressed(tmp_path, name):
+    """NOTES.TXT.GZ was stored as its raw gzip bytes (B.JSONL.GZ: "skipped 1 line(s) that are not JSON objects"): the
+    file was taken in case-blind, but opened by a case-sensitive suffix test."""
+    import bz2
+
+    text = b"plain english text, line after line.\n" * 40
+    if "JSONL" in name:
+        text = b"".join(json.dumps({"text": f"doc {i} " * 9}).encode() + b"\n" for i in range(9))
+    opener = {".GZ": gzip.compress, ".XZ": lzma.compress, ".BZ2": bz2.compress}[os.path.splitext(name)[1].upper()]
+    (tmp_path / name).write_bytes(opener(text))
+    sh = prep(tmp_path, data_path=str(tmp_path / name))
+    if "JSONL" in name:
+        assert sorted(docs_of(sh.train) + docs_of(sh.val)) == sorted(f"doc {i} ".encode() * 9 for i in range(9))
+    else:
+        assert bytes(sh.train[1:]) + bytes(sh.val[1:]) == text
+
+
+def test_a_json_array_of_records_is_read_as_its_records(tmp_path):
+    """json.dump([{"text": ...}, ...]) / pandas to_json(orient="records") was trained on as raw JSON text (brackets,
+    keys, escapes) without a word; now each record is a document, with the JSON Lines reader's rules."""
+    docs = [f'record {i} says "hi" \u00e9\n'.encode() * 3 for i in range(6)]
+    records = [{"text": d.decode(), "id": i} for i, d in enumerate(docs)]
+    p = tmp_path / "recs.json"
+    with open(p, "w") as f:
+        json.dump(records[:2] + ["not a record", {"text": None}] + records[2:], f, indent=1)
+    with pytest.warns(UserWarning, match=r"skipped 1 record\(s\) that are not JSON objects \(first: record 3 is a "):
+        sh = prep(tmp_path, data_path=str(p))
+    assert sorted(docs_of(sh.train) + docs_of(sh.val)) == sorted(docs)
+    p.write_text(json.dumps([{"body": d.decode()} for d in docs]))  # one line, as pandas writes it; --text_field
+    sh = prep(tmp_path, data_path=str(p), text_field="body")
+    assert sorted(docs_of(sh.train) + docs_of(sh.val)) == sorted(docs)
+    with pytest.raises(UserError, match=r"recs.json record 1 has no field 'text' \(fields: body\); pass --text_field"):
+        prep(tmp_path, data_path=str(p))
+    p.write_text(json.dumps(records)[:-30])  # cut short: refused, not read as text
+    with pytest.raises(UserError, match="starts as a JSON array but is not valid JSON .*convert it to JSON Lines"):
+        prep(tmp_path, data_path=str(p))
+
+
+def test_max_bytes_caps_the_source_and_cuts_the_crossing_document(tmp_path):
+    """The cap was checked only before a document, so the first one went in whole: a single 500 kB file under
+    --max_bytes 20000 gave 500 kB of shards. Now the source bytes taken are exactly the cap, the file's first ones,
+    and a single file still gets its val tail."""
+    text = "".join(f"line {i}: caf\u00e9 and more text\n" for i in range(3000)).encode()
+    (tmp_path / "one.txt").write_bytes(text)
+    logs = []
+    sh = open_shards(prepare(DataArgs(data_path=str(tmp_path / "one.txt"), data_dir=str(tmp_path / "c"),
+                                      max_bytes=2000), log=logs.append))
+    assert bytes(sh.train[1:]) + bytes(sh.val[1:]) == text[:2000]
+    assert sh.meta["split_method"] == "tail" and len(sh.val) > 1
+    assert any("stopped at the byte cap (2,000 bytes" in m for m in logs), logs
+    assert [d for _, d in sources.iter_text_file(str(tmp_path / "one.txt"), "one", 10)] == [text[:10]]
+    path = tmp_path / "d.jsonl"  # many documents: the one crossing the cap is cut at it
+    write_jsonl(path, make_docs())
+    sh = prep(tmp_path, data_path=str(path), max_bytes=1000, val_fraction=0.3)
+    got = docs_of(sh.train) + docs_of(sh.val)
+    assert sum(map(len, got)) == 1000 and len(got) > 3 and len(sh.val) > 1
+    assert sum(d not in make_docs() for d in got) == 1  # the cut one
+    write_jsonl(tmp_path / "s-train.jsonl", make_docs())  # given split files: the train files are capped
+    write_jsonl(tmp_path / "s-val.jsonl", make_docs(3))
+    sh = prep(tmp_path, data_path=str(tmp_path / "s-{split}.jsonl"), max_bytes=500)
+    assert sum(map(len, docs_of(sh.train))) == 500 and docs_of(sh.val) == make_docs(3)
+    with pytest.raises(UserError, match="too small to split into train and val .1 bytes.; raise --max_bytes"):
+        prep(tmp_path, data_path=str(tmp_path / "one.txt"), max_bytes=1)

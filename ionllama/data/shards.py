@@ -4,7 +4,12 @@ preparing twice with the same arguments reuses the shards.
 
 Split: the source's own split files when it has them, else by a hash of each document's id and the
 split seed (~val_fraction of the documents, at least one). A source of a single document is split
-at a line boundary near its end instead."""
+at a line boundary near its end instead.
+
+--max_bytes caps the bytes taken from the source (document bytes as read, before NUL removal, without separators):
+train and val together for a split by hash or tail (a single file: its first max_bytes bytes, then split), the
+train files for given split files (their val files: max(1 MB, val_fraction x max_bytes)). The document that crosses
+the cap is cut at it."""
 from __future__ import annotations
 
 import hashlib
@@ -25,7 +30,9 @@ from ..errors import UserError
 from ..fsutil import process_gone, remove_if_empty
 from . import DOC_SEP_BYTES
 
-SHARD_FORMAT = 1
+# 2: --max_bytes cuts the document crossing it (it went in whole), .json arrays are read as records and upper-case
+# .GZ/.XZ/.BZ2 are decompressed (they were read as text): shards of format 1 from such sources are not reused
+SHARD_FORMAT = 2
 DATASETS = ("tinystories", "fineweb", "openwebtext", "builtin", "tasks")
 
 
@@ -37,7 +44,7 @@ class DataArgs:
     text_field: str = "text"
     val_fraction: float = 0.01
     split_seed: int = 0
-    max_bytes: int | None = None  # cap on bytes read (train; fineweb defaults to fineweb_bytes)
+    max_bytes: int | None = None  # cap on bytes read (see the module doc; fineweb defaults to fineweb_bytes)
     builtin_bytes: int = 8_000_000
     fineweb_bytes: int = 2_000_000_000
 
@@ -92,6 +99,26 @@ class _SplitWriter:
         self.f.close()
 
 
+class _Cap:
+    """The bytes taken from a source against a cap (None: none). The document that crosses the cap is cut at it
+    (it went in whole: a single 500 kB file under --max_bytes 20000 gave 500 kB of shards); the cut may fall
+    mid-line or mid-UTF-8 character, which is kept simple on purpose: a byte model takes any bytes, and at most
+    3 odd bytes end the last document."""
+
+    def __init__(self, limit: int | None):
+        self.limit, self.taken = limit, 0
+
+    def take(self, doc: bytes) -> bytes:
+        if self.limit is not None:
+            doc = doc[:self.limit - self.taken]
+            self.taken += len(doc)
+        return doc
+
+    @property
+    def full(self) -> bool:
+        return self.limit is not None and self.taken >= self.limit
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -104,7 +131,9 @@ def make_source(args: DataArgs):
     from . import sources
 
     if args.data_path:
-        return sources.local_source(args.data_path, args.text_field)
+        budget = _byte_budget(args)  # a huge text file is read no further than the largest cap of a split
+        limit = None if budget is None else max(budget, _val_budget(args, budget))
+        return sources.local_source(args.data_path, args.text_field, read_limit=limit)
     if args.dataset == "builtin":
         return sources.builtin_source(args.builtin_bytes)
     if args.dataset in sources.HUB_DATASETS:
@@ -121,6 +150,11 @@ def _byte_budget(args: DataArgs) -> int | None:
     if not args.data_path and args.dataset == "fineweb":
         return int(args.fineweb_bytes)
     return None
+
+
+def _val_budget(args: DataArgs, budget: int | None) -> int | None:
+    """The cap on given val files: enough for a steady val BPB even under a small --max_bytes."""
+    return None if budget is None else max(1_000_000, int(budget * args.val_fraction))
 
 
 SMALL_VAL_BYTES = 4096  # below this a val BPB is mostly noise
@@ -240,25 +274,28 @@ def _write_shards(source, args: DataArgs, tmp: Path, log) -> dict:
     train, val = _SplitWriter(tmp / "train.bin"), _SplitWriter(tmp / "val.bin")
     next_report = 100_000_000
     try:
+        cap = _Cap(budget)  # train and val together, or the train files alone for given split files
         if source.given_splits:
-            val_budget = None if budget is None else max(1_000_000, int(budget * args.val_fraction))
-            for writer, split, cap in ((train, "train", budget), (val, "val", val_budget)):
+            for writer, split, split_cap in ((train, "train", cap), (val, "val", _Cap(_val_budget(args, budget)))):
                 for _, doc in source.iter_docs(split):
-                    if cap is not None and writer.bytes >= cap:
+                    writer.add(split_cap.take(doc))
+                    if split_cap.full:
                         break
-                    writer.add(doc)
             method = "given"
             if train.docs and not val.docs:
                 raise UserError(f"the val split of {source.description} is empty; check the val files")
         else:
             for doc_id, doc in source.iter_docs("all"):
-                if budget is not None and train.bytes + val.bytes >= budget:
-                    break
-                (val if _split_unit(doc_id, args.split_seed) < args.val_fraction else train).add(doc)
+                (val if _split_unit(doc_id, args.split_seed) < args.val_fraction else train).add(cap.take(doc))
                 if train.bytes + val.bytes >= next_report:
                     log(f"data: {(train.bytes + val.bytes) / 1e6:,.0f} MB ...")
                     next_report += 100_000_000
+                if cap.full:
+                    break
             method = "hash"
+        if cap.full:  # was silent: the shards' size was the only hint that the source was not read to its end
+            log(f"data: note: stopped at the byte cap ({budget:,} bytes of the source; the last document taken is "
+                "cut there)")
         if train.docs + val.docs == 0:
             raise UserError(f"{source.description} contains no text (empty dataset); check --data_path / --text_field")
         if train.docs + val.docs == 1:
@@ -269,7 +306,7 @@ def _write_shards(source, args: DataArgs, tmp: Path, log) -> dict:
                 cut = nl + 1
             if cut <= 0 or cut >= len(only):
                 raise UserError(f"{source.description} is too small to split into train and val "
-                                f"({len(only)} bytes); give more data")
+                                f"({len(only)} bytes); " + ("raise --max_bytes" if cap.full else "give more data"))
             train.add(only[:cut])
             val.add(only[cut:])
             method = "tail"

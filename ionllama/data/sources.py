@@ -3,12 +3,14 @@ bytes are the document exactly as stored (never decoded, so invalid UTF-8 passes
 
 * hub datasets (tinystories, fineweb, openwebtext) through ``datasets.load_dataset`` (streaming);
   an unreachable hub fails fast with a one-line UserError instead of hanging;
-* local files: text, directories, globs, jsonl (plain / .gz / .xz / .bz2), parquet;
+* local files: text, directories, globs, jsonl (plain / .gz / .xz / .bz2), parquet, .json (JSON Lines or an array of
+  records); a suffix decides the format whatever its case (NOTES.TXT.GZ is gzip);
 * ``builtin``: the running Python installation's own standard library sources (offline, everywhere).
 """
 from __future__ import annotations
 
 import bz2
+import codecs
 import glob
 import gzip
 import hashlib
@@ -108,11 +110,12 @@ def encode_text(text: str) -> bytes:
 
 
 def _open_binary(path: str):
-    if path.endswith(".gz"):
+    low = path.lower()  # NOTES.TXT.GZ was read as its raw gzip bytes: the other suffix tests are case-blind too
+    if low.endswith(".gz"):
         return gzip.open(path, "rb")
-    if path.endswith(".xz"):
+    if low.endswith(".xz"):
         return lzma.open(path, "rb")
-    if path.endswith(".bz2"):
+    if low.endswith(".bz2"):
         return bz2.open(path, "rb")
     return open(path, "rb")
 
@@ -221,57 +224,105 @@ def resolve_local_files(pattern: str) -> tuple[list[str], str]:
     raise UserError(f"--data_path '{pattern}' does not exist; give a text/jsonl/parquet file, a directory or a glob")
 
 
-def iter_jsonl(path: str, text_field: str = "text", doc_prefix: str | None = None) -> Iterator[Doc]:
-    """One document per JSON line. Lines that are not JSON objects, or whose text is not a string, are skipped and
-    warned about with their count and the first one's line number and reason (a download cut mid-line should not
-    stop a prepare; a warning without a line number left the user to search for it)."""
-    prefix = doc_prefix if doc_prefix is not None else os.path.basename(path)
+def _record_docs(path: str, records: Iterator[tuple[int, object, str]], text_field: str, prefix: str,
+                 unit: str) -> Iterator[Doc]:
+    """Documents of JSON records, given as (number, object, parse error or ""): the lines of a JSON Lines file or the
+    items of a JSON array (`unit` says which, for the messages). Records that are not JSON objects, or whose text is
+    not a string, are skipped and warned about with their count and the first one's number and reason (a download
+    cut mid-line should not stop a prepare; a warning without a line number left the user to search for it); a
+    record without the text field is an error naming --text_field."""
     bad, first_bad = 0, ""
-    not_text = {}  # type name -> first line number
-    try:
-        with _open_binary(path) as f:
-            for lineno, raw in enumerate(f, 1):
-                raw = raw.strip()
-                if not raw:
-                    continue
-                try:
-                    obj = json.loads(raw)
-                except ValueError:  # includes invalid UTF-8: keep the bytes via surrogateescape
-                    try:
-                        obj = json.loads(raw.decode("utf-8", "surrogateescape"))
-                    except json.JSONDecodeError as e:
-                        bad += 1
-                        first_bad = first_bad or f"line {lineno}: {e.msg} at column {e.colno}"
-                        continue
-                if not isinstance(obj, dict):
-                    bad += 1
-                    kind = {list: "an array", str: "a string", bool: "a boolean"}.get(type(obj), "a number")
-                    first_bad = first_bad or f"line {lineno} is {'null' if obj is None else kind}"
-                    continue
-                if text_field not in obj:
-                    raise UserError(f"{path} line {lineno} has no field '{text_field}' (fields: "
-                                    f"{', '.join(sorted(map(str, obj))[:8])}); pass --text_field NAME")
-                text = obj[text_field]
-                if text is None:
-                    continue
-                if not isinstance(text, str):  # str() would train on a Python repr like "['a', 'b']"
-                    not_text.setdefault(type(text).__name__, lineno)
-                    continue
-                yield f"{prefix}:{lineno}", encode_text(text)
-    except READ_ERRORS as e:
-        raise _read_error(path, e) from None
+    not_text = {}  # type name -> first record number
+    for n, obj, error in records:
+        if error:
+            bad += 1
+            first_bad = first_bad or f"{unit} {n}: {error}"
+            continue
+        if not isinstance(obj, dict):
+            bad += 1
+            kind = {list: "an array", str: "a string", bool: "a boolean"}.get(type(obj), "a number")
+            first_bad = first_bad or f"{unit} {n} is {'null' if obj is None else kind}"
+            continue
+        if text_field not in obj:
+            raise UserError(f"{path} {unit} {n} has no field '{text_field}' (fields: "
+                            f"{', '.join(sorted(map(str, obj))[:8])}); pass --text_field NAME")
+        text = obj[text_field]
+        if text is None:
+            continue
+        if not isinstance(text, str):  # str() would train on a Python repr like "['a', 'b']"
+            not_text.setdefault(type(text).__name__, n)
+            continue
+        yield f"{prefix}:{n}", encode_text(text)
     if bad:
-        warnings.warn(f"{path}: skipped {bad} line(s) that are not JSON objects (first: {first_bad})", stacklevel=2)
+        warnings.warn(f"{path}: skipped {bad} {unit}(s) that are not JSON objects (first: {first_bad})", stacklevel=2)
     if not_text:
-        kinds = ", ".join(f"{k} (first at line {n})" for k, n in not_text.items())
-        warnings.warn(f"{path}: skipped lines whose '{text_field}' is not a string: {kinds}; pass --text_field "
+        kinds = ", ".join(f"{k} (first at {unit} {n})" for k, n in not_text.items())
+        warnings.warn(f"{path}: skipped {unit}s whose '{text_field}' is not a string: {kinds}; pass --text_field "
                       "NAME of a text field", stacklevel=2)
 
 
-def iter_text_file(path: str, doc_id: str) -> Iterator[Doc]:
+def _json_lines(f) -> Iterator[tuple[int, object, str]]:
+    for lineno, raw in enumerate(f, 1):
+        raw = raw.strip()
+        if not raw:
+            continue
+        try:
+            yield lineno, json.loads(raw), ""
+        except ValueError:  # includes invalid UTF-8: keep the bytes via surrogateescape
+            try:
+                yield lineno, json.loads(raw.decode("utf-8", "surrogateescape")), ""
+            except json.JSONDecodeError as e:
+                yield lineno, None, f"{e.msg} at column {e.colno}"
+
+
+def iter_jsonl(path: str, text_field: str = "text", doc_prefix: str | None = None) -> Iterator[Doc]:
+    """One document per JSON line (see _record_docs for the lines that are skipped)."""
+    prefix = doc_prefix if doc_prefix is not None else os.path.basename(path)
     try:
         with _open_binary(path) as f:
-            data = f.read()
+            yield from _record_docs(path, _json_lines(f), text_field, prefix, "line")
+    except READ_ERRORS as e:
+        raise _read_error(path, e) from None
+
+
+def _is_json_array(path: str) -> bool:
+    """Does this .json file start (after a BOM and blanks) with '[': one JSON array, e.g. of records?"""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return False
+    return head.removeprefix(codecs.BOM_UTF8).lstrip()[:1] == b"["
+
+
+def iter_json_array(path: str, text_field: str = "text", doc_prefix: str | None = None) -> Iterator[Doc]:
+    """One document per item of a JSON array of records (`json.dump(list_of_dicts, f)`, pandas
+    `to_json(orient="records")`), each item handled as iter_jsonl handles a line. Read as text, its brackets, keys
+    and escapes became the training data without a word. The array is one JSON value, so it is parsed whole."""
+    prefix = doc_prefix if doc_prefix is not None else os.path.basename(path)
+    try:
+        with _open_binary(path) as f:
+            raw = f.read().removeprefix(codecs.BOM_UTF8)
+    except READ_ERRORS as e:
+        raise _read_error(path, e) from None
+    try:
+        items = json.loads(raw)
+    except ValueError:  # includes invalid UTF-8: keep the bytes via surrogateescape
+        try:
+            items = json.loads(raw.decode("utf-8", "surrogateescape"))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} starts as a JSON array but is not valid JSON ({e.msg} at line {e.lineno} "
+                            f"column {e.colno}); complete the file, or convert it to JSON Lines (one object a line)"
+                            ) from None
+    yield from _record_docs(path, ((i, obj, "") for i, obj in enumerate(items, 1)), text_field, prefix, "record")
+
+
+def iter_text_file(path: str, doc_id: str, read_limit: int | None = None) -> Iterator[Doc]:
+    """The file as one document; only its first read_limit bytes (decompressed) when given: a --max_bytes cap below
+    a huge file's size cuts it anyway (shards._Cap), so the rest is not read."""
+    try:
+        with _open_binary(path) as f:
+            data = f.read(-1 if read_limit is None else read_limit)
     except READ_ERRORS as e:
         raise _read_error(path, e) from None
     yield doc_id, data
@@ -321,10 +372,12 @@ def _is_json_lines(path: str, text_field: str) -> bool:
     return isinstance(obj, dict) and text_field in obj
 
 
-def iter_local_file(path: str, base: str, text_field: str) -> Iterator[Doc]:
+def iter_local_file(path: str, base: str, text_field: str, read_limit: int | None = None) -> Iterator[Doc]:
     rel = os.path.relpath(os.path.abspath(path), base)
     low = path.lower()
-    if low.endswith(".json") and _is_json_lines(path, text_field):
+    if low.endswith(".json") and _is_json_array(path):  # a single object or other text stays text, as before
+        yield from iter_json_array(path, text_field, rel)
+    elif low.endswith(".json") and _is_json_lines(path, text_field):
         warnings.warn(f"{path}: read as JSON Lines (its lines are objects with '{text_field}'), not as text",
                       stacklevel=2)
         yield from iter_jsonl(path, text_field, rel)
@@ -333,7 +386,7 @@ def iter_local_file(path: str, base: str, text_field: str) -> Iterator[Doc]:
     elif low.endswith(PARQUET_SUFFIXES):
         yield from iter_parquet(path, text_field, rel)
     else:
-        yield from iter_text_file(path, rel)
+        yield from iter_text_file(path, rel, read_limit)
 
 
 def _file_stats(files: list[str]) -> list:
@@ -347,11 +400,12 @@ def _file_stats(files: list[str]) -> list:
     return out
 
 
-def _iter_unchanged(files: list[str], stats: list, base: str, text_field: str) -> Iterator[Doc]:
+def _iter_unchanged(files: list[str], stats: list, base: str, text_field: str,
+                    read_limit: int | None = None) -> Iterator[Doc]:
     """The files' documents, refusing a file whose stat after reading is not the one the cache key holds: shards
     read from a file being rewritten mix its versions under the key of one of them."""
     for f, before in zip(files, stats):
-        yield from iter_local_file(f, base, text_field)
+        yield from iter_local_file(f, base, text_field, read_limit)
         try:
             after = _file_stats([f])[0]
         except OSError:
@@ -361,8 +415,10 @@ def _iter_unchanged(files: list[str], stats: list, base: str, text_field: str) -
                             "prepare again once it stops changing")
 
 
-def local_source(data_path: str, text_field: str = "text") -> Source:
-    """A file/dir/glob, or a pattern with '{split}' naming given split files (e.g. books-{split}.jsonl.xz)."""
+def local_source(data_path: str, text_field: str = "text", read_limit: int | None = None) -> Source:
+    """A file/dir/glob, or a pattern with '{split}' naming given split files (e.g. books-{split}.jsonl.xz).
+    read_limit: read at most this many bytes of a text file (the largest --max_bytes cap of a split; not in the key,
+    as the shards are the same without it, only made faster)."""
     if "{split}" in data_path:
         resolved = {}
         for split, names in (("train", ("train",)), ("val", ("val", "validation", "valid"))):
@@ -387,7 +443,7 @@ def local_source(data_path: str, text_field: str = "text") -> Source:
 
         def iter_docs(split: str) -> Iterator[Doc]:
             files, base = resolved[split]
-            yield from _iter_unchanged(files, key["files"][split], base, text_field)
+            yield from _iter_unchanged(files, key["files"][split], base, text_field, read_limit)
 
         return Source(f"local:{data_path}", key, iter_docs, given_splits=True)
 
@@ -401,7 +457,7 @@ def local_source(data_path: str, text_field: str = "text") -> Source:
     key = {"kind": "local", "path": data_path, "text_field": text_field, "files": _file_stats(files)}
 
     def iter_all(split: str = "all") -> Iterator[Doc]:
-        yield from _iter_unchanged(files, key["files"], base, text_field)
+        yield from _iter_unchanged(files, key["files"], base, text_field, read_limit)
 
     return Source(f"local:{data_path}", key, iter_all)
 

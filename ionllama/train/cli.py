@@ -37,7 +37,9 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val_fraction", type=float, default=0.01,
                    help="share of documents held out for val, in (0, 0.5); unused with given splits (default 0.01)")
     g.add_argument("--split_seed", type=int, default=0, help="seed of the document hash split")
-    g.add_argument("--max_bytes", type=int, default=None, help="cap on bytes read from the source")
+    g.add_argument("--max_bytes", type=int, default=None,
+                   help="cap on source bytes taken, train and val together (given split files: train; "
+                   "their val up to max(1 MB, val_fraction x cap)); the document crossing it is cut")
     g.add_argument("--builtin_bytes", type=int, default=8_000_000, help="size cap of --dataset builtin")
     g.add_argument("--fineweb_bytes", type=int, default=2_000_000_000, help="bytes streamed for --dataset fineweb")
 
