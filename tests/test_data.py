@@ -671,3 +671,18 @@ def test_max_bytes_caps_the_source_and_cuts_the_crossing_document(tmp_path):
     assert sum(map(len, docs_of(sh.train))) == 500 and docs_of(sh.val) == make_docs(3)
     with pytest.raises(UserError, match="too small to split into train and val .1 bytes.; raise --max_bytes"):
         prep(tmp_path, data_path=str(tmp_path / "one.txt"), max_bytes=1)
+
+
+def test_caches_of_an_earlier_shard_format_are_named_too(tmp_path, monkeypatch):
+    """A new SHARD_FORMAT makes a new cache folder for unchanged files; the folder of the old format was not named
+    (only changed files counted), so it stayed on disk unsaid."""
+    from ionllama.data import shards
+
+    p = tmp_path / "d.jsonl"
+    p.write_text("".join(json.dumps({"text": f"doc {i} " * 30}) + "\n" for i in range(30)))
+    old = prepare(DataArgs(data_path=str(p), data_dir=str(tmp_path / "c")), log=quiet)
+    monkeypatch.setattr(shards, "SHARD_FORMAT", shards.SHARD_FORMAT + 1)
+    said = []
+    new = prepare(DataArgs(data_path=str(p), data_dir=str(tmp_path / "c")), log=said.append)
+    notes = [m for m in said if "earlier versions" in m]
+    assert new != old and len(notes) == 1 and notes[0].endswith(f"remove them with: rm -r {old}"), said

@@ -217,14 +217,17 @@ def prepare(args: DataArgs, log: Callable[[str], None] = print) -> Path:
 
 
 def earlier_versions(out: Path, key: dict) -> list[Path]:
-    """Cache folders of the same source (path, text field, ...) made from other versions of its files: a source
-    that changed gets a new folder (a new key) and the old one was never used again, nor said."""
+    """Cache folders of the same source (path, text field, ...) made from other versions of its files, or by an
+    earlier SHARD_FORMAT: a source that changed gets a new folder (a new key) and the old one was never used
+    again, nor said."""
     same = {k: v for k, v in key["source"].items() if k != "files"}
     found = []
     for d in sorted(out.parent.glob(out.name[:-12] + "?" * 12)):
         try:
-            old = json.loads((d / "meta.json").read_text())["key"]["source"]
-            if d != out and old != key["source"] and {k: v for k, v in old.items() if k != "files"} == same:
+            old_key = json.loads((d / "meta.json").read_text())["key"]
+            old = old_key["source"]
+            stale = old != key["source"] or old_key.get("format") != key["format"]
+            if d != out and stale and {k: v for k, v in old.items() if k != "files"} == same:
                 found.append(d)
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue  # not a cache folder of this format: not ours to name
