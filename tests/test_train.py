@@ -352,3 +352,25 @@ def test_a_signal_during_an_evaluation_stops_at_that_step(tmp_path, corpus, monk
         train(tmp_path, corpus, "--max_steps", "20")
     assert e.value.code == 128 + signal.SIGTERM
     assert load_checkpoint(tmp_path / "runs" / "r" / "latest.pt")["step"] == 5
+
+
+def test_resume_auto_picks_the_run_of_this_data_among_runs_of_one_default_name(tmp_path, corpus, capsys):
+    """en/train.txt and de/train.txt both get the default run name "...-train" (the second in "...-train-2"); a
+    resume of the first with the same command picked the newest folder, the second's, and trained it on the
+    first's data. It now resumes the folder whose run read this --data_path."""
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "docs.jsonl").write_text("".join(json.dumps({"text": f"entirely other words {i} " * 20}) + "\n"
+                                              for i in range(60)))
+    base = TINY + ["--data_dir", str(tmp_path / "cache"), "--save_dir", str(tmp_path / "runs"), "--seq_len", "32",
+                   "--batch_size", "4", "--eval_interval", "5", "--sample_bytes", "0", "--device", "cpu",
+                   "--val_fraction", "0.1", "--max_steps", "20"]
+    assert main(base + ["--data_path", str(corpus), "--stop_at", "5"]) == 0
+    assert main(base + ["--data_path", str(other / "docs.jsonl"), "--stop_at", "5"]) == 0  # newer, in "...-2"
+    first, second = sorted((tmp_path / "runs").iterdir())
+    assert second.name == first.name + "-2"
+    before = load_checkpoint(second / "latest.pt")["step"]
+    assert main(base + ["--data_path", str(corpus), "--resume", "auto", "--stop_at", "10"]) == 0
+    assert load_checkpoint(first / "latest.pt")["step"] == 10  # this data's run went on
+    assert load_checkpoint(second / "latest.pt")["step"] == before == 5  # the other was left as it was
+    assert "resuming on other data" not in capsys.readouterr().out

@@ -90,6 +90,24 @@ def default_run_name(args) -> str:
     return f"{args.model}-{args.size}-{tag}"
 
 
+def _reads_same_data(ck: Path, args) -> bool:
+    """Was the checkpoint's run started on the data this command names (--data_path or --dataset, --text_field)?
+    Its train arguments only (an mmap'd load reads no weights); True when they cannot be read: the choice then
+    falls back to the newest, whose load says what is wrong with it."""
+    try:
+        state = distributed.load_train_state(ck) if ck.is_dir() else \
+            ckpt_io.load_weights_only(ck, map_location="cpu", mmap=True)
+        saved = state.get("train_args") or {}
+    except Exception:  # noqa: BLE001 - any unreadable file: not this function's to report
+        return True
+    if saved.get("text_field", "text") != getattr(args, "text_field", "text"):
+        return False
+    if args.data_path or saved.get("data_path"):
+        a, b = args.data_path or "", saved.get("data_path") or ""
+        return a == b or (bool(a) and bool(b) and os.path.abspath(a) == os.path.abspath(b))
+    return saved.get("dataset") == args.dataset
+
+
 def _has_checkpoints(d: Path) -> bool:
     return distributed.has_checkpoints(d)  # *.pt files or sharded *.dcp folders
 
@@ -115,6 +133,10 @@ def resolve_run(args) -> tuple[Path, Path | None]:
                              key=lambda d: int(d.name[len(name) + 1:]))
     if args.resume == "auto":
         found = [(ck, d) for d in candidates if (ck := distributed.latest_checkpoint(d)) is not None]
+        if len(found) > 1:
+            # name, name-2, ...: runs on other data can share a default name (en/train.txt and de/train.txt are
+            # both "...-train"); the newest one was resumed on this data, and this run's folder was left
+            found = [f for f in found if _reads_same_data(f[0], args)] or found
         if found:
             ck, rd = max(found, key=lambda f: distributed.checkpoint_mtime(f[0]))
             return rd, ck
