@@ -222,3 +222,55 @@ def test_probe_tasks_same_examples_for_every_arm_and_resumes(tmp_path, capsys, m
             probe.main(["--out", str(tmp_path / "x"), "--steps", "1", *bad])
         assert e.value.code == 2
         assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+class _AnswerThen:
+    """A stand-in for a model whose greedy continuation is the right answer and then `tail` (None: nothing, the
+    generation stops with a newline), produced by model.generate's contract: the stop byte is not in the result,
+    and a row that fills max_new_bytes ends with reason 'length'."""
+
+    def __init__(self, tail: bytes | None):
+        self.tail = tail
+
+    def eval(self):
+        return self
+
+    def generate(self, prompts, max_new_bytes, greedy, stop, return_info=False):
+        outs, reasons = [], []
+        for p in prompts:
+            task = next(t for t in ("count", "spell", "reverse", "add", "mul") if self._match(t, p))
+            ans = self._answer(task, p)
+            full = ans + (self.tail if self.tail is not None else b"\n")
+            cut = full.find(b"\n")
+            if cut != -1 and cut < max_new_bytes:
+                outs.append(full[:cut]), reasons.append("stop")
+            else:
+                outs.append(full[:max_new_bytes]), reasons.append("length")
+        return (outs, {"stop_reasons": reasons}) if return_info else outs
+
+    @staticmethod
+    def _match(task, prompt):
+        return any(e.prompt in prompt for e in _EXAMPLES[task])
+
+    @staticmethod
+    def _answer(task, prompt):
+        return next(e.answer for e in _EXAMPLES[task] if e.prompt in prompt)
+
+
+_EXAMPLES = {t: [e for d in (1, 2) for e in T.make_task_examples(t, "test", 12, 1234, digits=d)]
+             if t in ("add", "mul") else T.make_task_examples(t, "test", 12, 1234) for t in T.TASKS}
+
+
+def test_task_scores_do_not_depend_on_the_generation_batch():
+    """The generation budget was one byte past the longest answer of each batch: "7 and more" was cut to "7 " and
+    counted right in a batch of one, "7 a" and wrong in a batch with a longer answer, so accuracy moved with
+    bench's --gen_batch (1.0 against 0.58 on addition). Each output is now judged as if generated with its own
+    budget: the answer then a stop byte."""
+    from ionllama.eval.task_eval import run_tasks
+
+    for tail, expect in ((None, 1.0), (b" and more\n", 0.0), (b"9\n", 0.0)):
+        got = {bs: run_tasks(_AnswerThen(tail), "cpu", n=12, max_digits=2, batch_size=bs)["per_task"]
+               for bs in (1, 5, 32)}
+        for task in T.TASKS:
+            accs = {bs: got[bs][task]["accuracy"] for bs in got}
+            assert set(accs.values()) == {expect}, (tail, task, accs)

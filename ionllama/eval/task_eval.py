@@ -30,16 +30,36 @@ def _greedy_fallback(model, prompts: list[bytes], max_new_bytes: int, device) ->
     return outs
 
 
-def generate_greedy(model, prompts: list[bytes], max_new_bytes: int, device, amp_dtype=None) -> tuple[list[bytes], str]:
-    """-> (continuations, method). Uses model.generate (cached decoding) when it works."""
+def generate_greedy(model, prompts: list[bytes], max_new_bytes: int, device, amp_dtype=None,
+                    return_stopped: bool = False):
+    """-> (continuations, method), or (continuations, stopped, method) with return_stopped: stopped[i] says whether
+    row i ended at a stop byte ('\n' or DOC_SEP, not in its continuation) rather than at max_new_bytes. Uses
+    model.generate (cached decoding) when it works."""
     if hasattr(model, "generate"):  # the cached decoders run in the model's own dtype: no autocast around them
         try:
-            out = model.generate(list(prompts), max_new_bytes=max_new_bytes, greedy=True, stop=[b"\n"])
-            return [bytes(o) for o in out], "model.generate"
+            out, info = model.generate(list(prompts), max_new_bytes=max_new_bytes, greedy=True, stop=[b"\n"],
+                                       return_info=True)
+            outs, stopped = [bytes(o) for o in out], [r in ("stop", "doc_sep") for r in info["stop_reasons"]]
+            return (outs, stopped, "model.generate") if return_stopped else (outs, "model.generate")
         except (ImportError, NotImplementedError):  # no generation module / decoder for this model
             pass
     with autocast_ctx(device, amp_dtype):
-        return _greedy_fallback(model, prompts, max_new_bytes, device), "fallback greedy (full forward per byte)"
+        outs = _greedy_fallback(model, prompts, max_new_bytes, device)
+    method = "fallback greedy (full forward per byte)"
+    stopped = [len(o) < max_new_bytes for o in outs]  # it breaks before the budget only at a stop byte
+    return (outs, stopped, method) if return_stopped else (outs, method)
+
+
+def judge(output: bytes, stopped: bool, answer: bytes) -> tuple[bool, bytes]:
+    """-> (correct, the output as scored). A right answer is the answer followed by a stop byte within one byte
+    beyond it (surrounding ASCII spaces ignored, as T.is_correct does): the output is judged as if generated with
+    exactly that budget, whatever budget the batch it ran in had. (With a batch's budget, the longest answer's
+    budget, "7 and more" was cut to "7 " and counted right alone, and "7 a", wrong, in a batch with a longer
+    answer: the score moved with --gen_batch.)"""
+    own = len(answer) + 1
+    if stopped and len(output) < own:  # its stop byte came within the budget
+        return T.is_correct(output, answer), output
+    return False, output[:own]
 
 
 def _shots_prefix(k: int, seed: int, task: str) -> bytes:
@@ -57,11 +77,12 @@ def _score(model, examples: list[T.TaskExample], prefix: bytes, device, batch_si
     method = ""
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
-        # one byte beyond the longest answer: a right answer must be followed by a stop byte
+        # one byte beyond the longest answer: a right answer must be followed by a stop byte (judge())
         max_new = max(len(e.answer) for e in chunk) + 1
-        outs, method = generate_greedy(model, [prefix + e.prompt for e in chunk], max_new, device, amp_dtype)
-        for e, o in zip(chunk, outs):
-            ok = T.is_correct(o, e.answer)
+        outs, stopped, method = generate_greedy(model, [prefix + e.prompt for e in chunk], max_new, device,
+                                                amp_dtype, return_stopped=True)
+        for e, o, st in zip(chunk, outs, stopped):
+            ok, o = judge(o, st, e.answer)
             correct += ok
             if len(samples) < n_samples:
                 samples.append({"prompt": e.prompt.decode("utf-8", "replace"), "answer": e.answer.decode(),
@@ -115,7 +136,8 @@ def run_tasks(model, device, n: int = 100, max_digits: int = 4, seed: int = 1234
         "note": ("trained on the task format (held-out test words/operands)" if trained_on_tasks else
                  "the checkpoint never saw the task format in training"),
         "split": split, "shots": shots, "seed": seed, "n_per_cell": n, "max_digits": max_digits,
-        "scoring": "exact match of the greedy continuation up to the first '\\n' or DOC_SEP; 95% Wilson CI",
+        "scoring": "exact match of the greedy continuation up to the first '\\n' or DOC_SEP, which must come within "
+                   "one byte past the answer (whatever the batch); 95% Wilson CI",
         "generation": method, "seconds": time.perf_counter() - t0, "per_task": per_task,
     }
 
