@@ -20,6 +20,45 @@ class RelayedError(UserError):
     prints it, the others exit 2 without printing it again."""
 
 
+def _error_note(run_id: str) -> str:
+    import tempfile
+
+    safe = "".join(c for c in run_id if c.isalnum() or c in "-_")[:64]
+    return os.path.join(tempfile.gettempdir(), f"ionllama-error-{safe}-rank0.txt")
+
+
+def _print_error_once(line: str, wait_s: float = 2.0) -> None:
+    """Under torchrun every rank runs the same checks, so a refusal printed its line once per rank. Rank 0 prints it
+    and leaves it in a small file named by the job's run id; another rank prints its own line (with its rank) only
+    when rank 0's differs or has not come within wait_s: an error of one rank alone is still said."""
+    rank, run_id = os.environ.get("RANK"), os.environ.get("TORCHELASTIC_RUN_ID")
+    if rank is None or run_id is None or "WORLD_SIZE" not in os.environ:
+        print(line, file=sys.stderr)
+        return
+    note = _error_note(run_id)
+    if rank == "0":
+        print(line, file=sys.stderr)
+        try:
+            with open(note + f".tmp-{os.getpid()}", "w") as f:
+                f.write(line)
+            os.replace(note + f".tmp-{os.getpid()}", note)
+        except OSError:
+            pass
+        return
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            with open(note) as f:
+                if f.read() == line:
+                    return
+                break
+        except OSError:
+            time.sleep(0.05)
+    print(f"[rank {rank}] {line}", file=sys.stderr)
+
+
 def cli_entry(fn):
     """Wrap a CLI main so UserError (and a few common misuse errors) become one-line exits."""
 
@@ -31,7 +70,7 @@ def cli_entry(fn):
         except RelayedError:
             sys.exit(2)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
+            _print_error_once(f"error: {e}")
             sys.exit(2)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

@@ -275,3 +275,35 @@ def test_a_mistyped_flag_under_torchrun_is_said_once(rank, printed, monkeypatch,
         main(["--no_such_flag"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and ("no_such_flag" in err) == printed, err
+
+
+def test_a_refusal_under_torchrun_is_printed_once_not_once_per_rank(tmp_path, monkeypatch, capsys):
+    """Every rank of a torchrun job runs the same checks, and each printed the same `error:` line (a
+    --batch_size 0 said it twice). Rank 0 prints it; another rank prints only an error of its own, with its rank."""
+    import tempfile
+
+    from ionllama.errors import UserError, cli_entry
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job1")
+
+    def failing(msg):
+        @cli_entry
+        def main():
+            raise UserError(msg)
+        return main
+
+    for rank, msg, said in (("0", "--batch_size must be at least 1", "error: --batch_size must be at least 1"),
+                            ("1", "--batch_size must be at least 1", None),
+                            ("1", "cannot write /x (rank 1's disk is full)",
+                             "[rank 1] error: cannot write /x (rank 1's disk is full)")):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as e:
+            failing(msg)()
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err == (said or ""), (rank, err)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job2")  # rank 0 said nothing in this job: rank 1 speaks up
+    with pytest.raises(SystemExit):
+        failing("x")()
+    assert capsys.readouterr().err.strip() == "[rank 1] error: x"
