@@ -209,6 +209,23 @@ def test_more_bad_inputs_are_one_line_before_any_work(workdir, capsys):
     assert out.read_text() == "{}"  # nothing written over the earlier results
 
 
+def test_a_model_or_size_other_than_the_checkpoints_is_refused(workdir, capsys):
+    """`--model mamba` with a dense checkpoint scored the dense model and exit 0 (a mismatched --size was refused):
+    now one line as well; the checkpoint's own model and size, or none given, pass on to the next check."""
+    ckpt = _save_trainer_checkpoint(create_model("tiny", model="dense", **SMALL), workdir / "run" / "best.pt")
+    base = ["--checkpoint", str(ckpt), "--device", "cpu", "--output", str(workdir / "r.json")]
+    for extra, words in [(["--model", "mamba"], "--model mamba but the checkpoint holds a 'tiny' dense model"),
+                         (["--model", "ionllama"], "--model ionllama but the checkpoint holds"),
+                         (["--size", "small"], "--size small but the checkpoint holds"),
+                         (["--model", "dense", "--size", "tiny"], "--eval_data"),  # no val data: the next check
+                         ([], "--eval_data")]:
+        with pytest.raises(SystemExit) as e:
+            B.main(base + extra)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and words in err[0], (extra, err)
+    assert not (workdir / "r.json").exists()
+
+
 def test_bad_multilingual_dir_or_runs_fail_before_the_checkpoint_is_loaded(workdir, capsys, monkeypatch):
     """A typo in --multilingual_dir or --runs used to fail only after the whole LM and task eval had run (and
     nothing of it was written)."""

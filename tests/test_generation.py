@@ -1,6 +1,7 @@
 """Generation: sampling, stop strings, batching, UTF-8 streaming, CLI, dense KV-cache exactness."""
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -144,6 +145,35 @@ def test_top_k_top_p_greedy_restrict_the_support():
     assert set(sample_next(logits.expand(n, -1), SamplingConfig(top_p=1e-6), seeds, 1).tolist()) == {0}
     assert set(sample_next(logits.expand(n, -1), SamplingConfig(temperature=0.0), seeds, 1).tolist()) == {0}
     assert set(sample_next(logits.expand(n, -1), SamplingConfig(greedy=True, temperature=5.0), seeds, 1).tolist()) == {0}
+
+
+@pytest.mark.parametrize("temperature", [1e-7, 1e-30, 1e-40, 1e-45, 1e-300, 5e-324])
+def test_a_tiny_temperature_samples_the_argmax(temperature):
+    """logits / 1e-40 overflowed every positive logit to +inf in float32, and the ties at inf drew an arbitrary byte
+    (the CLI printed 6 odd bytes, then a 0x00 ended the document): a positive temperature tends to greedy."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(8, 256, generator=g) * 4 + 2  # mostly positive, the argmax rarely the first of them
+    logits[:, 0] = -1e4  # byte 0 (the document separator) must never win
+    want = logits.argmax(-1)
+    seeds = torch.arange(8)
+    for kw in (dict(), dict(top_k=5), dict(top_p=0.9)):
+        cfg = SamplingConfig(temperature=temperature, **kw)
+        for step in range(3):
+            assert torch.equal(sample_next(logits, cfg, seeds, step), want), (kw, step)
+
+
+def test_ordinary_temperatures_keep_the_bytes_of_a_seed():
+    """The tiny-temperature fix leaves the draw of an ordinary temperature bit-identical: a seed repeats the bytes
+    it gave before."""
+    from ionllama.generation.sampling import filter_logits
+
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(64, 256, generator=g) * 3
+    seeds = torch.arange(64) * 7919
+    for t, kw in ((1.0, {}), (0.7, dict(top_k=40)), (1e-3, dict(top_p=0.9)), (1e-5, {})):
+        u = uniform_noise(seeds, 2, 256)
+        old = (filter_logits(logits / t, kw.get("top_k"), kw.get("top_p")) - torch.log(-torch.log(u))).argmax(-1)
+        assert torch.equal(sample_next(logits, SamplingConfig(temperature=t, **kw), seeds, 2), old), t
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(temperature=float("inf")), dict(top_k=0),
@@ -545,3 +575,36 @@ def test_cli_output_writes_the_exact_bytes_atomically(tmp_path, capsys, monkeypa
         out, err = capsys.readouterr()
         assert e.value.code == 2 and out == "" and "\n" not in err.strip() and words in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "out.bin"]  # no temp file left behind
+
+
+def test_cli_output_may_not_overwrite_the_checkpoint_or_the_prompt_file(tmp_path, capsys, monkeypatch):
+    """`--output` equal to --checkpoint (or --prompt_file) replaced it with the continuation, exit 0: a 5-byte file
+    where the checkpoint was. Refused in one line before the model loads: the same path however spelled, a hard
+    link, a .dcp checkpoint folder or a file inside it."""
+    from ionllama.generation import cli
+
+    monkeypatch.setattr(cli, "load_checkpoint_model", lambda *a, **k: pytest.fail("loaded before the check"))
+    ck, pf, dcp = tmp_path / "m.pt", tmp_path / "p.txt", tmp_path / "run.dcp"
+    ck.write_bytes(b"weights")
+    pf.write_bytes(b"prompt")
+    dcp.mkdir()
+    (dcp / ".metadata").write_bytes(b"meta")
+    os.link(ck, tmp_path / "hard.pt")
+    monkeypatch.chdir(tmp_path)
+    cases = [(["--checkpoint", str(ck)], str(ck), "is the --checkpoint "),
+             (["--checkpoint", "m.pt"], str(tmp_path / "." / "m.pt"), "is the --checkpoint "),
+             (["--checkpoint", str(ck)], "hard.pt", "is the --checkpoint "),
+             (["--checkpoint", str(ck), "--prompt_file", "p.txt"], str(pf), "is the --prompt_file "),
+             (["--checkpoint", str(dcp)], str(dcp / ".metadata"), "inside the checkpoint folder"),
+             (["--checkpoint", str(dcp)], str(dcp / "new.bin"), "inside the checkpoint folder"),
+             (["--checkpoint", str(dcp)], str(dcp), "the checkpoint folder")]
+    for flags, out, words in cases:
+        with pytest.raises(SystemExit) as e:
+            cli.main(flags + ["--max_new_bytes", "4", "--device", "cpu", "--output", out])
+        o, err = capsys.readouterr()
+        assert e.value.code == 2 and o == "" and "\n" not in err.strip() and words in err, (flags, out, err)
+        assert "pass another --output" in err
+    assert ck.read_bytes() == b"weights" and pf.read_bytes() == b"prompt"
+    assert (dcp / ".metadata").read_bytes() == b"meta"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hard.pt", "m.pt", "p.txt", "run.dcp"]
+    assert sorted(p.name for p in dcp.iterdir()) == [".metadata"]

@@ -263,7 +263,10 @@ def _check_output_path(output: str) -> None:
 
 
 def run(argv: list[str], prog: str) -> dict:
-    a = build_parser(prog).parse_args(argv)
+    ap = build_parser(prog)
+    default_model = ap.get_default("model")
+    ap.set_defaults(model=None)  # None: --model not given; one given with a checkpoint must be the checkpoint's
+    a = ap.parse_args(argv)
     check_ranges(a, BENCH_AT_LEAST)
     _check_output_path(a.output)
     _check_output(Path(a.output), set(a.skip), a.overwrite)
@@ -283,6 +286,9 @@ def run(argv: list[str], prog: str) -> dict:
     if a.checkpoint:
         ck = load_checkpoint(a.checkpoint, device)
         model, config = ck.model, ck.config
+        if a.model is not None and a.model != config.model:  # the checkpoint's model was scored, silently
+            raise UserError(f"--model {a.model} but the checkpoint holds a '{config.size}' {config.model} model; "
+                            "drop --model or pass the matching one")
         if a.size and a.size != config.size:
             raise UserError(f"--size {a.size} but the checkpoint holds a '{config.size}' {config.model} model; "
                             "drop --size or pass the matching one")
@@ -290,7 +296,7 @@ def run(argv: list[str], prog: str) -> dict:
             print(f"note: {a.checkpoint} was written in phase 1 (step {ck.step}): only the entropy model has trained, "
                   "the main model is at its initialisation; benchmark a checkpoint of the main phase", file=sys.stderr)
     else:
-        model = create_model(a.size or "tiny", model=a.model).to(device).eval()
+        model = create_model(a.size or "tiny", model=a.model or default_model).to(device).eval()
         config = model.config
     targs = ck.train_args if ck else {}
     seq_len = a.seq_len or int(targs.get("seq_len") or 1024)

@@ -139,6 +139,35 @@ def _read_prompt(args) -> bytes:
                         "or '-' for stdin") from None
 
 
+def _same_or_inside(out: Path, other: Path) -> bool:
+    """True when writing `out` would replace `other` (the same file: its resolved path, or os.path.samefile for a
+    hard link) or put a file inside it (a sharded .dcp checkpoint folder)."""
+    try:
+        o, p = out.resolve(), other.resolve()
+        if o == p or (other.is_dir() and p in o.parents):
+            return True
+        return out.exists() and other.exists() and os.path.samefile(out, other)
+    except (OSError, RuntimeError):  # a symlink loop: the loader or the write says so in its own line
+        return False
+
+
+def _check_output_target(args) -> None:
+    """--output must not be the checkpoint or the prompt file: the atomic replace wrote the continuation over
+    them without a word (a 5-byte file where the checkpoint was)."""
+    if args.output is None or not args.output.strip():
+        return
+    out = Path(args.output)
+    sources = [("--checkpoint", args.checkpoint)]
+    if args.prompt_file not in (None, "-"):
+        sources.append(("--prompt_file", args.prompt_file))
+    for flag, src in sources:
+        if src and _same_or_inside(out, Path(src)):
+            what = f"the {flag}" if not Path(src).is_dir() else \
+                "the checkpoint folder" if out.resolve() == Path(src).resolve() else "inside the checkpoint folder"
+            raise UserError(f"--output {args.output} is {what} {src}, which would be overwritten; pass another "
+                            "--output")
+
+
 def _open_output(path: str | None):
     """The temp file beside --output, opened before the model loads: an unwritable path is one early line."""
     if path is None:
@@ -173,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed is not None and not 0 <= args.seed <= SEED_MAX:
         raise UserError(f"--seed must be 0 to 2**63-1 (got {args.seed}): the sampler takes seeds modulo 2**63, so "
                         "it would repeat another seed's bytes; pass a seed in that range")
+    _check_output_target(args)  # before the prompt is read from a file the output would replace
     prompt = _read_prompt(args)  # before the checkpoint: a missing file is one early line
     tmp, out_file = _open_output(args.output)
     try:

@@ -125,13 +125,31 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
     return logits
 
 
+# below this temperature the row max is subtracted before dividing; above it logits / T cannot overflow for any
+# finite logits a model gives (it would need |logit| > 3e32), and the bytes of a seed stay those of earlier versions
+_SHIFT_BELOW = 1e-6
+
+
+def scale_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / temperature for float32 (B, V) logits, never +inf or NaN for a finite temperature > 0: a tiny one
+    (1e-40) overflowed every positive logit to +inf, and the ties at inf drew an arbitrary byte instead of the
+    argmax. Below _SHIFT_BELOW the row max is taken off first, so the best byte scores 0 and the others tend to
+    -inf (greedy in the limit; equal maxima are still broken by the noise); the divisor is at least float32's
+    smallest normal, which a flush-to-zero device does not turn into 0. A fixed sequence of ops either way."""
+    if temperature >= _SHIFT_BELOW:
+        return logits / temperature
+    top = logits.amax(dim=-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # an all -inf row stays -inf, not NaN
+    return (logits - top) / max(temperature, torch.finfo(torch.float32).smallest_normal)
+
+
 def sample_next(logits: torch.Tensor, cfg: SamplingConfig, seeds: torch.Tensor,
                 step: torch.Tensor | int, noise: NoiseSource | None = None) -> torch.Tensor:
     """logits: (B, V) -> next bytes (B,) int64. noise: a NoiseSource for these seeds (optional, faster)."""
     logits = logits.float()
     if cfg.is_greedy:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
+    logits = filter_logits(scale_logits(logits, cfg.temperature), cfg.top_k, cfg.top_p)
     u = noise(step) if noise is not None else uniform_noise(seeds, step, logits.shape[-1])
     gumbel = -torch.log(-torch.log(u))
     return (logits + gumbel).argmax(dim=-1)
