@@ -308,3 +308,128 @@ def test_a_refusal_on_rank_0_stops_every_rank_with_one_error_line(tmp):
     out = p.stdout + p.stderr
     assert p.returncode != 0 and out.count("error: --data_path") == 1, out[-3000:]
     assert "exitcode  : 2" in out and "Connection closed" not in out and "barrier" not in out, out[-3000:]
+
+
+# ---------------------------------------------------------------- damaged / older sharded checkpoints
+
+def _tiny_dcp(folder: Path, name: str = "latest.pt", step: int = 3) -> Path:
+    """A sharded checkpoint written by one process (no torchrun needed): <folder>/<name as .dcp>."""
+    import warnings
+
+    from ionllama.config import ModelConfig
+    from ionllama.registry import build_model
+
+    cfg = ModelConfig.from_dict({"model": "dense", "size": "tiny", "d_model": 16, "n_layers": 1, "n_heads": 2})
+    model = build_model(cfg)
+    opt = torch.optim.AdamW(model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        return distributed.save_sharded(distributed.DistContext(), folder, (name,), model, opt,
+                                        {"model_config": cfg.to_dict(), "step": step})[0]
+
+
+@pytest.mark.parametrize("part, size", [("__0_0.distcp", 1000), ("__0_0.distcp", 0), (".metadata", 100),
+                                        (distributed.TRAIN_STATE_FILE, 100)])
+def test_a_damaged_sharded_checkpoint_is_one_error_line(tmp_path, part, size, capsys):
+    """A truncated shard or .metadata was a CheckpointException traceback (a BaseException: `except Exception` let
+    it through) in resume, generate and bench; a truncated train_state.pt was torch's RuntimeError on resume."""
+    from ionllama.config import ModelConfig
+    from ionllama.generation.cli import main as generate_main
+    from ionllama.registry import build_model
+
+    good = _tiny_dcp(tmp_path / "good")
+    bad = tmp_path / "bad.dcp"
+    import shutil
+
+    shutil.copytree(good, bad)
+    os.truncate(bad / part, size)
+    with pytest.raises(UserError, match=r"bad\.dcp is damaged .*use another checkpoint of the run"):
+        load_model(bad)  # generate and bench load it so
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        generate_main(["--checkpoint", str(bad), "--prompt", "x", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "is damaged" in err[0], err
+    if part != distributed.TRAIN_STATE_FILE:  # resume: the train state reads, the shards do not
+        meta = distributed.load_train_state(bad)
+        model = build_model(ModelConfig.from_dict(meta["model_config"]))
+        with pytest.raises(UserError, match="is damaged"):
+            distributed.load_sharded(bad, model, torch.optim.AdamW(model.parameters()))
+    else:
+        with pytest.raises(UserError, match=r"is damaged \(train_state\.pt"):
+            distributed.load_train_state(bad)  # the trainer's resume reads it first
+
+
+def test_sharded_load_tells_a_mismatch_from_damage_and_lets_an_interrupt_through(tmp_path, monkeypatch):
+    from ionllama.config import ModelConfig
+    from ionllama.registry import build_model
+
+    ck = _tiny_dcp(tmp_path)
+    other = build_model(ModelConfig.from_dict({"model": "dense", "size": "tiny", "d_model": 32, "n_layers": 1,
+                                               "n_heads": 2}))
+    with pytest.raises(UserError, match="does not match this model / phase .*Size mismatch"):
+        distributed.load_sharded(ck, other, torch.optim.AdamW(other.parameters()))
+    import torch.distributed.checkpoint as dcp
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dcp, "load", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # only DCP's own BaseException is caught, not every one
+        load_model(ck)
+
+
+def test_resume_names_the_missing_part_of_a_sharded_checkpoint(tmp_path):
+    import argparse
+    import shutil
+
+    from ionllama.train.cli import build_train_parser
+    from ionllama.train.trainer import resolve_run
+
+    ck = _tiny_dcp(tmp_path / "run")
+    (ck / distributed.TRAIN_STATE_FILE).unlink()  # it said "--resume .../latest.dcp/latest.pt: no such checkpoint"
+    args = argparse.Namespace(save_dir=str(tmp_path), run_name=None, resume=str(ck))
+    with pytest.raises(UserError, match=r"latest\.dcp: this sharded checkpoint has no train_state\.pt \(damaged"):
+        resolve_run(args)
+    shutil.rmtree(ck)
+    with pytest.raises(UserError, match="no such checkpoint"):
+        resolve_run(args)
+    # the help names the sharded files a torchrun run writes, not only the .pt ones
+    helps = {a.dest: a.help for a in build_train_parser()._actions}
+    assert all("latest.dcp" in helps[k] for k in ("resume", "stop_at")) and "step_N.dcp" in helps["save_interval"]
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.slow
+def test_resume_from_latest_dcp_below_the_metrics_last_step_is_no_branch(tmp, ddp_run):
+    """latest.dcp counted as an older checkpoint: the dropped points went to metrics.before-resume-stepN.jsonl and a
+    branch note was printed, where latest.pt logs them again."""
+    import shutil
+
+    run = _copy_run(ddp_run, tmp / "ck" / "latest_below")
+    shutil.rmtree(run / "latest.dcp")
+    shutil.copytree(run / "step_3.dcp", run / "latest.dcp")  # e.g. a crash after step 6 was logged, before its save
+    _one_process(_args(tmp, "latest_below", batch_size=2, resume=run / "latest.dcp"))
+    assert not list(run.glob("metrics.before-resume-*")) and not (run / "before-resume-step3").exists()
+    assert sorted(_losses(run)) == list(range(1, STEPS + 1))
+
+
+@pytest.mark.slow
+def test_torchrun_resume_from_an_older_step_dcp_moves_the_abandoned_branch_aside(tmp, ddp_run):
+    """Under torchrun only the metrics moved: step_6.dcp, final.dcp, best.dcp and final.safetensors of the abandoned
+    branch stayed (and were overwritten) beside the new run's; now rank 0 moves them as one process does .pt files."""
+    run = _copy_run(ddp_run, tmp / "ck" / "branch")
+    _torchrun(_args(tmp, "branch", batch_size=2, grad_accum=2, parallel="ddp", resume=run / "step_3.dcp"))
+    aside = run / "before-resume-step3"
+    assert sorted(p.name for p in aside.iterdir()) == ["best.dcp", "final.dcp", "final.safetensors", "latest.dcp",
+                                                       "step_6.dcp"]
+    for name in ("final.dcp", "latest.dcp"):  # the old branch's, whole, beside the new ones
+        assert distributed.load_train_state(aside / name)["step"] == STEPS
+        assert _max_diff(_weights(aside / name), _weights(ddp_run / "final.safetensors")) == 0.0
+    assert (run / "metrics.before-resume-step3.jsonl").is_file() and (run / "final.dcp").is_dir()

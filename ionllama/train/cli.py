@@ -89,7 +89,8 @@ def build_train_parser(prog: str = "ionllama train") -> argparse.ArgumentParser:
                         "tiny / small, fsdp for base and larger (see docs/multigpu.md)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stop_at", type=int, default=None,
-                   help="pause: stop after this global step, saving latest.pt (resume with --resume)")
+                   help="pause: stop after this global step, saving latest.pt (latest.dcp under torchrun); resume "
+                        "with --resume")
     g.add_argument("--max_train_time", type=float, default=None,
                    help="stop once the run has trained this many seconds in all (a resume counts earlier sessions)")
     g = p.add_argument_group("evaluation, logging, checkpoints")
@@ -99,9 +100,11 @@ def build_train_parser(prog: str = "ionllama train") -> argparse.ArgumentParser:
     g.add_argument("--log_interval", type=int, default=10)
     g.add_argument("--save_dir", default="checkpoints")
     g.add_argument("--run_name", default=None, help="default: <model>-<size>-<dataset>")
-    g.add_argument("--save_interval", type=int, default=None, help="step_N.pt every N steps (default: total / 2)")
-    g.add_argument("--resume", default=None, help="checkpoint path (or a run folder: its latest.pt), or 'auto' = latest.pt of "
-                   "--save_dir/--run_name")
+    g.add_argument("--save_interval", type=int, default=None,
+                   help="step_N.pt (step_N.dcp under torchrun) every N steps (default: total / 2)")
+    g.add_argument("--resume", default=None,
+                   help="checkpoint path (a .pt, a .dcp folder, or a run folder: its latest), or 'auto' = latest.pt "
+                        "(latest.dcp from torchrun; the newer if both) of --save_dir/--run_name")
     g.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (WANDB_MODE=offline works)")
     g.add_argument("--sample_bytes", type=int, default=256, help="bytes generated after training (0: none)")
     g.add_argument("--sample_prompt", default=None, help="prompt of that sample (default: start of a val document)")

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
+import pickle
 import shutil
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -503,14 +506,62 @@ def _link_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, copy_function=link)
 
 
+def _dcp_errors() -> tuple[type[BaseException], ...]:
+    """What dcp.load raises for a checkpoint it cannot read or fit. Its CheckpointException (the failure of any
+    rank, raised on every rank) derives from BaseException, so `except Exception` let it through as a traceback;
+    BaseException in general is not caught (KeyboardInterrupt must still stop)."""
+    try:
+        from torch.distributed.checkpoint.api import CheckpointException
+    except ImportError:  # a torch without it: its errors are plain exceptions
+        return (Exception,)
+    return (Exception, CheckpointException)
+
+
+def _dcp_causes(e: BaseException) -> list[BaseException]:
+    """The per-rank exceptions a CheckpointException wraps ({rank: (exception, traceback)}), or [e]."""
+    failures = getattr(e, "failures", None)
+    if not isinstance(failures, dict) or not failures:
+        return [e]
+    return [f[0] if isinstance(f, tuple) else f for f in failures.values() if f is not None] or [e]
+
+
+def _dcp_failure(e: BaseException) -> tuple[bool, str]:
+    """A failed dcp.load -> (mismatch, detail). The planner's missing key / other shape is a checkpoint of another
+    model or phase (mismatch); anything else (a truncated or missing shard, an unreadable .metadata) a damaged one."""
+    causes = _dcp_causes(e)
+    detail = "; ".join(dict.fromkeys(f"{type(c).__name__}: {first_line(c, 100)}" if str(c).strip()
+                                     else type(c).__name__ for c in causes))
+    return all("Missing key" in str(c) or "mismatch" in str(c).lower() for c in causes), detail
+
+
+def damaged_sharded(path, detail: str) -> UserError:
+    """The one-line error for a .dcp folder that cannot be read, as unreadable_checkpoint is for a .pt."""
+    return UserError(f"{path} is damaged ({detail}); use another checkpoint of the run (best.dcp, an older "
+                     "step_N.dcp) or resume from it with --resume PATH")
+
+
+class _QuietDcpLog:
+    """DCP logs a failed .metadata read as a warning with its traceback, on the root logger; the load's own error
+    (one line) says it."""
+
+    def filter(self, record) -> bool:
+        where = record.pathname.replace(os.sep, "/")
+        return not (record.levelno <= logging.WARNING and "torch/distributed/checkpoint/" in where)
+
+
 def _dcp_load(sd: dict, path, no_dist: bool) -> None:
     import warnings
 
     import torch.distributed.checkpoint as dcp
 
-    with warnings.catch_warnings():  # DCP warns on every single-process load, even when asked for one
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-        dcp.load(sd, checkpoint_id=str(path), no_dist=no_dist)
+    quiet = _QuietDcpLog()
+    logging.getLogger().addFilter(quiet)
+    try:
+        with warnings.catch_warnings():  # DCP warns on every single-process load, even when asked for one
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+            dcp.load(sd, checkpoint_id=str(path), no_dist=no_dist)
+    finally:
+        logging.getLogger().removeFilter(quiet)
 
 
 def _state_dicts(model: nn.Module, optimizer):
@@ -566,9 +617,14 @@ def load_train_state(path: str | Path) -> dict:
         hint = f"; for this run folder's latest, pass {found}" if found else ""  # a run folder given for its file
         raise UserError(f"{path} is not a sharded checkpoint (no .metadata / {TRAIN_STATE_FILE}); pass a "
                         f"<name>.dcp folder written by a torchrun run, or a .pt file{hint}")
-    from .checkpoint import load_weights_only
+    from .checkpoint import DamagedCheckpoint, load_weights_only
 
-    meta = load_weights_only(path / TRAIN_STATE_FILE, map_location="cpu")
+    try:
+        meta = load_weights_only(path / TRAIN_STATE_FILE, map_location="cpu")
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile,
+            AttributeError, TypeError, IndexError) as e:  # what checkpoint.load_checkpoint catches for a .pt
+        why = str(e) if isinstance(e, DamagedCheckpoint) else type(e).__name__  # torch's text helps no one
+        raise damaged_sharded(path, f"{TRAIN_STATE_FILE}: {why}") from None
     if not isinstance(meta, dict) or "model_config" not in meta:
         raise UserError(f"{path / TRAIN_STATE_FILE} is not an ionllama train state; use another checkpoint")
     return {**meta, "model": None, "optimizer": None, "sharded_path": str(path)}
@@ -583,10 +639,13 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer) -> None:
     no_dist = not (dist.is_available() and dist.is_initialized())
     try:
         _dcp_load(sd, path, no_dist)
-    except Exception as e:  # DCP reports missing keys / shape mismatches with its own error types
-        first = first_line(e, 200)
-        raise UserError(f"{path} does not match this model / phase ({first}); resume with the same model, "
-                        "size and phases") from None
+    except _dcp_errors() as e:  # a CheckpointException is raised on every rank: rank 0 says it
+        mismatch, detail = _dcp_failure(e)
+        err = UserError(f"{path} does not match this model / phase ({detail}); resume with the same model, size "
+                        "and phases") if mismatch else damaged_sharded(path, detail)
+        if not no_dist and dist.get_rank() != 0:
+            raise RelayedError(str(err)) from None
+        raise err from None
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
 
 
@@ -624,8 +683,12 @@ def load_model_from_sharded(path: str | Path, meta: dict | None = None) -> nn.Mo
     sd = {"model": model.state_dict()}
     try:
         _dcp_load(sd, path, no_dist=True)
-    except Exception as e:
-        raise UserError(f"{path}: cannot read the model weights ({type(e).__name__}); use another checkpoint") from None
+    except _dcp_errors() as e:
+        mismatch, detail = _dcp_failure(e)
+        if mismatch:  # the model its own train state describes: shards of another model, or another version's
+            raise UserError(f"{path}: its weights do not fit its own model config ({detail}); use another "
+                            "checkpoint") from None
+        raise damaged_sharded(path, detail) from None
     model.load_state_dict(sd["model"], strict=True)
     return model
 

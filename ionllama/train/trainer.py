@@ -124,6 +124,13 @@ def resolve_run(args) -> tuple[Path, Path | None]:
         if ck.is_dir() and not distributed.is_sharded_checkpoint(ck):  # a run folder: its latest checkpoint
             ck = distributed.latest_checkpoint(ck) or ck / "latest.pt"
         if not (ck.is_file() or distributed.is_sharded_checkpoint(ck)):
+            given = Path(args.resume)
+            if given.is_dir() and (given.suffix == distributed.DCP_SUFFIX or (given / ".metadata").is_file()):
+                # a sharded checkpoint missing a part: it was taken for a run folder, "X.dcp/latest.pt" named
+                missing = [n for n in (".metadata", distributed.TRAIN_STATE_FILE) if not (given / n).is_file()]
+                raise UserError(f"--resume {given}: this sharded checkpoint has no {' / '.join(missing)} (damaged "
+                                "or not fully copied); resume from another checkpoint of the run (an older "
+                                "step_N.dcp) or use --resume auto")
             raise UserError(f"--resume {ck}: no such checkpoint; check the path or use --resume auto")
         return (base / args.run_name if args.run_name else ck.parent), ck
     name = args.run_name or default_run_name(args)
@@ -519,60 +526,80 @@ class Trainer:
         if ck.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(ck["scaler"])
         ckpt_io.restore_rng_state(ck["rng"])
+        # from latest.pt / latest.dcp the dropped points are logged again; from an older checkpoint they are a branch
+        # abandoned, kept aside so that nothing written is lost
+        older = Path(path).name not in ("latest.pt", "latest" + distributed.DCP_SUFFIX)
         if self.metrics is not None:
-            # from latest.pt the dropped points are logged again; from an older checkpoint they are a branch
-            # abandoned, kept aside so that nothing written is lost
-            older = Path(path).name != "latest.pt"
             aside = self.metrics.path.with_name(f"metrics.before-resume-step{self.step}.jsonl") if older else None
             last = self.metrics.truncate_after(self.step, self.phase, keep_dropped=aside)
             if older and last is not None and last > self.step:
                 _say(f"note: {path} is at step {self.step}; this run folder's metrics went on to step {last}: those "
                      f"points are moved to {aside.name}; to keep the whole branch, "
                      f"resume into another folder with --run_name NEW")
-            if older and not self.par.distributed:
-                self._set_branch_aside(Path(path))
+        if older:
+            with self.dist.main_first():  # under torchrun rank 0 moves them; the others wait, so no one writes first
+                if self.is_main:
+                    self._set_branch_aside(Path(path))
         _say(f"resumed {path} at step {self.step} (phase {self.phase})")
 
     def _set_branch_aside(self, resumed_from: Path) -> None:
-        """Resuming from an older step_N.pt abandons the branch that went on from it: its later checkpoints
-        (step_M.pt with M > N, best.pt past N, final.pt, final.safetensors, sample.txt, and a link to its latest.pt)
-        move to before-resume-stepN/, as its metrics do. They used to be overwritten as the new branch saved (a
-        new user's report: best.pt replaced by a worse model, final.pt by another run's)."""
+        """Resuming from an older step_N.pt / step_N.dcp abandons the branch that went on from it: its later
+        checkpoints (step_M with M > N, best past N, final, final.safetensors, sample.txt, and a link to its latest;
+        .pt files and a torchrun run's .dcp folders alike) move to before-resume-stepN/, as its metrics do. They used
+        to be overwritten as the new branch saved (a new user's report: best.pt replaced by a worse model, final.pt
+        by another run's). Rank 0 only."""
         from .checkpoint import load_weights_only
 
+        dcp = distributed.DCP_SUFFIX
+
+        def is_checkpoint(f: Path) -> bool:
+            return distributed.is_sharded_checkpoint(f) if f.suffix == dcp else f.is_file()
+
         def step_of(f: Path) -> int | None:
-            try:  # mmap: only the step is read, not the weights
-                return int(load_weights_only(f, map_location="cpu", mmap=True).get("step"))
+            try:  # mmap / the train state only: the step is read, not the weights
+                state = distributed.load_train_state(f) if f.suffix == dcp else \
+                    load_weights_only(f, map_location="cpu", mmap=True)
+                return int(state.get("step"))
             except Exception:  # unreadable: kept where it is, as before
                 return None
 
+        def past(f: Path) -> bool:  # a checkpoint of the abandoned branch (not the one resumed)
+            return is_checkpoint(f) and f.resolve() != resumed_from.resolve() and (step_of(f) or 0) > self.step
+
         later = []
-        for f in sorted(self.run_dir.glob("step_*.pt")):
-            n = f.stem[len("step_"):]
-            if n.isdigit() and int(n) > self.step and f.resolve() != resumed_from.resolve():
-                later.append(f)
-        final = self.run_dir / "final.pt"
-        if final.is_file() and final.resolve() != resumed_from.resolve() and (step_of(final) or 0) > self.step:
-            later += [f for f in (final, self.run_dir / "final.safetensors", self.run_dir / "sample.txt")
-                      if f.is_file()]
-        best = self.run_dir / "best.pt"
-        if best.is_file() and best.resolve() != resumed_from.resolve() and (step_of(best) or 0) > self.step:
-            later.append(best)
-        latest = self.run_dir / "latest.pt"
-        link_latest = latest.is_file() and latest.resolve() != resumed_from.resolve() and \
-            (step_of(latest) or 0) > self.step
-        if not later and not link_latest:
+        for ext in (".pt", dcp):
+            for f in sorted(self.run_dir.glob(f"step_*{ext}")):
+                n = f.name[len("step_"):-len(ext)]
+                if n.isdigit() and int(n) > self.step and f.resolve() != resumed_from.resolve() and is_checkpoint(f):
+                    later.append(f)
+        finals = [f for f in (self.run_dir / "final.pt", self.run_dir / f"final{dcp}") if past(f)]
+        if finals:
+            later += finals + [f for f in (self.run_dir / "final.safetensors", self.run_dir / "sample.txt")
+                               if f.is_file()]
+        later += [f for f in (self.run_dir / "best.pt", self.run_dir / f"best{dcp}") if past(f)]
+        latest = [f for f in (self.run_dir / "latest.pt", self.run_dir / f"latest{dcp}") if past(f)]
+        if not later and not latest:
             return
         aside = self.run_dir / f"before-resume-step{self.step}"
         aside.mkdir(exist_ok=True)
         for f in later:
+            if (aside / f.name).is_dir():  # from an earlier resume to this step: os.replace keeps no full folder
+                shutil.rmtree(aside / f.name)
             f.replace(aside / f.name)
-        if link_latest:  # latest.pt is replaced atomically by the next save, so a hard link keeps this one
-            try:
-                os.link(latest, aside / "latest.pt")
-            except OSError:
-                shutil.copy2(latest, aside / "latest.pt")
-        names = [f.name for f in later] + (["latest.pt (a copy: the next save replaces it here)"] * link_latest)
+        for f in latest:  # replaced atomically by the next save, so hard links keep this one
+            dst = aside / f.name
+            if dst.is_dir():
+                shutil.rmtree(dst)
+            elif dst.exists():
+                dst.unlink()
+            if f.is_dir():
+                distributed._link_tree(f, dst)
+            else:
+                try:
+                    os.link(f, dst)
+                except OSError:
+                    shutil.copy2(f, dst)
+        names = [f.name for f in later] + [f"{f.name} (a copy: the next save replaces it here)" for f in latest]
         _say(f"note: resuming from step {self.step} abandons the branch that went on from it: {', '.join(names)} "
              f"moved to {aside}")
 
