@@ -175,8 +175,12 @@ def test_two_arm_matrix_writes_results_and_resumes(tmp_path, capsys, one_thread)
     (tmp_path / "edit").mkdir()
     for split in ("train", "val"):
         text = Path(pattern.format(split=split)).read_text(encoding="utf-8")
-        i = text.index('"text": "') + 9
-        text = text[:i] + ("Z" if text[i] != "Z" else "Y") + text[i + 1:] if split == "train" else text
+        if split == "train":  # one ASCII letter of the first document, edited in its decoded text (an edit of the
+            first, rest = text.split("\n", 1)  # raw line could hit an escape and make the line invalid JSON)
+            doc = json.loads(first)
+            i = next(k for k, c in enumerate(doc["text"]) if c.isascii() and c.isalpha())
+            doc["text"] = doc["text"][:i] + ("Z" if doc["text"][i] != "Z" else "Y") + doc["text"][i + 1:]
+            text = json.dumps(doc) + "\n" + rest
         (tmp_path / "edit" / Path(pattern.format(split=split)).name).write_text(text, encoding="utf-8")
     edited = str(tmp_path / "edit" / Path(pattern).name)
     with pytest.raises(SystemExit) as e:
