@@ -238,9 +238,14 @@ def check_config(cfg: ModelConfig) -> ModelConfig:
         if cfg.local_layers == "transformer" and (cfg.d_local % heads or (cfg.d_local // heads) % 2):
             raise UserError(f"d_local {cfg.d_local} must split into {heads} local attention head(s) of an even "
                             f"width (rotary embeddings); e.g. d_local {heads * 64}")
-    if cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2:
+    # MambaByte has no attention: its d_model need not split into heads (d_model 36 was refused for it)
+    if cfg.model != "mamba" and (cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2):
         raise UserError(f"d_model {cfg.d_model} must split into n_heads {cfg.n_heads} heads of an even width "
                         f"(rotary embeddings); e.g. d_model {cfg.n_heads * 64} for n_heads {cfg.n_heads}")
+    if cfg.model == "ionllama" and cfg.patching == "fixed" and cfg.fixed_patch_size > cfg.max_patch_size:
+        # the cap applies to every patching mode: 16-byte patches came out as 8, 12 as 8 and 4 alternating
+        raise UserError(f"fixed_patch_size {cfg.fixed_patch_size} is above max_patch_size {cfg.max_patch_size}; "
+                        f"raise max_patch_size to {cfg.fixed_patch_size} too, or lower fixed_patch_size")
     if cfg.model == "ionllama" and cfg.patching == "entropy" and cfg.target_patch_size > cfg.max_patch_size:
         raise UserError(f"target_patch_size {cfg.target_patch_size} is above max_patch_size {cfg.max_patch_size}; "
                         "raise max_patch_size or lower the target")

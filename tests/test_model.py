@@ -337,3 +337,30 @@ def test_half_precision_casts_keep_the_calibrated_threshold_and_the_patches():
         assert c.entropy_threshold.dtype == torch.float32 and c.entropy_threshold.item() == m.entropy_threshold.item()
         assert torch.equal(c.patches(x, ent)[2], want)
     assert want.min() > 1  # at the bf16-rounded 8.0 no entropy here would start a patch: one patch per row
+
+
+def test_config_and_input_checks_from_an_api_audit():
+    """Four holes a new user's audit of the Python API found: fixed patches above max_patch_size were cut to the cap
+    (16 came out as 8; 12 as 8 and 4 alternating); MambaByte was refused by the attention models' head-width rule;
+    calibrate_threshold on 1-byte rows failed deep in torch; boolean targets were scored as bytes 0 and 1."""
+    from ionllama.errors import UserError
+
+    small = dict(d_model=32, n_layers=1, n_heads=2, d_local=16, d_entropy=16, ngram_buckets=64)
+    with pytest.raises(UserError, match="fixed_patch_size 16 is above max_patch_size 8; raise max_patch_size"):
+        create_model("tiny", patching="fixed", fixed_patch_size=16, **small)
+    m = create_model("tiny", patching="fixed", fixed_patch_size=16, max_patch_size=16, **small)
+    assert m(torch.zeros(1, 100, dtype=torch.long))["n_patches"].tolist() == [7]  # ceil(100 / 16)
+
+    mamba = create_model("tiny", model="mamba", d_model=36, n_layers=1)
+    assert mamba(torch.tensor([[1, 2, 3]]))["logits"].shape == (1, 3, 256)
+    with pytest.raises(UserError, match="n_heads"):
+        create_model("tiny", model="dense", d_model=36, n_layers=1)  # attention models keep the rule
+
+    e = create_model("tiny", **small)
+    with pytest.raises(ValueError, match="at least 2 bytes"):
+        e.calibrate_threshold(torch.tensor([[65]]))
+    assert e.calibrate_threshold(torch.randint(0, 256, (2, 64)))["bytes_per_patch"] > 1
+
+    d = create_model("tiny", model="dense", d_model=32, n_layers=1, n_heads=2)
+    with pytest.raises(ValueError, match="targets must be integer ids"):
+        d(torch.tensor([[1, 2]]), torch.tensor([[True, False]]))

@@ -38,7 +38,8 @@ def checked_input(x, targets=None, vocab: int = 256) -> tuple[torch.Tensor, torc
                          f"{tuple(x.shape)});"
                          f" {fix}")
     if targets is not None and (not isinstance(targets, torch.Tensor) or tuple(targets.shape) != tuple(x.shape)
-                                or targets.dtype.is_floating_point):
+                                or targets.dtype.is_floating_point or targets.dtype.is_complex
+                                or targets.dtype == torch.bool):  # bools were scored as bytes 0 and 1
         got = f"shape {tuple(targets.shape)}, {targets.dtype}" if isinstance(targets, torch.Tensor) else type(targets)
         raise ValueError(f"targets must be integer ids of the input's shape {tuple(x.shape)} (got {got}); pass "
                          "the input shifted by one position")

@@ -153,6 +153,9 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
             raise UserError(f"calibrate_threshold is for entropy patching; this model patches by "
                             f"'{self.config.patching}', which has no threshold to set")
         x, _ = checked_input(x)  # a 1-D input ended in a shape error inside the entropy model's conv
+        if x.shape[1] < 2:  # the entropies of the last byte are not scored: one byte left none (an error deep in torch)
+            raise ValueError(f"calibrate_threshold needs rows of at least 2 bytes (got shape {tuple(x.shape)}); pass "
+                             "held-out text, e.g. windows of seq_len bytes")
         was_training = self.entropy_model.training
         self.entropy_model.eval()
         ent = self.entropy_model(x.to(self.head.weight.device))["entropy"]
