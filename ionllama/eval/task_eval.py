@@ -30,24 +30,23 @@ def _greedy_fallback(model, prompts: list[bytes], max_new_bytes: int, device) ->
     return outs
 
 
-def generate_greedy(model, prompts: list[bytes], max_new_bytes: int, device, amp_dtype=None,
-                    return_stopped: bool = False):
-    """-> (continuations, method), or (continuations, stopped, method) with return_stopped: stopped[i] says whether
-    row i ended at a stop byte ('\n' or DOC_SEP, not in its continuation) rather than at max_new_bytes. Uses
-    model.generate (cached decoding) when it works."""
+def generate_greedy(model, prompts: list[bytes], max_new_bytes: int, device,
+                    amp_dtype=None) -> tuple[list[bytes], list[bool], str]:
+    """-> (continuations, stopped, method): stopped[i] says whether row i ended at a stop byte ('\n' or DOC_SEP, not
+    in its continuation) rather than at max_new_bytes. Uses model.generate (cached decoding) when it works."""
     if hasattr(model, "generate"):  # the cached decoders run in the model's own dtype: no autocast around them
         try:
             out, info = model.generate(list(prompts), max_new_bytes=max_new_bytes, greedy=True, stop=[b"\n"],
                                        return_info=True)
             outs, stopped = [bytes(o) for o in out], [r in ("stop", "doc_sep") for r in info["stop_reasons"]]
-            return (outs, stopped, "model.generate") if return_stopped else (outs, "model.generate")
+            return outs, stopped, "model.generate"
         except (ImportError, NotImplementedError):  # no generation module / decoder for this model
             pass
     with autocast_ctx(device, amp_dtype):
         outs = _greedy_fallback(model, prompts, max_new_bytes, device)
     method = "fallback greedy (full forward per byte)"
     stopped = [len(o) < max_new_bytes for o in outs]  # it breaks before the budget only at a stop byte
-    return (outs, stopped, method) if return_stopped else (outs, method)
+    return outs, stopped, method
 
 
 def judge(output: bytes, stopped: bool, answer: bytes) -> tuple[bool, bytes]:
@@ -80,7 +79,7 @@ def _score(model, examples: list[T.TaskExample], prefix: bytes, device, batch_si
         # one byte beyond the longest answer: a right answer must be followed by a stop byte (judge())
         max_new = max(len(e.answer) for e in chunk) + 1
         outs, stopped, method = generate_greedy(model, [prefix + e.prompt for e in chunk], max_new, device,
-                                                amp_dtype, return_stopped=True)
+                                                amp_dtype)
         for e, o, st in zip(chunk, outs, stopped):
             ok, o = judge(o, st, e.answer)
             correct += ok
