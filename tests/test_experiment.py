@@ -1025,3 +1025,33 @@ def test_text_field_reaches_the_data_the_trainer_and_the_eval_sets(tmp_path, one
     f = json.loads((tmp_path / "res" / "phase1" / "dense" / "final.json").read_text())
     assert 0 < f["val"]["bpb"] < 9 and f["val"]["bytes"] > 2000
     assert f["extra"]["bytes"] == len(("an evaluation document " * 40).encode())
+
+
+def test_an_empty_arm_list_a_broken_final_json_and_a_foreign_task_checkpoint_are_refused(tmp_path, one_thread,
+                                                                                         capsys):
+    """From a new user's audit: `--arms ,` prepared the data, ran nothing and exited 0; a final.json cut short read as
+    "done already" while the report left the arm out, so it could never be finished; the task stage fine-tuned
+    whatever latest.pt lay in --ckpt_dir (a 642-step run of another budget) beside a 1,320-step row."""
+    pattern = write_corpus(tmp_path, n_train=12, n_val=2, doc_bytes=1200)
+    base = _argv(tmp_path, pattern, "--arms", "dense", "--budget_s", "1", "--curve_points", "1")
+
+    def refused(argv, words):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and words in err[0], err
+
+    refused(_argv(tmp_path, pattern, "--arms", ","), "names no arm")
+    assert main(base) == 0
+    final = tmp_path / "res" / "phase1" / "dense" / "final.json"
+    good = final.read_text()
+    final.write_text(good[:40])
+    refused(base, "is not a readable results file")
+    final.write_text(good)
+    f = json.loads(good)
+    f["train"]["steps"] += 7  # as if another run's checkpoint lay in --ckpt_dir
+    final.write_text(json.dumps(f))
+    tasks = [*base, "--stage", "tasks", "--task_arms", "dense", "--task_steps", "2", "--task_n", "1"]
+    refused(tasks, "is not the checkpoint behind that row")
+    final.write_text(good)
+    assert main(tasks) == 0 and (final.parent / "tasks.json").is_file()

@@ -96,6 +96,8 @@ class Runner:
         if not self.a.arms:
             return list(self.matrix)
         names = [s.strip() for s in self.a.arms.split(",") if s.strip()]
+        if not names:  # "--arms ," prepared the data, ran nothing and exited 0
+            raise UserError(f"--arms {self.a.arms!r} names no arm; choose from {', '.join(self.matrix)}")
         bad = [n for n in names if n not in self.matrix]
         if bad:
             raise UserError(f"unknown arm(s) {bad}; choose from {', '.join(self.matrix)}")
@@ -246,7 +248,11 @@ class Runner:
     def run_arm(self, arm: str, out_dir: Path, spec: dict, budget_s: float, run_name: str) -> dict | None:
         final_path = out_dir / "final.json"
         if final_path.exists():
-            done = _read_json(final_path) or {}
+            done = _read_json(final_path)
+            if not isinstance(done, dict) or not done:  # it read as done with no settings to compare, and the
+                # report left it out: the arm could never be finished
+                raise UserError(f"{final_path} is not a readable results file (cut short?); delete it to evaluate "
+                                f"{run_name} again (its checkpoint is kept), or use another --out")
             diff = _changed_settings(done, spec, self.trainer_argv(run_name, spec, budget_s))
             if diff:  # skipping it would report the old run under the new flags
                 raise UserError(f"{final_path} holds {run_name} finished with other settings ({diff}); use "
@@ -650,6 +656,23 @@ class Runner:
                             "the flags it was pretrained with")
         return True
 
+    def _check_task_checkpoint(self, arm: str, ck: Path) -> None:
+        """The task stage fine-tunes --ckpt_dir's latest.pt and reports it beside the arm's final.json: a
+        checkpoint of another run there (another budget, 642 steps against the row's 1,320) was fine-tuned without
+        a word."""
+        from ..train.checkpoint import load_weights_only
+
+        final = _read_json(self.out / arm / "final.json") or {}
+        steps = (final.get("train") or {}).get("steps")
+        try:
+            step = load_weights_only(ck, map_location="cpu", mmap=True).get("step")
+        except Exception:  # noqa: BLE001 - unreadable: load_model says what is wrong in its own line
+            return
+        if steps is not None and step is not None and int(step) != int(steps):
+            raise UserError(f"{ck} is at step {step}, but {self.out / arm / 'final.json'} reports {steps} steps: it "
+                            f"is not the checkpoint behind that row; pass the --ckpt_dir it was trained in, or "
+                            f"retrain the arm")
+
     def tasks(self) -> None:
         arms = [s.strip() for s in (self.a.task_arms or ",".join(TASK_ARMS)).split(",") if s.strip()]
         for arm in arms:
@@ -674,6 +697,7 @@ class Runner:
 
             device = resolve_device(self.a.device)
             amp = resolve_amp(self.a.mixed_precision, device)
+            self._check_task_checkpoint(arm, ck)
             model = load_model(ck, device=device)
             try:
                 res = run_task_stage(model, device, amp, self.a)
