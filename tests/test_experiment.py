@@ -1055,3 +1055,22 @@ def test_an_empty_arm_list_a_broken_final_json_and_a_foreign_task_checkpoint_are
     refused(tasks, "is not the checkpoint behind that row")
     final.write_text(good)
     assert main(tasks) == 0 and (final.parent / "tasks.json").is_file()
+
+
+def test_an_interrupted_run_still_rebuilds_the_report_of_its_finished_arms(tmp_path, one_thread, monkeypatch,
+                                                                          capsys):
+    """^C after an arm had finished left no report page (--help: "rebuilt after every invocation"); the finished
+    arms' rows now land in it before the interrupt ends the run (exit 130)."""
+    pattern = write_corpus(tmp_path, n_train=12, n_val=2, doc_bytes=1200)
+    base = _argv(tmp_path, pattern, "--arms", "dense", "--budget_s", "1", "--curve_points", "1")
+    assert main(base) == 0
+    page = tmp_path / "res" / "phase1.md"
+    page.unlink()
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Runner, "tasks", interrupted)
+    with pytest.raises(SystemExit) as e:
+        main([*base, "--stage", "pretrain,tasks", "--task_arms", "dense"])
+    assert e.value.code == 130 and "| dense |" in page.read_text()

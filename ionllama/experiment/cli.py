@@ -11,7 +11,7 @@ import torch
 from ..errors import OneLineParser, UserError, check_ranges, cli_entry
 from ..fsutil import probe_writable, remove_if_empty
 from . import __doc__ as _PACKAGE_DOC  # the package's docstring: what `--help` says first
-from ._common import _read_json
+from ._common import _log, _read_json
 from .matrix import MATRICES, TASK_ARMS
 from .report import write_report
 from .runner import Runner
@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         raise UserError(f"unknown --stage {bad}; use prepare, pretrain, sweep, tasks, report (or compare alone)")
     out, made = Path(a.out), not Path(a.out).exists()
+    runner = names = None
     try:
         runner, names = _checked_runner(a, argv, stages)
         for s in stages:
@@ -148,6 +149,14 @@ def main(argv: list[str] | None = None) -> int:
                 runner.tasks()
         write_report(runner.out, list(runner.matrix), runner.command, label=a.matrix, title=a.title, expected=names)
         return 0
+    except KeyboardInterrupt:
+        # the report is rebuilt after every invocation (--help), an interrupted one too: its finished arms' rows
+        # were left out of the page until the next run (a second ^C stops this as well)
+        if runner is not None and any(out.glob("*/final.json")):
+            _log("interrupted: rebuilding the report of the finished arms")
+            write_report(runner.out, list(runner.matrix), runner.command, label=a.matrix, title=a.title,
+                         expected=names)
+        raise
     except UserError:
         # a refused command leaves no empty --out behind (Runner makes it early, to fail on an unwritable path
         # before any arm trains); a folder with anything in it is kept
