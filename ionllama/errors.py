@@ -38,10 +38,10 @@ def _print_error_once(line: str, wait_s: float = 2.0) -> None:
     note = _error_note(run_id)
     if rank == "0":
         print(line, file=sys.stderr)
+        from .fsutil import atomic_write
+
         try:
-            with open(note + f".tmp-{os.getpid()}", "w") as f:
-                f.write(line)
-            os.replace(note + f".tmp-{os.getpid()}", note)
+            atomic_write(note, line)
         except OSError:
             pass
         return

@@ -660,14 +660,11 @@ class Runner:
         """The task stage fine-tunes --ckpt_dir's latest.pt and reports it beside the arm's final.json: a
         checkpoint of another run there (another budget, 642 steps against the row's 1,320) was fine-tuned without
         a word."""
-        from ..train.checkpoint import load_weights_only
+        from ..train.distributed import checkpoint_header
 
         final = _read_json(self.out / arm / "final.json") or {}
         steps = (final.get("train") or {}).get("steps")
-        try:
-            step = load_weights_only(ck, map_location="cpu", mmap=True).get("step")
-        except Exception:  # noqa: BLE001 - unreadable: load_model says what is wrong in its own line
-            return
+        step = (checkpoint_header(ck) or {}).get("step")  # unreadable: load_model says why in its own line
         if steps is not None and step is not None and int(step) != int(steps):
             raise UserError(f"{ck} is at step {step}, but {self.out / arm / 'final.json'} reports {steps} steps: it "
                             f"is not the checkpoint behind that row; pass the --ckpt_dir it was trained in, or "

@@ -672,6 +672,19 @@ def load_plain_optimizer_into_fsdp(model: nn.Module, optimizer, plain_osd: dict)
     # parameters that never got a gradient have no state on either side
 
 
+def checkpoint_header(path: str | Path) -> dict | None:
+    """A checkpoint's train state (step, phase, train_args, ...) without reading its weights: the train state of a
+    .dcp folder, an mmap'd load of a .pt. None when it cannot be read (its full load says why, in its own line)."""
+    from .checkpoint import load_weights_only
+
+    path = Path(path)
+    try:
+        state = load_train_state(path) if path.is_dir() else load_weights_only(path, map_location="cpu", mmap=True)
+    except Exception:  # noqa: BLE001 - any unreadable file: not this function's to report
+        return None
+    return state if isinstance(state, dict) else None
+
+
 def load_model_from_sharded(path: str | Path, meta: dict | None = None) -> nn.Module:
     """Rebuild the full model on this one process from a sharded checkpoint (no process group used,
     so rank 0 of a running job may call it alone). meta: its load_train_state, if the caller read it already."""

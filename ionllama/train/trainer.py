@@ -94,12 +94,10 @@ def _reads_same_data(ck: Path, args) -> bool:
     """Was the checkpoint's run started on the data this command names (--data_path or --dataset, --text_field)?
     Its train arguments only (an mmap'd load reads no weights); True when they cannot be read: the choice then
     falls back to the newest, whose load says what is wrong with it."""
-    try:
-        state = distributed.load_train_state(ck) if ck.is_dir() else \
-            ckpt_io.load_weights_only(ck, map_location="cpu", mmap=True)
-        saved = state.get("train_args") or {}
-    except Exception:  # noqa: BLE001 - any unreadable file: not this function's to report
+    state = distributed.checkpoint_header(ck)
+    if state is None:
         return True
+    saved = state.get("train_args") or {}
     if saved.get("text_field", "text") != getattr(args, "text_field", "text"):
         return False
     if args.data_path or saved.get("data_path"):
@@ -548,20 +546,15 @@ class Trainer:
         .pt files and a torchrun run's .dcp folders alike) move to before-resume-stepN/, as its metrics do. They used
         to be overwritten as the new branch saved (a new user's report: best.pt replaced by a worse model, final.pt
         by another run's). Rank 0 only."""
-        from .checkpoint import load_weights_only
 
         dcp = distributed.DCP_SUFFIX
 
         def is_checkpoint(f: Path) -> bool:
             return distributed.is_sharded_checkpoint(f) if f.suffix == dcp else f.is_file()
 
-        def step_of(f: Path) -> int | None:
-            try:  # mmap / the train state only: the step is read, not the weights
-                state = distributed.load_train_state(f) if f.suffix == dcp else \
-                    load_weights_only(f, map_location="cpu", mmap=True)
-                return int(state.get("step"))
-            except Exception:  # unreadable: kept where it is, as before
-                return None
+        def step_of(f: Path) -> int | None:  # unreadable: None, so the file is kept where it is, as before
+            step = (distributed.checkpoint_header(f) or {}).get("step")
+            return int(step) if step is not None else None
 
         def past(f: Path) -> bool:  # a checkpoint of the abandoned branch (not the one resumed)
             return is_checkpoint(f) and f.resolve() != resumed_from.resolve() and (step_of(f) or 0) > self.step
