@@ -116,8 +116,9 @@ ROWS = {
        for att in ("dense", "dilated") for seed in (1, 2)},
     # the thirty-sixth session's plan: Q4 itself at 6,000 steps. The dense-byte and BPE arms of phase1-tasks.md
     # (matrix defaults, no sweep) through the same long compiled stage, pretrained with the captured step
-    **{f"tasks {arm} baseline, long compiled stage, seed 1": _task_row(
-        "", step_graph=True, task_steps=6000, task_compile=True, arm=arm) for arm in ("dense", "bpe")},
+    **{f"tasks {arm} baseline, long compiled stage, seed {seed}": _task_row(
+        "", step_graph=True, seed=seed, task_steps=6000, task_compile=True, arm=arm)
+       for arm in ("dense", "bpe") for seed in (1, 2)},
 }
 # the copies of the data the session makes before its calls (docs/notes/gpu-runbook.md), renamed on the device
 DATA_MOVES = "rm -rf .data/gutenberg .data/wikipedia && mv .data/gut .data/gutenberg && mv .data/wk .data/wikipedia"
