@@ -1074,3 +1074,39 @@ def test_an_interrupted_run_still_rebuilds_the_report_of_its_finished_arms(tmp_p
     with pytest.raises(SystemExit) as e:
         main([*base, "--stage", "pretrain,tasks", "--task_arms", "dense"])
     assert e.value.code == 130 and "| dense |" in page.read_text()
+
+
+def test_rows_run_with_different_settings_are_named_on_the_page(tmp_path, one_thread):
+    """Two invocations into one --out (`--arms dense --seed 1`, later `--arms bpe --seed 2 --task_steps ...`) were
+    tabled side by side with no word that they ran differently. The page now names each flag whose value differs
+    between its rows (the task flags read from the command that ran the task stage); bookkeeping flags (--arms,
+    --out, --deadline_s, ...) are not settings."""
+    from ionllama.experiment.report import settings_note
+
+    def arm(cmd, task_cmd=None):
+        f = {"command": cmd}
+        if task_cmd:
+            f["tasks"] = {"command": task_cmd}
+        return f
+
+    base = "ionllama experiment --matrix phase1 --budget_s 75 --out r --deadline_s 500"
+    alike = {"dense": arm(f"{base} --arms dense --seed 1"), "bpe": arm(f"{base} --arms bpe --seed 1 --ckpt_dir c")}
+    assert settings_note(alike) is None
+    note = settings_note({**alike, "x": arm(f"{base} --arms x --seed 2 --step_graph",
+                                            f"{base} --stage tasks --task_arms x --task_steps 6000")})
+    assert note.startswith("**Run with different settings**"), note
+    assert "--seed: 1 (dense, bpe); 2 (x)" in note and "--step_graph: (default) (dense, bpe); (on) (x)" in note
+    assert "--task_steps: (default) (dense, bpe); 6000 (x)" in note
+    assert "--arms" not in note and "--task_arms" not in note and "--deadline_s" not in note, note
+
+    pattern = write_corpus(tmp_path, n_train=12, n_val=2, doc_bytes=1200)
+    assert main(_argv(tmp_path, pattern, "--arms", "dense", "--budget_s", "1", "--curve_points", "1")) == 0
+    page = tmp_path / "res" / "phase1.md"
+    assert "Run with different settings" not in page.read_text()
+    assert main(_argv(tmp_path, pattern, "--arms", "bpe", "--budget_s", "1", "--curve_points", "1",
+                      "--seed", "7")) == 0
+    text = page.read_text()
+    assert "| dense |" in text and "| bpe |" in text
+    line = next(x for x in text.splitlines() if x.startswith("**Run with different settings**"))
+    assert line.startswith("**Run with different settings**: --seed: ") and line.count("|") == 0, line
+    assert "7 (bpe)" in line and "(default) (dense)" in line, line

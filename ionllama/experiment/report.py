@@ -235,6 +235,46 @@ def scoring_note(arms: dict) -> str | None:
     return ("**Not scored alike**, so these val BPB are not directly comparable: " + " | ".join(differ) + ".")
 
 
+# experiment flags that say where or how a run was kept, not what it measured
+_BOOKKEEPING_FLAGS = {"arms", "stage", "runs", "out", "title", "ckpt_dir", "deadline_s", "checkpoint_every_s",
+                      "arm_overhead_s", "log_interval", "task_arms", "data_dir", "eval_batch_size", "device"}
+
+
+def run_settings(f: dict) -> dict[str, object]:
+    """The experiment flags a row was measured under: its pretraining command's flags, and the task flags of the
+    command that ran its task stage (a later invocation may have run it), less the bookkeeping flags."""
+    def flags(cmd: str | None) -> dict:
+        argv = shlex.split(cmd or "")
+        return flag_values(argv[argv.index("experiment") + 1:] if "experiment" in argv else argv)
+
+    out = {k: v for k, v in flags(f.get("command")).items()
+           if k not in _BOOKKEEPING_FLAGS and not k.startswith("task_")}
+    if f.get("tasks"):
+        out.update({k: v for k, v in flags(f["tasks"].get("command")).items()
+                    if k.startswith("task_") and k not in _BOOKKEEPING_FLAGS})
+    return out
+
+
+def settings_note(arms: dict) -> str | None:
+    """A line naming the experiment flags whose values differ between the rows of one page, else None. Why: runs of
+    different invocations land in one --out (say `--arms dense --seed 1`, later `--arms bpe --seed 2 --task_steps
+    6000`) and the table set them side by side as if run alike; the header names only the report's command."""
+    per_arm = {n: run_settings(f) for n, f in arms.items() if f.get("command")}
+    if len(per_arm) < 2:
+        return None
+    differ = []
+    for k in sorted({k for s in per_arm.values() for k in s}):
+        groups: dict[str, list[str]] = {}
+        for n, s in per_arm.items():
+            v = s.get(k)
+            groups.setdefault("(default)" if v is None else "(on)" if v is True else str(v), []).append(n)
+        if len(groups) > 1:
+            differ.append(f"--{k}: " + "; ".join(f"{v} ({', '.join(ns)})" for v, ns in groups.items()))
+    if not differ:
+        return None
+    return "**Run with different settings**: " + " | ".join(differ) + "."
+
+
 def write_report(out: Path, runs: list[str] | dict[str, Path], command: str, label: str = "phase1",
                  title: str | None = None, expected: list[str] | None = None) -> dict:
     """The table section of <out>.md, <out>.json and the plots in <out>/ for the runs <out>/<name> (a list of
@@ -281,10 +321,10 @@ def write_report(out: Path, runs: list[str] | dict[str, Path], command: str, lab
             body += [equal_at_markdown(eq, v), ""]
     if seeds:
         body += [seed_groups_markdown(seeds, ["val", *extra]), ""]
-    note = scoring_note(arms)
-    if note:
-        body += [note, ""]
-        _log(note)
+    for note in (scoring_note(arms), settings_note(arms)):
+        if note:
+            body += [note, ""]
+            _log(note)
     t = tasks_markdown(arms)
     if t:
         body += ["Task accuracy after identical task fine-tuning (held-out test split, exact match, 95% Wilson CI):",
