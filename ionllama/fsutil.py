@@ -24,7 +24,13 @@ def probe_writable(folder: str | Path) -> None:
     Checked before any work, so a run is refused at once, not after hours, when its results cannot be saved."""
     p = Path(folder)
     p.mkdir(parents=True, exist_ok=True)
-    probe = p / f".write-test-{os.getpid()}"
+    probe_write(p)
+
+
+def probe_write(folder: str | Path) -> None:
+    """Write and remove a small file in the existing `folder`; an OSError if that cannot be done (probe_writable
+    without making the folder: bench probes the nearest existing parent and makes folders only to write results)."""
+    probe = Path(folder) / f".write-test-{os.getpid()}"
     probe.write_bytes(b"ok")
     probe.unlink()
 

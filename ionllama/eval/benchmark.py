@@ -26,7 +26,7 @@ import torch
 
 from ..data import tasks as T
 from ..errors import OneLineParser, UserError, check_ranges, cli_entry
-from ..fsutil import atomic_write
+from ..fsutil import atomic_write, probe_write
 from ..registry import create_model
 from ..train.metrics import metrics_file
 from . import lm as lm_mod
@@ -253,10 +253,8 @@ def _check_output_path(output: str) -> None:
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent  # the folders still to make are made later, when there is something to write
     if folder.is_dir():
-        probe = folder / f".bench-write-test-{os.getpid()}"
         try:
-            probe.write_bytes(b"ok")
-            probe.unlink()
+            probe_write(folder)
         except OSError as e:
             raise UserError(f"cannot write results under {folder} ({e.strerror or e}); pass a writable --output") \
                 from None
