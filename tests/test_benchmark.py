@@ -189,6 +189,9 @@ def test_more_bad_inputs_are_one_line_before_any_work(workdir, capsys):
              (["--published", str(workdir / "bad.txt")], "is not valid JSON"),
              (["--baselines", str(workdir / "bad.txt")], "is not valid JSON"),
              (["--amp", "foo"], "invalid choice"),
+             # the .md report goes beside the JSON: the same name overwrote the JSON with it (an audit)
+             (["--output", str(workdir / "kept" / "report.md")], "names the JSON results"),
+             (["--device", "mps"], "no MPS"),
              (["--skip", "nope"], "invalid choice")]
     out = workdir / "kept" / "results.json"
     out.parent.mkdir()
@@ -489,3 +492,62 @@ def test_a_failed_results_write_keeps_the_earlier_results(workdir, capsys, monke
         report.main([str(out), "--output", str(workdir / "no" / "such" / "t.md")])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "cannot write --output" in err[0], err
+
+
+def test_multilingual_bpe_tokens_count_the_files_own_bytes(tmp_path):
+    """BPE tokens per language were counted on the text decoded with "replace": a character cut by max_lang_bytes
+    (or an invalid byte) became three bytes of U+FFFD, and 2,048 bytes of Chinese counted 2,050 tokens, more tokens
+    than bytes from a byte-level BPE (an audit). The count is now of the file's own (first max_lang_bytes) bytes."""
+    from ionllama.data.bpe import ByteBPE
+    from ionllama.eval.multilingual import run_multilingual, train_bpe_on
+
+    d = tmp_path / "udhr"
+    d.mkdir()
+    zh = "人人生而自由，在尊严和权利上一律平等。".encode() * 20
+    (d / "chinese.txt").write_bytes(zh)
+    (d / "broken.txt").write_bytes(b"abc \xff\xfe def " * 30)
+    tok, _ = train_bpe_on(np.frombuffer(b"\x00" + zh + b" hello world " * 50, dtype=np.uint8), vocab_size=300)
+    model = create_model("tiny", model="dense", d_model=32, n_layers=1, n_heads=2).eval()
+    cap = 101  # 33 three-byte characters and the first byte of the next
+    r = run_multilingual(model, [d], seq_len=32, batch_size=4, device="cpu", max_lang_bytes=cap, bpe=tok)
+    langs = r["groups"][0]["languages"]
+    for name, content in (("chinese", zh), ("broken", (d / "broken.txt").read_bytes())):
+        raw = content[:cap]
+        rec = langs[name]
+        assert rec["bytes"] == cap and rec["bpe_tokens"] <= cap, rec
+        assert rec["bpe_tokens"] == len(ByteBPE(tok).encode(raw)), name
+
+
+def test_results_files_without_the_fields_the_tables_read_are_one_line(tmp_path, capsys):
+    """A results.json with a non-numeric schema_version, no model or a null metrics passed load_results and then
+    failed as a KeyError / TypeError / AttributeError traceback in `python -m ionllama.eval.report` and
+    `bench --baselines` (an audit)."""
+    from ionllama.eval import report
+
+    good = {"schema_version": 1, "model": {"name": "dense", "size": "tiny"}, "metrics": {}}
+    bad = [{"schema_version": 1, "metrics": {}}, {**good, "schema_version": "1"}, {**good, "metrics": None},
+           {**good, "model": {"name": "dense"}}, {**good, "schema_version": True}]
+    for i, r in enumerate(bad + [good]):
+        p = tmp_path / f"r{i}.json"
+        p.write_text(json.dumps(r))
+        if r is good:
+            assert report.main([str(p)]) == 0
+            continue
+        with pytest.raises(SystemExit) as e:
+            report.main([str(p)])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and "\n" not in err and "is not a benchmark results.json" in err, (r, err)
+
+
+def test_measured_rows_name_the_task_split():
+    """A --task_split val row stood under "accuracies on the held-out test split" (an audit): the split is now a
+    column of its own."""
+    from ionllama.eval.report import measured_rows
+
+    def res(split):
+        return {"model": {"name": "dense", "size": "tiny", "params_total": 1}, "device": {"name": "cpu"},
+                "metrics": {"tasks": {"label": "in_format", "split": split, "per_task": {}}}}
+
+    table = "\n".join(measured_rows([res("val"), res("test")]))
+    assert "held-out test split" not in table and "| tasks label | tasks split |" in table
+    assert "| in_format | val |" in table and "| in_format | test |" in table

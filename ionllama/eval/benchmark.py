@@ -108,6 +108,10 @@ def _device(name: str) -> torch.device:
         raise UserError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
     if d.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu")
+    if d.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps but this torch or machine has no MPS; use --device cpu")
+    if d.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N")
     return d
 
 
@@ -244,6 +248,9 @@ def _check_output_path(output: str) -> None:
     if not output.strip():
         raise UserError("--output is empty; pass a file path such as results.json")
     out = Path(output)
+    if out.suffix.lower() == ".md":  # its .md is the same file: the JSON (hashes, settings) was overwritten by it
+        raise UserError(f"--output {output} names the JSON results, and the Markdown report is written beside it "
+                        f"as .md; pass {out.with_suffix('.json')}")
     if out.is_dir():
         raise UserError(f"--output {output} is a directory; pass a file path such as {out / 'results.json'}")
     if out.exists() and not out.is_file():
@@ -324,7 +331,11 @@ def run(argv: list[str], prog: str) -> dict:
         data_path = Path(a.eval_data) if a.eval_data else default_eval_path(ck)
         # N scored bytes need N + 1 (the trainer's --eval_bytes N scores N): a third party's rerun of a trainer's
         # capped val BPB came out one byte short and a little different
-        data = read_eval_bytes(data_path, None if a.max_eval_bytes is None else a.max_eval_bytes + 1, a.text_field)
+        # a token model reads on past them: its tokens there must be those of the whole text (lm.TOKEN_CUT_MARGIN)
+        margin = lm_mod.TOKEN_CUT_MARGIN if lm_mod.is_token_model(model) else 0
+        lm_data = read_eval_bytes(data_path, None if a.max_eval_bytes is None else a.max_eval_bytes + 1 + margin,
+                                  a.text_field)
+        data = lm_data if a.max_eval_bytes is None else lm_data[:a.max_eval_bytes + 1]  # every other section's
     sample_data = data if data is not None else _fallback_text()
 
     if "lm" not in skip:
@@ -332,7 +343,7 @@ def run(argv: list[str], prog: str) -> dict:
             print(f"note: {a.checkpoint} records no training window (a .safetensors export); scoring in {seq_len}-"
                   "byte windows: pass --seq_len to match the window it trained with", file=sys.stderr)
         t0 = time.perf_counter()
-        r = lm_mod.run_lm(model, data, seq_len, batch_size, device, amp_dtype=amp)
+        r = lm_mod.run_lm(model, lm_data, seq_len, batch_size, device, max_bytes=a.max_eval_bytes, amp_dtype=amp)
         # what a rerun must score to compare: the folder it ran in does not travel with the numbers, the hash does
         metrics["lm"] = {"data": str(data_path), "data_abs": str(data_path.resolve()),
                          "data_sha256": hashlib.sha256(data.tobytes()).hexdigest(),

@@ -56,6 +56,11 @@ def fallback_evaluate_bpb(model, data: np.ndarray, seq_len: int, batch_size: int
             "bytes_per_patch": total_bytes / max(total_patches, 1)}
 
 
+# bytes read past a token model's N + 1 scored bytes, so the tokens that end within them are those of the whole text
+# (a byte-level BPE's tokens change only within the pre-token a cut falls in)
+TOKEN_CUT_MARGIN = 1 << 16
+
+
 def is_token_model(model) -> bool:
     """Token-level models (the BPE baseline) take token ids; their `seq_len` counts tokens."""
     return bool(getattr(model, "token_level", False))
@@ -70,10 +75,14 @@ def evaluate_bpb(model, data: np.ndarray, seq_len: int, batch_size: int, device,
     (ionllama.eval.bpb) when present, else the fallback above; token models: their tokens of the same
     bytes through ionllama.data.bpe.evaluate_token_bpb (bits / bytes covered). -> (result, method)."""
     if is_token_model(model):
-        from ..data.bpe import evaluate_token_bpb
+        from ..data.bpe import evaluate_token_bpb, token_prefix_for_bytes
 
-        data = data[:max_bytes + 1] if max_bytes is not None else data  # N scored bytes: N + 1 read, as for bytes
-        r = evaluate_token_bpb(model, encode_tokens(model, data), seq_len, batch_size, device, amp_dtype=amp_dtype)
+        # N scored bytes: the whole tokens within the first N + 1 bytes, as the trainer's --eval_bytes N takes them
+        # from its tokens of the whole split (cutting the bytes first and encoding them split the last token, and
+        # the numbers differed). `data` should run on past N + 1 (TOKEN_CUT_MARGIN) for its tokens there to be the
+        # whole split's.
+        tokens = token_prefix_for_bytes(encode_tokens(model, data), model.bpe.token_nbytes, max_bytes)
+        r = evaluate_token_bpb(model, tokens, seq_len, batch_size, device, amp_dtype=amp_dtype)
         r = dict(r, bytes_per_patch=r["bytes_per_token"])
         return r, "ionllama.data.bpe.evaluate_token_bpb (seq_len in tokens)"
     try:

@@ -77,10 +77,24 @@ def get_bpe(checkpoint_path: Path | None, eval_data: np.ndarray | None, vocab_si
 # ------------------------------------------------------------------ per language
 
 
+def _byte_exact(tok):
+    """The tokenizer as a ByteBPE (token ids of any bytes, invalid UTF-8 included), or None for one that is not a
+    byte-level BPE with all 256 single bytes (counted on its text, as before)."""
+    if tok is None:
+        return None
+    from ..data.bpe import ByteBPE
+
+    try:
+        return ByteBPE(tok)
+    except (UserError, AttributeError, TypeError):
+        return None
+
+
 def run_multilingual(model, directories: list[Path], seq_len: int, batch_size: int, device, amp_dtype=None,
                      max_lang_bytes: int = 65536, bpe=None, parallel_names: tuple[str, ...] = ("udhr",)) -> dict:
     t0 = time.perf_counter()
     groups = []
+    exact = _byte_exact(bpe)
     for d in directories:
         d = Path(d)
         if not d.is_dir():
@@ -102,7 +116,10 @@ def run_multilingual(model, directories: list[Path], seq_len: int, batch_size: i
                    "total_bits": bpb * len(raw), "bytes_per_patch": float(r["bytes_per_patch"]),
                    "patches": len(raw) / float(r["bytes_per_patch"]), "truncated": f.stat().st_size > max_lang_bytes}
             if bpe is not None:
-                n_tok = len(bpe.encode(raw.decode("utf-8", "replace")).ids)
+                # the file's own bytes: decoding with "replace" first made a character cut by max_lang_bytes (or any
+                # invalid byte) three bytes of U+FFFD, and 2,048 bytes of Chinese counted 2,050 tokens
+                n_tok = (len(exact.encode_docs([raw])[0]) if exact is not None else
+                         len(bpe.encode(raw.decode("utf-8", "replace")).ids))
                 rec["bpe_tokens"] = n_tok
                 rec["bytes_per_bpe_token"] = len(raw) / max(n_tok, 1)
             langs[f.stem] = rec

@@ -121,7 +121,7 @@ def measured_rows(results_list: list[dict]) -> list[str]:
     # bytes scored and window beside the BPB: rows of 299 bytes in 32-byte windows and 1,999 in 128-token windows
     # stood side by side as one "eval data" (a new user's audit)
     header = ["model", "params", "checkpoint", "eval data", "bytes scored", "window", "BPB", "bytes/patch",
-              "fwd bytes/s", "device", "tasks label"] + list(TASK_ORDER)
+              "fwd bytes/s", "device", "tasks label", "tasks split"] + list(TASK_ORDER)
     rows = []
     for r in results_list:
         m = r.get("metrics", {})
@@ -132,9 +132,11 @@ def measured_rows(results_list: list[dict]) -> list[str]:
                      lm.get("bytes"), _window(lm, r), lm.get("bpb"),
                      comp.get("bytes_per_patch", lm.get("bytes_per_patch")),
                      sp.get("forward_bytes_per_s"), (r.get("device") or {}).get("name", "-"),
-                     (m.get("tasks") or {}).get("label", "-")] + [_task_acc(r, t) for t in TASK_ORDER])
+                     (m.get("tasks") or {}).get("label", "-"), (m.get("tasks") or {}).get("split", "-")]
+                    + [_task_acc(r, t) for t in TASK_ORDER])
+    # the split is a column: a --task_split val row was headed "accuracies on the held-out test split" (an audit)
     return ["## Measured (this project)", "",
-            "Every row was produced by `ionllama bench` on the checkpoint named; accuracies on the held-out test split.",
+            "Every row was produced by `ionllama bench` on the checkpoint named; task accuracies on the split named.",
             ""] + _table(header, rows)
 
 
@@ -258,8 +260,14 @@ def load_results(path: str | Path) -> dict:
         raise UserError(f"{p} is not valid JSON ({e}); re-run `ionllama bench`") from None
     if not isinstance(r, dict) or "schema_version" not in r or "metrics" not in r:
         raise UserError(f"{p} is not a benchmark results.json (no schema_version/metrics)")
-    if r["schema_version"] > SCHEMA_VERSION:
-        raise UserError(f"{p} has schema_version {r['schema_version']} > {SCHEMA_VERSION}; update ionllama")
+    # the fields the tables read, checked here: a hand-edited or foreign file was a KeyError / TypeError traceback
+    v, model = r["schema_version"], r.get("model")
+    if not isinstance(v, int) or isinstance(v, bool) or not isinstance(r["metrics"], dict) \
+            or not isinstance(model, dict) or not {"name", "size"} <= set(model):
+        raise UserError(f"{p} is not a benchmark results.json (schema_version must be a whole number, metrics an "
+                        "object, model an object with name and size); re-run `ionllama bench`")
+    if v > SCHEMA_VERSION:
+        raise UserError(f"{p} has schema_version {v} > {SCHEMA_VERSION}; update ionllama")
     return r
 
 
