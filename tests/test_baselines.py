@@ -278,3 +278,60 @@ def test_byte_evaluators_score_a_bpe_model_per_byte():
             nbytes += float(bpe.token_nbytes[y[0].numpy()].sum())
     r = evaluate_batches(m, batches, "cpu")
     assert r["bytes"] == nbytes and r["bpb"] == pytest.approx(bits / nbytes, rel=1e-5)
+
+
+def test_bench_capped_bpb_of_a_bpe_model_scores_the_trainers_tokens(corpus):
+    """The trainer's --eval_bytes N keeps the whole tokens (of the whole split's tokens) within the first N + 1 bytes;
+    bench's --max_eval_bytes N cut the bytes to N + 1 first and encoded them, splitting the last token: the same
+    cap gave 5.4252 over 700 bytes / 462 tokens against the trainer's 5.4211 over 699 / 461 (an audit). bench now
+    reads on past the cap (TOKEN_CUT_MARGIN) and takes the trainer's token prefix."""
+    from ionllama.data.bpe import TokenTraining
+    from ionllama.eval import lm
+
+    tt = TokenTraining(corpus["byte_dir"], vocab_size=320, seq_len=32, batch_size=4, log=lambda m: None)
+    torch.manual_seed(0)
+    model = create_model("tiny", model="bpe", d_model=32, n_layers=1, n_heads=2, vocab_size=tt.bpe.vocab_size)
+    tt.attach(model)
+    val = np.asarray(open_shards(corpus["byte_dir"]).val)
+    differs_when_cut_first = 0
+    for n in (300, 701, 1000, 1777):
+        want = tt.evaluate(model, 32, 4, "cpu", max_bytes=n)
+        got, _ = lm.evaluate_bpb(model, val[:n + 1 + lm.TOKEN_CUT_MARGIN], 32, 4, "cpu", max_bytes=n)
+        assert (got["bytes"], got["tokens"]) == (want["bytes"], want["tokens"]), n
+        assert got["bpb"] == pytest.approx(want["bpb"], abs=1e-6), n
+        cut_first, _ = lm.evaluate_bpb(model, val[:n + 1], 32, 4, "cpu")
+        differs_when_cut_first += cut_first["tokens"] != want["tokens"] or cut_first["bytes"] != want["bytes"]
+    assert differs_when_cut_first  # the old way, for contrast: some cap splits a token
+
+
+def test_mamba_generates_past_the_first_cache_size(monkeypatch):
+    """Caches start at generate.INITIAL_NEW_BYTES new bytes and grow: Mamba's state has no length, so passing that
+    size changes nothing (a decoder without a length axis must not fail there)."""
+    import importlib
+
+    G = importlib.import_module("ionllama.generation.generate")
+    torch.manual_seed(0)
+    model = create_model("tiny", model="mamba", d_model=32, n_layers=2).eval()
+    whole = model.generate([b"ab", b"a longer one"], max_new_bytes=30, greedy=True)
+    monkeypatch.setattr(G, "INITIAL_NEW_BYTES", 2)
+    assert model.generate([b"ab", b"a longer one"], max_new_bytes=30, greedy=True) == whole
+    assert max(map(len, whole)) > 10
+
+
+def test_bpe_token_cache_that_grows_gives_the_same_bytes(corpus, monkeypatch):
+    """The BPE model's token KV cache starts at INITIAL_NEW_BYTES past the prompt and doubles (it was sized for
+    max_new_bytes tokens up front): growing several times changes no byte, cached or recompute decoder."""
+    import importlib
+
+    G = importlib.import_module("ionllama.generation.generate")
+    toks = open_token_shards(corpus["tok_dir"])
+    torch.manual_seed(0)
+    model = create_model("tiny", model="bpe", d_model=32, n_layers=2, n_heads=2, vocab_size=toks.bpe.vocab_size)
+    model.set_tokenizer(toks.bpe)
+    prompts = [b"The ", b"\x00Q: What is 2 + 2?\nA: "]
+    for decoder in ("auto", "recompute"):
+        whole = model.generate(prompts, max_new_bytes=40, temperature=1.0, seed=2, decoder=decoder)
+        with monkeypatch.context() as mp:
+            mp.setattr(G, "INITIAL_NEW_BYTES", 2)
+            assert model.generate(prompts, max_new_bytes=40, temperature=1.0, seed=2, decoder=decoder) == whole
+        assert max(map(len, whole)) > 10, whole

@@ -172,3 +172,39 @@ def test_stepwise_check_runs_on_models_without_patches(kind):
     m = create_model("tiny", model=kind).eval()
     res = stepwise_vs_parallel(m, text_like(2, 24, seed=3), prompt_len=5)
     assert res["patches_match"] and res["max_abs_err_own_boundaries"] < 1e-4
+
+
+GROW_CONFIGS = [dict(patching="entropy"), dict(patching="fixed", latent_shift="completed"),
+                dict(patching="byte", attention="dense"), dict(patching="space", latent_shift="lagged")]
+
+
+@pytest.mark.parametrize("cfg", GROW_CONFIGS, ids=lambda c: "-".join(map(str, c.values())))
+def test_caches_that_grow_while_generating_give_the_bytes_of_caches_made_whole(cfg, monkeypatch):
+    """generate allocated prompt + max_new_bytes positions up front, so max_new_bytes=10**8 (a stop string expected
+    long before) asked a tiny model for hundreds of GB and failed at once. The caches now start at
+    INITIAL_NEW_BYTES new bytes and double as needed: with a start of 3 they grow four times in 40 bytes, and every
+    row of a batch (greedy and seeded sampling, the cached and the recompute decoder) gets the bytes it gets when
+    the first allocation already held everything."""
+    import importlib
+
+    G = importlib.import_module("ionllama.generation.generate")  # (the package's `generate` is the function)
+
+    m = build(cfg, text_like(2, 64, 0))
+    prompts = [b"abc de", b"f\n.ab c de f abc"]
+    for kw in (dict(greedy=True), dict(temperature=1.0, top_k=20, seed=3)):
+        for decoder in ("auto", "recompute"):
+            whole = m.generate(prompts, max_new_bytes=40, decoder=decoder, **kw)
+            with monkeypatch.context() as mp:
+                mp.setattr(G, "INITIAL_NEW_BYTES", 3)
+                grown = m.generate(prompts, max_new_bytes=40, decoder=decoder, **kw)
+            assert grown == whole and max(map(len, whole)) > 12, (decoder, kw)
+
+
+def test_a_huge_max_new_bytes_stops_at_its_stop_string_without_allocating_for_all_of_it():
+    """max_new_bytes is a bound, not a size to allocate: 10**12 new bytes with a stop string that comes early
+    returns what the stop rule gives (it failed allocating caches for 10**12 positions)."""
+    m = build(dict(patching="fixed", latent_shift="completed"), text_like(2, 64, 0))
+    head = m.generate(b"abc de", max_new_bytes=12, greedy=True)
+    stop = head[6:9]
+    want = head[:head.index(stop)]
+    assert m.generate(b"abc de", max_new_bytes=10**12, greedy=True, stop=stop) == want

@@ -154,9 +154,19 @@ def _same_or_inside(out: Path, other: Path) -> bool:
 def _check_output_target(args) -> None:
     """--output must not be the checkpoint or the prompt file: the atomic replace wrote the continuation over
     them without a word (a 5-byte file where the checkpoint was)."""
-    if args.output is None or not args.output.strip():
+    if args.output is None:
         return
+    if not args.output.strip():  # a blank name wrote a file named "  " (and "" read as the folder ".")
+        raise UserError("--output is empty; pass a file name, or leave --output out (the text goes to stdout)")
     out = Path(args.output)
+    if out.is_symlink():
+        # the atomic replace put a regular file where the link was, its target untouched: write the target instead
+        out = out.resolve()
+        args.output = str(out)
+    if out.exists() and not out.is_file() and not out.is_dir():
+        # a FIFO or a device was replaced by a regular file (as root, /dev/null itself), the reader getting nothing
+        raise UserError(f"--output {args.output} is not a regular file (a pipe or a device); pass a file name, or "
+                        "leave --output out and redirect stdout")
     sources = [("--checkpoint", args.checkpoint)]
     if args.prompt_file not in (None, "-"):
         sources.append(("--prompt_file", args.prompt_file))
@@ -240,7 +250,8 @@ def _generate(args, device: str, prompt: bytes) -> bytes:
                              top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, seed=args.seed, stop=args.stop,
                              stream=lambda _row, chunk: write(utf8.decode(chunk)), **kw)
     except (MemoryError, RuntimeError, TypeError) as e:  # torch.OutOfMemoryError is a RuntimeError
-        # the decoder's caches are sized for prompt + max_new_bytes up front: a huge value fails at once, in torch
+        # the decoder's caches hold the prompt and every new byte, growing as the output does: a long generation can
+        # outgrow the memory, in torch
         if not is_out_of_memory(e):
             raise
         write(utf8.flush() + "\n")  # end the echoed prompt's line, so the error line stands alone

@@ -53,6 +53,15 @@ def right_pad(rows: list[list[int]], device, pad: int = 0) -> tuple[torch.Tensor
     return x.to(device), torch.tensor(lengths, dtype=torch.long, device=device)
 
 
+def grown(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """A zero tensor like `t` but `size` long along `dim`, holding `t` at the start of that dimension."""
+    shape = list(t.shape)
+    shape[dim] = size
+    out = t.new_zeros(shape)
+    out.narrow(dim, 0, t.shape[dim]).copy_(t)
+    return out
+
+
 class IncrementalDecoder:
     capturable = True
 
@@ -67,6 +76,22 @@ class IncrementalDecoder:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def grow(self, max_len: int) -> bool:
+        """Make room for `max_len` positions (the caches keep what they hold); True if the state tensors were
+        replaced, so a captured graph or a compiled step that holds them must be made again. Why: generate used to
+        allocate prompt + max_new_bytes positions up front, so a large max_new_bytes (a stop string expected long
+        before it) failed at once: 10**8 bytes asked a dense tiny model for 614 GB."""
+        if max_len <= self.max_len:
+            return False
+        replaced = self._grow(max_len)
+        self.max_len = max_len
+        return replaced
+
+    def _grow(self, max_len: int) -> bool:
+        """Decoders whose state has a length axis make it `max_len` long here and return True; a state of fixed
+        size (Mamba's) has nothing to grow."""
+        return False
 
     def _check_rows(self, rows):
         if len(rows) != self.batch_size:
@@ -86,6 +111,10 @@ class RecomputeDecoder(IncrementalDecoder):
         super().__init__(model, batch_size, max_len)
         self.tokens = torch.zeros(batch_size, max_len, dtype=torch.long, device=self.device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+
+    def _grow(self, max_len):
+        self.tokens = grown(self.tokens, 1, max_len)
+        return True
 
     def _logits_at_end(self) -> torch.Tensor:
         T = int(self.lengths.max())

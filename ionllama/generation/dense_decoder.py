@@ -1,10 +1,11 @@
 """KV-cache decoder for the dense byte transformer (ionllama/model/dense.py).
 
 Reuses the model's own modules (embed, blocks' norm/qkv/proj/ffn, norm, head). The cache is
-preallocated once, (layers, B, H, max_len, Dh), and every step has the same shapes, so the step
-can be captured as a CUDA graph. Rows are right-padded at prefill: RoPE position i is the i-th
-byte of each row and each row writes its next byte at its own position ``pos[r]``; keys past a
-row's position are masked (they hold padding or stale values).
+preallocated, (layers, B, H, max_len, Dh), and every step has the same shapes, so the step
+can be captured as a CUDA graph (``grow`` makes a longer cache; the graph is captured again).
+Rows are right-padded at prefill: RoPE position i is the i-th byte of each row and each row
+writes its next byte at its own position ``pos[r]``; keys past a row's position are masked (they
+hold padding or stale values).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.common import apply_rope, rope_cos_sin
-from .decoding import IncrementalDecoder, register_decoder, right_pad
+from .decoding import IncrementalDecoder, grown, register_decoder, right_pad
 from .slots import SlotWriter
 
 
@@ -29,6 +30,11 @@ class DenseKVDecoder(IncrementalDecoder):
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # next write position
         self.key_index = torch.arange(max_len, device=self.device)
         self.slots = SlotWriter(batch_size, self.n_heads, self.device, L)
+
+    def _grow(self, max_len):
+        self.k, self.v = grown(self.k, 3, max_len), grown(self.v, 3, max_len)
+        self.key_index = torch.arange(max_len, device=self.device)
+        return True
 
     def prefill(self, rows):
         self._check_rows(rows)

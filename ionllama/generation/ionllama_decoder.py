@@ -34,7 +34,7 @@ from ..model.common import apply_rope, rope_cos_sin
 from ..model.dilated_attention import dilated_offsets
 from ..model.entropy_model import LN2, entropy_bits
 from ..model.patcher import _is_word_byte, cap_patches, patch_ids, rule_starts
-from .decoding import IncrementalDecoder, register_decoder
+from .decoding import IncrementalDecoder, grown, register_decoder
 from .local_state import MambaState, fused_entropy_fn, fused_latent_fn, local_state
 from .slots import SlotWriter
 
@@ -120,8 +120,7 @@ class IonLlamaDecoder(IncrementalDecoder):
         lat = model.latent
         attn0 = lat.blocks[0].attn
         self.H, self.Dh, self.rope_base = attn0.n_heads, attn0.head_dim, attn0.rope_base
-        self.max_patches = max_len  # worst case: every byte starts a patch
-        shape = (len(lat.blocks), B, self.H, self.max_patches, self.Dh)
+        shape = (len(lat.blocks), B, self.H, max_len, self.Dh)
         self.lk = torch.zeros(shape, device=dev, dtype=dt)
         self.lv = torch.zeros(shape, device=dev, dtype=dt)
         self.n_complete = torch.zeros(B, dtype=torch.long, device=dev)  # completed patches = cached keys
@@ -133,18 +132,30 @@ class IonLlamaDecoder(IncrementalDecoder):
         self.pooled_buf = torch.zeros(B, dl, device=dev, dtype=dt) if self.lagged else None
         self.mask_buf = torch.zeros(B, dtype=torch.bool, device=dev) if self.lagged else None
         self.dilated = lat.attention == "dilated"
-        offs = dilated_offsets(self.max_patches, lat.local_width)
-        self.offsets = torch.tensor(offs, dtype=torch.long, device=dev)
-        self.key_index = torch.arange(self.max_patches, device=dev)
         self.slots = SlotWriter(B, self.H, dev, len(lat.blocks))
         self.fused_latent = fused_latent_fn(torch.device(dev), dt) if fused_latent_step else None
+        self.fused_latent_step = self.fused_latent is not None
+        self._patch_tables(max_len)
+
+    def _patch_tables(self, max_patches: int) -> None:
+        """What the latent step reads that depends on the cache length (max_len patches: the worst case, every
+        byte starts a patch): dilated offsets, key positions, the fused step's RoPE table."""
+        dev = self.device
+        self.max_patches = max_patches
+        self.offsets = torch.tensor(dilated_offsets(max_patches, self.model.latent.local_width), dtype=torch.long,
+                                    device=dev)
+        self.key_index = torch.arange(max_patches, device=dev)
         if self.fused_latent is not None:
             from ..kernels.latent_step_triton import check_latent_state
-            check_latent_state(lat.blocks, dt, self.lk, self.lv)
+            check_latent_state(self.model.latent.blocks, self.dtype, self.lk, self.lv)
             # RoPE of every slot, once (the fused step reads row i; per step, compiled, they were recomputed
             # for each layer): rope_cos_sin's values, elementwise the same computation as the per-step call
             self.rope_cos, self.rope_sin = rope_cos_sin(self.key_index, self.Dh, self.rope_base)
-        self.fused_latent_step = self.fused_latent is not None
+
+    def _grow(self, max_len: int) -> bool:
+        self.lk, self.lv = grown(self.lk, 3, max_len), grown(self.lv, 3, max_len)
+        self._patch_tables(max_len)
+        return True
 
     @torch.no_grad()
     def refresh_weights(self) -> None:

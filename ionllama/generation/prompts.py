@@ -25,6 +25,9 @@ def _row(p) -> list[int]:
     if isinstance(p, torch.Tensor):
         if p.dim() != 1:
             raise UserError(f"a prompt tensor row must be 1-D, got shape {tuple(p.shape)}; pass (T,) or (B, T)")
+        if p.is_floating_point() or p.is_complex():  # (it was told "a prompt given as a list must hold ints")
+            raise UserError(f"a prompt tensor must hold byte values of an integer dtype, got {p.dtype}; pass "
+                            "torch.uint8 or torch.long")
         p = p.tolist()
     if isinstance(p, (list, tuple)):
         if not all(is_whole(b) for b in p):  # numpy ints count: a list of them is one prompt

@@ -71,7 +71,7 @@ class DecodeRunner:
     def __init__(self, dec, cfg: SamplingConfig, seeds: torch.Tensor, logits: torch.Tensor, max_new: int,
                  cuda_graphs: bool = False, compile=False, latent_policy: str = "auto",
                  compile_mode: str | None = None, entropy_branch: bool | str = "auto", unroll: int = 1,
-                 host_schedule: bool | str = "auto"):
+                 host_schedule: bool | str = "auto", prompt_len: int | None = None):
         """logits: the prefill's (B, V) next-byte logits. latent_policy: 'skip' (read the patch flag on
         the host each byte and run the latent stage only when a row opens a patch), 'always' (run it
         every byte with a masked commit: no host sync, better for large batches), 'early' (as skip, but the
@@ -101,7 +101,10 @@ class DecodeRunner:
         bytes where some row needs it, whatever latent_policy says (its masked commit leaves the other rows).
         "auto": on for fixed patching with the "completed" shift under CUDA graphs (measured ~9 % faster on an
         H200, levers step pick), else off; True needs fixed patching and a shift other than "lagged" (else a
-        UserError)."""
+        UserError).
+        prompt_len: the longest prompt, when the decoder was built for fewer than prompt_len + max_new + 1
+        positions: run() then grows its caches (doubling, dec.grow) and the output buffer before the steps that
+        need them, and captures its graphs again. None: the decoder holds every position already."""
         self.dec, self.cfg = dec, cfg
         B, dev = logits.shape[0], logits.device
         self.seeds = seeds = seeds.to(dev)  # the noise is made where the logits are
@@ -109,7 +112,9 @@ class DecodeRunner:
         self.logits = logits.clone()
         self.tok = torch.zeros(B, dtype=torch.long, device=dev)
         self.step_no = torch.zeros((), dtype=torch.long, device=dev)
-        self.out = torch.zeros(B, max_new + 1, dtype=torch.long, device=dev)
+        self.prompt_len = prompt_len
+        steps_held = max_new if prompt_len is None else max(0, min(max_new, dec.max_len - prompt_len - 1))
+        self.out = torch.zeros(B, steps_held + 1, dtype=torch.long, device=dev)
         self.rows = torch.arange(B, device=dev)
         self.max_new = max_new
         self.n_done = 0
@@ -477,6 +482,8 @@ class DecodeRunner:
         "completed"); with host_schedule 'byte' and 'byte_latent' (a byte whose graph holds the latent stage). For benchmarks: the wall time per byte minus these is the time the GPU waited for
         the host."""
         target = min(self.max_new, self.n_done + n)
+        if self.prompt_len is not None:
+            self._reserve(target)
         if self.want_graphs and self.graphs is None and target - self.n_done > 4:
             self._capture()  # its warm-up iterations count toward target
         timed = [] if gpu_ms is not None and self.graphs is not None else None
@@ -503,6 +510,23 @@ class DecodeRunner:
             torch.cuda.synchronize()
             for kind, a, b in timed:
                 gpu_ms.setdefault(kind, []).append(a.elapsed_time(b))
+
+    def _reserve(self, target: int) -> None:
+        """Room for steps up to `target`: the decoder's caches (prompt_len + target + 1 positions: the last step
+        also feeds its byte) and the output buffer, each doubled (capped at what max_new can need) when short. A
+        graph holds the old tensors, so the graphs are captured again by the next run (and a compiled step
+        compiles again for the new shapes)."""
+        full = self.prompt_len + self.max_new + 1
+        need = self.prompt_len + target + 1
+        grew = False
+        if need > self.dec.max_len:
+            grew = self.dec.grow(min(full, max(need, 2 * self.dec.max_len)))
+        if target + 1 > self.out.shape[1]:
+            from .decoding import grown
+            self.out = grown(self.out, 1, min(self.max_new + 1, max(target + 1, 2 * self.out.shape[1])))
+            grew = True
+        if grew:
+            self.graphs = self.lag_graphs = self.multi_graph = self.sched_graphs = None
 
     def _replay_scheduled(self, target: int, timed) -> None:
         """host_schedule: one graph per byte, chosen on the host; no flag read, no wait for the GPU."""

@@ -102,7 +102,7 @@ class BPETransformer(ParamCountMixin, nn.Module):
         """Same signature and stopping rules as the byte models: encode each prompt, sample tokens, emit
         their bytes until max_new_bytes, DOC_SEP or a stop string. decoder: 'auto' (the dense KV cache
         over token ids) | 'recompute' (a full forward per token). Returns bytes, or a list for a batch."""
-        from ..generation.generate import _row_seeds, finish_outputs, model_precision
+        from ..generation.generate import _row_seeds, check_call_options, finish_outputs, model_precision
         from ..generation.prompts import DOC_SEP, RowOutput, normalize_prompts, normalize_stops
         from ..generation.sampling import SamplingConfig
 
@@ -115,6 +115,8 @@ class BPETransformer(ParamCountMixin, nn.Module):
         if not is_whole(max_new_bytes) or max_new_bytes < 0:
             raise UserError(f"max_new_bytes must be a whole number >= 0, got {max_new_bytes!r}")
         max_new_bytes = int(max_new_bytes)
+        check_call_options(stream=stream, return_info=return_info,
+                           cuda_graphs=byte_decoder_options.get("cuda_graphs", "auto"))
         if decoder not in ("auto", "recompute"):
             raise UserError(f"unknown decoder kind '{decoder}'; use 'auto' or 'recompute'")
         cfg = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
@@ -140,8 +142,12 @@ class BPETransformer(ParamCountMixin, nn.Module):
         if max_new_bytes <= 0:
             return
         bpe = self.bpe
-        # every token holds >= 1 byte: max_new_bytes tokens always suffice
-        dec = _make_decoder(self, decoder, len(rows), max(map(len, seqs)) + max_new_bytes)
+        from ..generation.generate import INITIAL_NEW_BYTES
+
+        # every token holds >= 1 byte: max_new_bytes tokens always suffice; the cache starts smaller and doubles
+        # as needed (generate.INITIAL_NEW_BYTES)
+        full = max(map(len, seqs)) + max_new_bytes
+        dec = _make_decoder(self, decoder, len(rows), min(full, max(map(len, seqs)) + INITIAL_NEW_BYTES))
         logits = dec.prefill(seqs)
         for step in range(max_new_bytes):
             toks = sample_next(logits, cfg, seeds, step)
@@ -155,6 +161,8 @@ class BPETransformer(ParamCountMixin, nn.Module):
                         stream(r, piece)
             if all(o.done or e >= max_new_bytes for o, e in zip(outs, emitted)):
                 break
+            if full - max_new_bytes + step + 1 > dec.max_len:  # this step writes position len(prompt) + step
+                dec.grow(min(full, 2 * dec.max_len))
             logits = dec.step(toks)
 
 
