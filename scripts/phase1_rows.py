@@ -119,6 +119,13 @@ ROWS = {
     **{f"tasks {arm} baseline, long compiled stage, seed {seed}": _task_row(
         "", step_graph=True, seed=seed, task_steps=6000, task_compile=True, arm=arm)
        for arm in ("dense", "bpe") for seed in (1, 2)},
+    # the thirty-seventh session's plan: at 6,000 task steps every fixed-3 row fails 3-digit sums (0.095-0.145) that
+    # the dense byte model learns (0.815-0.925). Fixed patches cut a number wherever its position falls; SpaceByte's
+    # rule starts a patch after every non-word byte, so each operand is one patch, as a BPE token run is. The best
+    # row with that one change: if it adds like the dense byte model, position-cut patches are the cause
+    "tasks best row, space patching, long compiled stage, seed 1": _task_row(
+        "latent_shift=completed,patching=space,pooling=attention", step_graph=True, task_steps=6000,
+        task_compile=True),
 }
 # the copies of the data the session makes before its calls (docs/notes/gpu-runbook.md), renamed on the device
 DATA_MOVES = "rm -rf .data/gutenberg .data/wikipedia && mv .data/gut .data/gutenberg && mv .data/wk .data/wikipedia"
