@@ -347,3 +347,53 @@ def test_an_experiment_arm_recalibrates_in_its_joint_phase_and_at_its_end(tmp_pa
     curve = [r["step"] for r in recs if r["phase"] == "joint" and "val_bpb" in r]
     assert all(s in cal for s in curve) and curve, (cal, curve)  # each joint curve point, recalibrated first
     assert cal[-1] == tr.step == load_checkpoint(tmp_path / "runs" / "arm" / "latest.pt")["step"]  # and at the end
+
+
+def test_an_entropy_model_trained_on_other_data_is_reused_and_recalibrated(tmp_path, capsys):
+    """A trained entropy model could not be reused: no flag took one, and resuming its run (the only way) refused
+    any other model width, --target_patch_size or --threshold_mode (an audit). --entropy_checkpoint takes its
+    weights, skips phase 1 and calibrates this run's threshold on this run's val split; a checkpoint that cannot
+    serve is one line, exit 2."""
+    import json as _json
+
+    from test_train import write_corpus
+
+    a_data, b_data = write_corpus(tmp_path / "a.jsonl"), tmp_path / "b.jsonl"
+    b_data.write_text("".join(_json.dumps({"text": f"Record {i}: the quick brown fox {i % 7} jumps. " * 5}) + "\n"
+                              for i in range(80)))
+    base = ["--model", "ionllama", "--size", "tiny", "--d_model", "32", "--n_layers", "1", "--n_heads", "2",
+            "--d_local", "32", "--seq_len", "64", "--batch_size", "4", "--device", "cpu", "--sample_bytes", "0",
+            "--data_dir", str(tmp_path / "cache"), "--save_dir", str(tmp_path / "runs"), "--val_fraction", "0.1",
+            "--eval_interval", "1000", "--log_interval", "5", "--lr", "3e-3", "--warmup_steps", "2"]
+    assert main(base + ["--data_path", str(a_data), "--run_name", "ent", "--max_steps", "10", "--entropy_steps", "25",
+                        "--joint_steps", "0"]) == 0
+    src = load_checkpoint(tmp_path / "runs" / "ent" / "final.pt")["model"]
+    capsys.readouterr()
+    # another main model (d_model 48), another target and threshold mode, other data
+    assert main(base + ["--data_path", str(b_data), "--run_name", "reuse", "--max_steps", "6", "--joint_steps", "0",
+                        "--d_model", "48", "--target_patch_size", "3", "--threshold_mode", "monotonic",
+                        "--entropy_checkpoint", str(tmp_path / "runs" / "ent" / "final.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "entropy model: weights from" in out and "phase 1 skipped" in out, out
+    run = tmp_path / "runs" / "reuse"
+    got = load_checkpoint(run / "final.pt")
+    ent = {k: v for k, v in got["model"].items() if k.startswith("entropy_model.")}
+    assert ent and all(torch.equal(v, src[k]) for k, v in ent.items())  # frozen in phase 2: exactly A's weights
+    recs = read_metrics(run / "metrics.jsonl")
+    assert not [r for r in recs if r.get("phase") == "entropy"]  # no phase-1 step
+    cal = [r for r in recs if r.get("phase") == "calibrate"]
+    assert cal and abs(cal[0]["bytes_per_patch"] - 3.0) < 0.35, cal
+    assert got["model_config"]["threshold_mode"] == "monotonic" and got["model_config"]["d_model"] == 48
+
+    dense = base[:] + ["--data_path", str(b_data), "--max_steps", "2"]
+    dense[1] = "dense"
+    small_ent = base[:] + ["--data_path", str(b_data), "--max_steps", "2", "--size", "small", "--d_model", "32"]
+    cases = [(dense + ["--run_name", "x1", "--entropy_checkpoint", str(run / "final.pt")], "is for --model ionllama"),
+             (base + ["--data_path", str(b_data), "--max_steps", "2", "--run_name", "x2", "--entropy_checkpoint",
+                      str(tmp_path / "nope.pt")], "not found"),
+             (small_ent + ["--run_name", "x3", "--entropy_checkpoint", str(run / "final.pt")], "another entropy model")]
+    for argv, words in cases:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and "\n" not in err and words in err, (words, err)

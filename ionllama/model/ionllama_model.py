@@ -108,7 +108,8 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
         self.decoder = nn.ModuleList([make_local_layer(cfg) for _ in range(cfg.n_dec_layers)])
         self.norm = RMSNorm(dl)
         self.head = nn.Linear(dl, 256, bias=False)
-        # entropy threshold (bits); before calibration every byte starts a patch (bytes/patch = 1)
+        # entropy threshold (bits); before calibration, in global mode, every byte starts a patch (bytes/patch = 1;
+        # monotonic mode at threshold 0 starts one wherever the entropy rises: ~2 bytes/patch)
         self.register_buffer("entropy_threshold", torch.tensor(0.0))
         for part in (self.encoder, self.latent, self.decoder):
             init_weights(part, cfg.n_layers + cfg.n_enc_layers + cfg.n_dec_layers)

@@ -63,7 +63,14 @@ def build_train_parser(prog: str = "ionllama train") -> argparse.ArgumentParser:
     g.add_argument("--warmup_steps", type=int, default=None, help="default: max_steps / 10, at most 1000")
     g.add_argument("--min_lr_ratio", type=float, default=DEFAULT_MIN_LR_RATIO,
                    help="the cosine ends at lr x this (0: decays to zero); the entropy phase uses it too")
-    g.add_argument("--entropy_steps", type=int, default=None, help="phase 1 steps (default max_steps // 3)")
+    g.add_argument("--entropy_steps", type=int, default=None,
+                   help="phase 1 steps (default max_steps // 3; 0 with --entropy_checkpoint)")
+    g.add_argument("--entropy_checkpoint", default=None, metavar="PATH",
+                   help="take the entropy model's weights from this checkpoint (.pt, .safetensors or .dcp of an "
+                        "entropy-patching ionllama model, e.g. a phase-1 run on other data) instead of training "
+                        "one: phase 1 is skipped unless --entropy_steps is given, and the threshold is calibrated on "
+                        "this run's val split for this run's --target_patch_size / --threshold_mode "
+                        "(default: none)")
     g.add_argument("--joint_steps", type=int, default=None, help="phase 3 steps (default max_steps // 10)")
     g.add_argument("--entropy_lr", type=float, default=2e-3)
     g.add_argument("--task_mix", type=float, default=0.0, help="fraction of each batch replaced by task examples")

@@ -31,7 +31,7 @@ import torch.nn as nn
 from ..config import ModelConfig, make_config
 from ..data import DOC_SEP, DOC_SEP_BYTES
 from ..data.bpe import TokenTraining, configure as token_configure, is_token_model
-from ..errors import UserError, check_ranges
+from ..errors import UserError, check_ranges, first_line
 from ..fsutil import probe_writable, process_gone, remove_if_empty
 from ..eval.bpb import LN2, evaluate_batches, evaluate_bpb
 from ..registry import build_model, model_names
@@ -298,6 +298,7 @@ class Trainer:
         self.config = model_config_from_args(args)
         if self.ck is not None:
             self._check_config_matches(ck_path)
+        self._check_entropy_checkpoint()
         for note in self._resume_notes:
             _say(note)
 
@@ -324,6 +325,8 @@ class Trainer:
             self.tokens.attach(self.model)  # the tokenizer travels in the token model's state dict
         if self.ck is not None and self.ck["model"] is not None:  # sharded checkpoints load in _restore
             ckpt_io.load_model_state(self.model, self.ck["model"], str(ck_path))
+        elif self.ck is None and getattr(args, "entropy_checkpoint", None):  # (a resume has them in its weights)
+            self._load_entropy_model(args.entropy_checkpoint)
         self.model = self.par.shard(self.model)  # FSDP2: in place, before the optimizer exists
         mode = getattr(args, "compile_mode", "default")
         if mode == "reduce-overhead" and not getattr(self.model, "cuda_graph_training_ok", True):
@@ -352,7 +355,8 @@ class Trainer:
                                               if args.model == "ionllama" else "")
             _say(f"note: {' and '.join(unused)} have no effect: {what} has no entropy model to train, so it trains the "
                  "main phase only")
-        E = (args.entropy_steps if args.entropy_steps is not None else args.max_steps // 3) if has_entropy else 0
+        default_e = 0 if getattr(args, "entropy_checkpoint", None) else args.max_steps // 3
+        E = (args.entropy_steps if args.entropy_steps is not None else default_e) if has_entropy else 0
         J = (args.joint_steps if args.joint_steps is not None else args.max_steps // 10) if has_entropy else 0
         if J >= args.max_steps:  # the joint phase is the end of --max_steps: nothing would be left for the main phase
             raise UserError(f"--joint_steps {J} leaves none of --max_steps {args.max_steps} to the main phase; "
@@ -597,6 +601,43 @@ class Trainer:
              f"moved to {aside}")
 
     # ------------------------------------------------------------------ phases
+    def _check_entropy_checkpoint(self) -> None:
+        """--entropy_checkpoint before any data work: this run must have an entropy model, the file must exist."""
+        path = getattr(self.args, "entropy_checkpoint", None)
+        if not path or self.ck is not None:
+            return
+        if self.config.model != "ionllama" or self.config.patching != "entropy":
+            raise UserError(f"--entropy_checkpoint is for --model ionllama with entropy patching, not --model "
+                            f"{self.config.model}" + (f" --patching {self.config.patching}"
+                                                      if self.config.model == "ionllama" else "") + "; drop it")
+        if not Path(path).exists():
+            raise UserError(f"--entropy_checkpoint {path} not found; pass a .pt, .safetensors or .dcp checkpoint of "
+                            "an entropy-patching ionllama run")
+
+    def _load_entropy_model(self, path: str) -> None:
+        """The entropy model's weights from another run (users could not train it on their own data and reuse it:
+        the only way was resuming that run, which refused any other model or patching setting)."""
+        src = ckpt_io.load_model(path)
+        theirs = getattr(src, "entropy_model", None)
+        if theirs is None or getattr(src.config, "patching", None) != "entropy":
+            raise UserError(f"--entropy_checkpoint {path} holds a --model {src.config.model} model without an entropy "
+                            "model; pass a checkpoint of an ionllama run with entropy patching")
+        keys = ("d_entropy", "n_entropy_layers", "entropy_state", "entropy_headdim")
+        differ = [f"{k} {getattr(src.config, k)} (this run: {getattr(self.config, k)})" for k in keys
+                  if getattr(src.config, k) != getattr(self.config, k)]
+        if differ:
+            raise UserError(f"--entropy_checkpoint {path} has another entropy model: {', '.join(differ)}; pass the "
+                            "same --d_entropy / --n_entropy_layers / --entropy_state / --entropy_headdim")
+        try:
+            self.model.entropy_model.load_state_dict(theirs.state_dict())
+        except RuntimeError as e:
+            raise UserError(f"--entropy_checkpoint {path}: its entropy model does not fit this one "
+                            f"({first_line(e)})") from None
+        if self.is_main:
+            what = "fine-tunes them" if self.args.entropy_steps else "skipped"
+            _say(f"entropy model: weights from {path} (phase 1 {what}); the threshold is calibrated on this run's "
+                 "val split")
+
     def _trainable(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
