@@ -9,7 +9,7 @@ from ..errors import UserError, is_whole
 from .decoding import decoder_for
 from .runner import DecodeRunner, check_unroll, compile_options
 from .prompts import DOC_SEP, RowOutput, normalize_prompts, normalize_stops
-from .sampling import SamplingConfig
+from .sampling import SamplingConfig, is_flag
 
 StreamFn = Callable[[int, bytes], None]
 # new bytes the decoder's caches hold before they first grow: every generation the benchmarks time (up to 32K bytes
@@ -108,9 +108,9 @@ def check_call_options(stream=None, return_info=False, cuda_graphs="auto") -> No
     cuda_graphs="x" meant True on CUDA, and stream=5 failed after the prefill, in a TypeError."""
     if stream is not None and not callable(stream):
         raise UserError(f"stream must be a function stream(row, chunk) or None, got {stream!r}")
-    if not (isinstance(return_info, bool) or type(return_info).__name__ == "bool_"):
+    if not is_flag(return_info):
         raise UserError(f"return_info must be True or False, got {return_info!r}")
-    if not (cuda_graphs == "auto" or isinstance(cuda_graphs, bool) or type(cuda_graphs).__name__ == "bool_"):
+    if not (cuda_graphs == "auto" or is_flag(cuda_graphs)):
         raise UserError(f"cuda_graphs must be True, False or 'auto', got {cuda_graphs!r}")
 
 

@@ -83,7 +83,7 @@ def _is_real(v) -> bool:
     return True
 
 
-def _is_flag(v) -> bool:
+def is_flag(v) -> bool:
     """True / False (numpy's bools too), not a string or a number that happens to be truthy."""
     return isinstance(v, bool) or type(v).__name__ == "bool_"
 
@@ -96,7 +96,7 @@ class SamplingConfig:
     greedy: bool = False
 
     def __post_init__(self):
-        if not _is_flag(self.greedy):  # greedy="yes" meant greedy, greedy="no" too
+        if not is_flag(self.greedy):  # greedy="yes" meant greedy, greedy="no" too
             raise UserError(f"greedy must be True or False, got {self.greedy!r}")
         for name in ("temperature", "top_p"):  # a string here used to end in a TypeError from the comparison below
             v = getattr(self, name)
