@@ -626,8 +626,8 @@ class Trainer:
         differ = [f"{k} {getattr(src.config, k)} (this run: {getattr(self.config, k)})" for k in keys
                   if getattr(src.config, k) != getattr(self.config, k)]
         if differ:
-            raise UserError(f"--entropy_checkpoint {path} has another entropy model: {', '.join(differ)}; pass the "
-                            "same --d_entropy / --n_entropy_layers / --entropy_state / --entropy_headdim")
+            raise UserError(f"--entropy_checkpoint {path} has another entropy model: {', '.join(differ)}; its "
+                            "sizes come with --size: pass the --size of the run that trained it")
         try:
             self.model.entropy_model.load_state_dict(theirs.state_dict())
         except RuntimeError as e:
