@@ -267,7 +267,13 @@ def test_byte_evaluators_score_a_bpe_model_per_byte():
     m.set_tokenizer(bpe)
     data = np.frombuffer(b"\x00" + "".join(_snippets(2, 300)).encode(), dtype=np.uint8)
     assert evaluate_bpb(m, data, 32, 2, "cpu") == any_model_bpb(m, data, 32, 2, "cpu")[0]
-    assert evaluate_bpb(m, data, 32, 2, "cpu", max_bytes=100)["bytes"] == 100  # as for bytes (it scored 99)
+    # a cap of N bytes: the whole tokens within the first N + 1 bytes, as the trainer's --eval_bytes N (their bytes
+    # but the leading one are scored: <= N, not exactly N, when a token crosses the cut)
+    from ionllama.data.bpe import token_prefix_for_bytes
+
+    prefix = token_prefix_for_bytes(bpe.encode(data), bpe.token_nbytes, 100)
+    capped = evaluate_bpb(m, data, 32, 2, "cpu", max_bytes=100)
+    assert capped["bytes"] == bpe.token_nbytes[prefix[1:]].sum() and 90 < capped["bytes"] <= 100
 
     ids = torch.as_tensor(bpe.encode(data), dtype=torch.long)
     batches = [(ids[None, s:s + 16], ids[None, s + 1:s + 17]) for s in (0, 16)]
