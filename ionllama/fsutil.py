@@ -1,6 +1,7 @@
 """Small filesystem helpers shared by the trainer, the data pipeline and the experiment runner."""
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -49,15 +50,28 @@ def process_gone(pid: str) -> bool:
     return False
 
 
-def temp_path(path: str | Path) -> Path:
-    """The temp file an atomic write of `path` goes through: hidden, beside it (same filesystem, so the rename is
-    atomic), named by this process (stale ones of dead processes can be found and removed: process_gone)."""
+def write_target(path: str | Path) -> Path:
+    """Where a write of `path` lands: a symlink's target (a rename over the link replaced the link with a file and
+    left its target as it was), else `path`."""
     path = Path(path)
+    return path.resolve() if path.is_symlink() else path
+
+
+def temp_path(path: str | Path) -> Path:
+    """The temp file an atomic write of `path` goes through: hidden, beside it (beside a symlink's target: same
+    filesystem, so the rename is atomic), named by this process (stale ones of dead processes can be found and
+    removed: process_gone)."""
+    path = write_target(path)
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def fsync_replace(tmp: str | Path, path: str | Path) -> None:
-    """Flush `tmp` to disk, then rename it over `path`: a crash leaves the old file or the new one, never half."""
+    """Flush `tmp` to disk, then rename it over `path` (a symlink's target): a crash leaves the old file or the new
+    one, never half. An OSError, and `path` kept, where `path` is a pipe or a device: a rename would put a regular
+    file in its place (as root, over /dev/null) and its reader would get nothing."""
+    path = write_target(path)
+    if path.exists() and not path.is_file():
+        raise OSError(errno.EINVAL, "not a regular file (a pipe, a device or a folder)", str(path))
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -225,3 +225,24 @@ def test_atomic_write_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         fsutil.atomic_write(p, "new")
     assert p.read_bytes() == b"\xff\x00" and [x.name for x in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_atomic_write_goes_through_a_symlink_and_refuses_a_pipe(tmp_path):
+    """The rename over a symlink replaced the link with a file (its target untouched), and one over a FIFO or a
+    device replaced it with a regular file: generate --output was mended alone, bench / eval.report / checkpoints
+    not. fsutil writes a link's target now and refuses a pipe with an OSError, leaving it in place."""
+    import os
+
+    from ionllama.fsutil import atomic_write
+
+    target, link = tmp_path / "target.json", tmp_path / "link.json"
+    target.write_text("old")
+    link.symlink_to("target.json")
+    atomic_write(link, "new")
+    assert link.is_symlink() and target.read_text() == "new"
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match="not a regular file"):
+        atomic_write(fifo, "x")
+    assert fifo.exists() and not fifo.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "pipe", "target.json"]  # no temp file left

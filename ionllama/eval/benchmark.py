@@ -105,13 +105,13 @@ def _device(name: str) -> torch.device:
     try:
         d = torch.device(name)
     except RuntimeError:
-        raise UserError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+        d = None
+    if d is None or d.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N")
     if d.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu")
     if d.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UserError("--device mps but this torch or machine has no MPS; use --device cpu")
-    if d.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N")
     return d
 
 

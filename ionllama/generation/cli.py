@@ -158,13 +158,9 @@ def _check_output_target(args) -> None:
         return
     if not args.output.strip():  # a blank name wrote a file named "  " (and "" read as the folder ".")
         raise UserError("--output is empty; pass a file name, or leave --output out (the text goes to stdout)")
-    out = Path(args.output)
-    if out.is_symlink():
-        # the atomic replace put a regular file where the link was, its target untouched: write the target instead
-        out = out.resolve()
-        args.output = str(out)
+    out = Path(args.output)  # (a symlink is written through to its target: fsutil.write_target)
     if out.exists() and not out.is_file() and not out.is_dir():
-        # a FIFO or a device was replaced by a regular file (as root, /dev/null itself), the reader getting nothing
+        # said here, before any output; fsutil.fsync_replace refuses it too (a rename would replace the pipe)
         raise UserError(f"--output {args.output} is not a regular file (a pipe or a device); pass a file name, or "
                         "leave --output out and redirect stdout")
     sources = [("--checkpoint", args.checkpoint)]
