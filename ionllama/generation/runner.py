@@ -29,6 +29,7 @@ import torch
 import torch._inductor.config  # noqa: F401  (COMPILE_PRESETS asks it which settings exist)
 
 from ..errors import UserError
+from .decoding import grown
 from .sampling import NoiseSource, SamplingConfig, sample_next
 
 # CUDA graph conditional nodes (torch's CUDAGraph.begin_capture_to_if_node): what DecodeRunner's unroll needs
@@ -522,7 +523,6 @@ class DecodeRunner:
         if need > self.dec.max_len:
             grew = self.dec.grow(min(full, max(need, 2 * self.dec.max_len)))
         if target + 1 > self.out.shape[1]:
-            from .decoding import grown
             self.out = grown(self.out, 1, min(self.max_new + 1, max(target + 1, 2 * self.out.shape[1])))
             grew = True
         if grew:
