@@ -875,3 +875,34 @@ def test_host_schedule_graphs_equal_eager_on_cuda(shift):
     assert torch.equal(r.out[:, :40], ref.out[:, :40])
     # "auto" takes it where it was measured faster: the "completed" shift under graphs
     assert _runner(m, 40, cuda_graphs=True).host_schedule == (shift == "completed")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("kind", ["ion", "ion_completed", "fixed_completed", "dense"])
+def test_graphs_captured_again_after_the_caches_grow_on_cuda(kind, ion, ion_completed, dense, monkeypatch):
+    """Caches start at INITIAL_NEW_BYTES new bytes and double (generate's runner): a captured graph holds the old
+    tensors, so growing drops the graphs and the next run() captures them again. With a start of 8 new bytes, 70
+    bytes grow the caches four times under CUDA graphs (the host-scheduled pair for fixed patches with the
+    "completed" shift, the entropy branch for 3 rows); the bytes equal those of caches made whole at once."""
+    import importlib
+
+    G = importlib.import_module("ionllama.generation.generate")
+    if kind == "fixed_completed":
+        torch.manual_seed(1)
+        model = create_model("tiny", **TINY, patching="fixed", fixed_patch_size=3, latent_shift="completed").eval()
+    else:
+        model = dict(ion=ion, ion_completed=ion_completed, dense=dense)[kind]
+    m = model.to("cuda")
+    try:
+        for prompts in (PROMPTS, PROMPTS[:1]):
+            whole = generate(m, prompts, 70, seed=2, cuda_graphs=True)
+            captures = []
+            with monkeypatch.context() as mp:
+                mp.setattr(G, "INITIAL_NEW_BYTES", 8)
+                capture = DecodeRunner._capture
+                mp.setattr(DecodeRunner, "_capture", lambda self: (captures.append(1), capture(self))[1])
+                grown = generate(m, prompts, 70, seed=2, cuda_graphs=True)
+            assert len(captures) >= 3, captures  # (room for 8 -> 16 -> 32 -> 64 -> 71 new bytes)
+            assert grown == whole and generate(m, prompts, 70, seed=2, cuda_graphs=False) == whole, (kind, prompts)
+    finally:
+        model.to("cpu")
