@@ -31,7 +31,7 @@ from .matrix import (
     variant_spec,
 )
 from .report import _fmt
-from .tasks import run_task_stage
+from .tasks import TaskStageCut, run_task_stage
 
 # trainer flags that the experiment's own flags set under another name (a refusal names the flag the user typed)
 _EXPERIMENT_NAME = {"eval_bytes": "curve_eval_bytes", "max_train_time": "budget_s"}
@@ -697,7 +697,12 @@ class Runner:
             self._check_task_checkpoint(arm, ck)
             model = load_model(ck, device=device)
             try:
-                res = run_task_stage(model, device, amp, self.a)
+                deadline = None if self.a.deadline_s is None else self.t_start + self.a.deadline_s
+                res = run_task_stage(model, device, amp, self.a, deadline=deadline, log=lambda m: _log(f"{arm}: {m}"))
+            except TaskStageCut as cut:
+                _log(f"{arm}: task stage {cut} before --deadline_s; no task scores written. Give the task stage more "
+                     f"time (a call of its own) or pass fewer --task_steps")
+                return
             except (MemoryError, RuntimeError, TypeError) as e:  # torch.OutOfMemoryError is a RuntimeError
                 if not is_out_of_memory(e):
                     raise

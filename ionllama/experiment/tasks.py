@@ -78,12 +78,27 @@ def task_batch(model, examples, row_len_bytes: int):
     return pack_examples([(list(e.prompt), list(e.answer + b"\n")) for e in examples], DOC_SEP, row_len_bytes)
 
 
+class TaskStageCut(Exception):
+    """The task stage stopped before its last step: at its pace it would pass the wall-clock deadline."""
+
+    def __init__(self, step: int, steps: int, seconds: float, ms_per_step: float):
+        self.step, self.steps, self.seconds, self.ms_per_step = step, steps, seconds, ms_per_step
+        # what the whole stage would need at the pace of its latest steps (the first window holds the compiling)
+        self.need_s = seconds + (steps - step - 1) * ms_per_step / 1e3
+        super().__init__(f"stopped after step {step + 1} of {steps} ({seconds:.0f} s; {ms_per_step:.1f} ms per step "
+                         f"lately: the stage needs ~{self.need_s:.0f} s)")
+
+
 def train_on_tasks(model, device, amp, steps: int, lr: float, batch_of_step, log_every: int = 50,
-                   on_log=None, forward=None) -> tuple[list[dict], float]:
+                   on_log=None, forward=None, deadline: float | None = None) -> tuple[list[dict], float]:
     """The task fine-tuning loop of every task arm: AdamW (wd 0.1), warmup 5 % then cosine to 10 %, clip 1.0;
     batch_of_step(step) -> (x, y). Returns ([{step, loss, bpb}] every log_every steps and at the last, seconds);
     bpb is per target byte, also for a token model (whose loss is per token). forward: what computes model(x, y)
-    (e.g. torch.compile(model)); the model's own forward by default."""
+    (e.g. torch.compile(model)); the model's own forward by default. deadline (a time.perf_counter() value): at
+    each log point from the third on, raise TaskStageCut when the steps left, at the pace of the latest window, would
+    end past it. Why: a stage killed by the call's time limit leaves nothing, not even how far it got (a
+    space-patching row compiling twice as long as fixed patches' did exactly that); a partial stage is no row, so
+    the stage stops as soon as it cannot finish."""
     forward = model if forward is None else forward  # (not `or`: a compiled module has no truth value)
     from ..train.optim import make_adamw
     from ..train.schedule import warmup_cosine
@@ -91,7 +106,7 @@ def train_on_tasks(model, device, amp, steps: int, lr: float, batch_of_step, log
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_adamw(model, params, lr, 0.1, device)
     model.train()
-    t0 = time.perf_counter()
+    t0 = t_log = time.perf_counter()
     losses = []
     for step in range(steps):
         x, y = batch_of_step(step)
@@ -107,20 +122,34 @@ def train_on_tasks(model, device, amp, steps: int, lr: float, batch_of_step, log
             losses.append({"step": step, "loss": float(out["loss"].detach()), "bpb": float(out["bpb"].detach())})
             if on_log:
                 on_log(losses[-1])
+            now = time.perf_counter()
+            if deadline is not None and len(losses) >= 3 and step < steps - 1:
+                ms = (now - t_log) * 1e3 / (step - losses[-2]["step"])
+                if now + (steps - step - 1) * ms / 1e3 > deadline:
+                    raise TaskStageCut(step, steps, now - t0, ms)
+            t_log = now
     return losses, time.perf_counter() - t0
 
 
-def run_task_stage(model, device, amp, a) -> dict:
-    """Fine-tune on identical task examples for --task_steps steps, then held-out test accuracy."""
+def run_task_stage(model, device, amp, a, deadline: float | None = None, log=None) -> dict:
+    """Fine-tune on identical task examples for --task_steps steps, then held-out test accuracy. log(line): progress
+    about every tenth of the stage (step, loss, seconds); deadline: as train_on_tasks (raises TaskStageCut)."""
     from ..eval.task_eval import run_tasks
 
     if hasattr(model, "freeze_entropy"):
         model.freeze_entropy(True)  # patch boundaries as in pretraining
     compiled = bool(getattr(a, "task_compile", False))
+    t0, every = time.perf_counter(), max(50, a.task_steps // 10 // 50 * 50)
+
+    def progress(row):
+        if log is not None and row["step"] % every == 0:
+            log(f"task stage step {row['step']} of {a.task_steps}: loss {row['loss']:.3f} "
+                f"({time.perf_counter() - t0:.0f} s)")
+
     losses, train_s = train_on_tasks(
         model, device, amp, a.task_steps, a.task_lr,
         lambda step: task_batch(model, task_examples(a.seed, step, a.task_batch), a.task_seq_len),
-        forward=torch.compile(model) if compiled else None)
+        forward=torch.compile(model) if compiled else None, on_log=progress, deadline=deadline)
     model.eval()
     results = run_tasks(model, device, n=a.task_n, max_digits=4, seed=1234, shots=0, trained_on_tasks=True,
                         split="test", batch_size=32, amp_dtype=amp)
