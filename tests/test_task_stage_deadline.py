@@ -17,7 +17,7 @@ from test_baselines import write_corpus
 from test_experiment import _argv
 
 
-def _stage(monkeypatch, deadline, steps=100, log_every=10):
+def _stage(monkeypatch, deadline, steps=40, log_every=10):
     """train_on_tasks on a tiny model under a clock that advances 10 s per reading: 1 s per step at log_every 10."""
     clock = itertools.count(0.0, 10.0)
     monkeypatch.setattr(T.time, "perf_counter", lambda: next(clock))
@@ -29,26 +29,26 @@ def _stage(monkeypatch, deadline, steps=100, log_every=10):
 
 
 def test_a_stage_that_cannot_finish_stops_at_the_third_log_point_and_says_what_it_needs(monkeypatch):
-    # t0 = 0; log points at steps 0, 10, 20 read 10, 20, 30: 1 s per step lately, 79 steps left -> ends at 109
+    # t0 = 0; log points at steps 0, 10, 20 read 10, 20, 30: 1 s per step lately, 19 steps left -> ends at 49
     with pytest.raises(T.TaskStageCut) as cut:
-        _stage(monkeypatch, deadline=100.0)
+        _stage(monkeypatch, deadline=45.0)
     c = cut.value
-    assert (c.step, c.steps, c.seconds, c.ms_per_step) == (20, 100, 30.0, 1000.0)
-    assert c.need_s == pytest.approx(109.0) and "after step 21 of 100" in str(c) and "~109 s" in str(c)
+    assert (c.step, c.steps, c.seconds, c.ms_per_step) == (20, 40, 30.0, 1000.0)
+    assert c.need_s == pytest.approx(49.0) and "after step 21 of 40" in str(c) and "~49 s" in str(c)
 
 
 def test_a_stage_that_can_finish_runs_every_step(monkeypatch):
-    losses, seconds = _stage(monkeypatch, deadline=200.0)  # (ends at 110 on the fake clock)
-    assert [r["step"] for r in losses] == list(range(0, 100, 10)) + [99]
+    losses, seconds = _stage(monkeypatch, deadline=50.0)  # (projected to end at 49 at step 30: not cut)
+    assert [r["step"] for r in losses] == [0, 10, 20, 30, 39] and seconds == 60.0  # (one more reading)
     losses, _ = _stage(monkeypatch, deadline=None)
-    assert losses[-1]["step"] == 99
+    assert losses[-1]["step"] == 39
 
 
 def test_run_task_stage_logs_progress_about_every_tenth():
     torch.manual_seed(0)
     m = create_model("tiny", model="dense", d_model=16, n_layers=1, n_heads=2)
     lines = []
-    a = Namespace(task_steps=120, task_lr=1e-3, seed=1, task_batch=2, task_seq_len=96, task_n=1, task_compile=False)
+    a = Namespace(task_steps=60, task_lr=1e-3, seed=1, task_batch=2, task_seq_len=96, task_n=1, task_compile=False)
     import ionllama.eval.task_eval as E
 
     real = E.run_tasks
@@ -57,8 +57,7 @@ def test_run_task_stage_logs_progress_about_every_tenth():
         T.run_task_stage(m, torch.device("cpu"), None, a, log=lines.append)
     finally:
         E.run_tasks = real
-    assert [ln.split(":")[0] for ln in lines] == ["task stage step 0 of 120", "task stage step 50 of 120",
-                                                 "task stage step 100 of 120"], lines
+    assert [ln.split(":")[0] for ln in lines] == ["task stage step 0 of 60", "task stage step 50 of 60"], lines
 
 
 def test_the_runner_writes_no_scores_for_a_cut_stage_and_says_why(tmp_path, monkeypatch, capsys):
