@@ -91,6 +91,15 @@ class ModelConfig:
             d["ngram_sizes"] = tuple(d["ngram_sizes"])
         return cls(**d)
 
+    @classmethod
+    def from_checkpoint(cls, d: dict, source) -> "ModelConfig":
+        """from_dict, checked, with the file named: a bad value stored in a checkpoint (n_heads 3 at d_model 32) read
+        as an error of the caller's own options."""
+        try:
+            return check_config(cls.from_dict(d))
+        except UserError as e:
+            raise UserError(f"{source}: its stored model config is not valid: {e}") from None
+
 
 # Sizes near the original plan's budgets (~5M / ~50M / ~200M / ~800M / ~2B for ionllama).
 # The README's parameter table is generated from these by `python -m ionllama.params`.

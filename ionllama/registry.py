@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch.nn as nn
 
-from .config import ModelConfig, make_config
+from .config import ModelConfig, check_config, make_config
 from .errors import UserError
 
 _REGISTRY: dict[str, Callable[[ModelConfig], nn.Module]] = {}
@@ -38,6 +38,9 @@ def model_names() -> list[str]:
 
 
 def build_model(config: ModelConfig) -> nn.Module:
+    # checked here too, not only in create_model: a config read from a checkpoint (or built by hand) with n_heads 3
+    # at d_model 32 failed deep in a module's assert, named by no option
+    check_config(config)
     _ensure_loaded()
     if config.model not in _REGISTRY:
         raise UserError(f"unknown model '{config.model}'; choose one of {', '.join(sorted(_REGISTRY))}")

@@ -12,7 +12,7 @@ import torch.nn as nn
 from ..config import ModelConfig
 from ..data.sources import JSONL_SUFFIXES, READ_ERRORS, iter_local_file
 from ..data.tasks import DOC_SEP
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..registry import build_model
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst", ".py", ".c", ".h", ".js", ".json", ".csv", ".tsv", ".html", ".xml"}
@@ -110,9 +110,16 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
                                 _phase(meta))
     ckpt = read_checkpoint_file(path)
     cfg_dict, nested_args = _split_config(ckpt.get("model_config", ckpt.get("config")))
-    config = ModelConfig.from_dict(cfg_dict)
+    config = ModelConfig.from_checkpoint(cfg_dict, path)
     model = build_model(config)
-    missing, unexpected = model.load_state_dict(_strip_prefixes(ckpt["model"]), strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(_strip_prefixes(ckpt["model"]), strict=False)
+    except RuntimeError as e:  # shapes that differ (strict=False lets only absent or extra keys through)
+        detail = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), first_line(e, 200))[:200]
+        from ..train.checkpoint import CONFIG_WEIGHTS_HINT
+
+        raise UserError(f"checkpoint '{path}' does not match its model config ({detail}); {CONFIG_WEIGHTS_HINT}") \
+            from None
     # non-persistent buffers may legitimately be absent; real weights may not
     missing = [k for k in missing if k in dict(model.named_parameters())]
     if missing or unexpected:

@@ -64,11 +64,11 @@ def _load_plain(path: str, device: str):
     cfg = ckpt.get("model_config", ckpt.get("config")) if isinstance(ckpt, dict) else None
     if cfg is None or "model" not in ckpt:
         raise UserError(f"'{path}' has no 'model' and 'model_config' entries; is it an ionllama checkpoint?")
-    model = build_model(ModelConfig.from_dict(cfg))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise UserError(f"checkpoint '{path}' does not match its config ({str(e).splitlines()[0][:120]})") from None
+    model = build_model(ModelConfig.from_checkpoint(cfg, path))
+    from ..train.checkpoint import CONFIG_WEIGHTS_HINT, load_model_state
+
+    # (torch's first line, "Error(s) in loading state_dict for X:", named no key: load_model_state names it)
+    load_model_state(model, ckpt["model"], f"checkpoint '{path}'", hint=CONFIG_WEIGHTS_HINT)
     return model.to(device).eval()
 
 

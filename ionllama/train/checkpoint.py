@@ -152,7 +152,13 @@ def model_state(model: torch.nn.Module) -> dict:
     return model.state_dict()
 
 
-def load_model_state(model: torch.nn.Module, state: dict, source: str) -> None:
+# what to do when a file's weights do not fit the model built from its own config (no flag of the caller's mends it)
+CONFIG_WEIGHTS_HINT = "its stored model config and weights disagree; load the checkpoint its run wrote, not an " \
+                      "edited or mixed one"
+
+
+def load_model_state(model: torch.nn.Module, state: dict, source: str,
+                     hint: str = "use the model/size it was trained with") -> None:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -162,7 +168,7 @@ def load_model_state(model: torch.nn.Module, state: dict, source: str) -> None:
                               + [f"unexpected {k}" for k in sorted(have - want)[:3]])
         else:
             first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), first_line(e, 200))[:200]
-        raise UserError(f"{source} does not match the model ({first}); use the model/size it was trained with") from None
+        raise UserError(f"{source} does not match the model ({first}); {hint}") from None
 
 
 def export_safetensors(model: torch.nn.Module, path: str | Path, metadata: dict | None = None) -> Path:
@@ -226,20 +232,20 @@ def load_model(path: str | Path, device="cpu", dtype: torch.dtype | None = None)
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
-            cfg = ModelConfig.from_dict(json.loads(meta[SAFETENSORS_CONFIG_KEY]))
+            cfg = json.loads(meta[SAFETENSORS_CONFIG_KEY])
         except KeyError:
             raise UserError(f"{path} has no ionllama config in its metadata; export it with export_safetensors") from None
         except Exception as e:  # safetensors raises its own error types for damaged files
             raise UserError(f"{path} is not a readable safetensors file ({type(e).__name__}); re-export it") from None
-        model = build_model(cfg)
+        model = build_model(ModelConfig.from_checkpoint(cfg, path))
         try:
             st_load_model(model, str(path), strict=True)
         except RuntimeError as e:
             raise UserError(f"{path} does not match its model config ({first_line(e)}); re-export it") from None
     else:
         ck = load_checkpoint(path)
-        model = build_model(ModelConfig.from_dict(ck["model_config"]))
-        load_model_state(model, ck["model"], str(path))
+        model = build_model(ModelConfig.from_checkpoint(ck["model_config"], path))
+        load_model_state(model, ck["model"], str(path), hint=CONFIG_WEIGHTS_HINT)
     model.to(device)
     if dtype is not None:
         model.to(dtype)

@@ -692,7 +692,7 @@ def load_model_from_sharded(path: str | Path, meta: dict | None = None) -> nn.Mo
     from ..registry import build_model
 
     meta = meta if meta is not None else load_train_state(path)
-    model = build_model(ModelConfig.from_dict(meta["model_config"]))
+    model = build_model(ModelConfig.from_checkpoint(meta["model_config"], path))
     sd = {"model": model.state_dict()}
     try:
         _dcp_load(sd, path, no_dist=True)
