@@ -38,7 +38,7 @@ from ionllama.errors import OneLineParser, UserError, check_ranges, cli_entry
 from ionllama.eval.benchmark import git_commit
 from ionllama.eval.task_eval import run_tasks
 from ionllama.experiment.matrix import parse_overrides
-from ionllama.experiment.tasks import task_batch, train_on_tasks
+from ionllama.experiment.tasks import check_task_row_len, task_batch, train_on_tasks
 from ionllama.train.trainer import resolve_device
 
 # Small models of about the same size (2.7M and 2.6M parameters; ionLlama's 1M of them in its n-gram embedding
@@ -255,12 +255,19 @@ def main(argv=None) -> int:
     # before the first arm trains: --steps 0 ended in an IndexError after it, --batch 0 trained on nothing (nan loss)
     check_ranges(a, {"steps": 1, "batch": 1, "max_digits": 1, "n_test": 1, "threads": 0}, ("lr",))
     a.tasks = tuple(t for t in a.tasks.split(",") if t)
+    if not a.tasks:
+        raise UserError(f"--tasks names no task; choose from {', '.join(T.TASKS)}")
     for t in a.tasks:
         if t not in T.TASKS:
             raise UserError(f"--tasks: unknown task '{t}'; choose from {', '.join(T.TASKS)}")
     if a.threads:
         torch.set_num_threads(a.threads)
     arms = dict(parse_arm(s) for s in a.arms)
+    # every step's examples are known now: a --row_len too short for one of them was refused only at that step,
+    # mid-arm, perhaps hours in
+    longest = max(len(e.prompt) + len(e.answer) + 1 for step in range(a.steps)
+                  for e in step_examples(a.seed, step, a.batch, a.tasks, a.max_digits))
+    check_task_row_len(a.row_len, longest, [n for n, c in arms.items() if c["model"] == "bpe"], flag="--row_len")
     device = resolve_device(a.device)  # the trainer's check: a bad name or --device cuda without a GPU is one line
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

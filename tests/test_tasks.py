@@ -274,3 +274,26 @@ def test_task_scores_do_not_depend_on_the_generation_batch():
         for task in T.TASKS:
             accs = {bs: got[bs][task]["accuracy"] for bs in got}
             assert set(accs.values()) == {expect}, (tail, task, accs)
+
+
+def test_probe_tasks_refuses_no_tasks_and_a_short_row_before_any_arm_trains(tmp_path, capsys, monkeypatch):
+    """An empty --tasks ended in a numpy traceback; a --row_len too short for a later step's example was refused
+    only at that step, after the arm had trained (hours, on a long probe), without the value to pass. Both are now
+    one line before anything trains, with the row length that fits (twice it for a BPE arm, whose rows hold
+    row_len // 2 tokens)."""
+    probe = _probe_module()
+    trained = []
+    monkeypatch.setattr(probe, "train_arm", lambda *a, **k: trained.append(1))
+    base = ["--steps", "40", "--batch", "2", "--n_test", "1", "--max_digits", "3", "--tasks", "add", "--device", "cpu"]
+    longest = max(len(e.prompt) + len(e.answer) + 1 for s in range(40) for e in probe.step_examples(0, s, 2, ("add",), 3))
+    cases = [(["--tasks", ","], "--tasks names no task; choose from"),
+             (["--row_len", str(longest), "--arms", "dense"],
+              f"--row_len {longest} is shorter than the longest task example ({longest} bytes and a separator); "
+              f"pass --row_len {longest + 1} or more"),
+             (["--row_len", str(longest + 1), "--arms", "bpe"], f"pass --row_len {2 * (longest + 1)} or more")]
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as e:
+            probe.main([*base, "--out", str(tmp_path / "p"), *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and message in err[0], err
+    assert not trained and not (tmp_path / "p").exists()

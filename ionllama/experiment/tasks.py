@@ -24,19 +24,19 @@ def longest_task_example(seed: int, steps: int, n: int) -> int:
     return max(len(e.prompt) + len(e.answer) + 1 for step in range(steps) for e in task_examples(seed, step, n))
 
 
-def check_task_row_len(row_len: int, longest: int, token_arms: list[str]) -> None:
+def check_task_row_len(row_len: int, longest: int, token_arms: list[str], flag: str = "--task_seq_len") -> None:
     """A row holds `sep example sep`: refused before pretraining, not when the task stage packs its first batch
     after every arm has trained. A token arm's rows hold row_len // 2 tokens; a byte-level BPE never makes more
     tokens than bytes, so an example fits when its bytes do (it may also fit with fewer; not knowable before the
     tokenizer exists)."""
     need = longest + 1
     if row_len < need:
-        raise UserError(f"--task_seq_len {row_len} is shorter than the longest task example ({longest} bytes "
-                        f"and a separator); pass --task_seq_len {need} or more")
+        raise UserError(f"{flag} {row_len} is shorter than the longest task example ({longest} bytes "
+                        f"and a separator); pass {flag} {need} or more")
     if token_arms and max(16, row_len // 2) < need:
-        raise UserError(f"--task_seq_len {row_len} gives {', '.join(token_arms)} rows of {max(16, row_len // 2)} "
+        raise UserError(f"{flag} {row_len} gives {', '.join(token_arms)} rows of {max(16, row_len // 2)} "
                         f"tokens, and the longest task example can take {need} (a token per byte at worst); pass "
-                        f"--task_seq_len {2 * need} or more")
+                        f"{flag} {2 * need} or more")
 
 
 def pack_examples(pieces: list[tuple[list[int], list[int]]], sep: int, row_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,8 +45,8 @@ def pack_examples(pieces: list[tuple[list[int], list[int]]], sep: int, row_len: 
     rows, masks, cur, cm = [], [], [sep], [False]
     for p, ans in pieces:
         if len(p) + len(ans) + 2 > row_len + 1:
-            raise UserError(f"a task example needs {len(p) + len(ans) + 2} positions; raise the row length "
-                            "(--task_seq_len; in probe_tasks.py --row_len)")
+            raise UserError(f"a task example needs rows of {len(p) + len(ans) + 1} positions, these hold {row_len}; "
+                            "raise the row length (--task_seq_len; in probe_tasks.py --row_len)")
         if len(cur) + len(p) + len(ans) + 1 > row_len + 1:
             rows.append(cur)
             masks.append(cm)
