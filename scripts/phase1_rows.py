@@ -11,13 +11,14 @@ command is printed from the same table, so what runs is what was tested.
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ionllama.errors import UserError, check_ranges, cli_entry  # noqa: E402
+from ionllama.errors import OneLineParser, UserError, check_ranges, cli_entry  # noqa: E402
 
 SWEPT = "--from_sweep --step_graph --sweep_dir docs/results/phase1-sweep/sweep"
 # the best row's overrides (phase1-poolattn.md); the Q2 / Q3 rows add one key to them
@@ -133,14 +134,19 @@ RUN_LIMIT = 2000  # characters the device tool takes per command
 PREP_AND_MARGIN_S = 45
 
 
-def device_command(row: str, res: str, commit: str, t: int = 594, budget: int = 420) -> str:
+def device_command(row: str, res: str, commit: str, t: int = 594, budget: int | None = None) -> str:
     """The one-line command for the device tool (carry .data/gut and .data/wk) that trains `row` into
-    docs/results/<res>."""
+    docs/results/<res>. budget: the arm's training seconds (420 by default) for a row that does not set its own."""
     if row not in ROWS:
         raise UserError(f"unknown row {row!r}; run scripts/phase1_rows.py without arguments for the list")
     if not res or "/" in res or res != res.strip():
         raise UserError(f"--res {res!r}: give a bare folder name under docs/results, e.g. phase1-bpe-seq2048")
-    env = {"T": str(t), "BUDGET": str(budget), "RES": f"docs/results/{res}", **ROWS[row]}
+    # the commit goes into a shell line unquoted by design (it is a hash): anything else could run commands there
+    if not re.fullmatch(r"[0-9a-f]{4,40}", commit or ""):
+        raise UserError(f"--commit {commit!r}: give a git commit hash (4-40 hex digits), e.g. $(git rev-parse HEAD)")
+    if budget is not None and "BUDGET" in ROWS[row]:  # (the row's own value won before, without a word)
+        raise UserError(f"row {row!r} sets its own budget ({ROWS[row]['BUDGET']} s): leave out --budget, or add a row")
+    env = {"T": str(t), "BUDGET": str(420 if budget is None else budget), "RES": f"docs/results/{res}", **ROWS[row]}
     # gpu_phase1_parallel.sh gives the arm T - (data preparation, up to ~30 s with BPE's tokenizer) - 15 s, and the
     # runner starts an arm only if budget + overhead fit that (the twenty-eighth session's T=560 call did not start)
     if env.get("TASKS") != "1" and int(env["BUDGET"]) + int(env.get("OVERHEAD", 90)) + PREP_AND_MARGIN_S > t:
@@ -160,12 +166,13 @@ def head_commit() -> str:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("row", nargs="?", help="a row name (quoted); none lists them")
     p.add_argument("--res", help="results folder name under docs/results")
     p.add_argument("--commit", help="BENCH_COMMIT (default: git HEAD)")
     p.add_argument("--t", type=int, default=594, help="seconds for the whole call")
-    p.add_argument("--budget", type=int, default=420, help="training seconds of the arm")
+    p.add_argument("--budget", type=int, default=None,
+                   help="training seconds of the arm (default 420; refused for rows that set their own)")
     a = p.parse_args(argv)
     check_ranges(a, {"t": 1, "budget": 1})
     if a.row is None:

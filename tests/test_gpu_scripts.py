@@ -315,7 +315,13 @@ def test_device_command_refuses_bad_input(tmp_path, capsys):
                         (["2K windows, bpe"], "--res is needed"),
                         (["2K windows, bpe", "--res", "docs/results/x"], "bare folder name"),
                         (["2K windows, bpe", "--res", "x", "--t", "560"], "does not fit T=560"),
-                        (["2K windows, bpe", "--res", "x", "--budget", "0"], "--budget must be at least 1")):
+                        (["2K windows, bpe", "--res", "x", "--budget", "0"], "--budget must be at least 1"),
+                        # (an audit: a --commit went into the shell line as given, `abc; rm ...` included, and
+                        # --budget was dropped without a word for rows with their own budget)
+                        (["2K windows, bpe", "--res", "x", "--commit", "abc def"], "give a git commit hash"),
+                        (["2K windows, bpe", "--res", "x", "--commit", "abc123;ls"], "give a git commit hash"),
+                        (["tasks ionllama_fixed", "--res", "x", "--budget", "200"], "sets its own budget (75 s)"),
+                        (["2K windows, bpe", "--nope"], "unrecognized arguments: --nope")):
         with pytest.raises(SystemExit) as e:
             main(args)
         out, err = capsys.readouterr()
