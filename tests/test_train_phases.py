@@ -397,3 +397,32 @@ def test_an_entropy_model_trained_on_other_data_is_reused_and_recalibrated(tmp_p
             main(argv)
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and "\n" not in err and words in err, (words, err)
+
+
+def test_the_entropy_model_is_scored_where_phase_one_ends(tmp_path, corpus, fake_model):
+    """Phase 1's last steps went unscored unless --eval_interval divided --entropy_steps (here 6 steps, evaluations
+    every 4: only step 4), so the entropy model's final validation, the one its patching goes by, was never logged.
+    It is now also scored at the end of the phase, and the full model is scored there after calibration as before."""
+    d = run(tmp_path, corpus, "ent_end")
+    recs = read_metrics(d / "metrics.jsonl")
+    assert [r["step"] for r in recs if "val_bpb" in r and r["phase"] == "entropy"] == [4, 6]
+    assert [r["step"] for r in recs if "val_bpb" in r and r["phase"] == "main"][:1] == [6]
+
+
+def test_an_untrained_entropy_model_is_named_and_a_file_in_the_run_folders_place_too(tmp_path, corpus, fake_model,
+                                                                                     capsys):
+    """--entropy_steps 0 with no --entropy_checkpoint patched by a random entropy model without a word (calibration
+    still hits its target ratio, so the run looked healthy); now a note says so. And a file where the run folder
+    goes was reported as an unwritable --save_dir, a folder that is fine."""
+    run(tmp_path, corpus, "e0", "--entropy_steps", "0", "--joint_steps", "0", "--max_steps", "2")
+    out = capsys.readouterr().out
+    assert "note: --entropy_steps 0 without --entropy_checkpoint: the entropy model that places the patch " \
+           "boundaries is untrained, so patches follow noise" in out, out
+    run(tmp_path, corpus, "e6", "--max_steps", "2", "--entropy_steps", "2", "--joint_steps", "0")
+    assert "note: --entropy_steps 0" not in capsys.readouterr().out
+    (tmp_path / "runs" / "taken").write_text("not a folder")
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, corpus, "taken")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert "the run folder" in err[0] and "taken is a file, not a folder; pass another --run_name" in err[0], err

@@ -176,6 +176,9 @@ def ensure_writable(run_dir: Path, save_dir: str) -> None:
     try:
         probe_writable(run_dir)
     except OSError as e:
+        if Path(save_dir).is_dir() and run_dir.exists() and not run_dir.is_dir():  # the folder is fine, the name not
+            raise UserError(f"the run folder {run_dir} is a file, not a folder; pass another --run_name or move "
+                            f"that file away") from None
         raise UserError(f"cannot write to --save_dir {save_dir} ({e.strerror or e}); choose a writable folder") from None
     for tmp in run_dir.glob(".*.tmp-*"):  # a save killed mid-write (SIGKILL) left its temp file: GBs for big models
         if tmp.is_file() and process_gone(tmp.name.rsplit("-", 1)[-1]):
@@ -358,6 +361,11 @@ class Trainer:
         default_e = 0 if getattr(args, "entropy_checkpoint", None) else args.max_steps // 3
         E = (args.entropy_steps if args.entropy_steps is not None else default_e) if has_entropy else 0
         J = (args.joint_steps if args.joint_steps is not None else args.max_steps // 10) if has_entropy else 0
+        if has_entropy and E == 0 and self.ck is None and not getattr(args, "entropy_checkpoint", None) \
+                and self.is_main:  # (ran without a word: calibration on random weights still gives a healthy ratio)
+            _say("note: --entropy_steps 0 without --entropy_checkpoint: the entropy model that places the patch "
+                 f"boundaries is untrained{' until the joint phase' if J else ''}, so patches follow noise and the "
+                 "--max_patch_size cap; train it (--entropy_steps N) or load one (--entropy_checkpoint PATH)")
         if J >= args.max_steps:  # the joint phase is the end of --max_steps: nothing would be left for the main phase
             raise UserError(f"--joint_steps {J} leaves none of --max_steps {args.max_steps} to the main phase; "
                             f"lower --joint_steps below {args.max_steps}")
@@ -982,9 +990,12 @@ class Trainer:
                 win["bpb"].append(out["bpb"])
                 win["patches"] = win["patches"] + out["patches"]
                 bar.update(1)
-                at_eval = self.step % a.eval_interval == 0 or self.step == plan.total
                 at_save = self.step % self.save_interval == 0
                 phase_done = self.step == self._phase_end(self.phase)
+                # the entropy model's last score is the one its patching and calibration go by: taken where phase 1
+                # ends too (its last steps went unscored unless --eval_interval divided --entropy_steps)
+                at_eval = self.step % a.eval_interval == 0 or self.step == plan.total or \
+                    (phase_done and self.phase == "entropy")
                 stopping = stop.signum is not None or (a.stop_at is not None and self.step >= a.stop_at) or \
                     self.stop_reason is not None
                 time_up = a.max_train_time is not None and \
