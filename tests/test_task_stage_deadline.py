@@ -37,6 +37,20 @@ def test_a_stage_that_cannot_finish_stops_at_the_third_log_point_and_says_what_i
     assert c.need_s == pytest.approx(49.0) and "after step 21 of 40" in str(c) and "~49 s" in str(c)
 
 
+def test_one_slow_window_does_not_cut_a_stage_that_would_finish(monkeypatch):
+    """The pace is taken over every step since the second log point: a recompile's slow window late in the stage
+    (here 60 s in the window of steps 20-30, then 1 s per step again) is averaged in, not taken as the pace."""
+    ticks = iter([0.0, 10.0, 20.0, 30.0, 100.0, 110.0, 120.0])
+    monkeypatch.setattr(T.time, "perf_counter", lambda: next(ticks))
+    torch.manual_seed(0)
+    m = create_model("tiny", model="dense", d_model=16, n_layers=1, n_heads=2)
+    x = torch.randint(0, 256, (2, 16))
+    # at step 30, 9 steps left: the latest window alone says 7 s per step (ends at 163, past 140: cut); the steps
+    # since step 10 say 4 s per step (ends at 136: not cut)
+    losses, _ = T.train_on_tasks(m, torch.device("cpu"), None, 40, 1e-3, lambda s: (x, x), log_every=10, deadline=140.0)
+    assert losses[-1]["step"] == 39
+
+
 def test_a_stage_that_can_finish_runs_every_step(monkeypatch):
     losses, seconds = _stage(monkeypatch, deadline=50.0)  # (projected to end at 49 at step 30: not cut)
     assert [r["step"] for r in losses] == [0, 10, 20, 30, 39] and seconds == 60.0  # (one more reading)
@@ -78,6 +92,6 @@ def test_the_runner_writes_no_scores_for_a_cut_stage_and_says_why(tmp_path, monk
     cap = capsys.readouterr()
     err = cap.out + cap.err
     assert seen["deadline"] is not None
-    assert "dense: task stage stopped after step 600 of 6000 (350 s; 41.6 ms per step lately: the stage needs " \
+    assert "dense: task stage stopped after step 600 of 6000 (350 s; 41.6 ms per step since compiling: the stage needs " \
            "~575 s) before --deadline_s; no task scores written" in err, err
     assert not (tmp_path / "res" / "phase1" / "dense" / "tasks.json").exists()

@@ -83,10 +83,10 @@ class TaskStageCut(Exception):
 
     def __init__(self, step: int, steps: int, seconds: float, ms_per_step: float):
         self.step, self.steps, self.seconds, self.ms_per_step = step, steps, seconds, ms_per_step
-        # what the whole stage would need at the pace of its latest steps (the first window holds the compiling)
+        # what the whole stage would need at the pace of its steps after the first window (which holds the compiling)
         self.need_s = seconds + (steps - step - 1) * ms_per_step / 1e3
         super().__init__(f"stopped after step {step + 1} of {steps} ({seconds:.0f} s; {ms_per_step:.1f} ms per step "
-                         f"lately: the stage needs ~{self.need_s:.0f} s)")
+                         f"since compiling: the stage needs ~{self.need_s:.0f} s)")
 
 
 def train_on_tasks(model, device, amp, steps: int, lr: float, batch_of_step, log_every: int = 50,
@@ -95,8 +95,8 @@ def train_on_tasks(model, device, amp, steps: int, lr: float, batch_of_step, log
     batch_of_step(step) -> (x, y). Returns ([{step, loss, bpb}] every log_every steps and at the last, seconds);
     bpb is per target byte, also for a token model (whose loss is per token). forward: what computes model(x, y)
     (e.g. torch.compile(model)); the model's own forward by default. deadline (a time.perf_counter() value): at
-    each log point from the third on, raise TaskStageCut when the steps left, at the pace of the latest window, would
-    end past it. Why: a stage killed by the call's time limit leaves nothing, not even how far it got (a
+    each log point from the third on, raise TaskStageCut when the steps left, at the pace of the steps since the
+    second log point, would end past it. Why: a stage killed by the call's time limit leaves nothing, not even how far it got (a
     space-patching row compiling twice as long as fixed patches' did exactly that); a partial stage is no row, so
     the stage stops as soon as it cannot finish."""
     forward = model if forward is None else forward  # (not `or`: a compiled module has no truth value)
@@ -106,7 +106,7 @@ def train_on_tasks(model, device, amp, steps: int, lr: float, batch_of_step, log
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_adamw(model, params, lr, 0.1, device)
     model.train()
-    t0 = t_log = time.perf_counter()
+    t0 = time.perf_counter()
     losses = []
     for step in range(steps):
         x, y = batch_of_step(step)
@@ -123,11 +123,14 @@ def train_on_tasks(model, device, amp, steps: int, lr: float, batch_of_step, log
             if on_log:
                 on_log(losses[-1])
             now = time.perf_counter()
-            if deadline is not None and len(losses) >= 3 and step < steps - 1:
-                ms = (now - t_log) * 1e3 / (step - losses[-2]["step"])
+            if len(losses) == 2:  # the pace is taken from here on: the first window holds the compiling
+                t_paced, step_paced = now, step
+            elif deadline is not None and len(losses) >= 3 and step < steps - 1:
+                # over every step since, not the latest window alone: one slow window (a recompile for a new
+                # shape) must not cut a stage that would finish
+                ms = (now - t_paced) * 1e3 / (step - step_paced)
                 if now + (steps - step - 1) * ms / 1e3 > deadline:
                     raise TaskStageCut(step, steps, now - t0, ms)
-            t_log = now
     return losses, time.perf_counter() - t0
 
 
