@@ -92,12 +92,12 @@ class TaskStageCut(Exception):
 def train_on_tasks(model, device, amp, steps: int, lr: float, batch_of_step, log_every: int = 50,
                    on_log=None, forward=None, deadline: float | None = None) -> tuple[list[dict], float]:
     """The task fine-tuning loop of every task arm: AdamW (wd 0.1), warmup 5 % then cosine to 10 %, clip 1.0;
-    batch_of_step(step) -> (x, y). Returns ([{step, loss, bpb}] every log_every steps and at the last, seconds);
-    bpb is per target byte, also for a token model (whose loss is per token). forward: what computes model(x, y)
-    (e.g. torch.compile(model)); the model's own forward by default. deadline (a time.perf_counter() value): at
-    each log point from the third on, raise TaskStageCut when the steps left, at the pace of the steps since the
-    second log point, would end past it. Why: a stage killed by the call's time limit leaves nothing, not even how far it got (a
-    space-patching row compiling twice as long as fixed patches' did exactly that); a partial stage is no row, so
+    batch_of_step(step) -> (x, y). Returns ([{step, loss, bpb}] every log_every steps and at the last, seconds); bpb
+    is per target byte, also for a token model (whose loss is per token). forward: what computes model(x, y) (e.g.
+    torch.compile(model)); the model's own forward by default. deadline (a time.perf_counter() value): at each log
+    point from the third on, raise TaskStageCut when the steps left, at the pace of the steps since the second log
+    point, would end past it. Why: a stage killed by the call's time limit leaves nothing, not even how far it got
+    (a space-patching row compiling twice as long as fixed patches' did exactly that); a partial stage is no row, so
     the stage stops as soon as it cannot finish."""
     forward = model if forward is None else forward  # (not `or`: a compiled module has no truth value)
     from ..train.optim import make_adamw
