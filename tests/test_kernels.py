@@ -654,3 +654,15 @@ def test_kernel_benchmarks_dry_run_with_graph_timing(tmp_path):
     for name in ("triton", "reference"):
         assert row[name]["graph_status"] == "ok" and row[name]["ms_graph"] > 0
     assert row["triton"]["frac_copy_bw_graph"] > 0
+
+
+def test_a_negative_attention_offset_is_refused():
+    """An offset is a distance back: -1 would let query i see key i + 1. The public dilated_attention let it through
+    to the kernel, which read past the last row (NaN from the memory after K/V in an audit's run), and to the
+    reference, which raised an IndexError; now it is refused before either runs."""
+    from ionllama.kernels import dilated_attention
+
+    q = torch.randn(1, 2, 9, 16)
+    with pytest.raises(ValueError, match=r"must be >= 0 \(got -1\)"):
+        dilated_attention(q, q, q, [0, -1, 2])
+    assert dilated_attention(q, q, q, [0, 1, 2]).shape == q.shape

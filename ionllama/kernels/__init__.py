@@ -57,7 +57,12 @@ def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets
                       scale: float | None = None) -> torch.Tensor:
     """Dilated causal attention, q/k/v (B, H, N, Dh): query i sees keys i - o for o in offsets.
     Triton (forward + backward) on CUDA for fp32/bf16/fp16 and head dims 16..128 (padded to a power
-    of two inside the kernel) when offsets contain 0; the gather reference otherwise."""
+    of two inside the kernel) when offsets contain 0; the gather reference otherwise. A negative offset would be a
+    key in the future: refused (the kernel read past the sequence's last row for it, the reference raised an
+    IndexError)."""
+    if any(int(o) < 0 for o in offsets):
+        raise ValueError(f"dilated_attention: offsets are distances back and must be >= 0 (got "
+                         f"{min(int(o) for o in offsets)}): a negative one would let a query see a later key")
     if attention_uses_triton(q, offsets, segment_ids) and k.dtype == q.dtype and v.dtype == q.dtype:
         from .dilated_attention_triton import dilated_attention_triton
         return dilated_attention_triton(q, k, v, offsets, segment_ids, scale)

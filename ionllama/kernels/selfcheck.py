@@ -680,11 +680,14 @@ def cases(large: bool) -> list[tuple]:
         ("attention", "bf16", dict(B=2, H=2, N=53, Dh=64, segments=True, prefetch=False)),
         ("attention", "fp16", dict(B=1, H=1, N=40, Dh=32)),
         ("attention", "fp32", dict(B=1, H=2, N=45, Dh=32, local_width=16, segments=True)),  # 18 offsets
+        ("attention", "fp32", dict(B=2, H=2, N=19, Dh=16)),  # the dispatcher's smallest head dim (tiny: 32 / 2 heads)
+        ("attention", "fp32", dict(B=1, H=2, N=1, Dh=16)),  # one position
         ("scan", "fp32", dict(B=2, T=45, D=24, n_chunks=1)),
         ("scan", "fp32", dict(B=2, T=131, D=16, with_h0=True, n_chunks=3)),
         ("scan", "bf16", dict(B=2, T=77, D=32, with_h0=True)),
         ("scan", "fp32", dict(B=1, T=300, D=16, with_h0=True, n_chunks=2)),  # several tiles per chunk
         ("scan", "fp32", dict(B=2, T=131, D=80, with_h0=True, n_chunks=3)),  # 2 channel blocks, one ragged
+        ("scan", "fp32", dict(B=1, T=1, D=16, with_h0=True)),  # one step
         # the backward (two passes): T not a multiple of the tiles, several tiles per program, T < k,
         # k = 7 and k = 1, D not a multiple of the channel tiles, bf16 with the dGC intermediate in bf16 and fp32
         ("conv_gate", "fp32", dict(B=2, T=45, D=24)),
@@ -693,6 +696,7 @@ def cases(large: bool) -> list[tuple]:
         ("conv_gate", "fp32", dict(B=1, T=20, D=8, k=1)),
         ("conv_gate", "fp32", dict(B=2, T=3, D=8)),  # T < k
         ("conv_gate", "fp32", dict(B=1, T=5, D=8, k=7)),
+        ("conv_gate", "fp32", dict(B=1, T=1, D=8)),
         ("conv_gate", "fp32", dict(B=1, T=33, D=72)),  # 2D = 144 > dx_block_c
         ("conv_gate", "bf16", dict(B=2, T=77, D=32)),
         ("conv_gate", "bf16", dict(B=2, T=50, D=16, dgc_fp32=0)),
@@ -705,6 +709,9 @@ def cases(large: bool) -> list[tuple]:
         ("ssd_scan", "bf16", dict(B=2, T=70, H=2, chunk=64)),
         ("ssd_scan", "fp32", dict(B=1, T=40, H=2, chunk=16, compiled=True)),
         ("ssd_scan", "fp32", dict(B=1, T=100, H=2, P=8, N=4, chunk=16, with_h0=True, split=1)),  # chunk-parallel
+        ("ssd_scan", "fp32", dict(B=1, T=1, H=2, chunk=16, with_h0=True)),  # one step
+        ("ssd_scan", "fp32", dict(B=1, T=45, H=2, P=32, N=32, chunk=16)),  # the dispatcher's widest P and N
+        ("ssd_scan", "fp16", dict(B=1, T=45, H=2, chunk=16, with_h0=True)),  # fp16 is dispatched too
         ("block", "fp32", dict(B=2, T=40, D=16)),
         ("rope", "fp32", dict(B=2, N=37, dim=32, n_heads=2)),
         # the fused IntegralLNN decode step: B 1 and 3, fp32 and bf16, 7 steps (the 3-slot ring wraps twice),
@@ -716,6 +723,7 @@ def cases(large: bool) -> list[tuple]:
         ("lnn_step", "fp32", dict(B=3, D=32, conv_kernel=2, steps=3)),
         ("lnn_step", "fp32", dict(B=2, D=32, conv_kernel=1, steps=2)),
         ("lnn_step", "fp32", dict(B=2, D=32, steps=4, compiled=True)),
+        ("lnn_step", "fp16", dict(B=2, D=32, steps=4)),  # fused_step_auto takes fp16 models too
         ("lnn_generate", "fp32", dict(n_new=16, block_n=32)),
         # the fused entropy-model (Mamba) step: B 1 and 3, fp32 and bf16, 7 steps (the 3-slot ring wraps twice),
         # block 0's table form (gather), d_inner split over two programs, headdim 8 and 16, d_state 4 and 16,
@@ -727,6 +735,7 @@ def cases(large: bool) -> list[tuple]:
         ("ssm_step", "fp32", dict(B=2, D=16, d_state=4, headdim=8, conv_kernel=2, steps=3)),
         ("ssm_step", "fp32", dict(B=2, D=16, d_state=4, headdim=8, conv_kernel=1, steps=2)),
         ("ssm_step", "fp32", dict(B=2, D=16, d_state=4, headdim=8, steps=4, compiled=True)),
+        ("ssm_step", "fp16", dict(B=2, D=16, d_state=4, headdim=8, steps=4)),
         ("ssm_generate", "fp32", dict(n_new=16, block_c=32)),
         # the fused latent step (five kernels per block): B 1..3, fp32 and bf16, dilated and dense attention,
         # d 48 (not a power of two; 3 heads of 16), random commit masks, inside torch.compile, greedy generation.
@@ -736,6 +745,7 @@ def cases(large: bool) -> list[tuple]:
         ("latent_step", "bf16", dict(B=2, D=32, H=2, n_layers=1, steps=3, block_n=128)),
         ("latent_step", "bf16", dict(B=2, D=32, H=2, n_layers=1, steps=3, attention="dense", block_n=128)),
         ("latent_step", "fp32", dict(B=2, D=32, H=2, steps=2, compiled=True, block_n=128)),
+        ("latent_step", "fp16", dict(B=2, D=32, H=2, n_layers=1, steps=2, block_n=128)),
         ("latent_generate", "fp32", dict(n_new=10, n_layers=1, block_n=128)),
         ("latent_generate", "fp32", dict(n_new=10, n_layers=1, attention="dense", block_n=128)),
     ]
