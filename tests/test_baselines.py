@@ -157,6 +157,13 @@ def test_bpe_generate_bytes_and_stops(corpus):
         model.generate(b"The ", max_new_bytes=9, greedy=True)
     with pytest.raises(TypeError, match="unexpected keyword argument 'topk'"):
         model.generate(b"The ", max_new_bytes=9, topk=3)
+    # ... and at any other value they ask for what the token decoder does not do: refused, not ignored (an audit:
+    # compile=True, unroll=0, fused_local_step=True passed silently, while the CLI refused --compile for BPE)
+    for kw in (dict(compile=True), dict(compile="bogus"), dict(unroll=0), dict(unroll=8), dict(fused_local_step=True),
+               dict(fused_entropy_step=False), dict(entropy_branch=True)):
+        (name, value), = kw.items()
+        with pytest.raises(UserError, match=f"{name}={value!r} is a byte-model decoder option; the BPE model's"):
+            model.generate(b"The ", max_new_bytes=9, **kw)
     with pytest.raises(UserError, match="max_new_bytes must be a whole number"):
         model.generate(b"The ", 1.5)
 

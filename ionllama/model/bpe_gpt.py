@@ -21,9 +21,10 @@ from ..registry import register
 from .common import checked_input
 from .dense import ParamCountMixin, build_transformer_lm, lm_outputs, transformer_lm_logits
 
-# the byte models' decode-speed options: taken (so one call serves every model) and unused by the token decoder
-BYTE_DECODER_OPTIONS = {"cuda_graphs", "compile", "fused_local_step", "fused_entropy_step", "fused_latent_step",
-                        "entropy_branch", "unroll"}
+# the byte models' decode-speed options, at the values that leave them to the decoder: taken (so one call serves
+# every model); any other value asks for something the token decoder does not do, and is refused
+BYTE_DECODER_OPTIONS = {"cuda_graphs": "auto", "compile": False, "fused_local_step": "auto",
+                        "fused_entropy_step": "auto", "fused_latent_step": "auto", "entropy_branch": "auto", "unroll": 1}
 
 
 
@@ -106,9 +107,16 @@ class BPETransformer(ParamCountMixin, nn.Module):
         from ..generation.prompts import DOC_SEP, RowOutput, normalize_prompts, normalize_stops
         from ..generation.sampling import SamplingConfig
 
-        unknown = sorted(set(byte_decoder_options) - BYTE_DECODER_OPTIONS)
+        unknown = sorted(set(byte_decoder_options) - set(BYTE_DECODER_OPTIONS))
         if unknown:  # a misspelt option (topk=3) was dropped here silently while the byte models refuse it
             raise TypeError(f"generate() got an unexpected keyword argument '{unknown[0]}'")
+        for name, value in byte_decoder_options.items():  # compile=True, unroll=0, ... were ignored without a word
+            default = BYTE_DECODER_OPTIONS[name]
+            if name == "cuda_graphs":  # a yes / no / auto for every model (checked below): no graphs here
+                continue
+            if type(value) is not type(default) or value != default:
+                raise UserError(f"{name}={value!r} is a byte-model decoder option; the BPE model's token decoder "
+                                f"has no such setting: leave it out (or {name}={default!r})")
         rows, is_batch = normalize_prompts(prompt_bytes)
         if not rows:
             raise UserError("empty batch of prompts; pass at least one prompt")
