@@ -191,7 +191,7 @@ def test_more_bad_inputs_are_one_line_before_any_work(workdir, capsys):
              (["--amp", "foo"], "invalid choice"),
              # the .md report goes beside the JSON: the same name overwrote the JSON with it (an audit)
              (["--output", str(workdir / "kept" / "report.md")], "names the JSON results"),
-             (["--device", "mps"], "no MPS"),
+             (["--device", "mps"], "MPS is not available"),
              (["--skip", "nope"], "invalid choice")]
     out = workdir / "kept" / "results.json"
     out.parent.mkdir()

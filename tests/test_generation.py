@@ -355,6 +355,12 @@ def test_cli_bad_checkpoint_is_one_line_exit_2(tmp_path, capsys, content):
 @pytest.mark.parametrize("extra, words", [(["--temperature", "nan"], "temperature must be >= 0"),
                                           (["--temperature", "inf"], "temperature must be finite"),
                                           (["--device", "foo"], "unknown --device 'foo'"),
+                                          # torch parses these: they were blamed on the checkpoint / a traceback
+                                          (["--device", "meta"], "unknown --device 'meta'"),
+                                          (["--device", "xpu"], "unknown --device 'xpu'"),
+                                          pytest.param(["--device", "mps"], "MPS is not available",
+                                                       marks=pytest.mark.skipif(torch.backends.mps.is_available(),
+                                                                                reason="this machine has MPS")),
                                           (["--max_new_bytes", "abc"], "invalid int value: 'abc'"),
                                           (["--compile", "fast"], "invalid choice: 'fast'"),
                                           (["--top_k", "-5"], "top_k must be a whole number >= 1"),

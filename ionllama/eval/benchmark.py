@@ -99,22 +99,6 @@ def build_parser(prog: str = "ionllama bench") -> argparse.ArgumentParser:
     return ap
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        d = torch.device(name)
-    except RuntimeError:
-        d = None
-    if d is None or d.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N")
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu")
-    if d.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError("--device mps but this torch or machine has no MPS; use --device cpu")
-    return d
-
-
 def _amp(name: str, device: torch.device):
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
@@ -283,7 +267,9 @@ def run(argv: list[str], prog: str) -> dict:
         if metrics_file(r) is None:
             raise UserError(f"no metrics.jsonl at '{r}'; pass a run directory written by `ionllama train`")
     t_start = time.perf_counter()
-    device = _device(a.device)
+    from ..train.trainer import resolve_device  # (here: the trainer imports the eval package)
+
+    device = resolve_device(a.device)  # the trainer's check: one set of device names and messages
     amp = _amp(a.amp, device)
     skip = set(a.skip)
 

@@ -6,8 +6,6 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 from ..errors import OneLineParser, UserError, check_ranges, cli_entry, is_out_of_memory
 from .prompts import normalize_stops
 from .sampling import SamplingConfig
@@ -100,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=None,
                    help="end when the output ends with this string, which is left out; repeatable (default: none)")
     p.add_argument("--device", default="auto",
-                   help="auto | cpu | cuda | cuda:N; auto takes cuda when visible (default: %(default)s)")
+                   help="auto | cpu | cuda | cuda:N | mps; auto takes cuda, else mps, when visible (default: "
+                        "%(default)s)")
     p.add_argument("--compile", default="none", choices=["none", "default", "max-autotune"],
                    help="torch.compile the decode step (GPU: fewer kernels per byte; max-autotune was the "
                         "fastest measured but compiles for ~2 min) (default: %(default)s)")
@@ -192,15 +191,11 @@ def _open_output(path: str | None):
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:  # before the checkpoint: a bad name must not read as a bad checkpoint
-        torch.device(device)
-    except RuntimeError:
-        raise UserError(f"unknown --device '{device}'; use auto, cpu, cuda or cuda:N") from None
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA device is visible; use --device cpu")
+    from ..train.trainer import resolve_device
+
+    # the trainer's check, before the checkpoint: a bad name must not read as a bad checkpoint (mps, meta and xpu
+    # passed torch's parser here and failed in the loader or in a traceback)
+    device = str(resolve_device(args.device))
     # the sampling flags before the checkpoint loads and the prompt is echoed: the error line stands alone, early
     SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy)
     normalize_stops(args.stop)

@@ -67,9 +67,18 @@ def resolve_device(name: str) -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise UserError(f"unknown --device '{name}'; use auto, cpu, cuda, cuda:N or mps") from None
+        dev = None
+    # torch parses meta, xpu, ipu, ... too: they failed later, blamed on a checkpoint or in a traceback
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown --device '{name}'; use auto, cpu, cuda, cuda:N or mps")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible "
+                        f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                  and torch.backends.mps.is_available()):
+        raise UserError("--device mps but MPS is not available on this machine; use --device cpu")
     return dev
 
 
