@@ -522,7 +522,7 @@ def test_cli_help_names_every_flag_and_its_default():
     for a in p._actions:
         if a.dest not in ("help", "checkpoint"):  # --checkpoint is required: no default
             assert a.help and "(default: " in a.help, a.dest
-    assert "(default: 256)" in text and "(default: 1.0)" in text and "(default: a random seed)" in text
+    assert "(default: 256)" in text and "(default: 1.0)" in text and "(default: a random seed, printed to stderr)" in text
 
 
 def test_cli_seed_outside_the_samplers_range_is_refused(tmp_path, capsys):
@@ -692,3 +692,23 @@ def test_cli_output_writes_through_a_link_and_refuses_pipes_devices_and_blank_na
         assert e.value.code == 2 and out == "" and "\n" not in err.strip() and words in err, (bad, err)
     assert fifo.exists() and not fifo.is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.txt", "m.pt", "pipe", "target.txt"]
+
+
+def test_cli_without_a_seed_prints_the_one_it_drew_and_that_seed_repeats_the_bytes(tmp_path, capsys):
+    """Without --seed a sampled run could not be repeated (an audit): the CLI now draws the seed itself, says it on
+    stderr, and passing it back gives the same bytes. Greedy decoding needs none and prints none."""
+    import re
+
+    from ionllama.generation.cli import main
+
+    m = tiny_dense()
+    ck = tmp_path / "m.pt"
+    _save_ckpt(m, ck)
+    base = ["--checkpoint", str(ck), "--prompt", "x", "--max_new_bytes", "12", "--device", "cpu", "--no_prompt_echo"]
+    assert main(base) == 0
+    out, err = capsys.readouterr()
+    (seed,) = re.findall(r"^seed (\d+) \(pass --seed \1 to repeat these bytes\)$", err, re.M)
+    assert main(base + ["--seed", seed]) == 0
+    again, err2 = capsys.readouterr()
+    assert again == out and "seed" not in err2
+    assert main(base + ["--greedy"]) == 0 and "seed" not in capsys.readouterr().err

@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample only among the likeliest bytes holding probability P, in (0, 1] (default: off)")
     p.add_argument("--seed", type=int, default=None,
                    help="sampling seed, 0 to 2**63-1: the same seed and flags repeat a run's bytes (default: a random "
-                        "seed)")
+                        "seed, printed to stderr)")
     p.add_argument("--greedy", action="store_true",
                    help="argmax decoding: no sampling; the sampling flags and --seed have no effect (default: off)")
     p.add_argument("--stop", action="append", default=None,
@@ -230,6 +230,9 @@ def _generate(args, device: str, prompt: bytes) -> bytes:
         if getattr(model.config, "model", None) == "bpe":  # its own token decoder (a KV cache), not the byte runner
             raise UserError("--compile is for the byte models' decoder; leave it out for a BPE checkpoint")
         kw["compile"] = args.compile
+    if args.seed is None and not args.greedy:  # a sampled run worth keeping could not be repeated: say its seed
+        args.seed = int.from_bytes(os.urandom(8), "little") & SEED_MAX  # (after every check: errors stay one line)
+        print(f"seed {args.seed} (pass --seed {args.seed} to repeat these bytes)", file=sys.stderr)
     write = _writer(sys.stdout)
     utf8 = Utf8StreamDecoder()  # one decoder for prompt and continuation: a character may straddle the two
     if not args.no_prompt_echo:
