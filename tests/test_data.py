@@ -686,3 +686,36 @@ def test_caches_of_an_earlier_shard_format_are_named_too(tmp_path, monkeypatch):
     new = prepare(DataArgs(data_path=str(p), data_dir=str(tmp_path / "c")), log=said.append)
     notes = [m for m in said if "earlier versions" in m]
     assert new != old and len(notes) == 1 and notes[0].endswith(f"remove them with: rm -r {old}"), said
+
+
+def test_a_parquet_files_doc_ids_are_the_same_with_or_without_datasets(tmp_path):
+    """The doc ids decide the split: the pyarrow fallback (no `datasets` installed) numbered rows from 1 and the
+    `datasets` reader from 0, so the same file split differently by environment (an audit). Rows with no text are
+    skipped by both but keep their numbers."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pytest.importorskip("datasets")
+    from ionllama.data.sources import _iter_parquet_pyarrow, iter_parquet
+
+    pq.write_table(pa.table({"text": ["a", None, "b", "c"]}), tmp_path / "t.parquet")
+    path = str(tmp_path / "t.parquet")
+    via_datasets = list(iter_parquet(path, "text", "t.parquet"))
+    assert [d[0] for d in via_datasets] == ["t.parquet:0", "t.parquet:2", "t.parquet:3"]
+    assert list(_iter_parquet_pyarrow(path, "text", "t.parquet")) == via_datasets
+
+
+def test_a_file_reached_twice_through_a_folder_is_read_once(tmp_path):
+    """A folder --data_path with a link to one of its own files read that file twice, and the split put one copy's
+    documents in val and the other's in train (32 of 34 val documents were in train in an audit's run); a glob
+    already kept one copy. Both routes now read each file once."""
+    from ionllama.data.sources import resolve_local_files
+
+    d = tmp_path / "d"
+    d.mkdir()
+    for i in range(3):
+        (d / f"f{i}.txt").write_text(f"document {i}\n")
+    (d / "link0.txt").symlink_to(d / "f0.txt")
+    files, _ = resolve_local_files(str(d))
+    assert sorted(os.path.basename(f) for f in files) == ["f0.txt", "f1.txt", "f2.txt"]
+    globbed, _ = resolve_local_files(str(d / "*.txt"))
+    assert len(globbed) == 3

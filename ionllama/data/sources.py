@@ -180,6 +180,18 @@ def _readable_text_files(paths: list[str], pattern: str) -> list[str]:
     return keep
 
 
+def _one_copy_each(files: list[str]) -> list[str]:
+    """The first of the paths that lead to the same file: a file seen twice ('**' through a folder link, a link to a
+    file in the same folder) put one copy's documents in val and the other's in train."""
+    out, seen = [], set()
+    for f in files:
+        real = os.path.realpath(f)
+        if real not in seen:
+            seen.add(real)
+            out.append(f)
+    return out
+
+
 def resolve_local_files(pattern: str) -> tuple[list[str], str]:
     """--data_path -> (sorted files, base dir used for stable relative doc ids)."""
     p = os.path.expanduser(pattern)
@@ -189,12 +201,7 @@ def resolve_local_files(pattern: str) -> tuple[list[str], str]:
                             "remove the link, or give the folder itself as --data_path (a folder path does not "
                             "follow links)")
         matched = sorted(f for f in glob.glob(p, recursive=True) if not os.path.isdir(f))
-        files, seen = [], set()
-        for f in _readable_text_files(matched, pattern):
-            real = os.path.realpath(f)
-            if real not in seen:  # '**' through a folder link saw a file twice: one copy could land in val
-                seen.add(real)
-                files.append(f)
+        files = _one_copy_each(_readable_text_files(matched, pattern))
         if not files:
             raise UserError(f"--data_path '{pattern}' matches no {'text ' if matched else ''}files; check the pattern")
         base = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
@@ -209,7 +216,7 @@ def resolve_local_files(pattern: str) -> tuple[list[str], str]:
             warnings.warn(f"--data_path '{pattern}': linked folder(s) not followed: "
                           f"{', '.join(os.path.relpath(d) for d in links[:5])}; give them as --data_path of their own "
                           "or use a glob", stacklevel=2)
-        files = _readable_text_files(sorted(found), pattern)
+        files = _one_copy_each(_readable_text_files(sorted(found), pattern))
         if not files:
             raise UserError(f"--data_path directory '{pattern}' holds no text files "
                             f"(*.txt, *.md, *.jsonl[.gz|.xz], *.parquet, ...); point it at your data")
@@ -352,12 +359,13 @@ def _iter_parquet_pyarrow(path: str, text_field: str, doc_prefix: str) -> Iterat
     text_columns = [f.name for f in schema if str(f.type) in ("string", "large_string", "binary", "large_binary")]
     if text_field not in schema.names:
         raise no_text_field(path, text_field, text_columns, schema.names)
-    i = 0
+    i = 0  # rows numbered from 0, as iter_hf_documents does: a doc id (and so the split) must not depend on
+    # whether `datasets` is installed (this fallback counted from 1: the val rows were their neighbours)
     for batch in pf.iter_batches(columns=[text_field]):
         for text in batch.column(0).to_pylist():
-            i += 1
             if text is not None:
                 yield f"{doc_prefix}:{i}", column_text(text, path, text_field, text_columns)
+            i += 1
 
 
 def _is_json_lines(path: str, text_field: str) -> bool:
