@@ -719,3 +719,42 @@ def test_a_file_reached_twice_through_a_folder_is_read_once(tmp_path):
     assert sorted(os.path.basename(f) for f in files) == ["f0.txt", "f1.txt", "f2.txt"]
     globbed, _ = resolve_local_files(str(d / "*.txt"))
     assert len(globbed) == 3
+
+
+def test_two_runs_preparing_the_same_cache_build_it_once(tmp_path, monkeypatch):
+    """Two runs preparing the same data at once both rebuilt the cache, and the one finishing second deleted the
+    folder the first had installed or failed with "cannot replace the old cache folder" (an audit: 1-2 of 6 failed
+    in every round). A lock now lets one build while the other waits and then reuses it. (Two threads here: the
+    lock is an flock on a file, taken per open file, so it holds between threads as between processes.)"""
+    import threading
+
+    import ionllama.data.shards as S
+
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": f"document {i} " + "text " * 50}) + "\n" for i in range(100)))
+    real = S._write_shards
+
+    def slow(*a, **k):  # the first build is still running when the second run looks for the cache
+        time.sleep(1.0)
+        return real(*a, **k)
+
+    monkeypatch.setattr(S, "_write_shards", slow)
+    said, errors = [], []
+
+    def run():
+        try:
+            prepare(DataArgs(data_path=str(src), data_dir=str(tmp_path / "c")), log=said.append)
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    threads[0].start()
+    time.sleep(0.3)
+    threads[1].start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert sum(m.startswith("data: preparing") for m in said) == 1, said
+    assert sum(m.startswith("data: reusing") for m in said) == 1, said
+    (cache,) = [d for d in (tmp_path / "c").iterdir() if d.is_dir()]
+    assert (cache / "meta.json").is_file()

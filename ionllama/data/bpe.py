@@ -285,7 +285,7 @@ def prepare_tokens(byte_dir: str | Path, vocab_size: int = 4096, tokenizer_train
     """Token shards for the byte shards in `byte_dir` (built once, then reused). The tokenizer is trained
     on the train split only (its first `tokenizer_train_bytes` bytes when given), or read from
     `tokenizer_path` (e.g. the one saved with a run, so a resumed run keeps its exact tokenizer)."""
-    from .shards import open_shards, staged_dir
+    from .shards import cache_lock, open_shards, staged_dir
 
     byte_dir = Path(byte_dir)
     shards = open_shards(byte_dir)
@@ -300,40 +300,48 @@ def prepare_tokens(byte_dir: str | Path, vocab_size: int = 4096, tokenizer_train
         if same is not None:  # e.g. a resumed run: its tokenizer is the one trained here before
             log(f"bpe: reusing {same} (same tokenizer)")
             return same
-    meta_path = out / "meta.json"
-    if meta_path.exists():
-        try:
-            if json.loads(meta_path.read_text()).get("key") == key:
-                log(f"bpe: reusing {out}")
-                return out
-        except ValueError:
-            pass
-    with staged_dir(out, byte_dir, "--data_dir") as tmp:
-        t0 = time.time()
-        if given is None:
-            log(f"bpe: training a {vocab_size}-token byte-level BPE on the train split"
-                + (f" (first {tokenizer_train_bytes:,} bytes)" if tokenizer_train_bytes else ""))
-            bpe = train_tokenizer(_limited(iter_shard_docs(shards.train), tokenizer_train_bytes), vocab_size)
-        else:
-            bpe = given
-        bpe.save(tmp / "tokenizer.json")
-        t1 = time.time()
-        splits = {}
-        for name, data in (("train", shards.train), ("val", shards.val)):
-            splits[name] = _write_tokens(bpe, data, tmp / f"{name}.tok")
-            if splits[name]["bytes"] != len(data):  # the invariant every BPB number rests on
-                raise RuntimeError(f"token shard {name}: tokens cover {splits[name]['bytes']} bytes, the byte shard "
-                                   f"has {len(data)}")
-        meta = {"format": TOKEN_FORMAT, "key": key, "vocab_size": bpe.vocab_size, "splits": splits,
-                "byte_dir": str(byte_dir), "tokenizer_seconds": round(t1 - t0, 2),
-                "encode_seconds": round(time.time() - t1, 2), "tokenizers": _import_tokenizers().__version__,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    if _token_cache_made(out, key, log):
+        return out
+    # one process builds it at a time; the others wait and then reuse it (cache_lock)
+    with cache_lock(byte_dir, out.name, "--data_dir"):
+        if _token_cache_made(out, key, log):
+            return out
+        with staged_dir(out, byte_dir, "--data_dir") as tmp:
+            t0 = time.time()
+            if given is None:
+                log(f"bpe: training a {vocab_size}-token byte-level BPE on the train split"
+                    + (f" (first {tokenizer_train_bytes:,} bytes)" if tokenizer_train_bytes else ""))
+                bpe = train_tokenizer(_limited(iter_shard_docs(shards.train), tokenizer_train_bytes), vocab_size)
+            else:
+                bpe = given
+            bpe.save(tmp / "tokenizer.json")
+            t1 = time.time()
+            splits = {}
+            for name, data in (("train", shards.train), ("val", shards.val)):
+                splits[name] = _write_tokens(bpe, data, tmp / f"{name}.tok")
+                if splits[name]["bytes"] != len(data):  # the invariant every BPB number rests on
+                    raise RuntimeError(f"token shard {name}: tokens cover {splits[name]['bytes']} bytes, the byte "
+                                       f"shard has {len(data)}")
+            meta = {"format": TOKEN_FORMAT, "key": key, "vocab_size": bpe.vocab_size, "splits": splits,
+                    "byte_dir": str(byte_dir), "tokenizer_seconds": round(t1 - t0, 2),
+                    "encode_seconds": round(time.time() - t1, 2), "tokenizers": _import_tokenizers().__version__,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     s = meta["splits"]
     log(f"bpe: {s['train']['tokens']:,} train / {s['val']['tokens']:,} val tokens, "
         f"{s['train']['bytes_per_token']:.3f} bytes/token (tokenizer {meta['tokenizer_seconds']} s, "
         f"encoding {meta['encode_seconds']} s) -> {out}")
     return out
+
+
+def _token_cache_made(out: Path, key: dict, log) -> bool:
+    try:
+        if json.loads((out / "meta.json").read_text()).get("key") == key:
+            log(f"bpe: reusing {out}")
+            return True
+    except (OSError, ValueError):
+        pass
+    return False
 
 
 def open_token_shards(path: str | Path) -> TokenShards:

@@ -178,26 +178,17 @@ def prepare(args: DataArgs, log: Callable[[str], None] = print) -> Path:
         raise UserError(f"--max_bytes {args.max_bytes} must be at least 1; leave it out to read everything")
     source = make_source(args)
     out, key = cache_dir_for(args, source)
-    meta_path = out / "meta.json"
-    if meta_path.exists():
-        try:
-            meta = json.loads(meta_path.read_text())
-            sizes_ok = all((out / f"{sp}.bin").is_file() and (out / f"{sp}.bin").stat().st_size ==
-                           meta["splits"][sp]["bytes"] for sp in ("train", "val"))
-            if meta.get("key") == key and not sizes_ok:  # a truncated shard was reused (and trained on) silently
-                log(f"data: {out} has a shard whose size is not the one meta.json records; preparing it again")
-            elif meta.get("key") == key:
-                log(f"data: reusing {out} ({meta['splits']['train']['bytes']:,} train / "
-                    f"{meta['splits']['val']['bytes']:,} val bytes)")
-                return out
-        except (ValueError, KeyError):
-            pass  # unreadable cache: rebuild it
-    log(f"data: preparing {source.description} -> {out}")
-    t0 = time.time()
-    with staged_dir(out, Path(args.data_dir), "--data_dir") as tmp:
-        meta = _write_shards(source, args, tmp, log)
-        meta["key"] = key
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    if _reusable(out, key, log):
+        return out
+    with cache_lock(Path(args.data_dir), out.name, "--data_dir"):
+        if _reusable(out, key, log):  # another process built it while this one waited
+            return out
+        log(f"data: preparing {source.description} -> {out}")
+        t0 = time.time()
+        with staged_dir(out, Path(args.data_dir), "--data_dir") as tmp:
+            meta = _write_shards(source, args, tmp, log)
+            meta["key"] = key
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     s = meta["splits"]
     log(f"data: {s['train']['documents']:,} train docs / {s['train']['bytes']:,} bytes, {s['val']['documents']:,} val "
         f"docs / {s['val']['bytes']:,} bytes ({meta['split_method']} split) in {time.time() - t0:.1f} s")
@@ -240,6 +231,57 @@ def _remove_stale_tmp(parent: Path, name: str) -> None:
     for d in parent.glob(f".tmp-{name}-*"):
         if process_gone(d.name.rsplit("-", 1)[-1]):
             shutil.rmtree(d, ignore_errors=True)
+
+
+def _reusable(out: Path, key: dict, log) -> bool:
+    """Whether `out` holds whole shards made under `key` (said in the log either way it matters)."""
+    meta_path = out / "meta.json"
+    if not meta_path.exists():
+        return False
+    try:
+        meta = json.loads(meta_path.read_text())
+        sizes_ok = all((out / f"{sp}.bin").is_file() and (out / f"{sp}.bin").stat().st_size ==
+                       meta["splits"][sp]["bytes"] for sp in ("train", "val"))
+    except (ValueError, KeyError, OSError):
+        return False  # unreadable cache: rebuild it
+    if meta.get("key") == key and not sizes_ok:  # a truncated shard was reused (and trained on) silently
+        log(f"data: {out} has a shard whose size is not the one meta.json records; preparing it again")
+        return False
+    if meta.get("key") == key:
+        log(f"data: reusing {out} ({meta['splits']['train']['bytes']:,} train / "
+            f"{meta['splits']['val']['bytes']:,} val bytes)")
+        return True
+    return False
+
+
+@contextmanager
+def cache_lock(parent: Path, name: str, flag: str):
+    """One process at a time builds cache folder `name` in `parent`; the others wait, then find it made. Without it
+    two runs on the same data both rebuilt it, and the one finishing second deleted the folder the first had just
+    installed (and might be reading), or failed with "cannot replace the old cache folder" (an audit). POSIX only
+    (fcntl); elsewhere the builds race as before."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    made = not parent.exists()
+    lock = parent / f".lock-{name}"
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fh = open(lock, "a")
+    except OSError as e:
+        raise UserError(f"cannot write to {flag} {parent} ({e.strerror or e}); choose a writable folder") from None
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+    except BaseException:
+        if made:  # a refused first run leaves no data_cache/ behind (its lock file either)
+            lock.unlink(missing_ok=True)
+            remove_if_empty(parent)
+        raise
+    finally:
+        fh.close()  # (closing releases the lock)
 
 
 @contextmanager
