@@ -200,6 +200,11 @@ def test_global_batch_kept_on_another_world_size():
     a = argparse.Namespace(batch_size=4, grad_accum=3)
     distributed.keep_global_batch(a, ck, 1, {"grad_accum"}, lambda m: None)
     assert a.grad_accum == 3  # given on the command line: kept
+    # not a multiple: the nearest global batch, said (the checkpoint's grad_accum was kept: 4 windows became 12)
+    said = []
+    a = argparse.Namespace(batch_size=3, grad_accum=2)
+    distributed.keep_global_batch(a, {"data_position": {"world_size": 1, "global_batch": 4}}, 2, set(), said.append)
+    assert a.grad_accum == 1 and "--grad_accum 1 makes it 6, the nearest" in said[0], said
 
 
 def test_setup_keeps_multicast_off_and_is_a_noop_without_torchrun(monkeypatch):
@@ -433,3 +438,15 @@ def test_torchrun_resume_from_an_older_step_dcp_moves_the_abandoned_branch_aside
         assert distributed.load_train_state(aside / name)["step"] == STEPS
         assert _max_diff(_weights(aside / name), _weights(ddp_run / "final.safetensors")) == 0.0
     assert (run / "metrics.before-resume-step3.jsonl").is_file() and (run / "final.dcp").is_dir()
+
+
+@pytest.mark.slow
+def test_one_process_resume_of_an_older_dcp_moves_the_latest_it_would_never_replace(tmp, ddp_run):
+    """A torchrun run resumed in one process from an older step_N.dcp: its latest.dcp was hard-linked aside and left
+    in place, where this run (writing .pt) never replaces it, so a crash before the first save had --resume auto
+    take the abandoned branch (an audit). The latest of the other format now moves aside whole."""
+    run = _copy_run(ddp_run, tmp / "ck" / "cross")
+    _one_process(_args(tmp, "cross", batch_size=2, resume=run / "step_3.dcp"))
+    aside = run / "before-resume-step3"
+    assert not (run / "latest.dcp").exists() and (run / "latest.pt").is_file()
+    assert distributed.load_train_state(aside / "latest.dcp")["step"] == STEPS

@@ -374,3 +374,29 @@ def test_resume_auto_picks_the_run_of_this_data_among_runs_of_one_default_name(t
     assert load_checkpoint(first / "latest.pt")["step"] == 10  # this data's run went on
     assert load_checkpoint(second / "latest.pt")["step"] == before == 5  # the other was left as it was
     assert "resuming on other data" not in capsys.readouterr().out
+
+
+def test_a_signalled_rank_exits_after_the_closing_barrier(monkeypatch):
+    """Under torchrun, SIGTERM to one rank: the ranks agree to stop and save at the same step, but the signalled one
+    left with SystemExit before the process group's closing barrier, so the others failed in theirs with a gloo
+    traceback (an audit). Now its run returns, train() tears down with the barrier like the others, then exits 143."""
+    from types import SimpleNamespace
+
+    import ionllama.train.trainer as tr
+
+    calls = []
+
+    class Run:
+        def __init__(self, *a, **k):
+            pass
+
+        def run(self):
+            calls.append("run")
+            return {"run_dir": "x", "step": 5, "stopped": True, "exit_code": 143}
+
+    monkeypatch.setattr(tr.distributed, "setup", lambda device: tr.distributed.DistContext())
+    monkeypatch.setattr(tr.distributed, "teardown", lambda finished=False: calls.append(("teardown", finished)))
+    monkeypatch.setattr(tr, "Trainer", Run)
+    with pytest.raises(SystemExit) as e:
+        tr.train(SimpleNamespace(device="cpu", save_dir="/nonexistent-save-dir"))
+    assert e.value.code == 143 and calls == ["run", ("teardown", True)]

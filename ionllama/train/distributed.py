@@ -719,6 +719,9 @@ def keep_global_batch(args, ck: dict, world_size: int, explicit: set[str], say) 
             say(f"note: the checkpoint ran with world size {saved_world}, this run with {world_size}: --grad_accum "
                 f"{args.grad_accum} -> {saved_global // per_step} keeps the global batch at {saved_global}")
         args.grad_accum = saved_global // per_step
-    else:
+    else:  # the nearest whole grad_accum (the checkpoint's own was kept: 4 windows became 12 in an audit's run)
+        accum = max(1, round(saved_global / per_step))
         say(f"note: global batch {saved_global} of the checkpoint is not a multiple of --batch_size {args.batch_size}"
-            f" x {world_size} processes; the global batch and the data stream change")
+            f" x {world_size} processes; --grad_accum {accum} makes it {accum * per_step}, the nearest, and the data "
+            f"stream changes")
+        args.grad_accum = accum

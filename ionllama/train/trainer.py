@@ -592,6 +592,12 @@ class Trainer:
                                if f.is_file()]
         later += [f for f in (self.run_dir / "best.pt", self.run_dir / f"best{dcp}") if past(f)]
         latest = [f for f in (self.run_dir / "latest.pt", self.run_dir / f"latest{dcp}") if past(f)]
+        # a latest in the format this run does not write (a torchrun .dcp resumed in one process, or the reverse)
+        # is never replaced by its saves: moved, not linked (it stayed, and a crash before the first save had
+        # --resume auto take the abandoned branch)
+        own = f"latest{dcp}" if self.par.distributed else "latest.pt"
+        later += [f for f in latest if f.name != own]
+        latest = [f for f in latest if f.name == own]
         if not later and not latest:
             return
         aside = self.run_dir / f"before-resume-step{self.step}"
@@ -1079,9 +1085,15 @@ class Trainer:
                     latest = self.run_dir / ("latest.dcp" if self.par.distributed else "latest.pt")
                     _say(f"stopped at step {self.step} ({why}); saved {latest}; "
                          f"continue with {self._resume_hint()}")
+                    done = {"run_dir": str(self.run_dir), "step": self.step, "stopped": True}
+                    if stop.signum and self.par.distributed:
+                        # exit after the process group's closing barrier (train() raises it): leaving here
+                        # skipped it, and the other ranks, stopped at the same step, failed in theirs with a
+                        # gloo/NCCL traceback waiting for this one
+                        return {**done, "exit_code": 128 + stop.signum}
                     if stop.signum:
                         raise SystemExit(128 + stop.signum)
-                    return {"run_dir": str(self.run_dir), "step": self.step, "stopped": True}
+                    return done
             bar.close()
             result = self._finish()
         finally:
@@ -1168,13 +1180,16 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict:
     try:
         result = Trainer(args, explicit, rank=ctx.rank, world_size=ctx.world_size).run()
         finished = True
-        return result
     except BaseException:
         if ctx.rank == 0:
             _drop_new_empty_folders(save, before)
         raise
     finally:
         distributed.teardown(finished)
+    code = result.pop("exit_code", None) if isinstance(result, dict) else None
+    if code is not None:  # a signalled rank of a torchrun job: its exit status, after every rank's barrier
+        raise SystemExit(code)
+    return result
 
 
 def _drop_new_empty_folders(save: Path, before: set[str] | None) -> None:
