@@ -551,3 +551,17 @@ def test_measured_rows_name_the_task_split():
     table = "\n".join(measured_rows([res("val"), res("test")]))
     assert "held-out test split" not in table and "| tasks label | tasks split |" in table
     assert "| in_format | val |" in table and "| in_format | test |" in table
+
+
+def test_a_datasets_save_to_disk_folder_as_eval_data_is_refused_naming_the_export(tmp_path):
+    """Training reads a save_to_disk folder's rows; bench --eval_data read it as plain files and scored its JSON
+    metadata (479 bytes of it) with no word (an audit). Now it is one line saying how to export the split."""
+    from ionllama.eval.loading import read_eval_bytes
+
+    for kind, files in (("dict", ["dataset_dict.json"]), ("dataset", ["state.json", "dataset_info.json"])):
+        d = tmp_path / kind
+        d.mkdir()
+        for f in files:
+            (d / f).write_text('{"splits": ["train", "validation"]}')
+        with pytest.raises(UserError, match=r"is a `datasets` save_to_disk folder, which is not read here; export"):
+            read_eval_bytes(d)

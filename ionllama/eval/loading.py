@@ -160,6 +160,12 @@ def read_eval_bytes(path: str | Path, max_bytes: int | None = None, text_field: 
     p = Path(path)
     if not p.exists():
         raise UserError(f"eval data '{p}' not found; pass --eval_data PATH (text, jsonl[.gz|.xz] or a directory)")
+    from ..data.sources import saved_dataset_kind
+
+    if saved_dataset_kind(str(p)):  # its JSON metadata was scored as the text (479 bytes), its Arrow rows skipped
+        raise UserError(f"eval data '{p}' is a `datasets` save_to_disk folder, which is not read here; export the "
+                        f"split to score, e.g. load_from_disk('{p}')['validation'].to_json('val.jsonl'), and pass "
+                        f"that file")
     files = _files_under(p) if p.is_dir() else [p]
     if not files:
         raise UserError(f"no text or jsonl files under '{p}'; pass --eval_data with .txt or .jsonl files")
