@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
-from ..data.sources import JSONL_SUFFIXES, READ_ERRORS, iter_local_file
+from ..data.sources import JSONL_SUFFIXES, READ_ERRORS, iter_local_file, saved_dataset_kind
 from ..data.tasks import DOC_SEP
 from ..errors import UserError, first_line
 from ..registry import build_model
@@ -160,8 +160,6 @@ def read_eval_bytes(path: str | Path, max_bytes: int | None = None, text_field: 
     p = Path(path)
     if not p.exists():
         raise UserError(f"eval data '{p}' not found; pass --eval_data PATH (text, jsonl[.gz|.xz] or a directory)")
-    from ..data.sources import saved_dataset_kind
-
     if saved_dataset_kind(str(p)):  # its JSON metadata was scored as the text (479 bytes), its Arrow rows skipped
         raise UserError(f"eval data '{p}' is a `datasets` save_to_disk folder, which is not read here; export the "
                         f"split to score, e.g. load_from_disk('{p}')['validation'].to_json('val.jsonl'), and pass "
