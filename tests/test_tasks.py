@@ -297,3 +297,30 @@ def test_probe_tasks_refuses_no_tasks_and_a_short_row_before_any_arm_trains(tmp_
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and message in err[0], err
     assert not trained and not (tmp_path / "p").exists()
+
+
+def test_bench_task_stage_pads_rows_without_changing_the_loss():
+    """benchmarks/bench_task_stage.py --fixed_rows pads every task batch to one row count (one shape for
+    torch.compile): separator rows without targets, so the loss and its gradients are those of the unpadded batch."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_task_stage.py"
+    spec = importlib.util.spec_from_file_location("bench_task_stage", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from ionllama import create_model
+    from ionllama.experiment.tasks import task_batch, task_examples
+
+    torch.manual_seed(0)
+    m = create_model("tiny", model="dense", d_model=32, n_layers=1, n_heads=2)
+    x, y = task_batch(m, task_examples(1, 0, 8), 96)
+    px, py = mod.pad_rows(x, y, x.shape[0] + 3)
+    assert px.shape == (x.shape[0] + 3, x.shape[1]) and (px[x.shape[0]:] == x[0, 0]).all()
+    assert (py[x.shape[0]:] == -100).all() and torch.equal(px[:x.shape[0]], x)
+    a, b = m(x, y)["loss"], m(px, py)["loss"]
+    torch.testing.assert_close(a, b)
+    ga = torch.autograd.grad(a, m.head.weight)[0]
+    gb = torch.autograd.grad(b, m.head.weight)[0]
+    torch.testing.assert_close(ga, gb)
+    assert mod.pad_rows(x, y, 2)[0] is x  # never cut
