@@ -139,7 +139,12 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag prints one `error: ...` line (exit 2) instead of usage + error."""
+    """argparse, but a bad flag prints one `error: ...` line (exit 2) instead of usage + error, and a flag must be
+    spelt out: argparse's prefix matching took `bench --out x` as `--output x` and wrote a stray file (an audit)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         # under torchrun every rank parses the same flags: rank 0 says it once, not once per process

@@ -307,3 +307,16 @@ def test_a_refusal_under_torchrun_is_printed_once_not_once_per_rank(tmp_path, mo
     with pytest.raises(SystemExit):
         failing("x")()
     assert capsys.readouterr().err.strip() == "[rank 1] error: x"
+
+
+def test_a_flag_must_be_spelt_out():
+    """argparse's prefix matching took `bench --out x` as `--output x` (a stray file written; an audit) and `train
+    --max_step 3` as --max_steps: every ionllama command now refuses an abbreviation in one line."""
+    from ionllama.errors import OneLineParser
+
+    p = OneLineParser(prog="x")
+    p.add_argument("--output")
+    with pytest.raises(SystemExit) as e:
+        p.parse_args(["--out", "f"])
+    assert e.value.code == 2
+    assert p.parse_args(["--output", "f"]).output == "f"

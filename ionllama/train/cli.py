@@ -121,7 +121,7 @@ def build_train_parser(prog: str = "ionllama train") -> argparse.ArgumentParser:
 
 def explicit_args(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     """Names of the flags the user actually gave (so a resumed run keeps the checkpoint's others)."""
-    quiet = argparse.ArgumentParser(add_help=False)
+    quiet = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # (as the real parser: no prefixes)
     for a in parser._actions:
         if a.option_strings and a.dest != "help":
             kw = {"dest": a.dest, "default": argparse.SUPPRESS}
