@@ -758,3 +758,19 @@ def test_two_runs_preparing_the_same_cache_build_it_once(tmp_path, monkeypatch):
     assert sum(m.startswith("data: reusing") for m in said) == 1, said
     (cache,) = [d for d in (tmp_path / "c").iterdir() if d.is_dir()]
     assert (cache / "meta.json").is_file()
+
+
+def test_a_file_system_without_locks_still_prepares(tmp_path, monkeypatch):
+    """flock fails on some network mounts (ENOLCK): the cache is then built unlocked, as before the lock, not
+    refused with a traceback."""
+    import errno
+    import fcntl
+
+    def no_locks(*a):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": f"document {i} " + "text " * 20}) + "\n" for i in range(50)))
+    out = prepare(DataArgs(data_path=str(src), data_dir=str(tmp_path / "c")), log=quiet)
+    assert (out / "meta.json").is_file()

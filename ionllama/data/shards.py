@@ -273,7 +273,10 @@ def cache_lock(parent: Path, name: str, flag: str):
     except OSError as e:
         raise UserError(f"cannot write to {flag} {parent} ({e.strerror or e}); choose a writable folder") from None
     try:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks (some network mounts): build unlocked, as before
+            pass
         yield
     except BaseException:
         if made:  # a refused first run leaves no data_cache/ behind (its lock file either)
