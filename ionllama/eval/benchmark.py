@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..data import tasks as T
+from ..devices import resolve_device
 from ..errors import OneLineParser, UserError, check_ranges, cli_entry
 from ..fsutil import atomic_write, probe_write
 from ..registry import create_model
@@ -267,9 +268,7 @@ def run(argv: list[str], prog: str) -> dict:
         if metrics_file(r) is None:
             raise UserError(f"no metrics.jsonl at '{r}'; pass a run directory written by `ionllama train`")
     t_start = time.perf_counter()
-    from ..train.trainer import resolve_device  # (here: the trainer imports the eval package)
-
-    device = resolve_device(a.device)  # the trainer's check: one set of device names and messages
+    device = resolve_device(a.device)  # the one set of device names and messages (train, generate, bench)
     amp = _amp(a.amp, device)
     skip = set(a.skip)
 

@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..devices import resolve_device
 from ..errors import OneLineParser, UserError, check_ranges, cli_entry, is_out_of_memory
 from .prompts import normalize_stops
 from .sampling import SamplingConfig
@@ -191,10 +192,8 @@ def _open_output(path: str | None):
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ..train.trainer import resolve_device
-
-    # the trainer's check, before the checkpoint: a bad name must not read as a bad checkpoint (mps, meta and xpu
-    # passed torch's parser here and failed in the loader or in a traceback)
+    # before the checkpoint: a bad name must not read as a bad checkpoint (mps, meta and xpu passed torch's parser
+    # here and failed in the loader or in a traceback)
     device = str(resolve_device(args.device))
     # the sampling flags before the checkpoint loads and the prompt is echoed: the error line stands alone, early
     SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy)

@@ -31,6 +31,7 @@ import torch.nn as nn
 from ..config import ModelConfig, make_config
 from ..data import DOC_SEP, DOC_SEP_BYTES
 from ..data.bpe import TokenTraining, configure as token_configure, is_token_model
+from ..devices import resolve_device  # (the benchmarks import it from here too)
 from ..errors import UserError, check_ranges, first_line
 from ..fsutil import probe_writable, process_gone, remove_if_empty
 from ..eval.bpb import LN2, evaluate_batches, evaluate_bpb
@@ -55,31 +56,6 @@ def _say(msg: str) -> None:
 
     tqdm.write(msg, file=sys.stdout)
     sys.stdout.flush()
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        dev = None
-    # torch parses meta, xpu, ipu, ... too: they failed later, blamed on a checkpoint or in a traceback
-    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"unknown --device '{name}'; use auto, cpu, cuda, cuda:N or mps")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible "
-                        f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
-                                  and torch.backends.mps.is_available()):
-        raise UserError("--device mps but MPS is not available on this machine; use --device cpu")
-    return dev
 
 
 def resolve_amp(mixed_precision: str | None, device: torch.device) -> torch.dtype | None:

@@ -1,0 +1,32 @@
+"""The one check of a --device name, shared by train, generate, bench and the benchmarks: a bad name is one line
+before any work, not a failure later blamed on a checkpoint or a traceback from the first CUDA call."""
+from __future__ import annotations
+
+import torch
+
+from .errors import UserError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        dev = None
+    # torch parses meta, xpu, ipu, ... too: they failed later, blamed on a checkpoint or in a traceback
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown --device '{name}'; use auto, cpu, cuda, cuda:N or mps")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible "
+                        f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                  and torch.backends.mps.is_available()):
+        raise UserError("--device mps but MPS is not available on this machine; use --device cpu")
+    return dev
