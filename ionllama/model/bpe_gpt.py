@@ -21,10 +21,20 @@ from ..registry import register
 from .common import checked_input
 from .dense import ParamCountMixin, build_transformer_lm, lm_outputs, transformer_lm_logits
 
-# the byte models' decode-speed options, at the values that leave them to the decoder: taken (so one call serves
-# every model); any other value asks for something the token decoder does not do, and is refused
-BYTE_DECODER_OPTIONS = {"cuda_graphs": "auto", "compile": False, "fused_local_step": "auto",
-                        "fused_entropy_step": "auto", "fused_latent_step": "auto", "entropy_branch": "auto", "unroll": 1}
+# the byte models' decode-speed options: taken at generate()'s own defaults (so one call serves every model); any
+# other value asks for something the token decoder does not do, and is refused
+BYTE_DECODER_OPTIONS = ("cuda_graphs", "compile", "fused_local_step", "fused_entropy_step", "fused_latent_step",
+                        "entropy_branch", "unroll")
+
+
+def _byte_decoder_defaults() -> dict:
+    """generate()'s defaults for BYTE_DECODER_OPTIONS, read from its signature (not written again here)."""
+    import inspect
+
+    from ..generation.generate import generate
+
+    params = inspect.signature(generate).parameters
+    return {name: params[name].default for name in BYTE_DECODER_OPTIONS}
 
 
 
@@ -110,8 +120,9 @@ class BPETransformer(ParamCountMixin, nn.Module):
         unknown = sorted(set(byte_decoder_options) - set(BYTE_DECODER_OPTIONS))
         if unknown:  # a misspelt option (topk=3) was dropped here silently while the byte models refuse it
             raise TypeError(f"generate() got an unexpected keyword argument '{unknown[0]}'")
+        defaults = _byte_decoder_defaults()
         for name, value in byte_decoder_options.items():  # compile=True, unroll=0, ... were ignored without a word
-            default = BYTE_DECODER_OPTIONS[name]
+            default = defaults[name]
             if name == "cuda_graphs":  # a yes / no / auto for every model (checked below): no graphs here
                 continue
             if type(value) is not type(default) or value != default:
