@@ -52,7 +52,8 @@ def pad_rows(x: torch.Tensor, y: torch.Tensor, rows: int) -> tuple[torch.Tensor,
 
 def time_way(args, compiled: bool) -> dict:
     model = build(args)
-    fwd = torch.compile(model) if compiled else model
+    fwd = torch.compile(model, dynamic=True if args.dynamic else None) if compiled else model
+    graphs_before = dynamo_graphs()
     marks = {}
     batches = [task_batch(model, task_examples(1, step, args.batch), args.row_len) for step in range(args.steps)]
     rows = max(x.shape[0] for x, _ in batches) if args.fixed_rows else 0
@@ -71,7 +72,14 @@ def time_way(args, compiled: bool) -> dict:
         torch.cuda.synchronize()
     timed = args.steps - args.warmup
     return {"ms_per_step": 1e3 * (time.perf_counter() - marks["t"]) / timed, "timed_steps": timed,
-            "warmup_steps": args.warmup, "total_s": time.perf_counter() - t0, "last_loss": losses[-1]}
+            "warmup_steps": args.warmup, "total_s": time.perf_counter() - t0, "last_loss": losses[-1],
+            "dynamo_graphs": dynamo_graphs() - graphs_before}
+
+
+def dynamo_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far: each new shape that recompiles adds to it."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
 
 
 def main() -> int:
@@ -85,25 +93,30 @@ def main() -> int:
     ap.add_argument("--row_len", type=int, default=256, help="the experiment's --task_seq_len")
     ap.add_argument("--fixed_rows", action="store_true",
                     help="pad every batch to the stage's largest row count (see pad_rows): one shape to compile")
+    ap.add_argument("--dynamic", action="store_true",
+                    help="torch.compile(model, dynamic=True): shapes symbolic from the first compile, not the second")
+    ap.add_argument("--ways", nargs="+", choices=("eager", "compiled"), default=["eager", "compiled"])
     ap.add_argument("--out", default="out")
     args = ap.parse_args()
     if not 0 < args.warmup < args.steps:
         print("error: --warmup must be between 0 and --steps; pass e.g. --steps 300 --warmup 50", file=sys.stderr)
         return 2
-    res = {"eager": time_way(args, False), "compiled": time_way(args, True)}
-    res["speedup"] = res["eager"]["ms_per_step"] / res["compiled"]["ms_per_step"]
+    res = {way: time_way(args, way == "compiled") for way in args.ways}
+    if len(res) == 2:
+        res["speedup"] = res["eager"]["ms_per_step"] / res["compiled"]["ms_per_step"]
     res.update({"args": vars(args), "torch": torch.__version__, "commit": git_commit(),
                 "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                 "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_task_stage.json").write_text(json.dumps(res, indent=1))
-    for way in ("eager", "compiled"):
+    for way in args.ways:
         r = res[way]
         rows = " (fixed rows)" if args.fixed_rows else ""
         print(f"{way:9s} {r['ms_per_step']:.1f} ms/step over {r['timed_steps']} steps{rows}; last loss "
-              f"{r['last_loss']['loss']:.4f}; {r['total_s']:.0f} s in all")
-    print(f"speedup {res['speedup']:.2f}x")
+              f"{r['last_loss']['loss']:.4f}; {r['total_s']:.0f} s in all; {r['dynamo_graphs']} dynamo graphs")
+    if "speedup" in res:
+        print(f"speedup {res['speedup']:.2f}x")
     return 0
 
 

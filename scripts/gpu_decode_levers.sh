@@ -54,7 +54,8 @@
 # The archive is rewritten after every step, so an outer timeout keeps the steps that finished.
 # Env: STEPS (default: the tenth session's five), BYTES (1024), BUDGET (150 s per sweep), STAGE_A_SHAPES,
 # STAGE_A_MODES (default "graph compiled eager"; each ~1 min at 1024x64, compiled longer), UNROLL, TRAIN8K_ARMS (the
-# train8k step's arms, default "ionllama ionllama:patching=fixed dense"; overrides as bench_train_throughput takes them).
+# train8k step's arms, default "ionllama ionllama:patching=fixed dense"; overrides as bench_train_throughput takes them),
+# PICK_RUNS / PICK_GRID (the pick step's runs, default "phase1-patch3 phase1-dropout", and grid, "sched=0,1,0,1").
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 R=$OUT/decode_levers; mkdir -p "$R"
@@ -122,9 +123,9 @@ for step in ${STEPS:-check_ssm check_lnn entropy inductor_pdl latent}; do
         --compile --compile_mode whole --step_graph --seq_len 8192 --batch_size 8 --steps 20 --out "$R/train8k.json" ;;
     pick)  # decode speed of the Phase-1 quality picks (#4 asks it of `small`; these are small-sized, 35M): fixed 3- and
       # 4-byte patches, an 8-layer latent, the "completed" shift, built from their runs' config.json (random weights)
-      for run in phase1-patch3 phase1-dropout; do
+      for run in ${PICK_RUNS:-phase1-patch3 phase1-dropout}; do
         run "pick_${run#phase1-}" $((BUDGET + 90)) $P --model_config "docs/results/$run/ionllama_fixed/config.json" \
-          --sweep_lnn --grid sched=0,1,0,1 --out "$R/pick_${run#phase1-}"
+          --sweep_lnn --grid "${PICK_GRID:-sched=0,1,0,1}" --out "$R/pick_${run#phase1-}"
       done ;;
     conv_gate) run conv_gate 540 python3 benchmarks/bench_conv_gate.py --sweep --out "$R/conv_gate.json" ;;
     kernels_graph)
