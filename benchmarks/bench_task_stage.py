@@ -28,7 +28,7 @@ from bench_generation import add_model_config_arg, model_config_from  # noqa: E4
 
 from ionllama import build_model, create_model  # noqa: E402
 from ionllama.eval.benchmark import git_commit  # noqa: E402
-from ionllama.experiment.tasks import task_batch, task_examples, train_on_tasks  # noqa: E402
+from ionllama.experiment.tasks import compiled_stage, task_batch, task_examples, train_on_tasks  # noqa: E402
 
 
 def build(args):
@@ -38,31 +38,22 @@ def build(args):
     return model.to(args.device)
 
 
-def pad_rows(x: torch.Tensor, y: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A task batch padded to `rows` rows: separator-only rows (a packed row starts with the separator) with no
-    targets, so the loss (a mean over target positions) is unchanged. Why: packed examples give 10-12 rows per step,
-    and the first new row count makes torch.compile compile the whole model again (a graph count on CPU, thirty-
-    eighth session); a fixed count compiles once. Not in the experiment yet: timed here first."""
-    if x.shape[0] >= rows:
-        return x, y
-    pad = rows - x.shape[0]
-    return (torch.cat([x, x[:1, :1].expand(pad, x.shape[1])]),
-            torch.cat([y, torch.full((pad, y.shape[1]), -100, dtype=y.dtype)]))
-
-
 def time_way(args, compiled: bool) -> dict:
     model = build(args)
-    fwd = torch.compile(model, dynamic=True if args.dynamic else None) if compiled else model
+    batches = [task_batch(model, task_examples(1, step, args.batch), args.row_len) for step in range(args.steps)]
+    shapes = {}
+    if compiled and args.fixed_rows:  # as the experiment's compiled stage: one shape, one compile
+        batches, fwd, shapes = compiled_stage(model, batches)
+    else:
+        fwd = torch.compile(model, dynamic=True if args.dynamic else None) if compiled else model
     graphs_before = dynamo_graphs()
     marks = {}
-    batches = [task_batch(model, task_examples(1, step, args.batch), args.row_len) for step in range(args.steps)]
-    rows = max(x.shape[0] for x, _ in batches) if args.fixed_rows else 0
 
     def batch_of_step(step):
         if step == args.warmup:  # the steps before include compiling; the rate is taken after them
             torch.cuda.synchronize() if args.device.startswith("cuda") else None
             marks["t"] = time.perf_counter()
-        return pad_rows(*batches[step], rows)
+        return batches[step]
 
     t0 = time.perf_counter()
     cuda = args.device.startswith("cuda")
@@ -73,7 +64,7 @@ def time_way(args, compiled: bool) -> dict:
     timed = args.steps - args.warmup
     return {"ms_per_step": 1e3 * (time.perf_counter() - marks["t"]) / timed, "timed_steps": timed,
             "warmup_steps": args.warmup, "total_s": time.perf_counter() - t0, "last_loss": losses[-1],
-            "dynamo_graphs": dynamo_graphs() - graphs_before}
+            "dynamo_graphs": dynamo_graphs() - graphs_before, **shapes}
 
 
 def dynamo_graphs() -> int:
@@ -92,7 +83,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=64, help="task examples per step (the experiment's --task_batch)")
     ap.add_argument("--row_len", type=int, default=256, help="the experiment's --task_seq_len")
     ap.add_argument("--fixed_rows", action="store_true",
-                    help="pad every batch to the stage's largest row count (see pad_rows): one shape to compile")
+                    help="compiled: as the experiment's compiled stage (tasks.compiled_stage): every batch padded to the "
+                         "largest row count, one latent length for space patching; without it the batches as packed")
     ap.add_argument("--dynamic", action="store_true",
                     help="torch.compile(model, dynamic=True): shapes symbolic from the first compile, not the second")
     ap.add_argument("--ways", nargs="+", choices=("eager", "compiled"), default=["eager", "compiled"])

@@ -299,28 +299,50 @@ def test_probe_tasks_refuses_no_tasks_and_a_short_row_before_any_arm_trains(tmp_
     assert not trained and not (tmp_path / "p").exists()
 
 
-def test_bench_task_stage_pads_rows_without_changing_the_loss():
-    """benchmarks/bench_task_stage.py --fixed_rows pads every task batch to one row count (one shape for
-    torch.compile): separator rows without targets, so the loss and its gradients are those of the unpadded batch."""
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_task_stage.py"
-    spec = importlib.util.spec_from_file_location("bench_task_stage", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def test_pad_rows_keeps_the_loss_and_its_gradients():
+    """The compiled task stage pads every batch to one row count (one shape for torch.compile) with copies of the
+    first row that have no targets: the loss and its gradients are those of the unpadded batch."""
     from ionllama import create_model
-    from ionllama.experiment.tasks import task_batch, task_examples
+    from ionllama.experiment.tasks import pad_rows, task_batch, task_examples
 
     torch.manual_seed(0)
     m = create_model("tiny", model="dense", d_model=32, n_layers=1, n_heads=2)
     x, y = task_batch(m, task_examples(1, 0, 8), 96)
-    px, py = mod.pad_rows(x, y, x.shape[0] + 3)
-    assert px.shape == (x.shape[0] + 3, x.shape[1]) and (px[x.shape[0]:] == x[0, 0]).all()
+    px, py = pad_rows(x, y, x.shape[0] + 3)
+    assert px.shape == (x.shape[0] + 3, x.shape[1]) and (px[x.shape[0]:] == x[0]).all()
     assert (py[x.shape[0]:] == -100).all() and torch.equal(px[:x.shape[0]], x)
     a, b = m(x, y)["loss"], m(px, py)["loss"]
     torch.testing.assert_close(a, b)
     ga = torch.autograd.grad(a, m.head.weight)[0]
     gb = torch.autograd.grad(b, m.head.weight)[0]
     torch.testing.assert_close(ga, gb)
-    assert mod.pad_rows(x, y, 2)[0] is x  # never cut
+    assert pad_rows(x, y, 2)[0] is x  # never cut
+
+
+def test_compiled_stage_gives_space_patching_one_shape_and_the_same_loss(monkeypatch):
+    """Space patching's compiled task stage: one row count and one latent length for every batch (at least each
+    batch's largest patch count, a multiple of PATCH_PAD), so the forward never reads the count on the host; the
+    loss of every batch is the unpadded, uncapped forward's."""
+    from ionllama import create_model
+    from ionllama.experiment import tasks as T
+    from ionllama.model.ionllama_model import PATCH_PAD
+
+    monkeypatch.setattr(T.torch, "compile", lambda model, **kw: model)  # the forward as compiled, without compiling
+    torch.manual_seed(0)
+    m = create_model("tiny", patching="space", max_patch_size=6).eval()
+    raw = [T.task_batch(m, T.task_examples(1, step, 16), 96) for step in range(6)]
+    assert len({x.shape[0] for x, _ in raw}) > 1  # the rows do vary: the padding is exercised
+    batches, forward, shapes = T.compiled_stage(m, raw)
+    assert shapes["padded_rows"] == max(x.shape[0] for x, _ in raw)
+    assert {x.shape for x, _ in batches} == {(shapes["padded_rows"], 96)}
+    counts = [int(m.patches(x, None)[2].max()) for x, _ in raw]
+    assert shapes["latent_len"] % PATCH_PAD == 0 and max(counts) <= shapes["latent_len"] < max(counts) + PATCH_PAD
+    seen = []
+    real = m.forward
+    monkeypatch.setattr(m, "forward", lambda x, y, **kw: seen.append(kw) or real(x, y, **kw))
+    with torch.no_grad():
+        for (x, y), (px, py) in zip(raw, batches):
+            torch.testing.assert_close(forward(px, py)["loss"], real(x, y)["loss"])
+    assert seen and all(kw == {"latent_len": shapes["latent_len"]} for kw in seen)
+    fixed = create_model("tiny", patching="fixed")
+    assert T.compiled_stage(fixed, [T.task_batch(fixed, T.task_examples(1, 0, 4), 96)])[2]["latent_len"] is None
