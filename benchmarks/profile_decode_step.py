@@ -33,6 +33,7 @@ Writes profile_decode_step.{json,md} (or sweep_<kernel>.{json,md}) into --out.
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import importlib
 import itertools
@@ -316,11 +317,18 @@ def run_sweep(args, kind: str, points: list[dict]) -> list[dict]:
             row = dict(point=i, config=point or "default")
             try:
                 runner.graphs = None  # re-captured with this configuration by start()
+                if i and args.free_graphs:  # the old graphs' pools back to the driver before the capture
+                    runner.sched_graphs = runner.multi_graph = runner.lag_graphs = None
+                    gc.collect()
+                    torch.cuda.empty_cache() if args.device == "cuda" else None
                 setup_s = start(s)
                 ms = timed(runner, n)
                 out = runner.out[0, :runner.n_done].tolist()
                 ref = out if ref is None else ref
                 row.update(setup_s=setup_s, ms_per_byte=ms, bytes_per_s=1000 / ms, bytes_equal=out == ref)
+                if args.device == "cuda":  # why a later capture of the same configuration can replay slower: memory
+                    row.update(mem_allocated_mb=torch.cuda.memory_allocated() / 2**20,
+                               mem_reserved_mb=torch.cuda.memory_reserved() / 2**20)
                 if out != ref:
                     row["first_diff"] = next(j for j, (a, b) in enumerate(zip(out, ref)) if a != b)
                 if runner.graphs is not None:
@@ -398,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--pdl", choices=("on", "off"), default="on",
                     help="programmatic dependent launch of the fused steps (kernels/pdl.py). Profile with 'off' for "
                          "per-kernel costs: under PDL a kernel's recorded time includes waiting for its predecessor")
+    ap.add_argument("--free_graphs", action="store_true",
+                    help="sweeps: drop every graph and empty torch's CUDA cache before each point's capture after the "
+                         "first (the first capture of a process replayed 5-6 %% faster than later ones, 39th session)")
     ap.add_argument("--budget_s", type=float, default=480, help="the sweep stops starting points after this")
     ap.add_argument("--out", default=".")
     ap.add_argument("--threads", type=int, default=0, help="CPU intra-op threads (0: torch default)")
