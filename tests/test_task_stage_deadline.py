@@ -71,7 +71,28 @@ def test_run_task_stage_logs_progress_about_every_tenth():
         T.run_task_stage(m, torch.device("cpu"), None, a, log=lines.append)
     finally:
         E.run_tasks = real
-    assert [ln.split(":")[0] for ln in lines] == ["task stage step 0 of 60", "task stage step 50 of 60"], lines
+    assert [ln.split(":")[0] for ln in lines[:2]] == ["task stage step 0 of 60", "task stage step 50 of 60"], lines
+    assert lines[2].startswith("task scoring took ") and len(lines) == 3, lines
+
+
+def test_the_stage_keeps_task_eval_s_for_the_scoring_after_it(monkeypatch):
+    """--deadline_s: training is paced against the deadline less --task_eval_s, since the held-out scoring runs
+    after it (a stage projected to end just before the deadline ran its scoring past it, killed without scores)."""
+    seen = {}
+
+    def fake_train(model, device, amp, steps, lr, batch_of_step, **kw):
+        seen["deadline"] = kw["deadline"]
+        return [{"step": steps - 1, "loss": 1.0, "bpb": 1.0}], 0.0
+
+    monkeypatch.setattr(T, "train_on_tasks", fake_train)
+    monkeypatch.setattr("ionllama.eval.task_eval.run_tasks", lambda *a, **k: {"per_task": {}})
+    m = create_model("tiny", model="dense", d_model=16, n_layers=1, n_heads=2)
+    a = Namespace(task_steps=3, task_lr=1e-3, seed=1, task_batch=2, task_seq_len=96, task_n=1, task_compile=False,
+                  task_eval_s=45.0)
+    res = T.run_task_stage(m, torch.device("cpu"), None, a, deadline=1000.0)
+    assert seen["deadline"] == 955.0 and res["scoring_seconds"] >= 0
+    T.run_task_stage(m, torch.device("cpu"), None, a, deadline=None)
+    assert seen["deadline"] is None
 
 
 def test_the_runner_writes_no_scores_for_a_cut_stage_and_says_why(tmp_path, monkeypatch, capsys):
@@ -93,5 +114,6 @@ def test_the_runner_writes_no_scores_for_a_cut_stage_and_says_why(tmp_path, monk
     err = cap.out + cap.err
     assert seen["deadline"] is not None
     assert "dense: task stage stopped after step 600 of 6000 (350 s; 41.6 ms per step since compiling: the stage " \
-           "needs ~575 s) before --deadline_s; no task scores written" in err, err
+           "needs ~575 s) before --deadline_s less --task_eval_s 60 s for its scoring; no task scores " \
+           "written" in err, err
     assert not (tmp_path / "res" / "phase1" / "dense" / "tasks.json").exists()

@@ -346,3 +346,45 @@ def test_compiled_stage_gives_space_patching_one_shape_and_the_same_loss(monkeyp
     assert seen and all(kw == {"latent_len": shapes["latent_len"]} for kw in seen)
     fixed = create_model("tiny", patching="fixed")
     assert T.compiled_stage(fixed, [T.task_batch(fixed, T.task_examples(1, 0, 4), 96)])[2]["latent_len"] is None
+
+
+def test_compiled_stage_of_a_dense_arm_with_patching_space_runs(monkeypatch):
+    """--override patching=space reaches every arm of the experiment, the dense one too: its compiled stage must
+    not pass the ionLlama-only latent length (TypeError: unexpected keyword argument 'latent_len')."""
+    from argparse import Namespace
+
+    from ionllama import create_model
+    from ionllama.experiment import tasks as T
+
+    monkeypatch.setattr(T.torch, "compile", lambda model, **kw: model)
+    monkeypatch.setattr("ionllama.eval.task_eval.run_tasks", lambda *a, **k: {"per_task": {}})
+    m = create_model("tiny", model="dense", d_model=32, n_layers=1, n_heads=2, patching="space")
+    a = Namespace(task_steps=2, task_lr=1e-3, seed=1, task_batch=4, task_seq_len=96, task_n=1, task_compile=True)
+    res = T.run_task_stage(m, torch.device("cpu"), None, a)
+    assert res["fine_tuning"]["latent_len"] is None and len(res["fine_tuning"]["losses"]) == 2
+
+
+def test_a_word_byte_tail_keeps_the_loss_and_shortens_space_patching(monkeypatch):
+    """Task rows end in TAIL_BYTE after their last separator, not in separators: the loss is the same (no targets
+    there, and causal), while space patching, which starts a patch after every separator, gets a latent about half
+    as long as the row instead of the whole row."""
+    from ionllama import create_model
+    from ionllama.data import DOC_SEP
+    from ionllama.experiment import tasks as T
+
+    torch.manual_seed(0)
+    examples = T.task_examples(1, 0, 16)
+    pieces = [(list(e.prompt), list(e.answer + b"\n")) for e in examples]
+    for kw in ({"patching": "space", "latent_shift": "completed"}, {"patching": "space"}, {"patching": "fixed"},
+               {"model": "dense", "d_model": 32, "n_layers": 1, "n_heads": 2}):
+        m = create_model("tiny", **kw).eval()
+        x, y = T.task_batch(m, examples, 128)
+        sx, sy = T.pack_examples(pieces, DOC_SEP, 128)  # the separator tail
+        assert torch.equal(y, sy) and not torch.equal(x, sx) and (x[sx != x] == T.TAIL_BYTE).all()
+        with torch.no_grad():
+            torch.testing.assert_close(m(x, y)["loss"], m(sx, sy)["loss"])
+    m = create_model("tiny", patching="space")
+    raw = [T.task_batch(m, T.task_examples(1, step, 32), 256) for step in range(8)]
+    sep_tail = [T.pack_examples([(list(e.prompt), list(e.answer + b"\n")) for e in T.task_examples(1, step, 32)],
+                                DOC_SEP, 256) for step in range(8)]
+    assert T.stage_latent_len(m, sep_tail) == 256 and T.stage_latent_len(m, raw) <= 128

@@ -20,7 +20,7 @@ from .runner import Runner
 # first arm starts, after the data is prepared; a negative --curve_points or --deadline_s was taken silently)
 AT_LEAST = {"curve_points": 1, "curve_eval_bytes": 1, "eval_bytes": 1, "eval_batch_size": 1, "also_eval_seq_len": 2,
             "seq_len": 2, "batch_size": 1, "grad_accum": 1, "log_interval": 1, "arm_overhead_s": 0,
-            "task_steps": 1, "task_batch": 1, "task_seq_len": 8, "task_n": 1}
+            "task_steps": 1, "task_batch": 1, "task_seq_len": 8, "task_n": 1, "task_eval_s": 0}
 ABOVE_ZERO = ("budget_s", "sweep_budget_s", "deadline_s", "checkpoint_every_s", "task_lr", "task_time_s")
 
 
@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the task stage's forward (on a GPU the eager stage waits on the host; "
                         "benchmarks/bench_task_stage.py measures both)")
     g.add_argument("--task_time_s", type=float, default=240.0, help="expected seconds per task arm (--deadline_s)")
+    g.add_argument("--task_eval_s", type=float, default=60.0,
+                   help="with --deadline_s: seconds kept after the task stage's training for its held-out scoring, "
+                        "which runs after it (the log prints what scoring took; set this from it)")
     return p
 
 

@@ -700,8 +700,9 @@ class Runner:
                 deadline = None if self.a.deadline_s is None else self.t_start + self.a.deadline_s
                 res = run_task_stage(model, device, amp, self.a, deadline=deadline, log=lambda m: _log(f"{arm}: {m}"))
             except TaskStageCut as cut:
-                _log(f"{arm}: task stage {cut} before --deadline_s; no task scores written. Give the task stage more "
-                     f"time (a call of its own) or pass fewer --task_steps")
+                _log(f"{arm}: task stage {cut} before --deadline_s less --task_eval_s {self.a.task_eval_s:.0f} s "
+                     f"for its scoring; no task scores written. Give the task stage more time (a call of its own) or "
+                     f"pass fewer --task_steps")
                 return
             except (MemoryError, RuntimeError, TypeError) as e:  # torch.OutOfMemoryError is a RuntimeError
                 if not is_out_of_memory(e):

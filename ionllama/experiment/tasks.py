@@ -39,9 +39,10 @@ def check_task_row_len(row_len: int, longest: int, token_arms: list[str], flag: 
                         f"{flag} {2 * need} or more")
 
 
-def pack_examples(pieces: list[tuple[list[int], list[int]]], sep: int, row_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[(prompt ids, answer ids incl. newline)] -> rows `sep p a sep p a ...` padded with sep; targets only
-    on answers. Examples are never cut; as many rows as needed."""
+def pack_examples(pieces: list[tuple[list[int], list[int]]], sep: int, row_len: int,
+                  tail: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[(prompt ids, answer ids incl. newline)] -> rows `sep p a sep p a ...` padded with `tail` (default sep);
+    targets only on answers. Examples are never cut; as many rows as needed."""
     rows, masks, cur, cm = [], [], [sep], [False]
     for p, ans in pieces:
         if len(p) + len(ans) + 2 > row_len + 1:
@@ -56,13 +57,20 @@ def pack_examples(pieces: list[tuple[list[int], list[int]]], sep: int, row_len: 
     rows.append(cur)
     masks.append(cm)
     L = row_len + 1
-    toks = torch.full((len(rows), L), sep, dtype=torch.long)
+    toks = torch.full((len(rows), L), sep if tail is None else tail, dtype=torch.long)
     tmask = torch.zeros((len(rows), L), dtype=torch.bool)
     for i, (r, m) in enumerate(zip(rows, masks)):
         toks[i, :len(r)] = torch.tensor(r)
         tmask[i, :len(m)] = torch.tensor(m)
     y = torch.where(tmask[:, 1:], toks[:, 1:], torch.full_like(toks[:, 1:], -100))
     return toks[:, :-1], y
+
+
+# A row's tail after its last separator: no targets, and causal, so nothing real reads it. A word byte, not the
+# separator: under space patching every separator starts a patch, so a separator tail made the latent as long as
+# the row (256 patches for 256 bytes; ~116 without the tail), while a run of word bytes is one patch per
+# max_patch_size. The targets and the real bytes' outputs are the same either way (tests/test_tasks.py).
+TAIL_BYTE = ord("a")
 
 
 def task_batch(model, examples, row_len_bytes: int):
@@ -75,7 +83,8 @@ def task_batch(model, examples, row_len_bytes: int):
             p, a = bpe.encode_docs([e.prompt, e.answer + b"\n"])
             pieces.append((p.tolist(), a.tolist()))
         return pack_examples(pieces, bpe.sep_id, max(16, row_len_bytes // 2))
-    return pack_examples([(list(e.prompt), list(e.answer + b"\n")) for e in examples], DOC_SEP, row_len_bytes)
+    return pack_examples([(list(e.prompt), list(e.answer + b"\n")) for e in examples], DOC_SEP, row_len_bytes,
+                         tail=TAIL_BYTE)
 
 
 def pad_rows(x: torch.Tensor, y: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,10 +106,12 @@ def stage_latent_len(model, batches) -> int | None:
     forward otherwise reads each batch's largest count on the host, which breaks the compiled graph and compiles
     varying lengths (space patching's stage compiled ~150 s against fixed patches' ~85 s, 41.6 against 29.9 ms a
     step). The same rule as the forward's, on the CPU, over the very batches the stage will train on."""
-    cfg = getattr(model, "config", None)
-    if getattr(cfg, "patching", None) != "space" or getattr(model, "token_level", False):
+    from ..model.ionllama_model import PATCH_PAD, IonLlama
+
+    # (a dense or mamba arm can hold patching=space too, from --override: its forward takes no latent length)
+    if not isinstance(model, IonLlama) or model.config.patching != "space":
         return None
-    from ..model.ionllama_model import PATCH_PAD
+    cfg = model.config
     from ..model.patcher import compute_patches
 
     most = max(int(compute_patches(x, None, "space", torch.zeros(()), cfg.threshold_mode, cfg.max_patch_size,
@@ -181,6 +192,9 @@ def run_task_stage(model, device, amp, a, deadline: float | None = None, log=Non
     about every tenth of the stage (step, loss, seconds); deadline: as train_on_tasks (raises TaskStageCut)."""
     from ..eval.task_eval import run_tasks
 
+    eval_s = float(getattr(a, "task_eval_s", 0.0) or 0.0)
+    train_deadline = None if deadline is None else deadline - eval_s  # the scoring after training needs its time
+
     if hasattr(model, "freeze_entropy"):
         model.freeze_entropy(True)  # patch boundaries as in pretraining
     compiled = bool(getattr(a, "task_compile", False))
@@ -199,13 +213,18 @@ def run_task_stage(model, device, amp, a, deadline: float | None = None, log=Non
         batches, forward, shapes = compiled_stage(model, [batch_of_step(step) for step in range(a.task_steps)])
         batch_of_step = batches.__getitem__
     losses, train_s = train_on_tasks(model, device, amp, a.task_steps, a.task_lr, batch_of_step,
-                                     forward=forward, on_log=progress, deadline=deadline)
+                                     forward=forward, on_log=progress, deadline=train_deadline)
     model.eval()
+    t_score = time.perf_counter()
     results = run_tasks(model, device, n=a.task_n, max_digits=4, seed=1234, shots=0, trained_on_tasks=True,
                         split="test", batch_size=32, amp_dtype=amp)
+    score_s = time.perf_counter() - t_score
+    if log is not None:
+        log(f"task scoring took {score_s:.0f} s (--task_eval_s keeps {eval_s:.0f} s for it under --deadline_s)")
     return {"fine_tuning": {"steps": a.task_steps, "examples_per_step": a.task_batch, "lr": a.task_lr,
                             "schedule": "AdamW, warmup 5% then cosine to 10%, grad clip 1.0",
                             "row_len": a.task_seq_len, "seed": a.seed, "seconds": train_s, "compiled": compiled,
                             **shapes, "losses": losses,
                             "data": "ionllama.data.tasks train split, identical examples per step for every arm"},
+            "scoring_seconds": score_s,
             "results": results}
