@@ -192,10 +192,12 @@ def _model_info(model, config, size_flag: str | None) -> dict:
 # count was taken silently)
 BENCH_AT_LEAST = {"max_eval_bytes": 2, "max_lang_bytes": 1, "n_tasks": 1, "max_digits": 1, "task_shots": 0,
                   "seq_len": 2, "batch_size": 1, "gen_batch": 1, "gen_bytes": 1, "speed_iters": 1,
-                  "compression_bytes": 1, "bpe_vocab": 257}
+                  "compression_bytes": 1, "bpe_vocab": 257, "task_seed": 0}
+# the task generator draws operands as 64-bit integers: 19 digits overflow them (a numpy traceback after the LM eval)
+MAX_DIGITS = 18
 
 
-def _check_output(out: Path, skip: set[str], overwrite: bool) -> None:
+def _check_output(out: Path, skip: set[str], overwrite: bool, why: str = "--skip") -> None:
     """Before any work: the folder --output goes in must be creatable, and an earlier results.json is not
     replaced by one with fewer sections (a run with --skip lm tasks wrote over a full run's file, a new user's
     report) unless --overwrite says so."""
@@ -223,7 +225,7 @@ def _check_output(out: Path, skip: set[str], overwrite: bool) -> None:
     old = data.get("metrics") or {}
     lost = sorted(set(old) & skip)
     if lost:
-        raise UserError(f"--output {out} holds {', '.join(lost)} results that this run skips (--skip); pass another "
+        raise UserError(f"--output {out} holds {', '.join(lost)} results that this run skips ({why}); pass another "
                         "--output, or --overwrite to replace them")
 
 
@@ -258,6 +260,9 @@ def run(argv: list[str], prog: str) -> dict:
     ap.set_defaults(model=None)  # None: --model not given; one given with a checkpoint must be the checkpoint's
     a = ap.parse_args(argv)
     check_ranges(a, BENCH_AT_LEAST)
+    if a.max_digits > MAX_DIGITS:
+        raise UserError(f"--max_digits {a.max_digits} is more than the task generator's {MAX_DIGITS} (its operands are "
+                        f"64-bit integers); pass --max_digits {MAX_DIGITS} or fewer")
     _check_output_path(a.output)
     _check_output(Path(a.output), set(a.skip), a.overwrite)
     # checked here, not where they are used: a typo used to fail only after the whole LM and task eval had run
@@ -286,6 +291,9 @@ def run(argv: list[str], prog: str) -> dict:
             print(f"note: {a.checkpoint} was written in phase 1 (step {ck.step}): only the entropy model has trained, "
                   "the main model is at its initialisation; benchmark a checkpoint of the main phase", file=sys.stderr)
     else:
+        if (a.model or default_model) == "bpe":  # its tokenizer is trained with the model: none exists without one
+            raise UserError("--model bpe needs --checkpoint: a BPE model is scored with the tokenizer trained with it; "
+                            "pass the checkpoint of an `ionllama train --model bpe` run")
         model = create_model(a.size or "tiny", model=a.model or default_model).to(device).eval()
         config = model.config
     targs = ck.train_args if ck else {}
@@ -312,6 +320,12 @@ def run(argv: list[str], prog: str) -> dict:
             if s not in skip:
                 skip.add(s)
                 skipped[s] = "the checkpoint was trained on --dataset tasks only; pass --eval_data PATH for text BPB"
+    auto = {k: v for k, v in skipped.items() if v != "--skip"}
+    if "multilingual" not in skip and not a.multilingual_dir and not default_multilingual_dirs():
+        auto["multilingual"] = "no --multilingual_dir and no " + " or ".join(map(str, DEFAULT_MULTILINGUAL))
+    if auto:  # sections this checkpoint skips by itself: an earlier results file's must not vanish either
+        _check_output(out_path, set(auto), a.overwrite, why="for this checkpoint: " + "; ".join(sorted(set(
+            auto.values()))))
     if a.eval_data or not {"lm", "compression"} <= skip:
         data_path = Path(a.eval_data) if a.eval_data else default_eval_path(ck)
         # N scored bytes need N + 1 (the trainer's --eval_bytes N scores N): a third party's rerun of a trainer's
@@ -329,6 +343,9 @@ def run(argv: list[str], prog: str) -> dict:
                   "byte windows: pass --seq_len to match the window it trained with", file=sys.stderr)
         t0 = time.perf_counter()
         r = lm_mod.run_lm(model, lm_data, seq_len, batch_size, device, max_bytes=a.max_eval_bytes, amp_dtype=amp)
+        if r.get("bpb") is None or not math.isfinite(r["bpb"]):  # written as null; said here, where the user looks
+            print(f"note: the loss is not finite (BPB {r.get('bpb')}): the weights hold NaN or inf, e.g. a diverged "
+                  "run; benchmark an earlier checkpoint", file=sys.stderr)
         # what a rerun must score to compare: the folder it ran in does not travel with the numbers, the hash does
         metrics["lm"] = {"data": str(data_path), "data_abs": str(data_path.resolve()),
                          "data_sha256": hashlib.sha256(data.tobytes()).hexdigest(),
@@ -384,7 +401,10 @@ def run(argv: list[str], prog: str) -> dict:
         t0 = time.perf_counter()
         runs = ([ck.run_dir] if ck and (ck.run_dir / "metrics.jsonl").is_file() else []) + [Path(r) for r in a.runs]
         if runs:
-            plots["training_curves"] = P.plot_runs([(r.name, r) for r in runs], f"{stem}_curves.png")
+            try:  # a plot must not cost the results of the whole run: its reason goes with the other skips
+                plots["training_curves"] = P.plot_runs([(r.name, r) for r in runs], f"{stem}_curves.png")
+            except UserError as e:
+                skipped["plot training_curves"] = str(e)
         else:
             skipped["plot training_curves"] = "no metrics.jsonl next to the checkpoint and no --runs"
         if metrics.get("multilingual"):
@@ -451,7 +471,8 @@ def main(argv: list[str] | None = None, prog: str = "ionllama bench") -> int:
     m = res["metrics"]
     line = [f"wrote {res['files']['results_json']} and {res['files']['markdown']}"]
     if m.get("lm"):
-        line.append(f"BPB {m['lm']['bpb']:.4f}")
+        bpb = m["lm"].get("bpb")
+        line.append("BPB not finite" if bpb is None else f"BPB {bpb:.4f}")
     if m.get("tasks"):
         accs = {k: v["accuracy"] for k, v in m["tasks"]["per_task"].items()}
         line.append(m["tasks"]["label"] + " " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in accs.items() if v is not None))

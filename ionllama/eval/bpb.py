@@ -99,17 +99,19 @@ def evaluate_bpb(model, data: np.ndarray, seq_len: int, batch_size: int, device,
     memmap (val.bin), bytes, or a list / tensor of byte values."""
     device = _device(device)
     data = _as_byte_array(data)
-    if getattr(model, "token_level", False):  # the BPE baseline
-        # bytes fed as token ids scored a silently wrong number: the token path encodes them first
-        from .lm import evaluate_bpb as any_model_bpb
-
-        return any_model_bpb(model, data, seq_len, batch_size, device, max_bytes, amp_dtype)[0]
+    # checked before the token branch too: a BPE model got a ZeroDivisionError for seq_len 0 and scored 1 byte for
+    # max_bytes -5
     for name, v in (("seq_len", seq_len), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise UserError(f"evaluate_bpb: {name} must be a whole number >= 1 (got {v!r})")
     if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer))
                                   or max_bytes < 1):
         raise UserError(f"evaluate_bpb: max_bytes must be a whole number >= 1, or None for all (got {max_bytes!r})")
+    if getattr(model, "token_level", False):  # the BPE baseline
+        # bytes fed as token ids scored a silently wrong number: the token path encodes them first
+        from .lm import evaluate_bpb as any_model_bpb
+
+        return any_model_bpb(model, data, seq_len, batch_size, device, max_bytes, amp_dtype)[0]
     n = len(data)
     if n < 2:
         raise UserError(f"evaluation data has {n} byte(s); it needs at least 2")
