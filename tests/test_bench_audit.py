@@ -12,7 +12,14 @@ import torch
 from ionllama import create_model
 from ionllama.errors import UserError
 from ionllama.eval import benchmark as B
-from test_benchmark import SMALL, _save_trainer_checkpoint, workdir  # noqa: F401  (the fixture)
+from test_benchmark import SMALL, _save_trainer_checkpoint, _text
+
+
+@pytest.fixture()
+def workdir(tmp_path):
+    (tmp_path / "eval.txt").write_bytes(_text("tinystories/tinystories-sample.txt", 1500))
+    return tmp_path
+
 
 FAST = ["--device", "cpu", "--seq_len", "64", "--batch_size", "4"]
 
