@@ -167,7 +167,8 @@ def read_eval_bytes(path: str | Path, max_bytes: int | None = None, text_field: 
     files = _files_under(p) if p.is_dir() else [p]
     if not files:
         raise UserError(f"no text or jsonl files under '{p}'; pass --eval_data with .txt or .jsonl files")
-    if p.suffix == ".bin" or (p.is_file() and p.suffix in (".u8", ".npy")):
+    # a file only: a folder named x.bin is a folder of documents (it was an IsADirectoryError traceback)
+    if p.is_file() and p.suffix in (".bin", ".u8", ".npy"):
         return _read_shard(p, max_bytes)
     try:
         parts = _read_documents(files, max_bytes, text_field)
@@ -203,9 +204,20 @@ def _read_documents(files: list[Path], max_bytes: int | None, text_field: str) -
 
 
 def _read_shard(p: Path, max_bytes: int | None) -> np.ndarray:
-    arr = np.load(p, mmap_mode="r") if p.suffix == ".npy" else np.memmap(p, dtype=np.uint8, mode="r")
+    fix = "pass a uint8 .npy, a raw byte .bin (as `ionllama prepare` writes) or text/jsonl"
+    try:
+        arr = np.load(p, mmap_mode="r") if p.suffix == ".npy" else np.memmap(p, dtype=np.uint8, mode="r")
+    except (OSError, ValueError, EOFError) as e:  # empty file, corrupt or pickled (object) .npy: one line
+        why = first_line(e).split(". ")[0]  # numpy's pickle note goes on about allow_pickle, no flag of ours
+        raise UserError(f"cannot read eval data '{p}' ({why}); {fix}") from None
     if max_bytes is not None:
         arr = arr[:max_bytes]
+    if arr.dtype != np.uint8:
+        # casting int16 300 or float 65.5 to uint8 scored bytes that are not in the file
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise UserError(f"eval data '{p}' holds {arr.dtype} values, not bytes; {fix}")
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise UserError(f"eval data '{p}' ({arr.dtype}) holds values outside 0..255; {fix}")
     return np.asarray(arr, dtype=np.uint8)
 
 

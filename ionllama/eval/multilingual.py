@@ -99,11 +99,13 @@ def run_multilingual(model, directories: list[Path], seq_len: int, batch_size: i
         d = Path(d)
         if not d.is_dir():
             raise UserError(f"--multilingual_dir '{d}' is not a directory; pass a folder with one file per language")
-        langs = {}
+        langs, empty = {}, []
         for f in language_files(d):
             raw = f.read_bytes()[:max_lang_bytes]
             raw = raw.replace(b"\x00", b"")
-            if len(raw) < 2:
+            # one byte is enough (scored after the separator put before it below); an empty file is listed
+            if not raw:
+                empty.append(f.name)
                 continue
             # a document as in training: the separator byte first, so every model scores every byte of the file
             # (without it byte models skipped the first byte and the BPE model its first token)
@@ -124,10 +126,14 @@ def run_multilingual(model, directories: list[Path], seq_len: int, batch_size: i
                 rec["bytes_per_bpe_token"] = len(raw) / max(n_tok, 1)
             langs[f.stem] = rec
         parallel = d.name.lower() in parallel_names or (d / "PARALLEL").exists()
-        group = {"dir": str(d), "parallel": parallel, "languages": langs, "bpb_method": method if langs else None}
+        group = {"dir": str(d), "parallel": parallel, "languages": langs, "bpb_method": method if langs else None,
+                 "empty_files": empty}
         if parallel and langs:
-            ref = langs.get("english") or next(iter(langs.values()))
-            for rec in langs.values():
-                rec["total_bits_vs_english"] = rec["total_bits"] / ref["total_bits"]
+            # english if there is one, else the first file: recorded, so the ratio is not read as "vs english"
+            ref = "english" if "english" in langs else next(iter(langs))
+            group["reference"] = ref
+            ref_bits = langs[ref]["total_bits"]
+            for rec in langs.values():  # key name kept for older readers; "reference" says what it is against
+                rec["total_bits_vs_english"] = rec["total_bits"] / ref_bits if ref_bits else float("nan")
         groups.append(group)
     return {"groups": groups, "max_lang_bytes": max_lang_bytes, "seconds": time.perf_counter() - t0}

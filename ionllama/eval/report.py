@@ -5,11 +5,10 @@ citation and dataset, from docs/results/published.json) are rendered in separate
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from ..errors import UserError, cli_entry
+from ..errors import OneLineParser, UserError, cli_entry
 from ..fsutil import atomic_write
 
 SCHEMA_VERSION = 1
@@ -27,6 +26,11 @@ def _f(v, digits: int = 3) -> str:
     if isinstance(v, int):
         return f"{v:,}"
     return str(v)
+
+
+def _num(v, spec: str, suffix: str = "") -> str:
+    """v formatted by spec, or "-" for None: benchmark.py's _clean writes a NaN as null, and `None:.2f` raised."""
+    return "-" if v is None else f"{v:{spec}}{suffix}"
 
 
 def _acc(rec: dict | None) -> str:
@@ -191,7 +195,8 @@ def render_markdown(res: dict, baselines: list[dict] | None = None, published: l
         if s.get("train_step_bytes_per_s"):
             rows.append(["forward+backward throughput", f"{_f(s['train_step_bytes_per_s'])} bytes/s", "same batch"])
         lat = s["latency_ms"]
-        rows.append(["latency", f"{lat['median']:.2f} ms", f"batch 1 x {lat['input_bytes']} bytes (median)"])
+        rows.append(["latency", _num(lat.get("median"), ".2f", " ms"),
+                     f"batch 1 x {lat['input_bytes']} bytes (median)"])
         if g.get("bytes_per_s"):
             rows.append(["generation", f"{_f(g['bytes_per_s'])} bytes/s",
                          f"greedy, batch 1, {g['new_bytes']} new bytes after {g['prompt_bytes']}"
@@ -204,13 +209,14 @@ def render_markdown(res: dict, baselines: list[dict] | None = None, published: l
     if m.get("memory"):
         mem = m["memory"]
         L += ["## Memory", ""]
-        L += _table(["metric", "MiB"], [[k, v] for k, v in mem.items() if isinstance(v, (int, float))])
+        # a null (a NaN written by _clean) is shown as "-", not left out of the table
+        L += _table(["metric", "MiB"], [[k, v] for k, v in mem.items() if v is None or isinstance(v, (int, float))])
         L += [f"({mem.get('kind')})", ""]
 
     if m.get("compression"):
         c = m["compression"]
         L += ["## Compression (patching)", "",
-              f"Mean {c['bytes_per_patch']:.3f} bytes/patch over {_f(c['bytes'])} bytes"
+              f"Mean {_num(c.get('bytes_per_patch'), '.3f')} bytes/patch over {_f(c['bytes'])} bytes"
               + (f" in windows of {c['window']}" if c.get("window") else "") + f" (from `{c['source']}`).", ""]
         total = sum(c["histogram"].values()) or 1
         L += _table(["patch size"] + list(c["histogram"]),
@@ -224,14 +230,15 @@ def render_markdown(res: dict, baselines: list[dict] | None = None, published: l
             L += [f"`{g['dir']}`" + (" — the same content in every language: total bits compare languages fairly"
                                      if g["parallel"] else ""), ""]
             hdr = ["language", "bytes", "BPB", "bytes/patch", "total kbit"]
-            if g["parallel"]:
-                hdr.append("bits vs english")
+            if g["parallel"]:  # the ratio is against english when there is one, else the group's recorded reference
+                hdr.append(f"bits vs {g.get('reference') or 'english'}")
             hdr += ["BPE tokens", "bytes/token"]
             rows = []
             for name, r in g["languages"].items():
-                row = [name, r["bytes"], r["bpb"], r["bytes_per_patch"], r["total_bits"] / 1000]
+                bits = r.get("total_bits")
+                row = [name, r["bytes"], r["bpb"], r["bytes_per_patch"], None if bits is None else bits / 1000]
                 if g["parallel"]:
-                    row.append(f"{r.get('total_bits_vs_english', float('nan')):.2f}x")
+                    row.append(_num(r.get("total_bits_vs_english"), ".2f", "x"))
                 row += [r.get("bpe_tokens"), r.get("bytes_per_bpe_token")]
                 rows.append(row)
             L += _table(hdr, rows)
@@ -240,6 +247,8 @@ def render_markdown(res: dict, baselines: list[dict] | None = None, published: l
                 L += [f"**Truncated to {ml['max_lang_bytes']:,} bytes: {', '.join(cut)}**"
                       + (" — the totals above do not cover the same content; raise --max_lang_bytes."
                          if g["parallel"] else "."), ""]
+            if g.get("empty_files"):  # said, not dropped: a language missing from the table had no word
+                L += [f"Empty, not scored: {', '.join(g['empty_files'])}.", ""]
         L += [f"BPE token counts: {bpe.get('source', 'not computed')}"
               + (f", vocab {bpe['vocab_size']}" if bpe.get("vocab_size") else "") + ".", ""]
 
@@ -273,7 +282,7 @@ def load_results(path: str | Path) -> dict:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ionllama.eval.report", description=__doc__.split("\n\n")[0])
+    ap = OneLineParser(prog="python -m ionllama.eval.report", description=__doc__.split("\n\n")[0])
     ap.add_argument("results", nargs="+", help="results.json files; one table row each")
     ap.add_argument("--published", default=str(DEFAULT_PUBLISHED), help="published figures with citations")
     ap.add_argument("--output", default=None, help="write the Markdown here (default: print)")
