@@ -408,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "per-kernel costs: under PDL a kernel's recorded time includes waiting for its predecessor")
     ap.add_argument("--free_graphs", action="store_true",
                     help="sweeps: drop every graph and empty torch's CUDA cache before each point's capture after the "
-                         "first (the first capture of a process replayed 5-6 %% faster than later ones, 39th session)")
+                         "first (the first capture of a process decoded ~6 %% faster than later ones, 39th session)")
     ap.add_argument("--budget_s", type=float, default=480, help="the sweep stops starting points after this")
     ap.add_argument("--out", default=".")
     ap.add_argument("--threads", type=int, default=0, help="CPU intra-op threads (0: torch default)")
