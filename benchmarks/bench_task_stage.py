@@ -15,8 +15,8 @@ way's last logged step.
 """
 from __future__ import annotations
 
-import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -27,6 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generation import add_model_config_arg, model_config_from  # noqa: E402
 
 from ionllama import build_model, create_model  # noqa: E402
+from ionllama.devices import resolve_device  # noqa: E402
+from ionllama.errors import OneLineParser, UserError, check_ranges, cli_entry  # noqa: E402
+from ionllama.fsutil import atomic_write, ready_out_dir  # noqa: E402
 from ionllama.eval.benchmark import git_commit  # noqa: E402
 from ionllama.experiment.tasks import compiled_stage, task_batch, task_examples, train_on_tasks  # noqa: E402
 
@@ -73,8 +76,10 @@ def dynamo_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = OneLineParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", default="small")
     add_model_config_arg(ap)
     ap.add_argument("--device", default="cuda")
@@ -89,19 +94,26 @@ def main() -> int:
                     help="torch.compile(model, dynamic=True): shapes symbolic from the first compile, not the second")
     ap.add_argument("--ways", nargs="+", choices=("eager", "compiled"), default=["eager", "compiled"])
     ap.add_argument("--out", default="out")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    # every input is checked before a model is built or a step runs (a traceback after minutes of compiling, or a
+    # --batch 0 stage timed and written as a result)
+    check_ranges(args, {"steps": 2, "warmup": 1, "batch": 1, "row_len": 2})
     if not 0 < args.warmup < args.steps:
-        print("error: --warmup must be between 0 and --steps; pass e.g. --steps 300 --warmup 50", file=sys.stderr)
-        return 2
+        raise UserError("--warmup must be between 0 and --steps; pass e.g. --steps 300 --warmup 50")
+    args.device = str(resolve_device(args.device))
+    if args.model_config:
+        model_config_from(args.model_config)
+    else:
+        create_model(args.size, model="dense", d_model=8, n_layers=1, n_heads=1)  # (an unknown --size: one line)
+    out = ready_out_dir(args.out)
     res = {way: time_way(args, way == "compiled") for way in args.ways}
     if len(res) == 2:
         res["speedup"] = res["eager"]["ms_per_step"] / res["compiled"]["ms_per_step"]
-    res.update({"args": vars(args), "torch": torch.__version__, "commit": git_commit(),
+    res.update({"args": vars(args), "command": "python3 benchmarks/bench_task_stage.py " + shlex.join(argv),
+                "torch": torch.__version__, "commit": git_commit(),
                 "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                 "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_task_stage.json").write_text(json.dumps(res, indent=1))
+    atomic_write(out / "bench_task_stage.json", json.dumps(res, indent=1))
     for way in args.ways:
         r = res[way]
         rows = " (fixed rows)" if args.fixed_rows else ""

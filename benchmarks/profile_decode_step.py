@@ -55,7 +55,8 @@ from bench_generation import FUSED, Bench, add_model_config_arg, model_config_fr
 from count_decode_kernels import MATMUL  # noqa: E402
 
 from ionllama.config import LATENT_SHIFTS  # noqa: E402
-from ionllama.errors import UserError, cli_entry  # noqa: E402
+from ionllama.errors import UserError, check_ranges, cli_entry  # noqa: E402
+from ionllama.fsutil import atomic_write, ready_out_dir  # noqa: E402
 from ionllama.eval.benchmark import git_commit  # noqa: E402
 from ionllama.kernels.pdl import set_pdl  # noqa: E402
 
@@ -181,11 +182,10 @@ def env(args, s) -> dict:
 
 
 def write(args, stem: str, result: dict, lines: list[str]) -> None:
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
+    out = ready_out_dir(args.out)
+    atomic_write(out / f"{stem}.json", json.dumps(result, indent=1, default=str))
     command = "python3 benchmarks/profile_decode_step.py " + shlex.join(args.argv)  # where each number came from
-    (out / f"{stem}.md").write_text(f"command: `{command}`\n\n" + "\n".join(lines) + "\n")
+    atomic_write(out / f"{stem}.md", f"command: `{command}`\n\n" + "\n".join(lines) + "\n")
 
 
 # ------------------------------------------------------------------------------------------ profile
@@ -429,6 +429,9 @@ def main(argv: list[str] | None = None) -> dict:
         model_config_from(args.model_config, **({"latent_shift": args.latent_shift} if args.latent_shift else {}))
     if args.bytes < 8:
         raise UserError(f"--bytes must be >= 8, got {args.bytes}")
+    # (--context 0 was a ZeroDivisionError in the entropy scan; a negative one sliced nearly the whole corpus)
+    check_ranges(args, {"context": 1, "unroll": 1, "threads": 0}, ("budget_s",))
+    ready_out_dir(args.out)  # a file there failed only after the profile had run
     kind = next((k for k in SWEEPS if getattr(args, f"sweep_{k}")), None)
     if args.grid is not None and kind is None:
         raise UserError("--grid needs a sweep: add --sweep_lnn, --sweep_ssm or --sweep_latent")

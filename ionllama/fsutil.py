@@ -28,6 +28,21 @@ def probe_writable(folder: str | Path) -> None:
     probe_write(p)
 
 
+def ready_out_dir(folder: str | Path, flag: str = "--out") -> Path:
+    """A results folder made and proven writable before any work, or a one-line UserError naming `flag`: a
+    benchmark given a file there (or an unwritable place) used to fail with a traceback after all its measuring."""
+    from .errors import UserError
+
+    p = Path(folder)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{flag} {p} is a file, not a folder; pass a folder for the results")
+    try:
+        probe_writable(p)
+    except OSError as e:
+        raise UserError(f"cannot write results under {flag} {p} ({e.strerror or e}); pass a writable folder") from None
+    return p
+
+
 def probe_write(folder: str | Path) -> None:
     """Write and remove a small file in the existing `folder`; an OSError if that cannot be done (probe_writable
     without making the folder: bench probes the nearest existing parent and makes folders only to write results)."""
