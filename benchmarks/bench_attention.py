@@ -17,6 +17,7 @@ import platform
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -25,7 +26,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._checks import check_flags, int_list  # noqa: E402
-from ionllama.errors import OneLineParser, cli_entry  # noqa: E402
+from ionllama.errors import OneLineParser, UserError, cli_entry  # noqa: E402
+from ionllama.fsutil import atomic_write  # noqa: E402
 from ionllama.kernels import dilated_attention  # noqa: E402
 from ionllama.kernels import dilated_attention_triton as dat  # noqa: E402
 from ionllama.model.dilated_attention import dilated_attention_reference, dilated_offsets  # noqa: E402
@@ -318,6 +320,26 @@ def git_commit() -> str:
         return "unknown"
 
 
+def out_file(path: str) -> Path:
+    """--out checked before any timing (a folder failed at the first save, after the copy-bandwidth run and the
+    checks); its folder is made here. Also used by bench_scan.py."""
+    out = Path(path)
+    if out.is_dir():
+        raise UserError(f"--out {path} is a folder; give a file path, e.g. {out / 'results.json'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {path}: cannot make its folder {out.parent} ({e.strerror}); "
+                        "give a path in a writable folder") from None
+    return out
+
+
+def run_info(argv) -> dict:
+    """commit, the command as given and the UTC date, for a results file."""
+    return dict(commit=git_commit(), argv=[sys.argv[0], *argv] if argv is not None else sys.argv,
+                date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description="dilated attention fwd+bwd benchmark")
     p.add_argument("--out", required=True)
@@ -349,6 +371,7 @@ def main(argv=None) -> int:
     for flag, text in (("flex-sizes", a.flex_sizes), ("sweep", a.sweep), ("profile", a.profile)):
         if text:
             int_list(flag, text, allow_empty=flag == "flex-sizes")
+    out = out_file(a.out)
     global DEVICE, GRAPH_TIMING
     DEVICE, GRAPH_TIMING = a.device, a.graph_timing
     import triton
@@ -357,13 +380,11 @@ def main(argv=None) -> int:
     flex_sizes = sizes if a.flex_sizes is None else [int(s) for s in a.flex_sizes.split(",") if s]
     B, H, Dh = a.batch, a.heads, a.head_dim
     res = dict(device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)", torch=torch.__version__, triton=triton.__version__,
-               python=platform.python_version(), commit=git_commit(), argv=sys.argv, B=B, H=H, Dh=Dh,
+               python=platform.python_version(), **run_info(argv), B=B, H=H, Dh=Dh,
                dtype="bf16", rows=[], checks=None, sweep=None)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
 
-    def save():
-        out.write_text(json.dumps(res, indent=1))
+    def save():  # atomic: a run killed mid-write keeps the previous rows
+        atomic_write(out, json.dumps(res, indent=1))
 
     res["copy_bw_gbps"] = copy_bandwidth() / 1e9
     print(f"{res['device']} torch {res['torch']} triton {res['triton']}; copy bandwidth "

@@ -23,6 +23,7 @@ import shlex
 import sys
 import time
 import traceback
+from datetime import datetime, timezone
 
 import torch
 
@@ -30,6 +31,7 @@ from ionllama import create_model
 from ionllama.config import LATENT_SHIFTS, ModelConfig
 from ionllama.errors import UserError, check_ranges, cli_entry
 from ionllama.eval.benchmark import git_commit
+from ionllama.fsutil import atomic_write, ready_out_dir
 from ionllama.generation import decoder_for
 from ionllama.generation.runner import DecodeRunner
 from ionllama.generation.sampling import SamplingConfig
@@ -257,9 +259,19 @@ def _gpu_cells(r) -> str:
             f"{r['host_gap_ms_per_byte']:.3f}")
 
 
+def device_name(device: str) -> str:
+    """What --device ran on: the GPU's name, or the CPU's (platform.processor() is '' on many Linux hosts)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return platform.processor() or dev.type
+
+
 def write_results(b, args, checks):
-    env = dict(torch=torch.__version__, python=platform.python_version(),
-               device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
+    # argv as given (main(argv) in tests, else sys.argv): where each number came from
+    command = "python3 benchmarks/bench_generation.py " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
+    env = dict(command=command, date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               torch=torch.__version__, python=platform.python_version(), device=device_name(args.device),
                dtype=args.dtype, size=args.size, threads=torch.get_num_threads(),
                compile_mode=args.compile_mode, inductor=args.inductor, fused_local_step=args.fused_local_step,
                fused_entropy_step=args.fused_entropy_step, fused_latent_step=args.fused_latent_step,
@@ -269,8 +281,7 @@ def write_results(b, args, checks):
                commit=git_commit())  # BENCH_COMMIT-aware: the GPU machine's copy of .git is stale
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_generation.json").write_text(json.dumps(dict(env=env, rows=b.rows), indent=1, default=str))
-    command = "python3 benchmarks/bench_generation.py " + shlex.join(sys.argv[1:])  # where each number came from
+    atomic_write(out / "bench_generation.json", json.dumps(dict(env=env, rows=b.rows), indent=1, default=str))
     lines = [f"command: `{command}`", "", f"env: {json.dumps(env, default=str)}", "",
              "| model | what | batch | context | graphs | compile | bytes/s | ms/byte | bytes/patch | prefill s | setup s "
              "| GPU ms/byte (byte graph; latent graph) | GPU idle ms/byte |",
@@ -283,7 +294,7 @@ def write_results(b, args, checks):
         lines.append(f"| {r['model']} | {r['label']} | {r['batch']} | {r['context']} | {r['graphs']} | {r['compile']} | "
                      f"{r['bytes_per_s']:,.0f} | {r['ms_per_byte']:.3f} | {'' if bpp is None else f'{bpp:.2f}'} | "
                      f"{r['prefill_s']:.2f} | {r['setup_s']:.1f} | {_gpu_cells(r)} |")
-    (out / "bench_generation.md").write_text("\n".join(lines) + "\n")
+    atomic_write(out / "bench_generation.md", "\n".join(lines) + "\n")
     return lines
 
 
@@ -295,7 +306,11 @@ def model_config_from(path: str, **overrides) -> ModelConfig:
         d = json.loads(pathlib.Path(path).read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"--model_config {path}: cannot read it as JSON ({e}); give a run's config.json") from None
-    d = d.get("model_config", d)
+    if isinstance(d, dict):
+        d = d.get("model_config", d)
+    if not isinstance(d, dict):  # a list or a number: .get() was an AttributeError traceback
+        raise UserError(f"--model_config {path}: is not a run's config.json (a JSON object); "
+                        "give a run's config.json")
     if d.get("model") != "ionllama":
         raise UserError(f"--model_config {path}: model '{d.get('model')}' is not ionllama; give an ionllama run's config.json")
     return ModelConfig.from_dict({**d, **overrides})
@@ -357,10 +372,39 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def inductor_settings(items) -> list:
+    """--inductor KEY=VALUE items as (config object, attribute, value); a UserError naming the first bad item."""
+    import torch._inductor.config as ind
+
+    out = []
+    for kv in items:
+        key, eq, val = kv.partition("=")
+        *parents, attr = key.split(".")
+        target = ind
+        for part in parents:
+            target = getattr(target, part, None)
+        if not eq or not key or target is None or not hasattr(target, attr):
+            raise UserError(f"--inductor '{kv}': give KEY=VALUE with KEY a torch._inductor.config setting "
+                            "(e.g. combo_kernels=True)")
+        try:
+            value = ast.literal_eval(val)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            raise UserError(f"--inductor '{kv}': the value '{val}' is not a Python literal; "
+                            "give e.g. True, 4 or 'name'") from None
+        out.append((target, attr, value))
+    return out
+
+
 def check_inputs(args) -> None:
     """Bad flags as one line before anything runs: a bad size or device used to fail every configuration one by
     one, each as a printed traceback, and the script still exited 0."""
-    check_ranges(args, {"new_bytes": 1, "latency_bytes": 1, "batch": 1, "unroll": 1, "budget_s": 1})
+    check_ranges(args, {"new_bytes": 1, "latency_bytes": 1, "batch": 1, "unroll": 1, "budget_s": 1, "threads": 0})
+    if not args.compile:  # these only shape the compiled rows: without --compile they were silently dropped
+        for flag, given in (("--compiled_only", args.compiled_only), ("--compile_mode", args.compile_mode is not None),
+                            ("--inductor", bool(args.inductor))):
+            if given:
+                raise UserError(f"{flag} applies to the compiled rows only; add --compile (or drop {flag})")
+    inductor_settings(args.inductor)  # a bad item is one line here, not a traceback after the checks ran
     if min(args.contexts) < 1:
         raise UserError(f"--contexts must all be at least 1 (got {args.contexts})")
     for kind in args.models:
@@ -376,9 +420,11 @@ def check_inputs(args) -> None:
 @cli_entry
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded as the results' command
     check_inputs(args)
     if args.model_config:
         model_config_from(args.model_config, **({"latent_shift": args.latent_shift} if args.latent_shift else {}))
+    ready_out_dir(args.out)  # a file as --out failed at the first row's write, after the checks' minutes
     if args.threads:
         torch.set_num_threads(args.threads)
     # each compiled session may recompile DecodeRunner._iteration / advance_latent (another self); more than
@@ -386,14 +432,8 @@ def main(argv=None):
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
-    for kv in args.inductor:  # e.g. combo_kernels=True: fewer, horizontally fused kernels per decode step
-        key, _, val = kv.partition("=")
-        import torch._inductor.config as ind
-        obj, *path = key.split(".")
-        target = ind
-        for part in [obj, *path][:-1]:
-            target = getattr(target, part)
-        setattr(target, key.split(".")[-1], ast.literal_eval(val))
+    for target, attr, value in inductor_settings(args.inductor):  # e.g. combo_kernels=True: fewer, fused kernels
+        setattr(target, attr, value)
     b = Bench(args)
     try:
         checks = correctness_checks(b.device, args.compile, args.fused_local_step != "off" and b.device.type == "cuda",
@@ -453,6 +493,10 @@ def main(argv=None):
             run_set(kind, True)
     print("\n".join(write_results(b, args, checks)))
     failed = [r["label"] for r in b.rows if "error" in r] + (["correctness checks"] if "error" in checks else [])
+    if not any("bytes_per_s" in r for r in b.rows):  # all skipped by the budget: an empty table is no result
+        print(f"error: no configuration measured in --budget_s {args.budget_s:g} "
+              f"({sum('skipped' in r for r in b.rows)} skipped); raise --budget_s", file=sys.stderr)
+        sys.exit(1)
     if failed:  # the results are written; the exit status still says that not everything ran
         print(f"error: {len(failed)} configuration(s) failed ({', '.join(failed[:4])}); see their tracebacks above",
               file=sys.stderr)

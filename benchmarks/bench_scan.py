@@ -25,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import benchmarks.bench_attention as ba  # noqa: E402
 from benchmarks._checks import check_choices, check_flags, int_list  # noqa: E402
-from benchmarks.bench_attention import copy_bandwidth, do_bench, git_commit  # noqa: E402
-from ionllama.errors import OneLineParser, cli_entry  # noqa: E402
+from benchmarks.bench_attention import copy_bandwidth, do_bench  # noqa: E402
+from ionllama.errors import OneLineParser, UserError, cli_entry  # noqa: E402
+from ionllama.fsutil import atomic_write  # noqa: E402
 from ionllama.kernels import scan_const_decay  # noqa: E402
 from ionllama.kernels import scan_triton as st  # noqa: E402
 from ionllama.model.scan import scan_const_decay as scan_reference  # noqa: E402
@@ -129,7 +130,8 @@ def bench_ssd(rep, out_rows):
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description="scan fwd+bwd benchmark")
     p.add_argument("--out", required=True)
-    p.add_argument("--lengths", default="2048,4096,8192,16384,32768")
+    p.add_argument("--lengths", default="2048,4096,8192,16384,32768",
+                   help="T values for bf16; fp32 runs only at the one of them equal to --sweep-length")
     p.add_argument("--shapes", default="16x256,8x1024", help="BxD pairs")
     p.add_argument("--dtypes", default="bf16,fp32")
     p.add_argument("--check", action="store_true")
@@ -153,17 +155,21 @@ def main(argv=None) -> int:
     int_list("lengths", a.lengths)
     int_list("shapes", a.shapes, "BxD")
     check_choices("dtypes", a.dtypes, DT)
+    lengths = int_list("lengths", a.lengths)
+    if "fp32" in a.dtypes.split(",") and a.sweep_length not in lengths:  # its rows were silently left out
+        raise UserError(f"--dtypes fp32 runs only at T = --sweep-length ({a.sweep_length}), which is not in "
+                        f"--lengths {a.lengths}; add {a.sweep_length} to --lengths or pass --sweep-length "
+                        f"{lengths[0]}")
+    out = ba.out_file(a.out)
     ba.DEVICE, ba.GRAPH_TIMING = a.device, a.graph_timing
     import triton
     torch.backends.cuda.matmul.allow_tf32 = False
     res = dict(device=torch.cuda.get_device_name() if a.device == "cuda" else "cpu (dry run)", torch=torch.__version__, triton=triton.__version__,
-               python=platform.python_version(), commit=git_commit(), argv=sys.argv, rows=[], checks=None,
+               python=platform.python_version(), **ba.run_info(argv), rows=[], checks=None,
                sweep=None, ssd=[])
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
 
-    def save():
-        out.write_text(json.dumps(res, indent=1, default=str))
+    def save():  # atomic: a run killed mid-write keeps the previous rows
+        atomic_write(out, json.dumps(res, indent=1, default=str))
 
     res["copy_bw_gbps"] = copy_bandwidth() / 1e9
     copy_bw = res["copy_bw_gbps"] * 1e9

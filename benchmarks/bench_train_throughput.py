@@ -11,14 +11,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import re
+import shlex
+import sys
 import time
+from datetime import datetime, timezone
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
 from ionllama import create_model
 from ionllama.errors import UserError, check_ranges, cli_entry
+from ionllama.eval.benchmark import git_commit
+from ionllama.fsutil import atomic_write
 from ionllama.model.flops import flops_per_byte
 from ionllama.registry import model_config
 from ionllama.train.optim import make_adamw
@@ -29,8 +37,15 @@ REFERENCE_SWITCHES = {"conv_gate": "conv_gate_uses_triton", "rope_table": "rope_
                       "ssd_scan": "ssd_uses_triton"}
 
 
-def peak_flops() -> float:
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+def device_name(device: str | None = None) -> str:
+    """The name of --device (not of whatever GPU is visible): the GPU's name for cuda, else the device type."""
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+
+
+def peak_flops(device: str | None = None) -> float:
+    """The datasheet bf16 rate of --device; NaN where unknown (the CPU, other GPUs)."""
+    name = device_name(device)
     for key, val in PEAK_BF16.items():
         if key in name:
             return val
@@ -218,8 +233,12 @@ def bench_one(name: str, model_kind: str, size: str, args, text: bytes | None, o
             "reference_paths": args.reference, "step_ms": round(dt * 1e3, 2),
             "bytes_per_s": round(bytes_per_s), "bytes_per_patch": round(measured_bpp, 3),
             "calibrated_bytes_per_patch": round(bpp, 3), "flops_per_byte": fpb,
-            "mfu": round(fpb * bytes_per_s / peak_flops(), 4),
+            "mfu": _finite(round(fpb * bytes_per_s / peak_flops(args.device), 4)),
             "peak_mem_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev.type == "cuda" else None}
+
+
+def _cell(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,9 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--compile_mode", choices=["parts", "whole", "reduce-overhead"], default="parts",
-                   help="parts: model.compile_parts() (per layer); whole: torch.compile(model), as the trainer; "
-                        "reduce-overhead: whole, with CUDA graphs")
+    p.add_argument("--compile_mode", choices=["parts", "whole", "reduce-overhead"], default=None,
+                   help="with --compile: parts (default): model.compile_parts() (per layer); whole: "
+                        "torch.compile(model), as the trainer; reduce-overhead: whole, with CUDA graphs")
     p.add_argument("--step_graph", action="store_true",
                    help="capture the whole step as one CUDA graph (ionllama/train/step_graph.py); with --compile, "
                         "use --compile_mode whole")
@@ -255,6 +274,27 @@ def build_parser() -> argparse.ArgumentParser:
                         "rope_table (the latent stack's shared RoPE table op), ssd_scan (the frozen entropy model's "
                         "forward-only Mamba-2 scan kernel)")
     return p
+
+
+def _finite(v: float) -> float | None:
+    """None for NaN / inf: json.dump writes them as NaN / Infinity, which strict JSON readers refuse."""
+    return v if math.isfinite(v) else None
+
+
+def check_out(path: str | None) -> None:
+    """--out before any arm runs: a folder or an unwritable place failed only after minutes of benchmarking."""
+    if not path:
+        return
+    out = Path(path)
+    if out.is_dir():
+        raise UserError(f"--out {path} is a folder; give a file path, e.g. {out / 'train_throughput.json'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {path}: cannot make its folder {out.parent} ({e.strerror}); "
+                        "give a path in a writable folder") from None
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"--out {path}: its folder {out.parent} is not writable; give a path in a writable folder")
 
 
 def _typed(v: str):
@@ -281,8 +321,12 @@ def parse_arm(arm: str) -> tuple[str, dict]:
 @cli_entry
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    command = "python3 benchmarks/bench_train_throughput.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     # one warm-up step at least: it compiles, and its output gives the measured bytes per patch
     check_ranges(args, {"seq_len": 2, "batch_size": 1, "steps": 1, "warmup": 1})
+    if args.compile_mode is not None and not args.compile:  # it was silently ignored: the rows ran eager
+        raise UserError(f"--compile_mode {args.compile_mode} applies to compiled steps only; add --compile")
+    args.compile_mode = args.compile_mode or "parts"
     from ionllama.train.trainer import resolve_device
 
     resolve_device(args.device)  # --device cuda without a GPU: one line, not a traceback from the first CUDA call
@@ -296,6 +340,7 @@ def main(argv=None):
     for name in args.reference:  # before any model is traced: the dispatchers read these at trace time
         setattr(K, REFERENCE_SWITCHES[name], lambda *a: False)
     text = read_text(args.text_path, args.seq_len) if args.text_path else None
+    check_out(args.out)  # last of the checks: it may make --out's folder
     rows = []
     for size in args.sizes:
         for arm, kind, overrides in arms:
@@ -306,11 +351,11 @@ def main(argv=None):
                 torch.cuda.empty_cache()
             rows.append(r)
             print(json.dumps(r), flush=True)
-    meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "torch": torch.__version__, "peak_bf16_flops": peak_flops(), "rows": rows}
+    meta = {"command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "commit": git_commit(), "device": device_name(args.device), "torch": torch.__version__,
+            "peak_bf16_flops": _finite(peak_flops(args.device)), "rows": rows}
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(meta, f, indent=1)
+        atomic_write(args.out, json.dumps(meta, indent=1, allow_nan=False))
     print("\n| arm | size | params (M) | seq | batch | step ms | bytes/s | bytes/patch | MFLOP/byte | MFU | peak GiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -318,7 +363,7 @@ def main(argv=None):
             print(f"| {r['arm']} | {r['size']} | {r['error']} |")
             continue
         print(f"| {r['arm']} | {r['size']} | {r['params_M']} | {r['seq_len']} | {r['batch_size']} | {r['step_ms']} | "
-              f"{r['bytes_per_s']:,} | {r['bytes_per_patch']} | {r['flops_per_byte'] / 1e6:.1f} | {r['mfu']:.3f} | "
+              f"{r['bytes_per_s']:,} | {r['bytes_per_patch']} | {r['flops_per_byte'] / 1e6:.1f} | {_cell(r['mfu'])} | "
               f"{r['peak_mem_GiB']} |")
 
 

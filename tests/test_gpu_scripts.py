@@ -149,6 +149,38 @@ SCRIPT_BAD_INPUT = [
     ("benchmarks", "probe_tasks", ["--out", "{tmp}/probe", "--device", "cpu", "--steps", "0"],
      "--steps must be at least 1"),
     ("benchmarks", "probe_tasks", ["--out", "{tmp}/probe", "--device", "cuda"], "no CUDA GPU is visible"),
+    # (a benchmark-script audit) --inductor items were tracebacks (AttributeError, SyntaxError) after the checks;
+    # --threads -1 a RuntimeError; flags of the compiled rows dropped without --compile; a file as --out failed at
+    # the first row's write
+    ("benchmarks", "bench_generation", ["--device", "cpu", "--compile", "--inductor", "nosuchkey=1", "--out",
+                                        "{tmp}/g"], "--inductor 'nosuchkey=1': give KEY=VALUE"),
+    ("benchmarks", "bench_generation", ["--device", "cpu", "--compile", "--inductor", "combo_kernels", "--out",
+                                        "{tmp}/g"], "--inductor 'combo_kernels': give KEY=VALUE"),
+    ("benchmarks", "bench_generation", ["--device", "cpu", "--compile", "--inductor", "triton.nosuch=1", "--out",
+                                        "{tmp}/g"], "--inductor 'triton.nosuch=1'"),
+    ("benchmarks", "bench_generation", ["--device", "cpu", "--compile", "--inductor", "combo_kernels=Tru e", "--out",
+                                        "{tmp}/g"], "is not a Python literal"),
+    ("benchmarks", "bench_generation", ["--device", "cpu", "--threads", "-1", "--out", "{tmp}/g"],
+     "--threads must be at least 0"),
+    ("benchmarks", "bench_generation", ["--device", "cpu", "--compiled_only", "--out", "{tmp}/g"], "add --compile"),
+    ("benchmarks", "bench_generation", ["--device", "cpu", "--compile_mode", "default", "--out", "{tmp}/g"],
+     "add --compile"),
+    ("benchmarks", "bench_generation", ["--device", "cpu", "--inductor", "combo_kernels=True", "--out", "{tmp}/g"],
+     "add --compile"),
+    ("benchmarks", "bench_generation", ["--device", "cpu", "--size", "tiny", "--out", "{tmp}/text.txt"],
+     "is a file, not a folder"),
+    # --out a folder or under a file failed after every arm ran; --compile_mode without --compile was dropped
+    ("benchmarks", "bench_train_throughput", ["--sizes", "tiny", "--arms", "dense", "--device", "cpu", "--out",
+                                              "{tmp}"], "is a folder; give a file path"),
+    ("benchmarks", "bench_train_throughput", ["--sizes", "tiny", "--arms", "dense", "--device", "cpu", "--out",
+                                              "{tmp}/text.txt/t.json"], "cannot make its folder"),
+    ("benchmarks", "bench_train_throughput", ["--sizes", "tiny", "--arms", "dense", "--device", "cpu",
+                                              "--compile_mode", "whole"], "add --compile"),
+    # fp32 rows run only at --sweep-length: --dtypes fp32 --lengths 64 printed an empty table with exit 0
+    ("benchmarks", "bench_scan", ["--out", "{tmp}/o.json", "--device", "cpu", "--dtypes", "fp32", "--lengths", "64"],
+     "--dtypes fp32 runs only at T = --sweep-length"),
+    ("benchmarks", "bench_scan", ["--out", "{tmp}", "--device", "cpu"], "is a folder; give a file path"),
+    ("benchmarks", "bench_attention", ["--out", "{tmp}", "--device", "cpu"], "is a folder; give a file path"),
     ("scripts", "byte_coverage", ["{tmp}/text.jsonl", "{tmp}/text.txt"], "no line is a JSON object with a 'text'"),
     ("scripts", "byte_coverage", ["{tmp}/text.txt", "{tmp}/text.txt", "--eval_bytes", "0"],
      "--eval_bytes must be at least 1"),
@@ -344,7 +376,12 @@ def test_decode_benchmarks_build_a_runs_architecture(tmp_path):
     assert build_model(cfg).count_parameters()["total"] == 35_010_336  # the run's 35.0M
     dense = tmp_path / "dense.json"
     dense.write_text(json.dumps({"model_config": {**saved, "model": "dense"}}))
-    for bad, words in ((dense, "is not ionllama"), (tmp_path / "missing.json", "cannot read it as JSON")):
+    listed = tmp_path / "list.json"  # valid JSON, not an object: .get() was an AttributeError traceback
+    listed.write_text("[1, 2]")
+    nested = tmp_path / "nested.json"
+    nested.write_text('{"model_config": 3}')
+    for bad, words in ((dense, "is not ionllama"), (tmp_path / "missing.json", "cannot read it as JSON"),
+                       (listed, "is not a run's config.json"), (nested, "is not a run's config.json")):
         with pytest.raises(UserError, match=words):
             bench.model_config_from(str(bad))
     args = bench.build_parser().parse_args(["--model_config", str(run)])
@@ -420,3 +457,64 @@ def test_device_slim_untracks_the_largest_results_and_puts_them_back(tmp_path):
     assert tracked() == set(sizes)
     assert subprocess.run(git + ["status", "--short"], capture_output=True, text=True).stdout == ""
     assert subprocess.run(git + ["commit", "-qm", "after", "--allow-empty"]).returncode == 0
+
+
+def test_bench_generation_inductor_settings_are_parsed_before_use():
+    """--inductor KEY=VALUE: a dotted key reaches the nested config object, the value is a Python literal."""
+    import torch._inductor.config as ind
+    bench = _load("bench_generation")
+    (target, attr, value), = bench.inductor_settings(["triton.cudagraphs=False"])
+    assert target is ind.triton and attr == "cudagraphs" and value is False
+    assert bench.inductor_settings([]) == []
+
+
+def test_bench_generation_results_record_command_date_and_device(tmp_path):
+    """bench_generation.json had no command or date, and its device was platform.processor() (often '' on Linux)
+    whatever --device said; the JSON and the .md are written atomically (no temp file left)."""
+    from types import SimpleNamespace
+    bench = _load("bench_generation")
+    argv = ["--device", "cpu", "--size", "tiny", "--out", str(tmp_path)]
+    args = bench.build_parser().parse_args(argv)
+    args.argv = argv
+    bench.write_results(SimpleNamespace(rows=[], models={}), args, {})
+    env = json.loads((tmp_path / "bench_generation.json").read_text())["env"]
+    assert env["command"].endswith("bench_generation.py --device cpu --size tiny --out " + str(tmp_path))
+    assert env["date"][:2] == "20" and env["device"] and env["commit"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench_generation.json", "bench_generation.md"]
+
+
+def test_bench_generation_exits_non_zero_when_the_budget_skipped_everything(tmp_path, monkeypatch, capsys):
+    """Every configuration skipped by --budget_s was an empty table and exit 0."""
+    bench = _load("bench_generation")
+    monkeypatch.setattr(bench, "correctness_checks", lambda *a, **k: {})  # the minutes-long part; not asked here
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--device", "cpu", "--size", "tiny", "--contexts", "64", "--budget_s", "1", "--out",
+                    str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "no configuration measured" in err and "raise --budget_s" in err, err
+
+
+def test_train_throughput_result_is_strict_json_with_its_provenance(tmp_path, monkeypatch):
+    """The result file held NaN (peak_bf16_flops, mfu on CPU: not JSON), no command, commit or date, and the
+    device of torch.cuda.is_available() rather than --device; --out's missing folder is made up front."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    train = _load("bench_train_throughput")
+    out = tmp_path / "new" / "t.json"
+    train.main(["--sizes", "tiny", "--arms", "dense", "--device", "cpu", "--steps", "1", "--warmup", "1",
+                "--seq_len", "32", "--batch_size", "1", "--out", str(out)])
+
+    def no_constants(c):
+        raise AssertionError(f"{c} in the JSON")
+
+    meta = json.loads(out.read_text(), parse_constant=no_constants)
+    assert meta["device"] == "cpu" and meta["peak_bf16_flops"] is None and meta["rows"][0]["mfu"] is None
+    assert "bench_train_throughput.py --sizes tiny" in meta["command"] and meta["date"][:2] == "20"
+    assert meta["commit"]["sha"]
+    assert [p.name for p in out.parent.iterdir()] == ["t.json"]  # atomic: no temp file left
+
+
+def test_kernel_benchmarks_record_the_date_and_command():
+    ba = _load("bench_attention")
+    info = ba.run_info(["--out", "x.json"])
+    assert info["argv"][1:] == ["--out", "x.json"] and info["date"][:2] == "20" and info["commit"]
