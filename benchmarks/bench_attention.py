@@ -26,8 +26,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._checks import check_flags, int_list  # noqa: E402
-from ionllama.errors import OneLineParser, UserError, cli_entry  # noqa: E402
-from ionllama.fsutil import atomic_write  # noqa: E402
+from ionllama.errors import OneLineParser, cli_entry  # noqa: E402
+from ionllama.fsutil import atomic_write, ready_out_file  # noqa: E402
 from ionllama.kernels import dilated_attention  # noqa: E402
 from ionllama.kernels import dilated_attention_triton as dat  # noqa: E402
 from ionllama.model.dilated_attention import dilated_attention_reference, dilated_offsets  # noqa: E402
@@ -323,15 +323,7 @@ def git_commit() -> str:
 def out_file(path: str) -> Path:
     """--out checked before any timing (a folder failed at the first save, after the copy-bandwidth run and the
     checks); its folder is made here. Also used by bench_scan.py."""
-    out = Path(path)
-    if out.is_dir():
-        raise UserError(f"--out {path} is a folder; give a file path, e.g. {out / 'results.json'}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {path}: cannot make its folder {out.parent} ({e.strerror}); "
-                        "give a path in a writable folder") from None
-    return out
+    return ready_out_file(path)
 
 
 def run_info(argv) -> dict:

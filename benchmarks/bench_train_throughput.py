@@ -18,7 +18,6 @@ import shlex
 import sys
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -26,7 +25,7 @@ import torch
 from ionllama import create_model
 from ionllama.errors import UserError, check_ranges, cli_entry
 from ionllama.eval.benchmark import git_commit
-from ionllama.fsutil import atomic_write
+from ionllama.fsutil import atomic_write, ready_out_file
 from ionllama.model.flops import flops_per_byte
 from ionllama.registry import model_config
 from ionllama.train.optim import make_adamw
@@ -109,7 +108,6 @@ KERNEL_GROUPS = [  # kernel-name patterns -> a coarse category, to see where a s
 def profile_steps(step, tag: str, out_dir: str, n: int = 3) -> None:
     """torch.profiler over n steps: the top kernels by GPU time, a coarse breakdown, and graph breaks."""
     import collections
-    import os
 
     from torch._dynamo.utils import counters
     from torch.profiler import ProfilerActivity, profile
@@ -283,18 +281,8 @@ def _finite(v: float) -> float | None:
 
 def check_out(path: str | None) -> None:
     """--out before any arm runs: a folder or an unwritable place failed only after minutes of benchmarking."""
-    if not path:
-        return
-    out = Path(path)
-    if out.is_dir():
-        raise UserError(f"--out {path} is a folder; give a file path, e.g. {out / 'train_throughput.json'}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {path}: cannot make its folder {out.parent} ({e.strerror}); "
-                        "give a path in a writable folder") from None
-    if not os.access(out.parent, os.W_OK):
-        raise UserError(f"--out {path}: its folder {out.parent} is not writable; give a path in a writable folder")
+    if path:
+        ready_out_file(path)
 
 
 def _typed(v: str):

@@ -43,6 +43,24 @@ def ready_out_dir(folder: str | Path, flag: str = "--out") -> Path:
     return p
 
 
+def ready_out_file(path: str | Path, flag: str = "--out") -> Path:
+    """A results file's place checked before any work, or a one-line UserError naming `flag`: not a folder, its
+    folder made and writable (a benchmark given a folder there failed at its first save, after the measuring)."""
+    from .errors import UserError
+
+    out = Path(path)
+    if out.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give a file path, e.g. {out / 'results.json'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot make its folder {out.parent} ({e.strerror}); "
+                        "give a path in a writable folder") from None
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"{flag} {path}: its folder {out.parent} is not writable; give a path in a writable folder")
+    return out
+
+
 def probe_write(folder: str | Path) -> None:
     """Write and remove a small file in the existing `folder`; an OSError if that cannot be done (probe_writable
     without making the folder: bench probes the nearest existing parent and makes folders only to write results)."""
