@@ -320,12 +320,6 @@ def git_commit() -> str:
         return "unknown"
 
 
-def out_file(path: str) -> Path:
-    """--out checked before any timing (a folder failed at the first save, after the copy-bandwidth run and the
-    checks); its folder is made here. Also used by bench_scan.py."""
-    return ready_out_file(path)
-
-
 def run_info(argv) -> dict:
     """commit, the command as given and the UTC date, for a results file."""
     return dict(commit=git_commit(), argv=[sys.argv[0], *argv] if argv is not None else sys.argv,
@@ -363,7 +357,7 @@ def main(argv=None) -> int:
     for flag, text in (("flex-sizes", a.flex_sizes), ("sweep", a.sweep), ("profile", a.profile)):
         if text:
             int_list(flag, text, allow_empty=flag == "flex-sizes")
-    out = out_file(a.out)
+    out = ready_out_file(a.out)  # before any timing: a folder failed at the first save, after the checks
     global DEVICE, GRAPH_TIMING
     DEVICE, GRAPH_TIMING = a.device, a.graph_timing
     import triton

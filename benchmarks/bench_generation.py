@@ -30,7 +30,7 @@ import torch
 from ionllama import create_model
 from ionllama.config import LATENT_SHIFTS, ModelConfig
 from ionllama.errors import UserError, check_ranges, cli_entry
-from ionllama.eval.benchmark import git_commit
+from ionllama.eval.benchmark import device_info, git_commit
 from ionllama.fsutil import atomic_write, ready_out_dir
 from ionllama.generation import decoder_for
 from ionllama.generation.runner import DecodeRunner
@@ -259,19 +259,11 @@ def _gpu_cells(r) -> str:
             f"{r['host_gap_ms_per_byte']:.3f}")
 
 
-def device_name(device: str) -> str:
-    """What --device ran on: the GPU's name, or the CPU's (platform.processor() is '' on many Linux hosts)."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return platform.processor() or dev.type
-
-
 def write_results(b, args, checks):
     # argv as given (main(argv) in tests, else sys.argv): where each number came from
     command = "python3 benchmarks/bench_generation.py " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
     env = dict(command=command, date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               torch=torch.__version__, python=platform.python_version(), device=device_name(args.device),
+               torch=torch.__version__, python=platform.python_version(), device=device_info(torch.device(args.device))["name"],
                dtype=args.dtype, size=args.size, threads=torch.get_num_threads(),
                compile_mode=args.compile_mode, inductor=args.inductor, fused_local_step=args.fused_local_step,
                fused_entropy_step=args.fused_entropy_step, fused_latent_step=args.fused_latent_step,

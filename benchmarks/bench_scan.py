@@ -27,7 +27,7 @@ import benchmarks.bench_attention as ba  # noqa: E402
 from benchmarks._checks import check_choices, check_flags, int_list  # noqa: E402
 from benchmarks.bench_attention import copy_bandwidth, do_bench  # noqa: E402
 from ionllama.errors import OneLineParser, UserError, cli_entry  # noqa: E402
-from ionllama.fsutil import atomic_write  # noqa: E402
+from ionllama.fsutil import atomic_write, ready_out_file  # noqa: E402
 from ionllama.kernels import scan_const_decay  # noqa: E402
 from ionllama.kernels import scan_triton as st  # noqa: E402
 from ionllama.model.scan import scan_const_decay as scan_reference  # noqa: E402
@@ -152,7 +152,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     check_flags(a, {"rep": 1, "sweep-length": 1}, a.device)
-    int_list("lengths", a.lengths)
     int_list("shapes", a.shapes, "BxD")
     check_choices("dtypes", a.dtypes, DT)
     lengths = int_list("lengths", a.lengths)
@@ -160,7 +159,7 @@ def main(argv=None) -> int:
         raise UserError(f"--dtypes fp32 runs only at T = --sweep-length ({a.sweep_length}), which is not in "
                         f"--lengths {a.lengths}; add {a.sweep_length} to --lengths or pass --sweep-length "
                         f"{lengths[0]}")
-    out = ba.out_file(a.out)
+    out = ready_out_file(a.out)  # before any timing: a folder failed at the first save
     ba.DEVICE, ba.GRAPH_TIMING = a.device, a.graph_timing
     import triton
     torch.backends.cuda.matmul.allow_tf32 = False
