@@ -41,6 +41,7 @@ from .task_eval import run_tasks
 SECTIONS = ("lm", "tasks", "speed", "compression", "multilingual", "plots")
 # parallel UDHR text first, then the other language/code samples; each used when present
 DEFAULT_MULTILINGUAL = (Path("../shared/data/multilingual/udhr"), Path("../shared/data/multilingual"))
+NO_MULTILINGUAL = "no --multilingual_dir and no " + " or ".join(map(str, DEFAULT_MULTILINGUAL))  # (a skip's reason)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -322,7 +323,7 @@ def run(argv: list[str], prog: str) -> dict:
                 skipped[s] = "the checkpoint was trained on --dataset tasks only; pass --eval_data PATH for text BPB"
     auto = {k: v for k, v in skipped.items() if v != "--skip"}
     if "multilingual" not in skip and not a.multilingual_dir and not default_multilingual_dirs():
-        auto["multilingual"] = "no --multilingual_dir and no " + " or ".join(map(str, DEFAULT_MULTILINGUAL))
+        auto["multilingual"] = NO_MULTILINGUAL
     if auto:  # sections this checkpoint skips by itself: an earlier results file's must not vanish either
         _check_output(out_path, set(auto), a.overwrite, why="for this checkpoint: " + "; ".join(sorted(set(
             auto.values()))))
@@ -390,7 +391,7 @@ def run(argv: list[str], prog: str) -> dict:
             metrics["multilingual"] = ml
             timings["multilingual"] = time.perf_counter() - t0
         else:
-            skipped["multilingual"] = "no --multilingual_dir and no " + " or ".join(map(str, DEFAULT_MULTILINGUAL))
+            skipped["multilingual"] = NO_MULTILINGUAL
 
     try:  # made only now: a run refused on its inputs leaves no empty folder (writability was checked at the start)
         out_path.parent.mkdir(parents=True, exist_ok=True)
