@@ -182,7 +182,7 @@ def env(args, s) -> dict:
 
 
 def write(args, stem: str, result: dict, lines: list[str]) -> None:
-    out = ready_out_dir(args.out)
+    out = pathlib.Path(args.out)  # (made and checked by main, before any profiling)
     atomic_write(out / f"{stem}.json", json.dumps(result, indent=1, default=str))
     command = "python3 benchmarks/profile_decode_step.py " + shlex.join(args.argv)  # where each number came from
     atomic_write(out / f"{stem}.md", f"command: `{command}`\n\n" + "\n".join(lines) + "\n")
