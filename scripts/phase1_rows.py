@@ -152,6 +152,15 @@ ROWS = {
     "tasks best row, 1-byte patches, no local layers, 32K buckets, long compiled stage, seed 1": _task_row(
         "latent_shift=completed,fixed_patch_size=1,pooling=attention,attention=dense,n_enc_layers=0,n_dec_layers=0,"
         "ngram_buckets=32768", step_graph=True, task_steps=6000, task_compile=True),
+    # the fortieth session's plan: does the real model (3-byte patches, local layers) add once the hashed tables are
+    # gone, either with plain byte vectors or with the causal convolution as its n-gram context?
+    **{f"tasks best row, n-gram {mode}, long compiled stage, seed 1": _task_row(
+        f"latent_shift=completed,fixed_patch_size=3,pooling=attention,attention=dense,ngram={mode}", step_graph=True,
+        task_steps=6000, task_compile=True) for mode in ("none", "conv")},
+    # the 2 x 2 at 1-byte patches: local layers without the tables (the tiny probe's decoder layers cost the jump)
+    "tasks best row, 1-byte patches, no n-gram tables, long compiled stage, seed 1": _task_row(
+        "latent_shift=completed,fixed_patch_size=1,pooling=attention,attention=dense,ngram=none", step_graph=True,
+        task_steps=6000, task_compile=True),
 }
 # the copies of the data the session makes before its calls (docs/notes/gpu-runbook.md), renamed on the device
 DATA_MOVES = "rm -rf .data/gutenberg .data/wikipedia && mv .data/gut .data/gutenberg && mv .data/wk .data/wikipedia"
