@@ -29,11 +29,11 @@ def saved(tmp_path_factory):
 
 def _loaders():
     from ionllama.eval.loading import load_checkpoint
-    from ionllama.generation.cli import _load_plain
+    from ionllama.generation.cli import load_checkpoint_model
     from ionllama.train.checkpoint import load_model
 
     return {"bench": lambda p: load_checkpoint(p, device="cpu").model, "train.load_model": lambda p: load_model(p),
-            "generate": lambda p: _load_plain(p, "cpu")}
+            "generate": lambda p: load_checkpoint_model(str(p), "cpu")}
 
 
 @pytest.mark.parametrize("loader", ["bench", "train.load_model", "generate"])

@@ -17,14 +17,10 @@ SEED_MAX = 2**63 - 1
 
 
 def load_checkpoint_model(path: str, device: str = "cpu"):
-    """The trainer's loader (.pt training checkpoint, .safetensors export, sharded .dcp folder); without
-    it, a plain {'model': state_dict, 'model_config' | 'config': dict} file. Any failure: UserError."""
-    try:
-        from ..train.checkpoint import load_model  # the trainer owns the file formats
-    except ImportError:
-        load_model = None
-    if load_model is None:
-        return _load_plain(path, device)
+    """The trainer's loader (.pt training checkpoint, .safetensors export, sharded .dcp folder: the trainer owns
+    the file formats). Any failure: UserError."""
+    from ..train.checkpoint import load_model
+
     if not os.path.exists(path):
         raise UserError(f"checkpoint '{path}' not found; pass the .pt file written by `ionllama train`")
     try:
@@ -44,31 +40,6 @@ def _note_untrained(path: str) -> None:
     if checkpoint_phase(path) == "entropy":
         print(f"note: {path} was written in phase 1: only the entropy model has trained, the main model is at its "
               "initialisation, so this output is noise; generate from a checkpoint of the main phase", file=sys.stderr)
-
-
-def _load_plain(path: str, device: str):
-    from .. import build_model
-    from ..config import ModelConfig
-
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint '{path}' not found; pass the .pt file written by `ionllama train`")
-    from ..train.checkpoint import load_weights_only
-
-    try:
-        ckpt = load_weights_only(path, map_location="cpu")
-    except Exception as e:
-        from ..train.checkpoint import unreadable_checkpoint
-
-        raise unreadable_checkpoint(path, e) from None
-    cfg = ckpt.get("model_config", ckpt.get("config")) if isinstance(ckpt, dict) else None
-    if cfg is None or "model" not in ckpt:
-        raise UserError(f"'{path}' has no 'model' and 'model_config' entries; is it an ionllama checkpoint?")
-    model = build_model(ModelConfig.from_checkpoint(cfg, path))
-    from ..train.checkpoint import CONFIG_WEIGHTS_HINT, load_model_state
-
-    # (torch's first line, "Error(s) in loading state_dict for X:", named no key: load_model_state names it)
-    load_model_state(model, ckpt["model"], f"checkpoint '{path}'", hint=CONFIG_WEIGHTS_HINT)
-    return model.to(device).eval()
 
 
 def build_parser() -> argparse.ArgumentParser:
