@@ -88,9 +88,22 @@ def _as_byte_array(data) -> np.ndarray:
     if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
         raise UserError(f"evaluate_bpb: data must be one flat sequence of byte values (got shape {arr.shape}, "
                         f"{arr.dtype})")
-    if arr.dtype != np.uint8 and arr.size and (arr.min() < 0 or arr.max() > 255):
-        raise UserError("evaluate_bpb: data holds values outside 0..255; pass bytes")
+    problem = byte_value_problem(arr)
+    if problem:
+        raise UserError(f"evaluate_bpb: data {problem}; pass bytes")
     return arr
+
+
+def byte_value_problem(arr: np.ndarray) -> str | None:
+    """Why `arr` cannot be read as bytes as it is, or None. Why: a cast to uint8 would score bytes that are not in
+    the data (int16 300 -> 44, float 65.5 -> 65), so evaluate_bpb and the eval-data reader refuse instead."""
+    if arr.dtype == np.uint8:
+        return None
+    if not np.issubdtype(arr.dtype, np.integer):
+        return f"holds {arr.dtype} values, not bytes"
+    if arr.size and (arr.min() < 0 or arr.max() > 255):
+        return f"({arr.dtype}) holds values outside 0..255"
+    return None
 
 
 def evaluate_bpb(model, data: np.ndarray, seq_len: int, batch_size: int, device, max_bytes: int | None = None,

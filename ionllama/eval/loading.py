@@ -14,6 +14,7 @@ from ..data.sources import JSONL_SUFFIXES, READ_ERRORS, iter_local_file, saved_d
 from ..data.tasks import DOC_SEP
 from ..errors import UserError, first_line
 from ..registry import build_model
+from .bpb import byte_value_problem
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst", ".py", ".c", ".h", ".js", ".json", ".csv", ".tsv", ".html", ".xml"}
 
@@ -212,12 +213,9 @@ def _read_shard(p: Path, max_bytes: int | None) -> np.ndarray:
         raise UserError(f"cannot read eval data '{p}' ({why}); {fix}") from None
     if max_bytes is not None:
         arr = arr[:max_bytes]
-    if arr.dtype != np.uint8:
-        # casting int16 300 or float 65.5 to uint8 scored bytes that are not in the file
-        if not np.issubdtype(arr.dtype, np.integer):
-            raise UserError(f"eval data '{p}' holds {arr.dtype} values, not bytes; {fix}")
-        if arr.size and (arr.min() < 0 or arr.max() > 255):
-            raise UserError(f"eval data '{p}' ({arr.dtype}) holds values outside 0..255; {fix}")
+    problem = byte_value_problem(arr)
+    if problem:
+        raise UserError(f"eval data '{p}' {problem}; {fix}")
     return np.asarray(arr, dtype=np.uint8)
 
 
