@@ -2,6 +2,7 @@
 
     python scripts/phase1_rows.py                       # list the rows
     python scripts/phase1_rows.py "2K windows, dense, seed 1" --res phase1-dense-seq2048-seed1
+    python scripts/phase1_rows.py "row A" "row B" --res a b --t 250 300   # one call, one row after the other
 
 Why: a row's arm and flags were retyped by hand into the device call, and once the arm was wrong (the
 twenty-eighth session ran `ionllama` for `ionllama_fixed`, a whole 10-minute call). Here the rows are one table,
@@ -140,13 +141,13 @@ ROWS = {
     # to its latent transformer over bytes (no n-gram tables, no local layers): a plain byte transformer of 25M. If
     # it adds like the dense byte model, the byte path around the latent costs the sums; if not, the model's size
     # and hyper-parameters (the sweep's, against the dense arm's matrix defaults) do
-    "tasks best row, 1-byte patches, stripped, long compiled stage, seed 1": _task_row(
+    **{f"tasks best row, 1-byte patches, stripped, long compiled stage, seed {seed}": _task_row(
         "latent_shift=completed,fixed_patch_size=1,pooling=attention,attention=dense,n_enc_layers=0,n_dec_layers=0,"
-        "ngram=none", step_graph=True, task_steps=6000, task_compile=True),
+        "ngram=none", step_graph=True, task_steps=6000, task_compile=True, seed=seed) for seed in (1, 2)},
     # it did (add 0.960): the byte path costs the sums. Which part: the n-gram tables back, still no local layers
-    "tasks best row, 1-byte patches, no local layers, long compiled stage, seed 1": _task_row(
+    **{f"tasks best row, 1-byte patches, no local layers, long compiled stage, seed {seed}": _task_row(
         "latent_shift=completed,fixed_patch_size=1,pooling=attention,attention=dense,n_enc_layers=0,n_dec_layers=0",
-        step_graph=True, task_steps=6000, task_compile=True),
+        step_graph=True, task_steps=6000, task_compile=True, seed=seed) for seed in (1, 2)},
     # add 0.060: the n-gram tables cost the sums. Collisions (4,096 buckets per n-gram size, ~10^5 digit 5-grams)
     # or the lookups themselves? The same row with 8x the buckets
     "tasks best row, 1-byte patches, no local layers, 32K buckets, long compiled stage, seed 1": _task_row(
@@ -166,18 +167,15 @@ ROWS = {
 DATA_MOVES = "rm -rf .data/gutenberg .data/wikipedia && mv .data/gut .data/gutenberg && mv .data/wk .data/wikipedia"
 RUN_LIMIT = 2000  # characters the device tool takes per command
 PREP_AND_MARGIN_S = 45
+CALL_LIMIT_S = 595  # one device call runs at most 600 s
 
 
-def device_command(row: str, res: str, commit: str, t: int = 594, budget: int | None = None) -> str:
-    """The one-line command for the device tool (carry .data/gut and .data/wk) that trains `row` into
-    docs/results/<res>. budget: the arm's training seconds (420 by default) for a row that does not set its own."""
+def row_env(row: str, res: str, t: int = 594, budget: int | None = None) -> dict:
+    """The env of scripts/gpu_phase1_parallel.sh that trains `row` into docs/results/<res> within t seconds."""
     if row not in ROWS:
         raise UserError(f"unknown row {row!r}; run scripts/phase1_rows.py without arguments for the list")
     if not res or "/" in res or res != res.strip():
         raise UserError(f"--res {res!r}: give a bare folder name under docs/results, e.g. phase1-bpe-seq2048")
-    # the commit goes into a shell line unquoted by design (it is a hash): anything else could run commands there
-    if not re.fullmatch(r"[0-9a-f]{4,40}", commit or ""):
-        raise UserError(f"--commit {commit!r}: give a git commit hash (4-40 hex digits), e.g. $(git rev-parse HEAD)")
     if budget is not None and "BUDGET" in ROWS[row]:  # (the row's own value won before, without a word)
         raise UserError(f"row {row!r} sets its own budget ({ROWS[row]['BUDGET']} s): leave out --budget, or add a row")
     env = {"T": str(t), "BUDGET": str(420 if budget is None else budget), "RES": f"docs/results/{res}", **ROWS[row]}
@@ -186,11 +184,49 @@ def device_command(row: str, res: str, commit: str, t: int = 594, budget: int | 
     if env.get("TASKS") != "1" and int(env["BUDGET"]) + int(env.get("OVERHEAD", 90)) + PREP_AND_MARGIN_S > t:
         raise UserError(f"row {row!r}: budget {env['BUDGET']} s + overhead {env.get('OVERHEAD', 90)} s does not fit "
                         f"T={t} s; raise --t or lower --budget")
-    assigns = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
-    cmd = f"{DATA_MOVES} && export BENCH_COMMIT={commit} && {assigns} bash scripts/gpu_phase1_parallel.sh"
+    return env
+
+
+def _check_commit(commit: str) -> None:
+    # the commit goes into a shell line unquoted by design (it is a hash): anything else could run commands there
+    if not re.fullmatch(r"[0-9a-f]{4,40}", commit or ""):
+        raise UserError(f"--commit {commit!r}: give a git commit hash (4-40 hex digits), e.g. $(git rev-parse HEAD)")
+
+
+def _assigns(env: dict) -> str:
+    return " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+
+
+def _checked_length(cmd: str, what: str) -> str:
     if len(cmd) > RUN_LIMIT:
-        raise UserError(f"row {row!r}: the command is {len(cmd)} characters, over the device tool's {RUN_LIMIT}")
+        raise UserError(f"{what}: the command is {len(cmd)} characters, over the device tool's {RUN_LIMIT}")
     return cmd
+
+
+def device_command(row: str, res: str, commit: str, t: int = 594, budget: int | None = None) -> str:
+    """The one-line command for the device tool (carry .data/gut and .data/wk) that trains `row` into
+    docs/results/<res>. budget: the arm's training seconds (420 by default) for a row that does not set its own."""
+    env = row_env(row, res, t, budget)
+    _check_commit(commit)
+    cmd = f"{DATA_MOVES} && export BENCH_COMMIT={commit} && {_assigns(env)} bash scripts/gpu_phase1_parallel.sh"
+    return _checked_length(cmd, f"row {row!r}")
+
+
+def chained_command(specs: list[tuple[str, str, int]], commit: str) -> str:
+    """Several (row, res, t) one after the other in one device call, each with its own deadline and its own
+    $OUT/rowN folder (the script writes phase1.tgz and its logs under $OUT: the second row would overwrite the
+    first's). Why: short task rows (~185-225 s without local layers) fit two to a call, and each fresh machine
+    costs about a minute of device time."""
+    envs = [row_env(row, res, t) for row, res, t in specs]
+    _check_commit(commit)
+    if sum(t for _, _, t in specs) > CALL_LIMIT_S:
+        raise UserError(f"the rows' --t add up to {sum(t for _, _, t in specs)} s, over the {CALL_LIMIT_S} s one "
+                        "call may run; give each row less time, or chain fewer rows")
+    dirs = " ".join(f'"$OUT/row{i + 1}"' for i in range(len(specs)))
+    runs = "; ".join(f'{_assigns(env)} OUT="$OUT/row{i + 1}" bash scripts/gpu_phase1_parallel.sh'
+                     for i, env in enumerate(envs))
+    cmd = f"{DATA_MOVES} && export BENCH_COMMIT={commit} && mkdir -p {dirs} && {{ {runs}; }}"
+    return _checked_length(cmd, f"{len(specs)} chained rows")
 
 
 def head_commit() -> str:
@@ -201,20 +237,35 @@ def head_commit() -> str:
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("row", nargs="?", help="a row name (quoted); none lists them")
-    p.add_argument("--res", help="results folder name under docs/results")
+    p.add_argument("rows", nargs="*", metavar="row",
+                   help="a row name (quoted); several: one after the other in one call; none lists them")
+    p.add_argument("--res", nargs="+", help="results folder name under docs/results (one per row)")
     p.add_argument("--commit", help="BENCH_COMMIT (default: git HEAD)")
-    p.add_argument("--t", type=int, default=594, help="seconds for the whole call")
+    p.add_argument("--t", type=int, nargs="+", default=[594], help="seconds for the whole call (one per row)")
     p.add_argument("--budget", type=int, default=None,
                    help="training seconds of the arm (default 420; refused for rows that set their own)")
     a = p.parse_args(argv)
-    check_ranges(a, {"t": 1, "budget": 1})
-    if a.row is None:
+    for t in a.t:
+        if t < 1:
+            raise UserError(f"--t must be at least 1 (got {t})")
+    check_ranges(a, {"budget": 1})
+    if not a.rows:
         print("\n".join(ROWS))
         return
     if not a.res:
         raise UserError("--res is needed: the results folder under docs/results, e.g. --res phase1-bpe-seq2048")
-    print(device_command(a.row, a.res, a.commit or head_commit(), a.t, a.budget))
+    commit = a.commit or head_commit()
+    if len(a.rows) == 1:
+        if len(a.res) != 1 or len(a.t) != 1:
+            raise UserError("one row takes one --res and one --t")
+        print(device_command(a.rows[0], a.res[0], commit, a.t[0], a.budget))
+        return
+    if len(a.res) != len(a.rows) or len(a.t) != len(a.rows):
+        raise UserError(f"{len(a.rows)} rows need {len(a.rows)} --res names and {len(a.rows)} --t values, in the "
+                        "rows' order (e.g. --res a b --t 250 300)")
+    if a.budget is not None:
+        raise UserError("--budget is for one row; chained rows keep their own budgets")
+    print(chained_command(list(zip(a.rows, a.res, a.t)), commit))
 
 
 if __name__ == "__main__":

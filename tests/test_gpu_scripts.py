@@ -338,6 +338,31 @@ def test_printed_device_command_runs_the_tested_row(tmp_path, row):
     assert out.stdout.split()[-2:] == ["gutenberg", "wikipedia"]
 
 
+def test_chained_device_command_runs_each_row_into_its_own_out(tmp_path):
+    """Two rows in one call: the data folders are renamed once, then each row runs with its own env, deadline T and
+    $OUT/rowN (the script writes phase1.tgz and its logs under $OUT: a second row into the same $OUT overwrote the
+    first's archive and logs)."""
+    rows = _load("phase1_rows", "scripts")
+    a, b = "tasks best row, 1-byte patches, stripped, long compiled stage, seed 1", "tasks ionllama_fixed"
+    cmd = rows.chained_command([(a, "res-a", 250), (b, "res-b", 300)], "abc123")
+    for d in (".data/gut", ".data/wk", "scripts", "out"):
+        (tmp_path / d).mkdir(parents=True)
+    keys = ["GPU0", "T", "RES", "EXTRA", "BENCH_COMMIT", "OUT"]
+    dump = "; ".join(f'printf "%s=%s\\n" {k} "${{{k}:-}}"' for k in keys)
+    (tmp_path / "scripts/gpu_phase1_parallel.sh").write_text(f'echo ---; {dump}; touch "$OUT/phase1.tgz"\n')
+    out = subprocess.run(["bash", "-c", cmd], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "OUT": str(tmp_path / "out")})
+    assert out.returncode == 0, out.stderr
+    runs = [dict(line.split("=", 1) for line in part.strip().splitlines()) for part in out.stdout.split("---")[1:]]
+    assert [r["T"] for r in runs] == ["250", "300"] and [r["RES"] for r in runs] == ["docs/results/res-a",
+                                                                                    "docs/results/res-b"]
+    assert [r["EXTRA"] for r in runs] == [rows.ROWS[a]["EXTRA"], rows.ROWS[b]["EXTRA"]]
+    assert [r["OUT"] for r in runs] == [str(tmp_path / "out/row1"), str(tmp_path / "out/row2")]
+    assert all(r["BENCH_COMMIT"] == "abc123" for r in runs)
+    assert (tmp_path / "out/row1/phase1.tgz").exists() and (tmp_path / "out/row2/phase1.tgz").exists()
+    assert sorted(p.name for p in (tmp_path / ".data").iterdir()) == ["gutenberg", "wikipedia"]
+
+
 def test_device_command_refuses_bad_input(tmp_path, capsys):
     script = [sys.executable, str(REPO / "scripts/phase1_rows.py")]
     listed = subprocess.run(script, capture_output=True, text=True, timeout=60)  # as a script: its own entry
@@ -353,7 +378,14 @@ def test_device_command_refuses_bad_input(tmp_path, capsys):
                         (["2K windows, bpe", "--res", "x", "--commit", "abc def"], "give a git commit hash"),
                         (["2K windows, bpe", "--res", "x", "--commit", "abc123;ls"], "give a git commit hash"),
                         (["tasks ionllama_fixed", "--res", "x", "--budget", "200"], "sets its own budget (75 s)"),
-                        (["2K windows, bpe", "--nope"], "unrecognized arguments: --nope")):
+                        (["2K windows, bpe", "--nope"], "unrecognized arguments: --nope"),
+                        # chained rows: one --res and one --t per row, within one call's 600 s, no shared --budget
+                        (["tasks ionllama_fixed", "tasks 3-byte patches", "--res", "a"], "2 rows need 2 --res"),
+                        (["tasks ionllama_fixed", "tasks 3-byte patches", "--res", "a", "b", "--t", "300", "300"],
+                         "add up to 600 s"),
+                        (["tasks ionllama_fixed", "tasks 3-byte patches", "--res", "a", "b", "--t", "200", "200",
+                          "--budget", "50"], "--budget is for one row"),
+                        (["tasks ionllama_fixed", "--res", "a", "b"], "one row takes one --res")):
         with pytest.raises(SystemExit) as e:
             main(args)
         out, err = capsys.readouterr()
