@@ -31,7 +31,8 @@ from ionllama.devices import resolve_device  # noqa: E402
 from ionllama.errors import OneLineParser, UserError, check_ranges, cli_entry  # noqa: E402
 from ionllama.fsutil import atomic_write, ready_out_dir  # noqa: E402
 from ionllama.eval.benchmark import git_commit  # noqa: E402
-from ionllama.experiment.tasks import compiled_stage, task_batch, task_examples, train_on_tasks  # noqa: E402
+from ionllama.experiment.tasks import (  # noqa: E402
+    captured_stage_problem, compiled_stage, task_batch, task_examples, train_on_tasks)
 
 
 def build(args):
@@ -44,9 +45,14 @@ def build(args):
 def time_way(args, compiled: bool) -> dict:
     model = build(args)
     batches = [task_batch(model, task_examples(1, step, args.batch), args.row_len) for step in range(args.steps)]
-    shapes = {}
+    shapes, captured = {}, False
     if compiled and args.fixed_rows:  # as the experiment's compiled stage: one shape, one compile
         batches, fwd, shapes = compiled_stage(model, batches)
+        if args.step_graph:  # as --task_step_graph: the whole step one CUDA graph, where the shapes allow it
+            problem = captured_stage_problem(model, shapes, args.row_len)
+            if problem:
+                raise UserError(f"--step_graph: {problem}; time this model without it")
+            captured = True
     else:
         fwd = torch.compile(model, dynamic=True if args.dynamic else None) if compiled else model
     graphs_before = dynamo_graphs()
@@ -61,13 +67,13 @@ def time_way(args, compiled: bool) -> dict:
     t0 = time.perf_counter()
     cuda = args.device.startswith("cuda")
     losses, seconds = train_on_tasks(model, torch.device(args.device), torch.bfloat16 if cuda else None,
-                                     args.steps, 1e-3, batch_of_step, log_every=50, forward=fwd)
+                                     args.steps, 1e-3, batch_of_step, log_every=50, forward=fwd, step_graph=captured)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     timed = args.steps - args.warmup
     return {"ms_per_step": 1e3 * (time.perf_counter() - marks["t"]) / timed, "timed_steps": timed,
             "warmup_steps": args.warmup, "total_s": time.perf_counter() - t0, "last_loss": losses[-1],
-            "dynamo_graphs": dynamo_graphs() - graphs_before, **shapes}
+            "dynamo_graphs": dynamo_graphs() - graphs_before, "step_graph": captured, **shapes}
 
 
 def dynamo_graphs() -> int:
@@ -90,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fixed_rows", action="store_true",
                     help="compiled: as the experiment's compiled stage (tasks.compiled_stage): every batch padded to the "
                          "largest row count, one latent length for space patching; without it the batches as packed")
+    ap.add_argument("--step_graph", action="store_true",
+                    help="with --fixed_rows: the whole step captured as one CUDA graph (the experiment's "
+                         "--task_step_graph); only the compiled way uses it")
     ap.add_argument("--dynamic", action="store_true",
                     help="torch.compile(model, dynamic=True): shapes symbolic from the first compile, not the second")
     ap.add_argument("--ways", nargs="+", choices=("eager", "compiled"), default=["eager", "compiled"])
@@ -98,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     # every input is checked before a model is built or a step runs (a traceback after minutes of compiling, or a
     # --batch 0 stage timed and written as a result)
     check_ranges(args, {"steps": 2, "warmup": 1, "batch": 1, "row_len": 2})
+    if args.step_graph and not (args.fixed_rows and "compiled" in args.ways):
+        raise UserError("--step_graph times the compiled stage with --fixed_rows; add --fixed_rows (and the compiled "
+                        "way)")
     if not 0 < args.warmup < args.steps:
         raise UserError("--warmup must be between 0 and --steps; pass e.g. --steps 300 --warmup 50")
     args.device = str(resolve_device(args.device))
@@ -116,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write(out / "bench_task_stage.json", json.dumps(res, indent=1))
     for way in args.ways:
         r = res[way]
-        rows = " (fixed rows)" if args.fixed_rows else ""
+        rows = (" (fixed rows" + (", captured step" if r.get("step_graph") else "") + ")") if args.fixed_rows else ""
         print(f"{way:9s} {r['ms_per_step']:.1f} ms/step over {r['timed_steps']} steps{rows}; last loss "
               f"{r['last_loss']['loss']:.4f}; {r['total_s']:.0f} s in all; {r['dynamo_graphs']} dynamo graphs")
     if "speedup" in res:

@@ -27,14 +27,15 @@ BEST = "latent_shift=completed,dropout=0.1,fixed_patch_size=3,pooling=attention"
 WIN2K = "--seq_len 2048 --batch_size 32 --also_eval_seq_len 1024"
 
 def _task_row(overrides: str, seed: int = 1, step_graph: bool = False, task_steps: int = 3000,
-              task_compile: bool = False, arm: str = "ionllama_fixed") -> dict:
+              task_compile: bool = False, arm: str = "ionllama_fixed", task_graph: bool = False) -> dict:
     """A Q4 row: 75 s of pretraining (seed 1 unless said), then the task stage as in docs/results/phase1-tasks.md.
     step_graph: pretrain with the captured step, whose speed the GPU sets, not the host (without it the same row
-    pretrained 1,640-2,894 steps on different machines, and addition followed the steps: phase1-tasks-best-dense.md)."""
+    pretrained 1,640-2,894 steps on different machines, and addition followed the steps: phase1-tasks-best-dense.md).
+    task_graph: the compiled task stage's whole step captured as one CUDA graph (--task_step_graph)."""
     sweep = f" --from_sweep --sweep_dir docs/results/phase1-sweep/sweep --override {overrides}" if overrides else ""
     return dict(GPU0=arm, BUDGET="75", TASKS="1",
                 EXTRA=f"--seed {seed} {'--step_graph ' if step_graph else ''}"
-                      f"{'--task_compile ' if task_compile else ''}"
+                      f"{'--task_compile ' if task_compile else ''}{'--task_step_graph ' if task_graph else ''}"
                       f"--task_steps {task_steps} --task_lr 1e-3 --task_n 200{sweep}")
 
 
@@ -158,6 +159,11 @@ ROWS = {
     **{f"tasks best row, n-gram {mode}, long compiled stage, seed 1": _task_row(
         f"latent_shift=completed,fixed_patch_size=3,pooling=attention,attention=dense,ngram={mode}", step_graph=True,
         task_steps=6000, task_compile=True) for mode in ("none", "conv")},
+    # the same row as "tasks best row, n-gram none, ...", its task stage's step captured (--task_step_graph, built in
+    # the fortieth session, not yet run on a GPU: time it with bench_task_stage.py --step_graph first)
+    "tasks best row, n-gram none, long captured stage, seed 1": _task_row(
+        "latent_shift=completed,fixed_patch_size=3,pooling=attention,attention=dense,ngram=none", step_graph=True,
+        task_steps=6000, task_compile=True, task_graph=True),
     # the 2 x 2 at 1-byte patches: local layers without the tables (the tiny probe's decoder layers cost the jump)
     "tasks best row, 1-byte patches, no n-gram tables, long compiled stage, seed 1": _task_row(
         "latent_shift=completed,fixed_patch_size=1,pooling=attention,attention=dense,ngram=none", step_graph=True,

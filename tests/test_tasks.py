@@ -388,3 +388,60 @@ def test_a_word_byte_tail_keeps_the_loss_and_shortens_space_patching(monkeypatch
     sep_tail = [T.pack_examples([(list(e.prompt), list(e.answer + b"\n")) for e in T.task_examples(1, step, 32)],
                                 DOC_SEP, 256) for step in range(8)]
     assert T.stage_latent_len(m, sep_tail) == 256 and T.stage_latent_len(m, raw) <= 128
+
+
+@pytest.mark.parametrize("kw", [{"patching": "fixed", "fixed_patch_size": 3, "latent_shift": "completed"},
+                                {"patching": "space"}, {"model": "dense", "d_model": 32, "n_layers": 1, "n_heads": 2}])
+def test_task_step_graph_trains_to_the_eager_losses(monkeypatch, kw):
+    """--task_step_graph: the compiled stage's step goes through the trainer's StepGraph (capturable AdamW, the lr a
+    device tensor; on a CPU the same step eagerly) and trains to the plain loop's losses; tasks.json says so."""
+    from argparse import Namespace
+
+    from ionllama import create_model
+    from ionllama.experiment import tasks as T
+    from ionllama.train import step_graph as SG
+
+    monkeypatch.setattr(T.torch, "compile", lambda model, **k: model)
+    monkeypatch.setattr("ionllama.eval.task_eval.run_tasks", lambda *a, **k: {"per_task": {}})
+    made = []
+    real = SG.StepGraph
+    monkeypatch.setattr(SG, "StepGraph", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    losses = {}
+    for graph in (False, True):
+        torch.manual_seed(0)
+        m = create_model("tiny", **kw)
+        a = Namespace(task_steps=4, task_lr=1e-3, seed=1, task_batch=4, task_seq_len=96, task_n=1, task_compile=True,
+                      task_step_graph=graph)
+        res = T.run_task_stage(m, torch.device("cpu"), None, a)
+        assert res["fine_tuning"]["step_graph"] is graph
+        losses[graph] = [r["loss"] for r in res["fine_tuning"]["losses"]]
+    assert len(made) == 1 and made[0].calls == 4
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4) and len(losses[True]) == 2
+
+
+def test_task_step_graph_leaves_entropy_patching_uncaptured_and_says_why(monkeypatch, capsys):
+    """Entropy patching reads its patch count on the host each step: that arm's stage runs without the graph, and
+    the log says why (the run goes on); --task_step_graph without --task_compile is refused in one line."""
+    from argparse import Namespace
+
+    from ionllama import create_model
+    from ionllama.experiment import tasks as T
+    from ionllama.experiment.cli import main
+
+    monkeypatch.setattr(T.torch, "compile", lambda model, **k: model)
+    monkeypatch.setattr("ionllama.eval.task_eval.run_tasks", lambda *a, **k: {"per_task": {}})
+    m = create_model("tiny", patching="entropy")
+    assert T.captured_stage_problem(m, {"latent_len": None}, 96) == \
+        "entropy patching reads its patch count on the host each step"
+    assert T.captured_stage_problem(create_model("tiny", patching="space"), {"latent_len": 64}, 96) is None
+    lines = []
+    a = Namespace(task_steps=2, task_lr=1e-3, seed=1, task_batch=4, task_seq_len=96, task_n=1, task_compile=True,
+                  task_step_graph=True)
+    res = T.run_task_stage(m, torch.device("cpu"), None, a, log=lines.append)
+    assert res["fine_tuning"]["step_graph"] is False
+    assert any("--task_step_graph: entropy patching reads its patch count" in ln for ln in lines)
+    with pytest.raises(SystemExit) as e:
+        main(["--stage", "tasks", "--task_step_graph"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.endswith("--task_step_graph needs --task_compile (every step one shape); add "
+                                               "--task_compile") and len(err.splitlines()) == 1

@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--task_compile", action="store_true",
                    help="torch.compile the task stage's forward (on a GPU the eager stage waits on the host; "
                         "benchmarks/bench_task_stage.py measures both)")
+    g.add_argument("--task_step_graph", action="store_true",
+                   help="with --task_compile: the task stage's whole step (forward, backward, AdamW) captured as one "
+                        "CUDA graph and replayed, where the arm's shapes allow it (not entropy patching: the log says "
+                        "so and that arm runs without it); benchmarks/bench_task_stage.py --step_graph times it")
     g.add_argument("--task_time_s", type=float, default=240.0, help="expected seconds per task arm (--deadline_s)")
     g.add_argument("--task_eval_s", type=float, default=60.0,
                    help="with --deadline_s: seconds kept after the task stage's training for its held-out scoring, "
@@ -123,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.compile is None:
         a.compile = torch.cuda.is_available() and a.device in ("auto", "cuda") or a.device.startswith("cuda")
     check_ranges(a, AT_LEAST, ABOVE_ZERO)
+    if a.task_step_graph and not a.task_compile:  # the graph needs the compiled stage's one shape per step
+        raise UserError("--task_step_graph needs --task_compile (every step one shape); add --task_compile")
     stages = [s.strip() for s in a.stage.split(",") if s.strip()]
     if "compare" in stages or a.runs:
         return compare(a, stages, argv)

@@ -131,6 +131,20 @@ def compiled_stage(model, batches):
     return batches, lambda x, y: compiled(x, y, latent_len=shapes["latent_len"]), shapes
 
 
+def captured_stage_problem(model, shapes: dict, row_len: int) -> str | None:
+    """Why this model's compiled task stage cannot be one captured CUDA graph, or None: the forward must not read
+    a patch count on the host, i.e. the count must follow from the row length (fixed or byte patching, and every
+    baseline) or be given for the stage (space patching's latent_len). Entropy patching draws boundaries from the
+    entropy model's output, which only the trainer's two-stage step handles."""
+    from ..model.ionllama_model import IonLlama, static_patch_count
+
+    if not isinstance(model, IonLlama) or shapes.get("latent_len") is not None:
+        return None
+    if static_patch_count(model.config, row_len) is not None:
+        return None
+    return f"{model.config.patching} patching reads its patch count on the host each step"
+
+
 class TaskStageCut(Exception):
     """The task stage stopped before its last step: at its pace it would pass the wall-clock deadline."""
 
@@ -143,7 +157,8 @@ class TaskStageCut(Exception):
 
 
 def train_on_tasks(model, device, amp, steps: int, lr: float, batch_of_step, log_every: int = 50,
-                   on_log=None, forward=None, deadline: float | None = None) -> tuple[list[dict], float]:
+                   on_log=None, forward=None, deadline: float | None = None,
+                   step_graph: bool = False) -> tuple[list[dict], float]:
     """The task fine-tuning loop of every task arm: AdamW (wd 0.1), warmup 5 % then cosine to 10 %, clip 1.0;
     batch_of_step(step) -> (x, y). Returns ([{step, loss, bpb}] every log_every steps and at the last, seconds); bpb
     is per target byte, also for a token model (whose loss is per token). forward: what computes model(x, y) (e.g.
@@ -151,26 +166,39 @@ def train_on_tasks(model, device, amp, steps: int, lr: float, batch_of_step, log
     point from the third on, raise TaskStageCut when the steps left, at the pace of the steps since the second log
     point, would end past it. Why: a stage killed by the call's time limit leaves nothing, not even how far it got
     (a space-patching row compiling twice as long as fixed patches' did exactly that); a partial stage is no row, so
-    the stage stops as soon as it cannot finish."""
+    the stage stops as soon as it cannot finish.
+    step_graph: the whole step (forward, backward, clipping, AdamW) through the trainer's StepGraph, replayed as one
+    CUDA graph on a GPU (eagerly elsewhere); every batch must have one shape (compiled_stage's) and the forward no
+    host read (captured_stage_problem). Why: at 12-13 rows of 256 bytes the step waits on kernel launches (the
+    local layers' many small kernels: 202-232 s for 6,000 steps with them, 50-52 s without; fortieth session)."""
     forward = model if forward is None else forward  # (not `or`: a compiled module has no truth value)
     from ..train.optim import make_adamw
     from ..train.schedule import warmup_cosine
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_adamw(model, params, lr, 0.1, device)
+    opt = make_adamw(model, params, lr, 0.1, device, capturable=step_graph)
+    graph = None
+    if step_graph:
+        from ..train.step_graph import StepGraph
+
+        graph = StepGraph(forward, opt, 1.0, lambda: _autocast(device, amp), graphs=device.type == "cuda")
     model.train()
     t0 = time.perf_counter()
     losses = []
     for step in range(steps):
         x, y = batch_of_step(step)
-        for g in opt.param_groups:
-            g["lr"] = lr * warmup_cosine(step, steps, max(1, steps // 20))
-        with _autocast(device, amp):
-            out = forward(x.to(device), y.to(device))
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        lr_now = lr * warmup_cosine(step, steps, max(1, steps // 20))
+        if graph is not None:
+            out = graph(x.to(device), y.to(device), lr_now)
+        else:
+            for g in opt.param_groups:
+                g["lr"] = lr_now
+            with _autocast(device, amp):
+                out = forward(x.to(device), y.to(device))
+            out["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         if step % log_every == 0 or step == steps - 1:
             losses.append({"step": step, "loss": float(out["loss"].detach()), "bpb": float(out["bpb"].detach())})
             if on_log:
@@ -208,12 +236,17 @@ def run_task_stage(model, device, amp, a, deadline: float | None = None, log=Non
     def batch_of_step(step):
         return task_batch(model, task_examples(a.seed, step, a.task_batch), a.task_seq_len)
 
-    forward, shapes = None, {}
+    forward, shapes, captured = None, {}, False
     if compiled:  # one shape for the whole stage, so torch.compile compiles the model once
         batches, forward, shapes = compiled_stage(model, [batch_of_step(step) for step in range(a.task_steps)])
         batch_of_step = batches.__getitem__
+        if getattr(a, "task_step_graph", False):
+            problem = captured_stage_problem(model, shapes, a.task_seq_len)
+            captured = problem is None
+            if problem and log is not None:
+                log(f"--task_step_graph: {problem}; this arm's task stage runs without the graph")
     losses, train_s = train_on_tasks(model, device, amp, a.task_steps, a.task_lr, batch_of_step,
-                                     forward=forward, on_log=progress, deadline=train_deadline)
+                                     forward=forward, on_log=progress, deadline=train_deadline, step_graph=captured)
     model.eval()
     t_score = time.perf_counter()
     results = run_tasks(model, device, n=a.task_n, max_digits=4, seed=1234, shots=0, trained_on_tasks=True,
@@ -224,7 +257,7 @@ def run_task_stage(model, device, amp, a, deadline: float | None = None, log=Non
     return {"fine_tuning": {"steps": a.task_steps, "examples_per_step": a.task_batch, "lr": a.task_lr,
                             "schedule": "AdamW, warmup 5% then cosine to 10%, grad clip 1.0",
                             "row_len": a.task_seq_len, "seed": a.seed, "seconds": train_s, "compiled": compiled,
-                            **shapes, "losses": losses,
+                            "step_graph": captured, **shapes, "losses": losses,
                             "data": "ionllama.data.tasks train split, identical examples per step for every arm"},
             "scoring_seconds": score_s,
             "results": results}
