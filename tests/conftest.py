@@ -22,3 +22,18 @@ if os.environ.get("TRITON_INTERPRET") != "1":
             __import__(f"ionllama.kernels.{_mod}")
         except ImportError:  # no triton: those tests skip
             pass
+
+
+def pytest_collection_finish(session):
+    # test_kernels' interpreter children (~2 min of one core) start now, beside the suite's tests
+    for item in session.items:
+        if "interpreter_results" in getattr(item, "fixturenames", ()):
+            item.module.start_interpreter_children(session)
+            break
+
+
+def pytest_sessionfinish(session):
+    for item in getattr(session, "items", ()):
+        if "interpreter_results" in getattr(item, "fixturenames", ()):
+            item.module.stop_interpreter_children()
+            break

@@ -24,7 +24,7 @@ from ionllama.model.conv import CausalDepthwiseConv
 from ionllama.model.dilated_attention import dilated_attention_reference, dilated_offsets
 from ionllama.model.scan import scan_const_decay as scan_reference
 from ionllama.model.scan import scan_loop
-from kernel_subprocess import ROOT, assert_compiles_for_hopper, kernel_env, run_child, run_json_script
+from kernel_subprocess import ROOT, assert_compiles_for_hopper, kernel_env
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -153,27 +153,117 @@ def test_ssm_scan_kernel_only_where_no_gradient_is_needed(monkeypatch):
 
 
 # ---------------------------------------------------------------- kernels under the interpreter (CPU)
+# The interpreter's checks run in children (see kernel_subprocess.py): selfcheck's kinds (~113 s of one core), then
+# the quick scripts further down (the fused entropy step, the conv gate's weight-gradient variants) in the same child
+# instead of a child each (no start-up of their own). Started as the session starts (start_interpreter_children).
+_INTERPRETER_CHILD = """
+import contextlib, io, json, sys, traceback
+kinds, scripts = sys.argv[1], json.loads(sys.argv[2])
+if kinds:
+    from ionllama.kernels import selfcheck
+    try:
+        selfcheck.main(["--device", "cpu", "--json", "-", "--kinds", kinds])  # its rows: one JSON list line
+    except BaseException:  # the scripts still run: their tests fail only for their own errors
+        traceback.print_exc()
+for name, (script, args) in scripts.items():  # each prints its result as JSON on its last line
+    out = io.StringIO()
+    try:
+        sys.argv = ["-c", *args]
+        with contextlib.redirect_stdout(out):
+            exec(script, {"__name__": "__main__"})
+        print(json.dumps({"script": name, "result": json.loads(out.getvalue().strip().splitlines()[-1])}))
+    except BaseException:
+        print(json.dumps({"script": name, "error": traceback.format_exc()}))
+"""
+
+
+_CHILDREN: list = []  # (kinds, process, stdout file, stderr file) of the children started for this session
+
+
+def start_interpreter_children(session) -> None:
+    """Starts the interpreter's children (conftest.py calls this once the session's tests are collected, so they run
+    in the background, on the core the single-threaded suite leaves idle, while the earlier test files run)."""
+    if not HAS_TRITON or _CHILDREN:
+        return
+    import tempfile
+
+    from ionllama.kernels.selfcheck import KINDS
+
+    scripts = {"ssm_quick": (_SSM_QUICK, []),
+               "conv_gate_wgrad": (_CONV_GATE_WGRAD_SCRIPT, [json.dumps(CONV_GATE_WGRAD_CASES)])}
+    names = [getattr(item, "originalname", "") for item in session.items]
+    # selfcheck only where its (slow) tests were selected: -m "not slow" still runs just the quick scripts
+    want_rows = "test_kernel_matches_reference_interpreter" in names
+    first = next((i for i, item in enumerate(session.items) if "interpreter_results" in
+                  getattr(item, "fixturenames", ())), 0)
+    if not want_rows:
+        jobs = [("", scripts)]
+    elif first >= 200:  # minutes of other tests come first: one child, beside the suite's one busy core
+        jobs = [(",".join(KINDS), scripts)]
+    else:  # the kinds' halves side by side, of about equal time on the development CPU (scan 33 s, ssm_step 14,
+        # compiled 8, attention 10 ...; the scripts ~15 s together, in the lighter half)
+        half = ("scan", "ssm_step", "compiled", "attention")
+        jobs = [(",".join(half), {}), (",".join(k for k in KINDS if k not in half), scripts)]
+    for kinds, s in jobs:
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # files: no pipe fills up meanwhile
+        proc = subprocess.Popen([sys.executable, "-c", _INTERPRETER_CHILD, kinds, json.dumps(s)], stdout=out,
+                                stderr=err, text=True, env=kernel_env(), cwd=ROOT)
+        _CHILDREN.append((kinds, proc, out, err))
+
+
+def stop_interpreter_children() -> None:
+    """At the session's end: a child still running (the session stopped early, -x) is ended."""
+    for _, proc, out, err in _CHILDREN:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        out.close()
+        err.close()
+
+
 @pytest.fixture(scope="module")
-def interpreter_rows():
+def interpreter_results(request) -> dict:
+    """{"rows": selfcheck's rows, "scripts": {name: {"result": ...} or {"error": traceback}}, "log": the children's
+    output tails}."""
     if not HAS_TRITON:
         pytest.skip("triton is not installed: the kernels' checks run on the GPU "
                     "(python -m ionllama.kernels.selfcheck --device cuda --large, and in benchmarks/bench_*.py)")
-    from ionllama.kernels.selfcheck import KINDS, cases
+    start_interpreter_children(request.session)  # where conftest.py has not started them already
+    res: dict = {"rows": [], "scripts": {}, "log": ""}
+    for kinds, proc, out_f, err_f in _CHILDREN:
+        proc.wait(timeout=600)
+        out_f.seek(0)
+        err_f.seek(0)
+        out, err = out_f.read(), err_f.read()
+        lines = out.splitlines()
+        rows = [ln for ln in lines if ln.startswith("[")]
+        if kinds and rows and res["rows"] is not None:
+            res["rows"] += json.loads(rows[-1])
+        elif kinds:  # a part missing: no rows at all (none could be trusted to be where its id says)
+            res["rows"] = None
+        for ln in lines:
+            if ln.startswith('{"script"'):
+                r = json.loads(ln)
+                res["scripts"][r["script"]] = r
+        res["log"] += f"(rc {proc.returncode}):\n{out[-2000:]}\n{err[-3000:]}\n"
+    return res
 
-    # two children side by side (the interpreter is single-threaded; ~113 s in one child on 2 cores): the kinds split
-    # into halves of about equal time, measured on the development CPU (scan 26 s, ssm_step 14, compiled 11, ...)
-    first = ("scan", "ssm_step", "compiled", "attention")
-    groups = [first, tuple(k for k in KINDS if k not in first)]
-    procs = [subprocess.Popen([sys.executable, "-m", "ionllama.kernels.selfcheck", "--device", "cpu", "--json", "-",
-                               "--kinds", ",".join(g)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=kernel_env(), cwd=ROOT) for g in groups]
+
+def _script_result(results: dict, name: str):
+    r = results["scripts"].get(name)
+    assert r is not None, f"the {name} script printed no result {results['log']}"
+    assert "error" not in r, r["error"][-3000:]
+    return r["result"]
+
+
+@pytest.fixture(scope="module")
+def interpreter_rows(interpreter_results):
+    from ionllama.kernels.selfcheck import cases
+
+    assert interpreter_results["rows"], f"selfcheck printed no result {interpreter_results['log']}"
     by_kind: dict[str, list] = {}
-    for proc in procs:
-        out, err = proc.communicate(timeout=600)
-        lines = [ln for ln in out.splitlines() if ln.startswith("[")]
-        assert lines, f"selfcheck printed no result (rc {proc.returncode}):\n{out[-2000:]}\n{err[-3000:]}"
-        for row in json.loads(lines[-1]):
-            by_kind.setdefault(row["kind"], []).append(row)
+    for row in interpreter_results["rows"]:
+        by_kind.setdefault(row["kind"], []).append(row)
     return [by_kind[kind].pop(0) for kind, _, _ in cases(large=False)]  # in the order of the parametrised ids
 
 
@@ -287,14 +377,13 @@ print(json.dumps({
 """
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-def test_fused_entropy_step_equals_reference_interpreter():
+def test_fused_entropy_step_equals_reference_interpreter(interpreter_results):
     """The fused entropy-model step (ssm_step_triton, interpreted) vs MambaState.step, 4 steps (the 3-slot ring
     wraps) from a random state, each path carrying its own state: fp32 within fp32 rounding; bf16 as the
     PyTorch path rounds (every bf16 intermediate rounded where it rounds, only fp32 sum orders differ: a rare
     one-ulp flip, 2^-8 on one element, stays under 1e-3 of the norm; the fp32 entropies under 1e-4). The state
     is updated in place, and greedy generation of a tiny model with fused_entropy_step gives the same bytes."""
-    res = run_json_script(_SSM_QUICK, timeout=120)
+    res = _script_result(interpreter_results, "ssm_quick")
     for name, errs in res["fp32"].items():
         assert errs <= 2e-6, f"fp32 {name}: {errs:.3e}"
     for case in ("bf16", "bf16_table"):
@@ -472,10 +561,8 @@ print(json.dumps(rows))
 
 
 @pytest.fixture(scope="module")
-def conv_gate_wgrad_rows():
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    return run_json_script(_CONV_GATE_WGRAD_SCRIPT, json.dumps(CONV_GATE_WGRAD_CASES))
+def conv_gate_wgrad_rows(interpreter_results):
+    return _script_result(interpreter_results, "conv_gate_wgrad")
 
 
 @pytest.mark.parametrize("wgrad", [0, 1])
@@ -639,10 +726,16 @@ def test_kernel_benchmarks_dry_run_with_graph_timing(tmp_path):
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
     att, scan = tmp_path / "attention.json", tmp_path / "scan.json"
-    run_child(["benchmarks/bench_attention.py", "--device", "cpu", "--out", str(att), "--sizes", "64",
-               "--no-flex", "--rep", "1", "--graph_timing"])
-    run_child(["benchmarks/bench_scan.py", "--device", "cpu", "--out", str(scan), "--lengths", "256",
-               "--shapes", "2x32", "--dtypes", "bf16", "--rep", "1", "--graph_timing"])
+    # the two scripts side by side (each ~6 s, mostly start-up and compiles, on one core)
+    procs = [subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=kernel_env(), cwd=ROOT) for argv in (
+        ["benchmarks/bench_attention.py", "--device", "cpu", "--out", str(att), "--sizes", "64", "--no-flex", "--rep",
+         "1", "--graph_timing"],
+        ["benchmarks/bench_scan.py", "--device", "cpu", "--out", str(scan), "--lengths", "256", "--shapes", "2x32",
+         "--dtypes", "bf16", "--rep", "1", "--graph_timing"])]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
     rows = json.loads(att.read_text())["rows"]
     assert [r["N"] for r in rows] == [64]
     for name in ("triton", "sdpa"):
