@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.warmup < args.steps:
         raise UserError("--warmup must be between 0 and --steps; pass e.g. --steps 300 --warmup 50")
     args.device = str(resolve_device(args.device))
+    if args.step_graph and not args.device.startswith("cuda"):
+        raise UserError("--step_graph captures CUDA graphs; pass --device cuda (on a CPU there is nothing to capture)")
     if args.model_config:
         model_config_from(args.model_config)
     else:

@@ -2,7 +2,7 @@
 
     python scripts/phase1_rows.py                       # list the rows
     python scripts/phase1_rows.py "2K windows, dense, seed 1" --res phase1-dense-seq2048-seed1
-    python scripts/phase1_rows.py "row A" "row B" --res a b --t 250 300   # one call, one row after the other
+    python scripts/phase1_rows.py "row A" "row B" --res a --res b --t 250 --t 300   # one call, one after the other
 
 Why: a row's arm and flags were retyped by hand into the device call, and once the arm was wrong (the
 twenty-eighth session ran `ionllama` for `ionllama_fixed`, a whole 10-minute call). Here the rows are one table,
@@ -186,8 +186,10 @@ def row_env(row: str, res: str, t: int = 594, budget: int | None = None) -> dict
     """The env of scripts/gpu_phase1_parallel.sh that trains `row` into docs/results/<res> within t seconds."""
     if row not in ROWS:
         raise UserError(f"unknown row {row!r}; run scripts/phase1_rows.py without arguments for the list")
-    if not res or "/" in res or res != res.strip():
-        raise UserError(f"--res {res!r}: give a bare folder name under docs/results, e.g. phase1-bpe-seq2048")
+    # a bare, shell-safe name: the script splits its flags on spaces, and ".." would put results in docs/
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", res or "") or ".." in res:
+        raise UserError(f"--res {res!r}: give a bare folder name under docs/results (letters, digits, . _ -), e.g. "
+                        "phase1-bpe-seq2048")
     if budget is not None and "BUDGET" in ROWS[row]:  # (the row's own value won before, without a word)
         raise UserError(f"row {row!r} sets its own budget ({ROWS[row]['BUDGET']} s): leave out --budget, or add a row")
     env = {"T": str(t), "BUDGET": str(420 if budget is None else budget), "RES": f"docs/results/{res}", **ROWS[row]}
@@ -230,6 +232,10 @@ def chained_command(specs: list[tuple[str, str, int]], commit: str) -> str:
     first's). Why: short task rows (~185-225 s without local layers) fit two to a call, and each fresh machine
     costs about a minute of device time."""
     envs = [row_env(row, res, t) for row, res, t in specs]
+    names = [res for _, res, _ in specs]
+    if len(set(names)) < len(names):  # two rows in one folder: the second would find the first's results
+        shared = ", ".join(sorted({n for n in names if names.count(n) > 1}))
+        raise UserError(f"two chained rows share a --res ({shared}); give each row its own folder")
     _check_commit(commit)
     if sum(t for _, _, t in specs) > CALL_LIMIT_S:
         raise UserError(f"the rows' --t add up to {sum(t for _, _, t in specs)} s, over the {CALL_LIMIT_S} s one "
@@ -251,12 +257,14 @@ def main(argv: list[str] | None = None) -> None:
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("rows", nargs="*", metavar="row",
                    help="a row name (quoted); several: one after the other in one call; none lists them")
-    p.add_argument("--res", nargs="+", help="results folder name under docs/results (one per row)")
+    # (--res and --t repeat rather than take several values: `--res x "row"` read the row as a second name)
+    p.add_argument("--res", action="append", help="results folder name under docs/results (once per row)")
     p.add_argument("--commit", help="BENCH_COMMIT (default: git HEAD)")
-    p.add_argument("--t", type=int, nargs="+", default=[594], help="seconds for the whole call (one per row)")
+    p.add_argument("--t", type=int, action="append", help="seconds for the whole call (594; once per row)")
     p.add_argument("--budget", type=int, default=None,
                    help="training seconds of the arm (default 420; refused for rows that set their own)")
     a = p.parse_args(argv)
+    a.t = a.t or [594]
     for t in a.t:
         if t < 1:
             raise UserError(f"--t must be at least 1 (got {t})")
@@ -274,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if len(a.res) != len(a.rows) or len(a.t) != len(a.rows):
         raise UserError(f"{len(a.rows)} rows need {len(a.rows)} --res names and {len(a.rows)} --t values, in the "
-                        "rows' order (e.g. --res a b --t 250 300)")
+                        "rows' order (e.g. --res a --res b --t 250 --t 300)")
     if a.budget is not None:
         raise UserError("--budget is for one row; chained rows keep their own budgets")
     print(chained_command(list(zip(a.rows, a.res, a.t)), commit))

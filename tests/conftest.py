@@ -26,6 +26,8 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 def pytest_collection_finish(session):
     # test_kernels' interpreter children (~2 min of one core) start now, beside the suite's tests
+    if session.config.option.collectonly:
+        return
     for item in session.items:
         if "interpreter_results" in getattr(item, "fixturenames", ()):
             item.module.start_interpreter_children(session)

@@ -29,30 +29,42 @@ def _refused(stage, argv, capsys, needle):
     assert e.value.code == 2 and needle in err and err.count("\n") == 1, err
 
 
-def test_step_graph_needs_the_padded_compiled_stage_and_static_shapes(stage, tmp_path, capsys, monkeypatch):
-    base = ["--device", "cpu", "--steps", "3", "--warmup", "1", "--out", str(tmp_path / "o")]
-    _refused(stage, [*base, "--size", "tiny", "--step_graph"], capsys, "--step_graph times the compiled stage")
-    _refused(stage, [*base, "--size", "tiny", "--step_graph", "--fixed_rows", "--ways", "eager"], capsys,
+def test_step_graph_needs_cuda_and_the_padded_compiled_stage(stage, tmp_path, capsys):
+    base = ["--device", "cpu", "--size", "tiny", "--steps", "3", "--warmup", "1", "--out", str(tmp_path / "o")]
+    _refused(stage, [*base, "--step_graph"], capsys, "--step_graph times the compiled stage")
+    _refused(stage, [*base, "--step_graph", "--fixed_rows", "--ways", "eager"], capsys,
              "add --fixed_rows (and the compiled way)")
+    # (an audit: on a CPU the step ran eagerly and was recorded, and printed, as a captured step)
+    _refused(stage, [*base, "--step_graph", "--fixed_rows", "--ways", "compiled"], capsys,
+             "--step_graph captures CUDA graphs; pass --device cuda")
+    assert not (tmp_path / "o").exists()
+
+
+def _args(tmp_path, cfg, **kw):
+    from argparse import Namespace
+
+    return Namespace(model_config=str(cfg), size="tiny", device="cpu", steps=3, warmup=1, batch=4, row_len=96,
+                     fixed_rows=True, dynamic=False, step_graph=True, out=str(tmp_path / "o"), **kw)
+
+
+def test_time_way_takes_the_graph_path_and_refuses_entropy_patching(stage, tmp_path, monkeypatch):
+    """time_way (main refuses a CPU before it; here it is called directly, the StepGraph running its step eagerly):
+    the compiled way trains through StepGraph; an entropy-patching model is refused in one line."""
     from ionllama import create_model
+    from ionllama.errors import UserError
+    from ionllama.train import step_graph as SG
 
-    cfg = tmp_path / "config.json"  # an entropy-patching run: its forward reads the patch count on the host
-    cfg.write_text(json.dumps({"model_config": create_model("tiny", patching="entropy").config.__dict__}))
     monkeypatch.setattr("ionllama.experiment.tasks.torch.compile", lambda model, **k: model)
-    _refused(stage, [*base, "--model_config", str(cfg), "--step_graph", "--fixed_rows", "--ways", "compiled"],
-             capsys, "--step_graph: entropy patching reads its patch count on the host")
-
-
-def test_step_graph_run_is_recorded(stage, tmp_path, monkeypatch):
-    monkeypatch.setattr("ionllama.experiment.tasks.torch.compile", lambda model, **k: model)
-    from ionllama import create_model
-
-    cfg = tmp_path / "config.json"
+    made = []
+    real = SG.StepGraph
+    monkeypatch.setattr(SG, "StepGraph", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    cfg = tmp_path / "fixed.json"
     cfg.write_text(json.dumps({"model_config": create_model("tiny", patching="fixed", d_model=32, n_layers=1,
                                                             n_heads=2, d_local=32).config.__dict__}))
     torch.manual_seed(0)
-    assert stage.main(["--device", "cpu", "--model_config", str(cfg), "--steps", "3", "--warmup", "1", "--batch", "4",
-                       "--row_len", "96", "--fixed_rows", "--ways", "compiled", "--step_graph",
-                       "--out", str(tmp_path / "o")]) == 0
-    res = json.loads((tmp_path / "o" / "bench_task_stage.json").read_text())
-    assert res["compiled"]["step_graph"] is True and res["compiled"]["timed_steps"] == 2
+    res = stage.time_way(_args(tmp_path, cfg), compiled=True)
+    assert res["step_graph"] is True and res["timed_steps"] == 2 and len(made) == 1 and made[0].calls == 3
+    ent = tmp_path / "entropy.json"
+    ent.write_text(json.dumps({"model_config": create_model("tiny", patching="entropy").config.__dict__}))
+    with pytest.raises(UserError, match="--step_graph: entropy patching reads its patch count on the host"):
+        stage.time_way(_args(tmp_path, ent), compiled=True)

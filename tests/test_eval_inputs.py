@@ -143,3 +143,18 @@ def test_report_cli_flags_are_one_line_and_spelt_out(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and "unrecognized arguments" in err[0], err
     assert not (tmp_path / "x.md").exists()
+
+
+def test_empty_data_is_named_empty_whatever_its_dtype():
+    """An empty list or float array is refused for its length, not as 'float64 values, not bytes' (an audit: the
+    shared byte-value check ran before the length check)."""
+    import numpy as np
+
+    from ionllama import create_model
+    from ionllama.errors import UserError
+    from ionllama.eval.bpb import evaluate_bpb
+
+    m = create_model("tiny", model="dense", d_model=32, n_layers=1, n_heads=2)
+    for data in ([], np.array([], dtype=np.float32), b""):
+        with pytest.raises(UserError, match=r"has 0 byte\(s\); it needs at least 2"):
+            evaluate_bpb(m, data, 8, 2, "cpu")

@@ -363,6 +363,17 @@ def test_chained_device_command_runs_each_row_into_its_own_out(tmp_path):
     assert sorted(p.name for p in (tmp_path / ".data").iterdir()) == ["gutenberg", "wikipedia"]
 
 
+def test_res_before_the_row_still_names_the_row(capsys):
+    """`--res x "row"` printed the row list and exited 0 when --res took several values (an audit): the options
+    repeat instead, and the order of options and row does not matter."""
+    main = _load("phase1_rows", "scripts").main
+    row = "tasks ionllama_fixed"
+    main(["--res", "x", row, "--commit", "abc123"])
+    first = capsys.readouterr().out
+    main([row, "--res", "x", "--commit", "abc123"])
+    assert first == capsys.readouterr().out and "RES=docs/results/x" in first and first.count("\n") == 1
+
+
 def test_device_command_refuses_bad_input(tmp_path, capsys):
     script = [sys.executable, str(REPO / "scripts/phase1_rows.py")]
     listed = subprocess.run(script, capture_output=True, text=True, timeout=60)  # as a script: its own entry
@@ -381,11 +392,16 @@ def test_device_command_refuses_bad_input(tmp_path, capsys):
                         (["2K windows, bpe", "--nope"], "unrecognized arguments: --nope"),
                         # chained rows: one --res and one --t per row, within one call's 600 s, no shared --budget
                         (["tasks ionllama_fixed", "tasks 3-byte patches", "--res", "a"], "2 rows need 2 --res"),
-                        (["tasks ionllama_fixed", "tasks 3-byte patches", "--res", "a", "b", "--t", "300", "300"],
-                         "add up to 600 s"),
-                        (["tasks ionllama_fixed", "tasks 3-byte patches", "--res", "a", "b", "--t", "200", "200",
-                          "--budget", "50"], "--budget is for one row"),
-                        (["tasks ionllama_fixed", "--res", "a", "b"], "one row takes one --res")):
+                        (["tasks ionllama_fixed", "tasks 3-byte patches", "--res", "a", "--res", "b", "--t", "300",
+                          "--t", "300"], "add up to 600 s"),
+                        (["tasks ionllama_fixed", "tasks 3-byte patches", "--res", "a", "--res", "b", "--t", "200",
+                          "--t", "200", "--budget", "50"], "--budget is for one row"),
+                        (["tasks ionllama_fixed", "--res", "a", "--res", "b"], "one row takes one --res"),
+                        # (an audit: the same folder twice, a name the script would split or put in docs/)
+                        (["tasks ionllama_fixed", "tasks 3-byte patches", "--res", "a", "--res", "a", "--t", "200",
+                          "--t", "200"], "two chained rows share a --res (a)"),
+                        (["tasks ionllama_fixed", "--res", ".."], "give a bare folder name"),
+                        (["tasks ionllama_fixed", "--res", "a b"], "give a bare folder name")):
         with pytest.raises(SystemExit) as e:
             main(args)
         out, err = capsys.readouterr()

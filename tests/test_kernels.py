@@ -219,6 +219,7 @@ def stop_interpreter_children() -> None:
             proc.wait()
         out.close()
         err.close()
+    _CHILDREN.clear()  # a later session in this process (pytest.main twice) starts its own
 
 
 @pytest.fixture(scope="module")

@@ -393,16 +393,13 @@ def test_a_word_byte_tail_keeps_the_loss_and_shortens_space_patching(monkeypatch
 @pytest.mark.parametrize("kw", [{"patching": "fixed", "fixed_patch_size": 3, "latent_shift": "completed"},
                                 {"patching": "space"}, {"model": "dense", "d_model": 32, "n_layers": 1, "n_heads": 2}])
 def test_task_step_graph_trains_to_the_eager_losses(monkeypatch, kw):
-    """--task_step_graph: the compiled stage's step goes through the trainer's StepGraph (capturable AdamW, the lr a
-    device tensor; on a CPU the same step eagerly) and trains to the plain loop's losses; tasks.json says so."""
-    from argparse import Namespace
-
+    """train_on_tasks(step_graph=True): the compiled stage's step goes through the trainer's StepGraph (capturable
+    AdamW, the lr a device tensor; on a CPU the same step eagerly) and trains to the plain loop's losses."""
     from ionllama import create_model
     from ionllama.experiment import tasks as T
     from ionllama.train import step_graph as SG
 
     monkeypatch.setattr(T.torch, "compile", lambda model, **k: model)
-    monkeypatch.setattr("ionllama.eval.task_eval.run_tasks", lambda *a, **k: {"per_task": {}})
     made = []
     real = SG.StepGraph
     monkeypatch.setattr(SG, "StepGraph", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
@@ -410,13 +407,32 @@ def test_task_step_graph_trains_to_the_eager_losses(monkeypatch, kw):
     for graph in (False, True):
         torch.manual_seed(0)
         m = create_model("tiny", **kw)
-        a = Namespace(task_steps=4, task_lr=1e-3, seed=1, task_batch=4, task_seq_len=96, task_n=1, task_compile=True,
-                      task_step_graph=graph)
-        res = T.run_task_stage(m, torch.device("cpu"), None, a)
-        assert res["fine_tuning"]["step_graph"] is graph
-        losses[graph] = [r["loss"] for r in res["fine_tuning"]["losses"]]
+        raw = [T.task_batch(m, T.task_examples(1, step, 4), 96) for step in range(4)]
+        batches, forward, shapes = T.compiled_stage(m, raw)
+        assert T.captured_stage_problem(m, shapes, 96) is None
+        rows, _ = T.train_on_tasks(m, torch.device("cpu"), None, 4, 1e-3, batches.__getitem__, log_every=2,
+                                   forward=forward, step_graph=graph)
+        losses[graph] = [r["loss"] for r in rows]
     assert len(made) == 1 and made[0].calls == 4
-    assert losses[True] == pytest.approx(losses[False], rel=1e-4) and len(losses[True]) == 2
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4) and len(losses[True]) == 3
+
+
+def test_task_step_graph_on_a_cpu_runs_without_the_graph_and_says_so(monkeypatch):
+    """The experiment's --task_step_graph on a CPU device: nothing to capture, so the stage runs the plain loop and
+    tasks.json records step_graph false (an audit: it was recorded true for a step run eagerly)."""
+    from argparse import Namespace
+
+    from ionllama import create_model
+    from ionllama.experiment import tasks as T
+
+    monkeypatch.setattr(T.torch, "compile", lambda model, **k: model)
+    monkeypatch.setattr("ionllama.eval.task_eval.run_tasks", lambda *a, **k: {"per_task": {}})
+    lines = []
+    a = Namespace(task_steps=2, task_lr=1e-3, seed=1, task_batch=4, task_seq_len=96, task_n=1, task_compile=True,
+                  task_step_graph=True)
+    res = T.run_task_stage(create_model("tiny", patching="fixed"), torch.device("cpu"), None, a, log=lines.append)
+    assert res["fine_tuning"]["step_graph"] is False
+    assert any("--task_step_graph: it captures CUDA graphs, and this stage runs on cpu" in ln for ln in lines)
 
 
 def test_task_step_graph_leaves_entropy_patching_uncaptured_and_says_why(monkeypatch, capsys):

@@ -88,7 +88,7 @@ def _as_byte_array(data) -> np.ndarray:
     if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
         raise UserError(f"evaluate_bpb: data must be one flat sequence of byte values (got shape {arr.shape}, "
                         f"{arr.dtype})")
-    problem = byte_value_problem(arr)
+    problem = byte_value_problem(arr) if arr.size else None  # (empty: the length check below says so)
     if problem:
         raise UserError(f"evaluate_bpb: data {problem}; pass bytes")
     return arr

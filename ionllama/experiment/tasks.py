@@ -242,6 +242,8 @@ def run_task_stage(model, device, amp, a, deadline: float | None = None, log=Non
         batch_of_step = batches.__getitem__
         if getattr(a, "task_step_graph", False):
             problem = captured_stage_problem(model, shapes, a.task_seq_len)
+            if problem is None and device.type != "cuda":  # (StepGraph would run the same step eagerly: no graph)
+                problem = f"it captures CUDA graphs, and this stage runs on {device.type}"
             captured = problem is None
             if problem and log is not None:
                 log(f"--task_step_graph: {problem}; this arm's task stage runs without the graph")
