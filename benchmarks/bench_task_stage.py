@@ -49,7 +49,7 @@ def time_way(args, compiled: bool) -> dict:
     if compiled and args.fixed_rows:  # as the experiment's compiled stage: one shape, one compile
         batches, fwd, shapes = compiled_stage(model, batches)
         if args.step_graph:  # as --task_step_graph: the whole step one CUDA graph, where the shapes allow it
-            problem = captured_stage_problem(model, shapes, args.row_len)
+            problem = captured_stage_problem(model, shapes, args.row_len, args.device)
             if problem:
                 raise UserError(f"--step_graph: {problem}; time this model without it")
             captured = True

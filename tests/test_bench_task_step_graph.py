@@ -54,7 +54,11 @@ def test_time_way_takes_the_graph_path_and_refuses_entropy_patching(stage, tmp_p
     from ionllama.errors import UserError
     from ionllama.train import step_graph as SG
 
+    from ionllama.experiment import tasks as T
+
     monkeypatch.setattr("ionllama.experiment.tasks.torch.compile", lambda model, **k: model)
+    # the shapes' rule as on a GPU (on this CPU the device alone refuses it, as main does before any model is built)
+    monkeypatch.setattr(stage, "captured_stage_problem", lambda m, s, r, d: T.captured_stage_problem(m, s, r, "cuda"))
     made = []
     real = SG.StepGraph
     monkeypatch.setattr(SG, "StepGraph", lambda *a, **k: made.append(real(*a, **k)) or made[-1])

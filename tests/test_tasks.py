@@ -409,7 +409,7 @@ def test_task_step_graph_trains_to_the_eager_losses(monkeypatch, kw):
         m = create_model("tiny", **kw)
         raw = [T.task_batch(m, T.task_examples(1, step, 4), 96) for step in range(4)]
         batches, forward, shapes = T.compiled_stage(m, raw)
-        assert T.captured_stage_problem(m, shapes, 96) is None
+        assert T.captured_stage_problem(m, shapes, 96, "cuda") is None
         rows, _ = T.train_on_tasks(m, torch.device("cpu"), None, 4, 1e-3, batches.__getitem__, log_every=2,
                                    forward=forward, step_graph=graph)
         losses[graph] = [r["loss"] for r in rows]
@@ -447,9 +447,12 @@ def test_task_step_graph_leaves_entropy_patching_uncaptured_and_says_why(monkeyp
     monkeypatch.setattr(T.torch, "compile", lambda model, **k: model)
     monkeypatch.setattr("ionllama.eval.task_eval.run_tasks", lambda *a, **k: {"per_task": {}})
     m = create_model("tiny", patching="entropy")
-    assert T.captured_stage_problem(m, {"latent_len": None}, 96) == \
+    assert T.captured_stage_problem(m, {"latent_len": None}, 96, "cuda") == \
         "entropy patching reads its patch count on the host each step"
-    assert T.captured_stage_problem(create_model("tiny", patching="space"), {"latent_len": 64}, 96) is None
+    space = create_model("tiny", patching="space")
+    assert T.captured_stage_problem(space, {"latent_len": 64}, 96, "cuda") is None
+    assert T.captured_stage_problem(space, {"latent_len": 64}, 96, "cpu") == \
+        "it captures CUDA graphs, and this stage runs on cpu"
     lines = []
     a = Namespace(task_steps=2, task_lr=1e-3, seed=1, task_batch=4, task_seq_len=96, task_n=1, task_compile=True,
                   task_step_graph=True)

@@ -131,18 +131,19 @@ def compiled_stage(model, batches):
     return batches, lambda x, y: compiled(x, y, latent_len=shapes["latent_len"]), shapes
 
 
-def captured_stage_problem(model, shapes: dict, row_len: int) -> str | None:
-    """Why this model's compiled task stage cannot be one captured CUDA graph, or None: the forward must not read
-    a patch count on the host, i.e. the count must follow from the row length (fixed or byte patching, and every
+def captured_stage_problem(model, shapes: dict, row_len: int, device: torch.device) -> str | None:
+    """Why this model's compiled task stage cannot be one captured CUDA graph, or None: it must run on a GPU, and
+    the forward must not read a patch count on the host, i.e. the count must follow from the row length (fixed or byte patching, and every
     baseline) or be given for the stage (space patching's latent_len). Entropy patching draws boundaries from the
     entropy model's output, which only the trainer's two-stage step handles."""
     from ..model.ionllama_model import IonLlama, static_patch_count
 
-    if not isinstance(model, IonLlama) or shapes.get("latent_len") is not None:
-        return None
-    if static_patch_count(model.config, row_len) is not None:
-        return None
-    return f"{model.config.patching} patching reads its patch count on the host each step"
+    if (isinstance(model, IonLlama) and shapes.get("latent_len") is None
+            and static_patch_count(model.config, row_len) is None):
+        return f"{model.config.patching} patching reads its patch count on the host each step"
+    if torch.device(device).type != "cuda":  # (StepGraph would run the same step eagerly: no graph)
+        return f"it captures CUDA graphs, and this stage runs on {torch.device(device).type}"
+    return None
 
 
 class TaskStageCut(Exception):
@@ -241,9 +242,7 @@ def run_task_stage(model, device, amp, a, deadline: float | None = None, log=Non
         batches, forward, shapes = compiled_stage(model, [batch_of_step(step) for step in range(a.task_steps)])
         batch_of_step = batches.__getitem__
         if getattr(a, "task_step_graph", False):
-            problem = captured_stage_problem(model, shapes, a.task_seq_len)
-            if problem is None and device.type != "cuda":  # (StepGraph would run the same step eagerly: no graph)
-                problem = f"it captures CUDA graphs, and this stage runs on {device.type}"
+            problem = captured_stage_problem(model, shapes, a.task_seq_len, device)
             captured = problem is None
             if problem and log is not None:
                 log(f"--task_step_graph: {problem}; this arm's task stage runs without the graph")
