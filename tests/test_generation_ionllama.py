@@ -208,3 +208,26 @@ def test_a_huge_max_new_bytes_stops_at_its_stop_string_without_allocating_for_al
     stop = head[6:9]
     want = head[:head.index(stop)]
     assert m.generate(b"abc de", max_new_bytes=10**12, greedy=True, stop=stop) == want
+
+
+@pytest.mark.parametrize("cfg", [dict(patching="entropy"), dict(patching="space", pooling="attention"),
+                                 dict(patching="fixed", latent_shift="completed"),
+                                 dict(patching="entropy", threshold_mode="monotonic", latent_shift="lagged")],
+                         ids=["entropy", "space-attention-pool", "fixed-completed", "monotonic-lagged"])
+def test_a_float64_model_computes_in_float64_in_the_forward_and_step_by_step(cfg):
+    """A float64 model (gradcheck, reference runs) keeps float64 through norms, pooling, entropy and the loss:
+    they used to be cut to fp32, which capped a float64 comparison at fp32's ~1e-7."""
+    T = 40
+    seqs = text_like(2, T, seed=7)
+    m = build(cfg, seqs).double()
+    prompt_lens = [5, 12]
+    with torch.no_grad():
+        full = m(seqs, seqs)
+        for k in ("logits", "loss", "bpb") + (("entropy",) if m.config.patching == "entropy" else ()):
+            assert full[k].dtype == torch.float64, k
+        ref_loss = torch.nn.functional.cross_entropy(full["logits"].reshape(-1, 256), seqs.reshape(-1))
+        assert abs(float(full["loss"] - ref_loss)) < 1e-12
+        got = stepwise_logits(decoder_for(m, 2, T + max(prompt_lens)), seqs, prompt_lens)
+        assert got.dtype == torch.float64
+        for r, p in enumerate(prompt_lens):
+            torch.testing.assert_close(got[r, : T - p + 1], full["logits"][r, p - 1:], atol=1e-9, rtol=1e-9)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.byte_embedding import _PAD, LastNgramHasher
-from ..model.common import apply_rope, rope_cos_sin
+from ..model.common import apply_rope, rope_cos_sin, upcast
 from ..model.dilated_attention import dilated_offsets
 from ..model.entropy_model import LN2, entropy_bits
 from ..model.patcher import _is_word_byte, cap_patches, patch_ids, rule_starts
@@ -42,7 +42,7 @@ from .slots import SlotWriter
 def _entropy_bits_step(logits: torch.Tensor) -> torch.Tensor:
     """entropy_bits as H = log s - sum(e z) / s with z = l - max, e = exp(z), s = sum(e): the same value
     up to rounding, with two reductions (log_softmax then a sum took four kernels compiled)."""
-    z = logits.float()
+    z = upcast(logits)
     z = z - z.amax(-1, keepdim=True)
     e = z.exp()
     s = e.sum(-1)
@@ -69,7 +69,7 @@ class IonLlamaDecoder(IncrementalDecoder):
         # latent_shift "completed": commit a patch after its last byte's pooling, before that byte's decoder
         self.completed = cfg.latent_shift == "completed"
         self.threshold = float(model.entropy_threshold)
-        f32 = torch.float32
+        f32 = upcast(torch.zeros((), dtype=dt)).dtype  # fp32 state, float64 for a float64 model
         # position / patcher state
         self.t = torch.zeros(B, dtype=torch.long, device=dev)
         self.prompt_starts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, (G, T) bool) per prefill group
@@ -232,7 +232,7 @@ class IonLlamaDecoder(IncrementalDecoder):
         w = torch.exp(s - smax[:, None])
         self.acc_max[rows] = smax
         self.acc_den[rows] = w.sum(1)
-        self.acc_num[rows] = (w[..., None] * e.float()).sum(1)
+        self.acc_num[rows] = (w[..., None] * upcast(e)).sum(1)
         # latent transformer over all patches (causal over patches: the open one affects nothing
         # cached), keeping per-layer keys/values
         P = int(n_patches.max())
@@ -457,7 +457,7 @@ class IonLlamaDecoder(IncrementalDecoder):
         den = torch.where(start, torch.zeros_like(self.acc_den), self.acc_den)
         new_max = torch.maximum(mx, s)
         a, b = torch.exp(mx - new_max), torch.exp(s - new_max)
-        self.acc_num.copy_(num * a[:, None] + b[:, None] * e.float())
+        self.acc_num.copy_(num * a[:, None] + b[:, None] * upcast(e))
         self.acc_den.copy_(den * a + b)
         self.acc_max.copy_(new_max)
         return e

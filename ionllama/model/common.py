@@ -10,6 +10,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """x in at least fp32: half precision is widened for norms, softmaxes and sums; a float64 model (gradcheck,
+    reference runs) stays in float64 instead of being cut to fp32."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -17,7 +23,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = upcast(x)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return xf.to(x.dtype) * self.weight
 
@@ -60,7 +66,7 @@ def scored_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.T
     0 with a zero gradient, not the NaN of ``F.cross_entropy``'s mean (0 / 0), which would poison the
     weights through the optimizer. No host sync: the count stays on the device."""
     flat = targets.reshape(-1)
-    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), flat, ignore_index=-100, reduction="sum")
+    total = F.cross_entropy(upcast(logits).reshape(-1, logits.shape[-1]), flat, ignore_index=-100, reduction="sum")
     return total / (flat != -100).sum().clamp(min=1)
 
 
@@ -91,7 +97,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """x: (B, H, N, Dh); cos/sin: (N, Dh/2) or (B, N, Dh/2). Rotates pairs (x[2i], x[2i+1])."""
     if cos.dim() == 3:
         cos, sin = cos[:, None], sin[:, None]
-    xf = x.float().unflatten(-1, (-1, 2))
+    xf = upcast(x).unflatten(-1, (-1, 2))
     x1, x2 = xf[..., 0], xf[..., 1]
     out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return out.flatten(-2).to(x.dtype)

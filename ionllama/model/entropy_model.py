@@ -10,14 +10,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import RMSNorm, scored_cross_entropy
+from .common import RMSNorm, scored_cross_entropy, upcast
 from .ssm import MambaBlock
 
 LN2 = math.log(2.0)
 
 
 def entropy_bits(logits: torch.Tensor) -> torch.Tensor:
-    logp = F.log_softmax(logits.float(), dim=-1)
+    logp = F.log_softmax(upcast(logits), dim=-1)
     return -(logp.exp() * logp).sum(-1) / LN2
 
 

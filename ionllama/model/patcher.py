@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from .common import upcast
+
 
 def _is_word_byte(x: torch.Tensor) -> torch.Tensor:
     return ((x >= 48) & (x <= 57)) | ((x >= 65) & (x <= 90)) | ((x >= 97) & (x <= 122)) | (x >= 128)
@@ -31,7 +33,7 @@ def rule_starts(x: torch.Tensor, entropy: torch.Tensor | None, mode: str, thresh
     if mode == "space":
         return torch.cat([first, ~_is_word_byte(x[:, :-1])], dim=1)
     if mode == "entropy":
-        h_prev = entropy[:, :-1].float()  # entropy at t-1 = uncertainty about byte t
+        h_prev = upcast(entropy[:, :-1])  # entropy at t-1 = uncertainty about byte t
         if threshold_mode == "global":
             cond = h_prev > threshold
         elif threshold_mode == "monotonic":
@@ -80,7 +82,7 @@ def calibrate_threshold(x: torch.Tensor, entropy: torch.Tensor, target: float, t
         _, _, n = compute_patches(x, entropy, "entropy", th, threshold_mode, max_patch_size)
         return x.numel() / n.sum().item()
 
-    h = entropy[:, :-1].float()
+    h = upcast(entropy[:, :-1])
     span = (h - torch.cat([h[:, :1], h[:, :-1]], 1)) if threshold_mode == "monotonic" else h
     lo, hi = span.min().item() - 1e-3, span.max().item() + 1e-3
     for _ in range(iters):

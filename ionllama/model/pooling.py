@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .common import upcast
+
 
 class PatchPooling(nn.Module):
     """mean: average of the patch's byte vectors; attention: softmax-weighted by a learned score."""
@@ -17,15 +19,19 @@ class PatchPooling(nn.Module):
             self.score = nn.Linear(dim, 1)
 
     def byte_weights(self, h: torch.Tensor) -> torch.Tensor:
-        """Unnormalised per-byte weights, exp(score) (fp32); the running-max shift is done by callers."""
-        return self.score(h).squeeze(-1).float() if self.mode == "attention" else torch.zeros(h.shape[:2], device=h.device)
+        """Unnormalised per-byte scores (fp32, float64 for a float64 model); the running-max shift is done by callers."""
+        if self.mode == "attention":
+            return upcast(self.score(h).squeeze(-1))
+        return torch.zeros(h.shape[:2], device=h.device, dtype=upcast(h).dtype)
 
     def forward(self, h: torch.Tensor, b2p: torch.Tensor, n_out: int) -> torch.Tensor:
         """h: (B, T, D), b2p: (B, T) patch index of each byte -> (B, n_out, D)."""
         B, T, D = h.shape
         s = self.byte_weights(h)  # (B, T)
-        smax = torch.full((B, n_out), float("-inf"), device=h.device).scatter_reduce(1, b2p, s.detach(), "amax")
+        smax = torch.full((B, n_out), float("-inf"), device=h.device, dtype=s.dtype).scatter_reduce(1, b2p, s.detach(),
+                                                                                                     "amax")
         w = torch.exp(s - smax.gather(1, b2p))  # (B, T), stable within each patch
-        num = torch.zeros(B, n_out, D, device=h.device).scatter_add(1, b2p[..., None].expand(B, T, D), w[..., None] * h.float())
-        den = torch.zeros(B, n_out, device=h.device).scatter_add(1, b2p, w)
+        num = torch.zeros(B, n_out, D, device=h.device, dtype=s.dtype).scatter_add(1, b2p[..., None].expand(B, T, D),
+                                                                                    w[..., None] * upcast(h))
+        den = torch.zeros(B, n_out, device=h.device, dtype=s.dtype).scatter_add(1, b2p, w)
         return (num / den.clamp_min(1e-30)[..., None]).to(h.dtype)
