@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._checks import check_flags, int_list  # noqa: E402
 from ionllama.errors import OneLineParser, cli_entry  # noqa: E402
+from ionllama.eval.benchmark import device_name  # noqa: E402
 from ionllama.fsutil import atomic_write, ready_out_file  # noqa: E402
 from ionllama.kernels import dilated_attention  # noqa: E402
 from ionllama.kernels import dilated_attention_triton as dat  # noqa: E402
@@ -365,7 +366,8 @@ def main(argv=None) -> int:
     sizes = [int(s) for s in a.sizes.split(",")]
     flex_sizes = sizes if a.flex_sizes is None else [int(s) for s in a.flex_sizes.split(",") if s]
     B, H, Dh = a.batch, a.heads, a.head_dim
-    res = dict(device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)", torch=torch.__version__, triton=triton.__version__,
+    res = dict(device=device_name(DEVICE) + ("" if DEVICE == "cuda" else " (dry run)"), torch=torch.__version__,
+               triton=triton.__version__,
                python=platform.python_version(), **run_info(argv), B=B, H=H, Dh=Dh,
                dtype="bf16", rows=[], checks=None, sweep=None)
 

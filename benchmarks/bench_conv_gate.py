@@ -33,6 +33,7 @@ from benchmarks._checks import check_choices, check_flags, int_list  # noqa: E40
 from benchmarks.bench_attention import copy_bandwidth, do_bench, git_commit  # noqa: E402
 import ionllama.kernels as K  # noqa: E402
 from ionllama.errors import OneLineParser, UserError, cli_entry  # noqa: E402
+from ionllama.eval.benchmark import device_name  # noqa: E402
 from ionllama.model.conv import causal_conv_gate_reference  # noqa: E402
 
 DT = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -236,7 +237,7 @@ def main(argv=None) -> int:
     ba.DEVICE = a.device
     import triton
     torch.backends.cuda.matmul.allow_tf32 = False
-    res = dict(device=torch.cuda.get_device_name() if a.device == "cuda" else "cpu (dry run)", torch=torch.__version__,
+    res = dict(device=device_name(a.device) + ("" if a.device == "cuda" else " (dry run)"), torch=torch.__version__,
                triton=triton.__version__, python=platform.python_version(), commit=git_commit(), argv=sys.argv,
                rows=[], checks=None, sweep=None)
     out = Path(a.out)

@@ -27,6 +27,7 @@ import benchmarks.bench_attention as ba  # noqa: E402
 from benchmarks._checks import check_choices, check_flags, int_list  # noqa: E402
 from benchmarks.bench_attention import copy_bandwidth, do_bench  # noqa: E402
 from ionllama.errors import OneLineParser, UserError, cli_entry  # noqa: E402
+from ionllama.eval.benchmark import device_name  # noqa: E402
 from ionllama.fsutil import atomic_write, ready_out_file  # noqa: E402
 from ionllama.kernels import scan_const_decay  # noqa: E402
 from ionllama.kernels import scan_triton as st  # noqa: E402
@@ -163,7 +164,8 @@ def main(argv=None) -> int:
     ba.DEVICE, ba.GRAPH_TIMING = a.device, a.graph_timing
     import triton
     torch.backends.cuda.matmul.allow_tf32 = False
-    res = dict(device=torch.cuda.get_device_name() if a.device == "cuda" else "cpu (dry run)", torch=torch.__version__, triton=triton.__version__,
+    res = dict(device=device_name(a.device) + ("" if a.device == "cuda" else " (dry run)"), torch=torch.__version__,
+               triton=triton.__version__,
                python=platform.python_version(), **ba.run_info(argv), rows=[], checks=None,
                sweep=None, ssd=[])
 

@@ -30,7 +30,7 @@ from ionllama import build_model, create_model  # noqa: E402
 from ionllama.devices import resolve_device  # noqa: E402
 from ionllama.errors import OneLineParser, UserError, check_ranges, cli_entry  # noqa: E402
 from ionllama.fsutil import atomic_write, ready_out_dir  # noqa: E402
-from ionllama.eval.benchmark import git_commit  # noqa: E402
+from ionllama.eval.benchmark import device_name, git_commit  # noqa: E402
 from ionllama.experiment.tasks import (  # noqa: E402
     captured_stage_problem, compiled_stage, task_batch, task_examples, train_on_tasks)
 
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         res["speedup"] = res["eager"]["ms_per_step"] / res["compiled"]["ms_per_step"]
     res.update({"args": vars(args), "command": "python3 benchmarks/bench_task_stage.py " + shlex.join(argv),
                 "torch": torch.__version__, "commit": git_commit(),
-                "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+                "device_name": device_name(args.device),
                 "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
     atomic_write(out / "bench_task_stage.json", json.dumps(res, indent=1))
     for way in args.ways:

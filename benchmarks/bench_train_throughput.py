@@ -24,7 +24,7 @@ import torch
 
 from ionllama import create_model
 from ionllama.errors import UserError, check_ranges, cli_entry
-from ionllama.eval.benchmark import git_commit
+from ionllama.eval.benchmark import device_name, git_commit
 from ionllama.fsutil import atomic_write, ready_out_file
 from ionllama.model.flops import flops_per_byte
 from ionllama.registry import model_config
@@ -34,12 +34,6 @@ from ionllama.train.step_graph import make_step_graph, step_graph_problem
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12}  # dense bf16 datasheet rates (SXM)
 REFERENCE_SWITCHES = {"conv_gate": "conv_gate_uses_triton", "rope_table": "rope_table_uses_op",  # --reference
                       "ssd_scan": "ssd_uses_triton"}
-
-
-def device_name(device: str | None = None) -> str:
-    """The name of --device (not of whatever GPU is visible): the GPU's name for cuda, else the device type."""
-    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
 
 
 def peak_flops(device: str | None = None) -> float:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch
 from ionllama import create_model
 from ionllama.data import tasks as T
 from ionllama.errors import OneLineParser, UserError, check_ranges, cli_entry
-from ionllama.eval.benchmark import git_commit
+from ionllama.eval.benchmark import device_name, git_commit
 from ionllama.eval.task_eval import run_tasks
 from ionllama.experiment.matrix import parse_overrides
 from ionllama.experiment.tasks import check_task_row_len, task_batch, train_on_tasks
@@ -276,8 +275,7 @@ def main(argv=None) -> int:
     # what trained this invocation's arms, taken now: the code in memory is the tree at start, whatever is
     # committed while the arms run (a rerun keeps earlier arms with their own record)
     run = {"command": _command(argv),
-           "device": torch.cuda.get_device_name() if device.type == "cuda" else
-           f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+           "device": device_name(device),
            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "commit": git_commit()}
     meta = {**run, "settings": {k: v for k, v in vars(a).items() if k not in ("arms", "out")}}
     for name, cfg in arms.items():

@@ -57,7 +57,7 @@ from count_decode_kernels import MATMUL  # noqa: E402
 from ionllama.config import LATENT_SHIFTS  # noqa: E402
 from ionllama.errors import UserError, check_ranges, cli_entry  # noqa: E402
 from ionllama.fsutil import atomic_write, ready_out_dir  # noqa: E402
-from ionllama.eval.benchmark import git_commit  # noqa: E402
+from ionllama.eval.benchmark import device_name, git_commit  # noqa: E402
 from ionllama.kernels.pdl import set_pdl  # noqa: E402
 
 TOP = 30  # kernels in the Markdown table
@@ -174,7 +174,7 @@ def fused_flags(dec) -> dict:
 def env(args, s) -> dict:
     m = s["bench"].models["ionllama"][1]
     return dict(torch=torch.__version__, python=platform.python_version(),
-                device=torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+                device=device_name(args.device),
                 commit=git_commit(), date=time.strftime("%Y-%m-%d %H:%M"),
                 size=args.size, dtype=args.dtype, batch=1, context=args.context, graphs=s["runner"].graphs is not None,
                 compile=s["compile"], model=m, fused=fused_flags(s["dec"]),

@@ -28,6 +28,7 @@ import warnings
 import torch
 
 from ionllama.errors import OneLineParser, UserError, check_ranges, cli_entry
+from ionllama.eval.benchmark import device_name
 
 
 def _sync(dev):
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
     rows["bench_step"] = time_steps(tr, a.steps, bench_step)
 
     bytes_per_step = tr.sampler.global_batch * tr.args.seq_len
-    result = {"device": torch.cuda.get_device_name() if tr.device.type == "cuda" else "cpu", "torch": torch.__version__,
+    result = {"device": device_name(tr.device), "torch": torch.__version__,
               "trainer_flags": argv[cut + 1:], "bytes_per_step": bytes_per_step,
               "variants": {k: {"step_ms": round(v * 1e3, 2), "bytes_per_s": round(bytes_per_step / v)} for k, v in rows.items()}}
 

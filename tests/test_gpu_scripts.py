@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from ionllama.errors import UserError
 from ionllama.kernels import selfcheck
@@ -556,7 +557,9 @@ def test_train_throughput_result_is_strict_json_with_its_provenance(tmp_path, mo
         raise AssertionError(f"{c} in the JSON")
 
     meta = json.loads(out.read_text(), parse_constant=no_constants)
-    assert meta["device"] == "cpu" and meta["peak_bf16_flops"] is None and meta["rows"][0]["mfu"] is None
+    # the machine, not a bare "cpu": the CPU's model and torch's threads
+    assert meta["device"].startswith("CPU (") and f"{torch.get_num_threads()} threads)" in meta["device"]
+    assert meta["peak_bf16_flops"] is None and meta["rows"][0]["mfu"] is None
     assert "bench_train_throughput.py --sizes tiny" in meta["command"] and meta["date"][:2] == "20"
     assert meta["commit"]["sha"]
     assert [p.name for p in out.parent.iterdir()] == ["t.json"]  # atomic: no temp file left

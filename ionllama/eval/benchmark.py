@@ -107,22 +107,29 @@ def _amp(name: str, device: torch.device):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[name]
 
 
+def device_name(device: torch.device | str | None = None) -> str:
+    """What ran a measurement, for its record: the GPU's name for a cuda device, else the CPU's model name and
+    torch's thread count (a bare "cpu" said nothing about which machine). None: cuda where there is one."""
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    name = platform.processor() or platform.machine() or dev.type
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU ({name}, {torch.get_num_threads()} threads)" if dev.type == "cpu" else f"{dev.type} ({name})"
+
+
 def device_info(device: torch.device) -> dict:
     info = {"type": device.type, "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform()}
+            "platform": platform.platform(), "name": device_name(device)}
     if device.type == "cuda":
-        info["name"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
     else:
-        name = platform.processor() or "cpu"
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        info["name"] = name
         info["threads"] = torch.get_num_threads()
     return info
 
