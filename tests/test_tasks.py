@@ -394,7 +394,8 @@ def test_a_word_byte_tail_keeps_the_loss_and_shortens_space_patching(monkeypatch
                                 {"patching": "space"}, {"model": "dense", "d_model": 32, "n_layers": 1, "n_heads": 2}])
 def test_task_step_graph_trains_to_the_eager_losses(monkeypatch, kw):
     """train_on_tasks(step_graph=True): the compiled stage's step goes through the trainer's StepGraph (capturable
-    AdamW, the lr a device tensor; on a CPU the same step eagerly) and trains to the plain loop's losses."""
+    AdamW, the lr a device tensor; on a CPU the same step eagerly) and trains to the plain loop's losses, also from
+    a model that arrives with gradients (the plain loop added them to its first step)."""
     from ionllama import create_model
     from ionllama.experiment import tasks as T
     from ionllama.train import step_graph as SG
@@ -407,6 +408,8 @@ def test_task_step_graph_trains_to_the_eager_losses(monkeypatch, kw):
     for graph in (False, True):
         torch.manual_seed(0)
         m = create_model("tiny", **kw)
+        for p in m.parameters():  # a caller's leftover gradients: neither loop may add them to its first step
+            p.grad = torch.full_like(p, 3.0)
         raw = [T.task_batch(m, T.task_examples(1, step, 4), 96) for step in range(4)]
         batches, forward, shapes = T.compiled_stage(m, raw)
         assert T.captured_stage_problem(m, shapes, 96, "cuda") is None

@@ -183,6 +183,9 @@ def train_on_tasks(model, device, amp, steps: int, lr: float, batch_of_step, log
         from ..train.step_graph import StepGraph
 
         graph = StepGraph(forward, opt, 1.0, lambda: _autocast(device, amp), graphs=device.type == "cuda")
+    # gradients left on the model by its caller are not the first step's (StepGraph drops them before its backward;
+    # the plain loop added them in)
+    opt.zero_grad(set_to_none=True)
     model.train()
     t0 = time.perf_counter()
     losses = []
