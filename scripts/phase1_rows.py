@@ -156,10 +156,16 @@ ROWS = {
         step_graph=True, task_steps=6000, task_compile=True, seed=seed,
         task_time=None if seed == 1 else 120) for seed in (1, 2)},
     # add 0.064: the n-gram tables cost the sums. Collisions (4,096 buckets per n-gram size, ~10^5 digit 5-grams)
-    # or the lookups themselves? The same row with 8x the buckets
+    # or the lookups themselves? The same row with 8x the buckets (--task_time_s 120: its first run, at --t 300 and
+    # the default 240, pretrained only)
     "tasks best row, 1-byte patches, no local layers, 32K buckets, long compiled stage, seed 1": _task_row(
         "latent_shift=completed,fixed_patch_size=1,pooling=attention,attention=dense,n_enc_layers=0,n_dec_layers=0,"
-        "ngram_buckets=32768", step_graph=True, task_steps=6000, task_compile=True),
+        "ngram_buckets=32768", step_graph=True, task_steps=6000, task_compile=True, task_time=120),
+    # and the long n-grams only: with 2- and 3-grams the 1,100 digit n-grams fit 4,096 buckets a size (4- and 5-grams,
+    # 10^4 and 10^5 of them, cannot), so if collisions among digit strings cost the sums this row adds
+    "tasks best row, 1-byte patches, no local layers, 2-3-grams, long compiled stage, seed 1": _task_row(
+        "latent_shift=completed,fixed_patch_size=1,pooling=attention,attention=dense,n_enc_layers=0,n_dec_layers=0,"
+        "ngram_sizes=2+3", step_graph=True, task_steps=6000, task_compile=True, task_time=120),
     # the fortieth session's plan: does the real model (3-byte patches, local layers) add once the hashed tables are
     # gone, either with plain byte vectors or with the causal convolution as its n-gram context?
     **{f"tasks best row, n-gram {mode}, long compiled stage, seed 1": _task_row(
