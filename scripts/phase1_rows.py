@@ -161,8 +161,8 @@ ROWS = {
     "tasks best row, 1-byte patches, no local layers, 32K buckets, long compiled stage, seed 1": _task_row(
         "latent_shift=completed,fixed_patch_size=1,pooling=attention,attention=dense,n_enc_layers=0,n_dec_layers=0,"
         "ngram_buckets=32768", step_graph=True, task_steps=6000, task_compile=True, task_time=120),
-    # and the long n-grams only: with 2- and 3-grams the 1,100 digit n-grams fit 4,096 buckets a size (4- and 5-grams,
-    # 10^4 and 10^5 of them, cannot), so if collisions among digit strings cost the sums this row adds
+    # and the tables with 2- and 3-grams only (no 4-/5-gram lookups, where pure digit strings crowd the buckets; the
+    # 2-digit prompts' own n-grams hardly collide at any size: scripts/digit_ngram_buckets.py)
     "tasks best row, 1-byte patches, no local layers, 2-3-grams, long compiled stage, seed 1": _task_row(
         "latent_shift=completed,fixed_patch_size=1,pooling=attention,attention=dense,n_enc_layers=0,n_dec_layers=0,"
         "ngram_sizes=2+3", step_graph=True, task_steps=6000, task_compile=True, task_time=120),
