@@ -38,7 +38,7 @@ class ModelConfig:
     local_window: int = 64  # transformer local layers: attention window (bytes)
     conv_kernel: int = 4  # causal depthwise conv width in IntegralLNN / Mamba blocks
     scan_chunk: int = 64
-    ngram: str = "hash"  # hash | conv | none
+    ngram: str = "hash"  # hash | hash_nodigit | conv | none (model/byte_embedding.py)
     ngram_sizes: tuple = (2, 3, 4, 5)
     ngram_buckets: int = 16384
     pooling: str = "mean"  # mean | attention
@@ -176,7 +176,8 @@ def make_config(size: str = "tiny", model: str = "ionllama", **overrides) -> Mod
 
 CHOICES = {"attention": ("dilated", "dense"), "local_layers": ("integral", "transformer"),
            "patching": ("entropy", "fixed", "space", "byte"), "threshold_mode": ("global", "monotonic"),
-           "ngram": ("hash", "conv", "none"), "pooling": ("mean", "attention"), "dec_init": ("default", "zero"),
+           "ngram": ("hash", "hash_nodigit", "conv", "none"), "pooling": ("mean", "attention"),
+           "dec_init": ("default", "zero"),
            "latent_shift": LATENT_SHIFTS}
 # the least value of each size option: a zero width or patch size used to end in a ZeroDivisionError or an
 # assert deep in the model; a zero latent depth built a model without a latent transformer, silently; a scan chunk

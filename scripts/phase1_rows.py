@@ -176,6 +176,15 @@ ROWS = {
     "tasks best row, n-gram none, long captured stage, seed 1": _task_row(
         "latent_shift=completed,fixed_patch_size=3,pooling=attention,attention=dense,ngram=none", step_graph=True,
         task_steps=6000, task_compile=True, task_graph=True),
+    # the tables kept for text and off on digits (ngram=hash_nodigit, forty-first session): does the model keep the
+    # tables' text BPB (1.5017 against 1.5384 without them) and add like the stripped row (0.956)? At 1-byte patches
+    # without local layers (the clean contrast, two fit one call with --task_time_s 120) and in the full best row
+    "tasks best row, 1-byte patches, no local layers, n-grams without digits, long compiled stage, seed 1": _task_row(
+        "latent_shift=completed,fixed_patch_size=1,pooling=attention,attention=dense,n_enc_layers=0,n_dec_layers=0,"
+        "ngram=hash_nodigit", step_graph=True, task_steps=6000, task_compile=True, task_time=120),
+    "tasks best row, n-gram hash_nodigit, long compiled stage, seed 1": _task_row(
+        "latent_shift=completed,fixed_patch_size=3,pooling=attention,attention=dense,ngram=hash_nodigit",
+        step_graph=True, task_steps=6000, task_compile=True),
     # the 2 x 2 at 1-byte patches: local layers without the tables (the tiny probe's decoder layers cost the jump)
     "tasks best row, 1-byte patches, no n-gram tables, long compiled stage, seed 1": _task_row(
         "latent_shift=completed,fixed_patch_size=1,pooling=attention,attention=dense,ngram=none", step_graph=True,

@@ -231,3 +231,39 @@ def test_a_float64_model_computes_in_float64_in_the_forward_and_step_by_step(cfg
         assert got.dtype == torch.float64
         for r, p in enumerate(prompt_lens):
             torch.testing.assert_close(got[r, : T - p + 1], full["logits"][r, p - 1:], atol=1e-9, rtol=1e-9)
+
+
+def test_hash_nodigit_tables_skip_every_ngram_with_a_digit_and_decode_step_by_step_like_the_forward():
+    """ngram="hash_nodigit": an n-gram holding an ASCII digit adds no table vector, in the parallel forward (against
+    a per-position loop over the n-grams) and in the incremental decoder (its ring buffer's digit test)."""
+    from ionllama.model.byte_embedding import ngram_hashes
+
+    g = torch.Generator().manual_seed(3)
+    alphabet = torch.tensor(list(b"ab 12+=9\n") + [200])
+    seqs = alphabet[torch.randint(0, len(alphabet), (3, 40), generator=g)]
+    m = build(dict(patching="fixed", ngram="hash_nodigit", latent_shift="completed"), seqs).double()
+    emb = m.embed
+    with torch.no_grad():
+        got = emb(seqs)
+        ref = emb.bytes(seqs).clone()
+        skipped = 0
+        for n, table in zip(emb.ngram_sizes, emb.tables):
+            ids = ngram_hashes(seqs, n, emb.buckets)
+            for b in range(seqs.shape[0]):
+                for t in range(seqs.shape[1]):
+                    window = seqs[b, max(0, t - n + 1): t + 1].tolist()
+                    if any(48 <= c <= 57 for c in window):
+                        skipped += 1
+                    else:
+                        ref[b, t] += table.weight[ids[b, t]]
+        torch.testing.assert_close(got, ref / (1 + len(emb.ngram_sizes)), atol=1e-12, rtol=0)
+        assert skipped > 100  # the digits really were there
+        # the plain hash mode differs exactly where a digit is in reach
+        m.embed.ngram = "hash"
+        assert not torch.allclose(emb(seqs), got)
+        m.embed.ngram = "hash_nodigit"
+        full = m(seqs)
+        prompt_lens = [3, 9, 1]
+        steps = stepwise_logits(decoder_for(m, 3, 40 + max(prompt_lens)), seqs, prompt_lens)
+        for r, p in enumerate(prompt_lens):
+            torch.testing.assert_close(steps[r, : 40 - p + 1], full["logits"][r, p - 1:], atol=1e-9, rtol=1e-9)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..model.byte_embedding import _PAD, LastNgramHasher
+from ..model.byte_embedding import _PAD, HASHED, LastNgramHasher
 from ..model.common import apply_rope, rope_cos_sin, upcast
 from ..model.dilated_attention import dilated_offsets
 from ..model.entropy_model import LN2, entropy_bits
@@ -81,7 +81,7 @@ class IonLlamaDecoder(IncrementalDecoder):
         self.ent2 = torch.zeros(B, dtype=f32, device=dev)  # entropy at t-2
         # embedding
         emb = model.embed
-        self.ngram_ctx = max(emb.ngram_sizes) - 1 if emb.ngram == "hash" else 0
+        self.ngram_ctx = max(emb.ngram_sizes) - 1 if emb.ngram in HASHED else 0
         self.ngram_buf = torch.full((B, self.ngram_ctx), _PAD, dtype=torch.long, device=dev)
         if self.ngram_ctx:
             self.hasher = LastNgramHasher(emb.ngram_sizes, emb.buckets, self.ngram_ctx + 1, dev)
@@ -440,8 +440,10 @@ class IonLlamaDecoder(IncrementalDecoder):
         e = emb.bytes(x)
         if self.ngram_ctx:
             ids = self.hasher.ring(self.ngram_buf, x, t)
+            skip = self.hasher.ring_has_digit(self.ngram_buf, x, t) if emb.ngram == "hash_nodigit" else None
             for i, table in enumerate(emb.tables):
-                e = e + table(ids[:, i])
+                v = table(ids[:, i])
+                e = e + (v if skip is None else v.masked_fill(skip[:, i, None], 0.0))
             e = e * (1.0 / (1 + len(emb.ngram_sizes)))
             self.slots.write_rows(self.ngram_buf, t % self.ngram_ctx, x)  # replaces byte t - ngram_ctx
         elif self.emb_conv is not None:

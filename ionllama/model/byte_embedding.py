@@ -2,8 +2,10 @@
 
 `hash` (BLT-style): besides the 256 byte vectors, each position adds one learned vector per n-gram
 size n, looked up by a hash of bytes t-n+1..t (positions before the start hash a pad symbol).
+`hash_nodigit`: as `hash`, but an n-gram holding an ASCII digit adds nothing (the tables cost the 35M rows their
+multi-digit sums, docs/results/phase1-tasks-best-dense.md: this keeps them for text and takes them off numbers).
 `conv`: a causal depthwise convolution over the byte vectors. `none`: plain byte vectors.
-Both variants see only bytes <= t, so position t may predict byte t+1.
+Every variant sees only bytes <= t, so position t may predict byte t+1.
 """
 from __future__ import annotations
 
@@ -26,6 +28,22 @@ def ngram_hashes(x: torch.Tensor, n: int, buckets: int) -> torch.Tensor:
     for j in range(n):  # loop over the n-gram width (<= 8), not over time
         h = (h * _MULT + xp[:, j:j + T] + 1) & _MASK
     return (h * 2654435761 + n) % buckets
+
+
+HASHED = ("hash", "hash_nodigit")  # the n-gram modes with hash tables
+
+
+def _is_digit(x: torch.Tensor) -> torch.Tensor:
+    return (x >= 48) & (x <= 57)  # b"0".."9"; the pad symbol (256) is none
+
+
+def ngram_has_digit(x: torch.Tensor, n: int) -> torch.Tensor:
+    """x: (B, T) bytes -> (B, T) bool: the n-gram ending at each position holds a digit."""
+    d = _is_digit(x)
+    out = d.clone()
+    for j in range(1, min(n, x.shape[1])):  # loop over the n-gram width, not over time
+        out[:, j:] |= d[:, :-j]
+    return out
 
 
 class LastNgramHasher:
@@ -60,6 +78,13 @@ class LastNgramHasher:
         h = ((ring.long()[:, :, None] + 1) * self.coef[j]).sum(1) + (last.long()[:, None] + 1) * self.coef[-1]
         return ((h & _MASK) * 2654435761 + self.n) % self.buckets
 
+    def ring_has_digit(self, ring: torch.Tensor, last: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """As ngram_has_digit's last column, from ring's window: (B, len(sizes)) bool."""
+        k = ring.shape[1]
+        j = (torch.arange(k, device=ring.device)[None, :] - t[:, None]) % k
+        inside = self.coef[j] != 0  # (B, k, sizes): the slot's byte is in that size's n-gram
+        return (_is_digit(ring)[:, :, None] & inside).any(1) | _is_digit(last)[:, None]
+
 
 class ByteEmbedding(nn.Module):
     def __init__(self, dim: int, ngram: str = "hash", ngram_sizes=(2, 3, 4, 5), buckets: int = 16384,
@@ -67,7 +92,7 @@ class ByteEmbedding(nn.Module):
         super().__init__()
         self.ngram, self.ngram_sizes, self.buckets = ngram, tuple(ngram_sizes), buckets
         self.bytes = nn.Embedding(256, dim)
-        if ngram == "hash":
+        if ngram in HASHED:
             self.tables = nn.ModuleList([nn.Embedding(buckets, dim) for _ in self.ngram_sizes])
         elif ngram == "conv":
             self.conv = CausalDepthwiseConv(dim, conv_kernel)
@@ -77,16 +102,19 @@ class ByteEmbedding(nn.Module):
     @property
     def context(self) -> int:
         """How many previous bytes an embedding depends on (for incremental decoding)."""
-        if self.ngram == "hash":
+        if self.ngram in HASHED:
             return max(self.ngram_sizes) - 1
         return 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         e = self.bytes(x.long())
-        if self.ngram == "hash":
-            scale = 1.0 / (1 + len(self.ngram_sizes))
+        if self.ngram in HASHED:
+            scale = 1.0 / (1 + len(self.ngram_sizes))  # the same with digits skipped: text positions unchanged
             for n, table in zip(self.ngram_sizes, self.tables):
-                e = e + table(ngram_hashes(x, n, self.buckets))
+                v = table(ngram_hashes(x, n, self.buckets))
+                if self.ngram == "hash_nodigit":
+                    v = v.masked_fill(ngram_has_digit(x, n)[..., None], 0.0)
+                e = e + v
             e = e * scale
         elif self.ngram == "conv":
             e = e + self.conv(e)

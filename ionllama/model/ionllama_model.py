@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from ..config import LATENT_SHIFTS, ModelConfig
 from ..registry import register
-from .byte_embedding import ByteEmbedding
+from .byte_embedding import HASHED, ByteEmbedding
 from .common import (RMSNorm, checked_input, init_weights, scored_cross_entropy, swiglu_hidden,
                      zero_residual_branches)
 from .dense import GenerateMixin, ParamCountMixin, lm_outputs
@@ -71,7 +71,7 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
                               ("threshold_mode", cfg.threshold_mode, ("global", "monotonic")),
                               ("attention", cfg.attention, ("dilated", "dense")),
                               ("local_layers", cfg.local_layers, ("integral", "transformer")),
-                              ("ngram", cfg.ngram, ("hash", "conv", "none")),
+                              ("ngram", cfg.ngram, ("hash", "hash_nodigit", "conv", "none")),
                               ("pooling", cfg.pooling, ("mean", "attention")),
                               ("latent_shift", cfg.latent_shift, LATENT_SHIFTS),
                               ("dec_init", cfg.dec_init, ("default", "zero"))]:
@@ -88,10 +88,10 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
         if not cfg.embed_std > 0:
             from ..errors import UserError
             raise UserError(f"embed_std must be > 0 (the byte embeddings' init std), got {cfg.embed_std}")
-        if cfg.ngram == "hash" and cfg.ngram_buckets < 1:
+        if cfg.ngram in HASHED and cfg.ngram_buckets < 1:
             from ..errors import UserError
             raise UserError(f"ngram_buckets must be >= 1 (hash buckets per n-gram size), got {cfg.ngram_buckets}")
-        if cfg.ngram == "hash":  # the command line's rule, for a config made in Python or read from a checkpoint
+        if cfg.ngram in HASHED:  # the command line's rule, for a config made in Python or read from a checkpoint
             from ..config import check_ngram_sizes
             check_ngram_sizes(cfg.ngram_sizes)
         dl, dm = cfg.d_local, cfg.d_model
