@@ -32,8 +32,7 @@ from . import DOC_SEP_BYTES
 
 # 2: --max_bytes cuts the document crossing it (it went in whole), .json arrays are read as records and upper-case
 # .GZ/.XZ/.BZ2 are decompressed (they were read as text): shards of format 1 from such sources are not reused
-# 3: a compressed file's documents keep the ids of the plain file (sources.split_id), so its hash split changed
-SHARD_FORMAT = 3
+SHARD_FORMAT = 2
 DATASETS = ("tinystories", "fineweb", "openwebtext", "builtin", "tasks")
 
 

@@ -380,19 +380,8 @@ def _is_json_lines(path: str, text_field: str) -> bool:
     return isinstance(obj, dict) and text_field in obj
 
 
-def split_id(rel: str) -> str:
-    """A local file's part of its documents' ids, which decide the hash split: the path below the data root without
-    a compression suffix, so compressing a file (books.jsonl -> books.jsonl.xz) keeps every document in its split
-    (the suffix was part of the id, and a compressed copy of the same text split differently)."""
-    low = rel.lower()
-    for suffix in (".gz", ".xz", ".bz2"):
-        if low.endswith(suffix):
-            return rel[: -len(suffix)]
-    return rel
-
-
 def iter_local_file(path: str, base: str, text_field: str, read_limit: int | None = None) -> Iterator[Doc]:
-    rel = split_id(os.path.relpath(os.path.abspath(path), base))
+    rel = os.path.relpath(os.path.abspath(path), base)
     low = path.lower()
     if low.endswith(".json") and _is_json_array(path):  # a single object or other text stays text, as before
         yield from iter_json_array(path, text_field, rel)
