@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.byte_embedding import _PAD, HASHED, LastNgramHasher
-from ..model.common import apply_rope, rope_cos_sin, upcast
+from ..model.common import apply_rope, rope_cos_sin, upcast, upcast_dtype
 from ..model.dilated_attention import dilated_offsets
 from ..model.entropy_model import LN2, entropy_bits
 from ..model.patcher import _is_word_byte, cap_patches, patch_ids, rule_starts
@@ -69,7 +69,7 @@ class IonLlamaDecoder(IncrementalDecoder):
         # latent_shift "completed": commit a patch after its last byte's pooling, before that byte's decoder
         self.completed = cfg.latent_shift == "completed"
         self.threshold = float(model.entropy_threshold)
-        f32 = upcast(torch.zeros((), dtype=dt)).dtype  # fp32 state, float64 for a float64 model
+        f32 = upcast_dtype(dt)  # fp32 state, float64 for a float64 model
         # position / patcher state
         self.t = torch.zeros(B, dtype=torch.long, device=dev)
         self.prompt_starts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, (G, T) bool) per prefill group

@@ -10,10 +10,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def upcast_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype norms, softmaxes and sums run in: fp32 for fp32 and half precision, float64 for a float64 model
+    (gradcheck, reference runs), which .float() used to cut to fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def upcast(x: torch.Tensor) -> torch.Tensor:
-    """x in at least fp32: half precision is widened for norms, softmaxes and sums; a float64 model (gradcheck,
-    reference runs) stays in float64 instead of being cut to fp32."""
-    return x if x.dtype == torch.float64 else x.float()
+    return x.to(upcast_dtype(x.dtype))
 
 
 class RMSNorm(nn.Module):
@@ -87,7 +91,8 @@ class SwiGLU(nn.Module):
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float = 10000.0):
-    """positions: (N,) or (B, N) ints -> cos, sin of shape (..., N, head_dim/2) in fp32."""
+    """positions: (N,) or (B, N) ints -> cos, sin of shape (..., N, head_dim/2) in fp32, for a float64 model too:
+    the table is part of the model's definition, shared by the forward, the decoders and the fused kernels."""
     inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     ang = positions.float()[..., None] * inv
     return ang.cos(), ang.sin()

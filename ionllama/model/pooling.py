@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .common import upcast
+from .common import upcast, upcast_dtype
 
 
 class PatchPooling(nn.Module):
@@ -22,7 +22,7 @@ class PatchPooling(nn.Module):
         """Unnormalised per-byte scores (fp32, float64 for a float64 model); the running-max shift is done by callers."""
         if self.mode == "attention":
             return upcast(self.score(h).squeeze(-1))
-        return torch.zeros(h.shape[:2], device=h.device, dtype=upcast(h).dtype)
+        return torch.zeros(h.shape[:2], device=h.device, dtype=upcast_dtype(h.dtype))
 
     def forward(self, h: torch.Tensor, b2p: torch.Tensor, n_out: int) -> torch.Tensor:
         """h: (B, T, D), b2p: (B, T) patch index of each byte -> (B, n_out, D)."""
