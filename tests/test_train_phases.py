@@ -200,6 +200,17 @@ def test_each_phase_trains_only_its_parameters_and_resume_is_exact_in_every_phas
     assert len(kept) + len(moved) == len(before) and points(branch)[:len(kept)] == kept
     assert points(branch) == points(straight)
     assert same(load_checkpoint(straight / "final.pt")["model"], ck_end["model"])
+    # a second resume from the same step sets the second branch aside under a new name: it was moved over the first
+    first_final = (kept_dir / "final.pt").read_bytes() if (kept_dir / "final.pt").exists() else None
+    first_metrics = aside.read_text()
+    run(tmp_path, corpus, "branch", "--resume", str(branch / "step_6.pt"))
+    notes = [m for m in capsys.readouterr().out.splitlines() if m.startswith("note:")]
+    second = branch / "before-resume-step6-2"
+    assert str(second) in notes[-1] and "metrics.before-resume-step6-2.jsonl" in notes[0], notes
+    assert load_checkpoint(second / "final.pt")["step"] == 16  # the second branch's end
+    assert load_checkpoint(kept_dir / "best.pt")["step"] == 8 and load_checkpoint(kept_dir / "latest.pt")["step"] == 9
+    assert aside.read_text() == first_metrics and (branch / "metrics.before-resume-step6-2.jsonl").is_file()
+    assert first_final is None or (kept_dir / "final.pt").read_bytes() == first_final
 
 
 def test_dense_models_run_only_the_main_phase(tmp_path, corpus, capsys):

@@ -524,8 +524,9 @@ class Trainer:
         # from latest.pt / latest.dcp the dropped points are logged again; from an older checkpoint they are a branch
         # abandoned, kept aside so that nothing written is lost
         older = Path(path).name not in ("latest.pt", "latest" + distributed.DCP_SUFFIX)
+        label = self._aside_label() if older and self.is_main else None
         if self.metrics is not None:
-            aside = self.metrics.path.with_name(f"metrics.before-resume-step{self.step}.jsonl") if older else None
+            aside = self.metrics.path.with_name(f"metrics.{label}.jsonl") if older else None
             last = self.metrics.truncate_after(self.step, self.phase, keep_dropped=aside)
             if older and last is not None and last > self.step:
                 _say(f"note: {path} is at step {self.step}; this run folder's metrics went on to step {last}: those "
@@ -534,10 +535,20 @@ class Trainer:
         if older:
             with self.dist.main_first():  # under torchrun rank 0 moves them; the others wait, so no one writes first
                 if self.is_main:
-                    self._set_branch_aside(Path(path))
+                    self._set_branch_aside(Path(path), label)
         _say(f"resumed {path} at step {self.step} (phase {self.phase})")
 
-    def _set_branch_aside(self, resumed_from: Path) -> None:
+    def _aside_label(self) -> str:
+        """before-resume-stepN, or -2, -3, ... when an earlier resume to the same step set its branch aside under that
+        name already (a second resume from step_N.pt moved the second branch over the first: the first was lost)."""
+        base, k = f"before-resume-step{self.step}", 1
+        label = base
+        while (self.run_dir / label).exists() or (self.run_dir / f"metrics.{label}.jsonl").exists():
+            k += 1
+            label = f"{base}-{k}"
+        return label
+
+    def _set_branch_aside(self, resumed_from: Path, label: str) -> None:
         """Resuming from an older step_N.pt / step_N.dcp abandons the branch that went on from it: its later
         checkpoints (step_M with M > N, best past N, final, final.safetensors, sample.txt, and a link to its latest;
         .pt files and a torchrun run's .dcp folders alike) move to before-resume-stepN/, as its metrics do. They used
@@ -576,7 +587,7 @@ class Trainer:
         latest = [f for f in latest if f.name == own]
         if not later and not latest:
             return
-        aside = self.run_dir / f"before-resume-step{self.step}"
+        aside = self.run_dir / label
         aside.mkdir(exist_ok=True)
         for f in later:
             if (aside / f.name).is_dir():  # from an earlier resume to this step: os.replace keeps no full folder
