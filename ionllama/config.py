@@ -226,11 +226,12 @@ def check_config(cfg: ModelConfig) -> ModelConfig:
             raise UserError(f"unknown {name} '{getattr(cfg, name)}'; choose one of {', '.join(options)}")
     for name, low in AT_LEAST.items():
         if not getattr(cfg, name) >= low:  # `not >=`: NaN fails too
-            raise UserError(f"{name} must be >= {low} (got {getattr(cfg, name)})")
+            raise UserError(f"{name} must be >= {low} (got {getattr(cfg, name)}); pass {low} or more (--{name} on the "
+                            f"command line, {name}= in Python); the default is {_DEFAULTS[name]}")
     for name in ("dropout", "local_dropout"):
         v = getattr(cfg, name)
         if v is not None and not 0 <= v < 1:
-            raise UserError(f"{name} must be in [0, 1) (got {v})")
+            raise UserError(f"{name} must be in [0, 1) (got {v}); e.g. --{name} 0.1 (off: 0)")
     for name in ("ffn_mult", "embed_std"):  # NaN, inf, 0 or below: a torch error at build time or a NaN loss later
         v = getattr(cfg, name)
         if not (v > 0 and math.isfinite(v)):

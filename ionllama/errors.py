@@ -117,6 +117,15 @@ def check_ranges(args, at_least: dict[str, float], above_zero: tuple[str, ...] =
             raise UserError(f"--{name} must be a finite number (got {v}); leave it out for the default")
 
 
+SEED_MAX = 2**32 - 1  # numpy's legacy seeding (np.random.seed) and default_rng's int seeds take 0..2**32-1 here
+
+
+def check_seed(seed) -> None:
+    """--seed of train / experiment: numpy's seed range, in one line (it was a ValueError traceback, exit 1)."""
+    if seed is not None and not 0 <= seed <= SEED_MAX:
+        raise UserError(f"--seed must be 0 to 2**32-1 (got {seed}); pass a non-negative seed below 4294967296")
+
+
 # torch's messages for an allocation that cannot be made: the CPU allocator, CUDA (torch.OutOfMemoryError's text),
 # a size past int64 (a RuntimeError or, from a shape, a TypeError)
 _NO_MEMORY = ("can't allocate memory", "out of memory", "size calculation overflowed", "Overflow when unpacking")

@@ -88,6 +88,12 @@ def test_bad_input_is_one_line_exit_2(tmp_path, corpus, capsys):
         (["--stop_at", "0"], "--stop_at 0 is not past the run's step 0: nothing to train"),
         (["--run_name", "../escaped"], "--run_name '../escaped' must be a plain folder name"),  # wrote outside
         (["--resume", str(tmp_path)], "no such checkpoint"),  # a folder without checkpoints
+        # numpy's seed range: a ValueError traceback, exit 1 (a new user's report)
+        (["--seed", "-1"], "--seed must be 0 to 2**32-1 (got -1)"),
+        (["--seed", "4294967296"], "--seed must be 0 to 2**32-1"),
+        # argparse named the parser function ("invalid parse_ngram_sizes value") and no fix
+        (["--ngram_sizes", "9-2"], "ngram_sizes '9-2' is not distinct n-gram sizes in 1..8; write a range like 3-8"),
+        (["--model", "ionllama", "--target_patch_size", "0"], "target_patch_size must be >= 1 (got 0.0); pass 1 or more"),
     ]
     for extra, pattern in cases:
         argv = args(tmp_path, corpus)

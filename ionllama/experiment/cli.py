@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import OneLineParser, UserError, check_ranges, cli_entry
+from ..errors import OneLineParser, UserError, check_ranges, check_seed, cli_entry
 from ..fsutil import probe_writable, remove_if_empty
 from . import __doc__ as _PACKAGE_DOC  # the package's docstring: what `--help` says first
 from ._common import _log, _read_json
@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.compile is None:
         a.compile = torch.cuda.is_available() and a.device in ("auto", "cuda") or a.device.startswith("cuda")
     check_ranges(a, AT_LEAST, ABOVE_ZERO)
+    check_seed(a.seed)
     if a.task_step_graph and not a.task_compile:  # the graph needs the compiled stage's one shape per step
         raise UserError("--task_step_graph needs --task_compile (every step one shape); add --task_compile")
     stages = [s.strip() for s in a.stage.split(",") if s.strip()]

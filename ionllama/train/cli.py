@@ -15,13 +15,21 @@ from .schedule import DEFAULT_MIN_LR_RATIO
 SIZES = ("tiny", "small", "base", "large", "xl")
 DATASETS = ("tinystories", "fineweb", "openwebtext", "builtin", "tasks")
 
+def ngram_sizes_arg(text: str) -> tuple[int, ...]:
+    """--ngram_sizes: parse_ngram_sizes' own message in the error (argparse said "invalid parse_ngram_sizes value")."""
+    try:
+        return parse_ngram_sizes(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 # model options passed into create_model when given (None = the size's default)
 MODEL_OVERRIDES = {
     "attention": str, "local_layers": str, "patching": str, "threshold_mode": str, "max_patch_size": int,
     "target_patch_size": float, "ngram": str, "pooling": str, "d_model": int, "n_layers": int, "n_heads": int,
     "d_local": int, "n_enc_layers": int, "n_dec_layers": int, "vocab_size": int, "latent_shift": str,
     "dropout": float, "local_dropout": float, "fixed_patch_size": int, "entropy_chunk": int, "ngram_buckets": int,
-    "ngram_sizes": parse_ngram_sizes, "embed_std": float, "dec_init": str, "local_width": int,
+    "ngram_sizes": ngram_sizes_arg, "embed_std": float, "dec_init": str, "local_width": int,
 }
 
 
