@@ -74,6 +74,21 @@ def test_split_is_deterministic_and_seeded(tmp_path):
     assert 8 <= ma["val"]["documents"] <= 35
 
 
+def test_a_single_document_split_near_its_end_counts_its_nuls_in_the_split_that_holds_them(tmp_path):
+    """One file, split near its end: meta.json put every NUL removed in the split the document was first written to
+    (train 0, val 15 for a new user's file whose NULs were spread through it)."""
+    raw = b"".join(b"line %d \x00 with a NUL\n" % i for i in range(200))  # NULs all through
+    (tmp_path / "one.txt").write_bytes(raw)
+    sh = prep(tmp_path, data_path=str(tmp_path / "one.txt"), val_fraction=0.1)
+    assert sh.meta["split_method"] == "tail"
+    (train,), (val,) = docs_of(sh.train), docs_of(sh.val)
+    cut = next(c for c in range(len(raw)) if raw[:c].replace(b"\x00", b"") == train
+               and raw[c:].replace(b"\x00", b"") == val)
+    s = sh.meta["splits"]
+    assert s["train"]["nul_bytes_removed"] == raw[:cut].count(0) > 150
+    assert s["val"]["nul_bytes_removed"] == raw[cut:].count(0) > 10
+
+
 def test_invalid_utf8_and_nul_bytes_never_crash(tmp_path):
     raw = b"valid start \xff\xfe\xc3 broken \xe2\x82 end \x00 inside"  # invalid UTF-8 and a NUL
     (tmp_path / "d").mkdir()

@@ -70,13 +70,14 @@ class _SplitWriter:
         self.docs = 0
         self.last_start = 0
         self.nul_removed = 0
+        self.last_raw, self.last_nul = b"", 0  # the last document as given, and the NULs removed from it
 
-    def add(self, doc: bytes) -> None:
-        n = len(doc)
-        doc = doc.replace(DOC_SEP_BYTES, b"")  # the separator must stay unambiguous
-        self.nul_removed += n - len(doc)
+    def add(self, raw: bytes) -> None:
+        doc = raw.replace(DOC_SEP_BYTES, b"")  # the separator must stay unambiguous
+        self.nul_removed += len(raw) - len(doc)
         if not doc:
             return
+        self.last_raw, self.last_nul = raw, len(raw) - len(doc)
         self.last_start = self.bytes
         self.f.write(DOC_SEP_BYTES)
         self.f.write(doc)
@@ -84,16 +85,16 @@ class _SplitWriter:
         self.docs += 1
 
     def pop_last(self) -> bytes:
-        """Remove the last document (its bytes without the separator)."""
+        """Remove the last document; returns it as given, NULs included, and takes its NULs off this split's count
+        (they were counted here while the document went to the other split or was cut in two)."""
         self.f.flush()
-        with open(self.path, "rb") as r:
-            r.seek(self.last_start + 1)
-            doc = r.read()
         self.f.seek(self.last_start)
         self.f.truncate()
         self.bytes = self.last_start
         self.docs -= 1
-        return doc
+        self.nul_removed -= self.last_nul
+        raw, self.last_raw, self.last_nul = self.last_raw, b"", 0
+        return raw
 
     def close(self) -> None:
         self.f.close()
