@@ -329,7 +329,10 @@ def test_cli_prompt_file_carries_any_bytes(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out == generate(m, raw, 12, greedy=True).decode("utf-8", errors="replace") + "\n"
     for extra, words in ((["--prompt_file", str(tmp_path / "nope")], "cannot read --prompt_file"),
-                         (["--prompt_file", str(tmp_path / "p.bin"), "--prompt", "x"], "not both")):
+                         (["--prompt_file", str(tmp_path / "p.bin"), "--prompt", "x"], "not both"),
+                         # the last of several silently won (a new user's report): one prompt a run
+                         (["--prompt", "a", "--prompt", "b"], "--prompt given 2 times"),
+                         (["--prompt_file", "-", "--prompt_file", "-"], "--prompt_file given 2 times")):
         with pytest.raises(SystemExit) as e:
             main(["--checkpoint", str(ck), "--device", "cpu", *extra])
         err = capsys.readouterr().err.strip()

@@ -49,8 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True,
                    help="model checkpoint: a .pt of `ionllama train`, its .safetensors export or a torchrun run's .dcp "
                         "folder")
-    p.add_argument("--prompt", default="", help="prompt text (UTF-8) (default: empty, which starts a new document)")
-    p.add_argument("--prompt_file", default=None,
+    # appended, so that a second --prompt is refused instead of silently replacing the first (one prompt a run)
+    p.add_argument("--prompt", action="append", default=None,
+                   help="prompt text (UTF-8) (default: empty, which starts a new document)")
+    p.add_argument("--prompt_file", action="append", default=None,
                    help="read the prompt's raw bytes from this file ('-': stdin), e.g. bytes a shell argument "
                    "cannot carry (NUL) or a long document; instead of --prompt (default: none)")
     p.add_argument("--max_new_bytes", type=int, default=256,
@@ -93,6 +95,19 @@ def _writer(stream):
             stream.flush()
 
     return write
+
+
+def _one_prompt(args) -> None:
+    """--prompt / --prompt_file as single values; a repeated one is refused (the last silently won)."""
+    for name in ("prompt", "prompt_file"):
+        given = getattr(args, name)
+        if given is not None and len(given) > 1:
+            raise UserError(f"--{name} given {len(given)} times; this command generates from one prompt: pass one "
+                            "(several prompts: run it once per prompt, or batch them in Python with "
+                            "model.generate([b'...', b'...']))")
+        setattr(args, name, None if given is None else given[0])
+    if args.prompt is None:
+        args.prompt = ""
 
 
 def _read_prompt(args) -> bytes:
@@ -163,6 +178,7 @@ def _open_output(path: str | None):
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _one_prompt(args)
     # before the checkpoint: a bad name must not read as a bad checkpoint (mps, meta and xpu passed torch's parser
     # here and failed in the loader or in a traceback)
     device = str(resolve_device(args.device))
