@@ -400,3 +400,18 @@ def test_a_signalled_rank_exits_after_the_closing_barrier(monkeypatch):
     with pytest.raises(SystemExit) as e:
         tr.train(SimpleNamespace(device="cpu", save_dir="/nonexistent-save-dir"))
     assert e.value.code == 143 and calls == ["run", ("teardown", True)]
+
+
+def test_readme_names_every_setting_a_resume_does_not_take():
+    """The README said a resume takes "every setting you do not pass again" from the checkpoint; the invocation's own
+    settings (trainer._PER_INVOCATION) are not taken, and a new user lost --compile / --sample_bytes that way. The
+    README's list must stay that set."""
+    import re
+    from pathlib import Path
+
+    from ionllama.train.trainer import _PER_INVOCATION
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("Settings of the invocation")
+    listed = set(re.findall(r"`--(\w+)`", readme[start:readme.index("so pass them again", start)]))
+    assert listed == _PER_INVOCATION - {"resume"}
