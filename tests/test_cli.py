@@ -132,6 +132,10 @@ def test_checkpoint_errors_and_nothing_saved_is_lost(tmp_path, corpus, capsys):
         main(args(tmp_path, corpus, "--max_steps", "4", "--resume", "auto", "--d_model", "64"))
     out, err = capsys.readouterr()
     assert e.value.code == 2 and "different model" in err and "note:" not in out + err, (out, err)
+    # another kind of model: said as such (it listed the keys that differ because of it, "drop those flags" the user
+    # never passed)
+    expect_error(capsys, args(tmp_path, corpus, "--resume", "auto", "--model", "mamba"),
+                 "is a --model dense --size tiny checkpoint, not --model mamba --size tiny; pass --model dense")
     assert {p.name: p.read_bytes() for p in run.glob("*.pt")} == saved
     # a damaged checkpoint
     bad = tmp_path / "bad.pt"

@@ -446,6 +446,12 @@ class Trainer:
     def _check_config_matches(self, ck_path) -> None:
         saved = self.ck["model_config"]
         now = self.config.to_dict()
+        if saved.get("model") != now["model"] or saved.get("size") != now["size"]:
+            # said first and alone: the other keys differ only because of it (a new user was told to drop flags
+            # they never passed)
+            raise UserError(f"{ck_path} is a --model {saved.get('model')} --size {saved.get('size')} checkpoint, not "
+                            f"--model {now['model']} --size {now['size']}; pass --model {saved.get('model')} --size "
+                            f"{saved.get('size')} to resume it, or start a new --run_name")
         diff = [f"{k}={now[k]!r} (checkpoint {saved[k]!r})" for k in saved if k in now and now[k] != saved[k]]
         if diff:
             raise UserError(f"{ck_path} was trained with a different model: {', '.join(diff[:4])}; drop those flags "
@@ -946,8 +952,10 @@ class Trainer:
         if self.is_main:
             n_params = sum(p.numel() for p in self.model.parameters())
             gb = self.sampler.global_batch
+            # the weights stay fp32 under --mixed_precision: "(float16)" read as if they were cast
+            amp = str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else None
             _say(f"model {a.model}/{a.size}: {n_params:,} parameters on {self.device}"
-                 f"{' (' + str(self.amp_dtype).replace('torch.', '') + ')' if self.amp_dtype else ' (fp32)'}; "
+                 f"{f' (fp32 weights, {amp} autocast)' if amp else ' (fp32)'}; "
                  f"run folder {self.run_dir}")
             unit = "tokens" if is_token_model(a.model) else "bytes"  # a token model's windows hold tokens
             _say(f"global batch: {a.batch_size} x {a.grad_accum} accum x {self.world_size} procs = {gb} windows x "
