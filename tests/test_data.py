@@ -87,6 +87,18 @@ def test_a_single_document_split_near_its_end_counts_its_nuls_in_the_split_that_
     s = sh.meta["splits"]
     assert s["train"]["nul_bytes_removed"] == raw[:cut].count(0) > 150
     assert s["val"]["nul_bytes_removed"] == raw[cut:].count(0) > 10
+    # a file that ends (or starts) in a run of NULs, e.g. a preallocated log: the cut is chosen on the text, so both
+    # splits hold text and the shards are those of the same file without its NULs (a cut on the raw bytes left val,
+    # or train, empty: every training run then failed)
+    text = b"".join(b"log line %d\n" % i for i in range(300))
+    for i, padded in enumerate((text + b"\x00" * 800, b"\x00" * 6000 + text)):
+        (tmp_path / f"p{i}.txt").write_bytes(padded)
+        (tmp_path / f"c{i}.txt").write_bytes(text)
+        a = prep(tmp_path, data_path=str(tmp_path / f"p{i}.txt"), val_fraction=0.1)
+        b = prep(tmp_path, data_path=str(tmp_path / f"c{i}.txt"), val_fraction=0.1)
+        assert bytes(a.train) == bytes(b.train) and bytes(a.val) == bytes(b.val) and len(b.val) > 100
+        s = a.meta["splits"]
+        assert s["train"]["nul_bytes_removed"] + s["val"]["nul_bytes_removed"] == padded.count(0)
 
 
 def test_invalid_utf8_and_nul_bytes_never_crash(tmp_path):

@@ -100,6 +100,21 @@ class _SplitWriter:
         self.f.close()
 
 
+def _after_kth_text_byte(raw: bytes, k: int) -> int:
+    """The position in `raw` just after its k-th (k >= 1) byte that is not the separator NUL; in 1 MiB chunks, so a
+    large document costs no index array of its size."""
+    if DOC_SEP_BYTES not in raw:
+        return k
+    seen, chunk = 0, 1 << 20
+    for pos in range(0, len(raw), chunk):
+        piece = raw[pos:pos + chunk]
+        n = len(piece) - piece.count(DOC_SEP_BYTES)
+        if seen + n >= k:
+            return pos + int(np.flatnonzero(np.frombuffer(piece, np.uint8) != DOC_SEP_BYTES[0])[k - seen - 1]) + 1
+        seen += n
+    return len(raw)
+
+
 class _Cap:
     """The bytes taken from a source against a cap (None: none). The document that crosses the cap is cut at it
     (it went in whole: a single 500 kB file under --max_bytes 20000 gave 500 kB of shards); the cut may fall
@@ -348,7 +363,8 @@ def _write_shards(source, args: DataArgs, tmp: Path, log) -> dict:
         if train.docs + val.docs == 0:
             raise UserError(f"{source.description} contains no text (empty dataset); check --data_path / --text_field")
         if train.docs + val.docs == 1:
-            only = (train if train.docs else val).pop_last()
+            raw = (train if train.docs else val).pop_last()
+            only = raw.replace(DOC_SEP_BYTES, b"")  # the cut is chosen on the text the shards hold
             cut = len(only) - max(1, int(len(only) * args.val_fraction))
             nl = only.rfind(b"\n", 0, cut)
             if nl + 1 > len(only) // 2:  # prefer a line boundary when one is near
@@ -356,8 +372,10 @@ def _write_shards(source, args: DataArgs, tmp: Path, log) -> dict:
             if cut <= 0 or cut >= len(only):
                 raise UserError(f"{source.description} is too small to split into train and val "
                                 f"({len(only)} bytes); " + ("raise --max_bytes" if cap.full else "give more data"))
-            train.add(only[:cut])
-            val.add(only[cut:])
+            # split the document as given at the same place, so each half's removed NULs are counted with it
+            at = _after_kth_text_byte(raw, cut)
+            train.add(raw[:at])
+            val.add(raw[at:])
             method = "tail"
         elif not val.docs:
             val.add(train.pop_last())  # at least one val document
