@@ -33,7 +33,7 @@ import torch
 
 from ionllama import create_model
 from ionllama.data import tasks as T
-from ionllama.errors import OneLineParser, UserError, check_ranges, cli_entry
+from ionllama.errors import OneLineParser, UserError, check_ranges, check_seed, cli_entry
 from ionllama.eval.benchmark import device_name, git_commit
 from ionllama.eval.task_eval import run_tasks
 from ionllama.experiment.matrix import parse_overrides
@@ -253,6 +253,7 @@ def main(argv=None) -> int:
         return 0
     # before the first arm trains: --steps 0 ended in an IndexError after it, --batch 0 trained on nothing (nan loss)
     check_ranges(a, {"steps": 1, "batch": 1, "max_digits": 1, "n_test": 1, "threads": 0}, ("lr",))
+    check_seed(a.seed)  # numpy's default_rng refused a negative seed with a traceback
     a.tasks = tuple(t for t in a.tasks.split(",") if t)
     if not a.tasks:
         raise UserError(f"--tasks names no task; choose from {', '.join(T.TASKS)}")

@@ -40,6 +40,9 @@ CONFIGS += [dict(patching="entropy", threshold_mode="monotonic", latent_shift="c
             dict(patching="space", local_layers="transformer", latent_shift="completed")]
 # BLT's hash n-gram sizes 3..8 (the incremental hasher's widest exact window) with the Phase-1 pick's patching
 CONFIGS += [dict(patching="fixed", ngram_sizes=(3, 4, 5, 6, 7, 8), latent_shift="completed")]
+# 1-grams only: the step left the tables out (its ring buffer had no slot; an audit), and the digit-free tables
+CONFIGS += [dict(patching="fixed", ngram_sizes=(1,)),
+            dict(patching="entropy", ngram="hash_nodigit", ngram_sizes=(1, 3))]
 # latent_shift "lagged" (a patch's latent reaches the bytes two patches on): one row per patching mode, both attentions
 CONFIGS += [dict(patching=p, attention=a, latent_shift="lagged")
             for p, a in (("entropy", "dilated"), ("fixed", "dense"), ("space", "dilated"), ("byte", "dense"))]

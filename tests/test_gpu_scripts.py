@@ -150,6 +150,8 @@ SCRIPT_BAD_INPUT = [
     ("benchmarks", "probe_tasks", ["--out", "{tmp}/probe", "--device", "cpu", "--steps", "0"],
      "--steps must be at least 1"),
     ("benchmarks", "probe_tasks", ["--out", "{tmp}/probe", "--device", "cuda"], "no CUDA GPU is visible"),
+    ("benchmarks", "probe_tasks", ["--out", "{tmp}/probe", "--device", "cpu", "--seed", "-1"],
+     "--seed must be 0 to 2**32-1"),  # numpy's ValueError traceback (an audit)
     # (a benchmark-script audit) --inductor items were tracebacks (AttributeError, SyntaxError) after the checks;
     # --threads -1 a RuntimeError; flags of the compiled rows dropped without --compile; a file as --out failed at
     # the first row's write

@@ -81,7 +81,8 @@ class IonLlamaDecoder(IncrementalDecoder):
         self.ent2 = torch.zeros(B, dtype=f32, device=dev)  # entropy at t-2
         # embedding
         emb = model.embed
-        self.ngram_ctx = max(emb.ngram_sizes) - 1 if emb.ngram in HASHED else 0
+        # at least one ring slot: with ngram_sizes (1,) a context of 0 read as "no tables" and the step left them out
+        self.ngram_ctx = max(max(emb.ngram_sizes) - 1, 1) if emb.ngram in HASHED else 0
         self.ngram_buf = torch.full((B, self.ngram_ctx), _PAD, dtype=torch.long, device=dev)
         if self.ngram_ctx:
             self.hasher = LastNgramHasher(emb.ngram_sizes, emb.buckets, self.ngram_ctx + 1, dev)
