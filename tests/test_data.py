@@ -131,7 +131,10 @@ def test_non_string_text_values_are_skipped_not_stringified(tmp_path):
         for i in range(12):
             f.write(json.dumps({"text": f"plain document number {i} " * 5}) + "\n")
         f.write(json.dumps({"text": ["a", "b"]}) + "\n" + json.dumps({"text": 123}) + "\n")
-    with pytest.warns(UserWarning, match=r"not a string: list \(first at line 13\), int \(first at line 14\)"):
+        f.write(json.dumps({"text": None}) + "\n" + json.dumps({"text": 7}) + "\n")  # nulls were skipped unsaid
+    with pytest.warns(UserWarning, match=r"skipped 4 line\(s\) whose 'text' is not a string: list x1 \(first at line "
+                                         r"13\), int x2 \(first at line 14\), null x1 \(first at line 15\); pass "
+                                         r"--text_field"):
         sh = prep(tmp_path, data_path=str(tmp_path / "m.jsonl"), val_fraction=0.2)
     all_docs = docs_of(sh.train) + docs_of(sh.val)
     assert len(all_docs) == 12 and all(d.startswith(b"plain document") for d in all_docs)

@@ -239,7 +239,7 @@ def _record_docs(path: str, records: Iterator[tuple[int, object, str]], text_fie
     cut mid-line should not stop a prepare; a warning without a line number left the user to search for it); a
     record without the text field is an error naming --text_field."""
     bad, first_bad = 0, ""
-    not_text = {}  # type name -> first record number
+    not_text = {}  # type name ("null" for None) -> [first record number, count]
     for n, obj, error in records:
         if error:
             bad += 1
@@ -254,18 +254,17 @@ def _record_docs(path: str, records: Iterator[tuple[int, object, str]], text_fie
             raise UserError(f"{path} {unit} {n} has no field '{text_field}' (fields: "
                             f"{', '.join(sorted(map(str, obj))[:8])}); pass --text_field NAME")
         text = obj[text_field]
-        if text is None:
-            continue
-        if not isinstance(text, str):  # str() would train on a Python repr like "['a', 'b']"
-            not_text.setdefault(type(text).__name__, n)
+        if not isinstance(text, str):  # str() would train on a Python repr like "['a', 'b']"; null: no text
+            not_text.setdefault("null" if text is None else type(text).__name__, [n, 0])[1] += 1
             continue
         yield f"{prefix}:{n}", encode_text(text)
     if bad:
         warnings.warn(f"{path}: skipped {bad} {unit}(s) that are not JSON objects (first: {first_bad})", stacklevel=2)
-    if not_text:
-        kinds = ", ".join(f"{k} (first at {unit} {n})" for k, n in not_text.items())
-        warnings.warn(f"{path}: skipped {unit}s whose '{text_field}' is not a string: {kinds}; pass --text_field "
-                      "NAME of a text field", stacklevel=2)
+    if not_text:  # counted, nulls included (they were skipped without a word)
+        kinds = ", ".join(f"{k} x{c:,} (first at {unit} {n})" for k, (n, c) in not_text.items())
+        fix = "; pass --text_field NAME of a text field" if set(not_text) != {"null"} else ""
+        warnings.warn(f"{path}: skipped {sum(c for _, c in not_text.values()):,} {unit}(s) whose '{text_field}' is "
+                      f"not a string: {kinds}{fix}", stacklevel=2)
 
 
 def _json_lines(f) -> Iterator[tuple[int, object, str]]:
