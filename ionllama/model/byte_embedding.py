@@ -37,13 +37,17 @@ def _is_digit(x: torch.Tensor) -> torch.Tensor:
     return (x >= 48) & (x <= 57)  # b"0".."9"; the pad symbol (256) is none
 
 
-def ngram_has_digit(x: torch.Tensor, n: int) -> torch.Tensor:
-    """x: (B, T) bytes -> (B, T) bool: the n-gram ending at each position holds a digit."""
+def ngram_digit_masks(x: torch.Tensor, sizes) -> list[torch.Tensor]:
+    """x: (B, T) bytes -> for each size n, a (B, T) bool: the n-gram ending at each position holds a digit. One
+    pass over the widths for all sizes (each size's own pass repeated the smaller ones' shifts)."""
     d = _is_digit(x)
-    out = d.clone()
-    for j in range(1, min(n, x.shape[1])):  # loop over the n-gram width, not over time
-        out[:, j:] |= d[:, :-j]
-    return out
+    cur, masks = d.clone(), {}
+    for j in range(max(sizes)):  # loop over the n-gram width, not over time
+        if 0 < j < x.shape[1]:
+            cur[:, j:] |= d[:, :-j]
+        if j + 1 in sizes:
+            masks[j + 1] = cur.clone()
+    return [masks[n] for n in sizes]
 
 
 class LastNgramHasher:
@@ -79,7 +83,7 @@ class LastNgramHasher:
         return ((h & _MASK) * 2654435761 + self.n) % self.buckets
 
     def ring_has_digit(self, ring: torch.Tensor, last: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """As ngram_has_digit's last column, from ring's window: (B, len(sizes)) bool."""
+        """As ngram_digit_masks' last column, from ring's window: (B, len(sizes)) bool."""
         k = ring.shape[1]
         j = (torch.arange(k, device=ring.device)[None, :] - t[:, None]) % k
         inside = self.coef[j] != 0  # (B, k, sizes): the slot's byte is in that size's n-gram
@@ -110,11 +114,10 @@ class ByteEmbedding(nn.Module):
         e = self.bytes(x.long())
         if self.ngram in HASHED:
             scale = 1.0 / (1 + len(self.ngram_sizes))  # the same with digits skipped: text positions unchanged
-            for n, table in zip(self.ngram_sizes, self.tables):
+            skip = ngram_digit_masks(x, self.ngram_sizes) if self.ngram == "hash_nodigit" else None
+            for i, (n, table) in enumerate(zip(self.ngram_sizes, self.tables)):
                 v = table(ngram_hashes(x, n, self.buckets))
-                if self.ngram == "hash_nodigit":
-                    v = v.masked_fill(ngram_has_digit(x, n)[..., None], 0.0)
-                e = e + v
+                e = e + (v if skip is None else v.masked_fill(skip[i][..., None], 0.0))
             e = e * scale
         elif self.ngram == "conv":
             e = e + self.conv(e)
