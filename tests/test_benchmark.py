@@ -85,6 +85,11 @@ def _check_schema(res: dict, out: Path):
         lo, hi = c["ci95"]
         assert c["n"] > 0 and 0 <= lo <= c["accuracy"] <= hi <= 1
     assert set(m["tasks"]["per_task"]["add"]["by_digits"]) == {"1", "2"}
+    # every scored example in a file of its own beside results.json (results.json keeps a few a cell)
+    from ionllama.eval.task_eval import read_outputs
+    rows = read_outputs(out.parent / res["files"]["task_outputs"])
+    assert res["files"]["task_outputs"] == out.with_suffix("").name + "_task_outputs.jsonl.gz"
+    assert len(rows) == sum(c["n"] for c in m["tasks"]["per_task"].values()) and "outputs" not in m["tasks"]
     mb = m["tasks"]["per_task"]["count"]["majority_baseline"]  # the floor of always answering the commonest count
     answers = [a for _, a in T.make_examples("count", "test", 3, seed=1234)]
     top = max(answers.count(a) for a in answers)

@@ -9,6 +9,7 @@ import torch
 
 from ionllama import create_model
 from ionllama.errors import UserError
+from ionllama.eval.task_eval import read_outputs
 from ionllama.experiment import (ARMS, Runner, TimeBudgetPlan, add_flops, build_parser, main, pack_examples,
                                  task_batch, task_examples, train_flops_per_byte)
 from ionllama.train.schedule import PhasePlan
@@ -226,6 +227,11 @@ def test_two_arm_matrix_writes_results_and_resumes(tmp_path, capsys, one_thread)
         assert set(per) == {"count", "spell", "reverse", "add", "mul"} and per["add"]["n"] == 4
         lo, hi = per["count"]["ci95"]
         assert 0.0 <= lo <= per["count"]["accuracy"] <= hi <= 1.0
+        # every scored example beside it, for the errors' analysis (tasks.json keeps one or a few per cell)
+        assert t["results"]["outputs_file"] == "task_outputs.jsonl.gz" and "outputs" not in t["results"]
+        rows = read_outputs(res / "phase1" / arm / "task_outputs.jsonl.gz")
+        assert len(rows) == sum(r["n"] for r in per.values())
+        assert sum(r["correct"] for r in rows) == sum(r["correct"] for r in per.values())
     assert "Task accuracy" in (res / "phase1.md").read_text()
     # task results of other task settings are refused, not skipped into the "identical fine-tuning" table
     with pytest.raises(SystemExit) as e:
@@ -637,6 +643,7 @@ def test_a_rerun_continues_an_arm_cut_short_by_the_deadline(tmp_path, monkeypatc
     cut = json.loads(final.read_text())["train"]
     assert cut["cut_short_s"] is not None and cut["train_time_s"] < 3
     (final.parent / "tasks.json").write_text("{}")  # as if the task stage had scored the cut checkpoint
+    (final.parent / "task_outputs.jsonl.gz").write_bytes(b"")
 
     monkeypatch.setattr(Runner, "time_left", lambda self: 1.0)  # too little time: the cut row is kept as it is
     assert main(base) == 0
@@ -648,6 +655,8 @@ def test_a_rerun_continues_an_arm_cut_short_by_the_deadline(tmp_path, monkeypatc
     t = json.loads(final.read_text())["train"]
     assert t["cut_short_s"] is None and t["train_time_s"] >= 6 and t["steps"] > cut["steps"]
     assert not (final.parent / "tasks.json").exists() and (final.parent / "tasks.cut.json").exists()
+    assert not (final.parent / "task_outputs.jsonl.gz").exists()
+    assert (final.parent / "cut.task_outputs.jsonl.gz").exists()
     assert "(cut, of" not in (tmp_path / "res" / "phase1.md").read_text()
     recs = [json.loads(x) for x in (final.parent / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in recs if r["phase"] != "final"]

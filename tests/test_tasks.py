@@ -467,3 +467,71 @@ def test_task_step_graph_leaves_entropy_patching_uncaptured_and_says_why(monkeyp
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.endswith("--task_step_graph needs --task_compile (every step one shape); add "
                                                "--task_compile") and len(err.splitlines()) == 1
+
+
+class _NoCarry(_AnswerThen):
+    """Right on every task but addition, where it adds each place mod 10 and drops every carry (58 + 67 -> 15)."""
+
+    def __init__(self):
+        super().__init__(None)
+
+    @staticmethod
+    def _match(task, prompt):
+        q = {"count": b"How many", "spell": b"Spell", "reverse": b"Reverse", "add": b" + ", "mul": b" * "}[task]
+        return q in prompt
+
+    @staticmethod
+    def _answer(task, prompt):
+        m = Q_PAIR.search(prompt)
+        if task != "add" or not m:
+            return _solve(prompt[prompt.index(b"Q: "):])
+        a, b = m.group(1).decode()[::-1], m.group(3).decode()[::-1]
+        digits = [(int(a[i]) if i < len(a) else 0) + (int(b[i]) if i < len(b) else 0) for i in range(max(len(a),
+                                                                                                          len(b)))]
+        return str(int("".join(str(d % 10) for d in reversed(digits)))).encode()
+
+
+def test_task_outputs_file_holds_every_example_and_the_error_analysis_finds_the_lost_carries(tmp_path):
+    """run_tasks(keep_outputs=True) keeps every scored example (tasks.json keeps 1-3 a cell, too few to see how
+    answers go wrong); scripts/task_errors.py reads the file: a model that drops every carry must show each wrong
+    same-length sum as a carry lost at its first wrong place, and no carry errors on multiplication."""
+    import importlib.util
+
+    from ionllama.eval.task_eval import read_outputs, run_tasks, write_outputs
+
+    res = run_tasks(_NoCarry(), "cpu", n=40, max_digits=3, batch_size=7, keep_outputs=True)
+    rows = res.pop("outputs")
+    per = res["per_task"]
+    assert len(rows) == sum(r["n"] for r in per.values())
+    for task, rec in per.items():
+        assert sum(r["correct"] for r in rows if r["task"] == task) == rec["correct"]
+    assert per["mul"]["accuracy"] == 1.0 and per["add"]["accuracy"] < 1.0
+    r0 = rows[0]
+    assert r0["answer_at"] == len(T.DOC_SEP_BYTES) + len(r0["prompt"].encode())
+    f = write_outputs(tmp_path / "task_outputs.jsonl.gz", rows)
+    assert read_outputs(f) == rows and f.read_bytes() == write_outputs(tmp_path / "again.gz", rows).read_bytes()
+
+    spec = importlib.util.spec_from_file_location("task_errors", "scripts/task_errors.py")
+    te = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(te)
+    assert te.carries_in(58, 67) == [0, 1, 1] and te.carries_in(0, 0) == [0] and te.carries_in(5, 5) == [0, 1]
+    assert te.first_wrong("115", "125") == 1 and te.first_wrong("12", "125") == 2 and te.first_wrong("1", "1") is None
+    cells = te.analyse(rows, patch=3)
+    for d in (1, 2, 3):
+        c = cells[("add", d)]
+        ex = [r for r in rows if r["task"] == "add" and r["digits"] == d]
+        wrong = [r for r in ex if not r["correct"]]
+        assert c["n"] == len(ex) and c["correct"] == len(ex) - len(wrong)
+        same = [r for r in wrong if len(r["output"]) == len(r["answer"])]
+        assert c["same_len"] == len(same) and c["length"] == len(wrong) - len(same)
+        # a dropped carry makes the first wrong digit one less, with a carry into its place
+        assert c["carry_lost"] == c["carry_in"] == sum(c["place"].values()) and c["carry_extra"] == 0
+        assert sum(c["patch_pos_err"].values()) == len(wrong)
+        assert sum(c["patch_pos_all"].values()) == sum(len(r["answer"]) for r in ex)
+    assert all(cells[("mul", d)]["correct"] == cells[("mul", d)]["n"] for d in (1, 2, 3))
+    (tmp_path / "config.json").write_text(json.dumps({"model_config": {"model": "ionllama", "patching": "fixed",
+                                                                       "fixed_patch_size": 3}}))
+    assert te.patch_size_of(tmp_path) == 3
+    te.main([str(tmp_path), "--out", str(tmp_path / "e.md")])
+    md = (tmp_path / "e.md").read_text()
+    assert "fixed 3-byte patches" in md and "| add | 2 | 40 |" in md and "place 2: errors / all" in md

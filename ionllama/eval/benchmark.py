@@ -36,7 +36,7 @@ from .loading import LoadedCheckpoint, default_eval_path, load_checkpoint, read_
 from .multilingual import get_bpe, run_multilingual
 from .report import DEFAULT_PUBLISHED, SCHEMA_VERSION, load_published, load_results, render_markdown
 from .speed import peak_rss_mb, run_speed
-from .task_eval import run_tasks
+from .task_eval import OUTPUTS_FILE, run_tasks, write_outputs
 
 SECTIONS = ("lm", "tasks", "speed", "compression", "multilingual", "plots")
 # parallel UDHR text first, then the other language/code samples; each used when present
@@ -362,12 +362,14 @@ def run(argv: list[str], prog: str) -> dict:
                          "max_eval_bytes": a.max_eval_bytes, **r}
         timings["lm"] = time.perf_counter() - t0
 
+    task_outputs, outputs_path = None, Path(f"{stem}_{OUTPUTS_FILE}")
     if "tasks" not in skip:
         t0 = time.perf_counter()
         metrics["tasks"] = run_tasks(model, device, n=a.n_tasks, max_digits=a.max_digits, seed=a.task_seed,
                                      shots=a.task_shots, trained_on_tasks=bool(ck and ck.trained_on_tasks),
                                      split=a.task_split,
-                                     batch_size=a.gen_batch, amp_dtype=amp)
+                                     batch_size=a.gen_batch, amp_dtype=amp, keep_outputs=True)
+        task_outputs = metrics["tasks"].pop("outputs")  # written beside results.json with it, below
         timings["tasks"] = time.perf_counter() - t0
 
     if "speed" not in skip:
@@ -446,13 +448,16 @@ def run(argv: list[str], prog: str) -> dict:
         "skipped": skipped,
         "timings_s": timings,
         "files": {"results_json": out_path.name, "markdown": out_path.with_suffix(".md").name,
-                  "plots": {k: Path(v).name for k, v in plots.items()}},
+                  "plots": {k: Path(v).name for k, v in plots.items()},
+                  **({"task_outputs": outputs_path.name} if task_outputs is not None else {})},
     }
     res = _clean(res)
     md = render_markdown(res, baselines=baselines, published=published, plots=plots)
     # atomic: --output may hold earlier results this run merged (see _check_output); a full disk or ^C while
     # writing must not leave them truncated
     try:
+        if task_outputs is not None:  # every scored example (results.json keeps a few): scripts/task_errors.py
+            write_outputs(outputs_path, task_outputs)
         atomic_write(out_path, json.dumps(res, indent=2) + "\n")
         atomic_write(out_path.with_suffix(".md"), md)
     except OSError as e:

@@ -2,12 +2,16 @@
 with n and a 95 % Wilson interval per task (and per digit count for arithmetic)."""
 from __future__ import annotations
 
+import gzip
+import json
 import time
 from collections import Counter
+from pathlib import Path
 
 import torch
 
 from ..data import tasks as T
+from ..fsutil import atomic_write
 from .lm import autocast_ctx
 from .stats import accuracy_record
 
@@ -71,7 +75,8 @@ def _shots_prefix(k: int, seed: int, task: str) -> bytes:
 
 
 def _score(model, examples: list[T.TaskExample], prefix: bytes, device, batch_size: int, amp_dtype,
-           n_samples: int = 3) -> tuple[dict, str]:
+           n_samples: int = 3, outputs: list | None = None) -> tuple[dict, str]:
+    """outputs: when a list, every example's row is appended to it (output_row)."""
     correct = 0
     samples = []
     method = ""
@@ -87,10 +92,37 @@ def _score(model, examples: list[T.TaskExample], prefix: bytes, device, batch_si
             if len(samples) < n_samples:
                 samples.append({"prompt": e.prompt.decode("utf-8", "replace"), "answer": e.answer.decode(),
                                 "output": o.decode("utf-8", "replace"), "correct": bool(ok)})
+            if outputs is not None:
+                outputs.append(output_row(e, o, st, ok, len(prefix)))
     rec = accuracy_record(correct, len(examples))
     rec["majority_baseline"] = majority_baseline(examples)
     rec["samples"] = samples
     return rec, method
+
+
+def output_row(e: T.TaskExample, scored: bytes, stopped: bool, ok: bool, prefix_len: int) -> dict:
+    """One scored example, as the error analysis (scripts/task_errors.py) reads it. answer_at: the index of the answer's
+    first byte in the bytes given to generate() (the shots prefix, then the prompt): with fixed patches, patch starts
+    are the multiples of the patch size in that index, so an error's digit can be placed within its patch."""
+    return {"task": e.task, "digits": e.digits, "prompt": e.prompt.decode("utf-8", "replace"),
+            "answer": e.answer.decode("utf-8", "replace"), "output": scored.decode("utf-8", "replace"),
+            "output_hex": scored.hex(), "stopped": bool(stopped), "correct": bool(ok),
+            "answer_at": prefix_len + len(e.prompt)}
+
+
+OUTPUTS_FILE = "task_outputs.jsonl.gz"
+
+
+def write_outputs(path: str | Path, outputs: list[dict]) -> Path:
+    """Every scored example, one JSON line each, gzipped (mtime 0: the same rows give the same file), written
+    atomically."""
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in outputs).encode("utf-8")
+    return atomic_write(path, gzip.compress(lines, mtime=0))
+
+
+def read_outputs(path: str | Path) -> list[dict]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def majority_baseline(examples: list[T.TaskExample]) -> dict | None:
@@ -106,22 +138,25 @@ def majority_baseline(examples: list[T.TaskExample]) -> dict | None:
 
 def run_tasks(model, device, n: int = 100, max_digits: int = 4, seed: int = 1234, shots: int = 0,
               trained_on_tasks: bool = False, split: str = "test", batch_size: int = 32,
-              tasks: tuple[str, ...] = T.TASKS, amp_dtype=None) -> dict:
-    """n examples per character task and n per (arithmetic task, digit count), all from `split`."""
+              tasks: tuple[str, ...] = T.TASKS, amp_dtype=None, keep_outputs: bool = False) -> dict:
+    """n examples per character task and n per (arithmetic task, digit count), all from `split`. keep_outputs: the
+    result also holds "outputs", every example's row (output_row), for error analysis; callers write it to a file of
+    its own (task_outputs.jsonl.gz), since the per-task records keep only a few samples."""
     t0 = time.perf_counter()
     model.eval()
     per_task: dict[str, dict] = {}
+    outputs: list | None = [] if keep_outputs else None
     method = ""
     for task in tasks:
         prefix = _shots_prefix(shots, seed, task)
         if task in T.CHAR_TASKS:
             ex = T.make_task_examples(task, split, n, seed)
-            per_task[task], method = _score(model, ex, prefix, device, batch_size, amp_dtype)
+            per_task[task], method = _score(model, ex, prefix, device, batch_size, amp_dtype, outputs=outputs)
             continue
         by_digits, c_all, n_all = {}, 0, 0
         for d in range(1, max_digits + 1):
             ex = T.make_task_examples(task, split, n, seed, digits=d)
-            rec, method = _score(model, ex, prefix, device, batch_size, amp_dtype, n_samples=1)
+            rec, method = _score(model, ex, prefix, device, batch_size, amp_dtype, n_samples=1, outputs=outputs)
             by_digits[str(d)] = rec
             c_all, n_all = c_all + rec["correct"], n_all + rec["n"]
         all_ex = [e for d in range(1, max_digits + 1) for e in T.make_task_examples(task, split, n, seed, digits=d)]
@@ -131,7 +166,7 @@ def run_tasks(model, device, n: int = 100, max_digits: int = 4, seed: int = 1234
         label = f"{shots}-shot" + (" (in-format: the checkpoint was trained on task data)" if trained_on_tasks else "")
     else:
         label = "in_format" if trained_on_tasks else "zero_shot"
-    return {
+    result = {
         "label": label,
         "note": ("trained on the task format (held-out test words/operands)" if trained_on_tasks else
                  "the checkpoint never saw the task format in training"),
@@ -140,4 +175,7 @@ def run_tasks(model, device, n: int = 100, max_digits: int = 4, seed: int = 1234
                    "one byte past the answer (whatever the batch); 95% Wilson CI",
         "generation": method, "seconds": time.perf_counter() - t0, "per_task": per_task,
     }
+    if outputs is not None:
+        result["outputs"] = outputs
+    return result
 

@@ -13,6 +13,7 @@ import torch
 
 from ..config import format_ngram_sizes
 from ..errors import UserError, is_out_of_memory, is_whole
+from ..eval.task_eval import OUTPUTS_FILE, write_outputs
 from ..train.schedule import DEFAULT_MIN_LR_RATIO
 from ._common import WHERE_FLAGS, _log, _now_iso, _read_json, _split_path, _write_json, flag_values
 from .budget import make_budget_trainer
@@ -279,6 +280,8 @@ class Runner:
                   f"its checkpoint is not under {self.ckpt_dir}, so it trains again from the start"))
             if (out_dir / "tasks.json").exists():  # scored on the cut checkpoint: kept aside, not reported as this row
                 (out_dir / "tasks.json").replace(out_dir / "tasks.cut.json")
+                if (out_dir / OUTPUTS_FILE).exists():
+                    (out_dir / OUTPUTS_FILE).replace(out_dir / ("cut." + OUTPUTS_FILE))
                 _log(f"{run_name}: task results of the cut checkpoint moved to {out_dir / 'tasks.cut.json'}")
             marker = self.ckpt_dir / run_name / "experiment.json"
             _write_json(marker, {**(_read_json(marker) or {}), "trained": False})
@@ -711,6 +714,12 @@ class Runner:
                                 f"--task_seq_len {self.a.task_seq_len}; pass a smaller --task_batch") from None
             res.update({"arm": arm, "checkpoint": str(ck), "command": self.command, "date": _now_iso(),
                         "device": _device_info(device), "git": _git()})
+            # every scored example beside the scores (tasks.json keeps a few samples per cell): the errors' analysis
+            # (scripts/task_errors.py) reads them. Written first: tasks.json is what marks the stage done.
+            outputs = res["results"].pop("outputs", None)
+            if outputs is not None:
+                write_outputs(out.parent / OUTPUTS_FILE, outputs)
+                res["results"]["outputs_file"] = OUTPUTS_FILE
             _write_json(out, res)
             acc = ", ".join(f"{t} {_fmt(r['accuracy'], 2)}" for t, r in res["results"]["per_task"].items())
             _log(f"{arm}: task accuracy (test split) {acc} -> {out}")

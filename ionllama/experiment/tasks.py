@@ -221,7 +221,8 @@ def train_on_tasks(model, device, amp, steps: int, lr: float, batch_of_step, log
 
 def run_task_stage(model, device, amp, a, deadline: float | None = None, log=None) -> dict:
     """Fine-tune on identical task examples for --task_steps steps, then held-out test accuracy. log(line): progress
-    about every tenth of the stage (step, loss, seconds); deadline: as train_on_tasks (raises TaskStageCut)."""
+    about every tenth of the stage (step, loss, seconds); deadline: as train_on_tasks (raises TaskStageCut).
+    The result's ["results"]["outputs"] holds every scored example (task_eval.output_row) for the caller to write."""
     from ..eval.task_eval import run_tasks
 
     eval_s = float(getattr(a, "task_eval_s", 0.0) or 0.0)
@@ -254,7 +255,7 @@ def run_task_stage(model, device, amp, a, deadline: float | None = None, log=Non
     model.eval()
     t_score = time.perf_counter()
     results = run_tasks(model, device, n=a.task_n, max_digits=4, seed=1234, shots=0, trained_on_tasks=True,
-                        split="test", batch_size=32, amp_dtype=amp)
+                        split="test", batch_size=32, amp_dtype=amp, keep_outputs=True)
     score_s = time.perf_counter() - t_score
     if log is not None:
         log(f"task scoring took {score_s:.0f} s (--task_eval_s keeps {eval_s:.0f} s for it under --deadline_s)")
