@@ -927,7 +927,9 @@ class Trainer:
         return self._final_name() is not None
 
     # ------------------------------------------------------------------ the loop
-    def run(self) -> dict:
+    def _nothing_to_train(self) -> dict | None:
+        """Refuse (UserError) a run with no step left to train before any file is rewritten with its settings; an
+        experiment arm already trained to its budget gets its result dict (it goes on to its evaluation)."""
         a, plan = self.args, self.plan
         if self.step > plan.total:  # before config.json or a checkpoint is rewritten with these settings
             raise UserError(f"the checkpoint is at step {self.step}, past this run's last step {plan.total} "
@@ -949,6 +951,11 @@ class Trainer:
         if a.stop_at is not None and self.step >= a.stop_at:  # it trained one step and rewrote latest.pt
             raise UserError(f"--stop_at {a.stop_at} is not past the run's step {self.step}: nothing to train; pass a "
                             f"--stop_at above {self.step}")
+        return None
+
+    def _announce(self) -> None:
+        """The run's first lines (model, batch, phases) and its config.json (main process only)."""
+        a, plan = self.args, self.plan
         if self.is_main:
             n_params = sum(p.numel() for p in self.model.parameters())
             gb = self.sampler.global_batch
@@ -968,6 +975,13 @@ class Trainer:
             (self.run_dir / "config.json").write_text(json.dumps(
                 {"train_args": vars(a), "model_config": self.config.to_dict(), "global_batch": gb,
                  "data": self.data_meta, "plan": plan.state_dict()}, indent=1, default=str))
+
+    def run(self) -> dict:
+        a, plan = self.args, self.plan
+        done = self._nothing_to_train()
+        if done is not None:
+            return done
+        self._announce()
         stop = self._stop = _StopSignal()
         stop.install()
         from tqdm import tqdm
@@ -1017,62 +1031,9 @@ class Trainer:
                         (a.stop_at is not None and self.step >= a.stop_at)
                     stopping = boundary and self.dist.any_rank(stopping, self.device)
                 if self.step % a.log_interval == 0 or at_eval or at_save or phase_done or stopping:
-                    t_sync = time.perf_counter()
-                    loss = float(torch.stack(win["loss"]).mean())
-                    self._check_finite(float(win["loss"][-1]))
-                    sync()
-                    dt = time.perf_counter() - win["t0"]
-                    # where the window's time went: host_ms_per_step is the host inside train_step (data,
-                    # launching work); gpu_wait_ms is how long the host then waited for the device to finish
-                    # it. A wait near 0 means the host is the bottleneck; a large one, the GPU.
-                    n_win = len(win["loss"])
-                    timing = {"host_ms_per_step": round(1e3 * self.host_s / max(n_win, 1), 3),
-                              "gpu_wait_ms": round(1e3 * (time.perf_counter() - t_sync), 3)}
-                    self.host_s = 0.0
-                    self.train_time += dt
-                    dt_train, self.window_excluded_s = dt - self.window_excluded_s, 0.0
-                    patches = win["patches"]  # this rank's; the logged bytes/patch is over every rank's bytes
-                    if self.par.distributed and self.phase != "entropy":
-                        patches = self.par.mean(torch.as_tensor(patches, dtype=torch.float32, device=self.device))
-                    rec = {"step": self.step, "phase": self.phase, "bytes_seen": self.bytes_seen,
-                           "train_time_s": round(self.train_time, 3), "loss": loss,
-                           "bpb": float(torch.stack(win["bpb"]).mean()), "lr": out["lr"],
-                           "bytes_per_s": win["bytes"] / max(dt_train, 1e-9),
-                           "bytes_per_patch": (win["bytes"] / self.world_size) / max(float(patches), 1.0)
-                           if self.phase != "entropy" else None,
-                           "grad_norm": float(out["grad_norm"]) if out["grad_norm"] is not None else None,
-                           "global_batch": self.sampler.global_batch, **timing}
-                    if self.tokens is not None:  # its train loss is per token, its val_loss (and every bpb) per byte
-                        rec["loss_unit"] = "nats/token"
-                    if self.is_main:
-                        self.metrics.log(rec)
-                        post = {"loss": f"{loss:.3f}", "bpb": f"{rec['bpb']:.3f}",
-                                "B/s": f"{rec['bytes_per_s']:,.0f}", "lr": f"{out['lr']:.2e}"}
-                        if rec["bytes_per_patch"] is not None:
-                            post["B/patch"] = f"{rec['bytes_per_patch']:.2f}"
-                        bar.set_postfix(post, refresh=False)
-                        if bar.disable:
-                            at = (f"{self.step} (time-bounded: {self.train_time:.0f}/{budget_s:g} s)" if budget_s
-                                  else f"{self.step}/{plan.total}")
-                            _say(f"step {at} [{self.phase}] " + " ".join(f"{k} {v}" for k, v in post.items()))
+                    self._log_window(win, out, bar, sync)
                     win = {"t0": None, "bytes": 0, "loss": [], "bpb": [], "patches": 0}
-                    if at_eval:
-                        self._recalibrate_joint()
-                        res = self.evaluate(self.phase)
-                        names = ["latest.pt"]
-                        if self.phase != "entropy" and res["bpb"] < self.best_val_bpb:
-                            self.best_val_bpb = res["bpb"]
-                            names.append("best.pt")
-                        if at_save:
-                            names.append(f"step_{self.step}.pt")
-                        self.save(*names)
-                        if stop.signum is not None and not stopping and not self.par.distributed:
-                            stopping = True  # it came during the evaluation: this step is saved; a step more cost a
-                            # save (and an evaluation) of its own out of a preemption's grace period
-                    elif at_save or stopping:
-                        if stopping and self.recalibrate_at_stop:
-                            self._recalibrate_joint()
-                        self.save("latest.pt", *([f"step_{self.step}.pt"] if at_save else []))
+                    stopping = self._evaluate_and_save(at_eval, at_save, stopping)
                     win["t0"] = time.perf_counter()
                 if stopping and self.step < plan.total:
                     why = signal.Signals(stop.signum).name if stop.signum else self.stop_reason or \
@@ -1098,6 +1059,71 @@ class Trainer:
             if self.metrics is not None:
                 self.metrics.close()
         return result
+
+    def _log_window(self, win: dict, out: dict, bar, sync) -> None:
+        """One metrics record (and the progress line) for the steps since the last one: `win` holds their bytes,
+        losses and patch counts, `out` the last step's output. Adds the window's time to train_time."""
+        budget_s = getattr(self.plan, "budget_s", None)
+        t_sync = time.perf_counter()
+        loss = float(torch.stack(win["loss"]).mean())
+        self._check_finite(float(win["loss"][-1]))
+        sync()
+        dt = time.perf_counter() - win["t0"]
+        # where the window's time went: host_ms_per_step is the host inside train_step (data,
+        # launching work); gpu_wait_ms is how long the host then waited for the device to finish
+        # it. A wait near 0 means the host is the bottleneck; a large one, the GPU.
+        n_win = len(win["loss"])
+        timing = {"host_ms_per_step": round(1e3 * self.host_s / max(n_win, 1), 3),
+                  "gpu_wait_ms": round(1e3 * (time.perf_counter() - t_sync), 3)}
+        self.host_s = 0.0
+        self.train_time += dt
+        dt_train, self.window_excluded_s = dt - self.window_excluded_s, 0.0
+        patches = win["patches"]  # this rank's; the logged bytes/patch is over every rank's bytes
+        if self.par.distributed and self.phase != "entropy":
+            patches = self.par.mean(torch.as_tensor(patches, dtype=torch.float32, device=self.device))
+        rec = {"step": self.step, "phase": self.phase, "bytes_seen": self.bytes_seen,
+               "train_time_s": round(self.train_time, 3), "loss": loss,
+               "bpb": float(torch.stack(win["bpb"]).mean()), "lr": out["lr"],
+               "bytes_per_s": win["bytes"] / max(dt_train, 1e-9),
+               "bytes_per_patch": (win["bytes"] / self.world_size) / max(float(patches), 1.0)
+               if self.phase != "entropy" else None,
+               "grad_norm": float(out["grad_norm"]) if out["grad_norm"] is not None else None,
+               "global_batch": self.sampler.global_batch, **timing}
+        if self.tokens is not None:  # its train loss is per token, its val_loss (and every bpb) per byte
+            rec["loss_unit"] = "nats/token"
+        if self.is_main:
+            self.metrics.log(rec)
+            post = {"loss": f"{loss:.3f}", "bpb": f"{rec['bpb']:.3f}",
+                    "B/s": f"{rec['bytes_per_s']:,.0f}", "lr": f"{out['lr']:.2e}"}
+            if rec["bytes_per_patch"] is not None:
+                post["B/patch"] = f"{rec['bytes_per_patch']:.2f}"
+            bar.set_postfix(post, refresh=False)
+            if bar.disable:
+                at = (f"{self.step} (time-bounded: {self.train_time:.0f}/{budget_s:g} s)" if budget_s
+                      else f"{self.step}/{self.plan.total}")
+                _say(f"step {at} [{self.phase}] " + " ".join(f"{k} {v}" for k, v in post.items()))
+
+    def _evaluate_and_save(self, at_eval: bool, at_save: bool, stopping: bool) -> bool:
+        """Where a logging window ends: evaluate (at_eval) and save latest.pt, best.pt and step_N.pt as due. Returns
+        `stopping`, set when a stop signal came during the evaluation."""
+        if at_eval:
+            self._recalibrate_joint()
+            res = self.evaluate(self.phase)
+            names = ["latest.pt"]
+            if self.phase != "entropy" and res["bpb"] < self.best_val_bpb:
+                self.best_val_bpb = res["bpb"]
+                names.append("best.pt")
+            if at_save:
+                names.append(f"step_{self.step}.pt")
+            self.save(*names)
+            if self._stop.signum is not None and not stopping and not self.par.distributed:
+                stopping = True  # it came during the evaluation: this step is saved; a step more cost a save (and
+                # an evaluation) of its own out of a preemption's grace period
+        elif at_save or stopping:
+            if stopping and self.recalibrate_at_stop:
+                self._recalibrate_joint()
+            self.save("latest.pt", *([f"step_{self.step}.pt"] if at_save else []))
+        return stopping
 
     def _finish(self) -> dict:
         a = self.args
