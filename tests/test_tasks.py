@@ -229,10 +229,16 @@ class _AnswerThen:
     generation stops with a newline), produced by model.generate's contract: the stop byte is not in the result,
     and a row that fills max_new_bytes ends with reason 'length'."""
 
+    training = False
+
     def __init__(self, tail: bytes | None):
         self.tail = tail
 
     def eval(self):
+        return self.train(False)
+
+    def train(self, mode=True):
+        self.training = mode
         return self
 
     def generate(self, prompts, max_new_bytes, greedy, stop, return_info=False):
@@ -535,3 +541,19 @@ def test_task_outputs_file_holds_every_example_and_the_error_analysis_finds_the_
     te.main([str(tmp_path), "--out", str(tmp_path / "e.md")])
     md = (tmp_path / "e.md").read_text()
     assert "fixed 3-byte patches" in md and "| add | 2 | 40 |" in md and "place 2: errors / all" in md
+
+
+def test_scoring_gives_the_model_back_in_the_mode_it_had():
+    """run_tasks and patch_statistics left a training model in eval mode (evaluate_bpb and generate gave it back):
+    a caller that trained on after them lost its dropout without a word (an audit)."""
+    from ionllama import create_model
+    from ionllama.eval.lm import patch_statistics
+    from ionllama.eval.task_eval import run_tasks
+
+    model = create_model("tiny", model="dense", d_model=32, n_layers=1, n_heads=2, dropout=0.1)
+    for mode in (True, False):
+        model.train(mode)
+        run_tasks(model, "cpu", n=1, max_digits=1, tasks=("count", "add"))
+        assert model.training is mode
+        patch_statistics(model, np.frombuffer(b"some text " * 20, dtype=np.uint8), 64, 2, "cpu")
+        assert model.training is mode

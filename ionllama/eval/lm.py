@@ -106,6 +106,17 @@ def run_lm(model, data: np.ndarray, seq_len: int, batch_size: int, device, max_b
     return r
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """model.eval() inside the block, then the mode it had: a caller that trains on keeps its dropout."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def patch_statistics(model, data: np.ndarray, seq_len: int, batch_size: int, device, max_bytes: int = 65536,
                      amp_dtype=None, max_hist: int = 64) -> dict:
@@ -126,10 +137,9 @@ def patch_statistics(model, data: np.ndarray, seq_len: int, batch_size: int, dev
     hist = np.zeros(max_hist + 1, dtype=np.int64)
     total_bytes = total_patches = 0
     source = "byte_to_patch"
-    model.eval()
     for i in range(0, n_win, batch_size):
         x = rows[i:i + batch_size].to(device)
-        with autocast_ctx(device, amp_dtype):
+        with autocast_ctx(device, amp_dtype), eval_mode(model):
             out = model(x)
         b2p = out.get("byte_to_patch")
         if b2p is not None:

@@ -12,7 +12,7 @@ import torch
 
 from ..data import tasks as T
 from ..fsutil import atomic_write
-from .lm import autocast_ctx
+from .lm import autocast_ctx, eval_mode
 from .stats import accuracy_record
 
 
@@ -143,25 +143,25 @@ def run_tasks(model, device, n: int = 100, max_digits: int = 4, seed: int = 1234
     result also holds "outputs", every example's row (output_row), for error analysis; callers write it to a file of
     its own (task_outputs.jsonl.gz), since the per-task records keep only a few samples."""
     t0 = time.perf_counter()
-    model.eval()
-    per_task: dict[str, dict] = {}
-    outputs: list | None = [] if keep_outputs else None
-    method = ""
-    for task in tasks:
-        prefix = _shots_prefix(shots, seed, task)
-        if task in T.CHAR_TASKS:
-            ex = T.make_task_examples(task, split, n, seed)
-            per_task[task], method = _score(model, ex, prefix, device, batch_size, amp_dtype, outputs=outputs)
-            continue
-        by_digits, c_all, n_all = {}, 0, 0
-        for d in range(1, max_digits + 1):
-            ex = T.make_task_examples(task, split, n, seed, digits=d)
-            rec, method = _score(model, ex, prefix, device, batch_size, amp_dtype, n_samples=1, outputs=outputs)
-            by_digits[str(d)] = rec
-            c_all, n_all = c_all + rec["correct"], n_all + rec["n"]
-        all_ex = [e for d in range(1, max_digits + 1) for e in T.make_task_examples(task, split, n, seed, digits=d)]
-        per_task[task] = {**accuracy_record(c_all, n_all), "majority_baseline": majority_baseline(all_ex),
-                          "by_digits": by_digits}
+    with eval_mode(model):  # the mode it had comes back: a caller that trains on keeps its dropout
+        per_task: dict[str, dict] = {}
+        outputs: list | None = [] if keep_outputs else None
+        method = ""
+        for task in tasks:
+            prefix = _shots_prefix(shots, seed, task)
+            if task in T.CHAR_TASKS:
+                ex = T.make_task_examples(task, split, n, seed)
+                per_task[task], method = _score(model, ex, prefix, device, batch_size, amp_dtype, outputs=outputs)
+                continue
+            by_digits, c_all, n_all = {}, 0, 0
+            for d in range(1, max_digits + 1):
+                ex = T.make_task_examples(task, split, n, seed, digits=d)
+                rec, method = _score(model, ex, prefix, device, batch_size, amp_dtype, n_samples=1, outputs=outputs)
+                by_digits[str(d)] = rec
+                c_all, n_all = c_all + rec["correct"], n_all + rec["n"]
+            all_ex = [e for d in range(1, max_digits + 1) for e in T.make_task_examples(task, split, n, seed, digits=d)]
+            per_task[task] = {**accuracy_record(c_all, n_all), "majority_baseline": majority_baseline(all_ex),
+                              "by_digits": by_digits}
     if shots > 0:
         label = f"{shots}-shot" + (" (in-format: the checkpoint was trained on task data)" if trained_on_tasks else "")
     else:

@@ -13,6 +13,7 @@ import torch
 
 from ..config import format_ngram_sizes
 from ..errors import UserError, is_out_of_memory, is_whole
+from ..eval.lm import TOKEN_CUT_MARGIN
 from ..eval.task_eval import OUTPUTS_FILE, write_outputs
 from ..train.schedule import DEFAULT_MIN_LR_RATIO
 from ._common import WHERE_FLAGS, _log, _now_iso, _read_json, _split_path, _write_json, flag_values
@@ -452,9 +453,10 @@ class Runner:
             sets.append((Path(p).name.split(".")[0], p))
         return sets
 
-    def _byte_set(self, name: str, path: str | None, val: np.ndarray | None) -> np.ndarray:
+    def _byte_set(self, name: str, path: str | None, val: np.ndarray | None, margin: int = 0) -> np.ndarray:
         """The bytes of an evaluation set, starting with DOC_SEP (so byte and token models score the same
-        bytes: all but the first), capped at --eval_bytes scored bytes."""
+        bytes: all but the first), capped at --eval_bytes scored bytes, plus `margin` bytes past the cap (a token
+        model's tokens of the capped bytes are those of the text that goes on: _bpb cuts them)."""
         from ..data import DOC_SEP
 
         if path is None:
@@ -466,15 +468,23 @@ class Runner:
             if data[0] != DOC_SEP:
                 data = np.concatenate([np.array([DOC_SEP], dtype=np.uint8), data])
         if self.a.eval_bytes is not None:
-            data = data[: self.a.eval_bytes + 1]
+            data = data[: self.a.eval_bytes + 1 + margin]
         return data
+
+    def _scored(self, data: np.ndarray) -> int:
+        """How many bytes of a _byte_set are scored (all but the first, up to --eval_bytes)."""
+        return len(data) - 1 if self.a.eval_bytes is None else min(len(data) - 1, self.a.eval_bytes)
 
     def _bpb(self, model, data: np.ndarray, seq_len: int, device, amp, shard_tokens=None) -> dict:
         t0 = time.perf_counter()
         if getattr(model, "token_level", False):
-            from ..data.bpe import evaluate_token_bpb
+            from ..data.bpe import evaluate_token_bpb, token_prefix_for_bytes
 
+            # --eval_bytes N: the whole tokens within the first N + 1 bytes of the tokens of the text that goes on,
+            # as the trainer and `ionllama bench` take them (encoding the cut bytes split the last token: the same
+            # checkpoint scored ~1e-3 BPB apart at a few kB)
             toks = shard_tokens if shard_tokens is not None else model.bpe.encode(data)
+            toks = token_prefix_for_bytes(toks, model.bpe.token_nbytes, self.a.eval_bytes)
             r = evaluate_token_bpb(model, toks, seq_len, self.a.eval_batch_size or self.a.batch_size, device, amp)
             r["bytes_per_patch"] = r.pop("bytes_per_token")
         else:
@@ -494,9 +504,11 @@ class Runner:
             raise UserError(f"{run_name}: the trained run records no data folder; delete {run_dir} and run again")
         shards = open_shards(data_dir)
         seq = self.seq_len_of(spec)
-        val = self._byte_set("val", None, np.asarray(shards.val))
+        token_level = getattr(model, "token_level", False)
+        margin = TOKEN_CUT_MARGIN if token_level else 0
+        val = self._byte_set("val", None, np.asarray(shards.val), margin)
         shard_tokens = None
-        if getattr(model, "token_level", False) and self.a.eval_bytes is None:
+        if token_level:
             tok_dir = state["data"].get("token_dir")
             if tok_dir:
                 from ..data.bpe import open_token_shards
@@ -505,7 +517,7 @@ class Runner:
                 if ts.bpe.to_str() == model.bpe.to_str():
                     shard_tokens = ts.val
         model.eval()
-        _log(f"{run_name}: final evaluation on {len(val) - 1:,} val bytes")
+        _log(f"{run_name}: final evaluation on {self._scored(val):,} val bytes")
         res = {"val": self._bpb(model, val, seq, device, amp, shard_tokens)}
         alt, div = self.a.also_eval_seq_len, spec.get("token_seq_div", 1)
         alt_seq = max(8, alt // div) if alt else seq
@@ -515,8 +527,8 @@ class Runner:
             _log(f"{run_name}: val again in windows of {alt_seq} {'tokens' if div > 1 else 'bytes'}")
             res[f"val@{alt}"] = dict(self._bpb(model, val, alt_seq, device, amp, shard_tokens), seq_len=alt_seq)
         for name, path in self.eval_sets():
-            data = self._byte_set(name, path, None)
-            _log(f"{run_name}: evaluating {name} ({len(data) - 1:,} bytes of {path})")
+            data = self._byte_set(name, path, None, margin)
+            _log(f"{run_name}: evaluating {name} ({self._scored(data):,} bytes of {path})")
             res[name] = self._bpb(model, data, seq, device, amp)
             res[name]["path"] = path
         params = model.count_parameters()
