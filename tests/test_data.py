@@ -804,3 +804,87 @@ def test_a_file_system_without_locks_still_prepares(tmp_path, monkeypatch):
     src.write_text("".join(json.dumps({"text": f"document {i} " + "text " * 20}) + "\n" for i in range(50)))
     out = prepare(DataArgs(data_path=str(src), data_dir=str(tmp_path / "c")), log=quiet)
     assert (out / "meta.json").is_file()
+
+
+def test_a_json_lines_file_with_a_long_first_record_is_read_as_json_lines(tmp_path):
+    """Only the first 64 KiB were parsed to tell JSON Lines: a first record longer than that (a book) failed to parse
+    and the whole file became one text document of braces, keys and escapes, without a word (an audit)."""
+    book = "a long book line. " * 5000  # ~90 KB
+    p = tmp_path / "books.json"
+    p.write_text(json.dumps({"text": book}) + "\n" + json.dumps({"text": "a short one " * 10}) + "\n")
+    with pytest.warns(UserWarning, match="read as JSON Lines"):
+        sh = prep(tmp_path, data_path=str(p))
+    assert sorted(docs_of(sh.train) + docs_of(sh.val)) == sorted([book.encode(), b"a short one " * 10])
+
+
+def test_ionllamas_own_cache_and_run_folders_in_a_data_folder_are_not_data(tmp_path, monkeypatch):
+    """With --data_path . the default data_cache/ and checkpoints/ sit inside the data folder: each run read the last
+    one's meta.json as a document (50, 51, 52 documents: the cache never reused) and a run's metrics.jsonl failed the
+    next prepare ("has no field 'text'"). They are left out, and said."""
+    d = tmp_path / "work"
+    d.mkdir()
+    for i, doc in enumerate(make_docs(30)):
+        (d / f"doc{i}.txt").write_bytes(doc)
+    monkeypatch.chdir(d)
+    args = DataArgs(data_path=".", data_dir="data_cache")
+    first = prepare(args, log=quiet)
+    run = d / "checkpoints" / "run1"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    with pytest.warns(UserWarning, match="data cache / run folder"):
+        again = prepare(args, log=quiet)
+    assert again == first  # the same cache folder: nothing new was read
+    sh = open_shards(again)
+    assert sorted(docs_of(sh.train) + docs_of(sh.val)) == sorted(make_docs(30))
+
+
+def test_a_glob_names_documents_below_its_literal_folder_so_a_new_file_keeps_the_split(tmp_path):
+    """Document ids were paths below the matched files' common folder: with 'data/*/*.txt', one file added in a second
+    subfolder moved that folder, renamed every document and re-split train and val (25 of 28 val documents went to
+    train), so a resumed run was scored on text it had trained on. Ids are below the pattern's literal folder now."""
+    a = tmp_path / "data" / "a"
+    a.mkdir(parents=True)
+    docs = make_docs(40)
+    for i, doc in enumerate(docs):
+        (a / f"d{i:02}.txt").write_bytes(doc)
+    pattern = str(tmp_path / "data" / "*" / "*.txt")
+    before = prep(tmp_path, data_path=pattern, val_fraction=0.25)
+    (tmp_path / "data" / "b").mkdir()
+    new = b"a new document in another folder\n"
+    (tmp_path / "data" / "b" / "new.txt").write_bytes(new)
+    after = prep(tmp_path, data_path=pattern, val_fraction=0.25)
+    assert set(docs_of(before.val)) == set(docs_of(after.val)) - {new} and len(docs_of(before.val)) >= 4
+    assert set(docs_of(before.train)) == set(docs_of(after.train)) - {new}
+
+
+def test_split_named_files_pooled_into_a_hash_split_are_said(tmp_path):
+    """A folder of x-train / x-val / x-test files was pooled and hash-split without a word: 49 of 50 test documents
+    landed in train. Only a '{split}' pattern keeps them apart; the warning says so."""
+    d = tmp_path / "ds"
+    d.mkdir()
+    for split in ("train", "val", "test"):
+        (d / f"x-{split}.jsonl").write_text("".join(json.dumps({"text": f"{split} {i} " * 5}) + "\n" for i in range(5)))
+    for path in (d, d / "*.jsonl"):
+        with pytest.warns(UserWarning, match=r"files named as splits .*'\{split\}'"):
+            prep(tmp_path, data_path=str(path))
+    import warnings
+
+    with warnings.catch_warnings(record=True) as said:  # a {split} pattern: nothing said about split names
+        warnings.simplefilter("always")
+        prep(tmp_path, data_path=str(d / "x-{split}.jsonl"))
+    assert not any("named as splits" in str(w.message) for w in said)
+
+
+def test_exact_copies_in_both_splits_are_counted_and_said(tmp_path):
+    """The hash split goes by document id, so copies of one document land in train and val alike (6 of 24 val
+    documents also in train, an audit). Not removed (the source is the user's), but counted in meta.json and said."""
+    docs = make_docs(30) + [b"the same boilerplate licence text\n"] * 40
+    p = tmp_path / "dups.jsonl"
+    p.write_text("".join(json.dumps({"text": d.decode()}) + "\n" for d in docs))
+    with pytest.warns(UserWarning, match=r"1 document\(s\) .* both train and val as exact copies"):
+        sh = prep(tmp_path, data_path=str(p), val_fraction=0.2)
+    assert sh.meta["documents_in_both_splits"] == 1
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text("".join(json.dumps({"text": d.decode()}) + "\n" for d in make_docs(30)))
+    assert prep(tmp_path, data_path=str(clean), val_fraction=0.2).meta["documents_in_both_splits"] == 0

@@ -19,6 +19,7 @@ import shlex
 import shutil
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +33,10 @@ from . import DOC_SEP_BYTES
 
 # 2: --max_bytes cuts the document crossing it (it went in whole), .json arrays are read as records and upper-case
 # .GZ/.XZ/.BZ2 are decompressed (they were read as text): shards of format 1 from such sources are not reused
-SHARD_FORMAT = 2
+# 3: parquet rows numbered from 0 without `datasets`, the single document's cut on its text, a .json file's long
+# first record read as JSON Lines, a glob's documents named below its literal folder, ionLlama's own cache and run
+# folders left out of a --data_path folder: each changed the bytes of some source's shards, and format 2 was kept
+SHARD_FORMAT = 3
 DATASETS = ("tinystories", "fineweb", "openwebtext", "builtin", "tasks")
 
 
@@ -336,6 +340,7 @@ def staged_dir(out: Path, parent: Path, flag: str):
 def _write_shards(source, args: DataArgs, tmp: Path, log) -> dict:
     budget = _byte_budget(args)
     train, val = _SplitWriter(tmp / "train.bin"), _SplitWriter(tmp / "val.bin")
+    copies = 0  # distinct documents found in both splits (hash split only)
     next_report = 100_000_000
     try:
         cap = _Cap(budget)  # train and val together, or the train files alone for given split files
@@ -349,14 +354,27 @@ def _write_shards(source, args: DataArgs, tmp: Path, log) -> dict:
             if train.docs and not val.docs:
                 raise UserError(f"the val split of {source.description} is empty; check the val files")
         else:
+            # the split goes by document id, so an exact copy of a train document can land in val: counted, said
+            digests: dict[bytes, bool | None] = {}
             for doc_id, doc in source.iter_docs("all"):
-                (val if _split_unit(doc_id, args.split_seed) < args.val_fraction else train).add(cap.take(doc))
+                is_val = _split_unit(doc_id, args.split_seed) < args.val_fraction
+                taken = cap.take(doc)
+                (val if is_val else train).add(taken)
+                d = hashlib.blake2b(taken, digest_size=12).digest()
+                first = digests.setdefault(d, is_val)
+                if first is not None and first != is_val:
+                    digests[d] = None  # in both splits: counted once
+                    copies += 1
                 if train.bytes + val.bytes >= next_report:
                     log(f"data: {(train.bytes + val.bytes) / 1e6:,.0f} MB ...")
                     next_report += 100_000_000
                 if cap.full:
                     break
             method = "hash"
+            if copies:
+                warnings.warn(f"data: {copies} document(s) of {source.description} stand in both train and val as "
+                              "exact copies (the hash split goes by document id): val is not all held out; "
+                              "deduplicate the source", stacklevel=2)
         if cap.full:  # was silent: the shards' size was the only hint that the source was not read to its end
             log(f"data: note: stopped at the byte cap ({budget:,} bytes of the source; the last document taken is "
                 "cut there)")
@@ -389,6 +407,7 @@ def _write_shards(source, args: DataArgs, tmp: Path, log) -> dict:
         "source": source.description,
         "doc_sep": DOC_SEP_BYTES[0],
         "split_method": method,
+        "documents_in_both_splits": copies,
         "val_fraction": args.val_fraction,
         "split_seed": args.split_seed,
         "splits": {name: {"bytes": w.bytes, "documents": w.docs, "sha256": file_sha256(w.path),

@@ -17,6 +17,7 @@ import hashlib
 import json
 import lzma
 import os
+import re
 import sys
 import sysconfig
 import threading
@@ -137,6 +138,36 @@ def _literal_prefix(pattern: str) -> str:
     return os.sep.join(lead) or (os.sep if pattern.startswith(os.sep) else ".")
 
 
+def _is_own_output(d: str) -> bool:
+    """A folder ionLlama wrote: a prepared shard cache (meta.json + train.bin), a token cache, or a training run
+    (config.json + metrics.jsonl or a checkpoint)."""
+    try:
+        names = set(os.listdir(d))
+    except OSError:
+        return False
+    if "meta.json" in names and ("train.bin" in names or "val.bin" in names):
+        return True
+    return "config.json" in names and bool(names & {"metrics.jsonl", "metrics.jsonl.gz", "latest.pt", "final.pt"})
+
+
+SPLIT_WORD = re.compile(r"(?:^|[-_.])(train|valid|validation|val|dev|test)(?:[-_.]|$)", re.IGNORECASE)
+
+
+def _warn_split_names(files: list[str], pattern: str) -> None:
+    """Files named as splits (x-train / x-val / x-test) pooled into one hash split put most test documents in
+    train: said, with the fix, since only a '{split}' pattern keeps them apart."""
+    words = {}
+    for f in files:
+        m = SPLIT_WORD.search(os.path.basename(f))
+        if m:
+            words.setdefault(m.group(1).lower(), os.path.basename(f))
+    if len(words) >= 2:
+        named = ", ".join(sorted(words.values())[:3])
+        warnings.warn(f"--data_path '{pattern}': files named as splits ({named}) are pooled and hash-split, so their "
+                      "held-out documents mostly land in train; to keep them apart pass a pattern with '{split}', "
+                      "e.g. 'folder/name-{split}.jsonl'", stacklevel=3)
+
+
 def _symlink_loop(root: str) -> str | None:
     """A linked folder under `root` that leads back to a folder already on the way (glob's '**' follows links
     and, through two such loops, walks paths without end; a new user's run hung), or None."""
@@ -204,19 +235,28 @@ def resolve_local_files(pattern: str) -> tuple[list[str], str]:
         files = _one_copy_each(_readable_text_files(matched, pattern))
         if not files:
             raise UserError(f"--data_path '{pattern}' matches no {'text ' if matched else ''}files; check the pattern")
-        base = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
-        return files, base
+        _warn_split_names(files, pattern)
+        # ids below the pattern's literal folder, as the README says: below the matched files' common folder, one
+        # file added elsewhere moved that folder, renamed every document and re-split train and val
+        return files, os.path.abspath(_literal_prefix(p))
     if os.path.isdir(p):
         found, links = [], []
+        own = []  # ionLlama's shard caches and run folders inside the data folder: read as data, they grew each run
         for root, dirs, names in os.walk(p):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            own += [os.path.join(root, d) for d in dirs if _is_own_output(os.path.join(root, d))]
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.join(root, d) not in own)
             links += [os.path.join(root, d) for d in dirs if os.path.islink(os.path.join(root, d))]
             found += [os.path.join(root, n) for n in names if not n.startswith(".")]
         if links:  # os.walk lists them and does not enter them: their files were left out without a word
             warnings.warn(f"--data_path '{pattern}': linked folder(s) not followed: "
                           f"{', '.join(os.path.relpath(d) for d in links[:5])}; give them as --data_path of their own "
                           "or use a glob", stacklevel=2)
+        if own:
+            warnings.warn(f"--data_path '{pattern}': ionLlama's own data cache / run folder(s) left out: "
+                          f"{', '.join(os.path.relpath(d) for d in own[:5])}", stacklevel=2)
         files = _one_copy_each(_readable_text_files(sorted(found), pattern))
+        if files:
+            _warn_split_names(files, pattern)
         if not files:
             raise UserError(f"--data_path directory '{pattern}' holds no text files "
                             f"(*.txt, *.md, *.jsonl[.gz|.xz], *.parquet, ...); point it at your data")
@@ -367,12 +407,19 @@ def _iter_parquet_pyarrow(path: str, text_field: str, doc_prefix: str) -> Iterat
             i += 1
 
 
+FIRST_RECORD_MAX = 1 << 28  # bytes of a .json file's first line read to tell JSON Lines (a one-line array can be big)
+
+
 def _is_json_lines(path: str, text_field: str) -> bool:
     """Is this .json file JSON Lines (many hub dumps are, under .json), its first line an object with the text field?
     Read as text, its braces, key names and escapes became the documents."""
     try:
-        with open(path, "rb") as f:
-            first = next((ln for ln in f.read(1 << 16).splitlines() if ln.strip()), b"")
+        with open(path, "rb") as f:  # the whole first record: a long one (a book) cut at 64 KiB failed to parse
+            first = b""
+            while not first.strip():
+                first = f.readline(FIRST_RECORD_MAX)
+                if not first:
+                    break
         obj = json.loads(first)
     except (OSError, ValueError):
         return False
