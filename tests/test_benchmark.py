@@ -141,7 +141,7 @@ def test_full_suite_ionllama_with_patches_and_task_training(workdir):
         x = torch.frombuffer(bytearray(_text("tinystories/tinystories-sample.txt", 256)), dtype=torch.uint8)
         ent = model.entropy_model(x.long()[None])["entropy"]
         model.entropy_threshold.fill_(float(ent.median()))
-    ckpt = _save_trainer_checkpoint(model, workdir / "run2" / "best.pt", task_mix=0.1)
+    ckpt = _save_trainer_checkpoint(model, workdir / "run2" / "best.pt", task_mix=0.25)
     out = workdir / "bench2" / "results.json"
     res = _run(workdir, ckpt, out, "--skip", "multilingual", "speed")
     m = res["metrics"]

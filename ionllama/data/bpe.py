@@ -30,6 +30,7 @@ import torch
 
 from ..errors import UserError
 from . import DOC_SEP
+from .loader import checked_task_rows
 
 TOKEN_FORMAT = 1
 TOKEN_DTYPE = np.uint16
@@ -369,7 +370,8 @@ class TokenWindowSampler:
                             "lower --seq_len or add data")
         self.tokens, self.bpe, self.seq_len, self.batch_size = tokens, bpe, seq_len, batch_size
         self.grad_accum, self.seed, self.rank, self.world_size = grad_accum, seed, rank, world_size
-        self.n_task_rows = int(round(task_mix * batch_size))
+        # the byte sampler's rule: 0..1, at least one whole row (ionllama.data.loader)
+        self.n_task_rows, self.task_note = checked_task_rows(task_mix, batch_size)
 
     @property
     def global_batch(self) -> int:
@@ -510,6 +512,7 @@ class TokenTraining:
                  seed: int = 0, rank: int = 0, world_size: int = 1, task_mix: float = 0.0,
                  tokenizer_json: str | None = None, run_dir: str | Path | None = None,
                  log: Callable[[str], None] = print):
+        checked_task_rows(task_mix, batch_size)  # a bad --task_mix is refused before the tokenizer is trained
         tok_path = None
         if tokenizer_json:
             tok_path = Path(byte_dir) / f".tokenizer-{hashlib.sha256(tokenizer_json.encode()).hexdigest()[:12]}.json"

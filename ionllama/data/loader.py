@@ -27,20 +27,43 @@ def _import_tasks():
     return tasks
 
 
+def task_rows(task_mix: float, batch_size: int) -> int:
+    """The task rows of each batch of batch_size rows (one rank's micro-batch): whole rows, so the share is
+    rounded (--task_mix 0.3 of 8 rows is 2 rows, 0.25)."""
+    return int(round(task_mix * batch_size))
+
+
+def checked_task_rows(task_mix: float, batch_size: int) -> tuple[int, str | None]:
+    """(task rows per batch, the line the trainer says when their share is not --task_mix), refusing a --task_mix
+    out of range or one that rounds to no row (0.1 of 4 rows trained on text alone, labelled as trained on tasks)."""
+    if not 0.0 <= task_mix <= 1.0:
+        raise UserError(f"--task_mix {task_mix} must be between 0 and 1 (the share of each batch's rows that are "
+                        "task examples, e.g. 0.1)")
+    n = task_rows(task_mix, batch_size)
+    if task_mix > 0 and n == 0:
+        b = int(0.5 / task_mix) + 1  # the smallest batch whose share rounds to a row (round(0.5) is 0)
+        while task_rows(task_mix, b) < 1:
+            b += 1
+        raise UserError(f"--task_mix {task_mix:g} of a --batch_size {batch_size} batch (rows per rank) rounds to 0 "
+                        f"task rows; pass --task_mix {1 / batch_size:g} or more (1 row), or --batch_size {b} or more")
+    eff = n / batch_size if batch_size else 0.0
+    if n == 0 or abs(eff - task_mix) < 1e-9:
+        return n, None
+    return n, (f"note: --task_mix {task_mix:g} is {n} task row(s) of each {batch_size}-row batch (per rank): an "
+               f"effective share of {eff:g}")
+
+
 class WindowSampler:
     def __init__(self, data: np.ndarray, seq_len: int, batch_size: int, grad_accum: int = 1, seed: int = 0,
                  rank: int = 0, world_size: int = 1, task_mix: float = 0.0):
         if len(data) < seq_len + 2:
             raise UserError(f"the train split has {len(data):,} bytes, fewer than --seq_len {seq_len} + 2; "
                             "lower --seq_len or add data")
-        if not 0.0 <= task_mix <= 1.0:
-            raise UserError(f"--task_mix {task_mix} must be between 0 and 1 (the share of each batch's rows that are "
-                            "task examples, e.g. 0.1)")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
         self.data, self.seq_len, self.batch_size = data, seq_len, batch_size
         self.grad_accum, self.seed, self.rank, self.world_size = grad_accum, seed, rank, world_size
-        self.n_task_rows = int(round(task_mix * batch_size))
+        self.n_task_rows, self.task_note = checked_task_rows(task_mix, batch_size)
         self.tasks = _import_tasks() if self.n_task_rows else None
         self._cached_step: int | None = None
         self._offsets: np.ndarray | None = None

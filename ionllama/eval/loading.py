@@ -40,12 +40,22 @@ class LoadedCheckpoint:
 
     @property
     def trained_on_tasks(self) -> bool:
+        """Task rows were in its batches: --dataset tasks alone (with --data_path it trains on that file), or a
+        --task_mix that gave whole rows of each rank's batch (0.1 of 4 rows rounded to none)."""
+        from ..data.loader import task_rows
+
         a = self.train_args
+        if a.get("dataset") == "tasks" and not a.get("data_path"):
+            return True
         try:
             mix = float(a.get("task_mix") or 0)
         except (TypeError, ValueError):
             mix = 0.0
-        return mix > 0 or a.get("dataset") == "tasks"
+        try:
+            batch = int(a["batch_size"])
+        except (KeyError, TypeError, ValueError):  # not recorded: the share alone says
+            return mix > 0
+        return mix > 0 and task_rows(mix, batch) > 0
 
 
 def _strip_prefixes(state: dict) -> dict:

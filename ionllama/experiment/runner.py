@@ -38,6 +38,10 @@ from .tasks import TaskStageCut, run_task_stage
 # trainer flags that the experiment's own flags set under another name (a refusal names the flag the user typed)
 _EXPERIMENT_NAME = {"eval_bytes": "curve_eval_bytes", "max_train_time": "budget_s"}
 ARM_OVERHEAD_S = 120.0  # --arm_overhead_s when not given
+# the keys of evaluate_arm's row besides its eval results (val, val@N, test, --eval_data): no eval set takes them
+FINAL_KEYS = frozenset({"arm", "run", "model", "spec", "model_config", "sweep_pick", "params", "params_non_embedding",
+                        "params_by_part", "bytes_per_patch", "train", "data", "command", "trainer_command", "device",
+                        "date", "git"})
 
 
 def _changed_settings(final: dict, spec: dict, targv: list[str]) -> str:
@@ -441,16 +445,27 @@ class Runner:
     # ------------------------------------------------------------------ evaluation of one arm
     def eval_sets(self) -> list[tuple[str, str | None]]:
         """(name, path) of the extra evaluation sets: test (with --final_test) and --eval_data."""
-        sets = []
+        sets, owner = [], {}
         if self.a.final_test:
             p = _split_path(self.a.data_path or "", "test")
             if p is None:
                 raise UserError("--final_test needs a --data_path with '{split}' and a test file next to train/val")
             sets.append(("test", p))
+            owner["test"] = f"--final_test's split {p}"
         for p in self.a.eval_data or []:
             if not Path(p).exists():
                 raise UserError(f"--eval_data {p} does not exist; give a text/jsonl(.xz) file or a directory")
-            sets.append((Path(p).name.split(".")[0], p))
+            name = Path(p).name.split(".")[0]
+            # final.json holds each set's result under its name, beside val, val@N and the row's own keys: a
+            # val.jsonl replaced the val score, and of two wikipedia-val files one result was lost
+            if name == "val" or name.startswith("val@") or name in FINAL_KEYS:
+                raise UserError(f"--eval_data {p} would be named '{name}', a key final.json holds already (the row's "
+                                f"{name} entry); rename the file")
+            if name in owner:
+                raise UserError(f"--eval_data {p} and {owner[name]} are both named '{name}' in final.json (one "
+                                "result would replace the other); rename one file, or pass only one of them")
+            owner[name] = f"--eval_data {p}"
+            sets.append((name, p))
         return sets
 
     def _byte_set(self, name: str, path: str | None, val: np.ndarray | None, margin: int = 0) -> np.ndarray:

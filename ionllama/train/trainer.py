@@ -970,6 +970,8 @@ class Trainer:
                  f"{plan.main_steps} main + {plan.joint_steps} joint"
                  + (f" (nominal: the schedule follows the {plan.budget_s:g} s budget)"
                     if getattr(plan, "budget_s", None) else ""))
+            if getattr(self.sampler, "task_note", None):  # --task_mix rounds to whole rows of each rank's batch
+                _say(self.sampler.task_note)
             if self.par.distributed:
                 _say(f"parallel: {self.par.describe()}")
             (self.run_dir / "config.json").write_text(json.dumps(
