@@ -307,7 +307,9 @@ def test_bench_capped_bpb_of_a_bpe_model_scores_the_trainers_tokens(corpus):
     tt.attach(model)
     val = np.asarray(open_shards(corpus["byte_dir"]).val)
     differs_when_cut_first = 0
-    for n in (300, 701, 1000, 1777):
+    ends = set(np.cumsum(tt.bpe.token_nbytes[np.asarray(open_token_shards(corpus["tok_dir"]).val)]).tolist())
+    inside = next(n for n in range(500, 1500) if n + 1 not in ends)  # a cap inside a token, whatever the corpus
+    for n in (300, 701, 1000, 1777, inside):
         want = tt.evaluate(model, 32, 4, "cpu", max_bytes=n)
         got, _ = lm.evaluate_bpb(model, val[:n + 1 + lm.TOKEN_CUT_MARGIN], 32, 4, "cpu", max_bytes=n)
         assert (got["bytes"], got["tokens"]) == (want["bytes"], want["tokens"]), n
