@@ -715,3 +715,13 @@ def test_cli_without_a_seed_prints_the_one_it_drew_and_that_seed_repeats_the_byt
     again, err2 = capsys.readouterr()
     assert again == out and "seed" not in err2
     assert main(base + ["--greedy"]) == 0 and "seed" not in capsys.readouterr().err
+
+
+def test_the_byte_generate_function_refuses_a_token_model():
+    """ionllama.generation.generate(bpe_model, ...) sampled token ids as bytes and crashed on the first id above 255
+    ("byte must be in range(0, 256)", an audit); it names the method to call instead."""
+    from ionllama.generation import generate
+
+    m = ionllama.create_model("tiny", model="bpe", d_model=32, n_layers=1, n_heads=2, vocab_size=300)
+    with pytest.raises(UserError, match=r"predicts tokens, not bytes; call its own model.generate"):
+        generate(m, b"hello", max_new_bytes=4)
