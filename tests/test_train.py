@@ -415,3 +415,33 @@ def test_readme_names_every_setting_a_resume_does_not_take():
     start = readme.index("Settings of the invocation")
     listed = set(re.findall(r"`--(\w+)`", readme[start:readme.index("so pass them again", start)]))
     assert listed == _PER_INVOCATION - {"resume"}
+
+
+def test_a_kill_before_latest_is_written_keeps_the_new_best(tmp_path, corpus, monkeypatch):
+    """latest.pt was written first and copied to best.pt after: a kill between the two left latest.pt recording the new
+    best score and best.pt the old weights, and the resumed run wrote over latest.pt, the only copy of the best
+    weights (a new user's report). latest.pt is now written last: whatever it records is on disk already."""
+    from ionllama.train import checkpoint as ckpt_io
+    from ionllama.train import trainer as tr
+
+    real = ckpt_io.copy_checkpoint
+    kill_at = {"step": None}
+
+    def copy(src, dst):
+        step = torch.load(src, map_location="cpu", weights_only=True)["step"]
+        if Path(dst).name == "latest.pt" and step == kill_at["step"]:
+            raise KeyboardInterrupt("killed before latest.pt")
+        if Path(src).name == "latest.pt" and Path(dst).name == "best.pt" and step == kill_at["step"]:
+            raise KeyboardInterrupt("killed before best.pt")  # the old order's kill point
+        return real(src, dst)
+
+    run = train(tmp_path, corpus, "--max_steps", "10", "--eval_interval", "5", run_name="k")
+    assert load_checkpoint(run / "best.pt")["step"] == 10
+    kill_at["step"] = 15  # the next evaluation scores better (the loss still falls): a new best
+    monkeypatch.setattr(tr.ckpt_io, "copy_checkpoint", copy)
+    with pytest.raises(SystemExit):  # the CLI turns the interrupt into exit 130
+        train(tmp_path, corpus, "--max_steps", "20", "--eval_interval", "5", "--resume", "auto", run_name="k")
+    best = load_checkpoint(run / "best.pt")
+    latest = load_checkpoint(run / "latest.pt")
+    # what latest.pt records as the best score is the score of the weights in best.pt
+    assert best["step"] == 15 and best["best_val_bpb"] <= latest["best_val_bpb"]

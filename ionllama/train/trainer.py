@@ -881,7 +881,9 @@ class Trainer:
         }
 
     def save(self, *names: str) -> None:
-        """Serialise once to latest.pt, copy to the other names (all atomic)."""
+        """Serialise once, copy to the other names (each atomic), latest.pt last: it records best_val_bpb, so written
+        first, a kill before the copy to best.pt left a latest.pt that counted the new best while best.pt held the old
+        weights, and the resumed run then wrote over the only copy (a new user's report)."""
         if self.par.distributed:  # every rank writes its shards into <name>.dcp
             self.par.save(self.run_dir, names, self.optimizer, self.state(weights=False))
             self.saved_step = self.step
@@ -890,10 +892,10 @@ class Trainer:
             self.saved_step = self.step
             return
         try:
-            latest = ckpt_io.save_checkpoint(self.state(), self.run_dir / "latest.pt")
-            for n in names:
-                if n != "latest.pt":
-                    ckpt_io.copy_checkpoint(latest, self.run_dir / n)
+            order = [n for n in dict.fromkeys(names) if n != "latest.pt"] + ["latest.pt"]
+            first = ckpt_io.save_checkpoint(self.state(), self.run_dir / order[0])
+            for n in order[1:]:
+                ckpt_io.copy_checkpoint(first, self.run_dir / n)
         except OSError as e:
             raise UserError(f"could not write a checkpoint in {self.run_dir} ({e.strerror or e}); free disk space "
                             "and resume with --resume auto (earlier checkpoints are intact)") from None
