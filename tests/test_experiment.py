@@ -1133,3 +1133,23 @@ def test_rows_run_with_different_settings_are_named_on_the_page(tmp_path, one_th
     line = next(x for x in text.splitlines() if x.startswith("**Run with different settings**"))
     assert line.startswith("**Run with different settings**: --seed: ") and line.count("|") == 0, line
     assert "7 (bpe)" in line and "(default) (dense)" in line, line
+
+
+def test_an_entropy_arm_cut_in_its_main_phase_continues(tmp_path, monkeypatch, one_thread):
+    """The trainer checks a resumed step's phase against the nominal step counts (the arm's 100,000-step schedule puts
+    thousands of steps in the entropy phase), but an arm's phases follow its training time: an entropy arm stopped in
+    its main phase at step ~20 was refused on every rerun ("step 21 is in the entropy phase", a new user's report)."""
+    from ionllama.experiment import budget
+
+    pattern = write_corpus(tmp_path, n_train=12, n_val=2, doc_bytes=1200)
+    monkeypatch.setattr(budget, "RESERVE_FIRST_EVAL_S", 0.5)
+    monkeypatch.setattr(budget, "RESERVE_MARGIN_S", 1.0)
+    monkeypatch.setattr("ionllama.experiment.runner.process_age_s", lambda: 0.0)
+    monkeypatch.setattr(Runner, "time_left", lambda self: float("inf"))
+    base = _argv(tmp_path, pattern, "--arms", "ionllama", "--budget_s", "8", "--curve_points", "3")
+    assert main([*base, "--deadline_s", "6"]) == 0
+    ck = torch.load(tmp_path / "ck" / "ionllama" / "latest.pt", map_location="cpu", weights_only=True)
+    assert ck["phase"] == "main" and ck["step"] < ck["scheduler"]["entropy_steps"]  # nominally an entropy step
+    assert main(base) == 0
+    t = json.loads((tmp_path / "res" / "phase1" / "ionllama" / "final.json").read_text())["train"]
+    assert t["cut_short_s"] is None and t["train_time_s"] >= 8

@@ -128,6 +128,10 @@ def make_budget_trainer(train_args, explicit: set[str], budget_s: float, curve_p
     class BudgetTrainer(Trainer):
         # an arm trained to its budget but killed before its row was written: the rerun evaluates it
         refuse_spent_time = False
+        # the phases follow training time, not the nominal step counts the trainer checks a resumed step against
+        # (an entropy arm interrupted in its main phase at step 21, with a nominal 6,383 entropy steps, could never
+        # be continued: a new user's report)
+        phases_by_step = False
 
         def __init__(self):
             super().__init__(train_args, explicit)

@@ -255,6 +255,8 @@ ABOVE_ZERO = ("lr", "entropy_lr", "max_train_time")
 
 class Trainer:
     refuse_spent_time = True  # a resume whose --max_train_time is spent: an error (False: return at once, no save)
+    phases_by_step = True  # a resumed step must not fall back a phase under these step counts (False: the phases
+    # follow something else, as the experiment's time budget, and the checkpoint's phase stands)
 
     def __init__(self, args: argparse.Namespace, explicit: set[str] | None = None, rank: int = 0, world_size: int = 1):
         self.rank, self.world_size = rank, world_size
@@ -506,7 +508,7 @@ class Trainer:
             raise UserError(f"{path} has an unknown phase '{ck['phase']}' (not {', '.join(order)}): not a checkpoint "
                             "this trainer wrote; resume from latest.pt or step_N.pt of the run")
         step, now = int(ck["step"]), self.plan.phase_of(int(ck["step"]))
-        if ck["phase"] in order and order.index(now) < order.index(ck["phase"]):
+        if self.phases_by_step and order.index(now) < order.index(ck["phase"]):
             # e.g. a finished run given a larger --max_steps: its joint-phase step fell back into the main phase,
             # which recalibrated the patcher and ran the joint phase a second time
             extra = (f", or pass --joint_steps {self.plan.entropy_steps + self.plan.max_steps - step} so the added "
