@@ -1153,3 +1153,21 @@ def test_an_entropy_arm_cut_in_its_main_phase_continues(tmp_path, monkeypatch, o
     assert main(base) == 0
     t = json.loads((tmp_path / "res" / "phase1" / "ionllama" / "final.json").read_text())["train"]
     assert t["cut_short_s"] is None and t["train_time_s"] >= 8
+
+
+def test_the_report_is_rebuilt_when_an_arm_is_stopped_or_refused(tmp_path, monkeypatch, one_thread):
+    """--help says the report is rebuilt after every invocation, but a signal during an arm's training reaches the
+    runner as the trainer's SystemExit(130), not KeyboardInterrupt, and a refused arm (exit 2) skipped it too: the
+    finished arms stayed "Not yet run" on the page (a new user's report)."""
+    pattern = write_corpus(tmp_path, n_train=12, n_val=2, doc_bytes=1200)
+    assert main(_argv(tmp_path, pattern, "--arms", "dense")) == 0
+    page = tmp_path / "res" / "phase1.md"
+    for stop in (SystemExit(130), UserError("refused")):
+        page.unlink()
+
+        def pretrain(self, stop=stop):
+            raise stop
+        monkeypatch.setattr(Runner, "pretrain", pretrain)
+        with pytest.raises(SystemExit):  # 130, or the refusal's 2
+            main(_argv(tmp_path, pattern, "--arms", "dense,bpe"))
+        assert "| dense |" in page.read_text(), stop

@@ -159,20 +159,32 @@ def main(argv: list[str] | None = None) -> int:
                 runner.tasks()
         write_report(runner.out, list(runner.matrix), runner.command, label=a.matrix, title=a.title, expected=names)
         return 0
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         # the report is rebuilt after every invocation (--help), an interrupted one too: its finished arms' rows
-        # were left out of the page until the next run (a second ^C stops this as well)
+        # were left out of the page until the next run (a second ^C stops this as well). A signal during an arm's
+        # training arrives as the trainer's SystemExit(128 + signal), not as KeyboardInterrupt
         if runner is not None and any(out.glob("*/final.json")):
             _log("interrupted: rebuilding the report of the finished arms")
-            write_report(runner.out, list(runner.matrix), runner.command, label=a.matrix, title=a.title,
-                         expected=names)
+            _rebuild_report(runner, a, names)
         raise
     except UserError:
         # a refused command leaves no empty --out behind (Runner makes it early, to fail on an unwritable path
-        # before any arm trains); a folder with anything in it is kept
+        # before any arm trains); a folder with anything in it is kept, and its report rebuilt (an arm refused
+        # after others finished left them off the page)
         if made:
             remove_if_empty(out)
+        elif runner is not None and any(out.glob("*/final.json")):
+            _rebuild_report(runner, a, names)
         raise
+
+
+def _rebuild_report(runner: Runner, a: argparse.Namespace, names) -> None:
+    """The report of the finished arms, on the way out of a stopped or refused invocation: a failure here must not
+    hide the reason it stopped."""
+    try:
+        write_report(runner.out, list(runner.matrix), runner.command, label=a.matrix, title=a.title, expected=names)
+    except (OSError, UserError, ValueError) as e:
+        _log(f"note: the report was not rebuilt ({e})")
 
 
 def _checked_runner(a: argparse.Namespace, argv: list[str], stages: list[str]) -> tuple[Runner, list[str]]:
