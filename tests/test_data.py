@@ -888,3 +888,11 @@ def test_exact_copies_in_both_splits_are_counted_and_said(tmp_path):
     clean = tmp_path / "clean.jsonl"
     clean.write_text("".join(json.dumps({"text": d.decode()}) + "\n" for d in make_docs(30)))
     assert prep(tmp_path, data_path=str(clean), val_fraction=0.2).meta["documents_in_both_splits"] == 0
+
+
+def test_a_named_pipe_as_data_path_is_named_as_such(tmp_path):
+    """A FIFO given as --data_path was reported as missing ("does not exist"): it exists, and is not a file."""
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    with pytest.raises(UserError, match="is not a regular file"):
+        prep(tmp_path, data_path=str(fifo))

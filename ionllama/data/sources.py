@@ -268,6 +268,9 @@ def resolve_local_files(pattern: str) -> tuple[list[str], str]:
                             "stored as compressed bytes); decompress it, or use .jsonl / .txt, optionally .gz, .xz "
                             "or .bz2")
         return [p], os.path.dirname(os.path.abspath(p))
+    if os.path.exists(p):  # a pipe or a device: os.path.isfile is False, and "does not exist" misled
+        raise UserError(f"--data_path '{pattern}' is not a regular file (a pipe or a device); write the data to a file "
+                        "and pass that")
     raise UserError(f"--data_path '{pattern}' does not exist; give a text/jsonl/parquet file, a directory or a glob")
 
 
