@@ -715,6 +715,9 @@ def test_cli_without_a_seed_prints_the_one_it_drew_and_that_seed_repeats_the_byt
     again, err2 = capsys.readouterr()
     assert again == out and "seed" not in err2
     assert main(base + ["--greedy"]) == 0 and "seed" not in capsys.readouterr().err
+    # nothing sampled either: argmax by temperature 0, or no bytes (the seed line said they could be repeated)
+    for extra in (["--temperature", "0"], ["--max_new_bytes", "0"]):
+        assert main(base + extra) == 0 and "seed" not in capsys.readouterr().err, extra
 
 
 def test_the_byte_generate_function_refuses_a_token_model():

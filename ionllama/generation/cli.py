@@ -216,7 +216,8 @@ def _generate(args, device: str, prompt: bytes) -> bytes:
         if getattr(model.config, "model", None) == "bpe":  # its own token decoder (a KV cache), not the byte runner
             raise UserError("--compile is for the byte models' decoder; leave it out for a BPE checkpoint")
         kw["compile"] = args.compile
-    if args.seed is None and not args.greedy:  # a sampled run worth keeping could not be repeated: say its seed
+    # a sampled run worth keeping could not be repeated: say its seed (not where nothing is sampled: argmax, no bytes)
+    if args.seed is None and not args.greedy and args.temperature != 0 and args.max_new_bytes > 0:
         args.seed = int.from_bytes(os.urandom(8), "little") & SEED_MAX  # (after every check: errors stay one line)
         print(f"seed {args.seed} (pass --seed {args.seed} to repeat these bytes)", file=sys.stderr)
     write = _writer(sys.stdout)
