@@ -227,8 +227,8 @@ def check_config(cfg: ModelConfig) -> ModelConfig:
     for name, low in AT_LEAST.items():
         if not getattr(cfg, name) >= low:  # `not >=`: NaN fails too
             raise UserError(f"{name} must be >= {low} (got {getattr(cfg, name)}); pass {low} or more (--{name} on the "
-                            f"command line, {name}= in Python); ModelConfig's default is {_DEFAULTS[name]}, and a --size may "
-                            "set its own")
+                            f"command line, {name}= in Python); ModelConfig's default is {_DEFAULTS[name]}, and a "
+                            "--size may set its own")
     for name in ("dropout", "local_dropout"):
         v = getattr(cfg, name)
         if v is not None and not 0 <= v < 1:
