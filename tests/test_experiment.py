@@ -640,17 +640,22 @@ def test_an_arm_that_would_overrun_the_deadline_is_cut_short_with_its_row_kept(t
     assert "(wall-clock deadline); saved" in out.out + out.err
 
 
-def test_a_rerun_continues_an_arm_cut_short_by_the_deadline(tmp_path, monkeypatch, one_thread, capsys):
-    """A row cut short by --deadline_s used to stay cut: the rerun found its final.json and skipped the arm. It now
-    resumes from the arm's checkpoint to the full budget, and the row is no longer marked cut; without the time
-    for it, the cut row is kept and the log says why."""
+def _deadline_corpus(tmp_path, monkeypatch) -> str:
+    """A small corpus, and the deadline's reserves short enough for a few seconds' budget (no time limit left)."""
     from ionllama.experiment import budget
 
-    pattern = write_corpus(tmp_path, n_train=12, n_val=2, doc_bytes=1200)
     monkeypatch.setattr(budget, "RESERVE_FIRST_EVAL_S", 0.5)
     monkeypatch.setattr(budget, "RESERVE_MARGIN_S", 1.0)
     monkeypatch.setattr("ionllama.experiment.runner.process_age_s", lambda: 0.0)
     monkeypatch.setattr(Runner, "time_left", lambda self: float("inf"))
+    return write_corpus(tmp_path, n_train=12, n_val=2, doc_bytes=1200)
+
+
+def test_a_rerun_continues_an_arm_cut_short_by_the_deadline(tmp_path, monkeypatch, one_thread, capsys):
+    """A row cut short by --deadline_s used to stay cut: the rerun found its final.json and skipped the arm. It now
+    resumes from the arm's checkpoint to the full budget, and the row is no longer marked cut; without the time
+    for it, the cut row is kept and the log says why."""
+    pattern = _deadline_corpus(tmp_path, monkeypatch)
     base = _argv(tmp_path, pattern, "--arms", "dense", "--budget_s", "6", "--curve_points", "6")
     assert main([*base, "--deadline_s", "3"]) == 0
     final = tmp_path / "res" / "phase1" / "dense" / "final.json"
@@ -1139,13 +1144,7 @@ def test_an_entropy_arm_cut_in_its_main_phase_continues(tmp_path, monkeypatch, o
     """The trainer checks a resumed step's phase against the nominal step counts (the arm's 100,000-step schedule puts
     thousands of steps in the entropy phase), but an arm's phases follow its training time: an entropy arm stopped in
     its main phase at step ~20 was refused on every rerun ("step 21 is in the entropy phase", a new user's report)."""
-    from ionllama.experiment import budget
-
-    pattern = write_corpus(tmp_path, n_train=12, n_val=2, doc_bytes=1200)
-    monkeypatch.setattr(budget, "RESERVE_FIRST_EVAL_S", 0.5)
-    monkeypatch.setattr(budget, "RESERVE_MARGIN_S", 1.0)
-    monkeypatch.setattr("ionllama.experiment.runner.process_age_s", lambda: 0.0)
-    monkeypatch.setattr(Runner, "time_left", lambda self: float("inf"))
+    pattern = _deadline_corpus(tmp_path, monkeypatch)
     base = _argv(tmp_path, pattern, "--arms", "ionllama", "--budget_s", "8", "--curve_points", "3")
     assert main([*base, "--deadline_s", "6"]) == 0
     ck = torch.load(tmp_path / "ck" / "ionllama" / "latest.pt", map_location="cpu", weights_only=True)
