@@ -137,24 +137,25 @@ def patch_statistics(model, data: np.ndarray, seq_len: int, batch_size: int, dev
     hist = np.zeros(max_hist + 1, dtype=np.int64)
     total_bytes = total_patches = 0
     source = "byte_to_patch"
-    for i in range(0, n_win, batch_size):
-        x = rows[i:i + batch_size].to(device)
-        with autocast_ctx(device, amp_dtype), eval_mode(model):
-            out = model(x)
-        b2p = out.get("byte_to_patch")
-        if b2p is not None:
-            for r in b2p.long().cpu():
-                _, counts = torch.unique_consecutive(r, return_counts=True)
-                np.add.at(hist, np.minimum(counts.numpy(), max_hist), 1)
-                total_patches += len(counts)
-        else:
-            n_p = out.get("n_patches")
-            source = "n_patches" if n_p is not None else "one byte per position"
-            for n in (n_p.cpu().tolist() if n_p is not None else [x.shape[1]] * x.shape[0]):
-                size = x.shape[1] / max(int(n), 1)
-                hist[min(int(round(size)), max_hist)] += int(n)
-                total_patches += int(n)
-        total_bytes += x.numel()
+    with eval_mode(model):  # once for the loop, and the mode it had after
+        for i in range(0, n_win, batch_size):
+            x = rows[i:i + batch_size].to(device)
+            with autocast_ctx(device, amp_dtype):
+                out = model(x)
+            b2p = out.get("byte_to_patch")
+            if b2p is not None:
+                for r in b2p.long().cpu():
+                    _, counts = torch.unique_consecutive(r, return_counts=True)
+                    np.add.at(hist, np.minimum(counts.numpy(), max_hist), 1)
+                    total_patches += len(counts)
+            else:
+                n_p = out.get("n_patches")
+                source = "n_patches" if n_p is not None else "one byte per position"
+                for n in (n_p.cpu().tolist() if n_p is not None else [x.shape[1]] * x.shape[0]):
+                    size = x.shape[1] / max(int(n), 1)
+                    hist[min(int(round(size)), max_hist)] += int(n)
+                    total_patches += int(n)
+            total_bytes += x.numel()
     last = int(np.nonzero(hist)[0].max()) if hist.any() else 1
     return {"bytes": total_bytes, "patches": total_patches, "bytes_per_patch": total_bytes / max(total_patches, 1),
             "histogram": {str(k): int(hist[k]) for k in range(1, last + 1)}, "source": source, "window": L}
