@@ -17,14 +17,25 @@ from .config import ModelConfig, check_config, make_config
 from .errors import UserError
 
 _REGISTRY: dict[str, Callable[[ModelConfig], nn.Module]] = {}
+_READS: dict[str, frozenset[str]] = {}  # the config options a model is built from (absent: all of them)
 
 
-def register(name: str):
+def register(name: str, reads: tuple[str, ...] | None = None):
+    """reads: the ModelConfig options this model uses. An option outside them given to make_config is refused:
+    `--model dense --patching fixed` trained a plain dense model, and the user believed it patched."""
     def deco(builder):
         _REGISTRY[name] = builder
+        if reads is not None:
+            _READS[name] = frozenset(reads)
         return builder
 
     return deco
+
+
+def options_read(model: str) -> frozenset[str] | None:
+    """The options `model` is built from, or None when it takes them all (ionllama, unlisted models)."""
+    _ensure_loaded()
+    return _READS.get(model)
 
 
 def _ensure_loaded() -> None:

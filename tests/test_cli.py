@@ -330,3 +330,32 @@ def test_a_flag_must_be_spelt_out():
         p.parse_args(["--out", "f"])
     assert e.value.code == 2
     assert p.parse_args(["--output", "f"]).output == "f"
+
+
+@pytest.mark.parametrize("model, flags, named", [
+    ("dense", ["--patching", "fixed"], "patching"),
+    ("dense", ["--d_local", "32", "--ngram", "none"], "d_local, ngram"),
+    ("bpe", ["--attention", "dense"], "attention"),
+    ("mamba", ["--n_heads", "2"], "n_heads"),
+])
+def test_an_option_the_baseline_does_not_use_is_refused_before_any_work(tmp_path, corpus, capsys, model, flags,
+                                                                        named):
+    """`--model dense --patching fixed` trained a plain dense model without a word: the user believed it patched."""
+    with pytest.raises(SystemExit) as e:
+        top.main(["train", "--model", model, *flags, "--data_path", str(corpus), "--data_dir", str(tmp_path / "c"),
+                  "--save_dir", str(tmp_path / "runs"), "--max_steps", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert f"model '{model}' does not use {named}" in err
+    assert not (tmp_path / "c").exists() and not (tmp_path / "runs").exists()  # refused before data or checkpoints
+
+
+def test_options_the_baseline_uses_are_taken():
+    from ionllama.errors import UserError
+
+    m = create_model("tiny", model="mamba", d_model=32, n_layers=1, conv_kernel=3)
+    assert (m.config.d_model, m.config.n_layers, m.config.conv_kernel) == (32, 1, 3)
+    d = create_model("tiny", model="dense", d_model=32, n_heads=2, n_layers=1, dropout=0.1)
+    assert (d.config.n_heads, d.config.dropout) == (2, 0.1)
+    with pytest.raises(UserError, match="model 'dense' does not use max_patch_size"):
+        create_model("tiny", model="dense", max_patch_size=4)

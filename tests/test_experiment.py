@@ -474,7 +474,11 @@ def test_sweep_variants_change_what_they_name():
         got = {v: variant_spec(base, v) for v in SWEEP_VARIANTS}
         assert got["lr2x"]["lr"] == 2 * base["lr"] and got["lr0.5x"]["lr"] == base["lr"] / 2
         assert got["wide"]["d_model"] > cfg.d_model > got["narrow"]["d_model"]
-        assert got["wide"]["d_model"] % 64 == 0 and got["wide"]["n_heads"] == got["wide"]["d_model"] // 64
+        assert got["wide"]["d_model"] % 64 == 0
+        # heads follow the width where the model has them; MambaByte has none (the trainer refuses --n_heads there)
+        assert got["wide"].get("n_heads") == (None if arm == "mamba" else got["wide"]["d_model"] // 64)
+        make_config(base["size"], base["model"], **{k: v for k, v in got["wide"].items() if k in ("d_model",
+                                                                                                    "n_heads")})
         assert got["deep"]["n_layers"] > cfg.n_layers > got["shallow"]["n_layers"] >= 1
         assert got["wide"].get("n_layers") == base.get("n_layers") and got["deep"].get("d_model") == base.get("d_model")
         assert all(got[v]["lr"] == base["lr"] for v in ("wide", "narrow", "deep", "shallow"))
@@ -1170,3 +1174,28 @@ def test_the_report_is_rebuilt_when_an_arm_is_stopped_or_refused(tmp_path, monke
         with pytest.raises(SystemExit):  # 130, or the refusal's 2
             main(_argv(tmp_path, pattern, "--arms", "dense,bpe"))
         assert "| dense |" in page.read_text(), stop
+
+
+def test_an_override_a_baseline_does_not_use_is_left_out_of_its_arm_and_said(tmp_path, capsys):
+    """--override d_local=64 applies to every arm; the trainer now refuses options a model does not use, so the
+    runner leaves it out of the baselines' commands (once said per arm) and keeps it for ionLlama's."""
+    from ionllama.train.cli import build_train_parser
+    from ionllama.train.trainer import model_config_from_args
+
+    r = Runner(build_parser().parse_args(["--out", str(tmp_path / "o"), "--ckpt_dir", str(tmp_path / "c"),
+                                          "--override", "d_local=64,n_heads=4"]), [])
+    capsys.readouterr()
+    assert r.spec_of("ionllama_fixed")["d_local"] == 64
+    for arm in ("dense", "mamba", "dense"):
+        spec = r.spec_of(arm)
+        assert "d_local" not in spec
+        model_config_from_args(build_train_parser().parse_args(r.trainer_argv("x", spec, 60.0)))  # not refused
+    assert r.spec_of("dense")["n_heads"] == 4 and "n_heads" not in r.spec_of("mamba")
+    said = [ln for ln in capsys.readouterr().out.splitlines() if "left out" in ln]
+    assert said == ["[experiment] dense: --override d_local left out: model dense does not use it",
+                    "[experiment] mamba: --override d_local, n_heads left out: model mamba does not use them"], said
+    # the sweep's width variant sets heads only where the model has them
+    from ionllama.experiment.matrix import variant_spec
+
+    assert "n_heads" not in variant_spec(dict(ARMS["mamba"]), "wide") and "n_heads" in variant_spec(
+        dict(ARMS["dense"]), "wide")

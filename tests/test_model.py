@@ -9,6 +9,8 @@ from ionllama.errors import UserError
 
 SMALL = dict(d_model=32, n_layers=2, n_heads=2, d_local=32, n_enc_layers=1, n_dec_layers=1, d_entropy=16,
              n_entropy_layers=1, entropy_headdim=8, entropy_state=4, ngram_buckets=64)
+# the baselines at test size: options each is built from (MambaByte has no heads; passing them is refused)
+BASELINE_KW = {"dense": dict(d_model=32, n_layers=1, n_heads=2), "mamba": dict(d_model=32, n_layers=1)}
 
 
 def test_forward_api_shapes_and_keys():
@@ -30,7 +32,7 @@ def test_bad_forward_input_names_the_problem(model):
     """A new user's report: ids past 255 were an IndexError, an empty sequence a ZeroDivisionError, a 1-D input
     "not enough values to unpack", floats were cast silently. Each is now a ValueError naming the fix; int32 ids
     work as int64 ones."""
-    m = create_model("tiny", model=model, **(SMALL if model == "ionllama" else dict(d_model=32, n_layers=1, n_heads=2)))
+    m = create_model("tiny", model=model, **(SMALL if model == "ionllama" else BASELINE_KW[model]))
     m.eval()
     x = torch.randint(0, 256, (2, 12))
     for bad, words in ((x[0], "add a batch dimension"), (x[:, :0], "seq_len >= 1"), (x.float(), "integer ids"),
@@ -54,7 +56,7 @@ def test_bad_forward_input_names_the_problem(model):
 def test_loss_skips_ignored_targets_and_is_zero_without_any(model):
     """-100 targets are left out of the mean; with none left the loss is 0 with zero gradients, not F.cross_entropy's
     NaN (0 / 0), which AdamW would have written into every weight. The joint phase's aux loss as well."""
-    kw = dict(SMALL, patching="entropy") if model == "ionllama" else dict(d_model=32, n_layers=1, n_heads=2)
+    kw = dict(SMALL, patching="entropy") if model == "ionllama" else BASELINE_KW[model]
     m = create_model("tiny", model=model, **kw)
     if model == "ionllama":
         m.freeze_entropy(False)  # joint fine-tuning: the forward adds the entropy model's aux_loss

@@ -355,16 +355,20 @@ def test_compiled_stage_gives_space_patching_one_shape_and_the_same_loss(monkeyp
 
 
 def test_compiled_stage_of_a_dense_arm_with_patching_space_runs(monkeypatch):
-    """--override patching=space reaches every arm of the experiment, the dense one too: its compiled stage must
-    not pass the ionLlama-only latent length (TypeError: unexpected keyword argument 'latent_len')."""
+    """--override patching=space reached every arm of the experiment, the dense one too (it is left out of a
+    baseline's now, but a config saved before carries it): its compiled stage must not pass the ionLlama-only latent
+    length (TypeError: unexpected keyword argument 'latent_len')."""
+    import dataclasses
     from argparse import Namespace
 
     from ionllama import create_model
     from ionllama.experiment import tasks as T
+    from ionllama.registry import build_model
 
     monkeypatch.setattr(T.torch, "compile", lambda model, **kw: model)
     monkeypatch.setattr("ionllama.eval.task_eval.run_tasks", lambda *a, **k: {"per_task": {}})
-    m = create_model("tiny", model="dense", d_model=32, n_layers=1, n_heads=2, patching="space")
+    cfg = create_model("tiny", model="dense", d_model=32, n_layers=1, n_heads=2).config
+    m = build_model(dataclasses.replace(cfg, patching="space"))
     a = Namespace(task_steps=2, task_lr=1e-3, seed=1, task_batch=4, task_seq_len=96, task_n=1, task_compile=True)
     res = T.run_task_stage(m, torch.device("cpu"), None, a)
     assert res["fine_tuning"]["latent_len"] is None and len(res["fine_tuning"]["losses"]) == 2

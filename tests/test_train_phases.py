@@ -398,6 +398,7 @@ def test_an_entropy_model_trained_on_other_data_is_reused_and_recalibrated(tmp_p
 
     dense = base[:] + ["--data_path", str(b_data), "--max_steps", "2"]
     dense[1] = "dense"
+    del dense[dense.index("--d_local"):dense.index("--d_local") + 2]  # (a dense model has no local layers: refused)
     small_ent = base[:] + ["--data_path", str(b_data), "--max_steps", "2", "--size", "small", "--d_model", "32"]
     cases = [(dense + ["--run_name", "x1", "--entropy_checkpoint", str(run / "final.pt")], "is for --model ionllama"),
              (base + ["--data_path", str(b_data), "--max_steps", "2", "--run_name", "x2", "--entropy_checkpoint",

@@ -93,7 +93,9 @@ def variant_spec(spec: dict, variant: str) -> dict:
         base = make_config(spec["size"], spec["model"], **{k: spec[k] for k in MODEL_KEYS if k in spec})
     if "width_mult" in v:
         d = max(64, int(math.floor(base.d_model * v["width_mult"] / 64 + 0.5)) * 64)  # multiples of 64 heads
-        out["d_model"], out["n_heads"] = d, max(1, d // 64)
+        out["d_model"] = d
+        if _reads(spec["model"], "n_heads"):  # (MambaByte has no attention heads)
+            out["n_heads"] = max(1, d // 64)
     if "depth_mult" in v:
         out["n_layers"] = max(1, int(math.floor(base.n_layers * v["depth_mult"] + 0.5)))
     if "local_width_mult" in v:
@@ -101,6 +103,13 @@ def variant_spec(spec: dict, variant: str) -> dict:
     if "dec_layers_add" in v:
         out["n_dec_layers"] = base.n_dec_layers + v["dec_layers_add"]
     return out
+
+
+def _reads(model: str, option: str) -> bool:
+    from ..registry import options_read
+
+    reads = options_read(model)
+    return reads is None or option in reads
 
 
 # --override keys beyond the model options: the optimiser's, and the runner's own per-arm settings

@@ -130,7 +130,15 @@ class Runner:
             _log(f"{arm}{'~' + variant if variant else ''}: --override replaces the "
                  f"{'sweep variant' if variant else 'sweep pick'}'s "
                  + ", ".join(f"{k}={v} with {self.overrides[k]}" for k, v in replaced.items()))
-        spec.update(self.overrides)
+        from ..registry import options_read
+
+        reads = options_read(spec["model"])
+        skip = [k for k in self.overrides if k in MODEL_KEYS and reads is not None and k not in reads]
+        if skip and ("skip", arm) not in self._overrides_said:  # the trainer refuses an option its model lacks
+            self._overrides_said.add(("skip", arm))
+            _log(f"{arm}: --override {', '.join(skip)} left out: model {spec['model']} does not use "
+                 f"{'it' if len(skip) == 1 else 'them'}")
+        spec.update({k: v for k, v in self.overrides.items() if k not in skip})
         return spec
 
     def sweep_subset(self) -> list[str]:

@@ -38,7 +38,8 @@ def _byte_decoder_defaults() -> dict:
 
 
 
-@register("bpe")
+@register("bpe", reads=("d_model", "n_layers", "n_heads", "ffn_mult", "dropout", "vocab_size",
+                        "tokenizer_path"))
 class BPETransformer(ParamCountMixin, nn.Module):
     token_level = True  # the trainer / data pipeline feed token ids, not bytes
 

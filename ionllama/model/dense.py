@@ -69,7 +69,7 @@ def transformer_lm_logits(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module.head(module.norm(h))
 
 
-@register("dense")
+@register("dense", reads=("d_model", "n_layers", "n_heads", "ffn_mult", "dropout", "vocab_size"))
 class DenseByteTransformer(ParamCountMixin, GenerateMixin, nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()

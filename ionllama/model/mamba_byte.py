@@ -24,7 +24,7 @@ HEADDIM = 64  # channels per SSM head
 EXPAND = 2  # inner width = EXPAND * d_model
 
 
-@register("mamba")
+@register("mamba", reads=("d_model", "n_layers", "vocab_size", "conv_kernel", "scan_chunk"))
 class MambaByte(ParamCountMixin, GenerateMixin, nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()

@@ -286,6 +286,8 @@ class Trainer:
         ensure_writable(self.run_dir, args.save_dir)
 
         # ---- model config (validated before any data work)
+        if self.ck is not None:  # before the config: its refusal of a flag the model lacks hid the real mistake
+            self._check_same_kind(ck_path, args.model, args.size)
         self.config = model_config_from_args(args)
         if self.ck is not None:
             self._check_config_matches(ck_path)
@@ -445,15 +447,18 @@ class Trainer:
             if getattr(args, k, None) is None and k not in explicit and sched.get(k) is not None:
                 setattr(args, k, int(sched[k]))
 
-    def _check_config_matches(self, ck_path) -> None:
+    def _check_same_kind(self, ck_path, model: str, size: str) -> None:
         saved = self.ck["model_config"]
-        now = self.config.to_dict()
-        if saved.get("model") != now["model"] or saved.get("size") != now["size"]:
+        if saved.get("model") != model or saved.get("size") != size:
             # said first and alone: the other keys differ only because of it (a new user was told to drop flags
             # they never passed)
             raise UserError(f"{ck_path} is a --model {saved.get('model')} --size {saved.get('size')} checkpoint, not "
-                            f"--model {now['model']} --size {now['size']}; pass --model {saved.get('model')} --size "
+                            f"--model {model} --size {size}; pass --model {saved.get('model')} --size "
                             f"{saved.get('size')} to resume it, or start a new --run_name")
+
+    def _check_config_matches(self, ck_path) -> None:
+        saved = self.ck["model_config"]
+        now = self.config.to_dict()
         diff = [f"{k}={now[k]!r} (checkpoint {saved[k]!r})" for k in saved if k in now and now[k] != saved[k]]
         if diff:
             raise UserError(f"{ck_path} was trained with a different model: {', '.join(diff[:4])}; drop those flags "
