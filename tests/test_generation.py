@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib
 import os
 import random
+import signal
+import time
 
 import pytest
 import torch
@@ -584,6 +586,21 @@ def test_cli_output_writes_the_exact_bytes_atomically(tmp_path, capsys, monkeypa
     with pytest.raises(SystemExit) as e:
         cli.main(base + ["--output", str(dest)])
     assert e.value.code == 2 and dest.read_bytes() == b"\xff\xe2\x82z\x01"
+    capsys.readouterr()
+
+    def terminated_generate(prompt, stream=None, **kw):  # `kill PID` mid-way: it left the temp file behind
+        stream(0, b"partial")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # (the handler's exception arrives first)
+        return b"never"
+
+    monkeypatch.setattr(cli, "load_checkpoint_model", lambda path, device: type("M", (), {
+        "generate": staticmethod(terminated_generate), "config": m.config})())
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as e:
+        cli.main(base + ["--output", str(dest)])
+    assert e.value.code == 143 and dest.read_bytes() == b"\xff\xe2\x82z\x01"
+    assert signal.getsignal(signal.SIGTERM) == handler  # given back
     capsys.readouterr()
     for bad, words in ((tmp_path, "is a folder"), (tmp_path / "no" / "out.bin", "cannot write --output")):
         with pytest.raises(SystemExit) as e:

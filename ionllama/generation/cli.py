@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -193,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     prompt = _read_prompt(args)  # before the checkpoint: a missing file is one early line
     tmp, out_file = _open_output(args.output)
     try:
-        out = _generate(args, device, prompt)
+        with _terminate_unwinds():
+            out = _generate(args, device, prompt)
         if out_file is not None:
             from ..fsutil import fsync_replace
 
@@ -205,6 +208,24 @@ def main(argv: list[str] | None = None) -> int:
             out_file.close()
             Path(tmp).unlink(missing_ok=True)
     return 0
+
+
+@contextlib.contextmanager
+def _terminate_unwinds():
+    """SIGTERM (`kill`, a job scheduler's stop) exits through the `finally` as ^C does: it ended the process at once
+    and left the --output temp file behind. Exit status 143 = 128 + SIGTERM, what a shell reports."""
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        old = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread (main() called from a worker thread): the default stays
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _generate(args, device: str, prompt: bytes) -> bytes:
