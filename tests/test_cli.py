@@ -146,6 +146,24 @@ def test_checkpoint_errors_and_nothing_saved_is_lost(tmp_path, corpus, capsys):
     assert "note: resuming with --lr 0.002" in capsys.readouterr().out
 
 
+def test_an_edited_checkpoint_config_or_rng_state_is_refused_on_resume(tmp_path, corpus, capsys):
+    """A model_config key this version lacks was dropped on resume (generate refused the same file), and a broken
+    random-number state was a numpy traceback (an audit's findings)."""
+    import torch
+
+    assert main(args(tmp_path, corpus, "--max_steps", "4", "--stop_at", "2", "--eval_interval", "2")) == 0
+    ck = torch.load(tmp_path / "runs" / "r" / "latest.pt", weights_only=True)
+    extra = {**ck, "model_config": {**ck["model_config"], "future_knob": 3}}
+    torch.save(extra, tmp_path / "extra.pt")
+    expect_error(capsys, args(tmp_path, corpus, "--max_steps", "4", "--resume", str(tmp_path / "extra.pt"),
+                              "--run_name", "x1"), "unknown model config keys ['future_knob']")
+    rng = {**ck, "rng": {**ck["rng"], "numpy": {**ck["rng"]["numpy"], "keys": ck["rng"]["numpy"]["keys"][:3]}}}
+    torch.save(rng, tmp_path / "rng.pt")
+    expect_error(capsys, args(tmp_path, corpus, "--max_steps", "4", "--resume", str(tmp_path / "rng.pt"),
+                              "--run_name", "x2"), "rng.pt: its random-number state is not readable")
+    assert main(args(tmp_path, corpus, "--max_steps", "4", "--resume", "auto")) == 0  # the run's own file resumes
+
+
 def test_resume_past_the_last_step_is_refused_and_rewrites_nothing(tmp_path, corpus, capsys):
     """--max_steps below the checkpoint's step: nothing to train. It used to exit 0 and rewrite latest.pt, final.pt
     and config.json with the new settings (the run's own train_args lost)."""

@@ -450,3 +450,47 @@ def test_one_process_resume_of_an_older_dcp_moves_the_latest_it_would_never_repl
     aside = run / "before-resume-step3"
     assert not (run / "latest.dcp").exists() and (run / "latest.pt").is_file()
     assert distributed.load_train_state(aside / "latest.dcp")["step"] == STEPS
+
+
+def test_a_sharded_save_writes_latest_last(tmp_path, monkeypatch):
+    """latest.dcp records best_val_bpb: written first (as it was), a kill before best.dcp's link left best.dcp an
+    older model for good. The .pt path had this fixed; the sharded one now swaps latest in last too."""
+    swapped = []
+    real = distributed._swap_dir
+    monkeypatch.setattr(distributed, "_swap_dir", lambda tmp, dst: (swapped.append(dst.name), real(tmp, dst)))
+    import warnings
+
+    from ionllama.config import ModelConfig
+    from ionllama.registry import build_model
+
+    model = build_model(ModelConfig.from_dict({"model": "dense", "size": "tiny", "d_model": 16, "n_layers": 1,
+                                               "n_heads": 2}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        written = distributed.save_sharded(distributed.DistContext(), tmp_path, ("latest.pt", "best.pt", "step_4.pt"),
+                                           model, torch.optim.AdamW(model.parameters()), {"step": 4})
+    assert swapped == ["best.dcp", "step_4.dcp", "latest.dcp"] and [p.name for p in written] == swapped
+    assert all(distributed.is_sharded_checkpoint(p) for p in written)
+
+
+def test_a_kill_between_the_swap_renames_keeps_the_previous_checkpoint_for_resume(tmp_path, monkeypatch):
+    """_swap_dir renames latest.dcp to .latest.dcp.old, then the new folder in: a kill between the two left no
+    latest.dcp, so --resume auto started a new run (and its first save deleted the old one). It is put back."""
+    run = tmp_path / "run"
+    _tiny_dcp(run, step=3)
+
+    def killed(tmp, dst):  # the first rename only, then the process dies
+        os.replace(dst, dst.with_name(f".{dst.name}.old"))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distributed, "_swap_dir", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _tiny_dcp(run, step=6)
+    assert not (run / "latest.dcp").exists() and (run / ".latest.dcp.old").is_dir()
+    monkeypatch.undo()
+    assert distributed.latest_checkpoint(run) == run / "latest.dcp"
+    assert distributed.load_train_state(run / "latest.dcp")["step"] == 3  # the previous checkpoint, whole
+    from ionllama.train.trainer import resolve_run
+
+    args = type("A", (), {"save_dir": str(tmp_path), "run_name": "run", "resume": "auto"})()
+    assert resolve_run(args) == (run, run / "latest.dcp")

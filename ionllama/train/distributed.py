@@ -468,6 +468,7 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newer of <run>/latest.pt and <run>/latest.dcp, or None."""
+    recover_interrupted_swaps(run_dir)
     found = []
     if (run_dir / "latest.pt").is_file():
         found.append((checkpoint_mtime(run_dir / "latest.pt"), run_dir / "latest.pt"))
@@ -485,8 +486,23 @@ def has_checkpoints(run_dir: Path) -> bool:
     return run_dir.is_dir() and (any(run_dir.glob("*.pt")) or any(run_dir.glob("*" + DCP_SUFFIX)))
 
 
+def recover_interrupted_swaps(run_dir: Path) -> list[Path]:
+    """A kill between _swap_dir's two renames left `.X.dcp.old` and no `X.dcp`: --resume auto then saw no
+    checkpoint and started over (deleting the old one at its first save). Put each such folder back; -> those."""
+    back = []
+    if not run_dir.is_dir():
+        return back
+    for old in run_dir.glob(f".*{DCP_SUFFIX}.old"):
+        dst = run_dir / old.name[1:-len(".old")]
+        if not dst.exists() and is_sharded_checkpoint(old):
+            os.replace(old, dst)
+            back.append(dst)
+    return back
+
+
 def _swap_dir(tmp: Path, dst: Path) -> None:
-    """Put folder tmp at dst; the old dst is renamed away first, then removed."""
+    """Put folder tmp at dst; the old dst is renamed away first, then removed (recover_interrupted_swaps puts it
+    back after a kill between the two renames)."""
     old = dst.with_name(f".{dst.name}.old")
     if old.exists():
         shutil.rmtree(old)
@@ -578,6 +594,10 @@ def save_sharded(ctx: DistContext, run_dir: Path, names: tuple[str, ...], model:
     from .checkpoint import save_checkpoint
 
     run_dir = Path(run_dir)
+    # latest last, as the .pt path: it records best_val_bpb, so a kill after it and before best.dcp's link left
+    # best.dcp an older model for good (the resumed run counted the new best as saved)
+    names = tuple(n for n in dict.fromkeys(names) if dcp_name(n) != dcp_name("latest.pt")) + tuple(
+        n for n in dict.fromkeys(names) if dcp_name(n) == dcp_name("latest.pt"))[:1]
     first = dcp_name(names[0])
     tmp = run_dir / f".{first}.tmp"
     try:

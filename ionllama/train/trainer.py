@@ -458,6 +458,7 @@ class Trainer:
 
     def _check_config_matches(self, ck_path) -> None:
         saved = self.ck["model_config"]
+        ModelConfig.from_checkpoint(saved, ck_path)  # a key this version lacks was dropped without a word
         now = self.config.to_dict()
         diff = [f"{k}={now[k]!r} (checkpoint {saved[k]!r})" for k in saved if k in now and now[k] != saved[k]]
         if diff:
@@ -534,7 +535,12 @@ class Trainer:
             raise UserError(f"{path}: optimizer state does not match ({e}); resume with the same model and phases") from None
         if ck.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(ck["scaler"])
-        ckpt_io.restore_rng_state(ck["rng"])
+        try:
+            ckpt_io.restore_rng_state(ck["rng"])
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as e:  # edited or foreign
+            raise UserError(f"{path}: its random-number state is not readable ({type(e).__name__}: "
+                            f"{first_line(e, 80)}); resume from another checkpoint of the run (best.pt, an older "
+                            "step_N.pt)") from None
         # from latest.pt / latest.dcp the dropped points are logged again; from an older checkpoint they are a branch
         # abandoned, kept aside so that nothing written is lost
         older = Path(path).name not in ("latest.pt", "latest" + distributed.DCP_SUFFIX)
