@@ -150,6 +150,48 @@ def test_top_k_top_p_greedy_restrict_the_support():
     assert set(sample_next(logits.expand(n, -1), SamplingConfig(greedy=True, temperature=5.0), seeds, 1).tolist()) == {0}
 
 
+def test_top_k_keeps_exactly_k_bytes_when_logits_tie():
+    """A threshold at the k-th value kept every byte tied with it: top_k=1 drew among equal maxima (3 of 24 rows
+    of a bf16 model differed from greedy). Ties now go to the lower byte, as argmax's do."""
+    tied = torch.tensor([[2.0, 2.0, 0.0, -1.0], [1.0, 3.0, 2.0, 2.0], [0.0, 5.0, 5.0, 5.0]])
+    n = 500
+    for row in tied:
+        rows = row.expand(n, -1)
+        one = sample_next(rows, SamplingConfig(top_k=1), torch.arange(n), 1)
+        assert set(one.tolist()) == {int(row.argmax())}  # top_k=1 is greedy
+        two = sample_next(rows, SamplingConfig(top_k=2), torch.arange(n), 1)
+        kept = set(two.tolist())
+        assert len(kept) == 2 and int(row.argmax()) in kept, (row, kept)
+    from ionllama.generation.sampling import filter_logits
+
+    assert filter_logits(tied, 2, None).isfinite().sum(-1).tolist() == [2, 2, 2]
+    assert torch.equal(filter_logits(tied, 2, None)[2].isfinite(), torch.tensor([False, True, True, False]))
+
+
+@pytest.mark.parametrize("kind", ["dense", "bpe", "ionllama"])
+def test_generate_gives_each_submodule_its_own_mode_back(kind):
+    """generate() restored only the top module's mode, train(was_training), which put a part kept in eval mode
+    (dropout off while fine-tuning) back into train mode."""
+    if kind == "ionllama":
+        m = ionllama.create_model("tiny", d_model=32, n_layers=1, n_heads=2, d_local=32, n_enc_layers=1,
+                                  n_dec_layers=1, d_entropy=16, n_entropy_layers=1, entropy_headdim=8,
+                                  ngram_buckets=64, patching="fixed")
+    elif kind == "bpe":
+        from ionllama.data.bpe import train_tokenizer
+
+        m = ionllama.create_model("tiny", model="bpe", d_model=32, n_layers=1, n_heads=2, vocab_size=260)
+        m.set_tokenizer(train_tokenizer([b"the cat sat on the mat " * 20], 260))
+    else:
+        m = tiny_dense()
+    m.train()
+    part = next(c for c in m.children() if list(c.parameters()))
+    part.eval()
+    modes = {name: mod.training for name, mod in m.named_modules()}
+    m.generate(b"ab", max_new_bytes=3, seed=0)
+    assert {name: mod.training for name, mod in m.named_modules()} == modes
+    assert m.training and not part.training
+
+
 @pytest.mark.parametrize("temperature", [1e-7, 1e-30, 1e-40, 1e-45, 1e-300, 5e-324])
 def test_a_tiny_temperature_samples_the_argmax(temperature):
     """logits / 1e-40 overflowed every positive logit to +inf in float32, and the ties at inf drew an arbitrary byte

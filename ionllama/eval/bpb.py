@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..model.common import eval_mode
 
 LN2 = math.log(2.0)
 
@@ -59,13 +60,8 @@ class _Totals:
 
 @contextlib.contextmanager
 def _eval_mode(model):
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        yield
 
 
 def _device(device) -> torch.device:

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..model.common import eval_mode
+
 LN2 = math.log(2.0)
 
 
@@ -104,17 +106,6 @@ def run_lm(model, data: np.ndarray, seq_len: int, batch_size: int, device, max_b
         # fewer bytes than one window: they were scored as one shorter window, which is what the table must say
         r["seq_len"], r["seq_len_requested"] = int(r["bytes"]), seq_len
     return r
-
-
-@contextlib.contextmanager
-def eval_mode(model):
-    """model.eval() inside the block, then the mode it had: a caller that trains on keeps its dropout."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()

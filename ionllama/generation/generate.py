@@ -6,6 +6,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..errors import UserError, is_whole
+from ..model.common import eval_mode
 from .decoding import decoder_for
 from .runner import DecodeRunner, check_unroll, compile_options
 from .prompts import DOC_SEP, RowOutput, normalize_prompts, normalize_stops
@@ -95,15 +96,11 @@ def generate(model, prompt_bytes, max_new_bytes: int = 256, temperature: float =
     B = len(rows)
     outs = [RowOutput(stops) for _ in range(B)]
 
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         if max_new_bytes > 0:
             with model_precision(model):
                 _decode_loop(model, rows, outs, cfg, max_new_bytes, seed, stream, decoder, cuda_graphs, compile,
                              fused_local_step, fused_entropy_step, fused_latent_step, entropy_branch, unroll)
-    finally:
-        model.train(was_training)
     return finish_outputs(outs, stream, is_batch, return_info)
 
 

@@ -120,8 +120,11 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
     """Set logits outside the top-k and the top-p nucleus to -inf (the best byte always stays)."""
     V = logits.shape[-1]
     if top_k is not None and top_k < V:
-        kth = logits.topk(int(top_k), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        # exactly k bytes, ties broken toward the lower byte as argmax does (a stable sort): a threshold at the k-th
+        # value kept every byte tied with it, so top_k=1 drew among equal maxima and was not greedy (bf16 logits)
+        order = logits.sort(dim=-1, descending=True, stable=True).indices[..., int(top_k):]
+        logits = logits.masked_fill(torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, True),
+                                    float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)

@@ -18,7 +18,7 @@ import torch.nn as nn
 from ..config import ModelConfig
 from ..errors import UserError, is_whole
 from ..registry import register
-from .common import checked_input
+from .common import checked_input, eval_mode
 from .dense import ParamCountMixin, build_transformer_lm, lm_outputs, transformer_lm_logits
 
 # the byte models' decode-speed options: taken at generate()'s own defaults (so one call serves every model); any
@@ -147,13 +147,8 @@ class BPETransformer(ParamCountMixin, nn.Module):
         outs = [RowOutput(stops) for _ in rows]
         emitted = [0] * len(rows)
         seeds = _row_seeds(seed, len(rows), device)
-        was_training = self.training
-        self.eval()
-        try:
-            with model_precision(self):
-                self._decode(decoder, rows, seqs, outs, emitted, cfg, seeds, max_new_bytes, stream)
-        finally:
-            self.train(was_training)
+        with eval_mode(self), model_precision(self):
+            self._decode(decoder, rows, seqs, outs, emitted, cfg, seeds, max_new_bytes, stream)
         return finish_outputs(outs, stream, is_batch, return_info)
 
     def _decode(self, decoder, rows, seqs, outs, emitted, cfg, seeds, max_new_bytes, stream) -> None:

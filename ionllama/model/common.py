@@ -2,12 +2,28 @@
 transformer block whose attention function is pluggable (dense SDPA, dilated, local window)."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """model.eval() inside the block, then each submodule's own mode again: `model.train(was_training)` put a part
+    the caller keeps in eval mode (dropout off while fine-tuning) back into train mode."""
+    # (anything with train()/eval() is taken too: the task scorer is given stand-in models)
+    parts = model.modules() if isinstance(model, nn.Module) else [model]
+    modes = [(m, m.training) for m in parts]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def upcast_dtype(dtype: torch.dtype) -> torch.dtype:
