@@ -33,3 +33,41 @@ def check_flags(a, at_least: dict, device: str) -> None:
     traceback from the first CUDA call). at_least is keyed by the flags' own spelling (--head-dim, not head_dim)."""
     check_ranges(argparse.Namespace(**{k: getattr(a, k.replace("-", "_")) for k in at_least}), at_least)
     resolve_device(device)  # the trainer's check: a visible CUDA device for --device cuda
+
+
+class KernelRoute:
+    """The "triton" rows of a kernel benchmark must time the kernel. On CPU (the dry run under TRITON_INTERPRET=1)
+    the dispatchers pick the reference (they check `.is_cuda`), so the routing is forced there; on CUDA it is the
+    dispatcher's own. Either way the launcher's calls are counted, and a row where it never ran is refused: the dry
+    runs had timed the reference under the name "triton" (an audit)."""
+
+    def __init__(self, device: str, module, launcher: str):
+        self.device, self.module, self.launcher, self.calls = device, module, launcher, 0
+
+    def __enter__(self):
+        import ionllama.kernels as K
+
+        self._routing = K.forced_routing(True) if self.device == "cpu" else None
+        if self._routing is not None:
+            self._routing.__enter__()
+        self._real = real = getattr(self.module, self.launcher)
+
+        def counted(*args, **kw):
+            self.calls += 1
+            return real(*args, **kw)
+
+        setattr(self.module, self.launcher, counted)
+        return self
+
+    def __exit__(self, *exc):
+        setattr(self.module, self.launcher, self._real)
+        if self._routing is not None:
+            self._routing.__exit__(*exc)
+        return False
+
+    def check(self, row: dict) -> dict:
+        """The row, with its launcher count; refused if it was timed (status ok) without the kernel running."""
+        if row.get("status") == "ok" and self.calls == 0:
+            raise UserError(f"the Triton kernel ({self.launcher}) never ran: the dispatcher took the reference for "
+                            "these inputs; check --device and the shapes the kernel takes")
+        return {**row, "kernel_calls": self.calls}

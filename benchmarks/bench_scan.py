@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import benchmarks.bench_attention as ba  # noqa: E402
-from benchmarks._checks import check_choices, check_flags, int_list  # noqa: E402
+from benchmarks._checks import KernelRoute, check_choices, check_flags, int_list  # noqa: E402
 from benchmarks.bench_attention import copy_bandwidth, do_bench  # noqa: E402
 from ionllama.errors import OneLineParser, UserError, cli_entry  # noqa: E402
 from ionllama.eval.benchmark import device_name  # noqa: E402
@@ -192,9 +192,10 @@ def main(argv=None) -> int:
             B, D = shapes[0]
             u, la, dy = make(B, T, D, torch.bfloat16)
             run = fwd_bwd(scan_const_decay, u, la, dy)
-            if T == 2048:
-                res["profile"].append(ba.profile_overhead(run, f"scan fwd+bwd B={B} T={T} D={D}"))
-            res["profile"].append(ba.profile_kernels(run, f"scan fwd+bwd B={B} T={T} D={D}"))
+            with KernelRoute(a.device, st, "scan_forward"):
+                if T == 2048:
+                    res["profile"].append(ba.profile_overhead(run, f"scan fwd+bwd B={B} T={T} D={D}"))
+                res["profile"].append(ba.profile_kernels(run, f"scan fwd+bwd B={B} T={T} D={D}"))
         save()
     for dt in a.dtypes.split(","):
         dtype = DT[dt]
@@ -206,7 +207,9 @@ def main(argv=None) -> int:
                 nb = 5 * B * T * D * elem
                 row = dict(dtype=dt, B=B, T=T, D=D, floor_bytes=nb, floor_ms=nb / copy_bw * 1e3,
                            chunks=st._chunking(B, T, D)[0])
-                r = time_scan(scan_const_decay, B, T, D, dtype, a.rep)
+                with KernelRoute(a.device, st, "scan_forward") as route:
+                    r = time_scan(scan_const_decay, B, T, D, dtype, a.rep)
+                r = route.check(r)
                 if r["status"] == "ok":
                     r["gbps"] = nb / (r["ms"] * 1e-3) / 1e9
                     r["frac_copy_bw"] = r["gbps"] * 1e9 / copy_bw

@@ -119,6 +119,8 @@ SCRIPT_BAD_INPUT = [
     ("benchmarks", "bench_generation", ["--device", "cpu", "--contexts", "-5", "--out", "{tmp}/o.json"],
      "--contexts must all be at least 1"),
     ("benchmarks", "bench_attention", ["--out", "{tmp}/o.json", "--device", "cuda"], "no CUDA GPU is visible"),
+    ("benchmarks", "bench_attention", ["--out", "{tmp}/o.json", "--device", "cpu", "--head-dim", "8"],
+     "the Triton kernel takes head dims 16 to 128"),  # the reference was timed as "triton"
     ("benchmarks", "bench_attention", ["--out", "{tmp}/o.json", "--device", "cpu", "--sizes", "1024,0"],
      "--sizes '1024,0': give comma-separated N"),
     ("benchmarks", "bench_attention", ["--out", "{tmp}/o.json", "--device", "cpu", "--head-dim", "0"],

@@ -744,7 +744,10 @@ def test_kernel_benchmarks_dry_run_with_graph_timing(tmp_path):
         assert m["status"] == "ok" and m["graph_status"] == "ok" and m["ms_graph"] > 0 and m["x_floor_graph"] > 0
     ref = rows[0]["methods"]["reference"]
     assert ref["status"] == "ok" and "graph_status" not in ref  # the oracle is timed eagerly only
+    # the "triton" rows time the kernel (its launcher ran), not the reference the CPU dispatcher would pick
+    assert rows[0]["methods"]["triton"]["kernel_calls"] > 0
     (row,) = json.loads(scan.read_text())["rows"]
+    assert row["triton"]["kernel_calls"] > 0
     for name in ("triton", "reference"):
         assert row[name]["graph_status"] == "ok" and row[name]["ms_graph"] > 0
     assert row["triton"]["frac_copy_bw_graph"] > 0
@@ -760,3 +763,26 @@ def test_a_negative_attention_offset_is_refused():
     with pytest.raises(ValueError, match=r"must be >= 0 \(got -1\)"):
         dilated_attention(q, q, q, [0, -1, 2])
     assert dilated_attention(q, q, q, [0, 1, 2]).shape == q.shape
+
+
+def test_the_selfchecks_packed_batch_always_has_a_segment_boundary():
+    """With one row, a quarter of the draws had no boundary, so a kernel ignoring the segments passed the check."""
+    from ionllama.kernels.selfcheck import _random_segments
+
+    for seed in range(300):
+        for B, N in ((1, 29), (1, 2), (2, 45)):
+            seg = _random_segments(B, N, torch.Generator().manual_seed(seed))
+            assert (seg[0, 1:] != seg[0, :-1]).any(), (seed, B, N, seg)
+
+
+def test_segment_ids_beyond_int32_are_refused_not_folded():
+    """The kernels compare int32 ids: 2**33 and 2**33 + 2**32 became one segment (a wrong output, no error)."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    from ionllama.kernels import dilated_attention_triton as dat
+
+    ok = torch.tensor([[0, 0, 1, 1, 7]])
+    assert torch.equal(dat._seg32(ok, "cpu"), ok.int())
+    with pytest.raises(ValueError, match="segment ids must fit in int32"):
+        dat._seg32(torch.tensor([[2**33, 2**33, 2**33 + 2**32, 5]]), "cpu")
+    assert dat._seg32(None, "cpu") is None

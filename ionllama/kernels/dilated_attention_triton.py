@@ -366,7 +366,17 @@ def _offsets_for(offsets: list[int], local_width: int, N: int) -> list[int]:
 
 
 def _seg32(seg, device):
-    return None if seg is None else seg.to(device=device, dtype=torch.int32).contiguous()
+    """The kernels compare int32 ids: ids that differ by a multiple of 2**32 would share a segment. Checked unless a
+    CUDA graph is being captured (the check reads the values back); no caller passes ids that large today."""
+    if seg is None:
+        return None
+    if seg.dtype not in (torch.int32, torch.int16, torch.int8, torch.uint8) and seg.numel() and not (
+            seg.is_cuda and torch.cuda.is_current_stream_capturing()):
+        lo, hi = seg.aminmax()
+        if lo.item() < -2**31 or hi.item() >= 2**31:
+            raise ValueError(f"segment ids must fit in int32 (got {lo.item()} .. {hi.item()}); number the "
+                             "segments of each row 0, 1, 2, ...")
+    return seg.to(device=device, dtype=torch.int32).contiguous()
 
 
 @torch.library.custom_op("ionllama::dilated_attention_fwd", mutates_args=())
