@@ -164,6 +164,22 @@ def test_an_edited_checkpoint_config_or_rng_state_is_refused_on_resume(tmp_path,
     assert main(args(tmp_path, corpus, "--max_steps", "4", "--resume", "auto")) == 0  # the run's own file resumes
 
 
+def test_a_baseline_checkpoint_saved_with_an_option_it_ignores_still_resumes(tmp_path, corpus, capsys):
+    """Before options a baseline is not built from were refused, `--model dense --patching fixed` trained and saved
+    `patching` in train_args and model_config; the resume carried it back and refused itself, with no flag to clear
+    it (a review's find). Such a stored option is left behind; the run continues."""
+    import torch
+
+    assert main(args(tmp_path, corpus, "--max_steps", "4", "--stop_at", "2", "--eval_interval", "2")) == 0
+    path = tmp_path / "runs" / "r" / "latest.pt"
+    ck = torch.load(path, weights_only=True)
+    ck["train_args"]["patching"] = ck["model_config"]["patching"] = "fixed"
+    ck["train_args"]["d_local"] = ck["model_config"]["d_local"] = 48
+    torch.save(ck, path)
+    assert main(args(tmp_path, corpus, "--max_steps", "4", "--resume", "auto")) == 0
+    assert torch.load(tmp_path / "runs" / "r" / "final.pt", weights_only=True)["step"] == 4
+
+
 def test_resume_past_the_last_step_is_refused_and_rewrites_nothing(tmp_path, corpus, capsys):
     """--max_steps below the checkpoint's step: nothing to train. It used to exit 0 and rewrite latest.pt, final.pt
     and config.json with the new settings (the run's own train_args lost)."""

@@ -494,3 +494,17 @@ def test_a_kill_between_the_swap_renames_keeps_the_previous_checkpoint_for_resum
 
     args = type("A", (), {"save_dir": str(tmp_path), "run_name": "run", "resume": "auto"})()
     assert resolve_run(args) == (run, run / "latest.dcp")
+
+
+def test_a_fresh_run_does_not_take_a_folder_holding_an_interrupted_swap_for_empty(tmp_path):
+    """Only `.latest.dcp.old` left (a kill between the renames): has_checkpoints saw nothing, a fresh --run_name run
+    started there and its first save deleted the only checkpoint. It is put back and counted."""
+    from ionllama.train.trainer import resolve_run
+
+    run = tmp_path / "run"
+    _tiny_dcp(run, step=3)
+    os.replace(run / "latest.dcp", run / ".latest.dcp.old")
+    assert distributed.has_checkpoints(run) and (run / "latest.dcp").is_dir()
+    args = type("A", (), {"save_dir": str(tmp_path), "run_name": "run", "resume": None})()
+    with pytest.raises(UserError, match="already holds checkpoints"):
+        resolve_run(args)

@@ -787,3 +787,25 @@ def test_the_byte_generate_function_refuses_a_token_model():
     m = ionllama.create_model("tiny", model="bpe", d_model=32, n_layers=1, n_heads=2, vocab_size=300)
     with pytest.raises(UserError, match=r"predicts tokens, not bytes; call its own model.generate"):
         generate(m, b"hello", max_new_bytes=4)
+
+
+def test_eval_mode_reaches_what_a_wrapper_holds_outside_the_module_tree():
+    """distributed._EntropyView holds the model outside its module tree and forwards train(): restoring by flags
+    alone left the entropy model in eval mode after an evaluation (a review's find)."""
+    from ionllama.model.common import eval_mode
+
+    inner = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1))
+
+    class View(nn.Module):
+        def __init__(self):
+            super().__init__()
+            object.__setattr__(self, "held", inner)  # not a submodule
+
+        def train(self, mode=True):
+            self.held.train(mode)
+            return super().train(mode)
+
+    v = View().train()
+    with eval_mode(v):
+        assert not inner.training
+    assert v.training and inner.training and inner[1].training

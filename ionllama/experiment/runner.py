@@ -44,14 +44,32 @@ FINAL_KEYS = frozenset({"arm", "run", "model", "spec", "model_config", "sweep_pi
                         "date", "git"})
 
 
+def _unread(model: str) -> set[str]:
+    """The model options `model` is not built from: an earlier run of a baseline arm may have been given them (an
+    --override, before they were left out), and they never shaped what it trained."""
+    from ..registry import options_read
+
+    reads = options_read(model)
+    return set() if reads is None else {k for k in MODEL_KEYS if k not in reads}
+
+
+def _used(spec):
+    """A recorded spec without the options its model is not built from (anything but a dict: as it is)."""
+    if not isinstance(spec, dict):
+        return spec
+    unread = _unread(spec.get("model", "ionllama"))
+    return {k: v for k, v in spec.items() if k not in unread}
+
+
 def _changed_settings(final: dict, spec: dict, targv: list[str]) -> str:
     """What differs between a finished arm's final.json and the settings it would train with now ('' if
     nothing that shapes training)."""
     now = json.loads(json.dumps(spec))  # as final.json holds it (tuples as lists)
-    if "spec" in final and final["spec"] != now:
+    if "spec" in final and _used(final["spec"]) != _used(now):
         return f"spec {final['spec']} -> {spec}"
-    old = flag_values(shlex.split(final.get("trainer_command", ""))[2:])
-    new = flag_values(targv)
+    unread = _unread(spec.get("model", "ionllama"))
+    old = {k: v for k, v in flag_values(shlex.split(final.get("trainer_command", ""))[2:]).items() if k not in unread}
+    new = {k: v for k, v in flag_values(targv).items() if k not in unread}
     if not old:
         return ""
     diff = [f"--{_EXPERIMENT_NAME.get(k, k)} {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new))
@@ -355,7 +373,7 @@ class Runner:
             if latest_checkpoint(run_dir) is None:
                 return  # stopped before its first checkpoint (a refused flag, out of memory): nothing to mix
         what = "trained" if state.get("trained") else "partly trained"
-        if state.get("spec") != json.loads(json.dumps(spec)) or state.get("budget_s") != budget_s:
+        if _used(state.get("spec")) != _used(json.loads(json.dumps(spec))) or state.get("budget_s") != budget_s:
             diff = f"{state.get('spec')}, budget {state.get('budget_s')} s"
         else:
             diff = _changed_settings({"trainer_command": state.get("trainer_command", "")}, spec, targv)

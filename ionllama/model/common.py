@@ -22,7 +22,8 @@ def eval_mode(model: nn.Module):
     try:
         yield model
     finally:
-        for m, training in modes:
+        model.train(modes[0][1])  # first the root's own train(): a wrapper that overrides it reaches what it holds
+        for m, training in modes:  # outside the module tree (distributed._EntropyView); then each part's own
             m.training = training
 
 

@@ -483,7 +483,10 @@ def checkpoint_mtime(path: Path) -> float:
 
 
 def has_checkpoints(run_dir: Path) -> bool:
-    return run_dir.is_dir() and (any(run_dir.glob("*.pt")) or any(run_dir.glob("*" + DCP_SUFFIX)))
+    # (an interrupted swap's `.X.dcp.old` is put back first: a fresh run took the folder for empty and its first
+    # save deleted the only checkpoint)
+    return run_dir.is_dir() and (recover_interrupted_swaps(run_dir) or any(run_dir.glob("*.pt"))
+                                 or any(run_dir.glob("*" + DCP_SUFFIX)))
 
 
 def recover_interrupted_swaps(run_dir: Path) -> list[Path]:
