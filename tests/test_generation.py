@@ -809,3 +809,15 @@ def test_eval_mode_reaches_what_a_wrapper_holds_outside_the_module_tree():
     with eval_mode(v):
         assert not inner.training
     assert v.training and inner.training and inner[1].training
+
+
+def test_generate_cli_gives_back_a_sigterm_handler_python_cannot_name(monkeypatch):
+    """signal.signal returns None for a handler installed outside Python; putting None back raised TypeError after
+    a finished generation (a review's find)."""
+    from ionllama.generation import cli
+
+    calls = []
+    monkeypatch.setattr(cli.signal, "signal", lambda sig, handler: calls.append(handler) or None)
+    with cli._terminate_unwinds():
+        pass
+    assert calls[-1] == signal.SIG_DFL and len(calls) == 2

@@ -224,8 +224,8 @@ def _terminate_unwinds():
         return
     try:
         yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
+    finally:  # (None: a handler set outside Python, which cannot be put back; the default is the nearest)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if old is None else old)
 
 
 def _generate(args, device: str, prompt: bytes) -> bytes:
