@@ -169,14 +169,13 @@ def make_config(size: str = "tiny", model: str = "ionllama", **overrides) -> Mod
     bad = [k for k in overrides if k not in names]
     if bad:
         raise UserError(f"unknown model option(s) {bad}; valid: {sorted(names)}")
-    from .registry import options_read  # (here: the registry imports this module)
+    from .registry import options_read, unused_options  # (here: the registry imports this module)
 
-    reads = options_read(model)
-    unused = sorted(k for k, v in overrides.items() if v is not None and reads is not None and k not in reads)
+    unused = sorted(unused_options(model, [k for k, v in overrides.items() if v is not None]))
     if unused:
         raise UserError(f"model '{model}' does not use {', '.join(unused)} (ignored, silently, before); drop "
                         f"{'it' if len(unused) == 1 else 'them'}: '{model}' is built from "
-                        f"{', '.join(sorted(reads))}")
+                        f"{', '.join(sorted(options_read(model)))}")
     kw = dict(table[size])
     kw.update({k: v for k, v in overrides.items() if v is not None})
     return check_config(ModelConfig(model=model, size=size, **kw))

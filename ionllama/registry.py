@@ -38,6 +38,13 @@ def options_read(model: str) -> frozenset[str] | None:
     return _READS.get(model)
 
 
+def unused_options(model: str, keys) -> list[str]:
+    """Those of `keys` (config option names) that `model` is not built from, in their order; `model` and `size`
+    are not options."""
+    reads = options_read(model)
+    return [] if reads is None else [k for k in keys if k not in reads and k not in ("model", "size")]
+
+
 def _ensure_loaded() -> None:
     # importing the model package registers every built-in model
     from . import model  # noqa: F401

@@ -94,7 +94,9 @@ def variant_spec(spec: dict, variant: str) -> dict:
     if "width_mult" in v:
         d = max(64, int(math.floor(base.d_model * v["width_mult"] / 64 + 0.5)) * 64)  # multiples of 64 heads
         out["d_model"] = d
-        if _reads(spec["model"], "n_heads"):  # (MambaByte has no attention heads)
+        from ..registry import unused_options
+
+        if not unused_options(spec["model"], ["n_heads"]):  # (MambaByte has no attention heads)
             out["n_heads"] = max(1, d // 64)
     if "depth_mult" in v:
         out["n_layers"] = max(1, int(math.floor(base.n_layers * v["depth_mult"] + 0.5)))
@@ -103,13 +105,6 @@ def variant_spec(spec: dict, variant: str) -> dict:
     if "dec_layers_add" in v:
         out["n_dec_layers"] = base.n_dec_layers + v["dec_layers_add"]
     return out
-
-
-def _reads(model: str, option: str) -> bool:
-    from ..registry import options_read
-
-    reads = options_read(model)
-    return reads is None or option in reads
 
 
 # --override keys beyond the model options: the optimiser's, and the runner's own per-arm settings

@@ -47,10 +47,9 @@ FINAL_KEYS = frozenset({"arm", "run", "model", "spec", "model_config", "sweep_pi
 def _unread(model: str) -> set[str]:
     """The model options `model` is not built from: an earlier run of a baseline arm may have been given them (an
     --override, before they were left out), and they never shaped what it trained."""
-    from ..registry import options_read
+    from ..registry import unused_options
 
-    reads = options_read(model)
-    return set() if reads is None else {k for k in MODEL_KEYS if k not in reads}
+    return set(unused_options(model, MODEL_KEYS))
 
 
 def _used(spec):
@@ -148,10 +147,9 @@ class Runner:
             _log(f"{arm}{'~' + variant if variant else ''}: --override replaces the "
                  f"{'sweep variant' if variant else 'sweep pick'}'s "
                  + ", ".join(f"{k}={v} with {self.overrides[k]}" for k, v in replaced.items()))
-        from ..registry import options_read
+        from ..registry import unused_options
 
-        reads = options_read(spec["model"])
-        skip = [k for k in self.overrides if k in MODEL_KEYS and reads is not None and k not in reads]
+        skip = unused_options(spec["model"], [k for k in self.overrides if k in MODEL_KEYS])
         if skip and ("skip", arm) not in self._overrides_said:  # the trainer refuses an option its model lacks
             self._overrides_said.add(("skip", arm))
             _log(f"{arm}: --override {', '.join(skip)} left out: model {spec['model']} does not use "

@@ -35,7 +35,7 @@ from ..devices import resolve_device  # (the benchmarks import it from here too)
 from ..errors import UserError, check_ranges, check_seed, first_line
 from ..fsutil import probe_writable, process_gone, remove_if_empty
 from ..eval.bpb import LN2, evaluate_batches, evaluate_bpb
-from ..registry import build_model, model_names, options_read
+from ..registry import build_model, model_names, unused_options
 from . import checkpoint as ckpt_io
 from . import distributed
 from .cli import MODEL_OVERRIDES
@@ -424,11 +424,11 @@ class Trainer:
 
     def _merge_resume_args(self, args, saved: dict, explicit: set[str]):
         merged = argparse.Namespace(**vars(args))
-        reads = options_read(saved.get("model") or args.model)
+        ignored = set(unused_options(saved.get("model") or args.model, MODEL_OVERRIDES))
         for k, v in saved.items():
             if k in _PER_INVOCATION or not hasattr(merged, k):
                 continue
-            if k in MODEL_OVERRIDES and reads is not None and k not in reads and k not in explicit:
+            if k in ignored and k not in explicit:
                 # a baseline run saved before such options were refused (--model dense --patching fixed): it never
                 # shaped the model, and carried back it would refuse the resume with no flag to clear it
                 continue
@@ -465,9 +465,9 @@ class Trainer:
         saved = self.ck["model_config"]
         ModelConfig.from_checkpoint(saved, ck_path)  # a key this version lacks was dropped without a word
         now = self.config.to_dict()
-        reads = options_read(now["model"])  # (an option the model is not built from cannot differ in its weights)
+        ignored = set(unused_options(now["model"], now))  # (an option the model is not built from: not its weights)
         diff = [f"{k}={now[k]!r} (checkpoint {saved[k]!r})" for k in saved if k in now and now[k] != saved[k]
-                and (reads is None or k in reads or k in ("model", "size"))]
+                and k not in ignored]
         if diff:
             raise UserError(f"{ck_path} was trained with a different model: {', '.join(diff[:4])}; drop those flags "
                             "to resume, or start a new --run_name")
