@@ -7,6 +7,7 @@ import random
 import signal
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -190,6 +191,55 @@ def test_generate_gives_each_submodule_its_own_mode_back(kind):
     m.generate(b"ab", max_new_bytes=3, seed=0)
     assert {name: mod.training for name, mod in m.named_modules()} == modes
     assert m.training and not part.training
+
+
+def _train_root_with_an_eval_part(m):
+    m.train()
+    part = next(c for c in m.children() if list(c.parameters()))
+    part.eval()
+    return part, {name: mod.training for name, mod in m.named_modules()}
+
+
+def test_token_bpb_and_the_fallback_sampler_give_each_submodule_its_own_mode_back():
+    """evaluate_token_bpb and the trainer's plain sampling loop restored only the top module's mode, as generate()
+    did: a part kept in eval mode came back in train mode (dropout on where the run had it off)."""
+    from ionllama.data.bpe import evaluate_token_bpb, train_tokenizer
+    from ionllama.train.trainer import sample_bytes
+
+    m = ionllama.create_model("tiny", model="bpe", d_model=32, n_layers=1, n_heads=2, vocab_size=260)
+    m.set_tokenizer(train_tokenizer([b"the cat sat on the mat " * 20], 260))
+    part, modes = _train_root_with_an_eval_part(m)
+    evaluate_token_bpb(m, np.arange(40, dtype=np.int64) % 260, 8, 2, torch.device("cpu"))
+    assert {name: mod.training for name, mod in m.named_modules()} == modes and not part.training
+
+    dense = tiny_dense()
+    plain = torch.nn.Sequential()  # no generate(): the plain loop samples from it
+    plain.forward = dense.forward
+    plain.add_module("model", dense)
+    plain.train()
+    part, modes = _train_root_with_an_eval_part(dense)
+    assert len(sample_bytes(plain, b"ab", 3, 16, torch.device("cpu"), seed=0)) <= 3
+    assert {name: mod.training for name, mod in dense.named_modules()} == modes and not part.training
+
+
+def test_calibration_gives_each_submodule_its_own_mode_back():
+    """The trainer's threshold calibration ran model.eval() then model.train(was): the frozen entropy model (eval
+    while the main model trains) came back in train mode after every calibration."""
+    from types import SimpleNamespace
+
+    from ionllama.train.trainer import Trainer
+
+    m = ionllama.create_model("tiny", d_model=32, n_layers=1, n_heads=2, d_local=32, n_enc_layers=1, n_dec_layers=1,
+                              d_entropy=16, n_entropy_layers=1, entropy_headdim=8, ngram_buckets=64)
+    m.train()
+    m.entropy_model.eval()
+    modes = {name: mod.training for name, mod in m.named_modules()}
+    x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    fake = SimpleNamespace(model=m, _calibration_batch=lambda: x, is_main=False,
+                           par=SimpleNamespace(reshard=lambda: None, broadcast_buffers=lambda: None))
+    Trainer._calibrate(fake)
+    assert {name: mod.training for name, mod in m.named_modules()} == modes
+    assert m.training and not m.entropy_model.training
 
 
 @pytest.mark.parametrize("temperature", [1e-7, 1e-30, 1e-40, 1e-45, 1e-300, 5e-324])

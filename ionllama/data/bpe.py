@@ -441,8 +441,6 @@ def evaluate_token_bpb(model, tokens: np.ndarray, seq_len: int, batch_size: int,
     bits = 0.0
     n_bytes = 0
     n_tok = 0
-    was_training = model.training
-    model.eval()
     ctx = torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
 
     def run(w: torch.Tensor):
@@ -456,15 +454,15 @@ def evaluate_token_bpb(model, tokens: np.ndarray, seq_len: int, batch_size: int,
         n_bytes += int(nb[y].sum())
         n_tok += y.numel()
 
-    try:
+    from ..model.common import eval_mode  # here: the model package imports this module
+
+    with eval_mode(model):  # each part's own mode back after, not only the top module's
         for i in range(0, n_full, batch_size):
             starts = np.arange(i, min(i + batch_size, n_full)) * seq_len
             run(torch.from_numpy(np.asarray(tokens[starts[:, None] + np.arange(seq_len + 1)], dtype=np.int64)))
         if tail:
             s = n_full * seq_len
             run(torch.from_numpy(np.asarray(tokens[s:s + tail + 1], dtype=np.int64))[None])
-    finally:
-        model.train(was_training)
     loss = bits * LN2 / n_bytes
     return {"loss": loss, "bpb": bits / n_bytes, "ppl": math.exp(min(loss, 50.0)), "bytes": n_bytes,
             "tokens": n_tok, "bytes_per_token": n_bytes / n_tok, "bits": bits}

@@ -34,6 +34,7 @@ from ..data.bpe import TokenTraining, configure as token_configure, is_token_mod
 from ..devices import resolve_device  # (the benchmarks import it from here too)
 from ..errors import UserError, check_ranges, check_seed, first_line
 from ..fsutil import probe_writable, process_gone, remove_if_empty
+from ..model.common import eval_mode
 from ..eval.bpb import LN2, evaluate_batches, evaluate_bpb
 from ..registry import build_model, model_names, unused_options
 from . import checkpoint as ckpt_io
@@ -225,23 +226,18 @@ def sample_bytes(model: nn.Module, prompt: bytes, n: int, seq_len: int, device: 
     gen = torch.Generator().manual_seed(seed)
     ctx = list(prompt) or [DOC_SEP]
     out = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for _ in range(n):
-                x = torch.tensor([ctx[-seq_len:]], dtype=torch.long, device=device)
-                logits = model(x)["logits"][0, -1].float().cpu() / max(temperature, 1e-5)
-                if top_k:
-                    kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                b = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
-                if b == DOC_SEP:
-                    break
-                ctx.append(b)
-                out.append(b)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():  # each part's own mode back after, not only the top module's
+        for _ in range(n):
+            x = torch.tensor([ctx[-seq_len:]], dtype=torch.long, device=device)
+            logits = model(x)["logits"][0, -1].float().cpu() / max(temperature, 1e-5)
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            b = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
+            if b == DOC_SEP:
+                break
+            ctx.append(b)
+            out.append(b)
     return bytes(out)
 
 
@@ -740,12 +736,9 @@ class Trainer:
             self._calibrate()
 
     def _calibrate(self) -> None:
-        was = self.model.training
-        self.model.eval()
         x = self._calibration_batch()
-        with torch.no_grad():
+        with eval_mode(self.model), torch.no_grad():
             res = self.model.calibrate_threshold(x)
-        self.model.train(was)
         self.par.reshard()  # FSDP: a no-grad forward leaves the root's parameters gathered
         self.par.broadcast_buffers()  # every rank patches with rank 0's threshold
         res = {k: (float(v) if torch.is_tensor(v) or isinstance(v, (int, float)) else v) for k, v in dict(res).items()}
