@@ -694,6 +694,24 @@ def test_cli_output_writes_the_exact_bytes_atomically(tmp_path, capsys, monkeypa
     assert e.value.code == 143 and dest.read_bytes() == b"\xff\xe2\x82z\x01"
     assert signal.getsignal(signal.SIGTERM) == handler  # given back
     capsys.readouterr()
+    import ionllama.fsutil as fsutil
+
+    real_replace = fsutil.fsync_replace
+
+    def terminated_replace(tmp, path):  # `kill PID` while the finished output is flushed: the temp file stayed
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        real_replace(tmp, path)
+
+    monkeypatch.setattr(cli, "load_checkpoint_model", lambda path, device: type("M", (), {
+        "generate": staticmethod(fake_generate), "config": m.config})())
+    monkeypatch.setattr(fsutil, "fsync_replace", terminated_replace)
+    with pytest.raises(SystemExit) as e:
+        cli.main(base + ["--output", str(dest), "--seed", "1"])
+    assert e.value.code == 143 and dest.read_bytes() == b"\xff\xe2\x82z\x01"
+    assert signal.getsignal(signal.SIGTERM) == handler
+    monkeypatch.setattr(fsutil, "fsync_replace", real_replace)
+    capsys.readouterr()
     for bad, words in ((tmp_path, "is a folder"), (tmp_path / "no" / "out.bin", "cannot write --output")):
         with pytest.raises(SystemExit) as e:
             cli.main(base + ["--output", str(bad)])

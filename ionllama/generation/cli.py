@@ -195,14 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     prompt = _read_prompt(args)  # before the checkpoint: a missing file is one early line
     tmp, out_file = _open_output(args.output)
     try:
-        with _terminate_unwinds():
+        with _terminate_unwinds():  # the writing too: a SIGTERM during the final flush left the temp file
             out = _generate(args, device, prompt)
-        if out_file is not None:
-            from ..fsutil import fsync_replace
+            if out_file is not None:
+                from ..fsutil import fsync_replace
 
-            with out_file:
-                out_file.write(out)
-            fsync_replace(tmp, args.output)
+                with out_file:
+                    out_file.write(out)
+                fsync_replace(tmp, args.output)
     finally:  # an error or ^C leaves an earlier --output file as it was, and no temp file
         if out_file is not None:
             out_file.close()
