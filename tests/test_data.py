@@ -124,6 +124,18 @@ def test_invalid_utf8_and_nul_bytes_never_crash(tmp_path):
     assert any("removed 1 NUL (0x00) bytes" in m for m in said), said
 
 
+def test_a_document_with_raw_bytes_and_an_escaped_surrogate_keeps_each_as_it_was():
+    """A JSON line holding a raw invalid byte (read as a surrogate escape) and an escaped \\ud800 went through
+    surrogatepass as a whole: the raw 0xff came out as the 3 bytes ed b3 bf."""
+    from ionllama.data.sources import encode_text
+
+    text = b'json \xff and \xfe'.decode("utf-8", "surrogateescape") + " escaped \ud800 end"
+    assert encode_text(text) == b"json \xff and \xfe escaped \xed\xa0\x80 end"
+    assert encode_text(b"only \xff\xc3".decode("utf-8", "surrogateescape")) == b"only \xff\xc3"
+    assert encode_text("lone \udbff") == "lone \udbff".encode("utf-8", "surrogatepass")
+    assert encode_text("plain \u00e9") == "plain \u00e9".encode()
+
+
 def test_non_string_text_values_are_skipped_not_stringified(tmp_path):
     """{"text": ["a", "b"]} used to land in train.bin as the Python repr "['a', 'b']" (a new user's report); now such
     lines are skipped with one warning naming their types, as the eval reader refuses them."""

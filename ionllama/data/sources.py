@@ -98,16 +98,24 @@ def column_text(text, label: str, field: str, text_columns: list[str] | None = N
     return encode_text(text)
 
 
+def _surrogate_bytes(e: UnicodeEncodeError) -> tuple[bytes, int]:
+    """Each lone surrogate on its own: U+DC80..U+DCFF (an undecodable byte read with surrogateescape) -> that byte,
+    any other (a JSON escape such as \\ud800) -> its 3-byte surrogatepass form. One rule for the whole string put a
+    document holding both kinds through surrogatepass, which turned its raw bytes into 3 bytes each."""
+    out = bytearray()
+    for ch in e.object[e.start:e.end]:
+        cp = ord(ch)
+        out += bytes([cp - 0xDC00]) if 0xDC80 <= cp <= 0xDCFF else ch.encode("utf-8", "surrogatepass")
+    return bytes(out), e.end
+
+
+codecs.register_error("ionllama.surrogate_bytes", _surrogate_bytes)
+
+
 def encode_text(text: str) -> bytes:
     """str -> bytes without ever raising: lone surrogates (from invalid UTF-8 read with surrogateescape
-    or from JSON escapes) are kept as bytes, not dropped."""
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:
-        try:
-            return text.encode("utf-8", "surrogateescape")
-        except UnicodeEncodeError:
-            return text.encode("utf-8", "surrogatepass")
+    or from JSON escapes) are kept as bytes, not dropped (_surrogate_bytes says how)."""
+    return text.encode("utf-8", "ionllama.surrogate_bytes")
 
 
 def _open_binary(path: str):
