@@ -293,6 +293,25 @@ def test_byte_evaluators_score_a_bpe_model_per_byte():
     assert r["bytes"] == nbytes and r["bpb"] == pytest.approx(bits / nbytes, rel=1e-5)
 
 
+def test_a_cut_short_tokenizer_copy_of_a_resumed_run_is_written_again(corpus):
+    """A resumed BPE run writes its checkpoint's tokenizer beside the shards and reads it back; the file was written
+    in place and kept once there: cut short (an interrupted write, or another rank reading it mid-write) every later
+    resume failed with 'cannot read the tokenizer ... retrain it'."""
+    from ionllama.data.bpe import TokenTraining
+
+    first = TokenTraining(corpus["byte_dir"], vocab_size=320, seq_len=32, batch_size=4, log=lambda m: None)
+    text = first.bpe.to_str()
+    again = TokenTraining(corpus["byte_dir"], vocab_size=320, seq_len=32, batch_size=4, tokenizer_json=text,
+                          log=lambda m: None)
+    copy, = Path(corpus["byte_dir"]).glob(".tokenizer-*.json")
+    assert copy.read_text(encoding="utf-8") == text
+    copy.write_bytes(copy.read_bytes()[:100])  # cut short
+    resumed = TokenTraining(corpus["byte_dir"], vocab_size=320, seq_len=32, batch_size=4, tokenizer_json=text,
+                            log=lambda m: None)
+    assert resumed.bpe.to_str() == again.bpe.to_str() == text and copy.read_text(encoding="utf-8") == text
+    assert not list(Path(corpus["byte_dir"]).glob(".*.tmp-*"))
+
+
 def test_bench_capped_bpb_of_a_bpe_model_scores_the_trainers_tokens(corpus):
     """The trainer's --eval_bytes N keeps the whole tokens (of the whole split's tokens) within the first N + 1 bytes;
     bench's --max_eval_bytes N cut the bytes to N + 1 first and encoded them, splitting the last token: the same

@@ -301,6 +301,11 @@ def test_given_split_files_with_placeholder(tmp_path):
     (tmp_path / "t-train.txt").write_text("only a train file")
     with pytest.raises(UserError, match="no val files"):
         prep(tmp_path, data_path=str(tmp_path / "t-{split}.txt"))
+    for n in (1, 3):  # an empty train file: its held-out val documents went into train.bin, exit 0
+        (tmp_path / "e-train.jsonl").write_text("")
+        write_jsonl(tmp_path / "e-val.jsonl", make_docs(n))
+        with pytest.raises(UserError, match="the train split of .* is empty; check the train files"):
+            prep(tmp_path, data_path=str(tmp_path / "e-{split}.jsonl"))
     write_jsonl(tmp_path / "c-val.jsonl", val)  # now both c-val and c-validation: the one used is said
     with pytest.warns(UserWarning, match="val files exist for '.split.' = val and validation; using 'val' only"):
         sh = prep(tmp_path, data_path=str(tmp_path / "c-{split}.jsonl"))

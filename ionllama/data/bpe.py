@@ -514,8 +514,12 @@ class TokenTraining:
         tok_path = None
         if tokenizer_json:
             tok_path = Path(byte_dir) / f".tokenizer-{hashlib.sha256(tokenizer_json.encode()).hexdigest()[:12]}.json"
-            if not tok_path.exists():
-                tok_path.write_text(tokenizer_json, encoding="utf-8")
+            # atomically, and again where a copy is cut short: a half-written file (an interrupted run, or another
+            # rank of a resumed DDP run reading it mid-write) failed every later resume
+            if not tok_path.is_file() or tok_path.read_bytes() != tokenizer_json.encode("utf-8"):
+                from ..fsutil import atomic_write
+
+                atomic_write(tok_path, tokenizer_json)
         path = prepare_tokens(byte_dir, vocab_size, tokenizer_path=tok_path, log=log)
         self.shards = open_token_shards(path)
         self.bpe = self.shards.bpe

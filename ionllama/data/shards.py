@@ -353,6 +353,8 @@ def _write_shards(source, args: DataArgs, tmp: Path, log) -> dict:
             method = "given"
             if train.docs and not val.docs:
                 raise UserError(f"the val split of {source.description} is empty; check the val files")
+            if val.docs and not train.docs:  # the fallbacks below moved held-out val documents into train
+                raise UserError(f"the train split of {source.description} is empty; check the train files")
         else:
             # the split goes by document id, so an exact copy of a train document can land in val: counted, said
             digests: dict[bytes, bool | None] = {}
