@@ -967,6 +967,22 @@ def test_report_stage_rewrites_only_the_section_between_the_markers(tmp_path):
     assert "--title Other --eval_bytes 9` from" in text and "| dense |" in text and "# Other" not in text
 
 
+def test_report_of_an_arm_whose_final_bpb_is_null_lists_it_last(tmp_path):
+    """A non-finite final BPB is written as null (benchmark._clean): the report's sort compared None with a float, a
+    TypeError traceback from --stage report and from the report at the end of every invocation."""
+    out = tmp_path / "res" / "phase1"
+    _fake_run(out / "dense", 1.40, 100, 60.0, [(50, 30.0, 1.60), (100, 60.0, 1.40)])
+    _fake_run(out / "bpe", 1.20, 100, 60.0, [(50, 30.0, 1.60)])
+    final = json.loads((out / "bpe" / "final.json").read_text())
+    final["val"]["bpb"] = None
+    (out / "bpe" / "final.json").write_text(json.dumps(final))
+    _fake_run(out / "mamba", 1.30, 100, 60.0, [(50, 30.0, 1.50), (100, 60.0, 1.30)])
+    assert main(["--stage", "report", "--out", str(out)]) == 0
+    rows = [line.split("|")[1].strip() for line in (tmp_path / "res" / "phase1.md").read_text().splitlines()
+            if line.startswith("| ") and line.split("|")[1].strip() in ("dense", "bpe", "mamba")]
+    assert rows[:3] == ["mamba", "dense", "bpe"]
+
+
 def test_task_compile_trains_through_the_compiled_forward(monkeypatch):
     """--task_compile: the stage's steps go through torch.compile(model) (the eager stage waits on the host on a GPU)
     and tasks.json says so; the compiled forward (here torch's eager backend) trains to the eager losses."""

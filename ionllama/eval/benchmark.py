@@ -26,7 +26,7 @@ import torch
 
 from ..data import tasks as T
 from ..devices import resolve_device
-from ..errors import OneLineParser, UserError, check_ranges, cli_entry
+from ..errors import SEED_MAX, OneLineParser, UserError, check_ranges, cli_entry
 from ..fsutil import atomic_write, probe_write
 from ..registry import create_model
 from ..train.metrics import metrics_file
@@ -63,6 +63,8 @@ def build_parser(prog: str = "ionllama bench") -> argparse.ArgumentParser:
     ap.add_argument("--size", default=None, help="model size; without --checkpoint a random-init model of this "
                     "size is measured (speed/memory), with one it must match the checkpoint")
     ap.add_argument("--model", default="ionllama", help="model name for a random-init run (no --checkpoint)")
+    ap.add_argument("--init_seed", type=int, default=0, help="torch seed of a random-init run's weights (no "
+                    "--checkpoint): the same command scores the same model")
     ap.add_argument("--output", default="results.json", help="results.json path; results.md and plots go next to it")
     ap.add_argument("--eval_data", default=None, help="text / jsonl(.gz/.xz) / directory / prepared .bin; default: "
                     "the val split of the checkpoint's training data")
@@ -200,7 +202,7 @@ def _model_info(model, config, size_flag: str | None) -> dict:
 # count was taken silently)
 BENCH_AT_LEAST = {"max_eval_bytes": 2, "max_lang_bytes": 1, "n_tasks": 1, "max_digits": 1, "task_shots": 0,
                   "seq_len": 2, "batch_size": 1, "gen_batch": 1, "gen_bytes": 1, "speed_iters": 1,
-                  "compression_bytes": 1, "bpe_vocab": 257, "task_seed": 0}
+                  "compression_bytes": 1, "bpe_vocab": 257, "task_seed": 0, "init_seed": 0}
 # the task generator draws operands as 64-bit integers: 19 digits overflow them (a numpy traceback after the LM eval)
 MAX_DIGITS = 18
 
@@ -268,6 +270,8 @@ def run(argv: list[str], prog: str) -> dict:
     ap.set_defaults(model=None)  # None: --model not given; one given with a checkpoint must be the checkpoint's
     a = ap.parse_args(argv)
     check_ranges(a, BENCH_AT_LEAST)
+    if a.init_seed > SEED_MAX:
+        raise UserError(f"--init_seed must be 0 to 2**32-1 (got {a.init_seed}); pass a smaller seed")
     if a.max_digits > MAX_DIGITS:
         raise UserError(f"--max_digits {a.max_digits} is more than the task generator's {MAX_DIGITS} (its operands are "
                         f"64-bit integers); pass --max_digits {MAX_DIGITS} or fewer")
@@ -302,6 +306,7 @@ def run(argv: list[str], prog: str) -> dict:
         if (a.model or default_model) == "bpe":  # its tokenizer is trained with the model: none exists without one
             raise UserError("--model bpe needs --checkpoint: a BPE model is scored with the tokenizer trained with it; "
                             "pass the checkpoint of an `ionllama train --model bpe` run")
+        torch.manual_seed(a.init_seed)  # unseeded, each run scored another random model (BPB 8.09, then 8.03)
         model = create_model(a.size or "tiny", model=a.model or default_model).to(device).eval()
         config = model.config
     targs = ck.train_args if ck else {}
@@ -443,7 +448,8 @@ def run(argv: list[str], prog: str) -> dict:
         "command": shlex.join(prog.split() + list(argv)),
         "settings": {"seq_len": seq_len, "batch_size": batch_size, "amp": str(amp).replace("torch.", "") if amp else
                      "none", "n_tasks": a.n_tasks, "max_digits": a.max_digits, "task_shots": a.task_shots,
-                     "task_seed": a.task_seed, "task_split": a.task_split, "max_eval_bytes": a.max_eval_bytes},
+                     "task_seed": a.task_seed, "task_split": a.task_split, "max_eval_bytes": a.max_eval_bytes,
+                     "init_seed": None if a.checkpoint else a.init_seed},
         "metrics": metrics,
         "skipped": skipped,
         "timings_s": timings,

@@ -47,7 +47,12 @@ def table_markdown(arms: dict, extra_sets: list[str]) -> str:
     head = ["arm", "params", "val BPB", *[f"{s} BPB" for s in extra_sets], "train s", "steps", unit,
             "bytes/patch", "epochs", "train FLOPs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for n, f in sorted(arms.items(), key=lambda kv: kv[1]["val"]["bpb"]):
+    # a non-finite final BPB is written as null: those rows last (comparing None with a float was a TypeError)
+    def last_if_null(kv):
+        bpb = kv[1]["val"].get("bpb")
+        return bpb is None, bpb or 0.0
+
+    for n, f in sorted(arms.items(), key=last_if_null):
         t = f["train"]
         row = [n, f"{f['params'] / 1e6:.1f}M", _fmt(f["val"]["bpb"], 4),
                *[_extra_cell(f, s) for s in extra_sets],

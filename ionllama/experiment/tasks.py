@@ -230,6 +230,9 @@ def run_task_stage(model, device, amp, a, deadline: float | None = None, log=Non
 
     if hasattr(model, "freeze_entropy"):
         model.freeze_entropy(True)  # patch boundaries as in pretraining
+    # dropout's masks from --seed, not from whatever ran before in this process (the pretraining, an earlier arm, a
+    # fresh process's random seed): the same checkpoint and flags gave different fine-tuned weights each run
+    torch.manual_seed(a.seed)
     compiled = bool(getattr(a, "task_compile", False))
     t0, every = time.perf_counter(), max(50, a.task_steps // 10 // 50 * 50)
 
