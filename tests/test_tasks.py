@@ -394,7 +394,8 @@ def test_the_task_stage_with_dropout_repeats_for_the_same_seed(monkeypatch):
                        ["fine_tuning"]["losses"]])
     assert curves[0] == curves[1]
     a.seed = 2  # and the seed still decides: another seed, other masks
-    other = [r["loss"] for r in T.run_task_stage(copy.deepcopy(m), torch.device("cpu"), None, a)["fine_tuning"]["losses"]]
+    res = T.run_task_stage(copy.deepcopy(m), torch.device("cpu"), None, a)
+    other = [r["loss"] for r in res["fine_tuning"]["losses"]]
     assert other != curves[0]
 
 
