@@ -720,6 +720,21 @@ def test_max_bytes_caps_the_source_and_cuts_the_crossing_document(tmp_path):
         prep(tmp_path, data_path=str(tmp_path / "one.txt"), max_bytes=1)
 
 
+@pytest.mark.parametrize("cap", [30_000_000_000, 10**23])
+def test_a_byte_cap_far_above_the_data_reads_it_all(tmp_path, cap):
+    """read(n) sets n bytes aside first: --max_bytes 3e10 over a few small files was a MemoryError traceback, 1e23
+    an OverflowError (and --builtin_bytes the same); a cap above the data means the whole data."""
+    from ionllama.data.sources import builtin_source
+
+    (tmp_path / "d").mkdir()
+    for i in range(3):
+        (tmp_path / "d" / f"{i}.txt").write_bytes(f"document {i} ".encode() * 20)
+    sh = prep(tmp_path, data_path=str(tmp_path / "d"), max_bytes=cap, val_fraction=0.34)
+    assert sorted(docs_of(sh.train) + docs_of(sh.val)) == [f"document {i} ".encode() * 20 for i in range(3)]
+    rel, first = next(builtin_source(cap).iter_docs())
+    assert first and len(first) < 10**8, rel
+
+
 def test_caches_of_an_earlier_shard_format_are_named_too(tmp_path, monkeypatch):
     """A new SHARD_FORMAT makes a new cache folder for unchanged files; the folder of the old format was not named
     (only changed files counted), so it stayed on disk unsaid."""

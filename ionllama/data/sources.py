@@ -374,12 +374,30 @@ def iter_json_array(path: str, text_field: str = "text", doc_prefix: str | None 
     yield from _record_docs(path, ((i, obj, "") for i, obj in enumerate(items, 1)), text_field, prefix, "record")
 
 
+_READ_CHUNK = 1 << 26
+
+
+def read_at_most(f, limit: int | None) -> bytes:
+    """f.read(limit) in chunks: read(n) sets n bytes aside first, so a cap far above the file (--max_bytes 3e10 on
+    a 1 KB file) was a MemoryError, and one past 2**63 an OverflowError traceback."""
+    if limit is None:
+        return f.read()
+    parts, left = [], limit
+    while left > 0:
+        part = f.read(min(left, _READ_CHUNK))
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
+
+
 def iter_text_file(path: str, doc_id: str, read_limit: int | None = None) -> Iterator[Doc]:
     """The file as one document; only its first read_limit bytes (decompressed) when given: a --max_bytes cap below
     a huge file's size cuts it anyway (shards._Cap), so the rest is not read."""
     try:
         with _open_binary(path) as f:
-            data = f.read(-1 if read_limit is None else read_limit)
+            data = read_at_most(f, read_limit)
     except READ_ERRORS as e:
         raise _read_error(path, e) from None
     yield doc_id, data
@@ -711,7 +729,7 @@ def builtin_source(max_bytes: int = 8_000_000) -> Source:
                 return
             try:
                 with open(full, "rb") as f:
-                    data = f.read(max_bytes - total)
+                    data = read_at_most(f, max_bytes - total)
             except OSError:
                 continue  # unreadable stdlib file: skip, the corpus stays deterministic per installation
             total += len(data)
