@@ -735,6 +735,34 @@ def test_a_byte_cap_far_above_the_data_reads_it_all(tmp_path, cap):
     assert first and len(first) < 10**8, rel
 
 
+def test_a_glob_leaves_out_ionllamas_own_caches_and_runs_and_a_real_path_with_brackets_is_that_path(tmp_path):
+    """Only the folder walk left ionLlama's own folders out: 'texts/**/*' read the previous run's cache as data (a new
+    cache each run, growing), '**/*.jsonl' read a run's metrics.jsonl; and a folder named 'corpus [v2]' was taken as a
+    glob that matched nothing."""
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for i in range(3):
+        (texts / f"{i}.txt").write_bytes(f"text {i} ".encode() * 30)
+    run = texts / "runs" / "full"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    write_jsonl(run / "metrics.jsonl", [b"not data"])
+    args = dict(data_path=str(texts / "**" / "*"), data_dir=str(texts / "cache"), val_fraction=0.34)
+    firsts = []
+    for _ in range(2):  # the second run finds the first run's cache below the pattern
+        with pytest.warns(UserWarning, match="own data cache / run folder.s. left out"):
+            out = prepare(DataArgs(**args), log=quiet)
+        firsts.append(out)
+        sh = open_shards(out)
+        assert sorted(docs_of(sh.train) + docs_of(sh.val)) == [f"text {i} ".encode() * 30 for i in range(3)]
+    assert firsts[0] == firsts[1]  # the same source: the cache is reused
+    odd = tmp_path / "corpus [v2]"
+    odd.mkdir()
+    write_jsonl(odd / "a.jsonl", make_docs(10))
+    sh = prep(tmp_path, data_path=str(odd), val_fraction=0.3)
+    assert sorted(docs_of(sh.train) + docs_of(sh.val)) == sorted(make_docs(10))
+
+
 def test_caches_of_an_earlier_shard_format_are_named_too(tmp_path, monkeypatch):
     """A new SHARD_FORMAT makes a new cache folder for unchanged files; the folder of the old format was not named
     (only changed files counted), so it stayed on disk unsaid."""

@@ -231,15 +231,40 @@ def _one_copy_each(files: list[str]) -> list[str]:
     return out
 
 
+def _outside_own_output(files: list[str], root: str, pattern: str) -> list[str]:
+    """The files not under one of ionLlama's own caches or run folders below `root`, as a folder walk leaves them out:
+    through a glob such as 'texts/**/*' each run read the last run's cache as data (its shards never reused,
+    growing each run), and '**/*.jsonl' read a run's metrics.jsonl."""
+    root = os.path.abspath(root or ".")
+    own: dict[str, bool] = {}
+
+    def under_own(d: str) -> bool:
+        d = os.path.abspath(d)
+        if d not in own:
+            parent = os.path.dirname(d)
+            inside = d != root and d.startswith(root.rstrip(os.sep) + os.sep)
+            own[d] = inside and (_is_own_output(d) or (parent != d and under_own(parent)))
+        return own[d]
+
+    keep = [f for f in files if not under_own(os.path.dirname(f))]
+    left = sorted({os.path.relpath(os.path.dirname(f)) for f in files if under_own(os.path.dirname(f))})
+    if left:
+        warnings.warn(f"--data_path '{pattern}': files in ionLlama's own data cache / run folder(s) left out: "
+                      f"{', '.join(left[:5])}", stacklevel=3)
+    return keep
+
+
 def resolve_local_files(pattern: str) -> tuple[list[str], str]:
     """--data_path -> (sorted files, base dir used for stable relative doc ids)."""
     p = os.path.expanduser(pattern)
-    if any(ch in p for ch in "*?["):
+    # a path that exists is that path, though its name holds [, ? or * ('corpus [v2]' matched no files as a glob)
+    if any(ch in p for ch in "*?[") and not os.path.lexists(p):
         if "**" in p and (loop := _symlink_loop(_literal_prefix(p))):
             raise UserError(f"--data_path '{pattern}': '**' would follow the symlink loop at {loop} without end; "
                             "remove the link, or give the folder itself as --data_path (a folder path does not "
                             "follow links)")
         matched = sorted(f for f in glob.glob(p, recursive=True) if not os.path.isdir(f))
+        matched = _outside_own_output(matched, _literal_prefix(p), pattern)
         files = _one_copy_each(_readable_text_files(matched, pattern))
         if not files:
             raise UserError(f"--data_path '{pattern}' matches no {'text ' if matched else ''}files; check the pattern")
