@@ -436,13 +436,18 @@ def test_ranks_and_micro_steps_split_the_global_batch():
 
 def test_task_mix_replaces_rows():
     data = np.frombuffer(b"abcdefgh" * 500, dtype=np.uint8)
-    s = WindowSampler(data, 64, batch_size=8, seed=0, task_mix=0.25)
+    s = WindowSampler(data, 66, batch_size=8, seed=0, task_mix=0.25)
     x, y = s.get(0)
     assert (y[:6] != -100).all()  # text rows: every byte a target
     assert (y[6:] == -100).any() and (y[6:] != -100).any()  # task rows: answers only
     assert bytes(x[6].tolist()).count(b"Q: ") >= 1
-    xt, yt = TaskSampler(64, 4, seed=0).get(3)
-    assert xt.shape == (4, 64) and (yt == -100).any()
+    xt, yt = TaskSampler(66, 4, seed=0).get(3)
+    assert xt.shape == (4, 66) and (yt == -100).any()
+    # a --seq_len too short for the longest example: said at once, not at the step that first draws one (an audit's
+    # run failed at step 20 of 40 at --seq_len 62)
+    for make in (lambda: TaskSampler(65, 4), lambda: WindowSampler(data, 65, 8, task_mix=0.25)):
+        with pytest.raises(UserError, match="--seq_len 65 is too short for the longest task example .67 bytes"):
+            make()
 
 
 def test_missing_task_module_is_a_user_error(monkeypatch):

@@ -18,19 +18,19 @@ TOKENS = np.arange(2000, dtype=np.uint16) % 256
                                              (0.05, 8, "--task_mix 0.125 or more (1 row), or --batch_size 11 or more"),
                                              (0.125, 4, "--batch_size 5 or more")])  # round(0.5) is 0
 def test_a_share_that_rounds_to_no_row_is_refused(mix, batch, fix):
-    for make in (lambda: WindowSampler(DATA, 64, batch_size=batch, task_mix=mix),
+    for make in (lambda: WindowSampler(DATA, 96, batch_size=batch, task_mix=mix),
                  lambda: TokenWindowSampler(TOKENS, None, 64, batch_size=batch, task_mix=mix)):
         with pytest.raises(UserError, match="rounds to 0 task rows") as e:
             make()
         assert fix in str(e.value) and "\n" not in str(e.value)
         # the suggested batch gives a row
         b = int(str(e.value).rsplit("--batch_size ", 1)[1].split()[0])
-        assert WindowSampler(DATA, 64, batch_size=b, task_mix=mix).n_task_rows == 1
+        assert WindowSampler(DATA, 96, batch_size=b, task_mix=mix).n_task_rows == 1
 
 
 @pytest.mark.parametrize("mix", [-0.1, 1.5, float("nan")])
 def test_the_token_sampler_checks_the_range_as_the_byte_sampler_does(mix):
-    for make in (lambda: WindowSampler(DATA, 64, batch_size=8, task_mix=mix),
+    for make in (lambda: WindowSampler(DATA, 96, batch_size=8, task_mix=mix),
                  lambda: TokenWindowSampler(TOKENS, None, 64, batch_size=8, task_mix=mix)):
         with pytest.raises(UserError, match="must be between 0 and 1"):
             make()

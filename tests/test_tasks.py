@@ -101,8 +101,11 @@ def test_make_task_batch_shapes_and_loss_mask():
 
 def test_make_task_batch_user_errors():
     rng = np.random.default_rng(0)
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="--seq_len 16 is too short for the longest task example .67 bytes"):
         T.make_task_batch(rng, 2, 16)
+    T.make_task_batch(rng, 64, 66)  # the longest fits: no row ever fails at 66
+    with pytest.raises(UserError, match="--seq_len 33 is too short .* use --seq_len 34 or more"):
+        T.make_task_batch(rng, 2, 33, tasks=("add",))  # 'Q: What is 9999 + 9999?\nA: 19998\n'
     with pytest.raises(UserError):
         T.make_task_batch(rng, 2, 256, split="dev")
     with pytest.raises(UserError):

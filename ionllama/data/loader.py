@@ -65,6 +65,8 @@ class WindowSampler:
         self.grad_accum, self.seed, self.rank, self.world_size = grad_accum, seed, rank, world_size
         self.n_task_rows, self.task_note = checked_task_rows(task_mix, batch_size)
         self.tasks = _import_tasks() if self.n_task_rows else None
+        if self.tasks:
+            self.tasks.check_seq_len(seq_len)
         self._cached_step: int | None = None
         self._offsets: np.ndarray | None = None
 
@@ -102,6 +104,7 @@ class TaskSampler:
     def __init__(self, seq_len: int, batch_size: int, grad_accum: int = 1, seed: int = 0, rank: int = 0,
                  world_size: int = 1):
         self.tasks = _import_tasks()
+        self.tasks.check_seq_len(seq_len)
         self.seq_len, self.batch_size, self.grad_accum = seq_len, batch_size, grad_accum
         self.seed, self.rank, self.world_size = seed, rank, world_size
 

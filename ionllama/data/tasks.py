@@ -173,6 +173,38 @@ def make_examples(task: str, split: str, n: int, seed: int, digits: int | None =
     return [(e.prompt, e.answer) for e in make_task_examples(task, split, n, seed, digits, max_digits)]
 
 
+@lru_cache(maxsize=None)
+def longest_example(tasks: tuple[str, ...], split: str, max_digits: int) -> int:
+    """Bytes of the longest example `tasks` can draw from `split` (its text, without separators); for arithmetic the
+    largest d-digit operands' (their sum or product has the most digits any pair of the split can have)."""
+    longest = 0
+    for task in tasks:
+        if task in CHAR_TASKS:
+            for w in split_words(split):
+                if task == "count":
+                    q, a = f"How many times does 'x' appear in '{w}'?", str(max(w.count(c) for c in set(w)))
+                elif task == "spell":
+                    q, a = f"Spell '{w}' with hyphens.", "-".join(w)
+                else:
+                    q, a = f"Reverse '{w}'.", w
+                longest = max(longest, len(_format(q)) + len(a.encode()) + 1)
+        else:
+            top = 10**max_digits - 1
+            sym, val = ("+", top + top) if task == "add" else ("*", top * top)
+            longest = max(longest, len(_format(f"What is {top} {sym} {top}?")) + len(str(val)) + 1)
+    return longest
+
+
+def check_seq_len(seq_len: int, split: str = "train", tasks: tuple[str, ...] | list[str] = TASKS,
+                  max_digits: int = DEFAULT_MAX_DIGITS) -> None:
+    """Every row must hold the longest example: checked before any batch is drawn (the samplers call it too), the
+    error came at whichever step first drew a long one (step 16 or 20 of a run at --seq_len 64, by the seed)."""
+    need = longest_example(tuple(tasks), split, max_digits) + 2  # with the separators before and after it
+    if need > seq_len + 1:
+        raise UserError(f"--seq_len {seq_len} is too short for the longest task example ({need} bytes with its "
+                        f"separators); use --seq_len {need - 1} or more")
+
+
 def make_task_batch(rng: np.random.Generator, batch_size: int, seq_len: int, split: str = "train",
                     tasks: tuple[str, ...] | list[str] = TASKS, max_digits: int = DEFAULT_MAX_DIGITS,
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,6 +220,7 @@ def make_task_batch(rng: np.random.Generator, batch_size: int, seq_len: int, spl
     for t in tasks:
         _check_task(t)
     L = seq_len + 1
+    check_seq_len(seq_len, split, tasks, max_digits)
     tokens = np.full((batch_size, L), DOC_SEP, dtype=np.int64)
     target_mask = np.zeros((batch_size, L), dtype=bool)  # byte i is a scored target (predicted at i-1)
     for r in range(batch_size):
@@ -196,9 +229,6 @@ def make_task_batch(rng: np.random.Generator, batch_size: int, seq_len: int, spl
             ex = sample_example(rng, tasks[int(rng.integers(len(tasks)))], split, max_digits=max_digits)
             text = ex.text
             if pos + len(text) + 1 > L:  # +1: the separator after the example
-                if pos == 1:
-                    raise UserError(f"seq_len {seq_len} is too short for one task example ({len(text) + 2} bytes);"
-                                    " use --seq_len 128 or more")
                 break
             tokens[r, pos:pos + len(text)] = np.frombuffer(text, dtype=np.uint8)
             a0 = pos + len(ex.prompt)
