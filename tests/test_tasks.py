@@ -278,11 +278,14 @@ def test_task_scores_do_not_depend_on_the_generation_batch():
     from ionllama.eval.task_eval import run_tasks
 
     for tail, expect in ((None, 1.0), (b" and more\n", 0.0), (b"9\n", 0.0)):
-        got = {bs: run_tasks(_AnswerThen(tail), "cpu", n=12, max_digits=2, batch_size=bs)["per_task"]
+        res = {bs: run_tasks(_AnswerThen(tail), "cpu", n=12, max_digits=2, batch_size=bs, keep_outputs=True)
                for bs in (1, 5, 32)}
         for task in T.TASKS:
-            accs = {bs: got[bs][task]["accuracy"] for bs in got}
+            accs = {bs: res[bs]["per_task"][task]["accuracy"] for bs in res}
             assert set(accs.values()) == {expect}, (tail, task, accs)
+        # and each stored row ("stopped" too: it was the batch's flag, True for "<answer>9" in a batch whose longer
+        # answers left room for the newline)
+        assert res[1]["outputs"] == res[5]["outputs"] == res[32]["outputs"], tail
 
 
 def test_probe_tasks_refuses_no_tasks_and_a_short_row_before_any_arm_trains(tmp_path, capsys, monkeypatch):

@@ -87,6 +87,8 @@ def _score(model, examples: list[T.TaskExample], prefix: bytes, device, batch_si
         outs, stopped, method = generate_greedy(model, [prefix + e.prompt for e in chunk], max_new, device,
                                                 amp_dtype)
         for e, o, st in zip(chunk, outs, stopped):
+            st = st and len(o) < len(e.answer) + 1  # stopped within its own budget, as judge() scores it (the
+            # batch's flag made the stored rows differ with --gen_batch)
             ok, o = judge(o, st, e.answer)
             correct += ok
             if len(samples) < n_samples:
