@@ -768,6 +768,21 @@ def test_a_glob_leaves_out_ionllamas_own_caches_and_runs_and_a_real_path_with_br
     assert sorted(docs_of(sh.train) + docs_of(sh.val)) == sorted(make_docs(10))
 
 
+def test_a_json_line_with_a_huge_integer_or_deep_nesting_is_skipped_not_a_traceback(tmp_path):
+    """json.loads raises ValueError past 4,300 integer digits and RecursionError on deep nesting, neither a
+    JSONDecodeError: a traceback (exit 1) where a bad line is skipped and counted; in a JSON array, one line."""
+    from ionllama.data.sources import iter_json_array, iter_jsonl
+
+    p = tmp_path / "a.jsonl"
+    p.write_text('{"text": "ok"}\n{"text": "x", "n": ' + "9" * 5000 + "}\n" + "[" * 200_000 + '\n{"text": "fine"}\n')
+    with pytest.warns(UserWarning, match="skipped 2 line.s.*line 2: ValueError: Exceeds the limit"):
+        assert [d for _, d in iter_jsonl(str(p))] == [b"ok", b"fine"]
+    q = tmp_path / "b.json"
+    q.write_text('[{"text": "a", "n": ' + "9" * 5000 + "}]")
+    with pytest.raises(UserError, match="starts as a JSON array but is not valid JSON .ValueError: Exceeds"):
+        list(iter_json_array(str(q)))
+
+
 def test_caches_of_an_earlier_shard_format_are_named_too(tmp_path, monkeypatch):
     """A new SHARD_FORMAT makes a new cache folder for unchanged files; the folder of the old format was not named
     (only changed files counted), so it stayed on disk unsaid."""

@@ -343,6 +343,12 @@ def _record_docs(path: str, records: Iterator[tuple[int, object, str]], text_fie
                       f"not a string: {kinds}{fix}", stacklevel=2)
 
 
+def _json_problem(e: Exception) -> str:
+    if isinstance(e, json.JSONDecodeError):
+        return f"{e.msg} at column {e.colno}"
+    return f"{type(e).__name__}: {str(e)[:100]}"
+
+
 def _json_lines(f) -> Iterator[tuple[int, object, str]]:
     for lineno, raw in enumerate(f, 1):
         raw = raw.strip()
@@ -350,11 +356,11 @@ def _json_lines(f) -> Iterator[tuple[int, object, str]]:
             continue
         try:
             yield lineno, json.loads(raw), ""
-        except ValueError:  # includes invalid UTF-8: keep the bytes via surrogateescape
+        except (ValueError, RecursionError):  # includes invalid UTF-8: keep the bytes via surrogateescape
             try:
                 yield lineno, json.loads(raw.decode("utf-8", "surrogateescape")), ""
-            except json.JSONDecodeError as e:
-                yield lineno, None, f"{e.msg} at column {e.colno}"
+            except (ValueError, RecursionError) as e:  # (an integer of 4,300+ digits, nesting past the stack:
+                yield lineno, None, _json_problem(e)  # a traceback, where a bad line is skipped and counted)
 
 
 def iter_jsonl(path: str, text_field: str = "text", doc_prefix: str | None = None) -> Iterator[Doc]:
@@ -389,13 +395,14 @@ def iter_json_array(path: str, text_field: str = "text", doc_prefix: str | None 
         raise _read_error(path, e) from None
     try:
         items = json.loads(raw)
-    except ValueError:  # includes invalid UTF-8: keep the bytes via surrogateescape
+    except (ValueError, RecursionError):  # includes invalid UTF-8: keep the bytes via surrogateescape
         try:
             items = json.loads(raw.decode("utf-8", "surrogateescape"))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} starts as a JSON array but is not valid JSON ({e.msg} at line {e.lineno} "
-                            f"column {e.colno}); complete the file, or convert it to JSON Lines (one object a line)"
-                            ) from None
+        except (ValueError, RecursionError) as e:
+            where = f"{e.msg} at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else \
+                _json_problem(e)
+            raise UserError(f"{path} starts as a JSON array but is not valid JSON ({where}); complete the file, or "
+                            "convert it to JSON Lines (one object a line)") from None
     yield from _record_docs(path, ((i, obj, "") for i, obj in enumerate(items, 1)), text_field, prefix, "record")
 
 
