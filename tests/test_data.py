@@ -234,6 +234,12 @@ def test_parquet_goes_through_datasets_loader(tmp_path):
     pq.write_table(pa.table({"content": [d.decode() for d in docs]}), tmp_path / "t.parquet")
     sh = prep(tmp_path, data_path=str(tmp_path / "t.parquet"), text_field="content", val_fraction=0.2)
     assert sorted(docs_of(sh.train) + docs_of(sh.val)) == sorted(docs)
+    # a valid file of no rows beside it: `datasets` failed on it (ArrowInvalid: BatchSize must be greater than 0)
+    (tmp_path / "two").mkdir()
+    pq.write_table(pa.table({"content": pa.array([], pa.string())}), tmp_path / "two" / "empty.parquet")
+    pq.write_table(pa.table({"content": [d.decode() for d in docs]}), tmp_path / "two" / "t.parquet")
+    sh = prep(tmp_path / "two", data_path=str(tmp_path / "two"), text_field="content", val_fraction=0.2)
+    assert sorted(docs_of(sh.train) + docs_of(sh.val)) == sorted(docs)
     with pytest.raises(UserError, match="--text_field"):
         prep(tmp_path, data_path=str(tmp_path / "t.parquet"))
     # a column that is not text is refused by name, not trained on as "0", "1", ... (through both readers)

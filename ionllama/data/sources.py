@@ -442,6 +442,15 @@ def iter_parquet(path: str, text_field: str, doc_prefix: str) -> Iterator[Doc]:
     except ImportError:  # fall back to pyarrow when `datasets` is not installed
         yield from _iter_parquet_pyarrow(path, text_field, doc_prefix)
         return
+    try:  # `datasets` fails on a valid file of no rows (ArrowInvalid: BatchSize must be greater than 0)
+        import pyarrow.parquet as pq
+
+        empty = pq.ParquetFile(path).metadata.num_rows == 0
+    except Exception:  # pyarrow's own error types: `datasets` says what is wrong with the file
+        empty = False
+    if empty:  # pyarrow's reader checks the text field and yields nothing
+        yield from _iter_parquet_pyarrow(path, text_field, doc_prefix)
+        return
     yield from iter_hf_documents("parquet", "train", data_files=[path], text_field=text_field, doc_prefix=doc_prefix)
 
 
