@@ -3,7 +3,9 @@
 Every batch is a pure function of (seed, step, micro-step, rank): resuming at step N continues the
 same stream, and no sampler state needs saving. The offsets of one optimizer step are drawn for the
 *global* batch (batch_size x grad_accum x world_size) and each (micro-step, rank) takes its own block,
-so one process with a larger batch sees exactly the rows that several ranks see together."""
+so one process with a larger batch sees exactly the rows that several ranks see together. Not with --task_mix:
+task rows replace the last rows of each rank's batch, so which text windows they replace depends on how the global
+batch is split (the task rows themselves are drawn per (seed, step, block) too)."""
 from __future__ import annotations
 
 import numpy as np
