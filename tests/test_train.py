@@ -95,6 +95,25 @@ def test_resume_continues_exactly(tmp_path, corpus):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_a_weight_decay_given_on_resume_is_used_and_an_entropy_checkpoint_is_refused(tmp_path, corpus, capsys):
+    """The optimizer's saved param groups brought the checkpoint's weight decay back: "resuming with --weight_decay
+    0.5" was said and recorded, and the run went on at 0.1, bit for bit. --entropy_checkpoint on a resume was said
+    too and never loaded (the resumed weights hold the entropy model): now refused in one line."""
+    straight = train(tmp_path, corpus, "--max_steps", "12", "--weight_decay", "0.1", run_name="straight")
+    half = train(tmp_path, corpus, "--max_steps", "12", "--weight_decay", "0.1", "--stop_at", "6", run_name="half")
+    train(tmp_path, corpus, "--max_steps", "12", "--resume", "auto", "--weight_decay", "0.5", run_name="half")
+    assert "resuming with --weight_decay 0.5 (the checkpoint used 0.1)" in capsys.readouterr().out
+    a, b = dict(train_losses(straight)), dict(train_losses(half))
+    assert all(a[s] == b[s] for s in range(1, 7)) and all(a[s] != b[s] for s in range(8, 13)), (a, b)
+    other = tmp_path / "entropy.pt"
+    other.write_bytes(b"x")
+    with pytest.raises(SystemExit) as e:
+        train(tmp_path, corpus, "--max_steps", "14", "--resume", "auto", "--entropy_checkpoint", str(other),
+              run_name="half")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "on a resume: the entropy model's weights come from" in err[0], err
+
+
 def test_resume_from_path_takes_the_checkpoint_settings(tmp_path, corpus, capsys):
     run = train(tmp_path, corpus, "--max_steps", "12", "--stop_at", "6", "--batch_size", "2")
     # only --resume: model, data and batch settings come from the checkpoint; a run folder means its latest.pt

@@ -41,7 +41,7 @@ from . import checkpoint as ckpt_io
 from . import distributed
 from .cli import MODEL_OVERRIDES
 from .metrics import MetricsLogger
-from .optim import add_params, make_adamw
+from .optim import add_params, make_adamw, no_decay_ids
 from .schedule import DEFAULT_MIN_LR_RATIO, PhasePlan
 from .step_graph import capture_problem, make_step_graph, stage_a_for, step_graph_problem
 
@@ -536,6 +536,12 @@ class Trainer:
             raise  # already names the problem (a ValueError too: not to be wrapped again below)
         except (ValueError, KeyError) as e:
             raise UserError(f"{path}: optimizer state does not match ({e}); resume with the same model and phases") from None
+        # the checkpoint's param groups came back with its weight decay: a --weight_decay of this command was said
+        # ("resuming with --weight_decay 0.5") and recorded, but not used
+        no_decay = no_decay_ids(self.model)
+        for g in self.optimizer.param_groups:
+            if any(id(p) not in no_decay for p in g["params"]):
+                g["weight_decay"] = self.args.weight_decay
         if ck.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(ck["scaler"])
         try:
@@ -637,6 +643,11 @@ class Trainer:
     def _check_entropy_checkpoint(self) -> None:
         """--entropy_checkpoint before any data work: this run must have an entropy model, the file must exist."""
         path = getattr(self.args, "entropy_checkpoint", None)
+        if path and self.ck is not None:
+            was = (self.ck.get("train_args") or {}).get("entropy_checkpoint")
+            if path != was:  # the resumed weights hold the entropy model: the file would be named, not loaded
+                raise UserError(f"--entropy_checkpoint {path} on a resume: the entropy model's weights come from "
+                                f"the checkpoint (it used {was}); drop the flag, or start a new run to load it")
         if not path or self.ck is not None:
             return
         if self.config.model != "ionllama" or self.config.patching != "entropy":
