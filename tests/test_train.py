@@ -114,6 +114,18 @@ def test_a_weight_decay_given_on_resume_is_used_and_an_entropy_checkpoint_is_ref
     assert e.value.code == 2 and len(err) == 1 and "on a resume: the entropy model's weights come from" in err[0], err
 
 
+def test_resuming_an_older_step_whose_best_went_aside_writes_a_new_best(tmp_path, corpus):
+    """best.pt past step N moves aside with the abandoned branch, but the best score came back from step_N.pt: a
+    new branch that never beat it (here a far too large lr) ended with no best.pt and a 'best val bpb' whose
+    weights were gone."""
+    flags = ("--max_steps", "12", "--eval_interval", "3", "--save_interval", "4")
+    run = train(tmp_path, corpus, *flags)
+    assert load_checkpoint(run / "best.pt")["step"] > 4
+    train(tmp_path, corpus, *flags, "--resume", str(run / "step_4.pt"), "--lr", "1")
+    assert (run / "best.pt").is_file() and load_checkpoint(run / "best.pt")["step"] > 4
+    assert (next(run.glob("before-resume-step4")) / "best.pt").is_file()  # the old branch's best, kept aside
+
+
 def test_resume_from_path_takes_the_checkpoint_settings(tmp_path, corpus, capsys):
     run = train(tmp_path, corpus, "--max_steps", "12", "--stop_at", "6", "--batch_size", "2")
     # only --resume: model, data and batch settings come from the checkpoint; a run folder means its latest.pt

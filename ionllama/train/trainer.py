@@ -565,6 +565,10 @@ class Trainer:
             with self.dist.main_first():  # under torchrun rank 0 moves them; the others wait, so no one writes first
                 if self.is_main:
                     self._set_branch_aside(Path(path), label)
+            if not any((self.run_dir / n).exists() for n in ("best.pt", "best" + distributed.DCP_SUFFIX)):
+                # its best went aside with the abandoned branch: the score restored from step N had no weights left
+                # behind it, so no later evaluation beat it and the run ended without a best.pt
+                self.best_val_bpb = math.inf
         _say(f"resumed {path} at step {self.step} (phase {self.phase})")
 
     def _aside_label(self) -> str:
