@@ -211,6 +211,15 @@ def test_task_mix_and_task_only_training(tmp_path, corpus):
                 "--eval_interval", "2", run_name="tasks")
     evals = [r for r in read_metrics(run / "metrics.jsonl") if "val_bpb" in r]
     assert len(evals) == 3 and all(r["val_bytes"] > 0 for r in evals)
+    # the task val set does not move with --eval_batch_size (8 batches of it: 136 / 610 / 2,433 bytes scored at 1 /
+    # 4 / 16), which a resume takes from its own command line
+    first = {}
+    for bs in (1, 5, 64):
+        run = train(tmp_path, corpus, "--max_steps", "1", "--dataset", "tasks", "--data_path", "", "--seq_len", "96",
+                    "--eval_batch_size", str(bs), run_name=f"tasks-bs{bs}")
+        first[bs] = next(r for r in read_metrics(run / "metrics.jsonl") if "val_bpb" in r)
+    assert len({r["val_bytes"] for r in first.values()}) == 1, first
+    assert max(r["val_bpb"] for r in first.values()) - min(r["val_bpb"] for r in first.values()) < 1e-5, first
 
 
 def test_wandb_without_the_package_warns_and_keeps_logging(tmp_path, corpus, monkeypatch):

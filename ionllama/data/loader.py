@@ -120,8 +120,14 @@ class TaskSampler:
         return self.tasks.make_task_batch(rng, self.batch_size, self.seq_len, "train")
 
 
-def task_val_batches(seq_len: int, batch_size: int, n_batches: int = 8, seed: int = 0) -> list:
-    """A fixed set of validation task batches (split 'val'), identical for every run."""
+TASK_VAL_ROWS = 64
+
+
+def task_val_batches(seq_len: int, batch_size: int, n_rows: int = TASK_VAL_ROWS, seed: int = 0) -> list:
+    """A fixed set of validation task rows (split 'val'), identical for every run, in batches of batch_size. The
+    rows do not depend on batch_size: 8 batches of --eval_batch_size rows made the val set (and the threshold
+    calibrated on its first batch) change with that flag, which a resume takes from its own command line."""
     tasks = _import_tasks()
     rng = np.random.default_rng([seed, _TASK_STREAM, 1])
-    return [tasks.make_task_batch(rng, batch_size, seq_len, "val") for _ in range(n_batches)]
+    x, y = tasks.make_task_batch(rng, n_rows, seq_len, "val")
+    return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, n_rows, batch_size)]

@@ -736,7 +736,7 @@ class Trainer:
     def _calibration_batch(self) -> torch.Tensor:
         T = self.args.seq_len
         if self.val is None:
-            return self.val_batches[0][0].to(self.device)
+            return torch.cat([x for x, _ in self.val_batches]).to(self.device)  # all of them, whatever the batch
         n = max(1, min(64, (len(self.val) - 1) // T))
         # windows spread evenly over the whole val split: a prefix can be one unrepresentative document
         starts = np.linspace(0, len(self.val) - 1 - T, n).astype(np.int64)
