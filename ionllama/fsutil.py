@@ -65,8 +65,10 @@ def probe_write(folder: str | Path) -> None:
     """Write and remove a small file in the existing `folder`; an OSError if that cannot be done (probe_writable
     without making the folder: bench probes the nearest existing parent and makes folders only to write results)."""
     probe = Path(folder) / f".write-test-{os.getpid()}"
-    probe.write_bytes(b"ok")
-    probe.unlink()
+    try:
+        probe.write_bytes(b"ok")
+    finally:  # a full disk creates the file and fails the write: it was left behind
+        probe.unlink(missing_ok=True)
 
 
 def process_gone(pid: str) -> bool:

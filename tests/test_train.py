@@ -126,6 +126,29 @@ def test_resuming_an_older_step_whose_best_went_aside_writes_a_new_best(tmp_path
     assert (next(run.glob("before-resume-step4")) / "best.pt").is_file()  # the old branch's best, kept aside
 
 
+def test_a_full_disk_at_the_start_says_so_and_leaves_no_probe_file(tmp_path, monkeypatch):
+    """With the disk full, the write probe's file was created, its write failed, and it stayed; the error said
+    "choose a writable folder" for a folder that was fine."""
+    import errno
+    from pathlib import Path as P
+
+    from ionllama.errors import UserError
+    from ionllama.train.trainer import ensure_writable
+
+    real = P.write_bytes
+
+    def full(self, data):
+        if self.name.startswith(".write-test-"):
+            self.touch()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(P, "write_bytes", full)
+    with pytest.raises(UserError, match="no space left on the disk of --save_dir .*; free some, then run again"):
+        ensure_writable(tmp_path / "runs" / "r", str(tmp_path / "runs"))
+    assert list((tmp_path / "runs" / "r").iterdir()) == []
+
+
 def test_resume_from_path_takes_the_checkpoint_settings(tmp_path, corpus, capsys):
     run = train(tmp_path, corpus, "--max_steps", "12", "--stop_at", "6", "--batch_size", "2")
     # only --resume: model, data and batch settings come from the checkpoint; a run folder means its latest.pt

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib.util
 import json
 import math
@@ -165,6 +166,9 @@ def ensure_writable(run_dir: Path, save_dir: str) -> None:
         if Path(save_dir).is_dir() and run_dir.exists() and not run_dir.is_dir():  # the folder is fine, the name not
             raise UserError(f"the run folder {run_dir} is a file, not a folder; pass another --run_name or move "
                             f"that file away") from None
+        if e.errno == errno.ENOSPC:  # the folder is fine: "choose a writable folder" misled
+            raise UserError(f"no space left on the disk of --save_dir {save_dir}; free some, then run again (a "
+                            "stopped run: the same command with --resume auto)") from None
         raise UserError(f"cannot write to --save_dir {save_dir} ({e.strerror or e}); choose a writable folder") from None
     for tmp in run_dir.glob(".*.tmp-*"):  # a save killed mid-write (SIGKILL) left its temp file: GBs for big models
         if tmp.is_file() and process_gone(tmp.name.rsplit("-", 1)[-1]):
