@@ -242,6 +242,54 @@ def test_calibration_gives_each_submodule_its_own_mode_back():
     assert m.training and not m.entropy_model.training
 
 
+def test_the_sampler_never_overrides_the_model_at_the_edges_of_float32():
+    """Three ways the sampler's numbers left float32 (an audit): the noise of hash 2**24 - 1 rounded to 1.0, whose
+    Gumbel +inf took its byte past top_k=1 (seed 13437, byte 71: about once in 65,536 bytes); a top_p below float32's
+    range (1e-300 -> 0) dropped every byte, the best too, and byte 0 ended the document; a temperature of 1e39 turned
+    float32 logits to 0. And numpy 2's bools were refused as flags."""
+    from ionllama.generation.sampling import SamplingConfig, sample_next, uniform_noise
+
+    seeds = torch.tensor([13437])
+    u = uniform_noise(seeds, 0, 256)
+    assert float(u.max()) < 1.0 and int(u.argmax()) == 71
+    logits = torch.zeros(1, 256)
+    logits[0, 200] = 30.0
+    for cfg in (SamplingConfig(top_k=1), SamplingConfig(temperature=0.01), SamplingConfig(top_p=0.01),
+                SamplingConfig(top_p=1e-300), SamplingConfig(top_p=5e-324, top_k=3)):
+        assert int(sample_next(logits, cfg, seeds, 0)) == 200, cfg
+    for t in (1e39, 1e300):
+        with pytest.raises(UserError, match="temperature must be finite"):
+            SamplingConfig(temperature=t)
+    SamplingConfig(temperature=3e38, greedy=np.False_)  # the largest float32 and a numpy bool are fine
+    with pytest.raises(UserError, match="greedy must be True or False"):
+        SamplingConfig(greedy="yes")
+
+
+def test_greedy_generate_leaves_torchs_rng_alone_and_options_are_checked_for_zero_new_bytes():
+    """With seed=None, generate drew the rows' seeds from torch's RNG even when greedy (nothing sampled): every later
+    draw of the caller moved (task scoring, speed runs). And max_new_bytes=0 returned b'' for decoder='x', seed='x',
+    entropy_branch='x', fused_local_step='x', which a call with bytes to make refused."""
+    from ionllama.data.bpe import train_tokenizer
+
+    bpe = ionllama.create_model("tiny", model="bpe", d_model=32, n_layers=1, n_heads=2, vocab_size=260)
+    bpe.set_tokenizer(train_tokenizer([b"the cat sat on the mat " * 20], 260))
+    for m in (tiny_dense(), bpe):
+        for kw in ({"greedy": True}, {"temperature": 0}):
+            torch.manual_seed(123)
+            m.generate(b"ab", max_new_bytes=3, **kw)
+            after = torch.rand(3)
+            torch.manual_seed(123)
+            assert torch.equal(after, torch.rand(3)), (type(m).__name__, kw)
+    m = tiny_dense()
+    for bad, words in (({"decoder": "x"}, "unknown decoder kind"), ({"seed": "x"}, "seed must be"),
+                       ({"entropy_branch": "x"}, "entropy_branch must be"),
+                       ({"fused_local_step": "x"}, "fused_local_step must be")):
+        for n in (0, 2):
+            with pytest.raises(UserError, match=words):
+                m.generate(b"a", max_new_bytes=n, **bad)
+    assert m.generate(b"a", max_new_bytes=0, greedy=np.True_) == b""
+
+
 @pytest.mark.parametrize("temperature", [1e-7, 1e-30, 1e-40, 1e-45, 1e-300, 5e-324])
 def test_a_tiny_temperature_samples_the_argmax(temperature):
     """logits / 1e-40 overflowed every positive logit to +inf in float32, and the ties at inf drew an arbitrary byte

@@ -138,6 +138,23 @@ class RecomputeDecoder(IncrementalDecoder):
         return self._logits_at_end()
 
 
+def check_decoder_options(kind: str = "auto", fused_local_step: bool | str = "auto",
+                          fused_entropy_step: bool | str = "auto", fused_latent_step: bool | str = "auto") -> None:
+    """decoder_for's option values, in one line each (generate checks them before any work, max_new_bytes=0 too)."""
+    for flag, val in (("fused_local_step", fused_local_step), ("fused_entropy_step", fused_entropy_step),
+                      ("fused_latent_step", fused_latent_step)):
+        if val not in (True, False, "auto"):
+            raise UserError(f"{flag} must be True, False or 'auto', got {val!r}")
+    if kind == "recompute":
+        for flag, val in (("fused_local_step", fused_local_step is True),
+                          ("fused_entropy_step", fused_entropy_step is True),
+                          ("fused_latent_step", fused_latent_step is True)):
+            if val:
+                raise UserError(f"{flag} needs the cached decoder; use decoder='auto'")
+    elif kind != "auto":
+        raise UserError(f"unknown decoder kind '{kind}'; use 'auto' or 'recompute'")
+
+
 def decoder_for(model: nn.Module, batch_size: int, max_len: int, kind: str = "auto",
                 fused_local_step: bool | str = "auto", fused_entropy_step: bool | str = "auto",
                 fused_latent_step: bool | str = "auto") -> IncrementalDecoder:
@@ -153,19 +170,9 @@ def decoder_for(model: nn.Module, batch_size: int, max_len: int, kind: str = "au
     fused_latent_step: ionLlama's latent blocks step through the fused Triton kernels
     (ionllama/kernels/latent_step_triton.py): True requires them (CUDA, or CPU under TRITON_INTERPRET=1, else a
     UserError); False: the PyTorch step; "auto" (default): fused on CUDA for <= 32 rows, as fused_local_step."""
-    for flag, val in (("fused_local_step", fused_local_step), ("fused_entropy_step", fused_entropy_step),
-                      ("fused_latent_step", fused_latent_step)):
-        if val not in (True, False, "auto"):
-            raise UserError(f"{flag} must be True, False or 'auto', got {val!r}")
+    check_decoder_options(kind, fused_local_step, fused_entropy_step, fused_latent_step)
     if kind == "recompute":
-        for flag, val in (("fused_local_step", fused_local_step is True),
-                          ("fused_entropy_step", fused_entropy_step is True),
-                          ("fused_latent_step", fused_latent_step is True)):
-            if val:
-                raise UserError(f"{flag} needs the cached decoder; use decoder='auto'")
         return RecomputeDecoder(model, batch_size, max_len)
-    if kind != "auto":
-        raise UserError(f"unknown decoder kind '{kind}'; use 'auto' or 'recompute'")
     from . import dense_decoder  # noqa: F401  (registers)
     try:
         from . import ionllama_decoder  # noqa: F401

@@ -7,7 +7,7 @@ import torch
 
 from ..errors import UserError, is_whole
 from ..model.common import eval_mode
-from .decoding import decoder_for
+from .decoding import check_decoder_options, decoder_for
 from .runner import DecodeRunner, check_unroll, compile_options
 from .prompts import DOC_SEP, RowOutput, normalize_prompts, normalize_stops
 from .sampling import SamplingConfig, is_flag
@@ -18,11 +18,12 @@ StreamFn = Callable[[int, bytes], None]
 INITIAL_NEW_BYTES = 65536
 
 
-def _row_seeds(seed, n: int, device) -> torch.Tensor:
+def _row_seeds(seed, n: int, device, draw: bool = True) -> torch.Tensor:
     """Row r gets seed + r (or seeds[r] for a list). So row r of a batch generated with `seed`
-    equals a single-prompt call with seed + r, whatever else is in the batch."""
+    equals a single-prompt call with seed + r, whatever else is in the batch. draw=False (greedy: nothing is
+    sampled): seed None gives zeros and leaves torch's RNG alone (drawing moved it, and every later draw)."""
     if seed is None:
-        base = int(torch.randint(0, 2**62, (1,)).item())  # follows torch.manual_seed, if set
+        base = int(torch.randint(0, 2**62, (1,)).item()) if draw else 0  # follows torch.manual_seed, if set
         seeds = [base + r for r in range(n)]
     elif is_whole(seed):  # numpy ints too, as for prompts and max_new_bytes
         seeds = [int(seed) + r for r in range(n)]
@@ -94,6 +95,11 @@ def generate(model, prompt_bytes, max_new_bytes: int = 256, temperature: float =
     stops = normalize_stops(stop)
     rows = [r if r else [DOC_SEP] for r in rows]
     B = len(rows)
+    # every option checked before any work, max_new_bytes=0 too (it returned b'' for decoder='x', seed='x')
+    _row_seeds(seed, B, "cpu", draw=False)
+    check_decoder_options(decoder, fused_local_step, fused_entropy_step, fused_latent_step)
+    if entropy_branch not in (True, False, "auto"):
+        raise UserError(f"entropy_branch must be True, False or 'auto'; got {entropy_branch!r}")
     outs = [RowOutput(stops) for _ in range(B)]
 
     with eval_mode(model):
@@ -153,7 +159,7 @@ def _decode_loop(model, rows, outs, cfg, max_new_bytes, seed, stream, decoder_ki
     dec = decoder_for(model, B, prompt_len + min(max_new_bytes, INITIAL_NEW_BYTES) + 1, decoder_kind,
                       fused_local_step=fused_local_step, fused_entropy_step=fused_entropy_step,
                       fused_latent_step=fused_latent_step)
-    seeds = _row_seeds(seed, B, dec.device)
+    seeds = _row_seeds(seed, B, dec.device, draw=not cfg.is_greedy)
     logits = dec.prefill(rows)
     # Host syncs are the main per-byte overhead on a GPU: without a stream callback, sampled bytes
     # stay on the device and are inspected every `sync_every` steps (a few wasted steps at most), a whole

@@ -51,7 +51,9 @@ def noise_from_keys(keys: torch.Tensor, idx_hash: torch.Tensor, step: torch.Tens
     step = torch.as_tensor(step, dtype=torch.long, device=keys.device)
     key = _mix32(keys ^ (step & _MASK32))
     h = _mix32(key[:, None] ^ idx_hash[None, :])
-    return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    # below 1: the top hash, (2**24 - 0.5) / 2**24, rounds to 1.0 in float32, and -log(-log(1)) = +inf picked that
+    # byte whatever the model said (top_k=1 too), once in ~65,536 bytes
+    return (((h >> 8).float() + 0.5) * (1.0 / (1 << 24))).clamp_max(1.0 - 2.0**-24)
 
 
 def uniform_noise(seeds: torch.Tensor, step: torch.Tensor | int, vocab: int) -> torch.Tensor:
@@ -85,7 +87,7 @@ def _is_real(v) -> bool:
 
 def is_flag(v) -> bool:
     """True / False (numpy's bools too), not a string or a number that happens to be truthy."""
-    return isinstance(v, bool) or type(v).__name__ == "bool_"
+    return isinstance(v, bool) or type(v).__name__ in ("bool_", "bool")  # numpy >= 2 names it "bool"
 
 
 @dataclass(frozen=True)
@@ -104,8 +106,11 @@ class SamplingConfig:
                 raise UserError(f"{name} must be a number, got {v!r}; pass e.g. {name}=0.9")
         if self.temperature is None or not self.temperature >= 0:  # `not >=`: NaN is refused too
             raise UserError(f"temperature must be >= 0, got {self.temperature}; use 0 for argmax (greedy=True; --greedy on the command line)")
-        if math.isinf(self.temperature):  # logits / inf = uniform noise, not a model's sample
-            raise UserError(f"temperature must be finite, got {self.temperature}; use e.g. 1.0, or 0 for argmax")
+        # logits / inf = uniform noise, not a model's sample; so is a float past float32's range (the logits are
+        # float32: / 1e39 made them all 0, and top_k=1 returned byte 0, the document separator)
+        if math.isinf(self.temperature) or self.temperature > torch.finfo(torch.float32).max:
+            raise UserError(f"temperature must be finite (at most 3.4e38), got {self.temperature}; use e.g. 1.0, or 0 "
+                            "for argmax")
         if self.top_k is not None and (not is_whole(self.top_k) or self.top_k < 1):
             raise UserError(f"top_k must be a whole number >= 1, got {self.top_k!r}; omit it to disable top-k")
         if self.top_p is not None and not (0.0 < self.top_p <= 1.0):
@@ -130,6 +135,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
         probs = sorted_logits.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs  # keep a byte while the mass above it is < top_p
         drop_sorted = mass_before >= top_p
+        drop_sorted[..., 0] = False  # a top_p below float32's range (1e-46) is 0 there: 0 >= 0 dropped every byte
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits

@@ -146,7 +146,7 @@ class BPETransformer(ParamCountMixin, nn.Module):
         seqs = [[int(t) for t in bpe.encode(bytes(r if r else [DOC_SEP]))] for r in rows]
         outs = [RowOutput(stops) for _ in rows]
         emitted = [0] * len(rows)
-        seeds = _row_seeds(seed, len(rows), device)
+        seeds = _row_seeds(seed, len(rows), device, draw=not cfg.is_greedy and max_new_bytes > 0)
         with eval_mode(self), model_precision(self):
             self._decode(decoder, rows, seqs, outs, emitted, cfg, seeds, max_new_bytes, stream)
         return finish_outputs(outs, stream, is_batch, return_info)
