@@ -28,10 +28,12 @@ def test_colliding_eval_set_names_are_refused_before_any_arm_trains(tmp_path, ca
     wiki_a, wiki_b = _file(tmp_path, "a/wikipedia-val.jsonl.xz"), _file(tmp_path, "b/wikipedia-val.jsonl")
     val, test = _file(tmp_path, "x/val.jsonl"), _file(tmp_path, "x/test.jsonl")
     alt, data = _file(tmp_path, "x/val@32.txt"), _file(tmp_path, "x/data.jsonl")
+    tasks = _file(tmp_path, "x/tasks.jsonl")  # the report puts tasks.json there: a KeyError on every report after
     for extra, words in (
             (["--eval_data", val], f"--eval_data {val} would be named 'val'"),
             (["--eval_data", alt], f"--eval_data {alt} would be named 'val@32'"),
             (["--eval_data", data], f"--eval_data {data} would be named 'data'"),  # the row's data entry
+            (["--eval_data", tasks], f"--eval_data {tasks} would be named 'tasks'"),
             (["--eval_data", wiki_a, "--eval_data", wiki_b],
              f"--eval_data {wiki_b} and --eval_data {wiki_a} are both named 'wikipedia-val'"),
             (["--eval_data", wiki_a, "--eval_data", wiki_a], "are both named 'wikipedia-val'"),

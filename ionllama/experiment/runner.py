@@ -41,7 +41,7 @@ ARM_OVERHEAD_S = 120.0  # --arm_overhead_s when not given
 # the keys of evaluate_arm's row besides its eval results (val, val@N, test, --eval_data): no eval set takes them
 FINAL_KEYS = frozenset({"arm", "run", "model", "spec", "model_config", "sweep_pick", "params", "params_non_embedding",
                         "params_by_part", "bytes_per_patch", "train", "data", "command", "trainer_command", "device",
-                        "date", "git"})
+                        "date", "git", "tasks"})  # (tasks: the report puts tasks.json there)
 
 
 def _unread(model: str) -> set[str]:
