@@ -34,6 +34,25 @@ def _argv(tmp_path, pattern, *extra):
             "--no-compile", "--also_eval_seq_len", "32", *TINY, *extra]
 
 
+def test_a_val_window_equal_to_the_arms_own_is_no_other_setting_on_a_rerun(tmp_path, capsys, one_thread):
+    """--also_eval_seq_len equal to --seq_len writes no val@N (it is the val score), but the check of a finished arm
+    wanted one: the same command run again refused its own finished arms ("evaluated with other settings"), so an
+    interrupted experiment could never go on. And a non-numeric entropy_frac was a ValueError traceback."""
+    pattern = write_corpus(tmp_path)
+    argv = [*_argv(tmp_path, pattern), "--arms", "dense", "--budget_s", "1", "--also_eval_seq_len", "64"]
+    assert main(argv) == 0
+    final = json.loads((tmp_path / "res" / "phase1" / "dense" / "final.json").read_text())
+    assert not [k for k in final if k.startswith("val@")]
+    capsys.readouterr()
+    assert main(argv) == 0 and "done already" in capsys.readouterr().out
+    for key in ("entropy_frac", "joint_frac"):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--arms", "ionllama", "--override", f"{key}=abc", "--out", str(tmp_path / "bad")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and f"{key}=abc: give a number" in err[0], err
+        assert not (tmp_path / "bad").exists()
+
+
 def test_bad_eval_data_or_out_fails_before_any_arm_trains(tmp_path, capsys):
     """A corrupt --eval_data used to fail after the first arm had trained (a traceback from lzma); an --out that
     cannot be made, in a traceback after training; a bad --override value printed two error lines. All are now one

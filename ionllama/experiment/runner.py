@@ -44,6 +44,15 @@ FINAL_KEYS = frozenset({"arm", "run", "model", "spec", "model_config", "sweep_pi
                         "date", "git", "tasks"})  # (tasks: the report puts tasks.json there)
 
 
+def _share(spec: dict, key: str, default: float, example: str) -> float:
+    """spec[key] as a number (--override entropy_frac=abc was a ValueError traceback, its --out left empty)."""
+    v = spec.get(key, default)
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise UserError(f"{key}={v}: give a number, e.g. {example}") from None
+
+
 def _unread(model: str) -> set[str]:
     """The model options `model` is not built from: an earlier run of a baseline arm may have been given them (an
     --override, before they were left out), and they never shaped what it trained."""
@@ -207,10 +216,19 @@ class Runner:
     # ------------------------------------------------------------------ trainer flags
     @staticmethod
     def joint_frac(spec: dict) -> float:
-        f = float(spec.get("joint_frac", JOINT_FRAC))
+        f = _share(spec, "joint_frac", JOINT_FRAC, "0 for none")
         if not 0.0 <= f < 1.0:
             raise UserError(f"joint_frac={f}: give a share of the main + joint steps in [0, 1), e.g. 0 for none")
         return f
+
+    def alt_seq_len(self, spec: dict) -> int | None:
+        """The window of this arm's val@N evaluation (--also_eval_seq_len N), or None where there is none: not given,
+        or equal to the arm's own window (its val score already)."""
+        alt = self.a.also_eval_seq_len
+        if not alt:
+            return None
+        alt_seq = max(8, alt // spec.get("token_seq_div", 1))
+        return None if alt_seq == self.seq_len_of(spec) else alt_seq
 
     def seq_len_of(self, spec: dict) -> int:
         div = spec.get("token_seq_div", 1)
@@ -220,7 +238,7 @@ class Runner:
 
     @staticmethod
     def entropy_frac(spec: dict) -> float:
-        f = float(spec.get("entropy_frac", 0.06))
+        f = _share(spec, "entropy_frac", 0.06, "0.06")
         if not 0.0 < f < 1.0:  # 1 was a ZeroDivisionError, -1 or 1.5 trained one entropy step without a word
             raise UserError(f"entropy_frac={f}: give the entropy model's share of the budget in (0, 1), e.g. 0.06")
         return f
@@ -288,7 +306,7 @@ class Runner:
                 raise UserError(f"{final_path} holds {run_name} finished with other settings ({diff}); use "
                                 "another --out (or delete that folder) to train it with these")
             self._check_same_data(done, final_path, run_name)
-            self._check_same_evals(done, final_path, run_name)
+            self._check_same_evals(done, final_path, run_name, spec)
             trained_s = (done.get("train") or {}).get("train_time_s") or 0.0
             if (done.get("train") or {}).get("cut_short_s") is None:
                 _log(f"{run_name}: done already ({final_path}); skipped")
@@ -419,7 +437,7 @@ class Runner:
             torch.cuda.empty_cache()
         return final
 
-    def _check_same_evals(self, done: dict, final_path: Path, run_name: str) -> None:
+    def _check_same_evals(self, done: dict, final_path: Path, run_name: str, spec: dict) -> None:
         """A finished arm scored under other evaluation flags is not this command's row either: the report would
         rank arms scored on different bytes side by side (a new user's report: 4,000 and 1,500 val bytes in one
         table, under one command)."""
@@ -428,7 +446,9 @@ class Runner:
         if "eval_bytes_cap" in data and data["eval_bytes_cap"] != self.a.eval_bytes:
             diff.append(f"--eval_bytes {data['eval_bytes_cap'] or 'not given'}")
         alt = [k for k in done if k.startswith("val@")]
-        want = [f"val@{self.a.also_eval_seq_len}"] if self.a.also_eval_seq_len else []
+        # as evaluate_arm writes it: no val@N where N is the arm's own window (the same command run again refused
+        # its finished arms as "evaluated with other settings")
+        want = [f"val@{self.a.also_eval_seq_len}"] if self.alt_seq_len(spec) is not None else []
         if alt != want:
             diff.append(f"--also_eval_seq_len {alt[0][4:] if alt else 'not given'}")
         missing = [name for name, _ in self.eval_sets() if name not in done]
@@ -558,12 +578,11 @@ class Runner:
         model.eval()
         _log(f"{run_name}: final evaluation on {self._scored(val):,} val bytes")
         res = {"val": self._bpb(model, val, seq, device, amp, shard_tokens)}
-        alt, div = self.a.also_eval_seq_len, spec.get("token_seq_div", 1)
-        alt_seq = max(8, alt // div) if alt else seq
-        if alt_seq != seq:
+        alt, alt_seq = self.a.also_eval_seq_len, self.alt_seq_len(spec)
+        if alt_seq is not None:
             # the same val bytes in windows of another length: separates a longer-context model's gain from the
             # longer eval window it is scored with (each window starts from an empty context)
-            _log(f"{run_name}: val again in windows of {alt_seq} {'tokens' if div > 1 else 'bytes'}")
+            _log(f"{run_name}: val again in windows of {alt_seq} {'tokens' if spec.get('token_seq_div', 1) > 1 else 'bytes'}")
             res[f"val@{alt}"] = dict(self._bpb(model, val, alt_seq, device, amp, shard_tokens), seq_len=alt_seq)
         for name, path in self.eval_sets():
             data = self._byte_set(name, path, None, margin)
