@@ -72,6 +72,8 @@ def test_bad_eval_data_or_out_fails_before_any_arm_trains(tmp_path, capsys):
                          (["--curve_points", "-1"], "--curve_points must be at least 1"),
                          (["--deadline_s", "-1"], "--deadline_s must be above 0"),
                          (["--task_lr", "nan"], "--task_lr must be above 0"),
+                         # 0 is its documented "only when stopped or signalled" (it was refused as not above 0)
+                         (["--checkpoint_every_s", "-1"], "--checkpoint_every_s must be at least 0"),
                          (["--from_sweep"], "--from_sweep: no sweep folder"),
                          (["--from_sweep", "--sweep_dir", str(tmp_path / "nope")], "no sweep folder"),
                          # a mistyped --out for the report wrote an empty one with exit 0

@@ -20,8 +20,9 @@ from .runner import Runner
 # first arm starts, after the data is prepared; a negative --curve_points or --deadline_s was taken silently)
 AT_LEAST = {"curve_points": 1, "curve_eval_bytes": 1, "eval_bytes": 1, "eval_batch_size": 1, "also_eval_seq_len": 2,
             "seq_len": 2, "batch_size": 1, "grad_accum": 1, "log_interval": 1, "arm_overhead_s": 0,
-            "task_steps": 1, "task_batch": 1, "task_seq_len": 8, "task_n": 1, "task_eval_s": 0}
-ABOVE_ZERO = ("budget_s", "sweep_budget_s", "deadline_s", "checkpoint_every_s", "task_lr", "task_time_s")
+            "task_steps": 1, "task_batch": 1, "task_seq_len": 8, "task_n": 1, "task_eval_s": 0,
+            "checkpoint_every_s": 0}  # (0: only when stopped or signalled, as its help says; it was refused)
+ABOVE_ZERO = ("budget_s", "sweep_budget_s", "deadline_s", "task_lr", "task_time_s")
 
 
 def build_parser() -> argparse.ArgumentParser:

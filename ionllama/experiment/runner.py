@@ -582,7 +582,8 @@ class Runner:
         if alt_seq is not None:
             # the same val bytes in windows of another length: separates a longer-context model's gain from the
             # longer eval window it is scored with (each window starts from an empty context)
-            _log(f"{run_name}: val again in windows of {alt_seq} {'tokens' if spec.get('token_seq_div', 1) > 1 else 'bytes'}")
+            unit = "tokens" if spec.get("token_seq_div", 1) > 1 else "bytes"
+            _log(f"{run_name}: val again in windows of {alt_seq} {unit}")
             res[f"val@{alt}"] = dict(self._bpb(model, val, alt_seq, device, amp, shard_tokens), seq_len=alt_seq)
         for name, path in self.eval_sets():
             data = self._byte_set(name, path, None, margin)
