@@ -22,8 +22,10 @@ def flops_per_byte(model: nn.Module, seq_len: int, bytes_per_patch: float = 1.0,
         dl, dm = cfg.d_local, cfg.d_model
         local = mult * (_matmul_params(model.encoder) + _matmul_params(model.decoder) + _matmul_params(model.head))
         if cfg.local_layers == "transformer":
+            # keys per query, averaged over the window's positions: min(i + 1, w). (w + 1) / 2 held only where the
+            # sequence is no longer than the window, and charged these layers half their attention at T >> w
             w = min(cfg.local_window, seq_len)
-            local += (mult * 2) * dl * (w + 1) / 2 * (cfg.n_enc_layers + cfg.n_dec_layers)
+            local += (mult * 2) * dl * (w - w * (w - 1) / (2 * seq_len)) * (cfg.n_enc_layers + cfg.n_dec_layers)
         frozen_entropy = cfg.patching == "entropy"
         ent = (2 if frozen_entropy else 0) * _matmul_params(model.entropy_model)
         patches = seq_len / bytes_per_patch
@@ -32,7 +34,9 @@ def flops_per_byte(model: nn.Module, seq_len: int, bytes_per_patch: float = 1.0,
         else:
             from .dilated_attention import dilated_offsets
 
-            keys = len(dilated_offsets(int(patches), cfg.local_width))
+            # the mean over patches of the offsets each can use (o <= i), not all of them: patch 0 sees itself only
+            n = max(1, int(patches))
+            keys = sum(n - o for o in dilated_offsets(n, cfg.local_width) if o < n) / n
         latent = mult * (_matmul_params(model.latent) + _matmul_params(model.to_latent)
                          + _matmul_params(model.from_latent)) + (mult * 2) * dm * keys * cfg.n_layers
         return local + ent + latent / bytes_per_patch
