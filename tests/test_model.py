@@ -226,6 +226,25 @@ def test_config_types_normalised():
     assert m.config.to_dict()["n_layers"] == 2
 
 
+def test_a_config_built_in_python_gets_every_rule_create_model_applies():
+    """IonLlama(config) checked only part of the rules: max_patch_size 0 reached a ZeroDivisionError at the first
+    forward, n_heads 3 an assert, and fixed 5-byte patches under a cap of 2 were taken without a word."""
+    import dataclasses
+
+    from ionllama.errors import UserError
+    from ionllama.model.ionllama_model import IonLlama
+
+    base = create_model("tiny", d_model=32, n_layers=1, n_heads=2, d_local=32, n_enc_layers=1, n_dec_layers=1,
+                        d_entropy=16, n_entropy_layers=1, entropy_headdim=8, ngram_buckets=64).config
+    for change, words in (({"max_patch_size": 0}, "max_patch_size must be >= 1"),
+                          ({"n_heads": 3}, "must split into n_heads 3"),
+                          ({"patching": "fixed", "fixed_patch_size": 5, "max_patch_size": 2},
+                           "fixed_patch_size 5 is above max_patch_size 2"),
+                          ({"entropy_headdim": 5}, "entropy_headdim 5")):
+        with pytest.raises(UserError, match=words):
+            IonLlama(dataclasses.replace(base, **change))
+
+
 def test_calibrate_threshold_refuses_a_model_without_entropy_patching():
     with pytest.raises(UserError, match="calibrate_threshold is for entropy patching"):
         create_model("tiny", **{**SMALL, "patching": "fixed"}).calibrate_threshold(torch.randint(0, 256, (2, 64)))

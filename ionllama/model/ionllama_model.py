@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..config import LATENT_SHIFTS, ModelConfig
+from ..config import ModelConfig, check_config
 from ..registry import register
-from .byte_embedding import HASHED, ByteEmbedding
+from .byte_embedding import ByteEmbedding
 from .common import (RMSNorm, checked_input, init_weights, scored_cross_entropy, swiglu_hidden,
                      zero_residual_branches)
 from .dense import GenerateMixin, ParamCountMixin, lm_outputs
@@ -67,33 +67,9 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = cfg = config
-        for name, val, ok in [("patching", cfg.patching, ("entropy", "fixed", "space", "byte")),
-                              ("threshold_mode", cfg.threshold_mode, ("global", "monotonic")),
-                              ("attention", cfg.attention, ("dilated", "dense")),
-                              ("local_layers", cfg.local_layers, ("integral", "transformer")),
-                              ("ngram", cfg.ngram, ("hash", "hash_nodigit", "conv", "none")),
-                              ("pooling", cfg.pooling, ("mean", "attention")),
-                              ("latent_shift", cfg.latent_shift, LATENT_SHIFTS),
-                              ("dec_init", cfg.dec_init, ("default", "zero"))]:
-            if val not in ok:
-                from ..errors import UserError
-                raise UserError(f"unknown {name} '{val}'; choose one of {', '.join(ok)}")
-        if cfg.entropy_chunk < 1:
-            from ..errors import UserError
-            raise UserError(f"entropy_chunk must be >= 1 (the entropy model's SSD chunk), got {cfg.entropy_chunk}")
-        if cfg.local_width < 1:  # offset 0 (a patch attending to itself) is what local_width >= 1 guarantees
-            from ..errors import UserError
-            raise UserError(f"local_width must be >= 1 (dilated attention's dense offsets 0..local_width-1), "
-                            f"got {cfg.local_width}")
-        if not cfg.embed_std > 0:
-            from ..errors import UserError
-            raise UserError(f"embed_std must be > 0 (the byte embeddings' init std), got {cfg.embed_std}")
-        if cfg.ngram in HASHED and cfg.ngram_buckets < 1:
-            from ..errors import UserError
-            raise UserError(f"ngram_buckets must be >= 1 (hash buckets per n-gram size), got {cfg.ngram_buckets}")
-        if cfg.ngram in HASHED:  # the command line's rule, for a config made in Python or read from a checkpoint
-            from ..config import check_ngram_sizes
-            check_ngram_sizes(cfg.ngram_sizes)
+        # every rule create_model applies, for a config made in Python or read from a checkpoint (a partial set of
+        # them here let max_patch_size 0 reach a ZeroDivisionError and fixed 5-byte patches exceed a cap of 2)
+        check_config(cfg)
         dl, dm = cfg.d_local, cfg.d_model
         self.embed = ByteEmbedding(dl, cfg.ngram, cfg.ngram_sizes, cfg.ngram_buckets, cfg.conv_kernel)
         self.entropy_model = EntropyModel(cfg.d_entropy, cfg.n_entropy_layers, cfg.entropy_state,
