@@ -763,6 +763,21 @@ def test_a_negative_attention_offset_is_refused():
     with pytest.raises(ValueError, match=r"must be >= 0 \(got -1\)"):
         dilated_attention(q, q, q, [0, -1, 2])
     assert dilated_attention(q, q, q, [0, 1, 2]).shape == q.shape
+    # without offset 0 query 0 sees no key: its row was NaN without a word (an audit)
+    from ionllama.kernels import dilated_attention_local
+    from ionllama.model.conv import CausalDepthwiseConv
+    from ionllama.model.scan import scan_general
+
+    with pytest.raises(ValueError, match="must include 0"):
+        dilated_attention(q, q, q, [1, 2])
+    with pytest.raises(ValueError, match="local_width must be >= 1"):
+        dilated_attention_local(q, q, q, 0)
+    with pytest.raises(ValueError, match="chunk must be at least 2"):  # a RecursionError before
+        scan_general(-torch.rand(1, 4, 2), torch.randn(1, 4, 2), None, 1)
+    conv = CausalDepthwiseConv(3, 1)  # kernel 1: the step's buffer stays (B, 0, C), the layout the cache keeps
+    buf = torch.zeros(2, 0, 3)
+    y, buf2 = conv.step(torch.randn(2, 3), buf)
+    assert buf2.shape == (2, 0, 3) and y.shape == (2, 3)
 
 
 def test_the_selfchecks_packed_batch_always_has_a_segment_boundary():

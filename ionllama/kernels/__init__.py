@@ -63,6 +63,8 @@ def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets
     if any(int(o) < 0 for o in offsets):
         raise ValueError(f"dilated_attention: offsets are distances back and must be >= 0 (got "
                          f"{min(int(o) for o in offsets)}): a negative one would let a query see a later key")
+    if 0 not in [int(o) for o in offsets]:  # query 0 would see no key: a softmax over nothing, NaN without a word
+        raise ValueError("dilated_attention: offsets must include 0 (each query sees its own key)")
     if attention_uses_triton(q, offsets, segment_ids) and k.dtype == q.dtype and v.dtype == q.dtype:
         from .dilated_attention_triton import dilated_attention_triton
         return dilated_attention_triton(q, k, v, offsets, segment_ids, scale)
@@ -73,6 +75,8 @@ def dilated_attention_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
                             segment_ids=None, scale: float | None = None) -> torch.Tensor:
     """dilated_attention with offsets = dilated_offsets(N, local_width) ({0..w-1} U {2^k}), computed
     where the kernel runs: the form for compiled callers (the latent transformer)."""
+    if local_width < 1:  # offset 0 is what local_width >= 1 gives: without it query 0's row was NaN
+        raise ValueError(f"dilated_attention_local: local_width must be >= 1 (got {local_width})")
     if attention_uses_triton(q, [0], segment_ids) and k.dtype == q.dtype and v.dtype == q.dtype:
         from .dilated_attention_triton import dilated_attention_triton
         return dilated_attention_triton(q, k, v, None, segment_ids, scale, local_width=local_width)

@@ -28,6 +28,8 @@ class CausalDepthwiseConv(nn.Module):
         # no (B, k, C) window: compiled, a cat of a matmul output is a kernel of its own
         w = self.weight[:, 0].t().to(x_t.dtype)  # (k, C)
         y = (buf * w[:-1]).sum(1) + x_t * w[-1] + self.bias.to(x_t.dtype)
+        if buf.shape[1] == 0:  # kernel 1 keeps no inputs: the cat grew the buffer to 1 (the cache's layout changed)
+            return y, buf
         return y, torch.cat([buf[:, 1:], x_t[:, None]], dim=1)
 
     def tail(self, x: torch.Tensor) -> torch.Tensor:

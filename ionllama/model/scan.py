@@ -68,6 +68,8 @@ def scan_general(log_a: torch.Tensor, u: torch.Tensor, h0: torch.Tensor | None =
     h0: (B, *S) or None.  Memory O(T * C * prod(S)).
     """
     B, T = u.shape[:2]
+    if chunk < 2 and T > 1:  # as scan_const_decay: a chunk of 1 never shortens the recursion
+        raise ValueError(f"scan chunk must be at least 2, got {chunk}")
     out_dtype = u.dtype
     work = torch.promote_types(u.dtype, torch.float32)
     u, log_a = u.to(work), log_a.to(work)
