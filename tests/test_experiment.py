@@ -540,6 +540,15 @@ def test_ionllama_sweep_also_widens_and_deepens_the_byte_level(tmp_path, capsys)
         f.parent.mkdir(parents=True)
         f.write_text(json.dumps({"val": {"bpb": bpb}}))
     assert r.best_sweep_variant("ionllama_fixed") == "local_deep"
+    # runs of different budgets do not compare: one swept at 4x the time won by its budget (an audit)
+    f = tmp_path / "o" / "sweep" / "ionllama_fixed~lr2x" / "final.json"
+    f.write_text(json.dumps({"val": {"bpb": 1.56}, "train": {"budget_s": 4.0}}))
+    f = tmp_path / "o" / "sweep" / "ionllama_fixed~base" / "final.json"
+    f.write_text(json.dumps({"val": {"bpb": 1.57}, "train": {"budget_s": 1.0}}))
+    with pytest.raises(UserError, match="trained for different budgets .base 1 s, lr2x 4 s"):
+        r.best_sweep_variant("ionllama_fixed")
+    f.write_text(json.dumps({"val": {"bpb": 1.57}, "train": {"budget_s": 4.0}}))
+    assert r.best_sweep_variant("ionllama_fixed") == "local_deep"
     capsys.readouterr()
     r.spec_of("ionllama_fixed")
     r.spec_of("ionllama_fixed")  # said once per arm

@@ -186,12 +186,18 @@ class Runner:
         return names
 
     def best_sweep_variant(self, arm: str) -> str | None:
-        best = None
+        runs = []
         for v in self.trained_variants(arm):
             f = _read_json(self.sweep_dir / f"{arm}~{v}" / "final.json")
-            if f and f.get("val", {}).get("bpb") is not None and (best is None or f["val"]["bpb"] < best[1]):
-                best = (v, f["val"]["bpb"])
-        return best[0] if best else None
+            if f and f.get("val", {}).get("bpb") is not None:
+                runs.append((v, f["val"]["bpb"], (f.get("train") or {}).get("budget_s")))
+        # only runs of one budget compare: a variant swept at 4x the time of the others won by its budget
+        budgets = sorted({b for _, _, b in runs if b is not None})
+        if len(budgets) > 1:
+            each = ", ".join(f"{v} {b:g} s" for v, _, b in runs if b is not None)
+            raise UserError(f"--from_sweep: {arm}'s sweep runs trained for different budgets ({each}); train them "
+                            "at one --sweep_budget_s (delete the odd ones), or pass the --sweep_dir of one sweep")
+        return min(runs, key=lambda r: r[1])[0] if runs else None
 
     def sweep_pick(self, arm: str, run_name: str) -> dict | None:
         """What --from_sweep set this row from, for its final.json (the pick's knobs were in the trainer command,
