@@ -1176,6 +1176,10 @@ def test_rows_run_with_different_settings_are_named_on_the_page(tmp_path, one_th
     assert "--seed: 1 (dense, bpe); 2 (x)" in note and "--step_graph: (default) (dense, bpe); (on) (x)" in note
     assert "--task_steps: (default) (dense, bpe); 6000 (x)" in note
     assert "--arms" not in note and "--task_arms" not in note and "--deadline_s" not in note, note
+    # a repeated --override: every value counts, not the last alone (same last, different first: one setting before)
+    twice = settings_note({"dense": arm(f"{base} --arms dense --override d_model=32 --override n_layers=1"),
+                           "mamba": arm(f"{base} --arms mamba --override d_model=64 --override n_layers=1")})
+    assert twice and "--override: d_model=32 n_layers=1 (dense); d_model=64 n_layers=1 (mamba)" in twice, twice
 
     pattern = write_corpus(tmp_path, n_train=12, n_val=2, doc_bytes=1200)
     assert main(_argv(tmp_path, pattern, "--arms", "dense", "--budget_s", "1", "--curve_points", "1")) == 0

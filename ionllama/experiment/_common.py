@@ -57,12 +57,16 @@ WHERE_FLAGS = {"data_path", "dataset", "data_dir", "save_dir", "device", "log_in
 
 
 def flag_values(argv: list[str]) -> dict[str, object]:
-    """['--seed', '1', '--compile', ...] -> {'seed': '1', 'compile': True, ...}"""
+    """['--seed', '1', '--compile', ...] -> {'seed': '1', 'compile': True, ...}. A flag given more than once (--override,
+    --eval_data) holds its values joined by spaces: the last alone hid the others from the report's comparison (two
+    runs with --override d_model=32 / 64 first and the same --override n_layers=1 last read as one setting)."""
     out, i = {}, 0
     while i < len(argv):
         if argv[i].startswith("--"):
             has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
-            out[argv[i][2:]] = argv[i + 1] if has_value else True
+            key, value = argv[i][2:], argv[i + 1] if has_value else True
+            before = out.get(key)
+            out[key] = f"{before} {value}" if isinstance(before, str) and isinstance(value, str) else value
             i += 2 if has_value else 1
         else:
             i += 1
