@@ -57,9 +57,9 @@ WHERE_FLAGS = {"data_path", "dataset", "data_dir", "save_dir", "device", "log_in
 
 
 def flag_values(argv: list[str]) -> dict[str, object]:
-    """['--seed', '1', '--compile', ...] -> {'seed': '1', 'compile': True, ...}. A flag given more than once (--override,
-    --eval_data) holds its values joined by spaces: the last alone hid the others from the report's comparison (two
-    runs with --override d_model=32 / 64 first and the same --override n_layers=1 last read as one setting)."""
+    """['--seed', '1', '--compile', ...] -> {'seed': '1', 'compile': True, ...}. A flag given more than once
+    (--override, --eval_data) holds its values joined by spaces: the last alone hid the others from the report's
+    comparison (--override d_model=32 / 64 first and the same --override n_layers=1 last read as one setting)."""
     out, i = {}, 0
     while i < len(argv):
         if argv[i].startswith("--"):
