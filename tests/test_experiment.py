@@ -1244,6 +1244,12 @@ def test_an_override_a_baseline_does_not_use_is_left_out_of_its_arm_and_said(tmp
     said = [ln for ln in capsys.readouterr().out.splitlines() if "left out" in ln]
     assert said == ["[experiment] dense: --override d_local left out: model dense does not use it",
                     "[experiment] mamba: --override d_local, n_heads left out: model mamba does not use them"], said
+    # token_seq_div (a token model's window) halved the byte arms' windows too, without a word (an audit)
+    r = Runner(build_parser().parse_args(["--out", str(tmp_path / "o2"), "--ckpt_dir", str(tmp_path / "c2"),
+                                          "--override", "token_seq_div=2"]), [])
+    capsys.readouterr()
+    assert r.seq_len_of(r.spec_of("bpe")) == 512 and r.seq_len_of(r.spec_of("dense")) == 1024
+    assert "dense: --override token_seq_div left out" in capsys.readouterr().out
     # the sweep's width variant sets heads only where the model has them
     from ionllama.experiment.matrix import variant_spec
 

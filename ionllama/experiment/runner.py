@@ -158,7 +158,11 @@ class Runner:
                  + ", ".join(f"{k}={v} with {self.overrides[k]}" for k, v in replaced.items()))
         from ..registry import unused_options
 
+        from ..data.bpe import is_token_model
+
         skip = unused_options(spec["model"], [k for k in self.overrides if k in MODEL_KEYS])
+        if "token_seq_div" in self.overrides and not is_token_model(spec["model"]):
+            skip = [*skip, "token_seq_div"]  # a byte arm's window is --seq_len bytes (it halved dense's, silently)
         if skip and ("skip", arm) not in self._overrides_said:  # the trainer refuses an option its model lacks
             self._overrides_said.add(("skip", arm))
             _log(f"{arm}: --override {', '.join(skip)} left out: model {spec['model']} does not use "
