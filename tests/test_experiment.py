@@ -1013,6 +1013,24 @@ def test_report_of_an_arm_whose_final_bpb_is_null_lists_it_last(tmp_path):
     assert rows[:3] == ["mamba", "dense", "bpe"]
 
 
+def test_the_task_table_names_the_task_stages_own_device_date_and_commit(tmp_path):
+    """The task stage is its own invocation (often a later commit): its accuracies were attributed to the pretraining's
+    commit and date on the page, and the summary's tasks kept no command, device, date or commit."""
+    out = tmp_path / "res" / "phase1"
+    _fake_run(out / "dense", 1.40, 100, 60.0, [(50, 30.0, 1.60), (100, 60.0, 1.40)])
+    per_task = {"add": {"accuracy": 0.5, "n": 4, "ci95": [0.2, 0.8]}}
+    (out / "dense" / "tasks.json").write_text(json.dumps({
+        "results": {"per_task": per_task}, "command": "ionllama experiment --stage tasks",
+        "date": "2026-12-05T01:00:00", "device": {"name": "NVIDIA H100"}, "git": {"sha": "feedbeef12345"}}))
+    assert main(["--stage", "report", "--out", str(out)]) == 0
+    page = (tmp_path / "res" / "phase1.md").read_text()
+    line = next(x for x in page.splitlines() if x.startswith("Task accuracy"))
+    assert "device: NVIDIA H100; dates: 2026-12-05; commits: feedbeef12" in line, line
+    summary = json.loads((tmp_path / "res" / "phase1.json").read_text())
+    assert summary["tasks_provenance"]["dense"]["git"]["sha"] == "feedbeef12345"
+    assert summary["tasks"]["dense"] == per_task
+
+
 def test_task_compile_trains_through_the_compiled_forward(monkeypatch):
     """--task_compile: the stage's steps go through torch.compile(model) (the eager stage waits on the host on a GPU)
     and tasks.json says so; the compiled forward (here torch's eager backend) trains to the eager losses."""

@@ -297,6 +297,9 @@ def write_report(out: Path, runs: list[str] | dict[str, Path], command: str, lab
                                                                    "device", "date", "git", "command", "spec", *extra)}
                                          for n, f in arms.items()},
                "tasks": {n: f["tasks"]["results"]["per_task"] for n, f in arms.items() if f.get("tasks")},
+               # the task stage is an invocation of its own (often later, another commit): its own provenance
+               "tasks_provenance": {n: {k: f["tasks"].get(k) for k in ("command", "device", "date", "git")}
+                                    for n, f in arms.items() if f.get("tasks")},
                "missing": [n for n in (expected or names) if n not in arms]}
 
     records = {n: read_metrics(runs[n]) if metrics_file(runs[n]) else []
@@ -332,8 +335,12 @@ def write_report(out: Path, runs: list[str] | dict[str, Path], command: str, lab
             _log(note)
     t = tasks_markdown(arms)
     if t:
-        body += ["Task accuracy after identical task fine-tuning (held-out test split, exact match, 95% Wilson CI):",
-                 "", t, ""]
+        staged = [f["tasks"] for f in arms.values() if f.get("tasks")]
+        where = (f"device: {', '.join(sorted({(x.get('device') or {}).get('name', '?') for x in staged}))}; "
+                 f"dates: {', '.join(sorted({(x.get('date') or '?')[:10] for x in staged}))}; "
+                 f"commits: {', '.join(sorted({(x.get('git') or {}).get('sha', '?')[:10] for x in staged}))}")
+        body += ["Task accuracy after identical task fine-tuning (held-out test split, exact match, 95% Wilson CI; "
+                 f"the task stage's own runs, each arm's tasks.json: {where}):", "", t, ""]
     body += [f"![{'val BPB vs training FLOPs' if 'flops' in p.name else 'val BPB vs training time'}]({out.name}/{p.name})"
              for p in plots]
     if summary["missing"]:
