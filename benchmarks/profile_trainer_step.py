@@ -48,9 +48,9 @@ def time_steps(tr, n: int, fn) -> float:
 @cli_entry
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "--" not in argv:
+    if "--" not in argv and not {"-h", "--help"} & set(argv):  # --help alone shows the help (it was this error)
         raise UserError("give the trainer's flags after `--`; see --help")
-    cut = argv.index("--")
+    cut = argv.index("--") if "--" in argv else len(argv)
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)

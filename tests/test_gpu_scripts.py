@@ -573,3 +573,11 @@ def test_kernel_benchmarks_record_the_date_and_command():
     ba = _load("bench_attention")
     info = ba.run_info(["--out", "x.json"])
     assert info["argv"][1:] == ["--out", "x.json"] and info["date"][:2] == "20" and info["commit"]
+
+
+def test_profile_trainer_step_help_alone_shows_the_help(capsys):
+    """--help without `--` was the "give the trainer's flags after `--`" error, exit 2 (an audit)."""
+    main = _load("profile_trainer_step", "benchmarks").main
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "--profile_steps" in capsys.readouterr().out
