@@ -78,8 +78,12 @@ def calibrate_threshold(x: torch.Tensor, entropy: torch.Tensor, target: float, t
                         max_patch_size: int = 8, iters: int = 40) -> tuple[float, float]:
     """Bisection on the threshold so that held-out bytes average `target` bytes per patch.
     Returns (threshold, achieved bytes/patch). Higher threshold -> fewer starts -> longer patches."""
+    def as_stored(th: float) -> float:  # the model keeps its threshold in an fp32 buffer: measure that value (a
+        # float64 model's entropies compared with the unrounded double cut other bytes than its forward did)
+        return float(torch.tensor(th, dtype=torch.float32))
+
     def bpp(th: float) -> float:
-        _, _, n = compute_patches(x, entropy, "entropy", th, threshold_mode, max_patch_size)
+        _, _, n = compute_patches(x, entropy, "entropy", as_stored(th), threshold_mode, max_patch_size)
         return x.numel() / n.sum().item()
 
     h = upcast(entropy[:, :-1])
@@ -91,5 +95,5 @@ def calibrate_threshold(x: torch.Tensor, entropy: torch.Tensor, target: float, t
             lo = mid
         else:
             hi = mid
-    th = hi if abs(bpp(hi) - target) <= abs(bpp(lo) - target) else lo
+    th = as_stored(hi if abs(bpp(hi) - target) <= abs(bpp(lo) - target) else lo)
     return th, bpp(th)
