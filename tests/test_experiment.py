@@ -554,6 +554,11 @@ def test_ionllama_sweep_also_widens_and_deepens_the_byte_level(tmp_path, capsys)
     r.spec_of("ionllama_fixed")  # said once per arm
     said = [ln for ln in capsys.readouterr().out.splitlines() if "--from_sweep picks" in ln]
     assert len(said) == 1 and "picks local_deep from 3 finished sweep run(s)" in said[0], said
+    # a sweep run in the same invocation (--stage sweep,pretrain): the pick is said again after it, from its results
+    r.sweep()
+    r.spec_of("ionllama_fixed")
+    said = [ln for ln in capsys.readouterr().out.splitlines() if "--from_sweep picks" in ln]
+    assert len(said) == 1 and "picks local_deep" in said[0], said
     # --sweep_variants: a subset, in the sweep's order (half an arm's sweep per GPU); a typo is a UserError
     ran.clear()
     r.a.sweep_variants = "local_deep,wide"

@@ -706,6 +706,8 @@ class Runner:
                     continue
                 name = f"{arm}~{v}"
                 self.run_arm(arm, self.sweep_dir / name, self.spec_of(arm, v), budget, name)
+        # the picks said before the sweep ran (the up-front config check) named what was on disk then: say them again
+        self._picks_said.clear()
 
     def _check_same_tasks(self, out: Path, arm: str) -> None:
         """Task results of other task settings are not skipped into a table headed "identical task fine-tuning"
