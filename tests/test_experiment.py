@@ -1036,6 +1036,19 @@ def test_the_task_table_names_the_task_stages_own_device_date_and_commit(tmp_pat
     assert summary["tasks"]["dense"] == per_task
 
 
+def test_a_report_reading_another_folders_sweep_leaves_its_page_alone(tmp_path):
+    """--stage report with --sweep_dir <other>/sweep rewrote <other>/sweep.md, which then named this command."""
+    other = tmp_path / "other" / "sweep"
+    _fake_run(other / "dense~base", 1.50, 100, 60.0, [(100, 60.0, 1.50)])
+    page = tmp_path / "other" / "sweep.md"
+    page.write_text("# phase1 sweep\n\nwritten by the sweep's own command\n")
+    out = tmp_path / "res" / "phase1"
+    _fake_run(out / "dense", 1.40, 100, 60.0, [(50, 30.0, 1.60), (100, 60.0, 1.40)])
+    assert main(["--stage", "report", "--out", str(out), "--sweep_dir", str(other)]) == 0
+    assert page.read_text() == "# phase1 sweep\n\nwritten by the sweep's own command\n"
+    assert "| dense |" in (tmp_path / "res" / "phase1.md").read_text()
+
+
 def test_task_compile_trains_through_the_compiled_forward(monkeypatch):
     """--task_compile: the stage's steps go through torch.compile(model) (the eager stage waits on the host on a GPU)
     and tasks.json says so; the compiled forward (here torch's eager backend) trains to the eager losses."""

@@ -146,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         for s in stages:
             if s == "prepare":
                 runner.prepare()
-            elif s == "sweep" or (s == "report" and runner.sweep_dir.is_dir()):
-                # --stage report rebuilds the sweep table too: one process per GPU each writes it for its own arms
+            elif s == "sweep" or (s == "report" and runner.sweep_dir.is_dir() and not a.sweep_dir):
+                # --stage report rebuilds the sweep table too: one process per GPU each writes it for its own arms;
+                # not another folder's sweep read through --sweep_dir (its page came to name this command)
                 if s == "sweep":
                     runner.sweep()
                 write_report(runner.sweep_dir, [f"{n}~{v}" for n in names for v in runner.trained_variants(n)],
