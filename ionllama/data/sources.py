@@ -246,8 +246,13 @@ def _outside_own_output(files: list[str], root: str, pattern: str) -> list[str]:
             own[d] = inside and (_is_own_output(d) or (parent != d and under_own(parent)))
         return own[d]
 
-    keep = [f for f in files if not under_own(os.path.dirname(f))]
-    left = sorted({os.path.relpath(os.path.dirname(f)) for f in files if under_own(os.path.dirname(f))})
+    keep, left = [], set()
+    for f in files:
+        if under_own(os.path.dirname(f)):
+            left.add(os.path.relpath(os.path.dirname(f)))
+        else:
+            keep.append(f)
+    left = sorted(left)
     if left:
         warnings.warn(f"--data_path '{pattern}': files in ionLlama's own data cache / run folder(s) left out: "
                       f"{', '.join(left[:5])}", stacklevel=3)
@@ -343,9 +348,9 @@ def _record_docs(path: str, records: Iterator[tuple[int, object, str]], text_fie
                       f"not a string: {kinds}{fix}", stacklevel=2)
 
 
-def _json_problem(e: Exception) -> str:
+def _json_problem(e: Exception, line: bool = False) -> str:
     if isinstance(e, json.JSONDecodeError):
-        return f"{e.msg} at column {e.colno}"
+        return f"{e.msg} at {f'line {e.lineno} ' if line else ''}column {e.colno}"
     return f"{type(e).__name__}: {str(e)[:100]}"
 
 
@@ -399,10 +404,8 @@ def iter_json_array(path: str, text_field: str = "text", doc_prefix: str | None 
         try:
             items = json.loads(raw.decode("utf-8", "surrogateescape"))
         except (ValueError, RecursionError) as e:
-            where = f"{e.msg} at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else \
-                _json_problem(e)
-            raise UserError(f"{path} starts as a JSON array but is not valid JSON ({where}); complete the file, or "
-                            "convert it to JSON Lines (one object a line)") from None
+            raise UserError(f"{path} starts as a JSON array but is not valid JSON ({_json_problem(e, line=True)}); "
+                            "complete the file, or convert it to JSON Lines (one object a line)") from None
     yield from _record_docs(path, ((i, obj, "") for i, obj in enumerate(items, 1)), text_field, prefix, "record")
 
 

@@ -53,17 +53,17 @@ def generate_greedy(model, prompts: list[bytes], max_new_bytes: int, device,
     return outs, stopped, method
 
 
-def judge(output: bytes, stopped: bool, answer: bytes) -> tuple[bool, bytes]:
-    """-> (correct, the output as scored). A right answer is the answer followed by a stop byte within one byte
-    beyond it, so a space before or after the answer makes it wrong (T.is_correct alone ignores surrounding
+def judge(output: bytes, stopped: bool, answer: bytes) -> tuple[bool, bytes, bool]:
+    """-> (correct, the output as scored, stopped within its own budget). A right answer is the answer followed by a
+    stop byte within one byte beyond it, so a space before or after the answer makes it wrong (T.is_correct alone ignores surrounding
     spaces; the one-byte budget leaves no room for them): the output is judged as if generated with
     exactly that budget, whatever budget the batch it ran in had. (With a batch's budget, the longest answer's
     budget, "7 and more" was cut to "7 " and counted right alone, and "7 a", wrong, in a batch with a longer
     answer: the score moved with --gen_batch.)"""
     own = len(answer) + 1
     if stopped and len(output) < own:  # its stop byte came within the budget
-        return T.is_correct(output, answer), output
-    return False, output[:own]
+        return T.is_correct(output, answer), output, True
+    return False, output[:own], False
 
 
 def _shots_prefix(k: int, seed: int, task: str) -> bytes:
@@ -87,9 +87,8 @@ def _score(model, examples: list[T.TaskExample], prefix: bytes, device, batch_si
         outs, stopped, method = generate_greedy(model, [prefix + e.prompt for e in chunk], max_new, device,
                                                 amp_dtype)
         for e, o, st in zip(chunk, outs, stopped):
-            st = st and len(o) < len(e.answer) + 1  # stopped within its own budget, as judge() scores it (the
-            # batch's flag made the stored rows differ with --gen_batch)
-            ok, o = judge(o, st, e.answer)
+            # the row keeps judge()'s own-budget stop flag: the batch's made the stored rows differ with --gen_batch
+            ok, o, st = judge(o, st, e.answer)
             correct += ok
             if len(samples) < n_samples:
                 samples.append({"prompt": e.prompt.decode("utf-8", "replace"), "answer": e.answer.decode(),
