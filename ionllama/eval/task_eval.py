@@ -55,8 +55,8 @@ def generate_greedy(model, prompts: list[bytes], max_new_bytes: int, device,
 
 def judge(output: bytes, stopped: bool, answer: bytes) -> tuple[bool, bytes, bool]:
     """-> (correct, the output as scored, stopped within its own budget). A right answer is the answer followed by a
-    stop byte within one byte beyond it, so a space before or after the answer makes it wrong (T.is_correct alone ignores surrounding
-    spaces; the one-byte budget leaves no room for them): the output is judged as if generated with
+    stop byte within one byte beyond it, so a space before or after the answer makes it wrong (T.is_correct alone
+    ignores surrounding spaces; the one-byte budget leaves no room for them): the output is judged as if generated with
     exactly that budget, whatever budget the batch it ran in had. (With a batch's budget, the longest answer's
     budget, "7 and more" was cut to "7 " and counted right alone, and "7 a", wrong, in a batch with a longer
     answer: the score moved with --gen_batch.)"""
