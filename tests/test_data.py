@@ -252,6 +252,21 @@ def test_parquet_goes_through_datasets_loader(tmp_path):
         list(_iter_parquet_pyarrow(str(tmp_path / "n.parquet"), "n", "n"))
 
 
+def test_a_parquet_name_with_glob_characters_is_read_as_that_file(tmp_path):
+    """`datasets` takes data_files as glob patterns: 'x[ab].parquet' read xa.parquet's rows instead of its own."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pytest.importorskip("datasets")
+    from ionllama.data.sources import iter_parquet
+
+    pq.write_table(pa.table({"text": [f"real doc {i}" for i in range(3)]}), tmp_path / "x[ab].parquet")
+    pq.write_table(pa.table({"text": [f"imposter {i}" for i in range(3)]}), tmp_path / "xa.parquet")
+    pq.write_table(pa.table({"text": ["year doc"]}), tmp_path / "d[2023].parquet")
+    assert [d for _, d in iter_parquet(str(tmp_path / "x[ab].parquet"), "text", "x")] == [
+        f"real doc {i}".encode() for i in range(3)]
+    assert [d for _, d in iter_parquet(str(tmp_path / "d[2023].parquet"), "text", "d")] == [b"year doc"]
+
+
 def test_corrupt_parquet_is_one_error_line(tmp_path, capfd):
     """`datasets` logged its own "Failed to read schema ..." line before the one-line error (a new user's report);
     its verbosity comes back afterwards."""
@@ -286,6 +301,27 @@ def test_hub_sources_fail_fast_offline(tmp_path, monkeypatch):
         prep(tmp_path, dataset="fineweb")
     assert time.time() - t < 15
     assert not list((tmp_path / "cache").glob(".tmp-*"))  # no half-written cache left behind
+
+
+def test_the_hub_probe_goes_through_the_proxy_as_huggingface_hub_does(monkeypatch):
+    """It opened a direct socket to the hub: behind HTTPS_PROXY (where the hub's name may not resolve at all) every
+    --dataset was refused as unreachable, though huggingface_hub itself goes through the proxy."""
+    import socket
+
+    from ionllama.data.sources import hub_unreachable_reason
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy",
+                "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")  # .invalid never resolves
+    assert "hub.invalid" in hub_unreachable_reason(timeout=2)
+    with socket.socket() as proxy:
+        proxy.bind(("127.0.0.1", 0))
+        proxy.listen()
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.getsockname()[1]}")
+        assert hub_unreachable_reason(timeout=2) is None
+        monkeypatch.setenv("NO_PROXY", "hub.invalid")  # bypassed: the hub itself again
+        assert "hub.invalid" in hub_unreachable_reason(timeout=2)
 
 
 def test_given_split_files_with_placeholder(tmp_path):
@@ -539,6 +575,10 @@ def test_a_datasets_save_to_disk_folder_is_read_as_its_rows(tmp_path):
     sh = prep(tmp_path, data_path=str(tmp_path / "dd"), text_field="content")
     assert docs_of(sh.train) == [r.encode() for r in rows[:30]] and docs_of(sh.val) == [r.encode() for r in rows[30:]]
 
+    # a trailing slash is the same folder: the same split (its doc ids were '[...]:i' instead of 'one:i')
+    plain = prep(tmp_path / "plain", data_path=str(tmp_path / "one"), text_field="content", val_fraction=0.2)
+    sh2 = prep(tmp_path / "slash", data_path=str(tmp_path / "one") + "/", text_field="content", val_fraction=0.2)
+    assert docs_of(sh2.val) == docs_of(plain.val) and docs_of(sh2.train) == docs_of(plain.train)
     with pytest.raises(UserError, match="has no column 'text'"):
         prep(tmp_path, data_path=str(tmp_path / "one"))
     arrow = next((tmp_path / "one").glob("*.arrow"))

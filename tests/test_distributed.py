@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -508,3 +509,46 @@ def test_a_fresh_run_does_not_take_a_folder_holding_an_interrupted_swap_for_empt
     args = type("A", (), {"save_dir": str(tmp_path), "run_name": "run", "resume": None})()
     with pytest.raises(UserError, match="already holds checkpoints"):
         resolve_run(args)
+
+
+def test_a_crafted_dcp_metadata_is_refused_before_any_code_runs(tmp_path, capsys):
+    """torch reads .metadata with plain pickle.load: a crafted file ran os.system on `generate --checkpoint x.dcp`."""
+    import shutil
+
+    from ionllama.generation.cli import main as generate_main
+
+    good = _tiny_dcp(tmp_path / "good")
+    distributed.check_dcp_metadata(good)  # what DCP writes passes
+    evil = tmp_path / "evil.dcp"
+    shutil.copytree(good, evil)
+    marker = tmp_path / "ran.txt"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"echo ran > {marker}",))
+
+    (evil / ".metadata").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(UserError, match=r"evil\.dcp is damaged .*names (posix|nt)\.system"):
+        load_model(evil)
+    with pytest.raises(SystemExit) as e:
+        generate_main(["--checkpoint", str(evil), "--prompt", "x", "--device", "cpu"])
+    assert e.value.code == 2 and not marker.exists()
+    capsys.readouterr()
+
+
+def test_a_flipped_bit_in_a_dcp_shard_is_refused(tmp_path):
+    """The .pt path checks its zip CRCs; a bit flipped in a .distcp shard loaded as a wrong weight, silently."""
+    import shutil
+
+    good = _tiny_dcp(tmp_path / "good")
+    state = torch.load(good / distributed.TRAIN_STATE_FILE, weights_only=True)
+    assert set(state[distributed.SHARD_SUMS]) == {"__0_0.distcp"}
+    load_model(good)
+    bad = tmp_path / "bad.dcp"
+    shutil.copytree(good, bad)
+    shard = bad / "__0_0.distcp"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=r"bad\.dcp is damaged .*__0_0\.distcp fails its checksum"):
+        load_model(bad)

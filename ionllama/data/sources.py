@@ -21,6 +21,7 @@ import re
 import sys
 import sysconfig
 import threading
+import urllib.request
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -454,7 +455,9 @@ def iter_parquet(path: str, text_field: str, doc_prefix: str) -> Iterator[Doc]:
     if empty:  # pyarrow's reader checks the text field and yields nothing
         yield from _iter_parquet_pyarrow(path, text_field, doc_prefix)
         return
-    yield from iter_hf_documents("parquet", "train", data_files=[path], text_field=text_field, doc_prefix=doc_prefix)
+    # data_files are glob patterns: 'x[ab].parquet' read xa.parquet (an audit's), so the name is escaped
+    yield from iter_hf_documents("parquet", "train", data_files=[glob.escape(path)], text_field=text_field,
+                                 doc_prefix=doc_prefix)
 
 
 def _iter_parquet_pyarrow(path: str, text_field: str, doc_prefix: str) -> Iterator[Doc]:
@@ -623,7 +626,11 @@ def saved_dataset_source(path: str, text_field: str, kind: str) -> Source:
         raise UserError(f"--data_path {path}: `datasets` cannot load this save_to_disk folder ({type(e).__name__}: "
                         f"{str(e)[:120]}); save it again") from None
     files = sorted(os.path.join(r, n) for r, _, names in os.walk(p) for n in names)
-    key = {"kind": "saved-dataset", "path": os.path.abspath(p), "text_field": text_field, "files": _file_stats(files)}
+    # ids from the folder's name: basename('one/') was '', so a trailing slash changed the split under the same key
+    # ("ids" keeps caches written with those ids apart)
+    name = os.path.basename(os.path.normpath(os.path.abspath(p)))
+    key = {"kind": "saved-dataset", "path": os.path.abspath(p), "text_field": text_field, "files": _file_stats(files),
+           "ids": "folder-name"}
 
     def rows(ds, label: str) -> Iterator[Doc]:
         if text_field not in ds.column_names:
@@ -631,7 +638,7 @@ def saved_dataset_source(path: str, text_field: str, kind: str) -> Source:
             raise no_text_field(f"{path}{label}", text_field, text_columns, ds.column_names)
         for i, row in enumerate(ds.select_columns([text_field])):
             if row[text_field] is not None:
-                yield f"{os.path.basename(p)}{label}:{i}", column_text(row[text_field], f"{path}{label}", text_field)
+                yield f"{name}{label}:{i}", column_text(row[text_field], f"{path}{label}", text_field)
 
     if kind == "dict":
         names = {}
@@ -662,6 +669,12 @@ def hub_unreachable_reason(timeout: float = 5.0) -> str | None:
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     u = urlparse(endpoint)
     host, port = u.hostname or "huggingface.co", u.port or (443 if u.scheme == "https" else 80)
+    # through a proxy (HTTPS_PROXY), as huggingface_hub goes: the hub's own host may not resolve here at all
+    proxy = urllib.request.getproxies().get(u.scheme or "https")
+    if proxy and not urllib.request.proxy_bypass(host):
+        pu = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        if pu.hostname:
+            host, port = pu.hostname, pu.port or (443 if pu.scheme == "https" else 80)
     result: list = []
 
     def probe():

@@ -20,6 +20,7 @@ import pickle
 import shutil
 import sys
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -568,11 +569,77 @@ class _QuietDcpLog:
         return not (record.levelno <= logging.WARNING and "torch/distributed/checkpoint/" in where)
 
 
+# What a DCP .metadata file holds. torch reads it with plain pickle.load, which calls whatever a crafted file names
+# (an audit's os.system ran on `generate --checkpoint evil.dcp`): ionllama unpickles it first with only these
+_DCP_META_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+_DCP_META_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}
+_PATH_CLASSES = ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path")
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _DCP_META_GLOBALS or (module in ("pathlib", "pathlib._local") and name in _PATH_CLASSES):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
+                                                                         torch.memory_format)):
+            return getattr(torch, name)
+        if module in _DCP_META_MODULES:  # only the dataclasses and enums defined there (filesystem: _StorageInfo)
+            obj = super().find_class(module, name)
+            if isinstance(obj, type) and obj.__module__ == module and (
+                    module.endswith(".metadata") or name.startswith("_Storage")):
+                return obj
+        # checked before anything is imported: importing a module a file names can run code too
+        raise pickle.UnpicklingError(f"its .metadata names {module}.{name}, which no checkpoint metadata holds; "
+                                     "not loaded")
+
+
+def check_dcp_metadata(path) -> None:
+    """Unpickle each .metadata file of a .dcp folder with the classes DCP writes only, so that dcp.load's own
+    pickle.load never meets anything else. Raises pickle.UnpicklingError naming what it refused."""
+    for f in sorted(p for p in Path(path).iterdir() if p.name.endswith(".metadata")):
+        with open(f, "rb") as fh:
+            _DcpMetadataUnpickler(fh).load()
+
+
+SHARD_SUMS = "shard_crc32"  # train state key: {shard file name: CRC-32}, as a .pt's zip records carry theirs
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def shard_sums(folder: Path) -> dict[str, int]:
+    return {p.name: _crc32(p) for p in sorted(Path(folder).glob("*.distcp"))}
+
+
+def check_shard_sums(path) -> None:
+    """A flipped bit in a shard loaded as a wrong weight without a word (a .pt's CRCs are checked on load).
+    Checkpoints written before the sums were recorded are not checked."""
+    from .checkpoint import DamagedCheckpoint, load_weights_only
+
+    try:
+        sums = load_weights_only(Path(path) / TRAIN_STATE_FILE, map_location="cpu", mmap=True).get(SHARD_SUMS)
+    except Exception:  # noqa: BLE001 - its own load says what is wrong with the train state
+        return
+    for name, want in (sums or {}).items():
+        f = Path(path) / name
+        if not f.is_file():
+            raise DamagedCheckpoint(f"its shard {name} is missing")
+        if _crc32(f) != want:
+            raise DamagedCheckpoint(f"its shard {name} fails its checksum")
+
+
 def _dcp_load(sd: dict, path, no_dist: bool) -> None:
     import warnings
 
     import torch.distributed.checkpoint as dcp
 
+    check_dcp_metadata(path)
+    check_shard_sums(path)
     quiet = _QuietDcpLog()
     logging.getLogger().addFilter(quiet)
     try:
@@ -610,8 +677,8 @@ def save_sharded(ctx: DistContext, run_dir: Path, names: tuple[str, ...], model:
         sd = _state_dicts(model, optimizer)
         dcp.save(sd, checkpoint_id=str(tmp), no_dist=not ctx.enabled)
         written = []
-        if ctx.is_main:
-            save_checkpoint(train_state, tmp / TRAIN_STATE_FILE)
+        if ctx.is_main:  # dcp.save returns once every rank's shard is written
+            save_checkpoint({**train_state, SHARD_SUMS: shard_sums(tmp)}, tmp / TRAIN_STATE_FILE)
             _swap_dir(tmp, run_dir / first)
             written.append(run_dir / first)
             for n in names[1:]:
