@@ -82,12 +82,17 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        if not isinstance(d, dict):  # a damaged or foreign file: set(5) was a TypeError traceback
+            raise UserError(f"the model config is not a dict of settings (a {type(d).__name__}); load a checkpoint "
+                            "written by ionllama")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
             raise UserError(f"unknown model config keys {sorted(unknown)}; the checkpoint is from a newer ionllama?")
         d = dict(d)
         if "ngram_sizes" in d:
+            if not isinstance(d["ngram_sizes"], (list, tuple)):
+                raise UserError(f"ngram_sizes is {d['ngram_sizes']!r}, not a list of n-gram sizes")
             d["ngram_sizes"] = tuple(d["ngram_sizes"])
         return cls(**d)
 

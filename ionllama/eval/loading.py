@@ -96,7 +96,8 @@ def read_checkpoint_file(path: str | Path) -> dict:
         from ..train.checkpoint import unreadable_checkpoint
 
         raise unreadable_checkpoint(p, e) from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or not ("model_config" in ckpt or "config" in ckpt):
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not (
+            "model_config" in ckpt or "config" in ckpt):
         raise UserError(f"'{p}' has no 'model'/'model_config' entries; pass a checkpoint written by `ionllama train`")
     return ckpt
 
@@ -131,8 +132,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
 
         raise UserError(f"checkpoint '{path}' does not match its model config ({detail}); {CONFIG_WEIGHTS_HINT}") \
             from None
-    # non-persistent buffers may legitimately be absent; real weights may not
-    missing = [k for k in missing if k in dict(model.named_parameters())]
+    # every key: non-persistent buffers are never listed as missing, and a persistent one absent (an entropy model's
+    # threshold) loaded as its init value (0: a patch at every byte) where generate refused the same file
     if missing or unexpected:
         raise UserError(f"checkpoint '{path}' does not match model '{config.model}' (missing {missing[:3]}, "
                         f"unexpected {list(unexpected)[:3]}); was it written by a different ionllama version?")

@@ -90,6 +90,11 @@ def load_weights_only(path: str | Path, **kw):
         return torch.load(path, weights_only=True, **kw)
 
 
+def _safetensors_not_resumable(path: Path) -> UserError:
+    return UserError(f"{path} is a safetensors export (weights only): it loads for generate / bench, not for "
+                     "--resume; resume from the run's latest.pt, step_N.pt or final.pt")
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
     if path.is_dir():  # a sharded <name>.dcp folder of a torchrun run: its train state (tensors load later)
@@ -98,16 +103,16 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         return load_train_state(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found; check the path (or use --resume auto)")
+    if path.suffix == ".safetensors":  # said before reading: torch.load hands a damaged one to safetensors, whose
+        raise _safetensors_not_resumable(path)  # error type none of the handlers below knew (a traceback)
     try:
         ck = load_weights_only(path, map_location=map_location)
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile,
             AttributeError, TypeError, IndexError) as e:
         # torch's own text (a pickle or zip detail, or the weights_only essay) helps no one here: the type says enough
         raise unreadable_checkpoint(path, e) from None
-    if not isinstance(ck, dict) or "model" not in ck or "model_config" not in ck:
-        if path.suffix == ".safetensors":
-            raise UserError(f"{path} is a safetensors export (weights only): it loads for generate / bench, not for "
-                            "--resume; resume from the run's latest.pt, step_N.pt or final.pt")
+    if not isinstance(ck, dict) or not isinstance(ck.get("model"), dict) or not isinstance(ck.get("model_config"),
+                                                                                           dict):
         raise UserError(f"{path} is not an ionllama checkpoint (no model / model_config); pass a file written by "
                         "`ionllama train`")
     return ck
@@ -144,12 +149,17 @@ def restore_rng_state(state: dict) -> None:
 
 # ---------------------------------------------------------------- weights only
 
-def model_state(model: torch.nn.Module) -> dict:
-    """state_dict of the underlying module (unwraps torch.compile / DDP wrappers)."""
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module under torch.compile / DDP wrappers."""
     for attr in ("_orig_mod", "module"):
         while hasattr(model, attr):
             model = getattr(model, attr)
-    return model.state_dict()
+    return model
+
+
+def model_state(model: torch.nn.Module) -> dict:
+    """state_dict of the underlying module (unwraps torch.compile / DDP wrappers)."""
+    return unwrap_model(model).state_dict()
 
 
 # what to do when a file's weights do not fit the model built from its own config (no flag of the caller's mends it)
@@ -177,6 +187,7 @@ def export_safetensors(model: torch.nn.Module, path: str | Path, metadata: dict 
     from safetensors.torch import save_model
 
     path = Path(path)
+    model = unwrap_model(model)  # a compiled model's keys were written as '_orig_mod.<name>': no load took them
     meta = {SAFETENSORS_CONFIG_KEY: json.dumps(model.config.to_dict())}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
     tmp = temp_path(path)
@@ -240,8 +251,12 @@ def load_model(path: str | Path, device="cpu", dtype: torch.dtype | None = None)
         model = build_model(ModelConfig.from_checkpoint(cfg, path))
         try:
             st_load_model(model, str(path), strict=True)
-        except RuntimeError as e:
-            raise UserError(f"{path} does not match its model config ({first_line(e)}); re-export it") from None
+        except RuntimeError as e:  # torch's first line names no key: name them
+            with safe_open(str(path), framework="pt") as f:
+                want, have = set(model.state_dict()), set(f.keys())
+            keys = "; ".join([f"missing {k}" for k in sorted(want - have)[:3]]
+                             + [f"unexpected {k}" for k in sorted(have - want)[:3]]) or first_line(e, 200)
+            raise UserError(f"{path} does not match its model config ({keys}); re-export it") from None
     else:
         ck = load_checkpoint(path)
         model = build_model(ModelConfig.from_checkpoint(ck["model_config"], path))

@@ -715,7 +715,7 @@ def load_train_state(path: str | Path) -> dict:
             AttributeError, TypeError, IndexError) as e:  # what checkpoint.load_checkpoint catches for a .pt
         why = str(e) if isinstance(e, DamagedCheckpoint) else type(e).__name__  # torch's text helps no one
         raise damaged_sharded(path, f"{TRAIN_STATE_FILE}: {why}") from None
-    if not isinstance(meta, dict) or "model_config" not in meta:
+    if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
         raise UserError(f"{path / TRAIN_STATE_FILE} is not an ionllama train state; use another checkpoint")
     return {**meta, "model": None, "optimizer": None, "sharded_path": str(path)}
 
