@@ -675,7 +675,10 @@ def save_sharded(ctx: DistContext, run_dir: Path, names: tuple[str, ...], model:
             shutil.rmtree(tmp)
         ctx.barrier()
         sd = _state_dicts(model, optimizer)
-        dcp.save(sd, checkpoint_id=str(tmp), no_dist=not ctx.enabled)
+        try:
+            dcp.save(sd, checkpoint_id=str(tmp), no_dist=not ctx.enabled)
+        except (RuntimeError, *_dcp_errors()[1:]) as e:  # a full disk comes wrapped in DCP's CheckpointException
+            raise OSError(_dcp_failure(e)[1]) from None  # (a BaseException): it was a traceback on every rank
         written = []
         if ctx.is_main:  # dcp.save returns once every rank's shard is written
             save_checkpoint({**train_state, SHARD_SUMS: shard_sums(tmp)}, tmp / TRAIN_STATE_FILE)
@@ -694,8 +697,13 @@ def save_sharded(ctx: DistContext, run_dir: Path, names: tuple[str, ...], model:
         ctx.barrier()
         return written
     except OSError as e:
-        raise UserError(f"could not write a checkpoint in {run_dir} ({e.strerror or e}); free disk space and "
-                        "resume with --resume auto (earlier checkpoints are intact)") from None
+        if ctx.is_main:  # the half-written temp folder, under a name that may never be saved again, stayed for good
+            shutil.rmtree(tmp, ignore_errors=True)
+        err = UserError(f"could not write a checkpoint in {run_dir} ({e.strerror or e}); free disk space and "
+                        "resume with --resume auto (earlier checkpoints are intact)")
+        if ctx.enabled and not ctx.is_main:
+            raise RelayedError(str(err)) from None
+        raise err from None
 
 
 def load_train_state(path: str | Path) -> dict:

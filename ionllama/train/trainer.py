@@ -862,9 +862,16 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum, bpb_sum = self.par.mean(torch.stack([loss_sum, bpb_sum]))  # logged: the mean over ranks
+        # logged: the mean over ranks. Under torchrun a signal rides along: > 0 when any rank got one, so the ranks
+        # agree to stop at the next step (agreeing at log points only left torchrun's 30-s kill to save nothing)
+        signalled = None
+        if self.par.distributed:
+            got = getattr(self, "_stop", None) is not None and self._stop.signum is not None
+            loss_sum, bpb_sum, signalled = self.par.mean(torch.stack([
+                loss_sum, bpb_sum, torch.full((), float(got), device=self.device)]))
         return {"loss": loss_sum / a.grad_accum, "bpb": bpb_sum / a.grad_accum, "patches": patches,
-                "grad_norm": self.par.local(grad_norm) if grad_norm is not None else None, "lr": lr}
+                "grad_norm": self.par.local(grad_norm) if grad_norm is not None else None, "lr": lr,
+                "signalled": signalled}
 
     # ------------------------------------------------------------------ evaluation and checkpoints
     def evaluate(self, phase_label: str) -> dict:
@@ -1031,6 +1038,7 @@ class Trainer:
             if self.step == 0:
                 self.evaluate("init")  # the untrained model: bpb ~8, bytes/patch before any calibration
             win = {"t0": time.perf_counter(), "bytes": 0, "loss": [], "bpb": [], "patches": 0}
+            signalled = None  # the last step's "any rank got a signal" flag (torchrun)
             sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
             step_bytes = self.sampler.global_batch * a.seq_len
             if self.tokens is not None:  # bytes of text (mean bytes/token of the train split)
@@ -1065,7 +1073,11 @@ class Trainer:
                 if self.par.distributed:  # ranks stop together: agree at the steps where all of them log
                     boundary = self.step % a.log_interval == 0 or at_eval or at_save or phase_done or \
                         (a.stop_at is not None and self.step >= a.stop_at)
-                    stopping = boundary and self.dist.any_rank(stopping, self.device)
+                    # a signal on any rank: every rank reads the previous step's flag (done by now: no wait on
+                    # this step's work), so all stop at the same step
+                    prev, signalled = signalled, out.get("signalled")
+                    stopping = (boundary and self.dist.any_rank(stopping, self.device)) or (
+                        prev is not None and bool(prev > 0))
                 if self.step % a.log_interval == 0 or at_eval or at_save or phase_done or stopping:
                     self._log_window(win, out, bar, sync)
                     win = {"t0": None, "bytes": 0, "loss": [], "bpb": [], "patches": 0}
@@ -1185,6 +1197,8 @@ class Trainer:
             if got.signum is not None:
                 _say(f"stopped after the final checkpoint ({signal.Signals(got.signum).name}); sample and benchmark "
                      "skipped")
+                if self.par.distributed:  # exit after the closing barrier, as a stop mid-run does (train() raises)
+                    return {"run_dir": str(self.run_dir), "step": self.step, "exit_code": 128 + got.signum}
                 raise SystemExit(128 + got.signum)
         if a.sample_bytes > 0:
             prompt = self._sample_prompt()
