@@ -7,6 +7,7 @@ import math
 import numbers
 import os
 import sys
+import time
 import warnings
 
 
@@ -18,6 +19,9 @@ class UserError(ValueError):
 class RelayedError(UserError):
     """A UserError raised on rank 0 of a torchrun job and passed to the other ranks so they stop too: rank 0
     prints it, the others exit 2 without printing it again."""
+
+
+_STARTED = time.time()  # a note older than this process is another job's, under a reused --rdzv_id
 
 
 def _error_note(run_id: str) -> str:
@@ -44,12 +48,13 @@ def _print_error_once(line: str, wait_s: float = 2.0) -> None:
             atomic_write(note, line)
         except OSError:
             pass
+        _prune_old_notes(note)
         return
-    import time
-
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         try:
+            if os.stat(note).st_mtime < _STARTED - 1.0:  # a stale note: it made this rank print its line too
+                raise FileNotFoundError(note)
             with open(note) as f:
                 if f.read() == line:
                     return
@@ -57,6 +62,18 @@ def _print_error_once(line: str, wait_s: float = 2.0) -> None:
         except OSError:
             time.sleep(0.05)
     print(f"[rank {rank}] {line}", file=sys.stderr)
+
+
+def _prune_old_notes(keep: str, max_age_s: float = 86400.0) -> None:
+    """Notes of jobs a day gone (nothing removed them: an audit found 59 in one /tmp)."""
+    import glob
+
+    for f in glob.glob(os.path.join(os.path.dirname(keep), "ionllama-error-*-rank0.txt")):
+        try:
+            if f != keep and os.stat(f).st_mtime < time.time() - max_age_s:
+                os.unlink(f)
+        except OSError:
+            pass
 
 
 def cli_entry(fn):

@@ -616,3 +616,63 @@ def test_a_failed_sharded_save_is_one_line_and_leaves_no_temp_folder(tmp_path, m
     with pytest.raises(UserError, match=r"could not write a checkpoint in .*No space left on device.*--resume auto"):
         _tiny_dcp(tmp_path, "step_4.pt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_newer_of_a_pt_and_a_dcp_is_the_runs_final_and_best(tmp, one_proc, ddp_run, capsys):
+    """A run finished in one process (final.pt) and continued under torchrun (final.dcp) said "finished (final.pt)",
+    and --benchmark_after took best.pt though best.dcp was newer: the older model."""
+    import shutil
+
+    from ionllama.train.cli import main as train_main
+
+    run = tmp / "ck" / "mixed"
+    shutil.copytree(ddp_run, run)
+    for name in ("final.pt", "best.pt"):
+        shutil.copy2(one_proc / name, run / name)
+        os.utime(run / name, (1, 1))  # written before the torchrun part of the run
+    assert distributed.newest_checkpoint(run, "best.pt") == run / "best.dcp"
+    os.utime(run / "best.pt")  # now the newer one
+    assert distributed.newest_checkpoint(run, "best.pt") == run / "best.pt"
+    assert distributed.newest_checkpoint(run, "step_9.pt") is None
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train_main(_args(tmp, "mixed", resume="auto"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "finished at step 6 (final.dcp)" in err[-1], err
+
+
+def test_each_rank_draws_its_own_dropout_masks_and_resumes_its_own_stream(tmp):
+    """Every rank was seeded with --seed: with dropout, N ranks applied one mask to N different shards of data, and a
+    resume gave every rank rank 0's saved stream. Now rank r > 0 has a stream of its own, saved per rank, and a
+    resumed torchrun run ends with the uninterrupted run's weights."""
+    kw = {"dropout": 0.3, "batch_size": 2, "max_steps": 4, "save_interval": 2}
+    _torchrun(_args(tmp, "drop", **kw))
+    state = torch.load(tmp / "ck" / "drop" / "step_2.dcp" / distributed.TRAIN_STATE_FILE, weights_only=True)
+    ranks = state["rank_rng"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
+    assert torch.equal(ranks[0]["torch"], state["rng"]["torch"])
+    _torchrun(_args(tmp, "drop-resumed", **kw, resume=tmp / "ck" / "drop" / "step_2.dcp"))
+    resumed, whole = _weights(tmp / "ck" / "drop-resumed" / "final.dcp"), _weights(tmp / "ck" / "drop" / "final.dcp")
+    assert _max_diff(resumed, whole) == 0
+
+
+def test_a_stale_error_note_of_an_earlier_job_is_not_read(tmp_path, monkeypatch, capsys):
+    """Under a reused --rdzv_id, rank 1 read the previous job's note, saw another line and printed its own: every
+    later refusal was said twice. A note older than the process is now waited past for this job's own."""
+    import threading
+    import time
+
+    from ionllama import errors
+
+    monkeypatch.setattr("tempfile.gettempdir", lambda: str(tmp_path))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "fixed-id")
+    note = Path(errors._error_note("fixed-id"))
+    note.write_text("error: the previous job's refusal")
+    os.utime(note, (errors._STARTED - 3600, errors._STARTED - 3600))
+    line = "error: --batch_size must be at least 1 (got -1)"
+    threading.Timer(0.3, note.write_text, (line,)).start()  # this job's rank 0
+    t = time.monotonic()
+    errors._print_error_once(line, wait_s=3.0)
+    assert capsys.readouterr().err == "" and time.monotonic() - t < 2.5

@@ -67,6 +67,14 @@ class DistContext:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t / self.world_size
 
+    def all_gather_object(self, obj) -> list:
+        """[obj of rank 0, obj of rank 1, ...] on every rank (collective)."""
+        if not self.enabled or self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def any_rank(self, flag: bool, device: torch.device) -> bool:
         """True on every rank when it is true on any (collective: call at the same steps on all ranks)."""
         if not self.enabled or self.world_size == 1:
@@ -470,10 +478,16 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newer of <run>/latest.pt and <run>/latest.dcp, or None."""
     recover_interrupted_swaps(run_dir)
+    return newest_checkpoint(run_dir, "latest.pt")
+
+
+def newest_checkpoint(run_dir: Path, name: str) -> Path | None:
+    """The newer of <run>/<name>.pt and <run>/<name>.dcp, or None: a run continued in the other mode (torchrun or
+    one process) leaves the first mode's best / final behind, older."""
     found = []
-    if (run_dir / "latest.pt").is_file():
-        found.append((checkpoint_mtime(run_dir / "latest.pt"), run_dir / "latest.pt"))
-    found_dcp = run_dir / dcp_name("latest.pt")
+    if (run_dir / name).is_file():
+        found.append((checkpoint_mtime(run_dir / name), run_dir / name))
+    found_dcp = run_dir / dcp_name(name)
     if is_sharded_checkpoint(found_dcp):
         found.append((checkpoint_mtime(found_dcp), found_dcp))
     return max(found)[1] if found else None

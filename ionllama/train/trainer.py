@@ -283,7 +283,9 @@ class Trainer:
             args = self._merge_resume_args(args, self.ck.get("train_args", {}), explicit)
             distributed.keep_global_batch(args, self.ck, world_size, explicit, _say)
         self.args = args
-        ensure_writable(self.run_dir, args.save_dir)
+        # rank 0 alone: every rank made the folder and its probe file, and a refused run's clean-up (rank 0's) raced
+        # another rank's mkdir, leaving an empty run folder behind
+        self.dist.on_main(lambda: ensure_writable(self.run_dir, args.save_dir))
 
         # ---- model config (validated before any data work)
         if self.ck is not None:  # before the config: its refusal of a flag the model lacks hid the real mistake
@@ -321,6 +323,8 @@ class Trainer:
         elif self.ck is None and getattr(args, "entropy_checkpoint", None):  # (a resume has them in its weights)
             self._load_entropy_model(args.entropy_checkpoint)
         self.model = self.par.shard(self.model)  # FSDP2: in place, before the optimizer exists
+        if self.rank != 0:  # weights are rank 0's (DDP / FSDP broadcast them); dropout masks are each rank's own:
+            torch.manual_seed(rank_seed(args.seed, self.rank))  # seeded alike, N ranks drew one mask for N shards
         mode = getattr(args, "compile_mode", "default")
         if mode == "reduce-overhead" and not getattr(self.model, "cuda_graph_training_ok", True):
             # measured on an H200 (docs/results/train-profile.md): CUDA-graph replay of the training step fails
@@ -550,6 +554,12 @@ class Trainer:
             self.scaler.load_state_dict(ck["scaler"])
         try:
             ckpt_io.restore_rng_state(ck["rng"])
+            per_rank = ck.get("rank_rng")
+            if self.rank != 0:  # its own stream: saved by a run of this world size, else a fresh one of its own
+                if isinstance(per_rank, list) and len(per_rank) == self.world_size:
+                    ckpt_io.restore_rng_state(per_rank[self.rank])
+                else:
+                    torch.manual_seed(rank_seed(self.args.seed, self.rank, self.step))
         except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as e:  # edited or foreign
             raise UserError(f"{path}: its random-number state is not readable ({type(e).__name__}: "
                             f"{first_line(e, 80)}); resume from another checkpoint of the run (best.pt, an older "
@@ -900,7 +910,9 @@ class Trainer:
         return res
 
     def state(self, weights: bool = True) -> dict:
-        """weights=False: everything but model / optimizer (sharded checkpoints store those as DCP shards)."""
+        """weights=False: everything but model / optimizer (sharded checkpoints store those as DCP shards). Under
+        torchrun every rank calls it (its RNG state is gathered)."""
+        rng = ckpt_io.capture_rng_state()
         return {
             "format": ckpt_io.CHECKPOINT_FORMAT,
             **({"model": ckpt_io.model_state(self.model), "optimizer": self.optimizer.state_dict()} if weights else {}),
@@ -908,7 +920,8 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "step": self.step,
             "phase": self.phase,
-            "rng": ckpt_io.capture_rng_state(),
+            "rng": rng,
+            "rank_rng": self.dist.all_gather_object(rng) if self.par.distributed else None,
             "data_position": {"step": self.step, "seed": self.args.seed, "global_batch": self.sampler.global_batch,
                               "world_size": self.world_size, **{k: v for k, v in self.data_meta.items()
                                                                 if isinstance(v, (str, int))}},
@@ -958,11 +971,10 @@ class Trainer:
                         f"diverged and stopped; {kept}")
 
     def _final_name(self) -> str | None:
-        """final.pt or final.dcp, whichever the run wrote (None: neither: it stopped at its last step, unfinished)."""
-        if (self.run_dir / "final.pt").is_file():
-            return "final.pt"
-        dcp = distributed.dcp_name("final.pt")
-        return dcp if distributed.is_sharded_checkpoint(self.run_dir / dcp) else None
+        """final.pt or final.dcp, whichever the run wrote last (None: neither: it stopped at its last step,
+        unfinished)."""
+        found = distributed.newest_checkpoint(self.run_dir, "final.pt")
+        return found.name if found is not None else None
 
     def _finished_before(self) -> bool:
         return self._final_name() is not None
@@ -1233,7 +1245,9 @@ class Trainer:
             return
         from ..eval import benchmark
 
-        best = self.run_dir / "best.pt"
+        # the newer of best.pt / best.dcp: a run continued in one process after torchrun (or the reverse) with no new
+        # best benchmarked the older format's, an older model
+        best = distributed.newest_checkpoint(self.run_dir, "best.pt") or self.run_dir / "best.pt"
         if self.par.distributed:
             # the benchmark reads a .dcp (its training args name the val data; a .safetensors export has none)
             warnings.warn(f"--benchmark_after is not run under torchrun; run `ionllama bench --checkpoint "
@@ -1242,6 +1256,11 @@ class Trainer:
         out = self.run_dir / "benchmark" / "results.json"
         _say(f"benchmark on {best} -> {out}")
         benchmark.main(["--checkpoint", str(best), "--output", str(out)])
+
+
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The torch seed of rank > 0 of a torchrun job (rank 0 keeps --seed: a 1-process run's stream)."""
+    return (seed + 1_000_003 * rank + 7_919 * step) % 2 ** 63
 
 
 def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict:
