@@ -88,6 +88,28 @@ def test_ssd_state_passing_keeps_fp32_precision_over_strong_decays():
     assert ((h.double() - ref).norm() / ref.norm()).item() < 1e-7
 
 
+def test_ssd_keeps_fp32_precision_across_a_reset_inside_a_chunk():
+    """One step's large decay (log_a -1e4, a learned reset at a document separator) made the within-chunk weights,
+    differences of two long fp32 prefix sums, lose ~1e-4 of every later short decay (values and gradients)."""
+    gen = torch.Generator().manual_seed(0)
+    b, T, H, P, N = 2, 128, 2, 4, 8
+    x, Bm, Cm = (torch.randn(*s, generator=gen) for s in ((b, T, H, P), (b, T, N), (b, T, N)))
+    la = -torch.rand(b, T, H, generator=gen) * 0.5
+    la[:, 20] = la[:, 90] = -1e4
+    gy = torch.randn(b, T, H, P, generator=gen)
+    outs = []
+    for dt in (torch.float32, torch.float64):
+        ins = [t.detach().to(dt).clone().requires_grad_() for t in (x, la, Bm, Cm)]
+        y, s = ssd_chunked(*ins, chunk=64)
+        ((y * gy.to(dt)).sum() + s.sum()).backward()
+        outs.append([y, s] + [t.grad for t in ins])
+    y2, _ = ssd_loop(x.double(), la.double(), Bm.double(), Cm.double())
+    assert torch.allclose(outs[1][0], y2, atol=1e-10)  # the fp64 chunked form is the loop
+    for got, ref in zip(*outs):
+        err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
+        assert err < 1e-5, err
+
+
 @pytest.mark.parametrize("T,chunk", [(50, 16), (75, 2)])
 def test_ssd_gradients_match_loop(T, chunk):
     """fp32, T not a multiple of the chunk, with h0; T=75, chunk=2: 38 chunks, the state passing recurses."""

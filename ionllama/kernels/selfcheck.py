@@ -104,12 +104,13 @@ def check_scan(device: str, dtype: torch.dtype, B: int, T: int, D: int, with_h0:
 
 
 def check_ssd_scan(device: str, dtype: torch.dtype, B: int, T: int, H: int, P: int = 16, N: int = 16, chunk: int = 64,
-                   with_h0: bool = False, compiled: bool = False, split: int | None = None,
+                   with_h0: bool = False, compiled: bool = False, split: int | None = None, resets: int = 0,
                    seed: int | None = None) -> dict:
     """The Mamba-2 scan's forward-only kernel (ssd_triton.py, through the dispatcher with no gradient) against
     ssd_chunked in fp64 on the same rounded inputs: y and the final state. Decays as the model's (dt in
     [1e-3, 0.1], A in [1, 16]); compiled: inside torch.compile(fullgraph=True), as a compiled stage A calls it;
-    split: ssd_triton's form (0 sequential, 1 chunk-parallel, 2 auto; None = the default)."""
+    split: ssd_triton's form (0 sequential, 1 chunk-parallel, 2 auto; None = the default); resets: that many
+    steps with log_a -1e4 (a learned reset: differences of long prefix sums lost 1e-4 of the later decays)."""
     from ..model.ssm import ssd_chunked
     from . import forced_routing, ssd_scan
     from . import ssd_triton as st
@@ -117,6 +118,7 @@ def check_ssd_scan(device: str, dtype: torch.dtype, B: int, T: int, H: int, P: i
     gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % (2 ** 31)))
     dt = torch.exp(torch.empty(B, T, H).uniform_(math.log(1e-3), math.log(0.1), generator=gen))
     log_a = -dt * torch.empty(H).uniform_(1, 16, generator=gen)
+    log_a[:, torch.randperm(T, generator=gen)[:resets]] = -1e4
     x = torch.randn(B, T, H, P, generator=gen) * dt[..., None]
     Bm, Cm = torch.randn(B, T, N, generator=gen), torch.randn(B, T, N, generator=gen)
     h0 = torch.randn(B, H, P, N, generator=gen) if with_h0 else None
@@ -714,6 +716,8 @@ def cases(large: bool) -> list[tuple]:
         ("ssd_scan", "fp32", dict(B=1, T=1, H=2, chunk=16, with_h0=True)),  # one step
         ("ssd_scan", "fp32", dict(B=1, T=45, H=2, P=32, N=32, chunk=16)),  # the dispatcher's widest P and N
         ("ssd_scan", "fp16", dict(B=1, T=45, H=2, chunk=16, with_h0=True)),  # fp16 is dispatched too
+        ("ssd_scan", "fp32", dict(B=1, T=100, H=2, chunk=32, with_h0=True, resets=3)),  # resets inside chunks
+        ("ssd_scan", "fp32", dict(B=1, T=100, H=2, chunk=32, with_h0=True, resets=3, split=1)),
         ("block", "fp32", dict(B=2, T=40, D=16)),
         ("rope", "fp32", dict(B=2, N=37, dim=32, n_heads=2)),
         # the fused IntegralLNN decode step: B 1 and 3, fp32 and bf16, 7 steps (the 3-slot ring wraps twice),

@@ -11,9 +11,11 @@ model's forward eagerly.
 
 Here one program owns one (row, head) and walks its time chunks of L steps, the state (P x N, fp32) in registers:
   cum   = cumsum(log_a) over the chunk                              (L,)
-  y     = ((C B^T) * exp(cum_i - cum_j) [i >= j]) @ x               (L, L) @ (L, P)   the chunk's own inputs
+  y     = ((C B^T) * exp(seg) [i >= j]) @ x                         (L, L) @ (L, P)   the chunk's own inputs
         + (C @ state^T) * exp(cum)                                  (L, N) @ (N, P)   the state entering it
   state = exp(cum_L) state + (x * exp(cum_L - cum))^T @ B           (P, L) @ (L, N)
+with seg[i, j] = log_a_{j+1} + ... + log_a_i (= cum_i - cum_j) and cum_L - cum summed directly, not as differences
+of prefix sums: one step's large decay (a reset) made those lose ~1e-4 in fp32.
 the same algebra as ``ssd_chunked`` (its docstring), every matmul a ``tl.dot`` in fp32 ("ieee": no TF32), so
 results agree to fp32 rounding; nothing but x, log_a, B, C is read and y and the final state written. Padded steps
 (T not a multiple of L) have log_a = 0 and x = 0: decay 1, no input, the state unchanged.
@@ -63,11 +65,18 @@ def _chunk_inputs(x_ptr, la_ptr, b_ptr, c_ptr, b, h, t, mt, rp, mp, rn, mn,
 
 
 @triton.jit
-def _chunk_y(x, bm, cm, cum, state, causal):
-    """y of one chunk (L, BP): its own inputs ((C B^T) * exp(cum_i - cum_j) [i >= j]) @ x, plus the state entering
-    it, (C @ state^T) * exp(cum)."""
+def _segsum(la, rl):
+    """seg[i, j] = la_{j+1} + ... + la_i (L, L), summed from zero per column, not as cum_i - cum_j: one step's large
+    decay (log_a -1e4) made every later difference of two long fp32 sums lose ~1e-4 (ssm.ssd_chunked's form)."""
+    return tl.cumsum(tl.where(rl[:, None] > rl[None, :], la[:, None], 0.0), 0)
+
+
+@triton.jit
+def _chunk_y(x, bm, cm, cum, seg, state, causal):
+    """y of one chunk (L, BP): its own inputs ((C B^T) * exp(seg) [i >= j]) @ x, plus the state entering it,
+    (C @ state^T) * exp(cum)."""
     scores = tl.dot(cm, tl.trans(bm), input_precision="ieee")  # (L, L): C_i . B_j
-    decay = tl.where(causal, tl.exp(tl.where(causal, cum[:, None] - cum[None, :], 0.0)), 0.0)
+    decay = tl.where(causal, tl.exp(tl.where(causal, seg, 0.0)), 0.0)
     y = tl.dot(scores * decay, x, input_precision="ieee")
     return y + tl.dot(cm, tl.trans(state), input_precision="ieee") * tl.exp(cum)[:, None]
 
@@ -97,8 +106,9 @@ def _ssd_fwd(x_ptr, la_ptr, b_ptr, c_ptr, h0_ptr, y_ptr, hT_ptr, T,
                                       sx_b, sx_t, sx_h, sla_b, sla_t, sb_b, sb_t, sc_b, sc_t)
         cum = tl.cumsum(la, 0)
         total = tl.sum(la, 0)
-        y = _chunk_y(x, bm, cm, cum, state, causal)  # (L, BP)
-        w = tl.exp(total - cum)  # decay from each step to the chunk's end
+        seg = _segsum(la, rl)
+        y = _chunk_y(x, bm, cm, cum, seg, state, causal)  # (L, BP)
+        w = tl.exp(tl.sum(tl.where(rl[:, None] == L - 1, seg, 0.0), 0))  # decay from each step to the chunk's end
         state = state * tl.exp(total) + tl.dot(tl.trans(x * w[:, None]), bm, input_precision="ieee")
         tl.store(y_ptr + b * sy_b + t[:, None] * sy_t + h * sy_h + rp[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=mt[:, None] & mp[None, :])
@@ -126,9 +136,9 @@ def _ssd_chunk_state(x_ptr, la_ptr, b_ptr, s_ptr, d_ptr, T, NC, H,
     la = tl.load(la_ptr + b * sla_b + t * sla_t + h, mask=mt, other=0.0).to(tl.float32)  # (L,)
     bm = tl.load(b_ptr + b * sb_b + t[:, None] * sb_t + rn[None, :], mask=mt[:, None] & mn[None, :],
                  other=0.0).to(tl.float32)  # (L, BN)
-    cum = tl.cumsum(la, 0)
     total = tl.sum(la, 0)
-    local = tl.dot(tl.trans(x * tl.exp(total - cum)[:, None]), bm, input_precision="ieee")  # (BP, BN)
+    to_end = tl.sum(tl.where(rl[:, None] > rl[None, :], la[:, None], 0.0), 0)  # la_{j+1} + ... + la_L, summed directly
+    local = tl.dot(tl.trans(x * tl.exp(to_end)[:, None]), bm, input_precision="ieee")  # (BP, BN)
     bhc = (b.to(tl.int64) * H + h) * NC + c
     tl.store(s_ptr + bhc * (P * N) + rp[:, None] * N + rn[None, :], local, mask=mp[:, None] & mn[None, :])
     tl.store(d_ptr + bhc, total)
@@ -196,7 +206,7 @@ def _ssd_chunk_out(x_ptr, la_ptr, b_ptr, c_ptr, s_ptr, h0_ptr, y_ptr, T, NC, H,
         state += tl.load(h0_ptr + bh * (P * N) + s_off, mask=ms & first, other=0.0).to(tl.float32)
     x, la, bm, cm = _chunk_inputs(x_ptr, la_ptr, b_ptr, c_ptr, b, h, t, mt, rp, mp, rn, mn,
                                   sx_b, sx_t, sx_h, sla_b, sla_t, sb_b, sb_t, sc_b, sc_t)
-    y = _chunk_y(x, bm, cm, tl.cumsum(la, 0), state, causal)  # (L, BP)
+    y = _chunk_y(x, bm, cm, tl.cumsum(la, 0), _segsum(la, rl), state, causal)  # (L, BP)
     tl.store(y_ptr + b * sy_b + t[:, None] * sy_t + h * sy_h + rp[None, :], y.to(y_ptr.dtype.element_ty),
              mask=mt[:, None] & mp[None, :])
 

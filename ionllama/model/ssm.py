@@ -50,12 +50,17 @@ def ssd_chunked(x: torch.Tensor, log_a: torch.Tensor, Bm: torch.Tensor, Cm: torc
     Bc = _pad_time(Bm, n * L).view(b, n, L, N)
     Cc = _pad_time(Cm, n * L).view(b, n, L, N)
     cum = la.cumsum(2)  # (b, n, L, H)
-    cum_h = cum.transpose(2, 3)  # (b, n, H, L)
     causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
-    decay = torch.exp((cum_h[..., :, None] - cum_h[..., None, :]).masked_fill(~causal, float("-inf")))  # (b,n,H,i,j)
+    # seg[i, j] = la_{j+1} + ... + la_i summed from zero (as _pass_states does), not cum_i - cum_j: one step's large
+    # decay (a reset, log_a -1e4) made every later difference of two long fp32 sums lose ~1e-4 of the short decays
+    la_h = la.transpose(2, 3)  # (b, n, H, L)
+    seg = la_h[..., :, None].expand(*la_h.shape, L).masked_fill(~causal.tril(-1), 0.0).cumsum(-2)
+    decay = torch.exp(seg.masked_fill(~causal, float("-inf")))  # (b, n, H, i, j)
     scores = Cc @ Bc.transpose(-1, -2)  # (b, n, i, j)
     y_diag = (scores[:, :, None] * decay) @ x.transpose(2, 3)  # (b, n, H, L, P)
-    decay_to_end = torch.exp(cum[:, :, -1:] - cum)  # (b, n, L, H)
+    # la_{i+1} + ... + la_L, the exclusive suffix sum, summed directly for the same reason
+    to_end = torch.cat([la.flip(2).cumsum(2).flip(2)[:, :, 1:], torch.zeros_like(la[:, :, :1])], dim=2)
+    decay_to_end = torch.exp(to_end)  # (b, n, L, H)
     xd = (x * decay_to_end[..., None]).reshape(b, n, L, H * P)
     states = (xd.transpose(-1, -2) @ Bc).view(b, n, H, P * N)  # chunk-local end states
     h0f = h0.to(work).reshape(b, H, P * N) if h0 is not None else None
