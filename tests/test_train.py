@@ -126,6 +126,21 @@ def test_resuming_an_older_step_whose_best_went_aside_writes_a_new_best(tmp_path
     assert (next(run.glob("before-resume-step4")) / "best.pt").is_file()  # the old branch's best, kept aside
 
 
+@pytest.mark.parametrize("flags", [("--stop_at", "2"), ("--max_steps", "3"), ("--max_train_time", "0.0001")])
+def test_a_refused_resume_of_an_older_step_moves_nothing_aside(tmp_path, corpus, capsys, flags):
+    """The branch past step_4.pt was moved aside (final.pt, best.pt, final.safetensors) and metrics.jsonl cut back
+    at load, before the run was refused for having nothing to train: one mistyped flag emptied the run folder."""
+    base = ("--max_steps", "8", "--eval_interval", "4", "--save_interval", "4")
+    run = train(tmp_path, corpus, *base)
+    before = sorted(p.name for p in run.iterdir())
+    metrics = (run / "metrics.jsonl").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        train(tmp_path, corpus, *base, "--resume", str(run / "step_4.pt"), *flags)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "nothing to train" in err[-1], err
+    assert sorted(p.name for p in run.iterdir()) == before and (run / "metrics.jsonl").read_bytes() == metrics
+
+
 def test_a_full_disk_at_the_start_says_so_and_leaves_no_probe_file(tmp_path, monkeypatch):
     """With the disk full, the write probe's file was created, its write failed, and it stayed; the error said
     "choose a writable folder" for a folder that was fine."""

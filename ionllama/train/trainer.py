@@ -564,6 +564,9 @@ class Trainer:
             raise UserError(f"{path}: its random-number state is not readable ({type(e).__name__}: "
                             f"{first_line(e, 80)}); resume from another checkpoint of the run (best.pt, an older "
                             "step_N.pt)") from None
+        # a run refused for nothing to train (--stop_at, --max_steps, --max_train_time) is refused here, before its
+        # metrics are cut back and a later branch moved aside: a mistyped flag took final.pt and best.pt away
+        self._nothing_to_train(say=False)
         # from latest.pt / latest.dcp the dropped points are logged again; from an older checkpoint they are a branch
         # abandoned, kept aside so that nothing written is lost
         older = Path(path).name not in ("latest.pt", "latest" + distributed.DCP_SUFFIX)
@@ -980,9 +983,10 @@ class Trainer:
         return self._final_name() is not None
 
     # ------------------------------------------------------------------ the loop
-    def _nothing_to_train(self) -> dict | None:
+    def _nothing_to_train(self, say: bool = True) -> dict | None:
         """Refuse (UserError) a run with no step left to train before any file is rewritten with its settings; an
-        experiment arm already trained to its budget gets its result dict (it goes on to its evaluation)."""
+        experiment arm already trained to its budget gets its result dict (it goes on to its evaluation). say=False:
+        the refusals only (checked again, with its note, when the run starts)."""
         a, plan = self.args, self.plan
         if self.step > plan.total:  # before config.json or a checkpoint is rewritten with these settings
             raise UserError(f"the checkpoint is at step {self.step}, past this run's last step {plan.total} "
@@ -995,8 +999,9 @@ class Trainer:
                             f"raise --max_steps to continue it, or start a new run with another --run_name")
         if a.max_train_time is not None and self.train_time >= a.max_train_time:  # it trained a step, then stopped
             if not self.refuse_spent_time:  # the experiment's arm: trained to its budget, so on to its evaluation
-                _say(f"the run has trained {self.train_time:.1f} s of --max_train_time {a.max_train_time:g} already; "
-                     "nothing to train")
+                if say:
+                    _say(f"the run has trained {self.train_time:.1f} s of --max_train_time {a.max_train_time:g} "
+                         "already; nothing to train")
                 return {"run_dir": str(self.run_dir), "step": self.step, "stopped": True}
             raise UserError(f"--max_train_time {a.max_train_time:g} counts the whole run, which has trained "
                             f"{self.train_time:.1f} s already: nothing to train; pass a --max_train_time above "
