@@ -90,9 +90,7 @@ class ModelConfig:
         if unknown:
             raise UserError(f"unknown model config keys {sorted(unknown)}; the checkpoint is from a newer ionllama?")
         d = dict(d)
-        if "ngram_sizes" in d:
-            if not isinstance(d["ngram_sizes"], (list, tuple)):
-                raise UserError(f"ngram_sizes is {d['ngram_sizes']!r}, not a list of n-gram sizes")
+        if isinstance(d.get("ngram_sizes"), list):  # anything else is check_config's to refuse (tuple(5) failed)
             d["ngram_sizes"] = tuple(d["ngram_sizes"])
         return cls(**d)
 
@@ -250,6 +248,11 @@ def check_config(cfg: ModelConfig) -> ModelConfig:
         if not (v > 0 and math.isfinite(v)):
             raise UserError(f"{name} must be a finite number above 0 (got {v}); e.g. {name}="
                             f"{_DEFAULTS[name]:.4g}")
+    # int(width * ffn_mult) = 0 built feed-forward layers of no hidden units, silently (ffn_mult 0.003 at d_model 256)
+    widths = {"dense": (cfg.d_model,), "bpe": (cfg.d_model,), "ionllama": (cfg.d_model, cfg.d_local)}.get(cfg.model, ())
+    if widths and int(min(widths) * cfg.ffn_mult) < 1:
+        raise UserError(f"ffn_mult {cfg.ffn_mult:g} leaves the feed-forward layers of width {min(widths)} no hidden "
+                        f"units; pass at least {1 / min(widths):.3g} (default {_DEFAULTS['ffn_mult']:.4g})")
     cfg.ngram_sizes = _checked_ngram_sizes(cfg.ngram_sizes)
     if cfg.model != "bpe" and cfg.vocab_size != 256:  # a byte model's head wider than 256 sampled non-bytes
         raise UserError(f"vocab_size {cfg.vocab_size} is for the bpe model; a byte model ({cfg.model}) has the "

@@ -143,20 +143,24 @@ def test_ionllama_batched_generation_equals_single(cfg):
         assert batched == generate(m, prompts, 24, seed=3, decoder="recompute", **kw)
 
 
-@pytest.mark.parametrize("shift", ["previous", "completed"])
-def test_stepwise_check_separates_cache_errors_from_threshold_ties(shift):
+@pytest.mark.parametrize("shift, mode", [("previous", "global"), ("completed", "global"), ("previous", "monotonic")])
+def test_stepwise_check_separates_cache_errors_from_threshold_ties(shift, mode):
     """The GPU benchmark's check: with the decoder's own boundaries the logits must agree even when a
     boundary decision differs from the parallel forward's (simulated here by nudging the decoder's
-    threshold, as kernel arithmetic does to an entropy sitting on the threshold)."""
+    threshold, as kernel arithmetic does to an entropy sitting on the threshold). The margin it reports is the
+    compared quantity's: in monotonic mode the entropy's rise (it measured the entropy itself, ~8 bits off)."""
     from ionllama.generation.check import stepwise_vs_parallel
 
     seqs = text_like(2, 40, seed=7)
-    m = build(dict(patching="entropy", latent_shift=shift), seqs)
+    m = build(dict(patching="entropy", latent_shift=shift, threshold_mode=mode), seqs)
     res = stepwise_vs_parallel(m, seqs, prompt_len=5)
     assert res["patches_match"] and res["boundary_disagreements"] == 0
     assert res["max_abs_err_own_boundaries"] < 1e-4 and res["max_abs_err_same_boundaries"] < 1e-4
 
-    ent = m.entropy_model(seqs)["entropy"][:, 5:-1].flatten().sort().values
+    h = m.entropy_model(seqs)["entropy"][:, :-1].float()
+    if mode == "monotonic":
+        h = h - torch.cat([h[:, :1], h[:, :-1]], 1)
+    ent = h[:, 5:].flatten().sort().values
     th = float(m.entropy_threshold)
     nudged = float(ent[ent > th][0]) + 1e-6  # the lowest entropy above the threshold now falls below it
     orig = IonLlamaDecoder.__init__
@@ -173,6 +177,7 @@ def test_stepwise_check_separates_cache_errors_from_threshold_ties(shift):
     assert res["boundary_disagreements"] >= 1 and not res["patches_match"]
     assert res["max_abs_err_own_boundaries"] > 1e-2  # different patches: different logits
     assert res["max_abs_err_same_boundaries"] < 1e-4  # the cache itself is exact
+    assert res["max_margin_at_disagreement_bits"] < 1e-4 and res["bytes_within_1e-4_bits_of_threshold"] >= 1
 
 
 @pytest.mark.parametrize("kind", ["dense", "mamba"])

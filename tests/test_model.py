@@ -199,6 +199,8 @@ def test_config_options_of_the_wrong_type_are_refused_at_creation(bad, words):
                                         (dict(d_local=130, local_layers="transformer"), "d_local 130 must split"),
                                         (dict(ffn_mult=-1), "ffn_mult must be a finite number above 0"),
                                         (dict(ffn_mult=float("nan")), "ffn_mult must be a finite number above 0"),
+                                        (dict(ffn_mult=0.003), "ffn_mult 0.003 leaves the feed-forward layers of"),
+                                        (dict(model="dense", ffn_mult=0.001), "leaves the feed-forward layers"),
                                         (dict(embed_std=float("inf")), "embed_std must be a finite number above 0"),
                                         (dict(vocab_size=300), "vocab_size 300 is for the bpe model"),
                                         (dict(model="dense", vocab_size=1000), "vocab_size 1000 is for the bpe")])

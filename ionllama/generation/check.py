@@ -49,7 +49,10 @@ def stepwise_vs_parallel(model, x: torch.Tensor, prompt_len: int) -> dict:
         par_starts[:, 1:] = own["byte_to_patch"][:, 1:] != own["byte_to_patch"][:, :-1]
         par_starts[:, 0] = True
         differ = par_starts != starts
-        margin = (ent[:, :-1].float() - float(model.entropy_threshold)).abs()  # about byte t = 1..T-1
+        h = ent[:, :-1].float()  # about byte t = 1..T-1
+        if model.config.threshold_mode == "monotonic":  # what the patcher compares there: the entropy's rise
+            h = h - torch.cat([h[:, :1], h[:, :-1]], 1)
+        margin = (h - float(model.entropy_threshold)).abs()
         out["boundary_disagreements"] = int(differ.sum())
         out["bytes"] = B * T
         out["max_margin_at_disagreement_bits"] = float(margin[differ[:, 1:]].max()) if differ.any() else None
