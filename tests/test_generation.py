@@ -290,6 +290,26 @@ def test_greedy_generate_leaves_torchs_rng_alone_and_options_are_checked_for_zer
     assert m.generate(b"a", max_new_bytes=0, greedy=np.True_) == b""
 
 
+def test_options_a_model_cannot_use_are_refused_for_zero_new_bytes_and_before_the_prefill(monkeypatch):
+    """entropy_branch / fused_*_step on a model that cannot use them returned b'' at max_new_bytes=0 and, with bytes
+    asked for, were refused only after the prompt's prefill."""
+    from ionllama.generation import ionllama_decoder
+
+    fixed = ionllama.create_model("tiny", d_model=32, n_layers=1, n_heads=2, d_local=16, d_entropy=16,
+                                  ngram_buckets=64, patching="fixed")
+    prefills = []
+    monkeypatch.setattr(ionllama_decoder.IonLlamaDecoder, "prefill",
+                        lambda self, *a, **k: prefills.append(1) or (_ for _ in ()).throw(AssertionError("prefill")))
+    for m, bad, words in ((fixed, {"entropy_branch": True}, "entropy_branch is for ionLlama with entropy patching"),
+                          (tiny_dense(), {"entropy_branch": True}, "entropy_branch is for"),
+                          (fixed, {"fused_entropy_step": True}, "fused_entropy_step"),
+                          (fixed, {"fused_local_step": True}, "fused_local_step needs a CUDA device")):
+        for n in (0, 3):
+            with pytest.raises(UserError, match=words):
+                m.generate(b"ab", max_new_bytes=n, **bad)
+    assert prefills == []
+
+
 @pytest.mark.parametrize("temperature", [1e-7, 1e-30, 1e-40, 1e-45, 1e-300, 5e-324])
 def test_a_tiny_temperature_samples_the_argmax(temperature):
     """logits / 1e-40 overflowed every positive logit to +inf in float32, and the ties at inf drew an arbitrary byte

@@ -8,7 +8,7 @@ import torch
 from ..errors import UserError, is_whole
 from ..model.common import eval_mode
 from .decoding import check_decoder_options, decoder_for
-from .runner import DecodeRunner, check_unroll, compile_options
+from .runner import DecodeRunner, check_unroll, compile_options, entropy_branch_possible, no_entropy_branch
 from .prompts import DOC_SEP, RowOutput, normalize_prompts, normalize_stops
 from .sampling import SamplingConfig, is_flag
 
@@ -107,6 +107,11 @@ def generate(model, prompt_bytes, max_new_bytes: int = 256, temperature: float =
             with model_precision(model):
                 _decode_loop(model, rows, outs, cfg, max_new_bytes, seed, stream, decoder, cuda_graphs, compile,
                              fused_local_step, fused_entropy_step, fused_latent_step, entropy_branch, unroll)
+        else:  # the options that depend on the model, refused as they are when bytes are asked for (b'' before)
+            with torch.no_grad(), model_precision(model):
+                _check_applicable(decoder_for(model, B, 2, decoder, fused_local_step=fused_local_step,
+                                              fused_entropy_step=fused_entropy_step,
+                                              fused_latent_step=fused_latent_step), entropy_branch)
     return finish_outputs(outs, stream, is_batch, return_info)
 
 
@@ -148,6 +153,12 @@ def _use_cuda_graphs(setting, device, max_new_bytes) -> bool:
     return bool(setting) and device.type == "cuda"
 
 
+def _check_applicable(dec, entropy_branch) -> None:
+    """entropy_branch=True on a decoder that cannot branch (the fused flags are checked by decoder_for)."""
+    if entropy_branch is True and not entropy_branch_possible(dec):
+        raise no_entropy_branch()
+
+
 def _decode_loop(model, rows, outs, cfg, max_new_bytes, seed, stream, decoder_kind, cuda_graphs, compile,
                  fused_local_step="auto", fused_entropy_step="auto", fused_latent_step="auto",
                  entropy_branch="auto", unroll=1):
@@ -159,6 +170,7 @@ def _decode_loop(model, rows, outs, cfg, max_new_bytes, seed, stream, decoder_ki
     dec = decoder_for(model, B, prompt_len + min(max_new_bytes, INITIAL_NEW_BYTES) + 1, decoder_kind,
                       fused_local_step=fused_local_step, fused_entropy_step=fused_entropy_step,
                       fused_latent_step=fused_latent_step)
+    _check_applicable(dec, entropy_branch)  # before the prefill's work
     seeds = _row_seeds(seed, B, dec.device, draw=not cfg.is_greedy)
     logits = dec.prefill(rows)
     # Host syncs are the main per-byte overhead on a GPU: without a stream callback, sampled bytes

@@ -68,6 +68,18 @@ def check_unroll(unroll) -> int:
     return unroll
 
 
+def entropy_branch_possible(dec) -> bool:
+    """Can the entropy model run on a second stream beside the local layers? ionLlama's cached decoder with entropy
+    patching (DecodeRunner adds: under the 'early' latent policy, the "completed" shift only)."""
+    return hasattr(dec, "advance_latent") and bool(getattr(dec, "use_entropy", False)) and \
+        hasattr(dec, "next_patch_flag")
+
+
+def no_entropy_branch() -> UserError:
+    return UserError("entropy_branch is for ionLlama with entropy patching (and, under the 'early' latent policy, "
+                     "latent_shift \"completed\"); this model cannot use it: leave it off")
+
+
 class DecodeRunner:
     def __init__(self, dec, cfg: SamplingConfig, seeds: torch.Tensor, logits: torch.Tensor, max_new: int,
                  cuda_graphs: bool = False, compile=False, latent_policy: str = "auto",
@@ -139,15 +151,13 @@ class DecodeRunner:
         self._byte_parts = [self._iter_entropy, self._iter_encode, self._iter_decode] if self.completed \
             else [self._iter_entropy, self._iter_rest] if self.split else [self._iteration]
         self._latent_fn = dec.advance_latent if self.has_latent else None
-        self.can_branch = self.has_latent and (self.completed or not self.split) \
-            and bool(getattr(dec, "use_entropy", False)) and hasattr(dec, "next_patch_flag")
+        self.can_branch = entropy_branch_possible(dec) and (self.completed or not self.split)
         if entropy_branch == "auto":  # (measured faster for every shift, same bytes: see the docstring)
             entropy_branch = self.can_branch and logits.is_cuda and B <= 2
         elif entropy_branch not in (True, False):
             raise UserError(f"entropy_branch must be True, False or 'auto'; got {entropy_branch!r}")
         if entropy_branch and not self.can_branch:
-            raise UserError("entropy_branch is for ionLlama with entropy patching (and, under the 'early' latent "
-                            "policy, latent_shift \"completed\"); this model cannot use it: leave it off")
+            raise no_entropy_branch()
         self.entropy_branch = bool(entropy_branch)
         # the lagged shift's own overlapped replay is kept (see _replay_lagged)
         lagged = self.has_latent and bool(getattr(dec, "lagged", False))
