@@ -267,6 +267,19 @@ def test_a_parquet_name_with_glob_characters_is_read_as_that_file(tmp_path):
     assert [d for _, d in iter_parquet(str(tmp_path / "d[2023].parquet"), "text", "d")] == [b"year doc"]
 
 
+def test_a_folders_files_in_an_unread_compression_are_named_as_such(tmp_path):
+    """In a folder, b.jsonl.zst was skipped as a file "without a text / jsonl / parquet suffix"."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("some text to train on\n" * 50)
+    (tmp_path / "d" / "b.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")
+    (tmp_path / "d" / "c.png").write_bytes(b"\x89PNG")
+    with pytest.warns(UserWarning) as w:
+        prep(tmp_path, data_path=str(tmp_path / "d"))
+    said = [str(x.message) for x in w]
+    assert any("compressed in a way not read" in m and "b.jsonl.zst" in m and "c.png" not in m for m in said), said
+    assert any("without a text / jsonl / parquet suffix" in m and "c.png" in m and "zst" not in m for m in said), said
+
+
 def test_corrupt_parquet_is_one_error_line(tmp_path, capfd):
     """`datasets` logged its own "Failed to read schema ..." line before the one-line error (a new user's report);
     its verbosity comes back afterwards."""

@@ -862,7 +862,7 @@ def test_compare_reports_runs_of_different_results_folders(tmp_path, capsys):
     assert (tmp_path / "notes.json").read_text() == '{"mine": 1}'
 
 
-def test_report_title_heads_new_pages_and_replaces_only_the_placeholder(tmp_path):
+def test_report_title_heads_new_pages_and_replaces_only_the_placeholder(tmp_path, capsys):
     """--title heads a new page, replaces the "# comparison" placeholder of an earlier one, and never a heading
     written by hand."""
     a = tmp_path / "phase1-a" / "ionllama"
@@ -874,9 +874,11 @@ def test_report_title_heads_new_pages_and_replaces_only_the_placeholder(tmp_path
     assert main(["--stage", "compare", "--runs", str(a), "--out", str(out), "--title", "Q2: wider window"]) == 0
     assert md.read_text().startswith("# Q2: wider window\n") and "| phase1-a/ionllama |" in md.read_text()
     md.write_text("# By hand\n\nprose\n\n" + md.read_text().split("\n", 1)[1])
+    capsys.readouterr()
     assert main(["--stage", "compare", "--runs", str(a), "--out", str(out), "--title", "other"]) == 0
     text = md.read_text()
     assert text.startswith("# By hand\n\nprose\n") and "other" not in text.split("\n")[0]
+    assert "keeps its own heading; --title 'other' is not applied" in capsys.readouterr().out  # it was silent
 
 
 def test_an_arm_out_of_memory_is_one_line_naming_the_batch_and_other_errors_still_raise(tmp_path, monkeypatch,

@@ -203,15 +203,19 @@ def _symlink_loop(root: str) -> str | None:
 def _readable_text_files(paths: list[str], pattern: str) -> list[str]:
     """The text files among `paths` (a folder's walk or a glob's matches: the same rule for both); the rest is said
     once. A FIFO hung the read, a dangling link was a traceback, and a glob took .png / .bin files in as documents."""
-    keep, other, odd = [], [], []
+    keep, other, odd, packed = [], [], [], []
     for f in paths:
         if not os.path.isfile(f):  # a dangling link, a FIFO, a socket, a device
             odd.append(f)
         elif f.lower().endswith(LOCAL_SUFFIXES):
             keep.append(f)
+        elif f.lower().endswith(UNSUPPORTED_SUFFIXES):  # b.jsonl.zst was said to have "no jsonl suffix"
+            packed.append(f)
         else:
             other.append(f)
     for what, group in (("not regular files (dangling links, pipes, ...)", odd),
+                        ("compressed in a way not read (text / jsonl under .gz, .xz, .bz2 is): decompress them",
+                         packed),
                         ("without a text / jsonl / parquet suffix", other)):
         if group:
             shown = ", ".join(os.path.relpath(f) for f in group[:5])

@@ -350,6 +350,8 @@ def write_report(out: Path, runs: list[str] | dict[str, Path], command: str, lab
     text = md.read_text() if md.exists() else f"# {label}\n\n{BEGIN}\n{END}\n"
     if title and text.startswith(f"# {label}\n"):
         text = f"# {title}\n" + text[len(f"# {label}\n"):]
+    elif title and not text.startswith(f"# {title}\n"):  # a heading of the user's is kept: said, not silent
+        _log(f"note: {md} keeps its own heading; --title {title!r} is not applied (edit the heading by hand)")
     if BEGIN in text and END in text:
         text = text[:text.index(BEGIN)] + "\n".join(body) + text[text.index(END) + len(END):]
     else:

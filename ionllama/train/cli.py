@@ -114,7 +114,9 @@ def build_train_parser(prog: str = "ionllama train") -> argparse.ArgumentParser:
     g.add_argument("--eval_batch_size", type=int, default=None, help="default: --batch_size")
     g.add_argument("--log_interval", type=int, default=10)
     g.add_argument("--save_dir", default="checkpoints")
-    g.add_argument("--run_name", default=None, help="default: <model>-<size>-<dataset>")
+    g.add_argument("--run_name", default=None,
+                   help="default: <model>-<size>-<data>, <data> the --dataset name or the --data_path file's stem "
+                        "(e.g. ionllama-tiny-builtin); a folder that holds checkpoints already gets -2, -3, ...")
     g.add_argument("--save_interval", type=int, default=None,
                    help="step_N.pt (step_N.dcp under torchrun) every N steps (default: total / 2)")
     g.add_argument("--resume", default=None,
