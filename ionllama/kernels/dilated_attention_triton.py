@@ -323,7 +323,9 @@ def attention_forward(q, k, v, offs, seg, scale):
     return o, lse
 
 
-def attention_backward(do, q, k, v, o, lse, offs, seg, scale, store_ds=None):
+def attention_backward(do, q, k, v, o, lse, offs, seg, scale, store_ds=None, dlse=None):
+    """dlse: the gradient of the returned lse, or None. d lse_i / d s_ij = p_ij, so it enters as delta_i - dlse_i
+    in ds = p (dp - delta): no kernel changes."""
     B, H, N, Dh = q.shape
     store_ds = _CONFIG["store_ds"] if store_ds is None else store_ds
     BD = _block_d(Dh)
@@ -333,6 +335,8 @@ def attention_backward(do, q, k, v, o, lse, offs, seg, scale, store_ds=None):
     bm, nw = _CONFIG["delta"]
     _delta[(triton.cdiv(N, bm), B * H)](o, do, delta, *_s(o), *_s(do), H, N,
                                         BLOCK_M=bm, BLOCK_D=BD, HEAD_DIM=Dh, num_warps=nw)
+    if dlse is not None:
+        delta -= dlse.float()
     dq = torch.empty((B, H, N, Dh), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, H, N, Dh), dtype=k.dtype, device=q.device)
     dv = torch.empty((B, H, N, Dh), dtype=v.dtype, device=q.device)
@@ -396,15 +400,16 @@ def _(q, k, v, offsets, local_width, segment_ids, scale):
 @torch.library.custom_op("ionllama::dilated_attention_bwd", mutates_args=())
 def dilated_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                           lse: torch.Tensor, offsets: list[int], local_width: int, segment_ids: Optional[torch.Tensor],
-                          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          scale: float, dlse: Optional[torch.Tensor] = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     N = q.shape[2]
     offs = _prep_offsets(_offsets_for(offsets, local_width, N), N, q.device)
     return attention_backward(_lastdim_contig(do), _lastdim_contig(q), _lastdim_contig(k), _lastdim_contig(v),
-                              o, lse, offs, _seg32(segment_ids, q.device), scale)
+                              o, lse, offs, _seg32(segment_ids, q.device), scale, dlse=dlse)
 
 
 @dilated_attention_bwd.register_fake
-def _(do, q, k, v, o, lse, offsets, local_width, segment_ids, scale):
+def _(do, q, k, v, o, lse, offsets, local_width, segment_ids, scale, dlse=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -413,12 +418,14 @@ def _attn_setup_context(ctx, inputs, output):
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, segment_ids)
     ctx.offsets, ctx.local_width, ctx.scale = offsets, local_width, scale
-    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # an unused lse (every caller today) brings no zeros to subtract
 
 
-def _attn_backward(ctx, do, dlse):  # lse is non-differentiable: dlse is ignored
+def _attn_backward(ctx, do, dlse):  # lse carries its gradient, as the reference's does (it was dropped, silently)
     q, k, v, o, lse, seg = ctx.saved_tensors
-    dq, dk, dv = dilated_attention_bwd(do, q, k, v, o, lse, ctx.offsets, ctx.local_width, seg, ctx.scale)
+    if do is None:  # only lse was used
+        do = torch.zeros_like(o)
+    dq, dk, dv = dilated_attention_bwd(do, q, k, v, o, lse, ctx.offsets, ctx.local_width, seg, ctx.scale, dlse)
     return dq, dk, dv, None, None, None, None
 
 

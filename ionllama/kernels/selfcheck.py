@@ -46,7 +46,8 @@ def _random_segments(B: int, N: int, gen: torch.Generator) -> torch.Tensor:
 
 def check_attention(device: str, dtype: torch.dtype, B: int, H: int, N: int, Dh: int, segments: bool = False,
                     store_ds: bool = True, prefetch: bool | None = None, local_width: int = 3,
-                    seed: int | None = None) -> dict:
+                    with_lse: bool = False, seed: int | None = None) -> dict:
+    """with_lse: the lse is returned and used in the loss too (its gradient was dropped, silently)."""
     from ..model.dilated_attention import dilated_attention_reference, dilated_offsets
     from . import dilated_attention_triton as dat
 
@@ -61,15 +62,19 @@ def check_attention(device: str, dtype: torch.dtype, B: int, H: int, N: int, Dh:
     if prefetch is not None:
         cfg.update({k: tuple(old[k][:2]) + (prefetch,) for k in ("fwd", "dkdv", "dq")})
     dat.set_attention_config(**cfg)
+    dlse = torch.randn(B, H, N, generator=gen).to(device) if with_lse else None
+    seg_d = seg.to(device) if seg is not None else None
     try:
-        out = dat.dilated_attention_triton(*xs, offsets, seg.to(device) if seg is not None else None)
-        grads = torch.autograd.grad(out, xs, do_d)
+        out = dat.dilated_attention_triton(*xs, offsets, seg_d, return_lse=with_lse)
+        grads = torch.autograd.grad(out, xs, (do_d, dlse) if with_lse else do_d)
     finally:
         dat.set_attention_config(**old)
     refs_in = [x.detach().float().requires_grad_() for x in xs]
-    ref = dilated_attention_reference(*refs_in, offsets, seg.to(device) if seg is not None else None)
-    ref_grads = torch.autograd.grad(ref, refs_in, do_d.float())
-    errs = {"out": rel_err(out, ref)}
+    ref = dilated_attention_reference(*refs_in, offsets, seg_d, return_lse=with_lse)
+    ref_grads = torch.autograd.grad(ref, refs_in, (do_d.float(), dlse) if with_lse else do_d.float())
+    if with_lse:
+        (out, lse), (ref, ref_lse) = out, ref
+    errs = {"out": rel_err(out, ref), **({"lse": rel_err(lse, ref_lse)} if with_lse else {})}
     errs.update({f"d{n}": rel_err(g, r) for n, g, r in zip("qkv", grads, ref_grads)})
     return errs
 
@@ -686,6 +691,8 @@ def cases(large: bool) -> list[tuple]:
         ("attention", "fp32", dict(B=1, H=2, N=45, Dh=32, local_width=16, segments=True)),  # 18 offsets
         ("attention", "fp32", dict(B=2, H=2, N=19, Dh=16)),  # the dispatcher's smallest head dim (tiny: 32 / 2 heads)
         ("attention", "fp32", dict(B=1, H=2, N=1, Dh=16)),  # one position
+        ("attention", "fp32", dict(B=2, H=2, N=37, Dh=32, segments=True, with_lse=True)),  # lse's gradient too
+        ("attention", "fp32", dict(B=1, H=2, N=29, Dh=48, store_ds=False, with_lse=True)),
         ("scan", "fp32", dict(B=2, T=45, D=24, n_chunks=1)),
         ("scan", "fp32", dict(B=2, T=131, D=16, with_h0=True, n_chunks=3)),
         ("scan", "bf16", dict(B=2, T=77, D=32, with_h0=True)),

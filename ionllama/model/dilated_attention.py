@@ -3,7 +3,7 @@
 The offsets are {0, 1, ..., local_width-1} U {2^k >= local_width}, so each query sees O(log n)
 keys and the whole layer costs O(n log n) time and memory. The reference below gathers the
 K shifted key/value rows per query (an (n, K) index table, never an n x n mask). It is the oracle
-for the Triton kernel in ``ionllama/kernels/dilated_attention.py``.
+for the Triton kernel in ``ionllama/kernels/dilated_attention_triton.py``.
 """
 from __future__ import annotations
 
