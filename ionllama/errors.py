@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import math
 import numbers
@@ -98,6 +99,13 @@ def cli_entry(fn):
             except (OSError, ValueError):
                 pass
             sys.exit(141)  # 128 + SIGPIPE, what a shell reports for a writer killed by the signal
+        except OSError as e:
+            # a path no filesystem takes (a name over 255 bytes, a symlink loop), wherever it was first used
+            if e.errno not in (errno.ENAMETOOLONG, errno.ELOOP):
+                raise
+            where = f"{os.fsdecode(e.filename)}: " if e.filename is not None else ""
+            _print_error_once(f"error: {where}{e.strerror}; pass a shorter path, or one without a symlink loop"[:400])
+            sys.exit(2)
 
     return wrapper
 

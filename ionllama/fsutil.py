@@ -89,7 +89,12 @@ def write_target(path: str | Path) -> Path:
     """Where a write of `path` lands: a symlink's target (a rename over the link replaced the link with a file and
     left its target as it was), else `path`."""
     path = Path(path)
-    return path.resolve() if path.is_symlink() else path
+    if not path.is_symlink():
+        return path
+    try:
+        return path.resolve(strict=False)
+    except (RuntimeError, OSError):  # a symlink loop: Python 3.11 raises RuntimeError, later ones OSError
+        raise OSError(errno.ELOOP, "a symlink loop", str(path)) from None
 
 
 def temp_path(path: str | Path) -> Path:
@@ -118,7 +123,8 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
     path = Path(path)
     tmp = temp_path(path)
     try:
-        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        # surrogateescape: a path that is not valid UTF-8 (named in a report) was a UnicodeEncodeError after the work
+        tmp.write_bytes(data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data)
         fsync_replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

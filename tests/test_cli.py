@@ -402,3 +402,36 @@ def test_options_the_baseline_uses_are_taken():
     assert (d.config.n_heads, d.config.dropout) == (2, 0.1)
     with pytest.raises(UserError, match="model 'dense' does not use max_patch_size"):
         create_model("tiny", model="dense", max_patch_size=4)
+
+
+def test_paths_no_filesystem_takes_are_one_line(tmp_path, capsys):
+    """A 250-byte data file name made a run folder name over 255 bytes (four chained tracebacks); a name too long or a
+    symlink loop anywhere else was a traceback too, for bench after all its work; a path that is not UTF-8 named in
+    a written report was a UnicodeEncodeError."""
+    import argparse
+
+    from ionllama.errors import cli_entry
+    from ionllama.fsutil import atomic_write, write_target
+    from ionllama.train.trainer import default_run_name
+
+    args = argparse.Namespace(model="ionllama", size="tiny", dataset="builtin", data_path=str(tmp_path / ("a" * 245)))
+    assert len(default_run_name(args)) < 100
+    (tmp_path / "l1").symlink_to(tmp_path / "l2")
+    (tmp_path / "l2").symlink_to(tmp_path / "l1")
+    with pytest.raises(OSError) as e:
+        write_target(tmp_path / "l1")
+    import errno
+
+    assert e.value.errno == errno.ELOOP
+
+    @cli_entry
+    def main(path):
+        open(path, "w")
+
+    for bad in (tmp_path / ("b" * 300), tmp_path / "l1" / "x"):
+        with pytest.raises(SystemExit) as e:
+            main(bad)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    atomic_write(tmp_path / "r.md", "a report naming " + os.fsdecode(b"bad\xff.txt"))
+    assert (tmp_path / "r.md").read_bytes() == b"a report naming bad\xff.txt"

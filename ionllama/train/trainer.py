@@ -71,7 +71,8 @@ def resolve_amp(mixed_precision: str | None, device: torch.device) -> torch.dtyp
 def default_run_name(args) -> str:
     if args.data_path:
         tag = Path(args.data_path.replace("{split}", "")).name.split(".")[0] or "data"
-        tag = "".join(c if c.isalnum() or c in "-_" else "_" for c in tag).strip("_-") or "data"
+        tag = "".join(c if c.isalnum() or c in "-_" else "_" for c in tag).strip("_-")[:64] or "data"  # a 250-byte
+        # file name made a run folder name no filesystem takes
     else:
         tag = args.dataset
     return f"{args.model}-{args.size}-{tag}"
