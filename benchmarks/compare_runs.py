@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the usage above runs without PYTHONPATH
 from ionllama.errors import OneLineParser, UserError, cli_entry  # noqa: E402
+from ionllama.fsutil import atomic_write, out_not_an_input  # noqa: E402
 
 
 def records(run_dir: Path, flag: str) -> list[dict]:
@@ -60,6 +61,10 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     specs = [parse_run(spec) for spec in [a.base, *a.run]]  # every spec checked before any run is read
+    if a.out:  # its own inputs refused (it wrote the JSON over a run's metrics.jsonl, exit 0)
+        from ionllama.train.metrics import metrics_file
+
+        out_not_an_input(a.out, [f for _, d, _ in specs if (f := metrics_file(d)) is not None])
     bname, bdir, bgpus = specs[0]
     base = summarize(records(bdir, f"--base {a.base}"), bgpus)
     out = {"base": bname, "runs": {bname: {k: v for k, v in base.items() if k != "losses"}}}
@@ -77,7 +82,7 @@ def main(argv=None) -> None:
     text = json.dumps(out, indent=1)
     print(text)
     if a.out:
-        Path(a.out).write_text(text + "\n")
+        atomic_write(a.out, text + "\n")
 
 
 if __name__ == "__main__":

@@ -61,6 +61,22 @@ def ready_out_file(path: str | Path, flag: str = "--out") -> Path:
     return out
 
 
+def out_not_an_input(path: str | Path, inputs, flag: str = "--out") -> Path:
+    """ready_out_file, and refused when it is one of the files the command reads (`inputs`): a script's --out given
+    its own input wrote the Markdown over it, exit 0, and the next run found no input."""
+    from .errors import UserError
+
+    out = ready_out_file(path, flag)
+    for f in inputs:
+        try:
+            same = out.exists() and Path(f).exists() and os.path.samefile(out, f)
+        except OSError:
+            same = False
+        if same:
+            raise UserError(f"{flag} {path} is {f}, which this command reads; write the result to another file")
+    return out
+
+
 def probe_write(folder: str | Path) -> None:
     """Write and remove a small file in the existing `folder`; an OSError if that cannot be done (probe_writable
     without making the folder: bench probes the nearest existing parent and makes folders only to write results)."""

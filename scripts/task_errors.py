@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ionllama.errors import OneLineParser, UserError, check_ranges, cli_entry  # noqa: E402
 from ionllama.eval.task_eval import OUTPUTS_FILE, read_outputs  # noqa: E402
+from ionllama.fsutil import atomic_write, out_not_an_input  # noqa: E402
 
 ARITH = re.compile(r"What is (\d+) ([+*]) (\d+)\?")
 
@@ -173,6 +174,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="write the Markdown here too")
     a = ap.parse_args(argv)
     check_ranges(a, {"patch_size": 1})
+    if a.out:  # checked before the work; written atomically
+        found = [_outputs_file(Path(r)) for r in a.runs]
+        out_not_an_input(a.out, [f for f, _ in found] + [d / "config.json" for _, d in found])
     parts = []
     for r in a.runs:
         f, run_dir = _outputs_file(Path(r))
@@ -185,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     md = provenance(a.runs, argv) + "\n".join(parts)
     print(md, end="")
     if a.out:
-        Path(a.out).write_text(md)
+        atomic_write(a.out, md)
 
 
 if __name__ == "__main__":

@@ -283,6 +283,12 @@ def test_compare_runs_scaling_and_loss(tmp_path):
     assert res["plain"]["bytes_per_s"] == 1000.0  # the two warm-up windows are left out of the median
     assert abs(res["ddp2"]["scaling_efficiency"] - 0.9) < 1e-9
     assert abs(res["ddp2"]["loss_max_abs_diff"] - 0.01) < 1e-9 and res["ddp2"]["loss_steps_compared"] == 8
+    # its own input as --out: the JSON was written over the run's metrics.jsonl, exit 0 (an audit)
+    metrics = (tmp_path / "ddp2" / "metrics.jsonl").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        cr.main(["--base", f"plain={tmp_path / 'plain'}", "--run", f"ddp2={tmp_path / 'ddp2'}:2",
+                 "--out", str(tmp_path / "ddp2" / "metrics.jsonl")])
+    assert e.value.code == 2 and (tmp_path / "ddp2" / "metrics.jsonl").read_bytes() == metrics
 
 
 @pytest.mark.slow

@@ -28,6 +28,23 @@ def test_a_share_that_rounds_to_no_row_is_refused(mix, batch, fix):
         assert WindowSampler(DATA, 96, batch_size=b, task_mix=mix).n_task_rows == 1
 
 
+def test_a_vanishing_share_is_refused_at_once():
+    """--task_mix 1e-30 (a typo for 1e-3) hung the trainer at 100 % CPU: the search for a batch size that gives a row
+    counted up one at a time past 2**53, where b += 1 changes nothing. (In a child: the old code never returned.)"""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("from ionllama.data.loader import checked_task_rows\n"
+            "for mix in (1e-30, 1e-300, 5e-324):\n"
+            "    try:\n        checked_task_rows(mix, 2)\n    except ValueError as e:\n        print(e)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).resolve().parents[1])
+    lines = p.stdout.strip().splitlines()
+    assert len(lines) == 3 and all("rounds to 0 task rows" in ln and "--batch_size" not in ln.split(";")[1]
+                                   for ln in lines), p.stdout + p.stderr
+
+
 @pytest.mark.parametrize("mix", [-0.1, 1.5, float("nan")])
 def test_the_token_sampler_checks_the_range_as_the_byte_sampler_does(mix):
     for make in (lambda: WindowSampler(DATA, 96, batch_size=8, task_mix=mix),

@@ -580,6 +580,9 @@ def test_task_outputs_file_holds_every_example_and_the_error_analysis_finds_the_
     assert "no readable tasks.json" in head[1]
     md = (tmp_path / "e.md").read_text()
     assert "fixed 3-byte patches" in md and "| add | 2 | 40 |" in md and "place 2: errors / all" in md
+    with pytest.raises(SystemExit) as e:  # its own input as --out: the Markdown went over it, exit 0 (an audit)
+        te.main([str(tmp_path), "--out", str(tmp_path / "task_outputs.jsonl.gz")])
+    assert e.value.code == 2 and read_outputs(f) == rows
 
 
 def test_scoring_gives_the_model_back_in_the_mode_it_had():

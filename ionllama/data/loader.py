@@ -43,11 +43,16 @@ def checked_task_rows(task_mix: float, batch_size: int) -> tuple[int, str | None
                         "task examples, e.g. 0.1)")
     n = task_rows(task_mix, batch_size)
     if task_mix > 0 and n == 0:
-        b = int(0.5 / task_mix) + 1  # the smallest batch whose share rounds to a row (round(0.5) is 0)
-        while task_rows(task_mix, b) < 1:
-            b += 1
+        batch = ""
+        if task_mix * 2 ** 31 > 0.5:  # a batch size that gives a row exists: name it
+            b = int(0.5 / task_mix) + 1  # the smallest batch whose share rounds to a row (round(0.5) is 0)
+            for _ in range(4):  # a step or two past float rounding; no open loop: past 2**53, b += 1 changed
+                if task_rows(task_mix, b) >= 1:  # nothing, and --task_mix 1e-30 hung the trainer at 100 % CPU
+                    batch = f", or --batch_size {b} or more"
+                    break
+                b += 1
         raise UserError(f"--task_mix {task_mix:g} of a --batch_size {batch_size} batch (rows per rank) rounds to 0 "
-                        f"task rows; pass --task_mix {1 / batch_size:g} or more (1 row), or --batch_size {b} or more")
+                        f"task rows; pass --task_mix {1 / batch_size:g} or more (1 row){batch}")
     eff = n / batch_size if batch_size else 0.0
     if n == 0 or abs(eff - task_mix) < 1e-9:
         return n, None
