@@ -64,3 +64,42 @@ def test_train_val_gap_reads_the_tail_of_training_rows(tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stdout == "" and "no metrics.jsonl" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_unreadable_metrics_published_and_results_files_are_one_line(tmp_path, monkeypatch):
+    """A folder bench --runs may not search, an unreadable --published / --baselines file, a damaged metrics .gz:
+    PermissionError / BadGzipFile tracebacks (one after the whole LM evaluation). Root reads everything, so the
+    refusals are simulated."""
+    import gzip
+    from pathlib import Path
+
+    from ionllama.errors import UserError
+    from ionllama.eval.report import load_published, load_results
+    from ionllama.train.metrics import metrics_file, read_metrics
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl.gz").write_bytes(gzip.compress(b'{"step": 1}\n')[:12])  # cut short
+    with pytest.raises(UserError, match="cannot read .*metrics.jsonl.gz"):
+        read_metrics(tmp_path / "run")
+    for name in ("pub.json", "res.json"):
+        (tmp_path / name).write_text("{}")
+    real_read, real_is_dir = Path.read_text, Path.is_dir
+
+    def denied_read(self, *a, **k):
+        if self.name in ("pub.json", "res.json"):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read(self, *a, **k)
+
+    def denied_dir(self):
+        if self.name == "locked":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_is_dir(self)
+
+    monkeypatch.setattr(Path, "read_text", denied_read)
+    monkeypatch.setattr(Path, "is_dir", denied_dir)
+    with pytest.raises(UserError, match="cannot read it .*Permission denied"):
+        load_published(tmp_path / "pub.json")
+    with pytest.raises(UserError, match="cannot read it .*Permission denied"):
+        load_results(tmp_path / "res.json")
+    with pytest.raises(UserError, match="cannot read the metrics at .*locked"):
+        metrics_file(tmp_path / "locked")

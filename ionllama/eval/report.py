@@ -70,6 +70,8 @@ def load_published(path: str | Path | None) -> list[dict]:
         doc = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{p} is not valid JSON ({e}); fix the file or pass --published ''") from None
+    except OSError as e:  # unreadable: a PermissionError traceback
+        raise UserError(f"--published {p}: cannot read it ({e.strerror or e}); check its permissions") from None
     entries = doc.get("entries", []) if isinstance(doc, dict) else None
     if not isinstance(entries, list):
         raise UserError(f"{p} must be an object with an 'entries' list; see docs/results/README.md")
@@ -267,6 +269,8 @@ def load_results(path: str | Path) -> dict:
         r = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{p} is not valid JSON ({e}); re-run `ionllama bench`") from None
+    except OSError as e:
+        raise UserError(f"results file '{p}': cannot read it ({e.strerror or e}); check its permissions") from None
     if not isinstance(r, dict) or "schema_version" not in r or "metrics" not in r:
         raise UserError(f"{p} is not a benchmark results.json (no schema_version/metrics)")
     # the fields the tables read, checked here: a hand-edited or foreign file was a KeyError / TypeError traceback

@@ -80,12 +80,17 @@ def metrics_file(path: str | Path) -> Path | None:
     """A run's metrics: <dir>/metrics.jsonl (or the file given), else its gzip copy `metrics.jsonl.gz`. Results
     committed under docs/results keep theirs gzipped (scripts/pack_results.sh): every device call carries the
     whole tree within 64 MiB, next to the Gutenberg data."""
+    from ..errors import UserError
+
     p = Path(path)
-    if p.is_dir():
-        p = p / "metrics.jsonl"
-    for c in (p, p.with_name(p.name + ".gz")):
-        if c.is_file():
-            return c
+    try:  # a folder it may not search: a PermissionError traceback (bench --runs, train_val_gap.py)
+        if p.is_dir():
+            p = p / "metrics.jsonl"
+        for c in (p, p.with_name(p.name + ".gz")):
+            if c.is_file():
+                return c
+    except OSError as e:
+        raise UserError(f"cannot read the metrics at {path} ({e.strerror or e}); check its permissions") from None
     return None
 
 
@@ -95,13 +100,18 @@ def read_metrics(path: str | Path) -> list[dict]:
     p = metrics_file(path)
     if p is None:
         raise FileNotFoundError(f"no metrics.jsonl(.gz) at '{path}'")
-    if p.suffix == ".gz":
-        import gzip
+    try:
+        if p.suffix == ".gz":
+            import gzip
 
-        with gzip.open(p, "rt", encoding="utf-8", errors="replace") as f:
-            text = f.read()
-    else:
-        text = p.read_text(encoding="utf-8", errors="replace")
+            with gzip.open(p, "rt", encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        else:
+            text = p.read_text(encoding="utf-8", errors="replace")
+    except (OSError, EOFError) as e:  # unreadable, or a damaged .gz: after bench's whole evaluation, a traceback
+        from ..errors import UserError
+
+        raise UserError(f"cannot read {p} ({getattr(e, 'strerror', None) or e}); check the file") from None
     out = []
     for line in text.splitlines():
         try:
