@@ -219,6 +219,8 @@ def _check_types(cfg: ModelConfig) -> None:
         if kind == "int":
             if not is_whole(v):
                 raise UserError(f"{f.name} must be a whole number (got {v!r}); e.g. {f.name}={f.default}")
+            if v > 2 ** 31 - 1:  # no size here needs more; max_patch_size 1e20 was an OverflowError in the patcher
+                raise UserError(f"{f.name} {v} is beyond any usable size (at most 2**31-1); e.g. {f.name}={f.default}")
             setattr(cfg, f.name, int(v))
         elif kind.startswith("float") and not (v is None and "None" in kind):
             if isinstance(v, bool) or not isinstance(v, numbers.Real):

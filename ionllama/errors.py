@@ -124,7 +124,8 @@ def first_line(e: BaseException, limit: int = 160) -> str:
     return text
 
 
-def check_ranges(args, at_least: dict[str, float], above_zero: tuple[str, ...] = ()) -> None:
+def check_ranges(args, at_least: dict[str, float], above_zero: tuple[str, ...] = (),
+                 at_most: dict[str, float] | None = None) -> None:
     """One-line UserError for a numeric flag below its least value or not above zero (NaN included), or infinite;
     a flag left at None (not given) is skipped."""
     for name, low in at_least.items():
@@ -140,8 +141,16 @@ def check_ranges(args, at_least: dict[str, float], above_zero: tuple[str, ...] =
         v = getattr(args, name, None)
         if isinstance(v, float) and math.isinf(v):
             raise UserError(f"--{name} must be a finite number (got {v}); leave it out for the default")
+        # past float32: --lr 1e39 was an overflow error after the entropy phase had run
+        if isinstance(v, float) and abs(v) > FLOAT32_MAX:
+            raise UserError(f"--{name} {v} is beyond any usable value (float32); pass a smaller --{name}")
+    for name, high in (at_most or {}).items():  # --batch_size 1e20: numpy's "maximum allowed dimension exceeded"
+        v = getattr(args, name, None)
+        if v is not None and v > high:
+            raise UserError(f"--{name} {v} is beyond any usable size (at most {high}); pass a smaller --{name}")
 
 
+FLOAT32_MAX = 3.4028234663852886e38
 SEED_MAX = 2**32 - 1  # numpy's legacy seeding (np.random.seed) and default_rng's int seeds take 0..2**32-1 here
 
 

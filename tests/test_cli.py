@@ -94,6 +94,10 @@ def test_bad_input_is_one_line_exit_2(tmp_path, corpus, capsys):
         # argparse named the parser function ("invalid parse_ngram_sizes value") and no fix
         (["--ngram_sizes", "9-2"], "ngram_sizes '9-2' is not distinct n-gram sizes in 1..8; write a range like 3-8"),
         (["--model", "ionllama", "--target_patch_size", "0"], "target_patch_size must be >= 1 (got 0.0); pass 1 or more"),
+        # (a CLI audit) tracebacks: an overflow after the entropy phase, numpy's dimension limit, an OverflowError
+        (["--lr", "1e39"], "--lr 1e+39 is beyond any usable value"),
+        (["--batch_size", "99999999999999999999"], "--batch_size 99999999999999999999 is beyond any usable size"),
+        (["--model", "ionllama", "--max_patch_size", "99999999999999999999"], "max_patch_size 99999999999999999999 is"),
     ]
     for extra, pattern in cases:
         argv = args(tmp_path, corpus)
@@ -109,7 +113,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, corpus, capsys):
 
 def test_out_of_memory_is_one_line(tmp_path, corpus, capsys):
     """A batch far past the machine's memory used to end in a numpy allocation traceback."""
-    expect_error(capsys, args(tmp_path, corpus, "--batch_size", str(10**12)), "out of memory at --batch_size")
+    expect_error(capsys, args(tmp_path, corpus, "--batch_size", str(10**9)), "out of memory at --batch_size")
     assert not list((tmp_path / "runs").rglob("*.pt"))
 
 

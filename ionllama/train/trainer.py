@@ -252,6 +252,7 @@ AT_LEAST = {"seq_len": 2, "batch_size": 1, "grad_accum": 1, "max_steps": 1, "eva
             "eval_bytes": 1, "eval_batch_size": 1, "save_interval": 1, "warmup_steps": 0, "entropy_steps": 0,
             "joint_steps": 0, "stop_at": 0, "sample_bytes": 0, "weight_decay": 0, "grad_clip": 0}
 ABOVE_ZERO = ("lr", "entropy_lr", "max_train_time")
+AT_MOST = dict.fromkeys(("seq_len", "batch_size", "grad_accum", "eval_batch_size"), 2 ** 31 - 1)  # array dims
 
 
 class Trainer:
@@ -271,7 +272,7 @@ class Trainer:
         if getattr(args, "compile_stage_a", "auto") == "on" and not getattr(args, "step_graph", False):
             raise UserError("--compile_stage_a on needs --step_graph (stage A is the captured step's first stage); "
                             "add --step_graph, or drop --compile_stage_a")
-        check_ranges(args, AT_LEAST, ABOVE_ZERO)
+        check_ranges(args, AT_LEAST, ABOVE_ZERO, AT_MOST)
         check_seed(getattr(args, "seed", None))
 
         # ---- run folder and the checkpoint to resume
