@@ -150,6 +150,15 @@ def check_ranges(args, at_least: dict[str, float], above_zero: tuple[str, ...] =
             raise UserError(f"--{name} {v} is beyond any usable size (at most {high}); pass a smaller --{name}")
 
 
+def check_not_blank(args, names: tuple[str, ...]) -> None:
+    """Path flags given as '' or spaces: a folder literally named '  ' was made (an audit); generate and bench refused
+    their own blank --output already."""
+    for name in names:
+        v = getattr(args, name, None)
+        if isinstance(v, str) and not v.strip():
+            raise UserError(f"--{name} is blank ({v!r}); give a folder path or leave it out for the default")
+
+
 FLOAT32_MAX = 3.4028234663852886e38
 SEED_MAX = 2**32 - 1  # numpy's legacy seeding (np.random.seed) and default_rng's int seeds take 0..2**32-1 here
 

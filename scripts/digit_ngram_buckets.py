@@ -9,12 +9,13 @@ cannot say which string it was. Two counts under the model's own hash (`ngram_ha
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 
 import torch
 
+from ionllama.config import MAX_NGRAM
 from ionllama.data import tasks as T
+from ionllama.errors import OneLineParser, UserError, check_ranges, cli_entry
 from ionllama.model.byte_embedding import ngram_hashes
 
 SCORER_SEED = 1234  # eval.task_eval's seed for the held-out prompts (tasks.json "seed")
@@ -25,12 +26,20 @@ def buckets_of(strings: list[bytes], n: int, buckets: int) -> int:
     return len(set(ids.tolist()))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+@cli_entry
+def main(argv: list[str] | None = None) -> None:
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("--buckets", type=int, nargs="+", default=[4096, 32768])
     p.add_argument("--sizes", type=int, nargs="+", default=[2, 3, 4, 5])
     p.add_argument("--n", type=int, default=200, help="held-out addition prompts per digit count")
-    a = p.parse_args()
+    a = p.parse_args(argv)
+    # (an audit) --buckets 0 was a ZeroDivisionError, --n 0 an IndexError, --sizes -1 a ValueError, and
+    # --buckets -1 printed a table row of wrong numbers, exit 0
+    check_ranges(a, {"n": 1})
+    if min(a.buckets) < 1:
+        raise UserError(f"--buckets must all be at least 1 (got {a.buckets}); e.g. --buckets 4096 32768")
+    if not all(1 <= n <= MAX_NGRAM for n in a.sizes):
+        raise UserError(f"--sizes must all be n-gram sizes 1 to {MAX_NGRAM} (got {a.sizes}); e.g. --sizes 2 3 4 5")
     print("All pure digit strings:\n\n| buckets | n | digit n-grams | distinct buckets | share |\n|---|---|---|---|---|")
     for buckets in a.buckets:
         for n in a.sizes:

@@ -96,6 +96,8 @@ def test_bad_input_is_one_line_exit_2(tmp_path, corpus, capsys):
         (["--model", "ionllama", "--target_patch_size", "0"], "target_patch_size must be >= 1 (got 0.0); pass 1 or more"),
         # (a CLI audit) tracebacks: an overflow after the entropy phase, numpy's dimension limit, an OverflowError
         (["--lr", "1e39"], "--lr 1e+39 is beyond any usable value"),
+        (["--save_dir", "  "], "--save_dir is blank"),  # a folder named two spaces was made
+        (["--data_dir", ""], "--data_dir is blank"),
         (["--batch_size", "99999999999999999999"], "--batch_size 99999999999999999999 is beyond any usable size"),
         (["--model", "ionllama", "--max_patch_size", "99999999999999999999"], "max_patch_size 99999999999999999999 is"),
     ]

@@ -1158,6 +1158,9 @@ def test_an_empty_arm_list_a_broken_final_json_and_a_foreign_task_checkpoint_are
         assert e.value.code == 2 and len(err) == 1 and words in err[0], err
 
     refused(_argv(tmp_path, pattern, "--arms", ","), "names no arm")
+    # (a CLI audit) --stage '' ran nothing, exit 0, and left an empty --out; a blank --ckpt_dir made a folder '  '
+    refused(_argv(tmp_path, pattern, "--stage", ","), "names no stage")
+    refused(_argv(tmp_path, pattern, "--ckpt_dir", "  "), "--ckpt_dir is blank")
     assert main(base) == 0
     final = tmp_path / "res" / "phase1" / "dense" / "final.json"
     good = final.read_text()

@@ -187,6 +187,10 @@ SCRIPT_BAD_INPUT = [
     ("benchmarks", "bench_scan", ["--out", "{tmp}", "--device", "cpu"], "is a folder; give a file path"),
     ("benchmarks", "bench_attention", ["--out", "{tmp}", "--device", "cpu"], "is a folder; give a file path"),
     ("scripts", "byte_coverage", ["{tmp}/text.jsonl", "{tmp}/text.txt"], "no line is a JSON object with a 'text'"),
+    ("scripts", "digit_ngram_buckets", ["--buckets", "0"], "--buckets must all be at least 1"),
+    ("scripts", "digit_ngram_buckets", ["--buckets", "-1"], "--buckets must all be at least 1"),  # printed numbers
+    ("scripts", "digit_ngram_buckets", ["--n", "0"], "--n must be at least 1"),
+    ("scripts", "digit_ngram_buckets", ["--sizes", "-1"], "--sizes must all be n-gram sizes 1 to 8"),
     ("scripts", "byte_coverage", ["{tmp}/text.txt", "{tmp}/text.txt", "--eval_bytes", "0"],
      "--eval_bytes must be at least 1"),
 ]

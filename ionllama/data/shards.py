@@ -27,7 +27,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, check_not_blank
 from ..fsutil import process_gone, remove_if_empty
 from . import DOC_SEP_BYTES
 
@@ -194,6 +194,7 @@ def prepare(args: DataArgs, log: Callable[[str], None] = print) -> Path:
     if not 0.0 < args.val_fraction < 0.5:
         raise UserError(f"--val_fraction {args.val_fraction} must be in (0, 0.5): the share of documents held out "
                         "for val, e.g. 0.01 (the default)")
+    check_not_blank(args, ("data_dir",))
     if args.max_bytes is not None and args.max_bytes < 1:  # read as "no text" and blamed on --data_path before
         raise UserError(f"--max_bytes {args.max_bytes} must be at least 1; leave it out to read everything")
     source = make_source(args)

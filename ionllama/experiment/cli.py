@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import OneLineParser, UserError, check_ranges, check_seed, cli_entry
+from ..errors import OneLineParser, UserError, check_not_blank, check_ranges, check_seed, cli_entry
 from ..fsutil import probe_writable, remove_if_empty
 from . import __doc__ as _PACKAGE_DOC  # the package's docstring: what `--help` says first
 from ._common import _log, _read_json
@@ -131,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     check_seed(a.seed)
     if a.task_step_graph and not a.task_compile:  # the graph needs the compiled stage's one shape per step
         raise UserError("--task_step_graph needs --task_compile (every step one shape); add --task_compile")
+    check_not_blank(a, ("out", "ckpt_dir", "data_dir", "sweep_dir"))
     stages = [s.strip() for s in a.stage.split(",") if s.strip()]
+    if not stages and not a.runs:  # --stage '' did nothing, exit 0, and left an empty --out folder
+        raise UserError(f"--stage {a.stage!r} names no stage; use prepare, pretrain, sweep, tasks, report or compare")
     if "compare" in stages or a.runs:
         return compare(a, stages, argv)
     if a.sweep and "sweep" not in stages:

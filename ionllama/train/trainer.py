@@ -33,7 +33,7 @@ from ..config import ModelConfig, make_config
 from ..data import DOC_SEP, DOC_SEP_BYTES
 from ..data.bpe import TokenTraining, configure as token_configure, is_token_model
 from ..devices import resolve_device  # (the benchmarks import it from here too)
-from ..errors import UserError, check_ranges, check_seed, first_line
+from ..errors import UserError, check_not_blank, check_ranges, check_seed, first_line
 from ..fsutil import probe_writable, process_gone, remove_if_empty
 from ..model.common import eval_mode
 from ..eval.bpb import LN2, evaluate_batches, evaluate_bpb
@@ -273,6 +273,7 @@ class Trainer:
             raise UserError("--compile_stage_a on needs --step_graph (stage A is the captured step's first stage); "
                             "add --step_graph, or drop --compile_stage_a")
         check_ranges(args, AT_LEAST, ABOVE_ZERO, AT_MOST)
+        check_not_blank(args, ("save_dir", "data_dir"))
         check_seed(getattr(args, "seed", None))
 
         # ---- run folder and the checkpoint to resume
