@@ -523,3 +523,21 @@ def test_a_kill_before_latest_is_written_keeps_the_new_best(tmp_path, corpus, mo
     latest = load_checkpoint(run / "latest.pt")
     # what latest.pt records as the best score is the score of the weights in best.pt
     assert best["step"] == 15 and best["best_val_bpb"] <= latest["best_val_bpb"]
+
+
+def test_a_read_only_run_folder_is_named_not_the_save_dir(tmp_path, monkeypatch):
+    """With --save_dir writable and only the run folder read-only, the error sent the user to --save_dir. Root writes
+    anywhere, so the probe's refusal is simulated."""
+    from ionllama.errors import UserError
+    from ionllama.train import trainer as tr
+
+    run = tmp_path / "save" / "r1"
+    run.mkdir(parents=True)
+
+    def refused(folder):
+        if Path(folder) == run:
+            raise PermissionError(13, "Permission denied", str(folder))
+
+    monkeypatch.setattr(tr, "probe_writable", refused)
+    with pytest.raises(UserError, match=r"cannot write to the run folder .*r1 .*another --run_name"):
+        tr.ensure_writable(run, str(tmp_path / "save"))

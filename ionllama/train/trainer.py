@@ -170,6 +170,9 @@ def ensure_writable(run_dir: Path, save_dir: str) -> None:
         if e.errno == errno.ENOSPC:  # the folder is fine: "choose a writable folder" misled
             raise UserError(f"no space left on the disk of --save_dir {save_dir}; free some, then run again (a "
                             "stopped run: the same command with --resume auto)") from None
+        if run_dir.is_dir() and os.access(save_dir, os.W_OK):  # --save_dir is fine: the run folder itself is not
+            raise UserError(f"cannot write to the run folder {run_dir} ({e.strerror or e}); make it writable, or pass "
+                            "another --run_name") from None
         raise UserError(f"cannot write to --save_dir {save_dir} ({e.strerror or e}); choose a writable folder") from None
     for tmp in run_dir.glob(".*.tmp-*"):  # a save killed mid-write (SIGKILL) left its temp file: GBs for big models
         if tmp.is_file() and process_gone(tmp.name.rsplit("-", 1)[-1]):
