@@ -34,6 +34,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import ionllama
+from ionllama.fsutil import atomic_write
 from ionllama.errors import OneLineParser, UserError, cli_entry
 from ionllama.generation.decoding import decoder_for
 from ionllama.generation.runner import DecodeRunner
@@ -106,6 +107,8 @@ def main(argv=None) -> None:
         model_config(a.size, model)
     if a.out and not Path(a.out).resolve().parent.is_dir():  # else a traceback after all the counting
         raise UserError(f"--out {a.out}: its folder does not exist; create it or give another path")
+    if a.out and Path(a.out).is_dir():  # --out . was an IsADirectoryError after all the work (an audit)
+        raise UserError(f"--out {a.out} is a folder; give a file path, e.g. {Path(a.out) / 'counts.json'}")
     torch.manual_seed(0)
     res = {}
     for model in a.models:
@@ -136,8 +139,7 @@ def main(argv=None) -> None:
            "torch": torch.__version__, "python": platform.python_version(), "device": "cpu",
            "date": time.strftime("%Y-%m-%d"), "commit": git, "results": res}
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(out, f, indent=1)
+        atomic_write(a.out, json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

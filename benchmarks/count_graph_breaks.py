@@ -26,6 +26,7 @@ import torch
 
 import ionllama.kernels as K
 from ionllama import create_model
+from ionllama.fsutil import atomic_write
 from ionllama.errors import OneLineParser, UserError, check_ranges, cli_entry
 from ionllama.registry import model_config
 from ionllama.train.trainer import resolve_device
@@ -71,6 +72,8 @@ def main(argv=None) -> None:
     device = resolve_device(a.device)
     if a.out and not Path(a.out).resolve().parent.is_dir():
         raise UserError(f"--out {a.out}: its folder does not exist; create it or give another path")
+    if a.out and Path(a.out).is_dir():  # --out . was an IsADirectoryError after all the work (an audit)
+        raise UserError(f"--out {a.out} is a folder; give a file path, e.g. {Path(a.out) / 'counts.json'}")
     if device.type == "cpu" and "custom_ops" in routings and os.environ.get("TRITON_INTERPRET") != "1":
         raise UserError("on CPU the custom-op routing runs the Triton kernels in the interpreter: "
                         "set TRITON_INTERPRET=1 (or give --routings eager_reference)")
@@ -85,8 +88,7 @@ def main(argv=None) -> None:
             "torch": torch.__version__, "python": platform.python_version(), "commit": sha, "rows": rows}
     print(json.dumps(meta, indent=1))
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(meta, f, indent=1)
+        atomic_write(a.out, json.dumps(meta, indent=1))
 
 
 if __name__ == "__main__":

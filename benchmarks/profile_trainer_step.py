@@ -28,6 +28,7 @@ import warnings
 import torch
 
 from ionllama.errors import OneLineParser, UserError, check_ranges, cli_entry
+from ionllama.fsutil import atomic_write, ready_out_file
 from ionllama.eval.benchmark import device_name
 
 
@@ -59,6 +60,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv[:cut])
     # a step count of 0 divided by zero after the warm-up (and a negative one timed nothing, exit 0)
     check_ranges(a, {"steps": 1, "warmup": 0, "profile_steps": 1})
+    if a.out:  # checked before the work: --out . was an IsADirectoryError after it (an audit)
+        ready_out_file(a.out)
     from ionllama.train.cli import build_train_parser
     from ionllama.train.trainer import Trainer
 
@@ -152,8 +155,7 @@ def main(argv=None) -> int:
                                                       for e in top}}
     print(json.dumps(result, indent=1))
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(result, f, indent=1)
+        atomic_write(a.out, json.dumps(result, indent=1))
     return 0
 
 
