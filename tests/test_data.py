@@ -225,6 +225,7 @@ def test_a_truncated_shard_is_prepared_again_not_reused(tmp_path):
     b = prepare(DataArgs(data_path=str(p), data_dir=str(tmp_path / "c")), log=logs.append)
     assert b == a and (b / "train.bin").read_bytes() == full
     assert any("preparing it again" in m for m in logs) and not any("reusing" in m for m in logs)
+    assert sum("preparing it again" in m for m in logs) == 1, logs  # it was said twice (the look under the lock)
 
 
 def test_parquet_goes_through_datasets_loader(tmp_path):

@@ -202,7 +202,8 @@ def prepare(args: DataArgs, log: Callable[[str], None] = print) -> Path:
     if _reusable(out, key, log):
         return out
     with cache_lock(Path(args.data_dir), out.name, "--data_dir"):
-        if _reusable(out, key, log):  # another process built it while this one waited
+        if _reusable(out, key, lambda m: None if "preparing it again" in m else log(m)):  # another process built it
+            # while this one waited (its "preparing it again" was said by the first look)
             return out
         log(f"data: preparing {source.description} -> {out}")
         t0 = time.time()
@@ -375,8 +376,8 @@ def _write_shards(source, args: DataArgs, tmp: Path, log) -> dict:
                     break
             method = "hash"
             if copies:
-                warnings.warn(f"data: {copies} document(s) of {source.description} stand in both train and val as "
-                              "exact copies (the hash split goes by document id): val is not all held out; "
+                warnings.warn(f"data: {copies} distinct document(s) of {source.description} stand in both train and "
+                              "val as exact copies (the hash split goes by document id): val is not all held out; "
                               "deduplicate the source", stacklevel=2)
         if cap.full:  # was silent: the shards' size was the only hint that the source was not read to its end
             log(f"data: note: stopped at the byte cap ({budget:,} bytes of the source; the last document taken is "
