@@ -422,6 +422,15 @@ def test_paths_no_filesystem_takes_are_one_line(tmp_path, capsys):
 
     args = argparse.Namespace(model="ionllama", size="tiny", dataset="builtin", data_path=str(tmp_path / ("a" * 245)))
     assert len(default_run_name(args)) < 100
+    # a run started before the cap, under a 70-character stem, is still what --resume auto continues (a review)
+    from ionllama.train.trainer import resolve_run
+
+    args = argparse.Namespace(model="dense", size="tiny", dataset="builtin", data_path=str(tmp_path / ("c" * 70)),
+                              save_dir=str(tmp_path / "runs"), run_name=None, resume="auto")
+    old = tmp_path / "runs" / default_run_name(args, cap=None)
+    old.mkdir(parents=True)
+    (old / "latest.pt").write_bytes(b"x")
+    assert resolve_run(args) == (old, old / "latest.pt")
     (tmp_path / "l1").symlink_to(tmp_path / "l2")
     (tmp_path / "l2").symlink_to(tmp_path / "l1")
     with pytest.raises(OSError) as e:

@@ -682,3 +682,48 @@ def test_a_stale_error_note_of_an_earlier_job_is_not_read(tmp_path, monkeypatch,
     t = time.monotonic()
     errors._print_error_once(line, wait_s=3.0)
     assert capsys.readouterr().err == "" and time.monotonic() - t < 2.5
+
+
+def test_a_dcp_item_pointed_at_a_pickle_is_refused_before_any_code_runs(tmp_path):
+    """With .metadata of allowed classes only, a non-tensor item (the optimizer's lr) could still point at a pickle:
+    DCP's default planner loads those items with torch.load(weights_only=False) (a review's reproduction, on resume
+    and on generate / bench). Each is now loaded weights-only first."""
+    import dataclasses
+    import io
+    import shutil
+
+    from ionllama.config import ModelConfig
+    from ionllama.registry import build_model
+
+    good = _tiny_dcp(tmp_path / "good")
+    evil = tmp_path / "evil.dcp"
+    shutil.copytree(good, evil)
+    marker = tmp_path / "ran.txt"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"echo ran > {marker}",))
+
+    buf = io.BytesIO()
+    torch.save(Evil(), buf)
+    (evil / "__9_0.distcp").write_bytes(buf.getvalue())
+    with open(evil / ".metadata", "rb") as f:
+        md = pickle.load(f)
+    key = next(k for k in md.storage_data if k.fqn == "optimizer.param_groups.0.lr")
+    md.storage_data[key] = dataclasses.replace(md.storage_data[key], relative_path="__9_0.distcp", offset=0,
+                                               length=len(buf.getvalue()))
+    with open(evil / ".metadata", "wb") as f:
+        pickle.dump(md, f)
+    state = torch.load(evil / distributed.TRAIN_STATE_FILE, weights_only=True)
+    state.pop(distributed.SHARD_SUMS)  # as a checkpoint written before the sums were recorded
+    torch.save(state, evil / distributed.TRAIN_STATE_FILE)
+    distributed.check_dcp_metadata(evil)  # the metadata's classes are all allowed
+    meta = distributed.load_train_state(evil)
+    model = build_model(ModelConfig.from_dict(meta["model_config"]))
+    with pytest.raises(UserError, match=r"evil\.dcp is damaged .*Unpickl"):
+        distributed.load_sharded(evil, model, torch.optim.AdamW(model.parameters()))
+    assert not marker.exists()
+    model = build_model(ModelConfig.from_dict(meta["model_config"]))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.5)
+    distributed.load_sharded(good, model, opt)  # a real one still loads its non-tensor items
+    assert opt.param_groups[0]["lr"] == 0.001

@@ -81,6 +81,11 @@ def test_unreadable_metrics_published_and_results_files_are_one_line(tmp_path, m
     (tmp_path / "run" / "metrics.jsonl.gz").write_bytes(gzip.compress(b'{"step": 1}\n')[:12])  # cut short
     with pytest.raises(UserError, match="cannot read .*metrics.jsonl.gz"):
         read_metrics(tmp_path / "run")
+    body = bytearray(gzip.compress(b"".join(b'{"step": %d, "loss": 1.5}\n' % i for i in range(2000))))
+    body[20] ^= 0xFF  # a good header, a damaged deflate stream: zlib.error, neither OSError nor EOFError
+    (tmp_path / "run" / "metrics.jsonl.gz").write_bytes(bytes(body))
+    with pytest.raises(UserError, match="cannot read .*metrics.jsonl.gz"):
+        read_metrics(tmp_path / "run")
     for name in ("pub.json", "res.json"):
         (tmp_path / name).write_text("{}")
     real_read, real_is_dir = Path.read_text, Path.is_dir

@@ -438,3 +438,22 @@ def test_an_untrained_entropy_model_is_named_and_a_file_in_the_run_folders_place
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1, err
     assert "the run folder" in err[0] and "taken is a file, not a folder; pass another --run_name" in err[0], err
+
+
+def test_an_experiment_arm_past_its_nominal_step_count_resumes(tmp_path, corpus):
+    """The refusal of a resume with nothing to train ran inside the trainer's constructor, where an experiment arm
+    still has its nominal step plan (100,000 steps; a 420-s arm reached 54,371): an arm past it, cut by
+    --deadline_s, could no longer be continued or evaluated (a review)."""
+    from ionllama.experiment.budget import make_budget_trainer
+    from ionllama.train.cli import build_train_parser, explicit_args
+    from ionllama.train.cli import main as train_main
+
+    common = ["--model", "dense", "--size", "tiny", "--d_model", "32", "--n_layers", "1", "--n_heads", "2",
+              "--data_path", str(corpus), "--data_dir", str(tmp_path / "cache"), "--save_dir", str(tmp_path / "runs"),
+              "--run_name", "arm", "--seq_len", "32", "--batch_size", "2", "--sample_bytes", "0", "--device", "cpu",
+              "--eval_bytes", "256", "--log_interval", "1"]
+    assert train_main(common + ["--max_steps", "50", "--stop_at", "5"]) == 0
+    argv = common + ["--max_steps", "3", "--max_train_time", "30", "--resume", "auto"]
+    parser = build_train_parser()
+    tr = make_budget_trainer(parser.parse_args(argv), explicit_args(parser, argv), 30, curve_points=1, warmup=False)
+    assert tr.step == 5

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--task_step_graph needs --task_compile (every step one shape); add --task_compile")
     check_not_blank(a, ("out", "ckpt_dir", "data_dir", "sweep_dir"))
     stages = [s.strip() for s in a.stage.split(",") if s.strip()]
-    if not stages and not a.runs:  # --stage '' did nothing, exit 0, and left an empty --out folder
+    if not stages and not a.runs and not a.sweep:  # --stage '' did nothing, exit 0, and left an empty --out folder
         raise UserError(f"--stage {a.stage!r} names no stage; use prepare, pretrain, sweep, tasks, report or compare")
     if "compare" in stages or a.runs:
         return compare(a, stages, argv)

@@ -647,6 +647,22 @@ def check_shard_sums(path) -> None:
             raise DamagedCheckpoint(f"its shard {name} fails its checksum")
 
 
+def _safe_load_planner():
+    """DCP's default planner loads each non-tensor item of a shard with torch.load(weights_only=False): a .metadata
+    of allowed classes only could still point an item at a pickle that runs code (a review's reproduction). Each item
+    is loaded weights-only first (what DCP stores there, floats, tuples, lists of names, passes); a refusal is an
+    UnpicklingError, reported as a damaged checkpoint."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class SafeLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value) -> None:
+            torch.load(value, weights_only=True)
+            value.seek(0)
+            super().load_bytes(read_item, value)
+
+    return SafeLoadPlanner()
+
+
 def _dcp_load(sd: dict, path, no_dist: bool) -> None:
     import warnings
 
@@ -659,7 +675,7 @@ def _dcp_load(sd: dict, path, no_dist: bool) -> None:
     try:
         with warnings.catch_warnings():  # DCP warns on every single-process load, even when asked for one
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-            dcp.load(sd, checkpoint_id=str(path), no_dist=no_dist)
+            dcp.load(sd, checkpoint_id=str(path), no_dist=no_dist, planner=_safe_load_planner())
     finally:
         logging.getLogger().removeFilter(quiet)
 

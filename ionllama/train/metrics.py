@@ -9,6 +9,7 @@ import json
 import math
 import os
 import warnings
+import zlib
 from pathlib import Path
 
 
@@ -108,7 +109,7 @@ def read_metrics(path: str | Path) -> list[dict]:
                 text = f.read()
         else:
             text = p.read_text(encoding="utf-8", errors="replace")
-    except (OSError, EOFError) as e:  # unreadable, or a damaged .gz: after bench's whole evaluation, a traceback
+    except (OSError, EOFError, zlib.error) as e:  # unreadable, or a damaged .gz: a traceback after bench's evaluation
         from ..errors import UserError
 
         raise UserError(f"cannot read {p} ({getattr(e, 'strerror', None) or e}); check the file") from None

@@ -68,11 +68,12 @@ def resolve_amp(mixed_precision: str | None, device: torch.device) -> torch.dtyp
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[mixed_precision]
 
 
-def default_run_name(args) -> str:
+def default_run_name(args, cap: int | None = 64) -> str:
+    """cap: the data file stem's characters kept (a 250-byte file name made a run folder name no filesystem takes);
+    None: uncut, the name runs got before the cap (--resume auto looks there too)."""
     if args.data_path:
         tag = Path(args.data_path.replace("{split}", "")).name.split(".")[0] or "data"
-        tag = "".join(c if c.isalnum() or c in "-_" else "_" for c in tag).strip("_-")[:64] or "data"  # a 250-byte
-        # file name made a run folder name no filesystem takes
+        tag = "".join(c if c.isalnum() or c in "-_" else "_" for c in tag).strip("_-")[:cap] or "data"
     else:
         tag = args.dataset
     return f"{args.model}-{args.size}-{tag}"
@@ -124,6 +125,9 @@ def resolve_run(args) -> tuple[Path, Path | None]:
     if not args.run_name and base.is_dir():
         candidates += sorted((d for d in base.glob(f"{name}-*") if d.name[len(name) + 1:].isdigit()),
                              key=lambda d: int(d.name[len(name) + 1:]))
+        uncut = default_run_name(args, cap=None)
+        if uncut != name and len(uncut.encode()) <= 255:  # a run started before the cap, under its full stem
+            candidates.append(base / uncut)
     if args.resume == "auto":
         found = [(ck, d) for d in candidates if (ck := distributed.latest_checkpoint(d)) is not None]
         if len(found) > 1:
@@ -572,7 +576,8 @@ class Trainer:
                             "step_N.pt)") from None
         # a run refused for nothing to train (--stop_at, --max_steps, --max_train_time) is refused here, before its
         # metrics are cut back and a later branch moved aside: a mistyped flag took final.pt and best.pt away
-        self._nothing_to_train(say=False)
+        if self.phases_by_step:  # (the experiment's arms get their time-budget plan after this: their nominal step
+            self._nothing_to_train(say=False)  # count is no last step, and a long arm passed it)
         # from latest.pt / latest.dcp the dropped points are logged again; from an older checkpoint they are a branch
         # abandoned, kept aside so that nothing written is lost
         older = Path(path).name not in ("latest.pt", "latest" + distributed.DCP_SUFFIX)
