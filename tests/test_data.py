@@ -1022,7 +1022,7 @@ def test_exact_copies_in_both_splits_are_counted_and_said(tmp_path):
     docs = make_docs(30) + [b"the same boilerplate licence text\n"] * 40
     p = tmp_path / "dups.jsonl"
     p.write_text("".join(json.dumps({"text": d.decode()}) + "\n" for d in docs))
-    with pytest.warns(UserWarning, match=r"1 document\(s\) .* both train and val as exact copies"):
+    with pytest.warns(UserWarning, match=r"1 distinct document\(s\) .* both train and val as exact copies"):
         sh = prep(tmp_path, data_path=str(p), val_fraction=0.2)
     assert sh.meta["documents_in_both_splits"] == 1
     clean = tmp_path / "clean.jsonl"

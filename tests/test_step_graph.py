@@ -540,8 +540,16 @@ def test_trainer_step_graph_phases_run_the_step_code(tmp_path, monkeypatch, caps
     plain, g, r = losses("plain"), losses("g"), losses("r")
     assert [s[:2] for s in g] == [s[:2] for s in plain] == [s[:2] for s in r]
     assert {s[1] for s in g} == {"entropy", "main", "joint"} and len(g) == 16
-    assert [s[2] for s in g] == pytest.approx([s[2] for s in plain], rel=1e-4)
-    assert [s[2] for s in r] == pytest.approx([s[2] for s in g], rel=1e-4)
+    # stage A computes the entropy on other shapes than the plain forward (fp32 rounding apart): an entropy within
+    # that noise of the threshold can open a patch in one run only (the documented tie). Until the first step whose
+    # bytes/patch differ the runs agree to 1e-4; after such a flip the weights have moved apart, by ~2e-4 of the loss
+    bpp = {name: [rec.get("bytes_per_patch") for rec in read_metrics(tmp_path / "runs" / name / "metrics.jsonl")
+                  if "loss" in rec] for name in ("plain", "g", "r")}
+    for a, b in (("g", "plain"), ("r", "g")):
+        la, lb = [s[2] for s in losses(a)], [s[2] for s in losses(b)]
+        flip = next((i for i, (x, y) in enumerate(zip(bpp[a], bpp[b])) if x != y), len(la))
+        assert flip >= 7, (a, b, bpp[a], bpp[b])  # the entropy phase and the first main steps at least
+        assert la[:flip] == pytest.approx(lb[:flip], rel=1e-4) and la == pytest.approx(lb, rel=2e-3), (a, b)
 
 
 def test_trainer_compiles_stage_a_once_where_asked(tmp_path, monkeypatch, capsys):
