@@ -517,23 +517,33 @@ def test_a_fresh_run_does_not_take_a_folder_holding_an_interrupted_swap_for_empt
         resolve_run(args)
 
 
-def test_a_crafted_dcp_metadata_is_refused_before_any_code_runs(tmp_path, capsys):
-    """torch reads .metadata with plain pickle.load: a crafted file ran os.system on `generate --checkpoint x.dcp`."""
+class _RunsCode:
+    """A pickle that runs a shell command when loaded (writes `marker`)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"echo ran > {self.marker}",))
+
+
+def _evil_copy(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(a good one-process .dcp, a copy of it to tamper with, the marker file a payload would write)."""
     import shutil
 
-    from ionllama.generation.cli import main as generate_main
-
     good = _tiny_dcp(tmp_path / "good")
-    distributed.check_dcp_metadata(good)  # what DCP writes passes
     evil = tmp_path / "evil.dcp"
     shutil.copytree(good, evil)
-    marker = tmp_path / "ran.txt"
+    return good, evil, tmp_path / "ran.txt"
 
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"echo ran > {marker}",))
 
-    (evil / ".metadata").write_bytes(pickle.dumps(Evil()))
+def test_a_crafted_dcp_metadata_is_refused_before_any_code_runs(tmp_path, capsys):
+    """torch reads .metadata with plain pickle.load: a crafted file ran os.system on `generate --checkpoint x.dcp`."""
+    from ionllama.generation.cli import main as generate_main
+
+    good, evil, marker = _evil_copy(tmp_path)
+    distributed.check_dcp_metadata(good)  # what DCP writes passes
+    (evil / ".metadata").write_bytes(pickle.dumps(_RunsCode(marker)))
     with pytest.raises(UserError, match=r"evil\.dcp is damaged .*names (posix|nt)\.system"):
         load_model(evil)
     with pytest.raises(SystemExit) as e:
@@ -690,22 +700,13 @@ def test_a_dcp_item_pointed_at_a_pickle_is_refused_before_any_code_runs(tmp_path
     and on generate / bench). Each is now loaded weights-only first."""
     import dataclasses
     import io
-    import shutil
 
     from ionllama.config import ModelConfig
     from ionllama.registry import build_model
 
-    good = _tiny_dcp(tmp_path / "good")
-    evil = tmp_path / "evil.dcp"
-    shutil.copytree(good, evil)
-    marker = tmp_path / "ran.txt"
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"echo ran > {marker}",))
-
+    good, evil, marker = _evil_copy(tmp_path)
     buf = io.BytesIO()
-    torch.save(Evil(), buf)
+    torch.save(_RunsCode(marker), buf)
     (evil / "__9_0.distcp").write_bytes(buf.getvalue())
     with open(evil / ".metadata", "rb") as f:
         md = pickle.load(f)
