@@ -696,7 +696,7 @@ def test_a_stale_error_note_of_an_earlier_job_is_not_read(tmp_path, monkeypatch,
 
 def test_a_dcp_item_pointed_at_a_pickle_is_refused_before_any_code_runs(tmp_path):
     """With .metadata of allowed classes only, a non-tensor item (the optimizer's lr) could still point at a pickle:
-    DCP's default planner loads those items with torch.load(weights_only=False) (a review's reproduction, on resume
+    DCP's default planner unpickles those items with no restriction (a review's reproduction, on resume
     and on generate / bench). Each is now loaded weights-only first."""
     import dataclasses
     import io

@@ -648,8 +648,8 @@ def check_shard_sums(path) -> None:
 
 
 def _safe_load_planner():
-    """DCP's default planner loads each non-tensor item of a shard with torch.load(weights_only=False): a .metadata
-    of allowed classes only could still point an item at a pickle that runs code (a review's reproduction). Each item
+    """DCP's default planner unpickles each non-tensor item of a shard with no restriction: a .metadata of allowed
+    classes only could still point an item at a pickle that runs code (a review's reproduction). Each item
     is loaded weights-only first (what DCP stores there, floats, tuples, lists of names, passes); a refusal is an
     UnpicklingError, reported as a damaged checkpoint."""
     from torch.distributed.checkpoint import DefaultLoadPlanner
