@@ -803,3 +803,32 @@ def test_segment_ids_beyond_int32_are_refused_not_folded():
     with pytest.raises(ValueError, match="segment ids must fit in int32"):
         dat._seg32(torch.tensor([[2**33, 2**33, 2**33 + 2**32, 5]]), "cpu")
     assert dat._seg32(None, "cpu") is None
+
+
+def test_selfcheck_on_cpu_without_the_interpreter_is_one_line():
+    """--device cpu without TRITON_INTERPRET=1 was a traceback from Triton's driver lookup."""
+    r = subprocess.run([sys.executable, "-m", "ionllama.kernels.selfcheck", "--device", "cpu", "--kinds", "attention"],
+                       capture_output=True, text=True, env=kernel_env(interpret=False), cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "TRITON_INTERPRET=1" in r.stderr
+
+
+@pytest.mark.slow
+def test_attention_bf16_grads_script_measures_the_fp32_delta(tmp_path):
+    """benchmarks/attention_bf16_grads.py under the interpreter: with the forward's fp32 O, dq / dk of a peaked
+    softmax (logit std 16) are at the output's rounding level (3.3e-3 measured), while Delta from the rounded bf16 O
+    (the old backward, the script's `kernel_bf16_o` arm) is several times worse (2.7e-2 measured)."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    out = tmp_path / "att.json"
+    r = subprocess.run([sys.executable, "benchmarks/attention_bf16_grads.py", "--stds", "16", "--n", "48",
+                        "--out", str(out)], capture_output=True, text=True, env=kernel_env(), cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {row["tensor"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"out", "dq", "dk", "dv"}
+    for name in ("dq", "dk"):
+        kernel, old = rows[name]["kernel"]["rel_l2"], rows[name]["kernel_bf16_o"]["rel_l2"]
+        assert kernel < 6e-3 and old > 2 * kernel, (name, kernel, old)
+    bad = subprocess.run([sys.executable, "benchmarks/attention_bf16_grads.py", "--stds", "0", "--out", str(out)],
+                         capture_output=True, text=True, env=kernel_env(), cwd=ROOT, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --stds '0'"), bad.stderr[-2000:]

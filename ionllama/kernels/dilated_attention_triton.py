@@ -78,11 +78,11 @@ def _shifted_k_ds(k_base, DS, OFFS, kk, bh, n_offs, N, rows, row_ok, cols, col_o
 
 
 @triton.jit
-def _fwd(Q, K, V, O, LSE, OFFS, SEG,
+def _fwd(Q, K, V, O, O32, LSE, OFFS, SEG,
          sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
          H, N, n_offs, scale_log2,
-         HAS_SEG: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-         HEAD_DIM: tl.constexpr):
+         HAS_SEG: tl.constexpr, STORE_O32: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr,
+         BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)  # 64-bit base offsets: B * H * N * Dh may pass 2^31
@@ -126,6 +126,9 @@ def _fwd(Q, K, V, O, LSE, OFFS, SEG,
     out = acc / l[:, None]
     tl.store(O + b * sob + h * soh + rows[:, None] * son + cols[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
+    if STORE_O32:  # the unrounded O for the backward's Delta (O32 is contiguous, O's shape)
+        tl.store(O32 + bh.to(tl.int64) * N * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :], out,
+                 mask=row_ok[:, None] & col_ok[None, :])
     tl.store(LSE + bh.to(tl.int64) * N + rows, (m + tl.log2(l)) * 0.6931471805599453, mask=row_ok)
 
 
@@ -311,15 +314,17 @@ def _prep_offsets(offsets, N: int, device) -> torch.Tensor:
     return host.to(device, non_blocking=True)
 
 
-def attention_forward(q, k, v, offs, seg, scale):
+def attention_forward(q, k, v, offs, seg, scale, o32=None):
+    """o32: None, or a contiguous fp32 (B, H, N, Dh) tensor that also receives O before rounding to q's dtype."""
     B, H, N, Dh = q.shape
     o = torch.empty((B, H, N, Dh), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     bm, nw, pf = _CONFIG["fwd"]
     grid = (triton.cdiv(N, bm), B * H)
-    _fwd[grid](q, k, v, o, lse, offs, seg if seg is not None else offs,
+    _fwd[grid](q, k, v, o, o32 if o32 is not None else o, lse, offs, seg if seg is not None else offs,
                *_s(q), *_s(k), *_s(v), *_s(o), H, N, offs.numel() - 1, scale * LOG2E,
-               HAS_SEG=seg is not None, PREFETCH=pf, BLOCK_M=bm, BLOCK_D=_block_d(Dh), HEAD_DIM=Dh, num_warps=nw)
+               HAS_SEG=seg is not None, STORE_O32=o32 is not None, PREFETCH=pf, BLOCK_M=bm, BLOCK_D=_block_d(Dh),
+               HEAD_DIM=Dh, num_warps=nw)
     return o, lse
 
 
@@ -385,16 +390,21 @@ def _seg32(seg, device):
 
 @torch.library.custom_op("ionllama::dilated_attention_fwd", mutates_args=())
 def dilated_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: list[int], local_width: int,
-                          segment_ids: Optional[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                          segment_ids: Optional[torch.Tensor], scale: float, keep_fp32_o: bool = False
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (o, lse, o32): o32 is O in fp32 before rounding when keep_fp32_o, else an empty tensor."""
     N = q.shape[2]
     offs = _prep_offsets(_offsets_for(offsets, local_width, N), N, q.device)
-    return attention_forward(_lastdim_contig(q), _lastdim_contig(k), _lastdim_contig(v), offs,
-                             _seg32(segment_ids, q.device), scale)
+    o32 = torch.empty(q.shape if keep_fp32_o else (0,), dtype=torch.float32, device=q.device)
+    o, lse = attention_forward(_lastdim_contig(q), _lastdim_contig(k), _lastdim_contig(v), offs,
+                               _seg32(segment_ids, q.device), scale, o32=o32 if keep_fp32_o else None)
+    return o, lse, o32
 
 
 @dilated_attention_fwd.register_fake
-def _(q, k, v, offsets, local_width, segment_ids, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+def _(q, k, v, offsets, local_width, segment_ids, scale, keep_fp32_o=False):
+    return (q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32),
+            q.new_empty(q.shape if keep_fp32_o else (0,), dtype=torch.float32))
 
 
 @torch.library.custom_op("ionllama::dilated_attention_bwd", mutates_args=())
@@ -414,19 +424,21 @@ def _(do, q, k, v, o, lse, offsets, local_width, segment_ids, scale, dlse=None):
 
 
 def _attn_setup_context(ctx, inputs, output):
-    q, k, v, offsets, local_width, segment_ids, scale = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, segment_ids)
+    q, k, v, offsets, local_width, segment_ids, scale, keep_fp32_o = inputs
+    o, lse, o32 = output
+    # Delta = rowsum(dO * O) from the rounded bf16 O cost dq / dk up to 8x their error at large logits (benchmarks/
+    # attention_bf16_grads.py); the unrounded O brings them to the output's own rounding level
+    ctx.save_for_backward(q, k, v, o32 if keep_fp32_o else o, lse, segment_ids)
     ctx.offsets, ctx.local_width, ctx.scale = offsets, local_width, scale
     ctx.set_materialize_grads(False)  # an unused lse (every caller today) brings no zeros to subtract
 
 
-def _attn_backward(ctx, do, dlse):  # lse carries its gradient, as the reference's does (it was dropped, silently)
+def _attn_backward(ctx, do, dlse, _do32):  # lse carries its gradient, as the reference's does (it was dropped)
     q, k, v, o, lse, seg = ctx.saved_tensors
     if do is None:  # only lse was used
-        do = torch.zeros_like(o)
+        do = q.new_zeros(q.shape)
     dq, dk, dv = dilated_attention_bwd(do, q, k, v, o, lse, ctx.offsets, ctx.local_width, seg, ctx.scale, dlse)
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None
 
 
 dilated_attention_fwd.register_autograd(_attn_backward, setup_context=_attn_setup_context)
@@ -439,5 +451,8 @@ def dilated_attention_triton(q, k, v, offsets, segment_ids=None, scale=None, ret
     Dh = q.shape[-1]
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(Dh)
     offs = [] if local_width >= 0 else [int(o) for o in offsets]
-    o, lse = dilated_attention_fwd(q, k, v, offs, local_width, segment_ids, scale)
+    # 16-bit inputs that will be differentiated keep an fp32 O for the backward (4 bytes per element of O)
+    keep = (q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled()
+            and any(t.requires_grad for t in (q, k, v)))
+    o, lse, _ = dilated_attention_fwd(q, k, v, offs, local_width, segment_ids, scale, keep)
     return (o, lse) if return_lse else o
