@@ -83,6 +83,13 @@ def cli_entry(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         warnings.formatwarning = _one_line_warning  # a warning is one line too, not message + source line
+        # a path of non-UTF-8 bytes (read with surrogateescape) printed to a strict stdout (en_US.UTF-8 locales) was a
+        # UnicodeEncodeError traceback after `data: preparing ...`; stderr already uses backslashreplace
+        if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+            try:
+                sys.stdout.reconfigure(errors="backslashreplace")
+            except (OSError, ValueError):
+                pass
         try:
             return fn(*args, **kwargs)
         except RelayedError:

@@ -1036,3 +1036,93 @@ def test_a_named_pipe_as_data_path_is_named_as_such(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(UserError, match="is not a regular file"):
         prep(tmp_path, data_path=str(fifo))
+
+
+def test_empty_documents_are_no_copies_in_both_splits(tmp_path):
+    """Empty texts (and NUL-only ones) are written to neither split, but their one digest was counted as a document
+    in both: a source of distinct documents was said to have copies in val."""
+    import warnings as w
+
+    with open(tmp_path / "e.jsonl", "w") as f:
+        for i in range(400):
+            f.write(json.dumps({"text": "" if i % 2 else f"distinct document {i} " * 5}) + "\n")
+    with w.catch_warnings():
+        w.simplefilter("error")  # no "stand in both train and val" warning
+        sh = prep(tmp_path, data_path=str(tmp_path / "e.jsonl"), val_fraction=0.1)
+    assert sh.meta["documents_in_both_splits"] == 0
+    assert len(docs_of(sh.train)) + len(docs_of(sh.val)) == 200
+
+
+def test_a_blank_data_path_is_refused_not_read_as_the_builtin_dataset(tmp_path):
+    """--data_path '' (an unset "$DATA") prepared and trained on the Python standard library without a word."""
+    with pytest.raises(UserError, match=r"--data_path is blank"):
+        prep(tmp_path, data_path="")
+
+
+def test_save_to_disk_folders_under_a_split_pattern_or_a_folder_are_refused(tmp_path):
+    """tiny-{split} over two save_to_disk folders (or a folder holding one) trained on their JSON metadata
+    (dataset_info.json, state.json) and skipped the Arrow rows with a warning."""
+    datasets = pytest.importorskip("datasets")
+    for split in ("train", "val"):
+        datasets.Dataset.from_dict({"text": [f"{split} story {i} " * 10 for i in range(20)]}).save_to_disk(
+            str(tmp_path / f"tiny-{split}"))
+    (tmp_path / "corp").mkdir()
+    (tmp_path / "corp" / "notes.txt").write_text("some notes " * 20)
+    datasets.Dataset.from_dict({"text": ["row " * 20] * 5}).save_to_disk(str(tmp_path / "corp" / "rows"))
+    for path in (tmp_path / "tiny-{split}", tmp_path / "corp", tmp_path / "corp" / "*" / "*"):
+        with pytest.raises(UserError, match="is a `datasets` save_to_disk folder"):
+            prep(tmp_path, data_path=str(path))
+
+
+def test_json_lines_named_json_with_another_field_name_the_field_not_read_as_text(tmp_path):
+    """A .json of JSON Lines whose records lack --text_field was read as one text document (braces and keys trained
+    on); a .jsonl or a .json array of the same records names the field."""
+    p = tmp_path / "recs.json"
+    p.write_text("".join(json.dumps({"content": f"record {i} " * 10}) + "\n" for i in range(20)))
+    with pytest.raises(UserError, match=r"line 1 has no field 'text' \(fields: content\); pass --text_field"):
+        with pytest.warns(UserWarning, match="read as JSON Lines"):
+            prep(tmp_path, data_path=str(p))
+    with pytest.warns(UserWarning, match="read as JSON Lines"):
+        sh = prep(tmp_path, data_path=str(p), text_field="content")
+    assert len(docs_of(sh.train)) + len(docs_of(sh.val)) == 20
+    q = tmp_path / "one.json"  # a one-line object without the field stays text
+    q.write_text(json.dumps({"name": "x", "n": 1}) + "\n")
+    sh = prep(tmp_path, data_path=str(q))
+    assert b'"name": "x"' in bytes(sh.train) + bytes(sh.val)
+
+
+def test_a_parquet_file_with_a_column_datasets_cannot_type_is_read(tmp_path):
+    """A valid file with a map column beside its text was refused as "check that it is a complete parquet file"
+    (`datasets` has no type for maps); its text column is read, with the same doc ids."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pytest.importorskip("datasets")
+    docs = [f"row {i} text " * 5 for i in range(30)]
+    pq.write_table(pa.table({"text": docs, "meta": pa.array([[("k", i)] for i in range(30)],
+                                                              type=pa.map_(pa.string(), pa.int32()))}),
+                   tmp_path / "m.parquet")
+    sh = prep(tmp_path, data_path=str(tmp_path / "m.parquet"), val_fraction=0.2)
+    assert sorted(docs_of(sh.train) + docs_of(sh.val)) == sorted(d.encode() for d in docs)
+
+
+@pytest.mark.parametrize("flag,dataset", [("builtin_bytes", "builtin"), ("fineweb_bytes", "fineweb")])
+def test_a_size_cap_below_one_byte_names_its_flag(tmp_path, flag, dataset):
+    """--builtin_bytes 0 said "contains no text (empty dataset); check --data_path / --text_field"."""
+    with pytest.raises(UserError, match=rf"--{flag} 0 must be at least 1"):
+        prep(tmp_path, dataset=dataset, **{flag: 0})
+
+
+def test_a_data_path_of_non_utf8_bytes_is_prepared_under_a_strict_stdout(tmp_path):
+    """`data: preparing local:/x/bad\\udcffname ...` to a strict UTF-8 stdout (en_US.UTF-8) was a UnicodeEncodeError
+    traceback, exit 1."""
+    import subprocess
+
+    d = os.path.join(os.fsencode(tmp_path), b"bad\xffname")
+    os.makedirs(d)
+    with open(os.path.join(d, b"a.txt"), "wb") as f:
+        f.write(b"some text to train on\n" * 100)
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "ionllama.cli", "prepare", "--data_path", d,
+                        "--data_dir", str(tmp_path / "c")], capture_output=True, env=env, timeout=300)
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr.decode(errors="replace")[-500:]

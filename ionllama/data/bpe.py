@@ -498,7 +498,10 @@ def token_prefix_for_bytes(tokens: np.ndarray, token_nbytes: np.ndarray, max_byt
         return tokens
     ends = np.cumsum(token_nbytes[np.asarray(tokens, dtype=np.int64)])
     k = int(np.searchsorted(ends, int(max_bytes) + 1, side="right"))
-    return tokens[:max(k, 2)]
+    if k < 2 <= len(tokens):  # two tokens would score bytes past the cap (max_bytes 1 scored 3)
+        raise UserError(f"a cap of {max_bytes} scored byte(s) holds no whole token after the first ({int(ends[1])} "
+                        "bytes are needed); raise the cap")
+    return tokens[:k]
 
 
 class TokenTraining:

@@ -76,17 +76,19 @@ class _SplitWriter:
         self.nul_removed = 0
         self.last_raw, self.last_nul = b"", 0  # the last document as given, and the NULs removed from it
 
-    def add(self, raw: bytes) -> None:
+    def add(self, raw: bytes) -> bool:
+        """Write a document; False when nothing is left of it (empty, or NULs only) and nothing was written."""
         doc = raw.replace(DOC_SEP_BYTES, b"")  # the separator must stay unambiguous
         self.nul_removed += len(raw) - len(doc)
         if not doc:
-            return
+            return False
         self.last_raw, self.last_nul = raw, len(raw) - len(doc)
         self.last_start = self.bytes
         self.f.write(DOC_SEP_BYTES)
         self.f.write(doc)
         self.bytes += 1 + len(doc)
         self.docs += 1
+        return True
 
     def pop_last(self) -> bytes:
         """Remove the last document; returns it as given, NULs included, and takes its NULs off this split's count
@@ -194,9 +196,15 @@ def prepare(args: DataArgs, log: Callable[[str], None] = print) -> Path:
     if not 0.0 < args.val_fraction < 0.5:
         raise UserError(f"--val_fraction {args.val_fraction} must be in (0, 0.5): the share of documents held out "
                         "for val, e.g. 0.01 (the default)")
-    check_not_blank(args, ("data_dir",))
+    check_not_blank(args, ("data_dir", "data_path"))  # --data_path '' trained on --dataset builtin
     if args.max_bytes is not None and args.max_bytes < 1:  # read as "no text" and blamed on --data_path before
         raise UserError(f"--max_bytes {args.max_bytes} must be at least 1; leave it out to read everything")
+    for flag, dataset in (("builtin_bytes", "builtin"), ("fineweb_bytes", "fineweb")):
+        if (not args.data_path and args.dataset == dataset and getattr(args, flag) < 1
+                and (dataset == "builtin" or args.max_bytes is None)):  # was "contains no text;
+            # check --data_path / --text_field", naming flags the run never had
+            raise UserError(f"--{flag} {getattr(args, flag)} must be at least 1 (the bytes of --dataset {dataset} "
+                            "to prepare)")
     source = make_source(args)
     out, key = cache_dir_for(args, source)
     if _reusable(out, key, log):
@@ -363,12 +371,13 @@ def _write_shards(source, args: DataArgs, tmp: Path, log) -> dict:
             for doc_id, doc in source.iter_docs("all"):
                 is_val = _split_unit(doc_id, args.split_seed) < args.val_fraction
                 taken = cap.take(doc)
-                (val if is_val else train).add(taken)
-                d = hashlib.blake2b(taken, digest_size=12).digest()
-                first = digests.setdefault(d, is_val)
-                if first is not None and first != is_val:
-                    digests[d] = None  # in both splits: counted once
-                    copies += 1
+                # an empty document (or NULs only) is written nowhere: it is no copy in both splits
+                if (val if is_val else train).add(taken):
+                    d = hashlib.blake2b(taken, digest_size=12).digest()
+                    first = digests.setdefault(d, is_val)
+                    if first is not None and first != is_val:
+                        digests[d] = None  # in both splits: counted once
+                        copies += 1
                 if train.bytes + val.bytes >= next_report:
                     log(f"data: {(train.bytes + val.bytes) / 1e6:,.0f} MB ...")
                     next_report += 100_000_000

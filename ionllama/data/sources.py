@@ -264,6 +264,22 @@ def _outside_own_output(files: list[str], root: str, pattern: str) -> list[str]:
     return keep
 
 
+class SavedDatasetFolder(UserError):
+    """A save_to_disk folder where files were looked for (not swallowed by the '{split}' look-up)."""
+
+
+def _refuse_saved_datasets(files: list[str], pattern: str) -> None:
+    """A `datasets` save_to_disk folder among a folder's / glob's / '{split}' pattern's files: read as files, its JSON
+    metadata became the documents and its Arrow rows were skipped with a warning (the non-'{split}' path already reads
+    such a folder as its rows)."""
+    for d in sorted({os.path.dirname(os.path.abspath(f)) for f in files}):
+        if saved_dataset_kind(d):
+            raise SavedDatasetFolder(f"--data_path '{pattern}': {os.path.relpath(d)} is a `datasets` save_to_disk "
+                                     "folder, whose rows are not read as files; pass that folder itself as --data_path "
+                                     "(for given splits, save a DatasetDict with train and validation splits and pass "
+                                     "its folder)")
+
+
 def resolve_local_files(pattern: str) -> tuple[list[str], str]:
     """--data_path -> (sorted files, base dir used for stable relative doc ids)."""
     p = os.path.expanduser(pattern)
@@ -275,6 +291,7 @@ def resolve_local_files(pattern: str) -> tuple[list[str], str]:
                             "follow links)")
         matched = sorted(f for f in glob.glob(p, recursive=True) if not os.path.isdir(f))
         matched = _outside_own_output(matched, _literal_prefix(p), pattern)
+        _refuse_saved_datasets(matched, pattern)
         files = _one_copy_each(_readable_text_files(matched, pattern))
         if not files:
             raise UserError(f"--data_path '{pattern}' matches no {'text ' if matched else ''}files; check the pattern")
@@ -297,6 +314,7 @@ def resolve_local_files(pattern: str) -> tuple[list[str], str]:
         if own:
             warnings.warn(f"--data_path '{pattern}': ionLlama's own data cache / run folder(s) left out: "
                           f"{', '.join(os.path.relpath(d) for d in own[:5])}", stacklevel=2)
+        _refuse_saved_datasets(found, pattern)  # before the skipped .arrow files are said
         files = _one_copy_each(_readable_text_files(sorted(found), pattern))
         if files:
             _warn_split_names(files, pattern)
@@ -446,7 +464,7 @@ def iter_text_file(path: str, doc_id: str, read_limit: int | None = None) -> Ite
 def iter_parquet(path: str, text_field: str, doc_prefix: str) -> Iterator[Doc]:
     """Parquet goes through the same `datasets` code as the hub sources (builder 'parquet')."""
     try:
-        import datasets  # noqa: F401
+        import datasets
     except ImportError:  # fall back to pyarrow when `datasets` is not installed
         yield from _iter_parquet_pyarrow(path, text_field, doc_prefix)
         return
@@ -459,6 +477,14 @@ def iter_parquet(path: str, text_field: str, doc_prefix: str) -> Iterator[Doc]:
     if empty:  # pyarrow's reader checks the text field and yields nothing
         yield from _iter_parquet_pyarrow(path, text_field, doc_prefix)
         return
+    try:  # a column `datasets` has no type for (a map) refused the whole valid file as "not a complete parquet file"
+        datasets.Features.from_arrow_schema(pq.ParquetFile(path).schema_arrow)
+    except ValueError as e:
+        if "datasets dtype" in str(e):  # pyarrow reads the text column alone, with the same doc ids
+            yield from _iter_parquet_pyarrow(path, text_field, doc_prefix)
+            return
+    except Exception:  # the file's own errors: `datasets` says what is wrong with it
+        pass
     # data_files are glob patterns: 'x[ab].parquet' read xa.parquet (an audit's), so the name is escaped
     yield from iter_hf_documents("parquet", "train", data_files=[glob.escape(path)], text_field=text_field,
                                  doc_prefix=doc_prefix)
@@ -493,17 +519,26 @@ FIRST_RECORD_MAX = 1 << 28  # bytes of a .json file's first line read to tell JS
 def _is_json_lines(path: str, text_field: str) -> bool:
     """Is this .json file JSON Lines (many hub dumps are, under .json), its first line an object with the text field?
     Read as text, its braces, key names and escapes became the documents."""
+    def next_record(f):
+        line = b""
+        while not line.strip():
+            line = f.readline(FIRST_RECORD_MAX)
+            if not line:
+                break
+        return json.loads(line)
+
     try:
         with open(path, "rb") as f:  # the whole first record: a long one (a book) cut at 64 KiB failed to parse
-            first = b""
-            while not first.strip():
-                first = f.readline(FIRST_RECORD_MAX)
-                if not first:
-                    break
-        obj = json.loads(first)
-    except (OSError, ValueError):
+            obj = next_record(f)
+            if not isinstance(obj, dict):
+                return False
+            if text_field in obj:
+                return True
+            # records with other fields (a wrong --text_field) were read as text, braces and keys as the documents,
+            # where a .jsonl or a .json array names the field: two object lines are JSON Lines, a one-line object text
+            return isinstance(next_record(f), dict)
+    except (OSError, ValueError, RecursionError):
         return False
-    return isinstance(obj, dict) and text_field in obj
 
 
 def iter_local_file(path: str, base: str, text_field: str, read_limit: int | None = None) -> Iterator[Doc]:
@@ -512,7 +547,7 @@ def iter_local_file(path: str, base: str, text_field: str, read_limit: int | Non
     if low.endswith(".json") and _is_json_array(path):  # a single object or other text stays text, as before
         yield from iter_json_array(path, text_field, rel)
     elif low.endswith(".json") and _is_json_lines(path, text_field):
-        warnings.warn(f"{path}: read as JSON Lines (its lines are objects with '{text_field}'), not as text",
+        warnings.warn(f"{path}: read as JSON Lines (its lines are JSON objects), not as text",
                       stacklevel=2)
         yield from iter_jsonl(path, text_field, rel)
     elif low.endswith(JSONL_SUFFIXES):
@@ -560,6 +595,8 @@ def local_source(data_path: str, text_field: str = "text", read_limit: int | Non
             for name in names:
                 try:
                     found[name] = resolve_local_files(data_path.replace("{split}", name))
+                except SavedDatasetFolder:
+                    raise
                 except UserError:
                     continue
             if found:

@@ -280,7 +280,7 @@ class Trainer:
             raise UserError("--compile_stage_a on needs --step_graph (stage A is the captured step's first stage); "
                             "add --step_graph, or drop --compile_stage_a")
         check_ranges(args, AT_LEAST, ABOVE_ZERO, AT_MOST)
-        check_not_blank(args, ("save_dir", "data_dir"))
+        check_not_blank(args, ("save_dir", "data_dir", "data_path"))
         check_seed(getattr(args, "seed", None))
 
         # ---- run folder and the checkpoint to resume
