@@ -957,3 +957,21 @@ def test_generate_cli_gives_back_a_sigterm_handler_python_cannot_name(monkeypatc
     with cli._terminate_unwinds():
         pass
     assert calls[-1] == signal.SIG_DFL and len(calls) == 2
+
+
+def test_cli_closed_stdin_or_stdout_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    """Started with stdin closed (`<&-`), --prompt_file - was an AttributeError traceback ('NoneType' object has no
+    attribute 'buffer'); with stdout closed (`>&-`), the prompt's echo was one too."""
+    import sys
+    from ionllama.generation.cli import main
+
+    ck = tmp_path / "m.pt"
+    _save_ckpt(tiny_dense(), ck)
+    for stream, extra, words in (("stdin", ["--prompt_file", "-"], "stdin, which is closed"),
+                                 ("stdout", ["--prompt", "ab"], "stdout is closed")):
+        with monkeypatch.context() as mp:
+            mp.setattr(sys, stream, None)
+            with pytest.raises(SystemExit) as e:
+                main(["--checkpoint", str(ck), "--device", "cpu", "--max_new_bytes", "2", "--greedy", *extra])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and words in err and "\n" not in err, err

@@ -589,3 +589,39 @@ def test_profile_trainer_step_help_alone_shows_the_help(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0 and "--profile_steps" in capsys.readouterr().out
+
+
+def test_generation_bench_rows_count_the_bytes_they_decoded(tmp_path, monkeypatch):
+    """A row's bytes/s is the bytes its runner decoded over the time taken. A session's runner held at most
+    max(--new_bytes, 1024) + 272 bytes, so a latency row with a larger --latency_bytes timed fewer bytes than it
+    reported (2,000 claimed, 1,288 decoded: its rate 1.55x too high); and --new_bytes 1 made the batch row measure
+    0 bytes, a ZeroDivisionError and exit 1."""
+    import ionllama
+
+    bench = _load("bench_generation")
+    monkeypatch.setattr(bench, "correctness_checks", lambda *a, **k: {})
+    torch.manual_seed(0)
+    small = ionllama.create_model("tiny", model="dense", d_model=16, n_layers=1, n_heads=2).eval()
+    monkeypatch.setattr(bench.Bench, "model", lambda self, kind: (small, {"params": 0}))
+    seen = []
+    measure = bench.Bench.measure
+
+    def counted(self, s, ctx, n_new, **kw):
+        row = measure(self, s, ctx, n_new, **kw)
+        seen.append((n_new, s["runner"].n_done - 8))  # run(8) first; no timed replays on CPU
+        return row
+
+    monkeypatch.setattr(bench.Bench, "measure", counted)
+    bench.main(["--device", "cpu", "--dtype", "fp32", "--size", "tiny", "--models", "dense", "--contexts", "8",
+                "--new_bytes", "1", "--latency_bytes", "1300", "--batch", "2", "--threads", "1",
+                "--out", str(tmp_path / "g")])
+    rows = json.loads((tmp_path / "g" / "bench_generation.json").read_text())["rows"]
+    assert rows and all("bytes_per_s" in r for r in rows), rows
+    assert (1300, 1300) in seen and all(n == done for n, done in seen), seen
+
+
+def test_generation_bench_does_not_report_an_eager_run_as_graphs_equal_eager():
+    """On CPU generate(cuda_graphs=True) decodes eagerly, so the check compared eager bytes with eager bytes and its
+    results said graphs_equal_eager: true for graphs that never ran."""
+    bench = _load("bench_generation")
+    assert bench.correctness_checks(torch.device("cpu"), False)["graphs_equal_eager"] is None

@@ -119,7 +119,14 @@ def _read_prompt(args) -> bytes:
     if args.prompt:
         raise UserError("pass --prompt or --prompt_file, not both")
     if args.prompt_file == "-":
-        return sys.stdin.buffer.read()
+        if sys.stdin is None:  # started with stdin closed (`<&-`, some job runners): an AttributeError traceback
+            raise UserError("--prompt_file - reads stdin, which is closed; pipe the prompt in, or pass "
+                            "--prompt_file PATH")
+        try:
+            return sys.stdin.buffer.read()
+        except OSError as e:
+            raise UserError(f"cannot read the prompt from stdin ({e.strerror or e}); pipe the prompt in, or pass "
+                            "--prompt_file PATH") from None
     try:
         return Path(args.prompt_file).read_bytes()
     except OSError as e:
@@ -192,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--seed must be 0 to 2**63-1 (got {args.seed}): the sampler takes seeds modulo 2**63, so "
                         "it would repeat another seed's bytes; pass a seed in that range")
     _check_output_target(args)  # before the prompt is read from a file the output would replace
+    if sys.stdout is None:  # started with stdout closed (`>&-`): the echo was an AttributeError traceback
+        raise UserError("stdout is closed, and the text streams there; redirect it (e.g. >/dev/null with --output "
+                        "FILE for the bytes alone)")
     prompt = _read_prompt(args)  # before the checkpoint: a missing file is one early line
     tmp, out_file = _open_output(args.output)
     try:
