@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ionllama import create_model
+from ionllama.data import tasks as T
 from ionllama.data.bpe import (ByteBPE, TokenWindowSampler, evaluate_token_bpb, make_token_task_batch,
                                open_token_shards, prepare_tokens, train_tokenizer)
 from ionllama.data.shards import DataArgs, open_shards, prepare
@@ -369,3 +370,60 @@ def test_bpe_token_cache_that_grows_gives_the_same_bytes(corpus, monkeypatch):
             mp.setattr(G, "INITIAL_NEW_BYTES", 2)
             assert model.generate(prompts, max_new_bytes=40, temperature=1.0, seed=2, decoder=decoder) == whole
         assert max(map(len, whole)) > 10, whole
+
+def _task_tokenizer():
+    rng = np.random.default_rng(0)
+    docs = []
+    for i in range(3000):  # task examples as the task stage encodes them, and text where " 12" is one piece
+        e = T.sample_example(rng, T.TASKS[i % len(T.TASKS)], "train")
+        docs += [e.prompt, e.answer + b"\n"]
+    docs += [f"In {1900 + i} there were {i * 7} people and {i % 13} dogs.".encode() for i in range(500)]
+    return train_tokenizer(docs, vocab_size=600)
+
+
+def test_bpe_few_shot_prompt_is_tokenized_as_task_training_tokenizes_it(monkeypatch):
+    """--task_shots K gave a token model its solved examples encoded whole ("A", ":", " 12"), while task training
+    encodes prompt and answer apart ("A", ":", " " | "12") and the question is answered after a lone " " token."""
+    from ionllama.eval.task_eval import run_tasks
+    from ionllama.model.bpe_gpt import BPETransformer
+
+    bpe = _task_tokenizer()
+    torch.manual_seed(0)
+    m = create_model("tiny", model="bpe", d_model=32, n_layers=1, n_heads=2, vocab_size=bpe.vocab_size).eval()
+    m.set_tokenizer(bpe)
+    seen = []
+    real = BPETransformer._decode
+
+    def spy(self, decoder, rows, seqs, *args):
+        seen.extend([list(s) for s in seqs])
+        return real(self, decoder, rows, seqs, *args)
+
+    monkeypatch.setattr(BPETransformer, "_decode", spy)
+    run_tasks(m, "cpu", n=3, max_digits=2, shots=2, tasks=("add",), batch_size=8)
+    shots = T.make_task_examples("add", "train", 2, seed=1234 + 7919)
+    want_prefix = [bpe.sep_id]
+    for e in shots:
+        p, a = bpe.encode_docs([e.prompt, e.answer + b"\n"])
+        want_prefix += p.tolist() + a.tolist() + [bpe.sep_id]
+    questions = [e for d in (1, 2) for e in T.make_task_examples("add", "test", 3, 1234, digits=d)]
+    assert len(seen) == len(questions)
+    for s, q in zip(seen, questions):
+        assert s == want_prefix + bpe.encode_docs([q.prompt])[0].tolist()
+
+
+def test_a_token_model_never_scores_bytes_past_the_cap():
+    """token_prefix_for_bytes took at least two tokens: a cap of 1 byte scored 3 (a byte model scores exactly 1)."""
+    from ionllama.eval.bpb import evaluate_bpb
+
+    bpe = train_tokenizer([b"the cat sat on the mat. " * 50], vocab_size=300)
+    torch.manual_seed(0)
+    m = create_model("tiny", model="bpe", d_model=32, n_layers=1, n_heads=2, vocab_size=bpe.vocab_size).eval()
+    m.set_tokenizer(bpe)
+    data = np.frombuffer(b"\x00the cat sat on the mat. the cat", dtype=np.uint8)
+    for cap in (1, 2, 3, 10, 20):
+        try:
+            r = evaluate_bpb(m, data, 8, 2, "cpu", max_bytes=cap)
+        except UserError as e:
+            assert "raise the cap" in str(e)
+            continue
+        assert r["bytes"] <= cap

@@ -35,13 +35,14 @@ def _greedy_fallback(model, prompts: list[bytes], max_new_bytes: int, device) ->
 
 
 def generate_greedy(model, prompts: list[bytes], max_new_bytes: int, device,
-                    amp_dtype=None) -> tuple[list[bytes], list[bool], str]:
+                    amp_dtype=None, prompt_ids=None) -> tuple[list[bytes], list[bool], str]:
     """-> (continuations, stopped, method): stopped[i] says whether row i ended at a stop byte ('\n' or DOC_SEP, not
     in its continuation) rather than at max_new_bytes. Uses model.generate (cached decoding) when it works."""
     if hasattr(model, "generate"):  # the cached decoders run in the model's own dtype: no autocast around them
         try:
+            kw = {"prompt_ids": prompt_ids} if prompt_ids is not None else {}
             out, info = model.generate(list(prompts), max_new_bytes=max_new_bytes, greedy=True, stop=[b"\n"],
-                                       return_info=True)
+                                       return_info=True, **kw)
             outs, stopped = [bytes(o) for o in out], [r in ("stop", "doc_sep") for r in info["stop_reasons"]]
             return outs, stopped, "model.generate"
         except (ImportError, NotImplementedError):  # no generation module / decoder for this model
@@ -66,16 +67,29 @@ def judge(output: bytes, stopped: bool, answer: bytes) -> tuple[bool, bytes, boo
     return False, output[:own], False
 
 
+def _shot_examples(k: int, seed: int, task: str) -> list:
+    return T.make_task_examples(task, "train", k, seed=seed + 7919) if k > 0 else []
+
+
 def _shots_prefix(k: int, seed: int, task: str) -> bytes:
     """k solved *train* examples in the training format, before the question (k = 0: zero-shot)."""
-    if k <= 0:
-        return T.DOC_SEP_BYTES
-    ex = T.make_task_examples(task, "train", k, seed=seed + 7919)
-    return T.DOC_SEP_BYTES + b"".join(e.text + T.DOC_SEP_BYTES for e in ex)
+    return T.DOC_SEP_BYTES + b"".join(e.text + T.DOC_SEP_BYTES for e in _shot_examples(k, seed, task))
+
+
+def token_prompt(bpe, shots: list, prompt: bytes) -> list[int]:
+    """A token model's prompt as its task training tokenizes it (make_token_task_batch, experiment task_batch):
+    separator, then each solved example's prompt and answer + newline encoded apart, then the question's prompt.
+    Encoding the bytes whole merged " 12" into one token in the solved examples while the question must be answered
+    after a lone " " token."""
+    ids = [bpe.sep_id]
+    for e in shots:
+        p, a = bpe.encode_docs([e.prompt, e.answer + b"\n"])
+        ids += p.tolist() + a.tolist() + [bpe.sep_id]
+    return ids + bpe.encode_docs([prompt])[0].tolist()
 
 
 def _score(model, examples: list[T.TaskExample], prefix: bytes, device, batch_size: int, amp_dtype,
-           n_samples: int = 3, outputs: list | None = None) -> tuple[dict, str]:
+           n_samples: int = 3, outputs: list | None = None, shots: list | None = None) -> tuple[dict, str]:
     """outputs: when a list, every example's row is appended to it (output_row)."""
     correct = 0
     samples = []
@@ -84,8 +98,10 @@ def _score(model, examples: list[T.TaskExample], prefix: bytes, device, batch_si
         chunk = examples[i:i + batch_size]
         # one byte beyond the longest answer: a right answer must be followed by a stop byte (judge())
         max_new = max(len(e.answer) for e in chunk) + 1
+        ids = ([token_prompt(model.bpe, shots or [], e.prompt) for e in chunk]
+               if getattr(model, "token_level", False) else None)
         outs, stopped, method = generate_greedy(model, [prefix + e.prompt for e in chunk], max_new, device,
-                                                amp_dtype)
+                                                amp_dtype, prompt_ids=ids)
         for e, o, st in zip(chunk, outs, stopped):
             # the row keeps judge()'s own-budget stop flag: the batch's made the stored rows differ with --gen_batch
             ok, o, st = judge(o, st, e.answer)
@@ -149,15 +165,17 @@ def run_tasks(model, device, n: int = 100, max_digits: int = 4, seed: int = 1234
         outputs: list | None = [] if keep_outputs else None
         method = ""
         for task in tasks:
-            prefix = _shots_prefix(shots, seed, task)
+            prefix, shot_ex = _shots_prefix(shots, seed, task), _shot_examples(shots, seed, task)
             if task in T.CHAR_TASKS:
                 ex = T.make_task_examples(task, split, n, seed)
-                per_task[task], method = _score(model, ex, prefix, device, batch_size, amp_dtype, outputs=outputs)
+                per_task[task], method = _score(model, ex, prefix, device, batch_size, amp_dtype, outputs=outputs,
+                                                shots=shot_ex)
                 continue
             by_digits, c_all, n_all = {}, 0, 0
             for d in range(1, max_digits + 1):
                 ex = T.make_task_examples(task, split, n, seed, digits=d)
-                rec, method = _score(model, ex, prefix, device, batch_size, amp_dtype, n_samples=1, outputs=outputs)
+                rec, method = _score(model, ex, prefix, device, batch_size, amp_dtype, n_samples=1, outputs=outputs,
+                                     shots=shot_ex)
                 by_digits[str(d)] = rec
                 c_all, n_all = c_all + rec["correct"], n_all + rec["n"]
             all_ex = [e for d in range(1, max_digits + 1) for e in T.make_task_examples(task, split, n, seed, digits=d)]

@@ -110,10 +110,12 @@ class BPETransformer(ParamCountMixin, nn.Module):
     @torch.no_grad()
     def generate(self, prompt_bytes, max_new_bytes: int = 256, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, greedy: bool = False, seed=None, stop=None, stream=None,
-                 decoder: str = "auto", return_info: bool = False, **byte_decoder_options):
+                 decoder: str = "auto", return_info: bool = False, prompt_ids=None, **byte_decoder_options):
         """Same signature and stopping rules as the byte models: encode each prompt, sample tokens, emit
         their bytes until max_new_bytes, DOC_SEP or a stop string. decoder: 'auto' (the dense KV cache
-        over token ids) | 'recompute' (a full forward per token). Returns bytes, or a list for a batch."""
+        over token ids) | 'recompute' (a full forward per token). Returns bytes, or a list for a batch.
+        prompt_ids: each row's prompt already as token ids (decoding the same bytes as prompt_bytes), for callers
+        that must tokenize a prompt in pieces as training did (the task evaluation's solved examples)."""
         from ..generation.generate import _row_seeds, check_call_options, finish_outputs, model_precision
         from ..generation.prompts import DOC_SEP, RowOutput, normalize_prompts, normalize_stops
         from ..generation.sampling import SamplingConfig
@@ -143,7 +145,12 @@ class BPETransformer(ParamCountMixin, nn.Module):
         stops = normalize_stops(stop)
         bpe = self.bpe
         device = self.head.weight.device
-        seqs = [[int(t) for t in bpe.encode(bytes(r if r else [DOC_SEP]))] for r in rows]
+        if prompt_ids is not None:
+            seqs = [[int(t) for t in ids] for ids in prompt_ids]
+            if len(seqs) != len(rows) or any(bpe.decode(s) != bytes(r if r else [DOC_SEP]) for s, r in zip(seqs, rows)):
+                raise UserError("prompt_ids must hold, row by row, token ids of the bytes given as prompt_bytes")
+        else:
+            seqs = [[int(t) for t in bpe.encode(bytes(r if r else [DOC_SEP]))] for r in rows]
         outs = [RowOutput(stops) for _ in rows]
         emitted = [0] * len(rows)
         seeds = _row_seeds(seed, len(rows), device, draw=not cfg.is_greedy and max_new_bytes > 0)
