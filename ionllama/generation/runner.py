@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 import torch._inductor.config  # noqa: F401  (COMPILE_PRESETS asks it which settings exist)
 
+from ..devices import reusable_stream
 from ..errors import UserError
 from .decoding import grown
 from .sampling import NoiseSource, SamplingConfig, sample_next
@@ -182,13 +183,14 @@ class DecodeRunner:
         # The streams that capture (and branch_stream, which joins captures) come from torch's high-priority stream
         # pool: in torch <= 2.12 each conditional node's body is captured on a stream from the low-priority pool
         # (32, round robin), which can wrap onto a stream still capturing and fail (pytorch issue 187893)
-        self.branch_stream = torch.cuda.Stream(dev, priority=-1) if self.can_branch and logits.is_cuda else None
-        self.capture_stream = torch.cuda.Stream(dev, priority=-1) if logits.is_cuda else None
+        # (kept across calls: each new stream costs a cuBLAS workspace torch never frees, see reusable_stream)
+        self.branch_stream = reusable_stream(dev, "decode_branch", -1) if self.can_branch and logits.is_cuda else None
+        self.capture_stream = reusable_stream(dev, "decode_capture", -1) if logits.is_cuda else None
         # latent_shift "lagged" under 'skip' with graphs: the latent step's compute part runs on latent_stream while
         # the next patch's bytes decode (its output is shown one patch later); see _replay_lagged
         self.lagged = self.has_latent and bool(getattr(dec, "lagged", False)) and not self.split
         self._lagged_fns = [dec.latent_commit, dec.latent_compute] if self.lagged else []
-        self.latent_stream = torch.cuda.Stream(dev) if self.lagged and logits.is_cuda else None
+        self.latent_stream = reusable_stream(dev, "decode_latent") if self.lagged and logits.is_cuda else None
         options = compile_options(compile)
         if options is not None:
             # torch.compile takes a mode or options, not both
@@ -426,7 +428,7 @@ class DecodeRunner:
         sample bytes into self.out and count in n_done like any other. Then the latent stage twice
         with no row committing, which leaves the state as it was (the slot it writes is not valid
         yet and is rewritten before it is read)."""
-        side = torch.cuda.Stream()
+        side = reusable_stream(self.capture_stream.device, "warm_up")
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(min(3, self.max_new - self.n_done)):
