@@ -541,3 +541,86 @@ def test_a_read_only_run_folder_is_named_not_the_save_dir(tmp_path, monkeypatch)
     monkeypatch.setattr(tr, "probe_writable", refused)
     with pytest.raises(UserError, match=r"cannot write to the run folder .*r1 .*another --run_name"):
         tr.ensure_writable(run, str(tmp_path / "save"))
+
+
+def test_resuming_into_another_runs_folder_is_refused_and_touches_nothing(tmp_path, corpus, capsys):
+    """--resume A/latest.pt --run_name B, B holding another run's checkpoints: B's latest.pt and best.pt were
+    overwritten by A's branch and B's metrics cut back to A's step, with no copy kept."""
+    a = train(tmp_path, corpus, "--max_steps", "12", "--stop_at", "6", run_name="a")
+    b = train(tmp_path, corpus, "--max_steps", "12", "--seed", "7", run_name="b")
+    before = {f.name: f.read_bytes() for f in b.iterdir() if f.is_file()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train(tmp_path, corpus, "--max_steps", "12", "--resume", str(a / "latest.pt"), run_name="b")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "already holds checkpoints of another run" in err[0], err
+    assert {f.name: f.read_bytes() for f in b.iterdir() if f.is_file()} == before
+    # a new folder, or the checkpoint's own folder under its own name, still resume
+    train(tmp_path, corpus, "--max_steps", "12", "--resume", str(a / "latest.pt"), "--stop_at", "8", run_name="c")
+    train(tmp_path, corpus, "--max_steps", "12", "--resume", str(a / "latest.pt"), run_name="a")
+    assert load_checkpoint(a / "final.pt")["step"] == 12
+
+
+def test_gradient_accumulation_scales_the_gradient_as_a_larger_batch(tmp_path, corpus):
+    """The loss comparison above cannot see the 1/grad_accum loss scale: AdamW is invariant to a constant gradient
+    scale and clipping hides the rest (it passed with the division removed). The logged gradient norm is not."""
+    def norms(run):
+        return [r["grad_norm"] for r in read_metrics(run / "metrics.jsonl") if "grad_norm" in r]
+
+    big = norms(train(tmp_path, corpus, "--max_steps", "3", "--batch_size", "8", run_name="gbig"))
+    acc = norms(train(tmp_path, corpus, "--max_steps", "3", "--batch_size", "2", "--grad_accum", "4", run_name="gacc"))
+    assert len(big) == 3 and big == pytest.approx(acc, rel=1e-4)
+
+
+def test_gradient_accumulation_of_masked_targets_matches_a_larger_batch(tmp_path):
+    """Task rows score only their answers: a micro-batch's mean loss was weighted 1/grad_accum whatever its count of
+    scored targets, so 4 rows as 4 micro-batches had a gradient up to 50 % off the same rows as one batch."""
+    from ionllama.data.loader import TaskSampler
+    from ionllama.train.cli import build_train_parser, explicit_args
+    from ionllama.train.trainer import Trainer
+
+    x, y = TaskSampler(128, 4, 1, 0).get(0, 0)
+    assert len(set((y != -100).sum(1).tolist())) > 1  # rows of different scored counts
+
+    def grads(bs, accum):
+        argv = TINY + ["--dataset", "tasks", "--save_dir", str(tmp_path / f"r{accum}"), "--run_name", "g",
+                       "--seq_len", "128", "--batch_size", str(bs), "--grad_accum", str(accum), "--max_steps", "4",
+                       "--sample_bytes", "0", "--device", "cpu", "--grad_clip", "0"]
+        parser = build_train_parser()
+        t = Trainer(parser.parse_args(argv), explicit_args(parser, argv))
+        t.sampler.get = lambda step, micro: (x[micro * bs:(micro + 1) * bs], y[micro * bs:(micro + 1) * bs])
+        t._enter_phase("main")
+        got = {}
+        t.optimizer.step = lambda *a, **k: got.update({n: p.grad.clone() for n, p in t.model.named_parameters()})
+        out = t._train_step(0)
+        return got, float(out["loss"])
+
+    (g1, l1), (g4, l4) = grads(4, 1), grads(1, 4)
+    assert l4 == pytest.approx(l1, rel=1e-6)
+    for n in g1:
+        torch.testing.assert_close(g4[n], g1[n], rtol=1e-4, atol=1e-7)
+
+
+def test_a_new_run_keeps_the_metrics_of_a_run_that_wrote_no_checkpoint(tmp_path, corpus, capsys):
+    """A run that diverged (or was killed) before its first checkpoint leaves only its metrics.jsonl; starting again
+    under the same name (as the divergence message says) deleted them without a word."""
+    with pytest.raises(SystemExit):
+        train(tmp_path, corpus, "--max_steps", "20", "--lr", "1e30", "--warmup_steps", "0", run_name="d")
+    d = tmp_path / "runs" / "d"
+    first = (d / "metrics.jsonl").read_text()
+    assert first and not list(d.glob("*.pt"))
+    capsys.readouterr()
+    train(tmp_path, corpus, "--max_steps", "3", run_name="d")
+    assert "metrics.before-new-run.jsonl" in capsys.readouterr().out
+    assert (d / "metrics.before-new-run.jsonl").read_text() == first
+    assert [r["step"] for r in read_metrics(d) if "loss" in r] == [1, 2, 3]
+
+
+def test_a_resume_reads_past_foreign_lines_in_its_metrics(tmp_path, corpus, capsys):
+    """truncate_after on resume: a JSON line that is not an object was an AttributeError traceback, a non-UTF-8 byte
+    a UnicodeDecodeError one."""
+    run = train(tmp_path, corpus, "--max_steps", "6", "--stop_at", "3")
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b"[1]\n7\n\xff\xfe\n")
+    train(tmp_path, corpus, "--max_steps", "6", "--resume", "auto")
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == list(range(1, 7))

@@ -68,7 +68,9 @@ def build_train_parser(prog: str = "ionllama train") -> argparse.ArgumentParser:
     g.add_argument("--weight_decay", type=float, default=0.1)
     g.add_argument("--grad_clip", type=float, default=1.0)
     g.add_argument("--max_steps", type=int, default=5000, help="optimizer steps of the main model (main + joint phases); with entropy patching the entropy phase's --entropy_steps come on top")
-    g.add_argument("--warmup_steps", type=int, default=None, help="default: max_steps / 10, at most 1000")
+    g.add_argument("--warmup_steps", type=int, default=None,
+                   help="default: max_steps / 10, at most 1000; each phase warms up again, over at most "
+                        "entropy_steps / 10 (phase 1) or half its steps (phase 2); the joint phase has none")
     g.add_argument("--min_lr_ratio", type=float, default=DEFAULT_MIN_LR_RATIO,
                    help="the cosine ends at lr x this (0: decays to zero); the entropy phase uses it too")
     g.add_argument("--entropy_steps", type=int, default=None,

@@ -41,12 +41,15 @@ class MetricsLogger:
         if not self.path.exists():
             return None
         keep, dropped, last = [], [], None
-        for line in self.path.read_text().splitlines():
+        # bytes, not text: a stray non-UTF-8 byte (an edit, a damaged tail) was a UnicodeDecodeError traceback
+        for line in self.path.read_bytes().decode("utf-8", "replace").splitlines():
             try:
                 rec = json.loads(line)
             except ValueError:
                 continue  # a line cut by a crash
-            s = rec.get("step", 0)
+            s = rec.get("step", 0) if isinstance(rec, dict) else None
+            if isinstance(s, bool) or not isinstance(s, (int, float)):
+                continue  # not a point of ours (a list, a number, a step that is no number): an AttributeError before
             # a joint-phase checkpoint is saved after that step's calibration: its point stays (not logged again)
             same_step_kept = rec.get("phase") in (phase, "init") or \
                 (phase == "joint" and rec.get("phase") == "calibrate")
@@ -63,6 +66,22 @@ class MetricsLogger:
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, self.path)
         return last
+
+    def set_aside(self) -> Path | None:
+        """A fresh run in a folder that holds an earlier run's metrics.jsonl (one that stopped before its first
+        checkpoint: diverged, killed, out of memory) moves them to metrics.before-new-run[-N].jsonl: they were
+        deleted without a word, and they were that run's only record."""
+        try:
+            if not self.path.is_file() or self.path.stat().st_size == 0:
+                return None
+        except OSError:
+            return None
+        k, dst = 1, self.path.with_name("metrics.before-new-run.jsonl")
+        while dst.exists():
+            k += 1
+            dst = self.path.with_name(f"metrics.before-new-run-{k}.jsonl")
+        os.replace(self.path, dst)
+        return dst
 
     def log(self, record: dict) -> None:
         record = {k: _clean(v) for k, v in record.items() if v is not None}

@@ -119,7 +119,13 @@ def resolve_run(args) -> tuple[Path, Path | None]:
                                 "or not fully copied); resume from another checkpoint of the run (an older "
                                 "step_N.dcp) or use --resume auto")
             raise UserError(f"--resume {ck}: no such checkpoint; check the path or use --resume auto")
-        return (base / args.run_name if args.run_name else ck.parent), ck
+        rd = base / args.run_name if args.run_name else ck.parent
+        if rd.resolve() != ck.parent.resolve() and _has_checkpoints(rd):
+            # another run's folder: its latest.pt / best.pt / step_N.pt were overwritten by this branch's saves and its
+            # metrics cut back to the resumed step, with no copy kept
+            raise UserError(f"--run_name {args.run_name}: the run folder {rd} already holds checkpoints of another "
+                            f"run; resume {ck} into a new --run_name, or continue that run with --resume auto")
+        return rd, ck
     name = args.run_name or default_run_name(args)
     candidates = [base / name]
     if not args.run_name and base.is_dir():
@@ -406,7 +412,10 @@ class Trainer:
             self._restore(self.ck, ck_path)
             self.ck = None  # free the CPU copy
         elif self.metrics is not None:
-            self.metrics.truncate_after(-1)  # a fresh run: old points in this folder are not ours
+            moved = self.metrics.set_aside()  # a fresh run: old points in this folder are not ours, nor to delete
+            if moved is not None:
+                _say(f"note: {self.run_dir} held the metrics of an earlier run that wrote no checkpoint; moved to "
+                     f"{moved.name}")
 
     # ------------------------------------------------------------------ set-up helpers
     def _resume_hint(self) -> str:
@@ -854,9 +863,15 @@ class Trainer:
         bpb_sum = torch.zeros((), device=self.device)
         patches = torch.zeros((), device=self.device, dtype=torch.long)
         fwd = self.par.train_module(self.phase)  # entropy model or full model; DDP / FSDP when distributed
-        for micro in range(a.grad_accum):
+        batches = [self.sampler.get(step, micro) for micro in range(a.grad_accum)]
+        # each micro-batch's loss is a mean over its own scored targets: weighted by its share of the step's, so
+        # that masked targets (task rows) give the gradient of the whole batch's mean, as grad_accum 1 does.
+        # Unmasked windows: every weight is exactly 1.0 (bit-identical to before)
+        counts = [int((y != -100).sum()) for _, y in batches]
+        n_scored = sum(counts)
+        for micro, (x, y) in enumerate(batches):
             self.mark_step()
-            x, y = self.sampler.get(step, micro)
+            w = counts[micro] * a.grad_accum / n_scored if n_scored and not self.par.distributed else 1.0
             if self.device.type == "cuda" and not x.is_cuda:  # a copy from pageable memory blocks the host
                 x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -866,10 +881,13 @@ class Trainer:
                     total = out["loss"]
                     if self.phase != "entropy" and out.get("aux_loss") is not None:
                         total = total + out["aux_loss"]
+                if w != 1.0:
+                    total = total * w
                 self.scaler.scale(total / a.grad_accum).backward()
             loss = out["loss"].detach().float()
-            loss_sum += loss
-            bpb_sum += out["bpb"].detach().float() if out.get("bpb") is not None else loss / LN2
+            bpb = out["bpb"].detach().float() if out.get("bpb") is not None else loss / LN2
+            loss_sum += loss if w == 1.0 else loss * w
+            bpb_sum += bpb if w == 1.0 else bpb * w
             if self.phase != "entropy" and out.get("n_patches") is not None:
                 patches += out["n_patches"].detach().sum()
             else:
