@@ -8,6 +8,7 @@ import sys
 import torch
 
 from .config import SIZES, make_config
+from .errors import UserError, cli_entry
 from .registry import build_model, model_names
 
 
@@ -52,8 +53,15 @@ def markdown(models: list[str] | None = None) -> str:
     return "\n".join(out)
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(f"usage: python -m ionllama.params [MODEL ...]   (models: {', '.join(model_names())}; default: all)")
+        return 0
+    unknown = [a for a in argv if a not in model_names()]
+    if unknown:
+        raise UserError(f"unknown model '{unknown[0]}'; choose any of {', '.join(model_names())} (or none for all)")
     print(markdown(argv or None))
     return 0
 

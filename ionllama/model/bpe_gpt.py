@@ -53,13 +53,15 @@ class BPETransformer(ParamCountMixin, nn.Module):
         self.register_buffer("token_nbytes", torch.ones(config.vocab_size, dtype=torch.long))
         self.register_buffer("tokenizer_json", torch.zeros(0, dtype=torch.uint8))
         self._bpe = None
+        self._tokenizer_error = None
         if config.tokenizer_path:
             from ..data.bpe import ByteBPE
 
             try:
                 self.set_tokenizer(ByteBPE.from_file(config.tokenizer_path))
-            except UserError:
-                pass  # loading a checkpoint elsewhere: its state dict carries the tokenizer
+            except UserError as e:  # loading a checkpoint elsewhere: its state dict carries the tokenizer. Said when
+                # none came by the first scored forward: a misspelt path gave bits per *token* labelled as bpb
+                self._tokenizer_error = f"tokenizer_path {config.tokenizer_path!r} was not loaded ({e})"
 
     # ------------------------------------------------------------------ tokenizer
     def set_tokenizer(self, bpe) -> None:
@@ -98,6 +100,9 @@ class BPETransformer(ParamCountMixin, nn.Module):
         bytes_per_target = 1.0
         n_bytes = None
         if targets is not None:
+            if self._tokenizer_error is not None and self.tokenizer_json.numel() == 0:
+                raise UserError(f"{self._tokenizer_error}; without it bpb would be bits per token: fix the path, "
+                                "or call set_tokenizer()")
             valid = targets != -100
             n_bytes = torch.where(valid, self.token_nbytes[targets.clamp_min(0)], 0).sum()
             bytes_per_target = (n_bytes.float() / valid.sum().clamp_min(1)).clamp_min(1e-6)

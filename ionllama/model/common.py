@@ -70,6 +70,10 @@ def checked_input(x, targets=None, vocab: int = 256) -> tuple[torch.Tensor, torc
         got = f"shape {tuple(targets.shape)}, {targets.dtype}" if isinstance(targets, torch.Tensor) else type(targets)
         raise ValueError(f"targets must be integer ids of the input's shape {tuple(x.shape)} (got {got}); pass "
                          "the input shifted by one position")
+    # int64 first: torch's min/max have no kernel for uint16/32/64 (a NotImplementedError traceback for the uint16
+    # token shards ionllama.data.bpe writes); a uint64 id past 2**63 wraps negative and is refused below
+    x = x.long()
+    targets = None if targets is None else targets.long()
     if x.device.type == "cpu" and not torch.compiler.is_compiling():
         if int(x.min()) < 0 or int(x.max()) >= vocab:
             raise ValueError(f"the model's input holds ids outside 0..{vocab - 1} (min {int(x.min())}, max "
@@ -79,7 +83,7 @@ def checked_input(x, targets=None, vocab: int = 256) -> tuple[torch.Tensor, torc
             if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab):
                 raise ValueError(f"targets hold ids outside 0..{vocab - 1} (min {int(t.min())}, max {int(t.max())})"
                                  "; pass the next bytes (or -100 for a position left out of the loss)")
-    return x.long(), (None if targets is None else targets.long())
+    return x, targets
 
 
 def scored_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

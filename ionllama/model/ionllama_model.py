@@ -135,7 +135,8 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
                              "held-out text, e.g. windows of seq_len bytes")
         was_training = self.entropy_model.training
         self.entropy_model.eval()
-        ent = self.entropy_model(x.to(self.head.weight.device))["entropy"]
+        x = x.to(self.head.weight.device)  # the patcher below cats x's tensors with the entropies': one device
+        ent = self.entropy_model(x)["entropy"]
         self.entropy_model.train(was_training)
         th, bpp = calibrate_threshold(x, ent, self.config.target_patch_size, self.config.threshold_mode,
                                       self.config.max_patch_size)
