@@ -427,3 +427,16 @@ def test_a_token_model_never_scores_bytes_past_the_cap():
             assert "raise the cap" in str(e)
             continue
         assert r["bytes"] <= cap
+
+
+def test_the_cap_a_token_refusal_names_is_enough():
+    """The refusal named ends[1] bytes, one more than the cap that holds the second token (a cap of N reads N + 1)."""
+    import re
+
+    from ionllama.data.bpe import token_prefix_for_bytes
+
+    nbytes, toks = np.array([1, 3, 2]), np.array([0, 1, 2])
+    with pytest.raises(UserError) as e:
+        token_prefix_for_bytes(toks, nbytes, 2)
+    need = int(re.search(r"a cap of (\d+) would", str(e.value)).group(1))
+    assert list(token_prefix_for_bytes(toks, nbytes, need)) == [0, 1] and "--eval_bytes" in str(e.value)

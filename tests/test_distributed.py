@@ -728,3 +728,26 @@ def test_a_dcp_item_pointed_at_a_pickle_is_refused_before_any_code_runs(tmp_path
     opt = torch.optim.AdamW(model.parameters(), lr=0.5)
     distributed.load_sharded(good, model, opt)  # a real one still loads its non-tensor items
     assert opt.param_groups[0]["lr"] == 0.001
+
+
+@pytest.mark.slow
+def test_ddp_matches_one_process_on_task_rows_whose_targets_are_masked(tmp):
+    """Task rows score only their answers, so micro-batches hold different counts of scored targets: one process
+    weights each micro-batch's mean loss by its share of the step's targets; 2 processes (each rank's mean, averaged
+    by DDP) left the weights at 1 and trained on another gradient (step 1's grad norm 1.440 against 1.374)."""
+    def args(run, **kw):
+        a = _args(tmp, run, **kw)
+        i = a.index("--data_path")
+        return a[:i] + a[i + 2:] + ["--dataset", "tasks", "--seq_len", "128", "--max_steps", "3"]
+
+    _one_process(args("tasks_one", batch_size=2, grad_accum=2))
+    _torchrun(args("tasks_ddp", batch_size=2, grad_accum=1, parallel="ddp"))
+
+    def points(run):
+        recs = [json.loads(line) for line in (tmp / "ck" / run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: (r["loss"], r["grad_norm"]) for r in recs if "loss" in r and "val_loss" not in r}
+
+    ref, got = points("tasks_one"), points("tasks_ddp")
+    assert sorted(got) == [1, 2, 3] and got.keys() == ref.keys()
+    for s in ref:
+        assert got[s] == pytest.approx(ref[s], abs=TOL), (s, ref, got)

@@ -624,3 +624,30 @@ def test_a_resume_reads_past_foreign_lines_in_its_metrics(tmp_path, corpus, caps
         f.write(b"[1]\n7\n\xff\xfe\n")
     train(tmp_path, corpus, "--max_steps", "6", "--resume", "auto")
     assert [r["step"] for r in read_metrics(run) if "loss" in r] == list(range(1, 7))
+
+
+def test_resuming_into_a_folder_that_holds_a_checkpointless_runs_metrics_keeps_them(tmp_path, corpus):
+    """--resume A/latest.pt --run_name D, D holding only the metrics of a run that diverged before its first checkpoint:
+    D's points up to A's step stayed in D's metrics.jsonl as if this run's, and the later ones were deleted."""
+    with pytest.raises(SystemExit):
+        train(tmp_path, corpus, "--max_steps", "20", "--lr", "1e30", "--warmup_steps", "0", run_name="d")
+    d = tmp_path / "runs" / "d"
+    first = (d / "metrics.jsonl").read_text()
+    assert first and not list(d.glob("*.pt"))
+    a = train(tmp_path, corpus, "--max_steps", "12", "--stop_at", "6", run_name="a")
+    train(tmp_path, corpus, "--max_steps", "12", "--resume", str(a / "latest.pt"), run_name="d")
+    assert (d / "metrics.before-new-run.jsonl").read_text() == first
+    assert [r["step"] for r in read_metrics(d / "metrics.jsonl") if "loss" in r] == list(range(7, 13))
+
+
+def test_a_blank_data_path_alone_is_refused_beside_a_dataset_it_is_no_file(tmp_path, corpus, capsys):
+    """--data_path '' alone is an unset "$DATA" (it trained on --dataset builtin): refused. Beside --dataset it says
+    "no file", the one way to drop the --data_path a resume takes from its checkpoint; the refusal broke it."""
+    with pytest.raises(SystemExit) as e:
+        train(tmp_path, corpus, "--max_steps", "1", "--data_path", "", run_name="blank")
+    assert e.value.code == 2 and "--data_path is blank" in capsys.readouterr().err
+    run = train(tmp_path, corpus, "--max_steps", "2", "--stop_at", "1", run_name="switch")
+    train(tmp_path, corpus, "--max_steps", "2", "--resume", "auto", "--dataset", "tasks", "--data_path", "",
+          "--seq_len", "96", run_name="switch")
+    assert load_checkpoint(run / "final.pt")["train_args"]["dataset"] == "tasks"
+    assert not load_checkpoint(run / "final.pt")["train_args"]["data_path"]

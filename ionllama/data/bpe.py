@@ -499,8 +499,8 @@ def token_prefix_for_bytes(tokens: np.ndarray, token_nbytes: np.ndarray, max_byt
     ends = np.cumsum(token_nbytes[np.asarray(tokens, dtype=np.int64)])
     k = int(np.searchsorted(ends, int(max_bytes) + 1, side="right"))
     if k < 2 <= len(tokens):  # two tokens would score bytes past the cap (max_bytes 1 scored 3)
-        raise UserError(f"a cap of {max_bytes} scored byte(s) holds no whole token after the first ({int(ends[1])} "
-                        "bytes are needed); raise the cap")
+        raise UserError(f"a cap of {max_bytes} scored byte(s) holds no whole token after the first (a cap of "
+                        f"{int(ends[1]) - 1} would); raise the cap (--eval_bytes; --max_eval_bytes in ionllama bench)")
     return tokens[:k]
 
 

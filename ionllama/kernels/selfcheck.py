@@ -882,7 +882,7 @@ def _kinds(text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if a.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":  # read as triton is imported: too late here
-        print("error: --device cpu runs the kernels under Triton's interpreter: run it as TRITON_INTERPRET=1 python -m "
+        print("error: --device cpu runs the kernels under Triton's interpreter; run it as TRITON_INTERPRET=1 python -m "
               "ionllama.kernels.selfcheck --device cpu ...", file=sys.stderr)
         return 2
     rows = run(a.device, a.large, verbose=a.json != "-", kinds=tuple(a.kinds.split(",")))

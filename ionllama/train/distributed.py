@@ -67,6 +67,14 @@ class DistContext:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t / self.world_size
 
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks (exact for integer counts in float64)."""
+        if not self.enabled or self.world_size == 1:
+            return t
+        t = t.detach().clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
     def all_gather_object(self, obj) -> list:
         """[obj of rank 0, obj of rank 1, ...] on every rank (collective)."""
         if not self.enabled or self.world_size == 1:

@@ -286,6 +286,10 @@ class Trainer:
             raise UserError("--compile_stage_a on needs --step_graph (stage A is the captured step's first stage); "
                             "add --step_graph, or drop --compile_stage_a")
         check_ranges(args, AT_LEAST, ABOVE_ZERO, AT_MOST)
+        if isinstance(args.data_path, str) and not args.data_path.strip() and "dataset" in explicit:
+            # --data_path '' beside a given --dataset: no file (the way to drop a resumed run's data path); alone it
+            # is an unset "$DATA" and is refused below (it trained on --dataset builtin without a word)
+            args.data_path = None
         check_not_blank(args, ("save_dir", "data_dir", "data_path"))
         check_seed(getattr(args, "seed", None))
 
@@ -408,14 +412,17 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, use_wandb=args.wandb and self.is_main, run_name=self.run_dir.name,
                                      config={**vars(args), "model_config": self.config.to_dict()}) \
             if self.is_main else None
-        if self.ck is not None:
-            self._restore(self.ck, ck_path)
-            self.ck = None  # free the CPU copy
-        elif self.metrics is not None:
-            moved = self.metrics.set_aside()  # a fresh run: old points in this folder are not ours, nor to delete
+        # a fresh run, or a checkpoint resumed into another folder (resolve_run allows one without checkpoints): the
+        # points already there are not this run's, nor to delete (the resume cut them back to its step)
+        foreign = self.ck is None or Path(ck_path).parent.resolve() != self.run_dir.resolve()
+        if self.metrics is not None and foreign:
+            moved = self.metrics.set_aside()
             if moved is not None:
                 _say(f"note: {self.run_dir} held the metrics of an earlier run that wrote no checkpoint; moved to "
                      f"{moved.name}")
+        if self.ck is not None:
+            self._restore(self.ck, ck_path)
+            self.ck = None  # free the CPU copy
 
     # ------------------------------------------------------------------ set-up helpers
     def _resume_hint(self) -> str:
@@ -854,6 +861,10 @@ class Trainer:
         out = self.step_graph(x, y, lr)
         return {**out, "grad_norm": out.get("grad_norm"), "lr": lr}
 
+    def _may_mask_targets(self) -> bool:
+        """Can this run's batches hold unscored (-100) targets: task rows (--dataset tasks, --task_mix)?"""
+        return getattr(self.sampler, "n_task_rows", None) != 0  # TaskSampler: every row (no attribute)
+
     def _train_step(self, step: int) -> dict:
         if getattr(self.args, "step_graph", False) and not self.graph_problem:
             return self._graphed_train_step(step)
@@ -868,10 +879,19 @@ class Trainer:
         # that masked targets (task rows) give the gradient of the whole batch's mean, as grad_accum 1 does.
         # Unmasked windows: every weight is exactly 1.0 (bit-identical to before)
         counts = [int((y != -100).sum()) for _, y in batches]
-        n_scored = sum(counts)
+        if self.par.distributed and self._may_mask_targets():
+            # every rank's gradient is averaged with the others': the share is of the whole global batch's scored
+            # targets (2 processes then give 1 process x grad_accum 2's gradient, as they do for plain windows). A
+            # device tensor, summed without a host sync; exact in float64 (1.0 where no target is masked)
+            n_all = self.dist.all_sum(torch.tensor(float(sum(counts)), dtype=torch.float64, device=self.device))
+            scale = a.grad_accum * self.world_size / n_all.clamp_min(1)
+            weights = [(c * scale).float() for c in counts]
+        else:
+            n_scored = sum(counts)
+            weights = [c * a.grad_accum / n_scored if n_scored and not self.par.distributed else 1.0 for c in counts]
         for micro, (x, y) in enumerate(batches):
             self.mark_step()
-            w = counts[micro] * a.grad_accum / n_scored if n_scored and not self.par.distributed else 1.0
+            w = weights[micro]
             if self.device.type == "cuda" and not x.is_cuda:  # a copy from pageable memory blocks the host
                 x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -881,13 +901,13 @@ class Trainer:
                     total = out["loss"]
                     if self.phase != "entropy" and out.get("aux_loss") is not None:
                         total = total + out["aux_loss"]
-                if w != 1.0:
+                if isinstance(w, torch.Tensor) or w != 1.0:
                     total = total * w
                 self.scaler.scale(total / a.grad_accum).backward()
             loss = out["loss"].detach().float()
             bpb = out["bpb"].detach().float() if out.get("bpb") is not None else loss / LN2
-            loss_sum += loss if w == 1.0 else loss * w
-            bpb_sum += bpb if w == 1.0 else bpb * w
+            loss_sum += loss * w if isinstance(w, torch.Tensor) or w != 1.0 else loss
+            bpb_sum += bpb * w if isinstance(w, torch.Tensor) or w != 1.0 else bpb
             if self.phase != "entropy" and out.get("n_patches") is not None:
                 patches += out["n_patches"].detach().sum()
             else:
