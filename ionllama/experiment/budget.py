@@ -112,17 +112,19 @@ def warm_up(tr) -> float:
 
 def make_budget_trainer(train_args, explicit: set[str], budget_s: float, curve_points: int, warmup: bool = True,
                         checkpoint_every_s: float | None = None, wall_deadline: float | None = None,
-                        final_evals: int = 1, first_reserve_s: float | None = None):
+                        final_evals: int = 1, first_reserve_s: float | None = None,
+                        final_eval_units: float | None = None):
     """The harness Trainer with the time-based plan and evaluations every budget / curve_points seconds of
     training (at the first log point after each mark, so the logged train_time_s is exact), and latest.pt
     saved at the first evaluation after every `checkpoint_every_s` training seconds (the trainer also saves
     it when stopped or signalled). Their time is removed from the training time. `warm_up` runs first.
 
     wall_deadline (a time.perf_counter() value): training stops early, with latest.pt saved, once the time
-    left before it would no longer fit `final_evals` evaluations (each as long as the last curve point's,
-    with a margin). A run killed at the deadline leaves no row at all; a run cut short leaves one whose
-    training time says so (`cut_short_s`). first_reserve_s: the reserve until a curve point has timed an
-    evaluation (the user's --arm_overhead_s; default: RESERVE_FIRST_EVAL_S per evaluation, with the margin)."""
+    left before it would no longer fit the final evaluations: `final_eval_units` curve points' evaluations (each
+    as long as the last one, with a margin; default `final_evals`, the number of final evaluations). A run killed
+    at the deadline leaves no row at all; a run cut short leaves one whose training time says so (`cut_short_s`).
+    first_reserve_s: the reserve until a curve point has timed an evaluation (the user's --arm_overhead_s;
+    default: RESERVE_FIRST_EVAL_S per evaluation, with the margin)."""
     from ..train.trainer import Trainer
 
     class BudgetTrainer(Trainer):
@@ -150,8 +152,12 @@ def make_budget_trainer(train_args, explicit: set[str], budget_s: float, curve_p
             """Wall seconds to keep for the final evaluations and saving."""
             if self.last_eval_s is None and first_reserve_s is not None:
                 return first_reserve_s
-            per = self.last_eval_s if self.last_eval_s is not None else RESERVE_FIRST_EVAL_S
-            return 1.5 * final_evals * per + RESERVE_MARGIN_S
+            if self.last_eval_s is None:
+                return 1.5 * final_evals * RESERVE_FIRST_EVAL_S + RESERVE_MARGIN_S
+            # the final evaluations in curve points (their bytes over a curve point's, val@N counted): as many
+            # evaluations as curve points reserved 15 s for 45 s of final evaluation
+            units = final_evals if final_eval_units is None else final_eval_units
+            return 1.5 * units * self.last_eval_s + RESERVE_MARGIN_S
 
         def run(self):
             self.warmup_s = warm_up(self) if warmup else 0.0

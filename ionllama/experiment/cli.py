@@ -23,6 +23,7 @@ AT_LEAST = {"curve_points": 1, "curve_eval_bytes": 1, "eval_bytes": 1, "eval_bat
             "task_steps": 1, "task_batch": 1, "task_seq_len": 8, "task_n": 1, "task_eval_s": 0,
             "checkpoint_every_s": 0}  # (0: only when stopped or signalled, as its help says; it was refused)
 ABOVE_ZERO = ("budget_s", "sweep_budget_s", "deadline_s", "task_lr", "task_time_s")
+STAGE_ORDER = ("prepare", "sweep", "pretrain", "tasks", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,9 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which arm table: phase1 (GPU sizes) or cpu_tiny (every arm at the tiny size)")
     p.add_argument("--arms", default=None, help="comma-separated subset of the matrix's arms (default: all)")
     p.add_argument("--stage", default="pretrain",
-                   help="comma list of prepare | pretrain | sweep | tasks | report (the report is rebuilt after "
-                        "every invocation); or compare alone: the table, equal-FLOPs/-steps views and plots of the "
-                        "--runs folders (from any results folders) written as <--out>.md / .json / <--out>/")
+                   help="comma list of prepare | sweep | pretrain | tasks | report, run in that order (the report "
+                        "is rebuilt after every invocation); or compare alone: the table, equal-FLOPs/-steps views "
+                        "and plots of the --runs folders (from any results folders) written as <--out>.md / .json / "
+                        "<--out>/")
     p.add_argument("--runs", nargs="+", default=None,
                    help="with --stage compare: run folders holding final.json (and metrics.jsonl[.gz]), e.g. "
                         "docs/results/phase1-patch3/ionllama_fixed; each is named <its results folder>/<run>")
@@ -139,9 +141,13 @@ def main(argv: list[str] | None = None) -> int:
         return compare(a, stages, argv)
     if a.sweep and "sweep" not in stages:
         stages.insert(0, "sweep")
-    bad = [s for s in stages if s not in ("prepare", "pretrain", "sweep", "tasks", "report")]
+    bad = [s for s in stages if s not in STAGE_ORDER]
     if bad:
         raise UserError(f"unknown --stage {bad}; use prepare, pretrain, sweep, tasks, report (or compare alone)")
+    # in their one sensible order, whatever the order typed: `--stage pretrain,sweep --from_sweep` trained every arm
+    # at its base settings before the sweep it was to be picked from (exit 0, the row then refused by the same
+    # command), and `tasks,pretrain` skipped every task arm as "not pretrained yet"
+    stages = sorted(set(stages), key=STAGE_ORDER.index)
     out, made = Path(a.out), not Path(a.out).exists()
     runner = names = None
     try:

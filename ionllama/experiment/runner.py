@@ -61,11 +61,20 @@ def _unread(model: str) -> set[str]:
     return set(unused_options(model, MODEL_KEYS))
 
 
+# the runner's keys of entropy patching alone (the entropy model's and the joint phase's shares of the budget)
+ENTROPY_KEYS = ("entropy_frac", "joint_frac")
+
+
+def _entropy_patched(spec: dict) -> bool:
+    return spec.get("model", "ionllama") == "ionllama" and spec.get("patching", "entropy") == "entropy"
+
+
 def _used(spec):
-    """A recorded spec without the options its model is not built from (anything but a dict: as it is)."""
+    """A recorded spec without the options its model is not built from, nor entropy patching's shares where the arm
+    has none (anything but a dict: as it is)."""
     if not isinstance(spec, dict):
         return spec
-    unread = _unread(spec.get("model", "ionllama"))
+    unread = _unread(spec.get("model", "ionllama")) | (set() if _entropy_patched(spec) else set(ENTROPY_KEYS))
     return {k: v for k, v in spec.items() if k not in unread}
 
 
@@ -83,6 +92,27 @@ def _changed_settings(final: dict, spec: dict, targv: list[str]) -> str:
     diff = [f"--{_EXPERIMENT_NAME.get(k, k)} {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new))
             if k not in WHERE_FLAGS and old.get(k) != new.get(k)]
     return ", ".join(diff)
+
+
+# trainer flags a sweep variant sets (or names the run): the rest must be equal for its runs to compare
+_VARIANT_FLAGS = {"lr", "d_model", "n_heads", "n_layers", "d_local", "n_dec_layers", "run_name", "max_train_time"}
+
+
+def _sweep_facts(final: dict) -> dict:
+    """What must be equal between the sweep runs --from_sweep compares, from what a final.json records: the val
+    bytes scored, the val data and the trainer flags besides the variant's knobs (a flag one run lacks is its
+    default)."""
+    facts = {}
+    val, data = final.get("val") or {}, final.get("data") or {}
+    if val.get("bytes") is not None:
+        facts["val bytes scored"] = val["bytes"]
+    if data.get("val_sha256"):
+        facts["val data"] = data["val_sha256"][:12]
+    if final.get("trainer_command"):
+        flags = {k: v for k, v in flag_values(shlex.split(final["trainer_command"])[2:]).items()
+                 if k not in WHERE_FLAGS and k not in _VARIANT_FLAGS}
+        facts["flags"] = {f"--{_EXPERIMENT_NAME.get(k, k)}": v for k, v in flags.items()}
+    return facts
 
 
 def process_age_s() -> float:
@@ -122,6 +152,7 @@ class Runner:
         # picks, e.g. --override dropout=0.1, written to its own --out so the picks' rows stay)
         self.sweep_dir = Path(args.sweep_dir) if getattr(args, "sweep_dir", None) else self.out / "sweep"
         self._data_facts: dict | None = None  # sizes and checksums of the prepared train/val shards
+        self._set_bytes: dict[str, int] = {}  # scored bytes of each extra evaluation set (final_eval_units)
 
     # ------------------------------------------------------------------ arm list
     def arm_names(self) -> list[str]:
@@ -163,9 +194,14 @@ class Runner:
         skip = unused_options(spec["model"], [k for k in self.overrides if k in MODEL_KEYS])
         if "token_seq_div" in self.overrides and not is_token_model(spec["model"]):
             skip = [*skip, "token_seq_div"]  # a byte arm's window is --seq_len bytes (it halved dense's, silently)
+        if not _entropy_patched({**spec, **{k: v for k, v in self.overrides.items() if k not in skip}}):
+            # (dense, fixed patches, ...: the trainer never reads them, yet a finished row was refused as trained
+            # "with other settings" when another entropy_frac was tried on the entropy arm)
+            skip = [*skip, *(k for k in ENTROPY_KEYS if k in self.overrides)]
         if skip and ("skip", arm) not in self._overrides_said:  # the trainer refuses an option its model lacks
             self._overrides_said.add(("skip", arm))
-            _log(f"{arm}: --override {', '.join(skip)} left out: model {spec['model']} does not use "
+            how = f" with {spec.get('patching', 'entropy')} patching" if spec["model"] == "ionllama" else ""
+            _log(f"{arm}: --override {', '.join(skip)} left out: model {spec['model']}{how} does not use "
                  f"{'it' if len(skip) == 1 else 'them'}")
         spec.update({k: v for k, v in self.overrides.items() if k not in skip})
         return spec
@@ -190,17 +226,34 @@ class Runner:
         return names
 
     def best_sweep_variant(self, arm: str) -> str | None:
-        runs = []
+        runs, facts = [], {}
         for v in self.trained_variants(arm):
             f = _read_json(self.sweep_dir / f"{arm}~{v}" / "final.json")
             if f and f.get("val", {}).get("bpb") is not None:
+                if (f.get("train") or {}).get("cut_short_s") is not None:  # a part of its budget: no comparison
+                    raise UserError(f"--from_sweep: {arm}'s sweep run {v} was cut short by --deadline_s; run the "
+                                    "sweep again to finish it (it continues from its checkpoint), or delete it")
                 runs.append((v, f["val"]["bpb"], (f.get("train") or {}).get("budget_s")))
+                facts[v] = _sweep_facts(f)
         # only runs of one budget compare: a variant swept at 4x the time of the others won by its budget
         budgets = sorted({b for _, _, b in runs if b is not None})
         if len(budgets) > 1:
             each = ", ".join(f"{v} {b:g} s" for v, _, b in runs if b is not None)
             raise UserError(f"--from_sweep: {arm}'s sweep runs trained for different budgets ({each}); train them "
                             "at one --sweep_budget_s (delete the odd ones), or pass the --sweep_dir of one sweep")
+        # nor runs scored on other val bytes, or trained with other flags than the variant's own knobs (half a sweep
+        # run per GPU with its own --eval_bytes, --batch_size or --seed: the lowest BPB won on those)
+        with_flags = [f for f in facts.values() if "flags" in f]
+        for flag in {k for f in with_flags for k in f["flags"]}:
+            for f in with_flags:
+                f[flag] = f["flags"].get(flag, "(default)")
+        for what in sorted({k for f in facts.values() for k in f} - {"flags"}):
+            have = {v: f[what] for v, f in facts.items() if what in f}
+            if len(set(map(str, have.values()))) > 1:
+                each = ", ".join(f"{v} {x}" for v, x in have.items())
+                raise UserError(f"--from_sweep: {arm}'s sweep runs differ in more than their variant ({what}: {each});"
+                                " train them under one setting (delete the odd ones), or pass the --sweep_dir of one "
+                                "sweep")
         return min(runs, key=lambda r: r[1])[0] if runs else None
 
     def sweep_pick(self, arm: str, run_name: str) -> dict | None:
@@ -418,6 +471,7 @@ class Runner:
             tr = make_budget_trainer(targs, explicit_args(parser, targv), budget_s, self.a.curve_points,
                                      warmup=self.a.warmup, checkpoint_every_s=self.a.checkpoint_every_s,
                                      wall_deadline=deadline, final_evals=1 + len(self.eval_sets()),
+                                     final_eval_units=self.final_eval_units(spec),
                                      # the user's own estimate of an arm's time beyond its budget (the reserve
                                      # ignored it: 60 s kept for a 10 s evaluation cut every arm at once)
                                      first_reserve_s=self.a.arm_overhead_s)
@@ -446,6 +500,24 @@ class Runner:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return final
+
+    def final_eval_units(self, spec: dict) -> float:
+        """The arm's final evaluations in curve points, for the deadline's reserve (the last curve point's seconds x
+        this): val, val@N where there is one, and each extra set, each its scored bytes (up to --eval_bytes) over a
+        curve point's --curve_eval_bytes. It was 1 + the extra sets: a final val of 3.1 MB against curve points of
+        20 kB, scored twice with --also_eval_seq_len, ran to 84 s under --deadline_s 60 (the `timeout` of
+        gpu_phase1_parallel.sh would have killed it mid-evaluation: no row)."""
+        cap = self.a.eval_bytes
+
+        def units(n: int) -> float:
+            return max(1.0, (n if cap is None else min(n, cap)) / self.a.curve_eval_bytes)
+
+        total = units(self.data_facts()["val_bytes"] - 1) * (2 if self.alt_seq_len(spec) is not None else 1)
+        for name, path in self.eval_sets():
+            if name not in self._set_bytes:  # read once (a size needs the decoded text: jsonl, xz)
+                self._set_bytes[name] = len(self._byte_set(name, path, None)) - 1 if cap is None else cap
+            total += units(self._set_bytes[name])
+        return total
 
     def _check_same_evals(self, done: dict, final_path: Path, run_name: str, spec: dict) -> None:
         """A finished arm scored under other evaluation flags is not this command's row either: the report would
@@ -740,6 +812,11 @@ class Runner:
         if diff:
             raise UserError(f"{final} holds {arm} pretrained with other settings ({diff}); run the task stage with "
                             "the flags it was pretrained with")
+        cut = (done.get("train") or {}).get("cut_short_s")
+        if cut is not None:  # its task row sat in the "identical task fine-tuning" table, unmarked, beside full ones
+            _log(f"{arm}: pretrained {cut:.0f} s of its {self.a.budget_s:g} s budget (cut short by --deadline_s); "
+                 "task stage skipped: run the pretrain stage again to finish it first")
+            return False
         return True
 
     def _check_task_checkpoint(self, arm: str, ck: Path) -> None:
