@@ -43,7 +43,9 @@ def reusable_stream(device, role: str, priority: int = 0) -> torch.cuda.Stream:
     stream."""
     import threading
 
-    dev = torch.device(device) if device is not None else torch.device("cuda")
+    dev = torch.device(device)
+    if dev.type != "cuda":  # only tests that fake torch.cuda on CPU tensors get here: nothing to keep
+        return torch.cuda.Stream()
     index = dev.index if dev.index is not None else torch.cuda.current_device()
     key = (index, role, priority, threading.get_ident())
     s = _STREAMS.get(key)

@@ -964,15 +964,18 @@ def test_cuda_streams_are_made_once_per_role_not_per_call(monkeypatch):
     made = []
     monkeypatch.setattr(D, "_STREAMS", {})
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "Stream", lambda device, priority=0: made.append((device, priority)) or object())
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None, priority=0: made.append((device, priority)) or object())
     a = D.reusable_stream("cuda", "capture", -1)
-    assert D.reusable_stream(torch.device("cuda", 0), "capture", -1) is a and D.reusable_stream(None, "capture", -1) is a
+    assert D.reusable_stream(torch.device("cuda", 0), "capture", -1) is a
     assert D.reusable_stream("cuda", "warm_up") is not a and D.reusable_stream("cuda", "capture", 0) is not a
     other = []
     t = threading.Thread(target=lambda: other.append(D.reusable_stream("cuda", "capture", -1)))
     t.start()
     t.join()
     assert other[0] is not a and len(made) == 4
+    # CPU tensors (tests that fake torch.cuda): a fresh stream each time, none kept past the fake
+    assert D.reusable_stream("cpu", "warm_up") is not D.reusable_stream("cpu", "warm_up") and len(D._STREAMS) == 4
+    assert len(made) == 6
     root = pathlib.Path(__file__).resolve().parents[1] / "ionllama"
     direct = [str(p.relative_to(root)) for p in root.rglob("*.py")
               if p.name != "devices.py" and "cuda.Stream(" in p.read_text()]

@@ -428,7 +428,7 @@ class DecodeRunner:
         sample bytes into self.out and count in n_done like any other. Then the latent stage twice
         with no row committing, which leaves the state as it was (the slot it writes is not valid
         yet and is rewritten before it is read)."""
-        side = reusable_stream(self.capture_stream.device, "warm_up")
+        side = reusable_stream(self.out.device, "warm_up")
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(min(3, self.max_new - self.n_done)):

@@ -226,7 +226,7 @@ class StepGraph:
         if not (self.graphs and self.graph_stage_a):
             self._stage_a_body()
         elif slot.calls <= self.warmup:
-            side = reusable_stream(None, "warm_up_stage_a")  # not a new one per call: see reusable_stream
+            side = reusable_stream(self.lr.device, "warm_up_stage_a")  # kept: see reusable_stream
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 self._stage_a_body()
@@ -281,7 +281,7 @@ class StepGraph:
         if not self.graphs:
             return self._body()
         if slot.calls <= self.warmup:  # real steps on a side stream, as capture wants (lazy state, compile)
-            side = reusable_stream(None, "warm_up")  # not a new one per call: see reusable_stream
+            side = reusable_stream(self.lr.device, "warm_up")  # kept: see reusable_stream
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 res = self._body()
