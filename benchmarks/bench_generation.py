@@ -127,7 +127,7 @@ class Bench:
                               # every measure() of a session: run(8), then up to --new_bytes or --latency_bytes,
                               # then TIMED_BYTES (a runner never runs past its max_new: it decoded fewer bytes
                               # than a row claimed, and the row's bytes/s was too high by that ratio)
-                              max(self.args.new_bytes, self.args.latency_bytes, 1024) + 16 + TIMED_BYTES,
+                              max(self.args.new_bytes, getattr(self.args, "latency_bytes", 0), 1024) + 16 + TIMED_BYTES,
                               cuda_graphs=graphs, compile=compile, latent_policy=policy,
                               compile_mode=self.args.compile_mode if compile else None,
                               entropy_branch=FUSED[getattr(self.args, "entropy_branch", "auto")] if kind == "ionllama" else False,
