@@ -440,3 +440,16 @@ def test_the_cap_a_token_refusal_names_is_enough():
         token_prefix_for_bytes(toks, nbytes, 2)
     need = int(re.search(r"a cap of (\d+) would", str(e.value)).group(1))
     assert list(token_prefix_for_bytes(toks, nbytes, need)) == [0, 1] and "--eval_bytes" in str(e.value)
+
+
+def test_prompt_ids_that_are_not_one_list_per_row_are_one_error():
+    """generate(prompt_ids=[1, 2, 3]) (a flat list for one prompt) was a TypeError traceback."""
+    bpe = train_tokenizer([b"the cat sat on the mat. " * 50], vocab_size=300)
+    torch.manual_seed(0)
+    m = create_model("tiny", model="bpe", d_model=32, n_layers=1, n_heads=2, vocab_size=bpe.vocab_size).eval()
+    m.set_tokenizer(bpe)
+    good = [bpe.sep_id] + bpe.encode_docs([b"the cat"])[0].tolist()
+    assert isinstance(m.generate([b"\x00the cat"], max_new_bytes=3, greedy=True, prompt_ids=[good])[0], bytes)
+    for bad in (good, [good, good], [["x"]]):
+        with pytest.raises(UserError, match="prompt_ids must hold"):
+            m.generate([b"\x00the cat"], max_new_bytes=3, greedy=True, prompt_ids=bad)

@@ -151,8 +151,12 @@ class BPETransformer(ParamCountMixin, nn.Module):
         bpe = self.bpe
         device = self.head.weight.device
         if prompt_ids is not None:
-            seqs = [[int(t) for t in ids] for ids in prompt_ids]
-            if len(seqs) != len(rows) or any(bpe.decode(s) != bytes(r if r else [DOC_SEP]) for s, r in zip(seqs, rows)):
+            try:  # a flat list for one prompt was a TypeError traceback
+                seqs = [[int(t) for t in ids] for ids in prompt_ids]
+            except (TypeError, ValueError):
+                seqs = None
+            if seqs is None or len(seqs) != len(rows) or any(bpe.decode(s) != bytes(r if r else [DOC_SEP])
+                                                             for s, r in zip(seqs, rows)):
                 raise UserError("prompt_ids must hold, row by row, token ids of the bytes given as prompt_bytes")
         else:
             seqs = [[int(t) for t in bpe.encode(bytes(r if r else [DOC_SEP]))] for r in rows]
