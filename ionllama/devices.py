@@ -2,6 +2,8 @@
 before any work, not a failure later blamed on a checkpoint or a traceback from the first CUDA call."""
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from .errors import UserError
@@ -41,8 +43,6 @@ def reusable_stream(device, role: str, priority: int = 0) -> torch.cuda.Stream:
     generate() call (its warm-up and capture streams) grew allocated memory by 64 MiB a call on an H100
     (tests/test_decode_fast.py -k repeated, forty-sixth session). Per thread: two threads never capture on one
     stream."""
-    import threading
-
     dev = torch.device(device)
     if dev.type != "cuda":  # only tests that fake torch.cuda on CPU tensors get here: nothing to keep
         return torch.cuda.Stream()

@@ -887,11 +887,12 @@ class Trainer:
             scale = a.grad_accum * self.world_size / n_all.clamp_min(1)
             weights = [(c * scale).float() for c in counts]
         else:
-            n_scored = sum(counts)
-            weights = [c * a.grad_accum / n_scored if n_scored and not self.par.distributed else 1.0 for c in counts]
+            n_scored = sum(counts)  # (under torchrun only plain windows get here: equal counts, every weight 1.0)
+            weights = [c * a.grad_accum / n_scored if n_scored else 1.0 for c in counts]
         for micro, (x, y) in enumerate(batches):
             self.mark_step()
             w = weights[micro]
+            weighted = isinstance(w, torch.Tensor) or w != 1.0  # (1.0: the unweighted sums, bit for bit)
             if self.device.type == "cuda" and not x.is_cuda:  # a copy from pageable memory blocks the host
                 x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -901,13 +902,13 @@ class Trainer:
                     total = out["loss"]
                     if self.phase != "entropy" and out.get("aux_loss") is not None:
                         total = total + out["aux_loss"]
-                if isinstance(w, torch.Tensor) or w != 1.0:
+                if weighted:
                     total = total * w
                 self.scaler.scale(total / a.grad_accum).backward()
             loss = out["loss"].detach().float()
             bpb = out["bpb"].detach().float() if out.get("bpb") is not None else loss / LN2
-            loss_sum += loss * w if isinstance(w, torch.Tensor) or w != 1.0 else loss
-            bpb_sum += bpb * w if isinstance(w, torch.Tensor) or w != 1.0 else bpb
+            loss_sum += loss * w if weighted else loss
+            bpb_sum += bpb * w if weighted else bpb
             if self.phase != "entropy" and out.get("n_patches") is not None:
                 patches += out["n_patches"].detach().sum()
             else:
