@@ -39,6 +39,8 @@ def build(args):
     torch.manual_seed(0)
     cfg = model_config_from(args.model_config) if args.model_config else None
     model = build_model(cfg) if cfg is not None else create_model(args.size)
+    if hasattr(model, "freeze_entropy"):
+        model.freeze_entropy(True)  # as the experiment's task stage (run_task_stage) does
     return model.to(args.device)
 
 

@@ -461,6 +461,28 @@ def test_task_step_graph_trains_to_the_eager_losses(monkeypatch, kw):
     assert losses[True] == pytest.approx(losses[False], rel=1e-4) and len(losses[True]) == 3
 
 
+def test_task_stage_plain_and_step_graph_train_an_unfrozen_entropy_model_alike(monkeypatch):
+    """train_on_tasks called directly on an entropy-patched model whose entropy model still learns: both ways add its
+    aux_loss, as StepGraph and the trainer do (an audit: the plain loop dropped it, so the two ways trained different
+    parameters and the losses parted after one step; run_task_stage freezes the entropy model, so the stage itself
+    never had an aux_loss)."""
+    from ionllama import create_model
+    from ionllama.experiment import tasks as T
+
+    monkeypatch.setattr(T.torch, "compile", lambda model, **k: model)
+    params = {}
+    for graph in (False, True):
+        torch.manual_seed(0)
+        m = create_model("tiny", patching="entropy")
+        raw = [T.task_batch(m, T.task_examples(1, step, 2), 96) for step in range(2)]
+        batches, forward, _ = T.compiled_stage(m, raw)
+        T.train_on_tasks(m, torch.device("cpu"), None, 2, 1e-3, batches.__getitem__, forward=forward, step_graph=graph)
+        params[graph] = {n: p.detach().clone() for n, p in m.named_parameters() if n.startswith("entropy_model.")}
+    assert params[False]
+    for n, p in params[True].items():
+        torch.testing.assert_close(params[False][n], p, rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_task_step_graph_on_a_cpu_runs_without_the_graph_and_says_so(monkeypatch):
     """The experiment's --task_step_graph on a CPU device: nothing to capture, so the stage runs the plain loop and
     tasks.json records step_graph false (an audit: it was recorded true for a step run eagerly)."""

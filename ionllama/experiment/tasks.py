@@ -199,7 +199,10 @@ def train_on_tasks(model, device, amp, steps: int, lr: float, batch_of_step, log
                 g["lr"] = lr_now
             with _autocast(device, amp):
                 out = forward(x.to(device), y.to(device))
-            out["loss"].backward()
+            # the entropy model's own loss where it learns, as StepGraph and the trainer add it (run_task_stage
+            # freezes it first, so the stage itself has none; a direct caller got two different trainings)
+            aux = out.get("aux_loss")
+            (out["loss"] if aux is None else out["loss"] + aux).backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -1,0 +1,102 @@
+"""Does the captured task step (--task_step_graph) train to the plain compiled stage's losses on a GPU?
+
+The forty-sixth session timed the two ways (benchmarks/bench_task_stage.py) and their step-399 losses differed
+(1.3117 against 1.3580) with dropout 0. Same weights, same batches, same step math (tests/test_tasks.py checks that
+eagerly on a CPU) leaves float arithmetic: fused AdamW with device-side step counters, bf16 autocast inside a graph,
+and atomics in backward kernels. A difference from the first steps on would be a bug; one that grows from ~1e-6 is
+the chaotic divergence of two float trainings, which the control shows: the plain way run twice.
+
+    PYTHONPATH=. python3 benchmarks/task_step_graph_equal.py --model_config RUN/config.json --steps 400 --out OUT
+
+Writes OUT/task_step_graph_equal.json: every step's loss for each run, and per pair the largest relative loss
+difference over steps 0-9, 10-99 and 100 on.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_generation import add_model_config_arg, model_config_from  # noqa: E402
+
+from ionllama import build_model, create_model  # noqa: E402
+from ionllama.devices import resolve_device  # noqa: E402
+from ionllama.errors import OneLineParser, UserError, check_ranges, cli_entry  # noqa: E402
+from ionllama.eval.benchmark import device_name, git_commit  # noqa: E402
+from ionllama.experiment.tasks import compiled_stage, task_batch, task_examples, train_on_tasks  # noqa: E402
+from ionllama.fsutil import atomic_write, ready_out_dir  # noqa: E402
+
+WINDOWS = ((0, 10), (10, 100), (100, None))
+
+
+def train(args, graph: bool, amp) -> list[float]:
+    """Every step's loss of one task stage from seed-0 weights (the compiled stage's fixed shapes)."""
+    torch.manual_seed(0)
+    cfg = model_config_from(args.model_config) if args.model_config else None
+    model = (build_model(cfg) if cfg is not None else create_model(args.size)).to(args.device)
+    if hasattr(model, "freeze_entropy"):
+        model.freeze_entropy(True)  # as the experiment's task stage (run_task_stage) does
+    raw = [task_batch(model, task_examples(1, step, args.batch), args.row_len) for step in range(args.steps)]
+    batches, fwd, _ = compiled_stage(model, raw)
+    torch.manual_seed(1)
+    rows, _ = train_on_tasks(model, torch.device(args.device), amp, args.steps, 1e-3, batches.__getitem__,
+                             log_every=1, forward=fwd, step_graph=graph)
+    return [r["loss"] for r in rows]
+
+
+def max_rel(a: list[float], b: list[float]) -> dict:
+    out = {}
+    for lo, hi in WINDOWS:
+        pairs = list(zip(a[lo:hi], b[lo:hi]))
+        if pairs:
+            out[f"{lo}-{'' if hi is None else hi - 1}"] = max(abs(x - y) / max(abs(y), 1e-12) for x, y in pairs)
+    return out
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = OneLineParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", default="small")
+    add_model_config_arg(ap)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--row_len", type=int, default=256)
+    ap.add_argument("--precisions", nargs="+", choices=("bf16", "fp32"), default=["bf16", "fp32"])
+    ap.add_argument("--out", default="out")
+    args = ap.parse_args(argv)
+    check_ranges(args, {"steps": 2, "batch": 1, "row_len": 2})
+    args.device = str(resolve_device(args.device))
+    if not args.device.startswith("cuda"):
+        raise UserError("the captured step needs a GPU; pass --device cuda (tests/test_tasks.py covers the CPU)")
+    if args.model_config:
+        model_config_from(args.model_config)
+    out = ready_out_dir(args.out)
+    runs, pairs = {}, {}
+    for prec in args.precisions:
+        amp = torch.bfloat16 if prec == "bf16" else None
+        for name, graph in ((f"{prec}_plain", False), (f"{prec}_plain_again", False), (f"{prec}_graph", True)):
+            t0 = time.perf_counter()
+            runs[name] = train(args, graph, amp)
+            print(f"{name}: loss step 0 {runs[name][0]:.5f}, step {args.steps - 1} {runs[name][-1]:.5f} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        for other in ("plain_again", "graph"):
+            pairs[f"{prec}: plain vs {other}"] = max_rel(runs[f"{prec}_plain"], runs[f"{prec}_{other}"])
+            print(f"{prec}: plain vs {other}: largest relative loss difference "
+                  + ", ".join(f"steps {k} {v:.2e}" for k, v in pairs[f"{prec}: plain vs {other}"].items()))
+    res = {"pairs": pairs, "losses": runs, "args": vars(args),
+           "command": "python3 benchmarks/task_step_graph_equal.py " + shlex.join(argv), "torch": torch.__version__,
+           "commit": git_commit(), "device_name": device_name(args.device),
+           "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    atomic_write(out / "task_step_graph_equal.json", json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""benchmarks/task_step_graph_equal.py: every step's loss of the plain and the captured task stage, and the largest
+relative difference per window of steps (the GPU check of the forty-sixth session's unexplained loss gap)."""
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def eq():
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("task_step_graph_equal", BENCH / "task_step_graph_equal.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_refused_off_cuda_in_one_line_before_writing(eq, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        eq.main(["--device", "cpu", "--size", "tiny", "--steps", "3", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "needs a GPU" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_max_rel_per_window(eq):
+    a = [1.0] * 150
+    b = list(a)
+    b[3], b[50], b[120] = 1.1, 0.5, 2.0  # relative to b: 0.1 / 1.1, 0.5 / 0.5, 1.0 / 2.0
+    got = eq.max_rel(a, b)
+    assert list(got) == ["0-9", "10-99", "100-"]
+    assert got["0-9"] == pytest.approx(0.1 / 1.1) and got["10-99"] == pytest.approx(1.0)
+    assert got["100-"] == pytest.approx(0.5)
+    assert eq.max_rel(a[:5], b[:5]) == {"0-9": pytest.approx(0.1 / 1.1)}  # windows past the run are left out
+
+
+def test_train_logs_every_step_and_the_two_ways_agree_on_a_cpu(eq, monkeypatch):
+    """On a CPU StepGraph runs the same step eagerly: the script's two ways must give the same losses there, so a
+    difference on the GPU is the graph's (or float arithmetic's), not the script's."""
+    import torch
+
+    monkeypatch.setattr(torch, "compile", lambda model, **k: model)
+    args = SimpleNamespace(model_config=None, size="tiny", device="cpu", steps=3, batch=2, row_len=96)
+    plain, graph = eq.train(args, False, None), eq.train(args, True, None)
+    assert len(plain) == 3 and plain[-1] < plain[0]
+    assert graph == pytest.approx(plain, rel=1e-5)
