@@ -79,6 +79,14 @@ def main(argv: list[str] | None = None) -> int:
         model_config_from(args.model_config)
     out = ready_out_dir(args.out)
     runs, pairs = {}, {}
+
+    def write():  # after every run: a call cut by its time limit keeps what finished
+        res = {"pairs": pairs, "losses": runs, "args": vars(args),
+               "command": "python3 benchmarks/task_step_graph_equal.py " + shlex.join(argv), "torch": torch.__version__,
+               "commit": git_commit(), "device_name": device_name(args.device),
+               "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+        atomic_write(out / "task_step_graph_equal.json", json.dumps(res, indent=1))
+
     for prec in args.precisions:
         amp = torch.bfloat16 if prec == "bf16" else None
         for name, graph in ((f"{prec}_plain", False), (f"{prec}_plain_again", False), (f"{prec}_graph", True)):
@@ -86,15 +94,12 @@ def main(argv: list[str] | None = None) -> int:
             runs[name] = train(args, graph, amp)
             print(f"{name}: loss step 0 {runs[name][0]:.5f}, step {args.steps - 1} {runs[name][-1]:.5f} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            write()
         for other in ("plain_again", "graph"):
             pairs[f"{prec}: plain vs {other}"] = max_rel(runs[f"{prec}_plain"], runs[f"{prec}_{other}"])
             print(f"{prec}: plain vs {other}: largest relative loss difference "
                   + ", ".join(f"steps {k} {v:.2e}" for k, v in pairs[f"{prec}: plain vs {other}"].items()))
-    res = {"pairs": pairs, "losses": runs, "args": vars(args),
-           "command": "python3 benchmarks/task_step_graph_equal.py " + shlex.join(argv), "torch": torch.__version__,
-           "commit": git_commit(), "device_name": device_name(args.device),
-           "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-    atomic_write(out / "task_step_graph_equal.json", json.dumps(res, indent=1))
+        write()
     return 0
 
 
