@@ -24,7 +24,7 @@ from ionllama.model.conv import CausalDepthwiseConv
 from ionllama.model.dilated_attention import dilated_attention_reference, dilated_offsets
 from ionllama.model.scan import scan_const_decay as scan_reference
 from ionllama.model.scan import scan_loop
-from kernel_subprocess import ROOT, assert_compiles_for_hopper, kernel_env
+from kernel_subprocess import ROOT, assert_compiles_for_hopper, kernel_env, run_json_script
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -832,3 +832,46 @@ def test_attention_bf16_grads_script_measures_the_fp32_delta(tmp_path):
     bad = subprocess.run([sys.executable, "benchmarks/attention_bf16_grads.py", "--stds", "0", "--out", str(out)],
                          capture_output=True, text=True, env=kernel_env(), cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --stds '0'"), bad.stderr[-2000:]
+
+
+_FP32_O_SCRIPT = """
+import json, torch
+from ionllama.kernels import dilated_attention_triton as dat
+xs = [torch.randn(1, 2, 9, 16).bfloat16().requires_grad_() for _ in range(3)]
+o, lse, o32 = dat.dilated_attention_fwd(*xs, [0, 1, 2, 4, 8], -1, None, 0.25, True)
+res = {"o32_requires_grad": o32.requires_grad, "o32_shape": list(o32.shape), "o32_dtype": str(o32.dtype)}
+if o32.requires_grad:  # then a loss on it must reach q, k, v as the same loss on o does
+    g32 = torch.autograd.grad(o32.sum(), xs, retain_graph=True)
+    g = torch.autograd.grad(o.float().sum(), xs)
+    res["grad_gap"] = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(g32, g))
+print(json.dumps(res))
+"""
+
+
+def test_attention_fp32_o_output_carries_no_silently_dropped_gradient():
+    """The forward's third output (O in fp32, kept for the backward's Delta) required grad, but the backward ignored
+    its gradient: a loss on it gave dq = dk = dv = 0, silently (as lse's gradient once was)."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    res = run_json_script(_FP32_O_SCRIPT, timeout=120)
+    assert res["o32_shape"] == [1, 2, 9, 16] and res["o32_dtype"] == "torch.float32", res
+    assert not res["o32_requires_grad"] or res["grad_gap"] < 1e-2, res
+
+
+_OPCHECK_SCRIPT = """
+import json, torch
+from ionllama.kernels import dilated_attention_triton as dat
+xs = [torch.randn(1, 2, 9, 16).bfloat16().requires_grad_() for _ in range(3)]
+res = {str(keep): sorted(set(torch.library.opcheck(dat.dilated_attention_fwd, (*xs, [0, 1, 2, 4, 8], -1, None, 0.25,
+                                                                               keep)).values()))
+       for keep in (False, True)}
+print(json.dumps(res))
+"""
+
+
+def test_attention_op_registrations_hold_with_the_fp32_o():
+    """torch.library.opcheck (schema, fake tensors, autograd registration, AOT dispatch) with and without the fp32 O:
+    selfcheck's compiled case is fp32 only, so the fake's extra output was never traced with keep_fp32_o on."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    assert run_json_script(_OPCHECK_SCRIPT, timeout=120) == {"False": ["SUCCESS"], "True": ["SUCCESS"]}

@@ -429,6 +429,7 @@ def _attn_setup_context(ctx, inputs, output):
     # Delta = rowsum(dO * O) from the rounded bf16 O cost dq / dk up to 8x their error at large logits (benchmarks/
     # attention_bf16_grads.py); the unrounded O brings them to the output's own rounding level
     ctx.save_for_backward(q, k, v, o32 if keep_fp32_o else o, lse, segment_ids)
+    ctx.mark_non_differentiable(o32)  # a buffer for the backward: a loss on it got zero gradients, silently
     ctx.offsets, ctx.local_width, ctx.scale = offsets, local_width, scale
     ctx.set_materialize_grads(False)  # an unused lse (every caller today) brings no zeros to subtract
 
