@@ -980,3 +980,82 @@ def test_cuda_streams_are_made_once_per_role_not_per_call(monkeypatch):
     direct = [str(p.relative_to(root)) for p in root.rglob("*.py")
               if p.name != "devices.py" and "cuda.Stream(" in p.read_text()]
     assert direct == [], f"make streams with devices.reusable_stream: {direct}"
+
+
+class _LogStream:
+    """A fake stream that logs the streams it was told to wait for."""
+
+    def __init__(self, device=None, priority=0):
+        self.waited = []
+
+    def wait_stream(self, other):
+        self.waited.append(other)
+
+
+def _fake_second_gpu(monkeypatch):
+    """torch.cuda's current device and each device's current stream, on CPU: the model's tensors are on the CPU,
+    which stands in for cuda:1, while the current device stays cuda:0 (generate() and StepGraph set none)."""
+    import contextlib
+
+    streams, cur, log, made = {"cuda:0": _LogStream(), "cpu": _LogStream()}, ["cuda:0"], [], []
+
+    @contextlib.contextmanager
+    def device(d):
+        prev, cur[0] = cur[0], str(torch.device(d))
+        try:
+            yield
+        finally:
+            cur[0] = prev
+
+    def current_stream(device=None):
+        return streams[cur[0] if device is None else str(torch.device(device))]
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            pass
+
+        def record(self, stream=None):
+            log.append(("record", stream or torch.cuda.current_stream()))
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return 0.25
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append(("sync", device or cur[0])))
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None, priority=0: made.append(_LogStream()) or made[-1])
+    return streams, log, made
+
+
+@pytest.mark.parametrize("shift", ["completed", "lagged"])
+def test_runner_orders_its_streams_on_the_models_device(ion_completed, monkeypatch, shift):
+    """The model on another GPU than the current one (--device cuda:1): the warm-up's side stream, the entropy
+    branch and the lagged latent stream must wait for that device's current stream (where the prefill ran and the
+    graphs replay) and it for them, and the event the host waits on before reading the patch flag must follow
+    that device's work. They used cuda:0's (the warm-up races the prefill, the replays the warm-up, the flag is
+    read before it is written)."""
+    if shift == "lagged":
+        torch.manual_seed(1)
+        model = create_model("tiny", **TINY, patching="fixed", fixed_patch_size=3, latent_shift="lagged").eval()
+    else:
+        model = ion_completed
+    n = 23
+    ref = _eager_bytes(model, n, n)
+    _fake_cuda(monkeypatch, _FakeGraph)
+    streams, log, made = _fake_second_gpu(monkeypatch)
+    r = _runner(model, n, **({"latent_policy": "skip"} if shift == "lagged" else {"entropy_branch": True}))
+    sides = [_LogStream() for _ in range(3)]
+    r.capture_stream, r.branch_stream, r.latent_stream = sides[0], sides[1], sides[2]  # a CUDA runner's streams
+    r.want_graphs = True
+    r.run(9)
+    r.run(n - r.n_done)
+    assert torch.equal(r.out[:, :n], ref)
+    main, sides = streams["cpu"], sides + made  # made: the warm-up's
+    assert len(made) == 1 and made[0].waited and (sides[1].waited if shift == "completed" else sides[2].waited)
+    assert not streams["cuda:0"].waited and streams["cuda:0"] not in [s for side in sides for s in side.waited]
+    assert all(s is main for side in sides for s in side.waited) and main.waited
+    assert log and all(x in (main, "cpu", torch.device("cpu")) for _, x in log)  # events and syncs

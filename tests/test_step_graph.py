@@ -448,7 +448,7 @@ def test_graph_path_per_bucket_with_a_fake_cuda(monkeypatch):
                 outputs[k].copy_(v)
 
     @contextlib.contextmanager
-    def graph(g, pool=None, capture_error_mode="global"):
+    def graph(g, pool=None, stream=None, capture_error_mode="global"):
         if g is sg.a_slot.graph:
             a_captures.append((sg.calls, pool))
             yield
@@ -466,7 +466,8 @@ def test_graph_path_per_bucket_with_a_fake_cuda(monkeypatch):
                     sg.opt.state[p][k].copy_(v)
 
     for name, value in (("Stream", Stream), ("current_stream", Stream), ("stream", lambda s: contextlib.nullcontext()),
-                        ("graph_pool_handle", lambda: object()), ("CUDAGraph", Graph), ("graph", graph)):
+                        ("graph_pool_handle", lambda: object()), ("CUDAGraph", Graph), ("graph", graph),
+                        ("device", lambda d: contextlib.nullcontext())):
         monkeypatch.setattr(torch.cuda, name, value)
     a = _patched("entropy")
     b = copy.deepcopy(a)
@@ -685,3 +686,57 @@ def test_past_the_graph_cap_smaller_buckets_pad_to_a_captured_one():
     assert got == pytest.approx(ref, rel=1e-5, abs=1e-6)
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_graph_path_orders_its_streams_on_the_models_device(monkeypatch):
+    """The model on another GPU than the current one (train --device cuda:1 --step_graph: no device is set): the
+    warm-up steps' side streams (stage A's and the step's) must wait for that device's current stream (where the
+    batch was copied in) and it for them, and the captures must run with that device current. They waited on
+    cuda:0's stream: a warm-up step could read the previous batch and the clone of its loss race the step. A CPU
+    stands in for cuda:1; graphs are fakes that run the step (the check is the streams, not the numbers)."""
+    import contextlib
+
+    class Stream:
+        def __init__(self, device=None, priority=0):
+            self.waited = []
+
+        def wait_stream(self, other):
+            self.waited.append(other)
+
+    streams, cur, made, captured_on = {"cuda:0": Stream(), "cpu": Stream()}, ["cuda:0"], [], []
+
+    @contextlib.contextmanager
+    def device(d):
+        prev, cur[0] = cur[0], str(torch.device(d))
+        try:
+            yield
+        finally:
+            cur[0] = prev
+
+    class Graph:
+        def replay(self):
+            sg._stage_a_body() if self is sg.a_slot.graph else sg._body()
+
+    @contextlib.contextmanager
+    def graph(g, pool=None, stream=None, capture_error_mode="global"):
+        captured_on.append((cur[0], stream))
+        yield
+
+    fakes = (("Stream", lambda device=None, priority=0: made.append(Stream()) or made[-1]),
+             ("current_stream", lambda device=None: streams[cur[0] if device is None else str(torch.device(device))]),
+             ("device", device), ("stream", lambda s: contextlib.nullcontext()), ("graph_pool_handle", object),
+             ("CUDAGraph", Graph), ("graph", graph))
+    for name, value in fakes:
+        monkeypatch.setattr(torch.cuda, name, value)
+    m = _patched("entropy")
+    opt = make_adamw(m, [p for p in m.parameters() if p.requires_grad], 1e-3, 0.1, CPU, capturable=True)
+    sg = make_step_graph(m, m, opt, 0.5, _no_autocast, 64, graphs=True, warmup=2)
+    for x, y in [_varied_batches(1)[0]] * 4:  # one bucket: 2 warm-up steps, a capture, a replay
+        sg(x, y, 1e-3)
+    main = streams["cpu"]
+    # stage A's side stream and the step's, per warm-up step (CPU tensors: reusable_stream keeps none)
+    assert len(made) == 6 and all(side.waited == [main] for side in made[:4])
+    assert main.waited == made[:4] and not streams["cuda:0"].waited
+    # stage A's graph and the step's: with that device current, on a stream of its own (made for that device), not
+    # torch.cuda.graph's default (made once, on whichever device was current at the process's first capture)
+    assert [c for c, _ in captured_on] == ["cpu", "cpu"] and all(s in made[4:] for _, s in captured_on)

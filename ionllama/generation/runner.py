@@ -494,6 +494,15 @@ class DecodeRunner:
         'latent': [...]}, and 'byte_rest' for the later parts of a split byte stage ('early', latent_shift
         "completed"); with host_schedule 'byte' and 'byte_latent' (a byte whose graph holds the latent stage). For benchmarks: the wall time per byte minus these is the time the GPU waited for
         the host."""
+        # on the model's GPU, which need not be the current device (--device cuda:1; generate sets none): every
+        # current_stream(), event and synchronize() below is that device's (capture_stream: CUDA runners only)
+        if self.capture_stream is not None:
+            with torch.cuda.device(self.out.device):
+                self._run(n, gpu_ms)
+        else:
+            self._run(n, gpu_ms)
+
+    def _run(self, n: int, gpu_ms: dict | None) -> None:
         target = min(self.max_new, self.n_done + n)
         if self.prompt_len is not None:
             self._reserve(target)

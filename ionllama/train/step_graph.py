@@ -235,11 +235,16 @@ class StepGraph:
             if slot.graph is None:
                 slot.graph = torch.cuda.CUDAGraph()
                 # a pool of its own: its temporaries never share memory with the step graphs'
-                with torch.cuda.graph(slot.graph, pool=torch.cuda.graph_pool_handle(),
+                with torch.cuda.graph(slot.graph, pool=torch.cuda.graph_pool_handle(), stream=self._capture_stream(),
                                       capture_error_mode="thread_local"):
                     self._stage_a_body()
             slot.graph.replay()
         return latent_bucket(int(self.static_nmax), self.static_x.shape[1])
+
+    def _capture_stream(self):
+        # not torch.cuda.graph's default: one stream per process, made on whichever device was current at its first
+        # capture; on another device's stream the step's kernels run eagerly and the graph is empty
+        return reusable_stream(self.lr.device, "step_capture")
 
     def _route(self, key: int | None) -> int | None:
         """The latent length this step runs at: its own bucket, or, once the graph cap is reached, the smallest
@@ -266,6 +271,14 @@ class StepGraph:
         return slot
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> dict:
+        if not self.graphs:
+            return self._step(x, y, lr)
+        # on the model's GPU, which need not be the current device (train --device cuda:1 sets none): the side
+        # streams' waits and the captures are then that device's, where the batch is copied in and the step runs
+        with torch.cuda.device(self.lr.device):
+            return self._step(x, y, lr)
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> dict:
         if self.static_x is None:
             self.static_x = torch.empty_like(x, device=self.lr.device)
             self.static_y = torch.empty_like(y, device=self.lr.device)
@@ -292,7 +305,8 @@ class StepGraph:
                 self.pool = torch.cuda.graph_pool_handle()
             slot.graph = torch.cuda.CUDAGraph()
             # thread_local: another thread's CUDA calls (a data loader pinning memory) do not void the capture
-            with torch.cuda.graph(slot.graph, pool=self.pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(slot.graph, pool=self.pool, stream=self._capture_stream(),
+                                  capture_error_mode="thread_local"):
                 slot.outputs = self._body()
         slot.graph.replay()
         return {k: v.clone() for k, v in slot.outputs.items()}
