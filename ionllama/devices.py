@@ -41,8 +41,10 @@ def reusable_stream(device, role: str, priority: int = 0) -> torch.cuda.Stream:
     """One CUDA stream per (device, role, priority, thread), made on first use and kept. Why: torch keeps a cuBLAS
     workspace (32 MiB on Hopper) for every stream a matmul has run on and never frees it, so a fresh stream per
     generate() call (its warm-up and capture streams) grew allocated memory by 64 MiB a call on an H100
-    (tests/test_decode_fast.py -k repeated, forty-sixth session). Per thread: two threads never capture on one
-    stream."""
+    (tests/test_decode_fast.py -k repeated, forty-sixth session). Per thread, so one thread's entries are its own;
+    torch.cuda.Stream() draws round robin from a pool of 32 streams per device and priority, so two entries may
+    still be one CUDA stream (as fresh streams could be before): safe, since every user orders its stream with
+    wait_stream / synchronize rather than assuming it idle."""
     dev = torch.device(device)
     if dev.type != "cuda":  # only tests that fake torch.cuda on CPU tensors get here: nothing to keep
         return torch.cuda.Stream()
