@@ -131,13 +131,16 @@ def compiled_stage(model, batches):
     return batches, lambda x, y: compiled(x, y, latent_len=shapes["latent_len"]), shapes
 
 
-def captured_stage_problem(model, shapes: dict, row_len: int, device: torch.device) -> str | None:
+def captured_stage_problem(model, shapes: dict, row_len: int, device: torch.device, amp=None) -> str | None:
     """Why this model's compiled task stage cannot be one captured CUDA graph, or None: it must run on a GPU, and
     the forward must not read a patch count on the host, i.e. the count must follow from the row length (fixed or byte patching, and every
     baseline) or be given for the stage (space patching's latent_len). Entropy patching draws boundaries from the
-    entropy model's output, which only the trainer's two-stage step handles."""
+    entropy model's output, which only the trainer's two-stage step handles. amp: fp16 needs loss scaling, which the
+    captured step has not (the trainer's step_graph_problem refuses it too)."""
     from ..model.ionllama_model import IonLlama, static_patch_count
 
+    if amp == torch.float16:
+        return "it has no fp16 loss scaling"
     if (isinstance(model, IonLlama) and shapes.get("latent_len") is None
             and static_patch_count(model.config, row_len) is None):
         return f"{model.config.patching} patching reads its patch count on the host each step"
@@ -160,7 +163,8 @@ class TaskStageCut(Exception):
 def train_on_tasks(model, device, amp, steps: int, lr: float, batch_of_step, log_every: int = 50,
                    on_log=None, forward=None, deadline: float | None = None,
                    step_graph: bool = False) -> tuple[list[dict], float]:
-    """The task fine-tuning loop of every task arm: AdamW (wd 0.1), warmup 5 % then cosine to 10 %, clip 1.0;
+    """The task fine-tuning loop of every task arm: AdamW (wd 0.1), warmup 5 % then cosine to 10 %, clip 1.0 (fp16:
+    loss scaling, as the trainer);
     batch_of_step(step) -> (x, y). Returns ([{step, loss, bpb}] every log_every steps and at the last, seconds); bpb
     is per target byte, also for a token model (whose loss is per token). forward: what computes model(x, y) (e.g.
     torch.compile(model)); the model's own forward by default. deadline (a time.perf_counter() value): at each log
@@ -178,8 +182,14 @@ def train_on_tasks(model, device, amp, steps: int, lr: float, batch_of_step, log
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_adamw(model, params, lr, 0.1, device, capturable=step_graph)
+    # fp16 scales the loss as the trainer does: unscaled, a model that fits its answers loses small gradients to
+    # underflow (a no-op for bf16 and fp32)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     graph = None
     if step_graph:
+        if scaler.is_enabled():
+            raise UserError("the captured task step has no fp16 loss scaling; run it without step_graph "
+                            "(captured_stage_problem says so)")
         from ..train.step_graph import StepGraph
 
         graph = StepGraph(forward, opt, 1.0, lambda: _autocast(device, amp), graphs=device.type == "cuda")
@@ -202,9 +212,11 @@ def train_on_tasks(model, device, amp, steps: int, lr: float, batch_of_step, log
             # the entropy model's own loss where it learns, as StepGraph and the trainer add it (run_task_stage
             # freezes it first, so the stage itself has none; a direct caller got two different trainings)
             aux = out.get("aux_loss")
-            (out["loss"] if aux is None else out["loss"] + aux).backward()
+            scaler.scale(out["loss"] if aux is None else out["loss"] + aux).backward()
+            scaler.unscale_(opt)  # clipping sees the true gradients
             torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             opt.zero_grad(set_to_none=True)
         if step % log_every == 0 or step == steps - 1:
             losses.append({"step": step, "loss": float(out["loss"].detach()), "bpb": float(out["bpb"].detach())})
@@ -252,7 +264,7 @@ def run_task_stage(model, device, amp, a, deadline: float | None = None, log=Non
         batches, forward, shapes = compiled_stage(model, [batch_of_step(step) for step in range(a.task_steps)])
         batch_of_step = batches.__getitem__
         if getattr(a, "task_step_graph", False):
-            problem = captured_stage_problem(model, shapes, a.task_seq_len, device)
+            problem = captured_stage_problem(model, shapes, a.task_seq_len, device, amp)
             captured = problem is None
             if problem and log is not None:
                 log(f"--task_step_graph: {problem}; this arm's task stage runs without the graph")
