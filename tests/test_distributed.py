@@ -759,3 +759,42 @@ def test_ddp_matches_one_process_on_task_rows_whose_targets_are_masked(tmp):
     assert sorted(got) == [1, 2, 3] and got.keys() == ref.keys()
     for s in ref:
         assert got[s] == pytest.approx(ref[s], abs=TOL), (s, ref, got)
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_with_parameters_that_never_got_a_gradient_resumes(tmp):
+    """Space / fixed patching never runs the entropy model, whose parameters still train (no gradient, so AdamW keeps
+    no state for them); a resume from the run's .dcp asked for their state and was refused as "does not match this
+    model" (--resume auto of any such torchrun run failed). It now resumes to the uninterrupted run's weights."""
+    kw = dict(model="ionllama", patching="space", d_local=16, n_enc_layers=1, n_dec_layers=1, ngram_buckets=64,
+              batch_size=2, max_steps=4, save_interval=2)
+    _torchrun(_args(tmp, "unused", **kw))
+    _torchrun(_args(tmp, "unused-resumed", **kw, resume=tmp / "ck" / "unused" / "step_2.dcp"))
+    whole = _weights(tmp / "ck" / "unused" / "final.dcp")
+    assert _max_diff(_weights(tmp / "ck" / "unused-resumed" / "final.dcp"), whole) == 0
+    # one process reads it too (grad_accum 2 keeps the global batch; the sums are added in another order)
+    _one_process(_args(tmp, "unused-one", **kw, resume=tmp / "ck" / "unused" / "step_2.dcp"))
+    assert _max_diff(_weights(tmp / "ck" / "unused-one" / "final.pt"), whole) <= TOL
+
+
+@pytest.mark.slow
+def test_ranks_agree_on_best_even_when_their_own_scores_differ(tmp):
+    """Each rank scored the val set itself and chose best.pt from its own score: where the scores differed in their
+    last bits (another kernel, rounding), the ranks passed different folders to one dcp.save and best.dcp lacked rank
+    1's shard (unloadable). Rank 1's score is made worse at step 4 here; rank 0's decides for every rank."""
+    script = tmp / "worse_on_rank1.py"
+    script.write_text(
+        "import os, sys\nimport ionllama.train.trainer as t\nreal, calls = t.evaluate_bpb, [0]\n"
+        "def worse(*a, **k):\n    res = real(*a, **k)\n    calls[0] += 1\n"
+        "    return {**res, 'bpb': res['bpb'] + 1.0} if os.environ['RANK'] == '1' and calls[0] == 3 else res\n"
+        "t.evaluate_bpb = worse\nfrom ionllama.train.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    args = _args(tmp, "best-agree", batch_size=2, max_steps=4, eval_interval=2, save_interval=100)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = tmp / "ck" / "best-agree"
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []  # no stray temp folder
+    for ck in ("best.dcp", "latest.dcp", "final.dcp"):
+        assert sorted(p.name for p in (run / ck).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"], ck
+    assert distributed.load_train_state(run / "best.dcp")["step"] == 4
+    load_model(run / "best.dcp")

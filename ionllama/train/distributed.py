@@ -769,9 +769,11 @@ def load_train_state(path: str | Path) -> dict:
 def load_sharded(path: str | Path, model: nn.Module, optimizer) -> None:
     """Model + optimizer from a sharded checkpoint, resharded to this process group (or to one process
     when none is running)."""
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
+        set_optimizer_state_dict
 
     sd = _state_dicts(model, optimizer)  # the layout wanted here (also creates the optimizer state)
+    _drop_state_not_saved(sd["optimizer"], path)
     no_dist = not (dist.is_available() and dist.is_initialized())
     try:
         _dcp_load(sd, path, no_dist)
@@ -782,7 +784,23 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer) -> None:
         if not no_dist and dist.get_rank() != 0:
             raise RelayedError(str(err)) from None
         raise err from None
-    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
+    set_model_state_dict(model, sd["model"])
+    set_optimizer_state_dict(model, optimizer, sd["optimizer"], options=StateDictOptions(strict=False))  # (as a
+    # .pt's optimizer.load_state_dict: a parameter with no saved state has none after the load either)
+
+
+def _drop_state_not_saved(osd: dict, path) -> None:
+    """AdamW keeps no state for a trainable parameter that never got a gradient (the entropy model that space / fixed
+    patching never runs), so a run's .dcp holds none for it, but get_state_dict asks for every one: the run's own
+    checkpoint was refused as "does not match this model". Such parameters are left out of the load."""
+    try:
+        with open(Path(path) / ".metadata", "rb") as fh:  # only the classes DCP writes (an unreadable one: the load
+            saved = _DcpMetadataUnpickler(fh).load().state_dict_metadata  # below says what is wrong with it)
+    except Exception:  # noqa: BLE001
+        return
+    for fqn, st in list(osd.get("state", {}).items()):
+        if not any(f"optimizer.state.{fqn}.{k}" in saved for k in st):  # part of it saved: a mismatch, said by the load
+            del osd["state"][fqn]
 
 
 def load_plain_optimizer_into_fsdp(model: nn.Module, optimizer, plain_osd: dict) -> None:

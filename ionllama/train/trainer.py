@@ -949,6 +949,10 @@ class Trainer:
             res = evaluate_bpb(model, self.val, a.seq_len, eval_bs, self.device, max_bytes=a.eval_bytes,
                                amp_dtype=self.amp_dtype)
         self.par.reshard()  # FSDP: a no-grad forward leaves the root's parameters gathered
+        if self.par.distributed:
+            # rank 0's score on every rank: each rank scored the val set itself, and a last-bit difference (kernel
+            # choice, rounding) made ranks disagree on best.pt, so they saved into different .dcp folders
+            res = self.dist.on_main(lambda: res)
         if self.phase == "entropy":
             res.pop("bytes_per_patch")  # the entropy model is byte-level; patching is not in use yet
         rec = {"step": self.step, "phase": phase_label, "bytes_seen": self.bytes_seen,
