@@ -875,3 +875,31 @@ def test_attention_op_registrations_hold_with_the_fp32_o():
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
     assert run_json_script(_OPCHECK_SCRIPT, timeout=120) == {"False": ["SUCCESS"], "True": ["SUCCESS"]}
+
+
+_DS_FALLBACK_SCRIPT = """
+import json, torch
+from ionllama.kernels import dilated_attention_triton as dat
+from ionllama.model.dilated_attention import dilated_attention_reference
+torch.manual_seed(0)
+q, k, v = (torch.randn(1, 2, 37, 16, requires_grad=True) for _ in range(3))
+offs = [0, 1, 2, 4, 8, 16]
+dat.ds_index_fits = lambda *a: False  # as past 2^31 elements: the backward must recompute ds, not store it
+dat._CONFIG["store_ds"] = True
+o = dat.dilated_attention_triton(q, k, v, offs)
+g = torch.autograd.grad(o.square().sum(), (q, k, v))
+r = torch.autograd.grad(dilated_attention_reference(q, k, v, offs).square().sum(), (q, k, v))
+print(json.dumps({"err": max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(g, r))}))
+"""
+
+
+def test_attention_backward_recomputes_ds_where_its_index_would_pass_2_31():
+    """The stored ds buffer is indexed (bh * K + kk) * N + row in 32 bits: past 2^31 elements the backward takes the
+    recompute path, which must give the same gradients (audit: the kernels would have written out of bounds)."""
+    from ionllama.kernels.dilated_attention_triton import ds_index_fits
+
+    assert ds_index_fits(8 * 16, 15, 16384) and ds_index_fits(1, 1, 2**31 - 1)
+    assert not ds_index_fits(64 * 16, 17, 131072) and not ds_index_fits(1, 1, 2**31)
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    assert run_json_script(_DS_FALLBACK_SCRIPT, timeout=120)["err"] < 1e-4

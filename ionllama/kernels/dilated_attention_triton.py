@@ -328,6 +328,12 @@ def attention_forward(q, k, v, offs, seg, scale, o32=None):
     return o, lse
 
 
+def ds_index_fits(bh: int, k: int, n: int) -> bool:
+    """Does the stored ds buffer (B*H, K, N) fit the kernels' 32-bit index (bh * K + kk) * N + row? Past it (an 8 GiB
+    fp32 buffer) the backward recomputes ds instead of storing it, which needs no such index (audit)."""
+    return bh * k * n < 2**31
+
+
 def attention_backward(do, q, k, v, o, lse, offs, seg, scale, store_ds=None, dlse=None):
     """dlse: the gradient of the returned lse, or None. d lse_i / d s_ij = p_ij, so it enters as delta_i - dlse_i
     in ds = p (dp - delta): no kernel changes."""
@@ -335,6 +341,7 @@ def attention_backward(do, q, k, v, o, lse, offs, seg, scale, store_ds=None, dls
     store_ds = _CONFIG["store_ds"] if store_ds is None else store_ds
     BD = _block_d(Dh)
     K_ = offs.numel() - 1  # without the sentinel
+    store_ds = store_ds and ds_index_fits(B * H, K_, N)
     seg_arg = seg if seg is not None else offs
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     bm, nw = _CONFIG["delta"]
