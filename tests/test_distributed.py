@@ -760,6 +760,7 @@ def test_ddp_matches_one_process_on_task_rows_whose_targets_are_masked(tmp):
     for s in ref:
         assert got[s] == pytest.approx(ref[s], abs=TOL), (s, ref, got)
 
+
 @pytest.mark.slow
 def test_a_sharded_checkpoint_with_parameters_that_never_got_a_gradient_resumes(tmp):
     """Space / fixed patching never runs the entropy model, whose parameters still train (no gradient, so AdamW keeps

@@ -474,11 +474,14 @@ def test_task_stage_plain_and_step_graph_train_an_unfrozen_entropy_model_alike(m
     for graph in (False, True):
         torch.manual_seed(0)
         m = create_model("tiny", patching="entropy")
+        init = {n: p.detach().clone() for n, p in m.named_parameters() if n.startswith("entropy_model.")}
         raw = [T.task_batch(m, T.task_examples(1, step, 2), 96) for step in range(2)]
         batches, forward, _ = T.compiled_stage(m, raw)
         T.train_on_tasks(m, torch.device("cpu"), None, 2, 1e-3, batches.__getitem__, forward=forward, step_graph=graph)
         params[graph] = {n: p.detach().clone() for n, p in m.named_parameters() if n.startswith("entropy_model.")}
     assert params[False]
+    # it learned (two ways that both left it untouched would pass the check below too); same seed: one init
+    assert any(not torch.equal(params[False][n], p) for n, p in init.items())
     for n, p in params[True].items():
         torch.testing.assert_close(params[False][n], p, rtol=1e-5, atol=1e-6, msg=n)
 
