@@ -995,17 +995,11 @@ class _LogStream:
 def _fake_second_gpu(monkeypatch):
     """torch.cuda's current device and each device's current stream, on CPU: the model's tensors are on the CPU,
     which stands in for cuda:1, while the current device stays cuda:0 (generate() and StepGraph set none)."""
-    import contextlib
+    from fake_cuda import device_switch
 
     streams, cur, log, made = {"cuda:0": _LogStream(), "cpu": _LogStream()}, ["cuda:0"], [], []
 
-    @contextlib.contextmanager
-    def device(d):
-        prev, cur[0] = cur[0], str(torch.device(d))
-        try:
-            yield
-        finally:
-            cur[0] = prev
+    device = device_switch(cur)
 
     def current_stream(device=None):
         return streams[cur[0] if device is None else str(torch.device(device))]

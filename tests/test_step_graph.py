@@ -696,6 +696,8 @@ def test_graph_path_orders_its_streams_on_the_models_device(monkeypatch):
     stands in for cuda:1; graphs are fakes that run the step (the check is the streams, not the numbers)."""
     import contextlib
 
+    from fake_cuda import device_switch
+
     class Stream:
         def __init__(self, device=None, priority=0):
             self.waited = []
@@ -705,13 +707,7 @@ def test_graph_path_orders_its_streams_on_the_models_device(monkeypatch):
 
     streams, cur, made, captured_on = {"cuda:0": Stream(), "cpu": Stream()}, ["cuda:0"], [], []
 
-    @contextlib.contextmanager
-    def device(d):
-        prev, cur[0] = cur[0], str(torch.device(d))
-        try:
-            yield
-        finally:
-            cur[0] = prev
+    device = device_switch(cur)
 
     class Graph:
         def replay(self):
