@@ -165,3 +165,47 @@ def test_the_baselines_never_see_the_future(cfg):
         with torch.no_grad():
             a, b = m(x)["logits"][:, :i + 1], m(x2)["logits"][:, :i + 1]
         assert torch.allclose(a, b, atol=1e-12, rtol=0), (cfg, i)
+
+
+# The two-stage training step's path (patch_boundaries, then the forward given them and a latent length) and joint
+# fine-tuning (entropy model unfrozen, gradients on) were checked only against the plain forward, never for
+# causality (an audit): every patching mode and latent shift, plus caps, attention pooling and a byte window
+TWO_STAGE = [dict(patching=p, latent_shift=sh)
+             for p, sh in itertools.product(["entropy", "fixed", "space", "byte"], ["previous", "completed", "lagged"])]
+TWO_STAGE += [dict(patching="entropy", threshold_mode="monotonic", latent_shift="completed", max_patch_size=2,
+                   target_patch_size=2.0),
+              dict(patching="space", pooling="attention", latent_shift="lagged", max_patch_size=3, attention="dense"),
+              dict(patching="fixed", fixed_patch_size=2, latent_shift="lagged", local_layers="transformer",
+                   local_window=3)]
+
+
+@pytest.mark.parametrize("joint", [False, True], ids=["frozen", "joint"])
+@pytest.mark.parametrize("cfg", TWO_STAGE, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_two_stage_boundaries_and_joint_training_never_see_the_future(cfg, joint):
+    m = _model(cfg, joint)
+    m.freeze_entropy(not joint)
+    g = torch.Generator().manual_seed(7)
+    T = 40
+    alphabet = torch.tensor(list(b"abc de f\n") + [0, 200, 255])
+    w = alphabet[torch.randint(0, len(alphabet), (3, T + 1), generator=g)]  # a window: x and its targets
+    s1 = m.patch_boundaries(w[:, :-1])[0]
+    for i in range(T - 1):  # column j: does byte j start a patch (j = T, "completed": the byte after the window)
+        x2 = w[:, :-1].clone()
+        x2[:, i + 1:] = torch.randint(0, 256, (3, T - i - 1), generator=g)
+        assert torch.equal(s1[:, :i + 2], m.patch_boundaries(x2)[0][:, :i + 2]), i  # decided by bytes < j
+    for i in (0, 9, 23, T - 2):
+        w2 = w.clone()
+        w2[:, i + 1:] = torch.randint(0, 256, (3, T - i), generator=g)
+        outs = []
+        for v in (w, w2):
+            x, y = v[:, :-1], v[:, 1:]
+            starts, n = m.patch_boundaries(x)
+            with torch.set_grad_enabled(joint):
+                out = m(x, y, patch_starts=starts, latent_len=int(n.max()) + 16)
+            # the loss at position t reads logits t and target t = byte t + 1 only; the entropy model's likewise
+            torch.testing.assert_close(out["loss"], torch.nn.functional.cross_entropy(out["logits"].flatten(0, 1),
+                                                                                      y.flatten()), rtol=1e-12, atol=0)
+            if joint and cfg["patching"] == "entropy":
+                torch.testing.assert_close(out["aux_loss"], m.entropy_model(x, y)["loss"], rtol=1e-12, atol=0)
+            outs.append(out["logits"].detach())
+        torch.testing.assert_close(outs[0][:, :i + 1], outs[1][:, :i + 1], atol=1e-9, rtol=0)
