@@ -43,9 +43,9 @@ def test_npy_eval_data_that_is_not_bytes_is_refused(tmp_path):
     np.save(tmp_path / "u8.npy", np.array([1, 2, 3], dtype=np.uint8))
     got = read_eval_bytes(tmp_path / "ok.npy")
     assert got.dtype == np.uint8 and got.tolist() == [0, 65, 255]
-    assert read_eval_bytes(tmp_path / "u8.npy").tolist() == [1, 2, 3]
+    assert read_eval_bytes(tmp_path / "u8.npy").tolist() == [0, 1, 2, 3]  # DOC_SEP first, as before a text file
     # only the bytes read are checked: a value past max_bytes does not refuse the file
-    assert read_eval_bytes(tmp_path / "big.npy", max_bytes=1).tolist() == [65]
+    assert read_eval_bytes(tmp_path / "big.npy", max_bytes=2).tolist() == [0, 65]
 
 
 def test_unreadable_shard_eval_data_is_one_line(tmp_path, capsys):
@@ -64,9 +64,8 @@ def test_unreadable_shard_eval_data_is_one_line(tmp_path, capsys):
     folder.mkdir()
     (folder / "a.txt").write_bytes(b"hello")
     assert bytes(read_eval_bytes(folder)) == b"\x00hello"
-    # through the CLI: one `error:` line and exit 2, the 1-byte .bin as before
-    (tmp_path / "one.bin").write_bytes(b"a")
-    for name in ("empty.bin", "one.bin"):
+    # through the CLI: one `error:` line and exit 2 (a 1-byte .bin is now scored after DOC_SEP, as a 1-byte .txt)
+    for name in ("empty.bin",):
         with pytest.raises(SystemExit) as e:
             B.main(["--model", "dense", "--size", "tiny", "--device", "cpu", "--eval_data", str(tmp_path / name),
                     "--output", str(tmp_path / "out" / "r.json"), "--skip", "tasks", "speed", "compression",
@@ -158,3 +157,43 @@ def test_empty_data_is_named_empty_whatever_its_dtype():
     for data in ([], np.array([], dtype=np.float32), b""):
         with pytest.raises(UserError, match=r"has 0 byte\(s\); it needs at least 2"):
             evaluate_bpb(m, data, 8, 2, "cpu")
+
+
+def test_a_raw_bin_is_scored_from_its_first_byte_by_byte_and_bpe_models_alike(tmp_path):
+    """A .bin / .npy not written by `ionllama prepare` (no leading DOC_SEP) was read as is: a byte model left its first
+    byte unscored and a BPE model its whole first token (" the": 4 bytes), so the two rows scored different bytes,
+    and neither scored what the same bytes as a .txt (or `ionllama experiment`'s --eval_data) score."""
+    from ionllama.data.bpe import train_tokenizer
+    from ionllama.eval.lm import run_lm
+
+    raw = b" the cat and the dog and the end"
+    (tmp_path / "raw.bin").write_bytes(raw)
+    (tmp_path / "raw.txt").write_bytes(raw)
+    np.save(tmp_path / "raw.npy", np.frombuffer(raw, dtype=np.uint8))
+    bpe = train_tokenizer([raw] * 4, vocab_size=270)
+    assert bpe.decode(bpe.encode(raw)[:1]) == b" the"  # a first token of several bytes
+    torch.manual_seed(0)
+    tok = create_model("tiny", model="bpe", d_model=32, n_layers=1, n_heads=2, vocab_size=bpe.vocab_size).eval()
+    tok.set_tokenizer(bpe)
+    byte = _tiny()
+    for name in ("raw.bin", "raw.npy"):
+        data = read_eval_bytes(tmp_path / name)
+        assert bytes(data) == bytes(read_eval_bytes(tmp_path / "raw.txt")) == b"\x00" + raw, name
+        assert run_lm(byte, data, 16, 2, "cpu")["bytes"] == run_lm(tok, data, 16, 2, "cpu")["bytes"] == len(raw)
+    # a cap still counts the stream read, the separator included; a prepared shard (DOC_SEP first) is read as it is
+    assert bytes(read_eval_bytes(tmp_path / "raw.bin", max_bytes=5)) == b"\x00 the"
+    (tmp_path / "val.bin").write_bytes(b"\x00" + raw)
+    assert bytes(read_eval_bytes(tmp_path / "val.bin", max_bytes=5)) == b"\x00 the"
+
+
+def test_language_rows_pin_the_bytes_they_scored(tmp_path):
+    """results.json named each language file only by its path as given (relative for the default folders): a rerun
+    could not check it scored the same bytes, as it can for the LM section's data_sha256."""
+    import hashlib
+
+    d = tmp_path / "langs"
+    d.mkdir()
+    (d / "cut.txt").write_bytes(b"abc\x00def" * 10)
+    g = run_multilingual(_tiny(), [d], seq_len=16, batch_size=2, device="cpu", max_lang_bytes=20)["groups"][0]
+    rec = g["languages"]["cut"]
+    assert rec["sha256"] == hashlib.sha256((b"abc\x00def" * 10)[:20].replace(b"\x00", b"")).hexdigest()

@@ -222,12 +222,16 @@ def _read_shard(p: Path, max_bytes: int | None) -> np.ndarray:
     except (OSError, ValueError, EOFError) as e:  # empty file, corrupt or pickled (object) .npy: one line
         why = first_line(e).split(". ")[0]  # numpy's pickle note goes on about allow_pickle, no flag of ours
         raise UserError(f"cannot read eval data '{p}' ({why}); {fix}") from None
+    # DOC_SEP first, as before a text file's bytes (a prepared val.bin starts with it): without it a byte model left
+    # the first byte unscored and a BPE model its whole first token, so their rows scored different bytes
+    sep = bool(arr.size) and arr.ndim == 1 and arr[0] != DOC_SEP
     if max_bytes is not None:
-        arr = arr[:max_bytes]
+        arr = arr[:max_bytes - sep]
     problem = byte_value_problem(arr)
     if problem:
         raise UserError(f"eval data '{p}' {problem}; {fix}")
-    return np.asarray(arr, dtype=np.uint8)
+    arr = np.asarray(arr, dtype=np.uint8)
+    return np.concatenate([np.array([DOC_SEP], dtype=np.uint8), arr]) if sep else arr
 
 
 def default_eval_path(ck: LoadedCheckpoint | None) -> Path:

@@ -2,6 +2,7 @@
 the UDHR set) the total bits each language needs, next to the token count of a byte-level BPE."""
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
@@ -116,7 +117,9 @@ def run_multilingual(model, directories: list[Path], seq_len: int, batch_size: i
             rec = {"file": str(f), "bytes": len(raw), "bytes_scored": scored, "bpb": bpb, "ppl": float(r["ppl"]),
                    # bits for the whole content (every byte is scored; bpb x bytes kept for older readers' sake)
                    "total_bits": bpb * len(raw), "bytes_per_patch": float(r["bytes_per_patch"]),
-                   "patches": len(raw) / float(r["bytes_per_patch"]), "truncated": f.stat().st_size > max_lang_bytes}
+                   "patches": len(raw) / float(r["bytes_per_patch"]), "truncated": f.stat().st_size > max_lang_bytes,
+                   # what a rerun must score: the path alone (often relative, the files may change) did not pin it
+                   "sha256": hashlib.sha256(raw).hexdigest(), "sha256_of": "the bytes scored (cut, NUL removed)"}
             if bpe is not None:
                 # the file's own bytes: decoding with "replace" first made a character cut by max_lang_bytes (or any
                 # invalid byte) three bytes of U+FFFD, and 2,048 bytes of Chinese counted 2,050 tokens
