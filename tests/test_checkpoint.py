@@ -203,6 +203,36 @@ def test_flipped_bytes_in_a_checkpoint_are_refused_not_loaded(tmp_path, capsys):
     assert e.value.code == 2 and len(err) == 1 and "is damaged" in err[0], err
 
 
+def test_a_damaged_record_header_is_one_line_not_a_zlib_traceback(tmp_path):
+    """A flipped compression-method field (stored -> deflated, 2 bytes of a record's headers) made the CRC pass
+    raise zlib.error, a type no loader catches: `ionllama train --resume` ended in a traceback (a fuzz's find)."""
+    import struct
+
+    from ionllama.train.distributed import TRAIN_STATE_FILE, load_train_state
+
+    m = tiny()
+    path = C.save_checkpoint(state_of(m), tmp_path / "latest.pt")
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith("data.pkl"))
+    name = info.filename.encode()
+    raw[info.header_offset + 8:info.header_offset + 10] = struct.pack("<H", zipfile.ZIP_DEFLATED)  # local header
+    cd = raw.find(b"PK\x01\x02")
+    while raw[cd + 46:cd + 46 + len(name)] != name:  # its central directory entry
+        cd = raw.find(b"PK\x01\x02", cd + 4)
+    raw[cd + 10:cd + 12] = struct.pack("<H", zipfile.ZIP_DEFLATED)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="bad.pt is damaged"):
+        C.load_checkpoint(bad)
+    dcp = tmp_path / "x.dcp"  # a sharded checkpoint's train state goes through the same check
+    dcp.mkdir()
+    (dcp / ".metadata").write_bytes(b"")
+    (dcp / TRAIN_STATE_FILE).write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="damaged"):
+        load_train_state(dcp)
+
+
 def test_atomic_write_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
     """fsutil.atomic_write, which the checkpoints' naming now shares with bench, generate --output, eval.report and
     the experiment's JSON files: text as UTF-8, bytes as given; a failure (here the rename) keeps the earlier file

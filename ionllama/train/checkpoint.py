@@ -7,12 +7,14 @@ train_args, best_val_bpb."""
 from __future__ import annotations
 
 import json
+import lzma
 import os
 import pickle
 import random
 import shutil
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -81,8 +83,11 @@ def load_weights_only(path: str | Path, **kw):
     protocol off the console: such a file fails to load anyway, and its one error line should stand alone."""
     # mmap'd loads read a step or a phase, not the weights: not worth reading the whole file for
     if not kw.get("mmap") and isinstance(path, (str, Path)) and zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:  # reads the file once (~2 GB/s) to check every record's CRC-32
-            bad = z.testzip()
+        try:
+            with zipfile.ZipFile(path) as z:  # reads the file once (~2 GB/s) to check every record's CRC-32
+                bad = z.testzip()
+        except (zlib.error, lzma.LZMAError):  # a record header's compression method flipped: types no caller caught
+            raise DamagedCheckpoint("a record's header no longer reads as stored data") from None
         if bad is not None:
             raise DamagedCheckpoint(f"its record {bad} fails its checksum")
     with warnings.catch_warnings():
