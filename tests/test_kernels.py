@@ -903,3 +903,26 @@ def test_attention_backward_recomputes_ds_where_its_index_would_pass_2_31():
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
     assert run_json_script(_DS_FALLBACK_SCRIPT, timeout=120)["err"] < 1e-4
+
+
+def test_ssd_kernel_not_taken_past_32_bit_offsets(monkeypatch):
+    """The Mamba-2 scan kernel's input offsets are 32-bit program-id products: an x of 2^31 elements or more goes to
+    the reference (a stand-in for a CUDA tensor: no such tensor fits this machine)."""
+    import ionllama.kernels as K
+
+    class FakeCuda:
+        is_cuda, dtype = True, torch.float32
+
+        def __init__(self, numel):
+            self.shape, self._n = (1, 1, 1, 16), numel
+
+        def dim(self):
+            return 4
+
+        def numel(self):
+            return self._n
+
+    monkeypatch.setattr(K, "SSD_SCAN_KERNEL", True)
+    monkeypatch.setattr(K, "triton_available", lambda: True)
+    monkeypatch.setattr(K, "needs_grad", lambda *t: False)
+    assert K.ssd_uses_triton(FakeCuda(2**31 - 1)) and not K.ssd_uses_triton(FakeCuda(2**31))

@@ -134,8 +134,10 @@ def ssd_uses_triton(x: torch.Tensor, *others) -> bool:
     """The Mamba-2 scan's Triton kernel is forward only: CUDA, and no input that needs a gradient; others are
     (log_a, B, C, h0) as ssd_scan takes them, B and C of width <= SSD_KERNEL_MAX_DIM as x's heads."""
     widths = [x.shape[-1]] + [t.shape[-1] for t in others[1:3] if t is not None]
+    # x.numel() < 2^31: the kernel's input offsets are 32-bit program-id products (b * stride; audit note)
     return (SSD_SCAN_KERNEL and x.is_cuda and x.dim() == 4 and x.dtype in _TRITON_DTYPES
-            and max(widths) <= SSD_KERNEL_MAX_DIM and triton_available() and not needs_grad(x, *others))
+            and max(widths) <= SSD_KERNEL_MAX_DIM and x.numel() < 2**31 and triton_available()
+            and not needs_grad(x, *others))
 
 
 def ssd_scan(x: torch.Tensor, log_a: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor, chunk: int = 64,
