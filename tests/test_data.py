@@ -1126,3 +1126,17 @@ def test_a_data_path_of_non_utf8_bytes_is_prepared_under_a_strict_stdout(tmp_pat
     r = subprocess.run([sys.executable, "-m", "ionllama.cli", "prepare", "--data_path", d,
                         "--data_dir", str(tmp_path / "c")], capture_output=True, env=env, timeout=300)
     assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr.decode(errors="replace")[-500:]
+
+
+def test_a_copy_moved_to_val_as_its_one_document_is_counted(tmp_path):
+    """When no document hashes into val, the last train document is moved there ("at least one document"); that
+    move came after the copies were counted, so a folder holding x.jsonl and its x.jsonl.xz (the val document's
+    copy still in train) recorded documents_in_both_splits 0 and said nothing (an audit of the README)."""
+    docs = [f"document {i}: some text of its own {i * 7}\n" * 3 for i in range(3)]
+    docs.append(docs[0])  # the last document, the one moved to val, is a copy of the first
+    p = tmp_path / "few.jsonl"
+    p.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    with pytest.warns(UserWarning, match=r"1 distinct document\(s\) .* both train and val as exact copies"):
+        sh = prep(tmp_path, data_path=str(p), val_fraction=0.01)
+    assert docs_of(sh.val) == [docs[0].encode()]  # the fallback's move, not the hash, filled val
+    assert sh.meta["documents_in_both_splits"] == 1

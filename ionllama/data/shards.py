@@ -351,6 +351,9 @@ def _write_shards(source, args: DataArgs, tmp: Path, log) -> dict:
     budget = _byte_budget(args)
     train, val = _SplitWriter(tmp / "train.bin"), _SplitWriter(tmp / "val.bin")
     copies = 0  # distinct documents found in both splits (hash split only)
+    # per split (False: train, True: val): whether its last document has a copy in that split too; the "at least
+    # one document" move below takes that document to the other split, where the copy left behind makes a pair
+    last_has_copy = [False, False]
     next_report = 100_000_000
     try:
         cap = _Cap(budget)  # train and val together, or the train files alone for given split files
@@ -374,7 +377,9 @@ def _write_shards(source, args: DataArgs, tmp: Path, log) -> dict:
                 # an empty document (or NULs only) is written nowhere: it is no copy in both splits
                 if (val if is_val else train).add(taken):
                     d = hashlib.blake2b(taken, digest_size=12).digest()
+                    seen = d in digests
                     first = digests.setdefault(d, is_val)
+                    last_has_copy[is_val] = seen and first in (is_val, None)
                     if first is not None and first != is_val:
                         digests[d] = None  # in both splits: counted once
                         copies += 1
@@ -384,10 +389,6 @@ def _write_shards(source, args: DataArgs, tmp: Path, log) -> dict:
                 if cap.full:
                     break
             method = "hash"
-            if copies:
-                warnings.warn(f"data: {copies} distinct document(s) of {source.description} stand in both train and "
-                              "val as exact copies (the hash split goes by document id): val is not all held out; "
-                              "deduplicate the source", stacklevel=2)
         if cap.full:  # was silent: the shards' size was the only hint that the source was not read to its end
             log(f"data: note: stopped at the byte cap ({budget:,} bytes of the source; the last document taken is "
                 "cut there)")
@@ -410,8 +411,14 @@ def _write_shards(source, args: DataArgs, tmp: Path, log) -> dict:
             method = "tail"
         elif not val.docs:
             val.add(train.pop_last())  # at least one val document
+            copies += last_has_copy[False]  # val was empty: the moved document was in no pair yet
         elif not train.docs:
             train.add(val.pop_last())
+            copies += last_has_copy[True]
+        if copies:  # said after the moves above (it came before them, and missed a pair they made)
+            warnings.warn(f"data: {copies} distinct document(s) of {source.description} stand in both train and "
+                          "val as exact copies (the hash split goes by document id): val is not all held out; "
+                          "deduplicate the source", stacklevel=2)
     finally:
         train.close()
         val.close()
