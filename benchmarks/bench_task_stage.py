@@ -35,6 +35,16 @@ from ionllama.experiment.tasks import (  # noqa: E402
     captured_stage_problem, compiled_stage, task_batch, task_examples, train_on_tasks)
 
 
+def add_stage_args(ap, steps: int) -> None:
+    """The model and task-stage shape flags this script and task_step_graph_equal.py share."""
+    ap.add_argument("--size", default="small")
+    add_model_config_arg(ap)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--batch", type=int, default=64, help="task examples per step (the experiment's --task_batch)")
+    ap.add_argument("--row_len", type=int, default=256, help="the experiment's --task_seq_len")
+
+
 def build(args):
     torch.manual_seed(0)
     cfg = model_config_from(args.model_config) if args.model_config else None
@@ -88,13 +98,8 @@ def dynamo_graphs() -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = OneLineParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", default="small")
-    add_model_config_arg(ap)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--steps", type=int, default=300)
+    add_stage_args(ap, steps=300)
     ap.add_argument("--warmup", type=int, default=50)
-    ap.add_argument("--batch", type=int, default=64, help="task examples per step (the experiment's --task_batch)")
-    ap.add_argument("--row_len", type=int, default=256, help="the experiment's --task_seq_len")
     ap.add_argument("--fixed_rows", action="store_true",
                     help="compiled: as the experiment's compiled stage (tasks.compiled_stage): every batch padded to the "
                          "largest row count, one latent length for space patching; without it the batches as packed")

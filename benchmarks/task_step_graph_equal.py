@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generation import add_model_config_arg, model_config_from  # noqa: E402
+from bench_generation import model_config_from  # noqa: E402
+from bench_task_stage import add_stage_args, build  # noqa: E402
 
-from ionllama import build_model, create_model  # noqa: E402
 from ionllama.devices import resolve_device  # noqa: E402
 from ionllama.errors import OneLineParser, UserError, check_ranges, cli_entry  # noqa: E402
 from ionllama.eval.benchmark import device_name, git_commit  # noqa: E402
@@ -36,11 +36,7 @@ WINDOWS = ((0, 10), (10, 100), (100, None))
 
 def train(args, graph: bool, amp) -> list[float]:
     """Every step's loss of one task stage from seed-0 weights (the compiled stage's fixed shapes)."""
-    torch.manual_seed(0)
-    cfg = model_config_from(args.model_config) if args.model_config else None
-    model = (build_model(cfg) if cfg is not None else create_model(args.size)).to(args.device)
-    if hasattr(model, "freeze_entropy"):
-        model.freeze_entropy(True)  # as the experiment's task stage (run_task_stage) does
+    model = build(args)  # seed 0, entropy model frozen as the experiment's task stage does
     raw = [task_batch(model, task_examples(1, step, args.batch), args.row_len) for step in range(args.steps)]
     batches, fwd, _ = compiled_stage(model, raw)
     torch.manual_seed(1)
@@ -62,12 +58,7 @@ def max_rel(a: list[float], b: list[float]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = OneLineParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", default="small")
-    add_model_config_arg(ap)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--row_len", type=int, default=256)
+    add_stage_args(ap, steps=400)
     ap.add_argument("--precisions", nargs="+", choices=("bf16", "fp32"), default=["bf16", "fp32"])
     ap.add_argument("--out", default="out")
     args = ap.parse_args(argv)
