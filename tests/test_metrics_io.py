@@ -59,7 +59,17 @@ def test_train_val_gap_reads_the_tail_of_training_rows(tmp_path):
                        capture_output=True, text=True, check=True)
     row = r.stdout.strip().splitlines()[-1].split("|")
     train = sum(2.0 - i / 100 for i in range(90, 100)) / 10  # rows 90..99
-    assert [float(c) for c in row[2:6]] == pytest.approx([train, 1.95, 1.9, 1.95 - train], abs=1e-4)
+    assert [float(c) for c in row[2:7]] == pytest.approx([train, 10, 1.95, 1.9, 1.95 - train], abs=1e-4)
+    # --steps A:B: the rows of those steps (ends included), whatever the run's length
+    r = subprocess.run([sys.executable, "scripts/train_val_gap.py", str(run), "--steps", "20:29"],
+                       capture_output=True, text=True, check=True)
+    row = r.stdout.strip().splitlines()[-1].split("|")
+    assert "steps 20-29" in r.stdout
+    assert [float(c) for c in row[2:4]] == pytest.approx([sum(2.0 - i / 100 for i in range(20, 30)) / 10, 10])
+    for steps, msg in (("200:300", "no training row in steps 200:300"), ("30:20", "A <= B"), ("x", "A <= B")):
+        bad = subprocess.run([sys.executable, "scripts/train_val_gap.py", str(run), "--steps", steps],
+                             capture_output=True, text=True)
+        assert bad.returncode == 2 and msg in bad.stderr and "Traceback" not in bad.stderr, (steps, bad.stderr)
     bad = subprocess.run([sys.executable, "scripts/train_val_gap.py", str(run), str(tmp_path / "none")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stdout == "" and "no metrics.jsonl" in bad.stderr
