@@ -651,3 +651,24 @@ def test_a_blank_data_path_alone_is_refused_beside_a_dataset_it_is_no_file(tmp_p
           "--seq_len", "96", run_name="switch")
     assert load_checkpoint(run / "final.pt")["train_args"]["dataset"] == "tasks"
     assert not load_checkpoint(run / "final.pt")["train_args"]["data_path"]
+
+
+def test_a_resume_takes_the_ngram_sizes_the_run_was_started_with(tmp_path, corpus, capsys):
+    """--ngram_sizes parses to a tuple, which the checkpoint's train_args left out (only plain values were kept): a
+    plain --resume auto built the default sizes and was refused ("drop those flags") for a flag it was never given."""
+    ion = ["--model", "ionllama", "--d_local", "16", "--n_enc_layers", "1", "--n_dec_layers", "1", "--patching",
+           "fixed", "--max_steps", "6"]
+    run = train(tmp_path, corpus, *ion, "--ngram_sizes", "2+3", "--stop_at", "2")
+    assert load_checkpoint(run / "latest.pt")["train_args"]["ngram_sizes"] == [2, 3]
+    train(tmp_path, corpus, *ion, "--resume", "auto", "--stop_at", "4")
+    capsys.readouterr()
+    train(tmp_path, corpus, *ion, "--resume", "auto", "--ngram_sizes", "2+3")  # the same sizes: nothing to note
+    assert "note: resuming with --ngram_sizes" not in capsys.readouterr().out
+    ck = load_checkpoint(run / "final.pt")
+    assert ck["step"] == 6 and ck["model_config"]["ngram_sizes"] == [2, 3]
+    # a checkpoint written before the sizes were kept in its train_args: they come from its model config
+    old = load_checkpoint(run / "step_3.pt")
+    del old["train_args"]["ngram_sizes"]
+    torch.save(old, run / "step_3.pt")
+    train(tmp_path, corpus, *ion, "--resume", str(run / "step_3.pt"), "--stop_at", "4")
+    assert load_checkpoint(run / "latest.pt")["model_config"]["ngram_sizes"] == [2, 3]

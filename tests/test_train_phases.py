@@ -278,6 +278,43 @@ def test_a_diverged_run_stops_before_saving_and_keeps_the_last_good_checkpoint(t
         _REGISTRY.pop("fake_patched", None)
 
 
+class GradPoisonedLM(FakePatchedLM):
+    """From its `poison_at`-th training forward on, the loss stays finite but the gradient is NaN (0 x sqrt(0)'s
+    backward is 0 x inf), as an overflow in a backward makes it: the step that ruins the weights logs a finite loss,
+    and only the next step's loss is NaN."""
+    poison_at: int | None = None
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.calls = 0
+
+    def forward(self, x, targets=None):
+        out = super().forward(x, targets)
+        if self.training and targets is not None:
+            self.calls += 1
+            if self.poison_at is not None and self.calls >= self.poison_at:
+                out["loss"] = out["loss"] + 0.0 * torch.sqrt(0.0 * self.mix.weight.sum())
+        return out
+
+
+def test_weights_ruined_behind_a_finite_loss_are_not_saved_over_the_last_good_checkpoint(tmp_path, corpus, capsys):
+    """The loss check saw step 8's loss (finite, taken before its update) and let step 8's NaN weights be saved as
+    latest.pt; step 9's NaN loss then named that file as the one kept ("resume from it"), and the resume was NaN."""
+    _REGISTRY["fake_patched"] = GradPoisonedLM
+    try:
+        GradPoisonedLM.poison_at = 2  # main phase: steps 7.. ; the second main step is step 8, an evaluation step
+        with pytest.raises(SystemExit) as e:
+            run(tmp_path, corpus, "gnan", "--max_steps", "16")
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and "by step 8 (main phase)" in err[0], err
+        ck = load_checkpoint(tmp_path / "runs" / "gnan" / "latest.pt")
+        assert all(torch.isfinite(v).all() for k, v in ck["model"].items() if k != "threshold")  # (-inf: uncalibrated)
+        assert ck["step"] == 6 and "holds step 6" in err[0]
+    finally:
+        GradPoisonedLM.poison_at = None
+        _REGISTRY.pop("fake_patched", None)
+
+
 def test_resuming_an_older_checkpoint_of_a_finished_run_keeps_that_run(tmp_path, corpus, fake_model, capsys):
     import hashlib
 

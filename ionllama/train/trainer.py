@@ -455,7 +455,14 @@ class Trainer:
     def _merge_resume_args(self, args, saved: dict, explicit: set[str]):
         merged = argparse.Namespace(**vars(args))
         ignored = set(unused_options(saved.get("model") or args.model, MODEL_OVERRIDES))
+        saved = dict(saved)
+        cfg = (self.ck or {}).get("model_config") or {}
+        for k in MODEL_OVERRIDES:  # a tuple flag saved before train_args kept it (given, so not None): the model's
+            if k not in saved and isinstance(cfg.get(k), list):
+                saved[k] = cfg[k]
         for k, v in saved.items():
+            if isinstance(v, list):  # (saved from a tuple: --ngram_sizes)
+                v = tuple(v)
             if k in _PER_INVOCATION or not hasattr(merged, k):
                 continue
             if k in ignored and k not in explicit:
@@ -986,13 +993,16 @@ class Trainer:
             "train_time_s": self.train_time,
             "best_val_bpb": self.best_val_bpb,
             "model_config": self.config.to_dict(),
-            "train_args": {k: v for k, v in vars(self.args).items() if isinstance(v, (str, int, float, bool, type(None)))},
+            # a tuple (--ngram_sizes) as a list: left out, a resume built the default sizes and was refused
+            "train_args": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self.args).items()
+                           if isinstance(v, (str, int, float, bool, type(None))) or _plain_tuple(v)},
         }
 
     def save(self, *names: str) -> None:
         """Serialise once, copy to the other names (each atomic), latest.pt last: it records best_val_bpb, so written
         first, a kill before the copy to best.pt left a latest.pt that counted the new best while best.pt held the old
         weights, and the resumed run then wrote over the only copy (a new user's report)."""
+        self._check_weights_finite()
         if self.par.distributed:  # every rank writes its shards into <name>.dcp
             self.par.save(self.run_dir, names, self.optimizer, self.state(weights=False))
             self.saved_step = self.step
@@ -1015,8 +1025,21 @@ class Trainer:
         every later save would overwrite the last good latest.pt / best.pt with them. Checked at the log points,
         where the host reads the losses anyway. The last step's loss, not the window's mean: an fp16 step that
         GradScaler skipped leaves the weights intact, and the next step's loss is finite again."""
-        if math.isfinite(last_loss):
-            return
+        if not math.isfinite(last_loss):
+            raise self._diverged(f"the training loss became {last_loss}")
+
+    def _check_weights_finite(self) -> None:
+        """Before a save: a step's loss is taken before its update, so the step that made the weights NaN (a NaN / inf
+        gradient behind a finite loss) logged a finite loss and its NaN weights were saved over the last good
+        latest.pt, which the next step's loss check then named as the one to resume from. Every rank calls it."""
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]  # (FSDP: shards)
+        bad = bool(local) and not bool(torch.stack([torch.isfinite(t.detach()).all() for t in local]).all())
+        if self.par.distributed:
+            bad = self.dist.any_rank(bad, self.device)
+        if bad:
+            raise self._diverged("the weights became NaN or infinite")
+
+    def _diverged(self, what: str) -> UserError:
         flag, lr = ("--entropy_lr", self.plan.entropy_lr) if self.phase == "entropy" else ("--lr", self.plan.lr)
         if self.saved_step is None:
             kept = f"no checkpoint had been written yet; start again with a lower {flag} (this run: {lr:g})"
@@ -1024,8 +1047,7 @@ class Trainer:
             name = "latest.dcp" if self.par.distributed else "latest.pt"
             kept = (f"{self.run_dir / name} holds step {self.saved_step} and was not overwritten; resume from it "
                     f"with a lower learning rate: {self._resume_hint()} {flag} {lr / 2:g}")
-        raise UserError(f"the training loss became {last_loss} by step {self.step} ({self.phase} phase): the run "
-                        f"diverged and stopped; {kept}")
+        return UserError(f"{what} by step {self.step} ({self.phase} phase): the run diverged and stopped; {kept}")
 
     def _final_name(self) -> str | None:
         """final.pt or final.dcp, whichever the run wrote last (None: neither: it stopped at its last step,
@@ -1315,6 +1337,10 @@ class Trainer:
         out = self.run_dir / "benchmark" / "results.json"
         _say(f"benchmark on {best} -> {out}")
         benchmark.main(["--checkpoint", str(best), "--output", str(out)])
+
+
+def _plain_tuple(v) -> bool:
+    return isinstance(v, tuple) and all(isinstance(e, (str, int, float, bool)) for e in v)
 
 
 def rank_seed(seed: int, rank: int, step: int = 0) -> int:
