@@ -169,6 +169,29 @@ def test_top_k_keeps_exactly_k_bytes_when_logits_tie():
     assert torch.equal(filter_logits(tied, 2, None)[2].isfinite(), torch.tensor([False, True, True, False]))
 
 
+def test_top_p_breaks_ties_toward_the_lower_byte_as_argmax_does():
+    """The nucleus sort was not stable: among equal logits the byte kept was the sort's pick (on CPU, at the real
+    256-byte width, byte 176 of an all-zero row), so a top_p that keeps one byte was not greedy, and which of tied
+    bytes made the nucleus was an accident of the sort (it may differ between devices). Ties now go to the lower
+    byte, as top_k's and argmax's do."""
+    from ionllama.generation.sampling import filter_logits
+
+    tied = torch.zeros(4, 256)
+    tied[1, [40, 41, 200]] = 3.0  # three equal maxima
+    tied[2, [7, 250]] = 1.0
+    tied[3] = torch.arange(256).float().div(64).floor().neg()  # four runs of 64 equal logits, the first highest
+    n = 64
+    for row in tied:
+        one = sample_next(row.expand(n, -1), SamplingConfig(top_p=1e-6), torch.arange(n), 1)
+        assert set(one.tolist()) == {int(row.argmax())}  # a top_p that keeps one byte is greedy
+        both = sample_next(row.expand(n, -1), SamplingConfig(top_k=2, top_p=1e-6), torch.arange(n), 1)
+        assert set(both.tolist()) == {int(row.argmax())}
+    # equal probabilities: the nucleus holding half the mass is the lower half of the bytes
+    assert torch.equal(filter_logits(tied[:1], None, 0.5)[0].isfinite(), torch.arange(256) < 128)
+    kept = filter_logits(tied[3:], None, 0.1)[0].isfinite()  # part of the top run of 64: its lowest bytes
+    assert 1 < int(kept.sum()) < 64 and torch.equal(kept, torch.arange(256) < int(kept.sum()))
+
+
 @pytest.mark.parametrize("kind", ["dense", "bpe", "ionllama"])
 def test_generate_gives_each_submodule_its_own_mode_back(kind):
     """generate() restored only the top module's mode, train(was_training), which put a part kept in eval mode
@@ -452,6 +475,19 @@ def test_utf8_stream_decoder_split_everywhere_and_invalid_bytes():
             j = i + rng.randrange(1, 4)
             out, i = out + d.decode(data[i:j]), j
         assert out + d.flush() == data.decode("utf-8", errors="replace")
+
+
+def test_utf8_stream_decoder_takes_one_byte_value_of_any_integer_type():
+    """decode(one byte value) took only a Python int: a numpy int or a 0-d tensor went to bytes(v), which is v zero
+    bytes (decode(np.int64(65)) gave 65 NULs, not "A"), and an int outside 0..255 was masked to another byte."""
+    d = Utf8StreamDecoder()
+    assert d.decode(np.int64(65)) == "A" and d.decode(np.uint8(66)) == "B" and d.decode(torch.tensor(67)) == "C"
+    assert d.decode(torch.tensor(0xE2)) == "" and d.decode(np.int32(0x82)) == "" and d.decode(0xAC) == "\u20ac"
+    assert d.decode(np.array([0x68, 0x69], dtype=np.uint8)) == "hi" and d.decode([0x6F, 0x6B]) == "ok"
+    for bad in (256, -1, np.int64(300), True):
+        with pytest.raises(UserError, match="byte value"):
+            d.decode(bad)
+    assert d.flush() == ""
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -131,7 +131,9 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
         logits = logits.masked_fill(torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, True),
                                     float("-inf"))
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        # stable, as for top_k: equal logits keep the lower byte first (an unstable sort kept byte 176 of an all-equal
+        # row, so a top_p that keeps one byte was not greedy, and tied bytes entered the nucleus by the sort's whim)
+        sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
         probs = sorted_logits.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs  # keep a byte while the mass above it is < top_p
         drop_sorted = mass_before >= top_p

@@ -8,6 +8,23 @@ plus ``flush()`` equals ``data.decode('utf-8', errors='replace')`` however the d
 from __future__ import annotations
 
 import codecs
+import operator
+
+from ..errors import UserError
+
+
+def _as_bytes(data) -> bytes:
+    """bytes-like data, or one byte value: an int, a numpy int or a 0-d integer tensor (bytes(v) of those is v zero
+    bytes, and `v & 0xFF` made 256 a NUL)."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    try:
+        v = operator.index(data)
+    except TypeError:  # a buffer or an iterable of byte values
+        return bytes(data)
+    if isinstance(data, bool) or not 0 <= v <= 255:
+        raise UserError(f"a byte value must be an int in 0..255, got {data!r}; pass bytes for several")
+    return bytes([v])
 
 
 class Utf8StreamDecoder:
@@ -15,10 +32,8 @@ class Utf8StreamDecoder:
         self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def decode(self, data: bytes | bytearray | int) -> str:
-        """Feed bytes (or one byte value) and return the text that is complete so far."""
-        if isinstance(data, int):
-            data = bytes([data & 0xFF])
-        return self._dec.decode(bytes(data), final=False)
+        """Feed bytes (or one byte value, 0..255) and return the text that is complete so far."""
+        return self._dec.decode(_as_bytes(data), final=False)
 
     def flush(self) -> str:
         """End of stream: an incomplete trailing sequence becomes U+FFFD."""
