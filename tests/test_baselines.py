@@ -453,3 +453,20 @@ def test_prompt_ids_that_are_not_one_list_per_row_are_one_error():
     for bad in (good, [good, good], [["x"]]):
         with pytest.raises(UserError, match="prompt_ids must hold"):
             m.generate([b"\x00the cat"], max_new_bytes=3, greedy=True, prompt_ids=bad)
+
+
+def test_evaluate_batches_gives_a_bpe_model_bytes_per_token_as_bytes_per_patch():
+    """A token is the BPE model's patch: evaluate_bpb reports bytes/token as bytes_per_patch, but evaluate_batches
+    divided the input *tokens* by the tokens (n_patches) and reported 1.0 for any tokenizer; the model's
+    out['input_bytes'] (the bytes its input tokens hold) was computed for this and read by nothing."""
+    from ionllama.eval.bpb import evaluate_batches
+
+    bpe = train_tokenizer([s.encode() for s in _snippets(8, 1000)], vocab_size=300)
+    torch.manual_seed(0)
+    m = create_model("tiny", model="bpe", d_model=32, n_layers=1, n_heads=2, vocab_size=bpe.vocab_size).eval()
+    m.set_tokenizer(bpe)
+    ids = torch.as_tensor(bpe.encode(b"\x00" + "".join(_snippets(2, 300)).encode()), dtype=torch.long)
+    batches = [(ids[None, s:s + 16], ids[None, s + 1:s + 17]) for s in (0, 16)]
+    in_bytes = sum(int(bpe.token_nbytes[x[0].numpy()].sum()) for x, _ in batches)
+    r = evaluate_batches(m, batches, "cpu")
+    assert r["bytes_per_patch"] == pytest.approx(in_bytes / 32) and r["bytes_per_patch"] > 1.2

@@ -403,3 +403,19 @@ def test_config_and_input_checks_from_an_api_audit():
     d = create_model("tiny", model="dense", d_model=32, n_layers=1, n_heads=2)
     with pytest.raises(ValueError, match="targets must be integer ids"):
         d(torch.tensor([[1, 2]]), torch.tensor([[True, False]]))
+
+
+def test_dense_latent_attention_equals_dilated_until_a_patch_misses_an_offset():
+    """The attention ablation changes only what the dilated pattern leaves out: with offsets {0, 1, 2, 4, 8, ...}
+    patches 0-2 see every earlier patch, patch 3 misses patch 0 (offset 3). With fixed 4-byte patches and the
+    previous-patch shift, patch 3's latent first reaches bytes 16-19: the two models agree before (to rounding:
+    SDPA and the gather sum in another order)."""
+    kw = dict(SMALL, patching="fixed", fixed_patch_size=4)
+    torch.manual_seed(0)
+    dil = create_model("tiny", **kw).double().eval()
+    dense = create_model("tiny", **kw, attention="dense").double().eval()
+    dense.load_state_dict(dil.state_dict())
+    x = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        diff = (dil(x)["logits"] - dense(x)["logits"]).abs().amax(-1)
+    assert (diff[:, :16] < 1e-12).all() and (diff[:, 16:] > 1e-6).all()

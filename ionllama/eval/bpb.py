@@ -46,7 +46,10 @@ class _Totals:
             self.nats += loss * n
             self.bits += (float(bpb) if bpb is not None else loss / LN2) * n
         self.targets += n
-        self.inputs += x.numel()
+        # a token model's input is tokens (its n_patches): its out['input_bytes'] gives bytes per token, as
+        # evaluate_bpb reports for it (x.numel() / tokens was 1.0 for any tokenizer)
+        input_bytes = out.get("input_bytes")
+        self.inputs += int(input_bytes) if input_bytes is not None else x.numel()
         n_patches = out.get("n_patches")
         self.patches += int(n_patches.sum()) if n_patches is not None else x.numel()
 
