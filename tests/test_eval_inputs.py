@@ -197,3 +197,22 @@ def test_language_rows_pin_the_bytes_they_scored(tmp_path):
     g = run_multilingual(_tiny(), [d], seq_len=16, batch_size=2, device="cpu", max_lang_bytes=20)["groups"][0]
     rec = g["languages"]["cut"]
     assert rec["sha256"] == hashlib.sha256((b"abc\x00def" * 10)[:20].replace(b"\x00", b"")).hexdigest()
+
+
+def test_training_curves_leave_the_entropy_models_val_scores_off_the_lm_curve():
+    """A trainer run with entropy patching logs the entropy model's own val BPB in its entropy phase (phase "entropy",
+    as val_bpb), then the full model's at the same step: bench's training-curve plot drew both as the run's one val
+    line (8.03 at 0, 7.62 and 7.58 from the entropy model, 8.02 from the LM at the same bytes, then down), while the
+    entropy phase's train losses were already left out as "not the LM's"."""
+    from ionllama.eval.plots import curves
+
+    recs = [{"step": 0, "phase": "init", "bytes_seen": 0, "val_bpb": 8.03},
+            {"step": 2, "phase": "entropy", "bytes_seen": 256, "loss": 1.9, "bpb": 2.7},
+            {"step": 4, "phase": "entropy", "bytes_seen": 512, "val_bpb": 2.6},
+            {"step": 6, "phase": "calibrate", "bytes_seen": 768, "threshold": 1.5, "bytes_per_patch": 4.0},
+            {"step": 6, "phase": "main", "bytes_seen": 768, "val_bpb": 8.02},
+            {"step": 8, "phase": "main", "bytes_seen": 1024, "loss": 4.0, "bpb": 5.8},
+            {"step": 8, "phase": "main", "bytes_seen": 1024, "val_bpb": 5.5}]
+    c = curves(recs)
+    assert c["val"] == [(0, 8.03), (768, 8.02), (1024, 5.5)]
+    assert c["train"] == [(1024, 5.8)]

@@ -154,3 +154,23 @@ def test_the_task_stage_does_not_fine_tune_a_row_cut_short(tmp_path, capsys):
     assert "cut short by --deadline_s" in capsys.readouterr().out
     f.write_text(json.dumps({"train": {"budget_s": 420.0, "train_time_s": 420.0, "cut_short_s": None}}))
     assert r._pretrained_here("dense") is True
+
+
+def test_an_arm_whose_only_point_is_its_final_score_has_it_at_its_own_total():
+    """--curve_points 1 (or a run shorter than its first curve mark) leaves each arm one point, its final evaluation:
+    the equal views then gave every arm '—', also the arm whose whole run sets the point, whose value the page
+    says is its final score."""
+    from ionllama.experiment import equal_at
+
+    recs = {"dense": [{"phase": "init", "step": 0, "val_bpb": 8.0},
+                      {"phase": "final", "step": 184, "bytes_seen": 47104, "train_flops": 3.0e9, "val_bpb": 4.35}],
+            "bpe": [{"phase": "init", "step": 0, "val_bpb": 8.0},
+                    {"phase": "final", "step": 240, "bytes_seen": 40000, "train_flops": 2.2e9, "val_bpb": 3.82}]}
+    assert bpb_at(recs["dense"], "step", 184) == pytest.approx(4.35)
+    assert bpb_at(recs["dense"], "step", 100) is None  # still no point before x: no value
+    arms = {n: {"train": {"steps": r[-1]["step"], "bytes_seen": r[-1]["bytes_seen"],
+                          "train_flops": r[-1]["train_flops"]}} for n, r in recs.items()}
+    eq = equal_at(arms, recs.__getitem__, "equal_flops")
+    assert eq["arm"] == "bpe" and eq["val_bpb"] == {"dense": None, "bpe": pytest.approx(3.82)}
+    st = equal_at(arms, recs.__getitem__, "equal_steps")
+    assert st["arm"] == "dense" and st["val_bpb"] == {"dense": pytest.approx(4.35), "bpe": None}

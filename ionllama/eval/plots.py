@@ -51,14 +51,15 @@ def curves(records: list[dict]) -> dict:
         if not isinstance(x, (int, float)):
             continue
         last_x = x
+        if str(r.get("phase", "")).lower() in NOT_MAIN_PHASES:
+            # the entropy model's own loss and val scores, not the LM's (its val BPB sat on the run's val line)
+            continue
         v = next((r[k] for k in VAL_KEYS if isinstance(r.get(k), (int, float))), None)
         if v is None and _is_val(r) and isinstance(r.get("bpb"), (int, float)):
             v = r["bpb"]
         if v is not None:
             out["val"].append((x, float(v)))
             continue
-        if str(r.get("phase", "")).lower() in NOT_MAIN_PHASES:
-            continue  # the entropy model's own loss, not the LM's
         t = next((r[k] for k in TRAIN_KEYS if isinstance(r.get(k), (int, float))), None)
         if t is not None and math.isfinite(t):
             out["train"].append((x, float(t)))

@@ -96,6 +96,9 @@ def bpb_at(records: list[dict], key: str, x: float) -> float | None:
     for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
         if x0 <= x <= x1:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    # one point (its final evaluation alone, e.g. --curve_points 1): its score at its own total (there was no pair)
+    if len(pts) == 1 and pts[0][0] == x:
+        return pts[0][1]
     return None
 
 
