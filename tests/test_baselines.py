@@ -87,6 +87,30 @@ def test_token_shards_cover_every_byte(corpus):
     assert prepare_tokens(corpus["byte_dir"], vocab_size=320, log=lambda m: None) == corpus["tok_dir"]
 
 
+def test_a_cut_short_token_shard_is_encoded_again_not_reused(tmp_path):
+    """The byte shards' rule for the token shards: a .tok file whose size is not the one meta.json records (a copy
+    cut short) was reused without a word, and a token model trained on it and scored its val BPB over fewer bytes."""
+    byte_dir = prepare(DataArgs(data_path=write_corpus(tmp_path, n_train=6, n_val=2, doc_bytes=600),
+                                data_dir=str(tmp_path / "cache")), log=lambda m: None)
+    tok_dir = prepare_tokens(byte_dir, vocab_size=300, log=lambda m: None)
+    whole = {sp: (tok_dir / f"{sp}.tok").read_bytes() for sp in ("train", "val")}
+    tokenizer = tok_dir / "tokenizer.json"
+    for sp in ("val", "train"):
+        with open(tok_dir / f"{sp}.tok", "r+b") as f:
+            f.truncate(len(whole[sp]) - 20)  # whole tokens gone: it still opens as a token shard
+        logs = []
+        assert prepare_tokens(byte_dir, vocab_size=300, log=logs.append) == tok_dir
+        assert sum("preparing it again" in m for m in logs) == 1, logs
+        assert {s: (tok_dir / f"{s}.tok").read_bytes() for s in ("train", "val")} == whole
+        # a resumed run's tokenizer looks for the cache its tokenizer was trained in: a cut one is not taken either
+        with open(tok_dir / f"{sp}.tok", "r+b") as f:
+            f.truncate(len(whole[sp]) - 20)
+        got = prepare_tokens(byte_dir, tokenizer_path=tokenizer, log=lambda m: None)
+        assert len(open_token_shards(got).val) * 2 == len(whole["val"])
+        assert len(open_token_shards(got).train) * 2 == len(whole["train"])
+        prepare_tokens(byte_dir, vocab_size=300, log=lambda m: None)  # mends tok_dir for the next round
+
+
 def test_bpe_model_trains_and_exact_val_bpb_counts_every_byte(corpus):
     toks = open_token_shards(corpus["tok_dir"])
     shards = open_shards(corpus["byte_dir"])

@@ -124,6 +124,30 @@ def test_invalid_utf8_and_nul_bytes_never_crash(tmp_path):
     assert any("removed 1 NUL (0x00) bytes" in m for m in said), said
 
 
+def test_a_json_strings_raw_bytes_of_a_lone_surrogate_are_kept(tmp_path):
+    """The bytes ed b2 80 (U+DC80 as WTF-8 / CESU-8 write a lone surrogate) inside a JSON string: json.loads of the
+    line's bytes read them with surrogatepass as U+DC80, which was written as the one byte 0x80; in a line that also
+    held an invalid byte they were kept. A text file keeps them too: bytes are never decoded."""
+    lone, high = b"low \xed\xb2\x80 end", b"high \xed\xa0\x80 end"
+    (tmp_path / "d").mkdir()
+    with open(tmp_path / "d" / "a.jsonl", "wb") as f:
+        f.write(b'{"text": "' + lone + b'"}\n{"text": "' + high + b'"}\n{"text": "bad \xff and ' + lone + b'"}\n')
+    (tmp_path / "d" / "b.json").write_bytes(b'[{"text": "array ' + lone + b'"}, {"text": "plain record"}]')
+    sh = prep(tmp_path, data_path=str(tmp_path / "d"), val_fraction=0.3)
+    assert sorted(docs_of(sh.train) + docs_of(sh.val)) == sorted(
+        [lone, high, b"bad \xff and " + lone, b"array " + lone, b"plain record"])
+
+
+def test_json_lines_named_json_with_an_invalid_byte_in_the_first_record_are_read_as_json_lines(tmp_path):
+    """The look at a .json file's first record parsed its bytes as strict UTF-8: one invalid byte there (which a
+    .jsonl keeps) read the whole file as text, its braces and key names as the training data."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x.json").write_bytes(b'{"text": "first \xff record"}\n{"text": "second record"}\n')
+    with pytest.warns(UserWarning, match="read as JSON Lines"):
+        sh = prep(tmp_path, data_path=str(tmp_path / "d" / "x.json"), val_fraction=0.3)
+    assert sorted(docs_of(sh.train) + docs_of(sh.val)) == [b"first \xff record", b"second record"]
+
+
 def test_a_document_with_raw_bytes_and_an_escaped_surrogate_keeps_each_as_it_was():
     """A JSON line holding a raw invalid byte (read as a surrogate escape) and an escaped \\ud800 went through
     surrogatepass as a whole: the raw 0xff came out as the 3 bytes ed b3 bf."""

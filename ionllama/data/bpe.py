@@ -274,9 +274,10 @@ def _find_same_tokenizer(byte_dir: Path, bpe: ByteBPE, byte_meta: dict) -> Path 
     for d in sorted(Path(byte_dir).glob(f"bpe{bpe.vocab_size}-*")):
         try:
             meta = json.loads((d / "meta.json").read_text())
-            if meta["key"]["byte_shards"] == want and (d / "tokenizer.json").read_text(encoding="utf-8") == text:
+            if (meta["key"]["byte_shards"] == want and _token_shards_whole(d, meta)
+                    and (d / "tokenizer.json").read_text(encoding="utf-8") == text):
                 return d
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             continue
     return None
 
@@ -305,7 +306,7 @@ def prepare_tokens(byte_dir: str | Path, vocab_size: int = 4096, tokenizer_train
         return out
     # one process builds it at a time; the others wait and then reuse it (cache_lock)
     with cache_lock(byte_dir, out.name, "--data_dir"):
-        if _token_cache_made(out, key, log):
+        if _token_cache_made(out, key, lambda m: None if "preparing it again" in m else log(m)):  # said once
             return out
         with staged_dir(out, byte_dir, "--data_dir") as tmp:
             t0 = time.time()
@@ -335,14 +336,26 @@ def prepare_tokens(byte_dir: str | Path, vocab_size: int = 4096, tokenizer_train
     return out
 
 
+def _token_shards_whole(d: Path, meta: dict) -> bool:
+    """Whether `d`'s token shards hold the tokens its meta.json records (the byte shards' check, _reusable)."""
+    size = np.dtype(TOKEN_DTYPE).itemsize
+    return all((d / f"{sp}.tok").is_file() and (d / f"{sp}.tok").stat().st_size == meta["splits"][sp]["tokens"] * size
+               for sp in ("train", "val"))
+
+
 def _token_cache_made(out: Path, key: dict, log) -> bool:
     try:
-        if json.loads((out / "meta.json").read_text()).get("key") == key:
-            log(f"bpe: reusing {out}")
-            return True
-    except (OSError, ValueError):
-        pass
-    return False
+        meta = json.loads((out / "meta.json").read_text())
+        if meta.get("key") != key:
+            return False
+        whole = _token_shards_whole(out, meta)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    if not whole:  # a cut-short .tok was reused silently: trained on, and val BPB scored over fewer bytes
+        log(f"bpe: {out} has a token shard whose size is not the one meta.json records; preparing it again")
+        return False
+    log(f"bpe: reusing {out}")
+    return True
 
 
 def open_token_shards(path: str | Path) -> TokenShards:

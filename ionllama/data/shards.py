@@ -36,7 +36,9 @@ from . import DOC_SEP_BYTES
 # 3: parquet rows numbered from 0 without `datasets`, the single document's cut on its text, a .json file's long
 # first record read as JSON Lines, a glob's documents named below its literal folder, ionLlama's own cache and run
 # folders left out of a --data_path folder: each changed the bytes of some source's shards, and format 2 was kept
-SHARD_FORMAT = 3
+# 4: a JSON string's raw bytes of a lone surrogate (ed b2 80) are kept (they became the one byte 0x80), and JSON
+# Lines named .json whose first record holds invalid UTF-8 are read as JSON Lines (they were read as text)
+SHARD_FORMAT = 4
 DATASETS = ("tinystories", "fineweb", "openwebtext", "builtin", "tasks")
 
 

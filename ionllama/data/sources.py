@@ -377,18 +377,25 @@ def _json_problem(e: Exception, line: bool = False) -> str:
     return f"{type(e).__name__}: {str(e)[:100]}"
 
 
+def _json_text(raw: bytes) -> str:
+    """JSON bytes as text for json.loads: UTF-8, each invalid byte kept as a surrogate escape (encode_text writes it
+    back), a leading BOM dropped. json.loads of the bytes themselves decodes them with surrogatepass: the 3 bytes of a
+    lone surrogate in the file (ed b2 80, as WTF-8 / CESU-8 write U+DC80) became U+DC80, which encode_text wrote as the
+    one byte 0x80, while the same bytes in a line holding another invalid byte were kept."""
+    return raw.decode("utf-8", "surrogateescape").removeprefix("\ufeff")
+
+
 def _json_lines(f) -> Iterator[tuple[int, object, str]]:
     for lineno, raw in enumerate(f, 1):
         raw = raw.strip()
         if not raw:
             continue
-        try:
-            yield lineno, json.loads(raw), ""
-        except (ValueError, RecursionError):  # includes invalid UTF-8: keep the bytes via surrogateescape
-            try:
-                yield lineno, json.loads(raw.decode("utf-8", "surrogateescape")), ""
-            except (ValueError, RecursionError) as e:  # (an integer of 4,300+ digits, nesting past the stack:
-                yield lineno, None, _json_problem(e)  # a traceback, where a bad line is skipped and counted)
+        try:  # invalid UTF-8 included: its bytes are kept (_json_text)
+            obj = json.loads(_json_text(raw))
+        except (ValueError, RecursionError) as e:  # (an integer of 4,300+ digits, nesting past the stack:
+            yield lineno, None, _json_problem(e)  # a traceback, where a bad line is skipped and counted)
+            continue
+        yield lineno, obj, ""
 
 
 def iter_jsonl(path: str, text_field: str = "text", doc_prefix: str | None = None) -> Iterator[Doc]:
@@ -421,14 +428,11 @@ def iter_json_array(path: str, text_field: str = "text", doc_prefix: str | None 
             raw = f.read().removeprefix(codecs.BOM_UTF8)
     except READ_ERRORS as e:
         raise _read_error(path, e) from None
-    try:
-        items = json.loads(raw)
-    except (ValueError, RecursionError):  # includes invalid UTF-8: keep the bytes via surrogateescape
-        try:
-            items = json.loads(raw.decode("utf-8", "surrogateescape"))
-        except (ValueError, RecursionError) as e:
-            raise UserError(f"{path} starts as a JSON array but is not valid JSON ({_json_problem(e, line=True)}); "
-                            "complete the file, or convert it to JSON Lines (one object a line)") from None
+    try:  # invalid UTF-8 included: its bytes are kept (_json_text)
+        items = json.loads(_json_text(raw))
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"{path} starts as a JSON array but is not valid JSON ({_json_problem(e, line=True)}); "
+                        "complete the file, or convert it to JSON Lines (one object a line)") from None
     yield from _record_docs(path, ((i, obj, "") for i, obj in enumerate(items, 1)), text_field, prefix, "record")
 
 
@@ -525,7 +529,7 @@ def _is_json_lines(path: str, text_field: str) -> bool:
             line = f.readline(FIRST_RECORD_MAX)
             if not line:
                 break
-        return json.loads(line)
+        return json.loads(_json_text(line))  # an invalid byte in the first record read the whole file as text
 
     try:
         with open(path, "rb") as f:  # the whole first record: a long one (a book) cut at 64 KiB failed to parse
