@@ -50,3 +50,33 @@ def test_train_logs_every_step_and_the_two_ways_agree_on_a_cpu(eq, monkeypatch):
     plain, graph = eq.train(args, False, None), eq.train(args, True, None)
     assert len(plain) == 3 and plain[-1] < plain[0]
     assert graph == pytest.approx(plain, rel=1e-5)
+
+
+
+def test_repeats_and_the_eager_step_name_their_runs_and_pairs(eq, monkeypatch, tmp_path):
+    """--repeats names each set's runs apart (_2, ...), --eager_step adds StepGraph's step code without the capture
+    (train(..., replay=False)), every run gets its mean loss over the last 50 steps, and each set's pairs compare
+    with that set's plain run. train is faked (the loop, not the GPU, is under test)."""
+    import json
+
+    calls = []
+
+    def fake_train(args, graph, amp, replay=True):
+        calls.append((graph, replay))
+        n = len(calls)
+        return [float(n)] * 40 + [float(n) + 1.0] * 60  # tail_mean: n + 1
+
+    monkeypatch.setattr(eq, "train", fake_train)
+    monkeypatch.setattr(eq, "resolve_device", lambda d: "cuda")
+    monkeypatch.setattr(eq, "device_name", lambda d: "fake")
+    assert eq.main(["--precisions", "bf16", "--repeats", "2", "--eager_step", "--steps", "100",
+                    "--out", str(tmp_path / "o")]) == 0
+    assert calls == [(False, True), (False, True), (True, True), (True, False)] * 2
+    res = json.loads((tmp_path / "o" / "task_step_graph_equal.json").read_text())
+    names = ["bf16_plain", "bf16_plain_again", "bf16_graph", "bf16_eager_step"]
+    assert list(res["losses"]) == names + [n + "_2" for n in names]
+    assert res["tail_mean"] == {n: pytest.approx(i + 2.0) for i, n in enumerate(list(res["losses"]))}
+    assert sorted(res["pairs"]) == sorted(f"bf16: plain vs {w}{s}" for s in ("", "_2")
+                                          for w in ("plain_again", "graph", "eager_step"))
+    # set 2's pairs are against set 2's plain run (5.0 / 6.0), not set 1's (1.0 / 2.0)
+    assert res["pairs"]["bf16: plain vs graph_2"]["0-9"] == pytest.approx((7.0 - 5.0) / 7.0)

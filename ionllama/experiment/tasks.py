@@ -162,7 +162,7 @@ class TaskStageCut(Exception):
 
 def train_on_tasks(model, device, amp, steps: int, lr: float, batch_of_step, log_every: int = 50,
                    on_log=None, forward=None, deadline: float | None = None,
-                   step_graph: bool = False) -> tuple[list[dict], float]:
+                   step_graph: bool = False, replay: bool = True) -> tuple[list[dict], float]:
     """The task fine-tuning loop of every task arm: AdamW (wd 0.1), warmup 5 % then cosine to 10 %, clip 1.0 (fp16:
     loss scaling, as the trainer);
     batch_of_step(step) -> (x, y). Returns ([{step, loss, bpb}] every log_every steps and at the last, seconds); bpb
@@ -175,7 +175,9 @@ def train_on_tasks(model, device, amp, steps: int, lr: float, batch_of_step, log
     step_graph: the whole step (forward, backward, clipping, AdamW) through the trainer's StepGraph, replayed as one
     CUDA graph on a GPU (eagerly elsewhere); every batch must have one shape (compiled_stage's) and the forward no
     host read (captured_stage_problem). Why: at 12-13 rows of 256 bytes the step waits on kernel launches (the
-    local layers' many small kernels: 202-232 s for 6,000 steps with them, 50-52 s without; fortieth session)."""
+    local layers' many small kernels: 202-232 s for 6,000 steps with them, 50-52 s without; fortieth session).
+    replay=False (with step_graph): StepGraph's step code and capturable optimizer, run eagerly also on a GPU (the
+    benchmark that splits the optimizer's part in a loss difference from the capture's)."""
     forward = model if forward is None else forward  # (not `or`: a compiled module has no truth value)
     from ..train.optim import make_adamw
     from ..train.schedule import warmup_cosine
@@ -192,7 +194,7 @@ def train_on_tasks(model, device, amp, steps: int, lr: float, batch_of_step, log
                             "(captured_stage_problem says so)")
         from ..train.step_graph import StepGraph
 
-        graph = StepGraph(forward, opt, 1.0, lambda: _autocast(device, amp), graphs=device.type == "cuda")
+        graph = StepGraph(forward, opt, 1.0, lambda: _autocast(device, amp), graphs=replay and device.type == "cuda")
     # gradients left on the model by its caller are not the first step's (StepGraph drops them before its backward;
     # the plain loop added them in)
     opt.zero_grad(set_to_none=True)
