@@ -301,3 +301,54 @@ def test_static_patch_count_equals_the_patcher(patching):
                 _, _, n = compute_patches(x, None, patching, 0.0, "global", m, k)
                 assert n.tolist() == [static_patch_count(cfg, T)] * 2, (k, m, T)
     assert static_patch_count(dataclasses.replace(ModelConfig(), patching="entropy"), 64) is None
+
+
+@pytest.mark.parametrize("ngram,kw", [("hash", dict(ngram_sizes=(2, 3, 5))), ("hash_nodigit", dict(ngram_sizes=(1, 4))),
+                                      ("conv", dict(conv_kernel=4)), ("conv", dict(conv_kernel=1)), ("none", {})])
+def test_byte_embedding_context_is_how_far_back_an_embedding_reads(ngram, kw):
+    """ByteEmbedding.context promises how many previous bytes an embedding depends on: it was 0 for the causal
+    conv mode, whose embedding at t reads the bytes t-k+1..t."""
+    from ionllama.model.byte_embedding import ByteEmbedding
+
+    torch.manual_seed(0)
+    emb = ByteEmbedding(8, ngram, buckets=97, **kw).double()
+    x = torch.randint(97, 123, (1, 16))  # letters: no digit, so hash_nodigit keeps every table
+    t = x.shape[1] - 1
+    with torch.no_grad():
+        ref = emb(x)[0, t]
+        reach = 0
+        for lag in range(1, t + 1):
+            y = x.clone()
+            y[0, t - lag] = 32 if int(x[0, t - lag]) != 32 else 33
+            if not torch.equal(emb(y)[0, t], ref):
+                reach = lag
+    assert emb.context == reach
+
+
+def test_const_decay_scan_takes_a_decay_of_zero():
+    """log_a <= 0 includes -inf (a = 0: the state is the input alone). The chunked scan formed a^0 as exp(0 * -inf),
+    NaN for every output of that channel, where the loop gives h_t = u_t; the gradient stays the loop's too."""
+    la = torch.tensor([float("-inf"), -0.5, 0.0], dtype=f64)
+    for T, chunk in [(1, 4), (4, 4), (9, 4), (40, 3)]:
+        u = torch.randn(2, T, 3, dtype=f64, requires_grad=True)
+        h0 = torch.randn(2, 3, dtype=f64)
+        h = scan_const_decay(u, la, h0, chunk)
+        ref = scan_loop(la, u, h0)
+        assert torch.allclose(h, ref, atol=1e-12), T
+        assert torch.equal(h[..., 0], u[..., 0])
+        g = torch.randn_like(h)
+        (gu,) = torch.autograd.grad((h * g).sum(), u)
+        (gu_ref,) = torch.autograd.grad((ref * g).sum(), u)
+        assert torch.allclose(gu, gu_ref, atol=1e-12), T
+
+
+def test_integral_lnn_refuses_time_constants_of_one_byte_or_less():
+    """min_timescale 1 is a = 0, a decay logit of -inf (the trainer refuses to save non-finite weights), below 1 a NaN
+    logit: both built silently and the forward gave NaN while step() did not."""
+    from ionllama.model.integral_lnn import IntegralLNNBlock
+
+    for lo, hi in [(1.0, 256.0), (0.5, 256.0), (8.0, 4.0)]:
+        with pytest.raises(ValueError, match="min_timescale"):
+            IntegralLNNBlock(4, 8, min_timescale=lo, max_timescale=hi)
+    blk = IntegralLNNBlock(4, 8, min_timescale=1.01, max_timescale=1.01)
+    assert torch.isfinite(blk.decay_logit).all() and torch.isfinite(blk(torch.randn(1, 5, 4))).all()

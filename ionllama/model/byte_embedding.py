@@ -108,6 +108,8 @@ class ByteEmbedding(nn.Module):
         """How many previous bytes an embedding depends on (for incremental decoding)."""
         if self.ngram in HASHED:
             return max(self.ngram_sizes) - 1
+        if self.ngram == "conv":  # the causal conv reads bytes t-k+1..t
+            return self.conv.kernel - 1
         return 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,9 @@ class IntegralLNNBlock(nn.Module):
     def __init__(self, dim: int, ffn_hidden: int, conv_kernel: int = 4, chunk: int = 64,
                  min_timescale: float = 2.0, max_timescale: float = 256.0, dropout: float = 0.0):
         super().__init__()
+        if not 1.0 < min_timescale <= max_timescale:  # tau 1 is a = 0, a decay logit of -inf; below 1, NaN
+            raise ValueError(f"IntegralLNN time constants need 1 < min_timescale <= max_timescale (got "
+                             f"{min_timescale}, {max_timescale})")
         self.dim, self.chunk = dim, chunk
         self.norm1 = RMSNorm(dim)
         self.in_proj = nn.Linear(dim, 3 * dim, bias=False)  # gate, candidate, output gate

@@ -45,8 +45,8 @@ def scan_const_decay(u: torch.Tensor, log_a: torch.Tensor, h0: torch.Tensor | No
     i = torch.arange(C, device=u.device)
     lag = (i[:, None] - i[None, :]).to(u.dtype)  # (C, C) i - j
     causal = lag >= 0
-    # W[i, j, d] = a_d^(i-j) for i >= j
-    W = torch.exp(lag.clamp_min(0)[..., None] * log_a) * causal[..., None]
+    # W[i, j, d] = a_d^(i-j) for i >= j; a^0 = 1 exactly, also for a = 0 (log_a = -inf: 0 * -inf was NaN)
+    W = torch.exp(torch.where(lag[..., None] > 0, lag.clamp_min(1)[..., None] * log_a, 0.0)) * causal[..., None]
     h_local = torch.einsum("ijd,bnjd->bnid", W, up)  # (B, n, C, D)
     decay_from_start = torch.exp((i + 1).to(u.dtype)[:, None] * log_a)  # (C, D): a^(i+1)
     if n == 1:
