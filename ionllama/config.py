@@ -50,6 +50,12 @@ class ModelConfig:
     # FFN output) at zero, so at init the decoder is the identity and the model predicts as one without decoder
     # layers; "default" is GPT-2's. It did not help addition from scratch (docs/results/probe-strip.md)
     dec_init: str = "default"
+    # ionllama: init of the IntegralLNN local layers' inputs. "default" is what every committed run used: GPT-2's
+    # rule scales every weight named *proj by 1/sqrt(2 x layers), which also catches each block's *input*
+    # projection in_proj (std 0.0053 at tiny, not 0.02), and draws the depthwise conv at N(0, 0.02) over its own
+    # N(0, 1/kernel). "inputs" redraws those two as meant (in_proj N(0, 0.02), conv N(0, 1/kernel)), last, so every
+    # other weight stays that of the default init (an audit of the forty-eighth session; not yet measured on a GPU)
+    local_init: str = "default"
     # ionllama: latent attention
     attention: str = "dilated"  # dilated | dense
     local_width: int = 3  # dilated offsets {0..local_width-1} U {powers of two}
@@ -187,7 +193,7 @@ def make_config(size: str = "tiny", model: str = "ionllama", **overrides) -> Mod
 CHOICES = {"attention": ("dilated", "dense"), "local_layers": ("integral", "transformer"),
            "patching": ("entropy", "fixed", "space", "byte"), "threshold_mode": ("global", "monotonic"),
            "ngram": ("hash", "hash_nodigit", "conv", "none"), "pooling": ("mean", "attention"),
-           "dec_init": ("default", "zero"),
+           "dec_init": ("default", "zero"), "local_init": ("default", "inputs"),
            "latent_shift": LATENT_SHIFTS}
 # the least value of each size option: a zero width or patch size used to end in a ZeroDivisionError or an
 # assert deep in the model; a zero latent depth built a model without a latent transformer, silently; a scan chunk

@@ -196,6 +196,13 @@ ROWS = {
     "tasks best row, n-gram hash_nodigit, long compiled stage, seed 1": _task_row(
         "latent_shift=completed,fixed_patch_size=3,pooling=attention,attention=dense,ngram=hash_nodigit",
         step_graph=True, task_steps=6000, task_compile=True),
+    # the forty-eighth session's audit: init_weights' GPT-2 rule scaled the IntegralLNN blocks' input projection
+    # (in_proj) as a residual output and drew their conv at 0.02 (config local_init). The full best row with the
+    # intended init, against its three 2-5-gram runs (val 1.5577-1.5602 on H200s; on an H100 compare at equal steps
+    # with scripts/train_val_gap.py --steps). Q3 (IntegralLNN against transformer local layers) rests on this init
+    "tasks best row, local_init inputs, long compiled stage, seed 1": _task_row(
+        "latent_shift=completed,fixed_patch_size=3,pooling=attention,attention=dense,local_init=inputs",
+        step_graph=True, task_steps=6000, task_compile=True),
     # the 2 x 2 at 1-byte patches: local layers without the tables (the tiny probe's decoder layers cost the jump)
     "tasks best row, 1-byte patches, no n-gram tables, long compiled stage, seed 1": _task_row(
         "latent_shift=completed,fixed_patch_size=1,pooling=attention,attention=dense,ngram=none", step_graph=True,

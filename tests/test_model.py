@@ -164,6 +164,46 @@ def test_dec_init_zero_starts_the_decoder_as_the_identity_and_lets_it_learn(loca
         create_model("tiny", **SMALL, dec_init="small")
 
 
+def test_local_init_inputs_redraws_only_the_integral_lnn_inputs():
+    """The GPT-2 rule of init_weights scales every weight named *proj by 1/sqrt(2 x layers), so an IntegralLNN
+    block's input projection in_proj started 1/sqrt(2 x layers) smaller than its other weights, and its depthwise
+    conv at N(0, 0.02) instead of its own N(0, 1/kernel) (an audit). local_init="inputs" redraws just those two (same
+    seed: every other weight equal to the default init); the transformer local layers have no such weights."""
+    from ionllama.experiment import parse_overrides
+    from ionllama.train.cli import build_train_parser
+
+    torch.manual_seed(3)
+    default = create_model("tiny", **SMALL)
+    torch.manual_seed(3)
+    fixed = create_model("tiny", **SMALL, local_init="inputs")
+    n_layers = default.config.n_layers + default.config.n_enc_layers + default.config.n_dec_layers
+    redrawn = [n for n in fixed.state_dict() if n.split(".")[0] in ("encoder", "decoder")
+               and n.endswith(("in_proj.weight", "conv.weight"))]
+    assert len(redrawn) == 2 * (len(fixed.encoder) + len(fixed.decoder)) > 0
+    for (name, a), b in zip(default.state_dict().items(), fixed.state_dict().values()):
+        assert torch.equal(a, b) != (name in redrawn), name
+    params = dict(fixed.named_parameters())
+    old = dict(default.named_parameters())
+    for name in redrawn:
+        if name.endswith("in_proj.weight"):  # the default is the residual-output std; the fix the plain 0.02
+            assert old[name].std().item() == pytest.approx(0.02 / math.sqrt(2 * n_layers), rel=0.15)
+            assert params[name].std().item() == pytest.approx(0.02, rel=0.15)
+        else:
+            k = fixed.config.conv_kernel
+            assert params[name].std().item() == pytest.approx(k ** -0.5, rel=0.25) and old[name].std().item() < 0.05
+    ids = torch.randint(0, 256, (2, 24))
+    assert torch.isfinite(fixed(ids, ids)["loss"])
+    torch.manual_seed(3)
+    tf = create_model("tiny", **SMALL, local_layers="transformer")
+    torch.manual_seed(3)
+    tf_fixed = create_model("tiny", **SMALL, local_layers="transformer", local_init="inputs")
+    assert all(torch.equal(a, b) for a, b in zip(tf.state_dict().values(), tf_fixed.state_dict().values()))
+    assert build_train_parser().parse_args(["--local_init", "inputs"]).local_init == "inputs"
+    assert parse_overrides(["local_init=inputs"])["local_init"] == "inputs"
+    with pytest.raises(UserError, match="unknown local_init 'plain'"):
+        create_model("tiny", **SMALL, local_init="plain")
+
+
 def test_ngram_buckets_size_the_hash_tables_and_reach_the_cli_and_experiment():
     """ngram_buckets (the n-gram hash tables' rows, one table per size) is a model option of its own: the train
     CLI and the experiment's --override pass it through; < 1 is refused in one line."""

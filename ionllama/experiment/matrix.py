@@ -49,7 +49,8 @@ ION_SWEEP_VARIANTS = {"local_wide": {"local_width_mult": 1.5}, "local_deep": {"d
 MODEL_KEYS = ("d_model", "n_layers", "n_heads", "d_local", "n_enc_layers", "n_dec_layers", "attention",
               "local_layers", "patching", "threshold_mode", "max_patch_size", "target_patch_size", "ngram", "pooling",
               "vocab_size", "latent_shift", "dropout", "local_dropout", "fixed_patch_size", "entropy_chunk",
-              "ngram_buckets", "ngram_sizes", "embed_std", "dec_init", "local_width")
+              "ngram_buckets", "ngram_sizes", "embed_std", "dec_init", "local_width",
+              "local_init")
 
 
 def sweep_variants(spec: dict) -> tuple[str, ...]:

@@ -86,3 +86,15 @@ class IntegralLNNBlock(nn.Module):
     def empty_cache(self, batch: int, device, dtype=torch.float32) -> dict:
         return {"conv": torch.zeros(batch, self.conv.kernel - 1, 2 * self.dim, device=device, dtype=dtype),
                 "h": torch.zeros(batch, self.dim, device=device, dtype=torch.promote_types(dtype, torch.float32))}
+
+
+def redraw_local_inputs(blocks, std: float = 0.02) -> None:
+    """config.local_init == "inputs": each IntegralLNN block's input projection at N(0, std) and its depthwise conv at
+    N(0, 1/kernel), the conv's own init. init_weights' GPT-2 rule scales every weight named *proj as a residual
+    output, so it shrank in_proj by 1/sqrt(2 x layers), and it drew the conv at N(0, std). Other blocks (the
+    transformer local layers: qkv, not in_proj) are left as they are."""
+    with torch.no_grad():
+        for block in blocks:
+            if isinstance(block, IntegralLNNBlock):
+                nn.init.normal_(block.in_proj.weight, 0.0, std)
+                block.conv.weight.normal_(0.0, block.conv.kernel ** -0.5)

@@ -24,7 +24,7 @@ from .common import (RMSNorm, checked_input, init_weights, scored_cross_entropy,
                      zero_residual_branches)
 from .dense import GenerateMixin, ParamCountMixin, lm_outputs
 from .entropy_model import EntropyModel
-from .integral_lnn import IntegralLNNBlock
+from .integral_lnn import IntegralLNNBlock, redraw_local_inputs
 from .latent_transformer import LatentTransformer
 from .local_attention import LocalAttentionBlock
 from .patcher import calibrate_threshold, compute_patches, patch_ids
@@ -99,6 +99,8 @@ class IonLlama(ParamCountMixin, GenerateMixin, nn.Module):
                     nn.init.normal_(table.weight, 0.0, cfg.embed_std)
         if cfg.dec_init == "zero":  # after every draw, so the other weights stay those of the default init
             zero_residual_branches(self.decoder)
+        if cfg.local_init == "inputs":  # last: the draws above are those of the default init
+            redraw_local_inputs(list(self.encoder) + list(self.decoder))
         self._entropy_frozen = False
 
     # ----------------------------------------------------------------- training-phase protocol

@@ -30,6 +30,7 @@ MODEL_OVERRIDES = {
     "d_local": int, "n_enc_layers": int, "n_dec_layers": int, "vocab_size": int, "latent_shift": str,
     "dropout": float, "local_dropout": float, "fixed_patch_size": int, "entropy_chunk": int, "ngram_buckets": int,
     "ngram_sizes": ngram_sizes_arg, "embed_std": float, "dec_init": str, "local_width": int,
+    "local_init": str,
 }
 
 
