@@ -1,8 +1,9 @@
 """End-to-end training throughput: ionLlama vs the dense byte transformer, same script, same GPU, same run.
 
 Measures optimizer steps (forward + backward + fused AdamW, bf16 autocast) on random or real bytes at
-a given sequence length and reports bytes/s, MFU (model FLOPs per byte from ionllama.model.flops
-times bytes/s over the GPU's peak bf16 rate) and peak memory.
+a given sequence length and reports bytes/s, MFU (model FLOPs per byte from ionllama.model.flops, plus a Mamba
+arm's chunked scan as ionllama.experiment.flops counts it, times bytes/s over the GPU's peak bf16 rate) and peak
+memory.
 
     PYTHONPATH=. python benchmarks/bench_train_throughput.py --sizes tiny small --seq_len 8192 \
         --batch_size 8 --compile --out $OUT/train_throughput.json
@@ -25,13 +26,16 @@ import torch
 from ionllama import create_model
 from ionllama.errors import UserError, check_ranges, cli_entry
 from ionllama.eval.benchmark import device_name, git_commit
+from ionllama.experiment.flops import train_flops_per_byte
 from ionllama.fsutil import atomic_write, ready_out_file
-from ionllama.model.flops import flops_per_byte
 from ionllama.registry import model_config
 from ionllama.train.optim import make_adamw
 from ionllama.train.step_graph import make_step_graph, step_graph_problem
 
-PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12}  # dense bf16 datasheet rates (SXM)
+# dense bf16 datasheet rates (half the "with sparsity" figure); the first key in the device's name wins, so the PCIe
+# card (114 SMs, lower clocks) comes before the SXM parts, whose names carry no form factor ("NVIDIA H100 80GB HBM3")
+PEAK_BF16 = {"H100 PCIe": 756.5e12, "H100": 989.4e12, "H200": 989.4e12}
+PEAK_UNKNOWN = ("NVL",)  # H100 NVL / H200 NVL: other rates than the SXM part they are named after; MFU left out
 REFERENCE_SWITCHES = {"conv_gate": "conv_gate_uses_triton", "rope_table": "rope_table_uses_op",  # --reference
                       "ssd_scan": "ssd_uses_triton"}
 
@@ -39,6 +43,8 @@ REFERENCE_SWITCHES = {"conv_gate": "conv_gate_uses_triton", "rope_table": "rope_
 def peak_flops(device: str | None = None) -> float:
     """The datasheet bf16 rate of --device; NaN where unknown (the CPU, other GPUs)."""
     name = device_name(device)
+    if any(k in name for k in PEAK_UNKNOWN):
+        return float("nan")
     for key, val in PEAK_BF16.items():
         if key in name:
             return val
@@ -186,6 +192,9 @@ def bench_one(name: str, model_kind: str, size: str, args, text: bytes | None, o
         opt = torch.optim.AdamW(trainable, lr=1e-4, fused=dev.type == "cuda")
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
     batches = [sample_batch(text, args.batch_size, args.seq_len, gen).to(dev) for _ in range(4)]
+    # whole rounds over the batches the timed steps cycle through: a batch's first step may compile or record a graph
+    # for its own padded patch count (entropy patching), and with --warmup below 4 that landed in the timed steps
+    n_warm = -(-n_warm // len(batches)) * len(batches)
 
     def step(i):
         x = batches[i % len(batches)]
@@ -217,12 +226,13 @@ def bench_one(name: str, model_kind: str, size: str, args, text: bytes | None, o
     if args.profile:
         profile_steps(step, f"{name}_{size}".replace(":", "_").replace("=", "-").replace(",", "_"), args.profile)
     bytes_per_s = args.batch_size * args.seq_len / dt
-    fpb = flops_per_byte(model, args.seq_len, measured_bpp)
+    fpb = train_flops_per_byte(model, "main", args.seq_len, measured_bpp, None)  # the experiments' count: a Mamba
+    # arm's chunked scan too (ionllama.model.flops alone left it out, ~11 % of mamba-small's FLOPs at seq 8192)
     return {"arm": name, "model": model_kind, "size": size, "overrides": overrides,
             "params_M": round(model.count_parameters()["total"] / 1e6, 2), "seq_len": args.seq_len,
             "batch_size": args.batch_size, "compile": args.compile and args.compile_mode, "sdpa_backend": args.sdpa_backend,
             "step_graph": args.step_graph, "stage_a": args.stage_a if args.step_graph else None,
-            "reference_paths": args.reference, "step_ms": round(dt * 1e3, 2),
+            "reference_paths": args.reference, "warmup_steps": n_warm, "step_ms": round(dt * 1e3, 2),
             "bytes_per_s": round(bytes_per_s), "bytes_per_patch": round(measured_bpp, 3),
             "calibrated_bytes_per_patch": round(bpp, 3), "flops_per_byte": fpb,
             "mfu": _finite(round(fpb * bytes_per_s / peak_flops(args.device), 4)),
@@ -241,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq_len", type=int, default=8192)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3,
+                   help="untimed steps first, rounded up to whole rounds over the 4 batches the timed steps use")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--compile_mode", choices=["parts", "whole", "reduce-overhead"], default=None,
                    help="with --compile: parts (default): model.compile_parts() (per layer); whole: "
@@ -304,7 +315,7 @@ def parse_arm(arm: str) -> tuple[str, dict]:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     command = "python3 benchmarks/bench_train_throughput.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    # one warm-up step at least: it compiles, and its output gives the measured bytes per patch
+    # one warm-up step at least: its output gives the measured bytes per patch (bench_one warms up every batch)
     check_ranges(args, {"seq_len": 2, "batch_size": 1, "steps": 1, "warmup": 1})
     if args.compile_mode is not None and not args.compile:  # it was silently ignored: the rows ran eager
         raise UserError(f"--compile_mode {args.compile_mode} applies to compiled steps only; add --compile")
@@ -314,8 +325,10 @@ def main(argv=None):
     resolve_device(args.device)  # --device cuda without a GPU: one line, not a traceback from the first CUDA call
     arms = [(arm, *parse_arm(arm)) for arm in args.arms]
     for size in args.sizes:  # every arm checked (model, size, options) before minutes of compiling the first
-        for _, kind, overrides in arms:
-            model_config(size, kind, **overrides)
+        for arm, kind, overrides in arms:
+            if model_config(size, kind, **overrides).model == "bpe":  # its rows were tokens/s under "bytes/s"
+                raise UserError(f"--arms {arm}: a BPE model's steps hold tokens, and this benchmark counts bytes "
+                                "(random bytes, no tokenizer); compare byte-level models (ionllama, dense, mamba)")
     if args.stage_a == "auto":  # the trainer's --compile_stage_a auto
         args.stage_a = "compiled" if args.compile else "graph"
     import ionllama.kernels as K
