@@ -22,6 +22,11 @@ class RelayedError(UserError):
     prints it, the others exit 2 without printing it again."""
 
 
+class PeerLostError(UserError):
+    """A collective of a torchrun job failed because another of its processes stopped: that process says why (its own
+    error line or traceback); this one says so in one line, and nothing where rank 0 has said its own error already."""
+
+
 _STARTED = time.time()  # a note older than this process is another job's, under a reused --rdzv_id
 
 
@@ -32,10 +37,11 @@ def _error_note(run_id: str) -> str:
     return os.path.join(tempfile.gettempdir(), f"ionllama-error-{safe}-rank0.txt")
 
 
-def _print_error_once(line: str, wait_s: float = 2.0) -> None:
+def _print_error_once(line: str, wait_s: float = 2.0, echo: bool = False) -> None:
     """Under torchrun every rank runs the same checks, so a refusal printed its line once per rank. Rank 0 prints it
     and leaves it in a small file named by the job's run id; another rank prints its own line (with its rank) only
-    when rank 0's differs or has not come within wait_s: an error of one rank alone is still said."""
+    when rank 0's differs or has not come within wait_s: an error of one rank alone is still said. echo: the line only
+    says that another process stopped, so any line of rank 0's (its own error, or this same news) makes it redundant."""
     rank, run_id = os.environ.get("RANK"), os.environ.get("TORCHELASTIC_RUN_ID")
     if rank is None or run_id is None or "WORLD_SIZE" not in os.environ:
         print(line, file=sys.stderr)
@@ -57,7 +63,7 @@ def _print_error_once(line: str, wait_s: float = 2.0) -> None:
             if os.stat(note).st_mtime < _STARTED - 1.0:  # a stale note: it made this rank print its line too
                 raise FileNotFoundError(note)
             with open(note) as f:
-                if f.read() == line:
+                if f.read() == line or echo:
                     return
                 break
         except OSError:
@@ -95,7 +101,7 @@ def cli_entry(fn):
         except RelayedError:
             sys.exit(2)
         except UserError as e:
-            _print_error_once(f"error: {e}")
+            _print_error_once(f"error: {e}", echo=isinstance(e, PeerLostError))
             sys.exit(2)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

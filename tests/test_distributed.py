@@ -241,6 +241,19 @@ def test_setup_keeps_multicast_off_and_is_a_noop_without_torchrun(monkeypatch):
         distributed.setup("cuda:1")
 
 
+def test_only_a_collective_broken_by_another_rank_is_told_as_its_stop():
+    import torch.distributed as dist
+
+    gloo = RuntimeError("[/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:5. This is typically")
+    assert isinstance(distributed.peer_lost(gloo), UserError)
+    assert "Connection closed by peer" in str(distributed.peer_lost(gloo))
+    assert distributed.peer_lost(dist.DistBackendError("NCCL error: remote process exited or there was a network "
+                                                       "error")) is not None
+    not_a_rank = ValueError("gloo: Connection closed by peer")
+    for own in (RuntimeError("Connection reset by peer"), RuntimeError("boom"), not_a_rank):
+        assert distributed.peer_lost(own) is None  # not a collective's, or not a rank's stop: raised as it is
+
+
 def test_sharded_checkpoint_name_and_latest(tmp_path):
     assert distributed.dcp_name("latest.pt") == "latest.dcp" and distributed.dcp_name("step_3.pt") == "step_3.dcp"
     assert distributed.latest_checkpoint(tmp_path) is None and not distributed.has_checkpoints(tmp_path)
@@ -317,6 +330,28 @@ def test_logged_bytes_per_patch_counts_every_rank(tmp):
 
 
 @pytest.mark.slow
+def test_a_token_models_logged_bpb_is_the_global_batchs_whatever_its_split(tmp):
+    """A BPE model's training bpb is bits per byte of its targets, and micro-batches cover different byte counts: the
+    logged bpb was the mean of each micro-batch's (and rank's) ratio, so one global batch logged another bpb as 8 rows,
+    2 x 4 rows or 2 processes x 2 x 2 rows (0.009 to 0.023 apart here, the loss the same); now its bits over its
+    bytes."""
+    kw = dict(model="bpe", vocab_size=300, max_steps=3, save_interval=1000)
+
+    def bpb(run):
+        recs = [json.loads(line) for line in (tmp / "ck" / run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["bpb"] for r in recs if "loss" in r and "val_loss" not in r}
+
+    _one_process(_args(tmp, "tok8", batch_size=8, grad_accum=1, **kw))
+    _one_process(_args(tmp, "tok4x2", batch_size=4, grad_accum=2, **kw))
+    _torchrun(_args(tmp, "tok2x2x2", batch_size=2, grad_accum=2, parallel="ddp", **kw))
+    ref = bpb("tok8")
+    assert sorted(ref) == [1, 2, 3]
+    for run in ("tok4x2", "tok2x2x2"):
+        got = bpb(run)
+        assert got.keys() == ref.keys() and all(abs(got[s] - ref[s]) <= TOL for s in ref), (run, ref, got)
+
+
+@pytest.mark.slow
 def test_a_refusal_on_rank_0_stops_every_rank_with_one_error_line(tmp):
     """Rank 0 refused bad data in one line, but rank 1, waiting in the barrier behind it, died with a connection
     traceback (a new user's report); now it stops with rank 0's error, printed once."""
@@ -328,6 +363,31 @@ def test_a_refusal_on_rank_0_stops_every_rank_with_one_error_line(tmp):
     out = p.stdout + p.stderr
     assert p.returncode != 0 and out.count("error: --data_path") == 1, out[-3000:]
     assert "exitcode  : 2" in out and "Connection closed" not in out and "barrier" not in out, out[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failing", ["1", "0"])
+def test_a_refusal_of_one_rank_mid_run_stops_the_others_in_one_line(tmp, failing):
+    """A refusal of one rank alone after the start (its own data or memory): it said why in one line, but every other
+    rank met its closed connection in the next collective and died with gloo's "Connection closed by peer" traceback.
+    Now the others stop with one line at most (none where rank 0 said why), no traceback of ionllama's."""
+    script = tmp / f"refuse_on_rank{failing}.py"
+    script.write_text(
+        "import os, sys\nimport ionllama.train.trainer as t\nfrom ionllama.errors import UserError\n"
+        "real = t.Trainer._train_step\n"
+        "def bad(self, step):\n"
+        f"    if os.environ['RANK'] == '{failing}' and step == 2:\n"
+        f"        raise UserError('bad input on rank {failing} only')\n"
+        "    return real(self, step)\n"
+        "t.Trainer._train_step = bad\nfrom ionllama.train.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    args = _args(tmp, f"refuse{failing}", batch_size=2, max_steps=4, save_interval=100)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0 and out.count(f"error: bad input on rank {failing} only") == 1, out[-3000:]
+    assert "pair.cc" not in out and "]: Traceback" not in out and str(REPO / "ionllama") not in out, out[-3000:]
+    assert out.count("another process of this torchrun job stopped") == (1 if failing == "1" else 0), out[-3000:]
 
 
 # ---------------------------------------------------------------- damaged / older sharded checkpoints

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..errors import RelayedError, UserError, first_line
+from ..errors import PeerLostError, RelayedError, UserError, first_line
 
 # NVLink multicast (NVLS) stays off in every process: set before the process group starts.
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -195,6 +195,24 @@ def teardown(finished: bool = False) -> None:
         sys.stdout.close()
         sys.stdout = sys.__stdout__
     _CONTEXT = DistContext()
+
+
+# what a collective raises when another process of the job is gone (gloo: its socket closed; NCCL: it exited)
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote process exited")
+
+
+def peer_lost(e: BaseException) -> PeerLostError | None:
+    """The one-line error for a collective that failed because another process stopped (it says why itself), or None
+    for any other failure. Every other rank died with gloo's "Connection closed by peer" traceback when one rank alone
+    was refused mid-run (its data, its memory)."""
+    if not isinstance(e, RuntimeError):  # (torch's DistBackendError / DistNetworkError are RuntimeErrors)
+        return None
+    text = str(e)
+    why = next((s for s in _PEER_GONE if s in text), None)
+    if why is None or not (isinstance(e, getattr(dist, "DistError", ())) or "gloo" in text or "NCCL" in text):
+        return None  # (a closed connection of something else, e.g. a download: not another rank's failure)
+    return PeerLostError(f"another process of this torchrun job stopped ({why}), so this one stopped too; its own "
+                         "output says why (torchrun's report names its rank)")
 
 
 def resolve_parallel(choice: str, size: str, ctx: DistContext) -> str:

@@ -880,6 +880,10 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         bpb_sum = torch.zeros((), device=self.device)
         patches = torch.zeros((), device=self.device, dtype=torch.long)
+        # a token model's bpb is bits over the bytes its targets cover, which differ between micro-batches: the mean of
+        # their ratios changed with the split of one global batch (8 rows, 2 x 4, 2 processes x 2 x 2); summed here
+        nats_sum = torch.zeros((), device=self.device)
+        target_bytes = torch.zeros((), device=self.device)
         fwd = self.par.train_module(self.phase)  # entropy model or full model; DDP / FSDP when distributed
         batches = [self.sampler.get(step, micro) for micro in range(a.grad_accum)]
         # each micro-batch's loss is a mean over its own scored targets: weighted by its share of the step's, so
@@ -916,6 +920,9 @@ class Trainer:
             bpb = out["bpb"].detach().float() if out.get("bpb") is not None else loss / LN2
             loss_sum += loss * w if weighted else loss
             bpb_sum += bpb * w if weighted else bpb
+            if out.get("n_bytes") is not None:
+                nats_sum += loss * counts[micro]
+                target_bytes += out["n_bytes"].detach().float()
             if self.phase != "entropy" and out.get("n_patches") is not None:
                 patches += out["n_patches"].detach().sum()
             else:
@@ -937,9 +944,12 @@ class Trainer:
         signalled = None
         if self.par.distributed:
             got = getattr(self, "_stop", None) is not None and self._stop.signum is not None
-            loss_sum, bpb_sum, signalled = self.par.mean(torch.stack([
-                loss_sum, bpb_sum, torch.full((), float(got), device=self.device)]))
-        return {"loss": loss_sum / a.grad_accum, "bpb": bpb_sum / a.grad_accum, "patches": patches,
+            loss_sum, bpb_sum, signalled, nats_sum, target_bytes = self.par.mean(torch.stack([
+                loss_sum, bpb_sum, torch.full((), float(got), device=self.device), nats_sum, target_bytes]))
+        bpb = bpb_sum / a.grad_accum
+        if out.get("n_bytes") is not None:  # (means over ranks: their ratio is the global batch's)
+            bpb = nats_sum / LN2 / target_bytes.clamp_min(1e-6)
+        return {"loss": loss_sum / a.grad_accum, "bpb": bpb, "patches": patches,
                 "grad_norm": self.par.local(grad_norm) if grad_norm is not None else None, "lr": lr,
                 "signalled": signalled}
 
@@ -1354,14 +1364,20 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict:
     save = Path(args.save_dir)
     before = {d.name for d in save.iterdir()} if save.is_dir() else None
     try:
-        result = Trainer(args, explicit, rank=ctx.rank, world_size=ctx.world_size).run()
-        finished = True
-    except BaseException:
-        if ctx.rank == 0:
-            _drop_new_empty_folders(save, before)
-        raise
-    finally:
-        distributed.teardown(finished)
+        try:
+            result = Trainer(args, explicit, rank=ctx.rank, world_size=ctx.world_size).run()
+            finished = True
+        except BaseException:
+            if ctx.rank == 0:
+                _drop_new_empty_folders(save, before)
+            raise
+        finally:
+            distributed.teardown(finished)
+    except RuntimeError as e:  # another rank stopped (its own output says why): one line here, not gloo's traceback
+        lost = distributed.peer_lost(e) if ctx.enabled and ctx.world_size > 1 else None
+        if lost is None:
+            raise
+        raise lost from None
     code = result.pop("exit_code", None) if isinstance(result, dict) else None
     if code is not None:  # a signalled rank of a torchrun job: its exit status, after every rank's barrier
         raise SystemExit(code)
