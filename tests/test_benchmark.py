@@ -585,3 +585,29 @@ def test_a_datasets_save_to_disk_folder_as_eval_data_is_refused_naming_the_expor
             (d / f).write_text('{"splits": ["train", "validation"]}')
         with pytest.raises(UserError, match=r"is a `datasets` save_to_disk folder, which is not read here; export"):
             read_eval_bytes(d)
+
+
+def test_the_commit_is_the_checkouts_not_an_enclosing_repositorys(tmp_path, monkeypatch):
+    """An installed copy (site-packages of a venv inside another git repository) recorded that repository's HEAD as
+    the commit of the code that produced the results."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("no git on this machine")
+
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=tmp_path, capture_output=True, text=True, check=True)
+
+    git("init", "-q")
+    git("-c", "user.email=a@b", "-c", "user.name=x", "-c", "commit.gpgsign=false", "commit", "-q", "--allow-empty",
+        "-m", "someone else's")
+    outer = git("rev-parse", "HEAD").stdout.strip()
+    site = tmp_path / "venv" / "lib" / "site-packages"
+    site.mkdir(parents=True)
+    monkeypatch.delenv("BENCH_COMMIT", raising=False)
+    monkeypatch.setattr(B, "REPO_ROOT", site)
+    assert B.git_commit()["sha"] != outer
+    assert B.git_commit() == {"sha": "unknown"}
+    monkeypatch.setattr(B, "REPO_ROOT", tmp_path)  # the checkout itself: its HEAD
+    assert B.git_commit() == {"sha": outer, "dirty": False}

@@ -216,3 +216,16 @@ def test_training_curves_leave_the_entropy_models_val_scores_off_the_lm_curve():
     c = curves(recs)
     assert c["val"] == [(0, 8.03), (768, 8.02), (1024, 5.5)]
     assert c["train"] == [(1024, 5.8)]
+
+
+def test_language_files_of_one_stem_each_keep_their_row(tmp_path):
+    """hello.c and hello.py (both language files) were keyed by their stem alone: the second one's row replaced the
+    first's, so a file was scored and its result dropped without a word."""
+    d = tmp_path / "code"
+    d.mkdir()
+    (d / "hello.c").write_bytes(b'int main(void) { puts("hello"); return 0; }\n')
+    (d / "hello.py").write_bytes(b'print("hello")\n')
+    (d / "russian.txt").write_bytes("Все люди рождаются свободными".encode())
+    g = run_multilingual(_tiny(), [d], seq_len=16, batch_size=2, device="cpu")["groups"][0]
+    assert set(g["languages"]) == {"hello.c", "hello.py", "russian"}, set(g["languages"])
+    assert {r["file"] for r in g["languages"].values()} == {str(d / n) for n in ("hello.c", "hello.py", "russian.txt")}

@@ -145,6 +145,11 @@ def git_commit() -> dict:
         return subprocess.run(["git", *a], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
 
     try:
+        # the checkout's own HEAD only: an installed copy (site-packages in a venv inside some other repository)
+        # recorded that repository's commit as the code's
+        top = git("rev-parse", "--show-toplevel")
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != REPO_ROOT.resolve():
+            return {"sha": "unknown"}
         sha = git("rev-parse", "HEAD")
         if sha.returncode != 0:
             return {"sha": "unknown"}

@@ -101,7 +101,11 @@ def run_multilingual(model, directories: list[Path], seq_len: int, batch_size: i
         if not d.is_dir():
             raise UserError(f"--multilingual_dir '{d}' is not a directory; pass a folder with one file per language")
         langs, empty = {}, []
-        for f in language_files(d):
+        files = language_files(d)
+        # a row per file: files of one stem (hello.c, hello.py) were keyed alike, and the later one's row replaced the
+        # earlier's without a word; those keep their suffix
+        stems = [f.stem for f in files]
+        for f in files:
             raw = f.read_bytes()[:max_lang_bytes]
             raw = raw.replace(b"\x00", b"")
             # one byte is enough (scored after the separator put before it below); an empty file is listed
@@ -127,7 +131,7 @@ def run_multilingual(model, directories: list[Path], seq_len: int, batch_size: i
                          len(bpe.encode(raw.decode("utf-8", "replace")).ids))
                 rec["bpe_tokens"] = n_tok
                 rec["bytes_per_bpe_token"] = len(raw) / max(n_tok, 1)
-            langs[f.stem] = rec
+            langs[f.stem if stems.count(f.stem) == 1 else f.name] = rec
         parallel = d.name.lower() in parallel_names or (d / "PARALLEL").exists()
         group = {"dir": str(d), "parallel": parallel, "languages": langs, "bpb_method": method if langs else None,
                  "empty_files": empty}
