@@ -251,8 +251,11 @@ class PoisonedLM(FakePatchedLM):
         if self.training and targets is not None:
             self.calls += 1
             if self.poison_at is not None and self.calls >= self.poison_at:
-                out["loss"] = out["loss"] * float("nan")
+                out["loss"] = self.poison(out["loss"])
         return out
+
+    def poison(self, loss):
+        return loss * float("nan")
 
 
 def test_a_diverged_run_stops_before_saving_and_keeps_the_last_good_checkpoint(tmp_path, corpus, capsys):
@@ -278,23 +281,14 @@ def test_a_diverged_run_stops_before_saving_and_keeps_the_last_good_checkpoint(t
         _REGISTRY.pop("fake_patched", None)
 
 
-class GradPoisonedLM(FakePatchedLM):
+class GradPoisonedLM(PoisonedLM):
     """From its `poison_at`-th training forward on, the loss stays finite but the gradient is NaN (0 x sqrt(0)'s
     backward is 0 x inf), as an overflow in a backward makes it: the step that ruins the weights logs a finite loss,
     and only the next step's loss is NaN."""
     poison_at: int | None = None
 
-    def __init__(self, config):
-        super().__init__(config)
-        self.calls = 0
-
-    def forward(self, x, targets=None):
-        out = super().forward(x, targets)
-        if self.training and targets is not None:
-            self.calls += 1
-            if self.poison_at is not None and self.calls >= self.poison_at:
-                out["loss"] = out["loss"] + 0.0 * torch.sqrt(0.0 * self.mix.weight.sum())
-        return out
+    def poison(self, loss):
+        return loss + 0.0 * torch.sqrt(0.0 * self.mix.weight.sum())
 
 
 def test_weights_ruined_behind_a_finite_loss_are_not_saved_over_the_last_good_checkpoint(tmp_path, corpus, capsys):
