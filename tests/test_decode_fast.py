@@ -116,6 +116,34 @@ def test_decode_steps_update_state_in_place(kind, ion, ion_completed, dense):
     assert all(after[k] is t and after[k].data_ptr() == p for k, (t, p) in before.items())
 
 
+@pytest.mark.parametrize("kind", ["ion", "ion_completed", "dense", "mamba"])
+def test_prefill_again_keeps_the_state_tensors(kind, ion, ion_completed, dense):
+    """DecodeRunner.reset's contract: "start over after the decoder was prefilled again (in place): captured graphs
+    stay valid" (bench_generation's sessions prefill one decoder per measurement). MambaDecoder's prefill made new
+    cache tensors each time, so a graph captured before would have replayed on the first prompt's state. A second
+    prefill now writes into the tensors the steps use, and the runner's bytes equal a fresh decoder's."""
+    torch.manual_seed(0)
+    model = {"ion": ion, "ion_completed": ion_completed, "dense": dense}.get(kind) or \
+        create_model("tiny", model="mamba", d_model=32, n_layers=2).eval()
+    r = _runner(model, 30, latent_policy="always")
+    r.run(7)
+    dec = r.dec
+    # (prompt_starts: the prefill's patch flags kept for checks, stepwise_vs_parallel; no step reads them)
+    state = lambda: {k: v for k, v in _state_tensors(dec).items() if not k.startswith("prompt_starts")}  # noqa: E731
+    before = {k: (v, v.data_ptr()) for k, v in state().items()}
+    prompts = [list(b"xyz q"), list(b"w e r t")]
+    r.reset(dec.prefill(prompts))
+    r.run(12)
+    after = state()
+    assert after.keys() == before.keys()
+    assert all(after[k] is t and after[k].data_ptr() == p for k, (t, p) in before.items())
+    fresh = decoder_for(model, 2, 64)
+    ref = DecodeRunner(fresh, SamplingConfig(temperature=1.0), torch.tensor([3, 4]), fresh.prefill(prompts), 30,
+                       latent_policy="always")
+    ref.run(12)
+    assert torch.equal(r.out[:, :12], ref.out[:, :12])
+
+
 def test_recompute_decoder_is_never_captured(ion):
     from ionllama.generation import RecomputeDecoder
 
@@ -178,6 +206,32 @@ def test_warm_up_iterations_count_and_capture_does_not(ion, monkeypatch, n):
     r.run(n)
     assert r.graphs is not None and r.n_done == n and int(r.step_no) == n
     assert torch.equal(r.out[:, :n], ref)
+
+
+def test_a_streamed_generate_captures_the_graphs_too(ion, monkeypatch):
+    """generate() with a stream callback (the CLI's, always) ran the runner one byte at a time, and capture waits
+    for a run of more than 4 bytes: a streamed generation never replayed a graph, whatever cuda_graphs said. Its
+    first run is now 5 bytes; the bytes equal the eager ones and every chunk still reaches the callback."""
+    _fake_cuda(monkeypatch, _FakeGraph)
+    import sys
+
+    gen_mod = sys.modules["ionllama.generation.generate"]
+    runners = []
+
+    class OnFakeCuda(DecodeRunner):  # CPU logits: say graphs are wanted, as on CUDA
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.want_graphs = kw["cuda_graphs"]
+            runners.append(self)
+
+    monkeypatch.setattr(gen_mod, "DecodeRunner", OnFakeCuda)
+    monkeypatch.setattr(gen_mod, "_use_cuda_graphs", lambda setting, device, max_new: bool(setting))
+    chunks = {}
+    streamed = generate(ion, PROMPTS[:2], 30, seed=1, cuda_graphs=True,
+                        stream=lambda row, c: chunks.setdefault(row, []).append(c))
+    assert runners[-1].graphs is not None  # replayed, not eager
+    assert streamed == generate(ion, PROMPTS[:2], 30, seed=1, cuda_graphs=False)
+    assert [b"".join(chunks.get(r, [])) for r in range(2)] == streamed
 
 
 def test_timed_replays_give_the_same_bytes_and_one_time_per_replay(ion, monkeypatch):

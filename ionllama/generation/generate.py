@@ -183,9 +183,13 @@ def _decode_loop(model, rows, outs, cfg, max_new_bytes, seed, stream, decoder_ki
     runner = DecodeRunner(dec, cfg, seeds, logits, max_new_bytes,
                           cuda_graphs=_use_cuda_graphs(cuda_graphs, dec.device, max_new_bytes), compile=compile,
                           entropy_branch=entropy_branch, unroll=unroll, prompt_len=prompt_len)
+    # where graphs are wanted, a streamed generation's first run is 5 bytes, the least that captures them
+    # (DecodeRunner.run: warm-up, then capture): at 1 byte a run the CLI's generation (streamed, always) never
+    # captured, whatever cuda_graphs said. Those 5 bytes reach the callback one by one, after the capture
+    first = max(sync_every, 5) if runner.want_graphs else sync_every
     done_steps = 0
     while done_steps < max_new_bytes:
-        n = min(sync_every, max_new_bytes - done_steps)
+        n = min(sync_every if done_steps else first, max_new_bytes - done_steps)
         runner.run(n)
         chunk = runner.out[:, done_steps:done_steps + n].tolist()  # (B, n) on the host
         done_steps += n

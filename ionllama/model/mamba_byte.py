@@ -73,8 +73,13 @@ def _register_decoder() -> None:
                     states.append(st)
                 caches.append(states)
                 logits.append(m.head(m.norm(h[:, -1])))
-            self.cache = [{k: torch.cat([c[i][k] for c in caches]) for k in caches[0][i]}
-                          for i in range(len(m.blocks))]
+            new = [{k: torch.cat([c[i][k] for c in caches]) for k in caches[0][i]} for i in range(len(m.blocks))]
+            if getattr(self, "cache", None) is None:
+                self.cache = new
+            else:  # prefilled again: into the tensors a captured graph holds (DecodeRunner.reset)
+                for old, fresh in zip(self.cache, new):
+                    for k, v in fresh.items():
+                        old[k].copy_(v)
             return torch.cat(logits)
 
         def step(self, tokens):
