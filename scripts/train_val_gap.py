@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ionllama.errors import UserError, cli_entry  # noqa: E402
+from ionllama.eval.plots import NOT_MAIN_PHASES  # noqa: E402
 from ionllama.train.metrics import metrics_file, read_metrics  # noqa: E402
 
 
@@ -35,7 +36,9 @@ def gap_row(run: Path, tail: float, steps: tuple[int, int] | None = None) -> dic
     if not train or not evals:
         raise UserError(f"{run}: needs logged training rows and at least one val evaluation")
     if steps is not None:
-        last = [r for r in train if steps[0] <= r["step"] <= steps[1]]
+        # the language model's rows: an entropy-patching run's first steps log the entropy model's own bpb
+        last = [r for r in train if steps[0] <= r["step"] <= steps[1]
+                and str(r.get("phase", "")).lower() not in NOT_MAIN_PHASES]
         if not last:
             raise UserError(f"{run}: no training row in steps {steps[0]}:{steps[1]} (it logged steps "
                             f"{train[0]['step']}-{train[-1]['step']}); pass a window inside them")

@@ -138,6 +138,17 @@ def test_a_json_strings_raw_bytes_of_a_lone_surrogate_are_kept(tmp_path):
         [lone, high, b"bad \xff and " + lone, b"array " + lone, b"plain record"])
 
 
+def test_a_json_array_in_utf16_or_utf32_is_still_read_as_its_records(tmp_path):
+    """json.loads of the file's bytes read UTF-16 / UTF-32 JSON (RFC 8259's detection, no BOM); decoding every JSON
+    text as UTF-8 for the surrogate fix turned such an array, read before, into "not valid JSON"."""
+    (tmp_path / "d").mkdir()
+    text = '[{"text": "caf\u00e9 one"}, {"text": "second record"}]'
+    for enc in ("utf-16-le", "utf-32-le"):
+        (tmp_path / "d" / f"{enc}.json").write_bytes(text.encode(enc))
+    sh = prep(tmp_path, data_path=str(tmp_path / "d"), val_fraction=0.3)
+    assert sorted(docs_of(sh.train) + docs_of(sh.val)) == sorted(["café one".encode(), b"second record"] * 2)
+
+
 def test_json_lines_named_json_with_an_invalid_byte_in_the_first_record_are_read_as_json_lines(tmp_path):
     """The look at a .json file's first record parsed its bytes as strict UTF-8: one invalid byte there (which a
     .jsonl keeps) read the whole file as text, its braces and key names as the training data."""

@@ -118,3 +118,21 @@ def test_unreadable_metrics_published_and_results_files_are_one_line(tmp_path, m
         load_results(tmp_path / "res.json")
     with pytest.raises(UserError, match="cannot read the metrics at .*locked"):
         metrics_file(tmp_path / "locked")
+
+
+def test_train_val_gap_steps_window_reads_the_language_models_rows_only(tmp_path):
+    """--steps A:B over a run with entropy patching: its first steps log the entropy model's own loss and bpb (phase
+    "entropy"), which the window averaged in with the LM's rows (the training-curve plot leaves them out)."""
+    import sys
+    run = tmp_path / "run"
+    run.mkdir()
+    recs = [{"step": i, "phase": "entropy", "bpb": 3.0} for i in range(0, 50, 10)]
+    recs += [{"step": 50, "phase": "calibrate", "bpb": 9.0, "threshold": 1.5}]
+    recs += [{"step": i, "phase": "main", "bpb": 2.0} for i in range(60, 100, 10)]
+    recs += [{"step": 99, "phase": "main", "val_bpb": 1.95}]
+    with gzip.open(run / "metrics.jsonl.gz", "wt") as f:
+        f.write("\n".join(json.dumps(r) for r in recs))
+    r = subprocess.run([sys.executable, "scripts/train_val_gap.py", str(run), "--steps", "30:80"],
+                       capture_output=True, text=True, check=True)
+    row = r.stdout.strip().splitlines()[-1].split("|")
+    assert [float(c) for c in row[2:4]] == pytest.approx([2.0, 3])  # steps 60, 70, 80 of the main phase

@@ -114,6 +114,6 @@ def test_the_runner_writes_no_scores_for_a_cut_stage_and_says_why(tmp_path, monk
     err = cap.out + cap.err
     assert seen["deadline"] is not None
     assert "dense: task stage stopped after step 600 of 6000 (350 s; 41.6 ms per step since compiling: the stage " \
-           "needs ~575 s) before --deadline_s less --task_eval_s 120 s for its scoring; no task scores " \
+           "needs ~575 s) before --deadline_s less --task_eval_s 150 s for its scoring; no task scores " \
            "written" in err, err
     assert not (tmp_path / "res" / "phase1" / "dense" / "tasks.json").exists()

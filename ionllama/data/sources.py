@@ -381,7 +381,11 @@ def _json_text(raw: bytes) -> str:
     """JSON bytes as text for json.loads: UTF-8, each invalid byte kept as a surrogate escape (encode_text writes it
     back), a leading BOM dropped. json.loads of the bytes themselves decodes them with surrogatepass: the 3 bytes of a
     lone surrogate in the file (ed b2 80, as WTF-8 / CESU-8 write U+DC80) became U+DC80, which encode_text wrote as the
-    one byte 0x80, while the same bytes in a line holding another invalid byte were kept."""
+    one byte 0x80, while the same bytes in a line holding another invalid byte were kept. UTF-16 / UTF-32 JSON (told
+    from UTF-8 by its NUL bytes, as json.loads tells it) is decoded as json.loads decoded it, as before."""
+    enc = json.detect_encoding(raw)
+    if not enc.startswith("utf-8"):
+        return raw.decode(enc, "surrogatepass")
     return raw.decode("utf-8", "surrogateescape").removeprefix("\ufeff")
 
 
