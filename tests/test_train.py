@@ -672,3 +672,15 @@ def test_a_resume_takes_the_ngram_sizes_the_run_was_started_with(tmp_path, corpu
     torch.save(old, run / "step_3.pt")
     train(tmp_path, corpus, *ion, "--resume", str(run / "step_3.pt"), "--stop_at", "4")
     assert load_checkpoint(run / "latest.pt")["model_config"]["ngram_sizes"] == [2, 3]
+
+
+def test_sample_decodes_a_character_split_between_prompt_and_continuation(tmp_path, corpus, monkeypatch):
+    """The default sample prompt is cut at 48 bytes, often inside a multi-byte character (any non-English text); the
+    prompt and the continuation were decoded apart, so a character the model completed showed as two U+FFFD in the
+    printed sample and sample.txt (`ionllama generate` decodes both with one stream decoder)."""
+    import ionllama.train.trainer as T
+
+    monkeypatch.setattr(T, "sample_bytes", lambda *a, **k: "\u00e9!".encode("utf-8")[1:])  # b"\xa9!"
+    d = train(tmp_path, corpus, "--max_steps", "2", "--sample_bytes", "2",
+              "--sample_prompt", "caf\u00e9".encode("utf-8")[:-1].decode("utf-8", "surrogateescape"))
+    assert (d / "sample.txt").read_text(encoding="utf-8") == "caf\u00e9!"

@@ -1307,7 +1307,9 @@ class Trainer:
             prompt = self._sample_prompt()
             text = sample_bytes(model, prompt, a.sample_bytes, a.seq_len, self.device, seed=a.seed)
             shown = prompt.lstrip(DOC_SEP_BYTES).decode("utf-8", "replace")
-            sample = shown + text.decode("utf-8", "replace")
+            # decoded together: the prompt (cut at 48 bytes) may end inside a character that the continuation
+            # completes; decoded apart, each half showed as U+FFFD
+            sample = (prompt.lstrip(DOC_SEP_BYTES) + text).decode("utf-8", "replace")
             (self.run_dir / "sample.txt").write_text(sample, encoding="utf-8")
             _say(f"--- sample (prompt: {shown!r}) ---\n{sample}\n--- end of sample ---")
         if a.benchmark_after:
