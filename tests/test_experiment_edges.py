@@ -174,3 +174,16 @@ def test_an_arm_whose_only_point_is_its_final_score_has_it_at_its_own_total():
     assert eq["arm"] == "bpe" and eq["val_bpb"] == {"dense": None, "bpe": pytest.approx(3.82)}
     st = equal_at(arms, recs.__getitem__, "equal_steps")
     assert st["arm"] == "dense" and st["val_bpb"] == {"dense": pytest.approx(4.35), "bpe": None}
+
+
+def test_the_experiment_refuses_torchrun_in_one_line(tmp_path, monkeypatch, capsys):
+    """Under torchrun every rank ran the whole matrix into the same folders, its in-process trainer joining the
+    other ranks' in DDP: refused before anything is written (one experiment process per GPU is the way)."""
+    from ionllama.experiment import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        main(["--arms", "dense", "--out", str(tmp_path / "res")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "not torchrun" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "res").exists()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -131,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = build_parser().parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        # each rank ran the whole matrix into the same folders, its trainer joining the others' in DDP (an audit)
+        raise UserError("ionllama experiment runs its arms in one process; launch it with python, not torchrun "
+                        "(several GPUs: one experiment process per GPU, as scripts/gpu_phase1_parallel.sh does)")
     if a.compile is None:
         a.compile = torch.cuda.is_available() and a.device in ("auto", "cuda") or a.device.startswith("cuda")
     check_ranges(a, AT_LEAST, ABOVE_ZERO)
