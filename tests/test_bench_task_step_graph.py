@@ -2,24 +2,16 @@
 its whole step one CUDA graph): refused in one line where it cannot apply, recorded in the results where it ran."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
-import sys
 
 import pytest
 import torch
-
-BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+from script_loader import load_script
 
 
 @pytest.fixture(scope="module")
 def stage():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_task_stage", BENCH / "bench_task_stage.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench_task_stage")
 
 
 def _refused(stage, argv, capsys, needle):

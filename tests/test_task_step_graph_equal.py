@@ -2,23 +2,15 @@
 relative difference per window of steps (the GPU check of the forty-sixth session's unexplained loss gap)."""
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
 from types import SimpleNamespace
 
 import pytest
-
-BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+from script_loader import load_script
 
 
 @pytest.fixture(scope="module")
 def eq():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("task_step_graph_equal", BENCH / "task_step_graph_equal.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("task_step_graph_equal")
 
 
 def test_refused_off_cuda_in_one_line_before_writing(eq, tmp_path, capsys):
@@ -50,7 +42,6 @@ def test_train_logs_every_step_and_the_two_ways_agree_on_a_cpu(eq, monkeypatch):
     plain, graph = eq.train(args, False, None), eq.train(args, True, None)
     assert len(plain) == 3 and plain[-1] < plain[0]
     assert graph == pytest.approx(plain, rel=1e-5)
-
 
 
 def test_repeats_and_the_eager_step_name_their_runs_and_pairs(eq, monkeypatch, tmp_path):
