@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import random
 import signal
@@ -190,6 +191,57 @@ def test_top_p_breaks_ties_toward_the_lower_byte_as_argmax_does():
     assert torch.equal(filter_logits(tied[:1], None, 0.5)[0].isfinite(), torch.arange(256) < 128)
     kept = filter_logits(tied[3:], None, 0.1)[0].isfinite()  # part of the top run of 64: its lowest bytes
     assert 1 < int(kept.sum()) < 64 and torch.equal(kept, torch.arange(256) < int(kept.sum()))
+
+
+def _filter_by_sort(logits, top_k, top_p):
+    """The sort-based top-k / top-p filter generate() used through the forty-eighth session: the reference for the
+    sort-free one (a compiled sort + scatter indexed out of range on an H100)."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        order = logits.sort(dim=-1, descending=True, stable=True).indices[..., int(top_k):]
+        logits = logits.masked_fill(torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, True), -math.inf)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop_sorted[..., 0] = False
+        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), -math.inf)
+    return logits
+
+
+@pytest.mark.parametrize("top_k,top_p", [(1, None), (5, None), (40, None), (255, None), (None, 0.5), (None, 0.9),
+                                         (None, 1e-9), (20, 0.8), (3, 0.99)])
+def test_sort_free_top_k_top_p_keep_the_bytes_the_sort_kept(top_k, top_p):
+    """filter_logits ranks bytes by compares instead of a sort (torch.compile's sort + scatter indexed out of range in
+    a CUDA decode graph). Same kept bytes as the sort-based filter, on random rows with ties (bf16-rounded logits,
+    runs of equal values, -inf), up to top_p's float rounding at the nucleus edge."""
+    from ionllama.generation.sampling import filter_logits
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(48, 256, generator=g) * torch.rand(48, 1, generator=g).mul(6)
+    rows[:16] = rows[:16].bfloat16().float()  # many ties
+    rows[16:24] = rows[16:24].mul(2).round()  # runs of equal values
+    rows[24:28, ::3] = -math.inf
+    rows[28] = 0.0
+    new, old = filter_logits(rows, top_k, top_p).isfinite(), _filter_by_sort(rows, top_k, top_p).isfinite()
+    differ = (new != old).any(-1)
+    if top_p is None:
+        assert not differ.any()
+    else:  # a row may differ only where the mass above a byte is within float rounding of top_p
+        for r in differ.nonzero().flatten().tolist():
+            probs = rows[r].softmax(-1).sort(descending=True, stable=True).values
+            assert ((probs.cumsum(-1) - probs - top_p).abs() < 1e-5).any(), r
+        assert int(differ.sum()) <= 1
+    assert new.any(-1).all()  # the best byte always stays
+
+
+def test_compiled_filter_logits_matches_eager():
+    """The filter compiles (CPU inductor here; the GPU run is the benchmark's) to the same kept bytes."""
+    from ionllama.generation.sampling import filter_logits
+
+    rows = torch.randn(4, 256, generator=torch.Generator().manual_seed(1)).bfloat16().float()
+    compiled = torch.compile(filter_logits, dynamic=False)
+    for k, p in [(5, None), (None, 0.7), (20, 0.9)]:
+        assert torch.equal(compiled(rows, k, p).isfinite(), filter_logits(rows, k, p).isfinite())
 
 
 @pytest.mark.parametrize("kind", ["dense", "bpe", "ionllama"])

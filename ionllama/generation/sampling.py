@@ -121,24 +121,35 @@ class SamplingConfig:
         return self.greedy or self.temperature == 0
 
 
+def _ranked_above(logits: torch.Tensor) -> torch.Tensor:
+    """(..., V) -> (..., V, V) bool: [i, j] is True where byte j comes before byte i in a stable descending sort
+    (a higher logit, or an equal one at a lower byte, as argmax breaks ties). Why not a sort: torch.compile turned
+    sort + scatter into a kernel that indexed out of range on an H100 (torch 2.11: a device-side assert in every
+    compiled decode with top_k, the forty-ninth session). V * V compares per row (65,536 at V=256) fuse into one
+    elementwise kernel and a reduction, with no index taken from data."""
+    V = logits.shape[-1]
+    i, j = logits.unsqueeze(-1), logits.unsqueeze(-2)
+    idx = torch.arange(V, device=logits.device)
+    lower = idx.unsqueeze(0) < idx.unsqueeze(1)  # [i, j]: j < i
+    return (j > i) | ((j == i) & lower)
+
+
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
     """Set logits outside the top-k and the top-p nucleus to -inf (the best byte always stays)."""
     V = logits.shape[-1]
     if top_k is not None and top_k < V:
-        # exactly k bytes, ties broken toward the lower byte as argmax does (a stable sort): a threshold at the k-th
-        # value kept every byte tied with it, so top_k=1 drew among equal maxima and was not greedy (bf16 logits)
-        order = logits.sort(dim=-1, descending=True, stable=True).indices[..., int(top_k):]
-        logits = logits.masked_fill(torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, True),
-                                    float("-inf"))
+        # exactly k bytes, ties broken toward the lower byte as argmax does (the stable order): a threshold at the
+        # k-th value kept every byte tied with it, so top_k=1 drew among equal maxima and was not greedy (bf16)
+        rank = _ranked_above(logits).sum(dim=-1)
+        logits = logits.masked_fill(rank >= int(top_k), float("-inf"))
     if top_p is not None and top_p < 1.0:
-        # stable, as for top_k: equal logits keep the lower byte first (an unstable sort kept byte 176 of an all-equal
-        # row, so a top_p that keeps one byte was not greedy, and tied bytes entered the nucleus by the sort's whim)
-        sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
-        probs = sorted_logits.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs  # keep a byte while the mass above it is < top_p
-        drop_sorted = mass_before >= top_p
-        drop_sorted[..., 0] = False  # a top_p below float32's range (1e-46) is 0 there: 0 >= 0 dropped every byte
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        # the same stable order: equal logits keep the lower byte first (an unstable sort kept byte 176 of an
+        # all-equal row, so a top_p that keeps one byte was not greedy, and tied bytes entered the nucleus by whim)
+        above = _ranked_above(logits)
+        probs = logits.softmax(dim=-1)
+        mass_before = (above * probs.unsqueeze(-2)).sum(dim=-1)  # keep a byte while the mass above it is < top_p
+        # the best byte always stays: a top_p below float32's range (1e-46) is 0 there, and 0 >= 0 dropped it
+        drop = (mass_before >= top_p) & above.any(dim=-1)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
 
