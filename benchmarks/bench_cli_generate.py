@@ -1,0 +1,93 @@
+"""Bytes per second of `ionllama generate` itself, the streamed path users run (issue #4).
+
+bench_generation.py times `model.generate()` in one process. The CLI streams: it asks for bytes as they come and
+prints them, and until the forty-eighth session it never captured its CUDA graphs (it asked the runner for one
+byte a run, and capture needs a longer run). This script runs the CLI as a user would, in a fresh process per
+length, and takes the steady rate from two lengths, so model loading, compiling and capturing (the same at both
+lengths) cancel out:
+
+    rate = (bytes_long - bytes_short) / (wall_long - wall_short)
+
+A warm-up run of the short length goes first, so torch.compile's on-disk cache is warm for the timed runs.
+
+    python benchmarks/bench_cli_generate.py --checkpoint ck/run/final.pt --lengths 512 8192 --compile default \
+        --out docs/results/cli_generate.json
+
+The end-of-document byte 0x00 ends a run early, and a barely trained model samples it (a 5-step `--size small`
+model stopped at byte 361 with --top_k 20 on an H100, the forty-ninth session): the bytes actually written
+(--output) are what is counted, and where the long run stopped as early as the short one no rate is given.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ionllama.errors import OneLineParser, UserError, cli_entry
+from ionllama.eval.benchmark import git_commit
+from ionllama.fsutil import atomic_write
+
+
+def run_cli(checkpoint: str, n: int, args, out_file: Path) -> dict:
+    """One `ionllama generate` process: its wall time and the bytes it wrote."""
+    cmd = [sys.executable, "-m", "ionllama.cli", "generate", "--checkpoint", checkpoint, "--prompt", args.prompt,
+           "--max_new_bytes", str(n), "--seed", str(args.seed), "--device", args.device, "--compile", args.compile,
+           "--no_prompt_echo", "--output", str(out_file)]
+    if args.top_k:
+        cmd += ["--top_k", str(args.top_k)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
+        raise UserError(f"`ionllama generate` exited with {proc.returncode}: {tail}")
+    return {"max_new_bytes": n, "bytes": out_file.stat().st_size, "wall_s": round(wall, 3)}
+
+
+@cli_entry
+def main(argv=None) -> int:
+    p = OneLineParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--lengths", type=int, nargs=2, default=[512, 8192], metavar=("SHORT", "LONG"))
+    p.add_argument("--compile", default="none", choices=["none", "default", "max-autotune"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--prompt", default="The ")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--top_k", type=int, default=20, help="0: off (default: 20, keeps 0x00 out of a weak model)")
+    p.add_argument("--repeats", type=int, default=1, help="timed pairs; the rate is each pair's, min/median kept")
+    p.add_argument("--out", default=None, help="JSON file (default: print only)")
+    args = p.parse_args(argv)
+    short, long_ = args.lengths
+    if not 0 < short < long_:
+        raise UserError(f"--lengths {short} {long_}: need 0 < SHORT < LONG, e.g. --lengths 512 8192")
+    if not Path(args.checkpoint).exists():
+        raise UserError(f"--checkpoint {args.checkpoint}: no such file; train one first (ionllama train ...)")
+    with tempfile.TemporaryDirectory() as tmp:
+        f = Path(tmp) / "gen.bin"
+        warm = run_cli(args.checkpoint, short, args, f)
+        pairs = []
+        for _ in range(args.repeats):
+            a, b = run_cli(args.checkpoint, short, args, f), run_cli(args.checkpoint, long_, args, f)
+            extra_b, extra_t = b["bytes"] - a["bytes"], b["wall_s"] - a["wall_s"]
+            # no rate when the long run stopped as early as the short one (0x00) or was not slower
+            rate = extra_b / extra_t if extra_b > 0 and extra_t > 0 else None
+            pairs.append({"short": a, "long": b, "steady_bytes_per_s": rate})
+            print(f"short {a['bytes']} B in {a['wall_s']:.2f} s, long {b['bytes']} B in {b['wall_s']:.2f} s: "
+                  + (f"{rate:,.0f} bytes/s" if rate else "no rate (the long run stopped early)"), flush=True)
+    rates = sorted(r["steady_bytes_per_s"] for r in pairs if r["steady_bytes_per_s"])
+    result = {"benchmark": "bench_cli_generate", "commit": git_commit(), "argv": sys.argv[1:],
+              "device_flag": args.device, "compile": args.compile, "warmup": warm, "pairs": pairs,
+              "steady_bytes_per_s_min": rates[0] if rates else None,
+              "steady_bytes_per_s_median": rates[len(rates) // 2] if rates else None,
+              "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    if args.out:
+        atomic_write(args.out, json.dumps(result, indent=1).encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

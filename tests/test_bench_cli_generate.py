@@ -1,0 +1,64 @@
+"""benchmarks/bench_cli_generate.py: the CLI's steady bytes/s from two lengths run as a user would (issue #4)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import ionllama
+from ionllama.errors import UserError
+from script_loader import load_script
+
+B = load_script("bench_cli_generate")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    m = ionllama.create_model("tiny", model="dense", d_model=16, n_layers=1, n_heads=2).eval()
+    path = tmp_path_factory.mktemp("ck") / "m.pt"
+    torch.save({"model": m.state_dict(), "model_config": m.config.to_dict()}, path)
+    return path
+
+
+def test_the_rate_is_the_extra_bytes_over_the_extra_time(ckpt, tmp_path):
+    out = tmp_path / "r.json"
+    assert B.main(["--checkpoint", str(ckpt), "--lengths", "8", "40", "--device", "cpu", "--top_k", "3",
+                   "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    (pair,) = r["pairs"]
+    short, long_ = pair["short"], pair["long"]
+    assert short["max_new_bytes"] == 8 and long_["max_new_bytes"] == 40
+    assert 0 <= short["bytes"] <= 8 and short["bytes"] <= long_["bytes"] <= 40
+    if long_["bytes"] > short["bytes"] and long_["wall_s"] > short["wall_s"]:
+        want = (long_["bytes"] - short["bytes"]) / (long_["wall_s"] - short["wall_s"])
+        assert pair["steady_bytes_per_s"] == pytest.approx(want)
+        assert r["steady_bytes_per_s_median"] == pytest.approx(want)
+    else:  # a run ended at 0x00 as early as the short one: no rate, not a made-up one
+        assert pair["steady_bytes_per_s"] is None and r["steady_bytes_per_s_median"] is None
+
+
+@pytest.mark.parametrize("argv,match", [(["--lengths", "40", "8"], "SHORT < LONG"),
+                                        (["--lengths", "0", "8"], "SHORT < LONG")])
+def test_bad_lengths_are_refused_before_any_run(ckpt, argv, match):
+    with pytest.raises(UserError, match=match):
+        B.main.__wrapped__(["--checkpoint", str(ckpt), *argv])
+
+
+def test_a_missing_checkpoint_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        B.main(["--checkpoint", str(tmp_path / "none.pt")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such file" in err[0]
+
+
+def test_a_failing_cli_run_is_reported_in_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as e:
+        B.main(["--checkpoint", str(bad), "--lengths", "2", "4", "--device", "cpu"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ionllama generate` exited with" in err[0]
