@@ -9,6 +9,9 @@ lengths) cancel out:
     rate = (bytes_long - bytes_short) / (wall_long - wall_short)
 
 A warm-up run of the short length goes first, so torch.compile's on-disk cache is warm for the timed runs.
+--in_process adds the same two-length rate of `model.generate()` in this process, with a stream callback (as the
+CLI) and without (as bench_generation.py, which reads the bytes every 16): where the CLI is slow, is it the
+streaming, or the process around it?
 
     python benchmarks/bench_cli_generate.py --checkpoint ck/run/final.pt --lengths 512 8192 --compile default \
         --out docs/results/cli_generate.json
@@ -48,6 +51,38 @@ def run_cli(checkpoint: str, n: int, args, out_file: Path) -> dict:
     return {"max_new_bytes": n, "bytes": out_file.stat().st_size, "wall_s": round(wall, 3)}
 
 
+def in_process_rates(args, short: int, long_: int) -> dict:
+    """generate()'s steady bytes/s in this process, streamed and not, from the same two lengths (each call builds
+    its runner and captures again, which the difference cancels)."""
+    import torch
+
+    from ionllama.generation.cli import load_checkpoint_model
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_checkpoint_model(args.checkpoint, device)
+    kw = {"top_k": args.top_k or None, "seed": args.seed}
+    if args.compile != "none":
+        kw["compile"] = args.compile
+    rates = {}
+    for label, stream in (("streamed", lambda row, chunk: None), ("not_streamed", None)):
+        model.generate(args.prompt.encode(), max_new_bytes=short, stream=stream, **kw)  # warm-up
+        walls, sizes = [], []
+        for n in (short, long_):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = model.generate(args.prompt.encode(), max_new_bytes=n, stream=stream, **kw)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            walls.append(time.perf_counter() - t0)
+            sizes.append(len(out))
+        extra_b, extra_t = sizes[1] - sizes[0], walls[1] - walls[0]
+        rates[label] = {"bytes": sizes, "wall_s": walls,
+                        "steady_bytes_per_s": extra_b / extra_t if extra_b > 0 and extra_t > 0 else None}
+        print(f"in process, {label}: {sizes} B in {[round(w, 2) for w in walls]} s", flush=True)
+    return rates
+
+
 @cli_entry
 def main(argv=None) -> int:
     p = OneLineParser(description=__doc__.split("\n\n")[0])
@@ -59,6 +94,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--top_k", type=int, default=20, help="0: off (default: 20, keeps 0x00 out of a weak model)")
     p.add_argument("--repeats", type=int, default=1, help="timed pairs; the rate is each pair's, min/median kept")
+    p.add_argument("--in_process", action="store_true",
+                   help="also model.generate() in this process, streamed and not (same lengths)")
     p.add_argument("--out", default=None, help="JSON file (default: print only)")
     args = p.parse_args(argv)
     short, long_ = args.lengths
@@ -79,11 +116,12 @@ def main(argv=None) -> int:
             print(f"short {a['bytes']} B in {a['wall_s']:.2f} s, long {b['bytes']} B in {b['wall_s']:.2f} s: "
                   + (f"{rate:,.0f} bytes/s" if rate else "no rate (the long run stopped early)"), flush=True)
     rates = sorted(r["steady_bytes_per_s"] for r in pairs if r["steady_bytes_per_s"])
+    in_process = in_process_rates(args, short, long_) if args.in_process else None
     result = {"benchmark": "bench_cli_generate", "commit": git_commit(), "argv": sys.argv[1:],
               "device_flag": args.device, "compile": args.compile, "warmup": warm, "pairs": pairs,
               "steady_bytes_per_s_min": rates[0] if rates else None,
               "steady_bytes_per_s_median": rates[len(rates) // 2] if rates else None,
-              "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+              "in_process": in_process, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
     if args.out:
         atomic_write(args.out, json.dumps(result, indent=1).encode())
     return 0

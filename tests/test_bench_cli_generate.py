@@ -25,7 +25,7 @@ def ckpt(tmp_path_factory):
 def test_the_rate_is_the_extra_bytes_over_the_extra_time(ckpt, tmp_path):
     out = tmp_path / "r.json"
     assert B.main(["--checkpoint", str(ckpt), "--lengths", "8", "40", "--device", "cpu", "--top_k", "3",
-                   "--out", str(out)]) == 0
+                   "--in_process", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     (pair,) = r["pairs"]
     short, long_ = pair["short"], pair["long"]
@@ -37,6 +37,13 @@ def test_the_rate_is_the_extra_bytes_over_the_extra_time(ckpt, tmp_path):
         assert r["steady_bytes_per_s_median"] == pytest.approx(want)
     else:  # a run ended at 0x00 as early as the short one: no rate, not a made-up one
         assert pair["steady_bytes_per_s"] is None and r["steady_bytes_per_s_median"] is None
+    # in process, streamed and not: the same seed gives the CLI's bytes, so the same counts
+    for mode in ("streamed", "not_streamed"):
+        row = r["in_process"][mode]
+        assert row["bytes"] == [short["bytes"], long_["bytes"]]
+        if row["steady_bytes_per_s"] is not None:
+            assert row["steady_bytes_per_s"] == pytest.approx(
+                (row["bytes"][1] - row["bytes"][0]) / (row["wall_s"][1] - row["wall_s"][0]), rel=1e-3)
 
 
 @pytest.mark.parametrize("argv,match", [(["--lengths", "40", "8"], "SHORT < LONG"),
