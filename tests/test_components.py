@@ -303,6 +303,21 @@ def test_static_patch_count_equals_the_patcher(patching):
     assert static_patch_count(dataclasses.replace(ModelConfig(), patching="entropy"), 64) is None
 
 
+def test_fixed_and_byte_patches_skip_the_cap_only_where_it_adds_nothing():
+    """compute_patches leaves out the cap's cummax for byte patching and fixed k <= max (a scan kernel in every
+    compiled forward): the starts, ids, counts and next start equal the capped ones for every k and max."""
+    from ionllama.model.patcher import cap_patches, patch_ids, rule_starts
+
+    x = torch.randint(0, 256, (2, 37), generator=torch.Generator().manual_seed(0))
+    for mode in ("fixed", "byte"):
+        for k in (1, 2, 3, 4, 8):
+            for m in (1, 2, 3, 4, 8):
+                want = cap_patches(rule_starts(torch.nn.functional.pad(x, (0, 1)), None, mode, 0.0, "global", k), m)
+                starts, b2p, n, nxt = compute_patches(x, None, mode, 0.0, "global", m, k, with_next=True)
+                assert torch.equal(starts, want[:, :37]) and torch.equal(nxt, want[:, 37]), (mode, k, m)
+                assert all(torch.equal(a, b) for a, b in zip((b2p, n), patch_ids(want[:, :37])))
+
+
 @pytest.mark.parametrize("ngram,kw", [("hash", dict(ngram_sizes=(2, 3, 5))), ("hash_nodigit", dict(ngram_sizes=(1, 4))),
                                       ("conv", dict(conv_kernel=4)), ("conv", dict(conv_kernel=1)), ("none", {})])
 def test_byte_embedding_context_is_how_far_back_an_embedding_reads(ngram, kw):

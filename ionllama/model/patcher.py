@@ -68,7 +68,11 @@ def compute_patches(x, entropy, mode, threshold, threshold_mode="global", max_pa
         T = x.shape[1]
         x = torch.nn.functional.pad(x, (0, 1))
         entropy = torch.nn.functional.pad(entropy, (0, 1)) if entropy is not None else None
-    starts = cap_patches(rule_starts(x, entropy, mode, threshold, threshold_mode, fixed_size), max_patch_size)
+    starts = rule_starts(x, entropy, mode, threshold, threshold_mode, fixed_size)
+    # byte and fixed (k <= max) starts never leave a gap the cap would fill: skip its cummax, a scan kernel in every
+    # compiled forward (and the kind of multi-output code a compiled sort got wrong on CUDA, forty-ninth session)
+    if not (mode == "byte" or (mode == "fixed" and fixed_size <= max_patch_size)):
+        starts = cap_patches(starts, max_patch_size)
     if not with_next:
         return starts, *patch_ids(starts)
     return starts[:, :T], *patch_ids(starts[:, :T]), starts[:, T]
