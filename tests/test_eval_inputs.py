@@ -229,3 +229,32 @@ def test_language_files_of_one_stem_each_keep_their_row(tmp_path):
     g = run_multilingual(_tiny(), [d], seq_len=16, batch_size=2, device="cpu")["groups"][0]
     assert set(g["languages"]) == {"hello.c", "hello.py", "russian"}, set(g["languages"])
     assert {r["file"] for r in g["languages"].values()} == {str(d / n) for n in ("hello.c", "hello.py", "russian.txt")}
+
+
+@pytest.mark.parametrize("frozen_before", [False, True])
+def test_the_speed_train_step_is_the_main_phase_one(monkeypatch, frozen_before):
+    """run_speed's forward + backward trained the entropy model too (its backward and aux loss counted in the
+    bytes/s and the peak memory), while the main phase, most of training, has it frozen. It is frozen for the
+    measurement now, and the model's own setting is put back."""
+    from ionllama.eval import speed
+
+    m = create_model("tiny", d_model=32, n_layers=1, n_heads=2, d_local=32, n_enc_layers=1, n_dec_layers=1,
+                     d_entropy=16, n_entropy_layers=1, entropy_headdim=8, ngram_buckets=64, patching="entropy")
+    m.freeze_entropy(frozen_before)
+    seen = []
+    real = speed._timed
+
+    def spy(fn, device, warmup, iters):
+        seen.append(m.entropy_model.training and not m._entropy_frozen)
+        if not seen[-1] and any(p.requires_grad for p in m.entropy_model.parameters()):
+            seen[-1] = "entropy params trainable"
+        return real(fn, device, 0, 1)
+
+    monkeypatch.setattr(speed, "_timed", spy)
+    data = np.frombuffer(b"some bytes to time a step on. " * 40, dtype=np.uint8)
+    res = speed.run_speed(m, data, "cpu", seq_len=32, batch_size=2, iters=1, warmup=0, gen_bytes=2,
+                          gen_prompt_bytes=4)
+    assert seen[1] is False  # the train step: the entropy model frozen, no trainable entropy parameter
+    assert res["speed"]["train_step_phase"] == "main (entropy model frozen)"
+    assert m._entropy_frozen is frozen_before
+    assert all(p.requires_grad is not frozen_before for p in m.entropy_model.parameters())
