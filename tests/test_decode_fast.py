@@ -523,7 +523,7 @@ def test_failed_capture_raises_and_keeps_warm_up_state(ion, monkeypatch):
     current, restored = _fake_cuda(monkeypatch, record)
     r = _runner(ion, 23)
     r.want_graphs = True
-    with pytest.raises(RuntimeError, match="cuda_graphs=False"):
+    with pytest.raises(runner_mod.GraphCaptureError, match="cuda_graphs=False"):  # (a RuntimeError)
         r.run(20)
     assert restored == [current] and r.graphs is None
     assert r.n_done == 3 and int(r.step_no) == 3

@@ -1063,3 +1063,40 @@ def test_cli_closed_stdin_or_stdout_is_one_line_exit_2(tmp_path, capsys, monkeyp
                 main(["--checkpoint", str(ck), "--device", "cpu", "--max_new_bytes", "2", "--greedy", *extra])
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and words in err and "\n" not in err, err
+
+
+def test_cli_cuda_graphs_flag_and_a_failed_capture_is_one_line(tmp_path, capsys, monkeypatch):
+    """A failed CUDA graph capture was a traceback whose advice, cuda_graphs=False, names an option the CLI did not
+    have: --cuda_graphs off reaches generate(), a failed capture is one line naming it (after the streamed bytes),
+    and --cuda_graphs on where there is no CUDA device is refused instead of being ignored."""
+    from ionllama.generation import cli
+    from ionllama.generation.runner import DecodeRunner, GraphCaptureError
+
+    ck = tmp_path / "m.pt"
+    _save_ckpt(tiny_dense(), ck)
+    base = ["--checkpoint", str(ck), "--prompt", "x", "--max_new_bytes", "4", "--greedy", "--device", "cpu"]
+    seen = []
+    real = DecodeRunner.__init__
+
+    def spy(self, *a, **kw):
+        seen.append(kw["cuda_graphs"])
+        real(self, *a, **kw)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(DecodeRunner, "__init__", spy)
+        assert cli.main(base + ["--cuda_graphs", "off"]) == 0 and seen == [False]
+    with pytest.raises(SystemExit) as e:
+        cli.main(base + ["--cuda_graphs", "on"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "CUDA" in err and "\n" not in err, err
+
+    def fail(self, n, gpu_ms=None):
+        raise GraphCaptureError("capturing the decode step as a CUDA graph failed (...)") \
+            from RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(DecodeRunner, "run", fail)
+    with pytest.raises(SystemExit) as e:
+        cli.main(base)
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and "--cuda_graphs off" in err and "not permitted" in err, err
+    assert "\n" not in err.strip() and out == "x\n", (out, err)

@@ -8,8 +8,10 @@ import signal
 import sys
 from pathlib import Path
 
+import torch
+
 from ..devices import resolve_device
-from ..errors import OneLineParser, UserError, check_ranges, cli_entry, is_out_of_memory
+from ..errors import OneLineParser, UserError, check_ranges, cli_entry, first_line, is_out_of_memory
 from .prompts import normalize_stops
 from .sampling import SamplingConfig
 from .utf8 import Utf8StreamDecoder
@@ -76,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto",
                    help="auto | cpu | cuda | cuda:N | mps; auto takes cuda, else mps, when visible (default: "
                         "%(default)s)")
+    p.add_argument("--cuda_graphs", default="auto", choices=["auto", "on", "off"],
+                   help="replay each byte's decode step as a CUDA graph (CUDA only): auto is on for --max_new_bytes "
+                        ">= 64; off if a capture fails (default: %(default)s)")
     p.add_argument("--compile", default="none", choices=["none", "default", "max-autotune"],
                    help="torch.compile the decode step (GPU: fewer kernels per byte; max-autotune was the "
                         "fastest measured but compiles for ~2 min) (default: %(default)s)")
@@ -195,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy)
     normalize_stops(args.stop)
     check_ranges(args, {"max_new_bytes": 0})
+    if args.cuda_graphs == "on" and torch.device(device).type != "cuda":  # generate() would ignore it without a word
+        raise UserError(f"--cuda_graphs on needs a CUDA device, not {device} (--device {args.device}); leave "
+                        "--cuda_graphs out")
     if args.seed is not None and not 0 <= args.seed <= SEED_MAX:
         raise UserError(f"--seed must be 0 to 2**63-1 (got {args.seed}): the sampler takes seeds modulo 2**63, so "
                         "it would repeat another seed's bytes; pass a seed in that range")
@@ -240,9 +248,11 @@ def _terminate_unwinds():
 
 def _generate(args, device: str, prompt: bytes) -> bytes:
     """Stream the continuation to stdout; return its exact bytes."""
+    from .runner import GraphCaptureError
+
     model = load_checkpoint_model(args.checkpoint, device)
     _note_untrained(args.checkpoint)
-    kw = {}
+    kw = {"cuda_graphs": {"auto": "auto", "on": True, "off": False}[args.cuda_graphs]}
     if args.compile != "none":
         if getattr(model.config, "model", None) == "bpe":  # its own token decoder (a KV cache), not the byte runner
             raise UserError("--compile is for the byte models' decoder; leave it out for a BPE checkpoint")
@@ -264,6 +274,12 @@ def _generate(args, device: str, prompt: bytes) -> bytes:
     except (MemoryError, RuntimeError, TypeError) as e:  # torch.OutOfMemoryError is a RuntimeError
         # the decoder's caches hold the prompt and every new byte, growing as the output does: a long generation can
         # outgrow the memory, in torch
+        if isinstance(e, GraphCaptureError) and not is_out_of_memory(e):
+            # its advice, cuda_graphs=False, is the API's: say the flag (and torch's reason, not the runner's text)
+            cause = e.__cause__ or e
+            write(utf8.flush() + "\n")
+            raise UserError(f"capturing the decode step as a CUDA graph failed ({type(cause).__name__}: "
+                            f"{first_line(cause)}); pass --cuda_graphs off") from None
         if not is_out_of_memory(e):
             raise
         write(utf8.flush() + "\n")  # end the echoed prompt's line, so the error line stands alone

@@ -81,6 +81,11 @@ def no_entropy_branch() -> UserError:
                      "latent_shift \"completed\"); this model cannot use it: leave it off")
 
 
+class GraphCaptureError(RuntimeError):
+    """A failed CUDA graph capture (run() raises it, the capture's own error as its __cause__): callers that offer a
+    way around it (the CLI's --cuda_graphs off) can tell it from other RuntimeErrors."""
+
+
 class DecodeRunner:
     def __init__(self, dec, cfg: SamplingConfig, seeds: torch.Tensor, logits: torch.Tensor, max_new: int,
                  cuda_graphs: bool = False, compile=False, latent_policy: str = "auto",
@@ -480,7 +485,7 @@ class DecodeRunner:
         except Exception as e:
             # torch.cuda.graph does not restore the current stream when ending a failed capture raises
             torch.cuda.set_stream(stream)
-            raise RuntimeError(
+            raise GraphCaptureError(
                 f"capturing the decode step as a CUDA graph failed ({type(e).__name__}: {str(e)[:300]}); "
                 f"decode with cuda_graphs=False. {self.n_done} bytes were decoded before the capture "
                 "(warm-up); a failed capture can leave torch's CUDA state altered, so decoding does not "
