@@ -697,7 +697,7 @@ def test_cli_echo_and_continuation_share_one_utf8_decoder(tmp_path, capsys, monk
         stream(0, b"\xac")
         return b"\xac"
 
-    monkeypatch.setattr(cli, "load_checkpoint_model", lambda path, device: type("M", (), {
+    monkeypatch.setattr(cli, "load_checkpoint_model", lambda path, device, dtype=None: type("M", (), {
         "generate": staticmethod(fake_generate), "config": m.config})())
     (tmp_path / "p.bin").write_bytes(b"abc\xe2\x82")
     assert cli.main(["--checkpoint", str(ck), "--prompt_file", str(tmp_path / "p.bin"), "--device", "cpu"]) == 0
@@ -820,7 +820,7 @@ def test_cli_output_writes_the_exact_bytes_atomically(tmp_path, capsys, monkeypa
         stream(0, b"z\x01")
         return b"\xff\xe2\x82z\x01"
 
-    monkeypatch.setattr(cli, "load_checkpoint_model", lambda path, device: type("M", (), {
+    monkeypatch.setattr(cli, "load_checkpoint_model", lambda path, device, dtype=None: type("M", (), {
         "generate": staticmethod(fake_generate), "config": m.config})())
     assert cli.main(base + ["--output", str(dest), "--no_prompt_echo"]) == 0
     assert dest.read_bytes() == b"\xff\xe2\x82z\x01" and capsys.readouterr().out == "\ufffd\ufffdz\x01\n"
@@ -829,7 +829,7 @@ def test_cli_output_writes_the_exact_bytes_atomically(tmp_path, capsys, monkeypa
         stream(0, b"partial")
         raise MemoryError
 
-    monkeypatch.setattr(cli, "load_checkpoint_model", lambda path, device: type("M", (), {
+    monkeypatch.setattr(cli, "load_checkpoint_model", lambda path, device, dtype=None: type("M", (), {
         "generate": staticmethod(failing_generate), "config": m.config})())
     with pytest.raises(SystemExit) as e:
         cli.main(base + ["--output", str(dest)])
@@ -842,7 +842,7 @@ def test_cli_output_writes_the_exact_bytes_atomically(tmp_path, capsys, monkeypa
         time.sleep(5)  # (the handler's exception arrives first)
         return b"never"
 
-    monkeypatch.setattr(cli, "load_checkpoint_model", lambda path, device: type("M", (), {
+    monkeypatch.setattr(cli, "load_checkpoint_model", lambda path, device, dtype=None: type("M", (), {
         "generate": staticmethod(terminated_generate), "config": m.config})())
     handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as e:
@@ -859,7 +859,7 @@ def test_cli_output_writes_the_exact_bytes_atomically(tmp_path, capsys, monkeypa
         time.sleep(5)
         real_replace(tmp, path)
 
-    monkeypatch.setattr(cli, "load_checkpoint_model", lambda path, device: type("M", (), {
+    monkeypatch.setattr(cli, "load_checkpoint_model", lambda path, device, dtype=None: type("M", (), {
         "generate": staticmethod(fake_generate), "config": m.config})())
     monkeypatch.setattr(fsutil, "fsync_replace", terminated_replace)
     with pytest.raises(SystemExit) as e:
@@ -1063,6 +1063,29 @@ def test_cli_closed_stdin_or_stdout_is_one_line_exit_2(tmp_path, capsys, monkeyp
                 main(["--checkpoint", str(ck), "--device", "cpu", "--max_new_bytes", "2", "--greedy", *extra])
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and words in err and "\n" not in err, err
+
+
+def test_cli_dtype_generates_in_bf16_from_an_fp32_checkpoint(tmp_path, capsys, monkeypatch):
+    """Checkpoints store fp32 weights and the CLI decoded in them, whatever the device: no way to decode in bf16,
+    the dtype every GPU benchmark times. --dtype bf16 gives the bytes of the model cast to bf16; --dtype auto is bf16
+    on a CUDA GPU that has it, fp32 elsewhere (so the CPU default keeps its bytes)."""
+    import copy
+    from ionllama.generation import cli
+
+    m = tiny_dense()
+    ck = tmp_path / "m.pt"
+    _save_ckpt(m, ck)
+    for dtype, model in (("bf16", copy.deepcopy(m).to(torch.bfloat16)), ("fp32", m), ("auto", m)):
+        out = tmp_path / f"{dtype}.bin"
+        assert cli.main(["--checkpoint", str(ck), "--prompt", "ab", "--max_new_bytes", "12", "--seed", "3",
+                         "--device", "cpu", "--dtype", dtype, "--output", str(out)]) == 0
+        assert out.read_bytes() == model.generate(b"ab", max_new_bytes=12, seed=3), dtype
+    capsys.readouterr()
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert cli.resolve_dtype("auto", "cuda:0") == torch.bfloat16 and cli.resolve_dtype("auto", "cpu") == torch.float32
+    assert cli.resolve_dtype("auto", "mps") == torch.float32 and cli.resolve_dtype("fp32", "cuda") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # pre-Ampere: no native bf16
+    assert cli.resolve_dtype("auto", "cuda") == torch.float32
 
 
 def test_cli_cuda_graphs_flag_and_a_failed_capture_is_one_line(tmp_path, capsys, monkeypatch):
