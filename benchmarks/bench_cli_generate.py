@@ -38,7 +38,8 @@ from ionllama.fsutil import atomic_write
 def run_cli(checkpoint: str, n: int, args, out_file: Path) -> dict:
     """One `ionllama generate` process: its wall time and the bytes it wrote."""
     cmd = [sys.executable, "-m", "ionllama.cli", "generate", "--checkpoint", checkpoint, "--prompt", args.prompt,
-           "--max_new_bytes", str(n), "--seed", str(args.seed), "--device", args.device, "--compile", args.compile,
+           "--max_new_bytes", str(n), "--seed", str(args.seed), "--device", args.device, "--dtype", args.dtype,
+           "--compile", args.compile,
            "--no_prompt_echo", "--output", str(out_file)]
     if args.top_k:
         cmd += ["--top_k", str(args.top_k)]
@@ -56,10 +57,10 @@ def in_process_rates(args, short: int, long_: int) -> dict:
     its runner and captures again, which the difference cancels)."""
     import torch
 
-    from ionllama.generation.cli import load_checkpoint_model
+    from ionllama.generation.cli import load_checkpoint_model, resolve_dtype
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_checkpoint_model(args.checkpoint, device)
+    model = load_checkpoint_model(args.checkpoint, device, resolve_dtype(args.dtype, device))  # as the CLI
     kw = {"top_k": args.top_k or None, "seed": args.seed}
     if args.compile != "none":
         kw["compile"] = args.compile
@@ -90,6 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", type=int, nargs=2, default=[512, 8192], metavar=("SHORT", "LONG"))
     p.add_argument("--compile", default="none", choices=["none", "default", "max-autotune"])
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="the CLI's --dtype")
     p.add_argument("--prompt", default="The ")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--top_k", type=int, default=20, help="0: off (default: 20, keeps 0x00 out of a weak model)")
@@ -118,7 +120,8 @@ def main(argv=None) -> int:
     rates = sorted(r["steady_bytes_per_s"] for r in pairs if r["steady_bytes_per_s"])
     in_process = in_process_rates(args, short, long_) if args.in_process else None
     result = {"benchmark": "bench_cli_generate", "commit": git_commit(), "argv": sys.argv[1:],
-              "device_flag": args.device, "compile": args.compile, "warmup": warm, "pairs": pairs,
+              "device_flag": args.device, "dtype_flag": args.dtype, "compile": args.compile, "warmup": warm,
+              "pairs": pairs,
               "steady_bytes_per_s_min": rates[0] if rates else None,
               "steady_bytes_per_s_median": rates[len(rates) // 2] if rates else None,
               "in_process": in_process, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
