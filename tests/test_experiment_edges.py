@@ -187,3 +187,36 @@ def test_the_experiment_refuses_torchrun_in_one_line(tmp_path, monkeypatch, caps
     err = capsys.readouterr().err
     assert e.value.code == 2 and "not torchrun" in err and err.count("\n") == 1, err
     assert not (tmp_path / "res").exists()
+
+
+def _task_row(tmp_path, name, add=None):
+    """A finished arm in tmp_path/name; with `add` (correct of 200) a tasks.json of one scored task."""
+    d = tmp_path / name
+    d.mkdir(parents=True)
+    train = {"budget_s": 75.0, "train_time_s": 75.0, "steps": 10, "epochs": 1.0, "bytes_per_s": 2e6,
+             "bytes_seen": 1000}
+    (d / "final.json").write_text(json.dumps({
+        "params": 1e6, "val": {"bpb": 1.5}, "train": train, "device": {"name": "cpu"},
+        "date": "2026-12-01T00:00:00+00:00", "git": {"sha": "abc1234"}, "spec": {}}))
+    if add is not None:
+        (d / "tasks.json").write_text(json.dumps({"results": {"per_task": {
+            "add": {"n": 200, "correct": add, "accuracy": add / 200, "ci95": [0.1, 0.2]}}}}))
+
+
+def test_an_arm_without_task_scores_is_named_not_dropped_from_the_task_table(tmp_path):
+    """A pretrained arm whose task stage was cut (no tasks.json) vanished from the task table without a word, while
+    "Not yet run" names only arms without final.json: the page read as if every row had been scored."""
+    from ionllama.experiment.report import write_report
+
+    _task_row(tmp_path / "res", "dense", add=150)
+    _task_row(tmp_path / "res", "bpe")
+    s = write_report(tmp_path / "res", ["dense", "bpe"], "ionllama experiment --stage report")
+    md = (tmp_path / "res.md").read_text()
+    assert "| dense | — | — | — | 0.750" in md
+    assert s["tasks_missing"] == ["bpe"]
+    assert "No task scores: bpe" in md
+    # no arm with task scores (a pretraining page): no such line
+    _task_row(tmp_path / "lm", "dense")
+    s = write_report(tmp_path / "lm", ["dense"], "ionllama experiment --stage report")
+    assert "tasks_missing" not in s and "No task scores" not in (tmp_path / "lm.md").read_text()
+

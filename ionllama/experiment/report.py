@@ -309,6 +309,12 @@ def write_report(out: Path, runs: list[str] | dict[str, Path], command: str, lab
                "tasks_provenance": {n: {k: f["tasks"].get(k) for k in ("command", "device", "date", "git")}
                                     for n, f in arms.items() if f.get("tasks")},
                "missing": [n for n in (expected or names) if n not in arms]}
+    # pretrained rows without a tasks.json (task stage cut or not run) beside rows with one: the task table left
+    # them out without a word, while "Not yet run" names only rows without final.json
+    if summary["tasks"]:
+        untasked = [n for n, f in arms.items() if not f.get("tasks")]
+        if untasked:
+            summary["tasks_missing"] = untasked
 
     records = {n: read_metrics(runs[n]) if metrics_file(runs[n]) else []
                for n in arms}  # read once: the equal-FLOPs/-steps/-text views and the plots use them
@@ -354,6 +360,9 @@ def write_report(out: Path, runs: list[str] | dict[str, Path], command: str, lab
                  f"commits: {', '.join(sorted({(x.get('git') or {}).get('sha', '?')[:10] for x in staged}))}")
         body += ["Task accuracy after identical task fine-tuning (held-out test split, exact match, 95% Wilson CI; "
                  f"the task stage's own runs, each arm's tasks.json: {where}):", "", t, ""]
+        if summary.get("tasks_missing"):
+            body += [f"No task scores: {', '.join(summary['tasks_missing'])} (no tasks.json: the task stage was "
+                     "not run for it or did not finish).", ""]
     body += [f"![{'val BPB vs training FLOPs' if 'flops' in p.name else 'val BPB vs training time'}]({out.name}/{p.name})"
              for p in plots]
     if summary["missing"]:
