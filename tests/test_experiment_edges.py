@@ -220,3 +220,14 @@ def test_an_arm_without_task_scores_is_named_not_dropped_from_the_task_table(tmp
     s = write_report(tmp_path / "lm", ["dense"], "ionllama experiment --stage report")
     assert "tasks_missing" not in s and "No task scores" not in (tmp_path / "lm.md").read_text()
 
+
+
+def test_the_task_tables_ci_says_it_is_over_test_items_of_one_run(tmp_path):
+    """The Wilson interval counts the n test prompts of one fine-tuned run; reruns of one row moved addition by 0.13
+    where the interval is +-0.035, so "intervals apart" between single runs is no evidence across seeds."""
+    from ionllama.experiment.report import write_report
+
+    _task_row(tmp_path / "res", "dense", add=150)
+    write_report(tmp_path / "res", ["dense"], "ionllama experiment --stage report")
+    md = (tmp_path / "res.md").read_text()
+    assert "95% Wilson CI over the n test prompts of one run (not over seeds" in md

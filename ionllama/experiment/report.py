@@ -358,7 +358,10 @@ def write_report(out: Path, runs: list[str] | dict[str, Path], command: str, lab
         where = (f"device: {', '.join(sorted({(x.get('device') or {}).get('name', '?') for x in staged}))}; "
                  f"dates: {', '.join(sorted({(x.get('date') or '?')[:10] for x in staged}))}; "
                  f"commits: {', '.join(sorted({(x.get('git') or {}).get('sha', '?')[:10] for x in staged}))}")
-        body += ["Task accuracy after identical task fine-tuning (held-out test split, exact match, 95% Wilson CI; "
+        # the interval is binomial over one run's test prompts: a rerun of one row moved addition by 0.13 against a
+        # +-0.035 interval, so the page must not read "intervals apart" as a difference between settings
+        body += ["Task accuracy after identical task fine-tuning (held-out test split, exact match, 95% Wilson CI "
+                 "over the n test prompts of one run (not over seeds or reruns, which move a row by more); "
                  f"the task stage's own runs, each arm's tasks.json: {where}):", "", t, ""]
         if summary.get("tasks_missing"):
             body += [f"No task scores: {', '.join(summary['tasks_missing'])} (no tasks.json: the task stage was "
