@@ -2,9 +2,10 @@
 
     python scripts/train_val_gap.py docs/results/phase1-sweep/bpe docs/results/phase1-dropout/bpe ...
 
-Training BPB: the mean of the logged training rows over the last `--tail` share of them (training batches, in
-training mode: with dropout active where the run used it, so not comparable across dropout settings). A large
-positive gap with a val curve that has stopped falling points at overfitting; a small one at a compute limit.
+Training BPB: the mean of the language model's logged training rows over the last `--tail` share of them, each
+row weighted by the steps it averages (training batches, in training mode: with dropout active where the run
+used it, so not comparable across dropout settings). A large positive gap with a val curve that has stopped
+falling points at overfitting; a small one at a compute limit.
 
     python scripts/train_val_gap.py RUN_A RUN_B --steps 2000:2200
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import statistics
 import sys
 from pathlib import Path
 
@@ -32,19 +32,25 @@ def gap_row(run: Path, tail: float, steps: tuple[int, int] | None = None) -> dic
                         f"(e.g. docs/results/phase1-dropout/bpe)")
     rows = read_metrics(run)
     train = [r for r in rows if "bpb" in r and "val_bpb" not in r]
+    # a row is the mean of the steps since the row before it (of any phase): its weight. A run's last window is cut
+    # (1 step after 10-step rows) and weighed as a whole row
+    steps_of = {id(r): max(1, r["step"] - (p["step"] if p else 0)) for p, r in zip([None, *train], train)}
     evals = [r for r in rows if "val_bpb" in r]
     if not train or not evals:
         raise UserError(f"{run}: needs logged training rows and at least one val evaluation")
+    # the language model's rows: an entropy-patching run's first steps log the entropy model's own bpb
+    lm = [r for r in train if str(r.get("phase", "")).lower() not in NOT_MAIN_PHASES]
     if steps is not None:
-        # the language model's rows: an entropy-patching run's first steps log the entropy model's own bpb
-        last = [r for r in train if steps[0] <= r["step"] <= steps[1]
-                and str(r.get("phase", "")).lower() not in NOT_MAIN_PHASES]
+        last = [r for r in lm if steps[0] <= r["step"] <= steps[1]]
         if not last:
             raise UserError(f"{run}: no training row in steps {steps[0]}:{steps[1]} (it logged steps "
                             f"{train[0]['step']}-{train[-1]['step']}); pass a window inside them")
     else:
-        last = train[int(len(train) * (1 - tail)):] or train[-1:]
-    train_bpb = statistics.mean(r["bpb"] for r in last)
+        last = lm[int(len(lm) * (1 - tail)):] or lm[-1:]
+        if not last:
+            raise UserError(f"{run}: no training row of the language model (only the entropy model's)")
+    w = [steps_of[id(r)] for r in last]
+    train_bpb = sum(r["bpb"] * k for r, k in zip(last, w)) / sum(w)
     best = min(r["val_bpb"] for r in evals)
     return dict(run=str(run), train_bpb=train_bpb, train_rows=len(last), val_final=evals[-1]["val_bpb"], val_best=best,
                 gap=evals[-1]["val_bpb"] - train_bpb)

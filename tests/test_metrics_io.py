@@ -136,3 +136,23 @@ def test_train_val_gap_steps_window_reads_the_language_models_rows_only(tmp_path
                        capture_output=True, text=True, check=True)
     row = r.stdout.strip().splitlines()[-1].split("|")
     assert [float(c) for c in row[2:4]] == pytest.approx([2.0, 3])  # steps 60, 70, 80 of the main phase
+
+
+def test_train_val_gap_weights_each_row_by_its_steps_and_leaves_out_the_entropy_model(tmp_path):
+    """A row is the mean of its window's steps; a run's last window is cut (a 1-step row after 10-step ones, as in
+    phase1-tasks-long-ng23-s2 at step 2831) and counted as a whole row. The tail also averaged in the entropy model's
+    own rows (phase "entropy"), which --steps already left out."""
+    import sys
+    run = tmp_path / "run"
+    run.mkdir()
+    recs = [{"step": s, "phase": "entropy", "bpb": 5.0} for s in (5, 10)]
+    recs += [{"step": 10, "phase": "calibrate", "bpb": 9.0, "threshold": 1.5}]
+    recs += [{"step": s, "phase": "main", "bpb": 2.0} for s in range(20, 101, 10)]
+    recs += [{"step": 101, "phase": "main", "bpb": 3.0}, {"step": 101, "phase": "final", "val_bpb": 1.9}]
+    with gzip.open(run / "metrics.jsonl.gz", "wt") as f:
+        f.write("\n".join(json.dumps(r) for r in recs))
+    r = subprocess.run([sys.executable, "scripts/train_val_gap.py", str(run), "--tail", "1"],
+                       capture_output=True, text=True, check=True)
+    row = r.stdout.strip().splitlines()[-1].split("|")
+    # nine 10-step rows at 2.0 and one 1-step row at 3.0
+    assert [float(c) for c in row[2:4]] == pytest.approx([(90 * 2.0 + 3.0) / 91, 10], abs=1e-4)
