@@ -189,8 +189,9 @@ def test_the_experiment_refuses_torchrun_in_one_line(tmp_path, monkeypatch, caps
     assert not (tmp_path / "res").exists()
 
 
-def _task_row(tmp_path, name, add=None):
-    """A finished arm in tmp_path/name; with `add` (correct of 200) a tasks.json of one scored task."""
+def _task_row(tmp_path, name, add=None, task_cmd=None):
+    """A finished arm in tmp_path/name; with `add` (correct of 200) a tasks.json of one scored task, run by
+    `task_cmd`."""
     d = tmp_path / name
     d.mkdir(parents=True)
     train = {"budget_s": 75.0, "train_time_s": 75.0, "steps": 10, "epochs": 1.0, "bytes_per_s": 2e6,
@@ -199,7 +200,7 @@ def _task_row(tmp_path, name, add=None):
         "params": 1e6, "val": {"bpb": 1.5}, "train": train, "device": {"name": "cpu"},
         "date": "2026-12-01T00:00:00+00:00", "git": {"sha": "abc1234"}, "spec": {}}))
     if add is not None:
-        (d / "tasks.json").write_text(json.dumps({"results": {"per_task": {
+        (d / "tasks.json").write_text(json.dumps({"command": task_cmd, "results": {"per_task": {
             "add": {"n": 200, "correct": add, "accuracy": add / 200, "ci95": [0.1, 0.2]}}}}))
 
 
@@ -208,17 +209,27 @@ def test_an_arm_without_task_scores_is_named_not_dropped_from_the_task_table(tmp
     "Not yet run" names only arms without final.json: the page read as if every row had been scored."""
     from ionllama.experiment.report import write_report
 
-    _task_row(tmp_path / "res", "dense", add=150)
+    # the task stage ran for dense and bpe; bpe's was cut; mamba was never asked for
+    _task_row(tmp_path / "res", "dense", add=150, task_cmd="ionllama experiment --stage tasks --task_arms dense,bpe")
     _task_row(tmp_path / "res", "bpe")
-    s = write_report(tmp_path / "res", ["dense", "bpe"], "ionllama experiment --stage report")
+    _task_row(tmp_path / "res", "mamba")
+    s = write_report(tmp_path / "res", ["dense", "bpe", "mamba"], "ionllama experiment --stage report")
     md = (tmp_path / "res.md").read_text()
     assert "| dense | — | — | — | 0.750" in md
     assert s["tasks_missing"] == ["bpe"]
-    assert "No task scores: bpe" in md
-    # no arm with task scores (a pretraining page): no such line
+    assert "No task scores: bpe (" in md
+    # no task stage asked (a pretraining page): no such line
     _task_row(tmp_path / "lm", "dense")
     s = write_report(tmp_path / "lm", ["dense"], "ionllama experiment --stage report")
     assert "tasks_missing" not in s and "No task scores" not in (tmp_path / "lm.md").read_text()
+    # one row whose own command ran the task stage for it, cut before scoring (phase1-tasks-long-ng23-s2)
+    _task_row(tmp_path / "cut", "ionllama_fixed")
+    f = tmp_path / "cut" / "ionllama_fixed" / "final.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), "command": "ionllama experiment --out x --stage "
+                             "pretrain,tasks --task_arms ionllama_fixed --arms ionllama_fixed"}))
+    s = write_report(tmp_path / "cut", ["ionllama_fixed"], "ionllama experiment --stage report")
+    assert s["tasks_missing"] == ["ionllama_fixed"]
+    assert "No task scores: ionllama_fixed" in (tmp_path / "cut.md").read_text()
 
 
 

@@ -84,6 +84,17 @@ def tasks_markdown(arms: dict) -> str:
     return "\n".join(lines)
 
 
+def _task_arms_asked(cmd: str | None) -> set[str]:
+    """The arms an experiment command ran the task stage for (--stage ...tasks, --task_arms), else none."""
+    from .matrix import TASK_ARMS
+
+    argv = shlex.split(cmd or "")
+    flags = flag_values(argv[argv.index("experiment") + 1:] if "experiment" in argv else argv)
+    if "tasks" not in str(flags.get("stage", "")).split(","):
+        return set()
+    return set(flags["task_arms"].split(",")) if isinstance(flags.get("task_arms"), str) else set(TASK_ARMS)
+
+
 def bpb_at(records: list[dict], key: str, x: float) -> float | None:
     """Val BPB at `key` (train_flops / train_time_s / step) = x, linear between the curve points around x
     (None when the run never got as far, or has no curve point before x)."""
@@ -309,12 +320,16 @@ def write_report(out: Path, runs: list[str] | dict[str, Path], command: str, lab
                "tasks_provenance": {n: {k: f["tasks"].get(k) for k in ("command", "device", "date", "git")}
                                     for n, f in arms.items() if f.get("tasks")},
                "missing": [n for n in (expected or names) if n not in arms]}
-    # pretrained rows without a tasks.json (task stage cut or not run) beside rows with one: the task table left
-    # them out without a word, while "Not yet run" names only rows without final.json
-    if summary["tasks"]:
-        untasked = [n for n, f in arms.items() if not f.get("tasks")]
-        if untasked:
-            summary["tasks_missing"] = untasked
+    # rows a command of their results folder ran the task stage for, without a tasks.json (the stage was cut): the
+    # task table left them out without a word, while "Not yet run" names only rows without final.json
+    # (phase1-tasks-long-ng23-s2: its stage was cut, the page showed no task table and no note)
+    asked: dict[Path, set[str]] = {}
+    for n, f in arms.items():
+        for cmd in (f.get("command"), (f.get("tasks") or {}).get("command")):
+            asked.setdefault(runs[n].parent, set()).update(_task_arms_asked(cmd))
+    untasked = [n for n, f in arms.items() if not f.get("tasks") and runs[n].name in asked[runs[n].parent]]
+    if untasked:
+        summary["tasks_missing"] = untasked
 
     records = {n: read_metrics(runs[n]) if metrics_file(runs[n]) else []
                for n in arms}  # read once: the equal-FLOPs/-steps/-text views and the plots use them
@@ -363,9 +378,9 @@ def write_report(out: Path, runs: list[str] | dict[str, Path], command: str, lab
         body += ["Task accuracy after identical task fine-tuning (held-out test split, exact match, 95% Wilson CI "
                  "over the n test prompts of one run (not over seeds or reruns, which move a row by more); "
                  f"the task stage's own runs, each arm's tasks.json: {where}):", "", t, ""]
-        if summary.get("tasks_missing"):
-            body += [f"No task scores: {', '.join(summary['tasks_missing'])} (no tasks.json: the task stage was "
-                     "not run for it or did not finish).", ""]
+    if summary.get("tasks_missing"):
+        body += [f"No task scores: {', '.join(summary['tasks_missing'])} (no tasks.json: the task stage was "
+                 "not run for it or did not finish).", ""]
     body += [f"![{'val BPB vs training FLOPs' if 'flops' in p.name else 'val BPB vs training time'}]({out.name}/{p.name})"
              for p in plots]
     if summary["missing"]:
