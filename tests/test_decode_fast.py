@@ -218,11 +218,17 @@ def test_a_streamed_generate_captures_the_graphs_too(ion, monkeypatch):
     gen_mod = sys.modules["ionllama.generation.generate"]
     runners = []
 
+    runs = []
+
     class OnFakeCuda(DecodeRunner):  # CPU logits: say graphs are wanted, as on CUDA
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
             self.want_graphs = kw["cuda_graphs"]
             runners.append(self)
+
+        def run(self, n, gpu_ms=None):
+            runs.append((self.want_graphs, n))
+            return super().run(n, gpu_ms)
 
     monkeypatch.setattr(gen_mod, "DecodeRunner", OnFakeCuda)
     monkeypatch.setattr(gen_mod, "_use_cuda_graphs", lambda setting, device, max_new: bool(setting))
@@ -230,8 +236,18 @@ def test_a_streamed_generate_captures_the_graphs_too(ion, monkeypatch):
     streamed = generate(ion, PROMPTS[:2], 30, seed=1, cuda_graphs=True,
                         stream=lambda row, c: chunks.setdefault(row, []).append(c))
     assert runners[-1].graphs is not None  # replayed, not eager
+    # with graphs the bytes come back gen_mod.STREAM_CHUNK at a time (each byte read back alone left the GPU idle
+    # between replays), the first run long enough to capture
+    k = gen_mod.STREAM_CHUNK
+    assert 5 <= k < 30 and [n for _, n in runs] == [k] * (30 // k) + ([30 % k] if 30 % k else [])
+    runs.clear()
     assert streamed == generate(ion, PROMPTS[:2], 30, seed=1, cuda_graphs=False)
     assert [b"".join(chunks.get(r, [])) for r in range(2)] == streamed
+    runs.clear()
+    eager_chunks = {}
+    assert generate(ion, PROMPTS[:2], 30, seed=1, cuda_graphs=False,
+                    stream=lambda row, c: eager_chunks.setdefault(row, []).append(c)) == streamed
+    assert {n for _, n in runs} == {1}  # eager streaming: every byte as soon as it is sampled
 
 
 def test_timed_replays_give_the_same_bytes_and_one_time_per_replay(ion, monkeypatch):

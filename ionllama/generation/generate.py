@@ -16,6 +16,7 @@ StreamFn = Callable[[int, bytes], None]
 # new bytes the decoder's caches hold before they first grow: every generation the benchmarks time (up to 32K bytes
 # of context) keeps one cache and one graph capture, as before growth existed
 INITIAL_NEW_BYTES = 65536
+STREAM_CHUNK = 8  # bytes a streamed generation with CUDA graphs reads back at once
 
 
 def _row_seeds(seed, n: int, device, draw: bool = True) -> torch.Tensor:
@@ -175,7 +176,7 @@ def _decode_loop(model, rows, outs, cfg, max_new_bytes, seed, stream, decoder_ki
     logits = dec.prefill(rows)
     # Host syncs are the main per-byte overhead on a GPU: without a stream callback, sampled bytes
     # stay on the device and are inspected every `sync_every` steps (a few wasted steps at most), a whole
-    # number of unrolled graph launches; a stream callback wants every byte, so there nothing is unrolled
+    # number of unrolled graph launches; with a stream callback nothing is unrolled
     if stream is not None:
         unroll = sync_every = 1
     else:
@@ -183,9 +184,12 @@ def _decode_loop(model, rows, outs, cfg, max_new_bytes, seed, stream, decoder_ki
     runner = DecodeRunner(dec, cfg, seeds, logits, max_new_bytes,
                           cuda_graphs=_use_cuda_graphs(cuda_graphs, dec.device, max_new_bytes), compile=compile,
                           entropy_branch=entropy_branch, unroll=unroll, prompt_len=prompt_len)
-    # where graphs are wanted, a streamed generation's first run is 5 bytes, the least that captures them
-    # (DecodeRunner.run: warm-up, then capture): at 1 byte a run the CLI's generation (streamed, always) never
-    # captured, whatever cuda_graphs said. Those 5 bytes reach the callback one by one, after the capture
+    if stream is not None and runner.want_graphs:
+        # replayed graphs: the bytes come back STREAM_CHUNK at a time (under 1 ms of decoding at graph speed), not
+        # one by one, so reading them back, the stop checks, the callback and the writes no longer stand between
+        # two replays with the GPU idle (CPU host work measured at 5-20 us a byte, forty-ninth session). Also
+        # captures: at 1 byte a run the CLI's generation never did (capture waits for a run of more than 4 bytes)
+        sync_every = STREAM_CHUNK
     first = max(sync_every, 5) if runner.want_graphs else sync_every
     done_steps = 0
     while done_steps < max_new_bytes:
