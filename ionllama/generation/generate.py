@@ -52,7 +52,8 @@ def generate(model, prompt_bytes, max_new_bytes: int = 256, temperature: float =
     stop: str | bytes | list of them; generation of a row ends at DOC_SEP (0x00) or when its output
         ends with a stop string. Neither the DOC_SEP byte nor the stop string is in the result.
     stream: callback stream(row, chunk) called with each piece of output as soon as it is final
-        (bytes that might begin a stop string are held back); chunks concatenate to the result.
+        (bytes that might begin a stop string are held back; with CUDA graphs the bytes are read back
+        STREAM_CHUNK at a time); chunks concatenate to the result.
     decoder: 'auto' (cached incremental state) | 'recompute' (full forward per byte, reference).
     cuda_graphs: 'auto' (on CUDA for >= 64 new bytes) | True | False: replay the decode step as a graph
         (not for the 'recompute' decoder; a failed capture raises a RuntimeError, see runner.py).
