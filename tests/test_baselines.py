@@ -268,6 +268,9 @@ def test_generate_cli_on_a_bpe_checkpoint_decodes_its_tokens(corpus, tmp_path, c
         out = capsys.readouterr().out
         want = model.generate(b"The ", max_new_bytes=24, **kw)
         assert out == want.decode("utf-8", errors="replace") + "\n", (out, want)
+    assert main(["--checkpoint", str(ck), "--prompt", "The ", "--max_new_bytes", "8", "--device", "cpu", "--greedy",
+                 "--stats"]) == 0
+    assert "token decoder with a KV cache)" in capsys.readouterr().err  # --stats: no byte runner to report on
     with pytest.raises(SystemExit) as e:  # the byte models' compiled decoder does not apply
         main(["--checkpoint", str(ck), "--prompt", "x", "--device", "cpu", "--compile", "default"])
     err = capsys.readouterr().err.strip()

@@ -248,6 +248,11 @@ def test_a_streamed_generate_captures_the_graphs_too(ion, monkeypatch):
     assert generate(ion, PROMPTS[:2], 30, seed=1, cuda_graphs=False,
                     stream=lambda row, c: eager_chunks.setdefault(row, []).append(c)) == streamed
     assert {n for _, n in runs} == {1}  # eager streaming: every byte as soon as it is sampled
+    # return_info says how the bytes were decoded: replayed after a 3-step warm-up, or all eager
+    _, info = generate(ion, PROMPTS[:2], 30, seed=1, cuda_graphs=True, return_info=True, stream=lambda r, c: None)
+    assert info["decode"] == {"steps": 30, "eager_steps": 3, "cuda_graphs": True}
+    _, info = generate(ion, PROMPTS[:2], 30, seed=1, cuda_graphs=False, return_info=True)
+    assert info["decode"] == {"steps": 30, "eager_steps": 30, "cuda_graphs": False}
 
 
 def test_timed_replays_give_the_same_bytes_and_one_time_per_replay(ion, monkeypatch):

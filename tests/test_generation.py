@@ -548,6 +548,24 @@ def _save_ckpt(model, path):
     torch.save({"model": model.state_dict(), "model_config": model.config.to_dict()}, path)
 
 
+def test_cli_stats_says_how_the_bytes_were_decoded(tmp_path, capsys):
+    """--stats: one stderr line with the new bytes, the rate, device and dtype, and whether CUDA graphs were
+    replayed (a cache or graph silently unused is what users of comparable projects could not see)."""
+    from ionllama.generation.cli import main
+
+    ck = tmp_path / "m.pt"
+    _save_ckpt(tiny_dense(), ck)
+    assert main(["--checkpoint", str(ck), "--prompt", "ab", "--max_new_bytes", "12", "--greedy", "--device", "cpu",
+                 "--stats"]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[generate]")]
+    assert len(err) == 1
+    n = int(err[0].split()[1])
+    assert 0 < n <= 12 and "bytes/s; cpu, float32, compile none; no CUDA graphs (" in err[0]
+    assert main(["--checkpoint", str(ck), "--prompt", "ab", "--max_new_bytes", "12", "--greedy",
+                 "--device", "cpu"]) == 0
+    assert "[generate]" not in capsys.readouterr().err  # off by default
+
+
 @pytest.mark.parametrize("kind", ["dense", "ionllama"])
 def test_cli_streams_generation(tmp_path, capsys, kind):
     from ionllama.generation.cli import main

@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -88,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", default="none", choices=["none", "default", "max-autotune"],
                    help="torch.compile the decode step (GPU: fewer kernels per byte; max-autotune was the "
                         "fastest measured but compiles for ~2 min) (default: %(default)s)")
+    p.add_argument("--stats", action="store_true",
+                   help="after the text, one line on stderr: new bytes, seconds and bytes/s of the generation (the "
+                        "model's loading left out), device, dtype, and whether CUDA graphs were replayed "
+                        "(default: off)")
     p.add_argument("--no_prompt_echo", action="store_true",
                    help="print only the continuation, not the prompt first (default: off)")
     p.add_argument("--output", default=None, metavar="FILE",
@@ -281,9 +286,12 @@ def _generate(args, device: str, prompt: bytes) -> bytes:
     try:
         # model.generate, not the byte models' function: a BPE checkpoint encodes the prompt with its own
         # tokenizer and emits the bytes of its tokens (token ids read as bytes crashed or printed U+FFFD)
+        t0 = time.perf_counter()
         out = model.generate(prompt, max_new_bytes=args.max_new_bytes, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, seed=args.seed, stop=args.stop,
-                             stream=lambda _row, chunk: write(utf8.decode(chunk)), **kw)
+                             stream=lambda _row, chunk: write(utf8.decode(chunk)), return_info=args.stats, **kw)
+        seconds = time.perf_counter() - t0
+        out, info = out if args.stats else (out, {})
     except (MemoryError, RuntimeError, TypeError) as e:  # torch.OutOfMemoryError is a RuntimeError
         # the decoder's caches hold the prompt and every new byte, growing as the output does: a long generation can
         # outgrow the memory, in torch
@@ -299,7 +307,23 @@ def _generate(args, device: str, prompt: bytes) -> bytes:
         raise UserError(f"not enough memory for --max_new_bytes {args.max_new_bytes} (the decoder's caches hold the "
                         "prompt and every new byte); pass a smaller --max_new_bytes") from None
     write(utf8.flush() + "\n")
+    if args.stats:
+        print(_stats_line(len(out), seconds, model, info.get("decode"), args), file=sys.stderr)
     return bytes(out)
+
+
+def _stats_line(n: int, seconds: float, model, decode: dict | None, args) -> str:
+    """--stats: what a user needs to tell a slow run from a broken one (were the CUDA graphs used at all?)."""
+    p = next(model.parameters())
+    rate = f"{n / seconds:,.0f} bytes/s" if seconds > 0 and n else "- bytes/s"
+    where = f"{p.device}, {str(p.dtype).replace('torch.', '')}, compile {args.compile}"
+    if decode is None:  # a BPE checkpoint: its own token decoder, no byte runner
+        how = "token decoder with a KV cache"
+    elif decode["cuda_graphs"]:
+        how = f"CUDA graphs replayed for {decode['steps'] - decode['eager_steps']:,} of {decode['steps']:,} steps"
+    else:
+        how = f"no CUDA graphs ({decode['steps']:,} eager steps)"
+    return f"[generate] {n:,} new bytes in {seconds:.2f} s ({rate}; {where}; {how})"
 
 
 if __name__ == "__main__":  # pragma: no cover

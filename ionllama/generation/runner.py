@@ -137,6 +137,7 @@ class DecodeRunner:
         self.rows = torch.arange(B, device=dev)
         self.max_new = max_new
         self.n_done = 0
+        self.eager_steps = 0  # iterations run eagerly (warm-up, or no graphs): the rest replayed a graph
         self.has_latent = hasattr(dec, "advance_latent")
         # latent_shift "completed": the latent stage runs inside the byte, after its pooling (3 byte parts)
         self.completed = self.has_latent and getattr(dec, "completed", False)
@@ -237,6 +238,7 @@ class DecodeRunner:
         self._set_pred()
         self._sync_schedule()
         self.n_done = 0
+        self.eager_steps = 0
 
     # ---------------------------------------------------------------- host_schedule: the patcher on the host
     def set_host_schedule(self, on: bool, recapture: bool = True) -> None:
@@ -419,6 +421,7 @@ class DecodeRunner:
         if self.host_schedule:
             self._host_advance()
         self.n_done += 1
+        self.eager_steps += 1
 
     def _scheduled_byte(self, with_latent: bool) -> None:
         """host_schedule: one byte, all its parts, with the latent stage where the shift puts it."""
