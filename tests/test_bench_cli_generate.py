@@ -30,6 +30,7 @@ def test_the_rate_is_the_extra_bytes_over_the_extra_time(ckpt, tmp_path):
     (pair,) = r["pairs"]
     short, long_ = pair["short"], pair["long"]
     assert short["max_new_bytes"] == 8 and long_["max_new_bytes"] == 40
+    assert long_["cli_stats"].startswith(f"[generate] {long_['bytes']} new bytes in ")  # the CLI's --stats line
     assert 0 <= short["bytes"] <= 8 and short["bytes"] <= long_["bytes"] <= 40
     if long_["bytes"] > short["bytes"] and long_["wall_s"] > short["wall_s"]:
         want = (long_["bytes"] - short["bytes"]) / (long_["wall_s"] - short["wall_s"])
