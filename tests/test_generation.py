@@ -1141,3 +1141,16 @@ def test_cli_cuda_graphs_flag_and_a_failed_capture_is_one_line(tmp_path, capsys,
     out, err = capsys.readouterr()
     assert e.value.code == 2 and "--cuda_graphs off" in err and "not permitted" in err, err
     assert "\n" not in err.strip() and out == "x\n", (out, err)
+
+
+def test_a_large_batch_is_filtered_in_slices_with_the_same_result(monkeypatch):
+    """The sort-free filter holds V * V compares per row: above _FILTER_ROWS rows it works in slices (a batch of
+    thousands of prompts held GBs at once); the kept bytes are those of one pass."""
+    from ionllama.generation import sampling
+
+    rows = torch.randn(7, 3, 256, generator=torch.Generator().manual_seed(2)).bfloat16().float()
+    whole = sampling.filter_logits(rows, 9, 0.8)
+    monkeypatch.setattr(sampling, "_FILTER_ROWS", 4)
+    sliced = sampling.filter_logits(rows, 9, 0.8)
+    assert sliced.shape == rows.shape and torch.equal(sliced.isfinite(), whole.isfinite())
+    assert torch.equal(sampling.filter_logits(rows, None, None), rows)

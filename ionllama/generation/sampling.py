@@ -121,6 +121,9 @@ class SamplingConfig:
         return self.greedy or self.temperature == 0
 
 
+_FILTER_ROWS = 256  # rows filtered at once: at most 64 MB of compares for top_p
+
+
 def _ranked_above(logits: torch.Tensor) -> torch.Tensor:
     """(..., V) -> (..., V, V) bool: [i, j] is True where byte j comes before byte i in a stable descending sort
     (a higher logit, or an equal one at a lower byte, as argmax breaks ties). Why not a sort: torch.compile turned
@@ -137,6 +140,10 @@ def _ranked_above(logits: torch.Tensor) -> torch.Tensor:
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
     """Set logits outside the top-k and the top-p nucleus to -inf (the best byte always stays)."""
     V = logits.shape[-1]
+    rows = logits.reshape(-1, V)
+    if rows.shape[0] > _FILTER_ROWS and (top_k is not None and top_k < V or top_p is not None and top_p < 1.0):
+        # the compares take V * V per row (top_p: floats, 256 KB a row at V=256): a large batch in slices of rows
+        return torch.cat([filter_logits(c, top_k, top_p) for c in rows.split(_FILTER_ROWS)]).reshape(logits.shape)
     if top_k is not None and top_k < V:
         # exactly k bytes, ties broken toward the lower byte as argmax does (the stable order): a threshold at the
         # k-th value kept every byte tied with it, so top_k=1 drew among equal maxima and was not greedy (bf16)
