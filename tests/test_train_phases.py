@@ -442,6 +442,31 @@ def test_an_entropy_model_trained_on_other_data_is_reused_and_recalibrated(tmp_p
         assert e.value.code == 2 and "\n" not in err and words in err, (words, err)
 
 
+def _reuse_argv(tmp_path, data, name, *extra):
+    return ["--model", "ionllama", "--size", "tiny", "--d_model", "32", "--n_layers", "1", "--n_heads", "2",
+            "--d_local", "32", "--seq_len", "64", "--batch_size", "4", "--device", "cpu", "--sample_bytes", "0",
+            "--data_dir", str(tmp_path / "cache"), "--save_dir", str(tmp_path / "runs"), "--val_fraction", "0.1",
+            "--eval_interval", "1000", "--log_interval", "5", "--lr", "3e-3", "--warmup_steps", "2",
+            "--data_path", str(data), "--run_name", name, "--joint_steps", "0", *extra]
+
+
+def test_an_untrained_entropy_checkpoint_is_named_and_a_trained_one_scored(tmp_path, corpus, capsys):
+    """--entropy_checkpoint took an entropy model that never trained (a run with --entropy_steps 0) without a word:
+    calibration still hits --target_patch_size, so patches followed noise in a healthy-looking run, the case the
+    --entropy_steps 0 note is for. The loaded model is now scored on this run's val, and a near-uniform one named."""
+    assert main(_reuse_argv(tmp_path, corpus, "raw", "--max_steps", "1", "--entropy_steps", "0")) == 0
+    assert main(_reuse_argv(tmp_path, corpus, "ent", "--max_steps", "1", "--entropy_steps", "25")) == 0
+    capsys.readouterr()
+    assert main(_reuse_argv(tmp_path, corpus, "r1", "--max_steps", "1", "--entropy_checkpoint",
+                            str(tmp_path / "runs" / "raw" / "final.pt"))) == 0
+    out = capsys.readouterr().out
+    assert "bits/byte on this run's val" in out and "near the 8 of an untrained one" in out, out
+    assert main(_reuse_argv(tmp_path, corpus, "r2", "--max_steps", "1", "--entropy_checkpoint",
+                            str(tmp_path / "runs" / "ent" / "final.pt"))) == 0
+    out = capsys.readouterr().out
+    assert "bits/byte on this run's val" in out and "near the 8" not in out, out
+
+
 def test_the_entropy_model_is_scored_where_phase_one_ends(tmp_path, corpus, fake_model):
     """Phase 1's last steps went unscored unless --eval_interval divided --entropy_steps (here 6 steps, evaluations
     every 4: only step 4), so the entropy model's final validation, the one its patching goes by, was never logged.

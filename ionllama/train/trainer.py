@@ -46,6 +46,9 @@ from .optim import add_params, make_adamw, no_decay_ids
 from .schedule import DEFAULT_MIN_LR_RATIO, PhasePlan
 from .step_graph import capture_problem, make_step_graph, stage_a_for, step_graph_problem
 
+# an entropy model scoring above this on val has not learned even byte frequencies (uniform: 8 bits/byte; English
+# byte unigrams: ~4.5)
+UNTRAINED_ENTROPY_BPB = 7.5
 DEFAULT_LR = {"tiny": 1e-3, "small": 6e-4, "base": 3e-4, "large": 2e-4, "xl": 1.5e-4}
 # flags that describe this invocation, not the run: a resumed run takes them from the command line
 _PER_INVOCATION = {"resume", "stop_at", "max_train_time", "device", "run_name", "save_dir", "wandb", "compile", "step_graph",
@@ -734,8 +737,16 @@ class Trainer:
                             f"({first_line(e)})") from None
         if self.is_main:
             what = "fine-tunes them" if self.args.entropy_steps else "skipped"
-            _say(f"entropy model: weights from {path} (phase 1 {what}); the threshold is calibrated on this run's "
-                 "val split")
+            # scored on this run's val: an untrained one (a run with --entropy_steps 0) was taken without a word, and
+            # calibration still hit the target ratio, so patches followed noise in a healthy-looking run
+            x = self._calibration_batch()[:16]
+            with eval_mode(self.model.entropy_model), torch.no_grad():
+                bpb = float(self.model.entropy_model(x[:, :-1], x[:, 1:])["bpb"])
+            _say(f"entropy model: weights from {path} (phase 1 {what}), {bpb:.2f} bits/byte on this run's val; the "
+                 "threshold is calibrated on this run's val split")
+            if bpb > UNTRAINED_ENTROPY_BPB:
+                _say(f"note: {bpb:.2f} bits/byte is near the 8 of an untrained one: patches follow noise and the "
+                     "--max_patch_size cap; pass a trained entropy model or train this one (--entropy_steps N)")
 
     def _trainable(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
