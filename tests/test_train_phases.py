@@ -467,6 +467,27 @@ def test_an_untrained_entropy_checkpoint_is_named_and_a_trained_one_scored(tmp_p
     assert "bits/byte on this run's val" in out and "near the 8" not in out, out
 
 
+def test_an_entropy_checkpoint_of_another_size_is_reused_under_a_bigger_main_model(tmp_path, corpus, capsys):
+    """A tiny entropy model under a --size small main model: the refusal's only fix was "pass the --size of the run
+    that trained it", i.e. the other main model too (no flag set the entropy model's sizes). The flags exist now, and
+    the refusal names them with the checkpoint's values."""
+    assert main(_reuse_argv(tmp_path, corpus, "ent", "--max_steps", "1", "--entropy_steps", "3")) == 0
+    src = str(tmp_path / "runs" / "ent" / "final.pt")
+    small = ["--size", "small", "--d_local", "32", "--n_enc_layers", "1", "--n_dec_layers", "1",
+             "--ngram_buckets", "64", "--max_steps", "1", "--entropy_checkpoint", src]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(_reuse_argv(tmp_path, corpus, "big", *small))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and "d_entropy 64 (this run: 128)" in err, err
+    assert "pass --d_entropy 64" in err, err
+    assert main(_reuse_argv(tmp_path, corpus, "big", *small, "--d_entropy", "64")) == 0
+    got = load_checkpoint(tmp_path / "runs" / "big" / "final.pt")
+    assert got["model_config"]["size"] == "small" and got["model_config"]["d_entropy"] == 64
+    ent = load_checkpoint(src)["model"]
+    assert all(torch.equal(v, ent[k]) for k, v in got["model"].items() if k.startswith("entropy_model."))
+
+
 def test_the_entropy_model_is_scored_where_phase_one_ends(tmp_path, corpus, fake_model):
     """Phase 1's last steps went unscored unless --eval_interval divided --entropy_steps (here 6 steps, evaluations
     every 4: only step 4), so the entropy model's final validation, the one its patching goes by, was never logged.

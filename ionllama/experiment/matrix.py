@@ -50,7 +50,7 @@ MODEL_KEYS = ("d_model", "n_layers", "n_heads", "d_local", "n_enc_layers", "n_de
               "local_layers", "patching", "threshold_mode", "max_patch_size", "target_patch_size", "ngram", "pooling",
               "vocab_size", "latent_shift", "dropout", "local_dropout", "fixed_patch_size", "entropy_chunk",
               "ngram_buckets", "ngram_sizes", "embed_std", "dec_init", "local_width",
-              "local_init")
+              "local_init", "d_entropy", "n_entropy_layers", "entropy_state", "entropy_headdim")
 
 
 def sweep_variants(spec: dict) -> tuple[str, ...]:

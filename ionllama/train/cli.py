@@ -31,6 +31,8 @@ MODEL_OVERRIDES = {
     "dropout": float, "local_dropout": float, "fixed_patch_size": int, "entropy_chunk": int, "ngram_buckets": int,
     "ngram_sizes": ngram_sizes_arg, "embed_std": float, "dec_init": str, "local_width": int,
     "local_init": str,
+    # the entropy model's sizes: a reused one (--entropy_checkpoint) of another --size needs them
+    "d_entropy": int, "n_entropy_layers": int, "entropy_state": int, "entropy_headdim": int,
 }
 
 

@@ -725,11 +725,14 @@ class Trainer:
             raise UserError(f"--entropy_checkpoint {path} holds a --model {src.config.model} model without an entropy "
                             "model; pass a checkpoint of an ionllama run with entropy patching")
         keys = ("d_entropy", "n_entropy_layers", "entropy_state", "entropy_headdim")
-        differ = [f"{k} {getattr(src.config, k)} (this run: {getattr(self.config, k)})" for k in keys
-                  if getattr(src.config, k) != getattr(self.config, k)]
+        differ = [k for k in keys if getattr(src.config, k) != getattr(self.config, k)]
         if differ:
-            raise UserError(f"--entropy_checkpoint {path} has another entropy model: {', '.join(differ)}; its "
-                            "sizes come with --size: pass the --size of the run that trained it")
+            # the flags, not only --size: that changed the main model too (a tiny entropy model under a small one)
+            raise UserError(f"--entropy_checkpoint {path} has another entropy model: "
+                            + ", ".join(f"{k} {getattr(src.config, k)} (this run: {getattr(self.config, k)})"
+                                        for k in differ)
+                            + "; pass " + " ".join(f"--{k} {getattr(src.config, k)}" for k in differ)
+                            + " to build this run's entropy model like it")
         try:
             self.model.entropy_model.load_state_dict(theirs.state_dict())
         except RuntimeError as e:
