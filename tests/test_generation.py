@@ -244,6 +244,22 @@ def test_compiled_filter_logits_matches_eager():
         assert torch.equal(compiled(rows, k, p).isfinite(), filter_logits(rows, k, p).isfinite())
 
 
+def test_a_token_vocabulary_is_filtered_without_a_v_by_v_matrix(monkeypatch):
+    """The compare filter builds (B, V, V) per call: for a BPE model's vocabulary (up to 65,536 tokens, 4 GiB of bools
+    a row; 0.3 s a token at V=4,096 on CPU, and the trainer samples with top_k=40) the sort stays. Same bytes."""
+    from ionllama.generation import sampling
+
+    seen = []
+    real = sampling._ranked_above
+    monkeypatch.setattr(sampling, "_ranked_above", lambda x: seen.append(x.shape[-1]) or real(x))
+    rows = torch.randn(2, 4096, generator=torch.Generator().manual_seed(2)).bfloat16().float()
+    for k, p in [(40, None), (None, 0.9), (20, 0.8)]:
+        assert torch.equal(sampling.filter_logits(rows, k, p), _filter_by_sort(rows, k, p))
+    assert seen == []
+    sampling.filter_logits(rows[:, :256], 40, 0.9)
+    assert seen == [256, 256]  # the byte models' filter (compiled on a GPU) compares
+
+
 @pytest.mark.parametrize("kind", ["dense", "bpe", "ionllama"])
 def test_generate_gives_each_submodule_its_own_mode_back(kind):
     """generate() restored only the top module's mode, train(was_training), which put a part kept in eval mode
