@@ -255,6 +255,28 @@ def test_a_streamed_generate_captures_the_graphs_too(ion, monkeypatch):
     assert info["decode"] == {"steps": 30, "eager_steps": 30, "cuda_graphs": False}
 
 
+def test_decode_info_counts_graphs_replayed_before_a_last_growth(ion, monkeypatch):
+    """return_info's decode.cuda_graphs read the graphs held at the end: caches grown for a last run of <= 4 bytes
+    (no capture then, those bytes eager) said no graphs, and --stats printed "no CUDA graphs (19 eager steps)"
+    for a generation whose bytes were mostly replayed."""
+    import sys
+
+    _fake_cuda(monkeypatch, _FakeGraph)
+    gen_mod = sys.modules["ionllama.generation.generate"]
+
+    class OnFakeCuda(DecodeRunner):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.want_graphs = kw["cuda_graphs"]
+
+    monkeypatch.setattr(gen_mod, "DecodeRunner", OnFakeCuda)
+    monkeypatch.setattr(gen_mod, "_use_cuda_graphs", lambda setting, device, max_new: bool(setting))
+    monkeypatch.setattr(gen_mod, "INITIAL_NEW_BYTES", 16)
+    out, info = generate(ion, PROMPTS[:2], 19, seed=1, cuda_graphs=True, return_info=True, stream=lambda r, c: None)
+    assert out == generate(ion, PROMPTS[:2], 19, seed=1, cuda_graphs=False)
+    assert info["decode"] == {"steps": 19, "eager_steps": 6, "cuda_graphs": True}, info  # 3 warm-up, 3 after growth
+
+
 def test_timed_replays_give_the_same_bytes_and_one_time_per_replay(ion, monkeypatch):
     """run(n, gpu_ms=...) (benchmarks: GPU time per replay) brackets every replay with events and
     changes nothing else: same bytes, one byte-graph time per byte, one latent time per latent replay."""
