@@ -1133,15 +1133,16 @@ def test_cli_cuda_graphs_flag_and_a_failed_capture_is_one_line(tmp_path, capsys,
     _save_ckpt(tiny_dense(), ck)
     base = ["--checkpoint", str(ck), "--prompt", "x", "--max_new_bytes", "4", "--greedy", "--device", "cpu"]
     seen = []
-    real = DecodeRunner.__init__
+    gen_mod = importlib.import_module("ionllama.generation.generate")
+    real = gen_mod._use_cuda_graphs
 
-    def spy(self, *a, **kw):
-        seen.append(kw["cuda_graphs"])
-        real(self, *a, **kw)
+    def spy(setting, device, max_new):  # the setting itself: on CPU the runner gets False whatever it was
+        seen.append(setting)
+        return real(setting, device, max_new)
 
     with monkeypatch.context() as mp:
-        mp.setattr(DecodeRunner, "__init__", spy)
-        assert cli.main(base + ["--cuda_graphs", "off"]) == 0 and seen == [False]
+        mp.setattr(gen_mod, "_use_cuda_graphs", spy)
+        assert cli.main(base + ["--cuda_graphs", "off"]) == 0 and cli.main(base) == 0 and seen == [False, "auto"]
     with pytest.raises(SystemExit) as e:
         cli.main(base + ["--cuda_graphs", "on"])
     err = capsys.readouterr().err.strip()
