@@ -1112,9 +1112,11 @@ def test_cli_dtype_generates_in_bf16_from_an_fp32_checkpoint(tmp_path, capsys, m
     for dtype, model in (("bf16", copy.deepcopy(m).to(torch.bfloat16)), ("fp32", m), ("auto", m)):
         out = tmp_path / f"{dtype}.bin"
         assert cli.main(["--checkpoint", str(ck), "--prompt", "ab", "--max_new_bytes", "12", "--seed", "3",
-                         "--device", "cpu", "--dtype", dtype, "--output", str(out)]) == 0
+                         "--device", "cpu", "--dtype", dtype, "--output", str(out), "--stats"]) == 0
         assert out.read_bytes() == model.generate(b"ab", max_new_bytes=12, seed=3), dtype
-    capsys.readouterr()
+        # (this tiny model's 12 bytes are the same in both dtypes: the weights' dtype is what tells them apart)
+        want = "bfloat16" if dtype == "bf16" else "float32"
+        assert f"cpu, {want}, compile" in capsys.readouterr().err, dtype
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert cli.resolve_dtype("auto", "cuda:0") == torch.bfloat16 and cli.resolve_dtype("auto", "cpu") == torch.float32
     assert cli.resolve_dtype("auto", "mps") == torch.float32 and cli.resolve_dtype("fp32", "cuda") == torch.float32
