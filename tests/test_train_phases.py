@@ -1,6 +1,7 @@
 """The three training phases (entropy model -> calibration -> main -> joint) on a small fake model that
 implements the protocol of ionllama/model/ionllama_model.py, and exact resume inside every phase."""
 import math
+import os
 
 import pytest
 import torch
@@ -534,3 +535,18 @@ def test_an_experiment_arm_past_its_nominal_step_count_resumes(tmp_path, corpus)
     parser = build_train_parser()
     tr = make_budget_trainer(parser.parse_args(argv), explicit_args(parser, argv), 30, curve_points=1, warmup=False)
     assert tr.step == 5
+
+
+def test_a_resume_names_its_entropy_checkpoint_however_the_path_is_written(tmp_path, corpus, monkeypatch):
+    """A run started with --entropy_checkpoint and resumed with the same flag, its path written absolute instead of
+    relative (a scheduler's job script), was refused as another entropy model. The same file is the same run."""
+    assert main(_reuse_argv(tmp_path, corpus, "ent", "--max_steps", "1", "--entropy_steps", "3")) == 0
+    monkeypatch.chdir(tmp_path)
+    rel = os.path.join("runs", "ent", "final.pt")
+    assert main(_reuse_argv(tmp_path, corpus, "r", "--max_steps", "4", "--stop_at", "2",
+                            "--entropy_checkpoint", rel)) == 0
+    assert main(_reuse_argv(tmp_path, corpus, "r", "--max_steps", "4", "--resume", "auto",
+                            "--entropy_checkpoint", str(tmp_path / rel))) == 0
+    with pytest.raises(SystemExit):  # another file still is refused
+        main(_reuse_argv(tmp_path, corpus, "r", "--max_steps", "5", "--resume", "auto",
+                         "--entropy_checkpoint", str(tmp_path / "runs" / "r" / "latest.pt")))

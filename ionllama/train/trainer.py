@@ -56,6 +56,13 @@ _PER_INVOCATION = {"resume", "stop_at", "max_train_time", "device", "run_name", 
                    "eval_batch_size", "parallel"}
 
 
+def _same_file(a, b) -> bool:
+    try:
+        return b is not None and os.path.samefile(a, b)
+    except OSError:  # either is gone: only equal strings are the same
+        return False
+
+
 def _say(msg: str) -> None:
     from tqdm import tqdm
 
@@ -703,7 +710,9 @@ class Trainer:
         path = getattr(self.args, "entropy_checkpoint", None)
         if path and self.ck is not None:
             was = (self.ck.get("train_args") or {}).get("entropy_checkpoint")
-            if path != was:  # the resumed weights hold the entropy model: the file would be named, not loaded
+            # the resumed weights hold the entropy model: another file would be named, not loaded. The same file
+            # written another way (relative, absolute) is the same run: it was refused as another
+            if path != was and not _same_file(path, was):
                 raise UserError(f"--entropy_checkpoint {path} on a resume: the entropy model's weights come from "
                                 f"the checkpoint (it used {was}); drop the flag, or start a new run to load it")
         if not path or self.ck is not None:
