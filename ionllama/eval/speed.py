@@ -89,7 +89,8 @@ def run_speed(model, data: np.ndarray, device, seq_len: int, batch_size: int, am
         # the main phase's step, which most of training is: the entropy model frozen (it trained in its own phase
         # before). Unfrozen, its backward and aux loss counted too, lowering the bytes/s and raising the peak memory
         was_frozen = getattr(model, "_entropy_frozen", None)
-        if was_frozen is not None and getattr(model, "needs_entropy_phase", False):
+        freeze = was_frozen is not None and getattr(model, "needs_entropy_phase", False)
+        if freeze:
             model.freeze_entropy(True)
             res["train_step_phase"] = "main (entropy model frozen)"
         if device.type == "cuda":
@@ -104,7 +105,7 @@ def run_speed(model, data: np.ndarray, device, seq_len: int, batch_size: int, am
         try:
             t = _timed(fwd_bwd, device, 1, max(2, iters // 2))
         finally:
-            if was_frozen is not None and getattr(model, "needs_entropy_phase", False):
+            if freeze:
                 model.freeze_entropy(was_frozen)
         model.eval()
         res["train_step_bytes_per_s"] = n_in / statistics.median(t)
