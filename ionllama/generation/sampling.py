@@ -162,19 +162,23 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
     V = logits.shape[-1]
     if V > COMPARE_MAX_V:
         return _filter_sorted(logits, top_k, top_p)
+    use_k, use_p = top_k is not None and top_k < V, top_p is not None and top_p < 1.0
+    if not (use_k or use_p):
+        return logits
     rows = logits.reshape(-1, V)
-    if rows.shape[0] > _FILTER_ROWS and (top_k is not None and top_k < V or top_p is not None and top_p < 1.0):
+    if rows.shape[0] > _FILTER_ROWS:
         # the compares take V * V per row (top_p: floats, 256 KB a row at V=256): a large batch in slices of rows
         return torch.cat([filter_logits(c, top_k, top_p) for c in rows.split(_FILTER_ROWS)]).reshape(logits.shape)
-    if top_k is not None and top_k < V:
+    # one order for both filters: the bytes top_k drops rank below every byte it keeps, so the kept bytes' order
+    # (and the mass above them, the dropped ones' probability being 0) is the same before and after it
+    above = _ranked_above(logits)
+    if use_k:
         # exactly k bytes, ties broken toward the lower byte as argmax does (the stable order): a threshold at the
         # k-th value kept every byte tied with it, so top_k=1 drew among equal maxima and was not greedy (bf16)
-        rank = _ranked_above(logits).sum(dim=-1)
-        logits = logits.masked_fill(rank >= int(top_k), float("-inf"))
-    if top_p is not None and top_p < 1.0:
+        logits = logits.masked_fill(above.sum(dim=-1) >= int(top_k), float("-inf"))
+    if use_p:
         # the same stable order: equal logits keep the lower byte first (an unstable sort kept byte 176 of an
         # all-equal row, so a top_p that keeps one byte was not greedy, and tied bytes entered the nucleus by whim)
-        above = _ranked_above(logits)
         probs = logits.softmax(dim=-1)
         mass_before = (above * probs.unsqueeze(-2)).sum(dim=-1)  # keep a byte while the mass above it is < top_p
         # the best byte always stays: a top_p below float32's range (1e-46) is 0 there, and 0 >= 0 dropped it
