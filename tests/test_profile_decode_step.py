@@ -129,3 +129,20 @@ def test_sweep_refuses_a_step_the_decoder_does_not_use(tmp_path):
     with pytest.raises(UserError, match="pass --fused_local_step on"):
         pds.main.__wrapped__(["--device", "cpu", "--sweep_lnn", "--grid", "num_warps=4", "--bytes", "8",
                               "--context", "32", "--out", str(tmp_path)])
+
+
+def test_recaptures_start_the_decoder_again_before_the_profile(tmp_path, monkeypatch):
+    calls = []
+    real_start = pds.start
+
+    def counting_start(s, *a, **kw):
+        calls.append(1)
+        return real_start(s, *a, **kw)
+    monkeypatch.setattr(pds, "start", counting_start)
+    pds.main(["--device", "cpu", "--size", "tiny", "--bytes", "8", "--context", "32", "--out", str(tmp_path),
+              "--recaptures", "2"])
+    res = json.loads((tmp_path / "profile_decode_step.json").read_text())
+    assert len(calls) == 3 and res["summary"]["recaptures"] == 2 and res["summary"]["bytes"] == 8
+    with pytest.raises(SystemExit) as e:
+        pds.main(["--device", "cpu", "--recaptures", "-1", "--out", str(tmp_path)])
+    assert e.value.code == 2
