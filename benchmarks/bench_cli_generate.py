@@ -8,8 +8,12 @@ lengths) cancel out:
 
     rate = (bytes_long - bytes_short) / (wall_long - wall_short)
 
-A warm-up run of the short length goes first, so torch.compile's on-disk cache is warm for the timed runs.
---in_process adds the same two-length rate of `model.generate()` in this process, with a stream callback (as the
+A warm-up run of the short length goes first, so torch.compile's on-disk cache is warm for the timed runs. Each
+run also keeps the CLI's own `--stats` rate after its first run (compiling and capturing happen there), which is
+not blurred by the process's start-up: that varied by over a second between processes on an H100 (fiftieth session),
+as much as the two lengths' whole difference at compiled speed.
+--in_process adds the same two-length rate of `model.generate()` in this process (after a warm-up of both lengths:
+their caches are different shapes, each compiled once), with a stream callback (as the
 CLI) and without (as bench_generation.py, which reads the bytes every 16): where the CLI is slow, is it the
 streaming, or the process around it?
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -51,8 +56,11 @@ def run_cli(checkpoint: str, n: int, args, out_file: Path) -> dict:
         raise UserError(f"`ionllama generate` exited with {proc.returncode}: {tail}")
     # the CLI's own --stats line: its generation time (compile and capture in, loading out) and the CUDA graphs
     stats = [line for line in proc.stderr.splitlines() if line.startswith("[generate]")]
+    # its rate after the first run (which holds compiling and capturing), when it printed one
+    steady = re.search(r"; ([\d,]+) bytes/s after the first run", stats[-1]) if stats else None
     return {"max_new_bytes": n, "bytes": out_file.stat().st_size, "wall_s": round(wall, 3),
-            "cli_stats": stats[-1] if stats else None}
+            "cli_stats": stats[-1] if stats else None,
+            "cli_steady_bytes_per_s": int(steady.group(1).replace(",", "")) if steady else None}
 
 
 def in_process_rates(args, short: int, long_: int) -> dict:
@@ -69,7 +77,8 @@ def in_process_rates(args, short: int, long_: int) -> dict:
         kw["compile"] = args.compile
     rates = {}
     for label, stream in (("streamed", lambda row, chunk: None), ("not_streamed", None)):
-        model.generate(args.prompt.encode(), max_new_bytes=short, stream=stream, **kw)  # warm-up
+        for n in (short, long_):  # warm-up: each length's caches are their own shapes for a compiled step
+            model.generate(args.prompt.encode(), max_new_bytes=n, stream=stream, **kw)
         walls, sizes = [], []
         for n in (short, long_):
             if device.startswith("cuda"):

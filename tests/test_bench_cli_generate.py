@@ -32,6 +32,11 @@ def test_the_rate_is_the_extra_bytes_over_the_extra_time(ckpt, tmp_path):
     assert short["max_new_bytes"] == 8 and long_["max_new_bytes"] == 40
     assert long_["cli_stats"].startswith(f"[generate] {long_['bytes']} new bytes in ")  # the CLI's --stats line
     assert 0 <= short["bytes"] <= 8 and short["bytes"] <= long_["bytes"] <= 40
+    # the CLI's own rate after its first run, read from that line (None where it printed none: 0 or 1 byte)
+    for run in (short, long_):
+        if run["cli_steady_bytes_per_s"] is not None:
+            assert f"; {run['cli_steady_bytes_per_s']:,} bytes/s after the first run (" in run["cli_stats"]
+    assert long_["bytes"] < 2 or long_["cli_steady_bytes_per_s"] > 0
     if long_["bytes"] > short["bytes"] and long_["wall_s"] > short["wall_s"]:
         want = (long_["bytes"] - short["bytes"]) / (long_["wall_s"] - short["wall_s"])
         assert pair["steady_bytes_per_s"] == pytest.approx(want)

@@ -5,6 +5,7 @@ import importlib
 import math
 import os
 import random
+import re
 import signal
 import time
 
@@ -522,6 +523,8 @@ def test_doc_sep_stops_and_rows_stop_independently():
             m.w[a, b] = 20.0
     outs, info = generate(m, [b"a", b"x"], 9, greedy=True, return_info=True)
     assert outs == [b"bc", b"yzxyzxyzx"] and info["stop_reasons"] == ["doc_sep", "length"]
+    d = info["decode"]  # not streamed on CPU: one run of all 9 steps, its seconds apart from the (empty) rest
+    assert d["steps"] == d["first_run_steps"] == 9 and d["first_run_s"] > 0 and d["rest_s"] >= 0
 
 
 # ----------------------------------------------------------------------------- UTF-8 streaming
@@ -577,6 +580,8 @@ def test_cli_stats_says_how_the_bytes_were_decoded(tmp_path, capsys):
     assert len(err) == 1
     n = int(err[0].split()[1])
     assert 0 < n <= 12 and "bytes/s; cpu, float32, compile none; no CUDA graphs (" in err[0]
+    # the steady rate after the first run (streamed on CPU: one byte a run), which holds any compile and capture
+    assert n < 2 or re.search(r"\d bytes/s after the first run \(1 bytes, \d+\.\d\d s\)\)$", err[0]), err[0]
     assert main(["--checkpoint", str(ck), "--prompt", "ab", "--max_new_bytes", "12", "--greedy",
                  "--device", "cpu"]) == 0
     assert "[generate]" not in capsys.readouterr().err  # off by default

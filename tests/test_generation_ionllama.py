@@ -302,3 +302,23 @@ def test_hash_nodigit_tables_skip_every_ngram_with_a_digit_and_decode_step_by_st
         steps = stepwise_logits(decoder_for(m, 3, 40 + max(prompt_lens)), seqs, prompt_lens)
         for r, p in enumerate(prompt_lens):
             torch.testing.assert_close(steps[r, : 40 - p + 1], full["logits"][r, p - 1:], atol=1e-9, rtol=1e-9)
+
+
+def test_compiled_decode_reuses_its_compile_across_prompt_and_output_lengths(monkeypatch):
+    """The compiled step is specialised to the caches' shapes, which were prompt + max_new_bytes long: every new
+    length compiled again (12-17 s a call for `tiny` on CPU) and past dynamo's limit of 8 ran eager without a word.
+    Bucketed caches (decoding.shape_bucket) meet the shapes already compiled. torch.compile runs with dynamo's
+    "eager" backend here: the guards and recompiles are dynamo's, only inductor's codegen is skipped."""
+    from torch._dynamo.utils import counters
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, dynamic=False, backend="eager"))
+    torch.manual_seed(0)
+    m = create_model("tiny", **TINY).eval()
+    torch._dynamo.reset()
+    new_graphs = []
+    for prompt, n in (("ab", 12), ("abcdef", 40), ("x" * 30, 100), ("abc", 7)):
+        before = counters["stats"]["unique_graphs"]
+        out = generate(m, prompt, n, greedy=True, compile=True)
+        new_graphs.append(counters["stats"]["unique_graphs"] - before)
+        assert out == generate(m, prompt, n, greedy=True)  # the same bytes as eager
+    assert new_graphs[0] > 0 and new_graphs[1:] == [0, 0, 0]

@@ -53,6 +53,15 @@ def right_pad(rows: list[list[int]], device, pad: int = 0) -> tuple[torch.Tensor
     return x.to(device), torch.tensor(lengths, dtype=torch.long, device=device)
 
 
+def shape_bucket(n: int, least: int = 1024) -> int:
+    """Positions to allocate for n under torch.compile: the next power of two, at least `least`. The compiled decode
+    step is specialised to its caches' shapes (dynamic=False), so exact sizes (prompt + max_new_bytes) compiled it
+    again for every new prompt or output length (12-17 s a call for `tiny` on CPU), and past dynamo's recompile
+    limit (8) it ran eager without a word. Buckets make such calls meet shapes already compiled, at most 2x the
+    memory."""
+    return max(least, 1 << max(0, n - 1).bit_length())
+
+
 def grown(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     """A zero tensor like `t` but `size` long along `dim`, holding `t` at the start of that dimension."""
     shape = list(t.shape)

@@ -1,13 +1,14 @@
 """`generate`: prefill with the parallel forward, then one cached decoder step per byte."""
 from __future__ import annotations
 
+import time
 from typing import Callable, Sequence
 
 import torch
 
 from ..errors import UserError, is_whole
 from ..model.common import eval_mode
-from .decoding import check_decoder_options, decoder_for
+from .decoding import check_decoder_options, decoder_for, shape_bucket
 from .runner import DecodeRunner, check_unroll, compile_options, entropy_branch_possible, no_entropy_branch
 from .prompts import DOC_SEP, RowOutput, normalize_prompts, normalize_stops
 from .sampling import SamplingConfig, is_flag
@@ -175,7 +176,10 @@ def _decode_loop(model, rows, outs, cfg, max_new_bytes, seed, stream, decoder_ki
     # +1: the loop's last iteration also steps the decoder past the final sampled byte. Caches for up to
     # INITIAL_NEW_BYTES new bytes at first; the runner doubles them as the output gets longer (a large
     # max_new_bytes with a stop string expected early no longer allocates for all of it)
-    dec = decoder_for(model, B, prompt_len + min(max_new_bytes, INITIAL_NEW_BYTES) + 1, decoder_kind,
+    cache_len = prompt_len + min(max_new_bytes, INITIAL_NEW_BYTES) + 1
+    if compile_options(compile) is not None:  # compiled steps: bucketed shapes, so other lengths reuse the compile
+        cache_len = shape_bucket(cache_len)
+    dec = decoder_for(model, B, cache_len, decoder_kind,
                       fused_local_step=fused_local_step, fused_entropy_step=fused_entropy_step,
                       fused_latent_step=fused_latent_step)
     _check_applicable(dec, entropy_branch)  # before the prefill's work
@@ -198,12 +202,15 @@ def _decode_loop(model, rows, outs, cfg, max_new_bytes, seed, stream, decoder_ki
         # captures: at 1 byte a run the CLI's generation never did (capture waits for a run of more than 4 bytes)
         sync_every = STREAM_CHUNK
     first = max(sync_every, 5) if runner.want_graphs else sync_every
-    done_steps = 0
+    done_steps, first_run = 0, None
+    t0 = time.perf_counter()
     while done_steps < max_new_bytes:
         n = min(sync_every if done_steps else first, max_new_bytes - done_steps)
         runner.run(n)
         chunk = runner.out[:, done_steps:done_steps + n].tolist()  # (B, n) on the host
         done_steps += n
+        if first_run is None:  # the first run holds compiling and capturing: timed apart from the steady rest
+            first_run = (runner.n_done, time.perf_counter() - t0)
         for r, o in enumerate(outs):
             for b in chunk[r]:
                 piece = o.push(b)
@@ -212,5 +219,9 @@ def _decode_loop(model, rows, outs, cfg, max_new_bytes, seed, stream, decoder_ki
         if all(o.done for o in outs):
             break
     # replayed at all: the graphs held at the end are gone after a growth whose last run was too short to capture
-    return {"steps": runner.n_done, "eager_steps": runner.eager_steps,
+    info = {"steps": runner.n_done, "eager_steps": runner.eager_steps,
             "cuda_graphs": runner.n_done > runner.eager_steps}
+    if first_run is not None:  # host time, read after each run's bytes came back (a sync)
+        info.update(first_run_steps=first_run[0], first_run_s=first_run[1],
+                    rest_s=time.perf_counter() - t0 - first_run[1])
+    return info

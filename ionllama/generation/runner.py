@@ -30,7 +30,7 @@ import torch._inductor.config  # noqa: F401  (COMPILE_PRESETS asks it which sett
 
 from ..devices import reusable_stream
 from ..errors import UserError
-from .decoding import grown
+from .decoding import grown, shape_bucket
 from .sampling import NoiseSource, SamplingConfig, sample_next
 
 # CUDA graph conditional nodes (torch's CUDAGraph.begin_capture_to_if_node): what DecodeRunner's unroll needs
@@ -133,9 +133,11 @@ class DecodeRunner:
         self.step_no = torch.zeros((), dtype=torch.long, device=dev)
         self.prompt_len = prompt_len
         steps_held = max_new if prompt_len is None else max(0, min(max_new, dec.max_len - prompt_len - 1))
-        self.out = torch.zeros(B, steps_held + 1, dtype=torch.long, device=dev)
-        self.rows = torch.arange(B, device=dev)
+        # compiled: the output buffer's length is a shape of the compiled step too (shape_bucket says why)
+        self.bucketed = compile_options(compile) is not None
         self.max_new = max_new
+        self.out = torch.zeros(B, self._out_len(steps_held + 1), dtype=torch.long, device=dev)
+        self.rows = torch.arange(B, device=dev)
         self.n_done = 0
         self.eager_steps = 0  # iterations run eagerly (warm-up, or no graphs): the rest replayed a graph
         self.has_latent = hasattr(dec, "advance_latent")
@@ -541,6 +543,11 @@ class DecodeRunner:
             for kind, a, b in timed:
                 gpu_ms.setdefault(kind, []).append(a.elapsed_time(b))
 
+    def _out_len(self, size: int) -> int:
+        """Length of the output buffer for `size` entries: bucketed when compiled, else capped at what max_new
+        can need."""
+        return shape_bucket(size) if self.bucketed else min(self.max_new + 1, size)
+
     def _reserve(self, target: int) -> None:
         """Room for steps up to `target`: the decoder's caches (prompt_len + target + 1 positions: the last step
         also feeds its byte) and the output buffer, each doubled (capped at what max_new can need) when short. A
@@ -550,9 +557,10 @@ class DecodeRunner:
         need = self.prompt_len + target + 1
         grew = False
         if need > self.dec.max_len:
-            grew = self.dec.grow(min(full, max(need, 2 * self.dec.max_len)))
+            size = max(need, 2 * self.dec.max_len)
+            grew = self.dec.grow(shape_bucket(size) if self.bucketed else min(full, size))
         if target + 1 > self.out.shape[1]:
-            self.out = grown(self.out, 1, min(self.max_new + 1, max(target + 1, 2 * self.out.shape[1])))
+            self.out = grown(self.out, 1, self._out_len(max(target + 1, 2 * self.out.shape[1])))
             grew = True
         if grew:
             self.graphs = self.lag_graphs = self.multi_graph = self.sched_graphs = None
