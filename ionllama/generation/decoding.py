@@ -171,7 +171,7 @@ def decoder_for(model: nn.Module, batch_size: int, max_len: int, kind: str = "au
     fused_local_step: ionLlama's IntegralLNN local layers step through the fused Triton kernels
     (ionllama/kernels/lnn_step_triton.py). True: required (CUDA, or CPU under TRITON_INTERPRET=1, else a
     UserError); False: the PyTorch step; "auto": fused where it was measured faster and equal (cached ionLlama
-    decoder with IntegralLNN local layers, CUDA, triton, <= 32 rows: local_state.fused_step_auto).
+    decoder with IntegralLNN local layers, CUDA, triton, bf16 or fp16, <= 32 rows: local_state.fused_step_auto).
     fused_entropy_step: ionLlama's entropy model (Mamba blocks + head) steps through the fused Triton kernels
     (ionllama/kernels/ssm_step_triton.py). True: required (CUDA, or CPU under TRITON_INTERPRET=1, entropy
     patching; else a UserError); False: PyTorch; "auto" (default): fused on CUDA for <= 32 rows where the model

@@ -222,14 +222,17 @@ def fused_latent_fn(device: torch.device, dtype: torch.dtype):
 # the latent step 0.383 -> 0.295 ms of GPU time per patch (eighth; docs/results/generation.md); the entropy-model
 # step, once its kernels launched with PDL, the byte graph 0.109-0.110 -> 0.102-0.105 ms (eleventh; without PDL it
 # had gained nothing). Batch 32, all three together: 11,821 -> 33,077 bytes/s (eighteenth; the kernels pass their
-# GPU selfcheck at 17 and 32 rows). Larger batches keep the PyTorch steps until measured.
+# GPU selfcheck at 17 and 32 rows). Larger batches keep the PyTorch steps until measured. fp32 models keep them too:
+# there the fused kernels ran 2.8x slower than the PyTorch steps (H100, `small`, graphs, not compiled: 2,765 against
+# 1,001 us a byte, fiftieth session; e.g. `_lnn_ffn_down` 108 us a call against ~5 in bf16).
 FUSED_AUTO_MAX_BATCH = 32
+FUSED_AUTO_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def fused_step_auto(device: torch.device, dtype: torch.dtype, batch: int, kernels=None) -> bool:
-    """Does "auto" pick a fused Triton step here (CUDA, triton, a supported dtype)? kernels: the step's
+    """Does "auto" pick a fused Triton step here (CUDA, triton, bf16 or fp16, up to 32 rows)? kernels: the step's
     loader (fused_step_fn, the IntegralLNN step, by default; fused_latent_fn)."""
-    if device.type != "cuda" or batch > FUSED_AUTO_MAX_BATCH:
+    if device.type != "cuda" or batch > FUSED_AUTO_MAX_BATCH or dtype not in FUSED_AUTO_DTYPES:
         return False
     try:
         (kernels or fused_step_fn)(device, dtype)
