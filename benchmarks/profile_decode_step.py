@@ -33,15 +33,18 @@ Writes profile_decode_step.{json,md} (or sweep_<kernel>.{json,md}) into --out.
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import hashlib
 import importlib
+import io
 import itertools
 import json
 import pathlib
 import platform
 import re
 import shlex
+import tarfile
 import sys
 import time
 import traceback
@@ -193,10 +196,15 @@ def write(args, stem: str, result: dict, lines: list[str]) -> None:
 def run_profile(args) -> dict:
     s = prepare(args)
     dec, runner, n = s["dec"], s["runner"], args.bytes
+    dumps = GraphDumps(runner, args) if args.dump_graphs else None
     setup_s = start(s)
-    for _ in range(args.recaptures):  # a later capture of the same decoder (they replayed ~4-6 % slower on CUDA)
+    if dumps:
+        dumps.after_capture(0, setup_s)
+    for i in range(args.recaptures):  # a later capture of the same decoder (they replayed ~4-6 % slower on CUDA)
         runner.graphs = None
         setup_s = start(s)
+        if dumps:
+            dumps.after_capture(i + 1, setup_s)
     patches0 = int(dec.n_complete.sum())
     wall_ms = timed(runner, n)
     patches_per_byte = (int(dec.n_complete.sum()) - patches0) / n
@@ -222,6 +230,8 @@ def run_profile(args) -> dict:
         summary["warning"] = "no kernel / op events recorded (CUPTI unavailable?)"
         print(f"warning: {summary['warning']}", file=sys.stderr)
     result = dict(env=env(args, s), summary=summary, families=fams, rows=rows)
+    if dumps:
+        result["graph_dumps"] = dumps.finish()
     what = "kernel" if args.device == "cuda" else "CPU op"
     lines = [f"env: {json.dumps(result['env'], default=str)}", "",
              "| " + " | ".join(summary) + " |", "|" + "---|" * len(summary),
@@ -235,6 +245,75 @@ def run_profile(args) -> dict:
     write(args, "profile_decode_step", result, lines)
     print("\n".join(lines), flush=True)
     return result
+
+
+# ------------------------------------------------------------------------------------------ graph structure
+_DOT_EDGE = re.compile(r'->\s*"?\w+"?\s*(\[([^\]]*)\])?')
+# node types as cudaGraphDebugDotPrint names them in labels (cudaGraphNodeType)
+_DOT_TYPES = ("KERNEL", "MEMCPY", "MEMSET", "HOST", "GRAPH", "EMPTY", "WAIT_EVENT", "EVENT_RECORD",
+              "EXT_SEMAS_SIGNAL", "EXT_SEMAS_WAIT", "MEM_ALLOC", "MEM_FREE", "BATCH_MEM_OP", "CONDITIONAL")
+_DOT_TYPE = re.compile(r"\b(" + "|".join(_DOT_TYPES) + r")\b")
+_DOT_IDS = re.compile(r"0x[0-9a-fA-F]+|\d+")  # addresses, handles, ids (node_12): differ between any two captures
+
+
+def summarize_dot(text: str) -> dict:
+    """A CUDA graph's DOT (cudaGraphDebugDotPrint): node-type words in it, edges, and the attribute text of the
+    edges that carry any (a programmatic dependency is edge data), ids masked. Counted by keyword, not parsed:
+    the labels' layout depends on the CUDA version."""
+    types = collections.Counter(m.group(1) for m in _DOT_TYPE.finditer(text))
+    edges = [m.group(2) for m in _DOT_EDGE.finditer(text)]
+    attrs = collections.Counter(_DOT_IDS.sub("#", a.strip()) for a in edges if a and a.strip())
+    return {"node_types": dict(types), "edges": len(edges), "edge_attrs": dict(attrs)}
+
+
+class GraphDumps:
+    """--dump_graphs: each capture's graphs with CUDA's debug mode on, written as DOT (CUDAGraph.debug_dump) into
+    --out/graphs.tar.gz and summarised, with whether a later capture's DOT equals the first's once ids are masked
+    (why a later capture replays slower: its kernels are not slower, fiftieth session). Each capture is timed over
+    --bytes bytes before the next."""
+
+    def __init__(self, runner, args):
+        from ionllama.generation.runner import DecodeRunner
+
+        self.args, self.runner, self.captured, self.dots, self.rows = args, runner, [], {}, []
+
+        def record(r, fn, pool):  # DecodeRunner._record, the graph kept for debug_dump
+            g = torch.cuda.CUDAGraph()
+            g.enable_debug_mode()
+            with torch.cuda.graph(g, pool=pool, stream=r.capture_stream):
+                fn()
+            self.captured.append(g)
+            return g
+        DecodeRunner._record = record  # (this process only: a benchmark run)
+
+    def after_capture(self, i: int, setup_s: float) -> None:
+        ms = timed(self.runner, self.args.bytes)
+        row = dict(capture=i, setup_s=setup_s, ms_per_byte=ms, bytes_per_s=1000 / ms, graphs=[])
+        for j, g in enumerate(self.captured):
+            path = pathlib.Path(self.args.out) / f".graph_c{i}_g{j}.dot"
+            g.debug_dump(str(path))
+            text = path.read_text()
+            path.unlink()
+            self.dots[f"capture{i}_graph{j}.dot"] = text
+            summ = summarize_dot(text)
+            first = self.dots.get(f"capture0_graph{j}.dot")
+            if i and first is not None:
+                summ["equals_first_masked"] = _DOT_IDS.sub("#", text) == _DOT_IDS.sub("#", first)
+            row["graphs"].append(summ)
+        self.captured.clear()
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    def finish(self) -> list:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            for name, text in self.dots.items():
+                data = text.encode()
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        atomic_write(pathlib.Path(self.args.out) / "graphs.tar.gz", buf.getvalue())
+        return self.rows
 
 
 # ------------------------------------------------------------------------------------------ sweep
@@ -415,6 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--recaptures", type=int, default=0,
                     help="profile: capture the graphs again this many times before timing (first against later "
                          "captures, thirty-ninth session)")
+    ap.add_argument("--dump_graphs", action="store_true",
+                    help="profile, CUDA: time each capture (first and --recaptures) and write its graphs as DOT into "
+                         "--out/graphs.tar.gz, summarised in the JSON's graph_dumps")
     ap.add_argument("--budget_s", type=float, default=480, help="the sweep stops starting points after this")
     ap.add_argument("--out", default=".")
     ap.add_argument("--threads", type=int, default=0, help="CPU intra-op threads (0: torch default)")
@@ -444,6 +526,8 @@ def main(argv: list[str] | None = None) -> dict:
     points = parse_grid(kind, args.grid) if kind else None  # bad grids fail before any model is built
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.dump_graphs and (not cuda or kind):
+        raise UserError("--dump_graphs dumps the CUDA graphs of the profile: use it on CUDA, without a sweep")
     set_pdl(args.pdl == "on")  # a sweep's pdl points override it per point
     for name in ("recompile_limit", "cache_size_limit") if cuda and not args.no_compile else ():  # as bench_generation
         if hasattr(torch._dynamo.config, name):

@@ -146,3 +146,27 @@ def test_recaptures_start_the_decoder_again_before_the_profile(tmp_path, monkeyp
     with pytest.raises(SystemExit) as e:
         pds.main(["--device", "cpu", "--recaptures", "-1", "--out", str(tmp_path)])
     assert e.value.code == 2
+
+
+def test_graph_dot_summary_counts_node_types_edges_and_edge_data():
+    """--dump_graphs' summary of a captured graph's DOT (cudaGraphDebugDotPrint): node types by keyword, edges, and
+    the edges' own data with ids masked, so a later capture's programmatic edges can be told from the first's."""
+    dot = '''digraph dot {
+"graph_1_node_0"[style="solid" shape="record" label="{KERNEL|{ID|0}|_lnn_in_gate}"];
+"graph_1_node_1"[style="solid" shape="record" label="{KERNEL|{ID|1}|_lnn_out_mix}"];
+"graph_1_node_2"[label="{MEMSET|{ID|2}}"];
+"graph_1_node_3"[label="{EVENT_RECORD|{ID|3}}"];
+"graph_1_node_0" -> "graph_1_node_1" [label="type=programmatic port=0x12"];
+"graph_1_node_1" -> "graph_1_node_2";
+"graph_1_node_2" -> "graph_1_node_3" [label="type=programmatic port=7"];
+}'''
+    summ = pds.summarize_dot(dot)
+    assert summ == {"node_types": {"KERNEL": 2, "MEMSET": 1, "EVENT_RECORD": 1}, "edges": 3,
+                    "edge_attrs": {'label="type=programmatic port=#"': 2}}
+    assert pds._DOT_IDS.sub("#", dot) == pds._DOT_IDS.sub("#", dot.replace("0x12", "0x9f").replace("node_3", "node_8"))
+
+
+def test_dump_graphs_is_refused_off_cuda(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        pds.main(["--device", "cpu", "--dump_graphs", "--out", str(tmp_path)])
+    assert e.value.code == 2
