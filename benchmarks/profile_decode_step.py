@@ -278,10 +278,12 @@ class GraphDumps:
         self.args, self.runner, self.captured, self.dots, self.rows = args, runner, [], {}, []
 
         def record(r, fn, pool):  # DecodeRunner._record, the graph kept for debug_dump
-            g = torch.cuda.CUDAGraph()
+            # keep_graph: otherwise capture_end instantiates and drops the cudaGraph_t, and debug_dump writes nothing
+            g = torch.cuda.CUDAGraph(keep_graph=True)
             g.enable_debug_mode()
             with torch.cuda.graph(g, pool=pool, stream=r.capture_stream):
                 fn()
+            g.instantiate()
             self.captured.append(g)
             return g
         DecodeRunner._record = record  # (this process only: a benchmark run)
