@@ -1178,3 +1178,33 @@ def test_a_large_batch_is_filtered_in_slices_with_the_same_result(monkeypatch):
     sliced = sampling.filter_logits(rows, 9, 0.8)
     assert sliced.shape == rows.shape and torch.equal(sliced.isfinite(), whole.isfinite())
     assert torch.equal(sampling.filter_logits(rows, None, None), rows)
+
+
+def test_cli_threshold_overrides_the_entropy_threshold_and_stats_show_bytes_per_patch(tmp_path, capsys):
+    """--threshold BITS: entropy patching's threshold for this run, in place of the calibrated one (a patch threshold
+    no longer needs retraining to try); --stats says the bytes/patch it gave. Refused, one line, where there is no
+    entropy threshold."""
+    from ionllama.generation.cli import main
+
+    m = ionllama.create_model("tiny", d_model=32, n_layers=1, n_heads=2, d_local=32, n_enc_layers=1, n_dec_layers=1,
+                              d_entropy=16, n_entropy_layers=1, entropy_headdim=8, ngram_buckets=64,
+                              max_patch_size=6).eval()
+    ck = tmp_path / "m.pt"
+    _save_ckpt(m, ck)  # threshold 0 (never calibrated): every byte's entropy is above it, a patch a byte
+    base = ["--checkpoint", str(ck), "--prompt", "hello", "--max_new_bytes", "30", "--greedy", "--device", "cpu",
+            "--stats", "--no_prompt_echo"]
+
+    def bytes_per_patch(extra):
+        assert main(base + extra) == 0
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[generate]")]
+        return float(re.search(r"; (\d+\.\d\d) bytes/patch over prompt and output\)$", err[0]).group(1))
+    assert bytes_per_patch([]) == 1.0
+    assert bytes_per_patch(["--threshold", "1e9"]) == pytest.approx(6.0, abs=0.5)  # only the cap of 6 cuts
+    assert m.entropy_threshold.item() == 0.0  # the run's model, not the caller's
+    for extra, dense_or_fixed in ((["--threshold", "nan"], m), (["--threshold", "3"], tiny_dense()),
+                                  (["--threshold", "3"], ionllama.create_model("tiny", patching="fixed").eval())):
+        _save_ckpt(dense_or_fixed, ck)
+        with pytest.raises(SystemExit) as e:
+            main(base + extra)
+        assert e.value.code == 2
+        assert "--threshold" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -322,3 +322,19 @@ def test_compiled_decode_reuses_its_compile_across_prompt_and_output_lengths(mon
         new_graphs.append(counters["stats"]["unique_graphs"] - before)
         assert out == generate(m, prompt, n, greedy=True)  # the same bytes as eager
     assert new_graphs[0] > 0 and new_graphs[1:] == [0, 0, 0]
+
+
+@pytest.mark.parametrize("shift", ["previous", "completed"])
+@pytest.mark.parametrize("patching", ["space", "fixed"])
+def test_decode_info_patch_count_equals_the_forwards(patching, shift):
+    """return_info["decode"]'s patches (what `ionllama generate --stats` turns into bytes/patch) count the patches of
+    the positions the decoder took in, as the parallel forward cuts them: closed ones plus the last, open one."""
+    torch.manual_seed(0)
+    m = create_model("tiny", **dict(TINY, patching=patching, latent_shift=shift, fixed_patch_size=3)).eval()
+    prompt = b"hello there, general kenobi"
+    out, info = generate(m, prompt, 25, seed=3, top_k=3, return_info=True)
+    d = info["decode"]
+    assert d["positions"] <= len(prompt) + len(out)  # (a row stopped at 0x00 mid-run would feed bytes past it)
+    with torch.no_grad():
+        want = m(torch.tensor([list(prompt + out)[:d["positions"]]]))["n_patches"]
+    assert d["patches"] == int(want.sum()) and d["patches"] < d["positions"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -89,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", default="none", choices=["none", "default", "max-autotune"],
                    help="torch.compile the decode step (GPU: fewer kernels per byte; max-autotune was the "
                         "fastest measured but compiles for ~2 min) (default: %(default)s)")
+    p.add_argument("--threshold", type=float, default=None, metavar="BITS",
+                   help="entropy patching: the patch threshold in bits, in place of the one calibrated in training; "
+                        "higher gives longer patches and fewer latent steps (--stats shows bytes/patch) "
+                        "(default: the checkpoint's)")
     p.add_argument("--stats", action="store_true",
                    help="after the text, one line on stderr: new bytes, seconds and bytes/s of the generation (the "
                         "model's loading left out), device, dtype, and whether CUDA graphs were replayed "
@@ -264,12 +269,25 @@ def _terminate_unwinds():
         signal.signal(signal.SIGTERM, signal.SIG_DFL if old is None else old)
 
 
+def set_threshold(model, bits: float) -> None:
+    """--threshold: the entropy threshold the patcher reads (a buffer), for this run only."""
+    patching = getattr(model.config, "patching", None)
+    if not hasattr(model, "entropy_threshold") or patching != "entropy":
+        what = f"patches by '{patching}'" if patching else f"is a '{model.config.model}' model, without patches"
+        raise UserError(f"--threshold is for entropy patching; this checkpoint {what}; leave --threshold out")
+    if not math.isfinite(bits):
+        raise UserError(f"--threshold must be a finite number of bits, got {bits}")
+    model.entropy_threshold.fill_(bits)
+
+
 def _generate(args, device: str, prompt: bytes) -> bytes:
     """Stream the continuation to stdout; return its exact bytes."""
     from .runner import GraphCaptureError
 
     model = load_checkpoint_model(args.checkpoint, device, resolve_dtype(args.dtype, device))
     _note_untrained(args.checkpoint)
+    if args.threshold is not None:
+        set_threshold(model, args.threshold)
     kw = {"cuda_graphs": {"auto": "auto", "on": True, "off": False}[args.cuda_graphs]}
     if args.compile != "none":
         if getattr(model.config, "model", None) == "bpe":  # its own token decoder (a KV cache), not the byte runner
@@ -328,7 +346,10 @@ def _stats_line(n: int, seconds: float, model, decode: dict | None, args) -> str
         # the first run compiles and captures: its seconds said apart, or a short run looks slow for no reason
         steady = (f"; {(decode['steps'] - decode['first_run_steps']) / decode['rest_s']:,.0f} bytes/s after the "
                   f"first run ({decode['first_run_steps']} bytes, {decode['first_run_s']:.2f} s)")
-    return f"[generate] {n:,} new bytes in {seconds:.2f} s ({rate}; {where}; {how}{steady})"
+    patches = ""
+    if decode is not None and decode.get("patches"):  # ionLlama: how its patcher cut prompt and output
+        patches = f"; {decode['positions'] / decode['patches']:.2f} bytes/patch over prompt and output"
+    return f"[generate] {n:,} new bytes in {seconds:.2f} s ({rate}; {where}; {how}{steady}{patches})"
 
 
 if __name__ == "__main__":  # pragma: no cover

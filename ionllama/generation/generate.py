@@ -221,6 +221,11 @@ def _decode_loop(model, rows, outs, cfg, max_new_bytes, seed, stream, decoder_ki
     # replayed at all: the graphs held at the end are gone after a growth whose last run was too short to capture
     info = {"steps": runner.n_done, "eager_steps": runner.eager_steps,
             "cuda_graphs": runner.n_done > runner.eager_steps}
+    n_complete = getattr(runner.dec, "n_complete", None)  # ionLlama: patches over prompt and output
+    if n_complete is not None and B == 1:  # the closed ones and the last, unless "completed" closed it already
+        d = runner.dec
+        patches = int(n_complete.sum()) + 1 - (int(d.next_start.sum()) if d.completed else 0)
+        info.update(patches=patches, positions=int(d.t.sum()))
     if first_run is not None:  # host time, read after each run's bytes came back (a sync)
         info.update(first_run_steps=first_run[0], first_run_s=first_run[1],
                     rest_s=time.perf_counter() - t0 - first_run[1])
