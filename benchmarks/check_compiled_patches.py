@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(rows[-1]), flush=True)
     bad = [r for r in rows if r["differs"]]
     result = dict(device=torch.cuda.get_device_name() if a.device == "cuda" else "cpu", torch=torch.__version__,
-                  commit=git_commit(), date=time.strftime("%Y-%m-%d %H:%M"), argv=sys.argv[1:] if argv is None else argv,
-                  cases=len(rows), differing=len(bad), rows=rows)
+                  commit=git_commit(), date=time.strftime("%Y-%m-%d %H:%M"),
+                  argv=sys.argv[1:] if argv is None else argv, cases=len(rows), differing=len(bad), rows=rows)
     if a.out:
         atomic_write(a.out, json.dumps(result, indent=1))
     print(f"{len(rows) - len(bad)} of {len(rows)} cases agree" + (f"; differing: {bad}" if bad else ""))
