@@ -1200,7 +1200,13 @@ def test_cli_threshold_overrides_the_entropy_threshold_and_stats_show_bytes_per_
         return float(re.search(r"; (\d+\.\d\d) bytes/patch over prompt and output\)$", err[0]).group(1))
     assert bytes_per_patch([]) == 1.0
     assert bytes_per_patch(["--threshold", "1e9"]) == pytest.approx(6.0, abs=0.5)  # only the cap of 6 cuts
-    assert m.entropy_threshold.item() == 0.0  # the run's model, not the caller's
+    assert bytes_per_patch([]) == 1.0  # for that run only: the checkpoint's threshold again
+    # a non-finite value is refused before the checkpoint is read: alone, even where the checkpoint is missing
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(tmp_path / "missing.pt"), "--prompt", "a", "--threshold", "inf", "--device", "cpu"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --threshold must be a finite number of bits, got inf"]
     for extra, dense_or_fixed in ((["--threshold", "nan"], m), (["--threshold", "3"], tiny_dense()),
                                   (["--threshold", "3"], ionllama.create_model("tiny", patching="fixed").eval())):
         _save_ckpt(dense_or_fixed, ck)

@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy)
     normalize_stops(args.stop)
     check_ranges(args, {"max_new_bytes": 0})
+    if args.threshold is not None and not math.isfinite(args.threshold):  # (nan, inf: before the checkpoint loads)
+        raise UserError(f"--threshold must be a finite number of bits, got {args.threshold}")
     if args.cuda_graphs == "on" and torch.device(device).type != "cuda":  # generate() would ignore it without a word
         raise UserError(f"--cuda_graphs on needs a CUDA device, not {device} (--device {args.device}); leave "
                         "--cuda_graphs out")
@@ -285,9 +287,9 @@ def _generate(args, device: str, prompt: bytes) -> bytes:
     from .runner import GraphCaptureError
 
     model = load_checkpoint_model(args.checkpoint, device, resolve_dtype(args.dtype, device))
-    _note_untrained(args.checkpoint)
-    if args.threshold is not None:
+    if args.threshold is not None:  # before the phase-1 note: a refusal stays one line
         set_threshold(model, args.threshold)
+    _note_untrained(args.checkpoint)
     kw = {"cuda_graphs": {"auto": "auto", "on": True, "off": False}[args.cuda_graphs]}
     if args.compile != "none":
         if getattr(model.config, "model", None) == "bpe":  # its own token decoder (a KV cache), not the byte runner
