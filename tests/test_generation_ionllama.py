@@ -324,7 +324,7 @@ def test_compiled_decode_reuses_its_compile_across_prompt_and_output_lengths(mon
     assert new_graphs[0] > 0 and new_graphs[1:] == [0, 0, 0]
 
 
-@pytest.mark.parametrize("shift", ["previous", "completed"])
+@pytest.mark.parametrize("shift", ["previous", "completed", "lagged"])
 @pytest.mark.parametrize("patching", ["space", "fixed"])
 def test_decode_info_patch_count_equals_the_forwards(patching, shift):
     """return_info["decode"]'s patches (what `ionllama generate --stats` turns into bytes/patch) count the patches of
@@ -334,7 +334,8 @@ def test_decode_info_patch_count_equals_the_forwards(patching, shift):
     prompt = b"hello there, general kenobi"
     out, info = generate(m, prompt, 25, seed=3, top_k=3, return_info=True)
     d = info["decode"]
-    assert d["positions"] <= len(prompt) + len(out)  # (a row stopped at 0x00 mid-run would feed bytes past it)
+    # ran to the length: a row stopped at 0x00 mid-run feeds bytes past it (counted in positions, not in out)
+    assert d["positions"] == len(prompt) + len(out)
     with torch.no_grad():
         want = m(torch.tensor([list(prompt + out)[:d["positions"]]]))["n_patches"]
     assert d["patches"] == int(want.sum()) and d["patches"] < d["positions"]
