@@ -174,8 +174,8 @@ def decoder_for(model: nn.Module, batch_size: int, max_len: int, kind: str = "au
     decoder with IntegralLNN local layers, CUDA, triton, bf16 or fp16, <= 32 rows: local_state.fused_step_auto).
     fused_entropy_step: ionLlama's entropy model (Mamba blocks + head) steps through the fused Triton kernels
     (ionllama/kernels/ssm_step_triton.py). True: required (CUDA, or CPU under TRITON_INTERPRET=1, entropy
-    patching; else a UserError); False: PyTorch; "auto" (default): fused on CUDA for <= 32 rows where the model
-    patches by entropy (with PDL its byte graph took 0.102-0.105 ms against 0.109-0.110 on an H200).
+    patching; else a UserError); False: PyTorch; "auto" (default): fused on CUDA for <= 32 rows, bf16 or fp16, where
+    the model patches by entropy (with PDL its byte graph took 0.102-0.105 ms against 0.109-0.110 on an H200).
     fused_latent_step: ionLlama's latent blocks step through the fused Triton kernels
     (ionllama/kernels/latent_step_triton.py): True requires them (CUDA, or CPU under TRITON_INTERPRET=1, else a
     UserError); False: the PyTorch step; "auto" (default): fused on CUDA for <= 32 rows, as fused_local_step."""
