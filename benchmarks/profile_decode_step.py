@@ -528,6 +528,8 @@ def main(argv: list[str] | None = None) -> dict:
     points = parse_grid(kind, args.grid) if kind else None  # bad grids fail before any model is built
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.recaptures and kind:  # a sweep captures again at every point already
+        raise UserError("--recaptures is for the profile; a sweep captures its graphs again at every point: leave it out")
     if args.dump_graphs and (not cuda or kind):
         raise UserError("--dump_graphs dumps the CUDA graphs of the profile: use it on CUDA, without a sweep")
     set_pdl(args.pdl == "on")  # a sweep's pdl points override it per point

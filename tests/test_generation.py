@@ -581,7 +581,7 @@ def test_cli_stats_says_how_the_bytes_were_decoded(tmp_path, capsys):
     n = int(err[0].split()[1])
     assert 0 < n <= 12 and "bytes/s; cpu, float32, compile none; no CUDA graphs (" in err[0]
     # the steady rate after the first run (streamed on CPU: one byte a run), which holds any compile and capture
-    assert n < 2 or re.search(r"\d bytes/s after the first run \(1 bytes, \d+\.\d\d s\)\)$", err[0]), err[0]
+    assert n < 2 or re.search(r"\d bytes/s after the first run \(1 byte, \d+\.\d\d s\)\)$", err[0]), err[0]
     assert main(["--checkpoint", str(ck), "--prompt", "ab", "--max_new_bytes", "12", "--greedy",
                  "--device", "cpu"]) == 0
     assert "[generate]" not in capsys.readouterr().err  # off by default

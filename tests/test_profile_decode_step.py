@@ -166,7 +166,10 @@ def test_graph_dot_summary_counts_node_types_edges_and_edge_data():
     assert pds._DOT_IDS.sub("#", dot) == pds._DOT_IDS.sub("#", dot.replace("0x12", "0x9f").replace("node_3", "node_8"))
 
 
-def test_dump_graphs_is_refused_off_cuda(tmp_path):
-    with pytest.raises(SystemExit) as e:
-        pds.main(["--device", "cpu", "--dump_graphs", "--out", str(tmp_path)])
-    assert e.value.code == 2
+def test_dump_graphs_off_cuda_and_recaptures_in_a_sweep_are_refused(tmp_path, capsys):
+    for argv, says in ((["--dump_graphs"], "--dump_graphs"), (["--sweep_lnn", "--recaptures", "1"], "--recaptures")):
+        with pytest.raises(SystemExit) as e:
+            pds.main(["--device", "cpu", "--out", str(tmp_path)] + argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0]

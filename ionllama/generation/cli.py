@@ -347,7 +347,8 @@ def _stats_line(n: int, seconds: float, model, decode: dict | None, args) -> str
     if decode is not None and decode.get("rest_s", 0) > 0 and decode["steps"] > decode["first_run_steps"]:
         # the first run compiles and captures: its seconds said apart, or a short run looks slow for no reason
         steady = (f"; {(decode['steps'] - decode['first_run_steps']) / decode['rest_s']:,.0f} bytes/s after the "
-                  f"first run ({decode['first_run_steps']} bytes, {decode['first_run_s']:.2f} s)")
+                  f"first run ({decode['first_run_steps']} byte{'' if decode['first_run_steps'] == 1 else 's'}, "
+                  f"{decode['first_run_s']:.2f} s)")
     patches = ""
     if decode is not None and decode.get("patches"):  # ionLlama: how its patcher cut prompt and output
         patches = f"; {decode['positions'] / decode['patches']:.2f} bytes/patch over prompt and output"

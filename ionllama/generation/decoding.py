@@ -57,8 +57,9 @@ def shape_bucket(n: int, least: int = 1024) -> int:
     """Positions to allocate for n under torch.compile: the next power of two, at least `least`. The compiled decode
     step is specialised to its caches' shapes (dynamic=False), so exact sizes (prompt + max_new_bytes) compiled it
     again for every new prompt or output length (12-17 s a call for `tiny` on CPU), and past dynamo's recompile
-    limit (8) it ran eager without a word. Buckets make such calls meet shapes already compiled, at most 2x the
-    memory."""
+    limit (8) it ran eager without a word. Buckets make such calls meet shapes already compiled, at the cost of up to
+    2x the memory (more for runs shorter than `least`), and as much more attention work where a step reads its whole
+    cache under a mask (the dense byte decoder; ionLlama's dilated latent step reads only its offsets)."""
     return max(least, 1 << max(0, n - 1).bit_length())
 
 
