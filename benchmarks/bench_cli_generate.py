@@ -127,15 +127,21 @@ def main(argv=None) -> int:
             # no rate when the long run stopped as early as the short one (0x00) or was not slower
             rate = extra_b / extra_t if extra_b > 0 and extra_t > 0 else None
             pairs.append({"short": a, "long": b, "steady_bytes_per_s": rate})
+            own = b["cli_steady_bytes_per_s"]
             print(f"short {a['bytes']} B in {a['wall_s']:.2f} s, long {b['bytes']} B in {b['wall_s']:.2f} s: "
-                  + (f"{rate:,.0f} bytes/s" if rate else "no rate (the long run stopped early)"), flush=True)
+                  + (f"{rate:,.0f} bytes/s" if rate else "no rate (the long run stopped early)")
+                  + (f"; the long run's own --stats rate after its first run: {own:,} bytes/s" if own else ""),
+                  flush=True)
     rates = sorted(r["steady_bytes_per_s"] for r in pairs if r["steady_bytes_per_s"])
+    # the long runs' own rates after their first run: no process start-up in them (fiftieth session: the reliable one)
+    own_rates = sorted(r["long"]["cli_steady_bytes_per_s"] for r in pairs if r["long"]["cli_steady_bytes_per_s"])
     in_process = in_process_rates(args, short, long_) if args.in_process else None
     result = {"benchmark": "bench_cli_generate", "commit": git_commit(), "argv": sys.argv[1:],
               "device_flag": args.device, "dtype_flag": args.dtype, "compile": args.compile, "warmup": warm,
               "pairs": pairs,
               "steady_bytes_per_s_min": rates[0] if rates else None,
               "steady_bytes_per_s_median": rates[len(rates) // 2] if rates else None,
+              "cli_steady_bytes_per_s_median": own_rates[len(own_rates) // 2] if own_rates else None,
               "in_process": in_process, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
     if args.out:
         atomic_write(args.out, json.dumps(result, indent=1).encode())

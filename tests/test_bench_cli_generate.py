@@ -37,6 +37,7 @@ def test_the_rate_is_the_extra_bytes_over_the_extra_time(ckpt, tmp_path):
         if run["cli_steady_bytes_per_s"] is not None:
             assert f"; {run['cli_steady_bytes_per_s']:,} bytes/s after the first run (" in run["cli_stats"]
     assert long_["bytes"] < 2 or long_["cli_steady_bytes_per_s"] > 0
+    assert r["cli_steady_bytes_per_s_median"] == long_["cli_steady_bytes_per_s"]  # one pair: its long run's
     if long_["bytes"] > short["bytes"] and long_["wall_s"] > short["wall_s"]:
         want = (long_["bytes"] - short["bytes"]) / (long_["wall_s"] - short["wall_s"])
         assert pair["steady_bytes_per_s"] == pytest.approx(want)
