@@ -550,10 +550,9 @@ class DecodeRunner:
 
     def _reserve(self, target: int) -> None:
         """Room for steps up to `target`: the decoder's caches (prompt_len + target + 1 positions: the last step
-        also feeds its byte) and the output buffer, each doubled (capped at what max_new can need; compiled: to the
-        next shape_bucket, uncapped) when short. A
-        graph holds the old tensors, so the graphs are captured again by the next run (and a compiled step
-        compiles again for the new shapes)."""
+        also feeds its byte) and the output buffer, each doubled when short (capped at what max_new can need;
+        compiled: to the next shape_bucket, uncapped). A graph holds the old tensors, so the graphs are captured
+        again by the next run (and a compiled step compiles again for the new shapes)."""
         full = self.prompt_len + self.max_new + 1
         need = self.prompt_len + target + 1
         grew = False
