@@ -208,6 +208,13 @@ def run_profile(args) -> dict:
     patches0 = int(dec.n_complete.sum())
     wall_ms = timed(runner, n)
     patches_per_byte = (int(dec.n_complete.sum()) - patches0) / n
+    reset_ms = []
+    for _ in range(args.resets):  # a new prefill and reset, the graphs kept: a later generate() that did not capture
+        graphs = runner.graphs
+        start(s)
+        if runner.graphs is not graphs:
+            raise RuntimeError("--resets: the runner captured again after a reset, so the span would time a capture")
+        reset_ms.append(timed(runner, n))
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     sync()
     t0 = time.perf_counter()
@@ -220,7 +227,8 @@ def run_profile(args) -> dict:
     # the time per byte not spent in kernels (launch, host, idle). CUDA: against the unprofiled wall time (kernel
     # durations are GPU-side); CPU: against the profiled one (the ops' self times carry the profiler's overhead)
     wall_ref = wall_ms if args.device == "cuda" else wall_prof_ms
-    summary = dict(bytes=n, recaptures=args.recaptures, setup_s=setup_s, patches_per_byte=patches_per_byte,
+    summary = dict(bytes=n, recaptures=args.recaptures, reset_ms_per_byte=reset_ms, setup_s=setup_s,
+                   patches_per_byte=patches_per_byte,
                    wall_us_per_byte=1000 * wall_ms, wall_us_per_byte_profiled=1000 * wall_prof_ms,
                    kernel_us_per_byte=kernel_us, gap_us_per_byte=1000 * wall_ref - kernel_us,
                    kernels_per_byte=sum(r["calls_per_byte"] for r in rows))
@@ -496,6 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--recaptures", type=int, default=0,
                     help="profile: capture the graphs again this many times before timing (first against later "
                          "captures, thirty-ninth session)")
+    ap.add_argument("--resets", type=int, default=0,
+                    help="profile: after the timed span, N more, each after a new prefill and reset with the graphs "
+                         "kept (no capture): does a reused graph keep the first capture's speed? (summary's "
+                         "reset_ms_per_byte)")
     ap.add_argument("--dump_graphs", action="store_true",
                     help="profile, CUDA: time each capture (first and --recaptures) and write its graphs as DOT into "
                          "--out/graphs.tar.gz, summarised in the JSON's graph_dumps")
@@ -520,7 +532,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.bytes < 8:
         raise UserError(f"--bytes must be >= 8, got {args.bytes}")
     # (--context 0 was a ZeroDivisionError in the entropy scan; a negative one sliced nearly the whole corpus)
-    check_ranges(args, {"context": 1, "unroll": 1, "threads": 0, "recaptures": 0}, ("budget_s",))
+    check_ranges(args, {"context": 1, "unroll": 1, "threads": 0, "recaptures": 0, "resets": 0}, ("budget_s",))
     ready_out_dir(args.out)  # a file there failed only after the profile had run
     kind = next((k for k in SWEEPS if getattr(args, f"sweep_{k}")), None)
     if args.grid is not None and kind is None:
@@ -528,8 +540,9 @@ def main(argv: list[str] | None = None) -> dict:
     points = parse_grid(kind, args.grid) if kind else None  # bad grids fail before any model is built
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.recaptures and kind:  # a sweep captures again at every point already
-        raise UserError("--recaptures is for the profile; a sweep captures its graphs again at every point: leave it out")
+    if (args.recaptures or args.resets) and kind:  # a sweep captures again at every point already
+        raise UserError("--recaptures and --resets are for the profile; a sweep captures its graphs again at every "
+                        "point: leave them out")
     if args.dump_graphs and (not cuda or kind):
         raise UserError("--dump_graphs dumps the CUDA graphs of the profile: use it on CUDA, without a sweep")
     set_pdl(args.pdl == "on")  # a sweep's pdl points override it per point

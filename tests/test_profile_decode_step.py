@@ -143,6 +143,12 @@ def test_recaptures_start_the_decoder_again_before_the_profile(tmp_path, monkeyp
               "--recaptures", "2"])
     res = json.loads((tmp_path / "profile_decode_step.json").read_text())
     assert len(calls) == 3 and res["summary"]["recaptures"] == 2 and res["summary"]["bytes"] == 8
+    calls.clear()
+    pds.main(["--device", "cpu", "--size", "tiny", "--bytes", "8", "--context", "32", "--out", str(tmp_path),
+              "--resets", "2"])
+    res = json.loads((tmp_path / "profile_decode_step.json").read_text())
+    reset_ms = res["summary"]["reset_ms_per_byte"]  # each a timed span after its own prefill + reset
+    assert len(calls) == 3 and len(reset_ms) == 2 and all(ms > 0 for ms in reset_ms)
     with pytest.raises(SystemExit) as e:
         pds.main(["--device", "cpu", "--recaptures", "-1", "--out", str(tmp_path)])
     assert e.value.code == 2
@@ -167,7 +173,8 @@ def test_graph_dot_summary_counts_node_types_edges_and_edge_data():
 
 
 def test_dump_graphs_off_cuda_and_recaptures_in_a_sweep_are_refused(tmp_path, capsys):
-    for argv, says in ((["--dump_graphs"], "--dump_graphs"), (["--sweep_lnn", "--recaptures", "1"], "--recaptures")):
+    for argv, says in ((["--dump_graphs"], "--dump_graphs"), (["--sweep_lnn", "--recaptures", "1"], "--recaptures"),
+                       (["--sweep_lnn", "--resets", "1"], "--resets")):
         with pytest.raises(SystemExit) as e:
             pds.main(["--device", "cpu", "--out", str(tmp_path)] + argv)
         assert e.value.code == 2
