@@ -926,3 +926,23 @@ def test_ssd_kernel_not_taken_past_32_bit_offsets(monkeypatch):
     monkeypatch.setattr(K, "triton_available", lambda: True)
     monkeypatch.setattr(K, "needs_grad", lambda *t: False)
     assert K.ssd_uses_triton(FakeCuda(2**31 - 1)) and not K.ssd_uses_triton(FakeCuda(2**31))
+
+
+def test_a_generate_check_that_parts_once_is_run_again_on_a_fresh_seed(monkeypatch):
+    """Greedy bytes can part at a near-tie where fused and PyTorch steps round differently (seen in CI): a
+    generate check that differs gets one more, fresh seed, and the row keeps the first result. A check that differs
+    on both seeds (a kernel error does) still fails."""
+    from ionllama.kernels import selfcheck
+
+    results = iter([{"bytes_differ": 0.4}, {"bytes_differ": 0.0}])
+    monkeypatch.setattr(selfcheck, "check_lnn_generate", lambda *a, **kw: next(results))
+    (row,) = selfcheck.run("cpu", verbose=False, kinds=("lnn_generate",))
+    assert row["ok"] and row["errors"] == {"bytes_differ": 0.0}
+    assert row["retried"] == {"first_errors": {"bytes_differ": 0.4}}
+    calls = []
+    monkeypatch.setattr(selfcheck, "check_lnn_generate", lambda *a, **kw: calls.append(1) or {"bytes_differ": 0.4})
+    (row,) = selfcheck.run("cpu", verbose=False, kinds=("lnn_generate",))
+    assert not row["ok"] and len(calls) == 2
+    monkeypatch.setattr(selfcheck, "check_lnn_generate", lambda *a, **kw: calls.append(1) or {"bytes_differ": 0.0})
+    (row,) = selfcheck.run("cpu", verbose=False, kinds=("lnn_generate",))
+    assert row["ok"] and "retried" not in row and len(calls) == 3  # equal at once: no second run
