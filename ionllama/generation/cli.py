@@ -272,13 +272,12 @@ def _terminate_unwinds():
 
 
 def set_threshold(model, bits: float) -> None:
-    """--threshold: the entropy threshold the patcher reads (a buffer), for this run only."""
+    """--threshold: the entropy threshold the patcher reads (a buffer), for this run only (main() has refused a
+    non-finite value before the checkpoint loaded)."""
     patching = getattr(model.config, "patching", None)
     if not hasattr(model, "entropy_threshold") or patching != "entropy":
         what = f"patches by '{patching}'" if patching else f"is a '{model.config.model}' model, without patches"
         raise UserError(f"--threshold is for entropy patching; this checkpoint {what}; leave --threshold out")
-    if not math.isfinite(bits):
-        raise UserError(f"--threshold must be a finite number of bits, got {bits}")
     model.entropy_threshold.fill_(bits)
 
 
