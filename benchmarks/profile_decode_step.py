@@ -61,6 +61,7 @@ from ionllama.config import LATENT_SHIFTS  # noqa: E402
 from ionllama.errors import UserError, check_ranges, cli_entry  # noqa: E402
 from ionllama.fsutil import atomic_write, ready_out_dir  # noqa: E402
 from ionllama.eval.benchmark import device_name, git_commit  # noqa: E402
+from ionllama.generation import runner  # noqa: E402
 from ionllama.kernels.pdl import set_pdl  # noqa: E402
 
 TOP = 30  # kernels in the Markdown table
@@ -498,6 +499,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--pdl", choices=("on", "off"), default="on",
                     help="programmatic dependent launch of the fused steps (kernels/pdl.py). Profile with 'off' for "
                          "per-kernel costs: under PDL a kernel's recorded time includes waiting for its predecessor")
+    ap.add_argument("--inductor_pdl", choices=("on", "off"), default="on",
+                    help="inductor's programmatic dependent launch in the compiled steps (runner.COMPILE_PRESETS; "
+                         "TORCHINDUCTOR_ENABLE_PDL does not override a preset's option). With --pdl: which PDL makes "
+                         "later captures slower?")
     ap.add_argument("--free_graphs", action="store_true",
                     help="sweeps: drop every graph and empty torch's CUDA cache before each point's capture after the "
                          "first (the first capture of a process decoded ~6 %% faster than later ones, 39th session)")
@@ -515,6 +520,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=".")
     ap.add_argument("--threads", type=int, default=0, help="CPU intra-op threads (0: torch default)")
     return ap
+
+
+def set_inductor_pdl(on: bool) -> None:
+    """Turn inductor's PDL on or off in every compile preset (a no-op where this torch's inductor lacks it)."""
+    for options in runner.COMPILE_PRESETS.values():
+        if on and runner._PDL:
+            options.update(runner._PDL)
+        else:
+            options.pop("triton.enable_pdl", None)
 
 
 @cli_entry
@@ -546,6 +560,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.dump_graphs and (not cuda or kind):
         raise UserError("--dump_graphs dumps the CUDA graphs of the profile: use it on CUDA, without a sweep")
     set_pdl(args.pdl == "on")  # a sweep's pdl points override it per point
+    set_inductor_pdl(args.inductor_pdl == "on")
     for name in ("recompile_limit", "cache_size_limit") if cuda and not args.no_compile else ():  # as bench_generation
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))

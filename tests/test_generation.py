@@ -525,6 +525,7 @@ def test_doc_sep_stops_and_rows_stop_independently():
     assert outs == [b"bc", b"yzxyzxyzx"] and info["stop_reasons"] == ["doc_sep", "length"]
     d = info["decode"]  # not streamed on CPU: one run of all 9 steps, its seconds apart from the (empty) rest
     assert d["steps"] == d["first_run_steps"] == 9 and d["first_run_s"] > 0 and d["rest_s"] >= 0
+    assert d["setup_s"] > 0
 
 
 # ----------------------------------------------------------------------------- UTF-8 streaming

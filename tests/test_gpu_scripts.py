@@ -203,6 +203,9 @@ SCRIPT_BAD_INPUT = [
     ("scripts", "digit_ngram_buckets", ["--sizes", "-1"], "--sizes must all be n-gram sizes 1 to 8"),
     ("scripts", "byte_coverage", ["{tmp}/text.txt", "{tmp}/text.txt", "--eval_bytes", "0"],
      "--eval_bytes must be at least 1"),
+    ("benchmarks", "time_generate_calls", ["--device", "cpu", "--lengths", "17,0", "--out", "{tmp}/o"],
+     "--lengths '17,0'"),
+    ("benchmarks", "time_generate_calls", ["--out", "{tmp}/o"], "no CUDA device here"),
 ]
 
 
@@ -736,3 +739,14 @@ def test_generation_bench_does_not_report_an_eager_run_as_graphs_equal_eager():
     results said graphs_equal_eager: true for graphs that never ran."""
     bench = _load("bench_generation")
     assert bench.correctness_checks(torch.device("cpu"), False)["graphs_equal_eager"] is None
+
+
+def test_time_generate_calls_times_each_call_in_order(tmp_path):
+    """benchmarks/time_generate_calls.py: one row per prompt length, in order, each with its setup and run times."""
+    res = _load("time_generate_calls").main(["--device", "cpu", "--lengths", "5,1,5", "--new_bytes", "12",
+                                             "--out", str(tmp_path)])
+    calls = res["calls"]
+    assert [c["prompt_bytes"] for c in calls] == [5, 1, 5]
+    assert all(c["steps"] >= c["new_bytes"] and c["setup_s"] > 0 and c["wall_s"] >= c["setup_s"] + c["first_run_s"]
+               for c in calls)
+    assert json.loads((tmp_path / "generate_calls.json").read_text())["calls"] == calls

@@ -180,3 +180,14 @@ def test_dump_graphs_off_cuda_and_recaptures_in_a_sweep_are_refused(tmp_path, ca
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and says in err[0]
+
+
+def test_inductor_pdl_flag_edits_every_compile_preset_and_restores_it(monkeypatch):
+    from ionllama.generation import runner
+    monkeypatch.setattr(runner, "COMPILE_PRESETS", {k: dict(v) for k, v in runner.COMPILE_PRESETS.items()})
+    monkeypatch.setattr(runner, "_PDL", {"triton.enable_pdl": True})  # as on a torch whose inductor has it
+    pds.set_inductor_pdl(False)
+    assert all("triton.enable_pdl" not in o for o in runner.COMPILE_PRESETS.values())
+    assert runner.compile_options(True) == {} and runner.COMPILE_PRESETS["max-autotune"]["max_autotune"]
+    pds.set_inductor_pdl(True)
+    assert all(o["triton.enable_pdl"] is True for o in runner.COMPILE_PRESETS.values())
