@@ -5,6 +5,7 @@ themselves are checked by test_cuda_graphs_equal_eager on a GPU and by
 benchmarks/bench_generation.py's checks."""
 from __future__ import annotations
 
+import collections
 import re
 
 import pytest
@@ -948,6 +949,48 @@ def test_host_schedule_gives_the_bytes_of_the_recompute_decoder(monkeypatch, shi
     assert torch.equal(r.out[:, :n], ref.out[:, :n])
 
 
+@pytest.mark.parametrize("shift,unroll,cap_graphs", [("completed", 6, 8), ("completed", 4, 8), ("previous", 5, 8),
+                                                    ("completed", 4, 1)])
+def test_host_schedule_span_graphs_give_the_bytes_of_the_recompute_decoder(monkeypatch, shift, unroll, cap_graphs):
+    """host_schedule with unroll > 1: one graph per `unroll` bytes, the latent stage inside it at the bytes the host
+    schedules, one graph per latent pattern (captured at first use, at most MAX_SPAN_GRAPHS). Two rows at different
+    phases, runs of uneven length: the bytes equal the full forward rerun per byte, the host state the decoder's."""
+    from ionllama.generation import RecomputeDecoder
+
+    monkeypatch.setattr(runner_mod, "MAX_SPAN_GRAPHS", cap_graphs)
+    m, n = _fixed(shift, 3, 5), 47
+    rec = RecomputeDecoder(m, 2, 64)
+    ref = DecodeRunner(rec, SamplingConfig(temperature=1.0), torch.tensor([3, 4]),
+                       rec.prefill([list(b"ab c"), list(b"d")]), n)
+    ref.run(n)
+    replays = collections.Counter()
+
+    class Counted(_FakeGraph):
+        def __init__(self, fn):
+            super().__init__(lambda: (replays.update([self]), fn()))
+    _fake_cuda(monkeypatch, Counted)
+    r = _runner(m, n, host_schedule=True, unroll=unroll)
+    r.want_graphs = True
+    for k in (9, 1, 13, 24):
+        r.run(k)
+        assert r._h == (r.dec.t.tolist(), r.dec.last_rule.tolist(), r.dec.next_start.tolist())
+    assert r.n_done == n and torch.equal(r.out[:, :n], ref.out[:, :n])
+    spans = set(r.span_graphs.values())
+    assert 1 <= len(spans) <= cap_graphs
+    per_byte = sum(c for g, c in replays.items() if g not in spans)
+    assert sum(replays[g] for g in spans) * unroll + per_byte == n - 3  # 3 warm-up bytes ran eager
+    # fixed 3-byte patches (cap 5 never cuts): a pattern is set by the span's start phase, at most 3
+    assert len(spans) <= min(cap_graphs, 3)
+    # GPU times asked for: per-byte graphs only (the span graph is not timed)
+    r2 = _runner(m, n, host_schedule=True, unroll=unroll)
+    r2.want_graphs = True
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    gpu = {}
+    r2.run(9)
+    r2.run(n - 9, gpu_ms=gpu)
+    assert len(gpu["byte"]) + len(gpu["byte_latent"]) == n - 9 and torch.equal(r2.out[:, :n], ref.out[:, :n])
+
+
 def test_host_schedule_auto_on_only_where_measured_and_refused_where_the_gpu_decides(ion, dense):
     assert not _runner(ion, 8).host_schedule  # entropy patching: boundaries come from the bytes
     fixed = _runner(_fixed("completed", 3, 5), 8)
@@ -963,19 +1006,38 @@ def test_host_schedule_auto_on_only_where_measured_and_refused_where_the_gpu_dec
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("shift", ["previous", "completed"])
-def test_host_schedule_graphs_equal_eager_on_cuda(shift):
-    """Fixed patching on a GPU: one captured graph per byte, chosen on the host; the bytes equal the eager
-    runner's that reads the flag from the GPU."""
+@pytest.mark.parametrize("shift,unroll", [("previous", 1), ("completed", 1), ("completed", 6), ("previous", 4)])
+def test_host_schedule_graphs_equal_eager_on_cuda(shift, unroll):
+    """Fixed patching on a GPU: one captured graph per byte (or per `unroll` bytes), chosen on the host; the bytes
+    equal the eager runner's that reads the flag from the GPU."""
     m = _fixed(shift, 3, 5).to("cuda")
     ref = _runner(m, 40, host_schedule=False)
     ref.run(40)
-    r = _runner(m, 40, cuda_graphs=True, host_schedule=True)
-    r.run(40)
-    assert r.host_schedule and r.sched_graphs is not None
+    r = _runner(m, 40, cuda_graphs=True, host_schedule=True, unroll=unroll)
+    for k in (9, 13, 18):
+        r.run(k)
+    assert r.host_schedule and r.sched_graphs is not None and (len(r.span_graphs) > 0) == (unroll > 1)
     assert torch.equal(r.out[:, :40], ref.out[:, :40])
     # "auto" takes it where it was measured faster: the "completed" shift under graphs
     assert _runner(m, 40, cuda_graphs=True).host_schedule == (shift == "completed")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_generate_with_span_graphs_gives_the_bytes_of_one_graph_per_byte_on_cuda():
+    """generate(unroll=6) on a fixed-patch model ("completed", host_schedule on by default under graphs): the same
+    bytes as unroll=1 and as eager decoding, streamed (whole spans per read-back) and not, batched prompts too."""
+    m = _fixed("completed", 3, 5).to("cuda")
+    try:
+        for prompts in (PROMPTS, PROMPTS[0]):
+            want = generate(m, prompts, 90, seed=5, cuda_graphs=False)
+            assert generate(m, prompts, 90, seed=5, cuda_graphs=True, unroll=6) == want
+            got = collections.defaultdict(bytes)
+            out = generate(m, prompts, 90, seed=5, cuda_graphs=True, unroll=6,
+                           stream=lambda r, b: got.__setitem__(r, got[r] + b))
+            rows = out if isinstance(out, list) else [out]
+            assert out == want and [got[r] for r in range(len(rows))] == rows
+    finally:
+        m.to("cpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

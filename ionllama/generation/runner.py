@@ -33,6 +33,9 @@ from ..errors import UserError
 from .decoding import grown, shape_bucket
 from .sampling import NoiseSource, SamplingConfig, sample_next
 
+# host_schedule with unroll > 1: at most this many span graphs (latent patterns) are captured per capture
+MAX_SPAN_GRAPHS = 8
+
 # CUDA graph conditional nodes (torch's CUDAGraph.begin_capture_to_if_node): what DecodeRunner's unroll needs
 _HAS_IF_NODES = hasattr(getattr(torch._C, "_CUDAGraph", None), "begin_capture_to_if_node")
 
@@ -113,6 +116,9 @@ class DecodeRunner:
         whenever GPU times are asked for. 1: off. "lagged" under 'skip' keeps its own overlapped replay (the
         unrolled graph would serialize its latent step), so there it is not captured. Memory: each IF body is
         captured on its own stream, so the latent stage's temporaries are held once per unrolled byte.
+        With host_schedule, unroll needs no conditional node: the host knows which of the ``unroll`` bytes run the
+        latent stage, so it captures one graph per such pattern (lazily, at most MAX_SPAN_GRAPHS; a fixed patch
+        size dividing ``unroll`` gives one pattern per row phase) and replays it while ``unroll`` bytes are left.
         host_schedule: fixed patching decides every patch boundary from positions alone, so the host can follow
         them (a copy of the decoder's position, last rule start and next-start flag per row, read once after
         prefill) instead of reading a flag from the GPU: each byte is then one graph (its latent stage, when a
@@ -214,6 +220,8 @@ class DecodeRunner:
         self.lag_graphs = None  # "lagged": (commit, compute) graphs, captured with the others
         self.unroll = check_unroll(unroll)
         self.sched_graphs = None  # host_schedule: (byte, byte with its latent stage), one graph each
+        self.span_graphs = {}  # host_schedule with unroll > 1: latent pattern of `unroll` bytes -> their graph
+        self._pool = None  # the graph memory pool of the last capture (span graphs are captured into it later)
         self.multi_graph = None  # the `unroll` iterations as one graph, captured with the others
         self.multi_k = 0  # iterations in multi_graph
         self._check_unroll()
@@ -259,13 +267,14 @@ class DecodeRunner:
             d = self.dec
             self._h = (d.t.tolist(), d.last_rule.tolist(), d.next_start.tolist())
 
-    def _host_after(self) -> tuple[list, list]:
-        """(last_rule, next_start) per row after the byte at each row's position t: next_patch_flag's fixed rule
-        in integers (ionllama_decoder: a start every fixed_patch_size positions, capped at max_patch_size)."""
+    def _host_after(self, h=None) -> tuple[list, list]:
+        """(last_rule, next_start) per row after the byte at each row's position t (of state h, default the
+        current one): next_patch_flag's fixed rule in integers (ionllama_decoder: a start every fixed_patch_size
+        positions, capped at max_patch_size)."""
         cfg = self.dec.cfg
         k, cap = cfg.fixed_patch_size, cfg.max_patch_size
         last, nxt = [], []
-        for t, lr in zip(self._h[0], self._h[1]):
+        for t, lr in zip(*(h or self._h)[:2]):
             tn = t + 1
             rule = tn % k == 0
             lr = tn if rule else lr
@@ -282,6 +291,15 @@ class DecodeRunner:
     def _host_advance(self) -> None:
         last, nxt = self._h_next if self._h_next is not None else self._host_after()
         self._h, self._h_next = ([t + 1 for t in self._h[0]], last, nxt), None
+
+    def _host_pattern(self, k: int) -> tuple[tuple, tuple]:
+        """The next k bytes' latent needs (as _host_need says each) and the host state after them, unchanged."""
+        h, need = self._h, []
+        for _ in range(k):
+            last, nxt = self._host_after(h)
+            need.append(any(nxt) if self.completed else any(h[2]))
+            h = ([t + 1 for t in h[0]], last, nxt)
+        return tuple(need), h
 
     # ---------------------------------------------------------------- one iteration (graph body)
     def _iteration(self) -> None:
@@ -463,10 +481,11 @@ class DecodeRunner:
         self._check_unroll()  # (unroll may have been set after construction)
         self.multi_graph = None
         self.sched_graphs = None  # (host_schedule may have been switched since the last capture)
+        self.span_graphs = {}
         self._warm_up()
         stream = torch.cuda.current_stream()
         try:
-            pool = torch.cuda.graph_pool_handle()
+            pool = self._pool = torch.cuda.graph_pool_handle()
             parts = list(self._parts())
             if self.split:  # the flag to host memory, inside the first part's graph
                 first = parts[0]
@@ -564,17 +583,35 @@ class DecodeRunner:
             grew = True
         if grew:
             self.graphs = self.lag_graphs = self.multi_graph = self.sched_graphs = None
+            self.span_graphs = {}
 
     def _replay_scheduled(self, target: int, timed) -> None:
-        """host_schedule: one graph per byte, chosen on the host; no flag read, no wait for the GPU."""
+        """host_schedule: one graph per byte, chosen on the host; no flag read, no wait for the GPU. With unroll > 1
+        (and no GPU times asked for), one graph per `unroll` bytes while that many are left."""
         g_byte, g_with_latent = self.sched_graphs
         while self.n_done < target:
+            if self.unroll > 1 and timed is None and target - self.n_done >= self.unroll:
+                need, h_after = self._host_pattern(self.unroll)
+                g = self._span_graph(need)
+                if g is not None:
+                    g.replay()
+                    self._h, self._h_next = h_after, None
+                    self.n_done += self.unroll
+                    continue
             if self._host_need():
                 self._replay(g_with_latent, "byte_latent", timed)
             else:
                 self._replay(g_byte, "byte", timed)
             self._host_advance()
             self.n_done += 1
+
+    def _span_graph(self, need: tuple):
+        """The graph of len(need) scheduled bytes with this latent pattern: captured at its first use (capture
+        records, runs nothing), None past MAX_SPAN_GRAPHS patterns (those bytes replay one graph each)."""
+        g = self.span_graphs.get(need)
+        if g is None and len(self.span_graphs) < MAX_SPAN_GRAPHS:
+            g = self.span_graphs[need] = self._record(lambda: [self._scheduled_byte(w) for w in need], self._pool)
+        return g
 
     def _replay_completed(self, target: int, g_bytes, g_lat, timed) -> None:
         """"completed": part 1 (flag to host memory), part 2, [latent], part 3; with the entropy branch parts 1
