@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
         d = info["decode"]
         rows.append({"prompt_bytes": n, "new_bytes": len(out), "wall_s": round(time.perf_counter() - t, 4),
                      **{k: round(d[k], 4) if isinstance(d[k], float) else d[k]
-                        for k in ("setup_s", "first_run_steps", "first_run_s", "rest_s", "steps", "cuda_graphs")}})
+                        for k in ("setup_s", "first_run_steps", "first_run_s", "rest_steps", "rest_s", "steps",
+                                  "cuda_graphs")}})
         print(json.dumps(rows[-1]), flush=True)
     result = {"command": "python3 benchmarks/time_generate_calls.py " + " ".join(argv), "device": device_name(args.device),
               "commit": git_commit(), "date": time.strftime("%Y-%m-%d", time.gmtime()), "torch": torch.__version__,

@@ -528,6 +528,39 @@ def test_doc_sep_stops_and_rows_stop_independently():
     assert d["setup_s"] > 0
 
 
+def test_pipelined_read_back_gives_the_same_bytes_streams_and_stops(monkeypatch):
+    """On CUDA generate queues the next run before reading a run's bytes back (the GPU decodes while the host
+    checks stops and streams). Forced on here on CPU: the same results, streamed pieces and stop reasons as one run
+    read at a time, for a batch whose rows stop at different steps and a stop string; one run more is decoded past
+    the last stop, never past max_new_bytes."""
+    G = importlib.import_module("ionllama.generation.generate")
+    m = script_model(b"abcdefghijklmnopqrstuvwxyz\x00")
+    prompts = [b"a", b"m", b"x"]  # stop at "q" after 16 and 4 bytes, and at the document separator after 3
+
+    def go():
+        got = {}
+        outs, info = generate(m, prompts, 45, greedy=True, stop="q", return_info=True,
+                              stream=lambda r, c: got.__setitem__(r, got.get(r, b"") + c))
+        outs2, info2 = generate(m, prompts, 45, greedy=True, stop="q", return_info=True)
+        return outs, outs2, got, info, info2
+    plain = go()
+    monkeypatch.setattr(G, "_pipelined", lambda device: True)
+    piped = go()
+    assert piped[:3] == plain[:3] and [piped[2][r] for r in range(3)] == piped[0]
+    assert piped[0] == [b"bcdefghijklmnop", b"nop", b"yz"]
+    assert piped[3]["stop_reasons"] == plain[3]["stop_reasons"] == ["stop", "stop", "doc_sep"]
+    for info_piped, info_plain in ((piped[3], plain[3]), (piped[4], plain[4])):
+        steps, runs = info_piped["decode"]["steps"], info_plain["decode"]["steps"]
+        assert runs < 45 and steps == min(45, runs + (1 if info_plain is plain[3] else 16))  # one run more
+        d = info_piped["decode"]  # the steady rate's steps: those read back, not the run still queued at the stop
+        assert d["first_run_steps"] + d["rest_steps"] == runs
+    # sampled, no stop string: the same bytes
+    m = tiny_dense(3)
+    piped_sampled = generate(m, prompts, 40, seed=4)
+    monkeypatch.undo()
+    assert piped_sampled == generate(m, prompts, 40, seed=4)
+
+
 # ----------------------------------------------------------------------------- UTF-8 streaming
 def test_utf8_stream_decoder_split_everywhere_and_invalid_bytes():
     text = "h\u00e9llo \u20ac \U0001F600 \u4e2d".encode()

@@ -343,9 +343,9 @@ def _stats_line(n: int, seconds: float, model, decode: dict | None, args) -> str
     else:
         how = f"no CUDA graphs ({decode['steps']:,} eager steps)"
     steady = ""
-    if decode is not None and decode.get("rest_s", 0) > 0 and decode["steps"] > decode["first_run_steps"]:
+    if decode is not None and decode.get("rest_s", 0) > 0 and decode.get("rest_steps", 0) > 0:
         # the first run compiles and captures: its seconds said apart, or a short run looks slow for no reason
-        steady = (f"; {(decode['steps'] - decode['first_run_steps']) / decode['rest_s']:,.0f} bytes/s after the "
+        steady = (f"; {decode['rest_steps'] / decode['rest_s']:,.0f} bytes/s after the "
                   f"first run ({decode['first_run_steps']} byte{'' if decode['first_run_steps'] == 1 else 's'}, "
                   f"{decode['first_run_s']:.2f} s)")
     patches = ""

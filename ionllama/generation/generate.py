@@ -89,7 +89,8 @@ def generate(model, prompt_bytes, max_new_bytes: int = 256, temperature: float =
     eager_steps (those not replayed from a CUDA graph: the warm-up, or all without graphs), cuda_graphs (any replayed),
     setup_s (host seconds for the decoder, the prompt's prefill and the runner, before the first run; GPU work queued
     there may finish in the first run), first_run_steps / first_run_s / rest_s (the first run, which holds compiling
-    and capturing, timed apart from the rest), and for ionLlama at batch 1 patches / positions (its patches over the positions the decoder took in: the
+    and capturing, timed apart from the rest), rest_steps (the steps read back in rest_s: not a run still queued
+    at a stop), and for ionLlama at batch 1 patches / positions (its patches over the positions the decoder took in: the
     prompt and every decoded byte, those past a stop too)}; max_new_bytes=0 gives the first three only.
     """
     if getattr(model, "token_level", False) and getattr(model, "generate", None) is not None:
@@ -178,6 +179,46 @@ def _check_applicable(dec, entropy_branch) -> None:
         raise no_entropy_branch()
 
 
+def _pipelined(device) -> bool:
+    """Queue the next run before reading a run's bytes back? On CUDA: the GPU then decodes while the host reads,
+    checks stops and streams, instead of waiting idle at every read-back (one run more is decoded past a stop)."""
+    return device.type == "cuda"
+
+
+def _decoded_chunks(runner, max_new: int, first: int, every: int, pipelined: bool):
+    """Run the runner `first`, then `every` steps at a time up to max_new, and yield (n, bytes of each row as a
+    list) per run, in order. pipelined: each run's bytes are copied to the host without waiting (pinned memory,
+    an event), the next run is queued, and only then is the copy waited for."""
+    done, pending = 0, None
+    while done < max_new or pending is not None:
+        queued = None
+        if done < max_new:
+            n = min(every if done else first, max_new - done)
+            runner.run(n)
+            part = runner.out[:, done:done + n]  # (B, n); later steps write later columns, or a grown copy
+            done += n
+            if not pipelined:
+                yield n, part.tolist()
+                continue
+            queued = (n, *_copy_to_host(part))
+        if pending is not None:
+            if pending[2] is not None:
+                pending[2].synchronize()
+            yield pending[0], pending[1].tolist()
+        pending = queued
+
+
+def _copy_to_host(part: torch.Tensor):
+    """(host tensor, event to wait for or None): on CUDA a copy into pinned memory that does not wait, its event
+    recorded on the tensor's own device (the model's GPU need not be the current device); elsewhere a copy."""
+    if not part.is_cuda:
+        return part.clone(), None
+    host = part.to("cpu", non_blocking=True)  # (pinned: torch pins the target of a non-blocking copy to the CPU)
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(part.device))
+    return host, done
+
+
 def _decode_loop(model, rows, outs, cfg, max_new_bytes, seed, stream, decoder_kind, cuda_graphs, compile,
                  fused_local_step="auto", fused_entropy_step="auto", fused_latent_step="auto",
                  entropy_branch="auto", unroll=1):
@@ -196,9 +237,10 @@ def _decode_loop(model, rows, outs, cfg, max_new_bytes, seed, stream, decoder_ki
     _check_applicable(dec, entropy_branch)  # before the prefill's work
     seeds = _row_seeds(seed, B, dec.device, draw=not cfg.is_greedy)
     logits = dec.prefill(rows)
-    # Host syncs are the main per-byte overhead on a GPU: without a stream callback, sampled bytes
-    # stay on the device and are inspected every `sync_every` steps (a few wasted steps at most), a whole
-    # number of unrolled graph launches; with a stream callback nothing is unrolled
+    # Host syncs are the main per-byte overhead on a GPU: without a stream callback, sampled bytes stay on the
+    # device and are inspected every `sync_every` steps, a whole number of unrolled graph launches (a few wasted
+    # steps at most; on CUDA one run more, queued before the last one was read: _pipelined); with a stream callback
+    # one step at a time, STREAM_CHUNK with graphs
     sync_every = 1 if stream is not None else -(-16 // unroll) * unroll
     runner = DecodeRunner(dec, cfg, seeds, logits, max_new_bytes,
                           cuda_graphs=_use_cuda_graphs(cuda_graphs, dec.device, max_new_bytes), compile=compile,
@@ -214,15 +256,12 @@ def _decode_loop(model, rows, outs, cfg, max_new_bytes, seed, stream, decoder_ki
             runner.unroll = unroll
             sync_every = -(-STREAM_CHUNK // unroll) * unroll
     first = max(sync_every, 5) if runner.want_graphs else sync_every
-    done_steps, first_run = 0, None
+    first_run, read = None, 0
     t0 = time.perf_counter()
-    while done_steps < max_new_bytes:
-        n = min(sync_every if done_steps else first, max_new_bytes - done_steps)
-        runner.run(n)
-        chunk = runner.out[:, done_steps:done_steps + n].tolist()  # (B, n) on the host
-        done_steps += n
+    for n, chunk in _decoded_chunks(runner, max_new_bytes, first, sync_every, _pipelined(dec.device)):
+        read += n
         if first_run is None:  # the first run holds compiling and capturing: timed apart from the steady rest
-            first_run = (runner.n_done, time.perf_counter() - t0)
+            first_run = (n, time.perf_counter() - t0)
         for r, o in enumerate(outs):
             for b in chunk[r]:
                 piece = o.push(b)
@@ -240,5 +279,5 @@ def _decode_loop(model, rows, outs, cfg, max_new_bytes, seed, stream, decoder_ki
         info.update(patches=patches, positions=int(d.t.sum()))
     if first_run is not None:  # host time, read after each run's bytes came back (a sync)
         info.update(setup_s=t0 - t_setup, first_run_steps=first_run[0], first_run_s=first_run[1],
-                    rest_s=time.perf_counter() - t0 - first_run[1])
+                    rest_steps=read - first_run[0], rest_s=time.perf_counter() - t0 - first_run[1])
     return info
