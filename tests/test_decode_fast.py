@@ -991,6 +991,33 @@ def test_host_schedule_span_graphs_give_the_bytes_of_the_recompute_decoder(monke
     assert len(gpu["byte"]) + len(gpu["byte_latent"]) == n - 9 and torch.equal(r2.out[:, :n], ref.out[:, :n])
 
 
+@pytest.mark.parametrize("kind", ["ion", "fixed_sched"])
+def test_restart_replays_the_kept_graphs_without_capturing_again(monkeypatch, ion, kind):
+    """generate's DecodeSession: after a new prefill in place, DecodeRunner.restart replays the graphs it captured
+    for the earlier prompt (CPU fakes that record without running, as CUDA does): no new capture, and the bytes of
+    a fresh eager runner for the new prompts and seeds."""
+    m = ion if kind == "ion" else _fixed("completed", 3, 5)
+    fresh = _runner(m, 30, entropy_branch=False)  # (its prompts; restarted below onto other ones)
+    fresh.restart(fresh.dec.prefill([list(b"zz top"), list(b"qq")]), torch.tensor([7, 8]), 30, 6)
+    fresh.run(30)
+    _fake_cuda(monkeypatch, _FakeGraph)
+    captures = []
+    capture = DecodeRunner._capture
+    monkeypatch.setattr(DecodeRunner, "_capture", lambda self: (captures.append(1), capture(self))[1])
+    r = _runner(m, 30, host_schedule=kind == "fixed_sched", unroll=4 if kind == "fixed_sched" else 1)
+    r.want_graphs = True
+    r.run(30)
+    graphs = (r.graphs, r.sched_graphs)
+    assert captures == [1] and r.graphs is not None
+    r.restart(r.dec.prefill([list(b"zz top"), list(b"qq")]), torch.tensor([7, 8]), 30, 6)
+    r.run(30)
+    # all 30 replayed the kept graphs (span graphs of the new rows' phase patterns are recorded at first use: at
+    # most 3 for each call's pair of row phases)
+    assert captures == [1] and (r.graphs, r.sched_graphs) == graphs and r.eager_steps == 0
+    assert len(r.span_graphs) <= 6
+    assert torch.equal(r.out[:, :30], fresh.out[:, :30])
+
+
 def test_host_schedule_auto_on_only_where_measured_and_refused_where_the_gpu_decides(ion, dense):
     assert not _runner(ion, 8).host_schedule  # entropy patching: boundaries come from the bytes
     fixed = _runner(_fixed("completed", 3, 5), 8)

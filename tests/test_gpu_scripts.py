@@ -750,3 +750,7 @@ def test_time_generate_calls_times_each_call_in_order(tmp_path):
     assert all(c["steps"] >= c["new_bytes"] and c["setup_s"] > 0 and c["wall_s"] >= c["setup_s"] + c["first_run_s"]
                for c in calls)
     assert json.loads((tmp_path / "generate_calls.json").read_text())["calls"] == calls
+    assert not any(c["reused"] for c in calls)
+    calls = _load("time_generate_calls").main(["--device", "cpu", "--lengths", "5,1,5", "--new_bytes", "12",
+                                               "--session", "--out", str(tmp_path)])["calls"]
+    assert [c["reused"] for c in calls] == [False, True, True]

@@ -31,7 +31,7 @@ import torch._inductor.config  # noqa: F401  (COMPILE_PRESETS asks it which sett
 from ..devices import reusable_stream
 from ..errors import UserError
 from .decoding import grown, shape_bucket
-from .sampling import NoiseSource, SamplingConfig, sample_next
+from .sampling import NoiseSource, SamplingConfig, row_keys, sample_next
 
 # host_schedule with unroll > 1: at most this many span graphs (latent patterns) are captured per capture
 MAX_SPAN_GRAPHS = 8
@@ -239,6 +239,17 @@ class DecodeRunner:
     def _set_pred(self) -> None:
         if self.has_latent:
             self.latent_pred.copy_(self.dec.next_start.any())
+
+    def restart(self, logits: torch.Tensor, seeds: torch.Tensor, max_new: int, prompt_len: int | None) -> None:
+        """A new generation on the same decoder, prefilled again in place (generate's DecodeSession): new seeds
+        (written into the tensors the graphs read), output length and prompt length; captured graphs and
+        compiled steps stay. The caches grow, and the graphs are captured again, only if the new call needs it."""
+        self.seeds.copy_(seeds.to(self.seeds.device))
+        self.noise.keys.copy_(row_keys(self.seeds))
+        self.max_new, self.prompt_len = max_new, prompt_len
+        if len(self.span_graphs) >= MAX_SPAN_GRAPHS:  # other prompts, other row phases: make room for their patterns
+            self.span_graphs = {}
+        self.reset(logits)
 
     def reset(self, logits: torch.Tensor) -> None:
         """Start over after the decoder was prefilled again (in place): captured graphs stay valid."""

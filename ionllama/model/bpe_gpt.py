@@ -24,7 +24,7 @@ from .dense import ParamCountMixin, build_transformer_lm, lm_outputs, transforme
 # the byte models' decode-speed options: taken at generate()'s own defaults (so one call serves every model); any
 # other value asks for something the token decoder does not do, and is refused
 BYTE_DECODER_OPTIONS = ("cuda_graphs", "compile", "fused_local_step", "fused_entropy_step", "fused_latent_step",
-                        "entropy_branch", "unroll")
+                        "entropy_branch", "unroll", "session")
 
 
 def _byte_decoder_defaults() -> dict:
