@@ -5,10 +5,12 @@ The fiftieth session saw a 1-byte prompt's first `generate()` take ~4 s on CUDA 
 `generate()` once per prompt length in --lengths, in that order, in one process (random weights, real text
 prompts), and keeps each call's `return_info["decode"]` timings: setup_s (decoder, prefill, runner: where a new
 prompt length's Triton compiles or autotunes would show), first_run_s (compiling, capturing) and rest_s, plus the
-whole call's wall time. --session passes one DecodeSession to every call (kept decoder and graphs).
+whole call's wall time. Each of --arms runs all lengths in one process: the pipelined read-back on or off, unroll
+(fixed patching's span graphs), one DecodeSession for the arm's calls or none; the JSON's summary gives each arm's
+median wall time after its first call and median steady rate (bytes read after the first run / its seconds).
 
     PYTHONPATH=. python3 benchmarks/time_generate_calls.py --model_config docs/results/phase1-dropout/ionllama_fixed/config.json \
-        --lengths 17,1,4,1,300,17 --out $OUT/calls.json
+        --lengths 17,1,4,1,300,17 --arms pipe=1 pipe=0 pipe=1,session=1 pipe=1,unroll=16 --out $OUT/calls
 
 On CPU (tests): --device cpu --size tiny, eager.
 """
@@ -41,6 +43,22 @@ def prompt(n: int) -> bytes:
     return (TEXT * (n // len(TEXT) + 1))[:n]
 
 
+ARM_KEYS = {"pipe": (0, 1), "unroll": None, "session": (0, 1)}  # None: any whole number >= 1
+
+
+def parse_arm(text: str) -> dict:
+    """'pipe=0,unroll=16,session=1' -> {'pipe': 0, 'unroll': 16, 'session': 1} over the defaults; else one line."""
+    arm = {"pipe": 1, "unroll": 1, "session": 0}
+    for part in filter(None, text.split(",")):
+        key, _, val = part.partition("=")
+        ok = key in ARM_KEYS and val.isdigit() and (ARM_KEYS[key] is None and int(val) >= 1 or
+                                                     ARM_KEYS[key] is not None and int(val) in ARM_KEYS[key])
+        if not ok:
+            raise UserError(f"--arms '{text}': give comma-separated pipe=0|1, unroll=N (N >= 1), session=0|1")
+        arm[key] = int(val)
+    return arm
+
+
 def build_parser() -> OneLineParser:
     ap = OneLineParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -51,9 +69,11 @@ def build_parser() -> OneLineParser:
                     help="prompt bytes of each call, in order (comma-separated)")
     ap.add_argument("--new_bytes", type=int, default=256, help="bytes generated per call")
     ap.add_argument("--compile", choices=["on", "off"], default=None, help="default: on for cuda, off for cpu")
-    ap.add_argument("--session", action="store_true",
-                    help="pass one DecodeSession to every call: later calls of the same settings run on the kept "
-                         "decoder and graphs (setup and first run without building, warming up or capturing)")
+    ap.add_argument("--arms", nargs="+", default=["pipe=1"],
+                    help="settings, each running every length in turn, in this order, in one process: pipe=0|1 "
+                         "(queue the next run before reading one back: generate's default on CUDA), unroll=N "
+                         "(bytes per graph launch: fixed patching's span graphs), session=0|1 (one DecodeSession "
+                         "for the arm's calls: later calls run on the kept decoder and graphs)")
     ap.add_argument("--out", default=".")
     return ap
 
@@ -67,6 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError("no CUDA device here; use --device cpu (eager, tiny) or run on a GPU machine")
     check_ranges(args, {"new_bytes": 1})
     lengths = int_list("lengths", args.lengths)
+    arms = [parse_arm(a) for a in args.arms]
     ready_out_dir(args.out)
     size = args.size or ("small" if cuda else "tiny")
     dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
@@ -74,27 +95,50 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     model = build_model(model_config_from(args.model_config)) if args.model_config else create_model(size)
     model = model.to(args.device, dtype).eval()
-    rows, session = [], DecodeSession() if args.session else None
-    for n in lengths:
-        t = time.perf_counter()
-        out, info = generate(model, prompt(n), args.new_bytes, greedy=True, compile=compiled, return_info=True,
-                             session=session)
-        if cuda:
-            torch.cuda.synchronize()
-        d = info["decode"]
-        rows.append({"prompt_bytes": n, "new_bytes": len(out), "wall_s": round(time.perf_counter() - t, 4),
-                     "reused": bool(session and session.reuses > sum(r["reused"] for r in rows)),
-                     **{k: round(d[k], 4) if isinstance(d[k], float) else d[k]
-                        for k in ("setup_s", "first_run_steps", "first_run_s", "rest_steps", "rest_s", "steps",
-                                  "cuda_graphs")}})
-        print(json.dumps(rows[-1]), flush=True)
+    with torch.no_grad():  # greedy never picks the end-of-document byte (logit 0 against 255 random ones)
+        model.head.weight[0].zero_()
+    gen = sys.modules["ionllama.generation.generate"]
+    pipelined = gen._pipelined
+    rows, summary = [], []
+    try:
+        for i, arm in enumerate(arms):
+            gen._pipelined = pipelined if arm["pipe"] else (lambda device: False)
+            session = DecodeSession() if arm["session"] else None
+            arm_rows = []
+            for n in lengths:
+                reuses = session.reuses if session else 0
+                t = time.perf_counter()
+                out, info = generate(model, prompt(n), args.new_bytes, greedy=True, compile=compiled,
+                                     return_info=True, session=session, unroll=arm["unroll"])
+                if cuda:
+                    torch.cuda.synchronize()
+                d = info["decode"]
+                arm_rows.append({"arm": i, **arm, "prompt_bytes": n, "new_bytes": len(out),
+                                 "wall_s": round(time.perf_counter() - t, 4),
+                                 "reused": bool(session and session.reuses > reuses),
+                                 **{k: round(d[k], 4) if isinstance(d[k], float) else d[k]
+                                    for k in ("setup_s", "first_run_steps", "first_run_s", "rest_steps", "rest_s",
+                                              "steps", "cuda_graphs")}})
+                print(json.dumps(arm_rows[-1]), flush=True)
+            rows += arm_rows
+            later = arm_rows[1:] or arm_rows
+            summary.append({"arm": i, **arm, "median_wall_s_after_first": median(r["wall_s"] for r in later),
+                            "median_steady_bytes_per_s": median(r["rest_steps"] / r["rest_s"] for r in arm_rows
+                                                                if r["rest_s"] > 0 and r["rest_steps"] > 0)})
+            print(json.dumps(summary[-1]), flush=True)
+    finally:
+        gen._pipelined = pipelined
     result = {"command": "python3 benchmarks/time_generate_calls.py " + " ".join(argv), "device": device_name(args.device),
               "commit": git_commit(), "date": time.strftime("%Y-%m-%d", time.gmtime()), "torch": torch.__version__,
               "model": args.model_config or size, "dtype": str(dtype).removeprefix("torch."), "compile": compiled,
-              "session": args.session,
-              "calls": rows}
+              "summary": summary, "calls": rows}
     atomic_write(f"{args.out}/generate_calls.json", json.dumps(result, indent=1))
     return result
+
+
+def median(values) -> float | None:
+    v = sorted(values)
+    return round(v[len(v) // 2], 4) if v else None
 
 
 if __name__ == "__main__":

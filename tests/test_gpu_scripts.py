@@ -206,6 +206,8 @@ SCRIPT_BAD_INPUT = [
     ("benchmarks", "time_generate_calls", ["--device", "cpu", "--lengths", "17,0", "--out", "{tmp}/o"],
      "--lengths '17,0'"),
     ("benchmarks", "time_generate_calls", ["--out", "{tmp}/o"], "no CUDA device here"),
+    ("benchmarks", "time_generate_calls", ["--device", "cpu", "--arms", "pipe=2", "--out", "{tmp}/o"],
+     "--arms 'pipe=2'"),
 ]
 
 
@@ -742,15 +744,17 @@ def test_generation_bench_does_not_report_an_eager_run_as_graphs_equal_eager():
 
 
 def test_time_generate_calls_times_each_call_in_order(tmp_path):
-    """benchmarks/time_generate_calls.py: one row per prompt length, in order, each with its setup and run times."""
+    """benchmarks/time_generate_calls.py: one row per prompt length and arm, in order, each with its setup and run
+    times; a session arm runs its later calls on the kept decoder; the read-back switch is restored afterwards."""
+    gen = sys.modules["ionllama.generation.generate"]
+    pipelined = gen._pipelined
     res = _load("time_generate_calls").main(["--device", "cpu", "--lengths", "5,1,5", "--new_bytes", "12",
-                                             "--out", str(tmp_path)])
+                                             "--arms", "pipe=1", "pipe=0,session=1", "--out", str(tmp_path)])
     calls = res["calls"]
-    assert [c["prompt_bytes"] for c in calls] == [5, 1, 5]
-    assert all(c["steps"] >= c["new_bytes"] and c["setup_s"] > 0 and c["wall_s"] >= c["setup_s"] + c["first_run_s"]
-               for c in calls)
+    assert [(c["arm"], c["prompt_bytes"]) for c in calls] == [(0, 5), (0, 1), (0, 5), (1, 5), (1, 1), (1, 5)]
+    assert all(c["new_bytes"] == 12 and c["steps"] >= 12 and c["setup_s"] > 0 and
+               c["wall_s"] >= c["setup_s"] + c["first_run_s"] for c in calls)  # (no end-of-document stop)
+    assert [c["reused"] for c in calls] == [False] * 4 + [True, True]
+    assert [(a["pipe"], a["session"]) for a in res["summary"]] == [(1, 0), (0, 1)]
     assert json.loads((tmp_path / "generate_calls.json").read_text())["calls"] == calls
-    assert not any(c["reused"] for c in calls)
-    calls = _load("time_generate_calls").main(["--device", "cpu", "--lengths", "5,1,5", "--new_bytes", "12",
-                                               "--session", "--out", str(tmp_path)])["calls"]
-    assert [c["reused"] for c in calls] == [False, True, True]
+    assert gen._pipelined is pipelined
