@@ -412,6 +412,7 @@ def run_sweep(args, kind: str, points: list[dict]) -> list[dict]:
                 runner.graphs = None  # re-captured with this configuration by start()
                 if i and args.free_graphs:  # the old graphs' pools back to the driver before the capture
                     runner.sched_graphs = runner.multi_graph = runner.lag_graphs = None
+                    runner.span_graphs = {}
                     gc.collect()
                     torch.cuda.empty_cache() if args.device == "cuda" else None
                 setup_s = start(s)

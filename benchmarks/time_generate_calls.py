@@ -9,7 +9,8 @@ whole call's wall time. Each of --arms runs all lengths in one process: the pipe
 (fixed patching's span graphs), one DecodeSession for the arm's calls or none; the JSON's summary gives each arm's
 median wall time after its first call and median steady rate (bytes read after the first run / its seconds).
 
-    PYTHONPATH=. python3 benchmarks/time_generate_calls.py --model_config docs/results/phase1-dropout/ionllama_fixed/config.json \
+    C=docs/results/phase1-dropout/ionllama_fixed/config.json
+    PYTHONPATH=. python3 benchmarks/time_generate_calls.py --model_config $C \
         --lengths 17,1,4,1,300,17 --arms pipe=1 pipe=0 pipe=1,session=1 pipe=1,unroll=16 --out $OUT/calls
 
 On CPU (tests): --device cpu --size tiny, eager.
@@ -128,7 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(json.dumps(summary[-1]), flush=True)
     finally:
         gen._pipelined = pipelined
-    result = {"command": "python3 benchmarks/time_generate_calls.py " + " ".join(argv), "device": device_name(args.device),
+    result = {"command": "python3 benchmarks/time_generate_calls.py " + " ".join(argv),
+              "device": device_name(args.device),
               "commit": git_commit(), "date": time.strftime("%Y-%m-%d", time.gmtime()), "torch": torch.__version__,
               "model": args.model_config or size, "dtype": str(dtype).removeprefix("torch."), "compile": compiled,
               "summary": summary, "calls": rows}

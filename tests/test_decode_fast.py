@@ -191,8 +191,29 @@ def _fake_cuda(monkeypatch, record):
     monkeypatch.setattr(torch.cuda, "set_stream", restored.append)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
-    monkeypatch.setattr(DecodeRunner, "_record", lambda self, fn, pool: record(fn))
+    # every fake graph is pinned to the tensors of its capture, as a CUDA graph is
+    monkeypatch.setattr(DecodeRunner, "_record", lambda self, fn, pool: _PinnedGraph(self, record(fn)))
     return current, restored
+
+
+class _PinnedGraph:
+    """A fake graph bound, like a captured CUDA graph, to the tensors that existed when it was recorded: replaying it
+    after the runner or its decoder replaced one of them fails (on a GPU it would read the old memory). The plain
+    _FakeGraph re-runs its function on whatever the attributes hold now, so it cannot see a stale graph."""
+
+    def __init__(self, runner, inner):
+        self.runner, self.inner, self.ptrs = runner, inner, _tensor_ptrs(runner)
+
+    def replay(self):
+        now = _tensor_ptrs(self.runner)
+        stale = sorted(k for k in self.ptrs if now.get(k) != self.ptrs[k])
+        assert not stale, f"a graph replayed after these tensors were replaced: {stale}"
+        self.inner.replay()
+
+
+def _tensor_ptrs(runner) -> dict:
+    # (prompt_starts: the prefill's patch starts, kept for checks against the forward; no step reads them)
+    return {k: v.data_ptr() for k, v in _state_tensors(runner).items() if not k.startswith("dec.prompt_starts")}
 
 
 @pytest.mark.parametrize("n", [5, 6, 23])
@@ -975,7 +996,7 @@ def test_host_schedule_span_graphs_give_the_bytes_of_the_recompute_decoder(monke
         r.run(k)
         assert r._h == (r.dec.t.tolist(), r.dec.last_rule.tolist(), r.dec.next_start.tolist())
     assert r.n_done == n and torch.equal(r.out[:, :n], ref.out[:, :n])
-    spans = set(r.span_graphs.values())
+    spans = {g.inner for g in r.span_graphs.values()}  # (each fake pinned to its capture's tensors)
     assert 1 <= len(spans) <= cap_graphs
     per_byte = sum(c for g, c in replays.items() if g not in spans)
     assert sum(replays[g] for g in spans) * unroll + per_byte == n - 3  # 3 warm-up bytes ran eager
@@ -989,6 +1010,30 @@ def test_host_schedule_span_graphs_give_the_bytes_of_the_recompute_decoder(monke
     r2.run(9)
     r2.run(n - 9, gpu_ms=gpu)
     assert len(gpu["byte"]) + len(gpu["byte_latent"]) == n - 9 and torch.equal(r2.out[:, :n], ref.out[:, :n])
+
+
+def test_span_graphs_are_dropped_and_captured_again_when_the_caches_grow(monkeypatch):
+    """Caches that grow mid-run (generate's runner starts small and doubles) are new tensors: span graphs recorded
+    before must not replay on them. With graphs pinned to their capture's tensors, runs that grow the caches twice
+    give the recompute decoder's bytes."""
+    from ionllama.generation import RecomputeDecoder
+
+    m, n = _fixed("completed", 3, 5), 60
+    rec = RecomputeDecoder(m, 2, 128)
+    ref = DecodeRunner(rec, SamplingConfig(temperature=1.0), torch.tensor([3, 4]),
+                       rec.prefill([list(b"ab c"), list(b"d")]), n)
+    ref.run(n)
+    _fake_cuda(monkeypatch, _FakeGraph)
+    dec = decoder_for(m, 2, 20)  # room for 15 new bytes after the 4-byte prompt: grows at ~16 and ~36
+    r = DecodeRunner(dec, SamplingConfig(temperature=1.0), torch.tensor([3, 4]),
+                     dec.prefill([list(b"ab c"), list(b"d")]), n, host_schedule=True, unroll=4, prompt_len=4)
+    r.want_graphs = True
+    lens = []
+    for k in (12, 12, 12, 12, 12):
+        r.run(k)
+        lens.append(dec.max_len)
+    assert lens[0] < lens[-1] and len(set(lens)) >= 3  # (grown twice)
+    assert r.span_graphs and torch.equal(r.out[:, :n], ref.out[:, :n])
 
 
 @pytest.mark.parametrize("kind", ["ion", "fixed_sched"])

@@ -93,7 +93,8 @@ def generate(model, prompt_bytes, max_new_bytes: int = 256, temperature: float =
     eager_steps (those not replayed from a CUDA graph: the warm-up, or all without graphs), cuda_graphs (any replayed),
     setup_s (host seconds for the decoder, the prompt's prefill and the runner, before the first run; GPU work queued
     there may finish in the first run), first_run_steps / first_run_s / rest_s (the first run, which holds compiling
-    and capturing, timed apart from the rest), rest_steps (the steps read back in rest_s: not a run still queued
+    and capturing, timed apart from the rest; on CUDA first_run_s also holds queueing the second run, and any span
+    graph that run records), rest_steps (the steps read back in rest_s: not a run still queued
     at a stop), and for ionLlama at batch 1 patches / positions (its patches over the positions the decoder took in: the
     prompt and every decoded byte, those past a stop too)}; max_new_bytes=0 gives the first three only.
     """
@@ -189,19 +190,22 @@ def _check_applicable(dec, entropy_branch) -> None:
 class DecodeSession:
     """Keeps one generate() call's decoder and runner for the next call given the same session, when that call
     matches it (same model and weights, batch size, sampling settings, decoder options, streamed or not, graphs
-    or not): its prompt is then prefilled into the kept caches in place and the step runs from the kept compiled
-    code and captured CUDA graphs, instead of building, warming up and capturing again. A call that does not match
-    replaces what is kept. The memory (caches, graph pool) is held until the session is released or dropped.
+    or not) whose longest prompt fits the kept caches: its prompt is then prefilled into them in place and the step
+    runs from the kept compiled code and captured CUDA graphs, instead of building, warming up and capturing again
+    (the caches still grow for a longer output, as in any call). A call that does not match replaces what is kept.
+    The memory (caches, graph pool) and the model itself are held until the session is released or dropped.
 
         session = DecodeSession()
         for prompt in prompts:
             reply = model.generate(prompt, max_new_bytes=300, session=session)
 
     Weights are matched by each parameter's and buffer's storage and in-place version counter (an optimizer step,
-    load_state_dict and fill_ all count); a write through `.data` is not seen: release() after one."""
+    load_state_dict and fill_ all count; .to(), .half() and .float() give new storages, and the session holds the
+    old ones, so no new one can take an old one's address); a write through `.data` is not seen: release() after
+    one."""
 
     def __init__(self):
-        self._kept = None  # (options key, weights key, runner)
+        self._kept = None  # (options key, weights key, runner, the weights' tensors: their storages stay allocated)
         self.reuses = 0  # calls that ran on a kept decoder
 
     def release(self) -> None:
@@ -218,7 +222,8 @@ class DecodeSession:
         return kept[2]
 
     def keep(self, model, key: tuple, runner) -> None:
-        self._kept = (key, _weights_key(model), runner)
+        held = tuple(t.detach() for t in (*model.parameters(), *model.buffers()))
+        self._kept = (key, _weights_key(model), runner, held)
 
 
 def _weights_key(model) -> tuple:

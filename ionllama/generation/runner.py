@@ -518,14 +518,17 @@ class DecodeRunner:
                 self.multi_graph = self._record_unrolled(pool)
                 self.multi_k = self.unroll  # what the graph holds, whatever unroll is set to later
         except Exception as e:
-            # torch.cuda.graph does not restore the current stream when ending a failed capture raises
-            torch.cuda.set_stream(stream)
-            raise GraphCaptureError(
-                f"capturing the decode step as a CUDA graph failed ({type(e).__name__}: {str(e)[:300]}); "
-                f"decode with cuda_graphs=False. {self.n_done} bytes were decoded before the capture "
-                "(warm-up); a failed capture can leave torch's CUDA state altered, so decoding does not "
-                "continue from there") from e
+            raise self._capture_failed(e, stream) from e
         self.graphs = (g_bytes, g_lat)
+
+    def _capture_failed(self, e: Exception, stream) -> GraphCaptureError:
+        # torch.cuda.graph does not restore the current stream when ending a failed capture raises
+        torch.cuda.set_stream(stream)
+        return GraphCaptureError(
+            f"capturing the decode step as a CUDA graph failed ({type(e).__name__}: {str(e)[:300]}); "
+            f"decode with cuda_graphs=False. {self.n_done} bytes were decoded before the capture "
+            "(warm-up, or replays before a span graph's first use); a failed capture can leave torch's CUDA state "
+            "altered, so decoding does not continue from there")
 
     @torch.no_grad()
     def run(self, n: int, gpu_ms: dict | None = None) -> None:
@@ -621,7 +624,12 @@ class DecodeRunner:
         records, runs nothing), None past MAX_SPAN_GRAPHS patterns (those bytes replay one graph each)."""
         g = self.span_graphs.get(need)
         if g is None and len(self.span_graphs) < MAX_SPAN_GRAPHS:
-            g = self.span_graphs[need] = self._record(lambda: [self._scheduled_byte(w) for w in need], self._pool)
+            stream = torch.cuda.current_stream()
+            try:  # (torch.cuda.graph synchronizes first: one wait per new pattern, at most MAX_SPAN_GRAPHS)
+                g = self._record(lambda: [self._scheduled_byte(w) for w in need], self._pool)
+            except Exception as e:
+                raise self._capture_failed(e, stream) from e
+            self.span_graphs[need] = g
         return g
 
     def _replay_completed(self, target: int, g_bytes, g_lat, timed) -> None:
