@@ -94,9 +94,9 @@ def generate(model, prompt_bytes, max_new_bytes: int = 256, temperature: float =
     setup_s (host seconds for the decoder, the prompt's prefill and the runner, before the first run; GPU work queued
     there may finish in the first run), first_run_steps / first_run_s / rest_s (the first run, which holds compiling
     and capturing, timed apart from the rest; on CUDA first_run_s also holds queueing the second run, and any span
-    graph that run records), rest_steps (the steps read back in rest_s: not a run still queued
-    at a stop), and for ionLlama at batch 1 patches / positions (its patches over the positions the decoder took in: the
-    prompt and every decoded byte, those past a stop too)}; max_new_bytes=0 gives the first three only.
+    graph that run records), rest_steps (the steps read back in rest_s: not a run still queued at a stop), and for
+    ionLlama at batch 1 patches / positions (its patches over the positions the decoder took in: the prompt and every
+    decoded byte, those past a stop too)}; max_new_bytes=0 gives the first three only.
     """
     if getattr(model, "token_level", False) and getattr(model, "generate", None) is not None:
         # this loop samples byte ids: a token model's ids above 255 crashed it ("byte must be in range(0, 256)")
