@@ -7,6 +7,7 @@ import os
 import random
 import re
 import signal
+import sys
 import time
 
 import numpy as np
@@ -849,6 +850,50 @@ def test_cli_help_names_every_flag_and_its_default():
         if a.dest not in ("help", "checkpoint"):  # --checkpoint is required: no default
             assert a.help and "(default: " in a.help, a.dest
     assert "(default: 256)" in text and "(default: 1.0)" in text and "(default: a random seed, printed to stderr)" in text
+
+
+@pytest.mark.parametrize("kind", ["dense", "ionllama"])
+def test_cli_each_line_continues_every_stdin_line_on_one_kept_decoder(tmp_path, capsys, monkeypatch, kind):
+    """--each_line: one continuation line per stdin line (LF, CRLF, an empty line, a last line without its end),
+    each the bytes generate gives that line with seed S + i, the decoder kept between them (a DecodeSession)."""
+    import io
+
+    from ionllama.generation import cli
+
+    m = tiny_dense() if kind == "dense" else ionllama.create_model(
+        "tiny", d_model=32, n_layers=1, n_heads=2, d_local=32, n_enc_layers=1, n_dec_layers=1, d_entropy=16,
+        n_entropy_layers=1, entropy_headdim=8, ngram_buckets=64).eval()
+    ck = tmp_path / "m.pt"
+    _save_ckpt(m, ck)
+    sessions, package = [], importlib.import_module("ionllama.generation")
+
+    class Counted(package.DecodeSession):
+        def __init__(self):
+            super().__init__()
+            sessions.append(self)
+    monkeypatch.setattr(package, "DecodeSession", Counted)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"ab\nh\xc3\xa9\r\n\nlast")))
+    assert cli.main(["--checkpoint", str(ck), "--each_line", "--max_new_bytes", "10", "--seed", "7",
+                     "--device", "cpu", "--stats"]) == 0
+    out, err = capsys.readouterr()
+    want = "".join(generate(m, p, 10, seed=7 + i).decode("utf-8", errors="replace") + "\n"
+                   for i, p in enumerate([b"ab", b"h\xc3\xa9", b"", b"last"]))
+    assert out == want and err.count("[generate]") == 4
+    assert len(sessions) == 1 and sessions[0].reuses == 3  # every line after the first on the kept decoder
+
+
+@pytest.mark.parametrize("extra, words", [(["--prompt", "x"], "leave --prompt out"),
+                                          (["--prompt_file", "-"], "leave --prompt_file out"),
+                                          (["--output", "o.bin"], "leave --output out")])
+def test_cli_each_line_refuses_the_one_prompt_flags(tmp_path, capsys, extra, words):
+    from ionllama.generation.cli import main
+
+    ck = tmp_path / "m.pt"
+    _save_ckpt(tiny_dense(), ck)
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(ck), "--each_line", "--device", "cpu"] + extra)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and words in err[0] and "--each_line" in err[0]
 
 
 def test_cli_seed_outside_the_samplers_range_is_refused(tmp_path, capsys):

@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt_file", action="append", default=None,
                    help="read the prompt's raw bytes from this file ('-': stdin), e.g. bytes a shell argument "
                    "cannot carry (NUL) or a long document; instead of --prompt (default: none)")
+    p.add_argument("--each_line", action="store_true",
+                   help="read prompts from stdin, one per line (its bytes without the line end; an empty line starts "
+                        "a new document), and print a continuation line for each as it comes: the model loads, "
+                        "compiles and captures its CUDA graphs once for them all (generate's DecodeSession); with "
+                        "--seed S the i-th line (from 0) samples with seed S + i; ends at the end of input (a "
+                        "continuation may hold line breaks: in bash --stop $'\\n' keeps one line each) (default: off)")
     p.add_argument("--max_new_bytes", type=int, default=256,
                    help="most bytes to generate; a stop string or the end-of-document byte 0x00 ends it sooner "
                         "(default: %(default)s)")
@@ -212,10 +218,35 @@ def _open_output(path: str | None):
         raise UserError(f"cannot write --output {path} ({e.strerror or e}); pass a file in a writable folder") from None
 
 
+def _check_each_line(args) -> None:
+    """--each_line takes its prompts from stdin and prints one line each: the one-prompt flags are refused."""
+    for flag, given in (("--prompt", args.prompt), ("--prompt_file", args.prompt_file), ("--output", args.output)):
+        if given is not None:
+            raise UserError(f"--each_line reads its prompts from stdin, one per line, and prints one continuation "
+                            f"line each; leave {flag} out")
+    if sys.stdin is None:
+        raise UserError("--each_line reads prompts from stdin, which is closed; pipe them in, one per line")
+
+
+def _stdin_lines():
+    """stdin's lines as bytes, without their line ends (LF or CRLF), read as they arrive."""
+    while True:
+        try:
+            line = sys.stdin.buffer.readline()
+        except OSError as e:
+            raise UserError(f"cannot read a prompt from stdin ({e.strerror or e}); pipe the prompts in") from None
+        if not line:
+            return
+        yield line[:-2] if line.endswith(b"\r\n") else line[:-1] if line.endswith(b"\n") else line
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _one_prompt(args)
+    if args.each_line:
+        _check_each_line(args)
+    else:
+        _one_prompt(args)
     # before the checkpoint: a bad name must not read as a bad checkpoint (mps, meta and xpu passed torch's parser
     # here and failed in the loader or in a traceback)
     device = str(resolve_device(args.device))
@@ -235,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     if sys.stdout is None:  # started with stdout closed (`>&-`): the echo was an AttributeError traceback
         raise UserError("stdout is closed, and the text streams there; redirect it (e.g. >/dev/null with --output "
                         "FILE for the bytes alone)")
+    if args.each_line:
+        with _terminate_unwinds():
+            _generate_lines(args, device)
+        return 0
     prompt = _read_prompt(args)  # before the checkpoint: a missing file is one early line
     tmp, out_file = _open_output(args.output)
     try:
@@ -283,8 +318,29 @@ def set_threshold(model, bits: float) -> None:
 
 def _generate(args, device: str, prompt: bytes) -> bytes:
     """Stream the continuation to stdout; return its exact bytes."""
-    from .runner import GraphCaptureError
+    model, kw = _load_for_generation(args, device)
+    _draw_seed(args, "these bytes")
+    return _continue(args, model, kw, prompt, echo=not args.no_prompt_echo)
 
+
+def _generate_lines(args, device: str) -> None:
+    """--each_line: one continuation line per stdin line, the model, its compiled step and its CUDA graphs kept
+    between them (a DecodeSession; the BPE model's own token decoder keeps nothing)."""
+    from . import DecodeSession
+
+    model, kw = _load_for_generation(args, device)
+    if getattr(model.config, "model", None) != "bpe":
+        kw["session"] = DecodeSession()
+    _draw_seed(args, "this run's bytes (line i samples with seed + i)")
+    base = args.seed
+    for i, line in enumerate(_stdin_lines()):
+        if base is not None:
+            args.seed = (base + i) & SEED_MAX
+        _continue(args, model, kw, line, echo=False)
+
+
+def _load_for_generation(args, device: str):
+    """The checkpoint's model on the device in --dtype, with --threshold set, and generate's keyword options."""
     model = load_checkpoint_model(args.checkpoint, device, resolve_dtype(args.dtype, device))
     if args.threshold is not None:  # before the phase-1 note: a refusal stays one line
         set_threshold(model, args.threshold)
@@ -294,13 +350,23 @@ def _generate(args, device: str, prompt: bytes) -> bytes:
         if getattr(model.config, "model", None) == "bpe":  # its own token decoder (a KV cache), not the byte runner
             raise UserError("--compile is for the byte models' decoder; leave it out for a BPE checkpoint")
         kw["compile"] = args.compile
+    return model, kw
+
+
+def _draw_seed(args, what: str) -> None:
     # a sampled run worth keeping could not be repeated: say its seed (not where nothing is sampled: argmax, no bytes)
     if args.seed is None and not args.greedy and args.temperature != 0 and args.max_new_bytes > 0:
         args.seed = int.from_bytes(os.urandom(8), "little") & SEED_MAX  # (after every check: errors stay one line)
-        print(f"seed {args.seed} (pass --seed {args.seed} to repeat these bytes)", file=sys.stderr)
+        print(f"seed {args.seed} (pass --seed {args.seed} to repeat {what})", file=sys.stderr)
+
+
+def _continue(args, model, kw: dict, prompt: bytes, echo: bool) -> bytes:
+    """Stream one prompt's continuation to stdout (after the prompt, if echo), ending the line; its exact bytes."""
+    from .runner import GraphCaptureError
+
     write = _writer(sys.stdout)
     utf8 = Utf8StreamDecoder()  # one decoder for prompt and continuation: a character may straddle the two
-    if not args.no_prompt_echo:
+    if echo:
         write(utf8.decode(prompt))
     try:
         # model.generate, not the byte models' function: a BPE checkpoint encodes the prompt with its own
