@@ -852,17 +852,28 @@ def test_cli_help_names_every_flag_and_its_default():
     assert "(default: 256)" in text and "(default: 1.0)" in text and "(default: a random seed, printed to stderr)" in text
 
 
-@pytest.mark.parametrize("kind", ["dense", "ionllama"])
+def _each_line_model(kind: str, tmp_path):
+    if kind == "bpe":  # its tokenizer travels as a file the checkpoint's config names
+        from ionllama.data.bpe import train_tokenizer
+
+        train_tokenizer([b"the cat sat on the mat " * 20], 260).save(str(tmp_path / "tok.json"))
+        return ionllama.create_model("tiny", model="bpe", d_model=32, n_layers=1, n_heads=2, vocab_size=260,
+                                     tokenizer_path=str(tmp_path / "tok.json")).eval()
+    return tiny_dense() if kind == "dense" else ionllama.create_model(
+        "tiny", d_model=32, n_layers=1, n_heads=2, d_local=32, n_enc_layers=1, n_dec_layers=1, d_entropy=16,
+        n_entropy_layers=1, entropy_headdim=8, ngram_buckets=64).eval()
+
+
+@pytest.mark.parametrize("kind", ["dense", "ionllama", "bpe"])
 def test_cli_each_line_continues_every_stdin_line_on_one_kept_decoder(tmp_path, capsys, monkeypatch, kind):
     """--each_line: one continuation line per stdin line (LF, CRLF, an empty line, a last line without its end),
-    each the bytes generate gives that line with seed S + i, the decoder kept between them (a DecodeSession)."""
+    each the bytes generate gives that line with seed S + i, the decoder kept between them (a DecodeSession; the
+    BPE model's own token decoder takes none)."""
     import io
 
     from ionllama.generation import cli
 
-    m = tiny_dense() if kind == "dense" else ionllama.create_model(
-        "tiny", d_model=32, n_layers=1, n_heads=2, d_local=32, n_enc_layers=1, n_dec_layers=1, d_entropy=16,
-        n_entropy_layers=1, entropy_headdim=8, ngram_buckets=64).eval()
+    m = _each_line_model(kind, tmp_path)
     ck = tmp_path / "m.pt"
     _save_ckpt(m, ck)
     sessions, package = [], importlib.import_module("ionllama.generation")
@@ -876,10 +887,52 @@ def test_cli_each_line_continues_every_stdin_line_on_one_kept_decoder(tmp_path, 
     assert cli.main(["--checkpoint", str(ck), "--each_line", "--max_new_bytes", "10", "--seed", "7",
                      "--device", "cpu", "--stats"]) == 0
     out, err = capsys.readouterr()
-    want = "".join(generate(m, p, 10, seed=7 + i).decode("utf-8", errors="replace") + "\n"
+    want = "".join(m.generate(p, 10, seed=7 + i).decode("utf-8", errors="replace") + "\n"
                    for i, p in enumerate([b"ab", b"h\xc3\xa9", b"", b"last"]))
     assert out == want and err.count("[generate]") == 4
-    assert len(sessions) == 1 and sessions[0].reuses == 3  # every line after the first on the kept decoder
+    if kind == "bpe":
+        assert not sessions
+    else:
+        assert len(sessions) == 1 and sessions[0].reuses == 3  # every line after the first on the kept decoder
+    # without --seed: the drawn seed is said once, with how lines use it; not --stats: no stats lines
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"ab\ncd\n")))
+    assert cli.main(["--checkpoint", str(ck), "--each_line", "--max_new_bytes", "4", "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    said = r"^seed (\d+) \(pass --seed \1 to repeat this run's bytes \(line i samples with seed \+ i\)\)$"
+    seed = int(re.search(said, err, re.M).group(1))
+    assert "[generate]" not in err and out == "".join(
+        m.generate(p, 4, seed=seed + i).decode("utf-8", errors="replace") + "\n" for i, p in enumerate([b"ab", b"cd"]))
+
+
+def test_cli_each_line_error_names_the_line_and_writes_no_empty_line(tmp_path, capsys, monkeypatch):
+    """Memory running out on the second line: the first line's continuation stands, no empty line is written for
+    the failed one, and the one error line names the stdin line; a closed stdin is one line too."""
+    import io
+
+    from ionllama.generation import cli
+
+    ck = tmp_path / "m.pt"
+    _save_ckpt(tiny_dense(), ck)
+    prefill, calls = DenseKVDecoder.prefill, []
+
+    def no_memory_on_line_two(self, rows):  # before any byte of line two is written
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+        return prefill(self, rows)
+    monkeypatch.setattr(DenseKVDecoder, "prefill", no_memory_on_line_two)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"x\nlonger line two\nthree\n")))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--checkpoint", str(ck), "--each_line", "--max_new_bytes", "6", "--device", "cpu", "--greedy"])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "stdin line 2 (15 bytes): not enough memory for --max_new_bytes 6" in err, err
+    assert out == generate(tiny_dense(), b"x", 6, greedy=True).decode("utf-8", errors="replace") + "\n"
+    monkeypatch.setattr(sys, "stdin", None)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--checkpoint", str(ck), "--each_line", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "stdin, which is closed" in err[0]
 
 
 @pytest.mark.parametrize("extra, words", [(["--prompt", "x"], "leave --prompt out"),

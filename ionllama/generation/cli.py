@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "cannot carry (NUL) or a long document; instead of --prompt (default: none)")
     p.add_argument("--each_line", action="store_true",
                    help="read prompts from stdin, one per line (its bytes without the line end; an empty line starts "
-                        "a new document), and print a continuation line for each as it comes: the model loads, "
-                        "compiles and captures its CUDA graphs once for them all (generate's DecodeSession); with "
+                        "a new document), and print a continuation line for each as it comes, the prompts not "
+                        "echoed: the model loads once, and its decoder, compiled step and CUDA graphs are kept for "
+                        "the next line where it fits them (generate's DecodeSession; not for a BPE model); with "
                         "--seed S the i-th line (from 0) samples with seed S + i; ends at the end of input (a "
                         "continuation may hold line breaks: in bash --stop $'\\n' keeps one line each) (default: off)")
     p.add_argument("--max_new_bytes", type=int, default=256,
@@ -230,6 +231,8 @@ def _check_each_line(args) -> None:
 
 def _stdin_lines():
     """stdin's lines as bytes, without their line ends (LF or CRLF), read as they arrive."""
+    if sys.stdin.isatty():  # (after the model loaded: a terminal would otherwise wait without a word)
+        print("reading prompts from the terminal, one per line; end with ^D", file=sys.stderr)
     while True:
         try:
             line = sys.stdin.buffer.readline()
@@ -336,7 +339,10 @@ def _generate_lines(args, device: str) -> None:
     for i, line in enumerate(_stdin_lines()):
         if base is not None:
             args.seed = (base + i) & SEED_MAX
-        _continue(args, model, kw, line, echo=False)
+        try:
+            _continue(args, model, kw, line, echo=False)
+        except UserError as e:  # which line failed (a long one outgrows the memory sooner)
+            raise UserError(f"stdin line {i + 1} ({len(line):,} bytes): {e}") from None
 
 
 def _load_for_generation(args, device: str):
@@ -364,7 +370,17 @@ def _continue(args, model, kw: dict, prompt: bytes, echo: bool) -> bytes:
     """Stream one prompt's continuation to stdout (after the prompt, if echo), ending the line; its exact bytes."""
     from .runner import GraphCaptureError
 
-    write = _writer(sys.stdout)
+    to_stdout, wrote = _writer(sys.stdout), []
+
+    def write(text: str) -> None:
+        wrote.append(bool(text))
+        to_stdout(text)
+
+    def end_line() -> None:  # before an error line: ends what was written, and writes no empty line
+        tail = utf8.flush()
+        if tail or any(wrote):
+            write(tail + "\n")
+
     utf8 = Utf8StreamDecoder()  # one decoder for prompt and continuation: a character may straddle the two
     if echo:
         write(utf8.decode(prompt))
@@ -383,12 +399,12 @@ def _continue(args, model, kw: dict, prompt: bytes, echo: bool) -> bytes:
         if isinstance(e, GraphCaptureError) and not is_out_of_memory(e):
             # its advice, cuda_graphs=False, is the API's: say the flag (and torch's reason, not the runner's text)
             cause = e.__cause__ or e
-            write(utf8.flush() + "\n")
+            end_line()
             raise UserError(f"capturing the decode step as a CUDA graph failed ({type(cause).__name__}: "
                             f"{first_line(cause)}); pass --cuda_graphs off") from None
         if not is_out_of_memory(e):
             raise
-        write(utf8.flush() + "\n")  # end the echoed prompt's line, so the error line stands alone
+        end_line()  # end the echoed prompt's line, so the error line stands alone
         raise UserError(f"not enough memory for --max_new_bytes {args.max_new_bytes} (the decoder's caches hold the "
                         "prompt and every new byte); pass a smaller --max_new_bytes") from None
     write(utf8.flush() + "\n")
