@@ -1339,10 +1339,13 @@ def test_cli_threshold_overrides_the_entropy_threshold_and_stats_show_bytes_per_
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --threshold must be a finite number of bits, got inf"]
-    for extra, dense_or_fixed in ((["--threshold", "nan"], m), (["--threshold", "3"], tiny_dense()),
-                                  (["--threshold", "3"], ionllama.create_model("tiny", patching="fixed").eval())):
+    for extra, dense_or_fixed, says in (
+            (["--threshold", "nan"], m, "must be a finite number"),
+            (["--threshold", "3"], tiny_dense(), "this checkpoint is a 'dense' model, without patches"),
+            (["--threshold", "3"], ionllama.create_model("tiny", patching="fixed").eval(), "patches by 'fixed'")):
         _save_ckpt(dense_or_fixed, ck)
         with pytest.raises(SystemExit) as e:
             main(base + extra)
         assert e.value.code == 2
-        assert "--threshold" in capsys.readouterr().err.strip().splitlines()[-1]
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "--threshold" in last and says in last, last

@@ -314,7 +314,9 @@ def set_threshold(model, bits: float) -> None:
     non-finite value before the checkpoint loaded)."""
     patching = getattr(model.config, "patching", None)
     if not hasattr(model, "entropy_threshold") or patching != "entropy":
-        what = f"patches by '{patching}'" if patching else f"is a '{model.config.model}' model, without patches"
+        # (a dense or BPE config carries the default patching="entropy" too: say what the model is)
+        what = f"patches by '{patching}'" if model.config.model == "ionllama" else \
+            f"is a '{model.config.model}' model, without patches"
         raise UserError(f"--threshold is for entropy patching; this checkpoint {what}; leave --threshold out")
     model.entropy_threshold.fill_(bits)
 
