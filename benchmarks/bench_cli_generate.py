@@ -20,6 +20,11 @@ streaming, or the process around it?
     python benchmarks/bench_cli_generate.py --checkpoint ck/run/final.pt --lengths 512 8192 --compile default \
         --out docs/results/cli_generate.json
 
+--each_line N adds one more process: `ionllama generate --each_line` fed N prompts (the prompt, numbered) of the
+short length each, whose `--stats` lines give each line's seconds: the first holds compiling and capturing, the later
+ones run on the kept decoder and graphs (a DecodeSession) where a process per prompt would start, load, compile and
+capture again.
+
 The end-of-document byte 0x00 ends a run early, and a barely trained model samples it (a 5-step `--size small`
 model stopped at byte 361 with --top_k 20 on an H100, the forty-ninth session): the bytes actually written
 (--output) are what is counted, and where the long run stopped as early as the short one no rate is given.
@@ -61,6 +66,29 @@ def run_cli(checkpoint: str, n: int, args, out_file: Path) -> dict:
     return {"max_new_bytes": n, "bytes": out_file.stat().st_size, "wall_s": round(wall, 3),
             "cli_stats": stats[-1] if stats else None,
             "cli_steady_bytes_per_s": int(steady.group(1).replace(",", "")) if steady else None}
+
+
+def run_each_line(checkpoint: str, n: int, lines: int, args) -> dict:
+    """One `ionllama generate --each_line` process fed `lines` prompts of n new bytes each: each line's seconds and
+    bytes from its --stats line, and the process's wall time."""
+    cmd = [sys.executable, "-m", "ionllama.cli", "generate", "--checkpoint", checkpoint, "--each_line",
+           "--max_new_bytes", str(n), "--seed", str(args.seed), "--device", args.device, "--dtype", args.dtype,
+           "--compile", args.compile, "--stats"] + (["--top_k", str(args.top_k)] if args.top_k else [])
+    prompts = "".join(f"{args.prompt}{i}\n" for i in range(lines))
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, input=prompts, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
+        raise UserError(f"`ionllama generate --each_line` exited with {proc.returncode}: {tail}")
+    stats = [line for line in proc.stderr.splitlines() if line.startswith("[generate]")]
+    each = [re.match(r"\[generate\] ([\d,]+) new bytes in ([\d.]+) s", line) for line in stats]
+    rows = [{"bytes": int(m.group(1).replace(",", "")), "seconds": float(m.group(2)), "stats": line}
+            for m, line in zip(each, stats) if m]
+    later = sorted(r["seconds"] for r in rows[1:])
+    return {"lines": lines, "max_new_bytes": n, "wall_s": round(wall, 3), "each": rows,
+            "first_line_s": rows[0]["seconds"] if rows else None,
+            "later_lines_median_s": later[len(later) // 2] if later else None}
 
 
 def in_process_rates(args, short: int, long_: int) -> dict:
@@ -110,8 +138,13 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="timed pairs; the rate is each pair's, min/median kept")
     p.add_argument("--in_process", action="store_true",
                    help="also model.generate() in this process, streamed and not (same lengths)")
+    p.add_argument("--each_line", type=int, default=0, metavar="N",
+                   help="also one `ionllama generate --each_line` process fed N prompts of the short length: each "
+                        "line's seconds (0: off)")
     p.add_argument("--out", default=None, help="JSON file (default: print only)")
     args = p.parse_args(argv)
+    if args.each_line < 0:
+        raise UserError(f"--each_line {args.each_line}: give a number of prompt lines >= 1, or 0 for none")
     short, long_ = args.lengths
     if not 0 < short < long_:
         raise UserError(f"--lengths {short} {long_}: need 0 < SHORT < LONG, e.g. --lengths 512 8192")
@@ -132,6 +165,10 @@ def main(argv=None) -> int:
                   + (f"{rate:,.0f} bytes/s" if rate else "no rate (the long run stopped early)")
                   + (f"; the long run's own --stats rate after its first run: {own:,} bytes/s" if own else ""),
                   flush=True)
+        each_line = run_each_line(args.checkpoint, short, args.each_line, args) if args.each_line else None
+        if each_line:
+            print(f"--each_line: {len(each_line['each'])} lines in one process ({each_line['wall_s']:.2f} s): first "
+                  f"{each_line['first_line_s']} s, later median {each_line['later_lines_median_s']} s", flush=True)
     rates = sorted(r["steady_bytes_per_s"] for r in pairs if r["steady_bytes_per_s"])
     # the long runs' own rates after their first run: no process start-up in them (fiftieth session: the reliable one)
     own_rates = sorted(r["long"]["cli_steady_bytes_per_s"] for r in pairs if r["long"]["cli_steady_bytes_per_s"])
@@ -142,7 +179,8 @@ def main(argv=None) -> int:
               "steady_bytes_per_s_min": rates[0] if rates else None,
               "steady_bytes_per_s_median": rates[len(rates) // 2] if rates else None,
               "cli_steady_bytes_per_s_median": own_rates[len(own_rates) // 2] if own_rates else None,
-              "in_process": in_process, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+              "in_process": in_process, "each_line": each_line,
+              "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
     if args.out:
         atomic_write(args.out, json.dumps(result, indent=1).encode())
     return 0

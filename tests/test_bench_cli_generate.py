@@ -53,8 +53,22 @@ def test_the_rate_is_the_extra_bytes_over_the_extra_time(ckpt, tmp_path):
                 (row["bytes"][1] - row["bytes"][0]) / (row["wall_s"][1] - row["wall_s"][0]), rel=1e-3)
 
 
+def test_each_line_times_every_line_of_one_process(ckpt, tmp_path):
+    """--each_line N: one `ionllama generate --each_line` process, N --stats lines parsed, the first (compile and
+    capture) apart from the later ones (the kept decoder)."""
+    out = tmp_path / "r.json"
+    assert B.main(["--checkpoint", str(ckpt), "--lengths", "8", "16", "--device", "cpu", "--top_k", "3",
+                   "--each_line", "3", "--out", str(out)]) == 0
+    e = json.loads(out.read_text())["each_line"]
+    assert e["lines"] == 3 and len(e["each"]) == 3 and all(0 <= r["bytes"] <= 8 for r in e["each"])
+    assert e["first_line_s"] == e["each"][0]["seconds"]
+    assert e["later_lines_median_s"] == sorted(r["seconds"] for r in e["each"][1:])[1]
+    assert e["wall_s"] >= sum(r["seconds"] for r in e["each"])
+
+
 @pytest.mark.parametrize("argv,match", [(["--lengths", "40", "8"], "SHORT < LONG"),
-                                        (["--lengths", "0", "8"], "SHORT < LONG")])
+                                        (["--lengths", "0", "8"], "SHORT < LONG"),
+                                        (["--each_line", "-1"], "--each_line -1")])
 def test_bad_lengths_are_refused_before_any_run(ckpt, argv, match):
     with pytest.raises(UserError, match=match):
         B.main.__wrapped__(["--checkpoint", str(ckpt), *argv])
