@@ -372,15 +372,15 @@ def _continue(args, model, kw: dict, prompt: bytes, echo: bool) -> bytes:
     """Stream one prompt's continuation to stdout (after the prompt, if echo), ending the line; its exact bytes."""
     from .runner import GraphCaptureError
 
-    to_stdout, wrote = _writer(sys.stdout), []
+    to_stdout, wrote = _writer(sys.stdout), [False]
 
     def write(text: str) -> None:
-        wrote.append(bool(text))
+        wrote[0] = wrote[0] or bool(text)
         to_stdout(text)
 
     def end_line() -> None:  # before an error line: ends what was written, and writes no empty line
         tail = utf8.flush()
-        if tail or any(wrote):
+        if tail or wrote[0]:
             write(tail + "\n")
 
     utf8 = Utf8StreamDecoder()  # one decoder for prompt and continuation: a character may straddle the two
