@@ -992,9 +992,13 @@ def test_host_schedule_span_graphs_give_the_bytes_of_the_recompute_decoder(monke
     _fake_cuda(monkeypatch, Counted)
     r = _runner(m, n, host_schedule=True, unroll=unroll)
     r.want_graphs = True
+    primed = None
     for k in (9, 1, 13, 24):
         r.run(k)
+        primed = len(r.span_graphs) if primed is None else primed  # recorded with the capture, before any replay
         assert r._h == (r.dec.t.tolist(), r.dec.last_rule.tolist(), r.dec.next_start.tolist())
+    # the capture recorded every phase's pattern (3-byte patches: 3 phases): none was recorded while replaying
+    assert primed == len(r.span_graphs) == min(cap_graphs, 3)
     assert r.n_done == n and torch.equal(r.out[:, :n], ref.out[:, :n])
     spans = {g.inner for g in r.span_graphs.values()}  # (each fake pinned to its capture's tensors)
     assert 1 <= len(spans) <= cap_graphs
@@ -1034,6 +1038,30 @@ def test_span_graphs_are_dropped_and_captured_again_when_the_caches_grow(monkeyp
         lens.append(dec.max_len)
     assert lens[0] < lens[-1] and len(set(lens)) >= 3  # (grown twice)
     assert r.span_graphs and torch.equal(r.out[:, :n], ref.out[:, :n])
+
+
+def test_graph_capture_runs_with_the_cyclic_collector_off(monkeypatch, ion):
+    """An earlier runner's CUDA graphs destroyed by the collector during a capture failed it on an H100 ("operation
+    not permitted when stream is capturing (function reset)") or aborted the process: _record keeps the collector
+    off for the capture (torch.cuda.graph collects once before it) and turns it back on, after a failure too."""
+    import contextlib
+    import gc
+
+    @contextlib.contextmanager
+    def graph(g, pool=None, stream=None):
+        yield
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    r, seen = _runner(ion, 4), []
+    assert gc.isenabled()
+    DecodeRunner._record(r, lambda: seen.append(gc.isenabled()), None)
+    assert seen == [False] and gc.isenabled()
+
+    def fails():
+        raise RuntimeError("capture failed")
+    with pytest.raises(RuntimeError, match="capture failed"):
+        DecodeRunner._record(r, fails, None)
+    assert gc.isenabled()
 
 
 @pytest.mark.parametrize("kind", ["ion", "fixed_sched"])
