@@ -83,7 +83,8 @@ def generate(model, prompt_bytes, max_new_bytes: int = 256, temperature: float =
         bytes is one graph with the latent stage inside, streamed too. Otherwise each byte's latent step is a
         conditional graph node (needs CUDA 12.4+ and a torch with CUDAGraph.begin_capture_to_if_node, which torch
         2.11 lacks: there a UserError), and a stream callback decodes one launch per byte. 1 (default): one launch
-        per byte. Neither is measured on a GPU yet (runner.DecodeRunner).
+        per byte. The span graphs measured 3 % slower than one launch a byte on an H100 (unroll=16, fixed-4-byte
+        pick, docs/results/checks-s51.md), the conditional nodes are not measured: keep 1 unless measured otherwise.
     session: a DecodeSession to keep this call's decoder (caches, compiled steps, captured CUDA graphs) for the next
         call given the same session: a call with the same model, weights, batch size, sampling settings and
         options prefills the kept decoder in place and skips building, warming up and capturing. None (default):

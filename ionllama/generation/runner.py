@@ -137,8 +137,10 @@ class DecodeRunner:
         unrolled graph would serialize its latent step), so there it is not captured. Memory: each IF body is
         captured on its own stream, so the latent stage's temporaries are held once per unrolled byte.
         With host_schedule, unroll needs no conditional node: the host knows which of the ``unroll`` bytes run the
-        latent stage, so it captures one graph per such pattern (lazily, at most MAX_SPAN_GRAPHS; a fixed patch
-        size dividing ``unroll`` gives one pattern per row phase) and replays it while ``unroll`` bytes are left.
+        latent stage, so it captures one graph per such pattern (each phase's with the capture, any other at its
+        first use, at most MAX_SPAN_GRAPHS; a fixed patch
+        size dividing ``unroll`` gives one pattern per row phase) and replays it while ``unroll`` bytes are left
+        (measured 3 % slower than one graph a byte on an H100, unroll=16: docs/results/checks-s51.md).
         host_schedule: fixed patching decides every patch boundary from positions alone, so the host can follow
         them (a copy of the decoder's position, last rule start and next-start flag per row, read once after
         prefill) instead of reading a flag from the GPU: each byte is then one graph (its latent stage, when a
