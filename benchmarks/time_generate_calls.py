@@ -5,7 +5,8 @@ The fiftieth session saw a 1-byte prompt's first `generate()` take ~4 s on CUDA 
 `generate()` once per prompt length in --lengths, in that order, in one process (random weights, real text
 prompts), and keeps each call's `return_info["decode"]` timings: setup_s (decoder, prefill, runner: where a new
 prompt length's Triton compiles or autotunes would show), first_run_s (compiling, capturing) and rest_s, plus the
-whole call's wall time. Each of --arms runs all lengths in one process: the pipelined read-back on or off, unroll
+whole call's wall time, and `new_kernel_variants`: which of ionllama's own Triton kernels compiled a new
+specialization during the call (Triton compiles apart for an int argument equal to 1, or not divisible by 16). Each of --arms runs all lengths in one process: the pipelined read-back on or off, unroll
 (fixed patching's span graphs), one DecodeSession for the arm's calls or none; the JSON's summary gives each arm's
 median wall time after its first call and median steady rate (bytes read after the first run / its seconds).
 
@@ -108,18 +109,21 @@ def main(argv: list[str] | None = None) -> dict:
             arm_rows = []
             for n in lengths:
                 reuses = session.reuses if session else 0
+                variants = kernel_variants()
                 t = time.perf_counter()
                 out, info = generate(model, prompt(n), args.new_bytes, greedy=True, compile=compiled,
                                      return_info=True, session=session, unroll=arm["unroll"])
                 if cuda:
                     torch.cuda.synchronize()
+                wall = time.perf_counter() - t
                 d = info["decode"]
                 arm_rows.append({"arm": i, **arm, "prompt_bytes": n, "new_bytes": len(out),
-                                 "wall_s": round(time.perf_counter() - t, 4),
+                                 "wall_s": round(wall, 4),
                                  "reused": bool(session and session.reuses > reuses),
                                  **{k: round(d[k], 4) if isinstance(d[k], float) else d[k]
                                     for k in ("setup_s", "first_run_steps", "first_run_s", "rest_steps", "rest_s",
-                                              "steps", "cuda_graphs")}})
+                                              "steps", "cuda_graphs")},
+                                 "new_kernel_variants": new_variants(variants, kernel_variants())})
                 print(json.dumps(arm_rows[-1]), flush=True)
             rows += arm_rows
             later = arm_rows[1:] or arm_rows
@@ -136,6 +140,38 @@ def main(argv: list[str] | None = None) -> dict:
               "summary": summary, "calls": rows}
     atomic_write(f"{args.out}/generate_calls.json", json.dumps(result, indent=1))
     return result
+
+
+def kernel_variants() -> dict[str, int]:
+    """{module.kernel: compiled variants held} for every Triton kernel of ionllama.kernels that has compiled one.
+    Autotuner / heuristics wrappers are unwrapped to their JITFunction (.fn)."""
+    import importlib
+    import pkgutil
+
+    import ionllama.kernels as pkg
+    try:
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return {}
+    counts = {}
+    for info in pkgutil.iter_modules(pkg.__path__):
+        try:
+            mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        except ImportError:
+            continue
+        for name, obj in vars(mod).items():
+            while obj is not None and not isinstance(obj, JITFunction):
+                obj = getattr(obj, "fn", None)
+            if obj is None:
+                continue
+            n = sum(len(c[0] if isinstance(c, tuple) else c) for c in getattr(obj, "device_caches", {}).values())
+            if n:
+                counts[f"{info.name}.{name}"] = n
+    return counts
+
+
+def new_variants(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: n - before.get(k, 0) for k, n in after.items() if n > before.get(k, 0)}
 
 
 def median(values) -> float | None:

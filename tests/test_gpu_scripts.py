@@ -758,3 +758,28 @@ def test_time_generate_calls_times_each_call_in_order(tmp_path):
     assert [(a["pipe"], a["session"]) for a in res["summary"]] == [(1, 0), (0, 1)]
     assert json.loads((tmp_path / "generate_calls.json").read_text())["calls"] == calls
     assert gen._pipelined is pipelined
+
+
+def test_time_generate_calls_counts_new_kernel_variants(monkeypatch):
+    """new_kernel_variants names the ionllama Triton kernels that compiled a new specialization during a call: the
+    count is read from each JITFunction's per-device cache (through autotuner wrappers), and only growth shows."""
+    pytest.importorskip("triton")
+    tgc = _load("time_generate_calls")
+    from ionllama.kernels import conv_gate_triton, scan_triton
+    monkeypatch.setattr(conv_gate_triton._conv_gate_fwd, "device_caches", {0: ({"a": 1, "b": 2}, {}, None)})
+    monkeypatch.setattr(scan_triton._scan_fwd, "device_caches", {0: ({"a": 1}, {}, None), 1: ({"c": 3}, {}, None)})
+    before = tgc.kernel_variants()
+    assert before["conv_gate_triton._conv_gate_fwd"] == 2 and before["scan_triton._scan_fwd"] == 2
+    conv_gate_triton._conv_gate_fwd.device_caches[0][0]["d"] = 4
+    assert tgc.new_variants(before, tgc.kernel_variants()) == {"conv_gate_triton._conv_gate_fwd": 1}
+
+
+def test_prefill_kernels_do_not_specialize_their_length():
+    """Triton compiles a variant apart for an int argument equal to 1: the forward kernels that a prompt's prefill
+    runs take the length unspecialized, so a 1-byte (or 1-patch) prompt reuses the compiled kernel."""
+    pytest.importorskip("triton")
+    from ionllama.kernels import conv_gate_triton, dilated_attention_triton, scan_triton, ssd_triton
+    for fn, arg in [(conv_gate_triton._conv_gate_fwd, "T"), (scan_triton._scan_summary, "T"),
+                    (scan_triton._scan_fwd, "T"), (dilated_attention_triton._fwd, "N"), (ssd_triton._ssd_fwd, "T")]:
+        names = [fn.arg_names[d] if isinstance(d, int) else d for d in fn.do_not_specialize]  # names or indices
+        assert arg in names, (fn, arg)

@@ -81,7 +81,7 @@ def _chunk_y(x, bm, cm, cum, seg, state, causal):
     return y + tl.dot(cm, tl.trans(state), input_precision="ieee") * tl.exp(cum)[:, None]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # an int of 1 gets its own compile (1-byte prompts)
 def _ssd_fwd(x_ptr, la_ptr, b_ptr, c_ptr, h0_ptr, y_ptr, hT_ptr, T,
              sx_b, sx_t, sx_h, sla_b, sla_t, sb_b, sb_t, sc_b, sc_t, sy_b, sy_t, sy_h, sh_b, sh_h,
              P: tl.constexpr, N: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
