@@ -115,7 +115,8 @@ def test_bad_input_is_one_line_exit_2(tmp_path, corpus, capsys):
 
 def test_out_of_memory_is_one_line(tmp_path, corpus, capsys):
     """A batch far past the machine's memory used to end in a numpy allocation traceback."""
-    expect_error(capsys, args(tmp_path, corpus, "--batch_size", str(10**9)), "out of memory at --batch_size")
+    expect_error(capsys, args(tmp_path, corpus, "--batch_size", str(10**9), "--grad_accum", "10000"),
+                 "out of memory at --batch_size")
     assert not list((tmp_path / "runs").rglob("*.pt"))
 
 
