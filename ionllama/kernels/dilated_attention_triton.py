@@ -77,7 +77,7 @@ def _shifted_k_ds(k_base, DS, OFFS, kk, bh, n_offs, N, rows, row_ok, cols, col_o
     return ds, k
 
 
-@triton.jit(do_not_specialize=["N"])  # an int of 1 gets its own compile (1-patch prompts)
+@triton.jit(do_not_specialize=["N", "n_offs"])  # an int of 1 gets its own compile (1-patch prompts)
 def _fwd(Q, K, V, O, O32, LSE, OFFS, SEG,
          sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
          H, N, n_offs, scale_log2,
