@@ -6,9 +6,10 @@ The fiftieth session saw a 1-byte prompt's first `generate()` take ~4 s on CUDA 
 prompts), and keeps each call's `return_info["decode"]` timings: setup_s (decoder, prefill, runner: where a new
 prompt length's Triton compiles or autotunes would show), first_run_s (compiling, capturing) and rest_s, plus the
 whole call's wall time, and `new_kernel_variants`: which of ionllama's own Triton kernels compiled a new
-specialization during the call (Triton compiles apart for an int argument equal to 1, or not divisible by 16). Each of --arms runs all lengths in one process: the pipelined read-back on or off, unroll
-(fixed patching's span graphs), one DecodeSession for the arm's calls or none; the JSON's summary gives each arm's
-median wall time after its first call and median steady rate (bytes read after the first run / its seconds).
+specialization during the call (Triton compiles apart for an int argument equal to 1, or not divisible by 16). Each
+of --arms runs all lengths in one process: the pipelined read-back on or off, unroll (fixed patching's span
+graphs), one DecodeSession for the arm's calls or none; the JSON's summary gives each arm's median wall time after
+its first call and median steady rate (bytes read after the first run / its seconds).
 
     C=docs/results/phase1-dropout/ionllama_fixed/config.json
     PYTHONPATH=. python3 benchmarks/time_generate_calls.py --model_config $C \

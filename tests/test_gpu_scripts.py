@@ -780,8 +780,9 @@ def test_prefill_kernels_do_not_specialize_their_length():
     the compiled kernel (on an H100 the first 1-byte prompt compiled these three kernels again: 2.57 s of setup)."""
     pytest.importorskip("triton")
     from ionllama.kernels import conv_gate_triton, dilated_attention_triton, scan_triton, ssd_triton
-    for fn, arg in [(conv_gate_triton._conv_gate_fwd, "T"), (scan_triton._scan_summary, "T"),
-                    (scan_triton._scan_fwd, "T"), (dilated_attention_triton._fwd, "N"), (ssd_triton._ssd_fwd, "T"),
+    # (the scan's _scan_summary runs only where T spans several chunks, so never at T = 1)
+    for fn, arg in [(conv_gate_triton._conv_gate_fwd, "T"), (scan_triton._scan_fwd, "T"), (ssd_triton._ssd_fwd, "T"),
+                    (dilated_attention_triton._fwd, "N"),
                     (dilated_attention_triton._fwd, "n_offs")]:  # a 1-patch prompt has one offset, 0
         names = [fn.arg_names[d] if isinstance(d, int) else d for d in fn.do_not_specialize]  # names or indices
         assert arg in names, (fn, arg)

@@ -90,7 +90,7 @@ def _chunk_summary(X, la, b, c, T, L, sxb, sxt, cols, col_ok,
     return tl.sum(acc, 0)
 
 
-@triton.jit(do_not_specialize=["T"])  # an int of 1 gets its own compile (1-byte prompts)
+@triton.jit
 def _scan_summary(X, LOG_A, SUM, T, D, L, n_chunks, sxb, sxt,
                   REVERSE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
     """Every chunk's summary (_chunk_summary) into SUM: (B, n_chunks, D) fp32."""
