@@ -154,20 +154,23 @@ def kernel_variants() -> dict[str, int]:
         from triton.runtime.jit import JITFunction
     except ImportError:
         return {}
-    counts = {}
+    counts, seen = {}, set()
     for info in pkgutil.iter_modules(pkg.__path__):
         try:
             mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
         except ImportError:
             continue
-        for name, obj in vars(mod).items():
-            while obj is not None and not isinstance(obj, JITFunction):
+        for obj in vars(mod).values():
+            for _ in range(8):  # autotune -> heuristics -> JITFunction; bounded, whatever .fn holds
+                if obj is None or isinstance(obj, JITFunction):
+                    break
                 obj = getattr(obj, "fn", None)
-            if obj is None:
+            if not isinstance(obj, JITFunction) or id(obj) in seen:  # a kernel imported by two modules counts once
                 continue
+            seen.add(id(obj))
             n = sum(len(c[0] if isinstance(c, tuple) else c) for c in getattr(obj, "device_caches", {}).values())
             if n:
-                counts[f"{info.name}.{name}"] = n
+                counts[f"{obj.fn.__module__.rsplit('.', 1)[-1]}.{obj.fn.__qualname__}"] = n
     return counts
 
 

@@ -760,16 +760,43 @@ def test_time_generate_calls_times_each_call_in_order(tmp_path):
     assert gen._pipelined is pipelined
 
 
+def _jit_kernels_or_skip():
+    """The kernels as JITFunctions: under TRITON_INTERPRET=1 @triton.jit gives interpreted functions, with neither
+    compiled variants nor specialization."""
+    pytest.importorskip("triton")
+    from triton.runtime.jit import JITFunction
+
+    from ionllama.kernels import conv_gate_triton
+    if not isinstance(conv_gate_triton._conv_gate_fwd, JITFunction):
+        pytest.skip("the kernels are interpreted here (TRITON_INTERPRET=1)")
+
+
 def test_time_generate_calls_counts_new_kernel_variants(monkeypatch):
     """new_kernel_variants names the ionllama Triton kernels that compiled a new specialization during a call: the
-    count is read from each JITFunction's per-device cache (through autotuner wrappers), and only growth shows."""
-    pytest.importorskip("triton")
+    count is read from each JITFunction's per-device cache (through autotuner wrappers), a kernel imported by two
+    modules counts once, and only growth shows."""
+    _jit_kernels_or_skip()
     tgc = _load("time_generate_calls")
-    from ionllama.kernels import conv_gate_triton, scan_triton
+    from types import SimpleNamespace
+
+    from ionllama.kernels import conv_gate_triton, latent_step_triton, lnn_step_triton, scan_triton
     monkeypatch.setattr(conv_gate_triton._conv_gate_fwd, "device_caches", {0: ({"a": 1, "b": 2}, {}, None)})
     monkeypatch.setattr(scan_triton._scan_fwd, "device_caches", {0: ({"a": 1}, {}, None), 1: ({"c": 3}, {}, None)})
+    # a kernel latent_step_triton imports from lnn_step_triton is one kernel, named by its own module
+    assert latent_step_triton._lnn_ffn_up is lnn_step_triton._lnn_ffn_up
+    monkeypatch.setattr(lnn_step_triton._lnn_ffn_up, "device_caches", {0: ({"a": 1}, {}, None)})
+    # a wrapper (as triton.autotune / triton.heuristics) is unwrapped through .fn: the kernel is reachable only so
+    bwd = scan_triton._scan_bwd
+    monkeypatch.setattr(bwd, "device_caches", {0: ({"a": 1, "b": 2, "c": 3}, {}, None)})
+    monkeypatch.delattr(scan_triton, "_scan_bwd")
+    monkeypatch.setattr(conv_gate_triton, "_wrapped_for_test", SimpleNamespace(fn=SimpleNamespace(fn=bwd)),
+                        raising=False)
     before = tgc.kernel_variants()
-    assert before["conv_gate_triton._conv_gate_fwd"] == 2 and before["scan_triton._scan_fwd"] == 2
+    assert {k: before.get(k) for k in ("conv_gate_triton._conv_gate_fwd", "scan_triton._scan_fwd",
+                                       "lnn_step_triton._lnn_ffn_up", "scan_triton._scan_bwd")} == {
+        "conv_gate_triton._conv_gate_fwd": 2, "scan_triton._scan_fwd": 2, "lnn_step_triton._lnn_ffn_up": 1,
+        "scan_triton._scan_bwd": 3}
+    assert "latent_step_triton._lnn_ffn_up" not in before
     conv_gate_triton._conv_gate_fwd.device_caches[0][0]["d"] = 4
     assert tgc.new_variants(before, tgc.kernel_variants()) == {"conv_gate_triton._conv_gate_fwd": 1}
 
@@ -778,7 +805,7 @@ def test_prefill_kernels_do_not_specialize_their_length():
     """Triton compiles a variant apart for an int argument equal to 1: the forward kernels that a prompt's prefill
     runs take the length (and the attention its offset count) unspecialized, so a 1-byte (or 1-patch) prompt reuses
     the compiled kernel (on an H100 the first 1-byte prompt compiled these three kernels again: 2.57 s of setup)."""
-    pytest.importorskip("triton")
+    _jit_kernels_or_skip()
     from ionllama.kernels import conv_gate_triton, dilated_attention_triton, scan_triton, ssd_triton
     # (the scan's _scan_summary runs only where T spans several chunks, so never at T = 1)
     for fn, arg in [(conv_gate_triton._conv_gate_fwd, "T"), (scan_triton._scan_fwd, "T"), (ssd_triton._ssd_fwd, "T"),
