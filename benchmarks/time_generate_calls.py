@@ -5,8 +5,9 @@ The fiftieth session saw a 1-byte prompt's first `generate()` take ~4 s on CUDA 
 `generate()` once per prompt length in --lengths, in that order, in one process (random weights, real text
 prompts), and keeps each call's `return_info["decode"]` timings: setup_s (decoder, prefill, runner: where a new
 prompt length's Triton compiles or autotunes would show), first_run_s (compiling, capturing) and rest_s, plus the
-whole call's wall time, and `new_kernel_variants`: which of ionllama's own Triton kernels compiled a new
-specialization during the call (Triton compiles apart for an int argument equal to 1, or not divisible by 16). Each
+whole call's wall time, and `new_kernel_variants`: which of ionllama's own Triton kernels took on a new
+specialization during the call, compiled or loaded from Triton's disk cache (Triton specializes an int argument
+equal to 1, or divisible by 16). Each
 of --arms runs all lengths in one process: the pipelined read-back on or off, unroll (fixed patching's span
 graphs), one DecodeSession for the arm's calls or none; the JSON's summary gives each arm's median wall time after
 its first call and median steady rate (bytes read after the first run / its seconds).
