@@ -328,7 +328,7 @@ class DecodeRunner:
     def _host_pattern(self, k: int, h=None) -> tuple[tuple, tuple]:
         """The next k bytes' latent needs (as _host_need says each) and the host state after them, from state h
         (default the current one), which stays unchanged."""
-        h, need = h or self._h, []
+        h, need = (self._h if h is None else h), []
         for _ in range(k):
             last, nxt = self._host_after(h)
             need.append(any(nxt) if self.completed else any(h[2]))
