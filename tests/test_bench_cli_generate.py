@@ -22,11 +22,17 @@ def ckpt(tmp_path_factory):
     return path
 
 
-def test_the_rate_is_the_extra_bytes_over_the_extra_time(ckpt, tmp_path):
-    out = tmp_path / "r.json"
+@pytest.fixture(scope="module")
+def report(ckpt, tmp_path_factory) -> dict:
+    """One benchmark run with both extras (--in_process, --each_line 3): each CLI process costs ~3 s on CPU."""
+    out = tmp_path_factory.mktemp("report") / "r.json"
     assert B.main(["--checkpoint", str(ckpt), "--lengths", "8", "40", "--device", "cpu", "--top_k", "3",
-                   "--in_process", "--out", str(out)]) == 0
-    r = json.loads(out.read_text())
+                   "--in_process", "--each_line", "3", "--out", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_the_rate_is_the_extra_bytes_over_the_extra_time(report):
+    r = report
     (pair,) = r["pairs"]
     short, long_ = pair["short"], pair["long"]
     assert short["max_new_bytes"] == 8 and long_["max_new_bytes"] == 40
@@ -53,13 +59,10 @@ def test_the_rate_is_the_extra_bytes_over_the_extra_time(ckpt, tmp_path):
                 (row["bytes"][1] - row["bytes"][0]) / (row["wall_s"][1] - row["wall_s"][0]), rel=1e-3)
 
 
-def test_each_line_times_every_line_of_one_process(ckpt, tmp_path):
+def test_each_line_times_every_line_of_one_process(report):
     """--each_line N: one `ionllama generate --each_line` process, N --stats lines parsed, the first (compile and
     capture) apart from the later ones (the kept decoder)."""
-    out = tmp_path / "r.json"
-    assert B.main(["--checkpoint", str(ckpt), "--lengths", "8", "16", "--device", "cpu", "--top_k", "3",
-                   "--each_line", "3", "--out", str(out)]) == 0
-    e = json.loads(out.read_text())["each_line"]
+    e = report["each_line"]
     assert e["lines"] == 3 and len(e["each"]) == 3 and all(0 <= r["bytes"] <= 8 for r in e["each"])
     assert e["first_line_s"] == e["each"][0]["seconds"]
     assert e["later_lines_median_s"] == sorted(r["seconds"] for r in e["each"][1:])[1]
