@@ -548,11 +548,13 @@ def test_unrolled_graph_not_used_for_timed_replays(ion, monkeypatch):
             _runner(ion, 8, unroll=bad)
 
 
-@pytest.mark.parametrize("graphs", [False, True])
-def test_lagged_runner_gives_the_bytes_of_the_recompute_decoder(monkeypatch, graphs):
+@pytest.mark.parametrize("graphs,host", [(False, True), (True, True), (True, False)])
+def test_lagged_runner_gives_the_bytes_of_the_recompute_decoder(monkeypatch, graphs, host):
     """latent_shift "lagged": with graphs (CPU fakes that run in order) and 'skip', the latent step's commit
-    graph runs on the main stream and its compute graph on latent_stream, one per committed patch; the bytes equal
-    the full forward rerun per byte (RecomputeDecoder), as do the eager runner's."""
+    graph runs on the bytes' stream and its compute graph on latent_stream, one per committed patch; the bytes equal
+    the full forward rerun per byte (RecomputeDecoder), as do the eager runner's. Fixed patching (lagged_host): the
+    host tells the patch starts, with no flag read after a byte, over runs of every length (its state kept between
+    them); without it, the flag is read after every byte."""
     from ionllama.generation import RecomputeDecoder
 
     torch.manual_seed(1)
@@ -568,17 +570,23 @@ def test_lagged_runner_gives_the_bytes_of_the_recompute_decoder(monkeypatch, gra
         _fake_cuda(monkeypatch, _FakeGraph)
         monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
     r = _runner(m, n, latent_policy="skip")
-    assert r.lagged and not r.split
-    computes = []
+    assert r.lagged and not r.split and r.lagged_host
+    r.lagged_host = host
+    computes, reads = [], []
     if graphs:
-        r.latent_stream = _FakeStream()
+        r.latent_stream, r.byte_stream = _FakeStream(), _LogStream()
         r.want_graphs = True
         r.run(9)  # warm-up and capture, then replays
         commit, compute = r.lag_graphs
         r.lag_graphs = (commit, _FakeGraph(lambda: (computes.append(1), compute.replay())))
-    r.run(n - r.n_done)
-    assert int(r.dec.n_complete.min()) >= 4  # patches were committed along the way
+        flag = DecodeRunner._latent_needed
+        monkeypatch.setattr(DecodeRunner, "_latent_needed", lambda self: (reads.append(1), flag(self))[1])
+        assert r.byte_stream.waited  # the bytes' stream waited for the current one (and for latent_stream)
+    for k in (1, 2, 5, n):  # runs of several lengths, and a kept host state between them
+        r.run(k)
+    assert r.n_done == n and int(r.dec.n_complete.min()) >= 4  # patches were committed along the way
     assert not graphs or len(computes) >= 3  # the lagged path ran (one compute per boundary)
+    assert not graphs or (reads == [] if host else len(reads) >= 10)
     assert torch.equal(r.out[:, :n], ref.out[:, :n])
 
 

@@ -227,6 +227,12 @@ class DecodeRunner:
         self.lagged = self.has_latent and bool(getattr(dec, "lagged", False)) and not self.split
         self._lagged_fns = [dec.latent_commit, dec.latent_compute] if self.lagged else []
         self.latent_stream = reusable_stream(dev, "decode_latent") if self.lagged and logits.is_cuda else None
+        # ... and the bytes on a high-priority stream, so that the SMs go to a byte's kernels first while the two
+        # overlap (on the default stream, of the latent stream's priority, a byte graph ran 25 % longer overlapped)
+        self.byte_stream = reusable_stream(dev, "decode_bytes", -1) if self.lagged and logits.is_cuda else None
+        # fixed patching: the host knows which bytes open a patch, so the lagged replay reads no flag per byte
+        self.lagged_host = self.lagged and getattr(getattr(dec, "cfg", None), "patching", None) == "fixed"
+        self._lag_h = None  # (n_done, host patcher state) where the last lagged replay stopped; None: read it again
         options = compile_options(compile)
         if options is not None:
             # torch.compile takes a mode or options, not both
@@ -280,6 +286,7 @@ class DecodeRunner:
         self.out.zero_()
         self._set_pred()
         self._sync_schedule()
+        self._lag_h = None
         self.n_done = 0
         self.eager_steps = 0
 
@@ -466,6 +473,7 @@ class DecodeRunner:
     def _eager_once(self) -> None:
         # "previous": the latent stage before the byte (flag set by the last byte); "completed": before
         # the byte's decoder (flag set by this byte's part 1)
+        self._lag_h = None  # (the lagged replay's host state does not follow eager steps)
         at = self._latent_at()
         need = self._host_need() if self.host_schedule else None
         for i, part in enumerate(self._parts()):
@@ -584,6 +592,7 @@ class DecodeRunner:
             return
         g_bytes, g_lat = self.graphs
         if self.multi_graph is not None and timed is None:
+            self._lag_h = None
             while target - self.n_done >= self.multi_k:
                 self.multi_graph.replay()
                 self.n_done += self.multi_k
@@ -596,6 +605,7 @@ class DecodeRunner:
         elif self.lag_graphs is not None and self.latent_policy == "skip":
             self._replay_lagged(target, g_bytes, timed)
         else:
+            self._lag_h = None  # (a lagged runner switched to another latent_policy)
             self._replay_previous(target, g_bytes, g_lat, timed)
         if timed:
             torch.cuda.synchronize()
@@ -713,13 +723,29 @@ class DecodeRunner:
                 need = self._latent_needed()
 
     def _replay_lagged(self, target: int, g_bytes, timed) -> None:
-        """"lagged" under 'skip': at a patch boundary the commit graph runs on the current stream and the compute
+        """"lagged" under 'skip': at a patch boundary the commit graph runs on the bytes' stream and the compute
         graph on latent_stream, which the next bytes do not wait for (their patch sees the output one patch later).
         The next boundary's commit waits for it (it shows that output, and rewrites the copies it reads). Joined
-        before returning, so whatever follows sees a finished latent step."""
+        before returning, so whatever follows sees a finished latent step. With lagged_host, whether a byte opens a
+        patch comes from the patcher state read once here, then advanced on the host (fixed patching's rule), not
+        from a flag read back after every byte."""
+        outer, side = torch.cuda.current_stream(), self.latent_stream
+        main = self.byte_stream or outer
+        if main is not outer:
+            main.wait_stream(outer)
+        with torch.cuda.stream(main):
+            self._lagged_bytes(target, g_bytes, timed, main, side)
+        if main is not outer:
+            outer.wait_stream(main)
+
+    def _lagged_bytes(self, target: int, g_bytes, timed, main, side) -> None:
         g_commit, g_compute = self.lag_graphs
-        main, side = torch.cuda.current_stream(), self.latent_stream
-        need = self._latent_needed()
+        h = None
+        if self.lagged_host:  # kept from the last replay, else read once (a sync, before any byte is queued)
+            d = self.dec
+            h = self._lag_h[1] if self._lag_h is not None and self._lag_h[0] == self.n_done else \
+                (d.t.tolist(), d.last_rule.tolist(), d.next_start.tolist())
+        need = any(h[2]) if h is not None else self._latent_needed()
         while self.n_done < target:
             if need:
                 main.wait_stream(side)
@@ -729,8 +755,13 @@ class DecodeRunner:
                     self._replay(g_compute, "latent", timed)
             self._replay(g_bytes[0], "byte", timed)
             self.n_done += 1
-            if self.n_done < target:
+            if h is not None:  # (after the last byte too: h is kept for the next call)
+                last, nxt = self._host_after(h)
+                h = ([t + 1 for t in h[0]], last, nxt)
+                need = any(nxt)
+            elif self.n_done < target:
                 need = self._latent_needed()
+        self._lag_h = (self.n_done, h) if h is not None else None
         main.wait_stream(side)
 
     @staticmethod
