@@ -807,9 +807,15 @@ def test_prefill_kernels_do_not_specialize_their_length():
     the compiled kernel (on an H100 the first 1-byte prompt compiled these three kernels again: 2.57 s of setup)."""
     _jit_kernels_or_skip()
     from ionllama.kernels import conv_gate_triton, dilated_attention_triton, scan_triton, ssd_triton
-    # (the scan's _scan_summary runs only where T spans several chunks, so never at T = 1)
+    # Past one scan chunk (512 bytes on an H100) the scan's chunk count and its summary pass's T vary too: a 512- and
+    # a 520-byte prompt compiled _scan_fwd / _scan_summary again (0.74 and 0.20 s of setup, fifty-third session);
+    # so would the split SSD kernels, which the entropy model's prefill takes past 64 bytes
     for fn, arg in [(conv_gate_triton._conv_gate_fwd, "T"), (scan_triton._scan_fwd, "T"), (ssd_triton._ssd_fwd, "T"),
                     (dilated_attention_triton._fwd, "N"),
-                    (dilated_attention_triton._fwd, "n_offs")]:  # a 1-patch prompt has one offset, 0
+                    (dilated_attention_triton._fwd, "n_offs"),  # a 1-patch prompt has one offset, 0
+                    (scan_triton._scan_fwd, "n_chunks"), (scan_triton._scan_summary, "T"),
+                    (scan_triton._scan_summary, "n_chunks"), (ssd_triton._ssd_chunk_state, "T"),
+                    (ssd_triton._ssd_chunk_state, "NC"), (ssd_triton._ssd_state_pass, "NC"),
+                    (ssd_triton._ssd_chunk_out, "T"), (ssd_triton._ssd_chunk_out, "NC")]:
         names = [fn.arg_names[d] if isinstance(d, int) else d for d in fn.do_not_specialize]  # names or indices
         assert arg in names, (fn, arg)

@@ -90,7 +90,7 @@ def _chunk_summary(X, la, b, c, T, L, sxb, sxt, cols, col_ok,
     return tl.sum(acc, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "n_chunks"])  # a prompt's length, whatever it is mod 16: one compile
 def _scan_summary(X, LOG_A, SUM, T, D, L, n_chunks, sxb, sxt,
                   REVERSE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
     """Every chunk's summary (_chunk_summary) into SUM: (B, n_chunks, D) fp32."""
@@ -147,7 +147,8 @@ def _fwd_chunk(U, HOUT, b, c, h, la, T, L, sub, sut, shb, sht, cols, col_ok,
         h = tl.sum(tl.where(is_last, hs, 0.0), 0)
 
 
-@triton.jit(do_not_specialize=["T"])  # an int of 1 gets its own compile (1-byte prompts)
+# an int of 1 gets its own compile (1-byte prompts), and so does n_chunks 1 against more (prompts from 512 bytes)
+@triton.jit(do_not_specialize=["T", "n_chunks"])
 def _scan_fwd(U, LOG_A, H0, SUM, HOUT, T, D, L, n_chunks, sub, sut, shb, sht,
               HAS_H0: tl.constexpr, MAX_CHUNKS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
               EVEN_D: tl.constexpr):

@@ -115,7 +115,7 @@ def _ssd_fwd(x_ptr, la_ptr, b_ptr, c_ptr, h0_ptr, y_ptr, hT_ptr, T,
     tl.store(hT_ptr + s_off, state, mask=mp[:, None] & mn[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "NC"])  # prompt lengths: one compile (see _ssd_fwd)
 def _ssd_chunk_state(x_ptr, la_ptr, b_ptr, s_ptr, d_ptr, T, NC, H,
                      sx_b, sx_t, sx_h, sla_b, sla_t, sb_b, sb_t,
                      P: tl.constexpr, N: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, L: tl.constexpr):
@@ -144,7 +144,7 @@ def _ssd_chunk_state(x_ptr, la_ptr, b_ptr, s_ptr, d_ptr, T, NC, H,
     tl.store(d_ptr + bhc, total)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NC"])  # prompt lengths: one compile (see _ssd_fwd)
 def _ssd_state_pass(s_ptr, d_ptr, h0_ptr, hT_ptr, NC, PN: tl.constexpr, G: tl.constexpr, BLK: tl.constexpr,
                     HAS_H0: tl.constexpr):
     """Split form, pass 2 (one program per (row, head) and BLK of its P*N state elements): the recurrence
@@ -179,7 +179,7 @@ def _ssd_state_pass(s_ptr, d_ptr, h0_ptr, hT_ptr, NC, PN: tl.constexpr, G: tl.co
     tl.store(hT_ptr + bh * PN + e, state, mask=me)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "NC"])  # prompt lengths: one compile (see _ssd_fwd)
 def _ssd_chunk_out(x_ptr, la_ptr, b_ptr, c_ptr, s_ptr, h0_ptr, y_ptr, T, NC, H,
                    sx_b, sx_t, sx_h, sla_b, sla_t, sb_b, sb_t, sc_b, sc_t, sy_b, sy_t, sy_h,
                    P: tl.constexpr, N: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, L: tl.constexpr,
