@@ -563,13 +563,15 @@ def test_lagged_runner_gives_the_bytes_of_the_recompute_decoder(monkeypatch, gra
         m.head.weight.mul_(30.0)
         m.from_latent.weight.mul_(30.0)  # the latent visibly moves the logits
     n = 23
-    dec = RecomputeDecoder(m, 2, 64)
-    ref = DecodeRunner(dec, SamplingConfig(temperature=1.0), torch.tensor([3, 4]), dec.prefill([list(b"ab c"), list(b"d")]), n)
+    prompts, seeds = [list(b"ab c"), list(b"de"), list(b"fgh")], torch.tensor([3, 4, 5])  # three patch phases
+    dec = RecomputeDecoder(m, 3, 64)
+    ref = DecodeRunner(dec, SamplingConfig(temperature=1.0), seeds, dec.prefill(prompts), n)
     ref.run(n)
     if graphs:
         _fake_cuda(monkeypatch, _FakeGraph)
         monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
-    r = _runner(m, n, latent_policy="skip")
+    dec = decoder_for(m, 3, 64)
+    r = DecodeRunner(dec, SamplingConfig(temperature=1.0), seeds, dec.prefill(prompts), n, latent_policy="skip")
     assert r.lagged and not r.split and r.lagged_host
     r.lagged_host = host
     computes, reads = [], []
@@ -584,6 +586,7 @@ def test_lagged_runner_gives_the_bytes_of_the_recompute_decoder(monkeypatch, gra
         assert r.byte_stream.waited  # the bytes' stream waited for the current one (and for latent_stream)
     for k in (1, 2, 5, n):  # runs of several lengths, and a kept host state between them
         r.run(k)
+        assert not (graphs and host) or r._lag_h[0] == r.n_done
     assert r.n_done == n and int(r.dec.n_complete.min()) >= 4  # patches were committed along the way
     assert not graphs or len(computes) >= 3  # the lagged path ran (one compute per boundary)
     assert not graphs or (reads == [] if host else len(reads) >= 10)

@@ -230,6 +230,8 @@ class DecodeRunner:
         # ... and the bytes on a high-priority stream, so that the SMs go to a byte's kernels first while the two
         # overlap (on the default stream, of the latent stream's priority, a byte graph ran 25 % longer overlapped)
         self.byte_stream = reusable_stream(dev, "decode_bytes", -1) if self.lagged and logits.is_cuda else None
+        self.latent_capture_stream = reusable_stream(dev, "decode_capture_latent", -1) \
+            if self.lagged and logits.is_cuda else None
         # fixed patching: the host knows which bytes open a patch, so the lagged replay reads no flag per byte
         self.lagged_host = self.lagged and getattr(getattr(dec, "cfg", None), "patching", None) == "fixed"
         self._lag_h = None  # (n_done, host patcher state) where the last lagged replay stopped; None: read it again
@@ -543,9 +545,15 @@ class DecodeRunner:
             if self.lagged:
                 # the compute graph replays while byte graphs run: a pool of its own, so no temporary of one can
                 # share memory with the other's (graphs that share a pool must replay one after the other)
+                # and a capture stream of its own: torch gives each stream its own cuBLAS workspace, and a graph
+                # keeps the one of its capture stream, so the two graphs' GEMMs do not share one while they overlap
                 commit, compute = self._lagged_fns
-                self.lag_graphs = (self._record(lambda: commit(self.dec.next_start), pool),
-                                   self._record(compute, torch.cuda.graph_pool_handle()))
+                g_commit = self._record(lambda: commit(self.dec.next_start), pool)
+                main_capture, self.capture_stream = self.capture_stream, self.latent_capture_stream
+                try:
+                    self.lag_graphs = (g_commit, self._record(compute, torch.cuda.graph_pool_handle()))
+                finally:
+                    self.capture_stream = main_capture
             if self._wants_unrolled():
                 self.multi_graph = self._record_unrolled(pool)
                 self.multi_k = self.unroll  # what the graph holds, whatever unroll is set to later
@@ -733,10 +741,13 @@ class DecodeRunner:
         main = self.byte_stream or outer
         if main is not outer:
             main.wait_stream(outer)
-        with torch.cuda.stream(main):
-            self._lagged_bytes(target, g_bytes, timed, main, side)
-        if main is not outer:
-            outer.wait_stream(main)
+        try:
+            with torch.cuda.stream(main):
+                self._lagged_bytes(target, g_bytes, timed, main, side)
+        finally:  # (an interrupt too: what follows on `outer` comes after the queued bytes)
+            main.wait_stream(side)
+            if main is not outer:
+                outer.wait_stream(main)
 
     def _lagged_bytes(self, target: int, g_bytes, timed, main, side) -> None:
         g_commit, g_compute = self.lag_graphs
@@ -762,7 +773,6 @@ class DecodeRunner:
             elif self.n_done < target:
                 need = self._latent_needed()
         self._lag_h = (self.n_done, h) if h is not None else None
-        main.wait_stream(side)
 
     @staticmethod
     def _replay(graph, kind: str, timed: list | None) -> None:
