@@ -684,17 +684,21 @@ def test_entropy_branch_without_graphs_on_cuda(ion, ion_completed, shift):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_lagged_overlap_graphs_equal_eager_on_cuda():
+@pytest.mark.parametrize("patching", [dict(patching="entropy"), dict(patching="fixed", fixed_patch_size=3)])
+def test_lagged_overlap_graphs_equal_eager_on_cuda(patching):
     """latent_shift "lagged" on a GPU: the latent compute graph on its own stream, overlapping the next bytes'
-    graphs; the bytes equal the eager runner's."""
+    graphs on a high-priority one (fixed patching: the patch starts followed on the host, kept between runs); the
+    bytes equal the eager runner's."""
     torch.manual_seed(1)
-    m = create_model("tiny", **TINY, patching="entropy", latent_shift="lagged").eval().to("cuda")
+    m = create_model("tiny", **TINY, **patching, latent_shift="lagged").eval().to("cuda")
     with torch.no_grad():
         m.from_latent.weight.mul_(30.0)
     ref = _eager_bytes(m, 60, 60)
     r = _runner(m, 60, latent_policy="skip", cuda_graphs=True)
-    r.run(60)
-    assert r.lag_graphs is not None and r.latent_stream is not None
+    for k in (9, 1, 2, 48):
+        r.run(k)
+    assert r.lag_graphs is not None and r.latent_stream is not None and r.byte_stream is not None
+    assert r.lagged_host == (patching["patching"] == "fixed")
     assert torch.equal(r.out[:, :60], ref)
 
 
