@@ -548,7 +548,8 @@ def test_unrolled_graph_not_used_for_timed_replays(ion, monkeypatch):
             _runner(ion, 8, unroll=bad)
 
 
-@pytest.mark.parametrize("graphs,host", [(False, True), (True, True), (True, False)])
+@pytest.mark.parametrize("graphs,host", [pytest.param(False, False, id="eager"), pytest.param(True, True, id="host"),
+                                         pytest.param(True, False, id="flag")])
 def test_lagged_runner_gives_the_bytes_of_the_recompute_decoder(monkeypatch, graphs, host):
     """latent_shift "lagged": with graphs (CPU fakes that run in order) and 'skip', the latent step's commit
     graph runs on the bytes' stream and its compute graph on latent_stream, one per committed patch; the bytes equal
