@@ -198,8 +198,8 @@ class DecodeRunner:
         self.entropy_branch = bool(entropy_branch)
         # the lagged shift's own overlapped replay is kept (see _replay_lagged)
         lagged = self.has_latent and bool(getattr(dec, "lagged", False))
-        self.can_schedule = self.has_latent and not lagged and \
-            getattr(getattr(dec, "cfg", None), "patching", None) == "fixed"
+        fixed = getattr(getattr(dec, "cfg", None), "patching", None) == "fixed"
+        self.can_schedule = self.has_latent and not lagged and fixed
         self.want_graphs = cuda_graphs and logits.is_cuda and getattr(dec, "capturable", True)
         if host_schedule == "auto":
             # on where measured faster: fixed patching, the "completed" shift, CUDA graphs (H200, the Phase-1 picks:
@@ -224,7 +224,7 @@ class DecodeRunner:
         self.capture_stream = reusable_stream(dev, "decode_capture", -1) if logits.is_cuda else None
         # latent_shift "lagged" under 'skip' with graphs: the latent step's compute part runs on latent_stream while
         # the next patch's bytes decode (its output is shown one patch later); see _replay_lagged
-        self.lagged = self.has_latent and bool(getattr(dec, "lagged", False)) and not self.split
+        self.lagged = lagged and not self.split
         self._lagged_fns = [dec.latent_commit, dec.latent_compute] if self.lagged else []
         self.latent_stream = reusable_stream(dev, "decode_latent") if self.lagged and logits.is_cuda else None
         # ... and the bytes on a high-priority stream, so that the SMs go to a byte's kernels first while the two
@@ -233,7 +233,7 @@ class DecodeRunner:
         self.latent_capture_stream = reusable_stream(dev, "decode_capture_latent", -1) \
             if self.lagged and logits.is_cuda else None
         # fixed patching: the host knows which bytes open a patch, so the lagged replay reads no flag per byte
-        self.lagged_host = self.lagged and getattr(getattr(dec, "cfg", None), "patching", None) == "fixed"
+        self.lagged_host = self.lagged and fixed
         self._lag_h = None  # (n_done, host patcher state) where the last lagged replay stopped; None: read it again
         options = compile_options(compile)
         if options is not None:
@@ -306,8 +306,12 @@ class DecodeRunner:
     def _sync_schedule(self) -> None:
         """Copy the decoder's patcher state to the host (one read, after prefill)."""
         if self.host_schedule:
-            d = self.dec
-            self._h = (d.t.tolist(), d.last_rule.tolist(), d.next_start.tolist())
+            self._h = self._read_patcher_state()
+
+    def _read_patcher_state(self) -> tuple[list, list, list]:
+        """(t, last_rule, next_start) per row, read from the decoder (a sync)."""
+        d = self.dec
+        return d.t.tolist(), d.last_rule.tolist(), d.next_start.tolist()
 
     def _host_after(self, h=None) -> tuple[list, list]:
         """(last_rule, next_start) per row after the byte at each row's position t (of state h, default the
@@ -752,10 +756,9 @@ class DecodeRunner:
     def _lagged_bytes(self, target: int, g_bytes, timed, main, side) -> None:
         g_commit, g_compute = self.lag_graphs
         h = None
-        if self.lagged_host:  # kept from the last replay, else read once (a sync, before any byte is queued)
-            d = self.dec
+        if self.lagged_host:  # kept from the last replay, else read once (before any byte is queued)
             h = self._lag_h[1] if self._lag_h is not None and self._lag_h[0] == self.n_done else \
-                (d.t.tolist(), d.last_rule.tolist(), d.next_start.tolist())
+                self._read_patcher_state()
         need = any(h[2]) if h is not None else self._latent_needed()
         while self.n_done < target:
             if need:
