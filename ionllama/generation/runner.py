@@ -228,7 +228,8 @@ class DecodeRunner:
         self._lagged_fns = [dec.latent_commit, dec.latent_compute] if self.lagged else []
         self.latent_stream = reusable_stream(dev, "decode_latent") if self.lagged and logits.is_cuda else None
         # ... and the bytes on a high-priority stream, so that the SMs go to a byte's kernels first while the two
-        # overlap (on the default stream, of the latent stream's priority, a byte graph ran 25 % longer overlapped)
+        # overlap (on the default stream, of the latent stream's priority, a byte graph ran 25 % longer overlapped:
+        # docs/results/checks-s53.md)
         self.byte_stream = reusable_stream(dev, "decode_bytes", -1) if self.lagged and logits.is_cuda else None
         self.latent_capture_stream = reusable_stream(dev, "decode_capture_latent", -1) \
             if self.lagged and logits.is_cuda else None
