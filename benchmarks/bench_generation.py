@@ -67,6 +67,13 @@ def replay_gpu_ms(runner, n: int) -> dict:
         lat = None if not plain else med(with_lat) - med(plain)  # the latent stage's share (a difference)
         return dict(gpu_ms_byte_graph=med(plain), gpu_ms_latent_graph=lat,
                     gpu_ms_per_byte=sum(sum(v) for v in gpu.values()) / n_bytes)
+    if "encode_stage" in gpu:  # overlap_latent: the bytes' graphs, and the latent step's compute on its own stream
+        med = (lambda v: sorted(v)[len(v) // 2] if v else None)  # noqa: E731
+        n_bytes = sum(len(gpu.get(k, [])) for k in ("byte", "encode", "encode_stage"))
+        on_bytes = sum(sum(v) for k, v in gpu.items() if k != "compute")  # (the compute overlaps them)
+        plain = gpu.get("byte") or [a + b for a, b in zip(gpu.get("encode", []), gpu.get("show_decode", []))]
+        return dict(gpu_ms_byte_graph=med(plain), gpu_ms_latent_graph=med(gpu["compute"]),
+                    gpu_ms_per_byte=on_bytes / n_bytes)
     n_bytes = len(gpu.get("byte", []))
     if not n_bytes:
         return {}
@@ -133,6 +140,8 @@ class Bench:
                               entropy_branch=FUSED[getattr(self.args, "entropy_branch", "auto")] if kind == "ionllama" else False,
                               unroll=getattr(self.args, "unroll", 1) if graphs else 1,
                               host_schedule=FUSED[getattr(self.args, "host_schedule", "auto")]
+                              if kind == "ionllama" else False,
+                              overlap_latent=FUSED[getattr(self.args, "overlap_latent", "auto")]
                               if kind == "ionllama" else False)
         return dict(kind=kind, B=B, dec=dec, runner=runner, graphs=graphs, compile=compile, max_len=max_len)
 
@@ -279,6 +288,7 @@ def write_results(b, args, checks):
                fused_entropy_step=args.fused_entropy_step, fused_latent_step=args.fused_latent_step,
                entropy_branch=args.entropy_branch, latent_shift=args.latent_shift, unroll=args.unroll,
                host_schedule=getattr(args, "host_schedule", "auto"),
+               overlap_latent=getattr(args, "overlap_latent", "auto"),
                models={k: v[1] for k, v in b.models.items()}, checks=checks,
                commit=git_commit())  # BENCH_COMMIT-aware: the GPU machine's copy of .git is stale
     out = pathlib.Path(args.out)
@@ -365,6 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ionLlama with fixed patching: the host follows the patch boundaries and replays one graph per "
                          "byte, the latent stage inside it (DecodeRunner's host_schedule): on, off, or auto (the "
                          "library's default: on for fixed patching with the completed shift under CUDA graphs)")
+    ap.add_argument("--overlap_latent", nargs="?", const="on", default="auto", choices=list(FUSED),
+                    help="ionLlama, latent_shift 'previous' with fixed patching: the latent step on a second stream "
+                         "beside the byte that closes a patch and the next byte's encoder (DecodeRunner's "
+                         "overlap_latent): on, off, or auto (the library's default: off)")
     ap.add_argument("--unroll", type=int, default=1,
                     help="bytes per CUDA graph launch (DecodeRunner's unroll: the latent stage of each byte a conditional "
                          "graph node, no host read between them); 1: one launch per byte")

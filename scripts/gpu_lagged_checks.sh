@@ -1,24 +1,30 @@
 #!/usr/bin/env bash
-# The fifty-third session's next GPU call for issue #4 (~150-250 s on an H100, no carry): the lagged replay's CUDA
-# tests (bytes on a high-priority stream, the host's patch schedule kept across runs), then the fixed-4-byte pick's
-# per-byte latency from 1K to 32K of context with latent_shift "lagged" and with its own "completed", one process
-# each (compiled, CUDA graphs, batch 1); then (WITH_CLI=1, the default) a lagged checkpoint through `ionllama
-# generate`. Everything lands in one tarball, $OUT/lag.tgz.
-# Usage (device tool): BENCH_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_lagged_checks.sh
+# Issue #4's decode checks on the GPU (no carry). First the CUDA tests of the overlapped latent replays ("lagged":
+# bytes on a high-priority stream, the host's patch schedule kept across runs; overlap_latent: "previous" with its
+# latent step beside the bytes around it). Then the fixed-4-byte pick's per-byte latency from 1K to 32K of context,
+# one process per entry of SHIFTS (compiled, CUDA graphs, batch 1): "previous", "previous+overlap" (the same with
+# --overlap_latent on), "lagged", "completed" (the pick's own). Then (WITH_CLI=1) a lagged checkpoint through
+# `ionllama generate`. Everything lands in one tarball, $OUT/lag.tgz.
+# Usage (device tool): BENCH_COMMIT=$(git rev-parse --short HEAD) [SHIFTS="..."] [TESTS=0] [WITH_CLI=0] \
+#   bash scripts/gpu_lagged_checks.sh      (each bench process ~60-150 s; the tests ~60 s; the CLI part ~120 s)
 set -u
 export PYTHONPATH=.
 R=$OUT/lag; mkdir -p "$R"
 C=docs/results/phase1-dropout/ionllama_fixed/config.json
 nvidia-smi --query-gpu=name --format=csv > "$R/gpu.txt"
-timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_decode_fast.py -k lagged \
-  > "$R/pytest.log" 2>&1; echo "pytest rc=$?"; tail -n 2 "$R/pytest.log"
+if [ "${TESTS:-1}" = 1 ]; then
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_decode_fast.py \
+    -k "lagged or overlapped" > "$R/pytest.log" 2>&1; echo "pytest rc=$?"; tail -n 2 "$R/pytest.log"
+fi
 B="benchmarks/bench_generation.py --model_config $C --models ionllama --compile --compiled_only
-   --contexts 1024 8192 32768 --budget_s 120"
-for shift in lagged completed; do
-  s=$SECONDS; timeout 150 python3 $B --latent_shift $shift --out "$R/$shift" > "$R/$shift.log" 2>&1
-  echo "$shift rc=$? $((SECONDS - s)) s"; grep -E "^\| ionllama" "$R/$shift/bench_generation.md" | cut -c1-160
+   --contexts 1024 8192 32768 --budget_s ${BUDGET:-100}"
+for spec in ${SHIFTS:-previous previous+overlap lagged completed}; do
+  shift=${spec%+overlap}; extra=""
+  [ "$spec" != "$shift" ] && extra="--overlap_latent on"
+  s=$SECONDS; timeout 150 python3 $B --latent_shift $shift $extra --out "$R/$spec" > "$R/$spec.log" 2>&1
+  echo "$spec rc=$? $((SECONDS - s)) s"; grep -E "^\| ionllama" "$R/$spec/bench_generation.md" | cut -c1-160
 done
-# Then (~120 s) a lagged fixed-patch `small` checkpoint of 200 steps through `ionllama generate`, as users run it.
+# A lagged fixed-patch `small` checkpoint of 200 steps through `ionllama generate`, as users run it.
 if [ "${WITH_CLI:-1}" = 1 ]; then
   s=$SECONDS; timeout 120 python3 -m ionllama.cli train --size small --patching fixed --latent_shift lagged \
     --max_steps 200 --device cuda --save_dir /tmp/ckl > "$R/train.log" 2>&1; echo "train rc=$? $((SECONDS - s)) s"

@@ -594,6 +594,60 @@ def test_lagged_runner_gives_the_bytes_of_the_recompute_decoder(monkeypatch, gra
     assert torch.equal(r.out[:, :n], ref.out[:, :n])
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_overlapped_latent_gives_the_bytes_of_the_recompute_decoder(monkeypatch, rows):
+    """overlap_latent ("previous", fixed patching, graphs as CPU fakes that run in order): a byte that closes a patch
+    stages it after its encoder, the latent step's compute runs on the latent stream, and the next byte shows it
+    between its encoder and its decoder. The bytes equal the full forward rerun per byte (RecomputeDecoder) over runs
+    of several lengths (a staged step kept between them) and across a run by another path (which uncounts the staged
+    step and runs it again the plain way)."""
+    from ionllama.generation import RecomputeDecoder
+
+    torch.manual_seed(2)
+    m = create_model("tiny", **TINY, patching="fixed", fixed_patch_size=3).eval()
+    with torch.no_grad():
+        m.head.weight.mul_(30.0)
+        m.from_latent.weight.mul_(30.0)  # the latent visibly moves the logits
+    n = 29
+    prompts = [list(b"ab c"), list(b"de"), list(b"fgh")][:rows]  # three patch phases
+    seeds = torch.tensor([3, 4, 5])[:rows]
+    dec = RecomputeDecoder(m, rows, 64)
+    ref = DecodeRunner(dec, SamplingConfig(temperature=1.0), seeds, dec.prefill(prompts), n)
+    ref.run(n)
+    _fake_cuda(monkeypatch, _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    dec = decoder_for(m, rows, 64)
+    r = DecodeRunner(dec, SamplingConfig(temperature=1.0), seeds, dec.prefill(prompts), n, overlap_latent=True)
+    assert r.overlap and r.host_schedule and not r.completed
+    r.latent_stream, r.byte_stream = _LogStream(), _LogStream()
+    r.want_graphs = True
+    r.run(6)  # warm-up (4 bytes) and capture, then replays
+    assert r.eager_steps == 4 and set(r.ov_graphs) == {"latent", "byte", "encode", "encode_stage", "show_decode",
+                                                        "show_stage", "decode", "compute"}
+    log = []
+    r.ov_graphs = {k: _FakeGraph(lambda k=k, g=g: (log.append(k), g.replay())) for k, g in r.ov_graphs.items()}
+    for k in (1, 2, 5):  # runs of several lengths
+        r.run(k)
+    r.overlap = False  # a run by the plain scheduled path
+    log.append("other path")
+    r.run(4)
+    assert r._ov_pending_at is None
+    r.overlap = True
+    r.run(n)
+    assert r.n_done == n and int(r.dec.n_complete.min()) >= 7
+    assert torch.equal(r.out[:, :n], ref.out[:, :n])
+    assert log.count("compute") >= 4 and r.latent_stream.waited and r.byte_stream.waited
+    staged = [i for i, k in enumerate(log) if k in ("encode_stage", "show_stage")]
+    for i in staged:  # the compute right after the stage, the byte's decoder after it
+        assert log[i + 1:i + 3] == ["compute", "decode"]
+    if rows == 1:  # one phase: a closing byte stages, the next shows; no byte does both
+        assert "show_stage" not in log and log.count("show_decode") >= 3 and "byte" in log
+        after = [tuple(log[i + 3:i + 5]) for i in staged]  # the next byte: its encoder, then show and decoder
+        assert set(after[:-1]) == {("encode", "show_decode"), ("other path", "byte")}, after
+    else:  # three phases: every byte opens a patch for one row and closes one for another
+        assert log.count("show_stage") >= 5
+
+
 def test_failed_capture_raises_and_keeps_warm_up_state(ion, monkeypatch):
     """A failed capture raises a clear error (no silent fallback), with the current stream restored;
     the runner holds exactly the warm-up's bytes."""
@@ -701,6 +755,34 @@ def test_lagged_overlap_graphs_equal_eager_on_cuda(patching):
     assert r.lag_graphs is not None and r.latent_stream is not None and r.byte_stream is not None
     assert r.lagged_host == (patching["patching"] == "fixed")
     assert torch.equal(r.out[:, :60], ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("rows", [1, 3])
+def test_overlapped_latent_graphs_equal_eager_on_cuda(rows):
+    """overlap_latent on a GPU ("previous", fixed patching): the latent compute graph on the latent stream while the
+    bytes' graphs run on a high-priority one, shown before the next byte's decoder; over runs of several lengths (a
+    staged step kept between them) and one run by the plain scheduled path, the bytes equal the eager runner's."""
+    torch.manual_seed(1)
+    m = create_model("tiny", **TINY, patching="fixed", fixed_patch_size=3).eval().to("cuda")
+    with torch.no_grad():
+        m.from_latent.weight.mul_(30.0)
+    prompts, seeds = [list(b"ab c"), list(b"de"), list(b"fgh")][:rows], torch.arange(rows) + 3
+    dec = decoder_for(m, rows, 80)
+    ref = DecodeRunner(dec, SamplingConfig(temperature=1.0), seeds, dec.prefill(prompts), 60)
+    ref.run(60)
+    dec = decoder_for(m, rows, 80)
+    r = DecodeRunner(dec, SamplingConfig(temperature=1.0), seeds, dec.prefill(prompts), 60, cuda_graphs=True,
+                     overlap_latent=True)
+    for k in (9, 1, 2, 5):
+        r.run(k)
+    r.overlap = False
+    r.run(4)
+    r.overlap = True
+    r.run(60)
+    assert r.ov_graphs is not None and r.latent_stream is not None and r.byte_stream is not None
+    assert r.eager_steps == 4 and r.n_done == 60
+    assert torch.equal(r.out[:, :60], ref.out[:, :60])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -128,10 +128,12 @@ class IonLlamaDecoder(IncrementalDecoder):
         self.ctx = torch.zeros(B, dl, device=dev, dtype=dt)  # latent output shown to the open patch
         # "lagged": the last completed patch's latent output, shown from the patch after the open one on
         self.lagged = cfg.latent_shift == "lagged"
-        self.ctx_next = torch.zeros(B, dl, device=dev, dtype=dt) if self.lagged else None
-        # "lagged": latent_commit's copies of the pooled patch and of the flags, read by latent_compute
-        self.pooled_buf = torch.zeros(B, dl, device=dev, dtype=dt) if self.lagged else None
-        self.mask_buf = torch.zeros(B, dtype=torch.bool, device=dev) if self.lagged else None
+        # "lagged" and "previous" (a runner's overlapped latent step): latent_stage's copies of the pooled patch and
+        # of the flags, read by latent_compute, which writes ctx_next; latent_show moves it to ctx
+        staged = not self.completed
+        self.ctx_next = torch.zeros(B, dl, device=dev, dtype=dt) if staged else None
+        self.pooled_buf = torch.zeros(B, dl, device=dev, dtype=dt) if staged else None
+        self.mask_buf = torch.zeros(B, dtype=torch.bool, device=dev) if staged else None
         self.dilated = lat.attention == "dilated"
         self.slots = SlotWriter(B, self.H, dev, len(lat.blocks))
         self.fused_latent = fused_latent_fn(torch.device(dev), dt) if fused_latent_step else None
@@ -301,15 +303,24 @@ class IonLlamaDecoder(IncrementalDecoder):
     # copies, so it may run while the next patch's bytes decode. It must finish before the next latent_commit
     # (which shows its output) and before the next latent_compute (same cache, same stream in the runner).
     def latent_commit(self, mask: torch.Tensor | None = None) -> None:
-        if mask is None:
-            mask = self.next_start
-        self.pooled_buf.copy_(self._pooled())
-        self.mask_buf.copy_(mask)
-        self.ctx.copy_(torch.where(mask[:, None], self.ctx_next, self.ctx))
+        self.latent_stage(mask)
+        self.latent_show()
 
     def latent_compute(self) -> None:
         c = self._latent_output(self.pooled_buf, self.mask_buf)
         self.ctx_next.copy_(torch.where(self.mask_buf[:, None], c, self.ctx_next))
+
+    # "previous" in three parts, for a runner that overlaps the latent step with the bytes around it: latent_stage
+    # after the encoder and pooling of the byte that closes a patch (it copies what the next byte overwrites),
+    # latent_compute on another stream while that byte's decoder and the next byte's encoder run, latent_show before
+    # the next byte's decoder (the first byte of the next patch: the one that must see the new output). The three
+    # give what advance_latent before that byte gives.
+    def latent_stage(self, mask: torch.Tensor | None = None) -> None:
+        self.pooled_buf.copy_(self._pooled())
+        self.mask_buf.copy_(self.next_start if mask is None else mask)
+
+    def latent_show(self) -> None:
+        self.ctx.copy_(torch.where(self.mask_buf[:, None], self.ctx_next, self.ctx))
 
     def _pooled(self) -> torch.Tensor:
         return (self.acc_num / self.acc_den.clamp_min(1e-30)[:, None]).to(self.dtype)

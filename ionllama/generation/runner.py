@@ -113,7 +113,8 @@ class DecodeRunner:
     def __init__(self, dec, cfg: SamplingConfig, seeds: torch.Tensor, logits: torch.Tensor, max_new: int,
                  cuda_graphs: bool = False, compile=False, latent_policy: str = "auto",
                  compile_mode: str | None = None, entropy_branch: bool | str = "auto", unroll: int = 1,
-                 host_schedule: bool | str = "auto", prompt_len: int | None = None):
+                 host_schedule: bool | str = "auto", prompt_len: int | None = None,
+                 overlap_latent: bool | str = "auto"):
         """logits: the prefill's (B, V) next-byte logits. latent_policy: 'skip' (read the patch flag on
         the host each byte and run the latent stage only when a row opens a patch), 'always' (run it
         every byte with a masked commit: no host sync, better for large batches), 'early' (as skip, but the
@@ -149,6 +150,11 @@ class DecodeRunner:
         "auto": on for fixed patching with the "completed" shift under CUDA graphs (measured ~9 % faster on an
         H200, levers step pick), else off; True needs fixed patching and a shift other than "lagged" (else a
         UserError).
+        overlap_latent: latent_shift "previous" with fixed patching under CUDA graphs (it implies host_schedule): a
+        byte that closes a patch stages the patch after its pooling, the latent step runs on a second stream while
+        that byte's decoder and the next byte's sampling, entropy model and encoder run, and the next byte waits for
+        it only before its decoder (see _replay_overlapped). Same bytes as without it. "auto": off (not yet timed
+        on a GPU); True elsewhere is a UserError.
         prompt_len: the longest prompt, when the decoder was built for fewer than prompt_len + max_new + 1
         positions: run() then grows its caches (doubling, dec.grow) and the output buffer before the steps that
         need them, and captures its graphs again. None: the decoder holds every position already."""
@@ -201,6 +207,18 @@ class DecodeRunner:
         fixed = getattr(getattr(dec, "cfg", None), "patching", None) == "fixed"
         self.can_schedule = self.has_latent and not lagged and fixed
         self.want_graphs = cuda_graphs and logits.is_cuda and getattr(dec, "capturable", True)
+        self.can_overlap = self.can_schedule and not self.completed and hasattr(dec, "latent_stage")
+        if overlap_latent == "auto":
+            overlap_latent = False  # (until timed on a GPU)
+        elif overlap_latent not in (True, False):
+            raise UserError(f"overlap_latent must be True, False or 'auto'; got {overlap_latent!r}")
+        if overlap_latent and not self.can_overlap:
+            raise UserError("overlap_latent needs ionLlama with fixed patching and latent_shift 'previous' (the host "
+                            "must know the patch ends, and the byte after a patch must be the first to see it); "
+                            "leave it off")
+        self.overlap = bool(overlap_latent)
+        if self.overlap:
+            host_schedule = True
         if host_schedule == "auto":
             # on where measured faster: fixed patching, the "completed" shift, CUDA graphs (H200, the Phase-1 picks:
             # 6,844 -> 7,415 and 7,582 -> 8,327 bytes/s, docs/results/generation.md); the "previous" shift: untimed
@@ -226,13 +244,18 @@ class DecodeRunner:
         # the next patch's bytes decode (its output is shown one patch later); see _replay_lagged
         self.lagged = lagged and not self.split
         self._lagged_fns = [dec.latent_commit, dec.latent_compute] if self.lagged else []
-        self.latent_stream = reusable_stream(dev, "decode_latent") if self.lagged and logits.is_cuda else None
+        side_latent = (self.lagged or self.overlap) and logits.is_cuda  # (overlap_latent: the same streams)
+        self.latent_stream = reusable_stream(dev, "decode_latent") if side_latent else None
         # ... and the bytes on a high-priority stream, so that the SMs go to a byte's kernels first while the two
         # overlap (on the default stream, of the latent stream's priority, a byte graph ran 25 % longer overlapped:
         # docs/results/checks-s53.md)
-        self.byte_stream = reusable_stream(dev, "decode_bytes", -1) if self.lagged and logits.is_cuda else None
-        self.latent_capture_stream = reusable_stream(dev, "decode_capture_latent", -1) \
-            if self.lagged and logits.is_cuda else None
+        self.byte_stream = reusable_stream(dev, "decode_bytes", -1) if side_latent else None
+        self.latent_capture_stream = reusable_stream(dev, "decode_capture_latent", -1) if side_latent else None
+        # overlap_latent: a byte's encoder part, its decoder part, and the latent step's stage, show and compute
+        self._ov_fns = [self._ov_encode, self._iter_decode, dec.latent_stage, dec.latent_show, dec.latent_compute] \
+            if self.overlap else []
+        self.ov_graphs = None  # overlap_latent: the graphs of _ov_pieces, captured with the others
+        self._ov_pending_at = None  # n_done after a byte that staged a patch whose latent output is not shown yet
         # fixed patching: the host knows which bytes open a patch, so the lagged replay reads no flag per byte
         self.lagged_host = self.lagged and fixed
         self._lag_h = None  # (n_done, host patcher state) where the last lagged replay stopped; None: read it again
@@ -243,6 +266,7 @@ class DecodeRunner:
             self._byte_parts = [torch.compile(f, dynamic=False, **kw) for f in self._byte_parts]
             self._branch_fns = [torch.compile(f, dynamic=False, **kw) for f in self._branch_fns]
             self._lagged_fns = [torch.compile(f, dynamic=False, **kw) for f in self._lagged_fns]
+            self._ov_fns = [torch.compile(f, dynamic=False, **kw) for f in self._ov_fns]
             if self.has_latent:
                 self._latent_fn = torch.compile(dec.advance_latent, dynamic=False, **kw)
         # 'early' with graphs: the flag lands in host memory from inside the first part's graph
@@ -290,6 +314,7 @@ class DecodeRunner:
         self._set_pred()
         self._sync_schedule()
         self._lag_h = None
+        self._ov_pending_at = None  # (prefill set the patch counts again: nothing to undo)
         self.n_done = 0
         self.eager_steps = 0
 
@@ -444,6 +469,80 @@ class DecodeRunner:
         self.logits.copy_(self.dec.byte_step_decode(self.tok))
         self.step_no += 1
 
+    def _ov_encode(self) -> None:
+        """overlap_latent, a byte's first part: sample it, the entropy model, embedding, encoder, pooling."""
+        self._iter_entropy()
+        self._iter_encode()
+
+    # ---------------------------------------------------------------- overlap_latent ("previous", fixed patching)
+    def _ov_pieces(self) -> dict:
+        """The pieces of a byte under overlap_latent, as functions; once captured, each is a graph of that name."""
+        encode, decode, stage, show, compute = self._ov_fns
+        nxt = self.dec.next_start
+        return {"latent": lambda: self._latent_fn(nxt), "byte": lambda: self._scheduled_byte(False),
+                "encode": encode, "encode_stage": lambda: (encode(), stage(nxt)),
+                "show_decode": lambda: (show(), decode()), "show_stage": lambda: (show(), stage(nxt)),
+                "decode": decode, "compute": compute}
+
+    def _overlap_byte(self, run, streams) -> None:
+        """One byte under overlap_latent. run(name) runs a piece of _ov_pieces; streams: (the bytes', the latent
+        step's), or None to run everything in order. Rows whose byte closes a patch (the host's schedule says
+        which) stage it after the pooling and the latent step is computed on the latent stream; the next byte
+        (which opens a patch for those rows) runs its encoder first, then waits for that step, shows its output
+        and runs its decoder. A byte that opens a patch no staged step covers (the last byte ran another path)
+        runs the latent step first, as "previous" does."""
+        h = self._h
+        last, nxt = self._host_after()
+        opens, closes = any(h[2]), any(nxt)
+        show = opens and self._ov_pending_at == self.n_done
+        if opens and not show:
+            run("latent")
+        if show:
+            run("encode")
+            if streams is not None:
+                streams[0].wait_stream(streams[1])
+            run("show_stage" if closes else "show_decode")
+        elif closes:
+            run("encode_stage")
+        else:
+            run("byte")
+        if closes:
+            if streams is None:
+                run("compute")
+            else:
+                streams[1].wait_stream(streams[0])
+                with torch.cuda.stream(streams[1]):
+                    run("compute")
+            run("decode")
+        self._h, self._h_next = ([t + 1 for t in h[0]], last, nxt), None
+        self.n_done += 1
+        self._ov_pending_at = self.n_done if closes else None
+
+    def _settle_overlap(self) -> None:
+        """Before any path but the overlapped replay: a patch staged and counted whose output is not shown yet is
+        uncounted, so that the next byte runs its latent step again the plain way (the staged step's KV slot is
+        written again with it). The replay joined the latent stream into the caller's, so its compute is done
+        before anything queued after it."""
+        if self._ov_pending_at is not None:
+            self.dec.n_complete.sub_(self.dec.mask_buf.long())
+            self._ov_pending_at = None
+
+    def _replay_overlapped(self, target: int, timed) -> None:
+        """overlap_latent: _overlap_byte on graphs, the bytes on byte_stream and the compute on latent_stream,
+        joined before returning (as _replay_lagged). A staged step still to show is kept for the next call."""
+        graphs, outer, side = self.ov_graphs, torch.cuda.current_stream(), self.latent_stream
+        main = self.byte_stream or outer
+        if main is not outer:
+            main.wait_stream(outer)
+        try:
+            with torch.cuda.stream(main):
+                while self.n_done < target:
+                    self._overlap_byte(lambda name: self._replay(graphs[name], name, timed), (main, side))
+        finally:
+            main.wait_stream(side)
+            if main is not outer:
+                outer.wait_stream(main)
+
     def _unrolled_body(self, when, k: int) -> None:
         """k iterations as _eager_once does them; when(fn) runs the latent stage where the flag says so
         (a conditional graph node under capture, _when_eager otherwise; unconditionally under 'always')."""
@@ -481,6 +580,7 @@ class DecodeRunner:
         # "previous": the latent stage before the byte (flag set by the last byte); "completed": before
         # the byte's decoder (flag set by this byte's part 1)
         self._lag_h = None  # (the lagged replay's host state does not follow eager steps)
+        self._settle_overlap()
         at = self._latent_at()
         need = self._host_need() if self.host_schedule else None
         for i, part in enumerate(self._parts()):
@@ -501,7 +601,7 @@ class DecodeRunner:
             part()
 
     def _warm_up(self) -> None:
-        """Up to 3 real iterations (lazy inits, compilation, cuBLAS handles) on a side stream: they
+        """Up to 3 real iterations (4 with overlap_latent) (lazy inits, compilation, cuBLAS handles) on a side stream: they
         sample bytes into self.out and count in n_done like any other. Then the latent stage twice
         with no row committing, which leaves the state as it was (the slot it writes is not valid
         yet and is rewritten before it is read)."""
@@ -516,6 +616,22 @@ class DecodeRunner:
                     if self.lagged:  # the two parts too (their compiled code): no row commits either
                         self._lagged_fns[0](self.no_rows)
                         self._lagged_fns[1]()
+            if self.overlap:
+                # overlap_latent's parts (their compiled code): a real byte through encode and decode, the plain way
+                # (nothing staged), then the latent step's three parts with no row staged (nothing changes)
+                encode, decode, stage, show, compute = self._ov_fns
+                self._settle_overlap()
+                if self.n_done < self.max_new:
+                    if any(self._h[2]):
+                        self._latent_fn(self.dec.next_start)
+                    encode()
+                    decode()
+                    self._host_advance()
+                    self.n_done += 1
+                    self.eager_steps += 1
+                stage(self.no_rows)
+                compute()
+                show()
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
 
@@ -530,6 +646,7 @@ class DecodeRunner:
         self._check_unroll()  # (unroll may have been set after construction)
         self.multi_graph = None
         self.sched_graphs = None  # (host_schedule may have been switched since the last capture)
+        self.ov_graphs = None
         self.span_graphs = {}
         self._warm_up()
         stream = torch.cuda.current_stream()
@@ -547,6 +664,14 @@ class DecodeRunner:
             else:
                 g_bytes = [self._record(f, pool) for f in parts]
                 g_lat = self._record(lambda: self._latent_fn(self.dec.next_start), pool) if self.has_latent else None
+            if self.overlap:
+                pieces = self._ov_pieces()
+                self.ov_graphs = {k: self._record(f, pool) for k, f in pieces.items() if k != "compute"}
+                main_capture, self.capture_stream = self.capture_stream, self.latent_capture_stream
+                try:  # (a pool and a capture stream of its own, as the lagged compute graph below)
+                    self.ov_graphs["compute"] = self._record(pieces["compute"], torch.cuda.graph_pool_handle())
+                finally:
+                    self.capture_stream = main_capture
             if self.lagged:
                 # the compute graph replays while byte graphs run: a pool of its own, so no temporary of one can
                 # share memory with the other's (graphs that share a pool must replay one after the other)
@@ -611,6 +736,10 @@ class DecodeRunner:
                 self.n_done += self.multi_k
             if self.n_done >= target:
                 return
+        if self.overlap and self.host_schedule and self.ov_graphs is not None:
+            self._replay_overlapped(target, timed)
+            return self._gpu_times(timed, gpu_ms)
+        self._settle_overlap()
         if self.host_schedule and self.sched_graphs is not None:
             self._replay_scheduled(target, timed)
         elif self.completed:
@@ -620,6 +749,10 @@ class DecodeRunner:
         else:
             self._lag_h = None  # (a lagged runner switched to another latent_policy)
             self._replay_previous(target, g_bytes, g_lat, timed)
+        self._gpu_times(timed, gpu_ms)
+
+    @staticmethod
+    def _gpu_times(timed, gpu_ms) -> None:
         if timed:
             torch.cuda.synchronize()
             for kind, a, b in timed:
@@ -645,7 +778,7 @@ class DecodeRunner:
             self.out = grown(self.out, 1, self._out_len(max(target + 1, 2 * self.out.shape[1])))
             grew = True
         if grew:
-            self.graphs = self.lag_graphs = self.multi_graph = self.sched_graphs = None
+            self.graphs = self.lag_graphs = self.multi_graph = self.sched_graphs = self.ov_graphs = None
             self.span_graphs = {}
 
     def _replay_scheduled(self, target: int, timed) -> None:
