@@ -601,8 +601,8 @@ class DecodeRunner:
             part()
 
     def _warm_up(self) -> None:
-        """Up to 3 real iterations (4 with overlap_latent) (lazy inits, compilation, cuBLAS handles) on a side stream: they
-        sample bytes into self.out and count in n_done like any other. Then the latent stage twice
+        """Up to 3 real iterations, 4 with overlap_latent (lazy inits, compilation, cuBLAS handles), on a side stream:
+        they sample bytes into self.out and count in n_done like any other. Then the latent stage twice
         with no row committing, which leaves the state as it was (the slot it writes is not valid
         yet and is rewritten before it is read)."""
         side = reusable_stream(self.out.device, "warm_up")
