@@ -33,7 +33,7 @@ from ionllama.errors import UserError, check_ranges, cli_entry
 from ionllama.eval.benchmark import device_info, git_commit
 from ionllama.fsutil import atomic_write, ready_out_dir
 from ionllama.generation import decoder_for
-from ionllama.generation.runner import DecodeRunner
+from ionllama.generation.runner import DecodeRunner, resolve_latent_policy
 from ionllama.generation.sampling import SamplingConfig
 from ionllama.registry import build_model, model_config
 
@@ -149,8 +149,8 @@ class Bench:
     def measure(self, s, ctx, n_new, label="", policy=None):
         dec, runner, B = s["dec"], s["runner"], s["B"]
         assert ctx + n_new + 16 <= s["max_len"]
-        if policy is not None:
-            runner.latent_policy = policy
+        if policy is not None:  # ("auto" as the runner resolves it: a runner left at "auto" skipped the lagged replay)
+            runner.latent_policy = resolve_latent_policy(policy, B)
         rows = self.prompts(B, ctx)
         sync()
         t0 = time.perf_counter()

@@ -619,6 +619,9 @@ def test_overlapped_latent_gives_the_bytes_of_the_recompute_decoder(monkeypatch,
     dec = decoder_for(m, rows, 64)
     r = DecodeRunner(dec, SamplingConfig(temperature=1.0), seeds, dec.prefill(prompts), n, overlap_latent=True)
     assert r.overlap and r.host_schedule and not r.completed
+    assert not DecodeRunner(dec, SamplingConfig(temperature=1.0), seeds, r.logits, n).overlap  # "auto": no graphs
+    with pytest.raises(UserError, match="overlap_latent needs ionLlama with fixed patching"):
+        _runner(create_model("tiny", **TINY).eval(), 8, overlap_latent=True)  # entropy patching
     r.latent_stream, r.byte_stream = _LogStream(), _LogStream()
     r.want_graphs = True
     r.run(6)  # warm-up (4 bytes) and capture, then replays
@@ -774,6 +777,9 @@ def test_overlapped_latent_graphs_equal_eager_on_cuda(rows):
     dec = decoder_for(m, rows, 80)
     r = DecodeRunner(dec, SamplingConfig(temperature=1.0), seeds, dec.prefill(prompts), 60, cuda_graphs=True,
                      overlap_latent=True)
+    assert r.overlap  # (asked for; "auto" is on at batch <= 2 under graphs)
+    assert DecodeRunner(dec, SamplingConfig(temperature=1.0), seeds, ref.logits, 60, cuda_graphs=True).overlap == \
+        (rows <= 2)
     for k in (9, 1, 2, 5):
         r.run(k)
     r.overlap = False

@@ -104,6 +104,12 @@ def no_entropy_branch() -> UserError:
                      "latent_shift \"completed\"); this model cannot use it: leave it off")
 
 
+def resolve_latent_policy(policy: str, batch: int) -> str:
+    """DecodeRunner's latent_policy "auto": 'skip' (read the flag, run the latent stage when needed) for batch <= 2,
+    else 'always'. Anything else is kept."""
+    return ("skip" if batch <= 2 else "always") if policy == "auto" else policy
+
+
 class GraphCaptureError(RuntimeError):
     """A failed CUDA graph capture (run() raises it, the capture's own error as its __cause__): callers that offer a
     way around it (the CLI's --cuda_graphs off) can tell it from other RuntimeErrors."""
@@ -153,8 +159,9 @@ class DecodeRunner:
         overlap_latent: latent_shift "previous" with fixed patching under CUDA graphs (it implies host_schedule): a
         byte that closes a patch stages the patch after its pooling, the latent step runs on a second stream while
         that byte's decoder and the next byte's sampling, entropy model and encoder run, and the next byte waits for
-        it only before its decoder (see _replay_overlapped). Same bytes as without it. "auto": off (not yet timed
-        on a GPU); True elsewhere is a UserError.
+        it only before its decoder (see _replay_overlapped). Same bytes as without it. "auto": on where it can be,
+        under CUDA graphs, for batch <= 2 (measured at batch 1 on an H200, the fixed-4-byte pick with "previous":
+        7,689-7,723 -> 9,881-9,927 bytes/s, docs/results/checks-s54.md); True elsewhere is a UserError.
         prompt_len: the longest prompt, when the decoder was built for fewer than prompt_len + max_new + 1
         positions: run() then grows its caches (doubling, dec.grow) and the output buffer before the steps that
         need them, and captures its graphs again. None: the decoder holds every position already."""
@@ -177,8 +184,7 @@ class DecodeRunner:
         self.has_latent = hasattr(dec, "advance_latent")
         # latent_shift "completed": the latent stage runs inside the byte, after its pooling (3 byte parts)
         self.completed = self.has_latent and getattr(dec, "completed", False)
-        if latent_policy == "auto":
-            latent_policy = "skip" if B <= 2 else "always"
+        latent_policy = resolve_latent_policy(latent_policy, B)
         # 'early': the byte stage in two parts (the entropy model and the patch flag first, then the rest),
         # so with graphs the host reads the flag while the GPU runs the rest of the byte
         self.split = (latent_policy == "early" or self.completed) and self.has_latent \
@@ -208,8 +214,8 @@ class DecodeRunner:
         self.can_schedule = self.has_latent and not lagged and fixed
         self.want_graphs = cuda_graphs and logits.is_cuda and getattr(dec, "capturable", True)
         self.can_overlap = self.can_schedule and not self.completed and hasattr(dec, "latent_stage")
-        if overlap_latent == "auto":
-            overlap_latent = False  # (until timed on a GPU)
+        if overlap_latent == "auto":  # measured at batch 1 (H200, fixed-4 pick: 7,689-7,723 -> 9,881-9,927 bytes/s)
+            overlap_latent = self.can_overlap and self.want_graphs and B <= 2
         elif overlap_latent not in (True, False):
             raise UserError(f"overlap_latent must be True, False or 'auto'; got {overlap_latent!r}")
         if overlap_latent and not self.can_overlap:
