@@ -67,12 +67,12 @@ def replay_gpu_ms(runner, n: int) -> dict:
         lat = None if not plain else med(with_lat) - med(plain)  # the latent stage's share (a difference)
         return dict(gpu_ms_byte_graph=med(plain), gpu_ms_latent_graph=lat,
                     gpu_ms_per_byte=sum(sum(v) for v in gpu.values()) / n_bytes)
-    if "encode_stage" in gpu:  # overlap_latent: the bytes' graphs, and the latent step's compute on its own stream
+    if "encode_stage" in gpu or "pair" in gpu:  # overlap_latent: the bytes' graphs, and the latent step's compute on its own stream
         med = (lambda v: sorted(v)[len(v) // 2] if v else None)  # noqa: E731
-        n_bytes = sum(len(gpu.get(k, [])) for k in ("byte", "encode", "encode_stage"))
-        on_bytes = sum(sum(v) for k, v in gpu.items() if k != "compute")  # (the compute overlaps them)
+        n_bytes = sum(len(gpu.get(k, [])) for k in ("byte", "encode", "encode_stage")) + 2 * len(gpu.get("pair", []))
+        on_bytes = sum(sum(v) for k, v in gpu.items() if k != "compute")  # (the compute overlaps them; a pair holds it)
         plain = gpu.get("byte") or [a + b for a, b in zip(gpu.get("encode", []), gpu.get("show_decode", []))]
-        return dict(gpu_ms_byte_graph=med(plain), gpu_ms_latent_graph=med(gpu["compute"]),
+        return dict(gpu_ms_byte_graph=med(plain), gpu_ms_latent_graph=med(gpu.get("compute", [])),
                     gpu_ms_per_byte=on_bytes / n_bytes)
     n_bytes = len(gpu.get("byte", []))
     if not n_bytes:
@@ -143,6 +143,7 @@ class Bench:
                               if kind == "ionllama" else False,
                               overlap_latent=FUSED[getattr(self.args, "overlap_latent", "auto")]
                               if kind == "ionllama" else False)
+        runner.ov_pairs = getattr(self.args, "overlap_pairs", "on") != "off"
         return dict(kind=kind, B=B, dec=dec, runner=runner, graphs=graphs, compile=compile, max_len=max_len)
 
     @torch.no_grad()
@@ -289,6 +290,7 @@ def write_results(b, args, checks):
                entropy_branch=args.entropy_branch, latent_shift=args.latent_shift, unroll=args.unroll,
                host_schedule=getattr(args, "host_schedule", "auto"),
                overlap_latent=getattr(args, "overlap_latent", "auto"),
+               overlap_pairs=getattr(args, "overlap_pairs", "on"),
                models={k: v[1] for k, v in b.models.items()}, checks=checks,
                commit=git_commit())  # BENCH_COMMIT-aware: the GPU machine's copy of .git is stale
     out = pathlib.Path(args.out)
@@ -379,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ionLlama, latent_shift 'previous' with fixed patching: the latent step on a second stream "
                          "beside the byte that closes a patch and the next byte's encoder (DecodeRunner's "
                          "overlap_latent): on, off, or auto (the library's default: off)")
+    ap.add_argument("--overlap_pairs", default="on", choices=["on", "off"],
+                    help="with overlap_latent, a closing byte and the next one as one graph (DecodeRunner's ov_pairs)")
     ap.add_argument("--unroll", type=int, default=1,
                     help="bytes per CUDA graph launch (DecodeRunner's unroll: the latent stage of each byte a conditional "
                          "graph node, no host read between them); 1: one launch per byte")

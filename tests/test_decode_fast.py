@@ -594,13 +594,14 @@ def test_lagged_runner_gives_the_bytes_of_the_recompute_decoder(monkeypatch, gra
     assert torch.equal(r.out[:, :n], ref.out[:, :n])
 
 
-@pytest.mark.parametrize("rows", [1, 3])
-def test_overlapped_latent_gives_the_bytes_of_the_recompute_decoder(monkeypatch, rows):
+@pytest.mark.parametrize("rows,pairs", [(1, False), (1, True), (2, True), (3, True)])
+def test_overlapped_latent_gives_the_bytes_of_the_recompute_decoder(monkeypatch, rows, pairs):
     """overlap_latent ("previous", fixed patching, graphs as CPU fakes that run in order): a byte that closes a patch
     stages it after its encoder, the latent step's compute runs on the latent stream, and the next byte shows it
     between its encoder and its decoder. The bytes equal the full forward rerun per byte (RecomputeDecoder) over runs
     of several lengths (a staged step kept between them) and across a run by another path (which uncounts the staged
-    step and runs it again the plain way)."""
+    step and runs it again the plain way). With pairs, a closing byte and the next one are one graph (the compute
+    forked inside it) wherever both fit in the run."""
     from ionllama.generation import RecomputeDecoder
 
     torch.manual_seed(2)
@@ -624,9 +625,10 @@ def test_overlapped_latent_gives_the_bytes_of_the_recompute_decoder(monkeypatch,
         _runner(create_model("tiny", **TINY).eval(), 8, overlap_latent=True)  # entropy patching
     r.latent_stream, r.byte_stream = _LogStream(), _LogStream()
     r.want_graphs = True
+    r.ov_pairs = pairs
     r.run(6)  # warm-up (4 bytes) and capture, then replays
     assert r.eager_steps == 4 and set(r.ov_graphs) == {"latent", "byte", "encode", "encode_stage", "show_decode",
-                                                        "show_stage", "decode", "compute"}
+                                                        "show_stage", "decode", "compute", "pair"}
     log = []
     r.ov_graphs = {k: _FakeGraph(lambda k=k, g=g: (log.append(k), g.replay())) for k, g in r.ov_graphs.items()}
     for k in (1, 2, 5):  # runs of several lengths
@@ -639,7 +641,13 @@ def test_overlapped_latent_gives_the_bytes_of_the_recompute_decoder(monkeypatch,
     r.run(n)
     assert r.n_done == n and int(r.dec.n_complete.min()) >= 7
     assert torch.equal(r.out[:, :n], ref.out[:, :n])
-    assert log.count("compute") >= 4 and r.latent_stream.waited and r.byte_stream.waited
+    assert log.count("compute") + log.count("pair") >= 4 and r.latent_stream.waited and r.byte_stream.waited
+    if pairs and rows == 1:  # every closing byte with its next one in the run: a pair
+        assert log.count("pair") >= 4 and log.count("encode_stage") <= 3
+        return
+    # two phases of 3-byte patches: a byte that closes one row's patch is followed by one that closes the other's (a
+    # pair there would stage the second patch too late); three phases: every byte opens a patch for some row
+    assert "pair" not in log
     staged = [i for i, k in enumerate(log) if k in ("encode_stage", "show_stage")]
     for i in staged:  # the compute right after the stage, the byte's decoder after it
         assert log[i + 1:i + 3] == ["compute", "decode"]
@@ -647,7 +655,7 @@ def test_overlapped_latent_gives_the_bytes_of_the_recompute_decoder(monkeypatch,
         assert "show_stage" not in log and log.count("show_decode") >= 3 and "byte" in log
         after = [tuple(log[i + 3:i + 5]) for i in staged]  # the next byte: its encoder, then show and decoder
         assert set(after[:-1]) == {("encode", "show_decode"), ("other path", "byte")}, after
-    else:  # three phases: every byte opens a patch for one row and closes one for another
+    else:  # two or three phases: a byte opens a patch for one row and closes one for another
         assert log.count("show_stage") >= 5
 
 

@@ -262,6 +262,9 @@ class DecodeRunner:
             if self.overlap else []
         self.ov_graphs = None  # overlap_latent: the graphs of _ov_pieces, captured with the others
         self._ov_pending_at = None  # n_done after a byte that staged a patch whose latent output is not shown yet
+        # overlap_latent: a closing byte and the opening byte after it as one graph, the latent step forked inside it
+        # (one launch for the two bytes instead of five); False: the pieces alone (benchmarks' A/B)
+        self.ov_pairs = True
         # fixed patching: the host knows which bytes open a patch, so the lagged replay reads no flag per byte
         self.lagged_host = self.lagged and fixed
         self._lag_h = None  # (n_done, host patcher state) where the last lagged replay stopped; None: read it again
@@ -524,6 +527,36 @@ class DecodeRunner:
         self.n_done += 1
         self._ov_pending_at = self.n_done if closes else None
 
+    def _ov_pair(self) -> None:
+        """overlap_latent, two bytes in one graph: a byte that closes a patch (staged after its encoder), the latent
+        step forked onto latent_stream beside that byte's decoder and the next byte's encoder, joined before the
+        next byte's show and decoder. As _overlap_byte twice, for a byte that closes and a next one that does not."""
+        encode, decode, stage, show, compute = self._ov_fns
+        main, side = torch.cuda.current_stream(), self.latent_stream
+        encode()
+        stage(self.dec.next_start)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            compute()
+        decode()
+        encode()
+        main.wait_stream(side)
+        show()
+        decode()
+
+    def _pair_fits(self, target: int) -> tuple | None:
+        """The host state after two bytes if they can run as the pair graph: this byte closes a patch and opens none
+        (no staged step to show, none to run first), the next one closes none, and both are within target."""
+        h = self._h
+        if self.ov_graphs is None or "pair" not in self.ov_graphs or target - self.n_done < 2 or any(h[2]):
+            return None
+        last, nxt = self._host_after(h)
+        if not any(nxt):
+            return None
+        h1 = ([t + 1 for t in h[0]], last, nxt)
+        last1, nxt1 = self._host_after(h1)
+        return None if any(nxt1) else ([t + 2 for t in h[0]], last1, nxt1)
+
     def _settle_overlap(self) -> None:
         """Before any path but the overlapped replay: a patch staged and counted whose output is not shown yet is
         uncounted, so that the next byte runs its latent step again the plain way (the staged step's KV slot is
@@ -543,6 +576,12 @@ class DecodeRunner:
         try:
             with torch.cuda.stream(main):
                 while self.n_done < target:
+                    h2 = self._pair_fits(target) if self.ov_pairs else None
+                    if h2 is not None:
+                        self._replay(graphs["pair"], "pair", timed)
+                        self._h, self._h_next, self._ov_pending_at = h2, None, None
+                        self.n_done += 2
+                        continue
                     self._overlap_byte(lambda name: self._replay(graphs[name], name, timed), (main, side))
         finally:
             main.wait_stream(side)
@@ -673,6 +712,8 @@ class DecodeRunner:
             if self.overlap:
                 pieces = self._ov_pieces()
                 self.ov_graphs = {k: self._record(f, pool) for k, f in pieces.items() if k != "compute"}
+                if self.latent_stream is not None:  # (the fork needs a second stream)
+                    self.ov_graphs["pair"] = self._record(self._ov_pair, pool)
                 main_capture, self.capture_stream = self.capture_stream, self.latent_capture_stream
                 try:  # (a pool and a capture stream of its own, as the lagged compute graph below)
                     self.ov_graphs["compute"] = self._record(pieces["compute"], torch.cuda.graph_pool_handle())
