@@ -623,6 +623,8 @@ def test_overlapped_latent_gives_the_bytes_of_the_recompute_decoder(monkeypatch,
     assert not DecodeRunner(dec, SamplingConfig(temperature=1.0), seeds, r.logits, n).overlap  # "auto": no graphs
     with pytest.raises(UserError, match="overlap_latent needs ionLlama with fixed patching"):
         _runner(create_model("tiny", **TINY).eval(), 8, overlap_latent=True)  # entropy patching
+    with pytest.raises(UserError, match="overlap_latent follows the patch ends on the host"):
+        DecodeRunner(dec, SamplingConfig(temperature=1.0), seeds, r.logits, n, overlap_latent=True, host_schedule=False)
     r.latent_stream, r.byte_stream = _LogStream(), _LogStream()
     r.want_graphs = True
     r.ov_pairs = pairs
@@ -786,8 +788,9 @@ def test_overlapped_latent_graphs_equal_eager_on_cuda(rows):
     r = DecodeRunner(dec, SamplingConfig(temperature=1.0), seeds, dec.prefill(prompts), 60, cuda_graphs=True,
                      overlap_latent=True)
     assert r.overlap  # (asked for; "auto" is on at batch <= 2 under graphs)
-    assert DecodeRunner(dec, SamplingConfig(temperature=1.0), seeds, ref.logits, 60, cuda_graphs=True).overlap == \
-        (rows <= 2)
+    auto = DecodeRunner(dec, SamplingConfig(temperature=1.0), seeds, ref.logits, 60, cuda_graphs=True)
+    assert auto.overlap == (rows <= 2) and not DecodeRunner(dec, SamplingConfig(temperature=1.0), seeds, ref.logits,
+                                                             60, cuda_graphs=True, host_schedule=False).overlap
     for k in (9, 1, 2, 5):
         r.run(k)
     r.overlap = False

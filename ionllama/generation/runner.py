@@ -154,8 +154,8 @@ class DecodeRunner:
         row needs it, inside the same graph) and the host never waits for the GPU. The latent stage runs only at
         bytes where some row needs it, whatever latent_policy says (its masked commit leaves the other rows).
         "auto": on for fixed patching with the "completed" shift under CUDA graphs (measured ~9 % faster on an
-        H200, levers step pick), else off; True needs fixed patching and a shift other than "lagged" (else a
-        UserError).
+        H200, levers step pick), and wherever overlap_latent is on, else off; True needs fixed patching and a shift
+        other than "lagged" (else a UserError).
         overlap_latent: latent_shift "previous" with fixed patching under CUDA graphs (it implies host_schedule): a
         byte that closes a patch stages the patch after its pooling, the latent step runs on a second stream while
         that byte's decoder and the next byte's sampling, entropy model and encoder run, and the next byte waits for
@@ -215,9 +215,12 @@ class DecodeRunner:
         self.want_graphs = cuda_graphs and logits.is_cuda and getattr(dec, "capturable", True)
         self.can_overlap = self.can_schedule and not self.completed and hasattr(dec, "latent_stage")
         if overlap_latent == "auto":  # measured at batch 1 (H200, fixed-4 pick: 7,689-7,723 -> 9,881-9,927 bytes/s)
-            overlap_latent = self.can_overlap and self.want_graphs and B <= 2
+            overlap_latent = self.can_overlap and self.want_graphs and B <= 2 and host_schedule is not False
         elif overlap_latent not in (True, False):
             raise UserError(f"overlap_latent must be True, False or 'auto'; got {overlap_latent!r}")
+        if overlap_latent and host_schedule is False:
+            raise UserError("overlap_latent follows the patch ends on the host (host_schedule); leave host_schedule on "
+                            "or 'auto', or overlap_latent off")
         if overlap_latent and not self.can_overlap:
             raise UserError("overlap_latent needs ionLlama with fixed patching and latent_shift 'previous' (the host "
                             "must know the patch ends, and the byte after a patch must be the first to see it); "
@@ -227,7 +230,8 @@ class DecodeRunner:
             host_schedule = True
         if host_schedule == "auto":
             # on where measured faster: fixed patching, the "completed" shift, CUDA graphs (H200, the Phase-1 picks:
-            # 6,844 -> 7,415 and 7,582 -> 8,327 bytes/s, docs/results/generation.md); the "previous" shift: untimed
+            # 6,844 -> 7,415 and 7,582 -> 8,327 bytes/s, docs/results/generation.md); the "previous" shift alone: untimed
+            # (with overlap_latent: on)
             host_schedule = bool(self.can_schedule and self.completed and self.want_graphs)
         elif host_schedule not in (True, False):
             raise UserError(f"host_schedule must be True, False or 'auto'; got {host_schedule!r}")
