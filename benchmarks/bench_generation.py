@@ -143,7 +143,7 @@ class Bench:
                               if kind == "ionllama" else False,
                               overlap_latent=FUSED[getattr(self.args, "overlap_latent", "auto")]
                               if kind == "ionllama" else False)
-        runner.ov_pairs = getattr(self.args, "overlap_pairs", "on") != "off"
+        runner.ov_pairs = getattr(self.args, "overlap_pairs", "off") == "on"
         return dict(kind=kind, B=B, dec=dec, runner=runner, graphs=graphs, compile=compile, max_len=max_len)
 
     @torch.no_grad()
@@ -290,7 +290,7 @@ def write_results(b, args, checks):
                entropy_branch=args.entropy_branch, latent_shift=args.latent_shift, unroll=args.unroll,
                host_schedule=getattr(args, "host_schedule", "auto"),
                overlap_latent=getattr(args, "overlap_latent", "auto"),
-               overlap_pairs=getattr(args, "overlap_pairs", "on"),
+               overlap_pairs=getattr(args, "overlap_pairs", "off"),
                models={k: v[1] for k, v in b.models.items()}, checks=checks,
                commit=git_commit())  # BENCH_COMMIT-aware: the GPU machine's copy of .git is stale
     out = pathlib.Path(args.out)
@@ -381,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ionLlama, latent_shift 'previous' with fixed patching: the latent step on a second stream "
                          "beside the byte that closes a patch and the next byte's encoder (DecodeRunner's "
                          "overlap_latent): on, off, or auto (the library's default: off)")
-    ap.add_argument("--overlap_pairs", default="on", choices=["on", "off"],
+    ap.add_argument("--overlap_pairs", default="off", choices=["on", "off"],
                     help="with overlap_latent, a closing byte and the next one as one graph (DecodeRunner's ov_pairs)")
     ap.add_argument("--unroll", type=int, default=1,
                     help="bytes per CUDA graph launch (DecodeRunner's unroll: the latent stage of each byte a conditional "

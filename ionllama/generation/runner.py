@@ -267,8 +267,9 @@ class DecodeRunner:
         self.ov_graphs = None  # overlap_latent: the graphs of _ov_pieces, captured with the others
         self._ov_pending_at = None  # n_done after a byte that staged a patch whose latent output is not shown yet
         # overlap_latent: a closing byte and the opening byte after it as one graph, the latent step forked inside it
-        # (one launch for the two bytes instead of five); False: the pieces alone (benchmarks' A/B)
-        self.ov_pairs = True
+        # (one launch for the two bytes instead of five; set before the capture). Off: equal bytes on an H100, its
+        # speed not measured yet (docs/results/checks-s54.md); the pieces alone measured 9,881-9,927 bytes/s
+        self.ov_pairs = False
         # fixed patching: the host knows which bytes open a patch, so the lagged replay reads no flag per byte
         self.lagged_host = self.lagged and fixed
         self._lag_h = None  # (n_done, host patcher state) where the last lagged replay stopped; None: read it again
@@ -716,7 +717,7 @@ class DecodeRunner:
             if self.overlap:
                 pieces = self._ov_pieces()
                 self.ov_graphs = {k: self._record(f, pool) for k, f in pieces.items() if k != "compute"}
-                if self.latent_stream is not None:  # (the fork needs a second stream)
+                if self.ov_pairs and self.latent_stream is not None:  # (the fork needs a second stream)
                     self.ov_graphs["pair"] = self._record(self._ov_pair, pool)
                 main_capture, self.capture_stream = self.capture_stream, self.latent_capture_stream
                 try:  # (a pool and a capture stream of its own, as the lagged compute graph below)
