@@ -67,7 +67,9 @@ def replay_gpu_ms(runner, n: int) -> dict:
         lat = None if not plain else med(with_lat) - med(plain)  # the latent stage's share (a difference)
         return dict(gpu_ms_byte_graph=med(plain), gpu_ms_latent_graph=lat,
                     gpu_ms_per_byte=sum(sum(v) for v in gpu.values()) / n_bytes)
-    if "encode_stage" in gpu or "pair" in gpu:  # overlap_latent: the bytes' graphs, and the latent step's compute on its own stream
+    if runner.overlap and runner.host_schedule:
+        # overlap_latent: the bytes' graphs, and the latent step's compute on its own stream. A byte's wait for that
+        # compute falls between two timed replays, so the GPU idle per byte (wall minus these) holds it too
         med = (lambda v: sorted(v)[len(v) // 2] if v else None)  # noqa: E731
         n_bytes = sum(len(gpu.get(k, [])) for k in ("byte", "encode", "encode_stage")) + 2 * len(gpu.get("pair", []))
         on_bytes = sum(sum(v) for k, v in gpu.items() if k != "compute")  # (the compute overlaps them; a pair holds it)
@@ -163,7 +165,7 @@ class Bench:
         runner.run(8)  # first use: warm-up iterations + capture (+ compilation)
         sync()
         t_setup = time.perf_counter() - t0
-        patches0 = int(dec.n_complete.sum()) if hasattr(dec, "n_complete") else None
+        patches0 = int(runner.patches_counted().sum()) if hasattr(dec, "n_complete") else None
         t0 = time.perf_counter()
         before = runner.n_done
         runner.run(n_new)
@@ -180,7 +182,7 @@ class Bench:
                    compile=s["compile"], latent_policy=runner.latent_policy if patches0 is not None else None,
                    bytes_per_s=B * n_new / dt, ms_per_byte=1000 * dt / n_new, prefill_s=t_prefill, setup_s=t_setup)
         if patches0 is not None:
-            row["bytes_per_patch_decoded"] = B * n_new / max(1, int(dec.n_complete.sum()) - patches0)
+            row["bytes_per_patch_decoded"] = B * n_new / max(1, int(runner.patches_counted().sum()) - patches0)
         if runner.graphs is not None and B == 1:  # where a byte's time goes: GPU time of the replays vs the rest
             room = s["max_len"] - (ctx + 8 + n_new) - 8  # the decoder's capacity left after this row
             row.update(replay_gpu_ms(runner, max(0, min(TIMED_BYTES, runner.max_new - runner.n_done, room))))
@@ -380,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--overlap_latent", nargs="?", const="on", default="auto", choices=list(FUSED),
                     help="ionLlama, latent_shift 'previous' with fixed patching: the latent step on a second stream "
                          "beside the byte that closes a patch and the next byte's encoder (DecodeRunner's "
-                         "overlap_latent): on, off, or auto (the library's default: off)")
+                         "overlap_latent): on, off, or auto (the library's default: on at batch <= 2 under graphs)")
     ap.add_argument("--overlap_pairs", default="off", choices=["on", "off"],
                     help="with overlap_latent, a closing byte and the next one as one graph (DecodeRunner's ov_pairs)")
     ap.add_argument("--unroll", type=int, default=1,

@@ -196,7 +196,7 @@ def write(args, stem: str, result: dict, lines: list[str]) -> None:
 @torch.no_grad()
 def run_profile(args) -> dict:
     s = prepare(args)
-    dec, runner, n = s["dec"], s["runner"], args.bytes
+    runner, n = s["runner"], args.bytes
     dumps = GraphDumps(runner, args) if args.dump_graphs else None
     setup_s = start(s)
     if dumps:
@@ -206,9 +206,9 @@ def run_profile(args) -> dict:
         setup_s = start(s)
         if dumps:
             dumps.after_capture(i + 1, setup_s)
-    patches0 = int(dec.n_complete.sum())
+    patches0 = int(runner.patches_counted().sum())
     wall_ms = timed(runner, n)
-    patches_per_byte = (int(dec.n_complete.sum()) - patches0) / n
+    patches_per_byte = (int(runner.patches_counted().sum()) - patches0) / n
     reset_ms = []
     for _ in range(args.resets):  # a new prefill and reset, the graphs kept: a later generate() that did not capture
         graphs = runner.graphs
@@ -411,7 +411,7 @@ def run_sweep(args, kind: str, points: list[dict]) -> list[dict]:
             try:
                 runner.graphs = None  # re-captured with this configuration by start()
                 if i and args.free_graphs:  # the old graphs' pools back to the driver before the capture
-                    runner.sched_graphs = runner.multi_graph = runner.lag_graphs = None
+                    runner.sched_graphs = runner.multi_graph = runner.lag_graphs = runner.ov_graphs = None
                     runner.span_graphs = {}
                     gc.collect()
                     torch.cuda.empty_cache() if args.device == "cuda" else None

@@ -661,6 +661,101 @@ def test_overlapped_latent_gives_the_bytes_of_the_recompute_decoder(monkeypatch,
         assert log.count("show_stage") >= 5
 
 
+class _DeferredStream:
+    """A fake latent stream whose work runs as late as the streams' edges allow: queued, and run only when the bytes'
+    stream waits for it. A missing join, or a compute that reads live state instead of its staged copies, then
+    changes the bytes on CPU too."""
+
+    def __init__(self):
+        self.queue = []
+
+    def wait_stream(self, other):
+        pass
+
+    def flush(self):
+        q, self.queue = self.queue, []
+        for f in q:
+            f()
+
+
+class _JoiningStream:
+    def __init__(self, side):
+        self.side = side
+
+    def wait_stream(self, other):
+        if other is self.side:
+            self.side.flush()
+
+
+def _overlap_model(k: int):
+    torch.manual_seed(2)
+    m = create_model("tiny", **TINY, patching="fixed", fixed_patch_size=k).eval()
+    with torch.no_grad():
+        m.head.weight.mul_(30.0)
+        m.from_latent.weight.mul_(30.0)  # the latent visibly moves the logits
+    return m
+
+
+def _plain_bytes(m, prompts, seeds, n):
+    dec = decoder_for(m, len(prompts), 64)
+    ref = DecodeRunner(dec, SamplingConfig(temperature=1.0), seeds, dec.prefill(prompts), n, host_schedule=False)
+    ref.run(n)
+    return ref.out[:, :n].clone()
+
+
+@pytest.mark.parametrize("rows,pairs,k", [(1, False, 3), (1, True, 3), (3, True, 4), (1, True, 2), (2, False, 1)])
+def test_overlapped_latent_with_the_latent_stream_as_late_as_allowed(monkeypatch, rows, pairs, k):
+    """overlap_latent with the latent step's compute deferred to the join before the next byte's show (the latest a
+    GPU could run it): the bytes of the plain runner, for several patch sizes, phases and run lengths."""
+    m, n = _overlap_model(k), 40
+    prompts, seeds = [list(b"ab c"), list(b"de"), list(b"fgh")][:rows], torch.tensor([3, 4, 5])[:rows]
+    ref = _plain_bytes(m, prompts, seeds, n)
+    _fake_cuda(monkeypatch, _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    side = _DeferredStream()
+    main = _JoiningStream(side)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: main)
+    dec = decoder_for(m, rows, 64)
+    r = DecodeRunner(dec, SamplingConfig(temperature=1.0), seeds, dec.prefill(prompts), n, overlap_latent=True)
+    r.latent_stream, r.byte_stream, r.want_graphs, r.ov_pairs = side, main, True, pairs
+    r.run(6)
+    compute = r._ov_fns[4]
+    r._ov_fns[4] = lambda: side.queue.append(compute)  # (the pair graph's fork calls it)
+    g = r.ov_graphs["compute"]
+    r.ov_graphs["compute"] = _FakeGraph(lambda: side.queue.append(g.replay))
+    for k_run in (1, 2, 5, 7, n):
+        r.run(k_run)
+    assert torch.equal(r.out[:, :n], ref)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_overlapped_latent_survives_host_schedule_switches_and_counts_patches(monkeypatch, k):
+    """host_schedule switched off and on between runs of an overlapping runner (profile_decode_step's sched sweep):
+    the warm-up and capture in between do not follow a stale host state, and the bytes stay the plain runner's. A
+    staged step is not yet a patch in patches_counted (the plain path runs it before the next byte)."""
+    m, n = _overlap_model(k), 29
+    prompts, seeds = [list(b"ab c"), list(b"de")], torch.tensor([3, 4])
+    ref = _plain_bytes(m, prompts[:1], seeds[:1], n)
+    _fake_cuda(monkeypatch, _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    dec = decoder_for(m, 1, 64)
+    r = DecodeRunner(dec, SamplingConfig(temperature=1.0), seeds[:1], dec.prefill(prompts[:1]), n, overlap_latent=True)
+    r.latent_stream, r.byte_stream, r.want_graphs = _LogStream(), _LogStream(), True
+    r.run(7)
+    r.set_host_schedule(False)
+    r.run(8)
+    r.set_host_schedule(True)
+    r.run(6)  # warm-up and capture again
+    pending = []
+    plain = decoder_for(m, 1, 64)  # the plain path's count after the same bytes: a prefill over prompt and output
+    while r.n_done < n:
+        r.run(1)
+        pending.append(r._ov_pending_at is not None)
+        plain.prefill([prompts[0] + r.out[0, :r.n_done].tolist()])  # (the runner fed every byte it sampled)
+        assert int(r.patches_counted()[0]) == int(plain.n_complete[0]) == int(r.dec.n_complete[0]) - pending[-1]
+    assert torch.equal(r.out[:, :n], ref) and any(pending) and not all(pending)
+
+
 def test_failed_capture_raises_and_keeps_warm_up_state(ion, monkeypatch):
     """A failed capture raises a clear error (no silent fallback), with the current stream restored;
     the runner holds exactly the warm-up's bytes."""

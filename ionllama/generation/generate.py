@@ -339,7 +339,7 @@ def _decode_loop(model, rows, outs, cfg, max_new_bytes, seed, stream, decoder_ki
     n_complete = getattr(runner.dec, "n_complete", None)  # ionLlama: patches over prompt and output
     if n_complete is not None and B == 1:  # the closed ones and the last, unless "completed" closed it already
         d = runner.dec
-        patches = int(n_complete.sum()) + 1 - (int(d.next_start.sum()) if d.completed else 0)
+        patches = int(runner.patches_counted().sum()) + 1 - (int(d.next_start.sum()) if d.completed else 0)
         info.update(patches=patches, positions=int(d.t.sum()))
     if first_run is not None:  # host time, read after each run's bytes came back (a sync)
         info.update(setup_s=t0 - t_setup, first_run_steps=first_run[0], first_run_s=first_run[1],

@@ -562,6 +562,12 @@ class DecodeRunner:
         last1, nxt1 = self._host_after(h1)
         return None if any(nxt1) else ([t + 2 for t in h[0]], last1, nxt1)
 
+    def patches_counted(self) -> torch.Tensor:
+        """The decoder's completed-patch count per row as the plain path would have it: a patch staged by the
+        overlapped replay counts already on the GPU, but on the plain path its step runs before the next byte."""
+        n = self.dec.n_complete
+        return n - self.dec.mask_buf.long() if self._ov_pending_at is not None else n
+
     def _settle_overlap(self) -> None:
         """Before any path but the overlapped replay: a patch staged and counted whose output is not shown yet is
         uncounted, so that the next byte runs its latent step again the plain way (the staged step's KV slot is
@@ -666,7 +672,7 @@ class DecodeRunner:
                     if self.lagged:  # the two parts too (their compiled code): no row commits either
                         self._lagged_fns[0](self.no_rows)
                         self._lagged_fns[1]()
-            if self.overlap:
+            if self.overlap and self.host_schedule:  # (its parts follow the host's patcher state)
                 # overlap_latent's parts (their compiled code): a real byte through encode and decode, the plain way
                 # (nothing staged), then the latent step's three parts with no row staged (nothing changes)
                 encode, decode, stage, show, compute = self._ov_fns
@@ -714,7 +720,7 @@ class DecodeRunner:
             else:
                 g_bytes = [self._record(f, pool) for f in parts]
                 g_lat = self._record(lambda: self._latent_fn(self.dec.next_start), pool) if self.has_latent else None
-            if self.overlap:
+            if self.overlap and self.host_schedule:
                 pieces = self._ov_pieces()
                 self.ov_graphs = {k: self._record(f, pool) for k, f in pieces.items() if k != "compute"}
                 if self.ov_pairs and self.latent_stream is not None:  # (the fork needs a second stream)
