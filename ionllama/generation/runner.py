@@ -230,8 +230,8 @@ class DecodeRunner:
             host_schedule = True
         if host_schedule == "auto":
             # on where measured faster: fixed patching, the "completed" shift, CUDA graphs (H200, the Phase-1 picks:
-            # 6,844 -> 7,415 and 7,582 -> 8,327 bytes/s, docs/results/generation.md); the "previous" shift alone: untimed
-            # (with overlap_latent: on)
+            # 6,844 -> 7,415 and 7,582 -> 8,327 bytes/s, docs/results/generation.md); the "previous" shift alone:
+            # untimed (with overlap_latent: on)
             host_schedule = bool(self.can_schedule and self.completed and self.want_graphs)
         elif host_schedule not in (True, False):
             raise UserError(f"host_schedule must be True, False or 'auto'; got {host_schedule!r}")
@@ -698,6 +698,17 @@ class DecodeRunner:
             fn()
         return g
 
+    def _record_beside(self, fn) -> torch.cuda.CUDAGraph:
+        """Capture a latent compute graph that replays while byte graphs run ("lagged", overlap_latent): a pool of its
+        own, so no temporary of one can share memory with the other's (graphs that share a pool must replay one after
+        the other), and a capture stream of its own: torch gives each stream its own cuBLAS workspace, and a graph
+        keeps the one of its capture stream, so the two graphs' GEMMs do not share one while they overlap."""
+        main_capture, self.capture_stream = self.capture_stream, self.latent_capture_stream
+        try:
+            return self._record(fn, torch.cuda.graph_pool_handle())
+        finally:
+            self.capture_stream = main_capture
+
     def _capture(self) -> None:
         self._check_unroll()  # (unroll may have been set after construction)
         self.multi_graph = None
@@ -725,23 +736,11 @@ class DecodeRunner:
                 self.ov_graphs = {k: self._record(f, pool) for k, f in pieces.items() if k != "compute"}
                 if self.ov_pairs and self.latent_stream is not None:  # (the fork needs a second stream)
                     self.ov_graphs["pair"] = self._record(self._ov_pair, pool)
-                main_capture, self.capture_stream = self.capture_stream, self.latent_capture_stream
-                try:  # (a pool and a capture stream of its own, as the lagged compute graph below)
-                    self.ov_graphs["compute"] = self._record(pieces["compute"], torch.cuda.graph_pool_handle())
-                finally:
-                    self.capture_stream = main_capture
+                self.ov_graphs["compute"] = self._record_beside(pieces["compute"])
             if self.lagged:
-                # the compute graph replays while byte graphs run: a pool of its own, so no temporary of one can
-                # share memory with the other's (graphs that share a pool must replay one after the other)
-                # and a capture stream of its own: torch gives each stream its own cuBLAS workspace, and a graph
-                # keeps the one of its capture stream, so the two graphs' GEMMs do not share one while they overlap
                 commit, compute = self._lagged_fns
                 g_commit = self._record(lambda: commit(self.dec.next_start), pool)
-                main_capture, self.capture_stream = self.capture_stream, self.latent_capture_stream
-                try:
-                    self.lag_graphs = (g_commit, self._record(compute, torch.cuda.graph_pool_handle()))
-                finally:
-                    self.capture_stream = main_capture
+                self.lag_graphs = (g_commit, self._record_beside(compute))
             if self._wants_unrolled():
                 self.multi_graph = self._record_unrolled(pool)
                 self.multi_k = self.unroll  # what the graph holds, whatever unroll is set to later
