@@ -60,17 +60,16 @@ def replay_gpu_ms(runner, n: int) -> dict:
     the byte graph (all its parts) and of the latent graph, and the mean GPU ms per byte; {} if none ran."""
     gpu = {}
     runner.run(n, gpu_ms=gpu)
+    med = (lambda v: sorted(v)[len(v) // 2] if v else None)  # noqa: E731
     if "byte_latent" in gpu:  # host_schedule: one graph per byte; those of closing bytes hold the latent stage
         plain, with_lat = sorted(gpu.get("byte", [])), sorted(gpu["byte_latent"])
         n_bytes = len(plain) + len(with_lat)
-        med = (lambda v: v[len(v) // 2] if v else None)  # noqa: E731
         lat = None if not plain else med(with_lat) - med(plain)  # the latent stage's share (a difference)
         return dict(gpu_ms_byte_graph=med(plain), gpu_ms_latent_graph=lat,
                     gpu_ms_per_byte=sum(sum(v) for v in gpu.values()) / n_bytes)
     if runner.overlap and runner.host_schedule:
         # overlap_latent: the bytes' graphs, and the latent step's compute on its own stream. A byte's wait for that
         # compute falls between two timed replays, so the GPU idle per byte (wall minus these) holds it too
-        med = (lambda v: sorted(v)[len(v) // 2] if v else None)  # noqa: E731
         n_bytes = sum(len(gpu.get(k, [])) for k in ("byte", "encode", "encode_stage")) + 2 * len(gpu.get("pair", []))
         on_bytes = sum(sum(v) for k, v in gpu.items() if k != "compute")  # (the compute overlaps them; a pair holds it)
         plain = gpu.get("byte") or [a + b for a, b in zip(gpu.get("encode", []), gpu.get("show_decode", []))]

@@ -584,6 +584,7 @@ class DecodeRunner:
         main = self.byte_stream or outer
         if main is not outer:
             main.wait_stream(outer)
+        run = lambda name: self._replay(graphs[name], name, timed)  # noqa: E731  (one closure, not one a byte)
         try:
             with torch.cuda.stream(main):
                 while self.n_done < target:
@@ -593,7 +594,7 @@ class DecodeRunner:
                         self._h, self._h_next, self._ov_pending_at = h2, None, None
                         self.n_done += 2
                         continue
-                    self._overlap_byte(lambda name: self._replay(graphs[name], name, timed), (main, side))
+                    self._overlap_byte(run, (main, side))
         finally:
             main.wait_stream(side)
             if main is not outer:
