@@ -3,7 +3,8 @@
 # bytes on a high-priority stream, the host's patch schedule kept across runs; overlap_latent: "previous" with its
 # latent step beside the bytes around it). Then the fixed-4-byte pick's per-byte latency from 1K to 32K of context,
 # one process per entry of SHIFTS (compiled, CUDA graphs, batch 1): "previous", "previous+overlap" (the same with
-# --overlap_latent on), "lagged", "completed" (the pick's own). Then (WITH_CLI=1) a lagged checkpoint through
+# --overlap_latent on), "previous+pairs" (the overlapped step with --overlap_pairs on: a closing byte and the next
+# one as one graph), "lagged", "completed" (the pick's own). Then (WITH_CLI=1) a lagged checkpoint through
 # `ionllama generate`. Everything lands in one tarball, $OUT/lag.tgz.
 # Usage (device tool): BENCH_COMMIT=$(git rev-parse --short HEAD) [SHIFTS="..."] [TESTS=0] [WITH_CLI=0] \
 #   bash scripts/gpu_lagged_checks.sh   (a bench process 26-53 s on a warm machine, 70+ s on a fresh one: its compiled
@@ -21,8 +22,8 @@ fi
 B="benchmarks/bench_generation.py --model_config $C --models ionllama --compile --compiled_only
    --contexts 1024 8192 32768 --budget_s ${BUDGET:-230}"
 for spec in ${SHIFTS:-previous previous+overlap lagged completed}; do
-  shift=${spec%+overlap}; extra=""
-  [ "$spec" != "$shift" ] && extra="--overlap_latent on"
+  shift=${spec%+*}; extra=""
+  case "$spec" in *+overlap) extra="--overlap_latent on";; *+pairs) extra="--overlap_latent on --overlap_pairs on";; esac
   s=$SECONDS; timeout 260 python3 $B --latent_shift $shift $extra --out "$R/$spec" > "$R/$spec.log" 2>&1
   echo "$spec rc=$? $((SECONDS - s)) s"; grep -E "^\| ionllama" "$R/$spec/bench_generation.md" | cut -c1-160
 done
