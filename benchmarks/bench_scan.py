@@ -66,38 +66,73 @@ def time_scan(fn, B, T, D, dtype, rep):
     return r
 
 
-def sweep(shapes, dtype, rep=25):
-    """Tiles x chunking target. Times the forward and backward kernels called directly (main thread,
-    no autograd), so launch overheads do not hide the kernels' own times."""
-    configs = [(64, 32, 4), (32, 32, 4), (128, 16, 4), (64, 16, 2), (64, 64, 4), (32, 64, 2)]
-    targets = [1, 512, 1024, 2048]
+SWEEP_CONFIGS = "64,32,4;32,32,4;128,16,4;64,16,2;64,64,4;32,64,2"  # block_t,block_d,num_warps[,fold]
+SWEEP_TARGETS = "1,512,1024,2048"  # min_programs
+
+
+def parse_configs(text: str) -> list[tuple[int, int, int, int]]:
+    """--sweep_configs "bt,bd,nw[,fold];..." -> (block_t, block_d, num_warps, fold) tuples."""
+    out = []
+    for part in text.split(";"):
+        try:
+            vals = [int(v) for v in part.split(",")]
+        except ValueError:
+            vals = []
+        if len(vals) not in (3, 4) or min(vals[:3]) < 1 or vals[3:] not in ([], [0], [1]):
+            raise UserError(f"--sweep_configs {text!r}: each entry is block_t,block_d,num_warps[,fold] (positive "
+                            f"ints; fold 0 or 1), e.g. 32,64,2;16,256,1,1")
+        out.append(tuple(vals) + ((0,) if len(vals) == 3 else ()))
+    return out
+
+
+def _rel(x, ref):
+    return ((x.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+
+
+def sweep(shapes, dtype, rep=25, configs=SWEEP_CONFIGS, targets=SWEEP_TARGETS):
+    """Tiles x chunking target (x fold). Times the forward and backward kernels called directly (main thread,
+    no autograd), so launch overheads do not hide the kernels' own times. Each point's outputs (h, du, dlog_a)
+    are compared with the configuration in force before the sweep (rel_err: the largest of the three)."""
+    configs, targets = parse_configs(configs), [int(t) for t in targets.split(",")]
+    base = dict(st._CONFIG)
     data = []
     for B, T, D in shapes:
         u, la, dy = make(B, T, D, dtype, seed=1)
-        data.append((u.detach(), la.detach(), dy))
+        u, la = u.detach(), la.detach()
+        h = st.scan_forward(u, la, None)
+        du, dla, _ = st.scan_backward(dy, h, la, None)
+        data.append((u, la, dy, (h, du, dla)))
     log, score = [], {}
-    for bt, bd, nw in configs:
+    for bt, bd, nw, fold in configs:
         for target in targets:
-            st.set_scan_config(block_t=bt, block_d=bd, num_warps=nw, n_chunks=0, min_programs=target)
+            st.set_scan_config(block_t=bt, block_d=bd, num_warps=nw, n_chunks=0, min_programs=target, fold=fold)
             tot = 0.0
             try:
-                for (B, T, D), (u, la, dy) in zip(shapes, data):
+                for (B, T, D), (u, la, dy, ref) in zip(shapes, data):
                     h = st.scan_forward(u, la, None)
+                    du, dla, _ = st.scan_backward(dy, h, la, None)
+                    err = max(_rel(x, r) for x, r in zip((h, du, dla), ref))
                     f = do_bench(lambda: st.scan_forward(u, la, None), rep=rep)
                     b = do_bench(lambda: st.scan_backward(dy, h, la, None), rep=rep)
                     tot += f + b
-                    log.append(dict(block_t=bt, block_d=bd, num_warps=nw, min_programs=target, B=B, T=T, D=D,
-                                    fwd_ms=f, bwd_ms=b, chunks_used=st._chunking(B, T, D)[0]))
+                    log.append(dict(block_t=bt, block_d=bd, num_warps=nw, fold=fold, min_programs=target, B=B, T=T,
+                                    D=D, fwd_ms=f, bwd_ms=b, chunks_used=st._chunking(B, T, D)[0], rel_err=err))
             except Exception as e:
-                log.append(dict(block_t=bt, block_d=bd, num_warps=nw, min_programs=target, error=repr(e)[:200]))
-                print(f"sweep bt={bt} bd={bd} warps={nw} target={target}: error {e!r}"[:300], flush=True)
+                log.append(dict(block_t=bt, block_d=bd, num_warps=nw, fold=fold, min_programs=target,
+                                error=repr(e)[:200]))
+                print(f"sweep bt={bt} bd={bd} warps={nw} fold={fold} target={target}: error {e!r}"[:300], flush=True)
                 continue
-            score[(bt, bd, nw, target)] = tot
-            print(f"sweep bt={bt} bd={bd} warps={nw} min_programs={target}: {tot:.3f} ms (fwd+bwd kernels, sum "
-                  f"over {shapes})", flush=True)
+            score[(bt, bd, nw, fold, target)] = tot
+            print(f"sweep bt={bt} bd={bd} warps={nw} fold={fold} min_programs={target}: {tot:.3f} ms (fwd+bwd "
+                  f"kernels, sum over {shapes}; rel_err {max(r.get('rel_err', 0) for r in log[-len(shapes):]):.1e})",
+                  flush=True)
+    st.set_scan_config(**base)
+    if not score:
+        return None, log
     best = min(score, key=score.get)
-    st.set_scan_config(block_t=best[0], block_d=best[1], num_warps=best[2], n_chunks=0, min_programs=best[3])
-    return dict(block_t=best[0], block_d=best[1], num_warps=best[2], min_programs=best[3]), log
+    st.set_scan_config(block_t=best[0], block_d=best[1], num_warps=best[2], fold=best[3], n_chunks=0,
+                       min_programs=best[4])
+    return dict(block_t=best[0], block_d=best[1], num_warps=best[2], fold=best[3], min_programs=best[4]), log
 
 
 def bench_ssd(rep, out_rows):
@@ -142,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rep", type=int, default=100)
     p.add_argument("--profile", action="store_true", help="host overhead at T=2048 and kernel times at T=8192")
     p.add_argument("--sweep-length", type=int, default=8192)
+    p.add_argument("--sweep_configs", default=SWEEP_CONFIGS,
+                   help="the sweep's points: block_t,block_d,num_warps[,fold] entries joined by ';'")
+    p.add_argument("--sweep_targets", default=SWEEP_TARGETS, help="the sweep's min_programs values, comma-joined")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cpu: dry run of this script under TRITON_INTERPRET=1")
     p.add_argument("--graph_timing", action="store_true",
@@ -154,6 +192,8 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     check_flags(a, {"rep": 1, "sweep-length": 1}, a.device)
     int_list("shapes", a.shapes, "BxD")
+    parse_configs(a.sweep_configs)  # before anything is timed
+    int_list("sweep_targets", a.sweep_targets)
     check_choices("dtypes", a.dtypes, DT)
     lengths = int_list("lengths", a.lengths)
     if "fp32" in a.dtypes.split(",") and a.sweep_length not in lengths:  # its rows were silently left out
@@ -181,7 +221,8 @@ def main(argv=None) -> int:
         res["checks"] = run_checks(a.device, large=a.device == "cuda", verbose=True, kinds=("scan",))
         save()
     if a.sweep:
-        best, log = sweep([(B, a.sweep_length, D) for B, D in shapes], torch.bfloat16)
+        best, log = sweep([(B, a.sweep_length, D) for B, D in shapes], torch.bfloat16, configs=a.sweep_configs,
+                          targets=a.sweep_targets)
         res["sweep"] = dict(best=best, log=log)
         print(f"sweep best: {best}", flush=True)
         save()

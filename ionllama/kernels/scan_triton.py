@@ -102,30 +102,37 @@ def _scan_summary(X, LOG_A, SUM, T, D, L, n_chunks, sxb, sxt,
 
 
 @triton.jit
-def _carry_in(SUM, b, c, n_chunks, la, cols, col_ok, L, D, REVERSE: tl.constexpr,
-              MAX_CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr):
+def _carry_in(SUM, b, c, n_chunks, la, cols, col_ok, L, D, REVERSE: tl.constexpr, CG: tl.constexpr,
+              BLOCK_D: tl.constexpr):
     """State entering chunk c from the other chunks' summaries (zero when n_chunks == 1):
-    forward sum_{c' < c} a^(L (c-1-c')) E_c', reverse sum_{c' > c} a^(L (c'-c-1)) F_c'."""
-    cc = tl.arange(0, MAX_CHUNKS)
-    if REVERSE:
-        use = (cc > c) & (cc < n_chunks)
-        dist = cc - c - 1
-    else:
-        use = cc < c
-        dist = c - 1 - cc
-    s = tl.load(SUM + (b * n_chunks + cc)[:, None] * D + cols[None, :], mask=use[:, None] & col_ok[None, :],
-                other=0.0)
-    w = tl.exp((tl.maximum(dist, 0) * L).to(tl.float32)[:, None] * la[None, :])
-    return tl.sum(tl.where(use[:, None], w * s, 0.0), 0)
+    forward sum_{c' < c} a^(L (c-1-c')) E_c', reverse sum_{c' > c} a^(L (c'-c-1)) F_c'.
+    CG summaries a load (a [CG, BLOCK_D] tile: wide channel blocks load fewer at once)."""
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for c0 in range(0, n_chunks, CG):
+        cc = c0 + tl.arange(0, CG)
+        if REVERSE:
+            use = (cc > c) & (cc < n_chunks)
+            dist = cc - c - 1
+        else:
+            use = cc < c
+            dist = c - 1 - cc
+        s = tl.load(SUM + (b * n_chunks + cc)[:, None] * D + cols[None, :], mask=use[:, None] & col_ok[None, :],
+                    other=0.0)
+        w = tl.exp((tl.maximum(dist, 0) * L).to(tl.float32)[:, None] * la[None, :])
+        acc += tl.sum(tl.where(use[:, None], w * s, 0.0), 0)
+    return acc
 
 
 @triton.jit
 def _fwd_chunk(U, HOUT, b, c, h, la, T, L, sub, sut, shb, sht, cols, col_ok,
-               BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Scan chunk c of row b from the state h entering it; writes h_t."""
+               BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, FOLD: tl.constexpr):
+    """Scan chunk c of row b from the state h entering it; writes h_t. FOLD: the entering state goes into the
+    tile's first row (u_0 + a h) before its scan, instead of a^(r+1) h added to every row after it."""
     a = tl.exp(la)
     decay = tl.zeros([BLOCK_T, BLOCK_D], tl.float32) + a[None, :]
-    a_pow = _powers(la, BLOCK_T)
+    if not FOLD:
+        a_pow = _powers(la, BLOCK_T)
+    is_first = (tl.arange(0, BLOCK_T) == 0)[:, None]
     is_last = (tl.arange(0, BLOCK_T) == BLOCK_T - 1)[:, None]
     c_start = c * L
     c_end = tl.minimum(c_start + L, T)
@@ -141,8 +148,11 @@ def _fwd_chunk(U, HOUT, b, c, h, la, T, L, sub, sut, shb, sht, cols, col_ok,
         rows, ok = _tile_rows(c_start, c_end, i + 1, n_tiles, False, BLOCK_T)
         u_next = tl.load(u_base + rows[:, None] * sut, mask=ok[:, None] & col_ok[None, :],
                          other=0.0)
-        _, x = tl.associative_scan((decay, u), 0, _affine_combine)  # zero-start scan of the tile
-        hs = x + a_pow * h[None, :]
+        if FOLD:
+            _, hs = tl.associative_scan((decay, tl.where(is_first, u + (a * h)[None, :], u)), 0, _affine_combine)
+        else:
+            _, x = tl.associative_scan((decay, u), 0, _affine_combine)  # zero-start scan of the tile
+            hs = x + a_pow * h[None, :]
         tl.store(h_base + cur_rows[:, None] * sht, hs.to(HOUT.dtype.element_ty), mask=mask)
         h = tl.sum(tl.where(is_last, hs, 0.0), 0)
 
@@ -150,28 +160,31 @@ def _fwd_chunk(U, HOUT, b, c, h, la, T, L, sub, sut, shb, sht, cols, col_ok,
 # an int of 1 gets its own compile (1-byte prompts), and so does n_chunks 1 against more (prompts from 512 bytes)
 @triton.jit(do_not_specialize=["T", "n_chunks"])
 def _scan_fwd(U, LOG_A, H0, SUM, HOUT, T, D, L, n_chunks, sub, sut, shb, sht,
-              HAS_H0: tl.constexpr, MAX_CHUNKS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-              EVEN_D: tl.constexpr):
+              HAS_H0: tl.constexpr, CG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+              EVEN_D: tl.constexpr, FOLD: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     cols, col_ok, la = _columns(tl.program_id(2), D, LOG_A, BLOCK_D, EVEN_D)
-    h = _carry_in(SUM, b, c, n_chunks, la, cols, col_ok, L, D, False, MAX_CHUNKS, BLOCK_D)
+    h = _carry_in(SUM, b, c, n_chunks, la, cols, col_ok, L, D, False, CG, BLOCK_D)
     if HAS_H0:  # h0 decayed over the c * L steps before this chunk
         h0 = tl.load(H0 + b * D + cols, mask=col_ok, other=0.0).to(tl.float32)
         h += tl.exp((c * L).to(tl.float32) * la) * h0
-    _fwd_chunk(U, HOUT, b, c, h, la, T, L, sub, sut, shb, sht, cols, col_ok, BLOCK_T, BLOCK_D)
+    _fwd_chunk(U, HOUT, b, c, h, la, T, L, sub, sut, shb, sht, cols, col_ok, BLOCK_T, BLOCK_D, FOLD)
 
 
 @triton.jit
 def _bwd_chunk(DY, HOUT, H0, DU, b, c, carry, la, T, D, L, sdb, sdt, shb, sht, sub, sut, cols, col_ok,
-               HAS_H0: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+               HAS_H0: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, FOLD: tl.constexpr):
     """Reverse scan of chunk c of row b from the gradient `carry` after it; writes du. Returns (this chunk's
-    sum of g_t h_{t-1}, g at the chunk's first step)."""
+    sum of g_t h_{t-1}, g at the chunk's first step). FOLD as in _fwd_chunk (a partial tile, whose first rows
+    in reverse order are padding, is only ever the last chunk's, where the carry is zero)."""
     a = tl.exp(la)
     if HAS_H0:
         h0 = tl.load(H0 + b * D + cols, mask=col_ok, other=0.0).to(tl.float32)
     decay = tl.zeros([BLOCK_T, BLOCK_D], tl.float32) + a[None, :]
-    a_pow = _powers(la, BLOCK_T)
+    if not FOLD:
+        a_pow = _powers(la, BLOCK_T)
+    is_first = (tl.arange(0, BLOCK_T) == 0)[:, None]
     is_last = (tl.arange(0, BLOCK_T) == BLOCK_T - 1)[:, None]
     dla = tl.zeros([BLOCK_D], tl.float32)
     c_start = c * L
@@ -193,8 +206,12 @@ def _bwd_chunk(DY, HOUT, H0, DU, b, c, carry, la, T, D, L, sdb, sdt, shb, sht, s
         dy_next = tl.load(dy_base + rows[:, None] * sdt, mask=nmask[:, None] & col_ok[None, :], other=0.0)
         hp_next = tl.load(h_base + (rows - 1)[:, None] * sht, mask=(nmask & (rows >= 1))[:, None] & col_ok[None, :],
                           other=0.0)
-        _, x = tl.associative_scan((decay, dy), 0, _affine_combine)
-        g = x + a_pow * carry[None, :]
+        if FOLD:
+            _, g = tl.associative_scan((decay, tl.where(is_first, dy + (a * carry)[None, :], dy)), 0,
+                                       _affine_combine)
+        else:
+            _, x = tl.associative_scan((decay, dy), 0, _affine_combine)
+            g = x + a_pow * carry[None, :]
         tl.store(DU + b * sub + cur_rows[:, None] * sut + cols[None, :], g.to(DU.dtype.element_ty), mask=mask)
         if HAS_H0:
             h_prev = tl.where((cur_rows == 0)[:, None], h0[None, :], h_prev)
@@ -213,26 +230,27 @@ def _store_bwd_sums(DLA, DH0, b, c, n_rows, n_chunks, dla, carry, la, cols, col_
 
 @triton.jit
 def _scan_bwd(DY, HOUT, LOG_A, H0, SUM, DU, DLA, DH0, T, D, L, n_chunks, sdb, sdt, shb, sht, sub, sut,
-              HAS_H0: tl.constexpr, MAX_CHUNKS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-              EVEN_D: tl.constexpr):
+              HAS_H0: tl.constexpr, CG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+              EVEN_D: tl.constexpr, FOLD: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     cols, col_ok, la = _columns(tl.program_id(2), D, LOG_A, BLOCK_D, EVEN_D)
-    carry = _carry_in(SUM, b, c, n_chunks, la, cols, col_ok, L, D, True, MAX_CHUNKS, BLOCK_D)  # g after
+    carry = _carry_in(SUM, b, c, n_chunks, la, cols, col_ok, L, D, True, CG, BLOCK_D)  # g after
     dla, carry = _bwd_chunk(DY, HOUT, H0, DU, b, c, carry, la, T, D, L, sdb, sdt, shb, sht, sub, sut, cols, col_ok,
-                            HAS_H0, BLOCK_T, BLOCK_D)
+                            HAS_H0, BLOCK_T, BLOCK_D, FOLD)
     _store_bwd_sums(DLA, DH0, b, c, tl.num_programs(0), n_chunks, dla, carry, la, cols, col_ok, D)
 
 
 # Defaults from the H100 sweep of 2026-11-25 (benchmarks/bench_scan.py --sweep; docs/notes/kernels-notes.md):
 # 32-step x 64-channel tiles, 2 warps, time split into chunks until batch x channel blocks x chunks >= 2048.
+# fold 0: the entering state added as a^(r+1) h after each tile's scan; 1: folded into the tile's first row.
 _CONFIG = {"block_t": 32, "block_d": 64, "num_warps": 2, "n_chunks": 0, "min_programs": 2048,
-           "min_chunk": 256}
+           "min_chunk": 256, "fold": 0}
 MAX_CHUNKS = 64
 
 
 def set_scan_config(**kw) -> dict:
-    """Set block_t, block_d, num_warps; n_chunks (0 = automatic, else a fixed count); min_programs
+    """Set block_t, block_d, num_warps, fold; n_chunks (0 = automatic, else a fixed count); min_programs
     (automatic mode splits time until batch * channel blocks * chunks reaches this); min_chunk (steps).
     Returns the previous configuration."""
     return update_config(_CONFIG, "scan", kw, int)
@@ -256,6 +274,13 @@ def _meta(D):
                 num_warps=_CONFIG["num_warps"])
 
 
+def _scan_meta(D):
+    """_meta plus the scans' own constants: summaries loaded CG at a time (at most 4096 values a tile; 64 at the
+    default 64-channel blocks, all of MAX_CHUNKS in one load), FOLD."""
+    bd = _CONFIG["block_d"]
+    return dict(_meta(D), CG=max(1, min(MAX_CHUNKS, 4096 // bd)), FOLD=bool(_CONFIG["fold"]))
+
+
 def _summaries(x, log_a, n, L, reverse):
     B, T, D = x.shape
     s = torch.empty((B, n, D), dtype=torch.float32, device=x.device)
@@ -273,7 +298,7 @@ def scan_forward(u, log_a, h0):
     _scan_fwd[(B, n, triton.cdiv(D, _CONFIG["block_d"]))](
         u, log_a, h0 if h0 is not None else log_a, s, h, T, D, L, n,
         u.stride(0), u.stride(1), h.stride(0), h.stride(1),
-        HAS_H0=h0 is not None, MAX_CHUNKS=MAX_CHUNKS, **_meta(D))
+        HAS_H0=h0 is not None, **_scan_meta(D))
     return h
 
 
@@ -287,7 +312,7 @@ def scan_backward(dy, h, log_a, h0):
     _scan_bwd[(B, n, triton.cdiv(D, _CONFIG["block_d"]))](
         dy, h, log_a, h0 if h0 is not None else log_a, s, du, dla, dh0, T, D, L, n,
         dy.stride(0), dy.stride(1), h.stride(0), h.stride(1), du.stride(0), du.stride(1),
-        HAS_H0=h0 is not None, MAX_CHUNKS=MAX_CHUNKS, **_meta(D))
+        HAS_H0=h0 is not None, **_scan_meta(D))
     return du, dla.sum(1), dh0
 
 
