@@ -180,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep_configs", default=SWEEP_CONFIGS,
                    help="the sweep's points: block_t,block_d,num_warps[,fold] entries joined by ';'")
     p.add_argument("--sweep_targets", default=SWEEP_TARGETS, help="the sweep's min_programs values, comma-joined")
+    p.add_argument("--min_chunk", type=int, default=None,
+                   help="the scan's shortest time chunk in steps (scan_triton config min_chunk), set before anything")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cpu: dry run of this script under TRITON_INTERPRET=1")
     p.add_argument("--graph_timing", action="store_true",
@@ -190,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
-    check_flags(a, {"rep": 1, "sweep-length": 1}, a.device)
+    check_flags(a, {"rep": 1, "sweep-length": 1, "min_chunk": 1}, a.device)
     int_list("shapes", a.shapes, "BxD")
     parse_configs(a.sweep_configs)  # before anything is timed
     int_list("sweep_targets", a.sweep_targets)
@@ -201,6 +203,8 @@ def main(argv=None) -> int:
                         f"--lengths {a.lengths}; add {a.sweep_length} to --lengths or pass --sweep-length "
                         f"{lengths[0]}")
     out = ready_out_file(a.out)  # before any timing: a folder failed at the first save
+    if a.min_chunk is not None:
+        st.set_scan_config(min_chunk=a.min_chunk)
     ba.DEVICE, ba.GRAPH_TIMING = a.device, a.graph_timing
     import triton
     torch.backends.cuda.matmul.allow_tf32 = False
