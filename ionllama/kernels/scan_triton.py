@@ -244,13 +244,14 @@ def _scan_bwd(DY, HOUT, LOG_A, H0, SUM, DU, DLA, DH0, T, D, L, n_chunks, sdb, sd
 # Defaults from the H100 sweep of 2026-11-25 (benchmarks/bench_scan.py --sweep; docs/notes/kernels-notes.md):
 # 32-step x 64-channel tiles, 2 warps, time split into chunks until batch x channel blocks x chunks >= 2048.
 # fold 0: the entering state added as a^(r+1) h after each tile's scan; 1: folded into the tile's first row.
+# carry_group: chunk summaries a load in the carry-in (0: automatic, see _scan_meta).
 _CONFIG = {"block_t": 32, "block_d": 64, "num_warps": 2, "n_chunks": 0, "min_programs": 2048,
-           "min_chunk": 256, "fold": 0}
+           "min_chunk": 256, "fold": 0, "carry_group": 0}
 MAX_CHUNKS = 64
 
 
 def set_scan_config(**kw) -> dict:
-    """Set block_t, block_d, num_warps, fold; n_chunks (0 = automatic, else a fixed count); min_programs
+    """Set block_t, block_d, num_warps, fold, carry_group; n_chunks (0 = automatic, else a fixed count); min_programs
     (automatic mode splits time until batch * channel blocks * chunks reaches this); min_chunk (steps).
     Returns the previous configuration."""
     return update_config(_CONFIG, "scan", kw, int)
@@ -275,10 +276,10 @@ def _meta(D):
 
 
 def _scan_meta(D):
-    """_meta plus the scans' own constants: summaries loaded CG at a time (at most 4096 values a tile; 64 at the
-    default 64-channel blocks, all of MAX_CHUNKS in one load), FOLD."""
-    bd = _CONFIG["block_d"]
-    return dict(_meta(D), CG=max(1, min(MAX_CHUNKS, 4096 // bd)), FOLD=bool(_CONFIG["fold"]))
+    """_meta plus the scans' own constants: summaries loaded CG at a time (automatic: at most 4096 values a tile;
+    64 at the default 64-channel blocks, all of MAX_CHUNKS in one load), FOLD."""
+    cg = _CONFIG["carry_group"] or max(1, min(MAX_CHUNKS, 4096 // _CONFIG["block_d"]))
+    return dict(_meta(D), CG=triton.next_power_of_2(cg), FOLD=bool(_CONFIG["fold"]))
 
 
 def _summaries(x, log_a, n, L, reverse):

@@ -83,8 +83,9 @@ def check_attention(device: str, dtype: torch.dtype, B: int, H: int, N: int, Dh:
 
 
 def check_scan(device: str, dtype: torch.dtype, B: int, T: int, D: int, with_h0: bool = False,
-               n_chunks: int = 0, seed: int | None = None) -> dict:
-    """The IntegralLNN scan kernel (fwd + all gradients) against the chunked reference in fp64."""
+               n_chunks: int = 0, seed: int | None = None, config: dict | None = None) -> dict:
+    """The IntegralLNN scan kernel (fwd + all gradients) against the chunked reference in fp64. config: other
+    scan_triton settings for this check (e.g. fold, carry_group)."""
     from ..model.scan import scan_const_decay
     from . import scan_triton as st
 
@@ -96,7 +97,7 @@ def check_scan(device: str, dtype: torch.dtype, B: int, T: int, D: int, with_h0:
     u_d = u.to(device=device, dtype=dtype).requires_grad_()
     la_d = log_a.to(device).requires_grad_()
     h0_d = h0.to(device).requires_grad_() if with_h0 else None
-    old = st.set_scan_config(n_chunks=n_chunks)
+    old = st.set_scan_config(n_chunks=n_chunks, **(config or {}))
     try:
         h = st.scan_const_decay_triton(u_d, la_d, h0_d)
         ins = [u_d, la_d] + ([h0_d] if with_h0 else [])
@@ -703,6 +704,8 @@ def cases(large: bool) -> list[tuple]:
         ("scan", "fp32", dict(B=1, T=300, D=16, with_h0=True, n_chunks=2)),  # several tiles per chunk
         ("scan", "fp32", dict(B=2, T=131, D=80, with_h0=True, n_chunks=3)),  # 2 channel blocks, one ragged
         ("scan", "fp32", dict(B=1, T=1, D=16, with_h0=True)),  # one step
+        # the entering state folded into each tile's first row; summaries two a load, five chunks (three loads)
+        ("scan", "fp32", dict(B=2, T=131, D=24, with_h0=True, n_chunks=5, config=dict(fold=1, carry_group=2))),
         # the backward (two passes): T not a multiple of the tiles, several tiles per program, T < k,
         # k = 7 and k = 1, D not a multiple of the channel tiles, bf16 with the dGC intermediate in bf16 and fp32
         ("conv_gate", "fp32", dict(B=2, T=45, D=24)),
