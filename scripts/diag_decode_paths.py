@@ -1,0 +1,79 @@
+"""Which decode path changes the bytes? (issue #4: bench_generation's fixed_b1_compiled_graphs_equal_eager was false
+on an H100 while the uncompiled graphs and the compiled three-prompt run gave the eager bytes.)
+
+A tiny fixed-patching model in fp32 ("previous" shift), one and two prompts, sampled (seed 1) and greedy: each
+variant's bytes against eager ones, as the index of the first differing byte (-1: equal).
+    PYTHONPATH=. python scripts/diag_decode_paths.py [--device cuda] [--out diag.json]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+
+import torch
+
+from ionllama import create_model
+from ionllama.generation import generate
+
+gen_mod = importlib.import_module("ionllama.generation.generate")  # (the package exports the function by that name)
+
+VARIANTS = {  # name: (generate kwargs, runner kwargs forced)
+    "graphs": (dict(cuda_graphs=True), {}),
+    "compiled_graphs": (dict(cuda_graphs=True, compile=True), {}),
+    "compiled_graphs_no_overlap": (dict(cuda_graphs=True, compile=True), dict(overlap_latent=False)),
+    "compiled_graphs_schedule_no_overlap": (dict(cuda_graphs=True, compile=True),
+                                            dict(overlap_latent=False, host_schedule=True)),
+    "compiled_no_graphs": (dict(cuda_graphs=False, compile=True), {}),
+}
+
+
+def first_diff(a, b) -> int:
+    a, b = (a if isinstance(a, list) else [a]), (b if isinstance(b, list) else [b])
+    for x, y in zip(a, b):
+        for i, (p, q) in enumerate(zip(x, y)):
+            if p != q:
+                return i
+        if len(x) != len(y):
+            return min(len(x), len(y))
+    return -1
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--n", type=int, default=96)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    torch._dynamo.config.recompile_limit = 256  # (every forced runner class is a guard of its own)
+    torch.manual_seed(0)
+    m = create_model("tiny", d_model=64, n_layers=2, n_heads=2, d_local=64, n_enc_layers=1, n_dec_layers=2,
+                     patching="fixed").to(a.device).eval()
+    prompts = [b"def main(", b"import torch\n"]
+    res = {}
+    orig = gen_mod.DecodeRunner
+    for rows in (prompts[:1], prompts):
+        for mode, kw in (("sampled", dict(seed=1)), ("greedy", dict(greedy=True))):
+            p = rows[0] if len(rows) == 1 else rows
+            ref = generate(m, p, a.n, cuda_graphs=False, **kw)
+            for name, (gkw, force) in VARIANTS.items():
+                class Forced(orig):  # the runner with some options forced
+                    def __init__(self, *args, **kwargs):
+                        kwargs.update(force)
+                        super().__init__(*args, **kwargs)
+                gen_mod.DecodeRunner = Forced
+                try:
+                    out, info = generate(m, p, a.n, return_info=True, **kw, **gkw)
+                    res[f"b{len(rows)}_{mode}_{name}"] = first_diff(out, ref)
+                except Exception as e:  # report and go on
+                    res[f"b{len(rows)}_{mode}_{name}"] = repr(e)[:200]
+                finally:
+                    gen_mod.DecodeRunner = orig
+                print(f"b{len(rows)} {mode} {name}: first differing byte {res[f'b{len(rows)}_{mode}_{name}']}",
+                      flush=True)
+    if a.out:
+        json.dump(res, open(a.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
