@@ -2,7 +2,9 @@
 
 One program owns one batch row, one time chunk and BLOCK_D channels, and walks its chunk in tiles of
 BLOCK_T steps: inside a tile an associative scan over (decay, value) pairs, across tiles a carried
-state; the next tile's loads are issued before the current tile's scan (manual double buffering).
+state; the next tile's loads are issued before the current tile's scan (manual double buffering). With
+BLOCK_D = 32 threads x one 16-byte vector (128 bf16 channels, one warp) a thread holds whole columns of its
+tile, so the scan over time runs inside each thread.
 
 With one chunk (n_chunks = 1, the default when batch * channel blocks fill the GPU) every element of
 u is read once and every h written once: the forward moves 2 tensors of B*T*D and the backward 3
@@ -241,18 +243,23 @@ def _scan_bwd(DY, HOUT, LOG_A, H0, SUM, DU, DLA, DH0, T, D, L, n_chunks, sdb, sd
     _store_bwd_sums(DLA, DH0, b, c, tl.num_programs(0), n_chunks, dla, carry, la, cols, col_ok, D)
 
 
-# Defaults from the H100 sweep of 2026-11-25 (benchmarks/bench_scan.py --sweep; docs/notes/kernels-notes.md):
-# 32-step x 64-channel tiles, 2 warps, time split into chunks until batch x channel blocks x chunks >= 2048.
-# fold 0: the entering state added as a^(r+1) h after each tile's scan; 1: folded into the tile's first row.
-# carry_group: chunk summaries a load in the carry-in (0: automatic, see _scan_meta).
-_CONFIG = {"block_t": 32, "block_d": 64, "num_warps": 2, "n_chunks": 0, "min_programs": 2048,
-           "min_chunk": 256, "fold": 0, "carry_group": 0}
+# Defaults from the H100 sweep of 2026-12-06 (bench_scan.py --sweep over 42 points, kernels timed directly,
+# docs/results/checks-s55.md): 16-step x 128-channel tiles with one warp, so a thread holds whole columns of a tile
+# and the scan over time stays inside it (no shuffles; the 2026-11-25 sweep had tried only 16-64 channels, whose
+# tiles spread time over threads); time split into chunks until batch x channel blocks x chunks >= 1024.
+# 0.572 against 0.772 ms for the 16x8192x256 and 8x8192x1024 fwd+bwd kernels together.
+# fold 1: in bf16 / fp16 the entering state goes into each tile's first row (0.572 against 0.625 ms); fp32 keeps
+# the exact powers a^(r+1): folded, the fp32 rounding of a compounds over the tiles (dlog_a 1.1e-5 against the
+# 1e-5 tolerance in the GPU selfcheck). fold 0: never; 2: in every dtype (the CPU checks of the folded form, in
+# fp32, where bf16 rounding would hide an error). carry_group: chunk summaries a load in the carry-in (0: automatic).
+_CONFIG = {"block_t": 16, "block_d": 128, "num_warps": 1, "n_chunks": 0, "min_programs": 1024,
+           "min_chunk": 256, "fold": 1, "carry_group": 0}
 MAX_CHUNKS = 64
 
 
 def set_scan_config(**kw) -> dict:
-    """Set block_t, block_d, num_warps, fold, carry_group; n_chunks (0 = automatic, else a fixed count); min_programs
-    (automatic mode splits time until batch * channel blocks * chunks reaches this); min_chunk (steps).
+    """Set block_t, block_d, num_warps, fold (0, 1, 2), carry_group; n_chunks (0 = automatic, else a fixed count);
+    min_programs (automatic mode splits time until batch * channel blocks * chunks reaches this); min_chunk (steps).
     Returns the previous configuration."""
     return update_config(_CONFIG, "scan", kw, int)
 
@@ -275,11 +282,12 @@ def _meta(D):
                 num_warps=_CONFIG["num_warps"])
 
 
-def _scan_meta(D):
-    """_meta plus the scans' own constants: summaries loaded CG at a time (automatic: at most 4096 values a tile;
-    64 at the default 64-channel blocks, all of MAX_CHUNKS in one load), FOLD."""
+def _scan_meta(D, dtype):
+    """_meta plus the scans' own constants: summaries loaded CG at a time (automatic: at most 4096 values a tile,
+    32 at 128-channel blocks), FOLD (config fold: 1 in 16-bit dtypes, 2 in all)."""
     cg = _CONFIG["carry_group"] or max(1, min(MAX_CHUNKS, 4096 // _CONFIG["block_d"]))
-    return dict(_meta(D), CG=triton.next_power_of_2(cg), FOLD=bool(_CONFIG["fold"]))
+    fold = _CONFIG["fold"] == 2 or (_CONFIG["fold"] == 1 and dtype != torch.float32)
+    return dict(_meta(D), CG=triton.next_power_of_2(cg), FOLD=fold)
 
 
 def _summaries(x, log_a, n, L, reverse):
@@ -299,7 +307,7 @@ def scan_forward(u, log_a, h0):
     _scan_fwd[(B, n, triton.cdiv(D, _CONFIG["block_d"]))](
         u, log_a, h0 if h0 is not None else log_a, s, h, T, D, L, n,
         u.stride(0), u.stride(1), h.stride(0), h.stride(1),
-        HAS_H0=h0 is not None, **_scan_meta(D))
+        HAS_H0=h0 is not None, **_scan_meta(D, u.dtype))
     return h
 
 
@@ -313,7 +321,7 @@ def scan_backward(dy, h, log_a, h0):
     _scan_bwd[(B, n, triton.cdiv(D, _CONFIG["block_d"]))](
         dy, h, log_a, h0 if h0 is not None else log_a, s, du, dla, dh0, T, D, L, n,
         dy.stride(0), dy.stride(1), h.stride(0), h.stride(1), du.stride(0), du.stride(1),
-        HAS_H0=h0 is not None, **_scan_meta(D))
+        HAS_H0=h0 is not None, **_scan_meta(D, dy.dtype))
     return du, dla.sum(1), dh0
 
 

@@ -704,8 +704,10 @@ def cases(large: bool) -> list[tuple]:
         ("scan", "fp32", dict(B=1, T=300, D=16, with_h0=True, n_chunks=2)),  # several tiles per chunk
         ("scan", "fp32", dict(B=2, T=131, D=80, with_h0=True, n_chunks=3)),  # 2 channel blocks, one ragged
         ("scan", "fp32", dict(B=1, T=1, D=16, with_h0=True)),  # one step
-        # the entering state folded into each tile's first row; summaries two a load, five chunks (three loads)
-        ("scan", "fp32", dict(B=2, T=131, D=24, with_h0=True, n_chunks=5, config=dict(fold=1, carry_group=2))),
+        # the entering state folded into each tile's first row (fold 2: in fp32 too, where an error shows);
+        # summaries two a load, five chunks (three loads); the default fold in bf16, not folding fp32
+        ("scan", "fp32", dict(B=2, T=131, D=24, with_h0=True, n_chunks=5, config=dict(fold=2, carry_group=2))),
+        ("scan", "bf16", dict(B=2, T=131, D=24, with_h0=True, n_chunks=5, config=dict(fold=1, carry_group=2))),
         # the backward (two passes): T not a multiple of the tiles, several tiles per program, T < k,
         # k = 7 and k = 1, D not a multiple of the channel tiles, bf16 with the dGC intermediate in bf16 and fp32
         ("conv_gate", "fp32", dict(B=2, T=45, D=24)),
