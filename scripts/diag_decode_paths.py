@@ -25,6 +25,7 @@ VARIANTS = {  # name: (generate kwargs, runner kwargs forced)
     "compiled_graphs_schedule_no_overlap": (dict(cuda_graphs=True, compile=True),
                                             dict(overlap_latent=False, host_schedule=True)),
     "compiled_no_graphs": (dict(cuda_graphs=False, compile=True), {}),
+    "compiled_graphs_pairs": (dict(cuda_graphs=True, compile=True), dict(_pairs=True)),
 }
 
 
@@ -44,6 +45,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--n", type=int, default=96)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--seeds", type=int, default=1, help="one prompt, sampled: seeds 1..N (rare flips vs a pattern)")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
     a = ap.parse_args(argv)
     torch._dynamo.config.recompile_limit = 256  # (every forced runner class is a guard of its own)
     torch.manual_seed(0)
@@ -52,25 +55,29 @@ def main(argv=None):
     prompts = [b"def main(", b"import torch\n"]
     res = {}
     orig = gen_mod.DecodeRunner
-    for rows in (prompts[:1], prompts):
-        for mode, kw in (("sampled", dict(seed=1)), ("greedy", dict(greedy=True))):
-            p = rows[0] if len(rows) == 1 else rows
-            ref = generate(m, p, a.n, cuda_graphs=False, **kw)
-            for name, (gkw, force) in VARIANTS.items():
-                class Forced(orig):  # the runner with some options forced
-                    def __init__(self, *args, **kwargs):
-                        kwargs.update(force)
-                        super().__init__(*args, **kwargs)
-                gen_mod.DecodeRunner = Forced
-                try:
-                    out, info = generate(m, p, a.n, return_info=True, **kw, **gkw)
-                    res[f"b{len(rows)}_{mode}_{name}"] = first_diff(out, ref)
-                except Exception as e:  # report and go on
-                    res[f"b{len(rows)}_{mode}_{name}"] = repr(e)[:200]
-                finally:
-                    gen_mod.DecodeRunner = orig
-                print(f"b{len(rows)} {mode} {name}: first differing byte {res[f'b{len(rows)}_{mode}_{name}']}",
-                      flush=True)
+    cases = [(prompts[:1], f"sampled{sd}" if sd > 1 else "sampled", dict(seed=sd)) for sd in range(1, a.seeds + 1)]
+    cases += [(prompts[:1], "greedy", dict(greedy=True)), (prompts, "sampled", dict(seed=1)),
+              (prompts, "greedy", dict(greedy=True))]
+    for rows, mode, kw in cases:
+        p = rows[0] if len(rows) == 1 else rows
+        ref = generate(m, p, a.n, cuda_graphs=False, **kw)
+        for name in a.variants.split(","):
+            gkw, force = VARIANTS[name]
+            class Forced(orig):  # the runner with some options forced
+                def __init__(self, *args, **kwargs):
+                    kwargs.update({k: v for k, v in force.items() if not k.startswith("_")})
+                    super().__init__(*args, **kwargs)
+                    self.ov_pairs = bool(force.get("_pairs", False))
+            gen_mod.DecodeRunner = Forced
+            try:
+                out, info = generate(m, p, a.n, return_info=True, **kw, **gkw)
+                res[f"b{len(rows)}_{mode}_{name}"] = first_diff(out, ref)
+            except Exception as e:  # report and go on
+                res[f"b{len(rows)}_{mode}_{name}"] = repr(e)[:200]
+            finally:
+                gen_mod.DecodeRunner = orig
+            print(f"b{len(rows)} {mode} {name}: first differing byte {res[f'b{len(rows)}_{mode}_{name}']}",
+                  flush=True)
     if a.out:
         json.dump(res, open(a.out, "w"), indent=1)
 
