@@ -26,6 +26,11 @@ VARIANTS = {  # name: (generate kwargs, runner kwargs forced)
                                             dict(overlap_latent=False, host_schedule=True)),
     "compiled_no_graphs": (dict(cuda_graphs=False, compile=True), {}),
     "compiled_graphs_pairs": (dict(cuda_graphs=True, compile=True), dict(_pairs=True)),
+    # overlap_latent with the latent stream made the bytes' stream (everything in order), and with one of its five
+    # parts left uncompiled (encode, decode, stage, show, compute)
+    "compiled_graphs_serial": (dict(cuda_graphs=True, compile=True), dict(_serial=True)),
+    **{f"compiled_graphs_eager_{name}": (dict(cuda_graphs=True, compile=True), dict(_eager=i))
+       for i, name in enumerate(("encode", "decode", "stage", "show", "compute"))},
 }
 
 
@@ -47,6 +52,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--seeds", type=int, default=1, help="one prompt, sampled: seeds 1..N (rare flips vs a pattern)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--sampled_only", action="store_true", help="one prompt, sampled: no greedy or two-prompt cases")
     a = ap.parse_args(argv)
     torch._dynamo.config.recompile_limit = 256  # (every forced runner class is a guard of its own)
     torch.manual_seed(0)
@@ -56,8 +62,9 @@ def main(argv=None):
     res = {}
     orig = gen_mod.DecodeRunner
     cases = [(prompts[:1], f"sampled{sd}" if sd > 1 else "sampled", dict(seed=sd)) for sd in range(1, a.seeds + 1)]
-    cases += [(prompts[:1], "greedy", dict(greedy=True)), (prompts, "sampled", dict(seed=1)),
-              (prompts, "greedy", dict(greedy=True))]
+    if not a.sampled_only:
+        cases += [(prompts[:1], "greedy", dict(greedy=True)), (prompts, "sampled", dict(seed=1)),
+                  (prompts, "greedy", dict(greedy=True))]
     for rows, mode, kw in cases:
         p = rows[0] if len(rows) == 1 else rows
         ref = generate(m, p, a.n, cuda_graphs=False, **kw)
@@ -68,6 +75,12 @@ def main(argv=None):
                     kwargs.update({k: v for k, v in force.items() if not k.startswith("_")})
                     super().__init__(*args, **kwargs)
                     self.ov_pairs = bool(force.get("_pairs", False))
+                    if force.get("_serial") and self.latent_stream is not None:
+                        self.latent_stream = self.byte_stream
+                    if "_eager" in force and self._ov_fns:
+                        d = self.dec
+                        plain = [self._ov_encode, self._iter_decode, d.latent_stage, d.latent_show, d.latent_compute]
+                        self._ov_fns[force["_eager"]] = plain[force["_eager"]]
             gen_mod.DecodeRunner = Forced
             try:
                 out, info = generate(m, p, a.n, return_info=True, **kw, **gkw)
