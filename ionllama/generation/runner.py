@@ -280,7 +280,14 @@ class DecodeRunner:
             self._byte_parts = [torch.compile(f, dynamic=False, **kw) for f in self._byte_parts]
             self._branch_fns = [torch.compile(f, dynamic=False, **kw) for f in self._branch_fns]
             self._lagged_fns = [torch.compile(f, dynamic=False, **kw) for f in self._lagged_fns]
-            self._ov_fns = [torch.compile(f, dynamic=False, **kw) for f in self._ov_fns]
+            if self._ov_fns:
+                # the byte's first part as two compiled functions, the entropy model's and the encoder's, as the
+                # "completed" parts are: compiled as one (_ov_encode), it changed the sampled bytes at one prompt on
+                # an H100 (8 of 8 seeds, greedy and two prompts unchanged; uncompiled it gave the eager bytes:
+                # scripts/diag_decode_paths.py, docs/results/checks-s55.md)
+                ent, enc = (torch.compile(f, dynamic=False, **kw) for f in (self._iter_entropy, self._iter_encode))
+                self._ov_fns = [lambda: (ent(), enc())] + [torch.compile(f, dynamic=False, **kw)
+                                                           for f in self._ov_fns[1:]]
             if self.has_latent:
                 self._latent_fn = torch.compile(dec.advance_latent, dynamic=False, **kw)
         # 'early' with graphs: the flag lands in host memory from inside the first part's graph
