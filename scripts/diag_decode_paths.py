@@ -21,15 +21,16 @@ gen_mod = importlib.import_module("ionllama.generation.generate")  # (the packag
 VARIANTS = {  # name: (generate kwargs, runner kwargs forced)
     "graphs": (dict(cuda_graphs=True), {}),
     "compiled_graphs": (dict(cuda_graphs=True, compile=True), {}),
+    "compiled_graphs_overlap": (dict(cuda_graphs=True, compile=True), dict(overlap_latent=True)),
     "compiled_graphs_no_overlap": (dict(cuda_graphs=True, compile=True), dict(overlap_latent=False)),
     "compiled_graphs_schedule_no_overlap": (dict(cuda_graphs=True, compile=True),
                                             dict(overlap_latent=False, host_schedule=True)),
     "compiled_no_graphs": (dict(cuda_graphs=False, compile=True), {}),
-    "compiled_graphs_pairs": (dict(cuda_graphs=True, compile=True), dict(_pairs=True)),
+    "compiled_graphs_pairs": (dict(cuda_graphs=True, compile=True), dict(overlap_latent=True, _pairs=True)),
     # overlap_latent with the latent stream made the bytes' stream (everything in order), and with one of its five
     # parts left uncompiled (encode, decode, stage, show, compute)
-    "compiled_graphs_serial": (dict(cuda_graphs=True, compile=True), dict(_serial=True)),
-    **{f"compiled_graphs_eager_{name}": (dict(cuda_graphs=True, compile=True), dict(_eager=i))
+    "compiled_graphs_serial": (dict(cuda_graphs=True, compile=True), dict(overlap_latent=True, _serial=True)),
+    **{f"compiled_graphs_eager_{name}": (dict(cuda_graphs=True, compile=True), dict(overlap_latent=True, _eager=i))
        for i, name in enumerate(("encode", "decode", "stage", "show", "compute"))},
 }
 

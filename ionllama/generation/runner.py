@@ -214,8 +214,13 @@ class DecodeRunner:
         self.can_schedule = self.has_latent and not lagged and fixed
         self.want_graphs = cuda_graphs and logits.is_cuda and getattr(dec, "capturable", True)
         self.can_overlap = self.can_schedule and not self.completed and hasattr(dec, "latent_stage")
-        if overlap_latent == "auto":  # measured at batch 1 (H200, fixed-4 pick: 7,689-7,723 -> 9,881-9,927 bytes/s)
-            overlap_latent = self.can_overlap and self.want_graphs and B <= 2 and host_schedule is not False
+        if overlap_latent == "auto":
+            # on at batch <= 2 with graphs, uncompiled: compiled, it measured 7,689-7,723 -> 9,881-9,927 bytes/s at
+            # batch 1 (H200, fixed-4 pick), but changed the sampled bytes at one prompt on an H100 (eight of eight
+            # seeds; uncompiled, and compiled without it, the eager bytes: docs/results/checks-s55.md). The compiled
+            # form below (the byte's first part as two functions) is not checked on a GPU yet: on only when asked
+            overlap_latent = self.can_overlap and self.want_graphs and B <= 2 and host_schedule is not False \
+                and compile_options(compile) is None
         elif overlap_latent not in (True, False):
             raise UserError(f"overlap_latent must be True, False or 'auto'; got {overlap_latent!r}")
         if overlap_latent and host_schedule is False:
@@ -283,8 +288,8 @@ class DecodeRunner:
             if self._ov_fns:
                 # the byte's first part as two compiled functions, the entropy model's and the encoder's, as the
                 # "completed" parts are: compiled as one (_ov_encode), it changed the sampled bytes at one prompt on
-                # an H100 (8 of 8 seeds, greedy and two prompts unchanged; uncompiled it gave the eager bytes:
-                # scripts/diag_decode_paths.py, docs/results/checks-s55.md)
+                # an H100 (8 of 8 seeds, greedy and two prompts unchanged; that part uncompiled gave the eager bytes:
+                # scripts/diag_decode_paths.py, docs/results/checks-s55.md). Not yet checked on a GPU in this form
                 ent, enc = (torch.compile(f, dynamic=False, **kw) for f in (self._iter_entropy, self._iter_encode))
                 self._ov_fns = [lambda: (ent(), enc())] + [torch.compile(f, dynamic=False, **kw)
                                                            for f in self._ov_fns[1:]]
