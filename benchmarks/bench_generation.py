@@ -270,7 +270,8 @@ def correctness_checks(device, compile: bool, fused_local_step: bool = False, fu
                 m, prompts, 96, seed=1, cuda_graphs=True, compile=True, fused_latent_step=True) == ref
     # fixed 4-byte patches: no entropy within rounding of a threshold (the model above has dozens of such bytes, so
     # a compiled kernel's rounding can flip a patch and every byte after it); one prompt: the overlapped latent
-    # step (overlap_latent, "auto" at batch <= 2), three: the scheduled graphs
+    # step uncompiled (overlap_latent, "auto" at batch <= 2 under uncompiled graphs), three: the scheduled graphs;
+    # fixed_b1_compiled_overlap: the overlap asked for under compile (its bytes differed at one prompt, checks-s55)
     torch.manual_seed(0)
     mf = create_model("tiny", d_model=64, n_layers=2, n_heads=2, d_local=64, n_enc_layers=1, n_dec_layers=2,
                       patching="fixed").to(device).eval()
@@ -281,8 +282,21 @@ def correctness_checks(device, compile: bool, fused_local_step: bool = False, fu
             if compile:
                 out[f"fixed{tag}_compiled_graphs_equal_eager"] = generate(mf, p, 96, seed=1, cuda_graphs=True,
                                                                           compile=True) == ref_f
+    if torch.device(device).type == "cuda" and compile:
+        out["fixed_b1_compiled_overlap_graphs_equal_eager"] = torch.equal(
+            _runner_bytes(mf, prompts[0], 96, cuda_graphs=True, compile=True, overlap_latent=True),
+            _runner_bytes(mf, prompts[0], 96))
     print(json.dumps(out), flush=True)
     return out
+
+
+def _runner_bytes(m, prompt: bytes, n: int, **kw) -> torch.Tensor:
+    """n bytes sampled (seed 1) after one prompt by a DecodeRunner with options kw (generate() leaves overlap_latent
+    at "auto", which is off under compile)."""
+    dec = decoder_for(m, 1, len(prompt) + n + 16)
+    r = DecodeRunner(dec, SamplingConfig(temperature=1.0), torch.tensor([1]), dec.prefill([list(prompt)]), n, **kw)
+    r.run(n)
+    return r.out[0, :n].cpu()
 
 
 def _gpu_cells(r) -> str:
@@ -394,7 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--overlap_latent", nargs="?", const="on", default="auto", choices=list(FUSED),
                     help="ionLlama, latent_shift 'previous' with fixed patching: the latent step on a second stream "
                          "beside the byte that closes a patch and the next byte's encoder (DecodeRunner's "
-                         "overlap_latent): on, off, or auto (the library's default: on at batch <= 2 under graphs)")
+                         "overlap_latent): on, off, or auto (the library's default: on at batch <= 2 under graphs, "
+                         "off with --compile)")
     ap.add_argument("--overlap_pairs", default="off", choices=["on", "off"],
                     help="with overlap_latent, a closing byte and the next one as one graph (DecodeRunner's ov_pairs)")
     ap.add_argument("--unroll", type=int, default=1,

@@ -67,7 +67,7 @@ def time_scan(fn, B, T, D, dtype, rep):
 
 
 SWEEP_CONFIGS = "64,32,4;32,32,4;128,16,4;64,16,2;64,64,4;32,64,2"  # block_t,block_d,num_warps[,fold]
-SWEEP_TARGETS = "1,512,1024,2048"  # min_programs
+SWEEP_TARGETS = "1,512,1024,2048"  # min_programs (the flag's default)
 
 
 def parse_configs(text: str) -> list[tuple[int, int, int, int]]:
@@ -78,9 +78,10 @@ def parse_configs(text: str) -> list[tuple[int, int, int, int]]:
             vals = [int(v) for v in part.split(",")]
         except ValueError:
             vals = []
-        if len(vals) not in (3, 4) or min(vals[:3]) < 1 or vals[3:] not in ([], [0], [1]):
-            raise UserError(f"--sweep_configs {text!r}: each entry is block_t,block_d,num_warps[,fold] (positive "
-                            f"ints; fold 0 or 1), e.g. 32,64,2;16,256,1,1")
+        if len(vals) not in (3, 4) or min(vals[:3]) < 1 or any(v & (v - 1) for v in vals[:3]) \
+                or vals[3:] not in ([], [0], [1], [2]):
+            raise UserError(f"--sweep_configs {text!r}: each entry is block_t,block_d,num_warps[,fold] (powers of "
+                            f"two; fold 0, 1 or 2), e.g. 32,64,2;16,128,1,1")
         out.append(tuple(vals) + ((0,) if len(vals) == 3 else ()))
     return out
 
@@ -89,12 +90,20 @@ def _rel(x, ref):
     return ((x.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
 
 
-def sweep(shapes, dtype, rep=25, configs=SWEEP_CONFIGS, targets=SWEEP_TARGETS):
+def sweep(shapes, dtype, rep=25, configs=SWEEP_CONFIGS, targets=(1, 512, 1024, 2048)):
     """Tiles x chunking target (x fold). Times the forward and backward kernels called directly (main thread,
     no autograd), so launch overheads do not hide the kernels' own times. Each point's outputs (h, du, dlog_a)
     are compared with the configuration in force before the sweep (rel_err: the largest of the three)."""
-    configs, targets = parse_configs(configs), [int(t) for t in targets.split(",")]
+    configs = parse_configs(configs)
     base = dict(st._CONFIG)
+    try:
+        return _sweep(shapes, dtype, rep, configs, targets, base)
+    except BaseException:  # (interrupted: the configuration before the sweep, not its last point)
+        st.set_scan_config(**base)
+        raise
+
+
+def _sweep(shapes, dtype, rep, configs, targets, base):
     data = []
     for B, T, D in shapes:
         u, la, dy = make(B, T, D, dtype, seed=1)
@@ -132,7 +141,8 @@ def sweep(shapes, dtype, rep=25, configs=SWEEP_CONFIGS, targets=SWEEP_TARGETS):
     best = min(score, key=score.get)
     st.set_scan_config(block_t=best[0], block_d=best[1], num_warps=best[2], fold=best[3], n_chunks=0,
                        min_programs=best[4])
-    return dict(block_t=best[0], block_d=best[1], num_warps=best[2], fold=best[3], min_programs=best[4]), log
+    return dict(block_t=best[0], block_d=best[1], num_warps=best[2], fold=best[3], min_programs=best[4],
+                min_chunk=st._CONFIG["min_chunk"]), log
 
 
 def bench_ssd(rep, out_rows):
@@ -195,7 +205,7 @@ def main(argv=None) -> int:
     check_flags(a, {"rep": 1, "sweep-length": 1, "min_chunk": 1}, a.device)
     int_list("shapes", a.shapes, "BxD")
     parse_configs(a.sweep_configs)  # before anything is timed
-    int_list("sweep_targets", a.sweep_targets)
+    targets = int_list("sweep_targets", a.sweep_targets)
     check_choices("dtypes", a.dtypes, DT)
     lengths = int_list("lengths", a.lengths)
     if "fp32" in a.dtypes.split(",") and a.sweep_length not in lengths:  # its rows were silently left out
@@ -226,7 +236,7 @@ def main(argv=None) -> int:
         save()
     if a.sweep:
         best, log = sweep([(B, a.sweep_length, D) for B, D in shapes], torch.bfloat16, configs=a.sweep_configs,
-                          targets=a.sweep_targets)
+                          targets=targets)
         res["sweep"] = dict(best=best, log=log)
         print(f"sweep best: {best}", flush=True)
         save()

@@ -159,9 +159,10 @@ class DecodeRunner:
         overlap_latent: latent_shift "previous" with fixed patching under CUDA graphs (it implies host_schedule): a
         byte that closes a patch stages the patch after its pooling, the latent step runs on a second stream while
         that byte's decoder and the next byte's sampling, entropy model and encoder run, and the next byte waits for
-        it only before its decoder (see _replay_overlapped). Same bytes as without it. "auto": on where it can be,
-        under CUDA graphs, for batch <= 2 (measured at batch 1 on an H200, the fixed-4-byte pick with "previous":
-        7,689-7,723 -> 9,881-9,927 bytes/s, docs/results/checks-s54.md); True elsewhere is a UserError.
+        it only before its decoder (see _replay_overlapped). Same bytes as without it, uncompiled. "auto": on where
+        it can be, under uncompiled CUDA graphs, for batch <= 2; off under compile, where it measured 7,689-7,723 ->
+        9,881-9,927 bytes/s at batch 1 (H200, docs/results/checks-s54.md) but changed sampled bytes at one prompt
+        (H100, docs/results/checks-s55.md; the compiled form since then is unchecked). True elsewhere is a UserError.
         prompt_len: the longest prompt, when the decoder was built for fewer than prompt_len + max_new + 1
         positions: run() then grows its caches (doubling, dec.grow) and the output buffer before the steps that
         need them, and captures its graphs again. None: the decoder holds every position already."""

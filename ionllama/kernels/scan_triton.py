@@ -2,9 +2,10 @@
 
 One program owns one batch row, one time chunk and BLOCK_D channels, and walks its chunk in tiles of
 BLOCK_T steps: inside a tile an associative scan over (decay, value) pairs, across tiles a carried
-state; the next tile's loads are issued before the current tile's scan (manual double buffering). With
-BLOCK_D = 32 threads x one 16-byte vector (128 bf16 channels, one warp) a thread holds whole columns of its
-tile, so the scan over time runs inside each thread.
+state; the next tile's loads are issued before the current tile's scan (manual double buffering). The
+default tile, 16 steps x 128 channels for one warp, lays the warp's threads (almost) all along the channels, so
+the scan over a tile's steps crosses few threads; 64-channel tiles of two warps spread the steps over threads and
+warps (shuffles, shared memory), and measured 26 % slower.
 
 With one chunk (n_chunks = 1, the default when batch * channel blocks fill the GPU) every element of
 u is read once and every h written once: the forward moves 2 tensors of B*T*D and the backward 3
@@ -244,9 +245,10 @@ def _scan_bwd(DY, HOUT, LOG_A, H0, SUM, DU, DLA, DH0, T, D, L, n_chunks, sdb, sd
 
 
 # Defaults from the H100 sweep of 2026-12-06 (bench_scan.py --sweep over 42 points, kernels timed directly,
-# docs/results/checks-s55.md): 16-step x 128-channel tiles with one warp, so a thread holds whole columns of a tile
-# and the scan over time stays inside it (no shuffles; the 2026-11-25 sweep had tried only 16-64 channels, whose
-# tiles spread time over threads); time split into chunks until batch x channel blocks x chunks >= 1024.
+# docs/results/checks-s55.md): 16-step x 128-channel tiles with one warp, whose threads lie (almost) all along the
+# channels, so the scan over a tile's steps crosses few threads (the 2026-11-25 sweep had tried only 16-64 channels,
+# whose tiles spread the steps over threads and warps); time split into chunks until batch x channel blocks x
+# chunks >= 1024.
 # 0.572 against 0.772 ms for the 16x8192x256 and 8x8192x1024 fwd+bwd kernels together.
 # fold 1: in bf16 / fp16 the entering state goes into each tile's first row (0.572 against 0.625 ms); fp32 keeps
 # the exact powers a^(r+1): folded, the fp32 rounding of a compounds over the tiles (dlog_a 1.1e-5 against the
@@ -261,7 +263,12 @@ def set_scan_config(**kw) -> dict:
     """Set block_t, block_d, num_warps, fold (0, 1, 2), carry_group; n_chunks (0 = automatic, else a fixed count);
     min_programs (automatic mode splits time until batch * channel blocks * chunks reaches this); min_chunk (steps).
     Returns the previous configuration."""
-    return update_config(_CONFIG, "scan", kw, int)
+    old = update_config(_CONFIG, "scan", kw, int)
+    if _CONFIG["fold"] not in (0, 1, 2) or _CONFIG["carry_group"] < 0:
+        bad = dict(fold=_CONFIG["fold"], carry_group=_CONFIG["carry_group"])
+        _CONFIG.update(old)
+        raise ValueError(f"scan config {bad}: fold is 0, 1 or 2 and carry_group >= 0")
+    return old
 
 
 def _chunking(B: int, T: int, D: int) -> tuple[int, int]:
@@ -273,7 +280,7 @@ def _chunking(B: int, T: int, D: int) -> tuple[int, int]:
         n = 1 if progs >= _CONFIG["min_programs"] else triton.cdiv(_CONFIG["min_programs"], progs)
         n = min(n, max(1, T // max(_CONFIG["min_chunk"], bt)))
     n = max(1, min(n, MAX_CHUNKS, triton.cdiv(T, bt)))
-    L = triton.cdiv(triton.cdiv(T, n), bt) * bt
+    L = triton.cdiv(triton.cdiv(T, n), bt) * bt  # a whole number of tiles: only the last chunk has a partial one
     return triton.cdiv(T, L), L
 
 
@@ -286,7 +293,7 @@ def _scan_meta(D, dtype):
     """_meta plus the scans' own constants: summaries loaded CG at a time (automatic: at most 4096 values a tile,
     32 at 128-channel blocks), FOLD (config fold: 1 in 16-bit dtypes, 2 in all)."""
     cg = _CONFIG["carry_group"] or max(1, min(MAX_CHUNKS, 4096 // _CONFIG["block_d"]))
-    fold = _CONFIG["fold"] == 2 or (_CONFIG["fold"] == 1 and dtype != torch.float32)
+    fold = _CONFIG["fold"] == 2 or (_CONFIG["fold"] == 1 and dtype in (torch.bfloat16, torch.float16))
     return dict(_meta(D), CG=triton.next_power_of_2(cg), FOLD=fold)
 
 

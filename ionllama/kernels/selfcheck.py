@@ -97,7 +97,7 @@ def check_scan(device: str, dtype: torch.dtype, B: int, T: int, D: int, with_h0:
     u_d = u.to(device=device, dtype=dtype).requires_grad_()
     la_d = log_a.to(device).requires_grad_()
     h0_d = h0.to(device).requires_grad_() if with_h0 else None
-    old = st.set_scan_config(n_chunks=n_chunks, **(config or {}))
+    old = st.set_scan_config(**{"n_chunks": n_chunks, **(config or {})})
     try:
         h = st.scan_const_decay_triton(u_d, la_d, h0_d)
         ins = [u_d, la_d] + ([h0_d] if with_h0 else [])
