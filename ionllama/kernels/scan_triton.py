@@ -276,7 +276,7 @@ def _chunking(B: int, T: int, D: int) -> tuple[int, int]:
     bt = _CONFIG["block_t"]
     n = _CONFIG["n_chunks"]
     if n <= 0:
-        progs = B * triton.cdiv(D, _CONFIG["block_d"])
+        progs = B * triton.cdiv(D, _block_d(D))
         n = 1 if progs >= _CONFIG["min_programs"] else triton.cdiv(_CONFIG["min_programs"], progs)
         n = min(n, max(1, T // max(_CONFIG["min_chunk"], bt)))
     n = max(1, min(n, MAX_CHUNKS, triton.cdiv(T, bt)))
@@ -284,15 +284,21 @@ def _chunking(B: int, T: int, D: int) -> tuple[int, int]:
     return triton.cdiv(T, L), L
 
 
+def _block_d(D: int) -> int:
+    """Channels per program: block_d, or fewer for narrow inputs (at least 16, a power of two covering D), so a small
+    D does not run mostly masked lanes (the tiny test models under the CPU interpreter: D 16-80)."""
+    return min(_CONFIG["block_d"], max(16, triton.next_power_of_2(D)))
+
+
 def _meta(D):
-    return dict(BLOCK_T=_CONFIG["block_t"], BLOCK_D=_CONFIG["block_d"], EVEN_D=D % _CONFIG["block_d"] == 0,
+    return dict(BLOCK_T=_CONFIG["block_t"], BLOCK_D=_block_d(D), EVEN_D=D % _block_d(D) == 0,
                 num_warps=_CONFIG["num_warps"])
 
 
 def _scan_meta(D, dtype):
     """_meta plus the scans' own constants: summaries loaded CG at a time (automatic: at most 4096 values a tile,
     32 at 128-channel blocks), FOLD (config fold: 1 in 16-bit dtypes, 2 in all)."""
-    cg = _CONFIG["carry_group"] or max(1, min(MAX_CHUNKS, 4096 // _CONFIG["block_d"]))
+    cg = _CONFIG["carry_group"] or max(1, min(MAX_CHUNKS, 4096 // _block_d(D)))
     fold = _CONFIG["fold"] == 2 or (_CONFIG["fold"] == 1 and dtype in (torch.bfloat16, torch.float16))
     return dict(_meta(D), CG=triton.next_power_of_2(cg), FOLD=fold)
 
@@ -301,7 +307,7 @@ def _summaries(x, log_a, n, L, reverse):
     B, T, D = x.shape
     s = torch.empty((B, n, D), dtype=torch.float32, device=x.device)
     if n > 1:
-        _scan_summary[(B, n, triton.cdiv(D, _CONFIG["block_d"]))](
+        _scan_summary[(B, n, triton.cdiv(D, _block_d(D)))](
             x, log_a, s, T, D, L, n, x.stride(0), x.stride(1), REVERSE=reverse, **_meta(D))
     return s
 
@@ -311,7 +317,7 @@ def scan_forward(u, log_a, h0):
     n, L = _chunking(B, T, D)
     h = torch.empty((B, T, D), dtype=u.dtype, device=u.device)
     s = _summaries(u, log_a, n, L, reverse=False)
-    _scan_fwd[(B, n, triton.cdiv(D, _CONFIG["block_d"]))](
+    _scan_fwd[(B, n, triton.cdiv(D, _block_d(D)))](
         u, log_a, h0 if h0 is not None else log_a, s, h, T, D, L, n,
         u.stride(0), u.stride(1), h.stride(0), h.stride(1),
         HAS_H0=h0 is not None, **_scan_meta(D, u.dtype))
@@ -325,7 +331,7 @@ def scan_backward(dy, h, log_a, h0):
     dla = torch.empty((D, B * n), dtype=torch.float32, device=dy.device)  # summed over its contiguous dim
     dh0 = torch.empty((B, D), dtype=torch.float32, device=dy.device)
     s = _summaries(dy, log_a, n, L, reverse=True)
-    _scan_bwd[(B, n, triton.cdiv(D, _CONFIG["block_d"]))](
+    _scan_bwd[(B, n, triton.cdiv(D, _block_d(D)))](
         dy, h, log_a, h0 if h0 is not None else log_a, s, du, dla, dh0, T, D, L, n,
         dy.stride(0), dy.stride(1), h.stride(0), h.stride(1), du.stride(0), du.stride(1),
         HAS_H0=h0 is not None, **_scan_meta(D, dy.dtype))
