@@ -215,11 +215,7 @@ class DecodeRunner:
         self.can_schedule = self.has_latent and not lagged and fixed
         self.want_graphs = cuda_graphs and logits.is_cuda and getattr(dec, "capturable", True)
         self.can_overlap = self.can_schedule and not self.completed and hasattr(dec, "latent_stage")
-        if overlap_latent == "auto":
-            # on at batch <= 2 with graphs, uncompiled: compiled, it measured 7,689-7,723 -> 9,881-9,927 bytes/s at
-            # batch 1 (H200, fixed-4 pick), but changed the sampled bytes at one prompt on an H100 (eight of eight
-            # seeds; uncompiled, and compiled without it, the eager bytes: docs/results/checks-s55.md). The compiled
-            # form below (the byte's first part as two functions) is not checked on a GPU yet: on only when asked
+        if overlap_latent == "auto":  # (off under compile: see the docstring, docs/results/checks-s55.md)
             overlap_latent = self.can_overlap and self.want_graphs and B <= 2 and host_schedule is not False \
                 and compile_options(compile) is None
         elif overlap_latent not in (True, False):

@@ -291,16 +291,17 @@ def _block_d(D: int) -> int:
 
 
 def _meta(D):
-    return dict(BLOCK_T=_CONFIG["block_t"], BLOCK_D=_block_d(D), EVEN_D=D % _block_d(D) == 0,
-                num_warps=_CONFIG["num_warps"])
+    bd = _block_d(D)
+    return dict(BLOCK_T=_CONFIG["block_t"], BLOCK_D=bd, EVEN_D=D % bd == 0, num_warps=_CONFIG["num_warps"])
 
 
 def _scan_meta(D, dtype):
     """_meta plus the scans' own constants: summaries loaded CG at a time (automatic: at most 4096 values a tile,
     32 at 128-channel blocks), FOLD (config fold: 1 in 16-bit dtypes, 2 in all)."""
-    cg = _CONFIG["carry_group"] or max(1, min(MAX_CHUNKS, 4096 // _block_d(D)))
+    meta = _meta(D)
+    cg = _CONFIG["carry_group"] or max(1, min(MAX_CHUNKS, 4096 // meta["BLOCK_D"]))
     fold = _CONFIG["fold"] == 2 or (_CONFIG["fold"] == 1 and dtype in (torch.bfloat16, torch.float16))
-    return dict(_meta(D), CG=triton.next_power_of_2(cg), FOLD=fold)
+    return dict(meta, CG=triton.next_power_of_2(cg), FOLD=fold)
 
 
 def _summaries(x, log_a, n, L, reverse):
