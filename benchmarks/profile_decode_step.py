@@ -500,10 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--pdl", choices=("on", "off"), default="on",
                     help="programmatic dependent launch of the fused steps (kernels/pdl.py). Profile with 'off' for "
                          "per-kernel costs: under PDL a kernel's recorded time includes waiting for its predecessor")
-    ap.add_argument("--inductor_pdl", choices=("on", "off"), default="on",
-                    help="inductor's programmatic dependent launch in the compiled steps (runner.COMPILE_PRESETS; "
-                         "TORCHINDUCTOR_ENABLE_PDL does not override a preset's option). With --pdl: which PDL makes "
-                         "later captures slower?")
+    ap.add_argument("--inductor_pdl", choices=("on", "off"), default="off",
+                    help="inductor's programmatic dependent launch in the compiled steps (off in runner.COMPILE_PRESETS: "
+                         "torch 2.11's inductor loads scalar inputs before its wait, which changed sampled bytes on an "
+                         "H100; 'on' for timing experiments only, bytes may be wrong)")
     ap.add_argument("--free_graphs", action="store_true",
                     help="sweeps: drop every graph and empty torch's CUDA cache before each point's capture after the "
                          "first (the first capture of a process decoded ~6 %% faster than later ones, 39th session)")

@@ -54,11 +54,15 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=1, help="one prompt, sampled: seeds 1..N (rare flips vs a pattern)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--sampled_only", action="store_true", help="one prompt, sampled: no greedy or two-prompt cases")
+    ap.add_argument("--model_kw", default="", help="model options over the tiny model's, e.g. 'ngram=none,conv_kernel=2'")
     a = ap.parse_args(argv)
     torch._dynamo.config.recompile_limit = 256  # (every forced runner class is a guard of its own)
     torch.manual_seed(0)
-    m = create_model("tiny", d_model=64, n_layers=2, n_heads=2, d_local=64, n_enc_layers=1, n_dec_layers=2,
-                     patching="fixed").to(a.device).eval()
+    kw = dict(d_model=64, n_layers=2, n_heads=2, d_local=64, n_enc_layers=1, n_dec_layers=2, patching="fixed")
+    for item in filter(None, a.model_kw.split(",")):
+        k, v = item.split("=")
+        kw[k] = int(v) if v.lstrip("-").isdigit() else v
+    m = create_model("tiny", **kw).to(a.device).eval()
     prompts = [b"def main(", b"import torch\n"]
     res = {}
     orig = gen_mod.DecodeRunner

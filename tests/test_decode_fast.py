@@ -458,8 +458,8 @@ def test_generate_syncs_in_whole_unrolled_launches_and_not_when_streaming(ion, m
 
 def test_compile_presets_are_inductor_settings():
     """Every decode compile preset names settings this torch's inductor has; inductor's programmatic dependent
-    launch is in both where it exists (measured on an H200: same bytes, faster byte graph), and compile=True is
-    the "default" preset."""
+    launch is in none (torch 2.11's inductor loads scalar inputs before its gdc_wait: stale patch state, wrong
+    bytes on an H100, docs/results/checks-s56.md), and compile=True is the "default" preset."""
     import torch._inductor.config as ind
     from ionllama.generation.runner import COMPILE_PRESETS, compile_options
 
@@ -468,7 +468,7 @@ def test_compile_presets_are_inductor_settings():
             target = ind
             for part in key.split("."):
                 target = getattr(target, part)  # AttributeError: a setting inductor does not have
-        assert ("triton.enable_pdl" in opts) == hasattr(ind.triton, "enable_pdl"), name
+        assert "triton.enable_pdl" not in opts, name
     assert compile_options(True) == COMPILE_PRESETS["default"] and compile_options(False) is None
 
 
@@ -900,15 +900,18 @@ def test_overlapped_latent_graphs_equal_eager_on_cuda(rows, pairs):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_compiled_overlapped_latent_equals_eager_on_cuda(monkeypatch):
-    """overlap_latent under torch.compile at one prompt, where the byte's first part compiled as one function changed
-    the sampled bytes on an H100 (8 of 8 seeds with this model, docs/results/checks-s55.md): asked for explicitly
-    ("auto" leaves it off when compiling), it must give the eager runner's bytes. Every runner compiles its parts
-    afresh: the recompile limit is raised, else dynamo would run them eagerly past it and prove nothing."""
+@pytest.mark.parametrize("conv_kernel", [4, 1])
+def test_compiled_overlapped_latent_equals_eager_on_cuda(monkeypatch, conv_kernel):
+    """overlap_latent under torch.compile at one prompt, which changed the sampled bytes on an H100 (8 of 8 seeds
+    with the byte's first part compiled as one function, 3 of 4 split in two with conv_kernel 1) while inductor's
+    programmatic dependent launch was on (its kernels loaded the position and flags before waiting for the kernel
+    that wrote them; docs/results/checks-s55.md, checks-s56.md): asked for explicitly, it must give the eager
+    runner's bytes. Every runner compiles its parts afresh: the recompile limit is raised, else dynamo would run
+    them eagerly past it and prove nothing."""
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 256)
-    torch.manual_seed(0)  # the model of scripts/diag_decode_paths.py
+    torch.manual_seed(0)  # the model of scripts/diag_decode_paths.py (--model_kw conv_kernel=1 for the second)
     m = create_model("tiny", d_model=64, n_layers=2, n_heads=2, d_local=64, n_enc_layers=1, n_dec_layers=2,
-                     patching="fixed").eval().to("cuda")
+                     patching="fixed", conv_kernel=conv_kernel).eval().to("cuda")
     prompt = [list(b"def main(")]
     for seed in (1, 2, 3, 4):
         seeds = torch.tensor([seed])
@@ -917,8 +920,6 @@ def test_compiled_overlapped_latent_equals_eager_on_cuda(monkeypatch):
         ref.run(96)
         dec = decoder_for(m, 1, 160)
         logits = dec.prefill(prompt)
-        assert not DecodeRunner(dec, SamplingConfig(temperature=1.0), seeds, logits.clone(), 96, cuda_graphs=True,
-                                compile=True).overlap
         r = DecodeRunner(dec, SamplingConfig(temperature=1.0), seeds, logits, 96, cuda_graphs=True, compile=True,
                          overlap_latent=True)
         assert r.overlap

@@ -64,13 +64,16 @@ _HAS_IF_NODES = hasattr(getattr(torch._C, "_CUDAGraph", None), "begin_capture_to
 # neighbours) and inductor's horizontal fusion of independent kernels (combo_kernels). On an H200 it gave
 # 5,451-6,386 bytes/s at batch 1 against 4,631-4,759 for "default", for ~2 min of compiling instead of
 # ~25 s (docs/results/generation.md). CUDA graphs are ours (the runner captures), hence not inductor's.
-# Both presets turn on inductor's programmatic dependent launch where this torch has it (Hopper and later;
-# elsewhere inductor ignores it): each kernel's prologue overlaps the previous kernel's tail. On an H200, batch 1,
-# byte graph 0.101 -> 0.095 ms, and four processes (two with, two without) decoded the same 1,024 bytes.
+# Neither turns on inductor's programmatic dependent launch (triton.enable_pdl; it was on in both until
+# session 56): torch 2.11's inductor loads a compiled function's scalar inputs (the position t, patch flags) before
+# the kernel's gdc_wait, i.e. while the kernel before it, from another compiled function that may write them, can
+# still run. On an H100 the overlapped latent step's byte parts then read stale state: sampled bytes differed from
+# eager in 3 of 4 seeds (docs/results/checks-s56.md). Our own Triton kernels keep PDL: they load only weights
+# before their wait (kernels/pdl.py). The setting, for profile_decode_step.py's --inductor_pdl experiments only:
 _PDL = {"triton.enable_pdl": True} if hasattr(torch._inductor.config.triton, "enable_pdl") else {}
 COMPILE_PRESETS = {
-    "default": dict(_PDL),
-    "max-autotune": {"max_autotune": True, "coordinate_descent_tuning": True, "combo_kernels": True, **_PDL},
+    "default": {},
+    "max-autotune": {"max_autotune": True, "coordinate_descent_tuning": True, "combo_kernels": True},
 }
 
 
