@@ -270,8 +270,9 @@ def correctness_checks(device, compile: bool, fused_local_step: bool = False, fu
                 m, prompts, 96, seed=1, cuda_graphs=True, compile=True, fused_latent_step=True) == ref
     # fixed 4-byte patches: no entropy within rounding of a threshold (the model above has dozens of such bytes, so
     # a compiled kernel's rounding can flip a patch and every byte after it); one prompt: the overlapped latent
-    # step uncompiled (overlap_latent, "auto" at batch <= 2 under uncompiled graphs), three: the scheduled graphs;
-    # fixed_b1_compiled_overlap: the overlap asked for under compile (its bytes differed at one prompt, checks-s55)
+    # step (overlap_latent, "auto" at batch <= 2 under graphs), three: the scheduled graphs;
+    # fixed_b1_compiled_overlap: the overlap asked for under compile (its bytes differed at one prompt while
+    # inductor's PDL was on, checks-s55/-s56)
     torch.manual_seed(0)
     mf = create_model("tiny", d_model=64, n_layers=2, n_heads=2, d_local=64, n_enc_layers=1, n_dec_layers=2,
                       patching="fixed").to(device).eval()
@@ -292,7 +293,7 @@ def correctness_checks(device, compile: bool, fused_local_step: bool = False, fu
 
 def _runner_bytes(m, prompt: bytes, n: int, **kw) -> torch.Tensor:
     """n bytes sampled (seed 1) after one prompt by a DecodeRunner with options kw (generate() leaves overlap_latent
-    at "auto", which is off under compile)."""
+    at "auto")."""
     dec = decoder_for(m, 1, len(prompt) + n + 16)
     r = DecodeRunner(dec, SamplingConfig(temperature=1.0), torch.tensor([1]), dec.prefill([list(prompt)]), n, **kw)
     r.run(n)
@@ -408,8 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--overlap_latent", nargs="?", const="on", default="auto", choices=list(FUSED),
                     help="ionLlama, latent_shift 'previous' with fixed patching: the latent step on a second stream "
                          "beside the byte that closes a patch and the next byte's encoder (DecodeRunner's "
-                         "overlap_latent): on, off, or auto (the library's default: on at batch <= 2 under graphs, "
-                         "off with --compile)")
+                         "overlap_latent): on, off, or auto (the library's default: on at batch <= 2 under graphs)")
     ap.add_argument("--overlap_pairs", default="off", choices=["on", "off"],
                     help="with overlap_latent, a closing byte and the next one as one graph (DecodeRunner's ov_pairs)")
     ap.add_argument("--unroll", type=int, default=1,

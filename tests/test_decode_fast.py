@@ -906,7 +906,7 @@ def test_compiled_overlapped_latent_equals_eager_on_cuda(monkeypatch, conv_kerne
     with the byte's first part compiled as one function, 3 of 4 split in two with conv_kernel 1) while inductor's
     programmatic dependent launch was on (its kernels loaded the position and flags before waiting for the kernel
     that wrote them; docs/results/checks-s55.md, checks-s56.md): asked for explicitly, it must give the eager
-    runner's bytes. Every runner compiles its parts afresh: the recompile limit is raised, else dynamo would run
+    runner's bytes ("auto" turns it on there). Every runner compiles its parts afresh: the recompile limit is raised, else dynamo would run
     them eagerly past it and prove nothing."""
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 256)
     torch.manual_seed(0)  # the model of scripts/diag_decode_paths.py (--model_kw conv_kernel=1 for the second)
@@ -920,6 +920,8 @@ def test_compiled_overlapped_latent_equals_eager_on_cuda(monkeypatch, conv_kerne
         ref.run(96)
         dec = decoder_for(m, 1, 160)
         logits = dec.prefill(prompt)
+        assert DecodeRunner(dec, SamplingConfig(temperature=1.0), seeds, logits.clone(), 96, cuda_graphs=True,
+                            compile=True).overlap  # ("auto" picks it here)
         r = DecodeRunner(dec, SamplingConfig(temperature=1.0), seeds, logits, 96, cuda_graphs=True, compile=True,
                          overlap_latent=True)
         assert r.overlap

@@ -162,10 +162,10 @@ class DecodeRunner:
         overlap_latent: latent_shift "previous" with fixed patching under CUDA graphs (it implies host_schedule): a
         byte that closes a patch stages the patch after its pooling, the latent step runs on a second stream while
         that byte's decoder and the next byte's sampling, entropy model and encoder run, and the next byte waits for
-        it only before its decoder (see _replay_overlapped). Same bytes as without it, uncompiled. "auto": on where
-        it can be, under uncompiled CUDA graphs, for batch <= 2; off under compile, where it measured 7,689-7,723 ->
-        9,881-9,927 bytes/s at batch 1 (H200, docs/results/checks-s54.md) but changed sampled bytes at one prompt
-        (H100, docs/results/checks-s55.md; the compiled form since then is unchecked). True elsewhere is a UserError.
+        it only before its decoder (see _replay_overlapped). Same bytes as without it. "auto": on where it can be,
+        under CUDA graphs, for batch <= 2: compiled, 7,578-7,675 -> 9,280-9,446 bytes/s at batch 1 from 1K to 32K of
+        context (H100, docs/results/checks-s56.md; the faster rows of session 54 ran with inductor's PDL, which
+        changed sampled bytes: see COMPILE_PRESETS). True elsewhere is a UserError.
         prompt_len: the longest prompt, when the decoder was built for fewer than prompt_len + max_new + 1
         positions: run() then grows its caches (doubling, dec.grow) and the output buffer before the steps that
         need them, and captures its graphs again. None: the decoder holds every position already."""
@@ -218,9 +218,8 @@ class DecodeRunner:
         self.can_schedule = self.has_latent and not lagged and fixed
         self.want_graphs = cuda_graphs and logits.is_cuda and getattr(dec, "capturable", True)
         self.can_overlap = self.can_schedule and not self.completed and hasattr(dec, "latent_stage")
-        if overlap_latent == "auto":  # (off under compile: see the docstring, docs/results/checks-s55.md)
-            overlap_latent = self.can_overlap and self.want_graphs and B <= 2 and host_schedule is not False \
-                and compile_options(compile) is None
+        if overlap_latent == "auto":
+            overlap_latent = self.can_overlap and self.want_graphs and B <= 2 and host_schedule is not False
         elif overlap_latent not in (True, False):
             raise UserError(f"overlap_latent must be True, False or 'auto'; got {overlap_latent!r}")
         if overlap_latent and host_schedule is False:
