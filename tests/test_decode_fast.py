@@ -428,6 +428,34 @@ def test_generate_takes_entropy_branch_and_unroll(ion, dense):
         generate(ion, b"ab", 4, unroll=0)
 
 
+def test_generate_takes_overlap_latent(ion, monkeypatch):
+    """generate(overlap_latent=...) reaches the runner (and keys a session's kept runner); True where the latent step
+    cannot overlap (entropy patching) is a one-line UserError before any prefill, and so is a bad value. On CPU
+    (no graphs) the overlap never runs, so True and False give the same bytes."""
+    import importlib
+    gen_mod = importlib.import_module("ionllama.generation.generate")
+    fixed = create_model("tiny", **TINY, patching="fixed").eval()
+    seen = []
+    orig = gen_mod.DecodeRunner
+
+    class Recording(orig):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            seen.append(self.overlap)
+    monkeypatch.setattr(gen_mod, "DecodeRunner", Recording)
+    on = generate(fixed, b"ab c", 10, seed=1, overlap_latent=True)
+    assert seen == [True] and generate(fixed, b"ab c", 10, seed=1, overlap_latent=False) == on and seen[1] is False
+    generate(fixed, b"ab c", 10, seed=1)
+    assert seen[2] is False  # "auto": off without CUDA graphs
+    prefills = []
+    monkeypatch.setattr(type(decoder_for(ion, 1, 8)), "prefill", lambda self, rows: prefills.append(1))
+    with pytest.raises(UserError, match="overlap_latent needs ionLlama with fixed patching"):
+        generate(ion, b"ab", 4, overlap_latent=True)  # entropy patching
+    with pytest.raises(UserError, match="overlap_latent must be True, False or 'auto'"):
+        generate(fixed, b"ab", 4, overlap_latent="on")
+    assert prefills == [] and len(seen) == 3
+
+
 def test_generate_syncs_in_whole_unrolled_launches_and_not_when_streaming(ion, monkeypatch):
     """generate() reads bytes back every 16 without a stream callback, rounded up to whole unrolled launches
     (unroll 8: 16, unroll 12: 24); with a callback every byte, and then nothing is unrolled."""

@@ -9,7 +9,8 @@ import torch
 from ..errors import UserError, is_whole
 from ..model.common import eval_mode
 from .decoding import check_decoder_options, decoder_for, shape_bucket
-from .runner import DecodeRunner, check_unroll, compile_options, entropy_branch_possible, no_entropy_branch
+from .runner import (DecodeRunner, check_unroll, compile_options, entropy_branch_possible, no_entropy_branch,
+                     no_overlap_latent, overlap_latent_possible)
 from .prompts import DOC_SEP, RowOutput, normalize_prompts, normalize_stops
 from .sampling import SamplingConfig, is_flag
 
@@ -42,7 +43,8 @@ def generate(model, prompt_bytes, max_new_bytes: int = 256, temperature: float =
              stream: StreamFn | None = None, decoder: str = "auto", return_info: bool = False,
              cuda_graphs="auto", compile: bool | str = False, fused_local_step: bool | str = "auto",
              fused_entropy_step: bool | str = "auto", fused_latent_step: bool | str = "auto",
-             entropy_branch: bool | str = "auto", unroll: int = 1, session: "DecodeSession | None" = None):
+             entropy_branch: bool | str = "auto", unroll: int = 1, session: "DecodeSession | None" = None,
+             overlap_latent: bool | str = "auto"):
     """Continue `prompt_bytes` with up to `max_new_bytes` sampled bytes.
 
     prompt_bytes: bytes | str (UTF-8) | list[int] | 1-D tensor (one prompt), or a list of those /
@@ -85,6 +87,10 @@ def generate(model, prompt_bytes, max_new_bytes: int = 256, temperature: float =
         2.11 lacks: there a UserError), and a stream callback decodes one launch per byte. 1 (default): one launch
         per byte. The span graphs measured 3 % slower than one launch a byte on an H100 (unroll=16, fixed-4-byte
         pick, docs/results/checks-s51.md), the conditional nodes are not measured: keep 1 unless measured otherwise.
+    overlap_latent: ionLlama with fixed patching and latent_shift "previous": under CUDA graphs, each patch's latent
+        step runs on a second stream beside the bytes around it (same bytes). "auto" (default): on under CUDA graphs
+        for up to 2 prompts (compiled, batch 1: 7,578-7,675 -> 9,280-9,463 bytes/s on an H100,
+        docs/results/checks-s56.md); True: on for any batch size (another model: a UserError); False: off.
     session: a DecodeSession to keep this call's decoder (caches, compiled steps, captured CUDA graphs) for the next
         call given the same session: a call with the same model, weights, batch size, sampling settings and
         options prefills the kept decoder in place and skips building, warming up and capturing. None (default):
@@ -124,6 +130,8 @@ def generate(model, prompt_bytes, max_new_bytes: int = 256, temperature: float =
     check_decoder_options(decoder, fused_local_step, fused_entropy_step, fused_latent_step)
     if entropy_branch not in (True, False, "auto"):
         raise UserError(f"entropy_branch must be True, False or 'auto'; got {entropy_branch!r}")
+    if overlap_latent not in (True, False, "auto"):
+        raise UserError(f"overlap_latent must be True, False or 'auto'; got {overlap_latent!r}")
     outs = [RowOutput(stops) for _ in range(B)]
 
     decode = {"steps": 0, "eager_steps": 0, "cuda_graphs": False}
@@ -132,12 +140,12 @@ def generate(model, prompt_bytes, max_new_bytes: int = 256, temperature: float =
             with model_precision(model):
                 decode = _decode_loop(model, rows, outs, cfg, max_new_bytes, seed, stream, decoder, cuda_graphs,
                                       compile, fused_local_step, fused_entropy_step, fused_latent_step,
-                                      entropy_branch, unroll, session=session)
+                                      entropy_branch, unroll, session=session, overlap_latent=overlap_latent)
         else:  # the options that depend on the model, refused as they are when bytes are asked for (b'' before)
             with torch.no_grad(), model_precision(model):
                 _check_applicable(decoder_for(model, B, 2, decoder, fused_local_step=fused_local_step,
                                               fused_entropy_step=fused_entropy_step,
-                                              fused_latent_step=fused_latent_step), entropy_branch)
+                                              fused_latent_step=fused_latent_step), entropy_branch, overlap_latent)
     return finish_outputs(outs, stream, is_batch, return_info, decode)
 
 
@@ -182,10 +190,13 @@ def _use_cuda_graphs(setting, device, max_new_bytes) -> bool:
     return bool(setting) and device.type == "cuda"
 
 
-def _check_applicable(dec, entropy_branch) -> None:
-    """entropy_branch=True on a decoder that cannot branch (the fused flags are checked by decoder_for)."""
+def _check_applicable(dec, entropy_branch, overlap_latent="auto") -> None:
+    """entropy_branch=True on a decoder that cannot branch, overlap_latent=True on one that cannot overlap (the fused
+    flags are checked by decoder_for)."""
     if entropy_branch is True and not entropy_branch_possible(dec):
         raise no_entropy_branch()
+    if overlap_latent is True and not overlap_latent_possible(dec):
+        raise no_overlap_latent()
 
 
 class DecodeSession:
@@ -274,7 +285,7 @@ def _copy_to_host(part: torch.Tensor):
 
 def _decode_loop(model, rows, outs, cfg, max_new_bytes, seed, stream, decoder_kind, cuda_graphs, compile,
                  fused_local_step="auto", fused_entropy_step="auto", fused_latent_step="auto",
-                 entropy_branch="auto", unroll=1, session: DecodeSession | None = None):
+                 entropy_branch="auto", unroll=1, session: DecodeSession | None = None, overlap_latent="auto"):
     B = len(rows)
     t_setup = time.perf_counter()  # decoder, prefill and runner: host time (a new prompt length's JIT shows here)
     prompt_len = max(len(r) for r in rows)
@@ -287,7 +298,7 @@ def _decode_loop(model, rows, outs, cfg, max_new_bytes, seed, stream, decoder_ki
     device = next(model.parameters()).device
     graphs = _use_cuda_graphs(cuda_graphs, device, max_new_bytes)
     key = (B, decoder_kind, fused_local_step, fused_entropy_step, fused_latent_step, cfg, str(compile),
-           entropy_branch, unroll, stream is None, graphs)
+           entropy_branch, unroll, stream is None, graphs, overlap_latent)
     runner = session.take(model, key, prompt_len) if session is not None else None
     # Host syncs are the main per-byte overhead on a GPU: without a stream callback, sampled bytes stay on the
     # device and are inspected every `sync_every` steps, a whole number of unrolled graph launches (a few wasted
@@ -302,12 +313,12 @@ def _decode_loop(model, rows, outs, cfg, max_new_bytes, seed, stream, decoder_ki
         dec = decoder_for(model, B, cache_len, decoder_kind,
                           fused_local_step=fused_local_step, fused_entropy_step=fused_entropy_step,
                           fused_latent_step=fused_latent_step)
-        _check_applicable(dec, entropy_branch)  # before the prefill's work
+        _check_applicable(dec, entropy_branch, overlap_latent)  # before the prefill's work
         seeds = _row_seeds(seed, B, dec.device, draw=not cfg.is_greedy)
         logits = dec.prefill(rows)
         runner = DecodeRunner(dec, cfg, seeds, logits, max_new_bytes, cuda_graphs=graphs, compile=compile,
                               entropy_branch=entropy_branch, unroll=unroll if stream is None else 1,
-                              prompt_len=prompt_len)
+                              prompt_len=prompt_len, overlap_latent=overlap_latent)
     if stream is not None and runner.want_graphs:
         # replayed graphs: the bytes come back STREAM_CHUNK at a time (under 1 ms of decoding at graph speed), not
         # one by one, so reading them back, the stop checks, the callback and the writes no longer stand between

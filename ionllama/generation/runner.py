@@ -102,6 +102,19 @@ def entropy_branch_possible(dec) -> bool:
         hasattr(dec, "next_patch_flag")
 
 
+def overlap_latent_possible(dec) -> bool:
+    """Can the runner overlap the latent step with the bytes around it (overlap_latent)? ionLlama with fixed patching
+    (the host knows the patch ends) and latent_shift "previous" (the byte after a patch is the first to need it)."""
+    fixed = getattr(getattr(dec, "cfg", None), "patching", None) == "fixed"
+    return hasattr(dec, "advance_latent") and hasattr(dec, "latent_stage") and fixed \
+        and not getattr(dec, "completed", False) and not getattr(dec, "lagged", False)
+
+
+def no_overlap_latent() -> UserError:
+    return UserError("overlap_latent needs ionLlama with fixed patching and latent_shift 'previous' (the host must "
+                     "know the patch ends, and the byte after a patch must be the first to see it); leave it off")
+
+
 def no_entropy_branch() -> UserError:
     return UserError("entropy_branch is for ionLlama with entropy patching (and, under the 'early' latent policy, "
                      "latent_shift \"completed\"); this model cannot use it: leave it off")
@@ -217,7 +230,7 @@ class DecodeRunner:
         fixed = getattr(getattr(dec, "cfg", None), "patching", None) == "fixed"
         self.can_schedule = self.has_latent and not lagged and fixed
         self.want_graphs = cuda_graphs and logits.is_cuda and getattr(dec, "capturable", True)
-        self.can_overlap = self.can_schedule and not self.completed and hasattr(dec, "latent_stage")
+        self.can_overlap = overlap_latent_possible(dec)
         if overlap_latent == "auto":
             overlap_latent = self.can_overlap and self.want_graphs and B <= 2 and host_schedule is not False
         elif overlap_latent not in (True, False):
@@ -226,9 +239,7 @@ class DecodeRunner:
             raise UserError("overlap_latent follows the patch ends on the host (host_schedule); leave host_schedule on "
                             "or 'auto', or overlap_latent off")
         if overlap_latent and not self.can_overlap:
-            raise UserError("overlap_latent needs ionLlama with fixed patching and latent_shift 'previous' (the host "
-                            "must know the patch ends, and the byte after a patch must be the first to see it); "
-                            "leave it off")
+            raise no_overlap_latent()
         self.overlap = bool(overlap_latent)
         if self.overlap:
             host_schedule = True
