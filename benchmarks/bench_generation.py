@@ -145,6 +145,7 @@ class Bench:
                               overlap_latent=FUSED[getattr(self.args, "overlap_latent", "auto")]
                               if kind == "ionllama" else False)
         runner.ov_pairs = getattr(self.args, "overlap_pairs", "off") == "on"
+        runner.set_overlap_priority(getattr(self.args, "overlap_priority", "bytes"))
         return dict(kind=kind, B=B, dec=dec, runner=runner, graphs=graphs, compile=compile, max_len=max_len)
 
     @torch.no_grad()
@@ -320,6 +321,7 @@ def write_results(b, args, checks):
                host_schedule=getattr(args, "host_schedule", "auto"),
                overlap_latent=getattr(args, "overlap_latent", "auto"),
                overlap_pairs=getattr(args, "overlap_pairs", "off"),
+               overlap_priority=getattr(args, "overlap_priority", "bytes"),
                models={k: v[1] for k, v in b.models.items()}, checks=checks,
                commit=git_commit())  # BENCH_COMMIT-aware: the GPU machine's copy of .git is stale
     out = pathlib.Path(args.out)
@@ -410,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ionLlama, latent_shift 'previous' with fixed patching: the latent step on a second stream "
                          "beside the byte that closes a patch and the next byte's encoder (DecodeRunner's "
                          "overlap_latent): on, off, or auto (the library's default: on at batch <= 2 under graphs)")
+    ap.add_argument("--overlap_priority", default="bytes", choices=["bytes", "latent"],
+                    help="with overlap_latent, which replay stream gets the high priority (the runner's "
+                         "set_overlap_priority): the bytes' (default) or the latent step's")
     ap.add_argument("--overlap_pairs", default="off", choices=["on", "off"],
                     help="with overlap_latent, a closing byte and the next one as one graph (DecodeRunner's ov_pairs)")
     ap.add_argument("--unroll", type=int, default=1,

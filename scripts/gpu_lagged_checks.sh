@@ -4,8 +4,9 @@
 # latent step beside the bytes around it). Then the fixed-4-byte pick's per-byte latency from 1K to 32K of context,
 # one process per entry of SHIFTS (compiled, CUDA graphs, batch 1): "previous", "previous+overlap" (the same with
 # --overlap_latent on), "previous+pairs" (the overlapped step with --overlap_pairs on: a closing byte and the next
-# one as one graph), "lagged", "completed" (the pick's own). Then (WITH_CLI=1) a lagged checkpoint through
-# `ionllama generate`. Everything lands in one tarball, $OUT/lag.tgz.
+# one as one graph), "previous+latentfirst" (the overlapped step, its latent stream at the high priority), "lagged",
+# "completed" (the pick's own). BENCH_EXTRA: more bench flags for every entry (e.g. inductor's autotuning). Then
+# (WITH_CLI=1) a lagged checkpoint through `ionllama generate`. Everything lands in one tarball, $OUT/lag.tgz.
 # Usage (device tool): BENCH_COMMIT=$(git rev-parse --short HEAD) [SHIFTS="..."] [TESTS=0] [WITH_CLI=0] \
 #   bash scripts/gpu_lagged_checks.sh   (a bench process 26-53 s on a warm machine, 70+ s on a fresh one: its compiled
 #   session needs 100 s of --budget_s left after the checks, so BUDGET < ~200 skips it there; the tests ~15 s; the CLI
@@ -19,11 +20,12 @@ if [ "${TESTS:-1}" = 1 ]; then
   timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_decode_fast.py \
     -k "lagged or overlapped" > "$R/pytest.log" 2>&1; echo "pytest rc=$?"; tail -n 2 "$R/pytest.log"
 fi
-B="benchmarks/bench_generation.py --model_config $C --models ionllama --compile --compiled_only
+B="benchmarks/bench_generation.py --model_config $C --models ionllama --compile --compiled_only ${BENCH_EXTRA:-}
    --contexts 1024 8192 32768 --budget_s ${BUDGET:-230}"
 for spec in ${SHIFTS:-previous previous+overlap lagged completed}; do
   shift=${spec%+*}; extra=""
-  case "$spec" in *+overlap) extra="--overlap_latent on";; *+pairs) extra="--overlap_latent on --overlap_pairs on";; esac
+  case "$spec" in *+overlap) extra="--overlap_latent on";; *+pairs) extra="--overlap_latent on --overlap_pairs on";;
+    *+latentfirst) extra="--overlap_latent on --overlap_priority latent";; esac
   s=$SECONDS; timeout 260 python3 $B --latent_shift $shift $extra --out "$R/$spec" > "$R/$spec.log" 2>&1
   echo "$spec rc=$? $((SECONDS - s)) s"; grep -E "^\| ionllama" "$R/$spec/bench_generation.md" | cut -c1-160
 done

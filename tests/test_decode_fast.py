@@ -689,6 +689,34 @@ def test_overlapped_latent_gives_the_bytes_of_the_recompute_decoder(monkeypatch,
         assert log.count("show_stage") >= 5
 
 
+def test_overlap_priority_swaps_the_replay_streams(monkeypatch):
+    """set_overlap_priority: "latent" gives the latent step's replay stream the high priority (-1) and the bytes'
+    the normal one, "bytes" the reverse; a runner without the overlap keeps its streams; anything else is a one-line
+    UserError."""
+    from ionllama.generation import runner as runner_mod
+
+    _fake_cuda(monkeypatch, _FakeGraph)
+    made = []
+    monkeypatch.setattr(runner_mod, "reusable_stream", lambda dev, role, priority=0: (made.append((role, priority)),
+                                                                                       (role, priority))[1])
+    m = create_model("tiny", **TINY, patching="fixed", fixed_patch_size=3).eval()
+    dec = decoder_for(m, 1, 64)
+    r = DecodeRunner(dec, SamplingConfig(temperature=1.0), torch.tensor([1]), dec.prefill([list(b"ab")]), 8,
+                     overlap_latent=True)
+    assert r.overlap_priority == "bytes"
+    r.latent_stream = r.byte_stream = "on CUDA"  # (CPU tensors: the runner made no side streams)
+    r.set_overlap_priority("latent")
+    assert (r.byte_stream, r.latent_stream) == (("decode_bytes", 0), ("decode_latent", -1))
+    r.set_overlap_priority("bytes")
+    assert (r.byte_stream, r.latent_stream) == (("decode_bytes", -1), ("decode_latent", 0))
+    r.overlap = False
+    made.clear()
+    r.set_overlap_priority("latent")
+    assert made == [] and r.overlap_priority == "latent"
+    with pytest.raises(UserError, match="overlap priority must be 'bytes' or 'latent'"):
+        r.set_overlap_priority("high")
+
+
 class _DeferredStream:
     """A fake latent stream whose work runs as late as the streams' edges allow: queued, and run only when the bytes'
     stream waits for it. A missing join, or a compute that reads live state instead of its staged copies, then
