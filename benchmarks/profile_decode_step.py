@@ -181,7 +181,8 @@ def env(args, s) -> dict:
                 device=device_name(args.device),
                 commit=git_commit(), date=time.strftime("%Y-%m-%d %H:%M"),
                 size=args.size, dtype=args.dtype, batch=1, context=args.context, graphs=s["runner"].graphs is not None,
-                compile=s["compile"], model=m, fused=fused_flags(s["dec"]),
+                compile=s["compile"], model=m, fused=fused_flags(s["dec"]), overlap=s["runner"].overlap,
+                overlap_priority=s["runner"].overlap_priority,
                 flags={k: v for k, v in vars(args).items() if k not in ("contexts", "compile_mode", "new_bytes")})
 
 
@@ -484,6 +485,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "sched=0,1 compares)")
     ap.add_argument("--latent_shift", default=None, choices=LATENT_SHIFTS,
                     help="ionLlama's latent_shift (as bench_generation.py)")
+    ap.add_argument("--overlap_latent", nargs="?", const="on", default="auto", choices=list(FUSED),
+                    help="fixed patching, latent_shift previous: the latent step beside the bytes around it (as "
+                         "bench_generation.py; auto: on at batch <= 2 under graphs)")
+    ap.add_argument("--overlap_priority", default="bytes", choices=["bytes", "latent"],
+                    help="with the overlap, which replay stream gets the high priority (as bench_generation.py)")
     ap.add_argument("--fused_entropy_step", nargs="?", const="on", default="auto", choices=list(FUSED),
                     help="the entropy model's fused Triton step (as bench_generation.py)")
     ap.add_argument("--fused_latent_step", nargs="?", const="on", default="auto", choices=list(FUSED),
