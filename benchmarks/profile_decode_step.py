@@ -532,10 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
 def set_inductor_pdl(on: bool) -> None:
     """Turn inductor's PDL on or off in every compile preset (a no-op where this torch's inductor lacks it)."""
     for options in runner.COMPILE_PRESETS.values():
-        if on and runner._PDL:
-            options.update(runner._PDL)
-        else:
-            options.pop("triton.enable_pdl", None)
+        options.update({k: bool(on) for k in runner._PDL})
 
 
 @cli_entry

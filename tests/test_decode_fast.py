@@ -485,9 +485,10 @@ def test_generate_syncs_in_whole_unrolled_launches_and_not_when_streaming(ion, m
 
 
 def test_compile_presets_are_inductor_settings():
-    """Every decode compile preset names settings this torch's inductor has; inductor's programmatic dependent
-    launch is in none (torch 2.11's inductor loads scalar inputs before its gdc_wait: stale patch state, wrong
-    bytes on an H100, docs/results/checks-s56.md), and compile=True is the "default" preset."""
+    """Every decode compile preset names settings this torch's inductor has; each turns inductor's programmatic
+    dependent launch off explicitly where inductor has it (torch 2.11's inductor loads scalar inputs before its
+    gdc_wait: stale patch state, wrong bytes on an H100, docs/results/checks-s56.md; explicitly, so that
+    TORCHINDUCTOR_ENABLE_PDL=1 cannot turn it on), and compile=True is the "default" preset."""
     import torch._inductor.config as ind
     from ionllama.generation.runner import COMPILE_PRESETS, compile_options
 
@@ -496,11 +497,24 @@ def test_compile_presets_are_inductor_settings():
             target = ind
             for part in key.split("."):
                 target = getattr(target, part)  # AttributeError: a setting inductor does not have
-        assert "triton.enable_pdl" not in opts, name
+        assert opts.get("triton.enable_pdl", "absent") == (False if hasattr(ind.triton, "enable_pdl") else "absent")
     assert compile_options(True) == COMPILE_PRESETS["default"] and compile_options(False) is None
 
 
+def test_compile_mode_with_inductor_pdl_on_is_refused(ion, monkeypatch):
+    """A compile_mode (torch.compile's mode, no options) leaves inductor's PDL to its global setting: on there
+    (TORCHINDUCTOR_ENABLE_PDL=1), the runner refuses in one line instead of decoding with the stale loads."""
+    from ionllama.generation import runner as runner_mod
+    monkeypatch.setattr(runner_mod, "_PDL", {"triton.enable_pdl": True})
+    monkeypatch.setattr(torch._inductor.config.triton, "enable_pdl", True, raising=False)
+    with pytest.raises(UserError, match="programmatic dependent launch is on"):
+        _runner(ion, 8, compile=True, compile_mode="default")
+    monkeypatch.setattr(torch._inductor.config.triton, "enable_pdl", False, raising=False)
+    assert _runner(ion, 8, compile=True, compile_mode="default") is not None
+
+
 def _fake_unrolled(monkeypatch, launches: list):
+
     """The unrolled graph as a CPU fake: replay() runs the unrolled iterations with the flag read on the host
     where CUDA would evaluate a conditional node; every replay is logged."""
     def record(self, pool):

@@ -186,8 +186,13 @@ def test_inductor_pdl_flag_edits_every_compile_preset_and_restores_it(monkeypatc
     from ionllama.generation import runner
     monkeypatch.setattr(runner, "COMPILE_PRESETS", {k: dict(v) for k, v in runner.COMPILE_PRESETS.items()})
     monkeypatch.setattr(runner, "_PDL", {"triton.enable_pdl": True})  # as on a torch whose inductor has it
-    pds.set_inductor_pdl(False)
-    assert all("triton.enable_pdl" not in o for o in runner.COMPILE_PRESETS.values())
-    assert runner.compile_options(True) == {} and runner.COMPILE_PRESETS["max-autotune"]["max_autotune"]
     pds.set_inductor_pdl(True)
     assert all(o["triton.enable_pdl"] is True for o in runner.COMPILE_PRESETS.values())
+    pds.set_inductor_pdl(False)
+    assert all(o["triton.enable_pdl"] is False for o in runner.COMPILE_PRESETS.values())
+    assert runner.compile_options(True) == {"triton.enable_pdl": False}
+    assert runner.COMPILE_PRESETS["max-autotune"]["max_autotune"]
+    monkeypatch.setattr(runner, "_PDL", {})  # a torch whose inductor lacks it: nothing to set
+    presets = {k: dict(v) for k, v in runner.COMPILE_PRESETS.items()}
+    pds.set_inductor_pdl(True)
+    assert runner.COMPILE_PRESETS == presets

@@ -69,11 +69,13 @@ _HAS_IF_NODES = hasattr(getattr(torch._C, "_CUDAGraph", None), "begin_capture_to
 # the kernel's gdc_wait, i.e. while the kernel before it, from another compiled function that may write them, can
 # still run. On an H100 the overlapped latent step's byte parts then read stale state: sampled bytes differed from
 # eager in 3 of 4 seeds (docs/results/checks-s56.md). Our own Triton kernels keep PDL: they load only weights
-# before their wait (kernels/pdl.py). The setting, for profile_decode_step.py's --inductor_pdl experiments only:
+# before their wait (kernels/pdl.py). The presets set it off explicitly, so that TORCHINDUCTOR_ENABLE_PDL=1 in the
+# environment cannot turn it back on; profile_decode_step.py's --inductor_pdl on (experiments only) sets _PDL.
 _PDL = {"triton.enable_pdl": True} if hasattr(torch._inductor.config.triton, "enable_pdl") else {}
+_NO_PDL = {k: False for k in _PDL}
 COMPILE_PRESETS = {
-    "default": {},
-    "max-autotune": {"max_autotune": True, "coordinate_descent_tuning": True, "combo_kernels": True},
+    "default": dict(_NO_PDL),
+    "max-autotune": {"max_autotune": True, "coordinate_descent_tuning": True, "combo_kernels": True, **_NO_PDL},
 }
 
 
@@ -291,7 +293,11 @@ class DecodeRunner:
         self._lag_h = None  # (n_done, host patcher state) where the last lagged replay stopped; None: read it again
         options = compile_options(compile)
         if options is not None:
-            # torch.compile takes a mode or options, not both
+            # torch.compile takes a mode or options, not both; a mode leaves inductor's PDL to its global setting
+            if compile_mode and _PDL and torch._inductor.config.triton.enable_pdl:
+                raise UserError("inductor's programmatic dependent launch is on (TORCHINDUCTOR_ENABLE_PDL=1?), which "
+                                "gave wrong bytes in compiled decode steps (docs/results/checks-s56.md); turn it off "
+                                "or use compile=... presets instead of compile_mode")
             kw = dict(mode=compile_mode) if compile_mode else dict(options=options or None)
             self._byte_parts = [torch.compile(f, dynamic=False, **kw) for f in self._byte_parts]
             self._branch_fns = [torch.compile(f, dynamic=False, **kw) for f in self._branch_fns]
