@@ -26,7 +26,7 @@ for spec in ${SHIFTS:-previous previous+overlap lagged completed}; do
   shift=${spec%+*}; extra=""
   case "$spec" in *+overlap) extra="--overlap_latent on";; *+pairs) extra="--overlap_latent on --overlap_pairs on";;
     *+latentfirst) extra="--overlap_latent on --overlap_priority latent";; esac
-  s=$SECONDS; timeout 260 python3 $B --latent_shift $shift $extra --out "$R/$spec" > "$R/$spec.log" 2>&1
+  s=$SECONDS; timeout $(( ${BUDGET:-230} + 30 )) python3 $B --latent_shift $shift $extra --out "$R/$spec" > "$R/$spec.log" 2>&1
   echo "$spec rc=$? $((SECONDS - s)) s"; grep -E "^\| ionllama" "$R/$spec/bench_generation.md" | cut -c1-160
 done
 # A lagged fixed-patch `small` checkpoint of 200 steps through `ionllama generate`, as users run it.
