@@ -145,7 +145,7 @@ class Bench:
                               overlap_latent=FUSED[getattr(self.args, "overlap_latent", "auto")]
                               if kind == "ionllama" else False)
         runner.ov_pairs = getattr(self.args, "overlap_pairs", "off") == "on"
-        runner.set_overlap_priority(getattr(self.args, "overlap_priority", "bytes"))
+        runner.set_overlap_priority(getattr(self.args, "overlap_priority", "bytes"))  # (only used with the overlap)
         return dict(kind=kind, B=B, dec=dec, runner=runner, graphs=graphs, compile=compile, max_len=max_len)
 
     @torch.no_grad()
@@ -271,9 +271,9 @@ def correctness_checks(device, compile: bool, fused_local_step: bool = False, fu
                 m, prompts, 96, seed=1, cuda_graphs=True, compile=True, fused_latent_step=True) == ref
     # fixed 4-byte patches: no entropy within rounding of a threshold (the model above has dozens of such bytes, so
     # a compiled kernel's rounding can flip a patch and every byte after it); one prompt: the overlapped latent
-    # step (overlap_latent, "auto" at batch <= 2 under graphs), three: the scheduled graphs;
-    # fixed_b1_compiled_overlap: the overlap asked for under compile (its bytes differed at one prompt while
-    # inductor's PDL was on, checks-s55/-s56)
+    # step uncompiled (overlap_latent, "auto" at batch <= 2 under graphs), three: the scheduled graphs; compiled,
+    # the plain path without the overlap, and fixed_b1_compiled_overlap: the overlap under compile (its bytes
+    # differed at one prompt while inductor's PDL was on, checks-s55/-s56)
     torch.manual_seed(0)
     mf = create_model("tiny", d_model=64, n_layers=2, n_heads=2, d_local=64, n_enc_layers=1, n_dec_layers=2,
                       patching="fixed").to(device).eval()
@@ -283,7 +283,7 @@ def correctness_checks(device, compile: bool, fused_local_step: bool = False, fu
             out[f"fixed{tag}_graphs_equal_eager"] = generate(mf, p, 96, seed=1, cuda_graphs=True) == ref_f
             if compile:
                 out[f"fixed{tag}_compiled_graphs_equal_eager"] = generate(mf, p, 96, seed=1, cuda_graphs=True,
-                                                                          compile=True) == ref_f
+                                                                          compile=True, overlap_latent=False) == ref_f
     if torch.device(device).type == "cuda" and compile:
         out["fixed_b1_compiled_overlap_graphs_equal_eager"] = torch.equal(
             _runner_bytes(mf, prompts[0], 96, cuda_graphs=True, compile=True, overlap_latent=True),

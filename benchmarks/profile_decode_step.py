@@ -507,8 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="programmatic dependent launch of the fused steps (kernels/pdl.py). Profile with 'off' for "
                          "per-kernel costs: under PDL a kernel's recorded time includes waiting for its predecessor")
     ap.add_argument("--inductor_pdl", choices=("on", "off"), default="off",
-                    help="inductor's programmatic dependent launch in the compiled steps (off in runner.COMPILE_PRESETS: "
-                         "torch 2.11's inductor loads scalar inputs before its wait, which changed sampled bytes on an "
+                    help="inductor's programmatic dependent launch in the compiled steps (off in "
+                         "runner.COMPILE_PRESETS: torch 2.11's inductor loads scalar inputs before its wait, which "
+                         "changed sampled bytes on an "
                          "H100; 'on' for timing experiments only, bytes may be wrong)")
     ap.add_argument("--free_graphs", action="store_true",
                     help="sweeps: drop every graph and empty torch's CUDA cache before each point's capture after the "

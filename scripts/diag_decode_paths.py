@@ -20,7 +20,7 @@ gen_mod = importlib.import_module("ionllama.generation.generate")  # (the packag
 
 VARIANTS = {  # name: (generate kwargs, runner kwargs forced)
     "graphs": (dict(cuda_graphs=True), {}),
-    "compiled_graphs": (dict(cuda_graphs=True, compile=True), {}),
+    "compiled_graphs": (dict(cuda_graphs=True, compile=True), {}),  # (overlap "auto": on at <= 2 prompts since s56)
     "compiled_graphs_overlap": (dict(cuda_graphs=True, compile=True), dict(overlap_latent=True)),
     "compiled_graphs_no_overlap": (dict(cuda_graphs=True, compile=True), dict(overlap_latent=False)),
     "compiled_graphs_schedule_no_overlap": (dict(cuda_graphs=True, compile=True),
@@ -54,7 +54,8 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=1, help="one prompt, sampled: seeds 1..N (rare flips vs a pattern)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--sampled_only", action="store_true", help="one prompt, sampled: no greedy or two-prompt cases")
-    ap.add_argument("--model_kw", default="", help="model options over the tiny model's, e.g. 'ngram=none,conv_kernel=2'")
+    ap.add_argument("--model_kw", default="",
+                    help="model options over the tiny model's, e.g. 'ngram=none,conv_kernel=2'")
     a = ap.parse_args(argv)
     torch._dynamo.config.recompile_limit = 256  # (every forced runner class is a guard of its own)
     torch.manual_seed(0)

@@ -2,7 +2,7 @@
 # Issue #4's decode checks on the GPU (no carry). First the CUDA tests of the overlapped latent replays ("lagged":
 # bytes on a high-priority stream, the host's patch schedule kept across runs; overlap_latent: "previous" with its
 # latent step beside the bytes around it). Then the fixed-4-byte pick's per-byte latency from 1K to 32K of context,
-# one process per entry of SHIFTS (compiled, CUDA graphs, batch 1): "previous", "previous+overlap" (the same with
+# one process per entry of SHIFTS (compiled, CUDA graphs, batch 1): "previous" (overlap off), "previous+overlap" (with
 # --overlap_latent on), "previous+pairs" (the overlapped step with --overlap_pairs on: a closing byte and the next
 # one as one graph), "previous+latentfirst" (the overlapped step, its latent stream at the high priority), "lagged",
 # "completed" (the pick's own). BENCH_EXTRA: more bench flags for every entry (e.g. inductor's autotuning). Then
@@ -24,7 +24,8 @@ B="benchmarks/bench_generation.py --model_config $C --models ionllama --compile 
    --contexts 1024 8192 32768 --budget_s ${BUDGET:-230}"
 for spec in ${SHIFTS:-previous previous+overlap lagged completed}; do
   shift=${spec%+*}; extra=""
-  case "$spec" in *+overlap) extra="--overlap_latent on";; *+pairs) extra="--overlap_latent on --overlap_pairs on";;
+  case "$spec" in previous) extra="--overlap_latent off";; *+overlap) extra="--overlap_latent on";;
+    *+pairs) extra="--overlap_latent on --overlap_pairs on";;
     *+latentfirst) extra="--overlap_latent on --overlap_priority latent";; esac
   s=$SECONDS; timeout $(( ${BUDGET:-230} + 30 )) python3 $B --latent_shift $shift $extra --out "$R/$spec" > "$R/$spec.log" 2>&1
   echo "$spec rc=$? $((SECONDS - s)) s"; grep -E "^\| ionllama" "$R/$spec/bench_generation.md" | cut -c1-160

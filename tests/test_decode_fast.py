@@ -447,6 +447,12 @@ def test_generate_takes_overlap_latent(ion, monkeypatch):
     assert seen == [True] and generate(fixed, b"ab c", 10, seed=1, overlap_latent=False) == on and seen[1] is False
     generate(fixed, b"ab c", 10, seed=1)
     assert seen[2] is False  # "auto": off without CUDA graphs
+    from ionllama.generation.generate import DecodeSession
+    s = DecodeSession()
+    generate(fixed, b"ab c", 10, seed=1, overlap_latent=True, session=s)
+    assert generate(fixed, b"ab c", 10, seed=1, overlap_latent=False, session=s) == on
+    assert s.reuses == 0 and seen[3:] == [True, False]  # another overlap_latent: a new runner, not the kept one
+    del seen[3:]
     prefills = []
     monkeypatch.setattr(type(decoder_for(ion, 1, 8)), "prefill", lambda self, rows: prefills.append(1))
     with pytest.raises(UserError, match="overlap_latent needs ionLlama with fixed patching"):
@@ -970,25 +976,25 @@ def test_overlapped_latent_graphs_equal_eager_on_cuda(rows, pairs):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("conv_kernel", [4, 1])
-def test_compiled_overlapped_latent_equals_eager_on_cuda(monkeypatch, conv_kernel):
-    """overlap_latent under torch.compile at one prompt, which changed the sampled bytes on an H100 (8 of 8 seeds
+@pytest.mark.parametrize("conv_kernel,rows", [(4, 1), (1, 1), (1, 2)])
+def test_compiled_overlapped_latent_equals_eager_on_cuda(monkeypatch, conv_kernel, rows):
+    """overlap_latent under torch.compile, which changed the sampled bytes at one prompt on an H100 (8 of 8 seeds
     with the byte's first part compiled as one function, 3 of 4 split in two with conv_kernel 1) while inductor's
     programmatic dependent launch was on (its kernels loaded the position and flags before waiting for the kernel
-    that wrote them; docs/results/checks-s55.md, checks-s56.md): asked for explicitly, it must give the eager
-    runner's bytes ("auto" turns it on there). Every runner compiles its parts afresh: the recompile limit is raised, else dynamo would run
-    them eagerly past it and prove nothing."""
+    that wrote them; docs/results/checks-s55.md, checks-s56.md): it must give the eager runner's bytes, at one
+    prompt and at two ("auto" turns it on at both). Every runner compiles its parts afresh: the recompile limit is
+    raised, else dynamo would run them eagerly past it and prove nothing."""
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 256)
     torch.manual_seed(0)  # the model of scripts/diag_decode_paths.py (--model_kw conv_kernel=1 for the second)
     m = create_model("tiny", d_model=64, n_layers=2, n_heads=2, d_local=64, n_enc_layers=1, n_dec_layers=2,
                      patching="fixed", conv_kernel=conv_kernel).eval().to("cuda")
-    prompt = [list(b"def main(")]
+    prompt = [list(b"def main("), list(b"import torch\n")][:rows]
     for seed in (1, 2, 3, 4):
-        seeds = torch.tensor([seed])
-        dec = decoder_for(m, 1, 160)
+        seeds = torch.tensor([seed, seed + 10][:rows])
+        dec = decoder_for(m, rows, 160)
         ref = DecodeRunner(dec, SamplingConfig(temperature=1.0), seeds, dec.prefill(prompt), 96)
         ref.run(96)
-        dec = decoder_for(m, 1, 160)
+        dec = decoder_for(m, rows, 160)
         logits = dec.prefill(prompt)
         assert DecodeRunner(dec, SamplingConfig(temperature=1.0), seeds, logits.clone(), 96, cuda_graphs=True,
                             compile=True).overlap  # ("auto" picks it here)

@@ -285,8 +285,8 @@ class DecodeRunner:
         self.ov_graphs = None  # overlap_latent: the graphs of _ov_pieces, captured with the others
         self._ov_pending_at = None  # n_done after a byte that staged a patch whose latent output is not shown yet
         # overlap_latent: a closing byte and the opening byte after it as one graph, the latent step forked inside it
-        # (one launch for the two bytes instead of five; set before the capture). Off: equal bytes on an H100, its
-        # speed not measured yet (docs/results/checks-s54.md); the pieces alone measured 9,881-9,927 bytes/s
+        # (one launch for the two bytes instead of five; set before the capture). Off: equal bytes on an H100 and no
+        # faster than the pieces (9,337-9,477 against 9,280-9,463 bytes/s compiled, docs/results/checks-s56.md)
         self.ov_pairs = False
         # fixed patching: the host knows which bytes open a patch, so the lagged replay reads no flag per byte
         self.lagged_host = self.lagged and fixed
@@ -582,8 +582,9 @@ class DecodeRunner:
         """overlap_latent: which replay stream has the high priority. "bytes" (default): as for "lagged", where the
         latent step has a whole patch of bytes to hide behind. "latent": there the latent step is the critical path
         when it is longer than what it overlaps (on an H100 the pick's latent graph took 0.149 ms, a byte graph
-        0.077-0.089, checks-s56), so its kernels may go first. A graph replays at its stream's priority, so this
-        takes effect at the next replay, without a new capture. Not measured yet."""
+        0.077 and 0.089 GPU ms a byte in all, autotuned, checks-s56), so its kernels may go first. A graph replays
+        at its stream's priority, so this takes effect at the next replay, without a new capture. Not measured
+        yet."""
         if first not in ("bytes", "latent"):
             raise UserError(f"overlap priority must be 'bytes' or 'latent'; got {first!r}")
         self.overlap_priority = first
