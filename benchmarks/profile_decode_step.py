@@ -387,7 +387,10 @@ def run_sweep(args, kind: str, points: list[dict]) -> list[dict]:
         sched = bool(point.pop("sched", sched_default))
         if sched != s["runner"].host_schedule:
             s["runner"].set_host_schedule(sched)  # (a UserError where the patching decides on the GPU)
-        s["runner"].unroll = int(point.pop("unroll", unroll_default))
+        unroll = int(point.pop("unroll", unroll_default))
+        if unroll > 1 and s["runner"].overlap:  # (its replays are one byte's graphs at a time: unroll unused)
+            raise UserError("--grid unroll > 1 with the overlapped latent step: add --overlap_latent off")
+        s["runner"].unroll = unroll
         return set_config(**point)
     default = dict(mod._CONFIG)
     t_start = time.time()

@@ -438,8 +438,11 @@ def test_generate_takes_overlap_latent(ion, monkeypatch):
     seen = []
     orig = gen_mod.DecodeRunner
 
+    asked = []
+
     class Recording(orig):
         def __init__(self, *a, **kw):
+            asked.append(kw.get("overlap_latent"))
             super().__init__(*a, **kw)
             seen.append(self.overlap)
     monkeypatch.setattr(gen_mod, "DecodeRunner", Recording)
@@ -459,7 +462,15 @@ def test_generate_takes_overlap_latent(ion, monkeypatch):
         generate(ion, b"ab", 4, overlap_latent=True)  # entropy patching
     with pytest.raises(UserError, match="overlap_latent must be True, False or 'auto'"):
         generate(fixed, b"ab", 4, overlap_latent="on")
+    with pytest.raises(UserError, match="unroll > 1 does not combine"):
+        generate(fixed, b"ab", 4, overlap_latent=True, unroll=4)
     assert prefills == [] and len(seen) == 3
+    monkeypatch.undo()
+    monkeypatch.setattr(gen_mod, "DecodeRunner", Recording)
+    generate(fixed, b"ab c", 6, seed=1, unroll=4)  # "auto" yields to an explicit unroll (their replays do not mix)
+    assert asked[-1] is False
+    with pytest.raises(UserError, match="unroll > 1 does not combine"):
+        _runner(fixed, 8, overlap_latent=True, unroll=4)
 
 
 def test_generate_syncs_in_whole_unrolled_launches_and_not_when_streaming(ion, monkeypatch):

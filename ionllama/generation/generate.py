@@ -10,7 +10,7 @@ from ..errors import UserError, is_whole
 from ..model.common import eval_mode
 from .decoding import check_decoder_options, decoder_for, shape_bucket
 from .runner import (DecodeRunner, check_unroll, compile_options, entropy_branch_possible, no_entropy_branch,
-                     no_overlap_latent, overlap_latent_possible)
+                     no_overlap_latent, no_overlap_with_unroll, overlap_latent_possible)
 from .prompts import DOC_SEP, RowOutput, normalize_prompts, normalize_stops
 from .sampling import SamplingConfig, is_flag
 
@@ -90,7 +90,8 @@ def generate(model, prompt_bytes, max_new_bytes: int = 256, temperature: float =
     overlap_latent: ionLlama with fixed patching and latent_shift "previous": under CUDA graphs, each patch's latent
         step runs on a second stream beside the bytes around it (same bytes). "auto" (default): on under CUDA graphs
         for up to 2 prompts (compiled, batch 1: 7,578-7,675 -> 9,280-9,463 bytes/s on an H100,
-        docs/results/checks-s56.md); True: on for any batch size (another model: a UserError); False: off.
+        docs/results/checks-s56.md), unless unroll > 1 (which it does not combine with); True: on for any batch
+        size (another model, or unroll > 1: a UserError); False: off.
     session: a DecodeSession to keep this call's decoder (caches, compiled steps, captured CUDA graphs) for the next
         call given the same session: a call with the same model, weights, batch size, sampling settings and
         options prefills the kept decoder in place and skips building, warming up and capturing. None (default):
@@ -132,6 +133,10 @@ def generate(model, prompt_bytes, max_new_bytes: int = 256, temperature: float =
         raise UserError(f"entropy_branch must be True, False or 'auto'; got {entropy_branch!r}")
     if overlap_latent not in (True, False, "auto"):
         raise UserError(f"overlap_latent must be True, False or 'auto'; got {overlap_latent!r}")
+    if unroll > 1:  # (a stream callback sets the runner's unroll after it is built: decided here for both)
+        if overlap_latent is True:
+            raise no_overlap_with_unroll()
+        overlap_latent = False
     outs = [RowOutput(stops) for _ in range(B)]
 
     decode = {"steps": 0, "eager_steps": 0, "cuda_graphs": False}

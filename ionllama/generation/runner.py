@@ -117,6 +117,11 @@ def no_overlap_latent() -> UserError:
                      "know the patch ends, and the byte after a patch must be the first to see it); leave it off")
 
 
+def no_overlap_with_unroll() -> UserError:
+    return UserError("overlap_latent replays a byte's graphs one at a time, so unroll > 1 does not combine with it; "
+                     "use unroll=1 or overlap_latent=False")
+
+
 def no_entropy_branch() -> UserError:
     return UserError("entropy_branch is for ionLlama with entropy patching (and, under the 'early' latent policy, "
                      "latent_shift \"completed\"); this model cannot use it: leave it off")
@@ -177,8 +182,9 @@ class DecodeRunner:
         overlap_latent: latent_shift "previous" with fixed patching under CUDA graphs (it implies host_schedule): a
         byte that closes a patch stages the patch after its pooling, the latent step runs on a second stream while
         that byte's decoder and the next byte's sampling, entropy model and encoder run, and the next byte waits for
-        it only before its decoder (see _replay_overlapped). Same bytes as without it. "auto": on where it can be,
-        under CUDA graphs, for batch <= 2: compiled, 7,578-7,675 -> 9,280-9,446 bytes/s at batch 1 from 1K to 32K of
+        it only before its decoder (see _replay_overlapped). Same bytes as without it. It replays a byte's graphs
+        one at a time, so unroll > 1 does not combine with it (True with it: a UserError). "auto": on where it can
+        be, under CUDA graphs, for batch <= 2 and unroll 1: compiled, 7,578-7,675 -> 9,280-9,446 bytes/s at batch 1 from 1K to 32K of
         context (H100, docs/results/checks-s56.md; the faster rows of session 54 ran with inductor's PDL, which
         changed sampled bytes: see COMPILE_PRESETS). True elsewhere is a UserError.
         prompt_len: the longest prompt, when the decoder was built for fewer than prompt_len + max_new + 1
@@ -233,10 +239,13 @@ class DecodeRunner:
         self.can_schedule = self.has_latent and not lagged and fixed
         self.want_graphs = cuda_graphs and logits.is_cuda and getattr(dec, "capturable", True)
         self.can_overlap = overlap_latent_possible(dec)
-        if overlap_latent == "auto":
-            overlap_latent = self.can_overlap and self.want_graphs and B <= 2 and host_schedule is not False
+        if overlap_latent == "auto":  # (it yields to an explicit unroll > 1: their replays do not combine)
+            overlap_latent = self.can_overlap and self.want_graphs and B <= 2 and host_schedule is not False \
+                and check_unroll(unroll) == 1
         elif overlap_latent not in (True, False):
             raise UserError(f"overlap_latent must be True, False or 'auto'; got {overlap_latent!r}")
+        if overlap_latent and check_unroll(unroll) > 1:
+            raise no_overlap_with_unroll()
         if overlap_latent and host_schedule is False:
             raise UserError("overlap_latent follows the patch ends on the host (host_schedule); leave host_schedule on "
                             "or 'auto', or overlap_latent off")
