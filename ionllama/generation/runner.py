@@ -184,9 +184,10 @@ class DecodeRunner:
         that byte's decoder and the next byte's sampling, entropy model and encoder run, and the next byte waits for
         it only before its decoder (see _replay_overlapped). Same bytes as without it. It replays a byte's graphs
         one at a time, so unroll > 1 does not combine with it (True with it: a UserError). "auto": on where it can
-        be, under CUDA graphs, for batch <= 2 and unroll 1: compiled, 7,578-7,675 -> 9,280-9,446 bytes/s at batch 1 from 1K to 32K of
-        context (H100, docs/results/checks-s56.md; the faster rows of session 54 ran with inductor's PDL, which
-        changed sampled bytes: see COMPILE_PRESETS). True elsewhere is a UserError.
+        be, under CUDA graphs, for batch <= 2 and unroll 1: compiled, 7,578-7,675 -> 9,280-9,463 bytes/s at batch 1
+        from 1K to 32K of context, 9,905-9,959 with inductor's autotuning (H100, docs/results/checks-s56.md; the
+        faster rows of session 54 ran with inductor's PDL, which changed sampled bytes: see COMPILE_PRESETS). True
+        elsewhere is a UserError.
         prompt_len: the longest prompt, when the decoder was built for fewer than prompt_len + max_new + 1
         positions: run() then grows its caches (doubling, dec.grow) and the output buffer before the steps that
         need them, and captures its graphs again. None: the decoder holds every position already."""
