@@ -240,12 +240,13 @@ class DecodeRunner:
         self.can_schedule = self.has_latent and not lagged and fixed
         self.want_graphs = cuda_graphs and logits.is_cuda and getattr(dec, "capturable", True)
         self.can_overlap = overlap_latent_possible(dec)
+        unroll = check_unroll(unroll)
         if overlap_latent == "auto":  # (it yields to an explicit unroll > 1: their replays do not combine)
             overlap_latent = self.can_overlap and self.want_graphs and B <= 2 and host_schedule is not False \
-                and check_unroll(unroll) == 1
+                and unroll == 1
         elif overlap_latent not in (True, False):
             raise UserError(f"overlap_latent must be True, False or 'auto'; got {overlap_latent!r}")
-        if overlap_latent and check_unroll(unroll) > 1:
+        if overlap_latent and unroll > 1:
             raise no_overlap_with_unroll()
         if overlap_latent and host_schedule is False:
             raise UserError("overlap_latent follows the patch ends on the host (host_schedule); leave host_schedule on "
@@ -314,9 +315,8 @@ class DecodeRunner:
             self._lagged_fns = [torch.compile(f, dynamic=False, **kw) for f in self._lagged_fns]
             if self._ov_fns:
                 # the byte's first part as two compiled functions, the entropy model's and the encoder's, as the
-                # "completed" parts are: compiled as one (_ov_encode), it changed the sampled bytes at one prompt on
-                # an H100 (8 of 8 seeds, greedy and two prompts unchanged; that part uncompiled gave the eager bytes:
-                # scripts/diag_decode_paths.py, docs/results/checks-s55.md). Not yet checked on a GPU in this form
+                # "completed" parts are. (Split in session 55 while inductor's PDL, the cause found in session 56,
+                # changed its bytes; kept: the measured form, docs/results/checks-s56.md)
                 ent, enc = (torch.compile(f, dynamic=False, **kw) for f in (self._iter_entropy, self._iter_encode))
                 self._ov_fns = [lambda: (ent(), enc())] + [torch.compile(f, dynamic=False, **kw)
                                                            for f in self._ov_fns[1:]]
