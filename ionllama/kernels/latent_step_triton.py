@@ -18,6 +18,9 @@ launches (one custom op, ``ionllama::latent_block_step``):
   K4 = lnn_step_triton._lnn_ffn_up:   norm2(z1) -> SwiGLU w_in rows (gate, value) -> u = silu(gate) * value.
   K5 = lnn_step_triton._lnn_ffn_down: w_out rows over u -> out = z1 + that.
 
+At batches up to _CONFIG["attn_proj_max_b"], K2 and K3 are one kernel (_latent_attn_proj): each proj program
+recomputes the attention of all heads of its rows (the dilated keys are a few KB), so the step is four launches.
+
 K3-K5 are the IntegralLNN step's FFN kernels: a block's residual proj + SwiGLU FFN round exactly as that step's
 FFN does. GEMVs are ``tl.dot`` of the rows (padded to BLOCK_B >= 16) with the program's weight rows, fp32
 accumulation (IEEE fp32 for fp32 models and under the CPU interpreter: lnn_step_triton._rows_times_wt).
@@ -110,20 +113,10 @@ def _latent_qkv_rope(Z, NW, WQKV, COS, SIN, I, Q, KC, VC, B, D, NSLOT, eps,
 
 
 @triton.jit
-def _latent_attn(Q, KC, VC, I, OFFS, Y, NOFF, NSLOT, scale, sqb, skb, skh, skn, syb,
-                 HD: tl.constexpr, DHP: tl.constexpr, KP: tl.constexpr, BLOCK_KV: tl.constexpr,
-                 DILATED: tl.constexpr, GDC: tl.constexpr):
-    DT = Y.dtype.element_ty
-    gdc_wait(GDC)  # everything here is state: nothing to load before the wait (pdl.py)
-    gdc_launch(GDC)
-    h = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    d = tl.arange(0, DHP)
-    d_ok = d < HD
-    q = tl.load(Q + b * sqb + h * HD + d, mask=d_ok, other=0.0).to(tl.float32)
-    i = tl.load(I + b)
-    kb = KC + b * skb + h * skh
-    vb = VC + b * skb + h * skh
+def _attend(q, kb, vb, i, OFFS, NOFF, NSLOT, scale, skn, d, d_ok, DT: tl.constexpr, KP: tl.constexpr,
+            BLOCK_KV: tl.constexpr, DILATED: tl.constexpr):
+    """One query q (DHP,) fp32 of one (row, head) over its keys (kb, vb: that row's and head's caches; i its patch
+    index) -> the attention output (DHP,) in fp32, not yet rounded. K2's body, shared with K2+3."""
     if DILATED:  # keys i - o for the offsets o (offset 0, the patch itself, is always visible)
         o = tl.arange(0, KP)
         idx = i - tl.load(OFFS + o, mask=o < NOFF, other=0)
@@ -137,7 +130,7 @@ def _latent_attn(Q, KC, VC, I, OFFS, Y, NOFF, NSLOT, scale, sqb, skb, skh, skn, 
     else:  # keys 0..i: online softmax over blocks of BLOCK_KV keys
         m_i = tl.max(tl.full([BLOCK_KV], float("-inf"), tl.float32), 0)
         l_i = tl.sum(tl.zeros([BLOCK_KV], tl.float32), 0)
-        acc = tl.zeros([DHP], tl.float32)
+        acc = tl.zeros(q.shape, tl.float32)
         n_keys = tl.minimum(i + 1, NSLOT).to(tl.int32)
         for n0 in range(0, n_keys, BLOCK_KV):
             n = n0 + tl.arange(0, BLOCK_KV)
@@ -153,15 +146,72 @@ def _latent_attn(Q, KC, VC, I, OFFS, Y, NOFF, NSLOT, scale, sqb, skb, skh, skn, 
             acc = acc * alpha + tl.sum(_round(p, DT)[:, None] * vv, 0)
             m_i = m_new
         y = acc / l_i
+    return y
+
+
+@triton.jit
+def _latent_attn(Q, KC, VC, I, OFFS, Y, NOFF, NSLOT, scale, sqb, skb, skh, skn, syb,
+                 HD: tl.constexpr, DHP: tl.constexpr, KP: tl.constexpr, BLOCK_KV: tl.constexpr,
+                 DILATED: tl.constexpr, GDC: tl.constexpr):
+    DT = Y.dtype.element_ty
+    gdc_wait(GDC)  # everything here is state: nothing to load before the wait (pdl.py)
+    gdc_launch(GDC)
+    h = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    d = tl.arange(0, DHP)
+    d_ok = d < HD
+    q = tl.load(Q + b * sqb + h * HD + d, mask=d_ok, other=0.0).to(tl.float32)
+    i = tl.load(I + b)
+    y = _attend(q, KC + b * skb + h * skh, VC + b * skb + h * skh, i, OFFS, NOFF, NSLOT, scale, skn, d, d_ok,
+                DT, KP, BLOCK_KV, DILATED)
     tl.store(Y + b * syb + h * HD + d, _cast(y, DT), mask=d_ok)
+
+
+@triton.jit
+def _latent_attn_proj(Q, KC, VC, I, OFFS, X, WP, X1, B, D, NOFF, NSLOT, scale, sqb, skb, skh, skn, sxb, swp, sx1b,
+                      H: tl.constexpr, HD: tl.constexpr, DHP: tl.constexpr, KP: tl.constexpr,
+                      BLOCK_KV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, DILATED: tl.constexpr,
+                      IEEE: tl.constexpr, GDC: tl.constexpr):
+    """K2+3 in one launch (small batches): every program computes the attention of all heads of its rows itself
+    (a few KB of keys: cheaper than a launch) and its proj channels over them, head by head as K steps;
+    x1 = x + proj(y). y is rounded to the model's dtype as K2 stores it; the proj sum is fp32 over the heads."""
+    DT = X1.dtype.element_ty
+    rows, row_ok, rows64, n, n_ok = _tile(B, D, BLOCK_B, BLOCK_N)
+    d = tl.arange(0, DHP)
+    d_ok = d < HD
+    w_row = WP + n[:, None].to(tl.int64) * swp + d[None, :]
+    m_nd = n_ok[:, None] & d_ok[None, :]
+    w = tl.load(w_row, mask=m_nd, other=0.0)  # head 0's proj columns before the wait (pdl.py)
+    gdc_wait(GDC)
+    gdc_launch(GDC)
+    acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
+    b0 = tl.program_id(1) * BLOCK_B
+    n_rows = tl.minimum(B - b0, BLOCK_B)
+    for h in tl.static_range(H):
+        if h > 0:
+            w = tl.load(w_row + h * HD, mask=m_nd, other=0.0)
+        y = tl.zeros([BLOCK_B, DHP], tl.float32)
+        for r in range(0, n_rows):
+            b = (b0 + r).to(tl.int64)
+            q = tl.load(Q + b * sqb + h * HD + d, mask=d_ok, other=0.0).to(tl.float32)
+            yb = _attend(q, KC + b * skb + h * skh, VC + b * skb + h * skh, tl.load(I + b), OFFS, NOFF, NSLOT,
+                         scale, skn, d, d_ok, DT, KP, BLOCK_KV, DILATED)
+            y = tl.where((rows == b0 + r)[:, None], _round(yb, DT)[None, :], y)
+        acc += _rows_times_wt(y.to(DT), w, IEEE)
+    m_rn = row_ok[:, None] & n_ok[None, :]
+    x = tl.load(X + rows64[:, None] * sxb + n[None, :], mask=m_rn, other=0.0).to(tl.float32)
+    tl.store(X1 + rows64[:, None] * sx1b + n[None, :], _cast(x + _round(acc, DT), DT), mask=m_rn)
 
 
 # Channel pairs per K1 program, keys per dense-attention block, output channels per program of K3 (proj) / K4
 # (SwiGLU hidden) / K5, the K loop step of K3 and K5, warps. Rows per program: 16 (the tl.dot minimum) up to 32.
 # Tuned on an H200 at batch 1 (small model, bf16; eleventh session, docs/results/decode-levers-s11/): of 17 points
 # this one cut the latent graph 0.294 -> 0.218 ms with the same bytes (was 16 / 16 / 16 / 16, K step 128).
+# attn_proj_max_b: batches of at most this many rows run K2 and K3 as one kernel (_latent_attn_proj; 0: never):
+# one launch fewer per block, every program recomputing the attention of its rows (cheap at batch 1-2, wasteful
+# at 32: the attention is serial over a program's rows).
 _CONFIG = {"qkv_block_j": 32, "attn_block_kv": 64, "proj_block_n": 32, "up_block_n": 32, "down_block_n": 32,
-           "down_block_k": 512, "max_block_b": 32, "num_warps": 4, "attn_num_warps": 2}
+           "down_block_k": 512, "max_block_b": 32, "num_warps": 4, "attn_num_warps": 2, "attn_proj_max_b": 0}
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -183,7 +233,6 @@ def latent_step_launch(z, lk, lv, layer: int, i, cos, sin, offsets, norm1_w, qkv
     dev, dt = z.device, z.dtype
     kc, vc = lk[layer], lv[layer]
     q = torch.empty((B, D), device=dev, dtype=dt)
-    y = torch.empty((B, D), device=dev, dtype=dt)
     z1 = torch.empty((B, D), device=dev, dtype=dt)
     u = torch.empty((B, HID), device=dev, dtype=dt)
     out = torch.empty((B, D), device=dev, dtype=dt)
@@ -199,15 +248,24 @@ def latent_step_launch(z, lk, lv, layer: int, i, cos, sin, offsets, norm1_w, qkv
         q.stride(0), kc.stride(0), kc.stride(1), kc.stride(2),
         HD=Dh, DP=DP, BLOCK_J=bj, BLOCK_B=bb, IEEE=ieee, num_warps=nw, **pdl)
     K = offsets.shape[0]
-    _latent_attn[(H, B)](
-        q, kc, vc, i, offsets, y, K, N, 1.0 / math.sqrt(Dh), q.stride(0), kc.stride(0), kc.stride(1), kc.stride(2),
-        y.stride(0), HD=Dh, DHP=triton.next_power_of_2(Dh), KP=triton.next_power_of_2(max(K, 1)),
-        BLOCK_KV=_CONFIG["attn_block_kv"], DILATED=dilated, num_warps=_CONFIG["attn_num_warps"], **pdl)
+    attn = dict(KP=triton.next_power_of_2(max(K, 1)), BLOCK_KV=_CONFIG["attn_block_kv"], DILATED=dilated)
     bk = _CONFIG["down_block_k"]
     bn = _CONFIG["proj_block_n"]
-    _lnn_ffn_down[(triton.cdiv(D, bn), nb)](
-        z, y, proj_w, z1, B, D, D, z.stride(0), y.stride(0), proj_w.stride(0), z1.stride(0),
-        BLOCK_K=max(16, min(bk, triton.next_power_of_2(D))), BLOCK_N=bn, BLOCK_B=bb, IEEE=ieee, num_warps=nw, **pdl)
+    if B <= _CONFIG["attn_proj_max_b"]:
+        _latent_attn_proj[(triton.cdiv(D, bn), nb)](
+            q, kc, vc, i, offsets, z, proj_w, z1, B, D, K, N, 1.0 / math.sqrt(Dh), q.stride(0), kc.stride(0),
+            kc.stride(1), kc.stride(2), z.stride(0), proj_w.stride(0), z1.stride(0), H=H, HD=Dh,
+            DHP=_pow2(Dh), BLOCK_N=bn, BLOCK_B=bb, IEEE=ieee, num_warps=nw, **attn, **pdl)
+    else:
+        y = torch.empty((B, D), device=dev, dtype=dt)
+        _latent_attn[(H, B)](
+            q, kc, vc, i, offsets, y, K, N, 1.0 / math.sqrt(Dh), q.stride(0), kc.stride(0), kc.stride(1),
+            kc.stride(2), y.stride(0), HD=Dh, DHP=triton.next_power_of_2(Dh), num_warps=_CONFIG["attn_num_warps"],
+            **attn, **pdl)
+        _lnn_ffn_down[(triton.cdiv(D, bn), nb)](
+            z, y, proj_w, z1, B, D, D, z.stride(0), y.stride(0), proj_w.stride(0), z1.stride(0),
+            BLOCK_K=max(16, min(bk, triton.next_power_of_2(D))), BLOCK_N=bn, BLOCK_B=bb, IEEE=ieee, num_warps=nw,
+            **pdl)
     bn = _CONFIG["up_block_n"]
     _lnn_ffn_up[(triton.cdiv(HID, bn), nb)](
         z1, norm2_w, ffn_in_w, u, B, D, HID, eps2, z1.stride(0), ffn_in_w.stride(0), u.stride(0),
