@@ -18,8 +18,9 @@ launches (one custom op, ``ionllama::latent_block_step``):
   K4 = lnn_step_triton._lnn_ffn_up:   norm2(z1) -> SwiGLU w_in rows (gate, value) -> u = silu(gate) * value.
   K5 = lnn_step_triton._lnn_ffn_down: w_out rows over u -> out = z1 + that.
 
-At batches up to _CONFIG["attn_proj_max_b"], K2 and K3 are one kernel (_latent_attn_proj): each proj program
-recomputes the attention of all heads of its rows (the dilated keys are a few KB), so the step is four launches.
+Under dilated attention at batches up to _CONFIG["attn_proj_max_b"], K2 and K3 are one kernel (_latent_attn_proj):
+each proj program recomputes the attention of all heads of its rows (the dilated keys are a few KB), so the step
+is four launches.
 
 K3-K5 are the IntegralLNN step's FFN kernels: a block's residual proj + SwiGLU FFN round exactly as that step's
 FFN does. GEMVs are ``tl.dot`` of the rows (padded to BLOCK_B >= 16) with the program's weight rows, fp32
@@ -116,7 +117,7 @@ def _latent_qkv_rope(Z, NW, WQKV, COS, SIN, I, Q, KC, VC, B, D, NSLOT, eps,
 def _attend(q, kb, vb, i, OFFS, NOFF, NSLOT, scale, skn, d, d_ok, DT: tl.constexpr, KP: tl.constexpr,
             BLOCK_KV: tl.constexpr, DILATED: tl.constexpr):
     """One query q (DHP,) fp32 of one (row, head) over its keys (kb, vb: that row's and head's caches; i its patch
-    index) -> the attention output (DHP,) in fp32, not yet rounded. K2's body, shared with K2+3."""
+    index) -> the attention output (DHP,) in fp32, not yet rounded."""
     if DILATED:  # keys i - o for the offsets o (offset 0, the patch itself, is always visible)
         o = tl.arange(0, KP)
         idx = i - tl.load(OFFS + o, mask=o < NOFF, other=0)
@@ -169,47 +170,48 @@ def _latent_attn(Q, KC, VC, I, OFFS, Y, NOFF, NSLOT, scale, sqb, skb, skh, skn, 
 
 @triton.jit
 def _latent_attn_proj(Q, KC, VC, I, OFFS, X, WP, X1, B, D, NOFF, NSLOT, scale, sqb, skb, skh, skn, sxb, swp, sx1b,
-                      H: tl.constexpr, HD: tl.constexpr, DHP: tl.constexpr, KP: tl.constexpr,
-                      BLOCK_KV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, DILATED: tl.constexpr,
-                      IEEE: tl.constexpr, GDC: tl.constexpr):
-    """K2+3 in one launch (small batches): every program computes the attention of all heads of its rows itself
-    (a few KB of keys: cheaper than a launch) and its proj channels over them, head by head as K steps;
-    x1 = x + proj(y). y is rounded to the model's dtype as K2 stores it; the proj sum is fp32 over the heads."""
+                      H: tl.constexpr, HD: tl.constexpr, HP: tl.constexpr, DHP: tl.constexpr, KP: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, IEEE: tl.constexpr, GDC: tl.constexpr):
+    """K2+3 in one launch (small batches, dilated attention): every program computes the attention of its rows,
+    all heads at once (a (heads, keys, head dim) tile: a few KB of keys, cheaper than a launch), then its proj
+    channels over them in one K step; x1 = x + proj(y). Rounded as K2 + K3: y to the model's dtype, fp32 sums."""
     DT = X1.dtype.element_ty
     rows, row_ok, rows64, n, n_ok = _tile(B, D, BLOCK_B, BLOCK_N)
+    hh = tl.arange(0, HP)
     d = tl.arange(0, DHP)
-    d_ok = d < HD
-    w_row = WP + n[:, None].to(tl.int64) * swp + d[None, :]
-    m_nd = n_ok[:, None] & d_ok[None, :]
-    w = tl.load(w_row, mask=m_nd, other=0.0)  # head 0's proj columns before the wait (pdl.py)
+    col = tl.reshape(hh[:, None] * HD + d[None, :], [HP * DHP])  # y's channel of each (head, dim) slot
+    col_ok = tl.reshape((hh < H)[:, None] & (d < HD)[None, :], [HP * DHP])
+    w = tl.load(WP + n[:, None].to(tl.int64) * swp + col[None, :], mask=n_ok[:, None] & col_ok[None, :],
+                other=0.0)  # weights before the wait (pdl.py)
     gdc_wait(GDC)
     gdc_launch(GDC)
-    acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
+    o = tl.arange(0, KP)
+    off = tl.load(OFFS + o, mask=o < NOFF, other=0)
+    m_hd = (hh < H)[:, None] & (d < HD)[None, :]
+    y = tl.zeros([BLOCK_B, HP * DHP], tl.float32)
     b0 = tl.program_id(1) * BLOCK_B
-    n_rows = tl.minimum(B - b0, BLOCK_B)
-    for h in tl.static_range(H):
-        if h > 0:
-            w = tl.load(w_row + h * HD, mask=m_nd, other=0.0)
-        y = tl.zeros([BLOCK_B, DHP], tl.float32)
-        for r in range(0, n_rows):
-            b = (b0 + r).to(tl.int64)
-            q = tl.load(Q + b * sqb + h * HD + d, mask=d_ok, other=0.0).to(tl.float32)
-            yb = _attend(q, KC + b * skb + h * skh, VC + b * skb + h * skh, tl.load(I + b), OFFS, NOFF, NSLOT,
-                         scale, skn, d, d_ok, DT, KP, BLOCK_KV, DILATED)
-            y = tl.where((rows == b0 + r)[:, None], _round(yb, DT)[None, :], y)
-        acc += _rows_times_wt(y.to(DT), w, IEEE)
+    for r in range(0, tl.minimum(B - b0, BLOCK_B)):
+        b = (b0 + r).to(tl.int64)
+        q = tl.load(Q + b * sqb + hh[:, None] * HD + d[None, :], mask=m_hd, other=0.0).to(tl.float32)
+        idx = tl.load(I + b) - off  # keys i - o (offset 0, the patch itself, is always visible)
+        ok = (o < NOFF) & (idx >= 0) & (idx < NSLOT)
+        kv = b * skb + hh[:, None, None] * skh + idx[None, :, None] * skn + d[None, None, :]
+        m = m_hd[:, None, :] & ok[None, :, None]
+        kk = tl.load(KC + kv, mask=m, other=0.0).to(tl.float32)
+        sc = tl.where(ok[None, :], tl.sum(kk * q[:, None, :], 2) * scale, float("-inf"))
+        p = tl.exp(sc - tl.max(sc, 1)[:, None])
+        vv = tl.load(VC + kv, mask=m, other=0.0).to(tl.float32)
+        yb = tl.sum(_round(p, DT)[:, :, None] * vv, 1) / tl.sum(p, 1)[:, None]
+        y = tl.where((rows == b0 + r)[:, None], tl.reshape(_round(yb, DT), [HP * DHP])[None, :], y)
+    acc = _rows_times_wt(y.to(DT), w, IEEE)
     m_rn = row_ok[:, None] & n_ok[None, :]
     x = tl.load(X + rows64[:, None] * sxb + n[None, :], mask=m_rn, other=0.0).to(tl.float32)
     tl.store(X1 + rows64[:, None] * sx1b + n[None, :], _cast(x + _round(acc, DT), DT), mask=m_rn)
 
 
-# Channel pairs per K1 program, keys per dense-attention block, output channels per program of K3 (proj) / K4
-# (SwiGLU hidden) / K5, the K loop step of K3 and K5, warps. Rows per program: 16 (the tl.dot minimum) up to 32.
-# Tuned on an H200 at batch 1 (small model, bf16; eleventh session, docs/results/decode-levers-s11/): of 17 points
-# this one cut the latent graph 0.294 -> 0.218 ms with the same bytes (was 16 / 16 / 16 / 16, K step 128).
-# attn_proj_max_b: batches of at most this many rows run K2 and K3 as one kernel (_latent_attn_proj; 0: never):
-# one launch fewer per block, every program recomputing the attention of its rows (cheap at batch 1-2, wasteful
-# at 32: the attention is serial over a program's rows).
+# attn_proj_max_b: under dilated attention, batches of at most this many rows run K2 and K3 as one kernel
+# (_latent_attn_proj; 0: never): one launch fewer per block, every program recomputing the attention of its rows
+# (cheap at batch 1-2, wasteful at 32: the attention is serial over a program's rows).
 _CONFIG = {"qkv_block_j": 32, "attn_block_kv": 64, "proj_block_n": 32, "up_block_n": 32, "down_block_n": 32,
            "down_block_k": 512, "max_block_b": 32, "num_warps": 4, "attn_num_warps": 2, "attn_proj_max_b": 0}
 
@@ -251,11 +253,12 @@ def latent_step_launch(z, lk, lv, layer: int, i, cos, sin, offsets, norm1_w, qkv
     attn = dict(KP=triton.next_power_of_2(max(K, 1)), BLOCK_KV=_CONFIG["attn_block_kv"], DILATED=dilated)
     bk = _CONFIG["down_block_k"]
     bn = _CONFIG["proj_block_n"]
-    if B <= _CONFIG["attn_proj_max_b"]:
+    if dilated and B <= _CONFIG["attn_proj_max_b"]:
         _latent_attn_proj[(triton.cdiv(D, bn), nb)](
             q, kc, vc, i, offsets, z, proj_w, z1, B, D, K, N, 1.0 / math.sqrt(Dh), q.stride(0), kc.stride(0),
             kc.stride(1), kc.stride(2), z.stride(0), proj_w.stride(0), z1.stride(0), H=H, HD=Dh,
-            DHP=_pow2(Dh), BLOCK_N=bn, BLOCK_B=bb, IEEE=ieee, num_warps=nw, **attn, **pdl)
+            HP=triton.next_power_of_2(H), DHP=triton.next_power_of_2(Dh), KP=attn["KP"], BLOCK_N=bn, BLOCK_B=bb,
+            IEEE=ieee, num_warps=nw, **pdl)
     else:
         y = torch.empty((B, D), device=dev, dtype=dt)
         _latent_attn[(H, B)](

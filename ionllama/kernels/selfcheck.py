@@ -773,9 +773,11 @@ def cases(large: bool) -> list[tuple]:
         ("latent_step", "fp16", dict(B=2, D=32, H=2, n_layers=1, steps=2, block_n=128)),
         ("latent_generate", "fp32", dict(n_new=10, n_layers=1, block_n=128)),
         ("latent_generate", "fp32", dict(n_new=10, n_layers=1, attention="dense", block_n=128)),
-        # K2 + K3 as one kernel (_latent_attn_proj), dilated and dense, one and several rows
+        # K2 + K3 as one kernel (_latent_attn_proj; dilated attention only): one and several rows, 3 heads (padded
+        # to 4 in its tile); dense attention keeps two kernels whatever the setting
         ("latent_step", "fp32", dict(B=1, D=32, H=2, steps=4, block_n=128, attn_proj=True)),
-        ("latent_step", "bf16", dict(B=3, D=48, H=3, n_layers=1, steps=3, attention="dense", block_n=128,
+        ("latent_step", "bf16", dict(B=3, D=48, H=3, n_layers=1, steps=3, block_n=128, attn_proj=True)),
+        ("latent_step", "fp32", dict(B=2, D=32, H=2, n_layers=1, steps=2, attention="dense", block_n=128,
                                      attn_proj=True)),
         ("latent_generate", "fp32", dict(n_new=10, n_layers=1, block_n=128, attn_proj=True)),
     ]
@@ -839,7 +841,7 @@ def cases(large: bool) -> list[tuple]:
             ("latent_step", "fp32", dict(B=17, D=512, H=8, steps=4, max_len=200, attention="dense")),
             ("latent_step", "fp32", dict(B=1, D=512, H=8, n_layers=4, steps=4, max_len=300, compiled=True)),
             ("latent_step", "bf16", dict(B=1, D=512, H=8, steps=6, max_len=300, attn_proj=True)),
-            ("latent_step", "bf16", dict(B=2, D=512, H=8, steps=6, max_len=300, attention="dense", attn_proj=True)),
+            ("latent_step", "bf16", dict(B=2, D=512, H=8, steps=6, max_len=300, attn_proj=True)),
             ("latent_step", "fp32", dict(B=3, D=512, H=8, steps=4, max_len=200, attn_proj=True)),
             ("latent_generate", "fp32", dict(n_new=64)),
             ("latent_generate", "fp32", dict(n_new=64, attention="dense")),
