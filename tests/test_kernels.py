@@ -463,12 +463,6 @@ def test_latent_step_selfcheck_covers_the_decode_cases():
     assert any(kw["D"] & (kw["D"] - 1) for _, kw in rows)
     gens = [kw for kind, _, kw in cases(large=False) if kind == "latent_generate"]
     assert {kw.get("attention", "dilated") for kw in gens} == {"dilated", "dense"}
-    # K2 + K3 as one kernel (dilated attention): one and several rows, a head count padded in its tile, in
-    # generation; and dense attention with the setting on (it keeps two kernels)
-    fused = [kw for _, kw in rows if kw.get("attn_proj")]
-    assert {kw["B"] for kw in fused if kw.get("attention", "dilated") == "dilated"} >= {1, 3}
-    assert any(kw["H"] & (kw["H"] - 1) for kw in fused) and any(kw.get("attention") == "dense" for kw in fused)
-    assert any(kw.get("attn_proj") for kw in gens)
 
 
 @pytest.mark.slow
@@ -508,8 +502,7 @@ def test_latent_step_kernels_compile_for_hopper():
 
     from ionllama.kernels import latent_step_triton as lt
     consts = [(lt._latent_qkv_rope, dict(HD=64, DP=128, BLOCK_J=16, BLOCK_B=16, IEEE=False)),
-              (lt._latent_attn, dict(HD=64, DHP=64, KP=32, BLOCK_KV=64, DILATED=False)),
-              (lt._latent_attn_proj, dict(H=2, HD=64, HP=2, DHP=64, KP=16, BLOCK_N=32, BLOCK_B=16, IEEE=False))]
+              (lt._latent_attn, dict(HD=64, DHP=64, KP=32, BLOCK_KV=64, DILATED=False))]
     types = {"COS": "*fp32", "SIN": "*fp32", "I": "*i64", "OFFS": "*i64", "eps": "fp32", "scale": "fp32"}
     for kernel, const in consts:
         sig = {}
@@ -522,8 +515,7 @@ def test_latent_step_kernels_compile_for_hopper():
                 sig[name] = "*bf16"
             else:
                 sig[name] = "i32"
-        # K2 reads only state; K1 and K2+3 load weights before the wait
-        _assert_compiles_for_sm90(kernel, sig, const, prefetch=kernel is not lt._latent_attn)
+        _assert_compiles_for_sm90(kernel, sig, const, prefetch=kernel is lt._latent_qkv_rope)  # attn: all state
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")

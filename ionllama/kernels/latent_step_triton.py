@@ -18,10 +18,6 @@ launches (one custom op, ``ionllama::latent_block_step``):
   K4 = lnn_step_triton._lnn_ffn_up:   norm2(z1) -> SwiGLU w_in rows (gate, value) -> u = silu(gate) * value.
   K5 = lnn_step_triton._lnn_ffn_down: w_out rows over u -> out = z1 + that.
 
-Under dilated attention at batches up to _CONFIG["attn_proj_max_b"], K2 and K3 are one kernel (_latent_attn_proj):
-each proj program recomputes the attention of all heads of its rows (the dilated keys are a few KB), so the step
-is four launches.
-
 K3-K5 are the IntegralLNN step's FFN kernels: a block's residual proj + SwiGLU FFN round exactly as that step's
 FFN does. GEMVs are ``tl.dot`` of the rows (padded to BLOCK_B >= 16) with the program's weight rows, fp32
 accumulation (IEEE fp32 for fp32 models and under the CPU interpreter: lnn_step_triton._rows_times_wt).
@@ -114,10 +110,20 @@ def _latent_qkv_rope(Z, NW, WQKV, COS, SIN, I, Q, KC, VC, B, D, NSLOT, eps,
 
 
 @triton.jit
-def _attend(q, kb, vb, i, OFFS, NOFF, NSLOT, scale, skn, d, d_ok, DT: tl.constexpr, KP: tl.constexpr,
-            BLOCK_KV: tl.constexpr, DILATED: tl.constexpr):
-    """One query q (DHP,) fp32 of one (row, head) over its keys (kb, vb: that row's and head's caches; i its patch
-    index) -> the attention output (DHP,) in fp32, not yet rounded."""
+def _latent_attn(Q, KC, VC, I, OFFS, Y, NOFF, NSLOT, scale, sqb, skb, skh, skn, syb,
+                 HD: tl.constexpr, DHP: tl.constexpr, KP: tl.constexpr, BLOCK_KV: tl.constexpr,
+                 DILATED: tl.constexpr, GDC: tl.constexpr):
+    DT = Y.dtype.element_ty
+    gdc_wait(GDC)  # everything here is state: nothing to load before the wait (pdl.py)
+    gdc_launch(GDC)
+    h = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    d = tl.arange(0, DHP)
+    d_ok = d < HD
+    q = tl.load(Q + b * sqb + h * HD + d, mask=d_ok, other=0.0).to(tl.float32)
+    i = tl.load(I + b)
+    kb = KC + b * skb + h * skh
+    vb = VC + b * skb + h * skh
     if DILATED:  # keys i - o for the offsets o (offset 0, the patch itself, is always visible)
         o = tl.arange(0, KP)
         idx = i - tl.load(OFFS + o, mask=o < NOFF, other=0)
@@ -131,7 +137,7 @@ def _attend(q, kb, vb, i, OFFS, NOFF, NSLOT, scale, skn, d, d_ok, DT: tl.constex
     else:  # keys 0..i: online softmax over blocks of BLOCK_KV keys
         m_i = tl.max(tl.full([BLOCK_KV], float("-inf"), tl.float32), 0)
         l_i = tl.sum(tl.zeros([BLOCK_KV], tl.float32), 0)
-        acc = tl.zeros(q.shape, tl.float32)
+        acc = tl.zeros([DHP], tl.float32)
         n_keys = tl.minimum(i + 1, NSLOT).to(tl.int32)
         for n0 in range(0, n_keys, BLOCK_KV):
             n = n0 + tl.arange(0, BLOCK_KV)
@@ -147,73 +153,15 @@ def _attend(q, kb, vb, i, OFFS, NOFF, NSLOT, scale, skn, d, d_ok, DT: tl.constex
             acc = acc * alpha + tl.sum(_round(p, DT)[:, None] * vv, 0)
             m_i = m_new
         y = acc / l_i
-    return y
-
-
-@triton.jit
-def _latent_attn(Q, KC, VC, I, OFFS, Y, NOFF, NSLOT, scale, sqb, skb, skh, skn, syb,
-                 HD: tl.constexpr, DHP: tl.constexpr, KP: tl.constexpr, BLOCK_KV: tl.constexpr,
-                 DILATED: tl.constexpr, GDC: tl.constexpr):
-    DT = Y.dtype.element_ty
-    gdc_wait(GDC)  # everything here is state: nothing to load before the wait (pdl.py)
-    gdc_launch(GDC)
-    h = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    d = tl.arange(0, DHP)
-    d_ok = d < HD
-    q = tl.load(Q + b * sqb + h * HD + d, mask=d_ok, other=0.0).to(tl.float32)
-    i = tl.load(I + b)
-    y = _attend(q, KC + b * skb + h * skh, VC + b * skb + h * skh, i, OFFS, NOFF, NSLOT, scale, skn, d, d_ok,
-                DT, KP, BLOCK_KV, DILATED)
     tl.store(Y + b * syb + h * HD + d, _cast(y, DT), mask=d_ok)
 
 
-@triton.jit
-def _latent_attn_proj(Q, KC, VC, I, OFFS, X, WP, X1, B, D, NOFF, NSLOT, scale, sqb, skb, skh, skn, sxb, swp, sx1b,
-                      H: tl.constexpr, HD: tl.constexpr, HP: tl.constexpr, DHP: tl.constexpr, KP: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, IEEE: tl.constexpr, GDC: tl.constexpr):
-    """K2+3 in one launch (small batches, dilated attention): every program computes the attention of its rows,
-    all heads at once (a (heads, keys, head dim) tile: a few KB of keys, cheaper than a launch), then its proj
-    channels over them in one K step; x1 = x + proj(y). Rounded as K2 + K3: y to the model's dtype, fp32 sums."""
-    DT = X1.dtype.element_ty
-    rows, row_ok, rows64, n, n_ok = _tile(B, D, BLOCK_B, BLOCK_N)
-    hh = tl.arange(0, HP)
-    d = tl.arange(0, DHP)
-    col = tl.reshape(hh[:, None] * HD + d[None, :], [HP * DHP])  # y's channel of each (head, dim) slot
-    col_ok = tl.reshape((hh < H)[:, None] & (d < HD)[None, :], [HP * DHP])
-    w = tl.load(WP + n[:, None].to(tl.int64) * swp + col[None, :], mask=n_ok[:, None] & col_ok[None, :],
-                other=0.0)  # weights before the wait (pdl.py)
-    gdc_wait(GDC)
-    gdc_launch(GDC)
-    o = tl.arange(0, KP)
-    off = tl.load(OFFS + o, mask=o < NOFF, other=0)
-    m_hd = (hh < H)[:, None] & (d < HD)[None, :]
-    y = tl.zeros([BLOCK_B, HP * DHP], tl.float32)
-    b0 = tl.program_id(1) * BLOCK_B
-    for r in range(0, tl.minimum(B - b0, BLOCK_B)):
-        b = (b0 + r).to(tl.int64)
-        q = tl.load(Q + b * sqb + hh[:, None] * HD + d[None, :], mask=m_hd, other=0.0).to(tl.float32)
-        idx = tl.load(I + b) - off  # keys i - o (offset 0, the patch itself, is always visible)
-        ok = (o < NOFF) & (idx >= 0) & (idx < NSLOT)
-        kv = b * skb + hh[:, None, None] * skh + idx[None, :, None] * skn + d[None, None, :]
-        m = m_hd[:, None, :] & ok[None, :, None]
-        kk = tl.load(KC + kv, mask=m, other=0.0).to(tl.float32)
-        sc = tl.where(ok[None, :], tl.sum(kk * q[:, None, :], 2) * scale, float("-inf"))
-        p = tl.exp(sc - tl.max(sc, 1)[:, None])
-        vv = tl.load(VC + kv, mask=m, other=0.0).to(tl.float32)
-        yb = tl.sum(_round(p, DT)[:, :, None] * vv, 1) / tl.sum(p, 1)[:, None]
-        y = tl.where((rows == b0 + r)[:, None], tl.reshape(_round(yb, DT), [HP * DHP])[None, :], y)
-    acc = _rows_times_wt(y.to(DT), w, IEEE)
-    m_rn = row_ok[:, None] & n_ok[None, :]
-    x = tl.load(X + rows64[:, None] * sxb + n[None, :], mask=m_rn, other=0.0).to(tl.float32)
-    tl.store(X1 + rows64[:, None] * sx1b + n[None, :], _cast(x + _round(acc, DT), DT), mask=m_rn)
-
-
-# attn_proj_max_b: under dilated attention, batches of at most this many rows run K2 and K3 as one kernel
-# (_latent_attn_proj; 0: never): one launch fewer per block, every program recomputing the attention of its rows
-# (cheap at batch 1-2, wasteful at 32: the attention is serial over a program's rows).
+# Channel pairs per K1 program, keys per dense-attention block, output channels per program of K3 (proj) / K4
+# (SwiGLU hidden) / K5, the K loop step of K3 and K5, warps. Rows per program: 16 (the tl.dot minimum) up to 32.
+# Tuned on an H200 at batch 1 (small model, bf16; eleventh session, docs/results/decode-levers-s11/): of 17 points
+# this one cut the latent graph 0.294 -> 0.218 ms with the same bytes (was 16 / 16 / 16 / 16, K step 128).
 _CONFIG = {"qkv_block_j": 32, "attn_block_kv": 64, "proj_block_n": 32, "up_block_n": 32, "down_block_n": 32,
-           "down_block_k": 512, "max_block_b": 32, "num_warps": 4, "attn_num_warps": 2, "attn_proj_max_b": 0}
+           "down_block_k": 512, "max_block_b": 32, "num_warps": 4, "attn_num_warps": 2}
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -235,6 +183,7 @@ def latent_step_launch(z, lk, lv, layer: int, i, cos, sin, offsets, norm1_w, qkv
     dev, dt = z.device, z.dtype
     kc, vc = lk[layer], lv[layer]
     q = torch.empty((B, D), device=dev, dtype=dt)
+    y = torch.empty((B, D), device=dev, dtype=dt)
     z1 = torch.empty((B, D), device=dev, dtype=dt)
     u = torch.empty((B, HID), device=dev, dtype=dt)
     out = torch.empty((B, D), device=dev, dtype=dt)
@@ -250,25 +199,15 @@ def latent_step_launch(z, lk, lv, layer: int, i, cos, sin, offsets, norm1_w, qkv
         q.stride(0), kc.stride(0), kc.stride(1), kc.stride(2),
         HD=Dh, DP=DP, BLOCK_J=bj, BLOCK_B=bb, IEEE=ieee, num_warps=nw, **pdl)
     K = offsets.shape[0]
-    attn = dict(KP=triton.next_power_of_2(max(K, 1)), BLOCK_KV=_CONFIG["attn_block_kv"], DILATED=dilated)
+    _latent_attn[(H, B)](
+        q, kc, vc, i, offsets, y, K, N, 1.0 / math.sqrt(Dh), q.stride(0), kc.stride(0), kc.stride(1), kc.stride(2),
+        y.stride(0), HD=Dh, DHP=triton.next_power_of_2(Dh), KP=triton.next_power_of_2(max(K, 1)),
+        BLOCK_KV=_CONFIG["attn_block_kv"], DILATED=dilated, num_warps=_CONFIG["attn_num_warps"], **pdl)
     bk = _CONFIG["down_block_k"]
     bn = _CONFIG["proj_block_n"]
-    if dilated and B <= _CONFIG["attn_proj_max_b"]:
-        _latent_attn_proj[(triton.cdiv(D, bn), nb)](
-            q, kc, vc, i, offsets, z, proj_w, z1, B, D, K, N, 1.0 / math.sqrt(Dh), q.stride(0), kc.stride(0),
-            kc.stride(1), kc.stride(2), z.stride(0), proj_w.stride(0), z1.stride(0), H=H, HD=Dh,
-            HP=triton.next_power_of_2(H), DHP=triton.next_power_of_2(Dh), KP=attn["KP"], BLOCK_N=bn, BLOCK_B=bb,
-            IEEE=ieee, num_warps=nw, **pdl)
-    else:
-        y = torch.empty((B, D), device=dev, dtype=dt)
-        _latent_attn[(H, B)](
-            q, kc, vc, i, offsets, y, K, N, 1.0 / math.sqrt(Dh), q.stride(0), kc.stride(0), kc.stride(1),
-            kc.stride(2), y.stride(0), HD=Dh, DHP=triton.next_power_of_2(Dh), num_warps=_CONFIG["attn_num_warps"],
-            **attn, **pdl)
-        _lnn_ffn_down[(triton.cdiv(D, bn), nb)](
-            z, y, proj_w, z1, B, D, D, z.stride(0), y.stride(0), proj_w.stride(0), z1.stride(0),
-            BLOCK_K=max(16, min(bk, triton.next_power_of_2(D))), BLOCK_N=bn, BLOCK_B=bb, IEEE=ieee, num_warps=nw,
-            **pdl)
+    _lnn_ffn_down[(triton.cdiv(D, bn), nb)](
+        z, y, proj_w, z1, B, D, D, z.stride(0), y.stride(0), proj_w.stride(0), z1.stride(0),
+        BLOCK_K=max(16, min(bk, triton.next_power_of_2(D))), BLOCK_N=bn, BLOCK_B=bb, IEEE=ieee, num_warps=nw, **pdl)
     bn = _CONFIG["up_block_n"]
     _lnn_ffn_up[(triton.cdiv(HID, bn), nb)](
         z1, norm2_w, ffn_in_w, u, B, D, HID, eps2, z1.stride(0), ffn_in_w.stride(0), u.stride(0),

@@ -409,23 +409,21 @@ def _random_latent_model(gen: torch.Generator, **kw):
     return m
 
 
-def _latent_blocks(block_n: int | None, old: dict | None = None, attn_proj: bool | None = None) -> dict | None:
-    """Set every GEMV channel block of the fused latent step to block_n (None: leave them) and, if attn_proj is
-    given, whether K2 and K3 run as one kernel (_latent_attn_proj) at every batch or never; old: restore it."""
-    from . import latent_step_triton as lt
+def _latent_blocks(block_n: int | None, old: dict | None = None) -> dict | None:
+    """Set every GEMV channel block of the fused latent step to block_n (None: leave them); old: restore it."""
     if old is not None:
+        from . import latent_step_triton as lt
         lt.set_latent_step_config(**old)
         return None
-    kw = {} if block_n is None else dict.fromkeys(("qkv_block_j", "proj_block_n", "up_block_n", "down_block_n"),
-                                                  block_n)
-    if attn_proj is not None:
-        kw["attn_proj_max_b"] = 1 << 30 if attn_proj else 0
-    return lt.set_latent_step_config(**kw) if kw else None
+    if block_n is None:
+        return None
+    from . import latent_step_triton as lt
+    return lt.set_latent_step_config(**{k: block_n for k in ("qkv_block_j", "proj_block_n", "up_block_n",
+                                                              "down_block_n")})
 
 
 def check_latent_generate(device: str, dtype: torch.dtype, attention: str = "dilated", n_new: int = 16,
-                          n_layers: int = 2, block_n: int | None = None, attn_proj: bool | None = None,
-                          seed: int | None = None) -> dict:
+                          n_layers: int = 2, block_n: int | None = None, seed: int | None = None) -> dict:
     """Greedy generation of a tiny ionLlama (random latent weights, entropy patching at the median entropy: patches
     of varying length, latent steps happen) with the fused latent step vs without: the fraction of differing
     bytes. On CUDA the fused run replays CUDA graphs."""
@@ -439,7 +437,7 @@ def check_latent_generate(device: str, dtype: torch.dtype, attention: str = "dil
     m = m.to(device=device, dtype=dtype)
     prompts = [b"abc de", b"xy"]
     ref = generate(m, prompts, n_new, greedy=True, cuda_graphs=False)
-    old = _latent_blocks(block_n, attn_proj=attn_proj)
+    old = _latent_blocks(block_n)
     try:
         out = generate(m, prompts, n_new, greedy=True, cuda_graphs=device == "cuda", fused_latent_step=True)
     finally:
@@ -451,7 +449,7 @@ def check_latent_generate(device: str, dtype: torch.dtype, attention: str = "dil
 
 def check_latent_step(device: str, dtype: torch.dtype, B: int, D: int, H: int, n_layers: int = 2, steps: int = 5,
                       attention: str = "dilated", local_width: int = 3, max_len: int = 40, compiled: bool = False,
-                      block_n: int | None = None, attn_proj: bool | None = None, seed: int | None = None) -> dict:
+                      block_n: int | None = None, seed: int | None = None) -> dict:
     """The fused latent step (latent_step_triton, IonLlamaDecoder(fused_latent_step=True)) vs advance_latent's
     PyTorch path on the same random-weight model in the same dtype: `steps` latent steps from random caches (every
     slot filled) and random per-row patch counts, each with a random commit mask (some rows do not commit: they
@@ -460,8 +458,7 @@ def check_latent_step(device: str, dtype: torch.dtype, B: int, D: int, H: int, n
     caches (every layer and slot), and whether the patch counts differ. compiled: the fused advance_latent inside
     torch.compile(fullgraph=True) (Inductor): every call of the op must take the caches themselves
     ("caches_not_in_place": 1 unless the generated code passes the input buffers). block_n: every GEMV kernel's
-    channel block (fewer programs: the interpreter's cost is per program). attn_proj: K2 and K3 as one kernel
-    (True) or two (False) at every batch; None: the configured rule."""
+    channel block (fewer programs: the interpreter's cost is per program)."""
     from ..generation.ionllama_decoder import IonLlamaDecoder
 
     gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % (2 ** 31)))
@@ -478,7 +475,7 @@ def check_latent_step(device: str, dtype: torch.dtype, B: int, D: int, H: int, n
     ptrs = (fused.lk.data_ptr(), fused.lv.data_ptr())
     step = fused.advance_latent
     errs = {"ctx": 0.0, "k": 0.0, "v": 0.0, "n_complete": 0.0}
-    old = _latent_blocks(block_n, attn_proj=attn_proj)
+    old = _latent_blocks(block_n)
     if compiled:
         from torch._inductor.utils import run_and_get_code
 
@@ -773,13 +770,6 @@ def cases(large: bool) -> list[tuple]:
         ("latent_step", "fp16", dict(B=2, D=32, H=2, n_layers=1, steps=2, block_n=128)),
         ("latent_generate", "fp32", dict(n_new=10, n_layers=1, block_n=128)),
         ("latent_generate", "fp32", dict(n_new=10, n_layers=1, attention="dense", block_n=128)),
-        # K2 + K3 as one kernel (_latent_attn_proj; dilated attention only): one and several rows, 3 heads (padded
-        # to 4 in its tile); dense attention keeps two kernels whatever the setting
-        ("latent_step", "fp32", dict(B=1, D=32, H=2, steps=4, block_n=128, attn_proj=True)),
-        ("latent_step", "bf16", dict(B=3, D=48, H=3, n_layers=1, steps=3, block_n=128, attn_proj=True)),
-        ("latent_step", "fp32", dict(B=2, D=32, H=2, n_layers=1, steps=2, attention="dense", block_n=128,
-                                     attn_proj=True)),
-        ("latent_generate", "fp32", dict(n_new=10, n_layers=1, block_n=128, attn_proj=True)),
     ]
     if large:
         cs += [
@@ -840,9 +830,6 @@ def cases(large: bool) -> list[tuple]:
             ("latent_step", "bf16", dict(B=32, D=512, H=8, steps=4, max_len=200)),
             ("latent_step", "fp32", dict(B=17, D=512, H=8, steps=4, max_len=200, attention="dense")),
             ("latent_step", "fp32", dict(B=1, D=512, H=8, n_layers=4, steps=4, max_len=300, compiled=True)),
-            ("latent_step", "bf16", dict(B=1, D=512, H=8, steps=6, max_len=300, attn_proj=True)),
-            ("latent_step", "bf16", dict(B=2, D=512, H=8, steps=6, max_len=300, attn_proj=True)),
-            ("latent_step", "fp32", dict(B=3, D=512, H=8, steps=4, max_len=200, attn_proj=True)),
             ("latent_generate", "fp32", dict(n_new=64)),
             ("latent_generate", "fp32", dict(n_new=64, attention="dense")),
         ]
