@@ -1173,6 +1173,34 @@ def test_fused_local_step_auto_on_cuda_only_and_refused_where_it_cannot_run(ion,
     assert decoder_for(ion, 1, 16, kind="recompute") is not None and decoder_for(dense, 1, 16) is not None
 
 
+def test_fused_byte_head_only_where_switched_on_with_the_fused_local_step(ion, monkeypatch):
+    """The decoder's head as one kernel (lnn_step_triton.byte_head_step; its logits are checked against
+    head(norm(h)) under the interpreter in test_kernels.py, and greedy bytes through it) is off by default
+    (head_block_n 0: not measured on a GPU yet), taken only with the fused local step once switched on, and a
+    decoder's _decode then calls it: the PyTorch head is not run."""
+    pytest.importorskip("triton")
+    from ionllama.kernels import lnn_step_triton as ls
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert ls._CONFIG["head_block_n"] == 0 and decoder_for(ion, 1, 16, fused_local_step=True).head_step is None
+    old = ls.set_lnn_step_config(head_block_n=32)
+    try:
+        assert decoder_for(ion, 1, 16, fused_local_step=False).head_step is None
+        dec = decoder_for(ion, 1, 16, fused_local_step=True)
+        assert dec.head_step is ls.byte_head_step
+        # _decode's head: the kernel's stand-in, never the PyTorch head (the fused layers, compiled kernels in this
+        # process, are stood in for too: identity)
+        calls = []
+        dec.head_step = lambda norm, head, h: calls.append((norm, head, tuple(h.shape))) or torch.zeros(1, 256)
+        for st in dec.dec:
+            st.step = lambda h, t: h
+        monkeypatch.setattr(ion.head, "forward", lambda x: pytest.fail("the PyTorch head ran"))
+        out = dec._decode(torch.zeros(1, dtype=torch.long), torch.zeros(1, ion.config.d_local))
+        assert calls == [(ion.norm, ion.head, (1, ion.config.d_local))] and out.shape == (1, 256)
+    finally:
+        ls.set_lnn_step_config(**old)
+
+
 def test_fused_entropy_step_auto_on_cuda_only_and_refused_where_it_cannot_run(ion, dense, monkeypatch):
     """The fused entropy-model step (ionllama/kernels/ssm_step_triton.py; its numbers are checked against
     MambaState.step under the interpreter in test_kernels.py). "auto", the default, picks it only where

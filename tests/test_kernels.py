@@ -293,6 +293,8 @@ def test_kernel_matches_reference_interpreter(interpreter_rows, idx):
                 "rope": {"cos", "sin", "out", "dz", "dparams_worst"},
                 # the fused IntegralLNN decode step vs IntegralState.step over several steps; greedy bytes
                 "lnn_step": {"out", "h", "ring", "state_moved"}, "lnn_generate": {"bytes_differ"},
+                # the decoder's head as one kernel vs head(norm(h)); the op inside torch.compile vs eager
+                "byte_head": {"logits", "compiled"},
                 # the fused entropy-model (Mamba) step and head vs MambaState.step / _entropy_bits_step
                 "ssm_step": {"out", "ssm", "ring", "ent", "state_moved"}, "ssm_generate": {"bytes_differ"},
                 # the fused latent step vs advance_latent's PyTorch path over several steps; greedy bytes
@@ -449,6 +451,17 @@ def test_ssm_step_kernels_compile_for_hopper():
             _assert_compiles_for_sm90(kernel, sig, const, prefetch=prefetch)
 
 
+def test_byte_head_selfcheck_covers_its_cases():
+    """The interpreter rows above check the decoder's fused head at B 1 and 3, fp32 / bf16 / fp16, d not a power of
+    two, the vocabulary over several programs, eager and compiled (every row), and greedy generation through it."""
+    from ionllama.kernels.selfcheck import cases
+    rows = [(dt, kw) for kind, dt, kw in cases(large=False) if kind == "byte_head"]
+    assert {kw["B"] for _, kw in rows} >= {1, 3} and {dt for dt, _ in rows} == {"fp32", "bf16", "fp16"}
+    assert any(kw["D"] & (kw["D"] - 1) for _, kw in rows)
+    assert any(kw.get("V", 256) > kw.get("block_n", 32) for _, kw in rows)
+    assert any(kw.get("head") for kind, _, kw in cases(large=False) if kind == "lnn_generate")
+
+
 def test_latent_step_selfcheck_covers_the_decode_cases():
     """The interpreter rows above check the fused latent step at B 1..3, fp32 and bf16, dilated and dense attention,
     d not a power of two, over several steps with random commit masks, inside torch.compile, and in greedy
@@ -478,14 +491,15 @@ def test_lnn_step_kernels_compile_for_hopper():
     consts = {ls._lnn_in_gate: dict(KS=3, DP=256, BLOCK_N=16, BLOCK_B=16),
               ls._lnn_out_mix: dict(DP=256, BLOCK_N=16, BLOCK_B=16),
               ls._lnn_ffn_up: dict(DP=256, BLOCK_N=16, BLOCK_B=32),
-              ls._lnn_ffn_down: dict(BLOCK_K=128, BLOCK_N=16, BLOCK_B=16)}
+              ls._lnn_ffn_down: dict(BLOCK_K=128, BLOCK_N=16, BLOCK_B=16),
+              ls._byte_head: dict(DP=256, BLOCK_N=32, BLOCK_B=16)}
     for kernel, const in consts.items():
         const = dict(const, IEEE=dtype == "fp32")
         sig = {}
         for name in kernel.arg_names:  # pointers: the upper-case arguments but the sizes (h, decay fp32, t int64)
             if name in const or name == "GDC":
                 sig[name] = "constexpr"
-            elif name.isupper() and name not in ("B", "D", "HID"):
+            elif name.isupper() and name not in ("B", "D", "HID", "V"):
                 sig[name] = {"H": "*fp32", "DECAY": "*fp32", "T": "*i64"}.get(name, "*" + dtype)
             else:
                 sig[name] = "fp32" if name == "eps" else "i32"
@@ -934,6 +948,8 @@ def test_a_generate_check_that_parts_once_is_run_again_on_a_fresh_seed(monkeypat
     on both seeds (a kernel error does) still fails."""
     from ionllama.kernels import selfcheck
 
+    first = next(c for c in selfcheck.cases(False) if c[0] == "lnn_generate")  # one row (there are several)
+    monkeypatch.setattr(selfcheck, "cases", lambda large=False: [first])
     results = iter([{"bytes_differ": 0.4}, {"bytes_differ": 0.0}])
     monkeypatch.setattr(selfcheck, "check_lnn_generate", lambda *a, **kw: next(results))
     (row,) = selfcheck.run("cpu", verbose=False, kinds=("lnn_generate",))

@@ -111,6 +111,12 @@ class IonLlamaDecoder(IncrementalDecoder):
         self.fused_local_step = bool(fused_local_step)  # what decoder_for resolved "auto" to
         self.enc = [local_state(layer, B, dev, dt, fused_local_step) for layer in model.encoder]
         self.dec = [local_state(layer, B, dev, dt, fused_local_step) for layer in model.decoder]
+        self.head_step = None  # with the fused local step, the decoder's head as one kernel where switched on
+        if self.fused_local_step:
+            from ..kernels import lnn_step_triton as ls
+            if ls.head_on():
+                ls.check_byte_head(model.norm, model.head, dt)
+                self.head_step = ls.byte_head_step
         # open patch accumulator (fp32, like the parallel pooling)
         dl = cfg.d_local
         self.acc_num = torch.zeros(B, dl, dtype=f32, device=dev)
@@ -482,7 +488,7 @@ class IonLlamaDecoder(IncrementalDecoder):
         h = e + self.ctx
         for st in self.dec:
             h = st.step(h, t)
-        logits = m.head(m.norm(h))
+        logits = self.head_step(m.norm, m.head, h) if self.head_step is not None else m.head(m.norm(h))
         self.last_x.copy_(x)
         if advance:
             self.t += 1

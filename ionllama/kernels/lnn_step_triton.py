@@ -11,6 +11,12 @@ Why: batch-1 generation is GPU-bound on kernel count (issue #4): compiled, a blo
                     (next `hidden` rows) -> u = silu(gate) * value.
   K4 _lnn_ffn_down: w_out rows of a channel block over u (K loop over the hidden width) -> out = x1 + that.
 
+After the decoder's last block, `_byte_head` can run the model's head, logits = head(norm(x)), as one launch where
+the compiled decoder runs an RMSNorm kernel and a library GEMV (`head_block_n` > 0; off by default until measured on
+a GPU). Why it may pay more than its one launch: under the runner's overlapped latent step a patch of n bytes costs
+about n - 1 byte steps plus the latent step (the latent step hides behind only one byte), so a byte step's time
+counts n - 1 times a patch, the latent step's once (docs/results/checks-s57.md).
+
 On Hopper each kernel launches with PDL (pdl.py): it loads its weight tiles while the previous kernel is still
 running, then waits for it. (A one-launch form, the four stages meeting at grid barriers, was measured slower
 on an H200 and removed: byte graph 0.130 vs 0.107 ms; docs/results/decode-levers-s11/.)
@@ -279,13 +285,34 @@ def _lnn_ffn_down(X1, U, WOUT, OUT, B, D, HID, sx1b, sub, swo, soutb,
                     BLOCK_K, BLOCK_N, BLOCK_B, IEEE, 1 if GDC else 0)
 
 
+@triton.jit
+def _byte_head(X, NW, WH, OUT, B, D, V, eps, sxb, swh, sob,
+               DP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, IEEE: tl.constexpr,
+               GDC: tl.constexpr):
+    """The decoder's head after its last block: logits = head(norm(x)) for a block of the V outputs (one launch
+    where the compiled decoder runs an RMSNorm kernel and a library GEMV), rounded as the PyTorch ops round."""
+    DT = OUT.dtype.element_ty
+    rows, row_ok, rows64, n, n_ok = _tile(B, V, BLOCK_B, BLOCK_N)
+    k = tl.arange(0, DP)
+    k_ok = k < D
+    nw = tl.load(NW + k, mask=k_ok, other=0.0).to(tl.float32)  # parameters before the wait (pdl.py)
+    w = tl.load(WH + n[:, None].to(tl.int64) * swh + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+    _sync(1 if GDC else 0)
+    x = tl.load(X + rows64[:, None] * sxb + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    a = _rms_rows(x.to(tl.float32), nw, eps, D, DT).to(DT)
+    y = _rows_times_wt(a, w, IEEE)
+    tl.store(OUT + rows64[:, None] * sob + n[None, :], _cast(y, DT), mask=row_ok[:, None] & n_ok[None, :])
+
+
 # Output channels per program of each kernel (K1 and K2, K4: of d; K3: of the SwiGLU hidden width), K4's
 # step over the hidden width, warps. Rows per program: 16 (the tl.dot minimum) up to 32 (max_block_b).
 # Set from the one launch-config sweep so far (H200, `small`, batch 1, bf16; 25 points, each point's bytes equal
 # to the previous default's): 32 channels per program, K4's step 256 -> byte graph 0.1219 ms vs 0.1273 ms for
 # the previous 16 / 128 (5,523 vs 5,384 bytes/s). docs/results/decode-profile-s9/sweep_lnn/sweep_lnn.md
+# head_block_n: the decoder's head (norm + GEMV, _byte_head) as one launch of this many logits a program; 0 (the
+# default until it is measured on a GPU): the PyTorch head.
 _CONFIG = {"in_block_n": 32, "out_block_n": 32, "up_block_n": 32, "down_block_n": 32, "down_block_k": 256,
-           "max_block_b": 32, "num_warps": 4}
+           "max_block_b": 32, "num_warps": 4, "head_block_n": 0}
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -337,6 +364,21 @@ def lnn_step_launch(x, h, ring, t, decay, norm1_w, in_w, conv_w, conv_b, state_n
         x1, u, ffn_out_w, out, B, D, HID, x1.stride(0), u.stride(0), ffn_out_w.stride(0), out.stride(0),
         BLOCK_K=max(16, min(_CONFIG["down_block_k"], triton.next_power_of_2(HID))), BLOCK_N=bn, BLOCK_B=bb,
         IEEE=ieee, num_warps=nw, **pdl)
+    return out
+
+
+def byte_head_launch(h, norm_w, head_w, eps: float, pdl_safe: bool = True) -> torch.Tensor:
+    """One launch: h (B, d) with unit inner stride -> logits (B, V) = head(norm(h)) in h's dtype; weights
+    contiguous, in h's dtype. Channels a program: head_block_n (32 where it is 0: the op was called directly)."""
+    B, D = h.shape
+    V = head_w.shape[0]
+    out = torch.empty((B, V), device=h.device, dtype=h.dtype)
+    bb = min(_CONFIG["max_block_b"], _pow2(B))
+    bn = _CONFIG["head_block_n"] or 32
+    _byte_head[(triton.cdiv(V, bn), triton.cdiv(B, bb))](
+        h, norm_w, head_w, out, B, D, V, eps, h.stride(0), head_w.stride(0), out.stride(0), DP=_pow2(D),
+        BLOCK_N=bn, BLOCK_B=bb, IEEE=h.dtype == torch.float32 or h.device.type != "cuda",
+        num_warps=_CONFIG["num_warps"], **(pdl_kwargs(h.device) if pdl_safe else {"GDC": False}))
     return out
 
 
@@ -395,3 +437,33 @@ def lnn_block_step(layer, x_t: torch.Tensor, h: torch.Tensor, conv_ring: torch.T
                              layer.conv.weight[:, 0], layer.conv.bias, layer.state_norm.weight,
                              layer.out_proj.weight, layer.norm2.weight, ffn.w_in.weight, ffn.w_out.weight,
                              float(layer.norm1.eps), float(layer.state_norm.eps), float(layer.norm2.eps))
+
+
+@torch.library.custom_op("ionllama::byte_head_step", mutates_args=())
+def byte_head_step_op(h: torch.Tensor, norm_w: torch.Tensor, head_w: torch.Tensor, eps: float) -> torch.Tensor:
+    h = h if h.stride(-1) == 1 else h.contiguous()
+    pdl_safe = norm_w.is_contiguous() and head_w.is_contiguous()  # (a copied weight: no loading it before the wait)
+    return byte_head_launch(h, norm_w.contiguous(), head_w.contiguous(), eps, pdl_safe=pdl_safe)
+
+
+@byte_head_step_op.register_fake
+def _(h, norm_w, head_w, eps):
+    return h.new_empty((h.shape[0], head_w.shape[0]))
+
+
+def head_on() -> bool:
+    """Is the fused head switched on (head_block_n > 0)? Read when a decoder is built."""
+    return _CONFIG["head_block_n"] > 0
+
+
+def check_byte_head(norm, head, dtype: torch.dtype) -> None:
+    """ValueError unless byte_head_step can run this norm and head in `dtype` (checked once per decoder)."""
+    if head.bias is not None or norm.weight.dtype != dtype or head.weight.dtype != dtype:
+        raise ValueError(f"fused byte head: a bias-free head and norm weights in {dtype} expected")
+
+
+def byte_head_step(norm, head, h: torch.Tensor) -> torch.Tensor:
+    """head(norm(h)) in one kernel: h (B, d) -> logits (B, V) in h's dtype. norm: an RMSNorm, head: a bias-free
+    Linear (d -> V), weights in h's dtype (check_byte_head). CUDA tensors, or CPU tensors under
+    TRITON_INTERPRET=1."""
+    return byte_head_step_op(h, norm.weight, head.weight, float(norm.eps))

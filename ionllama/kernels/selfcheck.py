@@ -514,11 +514,40 @@ def check_latent_step(device: str, dtype: torch.dtype, B: int, D: int, H: int, n
     return errs
 
 
+def check_byte_head(device: str, dtype: torch.dtype, B: int, D: int, V: int = 256, block_n: int = 32,
+                    seed: int | None = None) -> dict:
+    """The decoder's fused head (lnn_step_triton.byte_head_step: RMSNorm + bias-free Linear in one kernel) vs
+    head(norm(h)) in the same dtype on random inputs and weights; also inside torch.compile(fullgraph=True)
+    (the op as one node). Errors: the logits, and the compiled op's logits against the eager op's."""
+    from ..model.common import RMSNorm
+    from . import lnn_step_triton as ls
+
+    gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % (2 ** 31)))
+    norm, head = RMSNorm(D), torch.nn.Linear(D, V, bias=False)
+    with torch.no_grad():
+        norm.weight.copy_(1.0 + 0.3 * torch.randn(D, generator=gen))
+        head.weight.copy_(torch.randn(V, D, generator=gen) / D ** 0.5)
+    norm, head = norm.to(device=device, dtype=dtype), head.to(device=device, dtype=dtype)
+    h = (2.0 * torch.randn(B, D, generator=gen)).to(device=device, dtype=dtype)
+    ls.check_byte_head(norm, head, dtype)
+    old = ls.set_lnn_step_config(head_block_n=block_n)
+    try:
+        with torch.no_grad():
+            ref = head(norm(h))
+            out = ls.byte_head_step(norm, head, h)
+            torch._dynamo.reset()
+            comp = torch.compile(lambda x: ls.byte_head_step(norm, head, x), fullgraph=True)(h)
+    finally:
+        ls.set_lnn_step_config(**old)
+    return {"logits": rel_err(out, ref), "compiled": rel_err(comp, out)}
+
+
 def check_lnn_generate(device: str, dtype: torch.dtype, n_new: int = 16, block_n: int | None = None,
-                       seed: int | None = None) -> dict:
+                       head: bool = False, seed: int | None = None) -> dict:
     """Greedy generation of a tiny ionLlama (IntegralLNN local layers, entropy patching) with the fused local
     step vs without: the fraction of differing bytes. On CUDA the fused run replays CUDA graphs. block_n: every
-    kernel's channel block (fewer programs: the interpreter's cost is per program)."""
+    kernel's channel block (fewer programs: the interpreter's cost is per program). head: the fused run's decoder
+    head as one kernel too (head_block_n: block_n, or 32)."""
     from .. import create_model
     from ..generation import generate
     from . import lnn_step_triton as ls
@@ -536,8 +565,11 @@ def check_lnn_generate(device: str, dtype: torch.dtype, n_new: int = 16, block_n
     m = m.to(device=device, dtype=dtype)
     prompts = [b"abc de", "a longer prompt. ab\n"]
     ref = generate(m, prompts, n_new, greedy=True, cuda_graphs=False)
-    old = ls.set_lnn_step_config(**({} if block_n is None else {
-        k: block_n for k in ("in_block_n", "out_block_n", "up_block_n", "down_block_n")}))
+    kw = {} if block_n is None else dict.fromkeys(("in_block_n", "out_block_n", "up_block_n", "down_block_n"),
+                                                  block_n)
+    if head:
+        kw["head_block_n"] = block_n or 32
+    old = ls.set_lnn_step_config(**kw)
     try:
         out = generate(m, prompts, n_new, greedy=True, cuda_graphs=device == "cuda", fused_local_step=True)
     finally:
@@ -747,6 +779,13 @@ def cases(large: bool) -> list[tuple]:
         ("lnn_step", "fp32", dict(B=2, D=32, steps=4, compiled=True)),
         ("lnn_step", "fp16", dict(B=2, D=32, steps=4)),  # fused_step_auto takes fp16 models too
         ("lnn_generate", "fp32", dict(n_new=16, block_n=32)),
+        # the decoder's head as one kernel (norm + GEMV): B 1 and 3, d not a power of two, V split over programs,
+        # fp32 / bf16 / fp16, eager and compiled; and greedy generation through it
+        ("byte_head", "fp32", dict(B=1, D=32)),
+        ("byte_head", "fp32", dict(B=3, D=48, V=256, block_n=64)),
+        ("byte_head", "bf16", dict(B=3, D=48)),
+        ("byte_head", "fp16", dict(B=2, D=32)),
+        ("lnn_generate", "fp32", dict(n_new=16, block_n=32, head=True)),
         # the fused entropy-model (Mamba) step: B 1 and 3, fp32 and bf16, 7 steps (the 3-slot ring wraps twice),
         # block 0's table form (gather), d_inner split over two programs, headdim 8 and 16, d_state 4 and 16,
         # conv kernels 2 and 1 (no ring), inside torch.compile; and greedy generation of a tiny model
@@ -812,6 +851,10 @@ def cases(large: bool) -> list[tuple]:
             ("lnn_step", "fp32", dict(B=17, D=256, steps=9)),
             ("lnn_step", "bf16", dict(B=1, D=256, steps=5, compiled=True)),
             ("lnn_generate", "fp32", dict(n_new=64)),  # fp32: bf16 logits tie too often for equal greedy bytes
+            ("byte_head", "bf16", dict(B=1, D=256)),  # ionllama-small's decoder head, batch 1, 17 and 32
+            ("byte_head", "fp32", dict(B=17, D=256)),
+            ("byte_head", "bf16", dict(B=32, D=256, block_n=64)),
+            ("lnn_generate", "fp32", dict(n_new=64, head=True)),
             # ionllama-small's entropy model (d 128, d_inner 256, 16 heads of 16, d_state 16) at batch 1 and 32
             # (two row blocks of 16 .. 32), block 0's table form, medium's width (d 256), inside torch.compile
             ("ssm_step", "bf16", dict(B=1, D=128, steps=9)),
@@ -837,7 +880,7 @@ def cases(large: bool) -> list[tuple]:
 
 
 KINDS = ("attention", "scan", "conv_gate", "compiled", "ssd_scan", "block", "rope", "lnn_step", "lnn_generate",
-         "ssm_step", "ssm_generate", "latent_step", "latent_generate")
+         "byte_head", "ssm_step", "ssm_generate", "latent_step", "latent_generate")
 
 
 def run(device: str, large: bool = False, verbose: bool = True, kinds=KINDS) -> list[dict]:
@@ -852,7 +895,8 @@ def run(device: str, large: bool = False, verbose: bool = True, kinds=KINDS) -> 
         t0 = time.perf_counter()
         fn = {"attention": check_attention, "scan": check_scan, "conv_gate": check_conv_gate,
               "compiled": check_compiled, "ssd_scan": check_ssd_scan, "block": check_block, "rope": check_rope,
-              "lnn_step": check_lnn_step, "lnn_generate": check_lnn_generate, "ssm_step": check_ssm_step,
+              "lnn_step": check_lnn_step, "lnn_generate": check_lnn_generate, "byte_head": check_byte_head,
+              "ssm_step": check_ssm_step,
               "ssm_generate": check_ssm_generate, "latent_step": check_latent_step,
               "latent_generate": check_latent_generate}[kind]
         errs = fn(device, dtype, **kw)
