@@ -35,6 +35,7 @@ from ionllama.fsutil import atomic_write, ready_out_dir
 from ionllama.generation import decoder_for
 from ionllama.generation.runner import DecodeRunner, resolve_latent_policy
 from ionllama.generation.sampling import SamplingConfig
+from ionllama.kernels.launch_config import apply_kernel_config, parse_kernel_config
 from ionllama.registry import build_model, model_config
 
 
@@ -322,6 +323,7 @@ def write_results(b, args, checks):
                overlap_latent=getattr(args, "overlap_latent", "auto"),
                overlap_pairs=getattr(args, "overlap_pairs", "off"),
                overlap_priority=getattr(args, "overlap_priority", "bytes"),
+               kernel_config=getattr(args, "kernel_config", []),
                models={k: v[1] for k, v in b.models.items()}, checks=checks,
                commit=git_commit())  # BENCH_COMMIT-aware: the GPU machine's copy of .git is stale
     out = pathlib.Path(args.out)
@@ -420,6 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--unroll", type=int, default=1,
                     help="bytes per CUDA graph launch (DecodeRunner's unroll: the latent stage of each byte a conditional "
                          "graph node, no host read between them); 1: one launch per byte")
+    ap.add_argument("--kernel_config", nargs="*", default=[], metavar="KIND:KEY=VALUE",
+                    help="launch settings of the fused Triton kernels before anything is built, e.g. "
+                         "lnn:head_block_n=32 (the decoder head as one kernel) or latent:attn_block_kv=32; KIND: lnn, "
+                         "latent, ssm, scan (their set_*_config keys)")
     ap.add_argument("--budget_s", type=float, default=280)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--threads", type=int, default=0, help="CPU intra-op threads (0: torch default)")
@@ -459,6 +465,7 @@ def check_inputs(args) -> None:
             if given:
                 raise UserError(f"{flag} applies to the compiled rows only; add --compile (or drop {flag})")
     inductor_settings(args.inductor)  # a bad item is one line here, not a traceback after the checks ran
+    parse_kernel_config(args.kernel_config)
     if min(args.contexts) < 1:
         raise UserError(f"--contexts must all be at least 1 (got {args.contexts})")
     for kind in args.models:
@@ -476,6 +483,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded as the results' command
     check_inputs(args)
+    apply_kernel_config(args.kernel_config)  # an unknown key: one line before anything is written (this process only)
     if args.model_config:
         model_config_from(args.model_config, **({"latent_shift": args.latent_shift} if args.latent_shift else {}))
     ready_out_dir(args.out)  # a file as --out failed at the first row's write, after the checks' minutes

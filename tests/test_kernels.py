@@ -451,6 +451,25 @@ def test_ssm_step_kernels_compile_for_hopper():
             _assert_compiles_for_sm90(kernel, sig, const, prefetch=prefetch)
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_kernel_config_items_set_the_kernel_modules_and_return_what_they_replaced():
+    """bench_generation.py --kernel_config KIND:KEY=VALUE: each item reaches its module's set_*_config; the previous
+    configurations come back (bad items are one-line errors: test_gpu_scripts)."""
+    from ionllama.kernels import latent_step_triton as lt
+    from ionllama.kernels import lnn_step_triton as ls
+    from ionllama.kernels.launch_config import apply_kernel_config
+
+    before = dict(ls._CONFIG), dict(lt._CONFIG)
+    old = apply_kernel_config(["lnn:head_block_n=64", "latent:attn_block_kv=16", "lnn:num_warps=2"])
+    try:
+        assert (ls._CONFIG["head_block_n"], ls._CONFIG["num_warps"], lt._CONFIG["attn_block_kv"]) == (64, 2, 16)
+        assert old == {"lnn": before[0], "latent": before[1]}  # per kind, the configuration before its first item
+    finally:
+        ls.set_lnn_step_config(**old["lnn"])
+        lt.set_latent_step_config(**old["latent"])
+    assert (dict(ls._CONFIG), dict(lt._CONFIG)) == before
+
+
 def test_byte_head_selfcheck_covers_its_cases():
     """The interpreter rows above check the decoder's fused head at B 1 and 3, fp32 / bf16 / fp16, d not a power of
     two, the vocabulary over several programs, eager and compiled (every row), and greedy generation through it."""
