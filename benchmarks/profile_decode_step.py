@@ -62,6 +62,7 @@ from ionllama.errors import UserError, check_ranges, cli_entry  # noqa: E402
 from ionllama.fsutil import atomic_write, ready_out_dir  # noqa: E402
 from ionllama.eval.benchmark import device_name, git_commit  # noqa: E402
 from ionllama.generation import runner  # noqa: E402
+from ionllama.kernels.launch_config import apply_kernel_config  # noqa: E402
 from ionllama.kernels.pdl import set_pdl  # noqa: E402
 
 TOP = 30  # kernels in the Markdown table
@@ -527,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dump_graphs", action="store_true",
                     help="profile, CUDA: time each capture (first and --recaptures) and write its graphs as DOT into "
                          "--out/graphs.tar.gz, summarised in the JSON's graph_dumps")
+    ap.add_argument("--kernel_config", nargs="*", default=[], metavar="KIND:KEY=VALUE",
+                    help="launch settings of the fused Triton kernels before anything is built (as bench_generation.py"
+                         "'s), e.g. lnn:head_block_n=32; a sweep takes them as its starting configuration")
     ap.add_argument("--budget_s", type=float, default=480, help="the sweep stops starting points after this")
     ap.add_argument("--out", default=".")
     ap.add_argument("--threads", type=int, default=0, help="CPU intra-op threads (0: torch default)")
@@ -555,6 +559,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"--bytes must be >= 8, got {args.bytes}")
     # (--context 0 was a ZeroDivisionError in the entropy scan; a negative one sliced nearly the whole corpus)
     check_ranges(args, {"context": 1, "unroll": 1, "threads": 0, "recaptures": 0, "resets": 0}, ("budget_s",))
+    if args.kernel_config:  # an unknown key: one line before anything is written (this process only)
+        apply_kernel_config(args.kernel_config)
     ready_out_dir(args.out)  # a file there failed only after the profile had run
     kind = next((k for k in SWEEPS if getattr(args, f"sweep_{k}")), None)
     if args.grid is not None and kind is None:

@@ -179,6 +179,8 @@ SCRIPT_BAD_INPUT = [
                                         "{tmp}/g"], "the value must be an integer"),
     ("benchmarks", "bench_generation", ["--device", "cpu", "--kernel_config", "lnn:nosuch=1", "--out", "{tmp}/g"],
      "unknown lnn-step config key 'nosuch'"),
+    ("benchmarks", "profile_decode_step", ["--device", "cpu", "--kernel_config", "latent:nosuch=2", "--out",
+                                           "{tmp}/p"], "unknown latent-step config key 'nosuch'"),
     ("benchmarks", "bench_generation", ["--device", "cpu", "--compiled_only", "--out", "{tmp}/g"], "add --compile"),
     ("benchmarks", "bench_generation", ["--device", "cpu", "--compile_mode", "default", "--out", "{tmp}/g"],
      "add --compile"),
