@@ -35,7 +35,7 @@ from ionllama.fsutil import atomic_write, ready_out_dir
 from ionllama.generation import decoder_for
 from ionllama.generation.runner import DecodeRunner, resolve_latent_policy
 from ionllama.generation.sampling import SamplingConfig
-from ionllama.kernels.launch_config import apply_kernel_config, parse_kernel_config
+from ionllama.kernels.launch_config import apply_kernel_config, parse_kernel_config, restore_kernel_config
 from ionllama.registry import build_model, model_config
 
 
@@ -483,7 +483,14 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded as the results' command
     check_inputs(args)
-    apply_kernel_config(args.kernel_config)  # an unknown key: one line before anything is written (this process only)
+    old = apply_kernel_config(args.kernel_config)  # an unknown key: one line before anything is written
+    try:
+        _main(args)
+    finally:  # (main(argv) called in-process, as the tests do, leaves the kernels' settings as they were)
+        restore_kernel_config(old)
+
+
+def _main(args):
     if args.model_config:
         model_config_from(args.model_config, **({"latent_shift": args.latent_shift} if args.latent_shift else {}))
     ready_out_dir(args.out)  # a file as --out failed at the first row's write, after the checks' minutes

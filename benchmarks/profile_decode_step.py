@@ -62,7 +62,7 @@ from ionllama.errors import UserError, check_ranges, cli_entry  # noqa: E402
 from ionllama.fsutil import atomic_write, ready_out_dir  # noqa: E402
 from ionllama.eval.benchmark import device_name, git_commit  # noqa: E402
 from ionllama.generation import runner  # noqa: E402
-from ionllama.kernels.launch_config import apply_kernel_config  # noqa: E402
+from ionllama.kernels.launch_config import apply_kernel_config, restore_kernel_config  # noqa: E402
 from ionllama.kernels.pdl import set_pdl  # noqa: E402
 
 TOP = 30  # kernels in the Markdown table
@@ -92,6 +92,8 @@ SWEEPS = {
 # runner's entropy_branch: the entropy model on a second CUDA stream beside the local layers, in the byte graph)
 # sched: the runner's host_schedule (fixed patching: one graph per byte chosen on the host, no flag read)
 SWITCHES = ("pdl", "branch", "sched")
+# Config keys read only when a decoder is built (the sweep re-captures one decoder's graphs at every point)
+BUILD_TIME_KEYS = ("head_block_n",)
 # Runner keys of --grid taking a power of two: unroll (bytes per graph launch, DecodeRunner's unroll; 1: per byte)
 RUNNER_KEYS = ("unroll",)
 
@@ -342,6 +344,9 @@ def parse_grid(kind: str, specs: list[str] | None) -> list[dict]:
             key, eq, vals = spec.partition("=")
             if not eq or not vals:
                 raise UserError(f"--grid takes KEY=V1,V2,...; got {spec!r}")
+            if key in BUILD_TIME_KEYS:  # a sweep re-captures one decoder's graphs: these would change nothing
+                raise UserError(f"--grid {key}: it is read when a decoder is built, and a sweep keeps one decoder; "
+                                f"compare it in separate runs with --kernel_config {kind}:{key}=N")
             if key not in config and key not in sw["aliases"] and key not in SWITCHES + RUNNER_KEYS:
                 raise UserError(f"unknown {kind} config key {key!r}; use one of "
                                 f"{', '.join(sorted(set(config) | set(sw['aliases']) | set(SWITCHES + RUNNER_KEYS)))}")
@@ -559,13 +564,19 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"--bytes must be >= 8, got {args.bytes}")
     # (--context 0 was a ZeroDivisionError in the entropy scan; a negative one sliced nearly the whole corpus)
     check_ranges(args, {"context": 1, "unroll": 1, "threads": 0, "recaptures": 0, "resets": 0}, ("budget_s",))
-    if args.kernel_config:  # an unknown key: one line before anything is written (this process only)
-        apply_kernel_config(args.kernel_config)
-    ready_out_dir(args.out)  # a file there failed only after the profile had run
+    old = apply_kernel_config(args.kernel_config) if args.kernel_config else {}  # bad: one line, nothing written
+    try:
+        return _main(args, cuda)
+    finally:  # (main(argv) called in-process, as the tests do, leaves the kernels' settings as they were)
+        restore_kernel_config(old)
+
+
+def _main(args, cuda: bool) -> dict:
     kind = next((k for k in SWEEPS if getattr(args, f"sweep_{k}")), None)
     if args.grid is not None and kind is None:
         raise UserError("--grid needs a sweep: add --sweep_lnn, --sweep_ssm or --sweep_latent")
     points = parse_grid(kind, args.grid) if kind else None  # bad grids fail before any model is built
+    ready_out_dir(args.out)  # a file there failed only after the profile had run
     if args.threads:
         torch.set_num_threads(args.threads)
     if (args.recaptures or args.resets) and kind:  # a sweep captures again at every point already

@@ -88,6 +88,24 @@ def test_a_call_that_does_not_match_builds_a_new_decoder():
     assert session.reuses == 0
 
 
+def test_switching_the_fused_head_builds_a_new_decoder(monkeypatch):
+    """The decoder head's fused kernel is chosen when a decoder is built (lnn_step_triton.head_block_n): a session
+    kept across switching it must not replay the old choice, so the switch is part of the session's key."""
+    import importlib
+
+    gen_mod = importlib.import_module("ionllama.generation.generate")  # (the package exports the function by that name)
+
+    m = _model("ion")
+    session = DecodeSession()
+    generate(m, ["ab", "cd"], 20, seed=1, session=session)
+    kept = session._kept[2]
+    monkeypatch.setattr(gen_mod, "_head_switch", lambda: True)
+    generate(m, ["ab", "cd"], 20, seed=1, session=session)
+    assert session.reuses == 0 and session._kept[2] is not kept
+    generate(m, ["ab", "cd"], 20, seed=1, session=session)  # the same switch again: the kept decoder
+    assert session.reuses == 1
+
+
 def test_weights_written_in_place_are_seen():
     """An optimizer step, load_state_dict or a buffer's fill_ (the CLI's --threshold) changes what the kept decoder
     derived from the weights: the next call builds a new one and matches a fresh call on the new weights."""

@@ -1,6 +1,7 @@
 """`generate`: prefill with the parallel forward, then one cached decoder step per byte."""
 from __future__ import annotations
 
+import sys
 import time
 from typing import Callable, Sequence
 
@@ -243,6 +244,13 @@ class DecodeSession:
         self._kept = (key, _weights_key(model), runner, held)
 
 
+def _head_switch() -> bool:
+    """Is the decoder head's fused kernel switched on (lnn_step_triton.head_on; read when a decoder is built, so a
+    session's key holds it)? Without that module imported it cannot be."""
+    ls = sys.modules.get("ionllama.kernels.lnn_step_triton")
+    return ls is not None and ls.head_on()
+
+
 def _weights_key(model) -> tuple:
     """The model itself, and where each parameter and buffer lives and how often it was written in place."""
     return (id(model),) + tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
@@ -303,7 +311,7 @@ def _decode_loop(model, rows, outs, cfg, max_new_bytes, seed, stream, decoder_ki
     device = next(model.parameters()).device
     graphs = _use_cuda_graphs(cuda_graphs, device, max_new_bytes)
     key = (B, decoder_kind, fused_local_step, fused_entropy_step, fused_latent_step, cfg, str(compile),
-           entropy_branch, unroll, stream is None, graphs, overlap_latent)
+           entropy_branch, unroll, stream is None, graphs, overlap_latent, _head_switch())
     runner = session.take(model, key, prompt_len) if session is not None else None
     # Host syncs are the main per-byte overhead on a GPU: without a stream callback, sampled bytes stay on the
     # device and are inspected every `sync_every` steps, a whole number of unrolled graph launches (a few wasted

@@ -115,7 +115,11 @@ class IonLlamaDecoder(IncrementalDecoder):
         if self.fused_local_step:
             from ..kernels import lnn_step_triton as ls
             if ls.head_on():
-                ls.check_byte_head(model.norm, model.head, dt)
+                try:
+                    ls.check_byte_head(model.norm, model.head, dt)
+                except ValueError as e:
+                    from ..errors import UserError
+                    raise UserError(f"{e}; switch it off with set_lnn_step_config(head_block_n=0)") from None
                 self.head_step = ls.byte_head_step
         # open patch accumulator (fp32, like the parallel pooling)
         dl = cfg.d_local

@@ -452,7 +452,8 @@ def _(h, norm_w, head_w, eps):
 
 
 def head_on() -> bool:
-    """Is the fused head switched on (head_block_n > 0)? Read when a decoder is built."""
+    """Is the fused head switched on (head_block_n > 0)? Read when a decoder is built: switching it later changes no
+    decoder already built (generate's DecodeSession keys on it)."""
     return _CONFIG["head_block_n"] > 0
 
 
