@@ -317,9 +317,10 @@ def test_kernel_matches_reference_interpreter(interpreter_rows, idx):
         else:  # bf16: an attention output can round one ulp (2^-8) apart from SDPA's (its own key blocking and
             # exp; observed for dense attention: caches <= 7e-4, ctx <= 7.5e-3 after two blocks), and spread
             tol.update(k=2e-3, v=2e-3)
-    if row["kind"] == "byte_head":  # bit-exact in bf16 / fp16 under the interpreter (a missed rounding of the
-        # normalised input is ~3e-3 off, inside the default 1e-2); fp32: the order of the dot's sums (~1e-7)
-        tol.update(logits=1e-6 if row["dtype"] == "fp32" else 0.0, compiled=0.0)
+    if row["kind"] == "byte_head":  # the order of the dot's fp32 sums against torch's: fp32 <= 1.6e-7; in fp16 a logit
+        # one rounding step apart now and then (<= 4.3e-5), in bf16 rarely (<= 8e-7; 60 seeds each). A missed rounding
+        # of the normalised input is 3-5e-3 off in bf16, inside the default 1e-2
+        tol.update(logits={"fp32": 1e-6, "bf16": 1e-3, "fp16": 2e-4}[row["dtype"]], compiled=0.0)
     if row["kind"] == "ssm_step" and row["dtype"] == "fp32":
         # the entropy of one row's softmax (log(sum) - sum(p z) / sum, fp32 exp / log): at B 1, D 16 three seeds of
         # 360 came out 1.1-1.7e-5 apart (tenth session; one CI run 2.2e-5); a wrong formula or row is off by >1e-2
