@@ -458,10 +458,12 @@ def test_ssm_step_kernels_compile_for_hopper():
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_kernel_config_items_set_the_kernel_modules_and_return_what_they_replaced():
     """bench_generation.py --kernel_config KIND:KEY=VALUE: each item reaches its module's set_*_config; the previous
-    configurations come back (bad items are one-line errors: test_gpu_scripts)."""
+    configurations come back and restore_kernel_config puts them back; all or nothing: an unknown key after a good
+    item leaves nothing set (bad items are one-line errors: test_gpu_scripts)."""
+    from ionllama.errors import UserError
     from ionllama.kernels import latent_step_triton as lt
     from ionllama.kernels import lnn_step_triton as ls
-    from ionllama.kernels.launch_config import apply_kernel_config
+    from ionllama.kernels.launch_config import apply_kernel_config, restore_kernel_config
 
     before = dict(ls._CONFIG), dict(lt._CONFIG)
     old = apply_kernel_config(["lnn:head_block_n=64", "latent:attn_block_kv=16", "lnn:num_warps=2"])
@@ -469,8 +471,10 @@ def test_kernel_config_items_set_the_kernel_modules_and_return_what_they_replace
         assert (ls._CONFIG["head_block_n"], ls._CONFIG["num_warps"], lt._CONFIG["attn_block_kv"]) == (64, 2, 16)
         assert old == {"lnn": before[0], "latent": before[1]}  # per kind, the configuration before its first item
     finally:
-        ls.set_lnn_step_config(**old["lnn"])
-        lt.set_latent_step_config(**old["latent"])
+        restore_kernel_config(old)
+    assert (dict(ls._CONFIG), dict(lt._CONFIG)) == before
+    with pytest.raises(UserError, match="unknown latent-step config key 'nosuch'"):
+        apply_kernel_config(["lnn:head_block_n=32", "latent:attn_block_kv=16", "latent:nosuch=1"])
     assert (dict(ls._CONFIG), dict(lt._CONFIG)) == before
 
 
