@@ -1175,16 +1175,18 @@ def test_fused_local_step_auto_on_cuda_only_and_refused_where_it_cannot_run(ion,
 
 def test_fused_byte_head_only_where_switched_on_with_the_fused_local_step(ion, monkeypatch):
     """The decoder's head as one kernel (lnn_step_triton.byte_head_step; its logits are checked against
-    head(norm(h)) under the interpreter in test_kernels.py, and greedy bytes through it) is off by default
-    (head_block_n 0: not measured on a GPU yet), taken only with the fused local step once switched on, and a
-    decoder's _decode then calls it: the PyTorch head is not run."""
+    head(norm(h)) under the interpreter in test_kernels.py, and greedy bytes through it) is on by default
+    (head_block_n 32: faster on an H100, checks-s58.md), taken only with the fused local step, off with
+    head_block_n 0, and a decoder's _decode then calls it: the PyTorch head is not run."""
     pytest.importorskip("triton")
     from ionllama.kernels import lnn_step_triton as ls
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert ls._CONFIG["head_block_n"] == 0 and decoder_for(ion, 1, 16, fused_local_step=True).head_step is None
-    old = ls.set_lnn_step_config(head_block_n=32)
+    assert ls._CONFIG["head_block_n"] == 32
+    old = ls.set_lnn_step_config(head_block_n=0)
     try:
+        assert decoder_for(ion, 1, 16, fused_local_step=True).head_step is None
+        ls.set_lnn_step_config(head_block_n=32)
         assert decoder_for(ion, 1, 16, fused_local_step=False).head_step is None
         dec = decoder_for(ion, 1, 16, fused_local_step=True)
         assert dec.head_step is ls.byte_head_step

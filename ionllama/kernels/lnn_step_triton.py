@@ -12,8 +12,9 @@ Why: batch-1 generation is GPU-bound on kernel count (issue #4): compiled, a blo
   K4 _lnn_ffn_down: w_out rows of a channel block over u (K loop over the hidden width) -> out = x1 + that.
 
 After the decoder's last block, `_byte_head` can run the model's head, logits = head(norm(x)), as one launch where
-the compiled decoder runs an RMSNorm kernel and a library GEMV (`head_block_n` > 0; off by default until measured on
-a GPU). Why it may pay more than its one launch: under the runner's overlapped latent step a patch of n bytes costs
+the compiled decoder runs an RMSNorm kernel and a library GEMV (`head_block_n` > 0, the default; 0: the PyTorch
+head). Measured (H100, bf16, batch 1, default compile; docs/results/checks-s58.md): byte graph 0.079 against 0.082
+ms, 9,613-9,692 against 9,502-9,545 bytes/s from 1K to 32K, A B A B A. Why it pays more than its one launch: under the runner's overlapped latent step a patch of n bytes costs
 about n - 1 byte steps plus the latent step (the latent step hides behind only one byte), so a byte step's time
 counts n - 1 times a patch, the latent step's once (docs/results/checks-s57.md).
 
@@ -309,10 +310,10 @@ def _byte_head(X, NW, WH, OUT, B, D, V, eps, sxb, swh, sob,
 # Set from the one launch-config sweep so far (H200, `small`, batch 1, bf16; 25 points, each point's bytes equal
 # to the previous default's): 32 channels per program, K4's step 256 -> byte graph 0.1219 ms vs 0.1273 ms for
 # the previous 16 / 128 (5,523 vs 5,384 bytes/s). docs/results/decode-profile-s9/sweep_lnn/sweep_lnn.md
-# head_block_n: the decoder's head (norm + GEMV, _byte_head) as one launch of this many logits a program; 0 (the
-# default until it is measured on a GPU): the PyTorch head.
+# head_block_n: the decoder's head (norm + GEMV, _byte_head) as one launch of this many logits a program (32: the one
+# value measured, faster than the PyTorch head, docs/results/checks-s58.md); 0: the PyTorch head.
 _CONFIG = {"in_block_n": 32, "out_block_n": 32, "up_block_n": 32, "down_block_n": 32, "down_block_k": 256,
-           "max_block_b": 32, "num_warps": 4, "head_block_n": 0}
+           "max_block_b": 32, "num_warps": 4, "head_block_n": 32}
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
