@@ -106,6 +106,29 @@ def test_switching_the_fused_head_builds_a_new_decoder(monkeypatch):
     assert session.reuses == 1
 
 
+def test_a_session_is_reused_when_building_the_decoder_imported_the_head_kernel(monkeypatch):
+    """The head switch reads the kernel module only once it is imported (generate imports no triton), and the first
+    decoder with the fused local step imports it, the fused head on by default: the first call's switch then reads
+    off, the second's on. The kept runner must be found by the second call, not rebuilt (and recompiled)."""
+    import importlib
+
+    gen_mod = importlib.import_module("ionllama.generation.generate")
+    imported = []
+    build = gen_mod.decoder_for
+
+    def decoder_for(*a, **kw):  # stands in for the import a fused local step does on CUDA
+        imported.append(True)
+        return build(*a, **kw)
+
+    monkeypatch.setattr(gen_mod, "decoder_for", decoder_for)
+    monkeypatch.setattr(gen_mod, "_head_switch", lambda: bool(imported))
+    m = _model("ion")
+    session = DecodeSession()
+    first = generate(m, "ab", 20, seed=1, session=session)
+    assert generate(m, "ab", 20, seed=1, session=session) == first
+    assert session.reuses == 1 and len(imported) == 1
+
+
 def test_weights_written_in_place_are_seen():
     """An optimizer step, load_state_dict or a buffer's fill_ (the CLI's --threshold) changes what the kept decoder
     derived from the weights: the next call builds a new one and matches a fresh call on the new weights."""

@@ -356,7 +356,9 @@ def _decode_loop(model, rows, outs, cfg, max_new_bytes, seed, stream, decoder_ki
         if all(o.done for o in outs):
             break
     if session is not None:  # only after a finished loop: an interrupted one leaves its state unknown
-        session.keep(model, key, runner)
+        # the head switch read again: building the decoder may have imported the kernel module (the fused head is on
+        # by default), and the next call's key, made before its take, reads it so
+        session.keep(model, key[:-1] + (_head_switch(),), runner)
     # replayed at all: the graphs held at the end are gone after a growth whose last run was too short to capture
     info = {"steps": runner.n_done, "eager_steps": runner.eager_steps,
             "cuda_graphs": runner.n_done > runner.eager_steps}
