@@ -1203,6 +1203,40 @@ def test_fused_byte_head_only_where_switched_on_with_the_fused_local_step(ion, m
         ls.set_lnn_step_config(**old)
 
 
+def test_fused_embed_step_only_where_switched_on_with_the_fused_local_step(ion, monkeypatch):
+    """The hashed n-gram embedding as one kernel (embed_step_triton.embed_step; checked against the PyTorch step
+    under the interpreter in test_kernels.py, and greedy bytes through it) is off by default (not measured on a GPU
+    yet), taken only with the fused local step and hashed n-grams once switched on, refused in one line for a model
+    it cannot run, and a decoder's _encode then calls it: the PyTorch step is not run."""
+    pytest.importorskip("triton")
+    from ionllama.generation import ionllama_decoder
+    from ionllama.kernels import embed_step_triton as es
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert es._CONFIG["enabled"] == 0 and decoder_for(ion, 1, 16, fused_local_step=True).embed_step is None
+    old = es.set_embed_step_config(enabled=1)
+    try:
+        assert decoder_for(ion, 1, 16, fused_local_step=False).embed_step is None
+        conv = create_model("tiny", **{**TINY, "ngram": "conv"}).eval()
+        assert decoder_for(conv, 1, 16, fused_local_step=True).embed_step is None
+        six = create_model("tiny", **{**TINY, "ngram_sizes": (2, 3, 4, 5, 6)}).eval()
+        with pytest.raises(UserError, match="5 n-gram sizes .*set_embed_step_config"):
+            decoder_for(six, 1, 16, fused_local_step=True)
+        dec = decoder_for(ion, 1, 16, fused_local_step=True)
+        assert dec.embed_step is es.embed_step
+        # _encode's embedding: the kernel's stand-in, never the PyTorch step (the fused encoder layers, compiled
+        # kernels in this process, are stood in for too: identity)
+        calls = []
+        dec.embed_step = lambda emb, hasher, ring, x, t: calls.append((emb, ring)) or torch.zeros(1, TINY["d_local"])
+        for st in dec.enc:
+            st.step = lambda h, t: h
+        monkeypatch.setattr(ionllama_decoder, "hashed_embed_step", lambda *a: pytest.fail("the PyTorch step ran"))
+        dec._encode(torch.zeros(1, dtype=torch.long))
+        assert len(calls) == 1 and calls[0][0] is ion.embed and calls[0][1] is dec.ngram_buf
+    finally:
+        es.set_embed_step_config(**old)
+
+
 def test_fused_entropy_step_auto_on_cuda_only_and_refused_where_it_cannot_run(ion, dense, monkeypatch):
     """The fused entropy-model step (ionllama/kernels/ssm_step_triton.py; its numbers are checked against
     MambaState.step under the interpreter in test_kernels.py). "auto", the default, picks it only where

@@ -88,9 +88,11 @@ def test_a_call_that_does_not_match_builds_a_new_decoder():
     assert session.reuses == 0
 
 
-def test_switching_the_fused_head_builds_a_new_decoder(monkeypatch):
-    """The decoder head's fused kernel is chosen when a decoder is built (lnn_step_triton.head_block_n): a session
-    kept across switching it must not replay the old choice, so the switch is part of the session's key."""
+@pytest.mark.parametrize("which", [0, 1], ids=["head", "embed"])
+def test_switching_a_fused_kernel_builds_a_new_decoder(monkeypatch, which):
+    """The decoder head's and the n-gram embedding's fused kernels are chosen when a decoder is built (lnn_step_triton
+    head_block_n, embed_step_triton enabled): a session kept across switching one must not replay the old choice, so
+    the switches are part of the session's key."""
     import importlib
 
     gen_mod = importlib.import_module("ionllama.generation.generate")  # (the package exports the function by that name)
@@ -98,8 +100,9 @@ def test_switching_the_fused_head_builds_a_new_decoder(monkeypatch):
     m = _model("ion")
     session = DecodeSession()
     generate(m, ["ab", "cd"], 20, seed=1, session=session)
-    kept, switched = session._kept[2], not gen_mod._head_switch()  # (on by default once the kernel module is imported)
-    monkeypatch.setattr(gen_mod, "_head_switch", lambda: switched)
+    kept, switches = session._kept[2], list(gen_mod._kernel_switches())
+    switches[which] = not switches[which]
+    monkeypatch.setattr(gen_mod, "_kernel_switches", lambda: tuple(switches))
     generate(m, ["ab", "cd"], 20, seed=1, session=session)
     assert session.reuses == 0 and session._kept[2] is not kept
     generate(m, ["ab", "cd"], 20, seed=1, session=session)  # the same switch again: the kept decoder
@@ -121,7 +124,7 @@ def test_a_session_is_reused_when_building_the_decoder_imported_the_head_kernel(
         return build(*a, **kw)
 
     monkeypatch.setattr(gen_mod, "decoder_for", decoder_for)
-    monkeypatch.setattr(gen_mod, "_head_switch", lambda: bool(imported))
+    monkeypatch.setattr(gen_mod, "_kernel_switches", lambda: (bool(imported), False))
     m = _model("ion")
     session = DecodeSession()
     first = generate(m, "ab", 20, seed=1, session=session)

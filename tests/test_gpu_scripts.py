@@ -174,7 +174,8 @@ SCRIPT_BAD_INPUT = [
     ("benchmarks", "bench_generation", ["--device", "cpu", "--threads", "-1", "--out", "{tmp}/g"],
      "--threads must be at least 0"),
     ("benchmarks", "bench_generation", ["--device", "cpu", "--kernel_config", "lnn=head_block_n=32", "--out",
-                                        "{tmp}/g"], "give KIND:KEY=VALUE with KIND one of lnn, latent, ssm, scan"),
+                                        "{tmp}/g"],
+     "give KIND:KEY=VALUE with KIND one of lnn, latent, ssm, scan, embed"),
     ("benchmarks", "bench_generation", ["--device", "cpu", "--kernel_config", "lnn:head_block_n=on", "--out",
                                         "{tmp}/g"], "the value must be an integer"),
     ("benchmarks", "bench_generation", ["--device", "cpu", "--kernel_config", "lnn:nosuch=1", "--out", "{tmp}/g"],
@@ -187,6 +188,8 @@ SCRIPT_BAD_INPUT = [
      "lnn:num_warps=3: warps are a power of two"),
     ("benchmarks", "bench_generation", ["--device", "cpu", "--kernel_config", "scan:fold=-1", "--out", "{tmp}/g"],
      "scan:fold=-1: the value must be >= 0"),
+    ("benchmarks", "bench_generation", ["--device", "cpu", "--kernel_config", "embed:enabled=2", "--out", "{tmp}/g"],
+     "embed:enabled=2: enabled is 0 (off) or 1 (on)"),
     # the sweep keeps one decoder: a key read only when a decoder is built swept nothing (a review of session 57)
     ("benchmarks", "profile_decode_step", ["--device", "cpu", "--sweep_lnn", "--grid", "head_block_n=32,64",
                                            "--out", "{tmp}/p"], "--grid head_block_n: it is read when a decoder"),
@@ -837,3 +840,28 @@ def test_prefill_kernels_do_not_specialize_their_length():
                     (ssd_triton._ssd_chunk_out, "T"), (ssd_triton._ssd_chunk_out, "NC")]:
         names = [fn.arg_names[d] if isinstance(d, int) else d for d in fn.do_not_specialize]  # names or indices
         assert arg in names, (fn, arg)
+
+
+def test_kernel_ab_script_runs_a_b_a_b_with_accepted_commands(tmp_path):
+    """gpu_kernel_ab.sh: the selfcheck of KINDS, then four bench processes A B A B (comma-separated items become
+    separate --kernel_config items, each accepted by the parser; the first, cold process gets the larger budget),
+    then the CUDA tests selected by TESTS."""
+    from ionllama.kernels.launch_config import parse_kernel_config
+    from ionllama.kernels.selfcheck import build_parser as selfcheck_parser
+
+    r, calls = _run_script(tmp_path, "gpu_kernel_ab.sh", A="embed:enabled=1,lnn:head_block_n=0", B="embed:enabled=0",
+                           KINDS="embed_step,lnn_generate", TESTS="host_schedule", BENCH_COMMIT="abc1234")
+    assert r.returncode == 0, r.stderr
+    bench_call = ["benchmarks/bench_generation.py", "--kernel_config"]
+    assert [c[:2] for c in calls] == [["-m", "ionllama.kernels.selfcheck"]] + [bench_call] * 4 + [["-m", "pytest"]]
+    assert selfcheck_parser().parse_args(calls[0][2:]).kinds == "embed_step,lnn_generate"
+    bench = _load("bench_generation").build_parser()
+    items, budgets = [], []
+    for argv in calls[1:5]:
+        args = bench.parse_args(argv[1:])
+        parse_kernel_config(args.kernel_config)  # a UserError on a bad item
+        items.append(args.kernel_config)
+        budgets.append(args.budget_s)
+    a, b = ["embed:enabled=1", "lnn:head_block_n=0"], ["embed:enabled=0"]
+    assert items == [a, b, a, b] and budgets == [230, 170, 170, 170]
+    assert calls[5][calls[5].index("-k") + 1] == "host_schedule"

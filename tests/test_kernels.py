@@ -295,6 +295,8 @@ def test_kernel_matches_reference_interpreter(interpreter_rows, idx):
                 "lnn_step": {"out", "h", "ring", "state_moved"}, "lnn_generate": {"bytes_differ"},
                 # the decoder's head as one kernel vs head(norm(h)); the op inside torch.compile vs eager
                 "byte_head": {"logits", "compiled"},
+                # the hashed n-gram embedding as one kernel vs the PyTorch step; the rings; the op compiled vs eager
+                "embed_step": {"e", "ring", "compiled"},
                 # the fused entropy-model (Mamba) step and head vs MambaState.step / _entropy_bits_step
                 "ssm_step": {"out", "ssm", "ring", "ent", "state_moved"}, "ssm_generate": {"bytes_differ"},
                 # the fused latent step vs advance_latent's PyTorch path over several steps; greedy bytes
@@ -321,6 +323,9 @@ def test_kernel_matches_reference_interpreter(interpreter_rows, idx):
         # one rounding step apart now and then (<= 4.3e-5), in bf16 rarely (<= 8e-7; 60 seeds each). A missed rounding
         # of the normalised input is 3-5e-3 off in bf16, inside the default 1e-2
         tol.update(logits={"fp32": 1e-6, "bf16": 1e-3, "fp16": 2e-4}[row["dtype"]], compiled=0.0)
+    if row["kind"] == "embed_step":  # the same adds in the same order, each rounded as torch's: equal (60 seeds);
+        # a missed rounding after an add is 3e-3 off in bf16
+        tol.update(e=1e-6, ring=0.0, compiled=0.0)
     if row["kind"] == "ssm_step" and row["dtype"] == "fp32":
         # the entropy of one row's softmax (log(sum) - sum(p z) / sum, fp32 exp / log): at B 1, D 16 three seeds of
         # 360 came out 1.1-1.7e-5 apart (tenth session; one CI run 2.2e-5); a wrong formula or row is off by >1e-2
@@ -490,6 +495,20 @@ def test_byte_head_selfcheck_covers_its_cases():
     assert any(kw.get("head") for kind, _, kw in cases(large=False) if kind == "lnn_generate")
 
 
+def test_embed_step_selfcheck_covers_its_cases():
+    """The interpreter rows above check the fused n-gram embedding in fp32 / bf16 / fp16, with and without digits,
+    one n-gram size (a ring of one byte) and sizes whose n-grams leave ring slots out, over more bytes than the ring
+    holds, eager and compiled (every row), and greedy generation through it."""
+    from ionllama.kernels.selfcheck import cases
+    rows = [(dt, kw) for kind, dt, kw in cases(large=False) if kind == "embed_step"]
+    assert {dt for dt, _ in rows} == {"fp32", "bf16", "fp16"}
+    assert {kw.get("mode", "hash") for _, kw in rows} == {"hash", "hash_nodigit"}
+    assert any(list(kw.get("sizes", ())) == [1] for _, kw in rows)
+    assert any(min(kw.get("sizes", (2,))) > 2 for _, kw in rows)  # the smaller n-grams' slots outside them
+    assert all(kw.get("steps", 7) > max(kw.get("sizes", (5,))) for _, kw in rows)
+    assert any(kw.get("embed") for kind, _, kw in cases(large=False) if kind == "lnn_generate")
+
+
 def test_latent_step_selfcheck_covers_the_decode_cases():
     """The interpreter rows above check the fused latent step at B 1..3, fp32 and bf16, dilated and dense attention,
     d not a power of two, over several steps with random commit masks, inside torch.compile, and in greedy
@@ -532,6 +551,15 @@ def test_lnn_step_kernels_compile_for_hopper():
             else:
                 sig[name] = "fp32" if name == "eps" else "i32"
         _assert_compiles_for_sm90(kernel, sig, const, prefetch=True)  # every kernel loads its weights early
+    # the hashed n-gram embedding (one program a row; its gathers depend on the byte: nothing to load before the wait)
+    from ionllama.kernels import embed_step_triton as es
+    sig = {name: {"X": "*i64", "T": "*i64", "RING": "*i64", "COEF": "*i64", "NS": "*i64", "scale": "fp32",
+                  "mask": "i64", "mult": "i64"}.get(name, "*" + dtype if name.isupper() and len(name) > 1 else "i32")
+           for name in es._embed_step.arg_names}
+    const = dict(S=4, NODIGIT=True, KP=4, DP=256)
+    sig.update(dict.fromkeys((*const, "GDC"), "constexpr"), W0="*" + dtype, W1="*" + dtype, W2="*" + dtype,
+               W3="*" + dtype, D="i32", K="i32")
+    _assert_compiles_for_sm90(es._embed_step, sig, const, prefetch=False)
 
 
 @pytest.mark.slow

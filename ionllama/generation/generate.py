@@ -244,11 +244,13 @@ class DecodeSession:
         self._kept = (key, _weights_key(model), runner, held)
 
 
-def _head_switch() -> bool:
-    """Is the decoder head's fused kernel switched on (lnn_step_triton.head_on; read when a decoder is built, so a
-    session's key holds it)? Without that module imported it cannot be."""
+def _kernel_switches() -> tuple:
+    """Which of the decoder's switchable kernels are on: the fused head (lnn_step_triton.head_on) and the fused
+    n-gram embedding (embed_step_triton.embed_on). Read when a decoder is built, so a session's key holds them;
+    read from the modules once imported (generate imports no triton): before that no decoder has taken them."""
     ls = sys.modules.get("ionllama.kernels.lnn_step_triton")
-    return ls is not None and ls.head_on()
+    es = sys.modules.get("ionllama.kernels.embed_step_triton")
+    return (ls is not None and ls.head_on(), es is not None and es.embed_on())
 
 
 def _weights_key(model) -> tuple:
@@ -311,7 +313,7 @@ def _decode_loop(model, rows, outs, cfg, max_new_bytes, seed, stream, decoder_ki
     device = next(model.parameters()).device
     graphs = _use_cuda_graphs(cuda_graphs, device, max_new_bytes)
     key = (B, decoder_kind, fused_local_step, fused_entropy_step, fused_latent_step, cfg, str(compile),
-           entropy_branch, unroll, stream is None, graphs, overlap_latent, _head_switch())
+           entropy_branch, unroll, stream is None, graphs, overlap_latent, _kernel_switches())
     runner = session.take(model, key, prompt_len) if session is not None else None
     # Host syncs are the main per-byte overhead on a GPU: without a stream callback, sampled bytes stay on the
     # device and are inspected every `sync_every` steps, a whole number of unrolled graph launches (a few wasted
@@ -356,9 +358,9 @@ def _decode_loop(model, rows, outs, cfg, max_new_bytes, seed, stream, decoder_ki
         if all(o.done for o in outs):
             break
     if session is not None:  # only after a finished loop: an interrupted one leaves its state unknown
-        # the head switch read again: building the decoder may have imported the kernel module (the fused head is on
-        # by default), and the next call's key, made before its take, reads it so
-        session.keep(model, key[:-1] + (_head_switch(),), runner)
+        # the switches read again: building the decoder may have imported a kernel module (the fused head is on by
+        # default), and the next call's key, made before its take, reads them so
+        session.keep(model, key[:-1] + (_kernel_switches(),), runner)
     # replayed at all: the graphs held at the end are gone after a growth whose last run was too short to capture
     info = {"steps": runner.n_done, "eager_steps": runner.eager_steps,
             "cuda_graphs": runner.n_done > runner.eager_steps}

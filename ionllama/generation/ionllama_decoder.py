@@ -39,6 +39,22 @@ from .local_state import MambaState, fused_entropy_fn, fused_latent_fn, local_st
 from .slots import SlotWriter
 
 
+def hashed_embed_step(emb, hasher, slots: SlotWriter, ring: torch.Tensor, x: torch.Tensor,
+                      t: torch.Tensor) -> torch.Tensor:
+    """The byte embedding of x (B,) at positions t with hashed n-grams, one byte: the bucket ids of the n-grams
+    ending at x from the ring of the bytes before it (byte p in slot p % K), then x written into the ring.
+    Equals emb's parallel forward at those positions (the PyTorch reference of kernels/embed_step_triton.py)."""
+    e = emb.bytes(x)
+    ids = hasher.ring(ring, x, t)
+    skip = hasher.ring_has_digit(ring, x, t) if emb.ngram == "hash_nodigit" else None
+    for i, table in enumerate(emb.tables):
+        v = table(ids[:, i])
+        e = e + (v if skip is None else v.masked_fill(skip[:, i, None], 0.0))
+    e = e * (1.0 / (1 + len(emb.ngram_sizes)))
+    slots.write_rows(ring, t % ring.shape[1], x)  # replaces byte t - K
+    return e
+
+
 def _entropy_bits_step(logits: torch.Tensor) -> torch.Tensor:
     """entropy_bits as H = log s - sum(e z) / s with z = l - max, e = exp(z), s = sum(e): the same value
     up to rounding, with two reductions (log_softmax then a sum took four kernels compiled)."""
@@ -121,6 +137,18 @@ class IonLlamaDecoder(IncrementalDecoder):
                     from ..errors import UserError
                     raise UserError(f"{e}; switch it off with set_lnn_step_config(head_block_n=0)") from None
                 self.head_step = ls.byte_head_step
+        # with the fused local step, the hashed n-gram embedding as one kernel where switched on (kernels/
+        # embed_step_triton.py; off by default until measured)
+        self.embed_step = None
+        if self.fused_local_step and self.ngram_ctx:
+            from ..kernels import embed_step_triton as es
+            if es.embed_on():
+                try:
+                    es.check_embed_step(model.embed, self.ngram_buf, dt)
+                except ValueError as e:
+                    from ..errors import UserError
+                    raise UserError(f"{e}; switch it off with set_embed_step_config(enabled=0)") from None
+                self.embed_step = es.embed_step
         # open patch accumulator (fp32, like the parallel pooling)
         dl = cfg.d_local
         self.acc_num = torch.zeros(B, dl, dtype=f32, device=dev)
@@ -459,19 +487,16 @@ class IonLlamaDecoder(IncrementalDecoder):
         t, start = self.t, self.cur_start
         # embedding
         emb = m.embed
-        e = emb.bytes(x)
-        if self.ngram_ctx:
-            ids = self.hasher.ring(self.ngram_buf, x, t)
-            skip = self.hasher.ring_has_digit(self.ngram_buf, x, t) if emb.ngram == "hash_nodigit" else None
-            for i, table in enumerate(emb.tables):
-                v = table(ids[:, i])
-                e = e + (v if skip is None else v.masked_fill(skip[:, i, None], 0.0))
-            e = e * (1.0 / (1 + len(emb.ngram_sizes)))
-            self.slots.write_rows(self.ngram_buf, t % self.ngram_ctx, x)  # replaces byte t - ngram_ctx
-        elif self.emb_conv is not None:
-            y, buf = emb.conv.step(e, self.emb_conv)
-            e = e + y
-            self.emb_conv.copy_(buf)
+        if self.embed_step is not None:
+            e = self.embed_step(emb, self.hasher, self.ngram_buf, x, t)
+        elif self.ngram_ctx:
+            e = hashed_embed_step(emb, self.hasher, self.slots, self.ngram_buf, x, t)
+        else:
+            e = emb.bytes(x)
+            if self.emb_conv is not None:
+                y, buf = emb.conv.step(e, self.emb_conv)
+                e = e + y
+                self.emb_conv.copy_(buf)
         for st in self.enc:
             e = st.step(e, t)
         # pooling accumulator: a new patch restarts it with this byte

@@ -16,7 +16,8 @@ def update_config(config: dict, kind: str, kw: dict, cast=None) -> dict:
 KERNEL_CONFIGS = {"lnn": ("lnn_step_triton", "set_lnn_step_config"),
                   "latent": ("latent_step_triton", "set_latent_step_config"),
                   "ssm": ("ssm_step_triton", "set_ssm_step_config"),
-                  "scan": ("scan_triton", "set_scan_config")}
+                  "scan": ("scan_triton", "set_scan_config"),
+                  "embed": ("embed_step_triton", "set_embed_step_config")}
 
 
 OFF_KEYS = ("head_block_n",)  # block keys where 0 means "not this kernel"
@@ -27,6 +28,8 @@ def _value_problem(kind: str, key: str, val: int) -> str | None:
     the decode-step kernels' blocks at least 16 (tl.dot's minimum); nothing negative."""
     if val < 0:
         return "the value must be >= 0"
+    if key == "enabled" and val > 1:
+        return "enabled is 0 (off) or 1 (on)"
     if "warps" in key and (val < 1 or val > 32 or val & (val - 1)):
         return "warps are a power of two from 1 to 32"
     if "block" in key:

@@ -542,14 +542,57 @@ def check_byte_head(device: str, dtype: torch.dtype, B: int, D: int, V: int = 25
     return {"logits": rel_err(out, ref), "compiled": rel_err(comp, out)}
 
 
+def check_embed_step(device: str, dtype: torch.dtype, B: int, D: int, sizes=(2, 3, 4, 5), buckets: int = 64,
+                     mode: str = "hash", steps: int = 7, seed: int | None = None) -> dict:
+    """The decoder's hashed n-gram embedding as one kernel (embed_step_triton.embed_step) vs the PyTorch step
+    (ionllama_decoder.hashed_embed_step), over `steps` bytes from an empty ring (more than the ring's width: slots are
+    reused), half the bytes digits or near them, rows at different positions. Errors: the embeddings; "ring", 1 if
+    the rings ever differ; "compiled", the op inside torch.compile(fullgraph=True) against the eager op (its outputs
+    and ring)."""
+    from ..generation.ionllama_decoder import hashed_embed_step
+    from ..generation.slots import SlotWriter
+    from ..model.byte_embedding import _PAD, ByteEmbedding, LastNgramHasher
+    from . import embed_step_triton as es
+
+    gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % (2 ** 31)))
+    emb = ByteEmbedding(D, ngram=mode, ngram_sizes=sizes, buckets=buckets)
+    with torch.no_grad():
+        for p in emb.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    emb = emb.to(device=device, dtype=dtype)
+    K = max(max(sizes) - 1, 1)
+    hasher = LastNgramHasher(sizes, buckets, K + 1, device)
+    ring_ref = torch.full((B, K), _PAD, dtype=torch.long, device=device)
+    ring, ring_c = ring_ref.clone(), ring_ref.clone()
+    es.check_embed_step(emb, ring, dtype)
+    slots = SlotWriter(B, 1, device)
+    torch._dynamo.reset()
+    comp = torch.compile(lambda r, x, t: es.embed_step(emb, hasher, r, x, t), fullgraph=True)
+    errs = {"e": 0.0, "ring": 0.0, "compiled": 0.0}
+    with torch.no_grad():
+        for step in range(steps):
+            x = torch.randint(0, 256, (B,), generator=gen)
+            x[::2] = torch.randint(44, 62, (len(x[::2]),), generator=gen)  # digits (48-57) and their neighbours
+            x, t = x.to(device), (step + torch.arange(B)).to(device)
+            ref = hashed_embed_step(emb, hasher, slots, ring_ref, x, t)
+            out = es.embed_step(emb, hasher, ring, x, t)
+            out_c = comp(ring_c, x, t)
+            errs["e"] = max(errs["e"], rel_err(out, ref))
+            errs["ring"] = max(errs["ring"], float(not torch.equal(ring, ring_ref)))
+            errs["compiled"] = max(errs["compiled"], rel_err(out_c, out), float(not torch.equal(ring_c, ring)))
+    return errs
+
+
 def check_lnn_generate(device: str, dtype: torch.dtype, n_new: int = 16, block_n: int | None = None,
-                       head: bool = False, seed: int | None = None) -> dict:
+                       head: bool = False, embed: bool = False, seed: int | None = None) -> dict:
     """Greedy generation of a tiny ionLlama (IntegralLNN local layers, entropy patching) with the fused local
     step vs without: the fraction of differing bytes. On CUDA the fused run replays CUDA graphs. block_n: every
     kernel's channel block (fewer programs: the interpreter's cost is per program). head: the fused run's decoder
-    head as one kernel too (head_block_n: block_n, or 32)."""
+    head as one kernel too (head_block_n: block_n, or 32), else the PyTorch head. embed: its hashed n-gram
+    embedding as one kernel too (embed_step_triton). The reference never takes a fused kernel."""
     from .. import create_model
     from ..generation import generate
+    from . import embed_step_triton as es
     from . import lnn_step_triton as ls
 
     gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % (2 ** 31)))
@@ -564,16 +607,16 @@ def check_lnn_generate(device: str, dtype: torch.dtype, n_new: int = 16, block_n
         m.entropy_threshold.fill_(float(ent.median()))  # patches of varying length: latent steps happen
     m = m.to(device=device, dtype=dtype)
     prompts = [b"abc de", "a longer prompt. ab\n"]
-    ref = generate(m, prompts, n_new, greedy=True, cuda_graphs=False)
+    ref = generate(m, prompts, n_new, greedy=True, cuda_graphs=False, fused_local_step=False)
     kw = {} if block_n is None else dict.fromkeys(("in_block_n", "out_block_n", "up_block_n", "down_block_n"),
                                                   block_n)
-    if head:
-        kw["head_block_n"] = block_n or 32
-    old = ls.set_lnn_step_config(**kw)
+    kw["head_block_n"] = (block_n or 32) if head else 0
+    old, old_embed = ls.set_lnn_step_config(**kw), es.set_embed_step_config(enabled=int(embed))
     try:
         out = generate(m, prompts, n_new, greedy=True, cuda_graphs=device == "cuda", fused_local_step=True)
     finally:
         ls.set_lnn_step_config(**old)
+        es.set_embed_step_config(**old_embed)
     n = sum(max(len(a), len(b)) for a, b in zip(out, ref))
     diff = sum(sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b)) for a, b in zip(out, ref))
     return {"bytes_differ": diff / max(n, 1)}
@@ -787,6 +830,13 @@ def cases(large: bool) -> list[tuple]:
         ("byte_head", "fp16", dict(B=2, D=32)),
         ("byte_head", "bf16", dict(B=2, D=40, V=200, block_n=64)),  # V not a multiple of the block
         ("lnn_generate", "fp32", dict(n_new=16, block_n=32, head=True)),
+        # the hashed n-gram embedding: 4 sizes (ring of 4), 2 sizes without digits, one size (ring of 1), 3 sizes
+        # whose n-grams skip ring slots, a large bucket count; greedy generation through it and the head
+        ("embed_step", "fp32", dict(B=2, D=32)),
+        ("embed_step", "bf16", dict(B=3, D=48, sizes=[2, 3], mode="hash_nodigit")),
+        ("embed_step", "fp16", dict(B=1, D=40, sizes=[1], buckets=16)),
+        ("embed_step", "bf16", dict(B=2, D=24, sizes=[3, 5, 7], buckets=4096, mode="hash_nodigit", steps=9)),
+        ("lnn_generate", "fp32", dict(n_new=16, block_n=32, head=True, embed=True)),
         # the fused entropy-model (Mamba) step: B 1 and 3, fp32 and bf16, 7 steps (the 3-slot ring wraps twice),
         # block 0's table form (gather), d_inner split over two programs, headdim 8 and 16, d_state 4 and 16,
         # conv kernels 2 and 1 (no ring), inside torch.compile; and greedy generation of a tiny model
@@ -856,6 +906,9 @@ def cases(large: bool) -> list[tuple]:
             ("byte_head", "fp32", dict(B=17, D=256)),
             ("byte_head", "bf16", dict(B=32, D=256, block_n=64)),
             ("lnn_generate", "fp32", dict(n_new=64, head=True)),
+            ("embed_step", "bf16", dict(B=1, D=256, buckets=4096)),  # ionllama-small's embedding, batch 1 and 32
+            ("embed_step", "bf16", dict(B=32, D=256, buckets=4096, mode="hash_nodigit")),
+            ("lnn_generate", "fp32", dict(n_new=64, head=True, embed=True)),
             # ionllama-small's entropy model (d 128, d_inner 256, 16 heads of 16, d_state 16) at batch 1 and 32
             # (two row blocks of 16 .. 32), block 0's table form, medium's width (d 256), inside torch.compile
             ("ssm_step", "bf16", dict(B=1, D=128, steps=9)),
@@ -881,7 +934,7 @@ def cases(large: bool) -> list[tuple]:
 
 
 KINDS = ("attention", "scan", "conv_gate", "compiled", "ssd_scan", "block", "rope", "lnn_step", "lnn_generate",
-         "byte_head", "ssm_step", "ssm_generate", "latent_step", "latent_generate")
+         "byte_head", "embed_step", "ssm_step", "ssm_generate", "latent_step", "latent_generate")
 
 
 def run(device: str, large: bool = False, verbose: bool = True, kinds=KINDS) -> list[dict]:
@@ -897,6 +950,7 @@ def run(device: str, large: bool = False, verbose: bool = True, kinds=KINDS) -> 
         fn = {"attention": check_attention, "scan": check_scan, "conv_gate": check_conv_gate,
               "compiled": check_compiled, "ssd_scan": check_ssd_scan, "block": check_block, "rope": check_rope,
               "lnn_step": check_lnn_step, "lnn_generate": check_lnn_generate, "byte_head": check_byte_head,
+              "embed_step": check_embed_step,
               "ssm_step": check_ssm_step,
               "ssm_generate": check_ssm_generate, "latent_step": check_latent_step,
               "latent_generate": check_latent_generate}[kind]
