@@ -178,7 +178,9 @@ class Bench:
         row = dict(model=s["kind"], label=label + (", fused local step" if getattr(dec, "fused_local_step", False)
                                                    else "")
                    + (", fused entropy step" if getattr(dec, "fused_entropy_step", False) else "")
-                   + (", fused latent step" if getattr(dec, "fused_latent_step", False) else ""),
+                   + (", fused latent step" if getattr(dec, "fused_latent_step", False) else "")
+                   + (", fused head" if getattr(dec, "head_step", None) is not None else "")
+                   + (", fused embedding" if getattr(dec, "embed_step", None) is not None else ""),
                    batch=B, context=ctx, new_bytes=n_new, graphs=runner.graphs is not None,
                    compile=s["compile"], latent_policy=runner.latent_policy if patches0 is not None else None,
                    bytes_per_s=B * n_new / dt, ms_per_byte=1000 * dt / n_new, prefill_s=t_prefill, setup_s=t_setup)
