@@ -100,7 +100,7 @@ RUNNER_KEYS = ("unroll",)
 
 # ------------------------------------------------------------------------------------------ aggregation
 def family(name: str) -> str:
-    if re.match(r"_(lnn|ssm|latent|entropy)_", name):  # the @triton.jit kernels of kernels/*_step_triton.py
+    if re.match(r"_(lnn|ssm|latent|entropy|byte|embed)_", name):  # the @triton.jit kernels of kernels/*_step_triton.py
         return "ours: fused Triton"
     if name.startswith("ionllama::"):  # CPU: the fused steps' custom ops
         return "ours: fused custom op"

@@ -296,7 +296,7 @@ def test_kernel_matches_reference_interpreter(interpreter_rows, idx):
                 # the decoder's head as one kernel vs head(norm(h)); the op inside torch.compile vs eager
                 "byte_head": {"logits", "compiled"},
                 # the hashed n-gram embedding as one kernel vs the PyTorch step; the rings; the op compiled vs eager
-                "embed_step": {"e", "ring", "compiled"},
+                "embed_step": {"e", "ring", "compiled", "opcheck"},
                 # the fused entropy-model (Mamba) step and head vs MambaState.step / _entropy_bits_step
                 "ssm_step": {"out", "ssm", "ring", "ent", "state_moved"}, "ssm_generate": {"bytes_differ"},
                 # the fused latent step vs advance_latent's PyTorch path over several steps; greedy bytes
@@ -325,7 +325,7 @@ def test_kernel_matches_reference_interpreter(interpreter_rows, idx):
         tol.update(logits={"fp32": 1e-6, "bf16": 1e-3, "fp16": 2e-4}[row["dtype"]], compiled=0.0)
     if row["kind"] == "embed_step":  # the same adds in the same order, each rounded as torch's: equal (60 seeds);
         # a missed rounding after an add is 3e-3 off in bf16
-        tol.update(e=1e-6, ring=0.0, compiled=0.0)
+        tol.update(e=1e-6, ring=0.0, compiled=0.0, opcheck=0.0)
     if row["kind"] == "ssm_step" and row["dtype"] == "fp32":
         # the entropy of one row's softmax (log(sum) - sum(p z) / sum, fp32 exp / log): at B 1, D 16 three seeds of
         # 360 came out 1.1-1.7e-5 apart (tenth session; one CI run 2.2e-5); a wrong formula or row is off by >1e-2

@@ -57,6 +57,7 @@ def test_cpu_profile_rows_add_up(tmp_path):
 
 def test_kernel_families():
     assert pds.family("_lnn_ffn_down") == pds.family("_ssm_in_scan") == "ours: fused Triton"
+    assert pds.family("_byte_head") == pds.family("_embed_step") == "ours: fused Triton"
     assert pds.family("triton_poi_fused_add_mul_0") == "inductor Triton"
     assert pds.family("void gemv2T_kernel_val<int, int, __nv_bfloat16, 128, 16, 4, 4, false>") == "cuBLAS GEMV/GEMM"
     assert pds.family("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<long>>") \

@@ -2,9 +2,11 @@
 
 Where the compiled byte step runs several small inductor kernels (the n-gram bucket ids from the ring of recent
 bytes, the gather and sum of the byte vector and one table row per n-gram size, the ring write), one program per
-batch row here computes the ids, sums the rows in the order and rounding of the PyTorch step
+batch row here computes the ids, sums the rows in the order and rounding of the eager PyTorch step
 (`ionllama_decoder.hashed_embed_step`: e = bytes[x], e = e + table_i[id_i] rounded to the dtype after each add,
-then e * 1 / (1 + sizes)) and writes the new byte into the ring after reading it. Why it may pay: under the
+then e * 1 / (1 + sizes)) and writes the new byte into the ring after reading it. (Compiled, inductor rounds that
+step once at the end instead, so with torch.compile the kernel's embeddings differ from the compiled PyTorch step's
+by a rounding step in bf16 / fp16, and sampled bytes may part: an A / B compares rates, not bytes.) Why it may pay: under the
 overlapped latent step a byte step's microseconds count about three times a patch (docs/results/checks-s57.md),
 and the fused decoder head, one launch in place of two, was worth 0.003 ms a byte graph (checks-s58.md).
 Off by default until measured on a GPU (`set_embed_step_config(enabled=1)`, or `--kernel_config embed:enabled=1`
@@ -94,7 +96,9 @@ def _embed_step(X, T, RING, COEF, NS, WB, W0, W1, W2, W3, OUT, D, K, buckets, ma
         else:
             acc = _add_row(acc, W, idx * D, d, d_ok, DT)
     tl.store(OUT + r * s_out + d, _cast(acc * scale, DT), mask=d_ok)
-    tl.store(RING + r * s_ring + t % K, x)  # after every read of the ring (one program per row)
+    # every warp of the program has read the ring (each loads its own copy for its reductions): only then write it
+    tl.debug_barrier()
+    tl.store(RING + r * s_ring + t % K, x)
 
 
 def embed_step_launch(x, t, ring, coef, ns, bytes_w, tables, buckets: int, nodigit: bool,

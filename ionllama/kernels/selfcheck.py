@@ -548,7 +548,7 @@ def check_embed_step(device: str, dtype: torch.dtype, B: int, D: int, sizes=(2, 
     (ionllama_decoder.hashed_embed_step), over `steps` bytes from an empty ring (more than the ring's width: slots are
     reused), half the bytes digits or near them, rows at different positions. Errors: the embeddings; "ring", 1 if
     the rings ever differ; "compiled", the op inside torch.compile(fullgraph=True) against the eager op (its outputs
-    and ring)."""
+    and ring); "opcheck", 1 if torch.library.opcheck finds the op's schema (the ring it mutates) or fake wrong."""
     from ..generation.ionllama_decoder import hashed_embed_step
     from ..generation.slots import SlotWriter
     from ..model.byte_embedding import _PAD, ByteEmbedding, LastNgramHasher
@@ -568,7 +568,14 @@ def check_embed_step(device: str, dtype: torch.dtype, B: int, D: int, sizes=(2, 
     slots = SlotWriter(B, 1, device)
     torch._dynamo.reset()
     comp = torch.compile(lambda r, x, t: es.embed_step(emb, hasher, r, x, t), fullgraph=True)
-    errs = {"e": 0.0, "ring": 0.0, "compiled": 0.0}
+    errs = {"e": 0.0, "ring": 0.0, "compiled": 0.0, "opcheck": 0.0}
+    args = (torch.arange(B, device=device) + 48, torch.arange(B, device=device), ring_ref.clone(), hasher.coef,
+            hasher.n, emb.bytes.weight, [tb.weight for tb in emb.tables], buckets, mode == "hash_nodigit")
+    try:  # (a ring mutated but not declared so: nothing in the compiled lambda below reads it after the op)
+        torch.library.opcheck(es.embed_step_op, args, test_utils=("test_schema", "test_faketensor"))
+    except Exception as e:  # noqa: BLE001 (the row fails, the message goes to the log)
+        print(f"embed_step opcheck: {e}", file=sys.stderr)
+        errs["opcheck"] = 1.0
     with torch.no_grad():
         for step in range(steps):
             x = torch.randint(0, 256, (B,), generator=gen)
@@ -607,7 +614,8 @@ def check_lnn_generate(device: str, dtype: torch.dtype, n_new: int = 16, block_n
         m.entropy_threshold.fill_(float(ent.median()))  # patches of varying length: latent steps happen
     m = m.to(device=device, dtype=dtype)
     prompts = [b"abc de", "a longer prompt. ab\n"]
-    ref = generate(m, prompts, n_new, greedy=True, cuda_graphs=False, fused_local_step=False)
+    ref = generate(m, prompts, n_new, greedy=True, cuda_graphs=False, fused_local_step=False, fused_entropy_step=False,
+                   fused_latent_step=False)
     kw = {} if block_n is None else dict.fromkeys(("in_block_n", "out_block_n", "up_block_n", "down_block_n"),
                                                   block_n)
     kw["head_block_n"] = (block_n or 32) if head else 0
