@@ -11,12 +11,13 @@ Why: batch-1 generation is GPU-bound on kernel count (issue #4): compiled, a blo
                     (next `hidden` rows) -> u = silu(gate) * value.
   K4 _lnn_ffn_down: w_out rows of a channel block over u (K loop over the hidden width) -> out = x1 + that.
 
-After the decoder's last block, `_byte_head` can run the model's head, logits = head(norm(x)), as one launch where
-the compiled decoder runs an RMSNorm kernel and a library GEMV (`head_block_n` > 0, the default; 0: the PyTorch
-head). Measured (H100, bf16, batch 1, default compile; docs/results/checks-s58.md): byte graph 0.079 against 0.082
-ms, 9,613-9,692 against 9,259-9,545 bytes/s from 1K to 32K, five processes alternating (PyTorch head first). Why it pays more than its one launch: under the runner's overlapped latent step a patch of n bytes costs
-about n - 1 byte steps plus the latent step (the latent step hides behind only one byte), so a byte step's time
-counts n - 1 times a patch, the latent step's once (docs/results/checks-s57.md).
+After the decoder's last block, `_byte_head` can run the model's head, logits = head(norm(x)), as one launch where the
+compiled decoder runs an RMSNorm kernel and a library GEMV (`head_block_n` > 0, the default; 0: the PyTorch head).
+Measured (H100, bf16, batch 1, default compile; docs/results/checks-s58.md): byte graph 0.078-0.080 against
+0.081-0.084 ms, 9,613-9,692 against 9,259-9,545 bytes/s from 1K to 32K, five processes alternating (PyTorch head
+first). Why it pays more than its one launch: under the runner's overlapped latent step a patch of n bytes costs about
+n - 1 byte steps plus the latent step (the latent step hides behind only one byte), so a byte step's time counts n - 1
+times a patch, the latent step's once (docs/results/checks-s57.md).
 
 On Hopper each kernel launches with PDL (pdl.py): it loads its weight tiles while the previous kernel is still
 running, then waits for it. (A one-launch form, the four stages meeting at grid barriers, was measured slower
