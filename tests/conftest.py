@@ -17,7 +17,7 @@ def _seed():
 # the kernels run under the interpreter in subprocesses. Imported here first, the in-process modules stay the
 # compiled kind, which the sm_90 compile tests need whatever order the tests run in.
 if os.environ.get("TRITON_INTERPRET") != "1":
-    for _mod in ("lnn_step_triton", "ssm_step_triton", "latent_step_triton"):
+    for _mod in ("lnn_step_triton", "ssm_step_triton", "latent_step_triton", "embed_step_triton"):
         try:
             __import__(f"ionllama.kernels.{_mod}")
         except ImportError:  # no triton: those tests skip
