@@ -55,6 +55,19 @@ def hashed_embed_step(emb, hasher, slots: SlotWriter, ring: torch.Tensor, x: tor
     return e
 
 
+def _kernel_if_on(on: bool, check, step, switch_off: str):
+    """step where a switchable kernel is on, else None; check() (a ValueError where the kernel cannot run this
+    model) becomes a one-line UserError naming the switch."""
+    if not on:
+        return None
+    try:
+        check()
+    except ValueError as e:
+        from ..errors import UserError
+        raise UserError(f"{e}; switch it off with {switch_off}") from None
+    return step
+
+
 def _entropy_bits_step(logits: torch.Tensor) -> torch.Tensor:
     """entropy_bits as H = log s - sum(e z) / s with z = l - max, e = exp(z), s = sum(e): the same value
     up to rounding, with two reductions (log_softmax then a sum took four kernels compiled)."""
@@ -127,28 +140,17 @@ class IonLlamaDecoder(IncrementalDecoder):
         self.fused_local_step = bool(fused_local_step)  # what decoder_for resolved "auto" to
         self.enc = [local_state(layer, B, dev, dt, fused_local_step) for layer in model.encoder]
         self.dec = [local_state(layer, B, dev, dt, fused_local_step) for layer in model.decoder]
-        self.head_step = None  # with the fused local step, the decoder's head as one kernel where switched on
+        # with the fused local step, the decoder's head (on by default) and the hashed n-gram embedding (off until
+        # measured) as one kernel each where switched on
+        self.head_step = self.embed_step = None
         if self.fused_local_step:
             from ..kernels import lnn_step_triton as ls
-            if ls.head_on():
-                try:
-                    ls.check_byte_head(model.norm, model.head, dt)
-                except ValueError as e:
-                    from ..errors import UserError
-                    raise UserError(f"{e}; switch it off with set_lnn_step_config(head_block_n=0)") from None
-                self.head_step = ls.byte_head_step
-        # with the fused local step, the hashed n-gram embedding as one kernel where switched on (kernels/
-        # embed_step_triton.py; off by default until measured)
-        self.embed_step = None
+            self.head_step = _kernel_if_on(ls.head_on(), lambda: ls.check_byte_head(model.norm, model.head, dt),
+                                           ls.byte_head_step, "set_lnn_step_config(head_block_n=0)")
         if self.fused_local_step and self.ngram_ctx:
             from ..kernels import embed_step_triton as es
-            if es.embed_on():
-                try:
-                    es.check_embed_step(model.embed, self.ngram_buf, dt)
-                except ValueError as e:
-                    from ..errors import UserError
-                    raise UserError(f"{e}; switch it off with set_embed_step_config(enabled=0)") from None
-                self.embed_step = es.embed_step
+            self.embed_step = _kernel_if_on(es.embed_on(), lambda: es.check_embed_step(model.embed, self.ngram_buf, dt),
+                                            es.embed_step, "set_embed_step_config(enabled=0)")
         # open patch accumulator (fp32, like the parallel pooling)
         dl = cfg.d_local
         self.acc_num = torch.zeros(B, dl, dtype=f32, device=dev)
