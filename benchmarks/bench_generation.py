@@ -426,9 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "graph node, no host read between them); 1: one launch per byte")
     ap.add_argument("--kernel_config", nargs="*", default=[], metavar="KIND:KEY=VALUE",
                     help="launch settings of the fused Triton kernels before anything is built, e.g. "
-                         "lnn:head_block_n=0 (the PyTorch decoder head), embed:enabled=1 (the n-gram embedding as one "
-                         "kernel) or latent:attn_block_kv=32; KIND: lnn, latent, ssm, scan, embed (their set_*_config "
-                         "keys)")
+                         "lnn:head_block_n=0 (the PyTorch decoder head), embed:enabled=0 (the PyTorch n-gram "
+                         "embedding step in place of the kernel) or latent:attn_block_kv=32; KIND: lnn, latent, ssm, "
+                         "scan, embed (their set_*_config keys)")
     ap.add_argument("--budget_s", type=float, default=280)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--threads", type=int, default=0, help="CPU intra-op threads (0: torch default)")

@@ -6,11 +6,12 @@ here computes the ids, sums the rows in the order and rounding of the eager PyTo
 (`ionllama_decoder.hashed_embed_step`: e = bytes[x], e = e + table_i[id_i] rounded to the dtype after each add, then e
 * 1 / (1 + sizes)) and writes the new byte into the ring after reading it. (Compiled, inductor rounds that step once
 at the end instead, so with torch.compile the kernel's embeddings differ from the compiled PyTorch step's by a
-rounding step in bf16 / fp16, and sampled bytes may part: an A / B compares rates, not bytes.) Why it may pay: under
-the overlapped latent step a byte step's microseconds count about three times a patch (docs/results/checks-s57.md),
-and the fused decoder head, one launch in place of two, was worth 0.003 ms a byte graph (checks-s58.md). Off by
-default until measured on a GPU (`set_embed_step_config(enabled=1)`, or `--kernel_config embed:enabled=1` in the
-benchmarks); read when a decoder is built.
+rounding step in bf16 / fp16, and sampled bytes may part: an A / B compares rates, not bytes.) Why it pays: under
+the overlapped latent step a byte step's microseconds count about three times a patch (docs/results/checks-s57.md).
+Measured (H100, bf16, batch 1, the fixed-4-byte pick, four processes alternating, default compile;
+docs/results/checks-s59.md): byte graph 0.075-0.077 against 0.077-0.079 ms, 9,806-10,018 against 9,757-9,812
+bytes/s from 1K to 32K; with inductor's autotuning 10,185-10,232. On by default (`set_embed_step_config(enabled=0)`,
+or `--kernel_config embed:enabled=0` in the benchmarks, turns it off); read when a decoder is built.
 
 The hash is LastNgramHasher.ring's: h_s = sum over the ring's slots of (byte + 1) * coef[column, s] + (x + 1) *
 coef[-1, s], each column the slot's place in time; id_s = ((h_s & (2^40 - 1)) * 2654435761 + n_s) mod buckets with
@@ -28,9 +29,10 @@ from .pdl import gdc_launch, gdc_wait, pdl_kwargs
 
 MAX_SIZES = 4  # n-gram sizes (tables) one launch takes: the models' defaults use 4 (2-5) or 2 (2-3)
 
-# enabled: 1 = the decoder uses the kernel (with the fused local step); 0 (the default until it is measured on a
-# GPU) = the PyTorch step. num_warps: of the one program per batch row.
-_CONFIG = {"enabled": 0, "num_warps": 2}
+# enabled: 1 (the default, measured faster: checks-s59.md) = the decoder uses the kernel with the fused local step,
+# where the model allows it (else the PyTorch step, with a warning); 0 = the PyTorch step. num_warps: of the one
+# program per batch row.
+_CONFIG = {"enabled": 1, "num_warps": 2}
 
 
 def set_embed_step_config(**kw) -> dict:
