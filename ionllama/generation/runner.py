@@ -63,7 +63,8 @@ _HAS_IF_NODES = hasattr(getattr(torch._C, "_CUDAGraph", None), "begin_capture_to
 # counts is how many there are: "max-autotune" adds GEMM autotuning (Triton GEMMs that fuse their
 # neighbours) and inductor's horizontal fusion of independent kernels (combo_kernels). On an H200 it gave
 # 5,451-6,386 bytes/s at batch 1 against 4,631-4,759 for "default", for ~2 min of compiling instead of
-# ~25 s (docs/results/generation.md). CUDA graphs are ours (the runner captures), hence not inductor's.
+# ~25 s (docs/results/generation.md); with today's fused steps on an H100, 10,185-10,232 against 9,806-10,018
+# (docs/results/checks-s59.md). CUDA graphs are ours (the runner captures), hence not inductor's.
 # Neither turns on inductor's programmatic dependent launch (triton.enable_pdl; it was on in both until
 # session 56): torch 2.11's inductor loads a compiled function's scalar inputs (the position t, patch flags) before
 # the kernel's gdc_wait, i.e. while the kernel before it, from another compiled function that may write them, can
