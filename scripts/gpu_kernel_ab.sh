@@ -4,8 +4,10 @@
 # the fixed-4-byte Phase-1 pick (random weights), "previous" shift, overlapped latent step, compiled, CUDA graphs,
 # contexts 1K / 8K / 32K. First (KINDS) the GPU selfcheck of those kernel kinds; last (TESTS, a pytest -k
 # expression) CUDA tests of tests/test_decode_fast.py and tests/test_decode_session.py. One tarball: $OUT/ab.tgz.
-# Usage (device tool; ~100 s start, selfcheck ~40 s, the first bench process ~110-230 s cold, the others ~40 s):
-#   BENCH_COMMIT=$(git rev-parse --short HEAD) A="embed:enabled=1" B="embed:enabled=0" \
+# Usage (device tool; ~100 s start, selfcheck ~40 s, the first bench process ~110-230 s cold, the others 26-40 s;
+# 217 s in all from a fresh start in the fifty-ninth session; enabled=2 requires the kernel, so the A side cannot
+# quietly time the PyTorch step):
+#   BENCH_COMMIT=$(git rev-parse --short HEAD) A="embed:enabled=2" B="embed:enabled=0" \
 #     KINDS=embed_step,lnn_generate TESTS="host_schedule_graphs_equal_eager_on_cuda" bash scripts/gpu_kernel_ab.sh
 # A and B: --kernel_config items (several separated by commas). BUDGET: --budget_s of the warm processes (170; the
 # first gets 230: its compiled session asks for 100 s after the checks, which take longer cold).

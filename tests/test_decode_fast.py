@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import re
+import warnings
 
 import pytest
 import torch
@@ -1190,6 +1191,10 @@ def test_fused_byte_head_only_where_switched_on_with_the_fused_local_step(ion, m
         assert decoder_for(ion, 1, 16, fused_local_step=False).head_step is None
         dec = decoder_for(ion, 1, 16, fused_local_step=True)
         assert dec.head_step is ls.byte_head_step
+        # a head the kernel cannot run (a bias) decodes with the PyTorch head, never a refusal of a valid model
+        biased = create_model("tiny", **TINY).eval()
+        biased.head = torch.nn.Linear(TINY["d_local"], 256)
+        assert decoder_for(biased, 1, 16, fused_local_step=True).head_step is None
         # _decode's head: the kernel's stand-in, never the PyTorch head (the fused layers, compiled kernels in this
         # process, are stood in for too: identity)
         calls = []
@@ -1206,9 +1211,9 @@ def test_fused_byte_head_only_where_switched_on_with_the_fused_local_step(ion, m
 def test_fused_embed_step_on_by_default_with_the_fused_local_step_where_the_model_allows(ion, monkeypatch):
     """The hashed n-gram embedding as one kernel (embed_step_triton.embed_step; checked against the PyTorch step
     under the interpreter in test_kernels.py, and greedy bytes through it) is on by default (measured faster on an
-    H100, checks-s59.md), taken only with the fused local step and hashed n-grams, off when switched off, and for a
-    model it cannot run the PyTorch step with a warning naming why (never a refusal); a decoder's _encode then calls
-    it: the PyTorch step is not run."""
+    H100, checks-s59.md), taken only with the fused local step and hashed n-grams, off when switched off; a model it
+    cannot run gets the PyTorch step by default (no refusal, no warning) and a one-line refusal where it was required
+    (enabled=2); a decoder's _encode then calls it: the PyTorch step is not run."""
     pytest.importorskip("triton")
     from ionllama.generation import ionllama_decoder
     from ionllama.kernels import embed_step_triton as es
@@ -1223,8 +1228,12 @@ def test_fused_embed_step_on_by_default_with_the_fused_local_step_where_the_mode
         conv = create_model("tiny", **{**TINY, "ngram": "conv"}).eval()
         assert decoder_for(conv, 1, 16, fused_local_step=True).embed_step is None
         six = create_model("tiny", **{**TINY, "ngram_sizes": (2, 3, 4, 5, 6)}).eval()
-        with pytest.warns(UserWarning, match="5 n-gram sizes .*PyTorch step .*set_embed_step_config"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
             assert decoder_for(six, 1, 16, fused_local_step=True).embed_step is None
+        es.set_embed_step_config(enabled=2)
+        with pytest.raises(UserError, match="5 n-gram sizes .*set_embed_step_config"):
+            decoder_for(six, 1, 16, fused_local_step=True)
         dec = decoder_for(ion, 1, 16, fused_local_step=True)
         assert dec.embed_step is es.embed_step
         # _encode's embedding: the kernel's stand-in, never the PyTorch step (the fused encoder layers, compiled

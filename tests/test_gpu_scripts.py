@@ -188,8 +188,8 @@ SCRIPT_BAD_INPUT = [
      "lnn:num_warps=3: warps are a power of two"),
     ("benchmarks", "bench_generation", ["--device", "cpu", "--kernel_config", "scan:fold=-1", "--out", "{tmp}/g"],
      "scan:fold=-1: the value must be >= 0"),
-    ("benchmarks", "bench_generation", ["--device", "cpu", "--kernel_config", "embed:enabled=2", "--out", "{tmp}/g"],
-     "embed:enabled=2: enabled is 0 (off) or 1 (on)"),
+    ("benchmarks", "bench_generation", ["--device", "cpu", "--kernel_config", "embed:enabled=3", "--out", "{tmp}/g"],
+     "embed:enabled=3: enabled is 0 (off), 1 (on where the model allows it) or 2 (required)"),
     # the sweep keeps one decoder: a key read only when a decoder is built swept nothing (a review of session 57)
     ("benchmarks", "profile_decode_step", ["--device", "cpu", "--sweep_lnn", "--grid", "head_block_n=32,64",
                                            "--out", "{tmp}/p"], "--grid head_block_n: it is read when a decoder"),

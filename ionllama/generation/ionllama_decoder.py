@@ -26,8 +26,6 @@ final states from it.
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 
@@ -57,16 +55,18 @@ def hashed_embed_step(emb, hasher, slots: SlotWriter, ring: torch.Tensor, x: tor
     return e
 
 
-def _kernel_if_on(on: bool, check, step, switch_off: str):
-    """step where a switchable kernel is on and can run this model, else None. Both kernels are on by default, so a
-    model one cannot run (check() raises ValueError: e.g. a head with a bias, more n-gram sizes than the kernel takes)
-    decodes with the PyTorch step and a warning naming why: never a refusal, never silent."""
+def _kernel_if_on(on: bool, required: bool, check, step, switch: str):
+    """step where a switchable kernel is on and can run this model, else None. On by default, a kernel that cannot
+    run a model (check() raises ValueError: e.g. more n-gram sizes than it takes) leaves it to the PyTorch step, as
+    fused_local_step="auto" does; where it was required, that is a one-line UserError naming the switch."""
     if not on:
         return None
     try:
         check()
     except ValueError as e:
-        warnings.warn(f"{e}: decoding with the PyTorch step instead (silence this with {switch_off})", stacklevel=3)
+        if required:
+            from ..errors import UserError
+            raise UserError(f"{e}; {switch}") from None
         return None
     return step
 
@@ -148,12 +148,14 @@ class IonLlamaDecoder(IncrementalDecoder):
         self.head_step = self.embed_step = None
         if self.fused_local_step:
             from ..kernels import lnn_step_triton as ls
-            self.head_step = _kernel_if_on(ls.head_on(), lambda: ls.check_byte_head(model.norm, model.head, dt),
-                                           ls.byte_head_step, "set_lnn_step_config(head_block_n=0)")
+            # head_block_n > 0: where the model allows it (no required setting)
+            self.head_step = _kernel_if_on(ls.head_on(), False, lambda: ls.check_byte_head(model.norm, model.head, dt),
+                                           ls.byte_head_step, "")
         if self.fused_local_step and self.ngram_ctx:
             from ..kernels import embed_step_triton as es
-            self.embed_step = _kernel_if_on(es.embed_on(), lambda: es.check_embed_step(model.embed, self.ngram_buf, dt),
-                                            es.embed_step, "set_embed_step_config(enabled=0)")
+            self.embed_step = _kernel_if_on(
+                es.embed_on(), es.embed_required(), lambda: es.check_embed_step(model.embed, self.ngram_buf, dt),
+                es.embed_step, "set_embed_step_config(enabled=1) takes it only where the model allows, 0 never")
         # open patch accumulator (fp32, like the parallel pooling)
         dl = cfg.d_local
         self.acc_num = torch.zeros(B, dl, dtype=f32, device=dev)

@@ -10,8 +10,10 @@ rounding step in bf16 / fp16, and sampled bytes may part: an A / B compares rate
 the overlapped latent step a byte step's microseconds count about three times a patch (docs/results/checks-s57.md).
 Measured (H100, bf16, batch 1, the fixed-4-byte pick, four processes alternating, default compile;
 docs/results/checks-s59.md): byte graph 0.075-0.077 against 0.077-0.079 ms, 9,806-10,018 against 9,757-9,812
-bytes/s from 1K to 32K; with inductor's autotuning 10,185-10,232. On by default (`set_embed_step_config(enabled=0)`,
-or `--kernel_config embed:enabled=0` in the benchmarks, turns it off); read when a decoder is built.
+bytes/s from 1K to 32K; with inductor's autotuning 10,185-10,232. On by default where the model allows it (at most
+MAX_SIZES n-gram sizes, weights in the decoding dtype; else the PyTorch step); `set_embed_step_config(enabled=0)`, or
+`--kernel_config embed:enabled=0` in the benchmarks, turns it off, `enabled=2` requires it; read when a decoder is
+built.
 
 The hash is LastNgramHasher.ring's: h_s = sum over the ring's slots of (byte + 1) * coef[column, s] + (x + 1) *
 coef[-1, s], each column the slot's place in time; id_s = ((h_s & (2^40 - 1)) * 2654435761 + n_s) mod buckets with
@@ -29,9 +31,10 @@ from .pdl import gdc_launch, gdc_wait, pdl_kwargs
 
 MAX_SIZES = 4  # n-gram sizes (tables) one launch takes: the models' defaults use 4 (2-5) or 2 (2-3)
 
-# enabled: 1 (the default, measured faster: checks-s59.md) = the decoder uses the kernel with the fused local step,
-# where the model allows it (else the PyTorch step, with a warning); 0 = the PyTorch step. num_warps: of the one
-# program per batch row.
+# enabled: 1 (the default, measured faster: checks-s59.md) = the decoder uses the kernel with the fused local step
+# where the model allows it (else the PyTorch step, as fused_local_step="auto" does); 2 = required: a model it cannot
+# run is refused in one line (for A / B runs that must time it); 0 = the PyTorch step. num_warps: of the one program
+# per batch row.
 _CONFIG = {"enabled": 1, "num_warps": 2}
 
 
@@ -43,6 +46,11 @@ def set_embed_step_config(**kw) -> dict:
 def embed_on() -> bool:
     """Is the fused embedding step switched on? Read when a decoder is built (generate's DecodeSession keys on it)."""
     return _CONFIG["enabled"] > 0
+
+
+def embed_required() -> bool:
+    """enabled=2: a decoder the kernel cannot run is refused rather than left to the PyTorch step."""
+    return _CONFIG["enabled"] > 1
 
 
 @triton.jit

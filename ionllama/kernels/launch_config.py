@@ -28,8 +28,8 @@ def _value_problem(kind: str, key: str, val: int) -> str | None:
     the decode-step kernels' blocks at least 16 (tl.dot's minimum); nothing negative."""
     if val < 0:
         return "the value must be >= 0"
-    if key == "enabled" and val > 1:
-        return "enabled is 0 (off) or 1 (on)"
+    if key == "enabled" and val > 2:
+        return "enabled is 0 (off), 1 (on where the model allows it) or 2 (required)"
     if "warps" in key and (val < 1 or val > 32 or val & (val - 1)):
         return "warps are a power of two from 1 to 32"
     if "block" in key:
