@@ -35,7 +35,7 @@ from ionllama.fsutil import atomic_write, ready_out_dir
 from ionllama.generation import decoder_for
 from ionllama.generation.runner import DecodeRunner, resolve_latent_policy
 from ionllama.generation.sampling import SamplingConfig
-from ionllama.kernels.launch_config import apply_kernel_config, parse_kernel_config, restore_kernel_config
+from ionllama.kernels.launch_config import kernel_config_applied, parse_kernel_config
 from ionllama.registry import build_model, model_config
 
 
@@ -486,11 +486,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded as the results' command
     check_inputs(args)
-    old = apply_kernel_config(args.kernel_config)  # an unknown key: one line before anything is written
-    try:
+    with kernel_config_applied(args.kernel_config):  # an unknown key: one line before anything is written
         _main(args)
-    finally:  # (main(argv) called in-process, as the tests do, leaves the kernels' settings as they were)
-        restore_kernel_config(old)
 
 
 def _main(args):

@@ -62,7 +62,7 @@ from ionllama.errors import UserError, check_ranges, cli_entry  # noqa: E402
 from ionllama.fsutil import atomic_write, ready_out_dir  # noqa: E402
 from ionllama.eval.benchmark import device_name, git_commit  # noqa: E402
 from ionllama.generation import runner  # noqa: E402
-from ionllama.kernels.launch_config import apply_kernel_config, restore_kernel_config  # noqa: E402
+from ionllama.kernels.launch_config import kernel_config_applied  # noqa: E402
 from ionllama.kernels.pdl import set_pdl  # noqa: E402
 
 TOP = 30  # kernels in the Markdown table
@@ -564,11 +564,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"--bytes must be >= 8, got {args.bytes}")
     # (--context 0 was a ZeroDivisionError in the entropy scan; a negative one sliced nearly the whole corpus)
     check_ranges(args, {"context": 1, "unroll": 1, "threads": 0, "recaptures": 0, "resets": 0}, ("budget_s",))
-    old = apply_kernel_config(args.kernel_config) if args.kernel_config else {}  # bad: one line, nothing written
-    try:
+    with kernel_config_applied(args.kernel_config):  # a bad item: one line, nothing written
         return _main(args, cuda)
-    finally:  # (main(argv) called in-process, as the tests do, leaves the kernels' settings as they were)
-        restore_kernel_config(old)
 
 
 def _main(args, cuda: bool) -> dict:

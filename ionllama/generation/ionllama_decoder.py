@@ -55,18 +55,18 @@ def hashed_embed_step(emb, hasher, slots: SlotWriter, ring: torch.Tensor, x: tor
     return e
 
 
-def _kernel_if_on(on: bool, required: bool, check, step, switch: str):
+def _kernel_if_on(on: bool, check, step, refusal: str | None = None):
     """step where a switchable kernel is on and can run this model, else None. On by default, a kernel that cannot
     run a model (check() raises ValueError: e.g. more n-gram sizes than it takes) leaves it to the PyTorch step, as
-    fused_local_step="auto" does; where it was required, that is a one-line UserError naming the switch."""
+    fused_local_step="auto" does; where it was required (refusal given), that is a one-line UserError."""
     if not on:
         return None
     try:
         check()
     except ValueError as e:
-        if required:
+        if refusal is not None:
             from ..errors import UserError
-            raise UserError(f"{e}; {switch}") from None
+            raise UserError(f"{e}; {refusal}") from None
         return None
     return step
 
@@ -149,13 +149,14 @@ class IonLlamaDecoder(IncrementalDecoder):
         if self.fused_local_step:
             from ..kernels import lnn_step_triton as ls
             # head_block_n > 0: where the model allows it (no required setting)
-            self.head_step = _kernel_if_on(ls.head_on(), False, lambda: ls.check_byte_head(model.norm, model.head, dt),
-                                           ls.byte_head_step, "")
+            self.head_step = _kernel_if_on(ls.head_on(), lambda: ls.check_byte_head(model.norm, model.head, dt),
+                                           ls.byte_head_step)
         if self.fused_local_step and self.ngram_ctx:
             from ..kernels import embed_step_triton as es
             self.embed_step = _kernel_if_on(
-                es.embed_on(), es.embed_required(), lambda: es.check_embed_step(model.embed, self.ngram_buf, dt),
-                es.embed_step, "set_embed_step_config(enabled=1) takes it only where the model allows, 0 never")
+                es.embed_on(), lambda: es.check_embed_step(model.embed, self.ngram_buf, dt), es.embed_step,
+                "set_embed_step_config(enabled=1) takes it only where the model allows, 0 never"
+                if es.embed_required() else None)
         # open patch accumulator (fp32, like the parallel pooling)
         dl = cfg.d_local
         self.acc_num = torch.zeros(B, dl, dtype=f32, device=dev)

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .launch_config import update_config
-from .lnn_step_triton import _cast, _round
+from .lnn_step_triton import SUPPORTED_DTYPES, _cast, _round
 from .pdl import gdc_launch, gdc_wait, pdl_kwargs
 
 MAX_SIZES = 4  # n-gram sizes (tables) one launch takes: the models' defaults use 4 (2-5) or 2 (2-3)
@@ -141,8 +141,6 @@ def embed_step_op(x: torch.Tensor, t: torch.Tensor, ring: torch.Tensor, coef: to
 def _(x, t, ring, coef, ns, bytes_w, tables, buckets, nodigit):
     return bytes_w.new_empty((x.shape[0], bytes_w.shape[1]))
 
-
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_embed_step(emb, ring: torch.Tensor, dtype: torch.dtype) -> None:

@@ -1,6 +1,8 @@
 """Launch configurations of the Triton kernels: one dict per kernel module, changed by benchmarks' sweeps."""
 from __future__ import annotations
 
+import contextlib
+
 
 def update_config(config: dict, kind: str, kw: dict, cast=None) -> dict:
     """Set keys of `config` (each must exist; `cast` converts values); returns the previous configuration."""
@@ -99,3 +101,14 @@ def restore_kernel_config(old: dict) -> None:
     for kind, prev in old.items():
         module, setter = KERNEL_CONFIGS[kind]
         getattr(importlib.import_module(f"ionllama.kernels.{module}"), setter)(**prev)
+
+
+@contextlib.contextmanager
+def kernel_config_applied(items):
+    """apply_kernel_config(items) for the block, restored after it (a benchmark's main(argv), called in-process as
+    the tests do, leaves the kernels' settings as they were). A bad item: one UserError before the block runs."""
+    old = apply_kernel_config(items)
+    try:
+        yield
+    finally:
+        restore_kernel_config(old)
