@@ -272,8 +272,8 @@ def graph_timing(run, xs, rep, floor_ms=None) -> dict:
 
 def sweep(sizes, B, H, Dh, rep=30, local_width=3):
     """Greedy launch-config search: forward tiles, then dk/dv tiles, then dq tiles, then ds storage (over
-    --local-width's offsets, those the rows time)."""
-    tiles = [(bm, nw, pf) for pf in (False, True) for bm, nw in ((32, 2), (32, 4), (64, 4), (64, 8))]
+    --local-width's offsets, those the rows time). A tile's third entry is its prefetch mode (set_attention_config)."""
+    tiles = [(bm, nw, pf) for pf in (False, True, 2, 3) for bm, nw in ((32, 2), (32, 4), (64, 4), (64, 8))]
     data = {}
     for N in sizes:
         xs, do = make_inputs(B, H, N, Dh, seed=1)
@@ -321,6 +321,16 @@ def sweep(sizes, B, H, Dh, rep=30, local_width=3):
     return best, log
 
 
+def prefetch_modes(text: str) -> list[int]:
+    """--variants '1,3' -> [1, 3]; one line naming the first value that is not a prefetch mode (0-8)."""
+    out = []
+    for item in (t for t in text.split(",") if t):
+        if not item.isdigit() or int(item) > 8:
+            raise UserError(f"--variants '{item}': a prefetch mode is 0 (none), 1 (by hand) or a stage count 2-8")
+        out.append(int(item))
+    return out
+
+
 def git_commit() -> str:
     """The checkout's commit; BENCH_COMMIT overrides it (the GPU machine gets a copy without .git)."""
     import os
@@ -357,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default=None, help="comma list of N: host overhead and per-kernel device times")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cpu: dry run of this script under TRITON_INTERPRET=1")
+    p.add_argument("--variants", default="", help="comma list of prefetch modes (0 none, 1 by hand, n >= 2: Triton's "
+                   "pipelining with n stages) timed as extra methods triton_pfN beside the default config")
     p.add_argument("--graph_timing", action="store_true",
                    help="also time every method replayed from a CUDA graph (no host overhead; second table)")
     return p
@@ -369,6 +381,7 @@ def main(argv=None) -> int:
     if not 16 <= a.head_dim <= 128:  # the dispatcher sends other widths to the reference, timed as "triton"
         raise UserError(f"--head-dim {a.head_dim}: the Triton kernel takes head dims 16 to 128; pass one of those")
     int_list("sizes", a.sizes)
+    variants = prefetch_modes(a.variants)
     for flag, text in (("flex-sizes", a.flex_sizes), ("sweep", a.sweep), ("profile", a.profile)):
         if text:
             int_list(flag, text, allow_empty=flag == "flex-sizes")
@@ -433,6 +446,15 @@ def main(argv=None) -> int:
             row["methods"]["triton"] = measure("triton", fwd_bwd(lambda q, k, v: dilated_attention(q, k, v, offsets),
                                                                   xs, do), xs, nb, copy_bw, a.rep)
         row["methods"]["triton"] = route.check(row["methods"]["triton"])
+        for pf in variants:  # the same kernels with another prefetch mode for all three loops, in this process
+            old_cfg = dat.set_attention_config(**{k: tuple(dat._CONFIG[k][:2]) + (pf,) for k in ("fwd", "dkdv", "dq")})
+            try:
+                with KernelRoute(DEVICE, dat, "attention_forward") as route:
+                    r = measure(f"triton_pf{pf}", fwd_bwd(lambda q, k, v: dilated_attention(q, k, v, offsets), xs, do),
+                                xs, nb, copy_bw, a.rep)
+                row["methods"][f"triton_pf{pf}"] = route.check(r)
+            finally:
+                dat.set_attention_config(**old_cfg)
         if N <= a.sdpa_max:
             row["methods"]["sdpa"] = measure(
                 "sdpa", fwd_bwd(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), xs, do),

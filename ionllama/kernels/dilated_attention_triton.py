@@ -66,13 +66,15 @@ def _shifted_qdo(q_base, do_base, LSE, DELTA, OFFS, kk, SEG, seg_k, b, bh, N, ke
 
 
 @triton.jit
-def _shifted_k_ds(k_base, DS, OFFS, kk, bh, n_offs, N, rows, row_ok, cols, col_ok, skn):
-    """ds[i, kk] and K rows i - o (skipped where ds == 0: masked pairs need no row)."""
+def _shifted_k_ds(k_base, DS, OFFS, kk, bh, n_offs, N, rows, row_ok, cols, col_ok, skn, SKIP_ZERO: tl.constexpr):
+    """ds[i, kk] and K rows i - o. SKIP_ZERO: no K row where ds == 0 (masked pairs need none); off when pipelined, as
+    a load masked by another load's value is not pipelined (a masked pair's ds is 0: its K row adds nothing)."""
     o = tl.load(OFFS + kk)
     krow = rows - o
     ok = row_ok & (krow >= 0)
     ds = tl.load(DS + (bh * n_offs + kk) * N + rows, mask=ok, other=0.0)
-    ok = ok & (ds != 0.0)
+    if SKIP_ZERO:
+        ok = ok & (ds != 0.0)
     k = tl.load(k_base + krow[:, None] * skn + cols[None, :], mask=ok[:, None] & col_ok[None, :], other=0.0)
     return ds, k
 
@@ -81,8 +83,8 @@ def _shifted_k_ds(k_base, DS, OFFS, kk, bh, n_offs, N, rows, row_ok, cols, col_o
 def _fwd(Q, K, V, O, O32, LSE, OFFS, SEG,
          sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
          H, N, n_offs, scale_log2,
-         HAS_SEG: tl.constexpr, STORE_O32: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr,
-         BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+         HAS_SEG: tl.constexpr, STORE_O32: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr,
+         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)  # 64-bit base offsets: B * H * N * Dh may pass 2^31
@@ -106,7 +108,7 @@ def _fwd(Q, K, V, O, O32, LSE, OFFS, SEG,
     if PREFETCH:
         k_n, v_n, ok_n = _shifted_kv(k_base, v_base, OFFS, 0, SEG, seg_q, b, N, rows, row_ok, cols, col_ok,
                                      skn, svn, HAS_SEG)
-    for kk in range(0, n_offs):
+    for kk in tl.range(0, n_offs, num_stages=STAGES):  # STAGES > 1: Triton's cp.async pipelining
         if PREFETCH:  # issue the next offset's loads before this offset's math (OFFS ends in a sentinel)
             k, v, ok = k_n, v_n, ok_n
             k_n, v_n, ok_n = _shifted_kv(k_base, v_base, OFFS, kk + 1, SEG, seg_q, b, N, rows, row_ok, cols,
@@ -152,8 +154,8 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DS, DK, DV, OFFS, SEG,
               sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
               sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
               H, N, n_offs, scale, scale_log2,
-              HAS_SEG: tl.constexpr, STORE_DS: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+              HAS_SEG: tl.constexpr, STORE_DS: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -177,7 +179,7 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DS, DK, DV, OFFS, SEG,
         q_n, do_n, lse_n, de_n, ok_n, inr_n, qrow_n = _shifted_qdo(q_base, do_base, LSE, DELTA, OFFS, 0, SEG, seg_k, b,
                                                                    bh, N, keys, key_ok, cols, col_ok, sqn, sdn,
                                                                    HAS_SEG)
-    for kk in range(0, n_offs):
+    for kk in tl.range(0, n_offs, num_stages=STAGES):  # STAGES > 1: Triton's cp.async pipelining
         if PREFETCH:
             q, do, lse, delta, ok, in_range, qrow = q_n, do_n, lse_n, de_n, ok_n, inr_n, qrow_n
             q_n, do_n, lse_n, de_n, ok_n, inr_n, qrow_n = _shifted_qdo(q_base, do_base, LSE, DELTA, OFFS, kk + 1, SEG,
@@ -205,7 +207,8 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DS, DK, DV, OFFS, SEG,
 
 @triton.jit
 def _bwd_dq(K, DS, DQ, OFFS, skb, skh, skn, sdqb, sdqh, sdqn, H, N, n_offs, scale,
-            PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+            PREFETCH: tl.constexpr, STAGES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+            HEAD_DIM: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -217,13 +220,14 @@ def _bwd_dq(K, DS, DQ, OFFS, skb, skh, skn, sdqb, sdqh, sdqn, H, N, n_offs, scal
     k_base = K + b * skb + h * skh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if PREFETCH:
-        ds_n, k_n = _shifted_k_ds(k_base, DS, OFFS, 0, bh, n_offs, N, rows, row_ok, cols, col_ok, skn)
-    for kk in range(0, n_offs):
+        ds_n, k_n = _shifted_k_ds(k_base, DS, OFFS, 0, bh, n_offs, N, rows, row_ok, cols, col_ok, skn, STAGES == 1)
+    for kk in tl.range(0, n_offs, num_stages=STAGES):  # STAGES > 1: Triton's cp.async pipelining
         if PREFETCH:
             ds, k = ds_n, k_n
-            ds_n, k_n = _shifted_k_ds(k_base, DS, OFFS, kk + 1, bh, n_offs, N, rows, row_ok, cols, col_ok, skn)
+            ds_n, k_n = _shifted_k_ds(k_base, DS, OFFS, kk + 1, bh, n_offs, N, rows, row_ok, cols, col_ok, skn,
+                                         STAGES == 1)
         else:
-            ds, k = _shifted_k_ds(k_base, DS, OFFS, kk, bh, n_offs, N, rows, row_ok, cols, col_ok, skn)
+            ds, k = _shifted_k_ds(k_base, DS, OFFS, kk, bh, n_offs, N, rows, row_ok, cols, col_ok, skn, STAGES == 1)
         dq += ds[:, None] * k.to(tl.float32)
     tl.store(DQ + b * sdqb + h * sdqh + rows[:, None] * sdqn + cols[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
@@ -233,7 +237,8 @@ def _bwd_dq(K, DS, DQ, OFFS, skb, skh, skn, sdqb, sdqh, sdqn, H, N, n_offs, scal
 def _bwd_dq_recompute(Q, K, V, DO, LSE, DELTA, DQ, OFFS, SEG,
                       sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sdqb, sdqh, sdqn,
                       H, N, n_offs, scale, scale_log2,
-                      HAS_SEG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+                      HAS_SEG: tl.constexpr, STAGES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                      HEAD_DIM: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)  # 64-bit base offsets: B * H * N * Dh may pass 2^31
@@ -252,7 +257,7 @@ def _bwd_dq_recompute(Q, K, V, DO, LSE, DELTA, DQ, OFFS, SEG,
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for kk in range(0, n_offs):
+    for kk in tl.range(0, n_offs, num_stages=STAGES):
         o = tl.load(OFFS + kk)
         krow = rows - o
         ok = row_ok & (krow >= 0)
@@ -276,10 +281,23 @@ _CONFIG = {"fwd": (32, 4, True), "dkdv": (32, 4, True), "dq": (32, 4, True), "de
 
 
 def set_attention_config(**kw) -> dict:
-    """Set launch configs: fwd/dkdv/dq = (rows per program, num_warps, prefetch: issue the next offset's
-    loads before the current offset's math); delta = (rows, num_warps); store_ds: bool.
-    Returns the previous configuration."""
+    """Set launch configs: fwd/dkdv/dq = (rows per program, num_warps, prefetch); delta = (rows, num_warps);
+    store_ds: bool. prefetch: 0 (False) none; 1 (True) the next offset's loads issued by hand before the current
+    offset's math (in registers); n >= 2: Triton's software pipelining of the offset loop with n stages (asynchronous
+    copies into shared memory, n - 1 offsets ahead). Returns the previous configuration."""
+    for key in ("fwd", "dkdv", "dq"):
+        if key in kw:
+            _prefetch_mode(kw[key][2], key)
     return update_config(_CONFIG, "attention", kw)
+
+
+def _prefetch_mode(pf, key: str = "") -> tuple[bool, int]:
+    """A config's prefetch value as the kernels' (PREFETCH, STAGES) constexprs."""
+    if isinstance(pf, bool) or pf in (0, 1):
+        return bool(pf), 1
+    if isinstance(pf, int) and 2 <= pf <= 8:
+        return False, pf
+    raise ValueError(f"attention config {key}: prefetch is 0 / False, 1 / True or a stage count 2-8 (got {pf!r})")
 
 
 def _block_d(Dh: int) -> int:
@@ -320,11 +338,12 @@ def attention_forward(q, k, v, offs, seg, scale, o32=None):
     o = torch.empty((B, H, N, Dh), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     bm, nw, pf = _CONFIG["fwd"]
+    pf, stages = _prefetch_mode(pf)
     grid = (triton.cdiv(N, bm), B * H)
     _fwd[grid](q, k, v, o, o32 if o32 is not None else o, lse, offs, seg if seg is not None else offs,
                *_s(q), *_s(k), *_s(v), *_s(o), H, N, offs.numel() - 1, scale * LOG2E,
-               HAS_SEG=seg is not None, STORE_O32=o32 is not None, PREFETCH=pf, BLOCK_M=bm, BLOCK_D=_block_d(Dh),
-               HEAD_DIM=Dh, num_warps=nw)
+               HAS_SEG=seg is not None, STORE_O32=o32 is not None, PREFETCH=pf, STAGES=stages, BLOCK_M=bm,
+               BLOCK_D=_block_d(Dh), HEAD_DIM=Dh, num_warps=nw)
     return o, lse
 
 
@@ -354,19 +373,23 @@ def attention_backward(do, q, k, v, o, lse, offs, seg, scale, store_ds=None, dls
     dv = torch.empty((B, H, N, Dh), dtype=v.dtype, device=q.device)
     ds = torch.empty((B * H, K_, N) if store_ds else (1,), dtype=torch.float32, device=q.device)
     bn, nw, pf = _CONFIG["dkdv"]
+    pf, stages = _prefetch_mode(pf)
     _bwd_dkdv[(triton.cdiv(N, bn), B * H)](
         q, k, v, do, lse, delta, ds, dk, dv, offs, seg_arg,
         *_s(q), *_s(k), *_s(v), *_s(do), *_s(dk), *_s(dv), H, N, K_, scale, scale * LOG2E,
-        HAS_SEG=seg is not None, STORE_DS=store_ds, PREFETCH=pf, BLOCK_N=bn, BLOCK_D=BD, HEAD_DIM=Dh, num_warps=nw)
+        HAS_SEG=seg is not None, STORE_DS=store_ds, PREFETCH=pf, STAGES=stages, BLOCK_N=bn, BLOCK_D=BD, HEAD_DIM=Dh,
+        num_warps=nw)
     bm, nw, pf = _CONFIG["dq"]
+    pf, stages = _prefetch_mode(pf)
     grid = (triton.cdiv(N, bm), B * H)
     if store_ds:
-        _bwd_dq[grid](k, ds, dq, offs, *_s(k), *_s(dq), H, N, K_, scale, PREFETCH=pf,
+        _bwd_dq[grid](k, ds, dq, offs, *_s(k), *_s(dq), H, N, K_, scale, PREFETCH=pf, STAGES=stages,
                       BLOCK_M=bm, BLOCK_D=BD, HEAD_DIM=Dh, num_warps=nw)
     else:
         _bwd_dq_recompute[grid](q, k, v, do, lse, delta, dq, offs, seg_arg,
                                 *_s(q), *_s(k), *_s(v), *_s(do), *_s(dq), H, N, K_, scale, scale * LOG2E,
-                                HAS_SEG=seg is not None, BLOCK_M=bm, BLOCK_D=BD, HEAD_DIM=Dh, num_warps=nw)
+                                HAS_SEG=seg is not None, STAGES=stages, BLOCK_M=bm, BLOCK_D=BD, HEAD_DIM=Dh,
+                                num_warps=nw)
     return dq, dk, dv
 
 
