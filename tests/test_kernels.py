@@ -706,74 +706,21 @@ def test_conv_gate_bwd_gate_compiles_for_hopper():
     assert_compiles_for_hopper(_CONV_GATE_COMPILE_SCRIPT)
 
 
-_ATTENTION_PIPELINE_SCRIPT = """
-import re
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import triton
-from ionllama.kernels import dilated_attention_triton as dat
-
-def ptx(kernel, const):
-    sig, attrs = {}, {}
-    for i, n in enumerate(kernel.arg_names):  # pointers and strides 16-divisible, as a launch specialises them
-        if n in const:
-            sig[n] = "constexpr"
-            continue
-        sig[n] = ("*bf16" if n in ("Q", "K", "V", "DO", "DK", "DV", "O", "DQ") else
-                  "*fp32" if n in ("LSE", "DELTA", "DS", "O32") else "*i32" if n in ("OFFS", "SEG") else
-                  "fp32" if n.startswith("scale") else "i32")
-        if sig[n].startswith("*") or (sig[n] == "i32" and n.startswith("s")):
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    try:
-        c = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const, attrs=attrs),
-                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
-    except RuntimeError as e:
-        if "ptxas" in str(e).lower():
-            print("SKIP", str(e)[:300])
-            raise SystemExit(0)
-        raise
-    return c.asm["ptx"]
-
-tile = dict(BLOCK_D=64, HEAD_DIM=64)
-for seg in (False, True):
-    kernels = [(dat._fwd, dict(tile, BLOCK_M=32, HAS_SEG=seg, STORE_O32=True)),
-               (dat._bwd_dkdv, dict(tile, BLOCK_N=32, HAS_SEG=seg, STORE_DS=True)),
-               (dat._bwd_dq_recompute, dict(tile, BLOCK_M=32, HAS_SEG=seg))]
-    if not seg:
-        kernels.append((dat._bwd_dq, dict(tile, BLOCK_M=32)))
-    for kernel, const in kernels:
-        by_hand = dict(PREFETCH=True) if "PREFETCH" in kernel.arg_names else {}
-        for stages, want in ((1, False), (3, True)):
-            n_async = len(re.findall(r"cp\\.async", ptx(kernel, dict(const, **by_hand, STAGES=stages))))
-            assert (n_async > 0) == want, (kernel.__name__, seg, stages, n_async)
-print("OK")
-"""
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-def test_attention_kernels_pipeline_their_offset_loop_for_hopper():
-    """Prefetch mode n >= 2 (set_attention_config) is Triton's software pipelining of the offset loop: compiled for
-    sm_90 (no GPU needed), every attention kernel's shifted-row loads become asynchronous copies (cp.async) at 3
-    stages, with and without segment ids (dq: a K row load masked by the loaded ds would not be pipelined), and stay
-    plain loads at 1 stage (the default's code)."""
-    assert_compiles_for_hopper(_ATTENTION_PIPELINE_SCRIPT)
-
-
-def test_attention_prefetch_modes():
-    """prefetch 0 / False and 1 / True are the by-hand modes (one stage); 2-8 are pipeline stages; else refused
-    before anything is set."""
+def test_attention_prefetch_depths():
+    """prefetch 0 / False, 1 / True or 2 (offsets loaded ahead); anything else refused before anything is set. The
+    offset table ends in a sentinel per offset a prefetch can reach past the last one."""
     from ionllama.kernels import dilated_attention_triton as dat
-    assert [dat._prefetch_mode(p) for p in (False, True, 0, 1, 2, 4)] == [
-        (False, 1), (True, 1), (False, 1), (True, 1), (False, 2), (False, 4)]
+    assert [dat._prefetch_depth(p) for p in (False, True, 0, 1, 2)] == [0, 1, 0, 1, 2]
+    offs = dat._prep_offsets([0, 1, 2, 4, 8], 6, "cpu")
+    assert offs.tolist() == [0, 1, 2, 4] + [dat._SENTINEL] * 2 and dat._N_SENTINELS == 2
     before = dict(dat._CONFIG)
-    for bad in (9, -1, 2.5):
+    for bad in (3, -1, 1.0, 2.5):
         with pytest.raises(ValueError, match="prefetch"):
             dat.set_attention_config(fwd=(32, 4, True), dkdv=(32, 4, bad))
         assert dat._CONFIG == before
-    old = dat.set_attention_config(dq=(32, 4, 3))
+    old = dat.set_attention_config(dq=(32, 4, 2))
     try:
-        assert dat._CONFIG["dq"] == (32, 4, 3) and old == before
+        assert dat._CONFIG["dq"] == (32, 4, 2) and old == before
     finally:
         dat.set_attention_config(**old)
 
@@ -875,7 +822,7 @@ def test_kernel_benchmarks_dry_run_with_graph_timing(tmp_path):
     procs = [subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=kernel_env(), cwd=ROOT) for argv in (
         ["benchmarks/bench_attention.py", "--device", "cpu", "--out", str(att), "--sizes", "32", "--heads", "1",
-         "--head-dim", "16", "--no-flex", "--rep", "1", "--graph_timing", "--variants", "3"],
+         "--head-dim", "16", "--no-flex", "--rep", "1", "--graph_timing", "--variants", "2"],
         ["benchmarks/bench_scan.py", "--device", "cpu", "--out", str(scan), "--lengths", "64", "--shapes", "1x32",
          "--dtypes", "bf16", "--rep", "1", "--graph_timing"])]
     for proc in procs:
@@ -890,7 +837,7 @@ def test_kernel_benchmarks_dry_run_with_graph_timing(tmp_path):
     assert ref["status"] == "ok" and "graph_status" not in ref  # the oracle is timed eagerly only
     # the "triton" rows time the kernel (its launcher ran), not the reference the CPU dispatcher would pick
     assert rows[0]["methods"]["triton"]["kernel_calls"] > 0
-    variant = rows[0]["methods"]["triton_pf3"]  # --variants 3: the pipelined kernels, timed in the same process
+    variant = rows[0]["methods"]["triton_pf2"]  # --variants 2: two offsets ahead, timed in the same process
     assert variant["status"] == "ok" and variant["kernel_calls"] > 0 and variant["ms_graph"] > 0
     (row,) = json.loads(scan.read_text())["rows"]
     assert row["triton"]["kernel_calls"] > 0

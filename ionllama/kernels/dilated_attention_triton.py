@@ -66,15 +66,13 @@ def _shifted_qdo(q_base, do_base, LSE, DELTA, OFFS, kk, SEG, seg_k, b, bh, N, ke
 
 
 @triton.jit
-def _shifted_k_ds(k_base, DS, OFFS, kk, bh, n_offs, N, rows, row_ok, cols, col_ok, skn, SKIP_ZERO: tl.constexpr):
-    """ds[i, kk] and K rows i - o. SKIP_ZERO: no K row where ds == 0 (masked pairs need none); off when pipelined, as
-    a load masked by another load's value is not pipelined (a masked pair's ds is 0: its K row adds nothing)."""
+def _shifted_k_ds(k_base, DS, OFFS, kk, bh, n_offs, N, rows, row_ok, cols, col_ok, skn):
+    """ds[i, kk] and K rows i - o (skipped where ds == 0: masked pairs need no row)."""
     o = tl.load(OFFS + kk)
     krow = rows - o
     ok = row_ok & (krow >= 0)
     ds = tl.load(DS + (bh * n_offs + kk) * N + rows, mask=ok, other=0.0)
-    if SKIP_ZERO:
-        ok = ok & (ds != 0.0)
+    ok = ok & (ds != 0.0)
     k = tl.load(k_base + krow[:, None] * skn + cols[None, :], mask=ok[:, None] & col_ok[None, :], other=0.0)
     return ds, k
 
@@ -83,8 +81,8 @@ def _shifted_k_ds(k_base, DS, OFFS, kk, bh, n_offs, N, rows, row_ok, cols, col_o
 def _fwd(Q, K, V, O, O32, LSE, OFFS, SEG,
          sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
          H, N, n_offs, scale_log2,
-         HAS_SEG: tl.constexpr, STORE_O32: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr,
-         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+         HAS_SEG: tl.constexpr, STORE_O32: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr,
+         BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)  # 64-bit base offsets: B * H * N * Dh may pass 2^31
@@ -105,11 +103,19 @@ def _fwd(Q, K, V, O, O32, LSE, OFFS, SEG,
     m = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if PREFETCH:
+    if PREFETCH >= 1:
         k_n, v_n, ok_n = _shifted_kv(k_base, v_base, OFFS, 0, SEG, seg_q, b, N, rows, row_ok, cols, col_ok,
                                      skn, svn, HAS_SEG)
-    for kk in tl.range(0, n_offs, num_stages=STAGES):  # STAGES > 1: Triton's cp.async pipelining
-        if PREFETCH:  # issue the next offset's loads before this offset's math (OFFS ends in a sentinel)
+    if PREFETCH == 2:
+        k_n2, v_n2, ok_n2 = _shifted_kv(k_base, v_base, OFFS, 1, SEG, seg_q, b, N, rows, row_ok, cols, col_ok,
+                                        skn, svn, HAS_SEG)
+    for kk in range(0, n_offs):
+        if PREFETCH == 2:  # two offsets' loads in flight during this offset's math (OFFS ends in two sentinels)
+            k, v, ok = k_n, v_n, ok_n
+            k_n, v_n, ok_n = k_n2, v_n2, ok_n2
+            k_n2, v_n2, ok_n2 = _shifted_kv(k_base, v_base, OFFS, kk + 2, SEG, seg_q, b, N, rows, row_ok, cols,
+                                            col_ok, skn, svn, HAS_SEG)
+        elif PREFETCH == 1:  # issue the next offset's loads before this offset's math
             k, v, ok = k_n, v_n, ok_n
             k_n, v_n, ok_n = _shifted_kv(k_base, v_base, OFFS, kk + 1, SEG, seg_q, b, N, rows, row_ok, cols,
                                          col_ok, skn, svn, HAS_SEG)
@@ -154,8 +160,8 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DS, DK, DV, OFFS, SEG,
               sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
               sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
               H, N, n_offs, scale, scale_log2,
-              HAS_SEG: tl.constexpr, STORE_DS: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+              HAS_SEG: tl.constexpr, STORE_DS: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -175,12 +181,22 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DS, DK, DV, OFFS, SEG,
     do_base = DO + b * sdb + h * sdh
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    if PREFETCH:
+    if PREFETCH >= 1:
         q_n, do_n, lse_n, de_n, ok_n, inr_n, qrow_n = _shifted_qdo(q_base, do_base, LSE, DELTA, OFFS, 0, SEG, seg_k, b,
                                                                    bh, N, keys, key_ok, cols, col_ok, sqn, sdn,
                                                                    HAS_SEG)
-    for kk in tl.range(0, n_offs, num_stages=STAGES):  # STAGES > 1: Triton's cp.async pipelining
-        if PREFETCH:
+    if PREFETCH == 2:
+        q_2, do_2, lse_2, de_2, ok_2, inr_2, qrow_2 = _shifted_qdo(q_base, do_base, LSE, DELTA, OFFS, 1, SEG, seg_k, b,
+                                                                   bh, N, keys, key_ok, cols, col_ok, sqn, sdn,
+                                                                   HAS_SEG)
+    for kk in range(0, n_offs):
+        if PREFETCH == 2:
+            q, do, lse, delta, ok, in_range, qrow = q_n, do_n, lse_n, de_n, ok_n, inr_n, qrow_n
+            q_n, do_n, lse_n, de_n, ok_n, inr_n, qrow_n = q_2, do_2, lse_2, de_2, ok_2, inr_2, qrow_2
+            q_2, do_2, lse_2, de_2, ok_2, inr_2, qrow_2 = _shifted_qdo(q_base, do_base, LSE, DELTA, OFFS, kk + 2, SEG,
+                                                                       seg_k, b, bh, N, keys, key_ok, cols, col_ok,
+                                                                       sqn, sdn, HAS_SEG)
+        elif PREFETCH == 1:
             q, do, lse, delta, ok, in_range, qrow = q_n, do_n, lse_n, de_n, ok_n, inr_n, qrow_n
             q_n, do_n, lse_n, de_n, ok_n, inr_n, qrow_n = _shifted_qdo(q_base, do_base, LSE, DELTA, OFFS, kk + 1, SEG,
                                                                        seg_k, b, bh, N, keys, key_ok, cols, col_ok,
@@ -207,8 +223,7 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DS, DK, DV, OFFS, SEG,
 
 @triton.jit
 def _bwd_dq(K, DS, DQ, OFFS, skb, skh, skn, sdqb, sdqh, sdqn, H, N, n_offs, scale,
-            PREFETCH: tl.constexpr, STAGES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-            HEAD_DIM: tl.constexpr):
+            PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -219,15 +234,20 @@ def _bwd_dq(K, DS, DQ, OFFS, skb, skh, skn, sdqb, sdqh, sdqn, H, N, n_offs, scal
     col_ok = cols < HEAD_DIM
     k_base = K + b * skb + h * skh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if PREFETCH:
-        ds_n, k_n = _shifted_k_ds(k_base, DS, OFFS, 0, bh, n_offs, N, rows, row_ok, cols, col_ok, skn, STAGES == 1)
-    for kk in tl.range(0, n_offs, num_stages=STAGES):  # STAGES > 1: Triton's cp.async pipelining
-        if PREFETCH:
+    if PREFETCH >= 1:
+        ds_n, k_n = _shifted_k_ds(k_base, DS, OFFS, 0, bh, n_offs, N, rows, row_ok, cols, col_ok, skn)
+    if PREFETCH == 2:
+        ds_2, k_2 = _shifted_k_ds(k_base, DS, OFFS, 1, bh, n_offs, N, rows, row_ok, cols, col_ok, skn)
+    for kk in range(0, n_offs):
+        if PREFETCH == 2:
             ds, k = ds_n, k_n
-            ds_n, k_n = _shifted_k_ds(k_base, DS, OFFS, kk + 1, bh, n_offs, N, rows, row_ok, cols, col_ok, skn,
-                                         STAGES == 1)
+            ds_n, k_n = ds_2, k_2
+            ds_2, k_2 = _shifted_k_ds(k_base, DS, OFFS, kk + 2, bh, n_offs, N, rows, row_ok, cols, col_ok, skn)
+        elif PREFETCH == 1:
+            ds, k = ds_n, k_n
+            ds_n, k_n = _shifted_k_ds(k_base, DS, OFFS, kk + 1, bh, n_offs, N, rows, row_ok, cols, col_ok, skn)
         else:
-            ds, k = _shifted_k_ds(k_base, DS, OFFS, kk, bh, n_offs, N, rows, row_ok, cols, col_ok, skn, STAGES == 1)
+            ds, k = _shifted_k_ds(k_base, DS, OFFS, kk, bh, n_offs, N, rows, row_ok, cols, col_ok, skn)
         dq += ds[:, None] * k.to(tl.float32)
     tl.store(DQ + b * sdqb + h * sdqh + rows[:, None] * sdqn + cols[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
@@ -237,8 +257,7 @@ def _bwd_dq(K, DS, DQ, OFFS, skb, skh, skn, sdqb, sdqh, sdqn, H, N, n_offs, scal
 def _bwd_dq_recompute(Q, K, V, DO, LSE, DELTA, DQ, OFFS, SEG,
                       sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sdqb, sdqh, sdqn,
                       H, N, n_offs, scale, scale_log2,
-                      HAS_SEG: tl.constexpr, STAGES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                      HEAD_DIM: tl.constexpr):
+                      HAS_SEG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)  # 64-bit base offsets: B * H * N * Dh may pass 2^31
@@ -257,7 +276,7 @@ def _bwd_dq_recompute(Q, K, V, DO, LSE, DELTA, DQ, OFFS, SEG,
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for kk in tl.range(0, n_offs, num_stages=STAGES):
+    for kk in range(0, n_offs):
         o = tl.load(OFFS + kk)
         krow = rows - o
         ok = row_ok & (krow >= 0)
@@ -282,22 +301,19 @@ _CONFIG = {"fwd": (32, 4, True), "dkdv": (32, 4, True), "dq": (32, 4, True), "de
 
 def set_attention_config(**kw) -> dict:
     """Set launch configs: fwd/dkdv/dq = (rows per program, num_warps, prefetch); delta = (rows, num_warps);
-    store_ds: bool. prefetch: 0 (False) none; 1 (True) the next offset's loads issued by hand before the current
-    offset's math (in registers); n >= 2: Triton's software pipelining of the offset loop with n stages (asynchronous
-    copies into shared memory, n - 1 offsets ahead). Returns the previous configuration."""
+    store_ds: bool. prefetch: how many offsets ahead the shifted rows are loaded before the current offset's math,
+    in registers: 0 (False), 1 (True) or 2. Returns the previous configuration."""
     for key in ("fwd", "dkdv", "dq"):
         if key in kw:
-            _prefetch_mode(kw[key][2], key)
+            _prefetch_depth(kw[key][2], key)
     return update_config(_CONFIG, "attention", kw)
 
 
-def _prefetch_mode(pf, key: str = "") -> tuple[bool, int]:
-    """A config's prefetch value as the kernels' (PREFETCH, STAGES) constexprs."""
-    if isinstance(pf, bool) or pf in (0, 1):
-        return bool(pf), 1
-    if isinstance(pf, int) and 2 <= pf <= 8:
-        return False, pf
-    raise ValueError(f"attention config {key}: prefetch is 0 / False, 1 / True or a stage count 2-8 (got {pf!r})")
+def _prefetch_depth(pf, key: str = "") -> int:
+    """A config's prefetch value as the kernels' PREFETCH constexpr (0, 1 or 2)."""
+    if pf in (0, 1, 2) and not isinstance(pf, float):
+        return int(pf)
+    raise ValueError(f"attention config {key}: prefetch is 0 / False, 1 / True or 2 offsets ahead (got {pf!r})")
 
 
 def _block_d(Dh: int) -> int:
@@ -312,7 +328,8 @@ def _lastdim_contig(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-_SENTINEL = 1 << 30  # an offset past every row: the prefetch of "offset K" loads nothing
+_SENTINEL = 1 << 30  # an offset past every row: the prefetch of "offset K" (and K + 1) loads nothing
+_N_SENTINELS = 2  # prefetch reaches up to two offsets ahead
 _OFFS_HOST: dict = {}  # offsets -> pinned host int32 tensor; never cleared (one per distinct N, a captured
                       # CUDA graph re-reads its host tensor at every replay)
 
@@ -322,7 +339,7 @@ def _prep_offsets(offsets, N: int, device) -> torch.Tensor:
     tensor: an asynchronous copy, so the host does not wait. No device tensor is cached across calls: under
     `torch.compile(mode="reduce-overhead")` a cached one was allocated in the CUDA-graph pool during warm-up
     and replay failed with "1 tensor(s) in the cudagraph pool not tracked as outputs" (train-profile.md)."""
-    offs = tuple(int(o) for o in offsets if int(o) < N) + (_SENTINEL,)
+    offs = tuple(int(o) for o in offsets if int(o) < N) + (_SENTINEL,) * _N_SENTINELS
     device = torch.device(device)
     if device.type != "cuda":  # the Triton interpreter on CPU
         return torch.tensor(offs, dtype=torch.int32, device=device)
@@ -338,11 +355,10 @@ def attention_forward(q, k, v, offs, seg, scale, o32=None):
     o = torch.empty((B, H, N, Dh), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     bm, nw, pf = _CONFIG["fwd"]
-    pf, stages = _prefetch_mode(pf)
     grid = (triton.cdiv(N, bm), B * H)
     _fwd[grid](q, k, v, o, o32 if o32 is not None else o, lse, offs, seg if seg is not None else offs,
-               *_s(q), *_s(k), *_s(v), *_s(o), H, N, offs.numel() - 1, scale * LOG2E,
-               HAS_SEG=seg is not None, STORE_O32=o32 is not None, PREFETCH=pf, STAGES=stages, BLOCK_M=bm,
+               *_s(q), *_s(k), *_s(v), *_s(o), H, N, offs.numel() - _N_SENTINELS, scale * LOG2E,
+               HAS_SEG=seg is not None, STORE_O32=o32 is not None, PREFETCH=_prefetch_depth(pf), BLOCK_M=bm,
                BLOCK_D=_block_d(Dh), HEAD_DIM=Dh, num_warps=nw)
     return o, lse
 
@@ -359,7 +375,7 @@ def attention_backward(do, q, k, v, o, lse, offs, seg, scale, store_ds=None, dls
     B, H, N, Dh = q.shape
     store_ds = _CONFIG["store_ds"] if store_ds is None else store_ds
     BD = _block_d(Dh)
-    K_ = offs.numel() - 1  # without the sentinel
+    K_ = offs.numel() - _N_SENTINELS  # without the sentinels
     store_ds = store_ds and ds_index_fits(B * H, K_, N)
     seg_arg = seg if seg is not None else offs
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
@@ -373,23 +389,20 @@ def attention_backward(do, q, k, v, o, lse, offs, seg, scale, store_ds=None, dls
     dv = torch.empty((B, H, N, Dh), dtype=v.dtype, device=q.device)
     ds = torch.empty((B * H, K_, N) if store_ds else (1,), dtype=torch.float32, device=q.device)
     bn, nw, pf = _CONFIG["dkdv"]
-    pf, stages = _prefetch_mode(pf)
     _bwd_dkdv[(triton.cdiv(N, bn), B * H)](
         q, k, v, do, lse, delta, ds, dk, dv, offs, seg_arg,
         *_s(q), *_s(k), *_s(v), *_s(do), *_s(dk), *_s(dv), H, N, K_, scale, scale * LOG2E,
-        HAS_SEG=seg is not None, STORE_DS=store_ds, PREFETCH=pf, STAGES=stages, BLOCK_N=bn, BLOCK_D=BD, HEAD_DIM=Dh,
+        HAS_SEG=seg is not None, STORE_DS=store_ds, PREFETCH=_prefetch_depth(pf), BLOCK_N=bn, BLOCK_D=BD, HEAD_DIM=Dh,
         num_warps=nw)
     bm, nw, pf = _CONFIG["dq"]
-    pf, stages = _prefetch_mode(pf)
     grid = (triton.cdiv(N, bm), B * H)
     if store_ds:
-        _bwd_dq[grid](k, ds, dq, offs, *_s(k), *_s(dq), H, N, K_, scale, PREFETCH=pf, STAGES=stages,
+        _bwd_dq[grid](k, ds, dq, offs, *_s(k), *_s(dq), H, N, K_, scale, PREFETCH=_prefetch_depth(pf),
                       BLOCK_M=bm, BLOCK_D=BD, HEAD_DIM=Dh, num_warps=nw)
     else:
         _bwd_dq_recompute[grid](q, k, v, do, lse, delta, dq, offs, seg_arg,
                                 *_s(q), *_s(k), *_s(v), *_s(do), *_s(dq), H, N, K_, scale, scale * LOG2E,
-                                HAS_SEG=seg is not None, STAGES=stages, BLOCK_M=bm, BLOCK_D=BD, HEAD_DIM=Dh,
-                                num_warps=nw)
+                                HAS_SEG=seg is not None, BLOCK_M=bm, BLOCK_D=BD, HEAD_DIM=Dh, num_warps=nw)
     return dq, dk, dv
 
 
