@@ -272,8 +272,8 @@ def graph_timing(run, xs, rep, floor_ms=None) -> dict:
 
 def sweep(sizes, B, H, Dh, rep=30, local_width=3):
     """Greedy launch-config search: forward tiles, then dk/dv tiles, then dq tiles, then ds storage (over
-    --local-width's offsets, those the rows time). A tile's third entry is its prefetch depth (set_attention_config)."""
-    tiles = [(bm, nw, pf) for pf in (False, True, 2) for bm, nw in ((32, 2), (32, 4), (64, 4), (64, 8))]
+    --local-width's offsets, those the rows time)."""
+    tiles = [(bm, nw, pf) for pf in (False, True) for bm, nw in ((32, 2), (32, 4), (64, 4), (64, 8))]
     data = {}
     for N in sizes:
         xs, do = make_inputs(B, H, N, Dh, seed=1)
@@ -322,11 +322,11 @@ def sweep(sizes, B, H, Dh, rep=30, local_width=3):
 
 
 def prefetch_modes(text: str) -> list[int]:
-    """--variants '0,2' -> [0, 2]; one line naming the first value that is not a prefetch depth (0, 1, 2)."""
+    """--variants '0,1' -> [0, 1]; one line naming the first value that is not a prefetch setting (0, 1)."""
     out = []
     for item in (t for t in text.split(",") if t):
-        if item not in ("0", "1", "2"):
-            raise UserError(f"--variants '{item}': a prefetch depth is 0, 1 or 2 (offsets loaded ahead)")
+        if item not in ("0", "1"):
+            raise UserError(f"--variants '{item}': a prefetch setting is 0 (none) or 1 (the next offset ahead)")
         out.append(int(item))
     return out
 
@@ -367,8 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default=None, help="comma list of N: host overhead and per-kernel device times")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cpu: dry run of this script under TRITON_INTERPRET=1")
-    p.add_argument("--variants", default="", help="comma list of prefetch depths (0, 1, 2 offsets ahead) timed as "
-                   "extra methods triton_pfN beside the default config, in the same process")
+    p.add_argument("--variants", default="", help="comma list of prefetch settings (0: none, 1: the next offset's rows "
+                   "loaded ahead) timed as extra methods triton_pfN beside the default config, in the same process")
     p.add_argument("--graph_timing", action="store_true",
                    help="also time every method replayed from a CUDA graph (no host overhead; second table)")
     return p
@@ -446,8 +446,9 @@ def main(argv=None) -> int:
             row["methods"]["triton"] = measure("triton", fwd_bwd(lambda q, k, v: dilated_attention(q, k, v, offsets),
                                                                   xs, do), xs, nb, copy_bw, a.rep)
         row["methods"]["triton"] = route.check(row["methods"]["triton"])
-        for pf in variants:  # the same kernels with another prefetch depth for all three loops, in this process
-            old_cfg = dat.set_attention_config(**{k: tuple(dat._CONFIG[k][:2]) + (pf,) for k in ("fwd", "dkdv", "dq")})
+        for pf in variants:  # the same kernels with another prefetch setting for all three loops, in this process
+            old_cfg = dat.set_attention_config(**{k: tuple(dat._CONFIG[k][:2]) + (bool(pf),)
+                                                  for k in ("fwd", "dkdv", "dq")})
             try:
                 with KernelRoute(DEVICE, dat, "attention_forward") as route:
                     r = measure(f"triton_pf{pf}", fwd_bwd(lambda q, k, v: dilated_attention(q, k, v, offsets), xs, do),

@@ -103,19 +103,11 @@ def _fwd(Q, K, V, O, O32, LSE, OFFS, SEG,
     m = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if PREFETCH >= 1:
+    if PREFETCH:
         k_n, v_n, ok_n = _shifted_kv(k_base, v_base, OFFS, 0, SEG, seg_q, b, N, rows, row_ok, cols, col_ok,
                                      skn, svn, HAS_SEG)
-    if PREFETCH == 2:
-        k_n2, v_n2, ok_n2 = _shifted_kv(k_base, v_base, OFFS, 1, SEG, seg_q, b, N, rows, row_ok, cols, col_ok,
-                                        skn, svn, HAS_SEG)
     for kk in range(0, n_offs):
-        if PREFETCH == 2:  # two offsets' loads in flight during this offset's math (OFFS ends in two sentinels)
-            k, v, ok = k_n, v_n, ok_n
-            k_n, v_n, ok_n = k_n2, v_n2, ok_n2
-            k_n2, v_n2, ok_n2 = _shifted_kv(k_base, v_base, OFFS, kk + 2, SEG, seg_q, b, N, rows, row_ok, cols,
-                                            col_ok, skn, svn, HAS_SEG)
-        elif PREFETCH == 1:  # issue the next offset's loads before this offset's math
+        if PREFETCH:  # issue the next offset's loads before this offset's math (OFFS ends in a sentinel)
             k, v, ok = k_n, v_n, ok_n
             k_n, v_n, ok_n = _shifted_kv(k_base, v_base, OFFS, kk + 1, SEG, seg_q, b, N, rows, row_ok, cols,
                                          col_ok, skn, svn, HAS_SEG)
@@ -181,22 +173,12 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DS, DK, DV, OFFS, SEG,
     do_base = DO + b * sdb + h * sdh
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    if PREFETCH >= 1:
+    if PREFETCH:
         q_n, do_n, lse_n, de_n, ok_n, inr_n, qrow_n = _shifted_qdo(q_base, do_base, LSE, DELTA, OFFS, 0, SEG, seg_k, b,
                                                                    bh, N, keys, key_ok, cols, col_ok, sqn, sdn,
                                                                    HAS_SEG)
-    if PREFETCH == 2:
-        q_2, do_2, lse_2, de_2, ok_2, inr_2, qrow_2 = _shifted_qdo(q_base, do_base, LSE, DELTA, OFFS, 1, SEG, seg_k, b,
-                                                                   bh, N, keys, key_ok, cols, col_ok, sqn, sdn,
-                                                                   HAS_SEG)
     for kk in range(0, n_offs):
-        if PREFETCH == 2:
-            q, do, lse, delta, ok, in_range, qrow = q_n, do_n, lse_n, de_n, ok_n, inr_n, qrow_n
-            q_n, do_n, lse_n, de_n, ok_n, inr_n, qrow_n = q_2, do_2, lse_2, de_2, ok_2, inr_2, qrow_2
-            q_2, do_2, lse_2, de_2, ok_2, inr_2, qrow_2 = _shifted_qdo(q_base, do_base, LSE, DELTA, OFFS, kk + 2, SEG,
-                                                                       seg_k, b, bh, N, keys, key_ok, cols, col_ok,
-                                                                       sqn, sdn, HAS_SEG)
-        elif PREFETCH == 1:
+        if PREFETCH:
             q, do, lse, delta, ok, in_range, qrow = q_n, do_n, lse_n, de_n, ok_n, inr_n, qrow_n
             q_n, do_n, lse_n, de_n, ok_n, inr_n, qrow_n = _shifted_qdo(q_base, do_base, LSE, DELTA, OFFS, kk + 1, SEG,
                                                                        seg_k, b, bh, N, keys, key_ok, cols, col_ok,
@@ -234,16 +216,10 @@ def _bwd_dq(K, DS, DQ, OFFS, skb, skh, skn, sdqb, sdqh, sdqn, H, N, n_offs, scal
     col_ok = cols < HEAD_DIM
     k_base = K + b * skb + h * skh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if PREFETCH >= 1:
+    if PREFETCH:
         ds_n, k_n = _shifted_k_ds(k_base, DS, OFFS, 0, bh, n_offs, N, rows, row_ok, cols, col_ok, skn)
-    if PREFETCH == 2:
-        ds_2, k_2 = _shifted_k_ds(k_base, DS, OFFS, 1, bh, n_offs, N, rows, row_ok, cols, col_ok, skn)
     for kk in range(0, n_offs):
-        if PREFETCH == 2:
-            ds, k = ds_n, k_n
-            ds_n, k_n = ds_2, k_2
-            ds_2, k_2 = _shifted_k_ds(k_base, DS, OFFS, kk + 2, bh, n_offs, N, rows, row_ok, cols, col_ok, skn)
-        elif PREFETCH == 1:
+        if PREFETCH:
             ds, k = ds_n, k_n
             ds_n, k_n = _shifted_k_ds(k_base, DS, OFFS, kk + 1, bh, n_offs, N, rows, row_ok, cols, col_ok, skn)
         else:
@@ -300,20 +276,10 @@ _CONFIG = {"fwd": (32, 4, True), "dkdv": (32, 4, True), "dq": (32, 4, True), "de
 
 
 def set_attention_config(**kw) -> dict:
-    """Set launch configs: fwd/dkdv/dq = (rows per program, num_warps, prefetch); delta = (rows, num_warps);
-    store_ds: bool. prefetch: how many offsets ahead the shifted rows are loaded before the current offset's math,
-    in registers: 0 (False), 1 (True) or 2. Returns the previous configuration."""
-    for key in ("fwd", "dkdv", "dq"):
-        if key in kw:
-            _prefetch_depth(kw[key][2], key)
+    """Set launch configs: fwd/dkdv/dq = (rows per program, num_warps, prefetch: issue the next offset's
+    loads before the current offset's math); delta = (rows, num_warps); store_ds: bool.
+    Returns the previous configuration."""
     return update_config(_CONFIG, "attention", kw)
-
-
-def _prefetch_depth(pf, key: str = "") -> int:
-    """A config's prefetch value as the kernels' PREFETCH constexpr (0, 1 or 2)."""
-    if pf in (0, 1, 2) and not isinstance(pf, float):
-        return int(pf)
-    raise ValueError(f"attention config {key}: prefetch is 0 / False, 1 / True or 2 offsets ahead (got {pf!r})")
 
 
 def _block_d(Dh: int) -> int:
@@ -328,8 +294,7 @@ def _lastdim_contig(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-_SENTINEL = 1 << 30  # an offset past every row: the prefetch of "offset K" (and K + 1) loads nothing
-_N_SENTINELS = 2  # prefetch reaches up to two offsets ahead
+_SENTINEL = 1 << 30  # an offset past every row: the prefetch of "offset K" loads nothing
 _OFFS_HOST: dict = {}  # offsets -> pinned host int32 tensor; never cleared (one per distinct N, a captured
                       # CUDA graph re-reads its host tensor at every replay)
 
@@ -339,7 +304,7 @@ def _prep_offsets(offsets, N: int, device) -> torch.Tensor:
     tensor: an asynchronous copy, so the host does not wait. No device tensor is cached across calls: under
     `torch.compile(mode="reduce-overhead")` a cached one was allocated in the CUDA-graph pool during warm-up
     and replay failed with "1 tensor(s) in the cudagraph pool not tracked as outputs" (train-profile.md)."""
-    offs = tuple(int(o) for o in offsets if int(o) < N) + (_SENTINEL,) * _N_SENTINELS
+    offs = tuple(int(o) for o in offsets if int(o) < N) + (_SENTINEL,)
     device = torch.device(device)
     if device.type != "cuda":  # the Triton interpreter on CPU
         return torch.tensor(offs, dtype=torch.int32, device=device)
@@ -357,9 +322,9 @@ def attention_forward(q, k, v, offs, seg, scale, o32=None):
     bm, nw, pf = _CONFIG["fwd"]
     grid = (triton.cdiv(N, bm), B * H)
     _fwd[grid](q, k, v, o, o32 if o32 is not None else o, lse, offs, seg if seg is not None else offs,
-               *_s(q), *_s(k), *_s(v), *_s(o), H, N, offs.numel() - _N_SENTINELS, scale * LOG2E,
-               HAS_SEG=seg is not None, STORE_O32=o32 is not None, PREFETCH=_prefetch_depth(pf), BLOCK_M=bm,
-               BLOCK_D=_block_d(Dh), HEAD_DIM=Dh, num_warps=nw)
+               *_s(q), *_s(k), *_s(v), *_s(o), H, N, offs.numel() - 1, scale * LOG2E,
+               HAS_SEG=seg is not None, STORE_O32=o32 is not None, PREFETCH=pf, BLOCK_M=bm, BLOCK_D=_block_d(Dh),
+               HEAD_DIM=Dh, num_warps=nw)
     return o, lse
 
 
@@ -375,7 +340,7 @@ def attention_backward(do, q, k, v, o, lse, offs, seg, scale, store_ds=None, dls
     B, H, N, Dh = q.shape
     store_ds = _CONFIG["store_ds"] if store_ds is None else store_ds
     BD = _block_d(Dh)
-    K_ = offs.numel() - _N_SENTINELS  # without the sentinels
+    K_ = offs.numel() - 1  # without the sentinel
     store_ds = store_ds and ds_index_fits(B * H, K_, N)
     seg_arg = seg if seg is not None else offs
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
@@ -392,12 +357,11 @@ def attention_backward(do, q, k, v, o, lse, offs, seg, scale, store_ds=None, dls
     _bwd_dkdv[(triton.cdiv(N, bn), B * H)](
         q, k, v, do, lse, delta, ds, dk, dv, offs, seg_arg,
         *_s(q), *_s(k), *_s(v), *_s(do), *_s(dk), *_s(dv), H, N, K_, scale, scale * LOG2E,
-        HAS_SEG=seg is not None, STORE_DS=store_ds, PREFETCH=_prefetch_depth(pf), BLOCK_N=bn, BLOCK_D=BD, HEAD_DIM=Dh,
-        num_warps=nw)
+        HAS_SEG=seg is not None, STORE_DS=store_ds, PREFETCH=pf, BLOCK_N=bn, BLOCK_D=BD, HEAD_DIM=Dh, num_warps=nw)
     bm, nw, pf = _CONFIG["dq"]
     grid = (triton.cdiv(N, bm), B * H)
     if store_ds:
-        _bwd_dq[grid](k, ds, dq, offs, *_s(k), *_s(dq), H, N, K_, scale, PREFETCH=_prefetch_depth(pf),
+        _bwd_dq[grid](k, ds, dq, offs, *_s(k), *_s(dq), H, N, K_, scale, PREFETCH=pf,
                       BLOCK_M=bm, BLOCK_D=BD, HEAD_DIM=Dh, num_warps=nw)
     else:
         _bwd_dq_recompute[grid](q, k, v, do, lse, delta, dq, offs, seg_arg,

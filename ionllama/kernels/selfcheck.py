@@ -46,10 +46,9 @@ def _random_segments(B: int, N: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def check_attention(device: str, dtype: torch.dtype, B: int, H: int, N: int, Dh: int, segments: bool = False,
-                    store_ds: bool = True, prefetch: bool | int | None = None, local_width: int = 3,
+                    store_ds: bool = True, prefetch: bool | None = None, local_width: int = 3,
                     with_lse: bool = False, logit_std: float = 1.0, seed: int | None = None) -> dict:
-    """prefetch: the three loops' prefetch depth (set_attention_config: 0, 1 or 2 offsets ahead), else the default.
-    with_lse: the lse is returned and used in the loss too (its gradient was dropped, silently). logit_std: the
+    """with_lse: the lse is returned and used in the loss too (its gradient was dropped, silently). logit_std: the
     scores' spread (q and k scaled); at 16 in bf16, Delta from the rounded O gave dq / dk 2.7e-2 (an audit)."""
     from ..model.dilated_attention import dilated_attention_reference, dilated_offsets
     from . import dilated_attention_triton as dat
@@ -775,7 +774,6 @@ def cases(large: bool) -> list[tuple]:
         ("attention", "fp32", dict(B=2, H=2, N=64, Dh=32, segments=True, prefetch=True)),
         ("attention", "fp32", dict(B=1, H=2, N=29, Dh=48, store_ds=False, segments=True)),
         ("attention", "bf16", dict(B=2, H=2, N=53, Dh=64, segments=True, prefetch=False)),
-        ("attention", "fp32", dict(B=2, H=2, N=37, Dh=32, segments=True, with_lse=True, prefetch=2)),  # 2 ahead
         ("attention", "fp16", dict(B=1, H=1, N=40, Dh=32)),
         ("attention", "bf16", dict(B=2, H=2, N=64, Dh=64, logit_std=16.0)),  # peaked softmax: Delta's precision
         ("attention", "fp32", dict(B=1, H=2, N=45, Dh=32, local_width=16, segments=True)),  # 18 offsets
@@ -876,9 +874,6 @@ def cases(large: bool) -> list[tuple]:
             ("attention", "fp32", dict(B=2, H=4, N=1000, Dh=64, segments=True)),
             ("attention", "fp32", dict(B=1, H=4, N=4096, Dh=128, prefetch=True)),
             ("attention", "bf16", dict(B=1, H=4, N=5000, Dh=64, segments=True, prefetch=True)),
-            ("attention", "bf16", dict(B=1, H=4, N=5000, Dh=64, segments=True, prefetch=2)),
-            ("attention", "fp32", dict(B=2, H=4, N=1000, Dh=64, segments=True, with_lse=True, prefetch=2)),
-            ("attention", "bf16", dict(B=1, H=16, N=16384, Dh=64, prefetch=2)),
             ("attention", "fp32", dict(B=1, H=4, N=2049, Dh=64, store_ds=False)),
             ("attention", "bf16", dict(B=1, H=16, N=16384, Dh=64)),
             ("attention", "bf16", dict(B=2, H=8, N=4097, Dh=32, segments=True)),
