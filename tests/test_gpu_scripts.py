@@ -127,6 +127,8 @@ SCRIPT_BAD_INPUT = [
      "--sizes '1024,0': give comma-separated N"),
     ("benchmarks", "bench_attention", ["--out", "{tmp}/o.json", "--device", "cpu", "--head-dim", "0"],
      "--head-dim must be at least 1"),
+    ("benchmarks", "bench_attention", ["--out", "{tmp}/o.json", "--device", "cpu", "--variants", "0,2"],
+     "--variants '2': a prefetch setting is 0 (none) or 1"),  # deeper prefetch was measured and removed (s60)
     ("benchmarks", "bench_scan", ["--out", "{tmp}/o.json", "--device", "cuda"], "no CUDA GPU is visible"),
     ("benchmarks", "bench_scan", ["--out", "{tmp}/o.json", "--device", "cpu", "--shapes", "16x0"],
      "--shapes '16x0': give comma-separated BxD"),
