@@ -1314,3 +1314,41 @@ def test_a_baseline_row_finished_with_an_override_it_ignores_is_not_a_changed_se
     assert _changed_settings({"spec": old_spec, "trainer_command": old_cmd}, spec, argv) == ""
     other = {**old_spec, "d_model": 256}
     assert "spec" in _changed_settings({"spec": other, "trainer_command": old_cmd}, spec, argv)
+
+
+def test_a_finished_arms_model_is_freed_before_the_next_arm_even_with_automatic_gc_off(tmp_path, monkeypatch,
+                                                                                      one_thread):
+    """A process's third mamba sweep cell ran out of GPU memory as it started (sixty-first session, H100 80 GB; it
+    trained in a fresh process): a finished arm's trainer holds its model in reference cycles (here on a CPU too:
+    without the runner's collection the first arm's model is alive when the second starts), so its CUDA memory
+    stays held until the cyclic collector runs. With automatic collection off, every model of a finished arm must
+    be gone by the time the next arm starts and after the last."""
+    import gc
+    import weakref
+
+    import ionllama.experiment.runner as R
+
+    models, alive_at_start = [], []
+    real = R.make_budget_trainer
+
+    def tracked(*a, **k):
+        alive_at_start.append(sum(m() is not None for m in models))
+        tr = real(*a, **k)
+        run = tr.run
+
+        def run_and_track():
+            out = run()
+            models.append(weakref.ref(tr.model))
+            return out
+        tr.run = run_and_track
+        return tr
+
+    monkeypatch.setattr(R, "make_budget_trainer", tracked)
+    pattern = write_corpus(tmp_path)
+    gc.disable()
+    try:
+        assert main([*_argv(tmp_path, pattern), "--budget_s", "1", "--curve_points", "1"]) == 0
+        left = sum(m() is not None for m in models)
+    finally:
+        gc.enable()
+    assert len(models) == 2 and alive_at_start == [0, 0] and left == 0, (alive_at_start, left)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import shlex
@@ -497,6 +498,9 @@ class Runner:
         final = self.evaluate_arm(arm, run_name, spec, model, device, amp, state, targv, run_dir, budget_s)
         self.write_arm_outputs(out_dir, run_dir, model, spec, final)
         del model
+        # the finished trainer's reference cycles (its step graphs, optimizer, model) hold their CUDA memory until
+        # collected: a process's third mamba cell ran out of memory as it started (sixty-first session, H100)
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return final
