@@ -152,8 +152,7 @@ def ssd_scan(x: torch.Tensor, log_a: torch.Tensor, Bm: torch.Tensor, Cm: torch.T
     if ssd_uses_triton(x, log_a, Bm, Cm, h0) and max(x.shape[-1], Bm.shape[-1]) <= 128:  # (the kernel's own limit)
         from .ssd_triton import ssd_scan_fwd
         return ssd_scan_fwd(x, log_a, Bm, Cm, h0, int(chunk))
-    if (x.is_cuda and needs_grad(x, log_a, Bm, Cm, h0) and ssd_fla.SSD_TRAIN_BACKEND == "fla"  # opt-in (ssd_fla.py)
-            and min(x.shape[-1], Bm.shape[-1]) >= ssd_fla.FLA_MIN_DIM):
+    if x.is_cuda and needs_grad(x, log_a, Bm, Cm, h0) and ssd_fla.SSD_TRAIN_BACKEND == "fla":  # opt-in (ssd_fla.py)
         if not ssd_fla.fla_available():
             raise UserError(ssd_fla.fla_problem(x.device))
         return ssd_fla.ssd_scan_fla(x, log_a, Bm, Cm, h0)

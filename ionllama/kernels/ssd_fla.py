@@ -22,9 +22,6 @@ import torch
 
 # "fla": the scan with gradients goes through fla-core on CUDA; anything else: the chunked reference
 SSD_TRAIN_BACKEND = os.environ.get("IONLLAMA_SSD_TRAIN", "reference")
-# fla's kernels multiply tiles with tl.dot, whose operands need 16 or more along each side: a narrower head (P) or
-# state (N), as in a tiny entropy model (8 x 4), keeps the reference
-FLA_MIN_DIM = 16
 _FLA_OK: bool | None = None
 
 
