@@ -16,8 +16,6 @@ from ..model.common import rope_cos_sin
 from ..model.conv import causal_conv_gate_reference
 from ..model.dilated_attention import dilated_attention_reference, dilated_offsets
 from ..model.scan import scan_const_decay as scan_const_decay_reference
-from ..errors import UserError
-from . import ssd_fla
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TRITON_OK: bool | None = None
@@ -147,15 +145,11 @@ def ssd_scan(x: torch.Tensor, log_a: torch.Tensor, Bm: torch.Tensor, Cm: torch.T
     """``ionllama.model.ssm.ssd_chunked``'s contract (x (b, T, H, P) scaled by dt, log_a (b, T, H), B / C (b, T, N),
     h0 (b, H, P, N) or None -> y in x's dtype, the final state in fp32 or wider). Where nothing needs a gradient on
     CUDA (the frozen entropy model: stage A, evaluation, prefill), one Triton kernel that keeps each chunk in
-    registers (ssd_triton.py; SSD_SCAN_KERNEL switches it off); with a gradient on CUDA and IONLLAMA_SSD_TRAIN=fla,
-    fla-core's chunked kernels (ssd_fla.py); elsewhere the chunked reference (plain ops, differentiable)."""
+    registers (ssd_triton.py; SSD_SCAN_KERNEL switches it off); elsewhere the chunked reference (plain ops,
+    differentiable)."""
     if ssd_uses_triton(x, log_a, Bm, Cm, h0) and max(x.shape[-1], Bm.shape[-1]) <= 128:  # (the kernel's own limit)
         from .ssd_triton import ssd_scan_fwd
         return ssd_scan_fwd(x, log_a, Bm, Cm, h0, int(chunk))
-    if x.is_cuda and needs_grad(x, log_a, Bm, Cm, h0) and ssd_fla.SSD_TRAIN_BACKEND == "fla":  # opt-in (ssd_fla.py)
-        if not ssd_fla.fla_available():
-            raise UserError(ssd_fla.fla_problem(x.device))
-        return ssd_fla.ssd_scan_fla(x, log_a, Bm, Cm, h0)
     from ..model.ssm import ssd_chunked
     return ssd_chunked(x, log_a, Bm, Cm, chunk, h0)
 

@@ -146,39 +146,6 @@ def check_ssd_scan(device: str, dtype: torch.dtype, B: int, T: int, H: int, P: i
             "dtypes": 0.0 if (y.dtype, state.dtype) == (dtype, torch.float32) else float("inf")}
 
 
-def check_ssd_fla(device: str, dtype: torch.dtype, B: int, T: int, H: int, P: int = 64, N: int = 64,
-                  with_h0: bool = False, seed: int | None = None) -> dict:
-    """The Mamba-2 scan with gradients through fla-core (ssd_fla.py, reached through the dispatcher with
-    IONLLAMA_SSD_TRAIN=fla's setting) against ssd_chunked in fp64 on the same rounded inputs: y, the final state
-    and the gradients of x, log_a, B, C (and h0) for random output and state cotangents. Decays as the model's."""
-    from ..model.ssm import ssd_chunked
-    from . import ssd_fla, ssd_scan
-
-    gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % (2 ** 31)))
-    dt = torch.exp(torch.empty(B, T, H).uniform_(math.log(1e-3), math.log(0.1), generator=gen))
-    log_a = -dt * torch.empty(H).uniform_(1, 16, generator=gen)
-    x = torch.randn(B, T, H, P, generator=gen) * dt[..., None]
-    Bm, Cm = torch.randn(B, T, N, generator=gen), torch.randn(B, T, N, generator=gen)
-    h0 = torch.randn(B, H, P, N, generator=gen) if with_h0 else None
-    dy, ds = torch.randn(B, T, H, P, generator=gen), torch.randn(B, H, P, N, generator=gen)
-    ins = [x.to(device=device, dtype=dtype), log_a.to(device), Bm.to(device=device, dtype=dtype),
-           Cm.to(device=device, dtype=dtype)] + ([h0.to(device)] if with_h0 else [])
-    ins = [t.requires_grad_() for t in ins]
-    old, ssd_fla.SSD_TRAIN_BACKEND = ssd_fla.SSD_TRAIN_BACKEND, "fla"
-    try:
-        y, state = ssd_scan(*ins[:4], 64, ins[4] if with_h0 else None)
-        grads = torch.autograd.grad([y, state], ins, [dy.to(device=device, dtype=y.dtype), ds.to(device)])
-    finally:
-        ssd_fla.SSD_TRAIN_BACKEND = old
-    r_ins = [t.detach().double().requires_grad_() for t in ins]
-    ref_y, ref_state = ssd_chunked(*r_ins[:4], 64, r_ins[4] if with_h0 else None)
-    ref_grads = torch.autograd.grad([ref_y, ref_state], r_ins, [dy.to(device).double(), ds.to(device).double()])
-    errs = {"y": rel_err(y, ref_y), "state": rel_err(state, ref_state),
-            "dtypes": 0.0 if (y.dtype, state.dtype) == (dtype, torch.float32) else float("inf")}
-    errs.update({f"d{n}": rel_err(g, r) for n, g, r in zip(["x", "log_a", "B", "C", "h0"], grads, ref_grads)})
-    return errs
-
-
 def _conv_gate_inputs(B: int, T: int, D: int, k: int, gen: torch.Generator):
     """x as the first 2D columns of a wider (B, T, 3D) tensor (the in_proj output in the model: strided
     rows), weight (2D, k), bias (2D,)."""
@@ -937,12 +904,6 @@ def cases(large: bool) -> list[tuple]:
             ("ssd_scan", "fp32", dict(B=64, T=1024, H=16, chunk=64, with_h0=True, split=1)),
             ("ssd_scan", "bf16", dict(B=8, T=8192, H=16, chunk=64, compiled=True, split=1)),
             ("ssd_scan", "bf16", dict(B=4, T=2048, H=8, P=64, N=64, chunk=64, split=1)),
-            # MambaByte's training scan through fla-core (kind ssd_fla, asked for by name): its heads (12 of 64,
-            # state 64) at the Phase-1 shape, an initial state, fp32, and T not a multiple of fla's chunk
-            ("ssd_fla", "bf16", dict(B=64, T=1024, H=12)),
-            ("ssd_fla", "fp32", dict(B=2, T=1000, H=4, with_h0=True)),
-            ("ssd_fla", "bf16", dict(B=4, T=2048, H=8, with_h0=True)),
-            ("ssd_fla", "fp32", dict(B=1, T=45, H=2, P=16, N=16)),
             # ionllama-small's local layers (d 256, hidden 704) at batch 1 and 32 (two row blocks of 16 .. 32)
             ("lnn_step", "bf16", dict(B=1, D=256, steps=9)),
             ("lnn_step", "bf16", dict(B=32, D=256, steps=9)),
@@ -982,8 +943,6 @@ def cases(large: bool) -> list[tuple]:
 
 KINDS = ("attention", "scan", "conv_gate", "compiled", "ssd_scan", "block", "rope", "lnn_step", "lnn_generate",
          "byte_head", "embed_step", "ssm_step", "ssm_generate", "latent_step", "latent_generate")
-# asked for by name only (not in the default run): fla-core is an optional package, and imports on a GPU machine only
-OPTIONAL_KINDS = ("ssd_fla",)
 
 
 def run(device: str, large: bool = False, verbose: bool = True, kinds=KINDS) -> list[dict]:
@@ -994,17 +953,10 @@ def run(device: str, large: bool = False, verbose: bool = True, kinds=KINDS) -> 
     for kind, dt, kw in cases(large):
         if kind not in kinds:
             continue
-        if kind == "ssd_fla":
-            from .ssd_fla import fla_available
-            if device != "cuda" or not fla_available():
-                print(f"SKIP {kind:9s} {dt} {kw}: fla-core does not import here (pip install fla-core einops; "
-                      "a CUDA machine)", file=sys.stderr, flush=True)  # (stdout may be the JSON rows)
-                continue
         dtype = DTYPES[dt]
         t0 = time.perf_counter()
         fn = {"attention": check_attention, "scan": check_scan, "conv_gate": check_conv_gate,
               "compiled": check_compiled, "ssd_scan": check_ssd_scan, "block": check_block, "rope": check_rope,
-              "ssd_fla": check_ssd_fla,
               "lnn_step": check_lnn_step, "lnn_generate": check_lnn_generate, "byte_head": check_byte_head,
               "embed_step": check_embed_step,
               "ssm_step": check_ssm_step,
@@ -1037,17 +989,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--large", action="store_true", help="add GPU-sized cases")
     p.add_argument("--json", default=None, help="write the rows as JSON to this path ('-' = stdout)")
-    p.add_argument("--kinds", default=",".join(KINDS), type=_kinds,
-                   help=f"comma list of: {', '.join(KINDS + OPTIONAL_KINDS)} "
-                        f"(default: all but {', '.join(OPTIONAL_KINDS)})")
+    p.add_argument("--kinds", default=",".join(KINDS), type=_kinds, help="comma list of: " + ", ".join(KINDS))
     return p
 
 
 def _kinds(text: str) -> str:
     """--kinds: a typo would silently check nothing of that kind, so it is refused (argparse: one line, exit 2)."""
-    bad = [k for k in text.split(",") if k not in KINDS + OPTIONAL_KINDS]
+    bad = [k for k in text.split(",") if k not in KINDS]
     if bad:
-        raise argparse.ArgumentTypeError(f"unknown kind(s) {bad}; choose from {', '.join(KINDS + OPTIONAL_KINDS)}")
+        raise argparse.ArgumentTypeError(f"unknown kind(s) {bad}; choose from {', '.join(KINDS)}")
     return text
 
 

@@ -373,10 +373,6 @@ class Trainer:
             problem = step_graph_problem(self.model, args, self.device, world_size, self.amp_dtype)
             if problem:
                 raise UserError(problem)
-        from ..kernels.ssd_fla import fla_problem
-        problem = fla_problem(self.device)  # IONLLAMA_SSD_TRAIN=fla where it cannot run: say so before training
-        if problem:
-            raise UserError(problem)
         has_entropy = bool(getattr(self.model, "needs_entropy_phase", False))
         self._keep_resumed_plan(args, explicit or set())
         unused = [f"--{k}" for k in ("entropy_steps", "joint_steps", "entropy_lr") if k in explicit
