@@ -498,11 +498,7 @@ class Runner:
         final = self.evaluate_arm(arm, run_name, spec, model, device, amp, state, targv, run_dir, budget_s)
         self.write_arm_outputs(out_dir, run_dir, model, spec, final)
         del model
-        # the finished trainer's reference cycles (its step graphs, optimizer, model) hold their CUDA memory until
-        # collected: a process's third mamba cell ran out of memory as it started (sixty-first session, H100)
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        _free_finished_arm(device)
         return final
 
     def final_eval_units(self, spec: dict) -> float:
@@ -887,6 +883,17 @@ class Runner:
             _write_json(out, res)
             acc = ", ".join(f"{t} {_fmt(r['accuracy'], 2)}" for t, r in res["results"]["per_task"].items())
             _log(f"{arm}: task accuracy (test split) {acc} -> {out}")
+            del model, res
+            _free_finished_arm(device)
+
+
+def _free_finished_arm(device: torch.device) -> None:
+    """A finished arm's trainer (its step graphs, optimizer, model) sits in reference cycles, so its CUDA memory stays
+    held until the cyclic collector runs: a process's third mamba sweep cell ran out of memory as it started
+    (sixty-first session, H100 80 GB). Collect, then hand the freed blocks back."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _rate(bytes_per_s: float) -> str:
