@@ -888,9 +888,9 @@ class Runner:
 
 
 def _free_finished_arm(device: torch.device) -> None:
-    """A finished arm's trainer (its step graphs, optimizer, model) sits in reference cycles, so its CUDA memory stays
-    held until the cyclic collector runs: a process's third mamba sweep cell ran out of memory as it started
-    (sixty-first session, H100 80 GB). Collect, then hand the freed blocks back."""
+    """A finished arm's model stays alive in its trainer's reference cycles (seen on a CPU), and with it whatever CUDA
+    memory they hold, until the cyclic collector runs: a process's third mamba sweep cell ran out of memory as it
+    started (sixty-first session, H100 80 GB). Collect, then hand the freed blocks back."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
