@@ -945,6 +945,13 @@ KINDS = ("attention", "scan", "conv_gate", "compiled", "ssd_scan", "block", "rop
          "byte_head", "embed_step", "ssm_step", "ssm_generate", "latent_step", "latent_generate")
 
 
+# kinds whose reference is the PyTorch path in the tested dtype, so both sides round: in bf16 / fp16 two right
+# answers differ by about the dtype's epsilon, and a rare draw lands past the tolerance (latent_step bf16 with dense
+# attention: ctx 1.007e-2 in a clean-clone CI run of the sixty-first session, where 300 seeds on this machine reached
+# at most 7.8e-3). Such a row gets a second, fresh draw, as the greedy-bytes rows do; a kernel error fails both.
+SAME_DTYPE_KINDS = ("lnn_step", "byte_head", "embed_step", "ssm_step", "latent_step")
+
+
 def run(device: str, large: bool = False, verbose: bool = True, kinds=KINDS) -> list[dict]:
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -970,6 +977,9 @@ def run(device: str, large: bool = False, verbose: bool = True, kinds=KINDS) -> 
             # threshold) where the fused and PyTorch steps round differently, both right: seen in a clean-clone CI
             # run of the fiftieth session (lnn_generate fp32, 13 of 32 bytes after the split). A kernel error parts
             # the bytes on any seed, so a second, fresh seed decides; the first result stays in the row.
+            retried = {"first_errors": errs}
+            errs = fn(device, dtype, **kw)
+        elif kind in SAME_DTYPE_KINDS and dtype != torch.float32 and any(e > tol for e in errs.values()):
             retried = {"first_errors": errs}
             errs = fn(device, dtype, **kw)
         row = dict(kind=kind, dtype=dt, shape=kw, errors=errs, tol=tol,
